@@ -1,0 +1,2 @@
+//! Benchmark harness (filled in below).
+fn main() {}

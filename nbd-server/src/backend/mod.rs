@@ -1,0 +1,195 @@
+//! What an export is made of: the [`Backend`] trait and the backends this crate ships.
+//!
+//! The server owns the protocol; a backend only answers byte-range operations. Required are
+//! size, read, write and flush; trim, write-zeroes, block status and cache default to
+//! [`BackendErrorKind::Unsupported`], and [`Backend::capabilities`] says which ones a backend
+//! really has, so the server can derive the transmission flags and never advertise a command it
+//! would then refuse. One backend object is shared by every connection of an export: that is
+//! what makes `NBD_FLAG_CAN_MULTI_CONN` honest, since a FLUSH on any connection reaches the
+//! same file.
+
+mod file;
+mod memory;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+
+use crate::proto::transmission::Extent;
+
+/// What a backend can do beyond read/write/flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Writes are refused (the export is advertised read-only).
+    pub read_only: bool,
+    /// `trim` punches holes.
+    pub trim: bool,
+    /// `write_zeroes` works.
+    pub write_zeroes: bool,
+    /// `write_zeroes` without NO_HOLE is cheaper than writing zeroes (fast zero).
+    pub fast_zero: bool,
+    /// `block_status` reports real allocation.
+    pub block_status: bool,
+    /// `cache` prefetches.
+    pub cache: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range must stay allocated (no hole).
+    pub no_hole: bool,
+    /// Fail with `Unsupported` unless it is faster than writing zeroes.
+    pub fast: bool,
+    /// Durable before returning.
+    pub fua: bool,
+}
+
+/// Broad class of a backend failure, mapped one-to-one onto NBD error values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The operation is not available (`NBD_ENOTSUP` / `NBD_EINVAL`).
+    Unsupported,
+    /// Bad offset/length or arguments (`NBD_EINVAL`).
+    InvalidInput,
+    /// The backing store is full (`NBD_ENOSPC`).
+    NoSpace,
+    /// The backend refuses writes (`NBD_EPERM`).
+    ReadOnly,
+    /// Anything else (`NBD_EIO`).
+    Io,
+}
+
+/// A failed backend operation: a kind the server maps to an NBD error, and a message for logs
+/// and for the client's structured error chunk.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// The class of failure.
+    pub kind: BackendErrorKind,
+    /// What failed, for humans.
+    pub message: String,
+    /// The underlying cause, if any.
+    #[source]
+    pub source: Option<std::io::Error>,
+}
+
+impl BackendError {
+    /// A failure of `kind` with a message.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The default for optional operations.
+    pub fn unsupported(op: &str) -> Self {
+        Self::new(
+            BackendErrorKind::Unsupported,
+            format!("{op} is not supported by this export"),
+        )
+    }
+
+    /// Wrap an I/O error from `op`, classifying ENOSPC/EDQUOT/EFBIG as no-space.
+    pub fn io(op: &str, offset: u64, err: std::io::Error) -> Self {
+        let kind = match err.raw_os_error() {
+            Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
+                BackendErrorKind::NoSpace
+            }
+            Some(code) if code == rustix::io::Errno::DQUOT.raw_os_error() => {
+                BackendErrorKind::NoSpace
+            }
+            Some(code) if code == rustix::io::Errno::FBIG.raw_os_error() => {
+                BackendErrorKind::NoSpace
+            }
+            Some(code) if code == rustix::io::Errno::ROFS.raw_os_error() => {
+                BackendErrorKind::ReadOnly
+            }
+            _ => match err.kind() {
+                std::io::ErrorKind::Unsupported => BackendErrorKind::Unsupported,
+                std::io::ErrorKind::InvalidInput => BackendErrorKind::InvalidInput,
+                _ => BackendErrorKind::Io,
+            },
+        };
+        Self {
+            kind,
+            message: format!("{op} at {offset:#x}: {err}"),
+            source: Some(err),
+        }
+    }
+}
+
+/// Result of a backend operation.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// The storage behind an export. Implementations must be safe to call from many connections at
+/// once; the server has already checked every range against [`Backend::size`].
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Size of the export in bytes. Constant for the export's lifetime.
+    fn size(&self) -> u64;
+
+    /// What this backend supports beyond read/write/flush.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Fill `buf` from `offset`.
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()>;
+
+    /// Write `data` at `offset`; with `fua`, durable before returning.
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()>;
+
+    /// Make every completed write durable.
+    async fn flush(&self) -> BackendResult<()>;
+
+    /// Discard a range (it may read back as anything until rewritten; ours read zeroes).
+    async fn trim(&self, _offset: u64, _length: u64, _fua: bool) -> BackendResult<()> {
+        Err(BackendError::unsupported("trim"))
+    }
+
+    /// Make a range read as zeroes.
+    async fn write_zeroes(
+        &self,
+        _offset: u64,
+        _length: u64,
+        _flags: ZeroFlags,
+    ) -> BackendResult<()> {
+        Err(BackendError::unsupported("write zeroes"))
+    }
+
+    /// Allocation of the range starting at `offset`: consecutive extents from `offset`, at least
+    /// one, in `base:allocation` flags. May cover less (or, in the last extent, more) than asked.
+    async fn block_status(&self, _offset: u64, _length: u64) -> BackendResult<Vec<Extent>> {
+        Err(BackendError::unsupported("block status"))
+    }
+
+    /// Prefetch a range.
+    async fn cache(&self, _offset: u64, _length: u64) -> BackendResult<()> {
+        Err(BackendError::unsupported("cache"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_are_classified_for_the_nbd_error_they_become() {
+        let e = BackendError::io(
+            "write",
+            0,
+            std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+        );
+        assert_eq!(e.kind, BackendErrorKind::NoSpace);
+        let e = BackendError::io(
+            "write",
+            0x10,
+            std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()),
+        );
+        assert_eq!(e.kind, BackendErrorKind::Io);
+        assert!(e.message.contains("0x10"));
+    }
+}

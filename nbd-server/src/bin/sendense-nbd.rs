@@ -1,0 +1,236 @@
+//! `sendense-nbd`: serve a disk image over NBD with the command line of `qemu-nbd`.
+//!
+//! It takes the flags the old hub passed to qemu-nbd (`-f -x -p -b --shared -t -r -k
+//! --pid-file FILE`), so it drops into the same command line, and adds `--demo` to serve a fresh
+//! scratch image with no arguments at all. Failures (missing file, port in use, unsupported
+//! format) are one line on stderr and exit status 1; the listener accepts as soon as it is bound,
+//! and the pid file is written only then, so "pid file exists" means "ready".
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use nbd_server::{Backend, ExportConfig, FileBackend, Scope, Server, ServerConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Raw,
+    Qcow2,
+}
+
+/// Serve a disk image over NBD (flags compatible with qemu-nbd).
+#[derive(Debug, Parser)]
+#[command(name = "sendense-nbd", version, about)]
+struct Args {
+    /// Image format.
+    #[arg(short = 'f', long = "format", value_enum, default_value = "raw")]
+    format: Format,
+    /// Export name clients ask for.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    /// Export description shown by nbdinfo.
+    #[arg(short = 'D', long = "description", default_value = "")]
+    description: String,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long = "port", default_value_t = 10809)]
+    port: u16,
+    /// Address to bind (loopback by default: NBD reaches the hub through the tunnel).
+    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
+    bind: String,
+    /// Listen on this Unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<PathBuf>,
+    /// Clients allowed at once; more get a clear error (qemu-nbd's default is 1).
+    #[arg(short = 'e', long = "shared", default_value_t = 1)]
+    shared: usize,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Write the process id here once listening.
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// Accepted for qemu-nbd compatibility; the page cache is always used.
+    #[arg(long = "cache", hide = true)]
+    cache: Option<String>,
+    /// Accepted for qemu-nbd compatibility; ignored.
+    #[arg(long = "aio", hide = true)]
+    aio: Option<String>,
+    /// Accepted for qemu-nbd compatibility; TRIM always punches holes.
+    #[arg(long = "discard", hide = true)]
+    discard: Option<String>,
+    /// Serve a fresh 1 GiB sparse scratch image (in a temporary directory) as export "demo".
+    #[arg(long)]
+    demo: bool,
+    /// The image to serve.
+    file: Option<PathBuf>,
+}
+
+fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+    match args.format {
+        Format::Raw => {
+            let b = FileBackend::open(path, args.read_only)
+                .with_context(|| format!("cannot open '{}'", path.display()))?;
+            Ok(Arc::new(b))
+        }
+        Format::Qcow2 => bail!(
+            "cannot open '{}': qcow2 images are not supported by this build yet (use -f raw)",
+            path.display()
+        ),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = UNITS[0];
+    for u in UNITS.iter().skip(1) {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+async fn run(mut args: Args) -> anyhow::Result<()> {
+    let _demo_dir;
+    let path = match (&args.file, args.demo) {
+        (Some(p), false) => p.clone(),
+        (None, true) => {
+            let dir = tempfile_dir()?;
+            let p = dir.join("demo.raw");
+            FileBackend::create(&p, 1 << 30)
+                .with_context(|| format!("cannot create '{}'", p.display()))?;
+            if args.export_name.is_empty() {
+                args.export_name = "demo".into();
+            }
+            args.persistent = true;
+            args.shared = args.shared.max(4);
+            _demo_dir = DirGuard(dir);
+            p
+        }
+        (Some(_), true) => bail!("--demo serves its own scratch image; drop the FILE argument"),
+        (None, false) => {
+            bail!("expected exactly one image FILE (or --demo to serve a scratch image)")
+        }
+    };
+    let backend = open_backend(&args, &path)?;
+    let size = backend.size();
+    let server = Server::new(ServerConfig::default());
+    let name = args.export_name.clone();
+    server.add_export(
+        ExportConfig::new(name.clone(), backend)
+            .description(args.description.clone())
+            .read_only(args.read_only)
+            .max_connections(args.shared),
+    )?;
+
+    let serving = match &args.socket {
+        Some(sock) => {
+            let _ = std::fs::remove_file(sock);
+            let listener = tokio::net::UnixListener::bind(sock)
+                .with_context(|| format!("cannot listen on '{}'", sock.display()))?;
+            let s = server.clone();
+            let scope = Scope::Only(name.clone());
+            tracing::info!(export = %name, size, socket = %sock.display(), "listening");
+            tokio::spawn(async move { s.serve_unix(listener, scope).await })
+        }
+        None => {
+            let addr = format!("{}:{}", args.bind, args.port);
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let s = server.clone();
+            let scope = Scope::Only(name.clone());
+            let url = format!("nbd://{}:{}/{}", args.bind, args.port, name);
+            tracing::info!(export = %name, size, %url, "listening");
+            if args.demo {
+                eprintln!(
+                    "sendense-nbd: serving a fresh {} scratch image as {url}\n  try:  nbdinfo {url}\n        qemu-img info {url}\n  Ctrl-C stops it.",
+                    human(size)
+                );
+            }
+            tokio::spawn(async move { s.serve_tcp(listener, scope).await })
+        }
+    };
+    if let Some(pid_file) = &args.pid_file {
+        std::fs::write(pid_file, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write pid file '{}'", pid_file.display()))?;
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let last_client_left = async {
+        if args.persistent {
+            return std::future::pending::<()>().await;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(s) = server.export_stats(&name) {
+                if s.connections_total > 0 && s.connections_active == 0 {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = sigterm.recv() => tracing::info!("terminated; shutting down"),
+        _ = last_client_left => tracing::info!("last client disconnected; exiting"),
+    }
+    let result = server.shutdown().await;
+    let _ = serving.await;
+    if let Some(pid_file) = &args.pid_file {
+        let _ = std::fs::remove_file(pid_file);
+    }
+    if let Some(sock) = &args.socket {
+        let _ = std::fs::remove_file(sock);
+    }
+    result.context("final flush failed")?;
+    Ok(())
+}
+
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir().join(format!("sendense-nbd-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&base)
+        .with_context(|| format!("cannot create '{}'", base.display()))?;
+    Ok(base)
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sendense-nbd: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("sendense-nbd: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,792 @@
+//! An async NBD client: fixed newstyle with GO, structured replies, extended headers when the
+//! server offers them, `base:allocation` block status, and pipelined requests.
+//!
+//! A [`Client`] is one connection; clone it to issue requests from many tasks at once. Requests
+//! are written under a mutex (header and payload stay together); one reader task owns the read
+//! half and routes each reply chunk to the waiting request by cookie, reassembling structured
+//! reads (data and hole chunks, in any order) into the caller's buffer. Several connections to
+//! one export are simply several `Client`s. Every length a server sends is checked against the
+//! request it answers before anything is allocated.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::oneshot;
+
+use crate::proto::consts::{
+    client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, reply_type,
+    BASE_ALLOCATION,
+};
+use crate::proto::cursor::Cursor;
+use crate::proto::handshake::{
+    self as hs, InfoItem, OptionHeader, OptionReplyHeader, GREETING_LEN, OPTION_REPLY_HEADER_LEN,
+};
+use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, ReplyHeader, Request};
+use crate::proto::WireError;
+
+/// Largest option reply we read.
+const MAX_OPTION_REPLY: u32 = 64 * 1024;
+
+/// What to negotiate.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Export name ("" = default export).
+    pub export: String,
+    /// Try extended (64-bit) headers first.
+    pub extended_headers: bool,
+    /// Negotiate structured replies (needed for block status and sparse reads).
+    pub structured_replies: bool,
+    /// Select `base:allocation`.
+    pub block_status: bool,
+}
+
+impl ClientOptions {
+    /// Everything on, for `export`.
+    pub fn new(export: impl Into<String>) -> Self {
+        Self {
+            export: export.into(),
+            extended_headers: true,
+            structured_replies: true,
+            block_status: true,
+        }
+    }
+}
+
+/// What the server told us about the export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Canonical name, if sent.
+    pub name: Option<String>,
+    /// Description, if sent.
+    pub description: Option<String>,
+    /// Minimum block size (1 if not sent).
+    pub min_block: u32,
+    /// Preferred block size (4096 if not sent).
+    pub preferred_block: u32,
+    /// Maximum payload (32 MiB if not sent).
+    pub max_payload: u32,
+}
+
+/// Client failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Socket error.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The server refused an option.
+    #[error("server refused option {option}: reply {reply:#x}: {message}")]
+    OptionRefused {
+        /// Option.
+        option: u32,
+        /// Error reply type.
+        reply: u32,
+        /// Server's message.
+        message: String,
+    },
+    /// A request failed on the server.
+    #[error("server error {error}: {message}")]
+    Request {
+        /// NBD error value.
+        error: u32,
+        /// Server's message (empty for simple replies).
+        message: String,
+    },
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed,
+    /// The export does not offer this.
+    #[error("{0} is not supported by this export")]
+    Unsupported(&'static str),
+    /// Bad arguments.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl From<WireError> for ClientError {
+    fn from(e: WireError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// What a request waits for.
+enum Expect {
+    Simple,
+    Read { offset: u64, buf: Vec<u8> },
+    Status { extents: Vec<Extent> },
+}
+
+struct Pending {
+    expect: Expect,
+    error: Option<ClientError>,
+    reply: oneshot::Sender<Result<Expect>>,
+}
+
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+struct Inner {
+    writer: tokio::sync::Mutex<Writer>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_cookie: AtomicU64,
+    info: ExportInfo,
+    mode: HeaderMode,
+    structured: bool,
+    allocation_context: Option<u32>,
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.reader.lock() {
+            if let Some(h) = r.take() {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// One NBD connection. Cheap to clone; clones share the connection and pipeline requests.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("info", &self.inner.info)
+            .field("mode", &self.inner.mode)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connect over TCP (with TCP_NODELAY) and negotiate `export` with everything on.
+    ///
+    /// # Errors
+    /// Connection or negotiation failed.
+    pub async fn connect_tcp(addr: impl ToSocketAddrs, export: &str) -> Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (r, w) = stream.into_split();
+        Self::handshake(r, w, &ClientOptions::new(export)).await
+    }
+
+    /// Negotiate over an established stream's halves.
+    ///
+    /// # Errors
+    /// Negotiation failed (unknown export, server refused, protocol violation).
+    pub async fn handshake<R, W>(reader: R, writer: W, options: &ClientOptions) -> Result<Self>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut r = BufReader::with_capacity(256 * 1024, reader);
+        let mut w: Writer = Box::new(writer);
+        let mut greeting = [0u8; GREETING_LEN];
+        r.read_exact(&mut greeting).await?;
+        let server_flags = hs::parse_greeting(&greeting)?;
+        if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
+            return Err(ClientError::Protocol(
+                "server does not speak fixed newstyle".into(),
+            ));
+        }
+        let mut flags = client_flags::FIXED_NEWSTYLE;
+        if server_flags & handshake_flags::NO_ZEROES != 0 {
+            flags |= client_flags::NO_ZEROES;
+        }
+        w.write_all(&flags.to_be_bytes()).await?;
+
+        let mut mode = HeaderMode::Compact;
+        let mut structured = false;
+        if options.structured_replies && options.extended_headers {
+            if simple_option(&mut r, &mut w, opt::EXTENDED_HEADERS).await? {
+                mode = HeaderMode::Extended;
+                structured = true;
+            }
+        }
+        if options.structured_replies && !structured {
+            structured = simple_option(&mut r, &mut w, opt::STRUCTURED_REPLY).await?;
+        }
+        let mut allocation_context = None;
+        if structured && options.block_status {
+            send_option(
+                &mut w,
+                opt::SET_META_CONTEXT,
+                &hs::encode_meta_context_request(&options.export, &[BASE_ALLOCATION]),
+            )
+            .await?;
+            loop {
+                let (h, data) = read_option_reply(&mut r, opt::SET_META_CONTEXT).await?;
+                match h.reply {
+                    rep::META_CONTEXT => {
+                        let mut c = Cursor::new(&data);
+                        let id = c.u32().ok_or_else(|| {
+                            ClientError::Protocol("short META_CONTEXT reply".into())
+                        })?;
+                        if c.take(c.remaining()) == Some(BASE_ALLOCATION.as_bytes()) {
+                            allocation_context = Some(id);
+                        }
+                    }
+                    rep::ACK => break,
+                    e if e & rep::ERR_BIT != 0 => break,
+                    other => {
+                        return Err(ClientError::Protocol(format!(
+                            "unexpected reply {other:#x} to SET_META_CONTEXT"
+                        )))
+                    }
+                }
+            }
+        }
+        let wanted = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION];
+        send_option(
+            &mut w,
+            opt::GO,
+            &hs::encode_info_request(&options.export, &wanted),
+        )
+        .await?;
+        let mut export = ExportInfo {
+            min_block: 1,
+            preferred_block: 4096,
+            max_payload: 32 << 20,
+            ..Default::default()
+        };
+        let mut got_export = false;
+        loop {
+            let (h, data) = read_option_reply(&mut r, opt::GO).await?;
+            match h.reply {
+                rep::INFO => match hs::parse_info_item(&data)? {
+                    InfoItem::Export { size, flags } => {
+                        export.size = size;
+                        export.flags = flags;
+                        got_export = true;
+                    }
+                    InfoItem::Name(n) => export.name = Some(n),
+                    InfoItem::Description(d) => export.description = Some(d),
+                    InfoItem::BlockSize {
+                        minimum,
+                        preferred,
+                        maximum,
+                    } => {
+                        export.min_block = minimum;
+                        export.preferred_block = preferred;
+                        export.max_payload = maximum;
+                    }
+                    InfoItem::Unknown(_) => {}
+                },
+                rep::ACK if got_export => break,
+                rep::ACK => {
+                    return Err(ClientError::Protocol(
+                        "GO acknowledged without NBD_INFO_EXPORT".into(),
+                    ))
+                }
+                e if e & rep::ERR_BIT != 0 => {
+                    return Err(ClientError::OptionRefused {
+                        option: opt::GO,
+                        reply: e,
+                        message: String::from_utf8_lossy(&data).into_owned(),
+                    })
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected reply {other:#x} to GO"
+                    )))
+                }
+            }
+        }
+        w.flush().await?;
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(w),
+            pending: Mutex::new(HashMap::new()),
+            next_cookie: AtomicU64::new(1),
+            info: export,
+            mode,
+            structured,
+            allocation_context,
+            reader: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = tokio::spawn(async move { reader_loop(r, weak, mode).await });
+        if let Ok(mut slot) = inner.reader.lock() {
+            *slot = Some(handle);
+        }
+        Ok(Self { inner })
+    }
+
+    /// The export as the server described it.
+    pub fn info(&self) -> &ExportInfo {
+        &self.inner.info
+    }
+
+    /// Whether extended headers are in use.
+    pub fn extended_headers(&self) -> bool {
+        self.inner.mode == HeaderMode::Extended
+    }
+
+    /// Whether structured replies are in use.
+    pub fn structured_replies(&self) -> bool {
+        self.inner.structured
+    }
+
+    /// Whether block status can be queried.
+    pub fn can_block_status(&self) -> bool {
+        self.inner.allocation_context.is_some()
+    }
+
+    async fn submit(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        expect: Expect,
+    ) -> Result<Expect> {
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        {
+            let mut p = self.inner.pending.lock().map_err(|_| ClientError::Closed)?;
+            p.insert(
+                cookie,
+                Pending {
+                    expect,
+                    error: None,
+                    reply: reply_tx,
+                },
+            );
+        }
+        let mut head = Vec::with_capacity(32);
+        tx::encode_request(
+            &mut head,
+            self.inner.mode,
+            &Request {
+                flags,
+                command,
+                cookie,
+                offset,
+                length,
+            },
+        )?;
+        let sent: std::io::Result<()> = async {
+            let mut w = self.inner.writer.lock().await;
+            w.write_all(&head).await?;
+            if !payload.is_empty() {
+                w.write_all(payload).await?;
+            }
+            w.flush().await
+        }
+        .await;
+        if let Err(e) = sent {
+            if let Ok(mut p) = self.inner.pending.lock() {
+                p.remove(&cookie);
+            }
+            return Err(e.into());
+        }
+        reply_rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.inner.info.size => Ok(()),
+            _ => Err(ClientError::Invalid(format!(
+                "{offset:#x}+{length:#x} is past the end of the export"
+            ))),
+        }
+    }
+
+    /// Read `length` bytes at `offset` (at most the server's maximum payload).
+    ///
+    /// # Errors
+    /// Out of range, or the server failed the read.
+    pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>> {
+        self.check_range(offset, u64::from(length))?;
+        if length > self.inner.info.max_payload {
+            return Err(ClientError::Invalid(format!(
+                "read of {length} exceeds max payload {}",
+                self.inner.info.max_payload
+            )));
+        }
+        match self
+            .submit(
+                Command::Read,
+                0,
+                offset,
+                u64::from(length),
+                &[],
+                Expect::Read {
+                    offset,
+                    buf: vec![0; length as usize],
+                },
+            )
+            .await?
+        {
+            Expect::Read { buf, .. } => Ok(buf),
+            _ => Err(ClientError::Protocol("reply kind mismatch".into())),
+        }
+    }
+
+    /// Write `data` at `offset`; `fua` makes it durable before the reply.
+    ///
+    /// # Errors
+    /// Out of range, too large, or the server failed the write.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.len() as u64 > u64::from(self.inner.info.max_payload) {
+            return Err(ClientError::Invalid(format!(
+                "write of {} exceeds max payload",
+                data.len()
+            )));
+        }
+        let flags = if fua { cmd_flags::FUA } else { 0 };
+        self.submit(
+            Command::Write,
+            flags,
+            offset,
+            data.len() as u64,
+            data,
+            Expect::Simple,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Flush completed writes to stable storage.
+    ///
+    /// # Errors
+    /// The server failed the flush.
+    pub async fn flush(&self) -> Result<()> {
+        self.submit(Command::Flush, 0, 0, 0, &[], Expect::Simple)
+            .await
+            .map(drop)
+    }
+
+    /// Discard a range.
+    ///
+    /// # Errors
+    /// Unsupported by the export, out of range, or failed.
+    pub async fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_TRIM == 0 {
+            return Err(ClientError::Unsupported("trim"));
+        }
+        self.check_range(offset, length)?;
+        self.submit(Command::Trim, 0, offset, length, &[], Expect::Simple)
+            .await
+            .map(drop)
+    }
+
+    /// Zero a range; `no_hole` keeps it allocated.
+    ///
+    /// # Errors
+    /// Unsupported by the export, out of range, or failed.
+    pub async fn write_zeroes(&self, offset: u64, length: u64, no_hole: bool) -> Result<()> {
+        if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_WRITE_ZEROES == 0
+        {
+            return Err(ClientError::Unsupported("write zeroes"));
+        }
+        self.check_range(offset, length)?;
+        let flags = if no_hole { cmd_flags::NO_HOLE } else { 0 };
+        self.submit(
+            Command::WriteZeroes,
+            flags,
+            offset,
+            length,
+            &[],
+            Expect::Simple,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `base:allocation` extents from `offset` (consecutive, at least one).
+    ///
+    /// # Errors
+    /// Block status not negotiated, out of range, or failed.
+    pub async fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        if self.inner.allocation_context.is_none() {
+            return Err(ClientError::Unsupported("block status"));
+        }
+        self.check_range(offset, length)?;
+        let length = if self.inner.mode == HeaderMode::Compact {
+            length.min(u64::from(u32::MAX))
+        } else {
+            length
+        };
+        match self
+            .submit(
+                Command::BlockStatus,
+                0,
+                offset,
+                length,
+                &[],
+                Expect::Status {
+                    extents: Vec::new(),
+                },
+            )
+            .await?
+        {
+            Expect::Status { extents } => Ok(extents),
+            _ => Err(ClientError::Protocol("reply kind mismatch".into())),
+        }
+    }
+
+    /// Soft-disconnect: send NBD_CMD_DISC and close the write half.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub async fn disconnect(&self) -> Result<()> {
+        let mut head = Vec::with_capacity(32);
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        tx::encode_request(
+            &mut head,
+            self.inner.mode,
+            &Request {
+                flags: 0,
+                command: Command::Disconnect,
+                cookie,
+                offset: 0,
+                length: 0,
+            },
+        )?;
+        let mut w = self.inner.writer.lock().await;
+        w.write_all(&head).await?;
+        w.flush().await?;
+        w.shutdown().await?;
+        Ok(())
+    }
+}
+
+async fn send_option(w: &mut Writer, option: u32, data: &[u8]) -> Result<()> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    OptionHeader::encode(&mut out, option, data);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+async fn read_option_reply<R: AsyncRead + Unpin>(
+    r: &mut R,
+    option: u32,
+) -> Result<(OptionReplyHeader, Vec<u8>)> {
+    let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
+    r.read_exact(&mut head).await?;
+    let h = OptionReplyHeader::parse(&head)?;
+    if h.option != option {
+        return Err(ClientError::Protocol(format!(
+            "reply for option {} while waiting for {option}",
+            h.option
+        )));
+    }
+    if h.length > MAX_OPTION_REPLY {
+        return Err(ClientError::Protocol(format!(
+            "option reply of {} bytes",
+            h.length
+        )));
+    }
+    let mut data = vec![0u8; h.length as usize];
+    r.read_exact(&mut data).await?;
+    Ok((h, data))
+}
+
+/// Send an option without data; true on ACK, false on an error reply.
+async fn simple_option<R: AsyncRead + Unpin>(
+    r: &mut R,
+    w: &mut Writer,
+    option: u32,
+) -> Result<bool> {
+    send_option(w, option, &[]).await?;
+    let (h, _) = read_option_reply(r, option).await?;
+    Ok(h.reply == rep::ACK)
+}
+
+fn take_pending(inner: &Inner, cookie: u64) -> Option<Pending> {
+    inner.pending.lock().ok()?.remove(&cookie)
+}
+
+fn fail_all(inner: &Inner) {
+    if let Ok(mut p) = inner.pending.lock() {
+        for (_, pending) in p.drain() {
+            let _ = pending.reply.send(Err(ClientError::Closed));
+        }
+    }
+}
+
+async fn reader_loop<R: AsyncRead + Unpin>(
+    mut r: BufReader<R>,
+    inner: std::sync::Weak<Inner>,
+    mode: HeaderMode,
+) {
+    let result = read_replies(&mut r, &inner, mode).await;
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, "client reader stopped");
+    }
+    if let Some(inner) = inner.upgrade() {
+        fail_all(&inner);
+    }
+}
+
+async fn read_replies<R: AsyncRead + Unpin>(
+    r: &mut R,
+    weak: &std::sync::Weak<Inner>,
+    mode: HeaderMode,
+) -> Result<()> {
+    let mut head = [0u8; 32];
+    loop {
+        let Some(first) = head.get_mut(..4) else {
+            return Ok(());
+        };
+        match r.read_exact(first).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = tx::reply_header_len(magic)
+            .ok_or_else(|| ClientError::Protocol(format!("bad reply magic {magic:#x}")))?;
+        if let Some(rest) = head.get_mut(4..len) {
+            r.read_exact(rest).await?;
+        }
+        let Some((header, _)) = tx::decode_reply_header(head.get(..len).unwrap_or_default())?
+        else {
+            return Err(ClientError::Protocol("short reply header".into()));
+        };
+        let Some(inner) = weak.upgrade() else {
+            return Ok(());
+        };
+        match header {
+            ReplyHeader::Simple { cookie, error } => {
+                let mut p = take_pending(&inner, cookie).ok_or_else(|| {
+                    ClientError::Protocol(format!("reply for unknown cookie {cookie}"))
+                })?;
+                if error != 0 {
+                    let _ = p.reply.send(Err(ClientError::Request {
+                        error,
+                        message: String::new(),
+                    }));
+                    continue;
+                }
+                if let Expect::Read { buf, .. } = &mut p.expect {
+                    if inner.structured {
+                        return Err(ClientError::Protocol(
+                            "simple reply to a read with structured replies".into(),
+                        ));
+                    }
+                    r.read_exact(buf).await?;
+                }
+                let _ = p.reply.send(Ok(p.expect));
+            }
+            ReplyHeader::Chunk {
+                flags,
+                kind,
+                cookie,
+                length,
+            } => {
+                let mut p = take_pending(&inner, cookie).ok_or_else(|| {
+                    ClientError::Protocol(format!("chunk for unknown cookie {cookie}"))
+                })?;
+                let limit = match &p.expect {
+                    Expect::Read { buf, .. } => buf.len() as u64 + 64,
+                    _ => 64 * 1024 + 16 * (1 << 20),
+                };
+                if length > limit {
+                    return Err(ClientError::Protocol(format!(
+                        "chunk of {length} bytes for a request that allows {limit}"
+                    )));
+                }
+                apply_chunk(r, &mut p, kind, length, mode).await?;
+                if flags & reply_flags::DONE != 0 {
+                    let result = match p.error.take() {
+                        Some(e) => Err(e),
+                        None => Ok(p.expect),
+                    };
+                    let _ = p.reply.send(result);
+                } else if let Ok(mut map) = inner.pending.lock() {
+                    map.insert(cookie, p);
+                }
+            }
+        }
+    }
+}
+
+async fn apply_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    p: &mut Pending,
+    kind: u16,
+    length: u64,
+    mode: HeaderMode,
+) -> Result<()> {
+    match (kind, &mut p.expect) {
+        (reply_type::NONE, _) if length == 0 => Ok(()),
+        (reply_type::OFFSET_DATA, Expect::Read { offset, buf }) if length >= 8 => {
+            let at = r.read_u64().await?;
+            let n = length - 8;
+            let start = at
+                .checked_sub(*offset)
+                .filter(|s| s.saturating_add(n) <= buf.len() as u64);
+            let Some(start) = start else {
+                return Err(ClientError::Protocol(format!(
+                    "data chunk {at:#x}+{n} outside the read"
+                )));
+            };
+            let dst = buf
+                .get_mut(start as usize..(start + n) as usize)
+                .ok_or_else(|| ClientError::Protocol("data chunk range".into()))?;
+            r.read_exact(dst).await?;
+            Ok(())
+        }
+        (reply_type::OFFSET_HOLE, Expect::Read { offset, buf }) if length == 12 => {
+            let at = r.read_u64().await?;
+            let n = u64::from(r.read_u32().await?);
+            let start = at
+                .checked_sub(*offset)
+                .filter(|s| s.saturating_add(n) <= buf.len() as u64);
+            let Some(start) = start else {
+                return Err(ClientError::Protocol(format!(
+                    "hole chunk {at:#x}+{n} outside the read"
+                )));
+            };
+            if let Some(dst) = buf.get_mut(start as usize..(start + n) as usize) {
+                dst.fill(0);
+            }
+            Ok(())
+        }
+        (reply_type::BLOCK_STATUS | reply_type::BLOCK_STATUS_EXT, Expect::Status { extents }) => {
+            let mut payload = vec![0u8; length as usize];
+            r.read_exact(&mut payload).await?;
+            let (_, got) = tx::parse_block_status(&payload, kind == reply_type::BLOCK_STATUS_EXT)?;
+            extents.extend(got);
+            Ok(())
+        }
+        (k, _) if k & reply_type::ERROR_BIT != 0 => {
+            let mut payload = vec![0u8; length as usize];
+            r.read_exact(&mut payload).await?;
+            let mut c = Cursor::new(&payload);
+            let error = c.u32().unwrap_or(crate::proto::consts::errno::EIO);
+            let msg_len = c.u16().unwrap_or(0);
+            let message = c
+                .take(usize::from(msg_len))
+                .map(|m| String::from_utf8_lossy(m).into_owned())
+                .unwrap_or_default();
+            p.error
+                .get_or_insert(ClientError::Request { error, message });
+            Ok(())
+        }
+        (k, _) => {
+            let _ = mode;
+            Err(ClientError::Protocol(format!(
+                "unexpected chunk type {k} of {length} bytes"
+            )))
+        }
+    }
+}

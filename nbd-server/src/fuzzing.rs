@@ -1,0 +1,143 @@
+//! Entry points for the cargo-fuzz targets in `fuzz/` and for replaying their seed corpus in
+//! `cargo test`.
+//!
+//! They drive the same pure code the server runs — the option state machine and the request
+//! decoder plus validation — over arbitrary bytes, with an in-memory export behind them, so a
+//! fuzzer explores the protocol without sockets. Each returns a small summary so tests can
+//! assert that a seed really reached the phase it was written for.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::MemoryBackend;
+use crate::proto::cursor::Cursor;
+use crate::proto::handshake::OptionHeader;
+use crate::proto::transmission::{decode_request, HeaderMode};
+use crate::server::dispatch::{payload_len, validate, Limits};
+use crate::server::negotiate::{BlockSizes, Negotiator, Scope, Step};
+
+/// How far a fuzzed stream got.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Options handled.
+    pub options: usize,
+    /// Whether transmission was entered.
+    pub entered: bool,
+    /// Requests decoded in transmission.
+    pub requests: usize,
+    /// Requests that validation accepted.
+    pub accepted: usize,
+}
+
+const MAX_PAYLOAD: u64 = 1 << 25;
+
+/// Run a client byte stream (client flags, options, then requests) through negotiation and
+/// request validation against an export named "fuzz" of 1 MiB.
+pub fn session(data: &[u8]) -> Outcome {
+    let registry = crate::server::export::Registry::default();
+    let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20)))
+        .max_connections(2);
+    let _ = registry.insert(Arc::new(crate::server::export::Export::new(
+        config,
+        CancellationToken::new(),
+    )));
+    let scope = Scope::All;
+    let sizes = BlockSizes {
+        minimum: 1,
+        preferred: 4096,
+        maximum: MAX_PAYLOAD as u32,
+    };
+    let mut c = Cursor::new(data);
+    let mut outcome = Outcome::default();
+    let Some(flags) = c.u32() else { return outcome };
+    if !Negotiator::client_flags_valid(flags) {
+        return outcome;
+    }
+    let mut n = Negotiator::new(&registry, &scope, sizes, flags);
+    let mut out = Vec::new();
+    let session = loop {
+        let Some(head) = c.take(16).and_then(|h| <[u8; 16]>::try_from(h).ok()) else {
+            return outcome;
+        };
+        let Ok(h) = OptionHeader::parse(&head) else {
+            return outcome;
+        };
+        let Some(body) = c.take(h.length as usize) else {
+            return outcome;
+        };
+        out.clear();
+        outcome.options += 1;
+        match n.handle(h.option, body, &mut out) {
+            Step::Continue => {}
+            Step::Abort | Step::Disconnect(_) => return outcome,
+            Step::Enter(s) => break s,
+        }
+    };
+    outcome.entered = true;
+    let limits = Limits {
+        size: session.export().size(),
+        flags: session.flags,
+        structured: session.structured,
+        mode: session.mode,
+        allocation_context: session.allocation_context,
+        max_payload: MAX_PAYLOAD,
+    };
+    let rest = c.take(c.remaining()).unwrap_or_default();
+    let r = requests(rest, &limits);
+    outcome.requests = r.requests;
+    outcome.accepted = r.accepted;
+    outcome
+}
+
+/// Decode and validate a request stream in the mode chosen by the first byte
+/// (bit 0: extended headers, bit 1: structured replies, bit 2: read-only).
+pub fn request_stream(data: &[u8]) -> Outcome {
+    let Some((&selector, rest)) = data.split_first() else {
+        return Outcome::default();
+    };
+    let mode = if selector & 1 != 0 {
+        HeaderMode::Extended
+    } else {
+        HeaderMode::Compact
+    };
+    let structured = selector & 3 != 0;
+    let mut flags = crate::proto::consts::transmission_flags::HAS_FLAGS | 0x0c6c;
+    if selector & 4 != 0 {
+        flags |= crate::proto::consts::transmission_flags::READ_ONLY;
+    }
+    if structured {
+        flags |= crate::proto::consts::transmission_flags::SEND_DF;
+    }
+    let limits = Limits {
+        size: 1 << 20,
+        flags,
+        structured,
+        mode,
+        allocation_context: structured.then_some(1),
+        max_payload: MAX_PAYLOAD,
+    };
+    requests(rest, &limits)
+}
+
+fn requests(mut data: &[u8], limits: &Limits) -> Outcome {
+    let mut outcome = Outcome::default();
+    loop {
+        match decode_request(data, limits.mode) {
+            Ok(Some((req, used))) => {
+                outcome.requests += 1;
+                data = data.get(used..).unwrap_or_default();
+                let plen = payload_len(&req, limits.mode);
+                if plen > limits.max_payload {
+                    return outcome;
+                }
+                if validate(&req, limits).is_ok() {
+                    outcome.accepted += 1;
+                }
+                let skip = usize::try_from(plen).unwrap_or(usize::MAX);
+                data = data.get(skip..).unwrap_or_default();
+            }
+            Ok(None) | Err(_) => return outcome,
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! One client connection: handshake, then one reader, many request tasks, one writer.
+//!
+//! The reader takes a request permit *before* reading the next header and a byte-budget permit
+//! before allocating a payload or read buffer, so a connection never holds more than
+//! `max_in_flight` requests or `max_buffered_bytes` of data, whatever the client sends; when the
+//! budget is spent the reader simply stops reading the socket (TCP backpressure). Each accepted
+//! request runs in its own task, so replies may leave out of order as the spec allows; the
+//! permits travel with the reply and are released only once the writer has put it on the wire.
+//! The writer is the only task that touches the write half, so replies never interleave.
+//!
+//! Ending: NBD_CMD_DISC, EOF, a protocol violation, the export being removed or the server
+//! shutting down all stop the reader; in-flight requests still complete and their replies are
+//! still sent (the spec's "handle all outstanding requests"), then the socket closes.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::consts::{errno, handshake_flags};
+use crate::proto::handshake::{encode_greeting, OptionHeader, OPTION_HEADER_LEN};
+use crate::proto::transmission::{decode_request, Command};
+
+use super::dispatch::{error_reply, execute, payload_len, validate, Limits, Reply, Segment};
+use super::export::bump;
+use super::negotiate::{Negotiator, Session, Step};
+use super::{Scope, Shared};
+
+/// Longest option data we read; longer options end the connection.
+const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Unit of the per-connection byte budget.
+const BUDGET_UNIT: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+/// Serve one connection to the end. Never panics on client input; logs how it ended.
+pub(crate) async fn serve<R, W>(
+    reader: R,
+    mut writer: W,
+    peer: String,
+    scope: Arc<Scope>,
+    shared: Arc<Shared>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let timeout = shared.config.handshake_timeout;
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(timeout, negotiate(&mut reader, &mut writer, &scope, &shared)) => {
+            r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout)))
+        }
+        _ = shared.shutdown.cancelled() => Err(ConnError::Shutdown),
+    };
+    match negotiated {
+        Ok(Some(session)) => {
+            let export = Arc::clone(session.export());
+            tracing::debug!(%peer, export = %export.name, mode = ?session.mode, "client entered transmission");
+            transmission(reader, writer, session, &shared).await;
+            tracing::debug!(%peer, export = %export.name, "client disconnected");
+        }
+        Ok(None) => {
+            let _ = writer.shutdown().await;
+        }
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "handshake ended without transmission");
+            let _ = writer.shutdown().await;
+        }
+    }
+}
+
+async fn negotiate<R, W>(
+    reader: &mut BufReader<R>,
+    writer: &mut W,
+    scope: &Scope,
+    shared: &Shared,
+) -> Result<Option<Session>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer
+        .write_all(&encode_greeting(
+            handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
+        ))
+        .await?;
+    writer.flush().await?;
+    let client_flags = reader.read_u32().await?;
+    if !Negotiator::client_flags_valid(client_flags) {
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let mut negotiator =
+        Negotiator::new(&shared.registry, scope, shared.block_sizes(), client_flags);
+    let mut out = Vec::with_capacity(512);
+    loop {
+        let mut head = [0u8; OPTION_HEADER_LEN];
+        reader.read_exact(&mut head).await?;
+        let header = OptionHeader::parse(&head).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        if header.length > MAX_OPTION_DATA {
+            return Err(ConnError::Protocol(format!(
+                "option {} carries {} bytes, more than the {MAX_OPTION_DATA} accepted",
+                header.option, header.length
+            )));
+        }
+        let mut data = vec![0u8; header.length as usize];
+        reader.read_exact(&mut data).await?;
+        out.clear();
+        let step = negotiator.handle(header.option, &data, &mut out);
+        writer.write_all(&out).await?;
+        writer.flush().await?;
+        match step {
+            Step::Continue => {}
+            Step::Abort => return Ok(None),
+            Step::Disconnect(reason) => return Err(ConnError::Protocol(reason)),
+            Step::Enter(session) => return Ok(Some(session)),
+        }
+    }
+}
+
+/// A reply on its way to the writer, with the permits it holds.
+struct Outgoing {
+    reply: Reply,
+    _request: Option<OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+async fn transmission<R, W>(
+    mut reader: BufReader<R>,
+    writer: W,
+    session: Session,
+    shared: &Arc<Shared>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let export = Arc::clone(session.export());
+    let config = &shared.config;
+    let limits = Limits {
+        size: export.size(),
+        flags: session.flags,
+        structured: session.structured,
+        mode: session.mode,
+        allocation_context: session.allocation_context,
+        max_payload: u64::from(config.max_payload),
+    };
+    let (tx, rx) = mpsc::channel::<Outgoing>(config.max_in_flight + 1);
+    let writer_gone = CancellationToken::new();
+    let writer_task = tokio::spawn(write_loop(
+        writer,
+        rx,
+        writer_gone.clone(),
+        shared.hard_stop.clone(),
+    ));
+    let requests = Arc::new(Semaphore::new(config.max_in_flight));
+    let budget_units = (config.max_buffered_bytes as u64 / BUDGET_UNIT).max(1);
+    let bytes = Arc::new(Semaphore::new(budget_units as usize));
+    let stop = export.closing.clone();
+    let mode = session.mode;
+    let mut header = [0u8; 32];
+
+    loop {
+        let request_permit = tokio::select! {
+            p = Arc::clone(&requests).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.cancelled() => break,
+            _ = writer_gone.cancelled() => break,
+        };
+        let Some(head) = header.get_mut(..mode.request_len()) else {
+            break;
+        };
+        let read = tokio::select! {
+            r = reader.read_exact(head) => r,
+            _ = stop.cancelled() => break,
+            _ = writer_gone.cancelled() => break,
+        };
+        if let Err(e) = read {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                tracing::debug!(export = %export.name, error = %e, "read failed");
+            }
+            break;
+        }
+        let req = match decode_request(head, mode) {
+            Ok(Some((req, _))) => req,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(export = %export.name, error = %e, "closing connection: not an NBD request");
+                break;
+            }
+        };
+        if req.command == Command::Disconnect {
+            break;
+        }
+        let plen = payload_len(&req, mode);
+        if plen > limits.max_payload {
+            // Answer, then hang up: reading what the header merely claims is not an option.
+            bump(&export.counters.errors, 1);
+            let msg = format!(
+                "payload of {plen} bytes exceeds the maximum of {}; closing",
+                limits.max_payload
+            );
+            tracing::warn!(export = %export.name, "{msg}");
+            let reply = error_reply(&req, &limits, errno::EINVAL, &msg);
+            let _ = tx
+                .send(Outgoing {
+                    reply,
+                    _request: Some(request_permit),
+                    _bytes: None,
+                })
+                .await;
+            break;
+        }
+        let need = if req.command == Command::Read {
+            req.length.min(limits.max_payload)
+        } else {
+            plen
+        };
+        let units = need.div_ceil(BUDGET_UNIT).min(budget_units) as u32;
+        let bytes_permit = if units > 0 {
+            tokio::select! {
+                p = Arc::clone(&bytes).acquire_many_owned(units) => match p { Ok(p) => Some(p), Err(_) => break },
+                _ = stop.cancelled() => break,
+                _ = writer_gone.cancelled() => break,
+            }
+        } else {
+            None
+        };
+        let mut payload = Vec::new();
+        if plen > 0 {
+            payload = vec![0u8; plen as usize];
+            let read = tokio::select! {
+                r = reader.read_exact(&mut payload) => r,
+                _ = stop.cancelled() => break,
+                _ = writer_gone.cancelled() => break,
+            };
+            if read.is_err() {
+                tracing::debug!(export = %export.name, "client vanished in the middle of a write payload");
+                break;
+            }
+        }
+        if let Err(refusal) = validate(&req, &limits) {
+            bump(&export.counters.errors, 1);
+            tracing::debug!(export = %export.name, command = ?req.command, message = %refusal.message, "request refused");
+            let reply = error_reply(&req, &limits, refusal.error, &refusal.message);
+            if tx
+                .send(Outgoing {
+                    reply,
+                    _request: Some(request_permit),
+                    _bytes: bytes_permit,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
+        let tx = tx.clone();
+        let export = Arc::clone(&export);
+        tokio::spawn(async move {
+            let reply = execute(&export, req, payload, &limits).await;
+            let _ = tx
+                .send(Outgoing {
+                    reply,
+                    _request: Some(request_permit),
+                    _bytes: bytes_permit,
+                })
+                .await;
+        });
+    }
+    // Let in-flight requests finish; the writer ends once every sender is gone.
+    drop(tx);
+    let _ = writer_task.await;
+}
+
+async fn write_loop<W>(
+    writer: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    gone: CancellationToken,
+    hard_stop: CancellationToken,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let mut w = BufWriter::with_capacity(256 * 1024, writer);
+    let result: std::io::Result<()> = async {
+        while let Some(out) = rx.recv().await {
+            for seg in &out.reply.segments {
+                let bytes = match seg {
+                    Segment::Head(r) => out.reply.head.get(r.clone()),
+                    Segment::Data(r) => out.reply.data.get(r.clone()),
+                };
+                let Some(bytes) = bytes else { continue };
+                tokio::select! {
+                    r = w.write_all(bytes) => r?,
+                    _ = hard_stop.cancelled() => return Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+            drop(out);
+            if rx.is_empty() {
+                tokio::select! {
+                    r = w.flush() => r?,
+                    _ = hard_stop.cancelled() => return Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+        }
+        w.flush().await?;
+        w.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "reply writer stopped");
+    }
+    // Tell the reader to stop, and keep draining so request tasks never block on a full channel.
+    gone.cancel();
+    rx.close();
+    while rx.recv().await.is_some() {}
+}

@@ -1,0 +1,345 @@
+//! The tokio NBD server: exports in a registry, listeners that accept into it, graceful shutdown.
+//!
+//! A [`Server`] is a cheap handle (an `Arc`) that a service keeps: it adds and removes exports
+//! at run time, serves any number of listeners (one for all exports by name, or one per export
+//! as the hub's port-per-disk layout needs), reads per-export counters, and shuts down by
+//! draining in-flight requests and flushing every backend. Shaped after mini-redis's server: a
+//! permit is taken before `accept`, every connection is its own task, and a cancellation token
+//! (not a broadcast channel: a token is also what removing one export needs) stops everything.
+
+mod connection;
+pub(crate) mod dispatch;
+pub(crate) mod export;
+pub(crate) mod negotiate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use export::{ExportConfig, ExportStats};
+pub use negotiate::Scope;
+
+use export::{Export, Registry};
+use negotiate::BlockSizes;
+
+/// Tunables of a server. The defaults suit the hub: qemu-compatible payload limits and bounded
+/// memory per connection.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest READ or WRITE payload accepted (advertised as the maximum block size).
+    pub max_payload: u32,
+    /// Requests one connection may have in flight before the server stops reading from it.
+    pub max_in_flight: usize,
+    /// Payload and read-buffer bytes one connection may hold at once (at least `max_payload`).
+    pub max_buffered_bytes: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Connections (handshaking or transmitting) the whole server accepts at once.
+    pub max_clients: usize,
+    /// On shutdown, how long connections may take to drain before being cut.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: 32 * 1024 * 1024,
+            max_in_flight: 64,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_clients: 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors of the server API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// An export of that name exists already.
+    #[error("export '{0}' already exists")]
+    DuplicateExport(String),
+    /// No export of that name.
+    #[error("no export named '{0}'")]
+    UnknownExport(String),
+    /// The name is not a valid NBD string.
+    #[error("invalid export name {0:?}: must be UTF-8 without NUL, at most 4096 bytes")]
+    InvalidName(String),
+    /// Flushing a removed export failed: its data may not be durable.
+    #[error("flushing export '{name}' failed: {source}")]
+    Flush {
+        /// Export name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: crate::backend::BackendError,
+    },
+}
+
+/// State every connection shares.
+pub(crate) struct Shared {
+    pub registry: Registry,
+    pub config: ServerConfig,
+    /// Cancelled on shutdown: listeners stop, connections drain.
+    pub shutdown: CancellationToken,
+    /// Cancelled after the grace period: writers stop waiting on silent clients.
+    pub hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    clients: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn block_sizes(&self) -> BlockSizes {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: self.config.max_payload,
+        }
+    }
+}
+
+/// An NBD server embedded in a tokio service. Clone it freely; all clones are the same server.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.export_names())
+            .finish()
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new(ServerConfig::default())
+    }
+}
+
+impl Server {
+    /// A server with no exports yet.
+    pub fn new(mut config: ServerConfig) -> Self {
+        config.max_buffered_bytes = config.max_buffered_bytes.max(config.max_payload as usize);
+        config.max_in_flight = config.max_in_flight.max(1);
+        let clients = Arc::new(Semaphore::new(config.max_clients.max(1)));
+        Self {
+            shared: Arc::new(Shared {
+                registry: Registry::default(),
+                config,
+                shutdown: CancellationToken::new(),
+                hard_stop: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                clients,
+            }),
+        }
+    }
+
+    /// Publish an export. It is reachable by the next handshake on any listener whose scope
+    /// includes it: no process to spawn, nothing to wait for.
+    ///
+    /// # Errors
+    /// [`ServerError::DuplicateExport`] or [`ServerError::InvalidName`].
+    pub fn add_export(&self, config: ExportConfig) -> Result<(), ServerError> {
+        let name = config.name.clone();
+        if name.len() > crate::proto::consts::MAX_STRING_LEN || name.contains('\0') {
+            return Err(ServerError::InvalidName(name));
+        }
+        let export = Arc::new(Export::new(config, self.shared.shutdown.child_token()));
+        self.shared
+            .registry
+            .insert(export)
+            .map_err(|_| ServerError::DuplicateExport(name.clone()))?;
+        tracing::info!(export = %name, "export added");
+        Ok(())
+    }
+
+    /// Withdraw an export: new handshakes no longer see it, its connections finish their
+    /// in-flight requests and close, then its backend is flushed. Returns its final counters.
+    ///
+    /// # Errors
+    /// [`ServerError::UnknownExport`], or [`ServerError::Flush`] if the final flush failed.
+    pub async fn remove_export(&self, name: &str) -> Result<ExportStats, ServerError> {
+        let export = self
+            .shared
+            .registry
+            .remove(name)
+            .ok_or_else(|| ServerError::UnknownExport(name.to_string()))?;
+        export.closing.cancel();
+        export.drained().await;
+        if !export.read_only {
+            export
+                .backend
+                .flush()
+                .await
+                .map_err(|source| ServerError::Flush {
+                    name: name.to_string(),
+                    source,
+                })?;
+        }
+        tracing::info!(export = %name, "export removed");
+        Ok(export.stats())
+    }
+
+    /// Counters of an export.
+    pub fn export_stats(&self, name: &str) -> Option<ExportStats> {
+        self.shared.registry.get(name).map(|e| e.stats())
+    }
+
+    /// Names of all exports.
+    pub fn export_names(&self) -> Vec<String> {
+        self.shared
+            .registry
+            .all()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Accept TCP connections for every export until shutdown.
+    pub async fn serve(&self, listener: TcpListener) {
+        self.serve_tcp(listener, Scope::All).await;
+    }
+
+    /// Accept TCP connections that see only export `name` (which may be added later).
+    pub async fn serve_export(&self, listener: TcpListener, name: impl Into<String>) {
+        self.serve_tcp(listener, Scope::Only(name.into())).await;
+    }
+
+    /// Accept TCP connections with the given scope until shutdown.
+    pub async fn serve_tcp(&self, listener: TcpListener, scope: Scope) {
+        let scope = Arc::new(scope);
+        loop {
+            let Some(permit) = self.client_permit().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = self.shared.shutdown.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (r, w) = stream.into_split();
+                    self.spawn_connection(r, w, peer.to_string(), Arc::clone(&scope), permit);
+                }
+                Err(e) => self.accept_failed(e).await,
+            }
+        }
+    }
+
+    /// Accept Unix-socket connections with the given scope until shutdown.
+    pub async fn serve_unix(&self, listener: UnixListener, scope: Scope) {
+        let scope = Arc::new(scope);
+        loop {
+            let Some(permit) = self.client_permit().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = self.shared.shutdown.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let (r, w) = stream.into_split();
+                    self.spawn_connection(r, w, "unix".to_string(), Arc::clone(&scope), permit);
+                }
+                Err(e) => self.accept_failed(e).await,
+            }
+        }
+    }
+
+    /// Serve one already-established byte stream (an SSH channel, a test pipe...).
+    pub async fn serve_stream<S>(&self, stream: S, scope: Scope)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        connection::serve(
+            r,
+            w,
+            "stream".to_string(),
+            Arc::new(scope),
+            Arc::clone(&self.shared),
+        )
+        .await;
+    }
+
+    async fn client_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::select! {
+            p = Arc::clone(&self.shared.clients).acquire_owned() => p.ok(),
+            _ = self.shared.shutdown.cancelled() => None,
+        }
+    }
+
+    async fn accept_failed(&self, e: std::io::Error) {
+        // EMFILE and friends: back off instead of spinning, keep the listener.
+        tracing::warn!(error = %e, "accept failed; retrying");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    fn spawn_connection<R, W>(
+        &self,
+        r: R,
+        w: W,
+        peer: String,
+        scope: Arc<Scope>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        self.shared.tracker.spawn(async move {
+            connection::serve(r, w, peer, scope, shared).await;
+            drop(permit);
+        });
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    /// Stop accepting, let connections finish their in-flight requests (up to the grace
+    /// period), then flush every writable export.
+    ///
+    /// # Errors
+    /// The first export whose final flush failed.
+    pub async fn shutdown(&self) -> Result<(), ServerError> {
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(
+            self.shared.config.shutdown_grace,
+            self.shared.tracker.wait(),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("connections did not drain within the grace period; cutting them");
+            self.shared.hard_stop.cancel();
+            self.shared.tracker.wait().await;
+        }
+        let mut first_error = None;
+        for export in self.shared.registry.all() {
+            if export.read_only {
+                continue;
+            }
+            if let Err(source) = export.backend.flush().await {
+                tracing::error!(export = %export.name, error = %source, "final flush failed");
+                first_error.get_or_insert(ServerError::Flush {
+                    name: export.name.clone(),
+                    source,
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,607 @@
+//! Option haggling as a pure state machine: one option in, reply bytes and a next step out.
+//!
+//! [`Negotiator::handle`] never touches a socket, so the whole fixed-newstyle negotiation is
+//! unit-tested and fuzzed without I/O; `connection.rs` only moves bytes. Which exports a client
+//! can see is decided by the [`Scope`] of the listener it came through: the whole registry, or
+//! one export (the hub's one-port-per-disk layout, where the default name "" means that export).
+
+use std::sync::Arc;
+
+use crate::proto::consts::{client_flags, info, opt, rep, BASE_ALLOCATION};
+use crate::proto::handshake::{self as hs, encode_option_error, encode_option_reply};
+use crate::proto::transmission::HeaderMode;
+
+use super::export::{ConnectionSlot, Export, Registry};
+
+/// Which exports a listener serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every export of the server, by name.
+    All,
+    /// Only this export; the empty name selects it too.
+    Only(String),
+}
+
+/// Context id we give `base:allocation`.
+pub(crate) const ALLOCATION_CONTEXT_ID: u32 = 1;
+
+/// What the connection does after an option.
+pub(crate) enum Step {
+    /// Keep haggling.
+    Continue,
+    /// The client aborted; close after sending the replies.
+    Abort,
+    /// Send the replies and close (EXPORT_NAME with no such export, or no place left).
+    Disconnect(String),
+    /// Send the replies and enter transmission.
+    Enter(Session),
+}
+
+/// Everything transmission needs from the handshake.
+pub(crate) struct Session {
+    pub slot: ConnectionSlot,
+    pub mode: HeaderMode,
+    pub structured: bool,
+    pub allocation_context: Option<u32>,
+    pub flags: u16,
+}
+
+impl Session {
+    pub fn export(&self) -> &Arc<Export> {
+        &self.slot.export
+    }
+}
+
+/// Block size constraints we advertise.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockSizes {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+/// Negotiation state of one connection.
+pub(crate) struct Negotiator<'a> {
+    registry: &'a Registry,
+    scope: &'a Scope,
+    sizes: BlockSizes,
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    /// Export (canonical name) for which `base:allocation` was last selected.
+    meta: Option<String>,
+}
+
+impl<'a> Negotiator<'a> {
+    pub fn new(
+        registry: &'a Registry,
+        scope: &'a Scope,
+        sizes: BlockSizes,
+        client_flags_value: u32,
+    ) -> Self {
+        Self {
+            registry,
+            scope,
+            sizes,
+            no_zeroes: client_flags_value & client_flags::NO_ZEROES != 0,
+            structured: false,
+            extended: false,
+            meta: None,
+        }
+    }
+
+    /// Client flags we accept: anything else ends the connection (the spec's MUST).
+    pub fn client_flags_valid(value: u32) -> bool {
+        value & !(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES) == 0
+    }
+
+    fn resolve(&self, name: &str) -> Option<Arc<Export>> {
+        match self.scope {
+            Scope::All => self.registry.get(name),
+            Scope::Only(only) if name.is_empty() || name == only => self.registry.get(only),
+            Scope::Only(_) => None,
+        }
+    }
+
+    fn visible(&self) -> Vec<Arc<Export>> {
+        match self.scope {
+            Scope::All => self.registry.all(),
+            Scope::Only(only) => self.registry.get(only).into_iter().collect(),
+        }
+    }
+
+    fn unknown_export(&self, out: &mut Vec<u8>, option: u32, name: &str) {
+        let names: Vec<String> = self
+            .visible()
+            .iter()
+            .map(|e| format!("'{}'", e.name))
+            .collect();
+        let list = if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        };
+        encode_option_error(
+            out,
+            option,
+            rep::ERR_UNKNOWN,
+            &format!("no export named '{name}' (available: {list})"),
+        );
+    }
+
+    /// Handle one option with its data, appending replies to `out`.
+    pub fn handle(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        match option {
+            opt::EXPORT_NAME => self.export_name(data, out),
+            opt::ABORT => {
+                encode_option_reply(out, option, rep::ACK, &[]);
+                Step::Abort
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    );
+                    return Step::Continue;
+                }
+                for e in self.visible() {
+                    encode_option_reply(
+                        out,
+                        option,
+                        rep::SERVER,
+                        &hs::server_reply(&e.name, &e.description),
+                    );
+                }
+                encode_option_reply(out, option, rep::ACK, &[]);
+                Step::Continue
+            }
+            opt::STARTTLS => {
+                if data.is_empty() {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_POLICY,
+                        "TLS is not enabled on this server",
+                    );
+                } else {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
+                }
+                Step::Continue
+            }
+            opt::INFO | opt::GO => self.info_or_go(option, data, out),
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else if self.structured {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
+                } else {
+                    self.structured = true;
+                    encode_option_reply(out, option, rep::ACK, &[]);
+                }
+                Step::Continue
+            }
+            opt::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    );
+                } else if self.extended {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_INVALID,
+                        "extended headers already negotiated",
+                    );
+                } else {
+                    self.extended = true;
+                    self.structured = true;
+                    encode_option_reply(out, option, rep::ACK, &[]);
+                }
+                Step::Continue
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data, out),
+            other => {
+                encode_option_error(
+                    out,
+                    other,
+                    rep::ERR_UNSUP,
+                    &format!("option {other} is not supported"),
+                );
+                Step::Continue
+            }
+        }
+    }
+
+    fn export_name(&mut self, data: &[u8], out: &mut Vec<u8>) -> Step {
+        let name = match std::str::from_utf8(data) {
+            Ok(n) if n.len() <= crate::proto::consts::MAX_STRING_LEN => n,
+            _ => return Step::Disconnect("NBD_OPT_EXPORT_NAME with an invalid name".into()),
+        };
+        let Some(export) = self.resolve(name) else {
+            return Step::Disconnect(format!(
+                "NBD_OPT_EXPORT_NAME asked for unknown export '{name}'"
+            ));
+        };
+        let Some(slot) = export.attach() else {
+            return Step::Disconnect(format!(
+                "export '{}' already has its limit of {} connections",
+                export.name, export.max_connections
+            ));
+        };
+        // EXPORT_NAME clients cannot have negotiated structured replies meaningfully... they can,
+        // in fixed newstyle; honour what they negotiated.
+        let flags = export.transmission_flags(self.structured);
+        out.extend_from_slice(&hs::export_name_reply(export.size(), flags, self.no_zeroes));
+        Step::Enter(self.session(slot, flags))
+    }
+
+    fn session(&self, slot: ConnectionSlot, flags: u16) -> Session {
+        let allocation_context = match &self.meta {
+            Some(name) if self.structured && *name == slot.export.name => {
+                Some(ALLOCATION_CONTEXT_ID)
+            }
+            _ => None,
+        };
+        Session {
+            mode: if self.extended {
+                HeaderMode::Extended
+            } else {
+                HeaderMode::Compact
+            },
+            structured: self.structured,
+            allocation_context,
+            flags,
+            slot,
+        }
+    }
+
+    fn info_or_go(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        let req = match hs::parse_info_request(data) {
+            Ok(r) => r,
+            Err(e) => {
+                encode_option_error(out, option, rep::ERR_INVALID, &e.to_string());
+                return Step::Continue;
+            }
+        };
+        let Some(export) = self.resolve(req.name) else {
+            self.unknown_export(out, option, req.name);
+            return Step::Continue;
+        };
+        let slot = if option == opt::GO {
+            match export.attach() {
+                Some(slot) => Some(slot),
+                None => {
+                    encode_option_error(
+                        out,
+                        option,
+                        rep::ERR_POLICY,
+                        &format!(
+                            "export '{}' already has its limit of {} connections; try again later",
+                            export.name, export.max_connections
+                        ),
+                    );
+                    return Step::Continue;
+                }
+            }
+        } else {
+            None
+        };
+        let flags = export.transmission_flags(self.structured);
+        encode_option_reply(
+            out,
+            option,
+            rep::INFO,
+            &hs::info_export(export.size(), flags),
+        );
+        if req.requests.contains(&info::NAME) || req.name != export.name {
+            encode_option_reply(
+                out,
+                option,
+                rep::INFO,
+                &hs::info_string(info::NAME, &export.name),
+            );
+        }
+        if !export.description.is_empty() {
+            encode_option_reply(
+                out,
+                option,
+                rep::INFO,
+                &hs::info_string(info::DESCRIPTION, &export.description),
+            );
+        }
+        let s = self.sizes;
+        encode_option_reply(
+            out,
+            option,
+            rep::INFO,
+            &hs::info_block_size(s.minimum, s.preferred, s.maximum),
+        );
+        encode_option_reply(out, option, rep::ACK, &[]);
+        match slot {
+            Some(slot) => Step::Enter(self.session(slot, flags)),
+            None => Step::Continue,
+        }
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        let setting = option == opt::SET_META_CONTEXT;
+        if setting {
+            // SET replaces the selection even when it fails.
+            self.meta = None;
+        }
+        if !self.structured {
+            encode_option_error(
+                out,
+                option,
+                rep::ERR_INVALID,
+                "negotiate structured replies before metadata contexts",
+            );
+            return Step::Continue;
+        }
+        let req = match hs::parse_meta_context_request(data) {
+            Ok(r) => r,
+            Err(e) => {
+                encode_option_error(out, option, rep::ERR_INVALID, &e.to_string());
+                return Step::Continue;
+            }
+        };
+        let Some(export) = self.resolve(req.export) else {
+            self.unknown_export(out, option, req.export);
+            return Step::Continue;
+        };
+        let matches = |q: &str| {
+            if setting {
+                q == BASE_ALLOCATION
+            } else {
+                q == BASE_ALLOCATION || q == "base:"
+            }
+        };
+        let selected = if req.queries.is_empty() {
+            !setting
+        } else {
+            req.queries.iter().any(|q| matches(q))
+        };
+        if selected {
+            let id = if setting { ALLOCATION_CONTEXT_ID } else { 0 };
+            encode_option_reply(
+                out,
+                option,
+                rep::META_CONTEXT,
+                &hs::meta_context_reply(id, BASE_ALLOCATION),
+            );
+            if setting {
+                self.meta = Some(export.name.clone());
+            }
+        }
+        encode_option_reply(out, option, rep::ACK, &[]);
+        Step::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::proto::consts::transmission_flags as tf;
+    use crate::proto::handshake::{
+        parse_info_item, InfoItem, OptionReplyHeader, OPTION_REPLY_HEADER_LEN,
+    };
+    use crate::server::export::ExportConfig;
+    use tokio_util::sync::CancellationToken;
+
+    const SIZES: BlockSizes = BlockSizes {
+        minimum: 1,
+        preferred: 4096,
+        maximum: 1 << 25,
+    };
+
+    fn registry(limit: usize) -> Registry {
+        let r = Registry::default();
+        let cfg = ExportConfig::new("disk0", Arc::new(MemoryBackend::new(1 << 20)))
+            .max_connections(limit)
+            .description("test disk");
+        assert!(r
+            .insert(Arc::new(Export::new(cfg, CancellationToken::new())))
+            .is_ok());
+        r
+    }
+
+    fn replies(mut bytes: &[u8]) -> Vec<(OptionReplyHeader, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let head: [u8; OPTION_REPLY_HEADER_LEN] =
+                bytes[..OPTION_REPLY_HEADER_LEN].try_into().unwrap();
+            let h = OptionReplyHeader::parse(&head).unwrap();
+            let end = OPTION_REPLY_HEADER_LEN + h.length as usize;
+            out.push((h, bytes[OPTION_REPLY_HEADER_LEN..end].to_vec()));
+            bytes = &bytes[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn go_enters_transmission_with_export_info_and_block_sizes() {
+        let reg = registry(2);
+        let scope = Scope::All;
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 3);
+        let mut out = Vec::new();
+        assert!(matches!(
+            n.handle(opt::STRUCTURED_REPLY, &[], &mut out),
+            Step::Continue
+        ));
+        let step = n.handle(
+            opt::GO,
+            &hs::encode_info_request("disk0", &[info::BLOCK_SIZE]),
+            &mut out,
+        );
+        let Step::Enter(session) = step else {
+            panic!("GO did not enter transmission")
+        };
+        assert!(session.structured);
+        assert_eq!(session.allocation_context, None);
+        let items: Vec<InfoItem> = replies(&out)
+            .iter()
+            .filter(|(h, _)| h.reply == rep::INFO)
+            .map(|(_, d)| parse_info_item(d).unwrap())
+            .collect();
+        assert!(items.contains(&InfoItem::Export {
+            size: 1 << 20,
+            flags: session.flags
+        }));
+        assert!(items.contains(&InfoItem::BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 1 << 25
+        }));
+        assert!(session.flags & tf::CAN_MULTI_CONN != 0);
+        assert!(session.flags & tf::SEND_DF != 0);
+    }
+
+    #[test]
+    fn a_client_over_the_connection_limit_gets_a_policy_error_not_a_hang() {
+        let reg = registry(1);
+        let scope = Scope::All;
+        let data = hs::encode_info_request("disk0", &[]);
+        let mut first = Negotiator::new(&reg, &scope, SIZES, 1);
+        let Step::Enter(_held) = first.handle(opt::GO, &data, &mut Vec::new()) else {
+            panic!()
+        };
+        let mut second = Negotiator::new(&reg, &scope, SIZES, 1);
+        let mut out = Vec::new();
+        assert!(matches!(
+            second.handle(opt::GO, &data, &mut out),
+            Step::Continue
+        ));
+        let r = replies(&out);
+        assert_eq!(r[0].0.reply, rep::ERR_POLICY);
+        assert!(String::from_utf8_lossy(&r[0].1).contains("limit of 1"));
+        drop(_held);
+        assert!(matches!(
+            second.handle(opt::GO, &data, &mut Vec::new()),
+            Step::Enter(_)
+        ));
+    }
+
+    #[test]
+    fn unknown_exports_and_unknown_options_get_errors_and_haggling_goes_on() {
+        let reg = registry(1);
+        let scope = Scope::All;
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
+        let mut out = Vec::new();
+        assert!(matches!(
+            n.handle(opt::GO, &hs::encode_info_request("nope", &[]), &mut out),
+            Step::Continue
+        ));
+        assert!(matches!(n.handle(99, b"junk", &mut out), Step::Continue));
+        assert!(matches!(
+            n.handle(opt::STARTTLS, &[], &mut out),
+            Step::Continue
+        ));
+        let r = replies(&out);
+        assert_eq!(r[0].0.reply, rep::ERR_UNKNOWN);
+        assert!(String::from_utf8_lossy(&r[0].1).contains("'disk0'"));
+        assert_eq!(r[1].0.reply, rep::ERR_UNSUP);
+        assert_eq!(r[2].0.reply, rep::ERR_POLICY);
+    }
+
+    #[test]
+    fn base_allocation_is_selected_only_for_the_export_entered() {
+        let reg = registry(4);
+        let scope = Scope::All;
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
+        let mut out = Vec::new();
+        n.handle(
+            opt::SET_META_CONTEXT,
+            &hs::encode_meta_context_request("disk0", &[BASE_ALLOCATION]),
+            &mut out,
+        );
+        assert_eq!(
+            replies(&out)[0].0.reply,
+            rep::ERR_INVALID,
+            "needs structured replies first"
+        );
+        n.handle(opt::EXTENDED_HEADERS, &[], &mut out);
+        out.clear();
+        n.handle(
+            opt::SET_META_CONTEXT,
+            &hs::encode_meta_context_request("disk0", &[BASE_ALLOCATION, "qemu:x"]),
+            &mut out,
+        );
+        let r = replies(&out);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].0.reply, rep::META_CONTEXT);
+        let Step::Enter(s) = n.handle(
+            opt::GO,
+            &hs::encode_info_request("disk0", &[]),
+            &mut Vec::new(),
+        ) else {
+            panic!()
+        };
+        assert_eq!(s.allocation_context, Some(ALLOCATION_CONTEXT_ID));
+        assert_eq!(s.mode, HeaderMode::Extended);
+    }
+
+    #[test]
+    fn a_scoped_listener_serves_only_its_export_and_maps_the_default_name_to_it() {
+        let reg = registry(4);
+        let scope = Scope::Only("disk0".into());
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
+        assert!(matches!(
+            n.handle(opt::GO, &hs::encode_info_request("", &[]), &mut Vec::new()),
+            Step::Enter(_)
+        ));
+        let other = Scope::Only("disk1".into());
+        let mut n = Negotiator::new(&reg, &other, SIZES, 1);
+        let mut out = Vec::new();
+        n.handle(opt::LIST, &[], &mut out);
+        assert_eq!(
+            replies(&out).len(),
+            1,
+            "only the ACK: disk0 is not visible here"
+        );
+    }
+
+    #[test]
+    fn export_name_without_such_export_disconnects_and_with_it_enters() {
+        let reg = registry(1);
+        let scope = Scope::All;
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 3);
+        assert!(matches!(
+            n.handle(opt::EXPORT_NAME, b"missing", &mut Vec::new()),
+            Step::Disconnect(_)
+        ));
+        let mut out = Vec::new();
+        assert!(matches!(
+            n.handle(opt::EXPORT_NAME, b"disk0", &mut out),
+            Step::Enter(_)
+        ));
+        assert_eq!(out.len(), 10, "NO_ZEROES was negotiated");
+    }
+
+    #[test]
+    fn client_flags_with_unknown_bits_are_invalid() {
+        assert!(Negotiator::client_flags_valid(3));
+        assert!(!Negotiator::client_flags_valid(4));
+    }
+}
