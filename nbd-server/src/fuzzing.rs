@@ -36,18 +36,10 @@ const MAX_PAYLOAD: u64 = 1 << 25;
 /// request validation against an export named "fuzz" of 1 MiB.
 pub fn session(data: &[u8]) -> Outcome {
     let registry = crate::server::export::Registry::default();
-    let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20)))
-        .max_connections(2);
-    let _ = registry.insert(Arc::new(crate::server::export::Export::new(
-        config,
-        CancellationToken::new(),
-    )));
+    let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20))).max_connections(2);
+    let _ = registry.insert(Arc::new(crate::server::export::Export::new(config, CancellationToken::new())));
     let scope = Scope::All;
-    let sizes = BlockSizes {
-        minimum: 1,
-        preferred: 4096,
-        maximum: MAX_PAYLOAD as u32,
-    };
+    let sizes = BlockSizes { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD as u32 };
     let mut c = Cursor::new(data);
     let mut outcome = Outcome::default();
     let Some(flags) = c.u32() else { return outcome };
@@ -96,11 +88,7 @@ pub fn request_stream(data: &[u8]) -> Outcome {
     let Some((&selector, rest)) = data.split_first() else {
         return Outcome::default();
     };
-    let mode = if selector & 1 != 0 {
-        HeaderMode::Extended
-    } else {
-        HeaderMode::Compact
-    };
+    let mode = if selector & 1 != 0 { HeaderMode::Extended } else { HeaderMode::Compact };
     let structured = selector & 3 != 0;
     let mut flags = crate::proto::consts::transmission_flags::HAS_FLAGS | 0x0c6c;
     if selector & 4 != 0 {
@@ -140,4 +128,25 @@ fn requests(mut data: &[u8], limits: &Limits) -> Outcome {
             Ok(None) | Err(_) => return outcome,
         }
     }
+}
+
+/// Parse a server byte stream the way the client does (reply headers, block status payloads,
+/// info items), returning how many reply headers were decoded.
+pub fn reply_stream(data: &[u8]) -> usize {
+    use crate::proto::handshake::parse_info_item;
+    use crate::proto::transmission::{decode_reply_header, parse_block_status, ReplyHeader};
+    let mut rest = data;
+    let mut decoded = 0;
+    while let Ok(Some((header, used))) = decode_reply_header(rest) {
+        decoded += 1;
+        rest = rest.get(used..).unwrap_or_default();
+        if let ReplyHeader::Chunk { kind, length, .. } = header {
+            let n = usize::try_from(length).unwrap_or(usize::MAX).min(rest.len());
+            let payload = rest.get(..n).unwrap_or_default();
+            let _ = parse_block_status(payload, kind == crate::proto::consts::reply_type::BLOCK_STATUS_EXT);
+            let _ = parse_info_item(payload);
+            rest = rest.get(n..).unwrap_or_default();
+        }
+    }
+    decoded
 }

@@ -39,21 +39,8 @@
 //! No TLS (STARTTLS is refused with `NBD_REP_ERR_POLICY`), no oldstyle negotiation, only the
 //! `base:allocation` metadata context.
 
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::panic
-    )
-)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod backend;
 pub mod client;
@@ -61,9 +48,7 @@ pub mod fuzzing;
 pub mod proto;
 pub mod server;
 
-pub use backend::{
-    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, ZeroFlags,
-};
+pub use backend::{Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, ZeroFlags};
 pub use client::{Client, ClientError, ClientOptions, ExportInfo};
 pub use proto::transmission::Extent;
 pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};

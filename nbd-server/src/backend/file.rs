@@ -44,11 +44,7 @@ impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
-        Ok(Self {
-            file: Arc::new(file),
-            size,
-            read_only,
-        })
+        Ok(Self { file: Arc::new(file), size, read_only })
     }
 
     /// Create (or truncate) a sparse file of `size` bytes and open it read-write.
@@ -56,18 +52,9 @@ impl FileBackend {
     /// # Errors
     /// Creating or sizing the file failed.
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         file.set_len(size)?;
-        Ok(Self {
-            file: Arc::new(file),
-            size,
-            read_only: false,
-        })
+        Ok(Self { file: Arc::new(file), size, read_only: false })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -79,10 +66,7 @@ impl FileBackend {
         let file = Arc::clone(&self.file);
         match tokio::task::spawn_blocking(move || f(&file)).await {
             Ok(r) => r.map_err(|e| BackendError::io(op, offset, e)),
-            Err(join) => Err(BackendError::new(
-                BackendErrorKind::Io,
-                format!("{op} task failed: {join}"),
-            )),
+            Err(join) => Err(BackendError::new(BackendErrorKind::Io, format!("{op} task failed: {join}"))),
         }
     }
 
@@ -90,17 +74,8 @@ impl FileBackend {
         self.blocking("fdatasync", 0, |f| f.sync_data()).await
     }
 
-    async fn fallocate(
-        &self,
-        op: &'static str,
-        flags: FallocateFlags,
-        offset: u64,
-        length: u64,
-    ) -> BackendResult<()> {
-        self.blocking(op, offset, move |f| {
-            Ok(rustix::fs::fallocate(f, flags, offset, length)?)
-        })
-        .await
+    async fn fallocate(&self, op: &'static str, flags: FallocateFlags, offset: u64, length: u64) -> BackendResult<()> {
+        self.blocking(op, offset, move |f| Ok(rustix::fs::fallocate(f, flags, offset, length)?)).await
     }
 
     async fn write_zeroes_slowly(&self, offset: u64, length: u64) -> BackendResult<()> {
@@ -110,9 +85,7 @@ impl FileBackend {
         while pos < end {
             let n = (end - pos).min(zeroes.len() as u64) as usize;
             let chunk = zeroes.get(..n).unwrap_or_default();
-            self.file
-                .write_all_at(chunk, pos)
-                .map_err(|e| BackendError::io("write zeroes", pos, e))?;
+            self.file.write_all_at(chunk, pos).map_err(|e| BackendError::io("write zeroes", pos, e))?;
             pos += n as u64;
         }
         Ok(())
@@ -129,8 +102,7 @@ impl FileBackend {
 
 fn is_unsupported(e: &BackendError) -> bool {
     e.kind == BackendErrorKind::Unsupported
-        || e.source.as_ref().and_then(|s| s.raw_os_error())
-            == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error())
+        || e.source.as_ref().and_then(|s| s.raw_os_error()) == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error())
 }
 
 #[async_trait::async_trait]
@@ -151,21 +123,14 @@ impl Backend for FileBackend {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| BackendError::io("read", offset, e))
+        self.file.read_exact_at(buf, offset).map_err(|e| BackendError::io("read", offset, e))
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
         if self.read_only {
-            return Err(BackendError::new(
-                BackendErrorKind::ReadOnly,
-                "export is read-only",
-            ));
+            return Err(BackendError::new(BackendErrorKind::ReadOnly, "export is read-only"));
         }
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| BackendError::io("write", offset, e))?;
+        self.file.write_all_at(data, offset).map_err(|e| BackendError::io("write", offset, e))?;
         if fua {
             self.sync().await?;
         }
@@ -222,35 +187,20 @@ impl Backend for FileBackend {
         let mut extents = Vec::new();
         let mut pos = offset;
         while pos < end && extents.len() < MAX_EXTENTS_PER_QUERY {
-            let data_at = self
-                .seek(SeekFrom::Data(pos as i64))?
-                .unwrap_or(self.size)
-                .min(self.size);
+            let data_at = self.seek(SeekFrom::Data(pos as i64))?.unwrap_or(self.size).min(self.size);
             if data_at > pos {
-                extents.push(Extent {
-                    length: data_at - pos,
-                    flags: STATE_HOLE | STATE_ZERO,
-                });
+                extents.push(Extent { length: data_at - pos, flags: STATE_HOLE | STATE_ZERO });
                 pos = data_at;
                 continue;
             }
-            let hole_at = self
-                .seek(SeekFrom::Hole(pos as i64))?
-                .unwrap_or(self.size)
-                .min(self.size);
+            let hole_at = self.seek(SeekFrom::Hole(pos as i64))?.unwrap_or(self.size).min(self.size);
             // A filesystem without hole support reports the hole at EOF: all data.
             let data_end = hole_at.max(pos + 1);
-            extents.push(Extent {
-                length: data_end - pos,
-                flags: 0,
-            });
+            extents.push(Extent { length: data_end - pos, flags: 0 });
             pos = data_end;
         }
         if extents.is_empty() {
-            extents.push(Extent {
-                length: length.max(1),
-                flags: 0,
-            });
+            extents.push(Extent { length: length.max(1), flags: 0 });
         }
         Ok(extents)
     }
@@ -272,13 +222,7 @@ mod tests {
         let b = FileBackend::create(&path, 4 << 20).unwrap();
         b.write(0, &vec![0xabu8; 2 << 20], false).await.unwrap();
         let ext = b.block_status(0, 4 << 20).await.unwrap();
-        assert_eq!(
-            ext.first(),
-            Some(&Extent {
-                length: 2 << 20,
-                flags: 0
-            })
-        );
+        assert_eq!(ext.first(), Some(&Extent { length: 2 << 20, flags: 0 }));
         assert_eq!(ext.last().map(|e| e.flags), Some(STATE_HOLE | STATE_ZERO));
         b.trim(1 << 20, 1 << 20, false).await.unwrap();
         let mut back = vec![1u8; 4096];
@@ -287,16 +231,7 @@ mod tests {
         let ext = b.block_status(0, 4 << 20).await.unwrap();
         assert_eq!(
             ext,
-            vec![
-                Extent {
-                    length: 1 << 20,
-                    flags: 0
-                },
-                Extent {
-                    length: 3 << 20,
-                    flags: STATE_HOLE | STATE_ZERO
-                }
-            ]
+            vec![Extent { length: 1 << 20, flags: 0 }, Extent { length: 3 << 20, flags: STATE_HOLE | STATE_ZERO }]
         );
     }
 
@@ -305,26 +240,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = FileBackend::create(&dir.path().join("d"), 1 << 20).unwrap();
         b.write(0, &vec![5u8; 1 << 20], false).await.unwrap();
-        b.write_zeroes(
-            0,
-            1 << 19,
-            ZeroFlags {
-                no_hole: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        b.write_zeroes(0, 1 << 19, ZeroFlags { no_hole: true, ..Default::default() }).await.unwrap();
         let mut back = vec![1u8; 1 << 19];
         b.read(0, &mut back).await.unwrap();
         assert!(back.iter().all(|&x| x == 0));
-        assert_eq!(
-            b.block_status(0, 1 << 20).await.unwrap(),
-            vec![Extent {
-                length: 1 << 20,
-                flags: 0
-            }]
-        );
+        assert_eq!(b.block_status(0, 1 << 20).await.unwrap(), vec![Extent { length: 1 << 20, flags: 0 }]);
     }
 
     #[tokio::test]

@@ -23,25 +23,16 @@ pub struct MemoryBackend {
 impl MemoryBackend {
     /// An all-zero disk of `size` bytes.
     pub fn new(size: u64) -> Self {
-        Self {
-            size,
-            pages: RwLock::new(BTreeMap::new()),
-        }
+        Self { size, pages: RwLock::new(BTreeMap::new()) }
     }
 
     /// Bytes of memory held by written pages.
     pub fn allocated_bytes(&self) -> u64 {
-        self.pages
-            .read()
-            .map(|p| p.len() as u64 * PAGE)
-            .unwrap_or(0)
+        self.pages.read().map(|p| p.len() as u64 * PAGE).unwrap_or(0)
     }
 
     fn poisoned() -> BackendError {
-        BackendError::new(
-            BackendErrorKind::Io,
-            "memory backend lock poisoned by an earlier panic",
-        )
+        BackendError::new(BackendErrorKind::Io, "memory backend lock poisoned by an earlier panic")
     }
 
     /// Visit `[offset, offset+len)` page by page: (page index, offset in page, byte count).
@@ -96,9 +87,8 @@ impl Backend for MemoryBackend {
         let pages = self.pages.read().map_err(|_| Self::poisoned())?;
         let mut done = 0usize;
         for (page, within, n) in Self::spans(offset, buf.len() as u64) {
-            let dst = buf
-                .get_mut(done..done + n)
-                .ok_or_else(|| BackendError::new(BackendErrorKind::InvalidInput, "span"))?;
+            let dst =
+                buf.get_mut(done..done + n).ok_or_else(|| BackendError::new(BackendErrorKind::InvalidInput, "span"))?;
             match pages.get(&page).and_then(|p| p.get(within..within + n)) {
                 Some(src) => dst.copy_from_slice(src),
                 None => dst.fill(0),
@@ -112,12 +102,8 @@ impl Backend for MemoryBackend {
         let mut pages = self.pages.write().map_err(|_| Self::poisoned())?;
         let mut done = 0usize;
         for (page, within, n) in Self::spans(offset, data.len() as u64) {
-            let p = pages
-                .entry(page)
-                .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
-            if let (Some(dst), Some(src)) =
-                (p.get_mut(within..within + n), data.get(done..done + n))
-            {
+            let p = pages.entry(page).or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            if let (Some(dst), Some(src)) = (p.get_mut(within..within + n), data.get(done..done + n)) {
                 dst.copy_from_slice(src);
             }
             done += n;
@@ -141,17 +127,10 @@ impl Backend for MemoryBackend {
         let pages = self.pages.read().map_err(|_| Self::poisoned())?;
         let mut extents: Vec<Extent> = Vec::new();
         for (page, _within, n) in Self::spans(offset, length) {
-            let flags = if pages.contains_key(&page) {
-                0
-            } else {
-                STATE_HOLE | STATE_ZERO
-            };
+            let flags = if pages.contains_key(&page) { 0 } else { STATE_HOLE | STATE_ZERO };
             match extents.last_mut() {
                 Some(last) if last.flags == flags => last.length += n as u64,
-                _ => extents.push(Extent {
-                    length: n as u64,
-                    flags,
-                }),
+                _ => extents.push(Extent { length: n as u64, flags }),
             }
         }
         Ok(extents)
@@ -177,31 +156,17 @@ mod tests {
     #[tokio::test]
     async fn trim_frees_whole_pages_and_block_status_reports_them_as_holes() {
         let m = MemoryBackend::new(4 * PAGE);
-        m.write(0, &vec![1u8; (3 * PAGE) as usize], false)
-            .await
-            .unwrap();
+        m.write(0, &vec![1u8; (3 * PAGE) as usize], false).await.unwrap();
         m.trim(PAGE, PAGE, false).await.unwrap();
         assert_eq!(m.allocated_bytes(), 2 * PAGE);
         let ext = m.block_status(0, 4 * PAGE).await.unwrap();
         assert_eq!(
             ext,
             vec![
-                Extent {
-                    length: PAGE,
-                    flags: 0
-                },
-                Extent {
-                    length: PAGE,
-                    flags: STATE_HOLE | STATE_ZERO
-                },
-                Extent {
-                    length: PAGE,
-                    flags: 0
-                },
-                Extent {
-                    length: PAGE,
-                    flags: STATE_HOLE | STATE_ZERO
-                },
+                Extent { length: PAGE, flags: 0 },
+                Extent { length: PAGE, flags: STATE_HOLE | STATE_ZERO },
+                Extent { length: PAGE, flags: 0 },
+                Extent { length: PAGE, flags: STATE_HOLE | STATE_ZERO },
             ]
         );
     }

@@ -77,47 +77,28 @@ pub struct BackendError {
 impl BackendError {
     /// A failure of `kind` with a message.
     pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
+        Self { kind, message: message.into(), source: None }
     }
 
     /// The default for optional operations.
     pub fn unsupported(op: &str) -> Self {
-        Self::new(
-            BackendErrorKind::Unsupported,
-            format!("{op} is not supported by this export"),
-        )
+        Self::new(BackendErrorKind::Unsupported, format!("{op} is not supported by this export"))
     }
 
     /// Wrap an I/O error from `op`, classifying ENOSPC/EDQUOT/EFBIG as no-space.
     pub fn io(op: &str, offset: u64, err: std::io::Error) -> Self {
         let kind = match err.raw_os_error() {
-            Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
-                BackendErrorKind::NoSpace
-            }
-            Some(code) if code == rustix::io::Errno::DQUOT.raw_os_error() => {
-                BackendErrorKind::NoSpace
-            }
-            Some(code) if code == rustix::io::Errno::FBIG.raw_os_error() => {
-                BackendErrorKind::NoSpace
-            }
-            Some(code) if code == rustix::io::Errno::ROFS.raw_os_error() => {
-                BackendErrorKind::ReadOnly
-            }
+            Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => BackendErrorKind::NoSpace,
+            Some(code) if code == rustix::io::Errno::DQUOT.raw_os_error() => BackendErrorKind::NoSpace,
+            Some(code) if code == rustix::io::Errno::FBIG.raw_os_error() => BackendErrorKind::NoSpace,
+            Some(code) if code == rustix::io::Errno::ROFS.raw_os_error() => BackendErrorKind::ReadOnly,
             _ => match err.kind() {
                 std::io::ErrorKind::Unsupported => BackendErrorKind::Unsupported,
                 std::io::ErrorKind::InvalidInput => BackendErrorKind::InvalidInput,
                 _ => BackendErrorKind::Io,
             },
         };
-        Self {
-            kind,
-            message: format!("{op} at {offset:#x}: {err}"),
-            source: Some(err),
-        }
+        Self { kind, message: format!("{op} at {offset:#x}: {err}"), source: Some(err) }
     }
 }
 
@@ -151,12 +132,7 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Make a range read as zeroes.
-    async fn write_zeroes(
-        &self,
-        _offset: u64,
-        _length: u64,
-        _flags: ZeroFlags,
-    ) -> BackendResult<()> {
+    async fn write_zeroes(&self, _offset: u64, _length: u64, _flags: ZeroFlags) -> BackendResult<()> {
         Err(BackendError::unsupported("write zeroes"))
     }
 
@@ -178,17 +154,11 @@ mod tests {
 
     #[test]
     fn io_errors_are_classified_for_the_nbd_error_they_become() {
-        let e = BackendError::io(
-            "write",
-            0,
-            std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
-        );
+        let e =
+            BackendError::io("write", 0, std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()));
         assert_eq!(e.kind, BackendErrorKind::NoSpace);
-        let e = BackendError::io(
-            "write",
-            0x10,
-            std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()),
-        );
+        let e =
+            BackendError::io("write", 0x10, std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()));
         assert_eq!(e.kind, BackendErrorKind::Io);
         assert!(e.message.contains("0x10"));
     }

@@ -73,14 +73,13 @@ struct Args {
 fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     match args.format {
         Format::Raw => {
-            let b = FileBackend::open(path, args.read_only)
-                .with_context(|| format!("cannot open '{}'", path.display()))?;
+            let b =
+                FileBackend::open(path, args.read_only).with_context(|| format!("cannot open '{}'", path.display()))?;
             Ok(Arc::new(b))
         }
-        Format::Qcow2 => bail!(
-            "cannot open '{}': qcow2 images are not supported by this build yet (use -f raw)",
-            path.display()
-        ),
+        Format::Qcow2 => {
+            bail!("cannot open '{}': qcow2 images are not supported by this build yet (use -f raw)", path.display())
+        }
     }
 }
 
@@ -105,8 +104,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         (None, true) => {
             let dir = tempfile_dir()?;
             let p = dir.join("demo.raw");
-            FileBackend::create(&p, 1 << 30)
-                .with_context(|| format!("cannot create '{}'", p.display()))?;
+            FileBackend::create(&p, 1 << 30).with_context(|| format!("cannot create '{}'", p.display()))?;
             if args.export_name.is_empty() {
                 args.export_name = "demo".into();
             }
@@ -143,9 +141,8 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         }
         None => {
             let addr = format!("{}:{}", args.bind, args.port);
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             let s = server.clone();
             let scope = Scope::Only(name.clone());
             let url = format!("nbd://{}:{}/{}", args.bind, args.port, name);
@@ -205,8 +202,7 @@ impl Drop for DirGuard {
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir().join(format!("sendense-nbd-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base)
-        .with_context(|| format!("cannot create '{}'", base.display()))?;
+    std::fs::create_dir_all(&base).with_context(|| format!("cannot create '{}'", base.display()))?;
     Ok(base)
 }
 
@@ -219,10 +215,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sendense-nbd: cannot start the runtime: {e}");

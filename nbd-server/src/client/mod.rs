@@ -17,8 +17,7 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::oneshot;
 
 use crate::proto::consts::{
-    client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, reply_type,
-    BASE_ALLOCATION,
+    client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, reply_type, BASE_ALLOCATION,
 };
 use crate::proto::cursor::Cursor;
 use crate::proto::handshake::{
@@ -46,12 +45,7 @@ pub struct ClientOptions {
 impl ClientOptions {
     /// Everything on, for `export`.
     pub fn new(export: impl Into<String>) -> Self {
-        Self {
-            export: export.into(),
-            extended_headers: true,
-            structured_replies: true,
-            block_status: true,
-        }
+        Self { export: export.into(), extended_headers: true, structured_replies: true, block_status: true }
     }
 }
 
@@ -136,9 +130,17 @@ struct Pending {
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
+/// Requests awaiting replies; `closed` is set (under the same lock) once the reader has stopped,
+/// so a request submitted afterwards fails at once instead of waiting forever.
+#[derive(Default)]
+struct PendingTable {
+    map: HashMap<u64, Pending>,
+    closed: bool,
+}
+
 struct Inner {
     writer: tokio::sync::Mutex<Writer>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    pending: Mutex<PendingTable>,
     next_cookie: AtomicU64,
     info: ExportInfo,
     mode: HeaderMode,
@@ -165,10 +167,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("info", &self.inner.info)
-            .field("mode", &self.inner.mode)
-            .finish()
+        f.debug_struct("Client").field("info", &self.inner.info).field("mode", &self.inner.mode).finish()
     }
 }
 
@@ -199,9 +198,7 @@ impl Client {
         r.read_exact(&mut greeting).await?;
         let server_flags = hs::parse_greeting(&greeting)?;
         if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol(
-                "server does not speak fixed newstyle".into(),
-            ));
+            return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
         }
         let mut flags = client_flags::FIXED_NEWSTYLE;
         if server_flags & handshake_flags::NO_ZEROES != 0 {
@@ -211,11 +208,12 @@ impl Client {
 
         let mut mode = HeaderMode::Compact;
         let mut structured = false;
-        if options.structured_replies && options.extended_headers {
-            if simple_option(&mut r, &mut w, opt::EXTENDED_HEADERS).await? {
-                mode = HeaderMode::Extended;
-                structured = true;
-            }
+        if options.structured_replies
+            && options.extended_headers
+            && simple_option(&mut r, &mut w, opt::EXTENDED_HEADERS).await?
+        {
+            mode = HeaderMode::Extended;
+            structured = true;
         }
         if options.structured_replies && !structured {
             structured = simple_option(&mut r, &mut w, opt::STRUCTURED_REPLY).await?;
@@ -233,9 +231,7 @@ impl Client {
                 match h.reply {
                     rep::META_CONTEXT => {
                         let mut c = Cursor::new(&data);
-                        let id = c.u32().ok_or_else(|| {
-                            ClientError::Protocol("short META_CONTEXT reply".into())
-                        })?;
+                        let id = c.u32().ok_or_else(|| ClientError::Protocol("short META_CONTEXT reply".into()))?;
                         if c.take(c.remaining()) == Some(BASE_ALLOCATION.as_bytes()) {
                             allocation_context = Some(id);
                         }
@@ -243,26 +239,15 @@ impl Client {
                     rep::ACK => break,
                     e if e & rep::ERR_BIT != 0 => break,
                     other => {
-                        return Err(ClientError::Protocol(format!(
-                            "unexpected reply {other:#x} to SET_META_CONTEXT"
-                        )))
+                        return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to SET_META_CONTEXT")))
                     }
                 }
             }
         }
         let wanted = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION];
-        send_option(
-            &mut w,
-            opt::GO,
-            &hs::encode_info_request(&options.export, &wanted),
-        )
-        .await?;
-        let mut export = ExportInfo {
-            min_block: 1,
-            preferred_block: 4096,
-            max_payload: 32 << 20,
-            ..Default::default()
-        };
+        send_option(&mut w, opt::GO, &hs::encode_info_request(&options.export, &wanted)).await?;
+        let mut export =
+            ExportInfo { min_block: 1, preferred_block: 4096, max_payload: 32 << 20, ..Default::default() };
         let mut got_export = false;
         loop {
             let (h, data) = read_option_reply(&mut r, opt::GO).await?;
@@ -275,11 +260,7 @@ impl Client {
                     }
                     InfoItem::Name(n) => export.name = Some(n),
                     InfoItem::Description(d) => export.description = Some(d),
-                    InfoItem::BlockSize {
-                        minimum,
-                        preferred,
-                        maximum,
-                    } => {
+                    InfoItem::BlockSize { minimum, preferred, maximum } => {
                         export.min_block = minimum;
                         export.preferred_block = preferred;
                         export.max_payload = maximum;
@@ -287,11 +268,7 @@ impl Client {
                     InfoItem::Unknown(_) => {}
                 },
                 rep::ACK if got_export => break,
-                rep::ACK => {
-                    return Err(ClientError::Protocol(
-                        "GO acknowledged without NBD_INFO_EXPORT".into(),
-                    ))
-                }
+                rep::ACK => return Err(ClientError::Protocol("GO acknowledged without NBD_INFO_EXPORT".into())),
                 e if e & rep::ERR_BIT != 0 => {
                     return Err(ClientError::OptionRefused {
                         option: opt::GO,
@@ -299,17 +276,13 @@ impl Client {
                         message: String::from_utf8_lossy(&data).into_owned(),
                     })
                 }
-                other => {
-                    return Err(ClientError::Protocol(format!(
-                        "unexpected reply {other:#x} to GO"
-                    )))
-                }
+                other => return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to GO"))),
             }
         }
         w.flush().await?;
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(w),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(PendingTable::default()),
             next_cookie: AtomicU64::new(1),
             info: export,
             mode,
@@ -358,27 +331,13 @@ impl Client {
         let (reply_tx, reply_rx) = oneshot::channel();
         {
             let mut p = self.inner.pending.lock().map_err(|_| ClientError::Closed)?;
-            p.insert(
-                cookie,
-                Pending {
-                    expect,
-                    error: None,
-                    reply: reply_tx,
-                },
-            );
+            if p.closed {
+                return Err(ClientError::Closed);
+            }
+            p.map.insert(cookie, Pending { expect, error: None, reply: reply_tx });
         }
         let mut head = Vec::with_capacity(32);
-        tx::encode_request(
-            &mut head,
-            self.inner.mode,
-            &Request {
-                flags,
-                command,
-                cookie,
-                offset,
-                length,
-            },
-        )?;
+        tx::encode_request(&mut head, self.inner.mode, &Request { flags, command, cookie, offset, length })?;
         let sent: std::io::Result<()> = async {
             let mut w = self.inner.writer.lock().await;
             w.write_all(&head).await?;
@@ -390,7 +349,7 @@ impl Client {
         .await;
         if let Err(e) = sent {
             if let Ok(mut p) = self.inner.pending.lock() {
-                p.remove(&cookie);
+                p.map.remove(&cookie);
             }
             return Err(e.into());
         }
@@ -400,9 +359,7 @@ impl Client {
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if end <= self.inner.info.size => Ok(()),
-            _ => Err(ClientError::Invalid(format!(
-                "{offset:#x}+{length:#x} is past the end of the export"
-            ))),
+            _ => Err(ClientError::Invalid(format!("{offset:#x}+{length:#x} is past the end of the export"))),
         }
     }
 
@@ -425,10 +382,7 @@ impl Client {
                 offset,
                 u64::from(length),
                 &[],
-                Expect::Read {
-                    offset,
-                    buf: vec![0; length as usize],
-                },
+                Expect::Read { offset, buf: vec![0; length as usize] },
             )
             .await?
         {
@@ -444,22 +398,10 @@ impl Client {
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         if data.len() as u64 > u64::from(self.inner.info.max_payload) {
-            return Err(ClientError::Invalid(format!(
-                "write of {} exceeds max payload",
-                data.len()
-            )));
+            return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
         }
         let flags = if fua { cmd_flags::FUA } else { 0 };
-        self.submit(
-            Command::Write,
-            flags,
-            offset,
-            data.len() as u64,
-            data,
-            Expect::Simple,
-        )
-        .await
-        .map(drop)
+        self.submit(Command::Write, flags, offset, data.len() as u64, data, Expect::Simple).await.map(drop)
     }
 
     /// Flush completed writes to stable storage.
@@ -467,9 +409,7 @@ impl Client {
     /// # Errors
     /// The server failed the flush.
     pub async fn flush(&self) -> Result<()> {
-        self.submit(Command::Flush, 0, 0, 0, &[], Expect::Simple)
-            .await
-            .map(drop)
+        self.submit(Command::Flush, 0, 0, 0, &[], Expect::Simple).await.map(drop)
     }
 
     /// Discard a range.
@@ -481,9 +421,7 @@ impl Client {
             return Err(ClientError::Unsupported("trim"));
         }
         self.check_range(offset, length)?;
-        self.submit(Command::Trim, 0, offset, length, &[], Expect::Simple)
-            .await
-            .map(drop)
+        self.submit(Command::Trim, 0, offset, length, &[], Expect::Simple).await.map(drop)
     }
 
     /// Zero a range; `no_hole` keeps it allocated.
@@ -491,22 +429,12 @@ impl Client {
     /// # Errors
     /// Unsupported by the export, out of range, or failed.
     pub async fn write_zeroes(&self, offset: u64, length: u64, no_hole: bool) -> Result<()> {
-        if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_WRITE_ZEROES == 0
-        {
+        if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_WRITE_ZEROES == 0 {
             return Err(ClientError::Unsupported("write zeroes"));
         }
         self.check_range(offset, length)?;
         let flags = if no_hole { cmd_flags::NO_HOLE } else { 0 };
-        self.submit(
-            Command::WriteZeroes,
-            flags,
-            offset,
-            length,
-            &[],
-            Expect::Simple,
-        )
-        .await
-        .map(drop)
+        self.submit(Command::WriteZeroes, flags, offset, length, &[], Expect::Simple).await.map(drop)
     }
 
     /// `base:allocation` extents from `offset` (consecutive, at least one).
@@ -518,24 +446,8 @@ impl Client {
             return Err(ClientError::Unsupported("block status"));
         }
         self.check_range(offset, length)?;
-        let length = if self.inner.mode == HeaderMode::Compact {
-            length.min(u64::from(u32::MAX))
-        } else {
-            length
-        };
-        match self
-            .submit(
-                Command::BlockStatus,
-                0,
-                offset,
-                length,
-                &[],
-                Expect::Status {
-                    extents: Vec::new(),
-                },
-            )
-            .await?
-        {
+        let length = if self.inner.mode == HeaderMode::Compact { length.min(u64::from(u32::MAX)) } else { length };
+        match self.submit(Command::BlockStatus, 0, offset, length, &[], Expect::Status { extents: Vec::new() }).await? {
             Expect::Status { extents } => Ok(extents),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
         }
@@ -551,13 +463,7 @@ impl Client {
         tx::encode_request(
             &mut head,
             self.inner.mode,
-            &Request {
-                flags: 0,
-                command: Command::Disconnect,
-                cookie,
-                offset: 0,
-                length: 0,
-            },
+            &Request { flags: 0, command: Command::Disconnect, cookie, offset: 0, length: 0 },
         )?;
         let mut w = self.inner.writer.lock().await;
         w.write_all(&head).await?;
@@ -575,24 +481,15 @@ async fn send_option(w: &mut Writer, option: u32, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-async fn read_option_reply<R: AsyncRead + Unpin>(
-    r: &mut R,
-    option: u32,
-) -> Result<(OptionReplyHeader, Vec<u8>)> {
+async fn read_option_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> Result<(OptionReplyHeader, Vec<u8>)> {
     let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
     r.read_exact(&mut head).await?;
     let h = OptionReplyHeader::parse(&head)?;
     if h.option != option {
-        return Err(ClientError::Protocol(format!(
-            "reply for option {} while waiting for {option}",
-            h.option
-        )));
+        return Err(ClientError::Protocol(format!("reply for option {} while waiting for {option}", h.option)));
     }
     if h.length > MAX_OPTION_REPLY {
-        return Err(ClientError::Protocol(format!(
-            "option reply of {} bytes",
-            h.length
-        )));
+        return Err(ClientError::Protocol(format!("option reply of {} bytes", h.length)));
     }
     let mut data = vec![0u8; h.length as usize];
     r.read_exact(&mut data).await?;
@@ -600,33 +497,26 @@ async fn read_option_reply<R: AsyncRead + Unpin>(
 }
 
 /// Send an option without data; true on ACK, false on an error reply.
-async fn simple_option<R: AsyncRead + Unpin>(
-    r: &mut R,
-    w: &mut Writer,
-    option: u32,
-) -> Result<bool> {
+async fn simple_option<R: AsyncRead + Unpin>(r: &mut R, w: &mut Writer, option: u32) -> Result<bool> {
     send_option(w, option, &[]).await?;
     let (h, _) = read_option_reply(r, option).await?;
     Ok(h.reply == rep::ACK)
 }
 
 fn take_pending(inner: &Inner, cookie: u64) -> Option<Pending> {
-    inner.pending.lock().ok()?.remove(&cookie)
+    inner.pending.lock().ok()?.map.remove(&cookie)
 }
 
 fn fail_all(inner: &Inner) {
     if let Ok(mut p) = inner.pending.lock() {
-        for (_, pending) in p.drain() {
+        p.closed = true;
+        for (_, pending) in p.map.drain() {
             let _ = pending.reply.send(Err(ClientError::Closed));
         }
     }
 }
 
-async fn reader_loop<R: AsyncRead + Unpin>(
-    mut r: BufReader<R>,
-    inner: std::sync::Weak<Inner>,
-    mode: HeaderMode,
-) {
+async fn reader_loop<R: AsyncRead + Unpin>(mut r: BufReader<R>, inner: std::sync::Weak<Inner>, mode: HeaderMode) {
     let result = read_replies(&mut r, &inner, mode).await;
     if let Err(e) = &result {
         tracing::debug!(error = %e, "client reader stopped");
@@ -636,11 +526,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(
     }
 }
 
-async fn read_replies<R: AsyncRead + Unpin>(
-    r: &mut R,
-    weak: &std::sync::Weak<Inner>,
-    mode: HeaderMode,
-) -> Result<()> {
+async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<Inner>, mode: HeaderMode) -> Result<()> {
     let mut head = [0u8; 32];
     loop {
         let Some(first) = head.get_mut(..4) else {
@@ -652,13 +538,12 @@ async fn read_replies<R: AsyncRead + Unpin>(
             Err(e) => return Err(e.into()),
         }
         let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let len = tx::reply_header_len(magic)
-            .ok_or_else(|| ClientError::Protocol(format!("bad reply magic {magic:#x}")))?;
+        let len =
+            tx::reply_header_len(magic).ok_or_else(|| ClientError::Protocol(format!("bad reply magic {magic:#x}")))?;
         if let Some(rest) = head.get_mut(4..len) {
             r.read_exact(rest).await?;
         }
-        let Some((header, _)) = tx::decode_reply_header(head.get(..len).unwrap_or_default())?
-        else {
+        let Some((header, _)) = tx::decode_reply_header(head.get(..len).unwrap_or_default())? else {
             return Err(ClientError::Protocol("short reply header".into()));
         };
         let Some(inner) = weak.upgrade() else {
@@ -666,35 +551,23 @@ async fn read_replies<R: AsyncRead + Unpin>(
         };
         match header {
             ReplyHeader::Simple { cookie, error } => {
-                let mut p = take_pending(&inner, cookie).ok_or_else(|| {
-                    ClientError::Protocol(format!("reply for unknown cookie {cookie}"))
-                })?;
+                let mut p = take_pending(&inner, cookie)
+                    .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {cookie}")))?;
                 if error != 0 {
-                    let _ = p.reply.send(Err(ClientError::Request {
-                        error,
-                        message: String::new(),
-                    }));
+                    let _ = p.reply.send(Err(ClientError::Request { error, message: String::new() }));
                     continue;
                 }
                 if let Expect::Read { buf, .. } = &mut p.expect {
                     if inner.structured {
-                        return Err(ClientError::Protocol(
-                            "simple reply to a read with structured replies".into(),
-                        ));
+                        return Err(ClientError::Protocol("simple reply to a read with structured replies".into()));
                     }
                     r.read_exact(buf).await?;
                 }
                 let _ = p.reply.send(Ok(p.expect));
             }
-            ReplyHeader::Chunk {
-                flags,
-                kind,
-                cookie,
-                length,
-            } => {
-                let mut p = take_pending(&inner, cookie).ok_or_else(|| {
-                    ClientError::Protocol(format!("chunk for unknown cookie {cookie}"))
-                })?;
+            ReplyHeader::Chunk { flags, kind, cookie, length } => {
+                let mut p = take_pending(&inner, cookie)
+                    .ok_or_else(|| ClientError::Protocol(format!("chunk for unknown cookie {cookie}")))?;
                 let limit = match &p.expect {
                     Expect::Read { buf, .. } => buf.len() as u64 + 64,
                     _ => 64 * 1024 + 16 * (1 << 20),
@@ -711,8 +584,8 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         None => Ok(p.expect),
                     };
                     let _ = p.reply.send(result);
-                } else if let Ok(mut map) = inner.pending.lock() {
-                    map.insert(cookie, p);
+                } else if let Ok(mut table) = inner.pending.lock() {
+                    table.map.insert(cookie, p);
                 }
             }
         }
@@ -731,13 +604,9 @@ async fn apply_chunk<R: AsyncRead + Unpin>(
         (reply_type::OFFSET_DATA, Expect::Read { offset, buf }) if length >= 8 => {
             let at = r.read_u64().await?;
             let n = length - 8;
-            let start = at
-                .checked_sub(*offset)
-                .filter(|s| s.saturating_add(n) <= buf.len() as u64);
+            let start = at.checked_sub(*offset).filter(|s| s.saturating_add(n) <= buf.len() as u64);
             let Some(start) = start else {
-                return Err(ClientError::Protocol(format!(
-                    "data chunk {at:#x}+{n} outside the read"
-                )));
+                return Err(ClientError::Protocol(format!("data chunk {at:#x}+{n} outside the read")));
             };
             let dst = buf
                 .get_mut(start as usize..(start + n) as usize)
@@ -748,13 +617,9 @@ async fn apply_chunk<R: AsyncRead + Unpin>(
         (reply_type::OFFSET_HOLE, Expect::Read { offset, buf }) if length == 12 => {
             let at = r.read_u64().await?;
             let n = u64::from(r.read_u32().await?);
-            let start = at
-                .checked_sub(*offset)
-                .filter(|s| s.saturating_add(n) <= buf.len() as u64);
+            let start = at.checked_sub(*offset).filter(|s| s.saturating_add(n) <= buf.len() as u64);
             let Some(start) = start else {
-                return Err(ClientError::Protocol(format!(
-                    "hole chunk {at:#x}+{n} outside the read"
-                )));
+                return Err(ClientError::Protocol(format!("hole chunk {at:#x}+{n} outside the read")));
             };
             if let Some(dst) = buf.get_mut(start as usize..(start + n) as usize) {
                 dst.fill(0);
@@ -774,19 +639,14 @@ async fn apply_chunk<R: AsyncRead + Unpin>(
             let mut c = Cursor::new(&payload);
             let error = c.u32().unwrap_or(crate::proto::consts::errno::EIO);
             let msg_len = c.u16().unwrap_or(0);
-            let message = c
-                .take(usize::from(msg_len))
-                .map(|m| String::from_utf8_lossy(m).into_owned())
-                .unwrap_or_default();
-            p.error
-                .get_or_insert(ClientError::Request { error, message });
+            let message =
+                c.take(usize::from(msg_len)).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+            p.error.get_or_insert(ClientError::Request { error, message });
             Ok(())
         }
         (k, _) => {
             let _ = mode;
-            Err(ClientError::Protocol(format!(
-                "unexpected chunk type {k} of {length} bytes"
-            )))
+            Err(ClientError::Protocol(format!("unexpected chunk type {k} of {length} bytes")))
         }
     }
 }

@@ -35,16 +35,10 @@ pub fn parse_greeting(bytes: &[u8; GREETING_LEN]) -> Result<u16, WireError> {
     let newstyle = c.u64().unwrap_or_default();
     let flags = c.u16().unwrap_or_default();
     if magic != NBD_MAGIC {
-        return Err(WireError::BadMagic {
-            what: "greeting",
-            found: magic,
-        });
+        return Err(WireError::BadMagic { what: "greeting", found: magic });
     }
     if newstyle != IHAVEOPT {
-        return Err(WireError::BadMagic {
-            what: "newstyle greeting",
-            found: newstyle,
-        });
+        return Err(WireError::BadMagic { what: "newstyle greeting", found: newstyle });
     }
     Ok(flags)
 }
@@ -67,15 +61,9 @@ impl OptionHeader {
         let mut c = Cursor::new(bytes);
         let magic = c.u64().unwrap_or_default();
         if magic != IHAVEOPT {
-            return Err(WireError::BadMagic {
-                what: "option",
-                found: magic,
-            });
+            return Err(WireError::BadMagic { what: "option", found: magic });
         }
-        Ok(Self {
-            option: c.u32().unwrap_or_default(),
-            length: c.u32().unwrap_or_default(),
-        })
+        Ok(Self { option: c.u32().unwrap_or_default(), length: c.u32().unwrap_or_default() })
     }
 
     /// Encode an option request with its data (client side).
@@ -107,10 +95,7 @@ impl OptionReplyHeader {
         let mut c = Cursor::new(bytes);
         let magic = c.u64().unwrap_or_default();
         if magic != OPTION_REPLY_MAGIC {
-            return Err(WireError::BadMagic {
-                what: "option reply",
-                found: magic,
-            });
+            return Err(WireError::BadMagic { what: "option reply", found: magic });
         }
         Ok(Self {
             option: c.u32().unwrap_or_default(),
@@ -180,25 +165,14 @@ pub enum OptionDataError {
     UnexpectedData(usize),
 }
 
-fn string<'a>(
-    c: &mut Cursor<'a>,
-    field: &'static str,
-    len: u64,
-) -> Result<&'a str, OptionDataError> {
+fn string<'a>(c: &mut Cursor<'a>, field: &'static str, len: u64) -> Result<&'a str, OptionDataError> {
     let available = c.remaining();
-    let n = usize::try_from(len)
-        .ok()
-        .filter(|n| *n <= available)
-        .ok_or(OptionDataError::LengthPastEnd {
-            field,
-            claimed: len,
-            available,
-        })?;
-    let bytes = c.take(n).ok_or(OptionDataError::LengthPastEnd {
+    let n = usize::try_from(len).ok().filter(|n| *n <= available).ok_or(OptionDataError::LengthPastEnd {
         field,
         claimed: len,
         available,
     })?;
+    let bytes = c.take(n).ok_or(OptionDataError::LengthPastEnd { field, claimed: len, available })?;
     if bytes.len() > MAX_STRING_LEN || bytes.contains(&0) {
         return Err(OptionDataError::BadString(field));
     }
@@ -206,11 +180,7 @@ fn string<'a>(
 }
 
 fn short(field: &'static str, claimed: u64, c: &Cursor<'_>) -> OptionDataError {
-    OptionDataError::LengthPastEnd {
-        field,
-        claimed,
-        available: c.remaining(),
-    }
+    OptionDataError::LengthPastEnd { field, claimed, available: c.remaining() }
 }
 
 /// Parse the data of `NBD_OPT_INFO` / `NBD_OPT_GO`.
@@ -221,9 +191,7 @@ pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest<'_>, OptionDataErro
     let mut c = Cursor::new(data);
     let name_len = c.u32().ok_or_else(|| short("name", 4, &c))?;
     let name = string(&mut c, "export name", u64::from(name_len))?;
-    let count = c
-        .u16()
-        .ok_or_else(|| short("information request count", 2, &c))?;
+    let count = c.u16().ok_or_else(|| short("information request count", 2, &c))?;
     let needed = u64::from(count) * 2;
     if needed != c.remaining() as u64 {
         return Err(if needed > c.remaining() as u64 {
@@ -360,17 +328,12 @@ pub enum InfoItem {
 /// [`WireError::Malformed`] when a known item has the wrong length.
 pub fn parse_info_item(data: &[u8]) -> Result<InfoItem, WireError> {
     let mut c = Cursor::new(data);
-    let kind = c
-        .u16()
-        .ok_or(WireError::Malformed("NBD_REP_INFO shorter than 2 bytes"))?;
-    let text = |c: &mut Cursor<'_>| {
-        String::from_utf8_lossy(c.take(c.remaining()).unwrap_or_default()).into_owned()
-    };
+    let kind = c.u16().ok_or(WireError::Malformed("NBD_REP_INFO shorter than 2 bytes"))?;
+    let text = |c: &mut Cursor<'_>| String::from_utf8_lossy(c.take(c.remaining()).unwrap_or_default()).into_owned();
     Ok(match kind {
-        info::EXPORT if data.len() == 12 => InfoItem::Export {
-            size: c.u64().unwrap_or_default(),
-            flags: c.u16().unwrap_or_default(),
-        },
+        info::EXPORT if data.len() == 12 => {
+            InfoItem::Export { size: c.u64().unwrap_or_default(), flags: c.u16().unwrap_or_default() }
+        }
         info::EXPORT => return Err(WireError::Malformed("NBD_INFO_EXPORT length is not 12")),
         info::NAME => InfoItem::Name(text(&mut c)),
         info::DESCRIPTION => InfoItem::Description(text(&mut c)),
@@ -379,9 +342,7 @@ pub fn parse_info_item(data: &[u8]) -> Result<InfoItem, WireError> {
             preferred: c.u32().unwrap_or_default(),
             maximum: c.u32().unwrap_or_default(),
         },
-        info::BLOCK_SIZE => {
-            return Err(WireError::Malformed("NBD_INFO_BLOCK_SIZE length is not 14"))
-        }
+        info::BLOCK_SIZE => return Err(WireError::Malformed("NBD_INFO_BLOCK_SIZE length is not 14")),
         other => InfoItem::Unknown(other),
     })
 }
@@ -423,11 +384,8 @@ mod tests {
         let g = encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES);
         assert_eq!(parse_greeting(&g), Ok(3));
         let mut old = g;
-        old[8..16].copy_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
-        assert!(matches!(
-            parse_greeting(&old),
-            Err(WireError::BadMagic { .. })
-        ));
+        old[8..16].copy_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
+        assert!(matches!(parse_greeting(&old), Err(WireError::BadMagic { .. })));
     }
 
     #[test]
@@ -442,20 +400,14 @@ mod tests {
     fn info_request_rejects_a_name_length_past_the_data() {
         let mut data = encode_info_request("abc", &[]);
         data[..4].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-        assert!(matches!(
-            parse_info_request(&data),
-            Err(OptionDataError::LengthPastEnd { .. })
-        ));
+        assert!(matches!(parse_info_request(&data), Err(OptionDataError::LengthPastEnd { .. })));
     }
 
     #[test]
     fn info_request_rejects_a_request_count_that_disagrees_with_the_data() {
         let mut data = encode_info_request("a", &[1, 2]);
         data.push(0);
-        assert_eq!(
-            parse_info_request(&data),
-            Err(OptionDataError::TrailingBytes(1))
-        );
+        assert_eq!(parse_info_request(&data), Err(OptionDataError::TrailingBytes(1)));
         let data = encode_info_request("a", &[1, 2]);
         assert!(parse_info_request(&data[..data.len() - 1]).is_err());
     }
@@ -465,16 +417,12 @@ mod tests {
         let mut data = encode_meta_context_request("e", &[]);
         let at = data.len() - 4;
         data[at..].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            parse_meta_context_request(&data),
-            Err(OptionDataError::LengthPastEnd { .. })
-        ));
+        assert!(matches!(parse_meta_context_request(&data), Err(OptionDataError::LengthPastEnd { .. })));
     }
 
     #[test]
     fn meta_context_request_round_trips() {
-        let data =
-            encode_meta_context_request("vm-disk0", &["base:allocation", "qemu:dirty-bitmap:x"]);
+        let data = encode_meta_context_request("vm-disk0", &["base:allocation", "qemu:dirty-bitmap:x"]);
         let req = parse_meta_context_request(&data).unwrap();
         assert_eq!(req.export, "vm-disk0");
         assert_eq!(req.queries, vec!["base:allocation", "qemu:dirty-bitmap:x"]);
@@ -483,34 +431,21 @@ mod tests {
     #[test]
     fn strings_with_nul_or_bad_utf8_are_rejected() {
         let data = encode_info_request("a\0b", &[]);
-        assert_eq!(
-            parse_info_request(&data),
-            Err(OptionDataError::BadString("export name"))
-        );
+        assert_eq!(parse_info_request(&data), Err(OptionDataError::BadString("export name")));
         let mut data = encode_info_request("ab", &[]);
         data[4] = 0xff;
-        assert_eq!(
-            parse_info_request(&data),
-            Err(OptionDataError::BadString("export name"))
-        );
+        assert_eq!(parse_info_request(&data), Err(OptionDataError::BadString("export name")));
     }
 
     #[test]
     fn info_items_parse_and_unknown_types_are_kept_as_unknown() {
         assert_eq!(
             parse_info_item(&info_export(1 << 30, 0x1234)),
-            Ok(InfoItem::Export {
-                size: 1 << 30,
-                flags: 0x1234
-            })
+            Ok(InfoItem::Export { size: 1 << 30, flags: 0x1234 })
         );
         assert_eq!(
             parse_info_item(&info_block_size(1, 4096, 1 << 25)),
-            Ok(InfoItem::BlockSize {
-                minimum: 1,
-                preferred: 4096,
-                maximum: 1 << 25
-            })
+            Ok(InfoItem::BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 })
         );
         assert_eq!(parse_info_item(&[0, 9, 1]), Ok(InfoItem::Unknown(9)));
         assert!(parse_info_item(&[0, 0, 1]).is_err());

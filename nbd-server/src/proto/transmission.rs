@@ -133,10 +133,7 @@ pub fn decode_request(buf: &[u8], mode: HeaderMode) -> Result<Option<(Request, u
         HeaderMode::Extended => EXTENDED_REQUEST_MAGIC,
     };
     if magic != expected {
-        return Err(WireError::BadMagic {
-            what: "request",
-            found: u64::from(magic),
-        });
+        return Err(WireError::BadMagic { what: "request", found: u64::from(magic) });
     }
     let flags = c.u16().unwrap_or_default();
     let command = Command::from_wire(c.u16().unwrap_or_default());
@@ -146,16 +143,7 @@ pub fn decode_request(buf: &[u8], mode: HeaderMode) -> Result<Option<(Request, u
         HeaderMode::Compact => u64::from(c.u32().unwrap_or_default()),
         HeaderMode::Extended => c.u64().unwrap_or_default(),
     };
-    Ok(Some((
-        Request {
-            flags,
-            command,
-            cookie,
-            offset,
-            length,
-        },
-        len,
-    )))
+    Ok(Some((Request { flags, command, cookie, offset, length }, len)))
 }
 
 /// Encode a request header (client side). In compact mode `length` must fit in 32 bits.
@@ -165,8 +153,7 @@ pub fn decode_request(buf: &[u8], mode: HeaderMode) -> Result<Option<(Request, u
 pub fn encode_request(out: &mut Vec<u8>, mode: HeaderMode, req: &Request) -> Result<(), WireError> {
     match mode {
         HeaderMode::Compact => {
-            let len = u32::try_from(req.length)
-                .map_err(|_| WireError::Malformed("length needs extended headers"))?;
+            let len = u32::try_from(req.length).map_err(|_| WireError::Malformed("length needs extended headers"))?;
             out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
             out.extend_from_slice(&req.flags.to_be_bytes());
             out.extend_from_slice(&req.command.to_wire().to_be_bytes());
@@ -236,15 +223,7 @@ pub fn encode_offset_data_header(
     data_len: u64,
 ) {
     let flags = if done { reply_flags::DONE } else { 0 };
-    encode_chunk_header(
-        out,
-        mode,
-        flags,
-        reply_type::OFFSET_DATA,
-        cookie,
-        request_offset,
-        8 + data_len,
-    );
+    encode_chunk_header(out, mode, flags, reply_type::OFFSET_DATA, cookie, request_offset, 8 + data_len);
     out.extend_from_slice(&data_offset.to_be_bytes());
 }
 
@@ -259,30 +238,14 @@ pub fn encode_offset_hole(
     hole_len: u32,
 ) {
     let flags = if done { reply_flags::DONE } else { 0 };
-    encode_chunk_header(
-        out,
-        mode,
-        flags,
-        reply_type::OFFSET_HOLE,
-        cookie,
-        request_offset,
-        12,
-    );
+    encode_chunk_header(out, mode, flags, reply_type::OFFSET_HOLE, cookie, request_offset, 12);
     out.extend_from_slice(&hole_offset.to_be_bytes());
     out.extend_from_slice(&hole_len.to_be_bytes());
 }
 
 /// Append a final `NONE` chunk.
 pub fn encode_done(out: &mut Vec<u8>, mode: HeaderMode, cookie: u64, request_offset: u64) {
-    encode_chunk_header(
-        out,
-        mode,
-        reply_flags::DONE,
-        reply_type::NONE,
-        cookie,
-        request_offset,
-        0,
-    );
+    encode_chunk_header(out, mode, reply_flags::DONE, reply_type::NONE, cookie, request_offset, 0);
 }
 
 /// Append a final `ERROR` chunk carrying a message for humans.
@@ -295,15 +258,7 @@ pub fn encode_error_chunk(
     message: &str,
 ) {
     let msg = super::handshake::truncate_utf8(message, MAX_STRING_LEN);
-    encode_chunk_header(
-        out,
-        mode,
-        reply_flags::DONE,
-        reply_type::ERROR,
-        cookie,
-        request_offset,
-        6 + msg.len() as u64,
-    );
+    encode_chunk_header(out, mode, reply_flags::DONE, reply_type::ERROR, cookie, request_offset, 6 + msg.len() as u64);
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
@@ -333,15 +288,7 @@ pub fn encode_block_status(
     match mode {
         HeaderMode::Compact => {
             let len = 4 + 8 * extents.len() as u64;
-            encode_chunk_header(
-                out,
-                mode,
-                flags,
-                reply_type::BLOCK_STATUS,
-                cookie,
-                request_offset,
-                len,
-            );
+            encode_chunk_header(out, mode, flags, reply_type::BLOCK_STATUS, cookie, request_offset, len);
             out.extend_from_slice(&context_id.to_be_bytes());
             for e in extents {
                 out.extend_from_slice(&(e.length.min(u64::from(u32::MAX)) as u32).to_be_bytes());
@@ -350,15 +297,7 @@ pub fn encode_block_status(
         }
         HeaderMode::Extended => {
             let len = 8 + 16 * extents.len() as u64;
-            encode_chunk_header(
-                out,
-                mode,
-                flags,
-                reply_type::BLOCK_STATUS_EXT,
-                cookie,
-                request_offset,
-                len,
-            );
+            encode_chunk_header(out, mode, flags, reply_type::BLOCK_STATUS_EXT, cookie, request_offset, len);
             out.extend_from_slice(&context_id.to_be_bytes());
             out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
             for e in extents {
@@ -411,10 +350,7 @@ pub fn decode_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, W
     let Some(magic) = Cursor::new(buf).u32() else {
         return Ok(None);
     };
-    let len = reply_header_len(magic).ok_or(WireError::BadMagic {
-        what: "reply",
-        found: u64::from(magic),
-    })?;
+    let len = reply_header_len(magic).ok_or(WireError::BadMagic { what: "reply", found: u64::from(magic) })?;
     let Some(header) = buf.get(4..len) else {
         return Ok(None);
     };
@@ -422,10 +358,7 @@ pub fn decode_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, W
     let reply = match magic {
         SIMPLE_REPLY_MAGIC => {
             let error = c.u32().unwrap_or_default();
-            ReplyHeader::Simple {
-                error,
-                cookie: c.u64().unwrap_or_default(),
-            }
+            ReplyHeader::Simple { error, cookie: c.u64().unwrap_or_default() }
         }
         STRUCTURED_REPLY_MAGIC => ReplyHeader::Chunk {
             flags: c.u16().unwrap_or_default(),
@@ -438,12 +371,7 @@ pub fn decode_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, W
             let kind = c.u16().unwrap_or_default();
             let cookie = c.u64().unwrap_or_default();
             let _offset = c.u64();
-            ReplyHeader::Chunk {
-                flags,
-                kind,
-                cookie,
-                length: c.u64().unwrap_or_default(),
-            }
+            ReplyHeader::Chunk { flags, kind, cookie, length: c.u64().unwrap_or_default() }
         }
     };
     Ok(Some((reply, len)))
@@ -456,36 +384,22 @@ pub fn decode_reply_header(buf: &[u8]) -> Result<Option<(ReplyHeader, usize)>, W
 /// [`WireError::Malformed`] when the payload length does not fit the layout.
 pub fn parse_block_status(payload: &[u8], extended: bool) -> Result<(u32, Vec<Extent>), WireError> {
     let mut c = Cursor::new(payload);
-    let id = c.u32().ok_or(WireError::Malformed(
-        "block status chunk without context id",
-    ))?;
+    let id = c.u32().ok_or(WireError::Malformed("block status chunk without context id"))?;
     let mut extents = Vec::with_capacity(payload.len() / 8);
     if extended {
-        let _count = c
-            .u32()
-            .ok_or(WireError::Malformed("extended block status without count"))?;
+        let _count = c.u32().ok_or(WireError::Malformed("extended block status without count"))?;
         if c.remaining() % 16 != 0 || c.remaining() == 0 {
-            return Err(WireError::Malformed(
-                "extended block status descriptors are not 16-byte records",
-            ));
+            return Err(WireError::Malformed("extended block status descriptors are not 16-byte records"));
         }
         while let (Some(length), Some(flags)) = (c.u64(), c.u64()) {
-            extents.push(Extent {
-                length,
-                flags: flags as u32,
-            });
+            extents.push(Extent { length, flags: flags as u32 });
         }
     } else {
         if c.remaining() % 8 != 0 || c.remaining() == 0 {
-            return Err(WireError::Malformed(
-                "block status descriptors are not 8-byte records",
-            ));
+            return Err(WireError::Malformed("block status descriptors are not 8-byte records"));
         }
         while let (Some(length), Some(flags)) = (c.u32(), c.u32()) {
-            extents.push(Extent {
-                length: u64::from(length),
-                flags,
-            });
+            extents.push(Extent { length: u64::from(length), flags });
         }
     }
     Ok((id, extents))
@@ -496,13 +410,7 @@ mod tests {
     use super::*;
 
     fn req(command: Command, length: u64) -> Request {
-        Request {
-            flags: cmd_flags::FUA,
-            command,
-            cookie: 0xdead_beef,
-            offset: 4096,
-            length,
-        }
+        Request { flags: cmd_flags::FUA, command, cookie: 0xdead_beef, offset: 4096, length }
     }
 
     #[test]
@@ -513,10 +421,7 @@ mod tests {
         for cut in 0..28 {
             assert_eq!(decode_request(&out[..cut], HeaderMode::Compact), Ok(None));
         }
-        assert_eq!(
-            decode_request(&out, HeaderMode::Compact),
-            Ok(Some((req(Command::Write, 512), 28)))
-        );
+        assert_eq!(decode_request(&out, HeaderMode::Compact), Ok(Some((req(Command::Write, 512), 28))));
     }
 
     #[test]
@@ -524,10 +429,7 @@ mod tests {
         let mut out = Vec::new();
         let r = req(Command::Trim, 5 << 32);
         encode_request(&mut out, HeaderMode::Extended, &r).unwrap();
-        assert_eq!(
-            decode_request(&out, HeaderMode::Extended),
-            Ok(Some((r, 32)))
-        );
+        assert_eq!(decode_request(&out, HeaderMode::Extended), Ok(Some((r, 32))));
         assert!(encode_request(&mut Vec::new(), HeaderMode::Compact, &r).is_err());
     }
 
@@ -535,10 +437,7 @@ mod tests {
     fn a_request_with_the_other_mode_s_magic_is_rejected() {
         let mut out = Vec::new();
         encode_request(&mut out, HeaderMode::Extended, &req(Command::Read, 1)).unwrap();
-        assert!(matches!(
-            decode_request(&out, HeaderMode::Compact),
-            Err(WireError::BadMagic { .. })
-        ));
+        assert!(matches!(decode_request(&out, HeaderMode::Compact), Err(WireError::BadMagic { .. })));
     }
 
     #[test]
@@ -551,28 +450,14 @@ mod tests {
     fn reply_headers_round_trip_in_all_three_layouts() {
         let mut out = Vec::new();
         encode_simple_reply(&mut out, 7, errno::EIO);
-        assert_eq!(
-            decode_reply_header(&out),
-            Ok(Some((
-                ReplyHeader::Simple {
-                    cookie: 7,
-                    error: errno::EIO
-                },
-                16
-            )))
-        );
+        assert_eq!(decode_reply_header(&out), Ok(Some((ReplyHeader::Simple { cookie: 7, error: errno::EIO }, 16))));
         for mode in [HeaderMode::Compact, HeaderMode::Extended] {
             let mut out = Vec::new();
             encode_offset_hole(&mut out, mode, true, 9, 0, 4096, 512);
             let (h, n) = decode_reply_header(&out).unwrap().unwrap();
             assert_eq!(
                 h,
-                ReplyHeader::Chunk {
-                    flags: reply_flags::DONE,
-                    kind: reply_type::OFFSET_HOLE,
-                    cookie: 9,
-                    length: 12
-                }
+                ReplyHeader::Chunk { flags: reply_flags::DONE, kind: reply_type::OFFSET_HOLE, cookie: 9, length: 12 }
             );
             assert_eq!(out.len() - n, 12);
         }
@@ -580,16 +465,7 @@ mod tests {
 
     #[test]
     fn block_status_round_trips_in_both_layouts() {
-        let extents = [
-            Extent {
-                length: 65536,
-                flags: STATE_HOLE | STATE_ZERO,
-            },
-            Extent {
-                length: 4096,
-                flags: 0,
-            },
-        ];
+        let extents = [Extent { length: 65536, flags: STATE_HOLE | STATE_ZERO }, Extent { length: 4096, flags: 0 }];
         for (mode, ext) in [(HeaderMode::Compact, false), (HeaderMode::Extended, true)] {
             let mut out = Vec::new();
             encode_block_status(&mut out, mode, true, 1, 0, 3, &extents);
@@ -603,23 +479,9 @@ mod tests {
     #[test]
     fn error_chunks_carry_the_message() {
         let mut out = Vec::new();
-        encode_error_chunk(
-            &mut out,
-            HeaderMode::Compact,
-            5,
-            0,
-            errno::EINVAL,
-            "out of range",
-        );
+        encode_error_chunk(&mut out, HeaderMode::Compact, 5, 0, errno::EINVAL, "out of range");
         let (h, n) = decode_reply_header(&out).unwrap().unwrap();
-        assert!(matches!(
-            h,
-            ReplyHeader::Chunk {
-                kind: reply_type::ERROR,
-                length: 18,
-                ..
-            }
-        ));
+        assert!(matches!(h, ReplyHeader::Chunk { kind: reply_type::ERROR, length: 18, .. }));
         assert_eq!(&out[n + 6..], b"out of range");
     }
 }

@@ -45,13 +45,8 @@ enum ConnError {
 }
 
 /// Serve one connection to the end. Never panics on client input; logs how it ended.
-pub(crate) async fn serve<R, W>(
-    reader: R,
-    mut writer: W,
-    peer: String,
-    scope: Arc<Scope>,
-    shared: Arc<Shared>,
-) where
+pub(crate) async fn serve<R, W>(reader: R, mut writer: W, peer: String, scope: Arc<Scope>, shared: Arc<Shared>)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -90,20 +85,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    writer
-        .write_all(&encode_greeting(
-            handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
-        ))
-        .await?;
+    writer.write_all(&encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES)).await?;
     writer.flush().await?;
     let client_flags = reader.read_u32().await?;
     if !Negotiator::client_flags_valid(client_flags) {
-        return Err(ConnError::Protocol(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
-    let mut negotiator =
-        Negotiator::new(&shared.registry, scope, shared.block_sizes(), client_flags);
+    let mut negotiator = Negotiator::new(&shared.registry, scope, shared.block_sizes(), client_flags);
     let mut out = Vec::with_capacity(512);
     loop {
         let mut head = [0u8; OPTION_HEADER_LEN];
@@ -137,12 +125,8 @@ struct Outgoing {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
-async fn transmission<R, W>(
-    mut reader: BufReader<R>,
-    writer: W,
-    session: Session,
-    shared: &Arc<Shared>,
-) where
+async fn transmission<R, W>(mut reader: BufReader<R>, writer: W, session: Session, shared: &Arc<Shared>)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -158,12 +142,7 @@ async fn transmission<R, W>(
     };
     let (tx, rx) = mpsc::channel::<Outgoing>(config.max_in_flight + 1);
     let writer_gone = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(
-        writer,
-        rx,
-        writer_gone.clone(),
-        shared.hard_stop.clone(),
-    ));
+    let writer_task = tokio::spawn(write_loop(writer, rx, writer_gone.clone(), shared.hard_stop.clone()));
     let requests = Arc::new(Semaphore::new(config.max_in_flight));
     let budget_units = (config.max_buffered_bytes as u64 / BUDGET_UNIT).max(1);
     let bytes = Arc::new(Semaphore::new(budget_units as usize));
@@ -206,26 +185,13 @@ async fn transmission<R, W>(
         if plen > limits.max_payload {
             // Answer, then hang up: reading what the header merely claims is not an option.
             bump(&export.counters.errors, 1);
-            let msg = format!(
-                "payload of {plen} bytes exceeds the maximum of {}; closing",
-                limits.max_payload
-            );
+            let msg = format!("payload of {plen} bytes exceeds the maximum of {}; closing", limits.max_payload);
             tracing::warn!(export = %export.name, "{msg}");
             let reply = error_reply(&req, &limits, errno::EINVAL, &msg);
-            let _ = tx
-                .send(Outgoing {
-                    reply,
-                    _request: Some(request_permit),
-                    _bytes: None,
-                })
-                .await;
+            let _ = tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: None }).await;
             break;
         }
-        let need = if req.command == Command::Read {
-            req.length.min(limits.max_payload)
-        } else {
-            plen
-        };
+        let need = if req.command == Command::Read { req.length.min(limits.max_payload) } else { plen };
         let units = need.div_ceil(BUDGET_UNIT).min(budget_units) as u32;
         let bytes_permit = if units > 0 {
             tokio::select! {
@@ -253,15 +219,7 @@ async fn transmission<R, W>(
             bump(&export.counters.errors, 1);
             tracing::debug!(export = %export.name, command = ?req.command, message = %refusal.message, "request refused");
             let reply = error_reply(&req, &limits, refusal.error, &refusal.message);
-            if tx
-                .send(Outgoing {
-                    reply,
-                    _request: Some(request_permit),
-                    _bytes: bytes_permit,
-                })
-                .await
-                .is_err()
-            {
+            if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
                 break;
             }
             continue;
@@ -270,13 +228,7 @@ async fn transmission<R, W>(
         let export = Arc::clone(&export);
         tokio::spawn(async move {
             let reply = execute(&export, req, payload, &limits).await;
-            let _ = tx
-                .send(Outgoing {
-                    reply,
-                    _request: Some(request_permit),
-                    _bytes: bytes_permit,
-                })
-                .await;
+            let _ = tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await;
         });
     }
     // Let in-flight requests finish; the writer ends once every sender is gone.

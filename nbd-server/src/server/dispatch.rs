@@ -34,10 +34,7 @@ pub(crate) struct Refusal {
 }
 
 fn refuse(error: u32, message: impl Into<String>) -> Refusal {
-    Refusal {
-        error,
-        message: message.into(),
-    }
+    Refusal { error, message: message.into() }
 }
 
 /// Bytes of payload that follow this header on the wire.
@@ -60,10 +57,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
     }
     let unknown = req.flags & !req.command.allowed_flags();
     if unknown != 0 {
-        return Err(refuse(
-            errno::EINVAL,
-            format!("flags {unknown:#x} are not valid for {:?}", req.command),
-        ));
+        return Err(refuse(errno::EINVAL, format!("flags {unknown:#x} are not valid for {:?}", req.command)));
     }
     if req.flags & cmd_flags::PAYLOAD_LEN != 0 && l.mode != HeaderMode::Extended {
         return Err(refuse(errno::EINVAL, "PAYLOAD_LEN needs extended headers"));
@@ -76,21 +70,14 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
     }
     let in_range = range_end(req).is_some_and(|end| end <= l.size);
     let read_only = l.flags & tf::READ_ONLY != 0;
-    let past_end = || {
-        format!(
-            "range {:#x}+{:#x} is past the end of the {:#x}-byte export",
-            req.offset, req.length, l.size
-        )
-    };
+    let past_end =
+        || format!("range {:#x}+{:#x} is past the end of the {:#x}-byte export", req.offset, req.length, l.size);
     match req.command {
         Command::Read => {
             if req.length > l.max_payload {
                 return Err(refuse(
                     errno::EINVAL,
-                    format!(
-                        "read of {} bytes exceeds the maximum payload {}",
-                        req.length, l.max_payload
-                    ),
+                    format!("read of {} bytes exceeds the maximum payload {}", req.length, l.max_payload),
                 ));
             }
             if !in_range {
@@ -98,14 +85,8 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
             }
         }
         Command::Write | Command::WriteZeroes => {
-            if req.command == Command::WriteZeroes
-                && l.flags & tf::SEND_WRITE_ZEROES == 0
-                && !read_only
-            {
-                return Err(refuse(
-                    errno::EINVAL,
-                    "write zeroes is not supported by this export",
-                ));
+            if req.command == Command::WriteZeroes && l.flags & tf::SEND_WRITE_ZEROES == 0 && !read_only {
+                return Err(refuse(errno::EINVAL, "write zeroes is not supported by this export"));
             }
             if read_only {
                 return Err(refuse(errno::EPERM, "export is read-only"));
@@ -119,10 +100,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
                 return Err(refuse(errno::EPERM, "export is read-only"));
             }
             if l.flags & tf::SEND_TRIM == 0 {
-                return Err(refuse(
-                    errno::EINVAL,
-                    "trim is not supported by this export",
-                ));
+                return Err(refuse(errno::EINVAL, "trim is not supported by this export"));
             }
             if !in_range {
                 return Err(refuse(errno::EINVAL, past_end()));
@@ -130,10 +108,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
         }
         Command::Cache => {
             if l.flags & tf::SEND_CACHE == 0 {
-                return Err(refuse(
-                    errno::EINVAL,
-                    "cache is not supported by this export",
-                ));
+                return Err(refuse(errno::EINVAL, "cache is not supported by this export"));
             }
             if !in_range {
                 return Err(refuse(errno::EINVAL, past_end()));
@@ -141,10 +116,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
         }
         Command::BlockStatus => {
             if l.allocation_context.is_none() {
-                return Err(refuse(
-                    errno::EINVAL,
-                    "no metadata context was selected for this export",
-                ));
+                return Err(refuse(errno::EINVAL, "no metadata context was selected for this export"));
             }
             if req.length == 0 {
                 return Err(refuse(errno::EINVAL, "block status of an empty range"));
@@ -223,12 +195,7 @@ fn nbd_error(e: &BackendError, fast_zero: bool) -> u32 {
 }
 
 /// Run an accepted request. `payload` is the write data (empty otherwise).
-pub(crate) async fn execute(
-    export: &Arc<Export>,
-    req: Request,
-    payload: Vec<u8>,
-    l: &Limits,
-) -> Reply {
+pub(crate) async fn execute(export: &Arc<Export>, req: Request, payload: Vec<u8>, l: &Limits) -> Reply {
     let backend = &export.backend;
     let c = &export.counters;
     let fua = req.flags & cmd_flags::FUA != 0;
@@ -349,29 +316,9 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply {
     for (i, &(rel, n, hole)) in pieces.iter().enumerate() {
         let done = i == last;
         if hole {
-            reply.head(|o| {
-                tx::encode_offset_hole(
-                    o,
-                    l.mode,
-                    done,
-                    req.cookie,
-                    req.offset,
-                    req.offset + rel,
-                    n as u32,
-                )
-            });
+            reply.head(|o| tx::encode_offset_hole(o, l.mode, done, req.cookie, req.offset, req.offset + rel, n as u32));
         } else {
-            reply.head(|o| {
-                tx::encode_offset_data_header(
-                    o,
-                    l.mode,
-                    done,
-                    req.cookie,
-                    req.offset,
-                    req.offset + rel,
-                    n,
-                )
-            });
+            reply.head(|o| tx::encode_offset_data_header(o, l.mode, done, req.cookie, req.offset, req.offset + rel, n));
             reply.data(rel as usize..(rel + n) as usize);
         }
     }
@@ -385,12 +332,7 @@ const MAX_DESCRIPTORS: usize = 1 << 20;
 const MAX_COMPACT_EXTENT: u64 = u32::MAX as u64 & !511;
 
 /// Clip, merge and bound backend extents into what the reply may carry.
-pub(crate) fn shape_extents(
-    raw: &[Extent],
-    length: u64,
-    req_one: bool,
-    mode: HeaderMode,
-) -> Vec<Extent> {
+pub(crate) fn shape_extents(raw: &[Extent], length: u64, req_one: bool, mode: HeaderMode) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
     let mut covered = 0u64;
     for e in raw {
@@ -407,15 +349,11 @@ pub(crate) fn shape_extents(
         }
         match out.last_mut() {
             Some(last)
-                if last.flags == e.flags
-                    && (mode == HeaderMode::Extended || last.length + n <= MAX_COMPACT_EXTENT) =>
+                if last.flags == e.flags && (mode == HeaderMode::Extended || last.length + n <= MAX_COMPACT_EXTENT) =>
             {
                 last.length += n
             }
-            _ => out.push(Extent {
-                length: n,
-                flags: e.flags,
-            }),
+            _ => out.push(Extent { length: n, flags: e.flags }),
         }
         covered += n;
         if capped {
@@ -423,15 +361,8 @@ pub(crate) fn shape_extents(
         }
     }
     if out.is_empty() {
-        let n = if mode == HeaderMode::Compact {
-            length.min(MAX_COMPACT_EXTENT)
-        } else {
-            length
-        };
-        out.push(Extent {
-            length: n.max(1),
-            flags: 0,
-        });
+        let n = if mode == HeaderMode::Compact { length.min(MAX_COMPACT_EXTENT) } else { length };
+        out.push(Extent { length: n.max(1), flags: 0 });
     }
     if req_one {
         out.truncate(1);
@@ -452,12 +383,7 @@ async fn block_status(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply 
     } else {
         Vec::new()
     };
-    let extents = shape_extents(
-        &raw,
-        req.length,
-        req.flags & cmd_flags::REQ_ONE != 0,
-        l.mode,
-    );
+    let extents = shape_extents(&raw, req.length, req.flags & cmd_flags::REQ_ONE != 0, l.mode);
     let id = l.allocation_context.unwrap_or_default();
     let mut reply = Reply::default();
     reply.head(|o| tx::encode_block_status(o, l.mode, true, req.cookie, req.offset, id, &extents));
@@ -472,12 +398,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             size: 1 << 20,
-            flags: tf::HAS_FLAGS
-                | tf::SEND_FLUSH
-                | tf::SEND_FUA
-                | tf::SEND_TRIM
-                | tf::SEND_WRITE_ZEROES
-                | tf::SEND_DF,
+            flags: tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_DF,
             structured: true,
             mode: HeaderMode::Compact,
             allocation_context: Some(1),
@@ -486,13 +407,7 @@ mod tests {
     }
 
     fn req(command: Command, offset: u64, length: u64, flags: u16) -> Request {
-        Request {
-            flags,
-            command,
-            cookie: 1,
-            offset,
-            length,
-        }
+        Request { flags, command, cookie: 1, offset, length }
     }
 
     #[test]
@@ -500,136 +415,52 @@ mod tests {
         let l = limits();
         let err = |r: Request, l: &Limits| validate(&r, l).unwrap_err().error;
         assert_eq!(err(req(Command::Read, 1 << 20, 1, 0), &l), errno::EINVAL);
-        assert_eq!(
-            err(req(Command::Write, (1 << 20) - 1, 2, 0), &l),
-            errno::ENOSPC
-        );
-        assert_eq!(
-            err(req(Command::WriteZeroes, u64::MAX, 2, 0), &l),
-            errno::ENOSPC
-        );
+        assert_eq!(err(req(Command::Write, (1 << 20) - 1, 2, 0), &l), errno::ENOSPC);
+        assert_eq!(err(req(Command::WriteZeroes, u64::MAX, 2, 0), &l), errno::ENOSPC);
         assert_eq!(err(req(Command::Trim, 1 << 20, 1, 0), &l), errno::EINVAL);
         assert_eq!(err(req(Command::Unknown(42), 0, 0, 0), &l), errno::EINVAL);
-        assert_eq!(
-            err(req(Command::Read, 0, 1, cmd_flags::REQ_ONE), &l),
-            errno::EINVAL
-        );
+        assert_eq!(err(req(Command::Read, 0, 1, cmd_flags::REQ_ONE), &l), errno::EINVAL);
         assert_eq!(
             err(req(Command::WriteZeroes, 0, 1, cmd_flags::FAST_ZERO), &l),
             errno::EINVAL,
             "fast zero not advertised"
         );
-        assert_eq!(
-            err(req(Command::Read, 0, (1 << 25) + 1, 0), &l),
-            errno::EINVAL
-        );
-        let ro = Limits {
-            flags: l.flags | tf::READ_ONLY,
-            ..l
-        };
+        assert_eq!(err(req(Command::Read, 0, (1 << 25) + 1, 0), &l), errno::EINVAL);
+        let ro = Limits { flags: l.flags | tf::READ_ONLY, ..l };
         assert_eq!(err(req(Command::Write, 0, 1, 0), &ro), errno::EPERM);
         assert_eq!(err(req(Command::Trim, 0, 1, 0), &ro), errno::EPERM);
-        let no_ctx = Limits {
-            allocation_context: None,
-            ..l
-        };
-        assert_eq!(
-            err(req(Command::BlockStatus, 0, 1, 0), &no_ctx),
-            errno::EINVAL
-        );
+        let no_ctx = Limits { allocation_context: None, ..l };
+        assert_eq!(err(req(Command::BlockStatus, 0, 1, 0), &no_ctx), errno::EINVAL);
         assert!(validate(&req(Command::Write, 0, 1, cmd_flags::FUA), &l).is_ok());
         assert!(validate(&req(Command::Flush, 0, 0, cmd_flags::FUA), &l).is_ok());
     }
 
     #[test]
     fn payload_length_counts_writes_and_extended_payload_flags_only() {
-        assert_eq!(
-            payload_len(&req(Command::Write, 0, 512, 0), HeaderMode::Compact),
-            512
-        );
-        assert_eq!(
-            payload_len(&req(Command::Read, 0, 512, 0), HeaderMode::Compact),
-            0
-        );
-        assert_eq!(
-            payload_len(
-                &req(Command::BlockStatus, 0, 16, cmd_flags::PAYLOAD_LEN),
-                HeaderMode::Extended
-            ),
-            16
-        );
-        assert_eq!(
-            payload_len(
-                &req(Command::BlockStatus, 0, 16, cmd_flags::PAYLOAD_LEN),
-                HeaderMode::Compact
-            ),
-            0
-        );
+        assert_eq!(payload_len(&req(Command::Write, 0, 512, 0), HeaderMode::Compact), 512);
+        assert_eq!(payload_len(&req(Command::Read, 0, 512, 0), HeaderMode::Compact), 0);
+        assert_eq!(payload_len(&req(Command::BlockStatus, 0, 16, cmd_flags::PAYLOAD_LEN), HeaderMode::Extended), 16);
+        assert_eq!(payload_len(&req(Command::BlockStatus, 0, 16, cmd_flags::PAYLOAD_LEN), HeaderMode::Compact), 0);
     }
 
     #[test]
     fn extents_are_clipped_to_the_request_merged_and_capped_for_compact_replies() {
         let hole = STATE_HOLE | STATE_ZERO;
         let raw = [
-            Extent {
-                length: 100,
-                flags: hole,
-            },
-            Extent {
-                length: 50,
-                flags: hole,
-            },
-            Extent {
-                length: 1000,
-                flags: 0,
-            },
+            Extent { length: 100, flags: hole },
+            Extent { length: 50, flags: hole },
+            Extent { length: 1000, flags: 0 },
         ];
         assert_eq!(
             shape_extents(&raw, 400, false, HeaderMode::Compact),
-            vec![
-                Extent {
-                    length: 150,
-                    flags: hole
-                },
-                Extent {
-                    length: 250,
-                    flags: 0
-                }
-            ]
+            vec![Extent { length: 150, flags: hole }, Extent { length: 250, flags: 0 }]
         );
-        assert_eq!(
-            shape_extents(&raw, 400, true, HeaderMode::Compact),
-            vec![Extent {
-                length: 150,
-                flags: hole
-            }]
-        );
-        let huge = [Extent {
-            length: 10 << 32,
-            flags: 0,
-        }];
+        assert_eq!(shape_extents(&raw, 400, true, HeaderMode::Compact), vec![Extent { length: 150, flags: hole }]);
+        let huge = [Extent { length: 10 << 32, flags: 0 }];
         let c = shape_extents(&huge, 10 << 32, false, HeaderMode::Compact);
-        assert_eq!(
-            c,
-            vec![Extent {
-                length: MAX_COMPACT_EXTENT,
-                flags: 0
-            }]
-        );
+        assert_eq!(c, vec![Extent { length: MAX_COMPACT_EXTENT, flags: 0 }]);
         let e = shape_extents(&huge, 10 << 32, false, HeaderMode::Extended);
-        assert_eq!(
-            e,
-            vec![Extent {
-                length: 10 << 32,
-                flags: 0
-            }]
-        );
-        assert_eq!(
-            shape_extents(&[], 7, false, HeaderMode::Compact),
-            vec![Extent {
-                length: 7,
-                flags: 0
-            }]
-        );
+        assert_eq!(e, vec![Extent { length: 10 << 32, flags: 0 }]);
+        assert_eq!(shape_extents(&[], 7, false, HeaderMode::Compact), vec![Extent { length: 7, flags: 0 }]);
     }
 }

@@ -45,13 +45,7 @@ impl ExportConfig {
     /// An export of `backend` named `name`, writable if the backend is, one connection at a
     /// time (qemu-nbd's default).
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
-        Self {
-            name: name.into(),
-            description: String::new(),
-            backend,
-            read_only: false,
-            max_connections: 1,
-        }
+        Self { name: name.into(), description: String::new(), backend, read_only: false, max_connections: 1 }
     }
 
     /// Set the description.
@@ -193,17 +187,10 @@ impl Export {
                 bump(&self.counters.connections_refused, 1);
                 return None;
             }
-            match self.active.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self.active.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     bump(&self.counters.connections_total, 1);
-                    return Some(ConnectionSlot {
-                        export: Arc::clone(self),
-                    });
+                    return Some(ConnectionSlot { export: Arc::clone(self) });
                 }
                 Err(seen) => current = seen,
             }
@@ -286,9 +273,6 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<Arc<Export>> {
-        self.exports
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+        self.exports.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 }

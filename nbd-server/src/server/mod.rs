@@ -96,11 +96,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn block_sizes(&self) -> BlockSizes {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum: self.config.max_payload,
-        }
+        BlockSizes { minimum: 1, preferred: 4096, maximum: self.config.max_payload }
     }
 }
 
@@ -112,9 +108,7 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("exports", &self.export_names())
-            .finish()
+        f.debug_struct("Server").field("exports", &self.export_names()).finish()
     }
 }
 
@@ -153,10 +147,7 @@ impl Server {
             return Err(ServerError::InvalidName(name));
         }
         let export = Arc::new(Export::new(config, self.shared.shutdown.child_token()));
-        self.shared
-            .registry
-            .insert(export)
-            .map_err(|_| ServerError::DuplicateExport(name.clone()))?;
+        self.shared.registry.insert(export).map_err(|_| ServerError::DuplicateExport(name.clone()))?;
         tracing::info!(export = %name, "export added");
         Ok(())
     }
@@ -167,22 +158,11 @@ impl Server {
     /// # Errors
     /// [`ServerError::UnknownExport`], or [`ServerError::Flush`] if the final flush failed.
     pub async fn remove_export(&self, name: &str) -> Result<ExportStats, ServerError> {
-        let export = self
-            .shared
-            .registry
-            .remove(name)
-            .ok_or_else(|| ServerError::UnknownExport(name.to_string()))?;
+        let export = self.shared.registry.remove(name).ok_or_else(|| ServerError::UnknownExport(name.to_string()))?;
         export.closing.cancel();
         export.drained().await;
         if !export.read_only {
-            export
-                .backend
-                .flush()
-                .await
-                .map_err(|source| ServerError::Flush {
-                    name: name.to_string(),
-                    source,
-                })?;
+            export.backend.flush().await.map_err(|source| ServerError::Flush { name: name.to_string(), source })?;
         }
         tracing::info!(export = %name, "export removed");
         Ok(export.stats())
@@ -195,12 +175,7 @@ impl Server {
 
     /// Names of all exports.
     pub fn export_names(&self) -> Vec<String> {
-        self.shared
-            .registry
-            .all()
-            .iter()
-            .map(|e| e.name.clone())
-            .collect()
+        self.shared.registry.all().iter().map(|e| e.name.clone()).collect()
     }
 
     /// Accept TCP connections for every export until shutdown.
@@ -262,14 +237,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        connection::serve(
-            r,
-            w,
-            "stream".to_string(),
-            Arc::new(scope),
-            Arc::clone(&self.shared),
-        )
-        .await;
+        connection::serve(r, w, "stream".to_string(), Arc::new(scope), Arc::clone(&self.shared)).await;
     }
 
     async fn client_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -316,13 +284,7 @@ impl Server {
     pub async fn shutdown(&self) -> Result<(), ServerError> {
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
-        if tokio::time::timeout(
-            self.shared.config.shutdown_grace,
-            self.shared.tracker.wait(),
-        )
-        .await
-        .is_err()
-        {
+        if tokio::time::timeout(self.shared.config.shutdown_grace, self.shared.tracker.wait()).await.is_err() {
             tracing::warn!("connections did not drain within the grace period; cutting them");
             self.shared.hard_stop.cancel();
             self.shared.tracker.wait().await;
@@ -334,10 +296,7 @@ impl Server {
             }
             if let Err(source) = export.backend.flush().await {
                 tracing::error!(export = %export.name, error = %source, "final flush failed");
-                first_error.get_or_insert(ServerError::Flush {
-                    name: export.name.clone(),
-                    source,
-                });
+                first_error.get_or_insert(ServerError::Flush { name: export.name.clone(), source });
             }
         }
         first_error.map_or(Ok(()), Err)

@@ -73,12 +73,7 @@ pub(crate) struct Negotiator<'a> {
 }
 
 impl<'a> Negotiator<'a> {
-    pub fn new(
-        registry: &'a Registry,
-        scope: &'a Scope,
-        sizes: BlockSizes,
-        client_flags_value: u32,
-    ) -> Self {
+    pub fn new(registry: &'a Registry, scope: &'a Scope, sizes: BlockSizes, client_flags_value: u32) -> Self {
         Self {
             registry,
             scope,
@@ -111,22 +106,9 @@ impl<'a> Negotiator<'a> {
     }
 
     fn unknown_export(&self, out: &mut Vec<u8>, option: u32, name: &str) {
-        let names: Vec<String> = self
-            .visible()
-            .iter()
-            .map(|e| format!("'{}'", e.name))
-            .collect();
-        let list = if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(", ")
-        };
-        encode_option_error(
-            out,
-            option,
-            rep::ERR_UNKNOWN,
-            &format!("no export named '{name}' (available: {list})"),
-        );
+        let names: Vec<String> = self.visible().iter().map(|e| format!("'{}'", e.name)).collect();
+        let list = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+        encode_option_error(out, option, rep::ERR_UNKNOWN, &format!("no export named '{name}' (available: {list})"));
     }
 
     /// Handle one option with its data, appending replies to `out`.
@@ -139,59 +121,29 @@ impl<'a> Negotiator<'a> {
             }
             opt::LIST => {
                 if !data.is_empty() {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "NBD_OPT_LIST takes no data",
-                    );
+                    encode_option_error(out, option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data");
                     return Step::Continue;
                 }
                 for e in self.visible() {
-                    encode_option_reply(
-                        out,
-                        option,
-                        rep::SERVER,
-                        &hs::server_reply(&e.name, &e.description),
-                    );
+                    encode_option_reply(out, option, rep::SERVER, &hs::server_reply(&e.name, &e.description));
                 }
                 encode_option_reply(out, option, rep::ACK, &[]);
                 Step::Continue
             }
             opt::STARTTLS => {
                 if data.is_empty() {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_POLICY,
-                        "TLS is not enabled on this server",
-                    );
+                    encode_option_error(out, option, rep::ERR_POLICY, "TLS is not enabled on this server");
                 } else {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
+                    encode_option_error(out, option, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
                 }
                 Step::Continue
             }
             opt::INFO | opt::GO => self.info_or_go(option, data, out),
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
+                    encode_option_error(out, option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
                 } else if self.structured {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "structured replies already negotiated",
-                    );
+                    encode_option_error(out, option, rep::ERR_INVALID, "structured replies already negotiated");
                 } else {
                     self.structured = true;
                     encode_option_reply(out, option, rep::ACK, &[]);
@@ -200,19 +152,9 @@ impl<'a> Negotiator<'a> {
             }
             opt::EXTENDED_HEADERS => {
                 if !data.is_empty() {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "NBD_OPT_EXTENDED_HEADERS takes no data",
-                    );
+                    encode_option_error(out, option, rep::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
                 } else if self.extended {
-                    encode_option_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "extended headers already negotiated",
-                    );
+                    encode_option_error(out, option, rep::ERR_INVALID, "extended headers already negotiated");
                 } else {
                     self.extended = true;
                     self.structured = true;
@@ -222,12 +164,7 @@ impl<'a> Negotiator<'a> {
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data, out),
             other => {
-                encode_option_error(
-                    out,
-                    other,
-                    rep::ERR_UNSUP,
-                    &format!("option {other} is not supported"),
-                );
+                encode_option_error(out, other, rep::ERR_UNSUP, &format!("option {other} is not supported"));
                 Step::Continue
             }
         }
@@ -239,9 +176,7 @@ impl<'a> Negotiator<'a> {
             _ => return Step::Disconnect("NBD_OPT_EXPORT_NAME with an invalid name".into()),
         };
         let Some(export) = self.resolve(name) else {
-            return Step::Disconnect(format!(
-                "NBD_OPT_EXPORT_NAME asked for unknown export '{name}'"
-            ));
+            return Step::Disconnect(format!("NBD_OPT_EXPORT_NAME asked for unknown export '{name}'"));
         };
         let Some(slot) = export.attach() else {
             return Step::Disconnect(format!(
@@ -258,17 +193,11 @@ impl<'a> Negotiator<'a> {
 
     fn session(&self, slot: ConnectionSlot, flags: u16) -> Session {
         let allocation_context = match &self.meta {
-            Some(name) if self.structured && *name == slot.export.name => {
-                Some(ALLOCATION_CONTEXT_ID)
-            }
+            Some(name) if self.structured && *name == slot.export.name => Some(ALLOCATION_CONTEXT_ID),
             _ => None,
         };
         Session {
-            mode: if self.extended {
-                HeaderMode::Extended
-            } else {
-                HeaderMode::Compact
-            },
+            mode: if self.extended { HeaderMode::Extended } else { HeaderMode::Compact },
             structured: self.structured,
             allocation_context,
             flags,
@@ -308,35 +237,15 @@ impl<'a> Negotiator<'a> {
             None
         };
         let flags = export.transmission_flags(self.structured);
-        encode_option_reply(
-            out,
-            option,
-            rep::INFO,
-            &hs::info_export(export.size(), flags),
-        );
+        encode_option_reply(out, option, rep::INFO, &hs::info_export(export.size(), flags));
         if req.requests.contains(&info::NAME) || req.name != export.name {
-            encode_option_reply(
-                out,
-                option,
-                rep::INFO,
-                &hs::info_string(info::NAME, &export.name),
-            );
+            encode_option_reply(out, option, rep::INFO, &hs::info_string(info::NAME, &export.name));
         }
         if !export.description.is_empty() {
-            encode_option_reply(
-                out,
-                option,
-                rep::INFO,
-                &hs::info_string(info::DESCRIPTION, &export.description),
-            );
+            encode_option_reply(out, option, rep::INFO, &hs::info_string(info::DESCRIPTION, &export.description));
         }
         let s = self.sizes;
-        encode_option_reply(
-            out,
-            option,
-            rep::INFO,
-            &hs::info_block_size(s.minimum, s.preferred, s.maximum),
-        );
+        encode_option_reply(out, option, rep::INFO, &hs::info_block_size(s.minimum, s.preferred, s.maximum));
         encode_option_reply(out, option, rep::ACK, &[]);
         match slot {
             Some(slot) => Step::Enter(self.session(slot, flags)),
@@ -351,12 +260,7 @@ impl<'a> Negotiator<'a> {
             self.meta = None;
         }
         if !self.structured {
-            encode_option_error(
-                out,
-                option,
-                rep::ERR_INVALID,
-                "negotiate structured replies before metadata contexts",
-            );
+            encode_option_error(out, option, rep::ERR_INVALID, "negotiate structured replies before metadata contexts");
             return Step::Continue;
         }
         let req = match hs::parse_meta_context_request(data) {
@@ -377,19 +281,10 @@ impl<'a> Negotiator<'a> {
                 q == BASE_ALLOCATION || q == "base:"
             }
         };
-        let selected = if req.queries.is_empty() {
-            !setting
-        } else {
-            req.queries.iter().any(|q| matches(q))
-        };
+        let selected = if req.queries.is_empty() { !setting } else { req.queries.iter().any(|q| matches(q)) };
         if selected {
             let id = if setting { ALLOCATION_CONTEXT_ID } else { 0 };
-            encode_option_reply(
-                out,
-                option,
-                rep::META_CONTEXT,
-                &hs::meta_context_reply(id, BASE_ALLOCATION),
-            );
+            encode_option_reply(out, option, rep::META_CONTEXT, &hs::meta_context_reply(id, BASE_ALLOCATION));
             if setting {
                 self.meta = Some(export.name.clone());
             }
@@ -404,34 +299,25 @@ mod tests {
     use super::*;
     use crate::backend::MemoryBackend;
     use crate::proto::consts::transmission_flags as tf;
-    use crate::proto::handshake::{
-        parse_info_item, InfoItem, OptionReplyHeader, OPTION_REPLY_HEADER_LEN,
-    };
+    use crate::proto::handshake::{parse_info_item, InfoItem, OptionReplyHeader, OPTION_REPLY_HEADER_LEN};
     use crate::server::export::ExportConfig;
     use tokio_util::sync::CancellationToken;
 
-    const SIZES: BlockSizes = BlockSizes {
-        minimum: 1,
-        preferred: 4096,
-        maximum: 1 << 25,
-    };
+    const SIZES: BlockSizes = BlockSizes { minimum: 1, preferred: 4096, maximum: 1 << 25 };
 
     fn registry(limit: usize) -> Registry {
         let r = Registry::default();
         let cfg = ExportConfig::new("disk0", Arc::new(MemoryBackend::new(1 << 20)))
             .max_connections(limit)
             .description("test disk");
-        assert!(r
-            .insert(Arc::new(Export::new(cfg, CancellationToken::new())))
-            .is_ok());
+        assert!(r.insert(Arc::new(Export::new(cfg, CancellationToken::new()))).is_ok());
         r
     }
 
     fn replies(mut bytes: &[u8]) -> Vec<(OptionReplyHeader, Vec<u8>)> {
         let mut out = Vec::new();
         while !bytes.is_empty() {
-            let head: [u8; OPTION_REPLY_HEADER_LEN] =
-                bytes[..OPTION_REPLY_HEADER_LEN].try_into().unwrap();
+            let head: [u8; OPTION_REPLY_HEADER_LEN] = bytes[..OPTION_REPLY_HEADER_LEN].try_into().unwrap();
             let h = OptionReplyHeader::parse(&head).unwrap();
             let end = OPTION_REPLY_HEADER_LEN + h.length as usize;
             out.push((h, bytes[OPTION_REPLY_HEADER_LEN..end].to_vec()));
@@ -446,18 +332,9 @@ mod tests {
         let scope = Scope::All;
         let mut n = Negotiator::new(&reg, &scope, SIZES, 3);
         let mut out = Vec::new();
-        assert!(matches!(
-            n.handle(opt::STRUCTURED_REPLY, &[], &mut out),
-            Step::Continue
-        ));
-        let step = n.handle(
-            opt::GO,
-            &hs::encode_info_request("disk0", &[info::BLOCK_SIZE]),
-            &mut out,
-        );
-        let Step::Enter(session) = step else {
-            panic!("GO did not enter transmission")
-        };
+        assert!(matches!(n.handle(opt::STRUCTURED_REPLY, &[], &mut out), Step::Continue));
+        let step = n.handle(opt::GO, &hs::encode_info_request("disk0", &[info::BLOCK_SIZE]), &mut out);
+        let Step::Enter(session) = step else { panic!("GO did not enter transmission") };
         assert!(session.structured);
         assert_eq!(session.allocation_context, None);
         let items: Vec<InfoItem> = replies(&out)
@@ -465,15 +342,8 @@ mod tests {
             .filter(|(h, _)| h.reply == rep::INFO)
             .map(|(_, d)| parse_info_item(d).unwrap())
             .collect();
-        assert!(items.contains(&InfoItem::Export {
-            size: 1 << 20,
-            flags: session.flags
-        }));
-        assert!(items.contains(&InfoItem::BlockSize {
-            minimum: 1,
-            preferred: 4096,
-            maximum: 1 << 25
-        }));
+        assert!(items.contains(&InfoItem::Export { size: 1 << 20, flags: session.flags }));
+        assert!(items.contains(&InfoItem::BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 }));
         assert!(session.flags & tf::CAN_MULTI_CONN != 0);
         assert!(session.flags & tf::SEND_DF != 0);
     }
@@ -484,23 +354,15 @@ mod tests {
         let scope = Scope::All;
         let data = hs::encode_info_request("disk0", &[]);
         let mut first = Negotiator::new(&reg, &scope, SIZES, 1);
-        let Step::Enter(_held) = first.handle(opt::GO, &data, &mut Vec::new()) else {
-            panic!()
-        };
+        let Step::Enter(_held) = first.handle(opt::GO, &data, &mut Vec::new()) else { panic!() };
         let mut second = Negotiator::new(&reg, &scope, SIZES, 1);
         let mut out = Vec::new();
-        assert!(matches!(
-            second.handle(opt::GO, &data, &mut out),
-            Step::Continue
-        ));
+        assert!(matches!(second.handle(opt::GO, &data, &mut out), Step::Continue));
         let r = replies(&out);
         assert_eq!(r[0].0.reply, rep::ERR_POLICY);
         assert!(String::from_utf8_lossy(&r[0].1).contains("limit of 1"));
         drop(_held);
-        assert!(matches!(
-            second.handle(opt::GO, &data, &mut Vec::new()),
-            Step::Enter(_)
-        ));
+        assert!(matches!(second.handle(opt::GO, &data, &mut Vec::new()), Step::Enter(_)));
     }
 
     #[test]
@@ -509,15 +371,9 @@ mod tests {
         let scope = Scope::All;
         let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
         let mut out = Vec::new();
-        assert!(matches!(
-            n.handle(opt::GO, &hs::encode_info_request("nope", &[]), &mut out),
-            Step::Continue
-        ));
+        assert!(matches!(n.handle(opt::GO, &hs::encode_info_request("nope", &[]), &mut out), Step::Continue));
         assert!(matches!(n.handle(99, b"junk", &mut out), Step::Continue));
-        assert!(matches!(
-            n.handle(opt::STARTTLS, &[], &mut out),
-            Step::Continue
-        ));
+        assert!(matches!(n.handle(opt::STARTTLS, &[], &mut out), Step::Continue));
         let r = replies(&out);
         assert_eq!(r[0].0.reply, rep::ERR_UNKNOWN);
         assert!(String::from_utf8_lossy(&r[0].1).contains("'disk0'"));
@@ -531,16 +387,8 @@ mod tests {
         let scope = Scope::All;
         let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
         let mut out = Vec::new();
-        n.handle(
-            opt::SET_META_CONTEXT,
-            &hs::encode_meta_context_request("disk0", &[BASE_ALLOCATION]),
-            &mut out,
-        );
-        assert_eq!(
-            replies(&out)[0].0.reply,
-            rep::ERR_INVALID,
-            "needs structured replies first"
-        );
+        n.handle(opt::SET_META_CONTEXT, &hs::encode_meta_context_request("disk0", &[BASE_ALLOCATION]), &mut out);
+        assert_eq!(replies(&out)[0].0.reply, rep::ERR_INVALID, "needs structured replies first");
         n.handle(opt::EXTENDED_HEADERS, &[], &mut out);
         out.clear();
         n.handle(
@@ -551,11 +399,7 @@ mod tests {
         let r = replies(&out);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].0.reply, rep::META_CONTEXT);
-        let Step::Enter(s) = n.handle(
-            opt::GO,
-            &hs::encode_info_request("disk0", &[]),
-            &mut Vec::new(),
-        ) else {
+        let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
             panic!()
         };
         assert_eq!(s.allocation_context, Some(ALLOCATION_CONTEXT_ID));
@@ -567,19 +411,12 @@ mod tests {
         let reg = registry(4);
         let scope = Scope::Only("disk0".into());
         let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
-        assert!(matches!(
-            n.handle(opt::GO, &hs::encode_info_request("", &[]), &mut Vec::new()),
-            Step::Enter(_)
-        ));
+        assert!(matches!(n.handle(opt::GO, &hs::encode_info_request("", &[]), &mut Vec::new()), Step::Enter(_)));
         let other = Scope::Only("disk1".into());
         let mut n = Negotiator::new(&reg, &other, SIZES, 1);
         let mut out = Vec::new();
         n.handle(opt::LIST, &[], &mut out);
-        assert_eq!(
-            replies(&out).len(),
-            1,
-            "only the ACK: disk0 is not visible here"
-        );
+        assert_eq!(replies(&out).len(), 1, "only the ACK: disk0 is not visible here");
     }
 
     #[test]
@@ -587,15 +424,9 @@ mod tests {
         let reg = registry(1);
         let scope = Scope::All;
         let mut n = Negotiator::new(&reg, &scope, SIZES, 3);
-        assert!(matches!(
-            n.handle(opt::EXPORT_NAME, b"missing", &mut Vec::new()),
-            Step::Disconnect(_)
-        ));
+        assert!(matches!(n.handle(opt::EXPORT_NAME, b"missing", &mut Vec::new()), Step::Disconnect(_)));
         let mut out = Vec::new();
-        assert!(matches!(
-            n.handle(opt::EXPORT_NAME, b"disk0", &mut out),
-            Step::Enter(_)
-        ));
+        assert!(matches!(n.handle(opt::EXPORT_NAME, b"disk0", &mut out), Step::Enter(_)));
         assert_eq!(out.len(), 10, "NO_ZEROES was negotiated");
     }
 

@@ -1,0 +1,152 @@
+//! The async client against our own server (in-process) and against qemu-nbd and nbdkit.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use nbd_server::proto::consts::{STATE_HOLE, STATE_ZERO};
+use nbd_server::{Client, ClientError, ClientOptions, ExportConfig, MemoryBackend, Server, ServerConfig};
+
+async fn in_process(limit: usize, size: u64) -> (Server, u16) {
+    let server = Server::new(ServerConfig::default());
+    server.add_export(ExportConfig::new("mem", Arc::new(MemoryBackend::new(size))).max_connections(limit)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    (server, port)
+}
+
+/// The same checks against any server: pipelined writes, reads, zeroes, trim, block status.
+async fn exercise(client: &Client, check_holes: bool) {
+    let size = client.info().size;
+    assert!(size >= 8 << 20);
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(65536, i + 1);
+            c.write(i * 65536, &data, i % 8 == 0).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    client.flush().await.unwrap();
+    let mut reads = Vec::new();
+    for i in 0..32u64 {
+        let c = client.clone();
+        reads.push(tokio::spawn(async move { (i, c.read(i * 65536, 65536).await.unwrap()) }));
+    }
+    for r in reads {
+        let (i, got) = r.await.unwrap();
+        assert_eq!(got, pattern(65536, i + 1), "block {i}");
+    }
+    client.write_zeroes(65536, 65536, false).await.unwrap();
+    assert_eq!(client.read(65536, 65536).await.unwrap(), vec![0u8; 65536]);
+    client.trim(4 << 20, 1 << 20).await.unwrap();
+    if check_holes && client.can_block_status() {
+        let extents = client.block_status(0, 8 << 20).await.unwrap();
+        let covered: u64 = extents.iter().map(|e| e.length).sum();
+        assert!(covered > 0);
+        assert_eq!(extents[0].flags & STATE_HOLE, 0, "first block has data: {extents:?}");
+        let mut pos = 0;
+        let mut tail_is_hole = false;
+        for e in &extents {
+            if pos <= 6 << 20 && pos + e.length > 6 << 20 {
+                tail_is_hole = e.flags & STATE_ZERO != 0;
+            }
+            pos += e.length;
+        }
+        assert!(tail_is_hole, "the unwritten tail reads as zero: {extents:?}");
+    }
+    // A read spanning written data and a hole reassembles correctly.
+    let span = client.read(31 * 65536, 2 * 65536).await.unwrap();
+    assert_eq!(&span[..65536], &pattern(65536, 32)[..]);
+    assert_eq!(&span[65536..], &vec![0u8; 65536][..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_server_agree_with_extended_and_compact_headers() {
+    let (_server, port) = in_process(4, 16 << 20).await;
+    let c = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    assert!(c.extended_headers());
+    exercise(&c, true).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (r, w) = stream.into_split();
+    let opts = ClientOptions { extended_headers: false, ..ClientOptions::new("mem") };
+    let compact = Client::handshake(r, w, &opts).await.unwrap();
+    assert!(!compact.extended_headers() && compact.structured_replies());
+    exercise(&compact, true).await;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (r, w) = stream.into_split();
+    let opts = ClientOptions { structured_replies: false, extended_headers: false, ..ClientOptions::new("mem") };
+    let simple = Client::handshake(r, w, &opts).await.unwrap();
+    assert!(!simple.structured_replies());
+    exercise(&simple, false).await;
+    simple.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_on_one_connection_covers_writes_made_on_another() {
+    let (server, port) = in_process(4, 8 << 20).await;
+    let a = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    let b = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    assert!(a.info().flags & nbd_server::proto::consts::transmission_flags::CAN_MULTI_CONN != 0);
+    a.write(0, &[7u8; 4096], false).await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(b.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    let stats = server.export_stats("mem").unwrap();
+    assert_eq!(stats.connections_active, 2);
+    assert_eq!(stats.writes, 1);
+    assert_eq!(stats.flushes, 1);
+    assert_eq!(stats.bytes_read, 4096);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_is_reported_with_its_reason() {
+    let (_server, port) = in_process(1, 1 << 20).await;
+    let _first = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    let err = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap_err();
+    match err {
+        ClientError::OptionRefused { message, .. } => assert!(message.contains("limit of 1"), "{message}"),
+        other => panic!("unexpected {other}"),
+    }
+    let err = Client::connect_tcp(("127.0.0.1", port), "nope").await.unwrap_err();
+    assert!(err.to_string().contains("no export named 'nope'"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_export_drains_its_clients_and_reports_final_counters() {
+    let (server, port) = in_process(2, 1 << 20).await;
+    let c = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    c.write(0, &[1u8; 512], false).await.unwrap();
+    let stats = server.remove_export("mem").await.unwrap();
+    assert_eq!(stats.writes, 1);
+    assert_eq!(stats.connections_active, 0);
+    assert!(c.read(0, 512).await.is_err(), "the connection is closed");
+    assert!(Client::connect_tcp(("127.0.0.1", port), "mem").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_works_against_qemu_nbd_with_extended_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "q.raw", 16 << 20);
+    let peer = start_qemu_nbd(&file, "q");
+    let c = Client::connect_tcp(("127.0.0.1", peer.port), "q").await.unwrap();
+    assert!(c.extended_headers(), "qemu-nbd 10 speaks extended headers");
+    exercise(&c, true).await;
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_works_against_nbdkit_without_extended_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "k.raw", 16 << 20);
+    let peer = start_nbdkit(&file);
+    let c = Client::connect_tcp(("127.0.0.1", peer.port), "").await.unwrap();
+    assert!(c.structured_replies());
+    exercise(&c, true).await;
+    c.disconnect().await.unwrap();
+}

@@ -1,0 +1,181 @@
+//! Helpers shared by the integration tests: real peers started on 127.0.0.1, never mocks.
+//!
+//! A test that needs an interop tool calls [`require`], which fails the test (it does not skip)
+//! when the tool is missing: the README's test command installs them.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fail loudly if `tool` is not on PATH.
+pub fn require(tool: &str) -> PathBuf {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(tool)).find(|p| p.is_file()));
+    match found {
+        Some(p) => p,
+        None => panic!("{tool} is required for this test but is not installed; run the README's test command (scripts/test.sh), which installs it"),
+    }
+}
+
+/// Debian's python3, where python3-libnbd's module lives.
+pub fn debian_python() -> &'static str {
+    let p = "/usr/bin/python3";
+    assert!(Path::new(p).exists(), "/usr/bin/python3 (Debian's, for python3-libnbd) is required");
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Wait until something accepts on `port`.
+pub fn wait_for_port(port: u16, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("server exited before listening: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("nothing listens on port {port} after 10 s");
+}
+
+/// A server process, killed on drop.
+pub struct Peer {
+    pub child: Child,
+    pub port: u16,
+    pub name: String,
+}
+
+impl Peer {
+    pub fn url(&self) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.port, self.name)
+    }
+
+    /// Send SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let status = self.child.wait().expect("wait");
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sendense_nbd() -> &'static str {
+    env!("CARGO_BIN_EXE_sendense-nbd")
+}
+
+/// Start `sendense-nbd -f raw -x NAME -p PORT -t [extra] FILE`.
+pub fn start_sendense(file: &Path, name: &str, extra: &[&str]) -> Peer {
+    let port = free_port();
+    let mut child = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", name, "-p", &port.to_string(), "-t"])
+        .args(extra)
+        .arg(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn sendense-nbd");
+    wait_for_port(port, &mut child);
+    Peer { child, port, name: name.to_string() }
+}
+
+/// Start `qemu-nbd -f raw -x NAME -p PORT -b 127.0.0.1 --shared=4 -t FILE`.
+pub fn start_qemu_nbd(file: &Path, name: &str) -> Peer {
+    require("qemu-nbd");
+    let port = free_port();
+    let mut child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-x", name, "-p", &port.to_string(), "-b", "127.0.0.1", "--shared=4", "-t"])
+        .arg(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-nbd");
+    wait_for_port(port, &mut child);
+    Peer { child, port, name: name.to_string() }
+}
+
+/// Start `nbdkit file FILE` on a free port.
+pub fn start_nbdkit(file: &Path) -> Peer {
+    require("nbdkit");
+    let port = free_port();
+    let mut child = Command::new("nbdkit")
+        .args(["-f", "-i", "127.0.0.1", "-p", &port.to_string(), "file"])
+        .arg(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn nbdkit");
+    wait_for_port(port, &mut child);
+    Peer { child, port, name: String::new() }
+}
+
+/// Run a command, fail the test with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), with some all-zero stretches so that sparse
+/// paths get exercised.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    // Zero every fourth MiB so images have holes to find.
+    for (i, chunk) in out.chunks_mut(1 << 20).enumerate() {
+        if i % 4 == 3 {
+            chunk.fill(0);
+        }
+    }
+    out
+}
+
+/// Write `data` into a new file `name` in `dir`.
+pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).expect("write file");
+    p
+}
+
+/// A sparse file of `size` bytes.
+pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).expect("create");
+    f.set_len(size).expect("set_len");
+    p
+}
+
+/// Assert two files have identical content.
+pub fn assert_same_content(a: &Path, b: &Path) {
+    let x = std::fs::read(a).expect("read a");
+    let y = std::fs::read(b).expect("read b");
+    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
+    if let Some(pos) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{} and {} differ at byte {pos:#x}", a.display(), b.display());
+    }
+}

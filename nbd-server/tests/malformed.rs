@@ -1,0 +1,263 @@
+//! Hostile and broken clients: each gets the spec's answer or a clean close, the server stays
+//! up, and other clients are not disturbed.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd_server::proto::consts::{cmd, errno, opt, rep, IHAVEOPT, REQUEST_MAGIC};
+use nbd_server::proto::handshake::{encode_info_request, OptionReplyHeader, GREETING_LEN};
+use nbd_server::proto::transmission::{decode_reply_header, ReplyHeader};
+use nbd_server::{Backend, Client, ExportConfig, MemoryBackend, Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SIZE: u64 = 1 << 20;
+
+async fn start(config: ServerConfig, limit: usize) -> (Server, u16, Arc<MemoryBackend>) {
+    let server = Server::new(config);
+    let backend = Arc::new(MemoryBackend::new(SIZE));
+    server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>).max_connections(limit)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    (server, port, backend)
+}
+
+async fn greeted(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    s.read_exact(&mut g).await.unwrap();
+    s
+}
+
+async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
+    let mut out = Vec::new();
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    s.write_all(&out).await.unwrap();
+}
+
+async fn option_reply(s: &mut TcpStream) -> (OptionReplyHeader, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).await.unwrap();
+    let h = OptionReplyHeader::parse(&h).unwrap();
+    let mut d = vec![0u8; h.length as usize];
+    s.read_exact(&mut d).await.unwrap();
+    (h, d)
+}
+
+/// Handshake with GO, simple replies; leaves the socket in transmission.
+async fn transmitting(port: u16) -> TcpStream {
+    let mut s = greeted(port).await;
+    s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    send_option(&mut s, opt::GO, &encode_info_request("e", &[])).await;
+    loop {
+        let (h, _) = option_reply(&mut s).await;
+        if h.reply == rep::ACK {
+            return s;
+        }
+        assert_eq!(h.reply, rep::INFO);
+    }
+}
+
+fn request(command: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&command.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+    out
+}
+
+async fn simple_reply(s: &mut TcpStream) -> (u64, u32) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).await.unwrap();
+    match decode_reply_header(&h).unwrap().unwrap().0 {
+        ReplyHeader::Simple { cookie, error } => (cookie, error),
+        other => panic!("expected a simple reply, got {other:?}"),
+    }
+}
+
+/// The server closed the connection (EOF or reset) within a few seconds.
+async fn closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "server did not close the connection");
+}
+
+async fn still_serves(port: u16) {
+    let c = Client::connect_tcp(("127.0.0.1", port), "e").await.unwrap();
+    c.write(0, b"alive", false).await.unwrap();
+    assert_eq!(c.read(0, 5).await.unwrap(), b"alive");
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_instead_of_client_flags_or_options_closes_only_that_connection() {
+    let (_server, port, _) = start(ServerConfig::default(), 4).await;
+    let mut a = greeted(port).await;
+    a.write_all(&0xffff_ffffu32.to_be_bytes()).await.unwrap();
+    closed(&mut a).await;
+    let mut b = greeted(port).await;
+    b.write_all(&3u32.to_be_bytes()).await.unwrap();
+    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    closed(&mut b).await;
+    still_serves(port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_options_starttls_and_bad_option_data_get_errors_and_haggling_goes_on() {
+    let (_server, port, _) = start(ServerConfig::default(), 4).await;
+    let mut s = greeted(port).await;
+    s.write_all(&1u32.to_be_bytes()).await.unwrap();
+    send_option(&mut s, 999, b"whatever").await;
+    assert_eq!(option_reply(&mut s).await.0.reply, rep::ERR_UNSUP);
+    send_option(&mut s, opt::STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut s).await.0.reply, rep::ERR_POLICY);
+    send_option(&mut s, opt::GO, &[0, 0, 0, 200, b'x']).await;
+    let (h, msg) = option_reply(&mut s).await;
+    assert_eq!(h.reply, rep::ERR_INVALID);
+    assert!(String::from_utf8_lossy(&msg).contains("exceeds"), "{}", String::from_utf8_lossy(&msg));
+    send_option(&mut s, opt::LIST, &[]).await;
+    let (h, d) = option_reply(&mut s).await;
+    assert_eq!(h.reply, rep::SERVER);
+    assert_eq!(&d[4..5], b"e");
+    assert_eq!(option_reply(&mut s).await.0.reply, rep::ACK);
+    send_option(&mut s, opt::ABORT, &[]).await;
+    assert_eq!(option_reply(&mut s).await.0.reply, rep::ACK);
+    closed(&mut s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_option_claiming_a_gigabyte_closes_without_reading_it() {
+    let (_server, port, _) = start(ServerConfig::default(), 4).await;
+    let mut s = greeted(port).await;
+    s.write_all(&1u32.to_be_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&opt::GO.to_be_bytes());
+    out.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    s.write_all(&out).await.unwrap();
+    closed(&mut s).await;
+    still_serves(port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_commands_and_out_of_range_requests_get_errors_and_the_connection_goes_on() {
+    let (server, port, _) = start(ServerConfig::default(), 4).await;
+    let mut s = transmitting(port).await;
+    s.write_all(&request(99, 1, 0, 0)).await.unwrap();
+    assert_eq!(simple_reply(&mut s).await, (1, errno::EINVAL));
+    s.write_all(&request(cmd::READ, 2, SIZE, 512)).await.unwrap();
+    assert_eq!(simple_reply(&mut s).await, (2, errno::EINVAL));
+    let mut w = request(cmd::WRITE, 3, SIZE - 100, 512);
+    w.extend_from_slice(&[0xaa; 512]);
+    s.write_all(&w).await.unwrap();
+    assert_eq!(simple_reply(&mut s).await, (3, errno::ENOSPC));
+    s.write_all(&request(cmd::BLOCK_STATUS, 4, 0, 512)).await.unwrap();
+    assert_eq!(simple_reply(&mut s).await, (4, errno::EINVAL), "no metadata context was negotiated");
+    // And a good request after all that.
+    let mut w = request(cmd::WRITE, 5, 0, 4);
+    w.extend_from_slice(b"good");
+    s.write_all(&w).await.unwrap();
+    assert_eq!(simple_reply(&mut s).await, (5, 0));
+    s.write_all(&request(cmd::READ, 6, 0, 4)).await.unwrap();
+    assert_eq!(simple_reply(&mut s).await, (6, 0));
+    let mut data = [0u8; 4];
+    s.read_exact(&mut data).await.unwrap();
+    assert_eq!(&data, b"good");
+    assert!(server.export_stats("e").unwrap().errors >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_announcing_a_1_gib_write_is_refused_and_closed_without_reading_the_payload() {
+    let (_server, port, _) = start(ServerConfig::default(), 4).await;
+    let mut s = transmitting(port).await;
+    s.write_all(&request(cmd::WRITE, 7, 0, 1 << 30)).await.unwrap();
+    let (cookie, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut s)).await.unwrap();
+    assert_eq!((cookie, error), (7, errno::EINVAL));
+    closed(&mut s).await;
+    still_serves(port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_magic_closes_the_connection() {
+    let (server, port, _) = start(ServerConfig::default(), 1).await;
+    let mut s = transmitting(port).await;
+    s.write_all(&[0x55u8; 28]).await.unwrap();
+    closed(&mut s).await;
+    // The place is released: the single-connection export takes a new client.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(server.export_stats("e").unwrap().connections_active, 0);
+    still_serves(port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_with_requests_in_flight_leaves_the_server_healthy() {
+    let (server, port, _) = start(ServerConfig::default(), 1).await;
+    let mut s = transmitting(port).await;
+    let mut burst = Vec::new();
+    for i in 0..64u64 {
+        burst.extend_from_slice(&request(cmd::WRITE, i, (i % 16) * 65536, 65536));
+        burst.extend_from_slice(&vec![i as u8; 65536]);
+    }
+    s.write_all(&burst).await.unwrap();
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.export_stats("e").unwrap().connections_active != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "connection not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    still_serves(port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_at_the_handshake_deadline() {
+    let config = ServerConfig { handshake_timeout: Duration::from_millis(300), ..ServerConfig::default() };
+    let (_server, port, _) = start(config, 1).await;
+    let mut s = greeted(port).await;
+    let started = std::time::Instant::now();
+    closed(&mut s).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    still_serves(port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_completes_in_flight_writes_before_closing() {
+    let (server, port, backend) = start(ServerConfig::default(), 1).await;
+    let c = Client::connect_tcp(("127.0.0.1", port), "e").await.unwrap();
+    let mut writes = Vec::new();
+    for i in 0..16u64 {
+        let c = c.clone();
+        writes.push(tokio::spawn(async move { (i, c.write(i * 65536, &vec![i as u8 + 1; 65536], false).await) }));
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    server.shutdown().await.unwrap();
+    let mut acknowledged = 0;
+    for w in writes {
+        let (i, result) = w.await.unwrap();
+        if result.is_ok() {
+            acknowledged += 1;
+            let mut back = vec![0u8; 65536];
+            backend.read(i * 65536, &mut back).await.unwrap();
+            assert!(back.iter().all(|&b| b == i as u8 + 1), "acknowledged write {i} is in the backend");
+        }
+    }
+    assert!(acknowledged > 0);
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "listener closed after shutdown");
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run every test of the workspace, after installing the real peers the tests talk to.
+#
+# The interop tests start qemu-img/qemu-io/qemu-nbd, nbdinfo/nbdcopy/nbdsh (libnbd), Debian's
+# python3-libnbd and nbdkit themselves on 127.0.0.1; they fail (never skip) when a tool is
+# missing, so this script installs them first (Debian packages, one `apt-get update`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+declare -A tool_package=(
+  [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
+  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
+  [nbdkit]=nbdkit
+)
+missing=()
+for tool in "${!tool_package[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${tool_package[$tool]}")
+done
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
+
+if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "installing test dependencies: ${missing[*]}"
+  SUDO=""
+  [[ $(id -u) == 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+for tool in "${!tool_package[@]}"; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is still missing" >&2; exit 1; }
+done
+/usr/bin/python3 -c 'import nbd' || { echo "error: python3-libnbd is still missing" >&2; exit 1; }
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
