@@ -8,6 +8,12 @@
 //! permits travel with the reply and are released only once the writer has put it on the wire.
 //! The writer is the only task that touches the write half, so replies never interleave.
 //!
+//! Exception: a plain WRITE is applied by the reader before it reads the next header. Profiling
+//! a 4-connection sequential copy showed that handing the payload to another task let it go
+//! cold (the copy into the page cache cost six times the copy out of the socket, against equal
+//! costs in nbdkit) and made two workers spin on the file's inode lock; applying it at once
+//! halved server CPU per GB. Pipelining across connections is unaffected.
+//!
 //! Ending: NBD_CMD_DISC, EOF, a protocol violation, the export being removed or the server
 //! shutting down all stop the reader; in-flight requests still complete and their replies are
 //! still sent (the spec's "handle all outstanding requests"), then the socket closes.
@@ -22,6 +28,7 @@ use crate::proto::consts::{errno, handshake_flags};
 use crate::proto::handshake::{encode_greeting, OptionHeader, OPTION_HEADER_LEN};
 use crate::proto::transmission::{decode_request, Command};
 
+use super::buffers::BufferPool;
 use super::dispatch::{error_reply, execute, payload_len, validate, Limits, Reply, Segment};
 use super::export::bump;
 use super::negotiate::{Negotiator, Session, Step};
@@ -29,6 +36,8 @@ use super::{Scope, Shared};
 
 /// Longest option data we read; longer options end the connection.
 const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Payload buffers a connection keeps for reuse.
+const POOL_BYTES: usize = 16 * 1024 * 1024;
 /// Unit of the per-connection byte budget.
 const BUDGET_UNIT: u64 = 4096;
 
@@ -50,7 +59,8 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    // Small enough that bulk payload reads bypass it (one copy), large enough for headers.
+    let mut reader = BufReader::with_capacity(32 * 1024, reader);
     let timeout = shared.config.handshake_timeout;
     let negotiated = tokio::select! {
         r = tokio::time::timeout(timeout, negotiate(&mut reader, &mut writer, &scope, &shared)) => {
@@ -142,7 +152,9 @@ where
     };
     let (tx, rx) = mpsc::channel::<Outgoing>(config.max_in_flight + 1);
     let writer_gone = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(writer, rx, writer_gone.clone(), shared.hard_stop.clone()));
+    let pool = Arc::new(BufferPool::new(POOL_BYTES));
+    let writer_task =
+        tokio::spawn(write_loop(writer, rx, writer_gone.clone(), shared.hard_stop.clone(), Arc::clone(&pool)));
     let requests = Arc::new(Semaphore::new(config.max_in_flight));
     let budget_units = (config.max_buffered_bytes as u64 / BUDGET_UNIT).max(1);
     let bytes = Arc::new(Semaphore::new(budget_units as usize));
@@ -202,9 +214,8 @@ where
         } else {
             None
         };
-        let mut payload = Vec::new();
+        let mut payload = pool.take(need as usize);
         if plen > 0 {
-            payload = vec![0u8; plen as usize];
             let read = tokio::select! {
                 r = reader.read_exact(&mut payload) => r,
                 _ = stop.cancelled() => break,
@@ -218,7 +229,16 @@ where
         if let Err(refusal) = validate(&req, &limits) {
             bump(&export.counters.errors, 1);
             tracing::debug!(export = %export.name, command = ?req.command, message = %refusal.message, "request refused");
-            let reply = error_reply(&req, &limits, refusal.error, &refusal.message);
+            let mut reply = error_reply(&req, &limits, refusal.error, &refusal.message);
+            reply.data = payload;
+            if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if runs_on_reader(&req) {
+            // Apply the payload now, while it is still in this core's cache (see module doc).
+            let reply = execute(&export, req, payload, &limits).await;
             if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
                 break;
             }
@@ -236,11 +256,20 @@ where
     let _ = writer_task.await;
 }
 
+/// Plain writes are applied by the reader itself: the payload was just copied from the socket
+/// and is hot in this core's cache, and one writer per connection keeps connections from
+/// spinning on each other's file locks. Everything that may wait on the device (FUA, FLUSH,
+/// TRIM, zeroing) or produces a reply payload (READ) runs in its own task.
+fn runs_on_reader(req: &crate::proto::transmission::Request) -> bool {
+    req.command == Command::Write && req.flags & crate::proto::consts::cmd_flags::FUA == 0
+}
+
 async fn write_loop<W>(
     writer: W,
     mut rx: mpsc::Receiver<Outgoing>,
     gone: CancellationToken,
     hard_stop: CancellationToken,
+    pool: Arc<BufferPool>,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -258,7 +287,8 @@ async fn write_loop<W>(
                     _ = hard_stop.cancelled() => return Err(std::io::ErrorKind::TimedOut.into()),
                 }
             }
-            drop(out);
+            let Outgoing { reply, .. } = out;
+            pool.put(reply.data);
             if rx.is_empty() {
                 tokio::select! {
                     r = w.flush() => r?,

@@ -194,15 +194,18 @@ fn nbd_error(e: &BackendError, fast_zero: bool) -> u32 {
     }
 }
 
-/// Run an accepted request. `payload` is the write data (empty otherwise).
-pub(crate) async fn execute(export: &Arc<Export>, req: Request, payload: Vec<u8>, l: &Limits) -> Reply {
+/// Run an accepted request. `buffer` holds the write payload for WRITE and is the read buffer
+/// (already `length` bytes, contents unspecified) for READ; it travels back in the reply so the
+/// connection can reuse it.
+pub(crate) async fn execute(export: &Arc<Export>, req: Request, buffer: Vec<u8>, l: &Limits) -> Reply {
+    let payload = buffer;
     let backend = &export.backend;
     let c = &export.counters;
     let fua = req.flags & cmd_flags::FUA != 0;
     let result = match req.command {
         Command::Read => {
             bump(&c.reads, 1);
-            return read(export, &req, l).await;
+            return read(export, &req, l, payload).await;
         }
         Command::Write => {
             bump(&c.writes, 1);
@@ -236,7 +239,7 @@ pub(crate) async fn execute(export: &Arc<Export>, req: Request, payload: Vec<u8>
         }
         Command::Disconnect | Command::Unknown(_) => Ok(()),
     };
-    match result {
+    let mut reply = match result {
         Ok(()) => ok_reply(&req, l),
         Err(e) => {
             bump(&c.errors, 1);
@@ -246,15 +249,17 @@ pub(crate) async fn execute(export: &Arc<Export>, req: Request, payload: Vec<u8>
             }
             error_reply(&req, l, nbd_error(&e, fast), &e.message)
         }
-    }
+    };
+    reply.data = payload;
+    reply
 }
 
 /// Smallest hole worth its own chunk; smaller ones are sent as data.
 const MIN_HOLE_CHUNK: u64 = 4096;
 
-async fn read(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply {
+async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Vec<u8>) -> Reply {
     let len = req.length as usize;
-    let mut data = vec![0u8; len];
+    data.resize(len, 0);
     // Which parts to actually read: all of it, unless block status shows zero ranges.
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new(); // (relative offset, length, is_hole)
     let sparse = l.structured
