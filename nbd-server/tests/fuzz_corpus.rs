@@ -1,10 +1,16 @@
-//! Replays the seed corpus of every fuzz target (`fuzz/corpus/*`) through the same entry points
-//! the fuzzers call, so `cargo test` catches a regression on any input a fuzzer ever kept.
+//! Replays the fuzz inputs through the same entry points the fuzzers call: the hand-made seeds
+//! of `fuzz/seeds/*` (with assertions on how far each gets) and the minimised corpus the fuzzers
+//! grew in `fuzz/corpus/*` (which must simply never panic), so `cargo test` catches a regression
+//! on any input a fuzzer ever kept.
 
 use std::path::PathBuf;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    inputs("seeds", target)
+}
+
+fn inputs(kind: &str, target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join(target);
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -46,6 +52,22 @@ fn reply_seeds_replay() {
     for (name, data) in corpus("nbd_replies") {
         assert!(nbd_server::fuzzing::reply_stream(&data) > 0, "seed {name} decoded nothing");
     }
+}
+
+#[test]
+fn the_fuzzer_grown_corpus_replays_without_panics() {
+    let mut total = 0;
+    for target in ["nbd_handshake", "nbd_requests", "nbd_replies"] {
+        for (_, data) in inputs("corpus", target) {
+            match target {
+                "nbd_handshake" => drop(nbd_server::fuzzing::session(&data)),
+                "nbd_requests" => drop(nbd_server::fuzzing::request_stream(&data)),
+                _ => drop(nbd_server::fuzzing::reply_stream(&data)),
+            }
+            total += 1;
+        }
+    }
+    assert!(total > 100, "the committed corpus has only {total} inputs");
 }
 
 #[test]

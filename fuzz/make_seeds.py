@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Write the hand-made seeds in fuzz/seeds/<target>/: well-formed sessions that reach each phase.
+
+cargo test asserts on these (they must reach transmission, decode requests...); the fuzzers start
+from them (`cargo fuzz run TARGET corpus/TARGET seeds/TARGET`) and grow fuzz/corpus/.
+"""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IHAVEOPT = 0x49484156454F5054
+
+
+def opt(o, d=b""):
+    return struct.pack(">QII", IHAVEOPT, o, len(d)) + d
+
+
+def info(name, reqs=()):
+    n = name.encode()
+    return struct.pack(">I", len(n)) + n + struct.pack(">H", len(reqs)) + b"".join(struct.pack(">H", r) for r in reqs)
+
+
+def meta(name, qs):
+    n = name.encode()
+    body = b"".join(struct.pack(">I", len(q)) + q.encode() for q in qs)
+    return struct.pack(">I", len(n)) + n + struct.pack(">I", len(qs)) + body
+
+
+def req(t, cookie, off, ln, flags=0):
+    return struct.pack(">IHHQQI", 0x25609513, flags, t, cookie, off, ln)
+
+
+def xreq(t, cookie, off, ln, flags=0):
+    return struct.pack(">IHHQQQ", 0x21E41C71, flags, t, cookie, off, ln)
+
+
+def chunk(f, t, c, p):
+    return struct.pack(">IHHQI", 0x668E33EF, f, t, c, len(p)) + p
+
+
+def xchunk(f, t, c, p):
+    return struct.pack(">IHHQQQ", 0x6E8A278C, f, t, c, 0, len(p)) + p
+
+
+FLAGS = struct.pack(">I", 3)
+SEEDS = {
+    "nbd_handshake": {
+        "go_simple": FLAGS + opt(7, info("fuzz", [3])) + req(0, 1, 0, 4096) + req(1, 2, 0, 4) + b"abcd"
+        + req(3, 3, 0, 0) + req(2, 4, 0, 0),
+        "structured_meta_go": FLAGS + opt(8) + opt(10, meta("fuzz", ["base:allocation"])) + opt(7, info("fuzz"))
+        + req(7, 1, 0, 65536, 8) + req(0, 2, 0, 512, 4),
+        "extended_go": FLAGS + opt(11) + opt(10, meta("fuzz", ["base:allocation"])) + opt(7, info("fuzz", [1, 2, 3]))
+        + xreq(7, 1, 0, 1 << 40) + xreq(6, 2, 0, 4096, 0x12) + xreq(4, 3, 0, 4096),
+        "export_name": FLAGS + opt(1, b"fuzz") + req(0, 1, 0, 16),
+        "list_info_abort": FLAGS + opt(3) + opt(6, info("fuzz")) + opt(9, meta("fuzz", [])) + opt(5)
+        + opt(999, b"x") + opt(2),
+        "bad_lengths": FLAGS + opt(7, b"\xff\xff\xff\xff") + opt(10, b"\0\0\0\0\xff\xff\xff\xff")
+        + opt(7, info("fuzz")) + req(0, 1, 0, 512),
+        "oversized_write": FLAGS + opt(7, info("fuzz")) + req(1, 1, 0, 1 << 30),
+    },
+    "nbd_requests": {
+        "compact_mix": b"\x02" + req(0, 1, 0, 4096) + req(1, 2, 4096, 8) + b"12345678" + req(4, 3, 0, 1 << 20)
+        + req(6, 4, 0, 512, 0x12) + req(7, 5, 0, 1 << 20, 8) + req(5, 6, 0, 4096) + req(99, 7, 0, 0),
+        "extended_mix": b"\x03" + xreq(0, 1, 0, 4096) + xreq(1, 2, 0, 4, 0x20) + b"wxyz"
+        + xreq(7, 3, 0, 1 << 40, 0x20) + xreq(6, 4, 0, 1 << 33),
+        "readonly": b"\x04" + req(1, 1, 0, 2) + b"hi" + req(4, 2, 0, 4096),
+        "out_of_range": b"\x02" + req(0, 1, (1 << 64) - 1, 4096) + req(1, 2, (1 << 20) - 1, 2) + b"xx",
+    },
+    "nbd_replies": {
+        "simple": struct.pack(">IIQ", 0x67446698, 0, 1) + struct.pack(">IIQ", 0x67446698, 22, 2),
+        "structured": chunk(0, 1, 1, struct.pack(">Q", 0) + b"data") + chunk(0, 2, 1, struct.pack(">QI", 4, 512))
+        + chunk(1, 5, 2, struct.pack(">III", 1, 4096, 3)) + chunk(1, 0x8001, 3, struct.pack(">IH", 22, 3) + b"bad"),
+        "extended": xchunk(1, 6, 1, struct.pack(">IIQQ", 1, 1, 1 << 40, 0)) + xchunk(1, 0, 2, b""),
+    },
+}
+
+for target, seeds in SEEDS.items():
+    d = os.path.join(HERE, "seeds", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in seeds.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
