@@ -24,6 +24,15 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Two decimals, or three significant digits for ratios far below 1.
+fn ratio_text(r: f64) -> String {
+    if r.abs() < 0.1 {
+        format!("{r:.3e}")
+    } else {
+        format!("{r:.2}")
+    }
+}
+
 impl Report {
     pub fn add(&mut self, section: &str, case: &str, metric: &str, value: f64) {
         eprintln!("  {section:<6} {case:<28} {metric:<16} {value:>10.2}");
@@ -56,7 +65,12 @@ impl Report {
                 let r: Vec<f64> = x.iter().zip(y).map(|(p, q)| p / q).collect();
                 let min = r.iter().copied().fold(f64::INFINITY, f64::min);
                 let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                out += &format!("| {section} | {a} / {b} | {metric} | {:.2} | {min:.2} | {max:.2} |\n", median(&r));
+                out += &format!(
+                    "| {section} | {a} / {b} | {metric} | {} | {} | {} |\n",
+                    ratio_text(median(&r)),
+                    ratio_text(min),
+                    ratio_text(max)
+                );
             }
         }
         for n in &self.notes {

@@ -244,41 +244,7 @@ impl Client {
                 }
             }
         }
-        let wanted = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION];
-        send_option(&mut w, opt::GO, &hs::encode_info_request(&options.export, &wanted)).await?;
-        let mut export =
-            ExportInfo { min_block: 1, preferred_block: 4096, max_payload: 32 << 20, ..Default::default() };
-        let mut got_export = false;
-        loop {
-            let (h, data) = read_option_reply(&mut r, opt::GO).await?;
-            match h.reply {
-                rep::INFO => match hs::parse_info_item(&data)? {
-                    InfoItem::Export { size, flags } => {
-                        export.size = size;
-                        export.flags = flags;
-                        got_export = true;
-                    }
-                    InfoItem::Name(n) => export.name = Some(n),
-                    InfoItem::Description(d) => export.description = Some(d),
-                    InfoItem::BlockSize { minimum, preferred, maximum } => {
-                        export.min_block = minimum;
-                        export.preferred_block = preferred;
-                        export.max_payload = maximum;
-                    }
-                    InfoItem::Unknown(_) => {}
-                },
-                rep::ACK if got_export => break,
-                rep::ACK => return Err(ClientError::Protocol("GO acknowledged without NBD_INFO_EXPORT".into())),
-                e if e & rep::ERR_BIT != 0 => {
-                    return Err(ClientError::OptionRefused {
-                        option: opt::GO,
-                        reply: e,
-                        message: String::from_utf8_lossy(&data).into_owned(),
-                    })
-                }
-                other => return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to GO"))),
-            }
-        }
+        let export = go(&mut r, &mut w, &options.export, flags & client_flags::NO_ZEROES != 0).await?;
         w.flush().await?;
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(w),
@@ -291,7 +257,7 @@ impl Client {
             reader: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
-        let handle = tokio::spawn(async move { reader_loop(r, weak, mode).await });
+        let handle = tokio::spawn(async move { reader_loop(r, weak).await });
         if let Ok(mut slot) = inner.reader.lock() {
             *slot = Some(handle);
         }
@@ -473,6 +439,58 @@ impl Client {
     }
 }
 
+/// NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME for servers that do not know GO.
+async fn go<R: AsyncRead + Unpin>(r: &mut R, w: &mut Writer, name: &str, no_zeroes: bool) -> Result<ExportInfo> {
+    let wanted = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION];
+    send_option(w, opt::GO, &hs::encode_info_request(name, &wanted)).await?;
+    let mut export = ExportInfo { min_block: 1, preferred_block: 4096, max_payload: 32 << 20, ..Default::default() };
+    let mut got_export = false;
+    loop {
+        let (h, data) = read_option_reply(r, opt::GO).await?;
+        match h.reply {
+            rep::INFO => match hs::parse_info_item(&data)? {
+                InfoItem::Export { size, flags } => {
+                    export.size = size;
+                    export.flags = flags;
+                    got_export = true;
+                }
+                InfoItem::Name(n) => export.name = Some(n),
+                InfoItem::Description(d) => export.description = Some(d),
+                InfoItem::BlockSize { minimum, preferred, maximum } => {
+                    export.min_block = minimum;
+                    export.preferred_block = preferred;
+                    export.max_payload = maximum;
+                }
+                InfoItem::Unknown(_) => {}
+            },
+            rep::ACK if got_export => return Ok(export),
+            rep::ACK => return Err(ClientError::Protocol("GO acknowledged without NBD_INFO_EXPORT".into())),
+            rep::ERR_UNSUP => {
+                // An old server: EXPORT_NAME has no error path; it answers with size and flags.
+                let mut out = Vec::new();
+                OptionHeader::encode(&mut out, opt::EXPORT_NAME, name.as_bytes());
+                w.write_all(&out).await?;
+                w.flush().await?;
+                export.size = r.read_u64().await?;
+                export.flags = r.read_u16().await?;
+                if !no_zeroes {
+                    let mut zeroes = [0u8; 124];
+                    r.read_exact(&mut zeroes).await?;
+                }
+                return Ok(export);
+            }
+            e if e & rep::ERR_BIT != 0 => {
+                return Err(ClientError::OptionRefused {
+                    option: opt::GO,
+                    reply: e,
+                    message: String::from_utf8_lossy(&data).into_owned(),
+                })
+            }
+            other => return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to GO"))),
+        }
+    }
+}
+
 async fn send_option(w: &mut Writer, option: u32, data: &[u8]) -> Result<()> {
     let mut out = Vec::with_capacity(16 + data.len());
     OptionHeader::encode(&mut out, option, data);
@@ -516,8 +534,8 @@ fn fail_all(inner: &Inner) {
     }
 }
 
-async fn reader_loop<R: AsyncRead + Unpin>(mut r: BufReader<R>, inner: std::sync::Weak<Inner>, mode: HeaderMode) {
-    let result = read_replies(&mut r, &inner, mode).await;
+async fn reader_loop<R: AsyncRead + Unpin>(mut r: BufReader<R>, inner: std::sync::Weak<Inner>) {
+    let result = read_replies(&mut r, &inner).await;
     if let Err(e) = &result {
         tracing::debug!(error = %e, "client reader stopped");
     }
@@ -526,7 +544,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(mut r: BufReader<R>, inner: std::sync
     }
 }
 
-async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<Inner>, mode: HeaderMode) -> Result<()> {
+async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<Inner>) -> Result<()> {
     let mut head = [0u8; 32];
     loop {
         let Some(first) = head.get_mut(..4) else {
@@ -577,7 +595,7 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
                         "chunk of {length} bytes for a request that allows {limit}"
                     )));
                 }
-                apply_chunk(r, &mut p, kind, length, mode).await?;
+                apply_chunk(r, &mut p, kind, length).await?;
                 if flags & reply_flags::DONE != 0 {
                     let result = match p.error.take() {
                         Some(e) => Err(e),
@@ -592,13 +610,7 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
     }
 }
 
-async fn apply_chunk<R: AsyncRead + Unpin>(
-    r: &mut R,
-    p: &mut Pending,
-    kind: u16,
-    length: u64,
-    mode: HeaderMode,
-) -> Result<()> {
+async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, length: u64) -> Result<()> {
     match (kind, &mut p.expect) {
         (reply_type::NONE, _) if length == 0 => Ok(()),
         (reply_type::OFFSET_DATA, Expect::Read { offset, buf }) if length >= 8 => {
@@ -644,9 +656,6 @@ async fn apply_chunk<R: AsyncRead + Unpin>(
             p.error.get_or_insert(ClientError::Request { error, message });
             Ok(())
         }
-        (k, _) => {
-            let _ = mode;
-            Err(ClientError::Protocol(format!("unexpected chunk type {k} of {length} bytes")))
-        }
+        (k, _) => Err(ClientError::Protocol(format!("unexpected chunk type {k} of {length} bytes"))),
     }
 }

@@ -75,10 +75,10 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
     match req.command {
         Command::Read => {
             if req.length > l.max_payload {
-                return Err(refuse(
-                    errno::EINVAL,
-                    format!("read of {} bytes exceeds the maximum payload {}", req.length, l.max_payload),
-                ));
+                // With structured replies the spec names EOVERFLOW for "too large, retry smaller".
+                let error = if l.structured { errno::EOVERFLOW } else { errno::EINVAL };
+                let msg = format!("read of {} bytes exceeds the maximum payload {}", req.length, l.max_payload);
+                return Err(refuse(error, msg));
             }
             if !in_range {
                 return Err(refuse(errno::EINVAL, past_end()));
@@ -430,7 +430,9 @@ mod tests {
             errno::EINVAL,
             "fast zero not advertised"
         );
-        assert_eq!(err(req(Command::Read, 0, (1 << 25) + 1, 0), &l), errno::EINVAL);
+        assert_eq!(err(req(Command::Read, 0, (1 << 25) + 1, 0), &l), errno::EOVERFLOW);
+        let simple = Limits { structured: false, flags: l.flags & !tf::SEND_DF, ..l };
+        assert_eq!(err(req(Command::Read, 0, (1 << 25) + 1, 0), &simple), errno::EINVAL);
         let ro = Limits { flags: l.flags | tf::READ_ONLY, ..l };
         assert_eq!(err(req(Command::Write, 0, 1, 0), &ro), errno::EPERM);
         assert_eq!(err(req(Command::Trim, 0, 1, 0), &ro), errno::EPERM);
