@@ -1,0 +1,682 @@
+//! An open qcow2 image: metadata lookup under short locks, positional data I/O outside them.
+//!
+//! Reads walk L1 -> L2 (L2 tables come from a bounded cache, so a 4 TiB image does not pin its
+//! whole L2 in memory) to a [`Mapping`], then `pread` the data, decompress a compressed cluster,
+//! fill zeroes, or descend into the backing file. The backing chain is opened eagerly with a
+//! depth limit and loop detection (by device and inode), relative names resolved against the
+//! image's own directory, as qemu does.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::header::{self, Compression, Extension, Header};
+use crate::layout::{self, Geometry, Mapping};
+
+/// Deepest backing chain opened.
+pub const MAX_BACKING_DEPTH: usize = 16;
+/// Default bytes of L2 tables kept in memory per image.
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// Open for writing (backing images are always read-only).
+    pub writable: bool,
+    /// Bytes of L2 tables to cache.
+    pub l2_cache_bytes: u64,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        Self { writable: false, l2_cache_bytes: DEFAULT_L2_CACHE_BYTES }
+    }
+}
+
+/// Format of a backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// Another qcow2 image.
+    Qcow2,
+    /// A raw image.
+    Raw,
+}
+
+impl BackingFormat {
+    /// The name qemu stores in the backing-format extension.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+/// How to create an image.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size; `None` takes the backing file's size.
+    pub size: Option<u64>,
+    /// log2 of the cluster size (default 16: 64 KiB).
+    pub cluster_bits: u32,
+    /// log2 of the refcount width (default 4: 16 bits).
+    pub refcount_order: u32,
+    /// Backing file name exactly as stored (relative names are resolved against the new image's
+    /// directory), and its format.
+    pub backing: Option<(String, BackingFormat)>,
+}
+
+impl CreateOptions {
+    /// qemu-img's defaults for a fresh image of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self { size: Some(size), cluster_bits: 16, refcount_order: 4, backing: None }
+    }
+
+    /// An overlay on `backing` (stored as given), sized like it.
+    pub fn overlay(backing: impl Into<String>, format: BackingFormat) -> Self {
+        Self { size: None, cluster_bits: 16, refcount_order: 4, backing: Some((backing.into(), format)) }
+    }
+}
+
+/// What lies under an image.
+enum Backing {
+    Raw { file: File, size: u64 },
+    Qcow2(Box<Image>),
+}
+
+impl Backing {
+    fn size(&self) -> u64 {
+        match self {
+            Self::Raw { size, .. } => *size,
+            Self::Qcow2(img) => img.size(),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(avail);
+        past.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Self::Raw { file, .. } => read_or_zero(file, inside, offset),
+            Self::Qcow2(img) => img.read_at(inside, offset),
+        }
+    }
+}
+
+/// Read `buf` at `offset`; bytes past the end of the file read as zeroes (as in qemu).
+fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let Some(rest) = buf.get_mut(done..) else { break };
+        match file.read_at(rest, offset + done as u64) {
+            Ok(0) => {
+                rest.fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", offset + done as u64)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// A bounded cache of L2 tables keyed by host offset, evicting the least recently used.
+struct L2Cache {
+    tables: HashMap<u64, (Arc<Vec<u64>>, u64)>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl L2Cache {
+    fn get(&mut self, offset: u64) -> Option<Arc<Vec<u64>>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.tables.get_mut(&offset).map(|(t, used)| {
+            *used = tick;
+            Arc::clone(t)
+        })
+    }
+
+    fn insert(&mut self, offset: u64, table: Arc<Vec<u64>>) {
+        if self.tables.len() >= self.capacity {
+            if let Some(oldest) = self.tables.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) {
+                self.tables.remove(&oldest);
+            }
+        }
+        self.tick += 1;
+        self.tables.insert(offset, (table, self.tick));
+    }
+}
+
+/// What a range of the virtual disk holds, for block status and `qemu-img map`-like views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Data (in this image or a backing layer).
+    Data,
+    /// Reads as zeroes because a layer says so (zero cluster).
+    Zero,
+    /// Allocated nowhere in the chain: reads as zeroes.
+    Unallocated,
+}
+
+/// One run of the allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    /// Start in the virtual disk.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// What it holds.
+    pub kind: ExtentKind,
+    /// Chain depth of the layer that decided (0 = this image).
+    pub depth: u32,
+}
+
+/// An open qcow2 image. `Send + Sync`: share it between threads with an `Arc`.
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    pub(crate) header: Header,
+    pub(crate) geo: Geometry,
+    pub(crate) l1: RwLock<Vec<u64>>,
+    l2_cache: Mutex<L2Cache>,
+    backing: Option<Backing>,
+    writable: bool,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").field("path", &self.path).field("size", &self.geo.size).finish()
+    }
+}
+
+impl Image {
+    /// Open an image (and its backing chain) read-only.
+    ///
+    /// # Errors
+    /// The file cannot be opened, is not a valid qcow2 image, or its chain is broken.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, &ImageOptions::default())
+    }
+
+    /// Open an image with options.
+    ///
+    /// # Errors
+    /// As [`Image::open`], plus [`Error::ReadOnly`] when writing is asked of an image this
+    /// crate will not write (corrupt bit, internal snapshots, unknown autoclear... see docs).
+    pub fn open_with(path: &Path, opts: &ImageOptions) -> Result<Self> {
+        let mut seen = Vec::new();
+        Self::open_in_chain(path, opts, 0, &mut seen)
+    }
+
+    fn open_in_chain(path: &Path, opts: &ImageOptions, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<Self> {
+        if depth > MAX_BACKING_DEPTH {
+            return Err(Error::BackingChainTooDeep { limit: MAX_BACKING_DEPTH, path: path.to_path_buf() });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(opts.writable)
+            .open(path)
+            .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+        let meta = file.metadata().map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+        let id = (meta.dev(), meta.ino());
+        if seen.contains(&id) {
+            return Err(Error::BackingLoop { path: path.to_path_buf() });
+        }
+        seen.push(id);
+        let file_len = meta.len();
+        let mut probe = vec![0u8; Header::PROBE_LEN.min(file_len as usize)];
+        read_or_zero(&file, &mut probe, 0)?;
+        let cluster = Header::probe_cluster_size(&probe)?;
+        let mut first = vec![0u8; cluster.min(file_len as usize)];
+        read_or_zero(&file, &mut first, 0)?;
+        let header = Header::parse(&first)?;
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.extended_l2(),
+            v3: header.version == 3,
+            size: header.size,
+        };
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if header.l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end > file_len) && l1_bytes > 0 {
+            return Err(Error::InvalidHeader {
+                field: "l1_table_offset",
+                value: header.l1_table_offset,
+                reason: "L1 table lies past the end of the file",
+            });
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
+        read_or_zero(&file, &mut raw, header.l1_table_offset)?;
+        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect();
+        for (i, e) in l1.iter().enumerate() {
+            let off = layout::l1_entry_offset(*e, i as u64, header.cluster_bits)?;
+            if off != 0 && off + geo.cluster_size() > file_len {
+                return Err(Error::InvalidEntry {
+                    table: "L1",
+                    index: i as u64,
+                    value: *e,
+                    reason: "L2 table past end of file",
+                });
+            }
+        }
+        let backing = match &header.backing_file {
+            None => None,
+            Some(name) => {
+                let base = resolve_backing(path, name);
+                let format = match header.backing_format().as_deref() {
+                    Some("qcow2") => BackingFormat::Qcow2,
+                    Some("raw") => BackingFormat::Raw,
+                    Some(other) => return Err(Error::Unsupported(format!("backing format '{other}'"))),
+                    None => probe_format(&base)?,
+                };
+                Some(match format {
+                    BackingFormat::Qcow2 => {
+                        let ro = ImageOptions { writable: false, ..opts.clone() };
+                        Backing::Qcow2(Box::new(Self::open_in_chain(&base, &ro, depth + 1, seen)?))
+                    }
+                    BackingFormat::Raw => {
+                        let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
+                        let size = f.metadata().map_err(|source| Error::Open { path: base.clone(), source })?.len();
+                        Backing::Raw { file: f, size }
+                    }
+                })
+            }
+        };
+        let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
+        let image = Self {
+            file,
+            path: path.to_path_buf(),
+            header,
+            geo,
+            l1: RwLock::new(l1),
+            l2_cache: Mutex::new(L2Cache { tables: HashMap::new(), tick: 0, capacity }),
+            backing,
+            writable: opts.writable,
+        };
+        if opts.writable {
+            image.check_writable()?;
+        }
+        Ok(image)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        let h = &self.header;
+        if h.incompatible_features & header::incompatible::CORRUPT != 0 {
+            return Err(Error::ReadOnly("the image is marked corrupt (run qemu-img check -r all)"));
+        }
+        if h.nb_snapshots > 0 {
+            return Err(Error::ReadOnly("images with internal snapshots are opened read-only"));
+        }
+        Err(Error::ReadOnly("writing qcow2 images is not implemented yet"))
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.geo.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Path the image was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn file_len(&self) -> Result<u64> {
+        self.file.metadata().map(|m| m.len()).map_err(Error::io("stat", 0))
+    }
+
+    pub(crate) fn l2_table(&self, offset: u64, l1_index: u64) -> Result<Arc<Vec<u64>>> {
+        if let Some(t) = self.l2_cache.lock().ok().and_then(|mut c| c.get(offset)) {
+            return Ok(t);
+        }
+        let cluster = self.geo.cluster_size();
+        if offset + cluster > self.file_len()? {
+            return Err(Error::InvalidEntry {
+                table: "L1",
+                index: l1_index,
+                value: offset,
+                reason: "L2 table past end of file",
+            });
+        }
+        let mut raw = vec![0u8; cluster as usize];
+        read_or_zero(&self.file, &mut raw, offset)?;
+        let table: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect();
+        let table = Arc::new(table);
+        if let Ok(mut c) = self.l2_cache.lock() {
+            c.insert(offset, Arc::clone(&table));
+        }
+        Ok(table)
+    }
+
+    /// The mapping at guest `offset` and how many bytes it covers from there.
+    ///
+    /// # Errors
+    /// A malformed table entry, or an I/O error loading an L2 table.
+    pub fn mapping_at(&self, offset: u64) -> Result<(Mapping, u64)> {
+        let (l1_index, l2_index, within) = self.geo.split(offset);
+        let l1_entry = self.l1.read().ok().and_then(|l1| l1.get(l1_index as usize).copied()).unwrap_or(0);
+        let l2_offset = layout::l1_entry_offset(l1_entry, l1_index, self.geo.cluster_bits)?;
+        if l2_offset == 0 {
+            let coverage = self.geo.l2_coverage();
+            return Ok((Mapping::Unallocated, coverage - offset % coverage));
+        }
+        let table = self.l2_table(l2_offset, l1_index)?;
+        let (entry, bitmap) = if self.geo.extended_l2 {
+            let i = (l2_index * 2) as usize;
+            (table.get(i).copied().unwrap_or(0), table.get(i + 1).copied().unwrap_or(0))
+        } else {
+            (table.get(l2_index as usize).copied().unwrap_or(0), 0)
+        };
+        layout::map_l2_entry(&self.geo, entry, bitmap, l1_index * self.geo.l2_entries() + l2_index, within)
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        match offset.checked_add(length) {
+            Some(end) if end <= self.geo.size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, length, size: self.geo.size }),
+        }
+    }
+
+    fn read_compressed(&self, host: u64, length: u64, guest_cluster: u64) -> Result<Vec<u8>> {
+        let cluster = self.geo.cluster_size();
+        // A compressed cluster is never longer than a cluster plus the sector it starts in.
+        let length = length.min(cluster + 512);
+        let mut input = vec![0u8; length as usize];
+        read_or_zero(&self.file, &mut input, host)?;
+        let mut out = vec![0u8; cluster as usize];
+        compress::decompress(self.header.compression, &input, &mut out, host)?;
+        // The last cluster of the disk may be partial: callers copy only what they asked for.
+        let _ = guest_cluster;
+        Ok(out)
+    }
+
+    /// Read `buf.len()` bytes at guest `offset`.
+    ///
+    /// # Errors
+    /// Out of range, malformed metadata, or I/O.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (mapping, run) = self.mapping_at(pos)?;
+            let n = run.min((buf.len() - done) as u64) as usize;
+            let Some(dst) = buf.get_mut(done..done + n) else { break };
+            match mapping {
+                Mapping::Unallocated => match &self.backing {
+                    Some(b) => b.read_at(dst, pos)?,
+                    None => dst.fill(0),
+                },
+                Mapping::Zero => dst.fill(0),
+                Mapping::Data { host, .. } => read_or_zero(&self.file, dst, host)?,
+                Mapping::Compressed { host, length } => {
+                    let cluster = self.read_compressed(host, length, pos >> self.geo.cluster_bits)?;
+                    let within = (pos & (self.geo.cluster_size() - 1)) as usize;
+                    if let Some(src) = cluster.get(within..within + n) {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The allocation map of `[offset, offset + length)`, resolved through the backing chain,
+    /// with adjacent runs of the same kind and depth merged.
+    ///
+    /// # Errors
+    /// Out of range or malformed metadata.
+    pub fn map(&self, offset: u64, length: u64) -> Result<Vec<MapExtent>> {
+        self.check_range(offset, length)?;
+        let mut out: Vec<MapExtent> = Vec::new();
+        let end = offset + length;
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, run) = self.mapping_at(pos)?;
+            let n = run.min(end - pos);
+            let mut pieces = Vec::new();
+            match mapping {
+                Mapping::Data { .. } | Mapping::Compressed { .. } => {
+                    pieces.push(MapExtent { offset: pos, length: n, kind: ExtentKind::Data, depth: 0 })
+                }
+                Mapping::Zero => pieces.push(MapExtent { offset: pos, length: n, kind: ExtentKind::Zero, depth: 0 }),
+                Mapping::Unallocated => match &self.backing {
+                    None => pieces.push(MapExtent { offset: pos, length: n, kind: ExtentKind::Unallocated, depth: 0 }),
+                    Some(b) => {
+                        let bsize = b.size();
+                        let inside = bsize.saturating_sub(pos).min(n);
+                        if inside > 0 {
+                            match b {
+                                Backing::Raw { .. } => pieces.push(MapExtent {
+                                    offset: pos,
+                                    length: inside,
+                                    kind: ExtentKind::Data,
+                                    depth: 1,
+                                }),
+                                Backing::Qcow2(img) => {
+                                    for e in img.map(pos, inside)? {
+                                        pieces.push(MapExtent { depth: e.depth + 1, ..e });
+                                    }
+                                }
+                            }
+                        }
+                        if inside < n {
+                            pieces.push(MapExtent {
+                                offset: pos + inside,
+                                length: n - inside,
+                                kind: ExtentKind::Unallocated,
+                                depth: 0,
+                            });
+                        }
+                    }
+                },
+            }
+            for p in pieces {
+                match out.last_mut() {
+                    Some(last)
+                        if last.kind == p.kind && last.depth == p.depth && last.offset + last.length == p.offset =>
+                    {
+                        last.length += p.length
+                    }
+                    _ => out.push(p),
+                }
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// Create a new image at `path` (which must not exist).
+    ///
+    /// The layout is qemu-img's: header cluster, refcount table sized so it never has to grow
+    /// for this virtual size, one refcount block, then the L1 table. Written, then fsynced.
+    ///
+    /// # Errors
+    /// Invalid options, a missing backing file, or I/O.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        let bits = opts.cluster_bits;
+        if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
+            return Err(Error::InvalidOption { option: "cluster_bits", reason: format!("{bits} is outside 9..=21") });
+        }
+        if opts.refcount_order > 6 {
+            return Err(Error::InvalidOption {
+                option: "refcount_order",
+                reason: format!("{} is outside 0..=6", opts.refcount_order),
+            });
+        }
+        let mut extensions = Vec::new();
+        let mut backing_file = None;
+        let size = match (&opts.backing, opts.size) {
+            (Some((name, format)), size) => {
+                let resolved = resolve_backing(path, name);
+                let backing_size = match format {
+                    BackingFormat::Qcow2 => Image::open(&resolved)?.size(),
+                    BackingFormat::Raw => std::fs::metadata(&resolved)
+                        .map_err(|source| Error::Open { path: resolved.clone(), source })?
+                        .len(),
+                };
+                extensions
+                    .push(Extension { kind: header::ext::BACKING_FORMAT, data: format.name().as_bytes().to_vec() });
+                backing_file = Some(name.clone());
+                size.unwrap_or(backing_size)
+            }
+            (None, Some(size)) => size,
+            (None, None) => {
+                return Err(Error::InvalidOption { option: "size", reason: "needed without a backing file".into() })
+            }
+        };
+        if size > header::MAX_VIRTUAL_SIZE {
+            return Err(Error::InvalidOption { option: "size", reason: format!("{size} is larger than 2^61") });
+        }
+        extensions.push(feature_table());
+        let cluster = 1u64 << bits;
+        let geo = Geometry { cluster_bits: bits, extended_l2: false, v3: true, size };
+        let l1_size = size.div_ceil(geo.l2_coverage());
+        if l1_size * 8 > header::MAX_L1_BYTES {
+            return Err(Error::InvalidOption {
+                option: "size",
+                reason: "needs an L1 table over 32 MiB; use larger clusters".into(),
+            });
+        }
+        let l1_clusters = (l1_size * 8).div_ceil(cluster).max(1);
+        let per_block = cluster * 8 / (1u64 << opts.refcount_order);
+        // Every cluster the image can ever need: data, L2 tables, L1, refcount blocks, header.
+        let data_clusters = size.div_ceil(cluster);
+        let l2_clusters = l1_size;
+        let mut reftable_clusters = 1u64;
+        loop {
+            let meta = 1 + reftable_clusters + l1_clusters + l2_clusters;
+            let blocks = (data_clusters + meta).div_ceil(per_block) + 1;
+            let total = data_clusters + meta + blocks;
+            let needed = total.div_ceil(per_block).saturating_mul(8).div_ceil(cluster).max(1);
+            if needed <= reftable_clusters {
+                break;
+            }
+            reftable_clusters = needed;
+        }
+        if reftable_clusters * cluster > header::MAX_REFTABLE_BYTES {
+            return Err(Error::InvalidOption {
+                option: "size",
+                reason: "needs a refcount table over 8 MiB; use larger clusters".into(),
+            });
+        }
+        let reftable_offset = cluster;
+        let refblock_offset = reftable_offset + reftable_clusters * cluster;
+        let l1_offset = refblock_offset + cluster;
+        let end = l1_offset + l1_clusters * cluster;
+        let used_clusters = end / cluster;
+        if used_clusters > per_block {
+            return Err(Error::InvalidOption {
+                option: "refcount_order",
+                reason: "initial metadata does not fit one refcount block".into(),
+            });
+        }
+        let h = Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: bits,
+            size,
+            l1_size: l1_size as u32,
+            l1_table_offset: l1_offset,
+            refcount_table_offset: reftable_offset,
+            refcount_table_clusters: reftable_clusters as u32,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: opts.refcount_order,
+            header_length: header::V3_HEADER_LEN,
+            compression: Compression::Zlib,
+            backing_file,
+            extensions,
+        };
+        let head = h.encode()?;
+        let mut reftable = vec![0u8; (reftable_clusters * cluster) as usize];
+        if let Some(e) = reftable.get_mut(..8) {
+            e.copy_from_slice(&refblock_offset.to_be_bytes());
+        }
+        let mut refblock = vec![0u8; cluster as usize];
+        for i in 0..used_clusters {
+            layout::refcount_set(&mut refblock, opts.refcount_order, i, 1);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+        let write = |data: &[u8], at: u64| file.write_all_at(data, at).map_err(Error::io("write", at));
+        write(&reftable, reftable_offset)?;
+        write(&refblock, refblock_offset)?;
+        file.set_len(end).map_err(Error::io("truncate", end))?;
+        write(&head, 0)?;
+        file.sync_all().map_err(Error::io("fsync", 0))?;
+        Ok(())
+    }
+}
+
+/// The feature name table qemu writes, so `qemu-img info` names our bits.
+fn feature_table() -> Extension {
+    let mut data = Vec::new();
+    let mut entry = |kind: u8, bit: u8, name: &str| {
+        data.push(kind);
+        data.push(bit);
+        let mut n = [0u8; 46];
+        if let Some(dst) = n.get_mut(..name.len()) {
+            dst.copy_from_slice(name.as_bytes());
+        }
+        data.extend_from_slice(&n);
+    };
+    entry(0, 0, "dirty bit");
+    entry(0, 1, "corrupt bit");
+    entry(0, 2, "external data file");
+    entry(0, 3, "compression type");
+    entry(0, 4, "extended L2 entries");
+    entry(1, 0, "lazy refcounts");
+    entry(2, 0, "bitmaps");
+    entry(2, 1, "raw external data");
+    Extension { kind: header::ext::FEATURE_TABLE, data }
+}
+
+/// Resolve a backing name against the directory of the image that names it.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    image.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())
+}
+
+fn probe_format(path: &Path) -> Result<BackingFormat> {
+    let f = File::open(path).map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+    let mut magic = [0u8; 4];
+    read_or_zero(&f, &mut magic, 0)?;
+    Ok(if u32::from_be_bytes(magic) == header::MAGIC { BackingFormat::Qcow2 } else { BackingFormat::Raw })
+}

@@ -1,0 +1,37 @@
+//! # qcow2: images that qemu-img accepts as its own
+//!
+//! A runtime-agnostic (synchronous, positional I/O) qcow2 library: create v3 images, open v2
+//! and v3 images with their backing chains, read every kind of cluster qemu writes (data, zero,
+//! unallocated, zlib and zstd compressed, extended L2 subclusters; any cluster size 512 B..2 MiB
+//! and refcount width 1..64 bits), and report an allocation map.
+//!
+//! ## Layers
+//! - [`header`]: the header and extensions, parsed and validated (pure).
+//! - [`layout`]: L1/L2/refcount entry decoding into [`Mapping`]s (pure).
+//! - [`compress`]: deflate and zstd clusters.
+//! - [`Image`]: metadata lookup under short locks, data I/O outside them.
+//!
+//! ## Hostile input
+//! Every header field is checked before anything is sized from it (`l1_size`, cluster bits,
+//! table offsets and sizes, extension lengths, backing name); tables past the end of the file,
+//! unaligned entries and reserved bits are typed errors naming the field; backing chains are
+//! limited to [`image::MAX_BACKING_DEPTH`] and loops are detected. The crate root denies
+//! `unwrap`, `expect`, indexing and `panic`.
+//!
+//! ## Limitations (now)
+//! Writing is not implemented yet: [`Image::open_with`] with `writable` is refused with a clear
+//! error. Encrypted images and external data files are refused.
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod compress;
+pub mod error;
+pub mod header;
+pub mod image;
+pub mod layout;
+
+pub use error::{Error, ErrorKind, Result};
+pub use header::{Compression, Header};
+pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, MapExtent};
+pub use layout::Mapping;
