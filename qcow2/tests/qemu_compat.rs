@@ -27,7 +27,7 @@ fn source(dir: &Path) -> PathBuf {
     let mut data = vec![0u8; 8 << 20];
     let mut x = 0x1234_5678_9abc_def1u64;
     for (i, chunk) in data.chunks_mut(8).enumerate() {
-        let mib = i * 8 >> 20;
+        let mib = (i * 8) >> 20;
         let v = match mib % 4 {
             0 => {
                 x ^= x << 13;
