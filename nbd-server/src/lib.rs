@@ -8,7 +8,7 @@
 //!
 //! ## Layout
 //! - [`proto`]: the wire format as pure functions over bytes (fuzzed, never panics).
-//! - [`backend`]: the [`Backend`] trait, [`MemoryBackend`] and [`FileBackend`].
+//! - [`backend`]: the [`Backend`] trait, [`MemoryBackend`], [`FileBackend`] and [`Qcow2Backend`].
 //! - [`server`]: [`Server`], exports, listeners, per-connection request pipeline.
 //! - [`client`]: [`Client`], an async client with pipelining and block status.
 //!
@@ -48,7 +48,9 @@ pub mod fuzzing;
 pub mod proto;
 pub mod server;
 
-pub use backend::{Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, ZeroFlags};
+pub use backend::{
+    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, Qcow2Backend, ZeroFlags,
+};
 pub use client::{Client, ClientError, ClientOptions, ExportInfo};
 pub use proto::transmission::Extent;
 pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};

@@ -169,12 +169,12 @@ impl Header {
     /// # Errors
     /// Not qcow2, or an out-of-range cluster_bits.
     pub fn probe_cluster_size(bytes: &[u8]) -> Result<usize> {
-        if bytes.len() < 72 {
-            return Err(invalid("length", bytes.len() as u64, "file shorter than a qcow2 header"));
-        }
         let magic = be32(bytes, 0);
         if magic != MAGIC {
             return Err(Error::NotQcow2(magic));
+        }
+        if bytes.len() < 72 {
+            return Err(invalid("length", bytes.len() as u64, "file shorter than a qcow2 header"));
         }
         let bits = be32(bytes, 20);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {

@@ -10,9 +10,11 @@
 
 mod file;
 mod memory;
+mod qcow2_image;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+pub use qcow2_image::Qcow2Backend;
 
 use crate::proto::transmission::Extent;
 

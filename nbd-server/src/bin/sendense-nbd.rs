@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
-use nbd_server::{Backend, ExportConfig, FileBackend, Scope, Server, ServerConfig};
+use nbd_server::{Backend, ExportConfig, FileBackend, Qcow2Backend, Scope, Server, ServerConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -78,7 +78,15 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
             Ok(Arc::new(b))
         }
         Format::Qcow2 => {
-            bail!("cannot open '{}': qcow2 images are not supported by this build yet (use -f raw)", path.display())
+            if !args.read_only {
+                bail!(
+                    "cannot open '{}' for writing: writing qcow2 images is not implemented yet; serve it read-only with -r",
+                    path.display()
+                );
+            }
+            let b =
+                Qcow2Backend::open(path, true).with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
+            Ok(Arc::new(b))
         }
     }
 }
