@@ -16,6 +16,8 @@ use crate::compress;
 use crate::error::{Error, Result};
 use crate::header::{self, Compression, Extension, Header};
 use crate::layout::{self, Geometry, Mapping};
+use crate::refcount::Refcounts;
+use crate::write::WriteState;
 
 /// Deepest backing chain opened.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -147,7 +149,7 @@ impl L2Cache {
     }
 
     fn insert(&mut self, offset: u64, table: Arc<Vec<u64>>) {
-        if self.tables.len() >= self.capacity {
+        if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
             if let Some(oldest) = self.tables.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) {
                 self.tables.remove(&oldest);
             }
@@ -191,6 +193,16 @@ pub struct Image {
     l2_cache: Mutex<L2Cache>,
     backing: Option<Backing>,
     writable: bool,
+    /// Present when writable: refcounts, allocator, in-flight allocations.
+    pub(crate) write_state: Option<Mutex<WriteState>>,
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(path = %self.path.display(), error = %e, "closing the image failed");
+        }
+    }
 }
 
 impl std::fmt::Debug for Image {
@@ -292,7 +304,7 @@ impl Image {
             }
         };
         let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
-        let image = Self {
+        let mut image = Self {
             file,
             path: path.to_path_buf(),
             header,
@@ -301,11 +313,26 @@ impl Image {
             l2_cache: Mutex::new(L2Cache { tables: HashMap::new(), tick: 0, capacity }),
             backing,
             writable: opts.writable,
+            write_state: None,
         };
         if opts.writable {
             image.check_writable()?;
+            image.prepare_for_writes(file_len)?;
         }
         Ok(image)
+    }
+
+    fn prepare_for_writes(&mut self, file_len: u64) -> Result<()> {
+        if self.header.autoclear_features != 0 {
+            // We do not maintain bitmaps (or anything else autoclear guards): clear the bits so
+            // qemu treats such data as stale instead of trusting it.
+            self.file.write_all_at(&0u64.to_be_bytes(), 88).map_err(Error::io("write header", 88))?;
+            self.file.sync_data().map_err(Error::io("fdatasync", 0))?;
+            self.header.autoclear_features = 0;
+        }
+        let refcounts = Refcounts::load(&self.file, &self.header, file_len)?;
+        self.write_state = Some(Mutex::new(WriteState::new(refcounts)));
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -316,7 +343,10 @@ impl Image {
         if h.nb_snapshots > 0 {
             return Err(Error::ReadOnly("images with internal snapshots are opened read-only"));
         }
-        Err(Error::ReadOnly("writing qcow2 images is not implemented yet"))
+        if h.incompatible_features & header::incompatible::DIRTY != 0 {
+            return Err(Error::ReadOnly("the dirty bit is set (lazy refcounts); run qemu-img check -r all first"));
+        }
+        Ok(())
     }
 
     /// Virtual size in bytes.
@@ -342,6 +372,20 @@ impl Image {
     /// Path the image was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(crate) fn has_backing(&self) -> bool {
+        self.backing.is_some()
+    }
+
+    pub(crate) fn replace_l2(&self, offset: u64, table: Vec<u64>) {
+        if let Ok(mut c) = self.l2_cache.lock() {
+            c.insert(offset, Arc::new(table));
+        }
     }
 
     fn file_len(&self) -> Result<u64> {

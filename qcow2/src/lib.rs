@@ -18,9 +18,15 @@
 //! limited to [`image::MAX_BACKING_DEPTH`] and loops are detected. The crate root denies
 //! `unwrap`, `expect`, indexing and `panic`.
 //!
-//! ## Limitations (now)
-//! Writing is not implemented yet: [`Image::open_with`] with `writable` is refused with a clear
-//! error. Encrypted images and external data files are refused.
+//! ## Writing
+//! [`Image::write_at`], [`Image::write_zeroes`], [`Image::discard`], [`Image::flush`] and
+//! [`Image::close`]: allocation with copy-on-write from the backing chain, zero clusters, freeing
+//! discards, refcount block and table growth. See `write.rs` and `refcount.rs` for the
+//! concurrency and crash-safety rules.
+//!
+//! ## Limitations
+//! Encrypted images and external data files are refused. Images with internal snapshots, the
+//! corrupt bit or the dirty bit (lazy refcounts) open read-only.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -30,6 +36,8 @@ pub mod error;
 pub mod header;
 pub mod image;
 pub mod layout;
+mod refcount;
+mod write;
 
 pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};

@@ -1,0 +1,315 @@
+//! The write path: in-place writes, cluster allocation with copy-on-write, zeroing, discard,
+//! flush.
+//!
+//! A write to a cluster that is already allocated to this image (COPIED) is a plain `pwrite`
+//! with no lock. Anything else allocates: under the metadata lock the guest cluster is marked
+//! in flight and a fresh host cluster taken (see `refcount.rs` for why that is crash-safe);
+//! outside the lock the whole new cluster is assembled (old contents from wherever they were:
+//! backing file, compressed cluster, zeroes) and written; back under the lock the L2 entry is
+//! switched to it and the old host cluster released. A second writer to the same guest cluster
+//! waits for the first, then writes in place, so racing writers end with one cluster and both
+//! writes intact. Write order on disk: data, then refcounts (already durable), then L2, then L1.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::layout::{self, Mapping, COPIED};
+use crate::refcount::Refcounts;
+
+/// Mutable metadata state of a writable image.
+pub(crate) struct WriteState {
+    pub refcounts: Refcounts,
+    /// Guest clusters being allocated, and who waits for them.
+    inflight: HashMap<u64, Arc<InFlight>>,
+}
+
+impl WriteState {
+    pub fn new(refcounts: Refcounts) -> Self {
+        Self { refcounts, inflight: HashMap::new() }
+    }
+}
+
+#[derive(Default)]
+struct InFlight {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl InFlight {
+    fn wait(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+/// How to rewrite one guest cluster's L2 entry.
+#[derive(Debug, Clone, Copy)]
+enum NewEntry {
+    Data(u64),
+    Zero,
+    Unallocated,
+}
+
+impl Image {
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+        let Some(m) = self.write_state.as_ref() else { return Err(Error::ReadOnly("the image was opened read-only")) };
+        Ok(m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Write `data` at guest `offset`.
+    ///
+    /// # Errors
+    /// Read-only image, out of range, malformed metadata, or I/O.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check_write(offset, data.len() as u64)?;
+        let cluster = self.geo.cluster_size();
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let within = pos & (cluster - 1);
+            let n = ((cluster - within) as usize).min(data.len() - done);
+            let chunk = data.get(done..done + n).unwrap_or_default();
+            self.write_cluster(pos, chunk)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_write(&self, offset: u64, length: u64) -> Result<()> {
+        if self.write_state.is_none() {
+            return Err(Error::ReadOnly("the image was opened read-only"));
+        }
+        match offset.checked_add(length) {
+            Some(end) if end <= self.geo.size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, length, size: self.geo.size }),
+        }
+    }
+
+    /// Write within one guest cluster.
+    fn write_cluster(&self, pos: u64, chunk: &[u8]) -> Result<()> {
+        let guest = pos >> self.geo.cluster_bits;
+        loop {
+            if let (Mapping::Data { host, copied: true }, run) = self.mapping_at(pos)? {
+                if run >= chunk.len() as u64 {
+                    return self.file().write_all_at(chunk, host).map_err(Error::io("write", host));
+                }
+            }
+            // Allocation path: become the allocator of this guest cluster, or wait for it.
+            let mut st = self.state()?;
+            if let Some(other) = st.inflight.get(&guest).cloned() {
+                drop(st);
+                other.wait();
+                continue;
+            }
+            if let (Mapping::Data { copied: true, .. }, run) = self.mapping_at(pos)? {
+                if run >= chunk.len() as u64 {
+                    continue; // allocated meanwhile: write in place
+                }
+            }
+            let marker = Arc::new(InFlight::default());
+            st.inflight.insert(guest, Arc::clone(&marker));
+            let host = st.refcounts.alloc(self.file());
+            drop(st);
+            let result =
+                host.and_then(|host| self.fill_new_cluster(guest, pos, chunk, host).map(|()| host)).and_then(|host| {
+                    let mut st = self.state()?;
+                    self.set_entry(&mut st, guest, NewEntry::Data(host))
+                });
+            let mut st = self.state()?;
+            st.inflight.remove(&guest);
+            drop(st);
+            marker.finish();
+            return result;
+        }
+    }
+
+    /// Assemble the new contents of guest cluster `guest` (old contents with `chunk` at `pos`
+    /// laid over them) and write them at `host`.
+    fn fill_new_cluster(&self, guest: u64, pos: u64, chunk: &[u8], host: u64) -> Result<()> {
+        let cluster = self.geo.cluster_size();
+        let start = guest << self.geo.cluster_bits;
+        let within = (pos - start) as usize;
+        if chunk.len() as u64 == cluster {
+            return self.file().write_all_at(chunk, host).map_err(Error::io("write", host));
+        }
+        let mut buf = vec![0u8; cluster as usize];
+        let valid = (self.geo.size - start).min(cluster) as usize;
+        if let Some(old) = buf.get_mut(..valid) {
+            self.read_at(old, start)?;
+        }
+        if let Some(dst) = buf.get_mut(within..within + chunk.len()) {
+            dst.copy_from_slice(chunk);
+        }
+        self.file().write_all_at(&buf, host).map_err(Error::io("write", host))
+    }
+
+    /// The L2 table covering guest cluster `guest`, allocating it if needed. Returns its host
+    /// offset. Caller holds the write state.
+    fn ensure_l2(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
+        let l1_index = guest / self.geo.l2_entries();
+        let entry = self.l1.read().ok().and_then(|l1| l1.get(l1_index as usize).copied()).unwrap_or(0);
+        let existing = layout::l1_entry_offset(entry, l1_index, self.geo.cluster_bits)?;
+        if existing != 0 {
+            return Ok(existing);
+        }
+        let table = st.refcounts.alloc(self.file())?;
+        let zero = vec![0u8; self.geo.cluster_size() as usize];
+        self.file().write_all_at(&zero, table).map_err(Error::io("write L2 table", table))?;
+        let at = self.header.l1_table_offset + l1_index * 8;
+        self.file().write_all_at(&(table | COPIED).to_be_bytes(), at).map_err(Error::io("write L1", at))?;
+        if let Ok(mut l1) = self.l1.write() {
+            if let Some(e) = l1.get_mut(l1_index as usize) {
+                *e = table | COPIED;
+            }
+        }
+        Ok(table)
+    }
+
+    /// Point guest cluster `guest` at `new`, then release what it pointed at before.
+    fn set_entry(&self, st: &mut WriteState, guest: u64, new: NewEntry) -> Result<()> {
+        let l2_offset = self.ensure_l2(st, guest)?;
+        let l1_index = guest / self.geo.l2_entries();
+        let l2_index = guest % self.geo.l2_entries();
+        let old_table = self.l2_table(l2_offset, l1_index)?;
+        let ext = self.geo.extended_l2;
+        let word = if ext { (l2_index * 2) as usize } else { l2_index as usize };
+        let old_entry = old_table.get(word).copied().unwrap_or(0);
+        let (entry, bitmap) = match (new, ext) {
+            (NewEntry::Data(host), false) => (host | COPIED, 0),
+            (NewEntry::Data(host), true) => (host | COPIED, 0x0000_0000_ffff_ffff),
+            (NewEntry::Zero, false) => (layout::ZERO, 0),
+            (NewEntry::Zero, true) => (0, 0xffff_ffff_0000_0000),
+            (NewEntry::Unallocated, _) => (0, 0),
+        };
+        let mut table = (*old_table).clone();
+        if let Some(e) = table.get_mut(word) {
+            *e = entry;
+        }
+        let mut bytes = entry.to_be_bytes().to_vec();
+        if ext {
+            if let Some(b) = table.get_mut(word + 1) {
+                *b = bitmap;
+            }
+            bytes.extend_from_slice(&bitmap.to_be_bytes());
+        }
+        let at = l2_offset + word as u64 * 8;
+        self.file().write_all_at(&bytes, at).map_err(Error::io("write L2", at))?;
+        self.replace_l2(l2_offset, table);
+        // Release the old host storage, now that nothing points at it.
+        if old_entry & layout::COMPRESSED != 0 {
+            if let (Mapping::Compressed { host, length }, _) = layout::map_l2_entry(&self.geo, old_entry, 0, guest, 0)?
+            {
+                st.refcounts.free(self.file(), host & !511, length + (host & 511))?;
+            }
+        } else {
+            let old_host = old_entry & layout::OFFSET_MASK;
+            if old_host != 0 && !matches!(new, NewEntry::Data(h) if h == old_host) {
+                st.refcounts.free(self.file(), old_host, self.geo.cluster_size())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make `[offset, offset + length)` read as zeroes: whole clusters by metadata alone (zero
+    /// flag, or nothing at all where nothing shows through), partial ones by writing zeroes.
+    ///
+    /// # Errors
+    /// Read-only image, out of range, or I/O.
+    pub fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_write(offset, length)?;
+        self.zero_or_discard(offset, length, false)
+    }
+
+    /// Discard `[offset, offset + length)`: whole clusters are freed (or, over a backing file,
+    /// marked zero so the backing data does not show through); partial clusters are left alone,
+    /// as discard is advisory.
+    ///
+    /// # Errors
+    /// Read-only image, out of range, or I/O.
+    pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_write(offset, length)?;
+        self.zero_or_discard(offset, length, true)
+    }
+
+    fn zero_or_discard(&self, offset: u64, length: u64, discard: bool) -> Result<()> {
+        let cluster = self.geo.cluster_size();
+        let end = offset + length;
+        let mut pos = offset;
+        while pos < end {
+            let start = pos & !(cluster - 1);
+            let cluster_end = (start + cluster).min(self.geo.size);
+            let stop = end.min(cluster_end);
+            let whole = pos == start && stop == cluster_end;
+            if !whole {
+                if !discard {
+                    let zeroes = vec![0u8; (stop - pos) as usize];
+                    self.write_at(&zeroes, pos)?;
+                }
+                pos = stop;
+                continue;
+            }
+            let guest = start >> self.geo.cluster_bits;
+            let (mapping, _) = self.mapping_at(start)?;
+            let needs_zero_flag = self.has_backing();
+            let target = if needs_zero_flag { NewEntry::Zero } else { NewEntry::Unallocated };
+            let already = match mapping {
+                Mapping::Zero => true,
+                Mapping::Unallocated => !needs_zero_flag,
+                _ => false,
+            };
+            if !already {
+                if !self.geo.v3 && needs_zero_flag {
+                    // Version 2 has no zero flag: write the zeroes.
+                    let zeroes = vec![0u8; (stop - start) as usize];
+                    self.write_at(&zeroes, start)?;
+                } else {
+                    let mut st = self.state()?;
+                    while let Some(other) = st.inflight.get(&guest).cloned() {
+                        drop(st);
+                        other.wait();
+                        st = self.state()?;
+                    }
+                    self.set_entry(&mut st, guest, target)?;
+                }
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// Make every completed write durable.
+    ///
+    /// # Errors
+    /// `fdatasync` failed.
+    pub fn flush(&self) -> Result<()> {
+        if self.write_state.is_none() {
+            return Ok(());
+        }
+        self.file().sync_data().map_err(Error::io("fdatasync", 0))
+    }
+
+    /// Flush and give back reserved but unused clusters, so `qemu-img check` finds no leaks.
+    /// Called on drop too; call it yourself to see its errors.
+    ///
+    /// # Errors
+    /// I/O while releasing or syncing.
+    pub fn close(&self) -> Result<()> {
+        if self.write_state.is_none() {
+            return Ok(());
+        }
+        let mut st = self.state()?;
+        st.refcounts.release(self.file())?;
+        drop(st);
+        self.file().sync_all().map_err(Error::io("fsync", 0))
+    }
+}
