@@ -6,17 +6,28 @@
 //! layer is reported allocated, zero clusters and ranges allocated nowhere as holes that read as
 //! zeroes, so sparse copies of a chain stay sparse.
 //!
-//! Writing is refused for now (the qcow2 write path is not implemented yet); the backend
-//! advertises itself read-only so clients never try.
+//! Writes, zeroes and discards go to the crate's write path; FLUSH is `fdatasync`. Calls that may
+//! wait on the disk (flush, zeroing, discard, FUA) run under `block_in_place` on a
+//! multi-threaded runtime so other connections keep their worker. Zeroing without NO_HOLE uses
+//! zero clusters (metadata only); with NO_HOLE it writes real zeroes, since the client asked
+//! for allocated storage.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{ErrorKind, ExtentKind, Image, ImageOptions};
 
-use super::{Backend, BackendError, BackendErrorKind, BackendResult, Capabilities};
+use super::{Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
+
+/// Run `f`, letting the runtime move other tasks off this worker if it blocks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 /// Most bytes one block status query walks (clients ask again for the rest).
 const MAX_STATUS_SPAN: u64 = 4 << 30;
@@ -61,19 +72,63 @@ impl Backend for Qcow2Backend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { read_only: !self.image.is_writable(), block_status: true, ..Capabilities::default() }
+        let writable = self.image.is_writable();
+        Capabilities {
+            read_only: !writable,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: false,
+            block_status: true,
+            cache: false,
+        }
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
         self.image.read_at(buf, offset).map_err(convert)
     }
 
-    async fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> BackendResult<()> {
-        Err(BackendError::new(BackendErrorKind::ReadOnly, "this qcow2 export is read-only"))
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
+        self.image.write_at(data, offset).map_err(convert)?;
+        if fua {
+            blocking(|| self.image.flush()).map_err(convert)?;
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        Ok(())
+        blocking(|| self.image.flush()).map_err(convert)
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
+        blocking(|| {
+            self.image.discard(offset, length)?;
+            if fua {
+                self.image.flush()?;
+            }
+            Ok(())
+        })
+        .map_err(convert)
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> BackendResult<()> {
+        blocking(|| {
+            if flags.no_hole {
+                let zeroes = vec![0u8; (1u64 << 20).min(length) as usize];
+                let mut pos = offset;
+                while pos < offset + length {
+                    let n = (offset + length - pos).min(zeroes.len() as u64) as usize;
+                    self.image.write_at(zeroes.get(..n).unwrap_or_default(), pos)?;
+                    pos += n as u64;
+                }
+            } else {
+                self.image.write_zeroes(offset, length)?;
+            }
+            if flags.fua {
+                self.image.flush()?;
+            }
+            Ok(())
+        })
+        .map_err(convert)
     }
 
     async fn block_status(&self, offset: u64, length: u64) -> BackendResult<Vec<Extent>> {

@@ -78,14 +78,8 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
             Ok(Arc::new(b))
         }
         Format::Qcow2 => {
-            if !args.read_only {
-                bail!(
-                    "cannot open '{}' for writing: writing qcow2 images is not implemented yet; serve it read-only with -r",
-                    path.display()
-                );
-            }
-            let b =
-                Qcow2Backend::open(path, true).with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
+            let b = Qcow2Backend::open(path, args.read_only)
+                .with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
             Ok(Arc::new(b))
         }
     }
