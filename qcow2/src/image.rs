@@ -131,15 +131,43 @@ fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
+/// One L2 table in memory. Entries are atomics so the writer updates them in place (after the
+/// on-disk entry is written) while readers holding the same table see the old or the new entry,
+/// never a torn one; no table is ever cloned.
+pub(crate) struct L2Table {
+    words: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl L2Table {
+    fn from_bytes(raw: &[u8]) -> Self {
+        Self {
+            words: raw
+                .chunks_exact(8)
+                .map(|c| std::sync::atomic::AtomicU64::new(u64::from_be_bytes(c.try_into().unwrap_or_default())))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, word: usize) -> u64 {
+        self.words.get(word).map(|w| w.load(std::sync::atomic::Ordering::Acquire)).unwrap_or(0)
+    }
+
+    pub fn set(&self, word: usize, value: u64) {
+        if let Some(w) = self.words.get(word) {
+            w.store(value, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// A bounded cache of L2 tables keyed by host offset, evicting the least recently used.
 struct L2Cache {
-    tables: HashMap<u64, (Arc<Vec<u64>>, u64)>,
+    tables: HashMap<u64, (Arc<L2Table>, u64)>,
     tick: u64,
     capacity: usize,
 }
 
 impl L2Cache {
-    fn get(&mut self, offset: u64) -> Option<Arc<Vec<u64>>> {
+    fn get(&mut self, offset: u64) -> Option<Arc<L2Table>> {
         self.tick += 1;
         let tick = self.tick;
         self.tables.get_mut(&offset).map(|(t, used)| {
@@ -148,7 +176,7 @@ impl L2Cache {
         })
     }
 
-    fn insert(&mut self, offset: u64, table: Arc<Vec<u64>>) {
+    fn insert(&mut self, offset: u64, table: Arc<L2Table>) {
         if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
             if let Some(oldest) = self.tables.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) {
                 self.tables.remove(&oldest);
@@ -382,17 +410,11 @@ impl Image {
         self.backing.is_some()
     }
 
-    pub(crate) fn replace_l2(&self, offset: u64, table: Vec<u64>) {
-        if let Ok(mut c) = self.l2_cache.lock() {
-            c.insert(offset, Arc::new(table));
-        }
-    }
-
     fn file_len(&self) -> Result<u64> {
         self.file.metadata().map(|m| m.len()).map_err(Error::io("stat", 0))
     }
 
-    pub(crate) fn l2_table(&self, offset: u64, l1_index: u64) -> Result<Arc<Vec<u64>>> {
+    pub(crate) fn l2_table(&self, offset: u64, l1_index: u64) -> Result<Arc<L2Table>> {
         if let Some(t) = self.l2_cache.lock().ok().and_then(|mut c| c.get(offset)) {
             return Ok(t);
         }
@@ -407,9 +429,7 @@ impl Image {
         }
         let mut raw = vec![0u8; cluster as usize];
         read_or_zero(&self.file, &mut raw, offset)?;
-        let table: Vec<u64> =
-            raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect();
-        let table = Arc::new(table);
+        let table = Arc::new(L2Table::from_bytes(&raw));
         if let Ok(mut c) = self.l2_cache.lock() {
             c.insert(offset, Arc::clone(&table));
         }
@@ -431,9 +451,9 @@ impl Image {
         let table = self.l2_table(l2_offset, l1_index)?;
         let (entry, bitmap) = if self.geo.extended_l2 {
             let i = (l2_index * 2) as usize;
-            (table.get(i).copied().unwrap_or(0), table.get(i + 1).copied().unwrap_or(0))
+            (table.get(i), table.get(i + 1))
         } else {
-            (table.get(l2_index as usize).copied().unwrap_or(0), 0)
+            (table.get(l2_index as usize), 0)
         };
         layout::map_l2_entry(&self.geo, entry, bitmap, l1_index * self.geo.l2_entries() + l2_index, within)
     }

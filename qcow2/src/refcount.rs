@@ -20,8 +20,9 @@ use crate::error::{Error, Result};
 use crate::header::{Header, MAX_REFTABLE_BYTES};
 use crate::layout;
 
-/// Bytes reserved per batch at most (and the granularity of refcount durability barriers).
-const MAX_BATCH_BYTES: u64 = 256 << 20;
+/// Bytes reserved per batch at most (and the granularity of refcount durability barriers: one
+/// `fdatasync` per batch, like qemu's one per new L2 table).
+const MAX_BATCH_BYTES: u64 = 1 << 30;
 /// Refcount blocks kept in memory at most.
 const MAX_CACHED_BLOCKS: usize = 4096;
 
@@ -75,7 +76,9 @@ impl Refcounts {
             blocks: HashMap::new(),
             next_cluster: file_len.div_ceil(cluster),
             reserved: 0..0,
-            batch_bytes: 4 << 20,
+            // The first reservation is taken before anything is dirty, so its fdatasync is cheap:
+            // make it large (16 Ki clusters, at most 1 GiB) so a whole copy rarely needs another.
+            batch_bytes: (16384u64 << header.cluster_bits).min(MAX_BATCH_BYTES),
         })
     }
 
@@ -203,6 +206,11 @@ impl Refcounts {
 
     /// Take one fresh cluster (refcount already 1 and durable); returns its host offset.
     pub fn alloc(&mut self, file: &File) -> Result<u64> {
+        self.alloc_run(file, 1).map(|(offset, _)| offset)
+    }
+
+    /// Take up to `max` contiguous fresh clusters; returns the host offset and how many.
+    pub fn alloc_run(&mut self, file: &File, max: u64) -> Result<(u64, u64)> {
         if self.reserved.is_empty() {
             let count = (self.batch_bytes >> self.cluster_bits).max(1);
             let start = self.next_cluster;
@@ -213,8 +221,9 @@ impl Refcounts {
             self.batch_bytes = (self.batch_bytes * 2).min(MAX_BATCH_BYTES);
         }
         let c = self.reserved.start;
-        self.reserved.start += 1;
-        Ok(c << self.cluster_bits)
+        let n = max.max(1).min(self.reserved.end - c);
+        self.reserved.start += n;
+        Ok((c << self.cluster_bits, n))
     }
 
     /// Drop one reference to each host cluster overlapping `[offset, offset + length)`;

@@ -52,6 +52,17 @@ impl InFlight {
     }
 }
 
+/// The L2 entry (and extended bitmap) for `new`.
+fn encode_entry(new: NewEntry, extended: bool) -> (u64, u64) {
+    match (new, extended) {
+        (NewEntry::Data(host), false) => (host | COPIED, 0),
+        (NewEntry::Data(host), true) => (host | COPIED, 0x0000_0000_ffff_ffff),
+        (NewEntry::Zero, false) => (layout::ZERO, 0),
+        (NewEntry::Zero, true) => (0, 0xffff_ffff_0000_0000),
+        (NewEntry::Unallocated, _) => (0, 0),
+    }
+}
+
 /// How to rewrite one guest cluster's L2 entry.
 #[derive(Debug, Clone, Copy)]
 enum NewEntry {
@@ -77,10 +88,110 @@ impl Image {
         while done < data.len() {
             let pos = offset + done as u64;
             let within = pos & (cluster - 1);
+            let remaining = (data.len() - done) as u64;
+            if within == 0 && remaining >= cluster {
+                // Whole clusters from here: handle as many as one L2 table covers at once.
+                let guest = pos >> self.geo.cluster_bits;
+                let left_in_table = self.geo.l2_entries() - guest % self.geo.l2_entries();
+                let k = (remaining / cluster).min(left_in_table);
+                let chunk = data.get(done..done + (k * cluster) as usize).unwrap_or_default();
+                done += self.write_run(pos, chunk)?;
+                continue;
+            }
             let n = ((cluster - within) as usize).min(data.len() - done);
             let chunk = data.get(done..done + n).unwrap_or_default();
             self.write_cluster(pos, chunk)?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Write whole clusters starting at cluster-aligned `pos` (all in one L2 table). Writes the
+    /// longest leading run it can in one go — in place if already allocated contiguously, or
+    /// into freshly allocated contiguous clusters with one data `pwrite` and one L2 `pwrite` —
+    /// and returns the bytes written (at least one cluster).
+    fn write_run(&self, pos: u64, data: &[u8]) -> Result<usize> {
+        let cs = self.geo.cluster_size();
+        let k = data.len() as u64 / cs;
+        let in_place = |i: u64| -> Result<Option<u64>> {
+            Ok(match self.mapping_at(pos + i * cs)? {
+                (Mapping::Data { host, copied: true }, run) if run >= cs => Some(host),
+                _ => None,
+            })
+        };
+        if let Some(host) = in_place(0)? {
+            let mut n = 1;
+            while n < k && in_place(n)? == Some(host + n * cs) {
+                n += 1;
+            }
+            let bytes = data.get(..(n * cs) as usize).unwrap_or_default();
+            self.file().write_all_at(bytes, host).map_err(Error::io("write", host))?;
+            return Ok(bytes.len());
+        }
+        let g0 = pos >> self.geo.cluster_bits;
+        let mut st = self.state()?;
+        let mut n = 0;
+        while n < k && !st.inflight.contains_key(&(g0 + n)) && in_place(n)?.is_none() {
+            n += 1;
+        }
+        if n == 0 {
+            drop(st);
+            self.write_cluster(pos, data.get(..cs as usize).unwrap_or_default())?;
+            return Ok(cs as usize);
+        }
+        let (host, n) = st.refcounts.alloc_run(self.file(), n)?;
+        let marker = Arc::new(InFlight::default());
+        for g in g0..g0 + n {
+            st.inflight.insert(g, Arc::clone(&marker));
+        }
+        drop(st);
+        let bytes = data.get(..(n * cs) as usize).unwrap_or_default();
+        let result = self.file().write_all_at(bytes, host).map_err(Error::io("write", host)).and_then(|()| {
+            let mut st = self.state()?;
+            self.set_run(&mut st, g0, n, host)
+        });
+        let mut st = self.state()?;
+        for g in g0..g0 + n {
+            st.inflight.remove(&g);
+        }
+        drop(st);
+        marker.finish();
+        result.map(|()| bytes.len())
+    }
+
+    /// Point guest clusters `g0..g0 + n` (in one L2 table) at host clusters `host..` with one
+    /// L2 write, then release what they pointed at before.
+    fn set_run(&self, st: &mut WriteState, g0: u64, n: u64, host: u64) -> Result<()> {
+        let l2_offset = self.ensure_l2(st, g0)?;
+        let l1_index = g0 / self.geo.l2_entries();
+        let table = self.l2_table(l2_offset, l1_index)?;
+        let ext = self.geo.extended_l2;
+        let words = if ext { 2 } else { 1 };
+        let first_word = ((g0 % self.geo.l2_entries()) * words) as usize;
+        let cs = self.geo.cluster_size();
+        let mut bytes = Vec::with_capacity((n * words * 8) as usize);
+        let mut old = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let word = first_word + (i * words) as usize;
+            old.push(table.get(word));
+            let (entry, bitmap) = encode_entry(NewEntry::Data(host + i * cs), ext);
+            bytes.extend_from_slice(&entry.to_be_bytes());
+            if ext {
+                bytes.extend_from_slice(&bitmap.to_be_bytes());
+            }
+        }
+        let at = l2_offset + first_word as u64 * 8;
+        self.file().write_all_at(&bytes, at).map_err(Error::io("write L2", at))?;
+        for i in 0..n {
+            let word = first_word + (i * words) as usize;
+            let (entry, bitmap) = encode_entry(NewEntry::Data(host + i * cs), ext);
+            table.set(word, entry);
+            if ext {
+                table.set(word + 1, bitmap);
+            }
+        }
+        for (i, old_entry) in old.into_iter().enumerate() {
+            self.release_old(st, old_entry, g0 + i as u64, NewEntry::Data(host + i as u64 * cs))?;
         }
         Ok(())
     }
@@ -180,32 +291,26 @@ impl Image {
         let l2_offset = self.ensure_l2(st, guest)?;
         let l1_index = guest / self.geo.l2_entries();
         let l2_index = guest % self.geo.l2_entries();
-        let old_table = self.l2_table(l2_offset, l1_index)?;
+        let table = self.l2_table(l2_offset, l1_index)?;
         let ext = self.geo.extended_l2;
         let word = if ext { (l2_index * 2) as usize } else { l2_index as usize };
-        let old_entry = old_table.get(word).copied().unwrap_or(0);
-        let (entry, bitmap) = match (new, ext) {
-            (NewEntry::Data(host), false) => (host | COPIED, 0),
-            (NewEntry::Data(host), true) => (host | COPIED, 0x0000_0000_ffff_ffff),
-            (NewEntry::Zero, false) => (layout::ZERO, 0),
-            (NewEntry::Zero, true) => (0, 0xffff_ffff_0000_0000),
-            (NewEntry::Unallocated, _) => (0, 0),
-        };
-        let mut table = (*old_table).clone();
-        if let Some(e) = table.get_mut(word) {
-            *e = entry;
-        }
+        let old_entry = table.get(word);
+        let (entry, bitmap) = encode_entry(new, ext);
         let mut bytes = entry.to_be_bytes().to_vec();
         if ext {
-            if let Some(b) = table.get_mut(word + 1) {
-                *b = bitmap;
-            }
             bytes.extend_from_slice(&bitmap.to_be_bytes());
         }
         let at = l2_offset + word as u64 * 8;
         self.file().write_all_at(&bytes, at).map_err(Error::io("write L2", at))?;
-        self.replace_l2(l2_offset, table);
-        // Release the old host storage, now that nothing points at it.
+        table.set(word, entry);
+        if ext {
+            table.set(word + 1, bitmap);
+        }
+        self.release_old(st, old_entry, guest, new)
+    }
+
+    /// Release the host storage an old L2 entry pointed at, now that nothing points at it.
+    fn release_old(&self, st: &mut WriteState, old_entry: u64, guest: u64, new: NewEntry) -> Result<()> {
         if old_entry & layout::COMPRESSED != 0 {
             if let (Mapping::Compressed { host, length }, _) = layout::map_l2_entry(&self.geo, old_entry, 0, guest, 0)?
             {
