@@ -74,6 +74,43 @@ SEEDS = {
     },
 }
 
+def qcow2_seeds():
+    """Small images qemu-img writes, in several variants (needs qemu-img and qemu-io)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not shutil.which("qemu-img"):
+        return {}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, opts in [
+            ("default", "cluster_size=512"),
+            ("v2", "cluster_size=512,compat=0.10"),
+            ("extl2", "cluster_size=16384,extended_l2=on"),
+            ("rc1", "cluster_size=512,refcount_bits=1"),
+            ("backed", "cluster_size=512,backing_file=base.qcow2,backing_fmt=qcow2"),
+        ]:
+            p = os.path.join(d, name + ".qcow2")
+            if name == "backed":
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", os.path.join(d, "base.qcow2"), "64k"], check=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, p, "64k"], check=True)
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 3k", "-c", "write -z 8k 1k", "-c", "write -P 0x22 40k 2k", p],
+                           check=True, stdout=subprocess.DEVNULL)
+            with open(p, "rb") as f:
+                out[name] = f.read()
+        p = os.path.join(d, "compressed.qcow2")
+        raw = os.path.join(d, "src.raw")
+        with open(raw, "wb") as f:
+            f.write(bytes(i % 7 for i in range(65536)))
+        subprocess.run(["qemu-img", "convert", "-q", "-c", "-O", "qcow2", "-o", "cluster_size=4096", raw, p], check=True)
+        with open(p, "rb") as f:
+            out["compressed"] = f.read()
+    return out
+
+
+SEEDS["qcow2_image"] = qcow2_seeds()
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "seeds", target)
     os.makedirs(d, exist_ok=True)

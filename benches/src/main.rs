@@ -9,6 +9,7 @@
 //! - `copy`: sequential write (`nbdcopy --flush`) and read (`nbdcopy ... null:`) of a random
 //!   file, 1 and 4 connections, against `qemu-nbd -f raw` and `nbdkit file`.
 //! - `fio`: 4 KiB random writes at queue depth 32 with fio's nbd engine, against qemu-nbd.
+//! - `qcow2`: the same copy and fio work into fresh qcow2 images, against `qemu-nbd -f qcow2`.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
@@ -23,7 +24,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -58,6 +59,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("fio") {
         peers::fio_section(&sendense, &args.dir, args.reps, &mut report)?;
+    }
+    if wants("qcow2") {
+        peers::qcow2_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;

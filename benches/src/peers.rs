@@ -71,15 +71,16 @@ fn free_port() -> anyhow::Result<u16> {
 pub fn start(kind: Kind, sendense: &Path, file: &Path, read_only: bool) -> anyhow::Result<Running> {
     let port = free_port()?;
     let p = port.to_string();
+    let format = if file.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
     let mut cmd = match kind {
         Kind::Sendense => {
             let mut c = Command::new(sendense);
-            c.args(["-f", "raw", "-x", "exp", "-p", &p, "-b", "127.0.0.1", "--shared=8", "-t"]);
+            c.args(["-f", format, "-x", "exp", "-p", &p, "-b", "127.0.0.1", "--shared=10", "-t"]);
             c
         }
         Kind::QemuNbd => {
             let mut c = Command::new("qemu-nbd");
-            c.args(["-f", "raw", "-x", "exp", "-p", &p, "-b", "127.0.0.1", "--shared=8", "-t"]);
+            c.args(["-f", format, "-x", "exp", "-p", &p, "-b", "127.0.0.1", "--shared=10", "-t"]);
             c
         }
         Kind::NbdkitFile => {
@@ -222,7 +223,7 @@ pub fn copy_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
     report.note(format!(
         "copy: {mib} MiB of random data; write = `nbdcopy --flush --connections=N [--threads=N] src.raw nbd://...` \
          into a fresh sparse raw file, after `sync` and dropping the page cache; read = `nbdcopy --connections=N [--threads=N] nbd://... null:` of the written file; \
-         servers: `sendense-nbd -f raw --shared=8 -t`, `qemu-nbd -f raw --shared=8 -t`, `nbdkit file`."
+         servers: `sendense-nbd -f raw --shared=10 -t`, `qemu-nbd -f raw --shared=10 -t`, `nbdkit file`."
     ));
     Ok(())
 }
@@ -263,5 +264,98 @@ pub fn fio_section(sendense: &Path, dir: &Path, reps: usize, report: &mut Report
     report.note(
         "fio: `fio --ioengine=nbd --rw=randwrite --bs=4k --iodepth=32 --numjobs=1 --size=1G --runtime=30` on a fresh sparse raw file.",
     );
+    Ok(())
+}
+
+fn fresh_qcow2(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
+    let _ = std::fs::remove_file(path);
+    let out =
+        Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg(size.to_string()).output()?;
+    anyhow::ensure!(out.status.success(), "qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(path.to_path_buf())
+}
+
+/// qcow2 through NBD: sequential write into a fresh image with 4 connections, read back, and
+/// 4 KiB random writes; sendense-nbd against qemu-nbd, with nbdkit on a raw file for scale.
+pub fn qcow2_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
+    let src = dir.join("src.raw");
+    make_source(&src, mib)?;
+    let size = mib << 20;
+    let gb = size as f64 / 1e9;
+    for rep in 0..reps {
+        eprintln!("qcow2: rep {}/{reps}", rep + 1);
+        for kind in [Kind::Sendense, Kind::QemuNbd, Kind::NbdkitFile] {
+            let target = if kind == Kind::NbdkitFile {
+                sparse(&dir.join("q-nbdkit.raw"), size)?
+            } else {
+                fresh_qcow2(&dir.join(format!("q-{}.qcow2", kind.label())), size)?
+            };
+            let case =
+                if kind == Kind::NbdkitFile { "nbdkit-file (raw)".to_string() } else { kind.label().to_string() };
+            settle(&src);
+            let server = start(kind, sendense, &target, false)?;
+            let cpu0 = server.cpu_seconds();
+            let secs = run_timed(
+                Command::new("nbdcopy").args(["--flush", "--connections=4", "--threads=4"]).arg(&src).arg(server.url()),
+            )?;
+            let cpu = server.cpu_seconds() - cpu0;
+            server.stop();
+            report.add("qcow2 write c4", &case, "MB/s", size as f64 / 1e6 / secs);
+            report.add("qcow2 write c4", &case, "srv CPU s/GB", cpu / gb);
+            settle(&target);
+            let server = start(kind, sendense, &target, true)?;
+            let cpu0 = server.cpu_seconds();
+            let secs = run_timed(
+                Command::new("nbdcopy").args(["--connections=4", "--threads=4"]).arg(server.url()).arg("null:"),
+            )?;
+            let cpu = server.cpu_seconds() - cpu0;
+            server.stop();
+            report.add("qcow2 read c4", &case, "MB/s", size as f64 / 1e6 / secs);
+            report.add("qcow2 read c4", &case, "srv CPU s/GB", cpu / gb);
+            let _ = std::fs::remove_file(&target);
+        }
+        for kind in [Kind::Sendense, Kind::QemuNbd] {
+            let target = fresh_qcow2(&dir.join(format!("qf-{}.qcow2", kind.label())), 1 << 30)?;
+            let server = start(kind, sendense, &target, false)?;
+            let cpu0 = server.cpu_seconds();
+            let json = dir.join("fio.json");
+            run_timed(
+                Command::new("fio")
+                    .args([
+                        "--name=randw",
+                        "--ioengine=nbd",
+                        "--rw=randwrite",
+                        "--bs=4k",
+                        "--iodepth=32",
+                        "--numjobs=1",
+                    ])
+                    .arg(format!("--uri={}", server.url()))
+                    .args(["--size=1G", "--runtime=30", "--output-format=json"])
+                    .arg(format!("--output={}", json.display())),
+            )?;
+            let cpu = server.cpu_seconds() - cpu0;
+            server.stop();
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+            let write = &v["jobs"][0]["write"];
+            let ios = write["total_ios"].as_f64().unwrap_or(f64::NAN);
+            report.add("qcow2 fio", kind.label(), "IOPS", write["iops"].as_f64().unwrap_or(f64::NAN));
+            report.add("qcow2 fio", kind.label(), "srv CPU us/op", cpu * 1e6 / ios);
+            let _ = std::fs::remove_file(&target);
+        }
+    }
+    for section in ["qcow2 write c4", "qcow2 read c4"] {
+        for metric in ["MB/s", "srv CPU s/GB"] {
+            report.ratio(section, "sendense", "qemu-nbd", metric);
+            report.ratio(section, "sendense", "nbdkit-file (raw)", metric);
+        }
+    }
+    report.ratio("qcow2 fio", "sendense", "qemu-nbd", "IOPS");
+    report.ratio("qcow2 fio", "sendense", "qemu-nbd", "srv CPU us/op");
+    report.note(format!(
+        "qcow2: {mib} MiB random data copied with `nbdcopy --flush --connections=4 --threads=4` into a fresh \
+         `qemu-img create -f qcow2` image (nbdkit: a sparse raw file), page cache dropped first; read back with \
+         `nbdcopy --connections=4 --threads=4 nbd://... null:`; fio 4 KiB randwrite QD32 on a fresh 1 GiB qcow2. \
+         Servers: `sendense-nbd -f qcow2 --shared=10 -t`, `qemu-nbd -f qcow2 --shared=10 -t`."
+    ));
     Ok(())
 }

@@ -43,3 +43,45 @@ pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};
 pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, MapExtent};
 pub use layout::Mapping;
+
+/// Entry point for the `qcow2_image` fuzz target and its corpus replay: open the bytes as an
+/// image, read and map samples of it, then open it writable and write, zero and discard. Returns
+/// whether the image opened. Never panics on any input (that is what is being fuzzed).
+pub fn fuzz_image_bytes(data: &[u8]) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("qcow2-fuzz-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    if std::fs::write(&path, data).is_err() {
+        return false;
+    }
+    let opened = fuzz_one(&path);
+    let _ = std::fs::remove_file(&path);
+    opened
+}
+
+fn fuzz_one(path: &std::path::Path) -> bool {
+    let Ok(img) = Image::open(path) else { return false };
+    let size = img.size();
+    let mut buf = vec![0u8; 65536];
+    for offset in [0, size / 2, size.saturating_sub(65536)] {
+        let n = (size - offset.min(size)).min(65536) as usize;
+        if let Some(b) = buf.get_mut(..n) {
+            let _ = img.read_at(b, offset);
+        }
+    }
+    let _ = img.map(0, size.min(16 << 20));
+    drop(img);
+    if let Ok(w) = Image::open_with(path, &ImageOptions { writable: true, ..ImageOptions::default() }) {
+        let n = size.min(70_000) as usize;
+        let _ = w.write_at(&vec![0x5a; n], 0);
+        let _ = w.write_zeroes(0, size.min(1 << 20));
+        let _ = w.discard(0, size.min(1 << 20));
+        let _ = w.close();
+    }
+    true
+}
