@@ -358,6 +358,12 @@ impl Image {
             self.file.sync_data().map_err(Error::io("fdatasync", 0))?;
             self.header.autoclear_features = 0;
         }
+        let mut file_len = file_len;
+        if self.header.incompatible_features & header::incompatible::DIRTY != 0 {
+            let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
+            crate::repair::rebuild(&self.file, &mut self.header, &l1, file_len)?;
+            file_len = self.file_len()?;
+        }
         let refcounts = Refcounts::load(&self.file, &self.header, file_len)?;
         self.write_state = Some(Mutex::new(WriteState::new(refcounts)));
         Ok(())
@@ -370,9 +376,6 @@ impl Image {
         }
         if h.nb_snapshots > 0 {
             return Err(Error::ReadOnly("images with internal snapshots are opened read-only"));
-        }
-        if h.incompatible_features & header::incompatible::DIRTY != 0 {
-            return Err(Error::ReadOnly("the dirty bit is set (lazy refcounts); run qemu-img check -r all first"));
         }
         Ok(())
     }

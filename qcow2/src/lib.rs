@@ -25,8 +25,9 @@
 //! concurrency and crash-safety rules.
 //!
 //! ## Limitations
-//! Encrypted images and external data files are refused. Images with internal snapshots, the
-//! corrupt bit or the dirty bit (lazy refcounts) open read-only.
+//! Encrypted images and external data files are refused. Images with internal snapshots or the
+//! corrupt bit open read-only. An image with the dirty bit (lazy refcounts, not cleanly closed)
+//! has its refcounts rebuilt from the metadata when opened for writing (`repair.rs`).
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -37,6 +38,7 @@ pub mod header;
 pub mod image;
 pub mod layout;
 mod refcount;
+mod repair;
 mod write;
 
 pub use error::{Error, ErrorKind, Result};

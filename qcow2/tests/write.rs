@@ -292,3 +292,36 @@ fn read_only_opens_refuse_writes_and_corrupt_images_refuse_write_opens() {
     ));
     assert!(Image::open(&p).is_ok(), "a corrupt-marked image still opens read-only");
 }
+
+#[test]
+fn a_dirty_lazy_refcounts_image_left_by_a_crash_is_repaired_on_a_writable_open() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("lazy.qcow2");
+    let (code, text) =
+        run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-o", "lazy_refcounts=on"]).arg(&p).arg("16M"));
+    assert_eq!(code, 0, "{text}");
+    // qemu-io's `abort` kills qemu mid-session: the dirty bit stays set, refcounts are stale.
+    let _ = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x31 0 3M", "-c", "write -P 0x32 8M 1M", "-c", "abort"])
+        .arg(&p));
+    let header = std::fs::read(&p).unwrap();
+    assert_eq!(header[79] & 1, 1, "qemu left the dirty bit set");
+    {
+        let img = writable(&p);
+        let mut back = vec![0u8; 3 << 20];
+        img.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0x31));
+        img.write_at(&[0x33; 65536], 12 << 20).unwrap();
+        img.close().unwrap();
+    }
+    assert_eq!(std::fs::read(&p).unwrap()[79] & 1, 0, "dirty bit cleared");
+    check_clean(&p);
+    let mut expect = vec![0u8; 16 << 20];
+    expect[..3 << 20].fill(0x31);
+    expect[8 << 20..9 << 20].fill(0x32);
+    expect[12 << 20..(12 << 20) + 65536].fill(0x33);
+    let raw = dir.path().join("expect.raw");
+    std::fs::write(&raw, &expect).unwrap();
+    compare(&raw, &p);
+}
