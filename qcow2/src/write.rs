@@ -250,8 +250,12 @@ impl Image {
         let cluster = self.geo.cluster_size();
         let start = guest << self.geo.cluster_bits;
         let within = (pos - start) as usize;
-        if chunk.len() as u64 == cluster {
-            return self.file().write_all_at(chunk, host).map_err(Error::io("write", host));
+        if chunk.len() as u64 == cluster || self.reads_as_zeroes(start)? {
+            // A fresh host cluster has never been written (the allocator only appends), so it
+            // reads as zeroes already: when the old contents are zeroes too, only the new bytes
+            // need writing.
+            let at = host + within as u64;
+            return self.file().write_all_at(chunk, at).map_err(Error::io("write", at));
         }
         let mut buf = vec![0u8; cluster as usize];
         let valid = (self.geo.size - start).min(cluster) as usize;
@@ -262,6 +266,14 @@ impl Image {
             dst.copy_from_slice(chunk);
         }
         self.file().write_all_at(&buf, host).map_err(Error::io("write", host))
+    }
+
+    /// Whether the whole guest cluster starting at `start` currently reads as zeroes by
+    /// metadata alone (zero cluster, or unallocated with nothing underneath).
+    fn reads_as_zeroes(&self, start: u64) -> Result<bool> {
+        let (mapping, run) = self.mapping_at(start)?;
+        let whole = run >= self.geo.cluster_size().min(self.geo.size - start);
+        Ok(whole && (mapping == Mapping::Zero || (mapping == Mapping::Unallocated && !self.has_backing())))
     }
 
     /// The L2 table covering guest cluster `guest`, allocating it if needed. Returns its host
