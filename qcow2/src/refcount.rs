@@ -24,7 +24,7 @@ use crate::layout;
 /// `fdatasync` per batch, like qemu's one per new L2 table).
 const MAX_BATCH_BYTES: u64 = 1 << 30;
 /// Refcount blocks kept in memory at most.
-const MAX_CACHED_BLOCKS: usize = 4096;
+const MAX_CACHED_BLOCKS: usize = 256;
 
 pub(crate) struct Refcounts {
     order: u32,
