@@ -114,7 +114,7 @@ impl Backing {
 }
 
 /// Read `buf` at `offset`; bytes past the end of the file read as zeroes (as in qemu).
-fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let Some(rest) = buf.get_mut(done..) else { break };

@@ -56,7 +56,7 @@ impl Refcounts {
             });
         }
         let mut raw = vec![0u8; bytes as usize];
-        read_exact_or_zero(file, &mut raw, header.refcount_table_offset)?;
+        crate::image::read_or_zero(file, &mut raw, header.refcount_table_offset)?;
         let table = be64s(&raw);
         for (i, e) in table.iter().enumerate() {
             if e & (cluster - 1) != 0 {
@@ -99,7 +99,7 @@ impl Refcounts {
                 }
             }
             let mut raw = vec![0u8; self.cluster() as usize];
-            read_exact_or_zero(file, &mut raw, offset)?;
+            crate::image::read_or_zero(file, &mut raw, offset)?;
             self.blocks.insert(offset, raw);
         }
         self.blocks.get_mut(&offset).ok_or(Error::Unsupported("refcount block cache".into()))
@@ -259,21 +259,4 @@ impl Refcounts {
         }
         Ok(())
     }
-}
-
-fn read_exact_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let Some(rest) = buf.get_mut(done..) else { break };
-        match file.read_at(rest, offset + done as u64) {
-            Ok(0) => {
-                rest.fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("read", offset + done as u64)(e)),
-        }
-    }
-    Ok(())
 }
