@@ -684,7 +684,16 @@ impl Image {
             backing_file,
             extensions,
         };
-        let head = h.encode()?;
+        let head = match h.encode() {
+            Ok(head) => head,
+            Err(_) => {
+                // Small clusters: like qemu, leave out the feature name table (it only names the
+                // bits for `qemu-img info`) rather than refuse the backing file.
+                let mut h = h.clone();
+                h.extensions.retain(|e| e.kind != header::ext::FEATURE_TABLE);
+                h.encode()?
+            }
+        };
         let mut reftable = vec![0u8; (reftable_clusters * cluster) as usize];
         if let Some(e) = reftable.get_mut(..8) {
             e.copy_from_slice(&refblock_offset.to_be_bytes());
