@@ -2,7 +2,7 @@
 # Run every test of the workspace, after installing the real peers the tests talk to.
 #
 # The interop tests start qemu-img/qemu-io/qemu-nbd, nbdinfo/nbdcopy/nbdsh (libnbd), Debian's
-# python3-libnbd and nbdkit themselves on 127.0.0.1; they fail (never skip) when a tool is
+# python3-libnbd, nbdkit and OpenSSH's sshd themselves on 127.0.0.1; they fail (never skip) when a tool is
 # missing, so this script installs them first (Debian packages, one `apt-get update`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,12 +11,14 @@ declare -A tool_package=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
   [nbdkit]=nbdkit
+  [ssh]=openssh-client [ssh-keygen]=openssh-client
 )
 missing=()
 for tool in "${!tool_package[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${tool_package[$tool]}")
 done
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
+[[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
 
 if ((${#missing[@]})); then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -31,6 +33,7 @@ for tool in "${!tool_package[@]}"; do
   command -v "$tool" >/dev/null || { echo "error: $tool is still missing" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd' || { echo "error: python3-libnbd is still missing" >&2; exit 1; }
+[[ -x /usr/sbin/sshd ]] || { echo "error: sshd (openssh-server) is still missing" >&2; exit 1; }
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

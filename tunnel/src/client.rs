@@ -1,0 +1,446 @@
+//! The node's tunnel: one SSH connection to the hub carrying every forward, kept up for good.
+//!
+//! [`Tunnel::start`] binds every local listener first (a port in use is an error right away),
+//! then a supervisor task connects, checks the host key, authenticates with the key, asks for
+//! the reverse forwards, and watches the connection. When it drops, the listeners stay bound and
+//! the supervisor reconnects with capped exponential backoff and jitter. A connection accepted
+//! while the tunnel is down waits for it up to `connect_wait`, then is closed cleanly. Each
+//! accepted TCP connection is its own `direct-tcpip` channel, copied both ways with
+//! `copy_bidirectional` (half-close propagates). Everything a node's API wants to show is in
+//! [`Status`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use russh::client::ChannelOpenHandle;
+use russh::client::{self, Handle, Msg};
+use russh::keys::PrivateKeyWithHashAlg;
+use russh::Channel;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::hostkey::{self, HostKeyPolicy};
+use crate::spec::{LocalForward, ReverseForward};
+
+/// How to reach the hub and what to forward.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Hub host name or address.
+    pub hub_host: String,
+    /// Hub SSH port (443 in production).
+    pub hub_port: u16,
+    /// User name.
+    pub user: String,
+    /// Private key file (ed25519 or RSA, OpenSSH format, unencrypted).
+    pub identity: std::path::PathBuf,
+    /// How the hub's host key is trusted.
+    pub host_key: HostKeyPolicy,
+    /// Local ports forwarded to the hub.
+    pub forwards: Vec<LocalForward>,
+    /// Hub ports forwarded back here.
+    pub reverse: Vec<ReverseForward>,
+    /// Keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives before the connection is declared dead.
+    pub keepalive_max: usize,
+    /// How long a local connection waits for the tunnel to come up.
+    pub connect_wait: Duration,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl ClientConfig {
+    /// Production defaults for `user@hub_host:hub_port` with `identity`, trusting `host_key`:
+    /// no forwards yet.
+    pub fn new(
+        hub_host: impl Into<String>,
+        hub_port: u16,
+        user: impl Into<String>,
+        identity: impl Into<std::path::PathBuf>,
+        host_key: HostKeyPolicy,
+    ) -> Self {
+        Self {
+            hub_host: hub_host.into(),
+            hub_port,
+            user: user.into(),
+            identity: identity.into(),
+            host_key,
+            forwards: Vec::new(),
+            reverse: Vec::new(),
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
+            connect_wait: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Failures of the tunnel client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// A local listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The private key could not be loaded.
+    #[error("cannot load identity {path}: {reason}")]
+    Identity {
+        /// Path.
+        path: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The hub's host key was refused.
+    #[error(transparent)]
+    HostKey(#[from] hostkey::HostKeyError),
+    /// The hub refused our key.
+    #[error("hub {hub} refused the key for user {user}")]
+    AuthRefused {
+        /// Hub.
+        hub: String,
+        /// User.
+        user: String,
+    },
+    /// SSH-level failure (connect, protocol, disconnect).
+    #[error("ssh: {0}")]
+    Ssh(String),
+}
+
+/// What the tunnel is doing, for the node's API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Since when the current connection is up (`None` while down).
+    pub connected_since: Option<SystemTime>,
+    /// Connections made after the first.
+    pub reconnects: u64,
+    /// The last error, if any (kept after recovery, for diagnosis).
+    pub last_error: Option<String>,
+    /// Forwarded connections open now.
+    pub open_channels: u64,
+    /// Bytes sent from the node towards the hub.
+    pub bytes_to_hub: u64,
+    /// Bytes received from the hub.
+    pub bytes_from_hub: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    status: Mutex<Status>,
+    open: AtomicU64,
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Shared {
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+}
+
+type HubHandle = Arc<Handle<HubHandler>>;
+
+/// A running tunnel. Dropping it stops it.
+pub struct Tunnel {
+    shared: Arc<Shared>,
+    session: watch::Receiver<Option<HubHandle>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Tunnel {
+    /// Bind the local listeners and start connecting.
+    ///
+    /// # Errors
+    /// A listener cannot be bound, or the identity cannot be loaded.
+    pub async fn start(config: ClientConfig) -> Result<Self, TunnelError> {
+        let key = russh::keys::load_secret_key(&config.identity, None).map_err(|e| TunnelError::Identity {
+            path: config.identity.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut listeners = Vec::new();
+        for f in &config.forwards {
+            let l =
+                TcpListener::bind(f.listen).await.map_err(|source| TunnelError::Listen { addr: f.listen, source })?;
+            listeners.push((l, f.clone()));
+        }
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = watch::channel(None);
+        let config = Arc::new(config);
+        let mut tasks = Vec::new();
+        for (listener, forward) in listeners {
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                forward,
+                rx.clone(),
+                Arc::clone(&shared),
+                config.connect_wait,
+            )));
+        }
+        tasks.push(tokio::spawn(supervise(config, Arc::new(key), tx, Arc::clone(&shared))));
+        Ok(Self { shared, session: rx, tasks })
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> Status {
+        let mut s = self.shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+        s.open_channels = self.shared.open.load(Ordering::Relaxed);
+        s.bytes_to_hub = self.shared.up.load(Ordering::Relaxed);
+        s.bytes_from_hub = self.shared.down.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Wait until the tunnel is up (or `timeout` passes); true if it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.session.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|h| h.is_some())).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// The client side of one SSH connection: host key check and reverse-forwarded channels.
+struct HubHandler {
+    policy: HostKeyPolicy,
+    host: String,
+    port: u16,
+    reverse: Arc<Vec<ReverseForward>>,
+    key_error: Arc<Mutex<Option<hostkey::HostKeyError>>>,
+    shared: Arc<Shared>,
+}
+
+impl client::Handler for HubHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        match hostkey::verify(&self.policy, &self.host, self.port, key) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                if let Ok(mut slot) = self.key_error.lock() {
+                    *slot = Some(e);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let Some(target) = self.reverse.iter().find(|r| u32::from(r.remote_port) == connected_port).map(|r| r.local)
+        else {
+            tracing::warn!(%connected_address, connected_port, "hub opened a reverse channel we did not ask for; refusing");
+            return Ok(()); // dropping `reply` rejects
+        };
+        let shared = Arc::clone(&self.shared);
+        // Never wait on a connect inside the handler: it would stall the whole session.
+        tokio::spawn(async move {
+            match TcpStream::connect(target).await {
+                Ok(tcp) => {
+                    reply.accept().await;
+                    let _ = tcp.set_nodelay(true);
+                    pump(tcp, channel, &shared).await;
+                }
+                Err(e) => tracing::warn!(%target, error = %e, "reverse forward target unreachable"),
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Copy both ways between a TCP connection and a channel, counting bytes.
+async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, shared: &Shared) {
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    let mut stream = channel.into_stream();
+    match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+        // Whichever side opened it, what the local TCP side sends goes to the hub.
+        Ok((to_hub, from_hub)) => {
+            shared.up.fetch_add(to_hub, Ordering::Relaxed);
+            shared.down.fetch_add(from_hub, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(error = %e, "forwarded connection ended with an error"),
+    }
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    forward: LocalForward,
+    session: watch::Receiver<Option<HubHandle>>,
+    shared: Arc<Shared>,
+    wait: Duration,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(listen = %forward.listen, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut session = session.clone();
+        let shared = Arc::clone(&shared);
+        let forward = forward.clone();
+        tokio::spawn(async move {
+            let handle = match tokio::time::timeout(wait, session.wait_for(|h| h.is_some())).await {
+                Ok(Ok(h)) => h.clone(),
+                _ => {
+                    tracing::warn!(listen = %forward.listen, "tunnel not up within {wait:?}; closing the connection");
+                    return;
+                }
+            };
+            let Some(handle) = handle else { return };
+            match handle
+                .channel_open_direct_tcpip(
+                    forward.remote_host.clone(),
+                    u32::from(forward.remote_port),
+                    peer.ip().to_string(),
+                    u32::from(peer.port()),
+                )
+                .await
+            {
+                Ok(channel) => pump(tcp, channel, &shared).await,
+                Err(e) => {
+                    let msg = format!(
+                        "hub refused forward {} -> {}:{}: {e}",
+                        forward.listen, forward.remote_host, forward.remote_port
+                    );
+                    tracing::warn!("{msg}");
+                    shared.set(|s| s.last_error = Some(msg));
+                }
+            }
+        });
+    }
+}
+
+async fn connect_once(
+    config: &ClientConfig,
+    key: &Arc<russh::keys::PrivateKey>,
+    shared: &Arc<Shared>,
+) -> Result<Handle<HubHandler>, TunnelError> {
+    let ssh = Arc::new(client::Config {
+        keepalive_interval: Some(config.keepalive_interval),
+        keepalive_max: config.keepalive_max,
+        inactivity_timeout: None,
+        nodelay: true,
+        window_size: 16 * 1024 * 1024,
+        maximum_packet_size: 65535,
+        ..client::Config::default()
+    });
+    let key_error = Arc::new(Mutex::new(None));
+    let handler = HubHandler {
+        policy: config.host_key.clone(),
+        host: config.hub_host.clone(),
+        port: config.hub_port,
+        reverse: Arc::new(config.reverse.clone()),
+        key_error: Arc::clone(&key_error),
+        shared: Arc::clone(shared),
+    };
+    let connected = client::connect(ssh, (config.hub_host.as_str(), config.hub_port), handler).await;
+    let mut handle = match connected {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(k) = key_error.lock().ok().and_then(|mut k| k.take()) {
+                return Err(k.into());
+            }
+            return Err(TunnelError::Ssh(format!("connecting to {}:{}: {e}", config.hub_host, config.hub_port)));
+        }
+    };
+    let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
+    let auth = handle
+        .authenticate_publickey(config.user.clone(), PrivateKeyWithHashAlg::new(Arc::clone(key), hash))
+        .await
+        .map_err(|e| TunnelError::Ssh(e.to_string()))?;
+    if !auth.success() {
+        return Err(TunnelError::AuthRefused {
+            hub: format!("{}:{}", config.hub_host, config.hub_port),
+            user: config.user.clone(),
+        });
+    }
+    for r in &config.reverse {
+        if let Err(e) = handle.tcpip_forward(r.remote_bind.clone(), u32::from(r.remote_port)).await {
+            let msg = format!("hub refused reverse forward {}:{} -> {}: {e}", r.remote_bind, r.remote_port, r.local);
+            tracing::warn!("{msg}");
+            shared.set(|s| s.last_error = Some(msg));
+        }
+    }
+    Ok(handle)
+}
+
+/// Reconnect forever with capped exponential backoff and jitter.
+async fn supervise(
+    config: Arc<ClientConfig>,
+    key: Arc<russh::keys::PrivateKey>,
+    publish: watch::Sender<Option<HubHandle>>,
+    shared: Arc<Shared>,
+) {
+    let mut delay = config.backoff_initial;
+    let mut connections = 0u64;
+    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1) | 1;
+    loop {
+        match connect_once(&config, &key, &shared).await {
+            Ok(handle) => {
+                let since = Instant::now();
+                connections += 1;
+                shared.set(|s| {
+                    s.connected_since = Some(SystemTime::now());
+                    s.reconnects = connections - 1;
+                });
+                tracing::info!(hub = %config.hub_host, port = config.hub_port, "tunnel up");
+                let handle = Arc::new(handle);
+                let _ = publish.send(Some(Arc::clone(&handle)));
+                while !handle.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let _ = publish.send(None);
+                shared.set(|s| {
+                    s.connected_since = None;
+                    s.last_error = Some("connection to the hub closed".into());
+                });
+                tracing::warn!("tunnel down; reconnecting");
+                if since.elapsed() > Duration::from_secs(10) {
+                    delay = config.backoff_initial;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel connection failed");
+                shared.set(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+        // Jitter: between half and all of the delay.
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let jittered = delay.mul_f64(0.5 + f64::from(seed % 1000) / 2000.0);
+        tokio::time::sleep(jittered).await;
+        delay = (delay * 2).min(config.backoff_max);
+    }
+}

@@ -1,0 +1,22 @@
+//! # tunnel: SSH port forwarding on russh
+//!
+//! The node's side of the data path's tunnel: one SSH connection to the hub carries a range of
+//! local ports (NBD 10100-10200), single forwards (the hub API on 8082) and reverse forwards (the
+//! hub's 9081 back to the node's API on 8081), with a pinned host key, keepalive and reconnect.
+//!
+//! - [`spec`]: the `A-B[:REMOTE_A]`, `LOCAL[:REMOTE]`, `REMOTE:LOCAL` forms (pure).
+//! - [`hostkey`]: known_hosts or pinned-fingerprint checks; no "accept anything" mode.
+//! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
+//!
+//! The hub-side endpoint, the `sendense-tunnel` binary and the benchmark against OpenSSH are not
+//! built yet.
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod client;
+pub mod hostkey;
+pub mod spec;
+
+pub use client::{ClientConfig, Status, Tunnel, TunnelError};
+pub use hostkey::HostKeyPolicy;
