@@ -7,14 +7,17 @@
 //! - [`spec`]: the `A-B[:REMOTE_A]`, `LOCAL[:REMOTE]`, `REMOTE:LOCAL` forms (pure).
 //! - [`hostkey`]: known_hosts or pinned-fingerprint checks; no "accept anything" mode.
 //! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
+//! - [`authorized`]: authorized_keys with `from=` and `permitopen=`.
+//! - [`endpoint`]: the hub's SSH endpoint that allows nothing but the configured forwards.
 //!
-//! The hub-side endpoint, the `sendense-tunnel` binary and the benchmark against OpenSSH are not
-//! built yet.
+//! The `sendense-tunnel` binary and the benchmark against OpenSSH are not built yet.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+pub mod authorized;
 pub mod client;
+pub mod endpoint;
 pub mod hostkey;
 pub mod spec;
 

@@ -1,0 +1,218 @@
+//! authorized_keys parsing for the hub endpoint: OpenSSH's format, with the `from=` and
+//! `permitopen=` options honoured (other options are accepted and ignored: the endpoint never
+//! gives a shell, a pty, agent or X11 forwarding anyway).
+//!
+//! `from=` takes comma-separated address patterns with `*` and `?` wildcards and `!` negation
+//! (CIDR masks are not supported and make the line an error rather than silently too open).
+//! `permitopen=` may appear several times, each `host:port`.
+
+use russh::keys::PublicKey;
+
+/// One authorized key with its restrictions.
+#[derive(Debug, Clone)]
+pub struct AuthorizedKey {
+    /// The key.
+    pub key: PublicKey,
+    /// `from=` patterns, if any.
+    pub from: Option<Vec<String>>,
+    /// `permitopen=` destinations, if any (`host`, `port`).
+    pub permitopen: Option<Vec<(String, u16)>>,
+    /// Line number (1-based) for messages.
+    pub line: usize,
+}
+
+/// A line that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("authorized_keys line {line}: {reason}")]
+pub struct AuthorizedKeysError {
+    /// Line number.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn is_key_type(word: &str) -> bool {
+    word.starts_with("ssh-") || word.starts_with("ecdsa-sha2-") || word.starts_with("sk-")
+}
+
+/// Split the options field at commas outside double quotes.
+fn split_options(opts: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in opts.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(ch),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Parse an authorized_keys file.
+///
+/// # Errors
+/// The first line that cannot be parsed (unknown key encoding, bad option value).
+pub fn parse(text: &str) -> Result<Vec<AuthorizedKey>, AuthorizedKeysError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let raw = raw.trim();
+        if raw.is_empty() || raw.starts_with('#') {
+            continue;
+        }
+        let err = |reason: String| AuthorizedKeysError { line, reason };
+        // Options come first unless the line starts with the key type.
+        let (options, rest) = if raw.split_whitespace().next().is_some_and(is_key_type) {
+            ("", raw)
+        } else {
+            let mut quoted = false;
+            let mut end = raw.len();
+            for (at, ch) in raw.char_indices() {
+                match ch {
+                    '"' => quoted = !quoted,
+                    ' ' | '\t' if !quoted => {
+                        end = at;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            (raw.get(..end).unwrap_or(""), raw.get(end..).unwrap_or("").trim_start())
+        };
+        let mut fields = rest.split_whitespace();
+        let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else {
+            return Err(err("expected [options] type base64 [comment]".into()));
+        };
+        if !is_key_type(kind) {
+            return Err(err(format!("unknown key type '{kind}'")));
+        }
+        let key = russh::keys::parse_public_key_base64(blob).map_err(|e| err(format!("bad key: {e}")))?;
+        let mut from = None;
+        let mut permitopen: Option<Vec<(String, u16)>> = None;
+        for opt in split_options(options) {
+            let (name, value) = opt
+                .split_once('=')
+                .map(|(n, v)| (n.to_ascii_lowercase(), Some(v)))
+                .unwrap_or((opt.to_ascii_lowercase(), None));
+            match (name.as_str(), value) {
+                ("from", Some(v)) => {
+                    let pats: Vec<String> =
+                        v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+                    if pats.iter().any(|p| p.contains('/')) {
+                        return Err(err("from= with CIDR masks is not supported; list addresses or wildcards".into()));
+                    }
+                    from = Some(pats);
+                }
+                ("permitopen", Some(v)) => {
+                    let (host, port) =
+                        v.rsplit_once(':').ok_or_else(|| err(format!("permitopen=\"{v}\" needs host:port")))?;
+                    let port = port.parse::<u16>().map_err(|_| err(format!("permitopen=\"{v}\" has a bad port")))?;
+                    permitopen.get_or_insert_with(Vec::new).push((host.to_string(), port));
+                }
+                _ => {}
+            }
+        }
+        out.push(AuthorizedKey { key, from, permitopen, line });
+    }
+    Ok(out)
+}
+
+/// `*`/`?` glob match.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0usize, 0usize, None, 0usize);
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('?') => {
+                pi += 1;
+                ti += 1;
+            }
+            Some(c) if *c != '*' && Some(c) == t.get(ti) => {
+                pi += 1;
+                ti += 1;
+            }
+            Some('*') => {
+                star = Some(pi);
+                mark = ti;
+                pi += 1;
+            }
+            _ => match star {
+                Some(s) => {
+                    pi = s + 1;
+                    mark += 1;
+                    ti = mark;
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).is_some_and(|rest| rest.iter().all(|c| *c == '*'))
+}
+
+impl AuthorizedKey {
+    /// Whether a client at `addr` may use this key (`from=`).
+    pub fn allows_from(&self, addr: &str) -> bool {
+        let Some(pats) = &self.from else { return true };
+        let mut allowed = false;
+        for p in pats {
+            if let Some(neg) = p.strip_prefix('!') {
+                if glob(neg, addr) {
+                    return false;
+                }
+            } else if glob(p, addr) {
+                allowed = true;
+            }
+        }
+        allowed
+    }
+
+    /// Whether this key may open `host:port` (`permitopen=`).
+    pub fn allows_open(&self, host: &str, port: u16) -> bool {
+        match &self.permitopen {
+            None => true,
+            Some(list) => list.iter().any(|(h, p)| (h == host || h == "*") && *p == port),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb8qoqZtrb2+TCr0jq9UPZ+N7cSMQfDg+XKQ1uQ5fN0 node@host";
+
+    #[test]
+    fn options_from_and_permitopen_are_parsed_and_applied() {
+        let text = format!("# comment\n\n{KEY}\nfrom=\"127.0.0.*,!127.0.0.9\",permitopen=\"127.0.0.1:10100\",permitopen=\"127.0.0.1:8082\",no-pty {KEY}\n");
+        let keys = parse(&text).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys[0].allows_from("10.1.2.3") && keys[0].allows_open("127.0.0.1", 22));
+        let k = &keys[1];
+        assert_eq!(k.line, 4);
+        assert!(k.allows_from("127.0.0.1"));
+        assert!(!k.allows_from("127.0.0.9"), "negated");
+        assert!(!k.allows_from("192.168.1.1"));
+        assert!(k.allows_open("127.0.0.1", 8082) && !k.allows_open("127.0.0.1", 8083));
+    }
+
+    #[test]
+    fn broken_lines_name_their_line() {
+        assert_eq!(parse("\nssh-ed25519 !!!notbase64").unwrap_err().line, 2);
+        assert!(parse(&format!("from=\"10.0.0.0/8\" {KEY}")).is_err());
+        assert!(parse(&format!("permitopen=\"nohost\" {KEY}")).is_err());
+        assert!(parse("ssh-ed25519").is_err());
+    }
+
+    #[test]
+    fn glob_handles_stars_and_question_marks() {
+        assert!(glob("127.0.0.*", "127.0.0.12"));
+        assert!(glob("1?7.*", "127.9"));
+        assert!(!glob("127.0.0.?", "127.0.0.12"));
+        assert!(glob("*", ""));
+    }
+}

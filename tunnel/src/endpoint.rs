@@ -1,0 +1,283 @@
+//! The hub's SSH endpoint: authenticates keys from authorized_keys and allows nothing but the
+//! configured forwards.
+//!
+//! Allowed: `direct-tcpip` to 127.0.0.1/localhost on allowed ports (and within the key's
+//! `permitopen=`), `tcpip-forward` on allowed ports of the hub's loopback. Everything else —
+//! sessions (shell, exec, subsystems), agent and X11 forwarding, other ports, unknown keys, keys
+//! used from addresses outside their `from=` — is refused. Connections per key and channels per
+//! connection are bounded. A forwarded destination is connected in a spawned task (a slow
+//! connect must not stall the session), and reverse-forward listeners belong to their session:
+//! they close with it or on `cancel-tcpip-forward`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use russh::server::{self, Auth, ChannelOpenHandle, Msg, Session};
+use russh::{Channel, ChannelOpenFailure};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::authorized::AuthorizedKey;
+
+/// Inclusive port ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortSet(pub Vec<(u16, u16)>);
+
+impl PortSet {
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u32) -> bool {
+        self.0.iter().any(|(a, b)| (u32::from(*a)..=u32::from(*b)).contains(&port))
+    }
+}
+
+/// What the endpoint allows.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// The hub's host key.
+    pub host_key: PrivateKey,
+    /// Keys that may connect.
+    pub authorized: Vec<AuthorizedKey>,
+    /// Only this user name, if set.
+    pub user: Option<String>,
+    /// Ports `direct-tcpip` may reach on the hub's loopback.
+    pub allow_direct: PortSet,
+    /// Ports clients may ask the hub to listen on (reverse forwards), on its loopback.
+    pub allow_reverse: PortSet,
+    /// Connections one key may hold at once.
+    pub max_connections_per_key: usize,
+    /// Channels one connection may hold at once.
+    pub max_channels_per_connection: usize,
+}
+
+/// Counts shared by all sessions.
+#[derive(Default)]
+struct Shared {
+    per_key: Mutex<HashMap<String, usize>>,
+}
+
+/// Serve the endpoint on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, config: EndpointConfig) {
+    let ssh = Arc::new(server::Config {
+        keys: vec![config.host_key.clone()],
+        methods: (&[russh::MethodKind::PublicKey][..]).into(),
+        auth_rejection_time: Duration::from_millis(300),
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        nodelay: true,
+        window_size: 16 * 1024 * 1024,
+        ..server::Config::default()
+    });
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared::default());
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = EndpointSession {
+            config: Arc::clone(&config),
+            shared: Arc::clone(&shared),
+            peer,
+            key_id: None,
+            channels: Arc::new(AtomicUsize::new(0)),
+            forwards: HashMap::new(),
+            key: None,
+        };
+        let ssh = Arc::clone(&ssh);
+        tokio::spawn(async move {
+            match server::run_stream(ssh, stream, handler).await {
+                Ok(session) => {
+                    if let Err(e) = session.await {
+                        tracing::debug!(%peer, error = ?e, "session ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, error = ?e, "handshake failed"),
+            }
+        });
+    }
+}
+
+/// One client connection.
+struct EndpointSession {
+    config: Arc<EndpointConfig>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    /// Fingerprint of the accepted key (counted in `per_key`).
+    key_id: Option<String>,
+    key: Option<AuthorizedKey>,
+    channels: Arc<AtomicUsize>,
+    /// Reverse-forward listeners of this session, by port.
+    forwards: HashMap<u32, tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for EndpointSession {
+    fn drop(&mut self) {
+        for (_, t) in self.forwards.drain() {
+            t.abort();
+        }
+        if let Some(id) = &self.key_id {
+            if let Ok(mut m) = self.shared.per_key.lock() {
+                if let Some(n) = m.get_mut(id) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+fn loopback(host: &str) -> bool {
+    matches!(host, "127.0.0.1" | "localhost" | "::1")
+}
+
+async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, counter: Arc<AtomicUsize>) {
+    let mut stream = channel.into_stream();
+    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+    counter.fetch_sub(1, Ordering::Relaxed);
+}
+
+impl server::Handler for EndpointSession {
+    type Error = russh::Error;
+
+    async fn auth_publickey(&mut self, user: &str, key: server::VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if self.config.user.as_deref().is_some_and(|u| u != user) {
+            tracing::warn!(peer = %self.peer, user, "refused: wrong user");
+            return Ok(Auth::reject());
+        }
+        let entry = self.config.authorized.iter().find(|a| a.key.key_data() == key.public_key.key_data()).cloned();
+        let Some(entry) = entry else {
+            tracing::warn!(peer = %self.peer, user, fingerprint = %crate::hostkey::fingerprint(key.public_key), "refused: unknown key");
+            return Ok(Auth::reject());
+        };
+        if !entry.allows_from(&self.peer.ip().to_string()) {
+            tracing::warn!(peer = %self.peer, line = entry.line, "refused: key not allowed from this address");
+            return Ok(Auth::reject());
+        }
+        let id = crate::hostkey::fingerprint(key.public_key);
+        if let Ok(mut m) = self.shared.per_key.lock() {
+            let n = m.entry(id.clone()).or_insert(0);
+            if *n >= self.config.max_connections_per_key {
+                tracing::warn!(peer = %self.peer, key = %id, "refused: too many connections for this key");
+                return Ok(Auth::reject());
+            }
+            *n += 1;
+        }
+        self.key_id = Some(id);
+        self.key = Some(entry);
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::warn!(peer = %self.peer, "refused: session channel (shell/exec/subsystem)");
+        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let permitted = self
+            .key
+            .as_ref()
+            .is_some_and(|k| u16::try_from(port_to_connect).is_ok_and(|p| k.allows_open(host_to_connect, p)));
+        if !loopback(host_to_connect) || !self.config.allow_direct.contains(port_to_connect) || !permitted {
+            tracing::warn!(peer = %self.peer, host_to_connect, port_to_connect, "refused: forward not allowed");
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        if self.channels.fetch_add(1, Ordering::Relaxed) >= self.config.max_channels_per_connection {
+            self.channels.fetch_sub(1, Ordering::Relaxed);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let counter = Arc::clone(&self.channels);
+        let port = port_to_connect as u16;
+        tokio::spawn(async move {
+            match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    reply.accept().await;
+                    pump(tcp, channel, counter).await;
+                }
+                Err(_) => {
+                    counter.fetch_sub(1, Ordering::Relaxed);
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if !loopback(address) || !self.config.allow_reverse.contains(*port) || self.forwards.contains_key(port) {
+            tracing::warn!(peer = %self.peer, address, port = *port, "refused: reverse forward not allowed");
+            return Ok(false);
+        }
+        let listener = match TcpListener::bind(("127.0.0.1", *port as u16)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(port = *port, error = %e, "reverse forward cannot listen");
+                return Ok(false);
+            }
+        };
+        let handle = session.handle();
+        let bound = *port;
+        let address = address.to_string();
+        let counter = Arc::clone(&self.channels);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let handle = handle.clone();
+                let address = address.clone();
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    match handle
+                        .channel_open_forwarded_tcpip(address, bound, peer.ip().to_string(), u32::from(peer.port()))
+                        .await
+                    {
+                        Ok(channel) => {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            pump(tcp, channel, counter).await;
+                        }
+                        Err(e) => tracing::debug!(error = ?e, "reverse channel refused by the client"),
+                    }
+                });
+            }
+        });
+        self.forwards.insert(bound, task);
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        _address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.forwards.remove(&port).map(|t| t.abort()).is_some())
+    }
+}
