@@ -108,3 +108,29 @@ async fn a_wrong_host_key_is_refused_and_named() {
     });
     assert!(closed.await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashed_known_hosts_and_pinned_fingerprints_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (identity, host_pub) = setup(d);
+    let ssh_port = free_port();
+    let _sshd = Sshd::start(d, ssh_port);
+    let kh = known_hosts(d, ssh_port, &host_pub);
+    let out = std::process::Command::new(require("ssh-keygen")).args(["-H", "-f"]).arg(&kh).output().unwrap();
+    assert!(out.status.success());
+    assert!(std::fs::read_to_string(&kh).unwrap().starts_with("|1|"), "entry is hashed");
+    let hashed =
+        Tunnel::start(ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh)))
+            .await
+            .unwrap();
+    assert!(hashed.wait_connected(Duration::from_secs(10)).await, "{:?}", hashed.status());
+    let out = std::process::Command::new(require("ssh-keygen")).arg("-lf").arg(&host_pub).output().unwrap();
+    let fp = String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string();
+    assert!(fp.starts_with("SHA256:"));
+    let pinned =
+        Tunnel::start(ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::Fingerprint(fp)))
+            .await
+            .unwrap();
+    assert!(pinned.wait_connected(Duration::from_secs(10)).await, "{:?}", pinned.status());
+}

@@ -1,0 +1,176 @@
+//! `sendense-tunnel serve` and `connect` as processes: NBD through the tunnel (qemu-nbd behind
+//! the forward, nbdcopy with 4 connections through it, content identical), and bad
+//! configuration reported in one line with a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sendense-tunnel");
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command) -> Kill {
+    Kill(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+fn tool(name: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "{name} is required; scripts/test.sh installs it");
+}
+
+#[test]
+fn nbd_with_four_connections_through_the_tunnel_binaries_is_bit_identical() {
+    tool("qemu-nbd");
+    tool("nbdcopy");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (identity, host_pub) = setup(d);
+    let (hub_ssh, nbd_port, local_nbd) = (free_port(), free_port(), free_port());
+    let size = 32usize << 20;
+    let src: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8 ^ (i as u8)).collect();
+    std::fs::write(d.join("src.raw"), &src).unwrap();
+    std::fs::File::create(d.join("dst.raw")).unwrap().set_len(size as u64).unwrap();
+
+    let _nbd = spawn(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "exp", "-p", &nbd_port.to_string(), "-b", "127.0.0.1", "--shared=8", "-t"])
+            .arg(d.join("dst.raw")),
+    );
+    let _hub = spawn(
+        Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{hub_ssh}"), "--allow", &nbd_port.to_string()])
+            .arg("--host-key")
+            .arg(d.join("host_key"))
+            .arg("--authorized-keys")
+            .arg(d.join("authorized_keys")),
+    );
+    wait_port(hub_ssh);
+    let kh = known_hosts(d, hub_ssh, &host_pub);
+    let _node = spawn(
+        Command::new(BIN)
+            .args([
+                "connect",
+                "--hub",
+                &format!("127.0.0.1:{hub_ssh}"),
+                "--forward",
+                &format!("{local_nbd}:{nbd_port}"),
+            ])
+            .arg("--identity")
+            .arg(&identity)
+            .arg("--known-hosts")
+            .arg(&kh),
+    );
+    wait_port(local_nbd);
+    let out = Command::new("nbdcopy")
+        .args(["--flush", "--connections=4", "--threads=4"])
+        .arg(d.join("src.raw"))
+        .arg(format!("nbd://127.0.0.1:{local_nbd}/exp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nbdcopy through the tunnel: {}", String::from_utf8_lossy(&out.stderr));
+    let back = d.join("back.raw");
+    let out = Command::new("nbdcopy")
+        .args(["--connections=4", "--threads=4", &format!("nbd://127.0.0.1:{local_nbd}/exp")])
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(d.join("dst.raw")).unwrap() == src, "written image differs");
+    assert!(std::fs::read(&back).unwrap() == src, "read-back differs");
+}
+
+fn wait_port(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::TcpStream::connect(local(port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn one_line_failure(args: &[&str], dir: &Path, expect: &str) {
+    let out = Command::new(BIN).args(args).current_dir(dir).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("sendense-tunnel:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(expect), "{err}");
+}
+
+#[test]
+fn bad_configuration_is_one_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, _) = setup(d);
+    one_line_failure(&["connect", "--hub", "127.0.0.1:1", "--identity", "client_key"], d, "no accept-anything mode");
+    one_line_failure(
+        &[
+            "connect",
+            "--hub",
+            "127.0.0.1:1",
+            "--identity",
+            "client_key",
+            "--fingerprint",
+            "SHA256:x",
+            "--forward-range",
+            "20-10",
+        ],
+        d,
+        "range end is below its start",
+    );
+    one_line_failure(
+        &[
+            "connect",
+            "--hub",
+            "127.0.0.1:1",
+            "--identity",
+            "missing_key",
+            "--fingerprint",
+            "SHA256:x",
+            "--forward",
+            "1",
+        ],
+        d,
+        "cannot load identity",
+    );
+    one_line_failure(
+        &["serve", "--listen", "127.0.0.1:0", "--host-key", "nope", "--authorized-keys", "authorized_keys"],
+        d,
+        "cannot load host key",
+    );
+    std::fs::write(d.join("empty_keys"), "# nobody\n").unwrap();
+    one_line_failure(
+        &["serve", "--listen", "127.0.0.1:0", "--host-key", "host_key", "--authorized-keys", "empty_keys"],
+        d,
+        "holds no keys",
+    );
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    one_line_failure(
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--host-key",
+            "host_key",
+            "--authorized-keys",
+            "authorized_keys",
+        ],
+        d,
+        "cannot listen",
+    );
+}
