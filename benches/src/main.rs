@@ -10,12 +10,15 @@
 //!   file, 1 and 4 connections, against `qemu-nbd -f raw` and `nbdkit file`.
 //! - `fio`: 4 KiB random writes at queue depth 32 with fio's nbd engine, against qemu-nbd.
 //! - `qcow2`: the same copy and fio work into fresh qcow2 images, against `qemu-nbd -f qcow2`.
+//! - `tunnel`: `sendense-tunnel` against OpenSSH `ssh -L` with the same cipher, and NBD through
+//!   the tunnel against direct loopback.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
 mod fleet;
 mod peers;
 mod report;
+mod tunnel;
 
 use std::path::PathBuf;
 
@@ -24,7 +27,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, tunnel, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -62,6 +65,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("qcow2") {
         peers::qcow2_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("tunnel") {
+        tunnel::tunnel_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;
