@@ -23,6 +23,10 @@ use tokio::sync::watch;
 use crate::hostkey::{self, HostKeyPolicy};
 use crate::spec::{LocalForward, ReverseForward};
 
+/// Copy buffer per direction of a forwarded connection. tokio's default (8 KiB) turns every
+/// read into a small SSH packet; 64 KiB fills the channel's maximum packet size.
+pub const COPY_BUF: usize = 64 * 1024;
+
 /// How to reach the hub and what to forward.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -278,7 +282,7 @@ impl client::Handler for HubHandler {
 async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, shared: &Shared) {
     shared.open.fetch_add(1, Ordering::Relaxed);
     let mut stream = channel.into_stream();
-    match tokio::io::copy_bidirectional(&mut tcp, &mut stream).await {
+    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF).await {
         // Whichever side opened it, what the local TCP side sends goes to the hub.
         Ok((to_hub, from_hub)) => {
             shared.up.fetch_add(to_hub, Ordering::Relaxed);

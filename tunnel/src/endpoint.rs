@@ -139,7 +139,13 @@ fn loopback(host: &str) -> bool {
 
 async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, counter: Arc<AtomicUsize>) {
     let mut stream = channel.into_stream();
-    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+    let _ = tokio::io::copy_bidirectional_with_sizes(
+        &mut tcp,
+        &mut stream,
+        crate::client::COPY_BUF,
+        crate::client::COPY_BUF,
+    )
+    .await;
     counter.fetch_sub(1, Ordering::Relaxed);
 }
 
