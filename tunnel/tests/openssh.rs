@@ -24,7 +24,7 @@ async fn forwards_through_openssh_carry_data_and_survive_a_dropped_connection() 
     let kh = known_hosts(d, ssh_port, &host_pub);
 
     let echo = echo_servers(3);
-    let local_base = free_port();
+    let local_base = free_ports(3);
     let reverse_port = free_port();
     let reverse_target = echo_servers(1);
     let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
