@@ -223,6 +223,8 @@ pub struct Image {
     writable: bool,
     /// Present when writable: refcounts, allocator, in-flight allocations.
     pub(crate) write_state: Option<Mutex<WriteState>>,
+    /// The last compressed cluster decompressed: (host offset, contents).
+    last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl Drop for Image {
@@ -342,6 +344,7 @@ impl Image {
             backing,
             writable: opts.writable,
             write_state: None,
+            last_compressed: Mutex::new(None),
         };
         if opts.writable {
             image.check_writable()?;
@@ -468,7 +471,16 @@ impl Image {
         }
     }
 
-    fn read_compressed(&self, host: u64, length: u64, guest_cluster: u64) -> Result<Vec<u8>> {
+    /// The decompressed contents of the compressed cluster at `host`. The last one is kept, so
+    /// small reads walking through a compressed cluster decompress it once, not once per read.
+    /// (Host clusters are never rewritten in place while referenced, so the host offset is a
+    /// sound key.)
+    fn read_compressed(&self, host: u64, length: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some((at, data)) = self.last_compressed.lock().ok().and_then(|c| c.clone()) {
+            if at == host {
+                return Ok(data);
+            }
+        }
         let cluster = self.geo.cluster_size();
         // A compressed cluster is never longer than a cluster plus the sector it starts in.
         let length = length.min(cluster + 512);
@@ -476,8 +488,10 @@ impl Image {
         read_or_zero(&self.file, &mut input, host)?;
         let mut out = vec![0u8; cluster as usize];
         compress::decompress(self.header.compression, &input, &mut out, host)?;
-        // The last cluster of the disk may be partial: callers copy only what they asked for.
-        let _ = guest_cluster;
+        let out = Arc::new(out);
+        if let Ok(mut c) = self.last_compressed.lock() {
+            *c = Some((host, Arc::clone(&out)));
+        }
         Ok(out)
     }
 
@@ -501,7 +515,7 @@ impl Image {
                 Mapping::Zero => dst.fill(0),
                 Mapping::Data { host, .. } => read_or_zero(&self.file, dst, host)?,
                 Mapping::Compressed { host, length } => {
-                    let cluster = self.read_compressed(host, length, pos >> self.geo.cluster_bits)?;
+                    let cluster = self.read_compressed(host, length)?;
                     let within = (pos & (self.geo.cluster_size() - 1)) as usize;
                     if let Some(src) = cluster.get(within..within + n) {
                         dst.copy_from_slice(src);
