@@ -214,7 +214,7 @@ where
         } else {
             None
         };
-        let mut payload = pool.take(need as usize);
+        let mut payload = if need > 0 { pool.take(need as usize) } else { Vec::new() };
         if plen > 0 {
             let read = tokio::select! {
                 r = reader.read_exact(&mut payload) => r,
