@@ -150,3 +150,31 @@ async fn client_works_against_nbdkit_without_extended_headers() {
     exercise(&c, true).await;
     c.disconnect().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_dropped_mid_frame_closes_the_connection_instead_of_corrupting_the_export() {
+    let (_server, port) = in_process(4, 64 << 20).await;
+    let client = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    let big = pattern(32 << 20, 7);
+    // Poll the write once: 32 MiB do not fit in the socket buffers, so the frame is half sent
+    // when the future is dropped.
+    let completed = tokio::select! {
+        biased;
+        r = client.write(0, &big, false) => { r.unwrap(); true }
+        _ = std::future::ready(()) => false,
+    };
+    assert!(!completed, "the first poll sent 32 MiB whole; the test needs a partial frame");
+    // The next request on any clone fails cleanly instead of being glued to the partial frame.
+    let next = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.clone().write(48 << 20, &pattern(4096, 9), false),
+    )
+    .await
+    .expect("the next write hung: its bytes were taken as the rest of the dropped frame");
+    assert!(matches!(next, Err(ClientError::Closed)), "{next:?}");
+    // Nothing of either request reached the export.
+    let fresh = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    assert_eq!(fresh.read(48 << 20, 4096).await.unwrap(), vec![0u8; 4096]);
+    let head = fresh.read(0, 1 << 20).await.unwrap();
+    assert!(head.iter().all(|&b| b == 0), "a truncated write must not be applied");
+}

@@ -1,8 +1,14 @@
 //! An async NBD client: fixed newstyle with GO, structured replies, extended headers when the
-//! server offers them, `base:allocation` block status, and pipelined requests.
+//! server offers them, block status for `base:allocation` and any other metadata context the
+//! caller names (such as qemu's `qemu:dirty-bitmap:NAME`), and pipelined requests.
 //!
 //! A [`Client`] is one connection; clone it to issue requests from many tasks at once. Requests
-//! are written under a mutex (header and payload stay together); one reader task owns the read
+//! are written under a mutex (header and payload stay together). Every request future is
+//! cancel-safe: a future dropped before its whole frame was written *poisons* the connection
+//! (the write half is closed at once and every later request fails with
+//! [`ClientError::Closed`]), so the server sees a truncated frame and a closed stream, never a
+//! frame completed with another request's bytes; a future dropped after its frame was written
+//! just lets the reader discard the reply. One reader task owns the read
 //! half and routes each reply chunk to the waiting request by cookie, reassembling structured
 //! reads (data and hole chunks, in any order) into the caller's buffer. Several connections to
 //! one export are simply several `Client`s. Every length a server sends is checked against the
@@ -40,12 +46,27 @@ pub struct ClientOptions {
     pub structured_replies: bool,
     /// Select `base:allocation`.
     pub block_status: bool,
+    /// Further metadata contexts to select (for example `qemu:dirty-bitmap:backup`); each one the
+    /// server grants can be queried with [`Client::block_status_of`].
+    pub meta_contexts: Vec<String>,
 }
 
 impl ClientOptions {
     /// Everything on, for `export`.
     pub fn new(export: impl Into<String>) -> Self {
-        Self { export: export.into(), extended_headers: true, structured_replies: true, block_status: true }
+        Self {
+            export: export.into(),
+            extended_headers: true,
+            structured_replies: true,
+            block_status: true,
+            meta_contexts: Vec::new(),
+        }
+    }
+
+    /// Also select the metadata context `name`.
+    pub fn meta_context(mut self, name: impl Into<String>) -> Self {
+        self.meta_contexts.push(name.into());
+        self
     }
 }
 
@@ -119,7 +140,7 @@ type Result<T> = std::result::Result<T, ClientError>;
 enum Expect {
     Simple,
     Read { offset: u64, buf: Vec<u8> },
-    Status { extents: Vec<Extent> },
+    Status { context: u32, extents: Vec<Extent> },
 }
 
 struct Pending {
@@ -139,13 +160,16 @@ struct PendingTable {
 }
 
 struct Inner {
-    writer: tokio::sync::Mutex<Writer>,
+    /// `None` once poisoned by a request dropped in the middle of its frame.
+    writer: tokio::sync::Mutex<Option<Writer>>,
     pending: Mutex<PendingTable>,
     next_cookie: AtomicU64,
     info: ExportInfo,
     mode: HeaderMode,
     structured: bool,
     allocation_context: Option<u32>,
+    /// Every context the server granted, by name.
+    contexts: HashMap<String, u32>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -218,23 +242,26 @@ impl Client {
         if options.structured_replies && !structured {
             structured = simple_option(&mut r, &mut w, opt::STRUCTURED_REPLY).await?;
         }
-        let mut allocation_context = None;
-        if structured && options.block_status {
-            send_option(
-                &mut w,
-                opt::SET_META_CONTEXT,
-                &hs::encode_meta_context_request(&options.export, &[BASE_ALLOCATION]),
-            )
-            .await?;
+        let mut contexts = HashMap::new();
+        let mut queries: Vec<&str> = options.meta_contexts.iter().map(String::as_str).collect();
+        if options.block_status {
+            queries.insert(0, BASE_ALLOCATION);
+        }
+        if structured && !queries.is_empty() {
+            send_option(&mut w, opt::SET_META_CONTEXT, &hs::encode_meta_context_request(&options.export, &queries))
+                .await?;
             loop {
                 let (h, data) = read_option_reply(&mut r, opt::SET_META_CONTEXT).await?;
                 match h.reply {
                     rep::META_CONTEXT => {
                         let mut c = Cursor::new(&data);
                         let id = c.u32().ok_or_else(|| ClientError::Protocol("short META_CONTEXT reply".into()))?;
-                        if c.take(c.remaining()) == Some(BASE_ALLOCATION.as_bytes()) {
-                            allocation_context = Some(id);
+                        let name = c.take(c.remaining()).unwrap_or_default();
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        if !queries.contains(&name.as_str()) {
+                            return Err(ClientError::Protocol(format!("server granted unrequested context {name}")));
                         }
+                        contexts.insert(name, id);
                     }
                     rep::ACK => break,
                     e if e & rep::ERR_BIT != 0 => break,
@@ -244,16 +271,18 @@ impl Client {
                 }
             }
         }
+        let allocation_context = contexts.get(BASE_ALLOCATION).copied();
         let export = go(&mut r, &mut w, &options.export, flags & client_flags::NO_ZEROES != 0).await?;
         w.flush().await?;
         let inner = Arc::new(Inner {
-            writer: tokio::sync::Mutex::new(w),
+            writer: tokio::sync::Mutex::new(Some(w)),
             pending: Mutex::new(PendingTable::default()),
             next_cookie: AtomicU64::new(1),
             info: export,
             mode,
             structured,
             allocation_context,
+            contexts,
             reader: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
@@ -304,20 +333,32 @@ impl Client {
         }
         let mut head = Vec::with_capacity(32);
         tx::encode_request(&mut head, self.inner.mode, &Request { flags, command, cookie, offset, length })?;
-        let sent: std::io::Result<()> = async {
-            let mut w = self.inner.writer.lock().await;
-            w.write_all(&head).await?;
-            if !payload.is_empty() {
-                w.write_all(payload).await?;
+        let sent: Result<()> = async {
+            let mut slot = self.inner.writer.lock().await;
+            if slot.is_none() {
+                return Err(ClientError::Closed);
             }
-            w.flush().await
+            // Dropped before `complete` is set (the caller's future cancelled mid-frame), the
+            // guard closes the write half: a half-written frame must never be continued.
+            let mut guard = PoisonOnDrop { slot: &mut slot, complete: false };
+            let frame: std::io::Result<()> = async {
+                let w = guard.slot.as_mut().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))?;
+                w.write_all(&head).await?;
+                if !payload.is_empty() {
+                    w.write_all(payload).await?;
+                }
+                w.flush().await
+            }
+            .await;
+            guard.complete = frame.is_ok();
+            frame.map_err(ClientError::from)
         }
         .await;
         if let Err(e) = sent {
             if let Ok(mut p) = self.inner.pending.lock() {
                 p.map.remove(&cookie);
             }
-            return Err(e.into());
+            return Err(e);
         }
         reply_rx.await.map_err(|_| ClientError::Closed)?
     }
@@ -403,18 +444,38 @@ impl Client {
         self.submit(Command::WriteZeroes, flags, offset, length, &[], Expect::Simple).await.map(drop)
     }
 
+    /// Whether the server granted the metadata context `name`.
+    pub fn has_meta_context(&self, name: &str) -> bool {
+        self.inner.contexts.contains_key(name)
+    }
+
     /// `base:allocation` extents from `offset` (consecutive, at least one).
     ///
     /// # Errors
     /// Block status not negotiated, out of range, or failed.
     pub async fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        if self.inner.allocation_context.is_none() {
-            return Err(ClientError::Unsupported("block status"));
-        }
+        let context = self.inner.allocation_context.ok_or(ClientError::Unsupported("block status"))?;
+        self.query_context(context, offset, length).await
+    }
+
+    /// Extents of the metadata context `name` (selected with [`ClientOptions::meta_context`])
+    /// from `offset`: consecutive, at least one; flags as that context defines them (for
+    /// `qemu:dirty-bitmap:*`, bit 0 = dirty).
+    ///
+    /// # Errors
+    /// The context was not granted, out of range, or failed.
+    pub async fn block_status_of(&self, name: &str, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        let context = *self.inner.contexts.get(name).ok_or(ClientError::Unsupported("this metadata context"))?;
+        self.query_context(context, offset, length).await
+    }
+
+    async fn query_context(&self, context: u32, offset: u64, length: u64) -> Result<Vec<Extent>> {
         self.check_range(offset, length)?;
         let length = if self.inner.mode == HeaderMode::Compact { length.min(u64::from(u32::MAX)) } else { length };
-        match self.submit(Command::BlockStatus, 0, offset, length, &[], Expect::Status { extents: Vec::new() }).await? {
-            Expect::Status { extents } => Ok(extents),
+        let expect = Expect::Status { context, extents: Vec::new() };
+        match self.submit(Command::BlockStatus, 0, offset, length, &[], expect).await? {
+            Expect::Status { extents, .. } if !extents.is_empty() => Ok(extents),
+            Expect::Status { .. } => Err(ClientError::Protocol("block status reply without extents".into())),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
         }
     }
@@ -431,11 +492,36 @@ impl Client {
             self.inner.mode,
             &Request { flags: 0, command: Command::Disconnect, cookie, offset: 0, length: 0 },
         )?;
-        let mut w = self.inner.writer.lock().await;
-        w.write_all(&head).await?;
-        w.flush().await?;
-        w.shutdown().await?;
+        let mut slot = self.inner.writer.lock().await;
+        if slot.is_none() {
+            return Ok(());
+        }
+        let mut guard = PoisonOnDrop { slot: &mut slot, complete: false };
+        if let Some(w) = guard.slot.as_mut() {
+            w.write_all(&head).await?;
+            w.flush().await?;
+            w.shutdown().await?;
+        }
+        guard.complete = true;
         Ok(())
+    }
+}
+
+/// Closes the write half unless the frame it guards was written whole.
+struct PoisonOnDrop<'a, 'b> {
+    slot: &'a mut tokio::sync::MutexGuard<'b, Option<Writer>>,
+    complete: bool,
+}
+
+impl Drop for PoisonOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        if !self.complete {
+            // Dropping the write half shuts the socket's sending side: the server sees EOF in
+            // the middle of a frame and discards it.
+            if self.slot.take().is_some() {
+                tracing::debug!("request dropped mid-frame: connection closed");
+            }
+        }
     }
 }
 
@@ -638,11 +724,14 @@ async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16
             }
             Ok(())
         }
-        (reply_type::BLOCK_STATUS | reply_type::BLOCK_STATUS_EXT, Expect::Status { extents }) => {
+        (reply_type::BLOCK_STATUS | reply_type::BLOCK_STATUS_EXT, Expect::Status { context, extents }) => {
             let mut payload = vec![0u8; length as usize];
             r.read_exact(&mut payload).await?;
-            let (_, got) = tx::parse_block_status(&payload, kind == reply_type::BLOCK_STATUS_EXT)?;
-            extents.extend(got);
+            let (id, got) = tx::parse_block_status(&payload, kind == reply_type::BLOCK_STATUS_EXT)?;
+            // With several contexts selected the server answers one chunk per context.
+            if id == *context {
+                extents.extend(got);
+            }
             Ok(())
         }
         (k, _) if k & reply_type::ERROR_BIT != 0 => {

@@ -1,0 +1,402 @@
+//! The node API's wire types and a typed client for it: what the hub links to call the node
+//! (through the reverse channel, `http://127.0.0.1:9081`), and what the node's handlers answer.
+//!
+//! Shapes follow `DESIGN.md` ("Hub and node contracts"); they are plain serde structs so the
+//! server and the client cannot drift apart. Errors are `{"error", "code"}` with a fitting
+//! status; the client turns them into [`ApiError::Status`] with both parts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of thing a disk's source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A regular (raw) file.
+    File,
+    /// A block device.
+    Block,
+    /// An NBD server.
+    Nbd,
+}
+
+/// One disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Disk key (unit number + 2000).
+    pub key: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Source kind.
+    pub source_kind: SourceKind,
+}
+
+/// A VM and its disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM name.
+    pub name: String,
+    /// Disks in key order.
+    pub disks: Vec<DiskInfo>,
+}
+
+/// Full or incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    /// Every block into a fresh image.
+    Full,
+    /// Only what changed since the last committed run.
+    Incremental,
+}
+
+/// `POST /api/v1/backup/start` and `POST /api/v1/replicate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// VM name.
+    pub vm_name: String,
+    /// Host to dial instead of the one in each target URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_host: Option<String>,
+    /// `KEY:nbd://HOST:PORT/EXPORT,...`.
+    pub nbd_targets: String,
+    /// The caller's id for this job.
+    pub job_id: String,
+    /// Full or incremental.
+    pub backup_type: BackupType,
+}
+
+/// `POST /api/v1/restore/start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The caller's id for this job.
+    pub job_id: String,
+    /// The hub's read-only exports.
+    pub nbd_targets: String,
+    /// Disk key -> file or block device to write.
+    pub destinations: BTreeMap<String, String>,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Copying.
+    Running,
+    /// Every disk copied and flushed.
+    Completed,
+    /// Stopped by an error (see `error`).
+    Failed,
+    /// Stopped by a cancel.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// True once the job can no longer change.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Running)
+    }
+}
+
+/// Answer to a start call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartResponse {
+    /// Job id.
+    pub job_id: String,
+    /// Its state.
+    pub status: JobStatus,
+}
+
+/// How a disk is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMode {
+    /// Every block.
+    Full,
+    /// Only changed blocks.
+    Incremental,
+}
+
+/// One disk of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Disk key.
+    pub key: u32,
+    /// Full or incremental.
+    pub mode: CopyMode,
+    /// Why a full copy was made where an incremental was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode_reason: Option<String>,
+    /// How changes were found: `bitmap`, `hashes`, or `none` for a full copy.
+    #[serde(default)]
+    pub change_source: String,
+    /// Disk size.
+    pub bytes_total: u64,
+    /// Read from the source.
+    pub bytes_read: u64,
+    /// Sent as data.
+    pub bytes_sent: u64,
+    /// Holes, not read.
+    pub bytes_skipped_holes: u64,
+    /// All-zero blocks, not sent as data.
+    pub bytes_skipped_zero: u64,
+    /// Equal to the last committed run, not sent.
+    pub bytes_unchanged: u64,
+    /// Disk bytes dealt with per second.
+    pub rate_bps: u64,
+    /// Seconds left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
+    /// `pending`, `running`, `completed`, `failed`, `cancelled`.
+    pub status: String,
+    /// Disk checksum (`blake3-blocks/BLOCK:HEX`) of the whole disk as the target now holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// Connections re-made during the copy.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl DiskStatus {
+    /// The status of a disk whose state could not be read.
+    pub fn lost(key: u32) -> Self {
+        Self {
+            key,
+            mode: CopyMode::Full,
+            mode_reason: None,
+            change_source: String::new(),
+            bytes_total: 0,
+            bytes_read: 0,
+            bytes_sent: 0,
+            bytes_skipped_holes: 0,
+            bytes_skipped_zero: 0,
+            bytes_unchanged: 0,
+            rate_bps: 0,
+            eta_s: None,
+            status: "failed".into(),
+            checksum: None,
+            reconnects: 0,
+            error: Some("disk state lost".into()),
+        }
+    }
+}
+
+/// `GET /api/v1/backup/{job_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    /// Job id.
+    pub job_id: String,
+    /// `backup`, `replicate` or `restore`.
+    pub kind: String,
+    /// VM name (empty for restores).
+    pub vm_name: String,
+    /// State.
+    pub status: JobStatus,
+    /// Whether `commit` has been done.
+    #[serde(default)]
+    pub committed: bool,
+    /// Disks in key order.
+    pub disks: Vec<DiskStatus>,
+    /// What stopped the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /api/v1/tunnel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelView {
+    /// Whether a tunnel is configured.
+    pub enabled: bool,
+    /// Whether it is up now.
+    pub connected: bool,
+    /// Hub `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    /// Seconds since the connection came up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_for_s: Option<u64>,
+    /// Reconnects so far.
+    pub reconnects: u64,
+    /// Last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Forwarded connections open.
+    pub open_channels: u64,
+    /// Bytes towards the hub.
+    pub bytes_to_hub: u64,
+    /// Bytes from the hub.
+    pub bytes_from_hub: u64,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable.
+    pub error: String,
+    /// Machine-readable (`bad_request`, `not_found`, `conflict`, `unauthorized`...).
+    pub code: String,
+}
+
+/// Failures of [`NodeClient`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The node could not be reached.
+    #[error("node unreachable at {url}: {source}")]
+    Unreachable {
+        /// URL called.
+        url: String,
+        /// Cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The node answered with an error.
+    #[error("node answered {status} ({code}): {message}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// `code` of the body.
+        code: String,
+        /// `error` of the body.
+        message: String,
+    },
+    /// The answer was not what the contract says.
+    #[error("node answered something unexpected from {url}: {reason}")]
+    Malformed {
+        /// URL called.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A typed client of the node API.
+#[derive(Debug, Clone)]
+pub struct NodeClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl NodeClient {
+    /// For `base` (`http://127.0.0.1:9081`), with a bearer token if the node wants one.
+    ///
+    /// # Errors
+    /// The HTTP client could not be built.
+    pub fn new(base: impl Into<String>, token: Option<String>) -> Result<Self, ApiError> {
+        let base = base.into().trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|source| ApiError::Unreachable { url: base.clone(), source })?;
+        Ok(Self { base, token, http })
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+        if !status.is_success() {
+            let body: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+            return Err(ApiError::Status {
+                status: status.as_u16(),
+                code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
+                message: body.map(|b| b.error).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Malformed { url, reason: e.to_string() })
+    }
+
+    /// `GET /api/v1/vms`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn vms(&self) -> Result<Vec<VmInfo>, ApiError> {
+        self.call(reqwest::Method::GET, "/api/v1/vms", None::<&()>).await
+    }
+
+    /// `GET /api/v1/vms/{name}`.
+    ///
+    /// # Errors
+    /// See [`ApiError`] (404 for an unknown VM).
+    pub async fn vm(&self, name: &str) -> Result<VmInfo, ApiError> {
+        self.call(reqwest::Method::GET, &format!("/api/v1/vms/{name}"), None::<&()>).await
+    }
+
+    /// `POST /api/v1/backup/start`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn start_backup(&self, req: &StartRequest) -> Result<StartResponse, ApiError> {
+        self.call(reqwest::Method::POST, "/api/v1/backup/start", Some(req)).await
+    }
+
+    /// `POST /api/v1/replicate`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn replicate(&self, req: &StartRequest) -> Result<StartResponse, ApiError> {
+        self.call(reqwest::Method::POST, "/api/v1/replicate", Some(req)).await
+    }
+
+    /// `POST /api/v1/restore/start`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn start_restore(&self, req: &RestoreRequest) -> Result<StartResponse, ApiError> {
+        self.call(reqwest::Method::POST, "/api/v1/restore/start", Some(req)).await
+    }
+
+    /// `GET /api/v1/backup/{job_id}`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn job(&self, job_id: &str) -> Result<JobView, ApiError> {
+        self.call(reqwest::Method::GET, &format!("/api/v1/backup/{job_id}"), None::<&()>).await
+    }
+
+    /// `DELETE /api/v1/backup/{job_id}`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn cancel(&self, job_id: &str) -> Result<JobView, ApiError> {
+        self.call(reqwest::Method::DELETE, &format!("/api/v1/backup/{job_id}"), None::<&()>).await
+    }
+
+    /// `POST /api/v1/backup/{job_id}/commit`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn commit(&self, job_id: &str) -> Result<JobView, ApiError> {
+        self.call(reqwest::Method::POST, &format!("/api/v1/backup/{job_id}/commit"), None::<&()>).await
+    }
+
+    /// `GET /api/v1/tunnel`.
+    ///
+    /// # Errors
+    /// See [`ApiError`].
+    pub async fn tunnel(&self) -> Result<TunnelView, ApiError> {
+        self.call(reqwest::Method::GET, "/api/v1/tunnel", None::<&()>).await
+    }
+}

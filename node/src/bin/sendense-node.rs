@@ -1,0 +1,311 @@
+//! `sendense-node`: the node service (`serve`) and the one-shot copy (`copy`, the old backup
+//! client). Bad configuration is one line on stderr and exit status 1.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use node::api::{BackupType, JobStatus, StartRequest};
+use node::config::{self, NodeFile, Settings};
+use node::http::{router, AppState};
+use node::jobs::{JobKind, Jobs};
+use tokio_util::sync::CancellationToken;
+
+/// The node of the backup data path.
+#[derive(Debug, Parser)]
+#[command(name = "sendense-node", version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the node API (and run the tunnel to the hub, when configured).
+    Serve(ServeArgs),
+    /// Copy disks into NBD targets once, with progress bars, then exit (0 = every disk copied).
+    Copy(CopyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration (node.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// API listen address [default: 127.0.0.1:8081].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Bearer token file (created with a random token if missing).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Change-tracking state directory [default: /var/lib/sendense-node].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Directory restores may write files into [default: STATE_DIR/restores].
+    #[arg(long)]
+    restore_dir: Option<PathBuf>,
+    /// A VM: NAME=KEY:SOURCE[,KEY:SOURCE...] (SOURCE = file, block device or nbd:// URL).
+    #[arg(long = "vm")]
+    vms: Vec<String>,
+    /// Hub SSH address HOST[:PORT] (enables the tunnel).
+    #[arg(long)]
+    hub: Option<String>,
+    /// User on the hub.
+    #[arg(long, default_value = "root")]
+    user: String,
+    /// Private key for the tunnel.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// known_hosts with the hub's key.
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+    /// Pinned hub key fingerprint (SHA256:...).
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Port ranges forwarded to the hub: A-B[:REMOTE_A] [default: 10100-10200].
+    #[arg(long = "forward-range")]
+    forward_range: Vec<String>,
+    /// Single forwards LOCAL[:REMOTE] [default: 8082].
+    #[arg(long = "forward")]
+    forward: Vec<String>,
+    /// Reverse forwards REMOTE:LOCAL [default: 9081:8081].
+    #[arg(long = "reverse")]
+    reverse: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct CopyArgs {
+    /// Targets: KEY:nbd://HOST:PORT/EXPORT,...
+    #[arg(long)]
+    nbd_targets: String,
+    /// Sources: KEY=PATH_OR_URL (repeat per disk).
+    #[arg(long = "source", required = true)]
+    sources: Vec<String>,
+    /// Dirty bitmaps of NBD sources: KEY=NAME.
+    #[arg(long = "dirty-bitmap")]
+    dirty_bitmaps: Vec<String>,
+    /// full or incremental (incremental needs --state-dir from an earlier run).
+    #[arg(long, default_value = "full")]
+    mode: String,
+    /// Where change-tracking state is kept between runs (committed when the copy succeeds).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Name under which the state is kept.
+    #[arg(long, default_value = "copy")]
+    vm_name: String,
+    /// NBD connections per disk.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Request size (e.g. 2M).
+    #[arg(long, default_value = "2M")]
+    request_size: String,
+    /// Bandwidth limit for the whole copy (e.g. 100M bytes/s).
+    #[arg(long)]
+    bwlimit: Option<String>,
+    /// Disks copied at once.
+    #[arg(long, default_value_t = 4)]
+    parallel_disks: usize,
+    /// Print the final job status as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sendense-node: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.command {
+            Cmd::Serve(a) => serve(a).await,
+            Cmd::Copy(a) => copy(a).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("sendense-node: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
+    let file: NodeFile = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))?
+        }
+        None => NodeFile::default(),
+    };
+    let listen = a.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8081".into());
+    let listen: SocketAddr = listen.parse().with_context(|| format!("bad listen address '{listen}'"))?;
+    let state_dir = a.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/sendense-node"));
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
+    let restore_dir = a.restore_dir.or(file.restore_dir).unwrap_or_else(|| state_dir.join("restores"));
+    let token = match a.token_file.or(file.token_file) {
+        Some(p) => Some(config::load_or_create_token(&p).map_err(|e| anyhow!(e))?),
+        None => {
+            if !listen.ip().is_loopback() {
+                bail!("the API listens on {listen} without a token: give --token-file (or listen on loopback)");
+            }
+            None
+        }
+    };
+    let mut vm_files = file.vm;
+    for v in &a.vms {
+        vm_files.push(config::parse_vm_flag(v).map_err(|e| anyhow!(e))?);
+    }
+    let vms = config::resolve_vms(vm_files).map_err(|e| anyhow!(e))?;
+    let (copy, parallel_disks) = config::resolve_copy(&file.copy).map_err(|e| anyhow!(e))?;
+    let tunnel_file = match (a.hub, file.tunnel) {
+        (Some(hub), _) => Some(config::TunnelFile {
+            hub,
+            user: a.user,
+            identity: a.identity.ok_or_else(|| anyhow!("--hub needs --identity KEY"))?,
+            known_hosts: a.known_hosts,
+            fingerprint: a.fingerprint,
+            forward_range: (!a.forward_range.is_empty()).then_some(config::OneOrMany::Many(a.forward_range)),
+            forwards: (!a.forward.is_empty()).then_some(config::OneOrMany::Many(a.forward)),
+            reverse: (!a.reverse.is_empty()).then_some(config::OneOrMany::Many(a.reverse)),
+        }),
+        (None, t) => t,
+    };
+    let tunnel = tunnel_file.map(config::resolve_tunnel).transpose().map_err(|e| anyhow!(e))?;
+    Ok(Settings { listen, token, state_dir, restore_dir: Some(restore_dir), tunnel, vms, copy, parallel_disks })
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let settings = Arc::new(settings(a)?);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let tunnel = match &settings.tunnel {
+        Some(t) => Some(tunnel::Tunnel::start(t.clone()).await.context("tunnel")?),
+        None => None,
+    };
+    let jobs = Arc::new(Jobs::new(Arc::clone(&settings)));
+    let state = Arc::new(AppState { jobs: Arc::clone(&jobs), tunnel });
+    tracing::info!(
+        listen = %settings.listen,
+        vms = settings.vms.len(),
+        tunnel = settings.tunnel.as_ref().map(|t| format!("{}:{}", t.hub_host, t.hub_port)),
+        "sendense-node serving"
+    );
+    let shutdown = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down: cancelling running jobs");
+        for j in jobs.all() {
+            j.cancel();
+        }
+    };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serve")?;
+    Ok(())
+}
+
+async fn copy(a: CopyArgs) -> anyhow::Result<()> {
+    let backup_type = match a.mode.as_str() {
+        "full" => BackupType::Full,
+        "incremental" => BackupType::Incremental,
+        other => bail!("--mode must be full or incremental, not '{other}'"),
+    };
+    if !config::valid_name(&a.vm_name) {
+        bail!("--vm-name '{}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}", a.vm_name);
+    }
+    let mut bitmaps = std::collections::HashMap::new();
+    for b in &a.dirty_bitmaps {
+        let (k, name) = b.split_once('=').ok_or_else(|| anyhow!("--dirty-bitmap '{b}' is not KEY=NAME"))?;
+        bitmaps.insert(k.to_string(), name.to_string());
+    }
+    let mut vm = config::VmFile { name: a.vm_name.clone(), pre_snapshot: None, post_snapshot: None, disk: Vec::new() };
+    for s in &a.sources {
+        let (key, source) = s.split_once('=').ok_or_else(|| anyhow!("--source '{s}' is not KEY=PATH_OR_URL"))?;
+        let key_num = key.parse().map_err(|_| anyhow!("--source '{s}': '{key}' is not a disk key"))?;
+        vm.disk.push(config::DiskFile { key: key_num, source: source.into(), dirty_bitmap: bitmaps.remove(key) });
+    }
+    if let Some(k) = bitmaps.keys().next() {
+        bail!("--dirty-bitmap for disk {k}, which has no --source");
+    }
+    let vms = config::resolve_vms(vec![vm]).map_err(|e| anyhow!(e))?;
+    let copy_file = config::CopyFile {
+        connections: Some(a.connections),
+        depth: Some(a.depth),
+        request_size: Some(a.request_size.clone()),
+        block_size: None,
+        parallel_disks: Some(a.parallel_disks),
+        bandwidth_limit: a.bwlimit.clone(),
+        retry_window_s: None,
+    };
+    let (copy, parallel_disks) = config::resolve_copy(&copy_file).map_err(|e| anyhow!(e))?;
+    let scratch = tempfile::TempDir::new().context("temporary state directory")?;
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| scratch.path().to_path_buf());
+    let settings = Settings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        token: None,
+        state_dir,
+        restore_dir: None,
+        tunnel: None,
+        vms,
+        copy,
+        parallel_disks,
+    };
+    let jobs = Arc::new(Jobs::new(Arc::new(settings)));
+    let job_id = format!("copy-{}", std::process::id());
+    let req = StartRequest {
+        vm_name: a.vm_name.clone(),
+        nbd_host: None,
+        nbd_targets: a.nbd_targets,
+        job_id: job_id.clone(),
+        backup_type,
+    };
+    let job = jobs.start_copy(req, JobKind::Backup).map_err(|e| anyhow!(e))?;
+    let done = CancellationToken::new();
+    let display = node::progress::spawn_display(job.progress(), done.clone());
+    let status = tokio::select! {
+        s = job.wait() => s,
+        _ = tokio::signal::ctrl_c() => { job.cancel(); job.wait().await }
+    };
+    done.cancel();
+    let _ = display.await;
+    if status == JobStatus::Completed && a.state_dir.is_some() {
+        jobs.commit(&job_id).map_err(|e| anyhow!(e))?;
+    }
+    let view = job.view();
+    let rows: Vec<_> = job
+        .progress()
+        .iter()
+        .zip(&view.disks)
+        .map(|((k, p), d)| {
+            let mode = format!("{:?}", d.mode).to_lowercase();
+            let result = d.error.clone().unwrap_or_else(|| d.status.clone());
+            (*k, mode, p.snapshot(), result)
+        })
+        .collect();
+    eprint!("{}", node::progress::summary(&rows));
+    for d in &view.disks {
+        if let Some(r) = &d.mode_reason {
+            eprintln!("disk {}: {r}", d.key);
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    }
+    match status {
+        JobStatus::Completed => Ok(()),
+        _ => bail!("copy {}: {}", format!("{status:?}").to_lowercase(), view.error.unwrap_or_default()),
+    }
+}

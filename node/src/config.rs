@@ -1,0 +1,410 @@
+//! The node's settings: `node.toml` (keys as in DESIGN.md) with command-line overrides, checked
+//! once at start so that a bad setting is one clear line and exit status 1, never a surprise in
+//! the middle of a backup.
+//!
+//! Beyond the contract's keys, `restore_dir` bounds where restores may write, and `[copy]`
+//! tunes the data mover (`connections`, `depth`, `request_size`, `block_size`,
+//! `parallel_disks`, `bandwidth_limit`, `retry_window_s`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::mover::CopyOptions;
+use crate::source::SourceSpec;
+use crate::throttle::{parse_rate, Throttle};
+
+/// A string or a list of strings in TOML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `key = "a"`.
+    One(String),
+    /// `key = ["a", "b"]`.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// `node.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// API listen address.
+    pub listen: Option<String>,
+    /// Bearer token file (generated if missing).
+    pub token_file: Option<PathBuf>,
+    /// Change-tracking state.
+    pub state_dir: Option<PathBuf>,
+    /// Where restores may write besides the VMs' own disks.
+    pub restore_dir: Option<PathBuf>,
+    /// The tunnel to the hub.
+    pub tunnel: Option<TunnelFile>,
+    /// Data mover tuning.
+    #[serde(default)]
+    pub copy: CopyFile,
+    /// The VMs.
+    #[serde(default)]
+    pub vm: Vec<VmFile>,
+}
+
+/// `[tunnel]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    /// `HOST[:PORT]` (port 443 when omitted).
+    pub hub: String,
+    /// User on the hub.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Private key.
+    pub identity: PathBuf,
+    /// known_hosts with the hub's key.
+    pub known_hosts: Option<PathBuf>,
+    /// Pinned fingerprint.
+    pub fingerprint: Option<String>,
+    /// `A-B[:REMOTE_A]` ranges.
+    pub forward_range: Option<OneOrMany>,
+    /// `LOCAL[:REMOTE]`.
+    pub forwards: Option<OneOrMany>,
+    /// `REMOTE:LOCAL`.
+    pub reverse: Option<OneOrMany>,
+}
+
+fn default_user() -> String {
+    "root".into()
+}
+
+/// `[copy]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyFile {
+    /// NBD connections per disk.
+    pub connections: Option<usize>,
+    /// Requests in flight per connection.
+    pub depth: Option<usize>,
+    /// Request size (`2M`).
+    pub request_size: Option<String>,
+    /// Change-tracking block size (`256K`).
+    pub block_size: Option<String>,
+    /// Disks of one job copied at once.
+    pub parallel_disks: Option<usize>,
+    /// Bytes per second for a whole job (`100M`).
+    pub bandwidth_limit: Option<String>,
+    /// Seconds a broken connection may take to come back.
+    pub retry_window_s: Option<u64>,
+}
+
+/// `[[vm]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmFile {
+    /// Name.
+    pub name: String,
+    /// Run once before the disks are read (the snapshot).
+    pub pre_snapshot: Option<String>,
+    /// Run once after, also on failure.
+    pub post_snapshot: Option<String>,
+    /// Disks.
+    #[serde(default)]
+    pub disk: Vec<DiskFile>,
+}
+
+/// `[[vm.disk]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskFile {
+    /// Key (2000 + unit).
+    pub key: u32,
+    /// Path or `nbd://` URL.
+    pub source: String,
+    /// qemu dirty bitmap exported by the NBD source.
+    pub dirty_bitmap: Option<String>,
+}
+
+/// A VM as the node runs it.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    /// Name.
+    pub name: String,
+    /// Pre-snapshot hook.
+    pub pre_snapshot: Option<String>,
+    /// Post-snapshot hook.
+    pub post_snapshot: Option<String>,
+    /// Disks in key order.
+    pub disks: Vec<Disk>,
+}
+
+/// A disk as the node runs it.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// Key.
+    pub key: u32,
+    /// Where its bytes are.
+    pub source: SourceSpec,
+}
+
+/// Everything resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// API address.
+    pub listen: SocketAddr,
+    /// Bearer token, if required.
+    pub token: Option<String>,
+    /// Change-tracking state.
+    pub state_dir: PathBuf,
+    /// Extra directory restores may write to.
+    pub restore_dir: Option<PathBuf>,
+    /// The tunnel.
+    pub tunnel: Option<tunnel::ClientConfig>,
+    /// VMs by name order.
+    pub vms: Vec<Vm>,
+    /// Mover tuning.
+    pub copy: CopyOptions,
+    /// Disks copied at once per job.
+    pub parallel_disks: usize,
+}
+
+impl Settings {
+    /// A VM by name.
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+}
+
+/// Whether `name` is a valid VM, job or repository name.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Parse `NAME=KEY:SOURCE[,KEY:SOURCE...]`.
+///
+/// # Errors
+/// A malformed declaration, named.
+pub fn parse_vm_flag(text: &str) -> Result<VmFile, String> {
+    let (name, disks) = text.split_once('=').ok_or_else(|| format!("--vm '{text}': expected NAME=KEY:SOURCE[,...]"))?;
+    let mut out = VmFile { name: name.to_string(), pre_snapshot: None, post_snapshot: None, disk: Vec::new() };
+    for d in disks.split(',').filter(|d| !d.is_empty()) {
+        let (key, source) = d.split_once(':').ok_or_else(|| format!("--vm '{text}': disk '{d}' is not KEY:SOURCE"))?;
+        let key = key.parse().map_err(|_| format!("--vm '{text}': disk key '{key}' is not a number"))?;
+        out.disk.push(DiskFile { key, source: source.to_string(), dirty_bitmap: None });
+    }
+    Ok(out)
+}
+
+/// Parse `2M`, `256K`, `1G` or a number of bytes.
+///
+/// # Errors
+/// Not a size.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    parse_rate(text).map_err(|_| format!("'{text}' is not a size such as 2M"))
+}
+
+/// Check and resolve the VMs.
+///
+/// # Errors
+/// A bad name, a duplicate, a VM without disks, a bad source.
+pub fn resolve_vms(files: Vec<VmFile>) -> Result<Vec<Vm>, String> {
+    let mut vms: Vec<Vm> = Vec::new();
+    for v in files {
+        if !valid_name(&v.name) {
+            return Err(format!("VM name '{}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}", v.name));
+        }
+        if vms.iter().any(|o| o.name == v.name) {
+            return Err(format!("VM '{}' is declared twice", v.name));
+        }
+        if v.disk.is_empty() {
+            return Err(format!("VM '{}' has no disks", v.name));
+        }
+        let mut disks: Vec<Disk> = Vec::new();
+        for d in v.disk {
+            if disks.iter().any(|o| o.key == d.key) {
+                return Err(format!("VM '{}': disk key {} is declared twice", v.name, d.key));
+            }
+            let source = SourceSpec::parse(&d.source, d.dirty_bitmap).map_err(|e| format!("VM '{}': {e}", v.name))?;
+            disks.push(Disk { key: d.key, source });
+        }
+        disks.sort_by_key(|d| d.key);
+        vms.push(Vm { name: v.name, pre_snapshot: v.pre_snapshot, post_snapshot: v.post_snapshot, disks });
+    }
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(vms)
+}
+
+/// Resolve `[copy]`.
+///
+/// # Errors
+/// A bad size or rate.
+pub fn resolve_copy(c: &CopyFile) -> Result<(CopyOptions, usize), String> {
+    let mut o = CopyOptions::default();
+    if let Some(n) = c.connections {
+        o.connections = n.clamp(1, 16);
+    }
+    if let Some(n) = c.depth {
+        o.depth = n.clamp(1, 64);
+    }
+    if let Some(s) = &c.request_size {
+        o.request_size = parse_size(s)?.clamp(4096, 32 << 20);
+    }
+    if let Some(s) = &c.block_size {
+        let b = parse_size(s)?;
+        if !b.is_power_of_two() || !(4096..=64 << 20).contains(&b) {
+            return Err(format!("block_size '{s}' must be a power of two from 4K to 64M"));
+        }
+        o.block_size = b;
+    }
+    if let Some(s) = &c.bandwidth_limit {
+        o.throttle = Some(Arc::new(Throttle::new(parse_rate(s)?)));
+    }
+    if let Some(s) = c.retry_window_s {
+        o.retry_window = Duration::from_secs(s);
+    }
+    Ok((o, c.parallel_disks.unwrap_or(4).clamp(1, 64)))
+}
+
+/// Build the tunnel's configuration (production forwards by default).
+///
+/// # Errors
+/// A bad hub address, forward spec, or no way to check the host key.
+pub fn resolve_tunnel(t: TunnelFile) -> Result<tunnel::ClientConfig, String> {
+    let (host, port) = match t.hub.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h.trim_matches(['[', ']']).to_string(),
+            p.parse::<u16>().map_err(|_| format!("bad hub port in '{}'", t.hub))?,
+        ),
+        _ => (t.hub.clone(), 443),
+    };
+    let policy = match (t.known_hosts, t.fingerprint) {
+        (Some(f), None) => tunnel::HostKeyPolicy::KnownHosts(f),
+        (None, Some(fp)) => tunnel::HostKeyPolicy::Fingerprint(fp),
+        (Some(_), Some(_)) => return Err("give known_hosts or fingerprint for the tunnel, not both".into()),
+        (None, None) => {
+            return Err("the tunnel needs known_hosts or fingerprint: the hub's host key is always checked".into())
+        }
+    };
+    let given = t.forward_range.is_some() || t.forwards.is_some() || t.reverse.is_some();
+    let ranges = t.forward_range.map(OneOrMany::into_vec).unwrap_or_default();
+    let forwards = t.forwards.map(OneOrMany::into_vec).unwrap_or_default();
+    let reverse = t.reverse.map(OneOrMany::into_vec).unwrap_or_default();
+    let (ranges, forwards, reverse) = if given {
+        (ranges, forwards, reverse)
+    } else {
+        (vec!["10100-10200".to_string()], vec!["8082".to_string()], vec!["9081:8081".to_string()])
+    };
+    let mut config = tunnel::ClientConfig::new(host, port, t.user, t.identity, policy);
+    for r in &ranges {
+        config.forwards.extend(tunnel::spec::parse_range(r).map_err(|e| e.to_string())?);
+    }
+    for f in &forwards {
+        config.forwards.push(tunnel::spec::parse_forward(f).map_err(|e| e.to_string())?);
+    }
+    for r in &reverse {
+        config.reverse.push(tunnel::spec::parse_reverse(r).map_err(|e| e.to_string())?);
+    }
+    Ok(config)
+}
+
+/// Read the token from `path`, or create it (0600, 32 random bytes as hex) if it is missing.
+///
+/// # Errors
+/// It cannot be read or written, or is empty.
+pub fn load_or_create_token(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!("token file {} is empty", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::{Read, Write};
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("cannot create token file {}: {e}", path.display()))?;
+            f.write_all(format!("{token}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("cannot write token file {}: {e}", path.display()))?;
+            Ok(token)
+        }
+        Err(e) => Err(format!("cannot read token file {}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        assert!(valid_name("pgtest1"));
+        assert!(valid_name("a.b_c-d"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("../x"));
+        assert!(!valid_name(".hidden"));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert!(valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn vm_flags_keep_urls_whole() {
+        let v = parse_vm_flag("db=2000:/dev/sdb,2001:nbd://127.0.0.1:10809/disk").unwrap();
+        assert_eq!(v.name, "db");
+        assert_eq!(v.disk[0].key, 2000);
+        assert_eq!(v.disk[1].source, "nbd://127.0.0.1:10809/disk");
+        assert!(parse_vm_flag("db").is_err());
+        assert!(parse_vm_flag("db=x:/dev/sdb").is_err());
+        let dup = resolve_vms(vec![parse_vm_flag("db=2000:/a,2000:/b").unwrap()]);
+        assert!(dup.unwrap_err().contains("twice"));
+        assert!(resolve_vms(vec![parse_vm_flag("../x=2000:/a").unwrap()]).is_err());
+    }
+
+    #[test]
+    fn a_config_file_with_an_unknown_key_is_refused() {
+        let bad: Result<NodeFile, _> = toml::from_str("listen = \"127.0.0.1:1\"\nlisten_typo = 1\n");
+        assert!(bad.is_err());
+        let good: NodeFile = toml::from_str(
+            "listen = \"127.0.0.1:8081\"\n[tunnel]\nhub = \"hub:443\"\nidentity = \"/k\"\nfingerprint = \"SHA256:x\"\nforward_range = \"10100-10200\"\n[[vm]]\nname = \"db\"\n[[vm.disk]]\nkey = 2000\nsource = \"/dev/sdb\"\n",
+        )
+        .unwrap();
+        assert_eq!(good.vm[0].disk[0].key, 2000);
+        let t = resolve_tunnel(good.tunnel.unwrap()).unwrap();
+        assert_eq!(t.forwards.len(), 101);
+        assert!(t.reverse.is_empty());
+    }
+
+    #[test]
+    fn a_tunnel_without_a_host_key_check_is_refused() {
+        let t = TunnelFile {
+            hub: "hub".into(),
+            user: "root".into(),
+            identity: "/k".into(),
+            known_hosts: None,
+            fingerprint: None,
+            forward_range: None,
+            forwards: None,
+            reverse: None,
+        };
+        assert!(resolve_tunnel(t).unwrap_err().contains("always checked"));
+    }
+}

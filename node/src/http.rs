@@ -1,0 +1,237 @@
+//! The node's HTTP API (axum): VMs, backup/replicate/restore jobs, commit, tunnel status,
+//! `/healthz` and `/metrics`.
+//!
+//! Every answer is JSON; every error is `{"error", "code"}` with 400/401/404/409/503, including
+//! malformed bodies (axum's own rejections are rewritten). With a token configured, every call
+//! but `/healthz` needs `Authorization: Bearer TOKEN`; the comparison does not stop at the first
+//! differing byte. Bodies are capped at 1 MiB.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::api::{DiskInfo, ErrorBody, JobStatus, RestoreRequest, StartRequest, StartResponse, TunnelView, VmInfo};
+use crate::config::Vm;
+use crate::jobs::{JobError, JobKind, Jobs};
+use crate::source::probe_size;
+
+/// What the handlers share.
+pub struct AppState {
+    /// Jobs and settings.
+    pub jobs: Arc<Jobs>,
+    /// The tunnel, when configured.
+    pub tunnel: Option<tunnel::Tunnel>,
+}
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiErr(StatusCode, String);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let code = match self.0 {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            _ => "error",
+        };
+        (self.0, Json(ErrorBody { error: self.1, code: code.into() })).into_response()
+    }
+}
+
+impl From<JobError> for ApiErr {
+    fn from(e: JobError) -> Self {
+        let status = match e {
+            JobError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            JobError::NotFound(_) => StatusCode::NOT_FOUND,
+            JobError::Conflict(_) => StatusCode::CONFLICT,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiErr {
+    fn from(e: JsonRejection) -> Self {
+        Self(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))
+    }
+}
+
+type Answer<T> = Result<Json<T>, ApiErr>;
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/vms", get(list_vms))
+        .route("/api/v1/vms/{name}", get(get_vm))
+        .route("/api/v1/backup/start", post(start_backup))
+        .route("/api/v1/replicate", post(start_replicate))
+        .route("/api/v1/restore/start", post(start_restore))
+        .route("/api/v1/backup/{job_id}", get(get_job).delete(cancel_job))
+        .route("/api/v1/backup/{job_id}/commit", post(commit_job))
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/tunnel", get(tunnel_status))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .merge(api)
+        .fallback(|| async { ApiErr(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.jobs.settings().token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return ApiErr(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn describe(vm: &Vm) -> Result<VmInfo, ApiErr> {
+    let mut disks = Vec::with_capacity(vm.disks.len());
+    for d in &vm.disks {
+        let size = probe_size(&d.source)
+            .await
+            .map_err(|e| ApiErr(StatusCode::SERVICE_UNAVAILABLE, format!("VM {} disk {}: {e}", vm.name, d.key)))?;
+        disks.push(DiskInfo { key: d.key, size, source_kind: d.source.kind_hint() });
+    }
+    Ok(VmInfo { name: vm.name.clone(), disks })
+}
+
+async fn list_vms(State(s): State<Arc<AppState>>) -> Answer<Vec<VmInfo>> {
+    let mut out = Vec::new();
+    for vm in &s.jobs.settings().vms {
+        out.push(describe(vm).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn get_vm(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Answer<VmInfo> {
+    let vm = s.jobs.settings().vm(&name).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown VM {name}")))?;
+    Ok(Json(describe(vm).await?))
+}
+
+async fn start(
+    s: &AppState,
+    body: Result<Json<StartRequest>, JsonRejection>,
+    kind: JobKind,
+) -> Result<Response, ApiErr> {
+    let Json(req) = body?;
+    let job = s.jobs.start_copy(req, kind)?;
+    Ok((StatusCode::ACCEPTED, Json(StartResponse { job_id: job.view().job_id, status: JobStatus::Running }))
+        .into_response())
+}
+
+async fn start_backup(
+    State(s): State<Arc<AppState>>,
+    body: Result<Json<StartRequest>, JsonRejection>,
+) -> Result<Response, ApiErr> {
+    start(&s, body, JobKind::Backup).await
+}
+
+async fn start_replicate(
+    State(s): State<Arc<AppState>>,
+    body: Result<Json<StartRequest>, JsonRejection>,
+) -> Result<Response, ApiErr> {
+    start(&s, body, JobKind::Replicate).await
+}
+
+async fn start_restore(
+    State(s): State<Arc<AppState>>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<Response, ApiErr> {
+    let Json(req) = body?;
+    let job = s.jobs.start_restore(req)?;
+    Ok((StatusCode::ACCEPTED, Json(StartResponse { job_id: job.view().job_id, status: JobStatus::Running }))
+        .into_response())
+}
+
+async fn get_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
+    let job = s.jobs.get(&id).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown job {id}")))?;
+    Ok(Json(job.view()))
+}
+
+async fn list_jobs(State(s): State<Arc<AppState>>) -> Answer<Vec<crate::api::JobView>> {
+    let mut jobs: Vec<_> = s.jobs.all().iter().map(|j| j.view()).collect();
+    jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+    Ok(Json(jobs))
+}
+
+async fn cancel_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
+    let job = s.jobs.cancel(&id)?;
+    // Cancel is honoured within a second: wait that long for the job to settle.
+    for _ in 0..20 {
+        if job.status().is_final() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(Json(job.view()))
+}
+
+async fn commit_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
+    Ok(Json(s.jobs.commit(&id)?.view()))
+}
+
+/// The tunnel's status as the API shows it.
+pub fn tunnel_view(s: &AppState) -> TunnelView {
+    let Some(t) = &s.tunnel else {
+        return TunnelView {
+            enabled: false,
+            connected: false,
+            hub: None,
+            connected_for_s: None,
+            reconnects: 0,
+            last_error: None,
+            open_channels: 0,
+            bytes_to_hub: 0,
+            bytes_from_hub: 0,
+        };
+    };
+    let st = t.status();
+    let hub = s.jobs.settings().tunnel.as_ref().map(|c| format!("{}:{}", c.hub_host, c.hub_port));
+    TunnelView {
+        enabled: true,
+        connected: st.connected_since.is_some(),
+        hub,
+        connected_for_s: st.connected_since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs()),
+        reconnects: st.reconnects,
+        last_error: st.last_error,
+        open_channels: st.open_channels,
+        bytes_to_hub: st.bytes_to_hub,
+        bytes_from_hub: st.bytes_from_hub,
+    }
+}
+
+async fn tunnel_status(State(s): State<Arc<AppState>>) -> Answer<TunnelView> {
+    Ok(Json(tunnel_view(&s)))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let body = crate::metrics::render(&s.jobs.all(), &tunnel_view(&s));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

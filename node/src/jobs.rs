@@ -1,0 +1,823 @@
+//! Jobs: one per VM at a time (backup, replicate) or per restore; each has an id, a state, live
+//! per-disk progress, a cancel token and explicit cleanup.
+//!
+//! A backup or replicate job runs the VM's pre-snapshot hook once, copies every disk (several at
+//! once, bounded), and runs the post-snapshot hook once, also when a copy failed. Each disk's new
+//! block map is left pending; `commit` (the hub's word that the backup is safe) makes it the base
+//! of the next incremental. When a copy fails, the blocks it wrote are marked unknown in the
+//! committed map, so a target written in place (a replica) gets them again next time.
+//!
+//! Policy (which base a disk is copied against, and why) is the pure function [`choose_base`].
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{BackupType, CopyMode, DiskStatus, JobStatus, JobView, RestoreRequest, StartRequest};
+use crate::blockmap::{BlockMap, UNKNOWN};
+use crate::config::{valid_name, Settings, Vm};
+use crate::error::MoveError;
+use crate::mover::{self, Base, Progress, WrittenSet};
+use crate::pool::{Endpoint, NbdPool};
+use crate::sink::{FileSink, Sink};
+use crate::source::Source;
+use crate::targets::{self, Target};
+
+/// Finished jobs kept for status queries.
+const KEEP_FINISHED: usize = 256;
+/// Longest a hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A refused request, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Into a fresh backup image (or overlay).
+    Backup,
+    /// Into a persistent replica.
+    Replicate,
+    /// From the hub back to local files.
+    Restore,
+}
+
+impl JobKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Backup => "backup",
+            Self::Replicate => "replicate",
+            Self::Restore => "restore",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DiskState {
+    mode: CopyMode,
+    mode_reason: Option<String>,
+    change_source: &'static str,
+    status: &'static str,
+    checksum: Option<String>,
+    error: Option<String>,
+    reconnects: u64,
+    pending_map: Option<PathBuf>,
+}
+
+/// One disk of a job.
+#[derive(Debug)]
+pub struct DiskJob {
+    key: u32,
+    progress: Arc<Progress>,
+    state: Mutex<DiskState>,
+}
+
+#[derive(Debug)]
+struct JobState {
+    status: JobStatus,
+    error: Option<String>,
+    committed: bool,
+}
+
+/// A job.
+#[derive(Debug)]
+pub struct Job {
+    id: String,
+    kind: JobKind,
+    vm_name: String,
+    cancel: CancellationToken,
+    state: Mutex<JobState>,
+    disks: Vec<DiskJob>,
+}
+
+impl Job {
+    /// The API view.
+    pub fn view(&self) -> JobView {
+        let (status, error, committed) = self
+            .state
+            .lock()
+            .map(|s| (s.status, s.error.clone(), s.committed))
+            .unwrap_or((JobStatus::Failed, Some("job state lost".into()), false));
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let p = d.progress.snapshot();
+                let st = d.state.lock();
+                let Ok(st) = st else {
+                    return DiskStatus::lost(d.key);
+                };
+                let (dstatus, checksum, derror, reconnects) =
+                    (st.status.to_string(), st.checksum.clone(), st.error.clone(), st.reconnects);
+                DiskStatus {
+                    key: d.key,
+                    mode: st.mode,
+                    mode_reason: st.mode_reason.clone(),
+                    change_source: st.change_source.to_string(),
+                    bytes_total: p.bytes_total,
+                    bytes_read: p.bytes_read,
+                    bytes_sent: p.bytes_sent,
+                    bytes_skipped_holes: p.bytes_skipped_holes,
+                    bytes_skipped_zero: p.bytes_skipped_zero,
+                    bytes_unchanged: p.bytes_unchanged,
+                    rate_bps: p.rate_bps,
+                    eta_s: if dstatus == "running" { p.eta_s } else { None },
+                    status: dstatus,
+                    checksum,
+                    reconnects,
+                    error: derror,
+                }
+            })
+            .collect();
+        JobView {
+            job_id: self.id.clone(),
+            kind: self.kind.as_str().into(),
+            vm_name: self.vm_name.clone(),
+            status,
+            committed,
+            disks,
+            error,
+        }
+    }
+
+    /// Each disk's live counters.
+    pub fn progress(&self) -> Vec<(u32, Arc<Progress>)> {
+        self.disks.iter().map(|d| (d.key, Arc::clone(&d.progress))).collect()
+    }
+
+    /// Wait until the job has finished.
+    pub async fn wait(&self) -> JobStatus {
+        loop {
+            let s = self.status();
+            if s.is_final() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Cancel it.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The job's state.
+    pub fn status(&self) -> JobStatus {
+        self.state.lock().map(|s| s.status).unwrap_or(JobStatus::Failed)
+    }
+
+    fn finish(&self, status: JobStatus, error: Option<String>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.status = status;
+            s.error = error;
+        }
+    }
+}
+
+/// The base a disk is copied against, the mode reported, and why.
+#[derive(Debug, Clone)]
+pub struct BaseChoice {
+    /// The base.
+    pub base: Base,
+    /// Mode shown in the status.
+    pub mode: CopyMode,
+    /// Why a full copy replaced an incremental.
+    pub reason: Option<String>,
+    /// `bitmap`, `hashes` or `none`.
+    pub change_source: &'static str,
+}
+
+/// Decide how a disk is copied: pure, tested on its own.
+///
+/// - full: the target is a fresh image, so the base is all zeroes;
+/// - incremental with a dirty bitmap: only dirty blocks are read (against the committed map if
+///   any, for the checksum);
+/// - incremental with a committed map of the same geometry: hashes decide;
+/// - otherwise a full copy that writes every block, zeroes included (the target may be an
+///   overlay or a replica holding other data), with the reason.
+pub fn choose_base(
+    backup_type: BackupType,
+    committed: Option<BlockMap>,
+    source_size: u64,
+    block_size: u64,
+    has_bitmap: bool,
+) -> BaseChoice {
+    let full = |base, reason: Option<&str>| BaseChoice {
+        base,
+        mode: CopyMode::Full,
+        reason: reason.map(str::to_string),
+        change_source: "none",
+    };
+    if backup_type == BackupType::Full {
+        return full(Base::Zero, None);
+    }
+    let committed = committed.filter(|m| m.disk_size == source_size && m.block_size == block_size);
+    match (has_bitmap, committed) {
+        (true, map) => BaseChoice {
+            base: map.map(Base::Map).unwrap_or(Base::Unknown),
+            mode: CopyMode::Incremental,
+            reason: None,
+            change_source: "bitmap",
+        },
+        (false, Some(map)) => {
+            BaseChoice { base: Base::Map(map), mode: CopyMode::Incremental, reason: None, change_source: "hashes" }
+        }
+        (false, None) => full(
+            Base::Unknown,
+            Some("no committed change-tracking state for this disk (new disk, resized disk, or first run): full copy"),
+        ),
+    }
+}
+
+/// The node's jobs and what they need.
+pub struct Jobs {
+    settings: Arc<Settings>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    jobs: HashMap<String, Arc<Job>>,
+    finished: VecDeque<String>,
+    busy_vms: HashMap<String, String>,
+}
+
+impl Jobs {
+    /// An empty table.
+    pub fn new(settings: Arc<Settings>) -> Self {
+        Self { settings, table: Mutex::new(Table::default()) }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.table.lock().ok()?.jobs.get(id).cloned()
+    }
+
+    /// Every job known (running and recent).
+    pub fn all(&self) -> Vec<Arc<Job>> {
+        self.table.lock().map(|t| t.jobs.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Where a disk's committed map lives.
+    pub fn map_path(&self, vm: &str, key: u32) -> PathBuf {
+        self.settings.state_dir.join(vm).join(format!("disk-{key}.map"))
+    }
+
+    /// Turn a target into where to dial: through the tunnel's forward of that port when a
+    /// tunnel is configured and the target is on the hub's loopback.
+    ///
+    /// # Errors
+    /// The port is not forwarded by the tunnel.
+    pub fn dial_endpoint(&self, t: &Target, nbd_host: Option<&str>) -> Result<Endpoint, JobError> {
+        let host = nbd_host.unwrap_or(&t.host);
+        let loopback = matches!(host, "127.0.0.1" | "localhost" | "::1");
+        let (host, port) = match &self.settings.tunnel {
+            Some(tun) if loopback => {
+                let f = tun.forwards.iter().find(|f| f.remote_port == t.port).ok_or_else(|| {
+                    JobError::BadRequest(format!(
+                        "target {t}: port {} is not forwarded by the tunnel to the hub",
+                        t.port
+                    ))
+                })?;
+                (f.listen.ip().to_string(), f.listen.port())
+            }
+            _ => (host.to_string(), t.port),
+        };
+        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new() })
+    }
+
+    fn register(&self, job: Arc<Job>, vm: Option<&str>) -> Result<(), JobError> {
+        let mut t = self.table.lock().map_err(|_| JobError::Conflict("job table poisoned".into()))?;
+        if t.jobs.contains_key(&job.id) {
+            return Err(JobError::Conflict(format!("job {} already exists", job.id)));
+        }
+        if let Some(vm) = vm {
+            if let Some(other) = t.busy_vms.get(vm) {
+                return Err(JobError::Conflict(format!("VM {vm} already has job {other} running")));
+            }
+            t.busy_vms.insert(vm.to_string(), job.id.clone());
+        }
+        t.jobs.insert(job.id.clone(), job);
+        Ok(())
+    }
+
+    fn release(&self, job: &Job) {
+        if let Ok(mut t) = self.table.lock() {
+            if t.busy_vms.get(&job.vm_name) == Some(&job.id) {
+                t.busy_vms.remove(&job.vm_name);
+            }
+            t.finished.push_back(job.id.clone());
+            while t.finished.len() > KEEP_FINISHED {
+                if let Some(old) = t.finished.pop_front() {
+                    t.jobs.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Start a backup or replicate job.
+    ///
+    /// # Errors
+    /// Bad input (400), unknown VM (404), a job already running for the VM or the id in use (409).
+    pub fn start_copy(self: &Arc<Self>, req: StartRequest, kind: JobKind) -> Result<Arc<Job>, JobError> {
+        if !valid_name(&req.job_id) {
+            return Err(JobError::BadRequest(format!(
+                "job_id '{}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}",
+                req.job_id
+            )));
+        }
+        if !valid_name(&req.vm_name) {
+            return Err(JobError::BadRequest(format!("vm_name '{}' is not a valid name", req.vm_name)));
+        }
+        let vm = self
+            .settings
+            .vm(&req.vm_name)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(format!("unknown VM {}", req.vm_name)))?;
+        let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
+        let mut plan = Vec::new();
+        for t in &targets {
+            let disk = vm.disks.iter().find(|d| d.key == t.key).ok_or_else(|| {
+                JobError::BadRequest(format!(
+                    "VM {} has no disk with key {} (has {:?})",
+                    vm.name,
+                    t.key,
+                    vm.disks.iter().map(|d| d.key).collect::<Vec<_>>()
+                ))
+            })?;
+            plan.push((disk.clone(), self.dial_endpoint(t, req.nbd_host.as_deref())?));
+        }
+        // Bases are chosen when each disk starts (the source's size is known then); the mode
+        // shown until then is the one asked for.
+        let disks = plan
+            .iter()
+            .map(|(d, _)| {
+                let mode = if req.backup_type == BackupType::Full { CopyMode::Full } else { CopyMode::Incremental };
+                DiskJob::new(d.key, mode)
+            })
+            .collect();
+        let job = Arc::new(Job {
+            id: req.job_id.clone(),
+            kind,
+            vm_name: vm.name.clone(),
+            cancel: CancellationToken::new(),
+            state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
+            disks,
+        });
+        self.register(Arc::clone(&job), Some(&vm.name))?;
+        let jobs = Arc::clone(self);
+        let run_job = Arc::clone(&job);
+        tokio::spawn(async move {
+            let result = jobs.run_copy(&run_job, &vm, plan, req.backup_type).await;
+            let (status, error) = match result {
+                _ if run_job.cancel.is_cancelled() => (JobStatus::Cancelled, Some("cancelled".to_string())),
+                Ok(()) => (JobStatus::Completed, None),
+                Err(e) => (JobStatus::Failed, Some(e)),
+            };
+            tracing::info!(job = %run_job.id, vm = %run_job.vm_name, ?status, error = ?error, "job finished");
+            run_job.finish(status, error);
+            jobs.release(&run_job);
+        });
+        Ok(job)
+    }
+
+    async fn run_copy(
+        self: &Arc<Self>,
+        job: &Arc<Job>,
+        vm: &Vm,
+        plan: Vec<(crate::config::Disk, Endpoint)>,
+        backup_type: BackupType,
+    ) -> Result<(), String> {
+        tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, "job started");
+        // Old pending maps of this VM belong to runs that were never committed.
+        remove_pending_maps(&self.settings.state_dir.join(&vm.name));
+        if let Some(cmd) = &vm.pre_snapshot {
+            if let Err(e) = run_hook(cmd, "pre", vm, &job.id, &job.cancel).await {
+                // The post hook still runs: it undoes whatever the pre hook started.
+                let post = match &vm.post_snapshot {
+                    Some(c) => run_hook(c, "post", vm, &job.id, &CancellationToken::new()).await.err(),
+                    None => None,
+                };
+                for d in &job.disks {
+                    set_disk(d, "failed", None, Some("pre-snapshot hook failed".into()));
+                }
+                return Err(match post {
+                    Some(p) => format!("{e}; then {p}"),
+                    None => e,
+                });
+            }
+        }
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel_disks));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, (disk, endpoint)) in plan.into_iter().enumerate() {
+            let (jobs, job, limit) = (Arc::clone(self), Arc::clone(job), Arc::clone(&limit));
+            let vm_name = vm.name.clone();
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let result = jobs.copy_one(&job, index, &vm_name, &disk, endpoint, backup_type).await;
+                if result.is_err() && !job.cancel.is_cancelled() {
+                    // One disk failing dooms the job: stop the others now rather than later.
+                    job.cancel.cancel();
+                    return result.map_err(|e| (true, e));
+                }
+                result.map_err(|e| (false, e))
+            });
+        }
+        let mut first_error: Option<String> = None;
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err((primary, e))) => {
+                    if primary || first_error.is_none() {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(format!("disk task failed: {e}"));
+                }
+            }
+        }
+        let post = match &vm.post_snapshot {
+            Some(cmd) => run_hook(cmd, "post", vm, &job.id, &CancellationToken::new()).await.err(),
+            None => None,
+        };
+        match (first_error, post) {
+            (Some(e), Some(p)) => Err(format!("{e}; then {p}")),
+            (Some(e), None) => Err(e),
+            (None, Some(p)) => Err(p),
+            (None, None) => Ok(()),
+        }
+    }
+
+    async fn copy_one(
+        &self,
+        job: &Job,
+        index: usize,
+        vm: &str,
+        disk: &crate::config::Disk,
+        endpoint: Endpoint,
+        backup_type: BackupType,
+    ) -> Result<(), String> {
+        let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
+        set_disk(dj, "running", None, None);
+        let opts = &self.settings.copy;
+        let fail = |e: MoveError| {
+            let status = if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" };
+            set_disk(dj, status, None, Some(e.to_string()));
+            format!("disk {}: {e}", disk.key)
+        };
+        let source = tokio::select! {
+            _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
+            s = Source::open(&disk.source, opts.connections, job.cancel.clone()) => s,
+        }
+        .map_err(fail)?;
+        let source = Arc::new(source);
+        let map_path = self.map_path(vm, disk.key);
+        let committed = BlockMap::load(&map_path);
+        let sink = tokio::select! {
+            _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
+            p = NbdPool::connect(endpoint, opts.connections, opts.retry_window, job.cancel.clone()) => p,
+        }
+        .map_err(fail)?;
+        let mut choice =
+            choose_base(backup_type, committed.clone(), source.size(), opts.block_size, source.has_dirty_bitmap());
+        if matches!(choice.base, Base::Zero) && !sink.reads_as_zero().await.map_err(fail)? {
+            // A "full" into a target that already holds data (an overlay, a reused replica):
+            // zero blocks must be written too.
+            choice.base = Base::Unknown;
+            choice.reason = Some("the target is not empty: every block is written, zeroes included".into());
+        }
+        set_choice(dj, &choice);
+        tracing::info!(job = %job.id, disk = disk.key, mode = ?choice.mode, changes = choice.change_source, reason = ?choice.reason, "copying disk");
+        let sink = Arc::new(Sink::Nbd(sink));
+        let written = Arc::new(WrittenSet::default());
+        let result = mover::copy_disk(
+            Arc::clone(&source),
+            Arc::clone(&sink),
+            choice.base,
+            opts,
+            Arc::clone(&dj.progress),
+            Arc::clone(&written),
+            job.cancel.clone(),
+        )
+        .await;
+        sink.close().await;
+        source.close().await;
+        match result {
+            Ok(outcome) => {
+                let pending = map_path.with_extension(format!("map.pending-{}", job.id));
+                outcome.map.save(&pending).map_err(|e| {
+                    fail(MoveError::Destination { what: "change-tracking state".into(), source: e.source })
+                })?;
+                if let Ok(mut s) = dj.state.lock() {
+                    s.status = "completed";
+                    s.checksum = outcome.checksum;
+                    s.reconnects = outcome.reconnects;
+                    s.pending_map = Some(pending);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(mut map) = committed {
+                    let blocks = written.blocks();
+                    if !blocks.is_empty() {
+                        for b in blocks {
+                            if let Some(h) = map.hashes.get_mut(b as usize) {
+                                *h = UNKNOWN;
+                            }
+                        }
+                        if let Err(e) = map.save(&map_path) {
+                            tracing::error!(error = %e, "could not mark written blocks in the committed map");
+                        }
+                    }
+                }
+                Err(fail(e))
+            }
+        }
+    }
+
+    /// Make a completed job's maps the base of the next incremental.
+    ///
+    /// # Errors
+    /// Unknown job (404), not a completed copy job (409), or the rename failed (409).
+    pub fn commit(&self, id: &str) -> Result<Arc<Job>, JobError> {
+        let job = self.get(id).ok_or_else(|| JobError::NotFound(format!("unknown job {id}")))?;
+        if job.kind == JobKind::Restore {
+            return Err(JobError::Conflict("a restore has nothing to commit".into()));
+        }
+        let mut state = job.state.lock().map_err(|_| JobError::Conflict("job state poisoned".into()))?;
+        if state.committed {
+            drop(state);
+            return Ok(job);
+        }
+        if state.status != JobStatus::Completed {
+            return Err(JobError::Conflict(format!(
+                "job {id} is {:?}, not completed: nothing to commit",
+                state.status
+            )));
+        }
+        for d in &job.disks {
+            let pending = d.state.lock().ok().and_then(|s| s.pending_map.clone());
+            if let Some(p) = pending {
+                let committed = self.map_path(&job.vm_name, d.key);
+                std::fs::rename(&p, &committed)
+                    .and_then(|()| sync_dir(&committed))
+                    .map_err(|e| JobError::Conflict(format!("commit of disk {}: {e}", d.key)))?;
+            }
+        }
+        state.committed = true;
+        drop(state);
+        tracing::info!(job = %id, vm = %job.vm_name, "committed");
+        Ok(job)
+    }
+
+    /// Cancel a running job (a finished one is left as it is).
+    ///
+    /// # Errors
+    /// Unknown job (404).
+    pub fn cancel(&self, id: &str) -> Result<Arc<Job>, JobError> {
+        let job = self.get(id).ok_or_else(|| JobError::NotFound(format!("unknown job {id}")))?;
+        job.cancel.cancel();
+        Ok(job)
+    }
+
+    /// Start a restore: the hub's exports back into files under the restore directory or onto
+    /// the VMs' own disk paths.
+    ///
+    /// # Errors
+    /// Bad input (400) or a job id in use (409).
+    pub fn start_restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Arc<Job>, JobError> {
+        if !valid_name(&req.job_id) {
+            return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
+        }
+        let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
+        let mut plan = Vec::new();
+        for t in &targets {
+            let dest = req
+                .destinations
+                .get(&t.key.to_string())
+                .ok_or_else(|| JobError::BadRequest(format!("no destination for disk {}", t.key)))?;
+            let dest = self.allowed_destination(dest)?;
+            plan.push((t.key, self.dial_endpoint(t, None)?, dest));
+        }
+        if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
+            return Err(JobError::BadRequest(format!("destination for disk {extra} has no target")));
+        }
+        let disks = plan.iter().map(|(key, _, _)| DiskJob::new(*key, CopyMode::Full)).collect();
+        let job = Arc::new(Job {
+            id: req.job_id.clone(),
+            kind: JobKind::Restore,
+            vm_name: String::new(),
+            cancel: CancellationToken::new(),
+            state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
+            disks,
+        });
+        self.register(Arc::clone(&job), None)?;
+        let jobs = Arc::clone(self);
+        let run_job = Arc::clone(&job);
+        tokio::spawn(async move {
+            let mut error = None;
+            for (index, (_, endpoint, dest)) in plan.into_iter().enumerate() {
+                if let Err(e) = jobs.restore_one(&run_job, index, endpoint, &dest).await {
+                    error = Some(e);
+                    break;
+                }
+            }
+            let status = match &error {
+                _ if run_job.cancel.is_cancelled() => JobStatus::Cancelled,
+                None => JobStatus::Completed,
+                Some(_) => JobStatus::Failed,
+            };
+            run_job.finish(status, error);
+            jobs.release(&run_job);
+        });
+        Ok(job)
+    }
+
+    async fn restore_one(&self, job: &Job, index: usize, endpoint: Endpoint, dest: &Path) -> Result<(), String> {
+        let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
+        set_disk(dj, "running", None, None);
+        let fail = |e: MoveError| {
+            set_disk(
+                dj,
+                if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" },
+                None,
+                Some(e.to_string()),
+            );
+            format!("disk {}: {e}", dj.key)
+        };
+        let opts = &self.settings.copy;
+        let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
+            .await
+            .map_err(fail)?;
+        let (sink, zeroed) = FileSink::create(dest, source.size()).map_err(fail)?;
+        let base = if zeroed { Base::Zero } else { Base::Unknown };
+        let source = Arc::new(source);
+        let result = mover::copy_disk(
+            Arc::clone(&source),
+            Arc::new(Sink::File(sink)),
+            base,
+            opts,
+            Arc::clone(&dj.progress),
+            Arc::default(),
+            job.cancel.clone(),
+        )
+        .await;
+        source.close().await;
+        let outcome = result.map_err(fail)?;
+        set_disk(dj, "completed", outcome.checksum, None);
+        Ok(())
+    }
+
+    /// A restore may write a VM's own disk path or a file inside the restore directory, nothing
+    /// else: the API must not become a way to overwrite any file on the node.
+    fn allowed_destination(&self, dest: &str) -> Result<PathBuf, JobError> {
+        let path = PathBuf::from(dest);
+        let is_vm_disk = self
+            .settings
+            .vms
+            .iter()
+            .flat_map(|v| &v.disks)
+            .any(|d| matches!(&d.source, crate::source::SourceSpec::Path(p) if *p == path));
+        if is_vm_disk {
+            return Ok(path);
+        }
+        let refuse = || {
+            JobError::BadRequest(format!(
+                "destination {dest} is neither a configured VM disk nor a plain file name inside the restore directory"
+            ))
+        };
+        let dir = self.settings.restore_dir.as_ref().ok_or_else(refuse)?;
+        let rel = path.strip_prefix(dir).map_err(|_| refuse())?;
+        let mut parts = rel.components();
+        match (parts.next(), parts.next()) {
+            (Some(std::path::Component::Normal(name)), None) if valid_name(&name.to_string_lossy()) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| JobError::BadRequest(format!("restore directory {}: {e}", dir.display())))?;
+                Ok(dir.join(name))
+            }
+            _ => Err(refuse()),
+        }
+    }
+}
+
+fn set_disk(d: &DiskJob, status: &'static str, checksum: Option<String>, error: Option<String>) {
+    if let Ok(mut s) = d.state.lock() {
+        s.status = status;
+        if checksum.is_some() {
+            s.checksum = checksum;
+        }
+        if error.is_some() {
+            s.error = error;
+        }
+    }
+}
+
+fn set_choice(d: &DiskJob, c: &BaseChoice) {
+    if let Ok(mut s) = d.state.lock() {
+        s.mode = c.mode;
+        s.mode_reason.clone_from(&c.reason);
+        s.change_source = c.change_source;
+    }
+}
+
+impl DiskJob {
+    fn new(key: u32, mode: CopyMode) -> Self {
+        Self {
+            key,
+            progress: Arc::default(),
+            state: Mutex::new(DiskState {
+                mode,
+                mode_reason: None,
+                change_source: "none",
+                status: "pending",
+                checksum: None,
+                error: None,
+                reconnects: 0,
+                pending_map: None,
+            }),
+        }
+    }
+}
+
+fn remove_pending_maps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().contains(".map.pending-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn sync_dir(file: &Path) -> std::io::Result<()> {
+    std::fs::File::open(file.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// Run a hook with `sh -c`; its environment says which VM, job and phase.
+async fn run_hook(cmd: &str, phase: &str, vm: &Vm, job_id: &str, cancel: &CancellationToken) -> Result<(), String> {
+    tracing::info!(vm = %vm.name, job = job_id, phase, "running hook");
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("SENDENSE_VM", &vm.name)
+        .env("SENDENSE_JOB_ID", job_id)
+        .env("SENDENSE_PHASE", phase)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{phase}-snapshot hook could not start: {e}"))?;
+    let out = tokio::select! {
+        _ = cancel.cancelled() => return Err(format!("{phase}-snapshot hook cancelled")),
+        r = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output()) => r,
+    };
+    let out = out
+        .map_err(|_| format!("{phase}-snapshot hook ran longer than {} s", HOOK_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("{phase}-snapshot hook: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
+    Err(format!("{phase}-snapshot hook failed ({}): {tail}", out.status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_follows_the_request_and_the_state() {
+        let map = BlockMap::zeroed(1 << 20, 1 << 18);
+        let c = choose_base(BackupType::Full, Some(map.clone()), 1 << 20, 1 << 18, true);
+        assert!(matches!(c.base, Base::Zero) && c.mode == CopyMode::Full && c.reason.is_none());
+        let c = choose_base(BackupType::Incremental, Some(map.clone()), 1 << 20, 1 << 18, false);
+        assert!(matches!(c.base, Base::Map(_)) && c.mode == CopyMode::Incremental && c.change_source == "hashes");
+        let c = choose_base(BackupType::Incremental, None, 1 << 20, 1 << 18, false);
+        assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full && c.reason.is_some());
+        let c = choose_base(BackupType::Incremental, Some(map.clone()), 2 << 20, 1 << 18, false);
+        assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full, "a resized disk is copied in full");
+        let c = choose_base(BackupType::Incremental, None, 1 << 20, 1 << 18, true);
+        assert!(matches!(c.base, Base::Unknown) && c.change_source == "bitmap");
+    }
+}

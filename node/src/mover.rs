@@ -1,0 +1,654 @@
+//! The data mover: one disk from a [`Source`] into a [`Sink`], sparse, pipelined, only what
+//! changed.
+//!
+//! ## How a copy runs
+//! A planner walks the disk in windows of 1 GiB, asks the source which ranges hold data (and,
+//! with a dirty bitmap, which changed), and classifies each block (256 KiB by default):
+//! - *clean* (the bitmap says unchanged): nothing is read; its hash is carried over;
+//! - *hole* (reads as zeroes without reading): zeroed on the target only where the base had
+//!   something else;
+//! - *read*: read, hashed (BLAKE3), compared with the base's hash; equal blocks are skipped,
+//!   all-zero blocks become `WRITE_ZEROES`, the rest are written.
+//!
+//! The planner feeds a bounded queue; `connections x depth` workers take items from it, each
+//! with its own buffer (a request of up to `request_size`), so the source, the hashing (on the
+//! blocking pool) and the network overlap. Every connection pipelines `depth` requests.
+//!
+//! "The base" is what the target is known to hold before the copy: all zeroes (a fresh image:
+//! a full backup), unknown (write everything, zeroes as zeroes), or the block map of the last
+//! committed run (an incremental into an overlay or an in-place replica).
+//!
+//! ## What comes out
+//! The new block map (the base of the next incremental), the disk checksum when every block's
+//! hash is known, and per-disk counters that the API reads while the copy runs. Blocks written
+//! are recorded in a [`WrittenSet`] even when the copy fails, so the job layer can mark them
+//! unknown in the committed map.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::blockmap::{self, BlockMap, Hash, ZeroHashes, UNKNOWN};
+use crate::error::MoveError;
+use crate::sink::Sink;
+use crate::source::{Range, Source};
+use crate::throttle::Throttle;
+
+/// Planner window: how much allocation is asked for at once.
+const WINDOW: u64 = 1 << 30;
+/// Largest run of hole blocks handed to one worker.
+const MAX_HOLE_ITEM: u64 = 1 << 30;
+
+/// Tuning of a copy.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// NBD connections per disk (used when the export allows multi-conn).
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub depth: usize,
+    /// Largest request, in bytes (rounded down to whole blocks, at least one).
+    pub request_size: u64,
+    /// Change-tracking block size (a power of two from 4 KiB to 64 MiB).
+    pub block_size: u64,
+    /// How long a broken connection may take to come back before the copy fails.
+    pub retry_window: Duration,
+    /// Bandwidth limit shared by the job's workers.
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            connections: 4,
+            depth: 4,
+            request_size: 2 << 20,
+            block_size: blockmap::DEFAULT_BLOCK_SIZE,
+            retry_window: Duration::from_secs(120),
+            throttle: None,
+        }
+    }
+}
+
+/// What the target holds before the copy.
+#[derive(Debug, Clone)]
+pub enum Base {
+    /// Zeroes everywhere (a fresh image or a new file).
+    Zero,
+    /// Unknown: every block is written (zero blocks as zeroes).
+    Unknown,
+    /// The last committed run's map.
+    Map(BlockMap),
+}
+
+/// Live counters of one disk, read by the API while the copy runs.
+#[derive(Debug)]
+pub struct Progress {
+    /// Disk size.
+    pub bytes_total: AtomicU64,
+    /// Read from the source.
+    pub bytes_read: AtomicU64,
+    /// Written to the target as data.
+    pub bytes_sent: AtomicU64,
+    /// Holes: not read, not sent.
+    pub bytes_skipped_holes: AtomicU64,
+    /// All-zero blocks: not sent as data.
+    pub bytes_skipped_zero: AtomicU64,
+    /// Equal to the base: not sent.
+    pub bytes_unchanged: AtomicU64,
+    started: Mutex<Option<Instant>>,
+    finished: Mutex<Option<Instant>>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            bytes_total: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            bytes_skipped_holes: AtomicU64::new(0),
+            bytes_skipped_zero: AtomicU64::new(0),
+            bytes_unchanged: AtomicU64::new(0),
+            started: Mutex::new(None),
+            finished: Mutex::new(None),
+        }
+    }
+}
+
+/// A consistent-enough reading of [`Progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProgressSnapshot {
+    /// Disk size.
+    pub bytes_total: u64,
+    /// Read from the source.
+    pub bytes_read: u64,
+    /// Sent as data.
+    pub bytes_sent: u64,
+    /// Holes.
+    pub bytes_skipped_holes: u64,
+    /// Zero blocks.
+    pub bytes_skipped_zero: u64,
+    /// Unchanged.
+    pub bytes_unchanged: u64,
+    /// Disk bytes dealt with (sent, skipped or unchanged).
+    pub bytes_done: u64,
+    /// Disk bytes per second since the start.
+    pub rate_bps: u64,
+    /// Seconds left at that rate.
+    pub eta_s: Option<u64>,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+}
+
+impl Progress {
+    /// Snapshot with rate and ETA.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = ProgressSnapshot {
+            bytes_total: get(&self.bytes_total),
+            bytes_read: get(&self.bytes_read),
+            bytes_sent: get(&self.bytes_sent),
+            bytes_skipped_holes: get(&self.bytes_skipped_holes),
+            bytes_skipped_zero: get(&self.bytes_skipped_zero),
+            bytes_unchanged: get(&self.bytes_unchanged),
+            ..Default::default()
+        };
+        s.bytes_done = s.bytes_sent + s.bytes_skipped_holes + s.bytes_skipped_zero + s.bytes_unchanged;
+        let started = self.started.lock().ok().and_then(|g| *g);
+        let finished = self.finished.lock().ok().and_then(|g| *g);
+        if let Some(start) = started {
+            let elapsed = finished.unwrap_or_else(Instant::now).duration_since(start).as_secs_f64();
+            s.elapsed_s = elapsed;
+            if elapsed > 0.0 {
+                s.rate_bps = (s.bytes_done as f64 / elapsed) as u64;
+            }
+            s.eta_s = s.bytes_total.saturating_sub(s.bytes_done).checked_div(s.rate_bps);
+        }
+        s
+    }
+
+    fn start(&self, total: u64) {
+        self.bytes_total.store(total, Ordering::Relaxed);
+        if let Ok(mut g) = self.started.lock() {
+            *g = Some(Instant::now());
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut g) = self.finished.lock() {
+            *g = Some(Instant::now());
+        }
+    }
+}
+
+/// The blocks a copy has written, kept even when it fails.
+#[derive(Debug, Default)]
+pub struct WrittenSet {
+    bits: Mutex<Vec<u64>>,
+}
+
+impl WrittenSet {
+    fn mark(&self, first: u64, count: u64) {
+        if let Ok(mut bits) = self.bits.lock() {
+            for b in first..first + count {
+                let word = (b / 64) as usize;
+                if bits.len() <= word {
+                    bits.resize(word + 1, 0);
+                }
+                if let Some(w) = bits.get_mut(word) {
+                    *w |= 1 << (b % 64);
+                }
+            }
+        }
+    }
+
+    /// The written block indexes.
+    pub fn blocks(&self) -> Vec<u64> {
+        let bits = self.bits.lock().map(|b| b.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        for (i, w) in bits.iter().enumerate() {
+            for bit in 0..64 {
+                if w & (1 << bit) != 0 {
+                    out.push(i as u64 * 64 + bit);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A finished copy.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The new map (hashes of blocks never seen are [`UNKNOWN`]).
+    pub map: BlockMap,
+    /// The disk checksum, when every block's hash is known.
+    pub checksum: Option<String>,
+    /// Connections re-made along the way.
+    pub reconnects: u64,
+}
+
+/// Everything one disk's workers share.
+struct Shared {
+    source: Arc<Source>,
+    sink: Arc<Sink>,
+    base: Arc<Base>,
+    zero: ZeroHashes,
+    size: u64,
+    block_size: u64,
+    hashes: Mutex<Vec<Hash>>,
+    written: Arc<WrittenSet>,
+    progress: Arc<Progress>,
+    throttle: Option<Arc<Throttle>>,
+}
+
+impl Shared {
+    fn block_len(&self, block: u64) -> u64 {
+        blockmap::block_len(self.size, self.block_size, block)
+    }
+
+    fn base_hash(&self, block: u64) -> Option<Hash> {
+        match &*self.base {
+            Base::Zero => Some(self.zero.of_len(self.block_len(block))),
+            Base::Unknown => None,
+            Base::Map(m) => m.hashes.get(block as usize).copied(),
+        }
+    }
+
+    fn store_hashes(&self, first: u64, hashes: &[Hash]) {
+        if let Ok(mut all) = self.hashes.lock() {
+            for (i, h) in hashes.iter().enumerate() {
+                if let Some(slot) = all.get_mut(first as usize + i) {
+                    *slot = *h;
+                }
+            }
+        }
+    }
+}
+
+/// Blocks handed to a worker.
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Read { first: u64, count: u64 },
+    Holes { first: u64, count: u64 },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Read,
+    Hole,
+    Clean,
+}
+
+/// Copy one disk.
+///
+/// # Errors
+/// The source, the target or the cancel token stopped it; blocks written so far are in
+/// `written`.
+#[allow(clippy::too_many_arguments)]
+pub async fn copy_disk(
+    source: Arc<Source>,
+    sink: Arc<Sink>,
+    base: Base,
+    options: &CopyOptions,
+    progress: Arc<Progress>,
+    written: Arc<WrittenSet>,
+    cancel: CancellationToken,
+) -> Result<Outcome, MoveError> {
+    let size = source.size();
+    if sink.size() < size {
+        return Err(MoveError::Mismatch(format!("the target holds {} bytes; the source has {size}", sink.size())));
+    }
+    let block_size = options.block_size;
+    if !block_size.is_power_of_two() || !(4096..=64 << 20).contains(&block_size) {
+        return Err(MoveError::Mismatch(format!("block size {block_size} is not a power of two from 4 KiB to 64 MiB")));
+    }
+    let base = match base {
+        Base::Map(m) if m.disk_size != size || m.block_size != block_size => Base::Unknown,
+        other => other,
+    };
+    let nblocks = blockmap::block_count(size, block_size);
+    let use_bitmap = source.has_dirty_bitmap() && !matches!(base, Base::Zero);
+    let shared = Arc::new(Shared {
+        source,
+        sink,
+        base: Arc::new(base),
+        zero: ZeroHashes::new(size, block_size),
+        size,
+        block_size,
+        hashes: Mutex::new(vec![UNKNOWN; nblocks as usize]),
+        written,
+        progress,
+        throttle: options.throttle.clone(),
+    });
+    shared.progress.start(size);
+
+    let connections = match &*shared.sink {
+        Sink::Nbd(pool) => pool.connections(),
+        Sink::File(_) => options.connections.max(1),
+    };
+    let workers = (connections * options.depth.max(1)).max(1);
+    let per_item = (options.request_size / block_size).max(1);
+    let stop = cancel.child_token();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Item>(workers * 2);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let first_error: Arc<Mutex<Option<MoveError>>> = Arc::default();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (shared, rx, stop, first_error) =
+            (Arc::clone(&shared), Arc::clone(&rx), stop.clone(), Arc::clone(&first_error));
+        tasks.spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                let item = {
+                    let mut rx = rx.lock().await;
+                    tokio::select! {
+                        _ = stop.cancelled() => None,
+                        item = rx.recv() => item,
+                    }
+                };
+                let Some(item) = item else { return };
+                let result = tokio::select! {
+                    _ = stop.cancelled() => Err(MoveError::Cancelled),
+                    r = process(&shared, w, item, &mut buf) => r,
+                };
+                if let Err(e) = result {
+                    if let Ok(mut slot) = first_error.lock() {
+                        if slot.is_none() && !matches!(e, MoveError::Cancelled) {
+                            *slot = Some(e);
+                        }
+                    }
+                    stop.cancel();
+                    return;
+                }
+            }
+        });
+    }
+
+    let planned = tokio::select! {
+        _ = stop.cancelled() => Err(MoveError::Cancelled),
+        r = plan(&shared, nblocks, per_item, use_bitmap, &tx) => r,
+    };
+    drop(tx);
+    if planned.is_err() {
+        stop.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+    shared.progress.finish();
+
+    let worker_error = first_error.lock().ok().and_then(|mut e| e.take());
+    if cancel.is_cancelled() {
+        return Err(MoveError::Cancelled);
+    }
+    if let Some(e) = worker_error {
+        return Err(e);
+    }
+    planned?;
+    tokio::select! {
+        _ = cancel.cancelled() => return Err(MoveError::Cancelled),
+        r = shared.sink.flush() => r?,
+    }
+    let hashes = shared.hashes.lock().map(|h| h.clone()).unwrap_or_default();
+    let map = BlockMap { disk_size: size, block_size, hashes };
+    let checksum = (!map.hashes.contains(&UNKNOWN)).then(|| map.checksum());
+    Ok(Outcome { map, checksum, reconnects: shared.sink.reconnects() })
+}
+
+/// Walk the disk, classify blocks, and queue the work.
+async fn plan(
+    shared: &Shared,
+    nblocks: u64,
+    per_item: u64,
+    use_bitmap: bool,
+    tx: &tokio::sync::mpsc::Sender<Item>,
+) -> Result<(), MoveError> {
+    let bs = shared.block_size;
+    let mut block = 0u64;
+    let mut pending: Option<(Class, u64, u64)> = None; // class, first, count
+    while block < nblocks {
+        let start = block * bs;
+        let want = WINDOW.min(shared.size - start);
+        let alloc = shared.source.allocation(start, want).await?;
+        let mut covered = alloc.iter().map(|r| r.length).sum::<u64>().min(want);
+        let dirty = if use_bitmap {
+            let d = shared.source.dirty(start, covered.max(1)).await?;
+            covered = covered.min(d.iter().map(|r| r.length).sum());
+            Some(d)
+        } else {
+            None
+        };
+        let end = start + covered;
+        let end_block = if end >= shared.size { nblocks } else { end / bs };
+        let classes: Vec<Class> = if end_block <= block {
+            vec![Class::Read] // an answer shorter than a block: read it
+        } else {
+            classify(start, bs, end_block - block, &alloc, dirty.as_deref())
+        };
+        for class in classes {
+            pending = match pending {
+                Some((c, first, count))
+                    if c == class && (class != Class::Read || count < per_item) && count * bs < MAX_HOLE_ITEM =>
+                {
+                    Some((c, first, count + 1))
+                }
+                Some(run) => {
+                    emit(shared, run, tx).await?;
+                    Some((class, block, 1))
+                }
+                None => Some((class, block, 1)),
+            };
+            block += 1;
+        }
+    }
+    if let Some(run) = pending {
+        emit(shared, run, tx).await?;
+    }
+    Ok(())
+}
+
+async fn emit(
+    shared: &Shared,
+    (class, first, count): (Class, u64, u64),
+    tx: &tokio::sync::mpsc::Sender<Item>,
+) -> Result<(), MoveError> {
+    let item = match class {
+        Class::Read => Item::Read { first, count },
+        Class::Hole => Item::Holes { first, count },
+        Class::Clean => {
+            let mut bytes = 0;
+            let hashes: Vec<Hash> = (first..first + count)
+                .map(|b| {
+                    bytes += shared.block_len(b);
+                    shared.base_hash(b).unwrap_or(UNKNOWN)
+                })
+                .collect();
+            shared.store_hashes(first, &hashes);
+            shared.progress.bytes_unchanged.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(());
+        }
+    };
+    tx.send(item).await.map_err(|_| MoveError::Cancelled)
+}
+
+/// Classify `count` blocks from `start` given allocation (and dirty) ranges that begin there.
+fn classify(start: u64, bs: u64, count: u64, alloc: &[Range], dirty: Option<&[Range]>) -> Vec<Class> {
+    let data = intervals(start, alloc);
+    let dirty = dirty.map(|d| intervals(start, d));
+    (0..count)
+        .map(|i| {
+            let (s, e) = (start + i * bs, start + (i + 1) * bs);
+            if let Some(d) = &dirty {
+                if !overlaps(d, s, e) {
+                    return Class::Clean;
+                }
+            }
+            if overlaps(&data, s, e) {
+                Class::Read
+            } else {
+                Class::Hole
+            }
+        })
+        .collect()
+}
+
+/// Absolute `[s, e)` of the ranges marked `data`.
+fn intervals(start: u64, ranges: &[Range]) -> Vec<(u64, u64)> {
+    let mut at = start;
+    let mut out = Vec::new();
+    for r in ranges {
+        if r.data {
+            out.push((at, at + r.length));
+        }
+        at += r.length;
+    }
+    out
+}
+
+fn overlaps(intervals: &[(u64, u64)], s: u64, e: u64) -> bool {
+    let i = intervals.partition_point(|&(_, end)| end <= s);
+    intervals.get(i).is_some_and(|&(start, _)| start < e)
+}
+
+/// What to do with one block.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Skip,
+    Zero,
+    Data,
+}
+
+async fn process(shared: &Shared, worker: usize, item: Item, buf: &mut Vec<u8>) -> Result<(), MoveError> {
+    let bs = shared.block_size;
+    match item {
+        Item::Holes { first, count } => {
+            let mut acts = Vec::with_capacity(count as usize);
+            let mut hashes = Vec::with_capacity(count as usize);
+            for b in first..first + count {
+                let zero = shared.zero.of_len(shared.block_len(b));
+                hashes.push(zero);
+                if shared.base_hash(b) == Some(zero) {
+                    acts.push(Act::Skip);
+                    shared.progress.bytes_skipped_holes.fetch_add(shared.block_len(b), Ordering::Relaxed);
+                } else {
+                    acts.push(Act::Zero);
+                }
+            }
+            send_runs(shared, worker, first, &acts, &[], &shared.progress.bytes_skipped_holes).await?;
+            shared.store_hashes(first, &hashes);
+            Ok(())
+        }
+        Item::Read { first, count } => {
+            let offset = first * bs;
+            let len = (count * bs).min(shared.size - offset) as usize;
+            let mut owned = std::mem::take(buf);
+            owned.resize(len, 0);
+            let data = shared.source.read(worker, offset, owned).await?;
+            let (data, hashes) = tokio::task::spawn_blocking(move || {
+                let hashes: Vec<Hash> = data.chunks(bs as usize).map(blockmap::hash_block).collect();
+                (data, hashes)
+            })
+            .await
+            .map_err(|e| MoveError::Source { what: "hashing".into(), source: std::io::Error::other(e) })?;
+            shared.progress.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+            let mut acts = Vec::with_capacity(hashes.len());
+            for (i, h) in hashes.iter().enumerate() {
+                let b = first + i as u64;
+                let blen = shared.block_len(b);
+                let is_zero = *h == shared.zero.of_len(blen);
+                if shared.base_hash(b) == Some(*h) {
+                    acts.push(Act::Skip);
+                    let counter = if matches!(*shared.base, Base::Zero) {
+                        &shared.progress.bytes_skipped_zero
+                    } else {
+                        &shared.progress.bytes_unchanged
+                    };
+                    counter.fetch_add(blen, Ordering::Relaxed);
+                } else if is_zero {
+                    acts.push(Act::Zero);
+                } else {
+                    acts.push(Act::Data);
+                }
+            }
+            send_runs(shared, worker, first, &acts, &data, &shared.progress.bytes_skipped_zero).await?;
+            shared.store_hashes(first, &hashes);
+            *buf = data;
+            Ok(())
+        }
+    }
+}
+
+/// Send consecutive runs of equal acts starting at block `first`; `data` holds the blocks' bytes
+/// for data runs. Counters move only once the target has acknowledged a run: data runs count as
+/// sent, zero runs into `zeroed`.
+async fn send_runs(
+    shared: &Shared,
+    worker: usize,
+    first: u64,
+    acts: &[Act],
+    data: &[u8],
+    zeroed: &AtomicU64,
+) -> Result<(), MoveError> {
+    let bs = shared.block_size;
+    let mut i = 0usize;
+    while i < acts.len() {
+        let act = acts.get(i).copied().unwrap_or(Act::Skip);
+        let mut j = i + 1;
+        while acts.get(j) == Some(&act) {
+            j += 1;
+        }
+        let (b0, n) = (first + i as u64, (j - i) as u64);
+        let offset = b0 * bs;
+        let len = (n * bs).min(shared.size - offset);
+        match act {
+            Act::Skip => {}
+            Act::Zero => {
+                shared.sink.write_zeroes(worker, offset, len).await?;
+                shared.written.mark(b0, n);
+                zeroed.fetch_add(len, Ordering::Relaxed);
+            }
+            Act::Data => {
+                let from = i * bs as usize;
+                let bytes = data.get(from..from + len as usize).unwrap_or_default();
+                if let Some(t) = &shared.throttle {
+                    t.acquire(len).await;
+                }
+                shared.sink.write(worker, offset, bytes).await?;
+                shared.written.mark(b0, n);
+                shared.progress.bytes_sent.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_classified_by_allocation_and_bitmap() {
+        let bs = 4096;
+        let alloc = [
+            Range { length: 4096, data: true },
+            Range { length: 8192, data: false },
+            Range { length: 100, data: true },
+            Range { length: 8092, data: false },
+        ];
+        let got = classify(0, bs, 5, &alloc, None);
+        assert!(got == vec![Class::Read, Class::Hole, Class::Hole, Class::Read, Class::Hole]);
+        let dirty = [Range { length: 4096 * 3, data: false }, Range { length: 8192, data: true }];
+        let got = classify(0, bs, 5, &alloc, Some(&dirty));
+        assert!(got == vec![Class::Clean, Class::Clean, Class::Clean, Class::Read, Class::Hole]);
+    }
+
+    #[test]
+    fn written_blocks_are_remembered() {
+        let w = WrittenSet::default();
+        w.mark(3, 2);
+        w.mark(130, 1);
+        assert_eq!(w.blocks(), vec![3, 4, 130]);
+    }
+}

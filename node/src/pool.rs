@@ -1,0 +1,246 @@
+//! A disk's NBD connections, re-made when the transport fails.
+//!
+//! A copy runs several connections to one export (the hub's exports advertise multi-conn, so a
+//! flush on any of them covers every write). A request that fails because the connection broke
+//! (the tunnel dropped, the hub's listener closed) is retried on a fresh connection once one can
+//! be made, for up to `retry_window` after the first failure; writes are idempotent, so a retry
+//! can never corrupt. A request the server answered with an error (ENOSPC, EIO, EINVAL) is not a
+//! transport failure and is never retried. Concurrent workers that see the same broken
+//! connection reconnect it once: each slot carries a generation number.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use nbd_server::{Client, ClientError, ClientOptions, ExportInfo};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::MoveError;
+
+/// Where to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Host to dial.
+    pub host: String,
+    /// Port to dial.
+    pub port: u16,
+    /// Export name.
+    pub export: String,
+    /// Extra metadata contexts (a dirty bitmap).
+    pub meta_contexts: Vec<String>,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nbd://{}:{}/{}", self.host, self.port, self.export)
+    }
+}
+
+/// How long one request may take before its connection is declared broken.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Slot {
+    generation: u64,
+    client: Option<Client>,
+}
+
+/// Several connections to one export.
+pub struct NbdPool {
+    endpoint: Endpoint,
+    info: ExportInfo,
+    slots: Vec<Mutex<Slot>>,
+    retry_window: Duration,
+    cancel: CancellationToken,
+    reconnects: std::sync::atomic::AtomicU64,
+}
+
+impl NbdPool {
+    /// Open `connections` connections (at least one).
+    ///
+    /// # Errors
+    /// The first connection cannot be made or negotiated (a wrong port or export name is a
+    /// configuration error, not something to wait out).
+    pub async fn connect(
+        endpoint: Endpoint,
+        connections: usize,
+        retry_window: Duration,
+        cancel: CancellationToken,
+    ) -> Result<Self, MoveError> {
+        let first =
+            dial(&endpoint).await.map_err(|source| MoveError::Unreachable { target: endpoint.to_string(), source })?;
+        let info = first.info().clone();
+        // Only open more connections when the export says they are coherent.
+        let multi = info.flags & nbd_server::proto::consts::transmission_flags::CAN_MULTI_CONN != 0;
+        let wanted = if multi { connections.max(1) } else { 1 };
+        let mut slots = vec![Mutex::new(Slot { generation: 0, client: Some(first) })];
+        for _ in 1..wanted {
+            let c = dial(&endpoint)
+                .await
+                .map_err(|source| MoveError::Unreachable { target: endpoint.to_string(), source })?;
+            slots.push(Mutex::new(Slot { generation: 0, client: Some(c) }));
+        }
+        Ok(Self { endpoint, info, slots, retry_window, cancel, reconnects: Default::default() })
+    }
+
+    /// The export as the server described it on the first connection.
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Number of connections.
+    pub fn connections(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Connections re-made so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Run `op` on connection `index % connections`, re-making the connection and retrying
+    /// while the transport fails, within the retry window.
+    ///
+    /// # Errors
+    /// The server failed the request (`Target`), the window passed (`Unreachable`), or the copy
+    /// was cancelled.
+    pub async fn run<T, F, Fut>(&self, index: usize, what: &'static str, offset: u64, op: F) -> Result<T, MoveError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let slot = self.slots.get(index % self.slots.len().max(1)).ok_or(MoveError::Cancelled)?;
+        let mut first_failure: Option<Instant> = None;
+        loop {
+            let (generation, client) = {
+                let s = slot.lock().await;
+                (s.generation, s.client.clone())
+            };
+            let result = match client {
+                // A request that hangs (a tunnel that stopped moving without closing) counts as
+                // a broken connection.
+                Some(c) => tokio::time::timeout(REQUEST_TIMEOUT, op(c)).await.unwrap_or_else(|_| {
+                    Err(ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
+                }),
+                None => Err(ClientError::Closed),
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e @ ClientError::Request { .. }) | Err(e @ ClientError::Invalid(_)) => {
+                    return Err(MoveError::Target { target: self.endpoint.to_string(), op: what, offset, source: e });
+                }
+                Err(e) => {
+                    let since = *first_failure.get_or_insert_with(Instant::now);
+                    tracing::warn!(target = %self.endpoint, error = %e, "connection failed; reconnecting");
+                    self.reconnect(slot, generation, since, e).await?;
+                }
+            }
+        }
+    }
+
+    async fn reconnect(
+        &self,
+        slot: &Mutex<Slot>,
+        generation: u64,
+        since: Instant,
+        mut last: ClientError,
+    ) -> Result<(), MoveError> {
+        let mut s = slot.lock().await;
+        if s.generation != generation {
+            return Ok(()); // another worker already re-made it
+        }
+        s.client = None;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            if since.elapsed() > self.retry_window {
+                return Err(MoveError::Unreachable { target: self.endpoint.to_string(), source: last });
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(MoveError::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match dial(&self.endpoint).await {
+                Ok(c) if c.info().size == self.info.size => {
+                    s.client = Some(c);
+                    s.generation += 1;
+                    self.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(target = %self.endpoint, "reconnected");
+                    return Ok(());
+                }
+                Ok(c) => {
+                    return Err(MoveError::Mismatch(format!(
+                        "{} changed size from {} to {} across a reconnect",
+                        self.endpoint,
+                        self.info.size,
+                        c.info().size
+                    )))
+                }
+                Err(e) => last = e,
+            }
+            delay = (delay * 2).min(Duration::from_secs(3));
+        }
+    }
+
+    /// Whether the export reads as zeroes end to end by its own `base:allocation` answer (a
+    /// fresh image): only then may a full copy skip zero blocks. A server that cannot say, or a
+    /// very fragmented answer, counts as "not known to be zero".
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn reads_as_zero(&self) -> Result<bool, MoveError> {
+        let size = self.info.size;
+        let mut at = 0u64;
+        for _ in 0..4096 {
+            if at >= size {
+                return Ok(true);
+            }
+            let extents = self
+                .run(0, "block status", at, |c| async move {
+                    if !c.can_block_status() {
+                        return Ok(Vec::new());
+                    }
+                    c.block_status(at, size - at).await
+                })
+                .await?;
+            if extents.is_empty() {
+                return Ok(false);
+            }
+            for e in extents {
+                if e.flags & 0b10 == 0 {
+                    return Ok(false);
+                }
+                at = at.saturating_add(e.length);
+            }
+        }
+        Ok(at >= size)
+    }
+
+    /// Soft-disconnect every connection.
+    pub async fn close(&self) {
+        for slot in &self.slots {
+            if let Some(c) = slot.lock().await.client.take() {
+                let _ = c.disconnect().await;
+            }
+        }
+    }
+}
+
+async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+    )
+    .await
+    .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    let mut options = ClientOptions::new(endpoint.export.clone());
+    options.meta_contexts = endpoint.meta_contexts.clone();
+    tokio::time::timeout(Duration::from_secs(30), Client::handshake(r, w, &options))
+        .await
+        .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")))?
+}

@@ -1,0 +1,190 @@
+//! Where a disk's bytes go: the hub's NBD export (backups, replicas) or a local file or block
+//! device (restores).
+//!
+//! Zeroes are never sent as data: an NBD target gets `WRITE_ZEROES` (metadata only in a qcow2
+//! image) when it offers it, a file gets a punched hole, a block device gets zero buffers.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nbd_server::proto::consts::transmission_flags;
+
+use crate::error::MoveError;
+use crate::pool::NbdPool;
+
+/// Largest zero buffer written to a device that cannot punch holes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// An open destination.
+pub enum Sink {
+    /// An NBD export (several connections).
+    Nbd(NbdPool),
+    /// A local file or block device.
+    File(FileSink),
+}
+
+/// A local destination.
+pub struct FileSink {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    block_device: bool,
+}
+
+impl FileSink {
+    /// Open `path` to receive a disk of `size` bytes. A regular file is created (or emptied) and
+    /// sized, so it starts all zeroes and holes stay holes; a block device must be large enough.
+    /// Returns the sink and whether it starts out zeroed.
+    ///
+    /// # Errors
+    /// It cannot be opened, sized, or is too small.
+    pub fn create(path: &Path, size: u64) -> Result<(Self, bool), MoveError> {
+        let err = |what: &str, source| MoveError::Destination { what: format!("{}: {what}", path.display()), source };
+        let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let file = if is_block {
+            OpenOptions::new().write(true).open(path).map_err(|e| err("open", e))?
+        } else {
+            let f =
+                OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(|e| err("create", e))?;
+            f.set_len(size).map_err(|e| err("set size", e))?;
+            f
+        };
+        if is_block {
+            let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0)).map_err(|e| err("size", e.into()))?;
+            if dev_size < size {
+                return Err(MoveError::Mismatch(format!(
+                    "{} holds {dev_size} bytes; the disk needs {size}",
+                    path.display()
+                )));
+            }
+        }
+        Ok((Self { file: Arc::new(file), path: path.to_path_buf(), size, block_device: is_block }, !is_block))
+    }
+}
+
+impl Sink {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Self::Nbd(p) => p.info().size,
+            Self::File(f) => f.size,
+        }
+    }
+
+    /// Write `data` at `offset` (worker `worker` picks the connection).
+    ///
+    /// # Errors
+    /// The target failed the write or stayed unreachable.
+    pub async fn write(&self, worker: usize, offset: u64, data: &[u8]) -> Result<(), MoveError> {
+        match self {
+            Self::Nbd(pool) => {
+                pool.run(worker, "write", offset, |c| async move { c.write(offset, data, false).await }).await
+            }
+            Self::File(f) => {
+                // The blocking pool needs an owned buffer; restores pay one copy here.
+                let owned = data.to_vec();
+                let file = Arc::clone(&f.file);
+                let what = || format!("{}: write at {offset:#x}", f.path.display());
+                tokio::task::spawn_blocking(move || file.write_all_at(&owned, offset))
+                    .await
+                    .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
+                    .map_err(|source| MoveError::Destination { what: what(), source })
+            }
+        }
+    }
+
+    /// Make `length` bytes at `offset` read as zeroes without sending them.
+    ///
+    /// # Errors
+    /// The target failed or stayed unreachable.
+    pub async fn write_zeroes(&self, worker: usize, offset: u64, length: u64) -> Result<(), MoveError> {
+        match self {
+            Self::Nbd(pool) if pool.info().flags & transmission_flags::SEND_WRITE_ZEROES != 0 => {
+                let max = 1u64 << 30;
+                let mut at = offset;
+                let end = offset + length;
+                while at < end {
+                    let n = (end - at).min(max);
+                    pool.run(worker, "write zeroes", at, |c| async move { c.write_zeroes(at, n, false).await }).await?;
+                    at += n;
+                }
+                Ok(())
+            }
+            Self::Nbd(pool) => {
+                let zeros = vec![0u8; ZERO_CHUNK.min(pool.info().max_payload as usize)];
+                let mut at = offset;
+                let end = offset + length;
+                while at < end {
+                    let n = (end - at).min(zeros.len() as u64) as usize;
+                    let chunk = zeros.get(..n).unwrap_or_default();
+                    pool.run(worker, "write", at, |c| async move { c.write(at, chunk, false).await }).await?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Self::File(f) => {
+                let file = Arc::clone(&f.file);
+                let block = f.block_device;
+                let what = || format!("{}: zero at {offset:#x}", f.path.display());
+                tokio::task::spawn_blocking(move || zero_file_range(&file, block, offset, length))
+                    .await
+                    .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
+                    .map_err(|source| MoveError::Destination { what: what(), source })
+            }
+        }
+    }
+
+    /// Make everything written durable.
+    ///
+    /// # Errors
+    /// The flush failed.
+    pub async fn flush(&self) -> Result<(), MoveError> {
+        match self {
+            Self::Nbd(pool) => pool.run(0, "flush", 0, |c| async move { c.flush().await }).await,
+            Self::File(f) => {
+                let file = Arc::clone(&f.file);
+                let what = format!("{}: fsync", f.path.display());
+                tokio::task::spawn_blocking(move || file.sync_all())
+                    .await
+                    .map_err(|e| MoveError::Destination { what: what.clone(), source: e.into() })?
+                    .map_err(|source| MoveError::Destination { what, source })
+            }
+        }
+    }
+
+    /// Close the connections (NBD) politely.
+    pub async fn close(&self) {
+        if let Self::Nbd(pool) = self {
+            pool.close().await;
+        }
+    }
+
+    /// Connections re-made during the copy.
+    pub fn reconnects(&self) -> u64 {
+        match self {
+            Self::Nbd(pool) => pool.reconnects(),
+            Self::File(_) => 0,
+        }
+    }
+}
+
+fn zero_file_range(file: &File, block_device: bool, offset: u64, length: u64) -> std::io::Result<()> {
+    if !block_device {
+        use rustix::fs::FallocateFlags;
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        if rustix::fs::fallocate(file, flags, offset, length).is_ok() {
+            return Ok(());
+        }
+    }
+    let zeros = vec![0u8; ZERO_CHUNK];
+    let mut at = offset;
+    let end = offset + length;
+    while at < end {
+        let n = (end - at).min(ZERO_CHUNK as u64) as usize;
+        file.write_all_at(zeros.get(..n).unwrap_or_default(), at)?;
+        at += n as u64;
+    }
+    Ok(())
+}

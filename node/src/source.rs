@@ -1,0 +1,360 @@
+//! Where a disk's bytes come from: a raw file or block device, or an NBD server (qemu-nbd,
+//! qemu's built-in server, nbdkit in front of a hypervisor disk).
+//!
+//! A source answers three questions for the mover: its size, which ranges are allocated
+//! (`SEEK_DATA`/`SEEK_HOLE` on files, `base:allocation` on NBD; ranges known to read as zeroes
+//! count as holes), and, for an NBD source exporting a dirty bitmap, which ranges changed since
+//! the bitmap was started. Reads of files run on the blocking pool with the caller's buffer
+//! moved in and out, so the async workers never wait on the disk.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::fs::SeekFrom;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::SourceKind;
+use crate::error::MoveError;
+use crate::pool::{Endpoint, NbdPool};
+use crate::targets;
+
+/// How a source was configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A raw file or a block device.
+    Path(PathBuf),
+    /// `nbd://HOST:PORT/EXPORT`, with an optional dirty bitmap to read changes from.
+    Nbd {
+        /// The URL as given.
+        url: String,
+        /// Bitmap name (`qemu:dirty-bitmap:NAME`).
+        dirty_bitmap: Option<String>,
+    },
+}
+
+impl SourceSpec {
+    /// `nbd://...` is an NBD source; anything else is a path.
+    pub fn parse(text: &str, dirty_bitmap: Option<String>) -> Result<Self, String> {
+        if text.starts_with("nbd://") {
+            targets::parse_url(0, text).map_err(|e| format!("source '{text}': {e}"))?;
+            Ok(Self::Nbd { url: text.to_string(), dirty_bitmap })
+        } else if text.is_empty() {
+            Err("empty source".into())
+        } else if dirty_bitmap.is_some() {
+            Err(format!("source '{text}': a dirty bitmap needs an nbd:// source"))
+        } else {
+            Ok(Self::Path(PathBuf::from(text)))
+        }
+    }
+
+    /// The kind, without touching the source.
+    pub fn kind_hint(&self) -> SourceKind {
+        match self {
+            Self::Nbd { .. } => SourceKind::Nbd,
+            Self::Path(p) if std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()) => SourceKind::Block,
+            Self::Path(_) => SourceKind::File,
+        }
+    }
+}
+
+impl std::fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Nbd { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+/// A range of the source and whether it holds data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// Length in bytes.
+    pub length: u64,
+    /// True if it may hold data; false if it reads as zeroes.
+    pub data: bool,
+}
+
+/// An open source.
+pub enum Source {
+    /// A file or block device.
+    File(FileSource),
+    /// An NBD export.
+    Nbd(NbdSource),
+}
+
+/// A raw file or block device.
+pub struct FileSource {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    sparse: bool,
+}
+
+/// An NBD export read with several connections.
+pub struct NbdSource {
+    pool: NbdPool,
+    bitmap: Option<String>,
+}
+
+impl Source {
+    /// Open a source.
+    ///
+    /// # Errors
+    /// The file cannot be opened, or the NBD server cannot be reached or lacks the bitmap.
+    pub async fn open(spec: &SourceSpec, connections: usize, cancel: CancellationToken) -> Result<Self, MoveError> {
+        match spec {
+            SourceSpec::Path(path) => Ok(Self::File(FileSource::open(path)?)),
+            SourceSpec::Nbd { url, dirty_bitmap } => {
+                let t = targets::parse_url(0, url).map_err(|e| MoveError::Mismatch(format!("source {url}: {e}")))?;
+                let endpoint = Endpoint { host: t.host, port: t.port, export: t.export, meta_contexts: Vec::new() };
+                Self::open_nbd(endpoint, dirty_bitmap.clone(), connections, Duration::from_secs(60), cancel).await
+            }
+        }
+    }
+
+    /// Open an NBD export as a source, optionally with a dirty bitmap (refused if the server
+    /// does not export it: an incremental must never silently become "nothing changed").
+    ///
+    /// # Errors
+    /// The server cannot be reached, or lacks the bitmap.
+    pub async fn open_nbd(
+        mut endpoint: Endpoint,
+        bitmap: Option<String>,
+        connections: usize,
+        retry_window: Duration,
+        cancel: CancellationToken,
+    ) -> Result<Self, MoveError> {
+        let context = bitmap.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+        endpoint.meta_contexts.extend(context.clone());
+        let shown = endpoint.to_string();
+        let pool = NbdPool::connect(endpoint, connections, retry_window, cancel).await.map_err(|e| match e {
+            MoveError::Unreachable { source, .. } => MoveError::SourceNbd { what: format!("{shown}: connect"), source },
+            other => other,
+        })?;
+        if let Some(context) = context {
+            let granted = pool.run(0, "meta context", 0, |c| {
+                let context = context.clone();
+                async move { Ok(c.has_meta_context(&context)) }
+            });
+            if !granted.await? {
+                return Err(MoveError::Mismatch(format!("{shown} does not export the dirty bitmap {context}")));
+            }
+        }
+        Ok(Self::Nbd(NbdSource { pool, bitmap }))
+    }
+
+    /// Close NBD connections politely.
+    pub async fn close(&self) {
+        if let Self::Nbd(n) = self {
+            n.pool.close().await;
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Self::File(f) => f.size,
+            Self::Nbd(n) => n.pool.info().size,
+        }
+    }
+
+    /// Whether this source can say which blocks changed (a dirty bitmap was granted).
+    pub fn has_dirty_bitmap(&self) -> bool {
+        match self {
+            Self::File(_) => false,
+            Self::Nbd(n) => n.bitmap.is_some(),
+        }
+    }
+
+    /// Allocation from `offset` for up to `length` bytes: consecutive ranges covering at least
+    /// one byte (possibly less than `length`).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Range>, MoveError> {
+        match self {
+            Self::File(f) => {
+                let file = Arc::clone(&f.file);
+                let (size, sparse) = (f.size, f.sparse);
+                let path = f.path.clone();
+                tokio::task::spawn_blocking(move || file_allocation(&file, size, sparse, offset, length))
+                    .await
+                    .map_err(|e| MoveError::Source { what: format!("{}: seek", path.display()), source: e.into() })?
+                    .map_err(|source| MoveError::Source {
+                        what: format!("{}: seek data/hole", f.path.display()),
+                        source,
+                    })
+            }
+            Self::Nbd(n) => {
+                let extents = n
+                    .pool
+                    .run(0, "block status", offset, |c| async move {
+                        if !c.can_block_status() {
+                            return Ok(vec![nbd_server::Extent { length, flags: 0 }]);
+                        }
+                        c.block_status(offset, length).await
+                    })
+                    .await
+                    .map_err(|e| n.error("block status", e))?;
+                // base:allocation: bit 0 hole, bit 1 reads as zeroes. Either way nothing to read.
+                Ok(extents.into_iter().map(|e| Range { length: e.length, data: e.flags & 0b11 == 0 }).collect())
+            }
+        }
+    }
+
+    /// Dirty ranges from `offset` (for a source with a bitmap): `data` = dirty.
+    ///
+    /// # Errors
+    /// No bitmap, or the query failed.
+    pub async fn dirty(&self, offset: u64, length: u64) -> Result<Vec<Range>, MoveError> {
+        let Self::Nbd(NbdSource { pool, bitmap: Some(bitmap) }) = self else {
+            return Err(MoveError::Mismatch("this source has no dirty bitmap".into()));
+        };
+        let context = format!("qemu:dirty-bitmap:{bitmap}");
+        let extents = pool
+            .run(0, "dirty bitmap", offset, |c| {
+                let context = context.clone();
+                async move { c.block_status_of(&context, offset, length).await }
+            })
+            .await
+            .map_err(|e| self.nbd_error("dirty bitmap", e))?;
+        Ok(extents.into_iter().map(|e| Range { length: e.length, data: e.flags & 1 != 0 }).collect())
+    }
+
+    /// Read `buf.len()` bytes at `offset` on behalf of worker `worker`; the buffer comes back.
+    ///
+    /// # Errors
+    /// The read failed.
+    pub async fn read(&self, worker: usize, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>, MoveError> {
+        match self {
+            Self::File(f) => {
+                let file = Arc::clone(&f.file);
+                let size = f.size;
+                let what = || format!("{}: read at {offset:#x}", f.path.display());
+                tokio::task::spawn_blocking(move || read_full(&file, size, offset, &mut buf).map(|()| buf))
+                    .await
+                    .map_err(|e| MoveError::Source { what: what(), source: e.into() })?
+                    .map_err(|source| MoveError::Source { what: what(), source })
+            }
+            Self::Nbd(n) => {
+                let length = buf.len() as u32;
+                n.pool
+                    .run(worker, "read", offset, |c| async move { c.read(offset, length).await })
+                    .await
+                    .map_err(|e| n.error("read", e))
+            }
+        }
+    }
+
+    fn nbd_error(&self, what: &str, e: MoveError) -> MoveError {
+        match self {
+            Self::Nbd(n) => n.error(what, e),
+            Self::File(_) => e,
+        }
+    }
+}
+
+impl NbdSource {
+    fn error(&self, what: &str, e: MoveError) -> MoveError {
+        match e {
+            MoveError::Target { source, offset, .. } => {
+                MoveError::SourceNbd { what: format!("{} {what} at {offset:#x}", self.pool.endpoint()), source }
+            }
+            MoveError::Unreachable { source, .. } => {
+                MoveError::SourceNbd { what: format!("{} {what}", self.pool.endpoint()), source }
+            }
+            other => other,
+        }
+    }
+}
+
+impl FileSource {
+    /// Open a file or block device read-only.
+    ///
+    /// # Errors
+    /// It cannot be opened or sized.
+    pub fn open(path: &Path) -> Result<Self, MoveError> {
+        let err = |what: &str, source| MoveError::Source { what: format!("{}: {what}", path.display()), source };
+        let file = File::open(path).map_err(|e| err("open", e))?;
+        let meta = file.metadata().map_err(|e| err("stat", e))?;
+        let block = meta.file_type().is_block_device();
+        if !block && !meta.is_file() {
+            return Err(err("open", std::io::Error::other("not a regular file or block device")));
+        }
+        let size = if block {
+            rustix::fs::seek(&file, SeekFrom::End(0)).map_err(|e| err("size", e.into()))?
+        } else {
+            meta.len()
+        };
+        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), size, sparse: !block })
+    }
+}
+
+/// Size of a source without opening a copy (for the inventory).
+///
+/// # Errors
+/// It cannot be reached.
+pub async fn probe_size(spec: &SourceSpec) -> Result<u64, MoveError> {
+    match spec {
+        SourceSpec::Path(p) => Ok(FileSource::open(p)?.size),
+        SourceSpec::Nbd { .. } => {
+            let s = Source::open(spec, 1, CancellationToken::new()).await?;
+            let size = s.size();
+            s.close().await;
+            Ok(size)
+        }
+    }
+}
+
+fn file_allocation(file: &File, size: u64, sparse: bool, offset: u64, length: u64) -> std::io::Result<Vec<Range>> {
+    let end = offset.saturating_add(length).min(size);
+    if !sparse || offset >= end {
+        return Ok(vec![Range { length: length.max(1), data: true }]);
+    }
+    let seek = |whence| match rustix::fs::seek(file, whence) {
+        Ok(pos) => Ok(Some(pos)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(e) => Err(std::io::Error::from(e)),
+    };
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end && out.len() < 4096 {
+        let data_at = seek(SeekFrom::Data(pos as i64))?.unwrap_or(size).min(end);
+        if data_at > pos {
+            out.push(Range { length: data_at - pos, data: false });
+            pos = data_at;
+            continue;
+        }
+        let hole_at = seek(SeekFrom::Hole(pos as i64))?.unwrap_or(size).min(end);
+        let data_end = hole_at.max(pos + 1);
+        out.push(Range { length: data_end - pos, data: true });
+        pos = data_end;
+    }
+    Ok(out)
+}
+
+/// `pread` until `buf` is full; past the end of the file reads as zeroes.
+fn read_full(file: &File, size: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        if at >= size {
+            break;
+        }
+        let Some(dst) = buf.get_mut(done..) else { break };
+        match file.read_at(dst, at) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(rest) = buf.get_mut(done..) {
+        rest.fill(0);
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! `sendense-node copy` against real peers: raw files and qemu-nbd as sources; our NBD server
+//! library serving qcow2 (as the hub does) and qemu-nbd as targets; judged by `qemu-img compare`,
+//! `check` and `map`.
+
+mod common;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn field(view: &serde_json::Value, disk: usize, name: &str) -> u64 {
+    view["disks"][disk][name].as_u64().unwrap_or_else(|| panic!("no {name} in {view}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_copy_from_a_raw_file_is_identical_and_stays_sparse_in_both_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let data = make_source(&src, 64, 1);
+
+    // Into our server writing qcow2, as the hub runs it.
+    let ours = dir.path().join("ours.qcow2");
+    new_qcow2(&ours, 64 * MIB);
+    let hub = HubExport::start(&ours, "vm-disk0").await;
+    let (ok, view, err) =
+        node_copy(&["--nbd-targets", &hub.target(2000), "--source", &format!("2000={}", src.display())]);
+    assert!(ok, "{err}");
+    hub.close().await;
+    assert_same(&src, &ours);
+    assert_clean(&ours);
+    assert_eq!(field(&view, 0, "bytes_sent"), data, "only the data travels: {view}");
+    assert_eq!(field(&view, 0, "bytes_skipped_zero"), MIB, "the written zero run is not sent: {view}");
+    assert_eq!(field(&view, 0, "bytes_read"), data + MIB, "holes are not read: {view}");
+    assert_eq!(top_layer_data(&ours), data, "holes and zeroes stay unallocated in the image");
+    assert!(view["disks"][0]["checksum"].as_str().unwrap().starts_with("blake3-blocks/262144:"));
+
+    // Into qemu-nbd.
+    let theirs = dir.path().join("theirs.qcow2");
+    new_qcow2(&theirs, 64 * MIB);
+    let q = QemuNbd::start(&theirs, "qcow2", "d0", &[]);
+    let (ok, view2, err) =
+        node_copy(&["--nbd-targets", &format!("2000:{}", q.url()), "--source", &format!("2000={}", src.display())]);
+    assert!(ok, "{err}");
+    q.stop();
+    assert_same(&src, &theirs);
+    assert_clean(&theirs);
+    assert_eq!(top_layer_data(&theirs), data);
+    assert_eq!(view2["disks"][0]["checksum"], view["disks"][0]["checksum"], "same disk, same checksum");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_nbd_source_is_read_only_where_it_has_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let data = make_source(&src, 48, 7);
+    let source = QemuNbd::start(&src, "raw", "src", &["-r"]);
+    let target = dir.path().join("t.qcow2");
+    new_qcow2(&target, 48 * MIB);
+    let hub = HubExport::start(&target, "vm-disk0").await;
+    let (ok, view, err) =
+        node_copy(&["--nbd-targets", &hub.target(2000), "--source", &format!("2000={}", source.url())]);
+    assert!(ok, "{err}");
+    hub.close().await;
+    assert_same(&src, &target);
+    assert_clean(&target);
+    assert_eq!(field(&view, 0, "bytes_sent"), data);
+    assert!(field(&view, 0, "bytes_read") <= data + MIB, "base:allocation holes are not read: {view}");
+    assert_eq!(top_layer_data(&target), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_sends_about_the_changed_blocks_into_an_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("src.raw");
+    make_source(&src, 64, 3);
+    let full = dir.path().join("full.qcow2");
+    new_qcow2(&full, 64 * MIB);
+    let hub = HubExport::start(&full, "vm-disk0").await;
+    let state_flag = state.to_str().unwrap();
+    let source_flag = format!("2000={}", src.display());
+    let (ok, _, err) =
+        node_copy(&["--nbd-targets", &hub.target(2000), "--source", &source_flag, "--state-dir", state_flag]);
+    assert!(ok, "{err}");
+    hub.close().await;
+
+    // Three 4 KiB writes in three different 256 KiB blocks (one into a hole), and a data
+    // block overwritten with zeroes.
+    change_blocks(&src, &[5 * MIB, 33 * MIB + 8192, 61 * MIB], 99);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(&vec![0u8; 256 << 10], 16 * MIB).unwrap();
+    }
+    let incr = dir.path().join("incr.qcow2");
+    new_overlay(&incr, &full);
+    let hub = HubExport::start(&incr, "vm-disk0").await;
+    let (ok, view, err) = node_copy(&[
+        "--nbd-targets",
+        &hub.target(2000),
+        "--source",
+        &source_flag,
+        "--state-dir",
+        state_flag,
+        "--mode",
+        "incremental",
+    ]);
+    assert!(ok, "{err}");
+    hub.close().await;
+    assert_eq!(view["disks"][0]["mode"], "incremental", "{view}");
+    assert_eq!(view["disks"][0]["change_source"], "hashes");
+    assert_eq!(field(&view, 0, "bytes_sent"), 3 * (256 << 10), "three changed blocks travel: {view}");
+    assert_same(&src, &incr);
+    assert_clean(&incr);
+    assert!(top_layer_data(&incr) <= 3 * (256 << 10), "the overlay holds only the changes");
+    let chain = qemu_img(&["info", "--backing-chain", incr.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&chain.stdout).contains("full.qcow2"));
+
+    // No state: the incremental becomes a full copy and says why.
+    let other = dir.path().join("other.qcow2");
+    new_overlay(&other, &full);
+    let hub = HubExport::start(&other, "vm-disk0").await;
+    let (ok, view, err) =
+        node_copy(&["--nbd-targets", &hub.target(2000), "--source", &source_flag, "--mode", "incremental"]);
+    assert!(ok, "{err}");
+    hub.close().await;
+    assert_eq!(view["disks"][0]["mode"], "full");
+    assert!(view["disks"][0]["mode_reason"].as_str().unwrap().contains("no committed"), "{view}");
+    assert_same(&src, &other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("seed.raw");
+    make_source(&raw, 32, 11);
+    let src = dir.path().join("vm.qcow2");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), src.to_str().unwrap()]);
+    let full = dir.path().join("full.qcow2");
+    new_qcow2(&full, 32 * MIB);
+    {
+        let source = QemuNbd::start(&src, "qcow2", "vm", &["-r"]);
+        let hub = HubExport::start(&full, "vm-disk0").await;
+        let (ok, _, err) =
+            node_copy(&["--nbd-targets", &hub.target(2000), "--source", &format!("2000={}", source.url())]);
+        assert!(ok, "{err}");
+        hub.close().await;
+    }
+    // The hypervisor starts a bitmap at the backup, then the guest writes.
+    qemu_img(&["bitmap", "--add", src.to_str().unwrap(), "since-full"]);
+    run(std::process::Command::new(require("qemu-io")).args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0xab 1M 64k",
+        "-c",
+        "write -P 0xcd 20M 4k",
+        src.to_str().unwrap(),
+    ]));
+    let source = QemuNbd::start(&src, "qcow2", "vm", &["-r", "-B", "since-full"]);
+    let incr = dir.path().join("incr.qcow2");
+    new_overlay(&incr, &full);
+    let hub = HubExport::start(&incr, "vm-disk0").await;
+    let (ok, view, err) = node_copy(&[
+        "--nbd-targets",
+        &hub.target(2000),
+        "--source",
+        &format!("2000={}", source.url()),
+        "--dirty-bitmap",
+        "2000=since-full",
+        "--mode",
+        "incremental",
+    ]);
+    assert!(ok, "{err}");
+    hub.close().await;
+    source.stop();
+    assert_eq!(view["disks"][0]["change_source"], "bitmap", "{view}");
+    assert!(field(&view, 0, "bytes_read") <= 2 * (256 << 10), "only dirty blocks are read: {view}");
+    assert_eq!(field(&view, 0, "bytes_unchanged"), 32 * MIB - field(&view, 0, "bytes_read"));
+    assert_same(&src, &incr);
+    assert_clean(&incr);
+
+    // A bitmap the source does not export is an error, never "nothing changed".
+    let source = QemuNbd::start(&src, "qcow2", "vm", &["-r"]);
+    let hub = HubExport::start(&incr, "vm-disk0").await;
+    let (ok, _, err) = node_copy(&[
+        "--nbd-targets",
+        &hub.target(2000),
+        "--source",
+        &format!("2000={}", source.url()),
+        "--dirty-bitmap",
+        "2000=since-full",
+        "--mode",
+        "incremental",
+    ]);
+    hub.close().await;
+    assert!(!ok && err.contains("dirty bitmap"), "{err}");
+}
+
+#[test]
+fn bad_targets_and_sources_are_one_clear_line() {
+    for (targets, want) in [
+        ("nbd://127.0.0.1:1/x", "no 'KEY:' prefix"),
+        ("2000:nbd://127.0.0.1:0/x", "port 0"),
+        ("2000:http://127.0.0.1:1/x", "nbd://"),
+        ("2000:nbd://127.0.0.1:1/a,2000:nbd://127.0.0.1:2/b", "twice"),
+        ("2001:nbd://127.0.0.1:1/x", "no disk with key 2001"),
+    ] {
+        let (ok, _, err) = node_copy(&["--nbd-targets", targets, "--source", "2000=/dev/null"]);
+        assert!(!ok, "{targets} accepted");
+        assert!(err.contains(want), "{targets}: {err}");
+    }
+}

@@ -1,0 +1,255 @@
+//! `sendense-node serve` over real HTTP: backups of a two-disk VM into exports served by our NBD
+//! library (as the hub serves them), hooks, commit, incrementals, restores, cancel, and every
+//! kind of bad request.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use node::api::{BackupType, JobStatus, NodeClient, RestoreRequest, StartRequest};
+
+const MIB: u64 = 1 << 20;
+
+fn vm_config(dir: &std::path::Path, extra: &str) -> String {
+    let log = dir.join("hooks.log");
+    format!(
+        "state_dir = \"{state}\"\n{extra}\n[[vm]]\nname = \"pgtest1\"\n\
+         pre_snapshot = \"echo pre $SENDENSE_JOB_ID >> {log}\"\npost_snapshot = \"echo post $SENDENSE_JOB_ID >> {log}\"\n\
+         [[vm.disk]]\nkey = 2000\nsource = \"{d0}\"\n[[vm.disk]]\nkey = 2001\nsource = \"{d1}\"\n",
+        state = dir.join("state").display(),
+        log = log.display(),
+        d0 = dir.join("disk0.raw").display(),
+        d1 = dir.join("disk1.raw").display(),
+    )
+}
+
+fn start(vm: &str, targets: String, job: &str, t: BackupType) -> StartRequest {
+    StartRequest { vm_name: vm.into(), nbd_host: None, nbd_targets: targets, job_id: job.into(), backup_type: t }
+}
+
+/// The checksum the node must report for `path`, computed here independently.
+fn checksum_of(path: &std::path::Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    let hashes: Vec<[u8; 32]> = data.chunks(256 << 10).map(|c| *blake3::hash(c).as_bytes()).collect();
+    node::blockmap::checksum_of_blocks(256 << 10, &hashes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_disk_backup_then_an_incremental_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d1) = (dir.path().join("disk0.raw"), dir.path().join("disk1.raw"));
+    make_source(&d0, 40, 1);
+    make_source(&d1, 24, 2);
+    let node = NodeProcess::start(dir.path(), &vm_config(dir.path(), ""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+
+    let vm = client.vm("pgtest1").await.unwrap();
+    assert_eq!(vm.disks.iter().map(|d| (d.key, d.size)).collect::<Vec<_>>(), vec![(2000, 40 * MIB), (2001, 24 * MIB)]);
+
+    let (f0, f1) = (dir.path().join("full-0.qcow2"), dir.path().join("full-1.qcow2"));
+    new_qcow2(&f0, 40 * MIB);
+    new_qcow2(&f1, 24 * MIB);
+    let (h0, h1) = (HubExport::start(&f0, "pgtest1-disk0").await, HubExport::start(&f1, "pgtest1-disk1").await);
+    let targets = format!("{},{}", h0.target(2000), h1.target(2001));
+    let started = client.start_backup(&start("pgtest1", targets, "b1", BackupType::Full)).await.unwrap();
+    assert_eq!(started.status, JobStatus::Running);
+    let view = wait_job(&client, "b1").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    h0.close().await;
+    h1.close().await;
+    assert_same(&d0, &f0);
+    assert_same(&d1, &f1);
+    assert_eq!(view.disks[0].checksum.as_deref(), Some(checksum_of(&d0).as_str()));
+    assert_eq!(view.disks[1].checksum.as_deref(), Some(checksum_of(&d1).as_str()));
+    let hooks = std::fs::read_to_string(dir.path().join("hooks.log")).unwrap();
+    assert_eq!(hooks, "pre b1\npost b1\n", "each hook once, in order");
+
+    // Commit makes the maps the base; an uncommitted run would leave the previous state.
+    assert!(!view.committed);
+    assert!(client.commit("b1").await.unwrap().committed);
+
+    change_blocks(&d0, &[3 * MIB, 30 * MIB], 5);
+    change_blocks(&d1, &[MIB + 4096], 6);
+    let (i0, i1) = (dir.path().join("incr-0.qcow2"), dir.path().join("incr-1.qcow2"));
+    new_overlay(&i0, &f0);
+    new_overlay(&i1, &f1);
+    let (h0, h1) = (HubExport::start(&i0, "pgtest1-disk0").await, HubExport::start(&i1, "pgtest1-disk1").await);
+    let targets = format!("{},{}", h0.target(2000), h1.target(2001));
+    client.start_backup(&start("pgtest1", targets, "b2", BackupType::Incremental)).await.unwrap();
+    let view = wait_job(&client, "b2").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    h0.close().await;
+    h1.close().await;
+    assert!(view.disks.iter().all(|d| d.mode == node::api::CopyMode::Incremental), "{view:?}");
+    assert_eq!(view.disks[0].bytes_sent, 2 * (256 << 10));
+    assert_eq!(view.disks[1].bytes_sent, 256 << 10);
+    assert_same(&d0, &i0);
+    assert_same(&d1, &i1);
+    assert_clean(&i0);
+    assert_eq!(view.disks[0].checksum.as_deref(), Some(checksum_of(&d0).as_str()));
+    client.commit("b2").await.unwrap();
+
+    // Restore the incremental (read through its chain) into the restore directory.
+    let server = nbd_server::Server::new(nbd_server::ServerConfig::default());
+    let backend = std::sync::Arc::new(nbd_server::Qcow2Backend::open(&i0, true).unwrap());
+    server.add_export(nbd_server::ExportConfig::new("r0", backend).read_only(true)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_export(listener, "r0").await });
+    let dest = dir.path().join("state/restores/disk0-restored.raw");
+    let req = RestoreRequest {
+        job_id: "r1".into(),
+        nbd_targets: format!("2000:nbd://127.0.0.1:{port}/r0"),
+        destinations: [("2000".to_string(), dest.display().to_string())].into(),
+    };
+    client.start_restore(&req).await.unwrap();
+    let view = wait_job(&client, "r1").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert_same(&d0, &dest);
+    let allocated = std::fs::metadata(&dest).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap();
+    assert!(allocated < 20 * MIB, "the restored file stays sparse ({allocated} bytes allocated)");
+
+    // Anywhere else is refused before anything is written.
+    let mut bad = req.clone();
+    bad.job_id = "r2".into();
+    bad.destinations = [("2000".to_string(), "/etc/passwd".to_string())].into();
+    let err = client.start_restore(&bad).await.unwrap_err();
+    assert!(matches!(err, node::api::ApiError::Status { status: 400, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors_and_a_token_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    make_source(&dir.path().join("disk0.raw"), 8, 1);
+    make_source(&dir.path().join("disk1.raw"), 8, 2);
+    let token_file = dir.path().join("token");
+    let config = vm_config(dir.path(), &format!("token_file = \"{}\"", token_file.display()));
+    let node = NodeProcess::start(dir.path(), &config, &[]);
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the generated token is private");
+
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("{}{p}", node.url());
+    assert_eq!(http.get(url("/healthz")).send().await.unwrap().status(), 200);
+    let r = http.get(url("/api/v1/vms")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized");
+    let r = http.get(url("/api/v1/vms")).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    let client = NodeClient::new(node.url(), Some(token.clone())).unwrap();
+    assert_eq!(client.vms().await.unwrap().len(), 1);
+    let expect = |r: Result<node::api::StartResponse, node::api::ApiError>, status: u16, text: &str| match r {
+        Err(node::api::ApiError::Status { status: s, message, .. }) => {
+            assert_eq!(s, status, "{message}");
+            assert!(message.contains(text), "'{message}' lacks '{text}'");
+        }
+        other => panic!("expected {status}, got {other:?}"),
+    };
+    for (targets, text) in [
+        ("nbd://127.0.0.1:10100/x", "KEY:"),
+        ("2000:nbd://127.0.0.1/x", "port"),
+        ("2000:nbd://127.0.0.1:0/x", "port 0"),
+        ("2000:nbd://127.0.0.1:1/a,2000:nbd://127.0.0.1:2/b", "twice"),
+        ("2000:ftp://127.0.0.1:1/a", "nbd://"),
+        ("2009:nbd://127.0.0.1:1/a", "no disk with key 2009"),
+        ("", "empty"),
+    ] {
+        expect(client.start_backup(&start("pgtest1", targets.into(), "j", BackupType::Full)).await, 400, text);
+    }
+    expect(
+        client.start_backup(&start("nosuchvm", "2000:nbd://h:1/e".into(), "j", BackupType::Full)).await,
+        404,
+        "unknown VM",
+    );
+    expect(client.start_backup(&start("../x", "2000:nbd://h:1/e".into(), "j", BackupType::Full)).await, 400, "vm_name");
+    expect(
+        client.start_backup(&start("pgtest1", "2000:nbd://h:1/e".into(), "../j", BackupType::Full)).await,
+        400,
+        "job_id",
+    );
+
+    for body in [
+        "{",
+        "{\"vm_name\": 3}",
+        "{\"vm_name\":\"pgtest1\",\"nbd_targets\":\"\",\"job_id\":\"j\",\"backup_type\":\"weekly\"}",
+    ] {
+        let r = http
+            .post(url("/api/v1/backup/start"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(e["code"], "bad_request", "{body}: {e}");
+    }
+    let r = http.get(url("/api/v1/backup/nosuch")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http.post(url("/api/v1/backup/nosuch/commit")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let metrics = http.get(url("/metrics")).bearer_auth(&token).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sendense_node_tunnel_enabled 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_job_is_refused_cancel_is_prompt_and_a_failed_hook_fails_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    make_source(&dir.path().join("disk0.raw"), 64, 1);
+    make_source(&dir.path().join("disk1.raw"), 8, 2);
+    // 4 MiB/s: the 16 MiB of data would take seconds.
+    let node = NodeProcess::start(dir.path(), &vm_config(dir.path(), "[copy]\nbandwidth_limit = \"4M\""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    let (t0, t1) = (dir.path().join("t0.qcow2"), dir.path().join("t1.qcow2"));
+    new_qcow2(&t0, 64 * MIB);
+    new_qcow2(&t1, 8 * MIB);
+    let (h0, h1) = (HubExport::start(&t0, "pgtest1-disk0").await, HubExport::start(&t1, "pgtest1-disk1").await);
+    let targets = format!("{},{}", h0.target(2000), h1.target(2001));
+    client.start_backup(&start("pgtest1", targets.clone(), "slow", BackupType::Full)).await.unwrap();
+    let second = client.start_backup(&start("pgtest1", targets.clone(), "again", BackupType::Full)).await;
+    assert!(matches!(second, Err(node::api::ApiError::Status { status: 409, .. })), "{second:?}");
+    let dup = client.start_backup(&start("pgtest1", targets.clone(), "slow", BackupType::Full)).await;
+    assert!(matches!(dup, Err(node::api::ApiError::Status { status: 409, .. })), "{dup:?}");
+
+    // Wait until data flows, then cancel: the answer to DELETE is already final.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.job("slow").await.unwrap().disks[0].bytes_sent == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let view = client.cancel("slow").await.unwrap();
+    assert_eq!(view.status, JobStatus::Cancelled, "cancel is honoured within a second: {view:?}");
+    assert!(view.disks[0].bytes_sent < 16 * MIB);
+    let hooks = std::fs::read_to_string(dir.path().join("hooks.log")).unwrap();
+    assert_eq!(hooks, "pre slow\npost slow\n", "the post hook runs after a cancel too");
+    assert!(client.commit("slow").await.is_err(), "a cancelled job cannot be committed");
+
+    // The VM is free again; a pre hook that fails fails the job, and the post hook still runs.
+    h0.close().await;
+    h1.close().await;
+    drop(node);
+    let config = vm_config(dir.path(), "").replace("echo pre", "exit 3; echo pre");
+    let node = NodeProcess::start(dir.path(), &config, &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    let (h0, h1) = (HubExport::start(&t0, "pgtest1-disk0").await, HubExport::start(&t1, "pgtest1-disk1").await);
+    let targets = format!("{},{}", h0.target(2000), h1.target(2001));
+    client.start_backup(&start("pgtest1", targets, "hookfail", BackupType::Full)).await.unwrap();
+    let view = wait_job(&client, "hookfail").await;
+    assert_eq!(view.status, JobStatus::Failed);
+    assert!(view.error.as_deref().unwrap_or("").contains("pre-snapshot hook failed"), "{view:?}");
+    let hooks = std::fs::read_to_string(dir.path().join("hooks.log")).unwrap();
+    assert!(hooks.ends_with("post hookfail\n"), "{hooks}");
+    h0.close().await;
+    h1.close().await;
+    // Nothing was written by a job that never started copying.
+    let f = std::fs::File::open(dir.path().join("disk0.raw")).unwrap();
+    let mut b = [0u8; 16];
+    f.read_exact_at(&mut b, 0).unwrap();
+}
