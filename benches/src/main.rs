@@ -12,10 +12,13 @@
 //! - `qcow2`: the same copy and fio work into fresh qcow2 images, against `qemu-nbd -f qcow2`.
 //! - `tunnel`: `sendense-tunnel` against OpenSSH `ssh -L` with the same cipher, and NBD through
 //!   the tunnel against direct loopback.
+//! - `node`: the node's data mover (`sendense-node copy`) against `nbdcopy --connections=4`
+//!   into the same qcow2 target: random, 90% holes, and a 1% incremental.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
 mod fleet;
+mod mover;
 mod peers;
 mod report;
 mod tunnel;
@@ -27,7 +30,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, tunnel, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, tunnel, node, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -68,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("tunnel") {
         tunnel::tunnel_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("node") {
+        mover::node_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;

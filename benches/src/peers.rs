@@ -124,7 +124,7 @@ fn run_timed(cmd: &mut Command) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn make_source(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub fn make_source(path: &Path, mib: u64) -> anyhow::Result<()> {
     if std::fs::metadata(path).map(|m| m.len()).ok() == Some(mib << 20) {
         return Ok(());
     }
@@ -154,7 +154,7 @@ fn sparse(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
 /// Flush dirty pages and, when allowed (root), drop the page cache, so that one case's
 /// writeback and reclaim do not land in the next case's figures; then read `warm` back into the
 /// cache so the client's source is not the bottleneck. Returns whether the cache was dropped.
-fn settle(warm: &Path) -> bool {
+pub fn settle(warm: &Path) -> bool {
     let _ = Command::new("sync").status();
     let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok();
     let _ = Command::new("cat").arg(warm).stdout(Stdio::null()).status();
@@ -267,7 +267,7 @@ pub fn fio_section(sendense: &Path, dir: &Path, reps: usize, report: &mut Report
     Ok(())
 }
 
-fn fresh_qcow2(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
+pub fn fresh_qcow2(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_file(path);
     let out =
         Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg(size.to_string()).output()?;

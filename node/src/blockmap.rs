@@ -10,7 +10,7 @@
 //! The disk checksum is BLAKE3 over the concatenated block hashes (a two-level hash): the node
 //! gets it for free from the map, and the hub recomputes it from its image with
 //! [`checksum_of_blocks`] without knowing anything else. Its text names the block size:
-//! `blake3-blocks/262144:HEX`.
+//! `blake3-blocks/65536:HEX`.
 //!
 //! On disk: `SNDMAP01`, disk size, block size, block count (u64 little endian), the hashes, and
 //! a BLAKE3 of all of that; a file that does not check out is "no state" (a full copy), never
@@ -18,9 +18,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// Default block size: 256 KiB (4 qcow2 clusters; 128 MiB of hashes per TiB of disk).
-pub const DEFAULT_BLOCK_SIZE: u64 = 256 << 10;
 
 /// A block hash.
 pub type Hash = [u8; 32];

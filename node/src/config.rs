@@ -95,7 +95,7 @@ pub struct CopyFile {
     pub depth: Option<usize>,
     /// Request size (`2M`).
     pub request_size: Option<String>,
-    /// Change-tracking block size (`256K`).
+    /// Change-tracking block size (`64K`; by default 64 KiB, larger for disks over 256 GiB).
     pub block_size: Option<String>,
     /// Disks of one job copied at once.
     pub parallel_disks: Option<usize>,
@@ -264,7 +264,7 @@ pub fn resolve_copy(c: &CopyFile) -> Result<(CopyOptions, usize), String> {
         if !b.is_power_of_two() || !(4096..=64 << 20).contains(&b) {
             return Err(format!("block_size '{s}' must be a power of two from 4K to 64M"));
         }
-        o.block_size = b;
+        o.block_size = Some(b);
     }
     if let Some(s) = &c.bandwidth_limit {
         o.throttle = Some(Arc::new(Throttle::new(parse_rate(s)?)));

@@ -498,8 +498,13 @@ impl Jobs {
             p = NbdPool::connect(endpoint, opts.connections, opts.retry_window, job.cancel.clone()) => p,
         }
         .map_err(fail)?;
-        let mut choice =
-            choose_base(backup_type, committed.clone(), source.size(), opts.block_size, source.has_dirty_bitmap());
+        let mut choice = choose_base(
+            backup_type,
+            committed.clone(),
+            source.size(),
+            opts.block_size_for(source.size()),
+            source.has_dirty_bitmap(),
+        );
         if matches!(choice.base, Base::Zero) && !sink.reads_as_zero().await.map_err(fail)? {
             // A "full" into a target that already holds data (an overlay, a reused replica):
             // zero blocks must be written too.

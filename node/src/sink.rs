@@ -80,7 +80,13 @@ impl Sink {
     pub async fn write(&self, worker: usize, offset: u64, data: &[u8]) -> Result<(), MoveError> {
         match self {
             Self::Nbd(pool) => {
-                pool.run(worker, "write", offset, |c| async move { c.write(offset, data, false).await }).await
+                // In pieces the server accepts (its maximum payload).
+                let max = pool.info().max_payload.max(4096) as usize;
+                for (i, piece) in data.chunks(max).enumerate() {
+                    let at = offset + (i * max) as u64;
+                    pool.run(worker, "write", at, |c| async move { c.write(at, piece, false).await }).await?;
+                }
+                Ok(())
             }
             Self::File(f) => {
                 // The blocking pool needs an owned buffer; restores pay one copy here.

@@ -17,6 +17,7 @@ use rustix::fs::SeekFrom;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::SourceKind;
+use crate::blockmap::{self, Hash};
 use crate::error::MoveError;
 use crate::pool::{Endpoint, NbdPool};
 use crate::targets;
@@ -56,6 +57,15 @@ impl SourceSpec {
             Self::Nbd { .. } => SourceKind::Nbd,
             Self::Path(p) if std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()) => SourceKind::Block,
             Self::Path(_) => SourceKind::File,
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(s) => write!(f, "{}", s.path.display()),
+            Self::Nbd(n) => write!(f, "{}", n.pool.endpoint()),
         }
     }
 }
@@ -241,11 +251,64 @@ impl Source {
                     .map_err(|source| MoveError::Source { what: what(), source })
             }
             Self::Nbd(n) => {
-                let length = buf.len() as u32;
-                n.pool
-                    .run(worker, "read", offset, |c| async move { c.read(offset, length).await })
-                    .await
-                    .map_err(|e| n.error("read", e))
+                // In pieces the server accepts (its maximum payload).
+                let max = n.pool.info().max_payload.max(4096) as usize;
+                let mut done = 0usize;
+                while done < buf.len() {
+                    let len = (buf.len() - done).min(max);
+                    let at = offset + done as u64;
+                    let data = n
+                        .pool
+                        .run(worker, "read", at, |c| async move { c.read(at, len as u32).await })
+                        .await
+                        .map_err(|e| n.error("read", e))?;
+                    if let Some(dst) = buf.get_mut(done..done + len) {
+                        dst.copy_from_slice(data.get(..len).unwrap_or_default());
+                    }
+                    done += len;
+                }
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` and hash them in blocks of `block_size`; for a file
+    /// both happen in one trip to the blocking pool.
+    ///
+    /// # Errors
+    /// The read failed.
+    pub async fn read_hashed(
+        &self,
+        worker: usize,
+        offset: u64,
+        buf: Vec<u8>,
+        block_size: u64,
+    ) -> Result<(Vec<u8>, Vec<Hash>), MoveError> {
+        let hash = move |data: &[u8]| data.chunks(block_size as usize).map(blockmap::hash_block).collect::<Vec<_>>();
+        let what = || format!("{self}: read at {offset:#x}");
+        match self {
+            Self::File(f) => {
+                let file = Arc::clone(&f.file);
+                let size = f.size;
+                let mut buf = buf;
+                tokio::task::spawn_blocking(move || {
+                    read_full(&file, size, offset, &mut buf).map(|()| {
+                        let hashes = hash(&buf);
+                        (buf, hashes)
+                    })
+                })
+                .await
+                .map_err(|e| MoveError::Source { what: what(), source: e.into() })?
+                .map_err(|source| MoveError::Source { what: what(), source })
+            }
+            Self::Nbd(_) => {
+                let data = self.read(worker, offset, buf).await?;
+                tokio::task::spawn_blocking(move || {
+                    let hashes = hash(&data);
+                    (data, hashes)
+                })
+                .await
+                .map_err(|e| MoveError::Source { what: what(), source: e.into() })
             }
         }
     }

@@ -32,7 +32,7 @@ async fn a_full_copy_from_a_raw_file_is_identical_and_stays_sparse_in_both_targe
     assert_eq!(field(&view, 0, "bytes_skipped_zero"), MIB, "the written zero run is not sent: {view}");
     assert_eq!(field(&view, 0, "bytes_read"), data + MIB, "holes are not read: {view}");
     assert_eq!(top_layer_data(&ours), data, "holes and zeroes stay unallocated in the image");
-    assert!(view["disks"][0]["checksum"].as_str().unwrap().starts_with("blake3-blocks/262144:"));
+    assert!(view["disks"][0]["checksum"].as_str().unwrap().starts_with("blake3-blocks/65536:"));
 
     // Into qemu-nbd.
     let theirs = dir.path().join("theirs.qcow2");
@@ -90,7 +90,7 @@ async fn an_incremental_sends_about_the_changed_blocks_into_an_overlay() {
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
-        f.write_all_at(&vec![0u8; 256 << 10], 16 * MIB).unwrap();
+        f.write_all_at(&vec![0u8; 64 << 10], 16 * MIB).unwrap();
     }
     let incr = dir.path().join("incr.qcow2");
     new_overlay(&incr, &full);
@@ -109,10 +109,10 @@ async fn an_incremental_sends_about_the_changed_blocks_into_an_overlay() {
     hub.close().await;
     assert_eq!(view["disks"][0]["mode"], "incremental", "{view}");
     assert_eq!(view["disks"][0]["change_source"], "hashes");
-    assert_eq!(field(&view, 0, "bytes_sent"), 3 * (256 << 10), "three changed blocks travel: {view}");
+    assert_eq!(field(&view, 0, "bytes_sent"), 3 * (64 << 10), "three changed blocks travel: {view}");
     assert_same(&src, &incr);
     assert_clean(&incr);
-    assert!(top_layer_data(&incr) <= 3 * (256 << 10), "the overlay holds only the changes");
+    assert!(top_layer_data(&incr) <= 3 * (64 << 10), "the overlay holds only the changes");
     let chain = qemu_img(&["info", "--backing-chain", incr.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&chain.stdout).contains("full.qcow2"));
 
@@ -175,7 +175,7 @@ async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
     hub.close().await;
     source.stop();
     assert_eq!(view["disks"][0]["change_source"], "bitmap", "{view}");
-    assert!(field(&view, 0, "bytes_read") <= 2 * (256 << 10), "only dirty blocks are read: {view}");
+    assert!(field(&view, 0, "bytes_read") <= 2 * (64 << 10), "only dirty blocks are read: {view}");
     assert_eq!(field(&view, 0, "bytes_unchanged"), 32 * MIB - field(&view, 0, "bytes_read"));
     assert_same(&src, &incr);
     assert_clean(&incr);

@@ -32,8 +32,8 @@ fn start(vm: &str, targets: String, job: &str, t: BackupType) -> StartRequest {
 /// The checksum the node must report for `path`, computed here independently.
 fn checksum_of(path: &std::path::Path) -> String {
     let data = std::fs::read(path).unwrap();
-    let hashes: Vec<[u8; 32]> = data.chunks(256 << 10).map(|c| *blake3::hash(c).as_bytes()).collect();
-    node::blockmap::checksum_of_blocks(256 << 10, &hashes)
+    let hashes: Vec<[u8; 32]> = data.chunks(64 << 10).map(|c| *blake3::hash(c).as_bytes()).collect();
+    node::blockmap::checksum_of_blocks(64 << 10, &hashes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,8 +83,8 @@ async fn a_two_disk_backup_then_an_incremental_through_the_api() {
     h0.close().await;
     h1.close().await;
     assert!(view.disks.iter().all(|d| d.mode == node::api::CopyMode::Incremental), "{view:?}");
-    assert_eq!(view.disks[0].bytes_sent, 2 * (256 << 10));
-    assert_eq!(view.disks[1].bytes_sent, 256 << 10);
+    assert_eq!(view.disks[0].bytes_sent, 2 * (64 << 10));
+    assert_eq!(view.disks[1].bytes_sent, 64 << 10);
     assert_same(&d0, &i0);
     assert_same(&d1, &i1);
     assert_clean(&i0);

@@ -95,15 +95,15 @@ struct CopyArgs {
     /// Name under which the state is kept.
     #[arg(long, default_value = "copy")]
     vm_name: String,
-    /// NBD connections per disk.
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = 4)]
-    depth: usize,
-    /// Request size (e.g. 2M).
-    #[arg(long, default_value = "2M")]
-    request_size: String,
+    /// NBD connections per disk [default: 4].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Requests in flight per connection [default: 2].
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Request size [default: 4M].
+    #[arg(long)]
+    request_size: Option<String>,
     /// Bandwidth limit for the whole copy (e.g. 100M bytes/s).
     #[arg(long)]
     bwlimit: Option<String>,
@@ -242,9 +242,9 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
     }
     let vms = config::resolve_vms(vec![vm]).map_err(|e| anyhow!(e))?;
     let copy_file = config::CopyFile {
-        connections: Some(a.connections),
-        depth: Some(a.depth),
-        request_size: Some(a.request_size.clone()),
+        connections: a.connections,
+        depth: a.depth,
+        request_size: a.request_size.clone(),
         block_size: None,
         parallel_disks: Some(a.parallel_disks),
         bandwidth_limit: a.bwlimit.clone(),
