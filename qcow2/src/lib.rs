@@ -45,6 +45,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};
 pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, MapExtent};
 pub use layout::Mapping;
+pub use repair::CheckReport;
 
 /// Entry point for the `qcow2_image` fuzz target and its corpus replay: open the bytes as an
 /// image, read and map samples of it, then open it writable and write, zero and discard. Returns

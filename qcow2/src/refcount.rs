@@ -105,6 +105,11 @@ impl Refcounts {
         self.blocks.get_mut(&offset).ok_or(Error::Unsupported("refcount block cache".into()))
     }
 
+    /// Host offsets of the refcount blocks the table points to.
+    pub fn block_offsets(&self) -> Vec<u64> {
+        self.table.iter().copied().filter(|&o| o != 0).collect()
+    }
+
     /// Refcount of host cluster `index`.
     pub fn get(&mut self, file: &File, index: u64) -> Result<u64> {
         let per = self.per_block();

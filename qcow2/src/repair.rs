@@ -1,5 +1,7 @@
-//! Rebuilding refcounts from the mapping metadata, for images whose dirty bit says their
-//! refcounts may be stale (qemu's lazy refcounts after a crash).
+//! Counting every reference the mapping metadata makes, and the two things built on it:
+//! checking the refcounts against the references (what `qemu-img check` does), and rebuilding
+//! refcounts for images whose dirty bit says they may be stale (qemu's lazy refcounts after a
+//! crash).
 //!
 //! Every cluster the image references is counted — header, L1 table, L2 tables, data and
 //! compressed clusters — and a brand-new refcount table and blocks are written at the end of the
@@ -25,7 +27,10 @@ struct Counts {
 impl Counts {
     fn add_range(&mut self, offset: u64, length: u64, what: &'static str) -> Result<()> {
         let first = offset >> self.cluster_bits;
-        let last = (offset + length.max(1) - 1) >> self.cluster_bits;
+        let Some(end) = offset.checked_add(length.max(1) - 1) else {
+            return Err(Error::InvalidEntry { table: what, index: first, value: offset, reason: "range overflows" });
+        };
+        let last = end >> self.cluster_bits;
         if last >= MAX_REPAIR_CLUSTERS {
             return Err(Error::InvalidEntry {
                 table: what,
@@ -52,11 +57,8 @@ fn read(file: &File, len: u64, offset: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Rebuild the refcounts of the image in `file`, updating `header` in memory and on disk.
-pub(crate) fn rebuild(file: &File, header: &mut Header, l1: &[u64], file_len: u64) -> Result<()> {
-    if header.nb_snapshots > 0 {
-        return Err(Error::Unsupported("repairing refcounts of images with internal snapshots".into()));
-    }
+/// Count the references the header, L1 and L2 tables make to each host cluster.
+fn count_references(file: &File, header: &Header, l1: &[u64], file_len: u64) -> Result<Counts> {
     let bits = header.cluster_bits;
     let cs = 1u64 << bits;
     let n = file_len.div_ceil(cs);
@@ -93,6 +95,75 @@ pub(crate) fn rebuild(file: &File, header: &mut Header, l1: &[u64], file_len: u6
             }
         }
     }
+    Ok(c)
+}
+
+/// What [`check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Host clusters examined (the file's length in clusters, or further if referenced).
+    pub clusters: u64,
+    /// Clusters whose refcount is higher than their references (space lost, data safe).
+    pub leaks: u64,
+    /// Clusters referenced more often than their refcount says (an allocation could reuse
+    /// them: data at risk).
+    pub corruptions: u64,
+    /// The first few problems, for the log and the API.
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// No corruption and no leak.
+    pub fn is_clean(&self) -> bool {
+        self.leaks == 0 && self.corruptions == 0
+    }
+}
+
+/// Compare every cluster's refcount with the references to it.
+pub(crate) fn check(file: &File, header: &Header, l1: &[u64], file_len: u64) -> Result<CheckReport> {
+    if header.nb_snapshots > 0 {
+        return Err(Error::Unsupported("checking images with internal snapshots".into()));
+    }
+    let mut refs = count_references(file, header, l1, file_len)?;
+    let cs = 1u64 << header.cluster_bits;
+    // The refcount structures reference themselves.
+    refs.add_range(header.refcount_table_offset, u64::from(header.refcount_table_clusters) * cs, "refcount table")?;
+    let mut refcounts = crate::refcount::Refcounts::load(file, header, file_len)?;
+    for block in refcounts.block_offsets() {
+        refs.add_range(block, cs, "refcount table")?;
+    }
+    let clusters = (refs.counts.len() as u64).max(file_len.div_ceil(cs));
+    let mut report = CheckReport { clusters, ..CheckReport::default() };
+    for i in 0..clusters {
+        let references = u64::from(refs.counts.get(i as usize).copied().unwrap_or(0));
+        let refcount = refcounts.get(file, i)?;
+        if refcount == references {
+            continue;
+        }
+        if refcount < references {
+            report.corruptions += 1;
+        } else {
+            report.leaks += 1;
+        }
+        if report.problems.len() < 16 {
+            let kind = if refcount < references { "ERROR" } else { "Leaked" };
+            report
+                .problems
+                .push(format!("{kind} cluster {i} (host {:#x}): refcount={refcount} references={references}", i * cs));
+        }
+    }
+    Ok(report)
+}
+
+/// Rebuild the refcounts of the image in `file`, updating `header` in memory and on disk.
+pub(crate) fn rebuild(file: &File, header: &mut Header, l1: &[u64], file_len: u64) -> Result<()> {
+    if header.nb_snapshots > 0 {
+        return Err(Error::Unsupported("repairing refcounts of images with internal snapshots".into()));
+    }
+    let bits = header.cluster_bits;
+    let cs = 1u64 << bits;
+    let n = file_len.div_ceil(cs);
+    let mut c = count_references(file, header, l1, file_len)?;
     // A new refcount table and blocks after everything else.
     let order = header.refcount_order;
     let per = (cs * 8) >> order;

@@ -1,0 +1,90 @@
+//! `Image::check` judged against `qemu-img check` on the same files: clean images, a leaked
+//! cluster (exit 3 for qemu-img) and a refcount lower than its references (exit 2).
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use qcow2::{CreateOptions, Image, ImageOptions};
+
+fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()));
+    match found {
+        Some(p) => Command::new(p),
+        None => panic!("{name} is required (qemu-utils); scripts/test.sh installs it"),
+    }
+}
+
+fn qemu_check(img: &Path) -> i32 {
+    tool("qemu-img").arg("check").arg(img).output().unwrap().status.code().unwrap_or(-1)
+}
+
+/// Host offset of the first data cluster, from `qemu-img map`.
+fn first_data_cluster(img: &Path) -> u64 {
+    let out = tool("qemu-img").args(["map", "--output=json"]).arg(img).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().iter().find(|e| e["data"] == true).and_then(|e| e["offset"].as_u64()).unwrap()
+}
+
+/// Overwrite the 16-bit refcount of host cluster `index` (first refcount block).
+fn set_refcount(img: &Path, index: u64, value: u16) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
+    let mut word = [0u8; 8];
+    f.read_exact_at(&mut word, 48).unwrap();
+    let table = u64::from_be_bytes(word);
+    f.read_exact_at(&mut word, table).unwrap();
+    let block = u64::from_be_bytes(word);
+    f.write_all_at(&value.to_be_bytes(), block + 2 * index).unwrap();
+}
+
+#[test]
+fn check_agrees_with_qemu_img_on_clean_leaking_and_corrupt_images() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // Ours, written through the crate.
+    let ours = dir.path().join("ours.qcow2");
+    Image::create(&ours, &CreateOptions::new(64 << 20)).unwrap();
+    {
+        let img = Image::open_with(&ours, &ImageOptions { writable: true, ..Default::default() }).unwrap();
+        img.write_at(&vec![0x5a; 3 << 20], 1 << 20).unwrap();
+        img.write_zeroes(8 << 20, 1 << 20).unwrap();
+        img.close().unwrap();
+    }
+    let report = Image::open(&ours).unwrap().check().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(qemu_check(&ours), 0);
+
+    // qemu's, written by qemu-io.
+    let theirs = dir.path().join("theirs.qcow2");
+    assert!(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&theirs).arg("64M").status().unwrap().success());
+    let w = tool("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 2M", "-c", "write -P 9 10M 64k"])
+        .arg(&theirs)
+        .output();
+    assert!(w.unwrap().status.success());
+    let report = Image::open(&theirs).unwrap().check().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(qemu_check(&theirs), 0);
+
+    // A leak: one more cluster at the end of the file, counted but referenced by nothing.
+    let leak = dir.path().join("leak.qcow2");
+    std::fs::copy(&theirs, &leak).unwrap();
+    let len = std::fs::metadata(&leak).unwrap().len();
+    let cluster = len.div_ceil(65536);
+    std::fs::OpenOptions::new().write(true).open(&leak).unwrap().set_len((cluster + 1) * 65536).unwrap();
+    set_refcount(&leak, cluster, 1);
+    assert_eq!(qemu_check(&leak), 3, "qemu-img sees a leak");
+    let report = Image::open(&leak).unwrap().check().unwrap();
+    assert_eq!((report.leaks, report.corruptions), (1, 0), "{report:?}");
+    assert!(report.problems[0].starts_with("Leaked cluster"), "{report:?}");
+
+    // Corruption: a data cluster whose refcount says it is free.
+    let corrupt = dir.path().join("corrupt.qcow2");
+    std::fs::copy(&theirs, &corrupt).unwrap();
+    set_refcount(&corrupt, first_data_cluster(&corrupt) / 65536, 0);
+    assert_eq!(qemu_check(&corrupt), 2, "qemu-img sees corruption");
+    let report = Image::open(&corrupt).unwrap().check().unwrap();
+    assert_eq!((report.leaks, report.corruptions), (0, 1), "{report:?}");
+    assert!(!report.is_clean());
+}
