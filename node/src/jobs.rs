@@ -277,9 +277,11 @@ impl Jobs {
         self.table.lock().map(|t| t.jobs.values().cloned().collect()).unwrap_or_default()
     }
 
-    /// Where a disk's committed map lives.
-    pub fn map_path(&self, vm: &str, key: u32) -> PathBuf {
-        self.settings.state_dir.join(vm).join(format!("disk-{key}.map"))
+    /// Where a disk's committed map lives. Backups and replicas of one VM are separate
+    /// lineages (an overlay chain and an in-place copy): each has its own state, or a replica
+    /// run would become the base of the next backup incremental.
+    pub fn map_path(&self, vm: &str, kind: JobKind, key: u32) -> PathBuf {
+        self.settings.state_dir.join(vm).join(kind.as_str()).join(format!("disk-{key}.map"))
     }
 
     /// Turn a target into where to dial: through the tunnel's forward of that port when a
@@ -409,7 +411,7 @@ impl Jobs {
     ) -> Result<(), String> {
         tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, "job started");
         // Old pending maps of this VM belong to runs that were never committed.
-        remove_pending_maps(&self.settings.state_dir.join(&vm.name));
+        remove_pending_maps(&self.settings.state_dir.join(&vm.name).join(job.kind.as_str()));
         if let Some(cmd) = &vm.pre_snapshot {
             if let Err(e) = run_hook(cmd, "pre", vm, &job.id, &job.cancel).await {
                 // The post hook still runs: it undoes whatever the pre hook started.
@@ -491,7 +493,7 @@ impl Jobs {
         }
         .map_err(fail)?;
         let source = Arc::new(source);
-        let map_path = self.map_path(vm, disk.key);
+        let map_path = self.map_path(vm, job.kind, disk.key);
         let committed = BlockMap::load(&map_path);
         let sink = tokio::select! {
             _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
@@ -583,7 +585,7 @@ impl Jobs {
         for d in &job.disks {
             let pending = d.state.lock().ok().and_then(|s| s.pending_map.clone());
             if let Some(p) = pending {
-                let committed = self.map_path(&job.vm_name, d.key);
+                let committed = self.map_path(&job.vm_name, job.kind, d.key);
                 std::fs::rename(&p, &committed)
                     .and_then(|()| sync_dir(&committed))
                     .map_err(|e| JobError::Conflict(format!("commit of disk {}: {e}", d.key)))?;

@@ -1,0 +1,206 @@
+//! `sendense-hub`: the hub service. `serve` runs the API, the NBD exports and (optionally) the
+//! SSH endpoint for node tunnels. Bad configuration is one line on stderr and exit status 1.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use hub::config::{self, HubFile, NodeSpec, Settings, SshFile};
+use hub::jobs::Hub;
+
+/// The hub of the backup data path.
+#[derive(Debug, Parser)]
+#[command(name = "sendense-hub", version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the hub API and NBD exports.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration (hub.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// API listen address [default: 127.0.0.1:8082].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Backup repository [default: /var/lib/sendense-hub/repo].
+    #[arg(long)]
+    repo: Option<PathBuf>,
+    /// Replica directory [default: /var/lib/sendense-hub/replicas].
+    #[arg(long)]
+    replicas: Option<PathBuf>,
+    /// NBD port range [default: 10100-10200].
+    #[arg(long)]
+    nbd_ports: Option<String>,
+    /// Address NBD exports listen on [default: 127.0.0.1].
+    #[arg(long)]
+    nbd_bind: Option<String>,
+    /// Host written into nbd_targets [default: 127.0.0.1].
+    #[arg(long)]
+    nbd_host: Option<String>,
+    /// The single node's API URL (node "default") [default: http://127.0.0.1:9081].
+    #[arg(long)]
+    node_url: Option<String>,
+    /// The single node's API token file.
+    #[arg(long)]
+    node_token_file: Option<PathBuf>,
+    /// The hub's API token file (generated, 0600, if missing) [default: /var/lib/sendense-hub/token].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// SSH endpoint for node tunnels: ADDR:PORT.
+    #[arg(long)]
+    ssh_listen: Option<String>,
+    /// SSH host key.
+    #[arg(long)]
+    host_key: Option<PathBuf>,
+    /// authorized_keys of node tunnels.
+    #[arg(long)]
+    authorized_keys: Option<PathBuf>,
+}
+
+fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
+    let file: HubFile = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))?
+        }
+        None => HubFile::default(),
+    };
+    let base = config::default_dir();
+    let listen = a.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8082".into());
+    let listen: SocketAddr = listen.parse().with_context(|| format!("bad listen address '{listen}'"))?;
+    let nbd_ports = config::parse_range(&a.nbd_ports.or(file.nbd_ports).unwrap_or_else(|| "10100-10200".into()))
+        .map_err(|e| anyhow!(e))?;
+    let bind = a.nbd_bind.or(file.nbd_bind).unwrap_or_else(|| "127.0.0.1".into());
+    let nbd_bind: IpAddr = bind.parse().with_context(|| format!("bad --nbd-bind '{bind}'"))?;
+    let nbd_host = a.nbd_host.or(file.nbd_host).unwrap_or_else(|| "127.0.0.1".into());
+    let token_file = a.token_file.or(file.token_file).unwrap_or_else(|| base.join("token"));
+    let token = node::config::load_or_create_token(&token_file).map_err(|e| anyhow!(e))?;
+    let mut nodes = Vec::new();
+    for n in file.node {
+        if !hub::jobs::valid_name(&n.name) {
+            bail!("node name '{}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}", n.name);
+        }
+        if nodes.iter().any(|o: &NodeSpec| o.name == n.name) {
+            bail!("node '{}' is declared twice", n.name);
+        }
+        let token = n.token_file.as_deref().map(config::read_token).transpose().map_err(|e| anyhow!(e))?;
+        nodes.push(NodeSpec { name: n.name, url: n.url, token, key: n.key });
+    }
+    let single_url = a.node_url.or(file.node_url);
+    let single_token = a.node_token_file.or(file.node_token_file);
+    if single_url.is_some() || single_token.is_some() || nodes.is_empty() {
+        if nodes.iter().any(|n| n.name == "default") {
+            bail!("--node-url declares node 'default', which [[node]] also declares");
+        }
+        let token = single_token.as_deref().map(config::read_token).transpose().map_err(|e| anyhow!(e))?;
+        let url = single_url.unwrap_or_else(|| "http://127.0.0.1:9081".into());
+        nodes.push(NodeSpec { name: "default".into(), url, token, key: None });
+    }
+    let ssh = match (a.ssh_listen, a.host_key, a.authorized_keys, file.ssh) {
+        (Some(listen), Some(host_key), Some(authorized_keys), _) => Some(SshFile { listen, host_key, authorized_keys }),
+        (None, None, None, f) => f,
+        _ => bail!("--ssh-listen, --host-key and --authorized-keys go together"),
+    };
+    Ok(Settings {
+        listen,
+        repo: a.repo.or(file.repo).unwrap_or_else(|| base.join("repo")),
+        replicas: a.replicas.or(file.replicas).unwrap_or_else(|| base.join("replicas")),
+        nbd_ports,
+        nbd_bind,
+        nbd_host,
+        nodes,
+        token,
+        ssh,
+        stall_timeout: Duration::from_secs(file.stall_timeout_s.unwrap_or(120).max(5)),
+        restore_idle: Duration::from_secs(file.restore_idle_s.unwrap_or(3600).max(10)),
+    })
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let settings = settings(a)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let endpoint = match &settings.ssh {
+        Some(ssh) => {
+            let config = hub::endpoint::config(ssh, &settings, &settings.nodes).map_err(|e| anyhow!(e))?;
+            let l = tokio::net::TcpListener::bind(&ssh.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} for SSH", ssh.listen))?;
+            tracing::info!(listen = %ssh.listen, "SSH endpoint for node tunnels listening");
+            Some(tokio::spawn(tunnel::endpoint::serve(l, config)))
+        }
+        None => None,
+    };
+    let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
+    tracing::info!(
+        listen = %settings.listen,
+        repo = %settings.repo.display(),
+        nbd_ports = %format!("{}-{}", settings.nbd_ports.0, settings.nbd_ports.1),
+        nodes = settings.nodes.len(),
+        "sendense-hub serving"
+    );
+    let reaper = {
+        let hub = Arc::clone(&hub);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                hub.reap_idle_restores().await;
+            }
+        })
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    axum::serve(listener, hub::http::router(Arc::clone(&hub)))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serve")?;
+    tracing::info!("shutting down: cancelling jobs, closing exports");
+    reaper.abort();
+    if let Some(e) = endpoint {
+        e.abort();
+    }
+    hub.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sendense-hub: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.command {
+            Cmd::Serve(a) => serve(a).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("sendense-hub: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,163 @@
+//! The hub's settings: `hub.toml` (keys as in DESIGN.md) with command-line overrides, checked
+//! once at start: a bad setting is one line and exit status 1.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `hub.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubFile {
+    /// API address.
+    pub listen: Option<String>,
+    /// Backup repository.
+    pub repo: Option<PathBuf>,
+    /// Replica directory.
+    pub replicas: Option<PathBuf>,
+    /// `A-B`.
+    pub nbd_ports: Option<String>,
+    /// Address the exports listen on.
+    pub nbd_bind: Option<String>,
+    /// Host written into `nbd_targets`.
+    pub nbd_host: Option<String>,
+    /// Single node's API (the reverse channel).
+    pub node_url: Option<String>,
+    /// Single node's token file.
+    pub node_token_file: Option<PathBuf>,
+    /// The hub's own token file.
+    pub token_file: Option<PathBuf>,
+    /// Seconds without progress before a job fails.
+    pub stall_timeout_s: Option<u64>,
+    /// Seconds a restore export may stay without clients.
+    pub restore_idle_s: Option<u64>,
+    /// The embedded SSH endpoint.
+    pub ssh: Option<SshFile>,
+    /// Nodes.
+    #[serde(default)]
+    pub node: Vec<NodeFile>,
+}
+
+/// `[ssh]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshFile {
+    /// `ADDR:PORT`.
+    pub listen: String,
+    /// Host private key.
+    pub host_key: PathBuf,
+    /// authorized_keys.
+    pub authorized_keys: PathBuf,
+}
+
+/// `[[node]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Name.
+    pub name: String,
+    /// API base URL (through the reverse channel).
+    pub url: String,
+    /// Token file of that node's API.
+    pub token_file: Option<PathBuf>,
+    /// The node's SSH public key (authorized_keys form).
+    pub key: Option<String>,
+}
+
+/// A node the hub drives.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Name.
+    pub name: String,
+    /// API base URL.
+    pub url: String,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// SSH public key line.
+    pub key: Option<String>,
+}
+
+/// Everything resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// API address.
+    pub listen: SocketAddr,
+    /// Backups.
+    pub repo: PathBuf,
+    /// Replicas.
+    pub replicas: PathBuf,
+    /// NBD port range.
+    pub nbd_ports: (u16, u16),
+    /// Bind address of exports.
+    pub nbd_bind: IpAddr,
+    /// Host in `nbd_targets`.
+    pub nbd_host: String,
+    /// Nodes.
+    pub nodes: Vec<NodeSpec>,
+    /// The hub's bearer token.
+    pub token: String,
+    /// SSH endpoint.
+    pub ssh: Option<SshFile>,
+    /// Fail a job after this long without progress.
+    pub stall_timeout: Duration,
+    /// Close a restore after this long without clients.
+    pub restore_idle: Duration,
+}
+
+/// Parse `A-B`.
+///
+/// # Errors
+/// Not a range of ports.
+pub fn parse_range(text: &str) -> Result<(u16, u16), String> {
+    let (a, b) = text.split_once('-').ok_or_else(|| format!("port range '{text}' is not A-B"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("port range '{text}': '{a}' is not a port"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("port range '{text}': '{b}' is not a port"))?;
+    if a == 0 || b < a {
+        return Err(format!("port range '{text}' is empty or starts at 0"));
+    }
+    Ok((a, b))
+}
+
+/// Read a token file (trimmed, not empty).
+///
+/// # Errors
+/// It cannot be read or is empty.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let t = std::fs::read_to_string(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(t)
+}
+
+/// Default state paths: under `/var/lib/sendense-hub`.
+pub fn default_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sendense-hub")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_strictly() {
+        assert_eq!(parse_range("10100-10200"), Ok((10100, 10200)));
+        assert!(parse_range("10200-10100").is_err());
+        assert!(parse_range("0-5").is_err());
+        assert!(parse_range("10100").is_err());
+        assert!(parse_range("a-b").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<HubFile>("listen = \"127.0.0.1:8082\"\nrepo_dir = \"/x\"\n").is_err());
+        let f: HubFile = toml::from_str(
+            "nbd_ports = \"10100-10200\"\n[[node]]\nname = \"a\"\nurl = \"http://127.0.0.1:9081\"\n[[node]]\nname = \"b\"\nurl = \"http://127.0.0.1:9082\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.node.len(), 2);
+    }
+}

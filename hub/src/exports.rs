@@ -1,0 +1,156 @@
+//! The hub's NBD exports: one in-process [`nbd_server::Server`] serving every export, each on
+//! its own leased port (the node's tunnel forwards port N to port N).
+//!
+//! Opening an export creates its listener before anything is promised to a caller, so a port
+//! that cannot be bound is an error in the API's answer, never a "server disconnected" on the
+//! node later. Closing drains the export's clients, flushes its image and stops its listener;
+//! the drain has a deadline, after which the image is flushed directly (we hold it) and the
+//! stragglers are left to time out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nbd_server::{ExportConfig, ExportStats, Qcow2Backend, Server, ServerConfig};
+use qcow2::{Image, ImageOptions};
+
+/// How long closing waits for clients to drain.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+struct Open {
+    port: u16,
+    read_only: bool,
+    image: Arc<Image>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+/// Every export of the hub.
+pub struct Exports {
+    server: Server,
+    bind: IpAddr,
+    open: Mutex<HashMap<String, Open>>,
+}
+
+/// An export as `GET /api/v1/exports` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportView {
+    /// Export name.
+    pub name: String,
+    /// TCP port.
+    pub port: u16,
+    /// Clients connected now.
+    pub connections: usize,
+    /// Bytes read by clients.
+    pub bytes_read: u64,
+    /// Bytes written by clients.
+    pub bytes_written: u64,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+impl Exports {
+    /// Exports bound on `bind`.
+    pub fn new(bind: IpAddr) -> Self {
+        Self { server: Server::new(ServerConfig::default()), bind, open: Mutex::new(HashMap::new()) }
+    }
+
+    /// Open `image` as `name` on `port`.
+    ///
+    /// # Errors
+    /// The image cannot be opened, the name is taken, or the port cannot be bound.
+    pub async fn open(
+        &self,
+        name: &str,
+        port: u16,
+        image_path: &std::path::Path,
+        read_only: bool,
+    ) -> Result<(), String> {
+        let image = Image::open_with(image_path, &ImageOptions { writable: !read_only, ..Default::default() })
+            .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
+        let image = Arc::new(image);
+        let listener = tokio::net::TcpListener::bind((self.bind, port))
+            .await
+            .map_err(|e| format!("cannot listen on {}:{port}: {e}", self.bind))?;
+        let backend = Arc::new(Qcow2Backend::from_image(Arc::clone(&image)));
+        self.server
+            .add_export(
+                ExportConfig::new(name, backend)
+                    .read_only(read_only)
+                    .max_connections(10)
+                    .description(image_path.display().to_string()),
+            )
+            .map_err(|e| format!("export {name}: {e}"))?;
+        let server = self.server.clone();
+        let export = name.to_string();
+        let task = tokio::spawn(async move { server.serve_export(listener, export).await });
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(name.to_string(), Open { port, read_only, image, listener: task });
+        }
+        tracing::info!(export = name, port, read_only, "export open");
+        Ok(())
+    }
+
+    /// Close `name`: stop accepting, drain clients (with a deadline), flush. Returns its final
+    /// counters when the drain finished in time.
+    pub async fn close(&self, name: &str) -> Option<ExportStats> {
+        let open = self.open.lock().ok().and_then(|mut o| o.remove(name))?;
+        open.listener.abort();
+        let stats = match tokio::time::timeout(DRAIN_DEADLINE, self.server.remove_export(name)).await {
+            Ok(Ok(stats)) => Some(stats),
+            Ok(Err(e)) => {
+                tracing::error!(export = name, error = %e, "closing the export failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(export = name, "clients did not drain in time; flushing the image directly");
+                None
+            }
+        };
+        if !open.read_only {
+            let image = Arc::clone(&open.image);
+            let flushed = tokio::task::spawn_blocking(move || image.flush()).await;
+            if !matches!(flushed, Ok(Ok(()))) {
+                tracing::error!(export = name, "final flush failed");
+            }
+        }
+        tracing::info!(export = name, port = open.port, "export closed");
+        stats
+    }
+
+    /// Every open export.
+    pub fn views(&self) -> Vec<ExportView> {
+        let open =
+            self.open.lock().map(|o| o.iter().map(|(n, e)| (n.clone(), e.port, e.read_only)).collect::<Vec<_>>());
+        let mut out: Vec<ExportView> = open
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, port, read_only)| {
+                let s = self.server.export_stats(&name).unwrap_or_default();
+                ExportView {
+                    name,
+                    port,
+                    connections: s.connections_active,
+                    bytes_read: s.bytes_read,
+                    bytes_written: s.bytes_written,
+                    read_only,
+                }
+            })
+            .collect();
+        out.sort_by_key(|e| e.port);
+        out
+    }
+
+    /// Clients connected to `name` now.
+    pub fn connections(&self, name: &str) -> usize {
+        self.server.export_stats(name).map(|s| s.connections_active).unwrap_or(0)
+    }
+
+    /// Stop everything (shutdown).
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self.open.lock().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        for n in names {
+            self.close(&n).await;
+        }
+    }
+}

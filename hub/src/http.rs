@@ -1,0 +1,244 @@
+//! The hub's HTTP API (axum): backups, restores, replications, ports, exports, `/healthz`,
+//! `/metrics` and `/api/v1/openapi.json`.
+//!
+//! Every call but `/healthz` needs `Authorization: Bearer TOKEN`; errors are
+//! `{"error", "code"}` with 400/401/404/409/503 (malformed bodies included); bodies are capped
+//! at 64 KiB. Handlers validate and delegate to [`crate::jobs::Hub`].
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use node::api::BackupType;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::HubError;
+use crate::jobs::{Hub, JobView, Kind};
+
+impl IntoResponse for HubError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        (status, Json(json!({"error": self.to_string(), "code": code}))).into_response()
+    }
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, HubError> {
+    b.map(|Json(v)| v).map_err(|e| HubError::BadRequest(format!("bad request body: {}", e.body_text())))
+}
+
+/// `POST /api/v1/backups`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// VM.
+    pub vm_name: String,
+    /// Full or incremental.
+    pub backup_type: BackupType,
+    /// Node, when several have the VM.
+    pub node: Option<String>,
+    /// Repository (only `default`).
+    pub repository_id: Option<String>,
+    /// Labels (not supported yet: refused when not empty).
+    pub tags: Option<Vec<String>>,
+}
+
+/// `POST /api/v1/replications`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationRequest {
+    /// VM.
+    pub vm_name: String,
+    /// Node, when several have the VM.
+    pub node: Option<String>,
+}
+
+/// `POST /api/v1/restores`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The backup to expose.
+    pub backup_id: String,
+}
+
+/// `?vm_name=`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    /// Only this VM.
+    pub vm_name: Option<String>,
+}
+
+fn job_json(kind: Kind, v: &JobView) -> Value {
+    let mut value = serde_json::to_value(v).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        let key = match kind {
+            Kind::Backup => "backup_id",
+            Kind::Replication => "replication_id",
+        };
+        map.insert(key.into(), Value::String(v.id.clone()));
+    }
+    value
+}
+
+/// The router.
+pub fn router(hub: Arc<Hub>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/backups", post(start_backup).get(list_backups))
+        .route("/api/v1/backups/{id}", get(get_backup).delete(delete_backup))
+        .route("/api/v1/backups/{id}/verify", post(verify_backup))
+        .route("/api/v1/restores", post(start_restore).get(list_restores))
+        .route("/api/v1/restores/{id}", axum::routing::delete(close_restore))
+        .route("/api/v1/replications", post(start_replication).get(list_replications))
+        .route("/api/v1/replications/{id}", get(get_replication))
+        .route("/api/v1/ports", get(ports))
+        .route("/api/v1/exports", get(exports))
+        .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(api)
+        .fallback(|| async { HubError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(64 << 10))
+        .with_state(hub)
+}
+
+async fn require_token(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = hub.settings.token.as_bytes();
+    let same = given.len() == want.len() && given.bytes().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if !same {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "missing or wrong bearer token", "code": "unauthorized"})),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+async fn start_backup(
+    State(hub): State<Arc<Hub>>,
+    b: Result<Json<BackupRequest>, JsonRejection>,
+) -> Result<Response, HubError> {
+    let req = body(b)?;
+    if let Some(r) = req.repository_id.as_deref().filter(|r| *r != "default") {
+        return Err(HubError::BadRequest(format!(
+            "unknown repository_id '{r}' (this hub has one repository: default)"
+        )));
+    }
+    if req.tags.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(HubError::BadRequest("tags are not supported yet".into()));
+    }
+    let v = hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref()).await?;
+    Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Backup, &v))).into_response())
+}
+
+async fn list_backups(State(hub): State<Arc<Hub>>, Query(q): Query<ListQuery>) -> Json<Vec<Value>> {
+    Json(hub.list(Kind::Backup, q.vm_name.as_deref()).iter().map(|v| job_json(Kind::Backup, v)).collect())
+}
+
+async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    let v = hub.get(&id).ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
+    Ok(Json(job_json(Kind::Backup, &v)))
+}
+
+async fn delete_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    let v = hub.delete(&id)?;
+    Ok(Json(job_json(Kind::Backup, &v)))
+}
+
+async fn verify_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    let (ok, disks) = hub.verify(&id).await?;
+    Ok(Json(json!({"ok": ok, "disks": disks})))
+}
+
+async fn start_restore(
+    State(hub): State<Arc<Hub>>,
+    b: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<Response, HubError> {
+    let req = body(b)?;
+    let v = hub.restore(&req.backup_id).await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn list_restores(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    Json(json!(hub.restores()))
+}
+
+async fn close_restore(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    Ok(Json(json!(hub.close_restore(&id).await?)))
+}
+
+async fn start_replication(
+    State(hub): State<Arc<Hub>>,
+    b: Result<Json<ReplicationRequest>, JsonRejection>,
+) -> Result<Response, HubError> {
+    let req = body(b)?;
+    let v = hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref()).await?;
+    Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Replication, &v))).into_response())
+}
+
+async fn list_replications(State(hub): State<Arc<Hub>>, Query(q): Query<ListQuery>) -> Json<Vec<Value>> {
+    Json(hub.list(Kind::Replication, q.vm_name.as_deref()).iter().map(|v| job_json(Kind::Replication, v)).collect())
+}
+
+async fn get_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    let v = hub.get(&id).ok_or_else(|| HubError::NotFound(format!("unknown replication {id}")))?;
+    Ok(Json(job_json(Kind::Replication, &v)))
+}
+
+async fn ports(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    let leased: Vec<Value> = hub.ports.leased().into_iter().map(|(p, j)| json!({"port": p, "job_id": j})).collect();
+    Json(json!({"range": hub.ports.range_text(), "leased": leased, "free": hub.ports.free()}))
+}
+
+async fn exports(State(hub): State<Arc<Hub>>) -> Json<Value> {
+    Json(json!(hub.exports.views()))
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let (by_status, completed) = hub.counts();
+    let _ = writeln!(
+        out,
+        "# HELP sendense_hub_jobs Backup and replication jobs in memory, by status.\n# TYPE sendense_hub_jobs gauge"
+    );
+    for (status, n) in by_status {
+        let _ = writeln!(out, "sendense_hub_jobs{{status=\"{status}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP sendense_hub_backups_completed Backups in the catalog.\n# TYPE sendense_hub_backups_completed gauge\nsendense_hub_backups_completed {completed}");
+    let _ = writeln!(out, "# HELP sendense_hub_ports_leased NBD ports leased.\n# TYPE sendense_hub_ports_leased gauge\nsendense_hub_ports_leased {}", hub.ports.leased().len());
+    let _ = writeln!(out, "# HELP sendense_hub_ports_free NBD ports free.\n# TYPE sendense_hub_ports_free gauge\nsendense_hub_ports_free {}", hub.ports.free());
+    let views = hub.exports.views();
+    let _ = writeln!(out, "# HELP sendense_hub_export_bytes_written_total Bytes written into an export.\n# TYPE sendense_hub_export_bytes_written_total counter");
+    for e in &views {
+        let _ = writeln!(out, "sendense_hub_export_bytes_written_total{{export=\"{}\"}} {}", e.name, e.bytes_written);
+    }
+    let _ = writeln!(out, "# HELP sendense_hub_export_connections Clients connected to an export.\n# TYPE sendense_hub_export_connections gauge");
+    for e in &views {
+        let _ = writeln!(out, "sendense_hub_export_connections{{export=\"{}\"}} {}", e.name, e.connections);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

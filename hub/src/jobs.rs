@@ -1,0 +1,1107 @@
+//! Backups, replications and restores: leases, images, exports, the node's job, and cleanup on
+//! every exit path.
+//!
+//! A backup or replication is one job per VM (the node takes one snapshot for all its disks):
+//! `queued -> running -> verifying -> completed | failed | cancelled`. The hub leases a port per
+//! disk, creates the images (an incremental's are overlays of the parent's, relative backing
+//! path), opens the exports, and calls the node once; the answer to the API caller comes after
+//! all of that succeeded, so a failure is in the answer, never a surprise for the node. A
+//! follower task polls the node's job; a watchdog fails a job that makes no progress. On
+//! success: exports flushed and closed, ports released, every image verified (refcounts and the
+//! node's checksum), `manifest.json` written last and atomically, and only then the node told to
+//! commit its change-tracking state. On failure or cancel: exports closed, ports released,
+//! partial images removed, the reason kept.
+//!
+//! Which backup an incremental builds on is the pure function [`choose_parent`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use node::api::{BackupType, JobStatus as NodeStatus, JobView as NodeJob, NodeClient, StartRequest};
+use qcow2::{BackingFormat, CreateOptions, Image};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{NodeSpec, Settings};
+use crate::error::HubError;
+use crate::exports::Exports;
+use crate::ports::{bindable, Lease, Ports};
+use crate::repo::{self, Manifest, ManifestDisk, Repo};
+use crate::verify::{verify_disk, DiskVerdict};
+
+/// How often the node's job is polled.
+const POLL: Duration = Duration::from_millis(500);
+/// Finished (not completed) jobs kept in memory.
+const KEEP_FINISHED: usize = 500;
+
+/// A job's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Into the repository.
+    Backup,
+    /// Into the replica set, in place.
+    Replication,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Accepted, resources being prepared.
+    Queued,
+    /// The node is copying.
+    Running,
+    /// Images being checked.
+    Verifying,
+    /// Done and safe.
+    Completed,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped by a request.
+    Cancelled,
+}
+
+impl Status {
+    fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// One disk's target as the API shows it (the old hub's shape).
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskResult {
+    /// N of `VM-diskN`.
+    pub disk_id: u32,
+    /// Disk key.
+    pub disk_key: u32,
+    /// Leased port (0 once released after a restart).
+    pub nbd_port: u16,
+    /// Export name.
+    pub nbd_export_name: String,
+    /// Absolute image path.
+    pub qcow2_path: String,
+    /// Same vocabulary as the job.
+    pub status: Status,
+    /// What went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}
+
+/// One disk's progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskProgress {
+    /// Disk key.
+    pub disk_key: u32,
+    /// Disk size.
+    pub bytes_total: u64,
+    /// Disk bytes dealt with.
+    pub bytes_done: u64,
+    /// Bytes that travelled.
+    pub bytes_sent: u64,
+    /// Disk bytes per second.
+    pub rate_bps: u64,
+    /// Seconds left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
+    /// The node's word for the disk.
+    pub status: String,
+    /// What went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A backup or replication as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    /// Id (`backup_id` for backups, `replication_id` for replications, by the serializer).
+    #[serde(skip)]
+    pub id: String,
+    /// VM.
+    pub vm_name: String,
+    /// Node.
+    pub node: String,
+    /// What was done.
+    pub backup_type: String,
+    /// Parent backup.
+    pub parent_id: Option<String>,
+    /// State.
+    pub status: Status,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// `KEY:nbd://HOST:PORT/EXPORT,...` as given to the node.
+    pub nbd_targets_string: String,
+    /// Targets.
+    pub disk_results: Vec<DiskResult>,
+    /// Progress.
+    pub disks: Vec<DiskProgress>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why the type differs from the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A disk of a job.
+#[derive(Debug, Clone)]
+struct JobDisk {
+    key: u32,
+    id: u32,
+    size: u64,
+    port: u16,
+    export: String,
+    path: PathBuf,
+}
+
+#[derive(Debug)]
+struct JobState {
+    status: Status,
+    error: Option<String>,
+    completed_at: Option<String>,
+    node_view: Option<NodeJob>,
+}
+
+/// A running or finished backup or replication.
+#[derive(Debug)]
+pub struct Job {
+    id: String,
+    kind: Kind,
+    vm: String,
+    node: String,
+    backup_type: BackupType,
+    parent: Option<String>,
+    note: Option<String>,
+    created_at: String,
+    disks: Vec<JobDisk>,
+    targets: String,
+    cancel: CancellationToken,
+    state: Mutex<JobState>,
+}
+
+impl Job {
+    fn set(&self, status: Status, error: Option<String>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.status = status;
+            if error.is_some() {
+                s.error = error;
+            }
+            if status.is_final() {
+                s.completed_at = Some(repo::now_rfc3339());
+            }
+        }
+    }
+
+    /// Current state.
+    pub fn status(&self) -> Status {
+        self.state.lock().map(|s| s.status).unwrap_or(Status::Failed)
+    }
+
+    /// The API view.
+    pub fn view(&self) -> JobView {
+        let (status, error, completed_at, node_view) = self
+            .state
+            .lock()
+            .map(|s| (s.status, s.error.clone(), s.completed_at.clone(), s.node_view.clone()))
+            .unwrap_or((Status::Failed, Some("state lost".into()), None, None));
+        let node_disks: HashMap<u32, node::api::DiskStatus> =
+            node_view.map(|v| v.disks.into_iter().map(|d| (d.key, d)).collect()).unwrap_or_default();
+        let disk_results = self
+            .disks
+            .iter()
+            .map(|d| DiskResult {
+                disk_id: d.id,
+                disk_key: d.key,
+                nbd_port: d.port,
+                nbd_export_name: d.export.clone(),
+                qcow2_path: d.path.display().to_string(),
+                status: match node_disks.get(&d.key) {
+                    Some(n) if n.status == "failed" => Status::Failed,
+                    _ => status,
+                },
+                error_message: node_disks.get(&d.key).and_then(|n| n.error.clone()),
+            })
+            .collect();
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let n = node_disks.get(&d.key);
+                let done = n.map(|n| n.bytes_sent + n.bytes_skipped_holes + n.bytes_skipped_zero + n.bytes_unchanged);
+                DiskProgress {
+                    disk_key: d.key,
+                    bytes_total: n.map(|n| n.bytes_total).unwrap_or(d.size),
+                    bytes_done: done.unwrap_or(0),
+                    bytes_sent: n.map(|n| n.bytes_sent).unwrap_or(0),
+                    rate_bps: n.map(|n| n.rate_bps).unwrap_or(0),
+                    eta_s: n.and_then(|n| n.eta_s),
+                    status: n.map(|n| n.status.clone()).unwrap_or_else(|| "pending".into()),
+                    error: n.and_then(|n| n.error.clone()),
+                }
+            })
+            .collect();
+        JobView {
+            id: self.id.clone(),
+            vm_name: self.vm.clone(),
+            node: self.node.clone(),
+            backup_type: type_name(self.backup_type).into(),
+            parent_id: self.parent.clone(),
+            status,
+            created_at: self.created_at.clone(),
+            completed_at,
+            nbd_targets_string: self.targets.clone(),
+            disk_results,
+            disks,
+            error,
+            note: self.note.clone(),
+        }
+    }
+}
+
+fn type_name(t: BackupType) -> &'static str {
+    match t {
+        BackupType::Full => "full",
+        BackupType::Incremental => "incremental",
+    }
+}
+
+/// A restore: read-only exports of one backup.
+#[derive(Debug)]
+pub struct Restore {
+    id: String,
+    backup_id: String,
+    exports: Vec<(u32, u16, String)>,
+    targets: String,
+    lease: Mutex<Option<Lease>>,
+    idle_since: Mutex<Option<Instant>>,
+}
+
+/// A restore as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreView {
+    /// Id.
+    pub restore_id: String,
+    /// The backup.
+    pub backup_id: String,
+    /// Targets for the node.
+    pub nbd_targets_string: String,
+    /// Exports.
+    pub exports: Vec<RestoreExport>,
+}
+
+/// One export of a restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreExport {
+    /// Disk key.
+    pub disk_key: u32,
+    /// Port.
+    pub nbd_port: u16,
+    /// Name.
+    pub nbd_export_name: String,
+}
+
+impl Restore {
+    /// The API view.
+    pub fn view(&self) -> RestoreView {
+        RestoreView {
+            restore_id: self.id.clone(),
+            backup_id: self.backup_id.clone(),
+            nbd_targets_string: self.targets.clone(),
+            exports: self
+                .exports
+                .iter()
+                .map(|(k, p, n)| RestoreExport { disk_key: *k, nbd_port: *p, nbd_export_name: n.clone() })
+                .collect(),
+        }
+    }
+}
+
+/// Which backup an incremental builds on: the newest completed backup of the VM, if the node's
+/// change-tracking state was committed for exactly that backup; otherwise a full backup, and why.
+pub fn choose_parent<'a>(
+    requested: BackupType,
+    history: &'a [&'a Manifest],
+    node_committed: Option<&str>,
+) -> (BackupType, Option<&'a Manifest>, Option<String>) {
+    if requested == BackupType::Full {
+        return (BackupType::Full, None, None);
+    }
+    let Some(newest) =
+        history.iter().max_by(|a, b| a.created_at.cmp(&b.created_at).then(a.backup_id.cmp(&b.backup_id)))
+    else {
+        return (BackupType::Full, None, Some("no completed backup of this VM: a full backup was made".into()));
+    };
+    if node_committed != Some(newest.backup_id.as_str()) {
+        return (
+            BackupType::Full,
+            None,
+            Some(format!(
+                "the node's change tracking is not at backup {} (newest): a full backup was made",
+                newest.backup_id
+            )),
+        );
+    }
+    (BackupType::Incremental, Some(newest), None)
+}
+
+/// The hub: every job, restore, lease and export.
+pub struct Hub {
+    /// Settings.
+    pub settings: Settings,
+    /// Repository paths.
+    pub repo: Repo,
+    /// Port leases.
+    pub ports: Arc<Ports>,
+    /// Exports.
+    pub exports: Exports,
+    nodes: Vec<(NodeSpec, NodeClient)>,
+    state: Mutex<State>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    catalog: BTreeMap<String, Manifest>,
+    jobs: HashMap<String, Arc<Job>>,
+    finished: std::collections::VecDeque<String>,
+    busy_vms: HashMap<String, String>,
+    restores: HashMap<String, Arc<Restore>>,
+}
+
+fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 3];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    let t = repo::now_rfc3339().replace(['-', ':', '.'], "");
+    format!("{prefix}{}-{:02x}{:02x}{:02x}", t.trim_end_matches('Z'), bytes[0], bytes[1], bytes[2])
+}
+
+/// Names from requests: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
+pub fn valid_name(name: &str) -> bool {
+    node::config::valid_name(name)
+}
+
+impl Hub {
+    /// Build the hub: scan the repository (removing interrupted backups), all ports free.
+    ///
+    /// # Errors
+    /// A node client cannot be built, or the repository cannot be created.
+    pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
+        let repo = Repo { root: settings.repo.clone(), replicas: settings.replicas.clone() };
+        std::fs::create_dir_all(&repo.root)
+            .map_err(|e| format!("cannot create repository {}: {e}", repo.root.display()))?;
+        std::fs::create_dir_all(&repo.replicas)
+            .map_err(|e| format!("cannot create replica directory {}: {e}", repo.replicas.display()))?;
+        let mut nodes = Vec::new();
+        for n in &settings.nodes {
+            let client = NodeClient::new(n.url.clone(), n.token.clone()).map_err(|e| e.to_string())?;
+            nodes.push((n.clone(), client));
+        }
+        let catalog = repo.scan().into_iter().map(|m| (m.backup_id.clone(), m)).collect();
+        let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
+        let exports = Exports::new(settings.nbd_bind);
+        Ok(Arc::new(Self {
+            settings,
+            repo,
+            ports,
+            exports,
+            nodes,
+            state: Mutex::new(State { catalog, ..State::default() }),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn node(&self, name: &str) -> Option<&(NodeSpec, NodeClient)> {
+        self.nodes.iter().find(|(n, _)| n.name == name)
+    }
+
+    /// Find the node that has `vm` (or use `wanted`).
+    async fn locate(&self, vm: &str, wanted: Option<&str>) -> Result<(String, node::api::VmInfo), HubError> {
+        if let Some(w) = wanted {
+            let (spec, client) = self.node(w).ok_or_else(|| HubError::NotFound(format!("unknown node {w}")))?;
+            let info = client.vm(vm).await.map_err(|e| HubError::from_node(&spec.name, e))?;
+            return Ok((spec.name.clone(), info));
+        }
+        let mut found = Vec::new();
+        let mut unreachable = Vec::new();
+        for (spec, client) in &self.nodes {
+            match client.vm(vm).await {
+                Ok(info) => found.push((spec.name.clone(), info)),
+                Err(node::api::ApiError::Status { status: 404, .. }) => {}
+                Err(e) => unreachable.push(format!("{}: {e}", spec.name)),
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 if !unreachable.is_empty() => {
+                Err(HubError::Unavailable(format!("VM {vm} not found; unreachable nodes: {}", unreachable.join("; "))))
+            }
+            0 => Err(HubError::NotFound(format!("no node has a VM named {vm}"))),
+            _ => Err(HubError::Conflict(format!(
+                "VM {vm} exists on several nodes ({}): say which with \"node\"",
+                found.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// The node committed change tracking at this backup (a file beside the VM's backups).
+    fn node_committed(&self, vm: &str) -> Option<String> {
+        std::fs::read_to_string(self.repo.root.join(vm).join(".node-committed")).ok().map(|s| s.trim().to_string())
+    }
+
+    /// Start a backup (`Kind::Backup`) or a replication run.
+    ///
+    /// # Errors
+    /// Bad names (400), unknown VM or node (404), a job already running for the VM (409), no
+    /// free port or node unreachable (503).
+    pub async fn start(
+        self: &Arc<Self>,
+        kind: Kind,
+        vm: &str,
+        requested: BackupType,
+        node: Option<&str>,
+    ) -> Result<JobView, HubError> {
+        if !valid_name(vm) {
+            return Err(HubError::BadRequest(format!("vm_name '{vm}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
+        }
+        if let Some(n) = node.filter(|n| !valid_name(n)) {
+            return Err(HubError::BadRequest(format!("node '{n}' is not a valid name")));
+        }
+        let (node_name, info) = self.locate(vm, node).await?;
+        if info.disks.is_empty() {
+            return Err(HubError::Conflict(format!("VM {vm} has no disks")));
+        }
+        let id = new_id(match kind {
+            Kind::Backup => "",
+            Kind::Replication => "r",
+        });
+        // One job per VM at a time, reserved before anything is created.
+        {
+            let mut st = self.state();
+            if let Some(other) = st.busy_vms.get(vm) {
+                return Err(HubError::Conflict(format!("VM {vm} already has job {other} running")));
+            }
+            st.busy_vms.insert(vm.to_string(), id.clone());
+        }
+        let result = self.prepare(kind, &id, vm, &node_name, &info, requested).await;
+        match result {
+            Ok(job) => Ok(job.view()),
+            Err(e) => {
+                self.state().busy_vms.remove(vm);
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare(
+        self: &Arc<Self>,
+        kind: Kind,
+        id: &str,
+        vm: &str,
+        node_name: &str,
+        info: &node::api::VmInfo,
+        requested: BackupType,
+    ) -> Result<Arc<Job>, HubError> {
+        let bind = self.settings.nbd_bind;
+        let lease = self
+            .ports
+            .lease(id, info.disks.len(), |p| bindable(bind, p))
+            .map_err(|e| HubError::Unavailable(e.to_string()))?;
+        let (backup_type, parent, note) = match kind {
+            Kind::Backup => {
+                let st = self.state();
+                let history: Vec<&Manifest> = st.catalog.values().filter(|m| m.vm_name == vm).collect();
+                let (t, p, n) = choose_parent(requested, &history, self.node_committed(vm).as_deref());
+                (t, p.cloned(), n)
+            }
+            Kind::Replication => {
+                let complete = info.disks.iter().all(|d| self.repo.replica_path(vm, d.key).exists())
+                    && !self.repo.replica_marker(vm).exists()
+                    && self.repo.replicas.join(vm).join("replica.json").exists();
+                if complete {
+                    (BackupType::Incremental, None, None)
+                } else {
+                    (BackupType::Full, None, None)
+                }
+            }
+        };
+        let dir = match kind {
+            Kind::Backup => self.repo.backup_dir(vm, id),
+            Kind::Replication => self.repo.replicas.join(vm),
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HubError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let cleanup_dir = kind == Kind::Backup;
+        let fail = |e: HubError| {
+            if cleanup_dir {
+                repo::remove_dir(&dir);
+            }
+            e
+        };
+        if kind == Kind::Replication {
+            std::fs::write(self.repo.replica_marker(vm), id.as_bytes())
+                .map_err(|e| fail(HubError::Internal(format!("cannot mark the replica set: {e}"))))?;
+        }
+        let mut disks = Vec::new();
+        for (i, (d, port)) in info.disks.iter().zip(&lease.ports).enumerate() {
+            let path = match kind {
+                Kind::Backup => self.repo.disk_path(vm, id, d.key),
+                Kind::Replication => self.repo.replica_path(vm, d.key),
+            };
+            let parent_disk =
+                parent.as_ref().and_then(|p| p.disks.iter().find(|pd| pd.disk_key == d.key && pd.size == d.size));
+            let create = match (kind, parent_disk) {
+                (Kind::Backup, Some(pd)) => {
+                    let backing =
+                        format!("../{}/{}", parent.as_ref().map(|p| p.backup_id.as_str()).unwrap_or(""), pd.file);
+                    Some(CreateOptions::overlay(backing, BackingFormat::Qcow2))
+                }
+                (Kind::Backup, None) => Some(CreateOptions::new(d.size)),
+                (Kind::Replication, _) if !path.exists() || backup_type == BackupType::Full => {
+                    let _ = std::fs::remove_file(&path);
+                    Some(CreateOptions::new(d.size))
+                }
+                (Kind::Replication, _) => None,
+            };
+            if let Some(opts) = create {
+                Image::create(&path, &opts)
+                    .map_err(|e| fail(HubError::Internal(format!("cannot create {}: {e}", path.display()))))?;
+            }
+            let export = match kind {
+                Kind::Backup => format!("{vm}-disk{i}"),
+                Kind::Replication => format!("{vm}-replica-disk{i}"),
+            };
+            disks.push(JobDisk { key: d.key, id: i as u32, size: d.size, port: *port, export, path });
+        }
+        for (n, d) in disks.iter().enumerate() {
+            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false).await {
+                for opened in disks.iter().take(n) {
+                    self.exports.close(&opened.export).await;
+                }
+                return Err(fail(HubError::Unavailable(e)));
+            }
+        }
+        let targets = disks
+            .iter()
+            .map(|d| format!("{}:nbd://{}:{}/{}", d.key, self.settings.nbd_host, d.port, d.export))
+            .collect::<Vec<_>>()
+            .join(",");
+        let job = Arc::new(Job {
+            id: id.to_string(),
+            kind,
+            vm: vm.to_string(),
+            node: node_name.to_string(),
+            backup_type,
+            parent: parent.map(|p| p.backup_id),
+            note,
+            created_at: repo::now_rfc3339(),
+            disks,
+            targets: targets.clone(),
+            cancel: CancellationToken::new(),
+            state: Mutex::new(JobState { status: Status::Queued, error: None, completed_at: None, node_view: None }),
+        });
+        let (_, client) =
+            self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
+        let req = StartRequest {
+            vm_name: vm.to_string(),
+            nbd_host: None,
+            nbd_targets: targets,
+            job_id: id.to_string(),
+            backup_type,
+        };
+        let started = match kind {
+            Kind::Backup => client.start_backup(&req).await,
+            Kind::Replication => client.replicate(&req).await,
+        };
+        if let Err(e) = started {
+            for d in &job.disks {
+                self.exports.close(&d.export).await;
+            }
+            return Err(fail(HubError::from_node(node_name, e)));
+        }
+        job.set(Status::Running, None);
+        {
+            let mut st = self.state();
+            st.jobs.insert(id.to_string(), Arc::clone(&job));
+        }
+        tracing::info!(job = id, vm, node = node_name, ?kind, backup_type = type_name(backup_type), "job started");
+        let hub = Arc::clone(self);
+        let follow_job = Arc::clone(&job);
+        tokio::spawn(async move { hub.follow(follow_job, lease).await });
+        Ok(job)
+    }
+
+    /// Follow the node's job to the end, then finish ours.
+    async fn follow(self: Arc<Self>, job: Arc<Job>, lease: Lease) {
+        let client = match self.node(&job.node) {
+            Some((_, c)) => c.clone(),
+            None => {
+                self.finish(&job, lease, Err(String::from("node vanished from the configuration").into())).await;
+                return;
+            }
+        };
+        let stall = self.settings.stall_timeout;
+        let mut last_progress = (0u64, Instant::now());
+        let mut unreachable_since: Option<Instant> = None;
+        let outcome: Result<(), (Status, String)> = loop {
+            tokio::select! {
+                _ = job.cancel.cancelled() => {
+                    let _ = client.cancel(&job.id).await;
+                    break Err((Status::Cancelled, "cancelled by request".into()));
+                }
+                _ = self.shutdown.cancelled() => {
+                    let _ = client.cancel(&job.id).await;
+                    break Err((Status::Failed, "the hub shut down".into()));
+                }
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            match client.job(&job.id).await {
+                Ok(view) => {
+                    unreachable_since = None;
+                    let done: u64 = view
+                        .disks
+                        .iter()
+                        .map(|d| {
+                            d.bytes_read
+                                + d.bytes_sent
+                                + d.bytes_skipped_holes
+                                + d.bytes_skipped_zero
+                                + d.bytes_unchanged
+                        })
+                        .sum();
+                    if done != last_progress.0 {
+                        last_progress = (done, Instant::now());
+                    }
+                    let status = view.status;
+                    let error = view.error.clone();
+                    if let Ok(mut s) = job.state.lock() {
+                        s.node_view = Some(view);
+                    }
+                    match status {
+                        NodeStatus::Completed => break Ok(()),
+                        NodeStatus::Failed => {
+                            break Err((Status::Failed, format!("node: {}", error.unwrap_or_default())))
+                        }
+                        NodeStatus::Cancelled => break Err((Status::Cancelled, "cancelled on the node".into())),
+                        NodeStatus::Running if last_progress.1.elapsed() > stall => {
+                            let _ = client.cancel(&job.id).await;
+                            break Err((Status::Failed, format!("no progress for {} s", stall.as_secs())));
+                        }
+                        NodeStatus::Running => {}
+                    }
+                }
+                Err(e) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > stall {
+                        break Err((Status::Failed, format!("node unreachable for {} s: {e}", stall.as_secs())));
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => self.finish(&job, lease, Ok(())).await,
+            Err((status, why)) => self.finish(&job, lease, Err((status, why).into())).await,
+        }
+    }
+
+    async fn finish(&self, job: &Arc<Job>, lease: Lease, outcome: Result<(), FailReason>) {
+        // Exports closed (drained and flushed) and ports released on every path.
+        for d in &job.disks {
+            self.exports.close(&d.export).await;
+        }
+        drop(lease);
+        let result = match outcome {
+            Ok(()) => {
+                job.set(Status::Verifying, None);
+                self.complete(job).await
+            }
+            Err(r) => Err((r.0, r.1)),
+        };
+        match result {
+            Ok(()) => job.set(Status::Completed, None),
+            Err((status, why)) => {
+                tracing::warn!(job = %job.id, vm = %job.vm, ?status, reason = %why, "job did not complete");
+                if job.kind == Kind::Backup {
+                    repo::remove_dir(&self.repo.backup_dir(&job.vm, &job.id));
+                }
+                job.set(status, Some(why));
+            }
+        }
+        let mut st = self.state();
+        if st.busy_vms.get(&job.vm) == Some(&job.id) {
+            st.busy_vms.remove(&job.vm);
+        }
+        if job.status() == Status::Completed && job.kind == Kind::Backup {
+            st.jobs.remove(&job.id);
+        } else {
+            st.finished.push_back(job.id.clone());
+            while st.finished.len() > KEEP_FINISHED {
+                if let Some(old) = st.finished.pop_front() {
+                    st.jobs.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Verify, write the manifest (or the replica record), then tell the node to commit.
+    async fn complete(&self, job: &Arc<Job>) -> Result<(), (Status, String)> {
+        let node_view = job.state.lock().ok().and_then(|s| s.node_view.clone());
+        let checksums: HashMap<u32, Option<String>> =
+            node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.checksum.clone()))).collect();
+        let mut verdicts = Vec::new();
+        for d in &job.disks {
+            let (path, key) = (d.path.clone(), d.key);
+            let expected = checksums.get(&key).cloned().flatten();
+            let verdict = tokio::task::spawn_blocking(move || verify_disk(&path, key, expected.as_deref()))
+                .await
+                .map_err(|e| (Status::Failed, format!("verify: {e}")))?;
+            if !verdict.ok() {
+                return Err((Status::Failed, format!("verify of disk {key} failed: {}", describe(&verdict))));
+            }
+            verdicts.push(verdict);
+        }
+        match job.kind {
+            Kind::Backup => {
+                let manifest = Manifest {
+                    backup_id: job.id.clone(),
+                    vm_name: job.vm.clone(),
+                    node: job.node.clone(),
+                    backup_type: type_name(job.backup_type).into(),
+                    parent_id: job.parent.clone(),
+                    status: "completed".into(),
+                    created_at: job.created_at.clone(),
+                    completed_at: repo::now_rfc3339(),
+                    disks: job
+                        .disks
+                        .iter()
+                        .map(|d| ManifestDisk {
+                            disk_key: d.key,
+                            disk_id: d.id,
+                            size: d.size,
+                            allocated_bytes: allocated(&d.path),
+                            checksum: checksums.get(&d.key).cloned().flatten(),
+                            file: repo::disk_file(d.key),
+                        })
+                        .collect(),
+                };
+                self.repo.write_manifest(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;
+                self.state().catalog.insert(job.id.clone(), manifest);
+            }
+            Kind::Replication => {
+                let record = serde_json::json!({
+                    "replication_id": job.id,
+                    "completed_at": repo::now_rfc3339(),
+                    "disks": verdicts,
+                });
+                let path = self.repo.replicas.join(&job.vm).join("replica.json");
+                node::blockmap::write_atomically(&path, record.to_string().as_bytes())
+                    .map_err(|e| (Status::Failed, format!("replica record: {e}")))?;
+                let _ = std::fs::remove_file(self.repo.replica_marker(&job.vm));
+            }
+        }
+        // Only now is the node's change tracking moved to this run.
+        if let Some((_, client)) = self.node(&job.node) {
+            match client.commit(&job.id).await {
+                Ok(_) if job.kind == Kind::Backup => {
+                    let marker = self.repo.root.join(&job.vm).join(".node-committed");
+                    if let Err(e) = node::blockmap::write_atomically(&marker, job.id.as_bytes()) {
+                        tracing::error!(error = %e, "could not record the node's commit");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "node commit failed: the next backup of this VM will be full")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A job by id (running, failed, cancelled, or a completed backup from the catalog).
+    pub fn get(&self, id: &str) -> Option<JobView> {
+        let st = self.state();
+        if let Some(j) = st.jobs.get(id) {
+            return Some(j.view());
+        }
+        st.catalog.get(id).map(manifest_view)
+    }
+
+    /// Backups (or replications), newest first.
+    pub fn list(&self, kind: Kind, vm: Option<&str>) -> Vec<JobView> {
+        let st = self.state();
+        let mut out: Vec<JobView> = st.jobs.values().filter(|j| j.kind == kind).map(|j| j.view()).collect();
+        if kind == Kind::Backup {
+            out.extend(st.catalog.values().map(manifest_view));
+        }
+        out.retain(|v| vm.is_none_or(|vm| v.vm_name == vm));
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        out
+    }
+
+    /// Cancel a running job, or delete a finished backup.
+    ///
+    /// # Errors
+    /// Unknown (404); a later backup or an open restore depends on it (409).
+    pub fn delete(&self, id: &str) -> Result<JobView, HubError> {
+        let mut st = self.state();
+        if let Some(j) = st.jobs.get(id).cloned() {
+            if !j.status().is_final() {
+                j.cancel.cancel();
+                return Ok(j.view());
+            }
+            st.jobs.remove(id);
+            return Ok(j.view());
+        }
+        let m = st.catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
+        if let Some(child) = st.catalog.values().find(|c| c.parent_id.as_deref() == Some(id)) {
+            return Err(HubError::Conflict(format!("backup {} is an incremental on top of {id}", child.backup_id)));
+        }
+        if st.restores.values().any(|r| r.backup_id == id) {
+            return Err(HubError::Conflict(format!("backup {id} has an open restore")));
+        }
+        st.catalog.remove(id);
+        drop(st);
+        repo::remove_dir(&self.repo.backup_dir(&m.vm_name, id));
+        Ok(manifest_view(&m))
+    }
+
+    /// Verify a completed backup on demand.
+    ///
+    /// # Errors
+    /// Unknown or not completed (404).
+    pub async fn verify(&self, id: &str) -> Result<(bool, Vec<DiskVerdict>), HubError> {
+        let m = self
+            .state()
+            .catalog
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))?;
+        let mut out = Vec::new();
+        for d in &m.disks {
+            let path = self.repo.backup_dir(&m.vm_name, id).join(&d.file);
+            let (key, sum) = (d.disk_key, d.checksum.clone());
+            let v = tokio::task::spawn_blocking(move || verify_disk(&path, key, sum.as_deref()))
+                .await
+                .map_err(|e| HubError::Internal(format!("verify: {e}")))?;
+            out.push(v);
+        }
+        Ok((out.iter().all(DiskVerdict::ok), out))
+    }
+
+    /// Open read-only exports of a backup (reads fall through its chain).
+    ///
+    /// # Errors
+    /// Unknown backup (404), no free port (503).
+    pub async fn restore(&self, backup_id: &str) -> Result<RestoreView, HubError> {
+        if !valid_name(backup_id) {
+            return Err(HubError::BadRequest(format!("backup_id '{backup_id}' is not a valid name")));
+        }
+        let m = self
+            .state()
+            .catalog
+            .get(backup_id)
+            .cloned()
+            .ok_or_else(|| HubError::NotFound(format!("no completed backup {backup_id}")))?;
+        let id = new_id("x");
+        let bind = self.settings.nbd_bind;
+        let lease = self
+            .ports
+            .lease(&id, m.disks.len(), |p| bindable(bind, p))
+            .map_err(|e| HubError::Unavailable(e.to_string()))?;
+        let mut exports: Vec<(u32, u16, String)> = Vec::new();
+        for (d, port) in m.disks.iter().zip(&lease.ports) {
+            let name = format!("{}-{id}-disk{}", m.vm_name, d.disk_id);
+            let path = self.repo.backup_dir(&m.vm_name, backup_id).join(&d.file);
+            if let Err(e) = self.exports.open(&name, *port, &path, true).await {
+                for (_, _, n) in &exports {
+                    self.exports.close(n).await;
+                }
+                return Err(HubError::Internal(e));
+            }
+            exports.push((d.disk_key, *port, name));
+        }
+        let targets = exports
+            .iter()
+            .map(|(k, p, n)| format!("{k}:nbd://{}:{p}/{n}", self.settings.nbd_host))
+            .collect::<Vec<_>>()
+            .join(",");
+        let r = Arc::new(Restore {
+            id: id.clone(),
+            backup_id: backup_id.to_string(),
+            exports,
+            targets,
+            lease: Mutex::new(Some(lease)),
+            idle_since: Mutex::new(Some(Instant::now())),
+        });
+        self.state().restores.insert(id, Arc::clone(&r));
+        Ok(r.view())
+    }
+
+    /// Close a restore's exports and free its ports.
+    ///
+    /// # Errors
+    /// Unknown restore (404).
+    pub async fn close_restore(&self, id: &str) -> Result<RestoreView, HubError> {
+        let r = self.state().restores.remove(id).ok_or_else(|| HubError::NotFound(format!("unknown restore {id}")))?;
+        for (_, _, n) in &r.exports {
+            self.exports.close(n).await;
+        }
+        if let Ok(mut l) = r.lease.lock() {
+            l.take();
+        }
+        Ok(r.view())
+    }
+
+    /// Restores open now.
+    pub fn restores(&self) -> Vec<RestoreView> {
+        self.state().restores.values().map(|r| r.view()).collect()
+    }
+
+    /// Close restores nobody has used for the idle time (called periodically).
+    pub async fn reap_idle_restores(&self) {
+        let idle = self.settings.restore_idle;
+        let candidates: Vec<Arc<Restore>> = self.state().restores.values().cloned().collect();
+        for r in candidates {
+            let busy = r.exports.iter().any(|(_, _, n)| self.exports.connections(n) > 0);
+            let expired = {
+                let mut since = r.idle_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if busy {
+                    *since = None;
+                    false
+                } else {
+                    since.get_or_insert_with(Instant::now).elapsed() > idle
+                }
+            };
+            if expired {
+                tracing::info!(restore = %r.id, "closing an idle restore");
+                let _ = self.close_restore(&r.id).await;
+            }
+        }
+    }
+
+    /// Jobs by status, for the metrics.
+    pub fn counts(&self) -> (BTreeMap<String, usize>, usize) {
+        let st = self.state();
+        let mut by = BTreeMap::new();
+        for j in st.jobs.values() {
+            *by.entry(format!("{:?}", j.status()).to_lowercase()).or_insert(0) += 1;
+        }
+        (by, st.catalog.len())
+    }
+
+    /// Stop: cancel running jobs' followers, close every export.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.exports.shutdown().await;
+    }
+}
+
+/// (status, reason) of a job that did not complete.
+pub struct FailReason(Status, String);
+
+impl From<(Status, String)> for FailReason {
+    fn from(v: (Status, String)) -> Self {
+        Self(v.0, v.1)
+    }
+}
+
+impl From<String> for FailReason {
+    fn from(v: String) -> Self {
+        Self(Status::Failed, v)
+    }
+}
+
+fn describe(v: &DiskVerdict) -> String {
+    match v.checksum_match {
+        Some(false) => format!("{}; content differs from what the node sent", v.check),
+        _ => v.check.clone(),
+    }
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0)
+}
+
+fn manifest_view(m: &Manifest) -> JobView {
+    JobView {
+        id: m.backup_id.clone(),
+        vm_name: m.vm_name.clone(),
+        node: m.node.clone(),
+        backup_type: m.backup_type.clone(),
+        parent_id: m.parent_id.clone(),
+        status: Status::Completed,
+        created_at: m.created_at.clone(),
+        completed_at: Some(m.completed_at.clone()),
+        nbd_targets_string: String::new(),
+        disk_results: m
+            .disks
+            .iter()
+            .map(|d| DiskResult {
+                disk_id: d.disk_id,
+                disk_key: d.disk_key,
+                nbd_port: 0,
+                nbd_export_name: format!("{}-disk{}", m.vm_name, d.disk_id),
+                qcow2_path: String::new(),
+                status: Status::Completed,
+                error_message: None,
+            })
+            .collect(),
+        disks: m
+            .disks
+            .iter()
+            .map(|d| DiskProgress {
+                disk_key: d.disk_key,
+                bytes_total: d.size,
+                bytes_done: d.size,
+                bytes_sent: 0,
+                rate_bps: 0,
+                eta_s: None,
+                status: "completed".into(),
+                error: None,
+            })
+            .collect(),
+        error: None,
+        note: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: &str, created: &str) -> Manifest {
+        Manifest {
+            backup_id: id.into(),
+            vm_name: "vm".into(),
+            node: "default".into(),
+            backup_type: "full".into(),
+            parent_id: None,
+            status: "completed".into(),
+            created_at: created.into(),
+            completed_at: created.into(),
+            disks: vec![],
+        }
+    }
+
+    #[test]
+    fn an_incremental_builds_on_the_newest_backup_the_node_committed() {
+        let (a, b) = (manifest("a", "2026-01-01T00:00:00Z"), manifest("b", "2026-01-02T00:00:00Z"));
+        let history = vec![&a, &b];
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some("b"));
+        assert_eq!((t, p.map(|m| m.backup_id.as_str()), note), (BackupType::Incremental, Some("b"), None));
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some("a"));
+        assert!(t == BackupType::Full && p.is_none() && note.unwrap().contains("not at backup b"));
+        let (t, _, note) = choose_parent(BackupType::Incremental, &[], None);
+        assert!(t == BackupType::Full && note.unwrap().contains("no completed backup"));
+        let (t, p, note) = choose_parent(BackupType::Full, &history, Some("b"));
+        assert!(t == BackupType::Full && p.is_none() && note.is_none());
+    }
+}

@@ -1,0 +1,27 @@
+//! # hub: the hub service
+//!
+//! Receives VM disks from nodes into a repository of qcow2 images, through NBD exports served
+//! in-process (no qemu-nbd, no PIDs), and drives the node's jobs through its API.
+//!
+//! - [`config`]: `hub.toml` and flags.
+//! - [`ports`]: the NBD port lease table (pure).
+//! - [`exports`]: one in-process NBD server, an export per leased port.
+//! - [`repo`]: the repository layout and manifests; the catalog is rebuilt from them.
+//! - [`jobs`]: backups, replications, restores, and their cleanup.
+//! - [`verify`]: image checks and checksum comparison.
+//! - [`http`] and [`openapi`]: the API.
+//! - [`endpoint`]: the embedded SSH endpoint for node tunnels.
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod config;
+pub mod endpoint;
+pub mod error;
+pub mod exports;
+pub mod http;
+pub mod jobs;
+pub mod openapi;
+pub mod ports;
+pub mod repo;
+pub mod verify;

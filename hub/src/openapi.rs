@@ -1,0 +1,107 @@
+//! `/api/v1/openapi.json`: an OpenAPI 3.0 description of the hub API, written out by hand from
+//! the same shapes the handlers use (a derive crate would need annotations on every type of
+//! three crates for a document that changes with this file only).
+
+use serde_json::{json, Value};
+
+fn error_responses() -> Value {
+    let e = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    json!({"400": e, "401": e, "404": e, "409": e, "503": e})
+}
+
+fn op(summary: &str, ok: &str, schema: &str, body: Option<&str>) -> Value {
+    let mut responses = error_responses();
+    if let Value::Object(m) = &mut responses {
+        m.insert(
+            ok.to_string(),
+            json!({"description": summary, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}}),
+        );
+    }
+    let mut o = json!({"summary": summary, "responses": responses, "security": [{"bearer": []}]});
+    if let (Some(b), Value::Object(m)) = (body, &mut o) {
+        m.insert(
+            "requestBody".into(),
+            json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{b}")}}}}),
+        );
+    }
+    o
+}
+
+/// The document.
+pub fn document() -> Value {
+    let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "sendense-hub", "version": env!("CARGO_PKG_VERSION")},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "code"], "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+                "BackupRequest": {"type": "object", "required": ["vm_name", "backup_type"], "properties": {
+                    "vm_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                    "backup_type": {"type": "string", "enum": ["full", "incremental"]},
+                    "node": {"type": "string"}, "repository_id": {"type": "string", "enum": ["default"]},
+                    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 0}}},
+                "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
+                "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {"backup_id": {"type": "string"}}},
+                "DiskResult": {"type": "object", "properties": {
+                    "disk_id": {"type": "integer"}, "disk_key": {"type": "integer"}, "nbd_port": {"type": "integer"},
+                    "nbd_export_name": {"type": "string"}, "qcow2_path": {"type": "string"}, "status": {"type": "string"},
+                    "error_message": {"type": "string"}}},
+                "DiskProgress": {"type": "object", "properties": {
+                    "disk_key": {"type": "integer"}, "bytes_total": {"type": "integer"}, "bytes_done": {"type": "integer"},
+                    "bytes_sent": {"type": "integer"}, "rate_bps": {"type": "integer"}, "eta_s": {"type": "integer"},
+                    "status": {"type": "string"}, "error": {"type": "string"}}},
+                "Backup": {"type": "object", "properties": {
+                    "backup_id": {"type": "string"}, "replication_id": {"type": "string"}, "vm_name": {"type": "string"},
+                    "node": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
+                    "parent_id": {"type": "string", "nullable": true},
+                    "status": {"type": "string", "enum": ["queued", "running", "verifying", "completed", "failed", "cancelled"]},
+                    "created_at": {"type": "string", "format": "date-time"}, "completed_at": {"type": "string", "format": "date-time"},
+                    "nbd_targets_string": {"type": "string"},
+                    "disk_results": {"type": "array", "items": {"$ref": "#/components/schemas/DiskResult"}},
+                    "disks": {"type": "array", "items": {"$ref": "#/components/schemas/DiskProgress"}},
+                    "error": {"type": "string"}, "note": {"type": "string"}}},
+                "BackupList": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
+                "Verify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "disks": {"type": "array", "items": {"type": "object", "properties": {
+                    "disk_key": {"type": "integer"}, "check": {"type": "string"}, "checksum_match": {"type": "boolean", "nullable": true}}}}}},
+                "Restore": {"type": "object", "properties": {
+                    "restore_id": {"type": "string"}, "backup_id": {"type": "string"}, "nbd_targets_string": {"type": "string"},
+                    "exports": {"type": "array", "items": {"type": "object", "properties": {
+                        "disk_key": {"type": "integer"}, "nbd_port": {"type": "integer"}, "nbd_export_name": {"type": "string"}}}}}},
+                "RestoreList": {"type": "array", "items": {"$ref": "#/components/schemas/Restore"}},
+                "Ports": {"type": "object", "properties": {"range": {"type": "string"}, "free": {"type": "integer"},
+                    "leased": {"type": "array", "items": {"type": "object", "properties": {"port": {"type": "integer"}, "job_id": {"type": "string"}}}}}},
+                "Exports": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "port": {"type": "integer"}, "connections": {"type": "integer"},
+                    "bytes_read": {"type": "integer"}, "bytes_written": {"type": "integer"}, "read_only": {"type": "boolean"}}}}
+            }
+        },
+        "paths": {
+            "/api/v1/backups": {
+                "post": op("start a backup of a VM (all disks, one snapshot)", "202", "Backup", Some("BackupRequest")),
+                "get": op("backups, newest first (?vm_name=)", "200", "BackupList", None)
+            },
+            "/api/v1/backups/{id}": {
+                "parameters": id,
+                "get": op("one backup with per-disk progress", "200", "Backup", None),
+                "delete": op("cancel a running backup or delete a finished one", "200", "Backup", None)
+            },
+            "/api/v1/backups/{id}/verify": {"parameters": id, "post": op("check images and checksums", "200", "Verify", None)},
+            "/api/v1/restores": {
+                "post": op("open read-only exports of a backup", "201", "Restore", Some("RestoreRequest")),
+                "get": op("open restores", "200", "RestoreList", None)
+            },
+            "/api/v1/restores/{id}": {"parameters": id, "delete": op("close a restore", "200", "Restore", None)},
+            "/api/v1/replications": {
+                "post": op("run the VM's replica up to date", "202", "Backup", Some("ReplicationRequest")),
+                "get": op("replication runs", "200", "BackupList", None)
+            },
+            "/api/v1/replications/{id}": {"parameters": id, "get": op("one replication run", "200", "Backup", None)},
+            "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
+            "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
+            "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},
+            "/metrics": {"get": {"summary": "Prometheus text", "responses": {"200": {"description": "metrics"}}, "security": [{"bearer": []}]}}
+        }
+    })
+}

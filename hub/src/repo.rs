@@ -1,0 +1,186 @@
+//! The repository on disk: `REPO/VM/BACKUP_ID/disk-KEY.qcow2` and `manifest.json`, which is the
+//! catalog. A backup exists when its manifest does: the manifest is written last, atomically
+//! (temporary file, fsync, rename, fsync of the directory), so a crash at any point leaves
+//! either a complete backup or a directory without a manifest, which the next start removes.
+//! Replicas live apart: `REPLICAS/VM/disk-KEY.qcow2`, with an `INCONSISTENT` marker while a run
+//! is writing them.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One disk of a finished backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestDisk {
+    /// Disk key.
+    pub disk_key: u32,
+    /// N of the export name `VM-diskN`.
+    pub disk_id: u32,
+    /// Virtual size.
+    pub size: u64,
+    /// Bytes allocated in this image (not its chain).
+    pub allocated_bytes: u64,
+    /// The node's checksum of the whole disk, verified against the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// File name inside the backup directory.
+    pub file: String,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Backup id.
+    pub backup_id: String,
+    /// VM.
+    pub vm_name: String,
+    /// Node it came from.
+    pub node: String,
+    /// `full` or `incremental`.
+    pub backup_type: String,
+    /// The backup this one's images are overlays of.
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    /// Always `completed` (a backup without a manifest does not exist).
+    pub status: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC.
+    pub completed_at: String,
+    /// Disks in key order.
+    pub disks: Vec<ManifestDisk>,
+}
+
+/// Paths of the repository.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    /// Backups.
+    pub root: PathBuf,
+    /// Replicas.
+    pub replicas: PathBuf,
+}
+
+impl Repo {
+    /// A backup's directory.
+    pub fn backup_dir(&self, vm: &str, id: &str) -> PathBuf {
+        self.root.join(vm).join(id)
+    }
+
+    /// A disk image of a backup.
+    pub fn disk_path(&self, vm: &str, id: &str, key: u32) -> PathBuf {
+        self.backup_dir(vm, id).join(disk_file(key))
+    }
+
+    /// A replica image.
+    pub fn replica_path(&self, vm: &str, key: u32) -> PathBuf {
+        self.replicas.join(vm).join(disk_file(key))
+    }
+
+    /// The marker of a replica set being written.
+    pub fn replica_marker(&self, vm: &str) -> PathBuf {
+        self.replicas.join(vm).join("INCONSISTENT")
+    }
+
+    /// Write a manifest last and atomically.
+    ///
+    /// # Errors
+    /// Any file operation failed.
+    pub fn write_manifest(&self, m: &Manifest) -> std::io::Result<()> {
+        let data = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
+        node::blockmap::write_atomically(&self.backup_dir(&m.vm_name, &m.backup_id).join("manifest.json"), &data)
+    }
+
+    /// Every backup with a valid manifest; directories without one (interrupted jobs) are
+    /// removed and logged.
+    pub fn scan(&self) -> Vec<Manifest> {
+        let mut out = Vec::new();
+        let Ok(vms) = std::fs::read_dir(&self.root) else { return out };
+        for vm in vms.flatten().filter(|e| e.path().is_dir()) {
+            let Ok(backups) = std::fs::read_dir(vm.path()) else { continue };
+            for b in backups.flatten().filter(|e| e.path().is_dir()) {
+                let path = b.path();
+                let manifest = std::fs::read(path.join("manifest.json"))
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok());
+                match manifest {
+                    Some(m) if m.backup_id == b.file_name().to_string_lossy() => out.push(m),
+                    _ => {
+                        tracing::warn!(dir = %path.display(), "removing an interrupted backup (no valid manifest)");
+                        if let Err(e) = std::fs::remove_dir_all(&path) {
+                            tracing::error!(dir = %path.display(), error = %e, "could not remove");
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.backup_id.cmp(&b.backup_id)));
+        out
+    }
+}
+
+/// `disk-KEY.qcow2`.
+pub fn disk_file(key: u32) -> String {
+    format!("disk-{key}.qcow2")
+}
+
+/// Remove a directory, logging instead of failing.
+pub fn remove_dir(path: &Path) {
+    if path.exists() {
+        if let Err(e) = std::fs::remove_dir_all(path) {
+            tracing::error!(dir = %path.display(), error = %e, "could not remove");
+        }
+    }
+}
+
+/// Now as RFC 3339 UTC with milliseconds (so that ids and times sort in creation order),
+/// without a date crate: civil-from-days (H. Hinnant).
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let (secs, millis) = (now.as_secs(), now.subsec_millis());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scanning_keeps_manifested_backups_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo { root: dir.path().join("repo"), replicas: dir.path().join("replicas") };
+        let m = Manifest {
+            backup_id: "b1".into(),
+            vm_name: "vm".into(),
+            node: "default".into(),
+            backup_type: "full".into(),
+            parent_id: None,
+            status: "completed".into(),
+            created_at: now_rfc3339(),
+            completed_at: now_rfc3339(),
+            disks: vec![],
+        };
+        std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
+        repo.write_manifest(&m).unwrap();
+        std::fs::create_dir_all(repo.backup_dir("vm", "half")).unwrap();
+        std::fs::write(repo.disk_path("vm", "half", 2000), b"partial").unwrap();
+        assert_eq!(repo.scan(), vec![m]);
+        assert!(!repo.backup_dir("vm", "half").exists());
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 24);
+        assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+    }
+}

@@ -1,0 +1,373 @@
+//! `sendense-hub` as a process, with a node served by the node library on a real socket (the
+//! same router `sendense-node serve` runs), judged by qemu-img and nbdcopy.
+
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()));
+    Command::new(found.unwrap_or_else(|| panic!("{name} is required; scripts/test.sh installs it")))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn free_ports(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = free_port();
+        if base < 65000 && (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} free ports");
+}
+
+/// 1 MiB of data every 4 MiB, holes elsewhere.
+fn make_source(path: &Path, mib: u64, seed: u8) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib * MIB).unwrap();
+    for at in (0..mib).step_by(4) {
+        let data: Vec<u8> = (0..MIB as usize).map(|i| (i as u8).wrapping_mul(seed).wrapping_add(at as u8)).collect();
+        f.write_all_at(&data, at * MIB).unwrap();
+    }
+}
+
+fn change(path: &Path, offset: u64, seed: u8) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[seed; 4096], offset).unwrap();
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let out = tool("qemu-img").arg("compare").arg(a).arg(b).output().unwrap();
+    assert!(out.status.success(), "{} vs {}: {}", a.display(), b.display(), String::from_utf8_lossy(&out.stdout));
+}
+
+fn assert_clean(img: &Path) {
+    let out = tool("qemu-img").arg("check").arg(img).output().unwrap();
+    assert!(out.status.success(), "qemu-img check {}: {}", img.display(), String::from_utf8_lossy(&out.stdout));
+}
+
+/// A node on a real socket: the node library's router and jobs, two raw disks per VM.
+async fn start_node(dir: &Path, vms: &[(&str, usize)], bandwidth: Option<&str>) -> String {
+    let mut files = Vec::new();
+    for (vm, disks) in vms {
+        let mut v =
+            node::config::VmFile { name: vm.to_string(), pre_snapshot: None, post_snapshot: None, disk: vec![] };
+        for i in 0..*disks {
+            let path = dir.join(format!("{vm}-{i}.raw"));
+            make_source(&path, 24 + 8 * i as u64, 3 + i as u8);
+            v.disk.push(node::config::DiskFile {
+                key: 2000 + i as u32,
+                source: path.display().to_string(),
+                dirty_bitmap: None,
+            });
+        }
+        files.push(v);
+    }
+    let copy_file = node::config::CopyFile {
+        bandwidth_limit: bandwidth.map(str::to_string),
+        retry_window_s: Some(3),
+        ..Default::default()
+    };
+    let (copy, parallel_disks) = node::config::resolve_copy(&copy_file).unwrap();
+    let settings = node::config::Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+        state_dir: dir.join("node-state"),
+        restore_dir: None,
+        tunnel: None,
+        vms: node::config::resolve_vms(files).unwrap(),
+        copy,
+        parallel_disks,
+    };
+    let jobs = Arc::new(node::jobs::Jobs::new(Arc::new(settings)));
+    let state = Arc::new(node::http::AppState { jobs, tunnel: None });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, node::http::router(state)).await });
+    url
+}
+
+struct HubProcess {
+    child: Child,
+    url: String,
+    token: String,
+    config: PathBuf,
+}
+
+impl HubProcess {
+    fn start(dir: &Path, node_url: &str, ports: (u16, u16)) -> Self {
+        let config = dir.join("hub.toml");
+        let port = free_port();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{}-{}\"\nnode_url = \"{node_url}\"\ntoken_file = \"{t}\"\nstall_timeout_s = 20\n",
+                ports.0,
+                ports.1,
+                r = dir.join("repo").display(),
+                rp = dir.join("replicas").display(),
+                t = dir.join("hub-token").display(),
+            ),
+        )
+        .unwrap();
+        Self::spawn(config, port)
+    }
+
+    fn spawn(config: PathBuf, port: u16) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sendense-hub"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "sendense-hub exited");
+            assert!(Instant::now() < deadline, "sendense-hub did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let token_path = config.with_file_name("hub-token");
+        let token = std::fs::read_to_string(token_path).unwrap().trim().to_string();
+        Self { child, url: format!("http://127.0.0.1:{port}"), token, config }
+    }
+
+    fn restart_after_kill(mut self) -> Self {
+        let _ = Command::new("kill").args(["-9", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        let config = self.config.clone();
+        std::mem::forget(self);
+        Self::spawn(config, port)
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let http = reqwest::Client::new();
+        let mut req = http.request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn wait(&self, path: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, v) = self.call("GET", path, None).await;
+            if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{path} still {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ports_all_free(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, p) = self.call("GET", "/api/v1/ports", None).await;
+            if p["leased"].as_array().unwrap().is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "ports still leased: {p}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_incremental_verify_restore_and_replica_of_a_two_disk_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("pgtest1", 2)], None).await;
+    let base = free_ports(8);
+    let hub = HubProcess::start(d, &node_url, (base, base + 7));
+    let src = [d.join("pgtest1-0.raw"), d.join("pgtest1-1.raw")];
+
+    let (status, full) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "pgtest1", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{full}");
+    let full_id = full["backup_id"].as_str().unwrap().to_string();
+    assert_eq!(full["disk_results"].as_array().unwrap().len(), 2);
+    assert_eq!(full["disk_results"][0]["nbd_export_name"], "pgtest1-disk0");
+    assert!(full["nbd_targets_string"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("2000:nbd://127.0.0.1:{base}/pgtest1-disk0,")));
+    let done = hub.wait(&format!("/api/v1/backups/{full_id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    hub.ports_all_free().await;
+    let full_dir = d.join("repo/pgtest1").join(&full_id);
+    assert!(full_dir.join("manifest.json").exists());
+    for (i, s) in src.iter().enumerate() {
+        let img = full_dir.join(format!("disk-{}.qcow2", 2000 + i));
+        assert_clean(&img);
+        assert_same(s, &img);
+    }
+
+    change(&src[0], 5 * MIB, 0xaa);
+    change(&src[1], 17 * MIB, 0xbb);
+    let (status, incr) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "pgtest1", "backup_type": "incremental"}))).await;
+    assert_eq!(status, 202, "{incr}");
+    let incr_id = incr["backup_id"].as_str().unwrap().to_string();
+    assert_eq!(incr["parent_id"], full_id.as_str());
+    let done = hub.wait(&format!("/api/v1/backups/{incr_id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["backup_type"], "incremental");
+    let incr_dir = d.join("repo/pgtest1").join(&incr_id);
+    for (i, s) in src.iter().enumerate() {
+        let img = incr_dir.join(format!("disk-{}.qcow2", 2000 + i));
+        assert_clean(&img);
+        assert_same(s, &img);
+        let chain = tool("qemu-img").args(["info", "--backing-chain"]).arg(&img).output().unwrap();
+        let chain = String::from_utf8_lossy(&chain.stdout);
+        assert!(chain.contains(&format!("../{full_id}/disk-{}.qcow2", 2000 + i)), "{chain}");
+    }
+    let (status, v) = hub.call("POST", &format!("/api/v1/backups/{incr_id}/verify"), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "{v}");
+    let (status, _) = hub.call("DELETE", &format!("/api/v1/backups/{full_id}"), None).await;
+    assert_eq!(status, 409, "the incremental depends on the full backup");
+    let (_, list) = hub.call("GET", "/api/v1/backups?vm_name=pgtest1", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["backup_id"], incr_id.as_str(), "newest first");
+
+    // Restore: read-only exports of the incremental, read with nbdcopy.
+    let (status, r) = hub.call("POST", "/api/v1/restores", Some(json!({"backup_id": incr_id}))).await;
+    assert_eq!(status, 201, "{r}");
+    let out = d.join("restored-0.raw");
+    let e = &r["exports"][0];
+    let url = format!("nbd://127.0.0.1:{}/{}", e["nbd_port"], e["nbd_export_name"].as_str().unwrap());
+    let ok = tool("nbdcopy").arg(&url).arg(&out).status().unwrap();
+    assert!(ok.success());
+    assert_same(&src[0], &out);
+    let (_, exports) = hub.call("GET", "/api/v1/exports", None).await;
+    assert!(exports.as_array().unwrap().iter().all(|e| e["read_only"] == true), "{exports}");
+    let rid = r["restore_id"].as_str().unwrap();
+    assert_eq!(hub.call("DELETE", &format!("/api/v1/restores/{rid}"), None).await.0, 200);
+    hub.ports_all_free().await;
+
+    // A replica, twice, in place.
+    for round in 0..2u8 {
+        if round == 1 {
+            change(&src[1], 9 * MIB, 0xcc);
+        }
+        let (status, rep) = hub.call("POST", "/api/v1/replications", Some(json!({"vm_name": "pgtest1"}))).await;
+        assert_eq!(status, 202, "{rep}");
+        let id = rep["replication_id"].as_str().unwrap();
+        assert_eq!(rep["backup_type"], if round == 0 { "full" } else { "incremental" });
+        let done = hub.wait(&format!("/api/v1/replications/{id}")).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        for (i, s) in src.iter().enumerate() {
+            let img = d.join(format!("replicas/pgtest1/disk-{}.qcow2", 2000 + i));
+            assert_clean(&img);
+            assert_same(s, &img);
+        }
+    }
+    assert!(!d.join("replicas/pgtest1/INCONSISTENT").exists());
+
+    let (status, metrics) = hub.call("GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_backups_completed 2"), "{metrics}");
+    let (_, doc) = hub.call("GET", "/api/v1/openapi.json", None).await;
+    assert!(doc["paths"]["/api/v1/backups"]["post"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("small", 2), ("wide", 4)], Some("2M")).await;
+    let base = free_ports(3);
+    let hub = HubProcess::start(d, &node_url, (base, base + 2));
+
+    // Tokens.
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("{}/healthz", hub.url)).send().await.unwrap().status(), 200);
+    let r = http.get(format!("{}/api/v1/backups", hub.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(format!("{}/api/v1/backups", hub.url)).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Names that must never reach a path.
+    for name in ["../x", "", &"a".repeat(300), "a/b", ".hidden"] {
+        let (status, body) =
+            hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": name, "backup_type": "full"}))).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        assert_eq!(body["code"], "bad_request");
+    }
+    assert_eq!(std::fs::read_dir(d.join("repo")).unwrap().count(), 0, "nothing was created");
+    let (status, _) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "ghost", "backup_type": "full"}))).await;
+    assert_eq!(status, 404);
+    let (status, _) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "weekly"}))).await;
+    assert_eq!(status, 400);
+    let (status, _) = hub.call("POST", "/api/v1/restores", Some(json!({"backup_id": "../../etc"}))).await;
+    assert_eq!(status, 400);
+
+    // Four disks, three ports: 503 naming the range, and nothing leaks.
+    let (status, body) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "wide", "backup_type": "full"}))).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains(&format!("{base}-{}", base + 2)), "{body}");
+    hub.ports_all_free().await;
+    assert_eq!(std::fs::read_dir(d.join("repo")).unwrap().count(), 0);
+
+    // Cancel mid-copy: exports closed, ports released, partial images removed.
+    let (status, b) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (status, _) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "full"}))).await;
+    assert_eq!(status, 409, "one job per VM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = hub.call("GET", &format!("/api/v1/backups/{id}"), None).await;
+        if v["disks"][0]["bytes_sent"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hub.call("DELETE", &format!("/api/v1/backups/{id}"), None).await.0, 200);
+    let v = hub.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    hub.ports_all_free().await;
+    assert!(!d.join("repo/small").join(&id).exists(), "partial images removed");
+
+    // Killed with SIGKILL mid-job: after the restart no half backup is listed and no port leased.
+    let (status, b) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(d.join("repo/small").join(&id).exists());
+    let hub = hub.restart_after_kill();
+    let (_, list) = hub.call("GET", "/api/v1/backups", None).await;
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+    assert!(!d.join("repo/small").join(&id).exists(), "the interrupted backup was removed at start");
+    let (_, p) = hub.call("GET", "/api/v1/ports", None).await;
+    assert_eq!(p["free"], 3, "{p}");
+}
