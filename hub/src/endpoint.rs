@@ -1,13 +1,55 @@
-//! The hub's embedded SSH endpoint for node tunnels ([`tunnel::endpoint`]): node keys may open
-//! the NBD port range and the hub API port, and listen on the reverse ports of the configured
-//! nodes' API URLs; nothing else (no shell, no other ports).
+//! The hub's embedded SSH endpoint for node tunnels ([`tunnel::endpoint`]), with every node
+//! fenced to its own ports: a node's key may open the hub API port and the NBD ports leased
+//! *right now* to that node's jobs (a backup, a replication, or a restore of one of its
+//! backups), and may listen only on its own reverse API port (from its `url`); no shell, no
+//! other port, and never another node's export, even while that one runs.
 //!
-//! Limitation: the allow list is the same for every node key; fencing each node to the ports
-//! leased to its own running jobs needs a per-key allow list in the endpoint and is not built.
+//! Which node a key belongs to: the `key` of its `[[node]]` table; keys in the
+//! `authorized_keys` file belong to the node named `default`.
 
-use tunnel::endpoint::{EndpointConfig, PortSet};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tunnel::authorized::AuthorizedKey;
+use tunnel::endpoint::{EndpointConfig, ForwardPolicy, PortSet};
 
 use crate::config::{NodeSpec, Settings, SshFile};
+use crate::jobs::Hub;
+
+/// The per-node fence.
+struct NodeFence {
+    hub: Arc<Hub>,
+    /// Key fingerprint -> node name.
+    key_nodes: HashMap<String, String>,
+    /// Node name -> its reverse API port.
+    reverse_ports: HashMap<String, u16>,
+    api_port: u16,
+}
+
+impl NodeFence {
+    fn node_of(&self, key: &AuthorizedKey) -> Option<&String> {
+        self.key_nodes.get(&tunnel::hostkey::fingerprint(&key.key))
+    }
+}
+
+impl ForwardPolicy for NodeFence {
+    fn allow_direct(&self, key: &AuthorizedKey, port: u16) -> bool {
+        if port == self.api_port {
+            return true;
+        }
+        let Some(node) = self.node_of(key) else { return false };
+        let owner = self.hub.port_owner_node(port);
+        if owner.as_deref() != Some(node.as_str()) {
+            tracing::warn!(node = %node, port, owner = ?owner, "refused: NBD port not leased to this node");
+            return false;
+        }
+        true
+    }
+
+    fn allow_reverse(&self, key: &AuthorizedKey, port: u16) -> bool {
+        self.node_of(key).is_some_and(|n| self.reverse_ports.get(n) == Some(&port))
+    }
+}
 
 /// The port of an `http://HOST:PORT` URL on loopback (the reverse channel's hub side).
 fn loopback_port(url: &str) -> Option<u16> {
@@ -22,23 +64,36 @@ fn loopback_port(url: &str) -> Option<u16> {
 ///
 /// # Errors
 /// The host key or authorized_keys cannot be read, or no key is authorized.
-pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec]) -> Result<EndpointConfig, String> {
+pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<EndpointConfig, String> {
     let key = tunnel::load_secret_key(&ssh.host_key, None)
         .map_err(|e| format!("cannot load host key {}: {e}", ssh.host_key.display()))?;
-    let mut text = std::fs::read_to_string(&ssh.authorized_keys)
+    let text = std::fs::read_to_string(&ssh.authorized_keys)
         .map_err(|e| format!("cannot read {}: {e}", ssh.authorized_keys.display()))?;
+    let mut authorized =
+        tunnel::authorized::parse(&text).map_err(|e| format!("{}: {e}", ssh.authorized_keys.display()))?;
+    let mut key_nodes: HashMap<String, String> =
+        authorized.iter().map(|k| (tunnel::hostkey::fingerprint(&k.key), "default".to_string())).collect();
     for n in nodes {
-        if let Some(k) = &n.key {
-            text.push('\n');
-            text.push_str(k);
+        if let Some(line) = &n.key {
+            let keys = tunnel::authorized::parse(line).map_err(|e| format!("key of node {}: {e}", n.name))?;
+            for k in keys {
+                let fp = tunnel::hostkey::fingerprint(&k.key);
+                if key_nodes.get(&fp).is_some_and(|other| *other != n.name) {
+                    return Err(format!("node {}'s key is also another node's key", n.name));
+                }
+                key_nodes.insert(fp, n.name.clone());
+                authorized.push(k);
+            }
         }
     }
-    let authorized = tunnel::authorized::parse(&text).map_err(|e| format!("authorized keys: {e}"))?;
     if authorized.is_empty() {
         return Err(format!("{} holds no keys: no node could connect", ssh.authorized_keys.display()));
     }
     let direct = vec![settings.nbd_ports, (settings.listen.port(), settings.listen.port())];
-    let reverse: Vec<(u16, u16)> = nodes.iter().filter_map(|n| loopback_port(&n.url)).map(|p| (p, p)).collect();
+    let reverse_ports: HashMap<String, u16> =
+        nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
+    let reverse: Vec<(u16, u16)> = reverse_ports.values().map(|&p| (p, p)).collect();
+    let fence = NodeFence { hub, key_nodes, reverse_ports, api_port: settings.listen.port() };
     Ok(EndpointConfig {
         host_key: key,
         authorized,
@@ -47,6 +102,7 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec]) -> Result<
         allow_reverse: PortSet(reverse),
         max_connections_per_key: 4,
         max_channels_per_connection: 1024,
+        policy: Some(Arc::new(fence)),
     })
 }
 

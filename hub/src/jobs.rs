@@ -275,6 +275,7 @@ fn type_name(t: BackupType) -> &'static str {
 pub struct Restore {
     id: String,
     backup_id: String,
+    node: String,
     exports: Vec<(u32, u16, String)>,
     targets: String,
     lease: Mutex<Option<Lease>>,
@@ -510,6 +511,8 @@ impl Hub {
         info: &node::api::VmInfo,
         requested: BackupType,
     ) -> Result<Arc<Job>, HubError> {
+        let (_, client) =
+            self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let bind = self.settings.nbd_bind;
         let lease = self
             .ports
@@ -608,8 +611,9 @@ impl Hub {
             cancel: CancellationToken::new(),
             state: Mutex::new(JobState { status: Status::Queued, error: None, completed_at: None, node_view: None }),
         });
-        let (_, client) =
-            self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
+        // Registered before the node is called: the node connects at once, and the SSH fence
+        // must already know whose ports these are.
+        self.state().jobs.insert(id.to_string(), Arc::clone(&job));
         let req = StartRequest {
             vm_name: vm.to_string(),
             nbd_host: None,
@@ -622,16 +626,13 @@ impl Hub {
             Kind::Replication => client.replicate(&req).await,
         };
         if let Err(e) = started {
+            self.state().jobs.remove(id);
             for d in &job.disks {
                 self.exports.close(&d.export).await;
             }
             return Err(fail(HubError::from_node(node_name, e)));
         }
         job.set(Status::Running, None);
-        {
-            let mut st = self.state();
-            st.jobs.insert(id.to_string(), Arc::clone(&job));
-        }
         tracing::info!(job = id, vm, node = node_name, ?kind, backup_type = type_name(backup_type), "job started");
         let hub = Arc::clone(self);
         let follow_job = Arc::clone(&job);
@@ -936,6 +937,7 @@ impl Hub {
         let r = Arc::new(Restore {
             id: id.clone(),
             backup_id: backup_id.to_string(),
+            node: m.node.clone(),
             exports,
             targets,
             lease: Mutex::new(Some(lease)),
@@ -958,6 +960,16 @@ impl Hub {
             l.take();
         }
         Ok(r.view())
+    }
+
+    /// The node whose job (or restore) holds `port` now.
+    pub fn port_owner_node(&self, port: u16) -> Option<String> {
+        let job = self.ports.leased().into_iter().find(|(p, _)| *p == port).map(|(_, j)| j)?;
+        let st = self.state();
+        if let Some(j) = st.jobs.get(&job) {
+            return (!j.status().is_final()).then(|| j.node.clone());
+        }
+        st.restores.get(&job).map(|r| r.node.clone())
     }
 
     /// Restores open now.

@@ -371,3 +371,134 @@ async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     let (_, p) = hub.call("GET", "/api/v1/ports", None).await;
     assert_eq!(p["free"], 3, "{p}");
 }
+
+fn keygen(path: &Path) {
+    let out = tool("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Read what a freshly accepted connection through `port` says first (up to 8 bytes).
+async fn first_bytes(port: u16) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = vec![0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf[got..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got += n,
+        }
+    }
+    buf.truncate(got);
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_through_the_hub_endpoint_each_reach_only_their_own_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for k in ["host", "a", "b"] {
+        keygen(&d.join(format!("{k}_key")));
+    }
+    std::fs::write(d.join("authorized_keys"), "").unwrap();
+    // Node A reaches the hub's API through the tunnel's reverse forward, as in production.
+    let a_api = start_node(&d.join("a-files").tap_mkdir(), &[("vma", 1)], Some("2M")).await;
+    let b_api = start_node(&d.join("b-files").tap_mkdir(), &[("vmb", 1)], None).await;
+    let a_reverse = free_port();
+    let ssh_port = free_port();
+    let api_port = free_port();
+    let base = free_ports(4);
+    let key = |k: &str| std::fs::read_to_string(d.join(format!("{k}_key.pub"))).unwrap().trim().to_string();
+    let config = d.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{api_port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{base}-{}\"\ntoken_file = \"{t}\"\n\
+             [ssh]\nlisten = \"127.0.0.1:{ssh_port}\"\nhost_key = \"{hk}\"\nauthorized_keys = \"{ak}\"\n\
+             [[node]]\nname = \"a\"\nurl = \"http://127.0.0.1:{a_reverse}\"\nkey = \"{ka}\"\n\
+             [[node]]\nname = \"b\"\nurl = \"{b_api}\"\nkey = \"{kb}\"\n",
+            base + 3,
+            r = d.join("repo").display(),
+            rp = d.join("replicas").display(),
+            t = d.join("hub-token").display(),
+            hk = d.join("host_key").display(),
+            ak = d.join("authorized_keys").display(),
+            ka = key("a"),
+            kb = key("b"),
+        ),
+    )
+    .unwrap();
+    let hub = HubProcess::spawn(config, api_port);
+    let fingerprint = {
+        let out = tool("ssh-keygen").arg("-lf").arg(d.join("host_key.pub")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
+    };
+    let a_local: std::net::SocketAddr = a_api.trim_start_matches("http://").parse().unwrap();
+    let tunnel_for = |who: &str, forward: Vec<(u16, u16)>, reverse: Option<(u16, std::net::SocketAddr)>| {
+        let mut c = tunnel::ClientConfig::new(
+            "127.0.0.1",
+            ssh_port,
+            "node",
+            d.join(format!("{who}_key")),
+            tunnel::HostKeyPolicy::Fingerprint(fingerprint.clone()),
+        );
+        c.forwards = forward
+            .into_iter()
+            .map(|(local, remote)| tunnel::spec::LocalForward {
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], local)),
+                remote_host: "127.0.0.1".into(),
+                remote_port: remote,
+            })
+            .collect();
+        c.reverse = reverse
+            .into_iter()
+            .map(|(remote, local)| tunnel::spec::ReverseForward {
+                remote_bind: "127.0.0.1".into(),
+                remote_port: remote,
+                local,
+            })
+            .collect();
+        c
+    };
+    // A's tunnel: the reverse channel to its API (nothing else yet).
+    let ta = tunnel::Tunnel::start(tunnel_for("a", vec![], Some((a_reverse, a_local)))).await.unwrap();
+    assert!(ta.wait_connected(Duration::from_secs(10)).await, "{:?}", ta.status());
+    // B may not take A's reverse port.
+    let b_api_addr: std::net::SocketAddr = b_api.trim_start_matches("http://").parse().unwrap();
+    let tb_rev = tunnel::Tunnel::start(tunnel_for("b", vec![], Some((a_reverse, b_api_addr)))).await.unwrap();
+    assert!(tb_rev.wait_connected(Duration::from_secs(10)).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tb_rev.status().last_error.unwrap_or_default().contains("refused reverse forward") {
+        assert!(Instant::now() < deadline, "B's reverse forward of A's port was not refused: {:?}", tb_rev.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(tb_rev);
+
+    // A backup of A's VM: the hub reaches node A only through A's reverse forward.
+    let (status, b) = hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "vma", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{b}");
+    let port = b["disk_results"][0]["nbd_port"].as_u64().unwrap() as u16;
+    let (la, lb) = (free_port(), free_port());
+    let ta2 = tunnel::Tunnel::start(tunnel_for("a", vec![(la, port)], None)).await.unwrap();
+    let tb = tunnel::Tunnel::start(tunnel_for("b", vec![(lb, port)], None)).await.unwrap();
+    assert!(ta2.wait_connected(Duration::from_secs(10)).await && tb.wait_connected(Duration::from_secs(10)).await);
+    assert_eq!(first_bytes(la).await, b"NBDMAGIC", "node A reaches its own export through the endpoint");
+    assert!(first_bytes(lb).await.is_empty(), "node B is refused on node A's leased port");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (status, _) = hub.call("DELETE", &format!("/api/v1/backups/{id}"), None).await;
+    assert_eq!(status, 200);
+    hub.wait(&format!("/api/v1/backups/{id}")).await;
+    hub.ports_all_free().await;
+    assert!(first_bytes(la).await.is_empty(), "a released port is closed to its former node too");
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}

@@ -7,7 +7,13 @@
 //! used from addresses outside their `from=` — is refused. Connections per key and channels per
 //! connection are bounded. A forwarded destination is connected in a spawned task (a slow
 //! connect must not stall the session), and reverse-forward listeners belong to their session:
-//! they close with it or on `cancel-tcpip-forward`.
+//! they close with it or on `cancel-tcpip-forward`. A key that asks again for a reverse port its
+//! own stale session still holds (a node reconnecting before the hub noticed the old connection
+//! died) takes it over at once; another key is refused.
+//!
+//! On top of the static allow lists, an embedding service can decide per key and port with a
+//! [`ForwardPolicy`]: the hub lets a node's key reach only the NBD ports leased to that node's
+//! running jobs, and listen only on that node's reverse API port.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,8 +39,17 @@ impl PortSet {
     }
 }
 
+/// A per-key decision on top of the allow lists, made by the embedding service at the moment
+/// a channel or listener is asked for.
+pub trait ForwardPolicy: Send + Sync {
+    /// May `key` open a `direct-tcpip` channel to the hub's loopback `port`?
+    fn allow_direct(&self, key: &AuthorizedKey, port: u16) -> bool;
+    /// May `key` ask the hub to listen on its loopback `port`?
+    fn allow_reverse(&self, key: &AuthorizedKey, port: u16) -> bool;
+}
+
 /// What the endpoint allows.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EndpointConfig {
     /// The hub's host key.
     pub host_key: PrivateKey,
@@ -50,12 +65,28 @@ pub struct EndpointConfig {
     pub max_connections_per_key: usize,
     /// Channels one connection may hold at once.
     pub max_channels_per_connection: usize,
+    /// Per-key decisions on top of the allow lists (`None`: the lists decide alone).
+    pub policy: Option<Arc<dyn ForwardPolicy>>,
 }
 
-/// Counts shared by all sessions.
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("authorized", &self.authorized.len())
+            .field("user", &self.user)
+            .field("allow_direct", &self.allow_direct)
+            .field("allow_reverse", &self.allow_reverse)
+            .field("policy", &self.policy.is_some())
+            .finish()
+    }
+}
+
+/// Counts and reverse listeners shared by all sessions.
 #[derive(Default)]
 struct Shared {
     per_key: Mutex<HashMap<String, usize>>,
+    /// Reverse port -> (key fingerprint, the listener task's abort handle).
+    reverse: Mutex<HashMap<u32, (String, tokio::task::AbortHandle)>>,
 }
 
 /// Serve the endpoint on `listener` until the task is dropped.
@@ -120,8 +151,13 @@ struct EndpointSession {
 
 impl Drop for EndpointSession {
     fn drop(&mut self) {
-        for (_, t) in self.forwards.drain() {
+        for (port, t) in self.forwards.drain() {
             t.abort();
+            if let Ok(mut m) = self.shared.reverse.lock() {
+                if m.get(&port).is_some_and(|(_, h)| h.id() == t.id()) {
+                    m.remove(&port);
+                }
+            }
         }
         if let Some(id) = &self.key_id {
             if let Ok(mut m) = self.shared.per_key.lock() {
@@ -201,10 +237,12 @@ impl server::Handler for EndpointSession {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let permitted = self
-            .key
-            .as_ref()
-            .is_some_and(|k| u16::try_from(port_to_connect).is_ok_and(|p| k.allows_open(host_to_connect, p)));
+        let permitted = self.key.as_ref().is_some_and(|k| {
+            u16::try_from(port_to_connect).is_ok_and(|p| {
+                k.allows_open(host_to_connect, p)
+                    && self.config.policy.as_ref().is_none_or(|pol| pol.allow_direct(k, p))
+            })
+        });
         if !loopback(host_to_connect) || !self.config.allow_direct.contains(port_to_connect) || !permitted {
             tracing::warn!(peer = %self.peer, host_to_connect, port_to_connect, "refused: forward not allowed");
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
@@ -239,16 +277,47 @@ impl server::Handler for EndpointSession {
         port: &mut u32,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        if !loopback(address) || !self.config.allow_reverse.contains(*port) || self.forwards.contains_key(port) {
+        let by_policy = self.key.as_ref().is_some_and(|k| {
+            u16::try_from(*port).is_ok_and(|p| self.config.policy.as_ref().is_none_or(|pol| pol.allow_reverse(k, p)))
+        });
+        if !loopback(address)
+            || !self.config.allow_reverse.contains(*port)
+            || self.forwards.contains_key(port)
+            || !by_policy
+        {
             tracing::warn!(peer = %self.peer, address, port = *port, "refused: reverse forward not allowed");
             return Ok(false);
         }
-        let listener = match TcpListener::bind(("127.0.0.1", *port as u16)).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(port = *port, error = %e, "reverse forward cannot listen");
+        // A stale session of the same key gives the port up at once; another key keeps it.
+        let me = self.key_id.clone().unwrap_or_default();
+        let stale = self.shared.reverse.lock().ok().and_then(|m| m.get(port).cloned());
+        if let Some((owner, abort)) = stale {
+            if owner != me {
+                tracing::warn!(peer = %self.peer, port = *port, "refused: reverse port held by another key");
                 return Ok(false);
             }
+            tracing::info!(peer = %self.peer, port = *port, "taking the reverse port over from a stale session");
+            abort.abort();
+        }
+        let mut bound_listener = None;
+        for _ in 0..40 {
+            match TcpListener::bind(("127.0.0.1", *port as u16)).await {
+                Ok(l) => {
+                    bound_listener = Some(l);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(port = *port, error = %e, "reverse forward cannot listen");
+                    return Ok(false);
+                }
+            }
+        }
+        let Some(listener) = bound_listener else {
+            tracing::warn!(port = *port, "reverse forward cannot listen: the port stays in use");
+            return Ok(false);
         };
         let handle = session.handle();
         let bound = *port;
@@ -274,6 +343,9 @@ impl server::Handler for EndpointSession {
                 });
             }
         });
+        if let Ok(mut m) = self.shared.reverse.lock() {
+            m.insert(bound, (me, task.abort_handle()));
+        }
         self.forwards.insert(bound, task);
         Ok(true)
     }

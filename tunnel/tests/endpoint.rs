@@ -36,6 +36,7 @@ async fn start_hub(dir: &Path, authorized: &str, direct: (u16, u16), reverse: u1
         allow_reverse: PortSet(vec![(reverse, reverse)]),
         max_connections_per_key: 4,
         max_channels_per_connection: 64,
+        policy: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

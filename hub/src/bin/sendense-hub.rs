@@ -132,9 +132,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
     let endpoint = match &settings.ssh {
         Some(ssh) => {
-            let config = hub::endpoint::config(ssh, &settings, &settings.nodes).map_err(|e| anyhow!(e))?;
+            let config =
+                hub::endpoint::config(ssh, &settings, &settings.nodes, Arc::clone(&hub)).map_err(|e| anyhow!(e))?;
             let l = tokio::net::TcpListener::bind(&ssh.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for SSH", ssh.listen))?;
@@ -143,7 +145,6 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
     tracing::info!(
         listen = %settings.listen,
         repo = %settings.repo.display(),

@@ -198,6 +198,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         allow_reverse: PortSet(allow_reverse.iter().map(|p| (*p, *p)).collect()),
         max_connections_per_key,
         max_channels_per_connection: max_channels,
+        policy: None,
     };
     let listener =
         tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
