@@ -14,10 +14,13 @@
 //!   the tunnel against direct loopback.
 //! - `node`: the node's data mover (`sendense-node copy`) against `nbdcopy --connections=4`
 //!   into the same qcow2 target: random, 90% holes, and a 1% incremental.
+//! - `hub`: `sendense-hub` start latency for a 4-disk backup against qemu-img + 4 qemu-nbd,
+//!   and its memory with 101 idle exports against 101 qemu-nbd processes.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
 mod fleet;
+mod hub;
 mod mover;
 mod peers;
 mod report;
@@ -30,7 +33,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, tunnel, node, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, tunnel, node, hub, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -74,6 +77,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("node") {
         mover::node_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("hub") {
+        hub::hub_section(&sendense, &args.dir, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;
