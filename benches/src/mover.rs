@@ -75,10 +75,22 @@ struct Run {
     sent: Option<u64>,
 }
 
-/// Copy `src` into a fresh (or overlay) image served by sendense-nbd with `client`.
-fn run_copy(sendense: &Path, image: &Path, client: &mut dyn FnMut(&str) -> Command) -> anyhow::Result<Run> {
+/// Copy `src` into a fresh (or overlay) image served by sendense-nbd with `client`, directly or
+/// through `sendense-tunnel` (`via`: the tunnel binary and keys).
+fn run_copy_via(
+    sendense: &Path,
+    image: &Path,
+    via: Option<(&Path, &crate::tunnel::Keys)>,
+    client: &mut dyn FnMut(&str) -> Command,
+) -> anyhow::Result<Run> {
     let server = start(Kind::Sendense, sendense, image, false)?;
-    let url = server.url();
+    let (_guards, url) = match via {
+        Some((tunnel, keys)) => {
+            let (g, lport) = crate::tunnel::tunnel_to(tunnel, keys, server.port)?;
+            (g, format!("nbd://127.0.0.1:{lport}/exp"))
+        }
+        None => (Vec::new(), server.url()),
+    };
     let cpu0 = server.cpu_seconds();
     let c0 = children_cpu();
     let mut cmd = client(&url);
@@ -97,6 +109,10 @@ fn run_copy(sendense: &Path, image: &Path, client: &mut dyn FnMut(&str) -> Comma
         None
     };
     Ok(Run { secs, client_cpu, server_cpu, sent })
+}
+
+fn run_copy(sendense: &Path, image: &Path, client: &mut dyn FnMut(&str) -> Command) -> anyhow::Result<Run> {
+    run_copy_via(sendense, image, None, client)
 }
 
 pub fn node_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
@@ -150,6 +166,18 @@ pub fn node_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
             record(report, &format!("sendense-node {label}"), &r, gb);
         }
 
+        // The same random copy through sendense-tunnel (connect -> serve), both clients.
+        let keys = crate::tunnel::Keys::new(&dir.join("node-keys"))?;
+        let tunnel = sendense.with_file_name("sendense-tunnel");
+        let image = fresh_qcow2(&dir.join("node-dst.qcow2"), size)?;
+        settle(&random);
+        let r = run_copy_via(sendense, &image, Some((&tunnel, &keys)), &mut nbdcopy(&random))?;
+        record(report, "nbdcopy c4 random tunnel", &r, gb);
+        let image = fresh_qcow2(&dir.join("node-dst.qcow2"), size)?;
+        settle(&random);
+        let r = run_copy_via(sendense, &image, Some((&tunnel, &keys)), &mut ours(&random, Vec::new()))?;
+        record(report, "sendense-node random tunnel", &r, gb);
+
         // Incremental: a full copy with state, 1% of clusters changed, then the overlay.
         let work = dir.join("node-incr.raw");
         std::fs::copy(&random, &work)?;
@@ -182,6 +210,7 @@ pub fn node_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
     }
     report.ratio("node", "sendense-node random", "nbdcopy c4 random", "disk MB/s");
     report.ratio("node", "sendense-node random", "nbdcopy c4 random", "client CPU s/GB");
+    report.ratio("node", "sendense-node random tunnel", "nbdcopy c4 random tunnel", "disk MB/s");
     report.ratio("node", "sendense-node sparse90", "nbdcopy c4 sparse90", "disk MB/s");
     report.ratio("node", "sendense-node sparse90", "sendense-node random", "disk MB/s");
     report.ratio("node", "sendense-node incr 1%", "nbdcopy c4 full again", "disk MB/s");

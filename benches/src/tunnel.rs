@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use crate::peers::cpu_seconds;
 use crate::report::Report;
 
-struct Proc(Child);
+pub struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -88,12 +88,12 @@ fn push(port: u16, total: usize, conns: usize) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-struct Keys {
+pub struct Keys {
     dir: PathBuf,
 }
 
 impl Keys {
-    fn new(dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         keygen(&dir.join("host_key"))?;
         keygen(&dir.join("client_key"))?;
@@ -231,6 +231,38 @@ pub fn tunnel_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report
          CPU is the node-side client process."
     ));
     nbd_through_tunnel(sendense, &tunnel, &keys, dir, mib, reps, report)
+}
+
+/// `sendense-tunnel serve` allowing `port`, and `sendense-tunnel connect` forwarding a fresh
+/// local port to it; returns the processes and the local port.
+pub fn tunnel_to(tunnel: &Path, keys: &Keys, port: u16) -> anyhow::Result<(Vec<Proc>, u16)> {
+    let mut guards = Vec::new();
+    let hub = free_port()?;
+    guards.push(Proc(
+        Command::new(tunnel)
+            .args(["serve", "--listen", &format!("127.0.0.1:{hub}"), "--allow", &port.to_string()])
+            .arg("--host-key")
+            .arg(keys.dir.join("host_key"))
+            .arg("--authorized-keys")
+            .arg(keys.dir.join("authorized_keys"))
+            .stderr(Stdio::null())
+            .spawn()?,
+    ));
+    wait_port(hub)?;
+    let kh = keys.known_hosts(hub)?;
+    let lport = free_port()?;
+    guards.push(Proc(
+        Command::new(tunnel)
+            .args(["connect", "--hub", &format!("127.0.0.1:{hub}"), "--forward", &format!("{lport}:{port}")])
+            .arg("--identity")
+            .arg(keys.dir.join("client_key"))
+            .arg("--known-hosts")
+            .arg(&kh)
+            .stderr(Stdio::null())
+            .spawn()?,
+    ));
+    wait_port(lport)?;
+    Ok((guards, lport))
 }
 
 fn nbd_through_tunnel(

@@ -1,6 +1,7 @@
 //! The hub endpoint against OpenSSH's `ssh` client (and ours): allowed forwards work both ways;
 //! a forward outside the allow list, a command, a reverse port not allowed, a key used from a
-//! wrong address and an unknown key are all refused.
+//! wrong address and an unknown key are all refused; a reconnecting key takes its reverse port
+//! over from its own stale session, and no other key can.
 
 mod common;
 
@@ -190,4 +191,80 @@ async fn from_and_permitopen_restrict_a_key_and_our_client_works_through_our_end
     let refused = Tunnel::start(config).await.unwrap();
     assert!(!refused.wait_connected(Duration::from_secs(2)).await);
     assert!(refused.status().last_error.unwrap_or_default().contains("refused the key"), "{:?}", refused.status());
+}
+
+/// Connect to `port` and read the first bytes an echo-less server sends: here, the reverse
+/// target writes its own tag, so the bytes say which client's forward answered.
+fn tag_through(port: u16) -> Vec<u8> {
+    let Ok(mut s) = TcpStream::connect(local(port)) else { return Vec::new() };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = vec![0u8; 3];
+    match s.read_exact(&mut b) {
+        Ok(()) => b,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A server that greets every connection with `tag`.
+fn tag_server(tag: &'static [u8]) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut s, tag);
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_key_takes_its_reverse_port_over_from_its_stale_session_and_no_other_key_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (_, host_pub) = setup(&d);
+    keygen(&d.join("other_key"));
+    let reverse = free_port();
+    let authorized = format!(
+        "{}\n{}",
+        std::fs::read_to_string(d.join("client_key.pub")).unwrap(),
+        std::fs::read_to_string(d.join("other_key.pub")).unwrap()
+    );
+    let hub = start_hub(&d, &authorized, (1, 1), reverse).await;
+    known_hosts(&d, hub.port, &host_pub);
+    let hub_port = hub.port;
+    let (old_target, new_target, other_target) = (tag_server(b"old"), tag_server(b"new"), tag_server(b"oth"));
+    tokio::task::spawn_blocking(move || {
+        let mut old = ssh(&d, hub_port, "client_key", &["-N", "-R", &format!("{reverse}:127.0.0.1:{old_target}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(reverse);
+        assert_eq!(tag_through(reverse), b"old");
+        // The old client freezes: its TCP connection stays open, the hub cannot know it is dead.
+        let _ = Command::new("kill").args(["-STOP", &old.id().to_string()]).status();
+
+        // Another key may not take the port.
+        let out = ssh(&d, hub_port, "other_key", &["-N", "-R", &format!("{reverse}:127.0.0.1:{other_target}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "another key took the reverse port");
+
+        // The same key, reconnecting, gets it at once.
+        let mut new = ssh(&d, hub_port, "client_key", &["-N", "-R", &format!("{reverse}:127.0.0.1:{new_target}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tag_through(reverse) != b"new" {
+            assert!(new.try_wait().unwrap().is_none(), "the reconnecting client was refused");
+            assert!(Instant::now() < deadline, "the stale session kept the port");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for c in [&mut old, &mut new] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    })
+    .await
+    .unwrap();
 }
