@@ -161,13 +161,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-    };
+    let shutdown = node::service::shutdown_signal();
     axum::serve(listener, hub::http::router(Arc::clone(&hub)))
         .with_graceful_shutdown(shutdown)
         .await
@@ -183,25 +177,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("sendense-hub: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let result = runtime.block_on(async move {
+    node::service::run("sendense-hub", async move {
         match args.command {
             Cmd::Serve(a) => serve(a).await,
         }
     });
-    if let Err(e) = result {
-        eprintln!("sendense-hub: {e:#}");
-        std::process::exit(1);
-    }
 }

@@ -116,28 +116,13 @@ struct CopyArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("sendense-node: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let result = runtime.block_on(async move {
+    node::service::run("sendense-node", async move {
         match args.command {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Copy(a) => copy(a).await,
         }
     });
-    if let Err(e) = result {
-        eprintln!("sendense-node: {e:#}");
-        std::process::exit(1);
-    }
 }
 
 fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
@@ -203,11 +188,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         "sendense-node serving"
     );
     let shutdown = async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
+        node::service::shutdown_signal().await;
         tracing::info!("shutting down: cancelling running jobs");
         for j in jobs.all() {
             j.cancel();
