@@ -65,7 +65,9 @@ async fn start_node(dir: &Path, vms: &[(&str, usize)], bandwidth: Option<&str>) 
             node::config::VmFile { name: vm.to_string(), pre_snapshot: None, post_snapshot: None, disk: vec![] };
         for i in 0..*disks {
             let path = dir.join(format!("{vm}-{i}.raw"));
-            make_source(&path, 24 + 8 * i as u64, 3 + i as u8);
+            // Wide VMs (many disks) get small disks; the others 24, 32, ... MiB.
+            let mib = if *disks > 8 { 4 } else { 24 + 8 * i as u64 };
+            make_source(&path, mib, 3 + i as u8);
             v.disk.push(node::config::DiskFile {
                 key: 2000 + i as u32,
                 source: path.display().to_string(),
@@ -297,7 +299,7 @@ async fn full_incremental_verify_restore_and_replica_of_a_two_disk_vm() {
 async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let node_url = start_node(d, &[("small", 2), ("wide", 4)], Some("2M")).await;
+    let node_url = start_node(d, &[("small", 2), ("wide", 4), ("fleet", 101), ("one", 1)], Some("2M")).await;
     let base = free_ports(3);
     let hub = HubProcess::start(d, &node_url, (base, base + 2));
 
@@ -334,6 +336,31 @@ async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     hub.ports_all_free().await;
     assert_eq!(std::fs::read_dir(d.join("repo")).unwrap().count(), 0);
 
+    // 101 disks in flight on the production-sized range (101 ports): the 102nd is refused.
+    drop(hub);
+    let base101 = free_ports(101);
+    let _ = std::fs::remove_file(d.join("hub.toml"));
+    let hub = HubProcess::start(d, &node_url, (base101, base101 + 100));
+    let (status, b) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "fleet", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{b}");
+    let fleet = b["backup_id"].as_str().unwrap().to_string();
+    let (_, p) = hub.call("GET", "/api/v1/ports", None).await;
+    assert_eq!((p["free"].as_u64(), p["leased"].as_array().map(Vec::len)), (Some(0), Some(101)), "{p}");
+    let (_, exports) = hub.call("GET", "/api/v1/exports", None).await;
+    assert_eq!(exports.as_array().unwrap().len(), 101);
+    let (status, body) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "one", "backup_type": "full"}))).await;
+    assert_eq!(status, 503, "the 102nd disk: {body}");
+    assert!(body["error"].as_str().unwrap().contains("101 leased"), "{body}");
+    assert!(!d.join("repo/one").exists(), "nothing created for the refused backup");
+    assert_eq!(hub.call("DELETE", &format!("/api/v1/backups/{fleet}"), None).await.0, 200);
+    let v = hub.wait(&format!("/api/v1/backups/{fleet}")).await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    hub.ports_all_free().await;
+    let (_, exports) = hub.call("GET", "/api/v1/exports", None).await;
+    assert!(exports.as_array().unwrap().is_empty(), "{exports}");
+
     // Cancel mid-copy: exports closed, ports released, partial images removed.
     let (status, b) =
         hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "full"}))).await;
@@ -369,7 +396,7 @@ async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     assert!(list.as_array().unwrap().is_empty(), "{list}");
     assert!(!d.join("repo/small").join(&id).exists(), "the interrupted backup was removed at start");
     let (_, p) = hub.call("GET", "/api/v1/ports", None).await;
-    assert_eq!(p["free"], 3, "{p}");
+    assert_eq!(p["free"], 101, "{p}");
 }
 
 fn keygen(path: &Path) {
