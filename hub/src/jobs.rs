@@ -757,6 +757,8 @@ impl Hub {
         let node_view = job.state.lock().ok().and_then(|s| s.node_view.clone());
         let checksums: HashMap<u32, Option<String>> =
             node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.checksum.clone()))).collect();
+        let sent: HashMap<u32, u64> =
+            node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.bytes_sent))).collect();
         let mut verdicts = Vec::new();
         for d in &job.disks {
             let (path, key) = (d.path.clone(), d.key);
@@ -790,6 +792,7 @@ impl Hub {
                             allocated_bytes: allocated(&d.path),
                             checksum: checksums.get(&d.key).cloned().flatten(),
                             file: repo::disk_file(d.key),
+                            bytes_sent: sent.get(&d.key).copied().unwrap_or(0),
                         })
                         .collect(),
                 };
@@ -1073,7 +1076,7 @@ fn manifest_view(m: &Manifest) -> JobView {
                 disk_key: d.disk_key,
                 bytes_total: d.size,
                 bytes_done: d.size,
-                bytes_sent: 0,
+                bytes_sent: d.bytes_sent,
                 rate_bps: 0,
                 eta_s: None,
                 status: "completed".into(),

@@ -11,11 +11,13 @@
 //! - [`verify`]: image checks and checksum comparison.
 //! - [`http`] and [`openapi`]: the API.
 //! - [`endpoint`]: the embedded SSH endpoint for node tunnels.
+//! - [`demo`]: `sendense-hub demo`, the whole product on one machine.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod config;
+pub mod demo;
 pub mod endpoint;
 pub mod error;
 pub mod exports;

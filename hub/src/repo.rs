@@ -25,6 +25,9 @@ pub struct ManifestDisk {
     pub checksum: Option<String>,
     /// File name inside the backup directory.
     pub file: String,
+    /// Bytes that travelled from the node for this backup (data, not zeroes or unchanged).
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
 /// `manifest.json`.
@@ -167,7 +170,15 @@ mod tests {
             status: "completed".into(),
             created_at: now_rfc3339(),
             completed_at: now_rfc3339(),
-            disks: vec![],
+            disks: vec![ManifestDisk {
+                disk_key: 2000,
+                disk_id: 0,
+                size: 1 << 20,
+                allocated_bytes: 0,
+                checksum: None,
+                file: disk_file(2000),
+                bytes_sent: 0,
+            }],
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         repo.write_manifest(&m).unwrap();

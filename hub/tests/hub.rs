@@ -529,3 +529,28 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+#[test]
+fn the_demo_runs_the_whole_product_and_every_check_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sendense-hub"))
+        .args(["demo", "--disk-size", "24M", "--dir"])
+        .arg(dir.path().join("demo"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("every check passed"), "{stdout}");
+    assert!(stdout.contains("restored copy equals the source; replica equals the source"), "{stdout}");
+    // The images it leaves behind are qemu's to judge too.
+    let repo = dir.path().join("demo/hub/repo/demo");
+    let mut backups: Vec<_> =
+        std::fs::read_dir(&repo).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    backups.sort();
+    assert_eq!(backups.len(), 2);
+    for b in &backups {
+        assert_clean(&b.join("disk-2000.qcow2"));
+    }
+    assert_same(&dir.path().join("demo/vm-disk0.raw"), &backups[1].join("disk-2000.qcow2"));
+}

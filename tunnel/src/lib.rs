@@ -24,4 +24,5 @@ pub mod spec;
 pub use client::{ClientConfig, Status, Tunnel, TunnelError};
 pub use hostkey::HostKeyPolicy;
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
-pub use russh::keys::{load_secret_key, PrivateKey};
+pub use russh::keys::ssh_key::LineEnding;
+pub use russh::keys::{load_secret_key, Algorithm as KeyAlgorithm, PrivateKey};

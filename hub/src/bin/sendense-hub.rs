@@ -23,6 +23,40 @@ struct Args {
 enum Cmd {
     /// Serve the hub API and NBD exports.
     Serve(ServeArgs),
+    /// Run the whole product on this machine: hub, node, tunnel, a sample VM; back it up, change
+    /// it, back it up again, replicate, restore, and check everything bit for bit.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Size of the sample VM's first disk (the second is half): 256M, 1G...
+    #[arg(long, default_value = "256M")]
+    disk_size: String,
+    /// Working directory, kept afterwards [default: a new directory under /tmp].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let disk_size = node::config::parse_size(&a.disk_size).map_err(|e| anyhow!(e))?;
+    anyhow::ensure!(disk_size >= 16 << 20, "--disk-size must be at least 16M");
+    let dir = match a.dir {
+        Some(d) => d,
+        None => tempfile_dir()?,
+    };
+    hub::demo::run(hub::demo::DemoOptions { disk_size, dir }).await
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..1000u32 {
+        let p = base.join(format!("sendense-demo-{}-{i}", std::process::id()));
+        if std::fs::create_dir(&p).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("cannot create a directory under {}", base.display())
 }
 
 #[derive(Debug, clap::Args)]
@@ -181,6 +215,7 @@ fn main() {
     node::service::run("sendense-hub", async move {
         match args.command {
             Cmd::Serve(a) => serve(a).await,
+            Cmd::Demo(a) => demo(a).await,
         }
     });
 }

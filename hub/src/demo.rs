@@ -1,0 +1,390 @@
+//! `sendense-hub demo`: the whole product on one machine, no setup, no root. A hub with its SSH
+//! endpoint and a node with its tunnel (keys generated and the host key pinned for the run), the
+//! real libraries over real sockets: a sample VM of two disks with random data, zero runs and
+//! holes; a full backup, a few blocks changed, an incremental, a replica, a restore of the
+//! incremental to new files through the tunnel, and a bit-for-bit check of everything against
+//! the source. Progress is a line per disk while a job runs; the end is a summary table and
+//! where the images are. It fails (exit 1) if any check fails.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use node::api::{NodeClient, RestoreRequest};
+use serde_json::{json, Value};
+
+use crate::config::{NodeSpec, Settings, SshFile};
+use crate::jobs::Hub;
+
+/// What the demo runs on.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Size of the first disk (the second is half of it).
+    pub disk_size: u64,
+    /// Working directory (kept afterwards so the images can be looked at).
+    pub dir: PathBuf,
+}
+
+fn free_block(n: u16) -> anyhow::Result<u16> {
+    for _ in 0..500 {
+        let base = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if base < 65000 - n && (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Ok(base);
+        }
+    }
+    bail!("no block of {n} free ports on 127.0.0.1")
+}
+
+/// A disk like a VM's: 1 MiB runs of random data, of zeroes, and holes, in a repeating pattern.
+fn make_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    f.set_len(size)?;
+    let mut x = seed | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    let mut i = 0u64;
+    while at < size {
+        let len = (size - at).min(1 << 20) as usize;
+        match i % 5 {
+            0 | 1 => {
+                for c in buf.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
+                f.write_all_at(buf.get(..len).unwrap_or_default(), at)?;
+            }
+            2 => f.write_all_at(&vec![0u8; len], at)?, // written zeroes
+            _ => {}                                    // holes
+        }
+        at += len as u64;
+        i += 1;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The node's checksum of a local file.
+fn file_checksum(path: &Path) -> anyhow::Result<String> {
+    let f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let bs = 64u64 << 10;
+    let mut buf = vec![0u8; bs as usize];
+    let mut hashes = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let len = (size - at).min(bs) as usize;
+        let chunk = buf.get_mut(..len).unwrap_or_default();
+        f.read_exact_at(chunk, at)?;
+        hashes.push(node::blockmap::hash_block(chunk));
+        at += len as u64;
+    }
+    Ok(node::blockmap::checksum_of_blocks(bs, &hashes))
+}
+
+fn human(bytes: u64) -> String {
+    node::progress::human(bytes)
+}
+
+struct Api {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await?;
+        Ok((r.status().as_u16(), r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Start a job and follow it with a progress line per disk; returns the final view and time.
+    async fn run(&self, label: &str, path: &str, body: Value) -> anyhow::Result<(Value, f64)> {
+        let started = Instant::now();
+        let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await?;
+        ensure!(status == 202, "{label}: {status} {v}");
+        let id = v["backup_id"].as_str().or(v["replication_id"].as_str()).unwrap_or_default().to_string();
+        let mut last_print = Instant::now() - Duration::from_secs(10);
+        loop {
+            let (_, v) = self.call(reqwest::Method::GET, &format!("{path}/{id}"), None).await?;
+            let state = v["status"].as_str().unwrap_or("").to_string();
+            if last_print.elapsed() >= Duration::from_millis(700)
+                || matches!(state.as_str(), "completed" | "failed" | "cancelled")
+            {
+                last_print = Instant::now();
+                for d in v["disks"].as_array().into_iter().flatten() {
+                    let total = d["bytes_total"].as_u64().unwrap_or(0).max(1);
+                    let done = d["bytes_done"].as_u64().unwrap_or(0);
+                    println!(
+                        "  {label:<12} disk {} {:>3}%  {:>10}/s  sent {:>10}  [{state}]",
+                        d["disk_key"],
+                        done * 100 / total,
+                        human(d["rate_bps"].as_u64().unwrap_or(0)),
+                        human(d["bytes_sent"].as_u64().unwrap_or(0)),
+                    );
+                }
+            }
+            match state.as_str() {
+                "completed" => return Ok((v, started.elapsed().as_secs_f64())),
+                "failed" | "cancelled" => bail!("{label} {state}: {}", v["error"]),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+/// Run the demo; prints as it goes.
+///
+/// # Errors
+/// A step or a check failed.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    println!("sendense demo in {}", dir.display());
+
+    // Keys for the run: the hub's host key (pinned by fingerprint on the node) and the node's.
+    let host_key = russh_key()?;
+    let node_key = russh_key()?;
+    write_private(&dir.join("hub_host_ed25519"), &host_key)?;
+    write_private(&dir.join("node_ed25519"), &node_key)?;
+    let node_pub = node_key.public_key().to_openssh().context("encode the node key")?;
+    std::fs::write(dir.join("authorized_keys"), "")?;
+    let fingerprint = tunnel::hostkey::fingerprint(host_key.public_key());
+
+    // The sample VM.
+    let sources = [dir.join("vm-disk0.raw"), dir.join("vm-disk1.raw")];
+    make_disk(&sources[0], opts.disk_size, 1)?;
+    make_disk(&sources[1], (opts.disk_size / 2).max(1 << 20), 2)?;
+    println!(
+        "sample VM 'demo': disk 2000 {} and disk 2001 {} (random data, zeroes, holes)",
+        human(opts.disk_size),
+        human((opts.disk_size / 2).max(1 << 20))
+    );
+
+    // Ports: the hub's NBD range, the node's shifted forward of it, SSH, both APIs, the reverse.
+    let hub_nbd = free_block(8)?;
+    let node_nbd = free_block(8)?;
+    let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let (ssh_port, hub_api, node_api, reverse) = (free()?, free()?, free()?, free()?);
+
+    // The hub.
+    let hub_token = "demo-token-".to_string() + &fingerprint.chars().rev().take(12).collect::<String>();
+    let settings = Settings {
+        listen: ([127, 0, 0, 1], hub_api).into(),
+        repo: dir.join("hub/repo"),
+        replicas: dir.join("hub/replicas"),
+        nbd_ports: (hub_nbd, hub_nbd + 7),
+        nbd_bind: [127, 0, 0, 1].into(),
+        nbd_host: "127.0.0.1".into(),
+        nodes: vec![NodeSpec {
+            name: "demo-node".into(),
+            url: format!("http://127.0.0.1:{reverse}"),
+            token: None,
+            key: Some(node_pub),
+        }],
+        token: hub_token.clone(),
+        ssh: Some(SshFile {
+            listen: format!("127.0.0.1:{ssh_port}"),
+            host_key: dir.join("hub_host_ed25519"),
+            authorized_keys: dir.join("authorized_keys"),
+        }),
+        stall_timeout: Duration::from_secs(60),
+        restore_idle: Duration::from_secs(600),
+    };
+    let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
+    let ssh = settings.ssh.as_ref().context("ssh settings")?;
+    let endpoint =
+        crate::endpoint::config(ssh, &settings, &settings.nodes, Arc::clone(&hub)).map_err(|e| anyhow::anyhow!(e))?;
+    let ssh_listener = tokio::net::TcpListener::bind(("127.0.0.1", ssh_port)).await?;
+    tokio::spawn(tunnel::endpoint::serve(ssh_listener, endpoint));
+    let api_listener = tokio::net::TcpListener::bind(("127.0.0.1", hub_api)).await?;
+    tokio::spawn(async move { axum::serve(api_listener, crate::http::router(hub)).await });
+
+    // The node, with its tunnel to the hub's endpoint.
+    let mut tunnel = tunnel::ClientConfig::new(
+        "127.0.0.1",
+        ssh_port,
+        "node",
+        dir.join("node_ed25519"),
+        tunnel::HostKeyPolicy::Fingerprint(fingerprint.clone()),
+    );
+    tunnel.forwards = tunnel::spec::parse_range(&format!("{node_nbd}-{}:{hub_nbd}", node_nbd + 7))?;
+    tunnel.reverse = vec![tunnel::spec::parse_reverse(&format!("{reverse}:{node_api}"))?];
+    tunnel.backoff_initial = Duration::from_millis(100);
+    let vm = node::config::VmFile {
+        name: "demo".into(),
+        pre_snapshot: None,
+        post_snapshot: None,
+        disk: sources
+            .iter()
+            .enumerate()
+            .map(|(i, p)| node::config::DiskFile {
+                key: 2000 + i as u32,
+                source: p.display().to_string(),
+                dirty_bitmap: None,
+            })
+            .collect(),
+    };
+    let (copy, parallel_disks) =
+        node::config::resolve_copy(&node::config::CopyFile::default()).map_err(|e| anyhow::anyhow!(e))?;
+    let node_settings = node::config::Settings {
+        listen: ([127, 0, 0, 1], node_api).into(),
+        token: None,
+        state_dir: dir.join("node/state"),
+        restore_dir: Some(dir.join("node/restores")),
+        tunnel: Some(tunnel.clone()),
+        vms: node::config::resolve_vms(vec![vm]).map_err(|e| anyhow::anyhow!(e))?,
+        copy,
+        parallel_disks,
+    };
+    let node_tunnel = tunnel::Tunnel::start(tunnel).await.context("node tunnel")?;
+    ensure!(
+        node_tunnel.wait_connected(Duration::from_secs(15)).await,
+        "the node's tunnel did not come up: {:?}",
+        node_tunnel.status()
+    );
+    let jobs = Arc::new(node::jobs::Jobs::new(Arc::new(node_settings)));
+    let state = Arc::new(node::http::AppState { jobs, tunnel: Some(node_tunnel) });
+    let node_listener = tokio::net::TcpListener::bind(("127.0.0.1", node_api)).await?;
+    tokio::spawn(async move { axum::serve(node_listener, node::http::router(state)).await });
+    println!("hub API 127.0.0.1:{hub_api}, SSH endpoint 127.0.0.1:{ssh_port} ({fingerprint}); node API 127.0.0.1:{node_api}, tunnel up, reverse 127.0.0.1:{reverse}");
+
+    let api = Api { url: format!("http://127.0.0.1:{hub_api}"), token: hub_token, http: reqwest::Client::new() };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while NodeClient::new(format!("http://127.0.0.1:{reverse}"), None)?.vms().await.is_err() {
+        ensure!(Instant::now() < deadline, "the hub cannot reach the node through the reverse forward");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut rows: Vec<(String, u64, u64, f64)> = Vec::new();
+    let record = |rows: &mut Vec<(String, u64, u64, f64)>, label: &str, v: &Value, secs: f64| {
+        let disks = v["disks"].as_array().cloned().unwrap_or_default();
+        let total = disks.iter().map(|d| d["bytes_total"].as_u64().unwrap_or(0)).sum();
+        let sent = disks.iter().map(|d| d["bytes_sent"].as_u64().unwrap_or(0)).sum();
+        rows.push((label.to_string(), total, sent, secs));
+    };
+
+    println!("\n1. full backup");
+    let (full, secs) = api.run("full", "/api/v1/backups", json!({"vm_name": "demo", "backup_type": "full"})).await?;
+    record(&mut rows, "full backup", &full, secs);
+    let full_id = full["backup_id"].as_str().unwrap_or_default().to_string();
+
+    println!("\n2. the guest writes: a few blocks change");
+    for (i, off) in [(0usize, 4u64 << 20), (0, opts.disk_size / 2), (1, 1 << 20)] {
+        let f = std::fs::OpenOptions::new().write(true).open(&sources[i])?;
+        f.write_all_at(&[0xa5u8; 8192], off.min(std::fs::metadata(&sources[i])?.len().saturating_sub(8192)))?;
+        f.sync_all()?;
+    }
+
+    println!("\n3. incremental backup");
+    let (incr, secs) =
+        api.run("incremental", "/api/v1/backups", json!({"vm_name": "demo", "backup_type": "incremental"})).await?;
+    ensure!(
+        incr["backup_type"] == "incremental" && incr["parent_id"] == full_id.as_str(),
+        "not an incremental on the full: {incr}"
+    );
+    record(&mut rows, "incremental", &incr, secs);
+    let incr_id = incr["backup_id"].as_str().unwrap_or_default().to_string();
+
+    println!("\n4. replica");
+    let (rep, secs) = api.run("replica", "/api/v1/replications", json!({"vm_name": "demo"})).await?;
+    record(&mut rows, "replica", &rep, secs);
+
+    println!("\n5. restore of the incremental to new files, through the tunnel");
+    let started = Instant::now();
+    let (status, restore) =
+        api.call(reqwest::Method::POST, "/api/v1/restores", Some(json!({"backup_id": incr_id}))).await?;
+    ensure!(status == 201, "restore: {status} {restore}");
+    let restored: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("node/restores/restored-disk{i}.raw"))).collect();
+    let node_client = NodeClient::new(format!("http://127.0.0.1:{node_api}"), None)?;
+    let req = RestoreRequest {
+        job_id: "demo-restore".into(),
+        nbd_targets: restore["nbd_targets_string"].as_str().unwrap_or_default().to_string(),
+        destinations: (0..2).map(|i| ((2000 + i).to_string(), restored[i].display().to_string())).collect(),
+    };
+    node_client.start_restore(&req).await.context("node restore")?;
+    let view = loop {
+        let v = node_client.job("demo-restore").await?;
+        if v.status.is_final() {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(view.status == node::api::JobStatus::Completed, "restore failed: {:?}", view.error);
+    let rid = restore["restore_id"].as_str().unwrap_or_default();
+    api.call(reqwest::Method::DELETE, &format!("/api/v1/restores/{rid}"), None).await?;
+    let total = view.disks.iter().map(|d| d.bytes_total).sum();
+    let sent = view.disks.iter().map(|d| d.bytes_sent).sum();
+    rows.push(("restore".into(), total, sent, started.elapsed().as_secs_f64()));
+
+    println!("\n6. checks");
+    let mut ok = true;
+    for (i, src) in sources.iter().enumerate() {
+        let want = file_checksum(src)?;
+        let got = file_checksum(&restored[i])?;
+        let replica = dir.join(format!("hub/replicas/demo/disk-{}.qcow2", 2000 + i));
+        let rep_sum = qcow2::Image::open(&replica)
+            .map_err(anyhow::Error::from)
+            .and_then(|img| Ok(crate::verify::image_checksum(&img, 64 << 10)?))?;
+        let restore_ok = want == got;
+        let replica_ok = want == rep_sum;
+        ok &= restore_ok && replica_ok;
+        println!(
+            "  disk {}: restored copy {} the source; replica {} the source",
+            2000 + i,
+            if restore_ok { "equals" } else { "DIFFERS from" },
+            if replica_ok { "equals" } else { "DIFFERS from" }
+        );
+    }
+    for id in [&full_id, &incr_id] {
+        let (_, v) = api.call(reqwest::Method::POST, &format!("/api/v1/backups/{id}/verify"), None).await?;
+        ok &= v["ok"] == true;
+        println!(
+            "  backup {id}: verify {}",
+            if v["ok"] == true { "ok (images clean, content matches the node's checksums)" } else { "FAILED" }
+        );
+    }
+
+    println!("\n{:<14} {:>12} {:>12} {:>9} {:>12}", "run", "disk bytes", "sent", "time", "throughput");
+    for (label, total, sent, secs) in &rows {
+        println!(
+            "{label:<14} {:>12} {:>12} {:>8.2}s {:>10}/s",
+            human(*total),
+            human(*sent),
+            secs,
+            human((*total as f64 / secs.max(1e-6)) as u64)
+        );
+    }
+    let incr_dir = dir.join("hub/repo/demo").join(&incr_id);
+    println!(
+        "\nimages: backups in {}, replicas in {}",
+        dir.join("hub/repo/demo").display(),
+        dir.join("hub/replicas/demo").display()
+    );
+    println!("look at the chain: qemu-img info --backing-chain {}", incr_dir.join("disk-2000.qcow2").display());
+    ensure!(ok, "a check failed");
+    println!("every check passed");
+    Ok(())
+}
+
+fn russh_key() -> anyhow::Result<tunnel::PrivateKey> {
+    tunnel::PrivateKey::random(&mut rand::rng(), tunnel::KeyAlgorithm::Ed25519).context("generate a key")
+}
+
+fn write_private(path: &Path, key: &tunnel::PrivateKey) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = key.to_openssh(tunnel::LineEnding::LF).context("encode a key")?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
