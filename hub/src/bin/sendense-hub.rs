@@ -22,7 +22,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve the hub API and NBD exports.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the whole product on this machine: hub, node, tunnel, a sample VM; back it up, change
     /// it, back it up again, replicate, restore, and check everything bit for bit.
     Demo(DemoArgs),
@@ -214,7 +214,7 @@ fn main() {
     let args = Args::parse();
     node::service::run("sendense-hub", async move {
         match args.command {
-            Cmd::Serve(a) => serve(a).await,
+            Cmd::Serve(a) => serve(*a).await,
             Cmd::Demo(a) => demo(a).await,
         }
     });
