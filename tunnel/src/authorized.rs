@@ -1,10 +1,15 @@
-//! authorized_keys parsing for the hub endpoint: OpenSSH's format, with the `from=` and
-//! `permitopen=` options honoured (other options are accepted and ignored: the endpoint never
-//! gives a shell, a pty, agent or X11 forwarding anyway).
+//! authorized_keys parsing for the hub endpoint: OpenSSH's format, failing closed.
 //!
-//! `from=` takes comma-separated address patterns with `*` and `?` wildcards and `!` negation
-//! (CIDR masks are not supported and make the line an error rather than silently too open).
-//! `permitopen=` may appear several times, each `host:port`.
+//! Honoured: `from=` (comma-separated address patterns with `*`/`?` wildcards and `!` negation,
+//! matched against the canonical address, so `::ffff:10.0.0.1` is `10.0.0.1`), `permitopen=`
+//! (several, each `host:port`), `permitlisten=` (several, `[host:]port`), `restrict` (no
+//! forwarding unless `port-forwarding` follows), `no-port-forwarding`, `port-forwarding`,
+//! `expiry-time=`. Accepted because they only concern what the endpoint never grants (a shell,
+//! a pty, agent or X11 forwarding, rc files, environment): `no-pty`, `pty`, `no-agent-forwarding`,
+//! `agent-forwarding`, `no-x11-forwarding`, `x11-forwarding`, `no-user-rc`, `user-rc`,
+//! `command=`, `environment=`. Anything else (`cert-authority`, `principals=`, `tunnel=`, FIDO
+//! options, typos), a duplicated single-valued option, an escaped quote or a CIDR mask makes the
+//! line an error naming it: never a key with more rights than its line says.
 
 use russh::keys::PublicKey;
 
@@ -17,6 +22,12 @@ pub struct AuthorizedKey {
     pub from: Option<Vec<String>>,
     /// `permitopen=` destinations, if any (`host`, `port`).
     pub permitopen: Option<Vec<(String, u16)>>,
+    /// `permitlisten=` ports, if any.
+    pub permitlisten: Option<Vec<u16>>,
+    /// False after `restrict` or `no-port-forwarding` (unless `port-forwarding` follows).
+    pub port_forwarding: bool,
+    /// `expiry-time=` as seconds since the epoch (UTC).
+    pub expires: Option<u64>,
     /// Line number (1-based) for messages.
     pub line: usize,
 }
@@ -92,8 +103,14 @@ pub fn parse(text: &str) -> Result<Vec<AuthorizedKey>, AuthorizedKeysError> {
             return Err(err(format!("unknown key type '{kind}'")));
         }
         let key = russh::keys::parse_public_key_base64(blob).map_err(|e| err(format!("bad key: {e}")))?;
+        if options.contains("\\\"") {
+            return Err(err("escaped quotes in options are not supported".into()));
+        }
         let mut from = None;
         let mut permitopen: Option<Vec<(String, u16)>> = None;
+        let mut permitlisten: Option<Vec<u16>> = None;
+        let mut port_forwarding = true;
+        let mut expires = None;
         for opt in split_options(options) {
             let (name, value) = opt
                 .split_once('=')
@@ -101,10 +118,16 @@ pub fn parse(text: &str) -> Result<Vec<AuthorizedKey>, AuthorizedKeysError> {
                 .unwrap_or((opt.to_ascii_lowercase(), None));
             match (name.as_str(), value) {
                 ("from", Some(v)) => {
+                    if from.is_some() {
+                        return Err(err("from= appears twice".into()));
+                    }
                     let pats: Vec<String> =
                         v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
                     if pats.iter().any(|p| p.contains('/')) {
                         return Err(err("from= with CIDR masks is not supported; list addresses or wildcards".into()));
+                    }
+                    if pats.is_empty() {
+                        return Err(err("from= is empty".into()));
                     }
                     from = Some(pats);
                 }
@@ -114,12 +137,65 @@ pub fn parse(text: &str) -> Result<Vec<AuthorizedKey>, AuthorizedKeysError> {
                     let port = port.parse::<u16>().map_err(|_| err(format!("permitopen=\"{v}\" has a bad port")))?;
                     permitopen.get_or_insert_with(Vec::new).push((host.to_string(), port));
                 }
-                _ => {}
+                ("permitlisten", Some(v)) => {
+                    let port = v.rsplit_once(':').map(|(_, p)| p).unwrap_or(v);
+                    let port = port.parse::<u16>().map_err(|_| err(format!("permitlisten=\"{v}\" has a bad port")))?;
+                    permitlisten.get_or_insert_with(Vec::new).push(port);
+                }
+                ("restrict" | "no-port-forwarding", None) => port_forwarding = false,
+                ("port-forwarding", None) => port_forwarding = true,
+                ("expiry-time", Some(v)) => {
+                    if expires.is_some() {
+                        return Err(err("expiry-time= appears twice".into()));
+                    }
+                    expires = Some(
+                        parse_expiry(v).ok_or_else(|| err(format!("expiry-time=\"{v}\" is not YYYYMMDD[HHMM[SS]]")))?,
+                    );
+                }
+                (
+                    "no-pty"
+                    | "pty"
+                    | "no-agent-forwarding"
+                    | "agent-forwarding"
+                    | "no-x11-forwarding"
+                    | "x11-forwarding"
+                    | "no-user-rc"
+                    | "user-rc",
+                    None,
+                )
+                | ("command" | "environment", Some(_)) => {}
+                (other, _) => {
+                    return Err(err(format!(
+                        "option '{other}' is not supported here (the line is refused, not trusted)"
+                    )))
+                }
             }
         }
-        out.push(AuthorizedKey { key, from, permitopen, line });
+        out.push(AuthorizedKey { key, from, permitopen, permitlisten, port_forwarding, expires, line });
     }
     Ok(out)
+}
+
+/// `YYYYMMDD[HHMM[SS]]` (UTC) as seconds since the epoch.
+fn parse_expiry(v: &str) -> Option<u64> {
+    if !v.chars().all(|c| c.is_ascii_digit()) || !matches!(v.len(), 8 | 12 | 14) {
+        return None;
+    }
+    let num = |a: usize, b: usize| v.get(a..b).and_then(|t| t.parse::<i64>().ok());
+    let (y, m, d) = (num(0, 4)?, num(4, 6)?, num(6, 8)?);
+    let (hh, mm, ss) = (num(8, 10).unwrap_or(0), num(10, 12).unwrap_or(0), num(12, 14).unwrap_or(0));
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    // days_from_civil (H. Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss).ok()
 }
 
 /// `*`/`?` glob match.
@@ -155,6 +231,16 @@ fn glob(pattern: &str, text: &str) -> bool {
 }
 
 impl AuthorizedKey {
+    /// Whether the key may still be used at `now` (seconds since the epoch).
+    pub fn valid_at(&self, now: u64) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
+
+    /// Whether this key may ask the hub to listen on `port` (forwarding allowed, `permitlisten=`).
+    pub fn allows_listen(&self, port: u16) -> bool {
+        self.port_forwarding && self.permitlisten.as_ref().is_none_or(|l| l.contains(&port))
+    }
+
     /// Whether a client at `addr` may use this key (`from=`).
     pub fn allows_from(&self, addr: &str) -> bool {
         let Some(pats) = &self.from else { return true };
@@ -171,8 +257,11 @@ impl AuthorizedKey {
         allowed
     }
 
-    /// Whether this key may open `host:port` (`permitopen=`).
+    /// Whether this key may open `host:port` (forwarding allowed, `permitopen=`).
     pub fn allows_open(&self, host: &str, port: u16) -> bool {
+        if !self.port_forwarding {
+            return false;
+        }
         match &self.permitopen {
             None => true,
             Some(list) => list.iter().any(|(h, p)| (h == host || h == "*") && *p == port),
@@ -206,6 +295,33 @@ mod tests {
         assert!(parse(&format!("from=\"10.0.0.0/8\" {KEY}")).is_err());
         assert!(parse(&format!("permitopen=\"nohost\" {KEY}")).is_err());
         assert!(parse("ssh-ed25519").is_err());
+    }
+
+    #[test]
+    fn restrictions_are_honoured_and_anything_unknown_is_refused() {
+        let k = &parse(&format!("restrict {KEY}")).unwrap()[0];
+        assert!(!k.allows_open("127.0.0.1", 10100) && !k.allows_listen(9081), "restrict forbids forwarding");
+        let k = &parse(&format!("restrict,port-forwarding,permitlisten=\"127.0.0.1:9081\" {KEY}")).unwrap()[0];
+        assert!(k.allows_open("127.0.0.1", 10100) && k.allows_listen(9081) && !k.allows_listen(9082));
+        let k = &parse(&format!("no-port-forwarding,no-pty {KEY}")).unwrap()[0];
+        assert!(!k.allows_open("127.0.0.1", 10100));
+        let k = &parse(&format!("expiry-time=\"20200101\" {KEY}")).unwrap()[0];
+        assert_eq!(k.expires, Some(1_577_836_800));
+        assert!(!k.valid_at(1_800_000_000) && k.valid_at(1_500_000_000));
+        for bad in [
+            "cert-authority",
+            "principals=\"a\"",
+            "tunnel=\"1\"",
+            "no-portforwarding",
+            "verify-required",
+            "from=\"a\",from=\"b\"",
+            "expiry-time=\"2020\"",
+            "command=\"echo \\\"hi\\\"\"",
+        ] {
+            let e = parse(&format!("{bad} {KEY}")).unwrap_err();
+            assert_eq!(e.line, 1, "{bad}");
+        }
+        assert!(parse(&format!("no-portforwarding {KEY}")).unwrap_err().reason.contains("no-portforwarding"));
     }
 
     #[test]

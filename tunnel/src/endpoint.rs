@@ -198,7 +198,12 @@ impl server::Handler for EndpointSession {
             tracing::warn!(peer = %self.peer, user, fingerprint = %crate::hostkey::fingerprint(key.public_key), "refused: unknown key");
             return Ok(Auth::reject());
         };
-        if !entry.allows_from(&self.peer.ip().to_string()) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        if !entry.valid_at(now) {
+            tracing::warn!(peer = %self.peer, line = entry.line, "refused: key expired (expiry-time)");
+            return Ok(Auth::reject());
+        }
+        if !entry.allows_from(&self.peer.ip().to_canonical().to_string()) {
             tracing::warn!(peer = %self.peer, line = entry.line, "refused: key not allowed from this address");
             return Ok(Auth::reject());
         }
@@ -278,7 +283,9 @@ impl server::Handler for EndpointSession {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let by_policy = self.key.as_ref().is_some_and(|k| {
-            u16::try_from(*port).is_ok_and(|p| self.config.policy.as_ref().is_none_or(|pol| pol.allow_reverse(k, p)))
+            u16::try_from(*port).is_ok_and(|p| {
+                k.allows_listen(p) && self.config.policy.as_ref().is_none_or(|pol| pol.allow_reverse(k, p))
+            })
         });
         if !loopback(address)
             || !self.config.allow_reverse.contains(*port)
