@@ -152,6 +152,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_is_valid() {
+        let file: HubFile = toml::from_str(include_str!("../../deploy/hub.toml")).unwrap();
+        assert_eq!(parse_range(file.nbd_ports.as_deref().unwrap()), Ok((10100, 10200)));
+        let key = file.node[0].key.as_deref().unwrap();
+        assert_eq!(tunnel::authorized::parse(key).unwrap().len(), 1);
+        assert!(file.ssh.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<HubFile>("listen = \"127.0.0.1:8082\"\nrepo_dir = \"/x\"\n").is_err());
         let f: HubFile = toml::from_str(

@@ -394,6 +394,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_is_valid() {
+        let file: NodeFile = toml::from_str(include_str!("../../deploy/node.toml")).unwrap();
+        let vms = resolve_vms(file.vm).unwrap();
+        assert_eq!(vms[0].disks.len(), 2);
+        let tunnel = resolve_tunnel(file.tunnel.unwrap()).unwrap();
+        assert_eq!((tunnel.forwards.len(), tunnel.reverse.len()), (102, 1), "production forwards by default");
+        resolve_copy(&file.copy).unwrap();
+    }
+
+    #[test]
     fn a_tunnel_without_a_host_key_check_is_refused() {
         let t = TunnelFile {
             hub: "hub".into(),
