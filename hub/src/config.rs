@@ -33,6 +33,8 @@ pub struct HubFile {
     pub stall_timeout_s: Option<u64>,
     /// Seconds a restore export may stay without clients.
     pub restore_idle_s: Option<u64>,
+    /// `qcow2` (default) or `raw` for replica images.
+    pub replica_format: Option<String>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -104,6 +106,20 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// Close a restore after this long without clients.
     pub restore_idle: Duration,
+    /// Replica images as raw files instead of qcow2.
+    pub replica_raw: bool,
+}
+
+/// `qcow2` or `raw`.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_replica_format(text: &str) -> Result<bool, String> {
+    match text {
+        "qcow2" => Ok(false),
+        "raw" => Ok(true),
+        other => Err(format!("replica_format '{other}' must be qcow2 or raw")),
+    }
 }
 
 /// Parse `A-B`.

@@ -67,24 +67,6 @@ fn make_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The node's checksum of a local file.
-fn file_checksum(path: &Path) -> anyhow::Result<String> {
-    let f = std::fs::File::open(path)?;
-    let size = f.metadata()?.len();
-    let bs = 64u64 << 10;
-    let mut buf = vec![0u8; bs as usize];
-    let mut hashes = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let len = (size - at).min(bs) as usize;
-        let chunk = buf.get_mut(..len).unwrap_or_default();
-        f.read_exact_at(chunk, at)?;
-        hashes.push(node::blockmap::hash_block(chunk));
-        at += len as u64;
-    }
-    Ok(node::blockmap::checksum_of_blocks(bs, &hashes))
-}
-
 fn human(bytes: u64) -> String {
     node::progress::human(bytes)
 }
@@ -198,6 +180,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         }),
         stall_timeout: Duration::from_secs(60),
         restore_idle: Duration::from_secs(600),
+        replica_raw: false,
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;
@@ -328,8 +311,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("\n6. checks");
     let mut ok = true;
     for (i, src) in sources.iter().enumerate() {
-        let want = file_checksum(src)?;
-        let got = file_checksum(&restored[i])?;
+        let want = crate::verify::file_checksum(src, 64 << 10)?;
+        let got = crate::verify::file_checksum(&restored[i], 64 << 10)?;
         let replica = dir.join(format!("hub/replicas/demo/disk-{}.qcow2", 2000 + i));
         let rep_sum = qcow2::Image::open(&replica)
             .map_err(anyhow::Error::from)

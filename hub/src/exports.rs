@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd_server::{ExportConfig, ExportStats, Qcow2Backend, Server, ServerConfig};
+use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, Qcow2Backend, Server, ServerConfig};
 use qcow2::{Image, ImageOptions};
 
 /// How long closing waits for clients to drain.
@@ -21,7 +21,8 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 struct Open {
     port: u16,
     read_only: bool,
-    image: Arc<Image>,
+    /// Held to flush it directly when the drain times out.
+    backend: Arc<dyn Backend>,
     listener: tokio::task::JoinHandle<()>,
 }
 
@@ -66,16 +67,23 @@ impl Exports {
         image_path: &std::path::Path,
         read_only: bool,
     ) -> Result<(), String> {
-        let image = Image::open_with(image_path, &ImageOptions { writable: !read_only, ..Default::default() })
-            .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
-        let image = Arc::new(image);
+        // A raw replica (`.raw`) is served as a plain file; everything else is qcow2.
+        let backend: Arc<dyn Backend> = if image_path.extension().is_some_and(|e| e == "raw") {
+            Arc::new(
+                FileBackend::open(image_path, read_only)
+                    .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?,
+            )
+        } else {
+            let image = Image::open_with(image_path, &ImageOptions { writable: !read_only, ..Default::default() })
+                .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
+            Arc::new(Qcow2Backend::from_image(Arc::new(image)))
+        };
         let listener = tokio::net::TcpListener::bind((self.bind, port))
             .await
             .map_err(|e| format!("cannot listen on {}:{port}: {e}", self.bind))?;
-        let backend = Arc::new(Qcow2Backend::from_image(Arc::clone(&image)));
         self.server
             .add_export(
-                ExportConfig::new(name, backend)
+                ExportConfig::new(name, Arc::clone(&backend))
                     .read_only(read_only)
                     .max_connections(10)
                     .description(image_path.display().to_string()),
@@ -85,7 +93,7 @@ impl Exports {
         let export = name.to_string();
         let task = tokio::spawn(async move { server.serve_export(listener, export).await });
         if let Ok(mut open) = self.open.lock() {
-            open.insert(name.to_string(), Open { port, read_only, image, listener: task });
+            open.insert(name.to_string(), Open { port, read_only, backend, listener: task });
         }
         tracing::info!(export = name, port, read_only, "export open");
         Ok(())
@@ -108,10 +116,8 @@ impl Exports {
             }
         };
         if !open.read_only {
-            let image = Arc::clone(&open.image);
-            let flushed = tokio::task::spawn_blocking(move || image.flush()).await;
-            if !matches!(flushed, Ok(Ok(()))) {
-                tracing::error!(export = name, "final flush failed");
+            if let Err(e) = open.backend.flush().await {
+                tracing::error!(export = name, error = %e, "final flush failed");
             }
         }
         tracing::info!(export = name, port = open.port, "export closed");

@@ -392,7 +392,11 @@ impl Hub {
     /// # Errors
     /// A node client cannot be built, or the repository cannot be created.
     pub fn new(settings: Settings) -> Result<Arc<Self>, String> {
-        let repo = Repo { root: settings.repo.clone(), replicas: settings.replicas.clone() };
+        let repo = Repo {
+            root: settings.repo.clone(),
+            replicas: settings.replicas.clone(),
+            replica_raw: settings.replica_raw,
+        };
         std::fs::create_dir_all(&repo.root)
             .map_err(|e| format!("cannot create repository {}: {e}", repo.root.display()))?;
         std::fs::create_dir_all(&repo.replicas)
@@ -575,8 +579,14 @@ impl Hub {
                 (Kind::Replication, _) => None,
             };
             if let Some(opts) = create {
-                Image::create(&path, &opts)
-                    .map_err(|e| fail(HubError::Internal(format!("cannot create {}: {e}", path.display()))))?;
+                if kind == Kind::Replication && self.repo.replica_raw {
+                    std::fs::File::create(&path)
+                        .and_then(|f| f.set_len(d.size))
+                        .map_err(|e| fail(HubError::Internal(format!("cannot create {}: {e}", path.display()))))?;
+                } else {
+                    Image::create(&path, &opts)
+                        .map_err(|e| fail(HubError::Internal(format!("cannot create {}: {e}", path.display()))))?;
+                }
             }
             let export = match kind {
                 Kind::Backup => format!("{vm}-disk{i}"),

@@ -61,6 +61,8 @@ pub struct Repo {
     pub root: PathBuf,
     /// Replicas.
     pub replicas: PathBuf,
+    /// Replicas are raw files (`disk-KEY.raw`) instead of qcow2.
+    pub replica_raw: bool,
 }
 
 impl Repo {
@@ -76,7 +78,8 @@ impl Repo {
 
     /// A replica image.
     pub fn replica_path(&self, vm: &str, key: u32) -> PathBuf {
-        self.replicas.join(vm).join(disk_file(key))
+        let name = if self.replica_raw { format!("disk-{key}.raw") } else { disk_file(key) };
+        self.replicas.join(vm).join(name)
     }
 
     /// The marker of a replica set being written.
@@ -160,7 +163,7 @@ mod tests {
     #[test]
     fn scanning_keeps_manifested_backups_and_removes_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repo { root: dir.path().join("repo"), replicas: dir.path().join("replicas") };
+        let repo = Repo { root: dir.path().join("repo"), replicas: dir.path().join("replicas"), replica_raw: false };
         let m = Manifest {
             backup_id: "b1".into(),
             vm_name: "vm".into(),

@@ -109,12 +109,17 @@ struct HubProcess {
 
 impl HubProcess {
     fn start(dir: &Path, node_url: &str, ports: (u16, u16)) -> Self {
+        Self::start_with(dir, node_url, ports, "")
+    }
+
+    /// The same with more `hub.toml` lines.
+    fn start_with(dir: &Path, node_url: &str, ports: (u16, u16), extra: &str) -> Self {
         let config = dir.join("hub.toml");
         let port = free_port();
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{}-{}\"\nnode_url = \"{node_url}\"\ntoken_file = \"{t}\"\nstall_timeout_s = 20\n",
+                "listen = \"127.0.0.1:{port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{}-{}\"\nnode_url = \"{node_url}\"\ntoken_file = \"{t}\"\nstall_timeout_s = 20\n{extra}\n",
                 ports.0,
                 ports.1,
                 r = dir.join("repo").display(),
@@ -553,4 +558,35 @@ fn the_demo_runs_the_whole_product_and_every_check_passes() {
         assert_clean(&b.join("disk-2000.qcow2"));
     }
     assert_same(&dir.path().join("demo/vm-disk0.raw"), &backups[1].join("disk-2000.qcow2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_replicas_are_kept_in_place_and_stay_sparse() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("pgtest1", 2)], None).await;
+    let base = free_ports(4);
+    let hub = HubProcess::start_with(d, &node_url, (base, base + 3), "replica_format = \"raw\"");
+    let src = [d.join("pgtest1-0.raw"), d.join("pgtest1-1.raw")];
+    for round in 0..2u8 {
+        if round == 1 {
+            change(&src[0], 3 * MIB, 0x11);
+            change(&src[1], 20 * MIB, 0x22);
+        }
+        let (status, rep) = hub.call("POST", "/api/v1/replications", Some(json!({"vm_name": "pgtest1"}))).await;
+        assert_eq!(status, 202, "{rep}");
+        assert!(rep["disk_results"][0]["qcow2_path"].as_str().unwrap().ends_with("disk-2000.raw"), "{rep}");
+        let id = rep["replication_id"].as_str().unwrap();
+        let done = hub.wait(&format!("/api/v1/replications/{id}")).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        for (i, s) in src.iter().enumerate() {
+            let replica = d.join(format!("replicas/pgtest1/disk-{}.raw", 2000 + i));
+            assert_same(s, &replica);
+            let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&replica).unwrap()) * 512;
+            assert!(allocated < std::fs::metadata(s).unwrap().len(), "holes stay holes in the raw replica");
+        }
+        if round == 1 {
+            assert_eq!(done["disks"][0]["bytes_sent"], 64 << 10, "only the changed block travels: {done}");
+        }
+    }
 }

@@ -158,6 +158,13 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         ssh,
         stall_timeout: Duration::from_secs(file.stall_timeout_s.unwrap_or(120).max(5)),
         restore_idle: Duration::from_secs(file.restore_idle_s.unwrap_or(3600).max(10)),
+        replica_raw: file
+            .replica_format
+            .as_deref()
+            .map(config::parse_replica_format)
+            .transpose()
+            .map_err(|e| anyhow!(e))?
+            .unwrap_or(false),
     })
 }
 
