@@ -295,43 +295,7 @@ fn nbd_through_tunnel(
                     .spawn()?,
             );
             wait_port(nbd_port)?;
-            let mut guards = Vec::new();
-            let port = if via_tunnel {
-                let hub = free_port()?;
-                guards.push(Proc(
-                    Command::new(tunnel)
-                        .args(["serve", "--listen", &format!("127.0.0.1:{hub}"), "--allow", &nbd_port.to_string()])
-                        .arg("--host-key")
-                        .arg(keys.dir.join("host_key"))
-                        .arg("--authorized-keys")
-                        .arg(keys.dir.join("authorized_keys"))
-                        .stderr(Stdio::null())
-                        .spawn()?,
-                ));
-                wait_port(hub)?;
-                let kh = keys.known_hosts(hub)?;
-                let lport = free_port()?;
-                guards.push(Proc(
-                    Command::new(tunnel)
-                        .args([
-                            "connect",
-                            "--hub",
-                            &format!("127.0.0.1:{hub}"),
-                            "--forward",
-                            &format!("{lport}:{nbd_port}"),
-                        ])
-                        .arg("--identity")
-                        .arg(keys.dir.join("client_key"))
-                        .arg("--known-hosts")
-                        .arg(&kh)
-                        .stderr(Stdio::null())
-                        .spawn()?,
-                ));
-                wait_port(lport)?;
-                lport
-            } else {
-                nbd_port
-            };
+            let (_guards, port) = if via_tunnel { tunnel_to(tunnel, keys, nbd_port)? } else { (Vec::new(), nbd_port) };
             let started = Instant::now();
             let ok = Command::new("nbdcopy")
                 .args(["--flush", "--connections=4", "--threads=4"])

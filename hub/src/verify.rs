@@ -80,14 +80,22 @@ pub fn verify_disk(path: &Path, disk_key: u32, expected: Option<&str>) -> DiskVe
 /// # Errors
 /// A read failed.
 pub fn image_checksum(image: &Image, block_size: u64) -> Result<String, qcow2::Error> {
-    let size = image.size();
+    checksum_by_blocks(image.size(), block_size, |buf, at| image.read_at(buf, at))
+}
+
+/// Hash `size` bytes in blocks of `block_size`, each read by `read(buf, offset)`.
+fn checksum_by_blocks<E>(
+    size: u64,
+    block_size: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> Result<(), E>,
+) -> Result<String, E> {
     let mut hashes = Vec::with_capacity(node::blockmap::block_count(size, block_size) as usize);
     let mut buf = vec![0u8; block_size as usize];
     let mut at = 0u64;
     while at < size {
         let len = (size - at).min(block_size) as usize;
         let chunk = buf.get_mut(..len).unwrap_or_default();
-        image.read_at(chunk, at)?;
+        read(chunk, at)?;
         hashes.push(node::blockmap::hash_block(chunk));
         at += len as u64;
     }
@@ -101,16 +109,5 @@ pub fn image_checksum(image: &Image, block_size: u64) -> Result<String, qcow2::E
 pub fn file_checksum(path: &Path, block_size: u64) -> std::io::Result<String> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path)?;
-    let size = f.metadata()?.len();
-    let mut buf = vec![0u8; block_size as usize];
-    let mut hashes = Vec::with_capacity(node::blockmap::block_count(size, block_size) as usize);
-    let mut at = 0;
-    while at < size {
-        let len = (size - at).min(block_size) as usize;
-        let chunk = buf.get_mut(..len).unwrap_or_default();
-        f.read_exact_at(chunk, at)?;
-        hashes.push(node::blockmap::hash_block(chunk));
-        at += len as u64;
-    }
-    Ok(node::blockmap::checksum_of_blocks(block_size, &hashes))
+    checksum_by_blocks(f.metadata()?.len(), block_size, |buf, at| f.read_exact_at(buf, at))
 }
