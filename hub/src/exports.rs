@@ -3,9 +3,8 @@
 //!
 //! Opening an export creates its listener before anything is promised to a caller, so a port
 //! that cannot be bound is an error in the API's answer, never a "server disconnected" on the
-//! node later. Closing drains the export's clients, flushes its image and stops its listener;
-//! the drain has a deadline, after which the image is flushed directly (we hold it) and the
-//! stragglers are left to time out.
+//! node later. Closing stops its listener, lets its clients finish for up to 30 s, cuts the
+//! ones that do not (a client that stopped reading), and flushes the image.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -104,22 +103,19 @@ impl Exports {
     pub async fn close(&self, name: &str) -> Option<ExportStats> {
         let open = self.open.lock().ok().and_then(|mut o| o.remove(name))?;
         open.listener.abort();
-        let stats = match tokio::time::timeout(DRAIN_DEADLINE, self.server.remove_export(name)).await {
-            Ok(Ok(stats)) => Some(stats),
-            Ok(Err(e)) => {
+        // Clients get the deadline to finish; then they are cut and the image is flushed.
+        let stats = match self.server.remove_export_within(name, DRAIN_DEADLINE).await {
+            Ok(stats) => Some(stats),
+            Err(e) => {
                 tracing::error!(export = name, error = %e, "closing the export failed");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(export = name, "clients did not drain in time; flushing the image directly");
+                if !open.read_only {
+                    if let Err(e) = open.backend.flush().await {
+                        tracing::error!(export = name, error = %e, "final flush failed");
+                    }
+                }
                 None
             }
         };
-        if !open.read_only {
-            if let Err(e) = open.backend.flush().await {
-                tracing::error!(export = name, error = %e, "final flush failed");
-            }
-        }
         tracing::info!(export = name, port = open.port, "export closed");
         stats
     }

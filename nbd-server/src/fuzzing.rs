@@ -37,7 +37,11 @@ const MAX_PAYLOAD: u64 = 1 << 25;
 pub fn session(data: &[u8]) -> Outcome {
     let registry = crate::server::export::Registry::default();
     let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20))).max_connections(2);
-    let _ = registry.insert(Arc::new(crate::server::export::Export::new(config, CancellationToken::new())));
+    let _ = registry.insert(Arc::new(crate::server::export::Export::new(
+        config,
+        CancellationToken::new(),
+        CancellationToken::new(),
+    )));
     let scope = Scope::All;
     let sizes = BlockSizes { minimum: 1, preferred: 4096, maximum: MAX_PAYLOAD as u32 };
     let mut c = Cursor::new(data);

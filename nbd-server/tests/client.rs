@@ -178,3 +178,55 @@ async fn a_write_dropped_mid_frame_closes_the_connection_instead_of_corrupting_t
     let head = fresh.read(0, 1 << 20).await.unwrap();
     assert!(head.iter().all(|&b| b == 0), "a truncated write must not be applied");
 }
+
+/// A client that negotiates, asks for 256 MiB of reads and never reads a reply.
+fn stalled_reader(port: u16, export: &str) -> std::net::TcpStream {
+    use nbd_server::proto::consts::{opt, rep};
+    use nbd_server::proto::handshake::{encode_info_request, OptionHeader, OptionReplyHeader};
+    use nbd_server::proto::transmission::{encode_request, Command, HeaderMode, Request};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    let mut out = 3u32.to_be_bytes().to_vec(); // fixed newstyle, no zeroes
+    OptionHeader::encode(&mut out, opt::GO, &encode_info_request(export, &[]));
+    s.write_all(&out).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let h = OptionReplyHeader::parse(&h).unwrap();
+        let mut d = vec![0u8; h.length as usize];
+        s.read_exact(&mut d).unwrap();
+        if h.reply == rep::ACK {
+            break;
+        }
+    }
+    let mut reqs = Vec::new();
+    for i in 0..8u64 {
+        let r = Request { flags: 0, command: Command::Read, cookie: i, offset: i << 25, length: 32 << 20 };
+        encode_request(&mut reqs, HeaderMode::Compact, &r).unwrap();
+    }
+    s.write_all(&reqs).unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_export_cuts_a_client_that_stopped_reading_once_the_deadline_passes() {
+    let (server, port) = in_process(4, 256 << 20).await;
+    let s = tokio::task::spawn_blocking(move || stalled_reader(port, "mem")).await.unwrap();
+    // Let the server fill the socket with replies nobody reads.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.export_stats("mem").map(|st| st.reads).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the reads never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let removed = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        server.remove_export_within("mem", std::time::Duration::from_millis(300)),
+    )
+    .await
+    .expect("removing the export hung on a client that does not read");
+    let stats = removed.unwrap();
+    assert_eq!(stats.connections_active, 0, "{stats:?}");
+    drop(s);
+}

@@ -153,8 +153,7 @@ where
     let (tx, rx) = mpsc::channel::<Outgoing>(config.max_in_flight + 1);
     let writer_gone = CancellationToken::new();
     let pool = Arc::new(BufferPool::new(POOL_BYTES));
-    let writer_task =
-        tokio::spawn(write_loop(writer, rx, writer_gone.clone(), shared.hard_stop.clone(), Arc::clone(&pool)));
+    let writer_task = tokio::spawn(write_loop(writer, rx, writer_gone.clone(), export.hard.clone(), Arc::clone(&pool)));
     let requests = Arc::new(Semaphore::new(config.max_in_flight));
     let budget_units = (config.max_buffered_bytes as u64 / BUDGET_UNIT).max(1);
     let bytes = Arc::new(Semaphore::new(budget_units as usize));

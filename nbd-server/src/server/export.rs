@@ -131,10 +131,13 @@ pub(crate) struct Export {
     idle: Notify,
     /// Cancelled when the export is removed: its connections finish what is in flight and close.
     pub closing: CancellationToken,
+    /// Cancelled when a removal's deadline passes (or the server is cut): its connections stop
+    /// writing replies a client does not read, and close.
+    pub hard: CancellationToken,
 }
 
 impl Export {
-    pub fn new(config: ExportConfig, closing: CancellationToken) -> Self {
+    pub fn new(config: ExportConfig, closing: CancellationToken, hard: CancellationToken) -> Self {
         let read_only = config.read_only || config.backend.capabilities().read_only;
         Self {
             name: config.name,
@@ -146,6 +149,7 @@ impl Export {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             closing,
+            hard,
         }
     }
 

@@ -147,7 +147,8 @@ impl Server {
         if name.len() > crate::proto::consts::MAX_STRING_LEN || name.contains('\0') {
             return Err(ServerError::InvalidName(name));
         }
-        let export = Arc::new(Export::new(config, self.shared.shutdown.child_token()));
+        let export =
+            Arc::new(Export::new(config, self.shared.shutdown.child_token(), self.shared.hard_stop.child_token()));
         self.shared.registry.insert(export).map_err(|_| ServerError::DuplicateExport(name.clone()))?;
         tracing::info!(export = %name, "export added");
         Ok(())
@@ -155,13 +156,29 @@ impl Server {
 
     /// Withdraw an export: new handshakes no longer see it, its connections finish their
     /// in-flight requests and close, then its backend is flushed. Returns its final counters.
+    /// Connections that have not finished within the server's `shutdown_grace` (a client that
+    /// stopped reading its replies) are cut, as [`Server::remove_export_within`] does.
     ///
     /// # Errors
     /// [`ServerError::UnknownExport`], or [`ServerError::Flush`] if the final flush failed.
     pub async fn remove_export(&self, name: &str) -> Result<ExportStats, ServerError> {
+        self.remove_export_within(name, self.shared.config.shutdown_grace).await
+    }
+
+    /// [`Server::remove_export`] with an explicit deadline for the graceful part; after it the
+    /// export's connections are cut (like qemu's `block-export-del mode=hard`; a zero deadline
+    /// cuts at once). Writes already applied stay applied, and the flush still runs.
+    ///
+    /// # Errors
+    /// [`ServerError::UnknownExport`], or [`ServerError::Flush`] if the final flush failed.
+    pub async fn remove_export_within(&self, name: &str, deadline: Duration) -> Result<ExportStats, ServerError> {
         let export = self.shared.registry.remove(name).ok_or_else(|| ServerError::UnknownExport(name.to_string()))?;
         export.closing.cancel();
-        export.drained().await;
+        if tokio::time::timeout(deadline, export.drained()).await.is_err() {
+            tracing::warn!(export = %name, "connections did not drain in time; cutting them");
+            export.hard.cancel();
+            export.drained().await;
+        }
         if !export.read_only {
             export.backend.flush().await.map_err(|source| ServerError::Flush { name: name.to_string(), source })?;
         }

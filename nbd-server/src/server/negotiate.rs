@@ -310,7 +310,7 @@ mod tests {
         let cfg = ExportConfig::new("disk0", Arc::new(MemoryBackend::new(1 << 20)))
             .max_connections(limit)
             .description("test disk");
-        assert!(r.insert(Arc::new(Export::new(cfg, CancellationToken::new()))).is_ok());
+        assert!(r.insert(Arc::new(Export::new(cfg, CancellationToken::new(), CancellationToken::new()))).is_ok());
         r
     }
 
