@@ -103,6 +103,7 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<H
         max_connections_per_key: 4,
         max_channels_per_connection: 1024,
         policy: Some(Arc::new(fence)),
+        login: Default::default(),
     })
 }
 

@@ -11,6 +11,10 @@
 //! own stale session still holds (a node reconnecting before the hub noticed the old connection
 //! died) takes it over at once; another key is refused.
 //!
+//! Before authentication nothing is free: a connection must log in within the login deadline
+//! (30 s) or is closed, at most 64 unauthenticated connections are open at once (8 per
+//! address), and a client gets 3 authentication attempts.
+//!
 //! On top of the static allow lists, an embedding service can decide per key and port with a
 //! [`ForwardPolicy`]: the hub lets a node's key reach only the NBD ports leased to that node's
 //! running jobs, and listen only on that node's reverse API port.
@@ -67,6 +71,25 @@ pub struct EndpointConfig {
     pub max_channels_per_connection: usize,
     /// Per-key decisions on top of the allow lists (`None`: the lists decide alone).
     pub policy: Option<Arc<dyn ForwardPolicy>>,
+    /// Bounds on connections that have not logged in yet.
+    pub login: LoginLimits,
+}
+
+/// Bounds on connections before authentication.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginLimits {
+    /// A connection that has not authenticated by then is closed.
+    pub deadline: Duration,
+    /// Unauthenticated connections open at once.
+    pub max_pending: usize,
+    /// Unauthenticated connections open at once from one address.
+    pub max_pending_per_address: usize,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        Self { deadline: Duration::from_secs(30), max_pending: 64, max_pending_per_address: 8 }
+    }
 }
 
 impl std::fmt::Debug for EndpointConfig {
@@ -87,6 +110,28 @@ struct Shared {
     per_key: Mutex<HashMap<String, usize>>,
     /// Reverse port -> (key fingerprint, the listener task's abort handle).
     reverse: Mutex<HashMap<u32, (String, tokio::task::AbortHandle)>>,
+    /// Unauthenticated connections per address.
+    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One unauthenticated connection's place in the bounds; given back on drop.
+struct Pending {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.pending.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
 }
 
 /// Serve the endpoint on `listener` until the task is dropped.
@@ -95,6 +140,7 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
         keys: vec![config.host_key.clone()],
         methods: (&[russh::MethodKind::PublicKey][..]).into(),
         auth_rejection_time: Duration::from_millis(300),
+        max_auth_attempts: 3,
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(15)),
         nodelay: true,
@@ -103,6 +149,7 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
     });
     let config = Arc::new(config);
     let shared = Arc::new(Shared::default());
+    let pending_slots = Arc::new(tokio::sync::Semaphore::new(config.login.max_pending));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -112,7 +159,23 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&pending_slots).try_acquire_owned() else {
+            tracing::warn!(%peer, "refused: too many connections waiting to log in");
+            continue;
+        };
+        let ip = peer.ip().to_canonical();
+        let admitted = shared.pending.lock().is_ok_and(|mut m| {
+            let n = m.entry(ip).or_insert(0);
+            *n += 1;
+            *n <= config.login.max_pending_per_address
+        });
+        let pending = Pending { shared: Arc::clone(&shared), ip, _permit: permit };
+        if !admitted {
+            tracing::warn!(%peer, "refused: too many connections from this address waiting to log in");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        let (authenticated, logged_in) = tokio::sync::oneshot::channel();
         let handler = EndpointSession {
             config: Arc::clone(&config),
             shared: Arc::clone(&shared),
@@ -121,16 +184,52 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
             channels: Arc::new(AtomicUsize::new(0)),
             forwards: HashMap::new(),
             key: None,
+            authenticated: Some(authenticated),
         };
         let ssh = Arc::clone(&ssh);
+        let deadline = config.login.deadline;
         tokio::spawn(async move {
-            match server::run_stream(ssh, stream, handler).await {
-                Ok(session) => {
-                    if let Err(e) = session.await {
-                        tracing::debug!(%peer, error = ?e, "session ended");
-                    }
+            let login = tokio::time::sleep(deadline);
+            tokio::pin!(login);
+            // The identification line and key exchange happen here: bounded by the deadline too.
+            let session = tokio::select! {
+                s = server::run_stream(ssh, stream, handler) => s,
+                _ = &mut login => {
+                    tracing::warn!(%peer, "closed: no login within the deadline");
+                    return;
                 }
-                Err(e) => tracing::debug!(%peer, error = ?e, "handshake failed"),
+            };
+            let mut session = match session {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = ?e, "handshake failed");
+                    return;
+                }
+            };
+            tokio::select! {
+                r = &mut session => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = ?e, "session ended before login");
+                    }
+                    return;
+                }
+                r = logged_in => {
+                    if r.is_err() {
+                        return;
+                    }
+                    drop(pending);
+                }
+                _ = &mut login => {
+                    tracing::warn!(%peer, "closed: no login within the deadline");
+                    let _ = session
+                        .handle()
+                        .disconnect(russh::Disconnect::ByApplication, "login deadline passed".into(), "en".into())
+                        .await;
+                    return;
+                }
+            }
+            if let Err(e) = session.await {
+                tracing::debug!(%peer, error = ?e, "session ended");
             }
         });
     }
@@ -147,6 +246,8 @@ struct EndpointSession {
     channels: Arc<AtomicUsize>,
     /// Reverse-forward listeners of this session, by port.
     forwards: HashMap<u32, tokio::task::JoinHandle<()>>,
+    /// Told once the key is accepted (frees the connection's pre-login place).
+    authenticated: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for EndpointSession {
@@ -218,6 +319,9 @@ impl server::Handler for EndpointSession {
         }
         self.key_id = Some(id);
         self.key = Some(entry);
+        if let Some(tx) = self.authenticated.take() {
+            let _ = tx.send(());
+        }
         Ok(Auth::Accept)
     }
 

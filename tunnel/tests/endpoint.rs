@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tunnel::endpoint::{EndpointConfig, PortSet};
+use tunnel::endpoint::{EndpointConfig, LoginLimits, PortSet};
 use tunnel::spec::LocalForward;
 use tunnel::{ClientConfig, HostKeyPolicy, Tunnel};
 
@@ -28,6 +28,16 @@ impl Drop for Hub {
 }
 
 async fn start_hub(dir: &Path, authorized: &str, direct: (u16, u16), reverse: u16) -> Hub {
+    start_hub_with(dir, authorized, direct, reverse, Default::default()).await
+}
+
+async fn start_hub_with(
+    dir: &Path,
+    authorized: &str,
+    direct: (u16, u16),
+    reverse: u16,
+    login: tunnel::endpoint::LoginLimits,
+) -> Hub {
     let host_key = russh::keys::load_secret_key(dir.join("host_key"), None).unwrap();
     let config = EndpointConfig {
         host_key,
@@ -38,6 +48,7 @@ async fn start_hub(dir: &Path, authorized: &str, direct: (u16, u16), reverse: u1
         max_connections_per_key: 4,
         max_channels_per_connection: 64,
         policy: None,
+        login,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -267,4 +278,48 @@ async fn a_reconnecting_key_takes_its_reverse_port_over_from_its_stale_session_a
     })
     .await
     .unwrap();
+}
+
+/// Everything the endpoint sends on a connection the client keeps silent, and whether the
+/// endpoint closed it (rather than the 20 s read timeout ending the wait).
+fn silent_connection(port: u16) -> (std::net::TcpStream, std::thread::JoinHandle<(Vec<u8>, bool)>) {
+    let s = TcpStream::connect(local(port)).unwrap();
+    let mut r = s.try_clone().unwrap();
+    r.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let closed = r.read_to_end(&mut all).is_ok();
+        (all, closed)
+    });
+    (s, reader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_do_not_log_in_are_bounded_and_closed_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (identity, host_pub) = setup(&d);
+    let authorized = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
+    let login = LoginLimits { deadline: Duration::from_secs(1), max_pending: 16, max_pending_per_address: 2 };
+    let hub = start_hub_with(&d, &authorized, (1, 1), free_port(), login).await;
+    let kh = known_hosts(&d, hub.port, &host_pub);
+    let port = hub.port;
+    let (first, third) = tokio::task::spawn_blocking(move || {
+        let a = silent_connection(port);
+        let b = silent_connection(port);
+        std::thread::sleep(Duration::from_millis(200));
+        let c = silent_connection(port);
+        let third = c.1.join().unwrap();
+        let first = a.1.join().unwrap();
+        let _ = b.1.join().unwrap();
+        (first, third)
+    })
+    .await
+    .unwrap();
+    assert!(third.0.is_empty() && third.1, "a third silent connection from one address is refused at once");
+    assert!(first.0.starts_with(b"SSH-2.0-") && first.1, "the first got the banner, then was closed: {first:?}");
+    // Once they are gone, a real client logs in as usual.
+    let config = ClientConfig::new("127.0.0.1", port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
+    let tunnel = Tunnel::start(config).await.unwrap();
+    assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
 }

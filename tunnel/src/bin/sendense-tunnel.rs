@@ -199,6 +199,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         max_connections_per_key,
         max_channels_per_connection: max_channels,
         policy: None,
+        login: Default::default(),
     };
     let listener =
         tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
