@@ -93,6 +93,16 @@ pub struct MapError {
     pub source: std::io::Error,
 }
 
+impl MapError {
+    /// As a mover error (the state is the node's own destination).
+    pub fn into_move_error(self) -> crate::error::MoveError {
+        crate::error::MoveError::Destination {
+            what: format!("change-tracking state {}", self.path.display()),
+            source: self.source,
+        }
+    }
+}
+
 /// A disk's block hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockMap {

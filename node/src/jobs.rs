@@ -494,7 +494,22 @@ impl Jobs {
         .map_err(fail)?;
         let source = Arc::new(source);
         let map_path = self.map_path(vm, job.kind, disk.key);
-        let committed = BlockMap::load(&map_path);
+        let mut committed = BlockMap::load(&map_path);
+        // A replica is written in place: a run that stopped without accounting for what it wrote
+        // (the node was killed) or was never committed leaves the target ahead of the committed
+        // map, so the map cannot be trusted. The marker lives from the start of a replica copy
+        // until its commit (or until a failure has marked its blocks).
+        let inflight = map_path.with_extension("map.inflight");
+        let interrupted = job.kind == JobKind::Replicate && inflight.exists();
+        if interrupted {
+            committed = None;
+        }
+        if job.kind == JobKind::Replicate {
+            std::fs::create_dir_all(map_path.parent().unwrap_or(Path::new(".")))
+                .and_then(|()| std::fs::write(&inflight, job.id.as_bytes()))
+                .and_then(|()| sync_dir(&inflight))
+                .map_err(|e| fail(MoveError::Destination { what: "replica run marker".into(), source: e }))?;
+        }
         let sink = tokio::select! {
             _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
             p = NbdPool::connect(endpoint, opts.connections, opts.retry_window, job.cancel.clone()) => p,
@@ -507,6 +522,10 @@ impl Jobs {
             opts.block_size_for(source.size()),
             source.has_dirty_bitmap(),
         );
+        if interrupted && choice.mode == CopyMode::Full && backup_type == BackupType::Incremental {
+            choice.reason =
+                Some("the previous replica run did not finish or was not committed: every block is written".into());
+        }
         if matches!(choice.base, Base::Zero) && !sink.reads_as_zero().await.map_err(fail)? {
             // A "full" into a target that already holds data (an overlay, a reused replica):
             // zero blocks must be written too.
@@ -554,9 +573,12 @@ impl Jobs {
                         }
                         if let Err(e) = map.save(&map_path) {
                             tracing::error!(error = %e, "could not mark written blocks in the committed map");
+                            return Err(fail(e.into_move_error()));
                         }
                     }
                 }
+                // What this run wrote is accounted for in the committed map now.
+                let _ = std::fs::remove_file(&inflight);
                 Err(fail(e))
             }
         }
@@ -589,6 +611,7 @@ impl Jobs {
                 std::fs::rename(&p, &committed)
                     .and_then(|()| sync_dir(&committed))
                     .map_err(|e| JobError::Conflict(format!("commit of disk {}: {e}", d.key)))?;
+                let _ = std::fs::remove_file(committed.with_extension("map.inflight"));
             }
         }
         state.committed = true;

@@ -255,3 +255,63 @@ async fn a_second_job_is_refused_cancel_stops_a_job_and_a_failed_hook_fails_the_
     let mut b = [0u8; 16];
     f.read_exact_at(&mut b, 0).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_run_cut_by_a_killed_node_makes_the_next_run_rewrite_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d1) = (dir.path().join("disk0.raw"), dir.path().join("disk1.raw"));
+    make_source(&d0, 32, 1);
+    make_source(&d1, 8, 2);
+    let config = vm_config(dir.path(), "[copy]\nbandwidth_limit = \"4M\"");
+    let (r0, r1) = (dir.path().join("replica-0.qcow2"), dir.path().join("replica-1.qcow2"));
+    new_qcow2(&r0, 32 * MIB);
+    new_qcow2(&r1, 8 * MIB);
+    let replicate = |job: &str, t: BackupType, targets: String| StartRequest {
+        vm_name: "pgtest1".into(),
+        nbd_host: None,
+        nbd_targets: targets,
+        job_id: job.into(),
+        backup_type: t,
+    };
+
+    // Run 1 completes and is committed.
+    let node = NodeProcess::start(dir.path(), &config.replace("bandwidth_limit = \"4M\"", ""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    let (h0, h1) =
+        (HubExport::start(&r0, "pgtest1-replica-disk0").await, HubExport::start(&r1, "pgtest1-replica-disk1").await);
+    let targets = format!("{},{}", h0.target(2000), h1.target(2001));
+    client.replicate(&replicate("rep1", BackupType::Full, targets.clone())).await.unwrap();
+    assert_eq!(wait_job(&client, "rep1").await.status, JobStatus::Completed);
+    client.commit("rep1").await.unwrap();
+    drop(node);
+
+    // Run 2 writes into the replica in place and the node is killed in the middle.
+    change_blocks(&d0, &[MIB, 17 * MIB], 7);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&d0).unwrap();
+        f.write_all_at(&vec![0x42; 8 << 20], 20 * MIB).unwrap();
+    }
+    let node = NodeProcess::start(dir.path(), &config, &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    client.replicate(&replicate("rep2", BackupType::Incremental, targets.clone())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.job("rep2").await.unwrap().disks[0].bytes_sent == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(node); // SIGKILL: nothing is accounted for
+
+    // Run 3 cannot trust the committed map: it rewrites every block, and the replica is right.
+    let node = NodeProcess::start(dir.path(), &config.replace("bandwidth_limit = \"4M\"", ""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    client.replicate(&replicate("rep3", BackupType::Incremental, targets)).await.unwrap();
+    let view = wait_job(&client, "rep3").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert_eq!(view.disks[0].mode, node::api::CopyMode::Full, "{view:?}");
+    assert!(view.disks[0].mode_reason.as_deref().unwrap_or("").contains("did not finish"), "{view:?}");
+    client.commit("rep3").await.unwrap();
+    h0.close().await;
+    h1.close().await;
+    assert_same(&d0, &r0);
+    assert_same(&d1, &r1);
+}
