@@ -350,6 +350,24 @@ pub fn choose_parent<'a>(
     (BackupType::Incremental, Some(newest), None)
 }
 
+/// Cancel `id` on the node and wait (up to 30 s) until it is over there; true when it is.
+async fn release_node_job(client: &NodeClient, id: &str) -> bool {
+    match client.cancel(id).await {
+        Ok(_) => {}
+        Err(node::api::ApiError::Status { status: 404, .. }) => return true,
+        Err(_) => return false,
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match client.job(id).await {
+            Ok(view) if view.status.is_final() => return true,
+            Err(node::api::ApiError::Status { status: 404, .. }) => return true,
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+    false
+}
+
 /// The hub: every job, restore, lease and export.
 pub struct Hub {
     /// Settings.
@@ -372,6 +390,9 @@ struct State {
     finished: std::collections::VecDeque<String>,
     busy_vms: HashMap<String, String>,
     restores: HashMap<String, Arc<Restore>>,
+    /// Runs a killed hub left behind, as (VM, job id): their node jobs are cancelled before
+    /// the VM's next run, and in the background from the start.
+    orphans: Vec<(String, String)>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -406,7 +427,8 @@ impl Hub {
             let client = NodeClient::new(n.url.clone(), n.token.clone()).map_err(|e| e.to_string())?;
             nodes.push((n.clone(), client));
         }
-        let catalog = repo.scan().into_iter().map(|m| (m.backup_id.clone(), m)).collect();
+        let (manifests, orphans) = repo.scan();
+        let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
         let exports = Exports::new(settings.nbd_bind);
         Ok(Arc::new(Self {
@@ -415,7 +437,7 @@ impl Hub {
             ports,
             exports,
             nodes,
-            state: Mutex::new(State { catalog, ..State::default() }),
+            state: Mutex::new(State { catalog, orphans, ..State::default() }),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -496,6 +518,7 @@ impl Hub {
             }
             st.busy_vms.insert(vm.to_string(), id.clone());
         }
+        self.reap_orphans(Some(vm)).await;
         let result = self.prepare(kind, &id, vm, &node_name, &info, requested).await;
         match result {
             Ok(job) => Ok(job.view()),
@@ -650,6 +673,34 @@ impl Hub {
         Ok(job)
     }
 
+    /// Cancel on their node the jobs of runs a killed hub left behind (of `vm`, or of every
+    /// VM), and wait for the node to let go of them: until then the node would refuse the VM's
+    /// next run as busy, and keep copying into ports nobody serves. Forgotten once the node
+    /// confirms, or when no node has the VM any more; kept for a later try otherwise.
+    pub async fn reap_orphans(&self, vm: Option<&str>) {
+        let pending: Vec<(String, String)> =
+            self.state().orphans.iter().filter(|(v, _)| vm.is_none_or(|w| w == v)).cloned().collect();
+        for (vm, id) in pending {
+            let released = match self.locate(&vm, None).await {
+                Ok((node_name, _)) => match self.node(&node_name) {
+                    Some((_, client)) => release_node_job(client, &id).await,
+                    None => true,
+                },
+                Err(HubError::NotFound(_)) => true,
+                Err(_) => false,
+            };
+            if released {
+                tracing::info!(vm, job = id, "the node let go of a job the hub lost when it was killed");
+                self.state().orphans.retain(|(_, o)| *o != id);
+            }
+        }
+    }
+
+    /// Whether runs a killed hub left behind still wait for their node to let go.
+    pub fn has_orphans(&self) -> bool {
+        !self.state().orphans.is_empty()
+    }
+
     /// Follow the node's job to the end, then finish ours.
     async fn follow(self: Arc<Self>, job: Arc<Job>, lease: Lease) {
         let client = match self.node(&job.node) {
@@ -708,6 +759,12 @@ impl Hub {
                         }
                         NodeStatus::Running => {}
                     }
+                }
+                Err(node::api::ApiError::Status { status: 404, .. }) => {
+                    break Err((
+                        Status::Failed,
+                        "the node no longer knows this job (it was restarted): nothing of this run is kept".into(),
+                    ));
                 }
                 Err(e) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);

@@ -96,31 +96,45 @@ impl Repo {
         node::blockmap::write_atomically(&self.backup_dir(&m.vm_name, &m.backup_id).join("manifest.json"), &data)
     }
 
-    /// Every backup with a valid manifest; directories without one (interrupted jobs) are
-    /// removed and logged.
-    pub fn scan(&self) -> Vec<Manifest> {
+    /// Every backup with a valid manifest, and the runs a killed hub left behind: directories
+    /// without a manifest (removed here, and logged) and replica sets still marked inconsistent.
+    /// The interrupted runs are returned as (VM, job id) so that their node jobs can be
+    /// cancelled: the node may still be copying into ports nobody serves.
+    pub fn scan(&self) -> (Vec<Manifest>, Vec<(String, String)>) {
         let mut out = Vec::new();
-        let Ok(vms) = std::fs::read_dir(&self.root) else { return out };
-        for vm in vms.flatten().filter(|e| e.path().is_dir()) {
-            let Ok(backups) = std::fs::read_dir(vm.path()) else { continue };
-            for b in backups.flatten().filter(|e| e.path().is_dir()) {
-                let path = b.path();
-                let manifest = std::fs::read(path.join("manifest.json"))
-                    .ok()
-                    .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok());
-                match manifest {
-                    Some(m) if m.backup_id == b.file_name().to_string_lossy() => out.push(m),
-                    _ => {
-                        tracing::warn!(dir = %path.display(), "removing an interrupted backup (no valid manifest)");
-                        if let Err(e) = std::fs::remove_dir_all(&path) {
-                            tracing::error!(dir = %path.display(), error = %e, "could not remove");
+        let mut interrupted = Vec::new();
+        if let Ok(vms) = std::fs::read_dir(&self.root) {
+            for vm in vms.flatten().filter(|e| e.path().is_dir()) {
+                let Ok(backups) = std::fs::read_dir(vm.path()) else { continue };
+                for b in backups.flatten().filter(|e| e.path().is_dir()) {
+                    let path = b.path();
+                    let manifest = std::fs::read(path.join("manifest.json"))
+                        .ok()
+                        .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok());
+                    match manifest {
+                        Some(m) if m.backup_id == b.file_name().to_string_lossy() => out.push(m),
+                        _ => {
+                            tracing::warn!(dir = %path.display(), "removing an interrupted backup (no valid manifest)");
+                            interrupted.push((
+                                vm.file_name().to_string_lossy().into_owned(),
+                                b.file_name().to_string_lossy().into_owned(),
+                            ));
+                            remove_dir(&path);
                         }
                     }
                 }
             }
         }
+        if let Ok(vms) = std::fs::read_dir(&self.replicas) {
+            for vm in vms.flatten() {
+                let vm = vm.file_name().to_string_lossy().into_owned();
+                if let Ok(id) = std::fs::read_to_string(self.replica_marker(&vm)) {
+                    interrupted.push((vm, id.trim().to_string()));
+                }
+            }
+        }
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.backup_id.cmp(&b.backup_id)));
-        out
+        (out, interrupted)
     }
 }
 
@@ -187,7 +201,9 @@ mod tests {
         repo.write_manifest(&m).unwrap();
         std::fs::create_dir_all(repo.backup_dir("vm", "half")).unwrap();
         std::fs::write(repo.disk_path("vm", "half", 2000), b"partial").unwrap();
-        assert_eq!(repo.scan(), vec![m]);
+        let (kept, interrupted) = repo.scan();
+        assert_eq!(kept, vec![m]);
+        assert_eq!(interrupted, vec![("vm".to_string(), "half".to_string())], "its node job is to be cancelled");
         assert!(!repo.backup_dir("vm", "half").exists());
     }
 

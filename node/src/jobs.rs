@@ -390,10 +390,13 @@ impl Jobs {
         let run_job = Arc::clone(&job);
         tokio::spawn(async move {
             let result = jobs.run_copy(&run_job, &vm, plan, req.backup_type).await;
+            // A disk that failed stops the others through the job's cancel token too: the job
+            // is failed then, with that disk's error; cancelled only when nothing failed.
             let (status, error) = match result {
+                Err(RunError::Failed(e)) => (JobStatus::Failed, Some(e)),
                 _ if run_job.cancel.is_cancelled() => (JobStatus::Cancelled, Some("cancelled".to_string())),
                 Ok(()) => (JobStatus::Completed, None),
-                Err(e) => (JobStatus::Failed, Some(e)),
+                Err(RunError::Cancelled) => (JobStatus::Cancelled, Some("cancelled".to_string())),
             };
             tracing::info!(job = %run_job.id, vm = %run_job.vm_name, ?status, error = ?error, "job finished");
             run_job.finish(status, error);
@@ -408,7 +411,7 @@ impl Jobs {
         vm: &Vm,
         plan: Vec<(crate::config::Disk, Endpoint)>,
         backup_type: BackupType,
-    ) -> Result<(), String> {
+    ) -> Result<(), RunError> {
         tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, "job started");
         // Old pending maps of this VM belong to runs that were never committed.
         remove_pending_maps(&self.settings.state_dir.join(&vm.name).join(job.kind.as_str()));
@@ -422,10 +425,10 @@ impl Jobs {
                 for d in &job.disks {
                     set_disk(d, "failed", None, Some("pre-snapshot hook failed".into()));
                 }
-                return Err(match post {
+                return Err(RunError::Failed(match post {
                     Some(p) => format!("{e}; then {p}"),
                     None => e,
-                });
+                }));
             }
         }
         let limit = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel_disks));
@@ -444,17 +447,18 @@ impl Jobs {
                 result.map_err(|e| (false, e))
             });
         }
-        let mut first_error: Option<String> = None;
+        // The first disk that failed on its own (not stopped by another's failure or a cancel).
+        let mut failure: Option<String> = None;
+        let mut cancelled = false;
         while let Some(r) = tasks.join_next().await {
             match r {
                 Ok(Ok(())) => {}
-                Ok(Err((primary, e))) => {
-                    if primary || first_error.is_none() {
-                        first_error.get_or_insert(e);
-                    }
+                Ok(Err((true, e))) => {
+                    failure.get_or_insert(e);
                 }
+                Ok(Err((false, _))) => cancelled = true,
                 Err(e) => {
-                    first_error.get_or_insert(format!("disk task failed: {e}"));
+                    failure.get_or_insert(format!("disk task failed: {e}"));
                 }
             }
         }
@@ -462,10 +466,10 @@ impl Jobs {
             Some(cmd) => run_hook(cmd, "post", vm, &job.id, &CancellationToken::new()).await.err(),
             None => None,
         };
-        match (first_error, post) {
-            (Some(e), Some(p)) => Err(format!("{e}; then {p}")),
-            (Some(e), None) => Err(e),
-            (None, Some(p)) => Err(p),
+        match (failure, post) {
+            (Some(e), Some(p)) => Err(RunError::Failed(format!("{e}; then {p}"))),
+            (Some(e), None) | (None, Some(e)) => Err(RunError::Failed(e)),
+            (None, None) if cancelled => Err(RunError::Cancelled),
             (None, None) => Ok(()),
         }
     }
@@ -830,6 +834,15 @@ async fn run_hook(cmd: &str, phase: &str, vm: &Vm, job_id: &str, cancel: &Cancel
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tail: String = stderr.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
     Err(format!("{phase}-snapshot hook failed ({}): {tail}", out.status))
+}
+
+/// How a copy job's run ended when it did not complete.
+#[derive(Debug)]
+enum RunError {
+    /// A disk or a hook failed: the message says which and why.
+    Failed(String),
+    /// Stopped by a cancel, nothing failed.
+    Cancelled,
 }
 
 #[cfg(test)]

@@ -383,6 +383,12 @@ fn file_allocation(file: &File, size: u64, sparse: bool, offset: u64, length: u6
         Err(rustix::io::Errno::NXIO) => Ok(None),
         Err(e) => Err(std::io::Error::from(e)),
     };
+    // SEEK_DATA past the end says "no data": a source truncated or removed under the job
+    // would be copied as holes. Its length now must still be its length at the start.
+    let now = file.metadata()?.len();
+    if now < size {
+        return Err(shrank(now, size));
+    }
     let mut out = Vec::new();
     let mut pos = offset;
     while pos < end && out.len() < 4096 {
@@ -400,7 +406,15 @@ fn file_allocation(file: &File, size: u64, sparse: bool, offset: u64, length: u6
     Ok(out)
 }
 
-/// `pread` until `buf` is full; past the end of the file reads as zeroes.
+fn shrank(now: u64, size: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("the source disk shrank or disappeared: {now} bytes now, {size} when the job started"),
+    )
+}
+
+/// `pread` until `buf` is full; past the size the job started with reads as zeroes (the tail
+/// of the last block), but a source that ends before that size is an error, never zeroes.
 fn read_full(file: &File, size: u64, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
@@ -410,7 +424,7 @@ fn read_full(file: &File, size: u64, offset: u64, buf: &mut [u8]) -> std::io::Re
         }
         let Some(dst) = buf.get_mut(done..) else { break };
         match file.read_at(dst, at) {
-            Ok(0) => break,
+            Ok(0) => return Err(shrank(at, size)),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -196,9 +196,18 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let reaper = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {
+            // Node jobs of runs a killed predecessor left behind: cancelled as soon as their
+            // node answers (a node behind a tunnel comes back when its tunnel reconnects).
+            let mut tick = 0u64;
             loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                hub.reap_idle_restores().await;
+                if hub.has_orphans() {
+                    hub.reap_orphans(None).await;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                tick += 1;
+                if tick.is_multiple_of(5) {
+                    hub.reap_idle_restores().await;
+                }
             }
         })
     };

@@ -1,0 +1,341 @@
+//! End to end: the product as users run it. `sendense-hub` and `sendense-node` are two
+//! processes started here with their own config files; the node reaches the hub through the
+//! hub's SSH endpoint, through OpenSSH's sshd in its place, or over direct TCP. Every image is
+//! judged by qemu-img, every restore compared with its source. Then the faults production
+//! brings: SSH, the node and the hub killed mid-backup, a source disk that disappears, a full
+//! repository, 20 VMs at once, 101 disks in flight, and bad input at every door.
+
+mod site;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use site::{assert_clean, assert_same, change, Options, Site, Transport, Vm, MIB};
+
+/// Full, incremental, replica (twice) and restore of a two-disk VM; everything equals the
+/// sources.
+async fn lifecycle(transport: Transport) -> Site {
+    let site = Site::start(transport, &[Vm("pgtest1", &[24, 16])], 4, Options::default()).await;
+    let full = site.backup("pgtest1", "full").await;
+    site.ports_all_free().await;
+    site.assert_backup_equals_sources("pgtest1", &full, 2);
+
+    change(&site.source("pgtest1", 0), 5 * MIB, 0xaa);
+    change(&site.source("pgtest1", 1), 9 * MIB + 4096, 0xbb);
+    let incr = site.backup("pgtest1", "incremental").await;
+    assert_eq!((&incr["backup_type"], &incr["parent_id"]), (&json!("incremental"), &full["backup_id"]), "{incr}");
+    for d in incr["disks"].as_array().unwrap() {
+        assert_eq!(d["bytes_sent"], 64 << 10, "only the changed 64 KiB block travels: {incr}");
+    }
+    site.assert_backup_equals_sources("pgtest1", &incr, 2);
+    let (status, v) =
+        site.hub("POST", &format!("/api/v1/backups/{}/verify", incr["backup_id"].as_str().unwrap()), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "{v}");
+
+    for round in 0..2u8 {
+        if round == 1 {
+            change(&site.source("pgtest1", 1), 3 * MIB, 0xcc);
+        }
+        let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "pgtest1"}))).await;
+        assert_eq!(status, 202, "{rep}");
+        assert_eq!(rep["backup_type"], if round == 0 { "full" } else { "incremental" }, "{rep}");
+        let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        for i in 0..2 {
+            let replica = site.path().join(format!("replicas/pgtest1/disk-{}.qcow2", 2000 + i));
+            assert_clean(&replica);
+            assert_same(&site.source("pgtest1", i), &replica);
+        }
+    }
+
+    // The newest backup restored to new files on the node, through the same way in.
+    let latest = site.backup("pgtest1", "incremental").await;
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": latest["backup_id"]}))).await;
+    assert_eq!(status, 201, "{r}");
+    let dest = |i: usize| site.path().join(format!("restores/pgtest1-{i}.raw"));
+    let (status, body) = site
+        .node(
+            "POST",
+            "/api/v1/restore/start",
+            Some(json!({
+                "job_id": "restore-1",
+                "nbd_targets": r["nbd_targets_string"],
+                "destinations": {"2000": dest(0), "2001": dest(1)},
+            })),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let view = wait_node_job(&site, "restore-1").await;
+    assert_eq!(view["status"], "completed", "{view}");
+    for i in 0..2 {
+        assert_same(&site.source("pgtest1", i), &dest(i));
+    }
+    let (status, _) =
+        site.hub("DELETE", &format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap()), None).await;
+    assert_eq!(status, 200);
+    site.ports_all_free().await;
+    assert_eq!(site.backups("pgtest1").await.len(), 3);
+    site
+}
+
+async fn wait_node_job(site: &Site, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, v) = site.node("GET", &format!("/api/v1/backup/{id}"), None).await;
+        assert_eq!(status, 200, "{v}");
+        if v["status"] != "running" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "node job {id} still running: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_disk_vm_through_the_hub_endpoint_then_bad_input_at_every_door() {
+    let site = lifecycle(Transport::Endpoint).await;
+
+    // Tokens, on both APIs.
+    for to_hub in [true, false] {
+        for token in [None, Some("wrong")] {
+            let (status, body) = site.raw(to_hub, "GET", "/api/v1/vms", token, "").await;
+            let (status2, _) = site.raw(to_hub, "GET", "/api/v1/backups", token, "").await;
+            assert!(status == 401 || status2 == 401, "to_hub={to_hub} token={token:?}: {status} {body}");
+            assert_eq!(status2.min(status), 401);
+        }
+    }
+    // Malformed JSON, unknown VMs, hostile names, at the hub.
+    let hub_token = site.hub_token.clone();
+    for body in ["{", "[]", "{\"vm_name\": 7}", "{\"vm_name\": \"pgtest1\", \"backup_type\": \"hourly\"}"] {
+        let (status, v) = site.raw(true, "POST", "/api/v1/backups", Some(&hub_token), body).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["error"].is_string() && v["code"] == "bad_request", "{body}: {v}");
+    }
+    for name in ["../etc", "a/b", "", ".x", "x\u{0}y", &"v".repeat(200)] {
+        let (status, v) =
+            site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": name, "backup_type": "full"}))).await;
+        assert_eq!(status, 400, "{name:?}: {v}");
+    }
+    let (status, v) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "ghost", "backup_type": "full"}))).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": "../../x"}))).await;
+    assert_eq!(status, 400, "{v}");
+    // At the node: malformed JSON, hostile names, and targets the tunnel does not forward.
+    let node_token = site.node_token.clone();
+    let (status, v) = site.raw(false, "POST", "/api/v1/backup/start", Some(&node_token), "{\"vm_name\":").await;
+    assert_eq!(status, 400, "{v}");
+    let start = |targets: String, job: &str| json!({"vm_name": "pgtest1", "nbd_targets": targets, "job_id": job, "backup_type": "full"});
+    let outside = site.nbd.1 + 1;
+    for (targets, job) in [
+        (format!("2000:nbd://127.0.0.1:{outside}/pgtest1-disk0,2001:nbd://127.0.0.1:{}/x", site.nbd.0), "j1"),
+        (format!("2000:nbd://127.0.0.1:22/x,2001:nbd://127.0.0.1:{}/x", site.nbd.0), "j2"),
+        ("2000:http://127.0.0.1/x".to_string(), "j3"),
+        (format!("2000:nbd://127.0.0.1:{}/ok", site.nbd.0), "../j4"),
+    ] {
+        let (status, v) = site.node("POST", "/api/v1/backup/start", Some(start(targets.clone(), job))).await;
+        assert_eq!(status, 400, "{targets} {job}: {v}");
+        assert_eq!(v["code"], "bad_request", "{v}");
+    }
+    let (status, v) = site.node("POST", "/api/v1/backup/start", Some(json!({"vm_name": "ghost", "nbd_targets": format!("2000:nbd://127.0.0.1:{}/x", site.nbd.0), "job_id": "j5", "backup_type": "full"}))).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = site
+        .node(
+            "POST",
+            "/api/v1/restore/start",
+            Some(json!({"job_id": "r9", "nbd_targets": format!("2000:nbd://127.0.0.1:{}/x", site.nbd.0), "destinations": {"2000": "/etc/passwd"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "a restore outside restore_dir: {v}");
+    // Nothing of all that reached the repository, the ports or the node's jobs.
+    site.ports_all_free().await;
+    assert_eq!(site.backups("pgtest1").await.len(), 3);
+    let (status, _) = site.hub("GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_disk_vm_through_openssh_sshd() {
+    lifecycle(Transport::OpenSsh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_disk_vm_over_direct_tcp() {
+    lifecycle(Transport::Direct).await;
+}
+
+/// A full backup, then an incremental started and left running (the node copies slowly).
+async fn full_then_running_incremental(site: &Site) -> (Value, String) {
+    let full = site.backup("vm", "full").await;
+    // Enough new data that the incremental takes a few seconds at the node's bandwidth limit.
+    site::make_source(&site.source("vm", 0), 24, 77);
+    change(&site.source("vm", 1), 13 * MIB, 0x5b);
+    let id = site.start_backup("vm", "incremental").await;
+    site.wait_progress(&format!("/api/v1/backups/{id}"), 64 << 10).await;
+    (full, id)
+}
+
+/// After a failed run: the only completed backups are the good ones (`good`); the failed run
+/// is shown as failed (after a hub restart, not at all) and cannot be restored; its directory
+/// is gone and every port is free.
+async fn assert_nothing_half_made(site: &Site, vm: &str, good: &[&Value], failed: &str) {
+    let list = site.backups(vm).await;
+    let completed: Vec<&Value> = list.iter().filter(|b| b["status"] == "completed").collect();
+    assert_eq!(completed.len(), good.len(), "{list:?}");
+    for g in good {
+        assert!(completed.iter().any(|b| b["backup_id"] == g["backup_id"]), "{list:?}");
+    }
+    for b in list.iter().filter(|b| b["status"] != "completed") {
+        assert_eq!(b["status"], "failed", "{b}");
+        assert_eq!(b["backup_id"], failed, "{b}");
+    }
+    let (status, body) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": failed}))).await;
+    assert!(status == 404 || status == 409, "a failed run is not restorable: {status} {body}");
+    assert!(!site.as_hub_sees(&site.path().join("repo").join(vm).join(failed)).exists(), "the half backup was removed");
+    site.ports_all_free().await;
+}
+
+/// The next incremental after a fault is a correct incremental on the last good backup.
+async fn next_incremental_is_correct(site: &Site, full: &Value) {
+    let next = site.backup("vm", "incremental").await;
+    assert_eq!((&next["backup_type"], &next["parent_id"]), (&json!("incremental"), &full["backup_id"]), "{next}");
+    site.assert_backup_equals_sources("vm", &next, 2);
+}
+
+const SLOW: Options<'static> = Options { copy: "bandwidth_limit = \"6M\"", hub: "", repo_tmpfs_mib: None };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssh_connection_killed_mid_backup_the_job_resumes_and_completes() {
+    let mut site = Site::start(Transport::OpenSsh, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let id = site.start_backup("vm", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    site.wait_progress(&path, 2 * MIB).await;
+    site.sshd.as_mut().unwrap().stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, during) = site.hub("GET", &path, None).await;
+    assert_eq!(during["status"], "running", "a dropped tunnel does not doom the job: {during}");
+    site.sshd = Some(site::ssh::Sshd::start(site.path(), sshd_port(&site)));
+    let done = site.wait(&path).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm", &done, 2);
+    site.ports_all_free().await;
+}
+
+fn sshd_port(site: &Site) -> u16 {
+    let cfg = std::fs::read_to_string(site.path().join("sshd_config")).unwrap();
+    cfg.lines().find_map(|l| l.strip_prefix("Port ")).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_killed_mid_backup_fails_the_job_cleanly_and_the_next_incremental_is_correct() {
+    let mut site = Site::start(Transport::Endpoint, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let (full, id) = full_then_running_incremental(&site).await;
+    site.kill_node();
+    site.start_node();
+    let failed = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("node"), "{failed}");
+    assert_nothing_half_made(&site, "vm", &[&full], &id).await;
+    site.wait_node_reachable().await;
+    next_incremental_is_correct(&site, &full).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_killed_mid_backup_and_restarted_lists_no_half_backup_and_the_next_incremental_is_correct() {
+    let mut site = Site::start(Transport::Endpoint, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let (full, id) = full_then_running_incremental(&site).await;
+    site.kill_hub();
+    site.start_hub();
+    assert_nothing_half_made(&site, "vm", &[&full], &id).await;
+    // The node's tunnel comes back to the new hub; the node's orphaned job is cancelled for it.
+    site.wait_node_reachable().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = site.node("GET", &format!("/api/v1/backup/{id}"), None).await;
+        if v["status"] == "cancelled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the orphaned node job was not cancelled: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    next_incremental_is_correct(&site, &full).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_disk_that_disappears_fails_the_job_with_a_clear_error() {
+    // Big enough that the node is still reading it when it goes (it reads ahead of the limit).
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[96, 8])], 4, SLOW).await;
+    let id = site.start_backup("vm", "full").await;
+    site.wait_progress(&format!("/api/v1/backups/{id}"), MIB).await;
+    // The disk goes away under the job (an LV removed, a snapshot dropped): what the node
+    // has open now ends at 0.
+    std::fs::OpenOptions::new().write(true).open(site.source("vm", 0)).unwrap().set_len(0).unwrap();
+    let v = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("shrank or disappeared"), "{v}");
+    assert_nothing_half_made(&site, "vm", &[], &id).await;
+    // A disk that is gone before the run: refused at the start, nothing created.
+    std::fs::remove_file(site.source("vm", 0)).unwrap();
+    let (status, v) = site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "full"}))).await;
+    assert!(status >= 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("vm-0.raw"), "names the missing disk: {v}");
+    assert_nothing_half_made(&site, "vm", &[], &id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_repository_fails_the_job_with_enospc_and_corrupts_nothing() {
+    let opts = Options { repo_tmpfs_mib: Some(20), ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[8, 4]), Vm("big", &[64, 8])], 4, opts).await;
+    let small = site.backup("vm", "full").await;
+    let id = site.start_backup("big", "full").await;
+    let v = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap().to_lowercase();
+    assert!(error.contains("no space") || error.contains("enospc"), "{v}");
+    assert_nothing_half_made(&site, "big", &[], &id).await;
+    // What was there before is intact, and the space came back: the next small run works.
+    let (status, check) =
+        site.hub("POST", &format!("/api/v1/backups/{}/verify", small["backup_id"].as_str().unwrap()), None).await;
+    assert_eq!((status, &check["ok"]), (200, &json!(true)), "{check}");
+    site.assert_backup_equals_sources("vm", &small, 2);
+    change(&site.source("vm", 0), MIB, 1);
+    let incr = site.backup("vm", "incremental").await;
+    site.assert_backup_equals_sources("vm", &incr, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_vms_at_once_through_the_endpoint() {
+    let names: Vec<String> = (0..20).map(|i| format!("vm{i:02}")).collect();
+    let vms: Vec<Vm> = names.iter().map(|n| Vm(n, &[8, 4])).collect();
+    let site = Site::start(Transport::Endpoint, &vms, 40, Options::default()).await;
+    let mut ids = Vec::new();
+    for n in &names {
+        ids.push(site.start_backup(n, "full").await);
+    }
+    for (n, id) in names.iter().zip(&ids) {
+        let done = site.wait(&format!("/api/v1/backups/{id}")).await;
+        assert_eq!(done["status"], "completed", "{n}: {done}");
+        site.assert_backup_equals_sources(n, &done, 2);
+    }
+    site.ports_all_free().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_and_one_disks_in_flight_through_the_endpoint_and_one_more_refused() {
+    let fleet = [4u64; 101];
+    let opts = Options { copy: "bandwidth_limit = \"50M\"", ..Options::default() };
+    let site = Site::start(Transport::Endpoint, &[Vm("fleet", &fleet), Vm("one", &[4])], 101, opts).await;
+    let id = site.start_backup("fleet", "full").await;
+    let (_, p) = site.hub("GET", "/api/v1/ports", None).await;
+    assert_eq!((p["free"].as_u64(), p["leased"].as_array().map(Vec::len)), (Some(0), Some(101)), "{p}");
+    let (status, body) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "one", "backup_type": "full"}))).await;
+    assert_eq!(status, 503, "the 102nd disk: {body}");
+    assert!(body["error"].as_str().unwrap().contains("101 leased"), "{body}");
+    let done = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("fleet", &done, 101);
+    site.ports_all_free().await;
+    let one = site.backup("one", "full").await;
+    site.assert_backup_equals_sources("one", &one, 1);
+}

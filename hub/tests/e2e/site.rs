@@ -1,0 +1,510 @@
+//! One site for the end-to-end tests: `sendense-hub serve` and `sendense-node serve` as two
+//! processes, with their configuration files written here, joined one of three ways (the hub's
+//! own SSH endpoint, OpenSSH's sshd in its place, or direct TCP), and the calls a backup
+//! operator makes. Sources are raw files with random data, zero runs and holes; qemu-img
+//! judges every image.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[path = "../../../tunnel/tests/common/mod.rs"]
+pub mod ssh;
+
+pub const MIB: u64 = 1 << 20;
+
+/// How the node reaches the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The node's tunnel to the hub's own SSH endpoint (production).
+    Endpoint,
+    /// The node's tunnel to OpenSSH's sshd (the endpoint replaced by the tool it replaces).
+    OpenSsh,
+    /// No tunnel: NBD and the API over TCP.
+    Direct,
+}
+
+/// A VM of the node: name and disk sizes in MiB.
+pub struct Vm<'a>(pub &'a str, pub &'a [u64]);
+
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()));
+    Command::new(found.unwrap_or_else(|| panic!("{name} is required; scripts/test.sh installs it")))
+}
+
+/// The `sendense-node` binary of this build. Cargo hands a test only its own package's
+/// binaries, so it is found beside them; `cargo test --workspace` (the README's test command)
+/// builds it. A missing or stale one fails with the command that builds it.
+pub fn sendense_node() -> PathBuf {
+    let hub = PathBuf::from(env!("CARGO_BIN_EXE_sendense-hub"));
+    let node = hub.with_file_name("sendense-node");
+    let built = std::fs::metadata(&node).and_then(|m| m.modified()).unwrap_or_else(|_| {
+        panic!("{} is missing: run `cargo test --workspace` or `cargo build --bin sendense-node`", node.display())
+    });
+    let library = std::fs::read_dir(hub.with_file_name("deps"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("libnode-") && name.ends_with(".rlib")
+        })
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    if let Some(library) = library {
+        assert!(
+            built >= library,
+            "{} is older than the node library: run `cargo build --bin sendense-node` (or `cargo test --workspace`)",
+            node.display()
+        );
+    }
+    node
+}
+
+/// Random 1 MiB runs, written zeroes and holes in a repeating pattern; `seed` varies the data.
+pub fn make_source(path: &Path, mib: u64, seed: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib * MIB).unwrap();
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for at in 0..mib {
+        match at % 4 {
+            0 | 1 => {
+                let mut data = vec![0u8; MIB as usize];
+                for c in data.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
+                f.write_all_at(&data, at * MIB).unwrap();
+            }
+            2 => f.write_all_at(&vec![0u8; MIB as usize], at * MIB).unwrap(),
+            _ => {}
+        }
+    }
+}
+
+/// The guest writes 4 KiB at `offset`.
+pub fn change(path: &Path, offset: u64, seed: u8) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[seed; 4096], offset).unwrap();
+}
+
+pub fn assert_same(a: &Path, b: &Path) {
+    let out = tool("qemu-img").arg("compare").arg(a).arg(b).output().unwrap();
+    assert!(out.status.success(), "{} vs {}: {}", a.display(), b.display(), String::from_utf8_lossy(&out.stdout));
+}
+
+pub fn assert_clean(img: &Path) {
+    let out = tool("qemu-img").arg("check").arg(img).output().unwrap();
+    assert!(out.status.success(), "qemu-img check {}: {}", img.display(), String::from_utf8_lossy(&out.stdout));
+}
+
+fn fingerprint(public_key: &Path) -> String {
+    let out = tool("ssh-keygen").arg("-lf").arg(public_key).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
+}
+
+fn wait_listening(child: &mut Child, port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {port}: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Process(Child);
+
+impl Process {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options of a site beyond the transport.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// `[copy]` lines of node.toml.
+    pub copy: &'a str,
+    /// More hub.toml lines (top level).
+    pub hub: &'a str,
+    /// Run the hub with its repository on a tmpfs of this many MiB (in a mount namespace of
+    /// its own: `unshare`, no root needed).
+    pub repo_tmpfs_mib: Option<u64>,
+}
+
+/// The hub and the node of one test, and where everything is.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    hub: Option<Process>,
+    node: Option<Process>,
+    pub sshd: Option<ssh::Sshd>,
+    hub_config: PathBuf,
+    node_config: PathBuf,
+    wrap: Vec<String>,
+    pub hub_api: u16,
+    pub node_api: u16,
+    pub hub_token: String,
+    pub node_token: String,
+    /// The hub's NBD range (first, last).
+    pub nbd: (u16, u16),
+    /// Where the hub calls the node.
+    pub node_url: String,
+    http: reqwest::Client,
+}
+
+impl Site {
+    /// Write the configurations, start the node, then the hub, and wait until the hub reaches
+    /// the node's API (through the tunnel's reverse forward where there is one).
+    pub async fn start(transport: Transport, vms: &[Vm<'_>], ports: u16, opts: Options<'_>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        std::fs::create_dir_all(d.join("src")).unwrap();
+        let mut vm_toml = String::new();
+        let mut seed = 1;
+        for Vm(name, disks) in vms {
+            vm_toml += &format!("[[vm]]\nname = \"{name}\"\n");
+            for (i, mib) in disks.iter().enumerate() {
+                let path = d.join("src").join(format!("{name}-{i}.raw"));
+                make_source(&path, *mib, seed);
+                seed += 1;
+                vm_toml += &format!("[[vm.disk]]\nkey = {}\nsource = \"{}\"\n", 2000 + i, path.display());
+            }
+        }
+        let hub_base = ssh::free_ports(ports);
+        let node_base = ssh::free_ports(ports);
+        let (hub_api, node_api, reverse, ssh_port) =
+            (ssh::free_port(), ssh::free_port(), ssh::free_port(), ssh::free_port());
+        let (node_url, tunnel_toml, hub_ssh_toml, node_key_line);
+        let mut sshd = None;
+        match transport {
+            Transport::Endpoint => {
+                ssh::keygen(&d.join("hub_host_key"));
+                ssh::keygen(&d.join("node_key"));
+                std::fs::write(d.join("authorized_keys"), "").unwrap();
+                node_url = format!("http://127.0.0.1:{reverse}");
+                tunnel_toml = format!(
+                    "[tunnel]\nhub = \"127.0.0.1:{ssh_port}\"\nuser = \"node\"\nidentity = \"{}\"\nfingerprint = \"{}\"\n",
+                    d.join("node_key").display(),
+                    fingerprint(&d.join("hub_host_key.pub"))
+                );
+                hub_ssh_toml = format!(
+                    "[ssh]\nlisten = \"127.0.0.1:{ssh_port}\"\nhost_key = \"{}\"\nauthorized_keys = \"{}\"\n",
+                    d.join("hub_host_key").display(),
+                    d.join("authorized_keys").display()
+                );
+                node_key_line =
+                    format!("key = \"{}\"\n", std::fs::read_to_string(d.join("node_key.pub")).unwrap().trim());
+            }
+            Transport::OpenSsh => {
+                let (identity, host_pub) = ssh::setup(&d);
+                sshd = Some(ssh::Sshd::start(&d, ssh_port));
+                let known_hosts = ssh::known_hosts(&d, ssh_port, &host_pub);
+                let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+                node_url = format!("http://127.0.0.1:{reverse}");
+                tunnel_toml = format!(
+                    "[tunnel]\nhub = \"127.0.0.1:{ssh_port}\"\nuser = \"{}\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n",
+                    user.trim(),
+                    identity.display(),
+                    known_hosts.display()
+                );
+                hub_ssh_toml = String::new();
+                node_key_line = String::new();
+            }
+            Transport::Direct => {
+                node_url = format!("http://127.0.0.1:{node_api}");
+                tunnel_toml = String::new();
+                hub_ssh_toml = String::new();
+                node_key_line = String::new();
+            }
+        }
+        let tunnel_toml = if tunnel_toml.is_empty() {
+            tunnel_toml
+        } else {
+            // The hub's range forwarded from a shifted local range (both on this machine), and
+            // the hub's way back to the node's API.
+            format!(
+                "{tunnel_toml}forward_range = \"{node_base}-{}:{hub_base}\"\nreverse = \"{reverse}:{node_api}\"\n",
+                node_base + ports - 1
+            )
+        };
+        let node_config = d.join("node.toml");
+        std::fs::write(
+            &node_config,
+            format!(
+                "listen = \"127.0.0.1:{node_api}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrestore_dir = \"{}\"\n\
+                 [copy]\nretry_window_s = 30\n{}\n{tunnel_toml}{vm_toml}",
+                d.join("node-token").display(),
+                d.join("node-state").display(),
+                d.join("restores").display(),
+                opts.copy,
+            ),
+        )
+        .unwrap();
+        let hub_config = d.join("hub.toml");
+        std::fs::write(
+            &hub_config,
+            format!(
+                "listen = \"127.0.0.1:{hub_api}\"\nrepo = \"{}\"\nreplicas = \"{}\"\nnbd_ports = \"{hub_base}-{}\"\n\
+                 nbd_host = \"127.0.0.1\"\ntoken_file = \"{}\"\nstall_timeout_s = 20\n{}\n{hub_ssh_toml}\
+                 [[node]]\nname = \"n1\"\nurl = \"{node_url}\"\ntoken_file = \"{}\"\n{node_key_line}",
+                d.join("repo").display(),
+                d.join("replicas").display(),
+                hub_base + ports - 1,
+                d.join("hub-token").display(),
+                opts.hub,
+                d.join("node-token").display(),
+            ),
+        )
+        .unwrap();
+        let wrap = match opts.repo_tmpfs_mib {
+            Some(mib) => {
+                std::fs::create_dir_all(d.join("repo")).unwrap();
+                vec![
+                    "unshare".into(),
+                    "-rm".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    format!("mount -t tmpfs -o size={mib}m tmpfs '{}' && exec \"$0\" \"$@\"", d.join("repo").display()),
+                ]
+            }
+            None => Vec::new(),
+        };
+        let mut site = Self {
+            dir,
+            hub: None,
+            node: None,
+            sshd,
+            hub_config,
+            node_config,
+            wrap,
+            hub_api,
+            node_api,
+            hub_token: String::new(),
+            node_token: String::new(),
+            nbd: (hub_base, hub_base + ports - 1),
+            node_url,
+            http: reqwest::Client::new(),
+        };
+        site.start_node();
+        site.node_token = std::fs::read_to_string(d.join("node-token")).unwrap().trim().to_string();
+        site.start_hub();
+        site.hub_token = std::fs::read_to_string(d.join("hub-token")).unwrap().trim().to_string();
+        site.wait_node_reachable().await;
+        site
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn source(&self, vm: &str, disk: usize) -> PathBuf {
+        self.path().join("src").join(format!("{vm}-{disk}.raw"))
+    }
+
+    pub fn start_node(&mut self) {
+        let mut child = Command::new(sendense_node())
+            .args(["serve", "--config"])
+            .arg(&self.node_config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(&mut child, self.node_api, "sendense-node");
+        self.node = Some(Process(child));
+    }
+
+    pub fn start_hub(&mut self) {
+        let hub = env!("CARGO_BIN_EXE_sendense-hub");
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(hub);
+                c
+            }
+            None => Command::new(hub),
+        };
+        let mut child = cmd
+            .args(["serve", "--config"])
+            .arg(&self.hub_config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(&mut child, self.hub_api, "sendense-hub");
+        self.hub = Some(Process(child));
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill_node(&mut self) {
+        if let Some(mut p) = self.node.take() {
+            p.kill();
+        }
+    }
+
+    pub fn kill_hub(&mut self) {
+        if let Some(mut p) = self.hub.take() {
+            p.kill();
+        }
+    }
+
+    /// The hub's pid (to look into its mount namespace).
+    pub fn hub_pid(&self) -> u32 {
+        self.hub.as_ref().map(|p| p.0.id()).unwrap_or(0)
+    }
+
+    /// Where the hub sees `path` (inside its own mount namespace when it has one).
+    pub fn as_hub_sees(&self, path: &Path) -> PathBuf {
+        if self.wrap.is_empty() {
+            return path.to_path_buf();
+        }
+        // unshare execs sh, which execs the hub: the same pid, the hub's namespace.
+        PathBuf::from(format!("/proc/{}/root", self.hub_pid())).join(path.strip_prefix("/").unwrap())
+    }
+
+    pub async fn wait_node_reachable(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.hub("GET", "/api/v1/ports", None).await;
+            assert_eq!(status, 200, "{body}");
+            let url = &self.node_url;
+            let r = self.http.get(format!("{url}/api/v1/vms")).bearer_auth(&self.node_token).send().await;
+            if r.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the hub's way to the node ({url}) never opened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn call(&self, base: u16, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req =
+            self.http.request(method.parse().unwrap(), format!("http://127.0.0.1:{base}{path}")).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A call to the hub's API with its token.
+    pub async fn hub(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(self.hub_api, &self.hub_token, method, path, body).await
+    }
+
+    /// A call to the node's API with its token.
+    pub async fn node(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(self.node_api, &self.node_token, method, path, body).await
+    }
+
+    /// A raw request with any token and body (bad input).
+    pub async fn raw(&self, to_hub: bool, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+        let port = if to_hub { self.hub_api } else { self.node_api };
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("http://127.0.0.1:{port}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Until a hub job (`/api/v1/backups/ID` or `/api/v1/replications/ID`) is final.
+    pub async fn wait(&self, path: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, v) = self.hub("GET", path, None).await;
+            if matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{path} still {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Start a backup and return its id.
+    pub async fn start_backup(&self, vm: &str, kind: &str) -> String {
+        let (status, b) = self.hub("POST", "/api/v1/backups", Some(json!({"vm_name": vm, "backup_type": kind}))).await;
+        assert_eq!(status, 202, "{b}");
+        b["backup_id"].as_str().unwrap().to_string()
+    }
+
+    /// A backup to the end; the final view, which must say completed.
+    pub async fn backup(&self, vm: &str, kind: &str) -> Value {
+        let id = self.start_backup(vm, kind).await;
+        let done = self.wait(&format!("/api/v1/backups/{id}")).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        done
+    }
+
+    /// Until a disk of a running hub job has sent at least `bytes`.
+    pub async fn wait_progress(&self, path: &str, bytes: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.hub("GET", path, None).await;
+            let sent: u64 = v["disks"].as_array().into_iter().flatten().filter_map(|d| d["bytes_sent"].as_u64()).sum();
+            if sent >= bytes {
+                return;
+            }
+            assert_eq!(v["status"], "running", "{v}");
+            assert!(Instant::now() < deadline, "no progress: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn ports_all_free(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, p) = self.hub("GET", "/api/v1/ports", None).await;
+            if p["leased"].as_array().is_some_and(Vec::is_empty) {
+                let (_, e) = self.hub("GET", "/api/v1/exports", None).await;
+                assert_eq!(e, json!([]), "no export left open");
+                return;
+            }
+            assert!(Instant::now() < deadline, "ports still leased: {p}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A backup's image of a disk.
+    pub fn image(&self, vm: &str, backup_id: &str, disk: usize) -> PathBuf {
+        self.as_hub_sees(&self.path().join("repo").join(vm).join(backup_id).join(format!("disk-{}.qcow2", 2000 + disk)))
+    }
+
+    /// Every disk of `vm` in `backup` equals its source, and qemu-img finds the image clean.
+    pub fn assert_backup_equals_sources(&self, vm: &str, backup: &Value, disks: usize) {
+        let id = backup["backup_id"].as_str().unwrap();
+        for i in 0..disks {
+            let img = self.image(vm, id, i);
+            assert_clean(&img);
+            assert_same(&self.source(vm, i), &img);
+        }
+    }
+
+    /// Backups the hub lists for `vm`, newest first.
+    pub async fn backups(&self, vm: &str) -> Vec<Value> {
+        let (status, list) = self.hub("GET", &format!("/api/v1/backups?vm_name={vm}"), None).await;
+        assert_eq!(status, 200, "{list}");
+        list.as_array().unwrap().clone()
+    }
+}
