@@ -16,9 +16,13 @@
 //!   into the same qcow2 target: random, 90% holes, and a 1% incremental.
 //! - `hub`: `sendense-hub` start latency for a 4-disk backup against qemu-img + 4 qemu-nbd,
 //!   and its memory with 101 idle exports against 101 qemu-nbd processes.
+//! - `e2e`: a full backup end to end (sendense-hub + sendense-node through the hub's SSH
+//!   endpoint, and over direct TCP) against the old design (qemu-nbd + OpenSSH `ssh -L` +
+//!   nbdcopy): random, realistic, and a 1% incremental.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
+mod e2e;
 mod fleet;
 mod hub;
 mod mover;
@@ -33,7 +37,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, tunnel, node, hub, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, tunnel, node, hub, e2e, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -80,6 +84,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("hub") {
         hub::hub_section(&sendense, &args.dir, args.reps, &mut report)?;
+    }
+    if wants("e2e") {
+        e2e::e2e_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;

@@ -15,6 +15,12 @@ use crate::peers::cpu_seconds;
 use crate::report::Report;
 
 pub struct Proc(Child);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -101,6 +107,16 @@ impl Keys {
         Ok(Self { dir: dir.to_path_buf() })
     }
 
+    /// A file of the key directory (`host_key`, `client_key`, their `.pub`).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A known_hosts file pinning the host key for 127.0.0.1:`port`.
+    pub fn known_hosts_for(&self, port: u16) -> anyhow::Result<PathBuf> {
+        self.known_hosts(port)
+    }
+
     fn known_hosts(&self, port: u16) -> anyhow::Result<PathBuf> {
         let key = std::fs::read_to_string(self.dir.join("host_key.pub"))?;
         let mut f = key.split_whitespace();
@@ -110,7 +126,8 @@ impl Keys {
         Ok(p)
     }
 
-    fn sshd(&self, cipher: &str) -> anyhow::Result<(Proc, u16)> {
+    /// An sshd of our own accepting `client_key`, restricted to `cipher` (a list works too).
+    pub fn sshd(&self, cipher: &str) -> anyhow::Result<(Proc, u16)> {
         std::fs::create_dir_all("/run/sshd").context("sshd needs /run/sshd (run as root)")?;
         let port = free_port()?;
         let cfg = self.dir.join("sshd_config");

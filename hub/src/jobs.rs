@@ -29,10 +29,13 @@ use crate::error::HubError;
 use crate::exports::Exports;
 use crate::ports::{bindable, Lease, Ports};
 use crate::repo::{self, Manifest, ManifestDisk, Repo};
-use crate::verify::{verify_disk, DiskVerdict};
+use crate::verify::{verify_disk, verify_new_backup_disk, DiskVerdict};
 
 /// How often the node's job is polled.
-const POLL: Duration = Duration::from_millis(500);
+const POLL: Duration = Duration::from_millis(100);
+/// How often a job is polled once its node has done 90% of it: the end of a short job (an
+/// incremental takes a fraction of a second) is noticed within tens of milliseconds.
+const POLL_FINISHING: Duration = Duration::from_millis(20);
 /// Finished (not completed) jobs kept in memory.
 const KEEP_FINISHED: usize = 500;
 
@@ -713,6 +716,7 @@ impl Hub {
         let stall = self.settings.stall_timeout;
         let mut last_progress = (0u64, Instant::now());
         let mut unreachable_since: Option<Instant> = None;
+        let mut poll = POLL;
         let outcome: Result<(), (Status, String)> = loop {
             tokio::select! {
                 _ = job.cancel.cancelled() => {
@@ -723,7 +727,7 @@ impl Hub {
                     let _ = client.cancel(&job.id).await;
                     break Err((Status::Failed, "the hub shut down".into()));
                 }
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(poll) => {}
             }
             match client.job(&job.id).await {
                 Ok(view) => {
@@ -742,6 +746,17 @@ impl Hub {
                     if done != last_progress.0 {
                         last_progress = (done, Instant::now());
                     }
+                    let total: u64 = view.disks.iter().map(|d| d.bytes_total).sum();
+                    let settled: u64 = view
+                        .disks
+                        .iter()
+                        .map(|d| d.bytes_sent + d.bytes_skipped_holes + d.bytes_skipped_zero + d.bytes_unchanged)
+                        .sum();
+                    poll = if total > 0 && settled.saturating_mul(10) >= total.saturating_mul(9) {
+                        POLL_FINISHING
+                    } else {
+                        POLL
+                    };
                     let status = view.status;
                     let error = view.error.clone();
                     if let Ok(mut s) = job.state.lock() {
@@ -827,17 +842,23 @@ impl Hub {
         let sent: HashMap<u32, u64> =
             node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.bytes_sent))).collect();
         let mut verdicts = Vec::new();
+        let started = Instant::now();
         for d in &job.disks {
             let (path, key) = (d.path.clone(), d.key);
             let expected = checksums.get(&key).cloned().flatten();
-            let verdict = tokio::task::spawn_blocking(move || verify_disk(&path, key, expected.as_deref()))
-                .await
-                .map_err(|e| (Status::Failed, format!("verify: {e}")))?;
+            let kind = job.kind;
+            let verdict = tokio::task::spawn_blocking(move || match kind {
+                Kind::Backup => verify_new_backup_disk(&path, key, expected.as_deref()),
+                Kind::Replication => verify_disk(&path, key, expected.as_deref()),
+            })
+            .await
+            .map_err(|e| (Status::Failed, format!("verify: {e}")))?;
             if !verdict.ok() {
                 return Err((Status::Failed, format!("verify of disk {key} failed: {}", describe(&verdict))));
             }
             verdicts.push(verdict);
         }
+        tracing::info!(job = %job.id, secs = started.elapsed().as_secs_f64(), "images verified");
         match job.kind {
             Kind::Backup => {
                 let manifest = Manifest {

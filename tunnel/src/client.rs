@@ -357,6 +357,7 @@ async fn connect_once(
         nodelay: true,
         window_size: 16 * 1024 * 1024,
         maximum_packet_size: 65535,
+        preferred: crate::ciphers::preferred(),
         ..client::Config::default()
     });
     let key_error = Arc::new(Mutex::new(None));

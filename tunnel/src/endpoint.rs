@@ -145,6 +145,7 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
         keepalive_interval: Some(Duration::from_secs(15)),
         nodelay: true,
         window_size: 16 * 1024 * 1024,
+        preferred: crate::ciphers::preferred(),
         ..server::Config::default()
     });
     let config = Arc::new(config);

@@ -16,6 +16,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod authorized;
+pub mod ciphers;
 pub mod client;
 pub mod endpoint;
 pub mod hostkey;
