@@ -174,3 +174,44 @@ except nbd.Error as e:
     assert!(msg.contains("policy"), "message was: {msg}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "refusal must not wait for a timeout");
 }
+
+#[test]
+fn fast_zero_on_qcow2_is_honoured_and_fails_with_enotsup_when_it_cannot_be_fast() {
+    require("nbdsh");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.qcow2");
+    run(Command::new(require("qemu-img")).args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("4M"));
+    let port = free_port();
+    let mut child = Command::new(sendense_nbd())
+        .args(["-f", "qcow2", "-x", "z", "-p", &port.to_string(), "-t"])
+        .arg(&image)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.can_fast_zero()
+h.pwrite(b"\x5a" * 131072, 0)
+h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)          # zero clusters: fast, done
+assert h.pread(65536, 0) == b"\0" * 65536
+try:
+    h.zero(65536, 65536, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+    raise SystemExit("a fast zero that must write zeroes succeeded")
+except nbd.Error as e:
+    assert e.errno == "ENOTSUP", (e.errno, e.string)
+assert h.pread(65536, 65536) == b"\x5a" * 65536, "the refused request changed nothing"
+h.zero(65536, 65536, nbd.CMD_FLAG_NO_HOLE)         # without FAST it is done the slow way
+assert h.pread(65536, 65536) == b"\0" * 65536
+h.shutdown()
+print("ok")
+"#;
+    let out = run(Command::new(debian_python()).arg("-c").arg(script).arg(format!("nbd://127.0.0.1:{port}/z")));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let check = run(Command::new(require("qemu-img")).arg("check").arg(&image));
+    assert!(check.status.success());
+}

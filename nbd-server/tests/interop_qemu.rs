@@ -175,3 +175,56 @@ fn a_unix_socket_export_serves_qemu_io() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn the_pid_file_and_the_socket_never_write_through_or_remove_what_is_not_theirs() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = sparse_file(d, "d.raw", 1 << 20);
+    // A symlink planted at the pid file's path: refused, its target untouched.
+    std::fs::write(d.join("victim"), "keep").unwrap();
+    std::os::unix::fs::symlink(d.join("victim"), d.join("pid")).unwrap();
+    let out = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", "e", "-p", &free_port().to_string(), "--pid-file"])
+        .arg(d.join("pid"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(d.join("victim")).unwrap(), "keep");
+    // A file at the socket's path is not a stale socket: refused, not deleted.
+    std::fs::write(d.join("not-a-socket"), "data").unwrap();
+    let out = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", "e", "-k"])
+        .arg(d.join("not-a-socket"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(d.join("not-a-socket")).unwrap(), "data");
+    // A stale regular pid file is replaced (0644); the socket is its owner's only (0600).
+    std::fs::remove_file(d.join("pid")).unwrap();
+    std::fs::write(d.join("pid"), "99999\n").unwrap();
+    let sock = d.join("nbd.sock");
+    let mut child = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", "e", "-t", "-k"])
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(d.join("pid"))
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(d.join("pid")).unwrap_or_default().trim() != child.id().to_string() {
+        assert!(std::time::Instant::now() < deadline, "pid file never written");
+        assert!(child.try_wait().unwrap().is_none(), "exited");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::metadata(d.join("pid")).unwrap().permissions().mode() & 0o777, 0o644);
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -118,6 +118,20 @@ pub enum TunnelError {
     /// SSH-level failure (connect, protocol, disconnect).
     #[error("ssh: {0}")]
     Ssh(String),
+    /// The hub refused a reverse forward: the connection is dropped and made again later (a
+    /// stale session of ours may still hold the port), so `connected` never hides a node the hub
+    /// cannot reach.
+    #[error("hub refused reverse forward {bind}:{port} -> {local}: {reason}")]
+    ReverseRefused {
+        /// Address asked for on the hub.
+        bind: String,
+        /// Port asked for on the hub.
+        port: u16,
+        /// Where it would lead here.
+        local: std::net::SocketAddr,
+        /// What the hub said.
+        reason: String,
+    },
 }
 
 /// What the tunnel is doing, for the node's API.
@@ -276,6 +290,81 @@ impl client::Handler for HubHandler {
         });
         Ok(())
     }
+
+    // Channels the hub may try to open on its own. russh accepts them by default; a node asks
+    // for nothing but its reverse forwards, so every one of them is refused.
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse(reply, "session").await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse(reply, "direct-tcpip").await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse(reply, "x11").await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse(reply, "agent").await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse(reply, "forwarded-streamlocal").await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse(reply, "direct-streamlocal").await;
+        Ok(())
+    }
+}
+
+async fn refuse(reply: ChannelOpenHandle, kind: &str) {
+    tracing::warn!(kind, "the hub opened a channel a node never accepts; refused");
+    reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
 }
 
 /// Copy both ways between a TCP connection and a channel, counting bytes.
@@ -392,9 +481,13 @@ async fn connect_once(
     }
     for r in &config.reverse {
         if let Err(e) = handle.tcpip_forward(r.remote_bind.clone(), u32::from(r.remote_port)).await {
-            let msg = format!("hub refused reverse forward {}:{} -> {}: {e}", r.remote_bind, r.remote_port, r.local);
-            tracing::warn!("{msg}");
-            shared.set(|s| s.last_error = Some(msg));
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, "reverse forward refused", "").await;
+            return Err(TunnelError::ReverseRefused {
+                bind: r.remote_bind.clone(),
+                port: r.remote_port,
+                local: r.local,
+                reason: e.to_string(),
+            });
         }
     }
     Ok(handle)

@@ -134,3 +134,31 @@ async fn hashed_known_hosts_and_pinned_fingerprints_are_accepted() {
             .unwrap();
     assert!(pinned.wait_connected(Duration::from_secs(10)).await, "{:?}", pinned.status());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_key_marked_revoked_is_refused_even_when_also_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (identity, host_pub) = setup(d);
+    let ssh_port = free_port();
+    let _sshd = Sshd::start(d, ssh_port);
+    let kh = known_hosts(d, ssh_port, &host_pub);
+    let key = std::fs::read_to_string(&host_pub).unwrap();
+    let mut fields = key.split_whitespace();
+    let revoked = format!("@revoked * {} {}\n", fields.next().unwrap(), fields.next().unwrap());
+    let listed = std::fs::read_to_string(&kh).unwrap();
+    std::fs::write(&kh, format!("{listed}{revoked}")).unwrap();
+    let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
+    config.connect_wait = Duration::from_millis(300);
+    let tunnel = Tunnel::start(config).await.unwrap();
+    assert!(!tunnel.wait_connected(Duration::from_secs(2)).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = tunnel.status().last_error.unwrap_or_default();
+        if err.contains("@revoked") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not refused as revoked: {err}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -77,7 +77,8 @@ impl Backend for Qcow2Backend {
             read_only: !writable,
             trim: writable,
             write_zeroes: writable,
-            fast_zero: false,
+            // Zeroing marks zero clusters (metadata only): fast, except when holes are forbidden.
+            fast_zero: writable,
             block_status: true,
             cache: false,
         }
@@ -111,6 +112,14 @@ impl Backend for Qcow2Backend {
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> BackendResult<()> {
+        if flags.fast && flags.no_hole {
+            // NO_HOLE means writing real zeroes: no faster than a write, so a fast-zero request
+            // must fail (ENOTSUP) and leave the choice to the client, as the spec says.
+            return Err(BackendError::new(
+                BackendErrorKind::Unsupported,
+                "zeroing without holes would not be faster than writing",
+            ));
+        }
         blocking(|| {
             if flags.no_hole {
                 let zeroes = vec![0u8; (1u64 << 20).min(length) as usize];

@@ -105,14 +105,14 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         (Some(p), false) => p.clone(),
         (None, true) => {
             let dir = tempfile_dir()?;
-            let p = dir.join("demo.raw");
+            let p = dir.path().join("demo.raw");
             FileBackend::create(&p, 1 << 30).with_context(|| format!("cannot create '{}'", p.display()))?;
             if args.export_name.is_empty() {
                 args.export_name = "demo".into();
             }
             args.persistent = true;
             args.shared = args.shared.max(4);
-            _demo_dir = DirGuard(dir);
+            _demo_dir = dir;
             p
         }
         (Some(_), true) => bail!("--demo serves its own scratch image; drop the FILE argument"),
@@ -133,9 +133,12 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
 
     let serving = match &args.socket {
         Some(sock) => {
-            let _ = std::fs::remove_file(sock);
+            remove_stale_socket(sock)?;
             let listener = tokio::net::UnixListener::bind(sock)
                 .with_context(|| format!("cannot listen on '{}'", sock.display()))?;
+            // Only this user may connect: the socket is the export, with write access.
+            std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("cannot restrict '{}' to its owner", sock.display()))?;
             let s = server.clone();
             let scope = Scope::Only(name.clone());
             tracing::info!(export = %name, size, socket = %sock.display(), "listening");
@@ -159,8 +162,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         }
     };
     if let Some(pid_file) = &args.pid_file {
-        std::fs::write(pid_file, format!("{}\n", std::process::id()))
-            .with_context(|| format!("cannot write pid file '{}'", pid_file.display()))?;
+        write_pid_file(pid_file)?;
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -188,24 +190,51 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(pid_file);
     }
     if let Some(sock) = &args.socket {
-        let _ = std::fs::remove_file(sock);
+        let _ = remove_stale_socket(sock);
     }
     result.context("final flush failed")?;
     Ok(())
 }
 
-struct DirGuard(PathBuf);
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A socket left by an earlier run is removed; anything else at that path (a file, a symlink
+/// someone planted) is an error, never deleted.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove the old socket '{}'", path.display()))
+        }
+        Ok(_) => bail!("'{}' exists and is not a socket; not removing it", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot inspect '{}'", path.display())),
     }
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let base = std::env::temp_dir().join(format!("sendense-nbd-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base).with_context(|| format!("cannot create '{}'", base.display()))?;
-    Ok(base)
+/// Write the pid file 0644 without following a symlink: a regular file left by an earlier run is
+/// replaced, a symlink or anything else at the path is refused.
+fn write_pid_file(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => {
+            std::fs::remove_file(path).with_context(|| format!("cannot replace pid file '{}'", path.display()))?
+        }
+        Ok(_) => bail!("pid file '{}' exists and is not a regular file; refusing to write through it", path.display()),
+        Err(_) => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .with_context(|| format!("cannot write pid file '{}'", path.display()))?;
+    writeln!(f, "{}", std::process::id()).with_context(|| format!("cannot write pid file '{}'", path.display()))
+}
+
+/// The demo's scratch directory: a fresh, unpredictable name (mode 0700), removed on exit.
+fn tempfile_dir() -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("sendense-nbd-demo-").tempdir().context("cannot create a scratch directory")
 }
 
 fn main() {

@@ -168,7 +168,11 @@ impl Export {
                 flags |= tf::SEND_TRIM;
             }
             if caps.write_zeroes {
-                flags |= tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
+                flags |= tf::SEND_WRITE_ZEROES;
+                // Advertised only by backends that honour the flag (fail rather than be slow).
+                if caps.fast_zero {
+                    flags |= tf::SEND_FAST_ZERO;
+                }
             }
         }
         if structured {

@@ -108,7 +108,12 @@ impl<'a> Negotiator<'a> {
     fn unknown_export(&self, out: &mut Vec<u8>, option: u32, name: &str) {
         let names: Vec<String> = self.visible().iter().map(|e| format!("'{}'", e.name)).collect();
         let list = if names.is_empty() { "none".to_string() } else { names.join(", ") };
-        encode_option_error(out, option, rep::ERR_UNKNOWN, &format!("no export named '{name}' (available: {list})"));
+        encode_option_error(
+            out,
+            option,
+            rep::ERR_UNKNOWN,
+            &format!("no export named '{}' (available: {list})", name.escape_debug()),
+        );
     }
 
     /// Handle one option with its data, appending replies to `out`.
@@ -176,7 +181,7 @@ impl<'a> Negotiator<'a> {
             _ => return Step::Disconnect("NBD_OPT_EXPORT_NAME with an invalid name".into()),
         };
         let Some(export) = self.resolve(name) else {
-            return Step::Disconnect(format!("NBD_OPT_EXPORT_NAME asked for unknown export '{name}'"));
+            return Step::Disconnect(format!("NBD_OPT_EXPORT_NAME asked for unknown export '{}'", name.escape_debug()));
         };
         let Some(slot) = export.attach() else {
             return Step::Disconnect(format!(
