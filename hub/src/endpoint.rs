@@ -100,7 +100,8 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<H
         user: None,
         allow_direct: PortSet(direct),
         allow_reverse: PortSet(reverse),
-        max_connections_per_key: 4,
+        // A node opens up to 4 SSH connections (one per core), plus stale ones while it reconnects.
+        max_connections_per_key: 8,
         max_channels_per_connection: 1024,
         policy: Some(Arc::new(fence)),
         login: Default::default(),

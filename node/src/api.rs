@@ -233,6 +233,9 @@ pub struct TunnelView {
     pub bytes_to_hub: u64,
     /// Bytes from the hub.
     pub bytes_from_hub: u64,
+    /// SSH connections up now (forwarded connections are spread over them).
+    #[serde(default)]
+    pub ssh_connections: usize,
 }
 
 /// Every error answer.

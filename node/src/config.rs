@@ -79,6 +79,8 @@ pub struct TunnelFile {
     pub forwards: Option<OneOrMany>,
     /// `REMOTE:LOCAL`.
     pub reverse: Option<OneOrMany>,
+    /// SSH connections the forwards are spread over (default: one per core, at most 4).
+    pub connections: Option<usize>,
 }
 
 fn default_user() -> String {
@@ -305,6 +307,12 @@ pub fn resolve_tunnel(t: TunnelFile) -> Result<tunnel::ClientConfig, String> {
         (vec!["10100-10200".to_string()], vec!["8082".to_string()], vec!["9081:8081".to_string()])
     };
     let mut config = tunnel::ClientConfig::new(host, port, t.user, t.identity, policy);
+    if let Some(n) = t.connections {
+        if !(1..=8).contains(&n) {
+            return Err(format!("tunnel connections must be 1 to 8, not {n}"));
+        }
+        config.connections = n;
+    }
     for r in &ranges {
         config.forwards.extend(tunnel::spec::parse_range(r).map_err(|e| e.to_string())?);
     }
@@ -414,7 +422,10 @@ mod tests {
             forward_range: None,
             forwards: None,
             reverse: None,
+            connections: None,
         };
-        assert!(resolve_tunnel(t).unwrap_err().contains("always checked"));
+        assert!(resolve_tunnel(t.clone()).unwrap_err().contains("always checked"));
+        let t = TunnelFile { fingerprint: Some("SHA256:x".into()), connections: Some(0), ..t };
+        assert!(resolve_tunnel(t).unwrap_err().contains("1 to 8"));
     }
 }

@@ -210,6 +210,7 @@ pub fn tunnel_view(s: &AppState) -> TunnelView {
             open_channels: 0,
             bytes_to_hub: 0,
             bytes_from_hub: 0,
+            ssh_connections: 0,
         };
     };
     let st = t.status();
@@ -224,6 +225,7 @@ pub fn tunnel_view(s: &AppState) -> TunnelView {
         open_channels: st.open_channels,
         bytes_to_hub: st.bytes_to_hub,
         bytes_from_hub: st.bytes_from_hub,
+        ssh_connections: st.connections_up,
     }
 }
 

@@ -54,6 +54,15 @@ pub struct ClientConfig {
     pub backoff_initial: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// SSH connections to the hub. Forwarded connections are spread over them round-robin, so
+    /// that encryption runs on as many cores; reverse forwards ride on the first. Default: the
+    /// number of cores, at most 4.
+    pub connections: usize,
+}
+
+/// The default number of SSH connections: one per core, at most 4.
+pub fn default_connections() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4)
 }
 
 impl ClientConfig {
@@ -79,6 +88,7 @@ impl ClientConfig {
             connect_wait: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            connections: default_connections(),
         }
     }
 }
@@ -149,6 +159,8 @@ pub struct Status {
     pub bytes_to_hub: u64,
     /// Bytes received from the hub.
     pub bytes_from_hub: u64,
+    /// SSH connections up now (of [`ClientConfig::connections`]).
+    pub connections_up: usize,
 }
 
 #[derive(Default)]
@@ -168,11 +180,14 @@ impl Shared {
 }
 
 type HubHandle = Arc<Handle<HubHandler>>;
+/// The session of each SSH connection (`None` while that one is down); index 0 carries the
+/// reverse forwards and decides "connected".
+type Sessions = watch::Receiver<Vec<Option<HubHandle>>>;
 
 /// A running tunnel. Dropping it stops it.
 pub struct Tunnel {
     shared: Arc<Shared>,
-    session: watch::Receiver<Option<HubHandle>>,
+    session: Sessions,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -201,8 +216,11 @@ impl Tunnel {
             listeners.push((l, f.clone()));
         }
         let shared = Arc::new(Shared::default());
-        let (tx, rx) = watch::channel(None);
+        let connections = config.connections.max(1);
+        let (tx, rx) = watch::channel(vec![None; connections]);
+        let tx = Arc::new(tx);
         let config = Arc::new(config);
+        let turn = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for (listener, forward) in listeners {
             tasks.push(tokio::spawn(accept_loop(
@@ -211,9 +229,19 @@ impl Tunnel {
                 rx.clone(),
                 Arc::clone(&shared),
                 config.connect_wait,
+                Arc::clone(&turn),
             )));
         }
-        tasks.push(tokio::spawn(supervise(config, Arc::new(key), tx, Arc::clone(&shared))));
+        let key = Arc::new(key);
+        for index in 0..connections {
+            tasks.push(tokio::spawn(supervise(
+                Arc::clone(&config),
+                Arc::clone(&key),
+                index,
+                Arc::clone(&tx),
+                Arc::clone(&shared),
+            )));
+        }
         Ok(Self { shared, session: rx, tasks })
     }
 
@@ -223,13 +251,16 @@ impl Tunnel {
         s.open_channels = self.shared.open.load(Ordering::Relaxed);
         s.bytes_to_hub = self.shared.up.load(Ordering::Relaxed);
         s.bytes_from_hub = self.shared.down.load(Ordering::Relaxed);
+        s.connections_up = self.session.borrow().iter().filter(|h| h.is_some()).count();
         s
     }
 
     /// Wait until the tunnel is up (or `timeout` passes); true if it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.session.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|h| h.is_some())).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|v| v.first().is_some_and(Option::is_some)))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -385,9 +416,10 @@ async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, shared: &Shared) {
 async fn accept_loop(
     listener: TcpListener,
     forward: LocalForward,
-    session: watch::Receiver<Option<HubHandle>>,
+    session: Sessions,
     shared: Arc<Shared>,
     wait: Duration,
+    turn: Arc<AtomicU64>,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -402,15 +434,20 @@ async fn accept_loop(
         let mut session = session.clone();
         let shared = Arc::clone(&shared);
         let forward = forward.clone();
+        let turn = Arc::clone(&turn);
         tokio::spawn(async move {
-            let handle = match tokio::time::timeout(wait, session.wait_for(|h| h.is_some())).await {
-                Ok(Ok(h)) => h.clone(),
-                _ => {
-                    tracing::warn!(listen = %forward.listen, "tunnel not up within {wait:?}; closing the connection");
-                    return;
+            // The next connection in turn that is up (round-robin over the SSH connections).
+            let handle = match tokio::time::timeout(wait, session.wait_for(|v| v.iter().any(Option::is_some))).await {
+                Ok(Ok(v)) => {
+                    let start = turn.fetch_add(1, Ordering::Relaxed) as usize;
+                    (0..v.len()).find_map(|i| v.get((start + i) % v.len()).cloned().flatten())
                 }
+                _ => None,
             };
-            let Some(handle) = handle else { return };
+            let Some(handle) = handle else {
+                tracing::warn!(listen = %forward.listen, "tunnel not up within {wait:?}; closing the connection");
+                return;
+            };
             match handle
                 .channel_open_direct_tcpip(
                     forward.remote_host.clone(),
@@ -438,7 +475,9 @@ async fn connect_once(
     config: &ClientConfig,
     key: &Arc<russh::keys::PrivateKey>,
     shared: &Arc<Shared>,
+    with_reverse: bool,
 ) -> Result<Handle<HubHandler>, TunnelError> {
+    let reverse = if with_reverse { config.reverse.clone() } else { Vec::new() };
     let ssh = Arc::new(client::Config {
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: config.keepalive_max,
@@ -454,7 +493,7 @@ async fn connect_once(
         policy: config.host_key.clone(),
         host: config.hub_host.clone(),
         port: config.hub_port,
-        reverse: Arc::new(config.reverse.clone()),
+        reverse: Arc::new(reverse.clone()),
         key_error: Arc::clone(&key_error),
         shared: Arc::clone(shared),
     };
@@ -479,7 +518,7 @@ async fn connect_once(
             user: config.user.clone(),
         });
     }
-    for r in &config.reverse {
+    for r in &reverse {
         if let Err(e) = handle.tcpip_forward(r.remote_bind.clone(), u32::from(r.remote_port)).await {
             let _ = handle.disconnect(russh::Disconnect::ByApplication, "reverse forward refused", "").await;
             return Err(TunnelError::ReverseRefused {
@@ -493,43 +532,64 @@ async fn connect_once(
     Ok(handle)
 }
 
-/// Reconnect forever with capped exponential backoff and jitter.
+/// Keep SSH connection `index` up: reconnect forever with capped exponential backoff and
+/// jitter. Connection 0 carries the reverse forwards and is what the status reports; the others
+/// only carry forwarded connections.
 async fn supervise(
     config: Arc<ClientConfig>,
     key: Arc<russh::keys::PrivateKey>,
-    publish: watch::Sender<Option<HubHandle>>,
+    index: usize,
+    publish: Arc<watch::Sender<Vec<Option<HubHandle>>>>,
     shared: Arc<Shared>,
 ) {
+    let primary = index == 0;
     let mut delay = config.backoff_initial;
     let mut connections = 0u64;
-    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1) | 1;
+    let mut seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(1)
+        | 1
+        | (index as u32) << 20;
+    let set_session = |h: Option<HubHandle>| {
+        publish.send_modify(|v| {
+            if let Some(slot) = v.get_mut(index) {
+                *slot = h;
+            }
+        })
+    };
     loop {
-        match connect_once(&config, &key, &shared).await {
+        match connect_once(&config, &key, &shared, primary).await {
             Ok(handle) => {
                 let since = Instant::now();
                 connections += 1;
-                shared.set(|s| {
-                    s.connected_since = Some(SystemTime::now());
-                    s.reconnects = connections - 1;
-                });
-                tracing::info!(hub = %config.hub_host, port = config.hub_port, "tunnel up");
+                if primary {
+                    shared.set(|s| {
+                        s.connected_since = Some(SystemTime::now());
+                        s.reconnects = connections - 1;
+                    });
+                    tracing::info!(hub = %config.hub_host, port = config.hub_port, "tunnel up");
+                } else {
+                    tracing::debug!(index, "extra SSH connection up");
+                }
                 let handle = Arc::new(handle);
-                let _ = publish.send(Some(Arc::clone(&handle)));
+                set_session(Some(Arc::clone(&handle)));
                 while !handle.is_closed() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                let _ = publish.send(None);
-                shared.set(|s| {
-                    s.connected_since = None;
-                    s.last_error = Some("connection to the hub closed".into());
-                });
-                tracing::warn!("tunnel down; reconnecting");
+                set_session(None);
+                if primary {
+                    shared.set(|s| {
+                        s.connected_since = None;
+                        s.last_error = Some("connection to the hub closed".into());
+                    });
+                    tracing::warn!("tunnel down; reconnecting");
+                } else {
+                    tracing::debug!(index, "extra SSH connection down; reconnecting");
+                }
                 if since.elapsed() > Duration::from_secs(10) {
                     delay = config.backoff_initial;
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "tunnel connection failed");
+                tracing::warn!(connection = index, error = %e, "tunnel connection failed");
                 shared.set(|s| s.last_error = Some(e.to_string()));
             }
         }

@@ -1,6 +1,7 @@
 //! The tunnel client against OpenSSH's sshd, started by the test as an ordinary process with
 //! throwaway host and client keys: a port range, a single forward and a reverse forward carry
-//! data intact (20 parallel connections through one port), a dropped connection is re-made and
+//! data intact (20 parallel connections through one port, spread over three SSH connections), a
+//! dropped connection is re-made and
 //! forwards work again, and a wrong host key is refused and said so.
 
 mod common;
@@ -38,8 +39,15 @@ async fn forwards_through_openssh_carry_data_and_survive_a_dropped_connection() 
     }];
     config.backoff_initial = Duration::from_millis(100);
     config.backoff_max = Duration::from_millis(500);
+    // Three SSH connections: forwarded connections are spread over them, the reverse rides on one.
+    config.connections = 3;
     let tunnel = Tunnel::start(config).await.unwrap();
     assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "status: {:?}", tunnel.status());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel.status().connections_up < 3 {
+        assert!(Instant::now() < deadline, "not all three connections came up: {:?}", tunnel.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let checks = tokio::task::spawn_blocking(move || {
         for i in 0..3 {

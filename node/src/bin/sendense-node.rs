@@ -73,6 +73,9 @@ struct ServeArgs {
     /// Reverse forwards REMOTE:LOCAL [default: 9081:8081].
     #[arg(long = "reverse")]
     reverse: Vec<String>,
+    /// SSH connections the tunnel spreads forwarded connections over [default: cores, at most 4].
+    #[arg(long = "tunnel-connections")]
+    tunnel_connections: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -163,6 +166,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             forward_range: (!a.forward_range.is_empty()).then_some(config::OneOrMany::Many(a.forward_range)),
             forwards: (!a.forward.is_empty()).then_some(config::OneOrMany::Many(a.forward)),
             reverse: (!a.reverse.is_empty()).then_some(config::OneOrMany::Many(a.reverse)),
+            connections: a.tunnel_connections,
         }),
         (None, t) => t,
     };

@@ -56,6 +56,9 @@ enum Cmd {
         /// Unanswered keepalives before reconnecting.
         #[arg(long, default_value_t = 3)]
         keepalive_count: usize,
+        /// SSH connections forwarded connections are spread over [default: cores, at most 4].
+        #[arg(long)]
+        connections: Option<usize>,
     },
     /// Accept node tunnels, allowing only the configured forwards (the hub side).
     Serve {
@@ -80,8 +83,9 @@ enum Cmd {
         /// Accept only this user name.
         #[arg(long)]
         user: Option<String>,
-        /// Connections one key may hold at once.
-        #[arg(long, default_value_t = 4)]
+        /// Connections one key may hold at once (a node opens up to 4, plus stale ones while it
+        /// reconnects).
+        #[arg(long, default_value_t = 8)]
         max_connections_per_key: usize,
         /// Channels one connection may hold at once.
         #[arg(long, default_value_t = 1024)]
@@ -109,6 +113,7 @@ async fn connect(cmd: Cmd) -> anyhow::Result<()> {
         mut reverse,
         keepalive_interval,
         keepalive_count,
+        connections,
     } = cmd
     else {
         bail!("internal: not a connect command");
@@ -139,6 +144,10 @@ async fn connect(cmd: Cmd) -> anyhow::Result<()> {
     }
     config.keepalive_interval = Duration::from_secs(keepalive_interval.max(1));
     config.keepalive_max = keepalive_count.max(1);
+    if let Some(n) = connections {
+        anyhow::ensure!((1..=8).contains(&n), "--connections must be 1 to 8, not {n}");
+        config.connections = n;
+    }
     let tunnel = Tunnel::start(config).await?;
     let mut last = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
