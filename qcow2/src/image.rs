@@ -455,13 +455,20 @@ impl Image {
         Ok(table)
     }
 
+    /// L1 entry `index` (0 past the table's end: unallocated). A poisoned lock is an error,
+    /// never an entry read as 0 (which would read as unallocated, or be allocated over).
+    pub(crate) fn l1_entry(&self, index: u64) -> Result<u64> {
+        let l1 = self.l1.read().map_err(|_| Error::Unsupported("L1 table lock poisoned".into()))?;
+        Ok(l1.get(index as usize).copied().unwrap_or(0))
+    }
+
     /// The mapping at guest `offset` and how many bytes it covers from there.
     ///
     /// # Errors
     /// A malformed table entry, or an I/O error loading an L2 table.
     pub fn mapping_at(&self, offset: u64) -> Result<(Mapping, u64)> {
         let (l1_index, l2_index, within) = self.geo.split(offset);
-        let l1_entry = self.l1.read().ok().and_then(|l1| l1.get(l1_index as usize).copied()).unwrap_or(0);
+        let l1_entry = self.l1_entry(l1_index)?;
         let l2_offset = layout::l1_entry_offset(l1_entry, l1_index, self.geo.cluster_bits)?;
         if l2_offset == 0 {
             let coverage = self.geo.l2_coverage();
@@ -519,7 +526,10 @@ impl Image {
             let pos = offset + done as u64;
             let (mapping, run) = self.mapping_at(pos)?;
             let n = run.min((buf.len() - done) as u64) as usize;
-            let Some(dst) = buf.get_mut(done..done + n) else { break };
+            // Never return with part of `buf` unfilled: the caller would send what was there.
+            let Some(dst) = buf.get_mut(done..done + n).filter(|d| !d.is_empty()) else {
+                return Err(Error::InvalidEntry { table: "L2", index: pos, value: run, reason: "empty mapping run" });
+            };
             match mapping {
                 Mapping::Unallocated => match &self.backing {
                     Some(b) => b.read_at(dst, pos)?,
@@ -530,9 +540,11 @@ impl Image {
                 Mapping::Compressed { host, length } => {
                     let cluster = self.read_compressed(host, length)?;
                     let within = (pos & (self.geo.cluster_size() - 1)) as usize;
-                    if let Some(src) = cluster.get(within..within + n) {
-                        dst.copy_from_slice(src);
-                    }
+                    let src = cluster.get(within..within + n).ok_or_else(|| Error::CorruptCompressedCluster {
+                        offset: host,
+                        reason: "decompressed cluster shorter than the read".into(),
+                    })?;
+                    dst.copy_from_slice(src);
                 }
             }
             done += n;

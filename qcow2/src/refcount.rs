@@ -48,7 +48,7 @@ impl Refcounts {
     pub fn load(file: &File, header: &Header, file_len: u64) -> Result<Self> {
         let cluster = 1u64 << header.cluster_bits;
         let bytes = u64::from(header.refcount_table_clusters) * cluster;
-        if header.refcount_table_offset + bytes > file_len {
+        if header.refcount_table_offset.checked_add(bytes).is_none_or(|end| end > file_len) {
             return Err(Error::InvalidHeader {
                 field: "refcount_table_offset",
                 value: header.refcount_table_offset,

@@ -280,7 +280,7 @@ impl Image {
     /// offset. Caller holds the write state.
     fn ensure_l2(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
         let l1_index = guest / self.geo.l2_entries();
-        let entry = self.l1.read().ok().and_then(|l1| l1.get(l1_index as usize).copied()).unwrap_or(0);
+        let entry = self.l1_entry(l1_index)?;
         let existing = layout::l1_entry_offset(entry, l1_index, self.geo.cluster_bits)?;
         if existing != 0 {
             return Ok(existing);

@@ -245,6 +245,14 @@ fn hostile_images_give_typed_errors_naming_the_field() {
     let l1 = Image::open(&p).unwrap().header().l1_table_offset;
     patch(&p, l1, &(0x8000_0000_0000_0000u64 | 1 << 40).to_be_bytes());
     assert!(matches!(Image::open(&p), Err(Error::InvalidEntry { table: "L1", .. })));
+    // A refcount table offset whose end overflows u64: an error, never a wrapped check.
+    let p = fresh("refcount.qcow2");
+    patch(&p, 48, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    let writable = qcow2::ImageOptions { writable: true, ..Default::default() };
+    assert!(Image::open_with(&p, &writable).is_err(), "opened for writing");
+    if let Ok(img) = Image::open(&p) {
+        assert!(img.check().is_err(), "checked");
+    }
     // Truncated file.
     let p = fresh("trunc.qcow2");
     std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(50).unwrap();

@@ -296,8 +296,11 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Vec<u8>
         if hole {
             continue;
         }
+        // A piece outside the buffer would leave pool bytes of an earlier request in the reply.
         let Some(buf) = data.get_mut(rel as usize..(rel + n) as usize) else {
-            continue;
+            bump(&export.counters.errors, 1);
+            tracing::error!(export = %export.name, offset = req.offset, "internal: read piece outside its buffer");
+            return error_reply(req, l, errno::EIO, "internal error: read piece outside its buffer");
         };
         if let Err(e) = export.backend.read(req.offset + rel, buf).await {
             bump(&export.counters.errors, 1);
