@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, Qcow2Backend, Server, ServerConfig};
-use qcow2::{Image, ImageOptions};
+use qcow2::Image;
 
 /// How long closing waits for clients to drain.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -73,7 +73,7 @@ impl Exports {
                     .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?,
             )
         } else {
-            let image = Image::open_with(image_path, &ImageOptions { writable: !read_only, ..Default::default() })
+            let image = Image::open_with(image_path, &crate::repo::image_options(image_path, !read_only))
                 .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
             Arc::new(Qcow2Backend::from_image(Arc::new(image)))
         };

@@ -138,6 +138,18 @@ impl Repo {
     }
 }
 
+/// How the hub opens an image of its repository: backing formats never guessed, and the
+/// backing chain kept inside the VM's directory (`REPO/VM/`), where the hub put it.
+pub fn image_options(image: &Path, writable: bool) -> qcow2::ImageOptions {
+    let vm_dir = image.parent().and_then(Path::parent).map(Path::to_path_buf);
+    qcow2::ImageOptions {
+        writable,
+        probe_backing_format: false,
+        confine_backing_to: vm_dir,
+        ..qcow2::ImageOptions::default()
+    }
+}
+
 /// `disk-KEY.qcow2`.
 pub fn disk_file(key: u32) -> String {
     format!("disk-{key}.qcow2")

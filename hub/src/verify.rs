@@ -49,7 +49,7 @@ pub fn verify_disk(path: &Path, disk_key: u32, expected: Option<&str>) -> DiskVe
 /// Verify a backup image just written, reusing the block hashes its backing file left
 /// (`disk-KEY.blocks` beside it) and leaving its own for its children.
 pub fn verify_new_backup_disk(path: &Path, disk_key: u32, expected: Option<&str>) -> DiskVerdict {
-    let parent = Image::open(path)
+    let parent = Image::open_with(path, &crate::repo::image_options(path, false))
         .ok()
         .and_then(|img| img.header().backing_file.clone())
         .map(|name| qcow2::image::resolve_backing(path, &name).with_extension("blocks"))
@@ -91,7 +91,7 @@ pub fn verify_disk_on(
         };
         return (verdict, None);
     }
-    let image = match Image::open(path) {
+    let image = match Image::open_with(path, &crate::repo::image_options(path, false)) {
         Ok(i) => i,
         Err(e) => {
             let verdict = DiskVerdict {

@@ -230,3 +230,34 @@ async fn removing_an_export_cuts_a_client_that_stopped_reading_once_the_deadline
     assert_eq!(stats.connections_active, 0, "{stats:?}");
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_stream_takes_a_client_slot_and_shutdown_waits_for_it() {
+    let server = Server::new(ServerConfig { max_clients: 1, ..ServerConfig::default() });
+    server.add_export(ExportConfig::new("mem", Arc::new(MemoryBackend::new(1 << 20)))).unwrap();
+    let stream_client = |server: &Server| {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let s = server.clone();
+        let served = tokio::spawn(async move { s.serve_stream(theirs, nbd_server::Scope::All).await });
+        let (r, w) = tokio::io::split(ours);
+        (served, async move { Client::handshake(r, w, &ClientOptions::new("mem")).await })
+    };
+    let (first_served, first) = stream_client(&server);
+    let first = first.await.unwrap();
+    first.write(0, &[7u8; 4096], false).await.unwrap();
+    // The only slot is taken: a second stream is refused (dropped before the handshake).
+    let (second_served, second) = stream_client(&server);
+    assert!(second.await.is_err(), "a second stream got past the client limit");
+    second_served.await.unwrap();
+    // Shutdown waits for the stream's connection (and flushes), then the stream is done.
+    let shutdown = {
+        let s = server.clone();
+        tokio::spawn(async move { s.shutdown().await })
+    };
+    drop(first);
+    shutdown.await.unwrap().unwrap();
+    first_served.await.unwrap();
+    // After shutdown began, a stream is not served at all.
+    let (_, late) = stream_client(&server);
+    assert!(late.await.is_err());
+}

@@ -31,11 +31,31 @@ pub struct ImageOptions {
     pub writable: bool,
     /// Bytes of L2 tables to cache.
     pub l2_cache_bytes: u64,
+    /// Guess a backing file's format from its first bytes when the image does not record it
+    /// (qemu-img's old behaviour, the default). A service opening images it did not make itself
+    /// turns this off: a raw backing file that starts like a qcow2 header would otherwise be read
+    /// as one, with its "backing file" reaching anywhere.
+    pub probe_backing_format: bool,
+    /// Every backing file must resolve (symlinks followed) to a path inside this directory.
+    pub confine_backing_to: Option<std::path::PathBuf>,
 }
 
 impl Default for ImageOptions {
     fn default() -> Self {
-        Self { writable: false, l2_cache_bytes: DEFAULT_L2_CACHE_BYTES }
+        Self {
+            writable: false,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            probe_backing_format: true,
+            confine_backing_to: None,
+        }
+    }
+}
+
+impl ImageOptions {
+    /// Read-only, backing formats never guessed, the chain kept inside `dir`: how a service
+    /// opens images in a repository it owns.
+    pub fn confined(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { probe_backing_format: false, confine_backing_to: Some(dir.into()), ..Self::default() }
     }
 }
 
@@ -314,11 +334,19 @@ impl Image {
             None => None,
             Some(name) => {
                 let base = resolve_backing(path, name);
+                if let Some(dir) = &opts.confine_backing_to {
+                    confine(&base, dir)?;
+                }
                 let format = match header.backing_format().as_deref() {
                     Some("qcow2") => BackingFormat::Qcow2,
                     Some("raw") => BackingFormat::Raw,
                     Some(other) => return Err(Error::Unsupported(format!("backing format '{other}'"))),
-                    None => probe_format(&base)?,
+                    None if opts.probe_backing_format => probe_format(&base)?,
+                    None => {
+                        return Err(Error::Unsupported(format!(
+                            "backing file '{name}' has no recorded format, and guessing it is turned off"
+                        )))
+                    }
                 };
                 Some(match format {
                     BackingFormat::Qcow2 => {
@@ -778,6 +806,18 @@ fn feature_table() -> Extension {
     entry(2, 0, "bitmaps");
     entry(2, 1, "raw external data");
     Extension { kind: header::ext::FEATURE_TABLE, data }
+}
+
+/// `base` (symlinks resolved) must lie inside `dir`.
+fn confine(base: &Path, dir: &Path) -> Result<()> {
+    let outside = || Error::Unsupported(format!("backing file {} lies outside {}", base.display(), dir.display()));
+    let real = base.canonicalize().map_err(|source| Error::Open { path: base.to_path_buf(), source })?;
+    let dir = dir.canonicalize().map_err(|source| Error::Open { path: dir.to_path_buf(), source })?;
+    if real.starts_with(&dir) {
+        Ok(())
+    } else {
+        Err(outside())
+    }
 }
 
 /// Resolve a backing name against the directory of the image that names it.

@@ -282,3 +282,43 @@ fn hostile_images_give_typed_errors_naming_the_field() {
     let top = d.join(format!("c{}.qcow2", qcow2::image::MAX_BACKING_DEPTH + 1));
     assert!(matches!(Image::open(&top), Err(Error::BackingChainTooDeep { .. })));
 }
+
+#[test]
+fn a_confined_open_refuses_a_chain_leaving_its_directory_and_a_format_it_would_have_to_guess() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vm = d.join("repo/vm");
+    std::fs::create_dir_all(vm.join("b1")).unwrap();
+    std::fs::create_dir_all(vm.join("b2")).unwrap();
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    let outside = d.join("elsewhere/base.qcow2");
+    Image::create(&outside, &CreateOptions::new(1 << 20)).unwrap();
+    Image::create(&vm.join("b1/disk.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
+    let confined = qcow2::ImageOptions::confined(&vm);
+
+    // Inside, format recorded: fine.
+    let good = vm.join("b2/good.qcow2");
+    Image::create(&good, &CreateOptions::overlay("../b1/disk.qcow2", BackingFormat::Qcow2)).unwrap();
+    Image::open_with(&good, &confined).unwrap();
+    // An absolute path out of the directory, and a symlink inside it that leads out.
+    let abs = vm.join("b2/abs.qcow2");
+    Image::create(&abs, &CreateOptions::overlay(outside.display().to_string(), BackingFormat::Qcow2)).unwrap();
+    Image::open(&abs).unwrap();
+    let err = Image::open_with(&abs, &confined).err().expect("left the directory");
+    assert!(err.to_string().contains("outside"), "{err}");
+    std::os::unix::fs::symlink(&outside, vm.join("b1/link.qcow2")).unwrap();
+    let linked = vm.join("b2/linked.qcow2");
+    Image::create(&linked, &CreateOptions::overlay("../b1/link.qcow2", BackingFormat::Qcow2)).unwrap();
+    assert!(Image::open_with(&linked, &confined).is_err(), "a symlink does not get out");
+    // No backing format recorded (its extension renamed to one readers skip): guessed by
+    // default, refused when guessing is off.
+    let unrecorded = vm.join("b2/unrecorded.qcow2");
+    Image::create(&unrecorded, &CreateOptions::overlay("../b1/disk.qcow2", BackingFormat::Qcow2)).unwrap();
+    let mut bytes = std::fs::read(&unrecorded).unwrap();
+    let at = bytes.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).expect("backing format extension");
+    bytes[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(&unrecorded, bytes).unwrap();
+    Image::open(&unrecorded).unwrap();
+    let err = Image::open_with(&unrecorded, &confined).err().expect("guessed");
+    assert!(err.to_string().contains("no recorded format"), "{err}");
+}

@@ -263,7 +263,8 @@ fn a_4_tib_image_takes_scattered_writes_with_bounded_metadata_caches() {
     let size = 4u64 << 40;
     Image::create(&p, &CreateOptions::new(size)).unwrap();
     {
-        let img = Image::open_with(&p, &ImageOptions { writable: true, l2_cache_bytes: 1 << 20 }).unwrap();
+        let img = Image::open_with(&p, &ImageOptions { writable: true, l2_cache_bytes: 1 << 20, ..Default::default() })
+            .unwrap();
         let mut r = Rng(7);
         for i in 0..400u64 {
             let off = (r.next() % (size / 4096)) * 4096;

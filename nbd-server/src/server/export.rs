@@ -189,6 +189,11 @@ impl Export {
 
     /// Take a connection place, or say the export is full.
     pub fn attach(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        // An export being removed takes no new connection, even with slots free.
+        if self.closing.is_cancelled() {
+            bump(&self.counters.connections_refused, 1);
+            return None;
+        }
         let mut current = self.active.load(Ordering::Acquire);
         loop {
             if current >= self.max_connections {

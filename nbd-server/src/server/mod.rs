@@ -249,13 +249,27 @@ impl Server {
         }
     }
 
-    /// Serve one already-established byte stream (an SSH channel, a test pipe...).
+    /// Serve one already-established byte stream (an SSH channel, a test pipe...), under the
+    /// same rules as an accepted socket: it takes a client slot (refused, the stream dropped, when
+    /// none is free or shutdown has begun) and shutdown waits for it. Returns when it ends.
     pub async fn serve_stream<S>(&self, stream: S, scope: Scope)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        if self.is_shutting_down() {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.shared.clients).try_acquire_owned() else {
+            tracing::warn!("stream refused: the server's client limit is reached");
+            return;
+        };
         let (r, w) = tokio::io::split(stream);
-        connection::serve(r, w, "stream".to_string(), Arc::new(scope), Arc::clone(&self.shared)).await;
+        let shared = Arc::clone(&self.shared);
+        let task = self.shared.tracker.spawn(async move {
+            connection::serve(r, w, "stream".to_string(), Arc::new(scope), shared).await;
+            drop(permit);
+        });
+        let _ = task.await;
     }
 
     async fn client_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
