@@ -202,8 +202,11 @@ async fn bad_request_magic_closes_the_connection() {
     s.write_all(&[0x55u8; 28]).await.unwrap();
     closed(&mut s).await;
     // The place is released: the single-connection export takes a new client.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(server.export_stats("e").unwrap().connections_active, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.export_stats("e").unwrap().connections_active != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the connection's place was not released");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     still_serves(port).await;
 }
 
@@ -246,7 +249,13 @@ async fn shutdown_completes_in_flight_writes_before_closing() {
         let c = c.clone();
         writes.push(tokio::spawn(async move { (i, c.write(i * 65536, &vec![i as u8 + 1; 65536], false).await) }));
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Shut down once the server is working on them (the first bytes have landed), not after a
+    // guessed delay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.export_stats("e").unwrap().bytes_written == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no write reached the server");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     server.shutdown().await.unwrap();
     let mut acknowledged = 0;
     for w in writes {

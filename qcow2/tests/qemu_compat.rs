@@ -304,7 +304,7 @@ fn a_confined_open_refuses_a_chain_leaving_its_directory_and_a_format_it_would_h
     let abs = vm.join("b2/abs.qcow2");
     Image::create(&abs, &CreateOptions::overlay(outside.display().to_string(), BackingFormat::Qcow2)).unwrap();
     Image::open(&abs).unwrap();
-    let err = Image::open_with(&abs, &confined).err().expect("left the directory");
+    let Err(err) = Image::open_with(&abs, &confined) else { panic!("left the directory") };
     assert!(err.to_string().contains("outside"), "{err}");
     std::os::unix::fs::symlink(&outside, vm.join("b1/link.qcow2")).unwrap();
     let linked = vm.join("b2/linked.qcow2");
@@ -319,6 +319,6 @@ fn a_confined_open_refuses_a_chain_leaving_its_directory_and_a_format_it_would_h
     bytes[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
     std::fs::write(&unrecorded, bytes).unwrap();
     Image::open(&unrecorded).unwrap();
-    let err = Image::open_with(&unrecorded, &confined).err().expect("guessed");
+    let Err(err) = Image::open_with(&unrecorded, &confined) else { panic!("guessed the backing format") };
     assert!(err.to_string().contains("no recorded format"), "{err}");
 }

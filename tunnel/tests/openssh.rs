@@ -74,7 +74,11 @@ async fn forwards_through_openssh_carry_data_and_survive_a_dropped_connection() 
 
     // Drop the SSH connection: the tunnel reconnects and forwards work again.
     sshd.stop();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tunnel.status().connected_since.is_some() {
+        assert!(Instant::now() < deadline, "the dropped connection was not noticed: {:?}", tunnel.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut sshd = Sshd::start(d, ssh_port);
     let deadline = Instant::now() + Duration::from_secs(15);
     while tunnel.status().reconnects < 1 {
