@@ -18,50 +18,17 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+use crate::hub::{free_port, free_ports, wait_port, Proc};
+use crate::mover::{change_one_percent, children_cpu};
 use crate::peers::{cpu_seconds, settle};
 use crate::report::Report;
 use crate::tunnel::Keys;
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn free_ports(n: u16) -> anyhow::Result<u16> {
-    for _ in 0..500 {
-        let base = free_port()?;
-        if base < 65000 - n && (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    bail!("no {n} consecutive free ports")
-}
-
-fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(s) = child.try_wait()? {
-            bail!("process exited before listening on {port}: {s}");
-        }
-        anyhow::ensure!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// CPU seconds of `pid` and every live process below it.
 fn tree_cpu(pid: u32) -> f64 {
@@ -88,15 +55,6 @@ fn tree_cpu(pid: u32) -> f64 {
     total
 }
 
-/// CPU seconds of waited-for children of this process.
-fn children_cpu() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
-    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else { return f64::NAN };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-    (ticks(13) + ticks(14)) / 100.0
-}
-
 /// Fill 1 MiB runs: `kind(i)` says what run `i` is (0 hole, 1 zeroes, 2 random).
 fn make_disk(path: &Path, mib: u64, seed: u64, kind: impl Fn(u64) -> u8) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(path);
@@ -121,27 +79,6 @@ fn make_disk(path: &Path, mib: u64, seed: u64, kind: impl Fn(u64) -> u8) -> anyh
     }
     f.sync_all()?;
     Ok(())
-}
-
-/// Rewrite 1% of the 64 KiB clusters (spread evenly); returns the bytes changed.
-fn change_one_percent(path: &Path, seed: u64) -> anyhow::Result<u64> {
-    let f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let clusters = f.metadata()?.len() / 65536;
-    let mut x = seed | 1;
-    let mut data = vec![0u8; 65536];
-    let mut changed = 0;
-    for c in (0..clusters).step_by(100) {
-        for chunk in data.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all_at(&data, c * 65536)?;
-        changed += 65536;
-    }
-    f.sync_all()?;
-    Ok(changed)
 }
 
 /// A hub and a node as processes, joined through the hub's SSH endpoint or over direct TCP.
@@ -391,7 +328,7 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
         // incremental, timed; the old design could only copy everything again.
         settle(&incr);
         let (_, _, full) = tunnelled.backup("incr", "full")?;
-        let changed = change_one_percent(&incr, 0x1234 + 2 * rep as u64)?;
+        let changed = change_one_percent(&incr, mib, 0x1234 + 2 * rep as u64)?;
         settle(&incr);
         let (secs, cpu, inc) = tunnelled.backup("incr", "incremental")?;
         anyhow::ensure!(inc["backup_type"] == "incremental", "not an incremental: {inc}");

@@ -18,11 +18,11 @@ use serde_json::{json, Value};
 
 use crate::report::Report;
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn free_ports(n: u16) -> anyhow::Result<u16> {
+pub fn free_ports(n: u16) -> anyhow::Result<u16> {
     for _ in 0..500 {
         let base = free_port()?;
         if base < 65000 - n && (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
@@ -32,7 +32,7 @@ fn free_ports(n: u16) -> anyhow::Result<u16> {
     bail!("no {n} consecutive free ports")
 }
 
-fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
+pub fn wait_port(port: u16, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Some(s) = child.try_wait()? {
@@ -53,7 +53,8 @@ fn pss_kib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-struct Proc(Child);
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {

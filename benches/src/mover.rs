@@ -17,7 +17,7 @@ use crate::peers::{fresh_qcow2, make_source, settle, start, Kind};
 use crate::report::Report;
 
 /// CPU seconds of waited-for children of this process.
-fn children_cpu() -> f64 {
+pub fn children_cpu() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
     let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else { return f64::NAN };
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -48,7 +48,7 @@ fn make_sparse(path: &Path, mib: u64) -> anyhow::Result<()> {
 
 /// Rewrite 1% of the 64 KiB clusters of `path` (spread evenly) with fresh bytes; returns the
 /// bytes changed.
-fn change_one_percent(path: &Path, mib: u64, seed: u64) -> anyhow::Result<u64> {
+pub fn change_one_percent(path: &Path, mib: u64, seed: u64) -> anyhow::Result<u64> {
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
     let clusters = (mib << 20) / 65536;
     let mut x = seed | 1;
