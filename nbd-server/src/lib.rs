@@ -49,7 +49,8 @@ pub mod proto;
 pub mod server;
 
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, Qcow2Backend, ZeroFlags,
+    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, Qcow2Backend, Tuned, Tuning,
+    ZeroFlags,
 };
 pub use client::{Client, ClientError, ClientOptions, ExportInfo};
 pub use proto::transmission::Extent;

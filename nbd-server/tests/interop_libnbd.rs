@@ -215,3 +215,28 @@ print("ok")
     let check = run(Command::new(require("qemu-img")).arg("check").arg(&image));
     assert!(check.status.success());
 }
+
+#[test]
+fn cache_aio_and_discard_modes_are_honoured_or_refused_never_ignored() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "d.raw", 4 << 20);
+    // Not implemented: refused with a line that says so, before anything is served.
+    for flag in ["--cache=none", "--cache=directsync", "--aio=native", "--aio=io_uring", "--cache=bogus"] {
+        let out = Command::new(sendense_nbd()).args(["-f", "raw", "-x", "e", flag]).arg(&file).output().unwrap();
+        assert!(!out.status.success(), "{flag} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not implemented") || err.contains("invalid value"), "{flag}: {err}");
+    }
+    // discard=ignore: TRIM is not offered.
+    let peer = start_sendense(&file, "noTrim", &["--discard=ignore"]);
+    let out = run(Command::new("nbdinfo").args(["--json", &peer.url()]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exports"][0]["can_trim"], false, "{v}");
+    // cache=unsafe serves (writes land, flush succeeds as a no-op).
+    let peer = start_sendense(&file, "fast", &["--cache=unsafe", "--aio=threads"]);
+    let src = write_file(dir.path(), "src.raw", &pattern(1 << 20, 5));
+    run(Command::new("nbdcopy").args(["--flush"]).arg(&src).arg(peer.url()));
+    drop(peer);
+    assert_eq!(&std::fs::read(&file).unwrap()[..1 << 20], &std::fs::read(&src).unwrap()[..]);
+}

@@ -11,10 +11,12 @@
 mod file;
 mod memory;
 mod qcow2_image;
+mod tuned;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
 pub use qcow2_image::Qcow2Backend;
+pub use tuned::{Tuned, Tuning};
 
 use crate::proto::transmission::Extent;
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
-use nbd_server::{Backend, ExportConfig, FileBackend, Qcow2Backend, Scope, Server, ServerConfig};
+use nbd_server::{Backend, ExportConfig, FileBackend, Qcow2Backend, Scope, Server, ServerConfig, Tuned, Tuning};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -54,15 +54,17 @@ struct Args {
     /// Write the process id here once listening.
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
-    /// Accepted for qemu-nbd compatibility; the page cache is always used.
-    #[arg(long = "cache", hide = true)]
-    cache: Option<String>,
-    /// Accepted for qemu-nbd compatibility; ignored.
-    #[arg(long = "aio", hide = true)]
-    aio: Option<String>,
-    /// Accepted for qemu-nbd compatibility; TRIM always punches holes.
-    #[arg(long = "discard", hide = true)]
-    discard: Option<String>,
+    /// Cache mode as qemu-nbd names it: writeback (the page cache, flushes honoured; the
+    /// default) or unsafe (flush and FUA do nothing). none/directsync/writethrough are refused.
+    #[arg(long = "cache", value_enum, default_value = "writeback")]
+    cache: CacheMode,
+    /// Asynchronous I/O as qemu-nbd names it: threads (what this server does). native and
+    /// io_uring are refused.
+    #[arg(long = "aio", value_enum, default_value = "threads")]
+    aio: AioMode,
+    /// TRIM: unmap (punch holes, the default here) or ignore/off (not offered).
+    #[arg(long = "discard", value_enum, default_value = "unmap")]
+    discard: DiscardMode,
     /// Serve a fresh 1 GiB sparse scratch image (in a temporary directory) as export "demo".
     #[arg(long)]
     demo: bool,
@@ -70,17 +72,64 @@ struct Args {
     file: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CacheMode {
+    Writeback,
+    Unsafe,
+    None,
+    Directsync,
+    Writethrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AioMode {
+    Threads,
+    Native,
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DiscardMode {
+    Unmap,
+    On,
+    Ignore,
+    Off,
+}
+
+/// What the cache/aio/discard flags ask for, or a clear refusal of what is not implemented:
+/// accepting a mode and doing something else would be a lie about durability or memory.
+fn tuning(args: &Args) -> anyhow::Result<Tuning> {
+    match args.cache {
+        CacheMode::Writeback | CacheMode::Unsafe => {}
+        other => bail!(
+            "--cache={} is not implemented (O_DIRECT / write-through); use writeback or unsafe",
+            format!("{other:?}").to_lowercase()
+        ),
+    }
+    if args.aio != AioMode::Threads {
+        bail!(
+            "--aio={} is not implemented; this server uses threads",
+            if args.aio == AioMode::Native { "native" } else { "io_uring" }
+        );
+    }
+    Ok(Tuning::default()
+        .skip_flush(args.cache == CacheMode::Unsafe)
+        .no_trim(matches!(args.discard, DiscardMode::Ignore | DiscardMode::Off)))
+}
+
 fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+    let tuning = tuning(args)?;
     match args.format {
         Format::Raw => {
             let b =
                 FileBackend::open(path, args.read_only).with_context(|| format!("cannot open '{}'", path.display()))?;
-            Ok(Arc::new(b))
+            Ok(Arc::new(Tuned::new(b, tuning)))
         }
         Format::Qcow2 => {
             let b = Qcow2Backend::open(path, args.read_only)
                 .with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
-            Ok(Arc::new(b))
+            Ok(Arc::new(Tuned::new(b, tuning)))
         }
     }
 }
