@@ -19,6 +19,8 @@
 //! - `e2e`: a full backup end to end (sendense-hub + sendense-node through the hub's SSH
 //!   endpoint, and over direct TCP) against the old design (qemu-nbd + OpenSSH `ssh -L` +
 //!   nbdcopy): random, realistic, and a 1% incremental.
+//! - `wan`: NBD through the tunnel and through `ssh -L` across a delay proxy (round trips of
+//!   0, 10, 20 and 50 ms).
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
@@ -29,6 +31,7 @@ mod mover;
 mod peers;
 mod report;
 mod tunnel;
+mod wan;
 
 use std::path::PathBuf;
 
@@ -37,7 +40,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, tunnel, node, hub, e2e, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, tunnel, node, hub, e2e, wan, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -87,6 +90,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("e2e") {
         e2e::e2e_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("wan") {
+        wan::wan_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;

@@ -236,6 +236,10 @@ pub struct TunnelView {
     /// SSH connections up now (forwarded connections are spread over them).
     #[serde(default)]
     pub ssh_connections: usize,
+    /// `off`, `connecting`, `up`, `retrying` (transient failure), `refused` (host key mismatch
+    /// or our key refused: needs the operator), `stopped`.
+    #[serde(default)]
+    pub state: String,
 }
 
 /// Every error answer.

@@ -211,6 +211,7 @@ pub fn tunnel_view(s: &AppState) -> TunnelView {
             bytes_to_hub: 0,
             bytes_from_hub: 0,
             ssh_connections: 0,
+            state: "off".into(),
         };
     };
     let st = t.status();
@@ -226,6 +227,14 @@ pub fn tunnel_view(s: &AppState) -> TunnelView {
         bytes_to_hub: st.bytes_to_hub,
         bytes_from_hub: st.bytes_from_hub,
         ssh_connections: st.connections_up,
+        state: match st.state {
+            tunnel::State::Connecting => "connecting",
+            tunnel::State::Up => "up",
+            tunnel::State::Retrying => "retrying",
+            tunnel::State::Refused => "refused",
+            _ => "stopped",
+        }
+        .into(),
     }
 }
 

@@ -53,6 +53,8 @@ async fn a_backup_through_the_tunnel_finishes_correctly_after_the_ssh_connection
         assert!(Instant::now() < deadline, "tunnel never came up: {:?}", direct.tunnel().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let view = direct.tunnel().await.unwrap();
+    assert_eq!(view.state, "up", "{view:?}");
     // The hub calls the node through the reverse forward, as it does in production.
     let client = NodeClient::new(format!("http://127.0.0.1:{reverse_port}"), None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);

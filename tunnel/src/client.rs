@@ -144,9 +144,29 @@ pub enum TunnelError {
     },
 }
 
+/// Where the tunnel's first SSH connection stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State {
+    /// The first attempt is under way.
+    #[default]
+    Connecting,
+    /// Up.
+    Up,
+    /// Down after a transient failure (network, hub restarting); retried with backoff.
+    Retrying,
+    /// Refused for a reason that will not fix itself: the hub's host key does not match, or the
+    /// hub refused our key. Still retried, at the longest backoff, until the operator fixes it.
+    Refused,
+    /// Shut down by [`Tunnel::shutdown`].
+    Stopped,
+}
+
 /// What the tunnel is doing, for the node's API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
+    /// Where the first connection stands.
+    pub state: State,
     /// Since when the current connection is up (`None` while down).
     pub connected_since: Option<SystemTime>,
     /// Connections made after the first.
@@ -169,6 +189,8 @@ struct Shared {
     open: AtomicU64,
     up: AtomicU64,
     down: AtomicU64,
+    /// Set when the tunnel stops: forwarded connections end and let go of their session.
+    stop: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -193,6 +215,9 @@ pub struct Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
+        // Forwarded connections hold the session: end them too, or the SSH connection would
+        // outlive the tunnel.
+        self.shared.stop.send_replace(true);
         for t in &self.tasks {
             t.abort();
         }
@@ -253,6 +278,27 @@ impl Tunnel {
         s.bytes_from_hub = self.shared.down.load(Ordering::Relaxed);
         s.connections_up = self.session.borrow().iter().filter(|h| h.is_some()).count();
         s
+    }
+
+    /// Stop: no new forwarded connections, the open ones closed, every SSH connection ended with
+    /// a disconnect message (not left to time out on the hub), within a few seconds.
+    pub async fn shutdown(self) {
+        self.shared.stop.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let sessions: Vec<HubHandle> = self.session.borrow().iter().flatten().cloned().collect();
+        for h in sessions {
+            let _ = h.disconnect(russh::Disconnect::ByApplication, "tunnel shutting down", "en").await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.shared.set(|s| {
+            s.state = State::Stopped;
+            s.connected_since = None;
+        });
     }
 
     /// Wait until the tunnel is up (or `timeout` passes); true if it is.
@@ -401,14 +447,18 @@ async fn refuse(reply: ChannelOpenHandle, kind: &str) {
 /// Copy both ways between a TCP connection and a channel, counting bytes.
 async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, shared: &Shared) {
     shared.open.fetch_add(1, Ordering::Relaxed);
+    let mut stop = shared.stop.subscribe();
     let mut stream = channel.into_stream();
-    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF).await {
-        // Whichever side opened it, what the local TCP side sends goes to the hub.
-        Ok((to_hub, from_hub)) => {
-            shared.up.fetch_add(to_hub, Ordering::Relaxed);
-            shared.down.fetch_add(from_hub, Ordering::Relaxed);
-        }
-        Err(e) => tracing::debug!(error = %e, "forwarded connection ended with an error"),
+    tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, COPY_BUF, COPY_BUF) => match r {
+            // Whichever side opened it, what the local TCP side sends goes to the hub.
+            Ok((to_hub, from_hub)) => {
+                shared.up.fetch_add(to_hub, Ordering::Relaxed);
+                shared.down.fetch_add(from_hub, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "forwarded connection ended with an error"),
+        },
+        _ = stop.wait_for(|stopping| *stopping) => tracing::debug!("tunnel stopping; forwarded connection closed"),
     }
     shared.open.fetch_sub(1, Ordering::Relaxed);
 }
@@ -562,6 +612,7 @@ async fn supervise(
                 connections += 1;
                 if primary {
                     shared.set(|s| {
+                        s.state = State::Up;
                         s.connected_since = Some(SystemTime::now());
                         s.reconnects = connections - 1;
                     });
@@ -577,6 +628,7 @@ async fn supervise(
                 set_session(None);
                 if primary {
                     shared.set(|s| {
+                        s.state = State::Retrying;
                         s.connected_since = None;
                         s.last_error = Some("connection to the hub closed".into());
                     });
@@ -589,8 +641,20 @@ async fn supervise(
                 }
             }
             Err(e) => {
-                tracing::warn!(connection = index, error = %e, "tunnel connection failed");
-                shared.set(|s| s.last_error = Some(e.to_string()));
+                let refused = matches!(e, TunnelError::HostKey(_) | TunnelError::AuthRefused { .. });
+                if refused {
+                    // Retrying soon cannot help; keep trying slowly so a fixed hub is found again.
+                    tracing::error!(connection = index, error = %e, "tunnel refused; retrying at the longest backoff");
+                    delay = config.backoff_max;
+                } else {
+                    tracing::warn!(connection = index, error = %e, "tunnel connection failed");
+                }
+                shared.set(|s| {
+                    if primary {
+                        s.state = if refused { State::Refused } else { State::Retrying };
+                    }
+                    s.last_error = Some(e.to_string());
+                });
             }
         }
         // Jitter: between half and all of the delay.

@@ -22,7 +22,7 @@ pub mod endpoint;
 pub mod hostkey;
 pub mod spec;
 
-pub use client::{ClientConfig, Status, Tunnel, TunnelError};
+pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
 pub use hostkey::HostKeyPolicy;
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;

@@ -104,7 +104,9 @@ async fn a_wrong_host_key_is_refused_and_named() {
     config.connect_wait = Duration::from_millis(300);
     let tunnel = Tunnel::start(config).await.unwrap();
     assert!(!tunnel.wait_connected(Duration::from_secs(2)).await);
-    let err = tunnel.status().last_error.unwrap_or_default();
+    let status = tunnel.status();
+    assert_eq!(status.state, tunnel::State::Refused, "a host key mismatch is no transient failure: {status:?}");
+    let err = status.last_error.unwrap_or_default();
     assert!(
         err.contains("host key mismatch")
             && err.contains(&format!("127.0.0.1:{ssh_port}"))
@@ -173,4 +175,46 @@ async fn a_host_key_marked_revoked_is_refused_even_when_also_listed() {
         assert!(std::time::Instant::now() < deadline, "not refused as revoked: {err}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_forwarded_connections_and_the_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (identity, host_pub) = setup(d);
+    let ssh_port = free_port();
+    let _sshd = Sshd::start(d, ssh_port);
+    let kh = known_hosts(d, ssh_port, &host_pub);
+    let echo = echo_servers(1);
+    let listen = free_port();
+    let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
+    config.forwards = vec![LocalForward { listen: local(listen), remote_host: "127.0.0.1".into(), remote_port: echo }];
+    let tunnel = Tunnel::start(config).await.unwrap();
+    assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
+    // A forwarded connection that stays open (an echo round trip proves it is through).
+    let open = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut s = TcpStream::connect(local(listen)).unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+        s
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel.status().open_channels == 0 {
+        assert!(Instant::now() < deadline, "{:?}", tunnel.status());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tunnel.shutdown().await;
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut s = open;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        matches!(s.read(&mut b), Ok(0) | Err(_))
+    });
+    assert!(closed.await.unwrap(), "the forwarded connection was closed by shutdown");
+    assert!(TcpStream::connect(local(listen)).is_err(), "the listener is gone");
 }
