@@ -270,3 +270,67 @@ async fn shutdown_completes_in_flight_writes_before_closing() {
     assert!(acknowledged > 0);
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err(), "listener closed after shutdown");
 }
+
+/// The real in-memory backend with reads held until the test opens the gate: makes "requests
+/// still in flight" a state the test controls instead of a race.
+struct GatedReads {
+    inner: MemoryBackend,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl Backend for GatedReads {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> nbd_server::backend::BackendResult<()> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> nbd_server::backend::BackendResult<()> {
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> nbd_server::backend::BackendResult<()> {
+        self.inner.flush().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_gives_its_slot_back_while_its_requests_still_drain() {
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let server = Server::new(ServerConfig::default());
+    let backend = Arc::new(GatedReads { inner: MemoryBackend::new(SIZE), open });
+    server.add_export(ExportConfig::new("e", backend as Arc<dyn Backend>).max_connections(1)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+
+    // The only client sends 32 reads (held in the backend) and vanishes.
+    let mut a = transmitting(port).await;
+    let mut burst = Vec::new();
+    for i in 0..32u64 {
+        burst.extend_from_slice(&request(cmd::READ, i, i * 4096, 4096));
+    }
+    a.write_all(&burst).await.unwrap();
+    drop(a);
+    // Its place is free while those reads still wait: the next client gets in.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.export_stats("e").unwrap().connections_active != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the vanished client still holds the only slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut b = transmitting(port).await;
+    // Removal still waits for the old requests: it finishes only once they are let go.
+    let remover = {
+        let s = server.clone();
+        tokio::spawn(async move { s.remove_export("e").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!remover.is_finished(), "removal did not wait for requests still in flight");
+    gate.send_replace(true);
+    b.write_all(&request(cmd::DISC, 99, 0, 0)).await.unwrap();
+    drop(b);
+    tokio::time::timeout(Duration::from_secs(10), remover).await.unwrap().unwrap().unwrap();
+}

@@ -16,7 +16,9 @@
 //!
 //! Ending: NBD_CMD_DISC, EOF, a protocol violation, the export being removed or the server
 //! shutting down all stop the reader; in-flight requests still complete and their replies are
-//! still sent (the spec's "handle all outstanding requests"), then the socket closes.
+//! still sent (the spec's "handle all outstanding requests"), then the socket closes. The
+//! connection's `--shared` slot is given back as soon as the reader stops (a client that vanished
+//! holds no place while its last requests drain); removal waits for the drain itself.
 
 use std::sync::Arc;
 
@@ -141,6 +143,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let export = Arc::clone(session.export());
+    // Held until the last reply is written: removal waits for it.
+    let _activity = export.activity();
     let config = &shared.config;
     let limits = Limits {
         size: export.size(),
@@ -250,6 +254,9 @@ where
             let _ = tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await;
         });
     }
+    // The client is gone (or done): its place goes back to the export now, so a client arriving
+    // while the last requests finish is not refused for a slot nobody uses any more.
+    drop(session);
     // Let in-flight requests finish; the writer ends once every sender is gone.
     drop(tx);
     let _ = writer_task.await;

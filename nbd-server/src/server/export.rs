@@ -126,7 +126,10 @@ pub(crate) struct Export {
     pub read_only: bool,
     pub max_connections: usize,
     pub counters: Counters,
+    /// Clients attached (what `max_connections` limits): released as soon as a client is gone.
     active: AtomicUsize,
+    /// Connections still finishing requests (what removal waits for), client gone or not.
+    busy: AtomicUsize,
     /// Wakes `drain` when the last connection leaves.
     idle: Notify,
     /// Cancelled when the export is removed: its connections finish what is in flight and close.
@@ -147,6 +150,7 @@ impl Export {
             max_connections: config.max_connections.max(1),
             counters: Counters::default(),
             active: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             idle: Notify::new(),
             closing,
             hard,
@@ -214,11 +218,18 @@ impl Export {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Wait until no connection is attached.
+    /// Mark a connection as working on this export until the guard drops (its requests may
+    /// outlive its client slot).
+    pub fn activity(self: &Arc<Self>) -> Activity {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Activity { export: Arc::clone(self) }
+    }
+
+    /// Wait until no connection is attached and none is still finishing requests.
     pub async fn drained(&self) {
         loop {
             let notified = self.idle.notified();
-            if self.active_connections() == 0 {
+            if self.active_connections() == 0 && self.busy.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
@@ -242,6 +253,19 @@ impl Export {
             block_status: get(&c.block_status),
             caches: get(&c.caches),
             errors: get(&c.errors),
+        }
+    }
+}
+
+/// A connection still finishing requests on an export; released on drop.
+pub(crate) struct Activity {
+    export: Arc<Export>,
+}
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        if self.export.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.export.idle.notify_waiters();
         }
     }
 }
