@@ -435,8 +435,17 @@ impl server::Handler for EndpointSession {
         let bound = *port;
         let address = address.to_string();
         let counter = Arc::clone(&self.channels);
+        let max_channels = self.config.max_channels_per_connection;
         let task = tokio::spawn(async move {
             while let Ok((tcp, peer)) = listener.accept().await {
+                // Reverse channels count against the connection's channel limit like forward
+                // ones (counted from the accept, so connections waiting for the open count too):
+                // otherwise anyone reaching the hub's reverse port could pin the node's memory.
+                if counter.fetch_add(1, Ordering::Relaxed) >= max_channels {
+                    counter.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(port = bound, "reverse connection refused: channel limit reached");
+                    continue;
+                }
                 let handle = handle.clone();
                 let address = address.clone();
                 let counter = Arc::clone(&counter);
@@ -446,11 +455,11 @@ impl server::Handler for EndpointSession {
                         .channel_open_forwarded_tcpip(address, bound, peer.ip().to_string(), u32::from(peer.port()))
                         .await
                     {
-                        Ok(channel) => {
-                            counter.fetch_add(1, Ordering::Relaxed);
-                            pump(tcp, channel, counter).await;
+                        Ok(channel) => pump(tcp, channel, counter).await,
+                        Err(e) => {
+                            counter.fetch_sub(1, Ordering::Relaxed);
+                            tracing::debug!(error = ?e, "reverse channel refused by the client");
                         }
-                        Err(e) => tracing::debug!(error = ?e, "reverse channel refused by the client"),
                     }
                 });
             }

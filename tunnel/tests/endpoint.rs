@@ -323,3 +323,83 @@ async fn connections_that_do_not_log_in_are_bounded_and_closed_at_the_deadline()
     let tunnel = Tunnel::start(config).await.unwrap();
     assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_channels_count_against_the_connections_channel_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (_, host_pub) = setup(&d);
+    let reverse = free_port();
+    let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
+    let config = EndpointConfig {
+        host_key,
+        authorized: tunnel::authorized::parse(&std::fs::read_to_string(d.join("client_key.pub")).unwrap()).unwrap(),
+        user: None,
+        allow_direct: PortSet(vec![(1, 1)]),
+        allow_reverse: PortSet(vec![(reverse, reverse)]),
+        max_connections_per_key: 4,
+        max_channels_per_connection: 2,
+        policy: None,
+        login: LoginLimits::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub = Hub {
+        port: listener.local_addr().unwrap().port(),
+        task: tokio::spawn(tunnel::endpoint::serve(listener, config)),
+    };
+    known_hosts(&d, hub.port, &host_pub);
+    let hub_port = hub.port;
+    // A target that greets and keeps each connection open until its client closes it.
+    let target = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = std::io::Write::write_all(&mut s, b"abc");
+                    let _ = std::io::copy(&mut s, &mut std::io::sink());
+                });
+            }
+        });
+        port
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut client = ssh(&d, hub_port, "client_key", &["-N", "-R", &format!("{reverse}:127.0.0.1:{target}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(reverse);
+        let open = |port| {
+            let mut s = TcpStream::connect(local(port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 3];
+            let through = s.read_exact(&mut b).is_ok() && &b == b"abc";
+            (s, through)
+        };
+        // wait_listening's probe may still hold a channel for a moment: retry until two are up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (first, second) = loop {
+            let (a, ok_a) = open(reverse);
+            let (b, ok_b) = open(reverse);
+            if ok_a && ok_b {
+                break (a, b);
+            }
+            assert!(Instant::now() < deadline, "two reverse channels never came up together");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (_third, through) = open(reverse);
+        assert!(!through, "a third reverse channel got past a limit of 2");
+        // Give one back: a new one gets through again.
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !open(reverse).1 {
+            assert!(Instant::now() < deadline, "the released channel was never counted back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(second);
+        let _ = client.kill();
+        let _ = client.wait();
+    })
+    .await
+    .unwrap();
+}
