@@ -276,6 +276,7 @@ async fn shutdown_completes_in_flight_writes_before_closing() {
 struct GatedReads {
     inner: MemoryBackend,
     open: tokio::sync::watch::Receiver<bool>,
+    entered: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -284,6 +285,7 @@ impl Backend for GatedReads {
         self.inner.size()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> nbd_server::backend::BackendResult<()> {
+        self.entered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut open = self.open.clone();
         let _ = open.wait_for(|o| *o).await;
         self.inner.read(offset, buf).await
@@ -300,7 +302,7 @@ impl Backend for GatedReads {
 async fn a_vanished_client_gives_its_slot_back_while_its_requests_still_drain() {
     let (gate, open) = tokio::sync::watch::channel(false);
     let server = Server::new(ServerConfig::default());
-    let backend = Arc::new(GatedReads { inner: MemoryBackend::new(SIZE), open });
+    let backend = Arc::new(GatedReads { inner: MemoryBackend::new(SIZE), open, entered: Default::default() });
     server.add_export(ExportConfig::new("e", backend as Arc<dyn Backend>).max_connections(1)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -333,4 +335,47 @@ async fn a_vanished_client_gives_its_slot_back_while_its_requests_still_drain() 
     b.write_all(&request(cmd::DISC, 99, 0, 0)).await.unwrap();
     drop(b);
     tokio::time::timeout(Duration::from_secs(10), remover).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_connections_together_stay_within_the_server_wide_byte_budget() {
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let config = ServerConfig { max_payload: 256 << 10, max_buffered_bytes_total: 1 << 20, ..ServerConfig::default() };
+    let server = Server::new(config);
+    let backend = Arc::new(GatedReads { inner: MemoryBackend::new(SIZE), open, entered: Default::default() });
+    server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>).max_connections(4)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    let entered = || backend.entered.load(std::sync::atomic::Ordering::SeqCst);
+
+    // One client takes the whole budget: four 256 KiB reads, held in the backend.
+    let mut a = transmitting(port).await;
+    let mut burst = Vec::new();
+    for i in 0..4u64 {
+        burst.extend_from_slice(&request(cmd::READ, i, i * (256 << 10), 256 << 10));
+    }
+    a.write_all(&burst).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while entered() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the first client's reads never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Another client's read waits for budget: its buffer is not even allocated.
+    let mut b = transmitting(port).await;
+    b.write_all(&request(cmd::READ, 9, 0, 256 << 10)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(entered(), 4, "a read went past the server-wide budget");
+    // Budget comes back as replies go out: everything completes.
+    gate.send_replace(true);
+    for _ in 0..4 {
+        let (_, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut a)).await.unwrap();
+        assert_eq!(error, 0);
+        let mut data = vec![0u8; 256 << 10];
+        a.read_exact(&mut data).await.unwrap();
+    }
+    let (cookie, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut b)).await.unwrap();
+    assert_eq!((cookie, error), (9, 0));
+    assert_eq!(entered(), 5);
 }

@@ -1,8 +1,9 @@
 //! One client connection: handshake, then one reader, many request tasks, one writer.
 //!
-//! The reader takes a request permit *before* reading the next header and a byte-budget permit
-//! before allocating a payload or read buffer, so a connection never holds more than
-//! `max_in_flight` requests or `max_buffered_bytes` of data, whatever the client sends; when the
+//! The reader takes a request permit *before* reading the next header and byte-budget permits
+//! (the connection's, then the server's) before allocating a payload or read buffer, so a
+//! connection never holds more than `max_in_flight` requests or `max_buffered_bytes` of data, and
+//! all connections together no more than `max_buffered_bytes_total`, whatever clients send; when a
 //! budget is spent the reader simply stops reading the socket (TCP backpressure). Each accepted
 //! request runs in its own task, so replies may leave out of order as the spec allows; the
 //! permits travel with the reply and are released only once the writer has put it on the wire.
@@ -40,8 +41,8 @@ use super::{Scope, Shared};
 const MAX_OPTION_DATA: u32 = 64 * 1024;
 /// Payload buffers a connection keeps for reuse.
 const POOL_BYTES: usize = 16 * 1024 * 1024;
-/// Unit of the per-connection byte budget.
-const BUDGET_UNIT: u64 = 4096;
+/// Unit of the byte budgets (per connection and server-wide).
+pub(crate) const BUDGET_UNIT: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -134,7 +135,7 @@ where
 struct Outgoing {
     reply: Reply,
     _request: Option<OwnedSemaphorePermit>,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 async fn transmission<R, W>(mut reader: BufReader<R>, writer: W, session: Session, shared: &Arc<Shared>)
@@ -160,6 +161,7 @@ where
     let writer_task = tokio::spawn(write_loop(writer, rx, writer_gone.clone(), export.hard.clone(), Arc::clone(&pool)));
     let requests = Arc::new(Semaphore::new(config.max_in_flight));
     let budget_units = (config.max_buffered_bytes as u64 / BUDGET_UNIT).max(1);
+    let total_units = (config.max_buffered_bytes_total as u64 / BUDGET_UNIT).clamp(1, u64::from(u32::MAX)) as u32;
     let bytes = Arc::new(Semaphore::new(budget_units as usize));
     let stop = export.closing.clone();
     let mode = session.mode;
@@ -208,12 +210,20 @@ where
         }
         let need = if req.command == Command::Read { req.length.min(limits.max_payload) } else { plen };
         let units = need.div_ceil(BUDGET_UNIT).min(budget_units) as u32;
+        // The connection's budget first, then the server's: one connection cannot take more
+        // than its share, and all of them together no more than the total.
         let bytes_permit = if units > 0 {
-            tokio::select! {
-                p = Arc::clone(&bytes).acquire_many_owned(units) => match p { Ok(p) => Some(p), Err(_) => break },
+            let local = tokio::select! {
+                p = Arc::clone(&bytes).acquire_many_owned(units) => match p { Ok(p) => p, Err(_) => break },
                 _ = stop.cancelled() => break,
                 _ = writer_gone.cancelled() => break,
-            }
+            };
+            let global = tokio::select! {
+                p = Arc::clone(&shared.buffered).acquire_many_owned(units.min(total_units)) => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.cancelled() => break,
+                _ = writer_gone.cancelled() => break,
+            };
+            Some((local, global))
         } else {
             None
         };

@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// Payload and read-buffer bytes one connection may hold at once (at least `max_payload`).
     pub max_buffered_bytes: usize,
+    /// Payload and read-buffer bytes all connections together may hold at once (at least
+    /// `max_payload`): the bound on what clients can make the server allocate, whatever their
+    /// number. Connections over it stop reading until others' requests complete.
+    pub max_buffered_bytes_total: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
     /// Connections (handshaking or transmitting) the whole server accepts at once.
@@ -52,6 +56,7 @@ impl Default for ServerConfig {
             max_payload: 32 * 1024 * 1024,
             max_in_flight: 64,
             max_buffered_bytes: 64 * 1024 * 1024,
+            max_buffered_bytes_total: 1024 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             max_clients: 1024,
             shutdown_grace: Duration::from_secs(30),
@@ -93,6 +98,8 @@ pub(crate) struct Shared {
     pub hard_stop: CancellationToken,
     tracker: TaskTracker,
     clients: Arc<Semaphore>,
+    /// The server-wide byte budget, in `BUDGET_UNIT`s.
+    pub buffered: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -123,8 +130,12 @@ impl Server {
     /// A server with no exports yet.
     pub fn new(mut config: ServerConfig) -> Self {
         config.max_buffered_bytes = config.max_buffered_bytes.max(config.max_payload as usize);
+        config.max_buffered_bytes_total = config.max_buffered_bytes_total.max(config.max_payload as usize);
         config.max_in_flight = config.max_in_flight.max(1);
         let clients = Arc::new(Semaphore::new(config.max_clients.max(1)));
+        let total_units =
+            (config.max_buffered_bytes_total as u64 / connection::BUDGET_UNIT).clamp(1, u64::from(u32::MAX));
+        let buffered = Arc::new(Semaphore::new(total_units as usize));
         Self {
             shared: Arc::new(Shared {
                 registry: Registry::default(),
@@ -133,6 +144,7 @@ impl Server {
                 hard_stop: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 clients,
+                buffered,
             }),
         }
     }
