@@ -261,3 +261,37 @@ async fn a_served_stream_takes_a_client_slot_and_shutdown_waits_for_it() {
     let (_, late) = stream_client(&server);
     assert!(late.await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_connects_by_uri_over_tcp_and_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "q.raw", 16 << 20);
+    // qemu-nbd on TCP, by URI.
+    let peer = start_qemu_nbd(&file, "q");
+    let c =
+        Client::connect_uri(&format!("nbd://127.0.0.1:{}/q", peer.port), &ClientOptions::new("ignored")).await.unwrap();
+    exercise(&c, true).await;
+    c.disconnect().await.unwrap();
+    drop(peer);
+    // sendense-nbd on a Unix socket, by URI.
+    let sock = dir.path().join("s.sock");
+    let mut child = std::process::Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", "u", "-t", "-k"])
+        .arg(&sock)
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let uri = format!("nbd+unix:///u?socket={}", sock.display());
+    let c = Client::connect_uri(&uri, &ClientOptions::new("")).await.unwrap();
+    c.write(4096, &[9u8; 4096], true).await.unwrap();
+    assert_eq!(c.read(4096, 4096).await.unwrap(), vec![9u8; 4096]);
+    c.disconnect().await.unwrap();
+    assert!(Client::connect_uri("nbds://127.0.0.1/u", &ClientOptions::new("")).await.is_err(), "TLS refused");
+    let _ = child.kill();
+    let _ = child.wait();
+}
