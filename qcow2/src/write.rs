@@ -8,7 +8,14 @@
 //! backing file, compressed cluster, zeroes) and written; back under the lock the L2 entry is
 //! switched to it and the old host cluster released. A second writer to the same guest cluster
 //! waits for the first, then writes in place, so racing writers end with one cluster and both
-//! writes intact. Write order on disk: data, then refcounts (already durable), then L2, then L1.
+//! writes intact.
+//!
+//! Crash safety does not depend on the order the disk persists these writes in (nothing but the
+//! refcount reservation and FLUSH is a barrier; the code issues data, then a new L2 table's zeroes
+//! and its L1 entry, then the L2 entry): every cluster an entry may newly point at is fresh from
+//! the end of the file (zeroes until its own write lands) and has a durable refcount, so a pointer
+//! persisted without its target reads zeroes where an unacknowledged write was, never other data.
+//! FLUSH (`fdatasync`) makes everything before it durable. See `qcow2/DESIGN.md`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
