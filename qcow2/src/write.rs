@@ -10,12 +10,14 @@
 //! waits for the first, then writes in place, so racing writers end with one cluster and both
 //! writes intact.
 //!
-//! Crash safety does not depend on the order the disk persists these writes in (nothing but the
-//! refcount reservation and FLUSH is a barrier; the code issues data, then a new L2 table's zeroes
-//! and its L1 entry, then the L2 entry): every cluster an entry may newly point at is fresh from
-//! the end of the file (zeroes until its own write lands) and has a durable refcount, so a pointer
-//! persisted without its target reads zeroes where an unacknowledged write was, never other data.
-//! FLUSH (`fdatasync`) makes everything before it durable. See `qcow2/DESIGN.md`.
+//! Crash safety mostly does not depend on the order the disk persists these writes in (the code
+//! issues data, then a new L2 table's zeroes and its L1 entry, then the L2 entry): every cluster an
+//! entry may newly point at is fresh from the end of the file (zeroes until its own write lands)
+//! and has a durable refcount, so a pointer persisted without its target reads zeroes where an
+//! unacknowledged write was, never other data. The one exception is copy-on-write: a new cluster
+//! that carries older bytes (from the backing file or a compressed cluster) is made durable
+//! (`fdatasync`) before its L2 entry is written, so a crash cannot zero bytes written and flushed
+//! long before. FLUSH makes everything before it durable. See `qcow2/DESIGN.md`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -272,7 +274,13 @@ impl Image {
         if let Some(dst) = buf.get_mut(within..within + chunk.len()) {
             dst.copy_from_slice(chunk);
         }
-        self.file().write_all_at(&buf, host).map_err(Error::io("write", host))
+        self.file().write_all_at(&buf, host).map_err(Error::io("write", host))?;
+        // The new cluster carries bytes the guest wrote earlier (copied from the backing file or
+        // a compressed cluster), maybe long since flushed: they must be durable before the L2
+        // entry that stops pointing at their old home can be, or a crash would turn them into
+        // zeroes. (A cluster holding only new bytes needs no barrier: losing an unflushed write
+        // is allowed.)
+        self.file().sync_data().map_err(Error::io("fdatasync", host))
     }
 
     /// Whether the whole guest cluster starting at `start` currently reads as zeroes by
