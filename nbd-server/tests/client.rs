@@ -90,7 +90,17 @@ async fn client_and_server_agree_with_extended_and_compact_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_on_one_connection_covers_writes_made_on_another() {
-    let (server, port) = in_process(4, 8 << 20).await;
+    // A real file behind the export: FLUSH is an fdatasync of the one file both connections
+    // share, which is what makes CAN_MULTI_CONN honest.
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "shared.raw", 8 << 20);
+    let server = Server::new(ServerConfig::default());
+    let backend = Arc::new(nbd_server::FileBackend::open(&file, false).unwrap());
+    server.add_export(ExportConfig::new("mem", backend).max_connections(4)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
     let a = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
     let b = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
     assert!(a.info().flags & nbd_server::proto::consts::transmission_flags::CAN_MULTI_CONN != 0);
@@ -102,6 +112,7 @@ async fn flush_on_one_connection_covers_writes_made_on_another() {
     assert_eq!(stats.writes, 1);
     assert_eq!(stats.flushes, 1);
     assert_eq!(stats.bytes_read, 4096);
+    assert_eq!(&std::fs::read(&file).unwrap()[..4096], &[7u8; 4096][..], "in the file both connections share");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

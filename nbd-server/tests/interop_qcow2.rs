@@ -201,8 +201,13 @@ fn kill_9_during_a_four_connection_copy_never_corrupts_and_keeps_flushed_data() 
                 c.write(i as u64 * (1 << 20), chunk, false).await.unwrap();
             }
             c.flush().await.unwrap();
-            // Phase 2: four connections writing the rest, with no flush, until the kill.
+            // Phase 2: four connections writing the rest, with no flush, until the kill: it comes
+            // once a round-dependent number of writes were acknowledged, while the writers are
+            // provably still at it (none has finished its share).
+            let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let finished = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             for k in 0..4u64 {
+                let (acked, finished) = (acked.clone(), finished.clone());
                 tokio::spawn(async move {
                     let Ok(c) = nbd_server::Client::connect_tcp(("127.0.0.1", port), "c").await else { return };
                     let mut off = (16 << 20) + k * (256 << 10);
@@ -210,11 +215,23 @@ fn kill_9_during_a_four_connection_copy_never_corrupts_and_keeps_flushed_data() 
                         if c.write(off, &vec![(round + k) as u8 + 1; 256 << 10], false).await.is_err() {
                             return;
                         }
+                        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         off += 4 * (256 << 10);
                     }
+                    finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20 + round * 37 % 120)).await;
+            let threshold = 1 + round * 7;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while acked.load(std::sync::atomic::Ordering::SeqCst) < threshold {
+                assert!(std::time::Instant::now() < deadline, "round {round}: writes never got going");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert_eq!(
+                finished.load(std::sync::atomic::Ordering::SeqCst),
+                0,
+                "round {round}: writers done before the kill"
+            );
         });
         let mut peer = peer;
         peer.child.kill().unwrap(); // SIGKILL
