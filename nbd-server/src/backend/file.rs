@@ -4,8 +4,8 @@
 //! each other. They run on the calling runtime thread: for the request sizes NBD clients use
 //! (4 KiB to a few MiB against the page cache) the copy is cheaper than a hop to the blocking
 //! pool and back. The calls that wait on the device — `fdatasync` for FLUSH and FUA, and
-//! `fallocate` for TRIM and WRITE_ZEROES — run on tokio's blocking pool so a slow disk never
-//! stalls other connections' protocol work.
+//! `fallocate` for TRIM and WRITE_ZEROES — and the zero-writing fallback (a client-chosen length)
+//! run on tokio's blocking pool so a slow disk never stalls other connections' protocol work.
 //!
 //! Holes: TRIM punches them (`FALLOC_FL_PUNCH_HOLE`), WRITE_ZEROES punches them too unless the
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
@@ -78,17 +78,21 @@ impl FileBackend {
         self.blocking(op, offset, move |f| Ok(rustix::fs::fallocate(f, flags, offset, length)?)).await
     }
 
+    /// Write real zeroes over a range whose length the client chose (up to 4 GiB, more with
+    /// extended headers): on the blocking pool, never on a runtime thread other connections share.
     async fn write_zeroes_slowly(&self, offset: u64, length: u64) -> BackendResult<()> {
-        let zeroes = vec![0u8; ZERO_CHUNK.min(usize::try_from(length).unwrap_or(ZERO_CHUNK))];
-        let mut pos = offset;
-        let end = offset + length;
-        while pos < end {
-            let n = (end - pos).min(zeroes.len() as u64) as usize;
-            let chunk = zeroes.get(..n).unwrap_or_default();
-            self.file.write_all_at(chunk, pos).map_err(|e| BackendError::io("write zeroes", pos, e))?;
-            pos += n as u64;
-        }
-        Ok(())
+        self.blocking("write zeroes", offset, move |f| {
+            let zeroes = vec![0u8; ZERO_CHUNK.min(usize::try_from(length).unwrap_or(ZERO_CHUNK))];
+            let mut pos = offset;
+            let end = offset + length;
+            while pos < end {
+                let n = (end - pos).min(zeroes.len() as u64) as usize;
+                f.write_all_at(zeroes.get(..n).unwrap_or_default(), pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        })
+        .await
     }
 
     fn seek(&self, whence: SeekFrom) -> Result<Option<u64>, BackendError> {

@@ -62,7 +62,7 @@ enum Cmd {
     },
     /// Accept node tunnels, allowing only the configured forwards (the hub side).
     Serve {
-        /// Address to listen on.
+        /// Address to listen on (the default, every interface, is said on stderr at start).
         #[arg(long, default_value = "0.0.0.0:443")]
         listen: String,
         /// Host private key file.
@@ -213,6 +213,11 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, "tunnel endpoint listening");
+    if listener.local_addr().is_ok_and(|a| a.ip().is_unspecified()) {
+        // Nodes come from other machines, so every interface is the useful default; it is
+        // still a choice an operator should see, not find out about.
+        eprintln!("sendense-tunnel: listening on every interface ({listen}); pass --listen ADDR:PORT to restrict");
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tunnel::endpoint::serve(listener, config) => {}
