@@ -266,7 +266,7 @@ impl Image {
     ///
     /// # Errors
     /// The file cannot be opened, is not a valid qcow2 image, or its chain is broken.
-    pub fn open(path: &Path) -> Result<Self> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path, &ImageOptions::default())
     }
 
@@ -275,9 +275,9 @@ impl Image {
     /// # Errors
     /// As [`Image::open`], plus [`Error::ReadOnly`] when writing is asked of an image this
     /// crate will not write (corrupt bit, internal snapshots, unknown autoclear... see docs).
-    pub fn open_with(path: &Path, opts: &ImageOptions) -> Result<Self> {
+    pub fn open_with(path: impl AsRef<Path>, opts: &ImageOptions) -> Result<Self> {
         let mut seen = Vec::new();
-        Self::open_in_chain(path, opts, 0, &mut seen)
+        Self::open_in_chain(path.as_ref(), opts, 0, &mut seen)
     }
 
     fn open_in_chain(path: &Path, opts: &ImageOptions, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<Self> {
@@ -645,14 +645,23 @@ impl Image {
         Ok(out)
     }
 
-    /// Create a new image at `path` (which must not exist).
+    /// Create a new image at `path` (which must not exist) and return it open for writing.
     ///
     /// The layout is qemu-img's: header cluster, refcount table sized so it never has to grow
     /// for this virtual size, one refcount block, then the L1 table. Written, then fsynced.
     ///
     /// # Errors
     /// Invalid options, a missing backing file, or I/O.
-    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Self> {
+        let path = path.as_ref();
+        Self::create_file(path, opts)?;
+        // An image that cannot be opened (its chain too deep, say) is not left behind.
+        Self::open_with(path, &ImageOptions { writable: true, ..ImageOptions::default() }).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
+    }
+
+    fn create_file(path: &Path, opts: &CreateOptions) -> Result<()> {
         let bits = opts.cluster_bits;
         if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
             return Err(Error::InvalidOption { option: "cluster_bits", reason: format!("{bits} is outside 9..=21") });

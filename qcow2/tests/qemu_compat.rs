@@ -167,7 +167,7 @@ fn backing_chains_of_qcow2_and_raw_read_through_every_layer() {
         .arg(d.join("top.qcow2")));
     // Opened from another working directory: relative names resolve against the image.
     assert_reads_like_qemu(&d.join("top.qcow2"), d);
-    let top = Image::open(&d.join("top.qcow2")).unwrap();
+    let top = Image::open(d.join("top.qcow2")).unwrap();
     let map = top.map(0, top.size()).unwrap();
     assert!(map.iter().any(|e| e.depth == 2 && e.kind == ExtentKind::Data), "base data seen at depth 2: {map:?}");
     assert!(map.iter().any(|e| e.depth == 1 && e.kind == ExtentKind::Zero), "mid zero cluster at depth 1: {map:?}");
@@ -201,8 +201,8 @@ fn images_we_create_pass_qemu_img_check_and_show_their_backing() {
         img.read_at(&mut buf, size - 4096).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
     }
-    Image::create(&d.join("base.qcow2"), &CreateOptions::new(32 << 20)).unwrap();
-    Image::create(&d.join("overlay.qcow2"), &CreateOptions::overlay("base.qcow2", BackingFormat::Qcow2)).unwrap();
+    Image::create(d.join("base.qcow2"), &CreateOptions::new(32 << 20)).unwrap();
+    Image::create(d.join("overlay.qcow2"), &CreateOptions::overlay("base.qcow2", BackingFormat::Qcow2)).unwrap();
     run(Command::new("qemu-img").arg("check").arg(d.join("overlay.qcow2")));
     let info: serde_json::Value = serde_json::from_str(&run(Command::new("qemu-img")
         .args(["info", "--output=json"])
@@ -258,28 +258,43 @@ fn hostile_images_give_typed_errors_naming_the_field() {
     std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(50).unwrap();
     assert!(Image::open(&p).is_err());
     // A backing file that is the image itself, and a two-image loop.
-    Image::create(&d.join("self.qcow2"), &CreateOptions::overlay("self-base.qcow2", BackingFormat::Qcow2)).err();
-    Image::create(&d.join("a-base.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
-    Image::create(&d.join("a.qcow2"), &CreateOptions::overlay("a-base.qcow2", BackingFormat::Qcow2)).unwrap();
-    Image::create(&d.join("b.qcow2"), &CreateOptions::overlay("a.qcow2", BackingFormat::Qcow2)).unwrap();
+    Image::create(d.join("self.qcow2"), &CreateOptions::overlay("self-base.qcow2", BackingFormat::Qcow2)).err();
+    Image::create(d.join("a-base.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
+    Image::create(d.join("a.qcow2"), &CreateOptions::overlay("a-base.qcow2", BackingFormat::Qcow2)).unwrap();
+    Image::create(d.join("b.qcow2"), &CreateOptions::overlay("a.qcow2", BackingFormat::Qcow2)).unwrap();
     std::fs::rename(d.join("a-base.qcow2"), d.join("a-base.old")).unwrap();
     std::fs::copy(d.join("b.qcow2"), d.join("a-base.qcow2")).unwrap();
     // Now a -> a-base (a copy of b) -> a -> ...
     assert!(
-        matches!(Image::open(&d.join("a.qcow2")), Err(Error::BackingLoop { .. })),
+        matches!(Image::open(d.join("a.qcow2")), Err(Error::BackingLoop { .. })),
         "{:?}",
-        Image::open(&d.join("a.qcow2"))
+        Image::open(d.join("a.qcow2"))
     );
-    // A chain deeper than the limit.
-    Image::create(&d.join("c0.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
-    for i in 1..=qcow2::image::MAX_BACKING_DEPTH + 1 {
+    // A chain deeper than the limit: we refuse to create it (and leave no file), and refuse to
+    // open one qemu-img made.
+    Image::create(d.join("c0.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
+    for i in 1..=qcow2::image::MAX_BACKING_DEPTH {
         Image::create(
-            &d.join(format!("c{i}.qcow2")),
+            d.join(format!("c{i}.qcow2")),
             &CreateOptions::overlay(format!("c{}.qcow2", i - 1), BackingFormat::Qcow2),
         )
         .unwrap();
     }
-    let top = d.join(format!("c{}.qcow2", qcow2::image::MAX_BACKING_DEPTH + 1));
+    let deepest = qcow2::image::MAX_BACKING_DEPTH + 1;
+    let top = d.join(format!("c{deepest}.qcow2"));
+    let below = format!("c{}.qcow2", deepest - 1);
+    assert!(matches!(
+        Image::create(&top, &CreateOptions::overlay(below.clone(), BackingFormat::Qcow2)),
+        Err(Error::BackingChainTooDeep { .. })
+    ));
+    assert!(!top.exists(), "a refused create leaves nothing behind");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", &below])
+        .arg(&top)
+        .arg("1M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(matches!(Image::open(&top), Err(Error::BackingChainTooDeep { .. })));
 }
 
@@ -293,7 +308,7 @@ fn a_confined_open_refuses_a_chain_leaving_its_directory_and_a_format_it_would_h
     std::fs::create_dir_all(d.join("elsewhere")).unwrap();
     let outside = d.join("elsewhere/base.qcow2");
     Image::create(&outside, &CreateOptions::new(1 << 20)).unwrap();
-    Image::create(&vm.join("b1/disk.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
+    Image::create(vm.join("b1/disk.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
     let confined = qcow2::ImageOptions::confined(&vm);
 
     // Inside, format recorded: fine.

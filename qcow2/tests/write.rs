@@ -215,7 +215,7 @@ fn concurrent_writers_racing_for_the_same_clusters_keep_every_write() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let size = 16u64 << 20;
-    Image::create(&d.join("base.qcow2"), &CreateOptions::new(size)).unwrap();
+    Image::create(d.join("base.qcow2"), &CreateOptions::new(size)).unwrap();
     {
         let base = writable(&d.join("base.qcow2"));
         base.write_at(&vec![0xee; size as usize], 0).unwrap();
@@ -325,4 +325,18 @@ fn a_dirty_lazy_refcounts_image_left_by_a_crash_is_repaired_on_a_writable_open()
     let raw = dir.path().join("expect.raw");
     std::fs::write(&raw, &expect).unwrap();
     compare(&raw, &p);
+}
+
+#[test]
+fn create_returns_the_image_open_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.qcow2");
+    let img = Image::create(&path, &CreateOptions::new(1 << 20)).unwrap();
+    assert!(img.is_writable());
+    img.write_at(&[5u8; 4096], 8192).unwrap();
+    drop(img);
+    let again = Image::open(&path).unwrap();
+    let mut back = vec![0u8; 4096];
+    again.read_at(&mut back, 8192).unwrap();
+    assert_eq!(back, vec![5u8; 4096]);
 }
