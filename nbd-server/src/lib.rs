@@ -14,8 +14,8 @@
 //!
 //! ## Concurrency
 //! Per connection: one reader that stops reading when `max_in_flight` requests or
-//! `max_buffered_bytes` of payload are outstanding, one task per request, one writer that
-//! serialises replies. Across connections nothing is locked by this crate; a backend decides
+//! `max_buffered_bytes` of payload are outstanding (or all connections together hold
+//! `max_buffered_bytes_total`), one task per request, one writer that serialises replies. Across connections nothing is locked by this crate; a backend decides
 //! its own locking (the file backend takes none: positional I/O).
 //!
 //! ## Example: embed an export in a service
@@ -35,6 +35,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Your own storage
+//! Implement [`Backend`] with the re-exported attribute: `#[nbd_server::async_trait] impl
+//! nbd_server::Backend for MyDisk { ... }` (size, read, write and flush are required; what
+//! [`Backend::capabilities`] does not claim is never advertised). [`Tuned`] adds qemu-nbd's
+//! `cache=unsafe` and `discard=ignore` over any backend.
+//!
 //! ## Limitations
 //! No TLS (STARTTLS is refused with `NBD_REP_ERR_POLICY`), no oldstyle negotiation, only the
 //! `base:allocation` metadata context.
@@ -48,6 +54,9 @@ pub mod fuzzing;
 pub mod proto;
 pub mod server;
 
+/// The attribute [`Backend`] implementations need (`#[nbd_server::async_trait]`), re-exported
+/// so that embedders do not have to depend on the `async-trait` crate themselves.
+pub use async_trait::async_trait;
 pub use backend::{
     Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, MemoryBackend, Qcow2Backend, Tuned, Tuning,
     ZeroFlags,

@@ -279,7 +279,7 @@ struct GatedReads {
     entered: std::sync::atomic::AtomicUsize,
 }
 
-#[async_trait::async_trait]
+#[nbd_server::async_trait]
 impl Backend for GatedReads {
     fn size(&self) -> u64 {
         self.inner.size()
