@@ -151,11 +151,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         human((opts.disk_size / 2).max(1 << 20))
     );
 
-    // Ports: the hub's NBD range, the node's shifted forward of it, SSH, both APIs, the reverse.
-    let hub_nbd = free_block(8)?;
-    let node_nbd = free_block(8)?;
-    let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-    let (ssh_port, hub_api, node_api, reverse) = (free()?, free()?, free()?, free()?);
+    // Ports, one block so no two overlap: the hub's NBD range, the node's shifted forward of it,
+    // SSH, both APIs, the reverse.
+    let base = free_block(20)?;
+    let (hub_nbd, node_nbd) = (base, base + 8);
+    let (ssh_port, hub_api, node_api, reverse) = (base + 16, base + 17, base + 18, base + 19);
 
     // The hub.
     let hub_token = "demo-token-".to_string() + &fingerprint.chars().rev().take(12).collect::<String>();

@@ -1,7 +1,6 @@
 //! `sendense-hub` as a process, with a node served by the node library on a real socket (the
 //! same router `sendense-node serve` runs), judged by qemu-img and nbdcopy.
 
-use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,19 +17,7 @@ fn tool(name: &str) -> Command {
     Command::new(found.unwrap_or_else(|| panic!("{name} is required; scripts/test.sh installs it")))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = free_port();
-        if base < 65000 && (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no {n} free ports");
-}
+use testports::{free_port, free_ports};
 
 /// 1 MiB of data every 4 MiB, holes elsewhere.
 fn make_source(path: &Path, mib: u64, seed: u8) {

@@ -29,8 +29,8 @@ async fn a_backup_through_the_tunnel_finishes_correctly_after_the_ssh_connection
     new_qcow2(&image, 64 * MIB);
     // The hub's NBD range (2 ports) and the node's local forward of it, shifted: both on this
     // machine, as in the demo.
-    let hub_base = free_ports(2);
-    let local_base = free_ports(2);
+    let hub_base = ssh::free_ports(2);
+    let local_base = ssh::free_ports(2);
     let hub = HubExport::start_on(&image, "pgtest1-disk0", hub_base).await;
     let api_port = free_port();
     let reverse_port = free_port();

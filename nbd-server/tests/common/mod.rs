@@ -26,11 +26,7 @@ pub fn debian_python() -> &'static str {
     p
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
+pub use testports::free_port;
 
 /// Wait until something accepts on `port`.
 pub fn wait_for_port(port: u16, child: &mut Child) {

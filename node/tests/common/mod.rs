@@ -3,7 +3,7 @@
 //! tool fails the test; the README's test command installs them.
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,23 +19,7 @@ pub fn require(tool: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{tool} is required for this test; run scripts/test.sh, which installs it"))
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `n` consecutive ports that were all free a moment ago; returns the first.
-pub fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = free_port();
-        if base > 65000 {
-            continue;
-        }
-        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no block of {n} free ports");
-}
+pub use testports::free_port;
 
 pub fn wait_for_port(port: u16, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -23,23 +23,8 @@ pub fn keygen(path: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// `n` consecutive ports that were all free a moment ago; returns the first.
-pub fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = free_port();
-        if base > 65000 {
-            continue;
-        }
-        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no block of {n} free ports");
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+#[allow(unused_imports)]
+pub use testports::{free_port, free_ports};
 
 pub struct Sshd {
     child: Child,
