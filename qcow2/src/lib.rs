@@ -47,9 +47,10 @@ pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, M
 pub use layout::Mapping;
 pub use repair::CheckReport;
 
-/// Entry point for the `qcow2_image` fuzz target and its corpus replay: open the bytes as an
+/// Entry point for the `qcow2_image` fuzz target (feature `fuzzing`) and its corpus replay: open the bytes as an
 /// image, read and map samples of it, then open it writable and write, zero and discard. Returns
 /// whether the image opened. Never panics on any input (that is what is being fuzzed).
+#[cfg(feature = "fuzzing")]
 pub fn fuzz_image_bytes(data: &[u8]) -> bool {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -67,6 +68,7 @@ pub fn fuzz_image_bytes(data: &[u8]) -> bool {
     opened
 }
 
+#[cfg(feature = "fuzzing")]
 fn fuzz_one(path: &std::path::Path) -> bool {
     let Ok(img) = Image::open(path) else { return false };
     let size = img.size();
