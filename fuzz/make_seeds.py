@@ -71,6 +71,12 @@ SEEDS = {
         "structured": chunk(0, 1, 1, struct.pack(">Q", 0) + b"data") + chunk(0, 2, 1, struct.pack(">QI", 4, 512))
         + chunk(1, 5, 2, struct.pack(">III", 1, 4096, 3)) + chunk(1, 0x8001, 3, struct.pack(">IH", 22, 3) + b"bad"),
         "extended": xchunk(1, 6, 1, struct.pack(">IIQQ", 1, 1, 1 << 40, 0)) + xchunk(1, 0, 2, b""),
+        # One chunk per request kind the fuzz entry rotates through (read of 64 KiB at 1 MiB,
+        # block status, other), then again: data and hole placed in the read, ERROR_OFFSET.
+        "judged": chunk(0, 1, 1, struct.pack(">Q", 1 << 20) + b"data") + chunk(1, 5, 2, struct.pack(">III", 1, 4096, 0))
+        + chunk(1, 0x8002, 3, struct.pack(">IH", 5, 2) + b"io" + struct.pack(">Q", 7))
+        + chunk(1, 2, 1, struct.pack(">QI", (1 << 20) + 4, 100)) + chunk(1, 1, 2, struct.pack(">Q", 0) + b"x")
+        + chunk(1, 0, 3, b""),
     },
 }
 

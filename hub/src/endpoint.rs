@@ -94,18 +94,14 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<H
         nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
     let reverse: Vec<(u16, u16)> = reverse_ports.values().map(|&p| (p, p)).collect();
     let fence = NodeFence { hub, key_nodes, reverse_ports, api_port: settings.listen.port() };
-    Ok(EndpointConfig {
-        host_key: key,
-        authorized,
-        user: None,
-        allow_direct: PortSet(direct),
-        allow_reverse: PortSet(reverse),
-        // A node opens up to 4 SSH connections (one per core), plus stale ones while it reconnects.
-        max_connections_per_key: 8,
-        max_channels_per_connection: 1024,
-        policy: Some(Arc::new(fence)),
-        login: Default::default(),
-    })
+    // A node opens up to 4 SSH connections (one per core), plus stale ones while it reconnects:
+    // the default of 8 per key. Channels: see tunnel::limits for what 512 of them can hold.
+    Ok(EndpointConfig::new(key, authorized)
+        .allow_direct(PortSet(direct))
+        .allow_reverse(PortSet(reverse))
+        .max_connections_per_key(8)
+        .max_channels_per_connection(512)
+        .policy(Some(Arc::new(fence))))
 }
 
 #[cfg(test)]

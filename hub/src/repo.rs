@@ -142,12 +142,7 @@ impl Repo {
 /// backing chain kept inside the VM's directory (`REPO/VM/`), where the hub put it.
 pub fn image_options(image: &Path, writable: bool) -> qcow2::ImageOptions {
     let vm_dir = image.parent().and_then(Path::parent).map(Path::to_path_buf);
-    qcow2::ImageOptions {
-        writable,
-        probe_backing_format: false,
-        confine_backing_to: vm_dir,
-        ..qcow2::ImageOptions::default()
-    }
+    qcow2::ImageOptions::default().writable(writable).probe_backing_format(false).confine_backing_to(vm_dir)
 }
 
 /// `disk-KEY.qcow2`.

@@ -232,7 +232,7 @@ mod tests {
     const BS: u64 = 64 << 10;
 
     fn writable(path: &Path) -> Image {
-        Image::open_with(path, &ImageOptions { writable: true, ..ImageOptions::default() }).unwrap()
+        Image::open_with(path, &ImageOptions::read_write()).unwrap()
     }
 
     /// What the node computes: every block read and hashed.

@@ -463,19 +463,17 @@ async fn two_nodes_through_the_hub_endpoint_each_reach_only_their_own_ports() {
         );
         c.forwards = forward
             .into_iter()
-            .map(|(local, remote)| tunnel::spec::LocalForward {
-                listen: std::net::SocketAddr::from(([127, 0, 0, 1], local)),
-                remote_host: "127.0.0.1".into(),
-                remote_port: remote,
+            .map(|(local, remote)| {
+                tunnel::spec::LocalForward::new(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], local)),
+                    "127.0.0.1",
+                    remote,
+                )
             })
             .collect();
         c.reverse = reverse
             .into_iter()
-            .map(|(remote, local)| tunnel::spec::ReverseForward {
-                remote_bind: "127.0.0.1".into(),
-                remote_port: remote,
-                local,
-            })
+            .map(|(remote, local)| tunnel::spec::ReverseForward::new("127.0.0.1", remote, local))
             .collect();
         c
     };

@@ -134,23 +134,43 @@ fn requests(mut data: &[u8], limits: &Limits) -> Outcome {
     }
 }
 
-/// Parse a server byte stream the way the client does (reply headers, block status payloads,
-/// info items), returning how many reply headers were decoded.
+/// Parse a server byte stream the way the client does (reply headers, then each chunk judged by
+/// `proto::reply` against a read of 64 KiB at 1 MiB, a block status query or another command
+/// in turn, and its payload parsed: data placed, holes, errors, block status, info items and
+/// META_CONTEXT replies), returning how many reply headers were decoded.
 pub fn reply_stream(data: &[u8]) -> usize {
     use crate::proto::handshake::parse_info_item;
+    use crate::proto::reply::{self, Asked, ChunkBody};
     use crate::proto::transmission::{decode_reply_header, parse_block_status, ReplyHeader};
+    let asks = [Asked::Read { offset: 1 << 20, length: 65536 }, Asked::BlockStatus, Asked::Other];
     let mut rest = data;
     let mut decoded = 0;
     while let Ok(Some((header, used))) = decode_reply_header(rest) {
+        let asked = asks.get(decoded % asks.len()).copied().unwrap_or(Asked::Other);
         decoded += 1;
         rest = rest.get(used..).unwrap_or_default();
-        if let ReplyHeader::Chunk { kind, length, .. } = header {
-            let n = usize::try_from(length).unwrap_or(usize::MAX).min(rest.len());
-            let payload = rest.get(..n).unwrap_or_default();
-            let _ = parse_block_status(payload, kind == crate::proto::consts::reply_type::BLOCK_STATUS_EXT);
-            let _ = parse_info_item(payload);
-            rest = rest.get(n..).unwrap_or_default();
+        let ReplyHeader::Chunk { kind, length, .. } = header else { continue };
+        let n = usize::try_from(length).unwrap_or(usize::MAX).min(rest.len());
+        let payload = rest.get(..n).unwrap_or_default();
+        match reply::chunk_body(kind, length, &asked) {
+            Ok(ChunkBody::Data { data }) => {
+                if let (Some(at), Asked::Read { offset, length }) = (Cursor::new(payload).u64(), asked) {
+                    let _ = reply::place(at, data, offset, length);
+                }
+            }
+            Ok(ChunkBody::Hole) => {
+                if let (Ok((at, size)), Asked::Read { offset, length }) = (reply::parse_offset_hole(payload), asked) {
+                    let _ = reply::place(at, u64::from(size), offset, length);
+                }
+            }
+            Ok(ChunkBody::Status { extended, .. }) => drop(parse_block_status(payload, extended)),
+            Ok(ChunkBody::Error { .. }) => drop(reply::parse_error_chunk(kind, payload)),
+            Ok(ChunkBody::Empty) | Err(_) => {
+                let _ = parse_info_item(payload);
+                let _ = reply::parse_meta_context_reply(payload);
+            }
         }
+        rest = rest.get(n..).unwrap_or_default();
     }
     decoded
 }

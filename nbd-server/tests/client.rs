@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use common::*;
 use nbd_server::proto::consts::{STATE_HOLE, STATE_ZERO};
-use nbd_server::{Client, ClientError, ClientOptions, ExportConfig, MemoryBackend, Server, ServerConfig};
+use nbd_server::{Client, ClientError, ClientOptions, CommandFlags, ExportConfig, MemoryBackend, Server, ServerConfig};
 
 async fn in_process(limit: usize, size: u64) -> (Server, u16) {
     let server = Server::new(ServerConfig::default());
@@ -75,13 +75,13 @@ async fn client_and_server_agree_with_extended_and_compact_headers() {
     exercise(&c, true).await;
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (r, w) = stream.into_split();
-    let opts = ClientOptions { extended_headers: false, ..ClientOptions::new("mem") };
+    let opts = ClientOptions::new("mem").extended_headers(false);
     let compact = Client::handshake(r, w, &opts).await.unwrap();
     assert!(!compact.extended_headers() && compact.structured_replies());
     exercise(&compact, true).await;
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (r, w) = stream.into_split();
-    let opts = ClientOptions { structured_replies: false, extended_headers: false, ..ClientOptions::new("mem") };
+    let opts = ClientOptions::new("mem").structured_replies(false).extended_headers(false);
     let simple = Client::handshake(r, w, &opts).await.unwrap();
     assert!(!simple.structured_replies());
     exercise(&simple, false).await;
@@ -244,7 +244,7 @@ async fn removing_an_export_cuts_a_client_that_stopped_reading_once_the_deadline
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_served_stream_takes_a_client_slot_and_shutdown_waits_for_it() {
-    let server = Server::new(ServerConfig { max_clients: 1, ..ServerConfig::default() });
+    let server = Server::new(ServerConfig::default().max_clients(1));
     server.add_export(ExportConfig::new("mem", Arc::new(MemoryBackend::new(1 << 20)))).unwrap();
     let stream_client = |server: &Server| {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
@@ -305,4 +305,112 @@ async fn the_client_connects_by_uri_over_tcp_and_unix_sockets() {
     assert!(Client::connect_uri("nbds://127.0.0.1/u", &ClientOptions::new("")).await.is_err(), "TLS refused");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Stop or continue a process (SIGSTOP / SIGCONT): a server that stops answering while its
+/// sockets stay open, the way a hung or swapped-out server looks to a client.
+fn signal(peer: &Peer, sig: &str) {
+    let status = std::process::Command::new("kill").args([sig, &peer.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_holds_at_most_max_in_flight_requests_then_answers_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "q.raw", &pattern(8 << 20, 3));
+    let peer = start_qemu_nbd(&file, "q");
+    let opts = ClientOptions::new("q").max_in_flight(2);
+    let c = Client::connect_uri(&peer.url(), &opts).await.unwrap();
+    signal(&peer, "-STOP");
+    let reads: Vec<_> = (0..5u64)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { (i, c.read(i << 20, 65536).await) })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while c.in_flight() < 2 {
+        assert!(std::time::Instant::now() < deadline, "two requests never went out");
+        tokio::task::yield_now().await;
+    }
+    // The other three wait for a slot; nothing has been answered.
+    assert_eq!(c.in_flight(), 2);
+    assert!(reads.iter().all(|r| !r.is_finished()), "a read finished while the server was stopped");
+    signal(&peer, "-CONT");
+    let want = pattern(8 << 20, 3);
+    for r in reads {
+        let (i, got) = r.await.unwrap();
+        let at = (i << 20) as usize;
+        assert_eq!(got.unwrap(), &want[at..at + 65536], "read {i}");
+    }
+    assert_eq!(c.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_server_never_answers_times_out_and_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "q.raw", 4 << 20);
+    let peer = start_qemu_nbd(&file, "q");
+    let timeout = std::time::Duration::from_millis(300);
+    let opts = ClientOptions::new("q").request_timeout(timeout);
+    let c = Client::connect_uri(&peer.url(), &opts).await.unwrap();
+    c.write(0, &[1u8; 4096], false).await.unwrap();
+    signal(&peer, "-STOP");
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move { c.read(0, 4096).await }
+    });
+    let here = c.read(0, 4096).await.unwrap_err();
+    let there = pending.await.unwrap().unwrap_err();
+    // The first to time out closes the connection; the other fails with it.
+    let timed_out = |e: &ClientError| matches!(e, ClientError::TimedOut(t) if *t == timeout);
+    assert!(timed_out(&here) || timed_out(&there), "{here} / {there}");
+    for e in [&here, &there] {
+        assert!(timed_out(e) || matches!(e, ClientError::Closed), "{e}");
+    }
+    assert!(matches!(c.read(0, 4096).await, Err(ClientError::Closed)), "the connection is closed for good");
+    assert_eq!(c.in_flight(), 0);
+    signal(&peer, "-CONT");
+    let fresh = Client::connect_uri(&peer.url(), &opts).await.unwrap();
+    assert_eq!(fresh.read(0, 4096).await.unwrap(), vec![1u8; 4096], "the server itself is fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_flags_reach_the_server_and_fast_zero_is_refused_where_it_cannot_be_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    // Our server over qcow2: zeroing without holes is a write, so FAST_ZERO|NO_HOLE is ENOTSUP.
+    let image = dir.path().join("z.qcow2");
+    qcow2::Image::create(&image, &qcow2::CreateOptions::new(8 << 20)).unwrap();
+    let server = Server::new(ServerConfig::default());
+    let backend = Arc::new(nbd_server::Qcow2Backend::open(&image, false).unwrap());
+    server.add_export(ExportConfig::new("z", backend)).unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn({
+        let s = server.clone();
+        async move { s.serve(listener).await }
+    });
+    let c = Client::connect_tcp(("127.0.0.1", port), "z").await.unwrap();
+    c.write_with(0, &pattern(1 << 20, 5), CommandFlags::default().fua()).await.unwrap();
+    let none = CommandFlags::default();
+    let err = c.zero(0, 65536, none.fast_zero().no_hole()).await.unwrap_err();
+    let enotsup = nbd_server::proto::consts::errno::ENOTSUP;
+    assert!(matches!(err, ClientError::Request { error, .. } if error == enotsup), "{err}");
+    assert_eq!(c.read(0, 65536).await.unwrap(), pattern(1 << 20, 5)[..65536], "a refused fast zero changes nothing");
+    c.zero(0, 65536, none.fast_zero().fua()).await.unwrap();
+    // read_into hands back the caller's buffer, every byte from the server (zeroes included).
+    let buf = c.read_into(0, vec![0xAA; 131072]).await.unwrap();
+    assert_eq!(&buf[..65536], &vec![0u8; 65536][..]);
+    assert_eq!(&buf[65536..], &pattern(1 << 20, 5)[65536..131072]);
+    let err = c.write_with(0, &[0u8; 512], none.no_hole()).await.unwrap_err();
+    assert!(matches!(err, ClientError::Invalid(_)), "{err}");
+    c.disconnect().await.unwrap();
+    // qemu-nbd on a raw file zeroes fast (a punched hole): the same request succeeds there.
+    let raw = write_file(dir.path(), "q.raw", &pattern(1 << 20, 6));
+    let peer = start_qemu_nbd(&raw, "q");
+    let q = Client::connect_uri(&peer.url(), &ClientOptions::new("q")).await.unwrap();
+    q.zero(0, 65536, none.fast_zero()).await.unwrap();
+    assert_eq!(q.read(0, 65536).await.unwrap(), vec![0u8; 65536]);
+    q.write_with(65536, &[9u8; 4096], none.fua()).await.unwrap();
+    assert_eq!(&std::fs::read(&raw).unwrap()[65536..69632], &[9u8; 4096][..], "FUA: in the file at the reply");
 }

@@ -231,7 +231,7 @@ async fn a_client_that_vanishes_with_requests_in_flight_leaves_the_server_health
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_is_dropped_at_the_handshake_deadline() {
-    let config = ServerConfig { handshake_timeout: Duration::from_millis(300), ..ServerConfig::default() };
+    let config = ServerConfig::default().handshake_timeout(Duration::from_millis(300));
     let (_server, port, _) = start(config, 1).await;
     let mut s = greeted(port).await;
     let started = std::time::Instant::now();
@@ -340,7 +340,7 @@ async fn a_vanished_client_gives_its_slot_back_while_its_requests_still_drain() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_connections_together_stay_within_the_server_wide_byte_budget() {
     let (gate, open) = tokio::sync::watch::channel(false);
-    let config = ServerConfig { max_payload: 256 << 10, max_buffered_bytes_total: 1 << 20, ..ServerConfig::default() };
+    let config = ServerConfig::default().max_payload(256 << 10).max_buffered_bytes_total(1 << 20);
     let server = Server::new(config);
     let backend = Arc::new(GatedReads { inner: MemoryBackend::new(SIZE), open, entered: Default::default() });
     server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>).max_connections(4)).unwrap();

@@ -35,7 +35,7 @@ fn image_paths(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bench.qcow2");
     Image::create(&path, &CreateOptions::new(8 << 30)).expect("create");
-    let img = Image::open_with(&path, &ImageOptions { writable: true, ..ImageOptions::default() }).expect("open");
+    let img = Image::open_with(&path, &ImageOptions::read_write()).expect("open");
     img.write_at(&vec![1u8; 64 << 20], 0).expect("prefill");
     c.bench_function("mapping_at/cached", |b| {
         let mut off = 0u64;
@@ -71,8 +71,7 @@ fn image_paths(c: &mut Criterion) {
                 let p = scratch.path().join(format!("alloc-{round}.qcow2"));
                 let _ = std::fs::remove_file(&p);
                 Image::create(&p, &CreateOptions::new(1 << 30)).expect("create");
-                let img =
-                    Image::open_with(&p, &ImageOptions { writable: true, ..ImageOptions::default() }).expect("open");
+                let img = Image::open_with(&p, &ImageOptions::read_write()).expect("open");
                 img.write_at(&data[..4096], (1 << 30) - 4096).expect("reserve refcounts outside the timing");
                 let started = Instant::now();
                 for i in 0..n {

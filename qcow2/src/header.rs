@@ -84,6 +84,7 @@ pub struct Extension {
 
 /// A parsed, validated header.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Header {
     /// 2 or 3.
     pub version: u32,

@@ -26,6 +26,7 @@ pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// How to open an image.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ImageOptions {
     /// Open for writing (backing images are always read-only).
     pub writable: bool,
@@ -57,6 +58,18 @@ impl ImageOptions {
     pub fn confined(dir: impl Into<std::path::PathBuf>) -> Self {
         Self { probe_backing_format: false, confine_backing_to: Some(dir.into()), ..Self::default() }
     }
+
+    /// The defaults, opened for writing.
+    pub fn read_write() -> Self {
+        Self { writable: true, ..Self::default() }
+    }
+
+    crate::setters! {
+        writable: bool,
+        l2_cache_bytes: u64,
+        probe_backing_format: bool,
+        confine_backing_to: Option<std::path::PathBuf>,
+    }
 }
 
 /// Format of a backing file.
@@ -80,6 +93,7 @@ impl BackingFormat {
 
 /// How to create an image.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CreateOptions {
     /// Virtual size; `None` takes the backing file's size.
     pub size: Option<u64>,
@@ -101,6 +115,13 @@ impl CreateOptions {
     /// An overlay on `backing` (stored as given), sized like it.
     pub fn overlay(backing: impl Into<String>, format: BackingFormat) -> Self {
         Self { size: None, cluster_bits: 16, refcount_order: 4, backing: Some((backing.into(), format)) }
+    }
+
+    crate::setters! {
+        size: Option<u64>,
+        cluster_bits: u32,
+        refcount_order: u32,
+        backing: Option<(String, BackingFormat)>,
     }
 }
 
@@ -220,6 +241,7 @@ pub enum ExtentKind {
 
 /// One run of the allocation map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MapExtent {
     /// Start in the virtual disk.
     pub offset: u64,
@@ -656,7 +678,7 @@ impl Image {
         let path = path.as_ref();
         Self::create_file(path, opts)?;
         // An image that cannot be opened (its chain too deep, say) is not left behind.
-        Self::open_with(path, &ImageOptions { writable: true, ..ImageOptions::default() }).inspect_err(|_| {
+        Self::open_with(path, &ImageOptions::read_write()).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
         })
     }

@@ -32,6 +32,23 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+/// Builder-style setters for the public option structs, which are `#[non_exhaustive]` (new
+/// fields must not break callers): `setters! { field: Type, ... }` inside an `impl` makes
+/// `fn field(self, value: Type) -> Self` for each.
+macro_rules! setters {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        $(
+            #[doc = concat!("With `", stringify!($field), "` set to `value`.")]
+            #[must_use]
+            pub fn $field(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+pub(crate) use setters;
+
 pub mod compress;
 pub mod error;
 pub mod header;
@@ -81,7 +98,7 @@ fn fuzz_one(path: &std::path::Path) -> bool {
     }
     let _ = img.map(0, size.min(16 << 20));
     drop(img);
-    if let Ok(w) = Image::open_with(path, &ImageOptions { writable: true, ..ImageOptions::default() }) {
+    if let Ok(w) = Image::open_with(path, &ImageOptions::read_write()) {
         let n = size.min(70_000) as usize;
         let _ = w.write_at(&vec![0x5a; n], 0);
         let _ = w.write_zeroes(0, size.min(1 << 20));

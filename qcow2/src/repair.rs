@@ -100,6 +100,7 @@ fn count_references(file: &File, header: &Header, l1: &[u64], file_len: u64) -> 
 
 /// What [`check`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Host clusters examined (the file's length in clusters, or further if referenced).
     pub clusters: u64,

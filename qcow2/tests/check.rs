@@ -46,7 +46,7 @@ fn check_agrees_with_qemu_img_on_clean_leaking_and_corrupt_images() {
     let ours = dir.path().join("ours.qcow2");
     Image::create(&ours, &CreateOptions::new(64 << 20)).unwrap();
     {
-        let img = Image::open_with(&ours, &ImageOptions { writable: true, ..Default::default() }).unwrap();
+        let img = Image::open_with(&ours, &ImageOptions::read_write()).unwrap();
         img.write_at(&vec![0x5a; 3 << 20], 1 << 20).unwrap();
         img.write_zeroes(8 << 20, 1 << 20).unwrap();
         img.close().unwrap();

@@ -43,11 +43,11 @@ proptest! {
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
             std::fs::write(&base, &data).unwrap();
             model = data;
-            Image::create(&path, &CreateOptions { cluster_bits: bits, refcount_order: order, ..CreateOptions::overlay("base.raw", BackingFormat::Raw) }).unwrap();
+            Image::create(&path, &CreateOptions::overlay("base.raw", BackingFormat::Raw).cluster_bits(bits).refcount_order(order)).unwrap();
         } else {
-            Image::create(&path, &CreateOptions { size: Some(size), cluster_bits: bits, refcount_order: order, backing: None }).unwrap();
+            Image::create(&path, &CreateOptions::new(size).cluster_bits(bits).refcount_order(order)).unwrap();
         }
-        let img = Image::open_with(&path, &ImageOptions { writable: true, ..ImageOptions::default() }).unwrap();
+        let img = Image::open_with(&path, &ImageOptions::read_write()).unwrap();
         let cluster = 1u64 << bits;
         for op in &ops {
             match *op {

@@ -185,11 +185,7 @@ fn images_we_create_pass_qemu_img_check_and_show_their_backing() {
     let d = dir.path();
     for (bits, order, size) in [(16u32, 4u32, 1u64 << 30), (9, 0, 64 << 20), (21, 6, 3 << 40), (12, 3, 100 << 30)] {
         let p = d.join(format!("new-{bits}-{order}.qcow2"));
-        Image::create(
-            &p,
-            &CreateOptions { size: Some(size), cluster_bits: bits, refcount_order: order, backing: None },
-        )
-        .unwrap();
+        Image::create(&p, &CreateOptions::new(size).cluster_bits(bits).refcount_order(order)).unwrap();
         run(Command::new("qemu-img").arg("check").arg(&p));
         let info: serde_json::Value =
             serde_json::from_str(&run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&p))).unwrap();
@@ -248,7 +244,7 @@ fn hostile_images_give_typed_errors_naming_the_field() {
     // A refcount table offset whose end overflows u64: an error, never a wrapped check.
     let p = fresh("refcount.qcow2");
     patch(&p, 48, &0xffff_ffff_ffff_0000u64.to_be_bytes());
-    let writable = qcow2::ImageOptions { writable: true, ..Default::default() };
+    let writable = qcow2::ImageOptions::read_write();
     assert!(Image::open_with(&p, &writable).is_err(), "opened for writing");
     if let Ok(img) = Image::open(&p) {
         assert!(img.check().is_err(), "checked");

@@ -32,7 +32,7 @@ fn compare(raw: &Path, img: &Path) {
 }
 
 fn writable(path: &Path) -> Image {
-    Image::open_with(path, &ImageOptions { writable: true, ..ImageOptions::default() }).unwrap()
+    Image::open_with(path, &ImageOptions::read_write()).unwrap()
 }
 
 struct Rng(u64);
@@ -108,11 +108,7 @@ fn writes_zeroes_and_discards_on_fresh_images_match_a_raw_file_and_pass_check() 
     for (bits, order) in [(16u32, 4u32), (9, 4), (12, 0), (21, 6), (16, 3)] {
         let size = 64u64 << 20;
         let p = dir.path().join(format!("f{bits}-{order}.qcow2"));
-        Image::create(
-            &p,
-            &CreateOptions { size: Some(size), cluster_bits: bits, refcount_order: order, backing: None },
-        )
-        .unwrap();
+        Image::create(&p, &CreateOptions::new(size).cluster_bits(bits).refcount_order(order)).unwrap();
         let raw_path = dir.path().join("mirror.raw");
         let raw = std::fs::File::create(&raw_path).unwrap();
         raw.set_len(size).unwrap();
@@ -263,8 +259,7 @@ fn a_4_tib_image_takes_scattered_writes_with_bounded_metadata_caches() {
     let size = 4u64 << 40;
     Image::create(&p, &CreateOptions::new(size)).unwrap();
     {
-        let img = Image::open_with(&p, &ImageOptions { writable: true, l2_cache_bytes: 1 << 20, ..Default::default() })
-            .unwrap();
+        let img = Image::open_with(&p, &ImageOptions::read_write().l2_cache_bytes(1 << 20)).unwrap();
         let mut r = Rng(7);
         for i in 0..400u64 {
             let off = (r.next() % (size / 4096)) * 4096;
@@ -287,10 +282,7 @@ fn read_only_opens_refuse_writes_and_corrupt_images_refuse_write_opens() {
     assert!(matches!(ro.write_at(b"x", 0), Err(qcow2::Error::ReadOnly(_))));
     drop(ro);
     std::fs::OpenOptions::new().write(true).open(&p).unwrap().write_all_at(&2u64.to_be_bytes(), 72).unwrap();
-    assert!(matches!(
-        Image::open_with(&p, &ImageOptions { writable: true, ..ImageOptions::default() }),
-        Err(qcow2::Error::ReadOnly(_))
-    ));
+    assert!(matches!(Image::open_with(&p, &ImageOptions::read_write()), Err(qcow2::Error::ReadOnly(_))));
     assert!(Image::open(&p).is_ok(), "a corrupt-marked image still opens read-only");
 }
 

@@ -9,9 +9,9 @@
 //!
 //! So ports come from below the kernel's ephemeral range (read from
 //! `/proc/sys/net/ipv4/ip_local_port_range`), where the kernel never picks on its own, handed out
-//! from one process-wide cursor so no two picks in a test binary overlap, starting at an offset
-//! drawn from the process id so two test processes side by side rarely meet; every port is
-//! still checked by binding it before it is given out.
+//! from one process-wide cursor so no two picks in a test binary overlap, starting at a random
+//! offset so that test processes run one after another (or side by side) rarely meet; every
+//! port is still checked by binding it before it is given out.
 
 use std::net::TcpListener;
 use std::sync::Mutex;
@@ -39,6 +39,15 @@ fn pool() -> (u16, u16) {
     }
 }
 
+/// A number that differs from process to process (std's per-process random hash keys), so that
+/// test binaries run one after another start their picks far apart.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 fn bindable(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
@@ -63,7 +72,7 @@ fn pick(cursor: &mut Option<u16>, n: u16) -> u16 {
     let (start, end) = pool();
     let width = end - start;
     assert!(n > 0 && n < width, "cannot pick {n} ports from {start}..{end}");
-    let mut base = cursor.unwrap_or_else(|| start + (std::process::id() % u32::from(width / 2)) as u16);
+    let mut base = cursor.unwrap_or_else(|| start + (random() % u64::from(width)) as u16);
     let mut tried = 0u32;
     while tried < u32::from(width) {
         if base.checked_add(n).is_none_or(|past| past > end) {

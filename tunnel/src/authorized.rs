@@ -15,6 +15,7 @@ use russh::keys::PublicKey;
 
 /// One authorized key with its restrictions.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AuthorizedKey {
     /// The key.
     pub key: PublicKey,

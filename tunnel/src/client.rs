@@ -29,6 +29,7 @@ pub const COPY_BUF: usize = 64 * 1024;
 
 /// How to reach the hub and what to forward.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Hub host name or address.
     pub hub_host: String,
@@ -66,6 +67,17 @@ pub fn default_connections() -> usize {
 }
 
 impl ClientConfig {
+    crate::setters! {
+        forwards: Vec<LocalForward>,
+        reverse: Vec<ReverseForward>,
+        keepalive_interval: Duration,
+        keepalive_max: usize,
+        connect_wait: Duration,
+        backoff_initial: Duration,
+        backoff_max: Duration,
+        connections: usize,
+    }
+
     /// Production defaults for `user@hub_host:hub_port` with `identity`, trusting `host_key`:
     /// no forwards yet.
     pub fn new(
@@ -164,6 +176,7 @@ pub enum State {
 
 /// What the tunnel is doing, for the node's API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// Where the first connection stands.
     pub state: State,
@@ -320,8 +333,39 @@ struct HubHandler {
     shared: Arc<Shared>,
 }
 
+impl HubHandler {
+    /// Disconnect a hub that sent more channel data in one packet than we advertised (see
+    /// [`crate::limits`]).
+    fn within_packet(&self, channel: russh::ChannelId, len: usize) -> Result<(), russh::Error> {
+        if crate::limits::packet_within(len, crate::limits::CLIENT_MAX_PACKET) {
+            return Ok(());
+        }
+        tracing::warn!(hub = %self.host, ?channel, len, "disconnecting: channel data larger than the advertised maximum packet");
+        Err(russh::Error::PacketSize(len))
+    }
+}
+
 impl client::Handler for HubHandler {
     type Error = russh::Error;
+
+    async fn data(
+        &mut self,
+        channel: russh::ChannelId,
+        data: &[u8],
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.within_packet(channel, data.len())
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: russh::ChannelId,
+        _code: u32,
+        data: &[u8],
+        _: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.within_packet(channel, data.len())
+    }
 
     async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
@@ -534,7 +578,8 @@ async fn connect_once(
         inactivity_timeout: None,
         nodelay: true,
         window_size: 16 * 1024 * 1024,
-        maximum_packet_size: 65535,
+        maximum_packet_size: crate::limits::CLIENT_MAX_PACKET,
+        channel_buffer_size: crate::limits::CHANNEL_QUEUE,
         preferred: crate::ciphers::preferred(),
         ..client::Config::default()
     });

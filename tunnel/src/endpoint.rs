@@ -53,7 +53,10 @@ pub trait ForwardPolicy: Send + Sync {
 }
 
 /// What the endpoint allows.
+///
+/// Built with [`EndpointConfig::new`] (nothing allowed yet) and the setters.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct EndpointConfig {
     /// The hub's host key.
     pub host_key: PrivateKey,
@@ -77,6 +80,7 @@ pub struct EndpointConfig {
 
 /// Bounds on connections before authentication.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct LoginLimits {
     /// A connection that has not authenticated by then is closed.
     pub deadline: Duration,
@@ -84,6 +88,42 @@ pub struct LoginLimits {
     pub max_pending: usize,
     /// Unauthenticated connections open at once from one address.
     pub max_pending_per_address: usize,
+}
+
+impl EndpointConfig {
+    /// `host_key` and the keys that may connect; no forward allowed yet, 8 connections per key,
+    /// 512 channels per connection, the default login limits.
+    pub fn new(host_key: PrivateKey, authorized: Vec<AuthorizedKey>) -> Self {
+        Self {
+            host_key,
+            authorized,
+            user: None,
+            allow_direct: PortSet::default(),
+            allow_reverse: PortSet::default(),
+            max_connections_per_key: 8,
+            max_channels_per_connection: 512,
+            policy: None,
+            login: LoginLimits::default(),
+        }
+    }
+
+    crate::setters! {
+        user: Option<String>,
+        allow_direct: PortSet,
+        allow_reverse: PortSet,
+        max_connections_per_key: usize,
+        max_channels_per_connection: usize,
+        policy: Option<Arc<dyn ForwardPolicy>>,
+        login: LoginLimits,
+    }
+}
+
+impl LoginLimits {
+    crate::setters! {
+        deadline: Duration,
+        max_pending: usize,
+        max_pending_per_address: usize,
+    }
 }
 
 impl Default for LoginLimits {
@@ -145,6 +185,8 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
         keepalive_interval: Some(Duration::from_secs(15)),
         nodelay: true,
         window_size: 16 * 1024 * 1024,
+        maximum_packet_size: crate::limits::ENDPOINT_MAX_PACKET,
+        channel_buffer_size: crate::limits::CHANNEL_QUEUE,
         preferred: crate::ciphers::preferred(),
         ..server::Config::default()
     });
@@ -287,8 +329,32 @@ async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, counter: Arc<AtomicUsiz
     counter.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Disconnect a peer that sent more channel data in one packet than we advertised (see
+/// [`crate::limits`]).
+fn oversized_packet(len: usize, max: u32, peer: &SocketAddr, channel: russh::ChannelId) -> Result<(), russh::Error> {
+    if crate::limits::packet_within(len, max) {
+        return Ok(());
+    }
+    tracing::warn!(%peer, ?channel, len, max, "disconnecting: channel data larger than the advertised maximum packet");
+    Err(russh::Error::PacketSize(len))
+}
+
 impl server::Handler for EndpointSession {
     type Error = russh::Error;
+
+    async fn data(&mut self, channel: russh::ChannelId, data: &[u8], _: &mut Session) -> Result<(), Self::Error> {
+        oversized_packet(data.len(), crate::limits::ENDPOINT_MAX_PACKET, &self.peer, channel)
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: russh::ChannelId,
+        _code: u32,
+        data: &[u8],
+        _: &mut Session,
+    ) -> Result<(), Self::Error> {
+        oversized_packet(data.len(), crate::limits::ENDPOINT_MAX_PACKET, &self.peer, channel)
+    }
 
     async fn auth_publickey(&mut self, user: &str, key: server::VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         if self.config.user.as_deref().is_some_and(|u| u != user) {

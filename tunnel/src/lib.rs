@@ -9,21 +9,42 @@
 //! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
 //! - [`authorized`]: authorized_keys with `from=` and `permitopen=`.
 //! - [`endpoint`]: the hub's SSH endpoint that allows nothing but the configured forwards.
+//! - [`ciphers`]: the algorithm preferences (AES-GCM first where the CPU has AES instructions).
+//! - [`limits`]: what a peer can make the other side hold in memory, and the bounds.
 //!
-//! The `sendense-tunnel` binary and the benchmark against OpenSSH are not built yet.
+//! The `sendense-tunnel` binary (feature `cli`, on by default) runs either side from the command
+//! line; `benches/` measures it against OpenSSH.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+/// Builder-style setters for the public option structs, which are `#[non_exhaustive]` (new
+/// fields must not break callers): `setters! { field: Type, ... }` inside an `impl` makes
+/// `fn field(self, value: Type) -> Self` for each.
+macro_rules! setters {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        $(
+            #[doc = concat!("With `", stringify!($field), "` set to `value`.")]
+            #[must_use]
+            pub fn $field(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+pub(crate) use setters;
 
 pub mod authorized;
 pub mod ciphers;
 pub mod client;
 pub mod endpoint;
 pub mod hostkey;
+pub mod limits;
 pub mod spec;
 
 pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
 pub use hostkey::HostKeyPolicy;
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;
-pub use russh::keys::{load_secret_key, Algorithm as KeyAlgorithm, PrivateKey};
+pub use russh::keys::{load_secret_key, Algorithm as KeyAlgorithm, PrivateKey, PublicKey};

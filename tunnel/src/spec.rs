@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 /// A local port forwarded to a port on the hub's loopback.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LocalForward {
     /// Where the node listens.
     pub listen: SocketAddr,
@@ -20,6 +21,7 @@ pub struct LocalForward {
 
 /// A port on the hub's loopback forwarded back to a local address.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReverseForward {
     /// Address the hub binds.
     pub remote_bind: String,
@@ -27,6 +29,21 @@ pub struct ReverseForward {
     pub remote_port: u16,
     /// Where the node connects for each forwarded connection.
     pub local: SocketAddr,
+}
+
+impl LocalForward {
+    /// Listen on `listen` and forward each connection to `remote_host:remote_port` as the hub
+    /// sees it.
+    pub fn new(listen: SocketAddr, remote_host: impl Into<String>, remote_port: u16) -> Self {
+        Self { listen, remote_host: remote_host.into(), remote_port }
+    }
+}
+
+impl ReverseForward {
+    /// Ask the hub to listen on `remote_bind:remote_port` and connect each connection to `local`.
+    pub fn new(remote_bind: impl Into<String>, remote_port: u16, local: SocketAddr) -> Self {
+        Self { remote_bind: remote_bind.into(), remote_port, local }
+    }
 }
 
 /// A forward specification that does not parse.

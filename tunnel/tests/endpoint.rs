@@ -39,17 +39,12 @@ async fn start_hub_with(
     login: tunnel::endpoint::LoginLimits,
 ) -> Hub {
     let host_key = russh::keys::load_secret_key(dir.join("host_key"), None).unwrap();
-    let config = EndpointConfig {
-        host_key,
-        authorized: tunnel::authorized::parse(authorized).unwrap(),
-        user: None,
-        allow_direct: PortSet(vec![direct]),
-        allow_reverse: PortSet(vec![(reverse, reverse)]),
-        max_connections_per_key: 4,
-        max_channels_per_connection: 64,
-        policy: None,
-        login,
-    };
+    let config = EndpointConfig::new(host_key, tunnel::authorized::parse(authorized).unwrap())
+        .allow_direct(PortSet(vec![direct]))
+        .allow_reverse(PortSet(vec![(reverse, reverse)]))
+        .max_connections_per_key(4)
+        .max_channels_per_connection(64)
+        .login(login);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     Hub { port, task: tokio::spawn(tunnel::endpoint::serve(listener, config)) }
@@ -175,10 +170,8 @@ async fn from_and_permitopen_restrict_a_key_and_our_client_works_through_our_end
     let kh = known_hosts(&d, hub.port, &host_pub);
     let (a, b) = (free_port(), free_port());
     let mut config = ClientConfig::new("127.0.0.1", hub.port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
-    config.forwards = vec![
-        LocalForward { listen: local(a), remote_host: "127.0.0.1".into(), remote_port: echo },
-        LocalForward { listen: local(b), remote_host: "127.0.0.1".into(), remote_port: echo + 1 },
-    ];
+    config.forwards =
+        vec![LocalForward::new(local(a), "127.0.0.1", echo), LocalForward::new(local(b), "127.0.0.1", echo + 1)];
     let tunnel = Tunnel::start(config).await.unwrap();
     assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
     tokio::task::spawn_blocking(move || {
@@ -300,7 +293,7 @@ async fn connections_that_do_not_log_in_are_bounded_and_closed_at_the_deadline()
     let d = dir.path().to_path_buf();
     let (identity, host_pub) = setup(&d);
     let authorized = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
-    let login = LoginLimits { deadline: Duration::from_secs(1), max_pending: 16, max_pending_per_address: 2 };
+    let login = LoginLimits::default().deadline(Duration::from_secs(1)).max_pending(16).max_pending_per_address(2);
     let hub = start_hub_with(&d, &authorized, (1, 1), free_port(), login).await;
     let kh = known_hosts(&d, hub.port, &host_pub);
     let port = hub.port;
@@ -331,17 +324,12 @@ async fn reverse_channels_count_against_the_connections_channel_limit() {
     let (_, host_pub) = setup(&d);
     let reverse = free_port();
     let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
-    let config = EndpointConfig {
-        host_key,
-        authorized: tunnel::authorized::parse(&std::fs::read_to_string(d.join("client_key.pub")).unwrap()).unwrap(),
-        user: None,
-        allow_direct: PortSet(vec![(1, 1)]),
-        allow_reverse: PortSet(vec![(reverse, reverse)]),
-        max_connections_per_key: 4,
-        max_channels_per_connection: 2,
-        policy: None,
-        login: LoginLimits::default(),
-    };
+    let authorized = tunnel::authorized::parse(&std::fs::read_to_string(d.join("client_key.pub")).unwrap()).unwrap();
+    let config = EndpointConfig::new(host_key, authorized)
+        .allow_direct(PortSet(vec![(1, 1)]))
+        .allow_reverse(PortSet(vec![(reverse, reverse)]))
+        .max_connections_per_key(4)
+        .max_channels_per_connection(2);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hub = Hub {
         port: listener.local_addr().unwrap().port(),

@@ -29,14 +29,8 @@ async fn forwards_through_openssh_carry_data_and_survive_a_dropped_connection() 
     let reverse_port = free_port();
     let reverse_target = echo_servers(1);
     let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
-    config.forwards = (0..3)
-        .map(|i| LocalForward { listen: local(local_base + i), remote_host: "127.0.0.1".into(), remote_port: echo + i })
-        .collect();
-    config.reverse = vec![ReverseForward {
-        remote_bind: "127.0.0.1".into(),
-        remote_port: reverse_port,
-        local: local(reverse_target),
-    }];
+    config.forwards = (0..3).map(|i| LocalForward::new(local(local_base + i), "127.0.0.1", echo + i)).collect();
+    config.reverse = vec![ReverseForward::new("127.0.0.1", reverse_port, local(reverse_target))];
     config.backoff_initial = Duration::from_millis(100);
     config.backoff_max = Duration::from_millis(500);
     // Three SSH connections: forwarded connections are spread over them, the reverse rides on one.
@@ -100,7 +94,7 @@ async fn a_wrong_host_key_is_refused_and_named() {
     let kh = known_hosts(d, ssh_port, &d.join("other_key.pub"));
     let listen = free_port();
     let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
-    config.forwards = vec![LocalForward { listen: local(listen), remote_host: "127.0.0.1".into(), remote_port: 9 }];
+    config.forwards = vec![LocalForward::new(local(listen), "127.0.0.1", 9)];
     config.connect_wait = Duration::from_millis(300);
     let tunnel = Tunnel::start(config).await.unwrap();
     assert!(!tunnel.wait_connected(Duration::from_secs(2)).await);
@@ -188,7 +182,7 @@ async fn shutdown_closes_forwarded_connections_and_the_listeners() {
     let echo = echo_servers(1);
     let listen = free_port();
     let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
-    config.forwards = vec![LocalForward { listen: local(listen), remote_host: "127.0.0.1".into(), remote_port: echo }];
+    config.forwards = vec![LocalForward::new(local(listen), "127.0.0.1", echo)];
     let tunnel = Tunnel::start(config).await.unwrap();
     assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
     // A forwarded connection that stays open (an echo round trip proves it is through).

@@ -21,7 +21,11 @@ pub use tuned::{Tuned, Tuning};
 use crate::proto::transmission::Extent;
 
 /// What a backend can do beyond read/write/flush.
+///
+/// A backend builds its own with `Capabilities::default()` (nothing but reads and writes) and
+/// the setters, e.g. `Capabilities::default().trim(true).block_status(true)`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Writes are refused (the export is advertised read-only).
     pub read_only: bool,
@@ -39,6 +43,7 @@ pub struct Capabilities {
 
 /// Flags of a write-zeroes request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ZeroFlags {
     /// The range must stay allocated (no hole).
     pub no_hole: bool,
@@ -46,6 +51,25 @@ pub struct ZeroFlags {
     pub fast: bool,
     /// Durable before returning.
     pub fua: bool,
+}
+
+impl Capabilities {
+    crate::setters! {
+        read_only: bool,
+        trim: bool,
+        write_zeroes: bool,
+        fast_zero: bool,
+        block_status: bool,
+        cache: bool,
+    }
+}
+
+impl ZeroFlags {
+    crate::setters! {
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    }
 }
 
 /// Broad class of a backend failure, mapped one-to-one onto NBD error values.

@@ -55,7 +55,7 @@ impl Qcow2Backend {
     /// The `qcow2` crate's error: missing file, invalid image, broken chain, or a request to
     /// write an image that cannot be written.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, qcow2::Error> {
-        let image = Image::open_with(path, &ImageOptions { writable: !read_only, ..ImageOptions::default() })?;
+        let image = Image::open_with(path, &ImageOptions::default().writable(!read_only))?;
         Ok(Self { image: Arc::new(image) })
     }
 

@@ -12,31 +12,44 @@
 //! half and routes each reply chunk to the waiting request by cookie, reassembling structured
 //! reads (data and hole chunks, in any order) into the caller's buffer. Several connections to
 //! one export are simply several `Client`s. Every length a server sends is checked against the
-//! request it answers before anything is allocated.
+//! request it answers before anything is allocated (the checks are `proto::reply`, where the
+//! fuzzers reach them), and a read whose chunks do not cover it exactly is a protocol error,
+//! never a buffer with bytes the server did not send.
+//!
+//! Bounds: at most [`ClientOptions::max_in_flight`] requests are outstanding per connection (a
+//! request waits for a slot; a slot is held until the reply arrives, even when the caller has
+//! gone). With [`ClientOptions::request_timeout`], a request not answered in time fails with
+//! [`ClientError::TimedOut`] and closes the connection (every other request on it fails with
+//! `Closed`): a server that stopped answering is not waited on forever, and a caller such as a
+//! connection pool reconnects.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::proto::consts::{
-    client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, reply_type, BASE_ALLOCATION,
-};
-use crate::proto::cursor::Cursor;
+use crate::proto::consts::{client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, BASE_ALLOCATION};
 use crate::proto::handshake::{
     self as hs, InfoItem, OptionHeader, OptionReplyHeader, GREETING_LEN, OPTION_REPLY_HEADER_LEN,
 };
+use crate::proto::reply::{self, Asked, ChunkBody};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, ReplyHeader, Request};
 use crate::proto::WireError;
 
 /// Largest option reply we read.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
 
-/// What to negotiate.
+/// Requests in flight per connection unless [`ClientOptions::max_in_flight`] says otherwise.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
+/// What to negotiate, and the connection's bounds. Built with [`ClientOptions::new`] and the
+/// setters; new fields may be added.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Export name ("" = default export).
     pub export: String,
@@ -49,6 +62,11 @@ pub struct ClientOptions {
     /// Further metadata contexts to select (for example `qemu:dirty-bitmap:backup`); each one the
     /// server grants can be queried with [`Client::block_status_of`].
     pub meta_contexts: Vec<String>,
+    /// A request not answered within this long fails with [`ClientError::TimedOut`] and closes
+    /// the connection. `None` (the default) waits as long as the connection lives.
+    pub request_timeout: Option<Duration>,
+    /// Requests outstanding at once on this connection; more wait for a slot.
+    pub max_in_flight: usize,
 }
 
 impl ClientOptions {
@@ -60,7 +78,45 @@ impl ClientOptions {
             structured_replies: true,
             block_status: true,
             meta_contexts: Vec::new(),
+            request_timeout: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
+    }
+
+    /// Try extended headers (default on).
+    pub fn extended_headers(mut self, on: bool) -> Self {
+        self.extended_headers = on;
+        self
+    }
+
+    /// Negotiate structured replies (default on; off also turns extended headers off).
+    pub fn structured_replies(mut self, on: bool) -> Self {
+        self.structured_replies = on;
+        self
+    }
+
+    /// Select `base:allocation` (default on).
+    pub fn block_status(mut self, on: bool) -> Self {
+        self.block_status = on;
+        self
+    }
+
+    /// Fail a request (and close the connection) when it is not answered within `timeout`.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
+    /// At most `n` requests in flight on the connection (at least 1).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// The same options for another export.
+    pub fn for_export(mut self, export: impl Into<String>) -> Self {
+        self.export = export.into();
+        self
     }
 
     /// Also select the metadata context `name`.
@@ -72,6 +128,7 @@ impl ClientOptions {
 
 /// What the server told us about the export.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExportInfo {
     /// Size in bytes.
     pub size: u64,
@@ -126,6 +183,43 @@ pub enum ClientError {
     /// Bad arguments.
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The server did not answer within [`ClientOptions::request_timeout`]; the connection is
+    /// closed.
+    #[error("no reply within {0:?}: connection closed")]
+    TimedOut(Duration),
+}
+
+/// Command flags a caller may set on a request. `Default` is none; combine with the setters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommandFlags {
+    /// `NBD_CMD_FLAG_FUA`: durable before the reply (export must advertise `SEND_FUA`).
+    pub fua: bool,
+    /// `NBD_CMD_FLAG_NO_HOLE` (write zeroes): keep the range allocated.
+    pub no_hole: bool,
+    /// `NBD_CMD_FLAG_FAST_ZERO` (write zeroes): fail with `ENOTSUP` rather than write zeroes
+    /// slowly (export must advertise `SEND_FAST_ZERO`).
+    pub fast_zero: bool,
+}
+
+impl CommandFlags {
+    /// With FUA.
+    pub fn fua(mut self) -> Self {
+        self.fua = true;
+        self
+    }
+
+    /// With NO_HOLE.
+    pub fn no_hole(mut self) -> Self {
+        self.no_hole = true;
+        self
+    }
+
+    /// With FAST_ZERO.
+    pub fn fast_zero(mut self) -> Self {
+        self.fast_zero = true;
+        self
+    }
 }
 
 impl From<WireError> for ClientError {
@@ -139,14 +233,34 @@ type Result<T> = std::result::Result<T, ClientError>;
 /// What a request waits for.
 enum Expect {
     Simple,
-    Read { offset: u64, buf: Vec<u8> },
-    Status { context: u32, extents: Vec<Extent> },
+    /// A read into `buf`; `covered` counts the bytes its chunks have filled so far.
+    Read {
+        offset: u64,
+        buf: Vec<u8>,
+        covered: u64,
+    },
+    Status {
+        context: u32,
+        extents: Vec<Extent>,
+    },
+}
+
+impl Expect {
+    fn asked(&self) -> Asked {
+        match self {
+            Self::Read { offset, buf, .. } => Asked::Read { offset: *offset, length: buf.len() as u64 },
+            Self::Status { .. } => Asked::BlockStatus,
+            Self::Simple => Asked::Other,
+        }
+    }
 }
 
 struct Pending {
     expect: Expect,
     error: Option<ClientError>,
     reply: oneshot::Sender<Result<Expect>>,
+    /// The request's in-flight slot, given back when the reply has been read.
+    _slot: OwnedSemaphorePermit,
 }
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
@@ -171,6 +285,28 @@ struct Inner {
     /// Every context the server granted, by name.
     contexts: HashMap<String, u32>,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// In-flight slots ([`ClientOptions::max_in_flight`]).
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+    request_timeout: Option<Duration>,
+}
+
+impl Inner {
+    /// Close the connection from this side: the reader stops, every waiting request fails,
+    /// later ones fail at once, and the write half is dropped unless a request is writing (that
+    /// request closes it when it finishes or is dropped).
+    fn close(&self) {
+        if let Ok(mut r) = self.reader.lock() {
+            if let Some(h) = r.take() {
+                h.abort();
+            }
+        }
+        fail_all(self);
+        self.slots.close();
+        if let Ok(mut w) = self.writer.try_lock() {
+            w.take();
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -248,6 +384,20 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let timeout = options.request_timeout;
+        match timeout {
+            Some(t) => tokio::time::timeout(t, Self::negotiate(reader, writer, options))
+                .await
+                .unwrap_or(Err(ClientError::TimedOut(t))),
+            None => Self::negotiate(reader, writer, options).await,
+        }
+    }
+
+    async fn negotiate<R, W>(reader: R, writer: W, options: &ClientOptions) -> Result<Self>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut r = BufReader::with_capacity(256 * 1024, reader);
         let mut w: Writer = Box::new(writer);
         let mut greeting = [0u8; GREETING_LEN];
@@ -286,10 +436,7 @@ impl Client {
                 let (h, data) = read_option_reply(&mut r, opt::SET_META_CONTEXT).await?;
                 match h.reply {
                     rep::META_CONTEXT => {
-                        let mut c = Cursor::new(&data);
-                        let id = c.u32().ok_or_else(|| ClientError::Protocol("short META_CONTEXT reply".into()))?;
-                        let name = c.take(c.remaining()).unwrap_or_default();
-                        let name = String::from_utf8_lossy(name).into_owned();
+                        let (id, name) = reply::parse_meta_context_reply(&data)?;
                         if !queries.contains(&name.as_str()) {
                             return Err(ClientError::Protocol(format!("server granted unrequested context {name}")));
                         }
@@ -316,6 +463,9 @@ impl Client {
             allocation_context,
             contexts,
             reader: Mutex::new(None),
+            slots: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            max_in_flight: options.max_in_flight.max(1),
+            request_timeout: options.request_timeout,
         });
         let weak = Arc::downgrade(&inner);
         let handle = tokio::spawn(async move { reader_loop(r, weak).await });
@@ -340,11 +490,22 @@ impl Client {
         self.inner.structured
     }
 
+    /// Requests sent (or being sent) whose replies have not all been read yet, including those
+    /// whose callers have gone; at most [`ClientOptions::max_in_flight`].
+    pub fn in_flight(&self) -> usize {
+        if self.inner.slots.is_closed() {
+            return 0;
+        }
+        self.inner.max_in_flight.saturating_sub(self.inner.slots.available_permits())
+    }
+
     /// Whether block status can be queried.
     pub fn can_block_status(&self) -> bool {
         self.inner.allocation_context.is_some()
     }
 
+    /// Send one request and wait for its reply, within the request timeout if there is one
+    /// (the whole of it: waiting for a slot, writing, and the reply).
     async fn submit(
         &self,
         command: Command,
@@ -354,6 +515,29 @@ impl Client {
         payload: &[u8],
         expect: Expect,
     ) -> Result<Expect> {
+        let Some(limit) = self.inner.request_timeout else {
+            return self.exchange(command, flags, offset, length, payload, expect).await;
+        };
+        match tokio::time::timeout(limit, self.exchange(command, flags, offset, length, payload, expect)).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(?command, offset, length, timeout = ?limit, "NBD request timed out; closing the connection");
+                self.inner.close();
+                Err(ClientError::TimedOut(limit))
+            }
+        }
+    }
+
+    async fn exchange(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        expect: Expect,
+    ) -> Result<Expect> {
+        let slot = self.inner.slots.clone().acquire_owned().await.map_err(|_| ClientError::Closed)?;
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
         {
@@ -361,7 +545,7 @@ impl Client {
             if p.closed {
                 return Err(ClientError::Closed);
             }
-            p.map.insert(cookie, Pending { expect, error: None, reply: reply_tx });
+            p.map.insert(cookie, Pending { expect, error: None, reply: reply_tx, _slot: slot });
         }
         let mut head = Vec::with_capacity(32);
         tx::encode_request(&mut head, self.inner.mode, &Request { flags, command, cookie, offset, length })?;
@@ -407,27 +591,62 @@ impl Client {
     /// # Errors
     /// Out of range, or the server failed the read.
     pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>> {
-        self.check_range(offset, u64::from(length))?;
-        if length > self.inner.info.max_payload {
+        self.read_into(offset, vec![0; length as usize]).await
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf` and hand it back: with buffers that are
+    /// reused, no allocation per read. Every byte of the returned buffer was sent by the server
+    /// (data) or declared a hole (zeroed here).
+    ///
+    /// # Errors
+    /// Out of range, larger than the server's maximum payload, or the server failed the read
+    /// (the buffer is dropped).
+    pub async fn read_into(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let length = buf.len() as u64;
+        self.check_range(offset, length)?;
+        if length > u64::from(self.inner.info.max_payload) {
             return Err(ClientError::Invalid(format!(
                 "read of {length} exceeds max payload {}",
                 self.inner.info.max_payload
             )));
         }
-        match self
-            .submit(
-                Command::Read,
-                0,
-                offset,
-                u64::from(length),
-                &[],
-                Expect::Read { offset, buf: vec![0; length as usize] },
-            )
-            .await?
-        {
+        if length == 0 {
+            return Ok(buf);
+        }
+        match self.submit(Command::Read, 0, offset, length, &[], Expect::Read { offset, buf, covered: 0 }).await? {
             Expect::Read { buf, .. } => Ok(buf),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
         }
+    }
+
+    /// The wire flags for `flags` on `command`, refusing what the export does not advertise or
+    /// the command does not take.
+    fn wire_flags(&self, command: Command, flags: CommandFlags) -> Result<u16> {
+        use crate::proto::consts::transmission_flags::{SEND_FAST_ZERO, SEND_FUA};
+        let offered = self.inner.info.flags;
+        let mut wire = 0;
+        if flags.fua {
+            if offered & SEND_FUA == 0 {
+                return Err(ClientError::Unsupported("FUA"));
+            }
+            wire |= cmd_flags::FUA;
+        }
+        if flags.no_hole {
+            if command != Command::WriteZeroes {
+                return Err(ClientError::Invalid("NO_HOLE applies to write zeroes only".into()));
+            }
+            wire |= cmd_flags::NO_HOLE;
+        }
+        if flags.fast_zero {
+            if command != Command::WriteZeroes {
+                return Err(ClientError::Invalid("FAST_ZERO applies to write zeroes only".into()));
+            }
+            if offered & SEND_FAST_ZERO == 0 {
+                return Err(ClientError::Unsupported("fast zero"));
+            }
+            wire |= cmd_flags::FAST_ZERO;
+        }
+        Ok(wire)
     }
 
     /// Write `data` at `offset`; `fua` makes it durable before the reply.
@@ -435,12 +654,22 @@ impl Client {
     /// # Errors
     /// Out of range, too large, or the server failed the write.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let flags = if fua { CommandFlags::default().fua() } else { CommandFlags::default() };
+        self.write_with(offset, data, flags).await
+    }
+
+    /// Write `data` at `offset` with `flags` (FUA only).
+    ///
+    /// # Errors
+    /// Out of range, too large, a flag the export or the command does not take, or the server
+    /// failed the write.
+    pub async fn write_with(&self, offset: u64, data: &[u8], flags: CommandFlags) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         if data.len() as u64 > u64::from(self.inner.info.max_payload) {
             return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
         }
-        let flags = if fua { cmd_flags::FUA } else { 0 };
-        self.submit(Command::Write, flags, offset, data.len() as u64, data, Expect::Simple).await.map(drop)
+        let wire = self.wire_flags(Command::Write, flags)?;
+        self.submit(Command::Write, wire, offset, data.len() as u64, data, Expect::Simple).await.map(drop)
     }
 
     /// Flush completed writes to stable storage.
@@ -456,11 +685,20 @@ impl Client {
     /// # Errors
     /// Unsupported by the export, out of range, or failed.
     pub async fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.trim_with(offset, length, CommandFlags::default()).await
+    }
+
+    /// Discard a range with `flags` (FUA only).
+    ///
+    /// # Errors
+    /// Unsupported by the export, a flag it does not take, out of range, or failed.
+    pub async fn trim_with(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
         if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_TRIM == 0 {
             return Err(ClientError::Unsupported("trim"));
         }
         self.check_range(offset, length)?;
-        self.submit(Command::Trim, 0, offset, length, &[], Expect::Simple).await.map(drop)
+        let wire = self.wire_flags(Command::Trim, flags)?;
+        self.submit(Command::Trim, wire, offset, length, &[], Expect::Simple).await.map(drop)
     }
 
     /// Zero a range; `no_hole` keeps it allocated.
@@ -468,12 +706,23 @@ impl Client {
     /// # Errors
     /// Unsupported by the export, out of range, or failed.
     pub async fn write_zeroes(&self, offset: u64, length: u64, no_hole: bool) -> Result<()> {
+        let flags = if no_hole { CommandFlags::default().no_hole() } else { CommandFlags::default() };
+        self.zero(offset, length, flags).await
+    }
+
+    /// Zero a range with `flags` (NO_HOLE, FAST_ZERO, FUA). With FAST_ZERO, a server that
+    /// cannot zero faster than by writing answers [`ClientError::Request`] with
+    /// `errno::ENOTSUP`, and the caller writes the zeroes itself if it must.
+    ///
+    /// # Errors
+    /// Unsupported by the export, a flag it does not take, out of range, or failed.
+    pub async fn zero(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
         if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_WRITE_ZEROES == 0 {
             return Err(ClientError::Unsupported("write zeroes"));
         }
         self.check_range(offset, length)?;
-        let flags = if no_hole { cmd_flags::NO_HOLE } else { 0 };
-        self.submit(Command::WriteZeroes, flags, offset, length, &[], Expect::Simple).await.map(drop)
+        let wire = self.wire_flags(Command::WriteZeroes, flags)?;
+        self.submit(Command::WriteZeroes, wire, offset, length, &[], Expect::Simple).await.map(drop)
     }
 
     /// Whether the server granted the metadata context `name`.
@@ -704,20 +953,18 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
             ReplyHeader::Chunk { flags, kind, cookie, length } => {
                 let mut p = take_pending(&inner, cookie)
                     .ok_or_else(|| ClientError::Protocol(format!("chunk for unknown cookie {cookie}")))?;
-                let limit = match &p.expect {
-                    Expect::Read { buf, .. } => buf.len() as u64 + 64,
-                    _ => 64 * 1024 + 16 * (1 << 20),
-                };
-                if length > limit {
-                    return Err(ClientError::Protocol(format!(
-                        "chunk of {length} bytes for a request that allows {limit}"
-                    )));
-                }
-                apply_chunk(r, &mut p, kind, length).await?;
+                let body = reply::chunk_body(kind, length, &p.expect.asked())?;
+                apply_chunk(r, &mut p, kind, body).await?;
                 if flags & reply_flags::DONE != 0 {
-                    let result = match p.error.take() {
-                        Some(e) => Err(e),
-                        None => Ok(p.expect),
+                    let result = match (p.error.take(), &p.expect) {
+                        (Some(e), _) => Err(e),
+                        (None, Expect::Read { buf, covered, .. }) if *covered != buf.len() as u64 => {
+                            return Err(ClientError::Protocol(format!(
+                                "read reply covered {covered} of {} bytes",
+                                buf.len()
+                            )));
+                        }
+                        (None, _) => Ok(p.expect),
                     };
                     let _ = p.reply.send(result);
                 } else if let Ok(mut table) = inner.pending.lock() {
@@ -728,56 +975,47 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
     }
 }
 
-async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, length: u64) -> Result<()> {
-    match (kind, &mut p.expect) {
-        (reply_type::NONE, _) if length == 0 => Ok(()),
-        (reply_type::OFFSET_DATA, Expect::Read { offset, buf }) if length >= 8 => {
+/// Consume one chunk's payload as `body` (already judged against the request) into `p`.
+async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, body: ChunkBody) -> Result<()> {
+    match (body, &mut p.expect) {
+        (ChunkBody::Empty, _) => Ok(()),
+        (ChunkBody::Data { data }, Expect::Read { offset, buf, covered }) => {
             let at = r.read_u64().await?;
-            let n = length - 8;
-            let start = at.checked_sub(*offset).filter(|s| s.saturating_add(n) <= buf.len() as u64);
-            let Some(start) = start else {
-                return Err(ClientError::Protocol(format!("data chunk {at:#x}+{n} outside the read")));
-            };
-            let dst = buf
-                .get_mut(start as usize..(start + n) as usize)
-                .ok_or_else(|| ClientError::Protocol("data chunk range".into()))?;
+            let range = reply::place(at, data, *offset, buf.len() as u64)?;
+            let dst = buf.get_mut(range).ok_or_else(|| ClientError::Protocol("data chunk range".into()))?;
             r.read_exact(dst).await?;
+            *covered += data;
             Ok(())
         }
-        (reply_type::OFFSET_HOLE, Expect::Read { offset, buf }) if length == 12 => {
-            let at = r.read_u64().await?;
-            let n = u64::from(r.read_u32().await?);
-            let start = at.checked_sub(*offset).filter(|s| s.saturating_add(n) <= buf.len() as u64);
-            let Some(start) = start else {
-                return Err(ClientError::Protocol(format!("hole chunk {at:#x}+{n} outside the read")));
-            };
-            if let Some(dst) = buf.get_mut(start as usize..(start + n) as usize) {
+        (ChunkBody::Hole, Expect::Read { offset, buf, covered }) => {
+            let mut payload = [0u8; 12];
+            r.read_exact(&mut payload).await?;
+            let (at, n) = reply::parse_offset_hole(&payload)?;
+            let range = reply::place(at, u64::from(n), *offset, buf.len() as u64)?;
+            if let Some(dst) = buf.get_mut(range) {
                 dst.fill(0);
             }
+            *covered += u64::from(n);
             Ok(())
         }
-        (reply_type::BLOCK_STATUS | reply_type::BLOCK_STATUS_EXT, Expect::Status { context, extents }) => {
-            let mut payload = vec![0u8; length as usize];
+        (ChunkBody::Status { length, extended }, Expect::Status { context, extents }) => {
+            let mut payload = vec![0u8; length];
             r.read_exact(&mut payload).await?;
-            let (id, got) = tx::parse_block_status(&payload, kind == reply_type::BLOCK_STATUS_EXT)?;
+            let (id, got) = tx::parse_block_status(&payload, extended)?;
             // With several contexts selected the server answers one chunk per context.
             if id == *context {
                 extents.extend(got);
             }
             Ok(())
         }
-        (k, _) if k & reply_type::ERROR_BIT != 0 => {
-            let mut payload = vec![0u8; length as usize];
+        (ChunkBody::Error { length }, _) => {
+            let mut payload = vec![0u8; length];
             r.read_exact(&mut payload).await?;
-            let mut c = Cursor::new(&payload);
-            let error = c.u32().unwrap_or(crate::proto::consts::errno::EIO);
-            let msg_len = c.u16().unwrap_or(0);
-            let message =
-                c.take(usize::from(msg_len)).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
-            p.error.get_or_insert(ClientError::Request { error, message });
+            let e = reply::parse_error_chunk(kind, &payload)?;
+            p.error.get_or_insert(ClientError::Request { error: e.error, message: e.message });
             Ok(())
         }
-        (k, _) => Err(ClientError::Protocol(format!("unexpected chunk type {k} of {length} bytes"))),
+        _ => Err(ClientError::Protocol(format!("chunk type {kind} does not answer this request"))),
     }
 }
 

@@ -17,6 +17,7 @@ use crate::proto::consts::transmission_flags as tf;
 
 /// How to publish a backend.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ExportConfig {
     /// Name clients ask for (NBD_OPT_GO / EXPORT_NAME).
     pub name: String,
@@ -69,6 +70,7 @@ impl ExportConfig {
 
 /// A point-in-time copy of an export's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExportStats {
     /// Connections in transmission now.
     pub connections_active: usize,

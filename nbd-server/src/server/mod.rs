@@ -30,7 +30,11 @@ use negotiate::BlockSizes;
 
 /// Tunables of a server. The defaults suit the hub: qemu-compatible payload limits and bounded
 /// memory per connection.
+///
+/// Built with `ServerConfig::default()` and the setters, e.g.
+/// `ServerConfig::default().max_clients(64).shutdown_grace(Duration::from_secs(5))`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Largest READ or WRITE payload accepted (advertised as the maximum block size).
     pub max_payload: u32,
@@ -61,6 +65,18 @@ impl Default for ServerConfig {
             max_clients: 1024,
             shutdown_grace: Duration::from_secs(30),
         }
+    }
+}
+
+impl ServerConfig {
+    crate::setters! {
+        max_payload: u32,
+        max_in_flight: usize,
+        max_buffered_bytes: usize,
+        max_buffered_bytes_total: usize,
+        handshake_timeout: Duration,
+        max_clients: usize,
+        shutdown_grace: Duration,
     }
 }
 

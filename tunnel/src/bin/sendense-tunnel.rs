@@ -199,17 +199,12 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         direct.push(port_range(r)?);
     }
     direct.extend(allow.iter().map(|p| (*p, *p)));
-    let config = EndpointConfig {
-        host_key: key,
-        authorized,
-        user,
-        allow_direct: PortSet(direct),
-        allow_reverse: PortSet(allow_reverse.iter().map(|p| (*p, *p)).collect()),
-        max_connections_per_key,
-        max_channels_per_connection: max_channels,
-        policy: None,
-        login: Default::default(),
-    };
+    let config = EndpointConfig::new(key, authorized)
+        .user(user)
+        .allow_direct(PortSet(direct))
+        .allow_reverse(PortSet(allow_reverse.iter().map(|p| (*p, *p)).collect()))
+        .max_connections_per_key(max_connections_per_key)
+        .max_channels_per_connection(max_channels);
     let listener =
         tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, "tunnel endpoint listening");
