@@ -11,6 +11,15 @@
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
 //! `SEEK_DATA`/`SEEK_HOLE`, so sparse copies stay sparse. Where the filesystem cannot do an
 //! `fallocate` mode, write-zeroes falls back to writing zeroes and reports itself not fast.
+//!
+//! Every structured read asks block status first (to send holes as hole chunks), which is two
+//! `lseek`s, each under the inode lock on tmpfs and ext4 — for a sequential copy of a full disk,
+//! two syscalls and two lock round trips per request that find the same data run again. So the
+//! backend remembers the last data run it found ([`KnownData`]) and answers queries inside it
+//! without a syscall. Only data is remembered, never holes: a write can fill a hole at any time,
+//! but a stale "data" answer is still correct — the read sends what `pread` returns (zeroes, if
+//! the range was punched since), and block status may always report allocated for a hole. TRIM
+//! and WRITE_ZEROES forget it anyway, so answers stay as sparse as the file.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -34,6 +43,28 @@ pub struct FileBackend {
     file: Arc<File>,
     size: u64,
     read_only: bool,
+    known_data: Arc<KnownData>,
+}
+
+/// The last run of data `SEEK_DATA`/`SEEK_HOLE` found, `[start, end)`; empty when unknown.
+#[derive(Debug, Default)]
+struct KnownData(std::sync::Mutex<(u64, u64)>);
+
+impl KnownData {
+    /// Whether all of `[offset, end)` lies in the remembered data run.
+    fn covers(&self, offset: u64, end: u64) -> bool {
+        self.0.lock().is_ok_and(|run| run.0 <= offset && end <= run.1 && offset < end)
+    }
+
+    fn remember(&self, start: u64, end: u64) {
+        if let Ok(mut run) = self.0.lock() {
+            *run = (start, end);
+        }
+    }
+
+    fn forget(&self) {
+        self.remember(0, 0);
+    }
 }
 
 impl FileBackend {
@@ -44,7 +75,7 @@ impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
-        Ok(Self { file: Arc::new(file), size, read_only })
+        Ok(Self { file: Arc::new(file), size, read_only, known_data: Arc::default() })
     }
 
     /// Create (or truncate) a sparse file of `size` bytes and open it read-write.
@@ -54,7 +85,7 @@ impl FileBackend {
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         file.set_len(size)?;
-        Ok(Self { file: Arc::new(file), size, read_only: false })
+        Ok(Self { file: Arc::new(file), size, read_only: false, known_data: Arc::default() })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -150,6 +181,7 @@ impl Backend for FileBackend {
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
         let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        self.known_data.forget();
         match self.fallocate("trim", flags, offset, length).await {
             // Trim is advisory: a filesystem without hole punching simply keeps the data.
             Err(e) if is_unsupported(&e) => return Ok(()),
@@ -167,6 +199,7 @@ impl Backend for FileBackend {
         } else {
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
         };
+        self.known_data.forget();
         match self.fallocate("write zeroes", mode, offset, length).await {
             Ok(()) => {}
             Err(e) if is_unsupported(&e) => {
@@ -188,6 +221,9 @@ impl Backend for FileBackend {
 
     async fn block_status(&self, offset: u64, length: u64) -> BackendResult<Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size);
+        if self.known_data.covers(offset, end) {
+            return Ok(vec![Extent { length: end - offset, flags: 0 }]);
+        }
         let mut extents = Vec::new();
         let mut pos = offset;
         while pos < end && extents.len() < MAX_EXTENTS_PER_QUERY {
@@ -200,6 +236,7 @@ impl Backend for FileBackend {
             let hole_at = self.seek(SeekFrom::Hole(pos as i64))?.unwrap_or(self.size).min(self.size);
             // A filesystem without hole support reports the hole at EOF: all data.
             let data_end = hole_at.max(pos + 1);
+            self.known_data.remember(pos, data_end);
             extents.push(Extent { length: data_end - pos, flags: 0 });
             pos = data_end;
         }
@@ -237,6 +274,22 @@ mod tests {
             ext,
             vec![Extent { length: 1 << 20, flags: 0 }, Extent { length: 3 << 20, flags: STATE_HOLE | STATE_ZERO }]
         );
+    }
+
+    #[tokio::test]
+    async fn the_remembered_data_run_answers_inside_it_and_is_forgotten_by_trim_and_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::create(&dir.path().join("d"), 4 << 20).unwrap();
+        b.write(0, &vec![7u8; 4 << 20], false).await.unwrap();
+        let data = |n| vec![Extent { length: n, flags: 0 }];
+        assert_eq!(b.block_status(0, 65536).await.unwrap(), data(4 << 20), "the whole run, found by lseek");
+        assert_eq!(b.block_status(1 << 20, 65536).await.unwrap(), data(65536), "inside the run: remembered");
+        b.trim(1 << 20, 1 << 20, false).await.unwrap();
+        let hole = |n| vec![Extent { length: n, flags: STATE_HOLE | STATE_ZERO }];
+        assert_eq!(b.block_status(1 << 20, 65536).await.unwrap(), hole(1 << 20), "a trimmed range is a hole again");
+        assert_eq!(b.block_status(0, 65536).await.unwrap(), data(1 << 20));
+        b.write_zeroes(0, 65536, ZeroFlags::default()).await.unwrap();
+        assert_eq!(b.block_status(0, 65536).await.unwrap(), hole(65536), "punched by write zeroes");
     }
 
     #[tokio::test]
