@@ -112,7 +112,33 @@ def qcow2_seeds():
         subprocess.run(["qemu-img", "convert", "-q", "-c", "-O", "qcow2", "-o", "cluster_size=4096", raw, p], check=True)
         with open(p, "rb") as f:
             out["compressed"] = f.read()
+    out.update(hostile_seeds(out.get("default")))
     return out
+
+
+def hostile_seeds(default):
+    """The default image with one header or table field made hostile, one seed per class of
+    fault the library must answer with an error (never a panic, an overflow or silent data)."""
+    if default is None:
+        return {}
+    import struct as st
+
+    def patched(at, fmt, value, base=default):
+        b = bytearray(base)
+        st.pack_into(fmt, b, at, value)
+        return bytes(b)
+
+    l1_offset = st.unpack_from(">Q", default, 40)[0]
+    return {
+        # refcount_table_offset + its size overflows u64.
+        "hostile_refcount_offset": patched(48, ">Q", 0xFFFF_FFFF_FFFF_FE00),
+        # l1_table_offset + l1_size * 8 overflows u64.
+        "hostile_l1_offset": patched(40, ">Q", 0xFFFF_FFFF_FFFF_FE00),
+        # The dirty bit (refcounts rebuilt on a writable open) with the first L1 entry pointing
+        # at an L2 table near the top of the address space: repair's range arithmetic overflows.
+        "hostile_dirty_l2": patched(l1_offset, ">Q", (1 << 63) | 0x00FF_FFFF_FFFF_FE00,
+                                    patched(72, ">Q", 1)),
+    }
 
 
 SEEDS["qcow2_image"] = qcow2_seeds()
