@@ -64,7 +64,7 @@ impl ImageOptions {
         Self { writable: true, ..Self::default() }
     }
 
-    crate::setters! {
+    setters::setters! {
         writable: bool,
         l2_cache_bytes: u64,
         probe_backing_format: bool,
@@ -117,7 +117,7 @@ impl CreateOptions {
         Self { size: None, cluster_bits: 16, refcount_order: 4, backing: Some((backing.into(), format)) }
     }
 
-    crate::setters! {
+    setters::setters! {
         size: Option<u64>,
         cluster_bits: u32,
         refcount_order: u32,

@@ -67,7 +67,7 @@ pub fn default_connections() -> usize {
 }
 
 impl ClientConfig {
-    crate::setters! {
+    setters::setters! {
         forwards: Vec<LocalForward>,
         reverse: Vec<ReverseForward>,
         keepalive_interval: Duration,

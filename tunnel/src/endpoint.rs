@@ -107,7 +107,7 @@ impl EndpointConfig {
         }
     }
 
-    crate::setters! {
+    setters::setters! {
         user: Option<String>,
         allow_direct: PortSet,
         allow_reverse: PortSet,
@@ -119,7 +119,7 @@ impl EndpointConfig {
 }
 
 impl LoginLimits {
-    crate::setters! {
+    setters::setters! {
         deadline: Duration,
         max_pending: usize,
         max_pending_per_address: usize,

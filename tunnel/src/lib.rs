@@ -18,23 +18,6 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
-/// Builder-style setters for the public option structs, which are `#[non_exhaustive]` (new
-/// fields must not break callers): `setters! { field: Type, ... }` inside an `impl` makes
-/// `fn field(self, value: Type) -> Self` for each.
-macro_rules! setters {
-    ($($field:ident: $ty:ty),* $(,)?) => {
-        $(
-            #[doc = concat!("With `", stringify!($field), "` set to `value`.")]
-            #[must_use]
-            pub fn $field(mut self, value: $ty) -> Self {
-                self.$field = value;
-                self
-            }
-        )*
-    };
-}
-pub(crate) use setters;
-
 pub mod authorized;
 pub mod ciphers;
 pub mod client;

@@ -1,7 +1,7 @@
 //! A raw-file (or block-device) backend with positional I/O and no lock at all.
 //!
-//! Reads and writes are `pread`/`pwrite` at the request's offset, so connections never wait on
-//! each other. They run on the calling runtime thread: for the request sizes NBD clients use
+//! Reads and writes are `pread`/`pwrite` at the request's offset; reads never wait on each
+//! other, writes take turns per file (`gate.rs`: the kernel serialises them anyway). They run on the calling runtime thread: for the request sizes NBD clients use
 //! (4 KiB to a few MiB against the page cache) the copy is cheaper than a hop to the blocking
 //! pool and back. The calls that wait on the device — `fdatasync` for FLUSH and FUA, and
 //! `fallocate` for TRIM and WRITE_ZEROES — and the zero-writing fallback (a client-chosen length)
@@ -44,6 +44,7 @@ pub struct FileBackend {
     size: u64,
     read_only: bool,
     known_data: Arc<KnownData>,
+    write_gate: super::gate::WriteGate,
 }
 
 /// The last run of data `SEEK_DATA`/`SEEK_HOLE` found, `[start, end)`; empty when unknown.
@@ -75,7 +76,7 @@ impl FileBackend {
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
-        Ok(Self { file: Arc::new(file), size, read_only, known_data: Arc::default() })
+        Ok(Self { file: Arc::new(file), size, read_only, known_data: Arc::default(), write_gate: Default::default() })
     }
 
     /// Create (or truncate) a sparse file of `size` bytes and open it read-write.
@@ -85,7 +86,7 @@ impl FileBackend {
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         file.set_len(size)?;
-        Ok(Self { file: Arc::new(file), size, read_only: false, known_data: Arc::default() })
+        Ok(Self { file: Arc::new(file), size, read_only: false, known_data: Arc::default(), write_gate: Default::default() })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -165,7 +166,10 @@ impl Backend for FileBackend {
         if self.read_only {
             return Err(BackendError::new(BackendErrorKind::ReadOnly, "export is read-only"));
         }
-        self.file.write_all_at(data, offset).map_err(|e| BackendError::io("write", offset, e))?;
+        {
+            let _turn = self.write_gate.turn().await;
+            self.file.write_all_at(data, offset).map_err(|e| BackendError::io("write", offset, e))?;
+        }
         if fua {
             self.sync().await?;
         }

@@ -9,6 +9,7 @@
 //! same file.
 
 mod file;
+mod gate;
 mod memory;
 mod qcow2_image;
 mod tuned;
@@ -54,7 +55,7 @@ pub struct ZeroFlags {
 }
 
 impl Capabilities {
-    crate::setters! {
+    setters::setters! {
         read_only: bool,
         trim: bool,
         write_zeroes: bool,
@@ -65,7 +66,7 @@ impl Capabilities {
 }
 
 impl ZeroFlags {
-    crate::setters! {
+    setters::setters! {
         no_hole: bool,
         fast: bool,
         fua: bool,

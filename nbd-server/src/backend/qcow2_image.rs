@@ -6,6 +6,8 @@
 //! layer is reported allocated, zero clusters and ranges allocated nowhere as holes that read as
 //! zeroes, so sparse copies of a chain stay sparse.
 //!
+//! Writes enter the kernel one at a time per image (`gate.rs` says why); reads never wait for it.
+//!
 //! Writes, zeroes and discards go to the crate's write path; FLUSH is `fdatasync`. Calls that may
 //! wait on the disk (flush, zeroing, discard, FUA) run under `block_in_place` on a
 //! multi-threaded runtime so other connections keep their worker. Zeroing without NO_HOLE uses
@@ -36,6 +38,7 @@ const MAX_STATUS_SPAN: u64 = 4 << 30;
 #[derive(Debug, Clone)]
 pub struct Qcow2Backend {
     image: Arc<Image>,
+    write_gate: super::gate::WriteGate,
 }
 
 fn convert(e: qcow2::Error) -> BackendError {
@@ -56,12 +59,12 @@ impl Qcow2Backend {
     /// write an image that cannot be written.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, qcow2::Error> {
         let image = Image::open_with(path, &ImageOptions::default().writable(!read_only))?;
-        Ok(Self { image: Arc::new(image) })
+        Ok(Self::from_image(Arc::new(image)))
     }
 
     /// Serve an already open image.
     pub fn from_image(image: Arc<Image>) -> Self {
-        Self { image }
+        Self { image, write_gate: Default::default() }
     }
 }
 
@@ -89,7 +92,10 @@ impl Backend for Qcow2Backend {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
-        self.image.write_at(data, offset).map_err(convert)?;
+        {
+            let _turn = self.write_gate.turn().await;
+            self.image.write_at(data, offset).map_err(convert)?;
+        }
         if fua {
             blocking(|| self.image.flush()).map_err(convert)?;
         }

@@ -506,21 +506,14 @@ impl Client {
 
     /// Send one request and wait for its reply, within the request timeout if there is one
     /// (the whole of it: waiting for a slot, writing, and the reply).
-    async fn submit(
-        &self,
-        command: Command,
-        flags: u16,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        expect: Expect,
-    ) -> Result<Expect> {
+    async fn submit(&self, request: Request, payload: &[u8], expect: Expect) -> Result<Expect> {
         let Some(limit) = self.inner.request_timeout else {
-            return self.exchange(command, flags, offset, length, payload, expect).await;
+            return self.exchange(request, payload, expect).await;
         };
-        match tokio::time::timeout(limit, self.exchange(command, flags, offset, length, payload, expect)).await {
+        match tokio::time::timeout(limit, self.exchange(request, payload, expect)).await {
             Ok(result) => result,
             Err(_) => {
+                let Request { command, offset, length, .. } = request;
                 tracing::warn!(?command, offset, length, timeout = ?limit, "NBD request timed out; closing the connection");
                 self.inner.close();
                 Err(ClientError::TimedOut(limit))
@@ -528,15 +521,9 @@ impl Client {
         }
     }
 
-    async fn exchange(
-        &self,
-        command: Command,
-        flags: u16,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        expect: Expect,
-    ) -> Result<Expect> {
+    /// Take an in-flight slot, register the request under a fresh cookie, write it whole, and
+    /// wait for the reader to hand back its reply.
+    async fn exchange(&self, request: Request, payload: &[u8], expect: Expect) -> Result<Expect> {
         let slot = self.inner.slots.clone().acquire_owned().await.map_err(|_| ClientError::Closed)?;
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -548,7 +535,7 @@ impl Client {
             p.map.insert(cookie, Pending { expect, error: None, reply: reply_tx, _slot: slot });
         }
         let mut head = Vec::with_capacity(32);
-        tx::encode_request(&mut head, self.inner.mode, &Request { flags, command, cookie, offset, length })?;
+        tx::encode_request(&mut head, self.inner.mode, &Request { cookie, ..request })?;
         let sent: Result<()> = async {
             let mut slot = self.inner.writer.lock().await;
             if slot.is_none() {
@@ -613,7 +600,10 @@ impl Client {
         if length == 0 {
             return Ok(buf);
         }
-        match self.submit(Command::Read, 0, offset, length, &[], Expect::Read { offset, buf, covered: 0 }).await? {
+        match self
+            .submit(request(Command::Read, 0, offset, length), &[], Expect::Read { offset, buf, covered: 0 })
+            .await?
+        {
             Expect::Read { buf, .. } => Ok(buf),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
         }
@@ -669,7 +659,7 @@ impl Client {
             return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
         }
         let wire = self.wire_flags(Command::Write, flags)?;
-        self.submit(Command::Write, wire, offset, data.len() as u64, data, Expect::Simple).await.map(drop)
+        self.submit(request(Command::Write, wire, offset, data.len() as u64), data, Expect::Simple).await.map(drop)
     }
 
     /// Flush completed writes to stable storage.
@@ -677,7 +667,7 @@ impl Client {
     /// # Errors
     /// The server failed the flush.
     pub async fn flush(&self) -> Result<()> {
-        self.submit(Command::Flush, 0, 0, 0, &[], Expect::Simple).await.map(drop)
+        self.submit(request(Command::Flush, 0, 0, 0), &[], Expect::Simple).await.map(drop)
     }
 
     /// Discard a range.
@@ -698,7 +688,7 @@ impl Client {
         }
         self.check_range(offset, length)?;
         let wire = self.wire_flags(Command::Trim, flags)?;
-        self.submit(Command::Trim, wire, offset, length, &[], Expect::Simple).await.map(drop)
+        self.submit(request(Command::Trim, wire, offset, length), &[], Expect::Simple).await.map(drop)
     }
 
     /// Zero a range; `no_hole` keeps it allocated.
@@ -722,7 +712,7 @@ impl Client {
         }
         self.check_range(offset, length)?;
         let wire = self.wire_flags(Command::WriteZeroes, flags)?;
-        self.submit(Command::WriteZeroes, wire, offset, length, &[], Expect::Simple).await.map(drop)
+        self.submit(request(Command::WriteZeroes, wire, offset, length), &[], Expect::Simple).await.map(drop)
     }
 
     /// Whether the server granted the metadata context `name`.
@@ -754,7 +744,7 @@ impl Client {
         self.check_range(offset, length)?;
         let length = if self.inner.mode == HeaderMode::Compact { length.min(u64::from(u32::MAX)) } else { length };
         let expect = Expect::Status { context, extents: Vec::new() };
-        match self.submit(Command::BlockStatus, 0, offset, length, &[], expect).await? {
+        match self.submit(request(Command::BlockStatus, 0, offset, length), &[], expect).await? {
             Expect::Status { extents, .. } if !extents.is_empty() => Ok(extents),
             Expect::Status { .. } => Err(ClientError::Protocol("block status reply without extents".into())),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
@@ -786,6 +776,11 @@ impl Client {
         guard.complete = true;
         Ok(())
     }
+}
+
+/// A request of `command` (its cookie is given when it is sent).
+fn request(command: Command, flags: u16, offset: u64, length: u64) -> Request {
+    Request { flags, command, cookie: 0, offset, length }
 }
 
 /// Closes the write half unless the frame it guards was written whole.

@@ -69,7 +69,7 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    crate::setters! {
+    setters::setters! {
         max_payload: u32,
         max_in_flight: usize,
         max_buffered_bytes: usize,
