@@ -86,7 +86,13 @@ impl FileBackend {
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         file.set_len(size)?;
-        Ok(Self { file: Arc::new(file), size, read_only: false, known_data: Arc::default(), write_gate: Default::default() })
+        Ok(Self {
+            file: Arc::new(file),
+            size,
+            read_only: false,
+            known_data: Arc::default(),
+            write_gate: Default::default(),
+        })
     }
 
     async fn blocking<T: Send + 'static>(
