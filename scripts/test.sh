@@ -12,6 +12,7 @@ declare -A tool_package=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=libnbd-bin
   [nbdkit]=nbdkit
   [ssh]=openssh-client [ssh-keygen]=openssh-client
+  [fincore]=util-linux-extra
 )
 missing=()
 for tool in "${!tool_package[@]}"; do

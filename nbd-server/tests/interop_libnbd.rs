@@ -222,11 +222,19 @@ fn cache_aio_and_discard_modes_are_honoured_or_refused_never_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let file = sparse_file(dir.path(), "d.raw", 4 << 20);
     // Not implemented: refused with a line that says so, before anything is served.
-    for flag in ["--cache=none", "--cache=directsync", "--aio=native", "--aio=io_uring", "--cache=bogus"] {
-        let out = Command::new(sendense_nbd()).args(["-f", "raw", "-x", "e", flag]).arg(&file).output().unwrap();
+    for (format, flag) in [
+        ("raw", "--cache=directsync"),
+        ("raw", "--cache=writethrough"),
+        ("raw", "--aio=native"),
+        ("raw", "--aio=io_uring"),
+        ("raw", "--cache=bogus"),
+        ("qcow2", "--cache=none"),
+    ] {
+        let out = Command::new(sendense_nbd()).args(["-f", format, "-x", "e", flag]).arg(&file).output().unwrap();
         assert!(!out.status.success(), "{flag} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("not implemented") || err.contains("invalid value"), "{flag}: {err}");
+        let refused = ["not implemented", "invalid value", "raw images only"];
+        assert!(refused.iter().any(|r| err.contains(r)), "{flag}: {err}");
     }
     // discard=ignore: TRIM is not offered.
     let peer = start_sendense(&file, "noTrim", &["--discard=ignore"]);
@@ -239,4 +247,36 @@ fn cache_aio_and_discard_modes_are_honoured_or_refused_never_ignored() {
     run(Command::new("nbdcopy").args(["--flush"]).arg(&src).arg(peer.url()));
     drop(peer);
     assert_eq!(&std::fs::read(&file).unwrap()[..1 << 20], &std::fs::read(&src).unwrap()[..]);
+}
+
+/// Pages of `file` in the page cache, as `fincore` (util-linux) counts them.
+fn resident_pages(file: &std::path::Path) -> u64 {
+    let out = run(Command::new(require("fincore")).args(["--bytes", "--noheadings", "--output", "PAGES"]).arg(file));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn cache_none_copies_through_o_direct_and_leaves_the_image_out_of_the_page_cache() {
+    // On the disk the build lives on: tmpfs (a /tmp on some machines) refuses O_DIRECT.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let src = write_file(dir.path(), "src.raw", &pattern(16 << 20, 9));
+    let mut got = Vec::new();
+    for cache in ["--cache=none", "--cache=writeback"] {
+        let image = sparse_file(dir.path(), &format!("{}.raw", &cache[8..]), 32 << 20);
+        let peer = start_sendense(&image, "d", &[cache]);
+        run(Command::new("nbdcopy").args(["--flush", "--connections=4"]).arg(&src).arg(peer.url()));
+        // Read back through the server too (O_DIRECT reads), before anything else touches it.
+        let back = dir.path().join(format!("back-{}.raw", &cache[8..]));
+        run(Command::new("nbdcopy").arg(peer.url()).arg(&back));
+        assert!(peer.stop().success());
+        got.push((cache, resident_pages(&image)));
+        let data = std::fs::read(&image).unwrap();
+        assert!(data[..16 << 20] == std::fs::read(&src).unwrap()[..], "{cache}: the image differs from the source");
+        assert!(data[16 << 20..].iter().all(|&b| b == 0), "{cache}: the tail was written");
+        assert!(std::fs::read(&back).unwrap() == data, "{cache}: the read-back differs");
+    }
+    let (none, writeback) = (got[0].1, got[1].1);
+    // 16 MiB are 4096 pages: through O_DIRECT, none of them stays cached.
+    assert!(none < 64, "--cache=none left {none} pages of the image in the page cache (writeback: {writeback})");
+    assert!(writeback >= 2048, "the writeback copy should be cached ({writeback} pages); is fincore counting?");
 }

@@ -55,7 +55,8 @@ struct Args {
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
     /// Cache mode as qemu-nbd names it: writeback (the page cache, flushes honoured; the
-    /// default) or unsafe (flush and FUA do nothing). none/directsync/writethrough are refused.
+    /// default), unsafe (flush and FUA do nothing) or none (O_DIRECT, raw images only: nothing
+    /// left in the page cache). directsync/writethrough are refused.
     #[arg(long = "cache", value_enum, default_value = "writeback")]
     cache: CacheMode,
     /// Asynchronous I/O as qemu-nbd names it: threads (what this server does). native and
@@ -100,10 +101,11 @@ enum DiscardMode {
 /// What the cache/aio/discard flags ask for, or a clear refusal of what is not implemented:
 /// accepting a mode and doing something else would be a lie about durability or memory.
 fn tuning(args: &Args) -> anyhow::Result<Tuning> {
-    match args.cache {
-        CacheMode::Writeback | CacheMode::Unsafe => {}
-        other => bail!(
-            "--cache={} is not implemented (O_DIRECT / write-through); use writeback or unsafe",
+    match (args.cache, args.format) {
+        (CacheMode::Writeback | CacheMode::Unsafe, _) | (CacheMode::None, Format::Raw) => {}
+        (CacheMode::None, _) => bail!("--cache=none is implemented for raw images only; use writeback"),
+        (other, _) => bail!(
+            "--cache={} is not implemented (write-through); use writeback, none or unsafe",
             format!("{other:?}").to_lowercase()
         ),
     }
@@ -122,8 +124,12 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     let tuning = tuning(args)?;
     match args.format {
         Format::Raw => {
-            let b =
-                FileBackend::open(path, args.read_only).with_context(|| format!("cannot open '{}'", path.display()))?;
+            let b = if args.cache == CacheMode::None {
+                FileBackend::open_direct(path, args.read_only)
+            } else {
+                FileBackend::open(path, args.read_only)
+            }
+            .with_context(|| format!("cannot open '{}'", path.display()))?;
             Ok(Arc::new(Tuned::new(b, tuning)))
         }
         Format::Qcow2 => {
