@@ -414,3 +414,32 @@ async fn command_flags_reach_the_server_and_fast_zero_is_refused_where_it_cannot
     q.write_with(65536, &[9u8; 4096], none.fua()).await.unwrap();
     assert_eq!(&std::fs::read(&raw).unwrap()[65536..69632], &[9u8; 4096][..], "FUA: in the file at the reply");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_dropped_before_it_was_sent_gives_its_in_flight_slot_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "q.raw", 64 << 20);
+    let peer = start_qemu_nbd(&file, "q");
+    let c = Client::connect_uri(&peer.url(), &ClientOptions::new("q").max_in_flight(2)).await.unwrap();
+    signal(&peer, "-STOP");
+    // A 32 MiB write to a stopped server fills the socket buffers and holds the writer.
+    let big = tokio::spawn({
+        let c = c.clone();
+        async move { c.write(0, &pattern(32 << 20, 4), false).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while c.in_flight() < 1 {
+        assert!(std::time::Instant::now() < deadline, "the write never started");
+        tokio::task::yield_now().await;
+    }
+    // Reads that give up while waiting for the writer: never sent, so nothing will answer them.
+    for _ in 0..3 {
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(50), c.read(40 << 20, 4096)).await;
+        assert!(gave_up.is_err(), "a read completed while the server was stopped");
+    }
+    assert_eq!(c.in_flight(), 1, "a dropped, unsent request kept its slot");
+    signal(&peer, "-CONT");
+    big.await.unwrap().unwrap();
+    assert_eq!(c.read(0, 4096).await.unwrap(), pattern(32 << 20, 4)[..4096]);
+    assert_eq!(c.in_flight(), 0);
+}

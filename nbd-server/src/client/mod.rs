@@ -534,6 +534,9 @@ impl Client {
             }
             p.map.insert(cookie, Pending { expect, error: None, reply: reply_tx, _slot: slot });
         }
+        // Until the whole frame is out, no reply can come for this cookie: if this future is
+        // dropped (or fails) before then, the entry and its in-flight slot go with it.
+        let mut unsent = Unsent { inner: &self.inner, cookie, armed: true };
         let mut head = Vec::with_capacity(32);
         tx::encode_request(&mut head, self.inner.mode, &Request { cookie, ..request })?;
         let sent: Result<()> = async {
@@ -557,12 +560,8 @@ impl Client {
             frame.map_err(ClientError::from)
         }
         .await;
-        if let Err(e) = sent {
-            if let Ok(mut p) = self.inner.pending.lock() {
-                p.map.remove(&cookie);
-            }
-            return Err(e);
-        }
+        sent?;
+        unsent.disarm();
         reply_rx.await.map_err(|_| ClientError::Closed)?
     }
 
@@ -775,6 +774,31 @@ impl Client {
         }
         guard.complete = true;
         Ok(())
+    }
+}
+
+/// A registered request whose frame has not been written whole: dropped armed, it takes its
+/// pending entry (and so its in-flight slot) out of the table.
+struct Unsent<'a> {
+    inner: &'a Inner,
+    cookie: u64,
+    armed: bool,
+}
+
+impl Unsent<'_> {
+    /// The frame is out: from now on the reader owns the entry.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(mut p) = self.inner.pending.lock() {
+                p.map.remove(&self.cookie);
+            }
+        }
     }
 }
 
