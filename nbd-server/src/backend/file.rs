@@ -57,12 +57,44 @@ pub struct FileBackend {
     read_only: bool,
     known_data: Arc<KnownData>,
     write_gate: super::gate::WriteGate,
-    /// The `O_DIRECT` descriptor of `--cache=none`.
-    direct: Option<Arc<File>>,
+    /// The `O_DIRECT` descriptor of `--cache=none`, and its bounce buffers.
+    direct: Option<Arc<Direct>>,
+}
+
+/// `--cache=none`: the `O_DIRECT` descriptor and the aligned bounce buffers its requests reuse
+/// (allocating and faulting in 256 KiB per request cost more than the copy).
+#[derive(Debug)]
+struct Direct {
+    file: File,
+    spare: std::sync::Mutex<Vec<AlignedBuf>>,
+}
+
+/// Bounce buffers kept for reuse.
+const SPARE_BOUNCE_BUFFERS: usize = 64;
+
+impl Direct {
+    fn take(&self, len: usize) -> AlignedBuf {
+        let reused = self.spare.lock().ok().and_then(|mut spare| {
+            let at = spare.iter().position(|b| b.capacity() >= len)?;
+            Some(spare.swap_remove(at))
+        });
+        let mut buf = reused.unwrap_or_else(|| AlignedBuf::new(len));
+        buf.len = len;
+        buf
+    }
+
+    fn give_back(&self, buf: AlignedBuf) {
+        if let Ok(mut spare) = self.spare.lock() {
+            if spare.len() < SPARE_BOUNCE_BUFFERS {
+                spare.push(buf);
+            }
+        }
+    }
 }
 
 /// A buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary: over-allocated by one
 /// alignment and sliced, which needs no `unsafe`.
+#[derive(Debug)]
 struct AlignedBuf {
     bytes: Vec<u8>,
     start: usize,
@@ -74,6 +106,11 @@ impl AlignedBuf {
         let bytes = vec![0u8; len + DIRECT_ALIGN];
         let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         Self { bytes, start, len }
+    }
+
+    /// Bytes usable from the aligned start.
+    fn capacity(&self) -> usize {
+        self.bytes.len() - self.start
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -143,7 +180,7 @@ impl FileBackend {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("O_DIRECT (--cache=none) refused: {e}")))?;
-        b.direct = Some(Arc::new(direct));
+        b.direct = Some(Arc::new(Direct { file: direct, spare: std::sync::Mutex::default() }));
         Ok(b)
     }
 
@@ -242,16 +279,18 @@ impl Backend for FileBackend {
         if let Some(direct) = self.direct.as_ref().filter(|_| direct_aligned(offset, buf.len())) {
             let (direct, len) = (Arc::clone(direct), buf.len());
             let got = tokio::task::spawn_blocking(move || {
-                let mut bounce = AlignedBuf::new(len);
-                direct.read_exact_at(bounce.as_mut_slice(), offset).map(|()| bounce)
+                let mut bounce = direct.take(len);
+                let read = direct.file.read_exact_at(bounce.as_mut_slice(), offset);
+                (direct, bounce, read)
             })
             .await;
             return match got {
-                Ok(Ok(bounce)) => {
+                Ok((direct, bounce, Ok(()))) => {
                     buf.copy_from_slice(bounce.as_slice());
+                    direct.give_back(bounce);
                     Ok(())
                 }
-                Ok(Err(e)) => Err(BackendError::io("read", offset, e)),
+                Ok((_, _, Err(e))) => Err(BackendError::io("read", offset, e)),
                 Err(join) => Err(BackendError::new(BackendErrorKind::Io, format!("read task failed: {join}"))),
             };
         }
@@ -263,10 +302,15 @@ impl Backend for FileBackend {
             return Err(BackendError::new(BackendErrorKind::ReadOnly, "export is read-only"));
         }
         if let Some(direct) = self.direct.as_ref().filter(|_| direct_aligned(offset, data.len())) {
-            let mut bounce = AlignedBuf::new(data.len());
+            let mut bounce = direct.take(data.len());
             bounce.as_mut_slice().copy_from_slice(data);
             let direct = Arc::clone(direct);
-            match tokio::task::spawn_blocking(move || direct.write_all_at(bounce.as_slice(), offset)).await {
+            let written = tokio::task::spawn_blocking(move || {
+                let r = direct.file.write_all_at(bounce.as_slice(), offset);
+                direct.give_back(bounce);
+                r
+            });
+            match written.await {
                 Ok(r) => r.map_err(|e| BackendError::io("write", offset, e))?,
                 Err(join) => return Err(BackendError::new(BackendErrorKind::Io, format!("write task failed: {join}"))),
             }
