@@ -1,20 +1,14 @@
-//! A raw-file (or block-device) backend with positional I/O and no lock at all.
+//! A raw-file (or block-device) backend with positional I/O.
 //!
 //! Reads and writes are `pread`/`pwrite` at the request's offset; reads never wait on each
-//! other, writes take turns per file (`gate.rs`: the kernel serialises them anyway). They run on the calling runtime thread: for the request sizes NBD clients use
-//! (4 KiB to a few MiB against the page cache) the copy is cheaper than a hop to the blocking
-//! pool and back. The calls that wait on the device — `fdatasync` for FLUSH and FUA, and
+//! other, writes take turns per file (`gate.rs`: the kernel serialises them anyway). They run on
+//! the calling runtime thread: for the request sizes NBD clients use (4 KiB to a few MiB against
+//! the page cache) the copy is cheaper than a hop to the blocking pool and back. The calls that wait on the device — `fdatasync` for FLUSH and FUA, and
 //! `fallocate` for TRIM and WRITE_ZEROES — and the zero-writing fallback (a client-chosen length)
 //! run on tokio's blocking pool so a slow disk never stalls other connections' protocol work.
 //!
-//! `--cache=none` ([`FileBackend::open_direct`]): a second descriptor opened with `O_DIRECT`
-//! carries every read and write whose offset and length are multiples of [`DIRECT_ALIGN`]
-//! (all of them, from clients that honour the advertised block sizes), so a multi-terabyte copy
-//! leaves nothing in the page cache. The data goes through an aligned bounce buffer (the
-//! connection's buffers have no alignment) on the blocking pool — a direct write waits for the
-//! device, which must not hold a runtime worker. Unaligned requests take the buffered descriptor;
-//! Linux keeps the two coherent (a direct read writes back dirty pages in its range first, a
-//! direct write drops cached ones). FLUSH is still `fdatasync`: O_DIRECT is not durability.
+//! `--cache=none` ([`FileBackend::open_direct`]) sends aligned reads and writes through a second,
+//! `O_DIRECT` descriptor (`direct.rs`); unaligned ones and everything else use this one.
 //!
 //! Holes: TRIM punches them (`FALLOC_FL_PUNCH_HOLE`), WRITE_ZEROES punches them too unless the
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
@@ -37,6 +31,7 @@ use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
+use super::direct::{direct_aligned, Direct};
 use super::{Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
@@ -45,9 +40,6 @@ use crate::proto::transmission::Extent;
 const MAX_EXTENTS_PER_QUERY: usize = 1024;
 /// Chunk used when zeroes must be written for real.
 const ZERO_CHUNK: usize = 1 << 20;
-/// Offset, length and memory alignment `O_DIRECT` is given (the largest logical block size in
-/// common use; a 512-byte device accepts it too).
-pub const DIRECT_ALIGN: usize = 4096;
 
 /// A raw image file served as an export.
 #[derive(Debug, Clone)]
@@ -59,72 +51,6 @@ pub struct FileBackend {
     write_gate: super::gate::WriteGate,
     /// The `O_DIRECT` descriptor of `--cache=none`, and its bounce buffers.
     direct: Option<Arc<Direct>>,
-}
-
-/// `--cache=none`: the `O_DIRECT` descriptor and the aligned bounce buffers its requests reuse
-/// (allocating and faulting in 256 KiB per request cost more than the copy).
-#[derive(Debug)]
-struct Direct {
-    file: File,
-    spare: std::sync::Mutex<Vec<AlignedBuf>>,
-}
-
-/// Bounce buffers kept for reuse.
-const SPARE_BOUNCE_BUFFERS: usize = 64;
-
-impl Direct {
-    fn take(&self, len: usize) -> AlignedBuf {
-        let reused = self.spare.lock().ok().and_then(|mut spare| {
-            let at = spare.iter().position(|b| b.capacity() >= len)?;
-            Some(spare.swap_remove(at))
-        });
-        let mut buf = reused.unwrap_or_else(|| AlignedBuf::new(len));
-        buf.len = len;
-        buf
-    }
-
-    fn give_back(&self, buf: AlignedBuf) {
-        if let Ok(mut spare) = self.spare.lock() {
-            if spare.len() < SPARE_BOUNCE_BUFFERS {
-                spare.push(buf);
-            }
-        }
-    }
-}
-
-/// A buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary: over-allocated by one
-/// alignment and sliced, which needs no `unsafe`.
-#[derive(Debug)]
-struct AlignedBuf {
-    bytes: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let bytes = vec![0u8; len + DIRECT_ALIGN];
-        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        Self { bytes, start, len }
-    }
-
-    /// Bytes usable from the aligned start.
-    fn capacity(&self) -> usize {
-        self.bytes.len() - self.start
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        self.bytes.get(self.start..self.start + self.len).unwrap_or_default()
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.bytes.get_mut(self.start..self.start + self.len).unwrap_or_default()
-    }
-}
-
-/// Whether a request at `offset` of `len` bytes can go through `O_DIRECT`.
-fn direct_aligned(offset: u64, len: usize) -> bool {
-    offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && len > 0
 }
 
 /// The last run of data `SEEK_DATA`/`SEEK_HOLE` found, `[start, end)`; empty when unknown.
@@ -180,7 +106,7 @@ impl FileBackend {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("O_DIRECT (--cache=none) refused: {e}")))?;
-        b.direct = Some(Arc::new(Direct { file: direct, spare: std::sync::Mutex::default() }));
+        b.direct = Some(Arc::new(Direct::new(direct)));
         Ok(b)
     }
 
