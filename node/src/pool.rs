@@ -121,11 +121,10 @@ impl NbdPool {
                 (s.generation, s.client.clone())
             };
             let result = match client {
-                // A request that hangs (a tunnel that stopped moving without closing) counts as
-                // a broken connection.
-                Some(c) => tokio::time::timeout(REQUEST_TIMEOUT, op(c)).await.unwrap_or_else(|_| {
-                    Err(ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
-                }),
+                // A request that hangs (a tunnel that stopped moving without closing) fails with
+                // `TimedOut` and closes its connection (`ClientOptions::request_timeout`): a
+                // broken connection, re-made below.
+                Some(c) => op(c).await,
                 None => Err(ClientError::Closed),
             };
             match result {
@@ -238,7 +237,7 @@ async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
     .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
     stream.set_nodelay(true)?;
     let (r, w) = stream.into_split();
-    let mut options = ClientOptions::new(endpoint.export.clone());
+    let mut options = ClientOptions::new(endpoint.export.clone()).request_timeout(REQUEST_TIMEOUT);
     options.meta_contexts = endpoint.meta_contexts.clone();
     tokio::time::timeout(Duration::from_secs(30), Client::handshake(r, w, &options))
         .await
