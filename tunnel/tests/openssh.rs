@@ -15,14 +15,21 @@ use common::*;
 use tunnel::spec::{LocalForward, ReverseForward};
 use tunnel::{ClientConfig, HostKeyPolicy, Tunnel};
 
+/// Keys in `d`, OpenSSH's sshd on a free port trusting them, and a known_hosts file pinning its
+/// host key: (client identity, host public key, sshd port, sshd, known_hosts).
+fn openssh(d: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, u16, Sshd, std::path::PathBuf) {
+    let (identity, host_pub) = setup(d);
+    let ssh_port = free_port();
+    let sshd = Sshd::start(d, ssh_port);
+    let kh = known_hosts(d, ssh_port, &host_pub);
+    (identity, host_pub, ssh_port, sshd, kh)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_through_openssh_carry_data_and_survive_a_dropped_connection() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (identity, host_pub) = setup(d);
-    let ssh_port = free_port();
-    let mut sshd = Sshd::start(d, ssh_port);
-    let kh = known_hosts(d, ssh_port, &host_pub);
+    let (identity, _host_pub, ssh_port, mut sshd, kh) = openssh(d);
 
     let echo = echo_servers(3);
     let local_base = free_ports(3);
@@ -121,10 +128,7 @@ async fn a_wrong_host_key_is_refused_and_named() {
 async fn hashed_known_hosts_and_pinned_fingerprints_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (identity, host_pub) = setup(d);
-    let ssh_port = free_port();
-    let _sshd = Sshd::start(d, ssh_port);
-    let kh = known_hosts(d, ssh_port, &host_pub);
+    let (identity, host_pub, ssh_port, _sshd, kh) = openssh(d);
     let out = std::process::Command::new(require("ssh-keygen")).args(["-H", "-f"]).arg(&kh).output().unwrap();
     assert!(out.status.success());
     assert!(std::fs::read_to_string(&kh).unwrap().starts_with("|1|"), "entry is hashed");
@@ -147,10 +151,7 @@ async fn hashed_known_hosts_and_pinned_fingerprints_are_accepted() {
 async fn a_host_key_marked_revoked_is_refused_even_when_also_listed() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (identity, host_pub) = setup(d);
-    let ssh_port = free_port();
-    let _sshd = Sshd::start(d, ssh_port);
-    let kh = known_hosts(d, ssh_port, &host_pub);
+    let (identity, host_pub, ssh_port, _sshd, kh) = openssh(d);
     let key = std::fs::read_to_string(&host_pub).unwrap();
     let mut fields = key.split_whitespace();
     let revoked = format!("@revoked * {} {}\n", fields.next().unwrap(), fields.next().unwrap());
@@ -175,10 +176,7 @@ async fn a_host_key_marked_revoked_is_refused_even_when_also_listed() {
 async fn shutdown_closes_forwarded_connections_and_the_listeners() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (identity, host_pub) = setup(d);
-    let ssh_port = free_port();
-    let _sshd = Sshd::start(d, ssh_port);
-    let kh = known_hosts(d, ssh_port, &host_pub);
+    let (identity, _host_pub, ssh_port, _sshd, kh) = openssh(d);
     let echo = echo_servers(1);
     let listen = free_port();
     let mut config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
