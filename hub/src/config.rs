@@ -35,6 +35,8 @@ pub struct HubFile {
     pub restore_idle_s: Option<u64>,
     /// `qcow2` (default) or `raw` for replica images.
     pub replica_format: Option<String>,
+    /// `writeback` (default) or `none`: how exports write images (`none` is `O_DIRECT`).
+    pub cache: Option<String>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -108,6 +110,20 @@ pub struct Settings {
     pub restore_idle: Duration,
     /// Replica images as raw files instead of qcow2.
     pub replica_raw: bool,
+    /// Exports write guest data with `O_DIRECT` (`cache = "none"`).
+    pub direct_io: bool,
+}
+
+/// `writeback` or `none`: whether exports use `O_DIRECT`.
+///
+/// # Errors
+/// Anything else (`unsafe` and `writethrough` too: a hub does not trade durability away).
+pub fn parse_cache(text: &str) -> Result<bool, String> {
+    match text {
+        "writeback" => Ok(false),
+        "none" => Ok(true),
+        other => Err(format!("cache '{other}' must be writeback or none")),
+    }
 }
 
 /// `qcow2` or `raw`.
@@ -174,6 +190,17 @@ mod tests {
         let key = file.node[0].key.as_deref().unwrap();
         assert_eq!(tunnel::authorized::parse(key).unwrap().len(), 1);
         assert!(file.ssh.is_some());
+    }
+
+    #[test]
+    fn cache_modes_are_writeback_or_none_and_nothing_that_gives_up_durability() {
+        assert_eq!(parse_cache("writeback"), Ok(false));
+        assert_eq!(parse_cache("none"), Ok(true));
+        for refused in ["unsafe", "writethrough", "directsync", "None", ""] {
+            assert!(parse_cache(refused).unwrap_err().contains("writeback or none"), "{refused}");
+        }
+        let file: HubFile = toml::from_str("cache = \"none\"\n").unwrap();
+        assert_eq!(file.cache.as_deref(), Some("none"));
     }
 
     #[test]

@@ -29,6 +29,8 @@ struct Open {
 pub struct Exports {
     server: Server,
     bind: IpAddr,
+    /// Images opened with `O_DIRECT` (`cache = "none"`).
+    direct_io: bool,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -50,9 +52,9 @@ pub struct ExportView {
 }
 
 impl Exports {
-    /// Exports bound on `bind`.
-    pub fn new(bind: IpAddr) -> Self {
-        Self { server: Server::new(ServerConfig::default()), bind, open: Mutex::new(HashMap::new()) }
+    /// Exports bound on `bind`, writing with `O_DIRECT` if `direct_io`.
+    pub fn new(bind: IpAddr, direct_io: bool) -> Self {
+        Self { server: Server::new(ServerConfig::default()), bind, direct_io, open: Mutex::new(HashMap::new()) }
     }
 
     /// Open `image` as `name` on `port`.
@@ -68,12 +70,14 @@ impl Exports {
     ) -> Result<(), String> {
         // A raw replica (`.raw`) is served as a plain file; everything else is qcow2.
         let backend: Arc<dyn Backend> = if image_path.extension().is_some_and(|e| e == "raw") {
-            Arc::new(
-                FileBackend::open(image_path, read_only)
-                    .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?,
-            )
+            let file = match self.direct_io {
+                true => FileBackend::open_direct(image_path, read_only),
+                false => FileBackend::open(image_path, read_only),
+            };
+            Arc::new(file.map_err(|e| format!("cannot open {}: {e}", image_path.display()))?)
         } else {
-            let image = Image::open_with(image_path, &crate::repo::image_options(image_path, !read_only))
+            let options = crate::repo::image_options(image_path, !read_only).direct_io(self.direct_io);
+            let image = Image::open_with(image_path, &options)
                 .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
             Arc::new(Qcow2Backend::from_image(Arc::new(image)))
         };

@@ -29,7 +29,7 @@ use crate::error::HubError;
 use crate::exports::Exports;
 use crate::ports::{bindable, Lease, Ports};
 use crate::repo::{self, Manifest, ManifestDisk, Repo};
-use crate::verify::{verify_disk, verify_new_backup_disk, DiskVerdict};
+use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, DiskVerdict};
 
 /// How often the node's job is polled.
 const POLL: Duration = Duration::from_millis(100);
@@ -433,7 +433,7 @@ impl Hub {
         let (manifests, orphans) = repo.scan();
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
-        let exports = Exports::new(settings.nbd_bind);
+        let exports = Exports::new(settings.nbd_bind, settings.direct_io);
         Ok(Arc::new(Self {
             settings,
             repo,
@@ -846,10 +846,16 @@ impl Hub {
         for d in &job.disks {
             let (path, key) = (d.path.clone(), d.key);
             let expected = checksums.get(&key).cloned().flatten();
-            let kind = job.kind;
-            let verdict = tokio::task::spawn_blocking(move || match kind {
-                Kind::Backup => verify_new_backup_disk(&path, key, expected.as_deref()),
-                Kind::Replication => verify_disk(&path, key, expected.as_deref()),
+            let (kind, uncached) = (job.kind, self.settings.direct_io);
+            let verdict = tokio::task::spawn_blocking(move || {
+                let verdict = match kind {
+                    Kind::Backup => verify_new_backup_disk(&path, key, expected.as_deref()),
+                    Kind::Replication => verify_disk(&path, key, expected.as_deref()),
+                };
+                if uncached {
+                    forget_cached_chain(&path);
+                }
+                verdict
             })
             .await
             .map_err(|e| (Status::Failed, format!("verify: {e}")))?;
@@ -980,9 +986,16 @@ impl Hub {
         for d in &m.disks {
             let path = self.repo.backup_dir(&m.vm_name, id).join(&d.file);
             let (key, sum) = (d.disk_key, d.checksum.clone());
-            let v = tokio::task::spawn_blocking(move || verify_disk(&path, key, sum.as_deref()))
-                .await
-                .map_err(|e| HubError::Internal(format!("verify: {e}")))?;
+            let uncached = self.settings.direct_io;
+            let v = tokio::task::spawn_blocking(move || {
+                let verdict = verify_disk(&path, key, sum.as_deref());
+                if uncached {
+                    forget_cached_chain(&path);
+                }
+                verdict
+            })
+            .await
+            .map_err(|e| HubError::Internal(format!("verify: {e}")))?;
             out.push(v);
         }
         Ok((out.iter().all(DiskVerdict::ok), out))

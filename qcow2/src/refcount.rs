@@ -209,6 +209,11 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Clusters that can be handed out before the next reservation (and its `fdatasync`).
+    pub fn reserved_left(&self) -> u64 {
+        self.reserved.end - self.reserved.start
+    }
+
     /// Take one fresh cluster (refcount already 1 and durable); returns its host offset.
     pub fn alloc(&mut self, file: &File) -> Result<u64> {
         self.alloc_run(file, 1).map(|(offset, _)| offset)

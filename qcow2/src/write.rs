@@ -115,6 +115,53 @@ impl Image {
         Ok(())
     }
 
+    /// Whether writing `length` bytes at `offset` may wait on the disk or on another writer: any
+    /// write with [`crate::ImageOptions::direct_io`], a copy-on-write (made durable with `fdatasync`), a new refcount reservation (another
+    /// `fdatasync`), or a guest cluster another writer is allocating. Writes into clusters this
+    /// image already owns, and allocations the current reservation covers, only copy into the
+    /// page cache (and take the metadata lock for a moment) and answer `false`.
+    ///
+    /// Advisory, for async callers choosing where to run [`Image::write_at`]: the answer may be
+    /// stale by the time the write runs (another writer may have taken the reservation), which
+    /// costs a wait, never correctness. A request that will fail (read-only, out of range,
+    /// unreadable metadata) answers `false` and fails at once.
+    pub fn write_may_wait(&self, offset: u64, length: u64) -> bool {
+        let Some(state) = self.write_state.as_ref() else { return false };
+        let Some(end) = offset.checked_add(length).filter(|&end| end <= self.geo.size) else { return false };
+        if self.is_direct() {
+            return true; // an O_DIRECT write waits for the device
+        }
+        let cluster = self.geo.cluster_size();
+        let mut allocating = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let start = pos & !(cluster - 1);
+            let next = (start + cluster).min(end);
+            match self.mapping_at(pos) {
+                Ok((Mapping::Data { copied: true, .. }, run)) if run >= next - pos => {}
+                Ok(_) => {
+                    // The rule `fill_new_cluster` follows: only a whole cluster, or one whose old
+                    // contents read as zeroes, is written without copying (and syncing) old bytes.
+                    if next - pos != cluster && !self.reads_as_zeroes(start).unwrap_or(false) {
+                        return true;
+                    }
+                    allocating.push(start >> self.geo.cluster_bits);
+                }
+                Err(_) => return false,
+            }
+            pos = next;
+        }
+        let Some(&first) = allocating.first() else { return false };
+        let st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if allocating.iter().any(|g| st.inflight.contains_key(g)) {
+            return true;
+        }
+        // New L2 tables come out of the same reservation: count one per table touched.
+        let last = allocating.last().copied().unwrap_or(first);
+        let tables = last / self.geo.l2_entries() - first / self.geo.l2_entries() + 1;
+        st.refcounts.reserved_left() < allocating.len() as u64 + tables
+    }
+
     /// Write whole clusters starting at cluster-aligned `pos` (all in one L2 table). Writes the
     /// longest leading run it can in one go — in place if already allocated contiguously, or
     /// into freshly allocated contiguous clusters with one data `pwrite` and one L2 `pwrite` —
@@ -134,7 +181,7 @@ impl Image {
                 n += 1;
             }
             let bytes = data.get(..(n * cs) as usize).unwrap_or_default();
-            self.file().write_all_at(bytes, host).map_err(Error::io("write", host))?;
+            self.write_data(bytes, host)?;
             return Ok(bytes.len());
         }
         let g0 = pos >> self.geo.cluster_bits;
@@ -155,7 +202,7 @@ impl Image {
         }
         drop(st);
         let bytes = data.get(..(n * cs) as usize).unwrap_or_default();
-        let result = self.file().write_all_at(bytes, host).map_err(Error::io("write", host)).and_then(|()| {
+        let result = self.write_data(bytes, host).and_then(|()| {
             let mut st = self.state()?;
             self.set_run(&mut st, g0, n, host)
         });
@@ -221,7 +268,7 @@ impl Image {
         loop {
             if let (Mapping::Data { host, copied: true }, run) = self.mapping_at(pos)? {
                 if run >= chunk.len() as u64 {
-                    return self.file().write_all_at(chunk, host).map_err(Error::io("write", host));
+                    return self.write_data(chunk, host);
                 }
             }
             // Allocation path: become the allocator of this guest cluster, or wait for it.
@@ -264,7 +311,7 @@ impl Image {
             // reads as zeroes already: when the old contents are zeroes too, only the new bytes
             // need writing.
             let at = host + within as u64;
-            return self.file().write_all_at(chunk, at).map_err(Error::io("write", at));
+            return self.write_data(chunk, at);
         }
         let mut buf = vec![0u8; cluster as usize];
         let valid = (self.geo.size - start).min(cluster) as usize;
@@ -274,7 +321,7 @@ impl Image {
         if let Some(dst) = buf.get_mut(within..within + chunk.len()) {
             dst.copy_from_slice(chunk);
         }
-        self.file().write_all_at(&buf, host).map_err(Error::io("write", host))?;
+        self.write_data(&buf, host)?;
         // The new cluster carries bytes the guest wrote earlier (copied from the backing file or
         // a compressed cluster), maybe long since flushed: they must be durable before the L2
         // entry that stops pointing at their old home can be, or a crash would turn them into

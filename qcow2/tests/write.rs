@@ -332,3 +332,85 @@ fn create_returns_the_image_open_for_writing() {
     again.read_at(&mut back, 8192).unwrap();
     assert_eq!(back, vec![5u8; 4096]);
 }
+
+#[test]
+fn write_may_wait_names_the_writes_that_sync_or_wait_and_only_those() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 512-byte clusters: the first refcount reservation (16 Ki clusters) is 8 MiB.
+    let img = Image::create(d.join("fresh.qcow2"), &CreateOptions::new(32 << 20).cluster_bits(9)).unwrap();
+    assert!(img.write_may_wait(0, 65536), "nothing reserved yet: the first allocation syncs a reservation");
+    assert!(!img.write_may_wait(32 << 20, 1), "out of range fails at once");
+    let (mut waits, mut plain) = (Vec::new(), 0);
+    for chunk in 0..(24u64 << 20) / 65536 {
+        let at = chunk * 65536;
+        if img.write_may_wait(at, 65536) {
+            waits.push(at);
+        } else {
+            plain += 1;
+        }
+        img.write_at(&[7u8; 65536], at).unwrap();
+    }
+    assert_eq!(waits.first(), Some(&0));
+    assert!(waits.len() >= 2, "a reservation ran out within 24 MiB of 512-byte clusters: {waits:?}");
+    assert!(plain > waits.len() * 10, "most writes fit a reservation: {plain} plain, {waits:?}");
+    assert!(!img.write_may_wait(4096, 100), "rewriting an owned cluster is a plain pwrite");
+    img.close().unwrap();
+    drop(img);
+    assert!(!Image::open(d.join("fresh.qcow2")).unwrap().write_may_wait(0, 512), "read-only fails at once");
+
+    // An overlay on data: a partial cluster must copy the old bytes and sync them first.
+    let base = d.join("base.qcow2");
+    let base_img = Image::create(&base, &CreateOptions::new(4 << 20)).unwrap();
+    base_img.write_at(&vec![9u8; 4 << 20], 0).unwrap();
+    base_img.close().unwrap();
+    drop(base_img);
+    let top = Image::create(d.join("top.qcow2"), &CreateOptions::overlay("base.qcow2", BackingFormat::Qcow2)).unwrap();
+    top.write_at(&[1u8; 65536], 0).unwrap(); // takes the reservation
+    assert!(top.write_may_wait(65536 + 512, 4096), "copy-on-write of backing data syncs");
+    assert!(!top.write_may_wait(2 * 65536, 65536), "a whole cluster replaces the backing data without copying");
+    assert!(!top.write_may_wait(100, 4096), "the cluster is this image's own now");
+    top.close().unwrap();
+}
+
+#[test]
+fn direct_io_images_take_the_same_mix_and_pass_check() {
+    require("qemu-img");
+    // On the disk the build lives on (some filesystems refuse O_DIRECT).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let size = 24u64 << 20;
+    let base_raw = d.join("base.raw");
+    std::fs::write(&base_raw, (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect::<Vec<u8>>()).unwrap();
+    let direct = ImageOptions::read_write().direct_io(true);
+    for (name, opts) in [
+        ("fresh-64k", CreateOptions::new(size)),
+        ("fresh-4k", CreateOptions::new(size).cluster_bits(12)),
+        ("fresh-512", CreateOptions::new(size).cluster_bits(9)),
+        ("overlay", CreateOptions::overlay("base.raw", BackingFormat::Raw)),
+    ] {
+        let p = d.join(format!("{name}.qcow2"));
+        Image::create(&p, &opts).unwrap();
+        let (raw_path, raw) = raw_copy_of(&p, d, "mirror.raw");
+        {
+            let img = Image::open_with(&p, &direct).unwrap();
+            assert!(img.is_direct());
+            let cluster = img.cluster_size();
+            for op in ops(size, 300, 77, cluster) {
+                apply(&img, &raw, op);
+            }
+            // Reads through O_DIRECT (aligned) and the buffered descriptor (unaligned) agree.
+            let mut via_image = vec![0u8; 1 << 20];
+            img.read_at(&mut via_image, 4 << 20).unwrap();
+            let mut via_mirror = vec![0u8; 1 << 20];
+            raw.read_exact_at(&mut via_mirror, 4 << 20).unwrap();
+            assert!(via_image == via_mirror, "{name}: aligned read differs");
+            let mut odd = vec![0u8; 5000];
+            img.read_at(&mut odd, (4 << 20) + 333).unwrap();
+            assert!(odd[..] == via_mirror[333..5333], "{name}: unaligned read differs");
+            img.close().unwrap();
+        }
+        check_clean(&p);
+        compare(&raw_path, &p);
+    }
+}

@@ -165,6 +165,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .transpose()
             .map_err(|e| anyhow!(e))?
             .unwrap_or(false),
+        direct_io: file.cache.as_deref().map(config::parse_cache).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
     })
 }
 

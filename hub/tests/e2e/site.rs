@@ -144,6 +144,9 @@ pub struct Options<'a> {
     /// Run the hub with its repository on a tmpfs of this many MiB (in a mount namespace of
     /// its own: `unshare`, no root needed).
     pub repo_tmpfs_mib: Option<u64>,
+    /// Keep the site under the build's target directory instead of the system's temporary one
+    /// (`O_DIRECT` needs a filesystem that takes it; older tmpfs does not).
+    pub on_build_disk: bool,
 }
 
 /// The hub and the node of one test, and where everything is.
@@ -170,7 +173,10 @@ impl Site {
     /// Write the configurations, start the node, then the hub, and wait until the hub reaches
     /// the node's API (through the tunnel's reverse forward where there is one).
     pub async fn start(transport: Transport, vms: &[Vm<'_>], ports: u16, opts: Options<'_>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = match opts.on_build_disk {
+            true => tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(),
+            false => tempfile::tempdir().unwrap(),
+        };
         let d = dir.path().to_path_buf();
         std::fs::create_dir_all(d.join("src")).unwrap();
         let mut vm_toml = String::new();

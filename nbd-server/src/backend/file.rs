@@ -8,7 +8,7 @@
 //! run on tokio's blocking pool so a slow disk never stalls other connections' protocol work.
 //!
 //! `--cache=none` ([`FileBackend::open_direct`]) sends aligned reads and writes through a second,
-//! `O_DIRECT` descriptor (`direct.rs`); unaligned ones and everything else use this one.
+//! `O_DIRECT` descriptor (the `directio` crate); unaligned ones and everything else use this one.
 //!
 //! Holes: TRIM punches them (`FALLOC_FL_PUNCH_HOLE`), WRITE_ZEROES punches them too unless the
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
@@ -31,10 +31,10 @@ use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
-use super::direct::{direct_aligned, Direct};
 use super::{Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
+use directio::{is_aligned, Direct};
 
 /// Most extents one block status answer walks before returning what it has.
 const MAX_EXTENTS_PER_QUERY: usize = 1024;
@@ -96,17 +96,10 @@ impl FileBackend {
     /// for aligned I/O (see the module doc).
     ///
     /// # Errors
-    /// The open failed, or the filesystem refuses `O_DIRECT` (tmpfs does: `EINVAL`).
+    /// The open failed, or the filesystem refuses `O_DIRECT` (`EINVAL`).
     pub fn open_direct(path: &Path, read_only: bool) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
         let mut b = Self::open(path, read_only)?;
-        let direct = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("O_DIRECT (--cache=none) refused: {e}")))?;
-        b.direct = Some(Arc::new(Direct::new(direct)));
+        b.direct = Some(Arc::new(Direct::open(path, !read_only)?));
         Ok(b)
     }
 
@@ -202,11 +195,11 @@ impl Backend for FileBackend {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
-        if let Some(direct) = self.direct.as_ref().filter(|_| direct_aligned(offset, buf.len())) {
+        if let Some(direct) = self.direct.as_ref().filter(|_| is_aligned(offset, buf.len())) {
             let (direct, len) = (Arc::clone(direct), buf.len());
             let got = tokio::task::spawn_blocking(move || {
                 let mut bounce = direct.take(len);
-                let read = direct.file.read_exact_at(bounce.as_mut_slice(), offset);
+                let read = direct.read_buf(&mut bounce, offset);
                 (direct, bounce, read)
             })
             .await;
@@ -227,12 +220,12 @@ impl Backend for FileBackend {
         if self.read_only {
             return Err(BackendError::new(BackendErrorKind::ReadOnly, "export is read-only"));
         }
-        if let Some(direct) = self.direct.as_ref().filter(|_| direct_aligned(offset, data.len())) {
+        if let Some(direct) = self.direct.as_ref().filter(|_| is_aligned(offset, data.len())) {
             let mut bounce = direct.take(data.len());
             bounce.as_mut_slice().copy_from_slice(data);
             let direct = Arc::clone(direct);
             let written = tokio::task::spawn_blocking(move || {
-                let r = direct.file.write_all_at(bounce.as_slice(), offset);
+                let r = direct.write_buf(&bounce, offset);
                 direct.give_back(bounce);
                 r
             });

@@ -8,7 +8,6 @@
 //! what makes `NBD_FLAG_CAN_MULTI_CONN` honest, since a FLUSH on any connection reaches the
 //! same file.
 
-mod direct;
 mod file;
 mod gate;
 mod memory;

@@ -1,7 +1,8 @@
 //! A qcow2 image (with its backing chain) as an export, through the `qcow2` crate.
 //!
 //! Reads are positional and lock-free in the common case (the crate takes its metadata locks
-//! only to look up L2 tables), so they run on the calling task like the raw-file backend. Block
+//! only to look up L2 tables), so they run on the calling task like the raw-file backend —
+//! except with `direct_io` (`--cache=none`), where every read waits for the device. Block
 //! status comes from the image's allocation map resolved through the backing chain: data in any
 //! layer is reported allocated, zero clusters and ranges allocated nowhere as holes that read as
 //! zeroes, so sparse copies of a chain stay sparse.
@@ -9,8 +10,12 @@
 //! Writes enter the kernel one at a time per image (`gate.rs` says why); reads never wait for it.
 //!
 //! Writes, zeroes and discards go to the crate's write path; FLUSH is `fdatasync`. Calls that may
-//! wait on the disk (flush, zeroing, discard, FUA) run under `block_in_place` on a
-//! multi-threaded runtime so other connections keep their worker. Zeroing without NO_HOLE uses
+//! wait on the disk (flush, zeroing, discard, FUA, and the writes the crate's
+//! `Image::write_may_wait` names: copy-on-write, a new refcount reservation, a cluster another
+//! writer is allocating) run under `block_in_place` on a multi-threaded runtime so other
+//! connections keep their worker. Plain writes (owned clusters, allocations inside the current
+//! reservation: a copy into the page cache) stay on the worker: handing the worker over costs a
+//! thread wake-up per request, more than the copy it would move. Zeroing without NO_HOLE uses
 //! zero clusters (metadata only); with NO_HOLE it writes real zeroes, since the client asked
 //! for allocated storage.
 
@@ -58,8 +63,16 @@ impl Qcow2Backend {
     /// The `qcow2` crate's error: missing file, invalid image, broken chain, or a request to
     /// write an image that cannot be written.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, qcow2::Error> {
-        let image = Image::open_with(path, &ImageOptions::default().writable(!read_only))?;
-        Ok(Self::from_image(Arc::new(image)))
+        Self::open_with(path, &ImageOptions::default().writable(!read_only))
+    }
+
+    /// Open the image at `path` and its backing chain with the crate's options (writable,
+    /// `direct_io` for `--cache=none`, a confined chain...).
+    ///
+    /// # Errors
+    /// As [`Qcow2Backend::open`], plus a filesystem that refuses `O_DIRECT`.
+    pub fn open_with(path: &Path, options: &ImageOptions) -> Result<Self, qcow2::Error> {
+        Ok(Self::from_image(Arc::new(Image::open_with(path, options)?)))
     }
 
     /// Serve an already open image.
@@ -88,13 +101,20 @@ impl Backend for Qcow2Backend {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
+        if self.image.is_direct() {
+            return blocking(|| self.image.read_at(buf, offset)).map_err(convert);
+        }
         self.image.read_at(buf, offset).map_err(convert)
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
         {
             let _turn = self.write_gate.turn().await;
-            self.image.write_at(data, offset).map_err(convert)?;
+            if self.image.write_may_wait(offset, data.len() as u64) {
+                blocking(|| self.image.write_at(data, offset)).map_err(convert)?;
+            } else {
+                self.image.write_at(data, offset).map_err(convert)?;
+            }
         }
         if fua {
             blocking(|| self.image.flush()).map_err(convert)?;

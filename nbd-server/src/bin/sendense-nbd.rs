@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use nbd_server::{Backend, ExportConfig, FileBackend, Qcow2Backend, Scope, Server, ServerConfig, Tuned, Tuning};
+use qcow2::ImageOptions;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
@@ -102,8 +103,7 @@ enum DiscardMode {
 /// accepting a mode and doing something else would be a lie about durability or memory.
 fn tuning(args: &Args) -> anyhow::Result<Tuning> {
     match (args.cache, args.format) {
-        (CacheMode::Writeback | CacheMode::Unsafe, _) | (CacheMode::None, Format::Raw) => {}
-        (CacheMode::None, _) => bail!("--cache=none is implemented for raw images only; use writeback"),
+        (CacheMode::Writeback | CacheMode::Unsafe | CacheMode::None, _) => {}
         (other, _) => bail!(
             "--cache={} is not implemented (write-through); use writeback, none or unsafe",
             format!("{other:?}").to_lowercase()
@@ -133,7 +133,8 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
             Ok(Arc::new(Tuned::new(b, tuning)))
         }
         Format::Qcow2 => {
-            let b = Qcow2Backend::open(path, args.read_only)
+            let options = ImageOptions::default().writable(!args.read_only).direct_io(args.cache == CacheMode::None);
+            let b = Qcow2Backend::open_with(path, &options)
                 .with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
             Ok(Arc::new(Tuned::new(b, tuning)))
         }

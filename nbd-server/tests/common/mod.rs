@@ -77,9 +77,14 @@ pub fn sendense_nbd() -> &'static str {
 
 /// Start `sendense-nbd -f raw -x NAME -p PORT -t [extra] FILE`.
 pub fn start_sendense(file: &Path, name: &str, extra: &[&str]) -> Peer {
+    start_sendense_as(file, "raw", name, extra)
+}
+
+/// Start `sendense-nbd -f FORMAT -x NAME -p PORT -t [extra] FILE`.
+pub fn start_sendense_as(file: &Path, format: &str, name: &str, extra: &[&str]) -> Peer {
     let port = free_port();
     let mut child = Command::new(sendense_nbd())
-        .args(["-f", "raw", "-x", name, "-p", &port.to_string(), "-t"])
+        .args(["-f", format, "-x", name, "-p", &port.to_string(), "-t"])
         .args(extra)
         .arg(file)
         .stdin(Stdio::null())

@@ -1,0 +1,148 @@
+//! `O_DIRECT` file I/O for `--cache=none`, shared by the raw-file export (`nbd-server`) and the
+//! qcow2 writer (`qcow2`): a backup of many terabytes must not push the rest of the host out of
+//! the page cache.
+//!
+//! A [`Direct`] is a second descriptor on a file, opened with `O_DIRECT`, that carries every read
+//! and write whose offset and length are multiples of [`DIRECT_ALIGN`]; everything else stays on
+//! the caller's buffered descriptor, and Linux keeps the two coherent (a direct read writes back
+//! dirty pages in its range first, a direct write drops cached ones). `O_DIRECT` also needs
+//! aligned memory, which callers' buffers are not, so data goes through a bounce buffer aligned by
+//! over-allocating and slicing (no `unsafe`), kept for reuse: allocating and faulting in 256 KiB
+//! per request had cost more than the copy (0.60x of writeback throughput on disk, against
+//! 1.32x with reuse). Every call here waits for the device: async callers run them off their
+//! runtime's workers. `O_DIRECT` is not durability: flushes are still `fdatasync`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Offset, length and memory alignment `O_DIRECT` is given (the largest logical block size in
+/// common use; a 512-byte device accepts it too).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Bounce buffers kept for reuse per file.
+const SPARE_BOUNCE_BUFFERS: usize = 64;
+
+/// Whether a request at `offset` of `len` bytes can go through `O_DIRECT`.
+pub fn is_aligned(offset: u64, len: usize) -> bool {
+    offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && len > 0
+}
+
+/// The `O_DIRECT` descriptor of one file and the aligned bounce buffers its requests reuse.
+#[derive(Debug)]
+pub struct Direct {
+    file: File,
+    spare: Mutex<Vec<AlignedBuf>>,
+}
+
+impl Direct {
+    /// Open `path` with `O_DIRECT`, for reading and, if `writable`, writing.
+    ///
+    /// # Errors
+    /// The open failed, or the filesystem refuses `O_DIRECT` (`EINVAL`); the message says so.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("O_DIRECT (--cache=none) refused: {e}")))?;
+        Ok(Self { file, spare: Mutex::default() })
+    }
+
+    /// A bounce buffer of `len` usable bytes (contents unspecified), reused when one is spare.
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        let reused = self.spare.lock().ok().and_then(|mut spare| {
+            let at = spare.iter().position(|b| b.capacity() >= len)?;
+            Some(spare.swap_remove(at))
+        });
+        let mut buf = reused.unwrap_or_else(|| AlignedBuf::new(len));
+        buf.len = len;
+        buf
+    }
+
+    /// Keep `buf` for a later request.
+    pub fn give_back(&self, buf: AlignedBuf) {
+        if let Ok(mut spare) = self.spare.lock() {
+            if spare.len() < SPARE_BOUNCE_BUFFERS {
+                spare.push(buf);
+            }
+        }
+    }
+
+    /// Write a bounce buffer's bytes at `offset` (aligned: see [`is_aligned`]).
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn write_buf(&self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf.as_slice(), offset)
+    }
+
+    /// Fill a bounce buffer from `offset` (aligned: see [`is_aligned`]).
+    ///
+    /// # Errors
+    /// The read failed, or the file ends first (`UnexpectedEof`).
+    pub fn read_buf(&self, buf: &mut AlignedBuf, offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf.as_mut_slice(), offset)
+    }
+
+    /// Write `data` at `offset` (aligned: see [`is_aligned`]) through a bounce buffer.
+    ///
+    /// # Errors
+    /// The write failed.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let mut bounce = self.take(data.len());
+        bounce.as_mut_slice().copy_from_slice(data);
+        let result = self.write_buf(&bounce, offset);
+        self.give_back(bounce);
+        result
+    }
+
+    /// Fill `buf` from `offset` (aligned: see [`is_aligned`]) through a bounce buffer.
+    ///
+    /// # Errors
+    /// The read failed, or the file ends first (`UnexpectedEof`).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut bounce = self.take(buf.len());
+        let result = self.read_buf(&mut bounce, offset);
+        if result.is_ok() {
+            buf.copy_from_slice(bounce.as_slice());
+        }
+        self.give_back(bounce);
+        result
+    }
+}
+
+/// A buffer whose usable part starts on a [`DIRECT_ALIGN`] boundary: over-allocated by one
+/// alignment and sliced, which needs no `unsafe`.
+#[derive(Debug)]
+pub struct AlignedBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let bytes = vec![0u8; len + DIRECT_ALIGN];
+        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        Self { bytes, start, len }
+    }
+
+    /// Bytes usable from the aligned start.
+    fn capacity(&self) -> usize {
+        self.bytes.len() - self.start
+    }
+
+    /// The usable bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.bytes.get(self.start..self.start + self.len).unwrap_or_default()
+    }
+
+    /// The usable bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.bytes.get_mut(self.start..self.start + self.len).unwrap_or_default()
+    }
+}
