@@ -191,6 +191,7 @@ impl Backend for FileBackend {
             fast_zero: !self.read_only,
             block_status: true,
             cache: true,
+            writes_wait: self.direct.is_some(),
         }
     }
 

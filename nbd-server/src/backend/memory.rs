@@ -80,6 +80,7 @@ impl Backend for MemoryBackend {
             fast_zero: true,
             block_status: true,
             cache: false,
+            writes_wait: false,
         }
     }
 

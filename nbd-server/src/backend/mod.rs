@@ -40,6 +40,9 @@ pub struct Capabilities {
     pub block_status: bool,
     /// `cache` prefetches.
     pub cache: bool,
+    /// Writes wait for the device (`O_DIRECT`): the server runs each in its own task, so one
+    /// connection keeps several in flight, instead of applying it on the connection's reader.
+    pub writes_wait: bool,
 }
 
 /// Flags of a write-zeroes request.
@@ -62,6 +65,7 @@ impl Capabilities {
         fast_zero: bool,
         block_status: bool,
         cache: bool,
+        writes_wait: bool,
     }
 }
 

@@ -7,7 +7,8 @@
 //! layer is reported allocated, zero clusters and ranges allocated nowhere as holes that read as
 //! zeroes, so sparse copies of a chain stay sparse.
 //!
-//! Writes enter the kernel one at a time per image (`gate.rs` says why); reads never wait for it.
+//! Buffered writes enter the kernel one at a time per image (`gate.rs` says why); reads and
+//! `O_DIRECT` writes never wait for it.
 //!
 //! Writes, zeroes and discards go to the crate's write path; FLUSH is `fdatasync`. Calls that may
 //! wait on the disk (flush, zeroing, discard, FUA, and the writes the crate's
@@ -97,6 +98,7 @@ impl Backend for Qcow2Backend {
             fast_zero: writable,
             block_status: true,
             cache: false,
+            writes_wait: self.image.is_direct(),
         }
     }
 
@@ -108,7 +110,11 @@ impl Backend for Qcow2Backend {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
-        {
+        if self.image.is_direct() {
+            // O_DIRECT writes do not copy into the page cache under the inode lock: no turns,
+            // or the device would see one write at a time.
+            blocking(|| self.image.write_at(data, offset)).map_err(convert)?;
+        } else {
             let _turn = self.write_gate.turn().await;
             if self.image.write_may_wait(offset, data.len() as u64) {
                 blocking(|| self.image.write_at(data, offset)).map_err(convert)?;

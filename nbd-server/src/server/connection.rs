@@ -13,7 +13,10 @@
 //! a 4-connection sequential copy showed that handing the payload to another task let it go
 //! cold (the copy into the page cache cost six times the copy out of the socket, against equal
 //! costs in nbdkit) and made two workers spin on the file's inode lock; applying it at once
-//! halved server CPU per GB. Pipelining across connections is unaffected.
+//! halved server CPU per GB. Pipelining across connections is unaffected. Not for a backend
+//! whose writes wait for the device (`Capabilities::writes_wait`, `O_DIRECT`): there the payload
+//! goes to the device, not through this core's cache, and applying it on the reader would leave
+//! one write per connection in flight.
 //!
 //! Ending: NBD_CMD_DISC, EOF, a protocol violation, the export being removed or the server
 //! shutting down all stop the reader; in-flight requests still complete and their replies are
@@ -164,6 +167,7 @@ where
     let total_units = (config.max_buffered_bytes_total as u64 / BUDGET_UNIT).clamp(1, u64::from(u32::MAX)) as u32;
     let bytes = Arc::new(Semaphore::new(budget_units as usize));
     let stop = export.closing.clone();
+    let writes_wait = export.backend.capabilities().writes_wait;
     let mode = session.mode;
     let mut header = [0u8; 32];
 
@@ -249,7 +253,7 @@ where
             }
             continue;
         }
-        if runs_on_reader(&req) {
+        if runs_on_reader(&req) && !writes_wait {
             // Apply the payload now, while it is still in this core's cache (see module doc).
             let reply = execute(&export, req, payload, &limits).await;
             if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
