@@ -116,8 +116,9 @@ impl Image {
     }
 
     /// Whether writing `length` bytes at `offset` may wait on the disk or on another writer: any
-    /// write with [`crate::ImageOptions::direct_io`], a copy-on-write (made durable with `fdatasync`), a new refcount reservation (another
-    /// `fdatasync`), or a guest cluster another writer is allocating. Writes into clusters this
+    /// write with [`crate::ImageOptions::direct_io`], a copy-on-write (made durable with
+    /// `fdatasync`), a new refcount reservation (another `fdatasync`), or a guest cluster another
+    /// writer is allocating. Writes into clusters this
     /// image already owns, and allocations the current reservation covers, only copy into the
     /// page cache (and take the metadata lock for a moment) and answer `false`.
     ///
