@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use directio::{is_aligned, Direct, DIRECT_ALIGN};
+use directio::{is_aligned, is_memory_aligned, AlignedBuf, Direct, DIRECT_ALIGN};
 
 fn file_of(len: u64) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -46,4 +46,38 @@ fn bounce_buffers_are_aligned_and_reused() {
     assert_eq!(again.as_slice().as_ptr() as usize, at, "a spare buffer large enough is reused");
     assert_eq!(again.as_slice().len(), 4096);
     assert!(is_aligned(8192, 4096) && !is_aligned(8192, 100) && !is_aligned(100, 4096) && !is_aligned(0, 0));
+}
+
+#[test]
+fn aligned_memory_goes_in_place_and_any_other_memory_through_the_bounce_buffer() {
+    let file = file_of(1 << 20);
+    let direct = Direct::open(file.path(), true).unwrap();
+    let mut aligned = AlignedBuf::new(16384);
+    assert!(is_memory_aligned(&aligned) && aligned.len() == 16384);
+    for (i, b) in aligned.iter_mut().enumerate() {
+        *b = (i % 239) as u8;
+    }
+    direct.write_at(&aligned, 4096).unwrap();
+
+    // The same bytes one address later: never aligned, so they take the bounce buffer.
+    let mut shifted = vec![0u8; 16384 + 1];
+    shifted[1..].copy_from_slice(&aligned);
+    assert!(!is_memory_aligned(&shifted[1..]));
+    direct.write_at(&shifted[1..], 65536).unwrap();
+
+    let mut seen = vec![0u8; 16384];
+    for at in [4096, 65536] {
+        file.as_file().read_exact_at(&mut seen, at).unwrap();
+        assert_eq!(seen[..], aligned[..], "data at {at}");
+    }
+    let mut back = AlignedBuf::new(16384);
+    direct.read_at(&mut back, 65536).unwrap();
+    assert_eq!(back[..], aligned[..]);
+    let mut back_shifted = vec![0u8; 16384 + 1];
+    direct.read_at(&mut back_shifted[1..], 4096).unwrap();
+    assert_eq!(back_shifted[1..], aligned[..]);
+
+    assert!(aligned.set_len(4096) && aligned.len() == 4096);
+    assert!(!aligned.set_len(aligned.capacity() + 1), "a buffer never grows past its allocation");
+    assert!(AlignedBuf::default().is_empty());
 }

@@ -9,6 +9,9 @@
 //!
 //! `--cache=none` ([`FileBackend::open_direct`]) sends aligned reads and writes through a second,
 //! `O_DIRECT` descriptor (the `directio` crate); unaligned ones and everything else use this one.
+//! The server's payload buffers start on a page boundary, so those go to the device in place
+//! under `block_in_place`; an embedder's unaligned buffer is copied through a bounce buffer on
+//! the blocking pool.
 //!
 //! Holes: TRIM punches them (`FALLOC_FL_PUNCH_HOLE`), WRITE_ZEROES punches them too unless the
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
@@ -31,10 +34,10 @@ use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
-use super::{Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
+use super::{blocking, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
-use directio::{is_aligned, Direct};
+use directio::{is_aligned, is_memory_aligned, Direct};
 
 /// Most extents one block status answer walks before returning what it has.
 const MAX_EXTENTS_PER_QUERY: usize = 1024;
@@ -197,6 +200,10 @@ impl Backend for FileBackend {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
         if let Some(direct) = self.direct.as_ref().filter(|_| is_aligned(offset, buf.len())) {
+            if is_memory_aligned(buf) {
+                // The server's own buffers: the device fills them in place.
+                return blocking(|| direct.read_at(buf, offset)).map_err(|e| BackendError::io("read", offset, e));
+            }
             let (direct, len) = (Arc::clone(direct), buf.len());
             let got = tokio::task::spawn_blocking(move || {
                 let mut bounce = direct.take(len);
@@ -222,6 +229,13 @@ impl Backend for FileBackend {
             return Err(BackendError::new(BackendErrorKind::ReadOnly, "export is read-only"));
         }
         if let Some(direct) = self.direct.as_ref().filter(|_| is_aligned(offset, data.len())) {
+            if is_memory_aligned(data) {
+                blocking(|| direct.write_at(data, offset)).map_err(|e| BackendError::io("write", offset, e))?;
+                if fua {
+                    self.sync().await?;
+                }
+                return Ok(());
+            }
             let mut bounce = direct.take(data.len());
             bounce.as_mut_slice().copy_from_slice(data);
             let direct = Arc::clone(direct);

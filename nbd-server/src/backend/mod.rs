@@ -21,6 +21,16 @@ pub use tuned::{Tuned, Tuning};
 
 use crate::proto::transmission::Extent;
 
+/// Run `f`, which may wait for the device, on this thread, letting the runtime move its other
+/// tasks off this worker meanwhile (`block_in_place`; plainly on a current-thread runtime).
+/// Unlike `spawn_blocking` it can borrow the caller's buffer, so `O_DIRECT` needs no copy.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// What a backend can do beyond read/write/flush.
 ///
 /// A backend builds its own with `Capabilities::default()` (nothing but reads and writes) and

@@ -25,17 +25,9 @@ use std::sync::Arc;
 
 use qcow2::{ErrorKind, ExtentKind, Image, ImageOptions};
 
-use super::{Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
+use super::{blocking, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
-
-/// Run `f`, letting the runtime move other tasks off this worker if it blocks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
 
 /// Most bytes one block status query walks (clients ask again for the rest).
 const MAX_STATUS_SPAN: u64 = 4 << 30;

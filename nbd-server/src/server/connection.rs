@@ -231,7 +231,7 @@ where
         } else {
             None
         };
-        let mut payload = if need > 0 { pool.take(need as usize) } else { Vec::new() };
+        let mut payload = if need > 0 { pool.take(need as usize) } else { directio::AlignedBuf::default() };
         if plen > 0 {
             let read = tokio::select! {
                 r = reader.read_exact(&mut payload) => r,

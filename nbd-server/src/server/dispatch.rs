@@ -9,6 +9,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use directio::AlignedBuf;
+
 use crate::backend::{BackendError, BackendErrorKind, ZeroFlags};
 use crate::proto::consts::{cmd_flags, errno, transmission_flags as tf};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, Request};
@@ -134,7 +136,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
 #[derive(Debug, Default)]
 pub(crate) struct Reply {
     pub head: Vec<u8>,
-    pub data: Vec<u8>,
+    pub data: AlignedBuf,
     pub segments: Vec<Segment>,
 }
 
@@ -197,7 +199,7 @@ fn nbd_error(e: &BackendError, fast_zero: bool) -> u32 {
 /// Run an accepted request. `buffer` holds the write payload for WRITE and is the read buffer
 /// (already `length` bytes, contents unspecified) for READ; it travels back in the reply so the
 /// connection can reuse it.
-pub(crate) async fn execute(export: &Arc<Export>, req: Request, buffer: Vec<u8>, l: &Limits) -> Reply {
+pub(crate) async fn execute(export: &Arc<Export>, req: Request, buffer: AlignedBuf, l: &Limits) -> Reply {
     let payload = buffer;
     let backend = &export.backend;
     let c = &export.counters;
@@ -257,9 +259,11 @@ pub(crate) async fn execute(export: &Arc<Export>, req: Request, buffer: Vec<u8>,
 /// Smallest hole worth its own chunk; smaller ones are sent as data.
 const MIN_HOLE_CHUNK: u64 = 4096;
 
-async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Vec<u8>) -> Reply {
+async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: AlignedBuf) -> Reply {
     let len = req.length as usize;
-    data.resize(len, 0);
+    if !data.set_len(len) {
+        data = AlignedBuf::new(len);
+    }
     // Which parts to actually read: all of it, unless block status shows zero ranges.
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new(); // (relative offset, length, is_hole)
     let sparse = l.structured
