@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::compress;
@@ -272,6 +273,9 @@ pub struct Image {
     writable: bool,
     /// The `O_DIRECT` descriptor for aligned guest data ([`ImageOptions::direct_io`]).
     direct: Option<directio::Direct>,
+    /// How far the file is known to reach, so a direct write past it grows the file first
+    /// ([`Image::write_data`]); it may lag the real length, never lead it.
+    grown_to: AtomicU64,
     /// Present when writable: refcounts, allocator, in-flight allocations.
     pub(crate) write_state: Option<Mutex<WriteState>>,
     /// The last compressed cluster decompressed: (host offset, contents).
@@ -409,6 +413,7 @@ impl Image {
                 ),
                 false => None,
             },
+            grown_to: AtomicU64::new(file_len),
             write_state: None,
             last_compressed: Mutex::new(None),
         };
@@ -484,12 +489,46 @@ impl Image {
     }
 
     /// Write guest data at host offset `host`: through `O_DIRECT` when asked for and aligned.
+    ///
+    /// A direct write past the end of the file is one that ext4 (and xfs) run synchronously under
+    /// the inode's exclusive lock, so that newly allocated clusters at the end — every write of
+    /// a fresh backup — would reach the device one at a time: fio on this machine's disk wrote
+    /// 64 KiB `O_DIRECT` at QD16 at 501 MiB/s into a growing file against 1067 MiB/s into one
+    /// already long enough. So the file is first grown with `fallocate` (mode 0: it extends the
+    /// file, never shrinks it, and is a no-op where blocks exist), [`GROW_AHEAD`] at a time, since
+    /// each call takes the same exclusive lock (one call per 256 KiB write: 0.84x writeback
+    /// throughput; per 8 MiB: 0.96x). A clean close gives the unused part back (the reservation
+    /// is punched, the tail past every handed-out cluster cut). After a crash the file may hold
+    /// up to [`GROW_AHEAD`] of reserved, unreferenced clusters, which `qemu-img check` counts as
+    /// leaks: the outcome the refcount rules already allow for a crash (`refcount.rs`), never
+    /// corruption.
     pub(crate) fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
         match &self.direct {
-            Some(direct) if directio::is_aligned(host, data.len()) => direct.write_at(data, host),
+            Some(direct) if directio::is_aligned(host, data.len()) => {
+                let end = host + data.len() as u64;
+                let grown = self.grown_to.load(Ordering::Relaxed);
+                if end > grown {
+                    let to = end.max(grown + GROW_AHEAD);
+                    // Best effort: where the filesystem cannot, the write extends the file itself.
+                    if rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), host, to - host).is_ok() {
+                        self.grown_to.fetch_max(to, Ordering::Relaxed);
+                    }
+                }
+                direct.write_at(data, host)
+            }
             _ => self.file.write_all_at(data, host),
         }
         .map_err(Error::io("write", host))
+    }
+
+    /// Cut the space that [`Image::write_data`] allocated ahead and no cluster came to use: the
+    /// file ends at `end` (past every cluster ever handed out) if it had grown beyond.
+    pub(crate) fn trim_grown_tail(&self, end: u64) -> Result<()> {
+        if self.grown_to.load(Ordering::Relaxed) > end && self.file_len()? > end {
+            self.file.set_len(end).map_err(Error::io("truncate", end))?;
+            self.grown_to.store(end, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Read guest data at host offset `host` (zeroes past the end of the file): through
@@ -894,6 +933,9 @@ fn confine(base: &Path, dir: &Path) -> Result<()> {
         Err(outside())
     }
 }
+
+/// How far past a direct write at the end of the file [`Image::write_data`] grows it at once.
+const GROW_AHEAD: u64 = 8 << 20;
 
 /// Resolve a backing name against the directory of the image that names it.
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {

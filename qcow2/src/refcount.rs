@@ -261,12 +261,26 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Give back the reserved clusters that were never used.
+    /// Give back the reserved clusters that were never used, and the disk space the file may
+    /// already hold for them (direct writes grow the file ahead: `Image::write_data`).
     pub fn release(&mut self, file: &File) -> Result<()> {
         let unused = std::mem::replace(&mut self.reserved, 0..0);
         if !unused.is_empty() {
             self.set_range(file, unused.start, unused.end - unused.start, 0)?;
+            let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+            let (at, len) = (unused.start << self.cluster_bits, (unused.end - unused.start) << self.cluster_bits);
+            // Best effort, like freeing: a filesystem without hole punching keeps the space.
+            let _ = rustix::fs::fallocate(file, flags, at, len);
+            if unused.end == self.next_cluster {
+                // Nothing was handed out past them: never referenced, they are free to take again.
+                self.next_cluster = unused.start;
+            }
         }
         Ok(())
+    }
+
+    /// Where the file may end: no cluster at or past it was ever handed out or reserved.
+    pub fn end_of_clusters(&self) -> u64 {
+        self.next_cluster << self.cluster_bits
     }
 }

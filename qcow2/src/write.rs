@@ -489,7 +489,9 @@ impl Image {
         }
         let mut st = self.state()?;
         st.refcounts.release(self.file())?;
+        let end = st.refcounts.end_of_clusters();
         drop(st);
+        self.trim_grown_tail(end)?;
         self.file().sync_all().map_err(Error::io("fsync", 0))
     }
 }

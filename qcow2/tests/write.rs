@@ -414,3 +414,46 @@ fn direct_io_images_take_the_same_mix_and_pass_check() {
         compare(&raw_path, &p);
     }
 }
+
+#[test]
+fn direct_io_grows_the_file_ahead_and_gives_the_unused_space_back_on_close() {
+    require("qemu-img");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let direct = ImageOptions::read_write().direct_io(true);
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i / 4096 % 249) as u8 + 1).collect();
+    let allocated = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.len(), m.blocks() * 512)
+    };
+    for closed in [true, false] {
+        let p = dir.path().join(format!("seq-{closed}.qcow2"));
+        Image::create(&p, &CreateOptions::new(64 << 20)).unwrap();
+        let img = Image::open_with(&p, &direct).unwrap();
+        // A fresh backup's pattern: 256 KiB writes one after another, each into new clusters
+        // at the end of the file.
+        for (i, chunk) in data.chunks(256 << 10).enumerate() {
+            img.write_at(chunk, (i as u64) << 18).unwrap();
+        }
+        let (grown_len, _) = allocated(&p);
+        assert!(grown_len >= 8 << 20, "the file was grown ahead of the writes ({grown_len} bytes)");
+        if closed {
+            img.close().unwrap();
+            drop(img);
+            let (len, blocks) = allocated(&p);
+            assert!(len < 4 << 20 && blocks < 4 << 20, "space given back on close: {len} long, {blocks} allocated");
+            check_clean(&p);
+        } else {
+            // A killed server: nothing is closed, the kernel keeps what was written.
+            std::mem::forget(img);
+            // qemu-img check: 0 consistent, 3 leaked clusters only, 2 corruption.
+            let (code, text) = run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&p));
+            assert!(matches!(code, 0 | 3), "a crash may leak the space grown ahead, never corrupt: {text}");
+        }
+        let raw = dir.path().join(format!("seq-{closed}.raw"));
+        let mut want = data.clone();
+        want.resize(64 << 20, 0);
+        std::fs::write(&raw, &want).unwrap();
+        compare(&raw, &p);
+    }
+}
