@@ -59,6 +59,12 @@ impl Direct {
         Ok(Self { file, spare: Mutex::default() })
     }
 
+    /// The `O_DIRECT` descriptor itself, for callers that submit their own I/O (io_uring) with
+    /// aligned offsets, lengths and memory.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// A bounce buffer of `len` usable bytes (contents unspecified), reused when one is spare.
     pub fn take(&self, len: usize) -> AlignedBuf {
         let reused = self.spare.lock().ok().and_then(|mut spare| {

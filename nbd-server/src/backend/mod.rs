@@ -13,6 +13,7 @@ mod gate;
 mod memory;
 mod qcow2_image;
 mod tuned;
+mod uring;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;

@@ -60,8 +60,9 @@ struct Args {
     /// left in the page cache). directsync/writethrough are refused.
     #[arg(long = "cache", value_enum, default_value = "writeback")]
     cache: CacheMode,
-    /// Asynchronous I/O as qemu-nbd names it: threads (what this server does). native and
-    /// io_uring are refused.
+    /// Asynchronous I/O as qemu-nbd names it: threads (the default: each connection's worker
+    /// calls pread/pwrite) or io_uring (raw images: one ring per export; refused for qcow2,
+    /// whose writer is synchronous). native (Linux AIO) is refused.
     #[arg(long = "aio", value_enum, default_value = "threads")]
     aio: AioMode,
     /// TRIM: unmap (punch holes, the default here) or ignore/off (not offered).
@@ -109,11 +110,12 @@ fn tuning(args: &Args) -> anyhow::Result<Tuning> {
             format!("{other:?}").to_lowercase()
         ),
     }
-    if args.aio != AioMode::Threads {
-        bail!(
-            "--aio={} is not implemented; this server uses threads",
-            if args.aio == AioMode::Native { "native" } else { "io_uring" }
-        );
+    match (args.aio, args.format) {
+        (AioMode::Threads, _) | (AioMode::IoUring, Format::Raw) => {}
+        (AioMode::IoUring, Format::Qcow2) => {
+            bail!("--aio=io_uring is not implemented for qcow2 images (raw only); use --aio=threads")
+        }
+        (AioMode::Native, _) => bail!("--aio=native (Linux AIO) is not implemented; use threads or io_uring"),
     }
     Ok(Tuning::default()
         .skip_flush(args.cache == CacheMode::Unsafe)
@@ -124,12 +126,15 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     let tuning = tuning(args)?;
     match args.format {
         Format::Raw => {
-            let b = if args.cache == CacheMode::None {
+            let mut b = if args.cache == CacheMode::None {
                 FileBackend::open_direct(path, args.read_only)
             } else {
                 FileBackend::open(path, args.read_only)
             }
             .with_context(|| format!("cannot open '{}'", path.display()))?;
+            if args.aio == AioMode::IoUring {
+                b = b.with_io_uring().context("--aio=io_uring")?;
+            }
             Ok(Arc::new(Tuned::new(b, tuning)))
         }
         Format::Qcow2 => {
