@@ -160,6 +160,45 @@ impl Backing {
             Self::Qcow2(img) => img.read_at(inside, offset),
         }
     }
+
+    /// As [`Image::read_cached`]: the bytes of a prefix of `buf` filled without waiting.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let avail = self.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(avail);
+        let got = match self {
+            _ if inside.is_empty() => 0,
+            Self::Raw { file, .. } => read_cached_or_zero(file, inside, offset)?,
+            Self::Qcow2(img) => img.read_cached(inside, offset)?,
+        };
+        if got < avail {
+            return Ok(got);
+        }
+        past.fill(0);
+        Ok(buf.len())
+    }
+}
+
+/// Fill a prefix of `buf` at `offset` from the page cache without waiting for the device
+/// (`RWF_NOWAIT`); bytes past the end of the file read as zeroes. Returns the bytes filled.
+fn read_cached_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let Some(rest) = buf.get_mut(done..) else { break };
+        let at = offset + done as u64;
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        match rustix::io::preadv2(file, &mut [std::io::IoSliceMut::new(rest)], at, flags) {
+            Ok(0) => {
+                rest.fill(0);
+                return Ok(buf.len());
+            }
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            // Not cached (or the filesystem cannot say without waiting): the caller waits.
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => break,
+            Err(e) => return Err(Error::io("read", at)(e.into())),
+        }
+    }
+    Ok(done)
 }
 
 /// Read `buf` at `offset`; bytes past the end of the file read as zeroes (as in qemu).
@@ -683,6 +722,80 @@ impl Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Fill as much of `buf` (a guest range, as [`Image::read_at`]) as can be had without
+    /// waiting for a device: data the page cache holds, zero and unallocated ranges, clusters
+    /// whose L2 table is cached, the backing chain alike. Returns how many bytes from the start
+    /// of `buf` are filled (0 when the first piece would wait); the caller reads the rest with
+    /// `read_at`, off any thread that must not block. `O_DIRECT` data always waits.
+    ///
+    /// # Errors
+    /// As [`Image::read_at`].
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let Some((mapping, run)) = self.cached_mapping_at(pos)? else { break };
+            let n = run.min((buf.len() - done) as u64) as usize;
+            let Some(dst) = buf.get_mut(done..done + n).filter(|d| !d.is_empty()) else {
+                return Err(Error::InvalidEntry { table: "L2", index: pos, value: run, reason: "empty mapping run" });
+            };
+            let got = match mapping {
+                Mapping::Unallocated => match &self.backing {
+                    Some(b) => b.read_cached(dst, pos)?,
+                    None => {
+                        dst.fill(0);
+                        n
+                    }
+                },
+                Mapping::Zero => {
+                    dst.fill(0);
+                    n
+                }
+                Mapping::Data { host, .. } if self.direct.is_none() => read_cached_or_zero(&self.file, dst, host)?,
+                Mapping::Data { .. } => 0,
+                Mapping::Compressed { host, .. } => {
+                    let last = self.last_compressed.lock().ok().and_then(|c| c.clone());
+                    let within = (pos & (self.geo.cluster_size() - 1)) as usize;
+                    let cached = last.filter(|(at, _)| *at == host);
+                    match cached.as_ref().and_then(|(_, c)| c.get(within..within + n)) {
+                        Some(src) => {
+                            dst.copy_from_slice(src);
+                            n
+                        }
+                        None => 0,
+                    }
+                }
+            };
+            done += got;
+            if got < n {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// [`Image::mapping_at`] from memory only: `None` when the L2 table is not cached.
+    fn cached_mapping_at(&self, offset: u64) -> Result<Option<(Mapping, u64)>> {
+        let (l1_index, l2_index, within) = self.geo.split(offset);
+        let l1_entry = self.l1_entry(l1_index)?;
+        let l2_offset = layout::l1_entry_offset(l1_entry, l1_index, self.geo.cluster_bits)?;
+        if l2_offset == 0 {
+            let coverage = self.geo.l2_coverage();
+            return Ok(Some((Mapping::Unallocated, coverage - offset % coverage)));
+        }
+        let Some(table) = self.l2_cache.lock().ok().and_then(|mut c| c.get(l2_offset)) else {
+            return Ok(None);
+        };
+        let (entry, bitmap) = if self.geo.extended_l2 {
+            let i = (l2_index * 2) as usize;
+            (table.get(i), table.get(i + 1))
+        } else {
+            (table.get(l2_index as usize), 0)
+        };
+        layout::map_l2_entry(&self.geo, entry, bitmap, l1_index * self.geo.l2_entries() + l2_index, within).map(Some)
     }
 
     /// The allocation map of `[offset, offset + length)`, resolved through the backing chain,

@@ -457,3 +457,59 @@ fn direct_io_grows_the_file_ahead_and_gives_the_unused_space_back_on_close() {
         compare(&raw, &p);
     }
 }
+
+#[test]
+fn cached_reads_fill_a_correct_prefix_and_never_wait_for_the_disk() {
+    require("qemu-img");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let size = 8u64 << 20;
+    // A chain: raw base <- qcow2 middle <- qcow2 top, with data in every layer, zero clusters
+    // and unallocated ranges.
+    std::fs::write(d.join("base.raw"), (0..size).map(|i| (i / 4096 % 13) as u8 + 1).collect::<Vec<u8>>()).unwrap();
+    Image::create(&d.join("mid.qcow2"), &CreateOptions::overlay("base.raw", BackingFormat::Raw)).unwrap();
+    Image::create(&d.join("top.qcow2"), &CreateOptions::overlay("mid.qcow2", BackingFormat::Qcow2)).unwrap();
+    {
+        let mid = writable(&d.join("mid.qcow2"));
+        mid.write_at(&[0x22; 65536 * 3], 1 << 20).unwrap();
+        mid.close().unwrap();
+        let top = writable(&d.join("top.qcow2"));
+        top.write_at(&[0x33; 65536 * 2], 3 << 20).unwrap();
+        top.write_zeroes(5 << 20, 65536 * 4).unwrap();
+        top.close().unwrap();
+    }
+    let cold = |name: &str| {
+        let f = std::fs::File::open(d.join(name)).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, 0, rustix::fs::Advice::DontNeed).unwrap();
+    };
+    for name in ["base.raw", "mid.qcow2", "top.qcow2"] {
+        cold(name);
+    }
+    let img = Image::open_with(&d.join("top.qcow2"), &ImageOptions::default()).unwrap();
+    let mut whole = vec![0u8; size as usize];
+    let ranges = [(0u64, 1usize << 20), ((1 << 20) - 4096, 256 << 10), (3 << 20, 200_000), (5 << 20, 65536 * 4)];
+    // Cold: every prefix handed back is right, and a data cluster of a cold layer stops it.
+    let mut stopped = false;
+    for &(at, len) in &ranges {
+        let mut got = vec![0xEEu8; len];
+        let n = img.read_cached(&mut got, at).unwrap();
+        let mut want = vec![0u8; len];
+        img.read_at(&mut want, at).unwrap();
+        assert!(got[..n] == want[..n], "prefix of {n} bytes at {at}");
+        stopped |= n < len;
+    }
+    assert!(stopped, "some read had to stop where the disk would be needed");
+    // The zeroed range needs only the (now cached) L2 table: never the disk.
+    let mut zeroes = vec![1u8; 65536 * 4];
+    assert_eq!(img.read_cached(&mut zeroes, 5 << 20).unwrap(), zeroes.len());
+    assert!(zeroes.iter().all(|&b| b == 0));
+    // Warm: everything comes from memory, equal to the waiting read.
+    img.read_at(&mut whole, 0).unwrap();
+    for &(at, len) in &ranges {
+        let mut got = vec![0u8; len];
+        assert_eq!(img.read_cached(&mut got, at).unwrap(), len, "warm read at {at}");
+        assert!(got[..] == whole[at as usize..at as usize + len]);
+    }
+    assert!(whole[(3 << 20) as usize] == 0x33 && whole[(1 << 20) as usize] == 0x22 && whole[0] == 1);
+}

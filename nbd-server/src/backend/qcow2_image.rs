@@ -1,8 +1,11 @@
 //! A qcow2 image (with its backing chain) as an export, through the `qcow2` crate.
 //!
 //! Reads are positional and lock-free in the common case (the crate takes its metadata locks
-//! only to look up L2 tables), so they run on the calling task like the raw-file backend —
-//! except with `direct_io` (`--cache=none`), where every read waits for the device. Block
+//! only to look up L2 tables). What memory holds — data in the page cache, cached L2 tables,
+//! zero and unallocated ranges, through the backing chain — is read on the calling task
+//! (`Image::read_cached`, `RWF_NOWAIT`); the rest, which waits for the device (a cold restore,
+//! `direct_io`), runs under `block_in_place`, so a cold repository never holds a worker that
+//! other connections need. Block
 //! status comes from the image's allocation map resolved through the backing chain: data in any
 //! layer is reported allocated, zero clusters and ranges allocated nowhere as holes that read as
 //! zeroes, so sparse copies of a chain stay sparse.
@@ -95,10 +98,13 @@ impl Backend for Qcow2Backend {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
-        if self.image.is_direct() {
-            return blocking(|| self.image.read_at(buf, offset)).map_err(convert);
-        }
-        self.image.read_at(buf, offset).map_err(convert)
+        // What memory holds (page cache, cached L2 tables, zeroes) is copied here at once; only
+        // the rest, which waits for the device, leaves the worker.
+        let cached = self.image.read_cached(buf, offset).map_err(convert)?;
+        let Some(rest) = buf.get_mut(cached..).filter(|rest| !rest.is_empty()) else {
+            return Ok(());
+        };
+        blocking(|| self.image.read_at(rest, offset + cached as u64)).map_err(convert)
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
