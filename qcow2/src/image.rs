@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::compress;
@@ -135,7 +135,7 @@ impl CreateOptions {
 
 /// What lies under an image.
 enum Backing {
-    Raw { file: File, size: u64 },
+    Raw { file: File, size: u64, plain_reads: AtomicBool },
     Qcow2(Box<Image>),
 }
 
@@ -167,7 +167,7 @@ impl Backing {
         let (inside, past) = buf.split_at_mut(avail);
         let got = match self {
             _ if inside.is_empty() => 0,
-            Self::Raw { file, .. } => read_cached_or_zero(file, inside, offset)?,
+            Self::Raw { file, plain_reads, .. } => read_cached_or_zero(file, plain_reads, inside, offset)?,
             Self::Qcow2(img) => img.read_cached(inside, offset)?,
         };
         if got < avail {
@@ -180,7 +180,13 @@ impl Backing {
 
 /// Fill a prefix of `buf` at `offset` from the page cache without waiting for the device
 /// (`RWF_NOWAIT`); bytes past the end of the file read as zeroes. Returns the bytes filled.
-fn read_cached_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<usize> {
+/// A filesystem that cannot read without waiting (tmpfs refuses the flag: it has no device to
+/// wait for) is read plainly, and `plain` remembers it for the file.
+fn read_cached_or_zero(file: &File, plain: &AtomicBool, buf: &mut [u8], offset: u64) -> Result<usize> {
+    if plain.load(Ordering::Relaxed) {
+        read_or_zero(file, buf, offset)?;
+        return Ok(buf.len());
+    }
     let mut done = 0;
     while done < buf.len() {
         let Some(rest) = buf.get_mut(done..) else { break };
@@ -193,8 +199,13 @@ fn read_cached_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<usize
             }
             Ok(n) => done += n,
             Err(rustix::io::Errno::INTR) => {}
-            // Not cached (or the filesystem cannot say without waiting): the caller waits.
-            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => break,
+            // Not cached: the caller waits for the rest.
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                plain.store(true, Ordering::Relaxed);
+                read_or_zero(file, rest, at)?;
+                return Ok(buf.len());
+            }
             Err(e) => return Err(Error::io("read", at)(e.into())),
         }
     }
@@ -312,6 +323,8 @@ pub struct Image {
     writable: bool,
     /// The `O_DIRECT` descriptor for aligned guest data ([`ImageOptions::direct_io`]).
     direct: Option<directio::Direct>,
+    /// The file refused `RWF_NOWAIT` reads ([`Image::read_cached`] reads it plainly).
+    plain_reads: AtomicBool,
     /// How far the file is known to reach, so a direct write past it grows the file first
     /// ([`Image::write_data`]); it may lag the real length, never lead it.
     grown_to: AtomicU64,
@@ -430,7 +443,7 @@ impl Image {
                     BackingFormat::Raw => {
                         let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
                         let size = f.metadata().map_err(|source| Error::Open { path: base.clone(), source })?.len();
-                        Backing::Raw { file: f, size }
+                        Backing::Raw { file: f, size, plain_reads: AtomicBool::new(false) }
                     }
                 })
             }
@@ -452,6 +465,7 @@ impl Image {
                 ),
                 false => None,
             },
+            plain_reads: AtomicBool::new(false),
             grown_to: AtomicU64::new(file_len),
             write_state: None,
             last_compressed: Mutex::new(None),
@@ -728,7 +742,8 @@ impl Image {
     /// waiting for a device: data the page cache holds, zero and unallocated ranges, clusters
     /// whose L2 table is cached, the backing chain alike. Returns how many bytes from the start
     /// of `buf` are filled (0 when the first piece would wait); the caller reads the rest with
-    /// `read_at`, off any thread that must not block. `O_DIRECT` data always waits.
+    /// `read_at`, off any thread that must not block. `O_DIRECT` data always waits; a file on a
+    /// filesystem that refuses `RWF_NOWAIT` (tmpfs, which never waits) is read plainly.
     ///
     /// # Errors
     /// As [`Image::read_at`].
@@ -754,7 +769,9 @@ impl Image {
                     dst.fill(0);
                     n
                 }
-                Mapping::Data { host, .. } if self.direct.is_none() => read_cached_or_zero(&self.file, dst, host)?,
+                Mapping::Data { host, .. } if self.direct.is_none() => {
+                    read_cached_or_zero(&self.file, &self.plain_reads, dst, host)?
+                }
                 Mapping::Data { .. } => 0,
                 Mapping::Compressed { host, .. } => {
                     let last = self.last_compressed.lock().ok().and_then(|c| c.clone());
