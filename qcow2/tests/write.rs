@@ -467,8 +467,8 @@ fn cached_reads_fill_a_correct_prefix_and_never_wait_for_the_disk() {
     // A chain: raw base <- qcow2 middle <- qcow2 top, with data in every layer, zero clusters
     // and unallocated ranges.
     std::fs::write(d.join("base.raw"), (0..size).map(|i| (i / 4096 % 13) as u8 + 1).collect::<Vec<u8>>()).unwrap();
-    Image::create(&d.join("mid.qcow2"), &CreateOptions::overlay("base.raw", BackingFormat::Raw)).unwrap();
-    Image::create(&d.join("top.qcow2"), &CreateOptions::overlay("mid.qcow2", BackingFormat::Qcow2)).unwrap();
+    Image::create(d.join("mid.qcow2"), &CreateOptions::overlay("base.raw", BackingFormat::Raw)).unwrap();
+    Image::create(d.join("top.qcow2"), &CreateOptions::overlay("mid.qcow2", BackingFormat::Qcow2)).unwrap();
     {
         let mid = writable(&d.join("mid.qcow2"));
         mid.write_at(&[0x22; 65536 * 3], 1 << 20).unwrap();
@@ -486,7 +486,7 @@ fn cached_reads_fill_a_correct_prefix_and_never_wait_for_the_disk() {
     for name in ["base.raw", "mid.qcow2", "top.qcow2"] {
         cold(name);
     }
-    let img = Image::open_with(&d.join("top.qcow2"), &ImageOptions::default()).unwrap();
+    let img = Image::open_with(d.join("top.qcow2"), &ImageOptions::default()).unwrap();
     let mut whole = vec![0u8; size as usize];
     let ranges = [(0u64, 1usize << 20), ((1 << 20) - 4096, 256 << 10), (3 << 20, 200_000), (5 << 20, 65536 * 4)];
     // Cold: every prefix handed back is right, and a data cluster of a cold layer stops it.
