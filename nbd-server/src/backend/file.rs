@@ -263,6 +263,20 @@ async fn ring_read_exact(ring: &Uring, file: &File, buf: &mut [u8], offset: u64)
     Ok(())
 }
 
+/// Write all of `data` at `offset` of `file` through the ring (short writes continue).
+async fn ring_write_all(ring: &Uring, file: &File, data: &[u8], offset: u64) -> BackendResult<()> {
+    let mut done = 0;
+    while let Some(rest) = data.get(done..).filter(|rest| !rest.is_empty()) {
+        let at = offset + done as u64;
+        match ring.write(file, rest, at).await {
+            Ok(0) => return Err(BackendError::io("write", at, std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) => return Err(BackendError::io("write", at, e)),
+        }
+    }
+    Ok(())
+}
+
 fn is_unsupported(e: &BackendError) -> bool {
     e.kind == BackendErrorKind::Unsupported
         || e.source.as_ref().and_then(|s| s.raw_os_error()) == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error())
@@ -336,17 +350,7 @@ impl Backend for FileBackend {
         if let Some(ring) = &self.uring {
             // One submission path per file: no write gate (io_uring runs buffered writes to one
             // file one at a time itself).
-            let file = self.descriptor_for(offset, data);
-            let mut done = 0;
-            while done < data.len() {
-                let rest = data.get(done..).unwrap_or_default();
-                let at = offset + done as u64;
-                match ring.write(file, rest, at).await {
-                    Ok(0) => return Err(BackendError::io("write", at, std::io::ErrorKind::WriteZero.into())),
-                    Ok(n) => done += n,
-                    Err(e) => return Err(BackendError::io("write", at, e)),
-                }
-            }
+            ring_write_all(ring, self.descriptor_for(offset, data), data, offset).await?;
             if fua {
                 self.sync().await?;
             }
