@@ -9,8 +9,10 @@
 //! aligned memory: a caller whose buffer starts on a [`DIRECT_ALIGN`] boundary (an [`AlignedBuf`],
 //! which the NBD server's connections use for every payload) is written and read in place; any
 //! other buffer goes through a bounce buffer, aligned by over-allocating and slicing (no
-//! `unsafe`), kept for reuse: allocating and faulting in 256 KiB per request had cost more than
-//! the copy (0.60x of writeback throughput on disk, against 1.32x with reuse). Every call here
+//! `unsafe`), kept for reuse in an [`AlignedPool`] (bounded in bytes; the NBD server's
+//! connections take their payload buffers from one too): allocating and faulting in 256 KiB per
+//! request had cost more than the copy (0.60x of writeback throughput on disk, against 1.32x
+//! with reuse). Every call here
 //! waits for the device: async callers run them off their runtime's workers. `O_DIRECT` is not
 //! durability: flushes are still `fdatasync`.
 
@@ -24,8 +26,8 @@ use std::sync::Mutex;
 /// common use; a 512-byte device accepts it too).
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// Bounce buffers kept for reuse per file.
-const SPARE_BOUNCE_BUFFERS: usize = 64;
+/// Bytes of bounce buffers kept for reuse per file.
+const SPARE_BOUNCE_BYTES: usize = 16 << 20;
 
 /// Whether a request at `offset` of `len` bytes can go through `O_DIRECT`.
 pub fn is_aligned(offset: u64, len: usize) -> bool {
@@ -41,7 +43,7 @@ pub fn is_memory_aligned(buf: &[u8]) -> bool {
 #[derive(Debug)]
 pub struct Direct {
     file: File,
-    spare: Mutex<Vec<AlignedBuf>>,
+    spare: AlignedPool,
 }
 
 impl Direct {
@@ -56,7 +58,7 @@ impl Direct {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("O_DIRECT (--cache=none) refused: {e}")))?;
-        Ok(Self { file, spare: Mutex::default() })
+        Ok(Self { file, spare: AlignedPool::new(SPARE_BOUNCE_BYTES) })
     }
 
     /// The `O_DIRECT` descriptor itself, for callers that submit their own I/O (io_uring) with
@@ -67,24 +69,12 @@ impl Direct {
 
     /// A bounce buffer of `len` usable bytes (contents unspecified), reused when one is spare.
     pub fn take(&self, len: usize) -> AlignedBuf {
-        let reused = self.spare.lock().ok().and_then(|mut spare| {
-            let at = spare.iter().position(|b| b.capacity() >= len)?;
-            Some(spare.swap_remove(at))
-        });
-        let mut buf = reused.unwrap_or_default();
-        if !buf.set_len(len) {
-            buf = AlignedBuf::new(len);
-        }
-        buf
+        self.spare.take(len)
     }
 
     /// Keep `buf` for a later request.
     pub fn give_back(&self, buf: AlignedBuf) {
-        if let Ok(mut spare) = self.spare.lock() {
-            if spare.len() < SPARE_BOUNCE_BUFFERS {
-                spare.push(buf);
-            }
-        }
+        self.spare.put(buf);
     }
 
     /// Write a bounce buffer's bytes at `offset` (aligned: see [`is_aligned`]).
@@ -135,6 +125,54 @@ impl Direct {
         }
         self.give_back(bounce);
         result
+    }
+}
+
+/// Aligned buffers kept for reuse, at most `max_bytes` of them (an idle user holds a bounded
+/// amount of memory): allocating and faulting in a fresh buffer per request costs more than the
+/// request's own copy.
+#[derive(Debug)]
+pub struct AlignedPool {
+    free: Mutex<Vec<AlignedBuf>>,
+    max_bytes: usize,
+}
+
+impl AlignedPool {
+    /// A pool that keeps at most `max_bytes` of spare buffers.
+    pub fn new(max_bytes: usize) -> Self {
+        Self { free: Mutex::default(), max_bytes }
+    }
+
+    /// A buffer of `len` bytes (contents unspecified: stale data of an earlier user, or zeroes),
+    /// a spare one when one is large enough.
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        let reused = self.free.lock().ok().and_then(|mut free| {
+            let at = free.iter().position(|b| b.capacity() >= len)?;
+            Some(free.swap_remove(at))
+        });
+        let mut buf = reused.unwrap_or_default();
+        if !buf.set_len(len) {
+            buf = AlignedBuf::new(len);
+        }
+        buf
+    }
+
+    /// Keep `buf` for reuse (dropped if the pool is full).
+    pub fn put(&self, buf: AlignedBuf) {
+        if buf.capacity() == 0 || buf.capacity() > self.max_bytes {
+            return;
+        }
+        if let Ok(mut free) = self.free.lock() {
+            let held: usize = free.iter().map(AlignedBuf::capacity).sum();
+            if held + buf.capacity() <= self.max_bytes {
+                free.push(buf);
+            }
+        }
+    }
+
+    /// Bytes held for reuse.
+    pub fn held(&self) -> usize {
+        self.free.lock().map(|free| free.iter().map(AlignedBuf::capacity).sum()).unwrap_or(0)
     }
 }
 

@@ -81,3 +81,19 @@ fn aligned_memory_goes_in_place_and_any_other_memory_through_the_bounce_buffer()
     assert!(!aligned.set_len(aligned.capacity() + 1), "a buffer never grows past its allocation");
     assert!(AlignedBuf::default().is_empty());
 }
+
+#[test]
+fn a_pool_hands_out_aligned_buffers_reuses_them_and_keeps_within_its_bound() {
+    let pool = directio::AlignedPool::new(1 << 20);
+    let a = pool.take(4096);
+    let ptr = a.as_ptr();
+    assert!(is_memory_aligned(&a), "buffers start on a page boundary");
+    pool.put(a);
+    let b = pool.take(1024);
+    assert_eq!(b.as_ptr(), ptr, "the freed buffer was reused");
+    assert_eq!(b.len(), 1024);
+    let c = pool.take(8192);
+    assert!(is_memory_aligned(&c) && c.len() == 8192, "a larger request gets a new buffer");
+    pool.put(AlignedBuf::new(2 << 20));
+    assert_eq!(pool.held(), 0, "a buffer over the bound is dropped");
+}

@@ -7,7 +7,6 @@
 //! permit is taken before `accept`, every connection is its own task, and a cancellation token
 //! (not a broadcast channel: a token is also what removing one export needs) stops everything.
 
-mod buffers;
 mod connection;
 pub(crate) mod dispatch;
 pub(crate) mod export;
