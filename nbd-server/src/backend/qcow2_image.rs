@@ -5,10 +5,11 @@
 //! zero and unallocated ranges, through the backing chain — is read on the calling task
 //! (`Image::read_cached`, `RWF_NOWAIT`); the rest, which waits for the device (a cold restore,
 //! `direct_io`), runs under `block_in_place`, so a cold repository never holds a worker that
-//! other connections need. Block
-//! status comes from the image's allocation map resolved through the backing chain: data in any
-//! layer is reported allocated, zero clusters and ranges allocated nowhere as holes that read as
-//! zeroes, so sparse copies of a chain stay sparse.
+//! other connections need.
+//!
+//! Block status comes from the image's allocation map resolved through the backing chain: data
+//! in any layer is reported allocated, zero clusters and ranges allocated nowhere as holes that
+//! read as zeroes, so sparse copies of a chain stay sparse.
 //!
 //! Buffered writes enter the kernel one at a time per image (`gate.rs` says why); reads and
 //! `O_DIRECT` writes never wait for it.
