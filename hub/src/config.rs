@@ -37,6 +37,8 @@ pub struct HubFile {
     pub replica_format: Option<String>,
     /// `writeback` (default) or `none`: how exports write images (`none` is `O_DIRECT`).
     pub cache: Option<String>,
+    /// `threads` (default) or `io_uring`: how exports submit their I/O (qemu-nbd's `--aio`).
+    pub aio: Option<String>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -112,6 +114,8 @@ pub struct Settings {
     pub replica_raw: bool,
     /// Exports write guest data with `O_DIRECT` (`cache = "none"`).
     pub direct_io: bool,
+    /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
+    pub io_uring: bool,
 }
 
 /// `writeback` or `none`: whether exports use `O_DIRECT`.
@@ -123,6 +127,18 @@ pub fn parse_cache(text: &str) -> Result<bool, String> {
         "writeback" => Ok(false),
         "none" => Ok(true),
         other => Err(format!("cache '{other}' must be writeback or none")),
+    }
+}
+
+/// `threads` or `io_uring`: whether exports submit their I/O through io_uring.
+///
+/// # Errors
+/// Anything else (`native`, Linux AIO, is not implemented).
+pub fn parse_aio(text: &str) -> Result<bool, String> {
+    match text {
+        "threads" => Ok(false),
+        "io_uring" => Ok(true),
+        other => Err(format!("aio '{other}' must be threads or io_uring")),
     }
 }
 
@@ -201,6 +217,9 @@ mod tests {
         }
         let file: HubFile = toml::from_str("cache = \"none\"\n").unwrap();
         assert_eq!(file.cache.as_deref(), Some("none"));
+        assert_eq!(parse_aio("threads"), Ok(false));
+        assert_eq!(parse_aio("io_uring"), Ok(true));
+        assert!(parse_aio("native").unwrap_err().contains("threads or io_uring"));
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         restore_idle: Duration::from_secs(600),
         replica_raw: false,
         direct_io: false,
+        io_uring: false,
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;

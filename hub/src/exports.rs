@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, Qcow2Backend, Server, ServerConfig};
+use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, IoRing, Qcow2Backend, Server, ServerConfig};
 use qcow2::Image;
 
 /// How long closing waits for clients to drain.
@@ -31,6 +31,8 @@ pub struct Exports {
     bind: IpAddr,
     /// Images opened with `O_DIRECT` (`cache = "none"`).
     direct_io: bool,
+    /// The ring every export submits its I/O through (`aio = "io_uring"`).
+    ring: Option<IoRing>,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -52,9 +54,23 @@ pub struct ExportView {
 }
 
 impl Exports {
-    /// Exports bound on `bind`, writing with `O_DIRECT` if `direct_io`.
-    pub fn new(bind: IpAddr, direct_io: bool) -> Self {
-        Self { server: Server::new(ServerConfig::default()), bind, direct_io, open: Mutex::new(HashMap::new()) }
+    /// Exports bound on `bind`, writing with `O_DIRECT` if `direct_io`, through one io_uring
+    /// shared by all if `io_uring` (one thread for every export, not one each).
+    ///
+    /// # Errors
+    /// `io_uring` asked for and refused by the kernel: the hub does not start.
+    pub fn new(bind: IpAddr, direct_io: bool, io_uring: bool) -> Result<Self, String> {
+        let ring = match io_uring {
+            true => Some(IoRing::new().map_err(|e| format!("aio = \"io_uring\": {e}"))?),
+            false => None,
+        };
+        Ok(Self {
+            server: Server::new(ServerConfig::default()),
+            bind,
+            direct_io,
+            ring,
+            open: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Open `image` as `name` on `port`.
@@ -74,12 +90,20 @@ impl Exports {
                 true => FileBackend::open_direct(image_path, read_only),
                 false => FileBackend::open(image_path, read_only),
             };
-            Arc::new(file.map_err(|e| format!("cannot open {}: {e}", image_path.display()))?)
+            let file = file.map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
+            Arc::new(match &self.ring {
+                Some(ring) => file.with_ring(ring),
+                None => file,
+            })
         } else {
             let options = crate::repo::image_options(image_path, !read_only).direct_io(self.direct_io);
             let image = Image::open_with(image_path, &options)
                 .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
-            Arc::new(Qcow2Backend::from_image(Arc::new(image)))
+            let backend = Qcow2Backend::from_image(Arc::new(image));
+            Arc::new(match &self.ring {
+                Some(ring) => backend.with_ring(ring),
+                None => backend,
+            })
         };
         let listener = tokio::net::TcpListener::bind((self.bind, port))
             .await

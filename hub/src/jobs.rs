@@ -433,7 +433,7 @@ impl Hub {
         let (manifests, orphans) = repo.scan();
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
-        let exports = Exports::new(settings.nbd_bind, settings.direct_io);
+        let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring)?;
         Ok(Arc::new(Self {
             settings,
             repo,

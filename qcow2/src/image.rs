@@ -558,20 +558,34 @@ impl Image {
     pub(crate) fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
         match &self.direct {
             Some(direct) if directio::is_aligned(host, data.len()) => {
-                let end = host + data.len() as u64;
-                let grown = self.grown_to.load(Ordering::Relaxed);
-                if end > grown {
-                    let to = end.max(grown + GROW_AHEAD);
-                    // Best effort: where the filesystem cannot, the write extends the file itself.
-                    if rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), host, to - host).is_ok() {
-                        self.grown_to.fetch_max(to, Ordering::Relaxed);
-                    }
-                }
+                self.grow_for_direct(host, data.len());
                 direct.write_at(data, host)
             }
             _ => self.file.write_all_at(data, host),
         }
         .map_err(Error::io("write", host))
+    }
+
+    /// Grow the file ahead of a direct write that reaches past it (see [`Image::write_data`]).
+    pub(crate) fn grow_for_direct(&self, host: u64, len: usize) {
+        let end = host + len as u64;
+        let grown = self.grown_to.load(Ordering::Relaxed);
+        if end > grown {
+            let to = end.max(grown + GROW_AHEAD);
+            // Best effort: where the filesystem cannot, the write extends the file itself.
+            if rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), host, to - host).is_ok() {
+                self.grown_to.fetch_max(to, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The descriptor guest data goes through: the `O_DIRECT` one when `direct` and the image
+    /// has one ([`ImageOptions::direct_io`]).
+    pub(crate) fn data_file(&self, direct: bool) -> &File {
+        match self.direct.as_ref().filter(|_| direct) {
+            Some(d) => d.file(),
+            None => &self.file,
+        }
     }
 
     /// Cut the space that [`Image::write_data`] allocated ahead and no cluster came to use: the

@@ -37,6 +37,7 @@ pub mod error;
 pub mod header;
 pub mod image;
 pub mod layout;
+mod plan;
 mod refcount;
 mod repair;
 mod write;
@@ -45,6 +46,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};
 pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, MapExtent};
 pub use layout::Mapping;
+pub use plan::{Piece, WritePlan};
 pub use repair::CheckReport;
 
 /// Entry point for the `qcow2_image` fuzz target (feature `fuzzing`) and its corpus replay: open the bytes as an

@@ -32,7 +32,7 @@ use crate::refcount::Refcounts;
 pub(crate) struct WriteState {
     pub refcounts: Refcounts,
     /// Guest clusters being allocated, and who waits for them.
-    inflight: HashMap<u64, Arc<InFlight>>,
+    pub(crate) inflight: HashMap<u64, Arc<InFlight>>,
 }
 
 impl WriteState {
@@ -42,7 +42,7 @@ impl WriteState {
 }
 
 #[derive(Default)]
-struct InFlight {
+pub(crate) struct InFlight {
     done: Mutex<bool>,
     cv: Condvar,
 }
@@ -55,7 +55,7 @@ impl InFlight {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.cv.notify_all();
     }
@@ -81,7 +81,7 @@ enum NewEntry {
 }
 
 impl Image {
-    fn state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+    pub(crate) fn state(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
         let Some(m) = self.write_state.as_ref() else { return Err(Error::ReadOnly("the image was opened read-only")) };
         Ok(m.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -218,7 +218,7 @@ impl Image {
 
     /// Point guest clusters `g0..g0 + n` (in one L2 table) at host clusters `host..` with one
     /// L2 write, then release what they pointed at before.
-    fn set_run(&self, st: &mut WriteState, g0: u64, n: u64, host: u64) -> Result<()> {
+    pub(crate) fn set_run(&self, st: &mut WriteState, g0: u64, n: u64, host: u64) -> Result<()> {
         let l2_offset = self.ensure_l2(st, g0)?;
         let l1_index = g0 / self.geo.l2_entries();
         let table = self.l2_table(l2_offset, l1_index)?;
@@ -253,7 +253,7 @@ impl Image {
         Ok(())
     }
 
-    fn check_write(&self, offset: u64, length: u64) -> Result<()> {
+    pub(crate) fn check_write(&self, offset: u64, length: u64) -> Result<()> {
         if self.write_state.is_none() {
             return Err(Error::ReadOnly("the image was opened read-only"));
         }
@@ -333,7 +333,7 @@ impl Image {
 
     /// Whether the whole guest cluster starting at `start` currently reads as zeroes by
     /// metadata alone (zero cluster, or unallocated with nothing underneath).
-    fn reads_as_zeroes(&self, start: u64) -> Result<bool> {
+    pub(crate) fn reads_as_zeroes(&self, start: u64) -> Result<bool> {
         let (mapping, run) = self.mapping_at(start)?;
         let whole = run >= self.geo.cluster_size().min(self.geo.size - start);
         Ok(whole && (mapping == Mapping::Zero || (mapping == Mapping::Unallocated && !self.has_backing())))
@@ -341,7 +341,7 @@ impl Image {
 
     /// The L2 table covering guest cluster `guest`, allocating it if needed. Returns its host
     /// offset. Caller holds the write state.
-    fn ensure_l2(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
+    pub(crate) fn ensure_l2(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
         let l1_index = guest / self.geo.l2_entries();
         let entry = self.l1_entry(l1_index)?;
         let existing = layout::l1_entry_offset(entry, l1_index, self.geo.cluster_bits)?;

@@ -513,3 +513,118 @@ fn cached_reads_fill_a_correct_prefix_and_never_wait_for_the_disk() {
     }
     assert!(whole[(3 << 20) as usize] == 0x33 && whole[(1 << 20) as usize] == 0x22 && whole[0] == 1);
 }
+
+/// Write `data` at `off` the way an async caller does: plan, write the pieces itself, commit;
+/// or through `write_at` when the write is not plannable. Returns whether it was planned.
+fn planned_write(img: &Image, data: &[u8], off: u64) -> bool {
+    let Some(plan) = img.plan_write(off, data.len() as u64).unwrap() else {
+        img.write_at(data, off).unwrap();
+        return false;
+    };
+    for piece in plan.pieces() {
+        if piece.direct {
+            plan.write_piece(piece, data).unwrap(); // aligned bounce where the memory is not
+        } else {
+            plan.file(piece).write_all_at(&data[piece.data.clone()], piece.host).unwrap();
+        }
+    }
+    plan.commit().unwrap();
+    true
+}
+
+#[test]
+fn planned_writes_land_where_write_at_would_and_pass_check() {
+    require("qemu-img");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let size = 24u64 << 20;
+    let base_raw = d.join("base.raw");
+    std::fs::write(&base_raw, (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect::<Vec<u8>>()).unwrap();
+    for (name, opts, direct) in [
+        ("fresh-64k", CreateOptions::new(size), false),
+        ("fresh-512", CreateOptions::new(size).cluster_bits(9), false),
+        ("direct-64k", CreateOptions::new(size), true),
+        ("overlay", CreateOptions::overlay("base.raw", BackingFormat::Raw), false),
+        ("overlay-direct", CreateOptions::overlay("base.raw", BackingFormat::Raw), true),
+    ] {
+        let p = d.join(format!("{name}.qcow2"));
+        Image::create(&p, &opts).unwrap();
+        let (raw_path, raw) = raw_copy_of(&p, d, "mirror.raw");
+        let (mut planned, mut fallback) = (0, 0);
+        {
+            let img = Image::open_with(&p, &ImageOptions::read_write().direct_io(direct)).unwrap();
+            for op in ops(size, 300, 91, img.cluster_size()) {
+                match op {
+                    Op::Write(off, len, v) => {
+                        let data = vec![v; len];
+                        if planned_write(&img, &data, off) {
+                            planned += 1;
+                        } else {
+                            fallback += 1;
+                        }
+                        raw.write_all_at(&data, off).unwrap();
+                    }
+                    other => apply(&img, &raw, other),
+                }
+            }
+            img.close().unwrap();
+        }
+        check_clean(&p);
+        compare(&raw_path, &p);
+        if name.starts_with("overlay") {
+            // Most of the mix is unaligned: partial clusters over backing data copy on write.
+            assert!(planned > 0 && fallback > 0, "{name}: {planned} planned, {fallback} copied on write");
+        } else {
+            assert!(planned > fallback, "{name}: most writes are plannable ({planned} planned, {fallback} not)");
+        }
+    }
+}
+
+#[test]
+fn a_plan_claims_its_clusters_until_committed_and_a_dropped_plan_only_leaks() {
+    require("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("plans.qcow2");
+    let img = Image::create(&p, &CreateOptions::new(8 << 20)).unwrap();
+    assert!(img.plan_write(0, 65536).unwrap().is_none(), "nothing reserved yet: the reservation syncs, unplanned");
+    img.write_at(&[1u8; 4096], 0).unwrap();
+
+    // Partial new cluster over zeroes, then the same cluster again while the first is in flight.
+    let plan = img.plan_write(65536 + 512, 1024).unwrap().expect("a partial cluster over zeroes is plannable");
+    let [piece] = plan.pieces() else { panic!("one piece: {plan:?}") };
+    assert_eq!(piece.data, 0..1024);
+    assert_eq!(piece.host % 65536, 512, "the write's offset within its fresh cluster");
+    assert!(img.plan_write(65536, 4096).unwrap().is_none(), "a cluster in flight belongs to its allocator");
+    plan.file(piece).write_all_at(&[2u8; 1024], piece.host).unwrap();
+    let mut got = vec![9u8; 2048];
+    img.read_at(&mut got, 65536).unwrap();
+    assert!(got.iter().all(|&b| b == 0), "not visible before commit");
+    plan.commit().unwrap();
+    img.read_at(&mut got, 65536).unwrap();
+    assert!(got[..512].iter().all(|&b| b == 0) && got[512..1536].iter().all(|&b| b == 2));
+    assert!(got[1536..].iter().all(|&b| b == 0));
+
+    // In place now: the piece goes to the cluster the image owns.
+    let plan = img.plan_write(65536, 4096).unwrap().unwrap();
+    let (qcow2::Mapping::Data { host, .. }, _) = img.mapping_at(65536).unwrap() else { panic!("mapped") };
+    assert_eq!(plan.pieces()[0].host, host);
+    drop(plan);
+
+    // A plan abandoned after its data landed: nothing points at it, the next plan takes another
+    // cluster, and qemu-img finds at most leaks.
+    let plan = img.plan_write(3 << 16, 65536).unwrap().unwrap();
+    let abandoned = plan.pieces()[0].host;
+    plan.file(&plan.pieces()[0]).write_all_at(&[3u8; 65536], abandoned).unwrap();
+    drop(plan);
+    img.read_at(&mut got, 3 << 16).unwrap();
+    assert!(got.iter().all(|&b| b == 0), "an uncommitted write is not visible");
+    assert!(planned_write(&img, &[4u8; 65536], 3 << 16));
+    let (qcow2::Mapping::Data { host, .. }, _) = img.mapping_at(3 << 16).unwrap() else { panic!("mapped") };
+    assert_ne!(host, abandoned, "a cluster that may hold abandoned bytes is never handed out again");
+    img.close().unwrap();
+    drop(img);
+    let (code, text) = run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&p));
+    assert!(matches!(code, 0 | 3), "an abandoned plan leaks, never corrupts: {text}");
+    let (code, text) = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read -P 4 196608 65536"]).arg(&p));
+    assert!(code == 0 && !text.contains("Pattern verification failed"), "{text}");
+}

@@ -166,6 +166,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .map_err(|e| anyhow!(e))?
             .unwrap_or(false),
         direct_io: file.cache.as_deref().map(config::parse_cache).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
+        io_uring: file.aio.as_deref().map(config::parse_aio).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
     })
 }
 

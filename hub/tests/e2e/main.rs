@@ -160,10 +160,17 @@ async fn a_two_disk_vm_through_openssh_sshd() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_disk_vm_over_direct_tcp_with_the_hub_writing_through_o_direct() {
-    // cache = "none": every export (backups, replicas, restores) opens its image with O_DIRECT.
-    let opts = Options { hub: "cache = \"none\"", on_build_disk: true, ..Options::default() };
+async fn a_two_disk_vm_over_direct_tcp_with_the_hub_writing_through_o_direct_and_io_uring() {
+    // cache = "none": every export (backups, replicas, restores) opens its image with O_DIRECT;
+    // aio = "io_uring": their data goes through the hub's one ring (the pair to use on disks).
+    let opts = Options { hub: "cache = \"none\"\naio = \"io_uring\"", on_build_disk: true, ..Options::default() };
     let site = lifecycle(Transport::Direct, opts).await;
+    let rings = std::fs::read_dir(format!("/proc/{}/fd", site.hub_pid()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("io_uring"))
+        .count();
+    assert_eq!(rings, 1, "one ring for every export of the hub");
     // One more full backup, looked at before anything else reads it: written through O_DIRECT,
     // verified buffered and then dropped, each image keeps metadata and stray unaligned pieces in
     // the page cache, not its 16-24 MiB of data.

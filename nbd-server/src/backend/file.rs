@@ -47,7 +47,7 @@ use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
-use super::uring::Uring;
+use super::uring::{IoRing, Uring};
 use super::{blocking, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
@@ -131,9 +131,14 @@ impl FileBackend {
     ///
     /// # Errors
     /// The kernel refuses io_uring (too old, `kernel.io_uring_disabled`, seccomp).
-    pub fn with_io_uring(mut self) -> std::io::Result<Self> {
-        self.uring = Some(Arc::new(Uring::new()?));
-        Ok(self)
+    pub fn with_io_uring(self) -> std::io::Result<Self> {
+        Ok(self.with_ring(&IoRing::new()?))
+    }
+
+    /// As [`Self::with_io_uring`], through a ring other exports may share.
+    pub fn with_ring(mut self, ring: &IoRing) -> Self {
+        self.uring = Some(Arc::clone(&ring.0));
+        self
     }
 
     /// Whether I/O goes through io_uring (`--aio=io_uring`).
@@ -248,35 +253,6 @@ impl FileBackend {
     }
 }
 
-/// Fill `buf` from `offset` of `file` through the ring.
-async fn ring_read_exact(ring: &Uring, file: &File, buf: &mut [u8], offset: u64) -> BackendResult<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = buf.get_mut(done..).unwrap_or_default();
-        let at = offset + done as u64;
-        match ring.read(file, rest, at).await {
-            Ok(0) => return Err(BackendError::io("read", at, std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => done += n,
-            Err(e) => return Err(BackendError::io("read", at, e)),
-        }
-    }
-    Ok(())
-}
-
-/// Write all of `data` at `offset` of `file` through the ring (short writes continue).
-async fn ring_write_all(ring: &Uring, file: &File, data: &[u8], offset: u64) -> BackendResult<()> {
-    let mut done = 0;
-    while let Some(rest) = data.get(done..).filter(|rest| !rest.is_empty()) {
-        let at = offset + done as u64;
-        match ring.write(file, rest, at).await {
-            Ok(0) => return Err(BackendError::io("write", at, std::io::ErrorKind::WriteZero.into())),
-            Ok(n) => done += n,
-            Err(e) => return Err(BackendError::io("write", at, e)),
-        }
-    }
-    Ok(())
-}
-
 fn is_unsupported(e: &BackendError) -> bool {
     e.kind == BackendErrorKind::Unsupported
         || e.source.as_ref().and_then(|s| s.raw_os_error()) == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error())
@@ -302,7 +278,7 @@ impl Backend for FileBackend {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BackendResult<()> {
         if let Some(ring) = self.uring.as_ref().filter(|_| self.goes_direct(offset, buf)) {
-            return ring_read_exact(ring, self.descriptor_for(offset, buf), buf, offset).await;
+            return ring.read_exact(self.descriptor_for(offset, buf), buf, offset).await;
         }
         if let Some(direct) = self.direct.as_ref().filter(|_| is_aligned(offset, buf.len())) {
             if is_memory_aligned(buf) {
@@ -338,7 +314,7 @@ impl Backend for FileBackend {
         };
         let at = offset + cached as u64;
         if let Some(ring) = &self.uring {
-            return ring_read_exact(ring, &self.file, rest, at).await;
+            return ring.read_exact(&self.file, rest, at).await;
         }
         blocking(|| self.file.read_exact_at(rest, at)).map_err(|e| BackendError::io("read", at, e))
     }
@@ -350,7 +326,7 @@ impl Backend for FileBackend {
         if let Some(ring) = &self.uring {
             // One submission path per file: no write gate (io_uring runs buffered writes to one
             // file one at a time itself).
-            ring_write_all(ring, self.descriptor_for(offset, data), data, offset).await?;
+            ring.write_all(self.descriptor_for(offset, data), data, offset).await?;
             if fua {
                 self.sync().await?;
             }

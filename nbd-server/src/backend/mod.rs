@@ -19,6 +19,7 @@ pub use file::FileBackend;
 pub use memory::MemoryBackend;
 pub use qcow2_image::Qcow2Backend;
 pub use tuned::{Tuned, Tuning};
+pub use uring::IoRing;
 
 use crate::proto::transmission::Extent;
 

@@ -1,11 +1,13 @@
-//! `--aio=io_uring` for the raw-file backend: one io_uring per export, driven by one thread.
+//! `--aio=io_uring`: a ring per export (or one shared by many: [`IoRing`]), driven by one thread.
 //!
 //! With `--aio=threads` (the default) every connection's worker calls `pread`/`pwrite` itself, and
-//! an `O_DIRECT` request holds a thread until the device answers. Here the reads, writes and
-//! flushes of all connections of an export go into one submission queue that one thread submits
-//! and reaps: buffered writes enter the file from one place (the inode-lock fight that `gate.rs`
-//! prevents in user space cannot happen), and direct requests are in flight together without a
-//! thread each. Everything else (block status, trim, zeroing) stays on the threads path.
+//! an `O_DIRECT` request holds a thread until the device answers. Here the I/O of all connections
+//! goes into one submission queue that one thread submits and reaps: buffered writes enter the
+//! file from one place (the inode-lock fight that `gate.rs` prevents in user space cannot
+//! happen), and direct requests are in flight together without a thread each. The raw backend
+//! sends reads, writes and flushes through it; the qcow2 backend the data of its writes (the
+//! crate plans the metadata around them). Everything else (block status, trim, zeroing) stays
+//! on the threads path.
 //!
 //! How the thread waits: callers push an [`Op`] on a queue and write to an eventfd; the thread
 //! keeps a read of that eventfd queued in the ring, so one `submit_and_wait(1)` wakes it for new
@@ -33,6 +35,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring};
+
+use super::{BackendError, BackendResult};
 
 /// Submission queue entries of each export's ring (more wait in the queue).
 const RING_ENTRIES: u32 = 256;
@@ -97,7 +101,25 @@ impl Shared {
     }
 }
 
-/// One export's ring and the thread that drives it.
+/// A ring for `--aio=io_uring` backends, cheap to clone: give one to many exports
+/// ([`crate::FileBackend::with_ring`], [`crate::Qcow2Backend::with_ring`]) and their I/O shares
+/// one submission queue and one thread (a hub with a hundred exports needs no hundred threads).
+#[derive(Debug, Clone)]
+pub struct IoRing(pub(crate) Arc<Uring>);
+
+impl IoRing {
+    /// Set up a ring and start its thread (it ends when the last clone, and every backend
+    /// holding one, is gone).
+    ///
+    /// # Errors
+    /// The kernel refuses io_uring (too old, or disabled by `kernel.io_uring_disabled` or a
+    /// seccomp policy); the message says so.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self(Arc::new(Uring::new()?)))
+    }
+}
+
+/// A ring and the thread that drives it.
 pub(crate) struct Uring {
     shared: Arc<Shared>,
 }
@@ -149,6 +171,35 @@ impl Uring {
     pub fn sync_data<'a>(&'a self, file: &'a File) -> Pending<'a> {
         let entry = opcode::Fsync::new(types::Fd(file.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build();
         self.submit(entry)
+    }
+
+    /// Fill `buf` from `offset` of `file` (short reads continue; the end of the file is an error).
+    pub async fn read_exact(&self, file: &File, buf: &mut [u8], offset: u64) -> BackendResult<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = buf.get_mut(done..).unwrap_or_default();
+            let at = offset + done as u64;
+            match self.read(file, rest, at).await {
+                Ok(0) => return Err(BackendError::io("read", at, io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => done += n,
+                Err(e) => return Err(BackendError::io("read", at, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write all of `data` at `offset` of `file` (short writes continue).
+    pub async fn write_all(&self, file: &File, data: &[u8], offset: u64) -> BackendResult<()> {
+        let mut done = 0;
+        while let Some(rest) = data.get(done..).filter(|rest| !rest.is_empty()) {
+            let at = offset + done as u64;
+            match self.write(file, rest, at).await {
+                Ok(0) => return Err(BackendError::io("write", at, io::ErrorKind::WriteZero.into())),
+                Ok(n) => done += n,
+                Err(e) => return Err(BackendError::io("write", at, e)),
+            }
+        }
+        Ok(())
     }
 
     fn submit(&self, entry: squeue::Entry) -> Pending<'_> {

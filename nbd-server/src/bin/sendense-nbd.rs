@@ -61,8 +61,8 @@ struct Args {
     #[arg(long = "cache", value_enum, default_value = "writeback")]
     cache: CacheMode,
     /// Asynchronous I/O as qemu-nbd names it: threads (the default: each connection's worker
-    /// calls pread/pwrite) or io_uring (raw images: one ring per export; refused for qcow2,
-    /// whose writer is synchronous). native (Linux AIO) is refused.
+    /// calls pread/pwrite) or io_uring (one ring per export: raw images' reads, writes and
+    /// flushes, qcow2 images' write data). native (Linux AIO) is refused.
     #[arg(long = "aio", value_enum, default_value = "threads")]
     aio: AioMode,
     /// TRIM: unmap (punch holes, the default here) or ignore/off (not offered).
@@ -111,10 +111,7 @@ fn tuning(args: &Args) -> anyhow::Result<Tuning> {
         ),
     }
     match (args.aio, args.format) {
-        (AioMode::Threads, _) | (AioMode::IoUring, Format::Raw) => {}
-        (AioMode::IoUring, Format::Qcow2) => {
-            bail!("--aio=io_uring is not implemented for qcow2 images (raw only); use --aio=threads")
-        }
+        (AioMode::Threads | AioMode::IoUring, _) => {}
         (AioMode::Native, _) => bail!("--aio=native (Linux AIO) is not implemented; use threads or io_uring"),
     }
     Ok(Tuning::default()
@@ -139,8 +136,11 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
         }
         Format::Qcow2 => {
             let options = ImageOptions::default().writable(!args.read_only).direct_io(args.cache == CacheMode::None);
-            let b = Qcow2Backend::open_with(path, &options)
+            let mut b = Qcow2Backend::open_with(path, &options)
                 .with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
+            if args.aio == AioMode::IoUring {
+                b = b.with_io_uring().context("--aio=io_uring")?;
+            }
             Ok(Arc::new(Tuned::new(b, tuning)))
         }
     }
