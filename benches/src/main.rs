@@ -10,6 +10,8 @@
 //!   file, 1 and 4 connections, against `qemu-nbd -f raw` and `nbdkit file`.
 //! - `fio`: 4 KiB random writes at queue depth 32 with fio's nbd engine, against qemu-nbd.
 //! - `qcow2`: the same copy and fio work into fresh qcow2 images, against `qemu-nbd -f qcow2`.
+//! - `disk`: qcow2 writes and cold reads on the disk under `--dir`, sendense-nbd and qemu-nbd each
+//!   with its defaults and with `--cache=none --aio=io_uring`, 1 and 4 connections.
 //! - `tunnel`: `sendense-tunnel` against OpenSSH `ssh -L` with the same cipher, and NBD through
 //!   the tunnel against direct loopback.
 //! - `node`: the node's data mover (`sendense-node copy`) against `nbdcopy --connections=4`
@@ -24,6 +26,7 @@
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
+mod disk;
 mod e2e;
 mod fleet;
 mod hub;
@@ -40,7 +43,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, tunnel, node, hub, e2e, wan, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -78,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("qcow2") {
         peers::qcow2_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("disk") {
+        disk::disk_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("tunnel") {
         tunnel::tunnel_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;

@@ -15,6 +15,10 @@ pub enum Kind {
     Sendense,
     QemuNbd,
     NbdkitFile,
+    /// `--cache=none --aio=io_uring`, the pair for disks.
+    SendenseUring,
+    /// qemu-nbd with the same `--cache=none --aio=io_uring`.
+    QemuNbdUring,
 }
 
 impl Kind {
@@ -23,6 +27,8 @@ impl Kind {
             Self::Sendense => "sendense",
             Self::QemuNbd => "qemu-nbd",
             Self::NbdkitFile => "nbdkit-file",
+            Self::SendenseUring => "sendense none+io_uring",
+            Self::QemuNbdUring => "qemu-nbd none+io_uring",
         }
     }
 }
@@ -72,15 +78,22 @@ pub fn start(kind: Kind, sendense: &Path, file: &Path, read_only: bool) -> anyho
     let port = free_port()?;
     let p = port.to_string();
     let format = if file.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+    let uring = ["--cache=none", "--aio=io_uring"];
     let mut cmd = match kind {
-        Kind::Sendense => {
+        Kind::Sendense | Kind::SendenseUring => {
             let mut c = Command::new(sendense);
             c.args(["-f", format, "-x", "exp", "-p", &p, "-b", "127.0.0.1", "--shared=10", "-t"]);
+            if kind == Kind::SendenseUring {
+                c.args(uring);
+            }
             c
         }
-        Kind::QemuNbd => {
+        Kind::QemuNbd | Kind::QemuNbdUring => {
             let mut c = Command::new("qemu-nbd");
             c.args(["-f", format, "-x", "exp", "-p", &p, "-b", "127.0.0.1", "--shared=10", "-t"]);
+            if kind == Kind::QemuNbdUring {
+                c.args(uring);
+            }
             c
         }
         Kind::NbdkitFile => {
@@ -114,7 +127,7 @@ pub fn start(kind: Kind, sendense: &Path, file: &Path, read_only: bool) -> anyho
     Ok(Running { child, port })
 }
 
-fn run_timed(cmd: &mut Command) -> anyhow::Result<f64> {
+pub fn run_timed(cmd: &mut Command) -> anyhow::Result<f64> {
     let started = Instant::now();
     let out =
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().with_context(|| format!("cannot run {cmd:?}"))?;
@@ -145,7 +158,7 @@ pub fn make_source(path: &Path, mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sparse(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
+pub fn sparse(path: &Path, size: u64) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_file(path);
     std::fs::File::create(path)?.set_len(size)?;
     Ok(path.to_path_buf())

@@ -134,13 +134,13 @@ impl CreateOptions {
 }
 
 /// What lies under an image.
-enum Backing {
+pub(crate) enum Backing {
     Raw { file: File, size: u64, plain_reads: AtomicBool },
     Qcow2(Box<Image>),
 }
 
 impl Backing {
-    fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         match self {
             Self::Raw { size, .. } => *size,
             Self::Qcow2(img) => img.size(),
@@ -319,7 +319,7 @@ pub struct Image {
     pub(crate) geo: Geometry,
     pub(crate) l1: RwLock<Vec<u64>>,
     l2_cache: Mutex<L2Cache>,
-    backing: Option<Backing>,
+    pub(crate) backing: Option<Backing>,
     writable: bool,
     /// The `O_DIRECT` descriptor for aligned guest data ([`ImageOptions::direct_io`]).
     direct: Option<directio::Direct>,
@@ -684,7 +684,7 @@ impl Image {
         layout::map_l2_entry(&self.geo, entry, bitmap, l1_index * self.geo.l2_entries() + l2_index, within)
     }
 
-    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, length: u64) -> Result<()> {
         match offset.checked_add(length) {
             Some(end) if end <= self.geo.size => Ok(()),
             _ => Err(Error::OutOfRange { offset, length, size: self.geo.size }),
@@ -809,7 +809,7 @@ impl Image {
     }
 
     /// [`Image::mapping_at`] from memory only: `None` when the L2 table is not cached.
-    fn cached_mapping_at(&self, offset: u64) -> Result<Option<(Mapping, u64)>> {
+    pub(crate) fn cached_mapping_at(&self, offset: u64) -> Result<Option<(Mapping, u64)>> {
         let (l1_index, l2_index, within) = self.geo.split(offset);
         let l1_entry = self.l1_entry(l1_index)?;
         let l2_offset = layout::l1_entry_offset(l1_entry, l1_index, self.geo.cluster_bits)?;

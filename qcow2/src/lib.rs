@@ -22,7 +22,8 @@
 //! [`Image::write_at`], [`Image::write_zeroes`], [`Image::discard`], [`Image::flush`] and
 //! [`Image::close`]: allocation with copy-on-write from the backing chain, zero clusters, freeing
 //! discards, refcount block and table growth. See `write.rs` and `refcount.rs` for the
-//! concurrency and crash-safety rules.
+//! concurrency and crash-safety rules. [`Image::plan_write`] and [`WritePlan::commit`] split a
+//! write around its data for callers with their own I/O engine (io_uring; `plan.rs`).
 //!
 //! ## Limitations
 //! Encrypted images and external data files are refused. Images with internal snapshots or the
@@ -46,7 +47,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};
 pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, MapExtent};
 pub use layout::Mapping;
-pub use plan::{Piece, WritePlan};
+pub use plan::{Piece, ReadPiece, ReadSource, WritePlan};
 pub use repair::CheckReport;
 
 /// Entry point for the `qcow2_image` fuzz target (feature `fuzzing`) and its corpus replay: open the bytes as an
@@ -82,10 +83,21 @@ fn fuzz_one(path: &std::path::Path) -> bool {
         }
     }
     let _ = img.map(0, size.min(16 << 20));
+    // Twice: the first read_at above cached the tables the second plan may use.
+    for _ in 0..2 {
+        let _ = img.plan_read(0, size.min(1 << 20));
+    }
     drop(img);
     if let Ok(w) = Image::open_with(path, &ImageOptions::read_write()) {
         let n = size.min(70_000) as usize;
-        let _ = w.write_at(&vec![0x5a; n], 0);
+        let data = vec![0x5a; n];
+        let _ = w.write_at(&data, 0);
+        if let Ok(Some(plan)) = w.plan_write(size / 2, n.min((size - size / 2) as usize) as u64) {
+            for piece in plan.pieces() {
+                let _ = plan.write_piece(piece, &data);
+            }
+            let _ = plan.commit();
+        }
         let _ = w.write_zeroes(0, size.min(1 << 20));
         let _ = w.discard(0, size.min(1 << 20));
         let _ = w.close();

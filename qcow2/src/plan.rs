@@ -1,4 +1,4 @@
-//! Writes whose data the caller moves itself: plan, move the data, commit.
+//! Writes (and reads) whose data the caller moves itself: plan, move the data, commit.
 //!
 //! An async server (nbd-server's `--aio=io_uring`) wants a write's data to reach the file through
 //! its own I/O engine, with no thread blocked per write, while the metadata rules stay in this
@@ -16,6 +16,11 @@
 //! is allocating (that means waiting for it). Deciding and allocating happen under one hold of
 //! the metadata lock, so no other writer can change the answer in between.
 //!
+//! Reads have the same split without a commit: [`Image::plan_read`] resolves a guest range through
+//! the backing chain to the files and offsets that hold it (or zeroes), from cached metadata
+//! only, and answers `None` where this crate must read itself (a compressed cluster) or would
+//! have to wait for metadata (an L2 table not in memory: `read_at` loads it, later plans find it).
+//!
 //! A plan dropped without a commit (its data write failed, or the caller gave up) lets waiting
 //! writers in and leaves its fresh clusters unreferenced: leaked, as a crash would leave them,
 //! never pointed at. They are not handed out again, since part of the data may have landed in
@@ -27,7 +32,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::image::Image;
+use crate::image::{Backing, Image};
 use crate::layout::Mapping;
 use crate::write::InFlight;
 
@@ -237,4 +242,117 @@ impl Drop for WritePlan<'_> {
         }
         self.marker.finish();
     }
+}
+
+/// Where one part of a planned read comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum ReadSource<'a> {
+    /// Reads as zeroes (zero or unallocated clusters, past the end of a backing file).
+    Zero,
+    /// Bytes in a file of this image or of one in its backing chain.
+    File {
+        /// The descriptor to read.
+        file: &'a File,
+        /// Where the bytes start in it.
+        host: u64,
+        /// `file` is an `O_DIRECT` descriptor: the caller's memory must be aligned to
+        /// [`directio::DIRECT_ALIGN`]. A short read (the file ends early) means the caller falls
+        /// back to [`Image::read_at`], which reads zeroes there.
+        direct: bool,
+    },
+}
+
+/// One contiguous part of a planned read: `data` (a range of the caller's buffer) comes from
+/// `source`.
+#[derive(Debug, Clone)]
+pub struct ReadPiece<'a> {
+    /// Bytes of the caller's buffer.
+    pub data: Range<usize>,
+    /// Where they come from.
+    pub source: ReadSource<'a>,
+}
+
+impl Image {
+    /// Resolve a read of `length` bytes at guest `offset` to where its bytes are (see the module
+    /// doc), or `None` where the caller should use [`Image::read_at`].
+    ///
+    /// # Errors
+    /// Out of range or malformed metadata.
+    pub fn plan_read(&self, offset: u64, length: u64) -> Result<Option<Vec<ReadPiece<'_>>>> {
+        self.check_range(offset, length)?;
+        let mut pieces = Vec::new();
+        Ok(self.resolve(offset, length, 0, &mut pieces)?.then_some(pieces))
+    }
+
+    /// Append the pieces of `[offset, offset + length)`, which land at `at` in the caller's
+    /// buffer; `false` where the range cannot be planned.
+    fn resolve<'a>(&'a self, offset: u64, length: u64, at: usize, out: &mut Vec<ReadPiece<'a>>) -> Result<bool> {
+        let end = offset + length;
+        let mut pos = offset;
+        while pos < end {
+            let Some((mapping, run)) = self.cached_mapping_at(pos)? else { return Ok(false) };
+            let n = run.min(end - pos);
+            if n == 0 {
+                return Ok(false);
+            }
+            let data = at + (pos - offset) as usize..at + (pos - offset + n) as usize;
+            match mapping {
+                Mapping::Zero => push(out, data, ReadSource::Zero),
+                Mapping::Unallocated => match &self.backing {
+                    None => push(out, data, ReadSource::Zero),
+                    Some(backing) => {
+                        // Past the end of a shorter backing file reads as zeroes.
+                        let inside = backing.size().saturating_sub(pos).min(n);
+                        let split = data.start + inside as usize;
+                        if inside > 0 {
+                            match backing {
+                                Backing::Raw { file, .. } => {
+                                    let source = ReadSource::File { file, host: pos, direct: false };
+                                    push(out, data.start..split, source);
+                                }
+                                Backing::Qcow2(image) => {
+                                    if !image.resolve(pos, inside, data.start, out)? {
+                                        return Ok(false);
+                                    }
+                                }
+                            }
+                        }
+                        if split < data.end {
+                            push(out, split..data.end, ReadSource::Zero);
+                        }
+                    }
+                },
+                Mapping::Data { host, .. } => {
+                    let direct = self.is_direct() && directio::is_aligned(host, n as usize);
+                    push(out, data, ReadSource::File { file: self.data_file(direct), host, direct });
+                }
+                Mapping::Compressed { .. } => return Ok(false),
+            }
+            pos += n;
+        }
+        Ok(true)
+    }
+}
+
+/// Append a piece, merged into the last one where it continues it.
+fn push<'a>(out: &mut Vec<ReadPiece<'a>>, data: Range<usize>, source: ReadSource<'a>) {
+    if let Some(last) = out.last_mut() {
+        if last.data.end == data.start {
+            let len = (last.data.end - last.data.start) as u64;
+            match (&mut last.source, source) {
+                (ReadSource::Zero, ReadSource::Zero) => {
+                    last.data.end = data.end;
+                    return;
+                }
+                (ReadSource::File { file: a, host: h, direct: da }, ReadSource::File { file: b, host, direct: db })
+                    if std::ptr::eq(*a, b) && *h + len == host && *da == db =>
+                {
+                    last.data.end = data.end;
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+    out.push(ReadPiece { data, source });
 }

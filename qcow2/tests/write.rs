@@ -628,3 +628,67 @@ fn a_plan_claims_its_clusters_until_committed_and_a_dropped_plan_only_leaks() {
     let (code, text) = run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "read -P 4 196608 65536"]).arg(&p));
     assert!(code == 0 && !text.contains("Pattern verification failed"), "{text}");
 }
+
+#[test]
+fn planned_reads_resolve_a_chain_to_the_bytes_read_at_returns() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let size = 8u64 << 20;
+    // raw base (shorter than the image: past it reads zeroes) <- qcow2 middle <- qcow2 top.
+    std::fs::write(d.join("base.raw"), (0..6u64 << 20).map(|i| (i / 4096 % 13) as u8 + 1).collect::<Vec<u8>>())
+        .unwrap();
+    Image::create(d.join("mid.qcow2"), &CreateOptions::overlay("base.raw", BackingFormat::Raw).size(Some(size)))
+        .unwrap();
+    Image::create(d.join("top.qcow2"), &CreateOptions::overlay("mid.qcow2", BackingFormat::Qcow2)).unwrap();
+    {
+        let mid = writable(&d.join("mid.qcow2"));
+        mid.write_at(&[0x22; 65536 * 3], 1 << 20).unwrap();
+        mid.close().unwrap();
+        let top = writable(&d.join("top.qcow2"));
+        top.write_at(&[0x33; 65536 * 2], 3 << 20).unwrap();
+        top.write_at(&[0x44; 5000], (1 << 20) + 70_000).unwrap(); // copy-on-write over the middle
+        top.write_zeroes(5 << 20, 65536 * 4).unwrap();
+        top.close().unwrap();
+    }
+    for direct in [false, true] {
+        let img = Image::open_with(d.join("top.qcow2"), &ImageOptions::default().direct_io(direct)).unwrap();
+        let mut whole = vec![0u8; size as usize];
+        // Before any L2 table is in memory, an allocated range is not plannable...
+        assert!(img.plan_read(3 << 20, 65536).unwrap().is_none(), "metadata would be read from the disk");
+        img.read_at(&mut whole, 0).unwrap();
+        // ...after, every range is, and the pieces hold exactly what read_at returns.
+        let mut r = Rng(5);
+        let mut in_place = 0;
+        for i in 0..200 {
+            let at = if i < 4 { [0, 1 << 20, (6 << 20) - 4096, 5 << 20][i] } else { r.next() % (size - 1) };
+            let len = ((r.next() % (600 << 10)) + 1).min(size - at) as usize;
+            let pieces = img.plan_read(at, len as u64).unwrap().expect("plannable once the tables are cached");
+            // Page-aligned, as a server's buffers are: direct pieces are read in place.
+            let mut got = directio::AlignedBuf::new(len);
+            got.fill(0xEE);
+            let mut covered = 0;
+            for piece in &pieces {
+                assert_eq!(piece.data.start, covered, "pieces cover the buffer in order");
+                covered = piece.data.end;
+                match piece.source {
+                    qcow2::ReadSource::Zero => got[piece.data.clone()].fill(0),
+                    qcow2::ReadSource::File { file, host, direct } => {
+                        let dst = &mut got[piece.data.clone()];
+                        if direct && !directio::is_memory_aligned(dst) {
+                            // What a caller does with memory O_DIRECT cannot take.
+                            img.read_at(dst, at + piece.data.start as u64).unwrap();
+                        } else {
+                            file.read_exact_at(dst, host).unwrap();
+                            in_place += usize::from(direct);
+                        }
+                    }
+                }
+            }
+            assert_eq!(covered, len);
+            assert!(got[..] == whole[at as usize..at as usize + len], "{direct}: {len} bytes at {at}");
+        }
+        assert_eq!(in_place > 0, direct, "aligned pieces of a direct image come from its O_DIRECT descriptor");
+        let pieces = img.plan_read(0, size).unwrap().unwrap();
+        assert!(pieces.len() < 16, "adjacent runs are merged: {}", pieces.len());
+    }
+}

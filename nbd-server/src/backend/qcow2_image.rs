@@ -19,8 +19,11 @@
 //! and `WritePlan::commit` (point the L2 entries at them): no thread is held while the device
 //! takes an `O_DIRECT` write, and buffered writes enter the file from the ring's one thread.
 //! Writes the crate will not plan (copy-on-write, a new refcount reservation, a cluster another
-//! writer is allocating) take the synchronous path below. Reads, zeroing and discards are as
-//! with threads.
+//! writer is allocating) take the synchronous path below. Reads that the page cache cannot serve
+//! go through the ring too, from where `Image::plan_read` says their bytes are (this image or its
+//! backing chain); ranges it cannot place without waiting for metadata (an L2 table not in
+//! memory) or without the crate's help (compressed clusters) are read as with threads. Zeroing
+//! and discards are as with threads.
 //!
 //! Writes, zeroes and discards go to the crate's write path; FLUSH is `fdatasync`. Calls that may
 //! wait on the disk (flush, zeroing, discard, FUA, and the writes the crate's
@@ -35,7 +38,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use qcow2::{ErrorKind, ExtentKind, Image, ImageOptions};
+use qcow2::{ErrorKind, ExtentKind, Image, ImageOptions, ReadSource};
 
 use super::uring::{IoRing, Uring};
 use super::{blocking, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
@@ -129,6 +132,31 @@ impl Qcow2Backend {
         }
         plan.commit().map_err(convert)
     }
+
+    /// Read `buf` at `offset` through the ring from where the crate says its bytes are
+    /// (`Image::plan_read`, through the backing chain). `false` leaves the read to `read_at`:
+    /// metadata not in memory yet, a compressed cluster, memory `O_DIRECT` cannot take, a file
+    /// that ends early (`read_at` reads zeroes there).
+    async fn read_through_ring(&self, ring: &Uring, buf: &mut [u8], offset: u64) -> BackendResult<bool> {
+        let Some(pieces) = self.image.plan_read(offset, buf.len() as u64).map_err(convert)? else {
+            return Ok(false);
+        };
+        for piece in &pieces {
+            let Some(dst) = buf.get_mut(piece.data.clone()) else { return Ok(false) };
+            match piece.source {
+                ReadSource::Zero => dst.fill(0),
+                ReadSource::File { direct, .. } if direct && !directio::is_memory_aligned(dst) => return Ok(false),
+                ReadSource::File { file, host, .. } => match ring.read_exact(file, dst, host).await {
+                    Ok(()) => {}
+                    Err(e) if e.source.as_ref().is_some_and(|s| s.kind() == std::io::ErrorKind::UnexpectedEof) => {
+                        return Ok(false)
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        Ok(true)
+    }
 }
 
 #[async_trait::async_trait]
@@ -158,7 +186,13 @@ impl Backend for Qcow2Backend {
         let Some(rest) = buf.get_mut(cached..).filter(|rest| !rest.is_empty()) else {
             return Ok(());
         };
-        blocking(|| self.image.read_at(rest, offset + cached as u64)).map_err(convert)
+        let at = offset + cached as u64;
+        if let Some(ring) = &self.uring {
+            if self.read_through_ring(ring, rest, at).await? {
+                return Ok(());
+            }
+        }
+        blocking(|| self.image.read_at(rest, at)).map_err(convert)
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()> {
