@@ -379,3 +379,74 @@ async fn all_connections_together_stay_within_the_server_wide_byte_budget() {
     assert_eq!((cookie, error), (9, 0));
     assert_eq!(entered(), 5);
 }
+
+/// The real in-memory backend with writes held until the test opens the gate, and a log of
+/// which writes and flushes reached it, in order.
+struct HeldWrites {
+    inner: MemoryBackend,
+    open: tokio::sync::watch::Receiver<bool>,
+    log: std::sync::Mutex<Vec<&'static str>>,
+}
+
+#[nbd_server::async_trait]
+impl Backend for HeldWrites {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> nbd_server::backend::BackendResult<()> {
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> nbd_server::backend::BackendResult<()> {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.inner.write(offset, data, fua).await?;
+        self.log.lock().unwrap().push(if data.len() >= 128 << 10 { "large write" } else { "small write" });
+        Ok(())
+    }
+    async fn flush(&self) -> nbd_server::backend::BackendResult<()> {
+        self.log.lock().unwrap().push("flush");
+        self.inner.flush().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_covers_every_write_sent_before_it_on_its_connection_even_unanswered_ones() {
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let server = Server::new(ServerConfig::default());
+    let backend = Arc::new(HeldWrites { inner: MemoryBackend::new(SIZE), open, log: Default::default() });
+    server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+
+    // A large plain write (applied in its own task) held in the backend, then a FLUSH, sent
+    // together: the flush must not reach the backend before the write is in it.
+    let mut c = transmitting(port).await;
+    let mut burst = request(cmd::WRITE, 1, 0, 256 << 10);
+    burst.extend_from_slice(&vec![0x5a; 256 << 10]);
+    burst.extend_from_slice(&request(cmd::FLUSH, 2, 0, 0));
+    c.write_all(&burst).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(backend.log.lock().unwrap().is_empty(), "the flush ran before the write it follows");
+    gate.send_replace(true);
+    let mut cookies = Vec::new();
+    for _ in 0..2 {
+        let (cookie, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut c)).await.unwrap();
+        assert_eq!(error, 0);
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [1, 2]);
+    assert_eq!(*backend.log.lock().unwrap(), ["large write", "flush"]);
+    // Writes after a flush still run: a small one (applied by the reader), then a flush.
+    let mut burst = request(cmd::WRITE, 3, 0, 4096);
+    burst.extend_from_slice(&[0xa5; 4096]);
+    burst.extend_from_slice(&request(cmd::FLUSH, 4, 0, 0));
+    c.write_all(&burst).await.unwrap();
+    for _ in 0..2 {
+        let (_, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut c)).await.unwrap();
+        assert_eq!(error, 0);
+    }
+    assert_eq!(*backend.log.lock().unwrap(), ["large write", "flush", "small write", "flush"]);
+}
