@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::peers::{fresh_qcow2, make_source, run_timed, settle, start, Kind};
+use crate::peers::{fresh_qcow2, make_source, settle, start, Kind};
 use crate::report::Report;
 
 pub fn disk_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
@@ -21,7 +21,6 @@ pub fn disk_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
     let src = src_dir.join("src.raw");
     make_source(&src, mib)?;
     let size = mib << 20;
-    let gb = size as f64 / 1e9;
     let kinds = [Kind::SendenseUring, Kind::Sendense, Kind::QemuNbdUring, Kind::QemuNbd];
     for rep in 0..reps {
         eprintln!("disk: rep {}/{reps}", rep + 1);
@@ -31,25 +30,17 @@ pub fn disk_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
                 let target = fresh_qcow2(&dir.join("disk-target.qcow2"), 8 << 30)?;
                 settle(&src);
                 let server = start(kind, sendense, &target, false)?;
-                let cpu0 = server.cpu_seconds();
                 let mut cmd = Command::new("nbdcopy");
                 cmd.arg("--flush").arg(format!("--connections={conns}")).arg(format!("--threads={conns}"));
-                let secs = run_timed(cmd.arg(&src).arg(server.url()))?;
-                let cpu = server.cpu_seconds() - cpu0;
-                server.stop();
-                report.add("disk qcow2 write", &case, "MB/s", size as f64 / 1e6 / secs);
-                report.add("disk qcow2 write", &case, "srv CPU s/GB", cpu / gb);
+                cmd.arg(&src).arg(server.url());
+                report.copy("disk qcow2 write", &case, size, server.measure(&mut cmd)?);
                 if conns == 4 {
                     settle(&src);
                     let server = start(kind, sendense, &target, true)?;
-                    let cpu0 = server.cpu_seconds();
-                    let secs = run_timed(
-                        Command::new("nbdcopy").args(["--connections=4", "--threads=4"]).arg(server.url()).arg("null:"),
-                    )?;
-                    let cpu = server.cpu_seconds() - cpu0;
-                    server.stop();
-                    report.add("disk qcow2 cold read", &case, "MB/s", size as f64 / 1e6 / secs);
-                    report.add("disk qcow2 cold read", &case, "srv CPU s/GB", cpu / gb);
+                    let url = server.url();
+                    let mut read = Command::new("nbdcopy");
+                    read.args(["--connections=4", "--threads=4"]).arg(url).arg("null:");
+                    report.copy("disk qcow2 cold read", &case, size, server.measure(&mut read)?);
                 }
                 let _ = std::fs::remove_file(&target);
             }

@@ -48,6 +48,16 @@ impl Running {
         cpu_seconds(self.child.id())
     }
 
+    /// Run `client` against this server, then stop it: the client's wall seconds and the
+    /// server's CPU seconds over that time.
+    pub fn measure(self, client: &mut Command) -> anyhow::Result<(f64, f64)> {
+        let cpu0 = self.cpu_seconds();
+        let secs = run_timed(client)?;
+        let cpu = self.cpu_seconds() - cpu0;
+        self.stop();
+        Ok((secs, cpu))
+    }
+
     pub fn stop(mut self) {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
         let _ = self.child.wait();
@@ -127,7 +137,7 @@ pub fn start(kind: Kind, sendense: &Path, file: &Path, read_only: bool) -> anyho
     Ok(Running { child, port })
 }
 
-pub fn run_timed(cmd: &mut Command) -> anyhow::Result<f64> {
+fn run_timed(cmd: &mut Command) -> anyhow::Result<f64> {
     let started = Instant::now();
     let out =
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().with_context(|| format!("cannot run {cmd:?}"))?;
@@ -179,7 +189,6 @@ pub fn copy_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
     let src = dir.join("src.raw");
     make_source(&src, mib)?;
     let size = mib << 20;
-    let gb = size as f64 / 1e9;
     let kinds = [Kind::Sendense, Kind::QemuNbd, Kind::NbdkitFile];
     let mut dropped = true;
     for rep in 0..reps {
@@ -190,33 +199,23 @@ pub fn copy_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report: 
                 let target = sparse(&dir.join(format!("dst-{}.raw", kind.label())), size)?;
                 dropped &= settle(&src);
                 let server = start(kind, sendense, &target, false)?;
-                let cpu0 = server.cpu_seconds();
                 let mut cmd = Command::new("nbdcopy");
                 cmd.arg("--flush").arg(format!("--connections={conns}"));
                 if conns > 1 {
                     cmd.arg(format!("--threads={conns}"));
                 }
                 cmd.arg(&src).arg(server.url());
-                let secs = run_timed(&mut cmd)?;
-                let cpu = server.cpu_seconds() - cpu0;
-                server.stop();
-                report.add("write", &case, "MB/s", size as f64 / 1e6 / secs);
-                report.add("write", &case, "srv CPU s/GB", cpu / gb);
+                report.copy("write", &case, size, server.measure(&mut cmd)?);
 
                 settle(&target);
                 let server = start(kind, sendense, &target, true)?;
-                let cpu0 = server.cpu_seconds();
                 let mut cmd = Command::new("nbdcopy");
                 cmd.arg(format!("--connections={conns}"));
                 if conns > 1 {
                     cmd.arg(format!("--threads={conns}"));
                 }
                 cmd.arg(server.url()).arg("null:");
-                let secs = run_timed(&mut cmd)?;
-                let cpu = server.cpu_seconds() - cpu0;
-                server.stop();
-                report.add("read", &case, "MB/s", size as f64 / 1e6 / secs);
-                report.add("read", &case, "srv CPU s/GB", cpu / gb);
+                report.copy("read", &case, size, server.measure(&mut cmd)?);
                 let _ = std::fs::remove_file(&target);
             }
         }
@@ -249,7 +248,6 @@ pub fn fio_section(sendense: &Path, dir: &Path, reps: usize, report: &mut Report
         for kind in [Kind::Sendense, Kind::QemuNbd] {
             let target = sparse(&dir.join(format!("fio-{}.raw", kind.label())), size)?;
             let server = start(kind, sendense, &target, false)?;
-            let cpu0 = server.cpu_seconds();
             let json = dir.join("fio.json");
             let mut cmd = Command::new("fio");
             cmd.args(["--name=randw", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=1"])
@@ -257,9 +255,7 @@ pub fn fio_section(sendense: &Path, dir: &Path, reps: usize, report: &mut Report
                 .arg(format!("--size={}", size))
                 .args(["--runtime=30", "--output-format=json"])
                 .arg(format!("--output={}", json.display()));
-            run_timed(&mut cmd)?;
-            let cpu = server.cpu_seconds() - cpu0;
-            server.stop();
+            let (_, cpu) = server.measure(&mut cmd)?;
             let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
             let write = &v["jobs"][0]["write"];
             let iops = write["iops"].as_f64().unwrap_or(f64::NAN);
@@ -294,7 +290,6 @@ pub fn qcow2_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report:
     let src = dir.join("src.raw");
     make_source(&src, mib)?;
     let size = mib << 20;
-    let gb = size as f64 / 1e9;
     for rep in 0..reps {
         eprintln!("qcow2: rep {}/{reps}", rep + 1);
         for kind in [Kind::Sendense, Kind::QemuNbd, Kind::NbdkitFile] {
@@ -307,47 +302,28 @@ pub fn qcow2_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report:
                 if kind == Kind::NbdkitFile { "nbdkit-file (raw)".to_string() } else { kind.label().to_string() };
             settle(&src);
             let server = start(kind, sendense, &target, false)?;
-            let cpu0 = server.cpu_seconds();
-            let secs = run_timed(
-                Command::new("nbdcopy").args(["--flush", "--connections=4", "--threads=4"]).arg(&src).arg(server.url()),
-            )?;
-            let cpu = server.cpu_seconds() - cpu0;
-            server.stop();
-            report.add("qcow2 write c4", &case, "MB/s", size as f64 / 1e6 / secs);
-            report.add("qcow2 write c4", &case, "srv CPU s/GB", cpu / gb);
+            let url = server.url();
+            let mut write = Command::new("nbdcopy");
+            write.args(["--flush", "--connections=4", "--threads=4"]).arg(&src).arg(url);
+            report.copy("qcow2 write c4", &case, size, server.measure(&mut write)?);
             settle(&target);
             let server = start(kind, sendense, &target, true)?;
-            let cpu0 = server.cpu_seconds();
-            let secs = run_timed(
-                Command::new("nbdcopy").args(["--connections=4", "--threads=4"]).arg(server.url()).arg("null:"),
-            )?;
-            let cpu = server.cpu_seconds() - cpu0;
-            server.stop();
-            report.add("qcow2 read c4", &case, "MB/s", size as f64 / 1e6 / secs);
-            report.add("qcow2 read c4", &case, "srv CPU s/GB", cpu / gb);
+            let url = server.url();
+            let mut read = Command::new("nbdcopy");
+            read.args(["--connections=4", "--threads=4"]).arg(url).arg("null:");
+            report.copy("qcow2 read c4", &case, size, server.measure(&mut read)?);
             let _ = std::fs::remove_file(&target);
         }
         for kind in [Kind::Sendense, Kind::QemuNbd] {
             let target = fresh_qcow2(&dir.join(format!("qf-{}.qcow2", kind.label())), 1 << 30)?;
             let server = start(kind, sendense, &target, false)?;
-            let cpu0 = server.cpu_seconds();
             let json = dir.join("fio.json");
-            run_timed(
-                Command::new("fio")
-                    .args([
-                        "--name=randw",
-                        "--ioengine=nbd",
-                        "--rw=randwrite",
-                        "--bs=4k",
-                        "--iodepth=32",
-                        "--numjobs=1",
-                    ])
-                    .arg(format!("--uri={}", server.url()))
-                    .args(["--size=1G", "--runtime=30", "--output-format=json"])
-                    .arg(format!("--output={}", json.display())),
-            )?;
-            let cpu = server.cpu_seconds() - cpu0;
-            server.stop();
+            let mut cmd = Command::new("fio");
+            cmd.args(["--name=randw", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=1"])
+                .arg(format!("--uri={}", server.url()))
+                .args(["--size=1G", "--runtime=30", "--output-format=json"])
+                .arg(format!("--output={}", json.display()));
+            let (_, cpu) = server.measure(&mut cmd)?;
             let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
             let write = &v["jobs"][0]["write"];
             let ios = write["total_ios"].as_f64().unwrap_or(f64::NAN);

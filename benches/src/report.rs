@@ -40,6 +40,13 @@ impl Report {
     }
 
     /// Report `metric` of case `a` over case `b`, per repetition, as a median ratio.
+    /// Throughput and server CPU per GB of one copy of `bytes` that took `secs` and `cpu`
+    /// server seconds ([`crate::peers::Running::measure`]).
+    pub fn copy(&mut self, section: &str, case: &str, bytes: u64, (secs, cpu): (f64, f64)) {
+        self.add(section, case, "MB/s", bytes as f64 / 1e6 / secs);
+        self.add(section, case, "srv CPU s/GB", cpu / (bytes as f64 / 1e9));
+    }
+
     pub fn ratio(&mut self, section: &str, a: &str, b: &str, metric: &str) {
         self.ratios.push((section.into(), a.into(), b.into(), metric.into()));
     }
