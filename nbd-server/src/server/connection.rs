@@ -333,19 +333,12 @@ async fn write_loop<W>(
 ) where
     W: AsyncWrite + Unpin,
 {
-    let mut w = BufWriter::with_capacity(256 * 1024, writer);
+    let mut w = BufWriter::with_capacity(REPLY_BUFFER, writer);
     let result: std::io::Result<()> = async {
         while let Some(out) = rx.recv().await {
-            for seg in &out.reply.segments {
-                let bytes = match seg {
-                    Segment::Head(r) => out.reply.head.get(r.clone()),
-                    Segment::Data(r) => out.reply.data.get(r.clone()),
-                };
-                let Some(bytes) = bytes else { continue };
-                tokio::select! {
-                    r = w.write_all(bytes) => r?,
-                    _ = hard_stop.cancelled() => return Err(std::io::ErrorKind::TimedOut.into()),
-                }
+            tokio::select! {
+                r = write_reply(&mut w, &out.reply) => r?,
+                _ = hard_stop.cancelled() => return Err(std::io::ErrorKind::TimedOut.into()),
             }
             let Outgoing { reply, .. } = out;
             pool.put(reply.data);
@@ -367,4 +360,37 @@ async fn write_loop<W>(
     gone.cancel();
     rx.close();
     while rx.recv().await.is_some() {}
+}
+
+/// Bytes of replies gathered before they are written (small replies batch in it).
+const REPLY_BUFFER: usize = 256 * 1024;
+/// Most pieces a reply is sent with in one `writev` (the kernel takes up to 1024).
+const MAX_REPLY_SLICES: usize = 64;
+
+/// Put one reply into `w`. A reply at least as large as the buffer (a read's data) goes out with
+/// its headers in one `writev` once what is buffered is flushed: written through the buffer, its
+/// few header bytes would leave as a packet of their own and wake the client once more.
+async fn write_reply<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, reply: &Reply) -> std::io::Result<()> {
+    let pieces = reply.segments.iter().filter_map(|seg| match seg {
+        Segment::Head(r) => reply.head.get(r.clone()),
+        Segment::Data(r) => reply.data.get(r.clone()),
+    });
+    let total: usize = pieces.clone().map(<[u8]>::len).sum();
+    if total < REPLY_BUFFER || reply.segments.len() > MAX_REPLY_SLICES {
+        for bytes in pieces {
+            w.write_all(bytes).await?;
+        }
+        return Ok(());
+    }
+    w.flush().await?;
+    let mut slices: Vec<std::io::IoSlice<'_>> = pieces.map(std::io::IoSlice::new).collect();
+    let mut rest = slices.as_mut_slice();
+    while !rest.is_empty() {
+        let n = w.get_mut().write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
