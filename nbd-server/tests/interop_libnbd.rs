@@ -305,6 +305,33 @@ fn aio_io_uring_serves_raw_and_qcow2_images_through_a_ring_with_and_without_o_di
             }
         }
     }
+    // An overlay on that data: unaligned writes over backing data copy on write (the crate's
+    // synchronous path, beside the ring), whole clusters go through the ring.
+    let base = dir.path().join("u-writeback.qcow2");
+    for cache in ["--cache=writeback", "--cache=none"] {
+        let top = dir.path().join(format!("top-{}.qcow2", &cache[8..]));
+        let qemu_img = require("qemu-img");
+        run(Command::new(&qemu_img).args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&base).arg(&top));
+        let peer = start_sendense_as(&top, "qcow2", "t", &["--aio=io_uring", cache]);
+        let mut want = expected.clone();
+        for (at, len, byte) in
+            [(70_000u64, 5000usize, 0x31u8), (1 << 20, 256 << 10, 0x32), ((3 << 20) + 512, 512, 0x33)]
+        {
+            want[at as usize..at as usize + len].fill(byte);
+            run(Command::new(require("qemu-io")).args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {byte} {at} {len}"),
+                &peer.url(),
+            ]));
+        }
+        let back = dir.path().join(format!("top-back-{}.raw", &cache[8..]));
+        run(Command::new("nbdcopy").args(["--connections=4"]).arg(peer.url()).arg(&back));
+        assert!(peer.stop().success(), "overlay {cache}: the server failed");
+        assert!(std::fs::read(&back).unwrap() == want, "overlay {cache}: the read-back differs");
+        run(Command::new(&qemu_img).arg("check").arg(&top));
+    }
 }
 
 /// Pages of `file` in the page cache, as `fincore` (util-linux) counts them.
