@@ -1,7 +1,8 @@
 //! Tunnel throughput: `sendense-tunnel connect` against OpenSSH's `ssh -N -L` through the same
 //! sshd, which is restricted to one cipher so both clients negotiate it; bulk data through one
 //! forwarded port with 1 and 4 connections, node-side client CPU per GB. Then NBD writes
-//! through our tunnel (our endpoint, our client) against direct loopback.
+//! through our tunnel (our endpoint, our client) against direct loopback and against OpenSSH at
+//! both ends (`ssh -L` to sshd, same cipher): the seam the product replaces.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -282,6 +283,36 @@ pub fn tunnel_to(tunnel: &Path, keys: &Keys, port: u16) -> anyhow::Result<(Vec<P
     Ok((guards, lport))
 }
 
+/// CPU seconds of `pid` and every process under it (an sshd's per-connection children).
+fn tree_cpu(pid: u32) -> f64 {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    while let Some(&p) = pids.get(i) {
+        pids.extend(all.iter().filter(|(_, parent)| *parent == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    pids.into_iter().map(cpu_seconds).filter(|c| c.is_finite()).sum()
+}
+
+/// How NBD reaches the server in `nbd_through_tunnel`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path3 {
+    Direct,
+    Ours,
+    OpenSsh,
+}
+
 fn nbd_through_tunnel(
     sendense: &Path,
     tunnel: &Path,
@@ -292,14 +323,16 @@ fn nbd_through_tunnel(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let size = mib << 20;
+    let gb = size as f64 / 1e9;
     let src = dir.join("tunnel-src.raw");
     if std::fs::metadata(&src).map(|m| m.len()).ok() != Some(size) {
         let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         std::fs::write(&src, data)?;
     }
+    let cipher = "aes256-gcm@openssh.com";
     for rep in 0..reps {
         eprintln!("tunnel nbd: rep {}/{reps}", rep + 1);
-        for via_tunnel in [false, true] {
+        for path in [Path3::Direct, Path3::Ours, Path3::OpenSsh] {
             let target = dir.join("tunnel-dst.raw");
             let _ = std::fs::remove_file(&target);
             std::fs::File::create(&target)?.set_len(size)?;
@@ -312,7 +345,41 @@ fn nbd_through_tunnel(
                     .spawn()?,
             );
             wait_port(nbd_port)?;
-            let (_guards, port) = if via_tunnel { tunnel_to(tunnel, keys, nbd_port)? } else { (Vec::new(), nbd_port) };
+            let (guards, port) = match path {
+                Path3::Direct => (Vec::new(), nbd_port),
+                Path3::Ours => tunnel_to(tunnel, keys, nbd_port)?,
+                Path3::OpenSsh => {
+                    let (sshd, ssh_port) = keys.sshd(cipher)?;
+                    let kh = keys.known_hosts(ssh_port)?;
+                    let lport = free_port()?;
+                    let ssh = Command::new("ssh")
+                        .args([
+                            "-F",
+                            "/dev/null",
+                            "-o",
+                            "BatchMode=yes",
+                            "-o",
+                            "StrictHostKeyChecking=yes",
+                            "-c",
+                            cipher,
+                        ])
+                        .arg("-o")
+                        .arg(format!("UserKnownHostsFile={}", kh.display()))
+                        .arg("-i")
+                        .arg(keys.dir.join("client_key"))
+                        .args(["-p", &ssh_port.to_string(), "-N", "-L"])
+                        .arg(format!("{lport}:127.0.0.1:{nbd_port}"))
+                        .arg("root@127.0.0.1")
+                        .stdin(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()?;
+                    let guards = vec![sshd, Proc(ssh)];
+                    wait_port(lport)?;
+                    (guards, lport)
+                }
+            };
+            let tunnel_cpu = || guards.iter().map(|g| tree_cpu(g.pid())).sum::<f64>();
+            let cpu0 = tunnel_cpu();
             let started = Instant::now();
             let ok = Command::new("nbdcopy")
                 .args(["--flush", "--connections=4", "--threads=4"])
@@ -323,18 +390,26 @@ fn nbd_through_tunnel(
                 .success();
             anyhow::ensure!(ok, "nbdcopy failed");
             let secs = started.elapsed().as_secs_f64();
-            report.add(
-                "tunnel nbd",
-                if via_tunnel { "through tunnel" } else { "direct loopback" },
-                "MB/s",
-                size as f64 / 1e6 / secs,
-            );
+            let cpu = tunnel_cpu() - cpu0;
+            let case = match path {
+                Path3::Direct => "direct loopback",
+                Path3::Ours => "through tunnel",
+                Path3::OpenSsh => "through ssh -L",
+            };
+            report.add("tunnel nbd", case, "MB/s", size as f64 / 1e6 / secs);
+            if path != Path3::Direct {
+                report.add("tunnel nbd", case, "tunnel CPU s/GB", cpu / gb);
+            }
         }
     }
     report.ratio("tunnel nbd", "through tunnel", "direct loopback", "MB/s");
+    report.ratio("tunnel nbd", "through tunnel", "through ssh -L", "MB/s");
+    report.ratio("tunnel nbd", "through tunnel", "through ssh -L", "tunnel CPU s/GB");
     report.note(format!(
-        "tunnel nbd: `nbdcopy --flush --connections=4 --threads=4` of {mib} MiB into sendense-nbd (raw), directly or through \
-         `sendense-tunnel connect` -> `sendense-tunnel serve` (default cipher negotiation)."
+        "tunnel nbd: `nbdcopy --flush --connections=4 --threads=4` of {mib} MiB into sendense-nbd (raw), directly, through \
+         `sendense-tunnel connect` -> `sendense-tunnel serve` (both ends ours, default cipher negotiation: aes256-gcm on \
+         a CPU with AES) or through `ssh -N -L -c aes256-gcm@openssh.com` -> sshd (both ends OpenSSH); tunnel CPU is \
+         both ends' processes (sshd with its per-connection children) over the copy."
     ));
     Ok(())
 }
