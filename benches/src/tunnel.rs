@@ -127,6 +127,28 @@ impl Keys {
         Ok(p)
     }
 
+    /// OpenSSH's client forwarding local port `lport` to `target` through the sshd on `ssh_port`
+    /// with `cipher`, checking the host key against `known_hosts`.
+    fn ssh_forward(
+        &self,
+        cipher: &str,
+        known_hosts: &Path,
+        ssh_port: u16,
+        lport: u16,
+        target: u16,
+    ) -> anyhow::Result<Child> {
+        Ok(Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-c", cipher])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .arg("-i")
+            .arg(self.dir.join("client_key"))
+            .args(["-p", &ssh_port.to_string(), "-N", "-L", &format!("{lport}:127.0.0.1:{target}"), "root@127.0.0.1"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
     /// An sshd of our own accepting `client_key`, restricted to `cipher` (a list works too).
     pub fn sshd(&self, cipher: &str) -> anyhow::Result<(Proc, u16)> {
         std::fs::create_dir_all("/run/sshd").context("sshd needs /run/sshd (run as root)")?;
@@ -190,32 +212,7 @@ pub fn tunnel_section(sendense: &Path, dir: &Path, mib: u64, reps: usize, report
                             .stderr(Stdio::null())
                             .spawn()?
                     } else {
-                        Command::new("ssh")
-                            .args([
-                                "-F",
-                                "/dev/null",
-                                "-o",
-                                "BatchMode=yes",
-                                "-o",
-                                "StrictHostKeyChecking=yes",
-                                "-c",
-                                cipher,
-                            ])
-                            .arg("-o")
-                            .arg(format!("UserKnownHostsFile={}", kh.display()))
-                            .arg("-i")
-                            .arg(keys.dir.join("client_key"))
-                            .args([
-                                "-p",
-                                &ssh_port.to_string(),
-                                "-N",
-                                "-L",
-                                &format!("{lport}:127.0.0.1:{sink_port}"),
-                                "root@127.0.0.1",
-                            ])
-                            .stdin(Stdio::null())
-                            .stderr(Stdio::null())
-                            .spawn()?
+                        keys.ssh_forward(cipher, &kh, ssh_port, lport, sink_port)?
                     };
                     let client = Proc(child);
                     wait_port(lport)?;
@@ -307,7 +304,7 @@ fn tree_cpu(pid: u32) -> f64 {
 
 /// How NBD reaches the server in `nbd_through_tunnel`.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Path3 {
+enum Seam {
     Direct,
     Ours,
     OpenSsh,
@@ -332,7 +329,7 @@ fn nbd_through_tunnel(
     let cipher = "aes256-gcm@openssh.com";
     for rep in 0..reps {
         eprintln!("tunnel nbd: rep {}/{reps}", rep + 1);
-        for path in [Path3::Direct, Path3::Ours, Path3::OpenSsh] {
+        for seam in [Seam::Direct, Seam::Ours, Seam::OpenSsh] {
             let target = dir.join("tunnel-dst.raw");
             let _ = std::fs::remove_file(&target);
             std::fs::File::create(&target)?.set_len(size)?;
@@ -345,34 +342,14 @@ fn nbd_through_tunnel(
                     .spawn()?,
             );
             wait_port(nbd_port)?;
-            let (guards, port) = match path {
-                Path3::Direct => (Vec::new(), nbd_port),
-                Path3::Ours => tunnel_to(tunnel, keys, nbd_port)?,
-                Path3::OpenSsh => {
+            let (guards, port) = match seam {
+                Seam::Direct => (Vec::new(), nbd_port),
+                Seam::Ours => tunnel_to(tunnel, keys, nbd_port)?,
+                Seam::OpenSsh => {
                     let (sshd, ssh_port) = keys.sshd(cipher)?;
                     let kh = keys.known_hosts(ssh_port)?;
                     let lport = free_port()?;
-                    let ssh = Command::new("ssh")
-                        .args([
-                            "-F",
-                            "/dev/null",
-                            "-o",
-                            "BatchMode=yes",
-                            "-o",
-                            "StrictHostKeyChecking=yes",
-                            "-c",
-                            cipher,
-                        ])
-                        .arg("-o")
-                        .arg(format!("UserKnownHostsFile={}", kh.display()))
-                        .arg("-i")
-                        .arg(keys.dir.join("client_key"))
-                        .args(["-p", &ssh_port.to_string(), "-N", "-L"])
-                        .arg(format!("{lport}:127.0.0.1:{nbd_port}"))
-                        .arg("root@127.0.0.1")
-                        .stdin(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()?;
+                    let ssh = keys.ssh_forward(cipher, &kh, ssh_port, lport, nbd_port)?;
                     let guards = vec![sshd, Proc(ssh)];
                     wait_port(lport)?;
                     (guards, lport)
@@ -391,13 +368,13 @@ fn nbd_through_tunnel(
             anyhow::ensure!(ok, "nbdcopy failed");
             let secs = started.elapsed().as_secs_f64();
             let cpu = tunnel_cpu() - cpu0;
-            let case = match path {
-                Path3::Direct => "direct loopback",
-                Path3::Ours => "through tunnel",
-                Path3::OpenSsh => "through ssh -L",
+            let case = match seam {
+                Seam::Direct => "direct loopback",
+                Seam::Ours => "through tunnel",
+                Seam::OpenSsh => "through ssh -L",
             };
             report.add("tunnel nbd", case, "MB/s", size as f64 / 1e6 / secs);
-            if path != Path3::Direct {
+            if seam != Seam::Direct {
                 report.add("tunnel nbd", case, "tunnel CPU s/GB", cpu / gb);
             }
         }
