@@ -91,8 +91,8 @@ impl Qcow2Backend {
         Self { image, write_gate: Default::default(), uring: None }
     }
 
-    /// Send the data of writes through one io_uring for this image (`--aio=io_uring`; see the
-    /// module doc), shared by every clone of the backend.
+    /// Send the data of writes, and the reads the page cache cannot serve, through one io_uring
+    /// for this image (`--aio=io_uring`; see the module doc), shared by every clone of the backend.
     ///
     /// # Errors
     /// The kernel refuses io_uring (too old, `kernel.io_uring_disabled`, seccomp).
@@ -106,7 +106,7 @@ impl Qcow2Backend {
         self
     }
 
-    /// Whether write data goes through io_uring (`--aio=io_uring`).
+    /// Whether data goes through io_uring (`--aio=io_uring`).
     pub fn is_io_uring(&self) -> bool {
         self.uring.is_some()
     }
