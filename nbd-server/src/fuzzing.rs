@@ -78,6 +78,7 @@ pub fn session(data: &[u8]) -> Outcome {
         mode: session.mode,
         allocation_context: session.allocation_context,
         max_payload: MAX_PAYLOAD,
+        sendfile: false,
     };
     let rest = c.take(c.remaining()).unwrap_or_default();
     let r = requests(rest, &limits);
@@ -108,6 +109,7 @@ pub fn request_stream(data: &[u8]) -> Outcome {
         mode,
         allocation_context: structured.then_some(1),
         max_payload: MAX_PAYLOAD,
+        sendfile: false,
     };
     requests(rest, &limits)
 }

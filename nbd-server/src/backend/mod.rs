@@ -21,6 +21,8 @@ pub use qcow2_image::Qcow2Backend;
 pub use tuned::{Tuned, Tuning};
 pub use uring::IoRing;
 
+use std::sync::Arc;
+
 use crate::proto::transmission::Extent;
 
 /// Run `f`, which may wait for the device, on this thread, letting the runtime move its other
@@ -190,6 +192,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Prefetch a range.
     async fn cache(&self, _offset: u64, _length: u64) -> BackendResult<()> {
         Err(BackendError::unsupported("cache"))
+    }
+
+    /// The file that holds `[offset, offset + length)` of the export at the same offsets, read
+    /// through the page cache, if there is one: the server may then send that range to a TCP
+    /// client straight from the file (`sendfile`), with no copy through its own memory. `None`
+    /// (the default) reads through [`Backend::read`].
+    fn file_range(&self, _offset: u64, _length: u64) -> Option<Arc<std::fs::File>> {
+        None
     }
 }
 

@@ -94,4 +94,8 @@ impl<B: Backend> Backend for Tuned<B> {
     async fn cache(&self, offset: u64, length: u64) -> BackendResult<()> {
         self.inner.cache(offset, length).await
     }
+
+    fn file_range(&self, offset: u64, length: u64) -> Option<std::sync::Arc<std::fs::File>> {
+        self.inner.file_range(offset, length)
+    }
 }

@@ -26,6 +26,8 @@ pub(crate) struct Limits {
     pub mode: HeaderMode,
     pub allocation_context: Option<u32>,
     pub max_payload: u64,
+    /// The connection can send file data straight from the file (`sendfile`, TCP).
+    pub sendfile: bool,
 }
 
 /// Why a request is refused: the NBD error and a message for the client.
@@ -137,6 +139,8 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
 pub(crate) struct Reply {
     pub head: Vec<u8>,
     pub data: AlignedBuf,
+    /// Where `Segment::File` bytes are sent from.
+    pub file: Option<Arc<std::fs::File>>,
     pub segments: Vec<Segment>,
 }
 
@@ -147,6 +151,8 @@ pub(crate) enum Segment {
     Head(Range<usize>),
     /// Bytes of `data`.
     Data(Range<usize>),
+    /// Bytes of `file` at these offsets, sent from the file itself (`sendfile`).
+    File(Range<u64>),
 }
 
 impl Reply {
@@ -161,8 +167,14 @@ impl Reply {
         }
     }
 
-    fn data(&mut self, range: Range<usize>) {
-        self.segments.push(Segment::Data(range));
+    /// Read data: `range` of the buffer, or of the file from export offset `base` on when the
+    /// reply is sent from the file.
+    fn payload(&mut self, base: u64, range: Range<usize>) {
+        let segment = match self.file {
+            Some(_) => Segment::File(base + range.start as u64..base + range.end as u64),
+            None => Segment::Data(range),
+        };
+        self.segments.push(segment);
     }
 }
 
@@ -261,7 +273,9 @@ const MIN_HOLE_CHUNK: u64 = 4096;
 
 async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: AlignedBuf) -> Reply {
     let len = req.length as usize;
-    if !data.set_len(len) {
+    // A file the writer can send from directly: no copy through `data` (left unread).
+    let file = if l.sendfile { export.backend.file_range(req.offset, req.length) } else { None };
+    if file.is_none() && !data.set_len(len) {
         data = AlignedBuf::new(len);
     }
     // Which parts to actually read: all of it, unless block status shows zero ranges.
@@ -297,7 +311,7 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
         pieces.push((0, req.length, false));
     }
     for &(rel, n, hole) in &pieces {
-        if hole {
+        if hole || file.is_some() {
             continue;
         }
         // A piece outside the buffer would leave pool bytes of an earlier request in the reply.
@@ -313,10 +327,10 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
         }
     }
     bump(&export.counters.bytes_read, req.length);
-    let mut reply = Reply::default();
+    let mut reply = Reply { file, ..Reply::default() };
     if !l.structured {
         reply.head(|o| tx::encode_simple_reply(o, req.cookie, 0));
-        reply.data(0..len);
+        reply.payload(req.offset, 0..len);
         reply.data = data;
         return reply;
     }
@@ -331,7 +345,7 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
             reply.head(|o| tx::encode_offset_hole(o, l.mode, done, req.cookie, req.offset, req.offset + rel, n as u32));
         } else {
             reply.head(|o| tx::encode_offset_data_header(o, l.mode, done, req.cookie, req.offset, req.offset + rel, n));
-            reply.data(rel as usize..(rel + n) as usize);
+            reply.payload(req.offset, rel as usize..(rel + n) as usize);
         }
     }
     reply.data = data;
@@ -415,6 +429,7 @@ mod tests {
             mode: HeaderMode::Compact,
             allocation_context: Some(1),
             max_payload: 1 << 25,
+            sendfile: false,
         }
     }
 

@@ -321,7 +321,7 @@ impl Server {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        W: connection::ReplyWriter,
     {
         let shared = Arc::clone(&self.shared);
         self.shared.tracker.spawn(async move {
