@@ -391,3 +391,65 @@ fn cache_none_copies_through_o_direct_and_leaves_the_image_out_of_the_page_cache
         );
     }
 }
+
+#[test]
+fn files_in_memory_are_sent_with_sendfile_and_read_back_equal_in_every_reply_shape() {
+    require("nbdsh");
+    require("nbdcopy");
+    // On tmpfs, where raw reads go page cache -> socket with sendfile (CI machines have a tmpfs
+    // /dev/shm; a 16 MiB file fits even a container's).
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is required for this test");
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let size = 16usize << 20;
+    let file = sparse_file(dir.path(), "m.raw", size as u64);
+    // Data with holes between: sparse reads answer with hole chunks and file data.
+    let mut want = vec![0u8; size];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        for (at, len, seed) in [(0usize, 300_000usize, 1u64), (4 << 20, 1 << 20, 2), ((9 << 20) + 777, 70_000, 3)] {
+            let data = pattern(len, seed);
+            f.write_all_at(&data, at as u64).unwrap();
+            want[at..at + len].copy_from_slice(&data);
+        }
+    }
+    let peer = start_sendense(&file, "m", &["--shared=4", "-r"]);
+    // Structured replies (libnbd's default), 1 and 4 connections.
+    for conns in ["--connections=1", "--connections=4"] {
+        let back = dir.path().join("back.raw");
+        run(Command::new("nbdcopy").arg(conns).arg(peer.url()).arg(&back));
+        assert!(std::fs::read(&back).unwrap() == want, "{conns}: the copy differs");
+        std::fs::remove_file(&back).unwrap();
+    }
+    // Simple replies, and reads at odd offsets and lengths across data and holes.
+    let script = r#"
+import nbd, sys, hashlib
+for structured in (False, True):
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    h.connect_uri(sys.argv[1])
+    assert h.get_structured_replies_negotiated() == structured
+    whole = b"".join(h.pread(1 << 20, i << 20) for i in range(16))
+    print(structured, hashlib.sha256(whole).hexdigest())
+    for off, n in ((1, 4095), (299_999, 10), ((4 << 20) - 5, 10), ((9 << 20) + 700, 70_200), (12345, 3 << 20)):
+        assert h.pread(n, off) == whole[off:off + n], (structured, off, n)
+    h.shutdown()
+"#;
+    let out = run(Command::new(debian_python()).arg("-c").arg(script).arg(peer.url()));
+    let digest = sha256_hex(&want);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), [format!("False {digest}"), format!("True {digest}")], "{text}");
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let out =
+        Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn();
+    let mut child = out.unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}

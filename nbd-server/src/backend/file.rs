@@ -26,6 +26,13 @@
 //! at 0.6x its CPU per GB (no worker handed over per request); writeback on tmpfs 1.04-1.15x;
 //! writeback on disk 0.88-1.02x (so `threads` stays the default, as in qemu-nbd).
 //!
+//! Zero-copy reads: a file in memory (tmpfs, ramfs) offers its ranges to the server
+//! ([`Backend::file_range`]), which sends them to TCP clients with `sendfile`, page cache to socket
+//! with no copy through this process: reads of a 1 GiB file on tmpfs ran at 1.3x (4 connections)
+//! and 1.7x (1 connection) nbdkit's throughput at half its CPU per GB. Files on a device keep the
+//! copy path: `sendfile` of a range not in the page cache would wait for the disk on the
+//! connection's writer, where a read through `RWF_NOWAIT` waits off the workers.
+//!
 //! Holes: TRIM punches them (`FALLOC_FL_PUNCH_HOLE`), WRITE_ZEROES punches them too unless the
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
 //! `SEEK_DATA`/`SEEK_HOLE`, so sparse copies stay sparse. Where the filesystem cannot do an
@@ -72,6 +79,17 @@ pub struct FileBackend {
     uring: Option<Arc<Uring>>,
     /// The file refused `RWF_NOWAIT` reads once: read it plainly.
     no_nowait: Arc<std::sync::atomic::AtomicBool>,
+    /// The file lives in memory (tmpfs, ramfs): reading it never waits for a device.
+    in_memory: bool,
+}
+
+/// `statfs` magic numbers of filesystems that keep files in memory (tmpfs, ramfs).
+const MEMORY_FILESYSTEMS: [i64; 2] = [0x0102_1994, 0x8584_58f6];
+
+/// Whether `file` lives on a filesystem without a device behind it.
+#[allow(clippy::unnecessary_cast)] // `f_type` is i64 here, narrower on other architectures
+fn in_memory(file: &File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|st| MEMORY_FILESYSTEMS.contains(&(st.f_type as i64)))
 }
 
 /// The last run of data `SEEK_DATA`/`SEEK_HOLE` found, `[start, end)`; empty when unknown.
@@ -102,6 +120,7 @@ impl FileBackend {
     /// The open or size query failed (missing file, permissions, not seekable).
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let in_memory = in_memory(&file);
         let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
         Ok(Self {
             file: Arc::new(file),
@@ -112,6 +131,7 @@ impl FileBackend {
             direct: None,
             uring: None,
             no_nowait: Arc::default(),
+            in_memory,
         })
     }
 
@@ -190,6 +210,7 @@ impl FileBackend {
     /// Creating or sizing the file failed.
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let in_memory = in_memory(&file);
         file.set_len(size)?;
         Ok(Self {
             file: Arc::new(file),
@@ -200,6 +221,7 @@ impl FileBackend {
             direct: None,
             uring: None,
             no_nowait: Arc::default(),
+            in_memory,
         })
     }
 
@@ -370,9 +392,11 @@ impl Backend for FileBackend {
     }
 
     fn file_range(&self, offset: u64, length: u64) -> Option<Arc<File>> {
-        // `O_DIRECT` keeps data out of the page cache; sending it from there would pull it in.
+        // Only a file in memory: `sendfile` cannot decline to wait for a device the way
+        // `RWF_NOWAIT` reads do, and it runs on the connection's writer (see the module doc).
+        // Not with `O_DIRECT`, which keeps data out of the page cache `sendfile` reads through.
         let inside = offset.checked_add(length).is_some_and(|end| end <= self.size);
-        (self.direct.is_none() && inside).then(|| Arc::clone(&self.file))
+        (self.in_memory && self.direct.is_none() && inside).then(|| Arc::clone(&self.file))
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
@@ -548,5 +572,22 @@ mod tests {
         assert!(b.capabilities().read_only);
         let e = b.write(0, b"x", false).await.unwrap_err();
         assert_eq!(e.kind, BackendErrorKind::ReadOnly);
+    }
+
+    #[test]
+    fn only_files_in_memory_offer_their_ranges_for_sendfile() {
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is required");
+        let path = shm.path().join("f.raw");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let b = FileBackend::open(&path, true).unwrap();
+        assert!(b.file_range(0, 8192).is_some(), "a tmpfs file is sent from the page cache");
+        assert!(b.file_range(4096, 8192).is_none(), "never past the end");
+        assert!(in_memory(&File::open(&path).unwrap()));
+        // /proc is no memory filesystem of files; a file on a device is not either.
+        assert!(!in_memory(&File::open("/proc/self/stat").unwrap()));
+        let d = FileBackend::open_direct(&path, true);
+        if let Ok(d) = d {
+            assert!(d.file_range(0, 8192).is_none(), "O_DIRECT keeps data out of the page cache");
+        }
     }
 }

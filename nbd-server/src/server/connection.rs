@@ -7,7 +7,9 @@
 //! budget is spent the reader simply stops reading the socket (TCP backpressure). Each accepted
 //! request runs in its own task, so replies may leave out of order as the spec allows; the
 //! permits travel with the reply and are released only once the writer has put it on the wire.
-//! The writer is the only task that touches the write half, so replies never interleave.
+//! The writer is the only task that touches the write half, so replies never interleave. On a
+//! TCP connection it sends read data that a backend offers from a file in memory with `sendfile`
+//! (`Backend::file_range`), headers first with `MSG_MORE`: no copy through this process.
 //!
 //! Exception: a small plain WRITE (under [`READER_WRITES_BELOW`]) is applied by the reader before
 //! it reads the next header: the payload is hot in this core's cache and a task per 4 KiB write
