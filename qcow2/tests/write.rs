@@ -93,6 +93,11 @@ fn apply(img: &Image, raw: &std::fs::File, op: Op) {
     }
 }
 
+/// `base.raw` in `dir`: `size` bytes, each 4 KiB block numbered (never zero), for overlays.
+fn numbered_base(dir: &Path, size: u64) {
+    std::fs::write(dir.join("base.raw"), (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect::<Vec<u8>>()).unwrap();
+}
+
 fn raw_copy_of(img: &Path, dir: &Path, name: &str) -> (std::path::PathBuf, std::fs::File) {
     let raw = dir.join(name);
     let (code, text) = run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(img).arg(&raw));
@@ -380,8 +385,7 @@ fn direct_io_images_take_the_same_mix_and_pass_check() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
     let size = 24u64 << 20;
-    let base_raw = d.join("base.raw");
-    std::fs::write(&base_raw, (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect::<Vec<u8>>()).unwrap();
+    numbered_base(d, size);
     let direct = ImageOptions::read_write().direct_io(true);
     for (name, opts) in [
         ("fresh-64k", CreateOptions::new(size)),
@@ -538,8 +542,7 @@ fn planned_writes_land_where_write_at_would_and_pass_check() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
     let size = 24u64 << 20;
-    let base_raw = d.join("base.raw");
-    std::fs::write(&base_raw, (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect::<Vec<u8>>()).unwrap();
+    numbered_base(d, size);
     for (name, opts, direct) in [
         ("fresh-64k", CreateOptions::new(size), false),
         ("fresh-512", CreateOptions::new(size).cluster_bits(9), false),
