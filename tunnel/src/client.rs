@@ -295,11 +295,15 @@ impl Tunnel {
 
     /// Stop: no new forwarded connections, the open ones closed, every SSH connection ended with
     /// a disconnect message (not left to time out on the hub), within a few seconds.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shared.stop.send_replace(true);
         for t in &self.tasks {
             t.abort();
         }
+        // An aborted task is dropped (its listener closed) only when the runtime gets to it:
+        // wait for that, so no listener outlives the call.
+        let tasks = std::mem::take(&mut self.tasks);
+        let _ = tokio::time::timeout(Duration::from_secs(5), join_tasks(tasks)).await;
         let sessions: Vec<HubHandle> = self.session.borrow().iter().flatten().cloned().collect();
         for h in sessions {
             let _ = h.disconnect(russh::Disconnect::ByApplication, "tunnel shutting down", "en").await;
@@ -709,5 +713,12 @@ async fn supervise(
         let jittered = delay.mul_f64(0.5 + f64::from(seed % 1000) / 2000.0);
         tokio::time::sleep(jittered).await;
         delay = (delay * 2).min(config.backoff_max);
+    }
+}
+
+/// Wait for every task (aborted ones end with a cancellation error, which is what is expected).
+async fn join_tasks(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
     }
 }
