@@ -534,36 +534,47 @@ async fn accept_loop(
         let forward = forward.clone();
         let turn = Arc::clone(&turn);
         tokio::spawn(async move {
-            // The next connection in turn that is up (round-robin over the SSH connections).
-            let handle = match tokio::time::timeout(wait, session.wait_for(|v| v.iter().any(Option::is_some))).await {
-                Ok(Ok(v)) => {
-                    let start = turn.fetch_add(1, Ordering::Relaxed) as usize;
-                    (0..v.len()).find_map(|i| v.get((start + i) % v.len()).cloned().flatten())
-                }
-                _ => None,
+            // The next SSH connection in turn that is up (round-robin). One that died and is not
+            // yet replaced is skipped, and a channel it fails to open is tried on the next: a
+            // forwarded connection fails only when no SSH connection can carry it.
+            let up = |v: &Vec<Option<HubHandle>>| v.iter().flatten().any(|h| !h.is_closed());
+            let sessions = match tokio::time::timeout(wait, session.wait_for(up)).await {
+                Ok(Ok(v)) => v.iter().flatten().filter(|h| !h.is_closed()).cloned().collect::<Vec<_>>(),
+                _ => Vec::new(),
             };
-            let Some(handle) = handle else {
+            if sessions.is_empty() {
                 tracing::warn!(listen = %forward.listen, "tunnel not up within {wait:?}; closing the connection");
                 return;
-            };
-            match handle
-                .channel_open_direct_tcpip(
-                    forward.remote_host.clone(),
-                    u32::from(forward.remote_port),
-                    peer.ip().to_string(),
-                    u32::from(peer.port()),
-                )
-                .await
-            {
-                Ok(channel) => pump(tcp, channel, &shared).await,
-                Err(e) => {
-                    let msg = format!(
-                        "hub refused forward {} -> {}:{}: {e}",
-                        forward.listen, forward.remote_host, forward.remote_port
-                    );
-                    tracing::warn!("{msg}");
-                    shared.set(|s| s.last_error = Some(msg));
+            }
+            let start = turn.fetch_add(1, Ordering::Relaxed) as usize;
+            let mut refused = None;
+            for i in 0..sessions.len() {
+                let Some(handle) = sessions.get((start + i) % sessions.len()) else { continue };
+                let opened = handle
+                    .channel_open_direct_tcpip(
+                        forward.remote_host.clone(),
+                        u32::from(forward.remote_port),
+                        peer.ip().to_string(),
+                        u32::from(peer.port()),
+                    )
+                    .await;
+                match opened {
+                    Ok(channel) => return pump(tcp, channel, &shared).await,
+                    // This SSH connection went down meanwhile: try the next one.
+                    Err(e) if handle.is_closed() => refused = Some(e),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
                 }
+            }
+            if let Some(e) = refused {
+                let msg = format!(
+                    "hub refused forward {} -> {}:{}: {e}",
+                    forward.listen, forward.remote_host, forward.remote_port
+                );
+                tracing::warn!("{msg}");
+                shared.set(|s| s.last_error = Some(msg));
             }
         });
     }

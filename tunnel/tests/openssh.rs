@@ -86,7 +86,16 @@ async fn forwards_through_openssh_carry_data_and_survive_a_dropped_connection() 
         assert!(Instant::now() < deadline, "no reconnect: {:?}", tunnel.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::task::spawn_blocking(move || round_trip(local(local_base + 1), 1 << 20, 42)).await.unwrap();
+    // Right away, while the other two SSH connections may still be dead or in their backoff:
+    // every forwarded connection must find one that is up, in turn over all three.
+    tokio::task::spawn_blocking(move || {
+        for i in 0..6 {
+            round_trip(local(local_base + i % 3), 64 << 10, 40 + i as u8);
+        }
+        round_trip(local(local_base + 1), 1 << 20, 42);
+    })
+    .await
+    .unwrap();
     sshd.stop();
 }
 
