@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Offset, length and memory alignment `O_DIRECT` is given (the largest logical block size in
 /// common use; a 512-byte device accepts it too).
@@ -42,7 +42,7 @@ pub fn is_memory_aligned(buf: &[u8]) -> bool {
 /// The `O_DIRECT` descriptor of one file and the aligned bounce buffers its requests reuse.
 #[derive(Debug)]
 pub struct Direct {
-    file: File,
+    file: Arc<File>,
     spare: AlignedPool,
 }
 
@@ -58,12 +58,12 @@ impl Direct {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("O_DIRECT (--cache=none) refused: {e}")))?;
-        Ok(Self { file, spare: AlignedPool::new(SPARE_BOUNCE_BYTES) })
+        Ok(Self { file: Arc::new(file), spare: AlignedPool::new(SPARE_BOUNCE_BYTES) })
     }
 
     /// The `O_DIRECT` descriptor itself, for callers that submit their own I/O (io_uring) with
-    /// aligned offsets, lengths and memory.
-    pub fn file(&self) -> &File {
+    /// aligned offsets, lengths and memory; shared, so such I/O may outlive a borrow of `self`.
+    pub fn file(&self) -> &Arc<File> {
         &self.file
     }
 

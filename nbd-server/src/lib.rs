@@ -59,8 +59,8 @@ pub mod server;
 /// so that embedders do not have to depend on the `async-trait` crate themselves.
 pub use async_trait::async_trait;
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, IoRing, MemoryBackend, Qcow2Backend, Tuned,
-    Tuning, ZeroFlags,
+    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, FileExtent, IoRing, MemoryBackend,
+    Qcow2Backend, Tuned, Tuning, ZeroFlags,
 };
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;

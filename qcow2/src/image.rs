@@ -135,7 +135,7 @@ impl CreateOptions {
 
 /// What lies under an image.
 pub(crate) enum Backing {
-    Raw { file: File, size: u64, plain_reads: AtomicBool },
+    Raw { file: Arc<File>, size: u64, plain_reads: AtomicBool },
     Qcow2(Box<Image>),
 }
 
@@ -313,7 +313,7 @@ pub struct MapExtent {
 
 /// An open qcow2 image. `Send + Sync`: share it between threads with an `Arc`.
 pub struct Image {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     pub(crate) header: Header,
     pub(crate) geo: Geometry,
@@ -443,14 +443,14 @@ impl Image {
                     BackingFormat::Raw => {
                         let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
                         let size = f.metadata().map_err(|source| Error::Open { path: base.clone(), source })?.len();
-                        Backing::Raw { file: f, size, plain_reads: AtomicBool::new(false) }
+                        Backing::Raw { file: Arc::new(f), size, plain_reads: AtomicBool::new(false) }
                     }
                 })
             }
         };
         let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
         let mut image = Self {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             header,
             geo,
@@ -532,7 +532,7 @@ impl Image {
         &self.path
     }
 
-    pub(crate) fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &Arc<File> {
         &self.file
     }
 
@@ -581,7 +581,7 @@ impl Image {
 
     /// The descriptor guest data goes through: the `O_DIRECT` one when `direct` and the image
     /// has one ([`ImageOptions::direct_io`]).
-    pub(crate) fn data_file(&self, direct: bool) -> &File {
+    pub(crate) fn data_file(&self, direct: bool) -> &Arc<File> {
         match self.direct.as_ref().filter(|_| direct) {
             Some(d) => d.file(),
             None => &self.file,

@@ -252,7 +252,7 @@ pub enum ReadSource<'a> {
     /// Bytes in a file of this image or of one in its backing chain.
     File {
         /// The descriptor to read.
-        file: &'a File,
+        file: &'a Arc<File>,
         /// Where the bytes start in it.
         host: u64,
         /// `file` is an `O_DIRECT` descriptor: the caller's memory must be aligned to

@@ -55,7 +55,9 @@ use std::sync::Arc;
 use rustix::fs::{FallocateFlags, SeekFrom};
 
 use super::uring::{IoRing, Uring};
-use super::{blocking, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
+use super::{
+    blocking, in_memory, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, FileExtent, ZeroFlags,
+};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
 use directio::{is_aligned, is_memory_aligned, Direct};
@@ -81,15 +83,6 @@ pub struct FileBackend {
     no_nowait: Arc<std::sync::atomic::AtomicBool>,
     /// The file lives in memory (tmpfs, ramfs): reading it never waits for a device.
     in_memory: bool,
-}
-
-/// `statfs` magic numbers of filesystems that keep files in memory (tmpfs, ramfs).
-const MEMORY_FILESYSTEMS: [i64; 2] = [0x0102_1994, 0x8584_58f6];
-
-/// Whether `file` lives on a filesystem without a device behind it.
-#[allow(clippy::unnecessary_cast)] // `f_type` is i64 here, narrower on other architectures
-fn in_memory(file: &File) -> bool {
-    rustix::fs::fstatfs(file).is_ok_and(|st| MEMORY_FILESYSTEMS.contains(&(st.f_type as i64)))
 }
 
 /// The last run of data `SEEK_DATA`/`SEEK_HOLE` found, `[start, end)`; empty when unknown.
@@ -391,12 +384,13 @@ impl Backend for FileBackend {
         self.sync().await
     }
 
-    fn file_range(&self, offset: u64, length: u64) -> Option<Arc<File>> {
+    fn file_range(&self, offset: u64, length: u64) -> Option<Vec<FileExtent>> {
         // Only a file in memory: `sendfile` cannot decline to wait for a device the way
         // `RWF_NOWAIT` reads do, and it runs on the connection's writer (see the module doc).
         // Not with `O_DIRECT`, which keeps data out of the page cache `sendfile` reads through.
         let inside = offset.checked_add(length).is_some_and(|end| end <= self.size);
-        (self.in_memory && self.direct.is_none() && inside).then(|| Arc::clone(&self.file))
+        (self.in_memory && self.direct.is_none() && inside)
+            .then(|| vec![FileExtent::File { file: Arc::clone(&self.file), offset, length }])
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {

@@ -194,13 +194,57 @@ pub trait Backend: Send + Sync + 'static {
         Err(BackendError::unsupported("cache"))
     }
 
-    /// The file that holds `[offset, offset + length)` of the export at the same offsets, read
-    /// through the page cache, if there is one: the server may then send that range to a TCP
-    /// client straight from the file (`sendfile`), with no copy through its own memory. `None`
-    /// (the default) reads through [`Backend::read`].
-    fn file_range(&self, _offset: u64, _length: u64) -> Option<Arc<std::fs::File>> {
+    /// Where the bytes of `[offset, offset + length)` lie, in order, when all of them are in
+    /// files in memory or read as zeroes: the server may then send that range to a TCP client
+    /// straight from the files (`sendfile`), with no copy through its own memory. The extents
+    /// cover exactly `length` bytes. `None` (the default) reads through [`Backend::read`].
+    ///
+    /// Only for bytes whose place cannot change before the reply leaves: the server reads them
+    /// when it sends, after the request is answered in its own order. A raw file qualifies (the
+    /// export's offsets are the file's); a writable qcow2 image does not, since a concurrent
+    /// trim can free a cluster and a write reuse it for other guest data.
+    fn file_range(&self, _offset: u64, _length: u64) -> Option<Vec<FileExtent>> {
         None
     }
+}
+
+/// A part of an export's range as [`Backend::file_range`] places it.
+#[derive(Debug, Clone)]
+pub enum FileExtent {
+    /// `length` bytes of `file` from `offset` on. A file shorter than that reads as zeroes past
+    /// its end, as qcow2 and qemu's raw driver read it.
+    File {
+        /// The file, shared so the reply can outlive the request.
+        file: Arc<std::fs::File>,
+        /// Where the bytes start in it.
+        offset: u64,
+        /// How many.
+        length: u64,
+    },
+    /// `length` bytes that read as zeroes.
+    Zero {
+        /// How many.
+        length: u64,
+    },
+}
+
+impl FileExtent {
+    /// Bytes of the export this extent covers.
+    pub fn length(&self) -> u64 {
+        match self {
+            Self::File { length, .. } | Self::Zero { length } => *length,
+        }
+    }
+}
+
+/// `statfs` magic numbers of filesystems that keep files in memory (tmpfs, ramfs).
+const MEMORY_FILESYSTEMS: [i64; 2] = [0x0102_1994, 0x8584_58f6];
+
+/// Whether `file` lives on a filesystem with no device behind it, so reading it never waits:
+/// the test for sending it with `sendfile` from the connection's writer ([`Backend::file_range`]).
+#[allow(clippy::unnecessary_cast)] // `f_type` is i64 here, narrower on other architectures
+pub(crate) fn in_memory(file: &std::fs::File) -> bool {
+    rustix::fs::fstatfs(file).is_ok_and(|st| MEMORY_FILESYSTEMS.contains(&(st.f_type as i64)))
 }
 
 #[cfg(test)]

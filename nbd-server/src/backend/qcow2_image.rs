@@ -11,6 +11,13 @@
 //! in any layer is reported allocated, zero clusters and ranges allocated nowhere as holes that
 //! read as zeroes, so sparse copies of a chain stay sparse.
 //!
+//! A read-only image whose files live in memory (tmpfs: a repository there, or a restore staged
+//! in RAM) offers its ranges for replies sent straight from the files ([`Backend::file_range`]):
+//! `Image::plan_read` places each byte in the image or its backing chain, zero and unallocated
+//! ranges included, and the connection's writer sends the data with `sendfile`. Only read-only
+//! images: in a writable one a trim could free a cluster and a write reuse it for other guest
+//! data between the reply's planning and its sending.
+//!
 //! Buffered writes enter the kernel one at a time per image (`gate.rs` says why); reads and
 //! `O_DIRECT` writes never wait for it.
 //!
@@ -41,7 +48,9 @@ use std::sync::Arc;
 use qcow2::{ErrorKind, ExtentKind, Image, ImageOptions, ReadSource};
 
 use super::uring::{IoRing, Uring};
-use super::{blocking, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, ZeroFlags};
+use super::{
+    blocking, in_memory, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, FileExtent, ZeroFlags,
+};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
 
@@ -274,5 +283,27 @@ impl Backend for Qcow2Backend {
                 },
             })
             .collect())
+    }
+
+    fn file_range(&self, offset: u64, length: u64) -> Option<Vec<FileExtent>> {
+        // Read-only and buffered only (see the module doc); `None` sends the reply the usual way.
+        if self.image.is_writable() || self.image.is_direct() {
+            return None;
+        }
+        let pieces = self.image.plan_read(offset, length).ok()??;
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let length = (piece.data.end - piece.data.start) as u64;
+                match piece.source {
+                    ReadSource::Zero => Some(FileExtent::Zero { length }),
+                    ReadSource::File { file, host, direct } => (!direct && in_memory(file)).then(|| FileExtent::File {
+                        file: Arc::clone(file),
+                        offset: host,
+                        length,
+                    }),
+                }
+            })
+            .collect()
     }
 }

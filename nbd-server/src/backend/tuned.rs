@@ -95,7 +95,7 @@ impl<B: Backend> Backend for Tuned<B> {
         self.inner.cache(offset, length).await
     }
 
-    fn file_range(&self, offset: u64, length: u64) -> Option<std::sync::Arc<std::fs::File>> {
+    fn file_range(&self, offset: u64, length: u64) -> Option<Vec<super::FileExtent>> {
         self.inner.file_range(offset, length)
     }
 }

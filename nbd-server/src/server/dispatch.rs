@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use directio::AlignedBuf;
 
-use crate::backend::{BackendError, BackendErrorKind, ZeroFlags};
+use crate::backend::{BackendError, BackendErrorKind, FileExtent, ZeroFlags};
 use crate::proto::consts::{cmd_flags, errno, transmission_flags as tf};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, Request};
 
@@ -139,9 +139,45 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
 pub(crate) struct Reply {
     pub head: Vec<u8>,
     pub data: AlignedBuf,
-    /// Where `Segment::File` bytes are sent from.
-    pub file: Option<Arc<std::fs::File>>,
+    /// Where the reply's data lies when it is sent from files ([`crate::Backend::file_range`]) rather
+    /// than from `data`; its `Segment::File`s point into it.
+    pub files: Option<FileData>,
     pub segments: Vec<Segment>,
+}
+
+/// The files a reply's data is sent from, and where the request's range lies in them.
+#[derive(Debug)]
+pub(crate) struct FileData {
+    /// The request's range, in order, from its first byte.
+    extents: Vec<FileExtent>,
+}
+
+impl FileData {
+    /// The file of extent `index`.
+    pub fn file(&self, index: usize) -> Option<&std::fs::File> {
+        match self.extents.get(index)? {
+            FileExtent::File { file, .. } => Some(file),
+            FileExtent::Zero { .. } => None,
+        }
+    }
+
+    /// The segments that send `range` of the request (bytes from its first one).
+    fn segments(&self, range: Range<u64>, out: &mut Vec<Segment>) {
+        let mut start = 0u64;
+        for (index, extent) in self.extents.iter().enumerate() {
+            let end = start + extent.length();
+            let (from, to) = (range.start.max(start), range.end.min(end));
+            if from < to {
+                out.push(match extent {
+                    FileExtent::File { offset, .. } => {
+                        Segment::File { index, range: offset + (from - start)..offset + (to - start) }
+                    }
+                    FileExtent::Zero { .. } => Segment::Zeroes(to - from),
+                });
+            }
+            start = end;
+        }
+    }
 }
 
 /// A piece of a reply.
@@ -151,8 +187,11 @@ pub(crate) enum Segment {
     Head(Range<usize>),
     /// Bytes of `data`.
     Data(Range<usize>),
-    /// Bytes of `file` at these offsets, sent from the file itself (`sendfile`).
-    File(Range<u64>),
+    /// Bytes of the file of extent `index` of the reply's [`FileData`], at these offsets, sent
+    /// from the file itself (`sendfile`).
+    File { index: usize, range: Range<u64> },
+    /// This many zero bytes, in a reply sent from files.
+    Zeroes(u64),
 }
 
 impl Reply {
@@ -167,14 +206,13 @@ impl Reply {
         }
     }
 
-    /// Read data: `range` of the buffer, or of the file from export offset `base` on when the
-    /// reply is sent from the file.
-    fn payload(&mut self, base: u64, range: Range<usize>) {
-        let segment = match self.file {
-            Some(_) => Segment::File(base + range.start as u64..base + range.end as u64),
-            None => Segment::Data(range),
-        };
-        self.segments.push(segment);
+    /// Read data: `range` of the request's bytes, from the buffer or, when the reply is sent
+    /// from files, from where they lie in them.
+    fn payload(&mut self, range: Range<usize>) {
+        match &self.files {
+            Some(files) => files.segments(range.start as u64..range.end as u64, &mut self.segments),
+            None => self.segments.push(Segment::Data(range)),
+        }
     }
 }
 
@@ -274,8 +312,10 @@ const MIN_HOLE_CHUNK: u64 = 4096;
 async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: AlignedBuf) -> Reply {
     let len = req.length as usize;
     // A file the writer can send from directly: no copy through `data` (left unread).
-    let file = if l.sendfile { export.backend.file_range(req.offset, req.length) } else { None };
-    if file.is_none() && !data.set_len(len) {
+    let files = if l.sendfile { export.backend.file_range(req.offset, req.length) } else { None };
+    // A backend that places fewer or more bytes than asked for is not trusted with the reply.
+    let files = files.filter(|e| e.iter().map(FileExtent::length).sum::<u64>() == req.length);
+    if files.is_none() && !data.set_len(len) {
         data = AlignedBuf::new(len);
     }
     // Which parts to actually read: all of it, unless block status shows zero ranges.
@@ -311,7 +351,7 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
         pieces.push((0, req.length, false));
     }
     for &(rel, n, hole) in &pieces {
-        if hole || file.is_some() {
+        if hole || files.is_some() {
             continue;
         }
         // A piece outside the buffer would leave pool bytes of an earlier request in the reply.
@@ -327,10 +367,10 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
         }
     }
     bump(&export.counters.bytes_read, req.length);
-    let mut reply = Reply { file, ..Reply::default() };
+    let mut reply = Reply { files: files.map(|extents| FileData { extents }), ..Reply::default() };
     if !l.structured {
         reply.head(|o| tx::encode_simple_reply(o, req.cookie, 0));
-        reply.payload(req.offset, 0..len);
+        reply.payload(0..len);
         reply.data = data;
         return reply;
     }
@@ -345,7 +385,7 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
             reply.head(|o| tx::encode_offset_hole(o, l.mode, done, req.cookie, req.offset, req.offset + rel, n as u32));
         } else {
             reply.head(|o| tx::encode_offset_data_header(o, l.mode, done, req.cookie, req.offset, req.offset + rel, n));
-            reply.payload(req.offset, rel as usize..(rel + n) as usize);
+            reply.payload(rel as usize..(rel + n) as usize);
         }
     }
     reply.data = data;
