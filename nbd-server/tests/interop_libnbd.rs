@@ -297,7 +297,7 @@ fn aio_io_uring_serves_raw_and_qcow2_images_through_a_ring_with_and_without_o_di
                 let pages = resident_pages(&image);
                 assert!(pages < 256, "--aio=io_uring --cache=none left {pages} pages in the page cache");
             }
-            assert!(std::fs::read(&back).unwrap() == expected, "{format} {cache}: the read-back differs");
+            assert_same_bytes(&std::fs::read(&back).unwrap(), &expected, &format!("{format} {cache}: the read-back"));
             // Each fails the test unless it exits 0: equal, and (qcow2) consistent with no leaks.
             run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", format]).arg(&want).arg(&image));
             if format == "qcow2" {
@@ -329,7 +329,7 @@ fn aio_io_uring_serves_raw_and_qcow2_images_through_a_ring_with_and_without_o_di
         let back = dir.path().join(format!("top-back-{}.raw", &cache[8..]));
         run(Command::new("nbdcopy").args(["--connections=4"]).arg(peer.url()).arg(&back));
         assert!(peer.stop().success(), "overlay {cache}: the server failed");
-        assert!(std::fs::read(&back).unwrap() == want, "overlay {cache}: the read-back differs");
+        assert_same_bytes(&std::fs::read(&back).unwrap(), &want, &format!("overlay {cache}: the read-back"));
         run(Command::new(&qemu_img).arg("check").arg(&top));
     }
 }
@@ -369,7 +369,7 @@ fn cache_none_copies_through_o_direct_and_leaves_the_image_out_of_the_page_cache
             run(Command::new("nbdcopy").arg(peer.url()).arg(&back));
             assert!(peer.stop().success(), "{what}: the server failed");
             resident.push(resident_pages(&image));
-            assert!(std::fs::read(&back).unwrap() == expected, "{what}: the read-back differs");
+            assert_same_bytes(&std::fs::read(&back).unwrap(), &expected, &format!("{what}: the read-back"));
             let raw_copy = dir.path().join("expected.raw");
             std::fs::write(&raw_copy, &expected).unwrap();
             let same = run(Command::new("qemu-img")
@@ -485,7 +485,7 @@ fn assert_sent_whole(dir: &std::path::Path, image: &std::path::Path, format: &st
     for conns in ["--connections=1", "--connections=4"] {
         let back = dir.join("back.raw");
         run(Command::new("nbdcopy").arg(conns).arg(peer.url()).arg(&back));
-        assert!(std::fs::read(&back).unwrap() == want, "{format} {conns}: the copy differs");
+        assert_same_bytes(&std::fs::read(&back).unwrap(), want, &format!("{format} {conns}: the copy"));
         std::fs::remove_file(&back).unwrap();
     }
     let script = r#"

@@ -6,7 +6,6 @@
 //! depth limit and loop detection (by device and inode), relative names resolved against the
 //! image's own directory, as qemu does.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -16,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::compress;
 use crate::error::{Error, Result};
 use crate::header::{self, Compression, Extension, Header};
+use crate::l2cache::{L2Cache, L2Table};
 use crate::layout::{self, Geometry, Mapping};
 use crate::refcount::Refcounts;
 use crate::write::WriteState;
@@ -230,62 +230,6 @@ pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<(
     Ok(())
 }
 
-/// One L2 table in memory. Entries are atomics so the writer updates them in place (after the
-/// on-disk entry is written) while readers holding the same table see the old or the new entry,
-/// never a torn one; no table is ever cloned.
-pub(crate) struct L2Table {
-    words: Vec<std::sync::atomic::AtomicU64>,
-}
-
-impl L2Table {
-    fn from_bytes(raw: &[u8]) -> Self {
-        Self {
-            words: raw
-                .chunks_exact(8)
-                .map(|c| std::sync::atomic::AtomicU64::new(u64::from_be_bytes(c.try_into().unwrap_or_default())))
-                .collect(),
-        }
-    }
-
-    pub fn get(&self, word: usize) -> u64 {
-        self.words.get(word).map(|w| w.load(std::sync::atomic::Ordering::Acquire)).unwrap_or(0)
-    }
-
-    pub fn set(&self, word: usize, value: u64) {
-        if let Some(w) = self.words.get(word) {
-            w.store(value, std::sync::atomic::Ordering::Release);
-        }
-    }
-}
-
-/// A bounded cache of L2 tables keyed by host offset, evicting the least recently used.
-struct L2Cache {
-    tables: HashMap<u64, (Arc<L2Table>, u64)>,
-    tick: u64,
-    capacity: usize,
-}
-
-impl L2Cache {
-    fn get(&mut self, offset: u64) -> Option<Arc<L2Table>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.tables.get_mut(&offset).map(|(t, used)| {
-            *used = tick;
-            Arc::clone(t)
-        })
-    }
-
-    fn insert(&mut self, offset: u64, table: Arc<L2Table>) {
-        if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
-            if let Some(oldest) = self.tables.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) {
-                self.tables.remove(&oldest);
-            }
-        }
-        self.tick += 1;
-        self.tables.insert(offset, (table, self.tick));
-    }
-}
-
 /// What a range of the virtual disk holds, for block status and `qemu-img map`-like views.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {
@@ -455,7 +399,7 @@ impl Image {
             header,
             geo,
             l1: RwLock::new(l1),
-            l2_cache: Mutex::new(L2Cache { tables: HashMap::new(), tick: 0, capacity }),
+            l2_cache: Mutex::new(L2Cache::new(capacity)),
             backing,
             writable: opts.writable,
             direct: match opts.direct_io {
@@ -634,9 +578,10 @@ impl Image {
     }
 
     pub(crate) fn l2_table(&self, offset: u64, l1_index: u64) -> Result<Arc<L2Table>> {
-        if let Some(t) = self.l2_cache.lock().ok().and_then(|mut c| c.get(offset)) {
-            return Ok(t);
-        }
+        let miss = match self.l2_cache().lookup(offset) {
+            Ok(table) => return Ok(table),
+            Err(miss) => miss,
+        };
         let cluster = self.geo.cluster_size();
         if offset + cluster > self.file_len()? {
             return Err(Error::InvalidEntry {
@@ -648,11 +593,19 @@ impl Image {
         }
         let mut raw = vec![0u8; cluster as usize];
         read_or_zero(&self.file, &mut raw, offset)?;
-        let table = Arc::new(L2Table::from_bytes(&raw));
-        if let Ok(mut c) = self.l2_cache.lock() {
-            c.insert(offset, Arc::clone(&table));
-        }
-        Ok(table)
+        // Read without the write state's lock: `l2cache.rs` says when this copy may be cached.
+        Ok(self.l2_cache().loaded(offset, Arc::new(L2Table::from_bytes(&raw)), miss))
+    }
+
+    /// After a writer changed `table` (at `offset`, under the write state's lock): make it the
+    /// cached one (`l2cache.rs`).
+    pub(crate) fn l2_table_changed(&self, offset: u64, table: &Arc<L2Table>) {
+        self.l2_cache().changed(offset, table);
+    }
+
+    fn l2_cache(&self) -> std::sync::MutexGuard<'_, L2Cache> {
+        // The cache holds no invariant a panic could break halfway: a poisoned lock is usable.
+        self.l2_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// L1 entry `index` (0 past the table's end: unallocated). A poisoned lock is an error,
@@ -817,7 +770,7 @@ impl Image {
             let coverage = self.geo.l2_coverage();
             return Ok(Some((Mapping::Unallocated, coverage - offset % coverage)));
         }
-        let Some(table) = self.l2_cache.lock().ok().and_then(|mut c| c.get(l2_offset)) else {
+        let Some(table) = self.l2_cache().get(l2_offset) else {
             return Ok(None);
         };
         let (entry, bitmap) = if self.geo.extended_l2 {

@@ -37,6 +37,7 @@ pub mod compress;
 pub mod error;
 pub mod header;
 pub mod image;
+mod l2cache;
 pub mod layout;
 mod plan;
 mod refcount;

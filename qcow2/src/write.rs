@@ -247,6 +247,7 @@ impl Image {
                 table.set(word + 1, bitmap);
             }
         }
+        self.l2_table_changed(l2_offset, &table);
         for (i, old_entry) in old.into_iter().enumerate() {
             self.release_old(st, old_entry, g0 + i as u64, NewEntry::Data(host + i as u64 * cs))?;
         }
@@ -381,6 +382,7 @@ impl Image {
         if ext {
             table.set(word + 1, bitmap);
         }
+        self.l2_table_changed(l2_offset, &table);
         self.release_old(st, old_entry, guest, new)
     }
 

@@ -171,6 +171,20 @@ pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
     p
 }
 
+/// Assert `got` equals `want`, naming where they differ: the first and last differing byte and
+/// how many bytes differ, so a failure says which write or read went wrong.
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: {} bytes where {} were expected", got.len(), want.len());
+    let mut differ = got.iter().zip(want).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i);
+    if let Some(first) = differ.next() {
+        let (count, last) = differ.fold((1usize, first), |(n, _), i| (n + 1, i));
+        panic!(
+            "{what}: {count} bytes differ, from byte {first} ({first:#x}) to {last} ({last:#x}); got {:#04x}, want {:#04x} at the first",
+            got[first], want[first]
+        );
+    }
+}
+
 /// Assert two files have identical content.
 pub fn assert_same_content(a: &Path, b: &Path) {
     let x = std::fs::read(a).expect("read a");
