@@ -394,11 +394,7 @@ fn cache_none_copies_through_o_direct_and_leaves_the_image_out_of_the_page_cache
 
 #[test]
 fn files_in_memory_are_sent_with_sendfile_and_read_back_equal_in_every_reply_shape() {
-    // On tmpfs, where reads go page cache -> socket with sendfile (CI machines have a tmpfs
-    // /dev/shm; 16 MiB files fit even a container's).
-    let shm = std::path::Path::new("/dev/shm");
-    assert!(shm.is_dir(), "/dev/shm (tmpfs) is required for this test");
-    let dir = tempfile::tempdir_in(shm).unwrap();
+    let dir = memory_dir();
     let size = 16usize << 20;
     let file = sparse_file(dir.path(), "m.raw", size as u64);
     // Data with holes between: sparse reads answer with hole chunks and file data.
@@ -421,9 +417,7 @@ fn files_in_memory_are_sent_with_sendfile_and_read_back_equal_in_every_reply_sha
 fn a_read_only_qcow2_chain_in_memory_is_sent_from_its_files_and_reads_back_equal() {
     // A restore staged in memory: raw <- qcow2 <- qcow2 on tmpfs, with data in every layer,
     // clusters zeroed over backing data, unallocated ranges and unaligned writes.
-    let shm = std::path::Path::new("/dev/shm");
-    assert!(shm.is_dir(), "/dev/shm (tmpfs) is required for this test");
-    let dir = tempfile::tempdir_in(shm).unwrap();
+    let dir = memory_dir();
     let size = 16u64 << 20;
     let base = sparse_file(dir.path(), "base.raw", size);
     {
@@ -473,6 +467,14 @@ fn a_read_only_qcow2_chain_in_memory_is_sent_from_its_files_and_reads_back_equal
 
     assert_sent_whole(dir.path(), &top, "qcow2", &want);
     run(Command::new("qemu-img").args(["check", "-q"]).arg(&top));
+}
+
+/// A scratch directory on tmpfs, where reads go page cache -> socket with sendfile (CI machines
+/// have a tmpfs /dev/shm; the 16 MiB files of these tests fit even a container's).
+fn memory_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is required for this test");
+    tempfile::tempdir_in(shm).unwrap()
 }
 
 /// Serve `image` read-only and read it whole with nbdcopy (structured replies, 1 and 4
