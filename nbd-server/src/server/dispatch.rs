@@ -150,9 +150,17 @@ pub(crate) struct Reply {
 pub(crate) struct FileData {
     /// The request's range, in order, from its first byte.
     extents: Vec<FileExtent>,
+    /// The first extent the next [`FileData::segments`] call may need, and where it starts in
+    /// the request: calls come in order, so a reply costs one pass over its extents however
+    /// many data chunks it has.
+    cursor: (usize, u64),
 }
 
 impl FileData {
+    fn new(extents: Vec<FileExtent>) -> Self {
+        Self { extents, cursor: (0, 0) }
+    }
+
     /// The file of extent `index`.
     pub fn file(&self, index: usize) -> Option<&std::fs::File> {
         match self.extents.get(index)? {
@@ -161,10 +169,14 @@ impl FileData {
         }
     }
 
-    /// The segments that send `range` of the request (bytes from its first one).
-    fn segments(&self, range: Range<u64>, out: &mut Vec<Segment>) {
-        let mut start = 0u64;
-        for (index, extent) in self.extents.iter().enumerate() {
+    /// The segments that send `range` of the request (bytes from its first one); ranges come
+    /// in increasing order.
+    fn segments(&mut self, range: Range<u64>, out: &mut Vec<Segment>) {
+        let (mut index, mut start) = self.cursor;
+        if range.start < start {
+            (index, start) = (0, 0); // out of order: start over
+        }
+        while let Some(extent) = self.extents.get(index) {
             let end = start + extent.length();
             let (from, to) = (range.start.max(start), range.end.min(end));
             if from < to {
@@ -175,8 +187,12 @@ impl FileData {
                     FileExtent::Zero { .. } => Segment::Zeroes(to - from),
                 });
             }
-            start = end;
+            if end > range.end {
+                break; // the next range may still need this extent
+            }
+            (index, start) = (index + 1, end);
         }
+        self.cursor = (index, start);
     }
 }
 
@@ -209,7 +225,7 @@ impl Reply {
     /// Read data: `range` of the request's bytes, from the buffer or, when the reply is sent
     /// from files, from where they lie in them.
     fn payload(&mut self, range: Range<usize>) {
-        match &self.files {
+        match &mut self.files {
             Some(files) => files.segments(range.start as u64..range.end as u64, &mut self.segments),
             None => self.segments.push(Segment::Data(range)),
         }
@@ -367,7 +383,7 @@ async fn read(export: &Arc<Export>, req: &Request, l: &Limits, mut data: Aligned
         }
     }
     bump(&export.counters.bytes_read, req.length);
-    let mut reply = Reply { files: files.map(|extents| FileData { extents }), ..Reply::default() };
+    let mut reply = Reply { files: files.map(FileData::new), ..Reply::default() };
     if !l.structured {
         reply.head(|o| tx::encode_simple_reply(o, req.cookie, 0));
         reply.payload(0..len);
@@ -460,6 +476,38 @@ async fn block_status(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply 
 mod tests {
     use super::*;
     use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
+
+    /// What `segments` sends, as (extent index or `None` for zeroes, file range).
+    fn sent(files: &mut FileData, range: Range<u64>) -> Vec<(Option<usize>, Range<u64>)> {
+        let mut out = Vec::new();
+        files.segments(range, &mut out);
+        out.into_iter()
+            .map(|s| match s {
+                Segment::File { index, range } => (Some(index), range),
+                Segment::Zeroes(n) => (None, 0..n),
+                other => panic!("not file data: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn file_data_places_each_chunk_of_a_reply_in_its_extents_in_one_pass() {
+        let a = Arc::new(tempfile::tempfile().unwrap());
+        let b = Arc::new(tempfile::tempfile().unwrap());
+        let mut files = FileData::new(vec![
+            FileExtent::File { file: Arc::clone(&a), offset: 1000, length: 4096 },
+            FileExtent::Zero { length: 4096 },
+            FileExtent::File { file: Arc::clone(&b), offset: 0, length: 8192 },
+        ]);
+        assert_eq!(sent(&mut files, 0..100), [(Some(0), 1000..1100)]);
+        assert_eq!(sent(&mut files, 100..6000), [(Some(0), 1100..5096), (None, 0..1904)]);
+        // A hole chunk between (6000..9000) is not asked for; the rest is.
+        assert_eq!(sent(&mut files, 9000..16384), [(Some(2), 808..8192)]);
+        assert_eq!(files.cursor, (3, 16384), "every extent passed once");
+        // Out of order (never sent by the server, but placed right all the same).
+        assert_eq!(sent(&mut files, 4000..8200), [(Some(0), 5000..5096), (None, 0..4096), (Some(2), 0..8)]);
+        assert!(files.file(1).is_none() && files.file(2).is_some());
+    }
 
     fn limits() -> Limits {
         Limits {
