@@ -410,7 +410,7 @@ fn files_in_memory_are_sent_with_sendfile_and_read_back_equal_in_every_reply_sha
     }
     let raw = nbd_server::FileBackend::open(&file, true).unwrap();
     assert!(nbd_server::Backend::file_range(&raw, 0, size as u64).is_some(), "a raw file on tmpfs is sent from it");
-    assert_sent_whole(dir.path(), &file, "raw", &want);
+    assert_sent_whole(dir.path(), &file, "raw", "raw", &want);
 }
 
 #[test]
@@ -465,8 +465,29 @@ fn a_read_only_qcow2_chain_in_memory_is_sent_from_its_files_and_reads_back_equal
     assert!(nbd_server::Backend::file_range(&rw, 0, size).is_none(), "a writable image is read the usual way");
     drop(rw);
 
-    assert_sent_whole(dir.path(), &top, "qcow2", &want);
+    assert_sent_whole(dir.path(), &top, "qcow2", "qcow2 chain", &want);
     run(Command::new("qemu-img").args(["check", "-q"]).arg(&top));
+
+    // A file cut short under its last data cluster: the part past the end reads as zeroes, the
+    // same whether the reply is sent from the file or copied.
+    let out = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(&top));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .max_by_key(|e| e["offset"].as_u64().unwrap())
+        .unwrap()
+        .clone();
+    let (guest, host, len) =
+        (last["start"].as_u64().unwrap(), last["offset"].as_u64().unwrap(), last["length"].as_u64().unwrap());
+    assert_eq!(std::fs::metadata(&top).unwrap().len(), host + len, "the last data cluster ends the file");
+    let cut = host + len - 40_000;
+    std::fs::OpenOptions::new().write(true).open(&top).unwrap().set_len(cut).unwrap();
+    let mut short = want.clone();
+    short[(guest + len - 40_000) as usize..(guest + len) as usize].fill(0);
+    assert_sent_whole(dir.path(), &top, "qcow2", "qcow2 cut short", &short);
 }
 
 /// A scratch directory on tmpfs, where reads go page cache -> socket with sendfile (CI machines
@@ -480,14 +501,14 @@ fn memory_dir() -> tempfile::TempDir {
 /// Serve `image` read-only and read it whole with nbdcopy (structured replies, 1 and 4
 /// connections) and python-libnbd (simple and structured replies, odd offsets and lengths):
 /// every read must equal `want`.
-fn assert_sent_whole(dir: &std::path::Path, image: &std::path::Path, format: &str, want: &[u8]) {
+fn assert_sent_whole(dir: &std::path::Path, image: &std::path::Path, format: &str, what: &str, want: &[u8]) {
     require("nbdsh");
     require("nbdcopy");
     let peer = start_sendense_as(image, format, "m", &["--shared=4", "-r"]);
     for conns in ["--connections=1", "--connections=4"] {
         let back = dir.join("back.raw");
         run(Command::new("nbdcopy").arg(conns).arg(peer.url()).arg(&back));
-        assert_same_bytes(&std::fs::read(&back).unwrap(), want, &format!("{format} {conns}: the copy"));
+        assert_same_bytes(&std::fs::read(&back).unwrap(), want, &format!("{what} {conns}: the copy"));
         std::fs::remove_file(&back).unwrap();
     }
     let script = r#"

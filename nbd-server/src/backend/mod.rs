@@ -211,8 +211,8 @@ pub trait Backend: Send + Sync + 'static {
 /// A part of an export's range as [`Backend::file_range`] places it.
 #[derive(Debug, Clone)]
 pub enum FileExtent {
-    /// `length` bytes of `file` from `offset` on. A file shorter than that reads as zeroes past
-    /// its end, as qcow2 and qemu's raw driver read it.
+    /// `length` bytes of `file` from `offset` on, all inside the file (a file found shorter
+    /// when the reply is sent cuts the connection).
     File {
         /// The file, shared so the reply can outlive the request.
         file: Arc<std::fs::File>,

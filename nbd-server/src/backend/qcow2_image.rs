@@ -291,19 +291,27 @@ impl Backend for Qcow2Backend {
             return None;
         }
         let pieces = self.image.plan_read(offset, length).ok()??;
-        pieces
-            .into_iter()
-            .map(|piece| {
-                let length = (piece.data.end - piece.data.start) as u64;
-                match piece.source {
-                    ReadSource::Zero => Some(FileExtent::Zero { length }),
-                    ReadSource::File { file, host, direct } => (!direct && in_memory(file)).then(|| FileExtent::File {
-                        file: Arc::clone(file),
-                        offset: host,
-                        length,
-                    }),
+        let mut extents = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            let length = (piece.data.end - piece.data.start) as u64;
+            match piece.source {
+                ReadSource::Zero => extents.push(FileExtent::Zero { length }),
+                ReadSource::File { file, host, direct } => {
+                    if direct || !in_memory(file) {
+                        return None;
+                    }
+                    // Clusters past the end of a (truncated) file read as zeroes, as the
+                    // crate's own reads give them.
+                    let inside = file.metadata().ok()?.len().saturating_sub(host).min(length);
+                    if inside > 0 {
+                        extents.push(FileExtent::File { file: Arc::clone(file), offset: host, length: inside });
+                    }
+                    if inside < length {
+                        extents.push(FileExtent::Zero { length: length - inside });
+                    }
                 }
-            })
-            .collect()
+            }
+        }
+        Some(extents)
     }
 }
