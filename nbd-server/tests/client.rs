@@ -286,12 +286,13 @@ async fn the_client_connects_by_uri_over_tcp_and_unix_sockets() {
     drop(peer);
     // sendense-nbd on a Unix socket, by URI.
     let sock = dir.path().join("s.sock");
-    let mut child = std::process::Command::new(sendense_nbd())
+    let child = std::process::Command::new(sendense_nbd())
         .args(["-f", "raw", "-x", "u", "-t", "-k"])
         .arg(&sock)
         .arg(&file)
         .spawn()
         .unwrap();
+    let mut child = Reaped(child);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !sock.exists() {
         assert!(std::time::Instant::now() < deadline, "no socket");

@@ -182,12 +182,13 @@ fn fast_zero_on_qcow2_is_honoured_and_fails_with_enotsup_when_it_cannot_be_fast(
     let image = dir.path().join("d.qcow2");
     run(Command::new(require("qemu-img")).args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("4M"));
     let port = free_port();
-    let mut child = Command::new(sendense_nbd())
+    let child = Command::new(sendense_nbd())
         .args(["-f", "qcow2", "-x", "z", "-p", &port.to_string(), "-t"])
         .arg(&image)
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = Reaped(child);
     wait_for_port(port, &mut child);
     let script = r#"
 import nbd, sys

@@ -134,13 +134,20 @@ fn without_persistent_the_server_exits_when_the_last_client_leaves() {
     let file = sparse_file(dir.path(), "d.raw", 1 << 20);
     let port = free_port();
     let pid_file = dir.path().join("pid");
-    let mut child = Command::new(sendense_nbd())
+    let child = Command::new(sendense_nbd())
         .args(["-f", "raw", "-x", "once", "-p", &port.to_string(), "--pid-file"])
         .arg(&pid_file)
         .arg(&file)
         .spawn()
         .unwrap();
-    wait_for_port(port, &mut child);
+    let mut child = Reaped(child);
+    // The pid file is the readiness signal: it appears, whole, once the server listens.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pid_file.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited before it was ready");
+        assert!(std::time::Instant::now() < deadline, "no pid file");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     assert_eq!(pid, child.id());
     qemu_io(&format!("nbd://127.0.0.1:{port}/once"), "raw", &["write -P 0x9 0 4k"]);
@@ -163,8 +170,9 @@ fn a_unix_socket_export_serves_qemu_io() {
     let dir = tempfile::tempdir().unwrap();
     let file = sparse_file(dir.path(), "d.raw", 1 << 20);
     let sock = dir.path().join("nbd.sock");
-    let mut child =
+    let child =
         Command::new(sendense_nbd()).args(["-f", "raw", "-x", "u", "-t", "-k"]).arg(&sock).arg(&file).spawn().unwrap();
+    let mut child = Reaped(child);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !sock.exists() {
         assert!(std::time::Instant::now() < deadline);
@@ -209,7 +217,7 @@ fn the_pid_file_and_the_socket_never_write_through_or_remove_what_is_not_theirs(
     std::fs::remove_file(d.join("pid")).unwrap();
     std::fs::write(d.join("pid"), "99999\n").unwrap();
     let sock = d.join("nbd.sock");
-    let mut child = Command::new(sendense_nbd())
+    let child = Command::new(sendense_nbd())
         .args(["-f", "raw", "-x", "e", "-t", "-k"])
         .arg(&sock)
         .arg("--pid-file")
@@ -217,6 +225,7 @@ fn the_pid_file_and_the_socket_never_write_through_or_remove_what_is_not_theirs(
         .arg(&file)
         .spawn()
         .unwrap();
+    let mut child = Reaped(child);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::read_to_string(d.join("pid")).unwrap_or_default().trim() != child.id().to_string() {
         assert!(std::time::Instant::now() < deadline, "pid file never written");

@@ -4,7 +4,8 @@
 //! --pid-file FILE`), so it drops into the same command line, and adds `--demo` to serve a fresh
 //! scratch image with no arguments at all. Failures (missing file, port in use, unsupported
 //! format) are one line on stderr and exit status 1; the listener accepts as soon as it is bound,
-//! and the pid file is written only then, so "pid file exists" means "ready".
+//! and the pid file is written only then (whole, renamed into place), so "pid file exists" means
+//! "ready" and whoever reads it reads the whole pid.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -275,22 +276,23 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 /// replaced, a symlink or anything else at the path is refused.
 fn write_pid_file(path: &Path) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => {
-            std::fs::remove_file(path).with_context(|| format!("cannot replace pid file '{}'", path.display()))?
+        Ok(m) if !m.file_type().is_file() => {
+            bail!("pid file '{}' exists and is not a regular file; refusing to write through it", path.display())
         }
-        Ok(_) => bail!("pid file '{}' exists and is not a regular file; refusing to write through it", path.display()),
-        Err(_) => {}
+        _ => {}
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .with_context(|| format!("cannot write pid file '{}'", path.display()))?;
-    writeln!(f, "{}", std::process::id()).with_context(|| format!("cannot write pid file '{}'", path.display()))
+    // Written whole beside it, then renamed into place: whoever finds the file reads the whole
+    // pid, never an empty or half-written file, and a rename replaces a name, never writes
+    // through whatever it pointed at.
+    let cannot = || format!("cannot write pid file '{}'", path.display());
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".sendense-nbd-pid").tempfile_in(dir).with_context(cannot)?;
+    writeln!(tmp, "{}", std::process::id()).with_context(cannot)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).with_context(cannot)?;
+    tmp.persist(path).map_err(|e| e.error).with_context(cannot)?;
+    Ok(())
 }
 
 /// The demo's scratch directory: a fresh, unpredictable name (mode 0700), removed on exit.
