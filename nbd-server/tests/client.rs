@@ -294,7 +294,8 @@ async fn the_client_connects_by_uri_over_tcp_and_unix_sockets() {
         .unwrap();
     let mut child = Reaped(child);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sock.exists() {
+    // Listening, not just bound: a probe connection goes through (the export is persistent).
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(std::time::Instant::now() < deadline, "no socket");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

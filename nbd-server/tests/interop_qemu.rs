@@ -174,7 +174,8 @@ fn a_unix_socket_export_serves_qemu_io() {
         Command::new(sendense_nbd()).args(["-f", "raw", "-x", "u", "-t", "-k"]).arg(&sock).arg(&file).spawn().unwrap();
     let mut child = Reaped(child);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sock.exists() {
+    // Listening, not just bound: a probe connection goes through (the export is persistent).
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
