@@ -46,7 +46,7 @@ fn qemu_made_images_read_bit_identical_through_sendense_nbd() {
             .spawn()
             .unwrap();
         wait_for_port(port, &mut child);
-        let peer = Peer { child, port, name: name.clone() };
+        let peer = Peer { child: Reaped(child), port, name: name.clone() };
         let got = dir.path().join(format!("{name}.got.raw"));
         run(Command::new("nbdcopy").args(["--connections=4", "--threads=4", &peer.url()]).arg(&got));
         assert_same_content(&want, &got);
@@ -72,7 +72,7 @@ fn block_status_of_a_qcow2_chain_reports_only_allocated_data() {
         .spawn()
         .unwrap();
     wait_for_port(port, &mut child);
-    let peer = Peer { child, port, name: "t".into() };
+    let peer = Peer { child: Reaped(child), port, name: "t".into() };
     let out = run(Command::new("nbdinfo").args(["--map", "--json", &peer.url()]));
     let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let data: u64 =
@@ -103,7 +103,7 @@ fn start_qcow2(img: &Path, name: &str) -> Peer {
         .spawn()
         .unwrap();
     wait_for_port(port, &mut child);
-    Peer { child, port, name: name.to_string() }
+    Peer { child: Reaped(child), port, name: name.to_string() }
 }
 
 fn check_exit(img: &Path) -> (i32, String) {

@@ -85,7 +85,7 @@ fn qemu_io_patterns_through_the_server_equal_the_same_patterns_on_a_raw_file() {
         .spawn()
         .unwrap();
     wait_for_port(port, &mut child);
-    let peer = Peer { child, port, name: "io".into() };
+    let peer = Peer { child: Reaped(child), port, name: "io".into() };
     qemu_io(&peer.url(), "raw", QEMU_IO_OPS);
     qemu_io(&peer.url(), "raw", QEMU_IO_CHECKS);
     qemu_io(direct.to_str().unwrap(), "raw", QEMU_IO_OPS);

@@ -45,7 +45,7 @@ pub fn wait_for_port(port: u16, child: &mut Child) {
 
 /// A server process, killed on drop.
 pub struct Peer {
-    pub child: Child,
+    pub child: Reaped,
     pub port: u16,
     pub name: String,
 }
@@ -58,9 +58,7 @@ impl Peer {
     /// Send SIGTERM and wait for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let status = self.child.wait().expect("wait");
-        std::mem::forget(self);
-        status
+        self.child.wait().expect("wait")
     }
 }
 
@@ -88,13 +86,6 @@ impl Drop for Reaped {
     }
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub fn sendense_nbd() -> &'static str {
     env!("CARGO_BIN_EXE_sendense-nbd")
 }
@@ -115,7 +106,7 @@ pub fn start_sendense_as(file: &Path, format: &str, name: &str, extra: &[&str]) 
         .spawn()
         .expect("spawn sendense-nbd");
     wait_for_port(port, &mut child);
-    Peer { child, port, name: name.to_string() }
+    Peer { child: Reaped(child), port, name: name.to_string() }
 }
 
 /// Start `qemu-nbd -f raw -x NAME -p PORT -b 127.0.0.1 --shared=4 -t FILE`.
@@ -129,7 +120,7 @@ pub fn start_qemu_nbd(file: &Path, name: &str) -> Peer {
         .spawn()
         .expect("spawn qemu-nbd");
     wait_for_port(port, &mut child);
-    Peer { child, port, name: name.to_string() }
+    Peer { child: Reaped(child), port, name: name.to_string() }
 }
 
 /// Start `nbdkit file FILE` on a free port.
@@ -143,7 +134,7 @@ pub fn start_nbdkit(file: &Path) -> Peer {
         .spawn()
         .expect("spawn nbdkit");
     wait_for_port(port, &mut child);
-    Peer { child, port, name: String::new() }
+    Peer { child: Reaped(child), port, name: String::new() }
 }
 
 /// Run a command, fail the test with its output if it fails.
