@@ -90,7 +90,7 @@ impl Direct {
     /// # Errors
     /// The read failed, or the file ends first (`UnexpectedEof`).
     pub fn read_buf(&self, buf: &mut AlignedBuf, offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf.as_mut_slice(), offset)
+        read_exact_direct(&self.file, buf.as_mut_slice(), offset)
     }
 
     /// Write `data` at `offset` (aligned: see [`is_aligned`]): in place when `data` starts on an
@@ -116,7 +116,7 @@ impl Direct {
     /// The read failed, or the file ends first (`UnexpectedEof`).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if is_memory_aligned(buf) {
-            return self.file.read_exact_at(buf, offset);
+            return read_exact_direct(&self.file, buf, offset);
         }
         let mut bounce = self.take(buf.len());
         let result = self.read_buf(&mut bounce, offset);
@@ -126,6 +126,34 @@ impl Direct {
         self.give_back(bounce);
         result
     }
+}
+
+/// Fill `buf` from `offset` of an `O_DIRECT` file. A read the end of the file cuts short may
+/// stop at any byte (the file's size need not be aligned: a buffered write may have just grown
+/// it), and the rest of the range, at an unaligned offset, `O_DIRECT` refuses with `EINVAL`; so
+/// a short read ends it with `UnexpectedEof`, which callers answer with a buffered read that
+/// gives the bytes past the end as zeroes.
+fn read_exact_direct(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = buf.get_mut(done..).unwrap_or_default();
+        match file.read_at(rest, offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if done % DIRECT_ALIGN != 0 {
+            break;
+        }
+    }
+    if done < buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the file ends {done} bytes into a direct read at {offset}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Aligned buffers kept for reuse, at most `max_bytes` of them (an idle user holds a bounded

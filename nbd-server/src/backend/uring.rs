@@ -173,7 +173,10 @@ impl Uring {
         self.submit(entry)
     }
 
-    /// Fill `buf` from `offset` of `file` (short reads continue; the end of the file is an error).
+    /// Fill `buf` from `offset` of `file` (short reads continue; the end of the file is an
+    /// `UnexpectedEof` error). On an `O_DIRECT` file a short read that stops off a
+    /// [`directio::DIRECT_ALIGN`] boundary is the end of the file too: the rest, unaligned, would
+    /// be refused with `EINVAL`, and a file's size need not be aligned.
     pub async fn read_exact(&self, file: &File, buf: &mut [u8], offset: u64) -> BackendResult<()> {
         let mut done = 0;
         while done < buf.len() {
@@ -183,6 +186,9 @@ impl Uring {
                 Ok(0) => return Err(BackendError::io("read", at, io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => done += n,
                 Err(e) => return Err(BackendError::io("read", at, e)),
+            }
+            if done < buf.len() && done % directio::DIRECT_ALIGN != 0 && is_direct(file) {
+                return Err(BackendError::io("read", offset + done as u64, io::ErrorKind::UnexpectedEof.into()));
             }
         }
         Ok(())
@@ -343,6 +349,11 @@ fn fail_queued(shared: &Shared) {
     for op in queued.into_iter().flatten() {
         op.slot.complete(-rustix::io::Errno::IO.raw_os_error());
     }
+}
+
+/// Whether `file` was opened with `O_DIRECT` (asked only after a short read).
+fn is_direct(file: &File) -> bool {
+    rustix::fs::fcntl_getfl(file).is_ok_and(|flags| flags.contains(rustix::fs::OFlags::DIRECT))
 }
 
 #[cfg(test)]
