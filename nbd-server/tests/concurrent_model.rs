@@ -1,7 +1,8 @@
-//! Four NBD connections into one qcow2 export, sixteen request streams writing, zeroing,
-//! trimming, flushing and reading back at once, each checked against a byte-array model after
-//! every step; then qemu-img judges the image. Once per way the hub may open an image: the page
-//! cache or `O_DIRECT`, threads or io_uring, fresh or an overlay, large or tiny clusters.
+//! Four NBD connections into one export, sixteen request streams writing, zeroing, trimming,
+//! flushing and reading back at once, each checked against a byte-array model after every step;
+//! then qemu-img judges the image. Once per way the hub may open one: qcow2 or raw, the page
+//! cache or `O_DIRECT`, threads or io_uring, fresh or an overlay (a filled file), large or tiny
+//! clusters. A second test kills the server amid the streams.
 //!
 //! Each stream owns its bytes, so the model stays exact however the requests interleave, but
 //! the bytes are dealt so that the streams share everything else (as in the `qcow2` crate's
@@ -44,7 +45,10 @@ impl Rng {
 /// second.
 #[derive(Clone, Copy)]
 struct Ownership {
+    /// The qcow2 cluster size; for a raw file, the unit handed round the streams alike.
     cluster: u64,
+    /// A raw export (trims behave differently).
+    raw: bool,
 }
 
 impl Ownership {
@@ -154,8 +158,26 @@ async fn run_stream(
                 set(start, len, 0);
                 "zero"
             }
+            9 | 10 if own.raw => {
+                // A raw file punches a hole where the filesystem can: each byte reads as it was
+                // or as zero, nothing else; the model takes what it reads.
+                client.trim(start, len).await.map_err(|e| failed("trim", e))?;
+                let got = client.read(start, len as u32).await.map_err(|e| failed("read", e))?;
+                let mut model = shared.model.lock().map_err(|_| StreamError::Mismatch("model poisoned".into()))?;
+                let old = &mut model[start as usize..(start + len) as usize];
+                if let Some(at) = got.iter().zip(old.iter()).position(|(g, o)| *g != *o && *g != 0) {
+                    return Err(StreamError::Mismatch(format!(
+                        "stream {stream} step {step} (trim at {start}+{len}): byte {} reads {:#04x}, neither what it was ({:#04x}) nor zero",
+                        start + at as u64,
+                        got[at],
+                        old[at]
+                    )));
+                }
+                old.copy_from_slice(&got);
+                "trim"
+            }
             9 | 10 => {
-                // A trimmed whole cluster reads as zeroes; a part of one keeps its data.
+                // A trimmed whole qcow2 cluster reads as zeroes; a part of one keeps its data.
                 let (start, len) = if whole_cluster { (piece, own.cluster) } else { (start, len) };
                 client.trim(start, len).await.map_err(|e| failed("trim", e))?;
                 if whole_cluster {
@@ -187,6 +209,8 @@ async fn run_stream(
 }
 
 struct Variant {
+    /// A raw file instead of a qcow2 image (`backed`: one filled with a pattern first).
+    raw: bool,
     flags: &'static [&'static str],
     cluster_size: u64,
     backed: bool,
@@ -195,22 +219,31 @@ struct Variant {
 
 impl Variant {
     fn describe(&self, seed: u64) -> String {
-        format!(
-            "{:?}, {} byte clusters, {}, seed {seed}",
-            self.flags,
-            self.cluster_size,
-            if self.backed { "overlay" } else { "fresh" }
-        )
+        let kind = match (self.raw, self.backed) {
+            (true, true) => "raw, filled",
+            (true, false) => "raw, sparse",
+            (false, true) => "qcow2 overlay",
+            (false, false) => "fresh qcow2",
+        };
+        format!("{kind}, {:?}, {} byte clusters, seed {seed}", self.flags, self.cluster_size)
     }
 }
 
-/// A fresh image (or overlay on a numbered raw base) as the variant says, and the bytes it
-/// reads as.
+/// A fresh image (or overlay on a numbered raw base) as the variant says, or a raw file (sparse
+/// or filled with the same numbers), and the bytes it reads as.
 fn create_image(d: &Path, v: &Variant) -> (PathBuf, Vec<u8>) {
+    let numbered = || (0..SIZE).map(|i| (i / 512 % 251) as u8 + 1).collect::<Vec<u8>>();
+    if v.raw {
+        if v.backed {
+            let data = numbered();
+            return (write_file(d, "c.raw", &data), data);
+        }
+        return (sparse_file(d, "c.raw", SIZE), vec![0u8; SIZE as usize]);
+    }
     let img = d.join("c.qcow2");
     let cluster_opt = format!("cluster_size={}", v.cluster_size);
     if v.backed {
-        let data: Vec<u8> = (0..SIZE).map(|i| (i / 512 % 251) as u8 + 1).collect();
+        let data = numbered();
         write_file(d, "base.raw", &data);
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", &cluster_opt])
@@ -228,7 +261,7 @@ fn create_image(d: &Path, v: &Variant) -> (PathBuf, Vec<u8>) {
 fn start(img: &Path, v: &Variant) -> Peer {
     let mut flags = vec!["--shared=8"];
     flags.extend_from_slice(v.flags);
-    start_sendense_as(img, "qcow2", "c", &flags)
+    start_sendense_as(img, if v.raw { "raw" } else { "qcow2" }, "c", &flags)
 }
 
 /// Connect, and start the sixteen streams.
@@ -238,7 +271,7 @@ async fn start_streams(
     v: &Variant,
     seed: u64,
 ) -> (Vec<Client>, Vec<JoinHandle<Result<(), StreamError>>>) {
-    let own = Ownership { cluster: v.cluster_size };
+    let own = Ownership { cluster: v.cluster_size, raw: v.raw };
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
         clients.push(Client::connect_tcp(("127.0.0.1", peer.port), "c").await.unwrap());
@@ -269,6 +302,10 @@ fn leaked_clusters(check_output: &str) -> u64 {
 /// crash left: qemu does not reclaim them on open either; `qemu-img check -r leaks` does),
 /// every byte as the model says.
 fn judge(d: &Path, img: &Path, model: &[u8], leaks: u64, what: &str) {
+    if img.extension().is_some_and(|e| e == "raw") {
+        assert_same_bytes(&std::fs::read(img).unwrap(), model, &format!("{what}: the file after a clean exit"));
+        return;
+    }
     let (code, text) = qemu_img_check(img);
     assert!(
         code == 0 || (code == 3 && leaked_clusters(&text) <= leaks),
@@ -392,12 +429,34 @@ fn rounds_and_seed() -> (u64, u64) {
 async fn sixteen_streams_on_four_connections_read_back_what_the_model_says_in_every_cache_and_aio_mode() {
     require("qemu-img");
     let variants = [
-        Variant { flags: &[], cluster_size: 65536, backed: false, ops_per_stream: 150 },
-        Variant { flags: &[], cluster_size: 4096, backed: true, ops_per_stream: 150 },
-        Variant { flags: &["--aio=io_uring"], cluster_size: 512, backed: false, ops_per_stream: 150 },
-        Variant { flags: &["--cache=none"], cluster_size: 4096, backed: true, ops_per_stream: 60 },
-        Variant { flags: &["--cache=none", "--aio=io_uring"], cluster_size: 65536, backed: true, ops_per_stream: 60 },
-        Variant { flags: &["--cache=none", "--aio=io_uring"], cluster_size: 4096, backed: false, ops_per_stream: 60 },
+        Variant { raw: false, flags: &[], cluster_size: 65536, backed: false, ops_per_stream: 150 },
+        Variant { raw: false, flags: &[], cluster_size: 4096, backed: true, ops_per_stream: 150 },
+        Variant { raw: false, flags: &["--aio=io_uring"], cluster_size: 512, backed: false, ops_per_stream: 150 },
+        Variant { raw: false, flags: &["--cache=none"], cluster_size: 4096, backed: true, ops_per_stream: 60 },
+        Variant {
+            raw: false,
+            flags: &["--cache=none", "--aio=io_uring"],
+            cluster_size: 65536,
+            backed: true,
+            ops_per_stream: 60,
+        },
+        Variant {
+            raw: false,
+            flags: &["--cache=none", "--aio=io_uring"],
+            cluster_size: 4096,
+            backed: false,
+            ops_per_stream: 60,
+        },
+        Variant { raw: true, flags: &[], cluster_size: 65536, backed: true, ops_per_stream: 150 },
+        Variant { raw: true, flags: &["--aio=io_uring"], cluster_size: 4096, backed: false, ops_per_stream: 150 },
+        Variant { raw: true, flags: &["--cache=none"], cluster_size: 65536, backed: false, ops_per_stream: 60 },
+        Variant {
+            raw: true,
+            flags: &["--cache=none", "--aio=io_uring"],
+            cluster_size: 16384,
+            backed: true,
+            ops_per_stream: 60,
+        },
     ];
     let (rounds, first_seed) = rounds_and_seed();
     for round in 0..rounds {
@@ -411,9 +470,15 @@ async fn sixteen_streams_on_four_connections_read_back_what_the_model_says_in_ev
 async fn a_server_killed_amid_sixteen_streams_keeps_every_acknowledged_change_and_takes_more_after_a_restart() {
     require("qemu-img");
     let variants = [
-        Variant { flags: &[], cluster_size: 65536, backed: true, ops_per_stream: 200 },
-        Variant { flags: &["--aio=io_uring"], cluster_size: 4096, backed: false, ops_per_stream: 200 },
-        Variant { flags: &["--cache=none", "--aio=io_uring"], cluster_size: 65536, backed: false, ops_per_stream: 100 },
+        Variant { raw: false, flags: &[], cluster_size: 65536, backed: true, ops_per_stream: 200 },
+        Variant { raw: false, flags: &["--aio=io_uring"], cluster_size: 4096, backed: false, ops_per_stream: 200 },
+        Variant {
+            raw: false,
+            flags: &["--cache=none", "--aio=io_uring"],
+            cluster_size: 65536,
+            backed: false,
+            ops_per_stream: 100,
+        },
     ];
     let (rounds, first_seed) = rounds_and_seed();
     for round in 0..rounds {
