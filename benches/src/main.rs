@@ -23,12 +23,15 @@
 //!   nbdcopy): random, realistic, and a 1% incremental.
 //! - `wan`: NBD through the tunnel and through `ssh -L` across a delay proxy (round trips of
 //!   0, 10, 20 and 50 ms).
+//! - `floor`: the CPU budget the qcow2 write goal leaves a server on this machine, beside what a
+//!   bare receiver (`recv` + `pwrite`, and `splice`) spends at least.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
 mod disk;
 mod e2e;
 mod fleet;
+mod floor;
 mod hub;
 mod mover;
 mod peers;
@@ -43,7 +46,8 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet (default: all).
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet, floor (default:
+    /// all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -99,6 +103,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("wan") {
         wan::wan_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("floor") {
+        floor::floor_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;
