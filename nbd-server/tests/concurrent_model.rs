@@ -27,20 +27,6 @@ const STREAMS_PER_CONNECTION: u64 = 4;
 const STREAMS: u64 = CONNECTIONS * STREAMS_PER_CONNECTION;
 const SIZE: u64 = 8 << 20;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// The bytes one stream owns: chunks of clusters in the first half, whole clusters in the
 /// second.
 #[derive(Clone, Copy)]
@@ -61,13 +47,13 @@ impl Ownership {
     }
 
     /// A random piece `stream` owns: (start, end, whether it is a whole cluster).
-    fn pick(&self, stream: u64, r: &mut Rng) -> (u64, u64, bool) {
-        if r.next() % 2 == 0 {
-            let k = r.below(self.half() / self.chunk() / STREAMS) * STREAMS + stream;
+    fn pick(&self, stream: u64, r: &mut fastrand::Rng) -> (u64, u64, bool) {
+        if r.bool() {
+            let k = r.u64(..self.half() / self.chunk() / STREAMS) * STREAMS + stream;
             (k * self.chunk(), (k + 1) * self.chunk(), false)
         } else {
             let first = self.half() / self.cluster;
-            let c = first + r.below((SIZE / self.cluster - first) / STREAMS) * STREAMS + stream;
+            let c = first + r.u64(..(SIZE / self.cluster - first) / STREAMS) * STREAMS + stream;
             (c * self.cluster, (c + 1) * self.cluster, true)
         }
     }
@@ -135,25 +121,25 @@ async fn run_stream(
     seed: u64,
     ops: usize,
 ) -> Result<(), StreamError> {
-    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = fastrand::Rng::with_seed(seed);
     let failed = |what: &str, e: nbd_server::ClientError| StreamError::Request(format!("stream {stream}: {what}: {e}"));
     let set = |start: u64, len: u64, byte: u8| shared.set(start, len, byte);
     let slot = &shared.in_flight[stream as usize];
     for step in 0..ops {
         let (piece, piece_end, whole_cluster) = own.pick(stream, &mut r);
         slot.store(piece, Ordering::SeqCst);
-        let start = piece + r.below(piece_end - piece);
-        let len = 1 + r.below(piece_end - start);
-        let what = match r.below(12) {
+        let start = piece + r.u64(..piece_end - piece);
+        let len = 1 + r.u64(..piece_end - start);
+        let what = match r.u64(..12) {
             0..=6 => {
-                let byte = (r.below(255) + 1) as u8;
-                let fua = r.below(8) == 0;
+                let byte = (r.u64(..255) + 1) as u8;
+                let fua = r.u64(..8) == 0;
                 client.write(start, &vec![byte; len as usize], fua).await.map_err(|e| failed("write", e))?;
                 set(start, len, byte);
                 "write"
             }
             7 | 8 => {
-                let no_hole = r.below(2) == 0;
+                let no_hole = r.u64(..2) == 0;
                 client.write_zeroes(start, len, no_hole).await.map_err(|e| failed("write_zeroes", e))?;
                 set(start, len, 0);
                 "zero"

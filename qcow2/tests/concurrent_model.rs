@@ -22,20 +22,6 @@ use qcow2::{BackingFormat, CreateOptions, Image, ImageOptions};
 
 const THREADS: u64 = 4;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     cluster_bits: u32,
@@ -61,15 +47,15 @@ impl Ownership {
     }
 
     /// A random range `thread` owns: (start, end of the owned piece it lies in, whole cluster).
-    fn pick(&self, thread: u64, r: &mut Rng) -> (u64, u64, bool) {
-        if r.next() % 2 == 0 {
+    fn pick(&self, thread: u64, r: &mut fastrand::Rng) -> (u64, u64, bool) {
+        if r.bool() {
             let chunks = self.half() / self.chunk / THREADS;
-            let k = r.below(chunks) * THREADS + thread;
+            let k = r.u64(..chunks) * THREADS + thread;
             (k * self.chunk, (k + 1) * self.chunk, false)
         } else {
             let first = self.half() / self.cluster;
             let clusters = (self.size / self.cluster - first) / THREADS;
-            let c = first + r.below(clusters) * THREADS + thread;
+            let c = first + r.u64(..clusters) * THREADS + thread;
             (c * self.cluster, (c + 1) * self.cluster, true)
         }
     }
@@ -100,14 +86,14 @@ fn run_thread(
     seed: u64,
     ops: usize,
 ) -> Result<(), String> {
-    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut r = fastrand::Rng::with_seed(seed);
     for step in 0..ops {
         let (piece, piece_end, whole_cluster) = own.pick(thread, &mut r);
-        let start = piece + r.below(piece_end - piece);
-        let len = 1 + r.below(piece_end - start);
-        let what = match r.below(10) {
+        let start = piece + r.u64(..piece_end - piece);
+        let len = 1 + r.u64(..piece_end - start);
+        let what = match r.u64(..10) {
             0..=5 => {
-                let byte = (r.below(255) + 1) as u8;
+                let byte = (r.u64(..255) + 1) as u8;
                 let data = vec![byte; len as usize];
                 img.write_at(&data, start).map_err(|e| format!("write: {e}"))?;
                 model.lock().map_err(|_| "model poisoned")?[start as usize..(start + len) as usize].fill(byte);
