@@ -354,14 +354,16 @@ async fn kill_and_resume(v: &Variant, seed: u64, kill_after: u64) {
     }
     peer.child.kill().unwrap();
     peer.child.wait().unwrap();
-    // What the model knew at the kill: no stream acknowledges anything now.
-    let model = shared.model();
-    let unknown: Vec<u64> = shared.in_flight.iter().map(|p| p.load(Ordering::SeqCst)).filter(|&p| p != IDLE).collect();
+    // Replies that left before the kill may still be on their way to the streams: the model is
+    // complete only once every stream has ended (each of its requests acknowledged and entered
+    // in the model, or failed with its piece still marked in flight).
     for s in streams {
         if let Err(StreamError::Mismatch(e)) = s.await.unwrap() {
             panic!("{what}: before the kill: {e}");
         }
     }
+    let model = shared.model();
+    let unknown: Vec<u64> = shared.in_flight.iter().map(|p| p.load(Ordering::SeqCst)).filter(|&p| p != IDLE).collect();
     let (code, text) = qemu_img_check(&img);
     assert!(code == 0 || code == 3, "{what}: qemu-img check exit {code} after the kill (2 = corruption): {text}");
     let leaks = leaked_clusters(&text);
