@@ -182,12 +182,27 @@ fn run_geometry(g: Geometry, seed: u64) {
     assert_eq!(first_difference(&got, &model), None, "{g:?} seed {seed}: the whole disk after reopening");
     drop(reopened);
 
-    let (code, text) = qemu_img(&["check", "-q"], &[&path]);
-    assert_eq!(code, 0, "{g:?} seed {seed}: qemu-img check: {text}");
-    let raw = d.join("model.raw");
-    std::fs::File::create(&raw).unwrap().write_all_at(&model, 0).unwrap();
-    let (code, text) = qemu_img(&["compare", "-f", "raw", "-F", "qcow2"], &[&raw, &path]);
-    assert_eq!(code, 0, "{g:?} seed {seed}: qemu-img compare with the model: {text}");
+    judge(d, &path, &model, &format!("{g:?} seed {seed}"));
+}
+
+/// qemu-img judges the closed image: no leak, no corruption, every byte as `want` says.
+fn judge(dir: &Path, image: &Path, want: &[u8], what: &str) {
+    let (code, text) = qemu_img(&["check"], &[image]);
+    assert_eq!(code, 0, "{what}: qemu-img check: {text}");
+    let raw = dir.join("want.raw");
+    std::fs::File::create(&raw).unwrap().write_all_at(want, 0).unwrap();
+    let (code, text) = qemu_img(&["compare", "-f", "raw", "-F", "qcow2"], &[&raw, image]);
+    assert_eq!(code, 0, "{what}: qemu-img compare: {text}");
+}
+
+/// `QCOW2_STRESS_ROUNDS` (default 1) and the first seed: `QCOW2_STRESS_SEED`, or the clock. A
+/// failure names its seed; the seed replays the same requests (the interleaving will differ).
+fn rounds_and_seed() -> (u64, u64) {
+    let rounds = std::env::var("QCOW2_STRESS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let seed = std::env::var("QCOW2_STRESS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    (rounds, seed)
 }
 
 #[test]
@@ -235,11 +250,7 @@ fn threads_sharing_every_cluster_and_table_read_back_what_the_model_says_and_pas
             ops_per_thread: 300,
         },
     ];
-    let rounds: u64 = std::env::var("QCOW2_STRESS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    // A failure names its seed; `QCOW2_STRESS_SEED` replays it (the interleaving will differ).
-    let first_seed = std::env::var("QCOW2_STRESS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let (rounds, first_seed) = rounds_and_seed();
     for round in 0..rounds {
         for (i, g) in geometries.iter().enumerate() {
             run_geometry(*g, first_seed.wrapping_add(round * 1000 + i as u64 * 10));
@@ -315,20 +326,12 @@ fn run_overlapping(cluster_bits: u32, backed: bool, direct_io: bool, seed: u64) 
     let mut after = vec![0u8; size as usize];
     Image::open(&path).unwrap().read_at(&mut after, 0).unwrap();
     assert_eq!(first_difference(&after, &before), None, "{what}: the image read after the close differs from before");
-    let (code, text) = qemu_img(&["check"], &[&path]);
-    assert_eq!(code, 0, "{what}: qemu-img check: {text}");
-    let raw = d.join("before.raw");
-    std::fs::File::create(&raw).unwrap().write_all_at(&before, 0).unwrap();
-    let (code, text) = qemu_img(&["compare", "-f", "raw", "-F", "qcow2"], &[&raw, &path]);
-    assert_eq!(code, 0, "{what}: qemu-img compare: {text}");
+    judge(d, &path, &before, &what);
 }
 
 #[test]
 fn threads_racing_on_the_same_bytes_leave_consistent_metadata_and_only_bytes_some_request_wrote() {
-    let rounds: u64 = std::env::var("QCOW2_STRESS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let first_seed = std::env::var("QCOW2_STRESS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let (rounds, first_seed) = rounds_and_seed();
     for round in 0..rounds {
         for (i, (bits, backed, direct)) in
             [(12, false, false), (16, true, false), (12, true, true), (9, true, false)].into_iter().enumerate()
