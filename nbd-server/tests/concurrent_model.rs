@@ -216,21 +216,21 @@ impl Variant {
     }
 }
 
-/// A fresh image (or overlay on a numbered raw base) as the variant says, or a raw file (sparse
-/// or filled with the same numbers), and the bytes it reads as.
-fn create_image(d: &Path, v: &Variant) -> (PathBuf, Vec<u8>) {
-    let numbered = || (0..SIZE).map(|i| (i / 512 % 251) as u8 + 1).collect::<Vec<u8>>();
+/// A fresh image of `size` bytes (or an overlay on a raw base of `base(i)` at byte `i`) as the
+/// variant says, or a raw file (sparse, or filled with the same bytes), and the bytes it reads as.
+fn create_image(d: &Path, v: &Variant, size: u64, base: fn(u64) -> u8) -> (PathBuf, Vec<u8>) {
+    let filled = || (0..size).map(base).collect::<Vec<u8>>();
     if v.raw {
         if v.backed {
-            let data = numbered();
+            let data = filled();
             return (write_file(d, "c.raw", &data), data);
         }
-        return (sparse_file(d, "c.raw", SIZE), vec![0u8; SIZE as usize]);
+        return (sparse_file(d, "c.raw", size), vec![0u8; size as usize]);
     }
     let img = d.join("c.qcow2");
     let cluster_opt = format!("cluster_size={}", v.cluster_size);
     if v.backed {
-        let data = numbered();
+        let data = filled();
         write_file(d, "base.raw", &data);
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", &cluster_opt])
@@ -240,9 +240,14 @@ fn create_image(d: &Path, v: &Variant) -> (PathBuf, Vec<u8>) {
         run(Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-o", &cluster_opt])
             .arg(&img)
-            .arg(SIZE.to_string()));
-        (img, vec![0u8; SIZE as usize])
+            .arg(size.to_string()));
+        (img, vec![0u8; size as usize])
     }
+}
+
+/// Base bytes numbered by 512-byte sector, never zero.
+fn numbered(i: u64) -> u8 {
+    (i / 512 % 251) as u8 + 1
 }
 
 fn start(img: &Path, v: &Variant) -> Peer {
@@ -307,7 +312,7 @@ async fn run_variant(v: &Variant, seed: u64) {
     // On the disk the build lives on (some filesystems refuse O_DIRECT).
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
-    let (img, base) = create_image(d, v);
+    let (img, base) = create_image(d, v, SIZE, numbered);
     let peer = start(&img, v);
     let what = v.describe(seed);
     let shared = Shared::new(base);
@@ -341,7 +346,7 @@ async fn run_variant(v: &Variant, seed: u64) {
 async fn kill_and_resume(v: &Variant, seed: u64, kill_after: u64) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
-    let (img, base) = create_image(d, v);
+    let (img, base) = create_image(d, v, SIZE, numbered);
     let what = format!("{}, killed after {kill_after} acknowledged requests", v.describe(seed));
     let mut peer = start(&img, v);
     let shared = Shared::new(base);
@@ -486,23 +491,8 @@ async fn overlapping(v: &Variant, seed: u64) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
     let size = 32 * v.cluster_size;
-    let img = d.join("o.qcow2");
-    let cluster_opt = format!("cluster_size={}", v.cluster_size);
-    let base: Vec<u8> = if v.backed {
-        // Backing bytes above every value a stream writes, so the two cannot be confused.
-        let data: Vec<u8> = (0..size).map(|i| 200 + (i / 512 % 50) as u8).collect();
-        write_file(d, "base.raw", &data);
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", &cluster_opt])
-            .arg(&img));
-        data
-    } else {
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", &cluster_opt])
-            .arg(&img)
-            .arg(size.to_string()));
-        vec![0u8; size as usize]
-    };
+    // Backing bytes above every value a stream writes, so the two cannot be confused.
+    let (img, base) = create_image(d, v, size, |i| 200 + (i / 512 % 50) as u8);
     let what = format!("overlapping, {}", v.describe(seed));
     let peer = start(&img, v);
     let mut clients = Vec::new();
