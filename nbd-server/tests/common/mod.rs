@@ -28,11 +28,14 @@ pub fn debian_python() -> &'static str {
 
 pub use testports::free_port;
 
-/// Wait until something accepts on `port`.
+/// Wait until the NBD server on `port` answers: a connection that gets the greeting's first
+/// bytes. A bare TCP connect proved less: the kernel completes it from the listen queue before
+/// the server ever accepts, and a test's first connection made right after such a probe was
+/// reset by qemu-nbd once in a CI run (and refused by ours in two, earlier).
 pub fn wait_for_port(port: u16, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if greets(port) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -41,6 +44,15 @@ pub fn wait_for_port(port: u16, child: &mut Child) {
         std::thread::sleep(Duration::from_millis(5));
     }
     panic!("nothing listens on port {port} after 10 s");
+}
+
+/// Whether a connection to `port` receives the start of an NBD greeting.
+fn greets(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut probe) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = probe.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut magic = [0u8; 8];
+    probe.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
 }
 
 /// A server process, killed on drop.
