@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::peers::{fresh_qcow2, make_source, settle, start, Kind};
+use crate::peers::{fresh_qcow2, make_source, settle, start, stat_seconds, Kind};
 use crate::report::{median, Report};
 
 /// Bytes per message, as nbdcopy sends them.
@@ -36,11 +36,7 @@ fn thread_cpu_seconds() -> f64 {
 
 /// CPU seconds (user + system) of this process's children that were waited for.
 fn children_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
-    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else { return f64::NAN };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-    (ticks(13) + ticks(14)) / 100.0
+    stat_seconds("/proc/self/stat", 13)
 }
 
 /// (idle, total) jiffies of all CPUs.

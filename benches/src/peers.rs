@@ -72,12 +72,18 @@ impl Drop for Running {
 }
 
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
-    // Fields after the command name (which may contain spaces) start after the last ')'.
+    stat_seconds(&format!("/proc/{pid}/stat"), 11)
+}
+
+/// Two adjacent clock-tick fields of a `/proc/.../stat` file, in seconds: user + system time at
+/// `first` = 11 (the process itself), that of its waited-for children at 13. Fields are counted
+/// after the command name, which may contain spaces, so from the last ')'.
+pub fn stat_seconds(path: &str, first: usize) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else { return f64::NAN };
     let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else { return f64::NAN };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(first) + ticks(first + 1)) / 100.0
 }
 
 fn free_port() -> anyhow::Result<u16> {
