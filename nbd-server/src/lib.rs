@@ -59,7 +59,7 @@ pub mod server;
 /// so that embedders do not have to depend on the `async-trait` crate themselves.
 pub use async_trait::async_trait;
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, FileExtent, IoRing, MemoryBackend,
+    Backend, BackendError, BackendErrorKind, Capabilities, FileBackend, FileExtent, IoRing, MemoryBackend, PipedData,
     Qcow2Backend, Tuned, Tuning, ZeroFlags,
 };
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};

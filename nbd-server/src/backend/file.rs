@@ -33,6 +33,10 @@
 //! copy path: `sendfile` of a range not in the page cache would wait for the disk on the
 //! connection's writer, where a read through `RWF_NOWAIT` waits off the workers.
 //!
+//! Large writes from TCP clients arrive in a pipe ([`Backend::write_piped`], `piped.rs`) and are
+//! `splice`d into the file at their offset: one copy into the page cache, none through this
+//! process. Not with `O_DIRECT` or io_uring, which take the payload from memory.
+//!
 //! Holes: TRIM punches them (`FALLOC_FL_PUNCH_HOLE`), WRITE_ZEROES punches them too unless the
 //! client sent NO_HOLE (then `FALLOC_FL_ZERO_RANGE`), and block status finds them with
 //! `SEEK_DATA`/`SEEK_HOLE`, so sparse copies stay sparse. Where the filesystem cannot do an
@@ -56,7 +60,8 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 
 use super::uring::{IoRing, Uring};
 use super::{
-    blocking, in_memory, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, FileExtent, ZeroFlags,
+    blocking, in_memory, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, FileExtent, PipedData,
+    ZeroFlags,
 };
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
@@ -288,6 +293,7 @@ impl Backend for FileBackend {
             block_status: true,
             cache: true,
             writes_wait: self.direct.is_some() || self.uring.is_some(),
+            piped_writes: !self.read_only && self.direct.is_none() && self.uring.is_none(),
         }
     }
 
@@ -370,6 +376,22 @@ impl Backend for FileBackend {
         } else {
             let _turn = self.write_gate.turn().await;
             self.file.write_all_at(data, offset).map_err(|e| BackendError::io("write", offset, e))?;
+        }
+        if fua {
+            self.sync().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_piped(&self, offset: u64, data: &mut PipedData, fua: bool) -> BackendResult<()> {
+        if self.read_only || self.direct.is_some() || self.uring.is_some() {
+            let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
+            return self.write(offset, &bytes, fua).await;
+        }
+        {
+            let _turn = self.write_gate.turn().await;
+            let n = data.len();
+            data.write_to_file(&self.file, offset, n).map_err(|e| BackendError::io("write", offset, e))?;
         }
         if fua {
             self.sync().await?;

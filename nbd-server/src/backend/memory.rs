@@ -81,6 +81,7 @@ impl Backend for MemoryBackend {
             block_status: true,
             cache: false,
             writes_wait: false,
+            piped_writes: false,
         }
     }
 

@@ -11,12 +11,15 @@
 mod file;
 mod gate;
 mod memory;
+mod piped;
 mod qcow2_image;
 mod tuned;
 mod uring;
 
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+pub(crate) use piped::PipePool;
+pub use piped::PipedData;
 pub use qcow2_image::Qcow2Backend;
 pub use tuned::{Tuned, Tuning};
 pub use uring::IoRing;
@@ -57,6 +60,9 @@ pub struct Capabilities {
     /// Writes wait for the device (`O_DIRECT`): the server runs each in its own task, so one
     /// connection keeps several in flight, instead of applying it on the connection's reader.
     pub writes_wait: bool,
+    /// Large writes are best handed over in a pipe ([`Backend::write_piped`]): the backend
+    /// `splice`s them into a file, one copy fewer than through a buffer.
+    pub piped_writes: bool,
 }
 
 /// Flags of a write-zeroes request.
@@ -80,6 +86,7 @@ impl Capabilities {
         block_status: bool,
         cache: bool,
         writes_wait: bool,
+        piped_writes: bool,
     }
 }
 
@@ -169,6 +176,15 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Write `data` at `offset`; with `fua`, durable before returning.
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BackendResult<()>;
+
+    /// Write the payload held in `data` (all of it) at `offset`; with `fua`, durable before
+    /// returning. The server hands large writes over this way, straight from a TCP socket, when
+    /// [`Capabilities::piped_writes`] says so. The default copies the payload out and calls
+    /// [`Backend::write`].
+    async fn write_piped(&self, offset: u64, data: &mut PipedData, fua: bool) -> BackendResult<()> {
+        let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
+        self.write(offset, &bytes, fua).await
+    }
 
     /// Make every completed write durable.
     async fn flush(&self) -> BackendResult<()>;

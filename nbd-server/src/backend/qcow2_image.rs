@@ -32,6 +32,10 @@
 //! memory) or without the crate's help (compressed clusters) are read as with threads. Zeroing
 //! and discards are as with threads.
 //!
+//! Large writes from TCP clients arrive in a pipe ([`Backend::write_piped`], `piped.rs`): planned
+//! like the ring's (`Image::plan_write`), `splice`d from the pipe into the clusters, committed;
+//! writes the crate will not plan copy the payload out of the pipe and take `write_at`.
+//!
 //! Writes, zeroes and discards go to the crate's write path; FLUSH is `fdatasync`. Calls that may
 //! wait on the disk (flush, zeroing, discard, FUA, and the writes the crate's
 //! `Image::write_may_wait` names: copy-on-write, a new refcount reservation, a cluster another
@@ -49,7 +53,8 @@ use qcow2::{ErrorKind, ExtentKind, Image, ImageOptions, ReadSource};
 
 use super::uring::{IoRing, Uring};
 use super::{
-    blocking, in_memory, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, FileExtent, ZeroFlags,
+    blocking, in_memory, Backend, BackendError, BackendErrorKind, BackendResult, Capabilities, FileExtent, PipedData,
+    ZeroFlags,
 };
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::transmission::Extent;
@@ -185,6 +190,7 @@ impl Backend for Qcow2Backend {
             block_status: true,
             cache: false,
             writes_wait: self.image.is_direct() || self.uring.is_some(),
+            piped_writes: writable && !self.image.is_direct() && self.uring.is_none(),
         }
     }
 
@@ -218,6 +224,36 @@ impl Backend for Qcow2Backend {
                 blocking(|| self.image.write_at(data, offset)).map_err(convert)?;
             } else {
                 self.image.write_at(data, offset).map_err(convert)?;
+            }
+        }
+        if fua {
+            blocking(|| self.image.flush()).map_err(convert)?;
+        }
+        Ok(())
+    }
+
+    async fn write_piped(&self, offset: u64, data: &mut PipedData, fua: bool) -> BackendResult<()> {
+        if self.image.is_direct() || self.uring.is_some() {
+            let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
+            return self.write(offset, &bytes, fua).await;
+        }
+        {
+            let _turn = self.write_gate.turn().await;
+            match self.image.plan_write(offset, data.len() as u64).map_err(convert)? {
+                Some(plan) => {
+                    for piece in plan.pieces() {
+                        let file = plan.file(piece);
+                        data.write_to_file(file, piece.host, piece.data.len())
+                            .map_err(|e| BackendError::io("write", piece.host, e))?;
+                    }
+                    plan.commit().map_err(convert)?;
+                }
+                None => {
+                    // Copy-on-write, a new refcount reservation, a cluster being allocated: the
+                    // crate's own path, which may wait, with the bytes out of the pipe.
+                    let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
+                    blocking(|| self.image.write_at(&bytes, offset)).map_err(convert)?;
+                }
             }
         }
         if fua {

@@ -68,6 +68,10 @@ impl<B: Backend> Backend for Tuned<B> {
         self.inner.write(offset, data, fua && !self.tuning.skip_flush).await
     }
 
+    async fn write_piped(&self, offset: u64, data: &mut super::PipedData, fua: bool) -> BackendResult<()> {
+        self.inner.write_piped(offset, data, fua && !self.tuning.skip_flush).await
+    }
+
     async fn flush(&self) -> BackendResult<()> {
         if self.tuning.skip_flush {
             return Ok(());

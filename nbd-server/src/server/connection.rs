@@ -23,6 +23,15 @@
 //! the payload goes to the device, and applying it on the reader would leave one write per
 //! connection in flight.
 //!
+//! On a TCP connection to a backend that takes them (`Capabilities::piped_writes`: raw files and
+//! qcow2 images in writeback), the payload of a large WRITE (128 KiB to 8 MiB) is not read
+//! into a buffer: it is `splice`d from the socket into pipes from the server's pool and the
+//! backend splices it on into the file (`backend/piped.rs`), a copy fewer. Against the same
+//! binary without it (tmpfs, nbdcopy, 5 pairs each): raw with one connection 1.05x the
+//! throughput at 0.85x the server CPU per GB, qcow2 with four 1.17x at 0.76x. The header after
+//! such a payload is read alone ([`read_header`]), so the next payload stays in the socket for
+//! its own splice. No pipe free: the payload takes a buffer as before.
+//!
 //! Ending: NBD_CMD_DISC, EOF, a protocol violation, the export being removed or the server
 //! shutting down all stop the reader; in-flight requests still complete and their replies are
 //! still sent (the spec's "handle all outstanding requests"), then the socket closes. The
@@ -32,15 +41,16 @@
 use std::sync::Arc;
 
 use directio::AlignedPool;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::PipedData;
 use crate::proto::consts::{errno, handshake_flags};
 use crate::proto::handshake::{encode_greeting, OptionHeader, OPTION_HEADER_LEN};
 use crate::proto::transmission::{decode_request, Command};
 
-use super::dispatch::{error_reply, execute, payload_len, validate, FileData, Limits, Reply, Segment};
+use super::dispatch::{error_reply, execute, payload_len, validate, FileData, Limits, Payload, Reply, Segment};
 use super::export::bump;
 use super::negotiate::{Negotiator, Session, Step};
 use super::{Scope, Shared};
@@ -55,6 +65,8 @@ const MAX_OPTION_DATA: u32 = 64 * 1024;
 const POOL_BYTES: usize = 16 * 1024 * 1024;
 /// Plain writes shorter than this are applied on the connection's reader (module doc).
 const READER_WRITES_BELOW: u64 = 128 * 1024;
+/// Largest write payload carried in pipes (several, 1 MiB each); larger ones take a buffer.
+const MAX_PIPED_PAYLOAD: u64 = 8 * 1024 * 1024;
 /// Unit of the byte budgets (per connection and server-wide).
 pub(crate) const BUDGET_UNIT: u64 = 4096;
 
@@ -73,7 +85,7 @@ enum ConnError {
 /// Serve one connection to the end. Never panics on client input; logs how it ended.
 pub(crate) async fn serve<R, W>(reader: R, mut writer: W, peer: String, scope: Arc<Scope>, shared: Arc<Shared>)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: RequestReader,
     W: ReplyWriter,
 {
     // Small enough that bulk payload reads bypass it (one copy), large enough for headers.
@@ -154,7 +166,7 @@ struct Outgoing {
 
 async fn transmission<R, W>(mut reader: BufReader<R>, writer: W, session: Session, shared: &Arc<Shared>)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: RequestReader,
     W: ReplyWriter,
 {
     let export = Arc::clone(session.export());
@@ -179,9 +191,15 @@ where
     let total_units = (config.max_buffered_bytes_total as u64 / BUDGET_UNIT).clamp(1, u64::from(u32::MAX)) as u32;
     let bytes = Arc::new(Semaphore::new(budget_units as usize));
     let stop = export.closing.clone();
-    let writes_wait = export.backend.capabilities().writes_wait;
+    let capabilities = export.backend.capabilities();
+    let writes_wait = capabilities.writes_wait;
+    // Large writes may travel in pipes: from a TCP socket, to a backend that splices them.
+    let pipes = (reader.get_ref().tcp().is_some() && capabilities.piped_writes && !writes_wait)
+        .then(|| Arc::clone(&shared.pipes));
     let mode = session.mode;
     let mut header = [0u8; 32];
+    // The last payload went into a pipe: read the next header alone (see `read_header`).
+    let mut last_piped = false;
     let write_barrier: WriteBarrier = Arc::default();
 
     loop {
@@ -194,7 +212,7 @@ where
             break;
         };
         let read = tokio::select! {
-            r = reader.read_exact(head) => r,
+            r = read_header(&mut reader, head, last_piped) => r,
             _ = stop.cancelled() => break,
             _ = writer_gone.cancelled() => break,
         };
@@ -244,23 +262,22 @@ where
         } else {
             None
         };
-        let mut payload = if need > 0 { pool.take(need as usize) } else { directio::AlignedBuf::default() };
-        if plen > 0 {
-            let read = tokio::select! {
-                r = reader.read_exact(&mut payload) => r,
-                _ = stop.cancelled() => break,
-                _ = writer_gone.cancelled() => break,
-            };
-            if read.is_err() {
-                tracing::debug!(export = %export.name, "client vanished in the middle of a write payload");
-                break;
-            }
-        }
+        let piped = pipes.as_ref().filter(|_| goes_piped(&req, plen, &limits)).and_then(|pipes| pipes.payload());
+        last_piped = piped.is_some();
+        let payload = tokio::select! {
+            r = read_payload(&mut reader, piped, &pool, need as usize, plen > 0) => r,
+            _ = stop.cancelled() => break,
+            _ = writer_gone.cancelled() => break,
+        };
+        let Ok(payload) = payload else {
+            tracing::debug!(export = %export.name, "client vanished in the middle of a write payload");
+            break;
+        };
         if let Err(refusal) = validate(&req, &limits) {
             bump(&export.counters.errors, 1);
             tracing::debug!(export = %export.name, command = ?req.command, message = %refusal.message, "request refused");
             let mut reply = error_reply(&req, &limits, refusal.error, &refusal.message);
-            reply.data = payload;
+            reply.data = payload.into_buffer();
             if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
                 break;
             }
@@ -317,6 +334,111 @@ type WriteBarrier = Arc<tokio::sync::RwLock<()>>;
 
 fn is_plain_write(req: &crate::proto::transmission::Request) -> bool {
     req.command == Command::Write && req.flags & crate::proto::consts::cmd_flags::FUA == 0
+}
+
+/// Whether a request's payload goes into pipes (when the connection has them): a valid WRITE
+/// large enough to run in its own task, and not so large that it would hold many pipes.
+fn goes_piped(req: &crate::proto::transmission::Request, plen: u64, limits: &Limits) -> bool {
+    req.command == Command::Write
+        && (READER_WRITES_BELOW..=MAX_PIPED_PAYLOAD).contains(&plen)
+        && validate(req, limits).is_ok()
+}
+
+/// Take a request's payload off the wire: into `piped`'s pipes when given, else into a buffer of
+/// `need` bytes from the pool (a READ's buffer for its data: `has_payload` false), which also
+/// takes what no pipe was left for.
+async fn read_payload<R: RequestReader>(
+    reader: &mut BufReader<R>,
+    piped: Option<PipedData>,
+    pool: &AlignedPool,
+    need: usize,
+    has_payload: bool,
+) -> std::io::Result<Payload> {
+    if let Some(mut piped) = piped {
+        if fill_pipe(reader, &mut piped, need).await? {
+            return Ok(Payload::Piped(piped));
+        }
+        let mut buffer = pool.take(need);
+        let (held, rest) = buffer
+            .split_at_mut_checked(piped.len())
+            .ok_or_else(|| std::io::Error::other("piped more than the payload"))?;
+        piped.read_into(held)?;
+        reader.read_exact(rest).await?;
+        return Ok(Payload::Buffer(buffer));
+    }
+    let mut buffer = if need > 0 { pool.take(need) } else { directio::AlignedBuf::default() };
+    if has_payload {
+        reader.read_exact(&mut buffer).await?;
+    }
+    Ok(Payload::Buffer(buffer))
+}
+
+/// Move a write's payload of `want` bytes into `piped`: first what the read buffer already holds,
+/// then straight from the socket with `splice`, taking another pipe whenever the last one is
+/// full. `Ok(false)` when the pool has no pipe left for the rest, which is still in the socket.
+async fn fill_pipe<R: RequestReader>(
+    reader: &mut BufReader<R>,
+    piped: &mut PipedData,
+    want: usize,
+) -> std::io::Result<bool> {
+    let buffered = reader.buffer().get(..want).unwrap_or(reader.buffer());
+    if !buffered.is_empty() {
+        let n = buffered.len();
+        piped.push(buffered)?;
+        reader.consume(n);
+    }
+    let Some(sock) = reader.get_ref().tcp() else {
+        return Ok(piped.len() == want);
+    };
+    while piped.len() < want {
+        if !piped.last_has_room() && !piped.grow() {
+            return Ok(false);
+        }
+        sock.readable().await?;
+        // `WouldBlock` only for an empty socket: tokio then waits for new data. A full pipe must
+        // not be reported so, or the socket's readiness would be forgotten while it holds bytes.
+        let step = sock.try_io(tokio::io::Interest::READABLE, || match piped.splice_from(sock, want - piped.len()) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && socket_has_bytes(sock) => {
+                match piped.splice_from(sock, want - piped.len()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                    other => other.map(Some),
+                }
+            }
+            other => other.map(Some),
+        });
+        match step {
+            Ok(Some(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Some(_)) => {}
+            // The last pipe is out of slots while the socket holds bytes.
+            Ok(None) => {
+                if !piped.grow() {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Read a request header. After a piped payload, when the read buffer is empty, exactly the
+/// header's bytes are read from the socket: a buffered read would take the start of the next
+/// payload too (up to the buffer's 32 KiB), which would then be copied into the pipe, two copies
+/// more than splicing it. Otherwise through the buffer, which takes several small requests in
+/// one `recv`.
+async fn read_header<R: RequestReader>(reader: &mut BufReader<R>, head: &mut [u8], exact: bool) -> std::io::Result<()> {
+    if exact && reader.buffer().is_empty() {
+        reader.get_mut().read_exact(head).await?;
+    } else {
+        reader.read_exact(head).await?;
+    }
+    Ok(())
+}
+
+/// Whether the socket's receive queue holds bytes (`FIONREAD`).
+fn socket_has_bytes(sock: &tokio::net::TcpStream) -> bool {
+    rustix::io::ioctl_fionread(sock).is_ok_and(|n| n > 0)
 }
 
 /// Small plain writes are applied by the reader itself: the payload was just copied from the
@@ -479,6 +601,25 @@ async fn sock_io(
         }
     }
 }
+
+/// The read half of a connection: any byte source, and for TCP the socket itself, from which
+/// write payloads can be spliced into pipes ([`fill_pipe`]).
+pub(crate) trait RequestReader: AsyncRead + Unpin + Send + 'static {
+    /// The TCP socket under this reader, if it is one.
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
+impl RequestReader for tokio::net::tcp::OwnedReadHalf {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl RequestReader for tokio::net::unix::OwnedReadHalf {}
+
+impl<T: AsyncRead + Send + 'static> RequestReader for tokio::io::ReadHalf<T> {}
 
 /// The write half of a connection: any byte sink, and for TCP the socket itself, which can send
 /// file data without copying it ([`send_from_file`]).

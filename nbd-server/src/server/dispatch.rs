@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use directio::AlignedBuf;
 
-use crate::backend::{BackendError, BackendErrorKind, FileExtent, ZeroFlags};
+use crate::backend::{BackendError, BackendErrorKind, FileExtent, PipedData, ZeroFlags};
 use crate::proto::consts::{cmd_flags, errno, transmission_flags as tf};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, Request};
 
@@ -265,8 +265,29 @@ fn nbd_error(e: &BackendError, fast_zero: bool) -> u32 {
 /// Run an accepted request. `buffer` holds the write payload for WRITE and is the read buffer
 /// (already `length` bytes, contents unspecified) for READ; it travels back in the reply so the
 /// connection can reuse it.
-pub(crate) async fn execute(export: &Arc<Export>, req: Request, buffer: AlignedBuf, l: &Limits) -> Reply {
-    let payload = buffer;
+/// A request's payload as the connection's reader took it off the wire: in a buffer (which also
+/// carries a READ's data back), or, for a large write from a TCP client, in a pipe.
+#[derive(Debug)]
+pub(crate) enum Payload {
+    Buffer(AlignedBuf),
+    Piped(PipedData),
+}
+
+impl Payload {
+    /// The buffer to hand back with the reply (none for a piped payload).
+    pub(crate) fn into_buffer(self) -> AlignedBuf {
+        match self {
+            Self::Buffer(buffer) => buffer,
+            Self::Piped(_) => AlignedBuf::default(),
+        }
+    }
+}
+
+pub(crate) async fn execute(export: &Arc<Export>, req: Request, payload: Payload, l: &Limits) -> Reply {
+    let (payload, mut piped) = match payload {
+        Payload::Buffer(buffer) => (buffer, None),
+        Payload::Piped(piped) => (AlignedBuf::default(), Some(piped)),
+    };
     let backend = &export.backend;
     let c = &export.counters;
     let fua = req.flags & cmd_flags::FUA != 0;
@@ -277,8 +298,16 @@ pub(crate) async fn execute(export: &Arc<Export>, req: Request, buffer: AlignedB
         }
         Command::Write => {
             bump(&c.writes, 1);
-            bump(&c.bytes_written, payload.len() as u64);
-            backend.write(req.offset, &payload, fua).await
+            match piped.as_mut() {
+                Some(piped) => {
+                    bump(&c.bytes_written, piped.len() as u64);
+                    backend.write_piped(req.offset, piped, fua).await
+                }
+                None => {
+                    bump(&c.bytes_written, payload.len() as u64);
+                    backend.write(req.offset, &payload, fua).await
+                }
+            }
         }
         Command::Flush => {
             bump(&c.flushes, 1);

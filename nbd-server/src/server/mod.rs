@@ -115,6 +115,8 @@ pub(crate) struct Shared {
     clients: Arc<Semaphore>,
     /// The server-wide byte budget, in `BUDGET_UNIT`s.
     pub buffered: Arc<Semaphore>,
+    /// Pipes that carry large write payloads from TCP sockets to backends (`backend/piped.rs`).
+    pub pipes: Arc<crate::backend::PipePool>,
 }
 
 impl Shared {
@@ -160,6 +162,7 @@ impl Server {
                 tracker: TaskTracker::new(),
                 clients,
                 buffered,
+                pipes: crate::backend::PipePool::for_this_process(),
             }),
         }
     }
@@ -320,7 +323,7 @@ impl Server {
         scope: Arc<Scope>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) where
-        R: AsyncRead + Unpin + Send + 'static,
+        R: connection::RequestReader,
         W: connection::ReplyWriter,
     {
         let shared = Arc::clone(&self.shared);
