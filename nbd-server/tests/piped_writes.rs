@@ -24,7 +24,8 @@ const SIZE: u64 = 16 << 20;
 
 async fn serve(backend: Arc<dyn Backend>) -> (Server, u16) {
     let server = Server::new(ServerConfig::default());
-    server.add_export(ExportConfig::new("e", backend)).unwrap();
+    // Room for a client that just left while its slot is given back (the default is one).
+    server.add_export(ExportConfig::new("e", backend).max_connections(4)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let s = server.clone();
