@@ -25,12 +25,15 @@ use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags
 
 /// Bytes one pipe holds: Linux's default `fs.pipe-max-size`. A larger payload takes several.
 pub(crate) const PIPE_CAPACITY: usize = 1024 * 1024;
-/// Most pipes a server keeps when it may exceed the user's pipe allowance (root): enough for
-/// every large write in flight on four connections that each keep 64 (a pool of 64 left three
-/// quarters of a 4-connection qcow2 copy's writes on the buffer path, and its CPU saving with them).
+/// Most pipes a server keeps when the kernel lets it exceed its user's pipe allowance
+/// (`CAP_SYS_RESOURCE` or `CAP_SYS_ADMIN`): enough for every large write in flight on four
+/// connections that each keep 64 (a pool of 64 left three quarters of a 4-connection qcow2 copy's
+/// writes on the buffer path, and its CPU saving with them).
 const MAX_PIPES: usize = 256;
 /// Most pipes otherwise: half the default `fs.pipe-user-pages-soft` (64 MiB of pipe capacity per
-/// user; past it the user's new pipes, in any process, get two pages).
+/// user, shared by every process of the uid; past it the kernel refuses to grow our pipes and
+/// gives the user's new pipes everywhere two pages). Root without those capabilities, as the
+/// hub's systemd unit runs it, counts as unprivileged here.
 const MAX_PIPES_UNPRIVILEGED: usize = 32;
 
 /// The two ends of one pipe.
@@ -57,10 +60,14 @@ impl PipePool {
         Arc::new(Self { free: Mutex::default(), made: AtomicUsize::new(0), max, refused: AtomicBool::new(false) })
     }
 
-    /// A pool sized for this process: [`MAX_PIPES`] for root, [`MAX_PIPES_UNPRIVILEGED`]
-    /// otherwise, and never more than an eighth of the descriptors it may open (two per pipe).
+    /// A pool sized for this process: [`MAX_PIPES`] with the capabilities that lift the user's
+    /// pipe allowance, [`MAX_PIPES_UNPRIVILEGED`] without, and never more than an eighth of the
+    /// descriptors it may open (two per pipe).
     pub(crate) fn for_this_process() -> Arc<Self> {
-        let by_user = if rustix::process::geteuid().is_root() { MAX_PIPES } else { MAX_PIPES_UNPRIVILEGED };
+        use rustix::thread::CapabilityFlags;
+        let lifted = CapabilityFlags::SYS_RESOURCE | CapabilityFlags::SYS_ADMIN;
+        let privileged = rustix::thread::capabilities(None).is_ok_and(|caps| caps.effective.intersects(lifted));
+        let by_user = if privileged { MAX_PIPES } else { MAX_PIPES_UNPRIVILEGED };
         let descriptors = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
         let by_descriptors = descriptors.map_or(usize::MAX, |n| usize::try_from(n / 8).unwrap_or(usize::MAX));
         Self::new(by_user.min(by_descriptors))
