@@ -391,3 +391,54 @@ async fn reverse_channels_count_against_the_connections_channel_limit() {
     .await
     .unwrap();
 }
+
+/// A server that reads every connection to its end, then answers with the byte count and a
+/// digest of what it read, and closes: it can only answer once the client's half-close arrived.
+fn counting_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut all = Vec::new();
+                if s.read_to_end(&mut all).is_ok() {
+                    let digest = all.iter().fold(0u64, |h, &b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
+                    let _ = std::io::Write::write_all(&mut s, format!("{} {digest}", all.len()).as_bytes());
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_forward_still_carries_the_answer_back_through_our_client_and_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (identity, host_pub) = setup(&d);
+    let target = counting_server();
+    let key = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
+    let hub = start_hub(&d, &key, (target, target), free_port()).await;
+    let kh = known_hosts(&d, hub.port, &host_pub);
+    let a = free_port();
+    let mut config = ClientConfig::new("127.0.0.1", hub.port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
+    config.forwards = vec![LocalForward::new(local(a), "127.0.0.1", target)];
+    let tunnel = Tunnel::start(config).await.unwrap();
+    assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
+    tokio::task::spawn_blocking(move || {
+        for (i, len) in [0usize, 1, 65_535, 65_536, 3 << 20].into_iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (j as u8).wrapping_mul(7).wrapping_add(i as u8)).collect();
+            let mut s = TcpStream::connect(local(a)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            std::io::Write::write_all(&mut s, &data).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            let digest = data.iter().fold(0u64, |h, &b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
+            assert_eq!(answer, format!("{len} {digest}"), "{len} bytes, then a half-close");
+        }
+    })
+    .await
+    .unwrap();
+}
