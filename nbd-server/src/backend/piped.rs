@@ -14,9 +14,10 @@
 //! size one, the payload takes the buffer path. A pipe goes back to the pool only empty: one
 //! whose data was not all consumed (a client that vanished mid-payload, a failed write) is
 //! closed, so no byte ever reaches another request. Memory stays bounded however a client
-//! segments its bytes: a slot pins at most one page, so a pipe at most 1 MiB and the pool at
-//! most 256 MiB (32 MiB without the capabilities below), and the connections' byte budgets
-//! count piped payloads like buffered ones.
+//! segments its bytes: a pipe takes at most 1 MiB of payload in at most 256 slots, each slot
+//! pinning the page its bytes sit in (a socket may hand over a compound page of a few tens of
+//! KiB), the pool has a fixed number of pipes, and the connections' byte budgets count piped
+//! payloads like buffered ones.
 
 use std::collections::VecDeque;
 use std::fs::File;
