@@ -182,8 +182,7 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Capabilities::piped_writes`] says so. The default copies the payload out and calls
     /// [`Backend::write`].
     async fn write_piped(&self, offset: u64, data: &mut PipedData, fua: bool) -> BackendResult<()> {
-        let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
-        self.write(offset, &bytes, fua).await
+        write_copied(self, offset, data, fua).await
     }
 
     /// Make every completed write durable.
@@ -222,6 +221,18 @@ pub trait Backend: Send + Sync + 'static {
     fn file_range(&self, _offset: u64, _length: u64) -> Option<Vec<FileExtent>> {
         None
     }
+}
+
+/// A piped payload copied out and written with [`Backend::write`]: the trait's default, and what
+/// backends that splice do when their current mode cannot (`O_DIRECT`, io_uring, read-only).
+async fn write_copied<B: Backend + ?Sized>(
+    backend: &B,
+    offset: u64,
+    data: &mut PipedData,
+    fua: bool,
+) -> BackendResult<()> {
+    let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
+    backend.write(offset, &bytes, fua).await
 }
 
 /// A part of an export's range as [`Backend::file_range`] places it.

@@ -233,9 +233,8 @@ impl Backend for Qcow2Backend {
     }
 
     async fn write_piped(&self, offset: u64, data: &mut PipedData, fua: bool) -> BackendResult<()> {
-        if self.image.is_direct() || self.uring.is_some() {
-            let bytes = data.to_vec().map_err(|e| BackendError::io("write", offset, e))?;
-            return self.write(offset, &bytes, fua).await;
+        if !self.capabilities().piped_writes {
+            return super::write_copied(self, offset, data, fua).await;
         }
         {
             let _turn = self.write_gate.turn().await;
