@@ -236,7 +236,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "the node's tunnel did not come up: {:?}",
         node_tunnel.status()
     );
-    let jobs = Arc::new(node::jobs::Jobs::new(Arc::new(node_settings)));
+    let jobs = Arc::new(node::jobs::Jobs::new(Arc::new(node_settings)).through_tunnel(node_tunnel.dialer()));
     let state = Arc::new(node::http::AppState { jobs, tunnel: Some(node_tunnel) });
     let node_listener = tokio::net::TcpListener::bind(("127.0.0.1", node_api)).await?;
     tokio::spawn(async move { axum::serve(node_listener, node::http::router(state)).await });

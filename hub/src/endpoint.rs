@@ -6,12 +6,17 @@
 //!
 //! Which node a key belongs to: the `key` of its `[[node]]` table; keys in the
 //! `authorized_keys` file belong to the node named `default`.
+//!
+//! A channel the fence allowed to an open export's port is served by the hub's NBD server in
+//! process ([`InProcessExports`]), not through a loopback TCP connection to the export's
+//! listener: the bytes of a remote backup are decrypted and written without crossing two more
+//! sockets. Other allowed ports (the hub API) are connected over TCP.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tunnel::authorized::AuthorizedKey;
-use tunnel::endpoint::{EndpointConfig, ForwardPolicy, PortSet};
+use tunnel::endpoint::{EndpointConfig, ForwardPolicy, LocalForward, LocalServe, PortSet};
 
 use crate::config::{NodeSpec, Settings, SshFile};
 use crate::jobs::Hub;
@@ -48,6 +53,17 @@ impl ForwardPolicy for NodeFence {
 
     fn allow_reverse(&self, key: &AuthorizedKey, port: u16) -> bool {
         self.node_of(key).is_some_and(|n| self.reverse_ports.get(n) == Some(&port))
+    }
+}
+
+/// Channels to export ports, handed to the hub's NBD server.
+struct InProcessExports {
+    hub: Arc<Hub>,
+}
+
+impl LocalForward for InProcessExports {
+    fn serve(&self, port: u16) -> Option<LocalServe> {
+        self.hub.exports.serve_channel(port, format!("tunnel to port {port}"))
     }
 }
 
@@ -93,6 +109,7 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<H
     let reverse_ports: HashMap<String, u16> =
         nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
     let reverse: Vec<(u16, u16)> = reverse_ports.values().map(|&p| (p, p)).collect();
+    let local = InProcessExports { hub: Arc::clone(&hub) };
     let fence = NodeFence { hub, key_nodes, reverse_ports, api_port: settings.listen.port() };
     // A node opens up to 4 SSH connections (one per core), plus stale ones while it reconnects:
     // the default of 8 per key. Channels: see tunnel::limits for what 512 of them can hold.
@@ -101,7 +118,8 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<H
         .allow_reverse(PortSet(reverse))
         .max_connections_per_key(8)
         .max_channels_per_connection(512)
-        .policy(Some(Arc::new(fence))))
+        .policy(Some(Arc::new(fence)))
+        .local(Some(Arc::new(local))))
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //!
 //! Opening an export creates its listener before anything is promised to a caller, so a port
 //! that cannot be bound is an error in the API's answer, never a "server disconnected" on the
-//! node later. Closing stops its listener, lets its clients finish for up to 30 s, cuts the
+//! node later. A node's tunnel channel to an export's port is served in process
+//! ([`Exports::serve_channel`], through the endpoint's `LocalForward`) with the same scope as
+//! the listener: the listener remains for nodes that connect over direct TCP. Closing stops its listener, lets its clients finish for up to 30 s, cuts the
 //! ones that do not (a client that stopped reading), and flushes the image.
 
 use std::collections::HashMap;
@@ -11,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, IoRing, Qcow2Backend, Server, ServerConfig};
+use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, IoRing, Qcow2Backend, Scope, Server, ServerConfig};
 use qcow2::Image;
 
 /// How long closing waits for clients to drain.
@@ -146,6 +148,16 @@ impl Exports {
         };
         tracing::info!(export = name, port = open.port, "export closed");
         stats
+    }
+
+    /// What serves a tunnel channel to `port` in process: the export open on it now, seen by
+    /// the channel alone as its listener's clients see it; `None` when no export is on `port`.
+    pub fn serve_channel(&self, port: u16, peer: String) -> Option<tunnel::endpoint::LocalServe> {
+        let name = self.open.lock().ok()?.iter().find(|(_, e)| e.port == port).map(|(n, _)| n.clone())?;
+        let server = self.server.clone();
+        Some(Box::new(move |stream| {
+            Box::pin(async move { server.serve_stream_from(stream, Scope::Only(name), peer).await })
+        }))
     }
 
     /// Every open export.

@@ -429,10 +429,14 @@ async fn two_nodes_through_the_hub_endpoint_each_reach_only_their_own_ports() {
     let base = free_ports(4);
     let key = |k: &str| std::fs::read_to_string(d.join(format!("{k}_key.pub"))).unwrap().trim().to_string();
     let config = d.join("hub.toml");
+    // The exports listen on another address than the endpoint's loopback (as on a hub whose
+    // direct-TCP nodes reach it on its LAN address): tunnelled nodes still reach them, because
+    // the endpoint hands their channels to the NBD server in process.
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:{api_port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{base}-{}\"\ntoken_file = \"{t}\"\n\
+             nbd_bind = \"127.0.0.2\"\nnbd_host = \"127.0.0.2\"\n\
              [ssh]\nlisten = \"127.0.0.1:{ssh_port}\"\nhost_key = \"{hk}\"\nauthorized_keys = \"{ak}\"\n\
              [[node]]\nname = \"a\"\nurl = \"http://127.0.0.1:{a_reverse}\"\nkey = \"{ka}\"\n\
              [[node]]\nname = \"b\"\nurl = \"{b_api}\"\nkey = \"{kb}\"\n",

@@ -21,7 +21,7 @@ use crate::blockmap::{BlockMap, UNKNOWN};
 use crate::config::{valid_name, Settings, Vm};
 use crate::error::MoveError;
 use crate::mover::{self, Base, Progress, WrittenSet};
-use crate::pool::{Endpoint, NbdPool};
+use crate::pool::{Endpoint, NbdPool, ThroughTunnel};
 use crate::sink::{FileSink, Sink};
 use crate::source::Source;
 use crate::targets::{self, Target};
@@ -246,6 +246,8 @@ pub fn choose_base(
 /// The node's jobs and what they need.
 pub struct Jobs {
     settings: Arc<Settings>,
+    /// The node's running tunnel, through which hub ports are reached in process.
+    tunnel: Option<tunnel::TunnelDialer>,
     table: Mutex<Table>,
 }
 
@@ -259,7 +261,14 @@ struct Table {
 impl Jobs {
     /// An empty table.
     pub fn new(settings: Arc<Settings>) -> Self {
-        Self { settings, table: Mutex::new(Table::default()) }
+        Self { settings, tunnel: None, table: Mutex::new(Table::default()) }
+    }
+
+    /// Reach the hub's ports through `tunnel` in process (the tunnel started from
+    /// `settings.tunnel`), instead of through its local listeners.
+    pub fn through_tunnel(mut self, tunnel: tunnel::TunnelDialer) -> Self {
+        self.tunnel = Some(tunnel);
+        self
     }
 
     /// The settings.
@@ -285,14 +294,15 @@ impl Jobs {
     }
 
     /// Turn a target into where to dial: through the tunnel's forward of that port when a
-    /// tunnel is configured and the target is on the hub's loopback.
+    /// tunnel is configured and the target is on the hub's loopback — in process when the
+    /// tunnel runs here ([`Self::through_tunnel`]), else through its local listener.
     ///
     /// # Errors
     /// The port is not forwarded by the tunnel.
     pub fn dial_endpoint(&self, t: &Target, nbd_host: Option<&str>) -> Result<Endpoint, JobError> {
         let host = nbd_host.unwrap_or(&t.host);
         let loopback = matches!(host, "127.0.0.1" | "localhost" | "::1");
-        let (host, port) = match &self.settings.tunnel {
+        let (host, port, via) = match &self.settings.tunnel {
             Some(tun) if loopback => {
                 let f = tun.forwards.iter().find(|f| f.remote_port == t.port).ok_or_else(|| {
                     JobError::BadRequest(format!(
@@ -300,11 +310,18 @@ impl Jobs {
                         t.port
                     ))
                 })?;
-                (f.listen.ip().to_string(), f.listen.port())
+                let via = self.tunnel.as_ref().map(|dialer| {
+                    Box::new(ThroughTunnel {
+                        dialer: dialer.clone(),
+                        remote_host: f.remote_host.clone(),
+                        remote_port: f.remote_port,
+                    })
+                });
+                (f.listen.ip().to_string(), f.listen.port(), via)
             }
-            _ => (host.to_string(), t.port),
+            _ => (host.to_string(), t.port, None),
         };
-        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new() })
+        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new(), via })
     }
 
     fn register(&self, job: Arc<Job>, vm: Option<&str>) -> Result<(), JobError> {

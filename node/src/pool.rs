@@ -28,11 +28,30 @@ pub struct Endpoint {
     pub export: String,
     /// Extra metadata contexts (a dirty bitmap).
     pub meta_contexts: Vec<String>,
+    /// Reach it through this process's tunnel instead of dialling `host:port` (the tunnel's
+    /// local forward of it).
+    pub via: Option<Box<ThroughTunnel>>,
+}
+
+/// A hub port reached through the node's own tunnel, in process: the channel the forward at
+/// `host:port` would open, without the loopback socket in between.
+#[derive(Debug, Clone)]
+pub struct ThroughTunnel {
+    /// The tunnel.
+    pub dialer: tunnel::TunnelDialer,
+    /// The host the forward reaches, as the hub sees it (its loopback).
+    pub remote_host: String,
+    /// The hub's port.
+    pub remote_port: u16,
 }
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "nbd://{}:{}/{}", self.host, self.port, self.export)
+        write!(f, "nbd://{}:{}/{}", self.host, self.port, self.export)?;
+        if let Some(t) = &self.via {
+            write!(f, " (through the tunnel to the hub's port {})", t.remote_port)?;
+        }
+        Ok(())
     }
 }
 
@@ -229,17 +248,34 @@ impl NbdPool {
 }
 
 async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
+    let timed_out = |what: &str| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string()));
+    let mut options = ClientOptions::new(endpoint.export.clone()).request_timeout(REQUEST_TIMEOUT);
+    options.meta_contexts = endpoint.meta_contexts.clone();
+    if let Some(t) = &endpoint.via {
+        let stream = tokio::time::timeout(Duration::from_secs(30), t.dialer.open(&t.remote_host, t.remote_port))
+            .await
+            .map_err(|_| timed_out("opening the tunnel channel timed out"))?
+            .map_err(|e| ClientError::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())))?;
+        let (r, w) = tokio::io::split(stream);
+        return handshake(r, w, &options).await;
+    }
     let stream = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
     )
     .await
-    .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
+    .map_err(|_| timed_out("connect timed out"))??;
     stream.set_nodelay(true)?;
     let (r, w) = stream.into_split();
-    let mut options = ClientOptions::new(endpoint.export.clone()).request_timeout(REQUEST_TIMEOUT);
-    options.meta_contexts = endpoint.meta_contexts.clone();
-    tokio::time::timeout(Duration::from_secs(30), Client::handshake(r, w, &options))
+    handshake(r, w, &options).await
+}
+
+async fn handshake<R, W>(r: R, w: W, options: &ClientOptions) -> Result<Client, ClientError>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::time::timeout(Duration::from_secs(30), Client::handshake(r, w, options))
         .await
         .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")))?
 }

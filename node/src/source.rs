@@ -120,7 +120,8 @@ impl Source {
             SourceSpec::Path(path) => Ok(Self::File(FileSource::open(path)?)),
             SourceSpec::Nbd { url, dirty_bitmap } => {
                 let t = targets::parse_url(0, url).map_err(|e| MoveError::Mismatch(format!("source {url}: {e}")))?;
-                let endpoint = Endpoint { host: t.host, port: t.port, export: t.export, meta_contexts: Vec::new() };
+                let endpoint =
+                    Endpoint { host: t.host, port: t.port, export: t.export, meta_contexts: Vec::new(), via: None };
                 Self::open_nbd(endpoint, dirty_bitmap.clone(), connections, Duration::from_secs(60), cancel).await
             }
         }

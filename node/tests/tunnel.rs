@@ -1,6 +1,7 @@
 //! The node's own tunnel against OpenSSH's sshd (started here with throwaway keys): the hub's
-//! NBD export reached through a forwarded port range, the node's API reached back through the
-//! reverse forward, and the SSH connection killed in the middle of a backup.
+//! NBD export reached through a forwarded port range (its channels opened in process), the
+//! node's API reached back through the reverse forward, and the SSH connection killed in the
+//! middle of a backup.
 
 mod common;
 
@@ -81,6 +82,10 @@ async fn a_backup_through_the_tunnel_finishes_correctly_after_the_ssh_connection
         assert!(Instant::now() < deadline, "no progress through the tunnel");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The node's NBD connections are channels it opened in process (a connection through the
+    // local forward would count its bytes only once it closed): counted as they go.
+    let view = direct.tunnel().await.unwrap();
+    assert!(view.open_channels >= 1 && view.bytes_to_hub >= 4 * MIB, "{view:?}");
     sshd.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = direct.job("through-ssh").await.unwrap();

@@ -6,8 +6,9 @@
 //! the supervisor reconnects with capped exponential backoff and jitter. A connection accepted
 //! while the tunnel is down waits for it up to `connect_wait`, then is closed cleanly. Each
 //! accepted TCP connection is its own `direct-tcpip` channel, copied both ways with
-//! `copy_bidirectional` (half-close propagates). Everything a node's API wants to show is in
-//! [`Status`].
+//! `copy_bidirectional` (half-close propagates). A service in the same process can open such a
+//! channel without the local TCP hop ([`Tunnel::dialer`], module [`crate::dial`]). Everything a
+//! node's API wants to show is in [`Status`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,6 +141,22 @@ pub enum TunnelError {
     /// SSH-level failure (connect, protocol, disconnect).
     #[error("ssh: {0}")]
     Ssh(String),
+    /// No SSH connection to the hub came up within the wait (or the tunnel stopped): an
+    /// in-process channel ([`crate::dial`]) could not be opened.
+    #[error("the tunnel to the hub is not up (waited {waited:?})")]
+    NotUp {
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The hub refused an in-process channel: a port it does not allow this node now, or
+    /// nothing behind it.
+    #[error("the hub refused a channel to {target}: {reason}")]
+    ChannelRefused {
+        /// `host:port` on the hub.
+        target: String,
+        /// What the hub said.
+        reason: String,
+    },
     /// The hub refused a reverse forward: the connection is dropped and made again later (a
     /// stale session of ours may still hold the port), so `connected` never hides a node the hub
     /// cannot reach.
@@ -197,13 +214,16 @@ pub struct Status {
 }
 
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     status: Mutex<Status>,
-    open: AtomicU64,
-    up: AtomicU64,
-    down: AtomicU64,
+    /// Forwarded connections (and in-process channels) open now.
+    pub(crate) open: AtomicU64,
+    /// Bytes sent towards the hub.
+    pub(crate) up: AtomicU64,
+    /// Bytes received from the hub.
+    pub(crate) down: AtomicU64,
     /// Set when the tunnel stops: forwarded connections end and let go of their session.
-    stop: watch::Sender<bool>,
+    pub(crate) stop: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -217,12 +237,15 @@ impl Shared {
 type HubHandle = Arc<Handle<HubHandler>>;
 /// The session of each SSH connection (`None` while that one is down); index 0 carries the
 /// reverse forwards and decides "connected".
-type Sessions = watch::Receiver<Vec<Option<HubHandle>>>;
+pub(crate) type Sessions = watch::Receiver<Vec<Option<HubHandle>>>;
 
 /// A running tunnel. Dropping it stops it.
 pub struct Tunnel {
     shared: Arc<Shared>,
     session: Sessions,
+    /// Round-robin position over the SSH connections, shared by every way a channel is opened.
+    turn: Arc<AtomicU64>,
+    connect_wait: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -280,7 +303,18 @@ impl Tunnel {
                 Arc::clone(&shared),
             )));
         }
-        Ok(Self { shared, session: rx, tasks })
+        Ok(Self { shared, session: rx, turn, connect_wait: config.connect_wait, tasks })
+    }
+
+    /// Opens channels to the hub in process, with this tunnel's connections, limits and
+    /// counters (see [`crate::dial`]).
+    pub fn dialer(&self) -> crate::dial::TunnelDialer {
+        crate::dial::TunnelDialer::new(
+            self.session.clone(),
+            Arc::clone(&self.shared),
+            self.connect_wait,
+            Arc::clone(&self.turn),
+        )
     }
 
     /// A snapshot of the status.
@@ -328,7 +362,7 @@ impl Tunnel {
 }
 
 /// The client side of one SSH connection: host key check and reverse-forwarded channels.
-struct HubHandler {
+pub(crate) struct HubHandler {
     policy: HostKeyPolicy,
     host: String,
     port: u16,
@@ -534,50 +568,68 @@ async fn accept_loop(
         let forward = forward.clone();
         let turn = Arc::clone(&turn);
         tokio::spawn(async move {
-            // The next SSH connection in turn that is up (round-robin). One that died and is not
-            // yet replaced is skipped, and a channel it fails to open is tried on the next: a
-            // forwarded connection fails only when no SSH connection can carry it.
-            let up = |v: &Vec<Option<HubHandle>>| v.iter().flatten().any(|h| !h.is_closed());
-            let sessions = match tokio::time::timeout(wait, session.wait_for(up)).await {
-                Ok(Ok(v)) => v.iter().flatten().filter(|h| !h.is_closed()).cloned().collect::<Vec<_>>(),
-                _ => Vec::new(),
-            };
-            if sessions.is_empty() {
-                tracing::warn!(listen = %forward.listen, "tunnel not up within {wait:?}; closing the connection");
-                return;
-            }
-            let start = turn.fetch_add(1, Ordering::Relaxed) as usize;
-            let mut refused = None;
-            for i in 0..sessions.len() {
-                let Some(handle) = sessions.get((start + i) % sessions.len()) else { continue };
-                let opened = handle
-                    .channel_open_direct_tcpip(
-                        forward.remote_host.clone(),
-                        u32::from(forward.remote_port),
-                        peer.ip().to_string(),
-                        u32::from(peer.port()),
-                    )
-                    .await;
-                match opened {
-                    Ok(channel) => return pump(tcp, channel, &shared).await,
-                    // This SSH connection went down meanwhile: try the next one.
-                    Err(e) if handle.is_closed() => refused = Some(e),
-                    Err(e) => {
-                        refused = Some(e);
-                        break;
-                    }
+            let originator = (peer.ip().to_string(), u32::from(peer.port()));
+            match open_channel(&mut session, wait, &turn, &forward.remote_host, forward.remote_port, originator).await {
+                Ok(channel) => pump(tcp, channel, &shared).await,
+                Err(OpenError::NotUp) => {
+                    tracing::warn!(listen = %forward.listen, "tunnel not up within {wait:?}; closing the connection");
                 }
-            }
-            if let Some(e) = refused {
-                let msg = format!(
-                    "hub refused forward {} -> {}:{}: {e}",
-                    forward.listen, forward.remote_host, forward.remote_port
-                );
-                tracing::warn!("{msg}");
-                shared.set(|s| s.last_error = Some(msg));
+                Err(OpenError::Refused(e)) => {
+                    let msg = format!(
+                        "hub refused forward {} -> {}:{}: {e}",
+                        forward.listen, forward.remote_host, forward.remote_port
+                    );
+                    tracing::warn!("{msg}");
+                    shared.set(|s| s.last_error = Some(msg));
+                }
             }
         });
     }
+}
+
+/// Why no channel could be opened.
+pub(crate) enum OpenError {
+    /// No SSH connection came up within the wait.
+    NotUp,
+    /// The hub refused the channel (its policy, or nothing listening behind it).
+    Refused(russh::Error),
+}
+
+/// Open a `direct-tcpip` channel to the hub's `host:port` on the next SSH connection in turn that
+/// is up (round-robin), waiting up to `wait` for one. One that died and is not yet replaced is
+/// skipped, and a channel it fails to open is tried on the next: opening fails only when no SSH
+/// connection can carry it.
+pub(crate) async fn open_channel(
+    session: &mut Sessions,
+    wait: Duration,
+    turn: &AtomicU64,
+    host: &str,
+    port: u16,
+    originator: (String, u32),
+) -> Result<Channel<Msg>, OpenError> {
+    let up = |v: &Vec<Option<HubHandle>>| v.iter().flatten().any(|h| !h.is_closed());
+    let sessions = match tokio::time::timeout(wait, session.wait_for(up)).await {
+        Ok(Ok(v)) => v.iter().flatten().filter(|h| !h.is_closed()).cloned().collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
+    if sessions.is_empty() {
+        return Err(OpenError::NotUp);
+    }
+    let start = turn.fetch_add(1, Ordering::Relaxed) as usize;
+    let mut refused = OpenError::NotUp;
+    for i in 0..sessions.len() {
+        let Some(handle) = sessions.get((start + i) % sessions.len()) else { continue };
+        match handle
+            .channel_open_direct_tcpip(host.to_string(), u32::from(port), originator.0.clone(), originator.1)
+            .await
+        {
+            Ok(channel) => return Ok(channel),
+            // This SSH connection went down meanwhile: try the next one.
+            Err(e) if handle.is_closed() => refused = OpenError::Refused(e),
+            Err(e) => return Err(OpenError::Refused(e)),
+        }
+    }
+    Err(refused)
 }
 
 async fn connect_once(

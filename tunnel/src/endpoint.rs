@@ -18,6 +18,12 @@
 //! On top of the static allow lists, an embedding service can decide per key and port with a
 //! [`ForwardPolicy`]: the hub lets a node's key reach only the NBD ports leased to that node's
 //! running jobs, and listen only on that node's reverse API port.
+//!
+//! A service that itself listens on an allowed port can also take such a channel in process
+//! ([`LocalForward`]): once the forward is allowed, the channel's byte stream goes to the service
+//! instead of through a loopback TCP connection to it. The hub serves its NBD exports this way:
+//! every byte of a remote backup then crosses one socket on the hub (the node's SSH connection)
+//! instead of three (SSH in, loopback out, loopback in), which is CPU the decryption needs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +58,24 @@ pub trait ForwardPolicy: Send + Sync {
     fn allow_reverse(&self, key: &AuthorizedKey, port: u16) -> bool;
 }
 
+/// A forwarded channel's bytes, as a [`LocalForward`] receives them (`AsyncRead` + `AsyncWrite`;
+/// dropping it closes the channel).
+pub type ForwardedStream = russh::ChannelStream<Msg>;
+
+/// What serves one forwarded channel in process.
+pub type LocalServe =
+    Box<dyn FnOnce(ForwardedStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>;
+
+/// A destination the embedding service serves itself, in process.
+///
+/// Asked only after the allow lists and the [`ForwardPolicy`] have allowed the channel; the
+/// channel's limits stay the endpoint's.
+pub trait LocalForward: Send + Sync {
+    /// Serve a `direct-tcpip` channel to loopback `port` in process, or `None` to connect to
+    /// 127.0.0.1:`port` over TCP as usual.
+    fn serve(&self, port: u16) -> Option<LocalServe>;
+}
+
 /// What the endpoint allows.
 ///
 /// Built with [`EndpointConfig::new`] (nothing allowed yet) and the setters.
@@ -74,6 +98,8 @@ pub struct EndpointConfig {
     pub max_channels_per_connection: usize,
     /// Per-key decisions on top of the allow lists (`None`: the lists decide alone).
     pub policy: Option<Arc<dyn ForwardPolicy>>,
+    /// Destinations served in process (`None`: every forward is a TCP connection).
+    pub local: Option<Arc<dyn LocalForward>>,
     /// Bounds on connections that have not logged in yet.
     pub login: LoginLimits,
 }
@@ -103,6 +129,7 @@ impl EndpointConfig {
             max_connections_per_key: 8,
             max_channels_per_connection: 512,
             policy: None,
+            local: None,
             login: LoginLimits::default(),
         }
     }
@@ -114,6 +141,7 @@ impl EndpointConfig {
         max_connections_per_key: usize,
         max_channels_per_connection: usize,
         policy: Option<Arc<dyn ForwardPolicy>>,
+        local: Option<Arc<dyn LocalForward>>,
         login: LoginLimits,
     }
 }
@@ -140,6 +168,7 @@ impl std::fmt::Debug for EndpointConfig {
             .field("allow_direct", &self.allow_direct)
             .field("allow_reverse", &self.allow_reverse)
             .field("policy", &self.policy.is_some())
+            .field("local", &self.local.is_some())
             .finish()
     }
 }
@@ -317,7 +346,7 @@ fn loopback(host: &str) -> bool {
     matches!(host, "127.0.0.1" | "localhost" | "::1")
 }
 
-async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, counter: Arc<AtomicUsize>) {
+async fn pump(mut tcp: TcpStream, channel: Channel<Msg>) {
     let mut stream = channel.into_stream();
     let _ = tokio::io::copy_bidirectional_with_sizes(
         &mut tcp,
@@ -326,7 +355,15 @@ async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, counter: Arc<AtomicUsiz
         crate::client::COPY_BUF,
     )
     .await;
-    counter.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One of a connection's channels; gives its place back on drop (however its task ends).
+struct ChannelSlot(Arc<AtomicUsize>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Disconnect a peer that sent more channel data in one packet than we advertised (see
@@ -429,20 +466,26 @@ impl server::Handler for EndpointSession {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         }
-        let counter = Arc::clone(&self.channels);
+        let slot = ChannelSlot(Arc::clone(&self.channels));
         let port = port_to_connect as u16;
+        if let Some(serve) = self.config.local.as_ref().and_then(|l| l.serve(port)) {
+            tokio::spawn(async move {
+                reply.accept().await;
+                serve(channel.into_stream()).await;
+                drop(slot);
+            });
+            return Ok(());
+        }
         tokio::spawn(async move {
             match TcpStream::connect(("127.0.0.1", port)).await {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
                     reply.accept().await;
-                    pump(tcp, channel, counter).await;
+                    pump(tcp, channel).await;
                 }
-                Err(_) => {
-                    counter.fetch_sub(1, Ordering::Relaxed);
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
             }
+            drop(slot);
         });
         Ok(())
     }
@@ -512,21 +555,19 @@ impl server::Handler for EndpointSession {
                     tracing::warn!(port = bound, "reverse connection refused: channel limit reached");
                     continue;
                 }
+                let slot = ChannelSlot(Arc::clone(&counter));
                 let handle = handle.clone();
                 let address = address.clone();
-                let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
                     match handle
                         .channel_open_forwarded_tcpip(address, bound, peer.ip().to_string(), u32::from(peer.port()))
                         .await
                     {
-                        Ok(channel) => pump(tcp, channel, counter).await,
-                        Err(e) => {
-                            counter.fetch_sub(1, Ordering::Relaxed);
-                            tracing::debug!(error = ?e, "reverse channel refused by the client");
-                        }
+                        Ok(channel) => pump(tcp, channel).await,
+                        Err(e) => tracing::debug!(error = ?e, "reverse channel refused by the client"),
                     }
+                    drop(slot);
                 });
             }
         });

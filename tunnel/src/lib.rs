@@ -7,6 +7,7 @@
 //! - [`spec`]: the `A-B[:REMOTE_A]`, `LOCAL[:REMOTE]`, `REMOTE:LOCAL` forms (pure).
 //! - [`hostkey`]: known_hosts or pinned-fingerprint checks; no "accept anything" mode.
 //! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
+//! - [`dial`]: channels to the hub opened in process ([`TunnelDialer`]), no local socket.
 //! - [`authorized`]: authorized_keys with `from=` and `permitopen=`.
 //! - [`endpoint`]: the hub's SSH endpoint that allows nothing but the configured forwards.
 //! - [`ciphers`]: the algorithm preferences (AES-GCM first where the CPU has AES instructions).
@@ -21,12 +22,14 @@
 pub mod authorized;
 pub mod ciphers;
 pub mod client;
+pub mod dial;
 pub mod endpoint;
 pub mod hostkey;
 pub mod limits;
 pub mod spec;
 
 pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
+pub use dial::{TunnelDialer, TunnelStream};
 pub use hostkey::HostKeyPolicy;
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;

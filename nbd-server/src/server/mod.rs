@@ -286,6 +286,14 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        self.serve_stream_from(stream, scope, "stream").await;
+    }
+
+    /// [`Self::serve_stream`], naming the client `peer` in logs (an SSH channel's node, say).
+    pub async fn serve_stream_from<S>(&self, stream: S, scope: Scope, peer: impl Into<String>)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         if self.is_shutting_down() {
             return;
         }
@@ -295,8 +303,9 @@ impl Server {
         };
         let (r, w) = tokio::io::split(stream);
         let shared = Arc::clone(&self.shared);
+        let peer = peer.into();
         let task = self.shared.tracker.spawn(async move {
-            connection::serve(r, w, "stream".to_string(), Arc::new(scope), shared).await;
+            connection::serve(r, w, peer, Arc::new(scope), shared).await;
             drop(permit);
         });
         let _ = task.await;

@@ -183,7 +183,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(t) => Some(tunnel::Tunnel::start(t.clone()).await.context("tunnel")?),
         None => None,
     };
-    let jobs = Arc::new(Jobs::new(Arc::clone(&settings)));
+    let mut jobs = Jobs::new(Arc::clone(&settings));
+    if let Some(t) = &tunnel {
+        jobs = jobs.through_tunnel(t.dialer());
+    }
+    let jobs = Arc::new(jobs);
     let state = Arc::new(AppState { jobs: Arc::clone(&jobs), tunnel });
     tracing::info!(
         listen = %settings.listen,

@@ -1,0 +1,142 @@
+//! Channels to the hub opened in process: what a local forward does, without the local socket.
+//!
+//! A service that runs the tunnel in its own process (the node, whose NBD client copies disks
+//! to the hub) would otherwise reach the hub by connecting to the tunnel's local listener: every
+//! byte written into a loopback socket by one task and read back out of it by another before
+//! it is encrypted. [`TunnelDialer::open`] opens the same `direct-tcpip` channel a forwarded
+//! connection would (the next SSH connection in turn, waiting for the tunnel as a forwarded
+//! connection waits) and hands over its byte stream, [`TunnelStream`]: counted in the tunnel's
+//! [`crate::Status`] like a forwarded connection, and ended when the tunnel stops.
+//!
+//! The hub decides what the channel may reach, as for any forward; the local listeners stay for
+//! everything outside the process.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use russh::client::Msg;
+use russh::ChannelStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::client::{open_channel, OpenError, Sessions, Shared};
+use crate::TunnelError;
+
+/// Opens channels through a running [`crate::Tunnel`] (cheap to clone; it does not keep the
+/// tunnel running).
+#[derive(Clone)]
+pub struct TunnelDialer(Arc<Dialer>);
+
+struct Dialer {
+    session: Sessions,
+    shared: Arc<Shared>,
+    wait: Duration,
+    turn: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for TunnelDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelDialer").field("wait", &self.0.wait).finish()
+    }
+}
+
+impl TunnelDialer {
+    pub(crate) fn new(session: Sessions, shared: Arc<Shared>, wait: Duration, turn: Arc<AtomicU64>) -> Self {
+        Self(Arc::new(Dialer { session, shared, wait, turn }))
+    }
+
+    /// A channel to the hub's `host:port` (as the hub sees it: its loopback), waiting up to the
+    /// tunnel's `connect_wait` for an SSH connection.
+    ///
+    /// # Errors
+    /// [`TunnelError::NotUp`] when no SSH connection came up in time (or the tunnel stopped),
+    /// [`TunnelError::ChannelRefused`] when the hub refused the channel.
+    pub async fn open(&self, host: &str, port: u16) -> Result<TunnelStream, TunnelError> {
+        let d = &self.0;
+        if *d.shared.stop.borrow() {
+            return Err(TunnelError::NotUp { waited: Duration::ZERO });
+        }
+        let mut session = d.session.clone();
+        let originator = ("127.0.0.1".to_string(), 0);
+        match open_channel(&mut session, d.wait, &d.turn, host, port, originator).await {
+            Ok(channel) => Ok(TunnelStream::new(channel.into_stream(), Arc::clone(&d.shared))),
+            Err(OpenError::NotUp) => Err(TunnelError::NotUp { waited: d.wait }),
+            Err(OpenError::Refused(e)) => {
+                Err(TunnelError::ChannelRefused { target: format!("{host}:{port}"), reason: e.to_string() })
+            }
+        }
+    }
+}
+
+/// One channel's bytes, both ways. Dropping it closes the channel.
+pub struct TunnelStream {
+    inner: ChannelStream<Msg>,
+    shared: Arc<Shared>,
+    /// Ready once the tunnel stops: the stream fails from then on, so it lets go of its SSH
+    /// connection as a forwarded connection does.
+    stopped: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream").finish_non_exhaustive()
+    }
+}
+
+impl TunnelStream {
+    fn new(inner: ChannelStream<Msg>, shared: Arc<Shared>) -> Self {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        let mut stop = shared.stop.subscribe();
+        let stopped = Box::pin(async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        });
+        Self { inner, shared, stopped }
+    }
+
+    /// `Err` once the tunnel has stopped.
+    fn check_running(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        match self.stopped.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the tunnel stopped")),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.shared.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.check_running(cx)?;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let got = buf.filled().len().saturating_sub(before);
+        self.shared.down.fetch_add(got as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.check_running(cx)?;
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.shared.up.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
