@@ -12,7 +12,10 @@
 //!
 //! Disks: random data; a realistic disk (60% holes, 10% written zeroes, 30% random, in 1 MiB
 //! runs; nbdcopy skips both holes and zeroes too); and an incremental after 1% of the 64 KiB
-//! clusters changed, against the old design's only option, a full copy. CPU is every process
+//! clusters changed, against the old design's only option, a full copy. The random backup is
+//! also restored to a new file on the node (the read path: the hub's read-only export through
+//! the tunnel or direct TCP), timed from the hub's `POST /api/v1/restores` to the node's job
+//! completed, and compared with its source. CPU is every process
 //! taking part (old: qemu-nbd, sshd and its children, ssh, nbdcopy; ours: hub and node), per GB of
 //! disk.
 
@@ -87,6 +90,10 @@ struct Product {
     node: Proc,
     api: String,
     token: String,
+    /// The node's own API (the bench calls it directly; the hub goes through the tunnel).
+    node_api: String,
+    /// Where the node may restore to.
+    restore_dir: PathBuf,
     http: reqwest::Client,
 }
 
@@ -163,7 +170,15 @@ impl Product {
         let node = spawn("sendense-node", dir.join("node.toml"), node_api)?;
         let hub = spawn("sendense-hub", dir.join("hub.toml"), hub_api)?;
         let token = std::fs::read_to_string(dir.join("token"))?.trim().to_string();
-        let p = Self { hub, node, api: format!("http://127.0.0.1:{hub_api}"), token, http: reqwest::Client::new() };
+        let p = Self {
+            hub,
+            node,
+            api: format!("http://127.0.0.1:{hub_api}"),
+            token,
+            node_api: format!("http://127.0.0.1:{node_api}"),
+            restore_dir: dir.join("node-state").join("restores"),
+            http: reqwest::Client::new(),
+        };
         // Until the hub reaches the node (through the reverse forward when tunnelled).
         let deadline = Instant::now() + Duration::from_secs(30);
         while p.call_blocking(reqwest::Method::GET, &format!("/api/v1/backups?vm_name={}", disks[0].0), None).is_err()
@@ -183,9 +198,13 @@ impl Product {
     }
 
     fn call_blocking(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.call_at(&self.api, method, path, body)
+    }
+
+    fn call_at(&self, base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
-            let mut req = self.http.request(method, format!("{}{path}", self.api)).bearer_auth(&self.token);
+            let mut req = self.http.request(method, format!("{base}{path}")).bearer_auth(&self.token);
             if let Some(b) = body {
                 req = req.json(&b);
             }
@@ -221,8 +240,59 @@ impl Product {
         }
     }
 
+    /// Backup `id` (one disk, key 2000) restored to a new file on the node, from the hub's
+    /// `POST /api/v1/restores` to the node's job completed; (seconds, CPU seconds, the file).
+    fn restore(&self, id: &str) -> anyhow::Result<(f64, f64, PathBuf)> {
+        let dest = self.restore_dir.join(format!("restored-{id}.raw"));
+        let _ = std::fs::remove_file(&dest);
+        let cpu0 = self.cpu();
+        let started = Instant::now();
+        let r = self.call_blocking(reqwest::Method::POST, "/api/v1/restores", Some(json!({"backup_id": id})))?;
+        let job = format!("restore-{id}");
+        self.call_at(
+            &self.node_api,
+            reqwest::Method::POST,
+            "/api/v1/restore/start",
+            Some(json!({"job_id": job, "nbd_targets": r["nbd_targets_string"], "destinations": {"2000": dest}})),
+        )?;
+        loop {
+            let v = self.call_at(&self.node_api, reqwest::Method::GET, &format!("/api/v1/backup/{job}"), None)?;
+            match v["status"].as_str() {
+                Some("completed") => break,
+                Some("failed" | "cancelled") => bail!("restore of {id}: {v}"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = self.cpu() - cpu0;
+        let restore = r["restore_id"].as_str().unwrap_or_default();
+        self.call_blocking(reqwest::Method::DELETE, &format!("/api/v1/restores/{restore}"), None)?;
+        Ok((secs, cpu, dest))
+    }
+
     fn delete(&self, id: &str) -> anyhow::Result<()> {
         self.call_blocking(reqwest::Method::DELETE, &format!("/api/v1/backups/{id}"), None).map(|_| ())
+    }
+}
+
+/// Whether two files hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        let (Some(x), Some(y)) = (ba.get(..n), bb.get_mut(..n)) else { return Ok(false) };
+        fb.read_exact(y)?;
+        if x != y {
+            return Ok(false);
+        }
     }
 }
 
@@ -321,7 +391,19 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
                 settle(src);
                 let (secs, cpu, v) = product.backup(label, "full")?;
                 record(report, &format!("sendense {how} {label}"), secs, cpu);
-                product.delete(v["backup_id"].as_str().unwrap_or_default())?;
+                let id = v["backup_id"].as_str().unwrap_or_default();
+                if label == "random" {
+                    // The read path: that backup restored to a new file on the node.
+                    let (secs, cpu, restored) = product.restore(id)?;
+                    anyhow::ensure!(
+                        same_bytes(src, &restored)?,
+                        "restored {} differs from its source",
+                        restored.display()
+                    );
+                    std::fs::remove_file(&restored)?;
+                    record(report, &format!("sendense {how} restore random"), secs, cpu);
+                }
+                product.delete(id)?;
             }
         }
         // The incremental: a committed full backup, 1% of the clusters rewritten, then the
@@ -345,6 +427,7 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
         report.ratio("e2e", &format!("sendense tunnel {label}"), &format!("old design {label}"), "CPU s/GB");
         report.ratio("e2e", &format!("sendense tunnel {label}"), &format!("sendense direct {label}"), "disk MB/s");
     }
+    report.ratio("e2e", "sendense tunnel restore random", "sendense direct restore random", "disk MB/s");
     report.ratio("e2e", "sendense tunnel random", "old design random same cipher", "disk MB/s");
     report.ratio("e2e", "sendense tunnel random", "old design random same cipher", "CPU s/GB");
     report.ratio("e2e", "sendense tunnel incr 1%", "old design full again", "disk MB/s");

@@ -20,7 +20,8 @@
 //!   and its memory with 101 idle exports against 101 qemu-nbd processes.
 //! - `e2e`: a full backup end to end (sendense-hub + sendense-node through the hub's SSH
 //!   endpoint, and over direct TCP) against the old design (qemu-nbd + OpenSSH `ssh -L` +
-//!   nbdcopy): random, realistic, and a 1% incremental.
+//!   nbdcopy): random, realistic, and a 1% incremental; and the random backup restored to the
+//!   node (the read path).
 //! - `wan`: NBD through the tunnel and through `ssh -L` across a delay proxy (round trips of
 //!   0, 10, 20 and 50 ms).
 //! - `floor`: the CPU budget the qcow2 write goal leaves a server on this machine, beside what a
