@@ -254,6 +254,20 @@ impl Source {
             Self::Nbd(n) => {
                 // In pieces the server accepts (its maximum payload).
                 let max = n.pool.info().max_payload.max(4096) as usize;
+                if buf.len() <= max {
+                    // One request, answered straight into the caller's buffer. An attempt that
+                    // fails takes the buffer with it; a retry reads into a new one.
+                    let len = buf.len();
+                    let spare = std::sync::Mutex::new(Some(buf));
+                    return n
+                        .pool
+                        .run(worker, "read", offset, |c| {
+                            let b = spare.lock().ok().and_then(|mut s| s.take()).unwrap_or_else(|| vec![0; len]);
+                            async move { c.read_into(offset, b).await }
+                        })
+                        .await
+                        .map_err(|e| n.error("read", e));
+                }
                 let mut done = 0usize;
                 while done < buf.len() {
                     let len = (buf.len() - done).min(max);
