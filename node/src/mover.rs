@@ -553,7 +553,7 @@ async fn process(shared: &Shared, worker: usize, item: Item, buf: &mut Vec<u8>) 
                     acts.push(Act::Zero);
                 }
             }
-            send_runs(shared, worker, first, &acts, &[], &shared.progress.bytes_skipped_holes).await?;
+            send_runs(shared, worker, first, &acts, &Arc::default(), &shared.progress.bytes_skipped_holes).await?;
             shared.store_hashes(first, &hashes);
             Ok(())
         }
@@ -583,9 +583,13 @@ async fn process(shared: &Shared, worker: usize, item: Item, buf: &mut Vec<u8>) 
                     acts.push(Act::Data);
                 }
             }
+            // Shared, not borrowed: a file destination writes from a blocking thread, which then
+            // takes its runs without a copy. The buffer comes back for the next read once they
+            // are done with it (a fresh one is allocated in the rare case one is still held).
+            let data = Arc::new(data);
             send_runs(shared, worker, first, &acts, &data, &shared.progress.bytes_skipped_zero).await?;
             shared.store_hashes(first, &hashes);
-            *buf = data;
+            *buf = Arc::try_unwrap(data).unwrap_or_default();
             Ok(())
         }
     }
@@ -599,7 +603,7 @@ async fn send_runs(
     worker: usize,
     first: u64,
     acts: &[Act],
-    data: &[u8],
+    data: &Arc<Vec<u8>>,
     zeroed: &AtomicU64,
 ) -> Result<(), MoveError> {
     let bs = shared.block_size;
@@ -622,11 +626,10 @@ async fn send_runs(
             }
             Act::Data => {
                 let from = i * bs as usize;
-                let bytes = data.get(from..from + len as usize).unwrap_or_default();
                 if let Some(t) = &shared.throttle {
                     t.acquire(len).await;
                 }
-                shared.sink.write(worker, offset, bytes).await?;
+                shared.sink.write(worker, offset, data, from..from + len as usize).await?;
                 shared.written.mark(b0, n);
                 shared.progress.bytes_sent.fetch_add(len, Ordering::Relaxed);
             }

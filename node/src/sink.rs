@@ -73,27 +73,36 @@ impl Sink {
         }
     }
 
-    /// Write `data` at `offset` (worker `worker` picks the connection).
+    /// Write bytes `range` of `data` at `offset` (worker `worker` picks the connection). The
+    /// buffer is shared so that a file's blocking write takes it without a copy.
     ///
     /// # Errors
-    /// The target failed the write or stayed unreachable.
-    pub async fn write(&self, worker: usize, offset: u64, data: &[u8]) -> Result<(), MoveError> {
+    /// The target failed the write, stayed unreachable, or `range` is not inside `data`.
+    pub async fn write(
+        &self,
+        worker: usize,
+        offset: u64,
+        data: &Arc<Vec<u8>>,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), MoveError> {
+        let Some(bytes) = data.get(range.clone()) else {
+            return Err(MoveError::Mismatch(format!("write of bytes {range:?} of a {} byte buffer", data.len())));
+        };
         match self {
             Self::Nbd(pool) => {
                 // In pieces the server accepts (its maximum payload).
                 let max = pool.info().max_payload.max(4096) as usize;
-                for (i, piece) in data.chunks(max).enumerate() {
+                for (i, piece) in bytes.chunks(max).enumerate() {
                     let at = offset + (i * max) as u64;
                     pool.run(worker, "write", at, |c| async move { c.write(at, piece, false).await }).await?;
                 }
                 Ok(())
             }
             Self::File(f) => {
-                // The blocking pool needs an owned buffer; restores pay one copy here.
-                let owned = data.to_vec();
-                let file = Arc::clone(&f.file);
+                // The blocking thread shares the buffer (no copy); `range` is inside it (checked).
+                let (file, data) = (Arc::clone(&f.file), Arc::clone(data));
                 let what = || format!("{}: write at {offset:#x}", f.path.display());
-                tokio::task::spawn_blocking(move || file.write_all_at(&owned, offset))
+                tokio::task::spawn_blocking(move || file.write_all_at(data.get(range).unwrap_or_default(), offset))
                     .await
                     .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
                     .map_err(|source| MoveError::Destination { what: what(), source })
