@@ -736,6 +736,9 @@ impl Jobs {
         source.close().await;
         let outcome = result.map_err(fail)?;
         set_disk(dj, "completed", outcome.checksum, None);
+        if let Ok(mut s) = dj.state.lock() {
+            s.reconnects = outcome.reconnects;
+        }
         Ok(())
     }
 

@@ -243,7 +243,7 @@ pub struct Outcome {
     pub map: BlockMap,
     /// The disk checksum, when every block's hash is known.
     pub checksum: Option<String>,
-    /// Connections re-made along the way.
+    /// Connections re-made along the way (to the destination and from the source).
     pub reconnects: u64,
 }
 
@@ -411,7 +411,7 @@ pub async fn copy_disk(
     let hashes = shared.hashes.lock().map(|h| h.clone()).unwrap_or_default();
     let map = BlockMap { disk_size: size, block_size, hashes };
     let checksum = (!map.hashes.contains(&UNKNOWN)).then(|| map.checksum());
-    Ok(Outcome { map, checksum, reconnects: shared.sink.reconnects() })
+    Ok(Outcome { map, checksum, reconnects: shared.sink.reconnects() + shared.source.reconnects() })
 }
 
 /// Walk the disk, classify blocks, and queue the work.

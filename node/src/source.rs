@@ -165,6 +165,14 @@ impl Source {
         }
     }
 
+    /// Connections re-made during the copy.
+    pub fn reconnects(&self) -> u64 {
+        match self {
+            Self::File(_) => 0,
+            Self::Nbd(n) => n.pool.reconnects(),
+        }
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         match self {

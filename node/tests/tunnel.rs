@@ -1,17 +1,18 @@
 //! The node's own tunnel against OpenSSH's sshd (started here with throwaway keys): the hub's
 //! NBD export reached through a forwarded port range (its channels opened in process), the
 //! node's API reached back through the reverse forward, and the SSH connection killed in the
-//! middle of a backup.
+//! middle of a backup and again in the middle of its restore.
 
 mod common;
 
 #[path = "../../tunnel/tests/common/mod.rs"]
 mod ssh;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use node::api::{BackupType, JobStatus, NodeClient, StartRequest};
+use node::api::{BackupType, JobStatus, NodeClient, RestoreRequest, StartRequest};
 
 const MIB: u64 = 1 << 20;
 
@@ -91,7 +92,7 @@ async fn a_backup_through_the_tunnel_finishes_correctly_after_the_ssh_connection
     let during = direct.job("through-ssh").await.unwrap();
     assert_eq!(during.status, JobStatus::Running, "a dropped tunnel does not doom the job: {during:?}");
     assert!(!direct.tunnel().await.unwrap().connected);
-    let _sshd = ssh::Sshd::start(d, ssh_port);
+    let mut sshd = ssh::Sshd::start(d, ssh_port);
 
     let view = wait_job(&direct, "through-ssh").await;
     assert_eq!(view.status, JobStatus::Completed, "{view:?}");
@@ -110,4 +111,35 @@ async fn a_backup_through_the_tunnel_finishes_correctly_after_the_ssh_connection
     hub.close().await;
     assert_same(&src, &image);
     assert_clean(&image);
+
+    // And back: a 48 MiB qcow2 of random data restored to a file on the node through the tunnel,
+    // sshd killed again in the middle. The restore's writes are held to the bandwidth limit, so
+    // its reads are still under way when the tunnel drops: they are made again on new channels.
+    let disk = d.join("restore-src.raw");
+    std::fs::write(&disk, pseudo_random(48 << 20, 77)).unwrap();
+    let backup = d.join("restore-src.qcow2");
+    run(Command::new(require("qemu-img")).args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&disk).arg(&backup));
+    let hub = HubExport::start_on(&backup, "pgtest1-disk0", hub_base).await;
+    let restored = d.join("state/restores/restored.raw");
+    let req = RestoreRequest {
+        job_id: "restore-through-ssh".into(),
+        nbd_targets: format!("2000:nbd://127.0.0.1:{hub_base}/pgtest1-disk0"),
+        destinations: [("2000".to_string(), restored.display().to_string())].into(),
+    };
+    direct.start_restore(&req).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while direct.job("restore-through-ssh").await.unwrap().disks[0].bytes_sent < 4 * MIB {
+        assert!(Instant::now() < deadline, "no restore progress through the tunnel");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sshd.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = direct.job("restore-through-ssh").await.unwrap();
+    assert_eq!(during.status, JobStatus::Running, "a dropped tunnel does not doom the restore: {during:?}");
+    let _sshd = ssh::Sshd::start(d, ssh_port);
+    let view = wait_job(&direct, "restore-through-ssh").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert!(view.disks[0].reconnects >= 1, "{view:?}");
+    assert_same(&disk, &restored);
+    hub.close().await;
 }
