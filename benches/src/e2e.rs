@@ -15,7 +15,8 @@
 //! clusters changed, against the old design's only option, a full copy. The random backup is
 //! also restored to a new file on the node (the read path: the hub's read-only export through
 //! the tunnel or direct TCP), timed from the hub's `POST /api/v1/restores` to the node's job
-//! completed, and compared with its source. CPU is every process
+//! completed, and compared with its source; the old design's restore is nbdcopy from its
+//! qemu-nbd through `ssh -L` into a new raw file. CPU is every process
 //! taking part (old: qemu-nbd, sshd and its children, ssh, nbdcopy; ours: hub and node), per GB of
 //! disk.
 
@@ -296,14 +297,20 @@ fn same_bytes(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
 }
 
+/// Seconds and CPU seconds of one timed copy.
+type Timed = (f64, f64);
+
 /// The old design's copy of `src`: fresh qcow2, qemu-nbd, ssh -L, nbdcopy. (seconds, CPU).
+/// With `restore`, the copy is then read back the same way into a new raw file (the old design's
+/// restore: nbdcopy from qemu-nbd through `ssh -L`), timed too and compared with the source.
 fn old_design(
     dir: &Path,
     keys: &Keys,
     sshd: (u16, u32),
     cipher: Option<&str>,
     src: &Path,
-) -> anyhow::Result<(f64, f64)> {
+    restore: bool,
+) -> anyhow::Result<(Timed, Option<Timed>)> {
     let (sshd_port, sshd_pid) = sshd;
     let img = dir.join("old.qcow2");
     let _ = std::fs::remove_file(&img);
@@ -343,12 +350,32 @@ fn old_design(
     let secs = started.elapsed().as_secs_f64();
     anyhow::ensure!(ok.success(), "nbdcopy failed");
     let cpu = cpu_seconds(qemu.0.id()) + cpu_seconds(ssh.0.id()) + tree_cpu(sshd_pid) + children_cpu() - cpu0;
+    let restored = match restore {
+        false => None,
+        true => {
+            let out = dir.join("old-restored.raw");
+            std::fs::File::create(&out)?.set_len(size)?;
+            let cpu0 = cpu_seconds(qemu.0.id()) + cpu_seconds(ssh.0.id()) + tree_cpu(sshd_pid) + children_cpu();
+            let started = Instant::now();
+            let ok = Command::new("nbdcopy")
+                .args(["--connections=4", "--threads=4", "--flush"])
+                .arg(format!("nbd://127.0.0.1:{local}/vm-disk0"))
+                .arg(&out)
+                .status()?;
+            let secs = started.elapsed().as_secs_f64();
+            anyhow::ensure!(ok.success(), "nbdcopy (restore) failed");
+            let cpu = cpu_seconds(qemu.0.id()) + cpu_seconds(ssh.0.id()) + tree_cpu(sshd_pid) + children_cpu() - cpu0;
+            anyhow::ensure!(same_bytes(src, &out)?, "the old design's restore differs from the source");
+            std::fs::remove_file(&out)?;
+            Some((secs, cpu))
+        }
+    };
     drop(ssh);
     drop(qemu);
     let same = Command::new("qemu-img").arg("compare").arg(src).arg(&img).stdout(Stdio::null()).status()?;
     anyhow::ensure!(same.success(), "the old design's copy differs from the source");
     let _ = std::fs::remove_file(&img);
-    Ok((secs, cpu))
+    Ok(((secs, cpu), restored))
 }
 
 pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
@@ -379,12 +406,22 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
     for rep in 0..reps {
         eprintln!("e2e: rep {}/{reps}", rep + 1);
         for (label, src) in [("random", &random), ("realistic", &real)] {
-            let (secs, cpu) = old_design(&work, &keys, (sshd_port, sshd.pid()), None, src)?;
+            let random = label == "random";
+            let ((secs, cpu), restored) = old_design(&work, &keys, (sshd_port, sshd.pid()), None, src, random)?;
             record(report, &format!("old design {label}"), secs, cpu);
-            if label == "random" {
+            if let Some((secs, cpu)) = restored {
+                record(report, "old design restore random", secs, cpu);
+            }
+            if random {
                 // The same with OpenSSH told to use the cipher the tunnel picks on this CPU.
-                let (secs, cpu) =
-                    old_design(&work, &keys, (sshd_port, sshd.pid()), Some(::tunnel::ciphers::first_choice()), src)?;
+                let ((secs, cpu), _) = old_design(
+                    &work,
+                    &keys,
+                    (sshd_port, sshd.pid()),
+                    Some(::tunnel::ciphers::first_choice()),
+                    src,
+                    false,
+                )?;
                 record(report, "old design random same cipher", secs, cpu);
             }
             for (how, product) in [("tunnel", &tunnelled), ("direct", &direct)] {
@@ -417,7 +454,7 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
         record(report, "sendense tunnel incr 1%", secs, cpu);
         let sent = inc["disks"][0]["bytes_sent"].as_u64().unwrap_or(0);
         report.add("e2e", "sendense tunnel incr 1%", "sent/changed", sent as f64 / changed as f64);
-        let (secs, cpu) = old_design(&work, &keys, (sshd_port, sshd.pid()), None, &incr)?;
+        let ((secs, cpu), _) = old_design(&work, &keys, (sshd_port, sshd.pid()), None, &incr, false)?;
         record(report, "old design full again", secs, cpu);
         tunnelled.delete(inc["backup_id"].as_str().unwrap_or_default())?;
         tunnelled.delete(full["backup_id"].as_str().unwrap_or_default())?;
@@ -428,6 +465,8 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
         report.ratio("e2e", &format!("sendense tunnel {label}"), &format!("sendense direct {label}"), "disk MB/s");
     }
     report.ratio("e2e", "sendense tunnel restore random", "sendense direct restore random", "disk MB/s");
+    report.ratio("e2e", "sendense tunnel restore random", "old design restore random", "disk MB/s");
+    report.ratio("e2e", "sendense tunnel restore random", "old design restore random", "CPU s/GB");
     report.ratio("e2e", "sendense tunnel random", "old design random same cipher", "disk MB/s");
     report.ratio("e2e", "sendense tunnel random", "old design random same cipher", "CPU s/GB");
     report.ratio("e2e", "sendense tunnel incr 1%", "old design full again", "disk MB/s");
@@ -437,7 +476,8 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
          processes, POST /api/v1/backups to completed (image creation, copy, flush and the hub's verification included), \
          through the hub's SSH endpoint (tunnel) or direct TCP. The old design's ssh uses OpenSSH's default cipher \
          (chacha20-poly1305); \"same cipher\" forces the tunnel's first choice on this CPU ({}). realistic = 60% holes, 10% written zeroes, 30% random. \
-         CPU = every process taking part, per GB of disk. Ratios are medians of same-repetition ratios.",
+         restore = the random backup read back to a new raw file on the node (old design: nbdcopy from its qemu-nbd \
+         through ssh -L), compared with the source. CPU = every process taking part, per GB of disk. Ratios are medians of same-repetition ratios.",
         ::tunnel::ciphers::first_choice()
     ));
     Ok(())
