@@ -5,8 +5,9 @@
 //! that cannot be bound is an error in the API's answer, never a "server disconnected" on the
 //! node later. A node's tunnel channel to an export's port is served in process
 //! ([`Exports::serve_channel`], through the endpoint's `LocalForward`) with the same scope as
-//! the listener: the listener remains for nodes that connect over direct TCP. Closing stops its listener, lets its clients finish for up to 30 s, cuts the
-//! ones that do not (a client that stopped reading), and flushes the image.
+//! the listener: the listener remains for nodes that connect over direct TCP. Closing stops its
+//! listener, lets its clients finish for up to 30 s, cuts the ones that do not (a client that
+//! stopped reading, in-process channels included), and flushes the image.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

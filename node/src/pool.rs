@@ -248,7 +248,6 @@ impl NbdPool {
 }
 
 async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
-    let timed_out = |what: &str| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string()));
     let mut options = ClientOptions::new(endpoint.export.clone()).request_timeout(REQUEST_TIMEOUT);
     options.meta_contexts = endpoint.meta_contexts.clone();
     if let Some(t) = &endpoint.via {
@@ -277,5 +276,9 @@ where
 {
     tokio::time::timeout(Duration::from_secs(30), Client::handshake(r, w, options))
         .await
-        .map_err(|_| ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")))?
+        .map_err(|_| timed_out("handshake timed out"))?
+}
+
+fn timed_out(what: &'static str) -> ClientError {
+    ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
 }
