@@ -659,14 +659,21 @@ async fn connect_once(
         key_error: Arc::clone(&key_error),
         shared: Arc::clone(shared),
     };
-    let connected = client::connect(ssh, (config.hub_host.as_str(), config.hub_port), handler).await;
+    let hub = format!("{}:{}", config.hub_host, config.hub_port);
+    let tcp = tokio::net::TcpStream::connect((config.hub_host.as_str(), config.hub_port))
+        .await
+        .map_err(|e| TunnelError::Ssh(format!("connecting to {hub}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    // Reads through a buffer (writes pass straight through): see `limits::SSH_READ_BUFFER`.
+    let stream = tokio::io::BufReader::with_capacity(crate::limits::SSH_READ_BUFFER, tcp);
+    let connected = client::connect_stream(ssh, stream, handler).await;
     let mut handle = match connected {
         Ok(h) => h,
         Err(e) => {
             if let Some(k) = key_error.lock().ok().and_then(|mut k| k.take()) {
                 return Err(k.into());
             }
-            return Err(TunnelError::Ssh(format!("connecting to {}:{}: {e}", config.hub_host, config.hub_port)));
+            return Err(TunnelError::Ssh(format!("connecting to {hub}: {e}")));
         }
     };
     let hash = handle.best_supported_rsa_hash().await.ok().flatten().flatten();
@@ -675,10 +682,7 @@ async fn connect_once(
         .await
         .map_err(|e| TunnelError::Ssh(e.to_string()))?;
     if !auth.success() {
-        return Err(TunnelError::AuthRefused {
-            hub: format!("{}:{}", config.hub_host, config.hub_port),
-            user: config.user.clone(),
-        });
+        return Err(TunnelError::AuthRefused { hub, user: config.user.clone() });
     }
     for r in &reverse {
         if let Err(e) = handle.tcpip_forward(r.remote_bind.clone(), u32::from(r.remote_port)).await {

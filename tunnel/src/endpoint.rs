@@ -265,7 +265,7 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
             tokio::pin!(login);
             // The identification line and key exchange happen here: bounded by the deadline too.
             let session = tokio::select! {
-                s = server::run_stream(ssh, stream, handler) => s,
+                s = server::run_stream(ssh, tokio::io::BufReader::with_capacity(crate::limits::SSH_READ_BUFFER, stream), handler) => s,
                 _ = &mut login => {
                     tracing::warn!(%peer, "closed: no login within the deadline");
                     return;

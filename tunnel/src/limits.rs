@@ -12,6 +12,7 @@
 //! - per channel: [`CHANNEL_QUEUE`] x the advertised maximum packet (endpoint
 //!   [`ENDPOINT_MAX_PACKET`], 16 x 32 KiB = 512 KiB; client [`CLIENT_MAX_PACKET`],
 //!   16 x 64 KiB = 1 MiB), plus the forwarding task's 64 KiB read buffer;
+//! - per connection: the [`SSH_READ_BUFFER`] its socket is read through;
 //! - per connection at the hub's endpoint: `max_channels_per_connection` (the hub uses 512)
 //!   x 576 KiB = 288 MiB, and `max_connections_per_key` (8) of those per node key;
 //! - the NBD server behind the forwards bounds itself (`ServerConfig::max_buffered_bytes` per
@@ -28,6 +29,15 @@ pub const ENDPOINT_MAX_PACKET: u32 = 32 * 1024;
 
 /// The largest channel data packet the tunnel client accepts (advertised to the hub).
 pub const CLIENT_MAX_PACKET: u32 = 64 * 1024 - 1;
+
+/// Bytes taken from an SSH connection's socket per `recv`, at both ends. russh reads each
+/// packet with two `read_exact`s (its length, then the rest): straight on the socket that is two
+/// system calls per packet, and often a wake-up between them. Read through a buffer of this size
+/// (writes pass straight through), one `recv` takes several packets: in a 4-connection NBD copy
+/// through the standalone pair the endpoint made 5 000 `recv`s per GiB instead of 67 000, and
+/// the pair ran 1.07-1.09x faster at 0.89x the CPU (the extra copy out of the buffer costs less
+/// than the calls it saves). Fixed per connection, never grown by the peer.
+pub const SSH_READ_BUFFER: usize = 256 * 1024;
 
 /// Whether channel data of `len` bytes respects the advertised `max` (a peer that sends more
 /// is broken or hostile, and is disconnected).
