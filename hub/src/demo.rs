@@ -312,6 +312,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     println!("\n6. checks");
     let mut ok = true;
+    // The node hashes what it restores as it writes it: the same checksum as the backup's
+    // manifest, or the restore did not reproduce the backup.
+    let manifest_path = dir.join("hub/repo/demo").join(&incr_id).join("manifest.json");
+    let manifest: crate::repo::Manifest = serde_json::from_slice(&std::fs::read(&manifest_path)?)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
+    for d in &view.disks {
+        let recorded = manifest.disks.iter().find(|m| m.disk_key == d.key).and_then(|m| m.checksum.as_deref());
+        let matches = recorded.is_some() && recorded == d.checksum.as_deref();
+        ok &= matches;
+        println!(
+            "  disk {}: the node's checksum of the restore {} the backup's manifest",
+            d.key,
+            if matches { "matches" } else { "DOES NOT MATCH" }
+        );
+    }
     for (i, src) in sources.iter().enumerate() {
         let want = crate::verify::file_checksum(src, 64 << 10)?;
         let got = crate::verify::file_checksum(&restored[i], 64 << 10)?;

@@ -538,6 +538,11 @@ fn the_demo_runs_the_whole_product_and_every_check_passes() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("every check passed"), "{stdout}");
     assert!(stdout.contains("restored copy equals the source; replica equals the source"), "{stdout}");
+    assert_eq!(
+        stdout.matches("the node's checksum of the restore matches the backup's manifest").count(),
+        2,
+        "{stdout}"
+    );
     // The images it leaves behind are qemu's to judge too.
     let repo = dir.path().join("demo/hub/repo/demo");
     let mut backups: Vec<_> =
