@@ -12,16 +12,15 @@
 //! commit its change-tracking state. On failure or cancel: exports closed, ports released,
 //! partial images removed, the reason kept.
 //!
-//! Which backup an incremental builds on is the pure function [`choose_parent`].
+//! Which backup an incremental builds on is the pure function [`choose_parent`]. The job model
+//! and its API views are in `view`, restores in `restores`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use node::api::{BackupType, JobStatus as NodeStatus, JobView as NodeJob, NodeClient, StartRequest};
+use node::api::{BackupType, JobStatus as NodeStatus, NodeClient, StartRequest};
 use qcow2::{BackingFormat, CreateOptions, Image};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NodeSpec, Settings};
@@ -31,6 +30,13 @@ use crate::ports::{bindable, Lease, Ports};
 use crate::repo::{self, Manifest, ManifestDisk, Repo};
 use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, DiskVerdict};
 
+mod restores;
+mod view;
+
+pub use restores::{Restore, RestoreExport, RestoreView};
+use view::{manifest_view, type_name, JobDisk, JobState};
+pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
+
 /// How often the node's job is polled.
 const POLL: Duration = Duration::from_millis(100);
 /// How often a job is polled once its node has done 90% of it: the end of a short job (an
@@ -38,292 +44,6 @@ const POLL: Duration = Duration::from_millis(100);
 const POLL_FINISHING: Duration = Duration::from_millis(20);
 /// Finished (not completed) jobs kept in memory.
 const KEEP_FINISHED: usize = 500;
-
-/// A job's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    /// Into the repository.
-    Backup,
-    /// Into the replica set, in place.
-    Replication,
-}
-
-/// A job's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Accepted, resources being prepared.
-    Queued,
-    /// The node is copying.
-    Running,
-    /// Images being checked.
-    Verifying,
-    /// Done and safe.
-    Completed,
-    /// Stopped by an error.
-    Failed,
-    /// Stopped by a request.
-    Cancelled,
-}
-
-impl Status {
-    fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
-    }
-}
-
-/// One disk's target as the API shows it (the old hub's shape).
-#[derive(Debug, Clone, Serialize)]
-pub struct DiskResult {
-    /// N of `VM-diskN`.
-    pub disk_id: u32,
-    /// Disk key.
-    pub disk_key: u32,
-    /// Leased port (0 once released after a restart).
-    pub nbd_port: u16,
-    /// Export name.
-    pub nbd_export_name: String,
-    /// Absolute image path.
-    pub qcow2_path: String,
-    /// Same vocabulary as the job.
-    pub status: Status,
-    /// What went wrong.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error_message: Option<String>,
-}
-
-/// One disk's progress.
-#[derive(Debug, Clone, Serialize)]
-pub struct DiskProgress {
-    /// Disk key.
-    pub disk_key: u32,
-    /// Disk size.
-    pub bytes_total: u64,
-    /// Disk bytes dealt with.
-    pub bytes_done: u64,
-    /// Bytes that travelled.
-    pub bytes_sent: u64,
-    /// Disk bytes per second.
-    pub rate_bps: u64,
-    /// Seconds left.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub eta_s: Option<u64>,
-    /// The node's word for the disk.
-    pub status: String,
-    /// What went wrong.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// A backup or replication as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobView {
-    /// Id (`backup_id` for backups, `replication_id` for replications, by the serializer).
-    #[serde(skip)]
-    pub id: String,
-    /// VM.
-    pub vm_name: String,
-    /// Node.
-    pub node: String,
-    /// What was done.
-    pub backup_type: String,
-    /// Parent backup.
-    pub parent_id: Option<String>,
-    /// State.
-    pub status: Status,
-    /// RFC 3339.
-    pub created_at: String,
-    /// RFC 3339.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub completed_at: Option<String>,
-    /// `KEY:nbd://HOST:PORT/EXPORT,...` as given to the node.
-    pub nbd_targets_string: String,
-    /// Targets.
-    pub disk_results: Vec<DiskResult>,
-    /// Progress.
-    pub disks: Vec<DiskProgress>,
-    /// Why it failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Why the type differs from the request.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
-/// A disk of a job.
-#[derive(Debug, Clone)]
-struct JobDisk {
-    key: u32,
-    id: u32,
-    size: u64,
-    port: u16,
-    export: String,
-    path: PathBuf,
-}
-
-#[derive(Debug)]
-struct JobState {
-    status: Status,
-    error: Option<String>,
-    completed_at: Option<String>,
-    node_view: Option<NodeJob>,
-}
-
-/// A running or finished backup or replication.
-#[derive(Debug)]
-pub struct Job {
-    id: String,
-    kind: Kind,
-    vm: String,
-    node: String,
-    backup_type: BackupType,
-    parent: Option<String>,
-    note: Option<String>,
-    created_at: String,
-    disks: Vec<JobDisk>,
-    targets: String,
-    cancel: CancellationToken,
-    state: Mutex<JobState>,
-}
-
-impl Job {
-    fn set(&self, status: Status, error: Option<String>) {
-        if let Ok(mut s) = self.state.lock() {
-            s.status = status;
-            if error.is_some() {
-                s.error = error;
-            }
-            if status.is_final() {
-                s.completed_at = Some(repo::now_rfc3339());
-            }
-        }
-    }
-
-    /// Current state.
-    pub fn status(&self) -> Status {
-        self.state.lock().map(|s| s.status).unwrap_or(Status::Failed)
-    }
-
-    /// The API view.
-    pub fn view(&self) -> JobView {
-        let (status, error, completed_at, node_view) = self
-            .state
-            .lock()
-            .map(|s| (s.status, s.error.clone(), s.completed_at.clone(), s.node_view.clone()))
-            .unwrap_or((Status::Failed, Some("state lost".into()), None, None));
-        let node_disks: HashMap<u32, node::api::DiskStatus> =
-            node_view.map(|v| v.disks.into_iter().map(|d| (d.key, d)).collect()).unwrap_or_default();
-        let disk_results = self
-            .disks
-            .iter()
-            .map(|d| DiskResult {
-                disk_id: d.id,
-                disk_key: d.key,
-                nbd_port: d.port,
-                nbd_export_name: d.export.clone(),
-                qcow2_path: d.path.display().to_string(),
-                status: match node_disks.get(&d.key) {
-                    Some(n) if n.status == "failed" => Status::Failed,
-                    _ => status,
-                },
-                error_message: node_disks.get(&d.key).and_then(|n| n.error.clone()),
-            })
-            .collect();
-        let disks = self
-            .disks
-            .iter()
-            .map(|d| {
-                let n = node_disks.get(&d.key);
-                let done = n.map(|n| n.bytes_sent + n.bytes_skipped_holes + n.bytes_skipped_zero + n.bytes_unchanged);
-                DiskProgress {
-                    disk_key: d.key,
-                    bytes_total: n.map(|n| n.bytes_total).unwrap_or(d.size),
-                    bytes_done: done.unwrap_or(0),
-                    bytes_sent: n.map(|n| n.bytes_sent).unwrap_or(0),
-                    rate_bps: n.map(|n| n.rate_bps).unwrap_or(0),
-                    eta_s: n.and_then(|n| n.eta_s),
-                    status: n.map(|n| n.status.clone()).unwrap_or_else(|| "pending".into()),
-                    error: n.and_then(|n| n.error.clone()),
-                }
-            })
-            .collect();
-        JobView {
-            id: self.id.clone(),
-            vm_name: self.vm.clone(),
-            node: self.node.clone(),
-            backup_type: type_name(self.backup_type).into(),
-            parent_id: self.parent.clone(),
-            status,
-            created_at: self.created_at.clone(),
-            completed_at,
-            nbd_targets_string: self.targets.clone(),
-            disk_results,
-            disks,
-            error,
-            note: self.note.clone(),
-        }
-    }
-}
-
-fn type_name(t: BackupType) -> &'static str {
-    match t {
-        BackupType::Full => "full",
-        BackupType::Incremental => "incremental",
-    }
-}
-
-/// A restore: read-only exports of one backup.
-#[derive(Debug)]
-pub struct Restore {
-    id: String,
-    backup_id: String,
-    node: String,
-    exports: Vec<(u32, u16, String)>,
-    targets: String,
-    lease: Mutex<Option<Lease>>,
-    idle_since: Mutex<Option<Instant>>,
-}
-
-/// A restore as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RestoreView {
-    /// Id.
-    pub restore_id: String,
-    /// The backup.
-    pub backup_id: String,
-    /// Targets for the node.
-    pub nbd_targets_string: String,
-    /// Exports.
-    pub exports: Vec<RestoreExport>,
-}
-
-/// One export of a restore.
-#[derive(Debug, Clone, Serialize)]
-pub struct RestoreExport {
-    /// Disk key.
-    pub disk_key: u32,
-    /// Port.
-    pub nbd_port: u16,
-    /// Name.
-    pub nbd_export_name: String,
-}
-
-impl Restore {
-    /// The API view.
-    pub fn view(&self) -> RestoreView {
-        RestoreView {
-            restore_id: self.id.clone(),
-            backup_id: self.backup_id.clone(),
-            nbd_targets_string: self.targets.clone(),
-            exports: self
-                .exports
-                .iter()
-                .map(|(k, p, n)| RestoreExport { disk_key: *k, nbd_port: *p, nbd_export_name: n.clone() })
-                .collect(),
-        }
-    }
-}
 
 /// Which backup an incremental builds on: the newest completed backup of the VM, if the node's
 /// change-tracking state was committed for exactly that backup; otherwise a full backup, and why.
@@ -1001,71 +721,6 @@ impl Hub {
         Ok((out.iter().all(DiskVerdict::ok), out))
     }
 
-    /// Open read-only exports of a backup (reads fall through its chain).
-    ///
-    /// # Errors
-    /// Unknown backup (404), no free port (503).
-    pub async fn restore(&self, backup_id: &str) -> Result<RestoreView, HubError> {
-        if !valid_name(backup_id) {
-            return Err(HubError::BadRequest(format!("backup_id '{backup_id}' is not a valid name")));
-        }
-        let m = self
-            .state()
-            .catalog
-            .get(backup_id)
-            .cloned()
-            .ok_or_else(|| HubError::NotFound(format!("no completed backup {backup_id}")))?;
-        let id = new_id("x");
-        let bind = self.settings.nbd_bind;
-        let lease = self
-            .ports
-            .lease(&id, m.disks.len(), |p| bindable(bind, p))
-            .map_err(|e| HubError::Unavailable(e.to_string()))?;
-        let mut exports: Vec<(u32, u16, String)> = Vec::new();
-        for (d, port) in m.disks.iter().zip(&lease.ports) {
-            let name = format!("{}-{id}-disk{}", m.vm_name, d.disk_id);
-            let path = self.repo.backup_dir(&m.vm_name, backup_id).join(&d.file);
-            if let Err(e) = self.exports.open(&name, *port, &path, true).await {
-                for (_, _, n) in &exports {
-                    self.exports.close(n).await;
-                }
-                return Err(HubError::Internal(e));
-            }
-            exports.push((d.disk_key, *port, name));
-        }
-        let targets = exports
-            .iter()
-            .map(|(k, p, n)| format!("{k}:nbd://{}:{p}/{n}", self.settings.nbd_host))
-            .collect::<Vec<_>>()
-            .join(",");
-        let r = Arc::new(Restore {
-            id: id.clone(),
-            backup_id: backup_id.to_string(),
-            node: m.node.clone(),
-            exports,
-            targets,
-            lease: Mutex::new(Some(lease)),
-            idle_since: Mutex::new(Some(Instant::now())),
-        });
-        self.state().restores.insert(id, Arc::clone(&r));
-        Ok(r.view())
-    }
-
-    /// Close a restore's exports and free its ports.
-    ///
-    /// # Errors
-    /// Unknown restore (404).
-    pub async fn close_restore(&self, id: &str) -> Result<RestoreView, HubError> {
-        let r = self.state().restores.remove(id).ok_or_else(|| HubError::NotFound(format!("unknown restore {id}")))?;
-        for (_, _, n) in &r.exports {
-            self.exports.close(n).await;
-        }
-        if let Ok(mut l) = r.lease.lock() {
-            l.take();
-        }
-        Ok(r.view())
-    }
-
     /// The node whose job (or restore) holds `port` now.
     pub fn port_owner_node(&self, port: u16) -> Option<String> {
         let job = self.ports.leased().into_iter().find(|(p, _)| *p == port).map(|(_, j)| j)?;
@@ -1074,33 +729,6 @@ impl Hub {
             return (!j.status().is_final()).then(|| j.node.clone());
         }
         st.restores.get(&job).map(|r| r.node.clone())
-    }
-
-    /// Restores open now.
-    pub fn restores(&self) -> Vec<RestoreView> {
-        self.state().restores.values().map(|r| r.view()).collect()
-    }
-
-    /// Close restores nobody has used for the idle time (called periodically).
-    pub async fn reap_idle_restores(&self) {
-        let idle = self.settings.restore_idle;
-        let candidates: Vec<Arc<Restore>> = self.state().restores.values().cloned().collect();
-        for r in candidates {
-            let busy = r.exports.iter().any(|(_, _, n)| self.exports.connections(n) > 0);
-            let expired = {
-                let mut since = r.idle_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if busy {
-                    *since = None;
-                    false
-                } else {
-                    since.get_or_insert_with(Instant::now).elapsed() > idle
-                }
-            };
-            if expired {
-                tracing::info!(restore = %r.id, "closing an idle restore");
-                let _ = self.close_restore(&r.id).await;
-            }
-        }
     }
 
     /// Jobs by status, for the metrics.
@@ -1144,49 +772,6 @@ fn describe(v: &DiskVerdict) -> String {
 
 fn allocated(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0)
-}
-
-fn manifest_view(m: &Manifest) -> JobView {
-    JobView {
-        id: m.backup_id.clone(),
-        vm_name: m.vm_name.clone(),
-        node: m.node.clone(),
-        backup_type: m.backup_type.clone(),
-        parent_id: m.parent_id.clone(),
-        status: Status::Completed,
-        created_at: m.created_at.clone(),
-        completed_at: Some(m.completed_at.clone()),
-        nbd_targets_string: String::new(),
-        disk_results: m
-            .disks
-            .iter()
-            .map(|d| DiskResult {
-                disk_id: d.disk_id,
-                disk_key: d.disk_key,
-                nbd_port: 0,
-                nbd_export_name: format!("{}-disk{}", m.vm_name, d.disk_id),
-                qcow2_path: String::new(),
-                status: Status::Completed,
-                error_message: None,
-            })
-            .collect(),
-        disks: m
-            .disks
-            .iter()
-            .map(|d| DiskProgress {
-                disk_key: d.disk_key,
-                bytes_total: d.size,
-                bytes_done: d.size,
-                bytes_sent: d.bytes_sent,
-                rate_bps: 0,
-                eta_s: None,
-                status: "completed".into(),
-                error: None,
-            })
-            .collect(),
-        error: None,
-        note: None,
-    }
 }
 
 #[cfg(test)]

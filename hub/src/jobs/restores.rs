@@ -1,0 +1,159 @@
+//! Restores: read-only exports of one completed backup (reads fall through its backing chain),
+//! their leases, and closing them on request or when nobody has read them for `restore_idle`.
+//!
+//! A restore is not a job: the hub only serves it; the node (or any NBD client) reads it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{new_id, valid_name, Hub};
+use crate::error::HubError;
+use crate::ports::{bindable, Lease};
+
+/// A restore: read-only exports of one backup.
+#[derive(Debug)]
+pub struct Restore {
+    pub(super) id: String,
+    pub(super) backup_id: String,
+    pub(super) node: String,
+    pub(super) exports: Vec<(u32, u16, String)>,
+    pub(super) targets: String,
+    pub(super) lease: Mutex<Option<Lease>>,
+    pub(super) idle_since: Mutex<Option<Instant>>,
+}
+
+/// A restore as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreView {
+    /// Id.
+    pub restore_id: String,
+    /// The backup.
+    pub backup_id: String,
+    /// Targets for the node.
+    pub nbd_targets_string: String,
+    /// Exports.
+    pub exports: Vec<RestoreExport>,
+}
+
+/// One export of a restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreExport {
+    /// Disk key.
+    pub disk_key: u32,
+    /// Port.
+    pub nbd_port: u16,
+    /// Name.
+    pub nbd_export_name: String,
+}
+
+impl Restore {
+    /// The API view.
+    pub fn view(&self) -> RestoreView {
+        RestoreView {
+            restore_id: self.id.clone(),
+            backup_id: self.backup_id.clone(),
+            nbd_targets_string: self.targets.clone(),
+            exports: self
+                .exports
+                .iter()
+                .map(|(k, p, n)| RestoreExport { disk_key: *k, nbd_port: *p, nbd_export_name: n.clone() })
+                .collect(),
+        }
+    }
+}
+
+impl Hub {
+    /// Open read-only exports of a backup (reads fall through its chain).
+    ///
+    /// # Errors
+    /// Unknown backup (404), no free port (503).
+    pub async fn restore(&self, backup_id: &str) -> Result<RestoreView, HubError> {
+        if !valid_name(backup_id) {
+            return Err(HubError::BadRequest(format!("backup_id '{backup_id}' is not a valid name")));
+        }
+        let m = self
+            .state()
+            .catalog
+            .get(backup_id)
+            .cloned()
+            .ok_or_else(|| HubError::NotFound(format!("no completed backup {backup_id}")))?;
+        let id = new_id("x");
+        let bind = self.settings.nbd_bind;
+        let lease = self
+            .ports
+            .lease(&id, m.disks.len(), |p| bindable(bind, p))
+            .map_err(|e| HubError::Unavailable(e.to_string()))?;
+        let mut exports: Vec<(u32, u16, String)> = Vec::new();
+        for (d, port) in m.disks.iter().zip(&lease.ports) {
+            let name = format!("{}-{id}-disk{}", m.vm_name, d.disk_id);
+            let path = self.repo.backup_dir(&m.vm_name, backup_id).join(&d.file);
+            if let Err(e) = self.exports.open(&name, *port, &path, true).await {
+                for (_, _, n) in &exports {
+                    self.exports.close(n).await;
+                }
+                return Err(HubError::Internal(e));
+            }
+            exports.push((d.disk_key, *port, name));
+        }
+        let targets = exports
+            .iter()
+            .map(|(k, p, n)| format!("{k}:nbd://{}:{p}/{n}", self.settings.nbd_host))
+            .collect::<Vec<_>>()
+            .join(",");
+        let r = Arc::new(Restore {
+            id: id.clone(),
+            backup_id: backup_id.to_string(),
+            node: m.node.clone(),
+            exports,
+            targets,
+            lease: Mutex::new(Some(lease)),
+            idle_since: Mutex::new(Some(Instant::now())),
+        });
+        self.state().restores.insert(id, Arc::clone(&r));
+        Ok(r.view())
+    }
+
+    /// Close a restore's exports and free its ports.
+    ///
+    /// # Errors
+    /// Unknown restore (404).
+    pub async fn close_restore(&self, id: &str) -> Result<RestoreView, HubError> {
+        let r = self.state().restores.remove(id).ok_or_else(|| HubError::NotFound(format!("unknown restore {id}")))?;
+        for (_, _, n) in &r.exports {
+            self.exports.close(n).await;
+        }
+        if let Ok(mut l) = r.lease.lock() {
+            l.take();
+        }
+        Ok(r.view())
+    }
+
+    /// Restores open now.
+    pub fn restores(&self) -> Vec<RestoreView> {
+        self.state().restores.values().map(|r| r.view()).collect()
+    }
+
+    /// Close restores nobody has used for the idle time (called periodically).
+    pub async fn reap_idle_restores(&self) {
+        let idle = self.settings.restore_idle;
+        let candidates: Vec<Arc<Restore>> = self.state().restores.values().cloned().collect();
+        for r in candidates {
+            let busy = r.exports.iter().any(|(_, _, n)| self.exports.connections(n) > 0);
+            let expired = {
+                let mut since = r.idle_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if busy {
+                    *since = None;
+                    false
+                } else {
+                    since.get_or_insert_with(Instant::now).elapsed() > idle
+                }
+            };
+            if expired {
+                tracing::info!(restore = %r.id, "closing an idle restore");
+                let _ = self.close_restore(&r.id).await;
+            }
+        }
+    }
+}
