@@ -8,7 +8,7 @@
 //! `authorized_keys` file belong to the node named `default`.
 //!
 //! A channel the fence allowed to an open export's port is served by the hub's NBD server in
-//! process ([`InProcessExports`]), not through a loopback TCP connection to the export's
+//! process (`InProcessExports`), not through a loopback TCP connection to the export's
 //! listener: the bytes of a remote backup are decrypted and written without crossing two more
 //! sockets. Other allowed ports (the hub API) are connected over TCP.
 

@@ -98,7 +98,7 @@ fn count_references(file: &File, header: &Header, l1: &[u64], file_len: u64) -> 
     Ok(c)
 }
 
-/// What [`check`] found.
+/// What `check` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CheckReport {

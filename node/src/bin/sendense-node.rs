@@ -1,6 +1,9 @@
 //! `sendense-node`: the node service (`serve`) and the one-shot copy (`copy`, the old backup
 //! client). Bad configuration is one line on stderr and exit status 1.
 
+// clap turns the doc comments into `--help`, whose `A-B[:REMOTE]` notation is not a doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,6 +6,9 @@
 //! that allows only those forwards (`--allow-range 10100-10200 --allow 8082 --allow-reverse
 //! 9081` by default). Bad configuration is one line on stderr and exit status 1.
 
+// clap turns the doc comments into `--help`, whose `A-B[:REMOTE]` notation is not a doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 
