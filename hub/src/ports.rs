@@ -1,8 +1,8 @@
 //! The NBD port allocator: a lease table over a range, pure and thread-safe.
 //!
-//! A lease belongs to a job and is given back on every exit path (the
-//! job layer holds a [`Lease`] guard whose drop releases, so a panicking task or an early return
-//! cannot leak a port). Ports another process holds are skipped, not failed on: the caller
+//! A lease belongs to a job and is given back on every exit path (the job layer holds a
+//! [`Lease`] guard whose drop releases, so a panicking task or an early return cannot leak a
+//! port). Ports another process holds are skipped, not failed on: the caller
 //! passes the probe. Exhaustion names the range and how many leases are held.
 
 use std::collections::BTreeMap;
