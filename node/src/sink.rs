@@ -3,6 +3,13 @@
 //!
 //! Zeroes are never sent as data: an NBD target gets `WRITE_ZEROES` (metadata only in a qcow2
 //! image) when it offers it, a file gets a punched hole, a block device gets zero buffers.
+//!
+//! A file's writes take turns (`FileSink::turn`): buffered writes into one file serialise on its
+//! inode lock anyway, and the workers' blocking threads arriving together spun on it
+//! (`rwsem_spin_on_owner` in a restore's profile); waiting for the turn in user space costs
+//! nothing the kernel did not already impose (the NBD server's `gate` does the same). Restores
+//! of 1 GiB on tmpfs, alternating with the binary without it: over direct TCP 1.02-1.05x the
+//! throughput at 0.95x the CPU, through the tunnel the same throughput at 0.97x.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -28,6 +35,8 @@ pub enum Sink {
 /// A local destination.
 pub struct FileSink {
     file: Arc<File>,
+    /// One write in the kernel at a time (module doc).
+    turn: tokio::sync::Mutex<()>,
     path: PathBuf,
     size: u64,
     block_device: bool,
@@ -60,7 +69,16 @@ impl FileSink {
                 )));
             }
         }
-        Ok((Self { file: Arc::new(file), path: path.to_path_buf(), size, block_device: is_block }, !is_block))
+        Ok((
+            Self {
+                file: Arc::new(file),
+                turn: tokio::sync::Mutex::new(()),
+                path: path.to_path_buf(),
+                size,
+                block_device: is_block,
+            },
+            !is_block,
+        ))
     }
 }
 
@@ -102,6 +120,7 @@ impl Sink {
                 // The blocking thread shares the buffer (no copy); `range` is inside it (checked).
                 let (file, data) = (Arc::clone(&f.file), Arc::clone(data));
                 let what = || format!("{}: write at {offset:#x}", f.path.display());
+                let _turn = f.turn.lock().await;
                 tokio::task::spawn_blocking(move || file.write_all_at(data.get(range).unwrap_or_default(), offset))
                     .await
                     .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
