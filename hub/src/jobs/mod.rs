@@ -696,12 +696,7 @@ impl Hub {
     /// # Errors
     /// Unknown or not completed (404).
     pub async fn verify(&self, id: &str) -> Result<(bool, Vec<DiskVerdict>), HubError> {
-        let m = self
-            .state()
-            .catalog
-            .get(id)
-            .cloned()
-            .ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))?;
+        let m = self.completed_backup(id)?;
         let mut out = Vec::new();
         for d in &m.disks {
             let path = self.repo.backup_dir(&m.vm_name, id).join(&d.file);
@@ -719,6 +714,14 @@ impl Hub {
             out.push(v);
         }
         Ok((out.iter().all(DiskVerdict::ok), out))
+    }
+
+    /// The manifest of completed backup `id`.
+    ///
+    /// # Errors
+    /// No such completed backup (404).
+    fn completed_backup(&self, id: &str) -> Result<Manifest, HubError> {
+        self.state().catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))
     }
 
     /// The node whose job (or restore) holds `port` now.

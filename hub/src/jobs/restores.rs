@@ -73,12 +73,7 @@ impl Hub {
         if !valid_name(backup_id) {
             return Err(HubError::BadRequest(format!("backup_id '{backup_id}' is not a valid name")));
         }
-        let m = self
-            .state()
-            .catalog
-            .get(backup_id)
-            .cloned()
-            .ok_or_else(|| HubError::NotFound(format!("no completed backup {backup_id}")))?;
+        let m = self.completed_backup(backup_id)?;
         let id = new_id("x");
         let bind = self.settings.nbd_bind;
         let lease = self
