@@ -7,10 +7,17 @@
 //! can never corrupt. A request the server answered with an error (ENOSPC, EIO, EINVAL) is not a
 //! transport failure and is never retried. Concurrent workers that see the same broken
 //! connection reconnect it once: each slot carries a generation number.
+//!
+//! A connection through the node's own tunnel hands its write payloads to the channel as they
+//! are (`Client::write_bytes` with the stream's [`tunnel::dial::ChannelSender`]), without the
+//! copy a byte stream makes.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nbd_server::client::SendBytes;
 use nbd_server::{Client, ClientError, ClientOptions, ExportInfo};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -255,8 +262,14 @@ async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
             .await
             .map_err(|_| timed_out("opening the tunnel channel timed out"))?
             .map_err(|e| ClientError::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())))?;
+        let payloads: Arc<dyn SendBytes> = Arc::new(ChannelPayloads(stream.sender()));
         let (r, w) = tokio::io::split(stream);
-        return handshake(r, w, &options).await;
+        return tokio::time::timeout(
+            Duration::from_secs(30),
+            Client::handshake_with_payloads(r, w, payloads, &options),
+        )
+        .await
+        .map_err(|_| timed_out("handshake timed out"))?;
     }
     let stream = tokio::time::timeout(
         Duration::from_secs(30),
@@ -277,6 +290,15 @@ where
     tokio::time::timeout(Duration::from_secs(30), Client::handshake(r, w, options))
         .await
         .map_err(|_| timed_out("handshake timed out"))?
+}
+
+/// Write payloads onto a tunnel channel without a copy.
+struct ChannelPayloads(tunnel::dial::ChannelSender);
+
+impl SendBytes for ChannelPayloads {
+    fn send(&self, data: bytes::Bytes) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+        Box::pin(self.0.send(data))
+    }
 }
 
 fn timed_out(what: &'static str) -> ClientError {

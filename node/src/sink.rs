@@ -16,10 +16,21 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use nbd_server::proto::consts::transmission_flags;
+use nbd_server::CommandFlags;
 
 use crate::error::MoveError;
 use crate::pool::NbdPool;
+
+/// A worker's read buffer as the memory of `Bytes` handed to an NBD connection.
+struct SharedBuffer(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Largest zero buffer written to a device that cannot punch holes.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -103,16 +114,25 @@ impl Sink {
         data: &Arc<Vec<u8>>,
         range: std::ops::Range<usize>,
     ) -> Result<(), MoveError> {
-        let Some(bytes) = data.get(range.clone()) else {
+        if data.get(range.clone()).is_none() {
             return Err(MoveError::Mismatch(format!("write of bytes {range:?} of a {} byte buffer", data.len())));
-        };
+        }
         match self {
             Self::Nbd(pool) => {
-                // In pieces the server accepts (its maximum payload).
+                // Shared with the connection, not lent: a tunnel channel takes it without a
+                // copy (`pool`'s module doc). In pieces the server accepts (its maximum payload).
+                let mut rest = Bytes::from_owner(SharedBuffer(Arc::clone(data))).slice(range);
                 let max = pool.info().max_payload.max(4096) as usize;
-                for (i, piece) in bytes.chunks(max).enumerate() {
-                    let at = offset + (i * max) as u64;
-                    pool.run(worker, "write", at, |c| async move { c.write(at, piece, false).await }).await?;
+                let mut at = offset;
+                while !rest.is_empty() {
+                    let piece = rest.split_to(max.min(rest.len()));
+                    let len = piece.len() as u64;
+                    pool.run(worker, "write", at, |c| {
+                        let piece = piece.clone();
+                        async move { c.write_bytes(at, piece, CommandFlags::default()).await }
+                    })
+                    .await?;
+                    at += len;
                 }
                 Ok(())
             }

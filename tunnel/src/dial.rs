@@ -10,6 +10,12 @@
 //!
 //! The hub decides what the channel may reach, as for any forward; the local listeners stay for
 //! everything outside the process.
+//!
+//! A stream also gives a [`ChannelSender`]: bulk data handed over as `Bytes` becomes the channel's
+//! messages as it is, where the stream's `AsyncWrite` (russh's `ChannelTx`) copies every byte
+//! into new ones. The node's NBD client sends its write payloads that way (9% of the node's CPU
+//! during a backup was that copy). The stream is built from the channel's two halves so that
+//! both can exist; dropping it closes the channel, as russh's own stream does.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,8 +24,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use russh::client::Msg;
-use russh::ChannelStream;
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::client::{open_channel, OpenError, Sessions, Shared};
@@ -62,7 +69,7 @@ impl TunnelDialer {
         let mut session = d.session.clone();
         let originator = ("127.0.0.1".to_string(), 0);
         match open_channel(&mut session, d.wait, &d.turn, host, port, originator).await {
-            Ok(channel) => Ok(TunnelStream::new(channel.into_stream(), Arc::clone(&d.shared))),
+            Ok(channel) => Ok(TunnelStream::new(channel, Arc::clone(&d.shared))),
             Err(OpenError::NotUp) => Err(TunnelError::NotUp { waited: d.wait }),
             Err(OpenError::Refused(e)) => {
                 Err(TunnelError::ChannelRefused { target: format!("{host}:{port}"), reason: e.to_string() })
@@ -73,7 +80,10 @@ impl TunnelDialer {
 
 /// One channel's bytes, both ways. Dropping it closes the channel.
 pub struct TunnelStream {
-    inner: ChannelStream<Msg>,
+    rx: ChannelReader,
+    tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    /// The channel's sending side, for [`ChannelSender`] and for closing the channel.
+    channel: Arc<ChannelWriteHalf<Msg>>,
     shared: Arc<Shared>,
     /// Ready once the tunnel stops: the stream fails from then on, so it lets go of its SSH
     /// connection as a forwarded connection does.
@@ -87,13 +97,21 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
-    fn new(inner: ChannelStream<Msg>, shared: Arc<Shared>) -> Self {
+    fn new(channel: russh::Channel<Msg>, shared: Arc<Shared>) -> Self {
         shared.open.fetch_add(1, Ordering::Relaxed);
         let mut stop = shared.stop.subscribe();
         let stopped = Box::pin(async move {
             let _ = stop.wait_for(|stopping| *stopping).await;
         });
-        Self { inner, shared, stopped }
+        let (read_half, write_half) = channel.split();
+        let tx = Box::pin(write_half.make_writer());
+        Self { rx: ChannelReader::new(read_half), tx, channel: Arc::new(write_half), shared, stopped }
+    }
+
+    /// A handle that sends owned bytes on this channel without copying them, after whatever
+    /// was written to the stream before (module doc).
+    pub fn sender(&self) -> ChannelSender {
+        ChannelSender { channel: Arc::clone(&self.channel), shared: Arc::clone(&self.shared) }
     }
 
     /// `Err` once the tunnel has stopped.
@@ -108,6 +126,47 @@ impl TunnelStream {
 impl Drop for TunnelStream {
     fn drop(&mut self) {
         self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        // Closing is a message to the session task; best effort, as russh's stream does it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let channel = Arc::clone(&self.channel);
+            runtime.spawn(async move {
+                let _ = channel.close().await;
+            });
+        }
+    }
+}
+
+/// Sends owned bytes on a [`TunnelStream`]'s channel, as they are (no copy): each becomes one or
+/// more channel messages sharing its memory. Counted in the tunnel's status like stream writes.
+#[derive(Clone)]
+pub struct ChannelSender {
+    channel: Arc<ChannelWriteHalf<Msg>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ChannelSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSender").finish_non_exhaustive()
+    }
+}
+
+impl ChannelSender {
+    /// Queue `data` on the channel after everything written or sent before; done once the
+    /// session has taken all of it (within the channel's window).
+    ///
+    /// # Errors
+    /// The tunnel stopped or the channel is closed.
+    pub async fn send(&self, data: Bytes) -> std::io::Result<()> {
+        if *self.shared.stop.borrow() {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the tunnel stopped"));
+        }
+        let len = data.len() as u64;
+        self.channel
+            .data_bytes(data)
+            .await
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, format!("channel: {e}")))?;
+        self.shared.up.fetch_add(len, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -115,7 +174,7 @@ impl AsyncRead for TunnelStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         self.check_running(cx)?;
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = Pin::new(&mut self.rx).poll_read(cx, buf);
         let got = buf.filled().len().saturating_sub(before);
         self.shared.down.fetch_add(got as u64, Ordering::Relaxed);
         polled
@@ -125,7 +184,7 @@ impl AsyncRead for TunnelStream {
 impl AsyncWrite for TunnelStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.check_running(cx)?;
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let polled = self.tx.as_mut().poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.shared.up.fetch_add(*n as u64, Ordering::Relaxed);
         }
@@ -133,10 +192,65 @@ impl AsyncWrite for TunnelStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.tx.as_mut().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.tx.as_mut().poll_shutdown(cx)
+    }
+}
+
+type NextMessage = Pin<Box<dyn Future<Output = (ChannelReadHalf, Option<ChannelMsg>)> + Send + Sync>>;
+
+/// A channel's incoming data as a byte stream, as russh's own (private) reader does it: data
+/// messages in order, EOF at the peer's EOF or the channel's end, other messages skipped.
+struct ChannelReader {
+    /// The channel's receiving half while no message is awaited.
+    idle: Option<ChannelReadHalf>,
+    /// The wait for the next message, which holds the half meanwhile.
+    next: Option<NextMessage>,
+    /// What is left of the last data message.
+    unread: Bytes,
+    ended: bool,
+}
+
+impl ChannelReader {
+    fn new(half: ChannelReadHalf) -> Self {
+        Self { idle: Some(half), next: None, unread: Bytes::new(), ended: false }
+    }
+}
+
+impl AsyncRead for ChannelReader {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            if !self.unread.is_empty() {
+                let n = self.unread.len().min(buf.remaining());
+                let chunk = self.unread.split_to(n);
+                buf.put_slice(&chunk);
+                return Poll::Ready(Ok(()));
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            if self.next.is_none() {
+                let Some(mut half) = self.idle.take() else {
+                    self.ended = true;
+                    continue;
+                };
+                self.next = Some(Box::pin(async move {
+                    let msg = half.wait().await;
+                    (half, msg)
+                }));
+            }
+            let Some(next) = self.next.as_mut() else { continue };
+            let (half, msg) = std::task::ready!(next.as_mut().poll(cx));
+            self.next = None;
+            self.idle = Some(half);
+            match msg {
+                Some(ChannelMsg::Data { data }) => self.unread = data,
+                Some(ChannelMsg::Eof) | None => self.ended = true,
+                Some(_) => {}
+            }
+        }
     }
 }

@@ -30,6 +30,31 @@ async fn echo_round_trip<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, 
     assert!(back == data, "the echo came back different ({} of {} bytes)", back.len(), data.len());
 }
 
+/// The same, with every other piece handed to the channel as owned bytes
+/// ([`tunnel::dial::ChannelSender`]) between pieces written to the stream: the echo must come
+/// back whole and in order.
+async fn echo_round_trip_mixed(stream: tunnel::TunnelStream, len: usize, seed: u8) {
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let sender = stream.sender();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let sent = bytes::Bytes::from(data.clone());
+    let writer = tokio::spawn(async move {
+        for (i, at) in (0..sent.len()).step_by(100_003).enumerate() {
+            let piece = sent.slice(at..(at + 100_003).min(sent.len()));
+            if i % 2 == 0 {
+                w.write_all(&piece).await.unwrap();
+            } else {
+                sender.send(piece).await.unwrap();
+            }
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    writer.await.unwrap();
+    assert!(back == data, "the mixed echo came back different ({} of {} bytes)", back.len(), data.len());
+}
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !done() {
@@ -61,7 +86,14 @@ async fn channels_opened_in_process_carry_data_through_openssh_and_are_counted()
     assert_eq!(tunnel.status().open_channels, 6, "an in-process channel counts as an open channel");
     let runs: Vec<_> = streams
         .into_iter()
-        .map(|(s, i)| tokio::spawn(echo_round_trip(s, (1 << 20) + usize::from(i) * 4099, i)))
+        .map(|(s, i)| {
+            let len = (1 << 20) + usize::from(i) * 4099;
+            if i % 2 == 0 {
+                tokio::spawn(echo_round_trip(s, len, i))
+            } else {
+                tokio::spawn(echo_round_trip_mixed(s, len, i))
+            }
+        })
         .collect();
     for r in runs {
         r.await.unwrap();

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -41,9 +42,11 @@ use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, ReplyH
 
 mod options;
 mod uri;
+mod zero_copy;
 
 pub use options::{ClientError, ClientOptions, CommandFlags, ExportInfo, DEFAULT_MAX_IN_FLIGHT};
 use uri::{parse_uri, Target};
+pub use zero_copy::SendBytes;
 
 /// Largest option reply we read.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
@@ -85,6 +88,28 @@ struct Pending {
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
+/// A connection's sending side: the byte stream, and the transport's own path for owned
+/// payloads when it has one ([`SendBytes`]).
+struct WriteSide {
+    stream: Writer,
+    payloads: Option<Arc<dyn SendBytes>>,
+}
+
+/// A request's payload: borrowed from the caller, or owned and shared with it (`Bytes`).
+enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Bytes),
+}
+
+impl Payload<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Borrowed(b) => b,
+            Self::Owned(b) => b,
+        }
+    }
+}
+
 /// Requests awaiting replies; `closed` is set (under the same lock) once the reader has stopped,
 /// so a request submitted afterwards fails at once instead of waiting forever.
 #[derive(Default)]
@@ -95,7 +120,7 @@ struct PendingTable {
 
 struct Inner {
     /// `None` once poisoned by a request dropped in the middle of its frame.
-    writer: tokio::sync::Mutex<Option<Writer>>,
+    writer: tokio::sync::Mutex<Option<WriteSide>>,
     pending: Mutex<PendingTable>,
     next_cookie: AtomicU64,
     info: ExportInfo,
@@ -206,14 +231,42 @@ impl Client {
     {
         let timeout = options.request_timeout;
         match timeout {
-            Some(t) => tokio::time::timeout(t, Self::negotiate(reader, writer, options))
+            Some(t) => tokio::time::timeout(t, Self::negotiate(reader, writer, None, options))
                 .await
                 .unwrap_or(Err(ClientError::TimedOut(t))),
-            None => Self::negotiate(reader, writer, options).await,
+            None => Self::negotiate(reader, writer, None, options).await,
         }
     }
 
-    async fn negotiate<R, W>(reader: R, writer: W, options: &ClientOptions) -> Result<Self>
+    /// [`Client::handshake`] over a transport that can also take write payloads by ownership
+    /// ([`SendBytes`]): [`Client::write_bytes`] hands them to `payloads` instead of copying
+    /// them into `writer`.
+    ///
+    /// # Errors
+    /// As [`Client::handshake`].
+    pub async fn handshake_with_payloads<R, W>(
+        reader: R,
+        writer: W,
+        payloads: Arc<dyn SendBytes>,
+        options: &ClientOptions,
+    ) -> Result<Self>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let negotiation = Self::negotiate(reader, writer, Some(payloads), options);
+        match options.request_timeout {
+            Some(t) => tokio::time::timeout(t, negotiation).await.unwrap_or(Err(ClientError::TimedOut(t))),
+            None => negotiation.await,
+        }
+    }
+
+    async fn negotiate<R, W>(
+        reader: R,
+        writer: W,
+        payloads: Option<Arc<dyn SendBytes>>,
+        options: &ClientOptions,
+    ) -> Result<Self>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -274,7 +327,7 @@ impl Client {
         let export = go(&mut r, &mut w, &options.export, flags & client_flags::NO_ZEROES != 0).await?;
         w.flush().await?;
         let inner = Arc::new(Inner {
-            writer: tokio::sync::Mutex::new(Some(w)),
+            writer: tokio::sync::Mutex::new(Some(WriteSide { stream: w, payloads })),
             pending: Mutex::new(PendingTable::default()),
             next_cookie: AtomicU64::new(1),
             info: export,
@@ -326,7 +379,7 @@ impl Client {
 
     /// Send one request and wait for its reply, within the request timeout if there is one
     /// (the whole of it: waiting for a slot, writing, and the reply).
-    async fn submit(&self, request: Request, payload: &[u8], expect: Expect) -> Result<Expect> {
+    async fn submit(&self, request: Request, payload: Payload<'_>, expect: Expect) -> Result<Expect> {
         let Some(limit) = self.inner.request_timeout else {
             return self.exchange(request, payload, expect).await;
         };
@@ -343,7 +396,7 @@ impl Client {
 
     /// Take an in-flight slot, register the request under a fresh cookie, write it whole, and
     /// wait for the reader to hand back its reply.
-    async fn exchange(&self, request: Request, payload: &[u8], expect: Expect) -> Result<Expect> {
+    async fn exchange(&self, request: Request, payload: Payload<'_>, expect: Expect) -> Result<Expect> {
         let slot = self.inner.slots.clone().acquire_owned().await.map_err(|_| ClientError::Closed)?;
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -369,11 +422,19 @@ impl Client {
             let mut guard = PoisonOnDrop { slot: &mut slot, complete: false };
             let frame: std::io::Result<()> = async {
                 let w = guard.slot.as_mut().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))?;
-                w.write_all(&head).await?;
-                if !payload.is_empty() {
-                    w.write_all(payload).await?;
+                w.stream.write_all(&head).await?;
+                match (payload, &w.payloads) {
+                    (Payload::Owned(data), Some(transport)) if !data.is_empty() => {
+                        w.stream.flush().await?;
+                        transport.send(data).await
+                    }
+                    (payload, _) => {
+                        if !payload.as_slice().is_empty() {
+                            w.stream.write_all(payload.as_slice()).await?;
+                        }
+                        w.stream.flush().await
+                    }
                 }
-                w.flush().await
             }
             .await;
             guard.complete = frame.is_ok();
@@ -420,7 +481,11 @@ impl Client {
             return Ok(buf);
         }
         match self
-            .submit(request(Command::Read, 0, offset, length), &[], Expect::Read { offset, buf, covered: 0 })
+            .submit(
+                request(Command::Read, 0, offset, length),
+                Payload::Borrowed(&[]),
+                Expect::Read { offset, buf, covered: 0 },
+            )
             .await?
         {
             Expect::Read { buf, .. } => Ok(buf),
@@ -478,7 +543,24 @@ impl Client {
             return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
         }
         let wire = self.wire_flags(Command::Write, flags)?;
-        self.submit(request(Command::Write, wire, offset, data.len() as u64), data, Expect::Simple).await.map(drop)
+        let head = request(Command::Write, wire, offset, data.len() as u64);
+        self.submit(head, Payload::Borrowed(data), Expect::Simple).await.map(drop)
+    }
+
+    /// [`Client::write_with`] of a payload the caller shares rather than lends: on a connection
+    /// made by [`Client::handshake_with_payloads`] the transport takes `data` as it is, without
+    /// a copy (module [`zero_copy`]); on any other, the same as `write_with`.
+    ///
+    /// # Errors
+    /// As [`Client::write_with`].
+    pub async fn write_bytes(&self, offset: u64, data: Bytes, flags: CommandFlags) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.len() as u64 > u64::from(self.inner.info.max_payload) {
+            return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
+        }
+        let wire = self.wire_flags(Command::Write, flags)?;
+        let head = request(Command::Write, wire, offset, data.len() as u64);
+        self.submit(head, Payload::Owned(data), Expect::Simple).await.map(drop)
     }
 
     /// Flush completed writes to stable storage.
@@ -486,7 +568,7 @@ impl Client {
     /// # Errors
     /// The server failed the flush.
     pub async fn flush(&self) -> Result<()> {
-        self.submit(request(Command::Flush, 0, 0, 0), &[], Expect::Simple).await.map(drop)
+        self.submit(request(Command::Flush, 0, 0, 0), Payload::Borrowed(&[]), Expect::Simple).await.map(drop)
     }
 
     /// Discard a range.
@@ -507,7 +589,9 @@ impl Client {
         }
         self.check_range(offset, length)?;
         let wire = self.wire_flags(Command::Trim, flags)?;
-        self.submit(request(Command::Trim, wire, offset, length), &[], Expect::Simple).await.map(drop)
+        self.submit(request(Command::Trim, wire, offset, length), Payload::Borrowed(&[]), Expect::Simple)
+            .await
+            .map(drop)
     }
 
     /// Zero a range; `no_hole` keeps it allocated.
@@ -531,7 +615,9 @@ impl Client {
         }
         self.check_range(offset, length)?;
         let wire = self.wire_flags(Command::WriteZeroes, flags)?;
-        self.submit(request(Command::WriteZeroes, wire, offset, length), &[], Expect::Simple).await.map(drop)
+        self.submit(request(Command::WriteZeroes, wire, offset, length), Payload::Borrowed(&[]), Expect::Simple)
+            .await
+            .map(drop)
     }
 
     /// Whether the server granted the metadata context `name`.
@@ -563,7 +649,7 @@ impl Client {
         self.check_range(offset, length)?;
         let length = if self.inner.mode == HeaderMode::Compact { length.min(u64::from(u32::MAX)) } else { length };
         let expect = Expect::Status { context, extents: Vec::new() };
-        match self.submit(request(Command::BlockStatus, 0, offset, length), &[], expect).await? {
+        match self.submit(request(Command::BlockStatus, 0, offset, length), Payload::Borrowed(&[]), expect).await? {
             Expect::Status { extents, .. } if !extents.is_empty() => Ok(extents),
             Expect::Status { .. } => Err(ClientError::Protocol("block status reply without extents".into())),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
@@ -588,9 +674,9 @@ impl Client {
         }
         let mut guard = PoisonOnDrop { slot: &mut slot, complete: false };
         if let Some(w) = guard.slot.as_mut() {
-            w.write_all(&head).await?;
-            w.flush().await?;
-            w.shutdown().await?;
+            w.stream.write_all(&head).await?;
+            w.stream.flush().await?;
+            w.stream.shutdown().await?;
         }
         guard.complete = true;
         Ok(())
@@ -629,7 +715,7 @@ fn request(command: Command, flags: u16, offset: u64, length: u64) -> Request {
 
 /// Closes the write half unless the frame it guards was written whole.
 struct PoisonOnDrop<'a, 'b> {
-    slot: &'a mut tokio::sync::MutexGuard<'b, Option<Writer>>,
+    slot: &'a mut tokio::sync::MutexGuard<'b, Option<WriteSide>>,
     complete: bool,
 }
 
