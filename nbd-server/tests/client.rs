@@ -447,3 +447,91 @@ async fn a_request_dropped_before_it_was_sent_gives_its_in_flight_slot_back() {
     assert_eq!(c.read(0, 4096).await.unwrap(), pattern(32 << 20, 4)[..4096]);
     assert_eq!(c.in_flight(), 0);
 }
+
+/// A TCP write half shared by the byte stream and the owned-payload path, as a channel's two
+/// sending paths share one channel.
+struct SharedWriteHalf(Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>);
+
+impl tokio::io::AsyncWrite for SharedWriteHalf {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        // The client writes a frame under its own lock: the two paths never overlap.
+        match self.0.try_lock() {
+            Ok(mut w) => std::pin::Pin::new(&mut *w).poll_write(cx, buf),
+            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.try_lock() {
+            Ok(mut w) => std::pin::Pin::new(&mut *w).poll_flush(cx),
+            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.try_lock() {
+            Ok(mut w) => std::pin::Pin::new(&mut *w).poll_shutdown(cx),
+            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
+        }
+    }
+}
+
+/// The owned-payload path: counts what it was handed and writes it to the same socket.
+struct CountingPayloads {
+    socket: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    handed: std::sync::atomic::AtomicU64,
+}
+
+impl nbd_server::client::SendBytes for CountingPayloads {
+    fn send(
+        &self,
+        data: bytes::Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            use tokio::io::AsyncWriteExt;
+            self.handed.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.socket.lock().await.write_all(&data).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_payloads_take_the_transports_own_path_after_their_header_and_land_intact() {
+    let (_server, port) = in_process(4, 64 << 20).await;
+    let (r, w) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap().into_split();
+    let socket = Arc::new(tokio::sync::Mutex::new(w));
+    let payloads = Arc::new(CountingPayloads { socket: Arc::clone(&socket), handed: 0.into() });
+    let options = ClientOptions::new("mem");
+    let client = Client::handshake_with_payloads(r, SharedWriteHalf(socket), payloads.clone(), &options).await.unwrap();
+    // Pipelined from many tasks: every header must be followed by its own payload.
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = bytes::Bytes::from(pattern(300_000, i + 1));
+            c.write_bytes(i * 300_000, data, CommandFlags::default()).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A borrowed payload on the same connection still goes through the stream.
+    client.write(24 * 300_000, &pattern(4096, 99), false).await.unwrap();
+    assert_eq!(payloads.handed.load(std::sync::atomic::Ordering::Relaxed), 24 * 300_000);
+    for i in 0..24u64 {
+        assert_eq!(client.read(i * 300_000, 300_000).await.unwrap(), pattern(300_000, i + 1), "write {i}");
+    }
+    assert_eq!(client.read(24 * 300_000, 4096).await.unwrap(), pattern(4096, 99));
+    // On a connection without such a path, `write_bytes` is a plain write.
+    let plain = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    plain.write_bytes(40 << 20, bytes::Bytes::from(pattern(70_000, 5)), CommandFlags::default()).await.unwrap();
+    assert_eq!(client.read(40 << 20, 70_000).await.unwrap(), pattern(70_000, 5));
+}

@@ -538,13 +538,7 @@ impl Client {
     /// Out of range, too large, a flag the export or the command does not take, or the server
     /// failed the write.
     pub async fn write_with(&self, offset: u64, data: &[u8], flags: CommandFlags) -> Result<()> {
-        self.check_range(offset, data.len() as u64)?;
-        if data.len() as u64 > u64::from(self.inner.info.max_payload) {
-            return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
-        }
-        let wire = self.wire_flags(Command::Write, flags)?;
-        let head = request(Command::Write, wire, offset, data.len() as u64);
-        self.submit(head, Payload::Borrowed(data), Expect::Simple).await.map(drop)
+        self.write_payload(offset, Payload::Borrowed(data), flags).await
     }
 
     /// [`Client::write_with`] of a payload the caller shares rather than lends: on a connection
@@ -554,13 +548,17 @@ impl Client {
     /// # Errors
     /// As [`Client::write_with`].
     pub async fn write_bytes(&self, offset: u64, data: Bytes, flags: CommandFlags) -> Result<()> {
-        self.check_range(offset, data.len() as u64)?;
-        if data.len() as u64 > u64::from(self.inner.info.max_payload) {
-            return Err(ClientError::Invalid(format!("write of {} exceeds max payload", data.len())));
+        self.write_payload(offset, Payload::Owned(data), flags).await
+    }
+
+    async fn write_payload(&self, offset: u64, data: Payload<'_>, flags: CommandFlags) -> Result<()> {
+        let len = data.as_slice().len() as u64;
+        self.check_range(offset, len)?;
+        if len > u64::from(self.inner.info.max_payload) {
+            return Err(ClientError::Invalid(format!("write of {len} exceeds max payload")));
         }
         let wire = self.wire_flags(Command::Write, flags)?;
-        let head = request(Command::Write, wire, offset, data.len() as u64);
-        self.submit(head, Payload::Owned(data), Expect::Simple).await.map(drop)
+        self.submit(request(Command::Write, wire, offset, len), data, Expect::Simple).await.map(drop)
     }
 
     /// Flush completed writes to stable storage.
