@@ -157,14 +157,20 @@ impl ChannelSender {
     /// # Errors
     /// The tunnel stopped or the channel is closed.
     pub async fn send(&self, data: Bytes) -> std::io::Result<()> {
-        if *self.shared.stop.borrow() {
-            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the tunnel stopped"));
+        let stopped = || std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the tunnel stopped");
+        let mut stop = self.shared.stop.subscribe();
+        if *stop.borrow_and_update() {
+            return Err(stopped());
         }
         let len = data.len() as u64;
-        self.channel
-            .data_bytes(data)
-            .await
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, format!("channel: {e}")))?;
+        // A send waiting for window once the tunnel stopped would wait forever: it fails, as
+        // the stream's writes do.
+        tokio::select! {
+            sent = self.channel.data_bytes(data) => {
+                sent.map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, format!("channel: {e}")))?;
+            }
+            _ = stop.wait_for(|stopping| *stopping) => return Err(stopped()),
+        }
         self.shared.up.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }

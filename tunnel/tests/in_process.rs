@@ -113,6 +113,7 @@ async fn channels_opened_in_process_carry_data_through_openssh_and_are_counted()
 
     // A stopped tunnel opens nothing, and a stream still open fails rather than hanging.
     let held = dialer.open("127.0.0.1", echo).await.unwrap();
+    let sender = held.sender();
     let reader = tokio::spawn(async move {
         let (mut r, _w) = tokio::io::split(held);
         let mut buf = [0u8; 16];
@@ -121,6 +122,10 @@ async fn channels_opened_in_process_carry_data_through_openssh_and_are_counted()
     tunnel.shutdown().await;
     let read = reader.await.unwrap().expect("a read that hangs once the tunnel stopped");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let sent = tokio::time::timeout(Duration::from_secs(10), sender.send(bytes::Bytes::from_static(b"late")))
+        .await
+        .expect("a send that hangs once the tunnel stopped");
+    assert!(sent.is_err(), "a send on a stopped tunnel must fail");
     assert!(matches!(dialer.open("127.0.0.1", echo).await, Err(TunnelError::NotUp { .. })));
 }
 
