@@ -452,35 +452,39 @@ async fn a_request_dropped_before_it_was_sent_gives_its_in_flight_slot_back() {
 /// sending paths share one channel.
 struct SharedWriteHalf(Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>);
 
+impl SharedWriteHalf {
+    /// The client writes a frame under its own lock, so the two paths never overlap: finding
+    /// the half taken is a test failure, reported as an error.
+    fn with_half<T>(
+        &self,
+        f: impl FnOnce(std::pin::Pin<&mut tokio::net::tcp::OwnedWriteHalf>) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match self.0.try_lock() {
+            Ok(mut w) => f(std::pin::Pin::new(&mut *w)),
+            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
+        }
+    }
+}
+
 impl tokio::io::AsyncWrite for SharedWriteHalf {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        // The client writes a frame under its own lock: the two paths never overlap.
-        match self.0.try_lock() {
-            Ok(mut w) => std::pin::Pin::new(&mut *w).poll_write(cx, buf),
-            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
-        }
+        self.with_half(|w| w.poll_write(cx, buf))
     }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.0.try_lock() {
-            Ok(mut w) => std::pin::Pin::new(&mut *w).poll_flush(cx),
-            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
-        }
+        self.with_half(|w| w.poll_flush(cx))
     }
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.0.try_lock() {
-            Ok(mut w) => std::pin::Pin::new(&mut *w).poll_shutdown(cx),
-            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("both paths at once"))),
-        }
+        self.with_half(|w| w.poll_shutdown(cx))
     }
 }
 
