@@ -10,12 +10,25 @@
 //! stopped reading, in-process channels included), and flushes the image.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nbd_server::{Backend, ExportConfig, ExportStats, FileBackend, IoRing, Qcow2Backend, Scope, Server, ServerConfig};
+use nbd_server::{
+    Backend, ExportConfig, ExportStats, FileBackend, IoRing, Qcow2Backend, Scope, SendBytes, Server, ServerConfig,
+};
 use qcow2::Image;
+
+/// A forwarded channel's owned-bytes path, for the NBD server's read replies.
+struct ChannelReplies(tunnel::endpoint::ForwardedSender);
+
+impl SendBytes for ChannelReplies {
+    fn send(&self, data: bytes::Bytes) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+        Box::pin(self.0.send(data))
+    }
+}
 
 /// How long closing waits for clients to drain.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -157,7 +170,9 @@ impl Exports {
         let name = self.open.lock().ok()?.iter().find(|(_, e)| e.port == port).map(|(n, _)| n.clone())?;
         let server = self.server.clone();
         Some(Box::new(move |stream| {
-            Box::pin(async move { server.serve_stream_from(stream, Scope::Only(name), peer).await })
+            // Read replies go into the channel without a copy (`nbd_server::zero_copy`).
+            let replies: Arc<dyn SendBytes> = Arc::new(ChannelReplies(stream.sender()));
+            Box::pin(async move { server.serve_stream_with_payloads(stream, Scope::Only(name), peer, replies).await })
         }))
     }
 

@@ -54,6 +54,7 @@ pub mod client;
 pub mod fuzzing;
 pub mod proto;
 pub mod server;
+pub mod zero_copy;
 
 /// The attribute [`Backend`] implementations need (`#[nbd_server::async_trait]`), re-exported
 /// so that embedders do not have to depend on the `async-trait` crate themselves.
@@ -65,3 +66,4 @@ pub use backend::{
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;
 pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};
+pub use zero_copy::SendBytes;

@@ -12,10 +12,8 @@
 //! everything outside the process.
 //!
 //! A stream also gives a [`ChannelSender`]: bulk data handed over as `Bytes` becomes the channel's
-//! messages as it is, where the stream's `AsyncWrite` (russh's `ChannelTx`) copies every byte
-//! into new ones. The node's NBD client sends its write payloads that way (9% of the node's CPU
-//! during a backup was that copy). The stream is built from the channel's two halves so that
-//! both can exist; dropping it closes the channel, as russh's own stream does.
+//! messages as it is ([`crate::channel_io`]). The node's NBD client sends its write payloads
+//! that way.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,8 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use russh::client::Msg;
-use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::channel_io::{BytesSender, ChannelIo};
 
 use crate::client::{open_channel, OpenError, Sessions, Shared};
 use crate::TunnelError;
@@ -80,10 +79,7 @@ impl TunnelDialer {
 
 /// One channel's bytes, both ways. Dropping it closes the channel.
 pub struct TunnelStream {
-    rx: ChannelReader,
-    tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
-    /// The channel's sending side, for [`ChannelSender`] and for closing the channel.
-    channel: Arc<ChannelWriteHalf<Msg>>,
+    io: ChannelIo<Msg>,
     shared: Arc<Shared>,
     /// Ready once the tunnel stops: the stream fails from then on, so it lets go of its SSH
     /// connection as a forwarded connection does.
@@ -103,15 +99,13 @@ impl TunnelStream {
         let stopped = Box::pin(async move {
             let _ = stop.wait_for(|stopping| *stopping).await;
         });
-        let (read_half, write_half) = channel.split();
-        let tx = Box::pin(write_half.make_writer());
-        Self { rx: ChannelReader::new(read_half), tx, channel: Arc::new(write_half), shared, stopped }
+        Self { io: ChannelIo::new(channel), shared, stopped }
     }
 
     /// A handle that sends owned bytes on this channel without copying them, after whatever
     /// was written to the stream before (module doc).
     pub fn sender(&self) -> ChannelSender {
-        ChannelSender { channel: Arc::clone(&self.channel), shared: Arc::clone(&self.shared) }
+        ChannelSender { channel: self.io.sender(), shared: Arc::clone(&self.shared) }
     }
 
     /// `Err` once the tunnel has stopped.
@@ -126,13 +120,6 @@ impl TunnelStream {
 impl Drop for TunnelStream {
     fn drop(&mut self) {
         self.shared.open.fetch_sub(1, Ordering::Relaxed);
-        // Closing is a message to the session task; best effort, as russh's stream does it.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let channel = Arc::clone(&self.channel);
-            runtime.spawn(async move {
-                let _ = channel.close().await;
-            });
-        }
     }
 }
 
@@ -140,7 +127,7 @@ impl Drop for TunnelStream {
 /// more channel messages sharing its memory. Counted in the tunnel's status like stream writes.
 #[derive(Clone)]
 pub struct ChannelSender {
-    channel: Arc<ChannelWriteHalf<Msg>>,
+    channel: BytesSender<Msg>,
     shared: Arc<Shared>,
 }
 
@@ -166,9 +153,7 @@ impl ChannelSender {
         // A send waiting for window once the tunnel stopped would wait forever: it fails, as
         // the stream's writes do.
         tokio::select! {
-            sent = self.channel.data_bytes(data) => {
-                sent.map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, format!("channel: {e}")))?;
-            }
+            sent = self.channel.send(data) => sent?,
             _ = stop.wait_for(|stopping| *stopping) => return Err(stopped()),
         }
         self.shared.up.fetch_add(len, Ordering::Relaxed);
@@ -180,7 +165,7 @@ impl AsyncRead for TunnelStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         self.check_running(cx)?;
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.rx).poll_read(cx, buf);
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         let got = buf.filled().len().saturating_sub(before);
         self.shared.down.fetch_add(got as u64, Ordering::Relaxed);
         polled
@@ -190,7 +175,7 @@ impl AsyncRead for TunnelStream {
 impl AsyncWrite for TunnelStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         self.check_running(cx)?;
-        let polled = self.tx.as_mut().poll_write(cx, buf);
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.shared.up.fetch_add(*n as u64, Ordering::Relaxed);
         }
@@ -198,65 +183,10 @@ impl AsyncWrite for TunnelStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.tx.as_mut().poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.tx.as_mut().poll_shutdown(cx)
-    }
-}
-
-type NextMessage = Pin<Box<dyn Future<Output = (ChannelReadHalf, Option<ChannelMsg>)> + Send + Sync>>;
-
-/// A channel's incoming data as a byte stream, as russh's own (private) reader does it: data
-/// messages in order, EOF at the peer's EOF or the channel's end, other messages skipped.
-struct ChannelReader {
-    /// The channel's receiving half while no message is awaited.
-    idle: Option<ChannelReadHalf>,
-    /// The wait for the next message, which holds the half meanwhile.
-    next: Option<NextMessage>,
-    /// What is left of the last data message.
-    unread: Bytes,
-    ended: bool,
-}
-
-impl ChannelReader {
-    fn new(half: ChannelReadHalf) -> Self {
-        Self { idle: Some(half), next: None, unread: Bytes::new(), ended: false }
-    }
-}
-
-impl AsyncRead for ChannelReader {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        loop {
-            if !self.unread.is_empty() {
-                let n = self.unread.len().min(buf.remaining());
-                let chunk = self.unread.split_to(n);
-                buf.put_slice(&chunk);
-                return Poll::Ready(Ok(()));
-            }
-            if self.ended {
-                return Poll::Ready(Ok(()));
-            }
-            if self.next.is_none() {
-                let Some(mut half) = self.idle.take() else {
-                    self.ended = true;
-                    continue;
-                };
-                self.next = Some(Box::pin(async move {
-                    let msg = half.wait().await;
-                    (half, msg)
-                }));
-            }
-            let Some(next) = self.next.as_mut() else { continue };
-            let (half, msg) = std::task::ready!(next.as_mut().poll(cx));
-            self.next = None;
-            self.idle = Some(half);
-            match msg {
-                Some(ChannelMsg::Data { data }) => self.unread = data,
-                Some(ChannelMsg::Eof) | None => self.ended = true,
-                Some(_) => {}
-            }
-        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

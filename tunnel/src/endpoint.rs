@@ -59,8 +59,12 @@ pub trait ForwardPolicy: Send + Sync {
 }
 
 /// A forwarded channel's bytes, as a [`LocalForward`] receives them (`AsyncRead` + `AsyncWrite`;
-/// dropping it closes the channel).
-pub type ForwardedStream = russh::ChannelStream<Msg>;
+/// dropping it closes the channel), and its path for owned bytes
+/// ([`crate::channel_io::ChannelIo::sender`]): the hub's NBD server sends read replies that way.
+pub type ForwardedStream = crate::channel_io::ChannelIo<Msg>;
+
+/// A forwarded channel's path for owned bytes ([`ForwardedStream`]'s `sender()`).
+pub type ForwardedSender = crate::channel_io::BytesSender<Msg>;
 
 /// What serves one forwarded channel in process.
 pub type LocalServe =
@@ -471,7 +475,7 @@ impl server::Handler for EndpointSession {
         if let Some(serve) = self.config.local.as_ref().and_then(|l| l.serve(port)) {
             tokio::spawn(async move {
                 reply.accept().await;
-                serve(channel.into_stream()).await;
+                serve(crate::channel_io::ChannelIo::new(channel)).await;
                 drop(slot);
             });
             return Ok(());

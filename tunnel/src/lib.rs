@@ -8,6 +8,7 @@
 //! - [`hostkey`]: known_hosts or pinned-fingerprint checks; no "accept anything" mode.
 //! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
 //! - [`dial`]: channels to the hub opened in process ([`TunnelDialer`]), no local socket.
+//! - [`channel_io`]: a channel as a byte stream that also takes owned bytes without a copy.
 //! - [`authorized`]: authorized_keys with `from=` and `permitopen=`.
 //! - [`endpoint`]: the hub's SSH endpoint that allows nothing but the configured forwards.
 //! - [`ciphers`]: the algorithm preferences (AES-GCM first where the CPU has AES instructions).
@@ -20,6 +21,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod authorized;
+pub mod channel_io;
 pub mod ciphers;
 pub mod client;
 pub mod dial;

@@ -42,11 +42,10 @@ use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, ReplyH
 
 mod options;
 mod uri;
-mod zero_copy;
 
+pub use crate::zero_copy::SendBytes;
 pub use options::{ClientError, ClientOptions, CommandFlags, ExportInfo, DEFAULT_MAX_IN_FLIGHT};
 use uri::{parse_uri, Target};
-pub use zero_copy::SendBytes;
 
 /// Largest option reply we read.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
@@ -543,7 +542,7 @@ impl Client {
 
     /// [`Client::write_with`] of a payload the caller shares rather than lends: on a connection
     /// made by [`Client::handshake_with_payloads`] the transport takes `data` as it is, without
-    /// a copy (module [`zero_copy`]); on any other, the same as `write_with`.
+    /// a copy ([`crate::zero_copy`]); on any other, the same as `write_with`.
     ///
     /// # Errors
     /// As [`Client::write_with`].

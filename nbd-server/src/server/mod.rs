@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 pub use export::{ExportConfig, ExportStats};
 pub use negotiate::Scope;
 
+use crate::zero_copy::SendBytes;
 use export::{Export, Registry};
 use negotiate::BlockSizes;
 
@@ -294,6 +295,33 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let (r, w) = tokio::io::split(stream);
+        self.serve_halves(r, w, scope, peer.into()).await;
+    }
+
+    /// [`Self::serve_stream_from`] over a transport that can also take bytes by ownership: large
+    /// read replies hand their data to `payloads` instead of copying it into the stream
+    /// ([`crate::zero_copy`]).
+    pub async fn serve_stream_with_payloads<S>(
+        &self,
+        stream: S,
+        scope: Scope,
+        peer: impl Into<String>,
+        payloads: Arc<dyn SendBytes>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        self.serve_halves(r, connection::WithPayloads::new(w, payloads), scope, peer.into()).await;
+    }
+
+    /// A stream's two halves as one client: a client slot (refused, the halves dropped, when
+    /// none is free or shutdown has begun), tracked for shutdown; returns when it ends.
+    async fn serve_halves<R, W>(&self, r: R, w: W, scope: Scope, peer: String)
+    where
+        R: connection::RequestReader,
+        W: connection::ReplyWriter,
+    {
         if self.is_shutting_down() {
             return;
         }
@@ -301,9 +329,7 @@ impl Server {
             tracing::warn!("stream refused: the server's client limit is reached");
             return;
         };
-        let (r, w) = tokio::io::split(stream);
         let shared = Arc::clone(&self.shared);
-        let peer = peer.into();
         let task = self.shared.tracker.spawn(async move {
             connection::serve(r, w, peer, Arc::new(scope), shared).await;
             drop(permit);
