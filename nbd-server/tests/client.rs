@@ -426,16 +426,20 @@ async fn a_request_dropped_before_it_was_sent_gives_its_in_flight_slot_back() {
     let peer = start_qemu_nbd(&file, "q");
     let c = Client::connect_uri(&peer.url(), &ClientOptions::new("q").max_in_flight(2)).await.unwrap();
     signal(&peer, "-STOP");
-    // A 32 MiB write to a stopped server fills the socket buffers and holds the writer.
-    let big = tokio::spawn({
+    // A 32 MiB write to a stopped server fills the socket buffers and holds the writer. Polled
+    // once here, so it holds the writer before any read below asks for it (spawned, it could
+    // hold its slot but not yet the writer, and a read sent first would keep its slot).
+    let mut big = Box::pin({
         let c = c.clone();
         async move { c.write(0, &pattern(32 << 20, 4), false).await }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while c.in_flight() < 1 {
-        assert!(std::time::Instant::now() < deadline, "the write never started");
-        tokio::task::yield_now().await;
-    }
+    let first = tokio::select! {
+        biased;
+        r = &mut big => Some(r),
+        _ = std::future::ready(()) => None,
+    };
+    assert!(first.is_none(), "32 MiB went whole to a stopped server; the test needs a held writer");
+    assert_eq!(c.in_flight(), 1);
     // Reads that give up while waiting for the writer: never sent, so nothing will answer them.
     for _ in 0..3 {
         let gave_up = tokio::time::timeout(std::time::Duration::from_millis(50), c.read(40 << 20, 4096)).await;
@@ -443,7 +447,7 @@ async fn a_request_dropped_before_it_was_sent_gives_its_in_flight_slot_back() {
     }
     assert_eq!(c.in_flight(), 1, "a dropped, unsent request kept its slot");
     signal(&peer, "-CONT");
-    big.await.unwrap().unwrap();
+    big.await.unwrap();
     assert_eq!(c.read(0, 4096).await.unwrap(), pattern(32 << 20, 4)[..4096]);
     assert_eq!(c.in_flight(), 0);
 }
