@@ -66,4 +66,4 @@ pub use backend::{
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;
 pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};
-pub use zero_copy::SendBytes;
+pub use zero_copy::{ReceiveBytes, SendBytes};

@@ -65,6 +65,8 @@ async fn exercise(client: &Client, check_holes: bool) {
     let span = client.read(31 * 65536, 2 * 65536).await.unwrap();
     assert_eq!(&span[..65536], &pattern(65536, 32)[..]);
     assert_eq!(&span[65536..], &vec![0u8; 65536][..]);
+    // And so does one that comes back in pieces.
+    assert_eq!(client.read_bytes(31 * 65536, 2 * 65536).await.unwrap().concat(), span);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -635,4 +637,158 @@ async fn a_served_stream_with_an_owned_bytes_path_sends_large_read_replies_throu
         assert!(std::time::Instant::now() < deadline, "read data handed over: {}", handed.load(Relaxed));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// A read half that hands out what it received in pieces of changing sizes, as a channel hands
+/// out its messages, and counts what went that way.
+struct Piecewise {
+    read: tokio::net::tcp::OwnedReadHalf,
+    sizes: std::iter::Cycle<std::vec::IntoIter<usize>>,
+    handed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Piecewise {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl nbd_server::ReceiveBytes for Piecewise {
+    fn poll_receive(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        max: usize,
+    ) -> std::task::Poll<std::io::Result<bytes::Bytes>> {
+        let size = self.sizes.next().unwrap_or(1).min(max);
+        let mut piece = vec![0u8; size];
+        let mut buf = tokio::io::ReadBuf::new(&mut piece);
+        std::task::ready!(tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.read), cx, &mut buf))?;
+        let n = buf.filled().len();
+        piece.truncate(n);
+        self.handed.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        std::task::Poll::Ready(Ok(bytes::Bytes::from(piece)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_over_a_transport_that_hands_out_its_pieces_come_back_as_those_pieces_in_order() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (_server, port) = in_process(8, 64 << 20).await;
+    // Data with a hole in the middle: structured reads answer with data, hole and data chunks.
+    let mut image = pattern(3 << 20, 1);
+    image.resize(5 << 20, 0);
+    image.extend(pattern(3 << 20, 2));
+    let plain = Client::connect_tcp(("127.0.0.1", port), "mem").await.unwrap();
+    plain.write(0, &image, false).await.unwrap();
+    for structured in [true, false] {
+        let (read, write) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap().into_split();
+        let socket = Arc::new(tokio::sync::Mutex::new(write));
+        let payloads = Arc::new(CountingPayloads { socket: Arc::clone(&socket), handed: 0.into() });
+        let handed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sizes = vec![1, 7, 4096, 65_536, 33_000, 200_000].into_iter().cycle();
+        let reader = Piecewise { read, sizes, handed: Arc::clone(&handed) };
+        let options = ClientOptions::new("mem").structured_replies(structured);
+        let client = Client::handshake_zero_copy(reader, SharedWriteHalf(socket), payloads, &options).await.unwrap();
+        let mut reads = Vec::new();
+        for i in 0..6usize {
+            let c = client.clone();
+            let (at, len) = ((i as u64) * 900_000 + 13, 2 << 20);
+            reads.push(tokio::spawn(async move { (at as usize, len as usize, c.read_bytes(at, len).await.unwrap()) }));
+        }
+        let mut most_pieces = 0;
+        for r in reads {
+            let (at, len, pieces) = r.await.unwrap();
+            most_pieces = most_pieces.max(pieces.len());
+            assert!(pieces.concat() == image[at..at + len], "read at {at} (structured: {structured})");
+        }
+        assert!(most_pieces > 10, "a read came back as the transport's pieces, not joined: {most_pieces}");
+        // The data went through the transport's own path; the holes were not sent at all.
+        assert!(handed.load(Relaxed) >= 6 * (1 << 20), "handed out: {}", handed.load(Relaxed));
+        // A read into a buffer on the same connection still works, and so does a write.
+        client.write_bytes(60 << 20, bytes::Bytes::from(pattern(70_000, 3)), CommandFlags::default()).await.unwrap();
+        assert_eq!(client.read(60 << 20, 70_000).await.unwrap(), pattern(70_000, 3));
+        assert_eq!(client.read_bytes(60 << 20, 0).await.unwrap(), Vec::<bytes::Bytes>::new());
+        client.disconnect().await.unwrap();
+    }
+    // On a plain connection, `read_bytes` is the same bytes.
+    assert_eq!(plain.read_bytes(4 << 20, 2 << 20).await.unwrap().concat(), &image[4 << 20..6 << 20]);
+}
+
+/// A server that negotiates (structured replies, one export of 1 MiB) and then answers the
+/// first request, a read, with `chunks`: (offset, length, done) data chunks of pattern bytes.
+async fn scripted_server(chunks: Vec<(u64, u32, bool)>) -> u16 {
+    use nbd_server::proto::consts::{handshake_flags, info, opt, rep, reply_flags, STRUCTURED_REPLY_MAGIC};
+    use nbd_server::proto::handshake::{encode_greeting, encode_option_reply};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(&encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES)).await.unwrap();
+        s.read_u32().await.unwrap();
+        loop {
+            let mut head = [0u8; 16];
+            s.read_exact(&mut head).await.unwrap();
+            let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
+            let mut data = vec![0u8; u32::from_be_bytes(head[12..16].try_into().unwrap()) as usize];
+            s.read_exact(&mut data).await.unwrap();
+            let mut out = Vec::new();
+            if option == opt::GO {
+                let mut export = info::EXPORT.to_be_bytes().to_vec();
+                export.extend((1u64 << 20).to_be_bytes());
+                export.extend(1u16.to_be_bytes());
+                encode_option_reply(&mut out, option, rep::INFO, &export);
+            }
+            encode_option_reply(&mut out, option, rep::ACK, &[]);
+            s.write_all(&out).await.unwrap();
+            if option == opt::GO {
+                break;
+            }
+        }
+        let mut request = [0u8; 28];
+        s.read_exact(&mut request).await.unwrap();
+        let cookie = u64::from_be_bytes(request[8..16].try_into().unwrap());
+        for (offset, length, done) in chunks {
+            let mut out = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+            out.extend((if done { reply_flags::DONE } else { 0 }).to_be_bytes());
+            out.extend(1u16.to_be_bytes()); // OFFSET_DATA
+            out.extend(cookie.to_be_bytes());
+            out.extend((length + 8).to_be_bytes());
+            out.extend(offset.to_be_bytes());
+            out.extend(pattern(length as usize, offset));
+            if s.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_answered_with_overlapping_chunks_is_refused_before_they_pile_up() {
+    let options = ClientOptions::new("x").extended_headers(false).block_status(false);
+    // Chunks that tile the read: accepted, and in order whatever order they came in.
+    let port = scripted_server(vec![(8192, 4096, false), (4096, 4096, true)]).await;
+    let c = Client::connect_uri(&format!("nbd://127.0.0.1:{port}/x"), &options).await.unwrap();
+    let got = c.read_bytes(4096, 8192).await.unwrap().concat();
+    assert_eq!(&got[..4096], &pattern(4096, 4096)[..]);
+    assert_eq!(&got[4096..], &pattern(4096, 8192)[..]);
+    // The same half twice: as many bytes as were read, but not the read.
+    let port = scripted_server(vec![(4096, 4096, false), (4096, 4096, true)]).await;
+    let c = Client::connect_uri(&format!("nbd://127.0.0.1:{port}/x"), &options).await.unwrap();
+    match c.read_bytes(4096, 8192).await {
+        Err(ClientError::Protocol(m)) => assert!(m.contains("overlap"), "{m}"),
+        other => panic!("overlapping chunks accepted: {other:?}"),
+    }
+    // The whole read again and again without DONE: refused at the second chunk, not kept.
+    let port = scripted_server(vec![(4096, 8192, false); 64]).await;
+    let c = Client::connect_uri(&format!("nbd://127.0.0.1:{port}/x"), &options).await.unwrap();
+    assert!(c.read_bytes(4096, 8192).await.is_err());
+    assert!(c.read(0, 512).await.is_err(), "the connection is closed after a protocol error");
 }

@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod blockmap;
+pub mod blocks;
 pub mod config;
 pub mod error;
 pub mod http;

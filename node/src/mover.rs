@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::blockmap::{self, BlockMap, Hash, ZeroHashes, UNKNOWN};
+use crate::blocks::Blocks;
 use crate::error::MoveError;
 use crate::sink::Sink;
 use crate::source::{Range, Source};
@@ -553,16 +554,15 @@ async fn process(shared: &Shared, worker: usize, item: Item, buf: &mut Vec<u8>) 
                     acts.push(Act::Zero);
                 }
             }
-            send_runs(shared, worker, first, &acts, &Arc::default(), &shared.progress.bytes_skipped_holes).await?;
+            let none = Blocks::from_pieces(Vec::new());
+            send_runs(shared, worker, first, &acts, &none, &shared.progress.bytes_skipped_holes).await?;
             shared.store_hashes(first, &hashes);
             Ok(())
         }
         Item::Read { first, count } => {
             let offset = first * bs;
             let len = (count * bs).min(shared.size - offset) as usize;
-            let mut owned = std::mem::take(buf);
-            owned.resize(len, 0);
-            let (data, hashes) = shared.source.read_hashed(worker, offset, owned, bs).await?;
+            let (data, hashes) = shared.source.read_hashed(worker, offset, len, buf, bs).await?;
             shared.progress.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
             let mut acts = Vec::with_capacity(hashes.len());
             for (i, h) in hashes.iter().enumerate() {
@@ -583,13 +583,14 @@ async fn process(shared: &Shared, worker: usize, item: Item, buf: &mut Vec<u8>) 
                     acts.push(Act::Data);
                 }
             }
-            // Shared, not borrowed: a file destination writes from a blocking thread, which then
-            // takes its runs without a copy. The buffer comes back for the next read once they
-            // are done with it (a fresh one is allocated in the rare case one is still held).
-            let data = Arc::new(data);
+            // The sink takes slices of the pieces, not copies (`blocks`). A buffer read into comes
+            // back for the next read once they are done with it (a fresh one is allocated in the
+            // rare case one is still held).
             send_runs(shared, worker, first, &acts, &data, &shared.progress.bytes_skipped_zero).await?;
             shared.store_hashes(first, &hashes);
-            *buf = Arc::try_unwrap(data).unwrap_or_default();
+            if let Some(back) = data.into_buffer() {
+                *buf = back;
+            }
             Ok(())
         }
     }
@@ -603,7 +604,7 @@ async fn send_runs(
     worker: usize,
     first: u64,
     acts: &[Act],
-    data: &Arc<Vec<u8>>,
+    data: &Blocks,
     zeroed: &AtomicU64,
 ) -> Result<(), MoveError> {
     let bs = shared.block_size;

@@ -10,14 +10,16 @@
 //!
 //! A connection through the node's own tunnel hands its write payloads to the channel as they
 //! are (`Client::write_bytes` with the stream's [`tunnel::dial::ChannelSender`]), without the
-//! copy a byte stream makes.
+//! copy a byte stream makes, and takes read replies as the channel's own messages
+//! (`Client::read_bytes` over [`tunnel::TunnelReader::poll_receive`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use nbd_server::client::SendBytes;
+use nbd_server::client::{ReceiveBytes, SendBytes};
 use nbd_server::{Client, ClientError, ClientOptions, ExportInfo};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -263,10 +265,10 @@ async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
             .map_err(|_| timed_out("opening the tunnel channel timed out"))?
             .map_err(|e| ClientError::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())))?;
         let payloads: Arc<dyn SendBytes> = Arc::new(ChannelPayloads(stream.sender()));
-        let (r, w) = tokio::io::split(stream);
+        let (r, w) = stream.into_split();
         return tokio::time::timeout(
             Duration::from_secs(30),
-            Client::handshake_with_payloads(r, w, payloads, &options),
+            Client::handshake_zero_copy(ChannelReplies(r), w, payloads, &options),
         )
         .await
         .map_err(|_| timed_out("handshake timed out"))?;
@@ -298,6 +300,25 @@ struct ChannelPayloads(tunnel::dial::ChannelSender);
 impl SendBytes for ChannelPayloads {
     fn send(&self, data: bytes::Bytes) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
         Box::pin(self.0.send(data))
+    }
+}
+
+/// Read replies taken from a tunnel channel as its own messages.
+struct ChannelReplies(tunnel::TunnelReader);
+
+impl tokio::io::AsyncRead for ChannelReplies {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl ReceiveBytes for ChannelReplies {
+    fn poll_receive(mut self: Pin<&mut Self>, cx: &mut Context<'_>, max: usize) -> Poll<std::io::Result<bytes::Bytes>> {
+        self.0.poll_receive(cx, max)
     }
 }
 

@@ -20,16 +20,21 @@ use bytes::Bytes;
 use nbd_server::proto::consts::transmission_flags;
 use nbd_server::CommandFlags;
 
+use crate::blocks::{self, Blocks};
 use crate::error::MoveError;
 use crate::pool::NbdPool;
 
-/// A worker's read buffer as the memory of `Bytes` handed to an NBD connection.
-struct SharedBuffer(Arc<Vec<u8>>);
-
-impl AsRef<[u8]> for SharedBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
+/// One write's payload: its only piece as it is (a plain connection's read, a worker's buffer),
+/// or, when it came in several (read through the tunnel, written to an NBD target), joined.
+fn one_payload(mut pieces: Vec<Bytes>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
     }
+    let mut joined = bytes::BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for piece in &pieces {
+        joined.extend_from_slice(piece);
+    }
+    joined.freeze()
 }
 
 /// Largest zero buffer written to a device that cannot punch holes.
@@ -102,8 +107,9 @@ impl Sink {
         }
     }
 
-    /// Write bytes `range` of `data` at `offset` (worker `worker` picks the connection). The
-    /// buffer is shared so that a file's blocking write takes it without a copy.
+    /// Write bytes `range` of `data` at `offset` (worker `worker` picks the connection), as
+    /// slices of its pieces: a file's blocking write and a tunnel channel take them without a
+    /// copy (`blocks`).
     ///
     /// # Errors
     /// The target failed the write, stayed unreachable, or `range` is not inside `data`.
@@ -111,37 +117,34 @@ impl Sink {
         &self,
         worker: usize,
         offset: u64,
-        data: &Arc<Vec<u8>>,
+        data: &Blocks,
         range: std::ops::Range<usize>,
     ) -> Result<(), MoveError> {
-        if data.get(range.clone()).is_none() {
-            return Err(MoveError::Mismatch(format!("write of bytes {range:?} of a {} byte buffer", data.len())));
-        }
+        let outside = || MoveError::Mismatch(format!("write of bytes {range:?} of {} bytes", data.len()));
         match self {
             Self::Nbd(pool) => {
-                // Shared with the connection, not lent: a tunnel channel takes it without a
-                // copy (`pool`'s module doc). In pieces the server accepts (its maximum payload).
-                let mut rest = Bytes::from_owner(SharedBuffer(Arc::clone(data))).slice(range);
+                // In requests the server accepts (its maximum payload).
                 let max = pool.info().max_payload.max(4096) as usize;
-                let mut at = offset;
-                while !rest.is_empty() {
-                    let piece = rest.split_to(max.min(rest.len()));
-                    let len = piece.len() as u64;
+                let mut from = range.start;
+                while from < range.end {
+                    let to = range.end.min(from + max);
+                    let payload = one_payload(data.slice(from..to).ok_or_else(outside)?);
+                    let at = offset + (from - range.start) as u64;
                     pool.run(worker, "write", at, |c| {
-                        let piece = piece.clone();
-                        async move { c.write_bytes(at, piece, CommandFlags::default()).await }
+                        let payload = payload.clone();
+                        async move { c.write_bytes(at, payload, CommandFlags::default()).await }
                     })
                     .await?;
-                    at += len;
+                    from = to;
                 }
                 Ok(())
             }
             Self::File(f) => {
-                // The blocking thread shares the buffer (no copy); `range` is inside it (checked).
-                let (file, data) = (Arc::clone(&f.file), Arc::clone(data));
+                let pieces = data.slice(range.clone()).ok_or_else(outside)?;
+                let file = Arc::clone(&f.file);
                 let what = || format!("{}: write at {offset:#x}", f.path.display());
                 let _turn = f.turn.lock().await;
-                tokio::task::spawn_blocking(move || file.write_all_at(data.get(range).unwrap_or_default(), offset))
+                tokio::task::spawn_blocking(move || blocks::write_all_at(&*file, &pieces, offset))
                     .await
                     .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
                     .map_err(|source| MoveError::Destination { what: what(), source })

@@ -5,7 +5,8 @@
 //! (`SEEK_DATA`/`SEEK_HOLE` on files, `base:allocation` on NBD; ranges known to read as zeroes
 //! count as holes), and, for an NBD source exporting a dirty bitmap, which ranges changed since
 //! the bitmap was started. Reads of files run on the blocking pool with the caller's buffer
-//! moved in and out, so the async workers never wait on the disk.
+//! moved in and out, so the async workers never wait on the disk; reads of NBD exports come
+//! back as the pieces the connection received ([`Blocks`]).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -17,7 +18,8 @@ use rustix::fs::SeekFrom;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::SourceKind;
-use crate::blockmap::{self, Hash};
+use crate::blockmap::Hash;
+use crate::blocks::Blocks;
 use crate::error::MoveError;
 use crate::pool::{Endpoint, NbdPool};
 use crate::targets;
@@ -244,59 +246,11 @@ impl Source {
         Ok(extents.into_iter().map(|e| Range { length: e.length, data: e.flags & 1 != 0 }).collect())
     }
 
-    /// Read `buf.len()` bytes at `offset` on behalf of worker `worker`; the buffer comes back.
-    ///
-    /// # Errors
-    /// The read failed.
-    pub async fn read(&self, worker: usize, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>, MoveError> {
-        match self {
-            Self::File(f) => {
-                let file = Arc::clone(&f.file);
-                let size = f.size;
-                let what = || format!("{}: read at {offset:#x}", f.path.display());
-                tokio::task::spawn_blocking(move || read_full(&file, size, offset, &mut buf).map(|()| buf))
-                    .await
-                    .map_err(|e| MoveError::Source { what: what(), source: e.into() })?
-                    .map_err(|source| MoveError::Source { what: what(), source })
-            }
-            Self::Nbd(n) => {
-                // In pieces the server accepts (its maximum payload).
-                let max = n.pool.info().max_payload.max(4096) as usize;
-                if buf.len() <= max {
-                    // One request, answered straight into the caller's buffer. An attempt that
-                    // fails takes the buffer with it; a retry reads into a new one.
-                    let len = buf.len();
-                    let spare = std::sync::Mutex::new(Some(buf));
-                    return n
-                        .pool
-                        .run(worker, "read", offset, |c| {
-                            let b = spare.lock().ok().and_then(|mut s| s.take()).unwrap_or_else(|| vec![0; len]);
-                            async move { c.read_into(offset, b).await }
-                        })
-                        .await
-                        .map_err(|e| n.error("read", e));
-                }
-                let mut done = 0usize;
-                while done < buf.len() {
-                    let len = (buf.len() - done).min(max);
-                    let at = offset + done as u64;
-                    let data = n
-                        .pool
-                        .run(worker, "read", at, |c| async move { c.read(at, len as u32).await })
-                        .await
-                        .map_err(|e| n.error("read", e))?;
-                    if let Some(dst) = buf.get_mut(done..done + len) {
-                        dst.copy_from_slice(data.get(..len).unwrap_or_default());
-                    }
-                    done += len;
-                }
-                Ok(buf)
-            }
-        }
-    }
-
-    /// Read `buf.len()` bytes at `offset` and hash them in blocks of `block_size`; for a file
-    /// both happen in one trip to the blocking pool.
+    /// Read `len` bytes at `offset` on behalf of worker `worker` and hash them in blocks of
+    /// `block_size`. A file is read into the worker's `buffer` (taken; it comes back through
+    /// [`Blocks::into_buffer`]), read and hashed in one trip to the blocking pool; an NBD source
+    /// answers with the pieces its connections received (through the tunnel, the channel's own
+    /// messages), hashed as they are.
     ///
     /// # Errors
     /// The read failed.
@@ -304,36 +258,36 @@ impl Source {
         &self,
         worker: usize,
         offset: u64,
-        buf: Vec<u8>,
+        len: usize,
+        buffer: &mut Vec<u8>,
         block_size: u64,
-    ) -> Result<(Vec<u8>, Vec<Hash>), MoveError> {
-        let hash = move |data: &[u8]| data.chunks(block_size as usize).map(blockmap::hash_block).collect::<Vec<_>>();
+    ) -> Result<(Blocks, Vec<Hash>), MoveError> {
         let what = || format!("{self}: read at {offset:#x}");
-        match self {
+        let blocks = match self {
             Self::File(f) => {
                 let file = Arc::clone(&f.file);
                 let size = f.size;
-                let mut buf = buf;
-                tokio::task::spawn_blocking(move || {
+                let mut buf = std::mem::take(buffer);
+                buf.resize(len, 0);
+                return tokio::task::spawn_blocking(move || {
                     read_full(&file, size, offset, &mut buf).map(|()| {
-                        let hashes = hash(&buf);
-                        (buf, hashes)
+                        let blocks = Blocks::from_buffer(buf);
+                        let hashes = blocks.hashes(block_size as usize);
+                        (blocks, hashes)
                     })
                 })
                 .await
                 .map_err(|e| MoveError::Source { what: what(), source: e.into() })?
-                .map_err(|source| MoveError::Source { what: what(), source })
+                .map_err(|source| MoveError::Source { what: what(), source });
             }
-            Self::Nbd(_) => {
-                let data = self.read(worker, offset, buf).await?;
-                tokio::task::spawn_blocking(move || {
-                    let hashes = hash(&data);
-                    (data, hashes)
-                })
-                .await
-                .map_err(|e| MoveError::Source { what: what(), source: e.into() })
-            }
-        }
+            Self::Nbd(n) => n.read(worker, offset, len, buffer).await?,
+        };
+        tokio::task::spawn_blocking(move || {
+            let hashes = blocks.hashes(block_size as usize);
+            (blocks, hashes)
+        })
+        .await
+        .map_err(|e| MoveError::Source { what: what(), source: e.into() })
     }
 
     fn nbd_error(&self, what: &str, e: MoveError) -> MoveError {
@@ -345,6 +299,43 @@ impl Source {
 }
 
 impl NbdSource {
+    /// `len` bytes at `offset`. Over a plain connection (a copy out of the socket either way),
+    /// a read of one request goes into the worker's `buffer`, reused from read to read: a fresh
+    /// buffer per read costs more in page faults than the copy. Through the tunnel, and for a
+    /// read larger than the server's maximum payload, as the pieces the connection received.
+    async fn read(&self, worker: usize, offset: u64, len: usize, buffer: &mut Vec<u8>) -> Result<Blocks, MoveError> {
+        let max = self.pool.info().max_payload.max(4096) as usize;
+        if self.pool.endpoint().via.is_none() && len <= max {
+            let mut buf = std::mem::take(buffer);
+            buf.resize(len, 0);
+            // An attempt that fails takes the buffer with it; a retry reads into a new one.
+            let spare = std::sync::Mutex::new(Some(buf));
+            return self
+                .pool
+                .run(worker, "read", offset, |c| {
+                    let b = spare.lock().ok().and_then(|mut s| s.take()).unwrap_or_else(|| vec![0; len]);
+                    async move { c.read_into(offset, b).await }
+                })
+                .await
+                .map(Blocks::from_buffer)
+                .map_err(|e| self.error("read", e));
+        }
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(max);
+            let at = offset + done as u64;
+            let got = self
+                .pool
+                .run(worker, "read", at, |c| async move { c.read_bytes(at, n as u32).await })
+                .await
+                .map_err(|e| self.error("read", e))?;
+            pieces.extend(got);
+            done += n;
+        }
+        Ok(Blocks::from_pieces(pieces))
+    }
+
     fn error(&self, what: &str, e: MoveError) -> MoveError {
         match e {
             MoveError::Target { source, offset, .. } => {

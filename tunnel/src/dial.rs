@@ -13,7 +13,8 @@
 //!
 //! A stream also gives a [`ChannelSender`]: bulk data handed over as `Bytes` becomes the channel's
 //! messages as it is ([`crate::channel_io`]). The node's NBD client sends its write payloads
-//! that way.
+//! that way. The other way, [`TunnelReader::poll_receive`] hands out the channel's messages as
+//! they are, and the node's NBD client takes a restore's read replies that way.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,7 +27,7 @@ use bytes::Bytes;
 use russh::client::Msg;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::channel_io::{BytesSender, ChannelIo};
+use crate::channel_io::{BytesSender, ChannelIo, ChannelReader, ChannelWriter};
 
 use crate::client::{open_channel, OpenError, Sessions, Shared};
 use crate::TunnelError;
@@ -79,11 +80,8 @@ impl TunnelDialer {
 
 /// One channel's bytes, both ways. Dropping it closes the channel.
 pub struct TunnelStream {
-    io: ChannelIo<Msg>,
-    shared: Arc<Shared>,
-    /// Ready once the tunnel stops: the stream fails from then on, so it lets go of its SSH
-    /// connection as a forwarded connection does.
-    stopped: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    reader: TunnelReader,
+    writer: TunnelWriter,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -94,32 +92,110 @@ impl std::fmt::Debug for TunnelStream {
 
 impl TunnelStream {
     fn new(channel: russh::Channel<Msg>, shared: Arc<Shared>) -> Self {
-        shared.open.fetch_add(1, Ordering::Relaxed);
-        let mut stop = shared.stop.subscribe();
-        let stopped = Box::pin(async move {
-            let _ = stop.wait_for(|stopping| *stopping).await;
-        });
-        Self { io: ChannelIo::new(channel), shared, stopped }
+        let open = Arc::new(OpenChannel::new(shared));
+        let (rx, tx) = ChannelIo::new(channel).into_split();
+        Self {
+            reader: TunnelReader { rx, stopped: Stopped::new(&open), open: Arc::clone(&open) },
+            writer: TunnelWriter { tx, stopped: Stopped::new(&open), open },
+        }
     }
 
     /// A handle that sends owned bytes on this channel without copying them, after whatever
     /// was written to the stream before (module doc).
     pub fn sender(&self) -> ChannelSender {
-        ChannelSender { channel: self.io.sender(), shared: Arc::clone(&self.shared) }
+        self.writer.sender()
+    }
+
+    /// The two directions, for two owners (a connection's reader task and its writer); the
+    /// channel closes once both are dropped.
+    pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
+        (self.reader, self.writer)
+    }
+}
+
+/// A channel counted open in the tunnel's status while either direction of it lives.
+struct OpenChannel(Arc<Shared>);
+
+impl OpenChannel {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        Self(shared)
+    }
+}
+
+impl Drop for OpenChannel {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ready once the tunnel stops: a stream fails from then on, so it lets go of its SSH
+/// connection as a forwarded connection does.
+struct Stopped(Pin<Box<dyn Future<Output = ()> + Send + Sync>>);
+
+impl Stopped {
+    fn new(open: &OpenChannel) -> Self {
+        let mut stop = open.0.stop.subscribe();
+        Self(Box::pin(async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        }))
     }
 
     /// `Err` once the tunnel has stopped.
-    fn check_running(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        match self.stopped.as_mut().poll(cx) {
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        match self.0.as_mut().poll(cx) {
             Poll::Ready(()) => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the tunnel stopped")),
             Poll::Pending => Ok(()),
         }
     }
 }
 
-impl Drop for TunnelStream {
-    fn drop(&mut self) {
-        self.shared.open.fetch_sub(1, Ordering::Relaxed);
+/// A [`TunnelStream`]'s receiving direction.
+pub struct TunnelReader {
+    rx: ChannelReader,
+    stopped: Stopped,
+    open: Arc<OpenChannel>,
+}
+
+impl std::fmt::Debug for TunnelReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelReader").finish_non_exhaustive()
+    }
+}
+
+impl TunnelReader {
+    /// The next received bytes as they are, without a copy: at least one and at most `max`, a
+    /// slice of one channel message; empty at the channel's end. Counted like stream reads.
+    ///
+    /// # Errors
+    /// The tunnel stopped.
+    pub fn poll_receive(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<std::io::Result<Bytes>> {
+        self.stopped.check(cx)?;
+        let polled = self.rx.poll_receive(cx, max);
+        if let Poll::Ready(Ok(data)) = &polled {
+            self.open.0.down.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// A [`TunnelStream`]'s sending direction.
+pub struct TunnelWriter {
+    tx: ChannelWriter<Msg>,
+    stopped: Stopped,
+    open: Arc<OpenChannel>,
+}
+
+impl std::fmt::Debug for TunnelWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelWriter").finish_non_exhaustive()
+    }
+}
+
+impl TunnelWriter {
+    /// As [`TunnelStream::sender`].
+    pub fn sender(&self) -> ChannelSender {
+        ChannelSender { channel: self.tx.sender(), shared: Arc::clone(&self.open.0) }
     }
 }
 
@@ -161,32 +237,52 @@ impl ChannelSender {
     }
 }
 
-impl AsyncRead for TunnelStream {
+impl AsyncRead for TunnelReader {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        self.check_running(cx)?;
+        self.stopped.check(cx)?;
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let polled = Pin::new(&mut self.rx).poll_read(cx, buf);
         let got = buf.filled().len().saturating_sub(before);
-        self.shared.down.fetch_add(got as u64, Ordering::Relaxed);
+        self.open.0.down.fetch_add(got as u64, Ordering::Relaxed);
         polled
     }
 }
 
-impl AsyncWrite for TunnelStream {
+impl AsyncWrite for TunnelWriter {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.check_running(cx)?;
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.stopped.check(cx)?;
+        let polled = Pin::new(&mut self.tx).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
-            self.shared.up.fetch_add(*n as u64, Ordering::Relaxed);
+            self.open.0.up.fetch_add(*n as u64, Ordering::Relaxed);
         }
         polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut self.tx).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        Pin::new(&mut self.tx).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.reader).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.writer).poll_shutdown(cx)
     }
 }

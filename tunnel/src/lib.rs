@@ -31,7 +31,7 @@ pub mod limits;
 pub mod spec;
 
 pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
-pub use dial::{TunnelDialer, TunnelStream};
+pub use dial::{TunnelDialer, TunnelReader, TunnelStream, TunnelWriter};
 pub use hostkey::HostKeyPolicy;
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;

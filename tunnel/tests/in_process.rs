@@ -31,12 +31,13 @@ async fn echo_round_trip<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, 
 }
 
 /// The same, with every other piece handed to the channel as owned bytes
-/// ([`tunnel::dial::ChannelSender`]) between pieces written to the stream: the echo must come
-/// back whole and in order.
+/// ([`tunnel::dial::ChannelSender`]) between pieces written to the stream, and the echo taken
+/// back alternately as the channel's own pieces ([`tunnel::TunnelReader::poll_receive`]) and
+/// through the stream: it must come back whole and in order.
 async fn echo_round_trip_mixed(stream: tunnel::TunnelStream, len: usize, seed: u8) {
     let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
     let sender = stream.sender();
-    let (mut r, mut w) = tokio::io::split(stream);
+    let (mut r, mut w) = stream.into_split();
     let sent = bytes::Bytes::from(data.clone());
     let writer = tokio::spawn(async move {
         for (i, at) in (0..sent.len()).step_by(100_003).enumerate() {
@@ -49,8 +50,28 @@ async fn echo_round_trip_mixed(stream: tunnel::TunnelStream, len: usize, seed: u
         }
         w.shutdown().await.unwrap();
     });
-    let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    let read_back = async {
+        let mut back = Vec::new();
+        for turn in 0usize.. {
+            if turn % 2 == 0 {
+                let piece = std::future::poll_fn(|cx| r.poll_receive(cx, 70_001)).await.unwrap();
+                assert!(piece.len() <= 70_001, "more than asked for: {}", piece.len());
+                if piece.is_empty() {
+                    break;
+                }
+                back.extend_from_slice(&piece);
+            } else {
+                let mut buf = vec![0u8; 50_000];
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                back.extend_from_slice(&buf[..n]);
+            }
+        }
+        back
+    };
+    let back = tokio::time::timeout(Duration::from_secs(20), read_back).await.unwrap();
     writer.await.unwrap();
     assert!(back == data, "the mixed echo came back different ({} of {} bytes)", back.len(), data.len());
 }

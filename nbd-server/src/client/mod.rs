@@ -10,7 +10,9 @@
 //! frame completed with another request's bytes; a future dropped after its frame was written
 //! just lets the reader discard the reply. One reader task owns the read
 //! half and routes each reply chunk to the waiting request by cookie, reassembling structured
-//! reads (data and hole chunks, in any order) into the caller's buffer. Several connections to
+//! reads (data and hole chunks, in any order) into the caller's buffer, or, for
+//! [`Client::read_bytes`], putting their pieces in order (`source`: over a transport that hands
+//! out what it received, those pieces are its own and nothing is copied). Several connections to
 //! one export are simply several `Client`s. Every length a server sends is checked against the
 //! request it answers before anything is allocated (the checks are `proto::reply`, where the
 //! fuzzers reach them), and a read whose chunks do not cover it exactly is a protocol error,
@@ -41,14 +43,19 @@ use crate::proto::reply::{self, Asked, ChunkBody};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, ReplyHeader, Request};
 
 mod options;
+mod source;
 mod uri;
 
-pub use crate::zero_copy::SendBytes;
+pub use crate::zero_copy::{ReceiveBytes, SendBytes};
 pub use options::{ClientError, ClientOptions, CommandFlags, ExportInfo, DEFAULT_MAX_IN_FLIGHT};
+use source::{in_order, Received, ReplySource};
 use uri::{parse_uri, Target};
 
 /// Largest option reply we read.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
+
+/// The read buffer in front of a plain stream.
+const READ_BUFFER: usize = 256 * 1024;
 
 type Result<T> = std::result::Result<T, ClientError>;
 
@@ -61,6 +68,13 @@ enum Expect {
         buf: Vec<u8>,
         covered: u64,
     },
+    /// A read answered with owned pieces, each with its position in the read.
+    Pieces {
+        offset: u64,
+        length: u64,
+        pieces: Vec<(usize, Bytes)>,
+        covered: u64,
+    },
     Status {
         context: u32,
         extents: Vec<Extent>,
@@ -71,8 +85,19 @@ impl Expect {
     fn asked(&self) -> Asked {
         match self {
             Self::Read { offset, buf, .. } => Asked::Read { offset: *offset, length: buf.len() as u64 },
+            Self::Pieces { offset, length, .. } => Asked::Read { offset: *offset, length: *length },
             Self::Status { .. } => Asked::BlockStatus,
             Self::Simple => Asked::Other,
+        }
+    }
+
+    /// For a read whose chunks have not covered it exactly: how many bytes they covered of how
+    /// many.
+    fn uncovered(&self) -> Option<(u64, u64)> {
+        match self {
+            Self::Read { buf, covered, .. } if *covered != buf.len() as u64 => Some((*covered, buf.len() as u64)),
+            Self::Pieces { length, covered, .. } if covered != length => Some((*covered, *length)),
+            _ => None,
         }
     }
 }
@@ -228,13 +253,8 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let timeout = options.request_timeout;
-        match timeout {
-            Some(t) => tokio::time::timeout(t, Self::negotiate(reader, writer, None, options))
-                .await
-                .unwrap_or(Err(ClientError::TimedOut(t))),
-            None => Self::negotiate(reader, writer, None, options).await,
-        }
+        let reader = BufReader::with_capacity(READ_BUFFER, reader);
+        within_request_timeout(options, Self::negotiate(reader, writer, None, options)).await
     }
 
     /// [`Client::handshake`] over a transport that can also take write payloads by ownership
@@ -253,24 +273,39 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let negotiation = Self::negotiate(reader, writer, Some(payloads), options);
-        match options.request_timeout {
-            Some(t) => tokio::time::timeout(t, negotiation).await.unwrap_or(Err(ClientError::TimedOut(t))),
-            None => negotiation.await,
-        }
+        let reader = BufReader::with_capacity(READ_BUFFER, reader);
+        within_request_timeout(options, Self::negotiate(reader, writer, Some(payloads), options)).await
     }
 
-    async fn negotiate<R, W>(
+    /// [`Client::handshake_with_payloads`] over a transport that also hands out what it
+    /// received as owned bytes ([`ReceiveBytes`]): [`Client::read_bytes`] answers with its own
+    /// pieces instead of copying them into a buffer. Both ways, no payload byte is copied.
+    ///
+    /// # Errors
+    /// As [`Client::handshake`].
+    pub async fn handshake_zero_copy<R, W>(
         reader: R,
+        writer: W,
+        payloads: Arc<dyn SendBytes>,
+        options: &ClientOptions,
+    ) -> Result<Self>
+    where
+        R: ReceiveBytes,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        within_request_timeout(options, Self::negotiate(Received(reader), writer, Some(payloads), options)).await
+    }
+
+    async fn negotiate<S, W>(
+        mut r: S,
         writer: W,
         payloads: Option<Arc<dyn SendBytes>>,
         options: &ClientOptions,
     ) -> Result<Self>
     where
-        R: AsyncRead + Unpin + Send + 'static,
+        S: ReplySource,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let mut r = BufReader::with_capacity(256 * 1024, reader);
         let mut w: Writer = Box::new(writer);
         let mut greeting = [0u8; GREETING_LEN];
         r.read_exact(&mut greeting).await?;
@@ -469,13 +504,7 @@ impl Client {
     /// (the buffer is dropped).
     pub async fn read_into(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         let length = buf.len() as u64;
-        self.check_range(offset, length)?;
-        if length > u64::from(self.inner.info.max_payload) {
-            return Err(ClientError::Invalid(format!(
-                "read of {length} exceeds max payload {}",
-                self.inner.info.max_payload
-            )));
-        }
+        self.check_read(offset, length)?;
         if length == 0 {
             return Ok(buf);
         }
@@ -490,6 +519,36 @@ impl Client {
             Expect::Read { buf, .. } => Ok(buf),
             _ => Err(ClientError::Protocol("reply kind mismatch".into())),
         }
+    }
+
+    /// Read `length` bytes at `offset` as pieces that are, in order, the bytes asked for. On a
+    /// connection made by [`Client::handshake_zero_copy`] they are the transport's own (no copy);
+    /// on any other, one buffer per data chunk. A hole comes back as zeroes.
+    ///
+    /// # Errors
+    /// As [`Client::read_into`].
+    pub async fn read_bytes(&self, offset: u64, length: u32) -> Result<Vec<Bytes>> {
+        let length = u64::from(length);
+        self.check_read(offset, length)?;
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        let expect = Expect::Pieces { offset, length, pieces: Vec::new(), covered: 0 };
+        match self.submit(request(Command::Read, 0, offset, length), Payload::Borrowed(&[]), expect).await? {
+            Expect::Pieces { pieces, .. } => in_order(pieces, length as usize),
+            _ => Err(ClientError::Protocol("reply kind mismatch".into())),
+        }
+    }
+
+    fn check_read(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_range(offset, length)?;
+        if length > u64::from(self.inner.info.max_payload) {
+            return Err(ClientError::Invalid(format!(
+                "read of {length} exceeds max payload {}",
+                self.inner.info.max_payload
+            )));
+        }
+        Ok(())
     }
 
     /// The wire flags for `flags` on `command`, refusing what the export does not advertise or
@@ -823,7 +882,7 @@ fn fail_all(inner: &Inner) {
     }
 }
 
-async fn reader_loop<R: AsyncRead + Unpin>(mut r: BufReader<R>, inner: std::sync::Weak<Inner>) {
+async fn reader_loop<S: ReplySource>(mut r: S, inner: std::sync::Weak<Inner>) {
     let result = read_replies(&mut r, &inner).await;
     if let Err(e) = &result {
         tracing::debug!(error = %e, "client reader stopped");
@@ -833,7 +892,7 @@ async fn reader_loop<R: AsyncRead + Unpin>(mut r: BufReader<R>, inner: std::sync
     }
 }
 
-async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<Inner>) -> Result<()> {
+async fn read_replies<S: ReplySource>(r: &mut S, weak: &std::sync::Weak<Inner>) -> Result<()> {
     let mut head = [0u8; 32];
     loop {
         let Some(first) = head.get_mut(..4) else {
@@ -864,11 +923,21 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
                     let _ = p.reply.send(Err(ClientError::Request { error, message: String::new() }));
                     continue;
                 }
-                if let Expect::Read { buf, .. } = &mut p.expect {
-                    if inner.structured {
-                        return Err(ClientError::Protocol("simple reply to a read with structured replies".into()));
+                let is_read = matches!(p.expect, Expect::Read { .. } | Expect::Pieces { .. });
+                if is_read && inner.structured {
+                    return Err(ClientError::Protocol("simple reply to a read with structured replies".into()));
+                }
+                match &mut p.expect {
+                    Expect::Read { buf, .. } => {
+                        r.read_exact(buf).await?;
                     }
-                    r.read_exact(buf).await?;
+                    Expect::Pieces { length, pieces, covered, .. } => {
+                        let mut got = Vec::new();
+                        r.read_owned(*length as usize, &mut got).await?;
+                        place_pieces(pieces, 0, got);
+                        *covered = *length;
+                    }
+                    _ => {}
                 }
                 let _ = p.reply.send(Ok(p.expect));
             }
@@ -878,15 +947,14 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
                 let body = reply::chunk_body(kind, length, &p.expect.asked())?;
                 apply_chunk(r, &mut p, kind, body).await?;
                 if flags & reply_flags::DONE != 0 {
-                    let result = match (p.error.take(), &p.expect) {
+                    let result = match (p.error.take(), p.expect.uncovered()) {
                         (Some(e), _) => Err(e),
-                        (None, Expect::Read { buf, covered, .. }) if *covered != buf.len() as u64 => {
+                        (None, Some((covered, length))) => {
                             return Err(ClientError::Protocol(format!(
-                                "read reply covered {covered} of {} bytes",
-                                buf.len()
+                                "read reply covered {covered} of {length} bytes"
                             )));
                         }
-                        (None, _) => Ok(p.expect),
+                        (None, None) => Ok(p.expect),
                     };
                     let _ = p.reply.send(result);
                 } else if let Ok(mut table) = inner.pending.lock() {
@@ -897,8 +965,28 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, weak: &std::sync::Weak<In
     }
 }
 
+/// Pieces are kept, not written into place: chunks that together claim more than the read are
+/// refused before they are read, so what a server sends for one read never exceeds what it
+/// asked for.
+fn check_tiling(covered: u64, more: u64, length: u64) -> Result<()> {
+    match covered.checked_add(more) {
+        Some(total) if total <= length => Ok(()),
+        _ => Err(ClientError::Protocol("read reply chunks overlap: more bytes than were read".into())),
+    }
+}
+
+/// Record `got`, the pieces of a data run that starts at byte `start` of the read.
+fn place_pieces(pieces: &mut Vec<(usize, Bytes)>, start: usize, got: Vec<Bytes>) {
+    let mut at = start;
+    for piece in got {
+        let len = piece.len();
+        pieces.push((at, piece));
+        at += len;
+    }
+}
+
 /// Consume one chunk's payload as `body` (already judged against the request) into `p`.
-async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16, body: ChunkBody) -> Result<()> {
+async fn apply_chunk<S: ReplySource>(r: &mut S, p: &mut Pending, kind: u16, body: ChunkBody) -> Result<()> {
     match (body, &mut p.expect) {
         (ChunkBody::Empty, _) => Ok(()),
         (ChunkBody::Data { data }, Expect::Read { offset, buf, covered }) => {
@@ -907,6 +995,26 @@ async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16
             let dst = buf.get_mut(range).ok_or_else(|| ClientError::Protocol("data chunk range".into()))?;
             r.read_exact(dst).await?;
             *covered += data;
+            Ok(())
+        }
+        (ChunkBody::Data { data }, Expect::Pieces { offset, length, pieces, covered }) => {
+            let at = r.read_u64().await?;
+            let range = reply::place(at, data, *offset, *length)?;
+            check_tiling(*covered, data, *length)?;
+            let mut got = Vec::new();
+            r.read_owned(range.len(), &mut got).await?;
+            place_pieces(pieces, range.start, got);
+            *covered += data;
+            Ok(())
+        }
+        (ChunkBody::Hole, Expect::Pieces { offset, length, pieces, covered }) => {
+            let mut payload = [0u8; 12];
+            r.read_exact(&mut payload).await?;
+            let (at, n) = reply::parse_offset_hole(&payload)?;
+            let range = reply::place(at, u64::from(n), *offset, *length)?;
+            check_tiling(*covered, u64::from(n), *length)?;
+            pieces.push((range.start, Bytes::from(vec![0u8; range.len()])));
+            *covered += u64::from(n);
             Ok(())
         }
         (ChunkBody::Hole, Expect::Read { offset, buf, covered }) => {
@@ -938,5 +1046,16 @@ async fn apply_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, kind: u16
             Ok(())
         }
         _ => Err(ClientError::Protocol(format!("chunk type {kind} does not answer this request"))),
+    }
+}
+
+/// `negotiation` within the request timeout, if there is one.
+async fn within_request_timeout<T>(
+    options: &ClientOptions,
+    negotiation: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match options.request_timeout {
+        Some(t) => tokio::time::timeout(t, negotiation).await.unwrap_or(Err(ClientError::TimedOut(t))),
+        None => negotiation.await,
     }
 }
