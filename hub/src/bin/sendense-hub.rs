@@ -11,6 +11,11 @@ use clap::{Parser, Subcommand};
 use hub::config::{self, HubFile, NodeSpec, Settings, SshFile};
 use hub::jobs::Hub;
 
+/// mimalloc, not glibc's malloc, as in `sendense-node`: buffers and tunnel messages come and go
+/// by the megabyte, and glibc hands freed heap back to the kernel and faults it in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The hub of the backup data path.
 #[derive(Debug, Parser)]
 #[command(name = "sendense-hub", version, about)]
