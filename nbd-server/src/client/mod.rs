@@ -8,7 +8,7 @@
 //! (the write half is closed at once and every later request fails with
 //! [`ClientError::Closed`]), so the server sees a truncated frame and a closed stream, never a
 //! frame completed with another request's bytes; a future dropped after its frame was written
-//! just lets the reader discard the reply. One reader task owns the read
+//! just lets the reader discard the reply. One reader task (`replies`) owns the read
 //! half and routes each reply chunk to the waiting request by cookie, reassembling structured
 //! reads (data and hole chunks, in any order) into the caller's buffer, or, for
 //! [`Client::read_bytes`], putting their pieces in order (`source`: over a transport that hands
@@ -24,6 +24,10 @@
 //! [`ClientError::TimedOut`] and closes the connection (every other request on it fails with
 //! `Closed`): a server that stopped answering is not waited on forever, and a caller such as a
 //! connection pool reconnects.
+//!
+//! Layout: `negotiate` is the handshake, `replies` the reader task, `source` what it reads
+//! from, `options` and `uri` what callers configure; this module is the connection and its
+//! requests.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,84 +35,30 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
-use crate::proto::consts::{client_flags, cmd_flags, handshake_flags, info, opt, rep, reply_flags, BASE_ALLOCATION};
-use crate::proto::handshake::{
-    self as hs, InfoItem, OptionHeader, OptionReplyHeader, GREETING_LEN, OPTION_REPLY_HEADER_LEN,
-};
-use crate::proto::reply::{self, Asked, ChunkBody};
-use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, ReplyHeader, Request};
+use crate::proto::consts::{cmd_flags, BASE_ALLOCATION};
+use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, Request};
 
+mod negotiate;
 mod options;
+mod replies;
 mod source;
 mod uri;
 
 pub use crate::zero_copy::{ReceiveBytes, SendBytes};
+use negotiate::Negotiated;
 pub use options::{ClientError, ClientOptions, CommandFlags, ExportInfo, DEFAULT_MAX_IN_FLIGHT};
+use replies::{fail_all, reader_loop, Expect, Pending};
 use source::{in_order, Received, ReplySource};
 use uri::{parse_uri, Target};
-
-/// Largest option reply we read.
-const MAX_OPTION_REPLY: u32 = 64 * 1024;
 
 /// The read buffer in front of a plain stream.
 const READ_BUFFER: usize = 256 * 1024;
 
 type Result<T> = std::result::Result<T, ClientError>;
-
-/// What a request waits for.
-enum Expect {
-    Simple,
-    /// A read into `buf`; `covered` counts the bytes its chunks have filled so far.
-    Read {
-        offset: u64,
-        buf: Vec<u8>,
-        covered: u64,
-    },
-    /// A read answered with owned pieces, each with its position in the read.
-    Pieces {
-        offset: u64,
-        length: u64,
-        pieces: Vec<(usize, Bytes)>,
-        covered: u64,
-    },
-    Status {
-        context: u32,
-        extents: Vec<Extent>,
-    },
-}
-
-impl Expect {
-    fn asked(&self) -> Asked {
-        match self {
-            Self::Read { offset, buf, .. } => Asked::Read { offset: *offset, length: buf.len() as u64 },
-            Self::Pieces { offset, length, .. } => Asked::Read { offset: *offset, length: *length },
-            Self::Status { .. } => Asked::BlockStatus,
-            Self::Simple => Asked::Other,
-        }
-    }
-
-    /// For a read whose chunks have not covered it exactly: how many bytes they covered of how
-    /// many.
-    fn uncovered(&self) -> Option<(u64, u64)> {
-        match self {
-            Self::Read { buf, covered, .. } if *covered != buf.len() as u64 => Some((*covered, buf.len() as u64)),
-            Self::Pieces { length, covered, .. } if covered != length => Some((*covered, *length)),
-            _ => None,
-        }
-    }
-}
-
-struct Pending {
-    expect: Expect,
-    error: Option<ClientError>,
-    reply: oneshot::Sender<Result<Expect>>,
-    /// The request's in-flight slot, given back when the reply has been read.
-    _slot: OwnedSemaphorePermit,
-}
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -253,8 +203,7 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let reader = BufReader::with_capacity(READ_BUFFER, reader);
-        within_request_timeout(options, Self::negotiate(reader, writer, None, options)).await
+        Self::handshake_buffered(reader, writer, None, options).await
     }
 
     /// [`Client::handshake`] over a transport that can also take write payloads by ownership
@@ -273,8 +222,7 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let reader = BufReader::with_capacity(READ_BUFFER, reader);
-        within_request_timeout(options, Self::negotiate(reader, writer, Some(payloads), options)).await
+        Self::handshake_buffered(reader, writer, Some(payloads), options).await
     }
 
     /// [`Client::handshake_with_payloads`] over a transport that also hands out what it
@@ -296,6 +244,22 @@ impl Client {
         within_request_timeout(options, Self::negotiate(Received(reader), writer, Some(payloads), options)).await
     }
 
+    /// The handshake over a plain stream: its reader behind one buffer, which the replies'
+    /// headers and payloads are read through.
+    async fn handshake_buffered<R, W>(
+        reader: R,
+        writer: W,
+        payloads: Option<Arc<dyn SendBytes>>,
+        options: &ClientOptions,
+    ) -> Result<Self>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let reader = BufReader::with_capacity(READ_BUFFER, reader);
+        within_request_timeout(options, Self::negotiate(reader, writer, payloads, options)).await
+    }
+
     async fn negotiate<S, W>(
         mut r: S,
         writer: W,
@@ -307,59 +271,8 @@ impl Client {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut w: Writer = Box::new(writer);
-        let mut greeting = [0u8; GREETING_LEN];
-        r.read_exact(&mut greeting).await?;
-        let server_flags = hs::parse_greeting(&greeting)?;
-        if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
-        }
-        let mut flags = client_flags::FIXED_NEWSTYLE;
-        if server_flags & handshake_flags::NO_ZEROES != 0 {
-            flags |= client_flags::NO_ZEROES;
-        }
-        w.write_all(&flags.to_be_bytes()).await?;
-
-        let mut mode = HeaderMode::Compact;
-        let mut structured = false;
-        if options.structured_replies
-            && options.extended_headers
-            && simple_option(&mut r, &mut w, opt::EXTENDED_HEADERS).await?
-        {
-            mode = HeaderMode::Extended;
-            structured = true;
-        }
-        if options.structured_replies && !structured {
-            structured = simple_option(&mut r, &mut w, opt::STRUCTURED_REPLY).await?;
-        }
-        let mut contexts = HashMap::new();
-        let mut queries: Vec<&str> = options.meta_contexts.iter().map(String::as_str).collect();
-        if options.block_status {
-            queries.insert(0, BASE_ALLOCATION);
-        }
-        if structured && !queries.is_empty() {
-            send_option(&mut w, opt::SET_META_CONTEXT, &hs::encode_meta_context_request(&options.export, &queries))
-                .await?;
-            loop {
-                let (h, data) = read_option_reply(&mut r, opt::SET_META_CONTEXT).await?;
-                match h.reply {
-                    rep::META_CONTEXT => {
-                        let (id, name) = reply::parse_meta_context_reply(&data)?;
-                        if !queries.contains(&name.as_str()) {
-                            return Err(ClientError::Protocol(format!("server granted unrequested context {name}")));
-                        }
-                        contexts.insert(name, id);
-                    }
-                    rep::ACK => break,
-                    e if e & rep::ERR_BIT != 0 => break,
-                    other => {
-                        return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to SET_META_CONTEXT")))
-                    }
-                }
-            }
-        }
+        let Negotiated { export, mode, structured, contexts } = negotiate::options(&mut r, &mut w, options).await?;
         let allocation_context = contexts.get(BASE_ALLOCATION).copied();
-        let export = go(&mut r, &mut w, &options.export, flags & client_flags::NO_ZEROES != 0).await?;
-        w.flush().await?;
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(Some(WriteSide { stream: w, payloads })),
             pending: Mutex::new(PendingTable::default()),
@@ -784,268 +697,6 @@ impl Drop for PoisonOnDrop<'_, '_> {
                 tracing::debug!("request dropped mid-frame: connection closed");
             }
         }
-    }
-}
-
-/// NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME for servers that do not know GO.
-async fn go<R: AsyncRead + Unpin>(r: &mut R, w: &mut Writer, name: &str, no_zeroes: bool) -> Result<ExportInfo> {
-    let wanted = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION];
-    send_option(w, opt::GO, &hs::encode_info_request(name, &wanted)).await?;
-    let mut export = ExportInfo { min_block: 1, preferred_block: 4096, max_payload: 32 << 20, ..Default::default() };
-    let mut got_export = false;
-    loop {
-        let (h, data) = read_option_reply(r, opt::GO).await?;
-        match h.reply {
-            rep::INFO => match hs::parse_info_item(&data)? {
-                InfoItem::Export { size, flags } => {
-                    export.size = size;
-                    export.flags = flags;
-                    got_export = true;
-                }
-                InfoItem::Name(n) => export.name = Some(n),
-                InfoItem::Description(d) => export.description = Some(d),
-                InfoItem::BlockSize { minimum, preferred, maximum } => {
-                    export.min_block = minimum;
-                    export.preferred_block = preferred;
-                    export.max_payload = maximum;
-                }
-                InfoItem::Unknown(_) => {}
-            },
-            rep::ACK if got_export => return Ok(export),
-            rep::ACK => return Err(ClientError::Protocol("GO acknowledged without NBD_INFO_EXPORT".into())),
-            rep::ERR_UNSUP => {
-                // An old server: EXPORT_NAME has no error path; it answers with size and flags.
-                let mut out = Vec::new();
-                OptionHeader::encode(&mut out, opt::EXPORT_NAME, name.as_bytes());
-                w.write_all(&out).await?;
-                w.flush().await?;
-                export.size = r.read_u64().await?;
-                export.flags = r.read_u16().await?;
-                if !no_zeroes {
-                    let mut zeroes = [0u8; 124];
-                    r.read_exact(&mut zeroes).await?;
-                }
-                return Ok(export);
-            }
-            e if e & rep::ERR_BIT != 0 => {
-                return Err(ClientError::OptionRefused {
-                    option: opt::GO,
-                    reply: e,
-                    message: String::from_utf8_lossy(&data).into_owned(),
-                })
-            }
-            other => return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to GO"))),
-        }
-    }
-}
-
-async fn send_option(w: &mut Writer, option: u32, data: &[u8]) -> Result<()> {
-    let mut out = Vec::with_capacity(16 + data.len());
-    OptionHeader::encode(&mut out, option, data);
-    w.write_all(&out).await?;
-    w.flush().await?;
-    Ok(())
-}
-
-async fn read_option_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> Result<(OptionReplyHeader, Vec<u8>)> {
-    let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
-    r.read_exact(&mut head).await?;
-    let h = OptionReplyHeader::parse(&head)?;
-    if h.option != option {
-        return Err(ClientError::Protocol(format!("reply for option {} while waiting for {option}", h.option)));
-    }
-    if h.length > MAX_OPTION_REPLY {
-        return Err(ClientError::Protocol(format!("option reply of {} bytes", h.length)));
-    }
-    let mut data = vec![0u8; h.length as usize];
-    r.read_exact(&mut data).await?;
-    Ok((h, data))
-}
-
-/// Send an option without data; true on ACK, false on an error reply.
-async fn simple_option<R: AsyncRead + Unpin>(r: &mut R, w: &mut Writer, option: u32) -> Result<bool> {
-    send_option(w, option, &[]).await?;
-    let (h, _) = read_option_reply(r, option).await?;
-    Ok(h.reply == rep::ACK)
-}
-
-fn take_pending(inner: &Inner, cookie: u64) -> Option<Pending> {
-    inner.pending.lock().ok()?.map.remove(&cookie)
-}
-
-fn fail_all(inner: &Inner) {
-    if let Ok(mut p) = inner.pending.lock() {
-        p.closed = true;
-        for (_, pending) in p.map.drain() {
-            let _ = pending.reply.send(Err(ClientError::Closed));
-        }
-    }
-}
-
-async fn reader_loop<S: ReplySource>(mut r: S, inner: std::sync::Weak<Inner>) {
-    let result = read_replies(&mut r, &inner).await;
-    if let Err(e) = &result {
-        tracing::debug!(error = %e, "client reader stopped");
-    }
-    if let Some(inner) = inner.upgrade() {
-        fail_all(&inner);
-    }
-}
-
-async fn read_replies<S: ReplySource>(r: &mut S, weak: &std::sync::Weak<Inner>) -> Result<()> {
-    let mut head = [0u8; 32];
-    loop {
-        let Some(first) = head.get_mut(..4) else {
-            return Ok(());
-        };
-        match r.read_exact(first).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let len =
-            tx::reply_header_len(magic).ok_or_else(|| ClientError::Protocol(format!("bad reply magic {magic:#x}")))?;
-        if let Some(rest) = head.get_mut(4..len) {
-            r.read_exact(rest).await?;
-        }
-        let Some((header, _)) = tx::decode_reply_header(head.get(..len).unwrap_or_default())? else {
-            return Err(ClientError::Protocol("short reply header".into()));
-        };
-        let Some(inner) = weak.upgrade() else {
-            return Ok(());
-        };
-        match header {
-            ReplyHeader::Simple { cookie, error } => {
-                let mut p = take_pending(&inner, cookie)
-                    .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {cookie}")))?;
-                if error != 0 {
-                    let _ = p.reply.send(Err(ClientError::Request { error, message: String::new() }));
-                    continue;
-                }
-                let is_read = matches!(p.expect, Expect::Read { .. } | Expect::Pieces { .. });
-                if is_read && inner.structured {
-                    return Err(ClientError::Protocol("simple reply to a read with structured replies".into()));
-                }
-                match &mut p.expect {
-                    Expect::Read { buf, .. } => {
-                        r.read_exact(buf).await?;
-                    }
-                    Expect::Pieces { length, pieces, covered, .. } => {
-                        let mut got = Vec::new();
-                        r.read_owned(*length as usize, &mut got).await?;
-                        place_pieces(pieces, 0, got);
-                        *covered = *length;
-                    }
-                    _ => {}
-                }
-                let _ = p.reply.send(Ok(p.expect));
-            }
-            ReplyHeader::Chunk { flags, kind, cookie, length } => {
-                let mut p = take_pending(&inner, cookie)
-                    .ok_or_else(|| ClientError::Protocol(format!("chunk for unknown cookie {cookie}")))?;
-                let body = reply::chunk_body(kind, length, &p.expect.asked())?;
-                apply_chunk(r, &mut p, kind, body).await?;
-                if flags & reply_flags::DONE != 0 {
-                    let result = match (p.error.take(), p.expect.uncovered()) {
-                        (Some(e), _) => Err(e),
-                        (None, Some((covered, length))) => {
-                            return Err(ClientError::Protocol(format!(
-                                "read reply covered {covered} of {length} bytes"
-                            )));
-                        }
-                        (None, None) => Ok(p.expect),
-                    };
-                    let _ = p.reply.send(result);
-                } else if let Ok(mut table) = inner.pending.lock() {
-                    table.map.insert(cookie, p);
-                }
-            }
-        }
-    }
-}
-
-/// Pieces are kept, not written into place: chunks that together claim more than the read are
-/// refused before they are read, so what a server sends for one read never exceeds what it
-/// asked for.
-fn check_tiling(covered: u64, more: u64, length: u64) -> Result<()> {
-    match covered.checked_add(more) {
-        Some(total) if total <= length => Ok(()),
-        _ => Err(ClientError::Protocol("read reply chunks overlap: more bytes than were read".into())),
-    }
-}
-
-/// Record `got`, the pieces of a data run that starts at byte `start` of the read.
-fn place_pieces(pieces: &mut Vec<(usize, Bytes)>, start: usize, got: Vec<Bytes>) {
-    let mut at = start;
-    for piece in got {
-        let len = piece.len();
-        pieces.push((at, piece));
-        at += len;
-    }
-}
-
-/// Consume one chunk's payload as `body` (already judged against the request) into `p`.
-async fn apply_chunk<S: ReplySource>(r: &mut S, p: &mut Pending, kind: u16, body: ChunkBody) -> Result<()> {
-    match (body, &mut p.expect) {
-        (ChunkBody::Empty, _) => Ok(()),
-        (ChunkBody::Data { data }, Expect::Read { offset, buf, covered }) => {
-            let at = r.read_u64().await?;
-            let range = reply::place(at, data, *offset, buf.len() as u64)?;
-            let dst = buf.get_mut(range).ok_or_else(|| ClientError::Protocol("data chunk range".into()))?;
-            r.read_exact(dst).await?;
-            *covered += data;
-            Ok(())
-        }
-        (ChunkBody::Data { data }, Expect::Pieces { offset, length, pieces, covered }) => {
-            let at = r.read_u64().await?;
-            let range = reply::place(at, data, *offset, *length)?;
-            check_tiling(*covered, data, *length)?;
-            let mut got = Vec::new();
-            r.read_owned(range.len(), &mut got).await?;
-            place_pieces(pieces, range.start, got);
-            *covered += data;
-            Ok(())
-        }
-        (ChunkBody::Hole, Expect::Pieces { offset, length, pieces, covered }) => {
-            let mut payload = [0u8; 12];
-            r.read_exact(&mut payload).await?;
-            let (at, n) = reply::parse_offset_hole(&payload)?;
-            let range = reply::place(at, u64::from(n), *offset, *length)?;
-            check_tiling(*covered, u64::from(n), *length)?;
-            pieces.push((range.start, Bytes::from(vec![0u8; range.len()])));
-            *covered += u64::from(n);
-            Ok(())
-        }
-        (ChunkBody::Hole, Expect::Read { offset, buf, covered }) => {
-            let mut payload = [0u8; 12];
-            r.read_exact(&mut payload).await?;
-            let (at, n) = reply::parse_offset_hole(&payload)?;
-            let range = reply::place(at, u64::from(n), *offset, buf.len() as u64)?;
-            if let Some(dst) = buf.get_mut(range) {
-                dst.fill(0);
-            }
-            *covered += u64::from(n);
-            Ok(())
-        }
-        (ChunkBody::Status { length, extended }, Expect::Status { context, extents }) => {
-            let mut payload = vec![0u8; length];
-            r.read_exact(&mut payload).await?;
-            let (id, got) = tx::parse_block_status(&payload, extended)?;
-            // With several contexts selected the server answers one chunk per context.
-            if id == *context {
-                extents.extend(got);
-            }
-            Ok(())
-        }
-        (ChunkBody::Error { length }, _) => {
-            let mut payload = vec![0u8; length];
-            r.read_exact(&mut payload).await?;
-            let e = reply::parse_error_chunk(kind, &payload)?;
-            p.error.get_or_insert(ClientError::Request { error: e.error, message: e.message });
-            Ok(())
-        }
-        _ => Err(ClientError::Protocol(format!("chunk type {kind} does not answer this request"))),
     }
 }
 

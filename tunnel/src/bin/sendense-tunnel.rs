@@ -17,6 +17,11 @@ use clap::{Parser, Subcommand};
 use tunnel::endpoint::{EndpointConfig, PortSet};
 use tunnel::{spec, ClientConfig, HostKeyPolicy, Tunnel};
 
+/// mimalloc, not glibc's malloc, as in `sendense-node` and `sendense-hub`: the SSH messages
+/// come and go by the megabyte.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// SSH port forwarding for the data path.
 #[derive(Debug, Parser)]
 #[command(name = "sendense-tunnel", version, about)]
