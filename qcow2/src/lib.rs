@@ -34,6 +34,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod compress;
+mod create;
 pub mod error;
 pub mod header;
 pub mod image;
@@ -44,9 +45,10 @@ mod refcount;
 mod repair;
 mod write;
 
+pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};
-pub use image::{BackingFormat, CreateOptions, ExtentKind, Image, ImageOptions, MapExtent};
+pub use image::{BackingFormat, ExtentKind, Image, ImageOptions, MapExtent};
 pub use layout::Mapping;
 pub use plan::{Piece, ReadPiece, ReadSource, WritePlan};
 pub use repair::CheckReport;
