@@ -8,6 +8,7 @@
 //! committed map, so a target written in place (a replica) gets them again next time.
 //!
 //! Policy (which base a disk is copied against, and why) is the pure function [`choose_base`].
+//! Restore jobs are `restore`, the snapshot hooks `hooks`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -16,20 +17,23 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{BackupType, CopyMode, DiskStatus, JobStatus, JobView, RestoreRequest, StartRequest};
+use crate::api::{BackupType, CopyMode, DiskStatus, JobStatus, JobView, StartRequest};
 use crate::blockmap::{BlockMap, UNKNOWN};
 use crate::config::{valid_name, Settings, Vm};
 use crate::error::MoveError;
 use crate::mover::{self, Base, Progress, WrittenSet};
 use crate::pool::{Endpoint, NbdPool, ThroughTunnel};
-use crate::sink::{FileSink, Sink};
+use crate::sink::Sink;
 use crate::source::Source;
 use crate::targets::{self, Target};
 
+mod hooks;
+mod restore;
+
+use hooks::run_hook;
+
 /// Finished jobs kept for status queries.
 const KEEP_FINISHED: usize = 256;
-/// Longest a hook may run.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A refused request, with the HTTP status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -650,128 +654,6 @@ impl Jobs {
         job.cancel.cancel();
         Ok(job)
     }
-
-    /// Start a restore: the hub's exports back into files under the restore directory or onto
-    /// the VMs' own disk paths.
-    ///
-    /// # Errors
-    /// Bad input (400) or a job id in use (409).
-    pub fn start_restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Arc<Job>, JobError> {
-        if !valid_name(&req.job_id) {
-            return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
-        }
-        let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let mut plan = Vec::new();
-        for t in &targets {
-            let dest = req
-                .destinations
-                .get(&t.key.to_string())
-                .ok_or_else(|| JobError::BadRequest(format!("no destination for disk {}", t.key)))?;
-            let dest = self.allowed_destination(dest)?;
-            plan.push((t.key, self.dial_endpoint(t, None)?, dest));
-        }
-        if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
-            return Err(JobError::BadRequest(format!("destination for disk {extra} has no target")));
-        }
-        let disks = plan.iter().map(|(key, _, _)| DiskJob::new(*key, CopyMode::Full)).collect();
-        let job = Arc::new(Job {
-            id: req.job_id.clone(),
-            kind: JobKind::Restore,
-            vm_name: String::new(),
-            cancel: CancellationToken::new(),
-            state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
-            disks,
-        });
-        self.register(Arc::clone(&job), None)?;
-        let jobs = Arc::clone(self);
-        let run_job = Arc::clone(&job);
-        tokio::spawn(async move {
-            let mut error = None;
-            for (index, (_, endpoint, dest)) in plan.into_iter().enumerate() {
-                if let Err(e) = jobs.restore_one(&run_job, index, endpoint, &dest).await {
-                    error = Some(e);
-                    break;
-                }
-            }
-            let status = match &error {
-                _ if run_job.cancel.is_cancelled() => JobStatus::Cancelled,
-                None => JobStatus::Completed,
-                Some(_) => JobStatus::Failed,
-            };
-            run_job.finish(status, error);
-            jobs.release(&run_job);
-        });
-        Ok(job)
-    }
-
-    async fn restore_one(&self, job: &Job, index: usize, endpoint: Endpoint, dest: &Path) -> Result<(), String> {
-        let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
-        set_disk(dj, "running", None, None);
-        let fail = |e: MoveError| {
-            set_disk(
-                dj,
-                if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" },
-                None,
-                Some(e.to_string()),
-            );
-            format!("disk {}: {e}", dj.key)
-        };
-        let opts = &self.settings.copy;
-        let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
-            .await
-            .map_err(fail)?;
-        let (sink, zeroed) = FileSink::create(dest, source.size()).map_err(fail)?;
-        let base = if zeroed { Base::Zero } else { Base::Unknown };
-        let source = Arc::new(source);
-        let result = mover::copy_disk(
-            Arc::clone(&source),
-            Arc::new(Sink::File(sink)),
-            base,
-            opts,
-            Arc::clone(&dj.progress),
-            Arc::default(),
-            job.cancel.clone(),
-        )
-        .await;
-        source.close().await;
-        let outcome = result.map_err(fail)?;
-        set_disk(dj, "completed", outcome.checksum, None);
-        if let Ok(mut s) = dj.state.lock() {
-            s.reconnects = outcome.reconnects;
-        }
-        Ok(())
-    }
-
-    /// A restore may write a VM's own disk path or a file inside the restore directory, nothing
-    /// else: the API must not become a way to overwrite any file on the node.
-    fn allowed_destination(&self, dest: &str) -> Result<PathBuf, JobError> {
-        let path = PathBuf::from(dest);
-        let is_vm_disk = self
-            .settings
-            .vms
-            .iter()
-            .flat_map(|v| &v.disks)
-            .any(|d| matches!(&d.source, crate::source::SourceSpec::Path(p) if *p == path));
-        if is_vm_disk {
-            return Ok(path);
-        }
-        let refuse = || {
-            JobError::BadRequest(format!(
-                "destination {dest} is neither a configured VM disk nor a plain file name inside the restore directory"
-            ))
-        };
-        let dir = self.settings.restore_dir.as_ref().ok_or_else(refuse)?;
-        let rel = path.strip_prefix(dir).map_err(|_| refuse())?;
-        let mut parts = rel.components();
-        match (parts.next(), parts.next()) {
-            (Some(std::path::Component::Normal(name)), None) if valid_name(&name.to_string_lossy()) => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| JobError::BadRequest(format!("restore directory {}: {e}", dir.display())))?;
-                Ok(dir.join(name))
-            }
-            _ => Err(refuse()),
-        }
-    }
 }
 
 fn set_disk(d: &DiskJob, status: &'static str, checksum: Option<String>, error: Option<String>) {
@@ -824,36 +706,6 @@ fn remove_pending_maps(dir: &Path) {
 
 fn sync_dir(file: &Path) -> std::io::Result<()> {
     std::fs::File::open(file.parent().unwrap_or(Path::new(".")))?.sync_all()
-}
-
-/// Run a hook with `sh -c`; its environment says which VM, job and phase.
-async fn run_hook(cmd: &str, phase: &str, vm: &Vm, job_id: &str, cancel: &CancellationToken) -> Result<(), String> {
-    tracing::info!(vm = %vm.name, job = job_id, phase, "running hook");
-    let child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .env("SENDENSE_VM", &vm.name)
-        .env("SENDENSE_JOB_ID", job_id)
-        .env("SENDENSE_PHASE", phase)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("{phase}-snapshot hook could not start: {e}"))?;
-    let out = tokio::select! {
-        _ = cancel.cancelled() => return Err(format!("{phase}-snapshot hook cancelled")),
-        r = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output()) => r,
-    };
-    let out = out
-        .map_err(|_| format!("{phase}-snapshot hook ran longer than {} s", HOOK_TIMEOUT.as_secs()))?
-        .map_err(|e| format!("{phase}-snapshot hook: {e}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: String = stderr.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
-    Err(format!("{phase}-snapshot hook failed ({}): {tail}", out.status))
 }
 
 /// How a copy job's run ended when it did not complete.

@@ -1,0 +1,143 @@
+//! Restore jobs: each disk of a backup read from the hub's read-only export and written into a
+//! file on the node, one disk after another, checked by the same checksum the backup recorded.
+//! A destination is a configured VM disk or a plain file name inside the restore directory,
+//! nothing else: the API must not become a way to overwrite any file on the node.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{set_disk, DiskJob, Job, JobError, JobKind, JobState, Jobs};
+use crate::api::{CopyMode, JobStatus, RestoreRequest};
+use crate::config::valid_name;
+use crate::error::MoveError;
+use crate::mover::{self, Base};
+use crate::pool::Endpoint;
+use crate::sink::{FileSink, Sink};
+use crate::source::Source;
+use crate::targets;
+
+impl Jobs {
+    /// Start a restore: the hub's exports back into files under the restore directory or onto
+    /// the VMs' own disk paths.
+    ///
+    /// # Errors
+    /// Bad input (400) or a job id in use (409).
+    pub fn start_restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Arc<Job>, JobError> {
+        if !valid_name(&req.job_id) {
+            return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
+        }
+        let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
+        let mut plan = Vec::new();
+        for t in &targets {
+            let dest = req
+                .destinations
+                .get(&t.key.to_string())
+                .ok_or_else(|| JobError::BadRequest(format!("no destination for disk {}", t.key)))?;
+            let dest = self.allowed_destination(dest)?;
+            plan.push((t.key, self.dial_endpoint(t, None)?, dest));
+        }
+        if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
+            return Err(JobError::BadRequest(format!("destination for disk {extra} has no target")));
+        }
+        let disks = plan.iter().map(|(key, _, _)| DiskJob::new(*key, CopyMode::Full)).collect();
+        let job = Arc::new(Job {
+            id: req.job_id.clone(),
+            kind: JobKind::Restore,
+            vm_name: String::new(),
+            cancel: CancellationToken::new(),
+            state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
+            disks,
+        });
+        self.register(Arc::clone(&job), None)?;
+        let jobs = Arc::clone(self);
+        let run_job = Arc::clone(&job);
+        tokio::spawn(async move {
+            let mut error = None;
+            for (index, (_, endpoint, dest)) in plan.into_iter().enumerate() {
+                if let Err(e) = jobs.restore_one(&run_job, index, endpoint, &dest).await {
+                    error = Some(e);
+                    break;
+                }
+            }
+            let status = match &error {
+                _ if run_job.cancel.is_cancelled() => JobStatus::Cancelled,
+                None => JobStatus::Completed,
+                Some(_) => JobStatus::Failed,
+            };
+            run_job.finish(status, error);
+            jobs.release(&run_job);
+        });
+        Ok(job)
+    }
+
+    async fn restore_one(&self, job: &Job, index: usize, endpoint: Endpoint, dest: &Path) -> Result<(), String> {
+        let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
+        set_disk(dj, "running", None, None);
+        let fail = |e: MoveError| {
+            set_disk(
+                dj,
+                if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" },
+                None,
+                Some(e.to_string()),
+            );
+            format!("disk {}: {e}", dj.key)
+        };
+        let opts = &self.settings.copy;
+        let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
+            .await
+            .map_err(fail)?;
+        let (sink, zeroed) = FileSink::create(dest, source.size()).map_err(fail)?;
+        let base = if zeroed { Base::Zero } else { Base::Unknown };
+        let source = Arc::new(source);
+        let result = mover::copy_disk(
+            Arc::clone(&source),
+            Arc::new(Sink::File(sink)),
+            base,
+            opts,
+            Arc::clone(&dj.progress),
+            Arc::default(),
+            job.cancel.clone(),
+        )
+        .await;
+        source.close().await;
+        let outcome = result.map_err(fail)?;
+        set_disk(dj, "completed", outcome.checksum, None);
+        if let Ok(mut s) = dj.state.lock() {
+            s.reconnects = outcome.reconnects;
+        }
+        Ok(())
+    }
+
+    /// A restore may write a VM's own disk path or a file inside the restore directory, nothing
+    /// else: the API must not become a way to overwrite any file on the node.
+    fn allowed_destination(&self, dest: &str) -> Result<PathBuf, JobError> {
+        let path = PathBuf::from(dest);
+        let is_vm_disk = self
+            .settings
+            .vms
+            .iter()
+            .flat_map(|v| &v.disks)
+            .any(|d| matches!(&d.source, crate::source::SourceSpec::Path(p) if *p == path));
+        if is_vm_disk {
+            return Ok(path);
+        }
+        let refuse = || {
+            JobError::BadRequest(format!(
+                "destination {dest} is neither a configured VM disk nor a plain file name inside the restore directory"
+            ))
+        };
+        let dir = self.settings.restore_dir.as_ref().ok_or_else(refuse)?;
+        let rel = path.strip_prefix(dir).map_err(|_| refuse())?;
+        let mut parts = rel.components();
+        match (parts.next(), parts.next()) {
+            (Some(std::path::Component::Normal(name)), None) if valid_name(&name.to_string_lossy()) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| JobError::BadRequest(format!("restore directory {}: {e}", dir.display())))?;
+                Ok(dir.join(name))
+            }
+            _ => Err(refuse()),
+        }
+    }
+}
