@@ -9,12 +9,13 @@
 //! `copy_bidirectional` (half-close propagates). A service in the same process can open such a
 //! channel without the local TCP hop ([`Tunnel::dialer`], module [`crate::dial`]). Everything a
 //! node's API wants to show is in [`Status`].
+//! What russh asks of the client for each connection (host key, reverse-forwarded channels)
+//! is `handler`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use russh::client::ChannelOpenHandle;
 use russh::client::{self, Handle, Msg};
 use russh::keys::PrivateKeyWithHashAlg;
 use russh::Channel;
@@ -23,6 +24,10 @@ use tokio::sync::watch;
 
 use crate::hostkey::{self, HostKeyPolicy};
 use crate::spec::{LocalForward, ReverseForward};
+
+mod handler;
+
+pub(crate) use handler::HubHandler;
 
 /// Copy buffer per direction of a forwarded connection. tokio's default (8 KiB) turns every
 /// read into a small SSH packet; 64 KiB fills the channel's maximum packet size.
@@ -361,173 +366,8 @@ impl Tunnel {
     }
 }
 
-/// The client side of one SSH connection: host key check and reverse-forwarded channels.
-pub(crate) struct HubHandler {
-    policy: HostKeyPolicy,
-    host: String,
-    port: u16,
-    reverse: Arc<Vec<ReverseForward>>,
-    key_error: Arc<Mutex<Option<hostkey::HostKeyError>>>,
-    shared: Arc<Shared>,
-}
-
-impl HubHandler {
-    /// Disconnect a hub that sent more channel data in one packet than we advertised (see
-    /// [`crate::limits`]).
-    fn within_packet(&self, channel: russh::ChannelId, len: usize) -> Result<(), russh::Error> {
-        if crate::limits::packet_within(len, crate::limits::CLIENT_MAX_PACKET) {
-            return Ok(());
-        }
-        tracing::warn!(hub = %self.host, ?channel, len, "disconnecting: channel data larger than the advertised maximum packet");
-        Err(russh::Error::PacketSize(len))
-    }
-}
-
-impl client::Handler for HubHandler {
-    type Error = russh::Error;
-
-    async fn data(
-        &mut self,
-        channel: russh::ChannelId,
-        data: &[u8],
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.within_packet(channel, data.len())
-    }
-
-    async fn extended_data(
-        &mut self,
-        channel: russh::ChannelId,
-        _code: u32,
-        data: &[u8],
-        _: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.within_packet(channel, data.len())
-    }
-
-    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            return Ok(false);
-        };
-        match hostkey::verify(&self.policy, &self.host, self.port, key) {
-            Ok(()) => Ok(true),
-            Err(e) => {
-                if let Ok(mut slot) = self.key_error.lock() {
-                    *slot = Some(e);
-                }
-                Ok(false)
-            }
-        }
-    }
-
-    async fn server_channel_open_forwarded_tcpip(
-        &mut self,
-        channel: Channel<Msg>,
-        connected_address: &str,
-        connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        let Some(target) = self.reverse.iter().find(|r| u32::from(r.remote_port) == connected_port).map(|r| r.local)
-        else {
-            tracing::warn!(%connected_address, connected_port, "hub opened a reverse channel we did not ask for; refusing");
-            return Ok(()); // dropping `reply` rejects
-        };
-        let shared = Arc::clone(&self.shared);
-        // Never wait on a connect inside the handler: it would stall the whole session.
-        tokio::spawn(async move {
-            match TcpStream::connect(target).await {
-                Ok(tcp) => {
-                    reply.accept().await;
-                    let _ = tcp.set_nodelay(true);
-                    pump(tcp, channel, &shared).await;
-                }
-                Err(e) => tracing::warn!(%target, error = %e, "reverse forward target unreachable"),
-            }
-        });
-        Ok(())
-    }
-
-    // Channels the hub may try to open on its own. russh accepts them by default; a node asks
-    // for nothing but its reverse forwards, so every one of them is refused.
-    async fn server_channel_open_session(
-        &mut self,
-        _channel: Channel<Msg>,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "session").await;
-        Ok(())
-    }
-
-    async fn server_channel_open_direct_tcpip(
-        &mut self,
-        _channel: Channel<Msg>,
-        _host_to_connect: &str,
-        _port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "direct-tcpip").await;
-        Ok(())
-    }
-
-    async fn server_channel_open_x11(
-        &mut self,
-        _channel: Channel<Msg>,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "x11").await;
-        Ok(())
-    }
-
-    async fn server_channel_open_agent_forward(
-        &mut self,
-        _channel: Channel<Msg>,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "agent").await;
-        Ok(())
-    }
-
-    async fn server_channel_open_forwarded_streamlocal(
-        &mut self,
-        _channel: Channel<Msg>,
-        _socket_path: &str,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "forwarded-streamlocal").await;
-        Ok(())
-    }
-
-    async fn server_channel_open_direct_streamlocal(
-        &mut self,
-        _channel: Channel<Msg>,
-        _socket_path: &str,
-        reply: ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        refuse(reply, "direct-streamlocal").await;
-        Ok(())
-    }
-}
-
-async fn refuse(reply: ChannelOpenHandle, kind: &str) {
-    tracing::warn!(kind, "the hub opened a channel a node never accepts; refused");
-    reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await;
-}
-
 /// Copy both ways between a TCP connection and a channel, counting bytes.
-async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, shared: &Shared) {
+pub(crate) async fn pump(mut tcp: TcpStream, channel: Channel<Msg>, shared: &Shared) {
     shared.open.fetch_add(1, Ordering::Relaxed);
     let mut stop = shared.stop.subscribe();
     let mut stream = channel.into_stream();
