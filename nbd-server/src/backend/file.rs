@@ -118,9 +118,14 @@ impl FileBackend {
     /// The open or size query failed (missing file, permissions, not seekable).
     pub fn open(path: &Path, read_only: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let in_memory = in_memory(&file);
         let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
-        Ok(Self {
+        Ok(Self::over(file, size, read_only))
+    }
+
+    /// A backend over `file` of `size` bytes, buffered, on the runtime's threads.
+    fn over(file: File, size: u64, read_only: bool) -> Self {
+        let in_memory = in_memory(&file);
+        Self {
             file: Arc::new(file),
             size,
             read_only,
@@ -130,7 +135,7 @@ impl FileBackend {
             uring: None,
             no_nowait: Arc::default(),
             in_memory,
-        })
+        }
     }
 
     /// Open `path` for `--cache=none`: as [`FileBackend::open`], plus an `O_DIRECT` descriptor
@@ -208,19 +213,8 @@ impl FileBackend {
     /// Creating or sizing the file failed.
     pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        let in_memory = in_memory(&file);
         file.set_len(size)?;
-        Ok(Self {
-            file: Arc::new(file),
-            size,
-            read_only: false,
-            known_data: Arc::default(),
-            write_gate: Default::default(),
-            direct: None,
-            uring: None,
-            no_nowait: Arc::default(),
-            in_memory,
-        })
+        Ok(Self::over(file, size, false))
     }
 
     async fn blocking<T: Send + 'static>(

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::proto::consts::{cmd_flags, BASE_ALLOCATION};
+use crate::proto::consts::{cmd_flags, transmission_flags, BASE_ALLOCATION};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, Request};
 
 mod negotiate;
@@ -553,14 +553,7 @@ impl Client {
     /// # Errors
     /// Unsupported by the export, a flag it does not take, out of range, or failed.
     pub async fn trim_with(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
-        if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_TRIM == 0 {
-            return Err(ClientError::Unsupported("trim"));
-        }
-        self.check_range(offset, length)?;
-        let wire = self.wire_flags(Command::Trim, flags)?;
-        self.submit(request(Command::Trim, wire, offset, length), Payload::Borrowed(&[]), Expect::Simple)
-            .await
-            .map(drop)
+        self.range_command(Command::Trim, transmission_flags::SEND_TRIM, "trim", offset, length, flags).await
     }
 
     /// Zero a range; `no_hole` keeps it allocated.
@@ -579,14 +572,27 @@ impl Client {
     /// # Errors
     /// Unsupported by the export, a flag it does not take, out of range, or failed.
     pub async fn zero(&self, offset: u64, length: u64, flags: CommandFlags) -> Result<()> {
-        if self.inner.info.flags & crate::proto::consts::transmission_flags::SEND_WRITE_ZEROES == 0 {
-            return Err(ClientError::Unsupported("write zeroes"));
+        let advertised = transmission_flags::SEND_WRITE_ZEROES;
+        self.range_command(Command::WriteZeroes, advertised, "write zeroes", offset, length, flags).await
+    }
+
+    /// A command on a range with no payload and a simple answer, if the export advertised it
+    /// (`advertised`, a transmission flag).
+    async fn range_command(
+        &self,
+        command: Command,
+        advertised: u16,
+        what: &'static str,
+        offset: u64,
+        length: u64,
+        flags: CommandFlags,
+    ) -> Result<()> {
+        if self.inner.info.flags & advertised == 0 {
+            return Err(ClientError::Unsupported(what));
         }
         self.check_range(offset, length)?;
-        let wire = self.wire_flags(Command::WriteZeroes, flags)?;
-        self.submit(request(Command::WriteZeroes, wire, offset, length), Payload::Borrowed(&[]), Expect::Simple)
-            .await
-            .map(drop)
+        let wire = self.wire_flags(command, flags)?;
+        self.submit(request(command, wire, offset, length), Payload::Borrowed(&[]), Expect::Simple).await.map(drop)
     }
 
     /// Whether the server granted the metadata context `name`.

@@ -239,42 +239,47 @@ impl Server {
 
     /// Accept TCP connections with the given scope until shutdown.
     pub async fn serve_tcp(&self, listener: TcpListener, scope: Scope) {
-        let scope = Arc::new(scope);
-        loop {
-            let Some(permit) = self.client_permit().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = self.shared.shutdown.cancelled() => return,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (r, w) = stream.into_split();
-                    self.spawn_connection(r, w, peer.to_string(), Arc::clone(&scope), permit);
-                }
-                Err(e) => self.accept_failed(e).await,
-            }
-        }
+        let listener = &listener;
+        self.accept_until_shutdown(scope, move || async move {
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let (r, w) = stream.into_split();
+            Ok((r, w, peer.to_string()))
+        })
+        .await;
     }
 
     /// Accept Unix-socket connections with the given scope until shutdown.
     pub async fn serve_unix(&self, listener: UnixListener, scope: Scope) {
+        let listener = &listener;
+        self.accept_until_shutdown(scope, move || async move {
+            let (stream, _) = listener.accept().await?;
+            let (r, w) = stream.into_split();
+            Ok((r, w, "unix".to_string()))
+        })
+        .await;
+    }
+
+    /// Take a client slot, then the next connection `accept` gives (its halves and its peer's
+    /// name), and serve it; until shutdown.
+    async fn accept_until_shutdown<R, W, F, A>(&self, scope: Scope, mut accept: F)
+    where
+        R: connection::RequestReader,
+        W: connection::ReplyWriter,
+        F: FnMut() -> A,
+        A: std::future::Future<Output = std::io::Result<(R, W, String)>>,
+    {
         let scope = Arc::new(scope);
         loop {
             let Some(permit) = self.client_permit().await else {
                 return;
             };
             let accepted = tokio::select! {
-                a = listener.accept() => a,
+                a = accept() => a,
                 _ = self.shared.shutdown.cancelled() => return,
             };
             match accepted {
-                Ok((stream, _)) => {
-                    let (r, w) = stream.into_split();
-                    self.spawn_connection(r, w, "unix".to_string(), Arc::clone(&scope), permit);
-                }
+                Ok((r, w, peer)) => self.spawn_connection(r, w, peer, Arc::clone(&scope), permit),
                 Err(e) => self.accept_failed(e).await,
             }
         }
