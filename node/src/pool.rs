@@ -6,7 +6,11 @@
 //! be made, for up to `retry_window` after the first failure; writes are idempotent, so a retry
 //! can never corrupt. A request the server answered with an error (ENOSPC, EIO, EINVAL) is not a
 //! transport failure and is never retried. Concurrent workers that see the same broken
-//! connection reconnect it once: each slot carries a generation number.
+//! connection reconnect it once: each slot carries a generation number. Making the connections
+//! in the first place is retried the same way when the transport breaks during the handshake
+//! (a hub or tunnel too busy to finish it within the server's handshake timeout: seen once in CI
+//! with twenty VMs backed up at once through one tunnel on a 2-vCPU host); a refused connection
+//! or an export the server does not know fails at once.
 //!
 //! A connection through the node's own tunnel hands its write payloads to the channel as they
 //! are (`Client::write_bytes` with the stream's [`tunnel::dial::ChannelSender`]), without the
@@ -83,29 +87,37 @@ pub struct NbdPool {
 }
 
 impl NbdPool {
-    /// Open `connections` connections (at least one).
+    /// Open `connections` connections (at least one). A connection the transport breaks while
+    /// it is being made (the server hung up during the handshake, a handshake that timed out:
+    /// a hub or tunnel too busy to answer in time) is made again: the first one within the
+    /// retry window, the others when first used (their slots start empty).
     ///
     /// # Errors
-    /// The first connection cannot be made or negotiated (a wrong port or export name is a
-    /// configuration error, not something to wait out).
+    /// The first connection cannot be made within the window, or is refused for good (a wrong
+    /// port or export name is a configuration error, not something to wait out); or the copy
+    /// was cancelled.
     pub async fn connect(
         endpoint: Endpoint,
         connections: usize,
         retry_window: Duration,
         cancel: CancellationToken,
     ) -> Result<Self, MoveError> {
-        let first =
-            dial(&endpoint).await.map_err(|source| MoveError::Unreachable { target: endpoint.to_string(), source })?;
+        let first = dial_within(&endpoint, retry_window, &cancel).await?;
         let info = first.info().clone();
         // Only open more connections when the export says they are coherent.
         let multi = info.flags & nbd_server::proto::consts::transmission_flags::CAN_MULTI_CONN != 0;
         let wanted = if multi { connections.max(1) } else { 1 };
         let mut slots = vec![Mutex::new(Slot { generation: 0, client: Some(first) })];
         for _ in 1..wanted {
-            let c = dial(&endpoint)
-                .await
-                .map_err(|source| MoveError::Unreachable { target: endpoint.to_string(), source })?;
-            slots.push(Mutex::new(Slot { generation: 0, client: Some(c) }));
+            let client = match dial(&endpoint).await {
+                Ok(c) => Some(c),
+                Err(e) if is_transient(&e) => {
+                    tracing::warn!(target = %endpoint, error = %e, "connection not made; made again when first used");
+                    None
+                }
+                Err(source) => return Err(MoveError::Unreachable { target: endpoint.to_string(), source }),
+            };
+            slots.push(Mutex::new(Slot { generation: 0, client }));
         }
         Ok(Self { endpoint, info, slots, retry_window, cancel, reconnects: Default::default() })
     }
@@ -256,6 +268,39 @@ impl NbdPool {
     }
 }
 
+/// A failure of the transport while a connection was being made, which another attempt may not
+/// meet: the peer hung up or reset, the handshake timed out. A refused connection (nothing
+/// listens there, the hub refused the channel) and an answer the server gave (unknown export,
+/// a broken protocol) are not.
+fn is_transient(e: &ClientError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        ClientError::Io(io) => !matches!(io.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound),
+        ClientError::Closed | ClientError::TimedOut(_) => true,
+        _ => false,
+    }
+}
+
+/// [`dial`], again after transient failures ([`is_transient`]) until `window` has passed.
+async fn dial_within(endpoint: &Endpoint, window: Duration, cancel: &CancellationToken) -> Result<Client, MoveError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match dial(endpoint).await {
+            Ok(client) => return Ok(client),
+            Err(e) if is_transient(&e) && started.elapsed() < window => {
+                tracing::warn!(target = %endpoint, error = %e, "connection not made; trying again");
+            }
+            Err(source) => return Err(MoveError::Unreachable { target: endpoint.to_string(), source }),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(MoveError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
     let mut options = ClientOptions::new(endpoint.export.clone()).request_timeout(REQUEST_TIMEOUT);
     options.meta_contexts = endpoint.meta_contexts.clone();
@@ -324,4 +369,84 @@ impl ReceiveBytes for ChannelReplies {
 
 fn timed_out(what: &'static str) -> ClientError {
     ClientError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    /// An NBD server in process behind a gate that hangs up on the connections it accepts `n`th
+    /// for each `n` in `drops` (counting from 0) as soon as it accepts them (a server gone in the
+    /// middle of the handshake) and passes the others through. Counts what it accepted.
+    async fn gated_server(drops: &'static [usize]) -> (nbd_server::Server, u16, Arc<AtomicUsize>) {
+        let server = nbd_server::Server::new(nbd_server::ServerConfig::default());
+        let disk = Arc::new(nbd_server::MemoryBackend::new(1 << 20));
+        server.add_export(nbd_server::ExportConfig::new("d", disk).max_connections(8)).unwrap();
+        let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inner_port = inner.local_addr().unwrap().port();
+        let s = server.clone();
+        tokio::spawn(async move { s.serve(inner).await });
+        let gate = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = gate.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = gate.accept().await {
+                if drops.contains(&count.fetch_add(1, SeqCst)) {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", inner_port)).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        (server, port, accepted)
+    }
+
+    fn endpoint(port: u16, export: &str) -> Endpoint {
+        Endpoint { host: "127.0.0.1".into(), port, export: export.into(), meta_contexts: Vec::new(), via: None }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_the_server_hangs_up_on_while_they_are_made_are_made_again() {
+        // The first connection is hung up on once and made again; so is the second of the other
+        // three, which starts empty and is made when first used.
+        let (_server, port, accepted) = gated_server(&[0, 2]).await;
+        let window = Duration::from_secs(60);
+        let pool = NbdPool::connect(endpoint(port, "d"), 4, window, CancellationToken::new()).await.unwrap();
+        assert_eq!(pool.connections(), 4);
+        for i in 0..8usize {
+            let data = vec![i as u8 + 1; 4096];
+            let at = i as u64 * 4096;
+            pool.run(i, "write", at, |c| {
+                let data = data.clone();
+                async move { c.write(at, &data, false).await }
+            })
+            .await
+            .unwrap();
+            let back = pool.run(i, "read", at, |c| async move { c.read(at, 4096).await }).await.unwrap();
+            assert_eq!(back, data, "through connection {}", i % 4);
+        }
+        assert_eq!(accepted.load(SeqCst), 6, "two hung up on, four made");
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_connection_or_an_unknown_export_is_not_waited_out() {
+        let (_server, port, _) = gated_server(&[]).await;
+        let window = Duration::from_secs(120);
+        // Well inside the window: neither is tried again.
+        let quickly = Duration::from_secs(20);
+        let unknown = NbdPool::connect(endpoint(port, "nope"), 4, window, CancellationToken::new());
+        let unknown = tokio::time::timeout(quickly, unknown).await.expect("not waited out");
+        assert!(matches!(unknown, Err(MoveError::Unreachable { .. })), "unknown export");
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nothing = closed.local_addr().unwrap().port();
+        drop(closed);
+        let refused = NbdPool::connect(endpoint(nothing, "d"), 4, window, CancellationToken::new());
+        let refused = tokio::time::timeout(quickly, refused).await.expect("not waited out");
+        assert!(matches!(refused, Err(MoveError::Unreachable { .. })), "nothing listening");
+    }
 }
