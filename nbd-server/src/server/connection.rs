@@ -115,7 +115,13 @@ where
             let _ = writer.shutdown().await;
         }
         Err(e) => {
-            tracing::info!(%peer, error = %e, "handshake ended without transmission");
+            // A client that took the whole handshake timeout is worth an operator's look (a
+            // stalled peer or transport); the other endings are clients' own business.
+            if matches!(e, ConnError::HandshakeTimeout(_)) {
+                tracing::warn!(%peer, error = %e, "handshake ended without transmission");
+            } else {
+                tracing::info!(%peer, error = %e, "handshake ended without transmission");
+            }
             let _ = writer.shutdown().await;
         }
     }
