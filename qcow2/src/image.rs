@@ -242,10 +242,15 @@ pub struct Image {
     pub(crate) write_state: Option<Mutex<WriteState>>,
     /// The last compressed cluster decompressed: (host offset, contents).
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// [`Image::close`] succeeded and no write was asked for since: dropping has nothing to do.
+    pub(crate) closed: AtomicBool,
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         if let Err(e) = self.close() {
             tracing::error!(path = %self.path.display(), error = %e, "closing the image failed");
         }
@@ -379,6 +384,7 @@ impl Image {
             grown_to: AtomicU64::new(file_len),
             write_state: None,
             last_compressed: Mutex::new(None),
+            closed: AtomicBool::new(false),
         };
         if opts.writable {
             image.check_writable()?;

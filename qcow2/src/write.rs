@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
@@ -258,6 +259,10 @@ impl Image {
         if self.write_state.is_none() {
             return Err(Error::ReadOnly("the image was opened read-only"));
         }
+        // Written again after a close: dropping the image must close it again.
+        if self.closed.load(Ordering::Relaxed) {
+            self.closed.store(false, Ordering::Release);
+        }
         match offset.checked_add(length) {
             Some(end) if end <= self.geo.size => Ok(()),
             _ => Err(Error::OutOfRange { offset, length, size: self.geo.size }),
@@ -481,7 +486,10 @@ impl Image {
     }
 
     /// Flush and give back reserved but unused clusters, so `qemu-img check` finds no leaks.
-    /// Called on drop too; call it yourself to see its errors.
+    /// Called on drop too, unless it has run since the last write; call it yourself to see its
+    /// errors, or to choose the thread that waits for the disk (an async service calls it off
+    /// its runtime, then drops the image anywhere), once writes have stopped. The image stays
+    /// usable: a later write reserves clusters again, and the drop closes once more.
     ///
     /// # Errors
     /// I/O while releasing or syncing.
@@ -494,6 +502,8 @@ impl Image {
         let end = st.refcounts.end_of_clusters();
         drop(st);
         self.trim_grown_tail(end)?;
-        self.file().sync_all().map_err(Error::io("fsync", 0))
+        self.file().sync_all().map_err(Error::io("fsync", 0))?;
+        self.closed.store(true, Ordering::Release);
+        Ok(())
     }
 }

@@ -339,6 +339,34 @@ fn create_returns_the_image_open_for_writing() {
 }
 
 #[test]
+fn an_image_written_after_close_is_closed_again_when_dropped() {
+    require("qemu-img");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("reopened.qcow2");
+    Image::create(&path, &CreateOptions::new(64 << 20)).unwrap();
+    // Direct writes grow the file ahead of them; only a close gives that space back, so the
+    // file's length shows whether the drop closed the image.
+    let img = Image::open_with(&path, &ImageOptions::read_write().direct_io(true)).unwrap();
+    let first: Vec<u8> = (0..2u32 << 20).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+    let second: Vec<u8> = first.iter().map(|b| b.wrapping_add(7)).collect();
+    img.write_at(&first, 0).unwrap();
+    img.close().unwrap();
+    img.write_at(&second, 32 << 20).unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() >= 8 << 20, "grown ahead again after the close");
+    drop(img);
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(len < 6 << 20, "the drop gave the space grown ahead back ({len} bytes)");
+    check_clean(&path);
+    let raw = dir.path().join("reopened.raw");
+    let mut want = first.clone();
+    want.resize(32 << 20, 0);
+    want.extend_from_slice(&second);
+    want.resize(64 << 20, 0);
+    std::fs::write(&raw, &want).unwrap();
+    compare(&raw, &path);
+}
+
+#[test]
 fn write_may_wait_names_the_writes_that_sync_or_wait_and_only_those() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
