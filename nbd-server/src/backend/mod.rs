@@ -188,6 +188,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Make every completed write durable.
     async fn flush(&self) -> BackendResult<()>;
 
+    /// The export is withdrawn (or the server stops) and its last connection is gone: make every
+    /// completed write durable and give back what the storage should not keep (a qcow2 image
+    /// returns the clusters it reserved and never used). Waits for the device off the runtime's
+    /// workers, like every call here. The default is [`Backend::flush`].
+    async fn close(&self) -> BackendResult<()> {
+        self.flush().await
+    }
+
     /// Discard a range (it may read back as anything until rewritten; ours read zeroes).
     async fn trim(&self, _offset: u64, _length: u64, _fua: bool) -> BackendResult<()> {
         Err(BackendError::unsupported("trim"))

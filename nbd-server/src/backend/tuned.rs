@@ -79,6 +79,13 @@ impl<B: Backend> Backend for Tuned<B> {
         self.inner.flush().await
     }
 
+    async fn close(&self) -> BackendResult<()> {
+        if self.tuning.skip_flush {
+            return Ok(());
+        }
+        self.inner.close().await
+    }
+
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> BackendResult<()> {
         if self.tuning.no_trim {
             return Err(super::BackendError::unsupported("trim"));

@@ -93,7 +93,8 @@ pub enum ServerError {
     /// The name is not a valid NBD string.
     #[error("invalid export name {0:?}: must be UTF-8 without NUL, at most 4096 bytes")]
     InvalidName(String),
-    /// Flushing a removed export failed: its data may not be durable.
+    /// Flushing and closing a removed export's backend ([`crate::Backend::close`]) failed: its
+    /// data may not be durable.
     #[error("flushing export '{name}' failed: {source}")]
     Flush {
         /// Export name.
@@ -186,7 +187,8 @@ impl Server {
     }
 
     /// Withdraw an export: new handshakes no longer see it, its connections finish their
-    /// in-flight requests and close, then its backend is flushed. Returns its final counters.
+    /// in-flight requests and close, then its backend is flushed and closed
+    /// ([`crate::Backend::close`]). Returns its final counters.
     /// Connections that have not finished within the server's `shutdown_grace` (a client that
     /// stopped reading its replies) are cut, as [`Server::remove_export_within`] does.
     ///
@@ -211,7 +213,7 @@ impl Server {
             export.drained().await;
         }
         if !export.read_only {
-            export.backend.flush().await.map_err(|source| ServerError::Flush { name: name.to_string(), source })?;
+            export.backend.close().await.map_err(|source| ServerError::Flush { name: name.to_string(), source })?;
         }
         tracing::info!(export = %name, "export removed");
         Ok(export.stats())
@@ -396,7 +398,7 @@ impl Server {
             if export.read_only {
                 continue;
             }
-            if let Err(source) = export.backend.flush().await {
+            if let Err(source) = export.backend.close().await {
                 tracing::error!(export = %export.name, error = %source, "final flush failed");
                 first_error.get_or_insert(ServerError::Flush { name: export.name.clone(), source });
             }
