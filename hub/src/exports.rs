@@ -7,7 +7,9 @@
 //! ([`Exports::serve_channel`], through the endpoint's `LocalForward`) with the same scope as
 //! the listener: the listener remains for nodes that connect over direct TCP. Closing stops its
 //! listener, lets its clients finish for up to 30 s, cuts the ones that do not (a client that
-//! stopped reading, in-process channels included), and flushes the image.
+//! stopped reading, in-process channels included), and flushes and closes the image. Opening and
+//! closing wait for the disk on the blocking pool (reading an image's tables; `fsync`), never on a
+//! runtime worker that NBD connections and SSH sessions share.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,7 +38,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 struct Open {
     port: u16,
     read_only: bool,
-    /// Held to flush it directly when the drain times out.
+    /// Held to flush and close it directly when removing the export fails.
     backend: Arc<dyn Backend>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -50,6 +52,34 @@ pub struct Exports {
     /// The ring every export submits its I/O through (`aio = "io_uring"`).
     ring: Option<IoRing>,
     open: Mutex<HashMap<String, Open>>,
+}
+
+/// The backend of one export: a raw replica (`.raw`) as a plain file, everything else as a
+/// qcow2 image (with its chain); `O_DIRECT` and the shared ring as configured.
+fn open_backend(
+    path: &std::path::Path,
+    read_only: bool,
+    direct_io: bool,
+    ring: Option<&IoRing>,
+) -> Result<Arc<dyn Backend>, String> {
+    if path.extension().is_some_and(|e| e == "raw") {
+        let file = match direct_io {
+            true => FileBackend::open_direct(path, read_only),
+            false => FileBackend::open(path, read_only),
+        };
+        let file = file.map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        return Ok(Arc::new(match ring {
+            Some(ring) => file.with_ring(ring),
+            None => file,
+        }));
+    }
+    let options = crate::repo::image_options(path, !read_only).direct_io(direct_io);
+    let image = Image::open_with(path, &options).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let backend = Qcow2Backend::from_image(Arc::new(image));
+    Ok(Arc::new(match ring {
+        Some(ring) => backend.with_ring(ring),
+        None => backend,
+    }))
 }
 
 /// An export as `GET /api/v1/exports` shows it.
@@ -100,27 +130,11 @@ impl Exports {
         image_path: &std::path::Path,
         read_only: bool,
     ) -> Result<(), String> {
-        // A raw replica (`.raw`) is served as a plain file; everything else is qcow2.
-        let backend: Arc<dyn Backend> = if image_path.extension().is_some_and(|e| e == "raw") {
-            let file = match self.direct_io {
-                true => FileBackend::open_direct(image_path, read_only),
-                false => FileBackend::open(image_path, read_only),
-            };
-            let file = file.map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
-            Arc::new(match &self.ring {
-                Some(ring) => file.with_ring(ring),
-                None => file,
-            })
-        } else {
-            let options = crate::repo::image_options(image_path, !read_only).direct_io(self.direct_io);
-            let image = Image::open_with(image_path, &options)
-                .map_err(|e| format!("cannot open {}: {e}", image_path.display()))?;
-            let backend = Qcow2Backend::from_image(Arc::new(image));
-            Arc::new(match &self.ring {
-                Some(ring) => backend.with_ring(ring),
-                None => backend,
-            })
-        };
+        let (path, direct_io, ring) = (image_path.to_path_buf(), self.direct_io, self.ring.clone());
+        // Opening reads the image's tables (from the disk when they are cold): off the runtime.
+        let backend = tokio::task::spawn_blocking(move || open_backend(&path, read_only, direct_io, ring.as_ref()))
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", image_path.display()))??;
         let listener = tokio::net::TcpListener::bind((self.bind, port))
             .await
             .map_err(|e| format!("cannot listen on {}:{port}: {e}", self.bind))?;
@@ -153,7 +167,7 @@ impl Exports {
             Err(e) => {
                 tracing::error!(export = name, error = %e, "closing the export failed");
                 if !open.read_only {
-                    if let Err(e) = open.backend.flush().await {
+                    if let Err(e) = open.backend.close().await {
                         tracing::error!(export = name, error = %e, "final flush failed");
                     }
                 }

@@ -164,7 +164,7 @@ async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Resu
 }
 
 async fn delete_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let v = hub.delete(&id)?;
+    let v = hub.delete(&id).await?;
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 

@@ -87,13 +87,13 @@ impl Repo {
         self.replicas.join(vm).join("INCONSISTENT")
     }
 
-    /// Write a manifest last and atomically.
+    /// Where a backup's manifest goes and what it holds (written last and atomically).
     ///
     /// # Errors
-    /// Any file operation failed.
-    pub fn write_manifest(&self, m: &Manifest) -> std::io::Result<()> {
+    /// The manifest cannot be serialised.
+    pub fn manifest_file(&self, m: &Manifest) -> std::io::Result<(PathBuf, Vec<u8>)> {
         let data = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
-        node::blockmap::write_atomically(&self.backup_dir(&m.vm_name, &m.backup_id).join("manifest.json"), &data)
+        Ok((self.backup_dir(&m.vm_name, &m.backup_id).join("manifest.json"), data))
     }
 
     /// Every backup with a valid manifest, and the runs a killed hub left behind: directories
@@ -205,7 +205,8 @@ mod tests {
             }],
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
-        repo.write_manifest(&m).unwrap();
+        let (path, data) = repo.manifest_file(&m).unwrap();
+        node::blockmap::write_atomically(&path, &data).unwrap();
         std::fs::create_dir_all(repo.backup_dir("vm", "half")).unwrap();
         std::fs::write(repo.disk_path("vm", "half", 2000), b"partial").unwrap();
         let (kept, interrupted) = repo.scan();

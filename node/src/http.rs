@@ -194,7 +194,12 @@ async fn cancel_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> A
 }
 
 async fn commit_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
-    Ok(Json(s.jobs.commit(&id)?.view()))
+    // Renames and directory `fsync`s: off the runtime's workers.
+    let jobs = Arc::clone(&s.jobs);
+    let committed = tokio::task::spawn_blocking(move || jobs.commit(&id))
+        .await
+        .map_err(|e| ApiErr(StatusCode::INTERNAL_SERVER_ERROR, format!("commit: {e}")))?;
+    Ok(Json(committed?.view()))
 }
 
 /// The tunnel's status as the API shows it.

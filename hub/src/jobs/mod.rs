@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use node::api::{BackupType, JobStatus as NodeStatus, NodeClient, StartRequest};
-use qcow2::{BackingFormat, CreateOptions, Image};
+use qcow2::{BackingFormat, CreateOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NodeSpec, Settings};
@@ -30,8 +30,11 @@ use crate::ports::{bindable, Lease, Ports};
 use crate::repo::{self, Manifest, ManifestDisk, Repo};
 use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, DiskVerdict};
 
+mod files;
 mod restores;
 mod view;
+
+use files::{DiskFile, JobFiles};
 
 pub use restores::{Restore, RestoreExport, RestoreView};
 use view::{manifest_view, type_name, JobDisk, JobState};
@@ -290,20 +293,10 @@ impl Hub {
             Kind::Backup => self.repo.backup_dir(vm, id),
             Kind::Replication => self.repo.replicas.join(vm),
         };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| HubError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        let cleanup_dir = kind == Kind::Backup;
-        let fail = |e: HubError| {
-            if cleanup_dir {
-                repo::remove_dir(&dir);
-            }
-            e
-        };
-        if kind == Kind::Replication {
-            std::fs::write(self.repo.replica_marker(vm), id.as_bytes())
-                .map_err(|e| fail(HubError::Internal(format!("cannot mark the replica set: {e}"))))?;
-        }
+        let owns_dir = kind == Kind::Backup;
+        let marker = (kind == Kind::Replication).then(|| (self.repo.replica_marker(vm), id.to_string()));
         let mut disks = Vec::new();
+        let mut files = Vec::new();
         for (i, (d, port)) in info.disks.iter().zip(&lease.ports).enumerate() {
             let path = match kind {
                 Kind::Backup => self.repo.disk_path(vm, id, d.key),
@@ -311,41 +304,37 @@ impl Hub {
             };
             let parent_disk =
                 parent.as_ref().and_then(|p| p.disks.iter().find(|pd| pd.disk_key == d.key && pd.size == d.size));
-            let create = match (kind, parent_disk) {
+            let file = match (kind, parent_disk) {
                 (Kind::Backup, Some(pd)) => {
                     let backing =
                         format!("../{}/{}", parent.as_ref().map(|p| p.backup_id.as_str()).unwrap_or(""), pd.file);
-                    Some(CreateOptions::overlay(backing, BackingFormat::Qcow2))
+                    DiskFile::Qcow2(CreateOptions::overlay(backing, BackingFormat::Qcow2))
                 }
-                (Kind::Backup, None) => Some(CreateOptions::new(d.size)),
-                (Kind::Replication, _) if !path.exists() || backup_type == BackupType::Full => {
-                    let _ = std::fs::remove_file(&path);
-                    Some(CreateOptions::new(d.size))
-                }
-                (Kind::Replication, _) => None,
+                (Kind::Backup, None) => DiskFile::Qcow2(CreateOptions::new(d.size)),
+                (Kind::Replication, _) if path.exists() && backup_type != BackupType::Full => DiskFile::Keep,
+                (Kind::Replication, _) if self.repo.replica_raw => DiskFile::Raw(d.size),
+                (Kind::Replication, _) => DiskFile::Qcow2(CreateOptions::new(d.size)),
             };
-            if let Some(opts) = create {
-                if kind == Kind::Replication && self.repo.replica_raw {
-                    std::fs::File::create(&path)
-                        .and_then(|f| f.set_len(d.size))
-                        .map_err(|e| fail(HubError::Internal(format!("cannot create {}: {e}", path.display()))))?;
-                } else {
-                    Image::create(&path, &opts)
-                        .map_err(|e| fail(HubError::Internal(format!("cannot create {}: {e}", path.display()))))?;
-                }
-            }
+            files.push((path.clone(), file));
             let export = match kind {
                 Kind::Backup => format!("{vm}-disk{i}"),
                 Kind::Replication => format!("{vm}-replica-disk{i}"),
             };
             disks.push(JobDisk { key: d.key, id: i as u32, size: d.size, port: *port, export, path });
         }
+        JobFiles { dir: dir.clone(), owns_dir, marker, disks: files }.make().await?;
+        let discard = || async {
+            if owns_dir {
+                files::remove_dir(dir.clone()).await;
+            }
+        };
         for (n, d) in disks.iter().enumerate() {
             if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false).await {
                 for opened in disks.iter().take(n) {
                     self.exports.close(&opened.export).await;
                 }
-                return Err(fail(HubError::Unavailable(e)));
+                discard().await;
+                return Err(HubError::Unavailable(e));
             }
         }
         let targets = disks
@@ -386,7 +375,8 @@ impl Hub {
             for d in &job.disks {
                 self.exports.close(&d.export).await;
             }
-            return Err(fail(HubError::from_node(node_name, e)));
+            discard().await;
+            return Err(HubError::from_node(node_name, e));
         }
         job.set(Status::Running, None);
         tracing::info!(job = id, vm, node = node_name, ?kind, backup_type = type_name(backup_type), "job started");
@@ -533,7 +523,7 @@ impl Hub {
             Err((status, why)) => {
                 tracing::warn!(job = %job.id, vm = %job.vm, ?status, reason = %why, "job did not complete");
                 if job.kind == Kind::Backup {
-                    repo::remove_dir(&self.repo.backup_dir(&job.vm, &job.id));
+                    files::remove_dir(self.repo.backup_dir(&job.vm, &job.id)).await;
                 }
                 job.set(status, Some(why));
             }
@@ -610,7 +600,9 @@ impl Hub {
                         })
                         .collect(),
                 };
-                self.repo.write_manifest(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;
+                let (path, data) =
+                    self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;
+                files::write_atomically(path, data).await.map_err(|e| (Status::Failed, format!("manifest: {e}")))?;
                 self.state().catalog.insert(job.id.clone(), manifest);
             }
             Kind::Replication => {
@@ -620,7 +612,8 @@ impl Hub {
                     "disks": verdicts,
                 });
                 let path = self.repo.replicas.join(&job.vm).join("replica.json");
-                node::blockmap::write_atomically(&path, record.to_string().as_bytes())
+                files::write_atomically(path, record.to_string().into_bytes())
+                    .await
                     .map_err(|e| (Status::Failed, format!("replica record: {e}")))?;
                 let _ = std::fs::remove_file(self.repo.replica_marker(&job.vm));
             }
@@ -630,7 +623,7 @@ impl Hub {
             match client.commit(&job.id).await {
                 Ok(_) if job.kind == Kind::Backup => {
                     let marker = self.repo.root.join(&job.vm).join(".node-committed");
-                    if let Err(e) = node::blockmap::write_atomically(&marker, job.id.as_bytes()) {
+                    if let Err(e) = files::write_atomically(marker, job.id.clone().into_bytes()).await {
                         tracing::error!(error = %e, "could not record the node's commit");
                     }
                 }
@@ -668,15 +661,27 @@ impl Hub {
     ///
     /// # Errors
     /// Unknown (404); a later backup or an open restore depends on it (409).
-    pub fn delete(&self, id: &str) -> Result<JobView, HubError> {
+    pub async fn delete(&self, id: &str) -> Result<JobView, HubError> {
+        match self.forget(id)? {
+            Forgotten::Job(view) => Ok(view),
+            Forgotten::Backup(m) => {
+                files::remove_dir(self.repo.backup_dir(&m.vm_name, id)).await;
+                Ok(manifest_view(&m))
+            }
+        }
+    }
+
+    /// [`Hub::delete`] in memory: the job cancelled or dropped, or the backup out of the catalog
+    /// (its files are the caller's to remove).
+    fn forget(&self, id: &str) -> Result<Forgotten, HubError> {
         let mut st = self.state();
         if let Some(j) = st.jobs.get(id).cloned() {
             if !j.status().is_final() {
                 j.cancel.cancel();
-                return Ok(j.view());
+                return Ok(Forgotten::Job(j.view()));
             }
             st.jobs.remove(id);
-            return Ok(j.view());
+            return Ok(Forgotten::Job(j.view()));
         }
         let m = st.catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
         if let Some(child) = st.catalog.values().find(|c| c.parent_id.as_deref() == Some(id)) {
@@ -686,9 +691,7 @@ impl Hub {
             return Err(HubError::Conflict(format!("backup {id} has an open restore")));
         }
         st.catalog.remove(id);
-        drop(st);
-        repo::remove_dir(&self.repo.backup_dir(&m.vm_name, id));
-        Ok(manifest_view(&m))
+        Ok(Forgotten::Backup(m))
     }
 
     /// Verify a completed backup on demand.
@@ -749,6 +752,14 @@ impl Hub {
         self.shutdown.cancel();
         self.exports.shutdown().await;
     }
+}
+
+/// What [`Hub::forget`] took out of memory.
+enum Forgotten {
+    /// A job: cancelled if it was running.
+    Job(JobView),
+    /// A completed backup: its directory is still to be removed.
+    Backup(Manifest),
 }
 
 /// (status, reason) of a job that did not complete.

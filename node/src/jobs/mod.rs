@@ -530,10 +530,15 @@ impl Jobs {
             committed = None;
         }
         if job.kind == JobKind::Replicate {
-            std::fs::create_dir_all(map_path.parent().unwrap_or(Path::new(".")))
-                .and_then(|()| std::fs::write(&inflight, job.id.as_bytes()))
-                .and_then(|()| sync_dir(&inflight))
-                .map_err(|e| fail(MoveError::Destination { what: "replica run marker".into(), source: e }))?;
+            let (marker, id) = (inflight.clone(), job.id.clone());
+            off_runtime(move || {
+                std::fs::create_dir_all(marker.parent().unwrap_or(Path::new(".")))
+                    .and_then(|()| std::fs::write(&marker, id.as_bytes()))
+                    .and_then(|()| sync_dir(&marker))
+            })
+            .await
+            .and_then(|made| made)
+            .map_err(|e| fail(MoveError::Destination { what: "replica run marker".into(), source: e }))?;
         }
         let sink = tokio::select! {
             _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
@@ -576,9 +581,11 @@ impl Jobs {
         match result {
             Ok(outcome) => {
                 let pending = map_path.with_extension(format!("map.pending-{}", job.id));
-                outcome.map.save(&pending).map_err(|e| {
-                    fail(MoveError::Destination { what: "change-tracking state".into(), source: e.source })
-                })?;
+                let (map, at) = (outcome.map, pending.clone());
+                off_runtime(move || map.save(&at))
+                    .await
+                    .map_err(|e| fail(MoveError::Destination { what: "change-tracking state".into(), source: e }))?
+                    .map_err(|e| fail(e.into_move_error()))?;
                 if let Ok(mut s) = dj.state.lock() {
                     s.status = "completed";
                     s.checksum = outcome.checksum;
@@ -596,9 +603,13 @@ impl Jobs {
                                 *h = UNKNOWN;
                             }
                         }
-                        if let Err(e) = map.save(&map_path) {
+                        let at = map_path.clone();
+                        let saved = off_runtime(move || map.save(&at))
+                            .await
+                            .map_err(|e| MoveError::Destination { what: "change-tracking state".into(), source: e });
+                        if let Err(e) = saved.and_then(|s| s.map_err(|e| e.into_move_error())) {
                             tracing::error!(error = %e, "could not mark written blocks in the committed map");
-                            return Err(fail(e.into_move_error()));
+                            return Err(fail(e));
                         }
                     }
                 }
@@ -702,6 +713,12 @@ fn remove_pending_maps(dir: &Path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// Run file work that `fsync`s on the blocking pool: on a runtime worker it would hold the
+/// copies and tunnel channels that worker runs for as long as the disk takes.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)
 }
 
 fn sync_dir(file: &Path) -> std::io::Result<()> {

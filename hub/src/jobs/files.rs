@@ -1,0 +1,118 @@
+//! The files a job makes and removes in the repository, always on tokio's blocking pool.
+//!
+//! A job creates its directory, the replica set's marker and one image per disk (each
+//! `fsync`ed), writes its manifest or replica record atomically (two more `fsync`s), and
+//! removes a failed run's directory (unlinking images of any size). On a busy repository each
+//! of those can wait seconds for the disk. Called on a runtime worker, that wait also holds
+//! every task queued behind it on that worker — NBD connections, the SSH endpoint's sessions,
+//! the API — and with two workers a few jobs starting at once stall the whole hub. With `fsync`
+//! slowed to 3 s (an `LD_PRELOAD` shim), twenty VMs backed up at once through the endpoint
+//! timed out NBD handshakes and failed calls to the node until this work moved here. Small
+//! reads (a marker, `exists`) stay where they are.
+
+use std::path::{Path, PathBuf};
+
+use qcow2::{CreateOptions, Image};
+
+use crate::error::HubError;
+use crate::repo;
+
+/// Run `f` on the blocking pool and wait for it; `what` names it in the error if the task dies.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, HubError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| HubError::Internal(format!("{what}: {e}")))
+}
+
+/// What a job does with one disk's file before the node sends data.
+pub(super) enum DiskFile {
+    /// A new qcow2 image (or overlay), replacing any file there.
+    Qcow2(CreateOptions),
+    /// A new raw file of this size (a raw replica), replacing any file there.
+    Raw(u64),
+    /// The file there is written in place (a replica kept in sync).
+    Keep,
+}
+
+/// Everything a job makes before it opens its exports.
+pub(super) struct JobFiles {
+    /// The backup's directory, or the replica set's.
+    pub dir: PathBuf,
+    /// The directory is the job's own (a backup): removed again if anything here fails.
+    pub owns_dir: bool,
+    /// A marker written first (the replica set's "being written"), with its contents.
+    pub marker: Option<(PathBuf, String)>,
+    /// Each disk's file.
+    pub disks: Vec<(PathBuf, DiskFile)>,
+}
+
+impl JobFiles {
+    /// Make them all, off the runtime; on failure nothing of a backup's directory is left.
+    ///
+    /// # Errors
+    /// The first file that could not be made (500).
+    pub async fn make(self) -> Result<(), HubError> {
+        off_runtime("creating the job's files", move || {
+            let made = self.make_blocking();
+            if made.is_err() && self.owns_dir {
+                repo::remove_dir(&self.dir);
+            }
+            made
+        })
+        .await?
+    }
+
+    fn make_blocking(&self) -> Result<(), HubError> {
+        let failed = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+            HubError::Internal(format!("cannot {what} {}: {e}", path.display()))
+        };
+        std::fs::create_dir_all(&self.dir).map_err(|e| failed("create", &self.dir, &e))?;
+        if let Some((path, contents)) = &self.marker {
+            std::fs::write(path, contents.as_bytes()).map_err(|e| failed("write", path, &e))?;
+        }
+        for (path, file) in &self.disks {
+            match file {
+                DiskFile::Keep => continue,
+                DiskFile::Qcow2(opts) => {
+                    remove_if_present(path).map_err(|e| failed("replace", path, &e))?;
+                    // Closed (reservation given back, synced) here, then reopened by its export.
+                    let image = Image::create(path, opts).map_err(|e| failed("create", path, &e))?;
+                    image.close().map_err(|e| failed("create", path, &e))?;
+                }
+                DiskFile::Raw(size) => {
+                    remove_if_present(path).map_err(|e| failed("replace", path, &e))?;
+                    std::fs::File::create(path)
+                        .and_then(|f| f.set_len(*size))
+                        .map_err(|e| failed("create", path, &e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Write `data` to `path` atomically and durably (`node::blockmap::write_atomically`), off the
+/// runtime.
+///
+/// # Errors
+/// The write, its `fsync`s or the rename failed, as text for the job's reason.
+pub(super) async fn write_atomically(path: PathBuf, data: Vec<u8>) -> Result<(), String> {
+    off_runtime("writing a record", move || node::blockmap::write_atomically(&path, &data).map_err(|e| e.to_string()))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Remove a directory and everything in it (logged, never failing), off the runtime.
+pub(super) async fn remove_dir(path: PathBuf) {
+    if let Err(e) = off_runtime("removing a directory", move || repo::remove_dir(&path)).await {
+        tracing::error!(error = %e, "could not remove a directory");
+    }
+}
