@@ -13,24 +13,26 @@
 //! partial images removed, the reason kept.
 //!
 //! Which backup an incremental builds on is the pure function [`choose_parent`]. The job model
-//! and its API views are in `view`, restores in `restores`.
+//! and its API views are in `view`, the follower and a job's end in `follow`, the files a job
+//! makes and removes (off the runtime) in `files`, restores in `restores`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use node::api::{BackupType, JobStatus as NodeStatus, NodeClient, StartRequest};
+use node::api::{BackupType, NodeClient, StartRequest};
 use qcow2::{BackingFormat, CreateOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NodeSpec, Settings};
 use crate::error::HubError;
 use crate::exports::Exports;
-use crate::ports::{bindable, Lease, Ports};
-use crate::repo::{self, Manifest, ManifestDisk, Repo};
-use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, DiskVerdict};
+use crate::ports::{bindable, Ports};
+use crate::repo::{self, Manifest, Repo};
+use crate::verify::{forget_cached_chain, verify_disk, DiskVerdict};
 
 mod files;
+mod follow;
 mod restores;
 mod view;
 
@@ -414,228 +416,6 @@ impl Hub {
         !self.state().orphans.is_empty()
     }
 
-    /// Follow the node's job to the end, then finish ours.
-    async fn follow(self: Arc<Self>, job: Arc<Job>, lease: Lease) {
-        let client = match self.node(&job.node) {
-            Some((_, c)) => c.clone(),
-            None => {
-                self.finish(&job, lease, Err(String::from("node vanished from the configuration").into())).await;
-                return;
-            }
-        };
-        let stall = self.settings.stall_timeout;
-        let mut last_progress = (0u64, Instant::now());
-        let mut unreachable_since: Option<Instant> = None;
-        let mut poll = POLL;
-        let outcome: Result<(), (Status, String)> = loop {
-            tokio::select! {
-                _ = job.cancel.cancelled() => {
-                    let _ = client.cancel(&job.id).await;
-                    break Err((Status::Cancelled, "cancelled by request".into()));
-                }
-                _ = self.shutdown.cancelled() => {
-                    let _ = client.cancel(&job.id).await;
-                    break Err((Status::Failed, "the hub shut down".into()));
-                }
-                _ = tokio::time::sleep(poll) => {}
-            }
-            match client.job(&job.id).await {
-                Ok(view) => {
-                    unreachable_since = None;
-                    let done: u64 = view
-                        .disks
-                        .iter()
-                        .map(|d| {
-                            d.bytes_read
-                                + d.bytes_sent
-                                + d.bytes_skipped_holes
-                                + d.bytes_skipped_zero
-                                + d.bytes_unchanged
-                        })
-                        .sum();
-                    if done != last_progress.0 {
-                        last_progress = (done, Instant::now());
-                    }
-                    let total: u64 = view.disks.iter().map(|d| d.bytes_total).sum();
-                    let settled: u64 = view
-                        .disks
-                        .iter()
-                        .map(|d| d.bytes_sent + d.bytes_skipped_holes + d.bytes_skipped_zero + d.bytes_unchanged)
-                        .sum();
-                    poll = if total > 0 && settled.saturating_mul(10) >= total.saturating_mul(9) {
-                        POLL_FINISHING
-                    } else {
-                        POLL
-                    };
-                    let status = view.status;
-                    let error = view.error.clone();
-                    if let Ok(mut s) = job.state.lock() {
-                        s.node_view = Some(view);
-                    }
-                    match status {
-                        NodeStatus::Completed => break Ok(()),
-                        NodeStatus::Failed => {
-                            break Err((Status::Failed, format!("node: {}", error.unwrap_or_default())))
-                        }
-                        NodeStatus::Cancelled => break Err((Status::Cancelled, "cancelled on the node".into())),
-                        NodeStatus::Running if last_progress.1.elapsed() > stall => {
-                            let _ = client.cancel(&job.id).await;
-                            break Err((Status::Failed, format!("no progress for {} s", stall.as_secs())));
-                        }
-                        NodeStatus::Running => {}
-                    }
-                }
-                Err(node::api::ApiError::Status { status: 404, .. }) => {
-                    break Err((
-                        Status::Failed,
-                        "the node no longer knows this job (it was restarted): nothing of this run is kept".into(),
-                    ));
-                }
-                Err(e) => {
-                    let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > stall {
-                        break Err((Status::Failed, format!("node unreachable for {} s: {e}", stall.as_secs())));
-                    }
-                }
-            }
-        };
-        match outcome {
-            Ok(()) => self.finish(&job, lease, Ok(())).await,
-            Err((status, why)) => self.finish(&job, lease, Err((status, why).into())).await,
-        }
-    }
-
-    async fn finish(&self, job: &Arc<Job>, lease: Lease, outcome: Result<(), FailReason>) {
-        // Exports closed (drained and flushed) and ports released on every path.
-        for d in &job.disks {
-            self.exports.close(&d.export).await;
-        }
-        drop(lease);
-        let result = match outcome {
-            Ok(()) => {
-                job.set(Status::Verifying, None);
-                self.complete(job).await
-            }
-            Err(r) => Err((r.0, r.1)),
-        };
-        match result {
-            Ok(()) => job.set(Status::Completed, None),
-            Err((status, why)) => {
-                tracing::warn!(job = %job.id, vm = %job.vm, ?status, reason = %why, "job did not complete");
-                if job.kind == Kind::Backup {
-                    files::remove_dir(self.repo.backup_dir(&job.vm, &job.id)).await;
-                }
-                job.set(status, Some(why));
-            }
-        }
-        let mut st = self.state();
-        if st.busy_vms.get(&job.vm) == Some(&job.id) {
-            st.busy_vms.remove(&job.vm);
-        }
-        if job.status() == Status::Completed && job.kind == Kind::Backup {
-            st.jobs.remove(&job.id);
-        } else {
-            st.finished.push_back(job.id.clone());
-            while st.finished.len() > KEEP_FINISHED {
-                if let Some(old) = st.finished.pop_front() {
-                    st.jobs.remove(&old);
-                }
-            }
-        }
-    }
-
-    /// Verify, write the manifest (or the replica record), then tell the node to commit.
-    async fn complete(&self, job: &Arc<Job>) -> Result<(), (Status, String)> {
-        let node_view = job.state.lock().ok().and_then(|s| s.node_view.clone());
-        let checksums: HashMap<u32, Option<String>> =
-            node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.checksum.clone()))).collect();
-        let sent: HashMap<u32, u64> =
-            node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.bytes_sent))).collect();
-        let mut verdicts = Vec::new();
-        let started = Instant::now();
-        for d in &job.disks {
-            let (path, key) = (d.path.clone(), d.key);
-            let expected = checksums.get(&key).cloned().flatten();
-            let (kind, uncached) = (job.kind, self.settings.direct_io);
-            let verdict = tokio::task::spawn_blocking(move || {
-                let verdict = match kind {
-                    Kind::Backup => verify_new_backup_disk(&path, key, expected.as_deref()),
-                    Kind::Replication => verify_disk(&path, key, expected.as_deref()),
-                };
-                if uncached {
-                    forget_cached_chain(&path);
-                }
-                verdict
-            })
-            .await
-            .map_err(|e| (Status::Failed, format!("verify: {e}")))?;
-            if !verdict.ok() {
-                return Err((Status::Failed, format!("verify of disk {key} failed: {}", describe(&verdict))));
-            }
-            verdicts.push(verdict);
-        }
-        tracing::info!(job = %job.id, secs = started.elapsed().as_secs_f64(), "images verified");
-        match job.kind {
-            Kind::Backup => {
-                let manifest = Manifest {
-                    backup_id: job.id.clone(),
-                    vm_name: job.vm.clone(),
-                    node: job.node.clone(),
-                    backup_type: type_name(job.backup_type).into(),
-                    parent_id: job.parent.clone(),
-                    status: "completed".into(),
-                    created_at: job.created_at.clone(),
-                    completed_at: repo::now_rfc3339(),
-                    disks: job
-                        .disks
-                        .iter()
-                        .map(|d| ManifestDisk {
-                            disk_key: d.key,
-                            disk_id: d.id,
-                            size: d.size,
-                            allocated_bytes: allocated(&d.path),
-                            checksum: checksums.get(&d.key).cloned().flatten(),
-                            file: repo::disk_file(d.key),
-                            bytes_sent: sent.get(&d.key).copied().unwrap_or(0),
-                        })
-                        .collect(),
-                };
-                let (path, data) =
-                    self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;
-                files::write_atomically(path, data).await.map_err(|e| (Status::Failed, format!("manifest: {e}")))?;
-                self.state().catalog.insert(job.id.clone(), manifest);
-            }
-            Kind::Replication => {
-                let record = serde_json::json!({
-                    "replication_id": job.id,
-                    "completed_at": repo::now_rfc3339(),
-                    "disks": verdicts,
-                });
-                let path = self.repo.replicas.join(&job.vm).join("replica.json");
-                files::write_atomically(path, record.to_string().into_bytes())
-                    .await
-                    .map_err(|e| (Status::Failed, format!("replica record: {e}")))?;
-                let _ = std::fs::remove_file(self.repo.replica_marker(&job.vm));
-            }
-        }
-        // Only now is the node's change tracking moved to this run.
-        if let Some((_, client)) = self.node(&job.node) {
-            match client.commit(&job.id).await {
-                Ok(_) if job.kind == Kind::Backup => {
-                    let marker = self.repo.root.join(&job.vm).join(".node-committed");
-                    if let Err(e) = files::write_atomically(marker, job.id.clone().into_bytes()).await {
-                        tracing::error!(error = %e, "could not record the node's commit");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(job = %job.id, error = %e, "node commit failed: the next backup of this VM will be full")
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// A job by id (running, failed, cancelled, or a completed backup from the catalog).
     pub fn get(&self, id: &str) -> Option<JobView> {
         let st = self.state();
@@ -760,32 +540,6 @@ enum Forgotten {
     Job(JobView),
     /// A completed backup: its directory is still to be removed.
     Backup(Manifest),
-}
-
-/// (status, reason) of a job that did not complete.
-pub struct FailReason(Status, String);
-
-impl From<(Status, String)> for FailReason {
-    fn from(v: (Status, String)) -> Self {
-        Self(v.0, v.1)
-    }
-}
-
-impl From<String> for FailReason {
-    fn from(v: String) -> Self {
-        Self(Status::Failed, v)
-    }
-}
-
-fn describe(v: &DiskVerdict) -> String {
-    match v.checksum_match {
-        Some(false) => format!("{}; content differs from what the node sent", v.check),
-        _ => v.check.clone(),
-    }
-}
-
-fn allocated(path: &std::path::Path) -> u64 {
-    std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0)
 }
 
 #[cfg(test)]
