@@ -11,6 +11,7 @@ mod connection;
 pub(crate) mod dispatch;
 pub(crate) mod export;
 pub(crate) mod negotiate;
+mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -267,7 +268,7 @@ impl Server {
     async fn accept_until_shutdown<R, W, F, A>(&self, scope: Scope, mut accept: F)
     where
         R: connection::RequestReader,
-        W: connection::ReplyWriter,
+        W: writer::ReplyWriter,
         F: FnMut() -> A,
         A: std::future::Future<Output = std::io::Result<(R, W, String)>>,
     {
@@ -319,7 +320,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        self.serve_halves(r, connection::WithPayloads::new(w, payloads), scope, peer.into()).await;
+        self.serve_halves(r, writer::WithPayloads::new(w, payloads), scope, peer.into()).await;
     }
 
     /// A stream's two halves as one client: a client slot (refused, the halves dropped, when
@@ -327,7 +328,7 @@ impl Server {
     async fn serve_halves<R, W>(&self, r: R, w: W, scope: Scope, peer: String)
     where
         R: connection::RequestReader,
-        W: connection::ReplyWriter,
+        W: writer::ReplyWriter,
     {
         if self.is_shutting_down() {
             return;
@@ -366,7 +367,7 @@ impl Server {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) where
         R: connection::RequestReader,
-        W: connection::ReplyWriter,
+        W: writer::ReplyWriter,
     {
         let shared = Arc::clone(&self.shared);
         self.shared.tracker.spawn(async move {
