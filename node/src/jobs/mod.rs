@@ -519,7 +519,9 @@ impl Jobs {
         .map_err(fail)?;
         let source = Arc::new(source);
         let map_path = self.map_path(vm, job.kind, disk.key);
-        let mut committed = BlockMap::load(&map_path);
+        // Read and checked (BLAKE3) off the runtime: a large disk's map is megabytes.
+        let at = map_path.clone();
+        let mut committed = off_runtime(move || BlockMap::load(&at)).await.ok().flatten();
         // A replica is written in place: a run that stopped without accounting for what it wrote
         // (the node was killed) or was never committed leaves the target ahead of the committed
         // map, so the map cannot be trusted. The marker lives from the start of a replica copy
