@@ -9,8 +9,8 @@ use std::time::Duration;
 use nbd_server::proto::consts::{cmd, errno, opt, rep, IHAVEOPT, REQUEST_MAGIC};
 use nbd_server::proto::handshake::{encode_info_request, OptionReplyHeader, GREETING_LEN};
 use nbd_server::proto::transmission::{decode_reply_header, ReplyHeader};
-use nbd_server::{Backend, Client, ExportConfig, MemoryBackend, Server, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use nbd_server::{Backend, Client, ExportConfig, MemoryBackend, Scope, Server, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SIZE: u64 = 1 << 20;
@@ -27,13 +27,17 @@ async fn start(config: ServerConfig, limit: usize) -> (Server, u16, Arc<MemoryBa
 }
 
 async fn greeted(port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    greeted_on(TcpStream::connect(("127.0.0.1", port)).await.unwrap()).await
+}
+
+/// The greeting read from any transport.
+async fn greeted_on<S: AsyncRead + Unpin>(mut s: S) -> S {
     let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).await.unwrap();
     s
 }
 
-async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
+async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
     let mut out = Vec::new();
     out.extend_from_slice(&IHAVEOPT.to_be_bytes());
     out.extend_from_slice(&option.to_be_bytes());
@@ -42,7 +46,7 @@ async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
     s.write_all(&out).await.unwrap();
 }
 
-async fn option_reply(s: &mut TcpStream) -> (OptionReplyHeader, Vec<u8>) {
+async fn option_reply<S: AsyncRead + Unpin>(s: &mut S) -> (OptionReplyHeader, Vec<u8>) {
     let mut h = [0u8; 20];
     s.read_exact(&mut h).await.unwrap();
     let h = OptionReplyHeader::parse(&h).unwrap();
@@ -53,7 +57,11 @@ async fn option_reply(s: &mut TcpStream) -> (OptionReplyHeader, Vec<u8>) {
 
 /// Handshake with GO, simple replies; leaves the socket in transmission.
 async fn transmitting(port: u16) -> TcpStream {
-    let mut s = greeted(port).await;
+    go(greeted(port).await).await
+}
+
+/// Client flags, then GO for export "e", on a greeted transport.
+async fn go<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> S {
     s.write_all(&3u32.to_be_bytes()).await.unwrap();
     send_option(&mut s, opt::GO, &encode_info_request("e", &[])).await;
     loop {
@@ -76,7 +84,7 @@ fn request(command: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
     out
 }
 
-async fn simple_reply(s: &mut TcpStream) -> (u64, u32) {
+async fn simple_reply<S: AsyncRead + Unpin>(s: &mut S) -> (u64, u32) {
     let mut h = [0u8; 16];
     s.read_exact(&mut h).await.unwrap();
     match decode_reply_header(&h).unwrap().unwrap().0 {
@@ -378,6 +386,52 @@ async fn all_connections_together_stay_within_the_server_wide_byte_budget() {
     let (cookie, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut b)).await.unwrap();
     assert_eq!((cookie, error), (9, 0));
     assert_eq!(entered(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writes_budget_comes_back_once_it_is_applied_even_while_its_reply_cannot_leave() {
+    let config = ServerConfig::default().max_payload(256 << 10).max_buffered_bytes_total(1 << 20);
+    let (server, port, backend) = start(config, 4).await;
+    // A client whose transport takes one reply and then stalls (an SSH session held up by
+    // another channel, say): 16 bytes of room, and the test stops reading after the handshake.
+    let (client_end, server_end) = tokio::io::duplex(16);
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_stream(server_end, Scope::All).await });
+    let mut a = go(greeted_on(client_end).await).await;
+    // Six 256 KiB writes: all applied; one reply out, one in the writer's buffer, and four, the
+    // server-wide budget (1 MiB) over again, waiting behind them.
+    let mut burst = Vec::new();
+    for i in 0..6u64 {
+        burst.extend_from_slice(&request(cmd::WRITE, i, (i % 4) * (256 << 10), 256 << 10));
+        burst.extend_from_slice(&vec![i as u8 + 1; 256 << 10]);
+    }
+    tokio::time::timeout(Duration::from_secs(5), a.write_all(&burst)).await.unwrap().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut last = [0u8; 1];
+        backend.read(256 << 10, &mut last).await.unwrap();
+        if last[0] == 6 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the last write was never applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Their bytes are in the image, not in buffers: another client's write gets the budget.
+    let mut b = transmitting(port).await;
+    let mut write = request(cmd::WRITE, 9, 3 * (256 << 10), 256 << 10);
+    write.extend_from_slice(&vec![9u8; 256 << 10]);
+    b.write_all(&write).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut b)).await;
+    assert_eq!(answered.ok(), Some((9, 0)), "the write waited for budget held by replies that cannot leave");
+    // The stalled client's replies all arrive once its transport moves again.
+    let mut cookies = Vec::new();
+    for _ in 0..6 {
+        let (cookie, error) = tokio::time::timeout(Duration::from_secs(5), simple_reply(&mut a)).await.unwrap();
+        assert_eq!(error, 0);
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [0, 1, 2, 3, 4, 5]);
 }
 
 /// The real in-memory backend with writes held until the test opens the gate, and a log of

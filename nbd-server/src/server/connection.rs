@@ -6,8 +6,10 @@
 //! all connections together no more than `max_buffered_bytes_total`, whatever clients send; when a
 //! budget is spent the reader simply stops reading the socket (TCP backpressure). Each accepted
 //! request runs in its own task, so replies may leave out of order as the spec allows; the
-//! permits travel with the reply and are released only once the writer (`writer.rs`: batching,
-//! `sendfile`, owned bytes for SSH channels) has put it on the wire.
+//! request permit travels with the reply and is released only once the writer (`writer.rs`:
+//! batching, `sendfile`, owned bytes for SSH channels) has put it on the wire, and so does a
+//! READ's byte budget (its data is in the reply); any other request's budget comes back as soon
+//! as its payload is applied ([`outgoing`] says why).
 //!
 //! Exception: a small plain WRITE (under [`READER_WRITES_BELOW`]) is applied by the reader before
 //! it reads the next header: the payload is hot in this core's cache and a task per 4 KiB write
@@ -41,7 +43,7 @@ use std::sync::Arc;
 
 use directio::AlignedPool;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::PipedData;
@@ -49,10 +51,10 @@ use crate::proto::consts::{errno, handshake_flags};
 use crate::proto::handshake::{encode_greeting, OptionHeader, OPTION_HEADER_LEN};
 use crate::proto::transmission::{decode_request, Command};
 
-use super::dispatch::{error_reply, execute, payload_len, validate, Limits, Payload};
+use super::dispatch::{error_reply, execute, payload_len, validate, Limits, Payload, Reply};
 use super::export::bump;
 use super::negotiate::{Negotiator, Session, Step};
-use super::writer::{write_loop, Outgoing, ReplyWriter};
+use super::writer::{write_loop, BytePermits, Outgoing, ReplyWriter};
 use super::{Scope, Shared};
 
 /// Longest option data we read; longer options end the connection.
@@ -277,7 +279,7 @@ where
             tracing::debug!(export = %export.name, command = ?req.command, message = %refusal.message, "request refused");
             let mut reply = error_reply(&req, &limits, refusal.error, &refusal.message);
             reply.data = payload.into_buffer();
-            if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
+            if tx.send(outgoing(reply, false, request_permit, bytes_permit, &pool)).await.is_err() {
                 break;
             }
             continue;
@@ -285,7 +287,7 @@ where
         if runs_on_reader(&req) && !writes_wait {
             // Apply the payload now, while it is still in this core's cache (see module doc).
             let reply = execute(&export, req, payload, &limits).await;
-            if tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await.is_err() {
+            if tx.send(outgoing(reply, false, request_permit, bytes_permit, &pool)).await.is_err() {
                 break;
             }
             continue;
@@ -308,13 +310,15 @@ where
         let flush_barrier = (req.command == Command::Flush).then(|| Arc::clone(&write_barrier));
         let tx = tx.clone();
         let export = Arc::clone(&export);
+        let pool = Arc::clone(&pool);
         tokio::spawn(async move {
             if let Some(barrier) = flush_barrier {
                 drop(barrier.write().await);
             }
+            let carries_data = req.command == Command::Read;
             let reply = execute(&export, req, payload, &limits).await;
             drop(write_in_flight);
-            let _ = tx.send(Outgoing { reply, _request: Some(request_permit), _bytes: bytes_permit }).await;
+            let _ = tx.send(outgoing(reply, carries_data, request_permit, bytes_permit, &pool)).await;
         });
     }
     // The client is gone (or done): its place goes back to the export now, so a client arriving
@@ -323,6 +327,29 @@ where
     // Let in-flight requests finish; the writer ends once every sender is gone.
     drop(tx);
     let _ = writer_task.await;
+}
+
+/// A reply queued for the writer, with what it keeps until it is on the wire: its request permit,
+/// and, when it carries data (a READ's), the byte budget that data is counted against. Any other
+/// reply carries none — its payload is applied or refused — so its buffer goes back to the pool
+/// and its budget to the readers now, not once the writer has it out. Otherwise a transport that
+/// stalls the writer would hold the server's budget for bytes no longer buffered, and through it
+/// its own progress: on an SSH channel, a reader waiting for budget stops draining its channel,
+/// the full channel stalls the whole SSH session (russh's design, `tunnel::limits`), the session
+/// stalls the write replies that hold the budget, and nothing moves until a keepalive gives up.
+fn outgoing(
+    mut reply: Reply,
+    carries_data: bool,
+    request: OwnedSemaphorePermit,
+    bytes: Option<BytePermits>,
+    pool: &AlignedPool,
+) -> Outgoing {
+    if carries_data {
+        return Outgoing { reply, _request: Some(request), _bytes: bytes };
+    }
+    pool.put(std::mem::take(&mut reply.data));
+    drop(bytes);
+    Outgoing { reply, _request: Some(request), _bytes: None }
 }
 
 /// Plain writes of this connection in their own tasks hold a read guard until applied; a FLUSH

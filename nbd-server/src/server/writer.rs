@@ -23,11 +23,14 @@ use crate::zero_copy::SendBytes;
 
 use super::dispatch::{FileData, Reply, Segment};
 
+/// A request's share of the byte budgets: its connection's, then the server's.
+pub(super) type BytePermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
 /// A reply on its way to the writer, with the permits it holds.
 pub(super) struct Outgoing {
     pub(super) reply: Reply,
     pub(super) _request: Option<OwnedSemaphorePermit>,
-    pub(super) _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    pub(super) _bytes: Option<BytePermits>,
 }
 
 pub(super) async fn write_loop<W>(
