@@ -19,7 +19,11 @@
 //!   connection and `max_buffered_bytes_total` for the process).
 //!
 //! In practice a channel holds far less: a queue fills only when the forward's destination stops
-//! reading, and then the whole connection stalls rather than growing.
+//! reading, and then the whole connection stalls rather than growing — every channel on it,
+//! keepalives included, until that destination reads again. So a destination must never wait on
+//! something the stalled connection itself carries: the hub's in-process NBD server gives a
+//! write's byte budget back once the write is applied, not once its reply (which this connection
+//! carries) is out, and waits for its disk off the runtime that runs the sessions.
 
 /// Messages queued per channel between the SSH session and the channel's forwarding task.
 pub const CHANNEL_QUEUE: usize = 16;
