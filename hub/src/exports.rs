@@ -82,6 +82,12 @@ fn open_backend(
     }))
 }
 
+/// Let go of a backend that never served, on the blocking pool: the last drop of a writable
+/// image closes it, which waits for the disk (`fsync`).
+fn discard(backend: Arc<dyn Backend>) {
+    drop(tokio::task::spawn_blocking(move || drop(backend)));
+}
+
 /// An export as `GET /api/v1/exports` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ExportView {
@@ -135,17 +141,21 @@ impl Exports {
         let backend = tokio::task::spawn_blocking(move || open_backend(&path, read_only, direct_io, ring.as_ref()))
             .await
             .map_err(|e| format!("cannot open {}: {e}", image_path.display()))??;
-        let listener = tokio::net::TcpListener::bind((self.bind, port))
-            .await
-            .map_err(|e| format!("cannot listen on {}:{port}: {e}", self.bind))?;
-        self.server
-            .add_export(
-                ExportConfig::new(name, Arc::clone(&backend))
-                    .read_only(read_only)
-                    .max_connections(10)
-                    .description(image_path.display().to_string()),
-            )
-            .map_err(|e| format!("export {name}: {e}"))?;
+        let listener = match tokio::net::TcpListener::bind((self.bind, port)).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                discard(backend);
+                return Err(format!("cannot listen on {}:{port}: {e}", self.bind));
+            }
+        };
+        let config = ExportConfig::new(name, Arc::clone(&backend))
+            .read_only(read_only)
+            .max_connections(10)
+            .description(image_path.display().to_string());
+        if let Err(e) = self.server.add_export(config) {
+            discard(backend);
+            return Err(format!("export {name}: {e}"));
+        }
         let server = self.server.clone();
         let export = name.to_string();
         let task = tokio::spawn(async move { server.serve_export(listener, export).await });

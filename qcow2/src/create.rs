@@ -49,7 +49,8 @@ impl Image {
     /// Create a new image at `path` (which must not exist) and return it open for writing.
     ///
     /// The layout is qemu-img's: header cluster, refcount table sized so it never has to grow
-    /// for this virtual size, one refcount block, then the L1 table. Written, then fsynced.
+    /// for this virtual size, one refcount block, then the L1 table. Written, then fsynced; the
+    /// image returned counts as closed until it is first written ([`Image::close`]).
     ///
     /// # Errors
     /// Invalid options, a missing backing file, or I/O.
@@ -57,9 +58,13 @@ impl Image {
         let path = path.as_ref();
         Self::create_file(path, opts)?;
         // An image that cannot be opened (its chain too deep, say) is not left behind.
-        Self::open_with(path, &ImageOptions::read_write()).inspect_err(|_| {
+        let image = Self::open_with(path, &ImageOptions::read_write()).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
-        })
+        })?;
+        // Everything was written and synced above, and opening a new image writes nothing: it
+        // is closed already, so neither `close` nor its drop syncs it again before a write.
+        image.closed.store(true, std::sync::atomic::Ordering::Release);
+        Ok(image)
     }
 
     fn create_file(path: &Path, opts: &CreateOptions) -> Result<()> {

@@ -5,20 +5,28 @@
 //! fill zeroes, or descend into the backing file. The backing chain is opened eagerly with a
 //! depth limit and loop detection (by device and inode), relative names resolved against the
 //! image's own directory, as qemu does.
+//!
+//! Here: the image's state, its tables and mappings, where guest data goes on the host
+//! (`O_DIRECT`, the file grown ahead of direct writes) and the allocation map. Opening is
+//! `image/open.rs`, reading guest data `image/read.rs`, writing `write.rs` and `plan.rs`.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::compress;
 use crate::error::{Error, Result};
-use crate::header::{self, Header};
+use crate::header::Header;
 use crate::l2cache::{L2Cache, L2Table};
 use crate::layout::{self, Geometry, Mapping};
-use crate::refcount::Refcounts;
 use crate::write::WriteState;
+
+mod open;
+mod read;
+
+pub use open::resolve_backing;
+pub(crate) use read::read_or_zero;
 
 /// Deepest backing chain opened.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -112,88 +120,6 @@ impl Backing {
             Self::Qcow2(img) => img.size(),
         }
     }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.size();
-        let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(avail);
-        past.fill(0);
-        if inside.is_empty() {
-            return Ok(());
-        }
-        match self {
-            Self::Raw { file, .. } => read_or_zero(file, inside, offset),
-            Self::Qcow2(img) => img.read_at(inside, offset),
-        }
-    }
-
-    /// As [`Image::read_cached`]: the bytes of a prefix of `buf` filled without waiting.
-    fn read_cached(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let avail = self.size().saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(avail);
-        let got = match self {
-            _ if inside.is_empty() => 0,
-            Self::Raw { file, plain_reads, .. } => read_cached_or_zero(file, plain_reads, inside, offset)?,
-            Self::Qcow2(img) => img.read_cached(inside, offset)?,
-        };
-        if got < avail {
-            return Ok(got);
-        }
-        past.fill(0);
-        Ok(buf.len())
-    }
-}
-
-/// Fill a prefix of `buf` at `offset` from the page cache without waiting for the device
-/// (`RWF_NOWAIT`); bytes past the end of the file read as zeroes. Returns the bytes filled.
-/// A filesystem that cannot read without waiting (tmpfs refuses the flag: it has no device to
-/// wait for) is read plainly, and `plain` remembers it for the file.
-fn read_cached_or_zero(file: &File, plain: &AtomicBool, buf: &mut [u8], offset: u64) -> Result<usize> {
-    if plain.load(Ordering::Relaxed) {
-        read_or_zero(file, buf, offset)?;
-        return Ok(buf.len());
-    }
-    let mut done = 0;
-    while done < buf.len() {
-        let Some(rest) = buf.get_mut(done..) else { break };
-        let at = offset + done as u64;
-        let flags = rustix::io::ReadWriteFlags::NOWAIT;
-        match rustix::io::preadv2(file, &mut [std::io::IoSliceMut::new(rest)], at, flags) {
-            Ok(0) => {
-                rest.fill(0);
-                return Ok(buf.len());
-            }
-            Ok(n) => done += n,
-            Err(rustix::io::Errno::INTR) => {}
-            // Not cached: the caller waits for the rest.
-            Err(rustix::io::Errno::AGAIN) => break,
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
-                plain.store(true, Ordering::Relaxed);
-                read_or_zero(file, rest, at)?;
-                return Ok(buf.len());
-            }
-            Err(e) => return Err(Error::io("read", at)(e.into())),
-        }
-    }
-    Ok(done)
-}
-
-/// Read `buf` at `offset`; bytes past the end of the file read as zeroes (as in qemu).
-pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let Some(rest) = buf.get_mut(done..) else { break };
-        match file.read_at(rest, offset + done as u64) {
-            Ok(0) => {
-                rest.fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("read", offset + done as u64)(e)),
-        }
-    }
-    Ok(())
 }
 
 /// What a range of the virtual disk holds, for block status and `qemu-img map`-like views.
@@ -242,7 +168,8 @@ pub struct Image {
     pub(crate) write_state: Option<Mutex<WriteState>>,
     /// The last compressed cluster decompressed: (host offset, contents).
     last_compressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-    /// [`Image::close`] succeeded and no write was asked for since: dropping has nothing to do.
+    /// [`Image::close`] succeeded (or [`Image::create`] made the image) and no write was asked
+    /// for since: closing again, or dropping, has nothing to do.
     pub(crate) closed: AtomicBool,
 }
 
@@ -264,165 +191,6 @@ impl std::fmt::Debug for Image {
 }
 
 impl Image {
-    /// Open an image (and its backing chain) read-only.
-    ///
-    /// # Errors
-    /// The file cannot be opened, is not a valid qcow2 image, or its chain is broken.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(path, &ImageOptions::default())
-    }
-
-    /// Open an image with options.
-    ///
-    /// # Errors
-    /// As [`Image::open`], plus [`Error::ReadOnly`] when writing is asked of an image this
-    /// crate will not write (corrupt bit, internal snapshots, unknown autoclear... see docs).
-    pub fn open_with(path: impl AsRef<Path>, opts: &ImageOptions) -> Result<Self> {
-        let mut seen = Vec::new();
-        Self::open_in_chain(path.as_ref(), opts, 0, &mut seen)
-    }
-
-    fn open_in_chain(path: &Path, opts: &ImageOptions, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<Self> {
-        if depth > MAX_BACKING_DEPTH {
-            return Err(Error::BackingChainTooDeep { limit: MAX_BACKING_DEPTH, path: path.to_path_buf() });
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .open(path)
-            .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
-        let meta = file.metadata().map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
-        let id = (meta.dev(), meta.ino());
-        if seen.contains(&id) {
-            return Err(Error::BackingLoop { path: path.to_path_buf() });
-        }
-        seen.push(id);
-        let file_len = meta.len();
-        let mut probe = vec![0u8; Header::PROBE_LEN.min(file_len as usize)];
-        read_or_zero(&file, &mut probe, 0)?;
-        let cluster = Header::probe_cluster_size(&probe)?;
-        let mut first = vec![0u8; cluster.min(file_len as usize)];
-        read_or_zero(&file, &mut first, 0)?;
-        let header = Header::parse(&first)?;
-        let geo = Geometry {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.extended_l2(),
-            v3: header.version == 3,
-            size: header.size,
-        };
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        if header.l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end > file_len) && l1_bytes > 0 {
-            return Err(Error::InvalidHeader {
-                field: "l1_table_offset",
-                value: header.l1_table_offset,
-                reason: "L1 table lies past the end of the file",
-            });
-        }
-        let mut raw = vec![0u8; l1_bytes as usize];
-        read_or_zero(&file, &mut raw, header.l1_table_offset)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect();
-        for (i, e) in l1.iter().enumerate() {
-            let off = layout::l1_entry_offset(*e, i as u64, header.cluster_bits)?;
-            if off != 0 && off + geo.cluster_size() > file_len {
-                return Err(Error::InvalidEntry {
-                    table: "L1",
-                    index: i as u64,
-                    value: *e,
-                    reason: "L2 table past end of file",
-                });
-            }
-        }
-        let backing = match &header.backing_file {
-            None => None,
-            Some(name) => {
-                let base = resolve_backing(path, name);
-                if let Some(dir) = &opts.confine_backing_to {
-                    confine(&base, dir)?;
-                }
-                let format = match header.backing_format().as_deref() {
-                    Some("qcow2") => BackingFormat::Qcow2,
-                    Some("raw") => BackingFormat::Raw,
-                    Some(other) => return Err(Error::Unsupported(format!("backing format '{other}'"))),
-                    None if opts.probe_backing_format => probe_format(&base)?,
-                    None => {
-                        return Err(Error::Unsupported(format!(
-                            "backing file '{name}' has no recorded format, and guessing it is turned off"
-                        )))
-                    }
-                };
-                Some(match format {
-                    BackingFormat::Qcow2 => {
-                        let ro = ImageOptions { writable: false, ..opts.clone() };
-                        Backing::Qcow2(Box::new(Self::open_in_chain(&base, &ro, depth + 1, seen)?))
-                    }
-                    BackingFormat::Raw => {
-                        let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
-                        let size = f.metadata().map_err(|source| Error::Open { path: base.clone(), source })?.len();
-                        Backing::Raw { file: Arc::new(f), size, plain_reads: AtomicBool::new(false) }
-                    }
-                })
-            }
-        };
-        let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
-        let mut image = Self {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            header,
-            geo,
-            l1: RwLock::new(l1),
-            l2_cache: Mutex::new(L2Cache::new(capacity)),
-            backing,
-            writable: opts.writable,
-            direct: match opts.direct_io {
-                true => Some(
-                    directio::Direct::open(path, opts.writable)
-                        .map_err(|source| Error::Open { path: path.to_path_buf(), source })?,
-                ),
-                false => None,
-            },
-            plain_reads: AtomicBool::new(false),
-            grown_to: AtomicU64::new(file_len),
-            write_state: None,
-            last_compressed: Mutex::new(None),
-            closed: AtomicBool::new(false),
-        };
-        if opts.writable {
-            image.check_writable()?;
-            image.prepare_for_writes(file_len)?;
-        }
-        Ok(image)
-    }
-
-    fn prepare_for_writes(&mut self, file_len: u64) -> Result<()> {
-        if self.header.autoclear_features != 0 {
-            // We do not maintain bitmaps (or anything else autoclear guards): clear the bits so
-            // qemu treats such data as stale instead of trusting it.
-            self.file.write_all_at(&0u64.to_be_bytes(), 88).map_err(Error::io("write header", 88))?;
-            self.file.sync_data().map_err(Error::io("fdatasync", 0))?;
-            self.header.autoclear_features = 0;
-        }
-        let mut file_len = file_len;
-        if self.header.incompatible_features & header::incompatible::DIRTY != 0 {
-            let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
-            crate::repair::rebuild(&self.file, &mut self.header, &l1, file_len)?;
-            file_len = self.file_len()?;
-        }
-        let refcounts = Refcounts::load(&self.file, &self.header, file_len)?;
-        self.write_state = Some(Mutex::new(WriteState::new(refcounts)));
-        Ok(())
-    }
-
-    fn check_writable(&self) -> Result<()> {
-        let h = &self.header;
-        if h.incompatible_features & header::incompatible::CORRUPT != 0 {
-            return Err(Error::ReadOnly("the image is marked corrupt (run qemu-img check -r all)"));
-        }
-        if h.nb_snapshots > 0 {
-            return Err(Error::ReadOnly("images with internal snapshots are opened read-only"));
-        }
-        Ok(())
-    }
-
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         self.geo.size
@@ -514,20 +282,6 @@ impl Image {
         Ok(())
     }
 
-    /// Read guest data at host offset `host` (zeroes past the end of the file): through
-    /// `O_DIRECT` when asked for and aligned.
-    fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
-        if let Some(direct) = self.direct.as_ref().filter(|_| directio::is_aligned(host, buf.len())) {
-            match direct.read_at(buf, host) {
-                Ok(()) => return Ok(()),
-                // The file ends inside the range: the buffered read fills the rest with zeroes.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
-                Err(e) => return Err(Error::io("read", host)(e)),
-            }
-        }
-        read_or_zero(&self.file, buf, host)
-    }
-
     pub(crate) fn has_backing(&self) -> bool {
         self.backing.is_some()
     }
@@ -614,123 +368,6 @@ impl Image {
             Some(end) if end <= self.geo.size => Ok(()),
             _ => Err(Error::OutOfRange { offset, length, size: self.geo.size }),
         }
-    }
-
-    /// The decompressed contents of the compressed cluster at `host`. The last one is kept, so
-    /// small reads walking through a compressed cluster decompress it once, not once per read.
-    /// (Host clusters are never rewritten in place while referenced, so the host offset is a
-    /// sound key.)
-    fn read_compressed(&self, host: u64, length: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some((at, data)) = self.last_compressed.lock().ok().and_then(|c| c.clone()) {
-            if at == host {
-                return Ok(data);
-            }
-        }
-        let cluster = self.geo.cluster_size();
-        // A compressed cluster is never longer than a cluster plus the sector it starts in.
-        let length = length.min(cluster + 512);
-        let mut input = vec![0u8; length as usize];
-        read_or_zero(&self.file, &mut input, host)?;
-        let mut out = vec![0u8; cluster as usize];
-        compress::decompress(self.header.compression, &input, &mut out, host)?;
-        let out = Arc::new(out);
-        if let Ok(mut c) = self.last_compressed.lock() {
-            *c = Some((host, Arc::clone(&out)));
-        }
-        Ok(out)
-    }
-
-    /// Read `buf.len()` bytes at guest `offset`.
-    ///
-    /// # Errors
-    /// Out of range, malformed metadata, or I/O.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (mapping, run) = self.mapping_at(pos)?;
-            let n = run.min((buf.len() - done) as u64) as usize;
-            // Never return with part of `buf` unfilled: the caller would send what was there.
-            let Some(dst) = buf.get_mut(done..done + n).filter(|d| !d.is_empty()) else {
-                return Err(Error::InvalidEntry { table: "L2", index: pos, value: run, reason: "empty mapping run" });
-            };
-            match mapping {
-                Mapping::Unallocated => match &self.backing {
-                    Some(b) => b.read_at(dst, pos)?,
-                    None => dst.fill(0),
-                },
-                Mapping::Zero => dst.fill(0),
-                Mapping::Data { host, .. } => self.read_data(dst, host)?,
-                Mapping::Compressed { host, length } => {
-                    let cluster = self.read_compressed(host, length)?;
-                    let within = (pos & (self.geo.cluster_size() - 1)) as usize;
-                    let src = cluster.get(within..within + n).ok_or_else(|| Error::CorruptCompressedCluster {
-                        offset: host,
-                        reason: "decompressed cluster shorter than the read".into(),
-                    })?;
-                    dst.copy_from_slice(src);
-                }
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Fill as much of `buf` (a guest range, as [`Image::read_at`]) as can be had without
-    /// waiting for a device: data the page cache holds, zero and unallocated ranges, clusters
-    /// whose L2 table is cached, the backing chain alike. Returns how many bytes from the start
-    /// of `buf` are filled (0 when the first piece would wait); the caller reads the rest with
-    /// `read_at`, off any thread that must not block. `O_DIRECT` data always waits; a file on a
-    /// filesystem that refuses `RWF_NOWAIT` (tmpfs, which never waits) is read plainly.
-    ///
-    /// # Errors
-    /// As [`Image::read_at`].
-    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        self.check_range(offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let Some((mapping, run)) = self.cached_mapping_at(pos)? else { break };
-            let n = run.min((buf.len() - done) as u64) as usize;
-            let Some(dst) = buf.get_mut(done..done + n).filter(|d| !d.is_empty()) else {
-                return Err(Error::InvalidEntry { table: "L2", index: pos, value: run, reason: "empty mapping run" });
-            };
-            let got = match mapping {
-                Mapping::Unallocated => match &self.backing {
-                    Some(b) => b.read_cached(dst, pos)?,
-                    None => {
-                        dst.fill(0);
-                        n
-                    }
-                },
-                Mapping::Zero => {
-                    dst.fill(0);
-                    n
-                }
-                Mapping::Data { host, .. } if self.direct.is_none() => {
-                    read_cached_or_zero(&self.file, &self.plain_reads, dst, host)?
-                }
-                Mapping::Data { .. } => 0,
-                Mapping::Compressed { host, .. } => {
-                    let last = self.last_compressed.lock().ok().and_then(|c| c.clone());
-                    let within = (pos & (self.geo.cluster_size() - 1)) as usize;
-                    let cached = last.filter(|(at, _)| *at == host);
-                    match cached.as_ref().and_then(|(_, c)| c.get(within..within + n)) {
-                        Some(src) => {
-                            dst.copy_from_slice(src);
-                            n
-                        }
-                        None => 0,
-                    }
-                }
-            };
-            done += got;
-            if got < n {
-                break;
-            }
-        }
-        Ok(done)
     }
 
     /// [`Image::mapping_at`] from memory only: `None` when the L2 table is not cached.
@@ -820,33 +457,5 @@ impl Image {
     }
 }
 
-/// `base` (symlinks resolved) must lie inside `dir`.
-fn confine(base: &Path, dir: &Path) -> Result<()> {
-    let outside = || Error::Unsupported(format!("backing file {} lies outside {}", base.display(), dir.display()));
-    let real = base.canonicalize().map_err(|source| Error::Open { path: base.to_path_buf(), source })?;
-    let dir = dir.canonicalize().map_err(|source| Error::Open { path: dir.to_path_buf(), source })?;
-    if real.starts_with(&dir) {
-        Ok(())
-    } else {
-        Err(outside())
-    }
-}
-
 /// How far past a direct write at the end of the file [`Image::write_data`] grows it at once.
 const GROW_AHEAD: u64 = 8 << 20;
-
-/// Resolve a backing name against the directory of the image that names it.
-pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return p.to_path_buf();
-    }
-    image.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())
-}
-
-fn probe_format(path: &Path) -> Result<BackingFormat> {
-    let f = File::open(path).map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
-    let mut magic = [0u8; 4];
-    read_or_zero(&f, &mut magic, 0)?;
-    Ok(if u32::from_be_bytes(magic) == header::MAGIC { BackingFormat::Qcow2 } else { BackingFormat::Raw })
-}

@@ -486,15 +486,16 @@ impl Image {
     }
 
     /// Flush and give back reserved but unused clusters, so `qemu-img check` finds no leaks.
-    /// Called on drop too, unless it has run since the last write; call it yourself to see its
-    /// errors, or to choose the thread that waits for the disk (an async service calls it off
-    /// its runtime, then drops the image anywhere), once writes have stopped. The image stays
-    /// usable: a later write reserves clusters again, and the drop closes once more.
+    /// Nothing to do if it has run since the last write, or the image was just created and not
+    /// written; the drop calls it otherwise. Call it yourself to see its errors, or to choose
+    /// the thread that waits for the disk (an async service calls it off its runtime, then drops
+    /// the image anywhere), once writes have stopped. The image stays usable: a later write
+    /// reserves clusters again, and the drop closes once more.
     ///
     /// # Errors
     /// I/O while releasing or syncing.
     pub fn close(&self) -> Result<()> {
-        if self.write_state.is_none() {
+        if self.write_state.is_none() || self.closed.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut st = self.state()?;

@@ -76,9 +76,9 @@ impl JobFiles {
                 DiskFile::Keep => continue,
                 DiskFile::Qcow2(opts) => {
                     remove_if_present(path).map_err(|e| failed("replace", path, &e))?;
-                    // Closed (reservation given back, synced) here, then reopened by its export.
-                    let image = Image::create(path, opts).map_err(|e| failed("create", path, &e))?;
-                    image.close().map_err(|e| failed("create", path, &e))?;
+                    // Made and synced here (a new image counts as closed: its drop has nothing
+                    // to do), then reopened by its export.
+                    Image::create(path, opts).map_err(|e| failed("create", path, &e))?;
                 }
                 DiskFile::Raw(size) => {
                     remove_if_present(path).map_err(|e| failed("replace", path, &e))?;

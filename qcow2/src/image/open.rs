@@ -1,0 +1,208 @@
+//! Opening an image: the header and the L1 table read and checked against the file's length
+//! before anything is sized from them; the backing chain opened eagerly, with a depth limit,
+//! loops found by device and inode, names resolved against the image's own directory as qemu
+//! does (and, if asked, confined to a directory); and a writable open prepared: autoclear bits
+//! cleared, a dirty image's refcounts rebuilt, the refcounts loaded.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::{read_or_zero, Backing, BackingFormat, Image, ImageOptions, MAX_BACKING_DEPTH};
+use crate::error::{Error, Result};
+use crate::header::{self, Header};
+use crate::l2cache::L2Cache;
+use crate::layout::{self, Geometry};
+use crate::refcount::Refcounts;
+use crate::write::WriteState;
+
+impl Image {
+    /// Open an image (and its backing chain) read-only.
+    ///
+    /// # Errors
+    /// The file cannot be opened, is not a valid qcow2 image, or its chain is broken.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, &ImageOptions::default())
+    }
+
+    /// Open an image with options.
+    ///
+    /// # Errors
+    /// As [`Image::open`], plus [`Error::ReadOnly`] when writing is asked of an image this
+    /// crate will not write (corrupt bit, internal snapshots, unknown autoclear... see docs).
+    pub fn open_with(path: impl AsRef<Path>, opts: &ImageOptions) -> Result<Self> {
+        let mut seen = Vec::new();
+        Self::open_in_chain(path.as_ref(), opts, 0, &mut seen)
+    }
+
+    fn open_in_chain(path: &Path, opts: &ImageOptions, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<Self> {
+        if depth > MAX_BACKING_DEPTH {
+            return Err(Error::BackingChainTooDeep { limit: MAX_BACKING_DEPTH, path: path.to_path_buf() });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(opts.writable)
+            .open(path)
+            .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+        let meta = file.metadata().map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+        let id = (meta.dev(), meta.ino());
+        if seen.contains(&id) {
+            return Err(Error::BackingLoop { path: path.to_path_buf() });
+        }
+        seen.push(id);
+        let file_len = meta.len();
+        let mut probe = vec![0u8; Header::PROBE_LEN.min(file_len as usize)];
+        read_or_zero(&file, &mut probe, 0)?;
+        let cluster = Header::probe_cluster_size(&probe)?;
+        let mut first = vec![0u8; cluster.min(file_len as usize)];
+        read_or_zero(&file, &mut first, 0)?;
+        let header = Header::parse(&first)?;
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended_l2: header.extended_l2(),
+            v3: header.version == 3,
+            size: header.size,
+        };
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if header.l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end > file_len) && l1_bytes > 0 {
+            return Err(Error::InvalidHeader {
+                field: "l1_table_offset",
+                value: header.l1_table_offset,
+                reason: "L1 table lies past the end of the file",
+            });
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
+        read_or_zero(&file, &mut raw, header.l1_table_offset)?;
+        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default())).collect();
+        for (i, e) in l1.iter().enumerate() {
+            let off = layout::l1_entry_offset(*e, i as u64, header.cluster_bits)?;
+            if off != 0 && off + geo.cluster_size() > file_len {
+                return Err(Error::InvalidEntry {
+                    table: "L1",
+                    index: i as u64,
+                    value: *e,
+                    reason: "L2 table past end of file",
+                });
+            }
+        }
+        let backing = match &header.backing_file {
+            None => None,
+            Some(name) => {
+                let base = resolve_backing(path, name);
+                if let Some(dir) = &opts.confine_backing_to {
+                    confine(&base, dir)?;
+                }
+                let format = match header.backing_format().as_deref() {
+                    Some("qcow2") => BackingFormat::Qcow2,
+                    Some("raw") => BackingFormat::Raw,
+                    Some(other) => return Err(Error::Unsupported(format!("backing format '{other}'"))),
+                    None if opts.probe_backing_format => probe_format(&base)?,
+                    None => {
+                        return Err(Error::Unsupported(format!(
+                            "backing file '{name}' has no recorded format, and guessing it is turned off"
+                        )))
+                    }
+                };
+                Some(match format {
+                    BackingFormat::Qcow2 => {
+                        let ro = ImageOptions { writable: false, ..opts.clone() };
+                        Backing::Qcow2(Box::new(Self::open_in_chain(&base, &ro, depth + 1, seen)?))
+                    }
+                    BackingFormat::Raw => {
+                        let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
+                        let size = f.metadata().map_err(|source| Error::Open { path: base.clone(), source })?.len();
+                        Backing::Raw { file: Arc::new(f), size, plain_reads: AtomicBool::new(false) }
+                    }
+                })
+            }
+        };
+        let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
+        let mut image = Self {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            header,
+            geo,
+            l1: RwLock::new(l1),
+            l2_cache: Mutex::new(L2Cache::new(capacity)),
+            backing,
+            writable: opts.writable,
+            direct: match opts.direct_io {
+                true => Some(
+                    directio::Direct::open(path, opts.writable)
+                        .map_err(|source| Error::Open { path: path.to_path_buf(), source })?,
+                ),
+                false => None,
+            },
+            plain_reads: AtomicBool::new(false),
+            grown_to: AtomicU64::new(file_len),
+            write_state: None,
+            last_compressed: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        };
+        if opts.writable {
+            image.check_writable()?;
+            image.prepare_for_writes(file_len)?;
+        }
+        Ok(image)
+    }
+
+    fn prepare_for_writes(&mut self, file_len: u64) -> Result<()> {
+        if self.header.autoclear_features != 0 {
+            // We do not maintain bitmaps (or anything else autoclear guards): clear the bits so
+            // qemu treats such data as stale instead of trusting it.
+            self.file.write_all_at(&0u64.to_be_bytes(), 88).map_err(Error::io("write header", 88))?;
+            self.file.sync_data().map_err(Error::io("fdatasync", 0))?;
+            self.header.autoclear_features = 0;
+        }
+        let mut file_len = file_len;
+        if self.header.incompatible_features & header::incompatible::DIRTY != 0 {
+            let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
+            crate::repair::rebuild(&self.file, &mut self.header, &l1, file_len)?;
+            file_len = self.file_len()?;
+        }
+        let refcounts = Refcounts::load(&self.file, &self.header, file_len)?;
+        self.write_state = Some(Mutex::new(WriteState::new(refcounts)));
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        let h = &self.header;
+        if h.incompatible_features & header::incompatible::CORRUPT != 0 {
+            return Err(Error::ReadOnly("the image is marked corrupt (run qemu-img check -r all)"));
+        }
+        if h.nb_snapshots > 0 {
+            return Err(Error::ReadOnly("images with internal snapshots are opened read-only"));
+        }
+        Ok(())
+    }
+}
+
+/// `base` (symlinks resolved) must lie inside `dir`.
+fn confine(base: &Path, dir: &Path) -> Result<()> {
+    let outside = || Error::Unsupported(format!("backing file {} lies outside {}", base.display(), dir.display()));
+    let real = base.canonicalize().map_err(|source| Error::Open { path: base.to_path_buf(), source })?;
+    let dir = dir.canonicalize().map_err(|source| Error::Open { path: dir.to_path_buf(), source })?;
+    if real.starts_with(&dir) {
+        Ok(())
+    } else {
+        Err(outside())
+    }
+}
+
+/// Resolve a backing name against the directory of the image that names it.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    image.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())
+}
+
+fn probe_format(path: &Path) -> Result<BackingFormat> {
+    let f = File::open(path).map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+    let mut magic = [0u8; 4];
+    read_or_zero(&f, &mut magic, 0)?;
+    Ok(if u32::from_be_bytes(magic) == header::MAGIC { BackingFormat::Qcow2 } else { BackingFormat::Raw })
+}
