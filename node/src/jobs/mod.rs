@@ -7,8 +7,8 @@
 //! of the next incremental. When a copy fails, the blocks it wrote are marked unknown in the
 //! committed map, so a target written in place (a replica) gets them again next time.
 //!
-//! Policy (which base a disk is copied against, and why) is the pure function [`choose_base`].
-//! Restore jobs are `restore`, the snapshot hooks `hooks`.
+//! One disk's copy, with the policy of which base it is copied against (the pure function
+//! [`choose_base`]), is `copy`; restore jobs are `restore`, the snapshot hooks `hooks`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -18,18 +18,16 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{BackupType, CopyMode, DiskStatus, JobStatus, JobView, StartRequest};
-use crate::blockmap::{BlockMap, UNKNOWN};
 use crate::config::{valid_name, Settings, Vm};
-use crate::error::MoveError;
-use crate::mover::{self, Base, Progress, WrittenSet};
-use crate::pool::{Endpoint, NbdPool, ThroughTunnel};
-use crate::sink::Sink;
-use crate::source::Source;
+use crate::mover::Progress;
+use crate::pool::{Endpoint, ThroughTunnel};
 use crate::targets::{self, Target};
 
+mod copy;
 mod hooks;
 mod restore;
 
+pub use copy::{choose_base, BaseChoice};
 use hooks::run_hook;
 
 /// Finished jobs kept for status queries.
@@ -189,61 +187,6 @@ impl Job {
             s.status = status;
             s.error = error;
         }
-    }
-}
-
-/// The base a disk is copied against, the mode reported, and why.
-#[derive(Debug, Clone)]
-pub struct BaseChoice {
-    /// The base.
-    pub base: Base,
-    /// Mode shown in the status.
-    pub mode: CopyMode,
-    /// Why a full copy replaced an incremental.
-    pub reason: Option<String>,
-    /// `bitmap`, `hashes` or `none`.
-    pub change_source: &'static str,
-}
-
-/// Decide how a disk is copied: pure, tested on its own.
-///
-/// - full: the target is a fresh image, so the base is all zeroes;
-/// - incremental with a dirty bitmap: only dirty blocks are read (against the committed map if
-///   any, for the checksum);
-/// - incremental with a committed map of the same geometry: hashes decide;
-/// - otherwise a full copy that writes every block, zeroes included (the target may be an
-///   overlay or a replica holding other data), with the reason.
-pub fn choose_base(
-    backup_type: BackupType,
-    committed: Option<BlockMap>,
-    source_size: u64,
-    block_size: u64,
-    has_bitmap: bool,
-) -> BaseChoice {
-    let full = |base, reason: Option<&str>| BaseChoice {
-        base,
-        mode: CopyMode::Full,
-        reason: reason.map(str::to_string),
-        change_source: "none",
-    };
-    if backup_type == BackupType::Full {
-        return full(Base::Zero, None);
-    }
-    let committed = committed.filter(|m| m.disk_size == source_size && m.block_size == block_size);
-    match (has_bitmap, committed) {
-        (true, map) => BaseChoice {
-            base: map.map(Base::Map).unwrap_or(Base::Unknown),
-            mode: CopyMode::Incremental,
-            reason: None,
-            change_source: "bitmap",
-        },
-        (false, Some(map)) => {
-            BaseChoice { base: Base::Map(map), mode: CopyMode::Incremental, reason: None, change_source: "hashes" }
-        }
-        (false, None) => full(
-            Base::Unknown,
-            Some("no committed change-tracking state for this disk (new disk, resized disk, or first run): full copy"),
-        ),
     }
 }
 
@@ -495,133 +438,6 @@ impl Jobs {
         }
     }
 
-    async fn copy_one(
-        &self,
-        job: &Job,
-        index: usize,
-        vm: &str,
-        disk: &crate::config::Disk,
-        endpoint: Endpoint,
-        backup_type: BackupType,
-    ) -> Result<(), String> {
-        let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
-        set_disk(dj, "running", None, None);
-        let opts = &self.settings.copy;
-        let fail = |e: MoveError| {
-            let status = if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" };
-            set_disk(dj, status, None, Some(e.to_string()));
-            format!("disk {}: {e}", disk.key)
-        };
-        let source = tokio::select! {
-            _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
-            s = Source::open(&disk.source, opts.connections, job.cancel.clone()) => s,
-        }
-        .map_err(fail)?;
-        let source = Arc::new(source);
-        let map_path = self.map_path(vm, job.kind, disk.key);
-        // Read and checked (BLAKE3) off the runtime: a large disk's map is megabytes.
-        let at = map_path.clone();
-        let mut committed = off_runtime(move || BlockMap::load(&at)).await.ok().flatten();
-        // A replica is written in place: a run that stopped without accounting for what it wrote
-        // (the node was killed) or was never committed leaves the target ahead of the committed
-        // map, so the map cannot be trusted. The marker lives from the start of a replica copy
-        // until its commit (or until a failure has marked its blocks).
-        let inflight = map_path.with_extension("map.inflight");
-        let interrupted = job.kind == JobKind::Replicate && inflight.exists();
-        if interrupted {
-            committed = None;
-        }
-        if job.kind == JobKind::Replicate {
-            let (marker, id) = (inflight.clone(), job.id.clone());
-            off_runtime(move || {
-                std::fs::create_dir_all(marker.parent().unwrap_or(Path::new(".")))
-                    .and_then(|()| std::fs::write(&marker, id.as_bytes()))
-                    .and_then(|()| sync_dir(&marker))
-            })
-            .await
-            .and_then(|made| made)
-            .map_err(|e| fail(MoveError::Destination { what: "replica run marker".into(), source: e }))?;
-        }
-        let sink = tokio::select! {
-            _ = job.cancel.cancelled() => Err(MoveError::Cancelled),
-            p = NbdPool::connect(endpoint, opts.connections, opts.retry_window, job.cancel.clone()) => p,
-        }
-        .map_err(fail)?;
-        let mut choice = choose_base(
-            backup_type,
-            committed.clone(),
-            source.size(),
-            opts.block_size_for(source.size()),
-            source.has_dirty_bitmap(),
-        );
-        if interrupted && choice.mode == CopyMode::Full && backup_type == BackupType::Incremental {
-            choice.reason =
-                Some("the previous replica run did not finish or was not committed: every block is written".into());
-        }
-        if matches!(choice.base, Base::Zero) && !sink.reads_as_zero().await.map_err(fail)? {
-            // A "full" into a target that already holds data (an overlay, a reused replica):
-            // zero blocks must be written too.
-            choice.base = Base::Unknown;
-            choice.reason = Some("the target is not empty: every block is written, zeroes included".into());
-        }
-        set_choice(dj, &choice);
-        tracing::info!(job = %job.id, disk = disk.key, mode = ?choice.mode, changes = choice.change_source, reason = ?choice.reason, "copying disk");
-        let sink = Arc::new(Sink::Nbd(sink));
-        let written = Arc::new(WrittenSet::default());
-        let result = mover::copy_disk(
-            Arc::clone(&source),
-            Arc::clone(&sink),
-            choice.base,
-            opts,
-            Arc::clone(&dj.progress),
-            Arc::clone(&written),
-            job.cancel.clone(),
-        )
-        .await;
-        sink.close().await;
-        source.close().await;
-        match result {
-            Ok(outcome) => {
-                let pending = map_path.with_extension(format!("map.pending-{}", job.id));
-                let (map, at) = (outcome.map, pending.clone());
-                off_runtime(move || map.save(&at))
-                    .await
-                    .map_err(|e| fail(MoveError::Destination { what: "change-tracking state".into(), source: e }))?
-                    .map_err(|e| fail(e.into_move_error()))?;
-                if let Ok(mut s) = dj.state.lock() {
-                    s.status = "completed";
-                    s.checksum = outcome.checksum;
-                    s.reconnects = outcome.reconnects;
-                    s.pending_map = Some(pending);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                if let Some(mut map) = committed {
-                    let blocks = written.blocks();
-                    if !blocks.is_empty() {
-                        for b in blocks {
-                            if let Some(h) = map.hashes.get_mut(b as usize) {
-                                *h = UNKNOWN;
-                            }
-                        }
-                        let at = map_path.clone();
-                        let saved = off_runtime(move || map.save(&at))
-                            .await
-                            .map_err(|e| MoveError::Destination { what: "change-tracking state".into(), source: e });
-                        if let Err(e) = saved.and_then(|s| s.map_err(|e| e.into_move_error())) {
-                            tracing::error!(error = %e, "could not mark written blocks in the committed map");
-                            return Err(fail(e));
-                        }
-                    }
-                }
-                // What this run wrote is accounted for in the committed map now.
-                let _ = std::fs::remove_file(&inflight);
-                Err(fail(e))
-            }
-        }
-    }
-
     /// Make a completed job's maps the base of the next incremental.
     ///
     /// # Errors
@@ -681,14 +497,6 @@ fn set_disk(d: &DiskJob, status: &'static str, checksum: Option<String>, error: 
     }
 }
 
-fn set_choice(d: &DiskJob, c: &BaseChoice) {
-    if let Ok(mut s) = d.state.lock() {
-        s.mode = c.mode;
-        s.mode_reason.clone_from(&c.reason);
-        s.change_source = c.change_source;
-    }
-}
-
 impl DiskJob {
     fn new(key: u32, mode: CopyMode) -> Self {
         Self {
@@ -734,24 +542,4 @@ enum RunError {
     Failed(String),
     /// Stopped by a cancel, nothing failed.
     Cancelled,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_base_follows_the_request_and_the_state() {
-        let map = BlockMap::zeroed(1 << 20, 1 << 18);
-        let c = choose_base(BackupType::Full, Some(map.clone()), 1 << 20, 1 << 18, true);
-        assert!(matches!(c.base, Base::Zero) && c.mode == CopyMode::Full && c.reason.is_none());
-        let c = choose_base(BackupType::Incremental, Some(map.clone()), 1 << 20, 1 << 18, false);
-        assert!(matches!(c.base, Base::Map(_)) && c.mode == CopyMode::Incremental && c.change_source == "hashes");
-        let c = choose_base(BackupType::Incremental, None, 1 << 20, 1 << 18, false);
-        assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full && c.reason.is_some());
-        let c = choose_base(BackupType::Incremental, Some(map.clone()), 2 << 20, 1 << 18, false);
-        assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full, "a resized disk is copied in full");
-        let c = choose_base(BackupType::Incremental, None, 1 << 20, 1 << 18, true);
-        assert!(matches!(c.base, Base::Unknown) && c.change_source == "bitmap");
-    }
 }
