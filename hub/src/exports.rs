@@ -236,3 +236,32 @@ impl Exports {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_export_that_cannot_listen_or_whose_name_is_taken_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("d.qcow2");
+        Image::create(&image, &qcow2::CreateOptions::new(1 << 20)).unwrap();
+        let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false).unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap().port();
+        let err = exports.open("d", busy, &image, false).await.unwrap_err();
+        assert!(err.contains("cannot listen"), "{err}");
+        assert!(exports.views().is_empty(), "nothing half-open is listed");
+        // The name was never taken: the same export opens on a free port.
+        let port = testports::free_port();
+        exports.open("d", port, &image, false).await.unwrap();
+        let second = testports::free_port();
+        let err = exports.open("d", second, &image, true).await.unwrap_err();
+        assert!(err.contains("export d"), "{err}");
+        let views = exports.views();
+        assert!(views.len() == 1 && views[0].port == port && !views[0].read_only, "{views:?}");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", second)).is_ok(), "the refused export's port is free");
+        assert!(exports.close("d").await.is_some());
+        assert!(exports.views().is_empty());
+    }
+}
