@@ -51,7 +51,9 @@ const POLL_FINISHING: Duration = Duration::from_millis(20);
 const KEEP_FINISHED: usize = 500;
 
 /// Which backup an incremental builds on: the newest completed backup of the VM, if the node's
-/// change-tracking state was committed for exactly that backup; otherwise a full backup, and why.
+/// change-tracking state was committed for exactly that backup and its chain (it and the
+/// backups under it) has room for one more image ([`MAX_CHAIN`]); otherwise a full backup, and
+/// why.
 pub fn choose_parent<'a>(
     requested: BackupType,
     history: &'a [&'a Manifest],
@@ -75,7 +77,37 @@ pub fn choose_parent<'a>(
             )),
         );
     }
+    let images = chain_images(newest, history);
+    if images >= MAX_CHAIN {
+        return (
+            BackupType::Full,
+            None,
+            Some(format!(
+                "backup {} ends a chain of {images} images, the most one chain holds ({MAX_CHAIN}): a \
+                 full backup was made and starts a new chain",
+                newest.backup_id
+            )),
+        );
+    }
     (BackupType::Incremental, Some(newest), None)
+}
+
+/// The most images one chain holds: a full backup and the incrementals on it. `qcow2` opens at
+/// most [`qcow2::image::MAX_BACKING_DEPTH`] backing files under an image; an incremental on a
+/// longer chain could be neither made nor restored, so the hub makes a full backup instead.
+pub const MAX_CHAIN: usize = qcow2::image::MAX_BACKING_DEPTH + 1;
+
+/// Images in `backup`'s chain: it and its parents, as far as `history` holds them.
+fn chain_images(backup: &Manifest, history: &[&Manifest]) -> usize {
+    let mut images = 1;
+    let mut parent = backup.parent_id.as_deref();
+    // Bounded by the history: a parent loop in hand-edited manifests cannot spin.
+    while let Some(id) = parent.filter(|_| images <= history.len()) {
+        let Some(up) = history.iter().find(|m| m.backup_id == id) else { break };
+        images += 1;
+        parent = up.parent_id.as_deref();
+    }
+    images
 }
 
 /// Cancel `id` on the node and wait (up to 30 s) until it is over there; true when it is.
@@ -572,5 +604,36 @@ mod tests {
         assert!(t == BackupType::Full && note.unwrap().contains("no completed backup"));
         let (t, p, note) = choose_parent(BackupType::Full, &history, Some("b"));
         assert!(t == BackupType::Full && p.is_none() && note.is_none());
+    }
+
+    /// A chain of `len` backups: a full one, then incrementals each on the one before.
+    fn chain(len: usize) -> Vec<Manifest> {
+        (0..len)
+            .map(|i| Manifest {
+                parent_id: i.checked_sub(1).map(|p| format!("b{p:02}")),
+                ..manifest(&format!("b{i:02}"), &format!("2026-01-01T00:00:{i:02}Z"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_incremental_on_a_full_chain_becomes_a_full_backup_that_starts_a_new_one() {
+        let room = chain(MAX_CHAIN - 1);
+        let history: Vec<&Manifest> = room.iter().collect();
+        let newest = format!("b{:02}", MAX_CHAIN - 2);
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest));
+        assert_eq!((t, p.map(|m| m.backup_id.clone()), note), (BackupType::Incremental, Some(newest), None));
+        let full = chain(MAX_CHAIN);
+        let history: Vec<&Manifest> = full.iter().collect();
+        let newest = format!("b{:02}", MAX_CHAIN - 1);
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest));
+        assert!(t == BackupType::Full && p.is_none(), "{note:?}");
+        assert!(note.unwrap().contains(&format!("ends a chain of {MAX_CHAIN} images")));
+        // Hand-edited manifests whose parents loop do not hang the hub.
+        let mut looped = chain(3);
+        looped[0].parent_id = Some("b02".into());
+        let history: Vec<&Manifest> = looped.iter().collect();
+        let (t, _, _) = choose_parent(BackupType::Incremental, &history, Some("b02"));
+        assert_eq!(t, BackupType::Incremental);
     }
 }

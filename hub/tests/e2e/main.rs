@@ -2,9 +2,11 @@
 //! processes started here with their own config files; the node reaches the hub through the
 //! hub's SSH endpoint, through OpenSSH's sshd in its place, or over direct TCP. Every image is
 //! judged by qemu-img, every restore compared with its source. Then the faults production
-//! brings: SSH, the node and the hub killed mid-backup, a source disk that disappears, a full
-//! repository, 20 VMs at once, 101 disks in flight, and bad input at every door.
+//! brings: SSH, the node and the hub killed mid-backup (the hub at random moments too: `crash`),
+//! a source disk that disappears, a full repository, 20 VMs at once, 101 disks in flight, and bad
+//! input at every door.
 
+mod crash;
 mod site;
 
 use std::time::{Duration, Instant};
@@ -301,6 +303,37 @@ async fn the_hub_killed_mid_backup_and_restarted_lists_no_half_backup_and_the_ne
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     next_incremental_is_correct(&site, &full).await;
+}
+
+/// Daily incrementals fill a chain: the 17th image (a full backup and 16 incrementals, as deep as
+/// an image's backing chain may go) is made, verified and read back whole; the next incremental
+/// asked for is made as a full backup that starts a new chain, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_starts_a_new_chain() {
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, Options::default()).await;
+    let mut newest = site.backup("vm", "full").await;
+    for day in 1..17u8 {
+        change(&site.source("vm", 0), u64::from(day) * (128 << 10), day);
+        let next = site.backup("vm", "incremental").await;
+        assert_eq!((&next["backup_type"], &next["parent_id"]), (&json!("incremental"), &newest["backup_id"]), "{next}");
+        newest = next;
+    }
+    site.assert_backup_equals_sources("vm", &newest, 2);
+    let (status, v) =
+        site.hub("POST", &format!("/api/v1/backups/{}/verify", newest["backup_id"].as_str().unwrap()), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "the 17th image verifies: {v}");
+    change(&site.source("vm", 1), MIB, 0x17);
+    let (status, started) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "incremental"}))).await;
+    assert_eq!((status, &started["backup_type"]), (202, &json!("full")), "{started}");
+    assert!(started["note"].as_str().is_some_and(|n| n.contains("ends a chain of 17 images")), "{started}");
+    let fresh = site.wait(&format!("/api/v1/backups/{}", started["backup_id"].as_str().unwrap())).await;
+    assert_eq!((&fresh["status"], &fresh["parent_id"]), (&json!("completed"), &Value::Null), "{fresh}");
+    site.assert_backup_equals_sources("vm", &fresh, 2);
+    change(&site.source("vm", 0), 0, 0x18);
+    let next = site.backup("vm", "incremental").await;
+    assert_eq!((&next["backup_type"], &next["parent_id"]), (&json!("incremental"), &fresh["backup_id"]), "{next}");
+    site.assert_backup_equals_sources("vm", &next, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
