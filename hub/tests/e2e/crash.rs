@@ -1,15 +1,16 @@
-//! The hub killed (SIGKILL) at a random moment of a backup, round after round: while the job
-//! makes its files, while data flows, while it verifies, writes the manifest or tells the node
-//! to commit. After each restart the repository must hold only whole backups (each listed one
-//! completed, no directory without its listing, the newest one verifying), no port may stay
-//! leased, the node's orphaned run must end, and the next backup must equal the sources.
+//! The hub or the node killed (SIGKILL) at a random moment of a backup, round after round: while
+//! the job makes its files, while data flows, while the hub verifies, writes the manifest or
+//! tells the node to commit (and the node renames its maps). After each restart the repository
+//! must hold only whole backups (each listed one completed, or the killed run failed; no
+//! directory without a completed listing; the newest verifying), no port may stay leased, the
+//! node's run must end, and the next backup must equal the sources.
 //!
-//! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3); `HUB_KILL_SEED` replays the moments of a run
-//! (printed at its start).
+//! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3 of each); `HUB_KILL_SEED` replays the moments of a
+//! run (printed at its start).
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::site::{change, Options, Site, Transport, Vm, MIB};
 
@@ -38,13 +39,29 @@ struct Outcomes {
     gone: usize,
 }
 
+/// Which process a round kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victim {
+    Hub,
+    Node,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_killed_at_any_moment_of_a_backup_leaves_only_whole_backups() {
+    kill_rounds(Victim::Hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_killed_at_any_moment_of_a_backup_leaves_only_whole_backups() {
+    kill_rounds(Victim::Node).await;
+}
+
+async fn kill_rounds(victim: Victim) {
     let rounds = env_number("HUB_KILL_ROUNDS").unwrap_or(3);
     let seed = env_number("HUB_KILL_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
-    eprintln!("HUB_KILL_SEED={seed}");
+    eprintln!("{victim:?}: HUB_KILL_SEED={seed}");
     let mut moments = Moments(seed);
     let mut site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, Options::default()).await;
     // How long a whole backup takes here: kills fall anywhere in it, and a little after.
@@ -52,18 +69,30 @@ async fn the_hub_killed_at_any_moment_of_a_backup_leaves_only_whole_backups() {
     site.backup("vm", "full").await;
     let span_ms = (started.elapsed().as_millis() as u64 * 13 / 10).max(50);
     let mut outcomes = Outcomes::default();
+    let mut killed = Vec::new();
     for round in 0..rounds {
         change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
         change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
         let kind = if moments.next().is_multiple_of(3) { "full" } else { "incremental" };
         let at = Duration::from_millis(moments.next() % span_ms);
         let id = site.start_backup("vm", kind).await;
+        killed.push(id.clone());
         tokio::time::sleep(at).await;
-        site.kill_hub();
-        site.start_hub();
-        let context = format!("round {round} (HUB_KILL_SEED={seed}): {kind} {id} killed after {at:?}");
-        let listed = assert_only_whole_backups(&site, &context).await;
-        if listed.iter().any(|b| b["backup_id"] == id.as_str()) {
+        match victim {
+            Victim::Hub => {
+                site.kill_hub();
+                site.start_hub();
+            }
+            Victim::Node => {
+                site.kill_node();
+                site.start_node();
+                // The hub's job ends: failed (its node went away) or completed before the kill.
+                site.wait(&format!("/api/v1/backups/{id}")).await;
+            }
+        }
+        let context = format!("{victim:?} round {round} (HUB_KILL_SEED={seed}): {kind} {id} killed after {at:?}");
+        let completed = assert_only_whole_backups(&site, &killed, &context).await;
+        if completed.iter().any(|b| b == &id) {
             outcomes.completed += 1;
         } else {
             outcomes.gone += 1;
@@ -77,15 +106,21 @@ async fn the_hub_killed_at_any_moment_of_a_backup_leaves_only_whole_backups() {
         let next = site.backup("vm", "incremental").await;
         site.assert_backup_equals_sources("vm", &next, 2);
     }
-    eprintln!("{rounds} kills: {outcomes:?}");
+    eprintln!("{victim:?}: {rounds} kills: {outcomes:?}");
 }
 
-/// Every backup listed is completed and has its directory, every directory is a listed backup,
-/// and the newest verifies. Returns the listing.
-async fn assert_only_whole_backups(site: &Site, context: &str) -> Vec<Value> {
+/// Every backup listed is completed (or is a killed run, failed), every completed one has its
+/// directory and every directory is a completed backup, and the newest verifies. Returns the
+/// completed backups' ids.
+async fn assert_only_whole_backups(site: &Site, killed: &[String], context: &str) -> Vec<String> {
     let list = site.backups("vm").await;
+    let mut completed = Vec::new();
     for b in &list {
-        assert_eq!(b["status"], "completed", "{context}: {b}");
+        match b["status"].as_str() {
+            Some("completed") => completed.push(b["backup_id"].as_str().unwrap().to_string()),
+            Some("failed") if killed.iter().any(|k| b["backup_id"] == k.as_str()) => {}
+            _ => panic!("{context}: {b}"),
+        }
     }
     let repo = site.as_hub_sees(&site.path().join("repo").join("vm"));
     let mut dirs: Vec<String> = std::fs::read_dir(&repo)
@@ -94,13 +129,12 @@ async fn assert_only_whole_backups(site: &Site, context: &str) -> Vec<Value> {
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    let mut ids: Vec<String> = list.iter().map(|b| b["backup_id"].as_str().unwrap().to_string()).collect();
     dirs.sort();
+    let mut ids = completed.clone();
     ids.sort();
-    assert_eq!(dirs, ids, "{context}: the repository holds exactly the listed backups");
-    let newest = list.first().unwrap_or_else(|| panic!("{context}: the first full backup is gone"));
-    let (status, v) =
-        site.hub("POST", &format!("/api/v1/backups/{}/verify", newest["backup_id"].as_str().unwrap()), None).await;
+    assert_eq!(dirs, ids, "{context}: the repository holds exactly the completed backups");
+    let newest = completed.first().unwrap_or_else(|| panic!("{context}: the first full backup is gone"));
+    let (status, v) = site.hub("POST", &format!("/api/v1/backups/{newest}/verify"), None).await;
     assert_eq!((status, &v["ok"]), (200, &json!(true)), "{context}: {v}");
-    list
+    completed
 }
