@@ -31,8 +31,10 @@ pub(super) enum DiskFile {
     Qcow2(CreateOptions),
     /// A new raw file of this size (a raw replica), replacing any file there.
     Raw(u64),
-    /// The file there is written in place (a replica kept in sync).
-    Keep,
+    /// The file there is written in place (a replica kept in sync) if it holds a disk of `size`
+    /// bytes; otherwise (the VM's disk was resized, or the file cannot be read) `fresh` replaces
+    /// it, and the node copies that disk in full.
+    Keep { size: u64, fresh: Box<DiskFile> },
 }
 
 /// Everything a job makes before it opens its exports.
@@ -72,24 +74,43 @@ impl JobFiles {
             std::fs::write(path, contents.as_bytes()).map_err(|e| failed("write", path, &e))?;
         }
         for (path, file) in &self.disks {
-            match file {
-                DiskFile::Keep => continue,
-                DiskFile::Qcow2(opts) => {
-                    remove_if_present(path).map_err(|e| failed("replace", path, &e))?;
-                    // Made and synced here (a new image counts as closed: its drop has nothing
-                    // to do), then reopened by its export.
-                    Image::create(path, opts).map_err(|e| failed("create", path, &e))?;
-                }
-                DiskFile::Raw(size) => {
-                    remove_if_present(path).map_err(|e| failed("replace", path, &e))?;
-                    std::fs::File::create(path)
-                        .and_then(|f| f.set_len(*size))
-                        .map_err(|e| failed("create", path, &e))?;
-                }
-            }
+            make_disk_file(path, file)?;
         }
         Ok(())
     }
+}
+
+fn make_disk_file(path: &Path, file: &DiskFile) -> Result<(), HubError> {
+    let failed =
+        |what: &str, e: &dyn std::fmt::Display| HubError::Internal(format!("cannot {what} {}: {e}", path.display()));
+    match file {
+        DiskFile::Keep { size, fresh } => match disk_size(path) {
+            Some(held) if held == *size => Ok(()),
+            held => {
+                tracing::info!(file = %path.display(), ?held, size, "the disk changed size: its file is made anew");
+                make_disk_file(path, fresh)
+            }
+        },
+        DiskFile::Qcow2(opts) => {
+            remove_if_present(path).map_err(|e| failed("replace", &e))?;
+            // Made and synced here (a new image counts as closed: its drop has nothing to do),
+            // then reopened by its export.
+            Image::create(path, opts).map_err(|e| failed("create", &e))?;
+            Ok(())
+        }
+        DiskFile::Raw(size) => {
+            remove_if_present(path).map_err(|e| failed("replace", &e))?;
+            std::fs::File::create(path).and_then(|f| f.set_len(*size)).map_err(|e| failed("create", &e))
+        }
+    }
+}
+
+/// The size of the disk a file holds: a raw replica's length, a qcow2 image's virtual size.
+fn disk_size(path: &Path) -> Option<u64> {
+    if path.extension().is_some_and(|e| e == "raw") {
+        return std::fs::metadata(path).ok().map(|m| m.len());
+    }
+    Image::open_with(path, &repo::image_options(path, false)).ok().map(|image| image.size())
 }
 
 fn remove_if_present(path: &Path) -> std::io::Result<()> {

@@ -345,9 +345,16 @@ impl Hub {
                     DiskFile::Qcow2(CreateOptions::overlay(backing, BackingFormat::Qcow2))
                 }
                 (Kind::Backup, None) => DiskFile::Qcow2(CreateOptions::new(d.size)),
-                (Kind::Replication, _) if path.exists() && backup_type != BackupType::Full => DiskFile::Keep,
-                (Kind::Replication, _) if self.repo.replica_raw => DiskFile::Raw(d.size),
-                (Kind::Replication, _) => DiskFile::Qcow2(CreateOptions::new(d.size)),
+                (Kind::Replication, _) => {
+                    let fresh = match self.repo.replica_raw {
+                        true => DiskFile::Raw(d.size),
+                        false => DiskFile::Qcow2(CreateOptions::new(d.size)),
+                    };
+                    match path.exists() && backup_type != BackupType::Full {
+                        true => DiskFile::Keep { size: d.size, fresh: Box::new(fresh) },
+                        false => fresh,
+                    }
+                }
             };
             files.push((path.clone(), file));
             let export = match kind {

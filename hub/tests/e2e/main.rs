@@ -336,6 +336,48 @@ async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_star
     site.assert_backup_equals_sources("vm", &next, 2);
 }
 
+/// A VM disk grown (and another shrunk) between runs: the next backup and the next replica run
+/// (qcow2 and raw replicas) take the new sizes (a full copy of those disks) and equal the sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disks_resized_between_runs_are_backed_up_and_replicated_at_their_new_size() {
+    for (hub, ext) in [("", "qcow2"), ("replica_format = \"raw\"", "raw")] {
+        let opts = Options { hub, ..Options::default() };
+        let site = Site::start(Transport::Direct, &[Vm("vm", &[8, 6])], 4, opts).await;
+        let replicate = || async {
+            let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
+            assert_eq!(status, 202, "{rep}");
+            let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
+            assert_eq!(done["status"], "completed", "{ext}: {done}");
+            for i in 0..2 {
+                let replica = site.path().join(format!("replicas/vm/disk-{}.{ext}", 2000 + i));
+                let size = match ext {
+                    "qcow2" => {
+                        assert_clean(&replica);
+                        qcow2::Image::open(&replica).unwrap().size()
+                    }
+                    _ => std::fs::metadata(&replica).unwrap().len(),
+                };
+                let source = site.source("vm", i);
+                assert_eq!(size, std::fs::metadata(&source).unwrap().len(), "{}", replica.display());
+                assert_same(&source, &replica);
+            }
+        };
+        site.backup("vm", "full").await;
+        replicate().await;
+        let grown = std::fs::OpenOptions::new().write(true).open(site.source("vm", 0)).unwrap();
+        grown.set_len(12 * MIB).unwrap();
+        change(&site.source("vm", 0), 11 * MIB, 0x66);
+        let shrunk = std::fs::OpenOptions::new().write(true).open(site.source("vm", 1)).unwrap();
+        shrunk.set_len(4 * MIB).unwrap();
+        let next = site.backup("vm", "incremental").await;
+        site.assert_backup_equals_sources("vm", &next, 2);
+        replicate().await;
+        // And the run after keeps the resized replicas in place.
+        change(&site.source("vm", 1), MIB, 0x67);
+        replicate().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_disk_that_disappears_fails_the_job_with_a_clear_error() {
     // Big enough that the node is still reading it when it goes (it reads ahead of the limit).
