@@ -1,9 +1,10 @@
-//! The hub or the node killed (SIGKILL) at a random moment of a backup, round after round: while
-//! the job makes its files, while data flows, while the hub verifies, writes the manifest or
-//! tells the node to commit (and the node renames its maps). After each restart the repository
-//! must hold only whole backups (each listed one completed, or the killed run failed; no
-//! directory without a completed listing; the newest verifying), no port may stay leased, the
-//! node's run must end, and the next backup must equal the sources.
+//! The hub or the node killed (SIGKILL) at a random moment of a backup or a replica run, round
+//! after round: while the job makes its files, while data flows, while the hub verifies, writes
+//! the manifest or tells the node to commit (and the node renames its maps). After each restart
+//! the repository must hold only whole backups (each listed one completed, or a killed run
+//! failed; no directory without a completed listing; the newest verifying), no port may stay
+//! leased, the node's run must end, the next backup must equal the sources, and after a killed
+//! replica run the next one must leave a replica equal to them.
 //!
 //! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3 of each); `HUB_KILL_SEED` replays the moments of a
 //! run (printed at its start).
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::site::{change, Options, Site, Transport, Vm, MIB};
+use super::site::{assert_clean, assert_same, change, Options, Site, Transport, Vm, MIB};
 
 /// xorshift64: moments to kill at, reproducible from the printed seed.
 struct Moments(u64);
@@ -33,10 +34,12 @@ fn env_number(name: &str) -> Option<u64> {
 /// What one round's kill left behind, for the summary.
 #[derive(Debug, Default)]
 struct Outcomes {
-    /// The killed backup was listed as completed after the restart.
+    /// A killed backup was listed as completed after the restart.
     completed: usize,
     /// It was gone, as a failed run is after a restart.
     gone: usize,
+    /// A replica run was killed.
+    replica_runs: usize,
 }
 
 /// Which process a round kills.
@@ -73,9 +76,20 @@ async fn kill_rounds(victim: Victim) {
     for round in 0..rounds {
         change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
         change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
-        let kind = if moments.next().is_multiple_of(3) { "full" } else { "incremental" };
+        let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
         let at = Duration::from_millis(moments.next() % span_ms);
-        let id = site.start_backup("vm", kind).await;
+        let (id, path) = match kind {
+            "replica" => {
+                let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
+                assert_eq!(status, 202, "{rep}");
+                let id = rep["replication_id"].as_str().unwrap().to_string();
+                (id.clone(), format!("/api/v1/replications/{id}"))
+            }
+            _ => {
+                let id = site.start_backup("vm", kind).await;
+                (id.clone(), format!("/api/v1/backups/{id}"))
+            }
+        };
         killed.push(id.clone());
         tokio::time::sleep(at).await;
         match victim {
@@ -87,12 +101,14 @@ async fn kill_rounds(victim: Victim) {
                 site.kill_node();
                 site.start_node();
                 // The hub's job ends: failed (its node went away) or completed before the kill.
-                site.wait(&format!("/api/v1/backups/{id}")).await;
+                site.wait(&path).await;
             }
         }
         let context = format!("{victim:?} round {round} (HUB_KILL_SEED={seed}): {kind} {id} killed after {at:?}");
         let completed = assert_only_whole_backups(&site, &killed, &context).await;
-        if completed.iter().any(|b| b == &id) {
+        if kind == "replica" {
+            outcomes.replica_runs += 1;
+        } else if completed.iter().any(|b| b == &id) {
             outcomes.completed += 1;
         } else {
             outcomes.gone += 1;
@@ -105,6 +121,18 @@ async fn kill_rounds(victim: Victim) {
         }
         let next = site.backup("vm", "incremental").await;
         site.assert_backup_equals_sources("vm", &next, 2);
+        if kind == "replica" {
+            // The replica a killed run left half-written is made whole by the next run.
+            let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
+            assert_eq!(status, 202, "{context}: {rep}");
+            let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
+            assert_eq!(done["status"], "completed", "{context}: {done}");
+            for i in 0..2 {
+                let replica = site.path().join(format!("replicas/vm/disk-{}.qcow2", 2000 + i));
+                assert_clean(&replica);
+                assert_same(&site.source("vm", i), &replica);
+            }
+        }
     }
     eprintln!("{victim:?}: {rounds} kills: {outcomes:?}");
 }
