@@ -7,7 +7,9 @@
 //! replica run the next one must leave a replica equal to them.
 //!
 //! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3 of each); `HUB_KILL_SEED` replays the moments of a
-//! run (printed at its start).
+//! run (printed at its start); `HUB_KILL_TRANSPORT=endpoint` puts the node's tunnel to the hub's
+//! SSH endpoint in place of direct TCP (slower rounds: a tunnel that was up less than 10 s
+//! reconnects with a doubled backoff, up to 30 s, as the node's flapping rule says).
 
 use std::time::{Duration, Instant};
 
@@ -66,7 +68,14 @@ async fn kill_rounds(victim: Victim) {
     });
     eprintln!("{victim:?}: HUB_KILL_SEED={seed}");
     let mut moments = Moments(seed);
-    let mut site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, Options::default()).await;
+    // Direct TCP by default (fast rounds); `HUB_KILL_TRANSPORT=endpoint` runs the node's tunnel
+    // to the hub's SSH endpoint, which must come back after every kill.
+    let transport = match std::env::var("HUB_KILL_TRANSPORT").as_deref() {
+        Ok("endpoint") => Transport::Endpoint,
+        Ok("direct") | Err(_) => Transport::Direct,
+        Ok(other) => panic!("HUB_KILL_TRANSPORT={other}: endpoint or direct"),
+    };
+    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, Options::default()).await;
     // How long a whole backup takes here: kills fall anywhere in it, and a little after.
     let started = Instant::now();
     site.backup("vm", "full").await;
@@ -114,6 +123,7 @@ async fn kill_rounds(victim: Victim) {
             outcomes.gone += 1;
         }
         site.ports_all_free().await;
+        site.wait_node_reachable().await;
         // The node's run of the killed job ends: cancelled for the new hub, or already done.
         let (status, run) = site.node("GET", &format!("/api/v1/backup/{id}"), None).await;
         if status == 200 && run["status"] == "running" {
