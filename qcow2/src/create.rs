@@ -15,7 +15,8 @@ use crate::layout::{self, Geometry};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct CreateOptions {
-    /// Virtual size; `None` takes the backing file's size.
+    /// Virtual size, rounded up to whole 512-byte sectors as qemu-img does; `None` takes the
+    /// backing file's size.
     pub size: Option<u64>,
     /// log2 of the cluster size (default 16: 64 KiB).
     pub cluster_bits: u32,
@@ -27,7 +28,7 @@ pub struct CreateOptions {
 }
 
 impl CreateOptions {
-    /// qemu-img's defaults for a fresh image of `size` bytes.
+    /// qemu-img's defaults for a fresh image of `size` bytes (rounded up to 512-byte sectors).
     pub fn new(size: u64) -> Self {
         Self { size: Some(size), cluster_bits: 16, refcount_order: 4, backing: None }
     }
@@ -99,6 +100,9 @@ impl Image {
                 return Err(Error::InvalidOption { option: "size", reason: "needed without a backing file".into() })
             }
         };
+        // As qemu-img does: qemu counts a disk in 512-byte sectors and would not see a tail
+        // shorter than one (its data lost to every qemu tool).
+        let size = size.div_ceil(512).saturating_mul(512);
         if size > header::MAX_VIRTUAL_SIZE {
             return Err(Error::InvalidOption { option: "size", reason: format!("{size} is larger than 2^61") });
         }

@@ -325,6 +325,37 @@ fn a_dirty_lazy_refcounts_image_left_by_a_crash_is_repaired_on_a_writable_open()
 }
 
 #[test]
+fn a_size_that_is_not_whole_sectors_is_rounded_up_as_qemu_img_does() {
+    require("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("ours.qcow2");
+    let size = (5 << 20) + 123;
+    let img = Image::create(&ours, &CreateOptions::new(size)).unwrap();
+    assert_eq!(img.size(), (5 << 20) + 512);
+    // The last byte of the tail is there for qemu too.
+    img.write_at(&[0x7e], size - 1).unwrap();
+    drop(img);
+    check_clean(&ours);
+    let theirs = dir.path().join("theirs.qcow2");
+    let (code, text) =
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&theirs).arg(size.to_string()));
+    assert_eq!(code, 0, "{text}");
+    let virtual_size = |p: &Path| {
+        // "virtual size: 5 MiB (5243392 bytes)", the first such line being the image's own.
+        let (code, text) = run(Command::new("qemu-img").args(["info", "-f", "qcow2"]).arg(p));
+        assert_eq!(code, 0, "{text}");
+        let line = text.lines().find(|l| l.starts_with("virtual size:")).unwrap();
+        line.split('(').nth(1).unwrap().split(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    assert_eq!(virtual_size(&ours), virtual_size(&theirs));
+    let raw = dir.path().join("tail.raw");
+    let (code, text) = run(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&ours).arg(&raw));
+    assert_eq!(code, 0, "{text}");
+    let back = std::fs::read(&raw).unwrap();
+    assert_eq!((back.len() as u64, back[size as usize - 1]), ((5 << 20) + 512, 0x7e));
+}
+
+#[test]
 fn create_returns_the_image_open_for_writing() {
     require("qemu-img");
     let dir = tempfile::tempdir().unwrap();

@@ -266,6 +266,16 @@ impl Hub {
         if info.disks.is_empty() {
             return Err(HubError::Conflict(format!("VM {vm} has no disks")));
         }
+        let into_qcow2 = kind == Kind::Backup || !self.repo.replica_raw;
+        if let Some(d) = info.disks.iter().find(|d| into_qcow2 && d.size % 512 != 0) {
+            // qemu reads a qcow2 image in 512-byte sectors: such a disk's tail would be lost to
+            // every qemu tool, and a rounded-up image would not verify against the node's checksum.
+            return Err(HubError::Conflict(format!(
+                "disk {} of VM {vm} is {} bytes, not a whole number of 512-byte sectors: a qcow2 image cannot \
+                 hold it as qemu reads it",
+                d.key, d.size
+            )));
+        }
         let id = new_id(match kind {
             Kind::Backup => "",
             Kind::Replication => "r",

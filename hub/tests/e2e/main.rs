@@ -378,6 +378,36 @@ async fn disks_resized_between_runs_are_backed_up_and_replicated_at_their_new_si
     }
 }
 
+/// A disk that is not a whole number of 512-byte sectors: a backup into qcow2 is refused before
+/// anything is made (qemu would not see its tail), with the disk and its size named; a raw
+/// replica takes it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_of_part_sectors_is_refused_for_qcow2_and_replicated_whole_as_raw() {
+    for (hub, ext) in [("", "qcow2"), ("replica_format = \"raw\"", "raw")] {
+        let opts = Options { hub, ..Options::default() };
+        let site = Site::start(Transport::Direct, &[Vm("vm", &[8, 6])], 4, opts).await;
+        let odd = (5 * MIB + 123).to_string();
+        std::fs::OpenOptions::new().write(true).open(site.source("vm", 0)).unwrap().set_len(5 * MIB + 123).unwrap();
+        let (status, v) =
+            site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "full"}))).await;
+        assert_eq!(status, 409, "{v}");
+        assert!(v["error"].as_str().is_some_and(|e| e.contains("disk 2000") && e.contains(&odd)), "{v}");
+        assert!(site.backups("vm").await.is_empty());
+        assert!(walk(&site.path().join("repo")).is_empty(), "nothing made");
+        site.ports_all_free().await;
+        let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
+        if ext == "qcow2" {
+            assert_eq!(status, 409, "{rep}");
+            continue;
+        }
+        assert_eq!(status, 202, "{rep}");
+        let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        let replica = site.path().join("replicas/vm/disk-2000.raw");
+        assert_eq!(std::fs::read(&replica).unwrap(), std::fs::read(site.source("vm", 0)).unwrap());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_disk_that_disappears_fails_the_job_with_a_clear_error() {
     // Big enough that the node is still reading it when it goes (it reads ahead of the limit).
