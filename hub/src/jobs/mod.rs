@@ -430,7 +430,15 @@ impl Hub {
             return Err(HubError::from_node(node_name, e));
         }
         job.set(Status::Running, None);
-        tracing::info!(job = id, vm, node = node_name, ?kind, backup_type = type_name(backup_type), "job started");
+        tracing::info!(
+            job = id,
+            vm,
+            node = node_name,
+            ?kind,
+            backup_type = type_name(backup_type),
+            note = job.note.as_deref().unwrap_or(""),
+            "job started"
+        );
         let hub = Arc::clone(self);
         let follow_job = Arc::clone(&job);
         tokio::spawn(async move { hub.follow(follow_job, lease).await });
