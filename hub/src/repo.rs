@@ -52,6 +52,9 @@ pub struct Manifest {
     pub completed_at: String,
     /// Disks in key order.
     pub disks: Vec<ManifestDisk>,
+    /// Why the type differs from the one asked for (a full backup made for an incremental).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Paths of the repository.
@@ -203,6 +206,7 @@ mod tests {
                 file: disk_file(2000),
                 bytes_sent: 0,
             }],
+            note: None,
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         let (path, data) = repo.manifest_file(&m).unwrap();

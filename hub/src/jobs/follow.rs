@@ -203,6 +203,7 @@ impl Hub {
                             bytes_sent: sent.get(&d.key).copied().unwrap_or(0),
                         })
                         .collect(),
+                    note: job.note.clone(),
                 };
                 let (path, data) =
                     self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;

@@ -614,6 +614,7 @@ mod tests {
             created_at: created.into(),
             completed_at: created.into(),
             disks: vec![],
+            note: None,
         }
     }
 

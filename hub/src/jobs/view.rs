@@ -295,6 +295,6 @@ pub(super) fn manifest_view(m: &Manifest) -> JobView {
             })
             .collect(),
         error: None,
-        note: None,
+        note: m.note.clone(),
     }
 }

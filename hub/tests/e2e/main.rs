@@ -329,6 +329,7 @@ async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_star
     assert!(started["note"].as_str().is_some_and(|n| n.contains("ends a chain of 17 images")), "{started}");
     let fresh = site.wait(&format!("/api/v1/backups/{}", started["backup_id"].as_str().unwrap())).await;
     assert_eq!((&fresh["status"], &fresh["parent_id"]), (&json!("completed"), &Value::Null), "{fresh}");
+    assert_eq!(fresh["note"], started["note"], "the completed record keeps why it is a full backup");
     site.assert_backup_equals_sources("vm", &fresh, 2);
     change(&site.source("vm", 0), 0, 0x18);
     let next = site.backup("vm", "incremental").await;
