@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::site::{assert_clean, assert_same, change, Options, Site, Transport, Vm, MIB};
+use super::site::{change, Options, Site, Transport, Vm, MIB};
 
 /// xorshift64: moments to kill at, reproducible from the printed seed.
 struct Moments(u64);
@@ -89,9 +89,7 @@ async fn kill_rounds(victim: Victim) {
         let at = Duration::from_millis(moments.next() % span_ms);
         let (id, path) = match kind {
             "replica" => {
-                let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
-                assert_eq!(status, 202, "{rep}");
-                let id = rep["replication_id"].as_str().unwrap().to_string();
+                let id = site.start_replica("vm").await;
                 (id.clone(), format!("/api/v1/replications/{id}"))
             }
             _ => {
@@ -133,15 +131,8 @@ async fn kill_rounds(victim: Victim) {
         site.assert_backup_equals_sources("vm", &next, 2);
         if kind == "replica" {
             // The replica a killed run left half-written is made whole by the next run.
-            let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
-            assert_eq!(status, 202, "{context}: {rep}");
-            let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
-            assert_eq!(done["status"], "completed", "{context}: {done}");
-            for i in 0..2 {
-                let replica = site.path().join(format!("replicas/vm/disk-{}.qcow2", 2000 + i));
-                assert_clean(&replica);
-                assert_same(&site.source("vm", i), &replica);
-            }
+            site.replicate("vm").await;
+            site.assert_replica_equals_sources("vm", 2);
         }
     }
     eprintln!("{victim:?}: {rounds} kills: {outcomes:?}");

@@ -38,16 +38,9 @@ async fn lifecycle(transport: Transport, opts: Options<'_>) -> Site {
         if round == 1 {
             change(&site.source("pgtest1", 1), 3 * MIB, 0xcc);
         }
-        let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "pgtest1"}))).await;
-        assert_eq!(status, 202, "{rep}");
-        assert_eq!(rep["backup_type"], if round == 0 { "full" } else { "incremental" }, "{rep}");
-        let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
-        assert_eq!(done["status"], "completed", "{done}");
-        for i in 0..2 {
-            let replica = site.path().join(format!("replicas/pgtest1/disk-{}.qcow2", 2000 + i));
-            assert_clean(&replica);
-            assert_same(&site.source("pgtest1", i), &replica);
-        }
+        let done = site.replicate("pgtest1").await;
+        assert_eq!(done["backup_type"], if round == 0 { "full" } else { "incremental" }, "{done}");
+        site.assert_replica_equals_sources("pgtest1", 2);
     }
 
     // The newest backup restored to new files on the node, through the same way in.
@@ -345,10 +338,7 @@ async fn disks_resized_between_runs_are_backed_up_and_replicated_at_their_new_si
         let opts = Options { hub, ..Options::default() };
         let site = Site::start(Transport::Direct, &[Vm("vm", &[8, 6])], 4, opts).await;
         let replicate = || async {
-            let (status, rep) = site.hub("POST", "/api/v1/replications", Some(json!({"vm_name": "vm"}))).await;
-            assert_eq!(status, 202, "{rep}");
-            let done = site.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
-            assert_eq!(done["status"], "completed", "{ext}: {done}");
+            site.replicate("vm").await;
             for i in 0..2 {
                 let replica = site.path().join(format!("replicas/vm/disk-{}.{ext}", 2000 + i));
                 let size = match ext {

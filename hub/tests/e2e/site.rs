@@ -463,6 +463,30 @@ impl Site {
         done
     }
 
+    /// Start a replica run and return its id.
+    pub async fn start_replica(&self, vm: &str) -> String {
+        let (status, rep) = self.hub("POST", "/api/v1/replications", Some(json!({"vm_name": vm}))).await;
+        assert_eq!(status, 202, "{rep}");
+        rep["replication_id"].as_str().unwrap().to_string()
+    }
+
+    /// A replica run to the end; the final view, which must say completed.
+    pub async fn replicate(&self, vm: &str) -> Value {
+        let id = self.start_replica(vm).await;
+        let done = self.wait(&format!("/api/v1/replications/{id}")).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        done
+    }
+
+    /// Every qcow2 replica disk of `vm` is clean and equals its source.
+    pub fn assert_replica_equals_sources(&self, vm: &str, disks: usize) {
+        for i in 0..disks {
+            let replica = self.path().join(format!("replicas/{vm}/disk-{}.qcow2", 2000 + i));
+            assert_clean(&replica);
+            assert_same(&self.source(vm, i), &replica);
+        }
+    }
+
     /// Until a disk of a running hub job has sent at least `bytes`.
     pub async fn wait_progress(&self, path: &str, bytes: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
