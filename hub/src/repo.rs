@@ -1,7 +1,8 @@
 //! The repository on disk: `REPO/VM/BACKUP_ID/disk-KEY.qcow2` and `manifest.json`, which is the
 //! catalog. A backup exists when its manifest does: the manifest is written last, atomically
-//! (temporary file, fsync, rename, fsync of the directory), so a crash at any point leaves
-//! either a complete backup or a directory without a manifest, which the next start removes.
+//! (temporary file, fsync, rename, fsync of the directory), and removed first when a backup is
+//! deleted, so a crash at any point leaves either a complete backup or a directory without a
+//! manifest, which the next start removes.
 //! Replicas live apart: `REPLICAS/VM/disk-KEY.qcow2`, with an `INCONSISTENT` marker while a run
 //! is writing them.
 
@@ -153,6 +154,23 @@ pub fn disk_file(key: u32) -> String {
     format!("disk-{key}.qcow2")
 }
 
+/// Remove a completed backup so that a crash at any moment leaves the whole backup or a
+/// directory without a manifest, which the next start removes as interrupted; never a listed
+/// backup with an image gone (the directory's own order of removal is arbitrary). So the
+/// manifest goes first and the directory is synced; then the rest, which cannot fail the call.
+///
+/// # Errors
+/// The manifest could not be removed, or the removal not made durable: the backup is whole.
+pub fn remove_backup(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join("manifest.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    remove_dir(dir);
+    Ok(())
+}
+
 /// Remove a directory, logging instead of failing.
 pub fn remove_dir(path: &Path) {
     if path.exists() {
@@ -217,6 +235,22 @@ mod tests {
         assert_eq!(kept, vec![m]);
         assert_eq!(interrupted, vec![("vm".to_string(), "half".to_string())], "its node job is to be cancelled");
         assert!(!repo.backup_dir("vm", "half").exists());
+    }
+
+    #[test]
+    fn a_backup_is_removed_manifest_first_and_kept_whole_when_that_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let backup = dir.path().join("b1");
+        std::fs::create_dir_all(&backup).unwrap();
+        std::fs::write(backup.join("disk-2000.qcow2"), b"image").unwrap();
+        // A manifest that cannot be unlinked (a directory in its place): nothing else goes.
+        std::fs::create_dir(backup.join("manifest.json")).unwrap();
+        assert!(remove_backup(&backup).is_err());
+        assert!(backup.join("disk-2000.qcow2").exists(), "the images stay while the manifest does");
+        std::fs::remove_dir(backup.join("manifest.json")).unwrap();
+        std::fs::write(backup.join("manifest.json"), b"{}").unwrap();
+        remove_backup(&backup).unwrap();
+        assert!(!backup.exists());
     }
 
     #[test]

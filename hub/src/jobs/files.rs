@@ -131,6 +131,17 @@ pub(super) async fn write_atomically(path: PathBuf, data: Vec<u8>) -> Result<(),
         .map_err(|e| e.to_string())?
 }
 
+/// Remove a completed backup, manifest first (`repo::remove_backup`), off the runtime.
+///
+/// # Errors
+/// Its manifest could not be removed: the backup is still whole on disk.
+pub(super) async fn remove_backup(dir: PathBuf) -> Result<(), HubError> {
+    let shown = dir.display().to_string();
+    off_runtime("removing a backup", move || repo::remove_backup(&dir))
+        .await?
+        .map_err(|e| HubError::Internal(format!("cannot remove the manifest of {shown}: {e}")))
+}
+
 /// Remove a directory and everything in it (logged, never failing), off the runtime.
 pub(super) async fn remove_dir(path: PathBuf) {
     if let Err(e) = off_runtime("removing a directory", move || repo::remove_dir(&path)).await {

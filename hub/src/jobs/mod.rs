@@ -502,7 +502,11 @@ impl Hub {
         match self.forget(id)? {
             Forgotten::Job(view) => Ok(view),
             Forgotten::Backup(m) => {
-                files::remove_dir(self.repo.backup_dir(&m.vm_name, id)).await;
+                if let Err(e) = files::remove_backup(self.repo.backup_dir(&m.vm_name, id)).await {
+                    // Still whole on disk: it stays listed.
+                    self.state().catalog.insert(m.backup_id.clone(), m);
+                    return Err(e);
+                }
                 Ok(manifest_view(&m))
             }
         }
