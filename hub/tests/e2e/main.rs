@@ -399,6 +399,54 @@ async fn a_disk_of_part_sectors_is_refused_for_qcow2_and_replicated_whole_as_raw
     }
 }
 
+/// `backup` exported for restore by the hub, and node job `job` started to read it into
+/// `destinations`.
+async fn start_restore(site: &Site, backup: &Value, job: &str, destinations: &Value) {
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": backup["backup_id"]}))).await;
+    assert_eq!(status, 201, "{r}");
+    let body = json!({"job_id": job, "nbd_targets": r["nbd_targets_string"], "destinations": destinations});
+    let (status, v) = site.node("POST", "/api/v1/restore/start", Some(body)).await;
+    assert_eq!(status, 202, "{v}");
+}
+
+/// The hub killed in the middle of a restore: the node's restore fails with what went wrong
+/// (nothing serves its export any more; a read cut mid-disk is retried for the node's retry
+/// window first, as it would be through a dropped tunnel), the restarted hub lists no restore
+/// and leases no port, and a new restore of the same backup completes, equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_killed_mid_restore_fails_it_clearly_and_a_new_restore_completes() {
+    let mut site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let full = site.backup("vm", "full").await;
+    let root = site.path().to_path_buf();
+    let dest = |i: usize| root.join(format!("restores/vm-{i}.raw"));
+    let destinations = json!({"2000": dest(0), "2001": dest(1)});
+    start_restore(&site, &full, "restore-1", &destinations).await;
+    // Killed once the first disk is under way (the node copies at its bandwidth limit).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = site.node("GET", "/api/v1/backup/restore-1", None).await;
+        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    site.kill_hub();
+    site.start_hub();
+    let failed = wait_node_job(&site, "restore-1").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("nbd://")), "the error names the export: {failed}");
+    let (status, restores) = site.hub("GET", "/api/v1/restores", None).await;
+    assert_eq!((status, restores), (200, json!([])));
+    site.ports_all_free().await;
+    start_restore(&site, &full, "restore-2", &destinations).await;
+    let done = wait_node_job(&site, "restore-2").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    for i in 0..2 {
+        assert_same(&site.source("vm", i), &dest(i));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_disk_that_disappears_fails_the_job_with_a_clear_error() {
     // Big enough that the node is still reading it when it goes (it reads ahead of the limit).
