@@ -555,6 +555,80 @@ fn the_demo_runs_the_whole_product_and_every_check_passes() {
     assert_same(&dir.path().join("demo/vm-disk0.raw"), &backups[1].join("disk-2000.qcow2"));
 }
 
+/// Two nodes each with a VM named `web` (different machines, different disks): each node's
+/// backups chain only on its own, every backup equals its own node's disks, and the replica set
+/// of `web` (one directory per VM name) is refused to the node that did not make it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_a_vm_of_the_same_name_keep_their_backups_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a_files, b_files) = (d.join("a-files").tap_mkdir(), d.join("b-files").tap_mkdir());
+    let a_api = start_node(&a_files, &[("web", 1)], None).await;
+    let b_api = start_node(&b_files, &[("web", 1)], None).await;
+    // Different machines: B's disk holds other data than A's.
+    for at in 0..6u64 {
+        change(&b_files.join("web-0.raw"), at * 4 * MIB, 0x0b);
+    }
+    let api_port = free_port();
+    let base = free_ports(4);
+    let config = d.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{api_port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{base}-{}\"\ntoken_file = \"{t}\"\n\
+             [[node]]\nname = \"a\"\nurl = \"{a_api}\"\n[[node]]\nname = \"b\"\nurl = \"{b_api}\"\n",
+            base + 3,
+            r = d.join("repo").display(),
+            rp = d.join("replicas").display(),
+            t = d.join("hub-token").display(),
+        ),
+    )
+    .unwrap();
+    let hub = HubProcess::spawn(config, api_port);
+    let backup = |node: &'static str, kind: &'static str| {
+        let hub = &hub;
+        async move {
+            let body = json!({"vm_name": "web", "backup_type": kind, "node": node});
+            let (status, b) = hub.call("POST", "/api/v1/backups", Some(body)).await;
+            assert_eq!(status, 202, "{b}");
+            let done = hub.wait(&format!("/api/v1/backups/{}", b["backup_id"].as_str().unwrap())).await;
+            assert_eq!(done["status"], "completed", "{done}");
+            done
+        }
+    };
+    let image = |b: &Value| d.join("repo/web").join(b["backup_id"].as_str().unwrap()).join("disk-2000.qcow2");
+    let a_full = backup("a", "full").await;
+    let b_full = backup("b", "full").await;
+    change(&a_files.join("web-0.raw"), 5 * MIB, 0xa1);
+    let a_incr = backup("a", "incremental").await;
+    assert_eq!(
+        (&a_incr["backup_type"], &a_incr["parent_id"]),
+        (&json!("incremental"), &a_full["backup_id"]),
+        "{a_incr}"
+    );
+    change(&b_files.join("web-0.raw"), 9 * MIB, 0xb1);
+    let b_incr = backup("b", "incremental").await;
+    assert_eq!(
+        (&b_incr["backup_type"], &b_incr["parent_id"]),
+        (&json!("incremental"), &b_full["backup_id"]),
+        "{b_incr}"
+    );
+    for (b, files) in [(&a_full, &a_files), (&b_full, &b_files), (&a_incr, &a_files), (&b_incr, &b_files)] {
+        assert_clean(&image(b));
+        if b["backup_id"] == a_incr["backup_id"] || b["backup_id"] == b_incr["backup_id"] {
+            assert_same(&files.join("web-0.raw"), &image(b));
+        }
+    }
+    let (status, rep) = hub.call("POST", "/api/v1/replications", Some(json!({"vm_name": "web", "node": "a"}))).await;
+    assert_eq!(status, 202, "{rep}");
+    let done = hub.wait(&format!("/api/v1/replications/{}", rep["replication_id"].as_str().unwrap())).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (status, rep) = hub.call("POST", "/api/v1/replications", Some(json!({"vm_name": "web", "node": "b"}))).await;
+    assert_eq!(status, 409, "{rep}");
+    assert!(rep["error"].as_str().is_some_and(|e| e.contains("node a")), "{rep}");
+    assert_same(&a_files.join("web-0.raw"), &d.join("replicas/web/disk-2000.qcow2"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_replicas_are_kept_in_place_and_stay_sparse() {
     let dir = tempfile::tempdir().unwrap();

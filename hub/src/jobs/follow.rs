@@ -213,6 +213,7 @@ impl Hub {
             Kind::Replication => {
                 let record = serde_json::json!({
                     "replication_id": job.id,
+                    "node": job.node,
                     "completed_at": repo::now_rfc3339(),
                     "disks": verdicts,
                 });
@@ -227,7 +228,7 @@ impl Hub {
         if let Some((_, client)) = self.node(&job.node) {
             match client.commit(&job.id).await {
                 Ok(_) if job.kind == Kind::Backup => {
-                    let marker = self.repo.root.join(&job.vm).join(".node-committed");
+                    let marker = self.repo.root.join(&job.vm).join(format!(".node-committed-{}", job.node));
                     if let Err(e) = files::write_atomically(marker, job.id.clone().into_bytes()).await {
                         tracing::error!(error = %e, "could not record the node's commit");
                     }

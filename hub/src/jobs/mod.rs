@@ -239,9 +239,24 @@ impl Hub {
         }
     }
 
-    /// The node committed change tracking at this backup (a file beside the VM's backups).
-    fn node_committed(&self, vm: &str) -> Option<String> {
-        std::fs::read_to_string(self.repo.root.join(vm).join(".node-committed")).ok().map(|s| s.trim().to_string())
+    /// The backup at which `node` committed its change tracking for `vm` (a file beside the VM's
+    /// backups, one per node: two nodes may each have a VM of that name). A repository written
+    /// before there was one per node has a single `.node-committed`, trusted only where it names
+    /// that node's own newest backup ([`choose_parent`] checks).
+    fn node_committed(&self, vm: &str, node: &str) -> Option<String> {
+        let dir = self.repo.root.join(vm);
+        std::fs::read_to_string(dir.join(format!(".node-committed-{node}")))
+            .or_else(|_| std::fs::read_to_string(dir.join(".node-committed")))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// The node whose VM the replica set of `vm` holds (from its record; `None` before the
+    /// first completed run, or for a record written before nodes were recorded).
+    fn replica_owner(&self, vm: &str) -> Option<String> {
+        let record = std::fs::read(self.repo.replicas.join(vm).join("replica.json")).ok()?;
+        let record: serde_json::Value = serde_json::from_slice(&record).ok()?;
+        record["node"].as_str().map(str::to_string)
     }
 
     /// Start a backup (`Kind::Backup`) or a replication run.
@@ -318,11 +333,19 @@ impl Hub {
         let (backup_type, parent, note) = match kind {
             Kind::Backup => {
                 let st = self.state();
-                let history: Vec<&Manifest> = st.catalog.values().filter(|m| m.vm_name == vm).collect();
-                let (t, p, n) = choose_parent(requested, &history, self.node_committed(vm).as_deref());
+                // A node's backups chain only on its own: another node may have a VM of this name.
+                let history: Vec<&Manifest> =
+                    st.catalog.values().filter(|m| m.vm_name == vm && m.node == node_name).collect();
+                let (t, p, n) = choose_parent(requested, &history, self.node_committed(vm, node_name).as_deref());
                 (t, p.cloned(), n)
             }
             Kind::Replication => {
+                if let Some(owner) = self.replica_owner(vm).filter(|o| *o != node_name) {
+                    return Err(HubError::Conflict(format!(
+                        "the replica of VM {vm} is node {owner}'s: a VM of the same name on node {node_name} cannot \
+                         share it"
+                    )));
+                }
                 let complete = info.disks.iter().all(|d| self.repo.replica_path(vm, d.key).exists())
                     && !self.repo.replica_marker(vm).exists()
                     && self.repo.replicas.join(vm).join("replica.json").exists();
