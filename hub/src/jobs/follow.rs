@@ -136,6 +136,9 @@ impl Hub {
         if st.busy_vms.get(&job.vm) == Some(&job.id) {
             st.busy_vms.remove(&job.vm);
         }
+        // Completed, the run is in the catalog, which keeps its parent; otherwise nothing of it
+        // is left to need one.
+        st.pins.remove(&job.id);
         if job.status() == Status::Completed && job.kind == Kind::Backup {
             st.jobs.remove(&job.id);
         } else {

@@ -153,6 +153,11 @@ struct State {
     /// Runs a killed hub left behind, as (VM, job id): their node jobs are cancelled before
     /// the VM's next run, and in the background from the start.
     orphans: Vec<(String, String)>,
+    /// Backups something being made needs, by holder (a run's or restore's id): the backup and
+    /// why. Such a backup is not deleted (409) until its holder is done with it: an incremental
+    /// is laid over its parent until it completes (and is then in the catalog, which protects
+    /// the parent in turn), a restore opens its images before it is listed.
+    pins: HashMap<String, (String, String)>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -308,7 +313,9 @@ impl Hub {
         match result {
             Ok(job) => Ok(job.view()),
             Err(e) => {
-                self.state().busy_vms.remove(vm);
+                let mut st = self.state();
+                st.busy_vms.remove(vm);
+                st.pins.remove(&id);
                 Err(e)
             }
         }
@@ -332,12 +339,18 @@ impl Hub {
             .map_err(|e| HubError::Unavailable(e.to_string()))?;
         let (backup_type, parent, note) = match kind {
             Kind::Backup => {
-                let st = self.state();
+                let mut st = self.state();
                 // A node's backups chain only on its own: another node may have a VM of this name.
                 let history: Vec<&Manifest> =
                     st.catalog.values().filter(|m| m.vm_name == vm && m.node == node_name).collect();
                 let (t, p, n) = choose_parent(requested, &history, self.node_committed(vm, node_name).as_deref());
-                (t, p.cloned(), n)
+                let p = p.cloned();
+                if let Some(p) = &p {
+                    // Chosen and pinned under one lock: a delete cannot slip in between.
+                    let why = format!("backup {id} is being made as an incremental on top of it");
+                    st.pins.insert(id.to_string(), (p.backup_id.clone(), why));
+                }
+                (t, p, n)
             }
             Kind::Replication => {
                 if let Some(owner) = self.replica_owner(vm).filter(|o| *o != node_name) {
@@ -551,6 +564,9 @@ impl Hub {
         if let Some(child) = st.catalog.values().find(|c| c.parent_id.as_deref() == Some(id)) {
             return Err(HubError::Conflict(format!("backup {} is an incremental on top of {id}", child.backup_id)));
         }
+        if let Some((_, why)) = st.pins.values().find(|(backup, _)| backup == id) {
+            return Err(HubError::Conflict(format!("backup {id} is in use: {why}")));
+        }
         if st.restores.values().any(|r| r.backup_id == id) {
             return Err(HubError::Conflict(format!("backup {id} has an open restore")));
         }
@@ -589,6 +605,18 @@ impl Hub {
     /// No such completed backup (404).
     fn completed_backup(&self, id: &str) -> Result<Manifest, HubError> {
         self.state().catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))
+    }
+
+    /// [`Hub::completed_backup`], pinned for `holder` under the same lock (see `State::pins`),
+    /// so that it is not deleted before the holder lets go of it with [`Hub::unpin`].
+    ///
+    /// # Errors
+    /// No such completed backup (404).
+    fn pin_backup(&self, holder: &str, id: &str, why: String) -> Result<Manifest, HubError> {
+        let mut st = self.state();
+        let m = st.catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))?;
+        st.pins.insert(holder.to_string(), (id.to_string(), why));
+        Ok(m)
     }
 
     /// The node whose job (or restore) holds `port` now.
@@ -688,5 +716,77 @@ mod tests {
         let history: Vec<&Manifest> = looped.iter().collect();
         let (t, _, _) = choose_parent(BackupType::Incremental, &history, Some("b02"));
         assert_eq!(t, BackupType::Incremental);
+    }
+
+    /// A hub without nodes over a new repository in `dir`, serving on `ports`.
+    fn hub_in(dir: &std::path::Path, ports: (u16, u16)) -> Arc<Hub> {
+        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        Hub::new(Settings {
+            listen: (localhost, 0).into(),
+            repo: dir.join("repo"),
+            replicas: dir.join("replicas"),
+            nbd_ports: ports,
+            nbd_bind: localhost,
+            nbd_host: "127.0.0.1".into(),
+            nodes: vec![],
+            token: String::new(),
+            ssh: None,
+            stall_timeout: Duration::from_secs(60),
+            restore_idle: Duration::from_secs(600),
+            replica_raw: false,
+            direct_io: false,
+            io_uring: false,
+        })
+        .unwrap()
+    }
+
+    /// A completed one-disk backup `id` on disk and in the catalog.
+    fn add_backup(hub: &Hub, id: &str) {
+        let m = Manifest {
+            disks: vec![repo::ManifestDisk {
+                disk_key: 2000,
+                disk_id: 0,
+                size: 1 << 20,
+                allocated_bytes: 0,
+                checksum: None,
+                file: repo::disk_file(2000),
+                bytes_sent: 0,
+            }],
+            ..manifest(id, "2026-01-01T00:00:00Z")
+        };
+        std::fs::create_dir_all(hub.repo.backup_dir("vm", id)).unwrap();
+        qcow2::Image::create(hub.repo.disk_path("vm", id, 2000), &CreateOptions::new(1 << 20)).unwrap();
+        let (path, data) = hub.repo.manifest_file(&m).unwrap();
+        std::fs::write(path, data).unwrap();
+        hub.state().catalog.insert(id.into(), m);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backup_is_never_deleted_under_a_restore_being_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = testports::free_ports(4);
+        let hub = hub_in(dir.path(), (first, first + 3));
+        for round in 0..40u64 {
+            let id = format!("b{round}");
+            add_backup(&hub, &id);
+            let restoring = tokio::spawn({
+                let (hub, id) = (Arc::clone(&hub), id.clone());
+                async move { hub.restore(&id).await }
+            });
+            // The delete lands at a different moment of the restore's opening each round.
+            tokio::time::sleep(Duration::from_micros(round * 40)).await;
+            let deleted = hub.delete(&id).await;
+            match (restoring.await.unwrap(), deleted) {
+                (Ok(r), Err(HubError::Conflict(why))) => {
+                    assert!(why.contains(&id), "{why}");
+                    hub.close_restore(&r.restore_id).await.unwrap();
+                    hub.delete(&id).await.unwrap();
+                }
+                (Err(HubError::NotFound(_)), Ok(_)) => {}
+                (restored, deleted) => panic!("round {round}: restore {restored:?}, delete {deleted:?}"),
+            }
+            assert!(!hub.repo.backup_dir("vm", &id).exists(), "round {round}");
+            assert!(hub.restores().is_empty() && hub.exports.views().is_empty(), "round {round}");
+        }
     }
 }

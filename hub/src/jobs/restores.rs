@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::{new_id, valid_name, Hub};
 use crate::error::HubError;
 use crate::ports::{bindable, Lease};
+use crate::repo::Manifest;
 
 /// A restore: read-only exports of one backup.
 #[derive(Debug)]
@@ -73,17 +74,28 @@ impl Hub {
         if !valid_name(backup_id) {
             return Err(HubError::BadRequest(format!("backup_id '{backup_id}' is not a valid name")));
         }
-        let m = self.completed_backup(backup_id)?;
         let id = new_id("x");
+        let m = self.pin_backup(&id, backup_id, format!("restore {id} is opening its images"))?;
+        let opened = self.open_restore(&id, &m).await;
+        let mut st = self.state();
+        st.pins.remove(&id);
+        let r = Arc::new(opened?);
+        // Listed under the lock the pin is dropped in: the backup stays protected throughout.
+        st.restores.insert(id, Arc::clone(&r));
+        Ok(r.view())
+    }
+
+    /// Lease ports for a backup's disks and open a read-only export of each.
+    async fn open_restore(&self, id: &str, m: &Manifest) -> Result<Restore, HubError> {
         let bind = self.settings.nbd_bind;
         let lease = self
             .ports
-            .lease(&id, m.disks.len(), |p| bindable(bind, p))
+            .lease(id, m.disks.len(), |p| bindable(bind, p))
             .map_err(|e| HubError::Unavailable(e.to_string()))?;
         let mut exports: Vec<(u32, u16, String)> = Vec::new();
         for (d, port) in m.disks.iter().zip(&lease.ports) {
             let name = format!("{}-{id}-disk{}", m.vm_name, d.disk_id);
-            let path = self.repo.backup_dir(&m.vm_name, backup_id).join(&d.file);
+            let path = self.repo.backup_dir(&m.vm_name, &m.backup_id).join(&d.file);
             if let Err(e) = self.exports.open(&name, *port, &path, true).await {
                 for (_, _, n) in &exports {
                     self.exports.close(n).await;
@@ -97,17 +109,15 @@ impl Hub {
             .map(|(k, p, n)| format!("{k}:nbd://{}:{p}/{n}", self.settings.nbd_host))
             .collect::<Vec<_>>()
             .join(",");
-        let r = Arc::new(Restore {
-            id: id.clone(),
-            backup_id: backup_id.to_string(),
+        Ok(Restore {
+            id: id.to_string(),
+            backup_id: m.backup_id.clone(),
             node: m.node.clone(),
             exports,
             targets,
             lease: Mutex::new(Some(lease)),
             idle_since: Mutex::new(Some(Instant::now())),
-        });
-        self.state().restores.insert(id, Arc::clone(&r));
-        Ok(r.view())
+        })
     }
 
     /// Close a restore's exports and free its ports.

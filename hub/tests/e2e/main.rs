@@ -264,6 +264,26 @@ fn sshd_port(site: &Site) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parent_of_a_running_incremental_cannot_be_deleted_until_the_chain_no_longer_needs_it() {
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let (full, id) = full_then_running_incremental(&site).await;
+    let full_path = format!("/api/v1/backups/{}", full["backup_id"].as_str().unwrap());
+    let (status, body) = site.hub("DELETE", &full_path, None).await;
+    assert_eq!(status, 409, "the running incremental is laid over it: {body}");
+    assert!(body["error"].as_str().unwrap().contains(&id), "the refusal names the job: {body}");
+    let done = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!((&done["status"], &done["parent_id"]), (&json!("completed"), &full["backup_id"]), "{done}");
+    site.assert_backup_equals_sources("vm", &done, 2);
+    let (status, body) = site.hub("DELETE", &full_path, None).await;
+    assert_eq!(status, 409, "now the completed incremental needs it: {body}");
+    for path in [format!("/api/v1/backups/{id}"), full_path] {
+        let (status, body) = site.hub("DELETE", &path, None).await;
+        assert_eq!(status, 200, "newest first, each can go: {body}");
+    }
+    assert!(site.backups("vm").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_killed_mid_backup_fails_the_job_cleanly_and_the_next_incremental_is_correct() {
     let mut site = Site::start(Transport::Endpoint, &[Vm("vm", &[24, 16])], 4, SLOW).await;
     let (full, id) = full_then_running_incremental(&site).await;
