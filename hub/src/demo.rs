@@ -128,7 +128,7 @@ impl Api {
 /// A step or a check failed.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let dir = &opts.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    node::files::create_private_dir(dir).with_context(|| format!("create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     println!("sendense demo in {}", dir.display());
 

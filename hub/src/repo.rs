@@ -228,7 +228,7 @@ mod tests {
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         let (path, data) = repo.manifest_file(&m).unwrap();
-        node::blockmap::write_atomically(&path, &data).unwrap();
+        node::files::write_atomically(&path, &data).unwrap();
         std::fs::create_dir_all(repo.backup_dir("vm", "half")).unwrap();
         std::fs::write(repo.disk_path("vm", "half", 2000), b"partial").unwrap();
         let (kept, interrupted) = repo.scan();

@@ -16,7 +16,6 @@
 //! a BLAKE3 of all of that; a file that does not check out is "no state" (a full copy), never
 //! trusted. Nothing is allocated from header values: the length of the file decides.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// A block hash.
@@ -165,7 +164,7 @@ impl BlockMap {
         }
         let trailer = blake3::hash(&body);
         body.extend_from_slice(trailer.as_bytes());
-        write_atomically(path, &body).map_err(|source| MapError { path: path.to_path_buf(), source })
+        crate::files::write_atomically(path, &body).map_err(|source| MapError { path: path.to_path_buf(), source })
     }
 }
 
@@ -173,24 +172,6 @@ impl BlockMap {
 pub fn block_len(disk_size: u64, block_size: u64, index: u64) -> u64 {
     let start = index * block_size;
     (disk_size - start.min(disk_size)).min(block_size)
-}
-
-/// Write `data` to `path` so that a crash leaves the old file or the new one, never a mix.
-///
-/// # Errors
-/// Any step failed.
-pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

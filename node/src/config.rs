@@ -342,7 +342,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
                 .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
             let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                crate::files::create_private_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)

@@ -12,6 +12,7 @@
 //! - [`mover`]: the sparse, pipelined, change-aware copy of one disk.
 //! - [`blockmap`]: per-block hashes (change tracking for sources without a dirty bitmap) and
 //!   the disk checksum.
+//! - [`files`]: records replaced whole, private directories.
 //! - [`jobs`]: one job per VM, hooks, commit, restores.
 //! - [`http`] and [`metrics`]: the API (axum) and `/metrics`.
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
@@ -25,6 +26,7 @@ pub mod blockmap;
 pub mod blocks;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod jobs;
 pub mod metrics;

@@ -12,7 +12,7 @@
 //! throughput at 0.95x the CPU, through the tunnel the same throughput at 0.97x.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -72,7 +72,8 @@ impl FileSink {
             OpenOptions::new().write(true).open(path).map_err(|e| err("open", e))?
         } else {
             let f =
-                OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(|e| err("create", e))?;
+                // A new file is the owner's alone (it holds a whole disk); an existing one keeps its mode.
+                OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(|e| err("create", e))?;
             f.set_len(size).map_err(|e| err("set size", e))?;
             f
         };

@@ -3,7 +3,7 @@
 //! before the image is opened, and removed again if it cannot be.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -25,17 +25,20 @@ pub struct CreateOptions {
     /// Backing file name exactly as stored (relative names are resolved against the new image's
     /// directory), and its format.
     pub backing: Option<(String, BackingFormat)>,
+    /// Permission bits of the new file, before the process umask (default `0o644`, qemu-img's;
+    /// a backup repository makes its images `0o600`: they hold whole VM disks).
+    pub mode: u32,
 }
 
 impl CreateOptions {
     /// qemu-img's defaults for a fresh image of `size` bytes (rounded up to 512-byte sectors).
     pub fn new(size: u64) -> Self {
-        Self { size: Some(size), cluster_bits: 16, refcount_order: 4, backing: None }
+        Self { size: Some(size), cluster_bits: 16, refcount_order: 4, backing: None, mode: 0o644 }
     }
 
     /// An overlay on `backing` (stored as given), sized like it.
     pub fn overlay(backing: impl Into<String>, format: BackingFormat) -> Self {
-        Self { size: None, cluster_bits: 16, refcount_order: 4, backing: Some((backing.into(), format)) }
+        Self { size: None, cluster_bits: 16, refcount_order: 4, backing: Some((backing.into(), format)), mode: 0o644 }
     }
 
     setters::setters! {
@@ -43,6 +46,7 @@ impl CreateOptions {
         cluster_bits: u32,
         refcount_order: u32,
         backing: Option<(String, BackingFormat)>,
+        mode: u32,
     }
 }
 
@@ -192,6 +196,7 @@ impl Image {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(opts.mode)
             .open(path)
             .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
         let write = |data: &[u8], at: u64| file.write_all_at(data, at).map_err(Error::io("write", at));

@@ -375,6 +375,14 @@ fn create_returns_the_image_open_for_writing() {
     let mut back = vec![0u8; 4096];
     again.read_at(&mut back, 8192).unwrap();
     assert_eq!(back, vec![5u8; 4096]);
+    // The file's permissions: qemu-img's 0644 by default (less the umask), or as asked.
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+    };
+    assert_eq!(mode(&path) & !0o044, 0o600, "qemu-img's 0644, less the umask");
+    let private = dir.path().join("private.qcow2");
+    Image::create(&private, &CreateOptions::new(1 << 20).mode(0o600)).unwrap();
+    assert_eq!(mode(&private), 0o600);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! timed out NBD handshakes and failed calls to the node until this work moved here. Small
 //! reads (a marker, `exists`) stay where they are.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use qcow2::{CreateOptions, Image};
@@ -69,7 +70,7 @@ impl JobFiles {
         let failed = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
             HubError::Internal(format!("cannot {what} {}: {e}", path.display()))
         };
-        std::fs::create_dir_all(&self.dir).map_err(|e| failed("create", &self.dir, &e))?;
+        node::files::create_private_dir(&self.dir).map_err(|e| failed("create", &self.dir, &e))?;
         if let Some((path, contents)) = &self.marker {
             std::fs::write(path, contents.as_bytes()).map_err(|e| failed("write", path, &e))?;
         }
@@ -79,6 +80,10 @@ impl JobFiles {
         Ok(())
     }
 }
+
+/// Backup and replica images hold whole VM disks: their owner's alone, in directories that are
+/// too (`node::files::create_private_dir`).
+const DISK_FILE_MODE: u32 = 0o600;
 
 fn make_disk_file(path: &Path, file: &DiskFile) -> Result<(), HubError> {
     let failed =
@@ -95,12 +100,18 @@ fn make_disk_file(path: &Path, file: &DiskFile) -> Result<(), HubError> {
             remove_if_present(path).map_err(|e| failed("replace", &e))?;
             // Made and synced here (a new image counts as closed: its drop has nothing to do),
             // then reopened by its export.
-            Image::create(path, opts).map_err(|e| failed("create", &e))?;
+            Image::create(path, &opts.clone().mode(DISK_FILE_MODE)).map_err(|e| failed("create", &e))?;
             Ok(())
         }
         DiskFile::Raw(size) => {
             remove_if_present(path).map_err(|e| failed("replace", &e))?;
-            std::fs::File::create(path).and_then(|f| f.set_len(*size)).map_err(|e| failed("create", &e))
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(DISK_FILE_MODE)
+                .open(path)
+                .and_then(|f| f.set_len(*size))
+                .map_err(|e| failed("create", &e))
         }
     }
 }
@@ -120,13 +131,13 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Write `data` to `path` atomically and durably (`node::blockmap::write_atomically`), off the
+/// Write `data` to `path` atomically and durably (`node::files::write_atomically`), off the
 /// runtime.
 ///
 /// # Errors
 /// The write, its `fsync`s or the rename failed, as text for the job's reason.
 pub(super) async fn write_atomically(path: PathBuf, data: Vec<u8>) -> Result<(), String> {
-    off_runtime("writing a record", move || node::blockmap::write_atomically(&path, &data).map_err(|e| e.to_string()))
+    off_runtime("writing a record", move || node::files::write_atomically(&path, &data).map_err(|e| e.to_string()))
         .await
         .map_err(|e| e.to_string())?
 }

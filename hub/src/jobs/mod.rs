@@ -183,9 +183,9 @@ impl Hub {
             replicas: settings.replicas.clone(),
             replica_raw: settings.replica_raw,
         };
-        std::fs::create_dir_all(&repo.root)
+        node::files::create_private_dir(&repo.root)
             .map_err(|e| format!("cannot create repository {}: {e}", repo.root.display()))?;
-        std::fs::create_dir_all(&repo.replicas)
+        node::files::create_private_dir(&repo.replicas)
             .map_err(|e| format!("cannot create replica directory {}: {e}", repo.replicas.display()))?;
         let mut nodes = Vec::new();
         for n in &settings.nodes {

@@ -70,7 +70,29 @@ async fn lifecycle(transport: Transport, opts: Options<'_>) -> Site {
     assert_eq!(status, 200);
     site.ports_all_free().await;
     assert_eq!(site.backups("pgtest1").await.len(), 3);
+    // Whole VM disks, all of them: backups, replicas and restored disks are their owner's alone.
+    for dir in ["repo/pgtest1", "replicas/pgtest1", "restores"] {
+        assert_private(&site.as_hub_sees(&site.path().join(dir)));
+    }
     site
+}
+
+/// `dir` and every directory under it are 0700, every disk image or restored disk in it 0600.
+fn assert_private(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    let mut disks = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            assert_private(&path);
+        } else if path.extension().is_some_and(|e| e == "qcow2" || e == "raw") {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+            disks += 1;
+        }
+    }
+    assert!(disks > 0 || dir.read_dir().unwrap().flatten().any(|e| e.path().is_dir()), "{}: empty", dir.display());
 }
 
 async fn wait_node_job(site: &Site, id: &str) -> Value {

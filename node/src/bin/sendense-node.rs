@@ -149,7 +149,8 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     let listen = a.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8081".into());
     let listen: SocketAddr = listen.parse().with_context(|| format!("bad listen address '{listen}'"))?;
     let state_dir = a.state_dir.or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/sendense-node"));
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
+    node::files::create_private_dir(&state_dir)
+        .with_context(|| format!("cannot create state dir {}", state_dir.display()))?;
     let restore_dir = a.restore_dir.or(file.restore_dir).unwrap_or_else(|| state_dir.join("restores"));
     let token = match a.token_file.or(file.token_file) {
         Some(p) => Some(config::load_or_create_token(&p).map_err(|e| anyhow!(e))?),

@@ -112,7 +112,7 @@ impl Jobs {
         if job.kind == JobKind::Replicate {
             let (marker, id) = (inflight.clone(), job.id.clone());
             off_runtime(move || {
-                std::fs::create_dir_all(marker.parent().unwrap_or(Path::new(".")))
+                crate::files::create_private_dir(marker.parent().unwrap_or(Path::new(".")))
                     .and_then(|()| std::fs::write(&marker, id.as_bytes()))
                     .and_then(|()| sync_dir(&marker))
             })

@@ -133,7 +133,7 @@ impl Jobs {
         let mut parts = rel.components();
         match (parts.next(), parts.next()) {
             (Some(std::path::Component::Normal(name)), None) if valid_name(&name.to_string_lossy()) => {
-                std::fs::create_dir_all(dir)
+                crate::files::create_private_dir(dir)
                     .map_err(|e| JobError::BadRequest(format!("restore directory {}: {e}", dir.display())))?;
                 Ok(dir.join(name))
             }
