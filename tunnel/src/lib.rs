@@ -6,6 +6,7 @@
 //!
 //! - [`spec`]: the `A-B[:REMOTE_A]`, `LOCAL[:REMOTE]`, `REMOTE:LOCAL` forms (pure).
 //! - [`hostkey`]: known_hosts or pinned-fingerprint checks; no "accept anything" mode.
+//! - [`keyfile`]: private key files, refused when others can read them (as OpenSSH does).
 //! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
 //! - [`dial`]: channels to the hub opened in process ([`TunnelDialer`]), no local socket.
 //! - [`channel_io`]: a channel as a byte stream that also takes owned bytes without a copy.
@@ -27,12 +28,14 @@ pub mod client;
 pub mod dial;
 pub mod endpoint;
 pub mod hostkey;
+pub mod keyfile;
 pub mod limits;
 pub mod spec;
 
 pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
 pub use dial::{TunnelDialer, TunnelReader, TunnelStream, TunnelWriter};
 pub use hostkey::HostKeyPolicy;
+pub use keyfile::load_private_key;
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;
-pub use russh::keys::{load_secret_key, Algorithm as KeyAlgorithm, PrivateKey, PublicKey};
+pub use russh::keys::{Algorithm as KeyAlgorithm, PrivateKey, PublicKey};

@@ -152,6 +152,24 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
         d,
         "cannot load host key",
     );
+    // A key its owner lets others read is refused, as OpenSSH refuses it, with the fix named.
+    use std::os::unix::fs::PermissionsExt;
+    for key in ["host_key", "client_key"] {
+        std::fs::set_permissions(d.join(key), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    one_line_failure(
+        &["serve", "--listen", "127.0.0.1:0", "--host-key", "host_key", "--authorized-keys", "authorized_keys"],
+        d,
+        "permissions 0644 for host_key are too open",
+    );
+    one_line_failure(
+        &["connect", "--hub", "127.0.0.1:1", "--identity", "client_key", "--fingerprint", "SHA256:x", "--forward", "1"],
+        d,
+        "chmod 600 client_key",
+    );
+    for key in ["host_key", "client_key"] {
+        std::fs::set_permissions(d.join(key), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     std::fs::write(d.join("empty_keys"), "# nobody\n").unwrap();
     one_line_failure(
         &["serve", "--listen", "127.0.0.1:0", "--host-key", "host_key", "--authorized-keys", "empty_keys"],

@@ -2,7 +2,8 @@
 //! throwaway host and client keys: a port range, a single forward and a reverse forward carry
 //! data intact (20 parallel connections through one port, spread over three SSH connections), a
 //! dropped connection is re-made and
-//! forwards work again, and a wrong host key is refused and said so.
+//! forwards work again, a wrong host key is refused and said so, and an identity file others can
+//! read is refused as OpenSSH's ssh refuses it.
 
 mod common;
 
@@ -131,6 +132,31 @@ async fn a_wrong_host_key_is_refused_and_named() {
         matches!(s.read(&mut b), Ok(0) | Err(_))
     });
     assert!(closed.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_others_can_read_is_refused_as_openssh_refuses_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (identity, _host_pub, ssh_port, _sshd, kh) = openssh(d);
+    std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ssh = std::process::Command::new(require("ssh"))
+        .arg("-i")
+        .arg(&identity)
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["-p", &ssh_port.to_string(), "root@127.0.0.1", "true"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&ssh.stderr);
+    assert!(!ssh.status.success() && said.contains("UNPROTECTED PRIVATE KEY FILE"), "OpenSSH's ssh: {said}");
+    let config = ClientConfig::new("127.0.0.1", ssh_port, "root", &identity, HostKeyPolicy::KnownHosts(kh.clone()));
+    let err = Tunnel::start(config.clone()).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("permissions 0644") && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fixed = Tunnel::start(config).await.unwrap();
+    assert!(fixed.wait_connected(Duration::from_secs(10)).await, "{:?}", fixed.status());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

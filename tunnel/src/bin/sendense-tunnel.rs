@@ -189,8 +189,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
     else {
         bail!("internal: not a serve command");
     };
-    let key = russh::keys::load_secret_key(&host_key, None)
-        .map_err(|e| anyhow::anyhow!("cannot load host key {}: {e}", host_key.display()))?;
+    let key = tunnel::load_private_key(&host_key).context("cannot load host key")?;
     let text = std::fs::read_to_string(&authorized_keys)
         .with_context(|| format!("cannot read {}", authorized_keys.display()))?;
     let authorized = tunnel::authorized::parse(&text).with_context(|| format!("in {}", authorized_keys.display()))?;

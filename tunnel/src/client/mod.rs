@@ -125,13 +125,8 @@ pub enum TunnelError {
         source: std::io::Error,
     },
     /// The private key could not be loaded.
-    #[error("cannot load identity {path}: {reason}")]
-    Identity {
-        /// Path.
-        path: String,
-        /// Cause.
-        reason: String,
-    },
+    #[error("cannot load identity: {0}")]
+    Identity(#[from] crate::keyfile::KeyFileError),
     /// The hub's host key was refused.
     #[error(transparent)]
     HostKey(#[from] hostkey::HostKeyError),
@@ -271,10 +266,7 @@ impl Tunnel {
     /// # Errors
     /// A listener cannot be bound, or the identity cannot be loaded.
     pub async fn start(config: ClientConfig) -> Result<Self, TunnelError> {
-        let key = russh::keys::load_secret_key(&config.identity, None).map_err(|e| TunnelError::Identity {
-            path: config.identity.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let key = crate::keyfile::load_private_key(&config.identity)?;
         let mut listeners = Vec::new();
         for f in &config.forwards {
             let l =

@@ -1,0 +1,125 @@
+//! Private key files (the node's identity, the hub's host key), read as OpenSSH reads them: a
+//! key file its owner has left readable or writable by others is refused.
+//!
+//! A key others on the machine can read is a key others can use to be the node, or the hub.
+//! OpenSSH's `ssh` ignores such an identity and `sshd` such a host key ("UNPROTECTED PRIVATE KEY
+//! FILE"); the tool that replaces them must not be the weaker one, so this refuses, with the
+//! `chmod` that fixes it, rather than warning. As OpenSSH does, only a file owned by the user
+//! running us is judged: a key another account keeps (read by root, say) is that account's to
+//! protect. The file is read through a bound: no key file is larger than [`MAX_KEY_FILE`].
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use russh::keys::PrivateKey;
+
+/// The longest key file read (an OpenSSH RSA 16384-bit key is under 13 KiB).
+pub const MAX_KEY_FILE: u64 = 64 << 10;
+
+/// A private key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// Opening or reading it failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Its owner (the user running us) lets others read or write it.
+    #[error(
+        "permissions {mode:04o} for {path} are too open: a private key must be its owner's alone, as OpenSSH \
+         requires (chmod 600 {path})"
+    )]
+    TooOpen {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Larger than any key file.
+    #[error("{path} is larger than {MAX_KEY_FILE} bytes: not a private key file")]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+    /// Not an unencrypted private key russh reads.
+    #[error("{path} is not a usable private key: {reason}")]
+    Decode {
+        /// The file.
+        path: String,
+        /// russh's reason.
+        reason: String,
+    },
+}
+
+/// Load the unencrypted private key at `path` (OpenSSH, PKCS#8 or PEM), refusing a file that
+/// its owner, the user running us, lets others read or write.
+///
+/// # Errors
+/// See [`KeyFileError`].
+pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
+    let shown = || path.display().to_string();
+    let read = |source| KeyFileError::Read { path: shown(), source };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() == rustix::process::getuid().as_raw() && mode & 0o077 != 0 {
+        return Err(KeyFileError::TooOpen { path: shown(), mode });
+    }
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE + 1).read_to_string(&mut text).map_err(read)?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        return Err(KeyFileError::TooLarge { path: shown() });
+    }
+    russh::keys::decode_secret_key(&text, None)
+        .map_err(|e| KeyFileError::Decode { path: shown(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A new Ed25519 key (by OpenSSH's `ssh-keygen`) at mode `mode`.
+    fn key_file(dir: &Path, mode: u32) -> std::path::PathBuf {
+        let path = dir.join(format!("key-{mode:o}"));
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&path)
+            .status()
+            .expect("ssh-keygen (openssh-client) must be installed");
+        assert!(made.success());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_key_its_owner_lets_others_read_is_refused_as_openssh_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_private_key(&key_file(dir.path(), 0o600)).is_ok());
+        assert!(load_private_key(&key_file(dir.path(), 0o400)).is_ok());
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            let path = key_file(dir.path(), mode);
+            let err = load_private_key(&path).unwrap_err().to_string();
+            assert!(err.contains(&format!("permissions {mode:04o}")) && err.contains("chmod 600"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_no_key_or_too_large_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = load_private_key(&dir.path().join("none")).unwrap_err().to_string();
+        assert!(missing.contains("cannot read"), "{missing}");
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, b"not a key").unwrap();
+        std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(load_private_key(&junk), Err(KeyFileError::Decode { .. })));
+        let large = dir.path().join("large");
+        std::fs::write(&large, vec![b'A'; (MAX_KEY_FILE + 1) as usize]).unwrap();
+        std::fs::set_permissions(&large, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(load_private_key(&large), Err(KeyFileError::TooLarge { .. })));
+    }
+}
