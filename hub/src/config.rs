@@ -2,7 +2,7 @@
 //! once at start: a bad setting is one line and exit status 1.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -166,19 +166,6 @@ pub fn parse_range(text: &str) -> Result<(u16, u16), String> {
         return Err(format!("port range '{text}' is empty or starts at 0"));
     }
     Ok((a, b))
-}
-
-/// Read a token file (trimmed, not empty).
-///
-/// # Errors
-/// It cannot be read or is empty.
-pub fn read_token(path: &Path) -> Result<String, String> {
-    let t = std::fs::read_to_string(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
-    let t = t.trim().to_string();
-    if t.is_empty() {
-        return Err(format!("token file {} is empty", path.display()));
-    }
-    Ok(t)
 }
 
 /// Default state paths: under `/var/lib/sendense-hub`.

@@ -330,9 +330,8 @@ pub fn resolve_tunnel(t: TunnelFile) -> Result<tunnel::ClientConfig, String> {
 /// # Errors
 /// It cannot be read or written, or is empty.
 pub fn load_or_create_token(path: &Path) -> Result<String, String> {
-    match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        Ok(_) => Err(format!("token file {} is empty", path.display())),
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => crate::files::read_token(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::io::{Read, Write};
             use std::os::unix::fs::OpenOptionsExt;

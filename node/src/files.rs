@@ -1,14 +1,50 @@
-//! Small file-system steps the node and the hub share: a record replaced whole, and a
-//! directory only its owner can enter.
+//! Small file-system steps the node and the hub share: a record replaced whole, a directory
+//! only its owner can enter, and a token file read only when it is its owner's alone.
 //!
 //! Both services keep whole VM disks (backups, replicas, restored disks) and what describes
 //! them, so the directories they make are `0700`: another local user could otherwise read every
 //! backed-up machine's disk from a `0755` tree, whatever the files' own modes. A directory that
 //! already exists keeps its mode: where the operator made it, the operator decided.
+//!
+//! A token file is the API: whoever reads it can start restores and delete backups. It is
+//! refused when the user running us owns it and lets others read or write it, the rule OpenSSH
+//! applies to private keys and `tunnel::load_private_key` to ours (a file another user owns is
+//! that user's to protect).
 
-use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
+
+/// The longest token file read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// Read an API token from `path`: trimmed, not empty, and only from a file that is its
+/// owner's alone (see the module doc).
+///
+/// # Errors
+/// It cannot be read, is empty or larger than any token, or others may read or write it.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read token file {shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read token file {shown}: {e}"))?;
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() == rustix::process::getuid().as_raw() && mode & 0o077 != 0 {
+        return Err(format!(
+            "permissions {mode:04o} for token file {shown} are too open: whoever reads it drives the API (chmod 600 {shown})"
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read token file {shown}: {e}"))?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(format!("token file {shown} is larger than {MAX_TOKEN_FILE} bytes: not a token"));
+    }
+    match text.trim() {
+        "" => Err(format!("token file {shown} is empty")),
+        token => Ok(token.to_string()),
+    }
+}
 
 /// Create `dir` and any missing parents, each `0700` (less nothing: the umask only removes
 /// bits); an existing one is left as it is.
@@ -59,5 +95,24 @@ mod tests {
         assert_eq!((mode(&shared.join("a")), mode(&shared.join("a/b"))), (0o700, 0o700));
         create_private_dir(&shared).unwrap();
         assert_eq!(mode(&shared), 0o755, "the operator's directory is left as it was");
+    }
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused_and_a_private_one_read_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  abc123\n").unwrap();
+        for open in [0o644, 0o640, 0o604, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(open)).unwrap();
+            let err = read_token(&path).unwrap_err();
+            assert!(err.contains(&format!("permissions {open:04o}")) && err.contains("chmod 600"), "{err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token(&path).unwrap(), "abc123");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(read_token(&path).unwrap_err().contains("is empty"));
+        std::fs::write(&path, vec![b'a'; 5000]).unwrap();
+        assert!(read_token(&path).unwrap_err().contains("larger than"));
+        assert!(read_token(&dir.path().join("none")).unwrap_err().contains("cannot read"));
     }
 }

@@ -199,6 +199,27 @@ async fn bad_requests_get_json_errors_and_a_token_is_required() {
     assert!(metrics.contains("sendense_node_tunnel_enabled 0"), "{metrics}");
 }
 
+#[test]
+fn a_token_file_others_can_read_stops_the_node_from_starting() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    make_source(&dir.path().join("disk0.raw"), 1, 1);
+    make_source(&dir.path().join("disk1.raw"), 1, 2);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "secret\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config_path = dir.path().join("node.toml");
+    std::fs::write(&config_path, vm_config(dir.path(), &format!("token_file = \"{}\"", token_file.display()))).unwrap();
+    let out = std::process::Command::new(sendense_node())
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("permissions 0644 for token file") && said.contains("chmod 600"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_job_is_refused_cancel_stops_a_job_and_a_failed_hook_fails_the_job() {
     let dir = tempfile::tempdir().unwrap();

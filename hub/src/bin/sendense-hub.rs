@@ -133,7 +133,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         if nodes.iter().any(|o: &NodeSpec| o.name == n.name) {
             bail!("node '{}' is declared twice", n.name);
         }
-        let token = n.token_file.as_deref().map(config::read_token).transpose().map_err(|e| anyhow!(e))?;
+        let token = n.token_file.as_deref().map(node::files::read_token).transpose().map_err(|e| anyhow!(e))?;
         nodes.push(NodeSpec { name: n.name, url: n.url, token, key: n.key });
     }
     let single_url = a.node_url.or(file.node_url);
@@ -142,7 +142,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         if nodes.iter().any(|n| n.name == "default") {
             bail!("--node-url declares node 'default', which [[node]] also declares");
         }
-        let token = single_token.as_deref().map(config::read_token).transpose().map_err(|e| anyhow!(e))?;
+        let token = single_token.as_deref().map(node::files::read_token).transpose().map_err(|e| anyhow!(e))?;
         let url = single_url.unwrap_or_else(|| "http://127.0.0.1:9081".into());
         nodes.push(NodeSpec { name: "default".into(), url, token, key: None });
     }
