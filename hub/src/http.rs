@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -50,8 +50,10 @@ pub struct BackupRequest {
     pub node: Option<String>,
     /// Repository (only `default`).
     pub repository_id: Option<String>,
-    /// Labels (not supported yet: refused when not empty).
-    pub tags: Option<Vec<String>>,
+    /// Labels kept with the backup (its manifest), shown in its views, and filtered on with
+    /// `?tag=`.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// `POST /api/v1/replications`.
@@ -72,11 +74,18 @@ pub struct RestoreRequest {
     pub backup_id: String,
 }
 
-/// `?vm_name=`.
+/// `?vm_name=&tag=`; any other parameter is refused (400), not ignored.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only this VM.
     pub vm_name: Option<String>,
+    /// Only backups with this tag.
+    pub tag: Option<String>,
+}
+
+fn query(q: Result<Query<ListQuery>, QueryRejection>) -> Result<ListQuery, HubError> {
+    q.map(|Query(v)| v).map_err(|e| HubError::BadRequest(format!("bad query: {}", e.body_text())))
 }
 
 fn job_json(kind: Kind, v: &JobView) -> Value {
@@ -147,15 +156,17 @@ async fn start_backup(
             "unknown repository_id '{r}' (this hub has one repository: default)"
         )));
     }
-    if req.tags.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(HubError::BadRequest("tags are not supported yet".into()));
-    }
-    let v = hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref()).await?;
+    let v = hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags).await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Backup, &v))).into_response())
 }
 
-async fn list_backups(State(hub): State<Arc<Hub>>, Query(q): Query<ListQuery>) -> Json<Vec<Value>> {
-    Json(hub.list(Kind::Backup, q.vm_name.as_deref()).iter().map(|v| job_json(Kind::Backup, v)).collect())
+async fn list_backups(
+    State(hub): State<Arc<Hub>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Value>>, HubError> {
+    let q = query(q)?;
+    let list = hub.list(Kind::Backup, q.vm_name.as_deref(), q.tag.as_deref());
+    Ok(Json(list.iter().map(|v| job_json(Kind::Backup, v)).collect()))
 }
 
 async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
@@ -195,12 +206,17 @@ async fn start_replication(
     b: Result<Json<ReplicationRequest>, JsonRejection>,
 ) -> Result<Response, HubError> {
     let req = body(b)?;
-    let v = hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref()).await?;
+    let v = hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[]).await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Replication, &v))).into_response())
 }
 
-async fn list_replications(State(hub): State<Arc<Hub>>, Query(q): Query<ListQuery>) -> Json<Vec<Value>> {
-    Json(hub.list(Kind::Replication, q.vm_name.as_deref()).iter().map(|v| job_json(Kind::Replication, v)).collect())
+async fn list_replications(
+    State(hub): State<Arc<Hub>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Value>>, HubError> {
+    let q = query(q)?;
+    let list = hub.list(Kind::Replication, q.vm_name.as_deref(), q.tag.as_deref());
+    Ok(Json(list.iter().map(|v| job_json(Kind::Replication, v)).collect()))
 }
 
 async fn get_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {

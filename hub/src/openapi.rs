@@ -27,6 +27,20 @@ fn op(summary: &str, ok: &str, schema: &str, body: Option<&str>) -> Value {
     o
 }
 
+/// `op` with the list filters (`vm_name`, `tag`) as query parameters.
+fn with_filters(mut o: Value) -> Value {
+    if let Value::Object(m) = &mut o {
+        m.insert(
+            "parameters".into(),
+            json!([
+                {"name": "vm_name", "in": "query", "required": false, "schema": {"type": "string"}},
+                {"name": "tag", "in": "query", "required": false, "schema": {"type": "string"}}
+            ]),
+        );
+    }
+    o
+}
+
 /// The document.
 pub fn document() -> Value {
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -41,7 +55,7 @@ pub fn document() -> Value {
                     "vm_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
                     "backup_type": {"type": "string", "enum": ["full", "incremental"]},
                     "node": {"type": "string"}, "repository_id": {"type": "string", "enum": ["default"]},
-                    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 0}}},
+                    "tags": {"type": "array", "maxItems": 16, "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}}},
                 "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
                 "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {"backup_id": {"type": "string"}}},
                 "DiskResult": {"type": "object", "properties": {
@@ -61,7 +75,8 @@ pub fn document() -> Value {
                     "nbd_targets_string": {"type": "string"},
                     "disk_results": {"type": "array", "items": {"$ref": "#/components/schemas/DiskResult"}},
                     "disks": {"type": "array", "items": {"$ref": "#/components/schemas/DiskProgress"}},
-                    "error": {"type": "string"}, "note": {"type": "string"}}},
+                    "error": {"type": "string"}, "note": {"type": "string"},
+                    "tags": {"type": "array", "items": {"type": "string"}}}},
                 "BackupList": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
                 "Verify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "disks": {"type": "array", "items": {"type": "object", "properties": {
                     "disk_key": {"type": "integer"}, "check": {"type": "string"}, "checksum_match": {"type": "boolean", "nullable": true}}}}}},
@@ -80,7 +95,7 @@ pub fn document() -> Value {
         "paths": {
             "/api/v1/backups": {
                 "post": op("start a backup of a VM (all disks, one snapshot)", "202", "Backup", Some("BackupRequest")),
-                "get": op("backups, newest first (?vm_name=)", "200", "BackupList", None)
+                "get": with_filters(op("backups, newest first (?vm_name=, ?tag=)", "200", "BackupList", None))
             },
             "/api/v1/backups/{id}": {
                 "parameters": id,
@@ -95,7 +110,7 @@ pub fn document() -> Value {
             "/api/v1/restores/{id}": {"parameters": id, "delete": op("close a restore", "200", "Restore", None)},
             "/api/v1/replications": {
                 "post": op("run the VM's replica up to date", "202", "Backup", Some("ReplicationRequest")),
-                "get": op("replication runs", "200", "BackupList", None)
+                "get": with_filters(op("replication runs (?vm_name=)", "200", "BackupList", None))
             },
             "/api/v1/replications/{id}": {"parameters": id, "get": op("one replication run", "200", "Backup", None)},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},

@@ -56,6 +56,9 @@ pub struct Manifest {
     /// Why the type differs from the one asked for (a full backup made for an incremental).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The operator's labels, as the backup was asked for with them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// Paths of the repository.
@@ -225,6 +228,7 @@ mod tests {
                 bytes_sent: 0,
             }],
             note: None,
+            tags: vec![],
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         let (path, data) = repo.manifest_file(&m).unwrap();

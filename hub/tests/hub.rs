@@ -221,14 +221,30 @@ async fn full_incremental_verify_restore_and_replica_of_a_two_disk_vm() {
 
     change(&src[0], 5 * MIB, 0xaa);
     change(&src[1], 17 * MIB, 0xbb);
-    let (status, incr) =
-        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "pgtest1", "backup_type": "incremental"}))).await;
+    // Tags: checked, kept in order without repeats, shown, kept in the manifest, filtered on.
+    for tags in [json!(["../x"]), json!((0..17).map(|i| format!("t{i}")).collect::<Vec<_>>())] {
+        let body = json!({"vm_name": "pgtest1", "backup_type": "incremental", "tags": tags});
+        let (status, v) = hub.call("POST", "/api/v1/backups", Some(body)).await;
+        assert_eq!((status, &v["code"]), (400, &json!("bad_request")), "{tags}: {v}");
+    }
+    let body = json!({"vm_name": "pgtest1", "backup_type": "incremental", "tags": ["weekly", "pre-upgrade", "weekly"]});
+    let (status, incr) = hub.call("POST", "/api/v1/backups", Some(body)).await;
     assert_eq!(status, 202, "{incr}");
     let incr_id = incr["backup_id"].as_str().unwrap().to_string();
     assert_eq!(incr["parent_id"], full_id.as_str());
+    assert_eq!(incr["tags"], json!(["weekly", "pre-upgrade"]), "{incr}");
     let done = hub.wait(&format!("/api/v1/backups/{incr_id}")).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["backup_type"], "incremental");
+    assert_eq!(done["tags"], json!(["weekly", "pre-upgrade"]), "{done}");
+    let manifest = std::fs::read_to_string(d.join("repo/pgtest1").join(&incr_id).join("manifest.json")).unwrap();
+    assert!(manifest.contains("pre-upgrade"), "{manifest}");
+    let (_, tagged) = hub.call("GET", "/api/v1/backups?vm_name=pgtest1&tag=weekly", None).await;
+    let ids: Vec<&Value> = tagged.as_array().unwrap().iter().map(|b| &b["backup_id"]).collect();
+    assert_eq!(ids, [&json!(incr_id)], "{tagged}");
+    assert_eq!(hub.call("GET", "/api/v1/backups?tag=monthly", None).await.1, json!([]));
+    let (status, v) = hub.call("GET", "/api/v1/backups?vm=pgtest1", None).await;
+    assert_eq!((status, &v["code"]), (400, &json!("bad_request")), "an unknown filter is refused, not ignored: {v}");
     let incr_dir = d.join("repo/pgtest1").join(&incr_id);
     for (i, s) in src.iter().enumerate() {
         let img = incr_dir.join(format!("disk-{}.qcow2", 2000 + i));

@@ -207,6 +207,7 @@ impl Hub {
                         })
                         .collect(),
                     note: job.note.clone(),
+                    tags: job.tags.clone(),
                 };
                 let (path, data) =
                     self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;

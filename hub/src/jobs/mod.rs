@@ -167,6 +167,41 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{}-{:02x}{:02x}{:02x}", t.trim_end_matches('Z'), bytes[0], bytes[1], bytes[2])
 }
 
+/// The most tags one backup carries.
+pub const MAX_TAGS: usize = 16;
+
+/// A backup's tags as asked for: each a valid name, at most [`MAX_TAGS`], repeats dropped (the
+/// first place kept).
+///
+/// # Errors
+/// A tag that is not a valid name, or too many (400).
+pub fn checked_tags(tags: &[String]) -> Result<Vec<String>, HubError> {
+    let mut out: Vec<String> = Vec::new();
+    for t in tags {
+        if !valid_name(t) {
+            return Err(HubError::BadRequest(format!("tag '{t}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
+        }
+        if !out.contains(t) {
+            out.push(t.clone());
+        }
+    }
+    if out.len() > MAX_TAGS {
+        return Err(HubError::BadRequest(format!("{} tags: a backup carries at most {MAX_TAGS}", out.len())));
+    }
+    Ok(out)
+}
+
+/// What [`Hub::prepare`] makes a job of.
+struct Run<'a> {
+    kind: Kind,
+    id: &'a str,
+    vm: &'a str,
+    node_name: &'a str,
+    info: &'a node::api::VmInfo,
+    requested: BackupType,
+    tags: Vec<String>,
+}
+
 /// Names from requests: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
 pub fn valid_name(name: &str) -> bool {
     node::config::valid_name(name)
@@ -264,18 +299,23 @@ impl Hub {
         record["node"].as_str().map(str::to_string)
     }
 
-    /// Start a backup (`Kind::Backup`) or a replication run.
+    /// Start a backup (`Kind::Backup`, with the operator's `tags`) or a replication run (no tags).
     ///
     /// # Errors
-    /// Bad names (400), unknown VM or node (404), a job already running for the VM (409), no
-    /// free port or node unreachable (503).
+    /// Bad names or tags (400), unknown VM or node (404), a job already running for the VM
+    /// (409), no free port or node unreachable (503).
     pub async fn start(
         self: &Arc<Self>,
         kind: Kind,
         vm: &str,
         requested: BackupType,
         node: Option<&str>,
+        tags: &[String],
     ) -> Result<JobView, HubError> {
+        let tags = checked_tags(tags)?;
+        if kind == Kind::Replication && !tags.is_empty() {
+            return Err(HubError::BadRequest("a replication run takes no tags".into()));
+        }
         if !valid_name(vm) {
             return Err(HubError::BadRequest(format!("vm_name '{vm}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
         }
@@ -309,7 +349,8 @@ impl Hub {
             st.busy_vms.insert(vm.to_string(), id.clone());
         }
         self.reap_orphans(Some(vm)).await;
-        let result = self.prepare(kind, &id, vm, &node_name, &info, requested).await;
+        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags };
+        let result = self.prepare(run).await;
         match result {
             Ok(job) => Ok(job.view()),
             Err(e) => {
@@ -321,15 +362,8 @@ impl Hub {
         }
     }
 
-    async fn prepare(
-        self: &Arc<Self>,
-        kind: Kind,
-        id: &str,
-        vm: &str,
-        node_name: &str,
-        info: &node::api::VmInfo,
-        requested: BackupType,
-    ) -> Result<Arc<Job>, HubError> {
+    async fn prepare(self: &Arc<Self>, run: Run<'_>) -> Result<Arc<Job>, HubError> {
+        let Run { kind, id, vm, node_name, info, requested, tags } = run;
         let (_, client) =
             self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let bind = self.settings.nbd_bind;
@@ -437,6 +471,7 @@ impl Hub {
             backup_type,
             parent: parent.map(|p| p.backup_id),
             note,
+            tags,
             created_at: repo::now_rfc3339(),
             disks,
             targets: targets.clone(),
@@ -518,14 +553,14 @@ impl Hub {
         st.catalog.get(id).map(manifest_view)
     }
 
-    /// Backups (or replications), newest first.
-    pub fn list(&self, kind: Kind, vm: Option<&str>) -> Vec<JobView> {
+    /// Backups (or replications), newest first: of VM `vm`, with tag `tag`, where given.
+    pub fn list(&self, kind: Kind, vm: Option<&str>, tag: Option<&str>) -> Vec<JobView> {
         let st = self.state();
         let mut out: Vec<JobView> = st.jobs.values().filter(|j| j.kind == kind).map(|j| j.view()).collect();
         if kind == Kind::Backup {
             out.extend(st.catalog.values().map(manifest_view));
         }
-        out.retain(|v| vm.is_none_or(|vm| v.vm_name == vm));
+        out.retain(|v| vm.is_none_or(|vm| v.vm_name == vm) && tag.is_none_or(|t| v.tags.iter().any(|have| have == t)));
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         out
     }
@@ -670,6 +705,7 @@ mod tests {
             completed_at: created.into(),
             disks: vec![],
             note: None,
+            tags: vec![],
         }
     }
 

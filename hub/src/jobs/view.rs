@@ -124,6 +124,9 @@ pub struct JobView {
     /// Why the type differs from the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The operator's labels (backups asked for with `tags`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// A disk of a job.
@@ -162,6 +165,7 @@ pub struct Job {
     pub(super) backup_type: BackupType,
     pub(super) parent: Option<String>,
     pub(super) note: Option<String>,
+    pub(super) tags: Vec<String>,
     pub(super) created_at: String,
     pub(super) disks: Vec<JobDisk>,
     pub(super) targets: String,
@@ -244,6 +248,7 @@ impl Job {
             disks,
             error,
             note: self.note.clone(),
+            tags: self.tags.clone(),
         }
     }
 }
@@ -296,5 +301,6 @@ pub(super) fn manifest_view(m: &Manifest) -> JobView {
             .collect(),
         error: None,
         note: m.note.clone(),
+        tags: m.tags.clone(),
     }
 }
