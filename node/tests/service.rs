@@ -278,6 +278,79 @@ async fn a_second_job_is_refused_cancel_stops_a_job_and_a_failed_hook_fails_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_onto_a_vms_disk_holds_the_vm_and_no_two_restores_write_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_source(&d.join("disk0.raw"), 24, 1);
+    make_source(&d.join("disk1.raw"), 8, 2);
+    // 4 MiB/s: each restore below takes seconds.
+    let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    make_source(&d.join("backup.raw"), 24, 9);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        d.join("backup.raw").to_str().unwrap(),
+        d.join("backup.qcow2").to_str().unwrap(),
+    ]);
+    let export = HubExport::start(&d.join("backup.qcow2"), "backup").await;
+    let restore = |job: &str, dests: &[(u32, std::path::PathBuf)]| RestoreRequest {
+        job_id: job.into(),
+        nbd_targets: dests.iter().map(|(k, _)| export.target(*k)).collect::<Vec<_>>().join(","),
+        destinations: dests.iter().map(|(k, p)| (k.to_string(), p.display().to_string())).collect(),
+    };
+    let refused = |r: Result<node::api::StartResponse, node::api::ApiError>, status: u16, text: &str| match r {
+        Err(node::api::ApiError::Status { status: s, message, .. }) => {
+            assert_eq!(s, status, "{message}");
+            assert!(message.contains(text), "'{message}' lacks '{text}'");
+        }
+        other => panic!("expected {status}, got {other:?}"),
+    };
+    let into_dir = |name: &str| d.join("state/restores").join(name);
+
+    // Two disks of one restore into one file: the second would silently replace the first.
+    refused(
+        client.start_restore(&restore("dup", &[(2000, into_dir("x.raw")), (2001, into_dir("x.raw"))])).await,
+        400,
+        "both restore to",
+    );
+
+    // Onto the VM's own disk: the VM is held, as by a backup, until the restore ends.
+    client.start_restore(&restore("onto-vm", &[(2000, d.join("disk0.raw"))])).await.unwrap();
+    refused(client.start_backup(&start("pgtest1", export.target(2000), "b1", BackupType::Full)).await, 409, "onto-vm");
+    refused(client.start_restore(&restore("again", &[(2000, d.join("disk0.raw"))])).await, 409, "onto-vm");
+
+    // Into the restore directory: no second restore writes the same file meanwhile.
+    client.start_restore(&restore("into-file", &[(2000, into_dir("y.raw"))])).await.unwrap();
+    refused(
+        client.start_restore(&restore("y-again", &[(2000, into_dir("y.raw"))])).await,
+        409,
+        "restore into-file is writing",
+    );
+    client.start_restore(&restore("other-file", &[(2000, into_dir("z.raw"))])).await.unwrap();
+
+    for job in ["onto-vm", "into-file", "other-file"] {
+        assert_eq!(
+            client.job(job).await.unwrap().status,
+            JobStatus::Running,
+            "{job} still runs: the refusals above were not late"
+        );
+        client.cancel(job).await.unwrap();
+        assert_eq!(wait_job(&client, job).await.status, JobStatus::Cancelled);
+    }
+    // Released: the same file and the VM are free again.
+    client.start_restore(&restore("y-later", &[(2000, into_dir("y.raw"))])).await.unwrap();
+    client.cancel("y-later").await.unwrap();
+    wait_job(&client, "y-later").await;
+    client.start_restore(&restore("vm-later", &[(2000, d.join("disk0.raw"))])).await.unwrap();
+    client.cancel("vm-later").await.unwrap();
+    wait_job(&client, "vm-later").await;
+    export.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_run_cut_by_a_killed_node_makes_the_next_run_rewrite_every_block() {
     let dir = tempfile::tempdir().unwrap();
     let (d0, d1) = (dir.path().join("disk0.raw"), dir.path().join("disk1.raw"));

@@ -202,7 +202,11 @@ pub struct Jobs {
 struct Table {
     jobs: HashMap<String, Arc<Job>>,
     finished: VecDeque<String>,
+    /// VMs a running job reads (a backup or replica run) or writes (a restore onto its disks),
+    /// with the job's id.
     busy_vms: HashMap<String, String>,
+    /// Files a running restore writes, with its id: no second restore writes them meanwhile.
+    busy_paths: HashMap<PathBuf, String>,
 }
 
 impl Jobs {
@@ -271,16 +275,27 @@ impl Jobs {
         Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new(), via })
     }
 
-    fn register(&self, job: Arc<Job>, vm: Option<&str>) -> Result<(), JobError> {
+    /// Add a running job that uses `vms` and writes `paths`, all or nothing.
+    fn register(&self, job: Arc<Job>, vms: &[&str], paths: &[&Path]) -> Result<(), JobError> {
         let mut t = self.table.lock().map_err(|_| JobError::Conflict("job table poisoned".into()))?;
         if t.jobs.contains_key(&job.id) {
             return Err(JobError::Conflict(format!("job {} already exists", job.id)));
         }
-        if let Some(vm) = vm {
-            if let Some(other) = t.busy_vms.get(vm) {
+        for vm in vms {
+            if let Some(other) = t.busy_vms.get(*vm) {
                 return Err(JobError::Conflict(format!("VM {vm} already has job {other} running")));
             }
+        }
+        for path in paths {
+            if let Some(other) = t.busy_paths.get(*path) {
+                return Err(JobError::Conflict(format!("restore {other} is writing {} now", path.display())));
+            }
+        }
+        for vm in vms {
             t.busy_vms.insert(vm.to_string(), job.id.clone());
+        }
+        for path in paths {
+            t.busy_paths.insert(path.to_path_buf(), job.id.clone());
         }
         t.jobs.insert(job.id.clone(), job);
         Ok(())
@@ -288,9 +303,8 @@ impl Jobs {
 
     fn release(&self, job: &Job) {
         if let Ok(mut t) = self.table.lock() {
-            if t.busy_vms.get(&job.vm_name) == Some(&job.id) {
-                t.busy_vms.remove(&job.vm_name);
-            }
+            t.busy_vms.retain(|_, id| *id != job.id);
+            t.busy_paths.retain(|_, id| *id != job.id);
             t.finished.push_back(job.id.clone());
             while t.finished.len() > KEEP_FINISHED {
                 if let Some(old) = t.finished.pop_front() {
@@ -349,7 +363,7 @@ impl Jobs {
             state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
             disks,
         });
-        self.register(Arc::clone(&job), Some(&vm.name))?;
+        self.register(Arc::clone(&job), &[&vm.name], &[])?;
         let jobs = Arc::clone(self);
         let run_job = Arc::clone(&job);
         tokio::spawn(async move {

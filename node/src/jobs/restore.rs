@@ -1,7 +1,10 @@
 //! Restore jobs: each disk of a backup read from the hub's read-only export and written into a
 //! file on the node, one disk after another, checked by the same checksum the backup recorded.
 //! A destination is a configured VM disk or a plain file name inside the restore directory,
-//! nothing else: the API must not become a way to overwrite any file on the node.
+//! nothing else: the API must not become a way to overwrite any file on the node. Two disks of
+//! one restore never share a destination (the second would silently replace the first), no two
+//! running restores write one file, and a restore onto a VM's disks holds that VM as a backup
+//! does: its backups wait, instead of reading a disk that is being overwritten.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,13 +32,22 @@ impl Jobs {
             return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
         }
         let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let mut plan = Vec::new();
+        let mut plan: Vec<(u32, _, PathBuf)> = Vec::new();
+        let mut vms: Vec<String> = Vec::new();
         for t in &targets {
             let dest = req
                 .destinations
                 .get(&t.key.to_string())
                 .ok_or_else(|| JobError::BadRequest(format!("no destination for disk {}", t.key)))?;
-            let dest = self.allowed_destination(dest)?;
+            let (dest, vm) = self.allowed_destination(dest)?;
+            if let Some((other, _, _)) = plan.iter().find(|(_, _, p)| *p == dest) {
+                return Err(JobError::BadRequest(format!(
+                    "disks {other} and {} both restore to {}: one would replace the other",
+                    t.key,
+                    dest.display()
+                )));
+            }
+            vms.extend(vm.filter(|v| !vms.contains(v)));
             plan.push((t.key, self.dial_endpoint(t, None)?, dest));
         }
         if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
@@ -50,7 +62,9 @@ impl Jobs {
             state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
             disks,
         });
-        self.register(Arc::clone(&job), None)?;
+        let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
+        let paths: Vec<&Path> = plan.iter().map(|(_, _, p)| p.as_path()).collect();
+        self.register(Arc::clone(&job), &vms, &paths)?;
         let jobs = Arc::clone(self);
         let run_job = Arc::clone(&job);
         tokio::spawn(async move {
@@ -112,16 +126,15 @@ impl Jobs {
 
     /// A restore may write a VM's own disk path or a file inside the restore directory, nothing
     /// else: the API must not become a way to overwrite any file on the node.
-    fn allowed_destination(&self, dest: &str) -> Result<PathBuf, JobError> {
+    /// Returns the path and, for a VM's disk, the VM's name.
+    fn allowed_destination(&self, dest: &str) -> Result<(PathBuf, Option<String>), JobError> {
         let path = PathBuf::from(dest);
-        let is_vm_disk = self
-            .settings
-            .vms
-            .iter()
-            .flat_map(|v| &v.disks)
-            .any(|d| matches!(&d.source, crate::source::SourceSpec::Path(p) if *p == path));
-        if is_vm_disk {
-            return Ok(path);
+        let owner =
+            self.settings.vms.iter().find(|v| {
+                v.disks.iter().any(|d| matches!(&d.source, crate::source::SourceSpec::Path(p) if *p == path))
+            });
+        if let Some(vm) = owner {
+            return Ok((path, Some(vm.name.clone())));
         }
         let refuse = || {
             JobError::BadRequest(format!(
@@ -135,7 +148,7 @@ impl Jobs {
             (Some(std::path::Component::Normal(name)), None) if valid_name(&name.to_string_lossy()) => {
                 crate::files::create_private_dir(dir)
                     .map_err(|e| JobError::BadRequest(format!("restore directory {}: {e}", dir.display())))?;
-                Ok(dir.join(name))
+                Ok((dir.join(name), None))
             }
             _ => Err(refuse()),
         }
