@@ -34,6 +34,17 @@ impl IntoResponse for HubError {
     }
 }
 
+/// Run `work` to its end even when the client goes away. hyper drops a request's future when its
+/// connection closes (a killed `curl`, a script's timeout); dropped half-way, a start would leave
+/// its VM held by a job nobody can see (every later backup of it 409) or a job the node runs and
+/// nobody follows, a restore its backup pinned, a delete its catalog and files out of step. So
+/// every call that changes state runs as a task of its own, and the request only waits for it.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, HubError>> + Send + 'static,
+) -> Result<T, HubError> {
+    tokio::spawn(work).await.map_err(|e| HubError::Internal(format!("request task: {e}")))?
+}
+
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, HubError> {
     b.map(|Json(v)| v).map_err(|e| HubError::BadRequest(format!("bad request body: {}", e.body_text())))
 }
@@ -156,7 +167,10 @@ async fn start_backup(
             "unknown repository_id '{r}' (this hub has one repository: default)"
         )));
     }
-    let v = hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags).await?;
+    let v = to_completion(async move {
+        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags).await
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Backup, &v))).into_response())
 }
 
@@ -175,12 +189,12 @@ async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Resu
 }
 
 async fn delete_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let v = hub.delete(&id).await?;
+    let v = to_completion(async move { hub.delete(&id).await }).await?;
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 
 async fn verify_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let (ok, disks) = hub.verify(&id).await?;
+    let (ok, disks) = to_completion(async move { hub.verify(&id).await }).await?;
     Ok(Json(json!({"ok": ok, "disks": disks})))
 }
 
@@ -189,7 +203,7 @@ async fn start_restore(
     b: Result<Json<RestoreRequest>, JsonRejection>,
 ) -> Result<Response, HubError> {
     let req = body(b)?;
-    let v = hub.restore(&req.backup_id).await?;
+    let v = to_completion(async move { hub.restore(&req.backup_id).await }).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
@@ -198,7 +212,7 @@ async fn list_restores(State(hub): State<Arc<Hub>>) -> Json<Value> {
 }
 
 async fn close_restore(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    Ok(Json(json!(hub.close_restore(&id).await?)))
+    Ok(Json(json!(to_completion(async move { hub.close_restore(&id).await }).await?)))
 }
 
 async fn start_replication(
@@ -206,7 +220,10 @@ async fn start_replication(
     b: Result<Json<ReplicationRequest>, JsonRejection>,
 ) -> Result<Response, HubError> {
     let req = body(b)?;
-    let v = hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[]).await?;
+    let v = to_completion(async move {
+        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[]).await
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Replication, &v))).into_response())
 }
 

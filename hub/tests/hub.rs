@@ -675,3 +675,78 @@ async fn raw_replicas_are_kept_in_place_and_stay_sparse() {
         }
     }
 }
+
+/// Send `method path` with `body` on a raw connection and hang up `after` later, without reading
+/// the answer (a killed `curl`, a script's timeout): hyper drops a request whose client is gone.
+async fn hang_up(hub: &HubProcess, method: &str, path: &str, body: &Value, after: Duration) {
+    use tokio::io::AsyncWriteExt;
+    let addr = hub.url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        hub.token,
+        body.len()
+    );
+    s.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+    tokio::time::sleep(after).await;
+    let _ = s.shutdown().await;
+}
+
+/// Until no backup of `vm` is unfinished, no port leased and no export open.
+async fn settled(hub: &HubProcess, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, list) = hub.call("GET", &format!("/api/v1/backups?vm_name={vm}"), None).await;
+        let (_, ports) = hub.call("GET", "/api/v1/ports", None).await;
+        let (_, exports) = hub.call("GET", "/api/v1/exports", None).await;
+        let (_, restores) = hub.call("GET", "/api/v1/restores", None).await;
+        let unfinished = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| !matches!(b["status"].as_str(), Some("completed" | "failed" | "cancelled")));
+        let idle = ports["leased"].as_array().unwrap().is_empty() && exports.as_array().unwrap().is_empty();
+        if !unfinished && idle && restores.as_array().unwrap().is_empty() {
+            return;
+        }
+        for r in restores.as_array().unwrap() {
+            hub.call("DELETE", &format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap()), None).await;
+        }
+        assert!(Instant::now() < deadline, "left half done: {list} {ports} {exports} {restores}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_request_leaves_nothing_half_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("pgtest1", 2)], None).await;
+    let base = free_ports(4);
+    let hub = HubProcess::start(d, &node_url, (base, base + 3));
+    let full = json!({"vm_name": "pgtest1", "backup_type": "full"});
+    let mut kept = None;
+    // The hang-up lands at a different step of each start: finding the VM, making the files,
+    // opening the exports, calling the node.
+    for round in 0..12u64 {
+        hang_up(&hub, "POST", "/api/v1/backups", &full, Duration::from_micros(round * 1500)).await;
+        settled(&hub, "pgtest1").await;
+        // Whatever the hung-up start got to, the VM is free for the next one.
+        let (status, b) = hub.call("POST", "/api/v1/backups", Some(full.clone())).await;
+        assert_eq!(status, 202, "round {round}: {b}");
+        let done = hub.wait(&format!("/api/v1/backups/{}", b["backup_id"].as_str().unwrap())).await;
+        assert_eq!(done["status"], "completed", "round {round}: {done}");
+        kept = Some(done);
+    }
+    // A restore hung up at any step pins nothing for good: the backup can be deleted after.
+    let backup = kept.unwrap()["backup_id"].as_str().unwrap().to_string();
+    for round in 0..8u64 {
+        let body = json!({"backup_id": backup});
+        hang_up(&hub, "POST", "/api/v1/restores", &body, Duration::from_micros(round * 500)).await;
+        settled(&hub, "pgtest1").await;
+    }
+    let (status, v) = hub.call("DELETE", &format!("/api/v1/backups/{backup}"), None).await;
+    assert_eq!(status, 200, "{v}");
+}

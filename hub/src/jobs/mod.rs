@@ -191,6 +191,19 @@ pub fn checked_tags(tags: &[String]) -> Result<Vec<String>, HubError> {
     Ok(out)
 }
 
+/// A backup pinned by [`Hub::pin_backup`]; let go of when dropped (on every path, a dropped
+/// future's too). Never dropped while the caller holds the state lock.
+struct Pinned<'a> {
+    hub: &'a Hub,
+    holder: String,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.hub.state().pins.remove(&self.holder);
+    }
+}
+
 /// What [`Hub::prepare`] makes a job of.
 struct Run<'a> {
     kind: Kind,
@@ -614,7 +627,8 @@ impl Hub {
     /// # Errors
     /// Unknown or not completed (404).
     pub async fn verify(&self, id: &str) -> Result<(bool, Vec<DiskVerdict>), HubError> {
-        let m = self.completed_backup(id)?;
+        let holder = new_id("v");
+        let (m, _pinned) = self.pin_backup(&holder, id, format!("verify {holder} is reading it"))?;
         let mut out = Vec::new();
         for d in &m.disks {
             let path = self.repo.backup_dir(&m.vm_name, id).join(&d.file);
@@ -634,24 +648,16 @@ impl Hub {
         Ok((out.iter().all(DiskVerdict::ok), out))
     }
 
-    /// The manifest of completed backup `id`.
+    /// The manifest of completed backup `id`, pinned for `holder` under the same lock (see `State::pins`),
+    /// so that it is not deleted before the returned guard is dropped.
     ///
     /// # Errors
     /// No such completed backup (404).
-    fn completed_backup(&self, id: &str) -> Result<Manifest, HubError> {
-        self.state().catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))
-    }
-
-    /// [`Hub::completed_backup`], pinned for `holder` under the same lock (see `State::pins`),
-    /// so that it is not deleted before the holder lets go of it with [`Hub::unpin`].
-    ///
-    /// # Errors
-    /// No such completed backup (404).
-    fn pin_backup(&self, holder: &str, id: &str, why: String) -> Result<Manifest, HubError> {
+    fn pin_backup(&self, holder: &str, id: &str, why: String) -> Result<(Manifest, Pinned<'_>), HubError> {
         let mut st = self.state();
         let m = st.catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("no completed backup {id}")))?;
         st.pins.insert(holder.to_string(), (id.to_string(), why));
-        Ok(m)
+        Ok((m, Pinned { hub: self, holder: holder.to_string() }))
     }
 
     /// The node whose job (or restore) holds `port` now.
@@ -776,22 +782,27 @@ mod tests {
         .unwrap()
     }
 
-    /// A completed one-disk backup `id` on disk and in the catalog.
+    /// A completed backup `id` of two disks on disk and in the catalog, the first holding 4 MiB
+    /// of data (so that reading it takes a moment).
     fn add_backup(hub: &Hub, id: &str) {
-        let m = Manifest {
-            disks: vec![repo::ManifestDisk {
-                disk_key: 2000,
-                disk_id: 0,
-                size: 1 << 20,
-                allocated_bytes: 0,
-                checksum: None,
-                file: repo::disk_file(2000),
-                bytes_sent: 0,
-            }],
-            ..manifest(id, "2026-01-01T00:00:00Z")
+        let disk = |key: u32| repo::ManifestDisk {
+            disk_key: key,
+            disk_id: key - 2000,
+            size: 8 << 20,
+            allocated_bytes: 0,
+            checksum: None,
+            file: repo::disk_file(key),
+            bytes_sent: 0,
         };
+        let m = Manifest { disks: vec![disk(2000), disk(2001)], ..manifest(id, "2026-01-01T00:00:00Z") };
         std::fs::create_dir_all(hub.repo.backup_dir("vm", id)).unwrap();
-        qcow2::Image::create(hub.repo.disk_path("vm", id, 2000), &CreateOptions::new(1 << 20)).unwrap();
+        for key in [2000, 2001] {
+            let img = qcow2::Image::create(hub.repo.disk_path("vm", id, key), &CreateOptions::new(8 << 20)).unwrap();
+            if key == 2000 {
+                img.write_at(&vec![0x5a; 4 << 20], 0).unwrap();
+            }
+            img.close().unwrap();
+        }
         let (path, data) = hub.repo.manifest_file(&m).unwrap();
         std::fs::write(path, data).unwrap();
         hub.state().catalog.insert(id.into(), m);
@@ -800,8 +811,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_backup_is_never_deleted_under_a_restore_being_opened() {
         let dir = tempfile::tempdir().unwrap();
-        let first = testports::free_ports(4);
-        let hub = hub_in(dir.path(), (first, first + 3));
+        let first = testports::free_ports(6);
+        let hub = hub_in(dir.path(), (first, first + 5));
         for round in 0..40u64 {
             let id = format!("b{round}");
             add_backup(&hub, &id);
@@ -824,5 +835,31 @@ mod tests {
             assert!(!hub.repo.backup_dir("vm", &id).exists(), "round {round}");
             assert!(hub.restores().is_empty() && hub.exports.views().is_empty(), "round {round}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pinned_backup_is_kept_until_its_holder_lets_go_even_a_dropped_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = testports::free_ports(2);
+        let hub = hub_in(dir.path(), (first, first + 1));
+        add_backup(&hub, "b0");
+        let (_, pinned) = hub.pin_backup("v1", "b0", "verify v1 is reading it".into()).unwrap();
+        match hub.delete("b0").await {
+            Err(HubError::Conflict(why)) => assert!(why.contains("verify v1 is reading it"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        drop(pinned);
+        assert!(hub.state().pins.is_empty());
+        // A verify whose caller went away lets go too.
+        let verifying = tokio::spawn({
+            let hub = Arc::clone(&hub);
+            async move { hub.verify("b0").await }
+        });
+        tokio::task::yield_now().await;
+        verifying.abort();
+        let _ = verifying.await;
+        assert!(hub.state().pins.is_empty());
+        hub.delete("b0").await.unwrap();
+        assert!(!hub.repo.backup_dir("vm", "b0").exists());
     }
 }

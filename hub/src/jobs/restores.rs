@@ -75,13 +75,11 @@ impl Hub {
             return Err(HubError::BadRequest(format!("backup_id '{backup_id}' is not a valid name")));
         }
         let id = new_id("x");
-        let m = self.pin_backup(&id, backup_id, format!("restore {id} is opening its images"))?;
-        let opened = self.open_restore(&id, &m).await;
-        let mut st = self.state();
-        st.pins.remove(&id);
-        let r = Arc::new(opened?);
-        // Listed under the lock the pin is dropped in: the backup stays protected throughout.
-        st.restores.insert(id, Arc::clone(&r));
+        let (m, pinned) = self.pin_backup(&id, backup_id, format!("restore {id} is opening its images"))?;
+        let r = Arc::new(self.open_restore(&id, &m).await?);
+        // Listed before the pin goes: the backup stays protected throughout.
+        self.state().restores.insert(id, Arc::clone(&r));
+        drop(pinned);
         Ok(r.view())
     }
 
