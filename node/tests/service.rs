@@ -283,8 +283,9 @@ async fn a_restore_onto_a_vms_disk_holds_the_vm_and_no_two_restores_write_one_fi
     let d = dir.path();
     make_source(&d.join("disk0.raw"), 24, 1);
     make_source(&d.join("disk1.raw"), 8, 2);
-    // 4 MiB/s: each restore below takes seconds.
-    let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\""), &[]);
+    // 4 MiB/s: each restore below takes seconds. One NBD connection each: three run at once
+    // against one export, which takes ten.
+    let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1"), &[]);
     let client = NodeClient::new(node.url(), None).unwrap();
     make_source(&d.join("backup.raw"), 24, 9);
     qemu_img(&[
@@ -332,11 +333,8 @@ async fn a_restore_onto_a_vms_disk_holds_the_vm_and_no_two_restores_write_one_fi
     client.start_restore(&restore("other-file", &[(2000, into_dir("z.raw"))])).await.unwrap();
 
     for job in ["onto-vm", "into-file", "other-file"] {
-        assert_eq!(
-            client.job(job).await.unwrap().status,
-            JobStatus::Running,
-            "{job} still runs: the refusals above were not late"
-        );
+        let view = client.job(job).await.unwrap();
+        assert_eq!(view.status, JobStatus::Running, "{job} still runs (the refusals above were not late): {view:?}");
         client.cancel(job).await.unwrap();
         assert_eq!(wait_job(&client, job).await.status, JobStatus::Cancelled);
     }
