@@ -138,7 +138,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     write_private(&dir.join("hub_host_ed25519"), &host_key)?;
     write_private(&dir.join("node_ed25519"), &node_key)?;
     let node_pub = node_key.public_key().to_openssh().context("encode the node key")?;
-    std::fs::write(dir.join("authorized_keys"), "")?;
+    // Empty (the node's key is in its [[node]] table) and ours alone, whatever the umask.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(dir.join("authorized_keys"));
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join("authorized_keys"))?;
+    }
     let fingerprint = tunnel::hostkey::fingerprint(host_key.public_key());
 
     // The sample VM.

@@ -82,8 +82,7 @@ fn loopback_port(url: &str) -> Option<u16> {
 /// The host key or authorized_keys cannot be read, or no key is authorized.
 pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<EndpointConfig, String> {
     let key = tunnel::load_private_key(&ssh.host_key).map_err(|e| format!("cannot load host key: {e}"))?;
-    let text = std::fs::read_to_string(&ssh.authorized_keys)
-        .map_err(|e| format!("cannot read {}: {e}", ssh.authorized_keys.display()))?;
+    let text = tunnel::read_authorized_keys(&ssh.authorized_keys).map_err(|e| e.to_string())?;
     let mut authorized =
         tunnel::authorized::parse(&text).map_err(|e| format!("{}: {e}", ssh.authorized_keys.display()))?;
     let mut key_nodes: HashMap<String, String> =

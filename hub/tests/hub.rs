@@ -436,6 +436,7 @@ async fn two_nodes_through_the_hub_endpoint_each_reach_only_their_own_ports() {
         keygen(&d.join(format!("{k}_key")));
     }
     std::fs::write(d.join("authorized_keys"), "").unwrap();
+    std::fs::set_permissions(d.join("authorized_keys"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     // Node A reaches the hub's API through the tunnel's reverse forward, as in production.
     let a_api = start_node(&d.join("a-files").tap_mkdir(), &[("vma", 1)], Some("2M")).await;
     let b_api = start_node(&d.join("b-files").tap_mkdir(), &[("vmb", 1)], None).await;

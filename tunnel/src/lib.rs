@@ -6,7 +6,8 @@
 //!
 //! - [`spec`]: the `A-B[:REMOTE_A]`, `LOCAL[:REMOTE]`, `REMOTE:LOCAL` forms (pure).
 //! - [`hostkey`]: known_hosts or pinned-fingerprint checks; no "accept anything" mode.
-//! - [`keyfile`]: private key files, refused when others can read them (as OpenSSH does).
+//! - [`keyfile`]: private key files and authorized_keys, refused when others can read (keys) or
+//!   write (authorized_keys) them, as OpenSSH does.
 //! - [`client`]: [`Tunnel`], the supervised client with its [`Status`].
 //! - [`dial`]: channels to the hub opened in process ([`TunnelDialer`]), no local socket.
 //! - [`channel_io`]: a channel as a byte stream that also takes owned bytes without a copy.
@@ -35,7 +36,7 @@ pub mod spec;
 pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
 pub use dial::{TunnelDialer, TunnelReader, TunnelStream, TunnelWriter};
 pub use hostkey::HostKeyPolicy;
-pub use keyfile::load_private_key;
+pub use keyfile::{load_private_key, read_authorized_keys};
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;
 pub use russh::keys::{Algorithm as KeyAlgorithm, PrivateKey, PublicKey};

@@ -170,6 +170,14 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
     for key in ["host_key", "client_key"] {
         std::fs::set_permissions(d.join(key), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
+    // So is an authorized_keys file others may write, as sshd's StrictModes refuses it.
+    std::fs::set_permissions(d.join("authorized_keys"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    one_line_failure(
+        &["serve", "--listen", "127.0.0.1:0", "--host-key", "host_key", "--authorized-keys", "authorized_keys"],
+        d,
+        "could be changed by others (mode 0666)",
+    );
+    std::fs::set_permissions(d.join("authorized_keys"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(d.join("empty_keys"), "# nobody\n").unwrap();
     one_line_failure(
         &["serve", "--listen", "127.0.0.1:0", "--host-key", "host_key", "--authorized-keys", "empty_keys"],

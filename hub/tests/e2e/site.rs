@@ -201,6 +201,11 @@ impl Site {
                 ssh::keygen(&d.join("hub_host_key"));
                 ssh::keygen(&d.join("node_key"));
                 std::fs::write(d.join("authorized_keys"), "").unwrap();
+                std::fs::set_permissions(
+                    d.join("authorized_keys"),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
                 node_url = format!("http://127.0.0.1:{reverse}");
                 tunnel_toml = format!(
                     "[tunnel]\nhub = \"127.0.0.1:{ssh_port}\"\nuser = \"node\"\nidentity = \"{}\"\nfingerprint = \"{}\"\n",

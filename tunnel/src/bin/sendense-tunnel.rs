@@ -190,8 +190,7 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         bail!("internal: not a serve command");
     };
     let key = tunnel::load_private_key(&host_key).context("cannot load host key")?;
-    let text = std::fs::read_to_string(&authorized_keys)
-        .with_context(|| format!("cannot read {}", authorized_keys.display()))?;
+    let text = tunnel::read_authorized_keys(&authorized_keys)?;
     let authorized = tunnel::authorized::parse(&text).with_context(|| format!("in {}", authorized_keys.display()))?;
     if authorized.is_empty() {
         bail!("{} holds no keys: nobody could connect", authorized_keys.display());

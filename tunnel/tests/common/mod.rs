@@ -105,6 +105,8 @@ pub fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     keygen(&dir.join("host_key"));
     keygen(&dir.join("client_key"));
     std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+    // Writable by nobody else whatever the umask: both sshd and our endpoint insist.
+    std::fs::set_permissions(dir.join("authorized_keys"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (dir.join("client_key"), dir.join("host_key.pub"))
 }
 
