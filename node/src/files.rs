@@ -8,46 +8,31 @@
 //!
 //! A token file is the API: whoever reads it can start restores and delete backups. It is
 //! refused when the user running us owns it and lets others read or write it, the rule OpenSSH
-//! applies to private keys and `tunnel::load_private_key` to ours (a file another user owns is
-//! that user's to protect).
+//! applies to private keys and `tunnel::read_secret` to ours (a file another user owns is that
+//! user's to protect).
 
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 /// The longest token file read.
 const MAX_TOKEN_FILE: u64 = 4096;
 
 /// Read an API token from `path`: trimmed, not empty, and only from a file that is its
-/// owner's alone (see the module doc).
+/// owner's alone (`tunnel::read_secret`, the rule for private keys).
 ///
 /// # Errors
 /// It cannot be read, is empty or larger than any token, or others may read or write it.
 pub fn read_token(path: &Path) -> Result<String, String> {
-    let shown = path.display();
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read token file {shown}: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot read token file {shown}: {e}"))?;
-    let mode = meta.mode() & 0o7777;
-    if meta.uid() == rustix::process::getuid().as_raw() && mode & 0o077 != 0 {
-        return Err(format!(
-            "permissions {mode:04o} for token file {shown} are too open: whoever reads it drives the API (chmod 600 {shown})"
-        ));
-    }
-    let mut text = String::new();
-    file.take(MAX_TOKEN_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read token file {shown}: {e}"))?;
-    if text.len() as u64 > MAX_TOKEN_FILE {
-        return Err(format!("token file {shown} is larger than {MAX_TOKEN_FILE} bytes: not a token"));
-    }
+    let text = tunnel::read_secret(path, MAX_TOKEN_FILE, "token file").map_err(|e| e.to_string())?;
     match text.trim() {
-        "" => Err(format!("token file {shown} is empty")),
+        "" => Err(format!("token file {} is empty", path.display())),
         token => Ok(token.to_string()),
     }
 }
 
-/// Create `dir` and any missing parents, each `0700` (less nothing: the umask only removes
-/// bits); an existing one is left as it is.
+/// Create `dir` and any missing parents, each `0700` (the umask can only take bits away); an
+/// existing one is left as it is.
 ///
 /// # Errors
 /// A component cannot be created.

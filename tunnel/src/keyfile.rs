@@ -24,7 +24,7 @@ pub const MAX_KEY_FILE: u64 = 64 << 10;
 /// The longest authorized_keys file read (thousands of keys).
 pub const MAX_AUTHORIZED_KEYS_FILE: u64 = 1 << 20;
 
-/// A private key file that cannot be used.
+/// A private key, secret or authorized_keys file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     /// Opening or reading it failed.
@@ -37,17 +37,19 @@ pub enum KeyFileError {
     },
     /// Its owner (the user running us) lets others read or write it.
     #[error(
-        "permissions {mode:04o} for {path} are too open: a private key must be its owner's alone, as OpenSSH \
-         requires (chmod 600 {path})"
+        "permissions {mode:04o} for {what} {path} are too open: it must be its owner's alone, as OpenSSH \
+         requires of private keys (chmod 600 {path})"
     )]
     TooOpen {
         /// The file.
         path: String,
         /// Its permission bits.
         mode: u32,
+        /// What it holds.
+        what: &'static str,
     },
     /// Larger than any such file.
-    #[error("{path} is larger than {limit} bytes: not a {what}")]
+    #[error("{path} is larger than {limit} bytes: not a {what} file")]
     TooLarge {
         /// The file.
         path: String,
@@ -85,17 +87,25 @@ pub enum KeyFileError {
 /// # Errors
 /// See [`KeyFileError`].
 pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
-    let shown = || path.display().to_string();
-    let read = |source| KeyFileError::Read { path: shown(), source };
+    let text = read_secret(path, MAX_KEY_FILE, "private key")?;
+    russh::keys::decode_secret_key(&text, None)
+        .map_err(|e| KeyFileError::Decode { path: path.display().to_string(), reason: e.to_string() })
+}
+
+/// The text of a secret file (a private key, an API token) of at most `limit` bytes, refused
+/// when its owner, the user running us, lets others read or write it; `what` names it in errors.
+///
+/// # Errors
+/// See [`KeyFileError`].
+pub fn read_secret(path: &Path, limit: u64, what: &'static str) -> Result<String, KeyFileError> {
+    let read = |source| KeyFileError::Read { path: path.display().to_string(), source };
     let file = std::fs::File::open(path).map_err(read)?;
     let meta = file.metadata().map_err(read)?;
     let mode = meta.mode() & 0o7777;
     if meta.uid() == rustix::process::getuid().as_raw() && mode & 0o077 != 0 {
-        return Err(KeyFileError::TooOpen { path: shown(), mode });
+        return Err(KeyFileError::TooOpen { path: path.display().to_string(), mode, what });
     }
-    let text = read_bounded(file, path, MAX_KEY_FILE, "private key file")?;
-    russh::keys::decode_secret_key(&text, None)
-        .map_err(|e| KeyFileError::Decode { path: shown(), reason: e.to_string() })
+    read_bounded(file, path, limit, what)
 }
 
 /// The text of the authorized_keys file at `path`, refused when it belongs to someone other
@@ -118,7 +128,7 @@ pub fn read_authorized_keys(path: &Path) -> Result<String, KeyFileError> {
         let (why, fix) = (format!("mode {mode:04o}"), format!("chmod go-w {}", shown()));
         return Err(KeyFileError::OpenToOthers { path: shown(), why, fix });
     }
-    read_bounded(file, path, MAX_AUTHORIZED_KEYS_FILE, "authorized_keys file")
+    read_bounded(file, path, MAX_AUTHORIZED_KEYS_FILE, "authorized_keys")
 }
 
 /// The whole of `file` as text, if it is at most `limit` bytes.

@@ -36,7 +36,7 @@ pub mod spec;
 pub use client::{ClientConfig, State, Status, Tunnel, TunnelError};
 pub use dial::{TunnelDialer, TunnelReader, TunnelStream, TunnelWriter};
 pub use hostkey::HostKeyPolicy;
-pub use keyfile::{load_private_key, read_authorized_keys};
+pub use keyfile::{load_private_key, read_authorized_keys, read_secret};
 /// Key loading for embedders that build an [`endpoint::EndpointConfig`] (russh's own types).
 pub use russh::keys::ssh_key::LineEnding;
 pub use russh::keys::{Algorithm as KeyAlgorithm, PrivateKey, PublicKey};

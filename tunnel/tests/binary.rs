@@ -160,7 +160,7 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
     one_line_failure(
         &["serve", "--listen", "127.0.0.1:0", "--host-key", "host_key", "--authorized-keys", "authorized_keys"],
         d,
-        "permissions 0644 for host_key are too open",
+        "permissions 0644 for private key host_key are too open",
     );
     one_line_failure(
         &["connect", "--hub", "127.0.0.1:1", "--identity", "client_key", "--fingerprint", "SHA256:x", "--forward", "1"],
