@@ -120,7 +120,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/restores", post(start_restore).get(list_restores))
         .route("/api/v1/restores/{id}", axum::routing::delete(close_restore))
         .route("/api/v1/replications", post(start_replication).get(list_replications))
-        .route("/api/v1/replications/{id}", get(get_replication))
+        .route("/api/v1/replications/{id}", get(get_replication).delete(delete_replication))
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/exports", get(exports))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
@@ -184,13 +184,18 @@ async fn list_backups(
 }
 
 async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let v = hub.get(&id).ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
+    let v = hub.get(Kind::Backup, &id).ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 
 async fn delete_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let v = to_completion(async move { hub.delete(&id).await }).await?;
+    let v = to_completion(async move { hub.delete(Kind::Backup, &id).await }).await?;
     Ok(Json(job_json(Kind::Backup, &v)))
+}
+
+async fn delete_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    let v = to_completion(async move { hub.delete(Kind::Replication, &id).await }).await?;
+    Ok(Json(job_json(Kind::Replication, &v)))
 }
 
 async fn verify_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
@@ -237,7 +242,7 @@ async fn list_replications(
 }
 
 async fn get_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let v = hub.get(&id).ok_or_else(|| HubError::NotFound(format!("unknown replication {id}")))?;
+    let v = hub.get(Kind::Replication, &id).ok_or_else(|| HubError::NotFound(format!("unknown replication {id}")))?;
     Ok(Json(job_json(Kind::Replication, &v)))
 }
 

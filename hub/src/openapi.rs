@@ -112,7 +112,11 @@ pub fn document() -> Value {
                 "post": op("run the VM's replica up to date", "202", "Backup", Some("ReplicationRequest")),
                 "get": with_filters(op("replication runs (?vm_name=)", "200", "BackupList", None))
             },
-            "/api/v1/replications/{id}": {"parameters": id, "get": op("one replication run", "200", "Backup", None)},
+            "/api/v1/replications/{id}": {
+                "parameters": id,
+                "get": op("one replication run", "200", "Backup", None),
+                "delete": op("cancel a running replication run (its replica is made anew next time) or forget a finished one", "200", "Backup", None)
+            },
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
             "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
             "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},

@@ -392,6 +392,26 @@ async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     hub.ports_all_free().await;
     assert!(!d.join("repo/small").join(&id).exists(), "partial images removed");
 
+    // A replica run is cancelled at its own path; a backup's path does not reach it, nor the
+    // other way round.
+    let (status, r) = hub.call("POST", "/api/v1/replications", Some(json!({"vm_name": "small"}))).await;
+    assert_eq!(status, 202, "{r}");
+    let rid = r["replication_id"].as_str().unwrap().to_string();
+    for path in [format!("/api/v1/backups/{rid}"), format!("/api/v1/replications/{id}")] {
+        assert_eq!(hub.call("GET", &path, None).await.0, 404, "{path}");
+        assert_eq!(hub.call("DELETE", &path, None).await.0, 404, "{path}");
+    }
+    assert_eq!(hub.call("DELETE", &format!("/api/v1/replications/{rid}"), None).await.0, 200);
+    let v = hub.wait(&format!("/api/v1/replications/{rid}")).await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    hub.ports_all_free().await;
+    assert_eq!(
+        hub.call("DELETE", &format!("/api/v1/replications/{rid}"), None).await.0,
+        200,
+        "a finished run is forgotten"
+    );
+    assert_eq!(hub.call("GET", &format!("/api/v1/replications/{rid}"), None).await.0, 404);
+
     // Killed with SIGKILL mid-job: after the restart no half backup is listed and no port leased.
     let (status, b) =
         hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "full"}))).await;

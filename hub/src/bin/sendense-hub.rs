@@ -57,7 +57,8 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir();
     for i in 0..1000u32 {
         let p = base.join(format!("sendense-demo-{}-{i}", std::process::id()));
-        if std::fs::create_dir(&p).is_ok() {
+        // Ours alone, like everything the hub makes: the demo's disks stand for VM disks.
+        if std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&p).is_ok() {
             return Ok(p);
         }
     }

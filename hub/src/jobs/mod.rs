@@ -39,7 +39,7 @@ mod view;
 use files::{DiskFile, JobFiles};
 
 pub use restores::{Restore, RestoreExport, RestoreView};
-use view::{manifest_view, type_name, JobDisk, JobState};
+use view::{kind_name, manifest_view, type_name, JobDisk, JobState};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
 
 /// How often the node's job is polled.
@@ -557,13 +557,14 @@ impl Hub {
         !self.state().orphans.is_empty()
     }
 
-    /// A job by id (running, failed, cancelled, or a completed backup from the catalog).
-    pub fn get(&self, id: &str) -> Option<JobView> {
+    /// A backup or a replication run by id (running, failed, cancelled, or a completed backup
+    /// from the catalog); the other kind's ids are not found.
+    pub fn get(&self, kind: Kind, id: &str) -> Option<JobView> {
         let st = self.state();
-        if let Some(j) = st.jobs.get(id) {
+        if let Some(j) = st.jobs.get(id).filter(|j| j.kind == kind) {
             return Some(j.view());
         }
-        st.catalog.get(id).map(manifest_view)
+        st.catalog.get(id).filter(|_| kind == Kind::Backup).map(manifest_view)
     }
 
     /// Backups (or replications), newest first: of VM `vm`, with tag `tag`, where given.
@@ -578,12 +579,13 @@ impl Hub {
         out
     }
 
-    /// Cancel a running job, or delete a finished backup.
+    /// Cancel a running backup or replication run, or delete a finished backup (forget a
+    /// finished run); the other kind's ids are not found.
     ///
     /// # Errors
-    /// Unknown (404); a later backup or an open restore depends on it (409).
-    pub async fn delete(&self, id: &str) -> Result<JobView, HubError> {
-        match self.forget(id)? {
+    /// Unknown (404); a later backup, a restore or a verify depends on it (409).
+    pub async fn delete(&self, kind: Kind, id: &str) -> Result<JobView, HubError> {
+        match self.forget(kind, id)? {
             Forgotten::Job(view) => Ok(view),
             Forgotten::Backup(m) => {
                 if let Err(e) = files::remove_backup(self.repo.backup_dir(&m.vm_name, id)).await {
@@ -598,9 +600,9 @@ impl Hub {
 
     /// [`Hub::delete`] in memory: the job cancelled or dropped, or the backup out of the catalog
     /// (its files are the caller's to remove).
-    fn forget(&self, id: &str) -> Result<Forgotten, HubError> {
+    fn forget(&self, kind: Kind, id: &str) -> Result<Forgotten, HubError> {
         let mut st = self.state();
-        if let Some(j) = st.jobs.get(id).cloned() {
+        if let Some(j) = st.jobs.get(id).filter(|j| j.kind == kind).cloned() {
             if !j.status().is_final() {
                 j.cancel.cancel();
                 return Ok(Forgotten::Job(j.view()));
@@ -608,7 +610,12 @@ impl Hub {
             st.jobs.remove(id);
             return Ok(Forgotten::Job(j.view()));
         }
-        let m = st.catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
+        let m = st
+            .catalog
+            .get(id)
+            .filter(|_| kind == Kind::Backup)
+            .cloned()
+            .ok_or_else(|| HubError::NotFound(format!("unknown {} {id}", kind_name(kind))))?;
         if let Some(child) = st.catalog.values().find(|c| c.parent_id.as_deref() == Some(id)) {
             return Err(HubError::Conflict(format!("backup {} is an incremental on top of {id}", child.backup_id)));
         }
@@ -822,12 +829,12 @@ mod tests {
             });
             // The delete lands at a different moment of the restore's opening each round.
             tokio::time::sleep(Duration::from_micros(round * 40)).await;
-            let deleted = hub.delete(&id).await;
+            let deleted = hub.delete(Kind::Backup, &id).await;
             match (restoring.await.unwrap(), deleted) {
                 (Ok(r), Err(HubError::Conflict(why))) => {
                     assert!(why.contains(&id), "{why}");
                     hub.close_restore(&r.restore_id).await.unwrap();
-                    hub.delete(&id).await.unwrap();
+                    hub.delete(Kind::Backup, &id).await.unwrap();
                 }
                 (Err(HubError::NotFound(_)), Ok(_)) => {}
                 (restored, deleted) => panic!("round {round}: restore {restored:?}, delete {deleted:?}"),
@@ -844,7 +851,7 @@ mod tests {
         let hub = hub_in(dir.path(), (first, first + 1));
         add_backup(&hub, "b0");
         let (_, pinned) = hub.pin_backup("v1", "b0", "verify v1 is reading it".into()).unwrap();
-        match hub.delete("b0").await {
+        match hub.delete(Kind::Backup, "b0").await {
             Err(HubError::Conflict(why)) => assert!(why.contains("verify v1 is reading it"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -859,7 +866,7 @@ mod tests {
         verifying.abort();
         let _ = verifying.await;
         assert!(hub.state().pins.is_empty());
-        hub.delete("b0").await.unwrap();
+        hub.delete(Kind::Backup, "b0").await.unwrap();
         assert!(!hub.repo.backup_dir("vm", "b0").exists());
     }
 }

@@ -253,6 +253,13 @@ impl Job {
     }
 }
 
+pub(super) fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Backup => "backup",
+        Kind::Replication => "replication",
+    }
+}
+
 pub(super) fn type_name(t: BackupType) -> &'static str {
     match t {
         BackupType::Full => "full",
