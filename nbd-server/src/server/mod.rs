@@ -240,27 +240,33 @@ impl Server {
         self.serve_tcp(listener, Scope::Only(name.into())).await;
     }
 
-    /// Accept TCP connections with the given scope until shutdown.
+    /// Accept TCP connections with the given scope until shutdown. [`Self::shutdown`] returns
+    /// only once the listener is closed: the port refuses (and is free to bind) from then on.
     pub async fn serve_tcp(&self, listener: TcpListener, scope: Scope) {
-        let listener = &listener;
-        self.accept_until_shutdown(scope, move || async move {
+        let serving = self.shared.tracker.token();
+        self.accept_until_shutdown(scope, || async {
             let (stream, peer) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             let (r, w) = stream.into_split();
             Ok((r, w, peer.to_string()))
         })
         .await;
+        drop(listener);
+        drop(serving);
     }
 
-    /// Accept Unix-socket connections with the given scope until shutdown.
+    /// Accept Unix-socket connections with the given scope until shutdown (which, as for
+    /// [`Self::serve_tcp`], waits for the listener to close).
     pub async fn serve_unix(&self, listener: UnixListener, scope: Scope) {
-        let listener = &listener;
-        self.accept_until_shutdown(scope, move || async move {
+        let serving = self.shared.tracker.token();
+        self.accept_until_shutdown(scope, || async {
             let (stream, _) = listener.accept().await?;
             let (r, w) = stream.into_split();
             Ok((r, w, "unix".to_string()))
         })
         .await;
+        drop(listener);
+        drop(serving);
     }
 
     /// Take a client slot, then the next connection `accept` gives (its halves and its peer's
