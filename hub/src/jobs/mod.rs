@@ -153,10 +153,11 @@ struct State {
     /// Runs a killed hub left behind, as (VM, job id): their node jobs are cancelled before
     /// the VM's next run, and in the background from the start.
     orphans: Vec<(String, String)>,
-    /// Backups something being made needs, by holder (a run's or restore's id): the backup and
-    /// why. Such a backup is not deleted (409) until its holder is done with it: an incremental
-    /// is laid over its parent until it completes (and is then in the catalog, which protects
-    /// the parent in turn), a restore opens its images before it is listed.
+    /// Backups something in progress needs, by holder (a run's, restore's or verify's id): the
+    /// backup and why. Such a backup is not deleted (409) until its holder is done with it: an
+    /// incremental is laid over its parent until it completes (and is then in the catalog, which
+    /// protects the parent in turn), a restore opens its images before it is listed, a verify
+    /// reads them.
     pins: HashMap<String, (String, String)>,
 }
 
