@@ -219,6 +219,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .map(|(i, p)| node::config::DiskFile {
                 key: 2000 + i as u32,
                 source: p.display().to_string(),
+                format: None,
                 dirty_bitmap: None,
             })
             .collect(),

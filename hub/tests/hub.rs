@@ -58,6 +58,7 @@ async fn start_node(dir: &Path, vms: &[(&str, usize)], bandwidth: Option<&str>) 
             v.disk.push(node::config::DiskFile {
                 key: 2000 + i as u32,
                 source: path.display().to_string(),
+                format: None,
                 dirty_bitmap: None,
             });
         }

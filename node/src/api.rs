@@ -22,15 +22,43 @@ pub enum SourceKind {
     Nbd,
 }
 
+/// How a disk is laid out in its file or block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// The disk's bytes as they are (also what every NBD source exports).
+    Raw,
+    /// A qcow2 image (and its backing chain) holding the disk: libvirt's usual disk file, or
+    /// the base an external snapshot leaves behind.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name in configs and answers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// One disk of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
     /// Disk key (unit number + 2000).
     pub key: u32,
-    /// Size in bytes.
+    /// Size in bytes (of the disk: a qcow2 image's virtual size).
     pub size: u64,
     /// Source kind.
     pub source_kind: SourceKind,
+    /// How the source holds the disk (absent from older nodes: raw).
+    #[serde(default = "raw")]
+    pub format: DiskFormat,
+}
+
+fn raw() -> DiskFormat {
+    DiskFormat::Raw
 }
 
 /// A VM and its disks.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::DiskFormat;
 use crate::mover::CopyOptions;
 use crate::source::SourceSpec;
 use crate::throttle::{parse_rate, Throttle};
@@ -130,6 +131,10 @@ pub struct DiskFile {
     pub key: u32,
     /// Path or `nbd://` URL.
     pub source: String,
+    /// How a file or block device holds the disk: `raw` or `qcow2`. Unstated, it is read as
+    /// raw, and refused if it starts like a disk image.
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
     /// qemu dirty bitmap exported by the NBD source.
     pub dirty_bitmap: Option<String>,
 }
@@ -202,9 +207,21 @@ pub fn parse_vm_flag(text: &str) -> Result<VmFile, String> {
     for d in disks.split(',').filter(|d| !d.is_empty()) {
         let (key, source) = d.split_once(':').ok_or_else(|| format!("--vm '{text}': disk '{d}' is not KEY:SOURCE"))?;
         let key = key.parse().map_err(|_| format!("--vm '{text}': disk key '{key}' is not a number"))?;
-        out.disk.push(DiskFile { key, source: source.to_string(), dirty_bitmap: None });
+        let (format, source) = split_format(source);
+        out.disk.push(DiskFile { key, source: source.to_string(), format, dirty_bitmap: None });
     }
     Ok(out)
+}
+
+/// A source given on the command line as `qcow2:PATH` or `raw:PATH` states its format.
+pub fn split_format(source: &str) -> (Option<DiskFormat>, &str) {
+    if let Some(path) = source.strip_prefix("qcow2:") {
+        (Some(DiskFormat::Qcow2), path)
+    } else if let Some(path) = source.strip_prefix("raw:") {
+        (Some(DiskFormat::Raw), path)
+    } else {
+        (None, source)
+    }
 }
 
 /// Parse `2M`, `256K`, `1G` or a number of bytes.
@@ -236,7 +253,8 @@ pub fn resolve_vms(files: Vec<VmFile>) -> Result<Vec<Vm>, String> {
             if disks.iter().any(|o| o.key == d.key) {
                 return Err(format!("VM '{}': disk key {} is declared twice", v.name, d.key));
             }
-            let source = SourceSpec::parse(&d.source, d.dirty_bitmap).map_err(|e| format!("VM '{}': {e}", v.name))?;
+            let source = SourceSpec::parse(&d.source, d.format, d.dirty_bitmap)
+                .map_err(|e| format!("VM '{}' disk {}: {e}", v.name, d.key))?;
             disks.push(Disk { key: d.key, source });
         }
         disks.sort_by_key(|d| d.key);
@@ -387,6 +405,30 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_states_its_format_in_the_file_or_as_a_prefix_and_an_nbd_source_cannot() {
+        let vms = resolve_vms(vec![parse_vm_flag("db=2000:qcow2:/a.qcow2,2001:raw:/b,2002:/c").unwrap()]).unwrap();
+        let formats: Vec<_> =
+            vms[0].disks.iter().map(|d| (d.source.path().map(|p| p.to_owned()), d.source.format())).collect();
+        assert_eq!(
+            formats,
+            vec![
+                (Some("/a.qcow2".into()), DiskFormat::Qcow2),
+                (Some("/b".into()), DiskFormat::Raw),
+                (Some("/c".into()), DiskFormat::Raw)
+            ]
+        );
+        let file: NodeFile =
+            toml::from_str("[[vm]]\nname = \"db\"\n[[vm.disk]]\nkey = 2000\nsource = \"/a\"\nformat = \"qcow2\"\n")
+                .unwrap();
+        assert_eq!(resolve_vms(file.vm).unwrap()[0].disks[0].source.format(), DiskFormat::Qcow2);
+        let bad: Result<NodeFile, _> =
+            toml::from_str("[[vm]]\nname = \"db\"\n[[vm.disk]]\nkey = 2000\nsource = \"/a\"\nformat = \"vmdk\"\n");
+        assert!(bad.is_err(), "only raw and qcow2 are read");
+        let nbd = resolve_vms(vec![parse_vm_flag("db=2000:qcow2:nbd://127.0.0.1:1/x").unwrap()]).unwrap_err();
+        assert!(nbd.contains("an NBD server exports the disk itself"), "{nbd}");
+    }
+
+    #[test]
     fn a_config_file_with_an_unknown_key_is_refused() {
         let bad: Result<NodeFile, _> = toml::from_str("listen = \"127.0.0.1:1\"\nlisten_typo = 1\n");
         assert!(bad.is_err());
@@ -405,6 +447,7 @@ mod tests {
         let file: NodeFile = toml::from_str(include_str!("../../deploy/node.toml")).unwrap();
         let vms = resolve_vms(file.vm).unwrap();
         assert_eq!(vms[0].disks.len(), 2);
+        assert_eq!(vms[1].disks[0].source.format(), DiskFormat::Qcow2, "the libvirt example");
         let tunnel = resolve_tunnel(file.tunnel.unwrap()).unwrap();
         assert_eq!((tunnel.forwards.len(), tunnel.reverse.len()), (102, 1), "production forwards by default");
         resolve_copy(&file.copy).unwrap();

@@ -15,6 +15,17 @@ pub enum MoveError {
         #[source]
         source: std::io::Error,
     },
+    /// A qcow2 source could not be opened or read.
+    #[error("source {what}: {source}{hint}")]
+    SourceImage {
+        /// Which image and step.
+        what: String,
+        /// What the operator can do, or empty.
+        hint: String,
+        /// Cause.
+        #[source]
+        source: qcow2::Error,
+    },
     /// An NBD source failed a request.
     #[error("source {what}: {source}")]
     SourceNbd {

@@ -117,7 +117,7 @@ async fn describe(vm: &Vm) -> Result<VmInfo, ApiErr> {
         let size = probe_size(&d.source)
             .await
             .map_err(|e| ApiErr(StatusCode::SERVICE_UNAVAILABLE, format!("VM {} disk {}: {e}", vm.name, d.key)))?;
-        disks.push(DiskInfo { key: d.key, size, source_kind: d.source.kind_hint() });
+        disks.push(DiskInfo { key: d.key, size, source_kind: d.source.kind_hint(), format: d.source.format() });
     }
     Ok(VmInfo { name: vm.name.clone(), disks })
 }

@@ -6,7 +6,9 @@
 //! count as holes), and, for an NBD source exporting a dirty bitmap, which ranges changed since
 //! the bitmap was started. Reads of files run on the blocking pool with the caller's buffer
 //! moved in and out, so the async workers never wait on the disk; reads of NBD exports come
-//! back as the pieces the connection received ([`Blocks`]).
+//! back as the pieces the connection received ([`Blocks`]). A file or device may hold a qcow2
+//! image (the format stated by the operator); it is then read as the disk it holds
+//! (`source/image.rs`, which also refuses an image whose format was not stated).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -17,18 +19,28 @@ use std::time::Duration;
 use rustix::fs::SeekFrom;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::SourceKind;
+use crate::api::{DiskFormat, SourceKind};
 use crate::blockmap::Hash;
 use crate::blocks::Blocks;
 use crate::error::MoveError;
 use crate::pool::{Endpoint, NbdPool};
 use crate::targets;
 
+mod image;
+
+pub use image::{sniff, Qcow2Source};
+
 /// How a source was configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSpec {
-    /// A raw file or a block device.
-    Path(PathBuf),
+    /// A file or a block device.
+    Path {
+        /// Its path.
+        path: PathBuf,
+        /// How it holds the disk; `None`: as raw bytes, unless it starts like a disk image,
+        /// which is then refused (see `source/image.rs`).
+        format: Option<DiskFormat>,
+    },
     /// `nbd://HOST:PORT/EXPORT`, with an optional dirty bitmap to read changes from.
     Nbd {
         /// The URL as given.
@@ -39,17 +51,23 @@ pub enum SourceSpec {
 }
 
 impl SourceSpec {
-    /// `nbd://...` is an NBD source; anything else is a path.
-    pub fn parse(text: &str, dirty_bitmap: Option<String>) -> Result<Self, String> {
+    /// `nbd://...` is an NBD source; anything else is a path, holding the disk in `format`.
+    pub fn parse(text: &str, format: Option<DiskFormat>, dirty_bitmap: Option<String>) -> Result<Self, String> {
         if text.starts_with("nbd://") {
             targets::parse_url(0, text).map_err(|e| format!("source '{text}': {e}"))?;
+            if let Some(f) = format {
+                return Err(format!(
+                    "source '{text}': format \"{}\" is for a file or block device; an NBD server exports the disk itself",
+                    f.name()
+                ));
+            }
             Ok(Self::Nbd { url: text.to_string(), dirty_bitmap })
         } else if text.is_empty() {
             Err("empty source".into())
         } else if dirty_bitmap.is_some() {
             Err(format!("source '{text}': a dirty bitmap needs an nbd:// source"))
         } else {
-            Ok(Self::Path(PathBuf::from(text)))
+            Ok(Self::Path { path: PathBuf::from(text), format })
         }
     }
 
@@ -57,8 +75,26 @@ impl SourceSpec {
     pub fn kind_hint(&self) -> SourceKind {
         match self {
             Self::Nbd { .. } => SourceKind::Nbd,
-            Self::Path(p) if std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device()) => SourceKind::Block,
-            Self::Path(_) => SourceKind::File,
+            Self::Path { path, .. } if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) => {
+                SourceKind::Block
+            }
+            Self::Path { .. } => SourceKind::File,
+        }
+    }
+
+    /// How the source holds the disk (raw unless stated otherwise).
+    pub fn format(&self) -> DiskFormat {
+        match self {
+            Self::Path { format: Some(f), .. } => *f,
+            _ => DiskFormat::Raw,
+        }
+    }
+
+    /// The file or device, for a path source.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::Path { path, .. } => Some(path),
+            Self::Nbd { .. } => None,
         }
     }
 }
@@ -67,6 +103,7 @@ impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(s) => write!(f, "{}", s.path.display()),
+            Self::Qcow2(q) => write!(f, "{}", q.path().display()),
             Self::Nbd(n) => write!(f, "{}", n.pool.endpoint()),
         }
     }
@@ -75,7 +112,8 @@ impl std::fmt::Display for Source {
 impl std::fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Path { path, format: Some(DiskFormat::Qcow2) } => write!(f, "qcow2:{}", path.display()),
+            Self::Path { path, .. } => write!(f, "{}", path.display()),
             Self::Nbd { url, .. } => f.write_str(url),
         }
     }
@@ -92,8 +130,10 @@ pub struct Range {
 
 /// An open source.
 pub enum Source {
-    /// A file or block device.
+    /// A file or block device holding the disk as raw bytes.
     File(FileSource),
+    /// A file or block device holding a qcow2 image.
+    Qcow2(Qcow2Source),
     /// An NBD export.
     Nbd(NbdSource),
 }
@@ -119,7 +159,14 @@ impl Source {
     /// The file cannot be opened, or the NBD server cannot be reached or lacks the bitmap.
     pub async fn open(spec: &SourceSpec, connections: usize, cancel: CancellationToken) -> Result<Self, MoveError> {
         match spec {
-            SourceSpec::Path(path) => Ok(Self::File(FileSource::open(path)?)),
+            SourceSpec::Path { path, format: Some(DiskFormat::Qcow2) } => {
+                let p = path.clone();
+                Ok(Self::Qcow2(blocking(path, move || Qcow2Source::open(&p)).await?))
+            }
+            SourceSpec::Path { path, format } => {
+                let (p, stated) = (path.clone(), format.is_some());
+                Ok(Self::File(blocking(path, move || FileSource::open(&p, stated)).await?))
+            }
             SourceSpec::Nbd { url, dirty_bitmap } => {
                 let t = targets::parse_url(0, url).map_err(|e| MoveError::Mismatch(format!("source {url}: {e}")))?;
                 let endpoint =
@@ -170,7 +217,7 @@ impl Source {
     /// Connections re-made during the copy.
     pub fn reconnects(&self) -> u64 {
         match self {
-            Self::File(_) => 0,
+            Self::File(_) | Self::Qcow2(_) => 0,
             Self::Nbd(n) => n.pool.reconnects(),
         }
     }
@@ -179,6 +226,7 @@ impl Source {
     pub fn size(&self) -> u64 {
         match self {
             Self::File(f) => f.size,
+            Self::Qcow2(q) => q.size(),
             Self::Nbd(n) => n.pool.info().size,
         }
     }
@@ -186,7 +234,7 @@ impl Source {
     /// Whether this source can say which blocks changed (a dirty bitmap was granted).
     pub fn has_dirty_bitmap(&self) -> bool {
         match self {
-            Self::File(_) => false,
+            Self::File(_) | Self::Qcow2(_) => false,
             Self::Nbd(n) => n.bitmap.is_some(),
         }
     }
@@ -210,6 +258,7 @@ impl Source {
                         source,
                     })
             }
+            Self::Qcow2(q) => q.allocation(offset, length).await,
             Self::Nbd(n) => {
                 let extents = n
                     .pool
@@ -280,6 +329,20 @@ impl Source {
                 .map_err(|e| MoveError::Source { what: what(), source: e.into() })?
                 .map_err(|source| MoveError::Source { what: what(), source });
             }
+            Self::Qcow2(q) => {
+                let q = q.clone();
+                let mut buf = std::mem::take(buffer);
+                buf.resize(len, 0);
+                return tokio::task::spawn_blocking(move || {
+                    q.read_blocking(&mut buf, offset).map(|()| {
+                        let blocks = Blocks::from_buffer(buf);
+                        let hashes = blocks.hashes(block_size as usize);
+                        (blocks, hashes)
+                    })
+                })
+                .await
+                .map_err(|e| MoveError::Source { what: what(), source: e.into() })?;
+            }
             Self::Nbd(n) => n.read(worker, offset, len, buffer).await?,
         };
         tokio::task::spawn_blocking(move || {
@@ -293,7 +356,7 @@ impl Source {
     fn nbd_error(&self, what: &str, e: MoveError) -> MoveError {
         match self {
             Self::Nbd(n) => n.error(what, e),
-            Self::File(_) => e,
+            Self::File(_) | Self::Qcow2(_) => e,
         }
     }
 }
@@ -350,11 +413,12 @@ impl NbdSource {
 }
 
 impl FileSource {
-    /// Open a file or block device read-only.
+    /// Open a file or block device read-only; unless its format was `stated` (raw), one that
+    /// starts like a disk image is refused.
     ///
     /// # Errors
-    /// It cannot be opened or sized.
-    pub fn open(path: &Path) -> Result<Self, MoveError> {
+    /// It cannot be opened or sized, or it looks like an image and nobody said it is raw.
+    pub fn open(path: &Path, stated: bool) -> Result<Self, MoveError> {
         let err = |what: &str, source| MoveError::Source { what: format!("{}: {what}", path.display()), source };
         let file = File::open(path).map_err(|e| err("open", e))?;
         let meta = file.metadata().map_err(|e| err("stat", e))?;
@@ -367,6 +431,9 @@ impl FileSource {
         } else {
             meta.len()
         };
+        if !stated {
+            image::refuse_unstated_image(&file, path)?;
+        }
         Ok(Self { file: Arc::new(file), path: path.to_path_buf(), size, sparse: !block })
     }
 }
@@ -377,7 +444,7 @@ impl FileSource {
 /// It cannot be reached.
 pub async fn probe_size(spec: &SourceSpec) -> Result<u64, MoveError> {
     match spec {
-        SourceSpec::Path(p) => Ok(FileSource::open(p)?.size),
+        SourceSpec::Path { .. } => Ok(Source::open(spec, 1, CancellationToken::new()).await?.size()),
         SourceSpec::Nbd { .. } => {
             let s = Source::open(spec, 1, CancellationToken::new()).await?;
             let size = s.size();
@@ -385,6 +452,16 @@ pub async fn probe_size(spec: &SourceSpec) -> Result<u64, MoveError> {
             Ok(size)
         }
     }
+}
+
+/// Run `open` (which reads the disk) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    open: impl FnOnce() -> Result<T, MoveError> + Send + 'static,
+) -> Result<T, MoveError> {
+    tokio::task::spawn_blocking(open)
+        .await
+        .map_err(|e| MoveError::Source { what: format!("{}: open", path.display()), source: e.into() })?
 }
 
 fn file_allocation(file: &File, size: u64, sparse: bool, offset: u64, length: u64) -> std::io::Result<Vec<Range>> {

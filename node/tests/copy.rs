@@ -197,6 +197,61 @@ async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
     assert!(!ok && err.contains("dirty bitmap"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let data = make_source(&raw, 24, 21);
+    // 4 KiB clusters: the image's runs do not line up with the mover's 64 KiB blocks.
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        raw.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+
+    let target = dir.path().join("t.qcow2");
+    new_qcow2(&target, 24 * MIB);
+    let q = QemuNbd::start(&target, "qcow2", "d0", &[]);
+    let (ok, view, err) = node_copy(&[
+        "--nbd-targets",
+        &format!("2000:{}", q.url()),
+        "--source",
+        &format!("2000=qcow2:{}", image.display()),
+    ]);
+    q.stop();
+    assert!(ok, "{err}");
+    assert_same(&raw, &target);
+    assert_eq!(field(&view, 0, "bytes_sent"), data, "{view}");
+
+    // Unstated, the same file is refused before anything is sent.
+    let (ok, _, err) =
+        node_copy(&["--nbd-targets", "2000:nbd://127.0.0.1:1/x", "--source", &format!("2000={}", image.display())]);
+    assert!(!ok && err.contains("holds a qcow2 image") && err.contains("qcow2:"), "{err}");
+
+    // Stated raw, its bytes are copied as they are (a raw disk whose guest wrote that header).
+    let len = std::fs::metadata(&image).unwrap().len();
+    let bytes = dir.path().join("bytes.raw");
+    std::fs::File::create(&bytes).unwrap().set_len(len).unwrap();
+    let q = QemuNbd::start(&bytes, "raw", "b", &[]);
+    let (ok, _, err) = node_copy(&[
+        "--nbd-targets",
+        &format!("2000:{}", q.url()),
+        "--source",
+        &format!("2000=raw:{}", image.display()),
+    ]);
+    q.stop();
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&bytes).unwrap() == std::fs::read(&image).unwrap(), "the file's bytes, as they are");
+}
+
 #[test]
 fn bad_targets_and_sources_are_one_clear_line() {
     for (targets, want) in [

@@ -407,3 +407,123 @@ async fn a_replica_run_cut_by_a_killed_node_makes_the_next_run_rewrite_every_blo
     assert_same(&d0, &r0);
     assert_same(&d1, &r1);
 }
+
+/// Bytes `qemu-img map` reports as data anywhere in `img`'s chain.
+fn chain_data(img: &std::path::Path) -> u64 {
+    let out = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().iter().filter(|e| e["data"] == true).map(|e| e["length"].as_u64().unwrap()).sum()
+}
+
+fn qemu_io(img: &std::path::Path, commands: &[&str]) {
+    let mut cmd = std::process::Command::new(require("qemu-io"));
+    cmd.args(["-f", "qcow2"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(img));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qcow2_disk_is_backed_up_as_the_disk_it_holds_and_an_unstated_image_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A VM disk as libvirt leaves it after an external snapshot: a compressed base, and the
+    // overlay the VM wrote (data, and a range zeroed) on top of it, the backing format recorded.
+    make_source(&d.join("src.raw"), 48, 11);
+    let (base, disk) = (d.join("base.qcow2"), d.join("vm.qcow2"));
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        d.join("src.raw").to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    new_overlay(&disk, &base);
+    qemu_io(&disk, &["write -P 0x5a 8M 1M", "write -z 20M 1M"]);
+    let loose = d.join("loose.qcow2");
+    new_qcow2(&loose, 48 * MIB);
+    let config = format!(
+        "state_dir = \"{state}\"\nrestore_dir = \"{state}/restores\"\n\
+         [[vm]]\nname = \"pgq\"\n[[vm.disk]]\nkey = 2000\nsource = \"{disk}\"\nformat = \"qcow2\"\n\
+         [[vm]]\nname = \"unstated\"\n[[vm.disk]]\nkey = 2000\nsource = \"{loose}\"\n",
+        state = d.join("state").display(),
+        disk = disk.display(),
+        loose = loose.display(),
+    );
+    let node = NodeProcess::start(d, &config, &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+
+    // The inventory gives the disk's size, not the file's, and says how it is held.
+    let vm = client.vm("pgq").await.unwrap();
+    assert_eq!(vm.disks.len(), 1);
+    assert_eq!((vm.disks[0].size, vm.disks[0].format), (48 * MIB, node::api::DiskFormat::Qcow2), "{vm:?}");
+    let err = client.vm("unstated").await.unwrap_err().to_string();
+    assert!(err.contains("holds a qcow2 image") && err.contains("format = \"qcow2\""), "{err}");
+
+    // A full backup is the disk: equal to the chain for qemu-img, the checksum that of the
+    // disk's bytes, and only what the chain holds as data read.
+    let flat = d.join("flat.raw");
+    qemu_img(&["convert", "-q", "-O", "raw", disk.to_str().unwrap(), flat.to_str().unwrap()]);
+    let full = d.join("full.qcow2");
+    new_qcow2(&full, 48 * MIB);
+    let h = HubExport::start(&full, "pgq-disk0").await;
+    client.start_backup(&start("pgq", h.target(2000), "b1", BackupType::Full)).await.unwrap();
+    let view = wait_job(&client, "b1").await;
+    h.close().await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert_same(&disk, &full);
+    assert_clean(&full);
+    assert_eq!(view.disks[0].checksum.as_deref(), Some(checksum_of(&flat).as_str()));
+    assert_eq!(view.disks[0].bytes_read, chain_data(&disk), "holes and zero clusters are not read: {view:?}");
+    client.commit("b1").await.unwrap();
+
+    // The VM writes on; the incremental sends the changed block only.
+    qemu_io(&disk, &["write -P 0x33 30M 64k"]);
+    let incr = d.join("incr.qcow2");
+    new_overlay(&incr, &full);
+    let h = HubExport::start(&incr, "pgq-disk0").await;
+    client.start_backup(&start("pgq", h.target(2000), "b2", BackupType::Incremental)).await.unwrap();
+    let view = wait_job(&client, "b2").await;
+    h.close().await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert_eq!(view.disks[0].bytes_sent, 64 << 10, "{view:?}");
+    assert_same(&disk, &incr);
+
+    // A qcow2 file with no format stated: the job fails naming the way out, nothing sent.
+    let other = d.join("other.qcow2");
+    new_qcow2(&other, 48 * MIB);
+    let h = HubExport::start(&other, "unstated-disk0").await;
+    match client.start_backup(&start("unstated", h.target(2000), "b3", BackupType::Full)).await {
+        Ok(_) => {
+            let view = wait_job(&client, "b3").await;
+            assert_eq!(view.status, JobStatus::Failed, "{view:?}");
+            let error = format!("{:?} {:?}", view.error, view.disks.first().and_then(|d| d.error.clone()));
+            assert!(error.contains("holds a qcow2 image"), "{error}");
+            assert!(view.disks.iter().all(|d| d.bytes_sent == 0), "{view:?}");
+        }
+        Err(e) => assert!(e.to_string().contains("holds a qcow2 image"), "{e}"),
+    }
+    h.close().await;
+    assert_eq!(top_layer_data(&other), 0, "nothing written");
+
+    // A restore writes raw bytes: never over a disk held in an image, stated or found.
+    let backup = HubExport::start(&full, "backup").await;
+    for vm_disk in [&disk, &loose] {
+        let req = RestoreRequest {
+            job_id: "r1".into(),
+            nbd_targets: backup.target(2000),
+            destinations: [("2000".to_string(), vm_disk.display().to_string())].into(),
+        };
+        let err = client.start_restore(&req).await.unwrap_err();
+        assert!(matches!(&err, node::api::ApiError::Status { status: 400, .. }), "{err}");
+        assert!(err.to_string().contains("qemu-img convert -f raw -O qcow2"), "{err}");
+    }
+    backup.close().await;
+    assert_same(&disk, &incr);
+    assert_clean(&loose);
+}

@@ -176,6 +176,13 @@ async fn a_two_disk_vm_through_openssh_sshd() {
     lifecycle(Transport::OpenSsh, Options::default()).await;
 }
 
+/// A libvirt VM's disks are qcow2 files: backed up, replicated and restored as the disks they
+/// hold (`format = "qcow2"`), the guest's writes made through qemu-io.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_disk_vm_whose_disks_are_qcow2_images() {
+    lifecycle(Transport::Direct, Options { qcow2_sources: true, ..Options::default() }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_disk_vm_over_direct_tcp_with_the_hub_writing_through_o_direct_and_io_uring() {
     // cache = "none": every export (backups, replicas, restores) opens its image with O_DIRECT;
@@ -260,8 +267,13 @@ async fn next_incremental_is_correct(site: &Site, full: &Value) {
     site.assert_backup_equals_sources("vm", &next, 2);
 }
 
-const SLOW: Options<'static> =
-    Options { copy: "bandwidth_limit = \"6M\"", hub: "", repo_tmpfs_mib: None, on_build_disk: false };
+const SLOW: Options<'static> = Options {
+    copy: "bandwidth_limit = \"6M\"",
+    hub: "",
+    repo_tmpfs_mib: None,
+    on_build_disk: false,
+    qcow2_sources: false,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ssh_connection_killed_mid_backup_the_job_resumes_and_completes() {

@@ -87,8 +87,17 @@ pub fn make_source(path: &Path, mib: u64, seed: u64) {
     }
 }
 
-/// The guest writes 4 KiB at `offset`.
+/// The guest writes 4 KiB at `offset` (through qemu-io into a qcow2 image).
 pub fn change(path: &Path, offset: u64, seed: u8) {
+    if path.extension().is_some_and(|e| e == "qcow2") {
+        let out = tool("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P {seed} {offset} 4k")])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(&[seed; 4096], offset).unwrap();
 }
@@ -147,6 +156,8 @@ pub struct Options<'a> {
     /// Keep the site under the build's target directory instead of the system's temporary one
     /// (`O_DIRECT` needs a filesystem that takes it; older tmpfs does not).
     pub on_build_disk: bool,
+    /// The VMs' disks are qcow2 images (`format = "qcow2"`), as libvirt keeps them.
+    pub qcow2_sources: bool,
 }
 
 /// The hub and the node of one test, and where everything is.
@@ -158,6 +169,7 @@ pub struct Site {
     hub_config: PathBuf,
     node_config: PathBuf,
     wrap: Vec<String>,
+    source_ext: &'static str,
     pub hub_api: u16,
     pub node_api: u16,
     pub hub_token: String,
@@ -181,13 +193,29 @@ impl Site {
         std::fs::create_dir_all(d.join("src")).unwrap();
         let mut vm_toml = String::new();
         let mut seed = 1;
+        let source_ext = if opts.qcow2_sources { "qcow2" } else { "raw" };
         for Vm(name, disks) in vms {
             vm_toml += &format!("[[vm]]\nname = \"{name}\"\n");
             for (i, mib) in disks.iter().enumerate() {
                 let path = d.join("src").join(format!("{name}-{i}.raw"));
                 make_source(&path, *mib, seed);
                 seed += 1;
-                vm_toml += &format!("[[vm.disk]]\nkey = {}\nsource = \"{}\"\n", 2000 + i, path.display());
+                let (path, format) = match opts.qcow2_sources {
+                    false => (path, ""),
+                    true => {
+                        let image = path.with_extension("qcow2");
+                        let out = tool("qemu-img")
+                            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                            .arg(&path)
+                            .arg(&image)
+                            .output()
+                            .unwrap();
+                        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                        std::fs::remove_file(&path).unwrap();
+                        (image, "format = \"qcow2\"\n")
+                    }
+                };
+                vm_toml += &format!("[[vm.disk]]\nkey = {}\nsource = \"{}\"\n{format}", 2000 + i, path.display());
             }
         }
         let hub_base = ssh::free_ports(ports);
@@ -302,6 +330,7 @@ impl Site {
             hub_config,
             node_config,
             wrap,
+            source_ext,
             hub_api,
             node_api,
             hub_token: String::new(),
@@ -323,7 +352,7 @@ impl Site {
     }
 
     pub fn source(&self, vm: &str, disk: usize) -> PathBuf {
-        self.path().join("src").join(format!("{vm}-{disk}.raw"))
+        self.path().join("src").join(format!("{vm}-{disk}.{}", self.source_ext))
     }
 
     pub fn start_node(&mut self) {

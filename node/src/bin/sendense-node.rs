@@ -56,7 +56,8 @@ struct ServeArgs {
     /// Directory restores may write files into [default: STATE_DIR/restores].
     #[arg(long)]
     restore_dir: Option<PathBuf>,
-    /// A VM: NAME=KEY:SOURCE[,KEY:SOURCE...] (SOURCE = file, block device or nbd:// URL).
+    /// A VM: NAME=KEY:SOURCE[,KEY:SOURCE...] (SOURCE = file or block device, qcow2:PATH for a
+    /// qcow2 image read as its disk, raw:PATH to copy an image file's bytes, or an nbd:// URL).
     #[arg(long = "vm")]
     vms: Vec<String>,
     /// Hub SSH address HOST[:PORT] (enables the tunnel).
@@ -93,7 +94,8 @@ struct CopyArgs {
     /// Targets: KEY:nbd://HOST:PORT/EXPORT,...
     #[arg(long)]
     nbd_targets: String,
-    /// Sources: KEY=PATH_OR_URL (repeat per disk).
+    /// Sources: KEY=PATH_OR_URL (repeat per disk); qcow2:PATH reads a qcow2 image as its disk,
+    /// raw:PATH copies an image file's bytes as they are.
     #[arg(long = "source", required = true)]
     sources: Vec<String>,
     /// Dirty bitmaps of NBD sources: KEY=NAME.
@@ -235,7 +237,13 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
     for s in &a.sources {
         let (key, source) = s.split_once('=').ok_or_else(|| anyhow!("--source '{s}' is not KEY=PATH_OR_URL"))?;
         let key_num = key.parse().map_err(|_| anyhow!("--source '{s}': '{key}' is not a disk key"))?;
-        vm.disk.push(config::DiskFile { key: key_num, source: source.into(), dirty_bitmap: bitmaps.remove(key) });
+        let (format, source) = config::split_format(source);
+        vm.disk.push(config::DiskFile {
+            key: key_num,
+            source: source.into(),
+            format,
+            dirty_bitmap: bitmaps.remove(key),
+        });
     }
     if let Some(k) = bitmaps.keys().next() {
         bail!("--dirty-bitmap for disk {k}, which has no --source");

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::{set_disk, DiskJob, Job, JobError, JobKind, JobState, Jobs};
-use crate::api::{CopyMode, JobStatus, RestoreRequest};
-use crate::config::valid_name;
+use crate::api::{CopyMode, DiskFormat, JobStatus, RestoreRequest};
+use crate::config::{valid_name, Disk};
 use crate::error::MoveError;
 use crate::mover::{self, Base};
 use crate::pool::Endpoint;
 use crate::sink::{FileSink, Sink};
-use crate::source::Source;
+use crate::source::{Source, SourceSpec};
 use crate::targets;
 
 impl Jobs {
@@ -129,11 +129,13 @@ impl Jobs {
     /// Returns the path and, for a VM's disk, the VM's name.
     fn allowed_destination(&self, dest: &str) -> Result<(PathBuf, Option<String>), JobError> {
         let path = PathBuf::from(dest);
-        let owner =
-            self.settings.vms.iter().find(|v| {
-                v.disks.iter().any(|d| matches!(&d.source, crate::source::SourceSpec::Path(p) if *p == path))
-            });
-        if let Some(vm) = owner {
+        let owner = self
+            .settings
+            .vms
+            .iter()
+            .find_map(|v| v.disks.iter().find(|d| d.source.path() == Some(path.as_path())).map(|d| (v, d)));
+        if let Some((vm, disk)) = owner {
+            refuse_image_destination(&vm.name, disk)?;
             return Ok((path, Some(vm.name.clone())));
         }
         let refuse = || {
@@ -152,5 +154,27 @@ impl Jobs {
             }
             _ => Err(refuse()),
         }
+    }
+}
+
+/// A restore writes a disk's raw bytes: over a disk held in an image file (stated, or found
+/// there) it would leave the VM an image it cannot open. The operator restores to a file and
+/// converts it instead.
+fn refuse_image_destination(vm: &str, disk: &Disk) -> Result<(), JobError> {
+    let (path, found) = match &disk.source {
+        SourceSpec::Path { path, format: Some(DiskFormat::Qcow2) } => (path, Some("qcow2")),
+        SourceSpec::Path { path, format: None } => {
+            (path, std::fs::File::open(path).ok().and_then(|f| crate::source::sniff(&f).ok().flatten()))
+        }
+        SourceSpec::Path { format: Some(DiskFormat::Raw), .. } | SourceSpec::Nbd { .. } => return Ok(()),
+    };
+    match found {
+        None => Ok(()),
+        Some(format) => Err(JobError::BadRequest(format!(
+            "disk {} of VM {vm} is a {format} image, and a restore writes the disk's raw bytes: restore it to a \
+             file in the restore directory, then (the VM stopped) `qemu-img convert -f raw -O {format} FILE {}`",
+            disk.key,
+            path.display()
+        ))),
     }
 }
