@@ -210,9 +210,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     tunnel.reverse = vec![tunnel::spec::parse_reverse(&format!("{reverse}:{node_api}"))?];
     tunnel.backoff_initial = Duration::from_millis(100);
     let vm = node::config::VmFile {
-        name: "demo".into(),
-        pre_snapshot: None,
-        post_snapshot: None,
         disk: sources
             .iter()
             .enumerate()
@@ -223,6 +220,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 dirty_bitmap: None,
             })
             .collect(),
+        ..node::config::VmFile::new("demo")
     };
     let (copy, parallel_disks) =
         node::config::resolve_copy(&node::config::CopyFile::default()).map_err(|e| anyhow::anyhow!(e))?;

@@ -48,8 +48,7 @@ fn assert_clean(img: &Path) {
 async fn start_node(dir: &Path, vms: &[(&str, usize)], bandwidth: Option<&str>) -> String {
     let mut files = Vec::new();
     for (vm, disks) in vms {
-        let mut v =
-            node::config::VmFile { name: vm.to_string(), pre_snapshot: None, post_snapshot: None, disk: vec![] };
+        let mut v = node::config::VmFile::new(*vm);
         for i in 0..*disks {
             let path = dir.join(format!("{vm}-{i}.raw"));
             // Wide VMs (many disks) get small disks; the others 24, 32, ... MiB.

@@ -118,9 +118,20 @@ pub struct VmFile {
     pub pre_snapshot: Option<String>,
     /// Run once after, also on failure.
     pub post_snapshot: Option<String>,
+    /// Read the disks even while another process holds them open for writing (qemu-img's
+    /// `--force-share`): for a VM its `pre_snapshot` pauses rather than snapshots.
+    #[serde(default)]
+    pub force_share: bool,
     /// Disks.
     #[serde(default)]
     pub disk: Vec<DiskFile>,
+}
+
+impl VmFile {
+    /// A VM with no hooks and no disks yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), pre_snapshot: None, post_snapshot: None, force_share: false, disk: Vec::new() }
+    }
 }
 
 /// `[[vm.disk]]`.
@@ -148,6 +159,8 @@ pub struct Vm {
     pub pre_snapshot: Option<String>,
     /// Post-snapshot hook.
     pub post_snapshot: Option<String>,
+    /// Read disks another process holds open for writing (see [`VmFile::force_share`]).
+    pub force_share: bool,
     /// Disks in key order.
     pub disks: Vec<Disk>,
 }
@@ -203,7 +216,7 @@ pub fn valid_name(name: &str) -> bool {
 /// A malformed declaration, named.
 pub fn parse_vm_flag(text: &str) -> Result<VmFile, String> {
     let (name, disks) = text.split_once('=').ok_or_else(|| format!("--vm '{text}': expected NAME=KEY:SOURCE[,...]"))?;
-    let mut out = VmFile { name: name.to_string(), pre_snapshot: None, post_snapshot: None, disk: Vec::new() };
+    let mut out = VmFile::new(name);
     for d in disks.split(',').filter(|d| !d.is_empty()) {
         let (key, source) = d.split_once(':').ok_or_else(|| format!("--vm '{text}': disk '{d}' is not KEY:SOURCE"))?;
         let key = key.parse().map_err(|_| format!("--vm '{text}': disk key '{key}' is not a number"))?;
@@ -258,7 +271,13 @@ pub fn resolve_vms(files: Vec<VmFile>) -> Result<Vec<Vm>, String> {
             disks.push(Disk { key: d.key, source });
         }
         disks.sort_by_key(|d| d.key);
-        vms.push(Vm { name: v.name, pre_snapshot: v.pre_snapshot, post_snapshot: v.post_snapshot, disks });
+        vms.push(Vm {
+            name: v.name,
+            pre_snapshot: v.pre_snapshot,
+            post_snapshot: v.post_snapshot,
+            force_share: v.force_share,
+            disks,
+        });
     }
     vms.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(vms)

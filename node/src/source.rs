@@ -27,6 +27,7 @@ use crate::pool::{Endpoint, NbdPool};
 use crate::targets;
 
 mod image;
+mod inuse;
 
 pub use image::{sniff, Qcow2Source};
 
@@ -205,6 +206,34 @@ impl Source {
             }
         }
         Ok(Self::Nbd(NbdSource { pool, bitmap }))
+    }
+
+    /// Refuse a file or device another process holds open for writing, as a running VM's qemu
+    /// does (`source/inuse.rs`). Where the locks cannot be read, the copy goes on with a warning.
+    ///
+    /// # Errors
+    /// A writer holds it.
+    pub async fn refuse_if_being_written(&self) -> Result<(), MoveError> {
+        let path = match self {
+            Self::File(f) => f.path.clone(),
+            Self::Qcow2(q) => q.path().to_path_buf(),
+            Self::Nbd(_) => return Ok(()),
+        };
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || inuse::held_for_writing(&p)).await {
+            Ok(Ok(false)) => Ok(()),
+            Ok(Ok(true)) => Err(MoveError::Mismatch(format!(
+                "source {} is open for writing by another process (it holds qemu's write lock, as a running \
+                 VM does): a copy now would read a disk changing under it. Back up a snapshot (pre_snapshot), \
+                 or set force_share = true on the VM if its pre_snapshot pauses it",
+                path.display()
+            ))),
+            Ok(Err(e)) => {
+                tracing::warn!(source = %path.display(), error = %e, "cannot tell whether a VM writes this source");
+                Ok(())
+            }
+            Err(e) => Err(MoveError::Source { what: format!("{}: locks", path.display()), source: e.into() }),
+        }
     }
 
     /// Close NBD connections politely.

@@ -252,6 +252,45 @@ async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes()
     assert!(std::fs::read(&bytes).unwrap() == std::fs::read(&image).unwrap(), "the file's bytes, as they are");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_a_running_qemu_writes_is_refused_unless_force_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    make_source(&raw, 8, 31);
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    let copy = |source: String, extra: &'static [&'static str]| {
+        let target = dir.path().join("t.qcow2");
+        new_qcow2(&target, 8 * MIB);
+        async move {
+            let hub = HubExport::start(&target, "vm-disk0").await;
+            let mut args = vec!["--nbd-targets".to_string(), hub.target(2000), "--source".into(), source];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let (ok, _, err) = node_copy(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            hub.close().await;
+            (ok, err, target)
+        }
+    };
+    for (file, format, source) in
+        [(&image, "qcow2", format!("2000=qcow2:{}", image.display())), (&raw, "raw", format!("2000={}", raw.display()))]
+    {
+        // qemu with the disk open for writing, as a running VM has it.
+        let live = QemuNbd::start(file, format, "live", &[]);
+        let (ok, err, _) = copy(source.clone(), &[]).await;
+        assert!(!ok && err.contains("open for writing by another process") && err.contains("force_share"), "{err}");
+        let (ok, err, target) = copy(source.clone(), &["--force-share"]).await;
+        assert!(ok, "{err}");
+        live.stop();
+        assert_same(file, &target); // qemu-img itself refuses while the writer is there
+                                    // Read-only (as a snapshot's base is held), or not open at all: read as usual.
+        let reader = QemuNbd::start(file, format, "reader", &["-r"]);
+        let (ok, err, target) = copy(source.clone(), &[]).await;
+        assert!(ok, "{err}");
+        assert_same(file, &target);
+        reader.stop();
+    }
+}
+
 #[test]
 fn bad_targets_and_sources_are_one_clear_line() {
     for (targets, want) in [

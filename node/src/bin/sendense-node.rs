@@ -101,6 +101,10 @@ struct CopyArgs {
     /// Dirty bitmaps of NBD sources: KEY=NAME.
     #[arg(long = "dirty-bitmap")]
     dirty_bitmaps: Vec<String>,
+    /// Read sources another process holds open for writing (as qemu-img -U): by default a
+    /// source a running VM's qemu writes is refused.
+    #[arg(long)]
+    force_share: bool,
     /// full or incremental (incremental needs --state-dir from an earlier run).
     #[arg(long, default_value = "full")]
     mode: String,
@@ -233,7 +237,7 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
         let (k, name) = b.split_once('=').ok_or_else(|| anyhow!("--dirty-bitmap '{b}' is not KEY=NAME"))?;
         bitmaps.insert(k.to_string(), name.to_string());
     }
-    let mut vm = config::VmFile { name: a.vm_name.clone(), pre_snapshot: None, post_snapshot: None, disk: Vec::new() };
+    let mut vm = config::VmFile { force_share: a.force_share, ..config::VmFile::new(a.vm_name.clone()) };
     for s in &a.sources {
         let (key, source) = s.split_once('=').ok_or_else(|| anyhow!("--source '{s}' is not KEY=PATH_OR_URL"))?;
         let key_num = key.parse().map_err(|_| anyhow!("--source '{s}': '{key}' is not a disk key"))?;

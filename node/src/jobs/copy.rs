@@ -95,6 +95,9 @@ impl Jobs {
             s = Source::open(&disk.source, opts.connections, job.cancel.clone()) => s,
         }
         .map_err(fail)?;
+        if !self.settings.vm(vm).is_some_and(|v| v.force_share) {
+            source.refuse_if_being_written().await.map_err(fail)?;
+        }
         let source = Arc::new(source);
         let map_path = self.map_path(vm, job.kind, disk.key);
         // Read and checked (BLAKE3) off the runtime: a large disk's map is megabytes.
