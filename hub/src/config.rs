@@ -70,6 +70,8 @@ pub struct NodeFile {
     pub token_file: Option<PathBuf>,
     /// The node's SSH public key (authorized_keys form).
     pub key: Option<String>,
+    /// Addresses the node's NBD connections come from in direct mode (default: its url's host).
+    pub nbd_peers: Option<Vec<String>>,
 }
 
 /// A node the hub drives.
@@ -83,6 +85,8 @@ pub struct NodeSpec {
     pub token: Option<String>,
     /// SSH public key line.
     pub key: Option<String>,
+    /// Addresses its NBD connections may come from over TCP (besides loopback).
+    pub nbd_peers: Vec<std::net::IpAddr>,
 }
 
 /// Everything resolved.

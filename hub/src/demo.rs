@@ -176,6 +176,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             url: format!("http://127.0.0.1:{reverse}"),
             token: None,
             key: Some(node_pub),
+            nbd_peers: Vec::new(),
         }],
         token: hub_token.clone(),
         ssh: Some(SshFile {

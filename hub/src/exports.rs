@@ -23,6 +23,8 @@ use nbd_server::{
 };
 use qcow2::Image;
 
+use crate::peers::Peers;
+
 /// A forwarded channel's owned-bytes path, for the NBD server's read replies.
 struct ChannelReplies(tunnel::endpoint::ForwardedSender);
 
@@ -125,7 +127,7 @@ impl Exports {
         })
     }
 
-    /// Open `image` as `name` on `port`.
+    /// Open `image` as `name` on `port`, for TCP clients on this machine or at `peers`.
     ///
     /// # Errors
     /// The image cannot be opened, the name is taken, or the port cannot be bound.
@@ -135,6 +137,7 @@ impl Exports {
         port: u16,
         image_path: &std::path::Path,
         read_only: bool,
+        peers: Peers,
     ) -> Result<(), String> {
         let (path, direct_io, ring) = (image_path.to_path_buf(), self.direct_io, self.ring.clone());
         // Opening reads the image's tables (from the disk when they are cold): off the runtime.
@@ -158,7 +161,10 @@ impl Exports {
         }
         let server = self.server.clone();
         let export = name.to_string();
-        let task = tokio::spawn(async move { server.serve_export(listener, export).await });
+        let task = tokio::spawn(async move {
+            let scope = Scope::Only(export.clone());
+            server.serve_tcp_admitting(listener, scope, |peer| peers.admit(peer, &export)).await
+        });
         if let Ok(mut open) = self.open.lock() {
             open.insert(name.to_string(), Open { port, read_only, backend, listener: task });
         }
@@ -241,6 +247,10 @@ impl Exports {
 mod tests {
     use super::*;
 
+    fn anyone() -> Peers {
+        Peers::new("the test", [])
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_export_that_cannot_listen_or_whose_name_is_taken_is_refused_whole() {
         let dir = tempfile::tempdir().unwrap();
@@ -249,14 +259,14 @@ mod tests {
         let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false).unwrap();
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = taken.local_addr().unwrap().port();
-        let err = exports.open("d", busy, &image, false).await.unwrap_err();
+        let err = exports.open("d", busy, &image, false, anyone()).await.unwrap_err();
         assert!(err.contains("cannot listen"), "{err}");
         assert!(exports.views().is_empty(), "nothing half-open is listed");
         // The name was never taken: the same export opens on a free port.
         let port = testports::free_port();
-        exports.open("d", port, &image, false).await.unwrap();
+        exports.open("d", port, &image, false, anyone()).await.unwrap();
         let second = testports::free_port();
-        let err = exports.open("d", second, &image, true).await.unwrap_err();
+        let err = exports.open("d", second, &image, true, anyone()).await.unwrap_err();
         assert!(err.contains("export d"), "{err}");
         let views = exports.views();
         assert!(views.len() == 1 && views[0].port == port && !views[0].read_only, "{views:?}");

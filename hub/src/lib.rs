@@ -6,6 +6,7 @@
 //! - [`config`]: `hub.toml` and flags.
 //! - [`ports`]: the NBD port lease table (pure).
 //! - [`exports`]: one in-process NBD server, an export per leased port.
+//! - [`peers`]: which TCP clients an export admits (this machine and its node).
 //! - [`repo`]: the repository layout and manifests; the catalog is rebuilt from them.
 //! - [`jobs`]: backups, replications, restores, and their cleanup.
 //! - [`verify`]: image checks and checksum comparison.
@@ -24,6 +25,7 @@ pub mod exports;
 pub mod http;
 pub mod jobs;
 pub mod openapi;
+pub mod peers;
 pub mod ports;
 pub mod repo;
 pub mod verify;

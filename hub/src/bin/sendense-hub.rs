@@ -135,7 +135,8 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             bail!("node '{}' is declared twice", n.name);
         }
         let token = n.token_file.as_deref().map(node::files::read_token).transpose().map_err(|e| anyhow!(e))?;
-        nodes.push(NodeSpec { name: n.name, url: n.url, token, key: n.key });
+        let nbd_peers = hub::peers::node_addresses(&n.name, &n.url, n.nbd_peers.as_deref()).map_err(|e| anyhow!(e))?;
+        nodes.push(NodeSpec { name: n.name, url: n.url, token, key: n.key, nbd_peers });
     }
     let single_url = a.node_url.or(file.node_url);
     let single_token = a.node_token_file.or(file.node_token_file);
@@ -145,7 +146,8 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         }
         let token = single_token.as_deref().map(node::files::read_token).transpose().map_err(|e| anyhow!(e))?;
         let url = single_url.unwrap_or_else(|| "http://127.0.0.1:9081".into());
-        nodes.push(NodeSpec { name: "default".into(), url, token, key: None });
+        let nbd_peers = hub::peers::node_addresses("default", &url, None).map_err(|e| anyhow!(e))?;
+        nodes.push(NodeSpec { name: "default".into(), url, token, key: None, nbd_peers });
     }
     let ssh = match (a.ssh_listen, a.host_key, a.authorized_keys, file.ssh) {
         (Some(listen), Some(host_key), Some(authorized_keys), _) => Some(SshFile { listen, host_key, authorized_keys }),

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{NodeSpec, Settings};
 use crate::error::HubError;
 use crate::exports::Exports;
+use crate::peers::Peers;
 use crate::ports::{bindable, Ports};
 use crate::repo::{self, Manifest, Repo};
 use crate::verify::{forget_cached_chain, verify_disk, DiskVerdict};
@@ -264,6 +265,17 @@ impl Hub {
         self.nodes.iter().find(|(n, _)| n.name == name)
     }
 
+    /// The TCP clients a job's export admits besides this machine: its node's.
+    fn peers_of(&self, node: &str) -> Peers {
+        let addresses = self.node(node).map(|(n, _)| n.nbd_peers.clone()).unwrap_or_default();
+        Peers::new(format!("node {node}"), addresses)
+    }
+
+    /// The TCP clients a restore admits besides this machine: every node's (any may read it back).
+    fn peers_of_every_node(&self) -> Peers {
+        Peers::new("the nodes", self.nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()))
+    }
+
     /// Find the node that has `vm` (or use `wanted`).
     async fn locate(&self, vm: &str, wanted: Option<&str>) -> Result<(String, node::api::VmInfo), HubError> {
         if let Some(w) = wanted {
@@ -464,7 +476,7 @@ impl Hub {
             }
         };
         for (n, d) in disks.iter().enumerate() {
-            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false).await {
+            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false, self.peers_of(node_name)).await {
                 for opened in disks.iter().take(n) {
                     self.exports.close(&opened.export).await;
                 }

@@ -94,7 +94,7 @@ impl Hub {
         for (d, port) in m.disks.iter().zip(&lease.ports) {
             let name = format!("{}-{id}-disk{}", m.vm_name, d.disk_id);
             let path = self.repo.backup_dir(&m.vm_name, &m.backup_id).join(&d.file);
-            if let Err(e) = self.exports.open(&name, *port, &path, true).await {
+            if let Err(e) = self.exports.open(&name, *port, &path, true, self.peers_of_every_node()).await {
                 for (_, _, n) in &exports {
                     self.exports.close(n).await;
                 }

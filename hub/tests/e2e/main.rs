@@ -501,6 +501,82 @@ async fn the_hub_killed_mid_restore_fails_it_clearly_and_a_new_restore_completes
     }
 }
 
+/// This machine's address on its way out (no packet is sent): a client connecting to it is
+/// not on loopback.
+fn non_loopback_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect("192.0.2.1:9").expect("this test needs a network interface besides loopback");
+    let ip = probe.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+    ip
+}
+
+/// Exports listening on every address (direct mode on a LAN) admit only this machine and the
+/// node (its url's host here): a client from elsewhere is answered with the reason, whatever it
+/// asks for, and never reads or writes a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_on_the_lan_refuses_clients_that_are_not_its_node_and_says_why() {
+    let lan = non_loopback_address();
+    let opts = Options { hub: "nbd_bind = \"0.0.0.0\"", ..Options::default() };
+    let mut site = Site::start(Transport::Direct, &[Vm("vm", &[4])], 4, opts).await;
+    let full = site.backup("vm", "full").await;
+    site.assert_backup_equals_sources("vm", &full, 1);
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": full["backup_id"]}))).await;
+    assert_eq!(status, 201, "{r}");
+    let (port, name) =
+        (r["exports"][0]["nbd_port"].as_u64().unwrap(), r["exports"][0]["nbd_export_name"].as_str().unwrap());
+    let nbdinfo = |host: String| {
+        let out = site::tool("nbdinfo").arg("--size").arg(format!("nbd://{host}:{port}/{name}")).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, size, err) = nbdinfo("127.0.0.1".into());
+    assert!(ok, "{err}");
+    assert_eq!(size, (4 * MIB).to_string());
+    let (ok, _, err) = nbdinfo(lan.to_string());
+    assert!(!ok && err.contains("server policy prevents NBD_OPT_GO"), "a client at {lan} was let in: {err}");
+    // The node, were its connections to leave from that address, fails at once with the fix.
+    let targets = r["nbd_targets_string"].as_str().unwrap().replace("127.0.0.1", &lan.to_string());
+    let dest = site.path().join("restores/vm-0.raw");
+    let body = json!({"job_id": "from-lan", "nbd_targets": targets, "destinations": {"2000": dest}});
+    let (status, v) = site.node("POST", "/api/v1/restore/start", Some(body)).await;
+    assert_eq!(status, 202, "{v}");
+    let view = wait_node_job(&site, "from-lan").await;
+    assert_eq!(view["status"], "failed", "{view}");
+    let error = view["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("takes NBD clients from the nodes")
+            && error.contains(&lan.to_string())
+            && error.contains("nbd_peers"),
+        "{view}"
+    );
+    assert!(!dest.exists() || std::fs::metadata(&dest).unwrap().len() == 0, "nothing restored from a refused export");
+    let (status, _) =
+        site.hub("DELETE", &format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap()), None).await;
+    assert_eq!(status, 200);
+
+    // Given as the node's nbd_peers (the hub's [[node]] table ends its config), that address is
+    // admitted: the restore from it completes, equal to the source.
+    let config = site.path().join("hub.toml");
+    let text = std::fs::read_to_string(&config).unwrap() + &format!("nbd_peers = [\"127.0.0.1\", \"{lan}\"]\n");
+    std::fs::write(&config, text).unwrap();
+    site.kill_hub();
+    site.start_hub();
+    site.wait_node_reachable().await;
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": full["backup_id"]}))).await;
+    assert_eq!(status, 201, "{r}");
+    let targets = r["nbd_targets_string"].as_str().unwrap().replace("127.0.0.1", &lan.to_string());
+    let body = json!({"job_id": "from-peer", "nbd_targets": targets, "destinations": {"2000": dest}});
+    let (status, v) = site.node("POST", "/api/v1/restore/start", Some(body)).await;
+    assert_eq!(status, 202, "{v}");
+    let view = wait_node_job(&site, "from-peer").await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_same(&site.source("vm", 0), &dest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_disk_that_disappears_fails_the_job_with_a_clear_error() {
     // Big enough that the node is still reading it when it goes (it reads ahead of the limit).

@@ -243,12 +243,27 @@ impl Server {
     /// Accept TCP connections with the given scope until shutdown. [`Self::shutdown`] returns
     /// only once the listener is closed: the port refuses (and is free to bind) from then on.
     pub async fn serve_tcp(&self, listener: TcpListener, scope: Scope) {
+        self.serve_tcp_admitting(listener, scope, |_| Ok(())).await;
+    }
+
+    /// [`Self::serve_tcp`], each client first asked of `admit` by its address: one it refuses
+    /// (`Err(reason)`) is served with [`Scope::Refused`], seeing no export and told the reason
+    /// for every one it asks for, so it fails at once and says why (as nbdkit's ip filter
+    /// refuses, but with the reason on the wire).
+    pub async fn serve_tcp_admitting<F>(&self, listener: TcpListener, scope: Scope, admit: F)
+    where
+        F: Fn(std::net::SocketAddr) -> Result<(), String>,
+    {
         let serving = self.shared.tracker.token();
         self.accept_until_shutdown(scope, || async {
             let (stream, peer) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
+            let refused = admit(peer).err();
+            if let Some(reason) = &refused {
+                tracing::warn!(%peer, %reason, "client refused");
+            }
             let (r, w) = stream.into_split();
-            Ok((r, w, peer.to_string()))
+            Ok((r, w, peer.to_string(), refused))
         })
         .await;
         drop(listener);
@@ -262,21 +277,21 @@ impl Server {
         self.accept_until_shutdown(scope, || async {
             let (stream, _) = listener.accept().await?;
             let (r, w) = stream.into_split();
-            Ok((r, w, "unix".to_string()))
+            Ok((r, w, "unix".to_string(), None))
         })
         .await;
         drop(listener);
         drop(serving);
     }
 
-    /// Take a client slot, then the next connection `accept` gives (its halves and its peer's
-    /// name), and serve it; until shutdown.
+    /// Take a client slot, then the next connection `accept` gives (its halves, its peer's
+    /// name, and why it is refused if it is), and serve it; until shutdown.
     async fn accept_until_shutdown<R, W, F, A>(&self, scope: Scope, mut accept: F)
     where
         R: connection::RequestReader,
         W: writer::ReplyWriter,
         F: FnMut() -> A,
-        A: std::future::Future<Output = std::io::Result<(R, W, String)>>,
+        A: std::future::Future<Output = std::io::Result<(R, W, String, Option<String>)>>,
     {
         let scope = Arc::new(scope);
         loop {
@@ -288,7 +303,10 @@ impl Server {
                 _ = self.shared.shutdown.cancelled() => return,
             };
             match accepted {
-                Ok((r, w, peer)) => self.spawn_connection(r, w, peer, Arc::clone(&scope), permit),
+                Ok((r, w, peer, None)) => self.spawn_connection(r, w, peer, Arc::clone(&scope), permit),
+                Ok((r, w, peer, Some(reason))) => {
+                    self.spawn_connection(r, w, peer, Arc::new(Scope::Refused(reason)), permit)
+                }
                 Err(e) => self.accept_failed(e).await,
             }
         }

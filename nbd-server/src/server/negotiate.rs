@@ -3,7 +3,10 @@
 //! [`Negotiator::handle`] never touches a socket, so the whole fixed-newstyle negotiation is
 //! unit-tested and fuzzed without I/O; `connection.rs` only moves bytes. Which exports a client
 //! can see is decided by the [`Scope`] of the listener it came through: the whole registry, or
-//! one export (the hub's one-port-per-disk layout, where the default name "" means that export).
+//! one export (the hub's one-port-per-disk layout, where the default name "" means that export),
+//! or none at all for a client its listener does not admit, which is told why in the answer to
+//! every export it asks for (`NBD_REP_ERR_POLICY`), so it fails at once with the reason instead
+//! of retrying a connection that was cut.
 
 use std::sync::Arc;
 
@@ -20,6 +23,9 @@ pub enum Scope {
     All,
     /// Only this export; the empty name selects it too.
     Only(String),
+    /// No export: every one asked for is refused with `NBD_REP_ERR_POLICY` and this reason (a
+    /// client the listener does not admit, see [`crate::Server::serve_tcp_admitting`]).
+    Refused(String),
 }
 
 /// Context id we give `base:allocation`.
@@ -94,7 +100,7 @@ impl<'a> Negotiator<'a> {
         match self.scope {
             Scope::All => self.registry.get(name),
             Scope::Only(only) if name.is_empty() || name == only => self.registry.get(only),
-            Scope::Only(_) => None,
+            Scope::Only(_) | Scope::Refused(_) => None,
         }
     }
 
@@ -102,10 +108,15 @@ impl<'a> Negotiator<'a> {
         match self.scope {
             Scope::All => self.registry.all(),
             Scope::Only(only) => self.registry.get(only).into_iter().collect(),
+            Scope::Refused(_) => Vec::new(),
         }
     }
 
     fn unknown_export(&self, out: &mut Vec<u8>, option: u32, name: &str) {
+        if let Scope::Refused(reason) = self.scope {
+            encode_option_error(out, option, rep::ERR_POLICY, reason);
+            return;
+        }
         let names: Vec<String> = self.visible().iter().map(|e| format!("'{}'", e.name)).collect();
         let list = if names.is_empty() { "none".to_string() } else { names.join(", ") };
         encode_option_error(
@@ -181,6 +192,9 @@ impl<'a> Negotiator<'a> {
             _ => return Step::Disconnect("NBD_OPT_EXPORT_NAME with an invalid name".into()),
         };
         let Some(export) = self.resolve(name) else {
+            if let Scope::Refused(reason) = self.scope {
+                return Step::Disconnect(reason.clone());
+            }
             return Step::Disconnect(format!("NBD_OPT_EXPORT_NAME asked for unknown export '{}'", name.escape_debug()));
         };
         let Some(slot) = export.attach() else {
@@ -422,6 +436,25 @@ mod tests {
         let mut out = Vec::new();
         n.handle(opt::LIST, &[], &mut out);
         assert_eq!(replies(&out).len(), 1, "only the ACK: disk0 is not visible here");
+    }
+
+    #[test]
+    fn a_refused_client_sees_no_export_and_is_told_why_for_each_it_asks_for() {
+        let reg = registry(4);
+        let scope = Scope::Refused("not from 10.0.0.9".into());
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
+        let mut out = Vec::new();
+        n.handle(opt::LIST, &[], &mut out);
+        assert_eq!(replies(&out).len(), 1, "only the ACK");
+        for (option, name) in [(opt::GO, "disk0"), (opt::INFO, ""), (opt::GO, "missing")] {
+            let mut out = Vec::new();
+            assert!(matches!(n.handle(option, &hs::encode_info_request(name, &[]), &mut out), Step::Continue));
+            let r = replies(&out);
+            assert_eq!((r.len(), r[0].0.reply), (1, rep::ERR_POLICY));
+            assert_eq!(r[0].1, b"not from 10.0.0.9");
+        }
+        let Step::Disconnect(why) = n.handle(opt::EXPORT_NAME, b"disk0", &mut Vec::new()) else { panic!() };
+        assert_eq!(why, "not from 10.0.0.9");
     }
 
     #[test]
