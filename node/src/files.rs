@@ -1,5 +1,13 @@
-//! Small file-system steps the node and the hub share: a record replaced whole, a directory
-//! only its owner can enter, and a token file read only when it is its owner's alone.
+//! Small file-system steps the node and the hub share: a record replaced whole, a restored disk
+//! put in its file's place only once it is whole, a directory only its owner can enter, and a
+//! token file read only when it is its owner's alone.
+//!
+//! A restore into a regular file writes a new file beside it and renames it over the old one
+//! when the last byte is durable ([`Replacement`]): a restore that fails, is cancelled, or dies
+//! with the node leaves the VM its previous disk rather than a disk half old, half new. It costs
+//! the space of the data restored until the rename. The new file takes the old one's mode and
+//! owner (a VM's disk is often its hypervisor user's); a symlink is followed, so the file it
+//! names is replaced and the link stays. A block device is written in place: it has no beside.
 //!
 //! Both services keep whole VM disks (backups, replicas, restored disks) and what describes
 //! them, so the directories they make are `0700`: another local user could otherwise read every
@@ -11,9 +19,11 @@
 //! applies to private keys and `tunnel::read_secret` to ours (a file another user owns is that
 //! user's to protect).
 
+use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The longest token file read.
 const MAX_TOKEN_FILE: u64 = 4096;
@@ -59,10 +69,72 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// A regular file being written beside `dest`, to take its place once whole (module doc). The
+/// file beside is removed if it never does.
+#[derive(Debug)]
+pub struct Replacement {
+    dest: PathBuf,
+    beside: PathBuf,
+    done: AtomicBool,
+}
+
+impl Replacement {
+    /// Start replacing `dest`: `.NAME.restoring` in its directory, created (or emptied, left by
+    /// a restore that died), with an existing destination's owner and mode, else `0600`.
+    ///
+    /// # Errors
+    /// The file beside cannot be made, or given the old file's owner (not running as root).
+    pub fn begin(dest: &Path) -> std::io::Result<(Self, File)> {
+        let old = std::fs::metadata(dest).ok();
+        let dest = match old {
+            Some(_) => std::fs::canonicalize(dest)?,
+            None => dest.to_path_buf(),
+        };
+        let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"));
+        };
+        let beside = dir.join(format!(".{}.restoring", name.to_string_lossy()));
+        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&beside)?;
+        let replacement = Self { dest, beside, done: AtomicBool::new(false) };
+        if let Some(old) = old {
+            let new = file.metadata()?;
+            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))?;
+            }
+            file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))?;
+        }
+        Ok((replacement, file))
+    }
+
+    /// The file being written.
+    pub fn path(&self) -> &Path {
+        &self.beside
+    }
+
+    /// Put `file` (the one [`Self::begin`] gave) in the destination's place, durably.
+    ///
+    /// # Errors
+    /// A sync or the rename failed: the destination is then as it was.
+    pub fn commit(&self, file: &File) -> std::io::Result<()> {
+        file.sync_all()?;
+        std::fs::rename(&self.beside, &self.dest)?;
+        self.done.store(true, Ordering::SeqCst);
+        File::open(self.dest.parent().unwrap_or(Path::new(".")))?.sync_all()
+    }
+}
+
+impl Drop for Replacement {
+    fn drop(&mut self) {
+        if !self.done.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.beside);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::FileExt;
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -99,5 +171,41 @@ mod tests {
         std::fs::write(&path, vec![b'a'; 5000]).unwrap();
         assert!(read_token(&path).unwrap_err().contains("larger than"));
         assert!(read_token(&dir.path().join("none")).unwrap_err().contains("cannot read"));
+    }
+
+    #[test]
+    fn a_replacement_takes_the_files_place_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::write(&disk, b"old disk").unwrap();
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let link = dir.path().join("vm-disk");
+        std::os::unix::fs::symlink(&disk, &link).unwrap();
+
+        // Abandoned (a failed or cancelled restore): the disk as it was, nothing left beside.
+        let (r, f) = Replacement::begin(&link).unwrap();
+        f.write_all_at(b"half", 0).unwrap();
+        let beside = r.path().to_path_buf();
+        assert_eq!(beside, dir.path().join(".disk.raw.restoring"), "beside the file the link names");
+        drop(r);
+        assert_eq!(std::fs::read(&disk).unwrap(), b"old disk");
+        assert!(!beside.exists());
+
+        // Committed: the new bytes under the old name, mode and link kept.
+        let (r, f) = Replacement::begin(&link).unwrap();
+        assert_eq!(mode(r.path()), 0o640, "the old file's mode from the start");
+        f.write_all_at(b"new disk", 0).unwrap();
+        r.commit(&f).unwrap();
+        drop(r);
+        assert_eq!(std::fs::read(&disk).unwrap(), b"new disk");
+        assert_eq!(mode(&disk), 0o640);
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(!beside.exists());
+
+        // A new destination is its owner's alone.
+        let fresh = dir.path().join("new.raw");
+        let (r, f) = Replacement::begin(&fresh).unwrap();
+        r.commit(&f).unwrap();
+        assert_eq!(mode(&fresh), 0o600);
     }
 }

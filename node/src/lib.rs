@@ -12,7 +12,8 @@
 //! - [`mover`]: the sparse, pipelined, change-aware copy of one disk.
 //! - [`blockmap`]: per-block hashes (change tracking for sources without a dirty bitmap) and
 //!   the disk checksum.
-//! - [`files`]: records replaced whole, private directories.
+//! - [`files`]: records and restored disks replaced whole, private directories.
+//! - [`inuse`]: whether a running VM's qemu holds a disk open for writing.
 //! - [`jobs`]: one job per VM, hooks, commit, restores.
 //! - [`http`] and [`metrics`]: the API (axum) and `/metrics`.
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod inuse;
 pub mod jobs;
 pub mod metrics;
 pub mod mover;

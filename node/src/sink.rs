@@ -4,6 +4,9 @@
 //! Zeroes are never sent as data: an NBD target gets `WRITE_ZEROES` (metadata only in a qcow2
 //! image) when it offers it, a file gets a punched hole, a block device gets zero buffers.
 //!
+//! A regular file is written beside its destination and takes its place only when whole
+//! ([`crate::files::Replacement`], [`FileSink::commit`]); a block device is written in place.
+//!
 //! A file's writes take turns (`FileSink::turn`): buffered writes into one file serialise on its
 //! inode lock anyway, and the workers' blocking threads arriving together spun on it
 //! (`rwsem_spin_on_owner` in a restore's profile); waiting for the turn in user space costs
@@ -12,7 +15,7 @@
 //! throughput at 0.95x the CPU, through the tunnel the same throughput at 0.97x.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +25,7 @@ use nbd_server::CommandFlags;
 
 use crate::blocks::{self, Blocks};
 use crate::error::MoveError;
+use crate::files::Replacement;
 use crate::pool::NbdPool;
 
 /// One write's payload: its only piece as it is (a plain connection's read, a worker's buffer),
@@ -56,26 +60,30 @@ pub struct FileSink {
     path: PathBuf,
     size: u64,
     block_device: bool,
+    /// For a regular file: the new file beside the destination, renamed over it by
+    /// [`FileSink::commit`] (removed if that never happens).
+    replacement: Option<Arc<Replacement>>,
 }
 
 impl FileSink {
-    /// Open `path` to receive a disk of `size` bytes. A regular file is created (or emptied) and
-    /// sized, so it starts all zeroes and holes stay holes; a block device must be large enough.
-    /// Returns the sink and whether it starts out zeroed.
+    /// Open `path` to receive a disk of `size` bytes. For a regular file a new one is made
+    /// beside it and sized, so it starts all zeroes and holes stay holes (it takes `path`'s place
+    /// at [`Self::commit`]); a block device must be large enough. Returns the sink and whether it
+    /// starts out zeroed.
     ///
     /// # Errors
     /// It cannot be opened, sized, or is too small.
     pub fn create(path: &Path, size: u64) -> Result<(Self, bool), MoveError> {
         let err = |what: &str, source| MoveError::Destination { what: format!("{}: {what}", path.display()), source };
         let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-        let file = if is_block {
-            OpenOptions::new().write(true).open(path).map_err(|e| err("open", e))?
+        let (file, replacement) = if is_block {
+            (OpenOptions::new().write(true).open(path).map_err(|e| err("open", e))?, None)
         } else {
-            let f =
-                // A new file is the owner's alone (it holds a whole disk); an existing one keeps its mode.
-                OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(|e| err("create", e))?;
+            // A new file is the owner's alone (it holds a whole disk); a replaced one's mode and
+            // owner carry over.
+            let (r, f) = Replacement::begin(path).map_err(|e| err("create the file to replace it", e))?;
             f.set_len(size).map_err(|e| err("set size", e))?;
-            f
+            (f, Some(Arc::new(r)))
         };
         if is_block {
             let dev_size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0)).map_err(|e| err("size", e.into()))?;
@@ -93,9 +101,26 @@ impl FileSink {
                 path: path.to_path_buf(),
                 size,
                 block_device: is_block,
+                replacement,
             },
             !is_block,
         ))
+    }
+
+    /// Put the restored disk in its destination's place (a regular file; a device was written
+    /// in place and has nothing to do). Until this, the destination is as it was.
+    ///
+    /// # Errors
+    /// The sync or the rename failed.
+    pub async fn commit(&self) -> Result<(), MoveError> {
+        let Some(r) = &self.replacement else { return Ok(()) };
+        let what = format!("{}: put in place", self.path.display());
+        let file = Arc::clone(&self.file);
+        let r = Arc::clone(r);
+        tokio::task::spawn_blocking(move || r.commit(&file))
+            .await
+            .map_err(|e| MoveError::Destination { what: what.clone(), source: e.into() })?
+            .map_err(|source| MoveError::Destination { what, source })
     }
 }
 

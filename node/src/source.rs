@@ -27,7 +27,6 @@ use crate::pool::{Endpoint, NbdPool};
 use crate::targets;
 
 mod image;
-mod inuse;
 
 pub use image::{sniff, Qcow2Source};
 
@@ -220,7 +219,7 @@ impl Source {
             Self::Nbd(_) => return Ok(()),
         };
         let p = path.clone();
-        match tokio::task::spawn_blocking(move || inuse::held_for_writing(&p)).await {
+        match tokio::task::spawn_blocking(move || crate::inuse::held_for_writing(&p)).await {
             Ok(Ok(false)) => Ok(()),
             Ok(Ok(true)) => Err(MoveError::Mismatch(format!(
                 "source {} is open for writing by another process (it holds qemu's write lock, as a running \

@@ -527,3 +527,71 @@ async fn a_qcow2_disk_is_backed_up_as_the_disk_it_holds_and_an_unstated_image_is
     assert_same(&disk, &incr);
     assert_clean(&loose);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_replaces_a_disk_whole_or_not_at_all_and_never_under_a_running_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The VM's disk is a symlink to its file, which its hypervisor's user may read (0640).
+    make_source(&d.join("disk-file.raw"), 8, 1);
+    std::os::unix::fs::symlink(d.join("disk-file.raw"), d.join("disk0.raw")).unwrap();
+    make_source(&d.join("disk1.raw"), 4, 2);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.join("disk-file.raw"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let before = std::fs::read(d.join("disk-file.raw")).unwrap();
+    // 4 MiB/s: the 8 MiB restore below takes two seconds, time to cancel it half-way.
+    let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1"), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    make_source(&d.join("backup.raw"), 8, 9);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        d.join("backup.raw").to_str().unwrap(),
+        d.join("backup.qcow2").to_str().unwrap(),
+    ]);
+    let export = HubExport::start(&d.join("backup.qcow2"), "backup").await;
+    let restore = |job: &str| RestoreRequest {
+        job_id: job.into(),
+        nbd_targets: export.target(2000),
+        destinations: [("2000".to_string(), d.join("disk0.raw").display().to_string())].into(),
+    };
+    let beside = d.join(".disk-file.raw.restoring");
+
+    // Cancelled half-way: the VM keeps its disk as it was, and nothing is left beside it.
+    client.start_restore(&restore("cut")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.job("cut").await.unwrap().disks[0].bytes_read < 2 * MIB {
+        assert!(Instant::now() < deadline, "the restore made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(beside.exists(), "the restore writes beside the disk");
+    client.cancel("cut").await.unwrap();
+    assert_eq!(wait_job(&client, "cut").await.status, JobStatus::Cancelled);
+    assert!(std::fs::read(d.join("disk-file.raw")).unwrap() == before, "the disk is as it was");
+    assert!(!beside.exists(), "{} left behind", beside.display());
+
+    // A running VM (qemu holding the disk for writing) is never restored onto.
+    let vm = QemuNbd::start(&d.join("disk-file.raw"), "raw", "running-vm", &[]);
+    match client.start_restore(&restore("under-vm")).await {
+        Err(node::api::ApiError::Status { status: 409, message, .. }) => {
+            assert!(
+                message.contains("open for writing by another process") && message.contains("stop the VM"),
+                "{message}"
+            )
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    vm.stop();
+
+    // Completed: the restored disk in the file's place, the link and the mode kept.
+    client.start_restore(&restore("whole")).await.unwrap();
+    let view = wait_job(&client, "whole").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert_same(&d.join("backup.raw"), &d.join("disk-file.raw"));
+    assert!(std::fs::symlink_metadata(d.join("disk0.raw")).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::metadata(d.join("disk-file.raw")).unwrap().permissions().mode() & 0o777, 0o640);
+    assert!(!beside.exists());
+    export.close().await;
+}

@@ -4,7 +4,9 @@
 //! nothing else: the API must not become a way to overwrite any file on the node. Two disks of
 //! one restore never share a destination (the second would silently replace the first), no two
 //! running restores write one file, and a restore onto a VM's disks holds that VM as a backup
-//! does: its backups wait, instead of reading a disk that is being overwritten.
+//! does: its backups wait, instead of reading a disk that is being overwritten. A disk that a
+//! running VM's qemu holds open for writing is never restored onto (409, and checked again when
+//! its turn comes). A regular file takes the restored disk only once it is whole (`files.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,9 @@ impl Jobs {
                 .get(&t.key.to_string())
                 .ok_or_else(|| JobError::BadRequest(format!("no destination for disk {}", t.key)))?;
             let (dest, vm) = self.allowed_destination(dest)?;
+            if let Some(why) = written_by_a_vm(&dest) {
+                return Err(JobError::Conflict(why));
+            }
             if let Some((other, _, _)) = plan.iter().find(|(_, _, p)| *p == dest) {
                 return Err(JobError::BadRequest(format!(
                     "disks {other} and {} both restore to {}: one would replace the other",
@@ -102,12 +107,17 @@ impl Jobs {
         let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
             .await
             .map_err(fail)?;
+        if let Some(why) = written_by_a_vm(dest) {
+            source.close().await;
+            return Err(fail(MoveError::Mismatch(why)));
+        }
         let (sink, zeroed) = FileSink::create(dest, source.size()).map_err(fail)?;
         let base = if zeroed { Base::Zero } else { Base::Unknown };
         let source = Arc::new(source);
+        let sink = Arc::new(Sink::File(sink));
         let result = mover::copy_disk(
             Arc::clone(&source),
-            Arc::new(Sink::File(sink)),
+            Arc::clone(&sink),
             base,
             opts,
             Arc::clone(&dj.progress),
@@ -117,6 +127,9 @@ impl Jobs {
         .await;
         source.close().await;
         let outcome = result.map_err(fail)?;
+        if let Sink::File(file) = &*sink {
+            file.commit().await.map_err(fail)?;
+        }
         set_disk(dj, "completed", outcome.checksum, None);
         if let Ok(mut s) = dj.state.lock() {
             s.reconnects = outcome.reconnects;
@@ -176,5 +189,23 @@ fn refuse_image_destination(vm: &str, disk: &Disk) -> Result<(), JobError> {
             disk.key,
             path.display()
         ))),
+    }
+}
+
+/// Why `dest` must not be restored onto now: a process (a running VM's qemu) holds it open for
+/// writing. Where that cannot be told, nothing is said (`inuse.rs`).
+fn written_by_a_vm(dest: &Path) -> Option<String> {
+    match crate::inuse::held_for_writing(dest) {
+        Ok(true) => Some(format!(
+            "{} is open for writing by another process (it holds qemu's write lock, as a running VM does): \
+             stop the VM before restoring onto its disk",
+            dest.display()
+        )),
+        Ok(false) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(destination = %dest.display(), error = %e, "cannot tell whether a VM writes this disk");
+            None
+        }
     }
 }
