@@ -230,6 +230,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         token: None,
         state_dir: dir.join("node/state"),
         restore_dir: Some(dir.join("node/restores")),
+        nbd_hosts: node::config::NbdHosts::Only(Vec::new()),
         tunnel: Some(tunnel.clone()),
         vms: node::config::resolve_vms(vec![vm]).map_err(|e| anyhow::anyhow!(e))?,
         copy,

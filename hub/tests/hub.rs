@@ -74,6 +74,7 @@ async fn start_node(dir: &Path, vms: &[(&str, usize)], bandwidth: Option<&str>) 
         token: None,
         state_dir: dir.join("node-state"),
         restore_dir: None,
+        nbd_hosts: node::config::NbdHosts::Only(Vec::new()),
         tunnel: None,
         vms: node::config::resolve_vms(files).unwrap(),
         copy,

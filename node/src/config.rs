@@ -49,6 +49,9 @@ pub struct NodeFile {
     pub state_dir: Option<PathBuf>,
     /// Where restores may write besides the VMs' own disks.
     pub restore_dir: Option<PathBuf>,
+    /// Hosts besides this machine that jobs may send disks to or restore from (the hub's
+    /// address in direct mode).
+    pub nbd_hosts: Option<Vec<String>>,
     /// The tunnel to the hub.
     pub tunnel: Option<TunnelFile>,
     /// Data mover tuning.
@@ -185,6 +188,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Extra directory restores may write to.
     pub restore_dir: Option<PathBuf>,
+    /// The hosts the API's jobs may connect to for their targets.
+    pub nbd_hosts: NbdHosts,
     /// The tunnel.
     pub tunnel: Option<tunnel::ClientConfig>,
     /// VMs by name order.
@@ -193,6 +198,37 @@ pub struct Settings {
     pub copy: CopyOptions,
     /// Disks copied at once per job.
     pub parallel_disks: usize,
+}
+
+/// Which hosts a job's `nbd_targets` may name. The node reads whole VM disks and writes restores
+/// onto them; whoever holds its API token must not be able to point either at a server of
+/// their choosing (a backup sent to it, a restore of its data over a VM's disk). So the API's
+/// jobs connect only to this machine (where the tunnel's forwards listen, or a hub on the same
+/// machine) and to the hosts the operator names (`nbd_hosts`: the hub in direct mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdHosts {
+    /// Any host: `sendense-node copy`, whose operator names the targets on its command line.
+    Any,
+    /// This machine and these hosts (names or addresses).
+    Only(Vec<String>),
+}
+
+impl NbdHosts {
+    /// Whether a target on `host` may be used.
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ip = host.parse::<std::net::IpAddr>().ok().map(|i| i.to_canonical());
+        if host.eq_ignore_ascii_case("localhost") || ip.is_some_and(|i| i.is_loopback()) {
+            return true;
+        }
+        match self {
+            Self::Any => true,
+            Self::Only(hosts) => hosts.iter().any(|h| {
+                h.eq_ignore_ascii_case(host)
+                    || ip.is_some_and(|i| h.parse::<std::net::IpAddr>().is_ok_and(|g| g.to_canonical() == i))
+            }),
+        }
+    }
 }
 
 impl Settings {
@@ -421,6 +457,29 @@ mod tests {
         let dup = resolve_vms(vec![parse_vm_flag("db=2000:/a,2000:/b").unwrap()]);
         assert!(dup.unwrap_err().contains("twice"));
         assert!(resolve_vms(vec![parse_vm_flag("../x=2000:/a").unwrap()]).is_err());
+    }
+
+    #[test]
+    fn jobs_reach_this_machine_and_the_named_hosts_only() {
+        let only = NbdHosts::Only(vec!["hub.example".into(), "10.0.0.1".into(), "fd00::1".into()]);
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "::1",
+            "[::1]",
+            "localhost",
+            "HUB.example",
+            "10.0.0.1",
+            "::ffff:10.0.0.1",
+            "[fd00::1]",
+        ] {
+            assert!(only.allows(ok), "{ok}");
+        }
+        for refused in ["10.0.0.2", "evil.example", "hub.example.evil", "0.0.0.0", ""] {
+            assert!(!only.allows(refused), "{refused}");
+        }
+        assert!(NbdHosts::Only(Vec::new()).allows("127.0.0.1") && !NbdHosts::Only(Vec::new()).allows("10.0.0.1"));
+        assert!(NbdHosts::Any.allows("anything.example"));
     }
 
     #[test]

@@ -159,8 +159,25 @@ async fn bad_requests_get_json_errors_and_a_token_is_required() {
         ("2000:ftp://127.0.0.1:1/a", "nbd://"),
         ("2009:nbd://127.0.0.1:1/a", "no disk with key 2009"),
         ("", "empty"),
+        // Only this machine and nbd_hosts: a disk is never sent to a server the caller picked.
+        ("2000:nbd://10.0.0.9:10100/x", "add the hub's address to nbd_hosts"),
+        ("2000:nbd://evil.example:10100/x", "host evil.example is not one this node sends disks to"),
     ] {
         expect(client.start_backup(&start("pgtest1", targets.into(), "j", BackupType::Full)).await, 400, text);
+    }
+    let mut elsewhere = start("pgtest1", "2000:nbd://127.0.0.1:10100/x".into(), "j", BackupType::Full);
+    elsewhere.nbd_host = Some("10.0.0.9".into());
+    expect(client.start_backup(&elsewhere).await, 400, "host 10.0.0.9");
+    let restore_elsewhere = RestoreRequest {
+        job_id: "r".into(),
+        nbd_targets: "2000:nbd://10.0.0.9:10100/x".into(),
+        destinations: [("2000".to_string(), dir.path().join("disk0.raw").display().to_string())].into(),
+    };
+    match client.start_restore(&restore_elsewhere).await {
+        Err(node::api::ApiError::Status { status: 400, message, .. }) => {
+            assert!(message.contains("nbd_hosts"), "{message}")
+        }
+        other => panic!("a restore from elsewhere: {other:?}"),
     }
     expect(
         client.start_backup(&start("nosuchvm", "2000:nbd://h:1/e".into(), "j", BackupType::Full)).await,

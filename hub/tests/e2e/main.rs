@@ -270,6 +270,7 @@ async fn next_incremental_is_correct(site: &Site, full: &Value) {
 const SLOW: Options<'static> = Options {
     copy: "bandwidth_limit = \"6M\"",
     hub: "",
+    node: "",
     repo_tmpfs_mib: None,
     on_build_disk: false,
     qcow2_sources: false,
@@ -517,7 +518,9 @@ fn non_loopback_address() -> std::net::IpAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_on_the_lan_refuses_clients_that_are_not_its_node_and_says_why() {
     let lan = non_loopback_address();
-    let opts = Options { hub: "nbd_bind = \"0.0.0.0\"", ..Options::default() };
+    // The node may reach the hub at that address (its nbd_hosts), so what refuses is the hub.
+    let node_lines = format!("nbd_hosts = [\"{lan}\"]");
+    let opts = Options { hub: "nbd_bind = \"0.0.0.0\"", node: &node_lines, ..Options::default() };
     let mut site = Site::start(Transport::Direct, &[Vm("vm", &[4])], 4, opts).await;
     let full = site.backup("vm", "full").await;
     site.assert_backup_equals_sources("vm", &full, 1);

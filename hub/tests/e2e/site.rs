@@ -150,6 +150,8 @@ pub struct Options<'a> {
     pub copy: &'a str,
     /// More hub.toml lines (top level).
     pub hub: &'a str,
+    /// More node.toml lines (top level).
+    pub node: &'a str,
     /// Run the hub with its repository on a tmpfs of this many MiB (in a mount namespace of
     /// its own: `unshare`, no root needed).
     pub repo_tmpfs_mib: Option<u64>,
@@ -284,11 +286,12 @@ impl Site {
         std::fs::write(
             &node_config,
             format!(
-                "listen = \"127.0.0.1:{node_api}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrestore_dir = \"{}\"\n\
+                "listen = \"127.0.0.1:{node_api}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrestore_dir = \"{}\"\n{}\n\
                  [copy]\nretry_window_s = 30\n{}\n{tunnel_toml}{vm_toml}",
                 d.join("node-token").display(),
                 d.join("node-state").display(),
                 d.join("restores").display(),
+                opts.node,
                 opts.copy,
             ),
         )

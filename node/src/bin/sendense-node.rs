@@ -56,6 +56,10 @@ struct ServeArgs {
     /// Directory restores may write files into [default: STATE_DIR/restores].
     #[arg(long)]
     restore_dir: Option<PathBuf>,
+    /// Hosts besides this machine that jobs may send disks to and restore from (the hub's
+    /// address in direct mode), comma-separated; adds to the config's nbd_hosts.
+    #[arg(long = "nbd-hosts")]
+    nbd_hosts: Vec<String>,
     /// A VM: NAME=KEY:SOURCE[,KEY:SOURCE...] (SOURCE = file or block device, qcow2:PATH for a
     /// qcow2 image read as its disk, raw:PATH to copy an image file's bytes, or an nbd:// URL).
     #[arg(long = "vm")]
@@ -188,7 +192,19 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         (None, t) => t,
     };
     let tunnel = tunnel_file.map(config::resolve_tunnel).transpose().map_err(|e| anyhow!(e))?;
-    Ok(Settings { listen, token, state_dir, restore_dir: Some(restore_dir), tunnel, vms, copy, parallel_disks })
+    let mut nbd_hosts = file.nbd_hosts.unwrap_or_default();
+    nbd_hosts.extend(a.nbd_hosts.iter().flat_map(|h| h.split(',')).filter(|h| !h.is_empty()).map(str::to_string));
+    Ok(Settings {
+        listen,
+        token,
+        state_dir,
+        restore_dir: Some(restore_dir),
+        nbd_hosts: config::NbdHosts::Only(nbd_hosts),
+        tunnel,
+        vms,
+        copy,
+        parallel_disks,
+    })
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -270,6 +286,7 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
         token: None,
         state_dir,
         restore_dir: None,
+        nbd_hosts: config::NbdHosts::Any,
         tunnel: None,
         vms,
         copy,

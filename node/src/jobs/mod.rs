@@ -252,6 +252,12 @@ impl Jobs {
     /// The port is not forwarded by the tunnel.
     pub fn dial_endpoint(&self, t: &Target, nbd_host: Option<&str>) -> Result<Endpoint, JobError> {
         let host = nbd_host.unwrap_or(&t.host);
+        if !self.settings.nbd_hosts.allows(host) {
+            return Err(JobError::BadRequest(format!(
+                "target {t}: host {host} is not one this node sends disks to or restores from (this machine and \
+                 nbd_hosts in its config): add the hub's address to nbd_hosts"
+            )));
+        }
         let loopback = matches!(host, "127.0.0.1" | "localhost" | "::1");
         let (host, port, via) = match &self.settings.tunnel {
             Some(tun) if loopback => {
