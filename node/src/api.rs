@@ -55,6 +55,9 @@ pub struct DiskInfo {
     /// How the source holds the disk (absent from older nodes: raw).
     #[serde(default = "raw")]
     pub format: DiskFormat,
+    /// Why the disk could not be looked at (in the list of every VM only; `size` is then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn raw() -> DiskFormat {

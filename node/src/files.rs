@@ -75,6 +75,8 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub struct Replacement {
     dest: PathBuf,
     beside: PathBuf,
+    /// The replaced file's owner, group and mode.
+    old: Option<(u32, u32, u32)>,
     done: AtomicBool,
 }
 
@@ -85,6 +87,18 @@ impl Replacement {
     /// # Errors
     /// The file beside cannot be made, or given the old file's owner (not running as root).
     pub fn begin(dest: &Path) -> std::io::Result<(Self, File)> {
+        let replacement = Self::prepare(dest)?;
+        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&replacement.beside)?;
+        replacement.take_over(&file)?;
+        Ok((replacement, file))
+    }
+
+    /// Where the new file goes, for a caller that makes it itself (a qcow2 image): nothing is
+    /// there yet (a file left by a restore that died is removed). Then [`Self::take_over`].
+    ///
+    /// # Errors
+    /// The destination cannot be resolved, or the old file beside cannot be removed.
+    pub fn prepare(dest: &Path) -> std::io::Result<Self> {
         let old = std::fs::metadata(dest).ok();
         let dest = match old {
             Some(_) => std::fs::canonicalize(dest)?,
@@ -94,16 +108,25 @@ impl Replacement {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"));
         };
         let beside = dir.join(format!(".{}.restoring", name.to_string_lossy()));
-        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&beside)?;
-        let replacement = Self { dest, beside, done: AtomicBool::new(false) };
-        if let Some(old) = old {
-            let new = file.metadata()?;
-            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
-                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))?;
-            }
-            file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))?;
+        match std::fs::remove_file(&beside) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        Ok((replacement, file))
+        let old = old.map(|m| (m.uid(), m.gid(), m.mode() & 0o7777));
+        Ok(Self { dest, beside, old, done: AtomicBool::new(false) })
+    }
+
+    /// Give the new file the replaced one's owner and mode (none replaced: it stays as made).
+    ///
+    /// # Errors
+    /// `chown` or `chmod` failed (another owner needs root).
+    pub fn take_over(&self, file: &File) -> std::io::Result<()> {
+        let Some((uid, gid, mode)) = self.old else { return Ok(()) };
+        let new = file.metadata()?;
+        if (new.uid(), new.gid()) != (uid, gid) {
+            std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
     }
 
     /// The file being written.

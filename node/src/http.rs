@@ -111,13 +111,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn describe(vm: &Vm) -> Result<VmInfo, ApiErr> {
+/// A VM's disks as they are now. A disk that cannot be looked at (its snapshot not there yet, a
+/// format not stated) is 503 for the VM alone, which the hub asks before a backup and must not
+/// size from a guess; in the whole list it carries its `error` instead (size 0), so one VM's
+/// trouble hides no other VM and the operator sees every one at once.
+async fn describe(vm: &Vm, tolerate: bool) -> Result<VmInfo, ApiErr> {
     let mut disks = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
-        let size = probe_size(&d.source)
-            .await
-            .map_err(|e| ApiErr(StatusCode::SERVICE_UNAVAILABLE, format!("VM {} disk {}: {e}", vm.name, d.key)))?;
-        disks.push(DiskInfo { key: d.key, size, source_kind: d.source.kind_hint(), format: d.source.format() });
+        let (size, error) = match probe_size(&d.source).await {
+            Ok(size) => (size, None),
+            Err(e) if tolerate => (0, Some(e.to_string())),
+            Err(e) => {
+                return Err(ApiErr(StatusCode::SERVICE_UNAVAILABLE, format!("VM {} disk {}: {e}", vm.name, d.key)))
+            }
+        };
+        disks.push(DiskInfo { key: d.key, size, source_kind: d.source.kind_hint(), format: d.source.format(), error });
     }
     Ok(VmInfo { name: vm.name.clone(), disks })
 }
@@ -125,14 +133,14 @@ async fn describe(vm: &Vm) -> Result<VmInfo, ApiErr> {
 async fn list_vms(State(s): State<Arc<AppState>>) -> Answer<Vec<VmInfo>> {
     let mut out = Vec::new();
     for vm in &s.jobs.settings().vms {
-        out.push(describe(vm).await?);
+        out.push(describe(vm, true).await?);
     }
     Ok(Json(out))
 }
 
 async fn get_vm(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Answer<VmInfo> {
     let vm = s.jobs.settings().vm(&name).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown VM {name}")))?;
-    Ok(Json(describe(vm).await?))
+    Ok(Json(describe(vm, false).await?))
 }
 
 async fn start(

@@ -345,7 +345,7 @@ pub async fn copy_disk(
 
     let connections = match &*shared.sink {
         Sink::Nbd(pool) => pool.connections(),
-        Sink::File(_) => options.connections.max(1),
+        Sink::File(_) | Sink::Qcow2(_) => options.connections.max(1),
     };
     let workers = (connections * options.depth.max(1)).max(1);
     let per_item = (options.request_size / block_size).max(1);

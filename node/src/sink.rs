@@ -5,7 +5,8 @@
 //! image) when it offers it, a file gets a punched hole, a block device gets zero buffers.
 //!
 //! A regular file is written beside its destination and takes its place only when whole
-//! ([`crate::files::Replacement`], [`FileSink::commit`]); a block device is written in place.
+//! ([`crate::files::Replacement`], [`FileSink::commit`]); a block device is written in place. A
+//! disk held in a qcow2 image is restored as one (`sink/image.rs`).
 //!
 //! A file's writes take turns (`FileSink::turn`): buffered writes into one file serialise on its
 //! inode lock anyway, and the workers' blocking threads arriving together spun on it
@@ -27,6 +28,10 @@ use crate::blocks::{self, Blocks};
 use crate::error::MoveError;
 use crate::files::Replacement;
 use crate::pool::NbdPool;
+
+mod image;
+
+pub use image::Qcow2Sink;
 
 /// One write's payload: its only piece as it is (a plain connection's read, a worker's buffer),
 /// or, when it came in several (read through the tunnel, written to an NBD target), joined.
@@ -50,6 +55,8 @@ pub enum Sink {
     Nbd(NbdPool),
     /// A local file or block device.
     File(FileSink),
+    /// A local qcow2 image.
+    Qcow2(Qcow2Sink),
 }
 
 /// A local destination.
@@ -130,6 +137,7 @@ impl Sink {
         match self {
             Self::Nbd(p) => p.info().size,
             Self::File(f) => f.size,
+            Self::Qcow2(q) => q.size(),
         }
     }
 
@@ -175,6 +183,7 @@ impl Sink {
                     .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
                     .map_err(|source| MoveError::Destination { what: what(), source })
             }
+            Self::Qcow2(q) => q.write(offset, one_payload(data.slice(range.clone()).ok_or_else(outside)?)).await,
         }
     }
 
@@ -216,6 +225,7 @@ impl Sink {
                     .map_err(|e| MoveError::Destination { what: what(), source: e.into() })?
                     .map_err(|source| MoveError::Destination { what: what(), source })
             }
+            Self::Qcow2(q) => q.write_zeroes(offset, length).await,
         }
     }
 
@@ -234,6 +244,20 @@ impl Sink {
                     .map_err(|e| MoveError::Destination { what: what.clone(), source: e.into() })?
                     .map_err(|source| MoveError::Destination { what, source })
             }
+            Self::Qcow2(q) => q.flush().await,
+        }
+    }
+
+    /// Put a restored disk in its destination's place (nothing to do for an NBD target or a
+    /// block device). Until this, a file destination is as it was.
+    ///
+    /// # Errors
+    /// Closing, syncing or the rename failed.
+    pub async fn commit(&self) -> Result<(), MoveError> {
+        match self {
+            Self::Nbd(_) => Ok(()),
+            Self::File(f) => f.commit().await,
+            Self::Qcow2(q) => q.commit().await,
         }
     }
 
@@ -248,7 +272,7 @@ impl Sink {
     pub fn reconnects(&self) -> u64 {
         match self {
             Self::Nbd(pool) => pool.reconnects(),
-            Self::File(_) => 0,
+            Self::File(_) | Self::Qcow2(_) => 0,
         }
     }
 }

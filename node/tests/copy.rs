@@ -197,6 +197,14 @@ async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
     assert!(!ok && err.contains("dirty bitmap"), "{err}");
 }
 
+/// `sendense-node copy --source SOURCE` into `target` served by qemu-nbd as `format`.
+fn copy_into_qemu_nbd(target: &std::path::Path, format: &str, source: &str) -> (bool, serde_json::Value, String) {
+    let q = QemuNbd::start(target, format, "t", &[]);
+    let out = node_copy(&["--nbd-targets", &format!("2000:{}", q.url()), "--source", source]);
+    q.stop();
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,14 +227,7 @@ async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes()
 
     let target = dir.path().join("t.qcow2");
     new_qcow2(&target, 24 * MIB);
-    let q = QemuNbd::start(&target, "qcow2", "d0", &[]);
-    let (ok, view, err) = node_copy(&[
-        "--nbd-targets",
-        &format!("2000:{}", q.url()),
-        "--source",
-        &format!("2000=qcow2:{}", image.display()),
-    ]);
-    q.stop();
+    let (ok, view, err) = copy_into_qemu_nbd(&target, "qcow2", &format!("2000=qcow2:{}", image.display()));
     assert!(ok, "{err}");
     assert_same(&raw, &target);
     assert_eq!(field(&view, 0, "bytes_sent"), data, "{view}");
@@ -240,14 +241,7 @@ async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes()
     let len = std::fs::metadata(&image).unwrap().len();
     let bytes = dir.path().join("bytes.raw");
     std::fs::File::create(&bytes).unwrap().set_len(len).unwrap();
-    let q = QemuNbd::start(&bytes, "raw", "b", &[]);
-    let (ok, _, err) = node_copy(&[
-        "--nbd-targets",
-        &format!("2000:{}", q.url()),
-        "--source",
-        &format!("2000=raw:{}", image.display()),
-    ]);
-    q.stop();
+    let (ok, _, err) = copy_into_qemu_nbd(&bytes, "raw", &format!("2000=raw:{}", image.display()));
     assert!(ok, "{err}");
     assert!(std::fs::read(&bytes).unwrap() == std::fs::read(&image).unwrap(), "the file's bytes, as they are");
 }

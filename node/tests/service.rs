@@ -29,6 +29,15 @@ fn start(vm: &str, targets: String, job: &str, t: BackupType) -> StartRequest {
     StartRequest { vm_name: vm.into(), nbd_host: None, nbd_targets: targets, job_id: job.into(), backup_type: t }
 }
 
+/// A backup of `mib` MiB as the hub serves it to a restore: `backup.raw`, made into
+/// `backup.qcow2`, exported as "backup".
+async fn backup_export(d: &std::path::Path, mib: u64) -> HubExport {
+    make_source(&d.join("backup.raw"), mib, 9);
+    let (raw, image) = (d.join("backup.raw"), d.join("backup.qcow2"));
+    qemu_img(&["convert", "-q", "-O", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    HubExport::start(&image, "backup").await
+}
+
 /// The checksum the node must report for `path`, computed here independently.
 fn checksum_of(path: &std::path::Path) -> String {
     let data = std::fs::read(path).unwrap();
@@ -304,16 +313,7 @@ async fn a_restore_onto_a_vms_disk_holds_the_vm_and_no_two_restores_write_one_fi
     // against one export, which takes ten.
     let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1"), &[]);
     let client = NodeClient::new(node.url(), None).unwrap();
-    make_source(&d.join("backup.raw"), 24, 9);
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-O",
-        "qcow2",
-        d.join("backup.raw").to_str().unwrap(),
-        d.join("backup.qcow2").to_str().unwrap(),
-    ]);
-    let export = HubExport::start(&d.join("backup.qcow2"), "backup").await;
+    let export = backup_export(d, 24).await;
     let restore = |job: &str, dests: &[(u32, std::path::PathBuf)]| RestoreRequest {
         job_id: job.into(),
         nbd_targets: dests.iter().map(|(k, _)| export.target(*k)).collect::<Vec<_>>().join(","),
@@ -481,6 +481,12 @@ async fn a_qcow2_disk_is_backed_up_as_the_disk_it_holds_and_an_unstated_image_is
     assert_eq!((vm.disks[0].size, vm.disks[0].format), (48 * MIB, node::api::DiskFormat::Qcow2), "{vm:?}");
     let err = client.vm("unstated").await.unwrap_err().to_string();
     assert!(err.contains("holds a qcow2 image") && err.contains("format = \"qcow2\""), "{err}");
+    // The list of every VM shows both, the trouble on its disk: one VM's hides no other.
+    let all = client.vms().await.unwrap();
+    assert_eq!(all.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["pgq", "unstated"]);
+    assert_eq!((all[0].disks[0].size, &all[0].disks[0].error), (48 * MIB, &None));
+    let trouble = all[1].disks[0].error.as_deref().unwrap_or_default();
+    assert!(trouble.contains("holds a qcow2 image") && all[1].disks[0].size == 0, "{all:?}");
 
     // A full backup is the disk: equal to the chain for qemu-img, the checksum that of the
     // disk's bytes, and only what the chain holds as data read.
@@ -528,21 +534,37 @@ async fn a_qcow2_disk_is_backed_up_as_the_disk_it_holds_and_an_unstated_image_is
     h.close().await;
     assert_eq!(top_layer_data(&other), 0, "nothing written");
 
-    // A restore writes raw bytes: never over a disk held in an image, stated or found.
+    // A restore of the full backup onto the qcow2 disk writes a qcow2 image of its own (the
+    // overlay's chain gone), and into the restore directory as `*.qcow2` the same; onto the
+    // image whose format is not stated, nothing.
     let backup = HubExport::start(&full, "backup").await;
-    for vm_disk in [&disk, &loose] {
-        let req = RestoreRequest {
-            job_id: "r1".into(),
-            nbd_targets: backup.target(2000),
-            destinations: [("2000".to_string(), vm_disk.display().to_string())].into(),
-        };
-        let err = client.start_restore(&req).await.unwrap_err();
-        assert!(matches!(&err, node::api::ApiError::Status { status: 400, .. }), "{err}");
-        assert!(err.to_string().contains("qemu-img convert -f raw -O qcow2"), "{err}");
+    let restore = |job: &str, dest: &std::path::Path| RestoreRequest {
+        job_id: job.into(),
+        nbd_targets: backup.target(2000),
+        destinations: [("2000".to_string(), dest.display().to_string())].into(),
+    };
+    let err = client.start_restore(&restore("r0", &loose)).await.unwrap_err();
+    assert!(matches!(&err, node::api::ApiError::Status { status: 400, .. }), "{err}");
+    assert!(err.to_string().contains("set format = \"qcow2\""), "{err}");
+    assert_clean(&loose);
+    let copy = d.join("state/restores/copy.qcow2");
+    for (job, dest) in [("r1", &disk), ("r2", &copy)] {
+        client.start_restore(&restore(job, dest)).await.unwrap();
+        let view = wait_job(&client, job).await;
+        assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+        assert_eq!(
+            view.disks[0].checksum.as_deref(),
+            Some(checksum_of(&flat).as_str()),
+            "the backup's disk, end to end"
+        );
+        assert_same(&full, dest);
+        assert_clean(dest);
+        let info = qemu_img(&["info", "--output=json", dest.to_str().unwrap()]);
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!((info["format"].as_str(), info.get("backing-filename")), (Some("qcow2"), None), "{info}");
+        assert!(top_layer_data(dest) <= chain_data(&full), "holes and zeroes stay unallocated");
     }
     backup.close().await;
-    assert_same(&disk, &incr);
-    assert_clean(&loose);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,16 +581,7 @@ async fn a_restore_replaces_a_disk_whole_or_not_at_all_and_never_under_a_running
     // 4 MiB/s: the 8 MiB restore below takes two seconds, time to cancel it half-way.
     let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1"), &[]);
     let client = NodeClient::new(node.url(), None).unwrap();
-    make_source(&d.join("backup.raw"), 8, 9);
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-O",
-        "qcow2",
-        d.join("backup.raw").to_str().unwrap(),
-        d.join("backup.qcow2").to_str().unwrap(),
-    ]);
-    let export = HubExport::start(&d.join("backup.qcow2"), "backup").await;
+    let export = backup_export(d, 8).await;
     let restore = |job: &str| RestoreRequest {
         job_id: job.into(),
         nbd_targets: export.target(2000),

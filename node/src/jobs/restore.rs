@@ -7,7 +7,10 @@
 //! does: its backups wait, instead of reading a disk that is being overwritten. A disk that a
 //! running VM's qemu holds open for writing is never restored onto (409, and checked again when
 //! its turn comes). A regular file takes the restored disk only once it is whole (`files.rs`).
+//! A disk held in a qcow2 image (stated in the VM's config, or a restore-directory file named
+//! `*.qcow2`) is restored as a new qcow2 image of its own (`sink/image.rs`).
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +22,7 @@ use crate::config::{valid_name, Disk};
 use crate::error::MoveError;
 use crate::mover::{self, Base};
 use crate::pool::Endpoint;
-use crate::sink::{FileSink, Sink};
+use crate::sink::{FileSink, Qcow2Sink, Sink};
 use crate::source::{Source, SourceSpec};
 use crate::targets;
 
@@ -34,18 +37,18 @@ impl Jobs {
             return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
         }
         let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let mut plan: Vec<(u32, _, PathBuf)> = Vec::new();
+        let mut plan: Vec<(u32, _, PathBuf, DiskFormat)> = Vec::new();
         let mut vms: Vec<String> = Vec::new();
         for t in &targets {
             let dest = req
                 .destinations
                 .get(&t.key.to_string())
                 .ok_or_else(|| JobError::BadRequest(format!("no destination for disk {}", t.key)))?;
-            let (dest, vm) = self.allowed_destination(dest)?;
+            let (dest, vm, format) = self.allowed_destination(dest)?;
             if let Some(why) = written_by_a_vm(&dest) {
                 return Err(JobError::Conflict(why));
             }
-            if let Some((other, _, _)) = plan.iter().find(|(_, _, p)| *p == dest) {
+            if let Some((other, _, _, _)) = plan.iter().find(|(_, _, p, _)| *p == dest) {
                 return Err(JobError::BadRequest(format!(
                     "disks {other} and {} both restore to {}: one would replace the other",
                     t.key,
@@ -53,12 +56,12 @@ impl Jobs {
                 )));
             }
             vms.extend(vm.filter(|v| !vms.contains(v)));
-            plan.push((t.key, self.dial_endpoint(t, None)?, dest));
+            plan.push((t.key, self.dial_endpoint(t, None)?, dest, format));
         }
         if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
             return Err(JobError::BadRequest(format!("destination for disk {extra} has no target")));
         }
-        let disks = plan.iter().map(|(key, _, _)| DiskJob::new(*key, CopyMode::Full)).collect();
+        let disks = plan.iter().map(|(key, _, _, _)| DiskJob::new(*key, CopyMode::Full)).collect();
         let job = Arc::new(Job {
             id: req.job_id.clone(),
             kind: JobKind::Restore,
@@ -68,14 +71,14 @@ impl Jobs {
             disks,
         });
         let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
-        let paths: Vec<&Path> = plan.iter().map(|(_, _, p)| p.as_path()).collect();
+        let paths: Vec<&Path> = plan.iter().map(|(_, _, p, _)| p.as_path()).collect();
         self.register(Arc::clone(&job), &vms, &paths)?;
         let jobs = Arc::clone(self);
         let run_job = Arc::clone(&job);
         tokio::spawn(async move {
             let mut error = None;
-            for (index, (_, endpoint, dest)) in plan.into_iter().enumerate() {
-                if let Err(e) = jobs.restore_one(&run_job, index, endpoint, &dest).await {
+            for (index, (_, endpoint, dest, format)) in plan.into_iter().enumerate() {
+                if let Err(e) = jobs.restore_one(&run_job, index, endpoint, &dest, format).await {
                     error = Some(e);
                     break;
                 }
@@ -91,7 +94,14 @@ impl Jobs {
         Ok(job)
     }
 
-    async fn restore_one(&self, job: &Job, index: usize, endpoint: Endpoint, dest: &Path) -> Result<(), String> {
+    async fn restore_one(
+        &self,
+        job: &Job,
+        index: usize,
+        endpoint: Endpoint,
+        dest: &Path,
+        format: DiskFormat,
+    ) -> Result<(), String> {
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
         set_disk(dj, "running", None, None);
         let fail = |e: MoveError| {
@@ -111,10 +121,14 @@ impl Jobs {
             source.close().await;
             return Err(fail(MoveError::Mismatch(why)));
         }
-        let (sink, zeroed) = FileSink::create(dest, source.size()).map_err(fail)?;
+        let (sink, zeroed) = match format {
+            DiskFormat::Raw => FileSink::create(dest, source.size()).map(|(s, zeroed)| (Sink::File(s), zeroed)),
+            DiskFormat::Qcow2 => Qcow2Sink::create(dest, source.size()).map(|s| (Sink::Qcow2(s), true)),
+        }
+        .map_err(fail)?;
         let base = if zeroed { Base::Zero } else { Base::Unknown };
         let source = Arc::new(source);
-        let sink = Arc::new(Sink::File(sink));
+        let sink = Arc::new(sink);
         let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
@@ -127,9 +141,7 @@ impl Jobs {
         .await;
         source.close().await;
         let outcome = result.map_err(fail)?;
-        if let Sink::File(file) = &*sink {
-            file.commit().await.map_err(fail)?;
-        }
+        sink.commit().await.map_err(fail)?;
         set_disk(dj, "completed", outcome.checksum, None);
         if let Ok(mut s) = dj.state.lock() {
             s.reconnects = outcome.reconnects;
@@ -139,8 +151,8 @@ impl Jobs {
 
     /// A restore may write a VM's own disk path or a file inside the restore directory, nothing
     /// else: the API must not become a way to overwrite any file on the node.
-    /// Returns the path and, for a VM's disk, the VM's name.
-    fn allowed_destination(&self, dest: &str) -> Result<(PathBuf, Option<String>), JobError> {
+    /// Returns the path, for a VM's disk the VM's name, and how the disk is written there.
+    fn allowed_destination(&self, dest: &str) -> Result<(PathBuf, Option<String>, DiskFormat), JobError> {
         let path = PathBuf::from(dest);
         let owner = self
             .settings
@@ -148,8 +160,8 @@ impl Jobs {
             .iter()
             .find_map(|v| v.disks.iter().find(|d| d.source.path() == Some(path.as_path())).map(|d| (v, d)));
         if let Some((vm, disk)) = owner {
-            refuse_image_destination(&vm.name, disk)?;
-            return Ok((path, Some(vm.name.clone())));
+            let format = destination_format(&vm.name, disk)?;
+            return Ok((path, Some(vm.name.clone()), format));
         }
         let refuse = || {
             JobError::BadRequest(format!(
@@ -163,32 +175,54 @@ impl Jobs {
             (Some(std::path::Component::Normal(name)), None) if valid_name(&name.to_string_lossy()) => {
                 crate::files::create_private_dir(dir)
                     .map_err(|e| JobError::BadRequest(format!("restore directory {}: {e}", dir.display())))?;
-                Ok((dir.join(name), None))
+                let path = dir.join(name);
+                let format = match path.extension().is_some_and(|e| e == "qcow2") {
+                    true => DiskFormat::Qcow2,
+                    false => DiskFormat::Raw,
+                };
+                Ok((path, None, format))
             }
             _ => Err(refuse()),
         }
     }
 }
 
-/// A restore writes a disk's raw bytes: over a disk held in an image file (stated, or found
-/// there) it would leave the VM an image it cannot open. The operator restores to a file and
-/// converts it instead.
-fn refuse_image_destination(vm: &str, disk: &Disk) -> Result<(), JobError> {
-    let (path, found) = match &disk.source {
-        SourceSpec::Path { path, format: Some(DiskFormat::Qcow2) } => (path, Some("qcow2")),
-        SourceSpec::Path { path, format: None } => {
-            (path, std::fs::File::open(path).ok().and_then(|f| crate::source::sniff(&f).ok().flatten()))
+/// How a VM's disk is restored: as the format its config states (a qcow2 disk as a new qcow2
+/// image; a block device only raw, it has no beside to build an image in). A disk whose format
+/// is not stated but whose file holds an image is refused, as its backups are: raw bytes over it
+/// would leave the VM an image it cannot open.
+fn destination_format(vm: &str, disk: &Disk) -> Result<DiskFormat, JobError> {
+    let refuse = |why: String| Err(JobError::BadRequest(format!("disk {} of VM {vm}: {why}", disk.key)));
+    match &disk.source {
+        SourceSpec::Path { path, format: Some(DiskFormat::Qcow2) } => {
+            if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+                return refuse(format!(
+                    "{} is a block device holding a qcow2 image, which a restore does not write: restore to a \
+                     file and `qemu-img convert -O qcow2 FILE {}`",
+                    path.display(),
+                    path.display()
+                ));
+            }
+            Ok(DiskFormat::Qcow2)
         }
-        SourceSpec::Path { format: Some(DiskFormat::Raw), .. } | SourceSpec::Nbd { .. } => return Ok(()),
-    };
-    match found {
-        None => Ok(()),
-        Some(format) => Err(JobError::BadRequest(format!(
-            "disk {} of VM {vm} is a {format} image, and a restore writes the disk's raw bytes: restore it to a \
-             file in the restore directory, then (the VM stopped) `qemu-img convert -f raw -O {format} FILE {}`",
-            disk.key,
-            path.display()
-        ))),
+        SourceSpec::Path { path, format: None } => {
+            let found = std::fs::File::open(path).ok().and_then(|f| crate::source::sniff(&f).ok().flatten());
+            match found {
+                None => Ok(DiskFormat::Raw),
+                Some("qcow2") => refuse(format!(
+                    "{} holds a qcow2 image and its format is not stated: set format = \"qcow2\" on the disk to \
+                     restore it as one (a restore writes raw bytes otherwise)",
+                    path.display()
+                )),
+                Some(other) => refuse(format!(
+                    "{} is a {other} image, and a restore writes the disk's raw bytes: restore it to a file in the \
+                     restore directory, then (the VM stopped) `qemu-img convert -f raw -O {other} FILE {}`",
+                    path.display(),
+                    path.display()
+                )),
+            }
+        }
+        SourceSpec::Path { format: Some(DiskFormat::Raw), .. } | SourceSpec::Nbd { .. } => Ok(DiskFormat::Raw),
     }
 }
 
