@@ -300,7 +300,7 @@ impl Image {
     }
 
     fn file_len(&self) -> Result<u64> {
-        self.file.metadata().map(|m| m.len()).map_err(Error::io("stat", 0))
+        length_of(&self.file).map_err(Error::io("stat", 0))
     }
 
     pub(crate) fn l2_table(&self, offset: u64, l1_index: u64) -> Result<Arc<L2Table>> {
@@ -454,6 +454,19 @@ impl Image {
             pos += n;
         }
         Ok(out)
+    }
+}
+
+/// Bytes in `file`: a regular file's length, or a block device's size (an image on a logical
+/// volume, as oVirt keeps them), which its metadata gives as 0.
+pub(crate) fn length_of(file: &File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // Positional I/O only in this crate: moving the descriptor's offset disturbs nothing.
+        std::io::Seek::seek(&mut &*file, std::io::SeekFrom::End(0))
+    } else {
+        Ok(meta.len())
     }
 }
 

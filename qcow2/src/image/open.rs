@@ -52,7 +52,7 @@ impl Image {
             return Err(Error::BackingLoop { path: path.to_path_buf() });
         }
         seen.push(id);
-        let file_len = meta.len();
+        let file_len = super::length_of(&file).map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
         let mut probe = vec![0u8; Header::PROBE_LEN.min(file_len as usize)];
         read_or_zero(&file, &mut probe, 0)?;
         let cluster = Header::probe_cluster_size(&probe)?;
@@ -112,7 +112,7 @@ impl Image {
                     }
                     BackingFormat::Raw => {
                         let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
-                        let size = f.metadata().map_err(|source| Error::Open { path: base.clone(), source })?.len();
+                        let size = super::length_of(&f).map_err(|source| Error::Open { path: base.clone(), source })?;
                         Backing::Raw { file: Arc::new(f), size, plain_reads: AtomicBool::new(false) }
                     }
                 })
