@@ -93,6 +93,14 @@ impl Replacement {
         Ok((replacement, file))
     }
 
+    /// Where a restore into `dest` writes before it is whole (symlinks followed), whether or not
+    /// one runs: what a restore that died leaves, for the node's start to remove.
+    pub fn beside_of(dest: &Path) -> Option<PathBuf> {
+        let dest = std::fs::canonicalize(dest).unwrap_or_else(|_| dest.to_path_buf());
+        let name = dest.file_name()?.to_string_lossy().into_owned();
+        Some(dest.parent()?.join(format!(".{name}.restoring")))
+    }
+
     /// Where the new file goes, for a caller that makes it itself (a qcow2 image): nothing is
     /// there yet (a file left by a restore that died is removed). Then [`Self::take_over`].
     ///
@@ -104,10 +112,8 @@ impl Replacement {
             Some(_) => std::fs::canonicalize(dest)?,
             None => dest.to_path_buf(),
         };
-        let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"));
-        };
-        let beside = dir.join(format!(".{}.restoring", name.to_string_lossy()));
+        let beside = Self::beside_of(&dest)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))?;
         match std::fs::remove_file(&beside) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}

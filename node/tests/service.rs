@@ -579,7 +579,8 @@ async fn a_restore_replaces_a_disk_whole_or_not_at_all_and_never_under_a_running
     std::fs::set_permissions(d.join("disk-file.raw"), std::fs::Permissions::from_mode(0o640)).unwrap();
     let before = std::fs::read(d.join("disk-file.raw")).unwrap();
     // 4 MiB/s: the 8 MiB restore below takes two seconds, time to cancel it half-way.
-    let node = NodeProcess::start(d, &vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1"), &[]);
+    let config = vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1");
+    let mut node = NodeProcess::start(d, &config, &[]);
     let client = NodeClient::new(node.url(), None).unwrap();
     let export = backup_export(d, 8).await;
     let restore = |job: &str| RestoreRequest {
@@ -590,17 +591,31 @@ async fn a_restore_replaces_a_disk_whole_or_not_at_all_and_never_under_a_running
     let beside = d.join(".disk-file.raw.restoring");
 
     // Cancelled half-way: the VM keeps its disk as it was, and nothing is left beside it.
+    let under_way = |client: NodeClient, job: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.job(job).await.unwrap().disks[0].bytes_read < 2 * MIB {
+            assert!(Instant::now() < deadline, "the restore made no progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     client.start_restore(&restore("cut")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.job("cut").await.unwrap().disks[0].bytes_read < 2 * MIB {
-        assert!(Instant::now() < deadline, "the restore made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    under_way(client.clone(), "cut").await;
     assert!(beside.exists(), "the restore writes beside the disk");
     client.cancel("cut").await.unwrap();
     assert_eq!(wait_job(&client, "cut").await.status, JobStatus::Cancelled);
     assert!(std::fs::read(d.join("disk-file.raw")).unwrap() == before, "the disk is as it was");
     assert!(!beside.exists(), "{} left behind", beside.display());
+
+    // Killed with the node: the disk as it was, and the next start removes what was beside it.
+    client.start_restore(&restore("killed")).await.unwrap();
+    under_way(client.clone(), "killed").await;
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    assert!(std::fs::read(d.join("disk-file.raw")).unwrap() == before, "the disk is as it was");
+    assert!(beside.exists());
+    let node = NodeProcess::start(d, &config, &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    assert!(!beside.exists(), "{} left behind by the killed restore", beside.display());
 
     // A running VM (qemu holding the disk for writing) is never restored onto.
     let vm = QemuNbd::start(&d.join("disk-file.raw"), "raw", "running-vm", &[]);

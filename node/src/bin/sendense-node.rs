@@ -209,6 +209,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let settings = Arc::new(settings(a)?);
+    node::jobs::remove_interrupted_restores(&settings);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;

@@ -27,6 +27,8 @@ mod copy;
 mod hooks;
 mod restore;
 
+pub use restore::remove_interrupted_restores;
+
 pub use copy::{choose_base, BaseChoice};
 use hooks::run_hook;
 

@@ -6,7 +6,8 @@
 //! running restores write one file, and a restore onto a VM's disks holds that VM as a backup
 //! does: its backups wait, instead of reading a disk that is being overwritten. A disk that a
 //! running VM's qemu holds open for writing is never restored onto (409, and checked again when
-//! its turn comes). A regular file takes the restored disk only once it is whole (`files.rs`).
+//! its turn comes). A regular file takes the restored disk only once it is whole (`files.rs`);
+//! what a restore the node died in left beside it is removed when the node starts.
 //! A disk held in a qcow2 image (stated in the VM's config, or a restore-directory file named
 //! `*.qcow2`) is restored as a new qcow2 image of its own (`sink/image.rs`).
 
@@ -18,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{set_disk, DiskJob, Job, JobError, JobKind, JobState, Jobs};
 use crate::api::{CopyMode, DiskFormat, JobStatus, RestoreRequest};
-use crate::config::{valid_name, Disk};
+use crate::config::{valid_name, Disk, Settings};
 use crate::error::MoveError;
+use crate::files::Replacement;
 use crate::mover::{self, Base};
 use crate::pool::Endpoint;
 use crate::sink::{FileSink, Qcow2Sink, Sink};
@@ -183,6 +185,33 @@ impl Jobs {
                 Ok((path, None, format))
             }
             _ => Err(refuse()),
+        }
+    }
+}
+
+/// Remove what restores the node was killed in the middle of left beside their destinations
+/// (`.NAME.restoring` next to a VM's disk or in the restore directory), before any restore can
+/// run: each holds up to a whole disk, and none of them will ever be put in place.
+pub fn remove_interrupted_restores(settings: &Settings) {
+    let mut leftovers: Vec<PathBuf> = settings
+        .vms
+        .iter()
+        .flat_map(|v| &v.disks)
+        .filter_map(|d| d.source.path())
+        .filter_map(Replacement::beside_of)
+        .collect();
+    if let Some(entries) = settings.restore_dir.as_deref().and_then(|dir| std::fs::read_dir(dir).ok()) {
+        leftovers.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| n.starts_with('.') && n.ends_with(".restoring"))
+        }));
+    }
+    for path in leftovers {
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(file = %path.display(), "removed what an interrupted restore left"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove what an interrupted restore left")
+            }
         }
     }
 }
