@@ -105,6 +105,16 @@ def qcow2_seeds():
                            check=True, stdout=subprocess.DEVNULL)
             with open(p, "rb") as f:
                 out[name] = f.read()
+        # Persistent dirty bitmaps (what `Image::bitmaps` and `bitmap_runs` parse): one at the
+        # finest granularity, one at the default, bits set by qemu-io's writes.
+        p = os.path.join(d, "bitmaps.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "64k"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", "--granularity", "512", p, "b0"], check=True)
+        subprocess.run(["qemu-img", "bitmap", "--add", p, "b1"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 4k 1k", "-c", "write -P 0x44 50k 3k", p],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(p, "rb") as f:
+            out["bitmaps"] = f.read()
         p = os.path.join(d, "compressed.qcow2")
         raw = os.path.join(d, "src.raw")
         with open(raw, "wb") as f:

@@ -504,6 +504,17 @@ mod tests {
         assert!(bad.is_err(), "only raw and qcow2 are read");
         let nbd = resolve_vms(vec![parse_vm_flag("db=2000:qcow2:nbd://127.0.0.1:1/x").unwrap()]).unwrap_err();
         assert!(nbd.contains("an NBD server exports the disk itself"), "{nbd}");
+        // A dirty bitmap: an NBD server's, or a qcow2 image's persistent one; a raw file has none.
+        let with_bitmap = |format: &str| {
+            let text = format!(
+                "[[vm]]\nname = \"db\"\n[[vm.disk]]\nkey = 2000\nsource = \"/a\"\n{format}dirty_bitmap = \"b0\"\n"
+            );
+            resolve_vms(toml::from_str::<NodeFile>(&text).unwrap().vm)
+        };
+        assert!(with_bitmap("format = \"qcow2\"\n").is_ok());
+        for format in ["", "format = \"raw\"\n"] {
+            assert!(with_bitmap(format).unwrap_err().contains("a dirty bitmap needs an nbd:// source or format"));
+        }
     }
 
     #[test]

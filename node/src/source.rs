@@ -40,6 +40,8 @@ pub enum SourceSpec {
         /// How it holds the disk; `None`: as raw bytes, unless it starts like a disk image,
         /// which is then refused (see `source/image.rs`).
         format: Option<DiskFormat>,
+        /// A persistent bitmap of a qcow2 image to read changes from.
+        dirty_bitmap: Option<String>,
     },
     /// `nbd://HOST:PORT/EXPORT`, with an optional dirty bitmap to read changes from.
     Nbd {
@@ -64,10 +66,10 @@ impl SourceSpec {
             Ok(Self::Nbd { url: text.to_string(), dirty_bitmap })
         } else if text.is_empty() {
             Err("empty source".into())
-        } else if dirty_bitmap.is_some() {
-            Err(format!("source '{text}': a dirty bitmap needs an nbd:// source"))
+        } else if dirty_bitmap.is_some() && format != Some(DiskFormat::Qcow2) {
+            Err(format!("source '{text}': a dirty bitmap needs an nbd:// source or format = \"qcow2\""))
         } else {
-            Ok(Self::Path { path: PathBuf::from(text), format })
+            Ok(Self::Path { path: PathBuf::from(text), format, dirty_bitmap })
         }
     }
 
@@ -112,7 +114,7 @@ impl std::fmt::Display for Source {
 impl std::fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Path { path, format: Some(DiskFormat::Qcow2) } => write!(f, "qcow2:{}", path.display()),
+            Self::Path { path, format: Some(DiskFormat::Qcow2), .. } => write!(f, "qcow2:{}", path.display()),
             Self::Path { path, .. } => write!(f, "{}", path.display()),
             Self::Nbd { url, .. } => f.write_str(url),
         }
@@ -159,11 +161,11 @@ impl Source {
     /// The file cannot be opened, or the NBD server cannot be reached or lacks the bitmap.
     pub async fn open(spec: &SourceSpec, connections: usize, cancel: CancellationToken) -> Result<Self, MoveError> {
         match spec {
-            SourceSpec::Path { path, format: Some(DiskFormat::Qcow2) } => {
-                let p = path.clone();
-                Ok(Self::Qcow2(blocking(path, move || Qcow2Source::open(&p)).await?))
+            SourceSpec::Path { path, format: Some(DiskFormat::Qcow2), dirty_bitmap } => {
+                let (p, bitmap) = (path.clone(), dirty_bitmap.clone());
+                Ok(Self::Qcow2(blocking(path, move || Qcow2Source::open(&p, bitmap.as_deref())).await?))
             }
-            SourceSpec::Path { path, format } => {
+            SourceSpec::Path { path, format, .. } => {
                 let (p, stated) = (path.clone(), format.is_some());
                 Ok(Self::File(blocking(path, move || FileSource::open(&p, stated)).await?))
             }
@@ -235,6 +237,15 @@ impl Source {
         }
     }
 
+    /// Why the changes are not read from the dirty bitmap configured for this source, if they
+    /// are not (a qcow2 bitmap in use or invalidated: every block is read and compared instead).
+    pub fn bitmap_note(&self) -> Option<&str> {
+        match self {
+            Self::Qcow2(q) => q.bitmap_note(),
+            _ => None,
+        }
+    }
+
     /// Close NBD connections politely.
     pub async fn close(&self) {
         if let Self::Nbd(n) = self {
@@ -262,7 +273,8 @@ impl Source {
     /// Whether this source can say which blocks changed (a dirty bitmap was granted).
     pub fn has_dirty_bitmap(&self) -> bool {
         match self {
-            Self::File(_) | Self::Qcow2(_) => false,
+            Self::File(_) => false,
+            Self::Qcow2(q) => q.has_dirty_bitmap(),
             Self::Nbd(n) => n.bitmap.is_some(),
         }
     }
@@ -309,6 +321,9 @@ impl Source {
     /// # Errors
     /// No bitmap, or the query failed.
     pub async fn dirty(&self, offset: u64, length: u64) -> Result<Vec<Range>, MoveError> {
+        if let Self::Qcow2(q) = self {
+            return q.dirty(offset, length).await;
+        }
         let Self::Nbd(NbdSource { pool, bitmap: Some(bitmap) }) = self else {
             return Err(MoveError::Mismatch("this source has no dirty bitmap".into()));
         };

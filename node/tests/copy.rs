@@ -285,6 +285,71 @@ async fn a_source_a_running_qemu_writes_is_refused_unless_force_share() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_of_a_qcow2_source_reads_only_what_its_persistent_bitmap_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    make_source(&raw, 48, 41);
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
+    let state = dir.path().join("state");
+    let source = format!("2000=qcow2:{}", image.display());
+    let copy = |target: &std::path::Path, extra: &[&str]| {
+        let (target, extra) = (target.to_path_buf(), extra.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (state, source) = (state.clone(), source.clone());
+        async move {
+            let hub = HubExport::start(&target, "vm-disk0").await;
+            let mut args = vec!["--nbd-targets".to_string(), hub.target(2000), "--source".into(), source];
+            args.extend(["--state-dir".to_string(), state.display().to_string()]);
+            args.extend(extra);
+            let out = node_copy(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            hub.close().await;
+            out
+        }
+    };
+    let full = dir.path().join("full.qcow2");
+    new_qcow2(&full, 48 * MIB);
+    let (ok, _, err) = copy(&full, &[]).await;
+    assert!(ok, "{err}");
+
+    // The guest writes three 4 KiB pieces (one into a hole): qemu marks their 64 KiB granules.
+    let io = require("qemu-io");
+    for (at, seed) in [(5 * MIB, 1), (19 * MIB + 8192, 2), (47 * MIB, 3)] {
+        run(std::process::Command::new(&io)
+            .args(["-f", "qcow2", "-c", &format!("write -P {seed} {at} 4k")])
+            .arg(&image));
+    }
+    let incr = dir.path().join("incr.qcow2");
+    new_overlay(&incr, &full);
+    let (ok, view, err) = copy(&incr, &["--mode", "incremental", "--dirty-bitmap", "2000=b0"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(view["disks"][0]["change_source"], "bitmap", "{view}");
+    assert_eq!(field(&view, 0, "bytes_read"), 3 * (64 << 10), "only the marked granules are read: {view}");
+    assert_eq!(field(&view, 0, "bytes_sent"), 3 * (64 << 10), "{view}");
+    assert_same(&image, &incr);
+
+    // qemu holding the image open for writing leaves the bitmap in use: not trusted, every
+    // block read and compared instead (nothing changed, nothing sent), and the job says why.
+    let live = QemuNbd::start(&image, "qcow2", "live", &[]);
+    let again = dir.path().join("again.qcow2");
+    new_overlay(&again, &incr);
+    let (ok, view, err) = copy(&again, &["--mode", "incremental", "--dirty-bitmap", "2000=b0", "--force-share"]).await;
+    live.stop();
+    assert!(ok, "{err}");
+    assert_eq!(view["disks"][0]["change_source"], "hashes", "{view}");
+    assert!(view["disks"][0]["mode_reason"].as_str().unwrap_or_default().contains("b0 of"), "{view}");
+    assert!(view["disks"][0]["mode_reason"].as_str().unwrap_or_default().contains("is in use"), "{view}");
+    assert_eq!(field(&view, 0, "bytes_sent"), 0, "{view}");
+    assert_same(&image, &again);
+
+    // A bitmap the image does not have: refused, naming the ones it has.
+    new_overlay(&dir.path().join("none.qcow2"), &again);
+    let (ok, _, err) =
+        copy(&dir.path().join("none.qcow2"), &["--mode", "incremental", "--dirty-bitmap", "2000=nope"]).await;
+    assert!(!ok && err.contains("has no bitmap named nope (it has: b0)"), "{err}");
+}
+
 #[test]
 fn bad_targets_and_sources_are_one_clear_line() {
     for (targets, want) in [

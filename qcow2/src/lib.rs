@@ -3,13 +3,15 @@
 //! A runtime-agnostic (synchronous, positional I/O) qcow2 library: create v3 images, open v2
 //! and v3 images with their backing chains, read every kind of cluster qemu writes (data, zero,
 //! unallocated, zlib and zstd compressed, extended L2 subclusters; any cluster size 512 B..2 MiB
-//! and refcount width 1..64 bits), and report an allocation map.
+//! and refcount width 1..64 bits), and report an allocation map and what persistent dirty
+//! bitmaps say changed.
 //!
 //! ## Layers
 //! - [`header`]: the header and extensions, parsed and validated (pure).
 //! - [`layout`]: L1/L2/refcount entry decoding into [`Mapping`]s (pure).
 //! - [`compress`]: deflate and zstd clusters.
 //! - [`Image`]: metadata lookup under short locks, data I/O outside them.
+//! - [`Bitmap`]: persistent dirty bitmaps, read only (`Image::bitmaps`, `Image::bitmap_runs`).
 //!
 //! ## Hostile input
 //! Every header field is checked before anything is sized from it (`l1_size`, cluster bits,
@@ -33,6 +35,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+mod bitmaps;
 pub mod compress;
 mod create;
 pub mod error;
@@ -45,6 +48,7 @@ mod refcount;
 mod repair;
 mod write;
 
+pub use bitmaps::Bitmap;
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};
@@ -54,7 +58,7 @@ pub use plan::{Piece, ReadPiece, ReadSource, WritePlan};
 pub use repair::CheckReport;
 
 /// Entry point for the `qcow2_image` fuzz target (feature `fuzzing`) and its corpus replay: open the bytes as an
-/// image, read and map samples of it, then open it writable and write, zero and discard. Returns
+/// image, read, map and read its bitmaps over samples of it, then open it writable and write, zero and discard. Returns
 /// whether the image opened. Never panics on any input (that is what is being fuzzed).
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_image_bytes(data: &[u8]) -> bool {
@@ -86,6 +90,9 @@ fn fuzz_one(path: &std::path::Path) -> bool {
         }
     }
     let _ = img.map(0, size.min(16 << 20));
+    for bitmap in img.bitmaps().unwrap_or_default().iter().take(4) {
+        let _ = img.bitmap_runs(bitmap, 0, size.min(16 << 20));
+    }
     // Twice: the first read_at above cached the tables the second plan may use.
     for _ in 0..2 {
         let _ = img.plan_read(0, size.min(1 << 20));

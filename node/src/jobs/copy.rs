@@ -24,7 +24,8 @@ pub struct BaseChoice {
     pub base: Base,
     /// Mode shown in the status.
     pub mode: CopyMode,
-    /// Why a full copy replaced an incremental.
+    /// Why a full copy replaced an incremental, or why an incremental reads every block (its
+    /// source's bitmap cannot be trusted).
     pub reason: Option<String>,
     /// `bitmap`, `hashes` or `none`.
     pub change_source: &'static str,
@@ -135,6 +136,9 @@ impl Jobs {
             opts.block_size_for(source.size()),
             source.has_dirty_bitmap(),
         );
+        if let Some(note) = source.bitmap_note().filter(|_| choice.mode == CopyMode::Incremental) {
+            choice.reason = Some(note.to_string());
+        }
         if interrupted && choice.mode == CopyMode::Full && backup_type == BackupType::Incremental {
             choice.reason =
                 Some("the previous replica run did not finish or was not committed: every block is written".into());

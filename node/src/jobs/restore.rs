@@ -223,7 +223,7 @@ pub fn remove_interrupted_restores(settings: &Settings) {
 fn destination_format(vm: &str, disk: &Disk) -> Result<DiskFormat, JobError> {
     let refuse = |why: String| Err(JobError::BadRequest(format!("disk {} of VM {vm}: {why}", disk.key)));
     match &disk.source {
-        SourceSpec::Path { path, format: Some(DiskFormat::Qcow2) } => {
+        SourceSpec::Path { path, format: Some(DiskFormat::Qcow2), .. } => {
             if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
                 return refuse(format!(
                     "{} is a block device holding a qcow2 image, which a restore does not write: restore to a \
@@ -234,7 +234,7 @@ fn destination_format(vm: &str, disk: &Disk) -> Result<DiskFormat, JobError> {
             }
             Ok(DiskFormat::Qcow2)
         }
-        SourceSpec::Path { path, format: None } => {
+        SourceSpec::Path { path, format: None, .. } => {
             let found = std::fs::File::open(path).ok().and_then(|f| crate::source::sniff(&f).ok().flatten());
             match found {
                 None => Ok(DiskFormat::Raw),

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{ExtentKind, Image, ImageOptions};
+use qcow2::{Bitmap, ExtentKind, Image, ImageOptions};
 
 use super::Range;
 use crate::error::MoveError;
@@ -87,26 +87,80 @@ pub fn refuse_unstated_image(file: &File, path: &Path) -> Result<(), MoveError> 
     }
 }
 
-/// A qcow2 image read as the disk it holds (clones share the open image).
+/// A qcow2 image read as the disk it holds (clones share the open image), with the persistent
+/// bitmap its changes are read from, if one was configured and can be trusted.
 #[derive(Clone)]
 pub struct Qcow2Source {
     image: Arc<Image>,
     path: PathBuf,
+    bitmap: Option<Bitmap>,
+    bitmap_note: Option<String>,
 }
 
 impl Qcow2Source {
-    /// Open `path` read-only with its backing chain.
+    /// Open `path` read-only with its backing chain, and find `bitmap` in it. A bitmap that is
+    /// in use (qemu has the image open for writing, or did not close it) or was invalidated is
+    /// not trusted: the copy then reads every block and compares, and [`Self::bitmap_note`]
+    /// says why.
     ///
     /// # Errors
-    /// Not a qcow2 image, a broken chain, or a backing file whose format is not recorded.
-    pub fn open(path: &Path) -> Result<Self, MoveError> {
+    /// Not a qcow2 image, a broken chain, a backing file whose format is not recorded, or no
+    /// bitmap of that name (an incremental must never quietly become "nothing changed").
+    pub fn open(path: &Path, bitmap: Option<&str>) -> Result<Self, MoveError> {
         let options = ImageOptions::default().probe_backing_format(false);
         let image = Image::open_with(path, &options).map_err(|source| MoveError::SourceImage {
             what: format!("{} (format qcow2)", path.display()),
             hint: hint(&source),
             source,
         })?;
-        Ok(Self { image: Arc::new(image), path: path.to_path_buf() })
+        let mut source = Self { image: Arc::new(image), path: path.to_path_buf(), bitmap: None, bitmap_note: None };
+        let Some(name) = bitmap else { return Ok(source) };
+        let bitmaps = source.image.bitmaps().map_err(|e| source.error("bitmaps", e))?;
+        let Some(found) = bitmaps.iter().find(|b| b.name == name) else {
+            let names: Vec<&str> = bitmaps.iter().map(|b| b.name.as_str()).collect();
+            return Err(MoveError::Mismatch(format!(
+                "source {} has no bitmap named {name} (it has: {})",
+                path.display(),
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            )));
+        };
+        if found.consistent() {
+            source.bitmap = Some(found.clone());
+        } else {
+            let why = match found.in_use {
+                true => "is in use (qemu has the image open for writing, or did not close it cleanly)",
+                false => "was invalidated (a program that does not keep bitmaps wrote the image)",
+            };
+            source.bitmap_note =
+                Some(format!("bitmap {name} of {} {why}: every block is read and compared instead", path.display()));
+        }
+        Ok(source)
+    }
+
+    /// Whether changes are read from a bitmap.
+    pub fn has_dirty_bitmap(&self) -> bool {
+        self.bitmap.is_some()
+    }
+
+    /// Why the configured bitmap is not used, if it is not.
+    pub fn bitmap_note(&self) -> Option<&str> {
+        self.bitmap_note.as_deref()
+    }
+
+    /// Runs from `offset` for up to `length` bytes by the bitmap: `data` = changed.
+    ///
+    /// # Errors
+    /// No bitmap, or a malformed one.
+    pub async fn dirty(&self, offset: u64, length: u64) -> Result<Vec<Range>, MoveError> {
+        let Some(bitmap) = self.bitmap.clone() else {
+            return Err(MoveError::Mismatch("this source has no dirty bitmap".into()));
+        };
+        let image = Arc::clone(&self.image);
+        let runs = tokio::task::spawn_blocking(move || image.bitmap_runs(&bitmap, offset, length))
+            .await
+            .map_err(|e| MoveError::Source { what: format!("{}: bitmap", self.path.display()), source: e.into() })?
+            .map_err(|e| self.error(&format!("bitmap at {offset:#x}"), e))?;
+        Ok(runs.into_iter().map(|(length, dirty)| Range { length, data: dirty }).collect())
     }
 
     /// The disk's size (the image's virtual size).
