@@ -29,6 +29,18 @@ async fn lifecycle(transport: Transport, opts: Options<'_>) -> Site {
     for d in incr["disks"].as_array().unwrap() {
         assert_eq!(d["bytes_sent"], 64 << 10, "only the changed 64 KiB block travels: {incr}");
     }
+    // How the node found the change: qcow2 disks by their bitmap (reading only that block),
+    // raw ones by comparing every block's hash.
+    let (status, job) =
+        site.node("GET", &format!("/api/v1/backup/{}", incr["backup_id"].as_str().unwrap()), None).await;
+    assert_eq!(status, 200, "{job}");
+    let qcow2 = site.source("pgtest1", 0).extension().is_some_and(|e| e == "qcow2");
+    for d in job["disks"].as_array().unwrap() {
+        assert_eq!(d["change_source"], if qcow2 { "bitmap" } else { "hashes" }, "{job}");
+        if qcow2 {
+            assert_eq!(d["bytes_read"], 64 << 10, "only the marked granule is read: {job}");
+        }
+    }
     site.assert_backup_equals_sources("pgtest1", &incr, 2);
     let (status, v) =
         site.hub("POST", &format!("/api/v1/backups/{}/verify", incr["backup_id"].as_str().unwrap()), None).await;
@@ -177,7 +189,8 @@ async fn a_two_disk_vm_through_openssh_sshd() {
 }
 
 /// A libvirt VM's disks are qcow2 files: backed up, replicated and restored as the disks they
-/// hold (`format = "qcow2"`), the guest's writes made through qemu-io.
+/// hold (`format = "qcow2"`), the guest's writes made through qemu-io, which sets the images'
+/// persistent bitmaps the node's incrementals read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_disk_vm_whose_disks_are_qcow2_images() {
     lifecycle(Transport::Direct, Options { qcow2_sources: true, ..Options::default() }).await;

@@ -158,7 +158,8 @@ pub struct Options<'a> {
     /// Keep the site under the build's target directory instead of the system's temporary one
     /// (`O_DIRECT` needs a filesystem that takes it; older tmpfs does not).
     pub on_build_disk: bool,
-    /// The VMs' disks are qcow2 images (`format = "qcow2"`), as libvirt keeps them.
+    /// The VMs' disks are qcow2 images (`format = "qcow2"`) with a persistent dirty bitmap the
+    /// node reads changes from, as libvirt keeps them.
     pub qcow2_sources: bool,
 }
 
@@ -214,7 +215,12 @@ impl Site {
                             .unwrap();
                         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
                         std::fs::remove_file(&path).unwrap();
-                        (image, "format = \"qcow2\"\n")
+                        // A persistent bitmap, as a libvirt checkpoint keeps: incrementals read
+                        // only what it marks.
+                        let out =
+                            tool("qemu-img").args(["bitmap", "--add"]).arg(&image).arg("sendense").output().unwrap();
+                        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                        (image, "format = \"qcow2\"\ndirty_bitmap = \"sendense\"\n")
                     }
                 };
                 vm_toml += &format!("[[vm.disk]]\nkey = {}\nsource = \"{}\"\n{format}", 2000 + i, path.display());
