@@ -81,14 +81,16 @@ pub struct Replacement {
 }
 
 impl Replacement {
-    /// Start replacing `dest`: `.NAME.restoring` in its directory, created (or emptied, left by
-    /// a restore that died), with an existing destination's owner and mode, else `0600`.
+    /// Start replacing `dest`: `.NAME.restoring` in its directory, made anew (one a restore
+    /// that died left is removed first; made with `O_EXCL`, so nothing put there meanwhile, a
+    /// symlink least of all, is followed), with an existing destination's owner and mode, else
+    /// `0600`.
     ///
     /// # Errors
     /// The file beside cannot be made, or given the old file's owner (not running as root).
     pub fn begin(dest: &Path) -> std::io::Result<(Self, File)> {
         let replacement = Self::prepare(dest)?;
-        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&replacement.beside)?;
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&replacement.beside)?;
         replacement.take_over(&file)?;
         Ok((replacement, file))
     }
