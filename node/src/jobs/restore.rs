@@ -28,6 +28,14 @@ use crate::sink::{FileSink, Qcow2Sink, Sink};
 use crate::source::{Source, SourceSpec};
 use crate::targets;
 
+/// One disk of a restore: where it is read from, where it goes and how it is written there.
+struct PlannedDisk {
+    key: u32,
+    endpoint: Endpoint,
+    dest: PathBuf,
+    format: DiskFormat,
+}
+
 impl Jobs {
     /// Start a restore: the hub's exports back into files under the restore directory or onto
     /// the VMs' own disk paths.
@@ -39,7 +47,7 @@ impl Jobs {
             return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
         }
         let targets = targets::parse(&req.nbd_targets).map_err(|e| JobError::BadRequest(e.to_string()))?;
-        let mut plan: Vec<(u32, _, PathBuf, DiskFormat)> = Vec::new();
+        let mut plan: Vec<PlannedDisk> = Vec::new();
         let mut vms: Vec<String> = Vec::new();
         for t in &targets {
             let dest = req
@@ -50,20 +58,21 @@ impl Jobs {
             if let Some(why) = written_by_a_vm(&dest) {
                 return Err(JobError::Conflict(why));
             }
-            if let Some((other, _, _, _)) = plan.iter().find(|(_, _, p, _)| *p == dest) {
+            if let Some(other) = plan.iter().find(|p| p.dest == dest) {
                 return Err(JobError::BadRequest(format!(
-                    "disks {other} and {} both restore to {}: one would replace the other",
+                    "disks {} and {} both restore to {}: one would replace the other",
+                    other.key,
                     t.key,
                     dest.display()
                 )));
             }
             vms.extend(vm.filter(|v| !vms.contains(v)));
-            plan.push((t.key, self.dial_endpoint(t, None)?, dest, format));
+            plan.push(PlannedDisk { key: t.key, endpoint: self.dial_endpoint(t, None)?, dest, format });
         }
         if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
             return Err(JobError::BadRequest(format!("destination for disk {extra} has no target")));
         }
-        let disks = plan.iter().map(|(key, _, _, _)| DiskJob::new(*key, CopyMode::Full)).collect();
+        let disks = plan.iter().map(|p| DiskJob::new(p.key, CopyMode::Full)).collect();
         let job = Arc::new(Job {
             id: req.job_id.clone(),
             kind: JobKind::Restore,
@@ -73,14 +82,14 @@ impl Jobs {
             disks,
         });
         let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
-        let paths: Vec<&Path> = plan.iter().map(|(_, _, p, _)| p.as_path()).collect();
+        let paths: Vec<&Path> = plan.iter().map(|p| p.dest.as_path()).collect();
         self.register(Arc::clone(&job), &vms, &paths)?;
         let jobs = Arc::clone(self);
         let run_job = Arc::clone(&job);
         tokio::spawn(async move {
             let mut error = None;
-            for (index, (_, endpoint, dest, format)) in plan.into_iter().enumerate() {
-                if let Err(e) = jobs.restore_one(&run_job, index, endpoint, &dest, format).await {
+            for (index, disk) in plan.into_iter().enumerate() {
+                if let Err(e) = jobs.restore_one(&run_job, index, disk).await {
                     error = Some(e);
                     break;
                 }
@@ -96,14 +105,9 @@ impl Jobs {
         Ok(job)
     }
 
-    async fn restore_one(
-        &self,
-        job: &Job,
-        index: usize,
-        endpoint: Endpoint,
-        dest: &Path,
-        format: DiskFormat,
-    ) -> Result<(), String> {
+    async fn restore_one(&self, job: &Job, index: usize, disk: PlannedDisk) -> Result<(), String> {
+        let PlannedDisk { endpoint, dest, format, .. } = disk;
+        let dest = dest.as_path();
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
         set_disk(dj, "running", None, None);
         let fail = |e: MoveError| {
