@@ -2,26 +2,15 @@
 //! writes (qemu keeps enabled bitmaps up to date and stores them when it closes the image), read
 //! back by `Image::bitmaps` and `Image::bitmap_runs`; a bitmap qemu holds open is `in_use`.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
 
+use std::path::Path;
+use std::process::Stdio;
+
+use common::{run, tool};
 use qcow2::Image;
 
 const MIB: u64 = 1 << 20;
-
-fn tool(name: &str) -> Command {
-    let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()));
-    match found {
-        Some(p) => Command::new(p),
-        None => panic!("{name} is required (qemu-utils); scripts/test.sh installs it"),
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 fn qemu_io(img: &Path, commands: &[&str]) {
     let mut cmd = tool("qemu-io");

@@ -1,20 +1,14 @@
 //! `Image::check` judged against `qemu-img check` on the same files: clean images, a leaked
 //! cluster (exit 3 for qemu-img) and a refcount lower than its references (exit 2).
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
+
+use common::tool;
 
 use qcow2::{CreateOptions, Image, ImageOptions};
-
-fn tool(name: &str) -> Command {
-    let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()));
-    match found {
-        Some(p) => Command::new(p),
-        None => panic!("{name} is required (qemu-utils); scripts/test.sh installs it"),
-    }
-}
 
 fn qemu_check(img: &Path) -> i32 {
     tool("qemu-img").arg("check").arg(img).output().unwrap().status.code().unwrap_or(-1)
