@@ -30,7 +30,9 @@ impl Peers {
         Self { who: who.into(), addresses: addresses.into() }
     }
 
-    /// Whether `peer` may use `export`; the refusal says why and what admits it.
+    /// Whether `peer` may use `export`. The refusal, which goes to the client, names its
+    /// address and the setting that admits it, not the addresses that are admitted (the hub's
+    /// log has those).
     ///
     /// # Errors
     /// `peer` is neither this machine nor one of the addresses.
@@ -40,11 +42,11 @@ impl Peers {
             return Ok(());
         }
         let known: Vec<String> = self.addresses.iter().map(IpAddr::to_string).collect();
+        tracing::warn!(export, %ip, admitted = %known.join(", "), who = %self.who, "NBD client from an address the export does not admit");
         Err(format!(
-            "export '{export}' takes NBD clients from {} ({}) and this machine only, not from {ip}: if the \
-             node connects from that address, add it to its nbd_peers in the hub's config",
-            self.who,
-            if known.is_empty() { "no address".to_string() } else { known.join(", ") },
+            "export '{export}' does not take NBD clients from {ip}: if {} connects from that address, add it \
+             to its nbd_peers in the hub's config",
+            self.who
         ))
     }
 }
@@ -99,8 +101,9 @@ mod tests {
             p.admit(at(ok), "vm-disk0").unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         let e = p.admit(at("10.0.0.9"), "vm-disk0").unwrap_err();
-        assert!(e.contains("10.0.0.9") && e.contains("node n1 (10.0.0.5, fd00::5)") && e.contains("nbd_peers"), "{e}");
-        assert!(Peers::new("no node", []).admit(at("192.168.1.1"), "x").unwrap_err().contains("no address"));
+        assert!(e.contains("from 10.0.0.9") && e.contains("if node n1 connects") && e.contains("nbd_peers"), "{e}");
+        assert!(!e.contains("10.0.0.5"), "the refusal does not tell a stranger which address would be let in: {e}");
+        assert!(Peers::new("no node", []).admit(at("192.168.1.1"), "x").is_err());
     }
 
     #[test]

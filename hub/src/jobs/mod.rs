@@ -273,7 +273,7 @@ impl Hub {
 
     /// The TCP clients a restore admits besides this machine: every node's (any may read it back).
     fn peers_of_every_node(&self) -> Peers {
-        Peers::new("the nodes", self.nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()))
+        Peers::new("a node", self.nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()))
     }
 
     /// Find the node that has `vm` (or use `wanted`).

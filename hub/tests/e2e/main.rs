@@ -564,7 +564,7 @@ async fn an_export_on_the_lan_refuses_clients_that_are_not_its_node_and_says_why
     assert_eq!(view["status"], "failed", "{view}");
     let error = view["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("takes NBD clients from the nodes")
+        error.contains("does not take NBD clients from")
             && error.contains(&lan.to_string())
             && error.contains("nbd_peers"),
         "{view}"
