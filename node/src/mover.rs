@@ -300,6 +300,15 @@ enum Class {
     Clean,
 }
 
+/// Where a copy learns which blocks may differ from its base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changes {
+    /// Every block the source holds is read, and compared with the base where it has hashes.
+    ReadAll,
+    /// The source's dirty bitmap: a block it does not mark is the base's, and is not read.
+    Bitmap,
+}
+
 /// Copy one disk.
 ///
 /// # Errors
@@ -310,6 +319,7 @@ pub async fn copy_disk(
     source: Arc<Source>,
     sink: Arc<Sink>,
     base: Base,
+    changes: Changes,
     options: &CopyOptions,
     progress: Arc<Progress>,
     written: Arc<WrittenSet>,
@@ -328,7 +338,9 @@ pub async fn copy_disk(
         other => other,
     };
     let nblocks = blockmap::block_count(size, block_size);
-    let use_bitmap = source.has_dirty_bitmap() && !matches!(base, Base::Zero);
+    // Decided by the caller (`jobs::copy::choose_base`): never for a full copy, whatever the
+    // target holds, nor for a replica whose last run was cut.
+    let use_bitmap = changes == Changes::Bitmap && source.has_dirty_bitmap();
     let shared = Arc::new(Shared {
         source,
         sink,

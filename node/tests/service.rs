@@ -640,3 +640,76 @@ async fn a_restore_replaces_a_disk_whole_or_not_at_all_and_never_under_a_running
     assert!(!beside.exists());
     export.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_run_cut_by_a_killed_node_is_followed_by_every_block_even_with_a_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("vm.qcow2");
+    make_source(&d.join("src.raw"), 16, 5);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        d.join("src.raw").to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
+    let config = |limit: &str| {
+        format!(
+            "state_dir = \"{}\"\n[copy]\nconnections = 1\n{limit}\n[[vm]]\nname = \"q\"\n[[vm.disk]]\nkey = 2000\n\
+             source = \"{}\"\nformat = \"qcow2\"\ndirty_bitmap = \"b0\"\n",
+            d.join("state").display(),
+            image.display()
+        )
+    };
+    let replica = d.join("replica.qcow2");
+    new_qcow2(&replica, 16 * MIB);
+    let export = HubExport::start(&replica, "q-replica-disk0").await;
+    let replicate = |job: &str, t: BackupType| StartRequest {
+        vm_name: "q".into(),
+        nbd_host: None,
+        nbd_targets: export.target(2000),
+        job_id: job.into(),
+        backup_type: t,
+    };
+    let node = NodeProcess::start(d, &config(""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    client.replicate(&replicate("rep1", BackupType::Full)).await.unwrap();
+    assert_eq!(wait_job(&client, "rep1").await.status, JobStatus::Completed);
+    client.commit("rep1").await.unwrap();
+    drop(node);
+
+    // The guest rewrites 8 MiB; the next run (at 2 MiB/s) is killed half-way, and the hooks
+    // start the bitmap anew, as a snapshot hook does: it no longer knows those 8 MiB.
+    let io = require("qemu-io");
+    run(std::process::Command::new(&io).args(["-f", "qcow2", "-c", "write -P 0x42 4M 8M"]).arg(&image));
+    let node = NodeProcess::start(d, &config("bandwidth_limit = \"2M\""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    client.replicate(&replicate("rep2", BackupType::Incremental)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.job("rep2").await.unwrap().disks[0].bytes_sent == 0 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(node);
+    qemu_img(&["bitmap", "--clear", image.to_str().unwrap(), "b0"]);
+
+    // The run after cannot trust the committed map, nor the bitmap: every block is written.
+    let node = NodeProcess::start(d, &config(""), &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    client.replicate(&replicate("rep3", BackupType::Incremental)).await.unwrap();
+    let view = wait_job(&client, "rep3").await;
+    assert_eq!(view.status, JobStatus::Completed, "{view:?}");
+    assert_eq!(
+        (view.disks[0].mode, view.disks[0].change_source.as_str()),
+        (node::api::CopyMode::Full, "none"),
+        "{view:?}"
+    );
+    assert!(view.disks[0].mode_reason.as_deref().unwrap_or("").contains("did not finish"), "{view:?}");
+    export.close().await;
+    assert_same(&image, &replica);
+}

@@ -139,6 +139,7 @@ impl Jobs {
             Arc::clone(&source),
             Arc::clone(&sink),
             base,
+            mover::Changes::ReadAll,
             opts,
             Arc::clone(&dj.progress),
             Arc::default(),
