@@ -138,11 +138,20 @@ async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
     qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), src.to_str().unwrap()]);
     let full = dir.path().join("full.qcow2");
     new_qcow2(&full, 32 * MIB);
+    // The full copy's change-tracking state is the base the bitmap's clean blocks stand for.
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
     {
         let source = QemuNbd::start(&src, "qcow2", "vm", &["-r"]);
         let hub = HubExport::start(&full, "vm-disk0").await;
-        let (ok, _, err) =
-            node_copy(&["--nbd-targets", &hub.target(2000), "--source", &format!("2000={}", source.url())]);
+        let (ok, _, err) = node_copy(&[
+            "--nbd-targets",
+            &hub.target(2000),
+            "--source",
+            &format!("2000={}", source.url()),
+            "--state-dir",
+            state,
+        ]);
         assert!(ok, "{err}");
         hub.close().await;
     }
@@ -170,6 +179,8 @@ async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
         "2000=since-full",
         "--mode",
         "incremental",
+        "--state-dir",
+        state,
     ]);
     assert!(ok, "{err}");
     hub.close().await;

@@ -437,6 +437,24 @@ async fn disks_resized_between_runs_are_backed_up_and_replicated_at_their_new_si
     }
 }
 
+/// A qcow2 disk with a persistent bitmap, grown between runs: the hub gives it a fresh image of
+/// its new size, and the node copies it whole (the bitmap knows only what changed, and the
+/// committed state is of the old size), equal to the source (before: only the bitmap's blocks,
+/// into an empty image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_qcow2_disk_with_a_bitmap_is_backed_up_whole() {
+    let opts = Options { qcow2_sources: true, ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[8, 6])], 4, opts).await;
+    site.backup("vm", "full").await;
+    let grown = site.source("vm", 0);
+    let out = site::tool("qemu-img").args(["resize", "-q"]).arg(&grown).arg("12M").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    change(&grown, 11 * MIB, 0x66);
+    change(&site.source("vm", 1), MIB, 0x67);
+    let next = site.backup("vm", "incremental").await;
+    site.assert_backup_equals_sources("vm", &next, 2);
+}
+
 /// A disk that is not a whole number of 512-byte sectors: a backup into qcow2 is refused before
 /// anything is made (qemu would not see its tail), with the disk and its size named; a raw
 /// replica takes it whole.

@@ -34,11 +34,14 @@ pub struct BaseChoice {
 /// Decide how a disk is copied: pure, tested on its own.
 ///
 /// - full: the target is a fresh image, so the base is all zeroes;
-/// - incremental with a dirty bitmap: only dirty blocks are read (against the committed map if
-///   any, for the checksum);
+/// - incremental with a committed map of the same geometry and a dirty bitmap: only dirty
+///   blocks are read;
 /// - incremental with a committed map of the same geometry: hashes decide;
 /// - otherwise a full copy that writes every block, zeroes included (the target may be an
-///   overlay or a replica holding other data), with the reason.
+///   overlay or a replica holding other data), with the reason. A bitmap alone is not enough:
+///   without the committed state nothing says the target holds the blocks it leaves out (a
+///   resized disk gets a fresh image from the hub, which a bitmap's clean blocks would have left
+///   empty).
 pub fn choose_base(
     backup_type: BackupType,
     committed: Option<BlockMap>,
@@ -57,16 +60,13 @@ pub fn choose_base(
     }
     let committed = committed.filter(|m| m.disk_size == source_size && m.block_size == block_size);
     match (has_bitmap, committed) {
-        (true, map) => BaseChoice {
-            base: map.map(Base::Map).unwrap_or(Base::Unknown),
-            mode: CopyMode::Incremental,
-            reason: None,
-            change_source: "bitmap",
-        },
+        (true, Some(map)) => {
+            BaseChoice { base: Base::Map(map), mode: CopyMode::Incremental, reason: None, change_source: "bitmap" }
+        }
         (false, Some(map)) => {
             BaseChoice { base: Base::Map(map), mode: CopyMode::Incremental, reason: None, change_source: "hashes" }
         }
-        (false, None) => full(
+        (_, None) => full(
             Base::Unknown,
             Some("no committed change-tracking state for this disk (new disk, resized disk, or first run): full copy"),
         ),
@@ -238,7 +238,12 @@ mod tests {
         assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full && c.reason.is_some());
         let c = choose_base(BackupType::Incremental, Some(map.clone()), 2 << 20, 1 << 18, false);
         assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full, "a resized disk is copied in full");
+        let c = choose_base(BackupType::Incremental, Some(map.clone()), 1 << 20, 1 << 18, true);
+        assert!(matches!(c.base, Base::Map(_)) && c.mode == CopyMode::Incremental && c.change_source == "bitmap");
+        // A bitmap without the committed state, or with the state of another size: every block.
         let c = choose_base(BackupType::Incremental, None, 1 << 20, 1 << 18, true);
-        assert!(matches!(c.base, Base::Unknown) && c.change_source == "bitmap");
+        assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full && c.change_source == "none");
+        let c = choose_base(BackupType::Incremental, Some(map), 2 << 20, 1 << 18, true);
+        assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full, "a resized disk is copied in full: {c:?}");
     }
 }
