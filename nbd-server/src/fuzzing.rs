@@ -77,6 +77,7 @@ pub fn session(data: &[u8]) -> Outcome {
         structured: session.structured,
         mode: session.mode,
         allocation_context: session.allocation_context,
+        bitmap_context: session.bitmap_context,
         max_payload: MAX_PAYLOAD,
         sendfile: false,
     };
@@ -108,6 +109,7 @@ pub fn request_stream(data: &[u8]) -> Outcome {
         structured,
         mode,
         allocation_context: structured.then_some(1),
+        bitmap_context: None,
         max_payload: MAX_PAYLOAD,
         sendfile: false,
     };

@@ -84,6 +84,69 @@ fn block_status_of_a_qcow2_chain_reports_only_allocated_data() {
     );
 }
 
+/// `-B NAME` as qemu-nbd takes it: the image's persistent bitmap as `qemu:dirty-bitmap:NAME`,
+/// which libnbd reads exactly as it reads qemu-nbd's on the same image (and our client too),
+/// while `base:allocation` is still there; and every use it cannot serve is refused in one line.
+#[test]
+fn a_persistent_bitmap_is_offered_as_qemu_nbd_offers_it() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("64M"));
+    run(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&img).arg("b0"));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 1 5M 4k", "-c", "write -P 2 40M 130k"]).arg(&img));
+    let map = |url: &str, context: &str| {
+        let out = run(Command::new("nbdinfo").arg(format!("--map={context}")).arg("--json").arg(url));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let ours = start_sendense_as(&img, "qcow2", "e", &["-r", "-B", "b0", "--shared=4"]);
+    let bitmap = map(&ours.url(), "qemu:dirty-bitmap:b0");
+    let allocation = map(&ours.url(), "base:allocation");
+    let dirty: Vec<(u64, u64)> = bitmap
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == 1)
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, [(5 << 20, 64 << 10), (40 << 20, 192 << 10)], "{bitmap}");
+    assert!(
+        allocation.as_array().unwrap().iter().any(|e| e["type"] == 0),
+        "base:allocation still answers: {allocation}"
+    );
+    let info = run(Command::new("nbdinfo").args(["--list", "--content"]).arg(ours.url().rsplit_once('/').unwrap().0));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("qemu:dirty-bitmap:b0"), "listed");
+    drop(ours);
+
+    require("qemu-nbd");
+    let port = free_port();
+    let mut child = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", "b0", "-x", "e", "-b", "127.0.0.1", "-p", &port.to_string(), "-t"])
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    let theirs = Peer { child: Reaped(child), port, name: "e".into() };
+    assert_eq!(map(&theirs.url(), "qemu:dirty-bitmap:b0"), bitmap, "the same map as qemu-nbd's");
+    drop(theirs);
+
+    for (extra, why) in
+        [(&["-B", "b0"][..], "export the image read-only"), (&["-r", "-B", "nope"][..], "no bitmap named nope")]
+    {
+        let out = Command::new(sendense_nbd())
+            .args(["-f", "qcow2", "-x", "e", "-p", "1"])
+            .args(extra)
+            .arg(&img)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why) && err.lines().count() == 1, "{extra:?}: {err}");
+    }
+    let raw = sparse_file(dir.path(), "d.raw", 1 << 20);
+    let out = Command::new(sendense_nbd()).args(["-r", "-B", "b0", "-x", "e", "-p", "1"]).arg(&raw).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("a raw image has no bitmaps"));
+}
+
 #[test]
 fn a_file_that_is_not_qcow2_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();

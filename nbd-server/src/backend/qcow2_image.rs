@@ -82,6 +82,31 @@ fn convert(e: qcow2::Error) -> BackendError {
 }
 
 impl Qcow2Backend {
+    /// The image's persistent bitmap `name`, if it can be trusted: one this server would keep
+    /// writing into is not (the `qcow2` crate does not maintain bitmaps; a writable open
+    /// invalidates them, as the format asks), nor one in use or invalidated.
+    ///
+    /// # Errors
+    /// No such bitmap, or one that cannot be trusted, named in the message.
+    pub fn trusted_bitmap(&self, name: &str) -> BackendResult<qcow2::Bitmap> {
+        let refuse = |why: String| BackendError::new(BackendErrorKind::InvalidInput, why);
+        if self.image.is_writable() {
+            return Err(refuse(format!(
+                "bitmap {name}: a writable export does not keep bitmaps (export it read-only)"
+            )));
+        }
+        let bitmaps = self.image.bitmaps().map_err(convert)?;
+        let Some(bitmap) = bitmaps.into_iter().find(|b| b.name == name) else {
+            return Err(refuse(format!("the image has no bitmap named {name}")));
+        };
+        if !bitmap.consistent() {
+            return Err(refuse(format!(
+                "bitmap {name} is in use or was invalidated (qemu has the image open for writing, or did not close it)"
+            )));
+        }
+        Ok(bitmap)
+    }
+
     /// Open the image at `path` and its backing chain.
     ///
     /// # Errors
@@ -324,6 +349,13 @@ impl Backend for Qcow2Backend {
                 },
             })
             .collect())
+    }
+
+    async fn bitmap_status(&self, name: &str, offset: u64, length: u64) -> BackendResult<Vec<Extent>> {
+        let length = length.min(MAX_STATUS_SPAN).min(self.image.size().saturating_sub(offset));
+        let bitmap = self.trusted_bitmap(name)?;
+        let runs = self.image.bitmap_runs(&bitmap, offset, length).map_err(convert)?;
+        Ok(runs.into_iter().map(|(length, dirty)| Extent { length, flags: u32::from(dirty) }).collect())
     }
 
     fn file_range(&self, offset: u64, length: u64) -> Option<Vec<FileExtent>> {

@@ -102,6 +102,10 @@ impl<B: Backend> Backend for Tuned<B> {
         self.inner.block_status(offset, length).await
     }
 
+    async fn bitmap_status(&self, name: &str, offset: u64, length: u64) -> BackendResult<Vec<Extent>> {
+        self.inner.bitmap_status(name, offset, length).await
+    }
+
     async fn cache(&self, offset: u64, length: u64) -> BackendResult<()> {
         self.inner.cache(offset, length).await
     }

@@ -32,6 +32,11 @@ struct Args {
     /// Export name clients ask for.
     #[arg(short = 'x', long = "export-name", default_value = "")]
     export_name: String,
+    /// Offer the qcow2 image's persistent dirty bitmap NAME as the `qemu:dirty-bitmap:NAME`
+    /// metadata context (qemu-nbd's -B); needs -f qcow2 and -r (a writable export keeps no
+    /// bitmap), and a bitmap qemu does not have open for writing.
+    #[arg(short = 'B', long = "bitmap")]
+    bitmap: Option<String>,
     /// Export description shown by nbdinfo.
     #[arg(short = 'D', long = "description", default_value = "")]
     description: String,
@@ -124,6 +129,9 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     let tuning = tuning(args)?;
     match args.format {
         Format::Raw => {
+            if let Some(name) = &args.bitmap {
+                bail!("-B {name}: a raw image has no bitmaps (-f qcow2)");
+            }
             let mut b = if args.cache == CacheMode::None {
                 FileBackend::open_direct(path, args.read_only)
             } else {
@@ -139,6 +147,14 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
             let options = ImageOptions::default().writable(!args.read_only).direct_io(args.cache == CacheMode::None);
             let mut b = Qcow2Backend::open_with(path, &options)
                 .with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
+            if let Some(name) = &args.bitmap {
+                if !args.read_only {
+                    bail!(
+                        "-B {name}: sendense-nbd keeps no bitmap up to date on writes; export the image read-only (-r)"
+                    );
+                }
+                b.trusted_bitmap(name).map_err(|e| anyhow::anyhow!("-B {name}: {e}"))?;
+            }
             if args.aio == AioMode::IoUring {
                 b = b.with_io_uring().context("--aio=io_uring")?;
             }
@@ -190,7 +206,8 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
         ExportConfig::new(name.clone(), backend)
             .description(args.description.clone())
             .read_only(args.read_only)
-            .max_connections(args.shared),
+            .max_connections(args.shared)
+            .bitmap(args.bitmap.clone()),
     )?;
 
     let serving = match &args.socket {

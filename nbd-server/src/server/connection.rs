@@ -180,6 +180,7 @@ where
         structured: session.structured,
         mode: session.mode,
         allocation_context: session.allocation_context,
+        bitmap_context: session.bitmap_context,
         max_payload: u64::from(config.max_payload),
         sendfile: writer.tcp().is_some(),
     };

@@ -25,6 +25,7 @@ pub(crate) struct Limits {
     pub structured: bool,
     pub mode: HeaderMode,
     pub allocation_context: Option<u32>,
+    pub bitmap_context: Option<u32>,
     pub max_payload: u64,
     /// The connection can send file data straight from the file (`sendfile`, TCP).
     pub sendfile: bool,
@@ -119,7 +120,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
             }
         }
         Command::BlockStatus => {
-            if l.allocation_context.is_none() {
+            if l.allocation_context.is_none() && l.bitmap_context.is_none() {
                 return Err(refuse(errno::EINVAL, "no metadata context was selected for this export"));
             }
             if req.length == 0 {
@@ -481,23 +482,39 @@ pub(crate) fn shape_extents(raw: &[Extent], length: u64, req_one: bool, mode: He
     out
 }
 
+/// One block status chunk per selected context, the last marked done: `base:allocation` (where
+/// the backend cannot tell, "data" is always true), then the dirty bitmap, whose bits cannot be
+/// guessed: if the backend fails it, the request fails.
 async fn block_status(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply {
-    let raw = if export.backend.capabilities().block_status {
-        match export.backend.block_status(req.offset, req.length).await {
-            Ok(e) => e,
-            Err(e) => {
-                // Allowed by the spec: status 0 ("allocated, contents unknown") is always true.
-                tracing::debug!(export = %export.name, error = %e, "block status unavailable; reporting data");
-                Vec::new()
+    let one = req.flags & cmd_flags::REQ_ONE != 0;
+    let mut chunks: Vec<(u32, Vec<Extent>)> = Vec::new();
+    if let Some(id) = l.allocation_context {
+        let raw = if export.backend.capabilities().block_status {
+            match export.backend.block_status(req.offset, req.length).await {
+                Ok(e) => e,
+                Err(e) => {
+                    // Allowed by the spec: status 0 ("allocated, contents unknown") is always true.
+                    tracing::debug!(export = %export.name, error = %e, "block status unavailable; reporting data");
+                    Vec::new()
+                }
             }
+        } else {
+            Vec::new()
+        };
+        chunks.push((id, shape_extents(&raw, req.length, one, l.mode)));
+    }
+    if let (Some(id), Some(name)) = (l.bitmap_context, &export.bitmap) {
+        match export.backend.bitmap_status(name, req.offset, req.length).await {
+            Ok(raw) if !raw.is_empty() => chunks.push((id, shape_extents(&raw, req.length, one, l.mode))),
+            Ok(_) => return error_reply(req, l, errno::EIO, &format!("bitmap {name}: no status for this range")),
+            Err(e) => return error_reply(req, l, errno::EIO, &format!("bitmap {name}: {e}")),
         }
-    } else {
-        Vec::new()
-    };
-    let extents = shape_extents(&raw, req.length, req.flags & cmd_flags::REQ_ONE != 0, l.mode);
-    let id = l.allocation_context.unwrap_or_default();
+    }
     let mut reply = Reply::default();
-    reply.head(|o| tx::encode_block_status(o, l.mode, true, req.cookie, req.offset, id, &extents));
+    let last = chunks.len().saturating_sub(1);
+    for (i, (id, extents)) in chunks.iter().enumerate() {
+        reply.head(|o| tx::encode_block_status(o, l.mode, i == last, req.cookie, req.offset, *id, extents));
+    }
     reply
 }
 
@@ -545,6 +562,7 @@ mod tests {
             structured: true,
             mode: HeaderMode::Compact,
             allocation_context: Some(1),
+            bitmap_context: None,
             max_payload: 1 << 25,
             sendfile: false,
         }
@@ -575,7 +593,7 @@ mod tests {
         let ro = Limits { flags: l.flags | tf::READ_ONLY, ..l };
         assert_eq!(err(req(Command::Write, 0, 1, 0), &ro), errno::EPERM);
         assert_eq!(err(req(Command::Trim, 0, 1, 0), &ro), errno::EPERM);
-        let no_ctx = Limits { allocation_context: None, ..l };
+        let no_ctx = Limits { allocation_context: None, bitmap_context: None, ..l };
         assert_eq!(err(req(Command::BlockStatus, 0, 1, 0), &no_ctx), errno::EINVAL);
         assert!(validate(&req(Command::Write, 0, 1, cmd_flags::FUA), &l).is_ok());
         assert!(validate(&req(Command::Flush, 0, 0, cmd_flags::FUA), &l).is_ok());

@@ -29,6 +29,9 @@ pub struct ExportConfig {
     pub read_only: bool,
     /// Connections allowed at once (qemu-nbd's `--shared`); more get a clear option error.
     pub max_connections: usize,
+    /// A dirty bitmap of the backend offered as the `qemu:dirty-bitmap:NAME` metadata context
+    /// (qemu-nbd's `-B NAME`); the backend answers for it ([`Backend::bitmap_status`]).
+    pub bitmap: Option<String>,
 }
 
 impl std::fmt::Debug for ExportConfig {
@@ -46,12 +49,25 @@ impl ExportConfig {
     /// An export of `backend` named `name`, writable if the backend is, one connection at a
     /// time (qemu-nbd's default).
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
-        Self { name: name.into(), description: String::new(), backend, read_only: false, max_connections: 1 }
+        Self {
+            name: name.into(),
+            description: String::new(),
+            backend,
+            read_only: false,
+            max_connections: 1,
+            bitmap: None,
+        }
     }
 
     /// Set the description.
     pub fn description(mut self, text: impl Into<String>) -> Self {
         self.description = text.into();
+        self
+    }
+
+    /// Offer the backend's dirty bitmap `name` as `qemu:dirty-bitmap:NAME`.
+    pub fn bitmap(mut self, name: Option<String>) -> Self {
+        self.bitmap = name;
         self
     }
 
@@ -127,6 +143,8 @@ pub(crate) struct Export {
     pub backend: Arc<dyn Backend>,
     pub read_only: bool,
     pub max_connections: usize,
+    /// The dirty bitmap offered as a metadata context, by name.
+    pub bitmap: Option<String>,
     pub counters: Counters,
     /// Clients attached (what `max_connections` limits): released as soon as a client is gone.
     active: AtomicUsize,
@@ -150,6 +168,7 @@ impl Export {
             backend: config.backend,
             read_only,
             max_connections: config.max_connections.max(1),
+            bitmap: config.bitmap,
             counters: Counters::default(),
             active: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),

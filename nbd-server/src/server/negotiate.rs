@@ -30,6 +30,8 @@ pub enum Scope {
 
 /// Context id we give `base:allocation`.
 pub(crate) const ALLOCATION_CONTEXT_ID: u32 = 1;
+/// Context id we give an export's `qemu:dirty-bitmap:NAME`.
+pub(crate) const BITMAP_CONTEXT_ID: u32 = 2;
 
 /// What the connection does after an option.
 pub(crate) enum Step {
@@ -49,7 +51,15 @@ pub(crate) struct Session {
     pub mode: HeaderMode,
     pub structured: bool,
     pub allocation_context: Option<u32>,
+    pub bitmap_context: Option<u32>,
     pub flags: u16,
+}
+
+/// The metadata contexts a client selected (`NBD_OPT_SET_META_CONTEXT`), for one export.
+struct Selected {
+    export: String,
+    allocation: bool,
+    bitmap: bool,
 }
 
 impl Session {
@@ -74,8 +84,8 @@ pub(crate) struct Negotiator<'a> {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
-    /// Export (canonical name) for which `base:allocation` was last selected.
-    meta: Option<String>,
+    /// The contexts last selected, and for which export (canonical name).
+    meta: Option<Selected>,
 }
 
 impl<'a> Negotiator<'a> {
@@ -211,14 +221,14 @@ impl<'a> Negotiator<'a> {
     }
 
     fn session(&self, slot: ConnectionSlot, flags: u16) -> Session {
-        let allocation_context = match &self.meta {
-            Some(name) if self.structured && *name == slot.export.name => Some(ALLOCATION_CONTEXT_ID),
-            _ => None,
-        };
+        let selected = self.meta.as_ref().filter(|m| self.structured && m.export == slot.export.name);
+        let allocation_context = selected.filter(|m| m.allocation).map(|_| ALLOCATION_CONTEXT_ID);
+        let bitmap_context = selected.filter(|m| m.bitmap).map(|_| BITMAP_CONTEXT_ID);
         Session {
             mode: if self.extended { HeaderMode::Extended } else { HeaderMode::Compact },
             structured: self.structured,
             allocation_context,
+            bitmap_context,
             flags,
             slot,
         }
@@ -293,20 +303,29 @@ impl<'a> Negotiator<'a> {
             self.unknown_export(out, option, req.export);
             return Step::Continue;
         };
-        let matches = |q: &str| {
-            if setting {
-                q == BASE_ALLOCATION
-            } else {
-                q == BASE_ALLOCATION || q == "base:"
+        // What the export offers: `base:allocation`, and its dirty bitmap if it has one.
+        let bitmap = export.bitmap.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut offered = vec![(ALLOCATION_CONTEXT_ID, BASE_ALLOCATION)];
+        offered.extend(bitmap.as_deref().map(|b| (BITMAP_CONTEXT_ID, b)));
+        // A query names a context, or (listing only) a whole namespace such as "base:" or
+        // "qemu:"; listing with no query lists everything, setting with none selects nothing.
+        let wanted = |name: &str| {
+            if req.queries.is_empty() {
+                return !setting;
             }
+            req.queries.iter().any(|q| *q == name || (!setting && q.ends_with(':') && name.starts_with(*q)))
         };
-        let selected = if req.queries.is_empty() { !setting } else { req.queries.iter().any(|q| matches(q)) };
-        if selected {
-            let id = if setting { ALLOCATION_CONTEXT_ID } else { 0 };
-            encode_option_reply(out, option, rep::META_CONTEXT, &hs::meta_context_reply(id, BASE_ALLOCATION));
-            if setting {
-                self.meta = Some(export.name.clone());
-            }
+        let chosen: Vec<(u32, &str)> = offered.into_iter().filter(|(_, name)| wanted(name)).collect();
+        for (id, name) in &chosen {
+            let id = if setting { *id } else { 0 };
+            encode_option_reply(out, option, rep::META_CONTEXT, &hs::meta_context_reply(id, name));
+        }
+        if setting {
+            self.meta = Some(Selected {
+                export: export.name.clone(),
+                allocation: chosen.iter().any(|(id, _)| *id == ALLOCATION_CONTEXT_ID),
+                bitmap: chosen.iter().any(|(id, _)| *id == BITMAP_CONTEXT_ID),
+            });
         }
         encode_option_reply(out, option, rep::ACK, &[]);
         Step::Continue
@@ -423,6 +442,69 @@ mod tests {
         };
         assert_eq!(s.allocation_context, Some(ALLOCATION_CONTEXT_ID));
         assert_eq!(s.mode, HeaderMode::Extended);
+    }
+
+    #[test]
+    fn an_exports_bitmap_is_listed_and_selected_beside_base_allocation() {
+        let reg = Registry::default();
+        let cfg = ExportConfig::new("disk0", Arc::new(MemoryBackend::new(1 << 20)))
+            .bitmap(Some("b0".into()))
+            .max_connections(4);
+        assert!(reg.insert(Arc::new(Export::new(cfg, CancellationToken::new(), CancellationToken::new()))).is_ok());
+        let scope = Scope::All;
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
+        n.handle(opt::STRUCTURED_REPLY, &[], &mut Vec::new());
+        let listed = |n: &mut Negotiator, queries: &[&str]| {
+            let mut out = Vec::new();
+            n.handle(opt::LIST_META_CONTEXT, &hs::encode_meta_context_request("disk0", queries), &mut out);
+            let r = replies(&out);
+            r.iter()
+                .filter(|(h, _)| h.reply == rep::META_CONTEXT)
+                .map(|(_, d)| String::from_utf8_lossy(&d[4..]).into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(listed(&mut n, &[]), [BASE_ALLOCATION, "qemu:dirty-bitmap:b0"]);
+        assert_eq!(listed(&mut n, &["qemu:"]), ["qemu:dirty-bitmap:b0"]);
+        assert_eq!(listed(&mut n, &["qemu:dirty-bitmap:b1"]), Vec::<String>::new());
+        // Selecting the bitmap alone: its id, and no base:allocation.
+        let mut out = Vec::new();
+        n.handle(
+            opt::SET_META_CONTEXT,
+            &hs::encode_meta_context_request("disk0", &["qemu:dirty-bitmap:b0", "qemu:"]),
+            &mut out,
+        );
+        let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
+            panic!()
+        };
+        assert_eq!(
+            (s.allocation_context, s.bitmap_context),
+            (None, Some(BITMAP_CONTEXT_ID)),
+            "a namespace selects nothing"
+        );
+        // Both, and an export without a bitmap selects only what it has.
+        let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
+        n.handle(opt::STRUCTURED_REPLY, &[], &mut Vec::new());
+        n.handle(
+            opt::SET_META_CONTEXT,
+            &hs::encode_meta_context_request("disk0", &[BASE_ALLOCATION, "qemu:dirty-bitmap:b0"]),
+            &mut Vec::new(),
+        );
+        let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
+            panic!()
+        };
+        assert_eq!((s.allocation_context, s.bitmap_context), (Some(ALLOCATION_CONTEXT_ID), Some(BITMAP_CONTEXT_ID)));
+        let plain = registry(4);
+        let mut n = Negotiator::new(&plain, &scope, SIZES, 1);
+        n.handle(opt::STRUCTURED_REPLY, &[], &mut Vec::new());
+        n.handle(
+            opt::SET_META_CONTEXT,
+            &hs::encode_meta_context_request("disk0", &["qemu:dirty-bitmap:b0"]),
+            &mut Vec::new(),
+        );
+        let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
+            panic!()
+        };
+        assert_eq!((s.allocation_context, s.bitmap_context), (None, None));
     }
 
     #[test]
