@@ -69,6 +69,9 @@ pub struct Qcow2Backend {
     write_gate: super::gate::WriteGate,
     /// The ring of `--aio=io_uring` (`uring.rs`), shared by clones.
     uring: Option<Arc<Uring>>,
+    /// The bitmap block status last asked for, found once (a read-only image's bitmaps do not
+    /// change under it): its directory is not read again for every request.
+    bitmap: Arc<std::sync::Mutex<Option<qcow2::Bitmap>>>,
 }
 
 fn convert(e: qcow2::Error) -> BackendError {
@@ -127,7 +130,7 @@ impl Qcow2Backend {
 
     /// Serve an already open image.
     pub fn from_image(image: Arc<Image>) -> Self {
-        Self { image, write_gate: Default::default(), uring: None }
+        Self { image, write_gate: Default::default(), uring: None, bitmap: Arc::default() }
     }
 
     /// Send the data of writes, and the reads the page cache cannot serve, through one io_uring
@@ -353,7 +356,13 @@ impl Backend for Qcow2Backend {
 
     async fn bitmap_status(&self, name: &str, offset: u64, length: u64) -> BackendResult<Vec<Extent>> {
         let length = length.min(MAX_STATUS_SPAN).min(self.image.size().saturating_sub(offset));
-        let bitmap = self.trusted_bitmap(name)?;
+        let bitmap = {
+            let mut found = self.bitmap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &*found {
+                Some(b) if b.name == name => b.clone(),
+                _ => found.insert(self.trusted_bitmap(name)?).clone(),
+            }
+        };
         let runs = self.image.bitmap_runs(&bitmap, offset, length).map_err(convert)?;
         Ok(runs.into_iter().map(|(length, dirty)| Extent { length, flags: u32::from(dirty) }).collect())
     }
