@@ -133,9 +133,8 @@ async fn an_incremental_sends_about_the_changed_blocks_into_an_overlay() {
 async fn an_incremental_from_a_qemu_dirty_bitmap_reads_only_dirty_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("seed.raw");
-    make_source(&raw, 32, 11);
     let src = dir.path().join("vm.qcow2");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), src.to_str().unwrap()]);
+    make_qcow2_source(&raw, &src, 32, 11, &[]);
     let full = dir.path().join("full.qcow2");
     new_qcow2(&full, 32 * MIB);
     // The full copy's change-tracking state is the base the bitmap's clean blocks stand for.
@@ -220,21 +219,9 @@ fn copy_into_qemu_nbd(target: &std::path::Path, format: &str, source: &str) -> (
 async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("disk.raw");
-    let data = make_source(&raw, 24, 21);
     // 4 KiB clusters: the image's runs do not line up with the mover's 64 KiB blocks.
     let image = dir.path().join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        raw.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    let data = make_qcow2_source(&raw, &image, 24, 21, &["-o", "cluster_size=4096"]);
 
     let target = dir.path().join("t.qcow2");
     new_qcow2(&target, 24 * MIB);
@@ -261,9 +248,8 @@ async fn a_source_given_as_qcow2_is_copied_as_its_disk_and_as_raw_as_its_bytes()
 async fn a_source_a_running_qemu_writes_is_refused_unless_force_share() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("disk.raw");
-    make_source(&raw, 8, 31);
     let image = dir.path().join("disk.qcow2");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    make_qcow2_source(&raw, &image, 8, 31, &[]);
     let copy = |source: String, extra: &'static [&'static str]| {
         let target = dir.path().join("t.qcow2");
         new_qcow2(&target, 8 * MIB);
@@ -300,9 +286,8 @@ async fn a_source_a_running_qemu_writes_is_refused_unless_force_share() {
 async fn an_incremental_of_a_qcow2_source_reads_only_what_its_persistent_bitmap_marks() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("disk.raw");
-    make_source(&raw, 48, 41);
     let image = dir.path().join("disk.qcow2");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    make_qcow2_source(&raw, &image, 48, 41, &[]);
     qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
     let state = dir.path().join("state");
     let source = format!("2000=qcow2:{}", image.display());

@@ -32,9 +32,8 @@ fn start(vm: &str, targets: String, job: &str, t: BackupType) -> StartRequest {
 /// A backup of `mib` MiB as the hub serves it to a restore: `backup.raw`, made into
 /// `backup.qcow2`, exported as "backup".
 async fn backup_export(d: &std::path::Path, mib: u64) -> HubExport {
-    make_source(&d.join("backup.raw"), mib, 9);
-    let (raw, image) = (d.join("backup.raw"), d.join("backup.qcow2"));
-    qemu_img(&["convert", "-q", "-O", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    let image = d.join("backup.qcow2");
+    make_qcow2_source(&d.join("backup.raw"), &image, mib, 9, &[]);
     HubExport::start(&image, "backup").await
 }
 
@@ -447,19 +446,8 @@ async fn a_qcow2_disk_is_backed_up_as_the_disk_it_holds_and_an_unstated_image_is
     let d = dir.path();
     // A VM disk as libvirt leaves it after an external snapshot: a compressed base, and the
     // overlay the VM wrote (data, and a range zeroed) on top of it, the backing format recorded.
-    make_source(&d.join("src.raw"), 48, 11);
     let (base, disk) = (d.join("base.qcow2"), d.join("vm.qcow2"));
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        d.join("src.raw").to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    make_qcow2_source(&d.join("src.raw"), &base, 48, 11, &["-c"]);
     new_overlay(&disk, &base);
     qemu_io(&disk, &["write -P 0x5a 8M 1M", "write -z 20M 1M"]);
     let loose = d.join("loose.qcow2");
@@ -646,17 +634,7 @@ async fn a_replica_run_cut_by_a_killed_node_is_followed_by_every_block_even_with
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let image = d.join("vm.qcow2");
-    make_source(&d.join("src.raw"), 16, 5);
-    qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        d.join("src.raw").to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    make_qcow2_source(&d.join("src.raw"), &image, 16, 5, &[]);
     qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
     let config = |limit: &str| {
         format!(

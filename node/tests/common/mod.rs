@@ -118,6 +118,17 @@ pub fn top_layer_data(img: &Path) -> u64 {
         .sum()
 }
 
+/// A source disk of `mib` MiB at `raw` ([`make_source`]), made by qemu-img into the qcow2 image
+/// `image` with `options` (`-c`, `-o cluster_size=4096`...). Returns the bytes of data.
+pub fn make_qcow2_source(raw: &Path, image: &Path, mib: u64, seed: u64, options: &[&str]) -> u64 {
+    let data = make_source(raw, mib, seed);
+    let mut args = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend([raw.to_str().unwrap(), image.to_str().unwrap()]);
+    qemu_img(&args);
+    data
+}
+
 pub fn new_qcow2(path: &Path, size: u64) {
     qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), &size.to_string()]);
 }
