@@ -3,8 +3,10 @@
 //! real libraries over real sockets: a sample VM of two disks with random data, zero runs and
 //! holes; a full backup, a few blocks changed, an incremental, a replica, a restore of the
 //! incremental to new files through the tunnel, and a bit-for-bit check of everything against
-//! the source. Progress is a line per disk while a job runs; the end is a summary table and
-//! where the images are. It fails (exit 1) if any check fails.
+//! the source; then the full backup merged into the incremental (retention dropping the oldest
+//! point in time), which must verify again and stand alone. Progress is a line per disk while a
+//! job runs; the end is a summary table and where the images are. It fails (exit 1) if any check
+//! fails.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -359,6 +361,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         );
     }
 
+    println!("\n7. retention: the full backup dropped by merging the incremental into it");
+    let started = Instant::now();
+    let (status, v) = api.call(reqwest::Method::DELETE, &format!("/api/v1/backups/{full_id}?merge=true"), None).await?;
+    ensure!(status == 200, "merge: {status} {v}");
+    let (_, merged) = api.call(reqwest::Method::GET, &format!("/api/v1/backups/{incr_id}"), None).await?;
+    let (_, v) = api.call(reqwest::Method::POST, &format!("/api/v1/backups/{incr_id}/verify"), None).await?;
+    let stands_alone = (0..2).all(|i| {
+        let image = dir.join("hub/repo/demo").join(&incr_id).join(format!("disk-{}.qcow2", 2000 + i));
+        qcow2::Image::open(&image).is_ok_and(|img| img.header().backing_file.is_none())
+    });
+    let merge_ok = v["ok"] == true && merged["parent_id"].is_null() && stands_alone;
+    ok &= merge_ok;
+    println!(
+        "  backup {incr_id}: {} in {:.2}s",
+        if merge_ok { "a full backup of its own now, verify ok" } else { "MERGE FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+
     println!("\n{:<14} {:>12} {:>12} {:>9} {:>12}", "run", "disk bytes", "sent", "time", "throughput");
     for (label, total, sent, secs) in &rows {
         println!(
@@ -375,7 +395,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         dir.join("hub/repo/demo").display(),
         dir.join("hub/replicas/demo").display()
     );
-    println!("look at the chain: qemu-img info --backing-chain {}", incr_dir.join("disk-2000.qcow2").display());
+    println!("look at an image: qemu-img info --backing-chain {}", incr_dir.join("disk-2000.qcow2").display());
     ensure!(ok, "a check failed");
     println!("every check passed");
     Ok(())

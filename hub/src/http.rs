@@ -95,8 +95,19 @@ pub struct ListQuery {
     pub tag: Option<String>,
 }
 
-fn query(q: Result<Query<ListQuery>, QueryRejection>) -> Result<ListQuery, HubError> {
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, HubError> {
     q.map(|Query(v)| v).map_err(|e| HubError::BadRequest(format!("bad query: {}", e.body_text())))
+}
+
+/// `DELETE /api/v1/backups/{id}?merge=true`: an incremental on top of the backup is merged into
+/// it first, instead of the delete being refused (`jobs/merge.rs`). Any other parameter is
+/// refused (400).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Merge the incremental on top, if any.
+    #[serde(default)]
+    pub merge: bool,
 }
 
 fn job_json(kind: Kind, v: &JobView) -> Value {
@@ -188,8 +199,19 @@ async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Resu
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 
-async fn delete_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
-    let v = to_completion(async move { hub.delete(Kind::Backup, &id).await }).await?;
+async fn delete_backup(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    q: Result<Query<DeleteQuery>, QueryRejection>,
+) -> Result<Json<Value>, HubError> {
+    let merge = query(q)?.merge;
+    let v = to_completion(async move {
+        match merge {
+            true => hub.delete_merging(&id).await,
+            false => hub.delete(Kind::Backup, &id).await,
+        }
+    })
+    .await?;
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 

@@ -41,6 +41,17 @@ fn with_filters(mut o: Value) -> Value {
     o
 }
 
+/// `op` with the delete's `merge` query parameter.
+fn with_merge(mut o: Value) -> Value {
+    if let Value::Object(m) = &mut o {
+        m.insert(
+            "parameters".into(),
+            json!([{"name": "merge", "in": "query", "required": false, "schema": {"type": "boolean"}}]),
+        );
+    }
+    o
+}
+
 /// The document.
 pub fn document() -> Value {
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -100,7 +111,12 @@ pub fn document() -> Value {
             "/api/v1/backups/{id}": {
                 "parameters": id,
                 "get": op("one backup with per-disk progress", "200", "Backup", None),
-                "delete": op("cancel a running backup or delete a finished one", "200", "Backup", None)
+                "delete": with_merge(op(
+                    "cancel a running backup or delete a finished one (?merge=true: one an incremental builds on, by merging that incremental into it)",
+                    "200",
+                    "Backup",
+                    None
+                ))
             },
             "/api/v1/backups/{id}/verify": {"parameters": id, "post": op("check images and checksums", "200", "Verify", None)},
             "/api/v1/restores": {

@@ -59,6 +59,11 @@ pub struct Manifest {
     /// The operator's labels, as the backup was asked for with them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Set while this backup is merged into this incremental on top of it (`DELETE
+    /// ...?merge=true`, `jobs/merge.rs`): from then on no point in time of its own, not listed;
+    /// a hub that stops before the merge is done finishes it when it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merging_into: Option<String>,
 }
 
 /// Paths of the repository.
@@ -229,6 +234,7 @@ mod tests {
             }],
             note: None,
             tags: vec![],
+            merging_into: None,
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         let (path, data) = repo.manifest_file(&m).unwrap();

@@ -25,7 +25,8 @@
 //! [`Image::close`]: allocation with copy-on-write from the backing chain, zero clusters, freeing
 //! discards, refcount block and table growth. See `write.rs` and `refcount.rs` for the
 //! concurrency and crash-safety rules. [`Image::plan_write`] and [`WritePlan::commit`] split a
-//! write around its data for callers with their own I/O engine (io_uring; `plan.rs`).
+//! write around its data for callers with their own I/O engine (io_uring; `plan.rs`). [`commit`]
+//! folds an overlay into its backing file, as `qemu-img commit` does.
 //!
 //! ## Limitations
 //! Encrypted images and external data files are refused. Images with internal snapshots or the
@@ -36,6 +37,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 mod bitmaps;
+mod commit;
 pub mod compress;
 mod create;
 pub mod error;
@@ -49,6 +51,7 @@ mod repair;
 mod write;
 
 pub use bitmaps::Bitmap;
+pub use commit::{commit, CommitReport};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};

@@ -208,6 +208,7 @@ impl Hub {
                         .collect(),
                     note: job.note.clone(),
                     tags: job.tags.clone(),
+                    merging_into: None,
                 };
                 let (path, data) =
                     self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;

@@ -34,6 +34,7 @@ use crate::verify::{forget_cached_chain, verify_disk, DiskVerdict};
 
 mod files;
 mod follow;
+mod merge;
 mod restores;
 mod view;
 
@@ -160,6 +161,9 @@ struct State {
     /// protects the parent in turn), a restore opens its images before it is listed, a verify
     /// reads them.
     pins: HashMap<String, (String, String)>,
+    /// Merges of a backup into its incremental (`merge.rs`), by VM: running, or failed and
+    /// waiting for a retry. Other deletes of the VM's backups wait for them.
+    merges: HashMap<String, merge::Merge>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -243,7 +247,9 @@ impl Hub {
             nodes.push((n.clone(), client));
         }
         let (manifests, orphans) = repo.scan();
+        let (manifests, unmerged) = merge::finish_interrupted(&repo, manifests);
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
+        let merges = unmerged.into_iter().map(|m| (m.from.vm_name.clone(), m)).collect();
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
         let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring)?;
         Ok(Arc::new(Self {
@@ -252,7 +258,7 @@ impl Hub {
             ports,
             exports,
             nodes,
-            state: Mutex::new(State { catalog, orphans, ..State::default() }),
+            state: Mutex::new(State { catalog, orphans, merges, ..State::default() }),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -401,8 +407,10 @@ impl Hub {
             Kind::Backup => {
                 let mut st = self.state();
                 // A node's backups chain only on its own: another node may have a VM of this name.
+                // A backup being merged away still lies in its chain until the merge is done.
+                let merging = st.merges.values().map(|m| &m.from);
                 let history: Vec<&Manifest> =
-                    st.catalog.values().filter(|m| m.vm_name == vm && m.node == node_name).collect();
+                    st.catalog.values().chain(merging).filter(|m| m.vm_name == vm && m.node == node_name).collect();
                 let (t, p, n) = choose_parent(requested, &history, self.node_committed(vm, node_name).as_deref());
                 let p = p.cloned();
                 if let Some(p) = &p {
@@ -630,7 +638,13 @@ impl Hub {
             .cloned()
             .ok_or_else(|| HubError::NotFound(format!("unknown {} {id}", kind_name(kind))))?;
         if let Some(child) = st.catalog.values().find(|c| c.parent_id.as_deref() == Some(id)) {
-            return Err(HubError::Conflict(format!("backup {} is an incremental on top of {id}", child.backup_id)));
+            return Err(HubError::Conflict(format!(
+                "backup {} is an incremental on top of {id} (DELETE ?merge=true merges it into {id} and deletes {id})",
+                child.backup_id
+            )));
+        }
+        if let Some(m) = st.merges.get(&m.vm_name) {
+            return Err(HubError::Conflict(m.blocks()));
         }
         if let Some((_, why)) = st.pins.values().find(|(backup, _)| backup == id) {
             return Err(HubError::Conflict(format!("backup {id} is in use: {why}")));
@@ -719,7 +733,7 @@ enum Forgotten {
 mod tests {
     use super::*;
 
-    fn manifest(id: &str, created: &str) -> Manifest {
+    pub(super) fn manifest(id: &str, created: &str) -> Manifest {
         Manifest {
             backup_id: id.into(),
             vm_name: "vm".into(),
@@ -732,6 +746,7 @@ mod tests {
             disks: vec![],
             note: None,
             tags: vec![],
+            merging_into: None,
         }
     }
 
@@ -781,7 +796,7 @@ mod tests {
     }
 
     /// A hub without nodes over a new repository in `dir`, serving on `ports`.
-    fn hub_in(dir: &std::path::Path, ports: (u16, u16)) -> Arc<Hub> {
+    pub(super) fn hub_in(dir: &std::path::Path, ports: (u16, u16)) -> Arc<Hub> {
         let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
         Hub::new(Settings {
             listen: (localhost, 0).into(),

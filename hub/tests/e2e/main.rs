@@ -7,6 +7,7 @@
 //! input at every door.
 
 mod crash;
+mod merge;
 mod site;
 
 use std::time::{Duration, Instant};

@@ -451,6 +451,14 @@ impl Site {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
+    /// A request to the hub's API with its token, to send later (and to outlive the site's borrow:
+    /// one the hub may be killed under).
+    pub fn hub_request(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method.parse().unwrap(), format!("http://127.0.0.1:{}{path}", self.hub_api))
+            .bearer_auth(&self.hub_token)
+    }
+
     /// A call to the hub's API with its token.
     pub async fn hub(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.call(self.hub_api, &self.hub_token, method, path, body).await

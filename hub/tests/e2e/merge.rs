@@ -1,0 +1,221 @@
+//! Keeping the last N points in time of a VM backed up incrementally forever: the oldest backup
+//! of a chain deleted by merging the incremental on top of it into it (`DELETE
+//! /api/v1/backups/{id}?merge=true`). Every point in time that is kept must read as the VM's
+//! disks did when it was taken (compared with copies made then), verify against the node's
+//! checksums, and pass `qemu-img check`; a restore open on a later backup reads the same
+//! through the merge; the hub killed in the middle of a merge finishes it when it starts again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::site::{assert_clean, assert_same, change, tool, Options, Site, Transport, Vm, MIB};
+
+/// Copies of the VM's disks as they are now: what a backup taken now must read as, later.
+fn keep_copies(site: &Site, vm: &str, disks: usize, tag: &str) -> Vec<PathBuf> {
+    (0..disks)
+        .map(|i| {
+            let copy = site.path().join(format!("{vm}-{i}-{tag}.raw"));
+            std::fs::copy(site.source(vm, i), &copy).unwrap();
+            copy
+        })
+        .collect()
+}
+
+/// Backup `id` reads as `copies`, its images pass `qemu-img check` (`leaks_allowed`: all but
+/// leaked clusters, what an interrupted write leaves by the `qcow2` crate's rules), and the hub's
+/// verify (a re-read against the node's checksums) passes.
+async fn assert_point_in_time(site: &Site, vm: &str, id: &str, copies: &[PathBuf], leaks_allowed: bool) {
+    for (i, copy) in copies.iter().enumerate() {
+        let img = site.image(vm, id, i);
+        if leaks_allowed {
+            let out = tool("qemu-img").arg("check").arg(&img).output().unwrap();
+            // 0: clean; 3: leaked clusters only (2 would be corruption).
+            assert!(matches!(out.status.code(), Some(0 | 3)), "{}", String::from_utf8_lossy(&out.stdout));
+        } else {
+            assert_clean(&img);
+        }
+        assert_same(copy, &img);
+    }
+    let (status, v) = site.hub("POST", &format!("/api/v1/backups/{id}/verify"), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "backup {id} verifies: {v}");
+}
+
+fn backing_file(img: &Path) -> Option<String> {
+    let out = tool("qemu-img").args(["info", "--output=json", "-U"]).arg(img).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["backing-filename"].as_str().map(str::to_string)
+}
+
+async fn listed(site: &Site, id: &str) -> Value {
+    let (status, b) = site.hub("GET", &format!("/api/v1/backups/{id}"), None).await;
+    assert_eq!(status, 200, "{b}");
+    b
+}
+
+fn id(b: &Value) -> &str {
+    b["backup_id"].as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_backups_merged_away_leave_every_kept_point_in_time_whole() {
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[6, 3])], 6, Options::default()).await;
+    let full = site.backup("vm", "full").await;
+    change(&site.source("vm", 0), 0, 0x11);
+    change(&site.source("vm", 1), 2 * MIB, 0x12);
+    let first = site.backup("vm", "incremental").await;
+    let first_copies = keep_copies(&site, "vm", 2, "first");
+    change(&site.source("vm", 0), 5 * MIB, 0x21);
+    change(&site.source("vm", 0), 4096, 0x22);
+    let second = site.backup("vm", "incremental").await;
+    let second_copies = keep_copies(&site, "vm", 2, "second");
+    assert_eq!(second["parent_id"], first["backup_id"]);
+
+    // A plain delete is refused and says how to merge; a merge of a backup with an open restore too.
+    let full_path = format!("/api/v1/backups/{}", id(&full));
+    let (status, body) = site.hub("DELETE", &full_path, None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("?merge=true"), "{body}");
+    let (status, opened) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": full["backup_id"]}))).await;
+    assert_eq!(status, 201, "{opened}");
+    let (status, body) = site.hub("DELETE", &format!("{full_path}?merge=true"), None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("open restore"), "{body}");
+    let restore_path = format!("/api/v1/restores/{}", opened["restore_id"].as_str().unwrap());
+    assert_eq!(site.hub("DELETE", &restore_path, None).await.0, 200);
+    let (status, body) = site.hub("DELETE", &format!("{full_path}?merge=yes"), None).await;
+    assert_eq!(status, 400, "a parameter that is not understood is refused: {body}");
+
+    // A restore of the newest backup stays open across the merge under it.
+    let (status, open) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": second["backup_id"]}))).await;
+    assert_eq!(status, 201, "{open}");
+    let (status, deleted) = site.hub("DELETE", &format!("{full_path}?merge=true"), None).await;
+    assert_eq!((status, id(&deleted)), (200, id(&full)), "{deleted}");
+    assert_eq!(site.hub("GET", &full_path, None).await.0, 404);
+    assert!(!site.as_hub_sees(&site.path().join("repo/vm").join(id(&full))).exists(), "its directory is gone");
+    for export in open["exports"].as_array().unwrap() {
+        let i = export["disk_key"].as_u64().unwrap() as usize - 2000;
+        let url = format!(
+            "nbd://127.0.0.1:{}/{}",
+            export["nbd_port"].as_u64().unwrap(),
+            export["nbd_export_name"].as_str().unwrap()
+        );
+        assert_same(&second_copies[i], Path::new(&url));
+    }
+    let open_path = format!("/api/v1/restores/{}", open["restore_id"].as_str().unwrap());
+    assert_eq!(site.hub("DELETE", &open_path, None).await.0, 200);
+
+    // The first incremental is now a full backup of its own; the second still builds on it.
+    let merged = listed(&site, id(&first)).await;
+    assert_eq!((&merged["backup_type"], &merged["parent_id"]), (&json!("full"), &Value::Null), "{merged}");
+    assert!(merged["note"].as_str().unwrap().contains(&format!("merged with backup {}", id(&full))), "{merged}");
+    for i in 0..2 {
+        assert_eq!(backing_file(&site.image("vm", id(&first), i)), None, "disk {i} stands alone");
+    }
+    assert_eq!(listed(&site, id(&second)).await["parent_id"], first["backup_id"]);
+    assert_point_in_time(&site, "vm", id(&first), &first_copies, false).await;
+    assert_point_in_time(&site, "vm", id(&second), &second_copies, false).await;
+
+    // Forever incremental: the next one still builds on the newest, and merging goes on.
+    change(&site.source("vm", 1), 0, 0x31);
+    let third = site.backup("vm", "incremental").await;
+    assert_eq!((&third["backup_type"], &third["parent_id"]), (&json!("incremental"), &second["backup_id"]), "{third}");
+    let (status, body) = site.hub("DELETE", &format!("/api/v1/backups/{}?merge=true", id(&first)), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(listed(&site, id(&second)).await["parent_id"], Value::Null);
+    assert_point_in_time(&site, "vm", id(&second), &second_copies, false).await;
+    site.assert_backup_equals_sources("vm", &third, 2);
+    let (status, v) = site.hub("POST", &format!("/api/v1/backups/{}/verify", id(&third)), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "{v}");
+    // The newest, with nothing on top, goes as with a plain delete.
+    let (status, body) = site.hub("DELETE", &format!("/api/v1/backups/{}?merge=true", id(&third)), None).await;
+    assert_eq!(status, 200, "{body}");
+    let left: Vec<String> = site.backups("vm").await.iter().map(|b| id(b).to_string()).collect();
+    assert_eq!(left, vec![id(&second).to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_killed_in_the_middle_of_a_merge_finishes_it_when_it_starts_again() {
+    let mut site = Site::start(Transport::Direct, &[Vm("vm", &[96, 3])], 4, Options::default()).await;
+    let full = site.backup("vm", "full").await;
+    // A change big enough that committing it takes a moment to kill the hub in.
+    super::site::make_source(&site.source("vm", 0), 96, 7);
+    change(&site.source("vm", 1), MIB, 0x44);
+    let next = site.backup("vm", "incremental").await;
+    let copies = keep_copies(&site, "vm", 2, "next");
+    let request = site.hub_request("DELETE", &format!("/api/v1/backups/{}?merge=true", id(&full)));
+    let merging = tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
+    // Killed as soon as the backup is marked as being merged: in the middle of the commit.
+    let manifest = site.as_hub_sees(&site.path().join("repo/vm").join(id(&full)).join("manifest.json"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&manifest).is_ok_and(|m| m.contains("merging_into")) {
+        assert!(std::time::Instant::now() < deadline, "the merge never started");
+        assert!(manifest.exists(), "the merge ended before the hub could be killed in it");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    site.kill_hub();
+    // Killed before it answered, but for a race of a millisecond with the commit's end.
+    eprintln!("the merge request, killed: {:?}", merging.await.unwrap().map_err(|e| e.to_string()));
+    site.start_hub();
+    site.wait_node_reachable().await;
+    let list: Vec<String> = site.backups("vm").await.iter().map(|b| id(b).to_string()).collect();
+    assert_eq!(list, vec![id(&next).to_string()], "the merge was finished at the start");
+    assert!(!site.as_hub_sees(&site.path().join("repo/vm").join(id(&full))).exists());
+    let merged = listed(&site, id(&next)).await;
+    assert_eq!((&merged["backup_type"], &merged["parent_id"]), (&json!("full"), &Value::Null), "{merged}");
+    // A kill in the middle of an allocation may leak clusters (never more), by the crate's rules.
+    assert_point_in_time(&site, "vm", id(&next), &copies, true).await;
+}
+
+/// New data where the full backup holds none: merging it in needs space in the full image.
+fn write_where_the_full_backup_holds_nothing(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    // `make_source` leaves every third and fourth MiB zero or a hole.
+    for mib in [2u64, 3, 6, 7] {
+        f.write_all_at(&vec![mib as u8 | 0x80; MIB as usize], mib * MIB).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retried() {
+    let opts = Options { repo_tmpfs_mib: Some(24), ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[8, 2])], 4, opts).await;
+    let full = site.backup("vm", "full").await;
+    write_where_the_full_backup_holds_nothing(&site.source("vm", 0));
+    change(&site.source("vm", 1), 0, 0x51);
+    let next = site.backup("vm", "incremental").await;
+    let copies = keep_copies(&site, "vm", 2, "next");
+
+    // The repository full but for a little: the merge's new clusters do not fit.
+    let filler = site.as_hub_sees(&site.path().join("repo/filler"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0x77; 1 << 16]).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(512 << 10)).unwrap();
+    }
+    let merge = format!("/api/v1/backups/{}?merge=true", id(&full));
+    let (status, body) = site.hub("DELETE", &merge, None).await;
+    assert_eq!(status, 500, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("No space left") && error.contains("retries the merge"), "{body}");
+    // The full backup is no point in time any more; the incremental reads and verifies as before.
+    assert_eq!(site.hub("GET", &format!("/api/v1/backups/{}", id(&full)), None).await.0, 404);
+    assert_eq!(listed(&site, id(&next)).await["parent_id"], full["backup_id"]);
+    assert_point_in_time(&site, "vm", id(&next), &copies, false).await;
+    let (status, body) = site.hub("DELETE", &format!("/api/v1/backups/{}", id(&next)), None).await;
+    assert_eq!(status, 409, "the chain is not changed under a merge waiting for a retry: {body}");
+    assert!(body["error"].as_str().unwrap().contains("failed"), "{body}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (status, body) = site.hub("DELETE", &merge, None).await;
+    assert_eq!(status, 200, "the retry: {body}");
+    let merged = listed(&site, id(&next)).await;
+    assert_eq!((&merged["backup_type"], &merged["parent_id"]), (&json!("full"), &Value::Null), "{merged}");
+    // The clusters the failed attempt allocated and could not fill stay leaked in the image.
+    assert_point_in_time(&site, "vm", id(&next), &copies, true).await;
+}
