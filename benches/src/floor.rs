@@ -29,13 +29,13 @@ use crate::report::{median, Report};
 const MESSAGE: usize = 256 << 10;
 
 /// CPU seconds of this thread so far.
-fn thread_cpu_seconds() -> f64 {
+pub fn thread_cpu_seconds() -> f64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 /// CPU seconds (user + system) of this process's children that were waited for.
-fn children_cpu_seconds() -> f64 {
+pub fn children_cpu_seconds() -> f64 {
     stat_seconds("/proc/self/stat", 13)
 }
 

@@ -26,6 +26,8 @@
 //!   0, 10, 20 and 50 ms).
 //! - `floor`: the CPU budget the qcow2 write goal leaves a server on this machine, beside what a
 //!   bare receiver (`recv` + `pwrite`, and `splice`) spends at least.
+//! - `merge`: the hub's retention merge (`qcow2::commit`) against `qemu-img commit` on the same
+//!   pair of images (a quarter of the disk rewritten in the overlay, 1% scattered).
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
@@ -34,6 +36,7 @@ mod e2e;
 mod fleet;
 mod floor;
 mod hub;
+mod merge;
 mod mover;
 mod peers;
 mod report;
@@ -47,8 +50,8 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet, floor (default:
-    /// all).
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet, floor, merge
+    /// (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -107,6 +110,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("floor") {
         floor::floor_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("merge") {
+        merge::merge_section(&args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;
