@@ -29,17 +29,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 fn make_pair(src: &Path, at: &Path, mib: u64) -> anyhow::Result<u64> {
     std::fs::create_dir_all(at)?;
     run(Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(src).arg(at.join("base.qcow2")))?;
-    run(Command::new("qemu-img").current_dir(at).args([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "overlay.qcow2",
-    ]))?;
+    run(Command::new("qemu-img")
+        .current_dir(at)
+        .args("create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2".split(' ')))?;
     let quarter = mib / 4;
     let mut io = Command::new("qemu-io");
     io.args(["-f", "qcow2", "-c", &format!("write -P 0x5a {}M {}M", quarter, quarter)]);

@@ -4,22 +4,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 
-use common::{run, tool};
+use common::{qemu_io, run, tool};
 use qcow2::Image;
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(img: &Path, commands: &[&str]) {
-    let mut cmd = tool("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    run(cmd.arg(img));
-}
 
 /// The dirty byte ranges of `bitmap` over the whole disk.
 fn dirty(img: &Image, bitmap: &qcow2::Bitmap) -> Vec<(u64, u64)> {

@@ -7,22 +7,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{run, tool};
+use common::{qemu_io, run, tool};
 use qcow2::{commit, ErrorKind, Image, ImageOptions};
 
 const MIB: u64 = 1 << 20;
 
-fn qemu_io(image: &Path, commands: &[&str]) {
-    let mut cmd = tool("qemu-io");
-    cmd.args(["-f", "qcow2"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    run(cmd.arg(image));
-}
-
 fn compare(a: &Path, b: &Path) -> bool {
-    tool("qemu-img").arg("compare").arg(a).arg(b).status().unwrap().success()
+    tool("qemu-img").arg("compare").arg(a).arg(b).output().unwrap().status.success()
 }
 
 fn check_clean(image: &Path) {
@@ -35,17 +26,7 @@ fn make_pair(dir: &Path) {
     let base = dir.join("base.qcow2");
     run(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("16M"));
     qemu_io(&base, &["write -P 0xaa 0 1M", "write -P 0xbb 4M 1M", "write -P 0x11 10M 64k"]);
-    run(tool("qemu-img").current_dir(dir).args([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "overlay.qcow2",
-    ]));
+    run(tool("qemu-img").current_dir(dir).args("create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2".split(' ')));
     qemu_io(
         &dir.join("overlay.qcow2"),
         &[

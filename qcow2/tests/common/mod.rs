@@ -19,3 +19,13 @@ pub fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `qemu-io -f qcow2 -c C1 -c C2 ... img`, which must succeed.
+pub fn qemu_io(img: &std::path::Path, commands: &[&str]) {
+    let mut cmd = tool("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(img));
+}
