@@ -39,6 +39,9 @@ pub struct HubFile {
     pub cache: Option<String>,
     /// `threads` (default) or `io_uring`: how exports submit their I/O (qemu-nbd's `--aio`).
     pub aio: Option<String>,
+    /// Accounts on this machine whose TCP clients exports admit besides root and the hub's own
+    /// (names or uids): the login user of OpenSSH's sshd when it forwards for the nodes.
+    pub nbd_local_users: Option<Vec<String>>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -118,6 +121,8 @@ pub struct Settings {
     pub replica_raw: bool,
     /// Exports write guest data with `O_DIRECT` (`cache = "none"`).
     pub direct_io: bool,
+    /// Uids whose TCP clients on this machine exports admit, besides root and the hub's own.
+    pub nbd_local_users: Vec<u32>,
     /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
     pub io_uring: bool,
 }

@@ -191,6 +191,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         replica_raw: false,
         direct_io: false,
         io_uring: false,
+        nbd_local_users: vec![],
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;

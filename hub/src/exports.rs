@@ -163,7 +163,7 @@ impl Exports {
         let export = name.to_string();
         let task = tokio::spawn(async move {
             let scope = Scope::Only(export.clone());
-            server.serve_tcp_admitting(listener, scope, |peer| peers.admit(peer, &export)).await
+            server.serve_tcp_admitting(listener, scope, |peer| peers.admit(peer, port, &export)).await
         });
         if let Ok(mut open) = self.open.lock() {
             open.insert(name.to_string(), Open { port, read_only, backend, listener: task });
@@ -248,7 +248,7 @@ mod tests {
     use super::*;
 
     fn anyone() -> Peers {
-        Peers::new("the test", [])
+        Peers::new("the test", [], crate::peers::LocalUsers::with(&[]))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

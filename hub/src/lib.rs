@@ -28,4 +28,5 @@ pub mod openapi;
 pub mod peers;
 pub mod ports;
 pub mod repo;
+pub mod sockowner;
 pub mod verify;

@@ -175,6 +175,8 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or(false),
         direct_io: file.cache.as_deref().map(config::parse_cache).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
         io_uring: file.aio.as_deref().map(config::parse_aio).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
+        nbd_local_users: hub::peers::local_user_ids(&file.nbd_local_users.unwrap_or_default())
+            .map_err(|e| anyhow!(e))?,
     })
 }
 

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{NodeSpec, Settings};
 use crate::error::HubError;
 use crate::exports::Exports;
-use crate::peers::Peers;
+use crate::peers::{LocalUsers, Peers};
 use crate::ports::{bindable, Ports};
 use crate::repo::{self, Manifest, Repo};
 use crate::verify::{forget_cached_chain, verify_disk, DiskVerdict};
@@ -141,6 +141,8 @@ pub struct Hub {
     /// Exports.
     pub exports: Exports,
     nodes: Vec<(NodeSpec, NodeClient)>,
+    /// The accounts on this machine whose TCP clients exports admit.
+    local_users: LocalUsers,
     state: Mutex<State>,
     shutdown: CancellationToken,
 }
@@ -252,12 +254,14 @@ impl Hub {
         let merges = unmerged.into_iter().map(|m| (m.from.vm_name.clone(), m)).collect();
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
         let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring)?;
+        let local_users = LocalUsers::with(&settings.nbd_local_users);
         Ok(Arc::new(Self {
             settings,
             repo,
             ports,
             exports,
             nodes,
+            local_users,
             state: Mutex::new(State { catalog, orphans, merges, ..State::default() }),
             shutdown: CancellationToken::new(),
         }))
@@ -274,12 +278,12 @@ impl Hub {
     /// The TCP clients a job's export admits besides this machine: its node's.
     fn peers_of(&self, node: &str) -> Peers {
         let addresses = self.node(node).map(|(n, _)| n.nbd_peers.clone()).unwrap_or_default();
-        Peers::new(format!("node {node}"), addresses)
+        Peers::new(format!("node {node}"), addresses, self.local_users.clone())
     }
 
     /// The TCP clients a restore admits besides this machine: every node's (any may read it back).
     fn peers_of_every_node(&self) -> Peers {
-        Peers::new("a node", self.nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()))
+        Peers::new("a node", self.nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()), self.local_users.clone())
     }
 
     /// Find the node that has `vm` (or use `wanted`).
@@ -813,6 +817,7 @@ mod tests {
             replica_raw: false,
             direct_io: false,
             io_uring: false,
+            nbd_local_users: vec![],
         })
         .unwrap()
     }

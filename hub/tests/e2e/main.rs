@@ -544,9 +544,60 @@ fn non_loopback_address() -> std::net::IpAddr {
     ip
 }
 
-/// Exports listening on every address (direct mode on a LAN) admit only this machine and the
-/// node (its url's host here): a client from elsewhere is answered with the reason, whatever it
-/// asks for, and never reads or writes a byte.
+/// A restore of `backup` opened, as the URL of its first disk's export.
+async fn restore_url(site: &Site, backup: &Value) -> String {
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": backup["backup_id"]}))).await;
+    assert_eq!(status, 201, "{r}");
+    let export = &r["exports"][0];
+    format!("nbd://127.0.0.1:{}/{}", export["nbd_port"].as_u64().unwrap(), export["nbd_export_name"].as_str().unwrap())
+}
+
+/// Over loopback an export admits root, the hub's own account and `nbd_local_users` (OpenSSH's
+/// login user, when sshd forwards for the nodes): any other account on the hub is answered with
+/// the reason and reads nothing of a restore left open. Runs as root (as `scripts/test.sh` does),
+/// to connect as another account with `setpriv`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_refuses_local_users_the_hub_does_not_admit() {
+    assert_eq!(rustix::process::geteuid().as_raw(), 0, "this test runs as root: it connects as `nobody` with setpriv");
+    let mut site = Site::start(Transport::Direct, &[Vm("vm", &[4])], 4, Options::default()).await;
+    let full = site.backup("vm", "full").await;
+    let nbdinfo = |url: &str, as_nobody: bool| {
+        let mut cmd = match as_nobody {
+            true => {
+                let mut c = site::tool("setpriv");
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(site::tool("nbdinfo").get_program());
+                c
+            }
+            false => site::tool("nbdinfo"),
+        };
+        let out = cmd.arg("--size").arg(url).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let url = restore_url(&site, &full).await;
+    let (ok, size, err) = nbdinfo(&url, false);
+    assert!(ok && size == (4 * MIB).to_string(), "root reads it: {err}");
+    let (ok, _, err) = nbdinfo(&url, true);
+    assert!(!ok && err.contains("server policy prevents NBD_OPT_GO"), "nobody was let in: {err}");
+
+    // Named in nbd_local_users (a top-level key, before the [[node]] tables), it is admitted.
+    let config = site.path().join("hub.toml");
+    let text = format!("nbd_local_users = [\"nobody\"]\n{}", std::fs::read_to_string(&config).unwrap());
+    std::fs::write(&config, text).unwrap();
+    site.kill_hub();
+    site.start_hub();
+    site.wait_node_reachable().await;
+    let url = restore_url(&site, &full).await;
+    let (ok, size, err) = nbdinfo(&url, true);
+    assert!(ok && size == (4 * MIB).to_string(), "nobody, now admitted, reads it: {err}");
+}
+
+/// Exports listening on every address (direct mode on a LAN) admit only this machine's clients
+/// over loopback (of the accounts they admit) and the node (its url's host here): a client from
+/// elsewhere is answered with the reason, whatever it asks for, and never reads or writes a byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_on_the_lan_refuses_clients_that_are_not_its_node_and_says_why() {
     let lan = non_loopback_address();
