@@ -42,6 +42,8 @@ pub struct HubFile {
     /// Accounts on this machine whose TCP clients exports admit besides root and the hub's own
     /// (names or uids): the login user of OpenSSH's sshd when it forwards for the nodes.
     pub nbd_local_users: Option<Vec<String>>,
+    /// Backups of each VM kept after each backup (the oldest merged away); all when unset.
+    pub keep_backups: Option<u32>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -123,6 +125,8 @@ pub struct Settings {
     pub direct_io: bool,
     /// Uids whose TCP clients on this machine exports admit, besides root and the hub's own.
     pub nbd_local_users: Vec<u32>,
+    /// Backups of each VM (per node) kept after each backup completes, unless its request says.
+    pub keep_backups: Option<u32>,
     /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
     pub io_uring: bool,
 }

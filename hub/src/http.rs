@@ -65,6 +65,9 @@ pub struct BackupRequest {
     /// `?tag=`.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Backups of the VM to keep once this one completes: the oldest beyond that many are
+    /// merged away (`keep_backups` of the config when absent).
+    pub keep: Option<u32>,
 }
 
 /// `POST /api/v1/replications`.
@@ -179,7 +182,7 @@ async fn start_backup(
         )));
     }
     let v = to_completion(async move {
-        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags).await
+        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags, req.keep).await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Backup, &v))).into_response())
@@ -248,7 +251,7 @@ async fn start_replication(
 ) -> Result<Response, HubError> {
     let req = body(b)?;
     let v = to_completion(async move {
-        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[]).await
+        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[], None).await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Replication, &v))).into_response())

@@ -66,7 +66,8 @@ pub fn document() -> Value {
                     "vm_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
                     "backup_type": {"type": "string", "enum": ["full", "incremental"]},
                     "node": {"type": "string"}, "repository_id": {"type": "string", "enum": ["default"]},
-                    "tags": {"type": "array", "maxItems": 16, "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}}},
+                    "tags": {"type": "array", "maxItems": 16, "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}},
+                    "keep": {"type": "integer", "minimum": 1, "description": "backups of the VM kept once this one completes; older ones are merged away"}}},
                 "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
                 "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {"backup_id": {"type": "string"}}},
                 "DiskResult": {"type": "object", "properties": {

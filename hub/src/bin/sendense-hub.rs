@@ -177,6 +177,10 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         io_uring: file.aio.as_deref().map(config::parse_aio).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
         nbd_local_users: hub::peers::local_user_ids(&file.nbd_local_users.unwrap_or_default())
             .map_err(|e| anyhow!(e))?,
+        keep_backups: match file.keep_backups {
+            Some(0) => bail!("keep_backups must be at least 1 (or left out to keep every backup)"),
+            k => k,
+        },
     })
 }
 

@@ -107,6 +107,11 @@ impl Hub {
             Ok(()) => self.finish(&job, lease, Ok(())).await,
             Err((status, why)) => self.finish(&job, lease, Err((status, why).into())).await,
         }
+        if job.kind == Kind::Backup && job.status() == Status::Completed {
+            if let Some(keep) = job.keep.or(self.settings.keep_backups) {
+                self.apply_retention(&job.vm, &job.node, keep).await;
+            }
+        }
     }
 
     async fn finish(&self, job: &Arc<Job>, lease: Lease, outcome: Result<(), FailReason>) {

@@ -19,6 +19,9 @@
 //!
 //! Merges of one VM take turns with its deletes: while one runs or waits to be retried, other
 //! deletes of that VM's backups are refused (409), since they would change the chain under it.
+//!
+//! Retention ([`Hub::apply_retention`]): a backup asked for with `keep: N` (or the config's
+//! `keep_backups`) drops the VM's oldest backups beyond N once it completes, this way.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -170,6 +173,37 @@ impl Hub {
         let path = self.repo.backup_dir(&backup.vm_name, &backup.backup_id).join("manifest.json");
         std::fs::read(path)
             .map_or(true, |bytes| serde_json::from_slice::<Manifest>(&bytes).map_or(true, |m| m.merging_into.is_some()))
+    }
+}
+
+impl Hub {
+    /// Keep the newest `keep` backups of `vm` from `node` (its backups on another node's VM of the
+    /// same name are apart): the oldest beyond that are deleted one by one, each merged into the
+    /// incremental on top of it if there is one ([`Hub::delete_merging`]). Stops at the first
+    /// that cannot go (in use, a merge waiting for a retry, a failure): logged, and tried again
+    /// after the VM's next backup.
+    pub(super) async fn apply_retention(&self, vm: &str, node: &str, keep: u32) {
+        let keep = usize::try_from(keep).unwrap_or(usize::MAX);
+        loop {
+            let oldest = {
+                let st = self.state();
+                let mut mine: Vec<&Manifest> =
+                    st.catalog.values().filter(|m| m.vm_name == vm && m.node == node).collect();
+                if mine.len() <= keep {
+                    return;
+                }
+                mine.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.backup_id.cmp(&b.backup_id)));
+                mine.first().map(|m| m.backup_id.clone())
+            };
+            let Some(oldest) = oldest else { return };
+            match self.delete_merging(&oldest).await {
+                Ok(_) => tracing::info!(vm, node, backup = %oldest, keep, "retention: the oldest backup dropped"),
+                Err(e) => {
+                    tracing::warn!(vm, node, backup = %oldest, keep, error = %e, "retention: the oldest backup stays for now");
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -221,6 +221,7 @@ struct Run<'a> {
     info: &'a node::api::VmInfo,
     requested: BackupType,
     tags: Vec<String>,
+    keep: Option<u32>,
 }
 
 /// Names from requests: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
@@ -335,11 +336,12 @@ impl Hub {
         record["node"].as_str().map(str::to_string)
     }
 
-    /// Start a backup (`Kind::Backup`, with the operator's `tags`) or a replication run (no tags).
+    /// Start a backup (`Kind::Backup`, with the operator's `tags`, and `keep`: how many of the
+    /// VM's backups to keep once it completes, `merge.rs`) or a replication run (neither).
     ///
     /// # Errors
-    /// Bad names or tags (400), unknown VM or node (404), a job already running for the VM
-    /// (409), no free port or node unreachable (503).
+    /// Bad names, tags or `keep` (400), unknown VM or node (404), a job already running for the
+    /// VM (409), no free port or node unreachable (503).
     pub async fn start(
         self: &Arc<Self>,
         kind: Kind,
@@ -347,10 +349,17 @@ impl Hub {
         requested: BackupType,
         node: Option<&str>,
         tags: &[String],
+        keep: Option<u32>,
     ) -> Result<JobView, HubError> {
         let tags = checked_tags(tags)?;
         if kind == Kind::Replication && !tags.is_empty() {
             return Err(HubError::BadRequest("a replication run takes no tags".into()));
+        }
+        if kind == Kind::Replication && keep.is_some() {
+            return Err(HubError::BadRequest("a replication run takes no keep: a VM has one replica".into()));
+        }
+        if keep == Some(0) {
+            return Err(HubError::BadRequest("keep must be at least 1 (the backup being made)".into()));
         }
         if !valid_name(vm) {
             return Err(HubError::BadRequest(format!("vm_name '{vm}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
@@ -385,7 +394,7 @@ impl Hub {
             st.busy_vms.insert(vm.to_string(), id.clone());
         }
         self.reap_orphans(Some(vm)).await;
-        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags };
+        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags, keep };
         let result = self.prepare(run).await;
         match result {
             Ok(job) => Ok(job.view()),
@@ -399,7 +408,7 @@ impl Hub {
     }
 
     async fn prepare(self: &Arc<Self>, run: Run<'_>) -> Result<Arc<Job>, HubError> {
-        let Run { kind, id, vm, node_name, info, requested, tags } = run;
+        let Run { kind, id, vm, node_name, info, requested, tags, keep } = run;
         let (_, client) =
             self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let bind = self.settings.nbd_bind;
@@ -510,6 +519,7 @@ impl Hub {
             parent: parent.map(|p| p.backup_id),
             note,
             tags,
+            keep,
             created_at: repo::now_rfc3339(),
             disks,
             targets: targets.clone(),
@@ -818,6 +828,7 @@ mod tests {
             direct_io: false,
             io_uring: false,
             nbd_local_users: vec![],
+            keep_backups: None,
         })
         .unwrap()
     }

@@ -166,6 +166,8 @@ pub struct Job {
     pub(super) parent: Option<String>,
     pub(super) note: Option<String>,
     pub(super) tags: Vec<String>,
+    /// How many of the VM's backups to keep once this one completes (the request's `keep`).
+    pub(super) keep: Option<u32>,
     pub(super) created_at: String,
     pub(super) disks: Vec<JobDisk>,
     pub(super) targets: String,

@@ -219,3 +219,57 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
     // The clusters the failed attempt allocated and could not fill stay leaked in the image.
     assert_point_in_time(&site, "vm", id(&next), &copies, true).await;
 }
+
+/// The VM's backups, newest first, once retention has had its turn (it runs right after a
+/// backup completes): waits until there are `count`.
+async fn backups_settled_at(site: &Site, count: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let list: Vec<String> = site.backups("vm").await.iter().map(|b| id(b).to_string()).collect();
+        if list.len() == count {
+            return list;
+        }
+        assert!(std::time::Instant::now() < deadline, "retention left {list:?}, not {count}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_backups_drops_the_oldest_after_each_backup_and_every_kept_one_stays_whole() {
+    let opts = Options { hub: "keep_backups = 2", ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, opts).await;
+    let (status, body) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "full", "keep": 0}))).await;
+    assert_eq!(status, 400, "{body}");
+    let first = site.backup("vm", "full").await;
+    change(&site.source("vm", 0), 0, 0x61);
+    let second = site.backup("vm", "incremental").await;
+    let second_copies = keep_copies(&site, "vm", 2, "second");
+    assert_eq!(backups_settled_at(&site, 2).await, vec![id(&second).to_string(), id(&first).to_string()]);
+
+    change(&site.source("vm", 1), MIB, 0x62);
+    let third = site.backup("vm", "incremental").await;
+    assert_eq!(third["parent_id"], second["backup_id"]);
+    assert_eq!(backups_settled_at(&site, 2).await, vec![id(&third).to_string(), id(&second).to_string()]);
+    let kept = listed(&site, id(&second)).await;
+    assert_eq!((&kept["backup_type"], &kept["parent_id"]), (&json!("full"), &Value::Null), "{kept}");
+    assert_point_in_time(&site, "vm", id(&second), &second_copies, false).await;
+    site.assert_backup_equals_sources("vm", &third, 2);
+
+    // A request's keep wins over the config's.
+    change(&site.source("vm", 0), 2 * MIB, 0x63);
+    let started = site
+        .hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "incremental", "keep": 1})))
+        .await;
+    assert_eq!(started.0, 202, "{}", started.1);
+    let fourth = site.wait(&format!("/api/v1/backups/{}", id(&started.1))).await;
+    assert_eq!(backups_settled_at(&site, 1).await, vec![id(&fourth).to_string()]);
+    let alone = listed(&site, id(&fourth)).await;
+    assert_eq!((&alone["backup_type"], &alone["parent_id"]), (&json!("full"), &Value::Null), "{alone}");
+    let copies = keep_copies(&site, "vm", 2, "fourth");
+    assert_point_in_time(&site, "vm", id(&fourth), &copies, false).await;
+    let dirs = std::fs::read_dir(site.as_hub_sees(&site.path().join("repo/vm"))).unwrap();
+    let left: Vec<String> =
+        dirs.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, vec![id(&fourth).to_string()], "nothing else is left in the repository");
+}
