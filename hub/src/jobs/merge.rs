@@ -224,7 +224,7 @@ pub(super) fn finish_interrupted(repo: &Repo, manifests: Vec<Manifest>) -> (Vec<
             }
             continue;
         };
-        tracing::info!(backup = %from.backup_id, into = %into_id, "finishing a merge a stopped hub left");
+        tracing::warn!(backup = %from.backup_id, into = %into_id, "finishing a merge a stopped hub left");
         let into = catalog.get(at).cloned().unwrap_or_else(|| from.clone());
         match merge_files(repo, &from, &into) {
             Ok(merged) => {

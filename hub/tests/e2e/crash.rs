@@ -1,6 +1,7 @@
 //! The hub or the node killed (SIGKILL) at a random moment of a backup or a replica run, round
 //! after round: while the job makes its files, while data flows, while the hub verifies, writes
-//! the manifest or tells the node to commit (and the node renames its maps). After each restart
+//! the manifest or tells the node to commit (and the node renames its maps), and (the hub, with
+//! `keep_backups = 3`) while it merges the oldest backup away after each one. After each restart
 //! the repository must hold only whole backups (each listed one completed, or a killed run
 //! failed; no directory without a completed listing; the newest verifying), no port may stay
 //! leased, the node's run must end, the next backup must equal the sources, and after a killed
@@ -42,6 +43,8 @@ struct Outcomes {
     gone: usize,
     /// A replica run was killed.
     replica_runs: usize,
+    /// A merge of the oldest backup into the next was killed (the hub only).
+    merges: usize,
 }
 
 /// Which process a round kills.
@@ -75,7 +78,13 @@ async fn kill_rounds(victim: Victim) {
         Ok("direct") | Err(_) => Transport::Direct,
         Ok(other) => panic!("HUB_KILL_TRANSPORT={other}: endpoint or direct"),
     };
-    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, Options::default()).await;
+    // With the hub as the victim its retention runs too (`keep_backups`): the oldest backup is
+    // merged away after each one, so kills also land in merges, which the restart must finish.
+    let opts = match victim {
+        Victim::Hub => Options { hub: "keep_backups = 3", ..Options::default() },
+        Victim::Node => Options::default(),
+    };
+    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
     // How long a whole backup takes here: kills fall anywhere in it, and a little after.
     let started = Instant::now();
     site.backup("vm", "full").await;
@@ -85,8 +94,38 @@ async fn kill_rounds(victim: Victim) {
     for round in 0..rounds {
         change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
         change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
-        let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
-        let at = Duration::from_millis(moments.next() % span_ms);
+        // The hub is also killed in merges (`?merge=true`, as its retention runs them): those take
+        // milliseconds here, so their moments are drawn from a shorter span.
+        let kinds: &[&str] = match victim {
+            Victim::Hub => &["full", "incremental", "incremental", "replica", "merge"],
+            Victim::Node => &["full", "incremental", "incremental", "replica"],
+        };
+        let kind = kinds[(moments.next() % kinds.len() as u64) as usize];
+        let at = Duration::from_millis(moments.next() % if kind == "merge" { 12 } else { span_ms });
+        if kind == "merge" {
+            let list = site.backups("vm").await;
+            let oldest = list.last().unwrap()["backup_id"].as_str().unwrap().to_string();
+            let request = site.hub_request("DELETE", &format!("/api/v1/backups/{oldest}?merge=true"));
+            let merging = tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
+            tokio::time::sleep(at).await;
+            site.kill_hub();
+            site.start_hub();
+            let answered = merging.await.unwrap().ok();
+            let context = format!(
+                "Hub round {round} (HUB_KILL_SEED={seed}): merge of {oldest} killed after {at:?} ({answered:?})"
+            );
+            let completed = assert_only_whole_backups(&site, &killed, &context).await;
+            // Every backup kept reads whole: the one merged into above all.
+            for id in &completed {
+                let (status, v) = site.hub("POST", &format!("/api/v1/backups/{id}/verify"), None).await;
+                assert_eq!((status, &v["ok"]), (200, &json!(true)), "{context}: {id}: {v}");
+            }
+            outcomes.merges += 1;
+            site.wait_node_reachable().await;
+            let next = site.backup("vm", "incremental").await;
+            site.assert_backup_equals_sources("vm", &next, 2);
+            continue;
+        }
         let (id, path) = match kind {
             "replica" => {
                 let id = site.start_replica("vm").await;
