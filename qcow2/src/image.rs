@@ -53,6 +53,11 @@ pub struct ImageOptions {
     /// unaligned pieces stay buffered (coherent: see the `directio` crate); qcow2 backing files
     /// are read the same way, raw ones buffered. Every write then waits for the device.
     pub direct_io: bool,
+    /// When opened for writing, check the refcounts first and, if clusters leaked (counted,
+    /// referenced by nothing: what an interrupted writer leaves), rebuild them, as `qemu-img check
+    /// -r leaks` does; an image whose refcounts are below its references is refused for writing.
+    /// Costs a read of all the image's metadata: for a writer that knows an earlier one was cut.
+    pub reclaim_leaks: bool,
 }
 
 impl Default for ImageOptions {
@@ -63,6 +68,7 @@ impl Default for ImageOptions {
             probe_backing_format: true,
             confine_backing_to: None,
             direct_io: false,
+            reclaim_leaks: false,
         }
     }
 }
@@ -85,6 +91,7 @@ impl ImageOptions {
         probe_backing_format: bool,
         confine_backing_to: Option<std::path::PathBuf>,
         direct_io: bool,
+        reclaim_leaks: bool,
     }
 }
 

@@ -15,7 +15,9 @@
 //! it); the rename replaces C's overlay with the full image at once; C's manifest is rewritten
 //! once every disk is renamed; X's directory goes last. A hub killed anywhere in that finishes the
 //! merge when it starts again (every step is redone or skipped as already done). A merge that
-//! fails (no space, an I/O error) leaves C whole and X unlisted; asking again retries it.
+//! fails (no space, an I/O error) leaves C whole and X unlisted; asking again retries it. A merge
+//! done again first reclaims the clusters the cut attempt may have leaked in X's images
+//! (`ImageOptions::reclaim_leaks`), so the image C is left with checks clean.
 //!
 //! Merges of one VM take turns with its deletes: while one runs or waits to be retried, other
 //! deletes of that VM's backups are refused (409), since they would change the chain under it.
@@ -250,6 +252,11 @@ pub(super) fn merge_files(repo: &Repo, from: &Manifest, into: &Manifest) -> Resu
     let vm = &from.vm_name;
     let from_dir = repo.backup_dir(vm, &from.backup_id);
     let into_dir = repo.backup_dir(vm, &into.backup_id);
+    // An attempt before this one (cut, or failed) may have left clusters allocated and unused.
+    let again = std::fs::read(from_dir.join("manifest.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok())
+        .is_some_and(|m| m.merging_into.is_some());
     if from.merging_into.as_deref() != Some(into.backup_id.as_str()) {
         let marked = Manifest { merging_into: Some(into.backup_id.clone()), ..from.clone() };
         let (path, data) = repo.manifest_file(&marked).map_err(|e| format!("manifest: {e}"))?;
@@ -262,7 +269,7 @@ pub(super) fn merge_files(repo: &Repo, from: &Manifest, into: &Manifest) -> Resu
             // A disk new in `into` (a full image of its own), or one already merged.
             continue;
         }
-        commit_disk(&top, &below)?;
+        commit_disk(&top, &below, again)?;
         std::fs::rename(&below, &top)
             .map_err(|e| format!("cannot move {} to {}: {e}", below.display(), top.display()))?;
         sync_dir(&into_dir)?;
@@ -298,11 +305,12 @@ fn backed_by(top: &Path, below: &Path) -> Result<bool, String> {
     Ok(std::fs::metadata(named).is_ok_and(|m| m.dev() == below_meta.dev() && m.ino() == below_meta.ino()))
 }
 
-/// Commit the overlay at `top` into its backing file `below`, durably.
-fn commit_disk(top: &Path, below: &Path) -> Result<(), String> {
+/// Commit the overlay at `top` into its backing file `below`, durably; `again` (an earlier
+/// attempt was cut or failed) reclaims the clusters it may have leaked in `below` first.
+fn commit_disk(top: &Path, below: &Path, again: bool) -> Result<(), String> {
     let overlay = Image::open_with(top, &repo::image_options(top, false))
         .map_err(|e| format!("cannot open {}: {e}", top.display()))?;
-    let base = Image::open_with(below, &repo::image_options(below, true))
+    let base = Image::open_with(below, &repo::image_options(below, true).reclaim_leaks(again))
         .map_err(|e| format!("cannot open {} for writing: {e}", below.display()))?;
     let report = qcow2::commit(&overlay, &base).map_err(|e| format!("cannot merge {}: {e}", top.display()))?;
     base.close().map_err(|e| format!("cannot close {}: {e}", below.display()))?;
@@ -392,7 +400,7 @@ mod tests {
             std::fs::write(path, data).unwrap();
             for key in [2000u32, 2001].into_iter().take(steps.min(2)) {
                 let (top, below) = (repo.disk_path("vm", "c", key), repo.disk_path("vm", "x", key));
-                commit_disk(&top, &below).unwrap();
+                commit_disk(&top, &below, false).unwrap();
                 std::fs::rename(&below, &top).unwrap();
             }
             if steps == 3 {

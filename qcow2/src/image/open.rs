@@ -143,12 +143,12 @@ impl Image {
         };
         if opts.writable {
             image.check_writable()?;
-            image.prepare_for_writes(file_len)?;
+            image.prepare_for_writes(file_len, opts.reclaim_leaks)?;
         }
         Ok(image)
     }
 
-    fn prepare_for_writes(&mut self, file_len: u64) -> Result<()> {
+    fn prepare_for_writes(&mut self, file_len: u64, reclaim_leaks: bool) -> Result<()> {
         if self.header.autoclear_features != 0 {
             // We do not maintain bitmaps (or anything else autoclear guards): clear the bits so
             // qemu treats such data as stale instead of trusting it.
@@ -161,6 +161,19 @@ impl Image {
             let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
             crate::repair::rebuild(&self.file, &mut self.header, &l1, file_len)?;
             file_len = self.file_len()?;
+        } else if reclaim_leaks {
+            let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
+            let report = crate::repair::check(&self.file, &self.header, &l1, file_len)?;
+            if report.corruptions > 0 {
+                return Err(Error::ReadOnly(
+                    "refcounts below references: writing could overwrite data (qemu-img check -r all)",
+                ));
+            }
+            if report.leaks > 0 {
+                crate::repair::rebuild(&self.file, &mut self.header, &l1, file_len)?;
+                file_len = self.file_len()?;
+                tracing::info!(image = %self.path.display(), leaks = report.leaks, "leaked clusters reclaimed");
+            }
         }
         let refcounts = Refcounts::load(&self.file, &self.header, file_len)?;
         self.write_state = Some(Mutex::new(WriteState::new(refcounts)));
