@@ -6,12 +6,19 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::tool;
+use common::{qemu_io, run, tool};
 
 use qcow2::{CreateOptions, Image, ImageOptions};
 
 fn qemu_check(img: &Path) -> i32 {
     tool("qemu-img").arg("check").arg(img).output().unwrap().status.code().unwrap_or(-1)
+}
+
+/// A 64 MiB image made and written (2 MiB, then 64 KiB at 10 MiB) by qemu's tools.
+fn qemu_made(path: &Path) -> std::path::PathBuf {
+    run(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(path).arg("64M"));
+    qemu_io(path, &["write -P 7 0 2M", "write -P 9 10M 64k"]);
+    path.to_path_buf()
 }
 
 /// Host offset of the first data cluster, from `qemu-img map`.
@@ -50,13 +57,7 @@ fn check_agrees_with_qemu_img_on_clean_leaking_and_corrupt_images() {
     assert_eq!(qemu_check(&ours), 0);
 
     // qemu's, written by qemu-io.
-    let theirs = dir.path().join("theirs.qcow2");
-    assert!(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&theirs).arg("64M").status().unwrap().success());
-    let w = tool("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 7 0 2M", "-c", "write -P 9 10M 64k"])
-        .arg(&theirs)
-        .output();
-    assert!(w.unwrap().status.success());
+    let theirs = qemu_made(&dir.path().join("theirs.qcow2"));
     let report = Image::open(&theirs).unwrap().check().unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(qemu_check(&theirs), 0);
@@ -89,13 +90,7 @@ fn check_agrees_with_qemu_img_on_clean_leaking_and_corrupt_images() {
 #[test]
 fn a_writable_open_that_reclaims_leaks_leaves_the_image_clean_and_refuses_a_corrupt_one() {
     let dir = tempfile::tempdir().unwrap();
-    let theirs = dir.path().join("theirs.qcow2");
-    assert!(tool("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&theirs).arg("64M").status().unwrap().success());
-    let w = tool("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 7 0 2M", "-c", "write -P 9 10M 64k"])
-        .arg(&theirs)
-        .output();
-    assert!(w.unwrap().status.success());
+    let theirs = qemu_made(&dir.path().join("theirs.qcow2"));
     let reclaiming = ImageOptions::read_write().reclaim_leaks(true);
 
     let leak = dir.path().join("leak.qcow2");
