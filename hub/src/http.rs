@@ -292,6 +292,8 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
         let _ = writeln!(out, "sendense_hub_jobs{{status=\"{status}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP sendense_hub_backups_completed Backups in the catalog.\n# TYPE sendense_hub_backups_completed gauge\nsendense_hub_backups_completed {completed}");
+    let (merging, failed) = hub.merge_counts();
+    let _ = writeln!(out, "# HELP sendense_hub_merges Merges of a backup into its incremental (retention): running, or failed and waiting for a retry (DELETE ...?merge=true), which holds the VM's deletes.\n# TYPE sendense_hub_merges gauge\nsendense_hub_merges{{state=\"running\"}} {merging}\nsendense_hub_merges{{state=\"failed\"}} {failed}");
     let _ = writeln!(out, "# HELP sendense_hub_ports_leased NBD ports leased.\n# TYPE sendense_hub_ports_leased gauge\nsendense_hub_ports_leased {}", hub.ports.leased().len());
     let _ = writeln!(out, "# HELP sendense_hub_ports_free NBD ports free.\n# TYPE sendense_hub_ports_free gauge\nsendense_hub_ports_free {}", hub.ports.free());
     let views = hub.exports.views();

@@ -170,6 +170,14 @@ impl Hub {
         }
     }
 
+    /// Merges (running, failed and waiting for a retry), for the metrics: a failed one holds the
+    /// VM's deletes and its retention until someone retries it.
+    pub fn merge_counts(&self) -> (usize, usize) {
+        let st = self.state();
+        let running = st.merges.values().filter(|m| m.running).count();
+        (running, st.merges.len() - running)
+    }
+
     /// Whether `backup`'s manifest on disk says it is being merged (or it is gone, merged).
     fn marked(&self, backup: &Manifest) -> bool {
         let path = self.repo.backup_dir(&backup.vm_name, &backup.backup_id).join("manifest.json");

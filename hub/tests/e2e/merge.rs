@@ -201,6 +201,8 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
     assert_eq!(site.hub("GET", &format!("/api/v1/backups/{}", id(&full)), None).await.0, 404);
     assert_eq!(listed(&site, id(&next)).await["parent_id"], full["backup_id"]);
     assert_point_in_time(&site, "vm", id(&next), &copies).await;
+    let (_, metrics) = site.hub("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_merges{state=\"failed\"} 1"), "{metrics}");
     let (status, body) = site.hub("DELETE", &format!("/api/v1/backups/{}", id(&next)), None).await;
     assert_eq!(status, 409, "the chain is not changed under a merge waiting for a retry: {body}");
     assert!(body["error"].as_str().unwrap().contains("failed"), "{body}");
@@ -208,6 +210,8 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
     std::fs::remove_file(&filler).unwrap();
     let (status, body) = site.hub("DELETE", &merge, None).await;
     assert_eq!(status, 200, "the retry: {body}");
+    let (_, metrics) = site.hub("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_merges{state=\"failed\"} 0"), "{metrics}");
     let merged = listed(&site, id(&next)).await;
     assert_eq!((&merged["backup_type"], &merged["parent_id"]), (&json!("full"), &Value::Null), "{merged}");
     // The clusters the failed attempt allocated and could not fill were reclaimed by the retry.
