@@ -80,55 +80,49 @@ impl Hub {
     /// Under the state lock: the backup to merge away and the incremental to merge it into, now
     /// registered as running; `None` when nothing builds on it (a plain delete).
     fn start_merge(&self, id: &str) -> Result<Option<(Manifest, Manifest)>, HubError> {
-        let (from, into) = {
-            let mut st = self.state();
-            let retry = st.merges.values().find(|m| m.from.backup_id == id).cloned();
-            let (from, into) = match retry {
-                Some(m) if m.running => return Err(HubError::Conflict(m.blocks())),
-                Some(m) => {
-                    let into = st.catalog.get(&m.into).cloned().ok_or_else(|| {
-                        HubError::Internal(format!("backup {} to merge into is not in the catalog", m.into))
-                    })?;
-                    (m.from, into)
+        let mut st = self.state();
+        let retry = st.merges.values().find(|m| m.from.backup_id == id).cloned();
+        let (from, into) = match retry {
+            Some(m) if m.running => return Err(HubError::Conflict(m.blocks())),
+            Some(m) => {
+                let into = st.catalog.get(&m.into).cloned().ok_or_else(|| {
+                    HubError::Internal(format!("backup {} to merge into is not in the catalog", m.into))
+                })?;
+                (m.from, into)
+            }
+            None => {
+                let from =
+                    st.catalog.get(id).cloned().ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
+                let children: Vec<&Manifest> =
+                    st.catalog.values().filter(|c| c.parent_id.as_deref() == Some(id)).collect();
+                let into = match children.as_slice() {
+                    [] => return Ok(None),
+                    [child] => (*child).clone(),
+                    more => {
+                        let ids: Vec<&str> = more.iter().map(|c| c.backup_id.as_str()).collect();
+                        return Err(HubError::Conflict(format!(
+                            "backups {} are incrementals on top of {id}: only a backup with one can be merged",
+                            ids.join(", ")
+                        )));
+                    }
+                };
+                if let Some(m) = st.merges.get(&from.vm_name) {
+                    return Err(HubError::Conflict(m.blocks()));
                 }
-                None => {
-                    let from = st
-                        .catalog
-                        .get(id)
-                        .cloned()
-                        .ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
-                    let children: Vec<&Manifest> =
-                        st.catalog.values().filter(|c| c.parent_id.as_deref() == Some(id)).collect();
-                    let into = match children.as_slice() {
-                        [] => return Ok(None),
-                        [child] => (*child).clone(),
-                        more => {
-                            let ids: Vec<&str> = more.iter().map(|c| c.backup_id.as_str()).collect();
-                            return Err(HubError::Conflict(format!(
-                                "backups {} are incrementals on top of {id}: only a backup with one can be merged",
-                                ids.join(", ")
-                            )));
-                        }
-                    };
-                    if let Some(m) = st.merges.get(&from.vm_name) {
-                        return Err(HubError::Conflict(m.blocks()));
-                    }
-                    if let Some((_, why)) = st.pins.values().find(|(backup, _)| *backup == from.backup_id) {
-                        return Err(HubError::Conflict(format!("backup {id} is in use: {why}")));
-                    }
-                    if st.restores.values().any(|r| r.backup_id == id) {
-                        return Err(HubError::Conflict(format!("backup {id} has an open restore")));
-                    }
-                    st.catalog.remove(id);
-                    (from, into)
+                if let Some((_, why)) = st.pins.values().find(|(backup, _)| *backup == from.backup_id) {
+                    return Err(HubError::Conflict(format!("backup {id} is in use: {why}")));
                 }
-            };
-            st.merges.insert(
-                from.vm_name.clone(),
-                Merge { from: from.clone(), into: into.backup_id.clone(), running: true, error: None },
-            );
-            (from, into)
+                if st.restores.values().any(|r| r.backup_id == id) {
+                    return Err(HubError::Conflict(format!("backup {id} has an open restore")));
+                }
+                st.catalog.remove(id);
+                (from, into)
+            }
         };
+        st.merges.insert(
+            from.vm_name.clone(),
+            Merge { from: from.clone(), into: into.backup_id.clone(), running: true, error: None },
+        );
         Ok(Some((from, into)))
     }
 
