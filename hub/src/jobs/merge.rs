@@ -43,22 +43,19 @@ pub(super) struct Merge {
     pub from: Manifest,
     /// The incremental it is merged into.
     pub into: String,
-    /// Running now (a request or the start is doing it).
-    pub running: bool,
-    /// Why its last attempt failed.
-    pub error: Option<String>,
+    /// Why its last attempt failed; `None` while one runs (a request or the start is doing it).
+    pub failed: Option<String>,
 }
 
 impl Merge {
     /// Why another delete of the VM's backups has to wait.
     pub fn blocks(&self) -> String {
-        match (&self.error, self.running) {
-            (_, true) => format!("backup {} is being merged into {}", self.from.backup_id, self.into),
-            (Some(e), false) => format!(
+        match &self.failed {
+            None => format!("backup {} is being merged into {}", self.from.backup_id, self.into),
+            Some(e) => format!(
                 "the merge of backup {} into {} failed ({e}): retry it with DELETE /api/v1/backups/{}?merge=true",
                 self.from.backup_id, self.into, self.from.backup_id
             ),
-            (None, false) => format!("backup {} waits to be merged into {}", self.from.backup_id, self.into),
         }
     }
 }
@@ -83,7 +80,7 @@ impl Hub {
         let mut st = self.state();
         let retry = st.merges.values().find(|m| m.from.backup_id == id).cloned();
         let (from, into) = match retry {
-            Some(m) if m.running => return Err(HubError::Conflict(m.blocks())),
+            Some(m) if m.failed.is_none() => return Err(HubError::Conflict(m.blocks())),
             Some(m) => {
                 let into = st.catalog.get(&m.into).cloned().ok_or_else(|| {
                     HubError::Internal(format!("backup {} to merge into is not in the catalog", m.into))
@@ -119,10 +116,8 @@ impl Hub {
                 (from, into)
             }
         };
-        st.merges.insert(
-            from.vm_name.clone(),
-            Merge { from: from.clone(), into: into.backup_id.clone(), running: true, error: None },
-        );
+        st.merges
+            .insert(from.vm_name.clone(), Merge { from: from.clone(), into: into.backup_id.clone(), failed: None });
         Ok(Some((from, into)))
     }
 
@@ -153,8 +148,7 @@ impl Hub {
             Err(e) => {
                 tracing::error!(backup = %from.backup_id, into = %into.backup_id, error = %e, "merge failed");
                 if let Some(m) = st.merges.get_mut(&from.vm_name) {
-                    m.running = false;
-                    m.error = Some(e.to_string());
+                    m.failed = Some(e.to_string());
                 }
                 Err(HubError::Internal(format!(
                     "merging backup {} into {} failed: {e}; backup {} is whole, and asking again retries the merge",
@@ -168,7 +162,7 @@ impl Hub {
     /// VM's deletes and its retention until someone retries it.
     pub fn merge_counts(&self) -> (usize, usize) {
         let st = self.state();
-        let running = st.merges.values().filter(|m| m.running).count();
+        let running = st.merges.values().filter(|m| m.failed.is_none()).count();
         (running, st.merges.len() - running)
     }
 
@@ -238,7 +232,7 @@ pub(super) fn finish_interrupted(repo: &Repo, manifests: Vec<Manifest>) -> (Vec<
             }
             Err(e) => {
                 tracing::error!(backup = %from.backup_id, into = %into_id, error = %e, "merge failed again");
-                failed.push(Merge { from, into: into_id, running: false, error: Some(e) });
+                failed.push(Merge { from, into: into_id, failed: Some(e) });
             }
         }
     }
