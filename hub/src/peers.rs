@@ -71,8 +71,10 @@ impl Peers {
         let ip = peer.ip().to_canonical();
         if ip.is_loopback() {
             let Some(uid) = crate::sockowner::local_client_uid(peer, port) else {
+                tracing::warn!(export, %peer, "no entry in /proc/net/tcp for a loopback NBD client: refused");
                 return Err(format!(
-                    "export '{export}': the local user behind {peer} cannot be told, so it is refused"
+                    "export '{export}': the local user behind {peer} cannot be told (the hub reads it from \
+                     /proc/net/tcp), so it is refused"
                 ));
             };
             if self.local_users.admits(uid) {
