@@ -103,6 +103,11 @@ async fn kill_rounds(victim: Victim) {
         let kind = kinds[(moments.next() % kinds.len() as u64) as usize];
         let at = Duration::from_millis(moments.next() % if kind == "merge" { 12 } else { span_ms });
         if kind == "merge" {
+            // A merge needs an incremental on the oldest backup: in the first round there is
+            // only the full one, which `?merge=true` would simply delete.
+            if site.backups("vm").await.len() < 2 {
+                site.backup("vm", "incremental").await;
+            }
             let list = site.backups("vm").await;
             let oldest = list.last().unwrap()["backup_id"].as_str().unwrap().to_string();
             let request = site.hub_request("DELETE", &format!("/api/v1/backups/{oldest}?merge=true"));
