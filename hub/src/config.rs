@@ -44,6 +44,16 @@ pub struct HubFile {
     pub nbd_local_users: Option<Vec<String>>,
     /// Backups of each VM kept after each backup (the oldest merged away); all when unset.
     pub keep_backups: Option<u32>,
+    /// The newest backup of each of the last N hours kept (`retention.rs`).
+    pub keep_hourly: Option<u32>,
+    /// ... of each of the last N days.
+    pub keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks.
+    pub keep_weekly: Option<u32>,
+    /// ... of each of the last N months.
+    pub keep_monthly: Option<u32>,
+    /// ... of each of the last N years.
+    pub keep_yearly: Option<u32>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -125,8 +135,9 @@ pub struct Settings {
     pub direct_io: bool,
     /// Uids whose TCP clients on this machine exports admit, besides root and the hub's own.
     pub nbd_local_users: Vec<u32>,
-    /// Backups of each VM (per node) kept after each backup completes, unless its request says.
-    pub keep_backups: Option<u32>,
+    /// What is kept of each VM's backups (per node) after each backup completes, unless its
+    /// request says (`keep_backups`, `keep_daily`, ...); empty: everything.
+    pub retention: crate::retention::Policy,
     /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
     pub io_uring: bool,
 }
@@ -220,6 +231,17 @@ mod tests {
         assert_eq!(parse_aio("threads"), Ok(false));
         assert_eq!(parse_aio("io_uring"), Ok(true));
         assert!(parse_aio("native").unwrap_err().contains("threads or io_uring"));
+    }
+
+    #[test]
+    fn retention_rules_are_read_by_their_keys() {
+        let f: HubFile = toml::from_str(
+            "keep_backups = 3\nkeep_hourly = 24\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 6\nkeep_yearly = 2\n",
+        )
+        .unwrap();
+        let rules = [f.keep_backups, f.keep_hourly, f.keep_daily, f.keep_weekly, f.keep_monthly, f.keep_yearly];
+        assert_eq!(rules, [Some(3), Some(24), Some(7), Some(4), Some(6), Some(2)]);
+        assert!(toml::from_str::<HubFile>("keep_last = 3\n").is_err(), "keep_backups is the name of keep-last");
     }
 
     #[test]

@@ -192,7 +192,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         direct_io: false,
         io_uring: false,
         nbd_local_users: vec![],
-        keep_backups: None,
+        retention: crate::retention::Policy::default(),
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;

@@ -19,7 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::HubError;
-use crate::jobs::{Hub, JobView, Kind};
+use crate::jobs::{Hub, JobView, Kind, PruneView};
+use crate::retention::Policy;
 
 impl IntoResponse for HubError {
     fn into_response(self) -> Response {
@@ -65,9 +66,59 @@ pub struct BackupRequest {
     /// `?tag=`.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// Backups of the VM to keep once this one completes: the oldest beyond that many are
-    /// merged away (`keep_backups` of the config when absent).
+    /// Backups of the VM to keep once this one completes: the newest N (with the rules below,
+    /// `crate::retention`; the config's rules when none is given here).
     pub keep: Option<u32>,
+    /// The newest backup of each of the last N hours.
+    pub keep_hourly: Option<u32>,
+    /// ... days.
+    pub keep_daily: Option<u32>,
+    /// ... ISO weeks.
+    pub keep_weekly: Option<u32>,
+    /// ... months.
+    pub keep_monthly: Option<u32>,
+    /// ... years.
+    pub keep_yearly: Option<u32>,
+}
+
+/// `POST /api/v1/prune`: apply retention rules to a VM's backups now, or only say what they
+/// would remove.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    /// VM.
+    pub vm_name: String,
+    /// Node, when several nodes' VMs of that name have backups.
+    pub node: Option<String>,
+    /// The rules, as in [`BackupRequest`]; none: the config's.
+    pub keep: Option<u32>,
+    /// See [`BackupRequest::keep_hourly`].
+    pub keep_hourly: Option<u32>,
+    /// See [`BackupRequest::keep_daily`].
+    pub keep_daily: Option<u32>,
+    /// See [`BackupRequest::keep_weekly`].
+    pub keep_weekly: Option<u32>,
+    /// See [`BackupRequest::keep_monthly`].
+    pub keep_monthly: Option<u32>,
+    /// See [`BackupRequest::keep_yearly`].
+    pub keep_yearly: Option<u32>,
+    /// Only say what would be removed.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The retention rules of a request body (`keep`, `keep_hourly`, ...).
+macro_rules! policy_of {
+    ($req:expr) => {
+        Policy {
+            last: $req.keep,
+            hourly: $req.keep_hourly,
+            daily: $req.keep_daily,
+            weekly: $req.keep_weekly,
+            monthly: $req.keep_monthly,
+            yearly: $req.keep_yearly,
+        }
+    };
 }
 
 /// `POST /api/v1/replications`.
@@ -135,6 +186,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/restores/{id}", axum::routing::delete(close_restore))
         .route("/api/v1/replications", post(start_replication).get(list_replications))
         .route("/api/v1/replications/{id}", get(get_replication).delete(delete_replication))
+        .route("/api/v1/prune", post(prune))
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/exports", get(exports))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
@@ -181,8 +233,9 @@ async fn start_backup(
             "unknown repository_id '{r}' (this hub has one repository: default)"
         )));
     }
+    let retention = policy_of!(req);
     let v = to_completion(async move {
-        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags, req.keep).await
+        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags, retention).await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Backup, &v))).into_response())
@@ -218,6 +271,17 @@ async fn delete_backup(
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 
+async fn prune(
+    State(hub): State<Arc<Hub>>,
+    b: Result<Json<PruneRequest>, JsonRejection>,
+) -> Result<Json<PruneView>, HubError> {
+    let req = body(b)?;
+    let policy = policy_of!(req);
+    let view =
+        to_completion(async move { hub.prune(&req.vm_name, req.node.as_deref(), policy, req.dry_run).await }).await?;
+    Ok(Json(view))
+}
+
 async fn delete_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
     let v = to_completion(async move { hub.delete(Kind::Replication, &id).await }).await?;
     Ok(Json(job_json(Kind::Replication, &v)))
@@ -251,7 +315,8 @@ async fn start_replication(
 ) -> Result<Response, HubError> {
     let req = body(b)?;
     let v = to_completion(async move {
-        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[], None).await
+        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[], Policy::default())
+            .await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Replication, &v))).into_response())

@@ -8,6 +8,7 @@
 //! - [`exports`]: one in-process NBD server, an export per leased port.
 //! - [`peers`]: which TCP clients an export admits (this machine and its node).
 //! - [`repo`]: the repository layout and manifests; the catalog is rebuilt from them.
+//! - [`retention`]: which backups a retention policy keeps (pure).
 //! - [`jobs`]: backups, replications, restores, and their cleanup.
 //! - [`verify`]: image checks and checksum comparison.
 //! - [`http`] and [`openapi`]: the API.
@@ -28,5 +29,6 @@ pub mod openapi;
 pub mod peers;
 pub mod ports;
 pub mod repo;
+pub mod retention;
 pub mod sockowner;
 pub mod verify;

@@ -67,7 +67,25 @@ pub fn document() -> Value {
                     "backup_type": {"type": "string", "enum": ["full", "incremental"]},
                     "node": {"type": "string"}, "repository_id": {"type": "string", "enum": ["default"]},
                     "tags": {"type": "array", "maxItems": 16, "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}},
-                    "keep": {"type": "integer", "minimum": 1, "description": "backups of the VM kept once this one completes; older ones are merged away"}}},
+                    "keep": {"type": "integer", "minimum": 1, "description": "retention once this backup completes: the newest N backups of the VM kept; with keep_hourly..keep_yearly, what no rule keeps is merged away (none given: the hub's config)"},
+                    "keep_hourly": {"type": "integer", "minimum": 1}, "keep_daily": {"type": "integer", "minimum": 1},
+                    "keep_weekly": {"type": "integer", "minimum": 1}, "keep_monthly": {"type": "integer", "minimum": 1},
+                    "keep_yearly": {"type": "integer", "minimum": 1}}},
+                "PruneRequest": {"type": "object", "required": ["vm_name"], "properties": {
+                    "vm_name": {"type": "string"}, "node": {"type": "string"},
+                    "keep": {"type": "integer", "minimum": 1}, "keep_hourly": {"type": "integer", "minimum": 1},
+                    "keep_daily": {"type": "integer", "minimum": 1}, "keep_weekly": {"type": "integer", "minimum": 1},
+                    "keep_monthly": {"type": "integer", "minimum": 1}, "keep_yearly": {"type": "integer", "minimum": 1},
+                    "dry_run": {"type": "boolean", "default": false}}},
+                "Prune": {"type": "object", "properties": {
+                    "vm_name": {"type": "string"}, "node": {"type": "string"}, "dry_run": {"type": "boolean"},
+                    "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "removed": {"type": "integer"}, "failed": {"type": "integer"},
+                    "backups": {"type": "array", "items": {"type": "object", "properties": {
+                        "backup_id": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
+                        "action": {"type": "string", "enum": ["keep", "remove"]},
+                        "kept_by": {"type": "string", "enum": ["keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly", "undated"]},
+                        "error": {"type": "string"}}}}}},
                 "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
                 "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {"backup_id": {"type": "string"}}},
                 "DiskResult": {"type": "object", "properties": {
@@ -134,6 +152,7 @@ pub fn document() -> Value {
                 "get": op("one replication run", "200", "Backup", None),
                 "delete": op("cancel a running replication run (its replica is made anew next time) or forget a finished one", "200", "Backup", None)
             },
+            "/api/v1/prune": {"post": op("apply retention rules to a VM's backups now (dry_run: only say what they would remove)", "200", "Prune", Some("PruneRequest"))},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
             "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
             "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},

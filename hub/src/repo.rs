@@ -188,22 +188,14 @@ pub fn remove_dir(path: &Path) {
     }
 }
 
-/// Now as RFC 3339 UTC with milliseconds (so that ids and times sort in creation order),
-/// without a date crate: civil-from-days (H. Hinnant).
+/// Now as RFC 3339 UTC with milliseconds, always 24 characters (so that ids and times sort in
+/// creation order as text).
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let (secs, millis) = (now.as_secs(), now.subsec_millis());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    rfc3339_millis(jiff::Timestamp::now())
+}
+
+fn rfc3339_millis(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 #[cfg(test)]
@@ -268,5 +260,9 @@ mod tests {
         let t = now_rfc3339();
         assert_eq!(t.len(), 24);
         assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+        let parsed: jiff::Timestamp = t.parse().unwrap();
+        assert!(jiff::Timestamp::now().duration_since(parsed).as_secs() < 5, "{t}");
+        let whole: jiff::Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        assert_eq!(rfc3339_millis(whole), "2026-03-01T00:00:00.000Z");
     }
 }

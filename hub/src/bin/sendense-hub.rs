@@ -154,6 +154,15 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         (None, None, None, f) => f,
         _ => bail!("--ssh-listen, --host-key and --authorized-keys go together"),
     };
+    let retention = hub::retention::Policy {
+        last: file.keep_backups,
+        hourly: file.keep_hourly,
+        daily: file.keep_daily,
+        weekly: file.keep_weekly,
+        monthly: file.keep_monthly,
+        yearly: file.keep_yearly,
+    };
+    retention.validate("keep_backups").map_err(|e| anyhow!(e))?;
     Ok(Settings {
         listen,
         repo: a.repo.or(file.repo).unwrap_or_else(|| base.join("repo")),
@@ -177,10 +186,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         io_uring: file.aio.as_deref().map(config::parse_aio).transpose().map_err(|e| anyhow!(e))?.unwrap_or(false),
         nbd_local_users: hub::peers::local_user_ids(&file.nbd_local_users.unwrap_or_default())
             .map_err(|e| anyhow!(e))?,
-        keep_backups: match file.keep_backups {
-            Some(0) => bail!("keep_backups must be at least 1 (or left out to keep every backup)"),
-            k => k,
-        },
+        retention,
     })
 }
 

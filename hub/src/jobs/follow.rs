@@ -108,8 +108,9 @@ impl Hub {
             Err((status, why)) => self.finish(&job, lease, Err((status, why).into())).await,
         }
         if job.kind == Kind::Backup && job.status() == Status::Completed {
-            if let Some(keep) = job.keep.or(self.settings.keep_backups) {
-                self.apply_retention(&job.vm, &job.node, keep).await;
+            let policy = if job.retention.is_empty() { self.settings.retention } else { job.retention };
+            if !policy.is_empty() {
+                self.apply_retention(&job.vm, &job.node, &policy).await;
             }
         }
     }

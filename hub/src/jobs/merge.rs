@@ -22,8 +22,7 @@
 //! Merges of one VM take turns with its deletes: while one runs or waits to be retried, other
 //! deletes of that VM's backups are refused (409), since they would change the chain under it.
 //!
-//! Retention ([`Hub::apply_retention`]): a backup asked for with `keep: N` (or the config's
-//! `keep_backups`) drops the VM's oldest backups beyond N once it completes, this way.
+//! Retention (`prune.rs`) deletes the backups its policy does not keep this way, oldest first.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -174,37 +173,6 @@ impl Hub {
     }
 }
 
-impl Hub {
-    /// Keep the newest `keep` backups of `vm` from `node` (its backups on another node's VM of the
-    /// same name are apart): the oldest beyond that are deleted one by one, each merged into the
-    /// incremental on top of it if there is one ([`Hub::delete_merging`]). Stops at the first
-    /// that cannot go (in use, a merge waiting for a retry, a failure): logged, and tried again
-    /// after the VM's next backup.
-    pub(super) async fn apply_retention(&self, vm: &str, node: &str, keep: u32) {
-        let keep = usize::try_from(keep).unwrap_or(usize::MAX);
-        loop {
-            let oldest = {
-                let st = self.state();
-                let mut mine: Vec<&Manifest> =
-                    st.catalog.values().filter(|m| m.vm_name == vm && m.node == node).collect();
-                if mine.len() <= keep {
-                    return;
-                }
-                mine.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.backup_id.cmp(&b.backup_id)));
-                mine.first().map(|m| m.backup_id.clone())
-            };
-            let Some(oldest) = oldest else { return };
-            match self.delete_merging(&oldest).await {
-                Ok(_) => tracing::info!(vm, node, backup = %oldest, keep, "retention: the oldest backup dropped"),
-                Err(e) => {
-                    tracing::warn!(vm, node, backup = %oldest, keep, error = %e, "retention: the oldest backup stays for now");
-                    return;
-                }
-            }
-        }
-    }
-}
-
 /// The merges a killed hub left (manifests marked `merging_into`), finished now: returns the
 /// catalog (those backups out, their incrementals updated) and the merges that failed again,
 /// kept for a retry. Blocking: the hub is not serving yet.
@@ -319,15 +287,15 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::jobs::tests::{hub_in, manifest};
     use crate::repo::ManifestDisk;
     use qcow2::{BackingFormat, CreateOptions};
 
-    const SIZE: u64 = 4 << 20;
+    pub(in crate::jobs) const SIZE: u64 = 4 << 20;
 
-    fn disk(key: u32) -> ManifestDisk {
+    pub(in crate::jobs) fn disk(key: u32) -> ManifestDisk {
         ManifestDisk {
             disk_key: key,
             disk_id: key - 2000,
@@ -339,7 +307,7 @@ mod tests {
         }
     }
 
-    fn read_all(path: &Path) -> Vec<u8> {
+    pub(in crate::jobs) fn read_all(path: &Path) -> Vec<u8> {
         let image = Image::open_with(path, &repo::image_options(path, false)).unwrap();
         let mut out = vec![0u8; SIZE as usize];
         image.read_at(&mut out, 0).unwrap();

@@ -14,7 +14,8 @@
 //!
 //! Which backup an incremental builds on is the pure function [`choose_parent`]. The job model
 //! and its API views are in `view`, the follower and a job's end in `follow`, the files a job
-//! makes and removes (off the runtime) in `files`, restores in `restores`.
+//! makes and removes (off the runtime) in `files`, restores in `restores`, deleting a backup an
+//! incremental builds on in `merge`, retention in `prune`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -30,16 +31,19 @@ use crate::exports::Exports;
 use crate::peers::{LocalUsers, Peers};
 use crate::ports::{bindable, Ports};
 use crate::repo::{self, Manifest, Repo};
+use crate::retention::Policy;
 use crate::verify::{forget_cached_chain, verify_disk, DiskVerdict};
 
 mod files;
 mod follow;
 mod merge;
+mod prune;
 mod restores;
 mod view;
 
 use files::{DiskFile, JobFiles};
 
+pub use prune::{PruneEntry, PruneView};
 pub use restores::{Restore, RestoreExport, RestoreView};
 use view::{kind_name, manifest_view, type_name, JobDisk, JobState};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
@@ -221,7 +225,7 @@ struct Run<'a> {
     info: &'a node::api::VmInfo,
     requested: BackupType,
     tags: Vec<String>,
-    keep: Option<u32>,
+    retention: Policy,
 }
 
 /// Names from requests: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`.
@@ -336,11 +340,12 @@ impl Hub {
         record["node"].as_str().map(str::to_string)
     }
 
-    /// Start a backup (`Kind::Backup`, with the operator's `tags`, and `keep`: how many of the
-    /// VM's backups to keep once it completes, `merge.rs`) or a replication run (neither).
+    /// Start a backup (`Kind::Backup`, with the operator's `tags`, and the `retention` applied to
+    /// the VM's backups once it completes, `prune.rs`; empty: the config's) or a replication run
+    /// (neither).
     ///
     /// # Errors
-    /// Bad names, tags or `keep` (400), unknown VM or node (404), a job already running for the
+    /// Bad names, tags or retention (400), unknown VM or node (404), a job already running for the
     /// VM (409), no free port or node unreachable (503).
     pub async fn start(
         self: &Arc<Self>,
@@ -349,18 +354,16 @@ impl Hub {
         requested: BackupType,
         node: Option<&str>,
         tags: &[String],
-        keep: Option<u32>,
+        retention: Policy,
     ) -> Result<JobView, HubError> {
         let tags = checked_tags(tags)?;
         if kind == Kind::Replication && !tags.is_empty() {
             return Err(HubError::BadRequest("a replication run takes no tags".into()));
         }
-        if kind == Kind::Replication && keep.is_some() {
-            return Err(HubError::BadRequest("a replication run takes no keep: a VM has one replica".into()));
+        if kind == Kind::Replication && !retention.is_empty() {
+            return Err(HubError::BadRequest("a replication run takes no keep rules: a VM has one replica".into()));
         }
-        if keep == Some(0) {
-            return Err(HubError::BadRequest("keep must be at least 1 (the backup being made)".into()));
-        }
+        retention.validate("keep").map_err(HubError::BadRequest)?;
         if !valid_name(vm) {
             return Err(HubError::BadRequest(format!("vm_name '{vm}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
         }
@@ -394,7 +397,7 @@ impl Hub {
             st.busy_vms.insert(vm.to_string(), id.clone());
         }
         self.reap_orphans(Some(vm)).await;
-        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags, keep };
+        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags, retention };
         let result = self.prepare(run).await;
         match result {
             Ok(job) => Ok(job.view()),
@@ -408,7 +411,7 @@ impl Hub {
     }
 
     async fn prepare(self: &Arc<Self>, run: Run<'_>) -> Result<Arc<Job>, HubError> {
-        let Run { kind, id, vm, node_name, info, requested, tags, keep } = run;
+        let Run { kind, id, vm, node_name, info, requested, tags, retention } = run;
         let (_, client) =
             self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let bind = self.settings.nbd_bind;
@@ -519,7 +522,7 @@ impl Hub {
             parent: parent.map(|p| p.backup_id),
             note,
             tags,
-            keep,
+            retention,
             created_at: repo::now_rfc3339(),
             disks,
             targets: targets.clone(),
@@ -828,7 +831,7 @@ mod tests {
             direct_io: false,
             io_uring: false,
             nbd_local_users: vec![],
-            keep_backups: None,
+            retention: crate::retention::Policy::default(),
         })
         .unwrap()
     }

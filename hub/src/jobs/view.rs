@@ -166,8 +166,9 @@ pub struct Job {
     pub(super) parent: Option<String>,
     pub(super) note: Option<String>,
     pub(super) tags: Vec<String>,
-    /// How many of the VM's backups to keep once this one completes (the request's `keep`).
-    pub(super) keep: Option<u32>,
+    /// The retention applied to the VM's backups once this one completes (the request's `keep`
+    /// rules; empty: the config's).
+    pub(super) retention: crate::retention::Policy,
     pub(super) created_at: String,
     pub(super) disks: Vec<JobDisk>,
     pub(super) targets: String,

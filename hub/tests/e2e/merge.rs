@@ -234,7 +234,9 @@ async fn backups_settled_at(site: &Site, count: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_backups_drops_the_oldest_after_each_backup_and_every_kept_one_stays_whole() {
-    let opts = Options { hub: "keep_backups = 2", ..Options::default() };
+    // keep_yearly keeps nothing more here (every backup is of this year, whose newest keep_backups
+    // keeps): the config's rules by period are read and applied along with it.
+    let opts = Options { hub: "keep_backups = 2\nkeep_yearly = 1", ..Options::default() };
     let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, opts).await;
     let (status, body) =
         site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "full", "keep": 0}))).await;
@@ -270,4 +272,59 @@ async fn keep_backups_drops_the_oldest_after_each_backup_and_every_kept_one_stay
     let left: Vec<String> =
         dirs.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(left, vec![id(&fourth).to_string()], "nothing else is left in the repository");
+}
+
+/// `POST /api/v1/prune` through the API: refused without rules or with bad ones, a dry run that
+/// says what would go and deletes nothing, then the real run, after which every kept point in
+/// time reads as it did. (Rules by period are proven on dated backups in `retention.rs` and
+/// `jobs/prune.rs`; here every backup is of the same hour, so `keep_yearly` keeps nothing more.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_previews_then_applies_a_policy_and_the_kept_backups_stay_whole() {
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, Options::default()).await;
+    let mut made = Vec::new();
+    for (i, kind) in ["full", "incremental", "incremental", "incremental"].into_iter().enumerate() {
+        change(&site.source("vm", i % 2), i as u64 * MIB, 0x70 + i as u8);
+        let b = site.backup("vm", kind).await;
+        made.push((id(&b).to_string(), keep_copies(&site, "vm", 2, &format!("p{i}"))));
+    }
+    let ids: Vec<&str> = made.iter().rev().map(|(id, _)| id.as_str()).collect();
+
+    for (body, status, says) in [
+        (json!({"vm_name": "vm"}), 400, "no retention rules"),
+        (json!({"vm_name": "vm", "keep_daily": 0}), 400, "keep_daily must be at least 1"),
+        (json!({"vm_name": "vm", "keep": 1, "keep_dayly": 2}), 400, "keep_dayly"),
+        (json!({"vm_name": "other", "keep": 1}), 404, "no backups of VM other"),
+    ] {
+        let (got, v) = site.hub("POST", "/api/v1/prune", Some(body.clone())).await;
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{body}: {v}");
+    }
+
+    let (status, preview) = site
+        .hub("POST", "/api/v1/prune", Some(json!({"vm_name": "vm", "keep": 2, "keep_yearly": 3, "dry_run": true})))
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    let said: Vec<(&str, &str, &str)> = preview["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["backup_id"].as_str().unwrap(), e["action"].as_str().unwrap(), e["kept_by"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        said,
+        [(ids[0], "keep", "keep-last"), (ids[1], "keep", "keep-last"), (ids[2], "remove", ""), (ids[3], "remove", "")]
+    );
+    assert_eq!((&preview["dry_run"], &preview["removed"], &preview["node"]), (&json!(true), &json!(0), &json!("n1")));
+    assert_eq!(site.backups("vm").await.len(), 4, "a dry run deletes nothing");
+
+    let (status, done) = site.hub("POST", "/api/v1/prune", Some(json!({"vm_name": "vm", "keep": 2}))).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!((&done["removed"], &done["failed"]), (&json!(2), &json!(0)), "{done}");
+    let left: Vec<String> = site.backups("vm").await.iter().map(|b| id(b).to_string()).collect();
+    assert_eq!(left, [ids[0], ids[1]]);
+    let oldest = listed(&site, ids[1]).await;
+    assert_eq!((&oldest["backup_type"], &oldest["parent_id"]), (&json!("full"), &Value::Null), "{oldest}");
+    for (backup, copies) in made.iter().rev().take(2) {
+        assert_point_in_time(&site, "vm", backup, copies).await;
+    }
 }

@@ -1,0 +1,256 @@
+//! Retention applied to a VM's backups: those a policy does not keep ([`crate::retention`]) are
+//! deleted oldest first, each merged into the incremental on top of it ([`Hub::delete_merging`]),
+//! so every kept backup reads as before and the chain stays whole.
+//!
+//! It runs after each completed backup (the request's rules, else the config's) and on demand:
+//! `POST /api/v1/prune` applies a policy now, or only says what it would do (`dry_run`), so an
+//! operator can try a new policy before it deletes anything. The verdicts are taken once, from
+//! the catalog at that moment: a backup completed meanwhile only adds a newer point in time, which
+//! never makes an older one worth keeping. A backup that cannot go now (a restore open on it, a
+//! merge of the VM waiting for a retry, no space for the merge) is reported and left; the others
+//! are still tried, and the next run tries it again.
+
+use jiff::tz::TimeZone;
+use serde::Serialize;
+
+use super::{valid_name, Hub};
+use crate::error::HubError;
+use crate::retention::{Point, Policy, Rule};
+
+/// What a prune did (or, in a dry run, would do) with one backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneEntry {
+    /// The backup.
+    pub backup_id: String,
+    /// When it was made.
+    pub created_at: String,
+    /// `keep` or `remove`.
+    pub action: &'static str,
+    /// The rule that keeps it (`keep-last`, `keep-daily`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_by: Option<Rule>,
+    /// Why it could not be removed now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer of `POST /api/v1/prune`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneView {
+    /// The VM.
+    pub vm_name: String,
+    /// The node whose backups of it these are.
+    pub node: String,
+    /// Nothing was deleted: the verdicts only.
+    pub dry_run: bool,
+    /// The rules applied.
+    pub policy: Policy,
+    /// Backups removed (none in a dry run).
+    pub removed: usize,
+    /// Backups to remove that could not be (each with its `error`).
+    pub failed: usize,
+    /// Every backup of the VM from that node, newest first.
+    pub backups: Vec<PruneEntry>,
+}
+
+impl Hub {
+    /// Apply `policy` (empty: the config's) to the backups of `vm` from `node` (needed when
+    /// several nodes' VMs of that name have backups), or with `dry_run` only say what it would
+    /// remove.
+    ///
+    /// # Errors
+    /// Bad names, a rule of 0, or no rules here nor in the config (400); no backups of the VM
+    /// (404); backups of it from several nodes and no `node` (409).
+    pub async fn prune(
+        &self,
+        vm: &str,
+        node: Option<&str>,
+        policy: Policy,
+        dry_run: bool,
+    ) -> Result<PruneView, HubError> {
+        if !valid_name(vm) {
+            return Err(HubError::BadRequest(format!("vm_name '{vm}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
+        }
+        policy.validate("keep").map_err(HubError::BadRequest)?;
+        let policy = if policy.is_empty() { self.settings.retention } else { policy };
+        if policy.is_empty() {
+            return Err(HubError::BadRequest(
+                "no retention rules: give keep, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly \
+                 (or set keep_backups, keep_daily, ... in the hub's config)"
+                    .into(),
+            ));
+        }
+        let node = self.backups_node(vm, node)?;
+        Ok(self.apply(vm, &node, &policy, dry_run).await)
+    }
+
+    /// Retention after a backup of `vm` from `node` completed: what `policy` does not keep is
+    /// removed, each outcome logged.
+    pub(super) async fn apply_retention(&self, vm: &str, node: &str, policy: &Policy) {
+        let view = self.apply(vm, node, policy, false).await;
+        for entry in view.backups.iter().filter(|e| e.action == "remove") {
+            match &entry.error {
+                None => tracing::info!(vm, node, backup = %entry.backup_id, "retention: backup dropped"),
+                Some(e) => {
+                    tracing::warn!(vm, node, backup = %entry.backup_id, error = %e, "retention: backup stays for now")
+                }
+            }
+        }
+    }
+
+    /// The node whose backups of `vm` a prune is about.
+    fn backups_node(&self, vm: &str, wanted: Option<&str>) -> Result<String, HubError> {
+        let st = self.state();
+        let mut nodes: Vec<&str> = st.catalog.values().filter(|m| m.vm_name == vm).map(|m| m.node.as_str()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        match (wanted, nodes.as_slice()) {
+            (Some(n), _) if nodes.contains(&n) => Ok(n.to_string()),
+            (Some(n), _) => Err(HubError::NotFound(format!("no backups of VM {vm} from node {n}"))),
+            (None, []) => Err(HubError::NotFound(format!("no backups of VM {vm}"))),
+            (None, [one]) => Ok((*one).to_string()),
+            (None, several) => Err(HubError::Conflict(format!(
+                "VM {vm} has backups from nodes {}: say which with \"node\"",
+                several.join(", ")
+            ))),
+        }
+    }
+
+    async fn apply(&self, vm: &str, node: &str, policy: &Policy, dry_run: bool) -> PruneView {
+        let verdicts = {
+            let st = self.state();
+            let points: Vec<Point<'_>> = st
+                .catalog
+                .values()
+                .filter(|m| m.vm_name == vm && m.node == node)
+                .map(|m| Point { backup_id: &m.backup_id, created_at: &m.created_at })
+                .collect();
+            policy.select(&points, &TimeZone::system())
+        };
+        let mut backups: Vec<PruneEntry> = verdicts
+            .into_iter()
+            .map(|v| PruneEntry {
+                backup_id: v.backup_id,
+                created_at: v.created_at,
+                action: if v.kept_by.is_some() { "keep" } else { "remove" },
+                kept_by: v.kept_by,
+                error: None,
+            })
+            .collect();
+        let (mut removed, mut failed) = (0, 0);
+        if !dry_run {
+            // Oldest first: each merge folds the next backup's layer into the one going away.
+            for entry in backups.iter_mut().rev().filter(|e| e.kept_by.is_none()) {
+                match self.delete_merging(&entry.backup_id).await {
+                    Ok(_) => removed += 1,
+                    Err(e) => {
+                        failed += 1;
+                        entry.error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        PruneView {
+            vm_name: vm.to_string(),
+            node: node.to_string(),
+            dry_run,
+            policy: *policy,
+            removed,
+            failed,
+            backups,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::merge::tests::{disk, read_all, SIZE};
+    use crate::jobs::tests::{hub_in, manifest};
+    use crate::repo::{self, Manifest};
+    use qcow2::{BackingFormat, CreateOptions, Image};
+
+    /// Backups `x` (full), `c` on `x` and `d` on `c`, one disk, each layer writing its own byte
+    /// over its own MiB, on disk and in the catalog: `c` and `d` on one day (in every time zone),
+    /// `x` days before. Returns what each reads as.
+    fn chain(hub: &Hub) -> Vec<(String, Vec<u8>)> {
+        let layers = [
+            ("x", "2026-01-01T12:00:00Z", None),
+            ("c", "2026-01-05T12:00:00Z", Some("x")),
+            ("d", "2026-01-05T12:10:00Z", Some("c")),
+        ];
+        let mut reads = Vec::new();
+        for (i, (id, created, parent)) in layers.into_iter().enumerate() {
+            let m = Manifest {
+                backup_type: if parent.is_some() { "incremental" } else { "full" }.into(),
+                parent_id: parent.map(String::from),
+                disks: vec![disk(2000)],
+                ..manifest(id, created)
+            };
+            std::fs::create_dir_all(hub.repo.backup_dir("vm", id)).unwrap();
+            let path = hub.repo.disk_path("vm", id, 2000);
+            let options = match parent {
+                None => CreateOptions::new(SIZE),
+                Some(p) => CreateOptions::overlay(format!("../{p}/{}", repo::disk_file(2000)), BackingFormat::Qcow2),
+            };
+            Image::create(&path, &options).unwrap();
+            let image = Image::open_with(&path, &repo::image_options(&path, true)).unwrap();
+            image.write_at(&vec![0x10 * (i as u8 + 1); 1 << 20], (i as u64) << 20).unwrap();
+            image.close().unwrap();
+            drop(image);
+            let (manifest_path, data) = hub.repo.manifest_file(&m).unwrap();
+            std::fs::write(manifest_path, data).unwrap();
+            hub.state().catalog.insert(id.into(), m);
+            reads.push((id.to_string(), read_all(&path)));
+        }
+        reads
+    }
+
+    /// `keep_daily = 2` keeps the newest backup of each day: `d` and `x`. `c`, between them, goes
+    /// by merging `d` into it; `d` then builds on `x`, and both read as before.
+    #[tokio::test]
+    async fn a_backup_between_two_kept_ones_is_merged_away_and_both_read_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = testports::free_ports(2);
+        let hub = hub_in(dir.path(), (first, first + 1));
+        let reads = chain(&hub);
+        let policy = Policy { daily: Some(2), ..Policy::default() };
+
+        let preview = hub.prune("vm", None, policy, true).await.unwrap();
+        let said: Vec<(&str, &str)> = preview.backups.iter().map(|e| (e.backup_id.as_str(), e.action)).collect();
+        assert_eq!(said, [("d", "keep"), ("c", "remove"), ("x", "keep")]);
+        assert_eq!((preview.removed, preview.failed), (0, 0));
+        assert_eq!(hub.state().catalog.len(), 3, "a dry run deletes nothing");
+
+        let done = hub.prune("vm", None, policy, false).await.unwrap();
+        assert_eq!((done.removed, done.failed), (1, 0), "{done:?}");
+        let st = hub.state();
+        let ids: Vec<&String> = st.catalog.keys().collect();
+        assert_eq!(ids, ["d", "x"]);
+        assert_eq!(st.catalog.get("d").and_then(|m| m.parent_id.as_deref()), Some("x"));
+        drop(st);
+        assert!(!hub.repo.backup_dir("vm", "c").exists());
+        for (id, expected) in reads.iter().filter(|(id, _)| id != "c") {
+            let path = hub.repo.disk_path("vm", id, 2000);
+            assert!(read_all(&path) == *expected, "backup {id} reads as before");
+            let image = Image::open_with(&path, &repo::image_options(&path, false)).unwrap();
+            assert!(image.check().unwrap().is_clean(), "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_prune_without_rules_or_backups_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = testports::free_ports(2);
+        let hub = hub_in(dir.path(), (first, first + 1));
+        chain(&hub);
+        let no_rules = hub.prune("vm", None, Policy::default(), true).await.unwrap_err();
+        assert!(matches!(&no_rules, HubError::BadRequest(e) if e.contains("no retention rules")), "{no_rules}");
+        let zero = hub.prune("vm", None, Policy { last: Some(0), ..Policy::default() }, true).await.unwrap_err();
+        assert!(matches!(&zero, HubError::BadRequest(e) if e.starts_with("keep ")), "{zero}");
+        let one = Policy { last: Some(1), ..Policy::default() };
+        assert!(matches!(hub.prune("other", None, one, true).await, Err(HubError::NotFound(_))));
+        assert!(matches!(hub.prune("vm", Some("elsewhere"), one, true).await, Err(HubError::NotFound(_))));
+        assert!(matches!(hub.prune("../vm", None, one, true).await, Err(HubError::BadRequest(_))));
+    }
+}
