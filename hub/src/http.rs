@@ -346,29 +346,6 @@ async fn exports(State(hub): State<Arc<Hub>>) -> Json<Value> {
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let (by_status, completed) = hub.counts();
-    let _ = writeln!(
-        out,
-        "# HELP sendense_hub_jobs Backup and replication jobs in memory, by status.\n# TYPE sendense_hub_jobs gauge"
-    );
-    for (status, n) in by_status {
-        let _ = writeln!(out, "sendense_hub_jobs{{status=\"{status}\"}} {n}");
-    }
-    let _ = writeln!(out, "# HELP sendense_hub_backups_completed Backups in the catalog.\n# TYPE sendense_hub_backups_completed gauge\nsendense_hub_backups_completed {completed}");
-    let (merging, failed) = hub.merge_counts();
-    let _ = writeln!(out, "# HELP sendense_hub_merges Merges of a backup into its incremental (retention): running, or failed and waiting for a retry (DELETE ...?merge=true), which holds the VM's deletes.\n# TYPE sendense_hub_merges gauge\nsendense_hub_merges{{state=\"running\"}} {merging}\nsendense_hub_merges{{state=\"failed\"}} {failed}");
-    let _ = writeln!(out, "# HELP sendense_hub_ports_leased NBD ports leased.\n# TYPE sendense_hub_ports_leased gauge\nsendense_hub_ports_leased {}", hub.ports.leased().len());
-    let _ = writeln!(out, "# HELP sendense_hub_ports_free NBD ports free.\n# TYPE sendense_hub_ports_free gauge\nsendense_hub_ports_free {}", hub.ports.free());
-    let views = hub.exports.views();
-    let _ = writeln!(out, "# HELP sendense_hub_export_bytes_written_total Bytes written into an export.\n# TYPE sendense_hub_export_bytes_written_total counter");
-    for e in &views {
-        let _ = writeln!(out, "sendense_hub_export_bytes_written_total{{export=\"{}\"}} {}", e.name, e.bytes_written);
-    }
-    let _ = writeln!(out, "# HELP sendense_hub_export_connections Clients connected to an export.\n# TYPE sendense_hub_export_connections gauge");
-    for e in &views {
-        let _ = writeln!(out, "sendense_hub_export_connections{{export=\"{}\"}} {}", e.name, e.connections);
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let text = crate::metrics::render(&hub).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

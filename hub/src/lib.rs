@@ -11,7 +11,7 @@
 //! - [`retention`]: which backups a retention policy keeps (pure).
 //! - [`jobs`]: backups, replications, restores, and their cleanup.
 //! - [`verify`]: image checks and checksum comparison.
-//! - [`http`] and [`openapi`]: the API.
+//! - [`http`] and [`openapi`]: the API; [`metrics`]: `GET /metrics`.
 //! - [`endpoint`]: the embedded SSH endpoint for node tunnels.
 //! - [`demo`]: `sendense-hub demo`, the whole product on one machine.
 
@@ -25,6 +25,7 @@ pub mod error;
 pub mod exports;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod openapi;
 pub mod peers;
 pub mod ports;

@@ -299,7 +299,32 @@ async fn full_incremental_verify_restore_and_replica_of_a_two_disk_vm() {
 
     let (status, metrics) = hub.call("GET", "/metrics", None).await;
     assert_eq!(status, 200);
-    assert!(metrics.as_str().unwrap().contains("sendense_hub_backups_completed 2"), "{metrics}");
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("sendense_hub_backups_completed 2"), "{metrics}");
+    let value = |series: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let vm = "{vm=\"pgtest1\",node=\"default\"}";
+    assert_eq!(value(&format!("sendense_hub_vm_backups{vm}")), 2.0);
+    let stored: u64 = std::fs::read_dir(d.join("repo/pgtest1"))
+        .unwrap()
+        .flatten()
+        .filter(|b| b.path().is_dir())
+        .flat_map(|b| std::fs::read_dir(b.path()).unwrap().flatten())
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".qcow2"))
+        .map(|f| std::os::unix::fs::MetadataExt::blocks(&f.metadata().unwrap()) * 512)
+        .sum();
+    assert_eq!(value(&format!("sendense_hub_vm_backup_bytes{vm}")), stored as f64, "the images' allocated bytes");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let last = value(&format!("sendense_hub_vm_last_backup_timestamp_seconds{vm}"));
+    assert!(last <= now && now - last < 600.0, "newest backup completed at {last}, now {now}");
+    let (size, avail) = (
+        value("sendense_hub_filesystem_size_bytes{dir=\"repo\"}"),
+        value("sendense_hub_filesystem_avail_bytes{dir=\"repo\"}"),
+    );
+    assert!(avail > 0.0 && size >= avail, "repo filesystem {avail} of {size}");
+    value("sendense_hub_filesystem_avail_bytes{dir=\"replicas\"}");
     let (_, doc) = hub.call("GET", "/api/v1/openapi.json", None).await;
     assert!(doc["paths"]["/api/v1/backups"]["post"].is_object());
 }

@@ -731,11 +731,46 @@ impl Hub {
         (by, st.catalog.len())
     }
 
+    /// Per VM and node, what the catalog holds of its backups (for the metrics).
+    pub fn vm_summaries(&self) -> Vec<VmSummary> {
+        let st = self.state();
+        let mut by: BTreeMap<(&str, &str), VmSummary> = BTreeMap::new();
+        for m in st.catalog.values() {
+            let s = by.entry((&m.vm_name, &m.node)).or_insert_with(|| VmSummary {
+                vm: m.vm_name.clone(),
+                node: m.node.clone(),
+                backups: 0,
+                stored_bytes: 0,
+                last_completed: None,
+            });
+            s.backups += 1;
+            s.stored_bytes += m.disks.iter().map(|d| d.allocated_bytes).sum::<u64>();
+            let completed = m.completed_at.parse::<jiff::Timestamp>().ok().map(|t| t.as_second());
+            s.last_completed = s.last_completed.max(completed);
+        }
+        by.into_values().collect()
+    }
+
     /// Stop: cancel running jobs' followers, close every export.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         self.exports.shutdown().await;
     }
+}
+
+/// A VM's backups from one node, summed up ([`Hub::vm_summaries`]).
+#[derive(Debug, Clone)]
+pub struct VmSummary {
+    /// The VM.
+    pub vm: String,
+    /// The node whose VM it is.
+    pub node: String,
+    /// Backups in the catalog.
+    pub backups: usize,
+    /// Bytes their images hold (each image its own layer).
+    pub stored_bytes: u64,
+    /// When the newest completed (Unix seconds).
+    pub last_completed: Option<i64>,
 }
 
 /// What [`Hub::forget`] took out of memory.

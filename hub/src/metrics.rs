@@ -1,0 +1,112 @@
+//! `GET /metrics`: the hub's state as Prometheus text, for the alerts a backup service needs.
+//!
+//! Besides jobs, merges, ports and exports, per VM (and node) what an operator alerts on: when
+//! its newest backup completed ("no backup of pgtest1 for 26 hours"), how many backups it has and
+//! the bytes its images hold; and per directory, the repository's and the replicas' filesystem
+//! size and the space left for backups ("the repository fills up in three days"). The
+//! filesystem is asked off the runtime with a deadline: a hung repository mount (NFS) leaves
+//! those two series out of the answer instead of holding a worker that carries NBD traffic.
+//! VM and node names are checked names (`[A-Za-z0-9._-]`), safe as label values as they are.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::jobs::{Hub, VmSummary};
+
+/// How long the filesystem may take to say its size.
+const STATVFS_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The metrics text.
+pub async fn render(hub: &Hub) -> String {
+    let mut out = String::new();
+    jobs(&mut out, hub);
+    vms(&mut out, hub);
+    filesystems(&mut out, hub).await;
+    ports_and_exports(&mut out, hub);
+    out
+}
+
+fn jobs(out: &mut String, hub: &Hub) {
+    let (by_status, completed) = hub.counts();
+    help(out, "sendense_hub_jobs", "gauge", "Backup and replication jobs in memory, by status.");
+    for (status, n) in by_status {
+        let _ = writeln!(out, "sendense_hub_jobs{{status=\"{status}\"}} {n}");
+    }
+    help(out, "sendense_hub_backups_completed", "gauge", "Backups in the catalog.");
+    let _ = writeln!(out, "sendense_hub_backups_completed {completed}");
+    let (merging, failed) = hub.merge_counts();
+    help(
+        out,
+        "sendense_hub_merges",
+        "gauge",
+        "Merges of a backup into its incremental (retention): running, or failed and waiting for a retry \
+         (DELETE ...?merge=true), which holds the VM's deletes.",
+    );
+    let _ = writeln!(out, "sendense_hub_merges{{state=\"running\"}} {merging}");
+    let _ = writeln!(out, "sendense_hub_merges{{state=\"failed\"}} {failed}");
+}
+
+/// One per-VM series' value.
+type VmValue = fn(&VmSummary) -> String;
+
+fn vms(out: &mut String, hub: &Hub) {
+    let vms = hub.vm_summaries();
+    let series: [(&str, &str, VmValue); 3] = [
+        ("sendense_hub_vm_backups", "Backups of the VM in the catalog.", |v| v.backups.to_string()),
+        ("sendense_hub_vm_backup_bytes", "Bytes the images of the VM's backups hold (each its own layer).", |v| {
+            v.stored_bytes.to_string()
+        }),
+        ("sendense_hub_vm_last_backup_timestamp_seconds", "When the VM's newest backup completed (Unix time).", |v| {
+            v.last_completed.map_or_else(|| "NaN".into(), |t| t.to_string())
+        }),
+    ];
+    for (name, what, value) in series {
+        help(out, name, "gauge", what);
+        for v in &vms {
+            let _ = writeln!(out, "{name}{{vm=\"{}\",node=\"{}\"}} {}", v.vm, v.node, value(v));
+        }
+    }
+}
+
+async fn filesystems(out: &mut String, hub: &Hub) {
+    let dirs: [(&str, PathBuf); 2] = [("repo", hub.settings.repo.clone()), ("replicas", hub.settings.replicas.clone())];
+    let mut sizes = Vec::new();
+    for (label, dir) in dirs {
+        let asked = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&dir));
+        match tokio::time::timeout(STATVFS_DEADLINE, asked).await {
+            Ok(Ok(Ok(fs))) => sizes.push((label, fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize)),
+            Ok(Ok(Err(e))) => tracing::warn!(dir = label, error = %e, "metrics: cannot read the filesystem's size"),
+            Ok(Err(e)) => tracing::warn!(dir = label, error = %e, "metrics: filesystem query task"),
+            Err(_) => tracing::warn!(dir = label, "metrics: the filesystem did not answer within 2 s"),
+        }
+    }
+    help(out, "sendense_hub_filesystem_size_bytes", "gauge", "Size of the filesystem holding the directory.");
+    for (label, size, _) in &sizes {
+        let _ = writeln!(out, "sendense_hub_filesystem_size_bytes{{dir=\"{label}\"}} {size}");
+    }
+    help(out, "sendense_hub_filesystem_avail_bytes", "gauge", "Bytes the hub may still write there.");
+    for (label, _, avail) in &sizes {
+        let _ = writeln!(out, "sendense_hub_filesystem_avail_bytes{{dir=\"{label}\"}} {avail}");
+    }
+}
+
+fn ports_and_exports(out: &mut String, hub: &Hub) {
+    help(out, "sendense_hub_ports_leased", "gauge", "NBD ports leased.");
+    let _ = writeln!(out, "sendense_hub_ports_leased {}", hub.ports.leased().len());
+    help(out, "sendense_hub_ports_free", "gauge", "NBD ports free.");
+    let _ = writeln!(out, "sendense_hub_ports_free {}", hub.ports.free());
+    let views = hub.exports.views();
+    help(out, "sendense_hub_export_bytes_written_total", "counter", "Bytes written into an export.");
+    for e in &views {
+        let _ = writeln!(out, "sendense_hub_export_bytes_written_total{{export=\"{}\"}} {}", e.name, e.bytes_written);
+    }
+    help(out, "sendense_hub_export_connections", "gauge", "Clients connected to an export.");
+    for e in &views {
+        let _ = writeln!(out, "sendense_hub_export_connections{{export=\"{}\"}} {}", e.name, e.connections);
+    }
+}
+
+fn help(out: &mut String, name: &str, kind: &str, what: &str) {
+    let _ = writeln!(out, "# HELP {name} {what}\n# TYPE {name} {kind}");
+}
