@@ -137,6 +137,11 @@ pub struct ReplicationRequest {
 pub struct RestoreRequest {
     /// The backup to expose.
     pub backup_id: String,
+    /// Disk key -> path on the node: the hub then has the node write those disks and follows
+    /// it (`jobs/restore_run.rs`); absent, the restore is only exports.
+    pub destinations: Option<std::collections::BTreeMap<String, String>>,
+    /// The node to restore onto (with `destinations`; default: the backup's own).
+    pub node: Option<String>,
 }
 
 /// `?vm_name=&tag=`; any other parameter is refused (400), not ignored.
@@ -183,7 +188,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/backups/{id}", get(get_backup).delete(delete_backup))
         .route("/api/v1/backups/{id}/verify", post(verify_backup))
         .route("/api/v1/restores", post(start_restore).get(list_restores))
-        .route("/api/v1/restores/{id}", axum::routing::delete(close_restore))
+        .route("/api/v1/restores/{id}", get(get_restore).delete(close_restore))
         .route("/api/v1/replications", post(start_replication).get(list_replications))
         .route("/api/v1/replications/{id}", get(get_replication).delete(delete_replication))
         .route("/api/v1/prune", post(prune))
@@ -297,12 +302,26 @@ async fn start_restore(
     b: Result<Json<RestoreRequest>, JsonRejection>,
 ) -> Result<Response, HubError> {
     let req = body(b)?;
-    let v = to_completion(async move { hub.restore(&req.backup_id).await }).await?;
+    let v = to_completion(async move {
+        match (&req.destinations, &req.node) {
+            (Some(to), node) => hub.restore_onto(&req.backup_id, node.as_deref(), to).await,
+            (None, None) => hub.restore(&req.backup_id).await,
+            (None, Some(_)) => {
+                Err(HubError::BadRequest("node goes with destinations (where to write the disks)".into()))
+            }
+        }
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
 async fn list_restores(State(hub): State<Arc<Hub>>) -> Json<Value> {
     Json(json!(hub.restores()))
+}
+
+async fn get_restore(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+    let v = hub.restore_view(&id).ok_or_else(|| HubError::NotFound(format!("unknown restore {id}")))?;
+    Ok(Json(json!(v)))
 }
 
 async fn close_restore(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {

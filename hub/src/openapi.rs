@@ -52,6 +52,81 @@ fn with_merge(mut o: Value) -> Value {
     o
 }
 
+/// The request and answer shapes (`components.schemas`).
+fn schemas() -> Value {
+    json!({
+        "Error": {"type": "object", "required": ["error", "code"], "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
+        "BackupRequest": {"type": "object", "required": ["vm_name", "backup_type"], "properties": {
+            "vm_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+            "backup_type": {"type": "string", "enum": ["full", "incremental"]},
+            "node": {"type": "string"}, "repository_id": {"type": "string", "enum": ["default"]},
+            "tags": {"type": "array", "maxItems": 16, "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}},
+            "keep": {"type": "integer", "minimum": 1, "description": "retention once this backup completes: the newest N backups of the VM kept; with keep_hourly..keep_yearly, what no rule keeps is merged away (none given: the hub's config)"},
+            "keep_hourly": {"type": "integer", "minimum": 1}, "keep_daily": {"type": "integer", "minimum": 1},
+            "keep_weekly": {"type": "integer", "minimum": 1}, "keep_monthly": {"type": "integer", "minimum": 1},
+            "keep_yearly": {"type": "integer", "minimum": 1}}},
+        "PruneRequest": {"type": "object", "required": ["vm_name"], "properties": {
+            "vm_name": {"type": "string"}, "node": {"type": "string"},
+            "keep": {"type": "integer", "minimum": 1}, "keep_hourly": {"type": "integer", "minimum": 1},
+            "keep_daily": {"type": "integer", "minimum": 1}, "keep_weekly": {"type": "integer", "minimum": 1},
+            "keep_monthly": {"type": "integer", "minimum": 1}, "keep_yearly": {"type": "integer", "minimum": 1},
+            "dry_run": {"type": "boolean", "default": false}}},
+        "Prune": {"type": "object", "properties": {
+            "vm_name": {"type": "string"}, "node": {"type": "string"}, "dry_run": {"type": "boolean"},
+            "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "removed": {"type": "integer"}, "failed": {"type": "integer"},
+            "backups": {"type": "array", "items": {"type": "object", "properties": {
+                "backup_id": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
+                "action": {"type": "string", "enum": ["keep", "remove"]},
+                "kept_by": {"type": "string", "enum": ["keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly", "undated"]},
+                "error": {"type": "string"}}}}}},
+        "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
+        "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {
+            "backup_id": {"type": "string"},
+            "destinations": {"type": "object", "additionalProperties": {"type": "string"}, "description": "disk key -> path on the node: the hub has the node write those disks, follows it, closes the exports and checks each disk's checksum against the backup's"},
+            "node": {"type": "string", "description": "with destinations: the node to restore onto (default: the backup's)"}}},
+        "DiskResult": {"type": "object", "properties": {
+            "disk_id": {"type": "integer"}, "disk_key": {"type": "integer"}, "nbd_port": {"type": "integer"},
+            "nbd_export_name": {"type": "string"}, "qcow2_path": {"type": "string"}, "status": {"type": "string"},
+            "error_message": {"type": "string"}}},
+        "DiskProgress": {"type": "object", "properties": {
+            "disk_key": {"type": "integer"}, "bytes_total": {"type": "integer"}, "bytes_done": {"type": "integer"},
+            "bytes_sent": {"type": "integer"}, "rate_bps": {"type": "integer"}, "eta_s": {"type": "integer"},
+            "status": {"type": "string"}, "error": {"type": "string"}}},
+        "Backup": {"type": "object", "properties": {
+            "backup_id": {"type": "string"}, "replication_id": {"type": "string"}, "vm_name": {"type": "string"},
+            "node": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
+            "parent_id": {"type": "string", "nullable": true},
+            "status": {"type": "string", "enum": ["queued", "running", "verifying", "completed", "failed", "cancelled"]},
+            "created_at": {"type": "string", "format": "date-time"}, "completed_at": {"type": "string", "format": "date-time"},
+            "nbd_targets_string": {"type": "string"},
+            "disk_results": {"type": "array", "items": {"$ref": "#/components/schemas/DiskResult"}},
+            "disks": {"type": "array", "items": {"$ref": "#/components/schemas/DiskProgress"}},
+            "error": {"type": "string"}, "note": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}}}},
+        "BackupList": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
+        "Verify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "disks": {"type": "array", "items": {"type": "object", "properties": {
+            "disk_key": {"type": "integer"}, "check": {"type": "string"}, "checksum_match": {"type": "boolean", "nullable": true}}}}}},
+        "Restore": {"type": "object", "properties": {
+            "restore_id": {"type": "string"}, "backup_id": {"type": "string"}, "nbd_targets_string": {"type": "string"},
+            "exports": {"type": "array", "items": {"type": "object", "properties": {
+                "disk_key": {"type": "integer"}, "nbd_port": {"type": "integer"}, "nbd_export_name": {"type": "string"}}}},
+            "node": {"type": "string"}, "status": {"type": "string", "enum": ["running", "completed", "failed", "cancelled"]},
+            "error": {"type": "string"},
+            "disks": {"type": "array", "items": {"type": "object", "properties": {
+                "disk_key": {"type": "integer"}, "destination": {"type": "string"}, "status": {"type": "string"},
+                "bytes_total": {"type": "integer"}, "bytes_read": {"type": "integer"}, "rate_bps": {"type": "integer"},
+                "eta_s": {"type": "integer"}, "checksum": {"type": "string"}, "checksum_match": {"type": "boolean"},
+                "error": {"type": "string"}}}}}},
+        "RestoreList": {"type": "array", "items": {"$ref": "#/components/schemas/Restore"}},
+        "Ports": {"type": "object", "properties": {"range": {"type": "string"}, "free": {"type": "integer"},
+            "leased": {"type": "array", "items": {"type": "object", "properties": {"port": {"type": "integer"}, "job_id": {"type": "string"}}}}}},
+        "Exports": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "port": {"type": "integer"}, "connections": {"type": "integer"},
+            "bytes_read": {"type": "integer"}, "bytes_written": {"type": "integer"}, "read_only": {"type": "boolean"}}}}
+    })
+}
+
 /// The document.
 pub fn document() -> Value {
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -60,67 +135,7 @@ pub fn document() -> Value {
         "info": {"title": "sendense-hub", "version": env!("CARGO_PKG_VERSION")},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error", "code"], "properties": {"error": {"type": "string"}, "code": {"type": "string"}}},
-                "BackupRequest": {"type": "object", "required": ["vm_name", "backup_type"], "properties": {
-                    "vm_name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
-                    "backup_type": {"type": "string", "enum": ["full", "incremental"]},
-                    "node": {"type": "string"}, "repository_id": {"type": "string", "enum": ["default"]},
-                    "tags": {"type": "array", "maxItems": 16, "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}},
-                    "keep": {"type": "integer", "minimum": 1, "description": "retention once this backup completes: the newest N backups of the VM kept; with keep_hourly..keep_yearly, what no rule keeps is merged away (none given: the hub's config)"},
-                    "keep_hourly": {"type": "integer", "minimum": 1}, "keep_daily": {"type": "integer", "minimum": 1},
-                    "keep_weekly": {"type": "integer", "minimum": 1}, "keep_monthly": {"type": "integer", "minimum": 1},
-                    "keep_yearly": {"type": "integer", "minimum": 1}}},
-                "PruneRequest": {"type": "object", "required": ["vm_name"], "properties": {
-                    "vm_name": {"type": "string"}, "node": {"type": "string"},
-                    "keep": {"type": "integer", "minimum": 1}, "keep_hourly": {"type": "integer", "minimum": 1},
-                    "keep_daily": {"type": "integer", "minimum": 1}, "keep_weekly": {"type": "integer", "minimum": 1},
-                    "keep_monthly": {"type": "integer", "minimum": 1}, "keep_yearly": {"type": "integer", "minimum": 1},
-                    "dry_run": {"type": "boolean", "default": false}}},
-                "Prune": {"type": "object", "properties": {
-                    "vm_name": {"type": "string"}, "node": {"type": "string"}, "dry_run": {"type": "boolean"},
-                    "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    "removed": {"type": "integer"}, "failed": {"type": "integer"},
-                    "backups": {"type": "array", "items": {"type": "object", "properties": {
-                        "backup_id": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
-                        "action": {"type": "string", "enum": ["keep", "remove"]},
-                        "kept_by": {"type": "string", "enum": ["keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly", "undated"]},
-                        "error": {"type": "string"}}}}}},
-                "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
-                "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {"backup_id": {"type": "string"}}},
-                "DiskResult": {"type": "object", "properties": {
-                    "disk_id": {"type": "integer"}, "disk_key": {"type": "integer"}, "nbd_port": {"type": "integer"},
-                    "nbd_export_name": {"type": "string"}, "qcow2_path": {"type": "string"}, "status": {"type": "string"},
-                    "error_message": {"type": "string"}}},
-                "DiskProgress": {"type": "object", "properties": {
-                    "disk_key": {"type": "integer"}, "bytes_total": {"type": "integer"}, "bytes_done": {"type": "integer"},
-                    "bytes_sent": {"type": "integer"}, "rate_bps": {"type": "integer"}, "eta_s": {"type": "integer"},
-                    "status": {"type": "string"}, "error": {"type": "string"}}},
-                "Backup": {"type": "object", "properties": {
-                    "backup_id": {"type": "string"}, "replication_id": {"type": "string"}, "vm_name": {"type": "string"},
-                    "node": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
-                    "parent_id": {"type": "string", "nullable": true},
-                    "status": {"type": "string", "enum": ["queued", "running", "verifying", "completed", "failed", "cancelled"]},
-                    "created_at": {"type": "string", "format": "date-time"}, "completed_at": {"type": "string", "format": "date-time"},
-                    "nbd_targets_string": {"type": "string"},
-                    "disk_results": {"type": "array", "items": {"$ref": "#/components/schemas/DiskResult"}},
-                    "disks": {"type": "array", "items": {"$ref": "#/components/schemas/DiskProgress"}},
-                    "error": {"type": "string"}, "note": {"type": "string"},
-                    "tags": {"type": "array", "items": {"type": "string"}}}},
-                "BackupList": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
-                "Verify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "disks": {"type": "array", "items": {"type": "object", "properties": {
-                    "disk_key": {"type": "integer"}, "check": {"type": "string"}, "checksum_match": {"type": "boolean", "nullable": true}}}}}},
-                "Restore": {"type": "object", "properties": {
-                    "restore_id": {"type": "string"}, "backup_id": {"type": "string"}, "nbd_targets_string": {"type": "string"},
-                    "exports": {"type": "array", "items": {"type": "object", "properties": {
-                        "disk_key": {"type": "integer"}, "nbd_port": {"type": "integer"}, "nbd_export_name": {"type": "string"}}}}}},
-                "RestoreList": {"type": "array", "items": {"$ref": "#/components/schemas/Restore"}},
-                "Ports": {"type": "object", "properties": {"range": {"type": "string"}, "free": {"type": "integer"},
-                    "leased": {"type": "array", "items": {"type": "object", "properties": {"port": {"type": "integer"}, "job_id": {"type": "string"}}}}}},
-                "Exports": {"type": "array", "items": {"type": "object", "properties": {
-                    "name": {"type": "string"}, "port": {"type": "integer"}, "connections": {"type": "integer"},
-                    "bytes_read": {"type": "integer"}, "bytes_written": {"type": "integer"}, "read_only": {"type": "boolean"}}}}
-            }
+            "schemas": schemas()
         },
         "paths": {
             "/api/v1/backups": {
@@ -142,7 +157,11 @@ pub fn document() -> Value {
                 "post": op("open read-only exports of a backup", "201", "Restore", Some("RestoreRequest")),
                 "get": op("open restores", "200", "RestoreList", None)
             },
-            "/api/v1/restores/{id}": {"parameters": id, "delete": op("close a restore", "200", "Restore", None)},
+            "/api/v1/restores/{id}": {
+                "parameters": id,
+                "get": op("one restore: open, or one the hub drove onto a node, with its progress and outcome", "200", "Restore", None),
+                "delete": op("close a restore (one the hub drives is cancelled on its node first)", "200", "Restore", None)
+            },
             "/api/v1/replications": {
                 "post": op("run the VM's replica up to date", "202", "Backup", Some("ReplicationRequest")),
                 "get": with_filters(op("replication runs (?vm_name=)", "200", "BackupList", None))

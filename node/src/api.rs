@@ -131,6 +131,16 @@ impl JobStatus {
     pub fn is_final(self) -> bool {
         !matches!(self, Self::Running)
     }
+
+    /// As in the API (`running`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Answer to a start call.

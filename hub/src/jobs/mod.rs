@@ -38,12 +38,14 @@ mod files;
 mod follow;
 mod merge;
 mod prune;
+mod restore_run;
 mod restores;
 mod view;
 
 use files::{DiskFile, JobFiles};
 
 pub use prune::{PruneEntry, PruneView};
+pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 use view::{kind_name, manifest_view, type_name, JobDisk, JobState};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
@@ -158,6 +160,8 @@ struct State {
     finished: std::collections::VecDeque<String>,
     busy_vms: HashMap<String, String>,
     restores: HashMap<String, Arc<Restore>>,
+    /// Restores the hub drove onto a node that have ended, the newest last (`restore_run.rs`).
+    finished_restores: std::collections::VecDeque<RestoreView>,
     /// Runs a killed hub left behind, as (VM, job id): their node jobs are cancelled before
     /// the VM's next run, and in the background from the start.
     orphans: Vec<(String, String)>,

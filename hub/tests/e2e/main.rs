@@ -13,7 +13,7 @@ mod site;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use site::{assert_clean, assert_same, change, Options, Site, Transport, Vm, MIB};
+use site::{assert_clean, assert_same, change, tool, Options, Site, Transport, Vm, MIB};
 
 /// Full, incremental, replica (twice) and restore of a two-disk VM; everything equals the
 /// sources.
@@ -56,32 +56,24 @@ async fn lifecycle(transport: Transport, opts: Options<'_>) -> Site {
         site.assert_replica_equals_sources("pgtest1", 2);
     }
 
-    // The newest backup restored to new files on the node, through the same way in.
+    // The newest backup restored to new files on the node, through the same way in: one call to
+    // the hub, which has the node write the disks, follows it, and closes the exports.
     let latest = site.backup("pgtest1", "incremental").await;
-    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": latest["backup_id"]}))).await;
-    assert_eq!(status, 201, "{r}");
     let dest = |i: usize| site.path().join(format!("restores/pgtest1-{i}.raw"));
-    let (status, body) = site
-        .node(
-            "POST",
-            "/api/v1/restore/start",
-            Some(json!({
-                "job_id": "restore-1",
-                "nbd_targets": r["nbd_targets_string"],
-                "destinations": {"2000": dest(0), "2001": dest(1)},
-            })),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let view = wait_node_job(&site, "restore-1").await;
-    assert_eq!(view["status"], "completed", "{view}");
-    for i in 0..2 {
+    let asked = json!({"backup_id": latest["backup_id"], "destinations": {"2000": dest(0), "2001": dest(1)}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!((status, &r["status"], &r["node"]), (201, &json!("running"), &json!("n1")), "{r}");
+    let done = wait_restore(&site, r["restore_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    for (i, d) in done["disks"].as_array().unwrap().iter().enumerate() {
+        assert_eq!((&d["status"], &d["checksum_match"]), (&json!("completed"), &json!(true)), "{done}");
+        assert_eq!(d["destination"], json!(dest(i)), "{done}");
         assert_same(&site.source("pgtest1", i), &dest(i));
     }
-    let (status, _) =
-        site.hub("DELETE", &format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap()), None).await;
-    assert_eq!(status, 200);
+    assert_eq!(done["exports"], json!([]), "its exports closed: {done}");
     site.ports_all_free().await;
+    let (status, listed) = site.hub("GET", "/api/v1/restores", None).await;
+    assert_eq!((status, listed), (200, json!([])), "an ended restore is not open");
     assert_eq!(site.backups("pgtest1").await.len(), 3);
     // Whole VM disks, all of them: backups, replicas and restored disks are their owner's alone.
     for dir in ["repo/pgtest1", "replicas/pgtest1", "restores"] {
@@ -106,6 +98,20 @@ fn assert_private(dir: &std::path::Path) {
         }
     }
     assert!(disks > 0 || dir.read_dir().unwrap().flatten().any(|e| e.path().is_dir()), "{}: empty", dir.display());
+}
+
+/// A restore the hub drives, once it has ended.
+async fn wait_restore(site: &Site, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, v) = site.hub("GET", &format!("/api/v1/restores/{id}"), None).await;
+        assert_eq!(status, 200, "{v}");
+        if v["status"] != "running" {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "restore {id} still running: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_node_job(site: &Site, id: &str) -> Value {
@@ -532,6 +538,76 @@ async fn the_hub_killed_mid_restore_fails_it_clearly_and_a_new_restore_completes
     for i in 0..2 {
         assert_same(&site.source("vm", i), &dest(i));
     }
+}
+
+/// A restore the hub drives (`destinations`): bad requests refused before anything is left open;
+/// one cancelled mid-disk (`DELETE`) stops on the node, leaves the file it was replacing as it was
+/// and frees its ports; and a backup whose image changed in the repository after it was verified
+/// (rot, tampering) restores to `failed`, naming the disk, because what the node wrote does not
+/// reproduce the backup's checksum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_a_changed_backup() {
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let full = site.backup("vm", "full").await;
+    let id = full["backup_id"].as_str().unwrap();
+    let root = site.path().to_path_buf();
+    let dest = |i: usize| root.join(format!("restores/vm-{i}.raw"));
+    for (body, status, says) in [
+        (json!({"backup_id": id, "destinations": {"2005": dest(0)}}), 400, "has no disk 2005"),
+        (json!({"backup_id": id, "destinations": {}}), 400, "names no disk"),
+        (json!({"backup_id": id, "node": "n1"}), 400, "node goes with destinations"),
+        (
+            json!({"backup_id": id, "destinations": {"2000": dest(0)}, "node": "elsewhere"}),
+            404,
+            "unknown node elsewhere",
+        ),
+        (json!({"backup_id": id, "destinations": {"2000": "/etc/passwd"}}), 400, "node n1: "),
+    ] {
+        let (got, v) = site.hub("POST", "/api/v1/restores", Some(body.clone())).await;
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{body}: {v}");
+    }
+    site.ports_all_free().await;
+
+    // Cancelled mid-disk: the file it was to replace stays as it was.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(root.join("restores"))
+        .unwrap();
+    std::fs::write(dest(0), b"the disk before").unwrap();
+    let asked = json!({"backup_id": id, "destinations": {"2000": dest(0)}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = site.hub("GET", &format!("/api/v1/restores/{rid}"), None).await;
+        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = site.hub("DELETE", &format!("/api/v1/restores/{rid}"), None).await;
+    assert_eq!((status, &v["status"]), (200, &json!("cancelled")), "{v}");
+    site.ports_all_free().await;
+    let on_node = wait_node_job(&site, rid).await;
+    assert_eq!(on_node["status"], "cancelled", "{on_node}");
+    assert_eq!(std::fs::read(dest(0)).unwrap(), b"the disk before");
+    let (status, v) = site.hub("GET", &format!("/api/v1/restores/{rid}"), None).await;
+    assert_eq!((status, &v["status"]), (200, &json!("cancelled")), "the record stays: {v}");
+
+    // The backup changed where it is kept: read back, it is not what was backed up.
+    let image = site.image("vm", id, 1);
+    let out = tool("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x55 1M 64k"]).arg(&image).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let asked = json!({"backup_id": id, "destinations": {"2001": dest(1)}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let failed = wait_restore(&site, r["restore_id"].as_str().unwrap()).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("disk 2001 as written differs from the backup"), "{failed}");
+    assert_eq!(failed["disks"][0]["checksum_match"], json!(false), "{failed}");
+    site.ports_all_free().await;
 }
 
 /// This machine's address on its way out (no packet is sent): a client connecting to it is
