@@ -692,6 +692,25 @@ async fn two_nodes_with_a_vm_of_the_same_name_keep_their_backups_apart() {
     assert_eq!(status, 409, "{rep}");
     assert!(rep["error"].as_str().is_some_and(|e| e.contains("node a")), "{rep}");
     assert_same(&a_files.join("web-0.raw"), &d.join("replicas/web/disk-2000.qcow2"));
+
+    // A's VM brought back on B's machine: A's newest backup restored onto B's disk of it, in one
+    // call to the hub.
+    let onto = b_files.join("web-0.raw");
+    let body = json!({"backup_id": a_incr["backup_id"], "node": "b", "destinations": {"2000": onto}});
+    let (status, r) = hub.call("POST", "/api/v1/restores", Some(body)).await;
+    assert_eq!((status, &r["node"]), (201, &json!("b")), "{r}");
+    let path = format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (_, v) = hub.call("GET", &path, None).await;
+        if v["status"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((&done["status"], &done["disks"][0]["checksum_match"]), (&json!("completed"), &json!(true)), "{done}");
+    assert_same(&a_files.join("web-0.raw"), &onto);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,6 +186,8 @@ impl Hub {
             .ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let only: BTreeSet<u32> = wanted.keys().copied().collect();
         let mut restore = self.open_restore(&id, &m, Some(&only)).await?;
+        // The tunnel endpoint admits to these ports the node that reads them.
+        restore.node.clone_from(&node_name);
         restore.run = Some(RestoreRun {
             node: node_name.clone(),
             expected: m
