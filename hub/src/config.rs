@@ -54,6 +54,9 @@ pub struct HubFile {
     pub keep_monthly: Option<u32>,
     /// ... of each of the last N years.
     pub keep_yearly: Option<u32>,
+    /// Verify each completed backup again once per this many days (`jobs/scrub.rs`); off when
+    /// unset.
+    pub verify_every_days: Option<f64>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -138,8 +141,22 @@ pub struct Settings {
     /// What is kept of each VM's backups (per node) after each backup completes, unless its
     /// request says (`keep_backups`, `keep_daily`, ...); empty: everything.
     pub retention: crate::retention::Policy,
+    /// Scrub: each completed backup verified again this often (`verify_every_days`).
+    pub verify_every: Option<Duration>,
     /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
     pub io_uring: bool,
+}
+
+/// `verify_every_days`: a period of more than zero and at most ten years.
+///
+/// # Errors
+/// Zero, negative, not a number, or longer.
+pub fn parse_verify_every(days: f64) -> Result<Duration, String> {
+    if days.is_finite() && days > 0.0 && days <= 3650.0 {
+        Ok(Duration::from_secs_f64(days * 86400.0))
+    } else {
+        Err(format!("verify_every_days = {days}: give a number of days above 0 (at most 3650), or leave it out"))
+    }
 }
 
 /// `writeback` or `none`: whether exports use `O_DIRECT`.
@@ -231,6 +248,15 @@ mod tests {
         assert_eq!(parse_aio("threads"), Ok(false));
         assert_eq!(parse_aio("io_uring"), Ok(true));
         assert!(parse_aio("native").unwrap_err().contains("threads or io_uring"));
+    }
+
+    #[test]
+    fn verify_every_days_is_a_positive_period() {
+        assert_eq!(parse_verify_every(7.0), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_verify_every(0.5), Ok(Duration::from_secs(43200)));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 4000.0] {
+            assert!(parse_verify_every(bad).unwrap_err().contains("verify_every_days"), "{bad}");
+        }
     }
 
     #[test]

@@ -193,6 +193,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         io_uring: false,
         nbd_local_users: vec![],
         retention: crate::retention::Policy::default(),
+        verify_every: None,
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;

@@ -35,6 +35,14 @@ fn jobs(out: &mut String, hub: &Hub) {
     }
     help(out, "sendense_hub_backups_completed", "gauge", "Backups in the catalog.");
     let _ = writeln!(out, "sendense_hub_backups_completed {completed}");
+    help(
+        out,
+        "sendense_hub_backups_verify_failed",
+        "gauge",
+        "Backups whose last verification (a scrub's, verify_every_days, or a request's) failed: an image \
+         not sound or not equal to its checksum.",
+    );
+    let _ = writeln!(out, "sendense_hub_backups_verify_failed {}", hub.verify_failures());
     let (merging, failed) = hub.merge_counts();
     help(
         out,

@@ -64,6 +64,29 @@ pub struct Manifest {
     /// a hub that stops before the merge is done finishes it when it starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merging_into: Option<String>,
+    /// The last verification after the one that completed the backup (a scrub, `jobs/scrub.rs`,
+    /// or `POST .../verify`); none yet: it was verified when it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+}
+
+/// The outcome of a verification of a completed backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    /// When it ended (RFC 3339 UTC).
+    pub at: String,
+    /// Every image sound and equal to its checksum.
+    pub ok: bool,
+    /// What failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Manifest {
+    /// When the backup was last known whole: its last verification, else its completion.
+    pub fn verified_at(&self) -> &str {
+        self.verified.as_ref().map_or(&self.completed_at, |v| &v.at)
+    }
 }
 
 /// Paths of the repository.
@@ -227,6 +250,7 @@ mod tests {
             note: None,
             tags: vec![],
             merging_into: None,
+            verified: None,
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         let (path, data) = repo.manifest_file(&m).unwrap();

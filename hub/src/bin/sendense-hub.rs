@@ -187,6 +187,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         nbd_local_users: hub::peers::local_user_ids(&file.nbd_local_users.unwrap_or_default())
             .map_err(|e| anyhow!(e))?,
         retention,
+        verify_every: file.verify_every_days.map(config::parse_verify_every).transpose().map_err(|e| anyhow!(e))?,
     })
 }
 
@@ -215,6 +216,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         nodes = settings.nodes.len(),
         "sendense-hub serving"
     );
+    // Scrubbing (`verify_every_days`): ends at once when off, and with the hub.
+    tokio::spawn(Arc::clone(&hub).scrub_loop());
     let reaper = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {

@@ -215,6 +215,7 @@ impl Hub {
                     note: job.note.clone(),
                     tags: job.tags.clone(),
                     merging_into: None,
+                    verified: None,
                 };
                 let (path, data) =
                     self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;

@@ -40,6 +40,7 @@ mod merge;
 mod prune;
 mod restore_run;
 mod restores;
+mod scrub;
 mod view;
 
 use files::{DiskFile, JobFiles};
@@ -700,7 +701,9 @@ impl Hub {
             .map_err(|e| HubError::Internal(format!("verify: {e}")))?;
             out.push(v);
         }
-        Ok((out.iter().all(DiskVerdict::ok), out))
+        let ok = out.iter().all(DiskVerdict::ok);
+        self.record_verification(&m, ok, (!ok).then(|| scrub::problems(&out))).await;
+        Ok((ok, out))
     }
 
     /// The manifest of completed backup `id`, pinned for `holder` under the same lock (see `State::pins`),
@@ -803,6 +806,7 @@ mod tests {
             note: None,
             tags: vec![],
             merging_into: None,
+            verified: None,
         }
     }
 
@@ -871,6 +875,7 @@ mod tests {
             io_uring: false,
             nbd_local_users: vec![],
             retention: crate::retention::Policy::default(),
+            verify_every: None,
         })
         .unwrap()
     }

@@ -127,6 +127,9 @@ pub struct JobView {
     /// The operator's labels (backups asked for with `tags`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// A completed backup's last verification since it completed (a scrub's or a request's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<crate::repo::Verified>,
 }
 
 /// A disk of a job.
@@ -252,6 +255,7 @@ impl Job {
             error,
             note: self.note.clone(),
             tags: self.tags.clone(),
+            verified: None,
         }
     }
 }
@@ -312,5 +316,6 @@ pub(super) fn manifest_view(m: &Manifest) -> JobView {
         error: None,
         note: m.note.clone(),
         tags: m.tags.clone(),
+        verified: m.verified.clone(),
     }
 }

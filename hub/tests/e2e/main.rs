@@ -610,6 +610,78 @@ async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_
     site.ports_all_free().await;
 }
 
+/// Scrubbing (`verify_every_days`, here about 2.6 s): every backup is verified again in the
+/// background and the outcome kept in its manifest; an image changed in the repository after its
+/// backup (qemu-io writes 64 KiB into it) is found by the next pass, its backup marked failed with
+/// the disk named, and counted in the metrics; the incremental on top, whose chain reads through
+/// that image, fails too; `POST .../verify` records its outcome the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrubbing_verifies_every_backup_again_and_finds_an_image_changed_behind_the_hubs_back() {
+    let opts = Options { hub: "verify_every_days = 0.00003", ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, opts).await;
+    let full = site.backup("vm", "full").await;
+    change(&site.source("vm", 0), MIB, 0x31);
+    let incr = site.backup("vm", "incremental").await;
+    let ids = [full["backup_id"].as_str().unwrap(), incr["backup_id"].as_str().unwrap()];
+    let verified = |b: &Value| b["verified"]["at"].as_str().map(str::to_string);
+    // Both verified again by the scrub, and found whole.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first: Vec<String> = loop {
+        let list = site.backups("vm").await;
+        let seen: Vec<String> = list.iter().filter_map(verified).collect();
+        if seen.len() == 2 {
+            assert!(list.iter().all(|b| b["verified"]["ok"] == json!(true)), "{list:?}");
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "not scrubbed: {list:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(site.image("vm", ids[0], 0).with_file_name("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(on_disk["verified"]["ok"], json!(true), "kept in the manifest: {on_disk}");
+
+    // The full backup's first image changed behind the hub's back.
+    let out = tool("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x55 2M 64k"])
+        .arg(site.image("vm", ids[0], 0))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let (_, b) = site.hub("GET", &format!("/api/v1/backups/{}", ids[0]), None).await;
+        if b["verified"]["ok"] == json!(false) {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the change was not found: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let error = failed["verified"]["error"].as_str().unwrap();
+    assert!(error.contains("disk 2000") && error.contains("differs from its checksum"), "{failed}");
+    assert_ne!(verified(&failed).as_deref(), Some(first[0].as_str()), "a later verification: {failed}");
+    // The incremental's own layer is whole, but it reads through that image: it fails too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let above = loop {
+        let (_, b) = site.hub("GET", &format!("/api/v1/backups/{}", ids[1]), None).await;
+        if b["verified"]["ok"] == json!(false) {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the incremental still counts as whole: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let error = above["verified"]["error"].as_str().unwrap();
+    assert!(error.contains(&format!("reads through backup {}", ids[0])), "{above}");
+    let (_, metrics) = site.hub("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_backups_verify_failed 2"), "{metrics}");
+
+    // A request's verify re-reads the whole chain and finds the same, recorded as well.
+    let (status, v) = site.hub("POST", &format!("/api/v1/backups/{}/verify", ids[1]), None).await;
+    assert_eq!((status, &v["ok"], &v["disks"][0]["checksum_match"]), (200, &json!(false), &json!(false)), "{v}");
+    let (_, b) = site.hub("GET", &format!("/api/v1/backups/{}", ids[1]), None).await;
+    assert!(b["verified"]["error"].as_str().unwrap().contains("disk 2000"), "{b}");
+}
+
 /// This machine's address on its way out (no packet is sent): a client connecting to it is
 /// not on loopback.
 fn non_loopback_address() -> std::net::IpAddr {
