@@ -103,7 +103,9 @@ fn schemas() -> Value {
             "disk_results": {"type": "array", "items": {"$ref": "#/components/schemas/DiskResult"}},
             "disks": {"type": "array", "items": {"$ref": "#/components/schemas/DiskProgress"}},
             "error": {"type": "string"}, "note": {"type": "string"},
-            "tags": {"type": "array", "items": {"type": "string"}}}},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "verified": {"type": "object", "description": "the last verification since the backup completed (scrub or request)", "properties": {
+                "at": {"type": "string", "format": "date-time"}, "ok": {"type": "boolean"}, "error": {"type": "string"}}}}},
         "BackupList": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
         "Verify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "disks": {"type": "array", "items": {"type": "object", "properties": {
             "disk_key": {"type": "integer"}, "check": {"type": "string"}, "checksum_match": {"type": "boolean", "nullable": true}}}}}},
