@@ -65,8 +65,10 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merging_into: Option<String>,
     /// The last verification after the one that completed the backup (a scrub, `jobs/scrub.rs`,
-    /// or `POST .../verify`); none yet: it was verified when it completed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// or `POST .../verify`); none yet: it was verified when it completed. Kept in its own file
+    /// beside the manifest ([`Repo::verified_file`]), which only the verifications write: a merge
+    /// rewriting the manifest meanwhile can neither lose it nor be undone by it.
+    #[serde(skip)]
     pub verified: Option<Verified>,
 }
 
@@ -131,6 +133,15 @@ impl Repo {
         Ok((self.backup_dir(&m.vm_name, &m.backup_id).join("manifest.json"), data))
     }
 
+    /// Where a backup's last verification is kept, and what it holds.
+    ///
+    /// # Errors
+    /// It cannot be serialised.
+    pub fn verified_file(&self, m: &Manifest, v: &Verified) -> std::io::Result<(PathBuf, Vec<u8>)> {
+        let data = serde_json::to_vec_pretty(v).map_err(std::io::Error::other)?;
+        Ok((self.backup_dir(&m.vm_name, &m.backup_id).join("verified.json"), data))
+    }
+
     /// Every backup with a valid manifest, and the runs a killed hub left behind: directories
     /// without a manifest (removed here, and logged) and replica sets still marked inconsistent.
     /// The interrupted runs are returned as (VM, job id) so that their node jobs can be
@@ -147,7 +158,12 @@ impl Repo {
                         .ok()
                         .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok());
                     match manifest {
-                        Some(m) if m.backup_id == b.file_name().to_string_lossy() => out.push(m),
+                        Some(mut m) if m.backup_id == b.file_name().to_string_lossy() => {
+                            m.verified = std::fs::read(path.join("verified.json"))
+                                .ok()
+                                .and_then(|bytes| serde_json::from_slice::<Verified>(&bytes).ok());
+                            out.push(m);
+                        }
                         _ => {
                             tracing::warn!(dir = %path.display(), "removing an interrupted backup (no valid manifest)");
                             interrupted.push((

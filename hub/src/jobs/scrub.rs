@@ -8,16 +8,17 @@
 //! re-read and hashed; the blocks it takes from its backing file are taken from that file's block
 //! hashes (`disk-KEY.blocks`, `crate::verify`), which the parent's own scrub checks in turn, so a
 //! pass over the repository reads each image once rather than each chain once per backup. An
-//! image whose parent left no hashes is re-read through its whole chain. The outcome is written
-//! into the backup's manifest (`verified`: when, whether every disk was sound and equal to its
-//! checksum, what was not), shown in its API view and counted in the metrics
+//! image whose parent left no hashes is re-read through its whole chain. The outcome is kept in
+//! `verified.json` beside the backup's manifest (when, whether every disk was sound and equal to
+//! its checksum, what was not; a file of its own, so that a merge rewriting the manifest never
+//! races with it), shown in its API view and counted in the metrics
 //! (`sendense_hub_backups_verify_failed`). A backup whose chain reads through one that failed
 //! fails too, naming it: it cannot be restored whole either. `POST /api/v1/backups/{id}/verify`, which re-reads the
 //! whole chain, records its outcome the same way.
 //!
 //! While a backup is read it is pinned like any verify (a delete or merge of it answers 409 and
 //! retention tries it again after the next backup); a VM with a merge under way is passed over
-//! until the merge is done, since the merge rewrites the manifests the scrub would.
+//! until the merge is done.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,38 +124,28 @@ impl Hub {
         None
     }
 
-    /// Write a verification's outcome into the backup's manifest and the catalog. A backup
-    /// deleted or being merged meanwhile keeps what it had (its manifest is someone else's to
-    /// write now).
+    /// Record a verification's outcome in the catalog and in `verified.json` beside the backup's
+    /// manifest. A backup deleted meanwhile keeps nothing; one being merged away (no longer in the
+    /// catalog) neither. A file that cannot be written (no space) is logged; the catalog keeps the
+    /// outcome until the hub restarts, so the scrub still moves on to the next backup.
     pub(super) async fn record_verification(&self, m: &Manifest, ok: bool, error: Option<String>) {
         let verified = Verified { at: repo::now_rfc3339(), ok, error };
-        let updated = {
-            let st = self.state();
-            match st.catalog.get(&m.backup_id) {
-                Some(current) if !st.merges.contains_key(&m.vm_name) => {
-                    Manifest { verified: Some(verified.clone()), ..current.clone() }
-                }
-                _ => return,
-            }
-        };
+        {
+            let mut st = self.state();
+            let Some(current) = st.catalog.get_mut(&m.backup_id) else { return };
+            current.verified = Some(verified.clone());
+        }
         let repo = self.repo.clone();
-        let to_write = updated.clone();
+        let m = m.clone();
         let written = off_runtime("recording a verification", move || {
-            let (path, data) = repo.manifest_file(&to_write).map_err(|e| e.to_string())?;
+            let (path, data) = repo.verified_file(&m, &verified).map_err(|e| e.to_string())?;
             node::files::write_atomically(&path, &data).map_err(|e| format!("{}: {e}", path.display()))
         })
-        .await;
-        match written {
-            Ok(Ok(())) => {
-                let mut st = self.state();
-                if let Some(current) = st.catalog.get_mut(&m.backup_id) {
-                    current.verified = Some(verified);
-                }
-            }
-            Ok(Err(e)) | Err(HubError::Internal(e)) => {
-                tracing::warn!(backup = %m.backup_id, error = %e, "cannot record the verification");
-            }
-            Err(e) => tracing::warn!(backup = %m.backup_id, error = %e, "cannot record the verification"),
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot keep the verification's outcome");
         }
     }
 

@@ -611,7 +611,7 @@ async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_
 }
 
 /// Scrubbing (`verify_every_days`, here about 2.6 s): every backup is verified again in the
-/// background and the outcome kept in its manifest; an image changed in the repository after its
+/// background and the outcome kept beside its manifest; an image changed in the repository after its
 /// backup (qemu-io writes 64 KiB into it) is found by the next pass, its backup marked failed with
 /// the disk named, and counted in the metrics; the incremental on top, whose chain reads through
 /// that image, fails too; `POST .../verify` records its outcome the same way.
@@ -636,10 +636,9 @@ async fn scrubbing_verifies_every_backup_again_and_finds_an_image_changed_behind
         assert!(Instant::now() < deadline, "not scrubbed: {list:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let on_disk: Value =
-        serde_json::from_slice(&std::fs::read(site.image("vm", ids[0], 0).with_file_name("manifest.json")).unwrap())
-            .unwrap();
-    assert_eq!(on_disk["verified"]["ok"], json!(true), "kept in the manifest: {on_disk}");
+    let kept = std::fs::read(site.image("vm", ids[0], 0).with_file_name("verified.json")).unwrap();
+    let kept: Value = serde_json::from_slice(&kept).unwrap();
+    assert_eq!(kept["ok"], json!(true), "kept beside the manifest: {kept}");
 
     // The full backup's first image changed behind the hub's back.
     let out = tool("qemu-io")
