@@ -360,17 +360,27 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         );
     }
 
-    println!("\n7. retention: the full backup dropped by merging the incremental into it");
+    println!("\n7. retention: keep the newest backup (POST /api/v1/prune), the full one merged into the incremental");
     let started = Instant::now();
-    let (status, v) = api.call(reqwest::Method::DELETE, &format!("/api/v1/backups/{full_id}?merge=true"), None).await?;
-    ensure!(status == 200, "merge: {status} {v}");
+    let (status, v) = api
+        .call(reqwest::Method::POST, "/api/v1/prune", Some(json!({"vm_name": "demo", "keep": 1, "dry_run": true})))
+        .await?;
+    ensure!(status == 200, "prune preview: {status} {v}");
+    for b in v["backups"].as_array().cloned().unwrap_or_default() {
+        let why = b["kept_by"].as_str().map_or_else(String::new, |r| format!(" ({r})"));
+        println!("  would {} {}{why}", b["action"].as_str().unwrap_or("?"), b["backup_id"].as_str().unwrap_or("?"));
+    }
+    let (status, v) =
+        api.call(reqwest::Method::POST, "/api/v1/prune", Some(json!({"vm_name": "demo", "keep": 1}))).await?;
+    ensure!(status == 200 && v["removed"] == 1, "prune: {status} {v}");
+    let gone = api.call(reqwest::Method::GET, &format!("/api/v1/backups/{full_id}"), None).await?.0 == 404;
     let (_, merged) = api.call(reqwest::Method::GET, &format!("/api/v1/backups/{incr_id}"), None).await?;
     let (_, v) = api.call(reqwest::Method::POST, &format!("/api/v1/backups/{incr_id}/verify"), None).await?;
     let stands_alone = (0..2).all(|i| {
         let image = dir.join("hub/repo/demo").join(&incr_id).join(format!("disk-{}.qcow2", 2000 + i));
         qcow2::Image::open(&image).is_ok_and(|img| img.header().backing_file.is_none())
     });
-    let merge_ok = v["ok"] == true && merged["parent_id"].is_null() && stands_alone;
+    let merge_ok = gone && v["ok"] == true && merged["parent_id"].is_null() && stands_alone;
     ok &= merge_ok;
     println!(
         "  backup {incr_id}: {} in {:.2}s",
