@@ -91,6 +91,9 @@ impl Manifest {
     }
 }
 
+/// The file under the repository's root listing the restores the hub drives on nodes.
+const RESTORES_IN_FLIGHT: &str = ".restores-in-flight.json";
+
 /// Paths of the repository.
 #[derive(Debug, Clone)]
 pub struct Repo {
@@ -131,6 +134,25 @@ impl Repo {
     pub fn manifest_file(&self, m: &Manifest) -> std::io::Result<(PathBuf, Vec<u8>)> {
         let data = serde_json::to_vec_pretty(m).map_err(std::io::Error::other)?;
         Ok((self.backup_dir(&m.vm_name, &m.backup_id).join("manifest.json"), data))
+    }
+
+    /// The restores the hub is driving on nodes, as (node, restore id), from
+    /// `REPO/.restores-in-flight.json` (none when it is missing or unreadable): what a hub killed
+    /// meanwhile left running on its nodes (`jobs/restore_run.rs`).
+    pub fn restores_in_flight(&self) -> Vec<(String, String)> {
+        std::fs::read(self.root.join(RESTORES_IN_FLIGHT))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Replace that list, atomically and durably.
+    ///
+    /// # Errors
+    /// It cannot be written.
+    pub fn save_restores_in_flight(&self, list: &[(String, String)]) -> std::io::Result<()> {
+        let data = serde_json::to_vec(list).map_err(std::io::Error::other)?;
+        node::files::write_atomically(&self.root.join(RESTORES_IN_FLIGHT), &data)
     }
 
     /// Where a backup's last verification is kept, and what it holds.

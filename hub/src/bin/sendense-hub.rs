@@ -228,6 +228,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 if hub.has_orphans() {
                     hub.reap_orphans(None).await;
                 }
+                if hub.has_lost_restores() {
+                    hub.reap_lost_restores().await;
+                }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 tick += 1;
                 if tick.is_multiple_of(5) {

@@ -152,6 +152,8 @@ pub struct Hub {
     local_users: LocalUsers,
     state: Mutex<State>,
     shutdown: CancellationToken,
+    /// Taken while the list of restores in flight is written, so that writes never cross.
+    in_flight_file: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -163,6 +165,11 @@ struct State {
     restores: HashMap<String, Arc<Restore>>,
     /// Restores the hub drove onto a node that have ended, the newest last (`restore_run.rs`).
     finished_restores: std::collections::VecDeque<RestoreView>,
+    /// Restores the hub drives on a node now, by id: their node (kept in the repository).
+    driven: BTreeMap<String, String>,
+    /// Restores a killed hub left running on nodes, as (node, id): cancelled there when the
+    /// node answers.
+    lost_restores: Vec<(String, String)>,
     /// Runs a killed hub left behind, as (VM, job id): their node jobs are cancelled before
     /// the VM's next run, and in the background from the start.
     orphans: Vec<(String, String)>,
@@ -259,6 +266,7 @@ impl Hub {
             nodes.push((n.clone(), client));
         }
         let (manifests, orphans) = repo.scan();
+        let lost_restores = repo.restores_in_flight();
         let (manifests, unmerged) = merge::finish_interrupted(&repo, manifests);
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let merges = unmerged.into_iter().map(|m| (m.from.vm_name.clone(), m)).collect();
@@ -272,8 +280,9 @@ impl Hub {
             exports,
             nodes,
             local_users,
-            state: Mutex::new(State { catalog, orphans, merges, ..State::default() }),
+            state: Mutex::new(State { catalog, orphans, merges, lost_restores, ..State::default() }),
             shutdown: CancellationToken::new(),
+            in_flight_file: tokio::sync::Mutex::new(()),
         }))
     }
 

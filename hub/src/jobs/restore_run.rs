@@ -11,9 +11,11 @@
 //!
 //! The record stays readable (`GET /api/v1/restores/{id}`) after the exports close, among the
 //! last [`KEEP_FINISHED`] finished ones. `DELETE` cancels the node's job and closes the exports;
-//! the node then leaves each destination as it was (a file is replaced only once whole). A hub
-//! stopped meanwhile loses the record; the node's job fails when the exports do not come back
-//! within its retry window, and leaves the destinations as they were.
+//! the node then leaves each destination as it was (a file is replaced only once whole). The
+//! restores being driven are listed in the repository (`.restores-in-flight.json`): a hub killed
+//! meanwhile loses their records, and cancels their node jobs when it starts again (they would
+//! otherwise retry the exports that are gone for the node's retry window, holding the
+//! destinations, and a VM restored onto, until then).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use node::api::{DiskStatus, JobStatus, JobView as NodeJobView, RestoreRequest};
 use serde::Serialize;
 
+use super::files::off_runtime;
 use super::restores::{Restore, RestoreView};
 use super::{new_id, valid_name, Hub, POLL};
 use crate::error::HubError;
@@ -200,8 +203,13 @@ impl Hub {
             state: Mutex::new(RunState { status: JobStatus::Running, disks: Vec::new(), error: None }),
         });
         let r = Arc::new(restore);
-        self.state().restores.insert(id.clone(), Arc::clone(&r));
+        {
+            let mut st = self.state();
+            st.restores.insert(id.clone(), Arc::clone(&r));
+            st.driven.insert(id.clone(), node_name.clone());
+        }
         drop(pinned);
+        self.save_in_flight().await;
         let request =
             RestoreRequest { job_id: id.clone(), nbd_targets: r.targets.clone(), destinations: destinations.clone() };
         if let Err(e) = client.start_restore(&request).await {
@@ -278,12 +286,62 @@ impl Hub {
         }
         let view = r.view();
         if r.run.is_some() {
-            let mut st = self.state();
-            st.finished_restores.push_back(view.clone());
-            while st.finished_restores.len() > KEEP_FINISHED {
-                st.finished_restores.pop_front();
+            {
+                let mut st = self.state();
+                st.driven.remove(id);
+                st.finished_restores.push_back(view.clone());
+                while st.finished_restores.len() > KEEP_FINISHED {
+                    st.finished_restores.pop_front();
+                }
             }
+            self.save_in_flight().await;
         }
         Some(view)
+    }
+
+    /// Write the restores driven now, and those a killed hub left not yet cancelled, into the
+    /// repository: what this hub's successor cancels if it is killed. A write that fails is
+    /// logged (the successor would then leave those node jobs to fail by themselves).
+    async fn save_in_flight(&self) {
+        let _turn = self.in_flight_file.lock().await;
+        let list: Vec<(String, String)> = {
+            let st = self.state();
+            let driven = st.driven.iter().map(|(id, node)| (node.clone(), id.clone()));
+            driven.chain(st.lost_restores.iter().cloned()).collect()
+        };
+        let repo = self.repo.clone();
+        let saved = off_runtime("listing restores in flight", move || repo.save_restores_in_flight(&list)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot keep the list of restores in flight"),
+            Err(e) => tracing::warn!(error = %e, "cannot keep the list of restores in flight"),
+        }
+    }
+
+    /// Cancel on their nodes the restores a killed hub left running there (they read exports
+    /// that are gone, and hold their destinations, and a VM restored onto, until they give up).
+    /// Forgotten once the node has let go of one, or when its node is no longer configured.
+    pub async fn reap_lost_restores(&self) {
+        let lost = self.state().lost_restores.clone();
+        let mut released = Vec::new();
+        for (node, id) in lost {
+            let done = match self.node(&node) {
+                Some((_, client)) => super::release_node_job(client, &id).await,
+                None => true,
+            };
+            if done {
+                tracing::info!(node, restore = id, "the node let go of a restore the hub lost when it was stopped");
+                released.push(id);
+            }
+        }
+        if !released.is_empty() {
+            self.state().lost_restores.retain(|(_, id)| !released.contains(id));
+            self.save_in_flight().await;
+        }
+    }
+
+    /// Whether restores a killed hub left behind still wait for their node to let go.
+    pub fn has_lost_restores(&self) -> bool {
+        !self.state().lost_restores.is_empty()
     }
 }

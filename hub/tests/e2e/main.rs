@@ -610,6 +610,50 @@ async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_
     site.ports_all_free().await;
 }
 
+/// The hub killed while it drives a restore: its successor finds the restore in the repository's
+/// list of restores in flight and cancels it on the node at once (before: the node retried the
+/// exports that were gone for its whole retry window, 30 s here, holding the destination); the file
+/// the restore was to replace is as it was, and the list is empty again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_the_hub_drove_when_it_was_killed_is_cancelled_on_the_node_when_it_starts_again() {
+    let mut site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let full = site.backup("vm", "full").await;
+    let root = site.path().to_path_buf();
+    let dest = root.join("restores/vm-0.raw");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(root.join("restores"))
+        .unwrap();
+    std::fs::write(&dest, b"the disk before").unwrap();
+    let asked = json!({"backup_id": full["backup_id"], "destinations": {"2000": dest}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let listed = site.as_hub_sees(&root.join("repo/.restores-in-flight.json"));
+    let in_flight = || -> Value { serde_json::from_slice(&std::fs::read(&listed).unwrap()).unwrap() };
+    assert_eq!(in_flight(), json!([["n1", rid]]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = site.node("GET", &format!("/api/v1/backup/{rid}"), None).await;
+        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    site.kill_hub();
+    site.start_hub();
+    // Cancelled by the new hub: left to its retry window, it would have ended "failed".
+    let ended = wait_node_job(&site, &rid).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"the disk before");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_flight() != json!([]) {
+        assert!(Instant::now() < deadline, "still listed: {}", in_flight());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    site.ports_all_free().await;
+}
+
 /// Scrubbing (`verify_every_days`, here about 2.6 s): every backup is verified again in the
 /// background and the outcome kept beside its manifest; an image changed in the repository after its
 /// backup (qemu-io writes 64 KiB into it) is found by the next pass, its backup marked failed with
