@@ -100,6 +100,30 @@ fn assert_private(dir: &std::path::Path) {
     assert!(disks > 0 || dir.read_dir().unwrap().flatten().any(|e| e.path().is_dir()), "{}: empty", dir.display());
 }
 
+/// 64 KiB of the qcow2 image at `image` rewritten at `offset` with qemu-io, as rot or tampering in
+/// the repository would change it (a valid write: only the content differs from the backup).
+fn change_behind_the_hubs_back(image: &std::path::Path, offset: &str) {
+    let out = tool("qemu-io")
+        .args(["-f", "qcow2", "-c", &format!("write -P 0x55 {offset} 64k")])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Backup `id` once a verification has found it not whole.
+async fn wait_failed_verification(site: &Site, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, b) = site.hub("GET", &format!("/api/v1/backups/{id}"), None).await;
+        if b["verified"]["ok"] == json!(false) {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "backup {id} still counts as whole: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A restore the hub drives, once it has ended.
 async fn wait_restore(site: &Site, id: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -597,9 +621,7 @@ async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_
     assert_eq!((status, &v["status"]), (200, &json!("cancelled")), "the record stays: {v}");
 
     // The backup changed where it is kept: read back, it is not what was backed up.
-    let image = site.image("vm", id, 1);
-    let out = tool("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x55 1M 64k"]).arg(&image).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    change_behind_the_hubs_back(&site.image("vm", id, 1), "1M");
     let asked = json!({"backup_id": id, "destinations": {"2001": dest(1)}});
     let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
     assert_eq!(status, 201, "{r}");
@@ -685,34 +707,13 @@ async fn scrubbing_verifies_every_backup_again_and_finds_an_image_changed_behind
     assert_eq!(kept["ok"], json!(true), "kept beside the manifest: {kept}");
 
     // The full backup's first image changed behind the hub's back.
-    let out = tool("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x55 2M 64k"])
-        .arg(site.image("vm", ids[0], 0))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let failed = loop {
-        let (_, b) = site.hub("GET", &format!("/api/v1/backups/{}", ids[0]), None).await;
-        if b["verified"]["ok"] == json!(false) {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "the change was not found: {b}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    change_behind_the_hubs_back(&site.image("vm", ids[0], 0), "2M");
+    let failed = wait_failed_verification(&site, ids[0]).await;
     let error = failed["verified"]["error"].as_str().unwrap();
     assert!(error.contains("disk 2000") && error.contains("differs from its checksum"), "{failed}");
     assert_ne!(verified(&failed).as_deref(), Some(first[0].as_str()), "a later verification: {failed}");
     // The incremental's own layer is whole, but it reads through that image: it fails too.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let above = loop {
-        let (_, b) = site.hub("GET", &format!("/api/v1/backups/{}", ids[1]), None).await;
-        if b["verified"]["ok"] == json!(false) {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "the incremental still counts as whole: {b}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let above = wait_failed_verification(&site, ids[1]).await;
     let error = above["verified"]["error"].as_str().unwrap();
     assert!(error.contains(&format!("reads through backup {}", ids[0])), "{above}");
     let (_, metrics) = site.hub("GET", "/metrics", None).await;
