@@ -14,8 +14,9 @@
 //!
 //! Which backup an incremental builds on is the pure function [`choose_parent`]. The job model
 //! and its API views are in `view`, the follower and a job's end in `follow`, the files a job
-//! makes and removes (off the runtime) in `files`, restores in `restores`, deleting a backup an
-//! incremental builds on in `merge`, retention in `prune`.
+//! makes and removes (off the runtime) in `files`, restores in `restores` (and those the hub
+//! drives onto a node in `restore_run`), deleting a backup an incremental builds on in `merge`,
+//! retention in `prune`, background re-verification in `scrub`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
