@@ -124,6 +124,35 @@ async fn wait_failed_verification(site: &Site, id: &str) -> Value {
     }
 }
 
+/// Node job `job` (a restore) once its first disk is under way: 2 MiB read (the node copies at
+/// its bandwidth limit, so it is still running).
+async fn wait_restore_under_way(site: &Site, job: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = site.node("GET", &format!("/api/v1/backup/{job}"), None).await;
+        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Disk 2000 of `backup` restored by the hub onto `dest`, a file that held "the disk before",
+/// once under way; returns the restore's id.
+async fn restore_over_an_old_file(site: &Site, backup: &str, dest: &std::path::Path) -> String {
+    if let Some(dir) = dest.parent().filter(|d| !d.exists()) {
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(dir).unwrap();
+    }
+    std::fs::write(dest, b"the disk before").unwrap();
+    let asked = json!({"backup_id": backup, "destinations": {"2000": dest}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    wait_restore_under_way(site, &rid).await;
+    rid
+}
+
 /// A restore the hub drives, once it has ended.
 async fn wait_restore(site: &Site, id: &str) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -539,15 +568,7 @@ async fn the_hub_killed_mid_restore_fails_it_clearly_and_a_new_restore_completes
     let destinations = json!({"2000": dest(0), "2001": dest(1)});
     start_restore(&site, &full, "restore-1", &destinations).await;
     // Killed once the first disk is under way (the node copies at its bandwidth limit).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, v) = site.node("GET", "/api/v1/backup/restore-1", None).await;
-        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_restore_under_way(&site, "restore-1").await;
     site.kill_hub();
     site.start_hub();
     let failed = wait_node_job(&site, "restore-1").await;
@@ -594,23 +615,7 @@ async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_
     site.ports_all_free().await;
 
     // Cancelled mid-disk: the file it was to replace stays as it was.
-    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-        .create(root.join("restores"))
-        .unwrap();
-    std::fs::write(dest(0), b"the disk before").unwrap();
-    let asked = json!({"backup_id": id, "destinations": {"2000": dest(0)}});
-    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
-    assert_eq!(status, 201, "{r}");
-    let rid = r["restore_id"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, v) = site.hub("GET", &format!("/api/v1/restores/{rid}"), None).await;
-        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let rid = &restore_over_an_old_file(&site, id, &dest(0)).await;
     let (status, v) = site.hub("DELETE", &format!("/api/v1/restores/{rid}"), None).await;
     assert_eq!((status, &v["status"]), (200, &json!("cancelled")), "{v}");
     site.ports_all_free().await;
@@ -642,26 +647,10 @@ async fn a_restore_the_hub_drove_when_it_was_killed_is_cancelled_on_the_node_whe
     let full = site.backup("vm", "full").await;
     let root = site.path().to_path_buf();
     let dest = root.join("restores/vm-0.raw");
-    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-        .create(root.join("restores"))
-        .unwrap();
-    std::fs::write(&dest, b"the disk before").unwrap();
-    let asked = json!({"backup_id": full["backup_id"], "destinations": {"2000": dest}});
-    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
-    assert_eq!(status, 201, "{r}");
-    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let rid = restore_over_an_old_file(&site, full["backup_id"].as_str().unwrap(), &dest).await;
     let listed = site.as_hub_sees(&root.join("repo/.restores-in-flight.json"));
     let in_flight = || -> Value { serde_json::from_slice(&std::fs::read(&listed).unwrap()).unwrap() };
     assert_eq!(in_flight(), json!([["n1", rid]]));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, v) = site.node("GET", &format!("/api/v1/backup/{rid}"), None).await;
-        if v["disks"][0]["bytes_read"].as_u64().unwrap_or(0) >= 2 * MIB {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the restore made no progress: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     site.kill_hub();
     site.start_hub();
     // Cancelled by the new hub: left to its retry window, it would have ended "failed".
