@@ -35,7 +35,6 @@ pub(super) const KEEP_FINISHED: usize = 100;
 /// The node's side of a restore the hub drives.
 #[derive(Debug)]
 pub struct RestoreRun {
-    pub(super) node: String,
     /// Disk key -> destination on the node.
     pub(super) destinations: BTreeMap<u32, String>,
     /// Disk key -> the backup's checksum of that disk.
@@ -192,7 +191,6 @@ impl Hub {
         // The tunnel endpoint admits to these ports the node that reads them.
         restore.node.clone_from(&node_name);
         restore.run = Some(RestoreRun {
-            node: node_name.clone(),
             expected: m
                 .disks
                 .iter()
@@ -260,7 +258,7 @@ impl Hub {
         let (status, error) = outcome;
         run.finish(status, error);
         let (status, _, error) = run.view();
-        tracing::info!(restore = %r.id, node = %run.node, status, error = error.as_deref().unwrap_or(""), "restore ended");
+        tracing::info!(restore = %r.id, node = %r.node, status, error = error.as_deref().unwrap_or(""), "restore ended");
         self.end_restore(&r.id, None).await;
     }
 

@@ -21,6 +21,8 @@ use crate::repo::Manifest;
 pub struct Restore {
     pub(super) id: String,
     pub(super) backup_id: String,
+    /// The node that reads it: the backup's, or the one a driven restore writes onto (the
+    /// tunnel endpoint admits that node to its ports).
     pub(super) node: String,
     pub(super) exports: Vec<(u32, u16, String)>,
     pub(super) targets: String,
@@ -79,7 +81,7 @@ impl Restore {
         };
         let open = self.lease.lock().is_ok_and(|l| l.is_some());
         RestoreView {
-            node: self.run.as_ref().map(|r| r.node.clone()),
+            node: self.run.as_ref().map(|_| self.node.clone()),
             status,
             disks,
             error,
@@ -163,7 +165,7 @@ impl Hub {
     /// # Errors
     /// Unknown restore (404).
     pub async fn close_restore(&self, id: &str) -> Result<RestoreView, HubError> {
-        let driven_by = self.state().restores.get(id).and_then(|r| r.run.as_ref().map(|run| run.node.clone()));
+        let driven_by = self.state().restores.get(id).and_then(|r| r.run.as_ref().map(|_| r.node.clone()));
         let client = driven_by.and_then(|n| self.node(&n).map(|(_, c)| c.clone()));
         if let Some(view) = self.end_restore(id, client.as_ref()).await {
             return Ok(view);
