@@ -20,6 +20,8 @@ for tool in "${!tool_package[@]}"; do
 done
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
 [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+# The hub's schedule tests compute daylight-saving changes in a named zone.
+[[ -e /usr/share/zoneinfo/Europe/Berlin ]] || missing+=(tzdata)
 
 if ((${#missing[@]})); then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)

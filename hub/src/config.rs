@@ -62,6 +62,9 @@ pub struct HubFile {
     /// Nodes.
     #[serde(default)]
     pub node: Vec<NodeFile>,
+    /// Backup schedules (`crate::schedule`).
+    #[serde(default)]
+    pub schedule: Vec<crate::schedule::ScheduleFile>,
 }
 
 /// `[ssh]`.
@@ -145,6 +148,32 @@ pub struct Settings {
     pub verify_every: Option<Duration>,
     /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
     pub io_uring: bool,
+    /// Backup schedules (`[[schedule]]`).
+    pub schedules: Vec<crate::schedule::Schedule>,
+}
+
+/// Check the `[[schedule]]`s against each other and the nodes: names unique, nodes known, tags
+/// valid.
+///
+/// # Errors
+/// The first thing wrong, naming its schedule.
+pub fn check_schedules(
+    files: Vec<crate::schedule::ScheduleFile>,
+    nodes: &[NodeSpec],
+) -> Result<Vec<crate::schedule::Schedule>, String> {
+    let mut out: Vec<crate::schedule::Schedule> = Vec::new();
+    for f in files {
+        let s = crate::schedule::Schedule::parse(f)?;
+        if out.iter().any(|o| o.name == s.name) {
+            return Err(format!("schedule {} is declared twice", s.name));
+        }
+        if let Some(n) = s.node.as_ref().filter(|n| !nodes.iter().any(|o| o.name == **n)) {
+            return Err(format!("schedule {}: node {n} is not a [[node]] of this hub", s.name));
+        }
+        crate::jobs::checked_tags(&s.tags).map_err(|e| format!("schedule {}: {e}", s.name))?;
+        out.push(s);
+    }
+    Ok(out)
 }
 
 /// `verify_every_days`: a period of more than zero and at most ten years.
@@ -234,6 +263,34 @@ mod tests {
         let key = file.node[0].key.as_deref().unwrap();
         assert_eq!(tunnel::authorized::parse(key).unwrap().len(), 1);
         assert!(file.ssh.is_some());
+        let nodes: Vec<NodeSpec> = file
+            .node
+            .iter()
+            .map(|n| NodeSpec {
+                name: n.name.clone(),
+                url: n.url.clone(),
+                token: None,
+                key: None,
+                nbd_peers: Vec::new(),
+            })
+            .collect();
+        let schedules = check_schedules(file.schedule, &nodes).unwrap();
+        assert_eq!(schedules.len(), 2);
+    }
+
+    #[test]
+    fn schedules_are_checked_against_each_other_and_the_nodes() {
+        let nodes = [NodeSpec { name: "a".into(), url: String::new(), token: None, key: None, nbd_peers: Vec::new() }];
+        let check = |text: &str| {
+            let f: HubFile = toml::from_str(text).unwrap();
+            check_schedules(f.schedule, &nodes)
+        };
+        let one = "[[schedule]]\nname = \"n\"\nvms = [\"vm\"]\nat = [\"02:00\"]\n";
+        assert_eq!(check(one).unwrap().len(), 1);
+        assert!(check(&format!("{one}{one}")).unwrap_err().contains("declared twice"));
+        assert!(check(&format!("{one}node = \"b\"\n")).unwrap_err().contains("node b is not a [[node]]"));
+        assert!(check(&format!("{one}tags = [\"a b\"]\n")).unwrap_err().contains("tag 'a b'"));
+        assert!(toml::from_str::<HubFile>("[[schedule]]\nname = \"n\"\nvms = [\"vm\"]\nhour = 2\n").is_err());
     }
 
     #[test]

@@ -194,6 +194,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         nbd_local_users: vec![],
         retention: crate::retention::Policy::default(),
         verify_every: None,
+        schedules: Vec::new(),
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;

@@ -1,4 +1,4 @@
-//! The hub's HTTP API (axum): backups, restores, replications, ports, exports, `/healthz`,
+//! The hub's HTTP API (axum): backups, restores, replications, retention, schedules, ports, exports, `/healthz`,
 //! `/metrics` and `/api/v1/openapi.json`.
 //!
 //! Every call but `/healthz` needs `Authorization: Bearer TOKEN`; errors are
@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::HubError;
-use crate::jobs::{Hub, JobView, Kind, PruneView};
+use crate::jobs::{Hub, JobView, Kind, PruneView, ScheduleView};
 use crate::retention::Policy;
 
 impl IntoResponse for HubError {
@@ -192,6 +192,9 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/replications", post(start_replication).get(list_replications))
         .route("/api/v1/replications/{id}", get(get_replication).delete(delete_replication))
         .route("/api/v1/prune", post(prune))
+        .route("/api/v1/schedules", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.schedules()) }))
+        .route("/api/v1/schedules/{name}", get(get_schedule))
+        .route("/api/v1/schedules/{name}/run", post(run_schedule))
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/exports", get(exports))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
@@ -285,6 +288,16 @@ async fn prune(
     let view =
         to_completion(async move { hub.prune(&req.vm_name, req.node.as_deref(), policy, req.dry_run).await }).await?;
     Ok(Json(view))
+}
+
+async fn get_schedule(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> Result<Json<ScheduleView>, HubError> {
+    hub.schedule_view(&name).map(Json).ok_or_else(|| HubError::NotFound(format!("no schedule named {name}")))
+}
+
+/// A run of the schedule now (202), going on in the background; 409 while one goes on.
+async fn run_schedule(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> Result<Response, HubError> {
+    let view = hub.run_schedule_now(&name)?;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
 async fn delete_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {

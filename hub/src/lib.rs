@@ -9,6 +9,7 @@
 //! - [`peers`]: which TCP clients an export admits (this machine and its node).
 //! - [`repo`]: the repository layout and manifests; the catalog is rebuilt from them.
 //! - [`retention`]: which backups a retention policy keeps (pure).
+//! - [`schedule`]: backup schedules, checked, and when they fire (pure; run by `jobs`).
 //! - [`jobs`]: backups, replications, restores, and their cleanup.
 //! - [`verify`]: image checks and checksum comparison.
 //! - [`http`] and [`openapi`]: the API; [`metrics`]: `GET /metrics`.
@@ -31,5 +32,6 @@ pub mod peers;
 pub mod ports;
 pub mod repo;
 pub mod retention;
+pub mod schedule;
 pub mod sockowner;
 pub mod verify;

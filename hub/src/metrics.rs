@@ -6,13 +6,14 @@
 //! size and the space left for backups ("the repository fills up in three days"). The
 //! filesystem is asked off the runtime with a deadline: a hung repository mount (NFS) leaves
 //! those two series out of the answer instead of holding a worker that carries NBD traffic.
+//! Per backup schedule, when its last run ended and how its VMs fared.
 //! VM and node names are checked names (`[A-Za-z0-9._-]`), safe as label values as they are.
 
 use std::fmt::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::jobs::{Hub, VmSummary};
+use crate::jobs::{Hub, Outcome, VmSummary};
 
 /// How long the filesystem may take to say its size.
 const STATVFS_DEADLINE: Duration = Duration::from_secs(2);
@@ -22,6 +23,7 @@ pub async fn render(hub: &Hub) -> String {
     let mut out = String::new();
     jobs(&mut out, hub);
     vms(&mut out, hub);
+    schedules(&mut out, hub);
     filesystems(&mut out, hub).await;
     ports_and_exports(&mut out, hub);
     out
@@ -74,6 +76,58 @@ fn vms(out: &mut String, hub: &Hub) {
         for v in &vms {
             let _ = writeln!(out, "{name}{{vm=\"{}\",node=\"{}\"}} {}", v.vm, v.node, value(v));
         }
+    }
+}
+
+fn schedules(out: &mut String, hub: &Hub) {
+    let views = hub.schedules();
+    help(
+        out,
+        "sendense_hub_schedule_last_run_end_timestamp_seconds",
+        "gauge",
+        "When the schedule's last run ended (Unix time; NaN before its first).",
+    );
+    for v in &views {
+        let ended =
+            v.last_run.as_ref().and_then(|r| r.ended_at.as_deref()).and_then(|t| t.parse::<jiff::Timestamp>().ok());
+        let value = ended.map_or_else(|| "NaN".into(), |t| t.as_second().to_string());
+        let _ =
+            writeln!(out, "sendense_hub_schedule_last_run_end_timestamp_seconds{{schedule=\"{}\"}} {value}", v.name);
+    }
+    help(
+        out,
+        "sendense_hub_schedule_last_run_backups",
+        "gauge",
+        "VMs of the schedule's last run by outcome (alert on failed > 0).",
+    );
+    for v in &views {
+        for outcome in [Outcome::Completed, Outcome::Failed, Outcome::Cancelled, Outcome::Skipped] {
+            let n = v.last_run.as_ref().map_or(0, |r| r.count(outcome));
+            let _ = writeln!(
+                out,
+                "sendense_hub_schedule_last_run_backups{{schedule=\"{}\",status=\"{}\"}} {n}",
+                v.name,
+                outcome.name()
+            );
+        }
+    }
+    help(out, "sendense_hub_schedule_running", "gauge", "1 while a run of the schedule goes on.");
+    for v in &views {
+        let _ =
+            writeln!(out, "sendense_hub_schedule_running{{schedule=\"{}\"}} {}", v.name, u8::from(v.running.is_some()));
+    }
+    help(
+        out,
+        "sendense_hub_schedule_skipped_occurrences_total",
+        "counter",
+        "Occurrences of the schedule passed over because its previous run was still going.",
+    );
+    for v in &views {
+        let _ = writeln!(
+            out,
+            "sendense_hub_schedule_skipped_occurrences_total{{schedule=\"{}\"}} {}",
+            v.name, v.skipped_occurrences
+        );
     }
 }
 

@@ -129,15 +129,40 @@ fn schemas() -> Value {
     })
 }
 
+/// A schedule and its runs (`GET /api/v1/schedules`).
+fn schedule_schema() -> Value {
+    let run = json!({"type": "object", "properties": {
+        "occurrence": {"type": "string", "format": "date-time"},
+        "trigger": {"type": "string", "enum": ["schedule", "catch-up", "api"]},
+        "started_at": {"type": "string", "format": "date-time"}, "ended_at": {"type": "string", "format": "date-time"},
+        "errors": {"type": "array", "items": {"type": "string"}},
+        "backups": {"type": "array", "items": {"type": "object", "properties": {
+            "vm_name": {"type": "string"}, "node": {"type": "string"}, "backup_id": {"type": "string"},
+            "status": {"type": "string", "enum": ["waiting", "running", "completed", "failed", "cancelled", "skipped"]},
+            "error": {"type": "string"}}}}}});
+    json!({"type": "object", "properties": {
+        "name": {"type": "string"}, "vms": {"type": "array", "items": {"type": "string"}},
+        "when": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
+        "node": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+        "parallel": {"type": "integer"}, "next_run": {"type": "string", "format": "date-time"},
+        "running": run, "last_run": run, "skipped_occurrences": {"type": "integer"}}})
+}
+
 /// The document.
 pub fn document() -> Value {
+    let name = json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut schemas = schemas();
+    if let Value::Object(m) = &mut schemas {
+        m.insert("Schedule".into(), schedule_schema());
+        m.insert("ScheduleList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}));
+    }
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
     json!({
         "openapi": "3.0.3",
         "info": {"title": "sendense-hub", "version": env!("CARGO_PKG_VERSION")},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": schemas()
+            "schemas": schemas
         },
         "paths": {
             "/api/v1/backups": {
@@ -174,6 +199,9 @@ pub fn document() -> Value {
                 "delete": op("cancel a running replication run (its replica is made anew next time) or forget a finished one", "200", "Backup", None)
             },
             "/api/v1/prune": {"post": op("apply retention rules to a VM's backups now (dry_run: only say what they would remove)", "200", "Prune", Some("PruneRequest"))},
+            "/api/v1/schedules": {"get": op("backup schedules ([[schedule]]): next occurrence, the run under way, the last run", "200", "ScheduleList", None)},
+            "/api/v1/schedules/{name}": {"parameters": name, "get": op("one schedule", "200", "Schedule", None)},
+            "/api/v1/schedules/{name}/run": {"parameters": name, "post": op("run the schedule now, in the background (409 while a run of it goes on)", "202", "Schedule", None)},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
             "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
             "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},

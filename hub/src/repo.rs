@@ -6,6 +6,7 @@
 //! Replicas live apart: `REPLICAS/VM/disk-KEY.qcow2`, with an `INCONSISTENT` marker while a run
 //! is writing them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,8 @@ impl Manifest {
 
 /// The file under the repository's root listing the restores the hub drives on nodes.
 const RESTORES_IN_FLIGHT: &str = ".restores-in-flight.json";
+/// The last occurrence each backup schedule handled (`jobs/scheduled.rs`).
+const SCHEDULE_MARKS: &str = ".schedules.json";
 
 /// Paths of the repository.
 #[derive(Debug, Clone)]
@@ -153,6 +156,24 @@ impl Repo {
     pub fn save_restores_in_flight(&self, list: &[(String, String)]) -> std::io::Result<()> {
         let data = serde_json::to_vec(list).map_err(std::io::Error::other)?;
         node::files::write_atomically(&self.root.join(RESTORES_IN_FLIGHT), &data)
+    }
+
+    /// The last occurrence each schedule handled (`.schedules.json`; none when missing or
+    /// unreadable: each schedule then starts from its next occurrence).
+    pub fn schedule_marks(&self) -> BTreeMap<String, String> {
+        std::fs::read(self.root.join(SCHEDULE_MARKS))
+            .ok()
+            .and_then(|data| serde_json::from_slice(&data).ok())
+            .unwrap_or_default()
+    }
+
+    /// Keep the schedules' marks, atomically.
+    ///
+    /// # Errors
+    /// They cannot be written.
+    pub fn save_schedule_marks(&self, marks: &BTreeMap<String, String>) -> std::io::Result<()> {
+        let data = serde_json::to_vec_pretty(marks).map_err(std::io::Error::other)?;
+        node::files::write_atomically(&self.root.join(SCHEDULE_MARKS), &data)
     }
 
     /// Where a backup's last verification is kept, and what it holds.

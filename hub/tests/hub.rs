@@ -833,3 +833,35 @@ async fn a_client_that_hangs_up_mid_request_leaves_nothing_half_done() {
     let (status, v) = hub.call("DELETE", &format!("/api/v1/backups/{backup}"), None).await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// A schedule the hub could not keep is refused at start: exit status 1 and one line naming the
+/// schedule and what is wrong, before anything listens.
+#[test]
+fn a_bad_schedule_stops_the_hub_at_start_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (schedule, expected) in [
+        ("at = [\"2:00\"]", "schedule nightly: at: '2:00' is not a time of day"),
+        ("every = \"4s\"", "schedule nightly: every = '4s'"),
+        ("at = [\"02:00\"]\nnode = \"elsewhere\"", "schedule nightly: node elsewhere is not a [[node]]"),
+        ("at = [\"02:00\"]\ncron = \"0 2 * * *\"", "unknown field `cron`"),
+    ] {
+        let config = d.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:1\"\nrepo = \"{}\"\ntoken_file = \"{}\"\n[[schedule]]\nname = \"nightly\"\n\
+                 vms = [\"vm\"]\n{schedule}\n",
+                d.join("repo").display(),
+                d.join("token").display()
+            ),
+        )
+        .unwrap();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_sendense-hub")).args(["serve", "--config"]).arg(&config).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{schedule}: {stderr}");
+        assert!(!d.join("repo").exists(), "nothing made before the config is whole");
+    }
+}

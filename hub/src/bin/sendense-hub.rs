@@ -163,6 +163,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         yearly: file.keep_yearly,
     };
     retention.validate("keep_backups").map_err(|e| anyhow!(e))?;
+    let schedules = config::check_schedules(file.schedule, &nodes).map_err(|e| anyhow!(e))?;
     Ok(Settings {
         listen,
         repo: a.repo.or(file.repo).unwrap_or_else(|| base.join("repo")),
@@ -188,6 +189,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .map_err(|e| anyhow!(e))?,
         retention,
         verify_every: file.verify_every_days.map(config::parse_verify_every).transpose().map_err(|e| anyhow!(e))?,
+        schedules,
     })
 }
 
@@ -218,6 +220,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     );
     // Scrubbing (`verify_every_days`): ends at once when off, and with the hub.
     tokio::spawn(Arc::clone(&hub).scrub_loop());
+    // Backup schedules (`[[schedule]]`), one task each, ending with the hub.
+    hub.start_schedules();
     let reaper = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {

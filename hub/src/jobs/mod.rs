@@ -16,7 +16,8 @@
 //! and its API views are in `view`, the follower and a job's end in `follow`, the files a job
 //! makes and removes (off the runtime) in `files`, restores in `restores` (and those the hub
 //! drives onto a node in `restore_run`), deleting a backup an incremental builds on in `merge`,
-//! retention in `prune`, background re-verification in `scrub`.
+//! retention in `prune`, background re-verification in `scrub`, backup schedules at work in
+//! `scheduled`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,7 @@ mod merge;
 mod prune;
 mod restore_run;
 mod restores;
+mod scheduled;
 mod scrub;
 mod view;
 
@@ -49,6 +51,7 @@ use files::{DiskFile, JobFiles};
 pub use prune::{PruneEntry, PruneView};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
+pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};
 use view::{kind_name, manifest_view, type_name, JobDisk, JobState};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
 
@@ -155,6 +158,10 @@ pub struct Hub {
     shutdown: CancellationToken,
     /// Taken while the list of restores in flight is written, so that writes never cross.
     in_flight_file: tokio::sync::Mutex<()>,
+    /// Per configured schedule (same order): held by its run under way (`scheduled.rs`).
+    schedule_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Taken while the schedules' marks are written.
+    marks_file: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -183,6 +190,8 @@ struct State {
     /// Merges of a backup into its incremental (`merge.rs`), by VM: running, or failed and
     /// waiting for a retry. Other deletes of the VM's backups wait for them.
     merges: HashMap<String, merge::Merge>,
+    /// Schedules' next occurrences and runs, by name (`scheduled.rs`).
+    schedules: BTreeMap<String, scheduled::ScheduleState>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -274,6 +283,7 @@ impl Hub {
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
         let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring)?;
         let local_users = LocalUsers::with(&settings.nbd_local_users);
+        let schedules = settings.schedules.len();
         Ok(Arc::new(Self {
             settings,
             repo,
@@ -284,6 +294,8 @@ impl Hub {
             state: Mutex::new(State { catalog, orphans, merges, lost_restores, ..State::default() }),
             shutdown: CancellationToken::new(),
             in_flight_file: tokio::sync::Mutex::new(()),
+            schedule_locks: (0..schedules).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
+            marks_file: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -886,6 +898,7 @@ mod tests {
             nbd_local_users: vec![],
             retention: crate::retention::Policy::default(),
             verify_every: None,
+            schedules: Vec::new(),
         })
         .unwrap()
     }

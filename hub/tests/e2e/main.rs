@@ -8,6 +8,7 @@
 
 mod crash;
 mod merge;
+mod schedule;
 mod site;
 
 use std::time::{Duration, Instant};

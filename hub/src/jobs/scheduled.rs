@@ -1,0 +1,499 @@
+//! Schedules at work (`[[schedule]]`, checked in `crate::schedule`): at each occurrence the VMs
+//! of a schedule are backed up, `parallel` at a time, each as `POST /api/v1/backups` would
+//! (the config's retention applied after each), and the run is kept for the API (`GET
+//! /api/v1/schedules`: the next occurrence, the run under way, the last run with each VM's
+//! backup and outcome) and the metrics.
+//!
+//! What an operator of a backup service expects of its scheduler, and why it is built so:
+//! - A run is not started twice: an occurrence that comes while the schedule's previous run is
+//!   still going is skipped (logged, counted as `skipped_occurrences`), as is a VM that already
+//!   has a job (its backup is under way: `skipped` with the reason). Runs of one schedule take a
+//!   lock; `POST /api/v1/schedules/NAME/run` takes the same one (409 while a run goes on).
+//! - A missed night is caught up: the last occurrence handled (its run ended, or it was skipped)
+//!   is kept in the repository (`.schedules.json`); a hub started after an occurrence it did not
+//!   handle (it was down, or killed mid-run) runs the schedule once at start, not once per missed
+//!   occurrence. A schedule new to the hub starts from its next occurrence.
+//! - A node out of reach for a moment (its tunnel reconnecting) or ports all leased does not
+//!   lose the night: a start that fails as unavailable (503) is tried again every
+//!   [`RETRY_EVERY`] for up to [`RETRY_FOR`]. Other refusals are recorded as they are.
+//! - Sleeping is done in steps of at most a minute against the wall clock, so a clock set by NTP
+//!   or a suspended machine does not shift a run by the difference.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+use serde::Serialize;
+use tokio::sync::{OwnedMutexGuard, Semaphore};
+
+use super::files::off_runtime;
+use super::view::type_name;
+use super::{Hub, Kind, Status};
+use crate::error::HubError;
+use crate::repo;
+use crate::retention::Policy;
+use crate::schedule::{Schedule, Vms};
+
+/// How often a start refused as unavailable is tried again.
+pub const RETRY_EVERY: Duration = Duration::from_secs(15);
+/// How long it is tried.
+pub const RETRY_FOR: Duration = Duration::from_secs(300);
+/// How often a scheduled backup's job is looked at.
+const FOLLOW_EVERY: Duration = Duration::from_millis(500);
+/// The longest single sleep before the wall clock is read again.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// Its occurrence came.
+    Schedule,
+    /// At start, for an occurrence the hub missed.
+    CatchUp,
+    /// `POST /api/v1/schedules/NAME/run`.
+    Api,
+}
+
+/// Where one VM of a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Not started yet (waiting for its turn, or for its node or a port).
+    Waiting,
+    /// Its backup is being made.
+    Running,
+    /// Its backup completed.
+    Completed,
+    /// Its backup failed, or could not be started.
+    Failed,
+    /// Its backup was cancelled.
+    Cancelled,
+    /// Not backed up by this run: it had a job already.
+    Skipped,
+}
+
+impl Outcome {
+    /// As the API writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// One VM of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduledBackup {
+    /// VM.
+    pub vm_name: String,
+    /// Node (where the schedule or the inventory says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The backup, once started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    /// Where it stands.
+    pub status: Outcome,
+    /// Why it failed or was skipped (or, while waiting, why it is not started yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One run of a schedule.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleRun {
+    /// The occurrence it is for (none when asked for through the API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub occurrence: Option<String>,
+    /// What started it.
+    pub trigger: Trigger,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, once every VM's backup ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// Its VMs.
+    pub backups: Vec<ScheduledBackup>,
+    /// A node whose VMs could not be listed (with `vms = ["*"]`), and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl ScheduleRun {
+    /// How many of its VMs ended in `outcome`.
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.backups.iter().filter(|b| b.status == outcome).count()
+    }
+}
+
+/// A schedule as `GET /api/v1/schedules` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleView {
+    /// Name.
+    pub name: String,
+    /// VM names, or `["*"]`.
+    pub vms: Vec<String>,
+    /// `at 02:00:00 on mon,...` or `every 6h`.
+    pub when: String,
+    /// `full` or `incremental`.
+    pub backup_type: &'static str,
+    /// Only this node's VMs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Tags of its backups.
+    pub tags: Vec<String>,
+    /// Backups at once.
+    pub parallel: usize,
+    /// The next occurrence (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<String>,
+    /// The run under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<ScheduleRun>,
+    /// The last run that ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<ScheduleRun>,
+    /// Occurrences passed over because the previous run was still going.
+    pub skipped_occurrences: u64,
+}
+
+/// What the hub keeps of a schedule while it serves.
+#[derive(Debug, Default)]
+pub(super) struct ScheduleState {
+    next_run: Option<Timestamp>,
+    running: Option<ScheduleRun>,
+    last_run: Option<ScheduleRun>,
+    skipped_occurrences: u64,
+}
+
+impl Hub {
+    /// Run every configured schedule until the hub shuts down (one task each).
+    pub fn start_schedules(self: &Arc<Self>) {
+        for index in 0..self.settings.schedules.len() {
+            let hub = Arc::clone(self);
+            tokio::spawn(async move { hub.schedule_loop(index).await });
+        }
+    }
+
+    /// The configured schedules, their next occurrences and runs.
+    pub fn schedules(&self) -> Vec<ScheduleView> {
+        self.settings.schedules.iter().filter_map(|s| self.schedule_view(&s.name)).collect()
+    }
+
+    /// One schedule's view.
+    pub fn schedule_view(&self, name: &str) -> Option<ScheduleView> {
+        let s = self.settings.schedules.iter().find(|s| s.name == name)?;
+        let st = self.state();
+        let state = st.schedules.get(name);
+        Some(ScheduleView {
+            name: s.name.clone(),
+            vms: match &s.vms {
+                Vms::All => vec!["*".into()],
+                Vms::Named(names) => names.clone(),
+            },
+            when: s.describe(),
+            backup_type: type_name(s.backup_type),
+            node: s.node.clone(),
+            tags: s.tags.clone(),
+            parallel: s.parallel,
+            next_run: state.and_then(|x| x.next_run).map(|t| t.to_string()),
+            running: state.and_then(|x| x.running.clone()),
+            last_run: state.and_then(|x| x.last_run.clone()),
+            skipped_occurrences: state.map_or(0, |x| x.skipped_occurrences),
+        })
+    }
+
+    /// Start a run of schedule `name` now (`POST /api/v1/schedules/NAME/run`); it goes on in
+    /// the background.
+    ///
+    /// # Errors
+    /// No such schedule (404), or a run of it is under way (409).
+    pub fn run_schedule_now(self: &Arc<Self>, name: &str) -> Result<ScheduleView, HubError> {
+        let index = self
+            .settings
+            .schedules
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| HubError::NotFound(format!("no schedule named {name}")))?;
+        let guard = self.schedule_lock(index)?;
+        // Shown as running before the answer, so that a caller polling at once sees it.
+        self.begin_run(name, None, Trigger::Api);
+        let hub = Arc::clone(self);
+        tokio::spawn(async move { hub.run(index, None, Trigger::Api, guard).await });
+        self.schedule_view(name).ok_or_else(|| HubError::Internal(format!("schedule {name} vanished")))
+    }
+
+    fn schedule_lock(&self, index: usize) -> Result<OwnedMutexGuard<()>, HubError> {
+        let name = self.settings.schedules.get(index).map_or("", |s| s.name.as_str());
+        let lock = self.schedule_locks.get(index).ok_or_else(|| HubError::NotFound(format!("no schedule {name}")))?;
+        Arc::clone(lock)
+            .try_lock_owned()
+            .map_err(|_| HubError::Conflict(format!("a run of schedule {name} is under way")))
+    }
+
+    async fn schedule_loop(self: Arc<Self>, index: usize) {
+        let Some(s) = self.settings.schedules.get(index) else { return };
+        let tz = TimeZone::system();
+        let now = Timestamp::now();
+        self.state().schedules.entry(s.name.clone()).or_default().next_run = s.next_after(now, &tz);
+        let marks = self.schedule_marks().await;
+        match (marks.get(&s.name), s.last_at_or_before(now, &tz)) {
+            (Some(handled), Some(missed)) if *handled < missed => {
+                tracing::warn!(schedule = %s.name, occurrence = %missed, "schedule: an occurrence was missed while the hub was down: running it now");
+                if let Ok(guard) = self.schedule_lock(index) {
+                    self.begin_run(&s.name, Some(missed), Trigger::CatchUp);
+                    self.run(index, Some(missed), Trigger::CatchUp, guard).await;
+                }
+            }
+            (None, Some(last)) => self.mark_handled(&s.name, last).await,
+            _ => {}
+        }
+        let mut after = now;
+        loop {
+            let now = Timestamp::now();
+            let passed = passed_over(s, after, now, &tz);
+            if passed > 0 {
+                tracing::warn!(schedule = %s.name, occurrences = passed, "schedule: occurrences passed over while its previous run went on");
+                self.state().schedules.entry(s.name.clone()).or_default().skipped_occurrences += passed;
+            }
+            let Some(next) = s.next_after(now, &tz) else {
+                tracing::warn!(schedule = %s.name, "schedule: no next occurrence");
+                return;
+            };
+            self.state().schedules.entry(s.name.clone()).or_default().next_run = Some(next);
+            loop {
+                let left = next.duration_since(Timestamp::now());
+                let Ok(left) = Duration::try_from(left) else { break };
+                if left.is_zero() {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
+                    () = self.shutdown.cancelled() => return,
+                }
+            }
+            // From now on the view shows the occurrence after this one.
+            self.state().schedules.entry(s.name.clone()).or_default().next_run = s.next_after(next, &tz);
+            match self.schedule_lock(index) {
+                Ok(guard) => {
+                    self.begin_run(&s.name, Some(next), Trigger::Schedule);
+                    self.run(index, Some(next), Trigger::Schedule, guard).await;
+                }
+                Err(_) => {
+                    tracing::warn!(schedule = %s.name, occurrence = %next, "schedule: skipped, a run of it asked for by the API is still going");
+                    self.state().schedules.entry(s.name.clone()).or_default().skipped_occurrences += 1;
+                    self.mark_handled(&s.name, next).await;
+                }
+            }
+            after = next;
+        }
+    }
+
+    /// Record a run as under way (before its VMs are known).
+    fn begin_run(&self, name: &str, occurrence: Option<Timestamp>, trigger: Trigger) {
+        let run = ScheduleRun {
+            occurrence: occurrence.map(|t| t.to_string()),
+            trigger,
+            started_at: repo::now_rfc3339(),
+            ended_at: None,
+            backups: Vec::new(),
+            errors: Vec::new(),
+        };
+        self.state().schedules.entry(name.to_string()).or_default().running = Some(run);
+    }
+
+    /// One run: the schedule's VMs backed up, `parallel` at a time; then the occurrence marked
+    /// handled. `_guard` keeps other runs of the schedule out until this one ends.
+    async fn run(
+        self: &Arc<Self>,
+        index: usize,
+        occurrence: Option<Timestamp>,
+        trigger: Trigger,
+        _guard: OwnedMutexGuard<()>,
+    ) {
+        let Some(s) = self.settings.schedules.get(index) else { return };
+        let name = s.name.as_str();
+        let (targets, errors) = self.scheduled_vms(s).await;
+        tracing::info!(schedule = name, ?trigger, vms = targets.len(), "schedule: run started");
+        {
+            let mut st = self.state();
+            if let Some(run) = st.schedules.get_mut(name).and_then(|x| x.running.as_mut()) {
+                run.backups = targets
+                    .iter()
+                    .map(|(vm, node)| ScheduledBackup {
+                        vm_name: vm.clone(),
+                        node: node.clone(),
+                        backup_id: None,
+                        status: Outcome::Waiting,
+                        error: None,
+                    })
+                    .collect();
+                run.errors = errors;
+            }
+        }
+        let turns = Arc::new(Semaphore::new(s.parallel));
+        let mut backups = tokio::task::JoinSet::new();
+        // Turns taken in the listed order: VMs start in the order the schedule names them.
+        for (slot, (vm, node)) in targets.into_iter().enumerate() {
+            let Ok(turn) = Arc::clone(&turns).acquire_owned().await else { break };
+            let hub = Arc::clone(self);
+            backups.spawn(async move {
+                hub.scheduled_backup(index, slot, &vm, node.as_deref()).await;
+                drop(turn);
+            });
+        }
+        while backups.join_next().await.is_some() {}
+        let ended = {
+            let mut st = self.state();
+            let state = st.schedules.entry(name.to_string()).or_default();
+            let mut run = state.running.take();
+            if let Some(r) = run.as_mut() {
+                r.ended_at = Some(repo::now_rfc3339());
+            }
+            state.last_run.clone_from(&run);
+            run
+        };
+        if let Some(r) = ended {
+            tracing::info!(
+                schedule = name,
+                completed = r.count(Outcome::Completed),
+                failed = r.count(Outcome::Failed),
+                skipped = r.count(Outcome::Skipped),
+                cancelled = r.count(Outcome::Cancelled),
+                "schedule: run ended"
+            );
+        }
+        if let Some(at) = occurrence.filter(|_| !self.shutdown.is_cancelled()) {
+            self.mark_handled(name, at).await;
+        }
+    }
+
+    /// The VMs of a run, each with the node to ask (`None`: wherever the VM is), and the nodes
+    /// whose inventory could not be read.
+    async fn scheduled_vms(&self, s: &Schedule) -> (Vec<(String, Option<String>)>, Vec<String>) {
+        match &s.vms {
+            Vms::Named(names) => (names.iter().map(|n| (n.clone(), s.node.clone())).collect(), Vec::new()),
+            Vms::All => {
+                let mut out = Vec::new();
+                let mut errors = Vec::new();
+                for (spec, client) in self.nodes.iter().filter(|(n, _)| s.node.as_ref().is_none_or(|w| *w == n.name)) {
+                    match client.vms().await {
+                        Ok(vms) => out.extend(vms.into_iter().map(|v| (v.name, Some(spec.name.clone())))),
+                        Err(e) => {
+                            tracing::warn!(schedule = %s.name, node = %spec.name, error = %e, "schedule: cannot list the node's VMs");
+                            errors.push(format!("node {}: cannot list its VMs: {e}", spec.name));
+                        }
+                    }
+                }
+                (out, errors)
+            }
+        }
+    }
+
+    /// Back up one VM of a run and follow its job to the end, recording each step in the run.
+    async fn scheduled_backup(self: &Arc<Self>, index: usize, slot: usize, vm: &str, node: Option<&str>) {
+        let Some(s) = self.settings.schedules.get(index) else { return };
+        let record = |status: Outcome, id: Option<&str>, error: Option<String>| {
+            let mut st = self.state();
+            let run = st.schedules.get_mut(&s.name).and_then(|x| x.running.as_mut());
+            if let Some(b) = run.and_then(|r| r.backups.get_mut(slot)) {
+                b.status = status;
+                if let Some(id) = id {
+                    b.backup_id = Some(id.to_string());
+                }
+                b.error = error;
+            }
+        };
+        let give_up = Instant::now() + RETRY_FOR;
+        let id = loop {
+            if self.shutdown.is_cancelled() {
+                return record(Outcome::Cancelled, None, Some("the hub is shutting down".into()));
+            }
+            let busy = self.state().busy_vms.get(vm).cloned();
+            if let Some(other) = busy {
+                let why = format!("VM {vm} already has job {other} running");
+                tracing::warn!(schedule = %s.name, vm, error = %why, "schedule: VM skipped");
+                return record(Outcome::Skipped, None, Some(why));
+            }
+            match self.start(Kind::Backup, vm, s.backup_type, node, &s.tags, Policy::default()).await {
+                Ok(job) => break job.id,
+                Err(HubError::Unavailable(e)) if Instant::now() < give_up => {
+                    tracing::info!(schedule = %s.name, vm, error = %e, "schedule: cannot start now, trying again");
+                    record(Outcome::Waiting, None, Some(format!("{e} (trying again)")));
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY_EVERY) => {}
+                        () = self.shutdown.cancelled() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(schedule = %s.name, vm, error = %e, "schedule: backup not started");
+                    return record(Outcome::Failed, None, Some(e.to_string()));
+                }
+            }
+        };
+        record(Outcome::Running, Some(&id), None);
+        loop {
+            let Some(job) = self.get(Kind::Backup, &id) else {
+                return record(Outcome::Failed, None, Some(format!("backup {id} is no longer known")));
+            };
+            if job.status.is_final() {
+                let outcome = match job.status {
+                    Status::Completed => Outcome::Completed,
+                    Status::Cancelled => Outcome::Cancelled,
+                    _ => Outcome::Failed,
+                };
+                return record(outcome, None, job.error);
+            }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+        }
+    }
+
+    /// The last occurrence each schedule handled (`.schedules.json` in the repository).
+    async fn schedule_marks(&self) -> BTreeMap<String, Timestamp> {
+        let repo = self.repo.clone();
+        let marks = off_runtime("reading schedule marks", move || repo.schedule_marks()).await.unwrap_or_default();
+        marks.into_iter().filter_map(|(name, at)| Some((name, at.parse().ok()?))).collect()
+    }
+
+    /// Record `at` as the last occurrence `name` handled (never moving a mark back).
+    async fn mark_handled(&self, name: &str, at: Timestamp) {
+        let _writing = self.marks_file.lock().await;
+        let mut marks = self.schedule_marks().await;
+        if marks.get(name).is_some_and(|m| *m >= at) {
+            return;
+        }
+        marks.insert(name.to_string(), at);
+        let marks: BTreeMap<String, String> = marks.into_iter().map(|(n, t)| (n, t.to_string())).collect();
+        let repo = self.repo.clone();
+        match off_runtime("keeping schedule marks", move || repo.save_schedule_marks(&marks)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(schedule = name, error = %e, "cannot keep the schedule's last occurrence"),
+            Err(e) => tracing::warn!(schedule = name, error = %e, "cannot keep the schedule's last occurrence"),
+        }
+    }
+}
+
+/// How many occurrences fell after `after` and before `now` (counted up to a thousand: a clock
+/// set years ahead is not walked through).
+fn passed_over(s: &Schedule, after: Timestamp, now: Timestamp, tz: &TimeZone) -> u64 {
+    let mut count = 0;
+    let mut at = after;
+    while count < 1000 {
+        match s.next_after(at, tz) {
+            Some(next) if next < now => {
+                count += 1;
+                at = next;
+            }
+            _ => break,
+        }
+    }
+    count
+}

@@ -1,0 +1,435 @@
+//! Backup schedules (`[[schedule]]` in hub.toml): which VMs are backed up when, checked once at
+//! start, and the pure arithmetic of their occurrences. Running them is `jobs/scheduled.rs`.
+//!
+//! A schedule fires at local times of day (`at = ["02:00"]`) or at a fixed interval from each
+//! local midnight (`every = "6h"`: 00:00, 06:00, 12:00, 18:00), on every day or the days named
+//! (`days = ["mon-fri"]`). "Local" is the hub's time zone (`TZ`, else `/etc/localtime`), as for
+//! retention periods, so a nightly backup stays at 02:00 across daylight-saving changes: a time
+//! that does not exist that day (the hour skipped in spring) fires at the same offset after the
+//! gap, and a time that happens twice (the hour repeated in autumn) fires once, at the first
+//! (jiff's "compatible" rule, which is also cron's and systemd's). Occurrences are computed, not
+//! listed, so an interval of seconds costs nothing more than one of hours.
+
+use std::time::Duration;
+
+use jiff::civil::{Date, Time};
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan};
+use node::api::BackupType;
+use serde::Deserialize;
+
+/// The most times of day one schedule lists.
+pub const MAX_TIMES: usize = 96;
+/// The most VMs one schedule names.
+pub const MAX_VMS: usize = 1000;
+/// The most backups one schedule runs at once.
+pub const MAX_PARALLEL: usize = 16;
+/// The shortest interval.
+pub const MIN_EVERY: Duration = Duration::from_secs(5);
+
+/// `[[schedule]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleFile {
+    /// Its name (API, logs, metrics, the state kept in the repository).
+    pub name: String,
+    /// VM names, or `["*"]`: every VM of the node (or of every node) at each run.
+    pub vms: Vec<String>,
+    /// Local times of day, `HH:MM` or `HH:MM:SS`.
+    pub at: Option<Vec<String>>,
+    /// An interval from each local midnight: `N` and a unit, `s`, `m`, `h` or `d`.
+    pub every: Option<String>,
+    /// Days it runs on (`mon`..`sun`, ranges like `mon-fri`); every day when unset.
+    pub days: Option<Vec<String>>,
+    /// `incremental` (default: a full backup where there is nothing to build on) or `full`.
+    pub backup_type: Option<BackupType>,
+    /// Only this node's VMs.
+    pub node: Option<String>,
+    /// Tags its backups carry.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Backups of this schedule at once (default 1).
+    pub parallel: Option<usize>,
+}
+
+/// Which VMs a schedule backs up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vms {
+    /// Every VM its node (or each node) lists when the run starts.
+    All,
+    /// These.
+    Named(Vec<String>),
+}
+
+/// When a schedule fires within a day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum When {
+    /// At these local times, sorted, no repeats.
+    At(Vec<Time>),
+    /// From local midnight on, every this many seconds (under a day).
+    Every(u32),
+}
+
+/// A schedule, checked.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Name.
+    pub name: String,
+    /// VMs.
+    pub vms: Vms,
+    /// Times of day.
+    pub when: When,
+    /// Days it runs on, Monday first.
+    pub days: [bool; 7],
+    /// Full or incremental.
+    pub backup_type: BackupType,
+    /// Only this node's VMs.
+    pub node: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Backups at once.
+    pub parallel: usize,
+}
+
+const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+const SECONDS_PER_DAY: u32 = 86_400;
+
+impl Schedule {
+    /// Check a `[[schedule]]`: names, times, interval, days, limits. Nodes and tags are checked
+    /// by the caller, which knows the nodes.
+    ///
+    /// # Errors
+    /// What is wrong, naming the schedule and the key.
+    pub fn parse(file: ScheduleFile) -> Result<Self, String> {
+        let name = file.name;
+        if !node::config::valid_name(&name) {
+            return Err(format!("schedule name '{name}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"));
+        }
+        let bad = |what: String| format!("schedule {name}: {what}");
+        let vms = match file.vms.as_slice() {
+            [] => return Err(bad("vms is empty: name VMs, or [\"*\"] for every VM".into())),
+            [all] if all == "*" => Vms::All,
+            names if names.iter().any(|n| n == "*") => {
+                return Err(bad("\"*\" (every VM) stands alone in vms".into()));
+            }
+            names if names.len() > MAX_VMS => return Err(bad(format!("{} VMs: at most {MAX_VMS}", names.len()))),
+            names => {
+                let mut out: Vec<String> = Vec::new();
+                for n in names {
+                    if !node::config::valid_name(n) {
+                        return Err(bad(format!("VM name '{n}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
+                    }
+                    if !out.contains(n) {
+                        out.push(n.clone());
+                    }
+                }
+                Vms::Named(out)
+            }
+        };
+        let when = match (file.at, file.every) {
+            (Some(at), None) => When::At(parse_times(&at).map_err(bad)?),
+            (None, Some(every)) => When::Every(parse_every(&every).map_err(bad)?),
+            _ => return Err(bad("give either at (times of day) or every (an interval), one of them".into())),
+        };
+        let days = match file.days {
+            None => [true; 7],
+            Some(days) => parse_days(&days).map_err(bad)?,
+        };
+        let parallel = file.parallel.unwrap_or(1);
+        if !(1..=MAX_PARALLEL).contains(&parallel) {
+            return Err(bad(format!("parallel = {parallel}: give 1 to {MAX_PARALLEL}")));
+        }
+        Ok(Self {
+            name,
+            vms,
+            when,
+            days,
+            backup_type: file.backup_type.unwrap_or(BackupType::Incremental),
+            node: file.node,
+            tags: file.tags,
+            parallel,
+        })
+    }
+
+    /// The first occurrence after `after` (`None` only if the calendar ends first).
+    pub fn next_after(&self, after: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
+        let local = after.to_zoned(tz.clone()).datetime();
+        // Times well before `after` are passed over without a time-zone lookup (a zone's offset
+        // changes by less than a day).
+        let from = local.checked_sub(1.day()).ok()?;
+        let mut date = local.date().yesterday().ok()?;
+        // A week and two days: every schedule fires at least once a week.
+        for _ in 0..9 {
+            if self.runs_on(date) {
+                let found = self
+                    .times()
+                    .filter(|t| date.to_datetime(*t) >= from)
+                    .filter_map(|t| occurrence(date, t, tz))
+                    .find(|at| *at > after);
+                if found.is_some() {
+                    return found;
+                }
+            }
+            date = date.tomorrow().ok()?;
+        }
+        None
+    }
+
+    /// The last occurrence at or before `at`.
+    pub fn last_at_or_before(&self, at: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
+        let local = at.to_zoned(tz.clone()).datetime();
+        let until = local.checked_add(1.day()).ok()?;
+        let mut date = local.date().tomorrow().ok()?;
+        for _ in 0..9 {
+            if self.runs_on(date) {
+                let found = self
+                    .times()
+                    .filter(|t| date.to_datetime(*t) <= until)
+                    .filter_map(|t| occurrence(date, t, tz))
+                    .filter(|o| *o <= at)
+                    .max();
+                if found.is_some() {
+                    return found;
+                }
+            }
+            date = date.yesterday().ok()?;
+        }
+        None
+    }
+
+    fn runs_on(&self, date: Date) -> bool {
+        self.days[usize::from(date.weekday().to_monday_zero_offset().unsigned_abs())]
+    }
+
+    /// The times of day it fires at, in order.
+    fn times(&self) -> Box<dyn Iterator<Item = Time> + '_> {
+        match &self.when {
+            When::At(times) => Box::new(times.iter().copied()),
+            When::Every(secs) => Box::new((0..SECONDS_PER_DAY).step_by(*secs as usize).filter_map(time_of_day)),
+        }
+    }
+
+    /// The schedule as its view shows it: `at 02:00,14:00` or `every 6h`, and the days.
+    pub fn describe(&self) -> String {
+        let when = match &self.when {
+            When::At(times) => {
+                format!("at {}", times.iter().map(|t| t.strftime("%H:%M:%S").to_string()).collect::<Vec<_>>().join(","))
+            }
+            When::Every(secs) => format!("every {}", format_every(*secs)),
+        };
+        match self.days == [true; 7] {
+            true => when,
+            false => {
+                let days: Vec<&str> = DAY_NAMES.iter().zip(self.days).filter(|(_, on)| *on).map(|(d, _)| *d).collect();
+                format!("{when} on {}", days.join(","))
+            }
+        }
+    }
+}
+
+/// The instant a local date and time of day stand for (jiff's "compatible" rule for times a
+/// daylight-saving change skips or repeats).
+fn occurrence(date: Date, time: Time, tz: &TimeZone) -> Option<Timestamp> {
+    date.to_datetime(time).to_zoned(tz.clone()).ok().map(|z| z.timestamp())
+}
+
+fn time_of_day(secs: u32) -> Option<Time> {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    Time::new(i8::try_from(h).ok()?, i8::try_from(m).ok()?, i8::try_from(s).ok()?, 0).ok()
+}
+
+/// `HH:MM` or `HH:MM:SS`, sorted, repeats dropped.
+fn parse_times(list: &[String]) -> Result<Vec<Time>, String> {
+    if list.is_empty() || list.len() > MAX_TIMES {
+        return Err(format!("at lists {} times: give 1 to {MAX_TIMES}", list.len()));
+    }
+    let mut out = Vec::new();
+    for text in list {
+        let parts: Vec<&str> = text.split(':').collect();
+        let numbers: Option<Vec<u32>> = match parts.as_slice() {
+            [_, _] | [_, _, _] if parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit())) => {
+                parts.iter().map(|p| p.parse().ok()).collect()
+            }
+            _ => None,
+        };
+        let time = match numbers.as_deref() {
+            Some([h, m]) if *h < 24 && *m < 60 => time_of_day(h * 3600 + m * 60),
+            Some([h, m, s]) if *h < 24 && *m < 60 && *s < 60 => time_of_day(h * 3600 + m * 60 + s),
+            _ => None,
+        };
+        out.push(time.ok_or_else(|| format!("at: '{text}' is not a time of day (HH:MM or HH:MM:SS, 24-hour)"))?);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// `N` and a unit (`s`, `m`, `h`, `d`), at least [`MIN_EVERY`] and at most a day.
+fn parse_every(text: &str) -> Result<u32, String> {
+    let bad = || format!("every = '{text}': give a number and s, m, h or d (\"30m\", \"6h\", \"1d\"), from 5s to 1d");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u32 = n.parse().map_err(|_| bad())?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => SECONDS_PER_DAY,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(unit).ok_or_else(bad)?;
+    if u64::from(secs) < MIN_EVERY.as_secs() || secs > SECONDS_PER_DAY {
+        return Err(bad());
+    }
+    Ok(secs)
+}
+
+fn format_every(secs: u32) -> String {
+    match secs {
+        s if s % SECONDS_PER_DAY == 0 => format!("{}d", s / SECONDS_PER_DAY),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `mon`..`sun` and ranges (`mon-fri`, `sat-sun`; `fri-mon` wraps).
+fn parse_days(list: &[String]) -> Result<[bool; 7], String> {
+    let day = |name: &str| {
+        DAY_NAMES.iter().position(|d| d.eq_ignore_ascii_case(name)).ok_or_else(|| {
+            format!("days: '{name}' is not a day (mon, tue, wed, thu, fri, sat, sun, or a range: mon-fri)")
+        })
+    };
+    let mut days = [false; 7];
+    for item in list {
+        match item.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (day(from)?, day(to)?);
+                let mut d = from;
+                loop {
+                    days[d] = true;
+                    if d == to {
+                        break;
+                    }
+                    d = (d + 1) % 7;
+                }
+            }
+            None => days[day(item)?] = true,
+        }
+    }
+    if days == [false; 7] {
+        return Err("days is empty: leave it out for every day".into());
+    }
+    Ok(days)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(at: Option<&[&str]>, every: Option<&str>, days: Option<&[&str]>) -> ScheduleFile {
+        ScheduleFile {
+            name: "s".into(),
+            vms: vec!["vm1".into()],
+            at: at.map(|a| a.iter().map(|s| s.to_string()).collect()),
+            every: every.map(str::to_string),
+            days: days.map(|d| d.iter().map(|s| s.to_string()).collect()),
+            backup_type: None,
+            node: None,
+            tags: Vec::new(),
+            parallel: None,
+        }
+    }
+
+    fn ts(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn times_of_day_fire_on_the_days_named() {
+        let s = Schedule::parse(file(Some(&["14:00", "02:00", "02:00"]), None, Some(&["mon-fri"]))).unwrap();
+        assert_eq!(s.describe(), "at 02:00:00,14:00:00 on mon,tue,wed,thu,fri");
+        let utc = TimeZone::UTC;
+        // 2026-11-27 is a Friday.
+        assert_eq!(s.next_after(ts("2026-11-27T01:00:00Z"), &utc), Some(ts("2026-11-27T02:00:00Z")));
+        assert_eq!(s.next_after(ts("2026-11-27T02:00:00Z"), &utc), Some(ts("2026-11-27T14:00:00Z")));
+        // Past Friday's last: Monday's first.
+        assert_eq!(s.next_after(ts("2026-11-27T14:00:00Z"), &utc), Some(ts("2026-11-30T02:00:00Z")));
+        assert_eq!(s.last_at_or_before(ts("2026-11-30T01:59:59Z"), &utc), Some(ts("2026-11-27T14:00:00Z")));
+        assert_eq!(s.last_at_or_before(ts("2026-11-30T02:00:00Z"), &utc), Some(ts("2026-11-30T02:00:00Z")));
+    }
+
+    #[test]
+    fn intervals_count_from_each_local_midnight() {
+        let s = Schedule::parse(file(None, Some("7h"), None)).unwrap();
+        assert_eq!(s.describe(), "every 7h");
+        let utc = TimeZone::UTC;
+        // 00, 07, 14, 21, then the next midnight (not 04:00).
+        assert_eq!(s.next_after(ts("2026-11-27T21:00:00Z"), &utc), Some(ts("2026-11-28T00:00:00Z")));
+        assert_eq!(s.next_after(ts("2026-11-27T13:59:59Z"), &utc), Some(ts("2026-11-27T14:00:00Z")));
+        let tokyo = TimeZone::fixed(jiff::tz::offset(9));
+        // 07:00 in Tokyo is 22:00 UTC the day before.
+        assert_eq!(s.next_after(ts("2026-11-27T16:00:00Z"), &tokyo), Some(ts("2026-11-27T22:00:00Z")));
+        let fast = Schedule::parse(file(None, Some("5s"), None)).unwrap();
+        assert_eq!(fast.next_after(ts("2026-11-27T23:59:57Z"), &utc), Some(ts("2026-11-28T00:00:00Z")));
+        assert_eq!(fast.last_at_or_before(ts("2026-11-27T23:59:57Z"), &utc), Some(ts("2026-11-27T23:59:55Z")));
+    }
+
+    #[test]
+    fn daylight_saving_changes_neither_skip_nor_repeat_a_night() {
+        let Ok(berlin) = TimeZone::get("Europe/Berlin") else {
+            panic!("the time zone database (tzdata) is missing");
+        };
+        let s = Schedule::parse(file(Some(&["02:30"]), None, None)).unwrap();
+        // 2026-03-29: 02:00 -> 03:00 in Berlin; 02:30 does not exist and fires at 03:30 CEST.
+        assert_eq!(s.next_after(ts("2026-03-28T12:00:00Z"), &berlin), Some(ts("2026-03-29T01:30:00Z")));
+        // 2026-10-25: 03:00 -> 02:00; 02:30 happens twice and fires once, at the first (CEST).
+        let first = s.next_after(ts("2026-10-24T12:00:00Z"), &berlin).unwrap();
+        assert_eq!(first, ts("2026-10-25T00:30:00Z"));
+        assert_eq!(s.next_after(first, &berlin), Some(ts("2026-10-26T01:30:00Z")));
+    }
+
+    #[test]
+    fn bad_schedules_are_refused_by_name() {
+        let refused = |f: ScheduleFile, what: &str| {
+            let e = Schedule::parse(f).unwrap_err();
+            assert!(e.contains(what), "{e} should mention {what}");
+        };
+        refused(file(None, None, None), "either at");
+        refused(file(Some(&["02:00"]), Some("1h"), None), "either at");
+        for t in ["2:00", "24:00", "12:60", "12:00:60", "noon", "12:00:00:00", ""] {
+            refused(file(Some(&[t]), None, None), "not a time of day");
+        }
+        for e in ["4s", "0m", "2d", "25h", "1w", "h", "-1h", "99999999999d"] {
+            refused(file(None, Some(e), None), "every");
+        }
+        refused(file(Some(&["02:00"]), None, Some(&["funday"])), "not a day");
+        refused(file(Some(&["02:00"]), None, Some(&[])), "days is empty");
+        let mut f = file(Some(&["02:00"]), None, None);
+        f.vms = vec!["*".into(), "vm1".into()];
+        refused(f, "stands alone");
+        let mut f = file(Some(&["02:00"]), None, None);
+        f.vms = vec!["../etc".into()];
+        refused(f, "VM name");
+        let mut f = file(Some(&["02:00"]), None, None);
+        f.parallel = Some(0);
+        refused(f, "parallel");
+        let mut f = file(Some(&["02:00"]), None, None);
+        f.name = "a b".into();
+        refused(f, "schedule name");
+        let wrap = Schedule::parse(file(Some(&["02:00"]), None, Some(&["fri-mon", "Wed"]))).unwrap();
+        assert_eq!(wrap.days, [true, false, true, false, true, true, true]);
+    }
+
+    #[test]
+    fn the_config_reads_every_key() {
+        let f: ScheduleFile = toml::from_str(
+            "name = \"nightly\"\nvms = [\"*\"]\nat = [\"02:00\"]\ndays = [\"sat\"]\nbackup_type = \"full\"\n\
+             node = \"esx-a\"\ntags = [\"weekly\"]\nparallel = 2\n",
+        )
+        .unwrap();
+        let s = Schedule::parse(f).unwrap();
+        assert_eq!((s.vms, s.backup_type, s.parallel), (Vms::All, BackupType::Full, 2));
+        assert!(toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\ncron = \"*\"\n").is_err());
+    }
+}
