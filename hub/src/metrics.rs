@@ -111,6 +111,16 @@ fn schedules(out: &mut String, hub: &Hub) {
             );
         }
     }
+    help(
+        out,
+        "sendense_hub_schedule_last_run_errors",
+        "gauge",
+        "Nodes whose VMs the schedule's last run could not list (vms = [\"*\"]; alert on > 0).",
+    );
+    for v in &views {
+        let n = v.last_run.as_ref().map_or(0, |r| r.errors.len());
+        let _ = writeln!(out, "sendense_hub_schedule_last_run_errors{{schedule=\"{}\"}} {n}", v.name);
+    }
     help(out, "sendense_hub_schedule_running", "gauge", "1 while a run of the schedule goes on.");
     for v in &views {
         let _ =

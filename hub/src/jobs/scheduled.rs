@@ -14,8 +14,10 @@
 //!   handle (it was down, or killed mid-run) runs the schedule once at start, not once per missed
 //!   occurrence. A schedule new to the hub starts from its next occurrence.
 //! - A node out of reach for a moment (its tunnel reconnecting) or ports all leased does not
-//!   lose the night: a start that fails as unavailable (503) is tried again every
-//!   [`RETRY_EVERY`] for up to [`RETRY_FOR`]. Other refusals are recorded as they are.
+//!   lose the night: a start that fails as unavailable (503), and the listing of a node's VMs for
+//!   `vms = ["*"]`, are tried again every [`RETRY_EVERY`] for up to [`RETRY_FOR`]. Other refusals
+//!   are recorded as they are; a node whose VMs could not be listed is in the run's `errors` and
+//!   counted in the metrics.
 //! - Sleeping is done in steps of at most a minute against the wall clock, so a clock set by NTP
 //!   or a suspended machine does not shift a run by the difference.
 
@@ -384,13 +386,26 @@ impl Hub {
             Vms::All => {
                 let mut out = Vec::new();
                 let mut errors = Vec::new();
+                let give_up = Instant::now() + RETRY_FOR;
                 for (spec, client) in self.nodes.iter().filter(|(n, _)| s.node.as_ref().is_none_or(|w| *w == n.name)) {
-                    match client.vms().await {
-                        Ok(vms) => out.extend(vms.into_iter().map(|v| (v.name, Some(spec.name.clone())))),
-                        Err(e) => {
-                            tracing::warn!(schedule = %s.name, node = %spec.name, error = %e, "schedule: cannot list the node's VMs");
-                            errors.push(format!("node {}: cannot list its VMs: {e}", spec.name));
+                    // A node out of reach (its tunnel reconnecting) is asked again, as a start is.
+                    loop {
+                        match client.vms().await {
+                            Ok(vms) => out.extend(vms.into_iter().map(|v| (v.name, Some(spec.name.clone())))),
+                            Err(e) if Instant::now() < give_up && !self.shutdown.is_cancelled() => {
+                                tracing::info!(schedule = %s.name, node = %spec.name, error = %e, "schedule: cannot list the node's VMs now, trying again");
+                                tokio::select! {
+                                    () = tokio::time::sleep(RETRY_EVERY) => {}
+                                    () = self.shutdown.cancelled() => {}
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::error!(schedule = %s.name, node = %spec.name, error = %e, "schedule: cannot list the node's VMs");
+                                errors.push(format!("node {}: cannot list its VMs: {e}", spec.name));
+                            }
                         }
+                        break;
                     }
                 }
                 (out, errors)

@@ -76,7 +76,8 @@ async fn a_schedule_backs_up_every_vm_of_its_node_on_time_and_incrementally_afte
 /// starts (a new schedule starts from its next occurrence); run through the API it backs up its
 /// VMs (full, as it asks) but skips the one whose backup is under way, and refuses a second run
 /// meanwhile; and a hub that was down over its night (the mark it keeps in the repository set
-/// back a week) runs it once when it starts again.
+/// back a week) runs it once when it starts again; a run that finds the node out of reach waits
+/// for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nightly_schedule_runs_through_the_api_skips_a_busy_vm_and_catches_up_a_missed_night() {
     let days = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / 86400;
@@ -144,4 +145,25 @@ async fn a_nightly_schedule_runs_through_the_api_skips_a_busy_vm_and_catches_up_
     assert_eq!(site.backups("vm-a").await.len(), 2, "the busy one's and the catch-up's");
     let kept: Value = serde_json::from_slice(&std::fs::read(&marks).unwrap()).unwrap();
     assert_eq!(kept["nightly"], json!(handled), "the missed night is handled now");
+
+    // The node out of reach when a run starts (a tunnel reconnecting): its VMs wait, and are
+    // backed up once it is back.
+    site.kill_node();
+    let (status, started) = site.hub("POST", "/api/v1/schedules/nightly/run", None).await;
+    assert_eq!(status, 202, "{started}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = site.hub("GET", "/api/v1/schedules/nightly", None).await;
+        let first = &v["running"]["backups"][0];
+        if first["status"] == "waiting" && first["error"].as_str().is_some_and(|e| e.contains("unreachable")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not waiting for the node: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    site.start_node();
+    let later = wait_run(&site, "nightly", run["started_at"].as_str()).await;
+    for b in later["last_run"]["backups"].as_array().unwrap() {
+        assert_eq!((&b["status"], &b["error"]), (&json!("completed"), &Value::Null), "{later}");
+    }
 }
