@@ -1,7 +1,8 @@
 //! `sendense-hub demo`: the whole product on one machine, no setup, no root. A hub with its SSH
 //! endpoint and a node with its tunnel (keys generated and the host key pinned for the run), the
 //! real libraries over real sockets: a sample VM of two disks with random data, zero runs and
-//! holes; a full backup, a few blocks changed, an incremental, a replica, a restore of the
+//! holes; a full backup, a few blocks changed, an incremental (made by the hub's backup schedule,
+//! run now through the API), a replica, a restore of the
 //! incremental to new files through the tunnel, and a bit-for-bit check of everything against
 //! the source; then the full backup merged into the incremental (retention dropping the oldest
 //! point in time), which must verify again and stand alone. Progress is a line per disk while a
@@ -95,6 +96,40 @@ impl Api {
         let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await?;
         ensure!(status == 202, "{label}: {status} {v}");
         let id = v["backup_id"].as_str().or(v["replication_id"].as_str()).unwrap_or_default().to_string();
+        self.follow(label, path, &id, started).await
+    }
+
+    /// Run schedule `name` now and follow the backup it makes of the demo VM; returns the
+    /// backup's final view, the time, and the schedule's view once its run ended.
+    async fn run_schedule(&self, label: &str, name: &str) -> anyhow::Result<(Value, f64, Value)> {
+        let started = Instant::now();
+        let path = format!("/api/v1/schedules/{name}");
+        let (status, v) = self.call(reqwest::Method::POST, &format!("{path}/run"), None).await?;
+        ensure!(status == 202, "schedule {name}: {status} {v}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let id = loop {
+            let (_, v) = self.call(reqwest::Method::GET, &path, None).await?;
+            let run = if v["running"].is_object() { &v["running"] } else { &v["last_run"] };
+            if let Some(id) = run["backups"][0]["backup_id"].as_str() {
+                break id.to_string();
+            }
+            ensure!(v["last_run"]["ended_at"].is_null(), "schedule {name} made no backup: {v}");
+            ensure!(Instant::now() < deadline, "schedule {name} did not start a backup: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (backup, secs) = self.follow(label, "/api/v1/backups", &id, started).await?;
+        loop {
+            let (_, v) = self.call(reqwest::Method::GET, &path, None).await?;
+            if v["last_run"]["ended_at"].is_string() {
+                return Ok((backup, secs, v));
+            }
+            ensure!(Instant::now() < deadline, "the run of schedule {name} did not end: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Follow job `id` under `path` to its end, a progress line per disk.
+    async fn follow(&self, label: &str, path: &str, id: &str, started: Instant) -> anyhow::Result<(Value, f64)> {
         let mut last_print = Instant::now() - Duration::from_secs(10);
         loop {
             let (_, v) = self.call(reqwest::Method::GET, &format!("{path}/{id}"), None).await?;
@@ -164,7 +199,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let (hub_nbd, node_nbd) = (base, base + 8);
     let (ssh_port, hub_api, node_api, reverse) = (base + 16, base + 17, base + 18, base + 19);
 
-    // The hub.
+    // The hub, with a nightly schedule of every VM (at this time of day, twelve hours from now:
+    // the demo runs it by hand).
+    let at = jiff::Zoned::now().checked_add(jiff::SignedDuration::from_hours(12))?.strftime("%H:%M").to_string();
+    let nightly = crate::schedule::Schedule::parse(crate::schedule::ScheduleFile {
+        name: "nightly".into(),
+        vms: vec!["*".into()],
+        at: Some(vec![at]),
+        every: None,
+        days: None,
+        backup_type: None,
+        node: None,
+        tags: vec!["nightly".into()],
+        parallel: None,
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
     let hub_token = "demo-token-".to_string() + &fingerprint.chars().rev().take(12).collect::<String>();
     let settings = Settings {
         listen: ([127, 0, 0, 1], hub_api).into(),
@@ -194,7 +243,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         nbd_local_users: vec![],
         retention: crate::retention::Policy::default(),
         verify_every: None,
-        schedules: Vec::new(),
+        schedules: vec![nightly.clone()],
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;
@@ -203,6 +252,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let ssh_listener = tokio::net::TcpListener::bind(("127.0.0.1", ssh_port)).await?;
     tokio::spawn(tunnel::endpoint::serve(ssh_listener, endpoint));
     let api_listener = tokio::net::TcpListener::bind(("127.0.0.1", hub_api)).await?;
+    hub.start_schedules();
     tokio::spawn(async move { axum::serve(api_listener, crate::http::router(hub)).await });
 
     // The node, with its tunnel to the hub's endpoint.
@@ -281,12 +331,23 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         f.sync_all()?;
     }
 
-    println!("\n3. incremental backup");
-    let (incr, secs) =
-        api.run("incremental", "/api/v1/backups", json!({"vm_name": "demo", "backup_type": "incremental"})).await?;
+    println!(
+        "\n3. incremental backup, by the hub's backup schedule 'nightly' ({}, every VM) run now (POST /api/v1/schedules/nightly/run)",
+        nightly.describe()
+    );
+    let (incr, secs, schedule) = api.run_schedule("incremental", "nightly").await?;
     ensure!(
         incr["backup_type"] == "incremental" && incr["parent_id"] == full_id.as_str(),
         "not an incremental on the full: {incr}"
+    );
+    let last = &schedule["last_run"];
+    ensure!(
+        last["backups"].as_array().map(Vec::len) == Some(1) && last["backups"][0]["status"] == "completed",
+        "the schedule's run: {schedule}"
+    );
+    println!(
+        "  schedule nightly: run ended, the VM's backup completed; next run {}",
+        schedule["next_run"].as_str().unwrap_or("?")
     );
     record(&mut rows, "incremental", &incr, secs);
     let incr_id = incr["backup_id"].as_str().unwrap_or_default().to_string();

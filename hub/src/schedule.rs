@@ -213,7 +213,11 @@ impl Schedule {
     pub fn describe(&self) -> String {
         let when = match &self.when {
             When::At(times) => {
-                format!("at {}", times.iter().map(|t| t.strftime("%H:%M:%S").to_string()).collect::<Vec<_>>().join(","))
+                let text = |t: &Time| match t.second() {
+                    0 => t.strftime("%H:%M").to_string(),
+                    _ => t.strftime("%H:%M:%S").to_string(),
+                };
+                format!("at {}", times.iter().map(text).collect::<Vec<_>>().join(","))
             }
             When::Every(secs) => format!("every {}", format_every(*secs)),
         };
@@ -348,7 +352,9 @@ mod tests {
     #[test]
     fn times_of_day_fire_on_the_days_named() {
         let s = Schedule::parse(file(Some(&["14:00", "02:00", "02:00"]), None, Some(&["mon-fri"]))).unwrap();
-        assert_eq!(s.describe(), "at 02:00:00,14:00:00 on mon,tue,wed,thu,fri");
+        assert_eq!(s.describe(), "at 02:00,14:00 on mon,tue,wed,thu,fri");
+        let odd = Schedule::parse(file(Some(&["23:59:30"]), None, None)).unwrap();
+        assert_eq!(odd.describe(), "at 23:59:30");
         let utc = TimeZone::UTC;
         // 2026-11-27 is a Friday.
         assert_eq!(s.next_after(ts("2026-11-27T01:00:00Z"), &utc), Some(ts("2026-11-27T02:00:00Z")));

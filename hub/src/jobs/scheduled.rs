@@ -143,7 +143,7 @@ pub struct ScheduleView {
     pub name: String,
     /// VM names, or `["*"]`.
     pub vms: Vec<String>,
-    /// `at 02:00:00 on mon,...` or `every 6h`.
+    /// `at 02:00 on mon,...` or `every 6h`.
     pub when: String,
     /// `full` or `incremental`.
     pub backup_type: &'static str,
