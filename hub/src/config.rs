@@ -275,7 +275,7 @@ mod tests {
             })
             .collect();
         let schedules = check_schedules(file.schedule, &nodes).unwrap();
-        assert_eq!(schedules.len(), 2);
+        assert_eq!(schedules.len(), 3);
     }
 
     #[test]

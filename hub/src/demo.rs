@@ -208,6 +208,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         at: Some(vec![at]),
         every: None,
         days: None,
+        kind: None,
+        exclude: Vec::new(),
         backup_type: None,
         node: None,
         tags: vec!["nightly".into()],

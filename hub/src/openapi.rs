@@ -138,10 +138,12 @@ fn schedule_schema() -> Value {
         "errors": {"type": "array", "items": {"type": "string"}},
         "backups": {"type": "array", "items": {"type": "object", "properties": {
             "vm_name": {"type": "string"}, "node": {"type": "string"}, "backup_id": {"type": "string"},
+            "replication_id": {"type": "string"},
             "status": {"type": "string", "enum": ["waiting", "running", "completed", "failed", "cancelled", "skipped"]},
             "error": {"type": "string"}}}}}});
     json!({"type": "object", "properties": {
-        "name": {"type": "string"}, "vms": {"type": "array", "items": {"type": "string"}},
+        "name": {"type": "string"}, "kind": {"type": "string", "enum": ["backup", "replication"]},
+        "vms": {"type": "array", "items": {"type": "string"}}, "exclude": {"type": "array", "items": {"type": "string"}},
         "when": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
         "node": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
         "parallel": {"type": "integer"}, "next_run": {"type": "string", "format": "date-time"},

@@ -1,7 +1,8 @@
 //! Backup schedules (`[[schedule]]` in hub.toml): which VMs are backed up when, checked once at
 //! start, and the pure arithmetic of their occurrences. Running them is `jobs/scheduled.rs`.
 //!
-//! A schedule fires at local times of day (`at = ["02:00"]`) or at a fixed interval from each
+//! A schedule runs backups (or, with `kind = "replication"`, brings each VM's replica up to date
+//! in place) of the VMs it names, or of every VM (`["*"]`, with `exclude`). It fires at local times of day (`at = ["02:00"]`) or at a fixed interval from each
 //! local midnight (`every = "6h"`: 00:00, 06:00, 12:00, 18:00), on every day or the days named
 //! (`days = ["mon-fri"]`). "Local" is the hub's time zone (`TZ`, else `/etc/localtime`), as for
 //! retention periods, so a nightly backup stays at 02:00 across daylight-saving changes: a time
@@ -41,6 +42,11 @@ pub struct ScheduleFile {
     pub every: Option<String>,
     /// Days it runs on (`mon`..`sun`, ranges like `mon-fri`); every day when unset.
     pub days: Option<Vec<String>>,
+    /// `backup` (default) or `replication`: each VM's replica brought up to date in place.
+    pub kind: Option<Work>,
+    /// With `vms = ["*"]`: VMs left out.
+    #[serde(default)]
+    pub exclude: Vec<String>,
     /// `incremental` (default: a full backup where there is nothing to build on) or `full`.
     pub backup_type: Option<BackupType>,
     /// Only this node's VMs.
@@ -52,11 +58,34 @@ pub struct ScheduleFile {
     pub parallel: Option<usize>,
 }
 
+/// What a schedule runs for each VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Work {
+    /// A backup into the repository.
+    Backup,
+    /// A replication run: the VM's replica brought up to date in place.
+    Replication,
+}
+
+impl Work {
+    /// As the config and the API write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Backup => "backup",
+            Self::Replication => "replication",
+        }
+    }
+}
+
 /// Which VMs a schedule backs up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Vms {
-    /// Every VM its node (or each node) lists when the run starts.
-    All,
+    /// Every VM its node (or each node) lists when the run starts, but these.
+    All {
+        /// Left out.
+        except: Vec<String>,
+    },
     /// These.
     Named(Vec<String>),
 }
@@ -81,6 +110,8 @@ pub struct Schedule {
     pub when: When,
     /// Days it runs on, Monday first.
     pub days: [bool; 7],
+    /// Backups or replication runs.
+    pub work: Work,
     /// Full or incremental.
     pub backup_type: BackupType,
     /// Only this node's VMs.
@@ -108,24 +139,21 @@ impl Schedule {
         let bad = |what: String| format!("schedule {name}: {what}");
         let vms = match file.vms.as_slice() {
             [] => return Err(bad("vms is empty: name VMs, or [\"*\"] for every VM".into())),
-            [all] if all == "*" => Vms::All,
+            [all] if all == "*" => Vms::All { except: vm_names(&file.exclude, "exclude").map_err(bad)? },
             names if names.iter().any(|n| n == "*") => {
                 return Err(bad("\"*\" (every VM) stands alone in vms".into()));
             }
-            names if names.len() > MAX_VMS => return Err(bad(format!("{} VMs: at most {MAX_VMS}", names.len()))),
-            names => {
-                let mut out: Vec<String> = Vec::new();
-                for n in names {
-                    if !node::config::valid_name(n) {
-                        return Err(bad(format!("VM name '{n}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
-                    }
-                    if !out.contains(n) {
-                        out.push(n.clone());
-                    }
-                }
-                Vms::Named(out)
+            _ if !file.exclude.is_empty() => {
+                return Err(bad("exclude goes with vms = [\"*\"]: leave the VMs out of vms instead".into()));
             }
+            names => Vms::Named(vm_names(names, "vms").map_err(bad)?),
         };
+        let work = file.kind.unwrap_or(Work::Backup);
+        if work == Work::Replication && (file.backup_type.is_some() || !file.tags.is_empty()) {
+            return Err(bad(
+                "a replication schedule takes no backup_type or tags: a VM has one replica, kept in place".into(),
+            ));
+        }
         let when = match (file.at, file.every) {
             (Some(at), None) => When::At(parse_times(&at).map_err(bad)?),
             (None, Some(every)) => When::Every(parse_every(&every).map_err(bad)?),
@@ -144,6 +172,7 @@ impl Schedule {
             vms,
             when,
             days,
+            work,
             backup_type: file.backup_type.unwrap_or(BackupType::Incremental),
             node: file.node,
             tags: file.tags,
@@ -229,6 +258,23 @@ impl Schedule {
             }
         }
     }
+}
+
+/// VM names, each valid, at most [`MAX_VMS`], repeats dropped.
+fn vm_names(names: &[String], key: &str) -> Result<Vec<String>, String> {
+    if names.len() > MAX_VMS {
+        return Err(format!("{key} names {} VMs: at most {MAX_VMS}", names.len()));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for n in names {
+        if !node::config::valid_name(n) {
+            return Err(format!("{key}: VM name '{n}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"));
+        }
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// The instant a local date and time of day stand for (jiff's "compatible" rule for times a
@@ -338,6 +384,8 @@ mod tests {
             at: at.map(|a| a.iter().map(|s| s.to_string()).collect()),
             every: every.map(str::to_string),
             days: days.map(|d| d.iter().map(|s| s.to_string()).collect()),
+            kind: None,
+            exclude: Vec::new(),
             backup_type: None,
             node: None,
             tags: Vec::new(),
@@ -423,6 +471,13 @@ mod tests {
         let mut f = file(Some(&["02:00"]), None, None);
         f.name = "a b".into();
         refused(f, "schedule name");
+        let mut f = file(Some(&["02:00"]), None, None);
+        f.exclude = vec!["vm2".into()];
+        refused(f, "exclude goes with");
+        let mut f = file(Some(&["02:00"]), None, None);
+        f.kind = Some(Work::Replication);
+        f.tags = vec!["t".into()];
+        refused(f, "replication schedule takes no");
         let wrap = Schedule::parse(file(Some(&["02:00"]), None, Some(&["fri-mon", "Wed"]))).unwrap();
         assert_eq!(wrap.days, [true, false, true, false, true, true, true]);
     }
@@ -435,7 +490,16 @@ mod tests {
         )
         .unwrap();
         let s = Schedule::parse(f).unwrap();
-        assert_eq!((s.vms, s.backup_type, s.parallel), (Vms::All, BackupType::Full, 2));
+        assert_eq!((s.vms, s.backup_type, s.parallel), (Vms::All { except: vec![] }, BackupType::Full, 2));
+        let f: ScheduleFile = toml::from_str(
+            "name = \"dr\"\nvms = [\"*\"]\nexclude = [\"test1\", \"test1\"]\nevery = \"15m\"\nkind = \"replication\"\n",
+        )
+        .unwrap();
+        let s = Schedule::parse(f).unwrap();
+        assert_eq!((s.vms, s.work), (Vms::All { except: vec!["test1".into()] }, Work::Replication));
+        assert!(
+            toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\nkind = \"verify\"\n").is_err()
+        );
         assert!(toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\ncron = \"*\"\n").is_err());
     }
 }

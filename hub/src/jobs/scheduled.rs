@@ -1,6 +1,7 @@
 //! Schedules at work (`[[schedule]]`, checked in `crate::schedule`): at each occurrence the VMs
 //! of a schedule are backed up, `parallel` at a time, each as `POST /api/v1/backups` would
-//! (the config's retention applied after each), and the run is kept for the API (`GET
+//! (the config's retention applied after each), or their replicas brought up to date as `POST
+//! /api/v1/replications` would (`kind = "replication"`), and the run is kept for the API (`GET
 //! /api/v1/schedules`: the next occurrence, the run under way, the last run with each VM's
 //! backup and outcome) and the metrics.
 //!
@@ -36,7 +37,7 @@ use super::{Hub, Kind, Status};
 use crate::error::HubError;
 use crate::repo;
 use crate::retention::Policy;
-use crate::schedule::{Schedule, Vms};
+use crate::schedule::{Schedule, Vms, Work};
 
 /// How often a start refused as unavailable is tried again.
 pub const RETRY_EVERY: Duration = Duration::from_secs(15);
@@ -102,6 +103,9 @@ pub struct ScheduledBackup {
     /// The backup, once started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_id: Option<String>,
+    /// The replication run, once started (`kind = "replication"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication_id: Option<String>,
     /// Where it stands.
     pub status: Outcome,
     /// Why it failed or was skipped (or, while waiting, why it is not started yet).
@@ -141,8 +145,13 @@ impl ScheduleRun {
 pub struct ScheduleView {
     /// Name.
     pub name: String,
+    /// `backup` or `replication`.
+    pub kind: &'static str,
     /// VM names, or `["*"]`.
     pub vms: Vec<String>,
+    /// With `["*"]`: VMs left out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
     /// `at 02:00 on mon,...` or `every 6h`.
     pub when: String,
     /// `full` or `incremental`.
@@ -197,9 +206,14 @@ impl Hub {
         let state = st.schedules.get(name);
         Some(ScheduleView {
             name: s.name.clone(),
+            kind: s.work.name(),
             vms: match &s.vms {
-                Vms::All => vec!["*".into()],
+                Vms::All { .. } => vec!["*".into()],
                 Vms::Named(names) => names.clone(),
+            },
+            exclude: match &s.vms {
+                Vms::All { except } => except.clone(),
+                Vms::Named(_) => Vec::new(),
             },
             when: s.describe(),
             backup_type: type_name(s.backup_type),
@@ -334,6 +348,7 @@ impl Hub {
                         vm_name: vm.clone(),
                         node: node.clone(),
                         backup_id: None,
+                        replication_id: None,
                         status: Outcome::Waiting,
                         error: None,
                     })
@@ -383,7 +398,7 @@ impl Hub {
     async fn scheduled_vms(&self, s: &Schedule) -> (Vec<(String, Option<String>)>, Vec<String>) {
         match &s.vms {
             Vms::Named(names) => (names.iter().map(|n| (n.clone(), s.node.clone())).collect(), Vec::new()),
-            Vms::All => {
+            Vms::All { except } => {
                 let mut out = Vec::new();
                 let mut errors = Vec::new();
                 let give_up = Instant::now() + RETRY_FOR;
@@ -391,7 +406,11 @@ impl Hub {
                     // A node out of reach (its tunnel reconnecting) is asked again, as a start is.
                     loop {
                         match client.vms().await {
-                            Ok(vms) => out.extend(vms.into_iter().map(|v| (v.name, Some(spec.name.clone())))),
+                            Ok(vms) => out.extend(
+                                vms.into_iter()
+                                    .filter(|v| !except.contains(&v.name))
+                                    .map(|v| (v.name, Some(spec.name.clone()))),
+                            ),
                             Err(e) if Instant::now() < give_up && !self.shutdown.is_cancelled() => {
                                 tracing::info!(schedule = %s.name, node = %spec.name, error = %e, "schedule: cannot list the node's VMs now, trying again");
                                 tokio::select! {
@@ -413,7 +432,7 @@ impl Hub {
         }
     }
 
-    /// Back up one VM of a run and follow its job to the end, recording each step in the run.
+    /// Back up (or replicate) one VM of a run and follow its job to the end, recording each step in the run.
     async fn scheduled_backup(self: &Arc<Self>, index: usize, slot: usize, vm: &str, node: Option<&str>) {
         let Some(s) = self.settings.schedules.get(index) else { return };
         let record = |status: Outcome, id: Option<&str>, error: Option<String>| {
@@ -421,11 +440,17 @@ impl Hub {
             let run = st.schedules.get_mut(&s.name).and_then(|x| x.running.as_mut());
             if let Some(b) = run.and_then(|r| r.backups.get_mut(slot)) {
                 b.status = status;
-                if let Some(id) = id {
-                    b.backup_id = Some(id.to_string());
+                match (id, s.work) {
+                    (Some(id), Work::Backup) => b.backup_id = Some(id.to_string()),
+                    (Some(id), Work::Replication) => b.replication_id = Some(id.to_string()),
+                    (None, _) => {}
                 }
                 b.error = error;
             }
+        };
+        let kind = match s.work {
+            Work::Backup => Kind::Backup,
+            Work::Replication => Kind::Replication,
         };
         let give_up = Instant::now() + RETRY_FOR;
         let id = loop {
@@ -438,7 +463,7 @@ impl Hub {
                 tracing::warn!(schedule = %s.name, vm, error = %why, "schedule: VM skipped");
                 return record(Outcome::Skipped, None, Some(why));
             }
-            match self.start(Kind::Backup, vm, s.backup_type, node, &s.tags, Policy::default()).await {
+            match self.start(kind, vm, s.backup_type, node, &s.tags, Policy::default()).await {
                 Ok(job) => break job.id,
                 Err(HubError::Unavailable(e)) if Instant::now() < give_up => {
                     tracing::info!(schedule = %s.name, vm, error = %e, "schedule: cannot start now, trying again");
@@ -456,8 +481,8 @@ impl Hub {
         };
         record(Outcome::Running, Some(&id), None);
         loop {
-            let Some(job) = self.get(Kind::Backup, &id) else {
-                return record(Outcome::Failed, None, Some(format!("backup {id} is no longer known")));
+            let Some(job) = self.get(kind, &id) else {
+                return record(Outcome::Failed, None, Some(format!("job {id} is no longer known")));
             };
             if job.status.is_final() {
                 let outcome = match job.status {

@@ -1,6 +1,7 @@
 //! Backup schedules (`[[schedule]]`): the hub backing up VMs by itself, on time, incrementally
 //! after the first; a run asked for through the API; a VM with a backup already under way
-//! skipped, not backed up twice; and a night the hub was down for caught up once at its start.
+//! skipped, not backed up twice; a night the hub was down for caught up once at its start; a
+//! replication schedule of every VM but one.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -85,7 +86,8 @@ async fn a_nightly_schedule_runs_through_the_api_skips_a_busy_vm_and_catches_up_
     let day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][((days + 3 + 3) % 7) as usize];
     let hub = format!(
         "\n[[schedule]]\nname = \"nightly\"\nvms = [\"vm-a\", \"vm-b\"]\nat = [\"12:00\"]\ndays = [\"{day}\"]\n\
-         backup_type = \"full\"\ntags = [\"nightly\"]\n"
+         backup_type = \"full\"\ntags = [\"nightly\"]\n\n[[schedule]]\nname = \"dr\"\nvms = [\"*\"]\nexclude = [\"vm-a\"]\n\
+         kind = \"replication\"\nat = [\"12:00\"]\ndays = [\"{day}\"]\n"
     );
     // vm-a's backup takes seconds: the run finds it under way.
     let opts = Options { hub: &hub, copy: "bandwidth_limit = \"8M\"", ..Options::default() };
@@ -126,7 +128,19 @@ async fn a_nightly_schedule_runs_through_the_api_skips_a_busy_vm_and_catches_up_
         assert_eq!(status, 404, "{v}");
     }
     let (status, list) = site.hub("GET", "/api/v1/schedules", None).await;
-    assert_eq!((status, list.as_array().map(Vec::len)), (200, Some(1)), "{list}");
+    assert_eq!((status, list.as_array().map(Vec::len)), (200, Some(2)), "{list}");
+
+    // A replication schedule of every VM but vm-a: vm-b's replica made, equal to its disk.
+    let (status, v) = site.hub("POST", "/api/v1/schedules/dr/run", None).await;
+    assert_eq!((status, &v["kind"], &v["exclude"]), (202, &json!("replication"), &json!(["vm-a"])), "{v}");
+    let dr = wait_run(&site, "dr", None).await;
+    let only = dr["last_run"]["backups"].as_array().unwrap();
+    assert_eq!(only.len(), 1, "{dr}");
+    assert_eq!((&only[0]["vm_name"], &only[0]["status"]), (&json!("vm-b"), &json!("completed")), "{dr}");
+    let (_, rep) =
+        site.hub("GET", &format!("/api/v1/replications/{}", only[0]["replication_id"].as_str().unwrap()), None).await;
+    assert_eq!(rep["status"], "completed", "{rep}");
+    site.assert_replica_equals_sources("vm-b", 1);
     let (_, doc) = site.hub("GET", "/api/v1/openapi.json", None).await;
     assert!(doc["paths"]["/api/v1/schedules/{name}/run"]["post"].is_object(), "described");
 
