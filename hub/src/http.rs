@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::HubError;
-use crate::jobs::{Hub, JobView, Kind, PruneView, ScheduleView};
+use crate::jobs::{Hub, JobView, Kind, ScheduleView};
 use crate::retention::Policy;
 
 impl IntoResponse for HubError {
@@ -86,8 +86,8 @@ pub struct BackupRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PruneRequest {
-    /// VM.
-    pub vm_name: String,
+    /// VM; none: every VM with backups.
+    pub vm_name: Option<String>,
     /// Node, when several nodes' VMs of that name have backups.
     pub node: Option<String>,
     /// The rules, as in [`BackupRequest`]; none: the config's.
@@ -282,11 +282,17 @@ async fn delete_backup(
 async fn prune(
     State(hub): State<Arc<Hub>>,
     b: Result<Json<PruneRequest>, JsonRejection>,
-) -> Result<Json<PruneView>, HubError> {
+) -> Result<Json<Value>, HubError> {
     let req = body(b)?;
     let policy = policy_of!(req);
-    let view =
-        to_completion(async move { hub.prune(&req.vm_name, req.node.as_deref(), policy, req.dry_run).await }).await?;
+    let view = to_completion(async move {
+        match (req.vm_name, req.node) {
+            (Some(vm), node) => Ok(json!(hub.prune(&vm, node.as_deref(), policy, req.dry_run).await?)),
+            (None, None) => Ok(json!(hub.prune_all(policy, req.dry_run).await?)),
+            (None, Some(_)) => Err(HubError::BadRequest("node goes with vm_name".into())),
+        }
+    })
+    .await?;
     Ok(Json(view))
 }
 

@@ -65,8 +65,8 @@ fn schemas() -> Value {
             "keep_hourly": {"type": "integer", "minimum": 1}, "keep_daily": {"type": "integer", "minimum": 1},
             "keep_weekly": {"type": "integer", "minimum": 1}, "keep_monthly": {"type": "integer", "minimum": 1},
             "keep_yearly": {"type": "integer", "minimum": 1}}},
-        "PruneRequest": {"type": "object", "required": ["vm_name"], "properties": {
-            "vm_name": {"type": "string"}, "node": {"type": "string"},
+        "PruneRequest": {"type": "object", "properties": {
+            "vm_name": {"type": "string", "description": "none: every VM with backups (answer: PruneAll)"}, "node": {"type": "string"},
             "keep": {"type": "integer", "minimum": 1}, "keep_hourly": {"type": "integer", "minimum": 1},
             "keep_daily": {"type": "integer", "minimum": 1}, "keep_weekly": {"type": "integer", "minimum": 1},
             "keep_monthly": {"type": "integer", "minimum": 1}, "keep_yearly": {"type": "integer", "minimum": 1},
@@ -156,6 +156,13 @@ pub fn document() -> Value {
     let mut schemas = schemas();
     if let Value::Object(m) = &mut schemas {
         m.insert("Schedule".into(), schedule_schema());
+        m.insert(
+            "PruneAll".into(),
+            json!({"type": "object", "properties": {
+                "dry_run": {"type": "boolean"}, "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "removed": {"type": "integer"}, "failed": {"type": "integer"},
+                "vms": {"type": "array", "items": {"$ref": "#/components/schemas/Prune"}}}}),
+        );
         m.insert("ScheduleList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}));
     }
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -200,7 +207,7 @@ pub fn document() -> Value {
                 "get": op("one replication run", "200", "Backup", None),
                 "delete": op("cancel a running replication run (its replica is made anew next time) or forget a finished one", "200", "Backup", None)
             },
-            "/api/v1/prune": {"post": op("apply retention rules to a VM's backups now (dry_run: only say what they would remove)", "200", "Prune", Some("PruneRequest"))},
+            "/api/v1/prune": {"post": op("apply retention rules to a VM's backups now, or without vm_name to every VM's (then the answer is PruneAll); dry_run: only say what they would remove", "200", "Prune", Some("PruneRequest"))},
             "/api/v1/schedules": {"get": op("backup schedules ([[schedule]]): next occurrence, the run under way, the last run", "200", "ScheduleList", None)},
             "/api/v1/schedules/{name}": {"parameters": name, "get": op("one schedule", "200", "Schedule", None)},
             "/api/v1/schedules/{name}/run": {"parameters": name, "post": op("run the schedule now, in the background (409 while a run of it goes on)", "202", "Schedule", None)},

@@ -49,7 +49,7 @@ mod start;
 mod view;
 
 pub use catalog::VmSummary;
-pub use prune::{PruneEntry, PruneView};
+pub use prune::{PruneAllView, PruneEntry, PruneView};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};

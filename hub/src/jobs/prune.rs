@@ -53,7 +53,64 @@ pub struct PruneView {
     pub backups: Vec<PruneEntry>,
 }
 
+/// The answer of `POST /api/v1/prune` without `vm_name`: every VM's backups (per node) pruned.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneAllView {
+    /// Nothing was deleted: the verdicts only.
+    pub dry_run: bool,
+    /// The rules applied.
+    pub policy: Policy,
+    /// Backups removed, over every VM (none in a dry run).
+    pub removed: usize,
+    /// Backups to remove that could not be, over every VM.
+    pub failed: usize,
+    /// Each VM (and node) with backups, by name.
+    pub vms: Vec<PruneView>,
+}
+
 impl Hub {
+    /// Apply `policy` (empty: the config's) to the backups of every VM, each node's apart, one
+    /// VM after another (`POST /api/v1/prune` without `vm_name`: a policy changed in the config
+    /// applied now rather than after each VM's next backup), or with `dry_run` only say what it
+    /// would remove.
+    ///
+    /// # Errors
+    /// A rule of 0, or no rules here nor in the config (400).
+    pub async fn prune_all(&self, policy: Policy, dry_run: bool) -> Result<PruneAllView, HubError> {
+        let policy = self.policy_or_config(policy)?;
+        let vms: Vec<(String, String)> = {
+            let st = self.state();
+            let set: std::collections::BTreeSet<(String, String)> =
+                st.catalog.values().map(|m| (m.vm_name.clone(), m.node.clone())).collect();
+            set.into_iter().collect()
+        };
+        let mut views = Vec::new();
+        for (vm, node) in vms {
+            views.push(self.apply(&vm, &node, &policy, dry_run).await);
+        }
+        Ok(PruneAllView {
+            dry_run,
+            policy,
+            removed: views.iter().map(|v| v.removed).sum(),
+            failed: views.iter().map(|v| v.failed).sum(),
+            vms: views,
+        })
+    }
+
+    /// The rules asked for, checked, or the config's when none were.
+    fn policy_or_config(&self, policy: Policy) -> Result<Policy, HubError> {
+        policy.validate("keep").map_err(HubError::BadRequest)?;
+        let policy = if policy.is_empty() { self.settings.retention } else { policy };
+        if policy.is_empty() {
+            return Err(HubError::BadRequest(
+                "no retention rules: give keep, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly \
+                 (or set keep_backups, keep_daily, ... in the hub's config)"
+                    .into(),
+            ));
+        }
+        Ok(policy)
+    }
+
     /// Apply `policy` (empty: the config's) to the backups of `vm` from `node` (needed when
     /// several nodes' VMs of that name have backups), or with `dry_run` only say what it would
     /// remove.
@@ -71,15 +128,7 @@ impl Hub {
         if !valid_name(vm) {
             return Err(HubError::BadRequest(format!("vm_name '{vm}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")));
         }
-        policy.validate("keep").map_err(HubError::BadRequest)?;
-        let policy = if policy.is_empty() { self.settings.retention } else { policy };
-        if policy.is_empty() {
-            return Err(HubError::BadRequest(
-                "no retention rules: give keep, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly \
-                 (or set keep_backups, keep_daily, ... in the hub's config)"
-                    .into(),
-            ));
-        }
+        let policy = self.policy_or_config(policy)?;
         let node = self.backups_node(vm, node)?;
         Ok(self.apply(vm, &node, &policy, dry_run).await)
     }
@@ -174,22 +223,30 @@ mod tests {
     /// over its own MiB, on disk and in the catalog: `c` and `d` on one day (in every time zone),
     /// `x` days before. Returns what each reads as.
     fn chain(hub: &Hub) -> Vec<(String, Vec<u8>)> {
+        chain_of(hub, "vm", "")
+    }
+
+    /// [`chain`] of VM `vm`, its backup ids prefixed with `prefix`.
+    fn chain_of(hub: &Hub, vm: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let id = |name: &str| format!("{prefix}{name}");
         let layers = [
-            ("x", "2026-01-01T12:00:00Z", None),
-            ("c", "2026-01-05T12:00:00Z", Some("x")),
-            ("d", "2026-01-05T12:10:00Z", Some("c")),
+            (id("x"), "2026-01-01T12:00:00Z", None),
+            (id("c"), "2026-01-05T12:00:00Z", Some(id("x"))),
+            (id("d"), "2026-01-05T12:10:00Z", Some(id("c"))),
         ];
         let mut reads = Vec::new();
         for (i, (id, created, parent)) in layers.into_iter().enumerate() {
+            let id = id.as_str();
             let m = Manifest {
+                vm_name: vm.into(),
                 backup_type: if parent.is_some() { "incremental" } else { "full" }.into(),
-                parent_id: parent.map(String::from),
+                parent_id: parent.clone(),
                 disks: vec![disk(2000)],
                 ..manifest(id, created)
             };
-            std::fs::create_dir_all(hub.repo.backup_dir("vm", id)).unwrap();
-            let path = hub.repo.disk_path("vm", id, 2000);
-            let options = match parent {
+            std::fs::create_dir_all(hub.repo.backup_dir(vm, id)).unwrap();
+            let path = hub.repo.disk_path(vm, id, 2000);
+            let options = match &parent {
                 None => CreateOptions::new(SIZE),
                 Some(p) => CreateOptions::overlay(format!("../{p}/{}", repo::disk_file(2000)), BackingFormat::Qcow2),
             };
@@ -252,5 +309,24 @@ mod tests {
         assert!(matches!(hub.prune("other", None, one, true).await, Err(HubError::NotFound(_))));
         assert!(matches!(hub.prune("vm", Some("elsewhere"), one, true).await, Err(HubError::NotFound(_))));
         assert!(matches!(hub.prune("../vm", None, one, true).await, Err(HubError::BadRequest(_))));
+    }
+
+    /// Without a VM: every VM's backups pruned by the config's policy, each VM's chain apart.
+    #[tokio::test]
+    async fn every_vm_is_pruned_when_none_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = testports::free_ports(2);
+        let hub = hub_in(dir.path(), (first, first + 1));
+        chain_of(&hub, "vm", "");
+        chain_of(&hub, "web", "w");
+        let policy = Policy { daily: Some(2), ..Policy::default() };
+        let preview = hub.prune_all(policy, true).await.unwrap();
+        let names: Vec<&str> = preview.vms.iter().map(|v| v.vm_name.as_str()).collect();
+        assert_eq!((names, preview.removed), (vec!["vm", "web"], 0));
+        let done = hub.prune_all(policy, false).await.unwrap();
+        assert_eq!((done.removed, done.failed), (2, 0), "{done:?}");
+        let ids: Vec<String> = hub.state().catalog.keys().cloned().collect();
+        assert_eq!(ids, ["d", "wd", "wx", "x"]);
+        assert!(matches!(hub.prune_all(Policy::default(), true).await, Err(HubError::BadRequest(_))));
     }
 }

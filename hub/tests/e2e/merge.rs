@@ -275,7 +275,7 @@ async fn keep_backups_drops_the_oldest_after_each_backup_and_every_kept_one_stay
 }
 
 /// `POST /api/v1/prune` through the API: refused without rules or with bad ones, a dry run that
-/// says what would go and deletes nothing, then the real run, after which every kept point in
+/// says what would go and deletes nothing (for the VM, and for every VM), then the real run, after which every kept point in
 /// time reads as it did. (Rules by period are proven on dated backups in `retention.rs` and
 /// `jobs/prune.rs`; here every backup is of the same hour, so `keep_yearly` keeps nothing more.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,6 +294,7 @@ async fn prune_previews_then_applies_a_policy_and_the_kept_backups_stay_whole() 
         (json!({"vm_name": "vm", "keep_daily": 0}), 400, "keep_daily must be at least 1"),
         (json!({"vm_name": "vm", "keep": 1, "keep_dayly": 2}), 400, "keep_dayly"),
         (json!({"vm_name": "other", "keep": 1}), 404, "no backups of VM other"),
+        (json!({"node": "n1", "keep": 1}), 400, "node goes with vm_name"),
     ] {
         let (got, v) = site.hub("POST", "/api/v1/prune", Some(body.clone())).await;
         assert_eq!(got, status, "{body}: {v}");
@@ -316,6 +317,10 @@ async fn prune_previews_then_applies_a_policy_and_the_kept_backups_stay_whole() 
     );
     assert_eq!((&preview["dry_run"], &preview["removed"], &preview["node"]), (&json!(true), &json!(0), &json!("n1")));
     assert_eq!(site.backups("vm").await.len(), 4, "a dry run deletes nothing");
+    // Without a VM: every VM's, the same verdicts.
+    let (status, all) = site.hub("POST", "/api/v1/prune", Some(json!({"keep": 2, "dry_run": true}))).await;
+    assert_eq!((status, &all["removed"], &all["vms"][0]["vm_name"]), (200, &json!(0), &json!("vm")), "{all}");
+    assert_eq!(all["vms"][0]["backups"], preview["backups"], "{all}");
 
     let (status, done) = site.hub("POST", "/api/v1/prune", Some(json!({"vm_name": "vm", "keep": 2}))).await;
     assert_eq!(status, 200, "{done}");
