@@ -68,7 +68,7 @@ pub struct HubFile {
 }
 
 /// `[ssh]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshFile {
     /// `ADDR:PORT`.
@@ -96,7 +96,7 @@ pub struct NodeFile {
 }
 
 /// A node the hub drives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     /// Name.
     pub name: String,
@@ -150,6 +150,28 @@ pub struct Settings {
     pub io_uring: bool,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<crate::schedule::Schedule>,
+}
+
+/// The keys of `new` that differ from `old` and that a running hub cannot take up (its
+/// listeners, repository, nodes and SSH endpoint are built at start), by their names in
+/// hub.toml. A reload applies the others and names these as waiting for a restart.
+pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
+    let keys: [(&'static str, bool); 13] = [
+        ("listen", old.listen != new.listen),
+        ("repo", old.repo != new.repo),
+        ("replicas", old.replicas != new.replicas),
+        ("nbd_ports", old.nbd_ports != new.nbd_ports),
+        ("nbd_bind", old.nbd_bind != new.nbd_bind),
+        ("nbd_host", old.nbd_host != new.nbd_host),
+        ("node", old.nodes != new.nodes),
+        ("token_file", old.token != new.token),
+        ("ssh", old.ssh != new.ssh),
+        ("replica_format", old.replica_raw != new.replica_raw),
+        ("cache", old.direct_io != new.direct_io),
+        ("aio", old.io_uring != new.io_uring),
+        ("nbd_local_users", old.nbd_local_users != new.nbd_local_users),
+    ];
+    keys.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
 }
 
 /// Check the `[[schedule]]`s against each other and the nodes: names unique, nodes known, tags

@@ -6,7 +6,8 @@
 //! size and the space left for backups ("the repository fills up in three days"). The
 //! filesystem is asked off the runtime with a deadline: a hung repository mount (NFS) leaves
 //! those two series out of the answer instead of holding a worker that carries NBD traffic.
-//! Per backup schedule, when its last run ended and how its VMs fared.
+//! Per backup schedule, when its last run ended and how its VMs fared; whether the last
+//! configuration reload was taken up, and what waits for a restart.
 //! VM and node names are checked names (`[A-Za-z0-9._-]`), safe as label values as they are.
 
 use std::fmt::Write;
@@ -24,6 +25,7 @@ pub async fn render(hub: &Hub) -> String {
     jobs(&mut out, hub);
     vms(&mut out, hub);
     schedules(&mut out, hub);
+    config(&mut out, hub);
     filesystems(&mut out, hub).await;
     ports_and_exports(&mut out, hub);
     out
@@ -138,6 +140,34 @@ fn schedules(out: &mut String, hub: &Hub) {
             "sendense_hub_schedule_skipped_occurrences_total{{schedule=\"{}\"}} {}",
             v.name, v.skipped_occurrences
         );
+    }
+}
+
+fn config(out: &mut String, hub: &Hub) {
+    let r = hub.reload_status();
+    help(
+        out,
+        "sendense_hub_config_last_reload_successful",
+        "gauge",
+        "0 when the last reload (SIGHUP) was refused: the file does not check and the hub runs on the \
+         configuration it had (alert on 0).",
+    );
+    let _ = writeln!(out, "sendense_hub_config_last_reload_successful {}", u8::from(r.ok));
+    help(
+        out,
+        "sendense_hub_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the configuration in force was loaded (Unix time): at start, or by the last reload taken up.",
+    );
+    let _ = writeln!(out, "sendense_hub_config_last_reload_success_timestamp_seconds {:.3}", r.loaded_at_seconds);
+    help(
+        out,
+        "sendense_hub_config_restart_pending",
+        "gauge",
+        "1 per hub.toml key the file changed that the running hub takes up only at its next start.",
+    );
+    for key in &r.restart_pending {
+        let _ = writeln!(out, "sendense_hub_config_restart_pending{{key=\"{key}\"}} 1");
     }
 }
 

@@ -100,7 +100,7 @@ pub enum When {
 }
 
 /// A schedule, checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {
     /// Name.
     pub name: String,

@@ -65,7 +65,7 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     bail!("cannot create a directory under {}", base.display())
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct ServeArgs {
     /// TOML configuration (hub.toml).
     #[arg(long)]
@@ -194,7 +194,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let settings = settings(a)?;
+    let settings = settings(a.clone())?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -222,6 +222,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&hub).scrub_loop());
     // Backup schedules (`[[schedule]]`), one task each, ending with the hub.
     hub.start_schedules();
+    let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&hub), a));
     let reaper = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {
@@ -250,12 +251,50 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .context("serve")?;
     tracing::info!("shutting down: cancelling jobs, closing exports");
     reaper.abort();
+    reloader.abort();
     if let Some(e) = endpoint {
         e.abort();
     }
     hub.shutdown().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// `SIGHUP` (`systemctl reload`): the configuration file read and checked again and taken up
+/// (`hub::jobs::reload`); one that does not check is refused with one line and the hub runs on.
+async fn reload_on_hangup(hub: Arc<Hub>, args: ServeArgs) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take SIGHUP: the configuration is reloaded by a restart only");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let file = args.config.as_ref().map_or_else(|| "(none)".into(), |p| p.display().to_string());
+        tracing::info!(config = %file, "SIGHUP: reading the configuration again");
+        let a = args.clone();
+        let read = tokio::task::spawn_blocking(move || settings(a)).await;
+        let outcome = match read {
+            Ok(Ok(new)) => hub.reload(&new),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(done) => tracing::info!(
+                applied = ?done.applied,
+                schedules_added = ?done.schedules_added,
+                schedules_changed = ?done.schedules_changed,
+                schedules_removed = ?done.schedules_removed,
+                restart_pending = ?done.restart_pending,
+                "configuration reloaded"
+            ),
+            Err(e) => {
+                hub.reload_refused();
+                tracing::error!(error = %e, "configuration reload refused: the hub runs on the configuration it had");
+            }
+        }
+    }
 }
 
 fn main() {

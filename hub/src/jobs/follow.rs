@@ -27,7 +27,7 @@ impl Hub {
                 return;
             }
         };
-        let stall = self.settings.stall_timeout;
+        let stall = self.live().stall_timeout;
         let mut last_progress = (0u64, Instant::now());
         let mut unreachable_since: Option<Instant> = None;
         let mut poll = POLL;
@@ -108,7 +108,7 @@ impl Hub {
             Err((status, why)) => self.finish(&job, lease, Err((status, why).into())).await,
         }
         if job.kind == Kind::Backup && job.status() == Status::Completed {
-            let policy = if job.retention.is_empty() { self.settings.retention } else { job.retention };
+            let policy = if job.retention.is_empty() { self.live().retention } else { job.retention };
             if !policy.is_empty() {
                 self.apply_retention(&job.vm, &job.node, &policy).await;
             }

@@ -20,7 +20,7 @@
 //! makes and removes (off the runtime) in `files`, restores in `restores` (and those the hub
 //! drives onto a node in `restore_run`), deleting a backup an incremental builds on in `merge`,
 //! retention in `prune`, background re-verification in `scrub`, backup schedules at work in
-//! `scheduled`.
+//! `scheduled`, the configuration taken up while serving in `reload`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,7 @@ mod files;
 mod follow;
 mod merge;
 mod prune;
+mod reload;
 mod restore_run;
 mod restores;
 mod scheduled;
@@ -50,6 +51,7 @@ mod view;
 
 pub use catalog::VmSummary;
 pub use prune::{PruneAllView, PruneEntry, PruneView};
+pub use reload::{Live, ReloadStatus, Reloaded};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};
@@ -84,7 +86,8 @@ async fn release_node_job(client: &NodeClient, id: &str) -> bool {
 
 /// The hub: every job, restore, lease and export.
 pub struct Hub {
-    /// Settings.
+    /// Settings as at start. The ones a reload replaces (retention, schedules, periods) are
+    /// read through [`Hub::live`].
     pub settings: Settings,
     /// Repository paths.
     pub repo: Repo,
@@ -99,8 +102,12 @@ pub struct Hub {
     shutdown: CancellationToken,
     /// Taken while the list of restores in flight is written, so that writes never cross.
     in_flight_file: tokio::sync::Mutex<()>,
-    /// Per configured schedule (same order): held by its run under way (`scheduled.rs`).
-    schedule_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// The settings a reload replaces (`reload.rs`); read through [`Hub::live`].
+    live: tokio::sync::watch::Sender<Arc<Live>>,
+    /// Per schedule name: held by its run under way (`scheduled.rs`), kept across reloads.
+    schedule_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per schedule name: stops its loop (a reload that changes or removes it).
+    schedule_stops: Mutex<HashMap<String, CancellationToken>>,
     /// Taken while the schedules' marks are written.
     marks_file: tokio::sync::Mutex<()>,
 }
@@ -133,6 +140,8 @@ struct State {
     merges: HashMap<String, merge::Merge>,
     /// Schedules' next occurrences and runs, by name (`scheduled.rs`).
     schedules: BTreeMap<String, scheduled::ScheduleState>,
+    /// The last configuration reload (`reload.rs`).
+    last_reload: reload::LastReload,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -175,9 +184,10 @@ impl Hub {
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
         let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring)?;
         let local_users = LocalUsers::with(&settings.nbd_local_users);
-        let schedules = settings.schedules.len();
+        let live = tokio::sync::watch::Sender::new(Arc::new(Live::of(&settings)));
         Ok(Arc::new(Self {
             settings,
+            live,
             repo,
             ports,
             exports,
@@ -186,7 +196,8 @@ impl Hub {
             state: Mutex::new(State { catalog, orphans, merges, lost_restores, ..State::default() }),
             shutdown: CancellationToken::new(),
             in_flight_file: tokio::sync::Mutex::new(()),
-            schedule_locks: (0..schedules).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
+            schedule_locks: Mutex::default(),
+            schedule_stops: Mutex::default(),
             marks_file: tokio::sync::Mutex::new(()),
         }))
     }

@@ -100,7 +100,7 @@ impl Hub {
     /// The rules asked for, checked, or the config's when none were.
     fn policy_or_config(&self, policy: Policy) -> Result<Policy, HubError> {
         policy.validate("keep").map_err(HubError::BadRequest)?;
-        let policy = if policy.is_empty() { self.settings.retention } else { policy };
+        let policy = if policy.is_empty() { self.live().retention } else { policy };
         if policy.is_empty() {
             return Err(HubError::BadRequest(
                 "no retention rules: give keep, keep_hourly, keep_daily, keep_weekly, keep_monthly or keep_yearly \

@@ -247,7 +247,7 @@ impl Hub {
                     break (JobStatus::Failed, Some("the node no longer knows this restore (it was restarted)".into()));
                 }
                 Err(e) => {
-                    let stall: Duration = self.settings.stall_timeout;
+                    let stall: Duration = self.live().stall_timeout;
                     if unreachable_since.get_or_insert_with(Instant::now).elapsed() > stall {
                         let _ = client.cancel(&r.id).await;
                         break (JobStatus::Failed, Some(format!("node unreachable for {} s: {e}", stall.as_secs())));

@@ -190,7 +190,7 @@ impl Hub {
 
     /// Close restores nobody has used for the idle time (called periodically).
     pub async fn reap_idle_restores(&self) {
-        let idle = self.settings.restore_idle;
+        let idle = self.live().restore_idle;
         // A restore the hub drives ends with its node's job, not by idling.
         let candidates: Vec<Arc<Restore>> =
             self.state().restores.values().filter(|r| r.run.is_none()).cloned().collect();

@@ -22,7 +22,7 @@
 //! - Sleeping is done in steps of at most a minute against the wall clock, so a clock set by NTP
 //!   or a suspended machine does not shift a run by the difference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::{OwnedMutexGuard, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::files::off_runtime;
 use super::view::type_name;
@@ -185,23 +186,54 @@ pub(super) struct ScheduleState {
     skipped_occurrences: u64,
 }
 
+impl ScheduleState {
+    /// No run of it goes on.
+    pub(super) fn is_idle(&self) -> bool {
+        self.running.is_none()
+    }
+}
+
 impl Hub {
-    /// Run every configured schedule until the hub shuts down (one task each).
+    /// Run every configured schedule until the hub shuts down (one task each); an occurrence
+    /// missed while the hub was down is run at once.
     pub fn start_schedules(self: &Arc<Self>) {
-        for index in 0..self.settings.schedules.len() {
-            let hub = Arc::clone(self);
-            tokio::spawn(async move { hub.schedule_loop(index).await });
+        for s in &self.live().schedules {
+            self.start_schedule(Arc::clone(s), true);
         }
+    }
+
+    /// Run `schedule` until the hub shuts down or a reload stops it (`catch_up`: at start, run an
+    /// occurrence missed while the hub was down).
+    pub(super) fn start_schedule(self: &Arc<Self>, schedule: Arc<Schedule>, catch_up: bool) {
+        let stop = self.shutdown.child_token();
+        let old = self.schedule_stops().insert(schedule.name.clone(), stop.clone());
+        if let Some(old) = old {
+            old.cancel();
+        }
+        let hub = Arc::clone(self);
+        tokio::spawn(async move { hub.schedule_loop(schedule, stop, catch_up).await });
+    }
+
+    /// Stop schedule `name`'s loop (a run of it under way goes on to its end).
+    pub(super) fn stop_schedule(&self, name: &str) {
+        if let Some(stop) = self.schedule_stops().remove(name) {
+            stop.cancel();
+        }
+    }
+
+    fn schedule_stops(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.schedule_stops.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The configured schedules, their next occurrences and runs.
     pub fn schedules(&self) -> Vec<ScheduleView> {
-        self.settings.schedules.iter().filter_map(|s| self.schedule_view(&s.name)).collect()
+        self.live().schedules.iter().filter_map(|s| self.schedule_view(&s.name)).collect()
     }
 
     /// One schedule's view.
     pub fn schedule_view(&self, name: &str) -> Option<ScheduleView> {
-        let s = self.settings.schedules.iter().find(|s| s.name == name)?;
+        let live = self.live();
+        let s = live.schedules.iter().find(|s| s.name == name)?;
         let st = self.state();
         let state = st.schedules.get(name);
         Some(ScheduleView {
@@ -233,47 +265,53 @@ impl Hub {
     /// # Errors
     /// No such schedule (404), or a run of it is under way (409).
     pub fn run_schedule_now(self: &Arc<Self>, name: &str) -> Result<ScheduleView, HubError> {
-        let index = self
-            .settings
+        let schedule = self
+            .live()
             .schedules
             .iter()
-            .position(|s| s.name == name)
+            .find(|s| s.name == name)
+            .cloned()
             .ok_or_else(|| HubError::NotFound(format!("no schedule named {name}")))?;
-        let guard = self.schedule_lock(index)?;
+        let guard = self.schedule_lock(name)?;
         // Shown as running before the answer, so that a caller polling at once sees it.
         self.begin_run(name, None, Trigger::Api);
         let hub = Arc::clone(self);
-        tokio::spawn(async move { hub.run(index, None, Trigger::Api, guard).await });
+        tokio::spawn(async move { hub.run(&schedule, None, Trigger::Api, guard).await });
         self.schedule_view(name).ok_or_else(|| HubError::Internal(format!("schedule {name} vanished")))
     }
 
-    fn schedule_lock(&self, index: usize) -> Result<OwnedMutexGuard<()>, HubError> {
-        let name = self.settings.schedules.get(index).map_or("", |s| s.name.as_str());
-        let lock = self.schedule_locks.get(index).ok_or_else(|| HubError::NotFound(format!("no schedule {name}")))?;
-        Arc::clone(lock)
-            .try_lock_owned()
-            .map_err(|_| HubError::Conflict(format!("a run of schedule {name} is under way")))
+    /// The run lock of schedule `name` (one per name, kept across reloads), taken.
+    fn schedule_lock(&self, name: &str) -> Result<OwnedMutexGuard<()>, HubError> {
+        let lock = {
+            let mut locks = self.schedule_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(locks.entry(name.to_string()).or_default())
+        };
+        lock.try_lock_owned().map_err(|_| HubError::Conflict(format!("a run of schedule {name} is under way")))
     }
 
-    async fn schedule_loop(self: Arc<Self>, index: usize) {
-        let Some(s) = self.settings.schedules.get(index) else { return };
+    async fn schedule_loop(self: Arc<Self>, schedule: Arc<Schedule>, stop: CancellationToken, catch_up: bool) {
+        let s = &*schedule;
         let tz = TimeZone::system();
         let now = Timestamp::now();
         self.state().schedules.entry(s.name.clone()).or_default().next_run = s.next_after(now, &tz);
         let marks = self.schedule_marks().await;
         match (marks.get(&s.name), s.last_at_or_before(now, &tz)) {
-            (Some(handled), Some(missed)) if *handled < missed => {
+            (Some(handled), Some(missed)) if catch_up && *handled < missed => {
                 tracing::warn!(schedule = %s.name, occurrence = %missed, "schedule: an occurrence was missed while the hub was down: running it now");
-                if let Ok(guard) = self.schedule_lock(index) {
+                if let Ok(guard) = self.schedule_lock(&s.name) {
                     self.begin_run(&s.name, Some(missed), Trigger::CatchUp);
-                    self.run(index, Some(missed), Trigger::CatchUp, guard).await;
+                    self.run(s, Some(missed), Trigger::CatchUp, guard).await;
                 }
             }
-            (None, Some(last)) => self.mark_handled(&s.name, last).await,
+            // New to the hub (or changed by a reload): from its next occurrence on.
+            (_, Some(last)) if !catch_up || !marks.contains_key(&s.name) => self.mark_handled(&s.name, last).await,
             _ => {}
         }
         let mut after = now;
         loop {
+            if stop.is_cancelled() {
+                return;
+            }
             let now = Timestamp::now();
             let passed = passed_over(s, after, now, &tz);
             if passed > 0 {
@@ -293,18 +331,18 @@ impl Hub {
                 }
                 tokio::select! {
                     () = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
-                    () = self.shutdown.cancelled() => return,
+                    () = stop.cancelled() => return,
                 }
             }
             // From now on the view shows the occurrence after this one.
             self.state().schedules.entry(s.name.clone()).or_default().next_run = s.next_after(next, &tz);
-            match self.schedule_lock(index) {
+            match self.schedule_lock(&s.name) {
                 Ok(guard) => {
                     self.begin_run(&s.name, Some(next), Trigger::Schedule);
-                    self.run(index, Some(next), Trigger::Schedule, guard).await;
+                    self.run(s, Some(next), Trigger::Schedule, guard).await;
                 }
                 Err(_) => {
-                    tracing::warn!(schedule = %s.name, occurrence = %next, "schedule: skipped, a run of it asked for by the API is still going");
+                    tracing::warn!(schedule = %s.name, occurrence = %next, "schedule: skipped, a run of it (asked for by the API, or before a reload) is still going");
                     self.state().schedules.entry(s.name.clone()).or_default().skipped_occurrences += 1;
                     self.mark_handled(&s.name, next).await;
                 }
@@ -330,12 +368,11 @@ impl Hub {
     /// handled. `_guard` keeps other runs of the schedule out until this one ends.
     async fn run(
         self: &Arc<Self>,
-        index: usize,
+        s: &Schedule,
         occurrence: Option<Timestamp>,
         trigger: Trigger,
         _guard: OwnedMutexGuard<()>,
     ) {
-        let Some(s) = self.settings.schedules.get(index) else { return };
         let name = s.name.as_str();
         let (targets, errors) = self.scheduled_vms(s).await;
         tracing::info!(schedule = name, ?trigger, vms = targets.len(), "schedule: run started");
@@ -357,13 +394,15 @@ impl Hub {
             }
         }
         let turns = Arc::new(Semaphore::new(s.parallel));
+        let schedule = Arc::new(s.clone());
         let mut backups = tokio::task::JoinSet::new();
         // Turns taken in the listed order: VMs start in the order the schedule names them.
         for (slot, (vm, node)) in targets.into_iter().enumerate() {
             let Ok(turn) = Arc::clone(&turns).acquire_owned().await else { break };
             let hub = Arc::clone(self);
+            let schedule = Arc::clone(&schedule);
             backups.spawn(async move {
-                hub.scheduled_backup(index, slot, &vm, node.as_deref()).await;
+                hub.scheduled_backup(&schedule, slot, &vm, node.as_deref()).await;
                 drop(turn);
             });
         }
@@ -433,8 +472,7 @@ impl Hub {
     }
 
     /// Back up (or replicate) one VM of a run and follow its job to the end, recording each step in the run.
-    async fn scheduled_backup(self: &Arc<Self>, index: usize, slot: usize, vm: &str, node: Option<&str>) {
-        let Some(s) = self.settings.schedules.get(index) else { return };
+    async fn scheduled_backup(self: &Arc<Self>, s: &Schedule, slot: usize, vm: &str, node: Option<&str>) {
         let record = |status: Outcome, id: Option<&str>, error: Option<String>| {
             let mut st = self.state();
             let run = st.schedules.get_mut(&s.name).and_then(|x| x.running.as_mut());

@@ -32,17 +32,24 @@ use crate::error::HubError;
 use crate::repo::{self, Manifest, Verified};
 use crate::verify::{forget_cached_chain, verify_disk_on, DiskVerdict};
 
+/// How often a scrub loop that is off looks again (a reload wakes it at once).
+const IDLE_TICK: Duration = Duration::from_secs(3600);
+
 impl Hub {
-    /// Verify due backups one after another, forever (returns at once when scrubbing is off, and
-    /// when the hub shuts down).
+    /// Verify due backups one after another until the hub shuts down; while scrubbing is off,
+    /// wait for a reload that turns it on.
     pub async fn scrub_loop(self: Arc<Self>) {
-        let Some(every) = self.settings.verify_every else { return };
-        let tick = (every / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut reloads = self.live.subscribe();
         loop {
+            let every = self.live().verify_every;
+            let tick = every.map_or(IDLE_TICK, |e| (e / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)));
             tokio::select! {
                 () = tokio::time::sleep(tick) => {}
+                // The period may have changed: the next tick is counted from it.
+                Ok(()) = reloads.changed() => continue,
                 () = self.shutdown.cancelled() => return,
             }
+            let Some(every) = every else { continue };
             while let Some(id) = self.next_due(every) {
                 if self.shutdown.is_cancelled() {
                     return;

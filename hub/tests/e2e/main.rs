@@ -8,6 +8,7 @@
 
 mod crash;
 mod merge;
+mod reload;
 mod schedule;
 mod site;
 

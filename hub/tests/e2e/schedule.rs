@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::site::{Options, Site, Transport, Vm};
 
 /// Until the schedule's last run is not `previous` (its `started_at`) and has ended.
-async fn wait_run(site: &Site, name: &str, previous: Option<&str>) -> Value {
+pub async fn wait_run(site: &Site, name: &str, previous: Option<&str>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let (status, v) = site.hub("GET", &format!("/api/v1/schedules/{name}"), None).await;

@@ -415,6 +415,17 @@ impl Site {
         self.hub.as_ref().map(|p| p.0.id()).unwrap_or(0)
     }
 
+    /// The hub's configuration file (rewritten by tests of reloads).
+    pub fn hub_config(&self) -> &Path {
+        &self.hub_config
+    }
+
+    /// Send the hub a signal (`HUP`, ...), as `systemctl reload` does.
+    pub fn signal_hub(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.hub_pid().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.hub_pid());
+    }
+
     /// Where the hub sees `path` (inside its own mount namespace when it has one).
     pub fn as_hub_sees(&self, path: &Path) -> PathBuf {
         if self.wrap.is_empty() {

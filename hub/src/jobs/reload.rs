@@ -1,0 +1,271 @@
+//! The configuration taken up while the hub serves (`SIGHUP`, `systemctl reload`): an operator
+//! adds a schedule, moves a nightly to 03:00 or changes the retention without a restart, which
+//! would cancel every backup under way.
+//!
+//! What is taken up is what the hub reads as it goes ([`Live`]): the schedules, the retention
+//! (`keep_*`), `verify_every_days`, `stall_timeout_s` (for jobs started afterwards) and
+//! `restore_idle_s`. What the hub built at start (its listeners, the repository and replica
+//! directories, the nodes and their clients, the SSH endpoint, the export options) is not: a
+//! reload that changes one of those applies the rest, names them in its log line and in
+//! `sendense_hub_config_restart_pending`, and the hub keeps running with what it started with.
+//!
+//! A configuration that does not check (the same checks as at start) is refused whole and the
+//! hub goes on with the one it has: a typo must not stop the nightly backups. So is one with a
+//! schedule for a node the running hub does not have (nodes are taken up by a restart).
+//!
+//! Schedules are compared by name. One removed or changed has its loop stopped (a run of it
+//! under way goes on to its end: its backups are not cut); a new or changed one starts from its
+//! next occurrence, as a schedule new to a starting hub does. Runs of one name, before and after
+//! a change, share one lock: an occurrence of the new version that comes while the old version's
+//! run goes on is passed over, not run beside it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use super::Hub;
+use crate::config::{restart_only_changes, Settings};
+use crate::retention::Policy;
+use crate::schedule::Schedule;
+
+/// The settings the hub reads as it goes, replaced whole by a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    /// What is kept of each VM's backups (`keep_*`).
+    pub retention: Policy,
+    /// Scrub period (`verify_every_days`).
+    pub verify_every: Option<Duration>,
+    /// A job without progress for this long fails (`stall_timeout_s`), read when a job starts.
+    pub stall_timeout: Duration,
+    /// A restore without clients for this long is closed (`restore_idle_s`).
+    pub restore_idle: Duration,
+    /// Backup schedules (`[[schedule]]`).
+    pub schedules: Vec<Arc<Schedule>>,
+}
+
+impl Live {
+    /// The live part of `settings`.
+    pub fn of(settings: &Settings) -> Self {
+        Self {
+            retention: settings.retention,
+            verify_every: settings.verify_every,
+            stall_timeout: settings.stall_timeout,
+            restore_idle: settings.restore_idle,
+            schedules: settings.schedules.iter().cloned().map(Arc::new).collect(),
+        }
+    }
+
+    /// The hub.toml keys whose values differ from `other`'s (schedules apart).
+    fn changed_keys(&self, other: &Self) -> Vec<&'static str> {
+        let keys = [
+            ("keep_*", self.retention != other.retention),
+            ("verify_every_days", self.verify_every != other.verify_every),
+            ("stall_timeout_s", self.stall_timeout != other.stall_timeout),
+            ("restore_idle_s", self.restore_idle != other.restore_idle),
+        ];
+        keys.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Reloaded {
+    /// Keys changed and now in force (schedules apart).
+    pub applied: Vec<&'static str>,
+    /// Schedules new to the hub.
+    pub schedules_added: Vec<String>,
+    /// Schedules changed (each restarted from its next occurrence).
+    pub schedules_changed: Vec<String>,
+    /// Schedules gone (a run under way ends first).
+    pub schedules_removed: Vec<String>,
+    /// Keys changed that take a restart: not applied.
+    pub restart_pending: Vec<&'static str>,
+}
+
+/// The last reload, for the metrics.
+#[derive(Debug, Clone)]
+pub(super) struct LastReload {
+    /// Whether it was taken up (a refused one leaves the configuration as it was).
+    pub ok: bool,
+    /// When the configuration in force was loaded (start, or the last reload taken up).
+    pub loaded_at: Timestamp,
+    /// Keys the configuration file changed that wait for a restart.
+    pub restart_pending: Vec<&'static str>,
+}
+
+impl Default for LastReload {
+    fn default() -> Self {
+        Self { ok: true, loaded_at: Timestamp::now(), restart_pending: Vec::new() }
+    }
+}
+
+/// The last reload as the metrics show it.
+#[derive(Debug, Clone)]
+pub struct ReloadStatus {
+    /// Whether the last reload was taken up (true before any).
+    pub ok: bool,
+    /// Unix time the configuration in force was loaded.
+    pub loaded_at_seconds: f64,
+    /// Keys waiting for a restart.
+    pub restart_pending: Vec<&'static str>,
+}
+
+impl Hub {
+    /// The settings in force now.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live.borrow())
+    }
+
+    /// Take up `new` (the configuration file read again, checked as at start): module doc.
+    ///
+    /// # Errors
+    /// A schedule names a node the running hub does not have; nothing is changed (the caller
+    /// records the refusal with [`Hub::reload_refused`]).
+    pub fn reload(self: &Arc<Self>, new: &Settings) -> Result<Reloaded, String> {
+        if let Some(s) = new.schedules.iter().find(|s| s.node.as_ref().is_some_and(|n| self.node(n).is_none())) {
+            let node = s.node.as_deref().unwrap_or_default();
+            let error = format!(
+                "schedule {}: node {node} is not a node of the running hub (a new [[node]] takes a restart)",
+                s.name
+            );
+            return Err(error);
+        }
+        let old = self.live();
+        let fresh = Live::of(new);
+        let mut done = Reloaded {
+            applied: fresh.changed_keys(&old),
+            restart_pending: restart_only_changes(&self.settings, new),
+            ..Reloaded::default()
+        };
+        let mut stop = Vec::new();
+        let mut start = Vec::new();
+        for s in &old.schedules {
+            match fresh.schedules.iter().find(|f| f.name == s.name) {
+                None => {
+                    done.schedules_removed.push(s.name.clone());
+                    stop.push(s.name.clone());
+                }
+                Some(f) if f != s => {
+                    done.schedules_changed.push(s.name.clone());
+                    stop.push(s.name.clone());
+                    start.push(Arc::clone(f));
+                }
+                Some(_) => {}
+            }
+        }
+        for f in fresh.schedules.iter().filter(|f| !old.schedules.iter().any(|s| s.name == f.name)) {
+            done.schedules_added.push(f.name.clone());
+            start.push(Arc::clone(f));
+        }
+        for name in &stop {
+            self.stop_schedule(name);
+        }
+        {
+            let mut st = self.state();
+            for name in &done.schedules_removed {
+                // Its view goes now; a run of it under way keeps its own record to its end.
+                if st.schedules.get(name).is_some_and(|x| x.is_idle()) {
+                    st.schedules.remove(name);
+                }
+            }
+            st.last_reload =
+                LastReload { ok: true, loaded_at: Timestamp::now(), restart_pending: done.restart_pending.clone() };
+        }
+        self.live.send_replace(Arc::new(fresh));
+        for s in start {
+            self.start_schedule(s, false);
+        }
+        Ok(done)
+    }
+
+    /// Record a reload that was refused (the file did not check): the configuration in force
+    /// stays as it was.
+    pub fn reload_refused(&self) {
+        self.state().last_reload.ok = false;
+    }
+
+    /// The last reload, for the metrics.
+    pub fn reload_status(&self) -> ReloadStatus {
+        let st = self.state();
+        let r = &st.last_reload;
+        ReloadStatus {
+            ok: r.ok,
+            loaded_at_seconds: r.loaded_at.as_millisecond() as f64 / 1000.0,
+            restart_pending: r.restart_pending.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::ScheduleFile;
+
+    fn schedule(name: &str, at: &str) -> Schedule {
+        let file: ScheduleFile =
+            toml::from_str(&format!("name = \"{name}\"\nvms = [\"vm1\"]\nat = [\"{at}\"]\n")).unwrap();
+        Schedule::parse(file).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_what_the_hub_reads_as_it_goes_and_names_what_waits_for_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = super::super::tests::hub_in(dir.path(), (41000, 41001));
+        let mut new = hub.settings.clone();
+        new.retention.last = Some(3);
+        new.schedules = vec![schedule("nightly", "02:00"), schedule("noon", "12:00")];
+        let done = hub.reload(&new).unwrap();
+        assert_eq!(done.applied, ["keep_*"]);
+        assert_eq!(done.schedules_added, ["nightly", "noon"]);
+        assert!(done.restart_pending.is_empty());
+        assert_eq!(hub.live().retention.last, Some(3));
+        let names: Vec<String> = hub.schedules().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["nightly", "noon"]);
+        // Its loop runs: the next occurrence is known.
+        for _ in 0..200 {
+            if hub.schedule_view("nightly").unwrap().next_run.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(hub.schedule_view("nightly").unwrap().next_run.is_some());
+
+        // One moved, one gone, a port range changed: the range waits for a restart.
+        new.schedules = vec![schedule("nightly", "03:00")];
+        new.nbd_ports = (42000, 42001);
+        new.stall_timeout = Duration::from_secs(30);
+        let done = hub.reload(&new).unwrap();
+        assert_eq!(done.applied, ["stall_timeout_s"]);
+        assert_eq!(
+            (done.schedules_changed, done.schedules_removed),
+            (vec!["nightly".to_string()], vec!["noon".into()])
+        );
+        assert_eq!(done.restart_pending, ["nbd_ports"]);
+        assert_eq!(hub.schedule_view("nightly").unwrap().when, "at 03:00");
+        assert!(hub.schedule_view("noon").is_none());
+        assert_eq!(hub.reload_status().restart_pending, ["nbd_ports"]);
+        assert_eq!(hub.live().stall_timeout, Duration::from_secs(30));
+
+        // The same file again: nothing to do.
+        let again = hub.reload(&new).unwrap();
+        assert_eq!((again.applied.len(), again.schedules_changed.len()), (0, 0));
+
+        // A schedule for a node the hub does not have: refused whole.
+        let mut bad = new.clone();
+        bad.retention.last = Some(9);
+        let mut s = schedule("elsewhere", "04:00");
+        s.node = Some("n9".into());
+        bad.schedules.push(s);
+        let e = hub.reload(&bad).unwrap_err();
+        assert!(e.contains("schedule elsewhere: node n9 is not a node of the running hub"), "{e}");
+        assert_eq!(hub.live().retention.last, Some(3));
+        assert!(hub.schedule_view("elsewhere").is_none());
+        hub.reload_refused();
+        assert!(!hub.reload_status().ok);
+        hub.reload(&new).unwrap();
+        assert!(hub.reload_status().ok);
+        hub.shutdown().await;
+    }
+}

@@ -1,0 +1,96 @@
+//! The configuration taken up by a running hub (`SIGHUP`, `systemctl reload`): a schedule and a
+//! retention added without a restart and at work at once; a change only a restart takes up
+//! named in the metrics; a file that does not check refused, the hub running on as it was; a
+//! schedule removed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::schedule::wait_run;
+use crate::site::{Options, Site, Transport, Vm};
+
+const SCHEDULE: &str = "\n[[schedule]]\nname = \"often\"\nvms = [\"vm-a\"]\nevery = \"5s\"\n";
+
+/// The hub's configuration file with `keys` at its top level (after the site's own).
+fn rewrite(site: &Site, original: &str, keys: &str) {
+    let text = original.replacen("stall_timeout_s = 20\n", &format!("stall_timeout_s = 20\n{keys}\n"), 1);
+    assert_ne!(text, original, "the site's hub.toml has its stall_timeout_s line");
+    std::fs::write(site.hub_config(), text).unwrap();
+}
+
+/// Until the hub's metrics hold `line`.
+async fn wait_metric(site: &Site, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = site.hub("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap().to_string();
+        if metrics.lines().any(|l| l == line) {
+            return metrics;
+        }
+        assert!(Instant::now() < deadline, "no '{line}' in the metrics:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_up_schedules_and_retention_and_refuses_a_bad_file_without_stopping() {
+    let vms = [Vm("vm-a", &[4]), Vm("vm-b", &[4])];
+    let site = Site::start(Transport::Direct, &vms, 8, Options::default()).await;
+    let original = std::fs::read_to_string(site.hub_config()).unwrap();
+    let (_, none) = site.hub("GET", "/api/v1/schedules", None).await;
+    assert_eq!(none, json!([]));
+    // A backup under way when the reload comes goes on to its end.
+    let busy = site.start_backup("vm-b", "full").await;
+
+    // A schedule, a retention of one backup, and a port range only a restart takes up.
+    let ports = original.lines().find(|l| l.starts_with("nbd_ports")).unwrap();
+    let range = ports.trim_start_matches("nbd_ports = \"").trim_end_matches('"');
+    let (first, _) = range.split_once('-').unwrap();
+    let narrower = original.replace(ports, &format!("nbd_ports = \"{first}-{first}\""));
+    rewrite(&site, &narrower, &format!("keep_backups = 1{SCHEDULE}"));
+    site.signal_hub("HUP");
+    let metrics = wait_metric(&site, "sendense_hub_config_restart_pending{key=\"nbd_ports\"} 1").await;
+    assert!(metrics.contains("sendense_hub_config_last_reload_successful 1"), "{metrics}");
+    let run = wait_run(&site, "often", None).await;
+    let b = &run["last_run"]["backups"][0];
+    assert_eq!((&b["vm_name"], &b["status"]), (&json!("vm-a"), &json!("completed")), "{run}");
+    assert_eq!(site.wait(&format!("/api/v1/backups/{busy}")).await["status"], "completed");
+    // The port range in force is the one the hub started with.
+    let (_, leases) = site.hub("GET", "/api/v1/ports", None).await;
+    assert_eq!(leases["range"], json!(range), "{leases}");
+
+    // The next run's incremental, then the retention of one backup: the full merged into it.
+    let second = wait_run(&site, "often", run["last_run"]["started_at"].as_str()).await;
+    assert_eq!(second["last_run"]["backups"][0]["status"], "completed", "{second}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while site.backups("vm-a").await.len() > 1 {
+        assert!(Instant::now() < deadline, "keep_backups = 1 not applied: {:?}", site.backups("vm-a").await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A file that does not check: refused, the schedule goes on as it was.
+    rewrite(&site, &original, "keep_backups = 1\n\n[[schedule]]\nname = \"often\"\nvms = [\"vm-a\"]\nevery = \"4s\"\n");
+    site.signal_hub("HUP");
+    wait_metric(&site, "sendense_hub_config_last_reload_successful 0").await;
+    let (status, view) = site.hub("GET", "/api/v1/schedules/often", None).await;
+    assert_eq!((status, &view["when"]), (200, &json!("every 5s")), "{view}");
+    let third = wait_run(&site, "often", second["last_run"]["started_at"].as_str()).await;
+    assert_eq!(third["last_run"]["backups"][0]["status"], "completed", "{third}");
+
+    // The schedule removed (and the port range back): no more runs, nothing pending.
+    std::fs::write(site.hub_config(), &original).unwrap();
+    site.signal_hub("HUP");
+    let metrics = wait_metric(&site, "sendense_hub_config_last_reload_successful 1").await;
+    assert!(!metrics.contains("sendense_hub_config_restart_pending{"), "{metrics}");
+    let (status, gone) = site.hub("GET", "/api/v1/schedules/often", None).await;
+    assert_eq!(status, 404, "{gone}");
+    let (_, list) = site.hub("GET", "/api/v1/schedules", None).await;
+    assert_eq!(list, json!([]));
+    let count = |v: Vec<Value>| v.len();
+    let settled = count(site.backups("vm-a").await);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let (status, _) = site.hub("GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+    assert!(count(site.backups("vm-a").await) <= settled, "a removed schedule ran again");
+}
