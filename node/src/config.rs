@@ -154,7 +154,7 @@ pub struct DiskFile {
 }
 
 /// A VM as the node runs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
     /// Name.
     pub name: String,
@@ -169,7 +169,7 @@ pub struct Vm {
 }
 
 /// A disk as the node runs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
     /// Key.
     pub key: u32,

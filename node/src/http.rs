@@ -139,7 +139,8 @@ async fn list_vms(State(s): State<Arc<AppState>>) -> Answer<Vec<VmInfo>> {
 }
 
 async fn get_vm(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Answer<VmInfo> {
-    let vm = s.jobs.settings().vm(&name).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown VM {name}")))?;
+    let settings = s.jobs.settings();
+    let vm = settings.vm(&name).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown VM {name}")))?;
     Ok(Json(describe(vm, false).await?))
 }
 
@@ -256,6 +257,6 @@ async fn tunnel_status(State(s): State<Arc<AppState>>) -> Answer<TunnelView> {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let body = crate::metrics::render(&s.jobs.all(), &tunnel_view(&s));
+    let body = crate::metrics::render(&s.jobs.all(), &tunnel_view(&s), &s.jobs.reload_status());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -20,6 +20,11 @@ impl Throttle {
         Self { rate, state: Mutex::new((rate / 4.0, Instant::now())) }
     }
 
+    /// The limit.
+    pub fn bytes_per_second(&self) -> f64 {
+        self.rate
+    }
+
     /// Take `bytes`, sleeping as long as the limit requires.
     pub async fn acquire(&self, bytes: u64) {
         let wait = {

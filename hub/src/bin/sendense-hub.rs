@@ -274,12 +274,8 @@ async fn reload_on_hangup(hub: Arc<Hub>, args: ServeArgs) {
         let file = args.config.as_ref().map_or_else(|| "(none)".into(), |p| p.display().to_string());
         tracing::info!(config = %file, "SIGHUP: reading the configuration again");
         let a = args.clone();
-        let read = tokio::task::spawn_blocking(move || settings(a)).await;
-        let outcome = match read {
-            Ok(Ok(new)) => hub.reload(&new),
-            Ok(Err(e)) => Err(format!("{e:#}")),
-            Err(e) => Err(e.to_string()),
-        };
+        let read = tokio::task::spawn_blocking(move || settings(a)).await.map_err(anyhow::Error::from).and_then(|r| r);
+        let outcome = read.map_err(|e| format!("{e:#}")).and_then(|new| hub.reload(&new));
         match outcome {
             Ok(done) => tracing::info!(
                 applied = ?done.applied,

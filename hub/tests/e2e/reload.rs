@@ -94,3 +94,60 @@ async fn a_reload_takes_up_schedules_and_retention_and_refuses_a_bad_file_withou
     assert_eq!(status, 200);
     assert!(count(site.backups("vm-a").await) <= settled, "a removed schedule ran again");
 }
+
+/// A VM added to node.toml and the node told to reload: listed at once and backed up through the
+/// hub, while a backup that was under way on the node goes on to its end; a node.toml that does
+/// not check is refused and the node runs on with its VMs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reload_adds_a_vm_the_hub_backs_up_while_a_running_backup_goes_on() {
+    let opts = Options { copy: "bandwidth_limit = \"8M\"", ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm-a", &[32])], 8, opts).await;
+    let busy = site.start_backup("vm-a", "full").await;
+    site.wait_progress(&format!("/api/v1/backups/{busy}"), 1 << 20).await;
+
+    crate::site::make_source(&site.source("vm-c", 0), 4, 77);
+    let original = std::fs::read_to_string(site.node_config()).unwrap();
+    let added = format!(
+        "{original}[[vm]]\nname = \"vm-c\"\n[[vm.disk]]\nkey = 2000\nsource = \"{}\"\n",
+        site.source("vm-c", 0).display()
+    );
+    std::fs::write(site.node_config(), &added).unwrap();
+    site.signal_node("HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, v) = site.node("GET", "/api/v1/vms/vm-c", None).await;
+        if status == 200 {
+            assert_eq!(v["disks"][0]["size"], 4 << 20, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "vm-c not taken up: {status} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, running) = site.hub("GET", &format!("/api/v1/backups/{busy}"), None).await;
+    assert_eq!(running["status"], "running", "the reload came while vm-a's backup went on: {running}");
+
+    let backup = site.backup("vm-c", "full").await;
+    assert_eq!(backup["status"], "completed", "{backup}");
+    site.assert_backup_equals_sources("vm-c", &backup, 1);
+    let done = site.wait(&format!("/api/v1/backups/{busy}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm-a", &done, 1);
+
+    // A node.toml that does not check: refused, vm-c still there.
+    std::fs::write(site.node_config(), format!("{added}[[vm.disk]]\nkey = 2000\nsource = \"/dev/null\"\n")).unwrap();
+    site.signal_node("HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = site.node("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap().to_string();
+        if metrics.lines().any(|l| l == "sendense_node_config_last_reload_successful 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bad file was not refused:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, v) = site.node("GET", "/api/v1/vms/vm-c", None).await;
+    assert_eq!(status, 200, "{v}");
+    let again = site.backup("vm-c", "incremental").await;
+    assert_eq!(again["status"], "completed", "{again}");
+}

@@ -143,6 +143,12 @@ impl Drop for Process {
     }
 }
 
+fn signal_process(pid: u32, signal: &str) {
+    assert_ne!(pid, 0, "no such process");
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
 /// Options of a site beyond the transport.
 #[derive(Default)]
 pub struct Options<'a> {
@@ -422,8 +428,17 @@ impl Site {
 
     /// Send the hub a signal (`HUP`, ...), as `systemctl reload` does.
     pub fn signal_hub(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.hub_pid().to_string()).status().unwrap();
-        assert!(status.success(), "kill -{signal} {}", self.hub_pid());
+        signal_process(self.hub_pid(), signal);
+    }
+
+    /// The node's configuration file (rewritten by tests of reloads).
+    pub fn node_config(&self) -> &Path {
+        &self.node_config
+    }
+
+    /// Send the node a signal.
+    pub fn signal_node(&self, signal: &str) {
+        signal_process(self.node.as_ref().map_or(0, |p| p.0.id()), signal);
     }
 
     /// Where the hub sees `path` (inside its own mount namespace when it has one).

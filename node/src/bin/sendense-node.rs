@@ -39,7 +39,7 @@ enum Cmd {
     Copy(CopyArgs),
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct ServeArgs {
     /// TOML configuration (node.toml).
     #[arg(long)]
@@ -208,7 +208,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let settings = Arc::new(settings(a)?);
+    let settings = Arc::new(settings(a.clone())?);
     node::jobs::remove_interrupted_restores(&settings);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -229,6 +229,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tunnel = settings.tunnel.as_ref().map(|t| format!("{}:{}", t.hub_host, t.hub_port)),
         "sendense-node serving"
     );
+    let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&jobs), a));
     let shutdown = async move {
         node::service::shutdown_signal().await;
         tracing::info!("shutting down: cancelling running jobs");
@@ -237,7 +238,46 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
     };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serve")?;
+    reloader.abort();
     Ok(())
+}
+
+/// `SIGHUP` (`systemctl reload`): the configuration file read and checked again and taken up
+/// (`node::jobs::reload`); one that does not check is refused with one line and the node runs on.
+async fn reload_on_hangup(jobs: Arc<Jobs>, args: ServeArgs) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take SIGHUP: the configuration is reloaded by a restart only");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let file = args.config.as_ref().map_or_else(|| "(none)".into(), |p| p.display().to_string());
+        tracing::info!(config = %file, "SIGHUP: reading the configuration again");
+        let a = args.clone();
+        let read = tokio::task::spawn_blocking(move || settings(a)).await.map_err(anyhow::Error::from).and_then(|r| r);
+        match read {
+            Ok(new) => {
+                let done = jobs.reload(new);
+                tracing::info!(
+                    applied = ?done.applied,
+                    vms_added = ?done.vms_added,
+                    vms_changed = ?done.vms_changed,
+                    vms_removed = ?done.vms_removed,
+                    restart_pending = ?done.restart_pending,
+                    "configuration reloaded"
+                );
+            }
+            Err(error) => {
+                jobs.reload_refused();
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "configuration reload refused: the node runs on the configuration it had"
+                );
+            }
+        }
+    }
 }
 
 async fn copy(a: CopyArgs) -> anyhow::Result<()> {

@@ -85,7 +85,8 @@ impl Jobs {
     ) -> Result<(), String> {
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
         set_disk(dj, "running", None, None);
-        let opts = &self.settings.copy;
+        let settings = self.settings();
+        let opts = &settings.copy;
         let fail = |e: MoveError| {
             let status = if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" };
             set_disk(dj, status, None, Some(e.to_string()));
@@ -96,7 +97,7 @@ impl Jobs {
             s = Source::open(&disk.source, opts.connections, job.cancel.clone()) => s,
         }
         .map_err(fail)?;
-        if !self.settings.vm(vm).is_some_and(|v| v.force_share) {
+        if !self.settings().vm(vm).is_some_and(|v| v.force_share) {
             source.refuse_if_being_written().await.map_err(fail)?;
         }
         let source = Arc::new(source);

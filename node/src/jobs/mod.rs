@@ -25,8 +25,10 @@ use crate::targets::{self, Target};
 
 mod copy;
 mod hooks;
+mod reload;
 mod restore;
 
+pub use reload::{ReloadStatus, Reloaded};
 pub use restore::remove_interrupted_restores;
 
 pub use copy::{choose_base, BaseChoice};
@@ -194,7 +196,10 @@ impl Job {
 
 /// The node's jobs and what they need.
 pub struct Jobs {
-    settings: Arc<Settings>,
+    /// Replaced whole by a reload (`reload.rs`); a job takes what it needs when it starts.
+    settings: std::sync::RwLock<Arc<Settings>>,
+    /// The last reload, for the metrics.
+    last_reload: Mutex<reload::LastReload>,
     /// The node's running tunnel, through which hub ports are reached in process.
     tunnel: Option<tunnel::TunnelDialer>,
     table: Mutex<Table>,
@@ -214,7 +219,12 @@ struct Table {
 impl Jobs {
     /// An empty table.
     pub fn new(settings: Arc<Settings>) -> Self {
-        Self { settings, tunnel: None, table: Mutex::new(Table::default()) }
+        Self {
+            settings: std::sync::RwLock::new(settings),
+            last_reload: Mutex::default(),
+            tunnel: None,
+            table: Mutex::new(Table::default()),
+        }
     }
 
     /// Reach the hub's ports through `tunnel` in process (the tunnel started from
@@ -224,9 +234,9 @@ impl Jobs {
         self
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// A job by id.
@@ -243,7 +253,7 @@ impl Jobs {
     /// lineages (an overlay chain and an in-place copy): each has its own state, or a replica
     /// run would become the base of the next backup incremental.
     pub fn map_path(&self, vm: &str, kind: JobKind, key: u32) -> PathBuf {
-        self.settings.state_dir.join(vm).join(kind.as_str()).join(format!("disk-{key}.map"))
+        self.settings().state_dir.join(vm).join(kind.as_str()).join(format!("disk-{key}.map"))
     }
 
     /// Turn a target into where to dial: through the tunnel's forward of that port when a
@@ -254,14 +264,14 @@ impl Jobs {
     /// The port is not forwarded by the tunnel.
     pub fn dial_endpoint(&self, t: &Target, nbd_host: Option<&str>) -> Result<Endpoint, JobError> {
         let host = nbd_host.unwrap_or(&t.host);
-        if !self.settings.nbd_hosts.allows(host) {
+        if !self.settings().nbd_hosts.allows(host) {
             return Err(JobError::BadRequest(format!(
                 "target {t}: host {host} is not one this node sends disks to or restores from (this machine and \
                  nbd_hosts in its config): add the hub's address to nbd_hosts"
             )));
         }
         let loopback = matches!(host, "127.0.0.1" | "localhost" | "::1");
-        let (host, port, via) = match &self.settings.tunnel {
+        let (host, port, via) = match &self.settings().tunnel {
             Some(tun) if loopback => {
                 let f = tun.forwards.iter().find(|f| f.remote_port == t.port).ok_or_else(|| {
                     JobError::BadRequest(format!(
@@ -337,7 +347,7 @@ impl Jobs {
             return Err(JobError::BadRequest(format!("vm_name '{}' is not a valid name", req.vm_name)));
         }
         let vm = self
-            .settings
+            .settings()
             .vm(&req.vm_name)
             .cloned()
             .ok_or_else(|| JobError::NotFound(format!("unknown VM {}", req.vm_name)))?;
@@ -400,7 +410,7 @@ impl Jobs {
     ) -> Result<(), RunError> {
         tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, "job started");
         // Old pending maps of this VM belong to runs that were never committed.
-        remove_pending_maps(&self.settings.state_dir.join(&vm.name).join(job.kind.as_str()));
+        remove_pending_maps(&self.settings().state_dir.join(&vm.name).join(job.kind.as_str()));
         if let Some(cmd) = &vm.pre_snapshot {
             if let Err(e) = run_hook(cmd, "pre", vm, &job.id, &job.cancel).await {
                 // The post hook still runs: it undoes whatever the pre hook started.
@@ -417,7 +427,7 @@ impl Jobs {
                 }));
             }
         }
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.settings.parallel_disks));
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.settings().parallel_disks));
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (disk, endpoint)) in plan.into_iter().enumerate() {
             let (jobs, job, limit) = (Arc::clone(self), Arc::clone(job), Arc::clone(&limit));

@@ -119,7 +119,8 @@ impl Jobs {
             );
             format!("disk {}: {e}", dj.key)
         };
-        let opts = &self.settings.copy;
+        let settings = self.settings();
+        let opts = &settings.copy;
         let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
             .await
             .map_err(fail)?;
@@ -161,8 +162,8 @@ impl Jobs {
     /// Returns the path, for a VM's disk the VM's name, and how the disk is written there.
     fn allowed_destination(&self, dest: &str) -> Result<(PathBuf, Option<String>, DiskFormat), JobError> {
         let path = PathBuf::from(dest);
-        let owner = self
-            .settings
+        let settings = self.settings();
+        let owner = settings
             .vms
             .iter()
             .find_map(|v| v.disks.iter().find(|d| d.source.path() == Some(path.as_path())).map(|d| (v, d)));
@@ -175,7 +176,7 @@ impl Jobs {
                 "destination {dest} is neither a configured VM disk nor a plain file name inside the restore directory"
             ))
         };
-        let dir = self.settings.restore_dir.as_ref().ok_or_else(refuse)?;
+        let dir = settings.restore_dir.as_ref().ok_or_else(refuse)?;
         let rel = path.strip_prefix(dir).map_err(|_| refuse())?;
         let mut parts = rel.components();
         match (parts.next(), parts.next()) {
