@@ -57,6 +57,9 @@ pub struct HubFile {
     /// Verify each completed backup again once per this many days (`jobs/scrub.rs`); off when
     /// unset.
     pub verify_every_days: Option<f64>,
+    /// `"zstd"`: completed backups' images rewritten compressed in the background
+    /// (`jobs/compress.rs`); `"none"` (the default): stored as the node sent them.
+    pub compress: Option<String>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -148,6 +151,8 @@ pub struct Settings {
     pub verify_every: Option<Duration>,
     /// Exports submit their I/O through one io_uring shared by all (`aio = "io_uring"`).
     pub io_uring: bool,
+    /// Completed backups' images rewritten compressed in the background (`compress = "zstd"`).
+    pub compress: bool,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<crate::schedule::Schedule>,
 }
@@ -196,6 +201,18 @@ pub fn check_schedules(
         out.push(s);
     }
     Ok(out)
+}
+
+/// `compress`: `"zstd"` (completed backups rewritten compressed) or `"none"`.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_compress(text: &str) -> Result<bool, String> {
+    match text {
+        "zstd" => Ok(true),
+        "none" => Ok(false),
+        other => Err(format!("compress = '{other}': give \"zstd\" or \"none\"")),
+    }
 }
 
 /// `verify_every_days`: a period of more than zero and at most ten years.

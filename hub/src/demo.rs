@@ -245,6 +245,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         nbd_local_users: vec![],
         retention: crate::retention::Policy::default(),
         verify_every: None,
+        compress: false,
         schedules: vec![nightly.clone()],
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;

@@ -47,6 +47,21 @@ fn jobs(out: &mut String, hub: &Hub) {
          not sound or not equal to its checksum.",
     );
     let _ = writeln!(out, "sendense_hub_backups_verify_failed {}", hub.verify_failures());
+    let (compressed, saved) = hub.compression_totals();
+    help(
+        out,
+        "sendense_hub_backups_compressed",
+        "gauge",
+        "Backups whose images were rewritten compressed (compress = \"zstd\").",
+    );
+    let _ = writeln!(out, "sendense_hub_backups_compressed {compressed}");
+    help(
+        out,
+        "sendense_hub_compression_saved_bytes",
+        "gauge",
+        "Bytes the compression of the backups in the catalog saves: the data their images hold, less the bytes the files take.",
+    );
+    let _ = writeln!(out, "sendense_hub_compression_saved_bytes {saved}");
     let (merging, failed) = hub.merge_counts();
     help(
         out,

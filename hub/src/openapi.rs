@@ -105,7 +105,9 @@ fn schemas() -> Value {
             "error": {"type": "string"}, "note": {"type": "string"},
             "tags": {"type": "array", "items": {"type": "string"}},
             "verified": {"type": "object", "description": "the last verification since the backup completed (scrub or request)", "properties": {
-                "at": {"type": "string", "format": "date-time"}, "ok": {"type": "boolean"}, "error": {"type": "string"}}}}},
+                "at": {"type": "string", "format": "date-time"}, "ok": {"type": "boolean"}, "error": {"type": "string"}}},
+            "compressed": {"type": "object", "description": "its images rewritten compressed (compress = \"zstd\")", "properties": {
+                "at": {"type": "string", "format": "date-time"}, "data_bytes": {"type": "integer"}, "stored_bytes": {"type": "integer"}}}}},
         "BackupList": {"type": "array", "items": {"$ref": "#/components/schemas/Backup"}},
         "Verify": {"type": "object", "properties": {"ok": {"type": "boolean"}, "disks": {"type": "array", "items": {"type": "object", "properties": {
             "disk_key": {"type": "integer"}, "check": {"type": "string"}, "checksum_match": {"type": "boolean", "nullable": true}}}}}},

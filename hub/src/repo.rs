@@ -71,7 +71,28 @@ pub struct Manifest {
     /// rewriting the manifest meanwhile can neither lose it nor be undone by it.
     #[serde(skip)]
     pub verified: Option<Verified>,
+    /// Its images rewritten compressed (`compress = "zstd"`, `jobs/compress.rs`); none: stored
+    /// as the node sent them. Kept in its own file beside the manifest
+    /// ([`Repo::compressed_file`]), removed by a merge that writes into its images.
+    #[serde(skip)]
+    pub compressed: Option<Compressed>,
 }
+
+/// What the compression of a backup's images did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compressed {
+    /// When it ended (RFC 3339 UTC).
+    pub at: String,
+    /// Bytes of data the images hold for their own layers, uncompressed.
+    pub data_bytes: u64,
+    /// Bytes the image files take now.
+    pub stored_bytes: u64,
+}
+
+/// The file beside a backup's manifest recording its compression.
+pub const COMPRESSED_FILE: &str = "compressed.json";
+/// The suffix of an image being written compressed beside the original (removed at start).
+pub const COMPACTING_SUFFIX: &str = ".compacting";
 
 /// The outcome of a verification of a completed backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +206,15 @@ impl Repo {
         Ok((self.backup_dir(&m.vm_name, &m.backup_id).join("verified.json"), data))
     }
 
+    /// `compressed.json` of backup `m`, with its contents.
+    ///
+    /// # Errors
+    /// Serialising failed.
+    pub fn compressed_file(&self, m: &Manifest, c: &Compressed) -> std::io::Result<(PathBuf, Vec<u8>)> {
+        let data = serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?;
+        Ok((self.backup_dir(&m.vm_name, &m.backup_id).join(COMPRESSED_FILE), data))
+    }
+
     /// Every backup with a valid manifest, and the runs a killed hub left behind: directories
     /// without a manifest (removed here, and logged) and replica sets still marked inconsistent.
     /// The interrupted runs are returned as (VM, job id) so that their node jobs can be
@@ -205,6 +235,10 @@ impl Repo {
                             m.verified = std::fs::read(path.join("verified.json"))
                                 .ok()
                                 .and_then(|bytes| serde_json::from_slice::<Verified>(&bytes).ok());
+                            m.compressed = std::fs::read(path.join(COMPRESSED_FILE))
+                                .ok()
+                                .and_then(|bytes| serde_json::from_slice::<Compressed>(&bytes).ok());
+                            remove_compacting(&path);
                             out.push(m);
                         }
                         _ => {
@@ -261,6 +295,18 @@ pub fn remove_backup(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Remove what a compression cut short left in a backup's directory (`*.compacting`): the
+/// original images are whole, these are never put in place.
+fn remove_compacting(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().ends_with(COMPACTING_SUFFIX) {
+            tracing::warn!(file = %e.path().display(), "removing an image whose compression was cut short");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Remove a directory, logging instead of failing.
 pub fn remove_dir(path: &Path) {
     if path.exists() {
@@ -310,6 +356,7 @@ mod tests {
             tags: vec![],
             merging_into: None,
             verified: None,
+            compressed: None,
         };
         std::fs::create_dir_all(repo.backup_dir("vm", "b1")).unwrap();
         let (path, data) = repo.manifest_file(&m).unwrap();

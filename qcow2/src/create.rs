@@ -28,17 +28,34 @@ pub struct CreateOptions {
     /// Permission bits of the new file, before the process umask (default `0o644`, qemu-img's;
     /// a backup repository makes its images `0o600`: they hold whole VM disks).
     pub mode: u32,
+    /// How its compressed clusters are compressed (default zlib, qemu-img's; zstd sets the
+    /// compression-type incompatible bit, as `-o compression_type=zstd` does).
+    pub compression: Compression,
 }
 
 impl CreateOptions {
     /// qemu-img's defaults for a fresh image of `size` bytes (rounded up to 512-byte sectors).
     pub fn new(size: u64) -> Self {
-        Self { size: Some(size), cluster_bits: 16, refcount_order: 4, backing: None, mode: 0o644 }
+        Self {
+            size: Some(size),
+            cluster_bits: 16,
+            refcount_order: 4,
+            backing: None,
+            mode: 0o644,
+            compression: Compression::Zlib,
+        }
     }
 
     /// An overlay on `backing` (stored as given), sized like it.
     pub fn overlay(backing: impl Into<String>, format: BackingFormat) -> Self {
-        Self { size: None, cluster_bits: 16, refcount_order: 4, backing: Some((backing.into(), format)), mode: 0o644 }
+        Self {
+            size: None,
+            cluster_bits: 16,
+            refcount_order: 4,
+            backing: Some((backing.into(), format)),
+            mode: 0o644,
+            compression: Compression::Zlib,
+        }
     }
 
     setters::setters! {
@@ -47,6 +64,7 @@ impl CreateOptions {
         refcount_order: u32,
         backing: Option<(String, BackingFormat)>,
         mode: u32,
+        compression: Compression,
     }
 }
 
@@ -72,7 +90,7 @@ impl Image {
         Ok(image)
     }
 
-    fn create_file(path: &Path, opts: &CreateOptions) -> Result<()> {
+    pub(crate) fn create_file(path: &Path, opts: &CreateOptions) -> Result<()> {
         let bits = opts.cluster_bits;
         if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&bits) {
             return Err(Error::InvalidOption { option: "cluster_bits", reason: format!("{bits} is outside 9..=21") });
@@ -165,12 +183,15 @@ impl Image {
             refcount_table_clusters: reftable_clusters as u32,
             nb_snapshots: 0,
             snapshots_offset: 0,
-            incompatible_features: 0,
+            incompatible_features: match opts.compression {
+                Compression::Zlib => 0,
+                Compression::Zstd => header::incompatible::COMPRESSION_TYPE,
+            },
             compatible_features: 0,
             autoclear_features: 0,
             refcount_order: opts.refcount_order,
             header_length: header::V3_HEADER_LEN,
-            compression: Compression::Zlib,
+            compression: opts.compression,
             backing_file,
             extensions,
         };

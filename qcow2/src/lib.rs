@@ -38,6 +38,7 @@
 
 mod bitmaps;
 mod commit;
+mod compact;
 pub mod compress;
 mod create;
 pub mod error;
@@ -52,6 +53,7 @@ mod write;
 
 pub use bitmaps::Bitmap;
 pub use commit::{commit, CommitReport};
+pub use compact::{compact, compare_layers, CompactReport};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
 pub use header::{Compression, Header};

@@ -189,6 +189,13 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .map_err(|e| anyhow!(e))?,
         retention,
         verify_every: file.verify_every_days.map(config::parse_verify_every).transpose().map_err(|e| anyhow!(e))?,
+        compress: file
+            .compress
+            .as_deref()
+            .map(config::parse_compress)
+            .transpose()
+            .map_err(|e| anyhow!(e))?
+            .unwrap_or(false),
         schedules,
     })
 }
@@ -220,6 +227,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     );
     // Scrubbing (`verify_every_days`): ends at once when off, and with the hub.
     tokio::spawn(Arc::clone(&hub).scrub_loop());
+    // Compression of completed backups (`compress = "zstd"`): waits while off.
+    tokio::spawn(Arc::clone(&hub).compress_loop());
     // Backup schedules (`[[schedule]]`), one task each, ending with the hub.
     hub.start_schedules();
     let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&hub), a));

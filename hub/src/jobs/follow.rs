@@ -112,6 +112,8 @@ impl Hub {
             if !policy.is_empty() {
                 self.apply_retention(&job.vm, &job.node, &policy).await;
             }
+            // After the retention: a merge into the new backup goes before its compression.
+            self.wake_compression();
         }
     }
 
@@ -216,6 +218,7 @@ impl Hub {
                     tags: job.tags.clone(),
                     merging_into: None,
                     verified: None,
+                    compressed: None,
                 };
                 let (path, data) =
                     self.repo.manifest_file(&manifest).map_err(|e| (Status::Failed, format!("manifest: {e}")))?;

@@ -21,6 +21,9 @@
 //!
 //! Merges of one VM take turns with its deletes: while one runs or waits to be retried, other
 //! deletes of that VM's backups are refused (409), since they would change the chain under it.
+//! A merge into a backup whose images are being compressed (`compress.rs`) is refused (409) until
+//! that is done, and removes the backup's record of compression: its images hold uncompressed
+//! clusters again, which the next compression pass rewrites.
 //!
 //! Retention (`prune.rs`) deletes the backups its policy does not keep this way, oldest first.
 
@@ -108,6 +111,12 @@ impl Hub {
                 if let Some((_, why)) = st.pins.values().find(|(backup, _)| *backup == from.backup_id) {
                     return Err(HubError::Conflict(format!("backup {id} is in use: {why}")));
                 }
+                if st.compressing.contains(&into.backup_id) {
+                    return Err(HubError::Conflict(format!(
+                        "backup {} (which {id} would be merged into) is being compressed: try again when it is done",
+                        into.backup_id
+                    )));
+                }
                 if st.restores.values().any(|r| r.backup_id == id) {
                     return Err(HubError::Conflict(format!("backup {id} has an open restore")));
                 }
@@ -135,6 +144,9 @@ impl Hub {
                 st.merges.remove(&from.vm_name);
                 st.catalog.insert(merged.backup_id.clone(), merged);
                 tracing::info!(backup = %from.backup_id, into = %into.backup_id, "merged");
+                drop(st);
+                // Its images hold uncompressed clusters again.
+                self.wake_compression();
                 Ok(manifest_view(&from))
             }
             Err(e) if !started => {
@@ -226,6 +238,14 @@ pub(super) fn merge_files(repo: &Repo, from: &Manifest, into: &Manifest) -> Resu
         let (path, data) = repo.manifest_file(&marked).map_err(|e| format!("manifest: {e}"))?;
         node::files::write_atomically(&path, &data).map_err(|e| format!("cannot mark {}: {e}", path.display()))?;
     }
+    // `into`'s images are about to be `from`'s with `into`'s layer written in, uncompressed: no
+    // longer what its record of compression says (the next pass compresses them again).
+    match std::fs::remove_file(into_dir.join(repo::COMPRESSED_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot remove {}: {e}", into_dir.join(repo::COMPRESSED_FILE).display()))
+        }
+        _ => {}
+    }
     for disk in &into.disks {
         let top = into_dir.join(&disk.file);
         let below = from_dir.join(&disk.file);
@@ -238,7 +258,7 @@ pub(super) fn merge_files(repo: &Repo, from: &Manifest, into: &Manifest) -> Resu
             .map_err(|e| format!("cannot move {} to {}: {e}", below.display(), top.display()))?;
         sync_dir(&into_dir)?;
     }
-    let mut merged = into.clone();
+    let mut merged = Manifest { compressed: None, ..into.clone() };
     if merged.parent_id.as_deref() == Some(from.backup_id.as_str()) {
         merged.parent_id = from.parent_id.clone();
         if merged.parent_id.is_none() {

@@ -19,7 +19,8 @@
 //! job's end in `follow`, the files a job
 //! makes and removes (off the runtime) in `files`, restores in `restores` (and those the hub
 //! drives onto a node in `restore_run`), deleting a backup an incremental builds on in `merge`,
-//! retention in `prune`, background re-verification in `scrub`, backup schedules at work in
+//! retention in `prune`, background re-verification in `scrub`, images rewritten compressed in
+//! `compress`, backup schedules at work in
 //! `scheduled`, the configuration taken up while serving in `reload`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +38,7 @@ use crate::ports::Ports;
 use crate::repo::{self, Manifest, Repo};
 
 mod catalog;
+mod compress;
 mod files;
 mod follow;
 mod merge;
@@ -110,6 +112,8 @@ pub struct Hub {
     schedule_stops: Mutex<HashMap<String, CancellationToken>>,
     /// Taken while the schedules' marks are written.
     marks_file: tokio::sync::Mutex<()>,
+    /// Wakes the compression pass (a backup completed and its retention ran).
+    compress_wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -142,6 +146,10 @@ struct State {
     schedules: BTreeMap<String, scheduled::ScheduleState>,
     /// The last configuration reload (`reload.rs`).
     last_reload: reload::LastReload,
+    /// Backups whose images are being rewritten compressed (`compress.rs`): no merge into them.
+    compressing: std::collections::HashSet<String>,
+    /// Backups whose compression failed, and why: not tried again until the hub restarts.
+    compress_failed: HashMap<String, String>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -199,6 +207,7 @@ impl Hub {
             schedule_locks: Mutex::default(),
             schedule_stops: Mutex::default(),
             marks_file: tokio::sync::Mutex::new(()),
+            compress_wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -314,6 +323,7 @@ mod tests {
             tags: vec![],
             merging_into: None,
             verified: None,
+            compressed: None,
         }
     }
 
@@ -338,6 +348,7 @@ mod tests {
             nbd_local_users: vec![],
             retention: crate::retention::Policy::default(),
             verify_every: None,
+            compress: false,
             schedules: Vec::new(),
         })
         .unwrap()

@@ -3,8 +3,8 @@
 //! would cancel every backup under way.
 //!
 //! What is taken up is what the hub reads as it goes ([`Live`]): the schedules, the retention
-//! (`keep_*`), `verify_every_days`, `stall_timeout_s` (for jobs started afterwards) and
-//! `restore_idle_s`. What the hub built at start (its listeners, the repository and replica
+//! (`keep_*`), `verify_every_days`, `compress`, `stall_timeout_s` (for jobs started afterwards)
+//! and `restore_idle_s`. What the hub built at start (its listeners, the repository and replica
 //! directories, the nodes and their clients, the SSH endpoint, the export options) is not: a
 //! reload that changes one of those applies the rest, names them in its log line and in
 //! `sendense_hub_config_restart_pending`, and the hub keeps running with what it started with.
@@ -41,6 +41,8 @@ pub struct Live {
     pub stall_timeout: Duration,
     /// A restore without clients for this long is closed (`restore_idle_s`).
     pub restore_idle: Duration,
+    /// Completed backups rewritten compressed (`compress`).
+    pub compress: bool,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<Arc<Schedule>>,
 }
@@ -53,6 +55,7 @@ impl Live {
             verify_every: settings.verify_every,
             stall_timeout: settings.stall_timeout,
             restore_idle: settings.restore_idle,
+            compress: settings.compress,
             schedules: settings.schedules.iter().cloned().map(Arc::new).collect(),
         }
     }
@@ -64,6 +67,7 @@ impl Live {
             ("verify_every_days", self.verify_every != other.verify_every),
             ("stall_timeout_s", self.stall_timeout != other.stall_timeout),
             ("restore_idle_s", self.restore_idle != other.restore_idle),
+            ("compress", self.compress != other.compress),
         ];
         keys.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
     }

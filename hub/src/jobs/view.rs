@@ -130,6 +130,10 @@ pub struct JobView {
     /// A completed backup's last verification since it completed (a scrub's or a request's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<crate::repo::Verified>,
+    /// A completed backup's images rewritten compressed (`compress = "zstd"`): when, the bytes
+    /// of data they hold, and the bytes they take.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<crate::repo::Compressed>,
 }
 
 /// A disk of a job.
@@ -256,6 +260,7 @@ impl Job {
             note: self.note.clone(),
             tags: self.tags.clone(),
             verified: None,
+            compressed: None,
         }
     }
 }
@@ -317,5 +322,6 @@ pub(super) fn manifest_view(m: &Manifest) -> JobView {
         note: m.note.clone(),
         tags: m.tags.clone(),
         verified: m.verified.clone(),
+        compressed: m.compressed.clone(),
     }
 }

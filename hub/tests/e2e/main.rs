@@ -6,6 +6,7 @@
 //! a source disk that disappears, a full repository, 20 VMs at once, 101 disks in flight, and bad
 //! input at every door.
 
+mod compress;
 mod crash;
 mod merge;
 mod reload;
