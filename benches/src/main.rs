@@ -28,9 +28,12 @@
 //!   bare receiver (`recv` + `pwrite`, and `splice`) spends at least.
 //! - `merge`: the hub's retention merge (`qcow2::commit`) against `qemu-img commit` on the same
 //!   pair of images (a quarter of the disk rewritten in the overlay, 1% scattered).
+//! - `compress`: the hub's compression of a backup image (`qcow2::compact`) against `qemu-img
+//!   convert -c -o compression_type=zstd` on the same VM-like image.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
+mod compress;
 mod disk;
 mod e2e;
 mod fleet;
@@ -50,7 +53,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet, floor, merge
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet, floor, merge, compress
     /// (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
@@ -113,6 +116,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("merge") {
         merge::merge_section(&args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("compress") {
+        compress::compress_section(&args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;

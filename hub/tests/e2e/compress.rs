@@ -7,7 +7,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::site::{tool, Options, Site, Transport, Vm};
 
@@ -65,6 +65,39 @@ async fn completed_backups_are_compressed_and_stay_equal_to_their_disks() {
     let inc_id = inc["backup_id"].as_str().unwrap().to_string();
     wait_compressed(&site, &inc_id).await;
     site.assert_backup_equals_sources("vm-a", &inc, 1);
+
+    // Restores of the compressed chain: read-only exports read by qemu-img, and one the hub
+    // drives onto the node, checked against the backup's checksum.
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(json!({"backup_id": inc_id}))).await;
+    assert_eq!(status, 201, "{r}");
+    let export = &r["exports"][0];
+    let url = format!("nbd://127.0.0.1:{}/{}", export["nbd_port"], export["nbd_export_name"].as_str().unwrap());
+    let out = tool("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(site.source("vm-a", 0))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the export reads as the disk: {}", String::from_utf8_lossy(&out.stdout));
+    let (status, _) =
+        site.hub("DELETE", &format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap()), None).await;
+    assert_eq!(status, 200);
+    let dest = site.path().join("restores").join("vm-a-0.raw");
+    let asked = json!({"backup_id": inc_id, "destinations": {"2000": dest}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let restore = format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (_, v) = site.hub("GET", &restore, None).await;
+        if v["status"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((&done["status"], &done["disks"][0]["checksum_match"]), (&json!("completed"), &json!(true)), "{done}");
+    crate::site::assert_same(&site.source("vm-a", 0), &dest);
 
     // The full merged into the incremental: the incremental is whole, then compressed again.
     let (status, v) = site.hub("DELETE", &format!("/api/v1/backups/{full_id}?merge=true"), None).await;
