@@ -1,11 +1,12 @@
 //! `sendense-hub demo`: the whole product on one machine, no setup, no root. A hub with its SSH
 //! endpoint and a node with its tunnel (keys generated and the host key pinned for the run), the
-//! real libraries over real sockets: a sample VM of two disks with random data, zero runs and
-//! holes; a full backup, a few blocks changed, an incremental (made by the hub's backup schedule,
+//! real libraries over real sockets: a sample VM of two disks with random data, log text, zero
+//! runs and holes; a full backup, a few blocks changed, an incremental (made by the hub's backup schedule,
 //! run now through the API), a replica, a restore of the
 //! incremental to new files through the tunnel, and a bit-for-bit check of everything against
 //! the source; then the full backup merged into the incremental (retention dropping the oldest
-//! point in time), which must verify again and stand alone. Progress is a line per disk while a
+//! point in time), which must verify again and stand alone; last, compression turned on by a
+//! configuration reload, the backup rewritten compressed, smaller and verifying again. Progress is a line per disk while a
 //! job runs; the end is a summary table and where the images are. It fails (exit 1) if any check
 //! fails.
 
@@ -40,8 +41,11 @@ fn free_block(n: u16) -> anyhow::Result<u16> {
     bail!("no block of {n} free ports on 127.0.0.1")
 }
 
-/// A disk like a VM's: 1 MiB runs of random data, of zeroes, and holes, in a repeating pattern.
+/// A disk like a VM's: 1 MiB runs of random data, of log text, of zeroes, and holes, in a
+/// repeating pattern.
 fn make_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
+    let line = b"Nov 30 02:00:01 demo postgres[811]: LOG:  checkpoint complete: wrote 4711 buffers (3.6%)\n";
+    let text: Vec<u8> = line.iter().copied().cycle().take(1 << 20).collect();
     let f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     f.set_len(size)?;
     let mut x = seed | 1;
@@ -51,7 +55,7 @@ fn make_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
     while at < size {
         let len = (size - at).min(1 << 20) as usize;
         match i % 5 {
-            0 | 1 => {
+            0 => {
                 for c in buf.chunks_mut(8) {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -60,6 +64,7 @@ fn make_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
                 }
                 f.write_all_at(buf.get(..len).unwrap_or_default(), at)?;
             }
+            1 => f.write_all_at(text.get(..len).unwrap_or_default(), at)?,
             2 => f.write_all_at(&vec![0u8; len], at)?, // written zeroes
             _ => {}                                    // holes
         }
@@ -188,7 +193,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     make_disk(&sources[0], opts.disk_size, 1)?;
     make_disk(&sources[1], (opts.disk_size / 2).max(1 << 20), 2)?;
     println!(
-        "sample VM 'demo': disk 2000 {} and disk 2001 {} (random data, zeroes, holes)",
+        "sample VM 'demo': disk 2000 {} and disk 2001 {} (random data, log text, zeroes, holes)",
         human(opts.disk_size),
         human((opts.disk_size / 2).max(1 << 20))
     );
@@ -256,6 +261,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     tokio::spawn(tunnel::endpoint::serve(ssh_listener, endpoint));
     let api_listener = tokio::net::TcpListener::bind(("127.0.0.1", hub_api)).await?;
     hub.start_schedules();
+    // Compression waits, off, until step 8 turns it on by a reload.
+    tokio::spawn(Arc::clone(&hub).compress_loop());
+    let demo_hub = Arc::clone(&hub);
     tokio::spawn(async move { axum::serve(api_listener, crate::http::router(hub)).await });
 
     // The node, with its tunnel to the hub's endpoint.
@@ -451,6 +459,32 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "  backup {incr_id}: {} in {:.2}s",
         if merge_ok { "a full backup of its own now, verify ok" } else { "MERGE FAILED" },
         started.elapsed().as_secs_f64()
+    );
+
+    println!("\n8. compression: compress = \"zstd\" taken up by a configuration reload (SIGHUP in service)");
+    let started = Instant::now();
+    let reloaded = demo_hub.reload(&Settings { compress: true, ..settings.clone() }).map_err(|e| anyhow::anyhow!(e))?;
+    ensure!(reloaded.applied == ["compress"], "reload: {reloaded:?}");
+    let compressed = loop {
+        let (_, v) = api.call(reqwest::Method::GET, &format!("/api/v1/backups/{incr_id}"), None).await?;
+        if v["compressed"].is_object() {
+            break v["compressed"].clone();
+        }
+        ensure!(started.elapsed() < Duration::from_secs(300), "backup {incr_id} not compressed: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, v) = api.call(reqwest::Method::POST, &format!("/api/v1/backups/{incr_id}/verify"), None).await?;
+    let (data, stored) =
+        (compressed["data_bytes"].as_u64().unwrap_or(0), compressed["stored_bytes"].as_u64().unwrap_or(0));
+    let compress_ok = v["ok"] == true && stored < data;
+    ok &= compress_ok;
+    println!(
+        "  backup {incr_id}: {} of data stored in {} ({:.1}x) in {:.2}s; verify {}",
+        human(data),
+        human(stored),
+        data as f64 / stored.max(1) as f64,
+        started.elapsed().as_secs_f64(),
+        if v["ok"] == true { "ok" } else { "FAILED" }
     );
 
     println!("\n{:<14} {:>12} {:>12} {:>9} {:>12}", "run", "disk bytes", "sent", "time", "throughput");

@@ -221,6 +221,6 @@ pub(crate) fn rebuild(file: &File, header: &mut Header, l1: &[u64], file_len: u6
     header.refcount_table_offset = table_offset;
     header.refcount_table_clusters = table_clusters as u32;
     header.incompatible_features = features;
-    tracing::info!(clusters = n, "refcounts rebuilt; dirty bit cleared");
+    tracing::debug!(clusters = n, "refcounts rebuilt");
     Ok(())
 }

@@ -161,6 +161,7 @@ impl Image {
             let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
             crate::repair::rebuild(&self.file, &mut self.header, &l1, file_len)?;
             file_len = self.file_len()?;
+            tracing::info!(image = %self.path.display(), "refcounts rebuilt; dirty bit cleared");
         } else if reclaim_leaks {
             let l1 = self.l1.read().map(|l| l.clone()).unwrap_or_default();
             let report = crate::repair::check(&self.file, &self.header, &l1, file_len)?;
