@@ -25,7 +25,7 @@ pub async fn render(hub: &Hub) -> String {
     jobs(&mut out, hub);
     vms(&mut out, hub);
     schedules(&mut out, hub);
-    config(&mut out, hub);
+    out.push_str(&hub.reload_status().metrics("sendense_hub"));
     filesystems(&mut out, hub).await;
     ports_and_exports(&mut out, hub);
     out
@@ -155,34 +155,6 @@ fn schedules(out: &mut String, hub: &Hub) {
             "sendense_hub_schedule_skipped_occurrences_total{{schedule=\"{}\"}} {}",
             v.name, v.skipped_occurrences
         );
-    }
-}
-
-fn config(out: &mut String, hub: &Hub) {
-    let r = hub.reload_status();
-    help(
-        out,
-        "sendense_hub_config_last_reload_successful",
-        "gauge",
-        "0 when the last reload (SIGHUP) was refused: the file does not check and the hub runs on the \
-         configuration it had (alert on 0).",
-    );
-    let _ = writeln!(out, "sendense_hub_config_last_reload_successful {}", u8::from(r.ok));
-    help(
-        out,
-        "sendense_hub_config_last_reload_success_timestamp_seconds",
-        "gauge",
-        "When the configuration in force was loaded (Unix time): at start, or by the last reload taken up.",
-    );
-    let _ = writeln!(out, "sendense_hub_config_last_reload_success_timestamp_seconds {:.3}", r.loaded_at_seconds);
-    help(
-        out,
-        "sendense_hub_config_restart_pending",
-        "gauge",
-        "1 per hub.toml key the file changed that the running hub takes up only at its next start.",
-    );
-    for key in &r.restart_pending {
-        let _ = writeln!(out, "sendense_hub_config_restart_pending{{key=\"{key}\"}} 1");
     }
 }
 

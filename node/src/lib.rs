@@ -17,7 +17,7 @@
 //! - [`jobs`]: one job per VM, hooks, commit, restores.
 //! - [`http`] and [`metrics`]: the API (axum) and `/metrics`.
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
-//! - [`service`]: logging, runtime, errors and signals of the service binaries.
+//! - [`service`]: logging, runtime, errors and signals (stop, reload) of the service binaries.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]

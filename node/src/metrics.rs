@@ -8,7 +8,8 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use crate::api::{JobStatus, TunnelView};
-use crate::jobs::{Job, ReloadStatus};
+use crate::jobs::Job;
+use crate::service::ReloadStatus;
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -63,33 +64,6 @@ pub fn render(jobs: &[Arc<Job>], tunnel: &TunnelView, reload: &ReloadStatus) -> 
             "# HELP sendense_node_{name} {help}\n# TYPE sendense_node_{name} {kind}\nsendense_node_{name} {value}"
         );
     }
-    config(&mut out, reload);
+    out.push_str(&reload.metrics("sendense_node"));
     out
-}
-
-/// The last configuration reload (`SIGHUP`): taken up or refused, when, what waits for a restart.
-fn config(out: &mut String, r: &ReloadStatus) {
-    let _ = writeln!(
-        out,
-        "# HELP sendense_node_config_last_reload_successful 0 when the last reload (SIGHUP) was refused: the \
-         file does not check and the node runs on the configuration it had (alert on 0).\n\
-         # TYPE sendense_node_config_last_reload_successful gauge\nsendense_node_config_last_reload_successful {}",
-        u8::from(r.ok)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sendense_node_config_last_reload_success_timestamp_seconds When the configuration in force was \
-         loaded (Unix time): at start, or by the last reload taken up.\n\
-         # TYPE sendense_node_config_last_reload_success_timestamp_seconds gauge\n\
-         sendense_node_config_last_reload_success_timestamp_seconds {:.3}",
-        r.loaded_at_seconds
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sendense_node_config_restart_pending 1 per node.toml key the file changed that the running \
-         node takes up only at its next start.\n# TYPE sendense_node_config_restart_pending gauge"
-    );
-    for key in &r.restart_pending {
-        let _ = writeln!(out, "sendense_node_config_restart_pending{{key=\"{key}\"}} 1");
-    }
 }

@@ -272,34 +272,21 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 /// `SIGHUP` (`systemctl reload`): the configuration file read and checked again and taken up
 /// (`hub::jobs::reload`); one that does not check is refused with one line and the hub runs on.
 async fn reload_on_hangup(hub: Arc<Hub>, args: ServeArgs) {
-    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take SIGHUP: the configuration is reloaded by a restart only");
-            return;
-        }
+    let config = args.config.clone();
+    let read = move || settings(args.clone()).map_err(|e| format!("{e:#}"));
+    let apply = |new: Settings| {
+        let done = hub.reload(&new)?;
+        tracing::info!(
+            applied = ?done.applied,
+            schedules_added = ?done.schedules_added,
+            schedules_changed = ?done.schedules_changed,
+            schedules_removed = ?done.schedules_removed,
+            restart_pending = ?done.restart_pending,
+            "configuration reloaded"
+        );
+        Ok(())
     };
-    while hangups.recv().await.is_some() {
-        let file = args.config.as_ref().map_or_else(|| "(none)".into(), |p| p.display().to_string());
-        tracing::info!(config = %file, "SIGHUP: reading the configuration again");
-        let a = args.clone();
-        let read = tokio::task::spawn_blocking(move || settings(a)).await.map_err(anyhow::Error::from).and_then(|r| r);
-        let outcome = read.map_err(|e| format!("{e:#}")).and_then(|new| hub.reload(&new));
-        match outcome {
-            Ok(done) => tracing::info!(
-                applied = ?done.applied,
-                schedules_added = ?done.schedules_added,
-                schedules_changed = ?done.schedules_changed,
-                schedules_removed = ?done.schedules_removed,
-                restart_pending = ?done.restart_pending,
-                "configuration reloaded"
-            ),
-            Err(e) => {
-                hub.reload_refused();
-                tracing::error!(error = %e, "configuration reload refused: the hub runs on the configuration it had");
-            }
-        }
-    }
+    node::service::reload_on_hangup(config, read, apply, || hub.reload_refused()).await;
 }
 
 fn main() {

@@ -53,7 +53,7 @@ mod view;
 
 pub use catalog::VmSummary;
 pub use prune::{PruneAllView, PruneEntry, PruneView};
-pub use reload::{Live, ReloadStatus, Reloaded};
+pub use reload::{Live, Reloaded};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};
@@ -145,7 +145,7 @@ struct State {
     /// Schedules' next occurrences and runs, by name (`scheduled.rs`).
     schedules: BTreeMap<String, scheduled::ScheduleState>,
     /// The last configuration reload (`reload.rs`).
-    last_reload: reload::LastReload,
+    last_reload: node::service::ReloadStatus,
     /// Backups whose images are being rewritten compressed (`compress.rs`): no merge into them.
     compressing: std::collections::HashSet<String>,
     /// Backups whose compression failed, and why: not tried again until the hub restarts.

@@ -22,8 +22,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::Timestamp;
 use serde::Serialize;
+
+use node::service::ReloadStatus;
 
 use super::Hub;
 use crate::config::{restart_only_changes, Settings};
@@ -88,34 +89,6 @@ pub struct Reloaded {
     pub restart_pending: Vec<&'static str>,
 }
 
-/// The last reload, for the metrics.
-#[derive(Debug, Clone)]
-pub(super) struct LastReload {
-    /// Whether it was taken up (a refused one leaves the configuration as it was).
-    pub ok: bool,
-    /// When the configuration in force was loaded (start, or the last reload taken up).
-    pub loaded_at: Timestamp,
-    /// Keys the configuration file changed that wait for a restart.
-    pub restart_pending: Vec<&'static str>,
-}
-
-impl Default for LastReload {
-    fn default() -> Self {
-        Self { ok: true, loaded_at: Timestamp::now(), restart_pending: Vec::new() }
-    }
-}
-
-/// The last reload as the metrics show it.
-#[derive(Debug, Clone)]
-pub struct ReloadStatus {
-    /// Whether the last reload was taken up (true before any).
-    pub ok: bool,
-    /// Unix time the configuration in force was loaded.
-    pub loaded_at_seconds: f64,
-    /// Keys waiting for a restart.
-    pub restart_pending: Vec<&'static str>,
-}
-
 impl Hub {
     /// The settings in force now.
     pub fn live(&self) -> Arc<Live> {
@@ -174,8 +147,7 @@ impl Hub {
                     st.schedules.remove(name);
                 }
             }
-            st.last_reload =
-                LastReload { ok: true, loaded_at: Timestamp::now(), restart_pending: done.restart_pending.clone() };
+            st.last_reload = ReloadStatus::taken(done.restart_pending.clone());
         }
         self.live.send_replace(Arc::new(fresh));
         for s in start {
@@ -192,13 +164,7 @@ impl Hub {
 
     /// The last reload, for the metrics.
     pub fn reload_status(&self) -> ReloadStatus {
-        let st = self.state();
-        let r = &st.last_reload;
-        ReloadStatus {
-            ok: r.ok,
-            loaded_at_seconds: r.loaded_at.as_millisecond() as f64 / 1000.0,
-            restart_pending: r.restart_pending.clone(),
-        }
+        self.state().last_reload.clone()
     }
 }
 

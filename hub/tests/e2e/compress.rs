@@ -118,8 +118,9 @@ async fn completed_backups_are_compressed_and_stay_equal_to_their_disks() {
     let leftover = site.image("vm-a", &inc_id, 0).with_extension("qcow2.compacting");
     std::fs::write(&leftover, b"half a copy").unwrap();
     site.start_hub();
-    assert!(!leftover.exists(), "{} left behind", leftover.display());
+    // Answered once the hub has scanned its repository (it listens before).
     let (_, again) = site.hub("GET", &format!("/api/v1/backups/{inc_id}"), None).await;
+    assert!(!leftover.exists(), "{} left behind", leftover.display());
     assert!(again["compressed"].is_object(), "the record survives a restart: {again}");
     site.assert_backup_equals_sources("vm-a", &again, 1);
 }

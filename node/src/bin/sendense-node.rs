@@ -245,39 +245,21 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 /// `SIGHUP` (`systemctl reload`): the configuration file read and checked again and taken up
 /// (`node::jobs::reload`); one that does not check is refused with one line and the node runs on.
 async fn reload_on_hangup(jobs: Arc<Jobs>, args: ServeArgs) {
-    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot take SIGHUP: the configuration is reloaded by a restart only");
-            return;
-        }
+    let config = args.config.clone();
+    let read = move || settings(args.clone()).map_err(|e| format!("{e:#}"));
+    let apply = |new: Settings| {
+        let done = jobs.reload(new);
+        tracing::info!(
+            applied = ?done.applied,
+            vms_added = ?done.vms_added,
+            vms_changed = ?done.vms_changed,
+            vms_removed = ?done.vms_removed,
+            restart_pending = ?done.restart_pending,
+            "configuration reloaded"
+        );
+        Ok(())
     };
-    while hangups.recv().await.is_some() {
-        let file = args.config.as_ref().map_or_else(|| "(none)".into(), |p| p.display().to_string());
-        tracing::info!(config = %file, "SIGHUP: reading the configuration again");
-        let a = args.clone();
-        let read = tokio::task::spawn_blocking(move || settings(a)).await.map_err(anyhow::Error::from).and_then(|r| r);
-        match read {
-            Ok(new) => {
-                let done = jobs.reload(new);
-                tracing::info!(
-                    applied = ?done.applied,
-                    vms_added = ?done.vms_added,
-                    vms_changed = ?done.vms_changed,
-                    vms_removed = ?done.vms_removed,
-                    restart_pending = ?done.restart_pending,
-                    "configuration reloaded"
-                );
-            }
-            Err(error) => {
-                jobs.reload_refused();
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "configuration reload refused: the node runs on the configuration it had"
-                );
-            }
-        }
-    }
+    node::service::reload_on_hangup(config, read, apply, || jobs.reload_refused()).await;
 }
 
 async fn copy(a: CopyArgs) -> anyhow::Result<()> {

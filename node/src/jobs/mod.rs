@@ -28,7 +28,7 @@ mod hooks;
 mod reload;
 mod restore;
 
-pub use reload::{ReloadStatus, Reloaded};
+pub use reload::Reloaded;
 pub use restore::remove_interrupted_restores;
 
 pub use copy::{choose_base, BaseChoice};
@@ -199,7 +199,7 @@ pub struct Jobs {
     /// Replaced whole by a reload (`reload.rs`); a job takes what it needs when it starts.
     settings: std::sync::RwLock<Arc<Settings>>,
     /// The last reload, for the metrics.
-    last_reload: Mutex<reload::LastReload>,
+    last_reload: Mutex<crate::service::ReloadStatus>,
     /// The node's running tunnel, through which hub ports are reached in process.
     tunnel: Option<tunnel::TunnelDialer>,
     table: Mutex<Table>,

@@ -15,11 +15,11 @@
 //! after share one limit, as before.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Jobs;
 use crate::config::Settings;
 use crate::mover::CopyOptions;
+use crate::service::ReloadStatus;
 
 /// What a reload did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,31 +33,6 @@ pub struct Reloaded {
     /// VMs gone (a job of one under way goes on to its end).
     pub vms_removed: Vec<String>,
     /// Keys changed that take a restart: not applied.
-    pub restart_pending: Vec<&'static str>,
-}
-
-/// The last reload, for the metrics.
-#[derive(Debug, Clone)]
-pub(super) struct LastReload {
-    ok: bool,
-    loaded_at: SystemTime,
-    restart_pending: Vec<&'static str>,
-}
-
-impl Default for LastReload {
-    fn default() -> Self {
-        Self { ok: true, loaded_at: SystemTime::now(), restart_pending: Vec::new() }
-    }
-}
-
-/// The last reload as the metrics show it.
-#[derive(Debug, Clone)]
-pub struct ReloadStatus {
-    /// Whether the last reload was taken up (true before any).
-    pub ok: bool,
-    /// Unix time the configuration in force was loaded.
-    pub loaded_at_seconds: f64,
-    /// Keys waiting for a restart.
     pub restart_pending: Vec<&'static str>,
 }
 
@@ -113,8 +88,7 @@ impl Jobs {
             parallel_disks: new.parallel_disks,
         };
         *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(merged);
-        *self.last_reload() =
-            LastReload { ok: true, loaded_at: SystemTime::now(), restart_pending: done.restart_pending.clone() };
+        *self.last_reload() = ReloadStatus::taken(done.restart_pending.clone());
         done
     }
 
@@ -125,15 +99,10 @@ impl Jobs {
 
     /// The last reload, for the metrics.
     pub fn reload_status(&self) -> ReloadStatus {
-        let r = self.last_reload().clone();
-        ReloadStatus {
-            ok: r.ok,
-            loaded_at_seconds: r.loaded_at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-            restart_pending: r.restart_pending,
-        }
+        self.last_reload().clone()
     }
 
-    fn last_reload(&self) -> std::sync::MutexGuard<'_, LastReload> {
+    fn last_reload(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
         self.last_reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
