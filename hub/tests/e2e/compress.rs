@@ -86,16 +86,7 @@ async fn completed_backups_are_compressed_and_stay_equal_to_their_disks() {
     let asked = json!({"backup_id": inc_id, "destinations": {"2000": dest}});
     let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
     assert_eq!(status, 201, "{r}");
-    let restore = format!("/api/v1/restores/{}", r["restore_id"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let (_, v) = site.hub("GET", &restore, None).await;
-        if v["status"] != "running" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = crate::wait_restore(&site, r["restore_id"].as_str().unwrap()).await;
     assert_eq!((&done["status"], &done["disks"][0]["checksum_match"]), (&json!("completed"), &json!(true)), "{done}");
     crate::site::assert_same(&site.source("vm-a", 0), &dest);
 
