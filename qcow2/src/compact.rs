@@ -7,8 +7,9 @@
 //! compression on the data path, which stays as fast as the disk), then rewrites it here in the
 //! background, and only once [`compare_layers`] found the copy equal puts it in place.
 //!
-//! Only the image's own layer is copied, cluster by cluster in guest order: a data cluster as a
-//! zstd-compressed cluster (qemu's `compression_type=zstd`, incompatible bit 3, read by qemu 5.1
+//! Only the image's own layer is copied, cluster by cluster in guest order: a cluster it stores
+//! zstd-compressed already as it is (a compressed image a merge wrote into costs only what the
+//! merge added), a data cluster as a zstd-compressed cluster (qemu's `compression_type=zstd`, incompatible bit 3, read by qemu 5.1
 //! and later), or as it is where compression saves less than a sector, or as a zero cluster
 //! where it holds only zeroes; a zero cluster stays one; what the layer leaves unallocated stays
 //! unallocated, so the copy keeps the original's backing file and its place in a chain. Zstd,
@@ -50,6 +51,8 @@ pub struct CompactReport {
     pub compressed_clusters: u64,
     /// Data clusters stored as they were (compression would have saved less than a sector).
     pub stored_clusters: u64,
+    /// Clusters the original stored zstd-compressed already, copied as they were.
+    pub copied_clusters: u64,
     /// Clusters stored as zero clusters (zero clusters, and data clusters holding only zeroes).
     pub zero_clusters: u64,
     /// Guest bytes of the data clusters read.
@@ -138,7 +141,20 @@ fn write_layer(src: &Image, dst: &Path) -> Result<CompactReport> {
                 let end_guest = extent.offset + extent.length;
                 let mut at = extent.offset;
                 while at < end_guest {
-                    let n = (end_guest - at).min(chunk_len);
+                    // A cluster stored zstd-compressed already is copied as it is: compressing
+                    // again an image a merge wrote into costs only what the merge added.
+                    if let Some(frame) = src.zstd_frame_at(at)? {
+                        report.data_bytes += cs.min(end_guest - at);
+                        report.copied_clusters += 1;
+                        out.compressed(at / cs, &frame)?;
+                        at += cs;
+                        continue;
+                    }
+                    // Else a run of clusters up to the next compressed one, read at once.
+                    let mut n = cs.min(end_guest - at);
+                    while n < chunk_len && at + n < end_guest && !stored_compressed(src, at + n)? {
+                        n += cs.min(end_guest - at - n);
+                    }
                     let buf = chunk.get_mut(..n as usize).ok_or_else(|| Error::Unsupported("read chunk".into()))?;
                     src.read_at(buf, at)?;
                     for (i, data) in buf.chunks(cs as usize).enumerate() {
@@ -226,6 +242,12 @@ impl<'a> Layer<'a> {
             return self.set(cluster, host | layout::COPIED);
         }
         report.compressed_clusters += 1;
+        self.compressed(cluster, &packed)
+    }
+
+    /// Store guest cluster `cluster` as the compressed bytes `packed`, packed after the last
+    /// compressed cluster when they fit in its host cluster or the file ends there.
+    fn compressed(&mut self, cluster: u64, packed: &[u8]) -> Result<()> {
         let len = packed.len() as u64;
         let start = match self.tail {
             Some((pos, limit)) if pos + len <= limit => pos,
@@ -236,7 +258,7 @@ impl<'a> Layer<'a> {
         let stop = start + len;
         self.end = self.end.max(stop.div_ceil(self.cluster_size) * self.cluster_size);
         self.tail = Some((stop, stop.div_ceil(self.cluster_size) * self.cluster_size));
-        self.write(&packed, start)?;
+        self.write(packed, start)?;
         let sectors = ((stop - 1) >> 9) - (start >> 9);
         self.set(cluster, layout::COMPRESSED | (sectors << self.sector_shift) | start)
     }
@@ -277,6 +299,11 @@ impl<'a> Layer<'a> {
         self.file.set_len(self.end).map_err(Error::io("truncate", self.end))?;
         Ok(self.end)
     }
+}
+
+/// Whether guest `offset` is a compressed cluster of `image` itself.
+fn stored_compressed(image: &Image, offset: u64) -> Result<bool> {
+    Ok(matches!(image.mapping_at(offset)?.0, crate::Mapping::Compressed { .. }))
 }
 
 /// Whether `a` and `b` hold the same layer: the same guest ranges allocated in each image itself

@@ -95,6 +95,14 @@ fn a_compacted_full_image_is_smaller_and_reads_as_the_original_for_qemu() {
     check_clean(&dst);
     assert!(compare(&dst, &ours));
 
+    // Written into (as a merge writes): compacted again, the clusters written compressed anew,
+    // the others copied as they are; still equal.
+    let recompacted = tmp.path().join("ours.again");
+    let third = compact(&Image::open(&ours).unwrap(), &recompacted, 0o600).unwrap();
+    assert!(third.copied_clusters >= 30 && third.compressed_clusters >= 17, "{third:?}");
+    check_clean(&recompacted);
+    assert!(compare(&ours, &recompacted));
+
     // One byte changed: found.
     let w = Image::open_with(&ours, &ImageOptions::read_write()).unwrap();
     w.write_at(&[0x01], (1 << 20) + 7).unwrap();
@@ -131,9 +139,11 @@ fn a_compacted_overlay_keeps_its_backing_file_and_only_its_own_layer() {
     let theirs: u64 = src.map(0, src.size()).unwrap().iter().filter(|e| e.depth == 0).map(|e| e.length).sum();
     assert_eq!(own, theirs);
 
-    // Compacting the compacted copy again is allowed and changes nothing it reads.
+    // Compacting the compacted copy again copies its compressed clusters as they are.
     let again = dir.join("top.again");
-    compact(&copy, &again, 0o600).unwrap();
+    let second = compact(&copy, &again, 0o600).unwrap();
+    assert_eq!((second.copied_clusters, second.compressed_clusters), (report.compressed_clusters, 0), "{second:?}");
     check_clean(&again);
     assert!(compare(&top, &again));
+    assert_eq!(file_len(&again), file_len(&dst));
 }

@@ -18,6 +18,10 @@
 //! (its image is of a kind `compact` does not rewrite, or a copy that does not compare equal,
 //! which is logged as an error) is left as it was and not tried again until the hub restarts.
 //!
+//! A merge into a compressed backup writes uncompressed clusters into it and removes its
+//! record; the next pass compresses it again, copying the clusters compressed already as they are
+//! (`qcow2::compact`), so retention's daily merge costs what it added, not the disk.
+//!
 //! What may use the images meanwhile: a restore or a verify reading them, and an incremental
 //! written over them, keep the file they opened, which holds the same disk (the copy is equal
 //! by construction and by comparison); a delete waits (the backup is pinned, 409); a merge into

@@ -84,6 +84,26 @@ impl Image {
         Ok(out)
     }
 
+    /// The zstd frame guest cluster `offset` is stored as, when this image (not a backing file)
+    /// stores it compressed with zstd, checked to decompress alone into the whole cluster:
+    /// what [`crate::compact`] copies as it is instead of compressing it again.
+    pub(crate) fn zstd_frame_at(&self, offset: u64) -> Result<Option<Vec<u8>>> {
+        if self.header.compression != crate::header::Compression::Zstd {
+            return Ok(None);
+        }
+        let Mapping::Compressed { host, length } = self.mapping_at(offset)?.0 else { return Ok(None) };
+        let cluster = self.geo.cluster_size();
+        let mut input = vec![0u8; length.min(cluster + 512) as usize];
+        read_or_zero(&self.file, &mut input, host)?;
+        let Ok(n) = zstd::zstd_safe::find_frame_compressed_size(&input) else { return Ok(None) };
+        input.truncate(n);
+        let mut out = vec![0u8; cluster as usize];
+        match compress::decompress(crate::header::Compression::Zstd, &input, &mut out, host) {
+            Ok(()) => Ok(Some(input)),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Read `buf.len()` bytes at guest `offset`.
     ///
     /// # Errors
