@@ -47,7 +47,7 @@ fn jobs(out: &mut String, hub: &Hub) {
          not sound or not equal to its checksum.",
     );
     let _ = writeln!(out, "sendense_hub_backups_verify_failed {}", hub.verify_failures());
-    let (compressed, saved) = hub.compression_totals();
+    let (compressed, saved, failed) = hub.compression_totals();
     help(
         out,
         "sendense_hub_backups_compressed",
@@ -62,6 +62,13 @@ fn jobs(out: &mut String, hub: &Hub) {
         "Bytes the compression of the backups in the catalog saves: the data their images hold, less the bytes the files take.",
     );
     let _ = writeln!(out, "sendense_hub_compression_saved_bytes {saved}");
+    help(
+        out,
+        "sendense_hub_compression_failed",
+        "gauge",
+        "Backups whose compression failed (logged; tried again six hours later; alert on > 0).",
+    );
+    let _ = writeln!(out, "sendense_hub_compression_failed {failed}");
     let (merging, failed) = hub.merge_counts();
     help(
         out,

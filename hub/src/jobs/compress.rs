@@ -15,8 +15,9 @@
 //! synced). A hub stopped or killed meanwhile leaves the original whole and a `.compacting` file
 //! that the next start removes (`repo::scan`). `compressed.json` beside the manifest records
 //! the outcome (shown in the backup's view and the metrics); a backup whose compression fails
-//! (its image is of a kind `compact` does not rewrite, or a copy that does not compare equal,
-//! which is logged as an error) is left as it was and not tried again until the hub restarts.
+//! (the repository full, an image of a kind `compact` does not rewrite, or a copy that does not
+//! compare equal; logged as an error and counted in `sendense_hub_compression_failed`) is left as
+//! it was and tried again six hours later.
 //!
 //! A merge into a compressed backup writes uncompressed clusters into it and removes its
 //! record; the next pass compresses it again, copying the clusters compressed already as they are
@@ -29,7 +30,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qcow2::Image;
 
@@ -43,6 +44,9 @@ use crate::verify::forget_cached_chain;
 const TICK: Duration = Duration::from_secs(300);
 /// How often a pass that is off looks again (a reload wakes it at once).
 const IDLE_TICK: Duration = Duration::from_secs(3600);
+/// How long a backup whose compression failed is left as it is before it is tried again (the
+/// repository full, say).
+const RETRY_FAILED: Duration = Duration::from_secs(6 * 3600);
 
 /// Keeps a backup pinned and marked as being compressed until dropped.
 struct Compressing<'a> {
@@ -85,7 +89,7 @@ impl Hub {
                         }
                         Err(e) => {
                             tracing::error!(backup = %id, error = %e, "compression failed: the backup stays as it was");
-                            self.state().compress_failed.insert(id, e.to_string());
+                            self.state().compress_failed.insert(id, (e.to_string(), Instant::now()));
                         }
                     }
                 }
@@ -111,7 +115,8 @@ impl Hub {
         let st = self.state();
         st.catalog
             .values()
-            .filter(|m| m.compressed.is_none() && !st.compress_failed.contains_key(&m.backup_id))
+            .filter(|m| m.compressed.is_none())
+            .filter(|m| st.compress_failed.get(&m.backup_id).is_none_or(|(_, at)| at.elapsed() > RETRY_FAILED))
             .filter(|m| !st.merges.contains_key(&m.vm_name))
             .min_by(|a, b| a.completed_at.cmp(&b.completed_at))
             .map(|m| m.backup_id.clone())
@@ -171,13 +176,17 @@ impl Hub {
         Ok(())
     }
 
-    /// Completed backups compressed, and the bytes that saved (for the metrics).
-    pub fn compression_totals(&self) -> (usize, u64) {
+    /// Completed backups compressed, the bytes that saved, and backups whose compression
+    /// failed (for the metrics).
+    pub fn compression_totals(&self) -> (usize, u64, usize) {
         let st = self.state();
-        st.catalog
+        let (n, saved) = st
+            .catalog
             .values()
             .filter_map(|m| m.compressed.as_ref())
-            .fold((0, 0), |(n, saved), c| (n + 1, saved + c.data_bytes.saturating_sub(c.stored_bytes)))
+            .fold((0, 0), |(n, saved), c| (n + 1, saved + c.data_bytes.saturating_sub(c.stored_bytes)));
+        let failed = st.compress_failed.keys().filter(|id| st.catalog.get(*id).is_some_and(|m| m.compressed.is_none()));
+        (n, saved, failed.count())
     }
 }
 

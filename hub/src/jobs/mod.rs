@@ -148,8 +148,8 @@ struct State {
     last_reload: node::service::ReloadStatus,
     /// Backups whose images are being rewritten compressed (`compress.rs`): no merge into them.
     compressing: std::collections::HashSet<String>,
-    /// Backups whose compression failed, and why: not tried again until the hub restarts.
-    compress_failed: HashMap<String, String>,
+    /// Backups whose compression failed, why and when (tried again some hours later).
+    compress_failed: HashMap<String, (String, Instant)>,
 }
 
 fn new_id(prefix: &str) -> String {

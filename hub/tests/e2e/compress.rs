@@ -100,6 +100,7 @@ async fn completed_backups_are_compressed_and_stay_equal_to_their_disks() {
     let (_, metrics) = site.hub("GET", "/metrics", None).await;
     let metrics = metrics.as_str().unwrap();
     assert!(metrics.contains("sendense_hub_backups_compressed 1\n"), "{metrics}");
+    assert!(metrics.contains("sendense_hub_compression_failed 0\n"), "{metrics}");
     let saved = metrics.lines().find_map(|l| l.strip_prefix("sendense_hub_compression_saved_bytes ")).unwrap();
     assert!(saved.parse::<u64>().unwrap() > 3 << 20, "{metrics}");
 
