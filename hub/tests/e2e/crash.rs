@@ -1,7 +1,9 @@
 //! The hub or the node killed (SIGKILL) at a random moment of a backup or a replica run, round
 //! after round: while the job makes its files, while data flows, while the hub verifies, writes
 //! the manifest or tells the node to commit (and the node renames its maps), and (the hub, with
-//! `keep_backups = 3`) while it merges the oldest backup away after each one. After each restart
+//! `keep_backups = 3` and `compress = "zstd"`) while it merges the oldest backup away after each
+//! one and rewrites each new one compressed (about one kill in five lands in a compression; its
+//! copy is removed at the restart, `HUB_KILL_ROUNDS=60` counted 12). After each restart
 //! the repository must hold only whole backups (each listed one completed, or a killed run
 //! failed; no directory without a completed listing; the newest verifying), no port may stay
 //! leased, the node's run must end, the next backup must equal the sources, and after a killed
@@ -79,9 +81,10 @@ async fn kill_rounds(victim: Victim) {
         Ok(other) => panic!("HUB_KILL_TRANSPORT={other}: endpoint or direct"),
     };
     // With the hub as the victim its retention runs too (`keep_backups`): the oldest backup is
-    // merged away after each one, so kills also land in merges, which the restart must finish.
+    // merged away after each one, so kills also land in merges, which the restart must finish;
+    // and each backup is compressed after it completes, so kills land in compressions too.
     let opts = match victim {
-        Victim::Hub => Options { hub: "keep_backups = 3", ..Options::default() },
+        Victim::Hub => Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() },
         Victim::Node => Options::default(),
     };
     let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
