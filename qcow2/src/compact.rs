@@ -68,7 +68,7 @@ pub struct CompactReport {
 ///
 /// # Errors
 /// An image this does not rewrite (version 2, extended L2 entries, internal snapshots, bitmaps,
-/// an external data file), or I/O. A partial `dst` is removed.
+/// an external data file, a size not a whole number of sectors), or I/O. A partial `dst` is removed.
 pub fn compact(src: &Image, dst: &Path, mode: u32) -> Result<CompactReport> {
     let h = src.header();
     let unsupported = |what: &str| Err(Error::Unsupported(format!("compacting an image with {what}")));
@@ -80,6 +80,10 @@ pub fn compact(src: &Image, dst: &Path, mode: u32) -> Result<CompactReport> {
     }
     if h.nb_snapshots > 0 {
         return unsupported("internal snapshots");
+    }
+    if src.size() % 512 != 0 {
+        // A new image is a whole number of sectors (as qemu-img makes it): the copy would grow.
+        return unsupported("a virtual size that is not a whole number of 512-byte sectors");
     }
     if h.autoclear_features != 0 || h.incompatible_features & crate::header::incompatible::EXTERNAL_DATA != 0 {
         return unsupported("bitmaps or an external data file");
