@@ -96,7 +96,8 @@ pub fn compact(src: &Image, dst: &Path, mode: u32) -> Result<CompactReport> {
     };
     let opts = CreateOptions::new(src.size())
         .cluster_bits(h.cluster_bits)
-        .refcount_order(h.refcount_order)
+        // At least 16 bits: a host cluster holds the bytes of many compressed clusters.
+        .refcount_order(h.refcount_order.max(4))
         .backing(backing)
         .mode(mode)
         .compression(Compression::Zstd);
@@ -147,7 +148,7 @@ fn write_layer(src: &Image, dst: &Path) -> Result<CompactReport> {
                 while at < end_guest {
                     // A cluster stored zstd-compressed already is copied as it is: compressing
                     // again an image a merge wrote into costs only what the merge added.
-                    if let Some(frame) = src.zstd_frame_at(at)? {
+                    if let Some(frame) = src.zstd_frame_at(at)?.filter(|f| f.len() as u64 + 512 <= cs) {
                         report.data_bytes += cs.min(end_guest - at);
                         report.copied_clusters += 1;
                         out.compressed(at / cs, &frame)?;
@@ -264,6 +265,9 @@ impl<'a> Layer<'a> {
         self.tail = Some((stop, stop.div_ceil(self.cluster_size) * self.cluster_size));
         self.write(packed, start)?;
         let sectors = ((stop - 1) >> 9) - (start >> 9);
+        if sectors >> (62 - self.sector_shift) != 0 || start >> self.sector_shift != 0 {
+            return Err(Error::Unsupported(format!("a compressed cluster of {len} bytes at {start:#x}")));
+        }
         self.set(cluster, layout::COMPRESSED | (sectors << self.sector_shift) | start)
     }
 
