@@ -167,7 +167,11 @@ impl Hub {
                 last_completed: None,
             });
             s.backups += 1;
-            s.stored_bytes += m.disks.iter().map(|d| d.allocated_bytes).sum::<u64>();
+            // Compressed since it completed: what the files take now.
+            s.stored_bytes += m
+                .compressed
+                .as_ref()
+                .map_or_else(|| m.disks.iter().map(|d| d.allocated_bytes).sum(), |c| c.stored_bytes);
             let completed = m.completed_at.parse::<jiff::Timestamp>().ok().map(|t| t.as_second());
             s.last_completed = s.last_completed.max(completed);
         }

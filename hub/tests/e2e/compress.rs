@@ -101,6 +101,11 @@ async fn completed_backups_are_compressed_and_stay_equal_to_their_disks() {
     let metrics = metrics.as_str().unwrap();
     assert!(metrics.contains("sendense_hub_backups_compressed 1\n"), "{metrics}");
     assert!(metrics.contains("sendense_hub_compression_failed 0\n"), "{metrics}");
+    let held = format!(
+        "sendense_hub_vm_backup_bytes{{vm=\"vm-a\",node=\"n1\"}} {}",
+        std::fs::metadata(site.image("vm-a", &inc_id, 0)).unwrap().len()
+    );
+    assert!(metrics.contains(&held), "the VM's bytes are the compressed file's: {held}\n{metrics}");
     let saved = metrics.lines().find_map(|l| l.strip_prefix("sendense_hub_compression_saved_bytes ")).unwrap();
     assert!(saved.parse::<u64>().unwrap() > 3 << 20, "{metrics}");
 
