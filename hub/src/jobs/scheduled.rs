@@ -300,7 +300,7 @@ impl Hub {
                 tracing::warn!(schedule = %s.name, occurrence = %missed, "schedule: an occurrence was missed while the hub was down: running it now");
                 if let Ok(guard) = self.schedule_lock(&s.name) {
                     self.begin_run(&s.name, Some(missed), Trigger::CatchUp);
-                    self.run(s, Some(missed), Trigger::CatchUp, guard).await;
+                    self.run(&schedule, Some(missed), Trigger::CatchUp, guard).await;
                 }
             }
             // New to the hub (or changed by a reload): from its next occurrence on.
@@ -339,7 +339,7 @@ impl Hub {
             match self.schedule_lock(&s.name) {
                 Ok(guard) => {
                     self.begin_run(&s.name, Some(next), Trigger::Schedule);
-                    self.run(s, Some(next), Trigger::Schedule, guard).await;
+                    self.run(&schedule, Some(next), Trigger::Schedule, guard).await;
                 }
                 Err(_) => {
                     tracing::warn!(schedule = %s.name, occurrence = %next, "schedule: skipped, a run of it (asked for by the API, or before a reload) is still going");
@@ -368,11 +368,12 @@ impl Hub {
     /// handled. `_guard` keeps other runs of the schedule out until this one ends.
     async fn run(
         self: &Arc<Self>,
-        s: &Schedule,
+        schedule: &Arc<Schedule>,
         occurrence: Option<Timestamp>,
         trigger: Trigger,
         _guard: OwnedMutexGuard<()>,
     ) {
+        let s = &**schedule;
         let name = s.name.as_str();
         let (targets, errors) = self.scheduled_vms(s).await;
         tracing::info!(schedule = name, ?trigger, vms = targets.len(), "schedule: run started");
@@ -394,13 +395,12 @@ impl Hub {
             }
         }
         let turns = Arc::new(Semaphore::new(s.parallel));
-        let schedule = Arc::new(s.clone());
         let mut backups = tokio::task::JoinSet::new();
         // Turns taken in the listed order: VMs start in the order the schedule names them.
         for (slot, (vm, node)) in targets.into_iter().enumerate() {
             let Ok(turn) = Arc::clone(&turns).acquire_owned().await else { break };
             let hub = Arc::clone(self);
-            let schedule = Arc::clone(&schedule);
+            let schedule = Arc::clone(schedule);
             backups.spawn(async move {
                 hub.scheduled_backup(&schedule, slot, &vm, node.as_deref()).await;
                 drop(turn);
