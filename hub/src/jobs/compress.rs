@@ -14,10 +14,12 @@
 //! (`qcow2::compare_layers`), and only then is it renamed over the original (the directory
 //! synced). A hub stopped or killed meanwhile leaves the original whole and a `.compacting` file
 //! that the next start removes (`repo::scan`). `compressed.json` beside the manifest records
-//! the outcome (shown in the backup's view and the metrics); a backup whose compression fails
-//! (the repository full, an image of a kind `compact` does not rewrite, or a copy that does not
-//! compare equal; logged as an error and counted in `sendense_hub_compression_failed`) is left as
-//! it was and tried again six hours later.
+//! the outcome (shown in the backup's view and the metrics). A copy is made only while the
+//! repository keeps a twentieth of its size free besides the copy (else the pass tries again
+//! later): a background compression must never be why a backup fails for want of space. A
+//! backup whose compression fails (no space after all, an image of a kind `compact` does not
+//! rewrite, or a copy that does not compare equal; logged as an error and counted in
+//! `sendense_hub_compression_failed`) is left as it was and tried again six hours later.
 //!
 //! A merge into a compressed backup writes uncompressed clusters into it and removes its
 //! record; the next pass compresses it again, copying the clusters compressed already as they are
@@ -82,9 +84,10 @@ impl Hub {
                             stored_bytes = c.stored_bytes,
                             "backup compressed"
                         ),
-                        Err(HubError::Conflict(why)) => {
-                            // In use (being deleted or merged): tried again at the next pass.
-                            tracing::debug!(backup = %id, why, "compression: not now");
+                        Err(HubError::Conflict(why) | HubError::Unavailable(why)) => {
+                            // In use (being deleted or merged), or no room for a copy now:
+                            // tried again at the next pass.
+                            tracing::info!(backup = %id, why, "compression: not now");
                             break;
                         }
                         Err(e) => {
@@ -150,8 +153,7 @@ impl Hub {
                 }
                 done
             })
-            .await?
-            .map_err(HubError::Internal)?;
+            .await??;
             data += report.data_bytes;
             stored += report.bytes_after;
         }
@@ -197,22 +199,43 @@ fn compacting_path(image: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Whether a filesystem with `available` of `total` bytes free has room for the compressed copy of
+/// an image of `image` bytes (at most as large) and still keeps a twentieth of itself for the
+/// backups being written meanwhile: a background compression must never be why a backup fails
+/// for want of space.
+fn room_for_copy(image: u64, available: u64, total: u64) -> bool {
+    available >= image.saturating_add(total / 20)
+}
+
 /// Rewrite the image at `path` compressed: the copy written, checked, compared, and renamed over
 /// it (module doc). Blocking.
-fn compress_image(path: &Path) -> Result<qcow2::CompactReport, String> {
+///
+/// # Errors
+/// No room for the copy now (503: the pass tries again later), or the copy could not be made,
+/// checked or put in place (500).
+fn compress_image(path: &Path) -> Result<qcow2::CompactReport, HubError> {
     let tmp = compacting_path(path);
     let _ = std::fs::remove_file(&tmp);
-    let done = write_and_check(path, &tmp);
+    let image = std::fs::metadata(path).map_err(|e| HubError::Internal(format!("{}: {e}", path.display())))?.len();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let fs = rustix::fs::statvfs(dir).map_err(|e| HubError::Internal(format!("{}: {e}", dir.display())))?;
+    let (available, total) = (fs.f_bavail.saturating_mul(fs.f_frsize), fs.f_blocks.saturating_mul(fs.f_frsize));
+    if !room_for_copy(image, available, total) {
+        return Err(HubError::Unavailable(format!(
+            "{available} bytes free on the repository: not enough for a copy of {} ({image} bytes) and 5% kept free",
+            path.display()
+        )));
+    }
+    let done = write_and_check(path, &tmp).map_err(HubError::Internal);
     if done.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     let report = done?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
-    }
+    std::fs::rename(&tmp, path)
+        .map_err(|e| HubError::Internal(format!("cannot move {} to {}: {e}", tmp.display(), path.display())))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| HubError::Internal(format!("cannot sync {}: {e}", dir.display())))?;
     Ok(report)
 }
 
@@ -235,6 +258,15 @@ fn write_and_check(path: &Path, tmp: &Path) -> Result<qcow2::CompactReport, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_is_made_only_with_room_for_it_and_a_twentieth_of_the_filesystem_to_spare() {
+        let gib = 1u64 << 30;
+        assert!(room_for_copy(10 * gib, 60 * gib, 1000 * gib));
+        assert!(!room_for_copy(10 * gib, 59 * gib, 1000 * gib), "50 GiB kept for backups");
+        assert!(!room_for_copy(u64::MAX, u64::MAX - 1, 1000 * gib), "no overflow");
+        assert!(room_for_copy(0, 0, 0));
+    }
 
     #[test]
     fn the_copy_is_named_beside_the_image() {
