@@ -18,13 +18,8 @@ use std::time::Instant;
 use anyhow::Context;
 
 use crate::floor::{children_cpu_seconds, thread_cpu_seconds};
+use crate::merge::run;
 use crate::report::Report;
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
-    anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
 
 /// Program files from the system, concatenated, at least `len` bytes (repeated if need be).
 fn program_bytes(len: usize) -> Vec<u8> {

@@ -18,7 +18,8 @@ use crate::floor::{children_cpu_seconds, thread_cpu_seconds};
 use crate::peers::make_source;
 use crate::report::Report;
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+/// Run `cmd`, which must succeed (its stderr in the error).
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
