@@ -234,12 +234,17 @@ impl Exports {
         self.server.export_stats(name).map(|s| s.connections_active).unwrap_or(0)
     }
 
-    /// Stop everything (shutdown).
-    pub async fn shutdown(&self) {
+    /// Stop everything (shutdown). Returns the exports that did not close clean (the drain or
+    /// the final flush failed, or another task was closing them).
+    pub async fn shutdown(&self) -> Vec<String> {
         let names: Vec<String> = self.open.lock().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        let mut unclean = Vec::new();
         for n in names {
-            self.close(&n).await;
+            if self.close(&n).await.is_none() {
+                unclean.push(n);
+            }
         }
+        unclean
     }
 }
 

@@ -69,6 +69,16 @@ fn jobs(out: &mut String, hub: &Hub) {
         "Backups whose compression failed (logged; tried again six hours later; alert on > 0).",
     );
     let _ = writeln!(out, "sendense_hub_compression_failed {failed}");
+    let (taken_up, not_taken_up) = hub.handover_counts();
+    help(
+        out,
+        "sendense_hub_jobs_taken_up",
+        "gauge",
+        "Runs the hub's last stop handed over (systemctl restart) and this start took up: result=\"resumed\" go on \
+         where their node is; result=\"dropped\" could not be (port, image, node or parent gone) and were removed.",
+    );
+    let _ = writeln!(out, "sendense_hub_jobs_taken_up{{result=\"resumed\"}} {taken_up}");
+    let _ = writeln!(out, "sendense_hub_jobs_taken_up{{result=\"dropped\"}} {not_taken_up}");
     let (merging, failed) = hub.merge_counts();
     help(
         out,

@@ -88,6 +88,38 @@ impl Ports {
         Ok(Lease { table: Arc::clone(self), job: job.to_string(), ports: got })
     }
 
+    /// Lease exactly `ports` for `job` (a job taken up again after a restart keeps the ports its
+    /// node copies to). All or none.
+    ///
+    /// # Errors
+    /// A port outside the range, leased already, or taken elsewhere (`is_free`), named.
+    pub fn lease_exact(
+        self: &Arc<Self>,
+        job: &str,
+        ports: &[u16],
+        is_free: impl Fn(u16) -> bool,
+    ) -> Result<Lease, String> {
+        let mut leases = self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (i, &port) in ports.iter().enumerate() {
+            if !(self.first..=self.last).contains(&port) {
+                return Err(format!("port {port} is outside the NBD range {}-{}", self.first, self.last));
+            }
+            if ports[..i].contains(&port) {
+                return Err(format!("port {port} is asked for twice"));
+            }
+            if let Some(other) = leases.get(&port) {
+                return Err(format!("port {port} is leased to job {other}"));
+            }
+            if !is_free(port) {
+                return Err(format!("port {port} is taken by another process"));
+            }
+        }
+        for p in ports {
+            leases.insert(*p, job.to_string());
+        }
+        Ok(Lease { table: Arc::clone(self), job: job.to_string(), ports: ports.to_vec() })
+    }
+
     fn release_ports(&self, job: &str, ports: &[u16]) {
         let mut leases = self.leases.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for p in ports {
@@ -143,6 +175,20 @@ mod tests {
         assert!(t.is_leased_to(104, "c") && !t.is_leased_to(104, "b"));
         drop(b);
         drop(c);
+        assert_eq!(t.free(), 5);
+    }
+
+    #[test]
+    fn exact_leases_take_the_ports_named_or_none() {
+        let t = Ports::new(100, 104);
+        let a = t.lease_exact("a", &[103, 101], |_| true).unwrap();
+        assert_eq!(a.ports, vec![103, 101]);
+        assert!(t.lease_exact("b", &[102, 103], |_| true).unwrap_err().contains("leased to job a"));
+        assert!(t.lease_exact("b", &[102, 105], |_| true).unwrap_err().contains("outside"));
+        assert!(t.lease_exact("b", &[102, 102], |_| true).unwrap_err().contains("twice"));
+        assert!(t.lease_exact("b", &[102], |_| false).unwrap_err().contains("another process"));
+        assert_eq!(t.free(), 3, "refused leases took nothing");
+        drop(a);
         assert_eq!(t.free(), 5);
     }
 

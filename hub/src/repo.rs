@@ -218,8 +218,9 @@ impl Repo {
     /// Every backup with a valid manifest, and the runs a killed hub left behind: directories
     /// without a manifest (removed here, and logged) and replica sets still marked inconsistent.
     /// The interrupted runs are returned as (VM, job id) so that their node jobs can be
-    /// cancelled: the node may still be copying into ports nobody serves.
-    pub fn scan(&self) -> (Vec<Manifest>, Vec<(String, String)>) {
+    /// cancelled: the node may still be copying into ports nobody serves. Runs a stopping hub
+    /// handed over to this start (`handed_over`, by id) are left as they are: they are taken up.
+    pub fn scan(&self, handed_over: &std::collections::HashSet<String>) -> (Vec<Manifest>, Vec<(String, String)>) {
         let mut out = Vec::new();
         let mut interrupted = Vec::new();
         if let Ok(vms) = std::fs::read_dir(&self.root) {
@@ -241,6 +242,8 @@ impl Repo {
                             remove_compacting(&path);
                             out.push(m);
                         }
+                        // A run a stopping hub handed over to this start (`jobs/handover.rs`).
+                        None if handed_over.contains(b.file_name().to_string_lossy().as_ref()) => {}
                         _ => {
                             tracing::warn!(dir = %path.display(), "removing an interrupted backup (no valid manifest)");
                             interrupted.push((
@@ -257,6 +260,9 @@ impl Repo {
             for vm in vms.flatten() {
                 let vm = vm.file_name().to_string_lossy().into_owned();
                 if let Ok(id) = std::fs::read_to_string(self.replica_marker(&vm)) {
+                    if handed_over.contains(id.trim()) {
+                        continue;
+                    }
                     interrupted.push((vm, id.trim().to_string()));
                 }
             }
@@ -363,7 +369,7 @@ mod tests {
         node::files::write_atomically(&path, &data).unwrap();
         std::fs::create_dir_all(repo.backup_dir("vm", "half")).unwrap();
         std::fs::write(repo.disk_path("vm", "half", 2000), b"partial").unwrap();
-        let (kept, interrupted) = repo.scan();
+        let (kept, interrupted) = repo.scan(&Default::default());
         assert_eq!(kept, vec![m]);
         assert_eq!(interrupted, vec![("vm".to_string(), "half".to_string())], "its node job is to be cancelled");
         assert!(!repo.backup_dir("vm", "half").exists());

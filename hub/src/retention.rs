@@ -19,10 +19,10 @@ use std::collections::HashSet;
 
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How many backups (or periods) each rule keeps; a rule left `None` keeps nothing by itself.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// The newest N backups (`keep_backups` in the config, `keep` in requests).
     #[serde(rename = "keep", skip_serializing_if = "Option::is_none")]

@@ -225,6 +225,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         nodes = settings.nodes.len(),
         "sendense-hub serving"
     );
+    // Runs the last stop handed over go on (before schedules, which would see their VMs busy).
+    hub.take_up_handed_over().await;
     // Scrubbing (`verify_every_days`): ends at once when off, and with the hub.
     tokio::spawn(Arc::clone(&hub).scrub_loop());
     // Compression of completed backups (`compress = "zstd"`): waits while off.
@@ -258,7 +260,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown)
         .await
         .context("serve")?;
-    tracing::info!("shutting down: cancelling jobs, closing exports");
+    tracing::info!("shutting down: closing exports, handing the runs under way over to the next start");
     reaper.abort();
     reloader.abort();
     if let Some(e) = endpoint {

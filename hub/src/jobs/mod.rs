@@ -21,7 +21,8 @@
 //! drives onto a node in `restore_run`), deleting a backup an incremental builds on in `merge`,
 //! retention in `prune`, background re-verification in `scrub`, images rewritten compressed in
 //! `compress`, backup schedules at work in
-//! `scheduled`, the configuration taken up while serving in `reload`.
+//! `scheduled`, the configuration taken up while serving in `reload`, runs handed over from a
+//! stopping hub to the next start in `handover`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,7 @@ mod catalog;
 mod compress;
 mod files;
 mod follow;
+mod handover;
 mod merge;
 mod prune;
 mod reload;
@@ -150,6 +152,12 @@ struct State {
     compressing: std::collections::HashSet<String>,
     /// Backups whose compression failed, why and when (tried again some hours later).
     compress_failed: HashMap<String, (String, Instant)>,
+    /// Runs the last stop handed over, until [`Hub::take_up_handed_over`] (`handover.rs`).
+    handed_over: Vec<handover::HandedOver>,
+    /// The ids of the runs taken up at start.
+    taken_up: std::collections::HashSet<String>,
+    /// Runs taken up at start, and handed-over runs that could not be.
+    handover_counts: (u64, u64),
 }
 
 fn new_id(prefix: &str) -> String {
@@ -184,7 +192,8 @@ impl Hub {
             let client = NodeClient::new(n.url.clone(), n.token.clone()).map_err(|e| e.to_string())?;
             nodes.push((n.clone(), client));
         }
-        let (manifests, orphans) = repo.scan();
+        let handed_over = handover::take_record(&repo.root);
+        let (manifests, orphans) = repo.scan(&handover::kept_ids(&handed_over));
         let lost_restores = repo.restores_in_flight();
         let (manifests, unmerged) = merge::finish_interrupted(&repo, manifests);
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
@@ -201,7 +210,7 @@ impl Hub {
             exports,
             nodes,
             local_users,
-            state: Mutex::new(State { catalog, orphans, merges, lost_restores, ..State::default() }),
+            state: Mutex::new(State { catalog, orphans, merges, lost_restores, handed_over, ..State::default() }),
             shutdown: CancellationToken::new(),
             in_flight_file: tokio::sync::Mutex::new(()),
             schedule_locks: Mutex::default(),
@@ -297,10 +306,13 @@ impl Hub {
         st.restores.get(&job).map(|r| r.node.clone())
     }
 
-    /// Stop: cancel running jobs' followers, close every export.
+    /// Stop: the followers let go of their jobs (never cancelling them on their nodes), every
+    /// export is drained, flushed and closed, and the runs under way are handed over to the next
+    /// start (`handover.rs`).
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        self.exports.shutdown().await;
+        let unclean = self.exports.shutdown().await;
+        self.hand_over(&unclean).await;
     }
 }
 

@@ -496,6 +496,11 @@ impl Hub {
                 return record(Outcome::Cancelled, None, Some("the hub is shutting down".into()));
             }
             let busy = self.state().busy_vms.get(vm).cloned();
+            // A run the last stop cut short: the VM's job it started was taken up, and is followed.
+            if let Some(taken) = busy.as_ref().filter(|b| self.was_taken_up(b) && self.get(kind, b).is_some()) {
+                tracing::info!(schedule = %s.name, vm, job = %taken, "schedule: following the VM's job taken up after the restart");
+                break taken.clone();
+            }
             if let Some(other) = busy {
                 let why = format!("VM {vm} already has job {other} running");
                 tracing::warn!(schedule = %s.name, vm, error = %why, "schedule: VM skipped");

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::repo::{self, Manifest};
 
 /// A job's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Into the repository.

@@ -8,6 +8,7 @@
 
 mod compress;
 mod crash;
+mod handover;
 mod merge;
 mod reload;
 mod schedule;

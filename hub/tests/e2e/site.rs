@@ -416,6 +416,21 @@ impl Site {
         }
     }
 
+    /// SIGTERM, as `systemctl stop` or `restart` sends, and wait for the hub to exit (successfully).
+    pub fn stop_hub(&mut self) {
+        let Some(mut p) = self.hub.take() else { return };
+        signal_process(p.0.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = p.0.try_wait().unwrap() {
+                assert!(status.success(), "the hub's graceful stop ended with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the hub did not stop within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The hub's pid (to look into its mount namespace).
     pub fn hub_pid(&self) -> u32 {
         self.hub.as_ref().map(|p| p.0.id()).unwrap_or(0)

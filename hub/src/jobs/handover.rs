@@ -1,0 +1,337 @@
+//! Backups and replications handed over from a hub that stops to the hub that starts next: a
+//! graceful stop (`SIGTERM`: `systemctl restart` to upgrade, or to take up a change only a restart
+//! takes up) no longer cancels the runs under way, which for a multi-terabyte disk meant copying
+//! it again from its first byte.
+//!
+//! Why that is safe. The node writes each block to a fixed offset (a write may be repeated) and
+//! re-makes a broken NBD connection for its `retry_window_s` (120 s by default), repeating the
+//! requests that had no answer. A stopping hub stops following its jobs without cancelling them
+//! on their nodes, closes every export (each connection finishes the requests it has read, then
+//! the image is flushed and closed clean), and only then writes `REPO/.jobs-handed-over.json`:
+//! each job, its disks and its ports. So every write the node had an answer for is in an image
+//! closed clean. The next start keeps those directories ([`crate::repo::Repo::scan`]), removes the
+//! record before it serves anything (a hub killed after that leaves runs with no record, which
+//! the start after removes as interrupted, as before), leases the same ports, opens the same
+//! exports, and follows the node's job again: the node's retries land on the new hub and the run
+//! goes on. The verification at the end (the node's checksum of every disk) still decides.
+//!
+//! What is not taken up ends as an interrupted run does (its directory removed, its node job
+//! cancelled): a job whose node left the configuration, whose port left the range or is taken,
+//! whose image is missing or does not open, or whose parent backup is gone. A hub that is killed
+//! (no graceful stop) writes nothing. A node that gave up meanwhile (the hub was away longer than
+//! its retry window) answers that the job failed, and it ends so.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use node::api::BackupType;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::files::{self, off_runtime};
+use super::view::{JobDisk, JobState};
+use super::{valid_name, Hub, Job, Kind, Status};
+use crate::ports::bindable;
+use crate::retention::Policy;
+
+/// The record's name in the repository.
+const RECORD: &str = ".jobs-handed-over.json";
+/// The most disks a recorded job may name (a record is read before anything checks it).
+const MAX_DISKS: usize = 256;
+
+/// One run as a stopping hub hands it over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HandedOver {
+    pub(super) id: String,
+    kind: Kind,
+    vm: String,
+    node: String,
+    backup_type: BackupType,
+    parent: Option<String>,
+    note: Option<String>,
+    tags: Vec<String>,
+    retention: Policy,
+    created_at: String,
+    targets: String,
+    disks: Vec<HandedDisk>,
+}
+
+/// One disk of a handed-over run. Its export name and image path are derived again, never read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandedDisk {
+    key: u32,
+    size: u64,
+    port: u16,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    stopped_at: String,
+    jobs: Vec<HandedOver>,
+}
+
+impl HandedOver {
+    fn of(job: &Job) -> Self {
+        Self {
+            id: job.id.clone(),
+            kind: job.kind,
+            vm: job.vm.clone(),
+            node: job.node.clone(),
+            backup_type: job.backup_type,
+            parent: job.parent.clone(),
+            note: job.note.clone(),
+            tags: job.tags.clone(),
+            retention: job.retention,
+            created_at: job.created_at.clone(),
+            targets: job.targets.clone(),
+            disks: job.disks.iter().map(|d| HandedDisk { key: d.key, size: d.size, port: d.port }).collect(),
+        }
+    }
+
+    /// Names that become paths and export names are checked as a request's are.
+    fn well_formed(&self) -> bool {
+        let names = [&self.id, &self.vm, &self.node].into_iter().chain(&self.parent).chain(&self.tags);
+        names.into_iter().all(|n| valid_name(n)) && !self.disks.is_empty() && self.disks.len() <= MAX_DISKS
+    }
+}
+
+/// The runs the hub that stopped last handed over (none when there is no record, or it does not
+/// read: its runs are then interrupted ones). Removed here, before anything is served.
+pub(super) fn take_record(root: &Path) -> Vec<HandedOver> {
+    let path = root.join(RECORD);
+    let Ok(bytes) = std::fs::read(&path) else { return Vec::new() };
+    let record = serde_json::from_slice::<Record>(&bytes);
+    if let Err(e) = std::fs::remove_file(&path).and_then(|()| std::fs::File::open(root)?.sync_all()) {
+        // Kept, a later start would take up images this hub may have written without a clean close.
+        tracing::error!(error = %e, "cannot remove {RECORD}: the runs it lists are not taken up");
+        return Vec::new();
+    }
+    match record {
+        Ok(r) => {
+            let (good, bad): (Vec<_>, Vec<_>) = r.jobs.into_iter().partition(HandedOver::well_formed);
+            if !bad.is_empty() {
+                tracing::warn!(count = bad.len(), "{RECORD}: runs with malformed names are not taken up");
+            }
+            tracing::info!(stopped_at = %r.stopped_at, jobs = good.len(), "runs handed over by the hub's last stop");
+            good
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "{RECORD} does not read: its runs are removed as interrupted");
+            Vec::new()
+        }
+    }
+}
+
+/// The ids a record keeps from [`crate::repo::Repo::scan`]'s removal.
+pub(super) fn kept_ids(jobs: &[HandedOver]) -> HashSet<String> {
+    jobs.iter().map(|j| j.id.clone()).collect()
+}
+
+impl Hub {
+    /// At a graceful stop, after the followers let go and every export closed: record the runs
+    /// under way for the next start. `unclean` names exports whose close failed (a run with one
+    /// is not handed over: the next start removes it as interrupted).
+    pub(super) async fn hand_over(&self, unclean: &[String]) {
+        let jobs: Vec<HandedOver> = {
+            let st = self.state();
+            let mut live: Vec<&Arc<Job>> = st
+                .jobs
+                .values()
+                .filter(|j| matches!(j.status(), Status::Running | Status::Verifying))
+                .filter(|j| !j.disks.iter().any(|d| unclean.contains(&d.export)))
+                .collect();
+            live.sort_by(|a, b| a.id.cmp(&b.id));
+            live.into_iter().map(|j| HandedOver::of(j)).collect()
+        };
+        if jobs.is_empty() {
+            return;
+        }
+        let record = Record { stopped_at: crate::repo::now_rfc3339(), jobs };
+        let count = record.jobs.len();
+        let path = self.repo.root.join(RECORD);
+        let written = off_runtime("handing jobs over", move || {
+            let data = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
+            node::files::write_atomically(&path, &data)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => tracing::info!(jobs = count, "runs under way handed over to the next start"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot hand the runs under way over: the next start removes them")
+            }
+            Err(e) => tracing::error!(error = %e, "cannot hand the runs under way over: the next start removes them"),
+        }
+    }
+
+    /// Take up the runs the last stop handed over: each goes on where its node is, or ends as an
+    /// interrupted run. Called once at start, before schedules run.
+    pub async fn take_up_handed_over(self: &Arc<Self>) {
+        let pending = std::mem::take(&mut self.state().handed_over);
+        for h in pending {
+            if self.state().catalog.contains_key(&h.id) {
+                tracing::info!(job = %h.id, vm = %h.vm, "a handed-over backup had completed before the stop");
+                continue;
+            }
+            match self.take_up(&h).await {
+                Ok(()) => {
+                    tracing::info!(job = %h.id, vm = %h.vm, node = %h.node, "run taken up after the restart");
+                    let mut st = self.state();
+                    st.taken_up.insert(h.id.clone());
+                    st.handover_counts.0 += 1;
+                }
+                Err(why) => {
+                    tracing::warn!(job = %h.id, vm = %h.vm, reason = %why, "handed-over run not taken up: removed as interrupted");
+                    if h.kind == Kind::Backup {
+                        files::remove_dir(self.repo.backup_dir(&h.vm, &h.id)).await;
+                    }
+                    let mut st = self.state();
+                    st.orphans.push((h.vm.clone(), h.id.clone()));
+                    st.handover_counts.1 += 1;
+                }
+            }
+        }
+    }
+
+    async fn take_up(self: &Arc<Self>, h: &HandedOver) -> Result<(), String> {
+        if self.node(&h.node).is_none() {
+            return Err(format!("node {} is no longer configured", h.node));
+        }
+        let disks: Vec<JobDisk> = h
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| JobDisk {
+                key: d.key,
+                id: i as u32,
+                size: d.size,
+                port: d.port,
+                export: match h.kind {
+                    Kind::Backup => format!("{}-disk{i}", h.vm),
+                    Kind::Replication => format!("{}-replica-disk{i}", h.vm),
+                },
+                path: match h.kind {
+                    Kind::Backup => self.repo.disk_path(&h.vm, &h.id, d.key),
+                    Kind::Replication => self.repo.replica_path(&h.vm, d.key),
+                },
+            })
+            .collect();
+        if let Some(missing) = disks.iter().find(|d| !d.path.exists()) {
+            return Err(format!("{} is missing", missing.path.display()));
+        }
+        {
+            let mut st = self.state();
+            if let Some(other) = st.busy_vms.get(&h.vm) {
+                return Err(format!("VM {} has job {other} already", h.vm));
+            }
+            if let Some(parent) = &h.parent {
+                if !st.catalog.contains_key(parent) {
+                    return Err(format!("its parent backup {parent} is gone"));
+                }
+                let why = format!("backup {} is being made as an incremental on top of it", h.id);
+                st.pins.insert(h.id.clone(), (parent.clone(), why));
+            }
+            st.busy_vms.insert(h.vm.clone(), h.id.clone());
+        }
+        let opened = self.reopen(h, &disks).await;
+        let lease = match opened {
+            Ok(lease) => lease,
+            Err(e) => {
+                let mut st = self.state();
+                st.busy_vms.remove(&h.vm);
+                st.pins.remove(&h.id);
+                return Err(e);
+            }
+        };
+        let job = Arc::new(Job {
+            id: h.id.clone(),
+            kind: h.kind,
+            vm: h.vm.clone(),
+            node: h.node.clone(),
+            backup_type: h.backup_type,
+            parent: h.parent.clone(),
+            note: h.note.clone(),
+            tags: h.tags.clone(),
+            retention: h.retention,
+            created_at: h.created_at.clone(),
+            disks,
+            targets: h.targets.clone(),
+            cancel: CancellationToken::new(),
+            state: Mutex::new(JobState { status: Status::Running, error: None, completed_at: None, node_view: None }),
+        });
+        self.state().jobs.insert(job.id.clone(), Arc::clone(&job));
+        let hub = Arc::clone(self);
+        tokio::spawn(async move { hub.follow(job, lease).await });
+        Ok(())
+    }
+
+    /// The same ports and exports as before the stop; all or none.
+    async fn reopen(&self, h: &HandedOver, disks: &[JobDisk]) -> Result<crate::ports::Lease, String> {
+        let bind = self.settings.nbd_bind;
+        let ports: Vec<u16> = disks.iter().map(|d| d.port).collect();
+        let lease = self.ports.lease_exact(&h.id, &ports, |p| bindable(bind, p))?;
+        for (n, d) in disks.iter().enumerate() {
+            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false, self.peers_of(&h.node)).await {
+                for opened in disks.iter().take(n) {
+                    self.exports.close(&opened.export).await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(lease)
+    }
+
+    /// Whether `id` is a run this start took up from the last stop (a schedule's run that the
+    /// stop cut short follows it instead of skipping its VM).
+    pub(super) fn was_taken_up(&self, id: &str) -> bool {
+        self.state().taken_up.contains(id)
+    }
+
+    /// Runs taken up at start, and runs handed over that could not be.
+    pub fn handover_counts(&self) -> (u64, u64) {
+        self.state().handover_counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handed(id: &str) -> HandedOver {
+        HandedOver {
+            id: id.into(),
+            kind: Kind::Backup,
+            vm: "vm".into(),
+            node: "default".into(),
+            backup_type: BackupType::Incremental,
+            parent: Some("p".into()),
+            note: None,
+            tags: vec!["nightly".into()],
+            retention: Policy { last: Some(3), ..Policy::default() },
+            created_at: crate::repo::now_rfc3339(),
+            targets: "2000:nbd://h:10100/vm-disk0".into(),
+            disks: vec![HandedDisk { key: 2000, size: 1 << 20, port: 10100 }],
+        }
+    }
+
+    #[test]
+    fn a_record_is_read_once_and_malformed_runs_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bad = handed("b2");
+        bad.vm = "../etc".into();
+        let record = Record { stopped_at: "now".into(), jobs: vec![handed("b1"), bad] };
+        std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+        let jobs = take_record(dir.path());
+        assert_eq!(jobs, vec![handed("b1")]);
+        assert!(!dir.path().join(RECORD).exists(), "a record is taken up once");
+        assert!(take_record(dir.path()).is_empty());
+        // A record that does not read hands nothing over, and is gone too.
+        std::fs::write(dir.path().join(RECORD), b"{\"jobs\": 3}").unwrap();
+        assert!(take_record(dir.path()).is_empty());
+        assert!(!dir.path().join(RECORD).exists());
+        assert_eq!(kept_ids(&jobs), HashSet::from(["b1".to_string()]));
+    }
+}

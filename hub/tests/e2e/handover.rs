@@ -1,0 +1,136 @@
+//! A hub restarted (SIGTERM, as `systemctl restart` sends) while backups run: the runs are handed
+//! over to the next start, which takes them up on the same ports; the node's connections are made
+//! again and the backups complete equal to their disks. A run that cannot be taken up (its port
+//! left the range) ends as an interrupted one: removed, and cancelled on its node. A schedule's
+//! run the restart cut short follows its VM's taken-up backup instead of skipping the VM.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::schedule::wait_run;
+use crate::site::{change, Options, Site, Transport, Vm};
+
+/// The node's job `id` as the node tells it.
+async fn node_job(site: &Site, id: &str) -> Value {
+    let (status, job) = site.node("GET", &format!("/api/v1/backup/{id}"), None).await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+/// The hub's metrics, once it answers.
+async fn metrics(site: &Site) -> String {
+    let (_, m) = site.hub("GET", "/metrics", None).await;
+    m.as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_way_goes_on_across_a_hub_restart_through_the_tunnel() {
+    let opts = Options { copy: "bandwidth_limit = \"8M\"", ..Options::default() };
+    let mut site = Site::start(Transport::Endpoint, &[Vm("vm-a", &[48, 8])], 8, opts).await;
+    let id = site.start_backup("vm-a", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    site.wait_progress(&path, 2 << 20).await;
+
+    site.stop_hub();
+    let record = site.path().join("repo/.jobs-handed-over.json");
+    let text = std::fs::read_to_string(&record).expect("the stopping hub handed the run over");
+    assert!(text.contains(&id), "{text}");
+    assert_eq!(node_job(&site, &id).await["status"], "running", "the stop did not cancel the node's job");
+
+    site.start_hub();
+    let (status, running) = site.hub("GET", &path, None).await;
+    assert_eq!((status, &running["status"]), (200, &json!("running")), "{running}");
+    assert!(!record.exists(), "a record is taken up once");
+    assert!(metrics(&site).await.contains("sendense_hub_jobs_taken_up{result=\"resumed\"} 1"));
+    let done = site.wait(&path).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm-a", &done, 2);
+    let job = node_job(&site, &id).await;
+    let reconnects: u64 = job["disks"].as_array().unwrap().iter().filter_map(|d| d["reconnects"].as_u64()).sum();
+    assert!(reconnects >= 1, "the node made its connections again: {job}");
+    site.ports_all_free().await;
+
+    // The chain goes on from it: the node's change tracking was committed to the taken-up run.
+    change(&site.source("vm-a", 0), 3 << 20, 9);
+    let inc = site.backup("vm-a", "incremental").await;
+    assert_eq!((&inc["backup_type"], &inc["parent_id"]), (&json!("incremental"), &json!(id)), "{inc}");
+    site.assert_backup_equals_sources("vm-a", &inc, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_the_restarted_hub_cannot_take_up_is_removed_and_cancelled_on_its_node() {
+    let opts = Options { copy: "bandwidth_limit = \"4M\"", ..Options::default() };
+    let mut site = Site::start(Transport::Direct, &[Vm("vm-a", &[48]), Vm("vm-b", &[16])], 8, opts).await;
+    // Both under way at once (the node's bandwidth limit is shared by its jobs).
+    let lost = site.start_backup("vm-a", "full").await;
+    let replica = site.start_replica("vm-b").await;
+    site.wait_progress(&format!("/api/v1/backups/{lost}"), 1 << 20).await;
+    site.wait_progress(&format!("/api/v1/replications/{replica}"), 1 << 20).await;
+    let (_, ports) = site.hub("GET", "/api/v1/ports", None).await;
+    let port_of = |job: &str| {
+        ports["leased"].as_array().unwrap().iter().find(|l| l["job_id"] == job).unwrap()["port"].as_u64().unwrap()
+    };
+    let (lost_port, replica_port) = (port_of(&lost), port_of(&replica));
+    site.stop_hub();
+
+    // The restarted hub's range leaves out the backup's port and keeps the replica's.
+    let config = std::fs::read_to_string(site.hub_config()).unwrap();
+    let line = config.lines().find(|l| l.starts_with("nbd_ports")).unwrap();
+    let (first, last) = site.nbd;
+    let range = match lost_port == u64::from(first) {
+        true => format!("{}-{last}", first + 1),
+        false => format!("{first}-{}", lost_port - 1),
+    };
+    assert!(range
+        .split_once('-')
+        .is_some_and(|(a, b)| (a.parse().unwrap()..=b.parse().unwrap()).contains(&replica_port)));
+    std::fs::write(site.hub_config(), config.replace(line, &format!("nbd_ports = \"{range}\""))).unwrap();
+    site.start_hub();
+
+    let (status, gone) = site.hub("GET", &format!("/api/v1/backups/{lost}"), None).await;
+    assert_eq!(status, 404, "{gone}");
+    assert!(!site.path().join("repo/vm-a").join(&lost).exists(), "its directory is removed");
+    assert!(metrics(&site).await.contains("sendense_hub_jobs_taken_up{result=\"dropped\"} 1"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_job(&site, &lost).await["status"] == "running" {
+        assert!(Instant::now() < deadline, "the node still copies a run nobody serves");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(node_job(&site, &lost).await["status"], "cancelled");
+
+    // The replication was taken up and completes in place.
+    let done = site.wait(&format!("/api/v1/replications/{replica}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_replica_equals_sources("vm-b", 1);
+    // vm-a is free again: backed up anew.
+    let again = site.backup("vm-a", "full").await;
+    site.assert_backup_equals_sources("vm-a", &again, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_run_cut_short_by_a_restart_follows_the_backup_taken_up() {
+    let hub = "\n[[schedule]]\nname = \"often\"\nvms = [\"vm-a\"]\nevery = \"5s\"\n";
+    let opts = Options { hub, copy: "bandwidth_limit = \"8M\"", ..Options::default() };
+    let mut site = Site::start(Transport::Direct, &[Vm("vm-a", &[48])], 8, opts).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let (_, v) = site.hub("GET", "/api/v1/schedules/often", None).await;
+        if let Some(id) = v["running"]["backups"][0]["backup_id"].as_str() {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the schedule did not start a backup: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    site.wait_progress(&format!("/api/v1/backups/{id}"), 1 << 20).await;
+    site.stop_hub();
+    site.start_hub();
+
+    // The restarted hub's run finds vm-a busy with the backup it took up, and follows it.
+    let run = wait_run(&site, "often", None).await;
+    let b = &run["last_run"]["backups"][0];
+    assert_eq!((&b["backup_id"], &b["status"]), (&json!(id), &json!("completed")), "{run}");
+    let done = site.wait(&format!("/api/v1/backups/{id}")).await;
+    site.assert_backup_equals_sources("vm-a", &done, 1);
+    assert_eq!(site.backups("vm-a").await.len(), 1, "vm-a was not backed up twice by that run");
+}
