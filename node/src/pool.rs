@@ -9,8 +9,12 @@
 //! connection reconnect it once: each slot carries a generation number. Making the connections
 //! in the first place is retried the same way when the transport breaks during the handshake
 //! (a hub or tunnel too busy to finish it within the server's handshake timeout: seen once in CI
-//! with twenty VMs backed up at once through one tunnel on a 2-vCPU host); a refused connection
-//! or an export the server does not know fails at once.
+//! with twenty VMs backed up at once through one tunnel on a 2-vCPU host), and when it is refused:
+//! the hub opens its exports before it hands out their targets, so a refusal means the hub (or
+//! its tunnel endpoint) is restarting, and a restarted hub takes the job up on the same port
+//! (`hub/src/jobs/handover.rs`). A target that is wrong therefore fails once the window has
+//! passed, naming the refusal, not at once. An answer the server gave (an export it does not know,
+//! a client it does not admit, a broken protocol) fails at once.
 //!
 //! A connection through the node's own tunnel hands its write payloads to the channel as they
 //! are (`Client::write_bytes` with the stream's [`tunnel::dial::ChannelSender`]), without the
@@ -269,14 +273,17 @@ impl NbdPool {
 }
 
 /// A failure of the transport while a connection was being made, which another attempt may not
-/// meet: the peer hung up or reset, the handshake timed out. A refused connection (nothing
-/// listens there, the hub refused the channel) and an answer the server gave (unknown export,
-/// a broken protocol) are not.
+/// meet: the peer hung up, reset or refused (nothing listens there yet, the hub's endpoint refused
+/// the channel: a hub restarting), the handshake timed out, the server said its export is closing
+/// (`NBD_REP_ERR_SHUTDOWN`). Any other answer the server gave (unknown export, a client not
+/// admitted, a broken protocol) and a path that does not exist are not.
 fn is_transient(e: &ClientError) -> bool {
     use std::io::ErrorKind;
     match e {
-        ClientError::Io(io) => !matches!(io.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound),
+        ClientError::Io(io) => io.kind() != ErrorKind::NotFound,
         ClientError::Closed | ClientError::TimedOut(_) => true,
+        // The export the port serves is closing (a hub stopping) or not open yet.
+        ClientError::OptionRefused { reply, .. } => *reply == nbd_server::proto::consts::rep::ERR_SHUTDOWN,
         _ => false,
     }
 }
@@ -434,19 +441,35 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_connection_or_an_unknown_export_is_not_waited_out() {
-        let (_server, port, _) = gated_server(&[]).await;
+    async fn an_unknown_export_is_not_waited_out_and_a_refused_connection_is() {
+        let (server, port, _) = gated_server(&[]).await;
         let window = Duration::from_secs(120);
-        // Well inside the window: neither is tried again.
+        // Well inside the window: not tried again.
         let quickly = Duration::from_secs(20);
         let unknown = NbdPool::connect(endpoint(port, "nope"), 4, window, CancellationToken::new());
         let unknown = tokio::time::timeout(quickly, unknown).await.expect("not waited out");
         assert!(matches!(unknown, Err(MoveError::Unreachable { .. })), "unknown export");
+        // Nothing listens yet (a hub restarting): the first connection waits until it does.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let later = closed.local_addr().unwrap().port();
+        drop(closed);
+        let pool = tokio::spawn(NbdPool::connect(endpoint(later, "d"), 2, window, CancellationToken::new()));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!pool.is_finished(), "a refused connection is tried again");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", later)).await.unwrap();
+        tokio::spawn(async move { server.serve(listener).await });
+        let pool = tokio::time::timeout(quickly, pool).await.expect("connected once listened").unwrap().unwrap();
+        assert_eq!(pool.info().size, 1 << 20);
+        // And one that stays refused fails with the refusal once the window has passed.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let nothing = closed.local_addr().unwrap().port();
         drop(closed);
-        let refused = NbdPool::connect(endpoint(nothing, "d"), 4, window, CancellationToken::new());
-        let refused = tokio::time::timeout(quickly, refused).await.expect("not waited out");
-        assert!(matches!(refused, Err(MoveError::Unreachable { .. })), "nothing listening");
+        let refused = NbdPool::connect(endpoint(nothing, "d"), 4, Duration::from_millis(300), CancellationToken::new());
+        match tokio::time::timeout(quickly, refused).await.expect("the window ends") {
+            Err(MoveError::Unreachable { source: ClientError::Io(e), .. }) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused)
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 }

@@ -17,6 +17,10 @@ use crate::ports::Lease;
 use crate::repo::{self, Manifest, ManifestDisk};
 use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, DiskVerdict};
 
+/// How long a run taken up after a restart waits for its node before the stall rule applies: the
+/// node's default `retry_window_s`, for which it keeps retrying a hub that is away.
+const TAKEN_UP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl Hub {
     /// Follow the node's job to the end, then finish ours.
     pub(super) async fn follow(self: Arc<Self>, job: Arc<Job>, lease: Lease) {
@@ -28,6 +32,14 @@ impl Hub {
             }
         };
         let stall = self.live().stall_timeout;
+        // A run taken up after a restart waits for its node to come back (a tunnel reconnecting
+        // with its backoff) longer than a running one may stall: as long as the node keeps
+        // retrying, until the run moves again.
+        let mut patience = match self.was_taken_up(&job.id) {
+            true => stall.max(TAKEN_UP_PATIENCE),
+            false => stall,
+        };
+        let mut first_done: Option<u64> = None;
         let mut last_progress = (0u64, Instant::now());
         let mut unreachable_since: Option<Instant> = None;
         let mut poll = POLL;
@@ -62,6 +74,9 @@ impl Hub {
                     if done != last_progress.0 {
                         last_progress = (done, Instant::now());
                     }
+                    if *first_done.get_or_insert(done) != done {
+                        patience = stall;
+                    }
                     let total: u64 = view.disks.iter().map(|d| d.bytes_total).sum();
                     let settled: u64 = view
                         .disks
@@ -84,9 +99,9 @@ impl Hub {
                             break Err((Status::Failed, format!("node: {}", error.unwrap_or_default())))
                         }
                         NodeStatus::Cancelled => break Err((Status::Cancelled, "cancelled on the node".into())),
-                        NodeStatus::Running if last_progress.1.elapsed() > stall => {
+                        NodeStatus::Running if last_progress.1.elapsed() > patience => {
                             let _ = client.cancel(&job.id).await;
-                            break Err((Status::Failed, format!("no progress for {} s", stall.as_secs())));
+                            break Err((Status::Failed, format!("no progress for {} s", patience.as_secs())));
                         }
                         NodeStatus::Running => {}
                     }
@@ -99,8 +114,8 @@ impl Hub {
                 }
                 Err(e) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > stall {
-                        break Err((Status::Failed, format!("node unreachable for {} s: {e}", stall.as_secs())));
+                    if since.elapsed() > patience {
+                        break Err((Status::Failed, format!("node unreachable for {} s: {e}", patience.as_secs())));
                     }
                 }
             }

@@ -13,6 +13,9 @@
 //! run (printed at its start); `HUB_KILL_TRANSPORT=endpoint` puts the node's tunnel to the hub's
 //! SSH endpoint in place of direct TCP (slower rounds: a tunnel that was up less than 10 s
 //! reconnects with a doubled backoff, up to 30 s, as the node's flapping rule says).
+//!
+//! The same rounds with a graceful stop (SIGTERM) in place of the kill: every run is taken up by
+//! the restarted hub and completes (`handover.rs` in the hub).
 
 use std::time::{Duration, Instant};
 
@@ -183,6 +186,82 @@ async fn kill_rounds(victim: Victim) {
         }
     }
     eprintln!("{victim:?}: {rounds} kills: {outcomes:?}");
+}
+
+/// The hub stopped gracefully (SIGTERM, as `systemctl restart` sends) at a random moment of a
+/// backup or a replica run, round after round, and started again: the run is handed over and taken
+/// up wherever it was (making its files, copying, verifying, writing the manifest, telling the node
+/// to commit; with `keep_backups = 3` and `compress = "zstd"`, stops land in merges and
+/// compressions too). Every run must complete, equal to the sources, the repository must hold
+/// only whole backups, no port may stay leased, and the next backup must build on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it() {
+    let rounds = env_number("HUB_KILL_ROUNDS").unwrap_or(3);
+    let seed = env_number("HUB_KILL_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    });
+    eprintln!("graceful stops: HUB_KILL_SEED={seed}");
+    let mut moments = Moments(seed);
+    let transport = match std::env::var("HUB_KILL_TRANSPORT").as_deref() {
+        Ok("endpoint") => Transport::Endpoint,
+        _ => Transport::Direct,
+    };
+    let opts = Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() };
+    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
+    let started = Instant::now();
+    site.backup("vm", "full").await;
+    let span_ms = (started.elapsed().as_millis() as u64 * 13 / 10).max(50);
+    let mut runs = Vec::new();
+    let mut taken_up = 0;
+    for round in 0..rounds {
+        change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
+        change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
+        let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
+        let at = Duration::from_millis(moments.next() % span_ms);
+        let (id, path) = match kind {
+            "replica" => {
+                let id = site.start_replica("vm").await;
+                (id.clone(), format!("/api/v1/replications/{id}"))
+            }
+            _ => {
+                let id = site.start_backup("vm", kind).await;
+                (id.clone(), format!("/api/v1/backups/{id}"))
+            }
+        };
+        tokio::time::sleep(at).await;
+        site.stop_hub();
+        site.start_hub();
+        let context = format!("stop round {round} (HUB_KILL_SEED={seed}): {kind} {id} stopped after {at:?}");
+        let (status, _) = site.hub("GET", &path, None).await;
+        if status == 404 && kind == "replica" {
+            // It completed before the stop: its record says so (runs are not listed across restarts).
+            let record = std::fs::read(site.as_hub_sees(&site.path().join("replicas/vm/replica.json"))).unwrap();
+            let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+            assert_eq!(record["replication_id"], id.as_str(), "{context}: {record}");
+        } else {
+            let done = site.wait(&path).await;
+            assert_eq!(done["status"], "completed", "{context}: {done}");
+            if kind != "replica" {
+                site.assert_backup_equals_sources("vm", &done, 2);
+            }
+        }
+        if kind == "replica" {
+            site.assert_replica_equals_sources("vm", 2);
+        }
+        let completed = assert_only_whole_backups(&site, &[], &context).await;
+        assert!(kind == "replica" || completed.contains(&id) || completed.len() == 3, "{context}: {completed:?}");
+        site.ports_all_free().await;
+        let (_, metrics) = site.hub("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap_or_default().to_string();
+        assert!(metrics.contains("sendense_hub_jobs_taken_up{result=\"dropped\"} 0"), "{context}: {metrics}");
+        let resumed = metrics.contains("sendense_hub_jobs_taken_up{result=\"resumed\"} 1");
+        taken_up += usize::from(resumed);
+        runs.push(format!("{kind} after {at:?}{}", if resumed { " (taken up)" } else { "" }));
+        site.wait_node_reachable().await;
+        let next = site.backup("vm", "incremental").await;
+        site.assert_backup_equals_sources("vm", &next, 2);
+    }
+    eprintln!("graceful stops: {rounds} runs completed, {taken_up} of them taken up by the restarted hub: {runs:?}");
 }
 
 /// Every backup listed is completed (or is a killed run, failed), every completed one has its

@@ -127,6 +127,16 @@ impl<'a> Negotiator<'a> {
             encode_option_error(out, option, rep::ERR_POLICY, reason);
             return;
         }
+        if let Scope::Only(only) = self.scope {
+            if name.is_empty() || name == only {
+                // The listener's own export is not there: it is being removed (the client was
+                // accepted just before), or not added yet. The spec's "shutting down" says "try
+                // again", which a client may act on; "unknown" would say the name is wrong.
+                let message = format!("export '{}' is closing or not open yet: try again", only.escape_debug());
+                encode_option_error(out, option, rep::ERR_SHUTDOWN, &message);
+                return;
+            }
+        }
         let names: Vec<String> = self.visible().iter().map(|e| format!("'{}'", e.name)).collect();
         let list = if names.is_empty() { "none".to_string() } else { names.join(", ") };
         encode_option_error(
@@ -518,6 +528,12 @@ mod tests {
         let mut out = Vec::new();
         n.handle(opt::LIST, &[], &mut out);
         assert_eq!(replies(&out).len(), 1, "only the ACK: disk0 is not visible here");
+        // Its own export missing (being removed): "shutting down", try again; another name: unknown.
+        for (name, reply) in [("disk1", rep::ERR_SHUTDOWN), ("", rep::ERR_SHUTDOWN), ("disk0", rep::ERR_UNKNOWN)] {
+            let mut out = Vec::new();
+            assert!(matches!(n.handle(opt::GO, &hs::encode_info_request(name, &[]), &mut out), Step::Continue));
+            assert_eq!(replies(&out)[0].0.reply, reply, "{name:?}");
+        }
     }
 
     #[test]
