@@ -74,8 +74,9 @@ fn jobs(out: &mut String, hub: &Hub) {
         out,
         "sendense_hub_jobs_taken_up",
         "gauge",
-        "Runs the hub's last stop handed over (systemctl restart) and this start took up: result=\"resumed\" go on \
-         where their node is; result=\"dropped\" could not be (port, image, node or parent gone) and were removed.",
+        "Backups, replications and driven restores the hub's last stop handed over (systemctl restart) and this \
+         start took up: result=\"resumed\" go on where their node is; result=\"dropped\" could not be (port, image, \
+         node or backup gone) and were removed and cancelled on their node.",
     );
     let _ = writeln!(out, "sendense_hub_jobs_taken_up{{result=\"resumed\"}} {taken_up}");
     let _ = writeln!(out, "sendense_hub_jobs_taken_up{{result=\"dropped\"}} {not_taken_up}");

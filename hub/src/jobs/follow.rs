@@ -17,10 +17,6 @@ use crate::ports::Lease;
 use crate::repo::{self, Manifest, ManifestDisk};
 use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, DiskVerdict};
 
-/// How long a run taken up after a restart waits for its node before the stall rule applies: the
-/// node's default `retry_window_s`, for which it keeps retrying a hub that is away.
-const TAKEN_UP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
-
 impl Hub {
     /// Follow the node's job to the end, then finish ours.
     pub(super) async fn follow(self: Arc<Self>, job: Arc<Job>, lease: Lease) {
@@ -36,7 +32,7 @@ impl Hub {
         // with its backoff) longer than a running one may stall: as long as the node keeps
         // retrying, until the run moves again.
         let mut patience = match self.was_taken_up(&job.id) {
-            true => stall.max(TAKEN_UP_PATIENCE),
+            true => stall.max(super::handover::TAKEN_UP_PATIENCE),
             false => stall,
         };
         let mut first_done: Option<u64> = None;

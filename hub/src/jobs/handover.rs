@@ -1,7 +1,7 @@
-//! Backups and replications handed over from a hub that stops to the hub that starts next: a
-//! graceful stop (`SIGTERM`: `systemctl restart` to upgrade, or to take up a change only a restart
-//! takes up) no longer cancels the runs under way, which for a multi-terabyte disk meant copying
-//! it again from its first byte.
+//! Backups, replications and driven restores handed over from a hub that stops to the hub that
+//! starts next: a graceful stop (`SIGTERM`: `systemctl restart` to upgrade, or to take up a change
+//! only a restart takes up) no longer cancels the runs under way, which for a multi-terabyte disk
+//! meant copying it again from its first byte.
 //!
 //! Why that is safe. The node writes each block to a fixed offset (a write may be repeated) and
 //! re-makes a broken NBD connection for its `retry_window_s` (120 s by default), repeating the
@@ -14,22 +14,29 @@
 //! the start after removes as interrupted, as before), leases the same ports, opens the same
 //! exports, and follows the node's job again: the node's retries land on the new hub and the run
 //! goes on. The verification at the end (the node's checksum of every disk) still decides.
+//! A restore the hub drives onto a node (`restore_run.rs`) is handed over the same way: its
+//! read-only exports open again on their ports, the node's reads are repeated, and the checksum
+//! of what it wrote is compared with the backup's as before.
 //!
 //! What is not taken up ends as an interrupted run does (its directory removed, its node job
 //! cancelled): a job whose node left the configuration, whose port left the range or is taken,
-//! whose image is missing or does not open, or whose parent backup is gone. A hub that is killed
+//! whose image is missing or does not open, or whose parent backup is gone (for a restore: its
+//! backup or node is gone, or a port is). A hub that is killed
 //! (no graceful stop) writes nothing. A node that gave up meanwhile (the hub was away longer than
 //! its retry window) answers that the job failed, and it ends so.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use node::api::BackupType;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::files::{self, off_runtime};
+use super::restore_run::{RestoreRun, RunState};
+use super::restores::Restore;
 use super::view::{JobDisk, JobState};
 use super::{valid_name, Hub, Job, Kind, Status};
 use crate::ports::bindable;
@@ -39,6 +46,9 @@ use crate::retention::Policy;
 const RECORD: &str = ".jobs-handed-over.json";
 /// The most disks a recorded job may name (a record is read before anything checks it).
 const MAX_DISKS: usize = 256;
+/// How long a run taken up after a restart waits for its node before the stall rule applies: the
+/// node's default `retry_window_s`, for which it keeps retrying a hub that is away.
+pub(super) const TAKEN_UP_PATIENCE: Duration = Duration::from_secs(120);
 
 /// One run as a stopping hub hands it over.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,11 +77,50 @@ struct HandedDisk {
     port: u16,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// A restore the hub drives onto a node, as a stopping hub hands it over. Its export names and
+/// image paths are derived again from the backup's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Record {
+pub(super) struct HandedRestore {
+    pub(super) id: String,
+    backup_id: String,
+    node: String,
+    targets: String,
+    /// Disk key -> destination on the node.
+    destinations: BTreeMap<u32, String>,
+    /// Disk key -> port of its export.
+    ports: BTreeMap<u32, u16>,
+}
+
+impl HandedRestore {
+    fn of(r: &Restore) -> Option<Self> {
+        let run = r.run.as_ref()?;
+        Some(Self {
+            id: r.id.clone(),
+            backup_id: r.backup_id.clone(),
+            node: r.node.clone(),
+            targets: r.targets.clone(),
+            destinations: run.destinations.clone(),
+            ports: r.exports.iter().map(|(key, port, _)| (*key, *port)).collect(),
+        })
+    }
+
+    fn well_formed(&self) -> bool {
+        [&self.id, &self.backup_id, &self.node].into_iter().all(|n| valid_name(n))
+            && !self.ports.is_empty()
+            && self.ports.len() <= MAX_DISKS
+            && self.ports.keys().eq(self.destinations.keys())
+    }
+}
+
+/// What a stopping hub hands over.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Record {
     stopped_at: String,
-    jobs: Vec<HandedOver>,
+    pub(super) jobs: Vec<HandedOver>,
+    #[serde(default)]
+    pub(super) restores: Vec<HandedRestore>,
 }
 
 impl HandedOver {
@@ -101,27 +150,29 @@ impl HandedOver {
 
 /// The runs the hub that stopped last handed over (none when there is no record, or it does not
 /// read: its runs are then interrupted ones). Removed here, before anything is served.
-pub(super) fn take_record(root: &Path) -> Vec<HandedOver> {
+pub(super) fn take_record(root: &Path) -> Record {
     let path = root.join(RECORD);
-    let Ok(bytes) = std::fs::read(&path) else { return Vec::new() };
+    let Ok(bytes) = std::fs::read(&path) else { return Record::default() };
     let record = serde_json::from_slice::<Record>(&bytes);
     if let Err(e) = std::fs::remove_file(&path).and_then(|()| std::fs::File::open(root)?.sync_all()) {
         // Kept, a later start would take up images this hub may have written without a clean close.
         tracing::error!(error = %e, "cannot remove {RECORD}: the runs it lists are not taken up");
-        return Vec::new();
+        return Record::default();
     }
     match record {
-        Ok(r) => {
-            let (good, bad): (Vec<_>, Vec<_>) = r.jobs.into_iter().partition(HandedOver::well_formed);
-            if !bad.is_empty() {
-                tracing::warn!(count = bad.len(), "{RECORD}: runs with malformed names are not taken up");
+        Ok(mut r) => {
+            let before = r.jobs.len() + r.restores.len();
+            r.jobs.retain(HandedOver::well_formed);
+            r.restores.retain(HandedRestore::well_formed);
+            if r.jobs.len() + r.restores.len() < before {
+                tracing::warn!("{RECORD}: runs with malformed names are not taken up");
             }
-            tracing::info!(stopped_at = %r.stopped_at, jobs = good.len(), "runs handed over by the hub's last stop");
-            good
+            tracing::info!(stopped_at = %r.stopped_at, jobs = r.jobs.len(), restores = r.restores.len(), "runs handed over by the hub's last stop");
+            r
         }
         Err(e) => {
             tracing::warn!(error = %e, "{RECORD} does not read: its runs are removed as interrupted");
-            Vec::new()
+            Record::default()
         }
     }
 }
@@ -147,11 +198,20 @@ impl Hub {
             live.sort_by(|a, b| a.id.cmp(&b.id));
             live.into_iter().map(|j| HandedOver::of(j)).collect()
         };
-        if jobs.is_empty() {
+        let restores: Vec<HandedRestore> = {
+            let st = self.state();
+            st.restores
+                .values()
+                .filter(|r| r.run.as_ref().is_some_and(|run| !run.lock().status.is_final()))
+                .filter(|r| !r.exports.iter().any(|(_, _, name)| unclean.contains(name)))
+                .filter_map(|r| HandedRestore::of(r))
+                .collect()
+        };
+        if jobs.is_empty() && restores.is_empty() {
             return;
         }
-        let record = Record { stopped_at: crate::repo::now_rfc3339(), jobs };
-        let count = record.jobs.len();
+        let record = Record { stopped_at: crate::repo::now_rfc3339(), jobs, restores };
+        let count = record.jobs.len() + record.restores.len();
         let path = self.repo.root.join(RECORD);
         let written = off_runtime("handing jobs over", move || {
             let data = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
@@ -170,6 +230,26 @@ impl Hub {
     /// Take up the runs the last stop handed over: each goes on where its node is, or ends as an
     /// interrupted run. Called once at start, before schedules run.
     pub async fn take_up_handed_over(self: &Arc<Self>) {
+        let restores = std::mem::take(&mut self.state().handed_restores);
+        for h in &restores {
+            match self.take_up_restore(h).await {
+                Ok(()) => {
+                    tracing::info!(restore = %h.id, node = %h.node, "restore taken up after the restart");
+                    let mut st = self.state();
+                    st.taken_up.insert(h.id.clone());
+                    st.handover_counts.0 += 1;
+                }
+                Err(why) => {
+                    tracing::warn!(restore = %h.id, node = %h.node, reason = %why, "handed-over restore not taken up: cancelled on its node");
+                    let mut st = self.state();
+                    st.lost_restores.push((h.node.clone(), h.id.clone()));
+                    st.handover_counts.1 += 1;
+                }
+            }
+        }
+        if !restores.is_empty() {
+            self.save_in_flight().await;
+        }
         let pending = std::mem::take(&mut self.state().handed_over);
         for h in pending {
             if self.state().catalog.contains_key(&h.id) {
@@ -268,6 +348,63 @@ impl Hub {
         Ok(())
     }
 
+    async fn take_up_restore(self: &Arc<Self>, h: &HandedRestore) -> Result<(), String> {
+        let client =
+            self.node(&h.node).map(|(_, c)| c.clone()).ok_or(format!("node {} is no longer configured", h.node))?;
+        let why = format!("restore {} is opening its images again", h.id);
+        let (m, pinned) = self.pin_backup(&h.id, &h.backup_id, why).map_err(|e| e.to_string())?;
+        let mut exports = Vec::new();
+        for (key, port) in &h.ports {
+            let d = m
+                .disks
+                .iter()
+                .find(|d| d.disk_key == *key)
+                .ok_or(format!("backup {} has no disk {key}", m.backup_id))?;
+            let name = format!("{}-{}-disk{}", m.vm_name, h.id, d.disk_id);
+            exports.push((*key, *port, name, self.repo.backup_dir(&m.vm_name, &m.backup_id).join(&d.file)));
+        }
+        let bind = self.settings.nbd_bind;
+        let ports: Vec<u16> = exports.iter().map(|e| e.1).collect();
+        let lease = self.ports.lease_exact(&h.id, &ports, |p| bindable(bind, p))?;
+        for (n, (_, port, name, path)) in exports.iter().enumerate() {
+            if let Err(e) = self.exports.open(name, *port, path, true, self.peers_of_every_node()).await {
+                for (_, _, opened, _) in exports.iter().take(n) {
+                    self.exports.close(opened).await;
+                }
+                return Err(e);
+            }
+        }
+        let run = RestoreRun {
+            destinations: h.destinations.clone(),
+            expected: m
+                .disks
+                .iter()
+                .filter(|d| h.ports.contains_key(&d.disk_key))
+                .map(|d| (d.disk_key, d.checksum.clone()))
+                .collect(),
+            state: Mutex::new(RunState { status: node::api::JobStatus::Running, disks: Vec::new(), error: None }),
+        };
+        let r = Arc::new(Restore {
+            id: h.id.clone(),
+            backup_id: m.backup_id.clone(),
+            node: h.node.clone(),
+            exports: exports.into_iter().map(|(key, port, name, _)| (key, port, name)).collect(),
+            targets: h.targets.clone(),
+            lease: Mutex::new(Some(lease)),
+            idle_since: Mutex::new(Some(Instant::now())),
+            run: Some(run),
+        });
+        {
+            let mut st = self.state();
+            st.restores.insert(h.id.clone(), Arc::clone(&r));
+            st.driven.insert(h.id.clone(), h.node.clone());
+        }
+        drop(pinned);
+        let hub = Arc::clone(self);
+        tokio::spawn(async move { hub.follow_restore(r, client).await });
+        Ok(())
+    }
+
     /// The same ports and exports as before the stop; all or none.
     async fn reopen(&self, h: &HandedOver, disks: &[JobDisk]) -> Result<crate::ports::Lease, String> {
         let bind = self.settings.nbd_bind;
@@ -311,7 +448,7 @@ mod tests {
             note: None,
             tags: vec!["nightly".into()],
             retention: Policy { last: Some(3), ..Policy::default() },
-            created_at: crate::repo::now_rfc3339(),
+            created_at: "2026-11-30T01:00:00Z".into(),
             targets: "2000:nbd://h:10100/vm-disk0".into(),
             disks: vec![HandedDisk { key: 2000, size: 1 << 20, port: 10100 }],
         }
@@ -322,16 +459,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut bad = handed("b2");
         bad.vm = "../etc".into();
-        let record = Record { stopped_at: "now".into(), jobs: vec![handed("b1"), bad] };
+        let restore = HandedRestore {
+            id: "x1".into(),
+            backup_id: "b0".into(),
+            node: "default".into(),
+            targets: "2000:nbd://h:10101/vm-x1-disk0".into(),
+            destinations: BTreeMap::from([(2000, "/var/lib/vm/d0".into())]),
+            ports: BTreeMap::from([(2000, 10101)]),
+        };
+        let mut unmatched = restore.clone();
+        unmatched.ports.insert(2001, 10102);
+        let record = Record {
+            stopped_at: "now".into(),
+            jobs: vec![handed("b1"), bad],
+            restores: vec![restore.clone(), unmatched],
+        };
         std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
-        let jobs = take_record(dir.path());
-        assert_eq!(jobs, vec![handed("b1")]);
+        let taken = take_record(dir.path());
+        assert_eq!((taken.jobs.clone(), taken.restores), (vec![handed("b1")], vec![restore]));
         assert!(!dir.path().join(RECORD).exists(), "a record is taken up once");
-        assert!(take_record(dir.path()).is_empty());
+        assert!(take_record(dir.path()).jobs.is_empty());
         // A record that does not read hands nothing over, and is gone too.
         std::fs::write(dir.path().join(RECORD), b"{\"jobs\": 3}").unwrap();
-        assert!(take_record(dir.path()).is_empty());
+        assert!(take_record(dir.path()).jobs.is_empty());
         assert!(!dir.path().join(RECORD).exists());
-        assert_eq!(kept_ids(&jobs), HashSet::from(["b1".to_string()]));
+        assert_eq!(kept_ids(&taken.jobs), HashSet::from(["b1".to_string()]));
     }
 }

@@ -154,6 +154,8 @@ struct State {
     compress_failed: HashMap<String, (String, Instant)>,
     /// Runs the last stop handed over, until [`Hub::take_up_handed_over`] (`handover.rs`).
     handed_over: Vec<handover::HandedOver>,
+    /// Driven restores the last stop handed over, likewise.
+    handed_restores: Vec<handover::HandedRestore>,
     /// The ids of the runs taken up at start.
     taken_up: std::collections::HashSet<String>,
     /// Runs taken up at start, and handed-over runs that could not be.
@@ -192,9 +194,15 @@ impl Hub {
             let client = NodeClient::new(n.url.clone(), n.token.clone()).map_err(|e| e.to_string())?;
             nodes.push((n.clone(), client));
         }
-        let handed_over = handover::take_record(&repo.root);
-        let (manifests, orphans) = repo.scan(&handover::kept_ids(&handed_over));
-        let lost_restores = repo.restores_in_flight();
+        let handed = handover::take_record(&repo.root);
+        let (manifests, orphans) = repo.scan(&handover::kept_ids(&handed.jobs));
+        // Restores handed over are taken up, not cancelled (unless taking one up fails).
+        let lost_restores: Vec<(String, String)> = repo
+            .restores_in_flight()
+            .into_iter()
+            .filter(|(_, id)| !handed.restores.iter().any(|r| r.id == *id))
+            .collect();
+        let (handed_over, handed_restores) = (handed.jobs, handed.restores);
         let (manifests, unmerged) = merge::finish_interrupted(&repo, manifests);
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let merges = unmerged.into_iter().map(|m| (m.from.vm_name.clone(), m)).collect();
@@ -210,7 +218,15 @@ impl Hub {
             exports,
             nodes,
             local_users,
-            state: Mutex::new(State { catalog, orphans, merges, lost_restores, handed_over, ..State::default() }),
+            state: Mutex::new(State {
+                catalog,
+                orphans,
+                merges,
+                lost_restores,
+                handed_over,
+                handed_restores,
+                ..State::default()
+            }),
             shutdown: CancellationToken::new(),
             in_flight_file: tokio::sync::Mutex::new(()),
             schedule_locks: Mutex::default(),

@@ -15,7 +15,8 @@
 //! restores being driven are listed in the repository (`.restores-in-flight.json`): a hub killed
 //! meanwhile loses their records, and cancels their node jobs when it starts again (they would
 //! otherwise retry the exports that are gone for the node's retry window, holding the
-//! destinations, and a VM restored onto, until then).
+//! destinations, and a VM restored onto, until then). A hub stopped gracefully hands them over
+//! instead, and the next start takes them up on the same ports (`handover.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -79,7 +80,7 @@ pub struct RestoreDisk {
 }
 
 impl RestoreRun {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -227,9 +228,11 @@ impl Hub {
 
     /// Poll the node's job until it ends, the restore is closed here, or the node stays
     /// unreachable for `stall_timeout`.
-    async fn follow_restore(&self, r: Arc<Restore>, client: node::api::NodeClient) {
+    pub(super) async fn follow_restore(&self, r: Arc<Restore>, client: node::api::NodeClient) {
         let Some(run) = r.run.as_ref() else { return };
         let mut unreachable_since: Option<Instant> = None;
+        // Taken up after a restart: the node's tunnel may take its backoff to come back.
+        let mut patience = self.was_taken_up(&r.id).then_some(super::handover::TAKEN_UP_PATIENCE);
         let outcome = loop {
             tokio::time::sleep(POLL).await;
             if !self.state().restores.contains_key(&r.id) {
@@ -238,6 +241,7 @@ impl Hub {
             match client.job(&r.id).await {
                 Ok(job) => {
                     unreachable_since = None;
+                    patience = None;
                     run.update(&job);
                     if job.status.is_final() {
                         break (job.status, None);
@@ -247,7 +251,7 @@ impl Hub {
                     break (JobStatus::Failed, Some("the node no longer knows this restore (it was restarted)".into()));
                 }
                 Err(e) => {
-                    let stall: Duration = self.live().stall_timeout;
+                    let stall: Duration = self.live().stall_timeout.max(patience.unwrap_or_default());
                     if unreachable_since.get_or_insert_with(Instant::now).elapsed() > stall {
                         let _ = client.cancel(&r.id).await;
                         break (JobStatus::Failed, Some(format!("node unreachable for {} s: {e}", stall.as_secs())));
@@ -300,7 +304,7 @@ impl Hub {
     /// Write the restores driven now, and those a killed hub left not yet cancelled, into the
     /// repository: what this hub's successor cancels if it is killed. A write that fails is
     /// logged (the successor would then leave those node jobs to fail by themselves).
-    async fn save_in_flight(&self) {
+    pub(super) async fn save_in_flight(&self) {
         let _turn = self.in_flight_file.lock().await;
         let list: Vec<(String, String)> = {
             let st = self.state();

@@ -1,6 +1,7 @@
-//! A hub restarted (SIGTERM, as `systemctl restart` sends) while backups run: the runs are handed
-//! over to the next start, which takes them up on the same ports; the node's connections are made
-//! again and the backups complete equal to their disks. A run that cannot be taken up (its port
+//! A hub restarted (SIGTERM, as `systemctl restart` sends) while backups and a restore it drives
+//! run: they are handed over to the next start, which takes them up on the same ports; the node's
+//! connections are made again and the backups complete equal to their disks, the restore equal
+//! to the backup. A run that cannot be taken up (its port
 //! left the range) ends as an interrupted one: removed, and cancelled on its node (replications
 //! taken up: `crash.rs`, the graceful-stop rounds). A schedule's
 //! run the restart cut short follows its VM's taken-up backup instead of skipping the VM.
@@ -57,6 +58,24 @@ async fn a_backup_under_way_goes_on_across_a_hub_restart_through_the_tunnel() {
     let inc = site.backup("vm-a", "incremental").await;
     assert_eq!((&inc["backup_type"], &inc["parent_id"]), (&json!("incremental"), &json!(id)), "{inc}");
     site.assert_backup_equals_sources("vm-a", &inc, 2);
+
+    // A restore the hub drives onto the node, stopped and taken up the same way.
+    let dest = site.path().join("restores/vm-a-0.raw");
+    let asked = json!({"backup_id": inc["backup_id"], "destinations": {"2000": dest}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    crate::wait_restore_under_way(&site, &rid).await;
+    site.stop_hub();
+    assert!(std::fs::read_to_string(&record).unwrap().contains(&rid), "the restore was handed over");
+    site.start_hub();
+    let (status, running) = site.hub("GET", &format!("/api/v1/restores/{rid}"), None).await;
+    assert_eq!((status, &running["status"]), (200, &json!("running")), "{running}");
+    let done = crate::wait_restore(&site, &rid).await;
+    let disk = &done["disks"][0];
+    assert_eq!((&done["status"], &disk["checksum_match"]), (&json!("completed"), &json!(true)), "{done}");
+    crate::site::assert_same(&site.source("vm-a", 0), &dest);
+    site.ports_all_free().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
