@@ -232,16 +232,17 @@ impl Hub {
     pub async fn take_up_handed_over(self: &Arc<Self>) {
         let restores = std::mem::take(&mut self.state().handed_restores);
         for h in &restores {
+            // Known as taken up before its follower starts (which waits longer for its node).
+            self.state().taken_up.insert(h.id.clone());
             match self.take_up_restore(h).await {
                 Ok(()) => {
                     tracing::info!(restore = %h.id, node = %h.node, "restore taken up after the restart");
-                    let mut st = self.state();
-                    st.taken_up.insert(h.id.clone());
-                    st.handover_counts.0 += 1;
+                    self.state().handover_counts.0 += 1;
                 }
                 Err(why) => {
                     tracing::warn!(restore = %h.id, node = %h.node, reason = %why, "handed-over restore not taken up: cancelled on its node");
                     let mut st = self.state();
+                    st.taken_up.remove(&h.id);
                     st.lost_restores.push((h.node.clone(), h.id.clone()));
                     st.handover_counts.1 += 1;
                 }
@@ -256,12 +257,11 @@ impl Hub {
                 tracing::info!(job = %h.id, vm = %h.vm, "a handed-over backup had completed before the stop");
                 continue;
             }
+            self.state().taken_up.insert(h.id.clone());
             match self.take_up(&h).await {
                 Ok(()) => {
                     tracing::info!(job = %h.id, vm = %h.vm, node = %h.node, "run taken up after the restart");
-                    let mut st = self.state();
-                    st.taken_up.insert(h.id.clone());
-                    st.handover_counts.0 += 1;
+                    self.state().handover_counts.0 += 1;
                 }
                 Err(why) => {
                     tracing::warn!(job = %h.id, vm = %h.vm, reason = %why, "handed-over run not taken up: removed as interrupted");
@@ -269,6 +269,7 @@ impl Hub {
                         files::remove_dir(self.repo.backup_dir(&h.vm, &h.id)).await;
                     }
                     let mut st = self.state();
+                    st.taken_up.remove(&h.id);
                     st.orphans.push((h.vm.clone(), h.id.clone()));
                     st.handover_counts.1 += 1;
                 }
