@@ -39,6 +39,47 @@ fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a number")))
 }
 
+/// A soak's settings from the environment: `HUB_KILL_ROUNDS` (3), `HUB_KILL_SEED` (the clock;
+/// printed under `label` so that a run can be replayed), `HUB_KILL_TRANSPORT`: direct TCP by
+/// default (fast rounds), `endpoint` for the node's tunnel to the hub's SSH endpoint, which must
+/// come back after every kill or stop.
+struct Soak {
+    rounds: u64,
+    seed: u64,
+    moments: Moments,
+    transport: Transport,
+}
+
+impl Soak {
+    fn from_env(label: &str) -> Self {
+        let rounds = env_number("HUB_KILL_ROUNDS").unwrap_or(3);
+        let seed = env_number("HUB_KILL_SEED").unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+        });
+        eprintln!("{label}: HUB_KILL_SEED={seed}");
+        let transport = match std::env::var("HUB_KILL_TRANSPORT").as_deref() {
+            Ok("endpoint") => Transport::Endpoint,
+            Ok("direct") | Err(_) => Transport::Direct,
+            Ok(other) => panic!("HUB_KILL_TRANSPORT={other}: endpoint or direct"),
+        };
+        Self { rounds, seed, moments: Moments(seed), transport }
+    }
+}
+
+/// Start a `full` or `incremental` backup or a `replica` run of "vm": its id and API path.
+async fn start_run(site: &Site, kind: &str) -> (String, String) {
+    match kind {
+        "replica" => {
+            let id = site.start_replica("vm").await;
+            (id.clone(), format!("/api/v1/replications/{id}"))
+        }
+        _ => {
+            let id = site.start_backup("vm", kind).await;
+            (id.clone(), format!("/api/v1/backups/{id}"))
+        }
+    }
+}
+
 /// What one round's kill left behind, for the summary.
 #[derive(Debug, Default)]
 struct Outcomes {
@@ -70,19 +111,7 @@ async fn the_node_killed_at_any_moment_of_a_backup_leaves_only_whole_backups() {
 }
 
 async fn kill_rounds(victim: Victim) {
-    let rounds = env_number("HUB_KILL_ROUNDS").unwrap_or(3);
-    let seed = env_number("HUB_KILL_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
-    });
-    eprintln!("{victim:?}: HUB_KILL_SEED={seed}");
-    let mut moments = Moments(seed);
-    // Direct TCP by default (fast rounds); `HUB_KILL_TRANSPORT=endpoint` runs the node's tunnel
-    // to the hub's SSH endpoint, which must come back after every kill.
-    let transport = match std::env::var("HUB_KILL_TRANSPORT").as_deref() {
-        Ok("endpoint") => Transport::Endpoint,
-        Ok("direct") | Err(_) => Transport::Direct,
-        Ok(other) => panic!("HUB_KILL_TRANSPORT={other}: endpoint or direct"),
-    };
+    let Soak { rounds, seed, mut moments, transport } = Soak::from_env(&format!("{victim:?}"));
     // With the hub as the victim its retention runs too (`keep_backups`): the oldest backup is
     // merged away after each one, so kills also land in merges, which the restart must finish;
     // and each backup is compressed after it completes, so kills land in compressions too.
@@ -137,16 +166,7 @@ async fn kill_rounds(victim: Victim) {
             site.assert_backup_equals_sources("vm", &next, 2);
             continue;
         }
-        let (id, path) = match kind {
-            "replica" => {
-                let id = site.start_replica("vm").await;
-                (id.clone(), format!("/api/v1/replications/{id}"))
-            }
-            _ => {
-                let id = site.start_backup("vm", kind).await;
-                (id.clone(), format!("/api/v1/backups/{id}"))
-            }
-        };
+        let (id, path) = start_run(&site, kind).await;
         killed.push(id.clone());
         tokio::time::sleep(at).await;
         match victim {
@@ -196,16 +216,7 @@ async fn kill_rounds(victim: Victim) {
 /// only whole backups, no port may stay leased, and the next backup must build on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it() {
-    let rounds = env_number("HUB_KILL_ROUNDS").unwrap_or(3);
-    let seed = env_number("HUB_KILL_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
-    });
-    eprintln!("graceful stops: HUB_KILL_SEED={seed}");
-    let mut moments = Moments(seed);
-    let transport = match std::env::var("HUB_KILL_TRANSPORT").as_deref() {
-        Ok("endpoint") => Transport::Endpoint,
-        _ => Transport::Direct,
-    };
+    let Soak { rounds, seed, mut moments, transport } = Soak::from_env("graceful stops");
     let opts = Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() };
     let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
     let started = Instant::now();
@@ -218,16 +229,7 @@ async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it(
         change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
         let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
         let at = Duration::from_millis(moments.next() % span_ms);
-        let (id, path) = match kind {
-            "replica" => {
-                let id = site.start_replica("vm").await;
-                (id.clone(), format!("/api/v1/replications/{id}"))
-            }
-            _ => {
-                let id = site.start_backup("vm", kind).await;
-                (id.clone(), format!("/api/v1/backups/{id}"))
-            }
-        };
+        let (id, path) = start_run(&site, kind).await;
         tokio::time::sleep(at).await;
         site.stop_hub();
         site.start_hub();
