@@ -234,17 +234,14 @@ impl Exports {
         self.server.export_stats(name).map(|s| s.connections_active).unwrap_or(0)
     }
 
-    /// Stop everything (shutdown). Returns the exports that did not close clean (the drain or
-    /// the final flush failed, or another task was closing them).
+    /// Stop everything (shutdown), every export at once: a stop waits for the slowest drain, not
+    /// their sum (systemd's stop timeout would otherwise kill the hub before it hands its runs
+    /// over). Returns the exports that did not close clean (the drain or the final flush failed,
+    /// or another task was closing them).
     pub async fn shutdown(&self) -> Vec<String> {
         let names: Vec<String> = self.open.lock().map(|o| o.keys().cloned().collect()).unwrap_or_default();
-        let mut unclean = Vec::new();
-        for n in names {
-            if self.close(&n).await.is_none() {
-                unclean.push(n);
-            }
-        }
-        unclean
+        let closed = futures_util::future::join_all(names.iter().map(|n| self.close(n))).await;
+        names.into_iter().zip(closed).filter(|(_, stats)| stats.is_none()).map(|(n, _)| n).collect()
     }
 }
 
