@@ -16,7 +16,8 @@
 //! goes on. The verification at the end (the node's checksum of every disk) still decides.
 //! A restore the hub drives onto a node (`restore_run.rs`) is handed over the same way: its
 //! read-only exports open again on their ports, the node's reads are repeated, and the checksum
-//! of what it wrote is compared with the backup's as before.
+//! of what it wrote is compared with the backup's as before. A schedule's run under way is
+//! handed over with what it had done, and goes on (`scheduled.rs`).
 //!
 //! What is not taken up ends as an interrupted run does (its directory removed, its node job
 //! cancelled): a job whose node left the configuration, whose port left the range or is taken,
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::files::{self, off_runtime};
 use super::restore_run::{RestoreRun, RunState};
 use super::restores::Restore;
+use super::scheduled::ScheduleRun;
 use super::view::{JobDisk, JobState};
 use super::{valid_name, Hub, Job, Kind, Status};
 use crate::ports::bindable;
@@ -121,6 +123,9 @@ pub(super) struct Record {
     pub(super) jobs: Vec<HandedOver>,
     #[serde(default)]
     pub(super) restores: Vec<HandedRestore>,
+    /// Schedules' runs under way, by schedule name.
+    #[serde(default)]
+    pub(super) schedule_runs: BTreeMap<String, ScheduleRun>,
 }
 
 impl HandedOver {
@@ -207,10 +212,14 @@ impl Hub {
                 .filter_map(|r| HandedRestore::of(r))
                 .collect()
         };
-        if jobs.is_empty() && restores.is_empty() {
+        let schedule_runs: BTreeMap<String, ScheduleRun> = {
+            let st = self.state();
+            st.schedules.iter().filter_map(|(name, s)| Some((name.clone(), s.run_under_way()?.clone()))).collect()
+        };
+        if jobs.is_empty() && restores.is_empty() && schedule_runs.is_empty() {
             return;
         }
-        let record = Record { stopped_at: crate::repo::now_rfc3339(), jobs, restores };
+        let record = Record { stopped_at: crate::repo::now_rfc3339(), jobs, restores, schedule_runs };
         let count = record.jobs.len() + record.restores.len();
         let path = self.repo.root.join(RECORD);
         let written = off_runtime("handing jobs over", move || {
@@ -468,16 +477,34 @@ mod tests {
             destinations: BTreeMap::from([(2000, "/var/lib/vm/d0".into())]),
             ports: BTreeMap::from([(2000, 10101)]),
         };
+        // Fields the API leaves out when empty read back as empty.
+        let run = ScheduleRun {
+            occurrence: Some("2026-11-30T02:00:00Z".into()),
+            trigger: super::super::Trigger::Schedule,
+            started_at: "2026-11-30T02:00:00.01Z".into(),
+            ended_at: None,
+            backups: vec![super::super::ScheduledBackup {
+                vm_name: "vm".into(),
+                node: None,
+                backup_id: Some("b1".into()),
+                replication_id: None,
+                status: super::super::Outcome::Running,
+                error: None,
+            }],
+            errors: vec![],
+        };
         let mut unmatched = restore.clone();
         unmatched.ports.insert(2001, 10102);
         let record = Record {
             stopped_at: "now".into(),
             jobs: vec![handed("b1"), bad],
             restores: vec![restore.clone(), unmatched],
+            schedule_runs: BTreeMap::from([("nightly".to_string(), run.clone())]),
         };
         std::fs::write(dir.path().join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let taken = take_record(dir.path());
         assert_eq!((taken.jobs.clone(), taken.restores), (vec![handed("b1")], vec![restore]));
+        assert_eq!(taken.schedule_runs.get("nightly"), Some(&run));
         assert!(!dir.path().join(RECORD).exists(), "a record is taken up once");
         assert!(take_record(dir.path()).jobs.is_empty());
         // A record that does not read hands nothing over, and is gone too.

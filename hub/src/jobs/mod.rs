@@ -156,6 +156,8 @@ struct State {
     handed_over: Vec<handover::HandedOver>,
     /// Driven restores the last stop handed over, likewise.
     handed_restores: Vec<handover::HandedRestore>,
+    /// Schedules' runs the last stop cut short, by name, until their schedule goes on with them.
+    handed_runs: BTreeMap<String, ScheduleRun>,
     /// The ids of the runs taken up at start.
     taken_up: std::collections::HashSet<String>,
     /// Runs taken up at start, and handed-over runs that could not be.
@@ -202,7 +204,7 @@ impl Hub {
             .into_iter()
             .filter(|(_, id)| !handed.restores.iter().any(|r| r.id == *id))
             .collect();
-        let (handed_over, handed_restores) = (handed.jobs, handed.restores);
+        let (handed_over, handed_restores, handed_runs) = (handed.jobs, handed.restores, handed.schedule_runs);
         let (manifests, unmerged) = merge::finish_interrupted(&repo, manifests);
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let merges = unmerged.into_iter().map(|m| (m.from.vm_name.clone(), m)).collect();
@@ -225,6 +227,7 @@ impl Hub {
                 lost_restores,
                 handed_over,
                 handed_restores,
+                handed_runs,
                 ..State::default()
             }),
             shutdown: CancellationToken::new(),

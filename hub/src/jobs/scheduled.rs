@@ -13,7 +13,9 @@
 //! - A missed night is caught up: the last occurrence handled (its run ended, or it was skipped)
 //!   is kept in the repository (`.schedules.json`); a hub started after an occurrence it did not
 //!   handle (it was down, or killed mid-run) runs the schedule once at start, not once per missed
-//!   occurrence. A schedule new to the hub starts from its next occurrence.
+//!   occurrence. A schedule new to the hub starts from its next occurrence. A run a graceful stop
+//!   cut short goes on at the next start instead (`handover.rs`): what it had done is kept, its
+//!   VMs' backups under way are taken up and followed, the rest are backed up.
 //! - A node out of reach for a moment (its tunnel reconnecting) or ports all leased does not
 //!   lose the night: a start that fails as unavailable (503), and the listing of a node's VMs for
 //!   `vms = ["*"]`, are tried again every [`RETRY_EVERY`] for up to [`RETRY_FOR`]. Other refusals
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +52,7 @@ const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// What started a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Trigger {
     /// Its occurrence came.
@@ -62,7 +64,7 @@ pub enum Trigger {
 }
 
 /// Where one VM of a run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// Not started yet (waiting for its turn, or for its node or a port).
@@ -94,7 +96,7 @@ impl Outcome {
 }
 
 /// One VM of a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduledBackup {
     /// VM.
     pub vm_name: String,
@@ -115,7 +117,7 @@ pub struct ScheduledBackup {
 }
 
 /// One run of a schedule.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleRun {
     /// The occurrence it is for (none when asked for through the API).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,7 +132,7 @@ pub struct ScheduleRun {
     /// Its VMs.
     pub backups: Vec<ScheduledBackup>,
     /// A node whose VMs could not be listed (with `vms = ["*"]`), and why.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
 }
 
@@ -187,6 +189,11 @@ pub(super) struct ScheduleState {
 }
 
 impl ScheduleState {
+    /// Its run under way, if any (what a graceful stop hands over, `handover.rs`).
+    pub(super) fn run_under_way(&self) -> Option<&ScheduleRun> {
+        self.running.as_ref()
+    }
+
     /// No run of it goes on.
     pub(super) fn is_idle(&self) -> bool {
         self.running.is_none()
@@ -276,7 +283,7 @@ impl Hub {
         // Shown as running before the answer, so that a caller polling at once sees it.
         self.begin_run(name, None, Trigger::Api);
         let hub = Arc::clone(self);
-        tokio::spawn(async move { hub.run(&schedule, None, Trigger::Api, guard).await });
+        tokio::spawn(async move { hub.run(&schedule, None, Trigger::Api, guard, &[]).await });
         self.schedule_view(name).ok_or_else(|| HubError::Internal(format!("schedule {name} vanished")))
     }
 
@@ -294,13 +301,26 @@ impl Hub {
         let tz = TimeZone::system();
         let now = Timestamp::now();
         self.state().schedules.entry(s.name.clone()).or_default().next_run = s.next_after(now, &tz);
+        // A run of it a graceful stop cut short (`handover.rs`) goes on first: the VMs it had
+        // done are not backed up again, those under way are followed, the rest are backed up.
+        let handed = catch_up.then(|| self.state().handed_runs.remove(&s.name)).flatten();
+        if let Some(prior) = handed {
+            if let Ok(guard) = self.schedule_lock(&s.name) {
+                let occurrence = prior.occurrence.as_deref().and_then(|o| o.parse::<Timestamp>().ok());
+                tracing::info!(schedule = %s.name, started_at = %prior.started_at, "schedule: going on with the run the hub's restart cut short");
+                let (carried, trigger) = (prior.backups.clone(), prior.trigger);
+                self.state().schedules.entry(s.name.clone()).or_default().running =
+                    Some(ScheduleRun { ended_at: None, backups: Vec::new(), errors: Vec::new(), ..prior });
+                self.run(&schedule, occurrence, trigger, guard, &carried).await;
+            }
+        }
         let marks = self.schedule_marks().await;
         match (marks.get(&s.name), s.last_at_or_before(now, &tz)) {
             (Some(handled), Some(missed)) if catch_up && *handled < missed => {
                 tracing::warn!(schedule = %s.name, occurrence = %missed, "schedule: an occurrence was missed while the hub was down: running it now");
                 if let Ok(guard) = self.schedule_lock(&s.name) {
                     self.begin_run(&s.name, Some(missed), Trigger::CatchUp);
-                    self.run(&schedule, Some(missed), Trigger::CatchUp, guard).await;
+                    self.run(&schedule, Some(missed), Trigger::CatchUp, guard, &[]).await;
                 }
             }
             // New to the hub (or changed by a reload): from its next occurrence on.
@@ -339,7 +359,7 @@ impl Hub {
             match self.schedule_lock(&s.name) {
                 Ok(guard) => {
                     self.begin_run(&s.name, Some(next), Trigger::Schedule);
-                    self.run(&schedule, Some(next), Trigger::Schedule, guard).await;
+                    self.run(&schedule, Some(next), Trigger::Schedule, guard, &[]).await;
                 }
                 Err(_) => {
                     tracing::warn!(schedule = %s.name, occurrence = %next, "schedule: skipped, a run of it (asked for by the API, or before a reload) is still going");
@@ -365,30 +385,40 @@ impl Hub {
     }
 
     /// One run: the schedule's VMs backed up, `parallel` at a time; then the occurrence marked
-    /// handled. `_guard` keeps other runs of the schedule out until this one ends.
+    /// handled. `_guard` keeps other runs of the schedule out until this one ends. `carried`: what
+    /// this run had done before a restart cut it short; a VM that ended there (completed or
+    /// failed) keeps its outcome and is not backed up again.
     async fn run(
         self: &Arc<Self>,
         schedule: &Arc<Schedule>,
         occurrence: Option<Timestamp>,
         trigger: Trigger,
         _guard: OwnedMutexGuard<()>,
+        carried: &[ScheduledBackup],
     ) {
         let s = &**schedule;
         let name = s.name.as_str();
         let (targets, errors) = self.scheduled_vms(s).await;
         tracing::info!(schedule = name, ?trigger, vms = targets.len(), "schedule: run started");
+        let ended_before = |vm: &str, node: &Option<String>| {
+            carried.iter().find(|b| {
+                b.vm_name == vm && b.node == *node && matches!(b.status, Outcome::Completed | Outcome::Failed)
+            })
+        };
         {
             let mut st = self.state();
             if let Some(run) = st.schedules.get_mut(name).and_then(|x| x.running.as_mut()) {
                 run.backups = targets
                     .iter()
-                    .map(|(vm, node)| ScheduledBackup {
-                        vm_name: vm.clone(),
-                        node: node.clone(),
-                        backup_id: None,
-                        replication_id: None,
-                        status: Outcome::Waiting,
-                        error: None,
+                    .map(|(vm, node)| {
+                        ended_before(vm, node).cloned().unwrap_or_else(|| ScheduledBackup {
+                            vm_name: vm.clone(),
+                            node: node.clone(),
+                            backup_id: None,
+                            replication_id: None,
+                            status: Outcome::Waiting,
+                            error: None,
+                        })
                     })
                     .collect();
                 run.errors = errors;
@@ -398,6 +428,9 @@ impl Hub {
         let mut backups = tokio::task::JoinSet::new();
         // Turns taken in the listed order: VMs start in the order the schedule names them.
         for (slot, (vm, node)) in targets.into_iter().enumerate() {
+            if ended_before(&vm, &node).is_some() {
+                continue;
+            }
             let Ok(turn) = Arc::clone(&turns).acquire_owned().await else { break };
             let hub = Arc::clone(self);
             let schedule = Arc::clone(schedule);
