@@ -22,9 +22,9 @@
 //! What is not taken up ends as an interrupted run does (its directory removed, its node job
 //! cancelled): a job whose node left the configuration, whose port left the range or is taken,
 //! whose image is missing or does not open, or whose parent backup is gone (for a restore: its
-//! backup or node is gone, or a port is). A hub that is killed
-//! (no graceful stop) writes nothing. A node that gave up meanwhile (the hub was away longer than
-//! its retry window) answers that the job failed, and it ends so.
+//! backup, node or a port is gone). A hub that is killed (no graceful stop) writes nothing. A node
+//! that gave up meanwhile (the hub was away longer than its retry window) answers that the job
+//! failed, and it ends so.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;

@@ -1,10 +1,10 @@
 //! A hub restarted (SIGTERM, as `systemctl restart` sends) while backups and a restore it drives
 //! run: they are handed over to the next start, which takes them up on the same ports; the node's
 //! connections are made again and the backups complete equal to their disks, the restore equal
-//! to the backup. A run that cannot be taken up (its port
-//! left the range) ends as an interrupted one: removed, and cancelled on its node (replications
-//! taken up: `crash.rs`, the graceful-stop rounds). A schedule's run the restart cut short goes
-//! on where it was: the VM it had backed up is not backed up again, the one under way is followed.
+//! to the backup. A run that cannot be taken up (its port left the range) ends as an interrupted
+//! one: removed, and cancelled on its node (replications taken up: `crash.rs`, the graceful-stop
+//! rounds). A schedule's run the restart cut short goes on where it was: the VM it had backed up
+//! is not backed up again, the one under way is followed.
 
 use std::time::{Duration, Instant};
 
