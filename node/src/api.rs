@@ -192,7 +192,7 @@ pub struct DiskStatus {
     /// Seconds left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<u64>,
-    /// `pending`, `running`, `completed`, `failed`, `cancelled`.
+    /// `pending`, `running`, `completed`, `failed`, `cancelled`; `paused` while a stopping node hands it over.
     pub status: String,
     /// Disk checksum (`blake3-blocks/BLOCK:HEX`) of the whole disk as the target now holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use crate::api::{JobStatus, TunnelView};
-use crate::jobs::Job;
+use crate::jobs::{Job, TakenUp};
 use crate::service::ReloadStatus;
 
 fn escape(v: &str) -> String {
@@ -16,7 +16,7 @@ fn escape(v: &str) -> String {
 }
 
 /// Render the node's metrics.
-pub fn render(jobs: &[Arc<Job>], tunnel: &TunnelView, reload: &ReloadStatus) -> String {
+pub fn render(jobs: &[Arc<Job>], tunnel: &TunnelView, reload: &ReloadStatus, taken_up: TakenUp) -> String {
     let mut out = String::new();
     let views: Vec<_> = jobs.iter().map(|j| j.view()).collect();
     let _ =
@@ -64,6 +64,14 @@ pub fn render(jobs: &[Arc<Job>], tunnel: &TunnelView, reload: &ReloadStatus) -> 
             "# HELP sendense_node_{name} {help}\n# TYPE sendense_node_{name} {kind}\nsendense_node_{name} {value}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP sendense_node_jobs_taken_up Jobs the last stop handed over, taken up (resumed) or not (dropped) at this start.\n\
+         # TYPE sendense_node_jobs_taken_up gauge\n\
+         sendense_node_jobs_taken_up{{result=\"resumed\"}} {}\n\
+         sendense_node_jobs_taken_up{{result=\"dropped\"}} {}",
+        taken_up.resumed, taken_up.dropped
+    );
     out.push_str(&reload.metrics("sendense_node"));
     out
 }

@@ -23,6 +23,17 @@
 //! hash is known, and per-disk counters that the API reads while the copy runs. Blocks written
 //! are recorded in a [`WrittenSet`] even when the copy fails, so the job layer can mark them
 //! unknown in the committed map.
+//!
+//! ## Paused, to go on in another process
+//! [`copy_disk_pausable`] also stops on a pause token (the node stopping gracefully): the
+//! workers stop where they are, the target is flushed, and what comes out is the *resume map*:
+//! for each block, what the target now holds as far as this copy knows it. A block whose
+//! writes were all acknowledged has its new hash; one with an acknowledged write but not all
+//! (the item was cut) is unknown; one nothing acknowledged was written to keeps the base's hash.
+//! A copy started again with that map as its base skips exactly the blocks the target holds
+//! already. That holds for the blocks whose write was in flight too: a block is only ever
+//! written when the source differs from the base, so the resumed copy, reading the same
+//! snapshot, finds it different from the base's hash again and writes it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -309,6 +320,15 @@ pub enum Changes {
     Bitmap,
 }
 
+/// How a pausable copy ended without an error.
+#[derive(Debug, Clone)]
+pub enum Ended {
+    /// Every block dealt with, the target flushed.
+    Completed(Outcome),
+    /// Stopped by the pause token, the target flushed: the resume map (module doc).
+    Paused(BlockMap),
+}
+
 /// Copy one disk.
 ///
 /// # Errors
@@ -325,6 +345,39 @@ pub async fn copy_disk(
     written: Arc<WrittenSet>,
     cancel: CancellationToken,
 ) -> Result<Outcome, MoveError> {
+    let never = CancellationToken::new();
+    let tokens = Tokens { cancel, pause: never };
+    match copy_disk_pausable(source, sink, base, changes, options, progress, written, tokens).await? {
+        Ended::Completed(outcome) => Ok(outcome),
+        Ended::Paused(_) => Err(MoveError::Cancelled),
+    }
+}
+
+/// What stops a copy: `cancel` ends it for good, `pause` ends it with a resume map.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    /// Stop, nothing to keep.
+    pub cancel: CancellationToken,
+    /// Stop, flush, and say what the target holds.
+    pub pause: CancellationToken,
+}
+
+/// Copy one disk; a pause ends it with the resume map ([`Ended::Paused`], module doc).
+///
+/// # Errors
+/// As [`copy_disk`].
+#[allow(clippy::too_many_arguments)]
+pub async fn copy_disk_pausable(
+    source: Arc<Source>,
+    sink: Arc<Sink>,
+    base: Base,
+    changes: Changes,
+    options: &CopyOptions,
+    progress: Arc<Progress>,
+    written: Arc<WrittenSet>,
+    tokens: Tokens,
+) -> Result<Ended, MoveError> {
+    let Tokens { cancel, pause } = tokens;
     let size = source.size();
     if sink.size() < size {
         return Err(MoveError::Mismatch(format!("the target holds {} bytes; the source has {size}", sink.size())));
@@ -362,6 +415,15 @@ pub async fn copy_disk(
     let workers = (connections * options.depth.max(1)).max(1);
     let per_item = (options.request_size / block_size).max(1);
     let stop = cancel.child_token();
+    let pause_watch = {
+        let (pause, stop) = (pause.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = pause.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        })
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Item>(workers * 2);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let first_error: Arc<Mutex<Option<MoveError>>> = Arc::default();
@@ -407,6 +469,7 @@ pub async fn copy_disk(
         stop.cancel();
     }
     while tasks.join_next().await.is_some() {}
+    pause_watch.abort();
     shared.progress.finish();
 
     let worker_error = first_error.lock().ok().and_then(|mut e| e.take());
@@ -416,15 +479,38 @@ pub async fn copy_disk(
     if let Some(e) = worker_error {
         return Err(e);
     }
-    planned?;
+    let paused = pause.is_cancelled();
+    if !paused {
+        planned?;
+    }
+    // Every write acknowledged so far made durable: a pause hands them to the next run.
     tokio::select! {
         _ = cancel.cancelled() => return Err(MoveError::Cancelled),
         r = shared.sink.flush() => r?,
     }
     let hashes = shared.hashes.lock().map(|h| h.clone()).unwrap_or_default();
+    if paused {
+        return Ok(Ended::Paused(resume_map(&shared, hashes)));
+    }
     let map = BlockMap { disk_size: size, block_size, hashes };
     let checksum = (!map.hashes.contains(&UNKNOWN)).then(|| map.checksum());
-    Ok(Outcome { map, checksum, reconnects: shared.sink.reconnects() + shared.source.reconnects() })
+    Ok(Ended::Completed(Outcome { map, checksum, reconnects: shared.sink.reconnects() + shared.source.reconnects() }))
+}
+
+/// What the target holds after a pause (module doc): the new hash of a block done, unknown for
+/// a block written in part, the base's hash for one nothing was acknowledged for.
+fn resume_map(shared: &Shared, mut hashes: Vec<Hash>) -> BlockMap {
+    let touched = shared.written.blocks();
+    let mut touched = touched.iter().peekable();
+    for (b, h) in hashes.iter_mut().enumerate() {
+        let b = b as u64;
+        while touched.next_if(|&&t| t < b).is_some() {}
+        let written = touched.peek().is_some_and(|&&t| t == b);
+        if *h == UNKNOWN && !written {
+            *h = shared.base_hash(b).unwrap_or(UNKNOWN);
+        }
+    }
+    BlockMap { disk_size: shared.size, block_size: shared.block_size, hashes }
 }
 
 /// Walk the disk, classify blocks, and queue the work.

@@ -14,8 +14,9 @@
 //! SSH endpoint in place of direct TCP (slower rounds: a tunnel that was up less than 10 s
 //! reconnects with a doubled backoff, up to 30 s, as the node's flapping rule says).
 //!
-//! The same rounds with a graceful stop (SIGTERM) in place of the kill: every run is taken up by
-//! the restarted hub and completes (`handover.rs` in the hub).
+//! The same rounds with a graceful stop (SIGTERM) in place of the kill, of the hub or of the node:
+//! every run is taken up by the restarted process and completes (`handover.rs` in the hub and in
+//! the node's jobs).
 
 use std::time::{Duration, Instant};
 
@@ -264,6 +265,50 @@ async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it(
         site.assert_backup_equals_sources("vm", &next, 2);
     }
     eprintln!("graceful stops: {rounds} runs completed, {taken_up} of them taken up by the restarted hub: {runs:?}");
+}
+
+/// The node stopped gracefully (SIGTERM, as `systemctl restart sendense-node` sends) at a random
+/// moment of a backup or a replica run, round after round, and started again: the run is paused
+/// and handed over, and the next start takes it up wherever it was (before its first disk, while
+/// data flows, between disks, completed and waiting for the hub's commit). Every run must
+/// complete, equal to the sources, the repository must hold only whole backups, no port may stay
+/// leased, and the next backup must build on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it() {
+    let Soak { rounds, seed, mut moments, transport } = Soak::from_env("node stops");
+    // Slowed down so that most stops land while data flows.
+    let opts = Options { copy: "bandwidth_limit = \"16M\"", ..Options::default() };
+    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
+    let started = Instant::now();
+    site.backup("vm", "full").await;
+    let span_ms = (started.elapsed().as_millis() as u64 * 13 / 10).max(50);
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
+        change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
+        let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
+        let at = Duration::from_millis(moments.next() % span_ms);
+        let (id, path) = start_run(&site, kind).await;
+        tokio::time::sleep(at).await;
+        site.stop_node();
+        let handed = site.path().join("node-state/.jobs-handed-over.json").exists();
+        site.start_node();
+        let context = format!("node stop round {round} (HUB_KILL_SEED={seed}): {kind} {id} stopped after {at:?}");
+        let done = site.wait(&path).await;
+        assert_eq!(done["status"], "completed", "{context}: {done}");
+        match kind {
+            "replica" => site.assert_replica_equals_sources("vm", 2),
+            _ => site.assert_backup_equals_sources("vm", &done, 2),
+        }
+        let completed = assert_only_whole_backups(&site, &[], &context).await;
+        assert!(kind == "replica" || completed.contains(&id), "{context}: {completed:?}");
+        site.ports_all_free().await;
+        runs.push(format!("{kind} after {at:?}{}", if handed { " (handed over)" } else { "" }));
+        site.wait_node_reachable().await;
+        let next = site.backup("vm", "incremental").await;
+        site.assert_backup_equals_sources("vm", &next, 2);
+    }
+    eprintln!("node stops: {rounds} runs completed: {runs:?}");
 }
 
 /// Every backup listed is completed (or is a killed run, failed), every completed one has its

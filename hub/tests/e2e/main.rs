@@ -10,6 +10,7 @@ mod compress;
 mod crash;
 mod handover;
 mod merge;
+mod node_restart;
 mod reload;
 mod schedule;
 mod site;

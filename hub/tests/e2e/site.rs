@@ -143,6 +143,21 @@ impl Drop for Process {
     }
 }
 
+/// SIGTERM, and wait for a clean exit within 60 s.
+fn stop_gracefully(process: Option<Process>, what: &str) {
+    let Some(mut p) = process else { return };
+    signal_process(p.0.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            assert!(status.success(), "the {what}'s graceful stop ended with {status}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the {what} did not stop within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn signal_process(pid: u32, signal: &str) {
     assert_ne!(pid, 0, "no such process");
     let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
@@ -418,17 +433,12 @@ impl Site {
 
     /// SIGTERM, as `systemctl stop` or `restart` sends, and wait for the hub to exit (successfully).
     pub fn stop_hub(&mut self) {
-        let Some(mut p) = self.hub.take() else { return };
-        signal_process(p.0.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = p.0.try_wait().unwrap() {
-                assert!(status.success(), "the hub's graceful stop ended with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "the hub did not stop within 60 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        stop_gracefully(self.hub.take(), "hub");
+    }
+
+    /// SIGTERM to the node, and wait for it to exit (successfully).
+    pub fn stop_node(&mut self) {
+        stop_gracefully(self.node.take(), "node");
     }
 
     /// The hub's pid (to look into its mount namespace).

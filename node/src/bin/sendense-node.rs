@@ -222,6 +222,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         jobs = jobs.through_tunnel(t.dialer());
     }
     let jobs = Arc::new(jobs);
+    // Before the API serves: the hub polling the jobs the last stop handed over finds them running.
+    let taken = jobs.take_up_handed_over();
+    if taken != node::jobs::TakenUp::default() {
+        tracing::info!(resumed = taken.resumed, dropped = taken.dropped, "jobs taken up from the last stop");
+    }
     let state = Arc::new(AppState { jobs: Arc::clone(&jobs), tunnel });
     tracing::info!(
         listen = %settings.listen,
@@ -232,10 +237,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&jobs), a));
     let shutdown = async move {
         node::service::shutdown_signal().await;
-        tracing::info!("shutting down: cancelling running jobs");
-        for j in jobs.all() {
-            j.cancel();
-        }
+        // The API answers meanwhile: the hub sees its jobs running until the node is gone.
+        tracing::info!("shutting down: pausing backups and replications for the next start, cancelling restores");
+        jobs.hand_over(node::jobs::PAUSE_WITHIN).await;
     };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serve")?;
     reloader.abort();

@@ -1,9 +1,10 @@
 //! One disk's copy in a backup or replicate job: which base it is copied against (the pure
 //! policy [`choose_base`]), the replica-run marker that says a target is being written in
 //! place, the copy itself, and the change-tracking state it leaves: a pending map for `commit`
-//! when it completes, or the blocks it wrote marked unknown in the committed map when it fails
-//! (so a replica gets them again next time). Map loads and saves wait for the disk: they run on
-//! the blocking pool.
+//! when it completes, the resume map when a stopping node paused it (the next start goes on
+//! from it, with the choice made the first time), or the blocks it wrote marked unknown in the
+//! committed map when it fails (so a replica gets them again next time). Map loads and saves
+//! wait for the disk: they run on the blocking pool.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use super::{off_runtime, set_disk, sync_dir, DiskJob, Job, JobKind, Jobs};
 use crate::api::{BackupType, CopyMode};
 use crate::blockmap::{BlockMap, UNKNOWN};
 use crate::error::MoveError;
-use crate::mover::{self, Base, WrittenSet};
+use crate::mover::{self, Base, Ended, Tokens, WrittenSet};
 use crate::pool::{Endpoint, NbdPool};
 use crate::sink::Sink;
 use crate::source::Source;
@@ -84,6 +85,16 @@ impl Jobs {
         backup_type: BackupType,
     ) -> Result<(), String> {
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
+        // Paused by the node's last stop: what the target holds, and the choice made then.
+        let resumed = dj.state.lock().ok().and_then(|mut s| {
+            let map = s.resume.take()?;
+            Some(BaseChoice {
+                base: Base::Map(map),
+                mode: s.mode,
+                reason: s.mode_reason.clone(),
+                change_source: s.change_source,
+            })
+        });
         set_disk(dj, "running", None, None);
         let settings = self.settings();
         let opts = &settings.copy;
@@ -110,7 +121,7 @@ impl Jobs {
         // map, so the map cannot be trusted. The marker lives from the start of a replica copy
         // until its commit (or until a failure has marked its blocks).
         let inflight = map_path.with_extension("map.inflight");
-        let interrupted = job.kind == JobKind::Replicate && inflight.exists();
+        let interrupted = job.kind == JobKind::Replicate && inflight.exists() && resumed.is_none();
         if interrupted {
             committed = None;
         }
@@ -130,28 +141,11 @@ impl Jobs {
             p = NbdPool::connect(endpoint, opts.connections, opts.retry_window, job.cancel.clone()) => p,
         }
         .map_err(fail)?;
-        // A replica run that was cut left blocks nobody accounted for: not even the bitmap
-        // knows them (the hooks may have started a new one), so every block is written.
-        let mut choice = choose_base(
-            backup_type,
-            committed.clone(),
-            source.size(),
-            opts.block_size_for(source.size()),
-            source.has_dirty_bitmap() && !interrupted,
-        );
-        if let Some(note) = source.bitmap_note().filter(|_| choice.mode == CopyMode::Incremental) {
-            choice.reason = Some(note.to_string());
-        }
-        if interrupted && choice.mode == CopyMode::Full && backup_type == BackupType::Incremental {
-            choice.reason =
-                Some("the previous replica run did not finish or was not committed: every block is written".into());
-        }
-        if matches!(choice.base, Base::Zero) && !sink.reads_as_zero().await.map_err(fail)? {
-            // A "full" into a target that already holds data (an overlay, a reused replica):
-            // zero blocks must be written too.
-            choice.base = Base::Unknown;
-            choice.reason = Some("the target is not empty: every block is written, zeroes included".into());
-        }
+        let was_resumed = resumed.is_some();
+        let mut choice = match resumed {
+            Some(choice) => choice,
+            None => self.choose(&source, &sink, committed.clone(), backup_type, interrupted).await.map_err(fail)?,
+        };
         set_choice(dj, &choice);
         tracing::info!(job = %job.id, disk = disk.key, mode = ?choice.mode, changes = choice.change_source, reason = ?choice.reason, "copying disk");
         let sink = Arc::new(Sink::Nbd(sink));
@@ -160,21 +154,30 @@ impl Jobs {
             "bitmap" => mover::Changes::Bitmap,
             _ => mover::Changes::ReadAll,
         };
-        let result = mover::copy_disk(
+        let tokens = Tokens { cancel: job.cancel.clone(), pause: job.pause.clone() };
+        let result = mover::copy_disk_pausable(
             Arc::clone(&source),
             Arc::clone(&sink),
-            choice.base,
+            std::mem::replace(&mut choice.base, Base::Unknown),
             changes,
             opts,
             Arc::clone(&dj.progress),
             Arc::clone(&written),
-            job.cancel.clone(),
+            tokens,
         )
         .await;
         sink.close().await;
         source.close().await;
         match result {
-            Ok(outcome) => {
+            Ok(Ended::Paused(map)) => {
+                // The replica marker stays: the run is not over.
+                if let Ok(mut s) = dj.state.lock() {
+                    s.status = "paused";
+                    s.resume = Some(map);
+                }
+                Ok(())
+            }
+            Ok(Ended::Completed(outcome)) => {
                 let pending = map_path.with_extension(format!("map.pending-{}", job.id));
                 let (map, at) = (outcome.map, pending.clone());
                 off_runtime(move || map.save(&at))
@@ -188,6 +191,11 @@ impl Jobs {
                     s.pending_map = Some(pending);
                 }
                 Ok(())
+            }
+            Err(e) if was_resumed => {
+                // Blocks the run before the stop wrote are not in `written`: the marker stays,
+                // and the next replica run writes every block.
+                Err(fail(e))
             }
             Err(e) => {
                 if let Some(mut map) = committed {
@@ -213,6 +221,43 @@ impl Jobs {
                 Err(fail(e))
             }
         }
+    }
+}
+
+impl Jobs {
+    /// The base of a disk's copy that is not taken up from a stop: [`choose_base`] with what the
+    /// source and target tell.
+    async fn choose(
+        &self,
+        source: &Source,
+        sink: &NbdPool,
+        committed: Option<BlockMap>,
+        backup_type: BackupType,
+        interrupted: bool,
+    ) -> Result<BaseChoice, MoveError> {
+        // A replica run that was cut left blocks nobody accounted for: not even the bitmap
+        // knows them (the hooks may have started a new one), so every block is written.
+        let mut choice = choose_base(
+            backup_type,
+            committed,
+            source.size(),
+            self.settings().copy.block_size_for(source.size()),
+            source.has_dirty_bitmap() && !interrupted,
+        );
+        if let Some(note) = source.bitmap_note().filter(|_| choice.mode == CopyMode::Incremental) {
+            choice.reason = Some(note.to_string());
+        }
+        if interrupted && choice.mode == CopyMode::Full && backup_type == BackupType::Incremental {
+            choice.reason =
+                Some("the previous replica run did not finish or was not committed: every block is written".into());
+        }
+        if matches!(choice.base, Base::Zero) && !sink.reads_as_zero().await? {
+            // A "full" into a target that already holds data (an overlay, a reused replica):
+            // zero blocks must be written too.
+            choice.base = Base::Unknown;
+            choice.reason = Some("the target is not empty: every block is written, zeroes included".into());
+        }
+        Ok(choice)
     }
 }
 

@@ -8,7 +8,8 @@
 //! committed map, so a target written in place (a replica) gets them again next time.
 //!
 //! One disk's copy, with the policy of which base it is copied against (the pure function
-//! [`choose_base`]), is `copy`; restore jobs are `restore`, the snapshot hooks `hooks`.
+//! [`choose_base`]), is `copy`; restore jobs are `restore`, the snapshot hooks `hooks`; what a
+//! stopping node hands over to its next start (copies paused, not cancelled) is `handover`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -24,10 +25,12 @@ use crate::pool::{Endpoint, ThroughTunnel};
 use crate::targets::{self, Target};
 
 mod copy;
+mod handover;
 mod hooks;
 mod reload;
 mod restore;
 
+pub use handover::{TakenUp, PAUSE_WITHIN};
 pub use reload::Reloaded;
 pub use restore::remove_interrupted_restores;
 
@@ -82,6 +85,9 @@ struct DiskState {
     error: Option<String>,
     reconnects: u64,
     pending_map: Option<PathBuf>,
+    /// A copy paused by a stopping node: what the target holds (`mover`'s resume map), the base
+    /// the next start's copy goes on from.
+    resume: Option<crate::blockmap::BlockMap>,
 }
 
 /// One disk of a job.
@@ -97,6 +103,14 @@ struct JobState {
     status: JobStatus,
     error: Option<String>,
     committed: bool,
+    /// Paused for the next start (`handover`): still running as the hub sees it.
+    handed_over: bool,
+}
+
+impl JobState {
+    fn running() -> Self {
+        Self { status: JobStatus::Running, error: None, committed: false, handed_over: false }
+    }
 }
 
 /// A job.
@@ -106,6 +120,10 @@ pub struct Job {
     kind: JobKind,
     vm_name: String,
     cancel: CancellationToken,
+    /// A stopping node pauses copies instead of cancelling them (`handover`).
+    pause: CancellationToken,
+    /// What started a backup or replicate job, kept to start it again after a restart.
+    request: Option<StartRequest>,
     state: Mutex<JobState>,
     disks: Vec<DiskJob>,
 }
@@ -200,6 +218,8 @@ pub struct Jobs {
     settings: std::sync::RwLock<Arc<Settings>>,
     /// The last reload, for the metrics.
     last_reload: Mutex<crate::service::ReloadStatus>,
+    /// What this start took up from the last stop, for the metrics.
+    taken_up: Mutex<TakenUp>,
     /// The node's running tunnel, through which hub ports are reached in process.
     tunnel: Option<tunnel::TunnelDialer>,
     table: Mutex<Table>,
@@ -222,6 +242,7 @@ impl Jobs {
         Self {
             settings: std::sync::RwLock::new(settings),
             last_reload: Mutex::default(),
+            taken_up: Mutex::default(),
             tunnel: None,
             table: Mutex::new(Table::default()),
         }
@@ -337,6 +358,24 @@ impl Jobs {
     /// # Errors
     /// Bad input (400), unknown VM (404), a job already running for the VM or the id in use (409).
     pub fn start_copy(self: &Arc<Self>, req: StartRequest, kind: JobKind) -> Result<Arc<Job>, JobError> {
+        let (vm, plan) = self.plan_copy(&req)?;
+        // Bases are chosen when each disk starts (the source's size is known then); the mode
+        // shown until then is the one asked for.
+        let disks = plan
+            .iter()
+            .map(|(d, _)| {
+                let mode = if req.backup_type == BackupType::Full { CopyMode::Full } else { CopyMode::Incremental };
+                DiskJob::new(d.key, mode)
+            })
+            .collect();
+        let job = Arc::new(Job::copy(req, kind, disks));
+        self.register(Arc::clone(&job), &[&vm.name], &[])?;
+        self.spawn_copy(&job, vm, plan, false);
+        Ok(job)
+    }
+
+    /// The VM and, for each target, its disk and where to dial.
+    fn plan_copy(&self, req: &StartRequest) -> Result<(Vm, Vec<(crate::config::Disk, Endpoint)>), JobError> {
         if !valid_name(&req.job_id) {
             return Err(JobError::BadRequest(format!(
                 "job_id '{}' must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}",
@@ -364,31 +403,26 @@ impl Jobs {
             })?;
             plan.push((disk.clone(), self.dial_endpoint(t, req.nbd_host.as_deref())?));
         }
-        // Bases are chosen when each disk starts (the source's size is known then); the mode
-        // shown until then is the one asked for.
-        let disks = plan
-            .iter()
-            .map(|(d, _)| {
-                let mode = if req.backup_type == BackupType::Full { CopyMode::Full } else { CopyMode::Incremental };
-                DiskJob::new(d.key, mode)
-            })
-            .collect();
-        let job = Arc::new(Job {
-            id: req.job_id.clone(),
-            kind,
-            vm_name: vm.name.clone(),
-            cancel: CancellationToken::new(),
-            state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
-            disks,
-        });
-        self.register(Arc::clone(&job), &[&vm.name], &[])?;
+        Ok((vm, plan))
+    }
+
+    /// Run a registered copy job to its end; `resumed`: taken up from a stopped node, its
+    /// snapshot hook already run and its paused disks going on from their resume maps.
+    fn spawn_copy(self: &Arc<Self>, job: &Arc<Job>, vm: Vm, plan: Vec<(crate::config::Disk, Endpoint)>, resumed: bool) {
         let jobs = Arc::clone(self);
-        let run_job = Arc::clone(&job);
+        let run_job = Arc::clone(job);
         tokio::spawn(async move {
-            let result = jobs.run_copy(&run_job, &vm, plan, req.backup_type).await;
+            let result = jobs.run_copy(&run_job, &vm, plan, resumed).await;
             // A disk that failed stops the others through the job's cancel token too: the job
             // is failed then, with that disk's error; cancelled only when nothing failed.
             let (status, error) = match result {
+                Err(RunError::Paused) => {
+                    tracing::info!(job = %run_job.id, vm = %run_job.vm_name, "job paused: handed over to the next start");
+                    if let Ok(mut s) = run_job.state.lock() {
+                        s.handed_over = true;
+                    }
+                    return;
+                }
                 Err(RunError::Failed(e)) => (JobStatus::Failed, Some(e)),
                 _ if run_job.cancel.is_cancelled() => (JobStatus::Cancelled, Some("cancelled".to_string())),
                 Ok(()) => (JobStatus::Completed, None),
@@ -398,7 +432,6 @@ impl Jobs {
             run_job.finish(status, error);
             jobs.release(&run_job);
         });
-        Ok(job)
     }
 
     async fn run_copy(
@@ -406,12 +439,17 @@ impl Jobs {
         job: &Arc<Job>,
         vm: &Vm,
         plan: Vec<(crate::config::Disk, Endpoint)>,
-        backup_type: BackupType,
+        resumed: bool,
     ) -> Result<(), RunError> {
-        tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, "job started");
-        // Old pending maps of this VM belong to runs that were never committed.
-        remove_pending_maps(&self.settings().state_dir.join(&vm.name).join(job.kind.as_str()));
-        if let Some(cmd) = &vm.pre_snapshot {
+        let backup_type = job.request.as_ref().map_or(BackupType::Full, |r| r.backup_type);
+        tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, resumed, "job started");
+        // Old pending maps of this VM belong to runs that were never committed (a resumed run's
+        // own are kept: its disks done before the stop).
+        if !resumed {
+            remove_pending_maps(&self.settings().state_dir.join(&vm.name).join(job.kind.as_str()));
+        }
+        let pre_snapshot = vm.pre_snapshot.as_ref().filter(|_| !resumed);
+        if let Some(cmd) = pre_snapshot {
             if let Err(e) = run_hook(cmd, "pre", vm, &job.id, &job.cancel).await {
                 // The post hook still runs: it undoes whatever the pre hook started.
                 let post = match &vm.post_snapshot {
@@ -430,10 +468,17 @@ impl Jobs {
         let limit = Arc::new(tokio::sync::Semaphore::new(self.settings().parallel_disks));
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (disk, endpoint)) in plan.into_iter().enumerate() {
-            let (jobs, job, limit) = (Arc::clone(self), Arc::clone(job), Arc::clone(&limit));
+            let (jobs, job) = (Arc::clone(self), Arc::clone(job));
             let vm_name = vm.name.clone();
+            // Taken here, not in the task: the disks start in their order.
+            let permit = Arc::clone(&limit).acquire_owned().await;
             tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
+                let _permit = permit;
+                let done = job.disks.get(index).is_some_and(|d| d.status() == "completed");
+                if job.pause.is_cancelled() || done {
+                    // Paused before it started (it starts at the next start), or done before it.
+                    return Ok(());
+                }
                 let result = jobs.copy_one(&job, index, &vm_name, &disk, endpoint, backup_type).await;
                 if result.is_err() && !job.cancel.is_cancelled() {
                     // One disk failing dooms the job: stop the others now rather than later.
@@ -457,6 +502,12 @@ impl Jobs {
                     failure.get_or_insert(format!("disk task failed: {e}"));
                 }
             }
+        }
+        // Paused with a disk not done: the snapshot stays for the next start, which runs the
+        // post hook when the copy ends there.
+        let unfinished = job.disks.iter().any(|d| d.status() != "completed");
+        if job.pause.is_cancelled() && !job.cancel.is_cancelled() && failure.is_none() && unfinished {
+            return Err(RunError::Paused);
         }
         let post = match &vm.post_snapshot {
             Some(cmd) => run_hook(cmd, "post", vm, &job.id, &CancellationToken::new()).await.err(),
@@ -517,6 +568,22 @@ impl Jobs {
     }
 }
 
+impl Job {
+    /// A running backup or replicate job as `req` asks.
+    fn copy(req: StartRequest, kind: JobKind, disks: Vec<DiskJob>) -> Self {
+        Self {
+            id: req.job_id.clone(),
+            kind,
+            vm_name: req.vm_name.clone(),
+            cancel: CancellationToken::new(),
+            pause: CancellationToken::new(),
+            request: Some(req),
+            state: Mutex::new(JobState::running()),
+            disks,
+        }
+    }
+}
+
 fn set_disk(d: &DiskJob, status: &'static str, checksum: Option<String>, error: Option<String>) {
     if let Ok(mut s) = d.state.lock() {
         s.status = status;
@@ -543,15 +610,21 @@ impl DiskJob {
                 error: None,
                 reconnects: 0,
                 pending_map: None,
+                resume: None,
             }),
         }
+    }
+
+    fn status(&self) -> &'static str {
+        self.state.lock().map(|s| s.status).unwrap_or("failed")
     }
 }
 
 fn remove_pending_maps(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
-        if e.file_name().to_string_lossy().contains(".map.pending-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains(".map.pending-") || name.contains(".map.resume-") {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -574,4 +647,6 @@ enum RunError {
     Failed(String),
     /// Stopped by a cancel, nothing failed.
     Cancelled,
+    /// Paused by a stopping node, to go on at its next start (`handover`).
+    Paused,
 }

@@ -78,7 +78,9 @@ impl Jobs {
             kind: JobKind::Restore,
             vm_name: String::new(),
             cancel: CancellationToken::new(),
-            state: Mutex::new(JobState { status: JobStatus::Running, error: None, committed: false }),
+            pause: CancellationToken::new(),
+            request: None,
+            state: Mutex::new(JobState::running()),
             disks,
         });
         let vms: Vec<&str> = vms.iter().map(String::as_str).collect();

@@ -1,0 +1,109 @@
+//! A node restarted (SIGTERM, as `systemctl restart sendense-node` sends) while a backup and a
+//! replication run through the tunnel: the stopping node pauses them and hands them over, the
+//! next start goes on from what the hub's images hold (not from the first byte), the snapshot
+//! hooks run once each, and the results equal the disks; the chain and the replica go on from
+//! them. A run the next start cannot take up (its disk left the configuration) fails on the hub
+//! as a forgotten job does, and its snapshot is released.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::site::{change, Options, Site, Transport, Vm, MIB};
+
+/// The node's job as it tells it.
+async fn node_job(site: &Site, id: &str) -> Value {
+    let (status, job) = site.node("GET", &format!("/api/v1/backup/{id}"), None).await;
+    assert_eq!(status, 200, "{job}");
+    job
+}
+
+/// The lines the hooks wrote for job `id`.
+fn hook_runs(log: &Path, id: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter(|l| l.ends_with(&format!(" {id}"))).map(str::to_string).collect()
+}
+
+/// Stop the node while run `path` (a hub job) copies, check what it handed over, start it again.
+async fn restart_node_under_way(site: &mut Site, path: &str, id: &str) {
+    site.wait_progress(path, 8 * MIB).await;
+    site.stop_node();
+    let record = site.path().join("node-state/.jobs-handed-over.json");
+    let text = std::fs::read_to_string(&record).expect("the stopping node handed the run over");
+    assert!(text.contains(id), "{text}");
+    let (_, v) = site.hub("GET", path, None).await;
+    assert_eq!(v["status"], "running", "the hub waits for the node: {v}");
+    site.start_node();
+    assert!(!record.exists(), "a record is taken up once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_and_a_replication_go_on_across_a_node_restart() {
+    let opts = Options { copy: "bandwidth_limit = \"8M\"\nparallel_disks = 1", ..Options::default() };
+    let mut site = Site::start(Transport::Endpoint, &[Vm("vm-a", &[64, 8])], 8, opts).await;
+    // Snapshot hooks that log their runs; an idle node stops and starts without a record.
+    let log = site.path().join("hooks.log");
+    let config = std::fs::read_to_string(site.node_config()).unwrap();
+    let hooks = format!(
+        "name = \"vm-a\"\npre_snapshot = \"echo pre $SENDENSE_JOB_ID >> {0}\"\n\
+         post_snapshot = \"echo post $SENDENSE_JOB_ID >> {0}\"\n",
+        log.display()
+    );
+    std::fs::write(site.node_config(), config.replace("name = \"vm-a\"\n", &hooks)).unwrap();
+    site.stop_node();
+    assert!(!site.path().join("node-state/.jobs-handed-over.json").exists(), "nothing to hand over");
+    site.start_node();
+    site.wait_node_reachable().await;
+
+    // A full backup: disk 2000 paused half way, disk 2001 not started (one disk at a time).
+    let id = site.start_backup("vm-a", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    restart_node_under_way(&mut site, &path, &id).await;
+    let done = site.wait(&path).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm-a", &done, 2);
+    let job = node_job(&site, &id).await;
+    let first = &job["disks"][0];
+    let (unchanged, sent) = (first["bytes_unchanged"].as_u64().unwrap(), first["bytes_sent"].as_u64().unwrap());
+    assert!(unchanged >= 8 * MIB, "what the image held already was not sent again: {job}");
+    assert!(sent + 8 * MIB <= 32 * MIB, "only the rest of its 32 MiB of data was sent: {job}");
+    assert_eq!(job["disks"][1]["bytes_sent"], json!(4 * MIB), "the disk not started was copied after: {job}");
+    assert_eq!(hook_runs(&log, &id), [format!("pre {id}"), format!("post {id}")], "one snapshot for the run");
+    let (_, metrics) = site.node("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_node_jobs_taken_up{result=\"resumed\"} 1"), "{metrics}");
+
+    // The node's change tracking was committed to the resumed run: the chain goes on from it.
+    change(&site.source("vm-a", 0), 5 * MIB, 7);
+    let inc = site.backup("vm-a", "incremental").await;
+    assert_eq!(inc["parent_id"], json!(id), "{inc}");
+    site.assert_backup_equals_sources("vm-a", &inc, 2);
+
+    // A replica run written in place, the same way; its next run sends only what changed.
+    let rid = site.start_replica("vm-a").await;
+    let rpath = format!("/api/v1/replications/{rid}");
+    restart_node_under_way(&mut site, &rpath, &rid).await;
+    let done = site.wait(&rpath).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_replica_equals_sources("vm-a", 2);
+    change(&site.source("vm-a", 0), 40 * MIB, 8);
+    let again = site.replicate("vm-a").await;
+    let sent: u64 = again["disks"].as_array().unwrap().iter().map(|d| d["bytes_sent"].as_u64().unwrap()).sum();
+    assert!(sent <= MIB, "the replica's map was committed by the resumed run: {again}");
+    site.assert_replica_equals_sources("vm-a", 2);
+
+    // A run whose disk left the configuration while the node was stopped is not taken up: the
+    // hub fails it, the snapshot is released.
+    let lost = site.start_backup("vm-a", "full").await;
+    let lpath = format!("/api/v1/backups/{lost}");
+    site.wait_progress(&lpath, 4 * MIB).await;
+    site.stop_node();
+    let config = std::fs::read_to_string(site.node_config()).unwrap();
+    std::fs::write(site.node_config(), config.replace("key = 2001", "key = 2009")).unwrap();
+    site.start_node();
+    let failed = site.wait(&lpath).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("no longer knows"), "{failed}");
+    assert_eq!(hook_runs(&log, &lost), [format!("pre {lost}"), format!("post {lost}")], "the snapshot is released");
+    let (_, metrics) = site.node("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_node_jobs_taken_up{result=\"dropped\"} 1"), "{metrics}");
+}
