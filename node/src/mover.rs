@@ -25,7 +25,7 @@
 //! unknown in the committed map.
 //!
 //! ## Paused, to go on in another process
-//! [`copy_disk_pausable`] also stops on a pause token (the node stopping gracefully): the
+//! [`copy_disk`] also stops on a pause token (the node stopping gracefully): the
 //! workers stop where they are, the target is flushed, and what comes out is the *resume map*:
 //! for each block, what the target now holds as far as this copy knows it. A block whose
 //! writes were all acknowledged has its new hash; one with an acknowledged write but not all
@@ -329,30 +329,6 @@ pub enum Ended {
     Paused(BlockMap),
 }
 
-/// Copy one disk.
-///
-/// # Errors
-/// The source, the target or the cancel token stopped it; blocks written so far are in
-/// `written`.
-#[allow(clippy::too_many_arguments)]
-pub async fn copy_disk(
-    source: Arc<Source>,
-    sink: Arc<Sink>,
-    base: Base,
-    changes: Changes,
-    options: &CopyOptions,
-    progress: Arc<Progress>,
-    written: Arc<WrittenSet>,
-    cancel: CancellationToken,
-) -> Result<Outcome, MoveError> {
-    let never = CancellationToken::new();
-    let tokens = Tokens { cancel, pause: never };
-    match copy_disk_pausable(source, sink, base, changes, options, progress, written, tokens).await? {
-        Ended::Completed(outcome) => Ok(outcome),
-        Ended::Paused(_) => Err(MoveError::Cancelled),
-    }
-}
-
 /// What stops a copy: `cancel` ends it for good, `pause` ends it with a resume map.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
@@ -365,9 +341,10 @@ pub struct Tokens {
 /// Copy one disk; a pause ends it with the resume map ([`Ended::Paused`], module doc).
 ///
 /// # Errors
-/// As [`copy_disk`].
+/// The source, the target or the cancel token stopped it; blocks written so far are in
+/// `written`.
 #[allow(clippy::too_many_arguments)]
-pub async fn copy_disk_pausable(
+pub async fn copy_disk(
     source: Arc<Source>,
     sink: Arc<Sink>,
     base: Base,

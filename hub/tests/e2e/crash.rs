@@ -81,6 +81,27 @@ async fn start_run(site: &Site, kind: &str) -> (String, String) {
     }
 }
 
+/// A site with "vm" (two disks) backed up once, and how long that took plus 30%: the span the
+/// rounds' moments are drawn from (they fall anywhere in a whole backup, and a little after).
+async fn soak_site(transport: Transport, opts: Options<'_>) -> (Site, u64) {
+    let site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
+    let started = Instant::now();
+    site.backup("vm", "full").await;
+    (site, (started.elapsed().as_millis() as u64 * 13 / 10).max(50))
+}
+
+/// A round's guest writes: one random 4 KiB change on each disk.
+fn change_both_disks(site: &Site, moments: &mut Moments, round: u64) {
+    change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
+    change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
+}
+
+/// A round's run (a full or an incremental backup, or a replica run) and when it is stopped.
+fn next_run(moments: &mut Moments, span_ms: u64) -> (&'static str, Duration) {
+    let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
+    (kind, Duration::from_millis(moments.next() % span_ms))
+}
+
 /// What one round's kill left behind, for the summary.
 #[derive(Debug, Default)]
 struct Outcomes {
@@ -120,16 +141,11 @@ async fn kill_rounds(victim: Victim) {
         Victim::Hub => Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() },
         Victim::Node => Options::default(),
     };
-    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
-    // How long a whole backup takes here: kills fall anywhere in it, and a little after.
-    let started = Instant::now();
-    site.backup("vm", "full").await;
-    let span_ms = (started.elapsed().as_millis() as u64 * 13 / 10).max(50);
+    let (mut site, span_ms) = soak_site(transport, opts).await;
     let mut outcomes = Outcomes::default();
     let mut killed = Vec::new();
     for round in 0..rounds {
-        change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
-        change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
+        change_both_disks(&site, &mut moments, round);
         // The hub is also killed in merges (`?merge=true`, as its retention runs them): those take
         // milliseconds here, so their moments are drawn from a shorter span.
         let kinds: &[&str] = match victim {
@@ -219,17 +235,12 @@ async fn kill_rounds(victim: Victim) {
 async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it() {
     let Soak { rounds, seed, mut moments, transport } = Soak::from_env("graceful stops");
     let opts = Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() };
-    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
-    let started = Instant::now();
-    site.backup("vm", "full").await;
-    let span_ms = (started.elapsed().as_millis() as u64 * 13 / 10).max(50);
+    let (mut site, span_ms) = soak_site(transport, opts).await;
     let mut runs = Vec::new();
     let mut taken_up = 0;
     for round in 0..rounds {
-        change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
-        change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
-        let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
-        let at = Duration::from_millis(moments.next() % span_ms);
+        change_both_disks(&site, &mut moments, round);
+        let (kind, at) = next_run(&mut moments, span_ms);
         let (id, path) = start_run(&site, kind).await;
         tokio::time::sleep(at).await;
         site.stop_hub();
@@ -278,16 +289,11 @@ async fn the_node_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it
     let Soak { rounds, seed, mut moments, transport } = Soak::from_env("node stops");
     // Slowed down so that most stops land while data flows.
     let opts = Options { copy: "bandwidth_limit = \"16M\"", ..Options::default() };
-    let mut site = Site::start(transport, &[Vm("vm", &[24, 16])], 4, opts).await;
-    let started = Instant::now();
-    site.backup("vm", "full").await;
-    let span_ms = (started.elapsed().as_millis() as u64 * 13 / 10).max(50);
+    let (mut site, span_ms) = soak_site(transport, opts).await;
     let mut runs = Vec::new();
     for round in 0..rounds {
-        change(&site.source("vm", 0), (moments.next() % 24) * MIB, round as u8);
-        change(&site.source("vm", 1), (moments.next() % 16) * MIB, round as u8 ^ 0x5a);
-        let kind = ["full", "incremental", "incremental", "replica"][(moments.next() % 4) as usize];
-        let at = Duration::from_millis(moments.next() % span_ms);
+        change_both_disks(&site, &mut moments, round);
+        let (kind, at) = next_run(&mut moments, span_ms);
         let (id, path) = start_run(&site, kind).await;
         tokio::time::sleep(at).await;
         site.stop_node();

@@ -155,7 +155,7 @@ impl Jobs {
             _ => mover::Changes::ReadAll,
         };
         let tokens = Tokens { cancel: job.cancel.clone(), pause: job.pause.clone() };
-        let result = mover::copy_disk_pausable(
+        let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
             std::mem::replace(&mut choice.base, Base::Unknown),

@@ -138,6 +138,8 @@ impl Jobs {
         let base = if zeroed { Base::Zero } else { Base::Unknown };
         let source = Arc::new(source);
         let sink = Arc::new(sink);
+        // Restores are not paused (a stopping node cancels them): the pause token never fires.
+        let tokens = mover::Tokens { cancel: job.cancel.clone(), ..Default::default() };
         let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
@@ -146,11 +148,14 @@ impl Jobs {
             opts,
             Arc::clone(&dj.progress),
             Arc::default(),
-            job.cancel.clone(),
+            tokens,
         )
         .await;
         source.close().await;
-        let outcome = result.map_err(fail)?;
+        let outcome = match result.map_err(fail)? {
+            mover::Ended::Completed(outcome) => outcome,
+            mover::Ended::Paused(_) => return Err(fail(MoveError::Cancelled)),
+        };
         sink.commit().await.map_err(fail)?;
         set_disk(dj, "completed", outcome.checksum, None);
         if let Ok(mut s) = dj.state.lock() {
