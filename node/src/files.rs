@@ -109,6 +109,16 @@ impl Replacement {
     /// # Errors
     /// The destination cannot be resolved, or the old file beside cannot be removed.
     pub fn prepare(dest: &Path) -> std::io::Result<Self> {
+        let replacement = Self::resolve(dest)?;
+        match std::fs::remove_file(&replacement.beside) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        Ok(replacement)
+    }
+
+    /// The destination (symlinks followed), the file beside it, the old file's owner and mode.
+    fn resolve(dest: &Path) -> std::io::Result<Self> {
         let old = std::fs::metadata(dest).ok();
         let dest = match old {
             Some(_) => std::fs::canonicalize(dest)?,
@@ -116,12 +126,27 @@ impl Replacement {
         };
         let beside = Self::beside_of(&dest)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))?;
-        match std::fs::remove_file(&beside) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
         let old = old.map(|m| (m.uid(), m.gid(), m.mode() & 0o7777));
         Ok(Self { dest, beside, old, done: AtomicBool::new(false) })
+    }
+
+    /// Go on with the file a paused restore left beside `dest` (`jobs/handover.rs`): it must be
+    /// there, a regular file, not a symlink.
+    ///
+    /// # Errors
+    /// The destination cannot be resolved, or the file beside is missing or not a regular file.
+    pub fn resume(dest: &Path) -> std::io::Result<Self> {
+        let replacement = Self::resolve(dest)?;
+        if !std::fs::symlink_metadata(&replacement.beside)?.file_type().is_file() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+        }
+        Ok(replacement)
+    }
+
+    /// Leave the file beside in place when this is dropped: a paused restore goes on with it at
+    /// the next start.
+    pub fn keep(&self) {
+        self.done.store(true, Ordering::SeqCst);
     }
 
     /// Give the new file the replaced one's owner and mode (none replaced: it stays as made).
@@ -238,5 +263,34 @@ mod tests {
         let (r, f) = Replacement::begin(&fresh).unwrap();
         r.commit(&f).unwrap();
         assert_eq!(mode(&fresh), 0o600);
+    }
+
+    #[test]
+    fn a_paused_replacement_is_kept_and_goes_on_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.raw");
+        std::fs::write(&disk, b"old disk").unwrap();
+        assert!(Replacement::resume(&disk).is_err(), "nothing was paused");
+
+        // Paused: kept beside, the disk as it was.
+        let (r, f) = Replacement::begin(&disk).unwrap();
+        f.write_all_at(b"new ", 0).unwrap();
+        r.keep();
+        let beside = r.path().to_path_buf();
+        drop((r, f));
+        assert!(beside.exists());
+        assert_eq!(std::fs::read(&disk).unwrap(), b"old disk");
+
+        // The next start writes on and puts it in place.
+        let r = Replacement::resume(&disk).unwrap();
+        let f = OpenOptions::new().write(true).open(r.path()).unwrap();
+        f.write_all_at(b"disk", 4).unwrap();
+        r.commit(&f).unwrap();
+        assert_eq!(std::fs::read(&disk).unwrap(), b"new disk");
+        assert!(!beside.exists());
+
+        // Something else beside (a symlink) is not written through.
+        std::os::unix::fs::symlink(&disk, &beside).unwrap();
+        assert!(Replacement::resume(&disk).is_err());
     }
 }

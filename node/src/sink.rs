@@ -16,7 +16,7 @@
 //! throughput at 0.95x the CPU, through the tunnel the same throughput at 0.97x.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -112,6 +112,39 @@ impl FileSink {
             },
             !is_block,
         ))
+    }
+
+    /// Go on with a restore a stopping node paused (`jobs/handover.rs`): the file it left beside
+    /// `path` (which must be there, a regular file of `size` bytes), or a block device in place.
+    ///
+    /// # Errors
+    /// The file beside is missing, not a regular file, or of another size.
+    pub fn resume(path: &Path, size: u64) -> Result<Self, MoveError> {
+        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+            return Self::create(path, size).map(|(sink, _)| sink);
+        }
+        let err = |what: &str, source| MoveError::Destination { what: format!("{}: {what}", path.display()), source };
+        let r = Replacement::resume(path).map_err(|e| err("the file a paused restore left beside it", e))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(r.path())
+            .map_err(|e| err("open the file a paused restore left", e))?;
+        let len = file.metadata().map_err(|e| err("size", e))?.len();
+        if len != size {
+            return Err(MoveError::Mismatch(format!(
+                "{} holds {len} bytes; the paused restore wrote a disk of {size}",
+                r.path().display()
+            )));
+        }
+        Ok(Self {
+            file: Arc::new(file),
+            turn: tokio::sync::Mutex::new(()),
+            path: path.to_path_buf(),
+            size,
+            block_device: false,
+            replacement: Some(Arc::new(r)),
+        })
     }
 
     /// Put the restored disk in its destination's place (a regular file; a device was written
@@ -258,6 +291,24 @@ impl Sink {
             Self::Nbd(_) => Ok(()),
             Self::File(f) => f.commit().await,
             Self::Qcow2(q) => q.commit().await,
+        }
+    }
+
+    /// A paused restore's target left for the next start (`jobs/handover.rs`): the file beside
+    /// its destination kept, a qcow2 image closed clean. The copy flushed it already.
+    ///
+    /// # Errors
+    /// The image could not be closed.
+    pub async fn keep(&self) -> Result<(), MoveError> {
+        match self {
+            Self::Nbd(_) => Ok(()),
+            Self::File(f) => {
+                if let Some(r) = &f.replacement {
+                    r.keep();
+                }
+                Ok(())
+            }
+            Self::Qcow2(q) => q.keep().await,
         }
     }
 

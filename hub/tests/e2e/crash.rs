@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::site::{change, Options, Site, Transport, Vm, MIB};
+use super::site::{assert_same, change, Options, Site, Transport, Vm, MIB};
 
 /// xorshift64: moments to kill at, reproducible from the printed seed.
 struct Moments(u64);
@@ -279,35 +279,58 @@ async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it(
 }
 
 /// The node stopped gracefully (SIGTERM, as `systemctl restart sendense-node` sends) at a random
-/// moment of a backup or a replica run, round after round, and started again: the run is paused
-/// and handed over, and the next start takes it up wherever it was (before its first disk, while
-/// data flows, between disks, completed and waiting for the hub's commit). Every run must
-/// complete, equal to the sources, the repository must hold only whole backups, no port may stay
-/// leased, and the next backup must build on it.
+/// moment of a backup, a replica run or a restore the hub drives onto the node (the newest backup,
+/// one disk raw and one as a qcow2 image, over the files of the last restore), round after round,
+/// and started again: the run is paused and handed over, and the next start takes it up wherever
+/// it was (before its first disk, while data flows, between disks, completed and waiting for the
+/// hub's commit). Every run must complete, equal to the sources (a restore: to the backup, its
+/// checksums matching), the repository must hold only whole backups, no port may stay leased, and
+/// the next backup must build on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it() {
     let Soak { rounds, seed, mut moments, transport } = Soak::from_env("node stops");
     // Slowed down so that most stops land while data flows.
     let opts = Options { copy: "bandwidth_limit = \"16M\"", ..Options::default() };
     let (mut site, span_ms) = soak_site(transport, opts).await;
+    let dests = [site.path().join("restores/vm-0.raw"), site.path().join("restores/vm-1.qcow2")];
     let mut runs = Vec::new();
     for round in 0..rounds {
         change_both_disks(&site, &mut moments, round);
-        let (kind, at) = next_run(&mut moments, span_ms);
-        let (id, path) = start_run(&site, kind).await;
+        let (kind, at) = match moments.next() % 5 {
+            0 => ("restore", Duration::from_millis(moments.next() % span_ms)),
+            _ => next_run(&mut moments, span_ms),
+        };
+        let newest = site.backups("vm").await[0]["backup_id"].as_str().unwrap().to_string();
+        let (id, path) = match kind {
+            "restore" => {
+                let asked = json!({"backup_id": newest, "destinations": {"2000": dests[0], "2001": dests[1]}});
+                let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+                assert_eq!(status, 201, "{r}");
+                let id = r["restore_id"].as_str().unwrap().to_string();
+                (id.clone(), format!("/api/v1/restores/{id}"))
+            }
+            _ => start_run(&site, kind).await,
+        };
         tokio::time::sleep(at).await;
         site.stop_node();
-        let handed = site.path().join("node-state/.jobs-handed-over.json").exists();
+        let record = std::fs::read_to_string(site.path().join("node-state/.jobs-handed-over.json"));
+        let handed = record.is_ok_and(|r| r.contains(&id));
         site.start_node();
         let context = format!("node stop round {round} (HUB_KILL_SEED={seed}): {kind} {id} stopped after {at:?}");
         let done = site.wait(&path).await;
         assert_eq!(done["status"], "completed", "{context}: {done}");
         match kind {
             "replica" => site.assert_replica_equals_sources("vm", 2),
+            "restore" => {
+                for (i, dest) in dests.iter().enumerate() {
+                    assert_eq!(done["disks"][i]["checksum_match"], json!(true), "{context}: {done}");
+                    assert_same(&site.image("vm", &newest, i), dest);
+                }
+            }
             _ => site.assert_backup_equals_sources("vm", &done, 2),
         }
         let completed = assert_only_whole_backups(&site, &[], &context).await;
-        assert!(kind == "replica" || completed.contains(&id), "{context}: {completed:?}");
+        assert!(matches!(kind, "replica" | "restore") || completed.contains(&id), "{context}: {completed:?}");
         site.ports_all_free().await;
         runs.push(format!("{kind} after {at:?}{}", if handed { " (handed over)" } else { "" }));
         site.wait_node_reachable().await;

@@ -1,15 +1,15 @@
-//! A node restarted (SIGTERM, as `systemctl restart sendense-node` sends) while a backup and a
-//! replication run through the tunnel: the stopping node pauses them and hands them over, the
-//! next start goes on from what the hub's images hold (not from the first byte), the snapshot
-//! hooks run once each, and the results equal the disks; the chain and the replica go on from
-//! them. A run the next start cannot take up (its disk left the configuration) fails on the hub
-//! as a forgotten job does, and its snapshot is released.
+//! A node restarted (SIGTERM, as `systemctl restart sendense-node` sends) while a backup, a
+//! restore the hub drives and a replication run through the tunnel: the stopping node pauses them
+//! and hands them over, the next start goes on from what the hub's images (or the restored file)
+//! hold, not from the first byte, the snapshot hooks run once each, and the results equal the
+//! disks; the chain and the replica go on from them. A run the next start cannot take up (its disk
+//! left the configuration) fails on the hub as a forgotten job does, and its snapshot is released.
 
 use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::site::{change, Options, Site, Transport, Vm, MIB};
+use crate::site::{assert_clean, assert_same, change, Options, Site, Transport, Vm, MIB};
 
 /// The node's job as it tells it.
 async fn node_job(site: &Site, id: &str) -> Value {
@@ -34,11 +34,15 @@ async fn restart_node_under_way(site: &mut Site, path: &str, id: &str) {
     let (_, v) = site.hub("GET", path, None).await;
     assert_eq!(v["status"], "running", "the hub waits for the node: {v}");
     site.start_node();
+    // The API answers only once the record is taken up.
+    let (status, jobs) = site.node("GET", "/api/v1/jobs", None).await;
+    assert_eq!(status, 200, "{jobs}");
+    assert!(jobs.to_string().contains(id), "the same job, running again: {jobs}");
     assert!(!record.exists(), "a record is taken up once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_and_a_replication_go_on_across_a_node_restart() {
+async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     let opts = Options { copy: "bandwidth_limit = \"8M\"\nparallel_disks = 1", ..Options::default() };
     let mut site = Site::start(Transport::Endpoint, &[Vm("vm-a", &[64, 8])], 8, opts).await;
     // Snapshot hooks that log their runs; an idle node stops and starts without a record.
@@ -77,6 +81,40 @@ async fn a_backup_and_a_replication_go_on_across_a_node_restart() {
     let inc = site.backup("vm-a", "incremental").await;
     assert_eq!(inc["parent_id"], json!(id), "{inc}");
     site.assert_backup_equals_sources("vm-a", &inc, 2);
+
+    // A restore of it the hub drives onto the node, disk 2000 as a qcow2 image over an old file.
+    let restores = site.path().join("restores");
+    std::fs::create_dir_all(&restores).unwrap();
+    let (dest0, dest1) = (restores.join("vm-a-0.qcow2"), restores.join("vm-a-1.raw"));
+    std::fs::write(&dest0, b"the disk before").unwrap();
+    let asked = json!({"backup_id": inc["backup_id"], "destinations": {"2000": dest0, "2001": dest1}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node_job(&site, &rid).await["disks"][0]["bytes_sent"].as_u64().unwrap_or(0) < 8 * MIB {
+        assert!(std::time::Instant::now() < deadline, "the restore made no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    site.stop_node();
+    let record = std::fs::read_to_string(site.path().join("node-state/.jobs-handed-over.json")).unwrap();
+    assert!(record.contains(&rid), "{record}");
+    assert!(restores.join(".vm-a-0.qcow2.restoring").exists(), "the image being restored is kept");
+    assert_eq!(std::fs::read(&dest0).unwrap(), b"the disk before", "the destination as it was until the end");
+    site.start_node();
+    assert_eq!(node_job(&site, &rid).await["status"], "running", "taken up");
+    let done = crate::wait_restore(&site, &rid).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    for disk in done["disks"].as_array().unwrap() {
+        assert_eq!(disk["checksum_match"], json!(true), "{done}");
+    }
+    assert_clean(&dest0);
+    assert_same(&site.source("vm-a", 0), &dest0);
+    assert_same(&site.source("vm-a", 1), &dest1);
+    let job = node_job(&site, &rid).await;
+    let sent = job["disks"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(sent + 8 * MIB <= 32 * MIB, "what the image held already was not read into it again: {job}");
+    assert!(!restores.join(".vm-a-0.qcow2.restoring").exists());
 
     // A replica run written in place, the same way; its next run sends only what changed.
     let rid = site.start_replica("vm-a").await;

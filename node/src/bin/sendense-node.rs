@@ -209,7 +209,6 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let settings = Arc::new(settings(a.clone())?);
-    node::jobs::remove_interrupted_restores(&settings);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -222,7 +221,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         jobs = jobs.through_tunnel(t.dialer());
     }
     let jobs = Arc::new(jobs);
-    // Before the API serves: the hub polling the jobs the last stop handed over finds them running.
+    // Before the API serves: the hub polling the jobs the last stop handed over finds them running;
+    // what restores the node died in left beside their destinations is removed.
     let taken = jobs.take_up_handed_over();
     if taken != node::jobs::TakenUp::default() {
         tracing::info!(resumed = taken.resumed, dropped = taken.dropped, "jobs taken up from the last stop");

@@ -1,6 +1,6 @@
-//! Backups and replications handed over from a node that stops to the node that starts next: a
-//! graceful stop (`SIGTERM`: `systemctl restart sendense-node` to upgrade it, or to take up a
-//! change only a restart takes up) no longer fails the runs under way, which for a
+//! Backups, replications and restores handed over from a node that stops to the node that starts
+//! next: a graceful stop (`SIGTERM`: `systemctl restart sendense-node` to upgrade it, or to take
+//! up a change only a restart takes up) no longer fails the runs under way, which for a
 //! multi-terabyte disk meant copying it again, and the hub's run with it.
 //!
 //! How. A stopping node pauses its copies instead of cancelling them: each disk's workers stop
@@ -11,7 +11,11 @@
 //! choice its copy made (mode, change source); the resume maps beside the committed maps
 //! (`disk-KEY.map.resume-JOB`, checked on load like every map). A job completed but not yet
 //! committed by the hub (the hub verifies first) is handed over too, so its commit still finds it.
-//! Restores are cancelled, as before (a restored file is replaced whole or not at all).
+//! A restore pauses the same way: the file it writes beside its destination (`.NAME.restoring`,
+//! flushed; a qcow2 image closed clean) is kept for the next start, which goes on writing it and
+//! only then puts it in the destination's place; a restore completed in the last ten minutes is
+//! handed over so the hub still reads its checksums. (A completed copy is handed over until the hub
+//! commits it or starts the VM's next run of that kind.)
 //!
 //! The next start reads and removes the record before its API serves anything, so the hub, which
 //! kept polling while the node was away (it waits `stall_timeout_s` for a node it cannot reach),
@@ -21,7 +25,8 @@
 //! the image it holds, still decides. A job that cannot be taken up (its VM or a disk left the
 //! configuration, a target is no longer reachable by its rules, a map is missing or damaged) is
 //! dropped: the hub learns that its node no longer knows the job and fails the run; the VM's post
-//! hook runs so its snapshot is released. A killed node writes nothing and behaves as before.
+//! hook runs so its snapshot is released (a restore's file beside is removed, its destination as
+//! it was). A killed node writes nothing and behaves as before.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,12 +34,18 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{off_runtime, sync_dir, DiskJob, Job, JobKind, Jobs};
-use crate::api::{CopyMode, JobStatus, StartRequest};
+use super::restore::remove_interrupted_restores;
+use super::{off_runtime, sync_dir, DiskJob, Job, JobKind, JobRequest, Jobs};
+use crate::api::{CopyMode, JobStatus, RestoreRequest, StartRequest};
 use crate::blockmap::BlockMap;
+use crate::files::Replacement;
 
 /// The record, in the state directory.
 const RECORD: &str = ".jobs-handed-over.json";
+
+/// A completed restore is handed over for this long after it ended, for a hub that has not
+/// looked at it yet (it polls every second or so while a restore runs).
+const RESTORE_SEEN_WITHIN: Duration = Duration::from_secs(600);
 
 /// How long a stop waits for its copies to pause (the requests in flight answered, the targets
 /// flushed) and its cancelled jobs to end: within systemd's `TimeoutStopSec` (deploy unit).
@@ -56,11 +67,44 @@ struct Record {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct HandedJob {
-    replicate: bool,
-    request: StartRequest,
-    /// Completed on this node, waiting for the hub's commit.
+    run: HandedRun,
+    /// Completed on this node (a copy waiting for the hub's commit, a restore for the hub's look).
     completed: bool,
     disks: Vec<HandedDisk>,
+}
+
+/// What a job was asked, as the API took it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "request", rename_all = "lowercase")]
+enum HandedRun {
+    Backup(StartRequest),
+    Replicate(StartRequest),
+    Restore(RestoreRequest),
+}
+
+impl HandedRun {
+    fn job_id(&self) -> &str {
+        match self {
+            Self::Backup(r) | Self::Replicate(r) => &r.job_id,
+            Self::Restore(r) => &r.job_id,
+        }
+    }
+
+    fn kind(&self) -> JobKind {
+        match self {
+            Self::Backup(_) => JobKind::Backup,
+            Self::Replicate(_) => JobKind::Replicate,
+            Self::Restore(_) => JobKind::Restore,
+        }
+    }
+
+    /// The VM whose change-tracking state a copy keeps (none for a restore).
+    fn vm(&self) -> Option<&str> {
+        match self {
+            Self::Backup(r) | Self::Replicate(r) => Some(&r.vm_name),
+            Self::Restore(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,21 +127,23 @@ struct HandedDisk {
 }
 
 impl Jobs {
-    /// Where a disk's resume map lives while the node is stopped.
-    fn resume_path(&self, job: &Job, key: u32) -> PathBuf {
-        self.map_path(&job.vm_name, job.kind, key).with_extension(format!("map.resume-{}", job.id))
+    /// Where a disk's resume map lives while the node is stopped: beside its change-tracking
+    /// state for a copy, in the state directory's `restores` for a restore.
+    fn resume_path(&self, run: &HandedRun, key: u32) -> PathBuf {
+        let id = run.job_id();
+        match run.vm() {
+            Some(vm) => self.map_path(vm, run.kind(), key).with_extension(format!("map.resume-{id}")),
+            None => self.settings().state_dir.join("restores").join(format!("{id}-disk-{key}.map.resume")),
+        }
     }
 
-    /// Pause every backup and replication (cancel every restore), wait for them within `within`
-    /// (what does not pause in time is cancelled), and write the record of what the next start
-    /// takes up. Returns how many jobs were handed over.
+    /// Pause every job, wait for them within `within` (what does not pause in time is
+    /// cancelled), and write the record of what the next start takes up. Returns how many jobs
+    /// were handed over.
     pub async fn hand_over(&self, within: Duration) -> usize {
         let jobs = self.all();
         for j in jobs.iter().filter(|j| j.status() == JobStatus::Running) {
-            match j.kind {
-                JobKind::Restore => j.cancel(),
-                JobKind::Backup | JobKind::Replicate => j.pause.cancel(),
-            }
+            j.pause.cancel();
         }
         let deadline = Instant::now() + within;
         let settled = |j: &Arc<Job>| j.status().is_final() || j.is_handed_over();
@@ -111,10 +157,26 @@ impl Jobs {
         let mut record = Record::default();
         let mut maps = Vec::new();
         for j in &jobs {
-            let Some(request) = j.request.clone() else { continue };
-            let (completed, committed) =
-                j.state.lock().map(|s| (s.status == JobStatus::Completed, s.committed)).unwrap_or((false, true));
-            if !(j.is_handed_over() || completed && !committed) {
+            let run = match (&j.request, j.kind) {
+                (JobRequest::Copy(r), JobKind::Replicate) => HandedRun::Replicate(r.clone()),
+                (JobRequest::Copy(r), _) => HandedRun::Backup(r.clone()),
+                (JobRequest::Restore(r), _) => HandedRun::Restore(r.clone()),
+            };
+            let Ok((completed, committed, finished_at)) =
+                j.state.lock().map(|s| (s.status == JobStatus::Completed, s.committed, s.finished_at))
+            else {
+                continue;
+            };
+            // What a hub may still ask of a completed job: a copy's commit (until a newer run of
+            // that VM starts: the hub is done with this one), a restore's checksums (for a while).
+            let waited_for = match j.kind {
+                JobKind::Restore => finished_at.is_some_and(|t| t.elapsed() < RESTORE_SEEN_WITHIN),
+                JobKind::Backup | JobKind::Replicate => {
+                    !committed
+                        && !jobs.iter().any(|o| o.vm_name == j.vm_name && o.kind == j.kind && o.started > j.started)
+                }
+            };
+            if !(j.is_handed_over() || completed && waited_for) {
                 continue;
             }
             let mut disks = Vec::new();
@@ -123,7 +185,7 @@ impl Jobs {
                 let stage = match (s.status, &s.resume) {
                     ("completed", _) => Stage::Completed,
                     (_, Some(map)) => {
-                        maps.push((self.resume_path(j, d.key), map.clone()));
+                        maps.push((self.resume_path(&run, d.key), map.clone()));
                         Stage::Paused
                     }
                     _ => Stage::Pending,
@@ -138,7 +200,7 @@ impl Jobs {
                     reconnects: s.reconnects,
                 });
             }
-            record.jobs.push(HandedJob { replicate: j.kind == JobKind::Replicate, request, completed, disks });
+            record.jobs.push(HandedJob { run, completed, disks });
         }
         let count = record.jobs.len();
         if count == 0 {
@@ -170,8 +232,19 @@ impl Jobs {
     }
 
     /// Take up what the last stop handed over, before the API serves anything: the record is
-    /// removed first (a node killed later never trusts it again).
+    /// removed first (a node killed later never trusts it again). Then what restores the node
+    /// died in left beside their destinations is removed (not the files of restores taken up).
     pub fn take_up_handed_over(self: &Arc<Self>) -> TakenUp {
+        let mut keep = Vec::new();
+        let taken = self.take_up_record(&mut keep);
+        remove_interrupted_restores(&self.settings(), &keep);
+        if let Ok(mut t) = self.taken_up.lock() {
+            *t = taken;
+        }
+        taken
+    }
+
+    fn take_up_record(self: &Arc<Self>, keep: &mut Vec<PathBuf>) -> TakenUp {
         let path = self.settings().state_dir.join(RECORD);
         let Ok(text) = std::fs::read_to_string(&path) else { return TakenUp::default() };
         if let Err(e) = std::fs::remove_file(&path).and_then(|()| sync_dir(&path)) {
@@ -187,58 +260,81 @@ impl Jobs {
         };
         let mut taken = TakenUp::default();
         for handed in record.jobs {
-            let (id, vm) = (handed.request.job_id.clone(), handed.request.vm_name.clone());
-            match self.take_up(handed) {
+            let id = handed.run.job_id().to_string();
+            let taken_up = match &handed.run {
+                HandedRun::Restore(req) => self.take_up_restore(req.clone(), &handed, keep),
+                HandedRun::Backup(req) | HandedRun::Replicate(req) => self.take_up_copy(req.clone(), &handed),
+            };
+            match taken_up {
                 Ok(()) => {
-                    tracing::info!(job = %id, vm = %vm, "job taken up from the last stop");
+                    tracing::info!(job = %id, "job taken up from the last stop");
                     taken.resumed += 1;
                 }
                 Err(why) => {
-                    tracing::warn!(job = %id, vm = %vm, "job not taken up: {why}");
+                    tracing::warn!(job = %id, "job not taken up: {why}");
+                    self.remove_resume_maps(&handed);
                     taken.dropped += 1;
                 }
             }
         }
-        if let Ok(mut t) = self.taken_up.lock() {
-            *t = taken;
-        }
         taken
     }
 
-    fn take_up(self: &Arc<Self>, handed: HandedJob) -> Result<(), String> {
-        let kind = if handed.replicate { JobKind::Replicate } else { JobKind::Backup };
-        let request = handed.request.clone();
+    fn take_up_restore(
+        self: &Arc<Self>,
+        request: RestoreRequest,
+        handed: &HandedJob,
+        keep: &mut Vec<PathBuf>,
+    ) -> Result<(), String> {
+        let plan = self.plan_restore(&request).map_err(|e| e.to_string())?;
+        let keys: Vec<u32> = plan.disks.iter().map(|d| d.key).collect();
+        let handed_keys: Vec<u32> = handed.disks.iter().map(|d| d.key).collect();
+        if keys != handed_keys {
+            return Err(format!("its disks were {handed_keys:?}, the request names {keys:?} now"));
+        }
+        let disks = self.restore_disks(handed)?;
+        for (d, planned) in handed.disks.iter().zip(&plan.disks) {
+            if d.stage == Stage::Paused {
+                keep.extend(Replacement::beside_of(&planned.dest));
+            }
+        }
+        let job = Arc::new(Job::restore(request, disks));
+        self.register_restore(&job, &plan).map_err(|e| e.to_string())?;
+        if handed.completed {
+            job.finish_taken_up();
+            self.release(&job);
+            return Ok(());
+        }
+        self.spawn_restore(&job, plan);
+        Ok(())
+    }
+
+    fn take_up_copy(self: &Arc<Self>, request: StartRequest, handed: &HandedJob) -> Result<(), String> {
+        let kind = handed.run.kind();
         let (vm, plan) = match self.plan_copy(&request) {
             Ok(p) => p,
             Err(e) => {
-                self.release_snapshot(&handed);
+                self.release_snapshot(handed);
                 return Err(e.to_string());
             }
         };
         let keys: Vec<u32> = plan.iter().map(|(d, _)| d.key).collect();
         let handed_keys: Vec<u32> = handed.disks.iter().map(|d| d.key).collect();
         if keys != handed_keys {
-            self.release_snapshot(&handed);
+            self.release_snapshot(handed);
             return Err(format!("its disks were {handed_keys:?}, the request names {keys:?} now"));
         }
-        let job_id = request.job_id.clone();
-        let mut disks = Vec::new();
-        let mut failure = None;
-        for h in &handed.disks {
-            let d = DiskJob::new(h.key, h.mode);
-            if let Err(e) = self.restore_disk(&d, h, &vm.name, kind, &job_id) {
-                failure.get_or_insert(e);
+        let disks = match self.restore_disks(handed) {
+            Ok(d) => d,
+            Err(e) => {
+                self.release_snapshot(handed);
+                return Err(e);
             }
-            disks.push(d);
-        }
-        if let Some(e) = failure {
-            self.release_snapshot(&handed);
-            return Err(e);
-        }
+        };
         let job = Arc::new(Job::copy(request, kind, disks));
         self.register(Arc::clone(&job), &[&vm.name], &[]).map_err(|e| e.to_string())?;
         if handed.completed {
-            job.finish(JobStatus::Completed, None);
+            job.finish_taken_up();
             self.release(&job);
             return Ok(());
         }
@@ -246,9 +342,19 @@ impl Jobs {
         Ok(())
     }
 
+    /// The disks' states as the stop left them.
+    fn restore_disks(&self, handed: &HandedJob) -> Result<Vec<DiskJob>, String> {
+        let mut disks = Vec::new();
+        for h in &handed.disks {
+            let d = DiskJob::new(h.key, h.mode);
+            self.restore_disk(&d, h, &handed.run)?;
+            disks.push(d);
+        }
+        Ok(disks)
+    }
+
     /// A disk's state as the stop left it; its resume map read (and removed) for a paused one.
-    fn restore_disk(&self, d: &DiskJob, h: &HandedDisk, vm: &str, kind: JobKind, job_id: &str) -> Result<(), String> {
-        let map_path = self.map_path(vm, kind, h.key);
+    fn restore_disk(&self, d: &DiskJob, h: &HandedDisk, run: &HandedRun) -> Result<(), String> {
         let Ok(mut s) = d.state.lock() else { return Err("disk state poisoned".into()) };
         s.mode_reason.clone_from(&h.mode_reason);
         s.change_source = match h.change_source.as_str() {
@@ -260,16 +366,19 @@ impl Jobs {
         match h.stage {
             Stage::Pending => {}
             Stage::Completed => {
-                let pending = map_path.with_extension(format!("map.pending-{job_id}"));
-                if !pending.exists() {
-                    return Err(format!("disk {}: its change-tracking state is gone", h.key));
+                if let Some(vm) = run.vm() {
+                    let map_path = self.map_path(vm, run.kind(), h.key);
+                    let pending = map_path.with_extension(format!("map.pending-{}", run.job_id()));
+                    if !pending.exists() {
+                        return Err(format!("disk {}: its change-tracking state is gone", h.key));
+                    }
+                    s.pending_map = Some(pending);
                 }
                 s.status = "completed";
                 s.checksum.clone_from(&h.checksum);
-                s.pending_map = Some(pending);
             }
             Stage::Paused => {
-                let at = map_path.with_extension(format!("map.resume-{job_id}"));
+                let at = self.resume_path(run, h.key);
                 let map = BlockMap::load(&at);
                 let _ = std::fs::remove_file(&at);
                 let map = map.ok_or_else(|| format!("disk {}: its resume map is missing or damaged", h.key))?;
@@ -280,18 +389,18 @@ impl Jobs {
         Ok(())
     }
 
-    /// A paused job that is not taken up releases the VM's snapshot: its post hook runs.
-    fn release_snapshot(&self, handed: &HandedJob) {
+    /// The resume maps of a job not taken up.
+    fn remove_resume_maps(&self, handed: &HandedJob) {
         for d in handed.disks.iter().filter(|d| d.stage == Stage::Paused) {
-            let kind = if handed.replicate { JobKind::Replicate } else { JobKind::Backup };
-            let at = self
-                .map_path(&handed.request.vm_name, kind, d.key)
-                .with_extension(format!("map.resume-{}", handed.request.job_id));
-            let _ = std::fs::remove_file(at);
+            let _ = std::fs::remove_file(self.resume_path(&handed.run, d.key));
         }
-        let Some(vm) = self.settings().vm(&handed.request.vm_name).cloned() else { return };
+    }
+
+    /// A paused copy that is not taken up releases the VM's snapshot: its post hook runs.
+    fn release_snapshot(&self, handed: &HandedJob) {
+        let Some(vm) = handed.run.vm().and_then(|vm| self.settings().vm(vm).cloned()) else { return };
         let (Some(cmd), false) = (vm.post_snapshot.clone(), handed.completed) else { return };
-        let id = handed.request.job_id.clone();
+        let id = handed.run.job_id().to_string();
         tokio::spawn(async move {
             let never = tokio_util::sync::CancellationToken::new();
             if let Err(e) = super::hooks::run_hook(&cmd, "post", &vm, &id, &never).await {
@@ -307,6 +416,14 @@ impl Jobs {
 }
 
 impl Job {
+    /// Completed before the last stop: not handed over again for having ended in this process.
+    fn finish_taken_up(&self) {
+        self.finish(JobStatus::Completed, None);
+        if let Ok(mut s) = self.state.lock() {
+            s.finished_at = None;
+        }
+    }
+
     /// Paused by a stopping node, its state ready for the record.
     fn is_handed_over(&self) -> bool {
         self.state.lock().is_ok_and(|s| s.handed_over)

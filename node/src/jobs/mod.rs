@@ -32,7 +32,6 @@ mod restore;
 
 pub use handover::{TakenUp, PAUSE_WITHIN};
 pub use reload::Reloaded;
-pub use restore::remove_interrupted_restores;
 
 pub use copy::{choose_base, BaseChoice};
 use hooks::run_hook;
@@ -105,11 +104,13 @@ struct JobState {
     committed: bool,
     /// Paused for the next start (`handover`): still running as the hub sees it.
     handed_over: bool,
+    /// When this process saw it end (not for a finished job taken up from the last stop).
+    finished_at: Option<std::time::Instant>,
 }
 
 impl JobState {
     fn running() -> Self {
-        Self { status: JobStatus::Running, error: None, committed: false, handed_over: false }
+        Self { status: JobStatus::Running, error: None, committed: false, handed_over: false, finished_at: None }
     }
 }
 
@@ -122,10 +123,12 @@ pub struct Job {
     cancel: CancellationToken,
     /// A stopping node pauses copies instead of cancelling them (`handover`).
     pause: CancellationToken,
-    /// What started a backup or replicate job, kept to start it again after a restart.
-    request: Option<StartRequest>,
+    /// What started the job, kept to start it again after a restart.
+    request: JobRequest,
     state: Mutex<JobState>,
     disks: Vec<DiskJob>,
+    /// When this process took it (a job taken up from the last stop: when it was taken up).
+    started: std::time::Instant,
 }
 
 impl Job {
@@ -208,8 +211,18 @@ impl Job {
         if let Ok(mut s) = self.state.lock() {
             s.status = status;
             s.error = error;
+            s.finished_at = Some(std::time::Instant::now());
         }
     }
+}
+
+/// The request a job was started with.
+#[derive(Debug, Clone)]
+enum JobRequest {
+    /// A backup or a replication.
+    Copy(StartRequest),
+    /// A restore.
+    Restore(crate::api::RestoreRequest),
 }
 
 /// The node's jobs and what they need.
@@ -441,7 +454,10 @@ impl Jobs {
         plan: Vec<(crate::config::Disk, Endpoint)>,
         resumed: bool,
     ) -> Result<(), RunError> {
-        let backup_type = job.request.as_ref().map_or(BackupType::Full, |r| r.backup_type);
+        let backup_type = match &job.request {
+            JobRequest::Copy(r) => r.backup_type,
+            JobRequest::Restore(_) => BackupType::Full,
+        };
         tracing::info!(job = %job.id, vm = %vm.name, disks = plan.len(), ?backup_type, resumed, "job started");
         // Old pending maps of this VM belong to runs that were never committed (a resumed run's
         // own are kept: its disks done before the stop).
@@ -577,9 +593,10 @@ impl Job {
             vm_name: req.vm_name.clone(),
             cancel: CancellationToken::new(),
             pause: CancellationToken::new(),
-            request: Some(req),
+            request: JobRequest::Copy(req),
             state: Mutex::new(JobState::running()),
             disks,
+            started: std::time::Instant::now(),
         }
     }
 }

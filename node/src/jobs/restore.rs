@@ -7,7 +7,8 @@
 //! does: its backups wait, instead of reading a disk that is being overwritten. A disk that a
 //! running VM's qemu holds open for writing is never restored onto (409, and checked again when
 //! its turn comes). A regular file takes the restored disk only once it is whole (`files.rs`);
-//! what a restore the node died in left beside it is removed when the node starts.
+//! what a restore the node died in left beside it is removed when the node starts, and what a
+//! restore a stopping node paused left there is written on by the next start (`handover.rs`).
 //! A disk held in a qcow2 image (stated in the VM's config, or a restore-directory file named
 //! `*.qcow2`) is restored as a new qcow2 image of its own (`sink/image.rs`).
 
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{set_disk, DiskJob, Job, JobError, JobKind, JobState, Jobs};
+use super::{set_disk, DiskJob, Job, JobError, JobKind, JobRequest, JobState, Jobs};
 use crate::api::{CopyMode, DiskFormat, JobStatus, RestoreRequest};
 use crate::config::{valid_name, Disk, Settings};
 use crate::error::MoveError;
@@ -29,11 +30,17 @@ use crate::source::{Source, SourceSpec};
 use crate::targets;
 
 /// One disk of a restore: where it is read from, where it goes and how it is written there.
-struct PlannedDisk {
-    key: u32,
+pub(super) struct PlannedDisk {
+    pub(super) key: u32,
     endpoint: Endpoint,
-    dest: PathBuf,
+    pub(super) dest: PathBuf,
     format: DiskFormat,
+}
+
+/// A restore's disks in their order, and the VMs whose disks it writes.
+pub(super) struct RestorePlan {
+    pub(super) disks: Vec<PlannedDisk>,
+    vms: Vec<String>,
 }
 
 impl Jobs {
@@ -43,6 +50,23 @@ impl Jobs {
     /// # Errors
     /// Bad input (400) or a job id in use (409).
     pub fn start_restore(self: &Arc<Self>, req: RestoreRequest) -> Result<Arc<Job>, JobError> {
+        let plan = self.plan_restore(&req)?;
+        let disks = plan.disks.iter().map(|p| DiskJob::new(p.key, CopyMode::Full)).collect();
+        let job = Arc::new(Job::restore(req, disks));
+        self.register_restore(&job, &plan)?;
+        self.spawn_restore(&job, plan);
+        Ok(job)
+    }
+
+    /// Add a restore to the table, holding its VMs and destinations.
+    pub(super) fn register_restore(&self, job: &Arc<Job>, plan: &RestorePlan) -> Result<(), JobError> {
+        let vms: Vec<&str> = plan.vms.iter().map(String::as_str).collect();
+        let paths: Vec<&Path> = plan.disks.iter().map(|p| p.dest.as_path()).collect();
+        self.register(Arc::clone(job), &vms, &paths)
+    }
+
+    /// Check a restore's request against the node's rules, and plan it.
+    pub(super) fn plan_restore(&self, req: &RestoreRequest) -> Result<RestorePlan, JobError> {
         if !valid_name(&req.job_id) {
             return Err(JobError::BadRequest(format!("job_id '{}' is not a valid name", req.job_id)));
         }
@@ -72,29 +96,35 @@ impl Jobs {
         if let Some(extra) = req.destinations.keys().find(|k| !targets.iter().any(|t| t.key.to_string() == **k)) {
             return Err(JobError::BadRequest(format!("destination for disk {extra} has no target")));
         }
-        let disks = plan.iter().map(|p| DiskJob::new(p.key, CopyMode::Full)).collect();
-        let job = Arc::new(Job {
-            id: req.job_id.clone(),
-            kind: JobKind::Restore,
-            vm_name: String::new(),
-            cancel: CancellationToken::new(),
-            pause: CancellationToken::new(),
-            request: None,
-            state: Mutex::new(JobState::running()),
-            disks,
-        });
-        let vms: Vec<&str> = vms.iter().map(String::as_str).collect();
-        let paths: Vec<&Path> = plan.iter().map(|p| p.dest.as_path()).collect();
-        self.register(Arc::clone(&job), &vms, &paths)?;
+        Ok(RestorePlan { disks: plan, vms })
+    }
+
+    /// Run a registered restore to its end, one disk after another (a disk completed before a
+    /// stop is not restored again), or until a stopping node pauses it.
+    pub(super) fn spawn_restore(self: &Arc<Self>, job: &Arc<Job>, plan: RestorePlan) {
         let jobs = Arc::clone(self);
-        let run_job = Arc::clone(&job);
+        let run_job = Arc::clone(job);
         tokio::spawn(async move {
             let mut error = None;
-            for (index, disk) in plan.into_iter().enumerate() {
+            for (index, disk) in plan.disks.into_iter().enumerate() {
+                if run_job.pause.is_cancelled() {
+                    break;
+                }
+                if run_job.disks.get(index).is_some_and(|d| d.status() == "completed") {
+                    continue;
+                }
                 if let Err(e) = jobs.restore_one(&run_job, index, disk).await {
                     error = Some(e);
                     break;
                 }
+            }
+            let unfinished = run_job.disks.iter().any(|d| d.status() != "completed");
+            if run_job.pause.is_cancelled() && !run_job.cancel.is_cancelled() && error.is_none() && unfinished {
+                tracing::info!(job = %run_job.id, "restore paused: handed over to the next start");
+                if let Ok(mut s) = run_job.state.lock() {
+                    s.handed_over = true;
+                }
+                return;
             }
             let status = match &error {
                 _ if run_job.cancel.is_cancelled() => JobStatus::Cancelled,
@@ -104,13 +134,14 @@ impl Jobs {
             run_job.finish(status, error);
             jobs.release(&run_job);
         });
-        Ok(job)
     }
 
     async fn restore_one(&self, job: &Job, index: usize, disk: PlannedDisk) -> Result<(), String> {
         let PlannedDisk { endpoint, dest, format, .. } = disk;
         let dest = dest.as_path();
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
+        // Paused by the node's last stop: what the file beside the destination holds.
+        let resume = dj.state.lock().ok().and_then(|mut s| s.resume.take());
         set_disk(dj, "running", None, None);
         let fail = |e: MoveError| {
             set_disk(
@@ -130,16 +161,27 @@ impl Jobs {
             source.close().await;
             return Err(fail(MoveError::Mismatch(why)));
         }
-        let (sink, zeroed) = match format {
-            DiskFormat::Raw => FileSink::create(dest, source.size()).map(|(s, zeroed)| (Sink::File(s), zeroed)),
-            DiskFormat::Qcow2 => Qcow2Sink::create(dest, source.size()).map(|s| (Sink::Qcow2(s), true)),
-        }
-        .map_err(fail)?;
-        let base = if zeroed { Base::Zero } else { Base::Unknown };
+        let made = match (format, resume) {
+            (DiskFormat::Raw, None) => FileSink::create(dest, source.size()).map(|(s, zeroed)| {
+                let base = if zeroed { Base::Zero } else { Base::Unknown };
+                (Sink::File(s), base)
+            }),
+            (DiskFormat::Qcow2, None) => Qcow2Sink::create(dest, source.size()).map(|s| (Sink::Qcow2(s), Base::Zero)),
+            (DiskFormat::Raw, Some(map)) => {
+                FileSink::resume(dest, source.size()).map(|s| (Sink::File(s), Base::Map(map)))
+            }
+            (DiskFormat::Qcow2, Some(map)) => Qcow2Sink::resume(dest).map(|s| (Sink::Qcow2(s), Base::Map(map))),
+        };
+        let (sink, base) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                source.close().await;
+                return Err(fail(e));
+            }
+        };
         let source = Arc::new(source);
         let sink = Arc::new(sink);
-        // Restores are not paused (a stopping node cancels them): the pause token never fires.
-        let tokens = mover::Tokens { cancel: job.cancel.clone(), ..Default::default() };
+        let tokens = mover::Tokens { cancel: job.cancel.clone(), pause: job.pause.clone() };
         let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
@@ -154,7 +196,15 @@ impl Jobs {
         source.close().await;
         let outcome = match result.map_err(fail)? {
             mover::Ended::Completed(outcome) => outcome,
-            mover::Ended::Paused(_) => return Err(fail(MoveError::Cancelled)),
+            mover::Ended::Paused(map) => {
+                // The copy flushed the file; it stays beside the destination for the next start.
+                sink.keep().await.map_err(fail)?;
+                if let Ok(mut s) = dj.state.lock() {
+                    s.status = "paused";
+                    s.resume = Some(map);
+                }
+                return Ok(());
+            }
         };
         sink.commit().await.map_err(fail)?;
         set_disk(dj, "completed", outcome.checksum, None);
@@ -202,10 +252,28 @@ impl Jobs {
     }
 }
 
+impl Job {
+    /// A running restore as `req` asks.
+    pub(super) fn restore(req: RestoreRequest, disks: Vec<DiskJob>) -> Self {
+        Self {
+            id: req.job_id.clone(),
+            kind: JobKind::Restore,
+            vm_name: String::new(),
+            cancel: CancellationToken::new(),
+            pause: CancellationToken::new(),
+            request: JobRequest::Restore(req),
+            state: Mutex::new(JobState::running()),
+            disks,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
 /// Remove what restores the node was killed in the middle of left beside their destinations
 /// (`.NAME.restoring` next to a VM's disk or in the restore directory), before any restore can
-/// run: each holds up to a whole disk, and none of them will ever be put in place.
-pub fn remove_interrupted_restores(settings: &Settings) {
+/// run: each holds up to a whole disk, and none of them will ever be put in place. `keep`: the
+/// files of restores a stop paused and this start takes up.
+pub(super) fn remove_interrupted_restores(settings: &Settings, keep: &[PathBuf]) {
     let mut leftovers: Vec<PathBuf> = settings
         .vms
         .iter()
@@ -218,7 +286,9 @@ pub fn remove_interrupted_restores(settings: &Settings) {
             p.file_name().map(|n| n.to_string_lossy()).is_some_and(|n| n.starts_with('.') && n.ends_with(".restoring"))
         }));
     }
-    for path in leftovers {
+    let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    let keep: Vec<PathBuf> = keep.iter().map(canonical).collect();
+    for path in leftovers.into_iter().filter(|p| !keep.contains(&canonical(p))) {
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::info!(file = %path.display(), "removed what an interrupted restore left"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2::{CreateOptions, Image};
+use qcow2::{CreateOptions, Image, ImageOptions};
 
 use crate::error::MoveError;
 use crate::files::Replacement;
@@ -37,6 +37,32 @@ impl Qcow2Sink {
         let file = File::open(replacement.path()).map_err(|e| err("open the new image", e))?;
         replacement.take_over(&file).map_err(|e| err("give the new image the old one's owner and mode", e))?;
         Ok(Self { image: Arc::new(image), replacement: Arc::new(replacement), dest: dest.to_path_buf() })
+    }
+
+    /// Go on with the image a paused restore left beside `dest` (`jobs/handover.rs`), closed
+    /// clean then.
+    ///
+    /// # Errors
+    /// The image is missing, not a regular file, or does not open.
+    pub fn resume(dest: &Path) -> Result<Self, MoveError> {
+        let err = |what: &str, source| MoveError::Destination { what: format!("{}: {what}", dest.display()), source };
+        let replacement = Replacement::resume(dest).map_err(|e| err("the image a paused restore left beside it", e))?;
+        // Made by this node without a backing file: none is looked for.
+        let opts = ImageOptions::read_write().probe_backing_format(false);
+        let image = Image::open_with(replacement.path(), &opts)
+            .map_err(|e| err("open the image a paused restore left", std::io::Error::other(e)))?;
+        Ok(Self { image: Arc::new(image), replacement: Arc::new(replacement), dest: dest.to_path_buf() })
+    }
+
+    /// Close the image clean and leave it beside the destination for the next start.
+    ///
+    /// # Errors
+    /// Closing failed (the image is then removed, as for a failed restore).
+    pub async fn keep(&self) -> Result<(), MoveError> {
+        let image = Arc::clone(&self.image);
+        self.blocking("close".into(), move || image.close()).await?;
+        self.replacement.keep();
+        Ok(())
     }
 
     /// The disk's size.
