@@ -128,12 +128,14 @@ struct HandedDisk {
 
 impl Jobs {
     /// Where a disk's resume map lives while the node is stopped: beside its change-tracking
-    /// state for a copy, in the state directory's `restores` for a restore.
+    /// state for a copy, in the state directory's `.restore-maps` for a restore (not in the
+    /// restore directory, which by default is the state directory's `restores`, and holds only
+    /// restored disks; no VM is named with a leading dot).
     fn resume_path(&self, run: &HandedRun, key: u32) -> PathBuf {
         let id = run.job_id();
         match run.vm() {
             Some(vm) => self.map_path(vm, run.kind(), key).with_extension(format!("map.resume-{id}")),
-            None => self.settings().state_dir.join("restores").join(format!("{id}-disk-{key}.map.resume")),
+            None => self.settings().state_dir.join(".restore-maps").join(format!("{id}-disk-{key}.map")),
         }
     }
 
