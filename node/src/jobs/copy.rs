@@ -142,7 +142,7 @@ impl Jobs {
         }
         .map_err(fail)?;
         let was_resumed = resumed.is_some();
-        let mut choice = match resumed {
+        let choice = match resumed {
             Some(choice) => choice,
             None => self.choose(&source, &sink, committed.clone(), backup_type, interrupted).await.map_err(fail)?,
         };
@@ -158,7 +158,7 @@ impl Jobs {
         let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
-            std::mem::replace(&mut choice.base, Base::Unknown),
+            choice.base,
             changes,
             opts,
             Arc::clone(&dj.progress),
