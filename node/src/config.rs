@@ -4,7 +4,8 @@
 //!
 //! Beyond the contract's keys, `restore_dir` bounds where restores may write, and `[copy]`
 //! tunes the data mover (`connections`, `depth`, `request_size`, `block_size`,
-//! `parallel_disks`, `bandwidth_limit`, `retry_window_s`).
+//! `parallel_disks`, `bandwidth_limit`, `retry_window_s`) and how often a running job is
+//! checkpointed (`checkpoint_every_s`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,8 @@ pub struct CopyFile {
     pub bandwidth_limit: Option<String>,
     /// Seconds a broken connection may take to come back.
     pub retry_window_s: Option<u64>,
+    /// Seconds between checkpoints of a running job (0: none), for a node that is killed.
+    pub checkpoint_every_s: Option<u64>,
 }
 
 /// `[[vm]]`.
@@ -346,6 +349,9 @@ pub fn resolve_copy(c: &CopyFile) -> Result<(CopyOptions, usize), String> {
     }
     if let Some(s) = c.retry_window_s {
         o.retry_window = Duration::from_secs(s);
+    }
+    if let Some(s) = c.checkpoint_every_s {
+        o.checkpoint_every = Duration::from_secs(s);
     }
     Ok((o, c.parallel_disks.unwrap_or(4).clamp(1, 64)))
 }

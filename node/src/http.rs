@@ -257,6 +257,12 @@ async fn tunnel_status(State(s): State<Arc<AppState>>) -> Answer<TunnelView> {
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let body = crate::metrics::render(&s.jobs.all(), &tunnel_view(&s), &s.jobs.reload_status(), s.jobs.taken_up());
+    let body = crate::metrics::render(
+        &s.jobs.all(),
+        &tunnel_view(&s),
+        &s.jobs.reload_status(),
+        s.jobs.taken_up(),
+        s.jobs.checkpoint_stats(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

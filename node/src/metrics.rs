@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::Arc;
 
 use crate::api::{JobStatus, TunnelView};
-use crate::jobs::{Job, TakenUp};
+use crate::jobs::{CheckpointStats, Job, TakenUp};
 use crate::service::ReloadStatus;
 
 fn escape(v: &str) -> String {
@@ -16,7 +16,13 @@ fn escape(v: &str) -> String {
 }
 
 /// Render the node's metrics.
-pub fn render(jobs: &[Arc<Job>], tunnel: &TunnelView, reload: &ReloadStatus, taken_up: TakenUp) -> String {
+pub fn render(
+    jobs: &[Arc<Job>],
+    tunnel: &TunnelView,
+    reload: &ReloadStatus,
+    taken_up: TakenUp,
+    checkpoints: CheckpointStats,
+) -> String {
     let mut out = String::new();
     let views: Vec<_> = jobs.iter().map(|j| j.view()).collect();
     let _ =
@@ -71,6 +77,17 @@ pub fn render(jobs: &[Arc<Job>], tunnel: &TunnelView, reload: &ReloadStatus, tak
          sendense_node_jobs_taken_up{{result=\"resumed\"}} {}\n\
          sendense_node_jobs_taken_up{{result=\"dropped\"}} {}",
         taken_up.resumed, taken_up.dropped
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sendense_node_checkpoints_total Records of the running jobs written for a killed node's next start, or not (failed).\n\
+         # TYPE sendense_node_checkpoints_total counter\n\
+         sendense_node_checkpoints_total{{result=\"written\"}} {}\n\
+         sendense_node_checkpoints_total{{result=\"failed\"}} {}\n\
+         # HELP sendense_node_checkpoint_maps_timestamp_seconds When the running disks' resume maps were last saved (0: not yet).\n\
+         # TYPE sendense_node_checkpoint_maps_timestamp_seconds gauge\n\
+         sendense_node_checkpoint_maps_timestamp_seconds {}",
+        checkpoints.written, checkpoints.failed, checkpoints.maps_at
     );
     out.push_str(&reload.metrics("sendense_node"));
     out

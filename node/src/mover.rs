@@ -34,6 +34,14 @@
 //! already. That holds for the blocks whose write was in flight too: a block is only ever
 //! written when the source differs from the base, so the resumed copy, reading the same
 //! snapshot, finds it different from the base's hash again and writes it.
+//!
+//! ## Taken while it runs, for a node that is killed
+//! The same map can be taken without stopping ([`Resumable::take`]): the hashes and the written
+//! set read first, the target flushed after, so every write the map counts is on stable storage
+//! when the map is handed out. A write acknowledged after the map was read is simply not in it:
+//! its block keeps the base's hash (or unknown), and a copy resumed from the map writes it again.
+//! The node saves such maps every `checkpoint_every_s` (`jobs/handover.rs`), so a node killed in
+//! the middle of a disk goes on from its last checkpoint at its next start.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +77,9 @@ pub struct CopyOptions {
     pub retry_window: Duration,
     /// Bandwidth limit shared by the job's workers.
     pub throttle: Option<Arc<Throttle>>,
+    /// How often the job layer saves a running copy's resume map ([`Resumable`]); zero: never
+    /// (a killed node then takes up nothing).
+    pub checkpoint_every: Duration,
 }
 
 impl Default for CopyOptions {
@@ -82,6 +93,9 @@ impl Default for CopyOptions {
             block_size: None,
             retry_window: Duration::from_secs(120),
             throttle: None,
+            // At most a minute of copying is done again after a kill; a checkpoint costs a flush
+            // of the target and one write of the map (up to 128 MiB for the largest disks).
+            checkpoint_every: Duration::from_secs(60),
         }
     }
 }
@@ -329,13 +343,67 @@ pub enum Ended {
     Paused(BlockMap),
 }
 
-/// What stops a copy: `cancel` ends it for good, `pause` ends it with a resume map.
+/// What stops a copy: `cancel` ends it for good, `pause` ends it with a resume map; and where
+/// its resume map is taken while it runs.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
     /// Stop, nothing to keep.
     pub cancel: CancellationToken,
     /// Stop, flush, and say what the target holds.
     pub pause: CancellationToken,
+    /// The running copy's resume map, for checkpoints (module doc).
+    pub resumable: Arc<Resumable>,
+}
+
+/// Where the job layer takes a running copy's resume map (module doc, "Taken while it runs").
+#[derive(Default)]
+pub struct Resumable {
+    /// The running copy, and the token its end cancels.
+    running: Mutex<Option<(Arc<Shared>, CancellationToken)>>,
+}
+
+impl std::fmt::Debug for Resumable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let running = self.running.lock().is_ok_and(|r| r.is_some());
+        f.debug_struct("Resumable").field("running", &running).finish()
+    }
+}
+
+impl Resumable {
+    /// What the target holds now as far as the copy knows, made durable: the map is read, then
+    /// the target flushed. `None` when no copy runs, the flush failed (the copy's own next
+    /// request says why) or the copy ended meanwhile (its connections are being closed: the
+    /// flush must not make them again).
+    pub async fn take(&self) -> Option<BlockMap> {
+        let (shared, ended) = self.running.lock().ok()?.clone()?;
+        let hashes = shared.hashes.lock().ok()?.clone();
+        let map = resume_map(&shared, hashes);
+        tokio::select! {
+            biased;
+            _ = ended.cancelled() => None,
+            flushed = shared.sink.flush() => match flushed {
+                Ok(()) => Some(map),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no checkpoint: the target's flush failed");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Clears a [`Resumable`] when the copy ends, however it ends, before the caller closes the
+/// source and the target.
+struct RunningCopy<'a>(&'a Resumable);
+
+impl Drop for RunningCopy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.0.running.lock() {
+            if let Some((_, ended)) = r.take() {
+                ended.cancel();
+            }
+        }
+    }
 }
 
 /// Copy one disk; a pause ends it with the resume map ([`Ended::Paused`], module doc).
@@ -354,7 +422,7 @@ pub async fn copy_disk(
     written: Arc<WrittenSet>,
     tokens: Tokens,
 ) -> Result<Ended, MoveError> {
-    let Tokens { cancel, pause } = tokens;
+    let Tokens { cancel, pause, resumable } = tokens;
     let size = source.size();
     if sink.size() < size {
         return Err(MoveError::Mismatch(format!("the target holds {} bytes; the source has {size}", sink.size())));
@@ -384,6 +452,10 @@ pub async fn copy_disk(
         throttle: options.throttle.clone(),
     });
     shared.progress.start(size);
+    if let Ok(mut r) = resumable.running.lock() {
+        *r = Some((Arc::clone(&shared), CancellationToken::new()));
+    }
+    let _running = RunningCopy(&resumable);
 
     let connections = match &*shared.sink {
         Sink::Nbd(pool) => pool.connections(),

@@ -1,6 +1,7 @@
 //! `sendense-node copy` against real peers: raw files and qemu-nbd as sources; our NBD server
 //! library serving qcow2 (as the hub does) and qemu-nbd as targets; judged by `qemu-img compare`,
-//! `check` and `map`.
+//! `check` and `map`. And the data mover's checkpoints taken while a copy runs, against the file
+//! it writes.
 
 mod common;
 
@@ -359,4 +360,106 @@ fn bad_targets_and_sources_are_one_clear_line() {
         assert!(!ok, "{targets} accepted");
         assert!(err.contains(want), "{targets}: {err}");
     }
+}
+
+/// Every block a resume map says holds what the source holds (the blocks a copy resumed from it
+/// skips) holds it on the target. (A block whose write landed after the map was read keeps the
+/// base's hash in it, which the source does not have: it is written again.)
+fn assert_claims_hold(map: &node::blockmap::BlockMap, source: &[u8], target: &std::path::Path, when: &str) {
+    let bytes = std::fs::read(target).unwrap();
+    let bs = map.block_size as usize;
+    for (b, h) in map.hashes.iter().enumerate() {
+        let range = b * bs..((b + 1) * bs).min(source.len());
+        if *h != node::blockmap::hash_block(&source[range.clone()]) {
+            continue;
+        }
+        let block = bytes.get(range).unwrap_or_default();
+        assert_eq!(node::blockmap::hash_block(block), *h, "{when}: block {b} is not what the map says");
+    }
+}
+
+/// The node's checkpoints (`mover::Resumable`): maps taken while a copy runs (slowed to 8 MiB/s)
+/// claim only what the target holds, also after the copy is stopped the way a kill stops it
+/// (requests in flight left as they land); a copy started again from the last map (as the next
+/// start does) sends only what the map does not claim, and the target equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maps_taken_while_a_copy_runs_claim_only_what_the_target_holds_and_resume_it() {
+    use std::sync::Arc;
+
+    use node::mover::{copy_disk, Base, Changes, CopyOptions, Ended, Tokens};
+    use node::sink::{FileSink, Sink};
+    use node::source::{Source, SourceSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("disk.raw"), dir.path().join("restored.raw"));
+    let mut data = pseudo_random(24 << 20, 11);
+    data[8 << 20..12 << 20].fill(0); // zero blocks, written as zeroes
+    std::fs::write(&src, &data).unwrap();
+    let spec = SourceSpec::Path { path: src.clone(), format: Some(node::api::DiskFormat::Raw), dirty_bitmap: None };
+    let options = CopyOptions {
+        block_size: Some(64 << 10),
+        request_size: MIB,
+        throttle: Some(Arc::new(node::throttle::Throttle::new(8 * MIB))),
+        ..CopyOptions::default()
+    };
+    let beside = dir.path().join(".restored.raw.restoring");
+
+    let source = Arc::new(Source::open(&spec, 4, Default::default()).await.unwrap());
+    let (sink, zeroed) = FileSink::create(&dest, source.size()).unwrap();
+    let sink = Arc::new(Sink::File(sink));
+    let base = if zeroed { Base::Zero } else { Base::Unknown };
+    let tokens = Tokens::default();
+    let (resumable, cancel) = (Arc::clone(&tokens.resumable), tokens.cancel.clone());
+    let progress = Arc::new(node::mover::Progress::default());
+    let copy = {
+        let (source, sink, options, progress) =
+            (Arc::clone(&source), Arc::clone(&sink), options.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            copy_disk(source, sink, base, Changes::ReadAll, &options, progress, Arc::default(), tokens).await
+        })
+    };
+    let mut last = None;
+    for round in 0..4 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let map = resumable.take().await.expect("a running copy gives its map");
+        assert_claims_hold(&map, &data, &beside, &format!("checkpoint {round}"));
+        last = Some(map);
+    }
+    cancel.cancel();
+    assert!(copy.await.unwrap().is_err(), "stopped");
+    assert!(resumable.take().await.is_none(), "no copy runs: no map");
+    let last = last.unwrap();
+    assert_claims_hold(&last, &data, &beside, "after the stop");
+    let claimed_data = last
+        .hashes
+        .iter()
+        .zip(data.chunks(64 << 10))
+        .filter(|(h, block)| **h == node::blockmap::hash_block(block) && block.iter().any(|&x| x != 0))
+        .count() as u64
+        * (64 << 10);
+    assert!(claimed_data >= 2 * MIB, "the maps counted what was written before them: {claimed_data}");
+    sink.keep().await.unwrap();
+    drop(sink);
+
+    let sink = Arc::new(Sink::File(FileSink::resume(&dest, source.size()).unwrap()));
+    let progress = Arc::new(node::mover::Progress::default());
+    let options = CopyOptions { throttle: None, ..options };
+    let ended = copy_disk(
+        Arc::clone(&source),
+        Arc::clone(&sink),
+        Base::Map(last),
+        Changes::ReadAll,
+        &options,
+        Arc::clone(&progress),
+        Arc::default(),
+        Tokens::default(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(ended, Ended::Completed(_)));
+    sink.commit().await.unwrap();
+    assert!(std::fs::read(&dest).unwrap() == data, "the resumed copy made the target equal to the source");
+    let p = progress.snapshot();
+    assert!(p.bytes_unchanged >= claimed_data, "what the map claimed was not sent again: {p:?}");
+    assert!(p.bytes_sent + claimed_data <= 20 * MIB, "{p:?}");
 }

@@ -370,7 +370,8 @@ async fn a_replica_run_cut_by_a_killed_node_makes_the_next_run_rewrite_every_blo
     let (d0, d1) = (dir.path().join("disk0.raw"), dir.path().join("disk1.raw"));
     make_source(&d0, 32, 1);
     make_source(&d1, 8, 2);
-    let config = vm_config(dir.path(), "[copy]\nbandwidth_limit = \"4M\"");
+    // Checkpoints off: the killed node takes the run up from nothing, and says so to the next.
+    let config = vm_config(dir.path(), "[copy]\nbandwidth_limit = \"4M\"\ncheckpoint_every_s = 0");
     let (r0, r1) = (dir.path().join("replica-0.qcow2"), dir.path().join("replica-1.qcow2"));
     new_qcow2(&r0, 32 * MIB);
     new_qcow2(&r1, 8 * MIB);
@@ -566,8 +567,9 @@ async fn a_restore_replaces_a_disk_whole_or_not_at_all_and_never_under_a_running
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d.join("disk-file.raw"), std::fs::Permissions::from_mode(0o640)).unwrap();
     let before = std::fs::read(d.join("disk-file.raw")).unwrap();
-    // 4 MiB/s: the 8 MiB restore below takes two seconds, time to cancel it half-way.
-    let config = vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1");
+    // 4 MiB/s: the 8 MiB restore below takes two seconds, time to cancel it half-way. Checkpoints
+    // off: the restore killed below is not taken up (`hub/tests/e2e/node_restart.rs` takes one up).
+    let config = vm_config(d, "[copy]\nbandwidth_limit = \"4M\"\nconnections = 1\ncheckpoint_every_s = 0");
     let mut node = NodeProcess::start(d, &config, &[]);
     let client = NodeClient::new(node.url(), None).unwrap();
     let export = backup_export(d, 8).await;
@@ -638,7 +640,7 @@ async fn a_replica_run_cut_by_a_killed_node_is_followed_by_every_block_even_with
     qemu_img(&["bitmap", "--add", image.to_str().unwrap(), "b0"]);
     let config = |limit: &str| {
         format!(
-            "state_dir = \"{}\"\n[copy]\nconnections = 1\n{limit}\n[[vm]]\nname = \"q\"\n[[vm.disk]]\nkey = 2000\n\
+            "state_dir = \"{}\"\n[copy]\nconnections = 1\ncheckpoint_every_s = 0\n{limit}\n[[vm]]\nname = \"q\"\n[[vm.disk]]\nkey = 2000\n\
              source = \"{}\"\nformat = \"qcow2\"\ndirty_bitmap = \"b0\"\n",
             d.join("state").display(),
             image.display()

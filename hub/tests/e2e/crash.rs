@@ -7,7 +7,9 @@
 //! the repository must hold only whole backups (each listed one completed, or a killed run
 //! failed; no directory without a completed listing; the newest verifying), no port may stay
 //! leased, the node's run must end, the next backup must equal the sources, and after a killed
-//! replica run the next one must leave a replica equal to them.
+//! replica run the next one must leave a replica equal to them. A killed node takes its runs up
+//! from their last checkpoint (every second here, the copy slowed so that kills land between
+//! them): such a run completes, equal to the sources.
 //!
 //! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3 of each); `HUB_KILL_SEED` replays the moments of a
 //! run (printed at its start); `HUB_KILL_TRANSPORT=endpoint` puts the node's tunnel to the hub's
@@ -109,6 +111,8 @@ struct Outcomes {
     completed: usize,
     /// It was gone, as a failed run is after a restart.
     gone: usize,
+    /// The killed node's next start took the run up (from its last checkpoint).
+    taken_up: usize,
     /// A replica run was killed.
     replica_runs: usize,
     /// A merge of the oldest backup into the next was killed (the hub only).
@@ -139,7 +143,7 @@ async fn kill_rounds(victim: Victim) {
     // and each backup is compressed after it completes, so kills land in compressions too.
     let opts = match victim {
         Victim::Hub => Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() },
-        Victim::Node => Options::default(),
+        Victim::Node => Options { copy: "bandwidth_limit = \"16M\"\ncheckpoint_every_s = 1", ..Options::default() },
     };
     let (mut site, span_ms) = soak_site(transport, opts).await;
     let mut outcomes = Outcomes::default();
@@ -194,8 +198,15 @@ async fn kill_rounds(victim: Victim) {
             Victim::Node => {
                 site.kill_node();
                 site.start_node();
-                // The hub's job ends: failed (its node went away) or completed before the kill.
-                site.wait(&path).await;
+                // The hub's job ends: completed (before the kill, or taken up from a checkpoint by
+                // the restarted node) or failed (killed before a checkpoint named it).
+                let (_, metrics) = site.node("GET", "/metrics", None).await;
+                let metrics = metrics.as_str().unwrap_or_default().to_string();
+                outcomes.taken_up += usize::from(metrics.contains("sendense_node_jobs_taken_up{result=\"resumed\"} 1"));
+                let done = site.wait(&path).await;
+                if done["status"] == "completed" && kind != "replica" {
+                    site.assert_backup_equals_sources("vm", &done, 2);
+                }
             }
         }
         let context = format!("{victim:?} round {round} (HUB_KILL_SEED={seed}): {kind} {id} killed after {at:?}");

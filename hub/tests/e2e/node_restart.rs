@@ -4,6 +4,9 @@
 //! hold, not from the first byte, the snapshot hooks run once each, and the results equal the
 //! disks; the chain and the replica go on from them. A run the next start cannot take up (its disk
 //! left the configuration) fails on the hub as a forgotten job does, and its snapshot is released.
+//!
+//! A node killed (SIGKILL) goes on the same way from its last checkpoint (`checkpoint_every_s`);
+//! one killed while a pre-snapshot hook ran releases that snapshot at its next start.
 
 use std::path::Path;
 
@@ -38,7 +41,160 @@ async fn restart_node_under_way(site: &mut Site, path: &str, id: &str) {
     let (status, jobs) = site.node("GET", "/api/v1/jobs", None).await;
     assert_eq!(status, 200, "{jobs}");
     assert!(jobs.to_string().contains(id), "the same job, running again: {jobs}");
-    assert!(!record.exists(), "a record is taken up once");
+    // A record is taken up once: what is there now is the new process's checkpoint.
+    let now = std::fs::read_to_string(&record).unwrap_or_default();
+    assert!(!now.contains("\"stopped\": true"), "{now}");
+}
+
+/// Snapshot hooks for `vm` that log their runs into the file returned.
+fn log_hooks(site: &Site, vm: &str, pre_extra: &str) -> std::path::PathBuf {
+    let log = site.path().join("hooks.log");
+    let config = std::fs::read_to_string(site.node_config()).unwrap();
+    let hooks = format!(
+        "name = \"{vm}\"\npre_snapshot = \"echo pre $SENDENSE_JOB_ID >> {0}{pre_extra}\"\n\
+         post_snapshot = \"echo post $SENDENSE_JOB_ID >> {0}\"\n",
+        log.display()
+    );
+    std::fs::write(site.node_config(), config.replace(&format!("name = \"{vm}\"\n"), &hooks)).unwrap();
+    log
+}
+
+/// Wait until a checkpoint saved `map` (a disk's resume map) after `after` and the record written
+/// after it names the disk under way.
+async fn wait_checkpoint(site: &Site, map: &Path, after: std::time::SystemTime) {
+    let record = site.path().join("node-state/.jobs-handed-over.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let saved = std::fs::metadata(map).and_then(|m| m.modified()).is_ok_and(|t| t > after);
+        let named = std::fs::read_to_string(&record).is_ok_and(|r| r.contains("\"stage\": \"paused\""));
+        if saved && named {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint of {} in 30 s", map.display());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_and_a_restore_go_on_from_their_checkpoint_after_the_node_is_killed() {
+    let copy = "bandwidth_limit = \"8M\"\nparallel_disks = 1\ncheckpoint_every_s = 1";
+    let mut site =
+        Site::start(Transport::Endpoint, &[Vm("vm-a", &[64, 8])], 8, Options { copy, ..Options::default() }).await;
+    let log = log_hooks(&site, "vm-a", "");
+    site.stop_node();
+    site.start_node();
+    site.wait_node_reachable().await;
+    let record = site.path().join("node-state/.jobs-handed-over.json");
+
+    // A full backup, killed once a checkpoint was taken after 8 MiB had been sent.
+    let id = site.start_backup("vm-a", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    site.wait_progress(&path, 8 * MIB).await;
+    let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
+    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    let (_, metrics) = site.node("GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("sendense_node_checkpoints_total{result=\"failed\"} 0"), "{metrics}");
+    assert!(!metrics.contains("sendense_node_checkpoints_total{result=\"written\"} 0\n"), "{metrics}");
+    assert!(!metrics.contains("sendense_node_checkpoint_maps_timestamp_seconds 0\n"), "{metrics}");
+    site.kill_node();
+    assert!(std::fs::read_to_string(&record).unwrap().contains(&id));
+    site.start_node();
+    assert_eq!(node_job(&site, &id).await["status"], "running", "taken up");
+    let done = site.wait(&path).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm-a", &done, 2);
+    let job = node_job(&site, &id).await;
+    let first = &job["disks"][0];
+    let (unchanged, sent) = (first["bytes_unchanged"].as_u64().unwrap(), first["bytes_sent"].as_u64().unwrap());
+    assert!(unchanged >= 4 * MIB, "what the checkpoint counted was not sent again: {job}");
+    assert!(sent + 4 * MIB <= 32 * MIB, "only the rest of its 32 MiB of data was sent: {job}");
+    assert_eq!(hook_runs(&log, &id), [format!("pre {id}"), format!("post {id}")], "one snapshot for the run");
+    let (_, metrics) = site.node("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_node_jobs_taken_up{result=\"resumed\"} 1"), "{metrics}");
+    assert!(!map.exists(), "the resume map of a run that ended is removed");
+    change(&site.source("vm-a", 0), 5 * MIB, 7);
+    let inc = site.backup("vm-a", "incremental").await;
+    assert_eq!(inc["parent_id"], json!(id), "the resumed run was committed: {inc}");
+    site.assert_backup_equals_sources("vm-a", &inc, 2);
+
+    // A restore into a qcow2 image, killed the same way: the image left open is taken up.
+    let restores = site.path().join("restores");
+    std::fs::create_dir_all(&restores).unwrap();
+    let (dest0, dest1) = (restores.join("vm-a-0.qcow2"), restores.join("vm-a-1.raw"));
+    std::fs::write(&dest0, b"the disk before").unwrap();
+    let asked = json!({"backup_id": inc["backup_id"], "destinations": {"2000": dest0, "2001": dest1}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node_job(&site, &rid).await["disks"][0]["bytes_sent"].as_u64().unwrap_or(0) < 8 * MIB {
+        assert!(std::time::Instant::now() < deadline, "the restore made no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let map = site.path().join(format!("node-state/.restore-maps/{rid}-disk-2000.map"));
+    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    site.kill_node();
+    assert!(restores.join(".vm-a-0.qcow2.restoring").exists(), "the image being restored is kept");
+    assert_eq!(std::fs::read(&dest0).unwrap(), b"the disk before", "the destination as it was until the end");
+    site.start_node();
+    assert_eq!(node_job(&site, &rid).await["status"], "running", "taken up");
+    let done = crate::wait_restore(&site, &rid).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    for disk in done["disks"].as_array().unwrap() {
+        assert_eq!(disk["checksum_match"], json!(true), "{done}");
+    }
+    assert_clean(&dest0);
+    assert_same(&site.source("vm-a", 0), &dest0);
+    assert_same(&site.source("vm-a", 1), &dest1);
+    let job = node_job(&site, &rid).await;
+    let sent = job["disks"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(sent + 4 * MIB <= 32 * MIB, "what the checkpoint counted was not read into it again: {job}");
+    assert!(!map.exists() && !restores.join(".vm-a-0.qcow2.restoring").exists());
+    // The checkpoints now name the completed restore only (for the hub's look at it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&record).unwrap_or_default().contains("\"stage\": \"paused\"") {
+        assert!(std::time::Instant::now() < deadline, "nothing under way: nothing paused in the record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_its_pre_snapshot_hook_runs_releases_the_snapshot_at_its_next_start() {
+    let copy = "checkpoint_every_s = 1";
+    let mut site = Site::start(Transport::Direct, &[Vm("vm-a", &[8])], 8, Options { copy, ..Options::default() }).await;
+    let log = log_hooks(&site, "vm-a", "; sleep 30");
+    site.stop_node();
+    site.start_node();
+    site.wait_node_reachable().await;
+    let id = site.start_backup("vm-a", "full").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while hook_runs(&log, &id).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the pre hook did not run");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let record = site.path().join("node-state/.jobs-handed-over.json");
+    while !std::fs::read_to_string(&record).is_ok_and(|r| r.contains(&id)) {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint names the job");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    site.kill_node();
+    site.start_node();
+    let failed = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("no longer knows"), "{failed}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while hook_runs(&log, &id).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the post hook did not run: {:?}", hook_runs(&log, &id));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(hook_runs(&log, &id), [format!("pre {id}"), format!("post {id}")], "the snapshot is released once");
+    let (_, metrics) = site.node("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_node_jobs_taken_up{result=\"dropped\"} 1"), "{metrics}");
+    // The VM is not left busy: the next backup runs (its pre hook sleeps, so it is cancelled).
+    let next = site.start_backup("vm-a", "full").await;
+    let (status, _) = site.hub("DELETE", &format!("/api/v1/backups/{next}"), None).await;
+    assert!(status < 300, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,14 +202,7 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     let opts = Options { copy: "bandwidth_limit = \"8M\"\nparallel_disks = 1", ..Options::default() };
     let mut site = Site::start(Transport::Endpoint, &[Vm("vm-a", &[64, 8])], 8, opts).await;
     // Snapshot hooks that log their runs; an idle node stops and starts without a record.
-    let log = site.path().join("hooks.log");
-    let config = std::fs::read_to_string(site.node_config()).unwrap();
-    let hooks = format!(
-        "name = \"vm-a\"\npre_snapshot = \"echo pre $SENDENSE_JOB_ID >> {0}\"\n\
-         post_snapshot = \"echo post $SENDENSE_JOB_ID >> {0}\"\n",
-        log.display()
-    );
-    std::fs::write(site.node_config(), config.replace("name = \"vm-a\"\n", &hooks)).unwrap();
+    let log = log_hooks(&site, "vm-a", "");
     site.stop_node();
     assert!(!site.path().join("node-state/.jobs-handed-over.json").exists(), "nothing to hand over");
     site.start_node();

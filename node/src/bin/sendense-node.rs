@@ -225,7 +225,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // what restores the node died in left beside their destinations is removed.
     let taken = jobs.take_up_handed_over();
     if taken != node::jobs::TakenUp::default() {
-        tracing::info!(resumed = taken.resumed, dropped = taken.dropped, "jobs taken up from the last stop");
+        tracing::info!(
+            resumed = taken.resumed,
+            dropped = taken.dropped,
+            "jobs taken up from the last stop or checkpoint"
+        );
     }
     let state = Arc::new(AppState { jobs: Arc::clone(&jobs), tunnel });
     tracing::info!(
@@ -235,10 +239,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         "sendense-node serving"
     );
     let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&jobs), a));
+    // What a killed node's next start takes up; the stop below writes the last record.
+    tokio::spawn(Arc::clone(&jobs).keep_checkpoints());
     let shutdown = async move {
         node::service::shutdown_signal().await;
         // The API answers meanwhile: the hub sees its jobs running until the node is gone.
-        tracing::info!("shutting down: pausing backups and replications for the next start, cancelling restores");
+        tracing::info!("shutting down: pausing backups, replications and restores for the next start");
         jobs.hand_over(node::jobs::PAUSE_WITHIN).await;
     };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serve")?;
@@ -304,6 +310,8 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
         parallel_disks: Some(a.parallel_disks),
         bandwidth_limit: a.bwlimit.clone(),
         retry_window_s: None,
+        // One command, one process: nothing takes a killed `copy` up.
+        checkpoint_every_s: Some(0),
     };
     let (copy, parallel_disks) = config::resolve_copy(&copy_file).map_err(|e| anyhow!(e))?;
     let scratch = tempfile::TempDir::new().context("temporary state directory")?;

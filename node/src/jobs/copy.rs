@@ -154,7 +154,8 @@ impl Jobs {
             "bitmap" => mover::Changes::Bitmap,
             _ => mover::Changes::ReadAll,
         };
-        let tokens = Tokens { cancel: job.cancel.clone(), pause: job.pause.clone() };
+        let tokens =
+            Tokens { cancel: job.cancel.clone(), pause: job.pause.clone(), resumable: Arc::clone(&dj.resumable) };
         let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
@@ -174,6 +175,7 @@ impl Jobs {
                 if let Ok(mut s) = dj.state.lock() {
                     s.status = "paused";
                     s.resume = Some(map);
+                    s.checkpointed = false;
                 }
                 Ok(())
             }
@@ -190,6 +192,7 @@ impl Jobs {
                     s.reconnects = outcome.reconnects;
                     s.pending_map = Some(pending);
                 }
+                self.record_changed.notify_one();
                 Ok(())
             }
             Err(e) if was_resumed => {

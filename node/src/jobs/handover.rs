@@ -26,7 +26,23 @@
 //! configuration, a target is no longer reachable by its rules, a map is missing or damaged) is
 //! dropped: the hub learns that its node no longer knows the job and fails the run; the VM's post
 //! hook runs so its snapshot is released (a restore's file beside is removed, its destination as
-//! it was). A killed node writes nothing and behaves as before.
+//! it was).
+//!
+//! Checkpoints, for a node that is killed (a crash, the OOM killer, its host's power cut): while
+//! jobs run the same record is kept up to date (`keep_checkpoints`): written again whenever a job
+//! starts, changes phase, completes a disk or ends, and every `checkpoint_every_s` (60 s by
+//! default) with each running disk's resume map taken without stopping the copy (`mover`,
+//! "Taken while it runs": the map read, then the target flushed, so it counts only what is on
+//! stable storage). A killed node's next start takes up what its last checkpoint names, as above:
+//! at most one interval of copying is done again. The record says where each job stood between
+//! its snapshot hooks (`Phase`): a job whose pre-snapshot hook was running is dropped and its
+//! post hook run (to undo what the pre hook did); a job whose post hook had started is not named
+//! (the record is written before that hook runs, not after: a snapshot being released must not
+//! be read again). A map a checkpoint saved stays true for the rest of its run: a block the run
+//! writes afterwards holds what the source holds, and a resumed copy that finds the map's older
+//! hash there only sends it again. Maps of runs that ended are removed once a record that does
+//! not name them is on disk. `checkpoint_every_s = 0` turns checkpoints off: a killed node then
+//! takes nothing up.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +51,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::restore::remove_interrupted_restores;
-use super::{off_runtime, sync_dir, DiskJob, Job, JobKind, JobRequest, Jobs};
+use super::{off_runtime, sync_dir, DiskJob, Job, JobKind, JobRequest, Jobs, Phase};
 use crate::api::{CopyMode, JobStatus, RestoreRequest, StartRequest};
 use crate::blockmap::BlockMap;
 use crate::files::Replacement;
@@ -62,6 +78,9 @@ pub struct TakenUp {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Record {
+    /// Written by a graceful stop; otherwise a checkpoint, which a killed node left.
+    #[serde(default)]
+    stopped: bool,
     jobs: Vec<HandedJob>,
 }
 
@@ -70,7 +89,66 @@ struct HandedJob {
     run: HandedRun,
     /// Completed on this node (a copy waiting for the hub's commit, a restore for the hub's look).
     completed: bool,
+    /// Its pre-snapshot hook was running: the next start runs the post hook and drops the job.
+    #[serde(default)]
+    snapshotting: bool,
     disks: Vec<HandedDisk>,
+}
+
+/// How the checkpoints went, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// Records written by checkpoints.
+    pub written: u64,
+    /// Checkpoints that could not be written (the state directory's disk full or failing).
+    pub failed: u64,
+    /// When the running disks' resume maps were last saved (Unix seconds; 0: not yet).
+    pub maps_at: u64,
+}
+
+/// Who writes the record now, and whether the node is stopping (no checkpoint after the stop's
+/// record).
+#[derive(Debug, Default)]
+pub(super) struct RecordWriter {
+    /// [`Jobs::keep_checkpoints`] runs (an embedder that does not run it gets no record).
+    checkpoints: bool,
+    stopped: bool,
+}
+
+/// Which record is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    /// A graceful stop's: the jobs it paused.
+    Stop,
+    /// A checkpoint's: the jobs running; `maps`: each running disk's resume map taken now.
+    Checkpoint { maps: bool },
+}
+
+/// What a job was asked, in the record's terms.
+fn handed_run(j: &Job) -> HandedRun {
+    match (&j.request, j.kind) {
+        (JobRequest::Copy(r), JobKind::Replicate) => HandedRun::Replicate(r.clone()),
+        (JobRequest::Copy(r), _) => HandedRun::Backup(r.clone()),
+        (JobRequest::Restore(r), _) => HandedRun::Restore(r.clone()),
+    }
+}
+
+/// Remove every resume map in `state_dir` (copies' beside their change-tracking state,
+/// restores' in `.restore-maps`) that `keep` does not name: those of runs that ended.
+fn remove_resume_maps_but(state_dir: &std::path::Path, keep: &[PathBuf]) {
+    let mut dirs = vec![state_dir.join(".restore-maps")];
+    for vm in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        dirs.extend([JobKind::Backup, JobKind::Replicate].map(|k| vm.path().join(k.as_str())));
+    }
+    for dir in dirs {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let resume = name.contains(".map.resume-") || dir.ends_with(".restore-maps");
+            if resume && !name.starts_with('.') && !keep.contains(&e.path()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// What a job was asked, as the API took it.
@@ -141,7 +219,7 @@ impl Jobs {
 
     /// Pause every job, wait for them within `within` (what does not pause in time is
     /// cancelled), and write the record of what the next start takes up. Returns how many jobs
-    /// were handed over.
+    /// were handed over. No checkpoint is written after this.
     pub async fn hand_over(&self, within: Duration) -> usize {
         let jobs = self.all();
         for j in jobs.iter().filter(|j| j.status() == JobStatus::Running) {
@@ -156,19 +234,105 @@ impl Jobs {
             tracing::warn!(job = %j.id, vm = %j.vm_name, "did not pause within {} s: cancelled", within.as_secs());
             j.cancel();
         }
-        let mut record = Record::default();
-        let mut maps = Vec::new();
+        let mut writer = self.record.lock().await;
+        writer.stopped = true;
+        match self.write_record(Writing::Stop).await {
+            Ok(0) => 0,
+            Ok(count) => {
+                tracing::info!(jobs = count, "jobs handed over to the next start");
+                count
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the hand-over record: the jobs are lost");
+                0
+            }
+        }
+    }
+
+    /// Checkpoints, for a node that is killed (module doc): the record written again whenever a
+    /// job starts, changes phase, completes a disk or ends, and every `checkpoint_every_s` with
+    /// each running disk's resume map taken and saved. Runs until the node stops ([`Self::hand_over`]).
+    pub async fn keep_checkpoints(self: Arc<Self>) {
+        self.record.lock().await.checkpoints = true;
+        let mut last_maps = Instant::now();
+        loop {
+            let every = self.settings().copy.checkpoint_every;
+            let maps_due = last_maps + every;
+            tokio::select! {
+                () = self.record_changed.notified() => {}
+                () = tokio::time::sleep_until(maps_due.into()), if !every.is_zero() => {}
+                // Checkpoints switched on again by a reload.
+                () = tokio::time::sleep(Duration::from_secs(5)), if every.is_zero() => {}
+            }
+            if every.is_zero() {
+                // Switched off by a reload: a record left would name runs long over.
+                let at = self.settings().state_dir.join(RECORD);
+                if at.exists() && !self.record.lock().await.stopped {
+                    let _ = std::fs::remove_file(&at);
+                }
+                continue;
+            }
+            let maps = Instant::now() >= maps_due;
+            let writer = self.record.lock().await;
+            if writer.stopped {
+                return;
+            }
+            let written = self.write_record(Writing::Checkpoint { maps }).await;
+            drop(writer);
+            let Ok(mut stats) = self.checkpoints.lock() else { continue };
+            match written {
+                Ok(_) => {
+                    stats.written += 1;
+                    if maps {
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                        stats.maps_at = now.map_or(0, |d| d.as_secs());
+                    }
+                }
+                Err(e) => {
+                    stats.failed += 1;
+                    tracing::warn!(error = %e, "could not write a checkpoint: a node killed now takes up the last one");
+                }
+            }
+            if maps {
+                last_maps = Instant::now();
+            }
+        }
+    }
+
+    /// A job enters `phase`. Before a post hook runs (releasing) the record is written at once:
+    /// a node killed while it runs must not take the job up on a snapshot being released.
+    pub(super) async fn enter_phase(&self, job: &Job, phase: Phase) {
+        if let Ok(mut s) = job.state.lock() {
+            s.phase = phase;
+        }
+        if phase != Phase::Releasing {
+            self.record_changed.notify_one();
+            return;
+        }
+        let writer = self.record.lock().await;
+        if !writer.checkpoints || writer.stopped || self.settings().copy.checkpoint_every.is_zero() {
+            return;
+        }
+        if let Err(e) = self.write_record(Writing::Checkpoint { maps: false }).await {
+            tracing::warn!(job = %job.id, error = %e, "could not write the record before the post hook");
+        }
+    }
+
+    /// Write the record (the caller holds [`Jobs::record`]): a stop's (the paused jobs) or a
+    /// checkpoint's (the running jobs, with fresh resume maps when `maps`); then remove the resume
+    /// maps it no longer names. Returns how many jobs it names (none: no record).
+    async fn write_record(&self, writing: Writing) -> Result<usize, String> {
+        let jobs = self.all();
+        let mut record = Record { stopped: writing == Writing::Stop, jobs: Vec::new() };
+        let mut saves = Vec::new();
         for j in &jobs {
-            let run = match (&j.request, j.kind) {
-                (JobRequest::Copy(r), JobKind::Replicate) => HandedRun::Replicate(r.clone()),
-                (JobRequest::Copy(r), _) => HandedRun::Backup(r.clone()),
-                (JobRequest::Restore(r), _) => HandedRun::Restore(r.clone()),
-            };
-            let Ok((completed, committed, finished_at)) =
-                j.state.lock().map(|s| (s.status == JobStatus::Completed, s.committed, s.finished_at))
+            let run = handed_run(j);
+            let Ok((status, committed, finished_at, phase)) =
+                j.state.lock().map(|s| (s.status, s.committed, s.finished_at, s.phase))
             else {
                 continue;
             };
+            let completed = status == JobStatus::Completed;
             // What a hub may still ask of a completed job: a copy's commit (until a newer run of
             // that VM starts: the hub is done with this one), a restore's checksums (for a while).
             let waited_for = match j.kind {
@@ -178,20 +342,18 @@ impl Jobs {
                         && !jobs.iter().any(|o| o.vm_name == j.vm_name && o.kind == j.kind && o.started > j.started)
                 }
             };
-            if !(j.is_handed_over() || completed && waited_for) {
+            let going_on = match writing {
+                Writing::Stop => j.is_handed_over(),
+                Writing::Checkpoint { .. } => status == JobStatus::Running && phase != Phase::Releasing,
+            };
+            if !(going_on || completed && waited_for) {
                 continue;
             }
             let mut disks = Vec::new();
             for d in &j.disks {
+                let path = self.resume_path(&run, d.key);
+                let stage = self.disk_stage(d, &path, writing, &mut saves).await;
                 let Ok(s) = d.state.lock() else { continue };
-                let stage = match (s.status, &s.resume) {
-                    ("completed", _) => Stage::Completed,
-                    (_, Some(map)) => {
-                        maps.push((self.resume_path(&run, d.key), map.clone()));
-                        Stage::Paused
-                    }
-                    _ => Stage::Pending,
-                };
                 disks.push(HandedDisk {
                     key: d.key,
                     stage,
@@ -202,40 +364,89 @@ impl Jobs {
                     reconnects: s.reconnects,
                 });
             }
-            record.jobs.push(HandedJob { run, completed, disks });
+            let snapshotting = writing != Writing::Stop && phase == Phase::Snapshotting;
+            record.jobs.push(HandedJob { run, completed, snapshotting, disks });
         }
         let count = record.jobs.len();
-        if count == 0 {
-            return 0;
-        }
-        let at = self.settings().state_dir.join(RECORD);
-        let written = off_runtime(move || -> Result<(), String> {
-            for (path, map) in &maps {
+        let named: Vec<PathBuf> = record
+            .jobs
+            .iter()
+            .flat_map(|j| j.disks.iter().filter(|d| d.stage == Stage::Paused).map(|d| self.resume_path(&j.run, d.key)))
+            .collect();
+        let (at, state_dir) = (self.settings().state_dir.join(RECORD), self.settings().state_dir.clone());
+        let saved = off_runtime(move || -> Result<Vec<PathBuf>, String> {
+            let mut saved = Vec::new();
+            for (path, map) in &saves {
                 map.save(path).map_err(|e| e.to_string())?;
+                saved.push(path.clone());
             }
-            let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
-            crate::files::write_atomically(&at, &json).map_err(|e| format!("{}: {e}", at.display()))
+            if count == 0 {
+                match std::fs::remove_file(&at) {
+                    Ok(()) => sync_dir(&at).map_err(|e| format!("{}: {e}", at.display()))?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("{}: {e}", at.display())),
+                }
+            } else {
+                let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+                crate::files::write_atomically(&at, &json).map_err(|e| format!("{}: {e}", at.display()))?;
+            }
+            remove_resume_maps_but(&state_dir, &named);
+            Ok(saved)
         })
-        .await;
-        match written {
-            Ok(Ok(())) => {
-                tracing::info!(jobs = count, "jobs handed over to the next start");
-                count
+        .await
+        .map_err(|e| e.to_string())??;
+        for j in &jobs {
+            let run = handed_run(j);
+            for d in &j.disks {
+                if saved.contains(&self.resume_path(&run, d.key)) {
+                    if let Ok(mut s) = d.state.lock() {
+                        s.checkpointed = true;
+                    }
+                }
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "could not write the hand-over record: the jobs are lost");
-                0
+        }
+        Ok(count)
+    }
+
+    /// What the record says of one disk; a resume map to save is pushed to `saves`. A checkpoint
+    /// with `maps` takes a running disk's map now; a disk paused in this process has its map in
+    /// memory; otherwise the map saved last (at a checkpoint, or the one the disk was taken up
+    /// from) still holds: a stale map only makes the resumed copy send blocks again.
+    async fn disk_stage(
+        &self,
+        d: &DiskJob,
+        path: &std::path::Path,
+        writing: Writing,
+        saves: &mut Vec<(PathBuf, BlockMap)>,
+    ) -> Stage {
+        let Ok((status, checkpointed, paused)) =
+            d.state.lock().map(|s| (s.status, s.checkpointed, if s.checkpointed { None } else { s.resume.clone() }))
+        else {
+            return Stage::Pending;
+        };
+        if status == "completed" {
+            return Stage::Completed;
+        }
+        let fresh = match (paused, writing) {
+            (Some(map), _) => Some(map),
+            (None, Writing::Checkpoint { maps: true }) if status == "running" => d.resumable.take().await,
+            _ => None,
+        };
+        match fresh {
+            Some(map) => {
+                saves.push((path.to_path_buf(), map));
+                Stage::Paused
             }
-            Err(e) => {
-                tracing::error!(error = %e, "could not write the hand-over record: the jobs are lost");
-                0
-            }
+            None if checkpointed => Stage::Paused,
+            None => Stage::Pending,
         }
     }
 
-    /// Take up what the last stop handed over, before the API serves anything: the record is
-    /// removed first (a node killed later never trusts it again). Then what restores the node
-    /// died in left beside their destinations is removed (not the files of restores taken up).
+    /// Take up what the last stop handed over (or the last checkpoint named), before the API
+    /// serves anything: the record is removed first (a start that fails half way does not take
+    /// a job up twice; the first checkpoint of this start names the jobs taken up). Then what
+    /// restores the node died in left beside their destinations is removed (not the files of
+    /// restores taken up).
     pub fn take_up_handed_over(self: &Arc<Self>) -> TakenUp {
         let mut keep = Vec::new();
         let taken = self.take_up_record(&mut keep);
@@ -243,6 +454,8 @@ impl Jobs {
         if let Ok(mut t) = self.taken_up.lock() {
             *t = taken;
         }
+        // The first checkpoint names the jobs taken up (the record was removed).
+        self.record_changed.notify_one();
         taken
     }
 
@@ -261,9 +474,19 @@ impl Jobs {
             }
         };
         let mut taken = TakenUp::default();
+        if !record.stopped {
+            tracing::warn!(
+                jobs = record.jobs.len(),
+                "the node was killed: its jobs are taken up from the last checkpoint"
+            );
+        }
         for handed in record.jobs {
             let id = handed.run.job_id().to_string();
             let taken_up = match &handed.run {
+                _ if handed.snapshotting => {
+                    self.release_snapshot(&handed);
+                    Err("the node was killed while its pre-snapshot hook ran: the post hook undoes it".to_string())
+                }
                 HandedRun::Restore(req) => self.take_up_restore(req.clone(), &handed, keep),
                 HandedRun::Backup(req) | HandedRun::Replicate(req) => self.take_up_copy(req.clone(), &handed),
             };
@@ -334,6 +557,10 @@ impl Jobs {
             }
         };
         let job = Arc::new(Job::copy(request, kind, disks));
+        if let Ok(mut s) = job.state.lock() {
+            // Its snapshot was taken before the stop.
+            s.phase = Phase::Copying;
+        }
         self.register(Arc::clone(&job), &[&vm.name], &[]).map_err(|e| e.to_string())?;
         if handed.completed {
             job.finish_taken_up();
@@ -380,12 +607,13 @@ impl Jobs {
                 s.checksum.clone_from(&h.checksum);
             }
             Stage::Paused => {
+                // Left in place: the next checkpoint names it until the disk has a newer one.
                 let at = self.resume_path(run, h.key);
-                let map = BlockMap::load(&at);
-                let _ = std::fs::remove_file(&at);
-                let map = map.ok_or_else(|| format!("disk {}: its resume map is missing or damaged", h.key))?;
+                let map = BlockMap::load(&at)
+                    .ok_or_else(|| format!("disk {}: its resume map is missing or damaged", h.key))?;
                 s.status = "paused";
                 s.resume = Some(map);
+                s.checkpointed = true;
             }
         }
         Ok(())
@@ -409,6 +637,11 @@ impl Jobs {
                 tracing::warn!(job = %id, vm = %vm.name, error = %e, "post-snapshot hook of a job not taken up");
             }
         });
+    }
+
+    /// How the checkpoints went.
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        self.checkpoints.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// What the last start took up.

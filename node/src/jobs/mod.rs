@@ -9,7 +9,8 @@
 //!
 //! One disk's copy, with the policy of which base it is copied against (the pure function
 //! [`choose_base`]), is `copy`; restore jobs are `restore`, the snapshot hooks `hooks`; what a
-//! stopping node hands over to its next start (copies paused, not cancelled) is `handover`.
+//! stopping node hands over to its next start (copies paused, not cancelled), and the checkpoints
+//! a killed node's next start takes up, is `handover`.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ mod hooks;
 mod reload;
 mod restore;
 
-pub use handover::{TakenUp, PAUSE_WITHIN};
+pub use handover::{CheckpointStats, TakenUp, PAUSE_WITHIN};
 pub use reload::Reloaded;
 
 pub use copy::{choose_base, BaseChoice};
@@ -87,6 +88,9 @@ struct DiskState {
     /// A copy paused by a stopping node: what the target holds (`mover`'s resume map), the base
     /// the next start's copy goes on from.
     resume: Option<crate::blockmap::BlockMap>,
+    /// The disk's resume file (`handover`) holds a map of this run that is still true: taken at
+    /// a checkpoint, or the one this start took the disk up from.
+    checkpointed: bool,
 }
 
 /// One disk of a job.
@@ -94,6 +98,8 @@ struct DiskState {
 pub struct DiskJob {
     key: u32,
     progress: Arc<Progress>,
+    /// The running copy's resume map, for checkpoints.
+    resumable: Arc<crate::mover::Resumable>,
     state: Mutex<DiskState>,
 }
 
@@ -106,12 +112,27 @@ struct JobState {
     handed_over: bool,
     /// When this process saw it end (not for a finished job taken up from the last stop).
     finished_at: Option<std::time::Instant>,
+    /// Where it is between its snapshot hooks: what a node killed now does with it at its next
+    /// start (`handover`).
+    phase: Phase,
 }
 
 impl JobState {
-    fn running() -> Self {
-        Self { status: JobStatus::Running, error: None, committed: false, handed_over: false, finished_at: None }
+    fn running(phase: Phase) -> Self {
+        Self { status: JobStatus::Running, error: None, committed: false, handed_over: false, finished_at: None, phase }
     }
+}
+
+/// Where a job is between its snapshot hooks, for the checkpoints (`handover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The pre-snapshot hook runs: killed now, the next start runs the post hook (to undo
+    /// whatever it had done) and forgets the job.
+    Snapshotting,
+    /// Copying from the snapshot: killed now, the next start takes it up from its checkpoint.
+    Copying,
+    /// The post hook runs, or the job ended: killed now, nothing is taken up.
+    Releasing,
 }
 
 /// A job.
@@ -236,6 +257,13 @@ pub struct Jobs {
     /// The node's running tunnel, through which hub ports are reached in process.
     tunnel: Option<tunnel::TunnelDialer>,
     table: Mutex<Table>,
+    /// Writes of the record a killed or stopped node's next start takes up (`handover`), one at
+    /// a time.
+    record: tokio::sync::Mutex<handover::RecordWriter>,
+    /// A job started, changed phase, completed a disk or ended: the record is written again.
+    record_changed: tokio::sync::Notify,
+    /// How the checkpoints went, for the metrics.
+    checkpoints: Mutex<CheckpointStats>,
 }
 
 #[derive(Default)]
@@ -258,6 +286,9 @@ impl Jobs {
             taken_up: Mutex::default(),
             tunnel: None,
             table: Mutex::new(Table::default()),
+            record: tokio::sync::Mutex::default(),
+            record_changed: tokio::sync::Notify::new(),
+            checkpoints: Mutex::default(),
         }
     }
 
@@ -384,6 +415,7 @@ impl Jobs {
         let job = Arc::new(Job::copy(req, kind, disks));
         self.register(Arc::clone(&job), &[&vm.name], &[])?;
         self.spawn_copy(&job, vm, plan, false);
+        self.record_changed.notify_one();
         Ok(job)
     }
 
@@ -444,6 +476,7 @@ impl Jobs {
             tracing::info!(job = %run_job.id, vm = %run_job.vm_name, ?status, error = ?error, "job finished");
             run_job.finish(status, error);
             jobs.release(&run_job);
+            jobs.record_changed.notify_one();
         });
     }
 
@@ -468,6 +501,7 @@ impl Jobs {
         if let Some(cmd) = pre_snapshot {
             if let Err(e) = run_hook(cmd, "pre", vm, &job.id, &job.cancel).await {
                 // The post hook still runs: it undoes whatever the pre hook started.
+                self.enter_phase(job, Phase::Releasing).await;
                 let post = match &vm.post_snapshot {
                     Some(c) => run_hook(c, "post", vm, &job.id, &CancellationToken::new()).await.err(),
                     None => None,
@@ -481,6 +515,7 @@ impl Jobs {
                 }));
             }
         }
+        self.enter_phase(job, Phase::Copying).await;
         let limit = Arc::new(tokio::sync::Semaphore::new(self.settings().parallel_disks));
         let mut tasks = tokio::task::JoinSet::new();
         for (index, (disk, endpoint)) in plan.into_iter().enumerate() {
@@ -525,6 +560,7 @@ impl Jobs {
         if job.pause.is_cancelled() && !job.cancel.is_cancelled() && failure.is_none() && unfinished {
             return Err(RunError::Paused);
         }
+        self.enter_phase(job, Phase::Releasing).await;
         let post = match &vm.post_snapshot {
             Some(cmd) => run_hook(cmd, "post", vm, &job.id, &CancellationToken::new()).await.err(),
             None => None,
@@ -569,6 +605,7 @@ impl Jobs {
         }
         state.committed = true;
         drop(state);
+        self.record_changed.notify_one();
         tracing::info!(job = %id, vm = %job.vm_name, "committed");
         Ok(job)
     }
@@ -594,7 +631,7 @@ impl Job {
             cancel: CancellationToken::new(),
             pause: CancellationToken::new(),
             request: JobRequest::Copy(req),
-            state: Mutex::new(JobState::running()),
+            state: Mutex::new(JobState::running(Phase::Snapshotting)),
             disks,
             started: std::time::Instant::now(),
         }
@@ -618,6 +655,7 @@ impl DiskJob {
         Self {
             key,
             progress: Arc::default(),
+            resumable: Arc::default(),
             state: Mutex::new(DiskState {
                 mode,
                 mode_reason: None,
@@ -628,6 +666,7 @@ impl DiskJob {
                 reconnects: 0,
                 pending_map: None,
                 resume: None,
+                checkpointed: false,
             }),
         }
     }

@@ -39,8 +39,8 @@ pub struct Reloaded {
 /// Whether two copy tunings are the same (a bandwidth limit compared by its rate).
 fn same_copy(a: &CopyOptions, b: &CopyOptions) -> bool {
     let rate = |o: &CopyOptions| o.throttle.as_ref().map(|t| t.bytes_per_second());
-    (a.connections, a.depth, a.request_size, a.block_size, a.retry_window, rate(a))
-        == (b.connections, b.depth, b.request_size, b.block_size, b.retry_window, rate(b))
+    (a.connections, a.depth, a.request_size, a.block_size, a.retry_window, a.checkpoint_every, rate(a))
+        == (b.connections, b.depth, b.request_size, b.block_size, b.retry_window, b.checkpoint_every, rate(b))
 }
 
 impl Jobs {

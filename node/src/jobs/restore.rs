@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{set_disk, DiskJob, Job, JobError, JobKind, JobRequest, JobState, Jobs};
+use super::{set_disk, DiskJob, Job, JobError, JobKind, JobRequest, JobState, Jobs, Phase};
 use crate::api::{CopyMode, DiskFormat, JobStatus, RestoreRequest};
 use crate::config::{valid_name, Disk, Settings};
 use crate::error::MoveError;
@@ -55,6 +55,7 @@ impl Jobs {
         let job = Arc::new(Job::restore(req, disks));
         self.register_restore(&job, &plan)?;
         self.spawn_restore(&job, plan);
+        self.record_changed.notify_one();
         Ok(job)
     }
 
@@ -133,6 +134,7 @@ impl Jobs {
             };
             run_job.finish(status, error);
             jobs.release(&run_job);
+            jobs.record_changed.notify_one();
         });
     }
 
@@ -181,7 +183,11 @@ impl Jobs {
         };
         let source = Arc::new(source);
         let sink = Arc::new(sink);
-        let tokens = mover::Tokens { cancel: job.cancel.clone(), pause: job.pause.clone() };
+        let tokens = mover::Tokens {
+            cancel: job.cancel.clone(),
+            pause: job.pause.clone(),
+            resumable: Arc::clone(&dj.resumable),
+        };
         let result = mover::copy_disk(
             Arc::clone(&source),
             Arc::clone(&sink),
@@ -202,6 +208,7 @@ impl Jobs {
                 if let Ok(mut s) = dj.state.lock() {
                     s.status = "paused";
                     s.resume = Some(map);
+                    s.checkpointed = false;
                 }
                 return Ok(());
             }
@@ -211,6 +218,7 @@ impl Jobs {
         if let Ok(mut s) = dj.state.lock() {
             s.reconnects = outcome.reconnects;
         }
+        self.record_changed.notify_one();
         Ok(())
     }
 
@@ -262,7 +270,7 @@ impl Job {
             cancel: CancellationToken::new(),
             pause: CancellationToken::new(),
             request: JobRequest::Restore(req),
-            state: Mutex::new(JobState::running()),
+            state: Mutex::new(JobState::running(Phase::Copying)),
             disks,
             started: std::time::Instant::now(),
         }
