@@ -99,7 +99,15 @@ struct Product {
 }
 
 impl Product {
-    fn start(bin: &Path, dir: &Path, keys: &Keys, tunnel: bool, disks: &[(&str, &Path)]) -> anyhow::Result<Self> {
+    /// `node_copy`: lines of the node's `[copy]` table.
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        keys: &Keys,
+        tunnel: bool,
+        disks: &[(&str, &Path)],
+        node_copy: &str,
+    ) -> anyhow::Result<Self> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let ports = 4u16;
@@ -127,7 +135,7 @@ impl Product {
         std::fs::write(
             dir.join("node.toml"),
             format!(
-                "listen = \"127.0.0.1:{node_api}\"\nstate_dir = \"{}\"\n{tunnel_toml}{vms}",
+                "listen = \"127.0.0.1:{node_api}\"\nstate_dir = \"{}\"\n{tunnel_toml}[copy]\n{node_copy}\n{vms}",
                 dir.join("node-state").display()
             ),
         )?;
@@ -396,8 +404,8 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
         "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr",
     )?;
     let disks = [("random", random.as_path()), ("realistic", real.as_path()), ("incr", incr.as_path())];
-    let tunnelled = Product::start(bin, &work.join("tunnel"), &keys, true, &disks)?;
-    let direct = Product::start(bin, &work.join("direct"), &keys, false, &disks)?;
+    let tunnelled = Product::start(bin, &work.join("tunnel"), &keys, true, &disks, "")?;
+    let direct = Product::start(bin, &work.join("direct"), &keys, false, &disks, "")?;
     let gb = (mib << 20) as f64 / 1e9;
     let record = |report: &mut Report, case: &str, secs: f64, cpu: f64| {
         report.add("e2e", case, "disk MB/s", gb * 1e3 / secs);
@@ -480,5 +488,46 @@ pub fn e2e_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut R
          through ssh -L), compared with the source. CPU = every process taking part, per GB of disk. Ratios are medians of same-repetition ratios.",
         ::tunnel::ciphers::first_choice()
     ));
+    Ok(())
+}
+
+/// `checkpoint` section: what the node's checkpoints cost (a killed node's next start goes on
+/// from the last one). The product over direct TCP, a full backup of a random disk, with
+/// checkpoints every second (each one reads every running disk's map and flushes the hub's image)
+/// against none, alternating in each repetition: throughput and hub + node CPU per GB.
+pub fn checkpoint_section(bin: &Path, dir: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
+    let work = dir.join("checkpoint");
+    std::fs::create_dir_all(&work)?;
+    let disk = work.join("random.raw");
+    make_disk(&disk, mib, 0x7f4a_7c15, |_| 2)?;
+    let keys = Keys::new(&work.join("keys"))?;
+    let disks = [("random", disk.as_path())];
+    let every = Product::start(bin, &work.join("every"), &keys, false, &disks, "checkpoint_every_s = 1")?;
+    let never = Product::start(bin, &work.join("never"), &keys, false, &disks, "checkpoint_every_s = 0")?;
+    let gb = (mib << 20) as f64 / 1e9;
+    // Not measured: the first backup of each pays for the source's first read and the
+    // repository's first allocation.
+    for product in [&every, &never] {
+        settle(&disk);
+        let (_, _, v) = product.backup("random", "full")?;
+        product.delete(v["backup_id"].as_str().unwrap_or_default())?;
+    }
+    for rep in 0..reps {
+        eprintln!("checkpoint: rep {}/{reps}", rep + 1);
+        let order = if rep % 2 == 0 {
+            [("every 1 s", &every), ("none", &never)]
+        } else {
+            [("none", &never), ("every 1 s", &every)]
+        };
+        for (case, product) in order {
+            settle(&disk);
+            let (secs, cpu, v) = product.backup("random", "full")?;
+            report.add("checkpoint", &format!("checkpoints {case}"), "disk MB/s", gb * 1e3 / secs);
+            report.add("checkpoint", &format!("checkpoints {case}"), "CPU s/GB", cpu / gb);
+            product.delete(v["backup_id"].as_str().unwrap_or_default())?;
+        }
+    }
+    report.ratio("checkpoint", "checkpoints every 1 s", "checkpoints none", "disk MB/s");
+    report.ratio("checkpoint", "checkpoints every 1 s", "checkpoints none", "CPU s/GB");
     Ok(())
 }

@@ -22,6 +22,8 @@
 //!   endpoint, and over direct TCP) against the old design (qemu-nbd + OpenSSH `ssh -L` +
 //!   nbdcopy): random, realistic, and a 1% incremental; and the random backup restored to the
 //!   node (the read path).
+//! - `checkpoint`: what the node's checkpoints cost: the product's full backup over direct TCP
+//!   with a checkpoint every second against none.
 //! - `wan`: NBD through the tunnel and through `ssh -L` across a delay proxy (round trips of
 //!   0, 10, 20 and 50 ms).
 //! - `floor`: the CPU budget the qcow2 write goal leaves a server on this machine, beside what a
@@ -53,7 +55,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, wan, fleet, floor, merge, compress
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress
     /// (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
@@ -104,6 +106,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("hub") {
         hub::hub_section(&sendense, &args.dir, args.reps, &mut report)?;
+    }
+    if wants("checkpoint") {
+        e2e::checkpoint_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("e2e") {
         e2e::e2e_section(&sendense, &args.dir, args.size_mib, args.reps, &mut report)?;
