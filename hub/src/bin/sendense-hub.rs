@@ -227,6 +227,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     );
     // Runs the last stop handed over go on (before schedules, which would see their VMs busy).
     hub.take_up_handed_over().await;
+    // The record a killed hub's next start takes up, kept while the hub runs.
+    tokio::spawn(Arc::clone(&hub).keep_record());
     // Scrubbing (`verify_every_days`): ends at once when off, and with the hub.
     tokio::spawn(Arc::clone(&hub).scrub_loop());
     // Compression of completed backups (`compress = "zstd"`): waits while off.

@@ -153,6 +153,13 @@ impl Hub {
                 job.set(status, Some(why));
             }
         }
+        self.forget_run(job);
+        self.record_run_ended().await;
+    }
+
+    /// A run that ended lets go of its VM and parent; a completed backup leaves the jobs for the
+    /// catalog, any other run stays among the recent ones.
+    fn forget_run(&self, job: &Arc<Job>) {
         let mut st = self.state();
         if st.busy_vms.get(&job.vm) == Some(&job.id) {
             st.busy_vms.remove(&job.vm);

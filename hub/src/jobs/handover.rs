@@ -10,8 +10,8 @@
 //! the image is flushed and closed clean), and only then writes `REPO/.jobs-handed-over.json`:
 //! each job, its disks and its ports. So every write the node had an answer for is in an image
 //! closed clean. The next start keeps those directories ([`crate::repo::Repo::scan`]), removes the
-//! record before it serves anything (a hub killed after that leaves runs with no record, which
-//! the start after removes as interrupted, as before), leases the same ports, opens the same
+//! record before it serves anything (the record it keeps itself names the runs taken up within a
+//! second), leases the same ports, opens the same
 //! exports, and follows the node's job again: the node's retries land on the new hub and the run
 //! goes on. The verification at the end (the node's checksum of every disk) still decides.
 //! A restore the hub drives onto a node (`restore_run.rs`) is handed over the same way: its
@@ -22,9 +22,16 @@
 //! What is not taken up ends as an interrupted run does (its directory removed, its node job
 //! cancelled): a job whose node left the configuration, whose port left the range or is taken,
 //! whose image is missing or does not open, or whose parent backup is gone (for a restore: its
-//! backup, node or a port is gone). A hub that is killed (no graceful stop) writes nothing. A node
-//! that gave up meanwhile (the hub was away longer than its retry window) answers that the job
-//! failed, and it ends so.
+//! backup, node or a port is gone). A node that gave up meanwhile (the hub was away longer than its
+//! retry window) answers that the job failed, and it ends so.
+//!
+//! A hub that is killed (no graceful stop) cannot close its exports: while it runs it keeps the same
+//! record up to date instead ([`Hub::keep_record`]: checked every second, written when the runs under
+//! way changed, and at once when one ends), and the next start takes up what it names. That holds
+//! without a clean close because the hub answers a write only once its data and the image's tables
+//! are in the file (`qcow2`'s write path): a killed process loses none of them, and what a power
+//! cut took is caught by the verification. A run started less than a second before the kill is not
+//! named yet, and is removed as an interrupted one.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -115,11 +122,24 @@ impl HandedRestore {
     }
 }
 
-/// What a stopping hub hands over.
+/// The record's writer: whether [`Hub::keep_record`] runs (an embedder that does not run it
+/// gets no record but its stop's) and what it wrote last.
+#[derive(Debug, Default)]
+pub(super) struct RecordFile {
+    keeping: bool,
+    last: Option<Vec<u8>>,
+}
+
+/// What a stopping hub hands over, or what a running hub keeps up to date for the start after
+/// a kill.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Record {
+    /// When it was written.
     stopped_at: String,
+    /// Written while the hub ran (by [`Hub::keep_record`]): found at a start, the hub was killed.
+    #[serde(default)]
+    running: bool,
     pub(super) jobs: Vec<HandedOver>,
     #[serde(default)]
     pub(super) restores: Vec<HandedRestore>,
@@ -172,7 +192,11 @@ pub(super) fn take_record(root: &Path) -> Record {
             if r.jobs.len() + r.restores.len() < before {
                 tracing::warn!("{RECORD}: runs with malformed names are not taken up");
             }
-            tracing::info!(stopped_at = %r.stopped_at, jobs = r.jobs.len(), restores = r.restores.len(), "runs handed over by the hub's last stop");
+            if r.running {
+                tracing::warn!(written_at = %r.stopped_at, jobs = r.jobs.len(), restores = r.restores.len(), "the hub was killed: the runs its record names are taken up");
+            } else {
+                tracing::info!(stopped_at = %r.stopped_at, jobs = r.jobs.len(), restores = r.restores.len(), "runs handed over by the hub's last stop");
+            }
             r
         }
         Err(e) => {
@@ -188,51 +212,111 @@ pub(super) fn kept_ids(jobs: &[HandedOver]) -> HashSet<String> {
 }
 
 impl Hub {
-    /// At a graceful stop, after the followers let go and every export closed: record the runs
-    /// under way for the next start. `unclean` names exports whose close failed (a run with one
-    /// is not handed over: the next start removes it as interrupted).
-    pub(super) async fn hand_over(&self, unclean: &[String]) {
-        let jobs: Vec<HandedOver> = {
-            let st = self.state();
-            let mut live: Vec<&Arc<Job>> = st
-                .jobs
-                .values()
-                .filter(|j| matches!(j.status(), Status::Running | Status::Verifying))
-                .filter(|j| !j.disks.iter().any(|d| unclean.contains(&d.export)))
-                .collect();
-            live.sort_by(|a, b| a.id.cmp(&b.id));
-            live.into_iter().map(|j| HandedOver::of(j)).collect()
-        };
-        let restores: Vec<HandedRestore> = {
-            let st = self.state();
-            st.restores
-                .values()
-                .filter(|r| r.run.as_ref().is_some_and(|run| !run.lock().status.is_final()))
-                .filter(|r| !r.exports.iter().any(|(_, _, name)| unclean.contains(name)))
-                .filter_map(|r| HandedRestore::of(r))
-                .collect()
-        };
-        let schedule_runs: BTreeMap<String, ScheduleRun> = {
-            let st = self.state();
-            st.schedules.iter().filter_map(|(name, s)| Some((name.clone(), s.run_under_way()?.clone()))).collect()
-        };
-        if jobs.is_empty() && restores.is_empty() && schedule_runs.is_empty() {
-            return;
-        }
-        let record = Record { stopped_at: crate::repo::now_rfc3339(), jobs, restores, schedule_runs };
+    /// The runs under way, as a record (not yet stamped). `unclean` names exports whose close
+    /// failed: a run with one is left out (the next start removes it as interrupted).
+    fn runs_under_way(&self, unclean: &[String]) -> Record {
+        let st = self.state();
+        let mut live: Vec<&Arc<Job>> = st
+            .jobs
+            .values()
+            .filter(|j| matches!(j.status(), Status::Running | Status::Verifying))
+            .filter(|j| !j.disks.iter().any(|d| unclean.contains(&d.export)))
+            .collect();
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        let jobs = live.into_iter().map(|j| HandedOver::of(j)).collect();
+        let mut restores: Vec<HandedRestore> = st
+            .restores
+            .values()
+            .filter(|r| r.run.as_ref().is_some_and(|run| !run.lock().status.is_final()))
+            .filter(|r| !r.exports.iter().any(|(_, _, name)| unclean.contains(name)))
+            .filter_map(|r| HandedRestore::of(r))
+            .collect();
+        restores.sort_by(|a, b| a.id.cmp(&b.id));
+        let schedule_runs =
+            st.schedules.iter().filter_map(|(name, s)| Some((name.clone(), s.run_under_way()?.clone()))).collect();
+        Record { stopped_at: String::new(), running: false, jobs, restores, schedule_runs }
+    }
+
+    /// Write `record` stamped now, or remove the file when it names nothing (the caller holds
+    /// `record_file`).
+    async fn write_record(&self, mut record: Record) -> std::io::Result<usize> {
         let count = record.jobs.len() + record.restores.len();
-        let path = self.repo.root.join(RECORD);
-        let written = off_runtime("handing jobs over", move || {
+        let empty = count == 0 && record.schedule_runs.is_empty();
+        record.stopped_at = crate::repo::now_rfc3339();
+        let (path, root) = (self.repo.root.join(RECORD), self.repo.root.clone());
+        off_runtime("writing the record of the runs under way", move || {
+            if empty {
+                return match std::fs::remove_file(&path) {
+                    Ok(()) => std::fs::File::open(&root)?.sync_all(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                };
+            }
             let data = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
             node::files::write_atomically(&path, &data)
         })
-        .await;
-        match written {
-            Ok(Ok(())) => tracing::info!(jobs = count, "runs under way handed over to the next start"),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot hand the runs under way over: the next start removes them")
-            }
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(count)
+    }
+
+    /// At a graceful stop, after the followers let go and every export closed: record the runs
+    /// under way for the next start. `unclean` names exports whose close failed (a run with one
+    /// is not handed over: the next start removes it as interrupted). Replaces the record
+    /// [`Hub::keep_record`] kept, which stops with the shutdown.
+    pub(super) async fn hand_over(&self, unclean: &[String]) {
+        let _file = self.record_file.lock().await;
+        match self.write_record(self.runs_under_way(unclean)).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(jobs = count, "runs under way handed over to the next start"),
             Err(e) => tracing::error!(error = %e, "cannot hand the runs under way over: the next start removes them"),
+        }
+    }
+
+    /// For a hub that is killed (a crash, the OOM killer, its host's power cut): the record of
+    /// the runs under way kept up to date while the hub runs, checked every second and written
+    /// when it changed (and at once when a run ends: [`Hub::record_run_ended`]). The next start
+    /// takes up what it names as it takes up a graceful stop's: every write the hub acknowledged
+    /// is in the image's file (data and tables are written before the answer; what a power cut
+    /// took is found by the verification, which compares the node's checksum of every disk with
+    /// the image). A run that started less than a second before the kill is not named: it is
+    /// removed as an interrupted run, as before. Ends with the shutdown, whose [`Hub::hand_over`]
+    /// writes the last record.
+    pub async fn keep_record(self: Arc<Self>) {
+        self.record_file.lock().await.keeping = true;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let mut file = self.record_file.lock().await;
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            self.refresh_record(&mut file).await;
+        }
+    }
+
+    /// A run ended (or a driven restore): the record stops naming it now, not up to a second
+    /// later, so that a hub killed meanwhile does not take up a run that is over.
+    pub(super) async fn record_run_ended(&self) {
+        let mut file = self.record_file.lock().await;
+        if file.keeping && !self.shutdown.is_cancelled() {
+            self.refresh_record(&mut file).await;
+        }
+    }
+
+    /// Write the record of the runs under way if it changed since `file` wrote it last.
+    async fn refresh_record(&self, file: &mut RecordFile) {
+        let mut record = self.runs_under_way(&[]);
+        record.running = true;
+        let Ok(now) = serde_json::to_vec(&(&record.jobs, &record.restores, &record.schedule_runs)) else { return };
+        if file.last.as_ref() == Some(&now) {
+            return;
+        }
+        match self.write_record(record).await {
+            Ok(_) => file.last = Some(now),
+            Err(e) => tracing::warn!(error = %e, "cannot write the record of the runs under way"),
         }
     }
 
@@ -497,6 +581,7 @@ mod tests {
         unmatched.ports.insert(2001, 10102);
         let record = Record {
             stopped_at: "now".into(),
+            running: false,
             jobs: vec![handed("b1"), bad],
             restores: vec![restore.clone(), unmatched],
             schedule_runs: BTreeMap::from([("nightly".to_string(), run.clone())]),

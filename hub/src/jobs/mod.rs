@@ -106,6 +106,8 @@ pub struct Hub {
     shutdown: CancellationToken,
     /// Taken while the list of restores in flight is written, so that writes never cross.
     in_flight_file: tokio::sync::Mutex<()>,
+    /// Taken while the record of the runs under way is written (`handover.rs`).
+    record_file: tokio::sync::Mutex<handover::RecordFile>,
     /// The settings a reload replaces (`reload.rs`); read through [`Hub::live`].
     live: tokio::sync::watch::Sender<Arc<Live>>,
     /// Per schedule name: held by its run under way (`scheduled.rs`), kept across reloads.
@@ -232,6 +234,7 @@ impl Hub {
             }),
             shutdown: CancellationToken::new(),
             in_flight_file: tokio::sync::Mutex::new(()),
+            record_file: tokio::sync::Mutex::default(),
             schedule_locks: Mutex::default(),
             schedule_stops: Mutex::default(),
             marks_file: tokio::sync::Mutex::new(()),

@@ -264,6 +264,7 @@ impl Hub {
         let (status, _, error) = run.view();
         tracing::info!(restore = %r.id, node = %r.node, status, error = error.as_deref().unwrap_or(""), "restore ended");
         self.end_restore(&r.id, None).await;
+        self.record_run_ended().await;
     }
 
     /// Take restore `id` out of the open ones, close its exports and free its ports; a driven

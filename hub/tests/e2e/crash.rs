@@ -8,8 +8,9 @@
 //! failed; no directory without a completed listing; the newest verifying), no port may stay
 //! leased, the node's run must end, the next backup must equal the sources, and after a killed
 //! replica run the next one must leave a replica equal to them. A killed node takes its runs up
-//! from their last checkpoint (every second here, the copy slowed so that kills land between
-//! them): such a run completes, equal to the sources.
+//! from their last checkpoint (every second here), a killed hub from the record it keeps (checked
+//! every second; the copies are slowed so that kills land after them): such a run completes, equal
+//! to the sources.
 //!
 //! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3 of each); `HUB_KILL_SEED` replays the moments of a
 //! run (printed at its start); `HUB_KILL_TRANSPORT=endpoint` puts the node's tunnel to the hub's
@@ -111,7 +112,7 @@ struct Outcomes {
     completed: usize,
     /// It was gone, as a failed run is after a restart.
     gone: usize,
-    /// The killed node's next start took the run up (from its last checkpoint).
+    /// The killed process's next start took the run up (from its last record or checkpoint).
     taken_up: usize,
     /// A replica run was killed.
     replica_runs: usize,
@@ -142,7 +143,11 @@ async fn kill_rounds(victim: Victim) {
     // merged away after each one, so kills also land in merges, which the restart must finish;
     // and each backup is compressed after it completes, so kills land in compressions too.
     let opts = match victim {
-        Victim::Hub => Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() },
+        Victim::Hub => Options {
+            hub: "keep_backups = 3\ncompress = \"zstd\"",
+            copy: "bandwidth_limit = \"16M\"",
+            ..Options::default()
+        },
         Victim::Node => Options { copy: "bandwidth_limit = \"16M\"\ncheckpoint_every_s = 1", ..Options::default() },
     };
     let (mut site, span_ms) = soak_site(transport, opts).await;
@@ -194,6 +199,16 @@ async fn kill_rounds(victim: Victim) {
             Victim::Hub => {
                 site.kill_hub();
                 site.start_hub();
+                // Named in the record the hub kept, the run is taken up and ends (runs not taken
+                // up are not listed after a restart, but a completed backup is).
+                let (status, v) = site.hub("GET", &path, None).await;
+                if status == 200 && matches!(v["status"].as_str(), Some("running" | "verifying")) {
+                    outcomes.taken_up += 1;
+                    let done = site.wait(&path).await;
+                    if done["status"] == "completed" && kind != "replica" {
+                        site.assert_backup_equals_sources("vm", &done, 2);
+                    }
+                }
             }
             Victim::Node => {
                 site.kill_node();

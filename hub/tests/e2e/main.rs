@@ -413,11 +413,29 @@ async fn the_node_killed_mid_backup_without_checkpoints_fails_the_job_cleanly_an
     next_incremental_is_correct(&site, &full).await;
 }
 
+/// The record of the runs under way a running hub keeps for the start after a kill.
+fn hub_record(site: &Site) -> std::path::PathBuf {
+    site.path().join("repo/.jobs-handed-over.json")
+}
+
+/// Wait until the hub's record names `id` (it is checked every second).
+async fn wait_hub_record_names(site: &Site, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(hub_record(site)).is_ok_and(|r| r.contains(id)) {
+        assert!(Instant::now() < deadline, "the hub's record does not name {id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A run the hub's record does not name (it started after the record was last written, which is
+/// checked every second; here the record is removed): the killed hub's successor removes it as
+/// interrupted and cancels the node's job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_hub_killed_mid_backup_and_restarted_lists_no_half_backup_and_the_next_incremental_is_correct() {
+async fn the_hub_killed_mid_backup_not_in_its_record_lists_no_half_backup_and_the_next_incremental_is_correct() {
     let mut site = Site::start(Transport::Endpoint, &[Vm("vm", &[24, 16])], 4, SLOW).await;
     let (full, id) = full_then_running_incremental(&site).await;
     site.kill_hub();
+    let _ = std::fs::remove_file(hub_record(&site));
     site.start_hub();
     assert_nothing_half_made(&site, "vm", &[&full], &id).await;
     // The node's tunnel comes back to the new hub; the node's orphaned job is cancelled for it.
@@ -432,6 +450,46 @@ async fn the_hub_killed_mid_backup_and_restarted_lists_no_half_backup_and_the_ne
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     next_incremental_is_correct(&site, &full).await;
+}
+
+/// The hub killed (SIGKILL) in the middle of an incremental backup, then of a restore it drives:
+/// its successor takes both up from the record it kept (the same ports and exports, the node's
+/// retries landing on them), and they complete: the backup equal to the disks and verified, the
+/// restore's checksums matching, the file equal to the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_killed_mid_backup_and_mid_restore_takes_both_up_from_its_record() {
+    let mut site = Site::start(Transport::Endpoint, &[Vm("vm", &[24, 16])], 4, SLOW).await;
+    let (full, id) = full_then_running_incremental(&site).await;
+    wait_hub_record_names(&site, &id).await;
+    site.kill_hub();
+    site.start_hub();
+    let path = format!("/api/v1/backups/{id}");
+    let (status, v) = site.hub("GET", &path, None).await;
+    assert_eq!((status, &v["status"]), (200, &json!("running")), "taken up: {v}");
+    let done = site.wait(&path).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["parent_id"], full["backup_id"], "{done}");
+    site.assert_backup_equals_sources("vm", &done, 2);
+    let (status, v) = site.hub("POST", &format!("{path}/verify"), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "{v}");
+    let (_, metrics) = site.hub("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_jobs_taken_up{result=\"resumed\"} 1"), "{metrics}");
+    site.ports_all_free().await;
+
+    let dest = site.path().join("restores/vm-0.raw");
+    let rid = restore_over_an_old_file(&site, &id, &dest).await;
+    wait_hub_record_names(&site, &rid).await;
+    site.kill_hub();
+    site.start_hub();
+    let done = wait_restore(&site, &rid).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["disks"][0]["checksum_match"], json!(true), "{done}");
+    assert_same(&site.source("vm", 0), &dest);
+    site.ports_all_free().await;
+    site.wait_node_reachable().await;
+    let next = site.backup("vm", "incremental").await;
+    assert_eq!(next["parent_id"], json!(id), "the chain goes on from the run taken up: {next}");
+    site.assert_backup_equals_sources("vm", &next, 2);
 }
 
 /// Daily incrementals fill a chain: the 17th image (a full backup and 16 incrementals, as deep as
@@ -645,10 +703,11 @@ async fn a_restore_the_hub_drives_refuses_bad_input_cancels_cleanly_and_catches_
     site.ports_all_free().await;
 }
 
-/// The hub killed while it drives a restore: its successor finds the restore in the repository's
-/// list of restores in flight and cancels it on the node at once (before: the node retried the
-/// exports that were gone for its whole retry window, 30 s here, holding the destination); the file
-/// the restore was to replace is as it was, and the list is empty again.
+/// The hub killed while it drives a restore its record does not name (removed here; it started
+/// after the record's last write): its successor finds the restore in the repository's list of
+/// restores in flight and cancels it on the node at once (before: the node retried the exports
+/// that were gone for its whole retry window, 30 s here, holding the destination); the file the
+/// restore was to replace is as it was, and the list is empty again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_the_hub_drove_when_it_was_killed_is_cancelled_on_the_node_when_it_starts_again() {
     let mut site = Site::start(Transport::Direct, &[Vm("vm", &[24, 16])], 4, SLOW).await;
@@ -660,6 +719,7 @@ async fn a_restore_the_hub_drove_when_it_was_killed_is_cancelled_on_the_node_whe
     let in_flight = || -> Value { serde_json::from_slice(&std::fs::read(&listed).unwrap()).unwrap() };
     assert_eq!(in_flight(), json!([["n1", rid]]));
     site.kill_hub();
+    let _ = std::fs::remove_file(hub_record(&site));
     site.start_hub();
     // Cancelled by the new hub: left to its retry window, it would have ended "failed".
     let ended = wait_node_job(&site, &rid).await;
