@@ -297,8 +297,8 @@ impl Hub {
         }
     }
 
-    /// A run ended (or a driven restore): the record stops naming it now, not up to a second
-    /// later, so that a hub killed meanwhile does not take up a run that is over.
+    /// A run ended (or a driven restore, or a schedule's run): the record stops naming it now, not
+    /// up to a second later, so that a hub killed meanwhile does not take up a run that is over.
     pub(super) async fn record_run_ended(&self) {
         let mut file = self.record_file.lock().await;
         if file.keeping && !self.shutdown.is_cancelled() {

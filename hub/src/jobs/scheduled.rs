@@ -463,6 +463,8 @@ impl Hub {
         if let Some(at) = occurrence.filter(|_| !self.shutdown.is_cancelled()) {
             self.mark_handled(name, at).await;
         }
+        // A hub killed from now on does not take this run up again.
+        self.record_run_ended().await;
     }
 
     /// The VMs of a run, each with the node to ask (`None`: wherever the VM is), and the nodes

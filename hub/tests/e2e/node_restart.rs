@@ -8,7 +8,7 @@
 //! A node killed (SIGKILL) goes on the same way from its last checkpoint (`checkpoint_every_s`);
 //! one killed while a pre-snapshot hook ran releases that snapshot at its next start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -44,6 +44,60 @@ async fn restart_node_under_way(site: &mut Site, path: &str, id: &str) {
     // A record is taken up once: what is there now is the new process's checkpoint.
     let now = std::fs::read_to_string(&record).unwrap_or_default();
     assert!(!now.contains("\"stopped\": true"), "{now}");
+}
+
+/// A restore of `backup` the hub drives onto the node (disk 2000 as a qcow2 image over an old
+/// file, 2001 raw), once 8 MiB of its first disk are written: its id and the two destinations.
+async fn restore_under_way(site: &Site, backup: &Value) -> (String, PathBuf, PathBuf) {
+    let restores = site.path().join("restores");
+    std::fs::create_dir_all(&restores).unwrap();
+    let (dest0, dest1) = (restores.join("vm-a-0.qcow2"), restores.join("vm-a-1.raw"));
+    std::fs::write(&dest0, b"the disk before").unwrap();
+    let asked = json!({"backup_id": backup["backup_id"], "destinations": {"2000": dest0, "2001": dest1}});
+    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
+    assert_eq!(status, 201, "{r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node_job(site, &rid).await["disks"][0]["bytes_sent"].as_u64().unwrap_or(0) < 8 * MIB {
+        assert!(std::time::Instant::now() < deadline, "the restore made no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (rid, dest0, dest1)
+}
+
+/// The restore `rid` the node took up after its restart: running again, then completed with its
+/// checksums matching, both files equal to the disks, the image clean, the file beside gone, and at
+/// least `kept` bytes of the first disk (what the image held) not read into it again.
+async fn assert_restore_taken_up_and_completed(site: &Site, rid: &str, dest0: &Path, dest1: &Path, kept: u64) {
+    assert!(dest0.with_file_name(".vm-a-0.qcow2.restoring").exists(), "the image being restored is kept");
+    assert_eq!(std::fs::read(dest0).unwrap(), b"the disk before", "the destination as it was until the end");
+    assert_eq!(node_job(site, rid).await["status"], "running", "taken up");
+    let done = crate::wait_restore(site, rid).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    for disk in done["disks"].as_array().unwrap() {
+        assert_eq!(disk["checksum_match"], json!(true), "{done}");
+    }
+    assert_clean(dest0);
+    assert_same(&site.source("vm-a", 0), dest0);
+    assert_same(&site.source("vm-a", 1), dest1);
+    let job = node_job(site, rid).await;
+    let sent = job["disks"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(sent + kept <= 32 * MIB, "what the image held already was not read into it again: {job}");
+    assert!(!dest0.with_file_name(".vm-a-0.qcow2.restoring").exists());
+}
+
+/// The backup `id` (hub path `path`) the node took up completed, equal to the disks, with at
+/// least `kept` bytes of its first disk (what the image held) not sent again; the node's view.
+async fn assert_backup_taken_up_and_completed(site: &Site, path: &str, id: &str, kept: u64) -> Value {
+    let done = site.wait(path).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm-a", &done, 2);
+    let job = node_job(site, id).await;
+    let first = &job["disks"][0];
+    let (unchanged, sent) = (first["bytes_unchanged"].as_u64().unwrap(), first["bytes_sent"].as_u64().unwrap());
+    assert!(unchanged >= kept, "what the image held already was not sent again: {job}");
+    assert!(sent + kept <= 32 * MIB, "only the rest of its 32 MiB of data was sent: {job}");
+    job
 }
 
 /// Snapshot hooks for `vm` that log their runs into the file returned.
@@ -101,14 +155,7 @@ async fn a_backup_and_a_restore_go_on_from_their_checkpoint_after_the_node_is_ki
     assert!(std::fs::read_to_string(&record).unwrap().contains(&id));
     site.start_node();
     assert_eq!(node_job(&site, &id).await["status"], "running", "taken up");
-    let done = site.wait(&path).await;
-    assert_eq!(done["status"], "completed", "{done}");
-    site.assert_backup_equals_sources("vm-a", &done, 2);
-    let job = node_job(&site, &id).await;
-    let first = &job["disks"][0];
-    let (unchanged, sent) = (first["bytes_unchanged"].as_u64().unwrap(), first["bytes_sent"].as_u64().unwrap());
-    assert!(unchanged >= 4 * MIB, "what the checkpoint counted was not sent again: {job}");
-    assert!(sent + 4 * MIB <= 32 * MIB, "only the rest of its 32 MiB of data was sent: {job}");
+    assert_backup_taken_up_and_completed(&site, &path, &id, 4 * MIB).await;
     assert_eq!(hook_runs(&log, &id), [format!("pre {id}"), format!("post {id}")], "one snapshot for the run");
     let (_, metrics) = site.node("GET", "/metrics", None).await;
     assert!(metrics.as_str().unwrap().contains("sendense_node_jobs_taken_up{result=\"resumed\"} 1"), "{metrics}");
@@ -119,38 +166,13 @@ async fn a_backup_and_a_restore_go_on_from_their_checkpoint_after_the_node_is_ki
     site.assert_backup_equals_sources("vm-a", &inc, 2);
 
     // A restore into a qcow2 image, killed the same way: the image left open is taken up.
-    let restores = site.path().join("restores");
-    std::fs::create_dir_all(&restores).unwrap();
-    let (dest0, dest1) = (restores.join("vm-a-0.qcow2"), restores.join("vm-a-1.raw"));
-    std::fs::write(&dest0, b"the disk before").unwrap();
-    let asked = json!({"backup_id": inc["backup_id"], "destinations": {"2000": dest0, "2001": dest1}});
-    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
-    assert_eq!(status, 201, "{r}");
-    let rid = r["restore_id"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while node_job(&site, &rid).await["disks"][0]["bytes_sent"].as_u64().unwrap_or(0) < 8 * MIB {
-        assert!(std::time::Instant::now() < deadline, "the restore made no progress");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let (rid, dest0, dest1) = restore_under_way(&site, &inc).await;
     let map = site.path().join(format!("node-state/.restore-maps/{rid}-disk-2000.map"));
     wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
     site.kill_node();
-    assert!(restores.join(".vm-a-0.qcow2.restoring").exists(), "the image being restored is kept");
-    assert_eq!(std::fs::read(&dest0).unwrap(), b"the disk before", "the destination as it was until the end");
     site.start_node();
-    assert_eq!(node_job(&site, &rid).await["status"], "running", "taken up");
-    let done = crate::wait_restore(&site, &rid).await;
-    assert_eq!(done["status"], "completed", "{done}");
-    for disk in done["disks"].as_array().unwrap() {
-        assert_eq!(disk["checksum_match"], json!(true), "{done}");
-    }
-    assert_clean(&dest0);
-    assert_same(&site.source("vm-a", 0), &dest0);
-    assert_same(&site.source("vm-a", 1), &dest1);
-    let job = node_job(&site, &rid).await;
-    let sent = job["disks"][0]["bytes_sent"].as_u64().unwrap();
-    assert!(sent + 4 * MIB <= 32 * MIB, "what the checkpoint counted was not read into it again: {job}");
-    assert!(!map.exists() && !restores.join(".vm-a-0.qcow2.restoring").exists());
+    assert_restore_taken_up_and_completed(&site, &rid, &dest0, &dest1, 4 * MIB).await;
+    assert!(!map.exists(), "the resume map of a restore that ended is removed");
     // The checkpoints now name the completed restore only (for the hub's look at it).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::read_to_string(&record).unwrap_or_default().contains("\"stage\": \"paused\"") {
@@ -212,14 +234,7 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     let id = site.start_backup("vm-a", "full").await;
     let path = format!("/api/v1/backups/{id}");
     restart_node_under_way(&mut site, &path, &id).await;
-    let done = site.wait(&path).await;
-    assert_eq!(done["status"], "completed", "{done}");
-    site.assert_backup_equals_sources("vm-a", &done, 2);
-    let job = node_job(&site, &id).await;
-    let first = &job["disks"][0];
-    let (unchanged, sent) = (first["bytes_unchanged"].as_u64().unwrap(), first["bytes_sent"].as_u64().unwrap());
-    assert!(unchanged >= 8 * MIB, "what the image held already was not sent again: {job}");
-    assert!(sent + 8 * MIB <= 32 * MIB, "only the rest of its 32 MiB of data was sent: {job}");
+    let job = assert_backup_taken_up_and_completed(&site, &path, &id, 8 * MIB).await;
     assert_eq!(job["disks"][1]["bytes_sent"], json!(4 * MIB), "the disk not started was copied after: {job}");
     assert_eq!(hook_runs(&log, &id), [format!("pre {id}"), format!("post {id}")], "one snapshot for the run");
     let (_, metrics) = site.node("GET", "/metrics", None).await;
@@ -232,38 +247,12 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     site.assert_backup_equals_sources("vm-a", &inc, 2);
 
     // A restore of it the hub drives onto the node, disk 2000 as a qcow2 image over an old file.
-    let restores = site.path().join("restores");
-    std::fs::create_dir_all(&restores).unwrap();
-    let (dest0, dest1) = (restores.join("vm-a-0.qcow2"), restores.join("vm-a-1.raw"));
-    std::fs::write(&dest0, b"the disk before").unwrap();
-    let asked = json!({"backup_id": inc["backup_id"], "destinations": {"2000": dest0, "2001": dest1}});
-    let (status, r) = site.hub("POST", "/api/v1/restores", Some(asked)).await;
-    assert_eq!(status, 201, "{r}");
-    let rid = r["restore_id"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while node_job(&site, &rid).await["disks"][0]["bytes_sent"].as_u64().unwrap_or(0) < 8 * MIB {
-        assert!(std::time::Instant::now() < deadline, "the restore made no progress");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let (rid, dest0, dest1) = restore_under_way(&site, &inc).await;
     site.stop_node();
     let record = std::fs::read_to_string(site.path().join("node-state/.jobs-handed-over.json")).unwrap();
     assert!(record.contains(&rid), "{record}");
-    assert!(restores.join(".vm-a-0.qcow2.restoring").exists(), "the image being restored is kept");
-    assert_eq!(std::fs::read(&dest0).unwrap(), b"the disk before", "the destination as it was until the end");
     site.start_node();
-    assert_eq!(node_job(&site, &rid).await["status"], "running", "taken up");
-    let done = crate::wait_restore(&site, &rid).await;
-    assert_eq!(done["status"], "completed", "{done}");
-    for disk in done["disks"].as_array().unwrap() {
-        assert_eq!(disk["checksum_match"], json!(true), "{done}");
-    }
-    assert_clean(&dest0);
-    assert_same(&site.source("vm-a", 0), &dest0);
-    assert_same(&site.source("vm-a", 1), &dest1);
-    let job = node_job(&site, &rid).await;
-    let sent = job["disks"][0]["bytes_sent"].as_u64().unwrap();
-    assert!(sent + 8 * MIB <= 32 * MIB, "what the image held already was not read into it again: {job}");
-    assert!(!restores.join(".vm-a-0.qcow2.restoring").exists());
+    assert_restore_taken_up_and_completed(&site, &rid, &dest0, &dest1, 8 * MIB).await;
 
     // A replica run written in place, the same way; its next run sends only what changed.
     let rid = site.start_replica("vm-a").await;
