@@ -440,9 +440,9 @@ async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     );
     assert_eq!(hub.call("GET", &format!("/api/v1/replications/{rid}"), None).await.0, 404);
 
-    // Killed with SIGKILL mid-job before its record named the run (it is written every second;
-    // removed here): after the restart no half backup is listed and no port leased. (A run the
-    // record names is taken up: `hub/tests/e2e`.)
+    // Killed with SIGKILL mid-job as if while starting it, before its record named the run (the
+    // record removed here): after the restart no half backup is listed and no port leased. (A run
+    // the record names is taken up: `hub/tests/e2e`.)
     let (status, b) =
         hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "small", "backup_type": "full"}))).await;
     assert_eq!(status, 202, "{b}");

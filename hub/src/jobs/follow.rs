@@ -154,7 +154,7 @@ impl Hub {
             }
         }
         self.forget_run(job);
-        self.record_run_ended().await;
+        self.record_runs_changed().await;
     }
 
     /// A run that ended lets go of its VM and parent; a completed backup leaves the jobs for the

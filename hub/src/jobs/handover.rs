@@ -26,12 +26,12 @@
 //! retry window) answers that the job failed, and it ends so.
 //!
 //! A hub that is killed (no graceful stop) cannot close its exports: while it runs it keeps the same
-//! record up to date instead ([`Hub::keep_record`]: checked every second, written when the runs under
-//! way changed, and at once when one ends), and the next start takes up what it names. That holds
-//! without a clean close because the hub answers a write only once its data and the image's tables
-//! are in the file (`qcow2`'s write path): a killed process loses none of them, and what a power
-//! cut took is caught by the verification. A run started less than a second before the kill is not
-//! named yet, and is removed as an interrupted one.
+//! record up to date instead ([`Hub::keep_record`]: written when a run starts, before its start is
+//! answered, and when one ends; checked every second for the rest), and the next start takes up
+//! what it names. That holds without a clean close because the hub answers a write only once its
+//! data and the image's tables are in the file (`qcow2`'s write path): a killed process loses none
+//! of them, and what a power cut took is caught by the verification. A run the hub was killed
+//! while starting is not named yet, and is removed as an interrupted one.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -274,14 +274,14 @@ impl Hub {
     }
 
     /// For a hub that is killed (a crash, the OOM killer, its host's power cut): the record of
-    /// the runs under way kept up to date while the hub runs, checked every second and written
-    /// when it changed (and at once when a run ends: [`Hub::record_run_ended`]). The next start
-    /// takes up what it names as it takes up a graceful stop's: every write the hub acknowledged
-    /// is in the image's file (data and tables are written before the answer; what a power cut
-    /// took is found by the verification, which compares the node's checksum of every disk with
-    /// the image). A run that started less than a second before the kill is not named: it is
-    /// removed as an interrupted run, as before. Ends with the shutdown, whose [`Hub::hand_over`]
-    /// writes the last record.
+    /// the runs under way kept up to date while the hub runs: written when a run starts (before
+    /// its start is answered) and when one ends ([`Hub::record_runs_changed`]), and checked every
+    /// second for the rest (a schedule's run moving on). The next start takes up what it names as
+    /// it takes up a graceful stop's: every write the hub acknowledged is in the image's file
+    /// (data and tables are written before the answer; what a power cut took is found by the
+    /// verification, which compares the node's checksum of every disk with the image). A run the
+    /// hub was killed while starting (its start not answered) is removed as an interrupted run,
+    /// as before. Ends with the shutdown, whose [`Hub::hand_over`] writes the last record.
     pub async fn keep_record(self: Arc<Self>) {
         self.record_file.lock().await.keeping = true;
         loop {
@@ -297,9 +297,10 @@ impl Hub {
         }
     }
 
-    /// A run ended (or a driven restore, or a schedule's run): the record stops naming it now, not
-    /// up to a second later, so that a hub killed meanwhile does not take up a run that is over.
-    pub(super) async fn record_run_ended(&self) {
+    /// A run (or a driven restore, or a schedule's run) started or ended: the record says so now,
+    /// not up to a second later, so that a hub killed meanwhile takes up every run it answered
+    /// for and none that is over.
+    pub(super) async fn record_runs_changed(&self) {
         let mut file = self.record_file.lock().await;
         if file.keeping && !self.shutdown.is_cancelled() {
             self.refresh_record(&mut file).await;

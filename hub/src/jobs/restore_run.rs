@@ -223,6 +223,8 @@ impl Hub {
         let hub = Arc::clone(self);
         let view = r.view();
         tokio::spawn(async move { hub.follow_restore(r, client).await });
+        // Named in the record before the start is answered: a hub killed from now on takes it up.
+        self.record_runs_changed().await;
         Ok(view)
     }
 
@@ -264,7 +266,7 @@ impl Hub {
         let (status, _, error) = run.view();
         tracing::info!(restore = %r.id, node = %r.node, status, error = error.as_deref().unwrap_or(""), "restore ended");
         self.end_restore(&r.id, None).await;
-        self.record_run_ended().await;
+        self.record_runs_changed().await;
     }
 
     /// Take restore `id` out of the open ones, close its exports and free its ports; a driven

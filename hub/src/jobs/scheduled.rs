@@ -464,7 +464,7 @@ impl Hub {
             self.mark_handled(name, at).await;
         }
         // A hub killed from now on does not take this run up again.
-        self.record_run_ended().await;
+        self.record_runs_changed().await;
     }
 
     /// The VMs of a run, each with the node to ask (`None`: wherever the VM is), and the nodes

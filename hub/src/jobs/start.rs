@@ -358,6 +358,8 @@ impl Hub {
         let hub = Arc::clone(self);
         let follow_job = Arc::clone(&job);
         tokio::spawn(async move { hub.follow(follow_job, lease).await });
+        // Named in the record before the start is answered: a hub killed from now on takes it up.
+        self.record_runs_changed().await;
         Ok(job)
     }
 }

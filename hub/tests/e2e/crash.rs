@@ -8,9 +8,9 @@
 //! failed; no directory without a completed listing; the newest verifying), no port may stay
 //! leased, the node's run must end, the next backup must equal the sources, and after a killed
 //! replica run the next one must leave a replica equal to them. A killed node takes its runs up
-//! from their last checkpoint (every second here), a killed hub from the record it keeps (checked
-//! every second; the copies are slowed so that kills land after them): such a run completes, equal
-//! to the sources.
+//! from their last checkpoint (every second here), a killed hub from the record it keeps (the
+//! copies are slowed so that kills land while data flows): such a run completes, equal to the
+//! sources.
 //!
 //! `HUB_KILL_ROUNDS=N` soaks (the suite runs 3 of each); `HUB_KILL_SEED` replays the moments of a
 //! run (printed at its start); `HUB_KILL_TRANSPORT=endpoint` puts the node's tunnel to the hub's

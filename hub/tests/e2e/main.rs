@@ -418,7 +418,7 @@ fn hub_record(site: &Site) -> std::path::PathBuf {
     site.path().join("repo/.jobs-handed-over.json")
 }
 
-/// Wait until the hub's record names `id` (it is checked every second).
+/// Wait until the hub's record names `id` (written before the run's start is answered).
 async fn wait_hub_record_names(site: &Site, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(hub_record(site)).is_ok_and(|r| r.contains(id)) {
@@ -427,8 +427,8 @@ async fn wait_hub_record_names(site: &Site, id: &str) {
     }
 }
 
-/// A run the hub's record does not name (it started after the record was last written, which is
-/// checked every second; here the record is removed): the killed hub's successor removes it as
+/// A run the hub's record does not name (the hub killed while starting it; here the record is
+/// removed): the killed hub's successor removes it as
 /// interrupted and cancels the node's job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_killed_mid_backup_not_in_its_record_lists_no_half_backup_and_the_next_incremental_is_correct() {
