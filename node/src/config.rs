@@ -545,7 +545,10 @@ mod tests {
         assert_eq!(vms[1].disks[0].source.format(), DiskFormat::Qcow2, "the libvirt example");
         let tunnel = resolve_tunnel(file.tunnel.unwrap()).unwrap();
         assert_eq!((tunnel.forwards.len(), tunnel.reverse.len()), (102, 1), "production forwards by default");
-        resolve_copy(&file.copy).unwrap();
+        let (copy, _) = resolve_copy(&file.copy).unwrap();
+        assert_eq!(copy.checkpoint_every, Duration::from_secs(60));
+        let off = CopyFile { checkpoint_every_s: Some(0), ..CopyFile::default() };
+        assert!(resolve_copy(&off).unwrap().0.checkpoint_every.is_zero(), "0 turns checkpoints off");
     }
 
     #[test]
