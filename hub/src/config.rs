@@ -60,6 +60,9 @@ pub struct HubFile {
     /// `"zstd"`: completed backups' images rewritten compressed in the background
     /// (`jobs/compress.rs`); `"none"` (the default): stored as the node sent them.
     pub compress: Option<String>,
+    /// Images one chain holds, a full backup and its incrementals (default
+    /// [`crate::jobs::DEFAULT_MAX_CHAIN`]): an incremental past it is made as a full backup.
+    pub max_chain: Option<u32>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
     /// Nodes.
@@ -153,6 +156,8 @@ pub struct Settings {
     pub io_uring: bool,
     /// Completed backups' images rewritten compressed in the background (`compress = "zstd"`).
     pub compress: bool,
+    /// Images one chain holds (`max_chain`): an incremental past it is made as a full backup.
+    pub max_chain: usize,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<crate::schedule::Schedule>,
 }
@@ -224,6 +229,22 @@ pub fn parse_verify_every(days: f64) -> Result<Duration, String> {
         Ok(Duration::from_secs_f64(days * 86400.0))
     } else {
         Err(format!("verify_every_days = {days}: give a number of days above 0 (at most 3650), or leave it out"))
+    }
+}
+
+/// `max_chain`: images one chain may hold, from 1 (every backup a full one) to
+/// [`crate::jobs::MAX_CHAIN`] (as deep as `qcow2` opens a chain).
+///
+/// # Errors
+/// Outside that range.
+pub fn parse_max_chain(images: u32) -> Result<usize, String> {
+    let most = crate::jobs::MAX_CHAIN;
+    match usize::try_from(images) {
+        Ok(n) if (1..=most).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "max_chain = {images}: give the images one chain may hold, a full backup and its incrementals, \
+             from 1 (every backup a full one) to {most}"
+        )),
     }
 }
 
@@ -344,6 +365,15 @@ mod tests {
         assert_eq!(parse_aio("threads"), Ok(false));
         assert_eq!(parse_aio("io_uring"), Ok(true));
         assert!(parse_aio("native").unwrap_err().contains("threads or io_uring"));
+    }
+
+    #[test]
+    fn max_chain_is_between_one_image_and_as_deep_as_qcow2_opens() {
+        assert_eq!(parse_max_chain(1), Ok(1));
+        assert_eq!(parse_max_chain(256), Ok(crate::jobs::MAX_CHAIN));
+        for bad in [0, 257, u32::MAX] {
+            assert!(parse_max_chain(bad).unwrap_err().contains("from 1 (every backup a full one) to 256"), "{bad}");
+        }
     }
 
     #[test]

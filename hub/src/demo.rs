@@ -251,6 +251,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         retention: crate::retention::Policy::default(),
         verify_every: None,
         compress: false,
+        max_chain: crate::jobs::DEFAULT_MAX_CHAIN,
         schedules: vec![nightly.clone()],
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;

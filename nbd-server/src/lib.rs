@@ -50,6 +50,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod descriptors;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod proto;

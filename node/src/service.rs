@@ -7,12 +7,17 @@ use std::fmt::Display;
 use std::future::Future;
 use std::path::PathBuf;
 
-/// Run `work` on a fresh runtime; on error print `NAME: error` (with its causes) and exit 1.
+/// Run `work` on a fresh runtime, the descriptor limit raised (`nbd_server::descriptors`); on
+/// error print `NAME: error` (with its causes) and exit 1.
 pub fn run<E: Display>(name: &str, work: impl Future<Output = Result<(), E>>) {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    match nbd_server::descriptors::raise_limit() {
+        Ok(limit) => tracing::debug!(?limit, "open descriptors allowed"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the limit on open descriptors"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -266,32 +266,68 @@ fn hostile_images_give_typed_errors_naming_the_field() {
         "{:?}",
         Image::open(d.join("a.qcow2"))
     );
-    // A chain deeper than the limit: we refuse to create it (and leave no file), and refuse to
-    // open one qemu-img made.
-    Image::create(d.join("c0.qcow2"), &CreateOptions::new(1 << 20)).unwrap();
-    for i in 1..=qcow2::image::MAX_BACKING_DEPTH {
-        Image::create(
-            d.join(format!("c{i}.qcow2")),
-            &CreateOptions::overlay(format!("c{}.qcow2", i - 1), BackingFormat::Qcow2),
-        )
-        .unwrap();
+}
+
+/// The deepest chain allowed (255 backing files under an image, the chain of a full backup and
+/// 255 incrementals), with data written in layers across it (some clusters partly, copied up from
+/// the layers below): opened and read on a small stack (the chain is walked recursively) equal to
+/// qemu's reading, its allocation map naming the layer of each piece; one image more is refused,
+/// whether we would create it or qemu-img made it.
+#[test]
+fn the_deepest_chain_allowed_reads_like_qemu_on_a_small_stack_and_one_deeper_is_refused() {
+    require("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let name = |i: usize| format!("c{i}.qcow2");
+    let writers = [0usize, 1, 17, 100, 254, 255];
+    for i in 0..=qcow2::image::MAX_BACKING_DEPTH {
+        let opts = match i {
+            0 => CreateOptions::new(1 << 20),
+            _ => CreateOptions::overlay(name(i - 1), BackingFormat::Qcow2),
+        };
+        Image::create(d.join(name(i)), &opts).unwrap();
+        if writers.contains(&i) {
+            let img = Image::open_with(d.join(name(i)), &qcow2::ImageOptions::read_write()).unwrap();
+            // Layer 17 writes half of cluster 0, which layer 0 wrote whole: the rest is copied up.
+            let (at, len) = if i == 17 { (0, 32 << 10) } else { ((i % 16) << 16, 64 << 10) };
+            img.write_at(&vec![(i % 251) as u8 + 1; len], at as u64).unwrap();
+            img.flush().unwrap();
+        }
     }
-    let deepest = qcow2::image::MAX_BACKING_DEPTH + 1;
-    let top = d.join(format!("c{deepest}.qcow2"));
-    let below = format!("c{}.qcow2", deepest - 1);
+    let top = d.join(name(qcow2::image::MAX_BACKING_DEPTH));
+    let want = expected_raw(&top, d);
+    let read = {
+        let top = top.clone();
+        std::thread::Builder::new().stack_size(256 << 10).spawn(move || {
+            let img = Image::open(&top).unwrap();
+            (read_all(&img), img.map(0, 1 << 20).unwrap())
+        })
+    };
+    let (got, map) = read.unwrap().join().expect("read on a 256 KiB stack");
+    assert!(got == want, "the deepest chain reads as qemu reads it");
+    assert_eq!(&got[..32 << 10], &[18u8; 32 << 10][..], "layer 17's half cluster");
+    assert_eq!(&got[32 << 10..64 << 10], &[1u8; 32 << 10][..], "layer 0's other half, copied up");
+    let depth_at =
+        |offset: u64| map.iter().find(|e| e.offset <= offset && offset < e.offset + e.length).map(|e| e.depth);
+    let deepest = qcow2::image::MAX_BACKING_DEPTH;
+    for (offset, layer) in [(0u64, 17usize), (1 << 16, 1), (4 << 16, 100), (14 << 16, 254), (15 << 16, 255)] {
+        assert_eq!(depth_at(offset), Some((deepest - layer) as u32), "offset {offset:#x} from layer {layer}: {map:?}");
+    }
+    // One deeper: we refuse to create it (and leave no file), and refuse to open one qemu-img made.
+    let too_deep = d.join(name(deepest + 1));
     assert!(matches!(
-        Image::create(&top, &CreateOptions::overlay(below.clone(), BackingFormat::Qcow2)),
+        Image::create(&too_deep, &CreateOptions::overlay(name(deepest), BackingFormat::Qcow2)),
         Err(Error::BackingChainTooDeep { .. })
     ));
-    assert!(!top.exists(), "a refused create leaves nothing behind");
+    assert!(!too_deep.exists(), "a refused create leaves nothing behind");
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", &below])
-        .arg(&top)
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", &name(deepest)])
+        .arg(&too_deep)
         .arg("1M")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(matches!(Image::open(&top), Err(Error::BackingChainTooDeep { .. })));
+    assert!(matches!(Image::open(&too_deep), Err(Error::BackingChainTooDeep { .. })));
 }
 
 #[test]

@@ -196,6 +196,12 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .transpose()
             .map_err(|e| anyhow!(e))?
             .unwrap_or(false),
+        max_chain: file
+            .max_chain
+            .map(config::parse_max_chain)
+            .transpose()
+            .map_err(|e| anyhow!(e))?
+            .unwrap_or(hub::jobs::DEFAULT_MAX_CHAIN),
         schedules,
     })
 }

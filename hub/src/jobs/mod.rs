@@ -59,7 +59,7 @@ pub use reload::{Live, Reloaded};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};
-pub use start::{checked_tags, choose_parent, MAX_CHAIN, MAX_TAGS};
+pub use start::{checked_tags, choose_parent, DEFAULT_MAX_CHAIN, MAX_CHAIN, MAX_TAGS};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
 
 /// How often the node's job is polled.
@@ -383,6 +383,7 @@ mod tests {
             retention: crate::retention::Policy::default(),
             verify_every: None,
             compress: false,
+            max_chain: crate::jobs::DEFAULT_MAX_CHAIN,
             schedules: Vec::new(),
         })
         .unwrap()

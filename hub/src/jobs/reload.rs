@@ -3,7 +3,7 @@
 //! would cancel every backup under way.
 //!
 //! What is taken up is what the hub reads as it goes ([`Live`]): the schedules, the retention
-//! (`keep_*`), `verify_every_days`, `compress`, `stall_timeout_s` (for jobs started afterwards)
+//! (`keep_*`), `verify_every_days`, `compress`, `stall_timeout_s` and `max_chain` (for jobs started afterwards)
 //! and `restore_idle_s`. What the hub built at start (its listeners, the repository and replica
 //! directories, the nodes and their clients, the SSH endpoint, the export options) is not: a
 //! reload that changes one of those applies the rest, names them in its log line and in
@@ -44,6 +44,8 @@ pub struct Live {
     pub restore_idle: Duration,
     /// Completed backups rewritten compressed (`compress`).
     pub compress: bool,
+    /// Images one chain holds (`max_chain`), read when a backup starts.
+    pub max_chain: usize,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<Arc<Schedule>>,
 }
@@ -57,6 +59,7 @@ impl Live {
             stall_timeout: settings.stall_timeout,
             restore_idle: settings.restore_idle,
             compress: settings.compress,
+            max_chain: settings.max_chain,
             schedules: settings.schedules.iter().cloned().map(Arc::new).collect(),
         }
     }
@@ -69,6 +72,7 @@ impl Live {
             ("stall_timeout_s", self.stall_timeout != other.stall_timeout),
             ("restore_idle_s", self.restore_idle != other.restore_idle),
             ("compress", self.compress != other.compress),
+            ("max_chain", self.max_chain != other.max_chain),
         ];
         keys.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
     }
@@ -206,8 +210,9 @@ mod tests {
         new.schedules = vec![schedule("nightly", "03:00")];
         new.nbd_ports = (42000, 42001);
         new.stall_timeout = Duration::from_secs(30);
+        new.max_chain = 7;
         let done = hub.reload(&new).unwrap();
-        assert_eq!(done.applied, ["stall_timeout_s"]);
+        assert_eq!(done.applied, ["stall_timeout_s", "max_chain"]);
         assert_eq!(
             (done.schedules_changed, done.schedules_removed),
             (vec!["nightly".to_string()], vec!["noon".into()])
@@ -216,7 +221,7 @@ mod tests {
         assert_eq!(hub.schedule_view("nightly").unwrap().when, "at 03:00");
         assert!(hub.schedule_view("noon").is_none());
         assert_eq!(hub.reload_status().restart_pending, ["nbd_ports"]);
-        assert_eq!(hub.live().stall_timeout, Duration::from_secs(30));
+        assert_eq!((hub.live().stall_timeout, hub.live().max_chain), (Duration::from_secs(30), 7));
 
         // The same file again: nothing to do.
         let again = hub.reload(&new).unwrap();

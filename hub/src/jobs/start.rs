@@ -19,12 +19,13 @@ use crate::retention::Policy;
 
 /// Which backup an incremental builds on: the newest completed backup of the VM, if the node's
 /// change-tracking state was committed for exactly that backup and its chain (it and the
-/// backups under it) has room for one more image ([`MAX_CHAIN`]); otherwise a full backup, and
-/// why.
+/// backups under it) has room for one more image (`max_chain`, at most [`MAX_CHAIN`]);
+/// otherwise a full backup, and why.
 pub fn choose_parent<'a>(
     requested: BackupType,
     history: &'a [&'a Manifest],
     node_committed: Option<&str>,
+    max_chain: usize,
 ) -> (BackupType, Option<&'a Manifest>, Option<String>) {
     if requested == BackupType::Full {
         return (BackupType::Full, None, None);
@@ -44,14 +45,15 @@ pub fn choose_parent<'a>(
             )),
         );
     }
+    let max_chain = max_chain.clamp(1, MAX_CHAIN);
     let images = chain_images(newest, history);
-    if images >= MAX_CHAIN {
+    if images >= max_chain {
         return (
             BackupType::Full,
             None,
             Some(format!(
-                "backup {} ends a chain of {images} images, the most one chain holds ({MAX_CHAIN}): a \
-                 full backup was made and starts a new chain",
+                "backup {} ends a chain of {images} images, the most one chain holds (max_chain = {max_chain}): \
+                 a full backup was made and starts a new chain",
                 newest.backup_id
             )),
         );
@@ -59,10 +61,18 @@ pub fn choose_parent<'a>(
     (BackupType::Incremental, Some(newest), None)
 }
 
-/// The most images one chain holds: a full backup and the incrementals on it. `qcow2` opens at
-/// most [`qcow2::image::MAX_BACKING_DEPTH`] backing files under an image; an incremental on a
-/// longer chain could be neither made nor restored, so the hub makes a full backup instead.
+/// The most images one chain may be set to hold (`max_chain`): a full backup and the
+/// incrementals on it. `qcow2` opens at most [`qcow2::image::MAX_BACKING_DEPTH`] backing files
+/// under an image; an incremental on a longer chain could be neither made nor restored.
 pub const MAX_CHAIN: usize = qcow2::image::MAX_BACKING_DEPTH + 1;
+
+/// Images one chain holds unless `max_chain` says: a full backup and 63 incrementals, room for
+/// any usual retention (`keep_daily = 14` with 8 weeks, 12 months and 3 years is 37) kept
+/// incremental forever. Not the most there is room for: every image of a chain costs a restore
+/// or a verification a little (read through 64 layers at 0.84x of one, through 255 at 0.77x,
+/// `qcow2::image::MAX_BACKING_DEPTH`), an export a descriptor and an L2 cache of its own, and
+/// every backup of a chain depends on its full one.
+pub const DEFAULT_MAX_CHAIN: usize = 64;
 
 /// Images in `backup`'s chain: it and its parents, as far as `history` holds them.
 fn chain_images(backup: &Manifest, history: &[&Manifest]) -> usize {
@@ -221,7 +231,12 @@ impl Hub {
                 let merging = st.merges.values().map(|m| &m.from);
                 let history: Vec<&Manifest> =
                     st.catalog.values().chain(merging).filter(|m| m.vm_name == vm && m.node == node_name).collect();
-                let (t, p, n) = choose_parent(requested, &history, self.node_committed(vm, node_name).as_deref());
+                let (t, p, n) = choose_parent(
+                    requested,
+                    &history,
+                    self.node_committed(vm, node_name).as_deref(),
+                    self.live().max_chain,
+                );
                 let p = p.cloned();
                 if let Some(p) = &p {
                     // Chosen and pinned under one lock: a delete cannot slip in between.
@@ -373,13 +388,13 @@ mod tests {
     fn an_incremental_builds_on_the_newest_backup_the_node_committed() {
         let (a, b) = (manifest("a", "2026-01-01T00:00:00Z"), manifest("b", "2026-01-02T00:00:00Z"));
         let history = vec![&a, &b];
-        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some("b"));
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some("b"), DEFAULT_MAX_CHAIN);
         assert_eq!((t, p.map(|m| m.backup_id.as_str()), note), (BackupType::Incremental, Some("b"), None));
-        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some("a"));
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some("a"), DEFAULT_MAX_CHAIN);
         assert!(t == BackupType::Full && p.is_none() && note.unwrap().contains("not at backup b"));
-        let (t, _, note) = choose_parent(BackupType::Incremental, &[], None);
+        let (t, _, note) = choose_parent(BackupType::Incremental, &[], None, DEFAULT_MAX_CHAIN);
         assert!(t == BackupType::Full && note.unwrap().contains("no completed backup"));
-        let (t, p, note) = choose_parent(BackupType::Full, &history, Some("b"));
+        let (t, p, note) = choose_parent(BackupType::Full, &history, Some("b"), DEFAULT_MAX_CHAIN);
         assert!(t == BackupType::Full && p.is_none() && note.is_none());
     }
 
@@ -387,30 +402,45 @@ mod tests {
     fn chain(len: usize) -> Vec<Manifest> {
         (0..len)
             .map(|i| Manifest {
-                parent_id: i.checked_sub(1).map(|p| format!("b{p:02}")),
-                ..manifest(&format!("b{i:02}"), &format!("2026-01-01T00:00:{i:02}Z"))
+                parent_id: i.checked_sub(1).map(|p| format!("b{p:03}")),
+                ..manifest(
+                    &format!("b{i:03}"),
+                    &format!("2026-01-01T{:02}:{:02}:{:02}Z", i / 3600, i / 60 % 60, i % 60),
+                )
             })
             .collect()
     }
 
     #[test]
     fn an_incremental_on_a_full_chain_becomes_a_full_backup_that_starts_a_new_one() {
-        let room = chain(MAX_CHAIN - 1);
-        let history: Vec<&Manifest> = room.iter().collect();
-        let newest = format!("b{:02}", MAX_CHAIN - 2);
-        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest));
-        assert_eq!((t, p.map(|m| m.backup_id.clone()), note), (BackupType::Incremental, Some(newest), None));
+        for max_chain in [1, 17, DEFAULT_MAX_CHAIN, MAX_CHAIN] {
+            if max_chain > 1 {
+                let room = chain(max_chain - 1);
+                let history: Vec<&Manifest> = room.iter().collect();
+                let newest = format!("b{:03}", max_chain - 2);
+                let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest), max_chain);
+                assert_eq!((t, p.map(|m| m.backup_id.clone()), note), (BackupType::Incremental, Some(newest), None));
+            }
+            let full = chain(max_chain);
+            let history: Vec<&Manifest> = full.iter().collect();
+            let newest = format!("b{:03}", max_chain - 1);
+            let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest), max_chain);
+            assert!(t == BackupType::Full && p.is_none(), "{note:?}");
+            let want =
+                format!("ends a chain of {max_chain} images, the most one chain holds (max_chain = {max_chain})");
+            assert!(note.unwrap().contains(&want), "{max_chain}");
+        }
+        // A setting past what qcow2 opens is held to it (the configuration refuses it first).
         let full = chain(MAX_CHAIN);
         let history: Vec<&Manifest> = full.iter().collect();
-        let newest = format!("b{:02}", MAX_CHAIN - 1);
-        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest));
-        assert!(t == BackupType::Full && p.is_none(), "{note:?}");
-        assert!(note.unwrap().contains(&format!("ends a chain of {MAX_CHAIN} images")));
+        let newest = format!("b{:03}", MAX_CHAIN - 1);
+        let (t, _, _) = choose_parent(BackupType::Incremental, &history, Some(&newest), usize::MAX);
+        assert_eq!(t, BackupType::Full);
         // Hand-edited manifests whose parents loop do not hang the hub.
         let mut looped = chain(3);
-        looped[0].parent_id = Some("b02".into());
+        looped[0].parent_id = Some("b002".into());
         let history: Vec<&Manifest> = looped.iter().collect();
-        let (t, _, _) = choose_parent(BackupType::Incremental, &history, Some("b02"));
+        let (t, _, _) = choose_parent(BackupType::Incremental, &history, Some("b002"), DEFAULT_MAX_CHAIN);
         assert_eq!(t, BackupType::Incremental);
     }
 }

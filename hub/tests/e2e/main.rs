@@ -492,14 +492,16 @@ async fn the_hub_killed_mid_backup_and_mid_restore_takes_both_up_from_its_record
     site.assert_backup_equals_sources("vm", &next, 2);
 }
 
-/// Daily incrementals fill a chain: the 17th image (a full backup and 16 incrementals, as deep as
-/// an image's backing chain may go) is made, verified and read back whole; the next incremental
-/// asked for is made as a full backup that starts a new chain, and says so.
+/// Daily incrementals fill a chain: with `max_chain = 20` the 20th image (a full backup and 19
+/// incrementals, deeper than the 17 images qcow2 used to open) is made, verified and read back
+/// whole; the next incremental asked for is made as a full backup that starts a new chain, and
+/// says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_starts_a_new_chain() {
-    let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, Options::default()).await;
+    let options = Options { hub: "max_chain = 20", ..Options::default() };
+    let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, options).await;
     let mut newest = site.backup("vm", "full").await;
-    for day in 1..17u8 {
+    for day in 1..20u8 {
         change(&site.source("vm", 0), u64::from(day) * (128 << 10), day);
         let next = site.backup("vm", "incremental").await;
         assert_eq!((&next["backup_type"], &next["parent_id"]), (&json!("incremental"), &newest["backup_id"]), "{next}");
@@ -508,12 +510,23 @@ async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_star
     site.assert_backup_equals_sources("vm", &newest, 2);
     let (status, v) =
         site.hub("POST", &format!("/api/v1/backups/{}/verify", newest["backup_id"].as_str().unwrap()), None).await;
-    assert_eq!((status, &v["ok"]), (200, &json!(true)), "the 17th image verifies: {v}");
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "the 20th image verifies: {v}");
+    // Every image of a chain an export serves holds a descriptor: the hub runs with the most the
+    // system allows it, not a shell's 1024.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", site.hub_pid())).unwrap();
+    let open_files: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(open_files[3], open_files[4], "soft limit raised to the hard one: {open_files:?}");
     change(&site.source("vm", 1), MIB, 0x17);
     let (status, started) =
         site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "incremental"}))).await;
     assert_eq!((status, &started["backup_type"]), (202, &json!("full")), "{started}");
-    assert!(started["note"].as_str().is_some_and(|n| n.contains("ends a chain of 17 images")), "{started}");
+    assert!(
+        started["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("ends a chain of 20 images, the most one chain holds (max_chain = 20)")),
+        "{started}"
+    );
     let fresh = site.wait(&format!("/api/v1/backups/{}", started["backup_id"].as_str().unwrap())).await;
     assert_eq!((&fresh["status"], &fresh["parent_id"]), (&json!("completed"), &Value::Null), "{fresh}");
     assert_eq!(fresh["note"], started["note"], "the completed record keeps why it is a full backup");

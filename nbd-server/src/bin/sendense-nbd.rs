@@ -326,6 +326,9 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = nbd_server::descriptors::raise_limit() {
+        tracing::warn!(error = %e, "cannot raise the limit on open descriptors");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

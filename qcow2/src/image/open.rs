@@ -1,5 +1,5 @@
 //! Opening an image: the header and the L1 table read and checked against the file's length
-//! before anything is sized from them; the backing chain opened eagerly, with a depth limit,
+//! before anything is sized from them; the backing chain opened eagerly (in a loop, not recursion), with a depth limit,
 //! loops found by device and inode, names resolved against the image's own directory as qemu
 //! does (and, if asked, confined to a directory); and a writable open prepared: autoclear bits
 //! cleared, a dirty image's refcounts rebuilt, the refcounts loaded.
@@ -33,11 +33,49 @@ impl Image {
     /// As [`Image::open`], plus [`Error::ReadOnly`] when writing is asked of an image this
     /// crate will not write (corrupt bit, internal snapshots, unknown autoclear... see docs).
     pub fn open_with(path: impl AsRef<Path>, opts: &ImageOptions) -> Result<Self> {
+        // The chain is opened in a loop, top down, each image without its backing, then linked
+        // bottom up: 255 layers opened recursively took more than 512 KiB of stack.
         let mut seen = Vec::new();
-        Self::open_in_chain(path.as_ref(), opts, 0, &mut seen)
+        let (mut top, mut next) = Self::open_layer(path.as_ref(), opts, 0, &mut seen)?;
+        let below_opts = ImageOptions { writable: false, ..opts.clone() };
+        let mut under: Vec<Self> = Vec::new();
+        let mut bottom = None;
+        while let Some((base, format)) = next.take() {
+            match format {
+                BackingFormat::Qcow2 => {
+                    let (image, below) = Self::open_layer(&base, &below_opts, under.len() + 1, &mut seen)?;
+                    under.push(image);
+                    next = below;
+                }
+                BackingFormat::Raw => {
+                    let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
+                    let size = super::length_of(&f).map_err(|source| Error::Open { path: base.clone(), source })?;
+                    bottom = Some(Backing::Raw { file: Arc::new(f), size, plain_reads: AtomicBool::new(false) });
+                }
+            }
+        }
+        let mut backing = bottom;
+        while let Some(mut image) = under.pop() {
+            image.backing = backing;
+            backing = Some(Backing::Qcow2(Box::new(image)));
+        }
+        top.backing = backing;
+        if opts.writable {
+            top.check_writable()?;
+            let file_len = top.grown_to.load(std::sync::atomic::Ordering::Acquire);
+            top.prepare_for_writes(file_len, opts.reclaim_leaks)?;
+        }
+        Ok(top)
     }
 
-    fn open_in_chain(path: &Path, opts: &ImageOptions, depth: usize, seen: &mut Vec<(u64, u64)>) -> Result<Self> {
+    /// Open one image of a chain, `depth` backing files under the top, without its backing
+    /// file; returns it and where its backing file is, if it has one.
+    fn open_layer(
+        path: &Path,
+        opts: &ImageOptions,
+        depth: usize,
+        seen: &mut Vec<(u64, u64)>,
+    ) -> Result<(Self, Option<(PathBuf, BackingFormat)>)> {
         if depth > MAX_BACKING_DEPTH {
             return Err(Error::BackingChainTooDeep { limit: MAX_BACKING_DEPTH, path: path.to_path_buf() });
         }
@@ -87,7 +125,7 @@ impl Image {
                 });
             }
         }
-        let backing = match &header.backing_file {
+        let below = match &header.backing_file {
             None => None,
             Some(name) => {
                 let base = resolve_backing(path, name);
@@ -105,28 +143,18 @@ impl Image {
                         )))
                     }
                 };
-                Some(match format {
-                    BackingFormat::Qcow2 => {
-                        let ro = ImageOptions { writable: false, ..opts.clone() };
-                        Backing::Qcow2(Box::new(Self::open_in_chain(&base, &ro, depth + 1, seen)?))
-                    }
-                    BackingFormat::Raw => {
-                        let f = File::open(&base).map_err(|source| Error::Open { path: base.clone(), source })?;
-                        let size = super::length_of(&f).map_err(|source| Error::Open { path: base.clone(), source })?;
-                        Backing::Raw { file: Arc::new(f), size, plain_reads: AtomicBool::new(false) }
-                    }
-                })
+                Some((base, format))
             }
         };
         let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
-        let mut image = Self {
+        let image = Self {
             file: Arc::new(file),
             path: path.to_path_buf(),
             header,
             geo,
             l1: RwLock::new(l1),
             l2_cache: Mutex::new(L2Cache::new(capacity)),
-            backing,
+            backing: None,
             writable: opts.writable,
             direct: match opts.direct_io {
                 true => Some(
@@ -141,11 +169,7 @@ impl Image {
             last_compressed: Mutex::new(None),
             closed: AtomicBool::new(false),
         };
-        if opts.writable {
-            image.check_writable()?;
-            image.prepare_for_writes(file_len, opts.reclaim_leaks)?;
-        }
-        Ok(image)
+        Ok((image, below))
     }
 
     fn prepare_for_writes(&mut self, file_len: u64, reclaim_leaks: bool) -> Result<()> {
