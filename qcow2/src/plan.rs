@@ -290,7 +290,7 @@ impl Image {
         let end = offset + length;
         let mut pos = offset;
         while pos < end {
-            let Some((mapping, run)) = self.cached_mapping_at(pos)? else { return Ok(false) };
+            let Some((mapping, run)) = self.cached_mapping_run(pos, end - pos)? else { return Ok(false) };
             let n = run.min(end - pos);
             if n == 0 {
                 return Ok(false);

@@ -144,6 +144,60 @@ fn zero_clusters_subclusters_and_discards_written_by_qemu_io_read_correctly() {
     }
 }
 
+/// Reads take a run of clusters in one step (and one walk down the chain) while the clusters go
+/// on the same way: the run must stop where the data is not next in the file (clusters written in
+/// reverse order), where the kind changes (data, zero, unallocated over a backing file with its
+/// own data), and where an L2 table ends (512-byte clusters: a table covers 32 KiB), and the
+/// reads must still equal qemu's at every odd offset and length.
+#[test]
+fn runs_of_clusters_stop_where_the_file_order_the_kind_or_the_table_changes() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for opts in ["cluster_size=512", "cluster_size=65536", "extended_l2=on,cluster_size=65536"] {
+        let unit: u64 = if opts == "cluster_size=512" { 512 } else { 64 << 10 };
+        let (base, img) = (d.join("base.qcow2"), d.join("top.qcow2"));
+        let _ = (std::fs::remove_file(&base), std::fs::remove_file(&img));
+        let size = format!("{}", unit * 256);
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", opts]).arg(&base).arg(&size));
+        run(Command::new("qemu-io").args(["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {}", unit * 256)]).arg(&base));
+        let backed = format!("{opts},backing_file=base.qcow2,backing_fmt=qcow2");
+        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", &backed]).arg(&img).arg(&size));
+        let mut writes: Vec<String> = Vec::new();
+        // Clusters 7 down to 0: each lands in the file before the one written earlier.
+        writes.extend((0..8u64).rev().map(|c| format!("write -P {} {} {unit}", c + 1, c * unit)));
+        // 8 to 79 in order, across table ends with small clusters; then zeroes, a hole, data.
+        writes.push(format!("write -P 0x21 {} {}", 8 * unit, 72 * unit));
+        writes.push(format!("write -z {} {}", 80 * unit, 40 * unit));
+        writes.push(format!("write -P 0x31 {} {}", 150 * unit, 30 * unit));
+        writes.push(format!("write -z {} {}", 180 * unit, 10 * unit));
+        // A hole up to a table's end (cluster 192 starts the fourth table of 512-byte clusters),
+        // data right after it.
+        writes.push(format!("write -P 0x41 {} {}", 192 * unit, 8 * unit));
+        let mut io = Command::new("qemu-io");
+        io.args(["-f", "qcow2"]);
+        for w in &writes {
+            io.args(["-c", w]);
+        }
+        run(io.arg(&img));
+        assert_reads_like_qemu(&img, d);
+        let image = Image::open(&img).unwrap();
+        let mut whole = vec![0u8; image.size() as usize];
+        image.read_at(&mut whole, 0).unwrap();
+        assert!(whole == expected_raw(&img, d), "{opts}: one read of the whole disk");
+        let map = image.map(0, image.size()).unwrap();
+        let at =
+            |off: u64| map.iter().find(|e| e.offset <= off && off < e.offset + e.length).map(|e| (e.kind, e.depth));
+        assert_eq!(at(0), Some((ExtentKind::Data, 0)), "{opts}");
+        assert_eq!(at(100 * unit), Some((ExtentKind::Zero, 0)), "{opts}");
+        assert_eq!(at(130 * unit), Some((ExtentKind::Data, 1)), "{opts}: the backing file's data under the hole");
+        assert_eq!(at(185 * unit), Some((ExtentKind::Zero, 0)), "{opts}");
+        assert_eq!(at(191 * unit), Some((ExtentKind::Data, 1)), "{opts}");
+        assert_eq!(at(192 * unit), Some((ExtentKind::Data, 0)), "{opts}");
+        assert_eq!(at(200 * unit), Some((ExtentKind::Data, 1)), "{opts}");
+    }
+}
+
 #[test]
 fn backing_chains_of_qcow2_and_raw_read_through_every_layer() {
     require("qemu-io");

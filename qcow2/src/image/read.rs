@@ -113,7 +113,7 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let (mapping, run) = self.mapping_at(pos)?;
+            let (mapping, run) = self.mapping_run(pos, (buf.len() - done) as u64)?;
             let n = run.min((buf.len() - done) as u64) as usize;
             // Never return with part of `buf` unfilled: the caller would send what was there.
             let Some(dst) = buf.get_mut(done..done + n).filter(|d| !d.is_empty()) else {
@@ -155,7 +155,7 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let Some((mapping, run)) = self.cached_mapping_at(pos)? else { break };
+            let Some((mapping, run)) = self.cached_mapping_run(pos, (buf.len() - done) as u64)? else { break };
             let n = run.min((buf.len() - done) as u64) as usize;
             let Some(dst) = buf.get_mut(done..done + n).filter(|d| !d.is_empty()) else {
                 return Err(Error::InvalidEntry { table: "L2", index: pos, value: run, reason: "empty mapping run" });
