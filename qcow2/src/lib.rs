@@ -96,6 +96,19 @@ fn fuzz_one(path: &std::path::Path) -> bool {
             let _ = img.read_at(b, offset);
         }
     }
+    // A read takes runs of clusters in one step: it must equal the same bytes read a sector at a
+    // time (runs no longer than a cluster), wherever both succeed.
+    let n = size.min(65536) as usize;
+    let mut whole = vec![0u8; n];
+    if img.read_at(&mut whole, 0).is_ok() {
+        let mut sector = [0u8; 512];
+        for (i, want) in whole.chunks(512).enumerate() {
+            let Some(piece) = sector.get_mut(..want.len()) else { break };
+            if img.read_at(piece, i as u64 * 512).is_ok() && piece != want {
+                panic!("a read of {n} bytes differs from reading them by sectors at sector {i}");
+            }
+        }
+    }
     let _ = img.map(0, size.min(16 << 20));
     for bitmap in img.bitmaps().unwrap_or_default().iter().take(4) {
         let _ = img.bitmap_runs(bitmap, 0, size.min(16 << 20));
