@@ -106,7 +106,8 @@ pub struct CopyFile {
     pub block_size: Option<String>,
     /// Disks of one job copied at once.
     pub parallel_disks: Option<usize>,
-    /// Bytes per second for a whole job (`100M`).
+    /// Bytes per second for the node, every job together, shared fairly between the jobs
+    /// sending (`100M`).
     pub bandwidth_limit: Option<String>,
     /// Seconds a broken connection may take to come back.
     pub retry_window_s: Option<u64>,

@@ -75,7 +75,8 @@ pub struct CopyOptions {
     pub block_size: Option<u64>,
     /// How long a broken connection may take to come back before the copy fails.
     pub retry_window: Duration,
-    /// Bandwidth limit shared by the job's workers.
+    /// Bandwidth limit: the job's flow of the node's bucket (`throttle.rs`), shared by its
+    /// disks' workers.
     pub throttle: Option<Arc<Throttle>>,
     /// How often the job layer saves a running copy's resume map ([`Resumable`]); zero: never
     /// (a killed node then takes up nothing).

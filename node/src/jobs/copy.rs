@@ -97,7 +97,7 @@ impl Jobs {
         });
         set_disk(dj, "running", None, None);
         let settings = self.settings();
-        let opts = &settings.copy;
+        let opts = &job.copy_options(&settings.copy);
         let fail = |e: MoveError| {
             let status = if matches!(e, MoveError::Cancelled) { "cancelled" } else { "failed" };
             set_disk(dj, status, None, Some(e.to_string()));

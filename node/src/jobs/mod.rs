@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{BackupType, CopyMode, DiskStatus, JobStatus, JobView, StartRequest};
 use crate::config::{valid_name, Settings, Vm};
-use crate::mover::Progress;
+use crate::mover::{CopyOptions, Progress};
 use crate::pool::{Endpoint, ThroughTunnel};
 use crate::targets::{self, Target};
 
@@ -150,6 +150,9 @@ pub struct Job {
     disks: Vec<DiskJob>,
     /// When this process took it (a job taken up from the last stop: when it was taken up).
     started: std::time::Instant,
+    /// Its flow of the node's bandwidth limit, shared by its disks (`throttle.rs`), made when
+    /// its first disk starts.
+    throttle: std::sync::OnceLock<Option<Arc<crate::throttle::Throttle>>>,
 }
 
 impl Job {
@@ -634,7 +637,15 @@ impl Job {
             state: Mutex::new(JobState::running(Phase::Snapshotting)),
             disks,
             started: std::time::Instant::now(),
+            throttle: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The copy options for one of its disks: `copy` with the job's own flow of the bandwidth
+    /// limit, so that jobs share the limit fairly however many disks each copies at once.
+    fn copy_options(&self, copy: &CopyOptions) -> CopyOptions {
+        let throttle = self.throttle.get_or_init(|| copy.throttle.as_ref().map(|node| Arc::new(node.flow())));
+        CopyOptions { throttle: throttle.clone(), ..copy.clone() }
     }
 }
 

@@ -155,7 +155,7 @@ impl Jobs {
             format!("disk {}: {e}", dj.key)
         };
         let settings = self.settings();
-        let opts = &settings.copy;
+        let opts = &job.copy_options(&settings.copy);
         let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
             .await
             .map_err(fail)?;
@@ -273,6 +273,7 @@ impl Job {
             state: Mutex::new(JobState::running(Phase::Copying)),
             disks,
             started: std::time::Instant::now(),
+            throttle: std::sync::OnceLock::new(),
         }
     }
 }
