@@ -82,6 +82,16 @@ impl Throttle {
         self.bucket.rate
     }
 
+    /// Whether `other` draws on the same bucket.
+    pub fn same_bucket(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.bucket, &other.bucket)
+    }
+
+    /// Whether `other` is the same flow of the same bucket.
+    pub fn same_flow(&self, other: &Self) -> bool {
+        self.same_bucket(other) && self.flow == other.flow
+    }
+
     /// Take `bytes`, waiting for this flow's turn and for the bucket to allow them.
     pub async fn acquire(&self, bytes: u64) {
         let bucket = &*self.bucket;

@@ -717,3 +717,33 @@ enum RunError {
     /// Paused by a stopping node, to go on at its next start (`handover`).
     Paused,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::throttle::Throttle;
+
+    fn job(id: &str) -> Job {
+        let req = StartRequest {
+            vm_name: "vm".into(),
+            nbd_host: None,
+            nbd_targets: String::new(),
+            job_id: id.into(),
+            backup_type: BackupType::Full,
+        };
+        Job::copy(req, JobKind::Backup, Vec::new())
+    }
+
+    #[test]
+    fn a_job_draws_on_the_node_limit_through_one_flow_for_all_its_disks() {
+        let node = CopyOptions { throttle: Some(Arc::new(Throttle::new(1 << 20))), ..CopyOptions::default() };
+        let (a, b) = (job("a"), job("b"));
+        let flow = |o: CopyOptions| o.throttle.expect("a limit");
+        let (a1, a2, b1) = (flow(a.copy_options(&node)), flow(a.copy_options(&node)), flow(b.copy_options(&node)));
+        assert!(Arc::ptr_eq(&a1, &a2), "the disks of one job share its flow");
+        let bucket = node.throttle.as_ref().expect("a limit");
+        assert!(a1.same_bucket(bucket) && b1.same_bucket(bucket), "every job draws on the node's bucket");
+        assert!(!a1.same_flow(&b1) && !a1.same_flow(bucket), "each job is a flow of its own");
+        assert!(job("c").copy_options(&CopyOptions::default()).throttle.is_none(), "no limit, no flow");
+    }
+}
