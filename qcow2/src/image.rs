@@ -36,7 +36,8 @@ pub(crate) use read::read_or_zero;
 /// reading one, through 255 at 0.61x (1.7x and 8.6x qemu-nbd's speed there;
 /// `benches/scripts/chain-depth.sh`).
 pub const MAX_BACKING_DEPTH: usize = 255;
-/// Default bytes of L2 tables kept in memory per image.
+/// Default bytes of L2 tables kept in memory for an image (and as much for its backing chain):
+/// covers 256 GiB of disk with 64 KiB clusters.
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// How to open an image.
@@ -45,7 +46,8 @@ pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 pub struct ImageOptions {
     /// Open for writing (backing images are always read-only).
     pub writable: bool,
-    /// Bytes of L2 tables to cache.
+    /// Bytes of L2 tables to cache for the image; its backing images share as much again (each
+    /// keeps at least four tables), so a chain holds at most twice this however deep it is.
     pub l2_cache_bytes: u64,
     /// Guess a backing file's format from its first bytes when the image does not record it
     /// (qemu-img's old behaviour, the default). A service opening images it did not make itself

@@ -70,6 +70,12 @@ impl L2Cache {
         Self { tables: HashMap::new(), tick: 0, capacity: capacity.max(1), evictions: 0 }
     }
 
+    /// How many tables it keeps at most.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// The table at `offset` if cached, or the [`Miss`] to hand to [`L2Cache::loaded`] with
     /// the table read from the file.
     pub(crate) fn lookup(&mut self, offset: u64) -> Result<Arc<L2Table>, Miss> {

@@ -70,8 +70,8 @@ pub const MAX_CHAIN: usize = qcow2::image::MAX_BACKING_DEPTH + 1;
 /// any usual retention (`keep_daily = 14` with 8 weeks, 12 months and 3 years is 37) kept
 /// incremental forever. Not the most there is room for: every image of a chain costs a restore
 /// or a verification (read through 64 layers at 0.88x of one, through 255 at 0.61x:
-/// `benches/scripts/chain-depth.sh`), an export a descriptor and an L2 cache of its own, and every
-/// backup of a chain depends on its full one.
+/// `benches/scripts/chain-depth.sh`), an export a descriptor per image, and every backup of a
+/// chain depends on its full one.
 pub const DEFAULT_MAX_CHAIN: usize = 64;
 
 /// Images in `backup`'s chain: it and its parents, as far as `history` holds them.

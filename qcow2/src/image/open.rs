@@ -54,6 +54,13 @@ impl Image {
                 }
             }
         }
+        // The backing images share one budget as large as the top image's own: a chain's L2
+        // tables in memory stay within twice `l2_cache_bytes` however deep it is (64 layers of a
+        // disk whose every 512 MiB changed in each had held 64 times the top's share).
+        let share = opts.l2_cache_bytes / under.len().max(1) as u64;
+        for image in &mut under {
+            image.l2_cache = Mutex::new(L2Cache::new(l2_cache_capacity(share, image.geo.cluster_size())));
+        }
         let mut backing = bottom;
         while let Some(mut image) = under.pop() {
             image.backing = backing;
@@ -146,7 +153,7 @@ impl Image {
                 Some((base, format))
             }
         };
-        let capacity = (opts.l2_cache_bytes / geo.cluster_size()).max(4) as usize;
+        let capacity = l2_cache_capacity(opts.l2_cache_bytes, geo.cluster_size());
         let image = Self {
             file: Arc::new(file),
             path: path.to_path_buf(),
@@ -217,6 +224,12 @@ impl Image {
     }
 }
 
+/// L2 tables (one cluster each) kept in `bytes`, at least four: a sequential read needs one per
+/// image of a chain at a time, a copy-on-write two.
+fn l2_cache_capacity(bytes: u64, cluster_size: u64) -> usize {
+    usize::try_from(bytes / cluster_size.max(1)).unwrap_or(usize::MAX).max(4)
+}
+
 /// `base` (symlinks resolved) must lie inside `dir`.
 fn confine(base: &Path, dir: &Path) -> Result<()> {
     let outside = || Error::Unsupported(format!("backing file {} lies outside {}", base.display(), dir.display()));
@@ -243,4 +256,48 @@ fn probe_format(path: &Path) -> Result<BackingFormat> {
     let mut magic = [0u8; 4];
     read_or_zero(&f, &mut magic, 0)?;
     Ok(if u32::from_be_bytes(magic) == header::MAGIC { BackingFormat::Qcow2 } else { BackingFormat::Raw })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, Mapping};
+
+    /// Each image's L2 cache capacity, top first.
+    fn capacities(top: &Image) -> Vec<usize> {
+        let mut out = vec![top.l2_cache().capacity()];
+        let mut below = top.backing.as_ref();
+        while let Some(Backing::Qcow2(image)) = below {
+            out.push(image.l2_cache().capacity());
+            below = image.backing.as_ref();
+        }
+        out
+    }
+
+    #[test]
+    fn the_backing_images_share_one_budget_as_large_as_the_top_image_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |i: usize| dir.path().join(format!("c{i}.qcow2"));
+        Image::create(name(0), &CreateOptions::new(1 << 30)).unwrap();
+        for i in 1..=20 {
+            let below = format!("c{}.qcow2", i - 1);
+            Image::create(name(i), &CreateOptions::overlay(below, BackingFormat::Qcow2)).unwrap();
+        }
+        let cluster = 64 << 10;
+        // 200 tables for the top; 200 shared by 20 backing images: 10 each.
+        let top =
+            Image::open_with(name(20), &ImageOptions { l2_cache_bytes: 200 * cluster, ..Default::default() }).unwrap();
+        let got = capacities(&top);
+        assert_eq!((got.len(), got[0]), (21, 200));
+        assert!(got[1..].iter().all(|&c| c == 10), "{got:?}");
+        // However small the share, each keeps four (a sequential reader needs one at a time).
+        let small =
+            Image::open_with(name(20), &ImageOptions { l2_cache_bytes: 8 * cluster, ..Default::default() }).unwrap();
+        assert_eq!(capacities(&small), [8].into_iter().chain([4; 20]).collect::<Vec<_>>());
+        // And the chain still reads through them all.
+        assert_eq!(small.mapping_at(0).unwrap().0, Mapping::Unallocated);
+        let mut buf = vec![1u8; 4096];
+        small.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
 }
