@@ -693,3 +693,71 @@ async fn a_replica_run_cut_by_a_killed_node_is_followed_by_every_block_even_with
     export.close().await;
     assert_same(&image, &replica);
 }
+
+/// Two VMs backed up at once under one `bandwidth_limit`: one copies four disks at once (16
+/// requests in flight), the other one disk (4). The limit is the node's, shared by jobs, not by
+/// workers: the one-disk VM's 8 MiB of data go at half the limit, and the four-disk VM has sent
+/// about as much when it is done (by workers, as the bucket before shared it, the four-disk VM
+/// would have sent its 32 MiB first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_under_one_bandwidth_limit_share_it_equally_whatever_their_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disk = |name: &str| d.join(format!("{name}.raw"));
+    let mut config = format!(
+        "state_dir = \"{}\"\n[copy]\nbandwidth_limit = \"8M\"\nconnections = 2\ndepth = 2\nparallel_disks = 4\n",
+        d.join("state").display()
+    );
+    config += &format!("[[vm]]\nname = \"narrow\"\n[[vm.disk]]\nkey = 2000\nsource = \"{}\"\n", disk("n0").display());
+    config += "[[vm]]\nname = \"wide\"\n";
+    for i in 0..4 {
+        config += &format!("[[vm.disk]]\nkey = {}\nsource = \"{}\"\n", 2000 + i, disk(&format!("w{i}")).display());
+    }
+    // 32 MiB disks holding 8 MiB of data each.
+    make_source(&disk("n0"), 32, 1);
+    for i in 0..4 {
+        make_source(&disk(&format!("w{i}")), 32, 10 + i);
+    }
+    let node = NodeProcess::start(d, &config, &[]);
+    let client = NodeClient::new(node.url(), None).unwrap();
+    // (source, image, export name, disk key) of every disk of both VMs.
+    let mut disks = vec![(disk("n0"), d.join("narrow-0.qcow2"), "narrow-disk0".to_string(), 2000u32)];
+    for i in 0..4u32 {
+        disks.push((disk(&format!("w{i}")), d.join(format!("wide-{i}.qcow2")), format!("wide-disk{i}"), 2000 + i));
+    }
+    let (mut served, mut open) = (Vec::new(), Vec::new());
+    for (_, image, name, key) in &disks {
+        new_qcow2(image, 32 * MIB);
+        let export = HubExport::start(image, name).await;
+        open.push((export.target(*key), name.clone()));
+        served.push(export);
+    }
+    let joined =
+        |vm: &str| open.iter().filter(|(_, n)| n.starts_with(vm)).map(|(t, _)| t.clone()).collect::<Vec<_>>().join(",");
+    client.start_backup(&start("wide", joined("wide"), "w", BackupType::Full)).await.unwrap();
+    client.start_backup(&start("narrow", joined("narrow"), "n", BackupType::Full)).await.unwrap();
+    let sent = |v: &node::api::JobView| v.disks.iter().map(|d| d.bytes_sent).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wide_when_narrow_done = loop {
+        let (n, w) = (client.job("n").await.unwrap(), client.job("w").await.unwrap());
+        if n.status.is_final() {
+            assert_eq!(n.status, JobStatus::Completed, "{n:?}");
+            break sent(&w);
+        }
+        assert!(Instant::now() < deadline, "{n:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        wide_when_narrow_done <= 14 * MIB,
+        "the four-disk VM had sent {} MiB when the one-disk VM's 8 MiB were through",
+        wide_when_narrow_done / MIB
+    );
+    let w = wait_job(&client, "w").await;
+    assert_eq!((w.status, sent(&w)), (JobStatus::Completed, 32 * MIB), "{w:?}");
+    for export in served {
+        export.close().await;
+    }
+    for (source, image, _, _) in &disks {
+        assert_same(source, image);
+    }
+}
