@@ -31,6 +31,9 @@ pub struct HubFile {
     pub token_file: Option<PathBuf>,
     /// Seconds without progress before a job fails.
     pub stall_timeout_s: Option<u64>,
+    /// Seconds a node that cannot be reached (its host rebooting) may take to come back before
+    /// its runs fail.
+    pub unreachable_timeout_s: Option<u64>,
     /// Seconds a restore export may stay without clients.
     pub restore_idle_s: Option<u64>,
     /// `qcow2` (default) or `raw` for replica images.
@@ -139,6 +142,8 @@ pub struct Settings {
     pub ssh: Option<SshFile>,
     /// Fail a job after this long without progress.
     pub stall_timeout: Duration,
+    /// Fail a job after its node was unreachable this long (at least `stall_timeout`).
+    pub unreachable_timeout: Duration,
     /// Close a restore after this long without clients.
     pub restore_idle: Duration,
     /// Replica images as raw files instead of qcow2.

@@ -243,6 +243,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             authorized_keys: dir.join("authorized_keys"),
         }),
         stall_timeout: Duration::from_secs(60),
+        unreachable_timeout: Duration::from_secs(crate::jobs::DEFAULT_UNREACHABLE_TIMEOUT_S),
         restore_idle: Duration::from_secs(600),
         replica_raw: false,
         direct_io: false,

@@ -175,6 +175,9 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         token,
         ssh,
         stall_timeout: Duration::from_secs(file.stall_timeout_s.unwrap_or(120).max(5)),
+        unreachable_timeout: Duration::from_secs(
+            file.unreachable_timeout_s.unwrap_or(hub::jobs::DEFAULT_UNREACHABLE_TIMEOUT_S).max(5),
+        ),
         restore_idle: Duration::from_secs(file.restore_idle_s.unwrap_or(3600).max(10)),
         replica_raw: file
             .replica_format
@@ -245,8 +248,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let reaper = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {
-            // Node jobs of runs a killed predecessor left behind: cancelled as soon as their
-            // node answers (a node behind a tunnel comes back when its tunnel reconnects).
+            // Node jobs of runs a killed predecessor left behind, or that failed while their node
+            // was out of reach: cancelled as soon as their node answers (a node behind a tunnel
+            // comes back when its tunnel reconnects).
             let mut tick = 0u64;
             loop {
                 if hub.has_orphans() {

@@ -55,7 +55,11 @@ impl Hub {
             }
             match client.job(&job.id).await {
                 Ok(view) => {
-                    unreachable_since = None;
+                    if unreachable_since.take().is_some() {
+                        // Back (its host rebooted, its node took the run up): a stall counts
+                        // from now, not from before it went away.
+                        last_progress.1 = Instant::now();
+                    }
                     let done: u64 = view
                         .disks
                         .iter()
@@ -110,8 +114,12 @@ impl Hub {
                 }
                 Err(e) => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > patience {
-                        break Err((Status::Failed, format!("node unreachable for {} s: {e}", patience.as_secs())));
+                    let wait = patience.max(self.live().unreachable_timeout);
+                    if since.elapsed() > wait {
+                        // Its node may come back and take the job up, into exports closed now:
+                        // cancelled then (the reaper), or the VM's next run would find it busy.
+                        self.state().orphans.push((job.vm.clone(), job.id.clone()));
+                        break Err((Status::Failed, format!("node unreachable for {} s: {e}", wait.as_secs())));
                     }
                 }
             }

@@ -64,6 +64,11 @@ pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
 
 /// How often the node's job is polled.
 const POLL: Duration = Duration::from_millis(100);
+/// How long a run waits for a node it cannot reach (`unreachable_timeout_s`) unless configured:
+/// a host that reboots (a kernel update, firmware included) comes back within it, and its node
+/// takes the run up from its last checkpoint. A node that answers but makes no progress fails
+/// the run after `stall_timeout_s`, as before.
+pub const DEFAULT_UNREACHABLE_TIMEOUT_S: u64 = 900;
 /// How often a job is polled once its node has done 90% of it: the end of a short job (an
 /// incremental takes a fraction of a second) is noticed within tens of milliseconds.
 const POLL_FINISHING: Duration = Duration::from_millis(20);
@@ -134,8 +139,9 @@ struct State {
     /// Restores a killed hub left running on nodes, as (node, id): cancelled there when the
     /// node answers.
     lost_restores: Vec<(String, String)>,
-    /// Runs a killed hub left behind, as (VM, job id): their node jobs are cancelled before
-    /// the VM's next run, and in the background from the start.
+    /// Runs a killed hub left behind, and runs failed while their node was out of reach, as
+    /// (VM, job id): their node jobs are cancelled before the VM's next run, and in the
+    /// background as soon as their node answers.
     orphans: Vec<(String, String)>,
     /// Backups something in progress needs, by holder (a run's, restore's or verify's id): the
     /// backup and why. Such a backup is not deleted (409) until its holder is done with it: an
@@ -375,6 +381,7 @@ mod tests {
             token: String::new(),
             ssh: None,
             stall_timeout: Duration::from_secs(60),
+            unreachable_timeout: Duration::from_secs(DEFAULT_UNREACHABLE_TIMEOUT_S),
             restore_idle: Duration::from_secs(600),
             replica_raw: false,
             direct_io: false,

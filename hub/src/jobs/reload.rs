@@ -3,7 +3,8 @@
 //! would cancel every backup under way.
 //!
 //! What is taken up is what the hub reads as it goes ([`Live`]): the schedules, the retention
-//! (`keep_*`), `verify_every_days`, `compress`, `stall_timeout_s` and `max_chain` (for jobs started afterwards)
+//! (`keep_*`), `verify_every_days`, `compress`, `stall_timeout_s` and `max_chain` (for jobs started afterwards),
+//! `unreachable_timeout_s`
 //! and `restore_idle_s`. What the hub built at start (its listeners, the repository and replica
 //! directories, the nodes and their clients, the SSH endpoint, the export options) is not: a
 //! reload that changes one of those applies the rest, names them in its log line and in
@@ -40,6 +41,9 @@ pub struct Live {
     pub verify_every: Option<Duration>,
     /// A job without progress for this long fails (`stall_timeout_s`), read when a job starts.
     pub stall_timeout: Duration,
+    /// A job whose node cannot be reached for this long fails (`unreachable_timeout_s`), read
+    /// while it waits.
+    pub unreachable_timeout: Duration,
     /// A restore without clients for this long is closed (`restore_idle_s`).
     pub restore_idle: Duration,
     /// Completed backups rewritten compressed (`compress`).
@@ -57,6 +61,7 @@ impl Live {
             retention: settings.retention,
             verify_every: settings.verify_every,
             stall_timeout: settings.stall_timeout,
+            unreachable_timeout: settings.unreachable_timeout,
             restore_idle: settings.restore_idle,
             compress: settings.compress,
             max_chain: settings.max_chain,
@@ -70,6 +75,7 @@ impl Live {
             ("keep_*", self.retention != other.retention),
             ("verify_every_days", self.verify_every != other.verify_every),
             ("stall_timeout_s", self.stall_timeout != other.stall_timeout),
+            ("unreachable_timeout_s", self.unreachable_timeout != other.unreachable_timeout),
             ("restore_idle_s", self.restore_idle != other.restore_idle),
             ("compress", self.compress != other.compress),
             ("max_chain", self.max_chain != other.max_chain),

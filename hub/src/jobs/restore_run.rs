@@ -229,7 +229,7 @@ impl Hub {
     }
 
     /// Poll the node's job until it ends, the restore is closed here, or the node stays
-    /// unreachable for `stall_timeout`.
+    /// unreachable for `unreachable_timeout`.
     pub(super) async fn follow_restore(&self, r: Arc<Restore>, client: node::api::NodeClient) {
         let Some(run) = r.run.as_ref() else { return };
         let mut unreachable_since: Option<Instant> = None;
@@ -253,10 +253,12 @@ impl Hub {
                     break (JobStatus::Failed, Some("the node no longer knows this restore (it was restarted)".into()));
                 }
                 Err(e) => {
-                    let stall: Duration = self.live().stall_timeout.max(patience.unwrap_or_default());
-                    if unreachable_since.get_or_insert_with(Instant::now).elapsed() > stall {
+                    let live = self.live();
+                    let wait: Duration =
+                        live.stall_timeout.max(live.unreachable_timeout).max(patience.unwrap_or_default());
+                    if unreachable_since.get_or_insert_with(Instant::now).elapsed() > wait {
                         let _ = client.cancel(&r.id).await;
-                        break (JobStatus::Failed, Some(format!("node unreachable for {} s: {e}", stall.as_secs())));
+                        break (JobStatus::Failed, Some(format!("node unreachable for {} s: {e}", wait.as_secs())));
                     }
                 }
             }

@@ -283,3 +283,76 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     let (_, metrics) = site.node("GET", "/metrics", None).await;
     assert!(metrics.as_str().unwrap().contains("sendense_node_jobs_taken_up{result=\"dropped\"} 1"), "{metrics}");
 }
+
+/// Replace `old` in the hub's configuration by `new` and wait until a reload took the file up.
+async fn reload_hub(site: &Site, old: &str, new: &str) {
+    let loaded = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("sendense_hub_config_last_reload_success_timestamp_seconds "))
+            .map(str::to_string)
+    };
+    let (_, before) = site.hub("GET", "/metrics", None).await;
+    let before = loaded(before.as_str().unwrap());
+    let text = std::fs::read_to_string(site.hub_config()).unwrap();
+    assert!(text.contains(old), "{text}");
+    std::fs::write(site.hub_config(), text.replacen(old, new, 1)).unwrap();
+    site.signal_hub("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, m) = site.hub("GET", "/metrics", None).await;
+        let m = m.as_str().unwrap();
+        if loaded(m) != before {
+            assert!(m.contains("sendense_hub_config_last_reload_successful 1"), "{m}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A node whose host is down for longer than the hub's `stall_timeout_s` (a reboot): the hub
+/// waits up to `unreachable_timeout_s` for it, and the node, started again, takes the backup up
+/// from its last checkpoint. With `unreachable_timeout_s` no longer than the stall the run fails
+/// as before, and the job the node takes up into the closed exports is cancelled as soon as the
+/// node answers: the VM's next backup is not refused as busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_longer_than_a_stall_is_waited_for_and_takes_its_backup_up() {
+    let copy = "bandwidth_limit = \"8M\"\nparallel_disks = 1\ncheckpoint_every_s = 1";
+    let mut site =
+        Site::start(Transport::Direct, &[Vm("vm-a", &[64, 8])], 8, Options { copy, ..Options::default() }).await;
+    reload_hub(&site, "stall_timeout_s = 20\n", "stall_timeout_s = 5\nunreachable_timeout_s = 60\n").await;
+
+    let id = site.start_backup("vm-a", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    site.wait_progress(&path, 8 * MIB).await;
+    let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
+    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    site.kill_node();
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let (_, v) = site.hub("GET", &path, None).await;
+    assert_eq!(v["status"], "running", "down 8 s, past the 5 s stall: still waited for: {v}");
+    site.start_node();
+    assert_backup_taken_up_and_completed(&site, &path, &id, 4 * MIB).await;
+
+    // The old behaviour, by configuration: out of reach for as long as a stall fails the run.
+    reload_hub(&site, "unreachable_timeout_s = 60\n", "unreachable_timeout_s = 5\n").await;
+    let id = site.start_backup("vm-a", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    site.wait_progress(&path, 8 * MIB).await;
+    let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
+    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    site.kill_node();
+    let failed = site.wait(&path).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap_or_default().contains("node unreachable for 5 s"), "{failed}");
+    site.start_node();
+    site.wait_node_reachable().await;
+    // The node took the job up from its checkpoint; the hub cancels it (its exports are gone).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node_job(&site, &id).await["status"] == "running" {
+        assert!(std::time::Instant::now() < deadline, "the node still runs a job the hub failed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let next = site.backup("vm-a", "full").await;
+    site.assert_backup_equals_sources("vm-a", &next, 2);
+}
