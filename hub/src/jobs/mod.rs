@@ -136,8 +136,8 @@ struct State {
     finished_restores: std::collections::VecDeque<RestoreView>,
     /// Restores the hub drives on a node now, by id: their node (kept in the repository).
     driven: BTreeMap<String, String>,
-    /// Restores a killed hub left running on nodes, as (node, id): cancelled there when the
-    /// node answers.
+    /// Restores a killed hub left running on nodes, and restores failed while their node was out
+    /// of reach, as (node, id): cancelled there when the node answers.
     lost_restores: Vec<(String, String)>,
     /// Runs a killed hub left behind, and runs failed while their node was out of reach, as
     /// (VM, job id): their node jobs are cancelled before the VM's next run, and in the

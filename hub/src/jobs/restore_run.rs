@@ -257,7 +257,11 @@ impl Hub {
                     let wait: Duration =
                         live.stall_timeout.max(live.unreachable_timeout).max(patience.unwrap_or_default());
                     if unreachable_since.get_or_insert_with(Instant::now).elapsed() > wait {
-                        let _ = client.cancel(&r.id).await;
+                        if client.cancel(&r.id).await.is_err() {
+                            // Its node may come back and take the restore up, from exports closed
+                            // now, holding its destination: cancelled then (the reaper).
+                            self.state().lost_restores.push((r.node.clone(), r.id.clone()));
+                        }
                         break (JobStatus::Failed, Some(format!("node unreachable for {} s: {e}", wait.as_secs())));
                     }
                 }

@@ -355,4 +355,27 @@ async fn a_node_down_longer_than_a_stall_is_waited_for_and_takes_its_backup_up()
     }
     let next = site.backup("vm-a", "full").await;
     site.assert_backup_equals_sources("vm-a", &next, 2);
+
+    // A restore the hub drives, its node killed the same way: failed, and the restore the started
+    // node takes up is cancelled there too (its destination left as it was).
+    let (rid, dest0, _) = restore_under_way(&site, &next).await;
+    let map = site.path().join(format!("node-state/.restore-maps/{rid}-disk-2000.map"));
+    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    site.kill_node();
+    let failed = crate::wait_restore(&site, &rid).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    site.start_node();
+    site.wait_node_reachable().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node_job(&site, &rid).await["status"] == "running" {
+        assert!(std::time::Instant::now() < deadline, "the node still runs a restore the hub failed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(std::fs::read(&dest0).unwrap(), b"the disk before", "the destination as it was");
+    let beside = dest0.with_file_name(".vm-a-0.qcow2.restoring");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while beside.exists() {
+        assert!(std::time::Instant::now() < deadline, "left beside it: {:?}", node_job(&site, &rid).await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -154,14 +154,28 @@ impl Jobs {
             );
             format!("disk {}: {e}", dj.key)
         };
+        // A restore taken up that ends before its copy goes on (the hub's exports gone, the job
+        // cancelled meanwhile, a VM started on the disk) removes the file it had begun beside the
+        // destination: nothing will go on with it.
+        let resuming = resume.is_some();
+        let give_up = |e: MoveError| {
+            if resuming {
+                if let Some(beside) = Replacement::beside_of(dest) {
+                    let _ = std::fs::remove_file(beside);
+                }
+            }
+            fail(e)
+        };
         let settings = self.settings();
         let opts = &job.copy_options(&settings.copy);
-        let source = Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone())
-            .await
-            .map_err(fail)?;
+        let source =
+            match Source::open_nbd(endpoint, None, opts.connections, opts.retry_window, job.cancel.clone()).await {
+                Ok(source) => source,
+                Err(e) => return Err(give_up(e)),
+            };
         if let Some(why) = written_by_a_vm(dest) {
             source.close().await;
-            return Err(fail(MoveError::Mismatch(why)));
+            return Err(give_up(MoveError::Mismatch(why)));
         }
         let made = match (format, resume) {
             (DiskFormat::Raw, None) => FileSink::create(dest, source.size()).map(|(s, zeroed)| {
@@ -178,7 +192,7 @@ impl Jobs {
             Ok(made) => made,
             Err(e) => {
                 source.close().await;
-                return Err(fail(e));
+                return Err(give_up(e));
             }
         };
         let source = Arc::new(source);
