@@ -129,6 +129,26 @@ async fn wait_checkpoint(site: &Site, map: &Path, after: std::time::SystemTime) 
     }
 }
 
+/// A full backup of `vm-a` started and under way until a checkpoint after 8 MiB names it: its id
+/// and its hub path.
+async fn backup_checkpointed(site: &Site) -> (String, String) {
+    let id = site.start_backup("vm-a", "full").await;
+    let path = format!("/api/v1/backups/{id}");
+    site.wait_progress(&path, 8 * MIB).await;
+    let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
+    wait_checkpoint(site, &map, std::time::SystemTime::now()).await;
+    (id, path)
+}
+
+/// Until the node's job `id` (which the hub failed) is no longer running there.
+async fn wait_node_let_go(site: &Site, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while node_job(site, id).await["status"] == "running" {
+        assert!(std::time::Instant::now() < deadline, "the node still runs {id}, which the hub failed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_and_a_restore_go_on_from_their_checkpoint_after_the_node_is_killed() {
     let copy = "bandwidth_limit = \"8M\"\nparallel_disks = 1\ncheckpoint_every_s = 1";
@@ -141,11 +161,8 @@ async fn a_backup_and_a_restore_go_on_from_their_checkpoint_after_the_node_is_ki
     let record = site.path().join("node-state/.jobs-handed-over.json");
 
     // A full backup, killed once a checkpoint was taken after 8 MiB had been sent.
-    let id = site.start_backup("vm-a", "full").await;
-    let path = format!("/api/v1/backups/{id}");
-    site.wait_progress(&path, 8 * MIB).await;
+    let (id, path) = backup_checkpointed(&site).await;
     let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
-    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
     let (_, metrics) = site.node("GET", "/metrics", None).await;
     let metrics = metrics.as_str().unwrap().to_string();
     assert!(metrics.contains("sendense_node_checkpoints_total{result=\"failed\"} 0"), "{metrics}");
@@ -322,11 +339,7 @@ async fn a_node_down_longer_than_a_stall_is_waited_for_and_takes_its_backup_up()
         Site::start(Transport::Direct, &[Vm("vm-a", &[64, 8])], 8, Options { copy, ..Options::default() }).await;
     reload_hub(&site, "stall_timeout_s = 20\n", "stall_timeout_s = 5\nunreachable_timeout_s = 60\n").await;
 
-    let id = site.start_backup("vm-a", "full").await;
-    let path = format!("/api/v1/backups/{id}");
-    site.wait_progress(&path, 8 * MIB).await;
-    let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
-    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    let (id, path) = backup_checkpointed(&site).await;
     site.kill_node();
     tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     let (_, v) = site.hub("GET", &path, None).await;
@@ -336,11 +349,7 @@ async fn a_node_down_longer_than_a_stall_is_waited_for_and_takes_its_backup_up()
 
     // The old behaviour, by configuration: out of reach for as long as a stall fails the run.
     reload_hub(&site, "unreachable_timeout_s = 60\n", "unreachable_timeout_s = 5\n").await;
-    let id = site.start_backup("vm-a", "full").await;
-    let path = format!("/api/v1/backups/{id}");
-    site.wait_progress(&path, 8 * MIB).await;
-    let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
-    wait_checkpoint(&site, &map, std::time::SystemTime::now()).await;
+    let (id, path) = backup_checkpointed(&site).await;
     site.kill_node();
     let failed = site.wait(&path).await;
     assert_eq!(failed["status"], "failed", "{failed}");
@@ -348,11 +357,7 @@ async fn a_node_down_longer_than_a_stall_is_waited_for_and_takes_its_backup_up()
     site.start_node();
     site.wait_node_reachable().await;
     // The node took the job up from its checkpoint; the hub cancels it (its exports are gone).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while node_job(&site, &id).await["status"] == "running" {
-        assert!(std::time::Instant::now() < deadline, "the node still runs a job the hub failed");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_node_let_go(&site, &id).await;
     let next = site.backup("vm-a", "full").await;
     site.assert_backup_equals_sources("vm-a", &next, 2);
 
@@ -366,11 +371,7 @@ async fn a_node_down_longer_than_a_stall_is_waited_for_and_takes_its_backup_up()
     assert_eq!(failed["status"], "failed", "{failed}");
     site.start_node();
     site.wait_node_reachable().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while node_job(&site, &rid).await["status"] == "running" {
-        assert!(std::time::Instant::now() < deadline, "the node still runs a restore the hub failed");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_node_let_go(&site, &rid).await;
     assert_eq!(std::fs::read(&dest0).unwrap(), b"the disk before", "the destination as it was");
     let beside = dest0.with_file_name(".vm-a-0.qcow2.restoring");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
