@@ -121,6 +121,9 @@ impl Throttle {
                 }
             };
             match next {
+                // Nothing owed: no timer (a zero sleep still waits for the timer's next tick,
+                // up to a millisecond per request under a high limit).
+                Next::Served(owed) if owed.is_zero() => return,
                 Next::Served(owed) => return tokio::time::sleep(owed).await,
                 // First in line: until the bucket has paid for the requests served (a request
                 // with an earlier tag that arrives meanwhile takes the place, and this one then
