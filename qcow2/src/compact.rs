@@ -33,7 +33,7 @@ use std::path::Path;
 use crate::create::CreateOptions;
 use crate::error::{Error, Result};
 use crate::header::{Compression, Header};
-use crate::image::{BackingFormat, ExtentKind, Image};
+use crate::image::{BackingFormat, ExtentKind, Image, MapExtent};
 use crate::layout;
 
 /// zstd level: qemu's (the library's default). Level 1 is a quarter faster here and stores a
@@ -49,7 +49,8 @@ const ZERO_FLAG: u64 = 1;
 pub struct CompactReport {
     /// Data clusters stored compressed.
     pub compressed_clusters: u64,
-    /// Data clusters stored as they were (compression would have saved less than a sector).
+    /// Data clusters stored as they were (not compressing, or compression would have saved less
+    /// than a sector).
     pub stored_clusters: u64,
     /// Clusters the original stored zstd-compressed already, copied as they were.
     pub copied_clusters: u64,
@@ -71,7 +72,30 @@ pub struct CompactReport {
 /// an external data file, a size not a whole number of sectors), or I/O. A partial `dst` is removed.
 pub fn compact(src: &Image, dst: &Path, mode: u32) -> Result<CompactReport> {
     let h = src.header();
-    let unsupported = |what: &str| Err(Error::Unsupported(format!("compacting an image with {what}")));
+    rewritable(src)?;
+    let backing = match (&h.backing_file, h.backing_format().as_deref()) {
+        (None, _) => None,
+        (Some(name), Some("qcow2")) => Some((name.clone(), BackingFormat::Qcow2)),
+        (Some(name), Some("raw")) => Some((name.clone(), BackingFormat::Raw)),
+        (Some(_), _) => {
+            return Err(Error::Unsupported("compacting an image with a backing file of no recorded format".into()))
+        }
+    };
+    let opts = new_image(src, mode, true).backing(backing);
+    Image::create_file(dst, &opts)?;
+    let written = write_layer(src, dst);
+    if written.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    written
+}
+
+/// Refuse an image whose rewrite would lose or change something besides its clusters' layout:
+/// version 2 metadata, extended L2 entries, internal snapshots, bitmaps, an external data file,
+/// a size not a whole number of sectors.
+pub(crate) fn rewritable(src: &Image) -> Result<()> {
+    let h = src.header();
+    let unsupported = |what: &str| Err(Error::Unsupported(format!("rewriting an image with {what}")));
     if h.version != 3 {
         return unsupported("version 2 metadata");
     }
@@ -88,100 +112,116 @@ pub fn compact(src: &Image, dst: &Path, mode: u32) -> Result<CompactReport> {
     if h.autoclear_features != 0 || h.incompatible_features & crate::header::incompatible::EXTERNAL_DATA != 0 {
         return unsupported("bitmaps or an external data file");
     }
-    let backing = match (&h.backing_file, h.backing_format().as_deref()) {
-        (None, _) => None,
-        (Some(name), Some("qcow2")) => Some((name.clone(), BackingFormat::Qcow2)),
-        (Some(name), Some("raw")) => Some((name.clone(), BackingFormat::Raw)),
-        (Some(_), _) => return unsupported("a backing file of no recorded format"),
-    };
+    Ok(())
+}
+
+/// The options of a rewritten copy of `src`: its size and cluster size, no backing file yet,
+/// permission bits `mode`, zstd as its compression type when it will hold compressed clusters.
+pub(crate) fn new_image(src: &Image, mode: u32, compressed: bool) -> CreateOptions {
+    let h = src.header();
     let opts = CreateOptions::new(src.size())
         .cluster_bits(h.cluster_bits)
         // At least 16 bits: a host cluster holds the bytes of many compressed clusters.
         .refcount_order(h.refcount_order.max(4))
-        .backing(backing)
-        .mode(mode)
-        .compression(Compression::Zstd);
-    Image::create_file(dst, &opts)?;
-    let written = write_layer(src, dst);
-    if written.is_err() {
-        let _ = std::fs::remove_file(dst);
+        .mode(mode);
+    if compressed {
+        opts.compression(Compression::Zstd)
+    } else {
+        opts
     }
-    written
 }
 
-fn write_layer(src: &Image, dst: &Path) -> Result<CompactReport> {
+/// Fill the fresh image at `dst` (made by the caller for `src`'s copy): `fill` stores clusters
+/// through the image's [`Layer`], given a read buffer of whole clusters (at least one) and the
+/// report; then its tables are written, its refcounts counted from them and the header switched
+/// to them, and the report's `bytes_after` filled in.
+pub(crate) fn fill_new(
+    src: &Image,
+    dst: &Path,
+    compress: bool,
+    fill: impl FnOnce(&mut Layer<'_>, &mut [u8], &mut CompactReport) -> Result<()>,
+) -> Result<CompactReport> {
+    let cs = src.cluster_size();
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(dst)
         .map_err(|source| Error::Open { path: dst.to_path_buf(), source })?;
-    let cs = src.cluster_size();
     let mut head = vec![0u8; usize::try_from(cs).unwrap_or(usize::MAX)];
     file.read_exact_at(&mut head, 0).map_err(Error::io("read header", 0))?;
     let mut header = Header::parse(&head)?;
     let end = file.metadata().map_err(Error::io("stat", 0))?.len().div_ceil(cs) * cs;
-    let mut out = Layer::new(&file, &header, end);
+    let mut out = Layer::new(&file, &header, end, compress);
     let mut report = CompactReport {
         bytes_before: std::fs::metadata(src.path()).map_err(Error::io("stat", 0))?.len(),
         ..CompactReport::default()
     };
-    let chunk_len = READ_CHUNK.max(cs);
-    let mut chunk = vec![0u8; usize::try_from(chunk_len).unwrap_or(usize::MAX)];
-    let size = src.size();
-    for extent in src.map(0, size)?.into_iter().filter(|e| e.depth == 0) {
-        if extent.offset % cs != 0 {
-            return Err(Error::Unsupported(format!("an extent at {:#x}, inside a cluster", extent.offset)));
-        }
-        let first = extent.offset / cs;
-        let clusters = extent.length.div_ceil(cs);
-        match extent.kind {
-            ExtentKind::Unallocated => {}
-            ExtentKind::Zero => {
-                for c in first..first + clusters {
-                    out.set(c, ZERO_FLAG)?;
-                }
-                report.zero_clusters += clusters;
-            }
-            ExtentKind::Data => {
-                let end_guest = extent.offset + extent.length;
-                let mut at = extent.offset;
-                while at < end_guest {
-                    // A cluster stored zstd-compressed already is copied as it is: compressing
-                    // again an image a merge wrote into costs only what the merge added.
-                    if let Some(frame) = src.zstd_frame_at(at)?.filter(|f| f.len() as u64 + 512 <= cs) {
-                        report.data_bytes += cs.min(end_guest - at);
-                        report.copied_clusters += 1;
-                        out.compressed(at / cs, &frame)?;
-                        at += cs;
-                        continue;
-                    }
-                    // Else a run of clusters up to the next compressed one, read at once.
-                    let mut n = cs.min(end_guest - at);
-                    while n < chunk_len && at + n < end_guest && !stored_compressed(src, at + n)? {
-                        n += cs.min(end_guest - at - n);
-                    }
-                    let buf = chunk.get_mut(..n as usize).ok_or_else(|| Error::Unsupported("read chunk".into()))?;
-                    src.read_at(buf, at)?;
-                    for (i, data) in buf.chunks(cs as usize).enumerate() {
-                        let cluster = at / cs + i as u64;
-                        report.data_bytes += data.len() as u64;
-                        out.data(cluster, data, &mut report)?;
-                    }
-                    at += n;
-                }
-            }
-        }
-    }
+    let mut chunk = vec![0u8; usize::try_from(READ_CHUNK.max(cs)).unwrap_or(usize::MAX)];
+    fill(&mut out, &mut chunk, &mut report)?;
     let end = out.finish()?;
-    let l1 = out.l1;
-    crate::repair::rebuild(&file, &mut header, &l1, end)?;
+    crate::repair::rebuild(&file, &mut header, &out.l1, end)?;
     report.bytes_after = file.metadata().map_err(Error::io("stat", 0))?.len();
     Ok(report)
 }
 
+fn write_layer(src: &Image, dst: &Path) -> Result<CompactReport> {
+    fill_new(src, dst, true, |out, chunk, report| {
+        let cs = src.cluster_size();
+        let chunk_len = chunk.len() as u64;
+        let size = src.size();
+        for extent in src.map(0, size)?.into_iter().filter(|e| e.depth == 0) {
+            if extent.offset % cs != 0 {
+                return Err(Error::Unsupported(format!("an extent at {:#x}, inside a cluster", extent.offset)));
+            }
+            let first = extent.offset / cs;
+            let clusters = extent.length.div_ceil(cs);
+            match extent.kind {
+                ExtentKind::Unallocated => {}
+                ExtentKind::Zero => {
+                    for c in first..first + clusters {
+                        out.set(c, ZERO_FLAG)?;
+                    }
+                    report.zero_clusters += clusters;
+                }
+                ExtentKind::Data => {
+                    let end_guest = extent.offset + extent.length;
+                    let mut at = extent.offset;
+                    while at < end_guest {
+                        // A cluster stored zstd-compressed already is copied as it is: compressing
+                        // again an image a merge wrote into costs only what the merge added.
+                        if let Some(frame) = src.zstd_frame_at(at)?.filter(|f| f.len() as u64 + 512 <= cs) {
+                            report.data_bytes += cs.min(end_guest - at);
+                            report.copied_clusters += 1;
+                            out.compressed(at / cs, &frame)?;
+                            at += cs;
+                            continue;
+                        }
+                        // Else a run of clusters up to the next compressed one, read at once.
+                        let mut n = cs.min(end_guest - at);
+                        while n < chunk_len && at + n < end_guest && !stored_compressed(src, at + n)? {
+                            n += cs.min(end_guest - at - n);
+                        }
+                        let buf = chunk.get_mut(..n as usize).ok_or_else(|| Error::Unsupported("read chunk".into()))?;
+                        src.read_at(buf, at)?;
+                        for (i, data) in buf.chunks(cs as usize).enumerate() {
+                            let cluster = at / cs + i as u64;
+                            report.data_bytes += data.len() as u64;
+                            out.data(cluster, data, report)?;
+                        }
+                        at += n;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// The new image's tables as they are filled, and where its file ends.
-struct Layer<'a> {
+pub(crate) struct Layer<'a> {
     file: &'a File,
+    /// Whether data clusters are stored compressed (where that saves a sector or more).
+    compress: bool,
     cluster_size: u64,
     /// Bit where a compressed descriptor's sector count starts.
     sector_shift: u32,
@@ -197,9 +237,10 @@ struct Layer<'a> {
 }
 
 impl<'a> Layer<'a> {
-    fn new(file: &'a File, header: &Header, end: u64) -> Self {
+    fn new(file: &'a File, header: &Header, end: u64, compress: bool) -> Self {
         Self {
             file,
+            compress,
             cluster_size: header.cluster_size(),
             sector_shift: 62 - (header.cluster_bits - 8),
             l1_offset: header.l1_table_offset,
@@ -221,9 +262,10 @@ impl<'a> Layer<'a> {
         at
     }
 
-    /// Store guest cluster `cluster`'s bytes (`data`, the last one maybe short).
-    fn data(&mut self, cluster: u64, data: &[u8], report: &mut CompactReport) -> Result<()> {
-        if data.iter().all(|&b| b == 0) {
+    /// Store guest cluster `cluster`'s bytes (`data`, the last one maybe short): as a zero cluster
+    /// when they are all zeroes, else compressed or as they are.
+    pub(crate) fn data(&mut self, cluster: u64, data: &[u8], report: &mut CompactReport) -> Result<()> {
+        if all_zero(data) {
             report.zero_clusters += 1;
             return self.set(cluster, ZERO_FLAG);
         }
@@ -239,8 +281,12 @@ impl<'a> Layer<'a> {
         } else {
             data
         };
-        let packed = zstd::bulk::compress(whole, ZSTD_LEVEL).map_err(|e| Error::io("compress", 0)(e))?;
-        if packed.len() as u64 + 512 > self.cluster_size {
+        let packed = if self.compress {
+            zstd::bulk::compress(whole, ZSTD_LEVEL).map_err(|e| Error::io("compress", 0)(e))?
+        } else {
+            Vec::new()
+        };
+        if !self.compress || packed.len() as u64 + 512 > self.cluster_size {
             report.stored_clusters += 1;
             let host = self.allocate();
             self.write(whole, host)?;
@@ -309,6 +355,14 @@ impl<'a> Layer<'a> {
     }
 }
 
+/// Whether `buf` holds only zeroes: 64 bytes at a time OR-ed together, which the compiler turns
+/// into vector instructions (a byte-by-byte test that stops at the first non-zero byte does not
+/// vectorise and cost a third of a rewrite's CPU).
+pub(crate) fn all_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks.by_ref().all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
+}
+
 /// Whether guest `offset` is a compressed cluster of `image` itself.
 fn stored_compressed(image: &Image, offset: u64) -> Result<bool> {
     Ok(matches!(image.mapping_at(offset)?.0, crate::Mapping::Compressed { .. }))
@@ -323,25 +377,39 @@ pub fn compare_layers(a: &Image, b: &Image) -> Result<Option<String>> {
     if a.size() != b.size() {
         return Ok(Some(format!("sizes differ: {} and {}", a.size(), b.size())));
     }
-    let own = |image: &Image| -> Result<Vec<(u64, u64)>> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for e in image.map(0, image.size())?.into_iter().filter(|e| e.depth == 0 && e.kind != ExtentKind::Unallocated) {
-            match runs.last_mut() {
-                Some(last) if last.1 == e.offset => last.1 = e.offset + e.length,
-                _ => runs.push((e.offset, e.offset + e.length)),
-            }
-        }
-        Ok(runs)
-    };
-    let (runs, other) = (own(a)?, own(b)?);
+    let own = |e: &MapExtent| e.depth == 0 && e.kind != ExtentKind::Unallocated;
+    let (runs, other) = (runs_of(a, own)?, runs_of(b, own)?);
     if runs != other {
         let at = runs.iter().zip(&other).find(|(x, y)| x != y).map_or(0, |(x, _)| x.0);
         return Ok(Some(format!("the images' own layers cover different ranges (from {at:#x})")));
     }
+    differ_within(a, b, runs)
+}
+
+/// The guest ranges of `image`'s map (through its chain) whose extents `keep` takes, in order,
+/// adjacent ones joined.
+pub(crate) fn runs_of(image: &Image, keep: impl Fn(&MapExtent) -> bool) -> Result<Vec<(u64, u64)>> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in image.map(0, image.size())?.into_iter().filter(|e| keep(e)) {
+        match runs.last_mut() {
+            Some(last) if last.1 == e.offset => last.1 = e.offset + e.length,
+            _ => runs.push((e.offset, e.offset + e.length)),
+        }
+    }
+    Ok(runs)
+}
+
+/// The first guest offset inside `runs` (sorted by start; they may overlap) where `a` and `b`
+/// read differently, said as a difference; `None` when they read the same there.
+///
+/// # Errors
+/// Reading either failed.
+pub(crate) fn differ_within(a: &Image, b: &Image, runs: Vec<(u64, u64)>) -> Result<Option<String>> {
     let mut x = vec![0u8; READ_CHUNK as usize];
     let mut y = vec![0u8; READ_CHUNK as usize];
+    let mut done = 0u64;
     for (start, stop) in runs {
-        let mut at = start;
+        let mut at = start.max(done);
         while at < stop {
             let n = (stop - at).min(READ_CHUNK) as usize;
             let (bx, by) = (
@@ -356,6 +424,26 @@ pub fn compare_layers(a: &Image, b: &Image) -> Result<Option<String>> {
             }
             at += n as u64;
         }
+        done = done.max(stop);
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_zero;
+
+    #[test]
+    fn all_zero_finds_one_byte_anywhere() {
+        assert!(all_zero(&[]));
+        for len in [1, 63, 64, 65, 200, 65536] {
+            let mut buf = vec![0u8; len];
+            assert!(all_zero(&buf), "{len}");
+            for at in [0, len / 2, len - 1] {
+                buf[at] = 1;
+                assert!(!all_zero(&buf), "{len} at {at}");
+                buf[at] = 0;
+            }
+        }
+    }
 }

@@ -306,6 +306,29 @@ impl Image {
         self.backing.is_some()
     }
 
+    /// The lengths of this image's file and of every file of its backing chain, added up: no
+    /// less than what [`crate::flatten`] stores of the disk it reads, uncompressed.
+    ///
+    /// # Errors
+    /// A file's length could not be read.
+    pub fn chain_file_bytes(&self) -> Result<u64> {
+        let mut total = self.file_len()?;
+        let mut below = self.backing.as_ref();
+        while let Some(b) = below {
+            match b {
+                Backing::Raw { size, .. } => {
+                    total = total.saturating_add(*size);
+                    below = None;
+                }
+                Backing::Qcow2(image) => {
+                    total = total.saturating_add(image.file_len()?);
+                    below = image.backing.as_ref();
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Check the refcounts against the metadata, as `qemu-img check` does: clusters referenced
     /// more often than their refcount says are corruption (an allocation could hand them out
     /// again); clusters with a higher refcount than references are leaks (lost space, no harm).

@@ -26,7 +26,9 @@
 //! discards, refcount block and table growth. See `write.rs` and `refcount.rs` for the
 //! concurrency and crash-safety rules. [`Image::plan_write`] and [`WritePlan::commit`] split a
 //! write around its data for callers with their own I/O engine (io_uring; `plan.rs`). [`commit`]
-//! folds an overlay into its backing file, as `qemu-img commit` does.
+//! folds an overlay into its backing file, as `qemu-img commit` does; [`compact`] rewrites one
+//! layer compressed, as `qemu-img convert -c` does; [`flatten`] rewrites an overlay with its
+//! chain's data copied in and no backing file, as `qemu-img convert` of the chain's top does.
 //!
 //! ## Limitations
 //! Encrypted images and external data files are refused. Images with internal snapshots or the
@@ -42,6 +44,7 @@ mod compact;
 pub mod compress;
 mod create;
 pub mod error;
+mod flatten;
 pub mod header;
 pub mod image;
 mod l2cache;
@@ -56,6 +59,7 @@ pub use commit::{commit, CommitReport};
 pub use compact::{compact, compare_layers, CompactReport};
 pub use create::CreateOptions;
 pub use error::{Error, ErrorKind, Result};
+pub use flatten::{compare_disks, flatten};
 pub use header::{Compression, Header};
 pub use image::{BackingFormat, ExtentKind, Image, ImageOptions, MapExtent};
 pub use layout::Mapping;
@@ -84,7 +88,7 @@ pub fn fuzz_image_bytes(data: &[u8]) -> bool {
 }
 
 #[cfg(feature = "fuzzing")]
-// A panic is how a fuzz target reports a finding: a compacted copy that differs is one.
+// A panic is how a fuzz target reports a finding: a compacted or flattened copy that differs is one.
 #[allow(clippy::panic)]
 fn fuzz_one(path: &std::path::Path) -> bool {
     let Ok(img) = Image::open(path) else { return false };
@@ -126,6 +130,16 @@ fn fuzz_one(path: &std::path::Path) -> bool {
                 if let Ok(Some(diff)) = compare_layers(&img, &c) {
                     let _ = std::fs::remove_file(&copy);
                     panic!("a compacted copy differs from its image: {diff}");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&copy);
+        // Likewise a copy that stands alone: it reads as the image through its chain.
+        if flatten(&img, &copy, 0o600, false).is_ok() {
+            if let Ok(c) = Image::open(&copy) {
+                if let Ok(Some(diff)) = compare_disks(&img, &c) {
+                    let _ = std::fs::remove_file(&copy);
+                    panic!("a flattened copy differs from its image: {diff}");
                 }
             }
         }

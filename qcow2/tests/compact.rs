@@ -3,14 +3,17 @@
 //! the backing file, a disk whose size is not a whole number of clusters) passes `qemu-img
 //! check`, reads as the original for `qemu-img compare` and for `compare_layers`, is smaller, has
 //! compressed clusters qemu sees as such, and takes writes (over compressed clusters) from both
-//! qemu-io and our writer; `compare_layers` finds a one-byte difference.
+//! qemu-io and our writer; `compare_layers` finds a one-byte difference. `qcow2::flatten` judged
+//! the same way: the top of a chain of three (layers of different cluster sizes, zeroes over
+//! data) copied into an image with no backing file, compressed or not, that qemu reads as the
+//! chain; `compare_disks` finds a one-byte difference.
 
 mod common;
 
 use std::path::Path;
 
 use common::{qemu_io, run, tool};
-use qcow2::{compact, compare_layers, Image, ImageOptions};
+use qcow2::{compact, compare_disks, compare_layers, flatten, ExtentKind, Image, ImageOptions};
 
 fn compare(a: &Path, b: &Path) -> bool {
     tool("qemu-img").arg("compare").arg(a).arg(b).output().unwrap().status.success()
@@ -146,4 +149,59 @@ fn a_compacted_overlay_keeps_its_backing_file_and_only_its_own_layer() {
     check_clean(&again);
     assert!(compare(&top, &again));
     assert_eq!(file_len(&again), file_len(&dst));
+}
+
+/// The kind of the extent of `image` (through its chain) that holds guest `offset`.
+fn kind_at(image: &Image, offset: u64) -> ExtentKind {
+    image.map(offset, 1).unwrap()[0].kind
+}
+
+#[test]
+fn a_flattened_overlay_stands_alone_and_reads_as_its_chain_for_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    make_full(dir);
+    // A middle layer of 4 KiB clusters (its ranges end inside the top's 64 KiB clusters): data
+    // over the base's text, a zero range over it, data in the base's zero run.
+    run(tool("qemu-img")
+        .current_dir(dir)
+        .args("create -q -f qcow2 -o cluster_size=4096 -b full.qcow2 -F qcow2 mid.qcow2".split(' ')));
+    qemu_io(&dir.join("mid.qcow2"), &["write -P 0xab 1028k 8k", "write -z 3M 64k", "write -P 0x11 7340032 4k"]);
+    run(tool("qemu-img").current_dir(dir).args("create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2".split(' ')));
+    let top = dir.join("top.qcow2");
+    // New data, a zero cluster over the base's random data, zeroes written as data over text.
+    qemu_io(&top, &["write -P 0xcd 512k 192k", "write -z 4M 64k", "write -P 0 2M 64k"]);
+    let src = Image::open(&top).unwrap();
+    for compress in [false, true] {
+        let dst = dir.join(format!("flat-{compress}.qcow2"));
+        let report = flatten(&src, &dst, 0o600, compress).unwrap();
+        eprintln!("{report:?}");
+        assert_eq!(report.bytes_after, file_len(&dst));
+        assert_eq!(report.compressed_clusters > 0, compress, "{report:?}");
+        check_clean(&dst);
+        assert!(compare(&top, &dst), "qemu-img compare: the copy reads as the chain");
+        let info = String::from_utf8(tool("qemu-img").arg("info").arg(&dst).output().unwrap().stdout).unwrap();
+        assert!(!info.contains("backing file"), "{info}");
+        assert_eq!(info.contains("compression type: zstd"), compress, "{info}");
+        let copy = Image::open(&dst).unwrap();
+        assert_eq!(compare_disks(&src, &copy).unwrap(), None);
+        assert!(copy.map(0, copy.size()).unwrap().iter().all(|e| e.depth == 0), "it stands alone");
+        // What reads as zeroes is left unallocated; the middle layer's data in the base's zero
+        // run, and the partial last cluster, are copied.
+        for zero in [3 << 20, 4 << 20, 2 << 20, 6 << 20] {
+            assert_eq!(kind_at(&copy, zero), ExtentKind::Unallocated, "at {zero:#x}");
+        }
+        for data in [1028 << 10, 7_340_032, (8 << 20) + 100, 512 << 10] {
+            assert_eq!(kind_at(&copy, data), ExtentKind::Data, "at {data:#x}");
+        }
+    }
+    // Uncompressed, the copy holds the chain's data and no more than whole clusters of it.
+    let plain = dir.join("flat-false.qcow2");
+    assert!(file_len(&plain) < (8 << 20) + (1 << 20), "{}", file_len(&plain));
+
+    // One byte changed in the copy (by qemu-io, which takes the copy as its own): found.
+    qemu_io(&plain, &["write -P 0x5a 6291459 1"]);
+    check_clean(&plain);
+    let diff = compare_disks(&src, &Image::open(&plain).unwrap()).unwrap().unwrap();
+    assert!(diff.contains("0x600003"), "{diff}");
 }
