@@ -64,7 +64,7 @@ pub struct HubFile {
     /// (`jobs/compress.rs`); `"none"` (the default): stored as the node sent them.
     pub compress: Option<String>,
     /// Images one chain holds, a full backup and its incrementals (default
-    /// [`crate::jobs::DEFAULT_MAX_CHAIN`]): an incremental past it is made as a full backup.
+    /// [`crate::jobs::DEFAULT_MAX_CHAIN`]): an incremental past it is made to stand alone on the hub once complete (`jobs/flatten.rs`).
     pub max_chain: Option<u32>,
     /// The embedded SSH endpoint.
     pub ssh: Option<SshFile>,
@@ -161,7 +161,7 @@ pub struct Settings {
     pub io_uring: bool,
     /// Completed backups' images rewritten compressed in the background (`compress = "zstd"`).
     pub compress: bool,
-    /// Images one chain holds (`max_chain`): an incremental past it is made as a full backup.
+    /// Images one chain holds (`max_chain`): an incremental past it is made to stand alone on the hub once complete (`jobs/flatten.rs`).
     pub max_chain: usize,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<crate::schedule::Schedule>,
@@ -237,7 +237,7 @@ pub fn parse_verify_every(days: f64) -> Result<Duration, String> {
     }
 }
 
-/// `max_chain`: images one chain may hold, from 1 (every backup a full one) to
+/// `max_chain`: images one chain may hold, from 1 (every incremental made to stand alone) to
 /// [`crate::jobs::MAX_CHAIN`] (as deep as `qcow2` opens a chain).
 ///
 /// # Errors
@@ -248,7 +248,7 @@ pub fn parse_max_chain(images: u32) -> Result<usize, String> {
         Ok(n) if (1..=most).contains(&n) => Ok(n),
         _ => Err(format!(
             "max_chain = {images}: give the images one chain may hold, a full backup and its incrementals, \
-             from 1 (every backup a full one) to {most}"
+             from 1 (every incremental made to stand alone) to {most}"
         )),
     }
 }
@@ -377,7 +377,10 @@ mod tests {
         assert_eq!(parse_max_chain(1), Ok(1));
         assert_eq!(parse_max_chain(256), Ok(crate::jobs::MAX_CHAIN));
         for bad in [0, 257, u32::MAX] {
-            assert!(parse_max_chain(bad).unwrap_err().contains("from 1 (every backup a full one) to 256"), "{bad}");
+            assert!(
+                parse_max_chain(bad).unwrap_err().contains("from 1 (every incremental made to stand alone) to 256"),
+                "{bad}"
+            );
         }
     }
 

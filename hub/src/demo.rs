@@ -264,7 +264,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let api_listener = tokio::net::TcpListener::bind(("127.0.0.1", hub_api)).await?;
     hub.start_schedules();
     // Compression waits, off, until step 8 turns it on by a reload.
-    tokio::spawn(Arc::clone(&hub).compress_loop());
+    tokio::spawn(Arc::clone(&hub).rewrite_loop());
     let demo_hub = Arc::clone(&hub);
     tokio::spawn(async move { axum::serve(api_listener, crate::http::router(hub)).await });
 

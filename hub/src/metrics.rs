@@ -69,6 +69,14 @@ fn jobs(out: &mut String, hub: &Hub) {
         "Backups whose compression failed (logged; tried again six hours later; alert on > 0).",
     );
     let _ = writeln!(out, "sendense_hub_compression_failed {failed}");
+    help(
+        out,
+        "sendense_hub_stand_alone_failed",
+        "gauge",
+        "Backups ending a chain longer than max_chain whose rewrite to stand alone failed: still on their chain \
+         (logged; tried again six hours later; alert on > 0).",
+    );
+    let _ = writeln!(out, "sendense_hub_stand_alone_failed {}", hub.stand_alone_failures());
     let (taken_up, not_taken_up) = hub.handover_counts();
     help(
         out,

@@ -91,7 +91,8 @@ pub struct Compressed {
 
 /// The file beside a backup's manifest recording its compression.
 pub const COMPRESSED_FILE: &str = "compressed.json";
-/// The suffix of an image being written compressed beside the original (removed at start).
+/// The suffix of an image's copy being written beside it, compressed or standing alone (removed at
+/// start).
 pub const COMPACTING_SUFFIX: &str = ".compacting";
 
 /// The outcome of a verification of a completed backup.
@@ -301,13 +302,14 @@ pub fn remove_backup(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Remove what a compression cut short left in a backup's directory (`*.compacting`): the
-/// original images are whole, these are never put in place.
+/// Remove what a rewrite cut short (a compression, or a backup made to stand alone; `rewrite.rs`)
+/// left in a backup's directory (`*.compacting`): the original images are whole, these are never
+/// put in place.
 fn remove_compacting(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         if e.file_name().to_string_lossy().ends_with(COMPACTING_SUFFIX) {
-            tracing::warn!(file = %e.path().display(), "removing an image whose compression was cut short");
+            tracing::warn!(file = %e.path().display(), "removing the copy of an image whose rewrite was cut short");
             let _ = std::fs::remove_file(e.path());
         }
     }

@@ -241,7 +241,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // Scrubbing (`verify_every_days`): ends at once when off, and with the hub.
     tokio::spawn(Arc::clone(&hub).scrub_loop());
     // Compression of completed backups (`compress = "zstd"`): waits while off.
-    tokio::spawn(Arc::clone(&hub).compress_loop());
+    tokio::spawn(Arc::clone(&hub).rewrite_loop());
     // Backup schedules (`[[schedule]]`), one task each, ending with the hub.
     hub.start_schedules();
     let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&hub), a));

@@ -134,7 +134,7 @@ impl Hub {
                 self.apply_retention(&job.vm, &job.node, &policy).await;
             }
             // After the retention: a merge into the new backup goes before its compression.
-            self.wake_compression();
+            self.wake_rewrites();
         }
     }
 

@@ -21,7 +21,7 @@
 //!
 //! Merges of one VM take turns with its deletes: while one runs or waits to be retried, other
 //! deletes of that VM's backups are refused (409), since they would change the chain under it.
-//! A merge into a backup whose images are being compressed (`compress.rs`) is refused (409) until
+//! A merge into a backup whose images are being rewritten (`rewrite.rs`) is refused (409) until
 //! that is done, and removes the backup's record of compression: its images hold uncompressed
 //! clusters again, which the next compression pass rewrites.
 //!
@@ -111,9 +111,10 @@ impl Hub {
                 if let Some((_, why)) = st.pins.values().find(|(backup, _)| *backup == from.backup_id) {
                     return Err(HubError::Conflict(format!("backup {id} is in use: {why}")));
                 }
-                if st.compressing.contains(&into.backup_id) {
+                if st.rewriting.contains(&into.backup_id) {
                     return Err(HubError::Conflict(format!(
-                        "backup {} (which {id} would be merged into) is being compressed: try again when it is done",
+                        "backup {} (which {id} would be merged into) is being rewritten (compressed, or made to stand \
+                         alone): try again when it is done",
                         into.backup_id
                     )));
                 }
@@ -146,7 +147,7 @@ impl Hub {
                 tracing::info!(backup = %from.backup_id, into = %into.backup_id, "merged");
                 drop(st);
                 // Its images hold uncompressed clusters again.
-                self.wake_compression();
+                self.wake_rewrites();
                 Ok(manifest_view(&from))
             }
             Err(e) if !started => {

@@ -41,6 +41,7 @@ use crate::repo::{self, Manifest, Repo};
 mod catalog;
 mod compress;
 mod files;
+mod flatten;
 mod follow;
 mod handover;
 mod merge;
@@ -48,6 +49,7 @@ mod prune;
 mod reload;
 mod restore_run;
 mod restores;
+mod rewrite;
 mod scheduled;
 mod scrub;
 mod start;
@@ -121,8 +123,8 @@ pub struct Hub {
     schedule_stops: Mutex<HashMap<String, CancellationToken>>,
     /// Taken while the schedules' marks are written.
     marks_file: tokio::sync::Mutex<()>,
-    /// Wakes the compression pass (a backup completed and its retention ran).
-    compress_wake: tokio::sync::Notify,
+    /// Wakes the background pass that rewrites images (`rewrite.rs`).
+    rewrite_wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -156,10 +158,10 @@ struct State {
     schedules: BTreeMap<String, scheduled::ScheduleState>,
     /// The last configuration reload (`reload.rs`).
     last_reload: node::service::ReloadStatus,
-    /// Backups whose images are being rewritten compressed (`compress.rs`): no merge into them.
-    compressing: std::collections::HashSet<String>,
-    /// Backups whose compression failed, why and when (tried again some hours later).
-    compress_failed: HashMap<String, (String, Instant)>,
+    /// Backups whose images are being rewritten (`rewrite.rs`): no merge into them.
+    rewriting: std::collections::HashSet<String>,
+    /// Rewrites that failed, as (what, backup): why and when (tried again some hours later).
+    rewrite_failed: HashMap<(String, String), (String, Instant)>,
     /// Runs the last stop handed over, until [`Hub::take_up_handed_over`] (`handover.rs`).
     handed_over: Vec<handover::HandedOver>,
     /// Driven restores the last stop handed over, likewise.
@@ -244,7 +246,7 @@ impl Hub {
             schedule_locks: Mutex::default(),
             schedule_stops: Mutex::default(),
             marks_file: tokio::sync::Mutex::new(()),
-            compress_wake: tokio::sync::Notify::new(),
+            rewrite_wake: tokio::sync::Notify::new(),
         }))
     }
 

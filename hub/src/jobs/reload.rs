@@ -48,7 +48,8 @@ pub struct Live {
     pub restore_idle: Duration,
     /// Completed backups rewritten compressed (`compress`).
     pub compress: bool,
-    /// Images one chain holds (`max_chain`), read when a backup starts.
+    /// Images one chain holds (`max_chain`), read when a backup starts and by the background pass
+    /// that makes backups past it stand alone.
     pub max_chain: usize,
     /// Backup schedules (`[[schedule]]`).
     pub schedules: Vec<Arc<Schedule>>,

@@ -18,9 +18,11 @@ use crate::repo::{self, Manifest};
 use crate::retention::Policy;
 
 /// Which backup an incremental builds on: the newest completed backup of the VM, if the node's
-/// change-tracking state was committed for exactly that backup and its chain (it and the
-/// backups under it) has room for one more image (`max_chain`, at most [`MAX_CHAIN`]);
-/// otherwise a full backup, and why.
+/// change-tracking state was committed for exactly that backup; otherwise a full backup, and why.
+/// An incremental on a chain (it and the backups under it) that holds `max_chain` images already
+/// is still one (only its changes cross the network), with a note: once it completes, the hub
+/// copies its chain's data into it and it stands alone, starting a new chain (`flatten.rs`). Only
+/// a chain of [`MAX_CHAIN`] images, which `qcow2` could not open one more image on, gets a full.
 pub fn choose_parent<'a>(
     requested: BackupType,
     history: &'a [&'a Manifest],
@@ -46,14 +48,26 @@ pub fn choose_parent<'a>(
         );
     }
     let max_chain = max_chain.clamp(1, MAX_CHAIN);
-    let images = chain_images(newest, history);
-    if images >= max_chain {
+    let images = chain_images(newest, |id| history.iter().copied().find(|m| m.backup_id == id), history.len());
+    if images >= MAX_CHAIN {
         return (
             BackupType::Full,
             None,
             Some(format!(
+                "backup {} ends a chain of {images} images, the most an image can be opened on: a full backup was \
+                 made and starts a new chain",
+                newest.backup_id
+            )),
+        );
+    }
+    if images >= max_chain {
+        return (
+            BackupType::Incremental,
+            Some(newest),
+            Some(format!(
                 "backup {} ends a chain of {images} images, the most one chain holds (max_chain = {max_chain}): \
-                 a full backup was made and starts a new chain",
+                 once complete, this incremental is made to stand alone on the hub (its chain's data copied into \
+                 it) and starts a new chain",
                 newest.backup_id
             )),
         );
@@ -67,22 +81,27 @@ pub fn choose_parent<'a>(
 pub const MAX_CHAIN: usize = qcow2::image::MAX_BACKING_DEPTH + 1;
 
 /// Images one chain holds unless `max_chain` says: a full backup and 63 incrementals, room for
-/// any usual retention (`keep_daily = 14` with 8 weeks, 12 months and 3 years is 37) kept
-/// incremental forever. Not the most there is room for: every image of a chain costs a restore
+/// any usual retention (`keep_daily = 14` with 8 weeks, 12 months and 3 years is 37) stored as
+/// changes only (past it, a backup made to stand alone costs a full image of space). Not the most
+/// there is room for: every image of a chain costs a restore
 /// or a verification (read through 64 layers at 0.88x of one, through 255 at 0.61x:
 /// `benches/scripts/chain-depth.sh`), an export a descriptor per image, and every backup of a
 /// chain depends on its full one.
 pub const DEFAULT_MAX_CHAIN: usize = 64;
 
-/// Images in `backup`'s chain: it and its parents, as far as `history` holds them.
-fn chain_images(backup: &Manifest, history: &[&Manifest]) -> usize {
+/// Images in `backup`'s chain: it and its parents, as far as `parent` (a backup by id) finds
+/// them, at most `most` (a parent loop in hand-edited manifests cannot spin).
+pub(super) fn chain_images<'a>(
+    backup: &'a Manifest,
+    parent: impl Fn(&str) -> Option<&'a Manifest>,
+    most: usize,
+) -> usize {
     let mut images = 1;
-    let mut parent = backup.parent_id.as_deref();
-    // Bounded by the history: a parent loop in hand-edited manifests cannot spin.
-    while let Some(id) = parent.filter(|_| images <= history.len()) {
-        let Some(up) = history.iter().find(|m| m.backup_id == id) else { break };
+    let mut up = backup.parent_id.as_deref();
+    while let Some(id) = up.filter(|_| images <= most) {
+        let Some(m) = parent(id) else { break };
         images += 1;
-        parent = up.parent_id.as_deref();
+        up = m.parent_id.as_deref();
     }
     images
 }
@@ -412,8 +431,8 @@ mod tests {
     }
 
     #[test]
-    fn an_incremental_on_a_full_chain_becomes_a_full_backup_that_starts_a_new_one() {
-        for max_chain in [1, 17, DEFAULT_MAX_CHAIN, MAX_CHAIN] {
+    fn an_incremental_on_a_full_chain_stays_one_and_is_to_stand_alone() {
+        for max_chain in [1, 17, DEFAULT_MAX_CHAIN, MAX_CHAIN - 1] {
             if max_chain > 1 {
                 let room = chain(max_chain - 1);
                 let history: Vec<&Manifest> = room.iter().collect();
@@ -425,11 +444,19 @@ mod tests {
             let history: Vec<&Manifest> = full.iter().collect();
             let newest = format!("b{:03}", max_chain - 1);
             let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest), max_chain);
-            assert!(t == BackupType::Full && p.is_none(), "{note:?}");
+            assert_eq!((t, p.map(|m| m.backup_id.clone())), (BackupType::Incremental, Some(newest)));
+            let note = note.unwrap();
             let want =
                 format!("ends a chain of {max_chain} images, the most one chain holds (max_chain = {max_chain})");
-            assert!(note.unwrap().contains(&want), "{max_chain}");
+            assert!(note.contains(&want) && note.contains("made to stand alone"), "{max_chain}: {note}");
         }
+        // A chain as long as qcow2 opens takes no more image: a full backup.
+        let full = chain(MAX_CHAIN);
+        let history: Vec<&Manifest> = full.iter().collect();
+        let newest = format!("b{:03}", MAX_CHAIN - 1);
+        let (t, p, note) = choose_parent(BackupType::Incremental, &history, Some(&newest), MAX_CHAIN);
+        assert!(t == BackupType::Full && p.is_none(), "{note:?}");
+        assert!(note.unwrap().contains("the most an image can be opened on"));
         // A setting past what qcow2 opens is held to it (the configuration refuses it first).
         let full = chain(MAX_CHAIN);
         let history: Vec<&Manifest> = full.iter().collect();

@@ -1,9 +1,10 @@
 //! The hub or the node killed (SIGKILL) at a random moment of a backup or a replica run, round
 //! after round: while the job makes its files, while data flows, while the hub verifies, writes
 //! the manifest or tells the node to commit (and the node renames its maps), and (the hub, with
-//! `keep_backups = 3` and `compress = "zstd"`) while it merges the oldest backup away after each
-//! one and rewrites each new one compressed (about one kill in five lands in a compression; its
-//! copy is removed at the restart, `HUB_KILL_ROUNDS=60` counted 12). After each restart
+//! `keep_backups = 3`, `compress = "zstd"` and `max_chain = 2`) while it merges the oldest backup
+//! away after each one, makes an incremental on a chain of two stand alone, and rewrites each new
+//! one compressed (about one kill in five lands in a compression; its copy is removed at the
+//! restart, `HUB_KILL_ROUNDS=60` counted 12). After each restart
 //! the repository must hold only whole backups (each listed one completed, or a killed run
 //! failed; no directory without a completed listing; the newest verifying), no port may stay
 //! leased, the node's run must end, the next backup must equal the sources, and after a killed
@@ -118,6 +119,17 @@ struct Outcomes {
     replica_runs: usize,
     /// A merge of the oldest backup into the next was killed (the hub only).
     merges: usize,
+    /// Backups seen made to stand alone (`max_chain = 2`, the hub only), whatever the kills.
+    stood_alone: usize,
+}
+
+/// Add the backups the hub lists as made to stand alone to `seen`.
+async fn seen_standing_alone(site: &Site, seen: &mut std::collections::HashSet<String>) {
+    for b in site.backups("vm").await {
+        if b["note"].as_str().is_some_and(|n| n.contains("made to stand alone on the hub at")) {
+            seen.insert(b["backup_id"].as_str().unwrap_or_default().to_string());
+        }
+    }
 }
 
 /// Which process a round kills.
@@ -141,10 +153,11 @@ async fn kill_rounds(victim: Victim) {
     let Soak { rounds, seed, mut moments, transport } = Soak::from_env(&format!("{victim:?}"));
     // With the hub as the victim its retention runs too (`keep_backups`): the oldest backup is
     // merged away after each one, so kills also land in merges, which the restart must finish;
-    // and each backup is compressed after it completes, so kills land in compressions too.
+    // each backup is compressed after it completes, and every other incremental is made to stand
+    // alone (`max_chain = 2`), so kills land in compressions and those rewrites too.
     let opts = match victim {
         Victim::Hub => Options {
-            hub: "keep_backups = 3\ncompress = \"zstd\"",
+            hub: "keep_backups = 3\ncompress = \"zstd\"\nmax_chain = 2",
             copy: "bandwidth_limit = \"16M\"",
             ..Options::default()
         },
@@ -153,7 +166,9 @@ async fn kill_rounds(victim: Victim) {
     let (mut site, span_ms) = soak_site(transport, opts).await;
     let mut outcomes = Outcomes::default();
     let mut killed = Vec::new();
+    let mut stood_alone = std::collections::HashSet::new();
     for round in 0..rounds {
+        seen_standing_alone(&site, &mut stood_alone).await;
         change_both_disks(&site, &mut moments, round);
         // The hub is also killed in merges (`?merge=true`, as its retention runs them): those take
         // milliseconds here, so their moments are drawn from a shorter span.
@@ -248,19 +263,21 @@ async fn kill_rounds(victim: Victim) {
             site.assert_replica_equals_sources("vm", 2);
         }
     }
+    seen_standing_alone(&site, &mut stood_alone).await;
+    outcomes.stood_alone = stood_alone.len();
     eprintln!("{victim:?}: {rounds} kills: {outcomes:?}");
 }
 
 /// The hub stopped gracefully (SIGTERM, as `systemctl restart` sends) at a random moment of a
 /// backup or a replica run, round after round, and started again: the run is handed over and taken
 /// up wherever it was (making its files, copying, verifying, writing the manifest, telling the node
-/// to commit; with `keep_backups = 3` and `compress = "zstd"`, stops land in merges and
-/// compressions too). Every run must complete, equal to the sources, the repository must hold
+/// to commit; with `keep_backups = 3`, `compress = "zstd"` and `max_chain = 2`, stops land in
+/// merges, compressions and backups made to stand alone too). Every run must complete, equal to the sources, the repository must hold
 /// only whole backups, no port may stay leased, and the next backup must build on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_stopped_at_any_moment_of_a_backup_takes_it_up_and_completes_it() {
     let Soak { rounds, seed, mut moments, transport } = Soak::from_env("graceful stops");
-    let opts = Options { hub: "keep_backups = 3\ncompress = \"zstd\"", ..Options::default() };
+    let opts = Options { hub: "keep_backups = 3\ncompress = \"zstd\"\nmax_chain = 2", ..Options::default() };
     let (mut site, span_ms) = soak_site(transport, opts).await;
     let mut runs = Vec::new();
     let mut taken_up = 0;

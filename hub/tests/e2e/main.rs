@@ -494,10 +494,12 @@ async fn the_hub_killed_mid_backup_and_mid_restore_takes_both_up_from_its_record
 
 /// Daily incrementals fill a chain: with `max_chain = 20` the 20th image (a full backup and 19
 /// incrementals, deeper than the 17 images qcow2 used to open) is made, verified and read back
-/// whole; the next incremental asked for is made as a full backup that starts a new chain, and
-/// says so.
+/// whole; the next incremental asked for is still one (only its change is sent), says why it
+/// will stand alone, and once complete is made to stand alone on the hub (no backing file, no
+/// parent, type full, equal to the sources, verified); the chain under it is kept whole, and the
+/// next incremental builds on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_starts_a_new_chain() {
+async fn an_incremental_past_a_full_chain_is_sent_as_one_and_made_to_stand_alone_on_the_hub() {
     let options = Options { hub: "max_chain = 20", ..Options::default() };
     let site = Site::start(Transport::Direct, &[Vm("vm", &[4, 2])], 4, options).await;
     let mut newest = site.backup("vm", "full").await;
@@ -508,8 +510,8 @@ async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_star
         newest = next;
     }
     site.assert_backup_equals_sources("vm", &newest, 2);
-    let (status, v) =
-        site.hub("POST", &format!("/api/v1/backups/{}/verify", newest["backup_id"].as_str().unwrap()), None).await;
+    let verify = |id: &Value| format!("/api/v1/backups/{}/verify", id.as_str().unwrap());
+    let (status, v) = site.hub("POST", &verify(&newest["backup_id"]), None).await;
     assert_eq!((status, &v["ok"]), (200, &json!(true)), "the 20th image verifies: {v}");
     // Every image of a chain an export serves holds a descriptor: the hub runs with the most the
     // system allows it, not a shell's 1024.
@@ -520,20 +522,52 @@ async fn a_full_chain_of_incrementals_makes_the_next_one_a_full_backup_that_star
     change(&site.source("vm", 1), MIB, 0x17);
     let (status, started) =
         site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm", "backup_type": "incremental"}))).await;
-    assert_eq!((status, &started["backup_type"]), (202, &json!("full")), "{started}");
+    assert_eq!(
+        (status, &started["backup_type"], &started["parent_id"]),
+        (202, &json!("incremental"), &newest["backup_id"])
+    );
+    let note = started["note"].as_str().unwrap_or_default().to_string();
     assert!(
-        started["note"]
-            .as_str()
-            .is_some_and(|n| n.contains("ends a chain of 20 images, the most one chain holds (max_chain = 20)")),
+        note.contains("ends a chain of 20 images, the most one chain holds (max_chain = 20)")
+            && note.contains("made to stand alone"),
         "{started}"
     );
-    let fresh = site.wait(&format!("/api/v1/backups/{}", started["backup_id"].as_str().unwrap())).await;
-    assert_eq!((&fresh["status"], &fresh["parent_id"]), (&json!("completed"), &Value::Null), "{fresh}");
-    assert_eq!(fresh["note"], started["note"], "the completed record keeps why it is a full backup");
-    site.assert_backup_equals_sources("vm", &fresh, 2);
+    let id = started["backup_id"].as_str().unwrap().to_string();
+    let done = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let sent: u64 = done["disks"].as_array().unwrap().iter().map(|d| d["bytes_sent"].as_u64().unwrap()).sum();
+    assert!(sent <= MIB, "only the change crossed the network, not 6 MiB: {sent} bytes: {done}");
+    // The background pass makes it stand alone.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let alone = loop {
+        let (_, v) = site.hub("GET", &format!("/api/v1/backups/{id}"), None).await;
+        if v["parent_id"].is_null() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "still on its chain: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alone["backup_type"], "full", "{alone}");
+    assert!(alone["note"].as_str().is_some_and(|n| n.contains("made to stand alone on the hub at")), "{alone}");
+    for disk in 0..2 {
+        let info = tool("qemu-img").arg("info").arg(site.image("vm", &id, disk)).output().unwrap();
+        let info = String::from_utf8_lossy(&info.stdout).to_string();
+        assert!(!info.contains("backing file"), "{info}");
+    }
+    site.assert_backup_equals_sources("vm", &alone, 2);
+    let (status, v) = site.hub("POST", &verify(&alone["backup_id"]), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "it verifies on its own: {v}");
+    let (_, metrics) = site.hub("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_stand_alone_failed 0\n"), "{metrics}");
+    let (status, v) = site.hub("POST", &verify(&newest["backup_id"]), None).await;
+    assert_eq!((status, &v["ok"]), (200, &json!(true)), "the chain under it is whole: {v}");
     change(&site.source("vm", 0), 0, 0x18);
     let next = site.backup("vm", "incremental").await;
-    assert_eq!((&next["backup_type"], &next["parent_id"]), (&json!("incremental"), &fresh["backup_id"]), "{next}");
+    assert_eq!(
+        (&next["backup_type"], &next["parent_id"], &next["note"]),
+        (&json!("incremental"), &alone["backup_id"], &Value::Null),
+        "{next}"
+    );
     site.assert_backup_equals_sources("vm", &next, 2);
 }
 
