@@ -45,7 +45,7 @@ fn program_bytes(len: usize) -> Vec<u8> {
 }
 
 /// The VM-like raw disk of `mib` MiB (module doc).
-fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub(crate) fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
     let quarter = (mib << 20) / 4;
     let f = std::fs::File::create(path)?;

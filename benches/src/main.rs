@@ -32,12 +32,15 @@
 //!   pair of images (a quarter of the disk rewritten in the overlay, 1% scattered).
 //! - `compress`: the hub's compression of a backup image (`qcow2::compact`) against `qemu-img
 //!   convert -c -o compression_type=zstd` on the same VM-like image.
+//! - `flatten`: the hub's rewrite of a backup past `max_chain` to stand alone (`qcow2::flatten`)
+//!   against `qemu-img convert` of the same chain's top (a VM-like base under 16 overlays).
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
 mod compress;
 mod disk;
 mod e2e;
+mod flatten;
 mod fleet;
 mod floor;
 mod hub;
@@ -55,7 +58,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress, flatten
     /// (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
@@ -124,6 +127,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("compress") {
         compress::compress_section(&args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("flatten") {
+        flatten::flatten_section(&args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;
