@@ -106,11 +106,12 @@ impl Hub {
                 .await??;
             }
         }
-        let alone = standing_alone(&m, &dir, images, max_chain);
-        let (repo, written) = (self.repo.clone(), alone.clone());
-        off_runtime("writing a manifest", move || {
-            let (path, data) = repo.manifest_file(&written).map_err(|e| format!("manifest: {e}"))?;
-            node::files::write_atomically(&path, &data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        let repo = self.repo.clone();
+        let alone = off_runtime("writing a manifest", move || {
+            let alone = standing_alone(&m, &dir, images, max_chain);
+            let (path, data) = repo.manifest_file(&alone).map_err(|e| format!("manifest: {e}"))?;
+            node::files::write_atomically(&path, &data).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok::<_, String>(alone)
         })
         .await?
         .map_err(HubError::Internal)?;
