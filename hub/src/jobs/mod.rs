@@ -19,8 +19,9 @@
 //! job's end in `follow`, the files a job
 //! makes and removes (off the runtime) in `files`, restores in `restores` (and those the hub
 //! drives onto a node in `restore_run`), deleting a backup an incremental builds on in `merge`,
-//! retention in `prune`, background re-verification in `scrub`, images rewritten compressed in
-//! `compress`, backup schedules at work in
+//! retention in `prune`, background re-verification in `scrub`, the background pass that
+//! rewrites images in `rewrite` (backups past `max_chain` made to stand alone in `flatten`, images
+//! compressed in `compress`), backup schedules at work in
 //! `scheduled`, the configuration taken up while serving in `reload`, runs handed over from a
 //! stopping hub to the next start in `handover`.
 
