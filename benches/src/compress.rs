@@ -21,6 +21,25 @@ use crate::floor::{children_cpu_seconds, thread_cpu_seconds};
 use crate::merge::run;
 use crate::report::Report;
 
+/// Run `work`, timed, with `cpu` (a clock of CPU seconds: this thread's, or waited-for
+/// children's) read before and after; add its throughput over `data` bytes and its CPU per GB to
+/// `report` as `case` of `section`.
+pub(crate) fn measured<T>(
+    report: &mut Report,
+    (section, case): (&str, &str),
+    data: u64,
+    cpu: fn() -> f64,
+    work: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let cpu0 = cpu();
+    let t = Instant::now();
+    let out = work()?;
+    let (secs, spent) = (t.elapsed().as_secs_f64(), cpu() - cpu0);
+    report.add(section, case, "MB/s", data as f64 / 1e6 / secs);
+    report.add(section, case, "CPU s/GB", spent / (data as f64 / 1e9));
+    Ok(out)
+}
+
 /// Program files from the system, concatenated, at least `len` bytes (repeated if need be).
 fn program_bytes(len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
@@ -89,7 +108,6 @@ pub fn compress_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) 
         .map(|e| e.length)
         .sum();
     drop(src);
-    let gb = data as f64 / 1e9;
     let (theirs, ours, checked) = (dir.join("c-qemu.qcow2"), dir.join("c-ours.qcow2"), dir.join("c-checked.qcow2"));
     for rep in 0..reps {
         eprintln!("compress: rep {}/{reps}", rep + 1);
@@ -98,37 +116,30 @@ pub fn compress_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) 
         }
         let _ = Command::new("sync").status();
 
-        let cpu0 = children_cpu_seconds();
-        let t = Instant::now();
-        run(Command::new("qemu-img")
-            .args(["convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", "-o", "compression_type=zstd"])
-            .arg(&image)
-            .arg(&theirs))?;
-        run(Command::new("sync").arg(&theirs))?;
-        let (secs, cpu) = (t.elapsed().as_secs_f64(), children_cpu_seconds() - cpu0);
-        report.add(section, "qemu-img convert -c", "MB/s", data as f64 / 1e6 / secs);
-        report.add(section, "qemu-img convert -c", "CPU s/GB", cpu / gb);
+        measured(report, (section, "qemu-img convert -c"), data, children_cpu_seconds, || {
+            run(Command::new("qemu-img")
+                .args(["convert", "-q", "-c", "-f", "qcow2", "-O", "qcow2", "-o", "compression_type=zstd"])
+                .arg(&image)
+                .arg(&theirs))?;
+            run(Command::new("sync").arg(&theirs))
+        })?;
         report.add(section, "qemu-img convert -c", "MiB stored", std::fs::metadata(&theirs)?.len() as f64 / 1048576.0);
 
-        let cpu0 = thread_cpu_seconds();
-        let t = Instant::now();
-        let src = qcow2::Image::open(&image)?;
-        qcow2::compact(&src, &ours, 0o600)?;
-        let (secs, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu0);
-        report.add(section, "qcow2::compact", "MB/s", data as f64 / 1e6 / secs);
-        report.add(section, "qcow2::compact", "CPU s/GB", cpu / gb);
+        let src = measured(report, (section, "qcow2::compact"), data, thread_cpu_seconds, || {
+            let src = qcow2::Image::open(&image)?;
+            qcow2::compact(&src, &ours, 0o600)?;
+            Ok(src)
+        })?;
         report.add(section, "qcow2::compact", "MiB stored", std::fs::metadata(&ours)?.len() as f64 / 1048576.0);
 
         // The hub's step: compacted, then checked and compared with the original.
-        let cpu0 = thread_cpu_seconds();
-        let t = Instant::now();
-        qcow2::compact(&src, &checked, 0o600)?;
-        let copy = qcow2::Image::open(&checked)?;
-        anyhow::ensure!(copy.check()?.is_clean(), "the compacted copy does not check");
-        anyhow::ensure!(qcow2::compare_layers(&src, &copy)?.is_none(), "the compacted copy differs");
-        let (secs, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu0);
-        report.add(section, "compact+check+compare", "MB/s", data as f64 / 1e6 / secs);
-        report.add(section, "compact+check+compare", "CPU s/GB", cpu / gb);
+        measured(report, (section, "compact+check+compare"), data, thread_cpu_seconds, || {
+            qcow2::compact(&src, &checked, 0o600)?;
+            let copy = qcow2::Image::open(&checked)?;
+            anyhow::ensure!(copy.check()?.is_clean(), "the compacted copy does not check");
+            anyhow::ensure!(qcow2::compare_layers(&src, &copy)?.is_none(), "the compacted copy differs");
+            Ok(())
+        })?;
 
         run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"]).arg(&ours).arg(&theirs))
             .context("the two compressed images differ")?;

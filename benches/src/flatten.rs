@@ -12,12 +12,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::Context;
 use qcow2::{BackingFormat, CreateOptions, Image, ImageOptions};
 
-use crate::compress::make_disk;
+use crate::compress::{make_disk, measured};
 use crate::floor::{children_cpu_seconds, thread_cpu_seconds};
 use crate::merge::run;
 use crate::report::Report;
@@ -71,7 +70,6 @@ pub fn flatten_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) -
     let data: u64 =
         src.map(0, src.size())?.iter().filter(|e| e.kind == qcow2::ExtentKind::Data).map(|e| e.length).sum();
     drop(src);
-    let gb = data as f64 / 1e9;
     let (theirs, ours, checked) = (dir.join("f-qemu.qcow2"), dir.join("f-ours.qcow2"), dir.join("f-checked.qcow2"));
     for rep in 0..reps {
         eprintln!("flatten: rep {}/{reps}", rep + 1);
@@ -80,32 +78,25 @@ pub fn flatten_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) -
         }
         let _ = Command::new("sync").status();
 
-        let cpu0 = children_cpu_seconds();
-        let t = Instant::now();
-        run(Command::new("qemu-img").args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]).arg(&top).arg(&theirs))?;
-        run(Command::new("sync").arg(&theirs))?;
-        let (secs, cpu) = (t.elapsed().as_secs_f64(), children_cpu_seconds() - cpu0);
-        report.add(section, "qemu-img convert", "MB/s", data as f64 / 1e6 / secs);
-        report.add(section, "qemu-img convert", "CPU s/GB", cpu / gb);
+        measured(report, (section, "qemu-img convert"), data, children_cpu_seconds, || {
+            run(Command::new("qemu-img").args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"]).arg(&top).arg(&theirs))?;
+            run(Command::new("sync").arg(&theirs))
+        })?;
 
-        let cpu0 = thread_cpu_seconds();
-        let t = Instant::now();
-        let src = Image::open(&top)?;
-        qcow2::flatten(&src, &ours, 0o600, false)?;
-        let (secs, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu0);
-        report.add(section, "qcow2::flatten", "MB/s", data as f64 / 1e6 / secs);
-        report.add(section, "qcow2::flatten", "CPU s/GB", cpu / gb);
+        let src = measured(report, (section, "qcow2::flatten"), data, thread_cpu_seconds, || {
+            let src = Image::open(&top)?;
+            qcow2::flatten(&src, &ours, 0o600, false)?;
+            Ok(src)
+        })?;
 
         // The hub's step: flattened, then checked and compared with the chain.
-        let cpu0 = thread_cpu_seconds();
-        let t = Instant::now();
-        qcow2::flatten(&src, &checked, 0o600, false)?;
-        let copy = Image::open(&checked)?;
-        anyhow::ensure!(copy.check()?.is_clean(), "the flattened copy does not check");
-        anyhow::ensure!(qcow2::compare_disks(&src, &copy)?.is_none(), "the flattened copy differs");
-        let (secs, cpu) = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu0);
-        report.add(section, "flatten+check+compare", "MB/s", data as f64 / 1e6 / secs);
-        report.add(section, "flatten+check+compare", "CPU s/GB", cpu / gb);
+        measured(report, (section, "flatten+check+compare"), data, thread_cpu_seconds, || {
+            qcow2::flatten(&src, &checked, 0o600, false)?;
+            let copy = Image::open(&checked)?;
+            anyhow::ensure!(copy.check()?.is_clean(), "the flattened copy does not check");
+            anyhow::ensure!(qcow2::compare_disks(&src, &copy)?.is_none(), "the flattened copy differs");
+            Ok(())
+        })?;
 
         run(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"]).arg(&ours).arg(&theirs))
             .context("the two flattened images differ")?;
