@@ -32,7 +32,7 @@ use crate::verify::forget_cached_chain;
 const TICK: Duration = Duration::from_secs(300);
 /// How long a backup whose rewrite failed is left as it is before it is tried again (the
 /// repository full, say).
-pub(super) const RETRY_FAILED: Duration = Duration::from_secs(6 * 3600);
+const RETRY_FAILED: Duration = Duration::from_secs(6 * 3600);
 
 /// Keeps a backup pinned and marked as being rewritten until dropped.
 pub(super) struct Rewriting<'a> {
