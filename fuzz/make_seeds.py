@@ -153,6 +153,36 @@ def hostile_seeds(default):
 
 SEEDS["qcow2_image"] = qcow2_seeds()
 
+# node_inputs: the first byte is the kind of input (node/src/fuzzing.rs). Block map seeds
+# (kind 1) need BLAKE3, which Python lacks: the node writes them itself, with
+# `NODE_WRITE_MAP_SEEDS=1 cargo test -p node --test fuzz_corpus block_maps`.
+SEEDS["node_inputs"] = {
+    "targets_two": b"\x00" + b"2000:nbd://127.0.0.1:10100/pgtest1-disk0, 2001:nbd://127.0.0.1:10101/pgtest1-disk1",
+    "targets_ipv6_default_export": b"\x00" + b"2000:nbd://[::1]:10809",
+    "targets_named_host": b"\x00" + b"2002:nbd://hub.example.net:10100/vm-disk2,2003:nbd://hub.example.net:10101/",
+    "vm_two_disks": b"\x02" + b"db=2000:/var/lib/vm/db.raw,2001:qcow2:/var/lib/vm/db-1.qcow2",
+    "vm_nbd_source": b"\x02" + b"web=2000:nbd://127.0.0.1:10809/web,2001:raw:/dev/vg/web1",
+    "size_mib": b"\x03" + b"100M",
+    "size_fraction": b"\x03" + b"1.5G",
+    "size_bytes": b"\x03" + b"65536",
+    "checksum": b"\x04" + b"blake3-blocks/65536:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+}
+
+# tunnel_inputs (tunnel/src/fuzzing.rs): 0 authorized_keys, 1 range, 2 forward, 3 reverse.
+KEY = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb8qoqZtrb2+TCr0jq9UPZ+N7cSMQfDg+XKQ1uQ5fN0 node@host"
+SEEDS["tunnel_inputs"] = {
+    "keys_plain": b"\x00# the node\n" + KEY + b"\n",
+    "keys_fenced": b"\x00" + b'restrict,port-forwarding,from="10.0.0.*,!10.0.0.9",permitopen="127.0.0.1:10100",'
+    + b'permitopen="127.0.0.1:8082",permitlisten="127.0.0.1:9081" ' + KEY + b"\n",
+    "keys_expiring": b"\x00" + b'no-pty,no-agent-forwarding,expiry-time="20991231235959",command="true" ' + KEY + b"\n"
+    + b"no-port-forwarding " + KEY + b"\n",
+    "range_production": b"\x01" + b"10100-10200",
+    "range_moved": b"\x01" + b"20100-20102:10100",
+    "forward_api": b"\x02" + b"8082",
+    "forward_moved": b"\x02" + b"18082:8082",
+    "reverse_api": b"\x03" + b"9081:8081",
+}
+
 for target, seeds in SEEDS.items():
     d = os.path.join(HERE, "seeds", target)
     os.makedirs(d, exist_ok=True)

@@ -60,6 +60,13 @@ impl ZeroHashes {
     }
 }
 
+/// Block sizes a map, a copy or a checksum may have: a power of two from 4 KiB to 64 MiB.
+/// Anything read from outside (a map file, a checksum a node reports) is held to it before a
+/// buffer of one block is made.
+pub fn valid_block_size(block_size: u64) -> bool {
+    block_size.is_power_of_two() && (4096..=64 << 20).contains(&block_size)
+}
+
 /// Number of blocks of a disk.
 pub fn block_count(disk_size: u64, block_size: u64) -> u64 {
     disk_size.div_ceil(block_size)
@@ -78,7 +85,7 @@ pub fn checksum_of_blocks<'a>(block_size: u64, hashes: impl IntoIterator<Item = 
 pub fn checksum_block_size(checksum: &str) -> Option<u64> {
     let rest = checksum.strip_prefix("blake3-blocks/")?;
     let (size, _) = rest.split_once(':')?;
-    size.parse().ok().filter(|s: &u64| s.is_power_of_two() && *s >= 4096)
+    size.parse().ok().filter(|s: &u64| valid_block_size(*s))
 }
 
 /// Why a map could not be saved.
@@ -129,7 +136,11 @@ impl BlockMap {
 
     /// Load a map; `None` if the file is missing, damaged or of another geometry.
     pub fn load(path: &Path) -> Option<Self> {
-        let bytes = std::fs::read(path).ok()?;
+        Self::from_bytes(&std::fs::read(path).ok()?)
+    }
+
+    /// A map from the bytes of its file; `None` if they do not check out (module doc).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         let body_len = bytes.len().checked_sub(32)?;
         let (body, trailer) = bytes.split_at(body_len);
         if blake3::hash(body).as_bytes() != trailer || body.len() < HEADER_LEN || body.get(..8)? != MAGIC {
@@ -138,8 +149,7 @@ impl BlockMap {
         let word = |i: usize| body.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         let (disk_size, block_size, count) = (word(8)?, word(16)?, word(24)?);
         let hashes_bytes = body.get(HEADER_LEN..)?;
-        if !block_size.is_power_of_two()
-            || block_size < 4096
+        if !valid_block_size(block_size)
             || count != block_count(disk_size, block_size)
             || hashes_bytes.len() as u64 != count.checked_mul(32)?
         {
@@ -149,11 +159,8 @@ impl BlockMap {
         Some(Self { disk_size, block_size, hashes })
     }
 
-    /// Write the map atomically: temporary file, fsync, rename, fsync of the directory.
-    ///
-    /// # Errors
-    /// The file could not be written.
-    pub fn save(&self, path: &Path) -> Result<(), MapError> {
+    /// The bytes of its file (module doc).
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(HEADER_LEN + self.hashes.len() * 32 + 32);
         body.extend_from_slice(MAGIC);
         body.extend_from_slice(&self.disk_size.to_le_bytes());
@@ -164,7 +171,16 @@ impl BlockMap {
         }
         let trailer = blake3::hash(&body);
         body.extend_from_slice(trailer.as_bytes());
-        crate::files::write_atomically(path, &body).map_err(|source| MapError { path: path.to_path_buf(), source })
+        body
+    }
+
+    /// Write the map atomically: temporary file, fsync, rename, fsync of the directory.
+    ///
+    /// # Errors
+    /// The file could not be written.
+    pub fn save(&self, path: &Path) -> Result<(), MapError> {
+        crate::files::write_atomically(path, &self.to_bytes())
+            .map_err(|source| MapError { path: path.to_path_buf(), source })
     }
 }
 
@@ -212,5 +228,11 @@ mod tests {
         assert!(c.starts_with("blake3-blocks/262144:"));
         assert_eq!(checksum_block_size(&c), Some(1 << 18));
         assert_eq!(checksum_block_size("md5:abc"), None);
+        // A checksum comes from the node: a block size no copy makes is not believed (a
+        // verification would make a buffer of one block).
+        assert_eq!(checksum_block_size("blake3-blocks/4611686018427387904:00"), None);
+        assert_eq!(checksum_block_size("blake3-blocks/134217728:00"), None);
+        assert_eq!(checksum_block_size("blake3-blocks/67108864:00"), Some(64 << 20));
+        assert_eq!(checksum_block_size("blake3-blocks/2048:00"), None);
     }
 }

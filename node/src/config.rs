@@ -340,7 +340,7 @@ pub fn resolve_copy(c: &CopyFile) -> Result<(CopyOptions, usize), String> {
     }
     if let Some(s) = &c.block_size {
         let b = parse_size(s)?;
-        if !b.is_power_of_two() || !(4096..=64 << 20).contains(&b) {
+        if !crate::blockmap::valid_block_size(b) {
             return Err(format!("block_size '{s}' must be a power of two from 4K to 64M"));
         }
         o.block_size = Some(b);

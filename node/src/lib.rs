@@ -18,6 +18,7 @@
 //! - [`http`] and [`metrics`]: the API (axum) and `/metrics`.
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
 //! - [`service`]: logging, runtime, errors and signals (stop, reload) of the service binaries.
+//! - `fuzzing` (feature `fuzzing`): the entry point of the `node_inputs` fuzz target.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -28,6 +29,8 @@ pub mod blocks;
 pub mod config;
 pub mod error;
 pub mod files;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod http;
 pub mod inuse;
 pub mod jobs;

@@ -429,7 +429,7 @@ pub async fn copy_disk(
         return Err(MoveError::Mismatch(format!("the target holds {} bytes; the source has {size}", sink.size())));
     }
     let block_size = options.block_size_for(size);
-    if !block_size.is_power_of_two() || !(4096..=64 << 20).contains(&block_size) {
+    if !blockmap::valid_block_size(block_size) {
         return Err(MoveError::Mismatch(format!("block size {block_size} is not a power of two from 4 KiB to 64 MiB")));
     }
     let base = match base {

@@ -21,7 +21,11 @@ pub struct Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:nbd://{}:{}/{}", self.key, self.host, self.port, self.export)
+        if self.host.contains(':') {
+            write!(f, "{}:nbd://[{}]:{}/{}", self.key, self.host, self.port, self.export)
+        } else {
+            write!(f, "{}:nbd://{}:{}/{}", self.key, self.host, self.port, self.export)
+        }
     }
 }
 
@@ -57,6 +61,7 @@ pub enum TargetsError {
 /// The first malformed entry, named.
 pub fn parse(text: &str) -> Result<Vec<Target>, TargetsError> {
     let mut out: Vec<Target> = Vec::new();
+    let mut keys = std::collections::HashSet::new();
     for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let (key, url) = entry.split_once(':').ok_or_else(|| TargetsError::MissingKey(entry.to_string()))?;
         if key.is_empty() || url.starts_with("//") {
@@ -64,7 +69,7 @@ pub fn parse(text: &str) -> Result<Vec<Target>, TargetsError> {
         }
         let key: u32 = key.parse().map_err(|_| TargetsError::BadKey(entry.to_string()))?;
         let target = parse_url(key, url).map_err(|reason| TargetsError::BadUrl { entry: entry.to_string(), reason })?;
-        if out.iter().any(|t| t.key == key) {
+        if !keys.insert(key) {
             return Err(TargetsError::DuplicateKey(key));
         }
         out.push(target);
@@ -87,6 +92,11 @@ pub fn parse_url(key: u32, url: &str) -> Result<Target, &'static str> {
     };
     if host.is_empty() {
         return Err("the URL has no host");
+    }
+    // A name or an address, nothing a resolver or a later print could read otherwise (a host
+    // of "[1" once printed back as an unclosed bracket: found by fuzzing, `node::fuzzing`).
+    if !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%')) {
+        return Err("the host may hold letters, digits, '.', '-' and '_' (an IPv6 address in brackets)");
     }
     let port: u16 = port.parse().map_err(|_| "the port is not a number from 1 to 65535")?;
     if port == 0 {
@@ -115,6 +125,8 @@ mod tests {
     fn ipv6_hosts_and_default_exports_are_accepted() {
         let t = parse("2000:nbd://[::1]:10809").unwrap();
         assert_eq!((t[0].host.as_str(), t[0].port, t[0].export.as_str()), ("::1", 10809, ""));
+        assert_eq!(t[0].to_string(), "2000:nbd://[::1]:10809/", "printed back in brackets");
+        assert_eq!(parse("2000:nbd://::1:10809").unwrap(), t, "the last colon is the port's");
     }
 
     #[test]
@@ -129,6 +141,9 @@ mod tests {
         assert!(matches!(parse("2000:nbd://h:0/e"), Err(TargetsError::BadUrl { reason: "port 0 is not a port", .. })));
         assert!(matches!(parse("2000:nbd://h:99999/e"), Err(TargetsError::BadUrl { .. })));
         assert!(matches!(parse("2000:nbd://:1/e"), Err(TargetsError::BadUrl { .. })));
+        assert!(matches!(parse("2000:nbd://[[1]:1809"), Err(TargetsError::BadUrl { .. })));
+        assert!(matches!(parse("2000:nbd://a b:1/e"), Err(TargetsError::BadUrl { .. })));
+        assert!(matches!(parse("2000:nbd://h@evil:1/e"), Err(TargetsError::BadUrl { .. })));
         assert!(matches!(parse("2000:nbd://h:1/e?x=1"), Err(TargetsError::BadUrl { .. })));
         assert_eq!(parse("2000:nbd://h:1/a,2000:nbd://h:2/b"), Err(TargetsError::DuplicateKey(2000)));
     }

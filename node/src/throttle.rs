@@ -224,10 +224,12 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         _ => (t, 1),
     };
     let v: f64 = num.parse().map_err(|_| format!("'{text}' is not a rate such as 100M"))?;
-    if !(v.is_finite() && v > 0.0) {
-        return Err(format!("'{text}' must be more than zero"));
+    // Whole bytes: `0.5` would be a limit of nothing (found by fuzzing, `node::fuzzing`).
+    let bytes = if v.is_finite() { (v * mult as f64) as u64 } else { 0 };
+    if bytes == 0 {
+        return Err(format!("'{text}' must be at least one byte"));
     }
-    Ok((v * mult as f64) as u64)
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -240,6 +242,8 @@ mod tests {
         assert_eq!(parse_rate("1.5G"), Ok(3 << 29));
         assert_eq!(parse_rate("4096"), Ok(4096));
         assert!(parse_rate("0").is_err());
+        assert!(parse_rate("0.6").is_err(), "less than a byte");
+        assert!(parse_rate("-1M").is_err() && parse_rate("NaN").is_err() && parse_rate("inf").is_err());
         assert!(parse_rate("fast").is_err());
     }
 

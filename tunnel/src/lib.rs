@@ -15,6 +15,7 @@
 //! - [`endpoint`]: the hub's SSH endpoint that allows nothing but the configured forwards.
 //! - [`ciphers`]: the algorithm preferences (AES-GCM first where the CPU has AES instructions).
 //! - [`limits`]: what a peer can make the other side hold in memory, and the bounds.
+//! - `fuzzing` (feature `fuzzing`): the entry point of the `tunnel_inputs` fuzz target.
 //!
 //! The `sendense-tunnel` binary (feature `cli`, on by default) runs either side from the command
 //! line; `benches/` measures it against OpenSSH.
@@ -28,6 +29,8 @@ pub mod ciphers;
 pub mod client;
 pub mod dial;
 pub mod endpoint;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hostkey;
 pub mod keyfile;
 pub mod limits;

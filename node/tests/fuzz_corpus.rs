@@ -1,0 +1,81 @@
+//! Replays the `node_inputs` fuzz inputs through the entry point the fuzzer calls
+//! (`node::fuzzing::input`): the hand-made seeds of `fuzz/seeds/node_inputs` must be accepted
+//! (each is a well-formed input of its kind), and whatever the fuzzer kept in
+//! `fuzz/corpus/node_inputs` must keep every property, so `cargo test` catches a regression on
+//! any input a fuzzer ever found interesting.
+
+use std::path::PathBuf;
+
+use node::blockmap::{hash_block, BlockMap, UNKNOWN};
+
+fn inputs(kind: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join("node_inputs");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut out: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Block maps as the node writes them: a fresh disk with a short last block, one with known,
+/// changed and unknown blocks, and the smallest (an empty disk).
+fn maps() -> Vec<(&'static str, BlockMap)> {
+    let mut changed = BlockMap::zeroed(10 << 20, 1 << 20);
+    changed.hashes[2] = hash_block(b"changed");
+    changed.hashes[7] = UNKNOWN;
+    vec![
+        ("map_fresh_short_tail", BlockMap::zeroed(3 * 65536 + 4096, 65536)),
+        ("map_changed_unknown", changed),
+        ("map_empty_disk", BlockMap::zeroed(0, 4096)),
+    ]
+}
+
+fn as_input(map: &BlockMap) -> Vec<u8> {
+    [&[1u8][..], &map.to_bytes()].concat()
+}
+
+/// `NODE_WRITE_MAP_SEEDS=1` writes the block map seeds (fuzz/make_seeds.py cannot: no BLAKE3).
+#[test]
+fn block_maps_the_node_writes_are_accepted_and_their_seeds_are_current() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/node_inputs");
+    for (name, map) in maps() {
+        let input = as_input(&map);
+        if std::env::var_os("NODE_WRITE_MAP_SEEDS").is_some() {
+            std::fs::write(dir.join(name), &input).unwrap();
+        }
+        assert!(node::fuzzing::input(&input).accepted, "{name}");
+        assert_eq!(std::fs::read(dir.join(name)).unwrap(), input, "seed {name} is not what the node writes");
+        let mut damaged = input.clone();
+        damaged[20] ^= 1;
+        assert!(!node::fuzzing::input(&damaged).accepted, "{name} with a flipped bit");
+        assert!(!node::fuzzing::input(&input[..input.len() - 1]).accepted, "{name} cut short");
+    }
+}
+
+#[test]
+fn every_seed_is_accepted_as_its_kind() {
+    let seeds = inputs("seeds");
+    assert!(seeds.len() >= 10, "only {} seeds", seeds.len());
+    for kind in 0..5u8 {
+        assert!(seeds.iter().any(|(_, d)| d.first() == Some(&kind)), "no seed of kind {kind}");
+    }
+    for (name, data) in &seeds {
+        let o = node::fuzzing::input(data);
+        assert_eq!((o.kind, o.accepted), (data.first().copied(), true), "seed {name}");
+    }
+}
+
+#[test]
+fn the_fuzzer_grown_corpus_and_cut_seeds_keep_every_property() {
+    for (_, data) in inputs("corpus") {
+        node::fuzzing::input(&data);
+    }
+    for (_, data) in inputs("seeds") {
+        for cut in 0..data.len() {
+            node::fuzzing::input(&data[..cut]);
+        }
+    }
+}
