@@ -168,6 +168,29 @@ SEEDS["node_inputs"] = {
     "checksum": b"\x04" + b"blake3-blocks/65536:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
 }
 
+# hub_api (hub/src/fuzzing.rs): method byte (0 GET, 1 POST, 2 DELETE; 0x80: with the token),
+# the path up to a newline, the body. Each is named after the status the empty hub answers.
+GET, POST, DELETE, AUTH = 0, 1, 2, 0x80
+SEEDS["hub_api"] = {
+    "200_health": bytes([GET]) + b"/healthz",
+    "401_no_token": bytes([GET]) + b"/api/v1/backups",
+    "200_list_backups": bytes([GET | AUTH]) + b"/api/v1/backups?vm_name=pgtest1&tag=nightly",
+    "404_unknown_backup": bytes([GET | AUTH]) + b"/api/v1/backups/b-20261201T000000-abcdef",
+    "404_delete_unknown_merging": bytes([DELETE | AUTH]) + b"/api/v1/backups/b-1?merge=true",
+    "400_delete_bad_query": bytes([DELETE | AUTH]) + b"/api/v1/backups/b-1?merge=maybe",
+    "503_backup_node_unreachable": bytes([POST | AUTH]) + b'/api/v1/backups\n{"vm_name": "pgtest1", "backup_type": "full", "tags": ["nightly"], "keep": 3}',
+    "400_backup_unknown_field": bytes([POST | AUTH]) + b'/api/v1/backups\n{"vm_name": "pgtest1", "backup_type": "full", "colour": "red"}',
+    "400_backup_bad_tag": bytes([POST | AUTH]) + b'/api/v1/backups\n{"vm_name": "pgtest1", "backup_type": "incremental", "tags": ["../x"]}',
+    "404_restore_unknown": bytes([POST | AUTH]) + b'/api/v1/restores\n{"backup_id": "b-1"}',
+    "200_prune_dry_run": bytes([POST | AUTH]) + b'/api/v1/prune\n{"keep": 2, "keep_daily": 7, "dry_run": true}',
+    "503_replication_node_unreachable": bytes([POST | AUTH]) + b'/api/v1/replications\n{"vm_name": "pgtest1"}',
+    "404_unknown_schedule": bytes([POST | AUTH]) + b"/api/v1/schedules/nightly/run",
+    "200_ports": bytes([GET | AUTH]) + b"/api/v1/ports",
+    "200_metrics": bytes([GET | AUTH]) + b"/metrics",
+    "404_no_endpoint": bytes([GET | AUTH]) + b"/api/v2/everything",
+    "400_id_not_utf8": bytes([DELETE | AUTH]) + b"/api/v1/backups/b%e1%ff",
+}
+
 # tunnel_inputs (tunnel/src/fuzzing.rs): 0 authorized_keys, 1 range, 2 forward, 3 reverse.
 KEY = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb8qoqZtrb2+TCr0jq9UPZ+N7cSMQfDg+XKQ1uQ5fN0 node@host"
 SEEDS["tunnel_inputs"] = {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -154,6 +154,22 @@ pub struct ListQuery {
     pub tag: Option<String>,
 }
 
+/// A path parameter (an id, a name), refused as a JSON error like the API's others; axum's own
+/// rejection (an id whose `%`-escapes are not UTF-8) is plain text, which scripts cannot read
+/// (found by fuzzing, `hub::fuzzing`).
+struct Param(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Param {
+    type Rejection = HubError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, HubError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| Self(p))
+            .map_err(|e| HubError::BadRequest(format!("bad path: {}", e.body_text())))
+    }
+}
+
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, HubError> {
     q.map(|Query(v)| v).map_err(|e| HubError::BadRequest(format!("bad query: {}", e.body_text())))
 }
@@ -258,14 +274,14 @@ async fn list_backups(
     Ok(Json(list.iter().map(|v| job_json(Kind::Backup, v)).collect()))
 }
 
-async fn get_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+async fn get_backup(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
     let v = hub.get(Kind::Backup, &id).ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 
 async fn delete_backup(
     State(hub): State<Arc<Hub>>,
-    Path(id): Path<String>,
+    Param(id): Param,
     q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Result<Json<Value>, HubError> {
     let merge = query(q)?.merge;
@@ -296,22 +312,22 @@ async fn prune(
     Ok(Json(view))
 }
 
-async fn get_schedule(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> Result<Json<ScheduleView>, HubError> {
+async fn get_schedule(State(hub): State<Arc<Hub>>, Param(name): Param) -> Result<Json<ScheduleView>, HubError> {
     hub.schedule_view(&name).map(Json).ok_or_else(|| HubError::NotFound(format!("no schedule named {name}")))
 }
 
 /// A run of the schedule now (202), going on in the background; 409 while one goes on.
-async fn run_schedule(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> Result<Response, HubError> {
+async fn run_schedule(State(hub): State<Arc<Hub>>, Param(name): Param) -> Result<Response, HubError> {
     let view = hub.run_schedule_now(&name)?;
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
-async fn delete_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+async fn delete_replication(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
     let v = to_completion(async move { hub.delete(Kind::Replication, &id).await }).await?;
     Ok(Json(job_json(Kind::Replication, &v)))
 }
 
-async fn verify_backup(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+async fn verify_backup(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
     let (ok, disks) = to_completion(async move { hub.verify(&id).await }).await?;
     Ok(Json(json!({"ok": ok, "disks": disks})))
 }
@@ -338,12 +354,12 @@ async fn list_restores(State(hub): State<Arc<Hub>>) -> Json<Value> {
     Json(json!(hub.restores()))
 }
 
-async fn get_restore(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+async fn get_restore(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
     let v = hub.restore_view(&id).ok_or_else(|| HubError::NotFound(format!("unknown restore {id}")))?;
     Ok(Json(json!(v)))
 }
 
-async fn close_restore(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+async fn close_restore(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
     Ok(Json(json!(to_completion(async move { hub.close_restore(&id).await }).await?)))
 }
 
@@ -369,7 +385,7 @@ async fn list_replications(
     Ok(Json(list.iter().map(|v| job_json(Kind::Replication, v)).collect()))
 }
 
-async fn get_replication(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Json<Value>, HubError> {
+async fn get_replication(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
     let v = hub.get(Kind::Replication, &id).ok_or_else(|| HubError::NotFound(format!("unknown replication {id}")))?;
     Ok(Json(job_json(Kind::Replication, &v)))
 }

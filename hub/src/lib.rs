@@ -15,6 +15,7 @@
 //! - [`http`] and [`openapi`]: the API; [`metrics`]: `GET /metrics`.
 //! - [`endpoint`]: the embedded SSH endpoint for node tunnels.
 //! - [`demo`]: `sendense-hub demo`, the whole product on one machine.
+//! - `fuzzing` (feature `fuzzing`): the entry point of the `hub_api` fuzz target.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -24,6 +25,8 @@ pub mod demo;
 pub mod endpoint;
 pub mod error;
 pub mod exports;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod http;
 pub mod jobs;
 pub mod metrics;

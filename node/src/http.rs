@@ -66,6 +66,21 @@ impl From<JsonRejection> for ApiErr {
 
 type Answer<T> = Result<Json<T>, ApiErr>;
 
+/// A path parameter (a VM name, a job id), refused as a JSON error like the API's others, not
+/// as axum's plain text (an id whose `%`-escapes are not UTF-8).
+struct Param(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Param {
+    type Rejection = ApiErr;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiErr> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| Self(p))
+            .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, format!("bad path: {}", e.body_text())))
+    }
+}
+
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
@@ -138,7 +153,7 @@ async fn list_vms(State(s): State<Arc<AppState>>) -> Answer<Vec<VmInfo>> {
     Ok(Json(out))
 }
 
-async fn get_vm(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Answer<VmInfo> {
+async fn get_vm(State(s): State<Arc<AppState>>, Param(name): Param) -> Answer<VmInfo> {
     let settings = s.jobs.settings();
     let vm = settings.vm(&name).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown VM {name}")))?;
     Ok(Json(describe(vm, false).await?))
@@ -179,7 +194,7 @@ async fn start_restore(
         .into_response())
 }
 
-async fn get_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
+async fn get_job(State(s): State<Arc<AppState>>, Param(id): Param) -> Answer<crate::api::JobView> {
     let job = s.jobs.get(&id).ok_or_else(|| ApiErr(StatusCode::NOT_FOUND, format!("unknown job {id}")))?;
     Ok(Json(job.view()))
 }
@@ -190,7 +205,7 @@ async fn list_jobs(State(s): State<Arc<AppState>>) -> Answer<Vec<crate::api::Job
     Ok(Json(jobs))
 }
 
-async fn cancel_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
+async fn cancel_job(State(s): State<Arc<AppState>>, Param(id): Param) -> Answer<crate::api::JobView> {
     let job = s.jobs.cancel(&id)?;
     // Cancel is honoured within a second: wait that long for the job to settle.
     for _ in 0..20 {
@@ -202,7 +217,7 @@ async fn cancel_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> A
     Ok(Json(job.view()))
 }
 
-async fn commit_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Answer<crate::api::JobView> {
+async fn commit_job(State(s): State<Arc<AppState>>, Param(id): Param) -> Answer<crate::api::JobView> {
     // Renames and directory `fsync`s: off the runtime's workers.
     let jobs = Arc::clone(&s.jobs);
     let committed = tokio::task::spawn_blocking(move || jobs.commit(&id))

@@ -218,6 +218,11 @@ async fn bad_requests_get_json_errors_and_a_token_is_required() {
     }
     let r = http.get(url("/api/v1/backup/nosuch")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    // An id whose escapes are not UTF-8: a JSON error too, not axum's plain text.
+    let r = http.get(url("/api/v1/backup/j%e1%ff")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["code"], "bad_request", "{e}");
     let r = http.post(url("/api/v1/backup/nosuch/commit")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let metrics = http.get(url("/metrics")).bearer_auth(&token).send().await.unwrap().text().await.unwrap();
