@@ -3,23 +3,15 @@
 //! grew in `fuzz/corpus/*` (which must simply never panic), so `cargo test` catches a regression
 //! on any input a fuzzer ever kept.
 
-use std::path::PathBuf;
+#[path = "../../fuzz/replay.rs"]
+mod replay;
+
+use replay::inputs;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    inputs("seeds", target)
-}
-
-fn inputs(kind: &str, target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join(target);
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
-        .collect();
-    out.sort();
-    assert!(!out.is_empty(), "no seeds in {}", dir.display());
-    out
+    let seeds = inputs("seeds", target);
+    assert!(!seeds.is_empty(), "no seeds for {target}");
+    seeds
 }
 
 #[test]

@@ -6,19 +6,10 @@
 
 use std::path::PathBuf;
 
-use node::blockmap::{hash_block, BlockMap, UNKNOWN};
+#[path = "../../fuzz/replay.rs"]
+mod replay;
 
-fn inputs(kind: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join("node_inputs");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-    let mut out: Vec<(String, Vec<u8>)> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
-        .collect();
-    out.sort();
-    out
-}
+use node::blockmap::{hash_block, BlockMap, UNKNOWN};
 
 /// Block maps as the node writes them: a fresh disk with a short last block, one with known,
 /// changed and unknown blocks, and the smallest (an empty disk).
@@ -57,7 +48,7 @@ fn block_maps_the_node_writes_are_accepted_and_their_seeds_are_current() {
 
 #[test]
 fn every_seed_is_accepted_as_its_kind() {
-    let seeds = inputs("seeds");
+    let seeds = replay::inputs("seeds", "node_inputs");
     assert!(seeds.len() >= 10, "only {} seeds", seeds.len());
     for kind in 0..5u8 {
         assert!(seeds.iter().any(|(_, d)| d.first() == Some(&kind)), "no seed of kind {kind}");
@@ -70,12 +61,7 @@ fn every_seed_is_accepted_as_its_kind() {
 
 #[test]
 fn the_fuzzer_grown_corpus_and_cut_seeds_keep_every_property() {
-    for (_, data) in inputs("corpus") {
-        node::fuzzing::input(&data);
-    }
-    for (_, data) in inputs("seeds") {
-        for cut in 0..data.len() {
-            node::fuzzing::input(&data[..cut]);
-        }
-    }
+    replay::corpus_and_cut_seeds("node_inputs", 1, |data| {
+        let _ = node::fuzzing::input(data);
+    });
 }

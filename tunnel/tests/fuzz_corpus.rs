@@ -4,23 +4,12 @@
 //! `fuzz/corpus/tunnel_inputs` must keep every property, so `cargo test` catches a regression on
 //! any input a fuzzer ever found interesting.
 
-use std::path::PathBuf;
-
-fn inputs(kind: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz").join(kind).join("tunnel_inputs");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-    let mut out: Vec<(String, Vec<u8>)> = entries
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
-        .collect();
-    out.sort();
-    out
-}
+#[path = "../../fuzz/replay.rs"]
+mod replay;
 
 #[test]
 fn every_seed_is_accepted_as_its_kind() {
-    let seeds = inputs("seeds");
+    let seeds = replay::inputs("seeds", "tunnel_inputs");
     assert!(seeds.len() >= 8, "only {} seeds", seeds.len());
     for kind in 0..4u8 {
         assert!(seeds.iter().any(|(_, d)| d.first() == Some(&kind)), "no seed of kind {kind}");
@@ -33,7 +22,7 @@ fn every_seed_is_accepted_as_its_kind() {
 
 #[test]
 fn a_key_line_with_an_option_we_do_not_know_is_refused_whatever_else_it_says() {
-    let seeds = inputs("seeds");
+    let seeds = replay::inputs("seeds", "tunnel_inputs");
     let (_, fenced) = seeds.iter().find(|(n, _)| n == "keys_fenced").unwrap();
     for option in ["cert-authority,", "tunnel=\"0\",", "no-portforwarding,", "principals=\"x\","] {
         let line = [&[0u8][..], option.as_bytes(), &fenced[1..]].concat();
@@ -43,12 +32,7 @@ fn a_key_line_with_an_option_we_do_not_know_is_refused_whatever_else_it_says() {
 
 #[test]
 fn the_fuzzer_grown_corpus_and_cut_seeds_keep_every_property() {
-    for (_, data) in inputs("corpus") {
-        tunnel::fuzzing::input(&data);
-    }
-    for (_, data) in inputs("seeds") {
-        for cut in 0..data.len() {
-            tunnel::fuzzing::input(&data[..cut]);
-        }
-    }
+    replay::corpus_and_cut_seeds("tunnel_inputs", 1, |data| {
+        let _ = tunnel::fuzzing::input(data);
+    });
 }
