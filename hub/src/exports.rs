@@ -34,6 +34,27 @@ impl SendBytes for ChannelReplies {
     }
 }
 
+/// How an export opens its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Nothing written (restores).
+    ReadOnly,
+    /// Written by the node: a new image of a run.
+    Write,
+    /// Written again after a writer may have been cut: a run taken up after the hub was killed,
+    /// a replica kept from earlier runs. A killed writer leaves clusters it had reserved and not
+    /// used (leaked: space only, but `qemu-img check` reports them and exits 3); they are
+    /// reclaimed first (`qcow2::ImageOptions::reclaim_leaks`, a read of the image's metadata),
+    /// so what the run completes checks clean.
+    Resume,
+}
+
+impl Access {
+    fn read_only(self) -> bool {
+        self == Self::ReadOnly
+    }
+}
+
 /// How long closing waits for clients to drain.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -60,10 +81,11 @@ pub struct Exports {
 /// qcow2 image (with its chain); `O_DIRECT` and the shared ring as configured.
 fn open_backend(
     path: &std::path::Path,
-    read_only: bool,
+    access: Access,
     direct_io: bool,
     ring: Option<&IoRing>,
 ) -> Result<Arc<dyn Backend>, String> {
+    let read_only = access.read_only();
     if path.extension().is_some_and(|e| e == "raw") {
         let file = match direct_io {
             true => FileBackend::open_direct(path, read_only),
@@ -75,7 +97,8 @@ fn open_backend(
             None => file,
         }));
     }
-    let options = crate::repo::image_options(path, !read_only).direct_io(direct_io);
+    let options =
+        crate::repo::image_options(path, !read_only).direct_io(direct_io).reclaim_leaks(access == Access::Resume);
     let image = Image::open_with(path, &options).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let backend = Qcow2Backend::from_image(Arc::new(image));
     Ok(Arc::new(match ring {
@@ -136,12 +159,13 @@ impl Exports {
         name: &str,
         port: u16,
         image_path: &std::path::Path,
-        read_only: bool,
+        access: Access,
         peers: Peers,
     ) -> Result<(), String> {
         let (path, direct_io, ring) = (image_path.to_path_buf(), self.direct_io, self.ring.clone());
+        let read_only = access.read_only();
         // Opening reads the image's tables (from the disk when they are cold): off the runtime.
-        let backend = tokio::task::spawn_blocking(move || open_backend(&path, read_only, direct_io, ring.as_ref()))
+        let backend = tokio::task::spawn_blocking(move || open_backend(&path, access, direct_io, ring.as_ref()))
             .await
             .map_err(|e| format!("cannot open {}: {e}", image_path.display()))??;
         let listener = match tokio::net::TcpListener::bind((self.bind, port)).await {
@@ -261,19 +285,49 @@ mod tests {
         let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false).unwrap();
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = taken.local_addr().unwrap().port();
-        let err = exports.open("d", busy, &image, false, anyone()).await.unwrap_err();
+        let err = exports.open("d", busy, &image, Access::Write, anyone()).await.unwrap_err();
         assert!(err.contains("cannot listen"), "{err}");
         assert!(exports.views().is_empty(), "nothing half-open is listed");
         // The name was never taken: the same export opens on a free port.
         let port = testports::free_port();
-        exports.open("d", port, &image, false, anyone()).await.unwrap();
+        exports.open("d", port, &image, Access::Write, anyone()).await.unwrap();
         let second = testports::free_port();
-        let err = exports.open("d", second, &image, true, anyone()).await.unwrap_err();
+        let err = exports.open("d", second, &image, Access::ReadOnly, anyone()).await.unwrap_err();
         assert!(err.contains("export d"), "{err}");
         let views = exports.views();
         assert!(views.len() == 1 && views[0].port == port && !views[0].read_only, "{views:?}");
         assert!(std::net::TcpListener::bind(("127.0.0.1", second)).is_ok(), "the refused export's port is free");
         assert!(exports.close("d").await.is_some());
         assert!(exports.views().is_empty());
+    }
+
+    /// The image a killed hub's run was writing: clusters reserved and filled by writes whose
+    /// L2 entries never made it (the file grown over them; the image forgotten, never closed).
+    fn image_cut_by_a_kill(path: &std::path::Path) {
+        let image = Image::create(path, &qcow2::CreateOptions::new(16 << 20)).unwrap();
+        image.write_at(&[7u8; 65536], 1 << 20).unwrap();
+        image.flush().unwrap();
+        std::mem::forget(image);
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_len(file.metadata().unwrap().len() + 4 * 65536).unwrap();
+    }
+
+    fn qemu_img_check(path: &std::path::Path) -> Option<i32> {
+        let out = std::process::Command::new("qemu-img").arg("check").arg(path).output();
+        out.expect("qemu-img is required; scripts/test.sh installs it").status.code()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_image_written_again_after_a_kill_has_its_leaks_reclaimed_and_checks_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false).unwrap();
+        for (access, code) in [(Access::Write, Some(3)), (Access::Resume, Some(0))] {
+            let image = dir.path().join(format!("{access:?}.qcow2"));
+            image_cut_by_a_kill(&image);
+            assert_eq!(qemu_img_check(&image), Some(3), "the kill leaves leaks");
+            exports.open("d", testports::free_port(), &image, access, anyone()).await.unwrap();
+            assert!(exports.close("d").await.is_some());
+            assert_eq!(qemu_img_check(&image), code, "{access:?}");
+        }
     }
 }

@@ -227,6 +227,20 @@ impl DiskStatus {
             error: Some("disk state lost".into()),
         }
     }
+
+    /// Disk bytes settled: sent, skipped as holes or zeroes, or unchanged. Summed without
+    /// overflowing: the counters come over the network, from a node the hub does not trust to
+    /// count right.
+    pub fn bytes_settled(&self) -> u64 {
+        [self.bytes_sent, self.bytes_skipped_holes, self.bytes_skipped_zero, self.bytes_unchanged]
+            .into_iter()
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Every counter that moves while the copy does: what was read and what was settled.
+    pub fn bytes_moving(&self) -> u64 {
+        self.bytes_read.saturating_add(self.bytes_settled())
+    }
 }
 
 /// `GET /api/v1/backup/{job_id}`.

@@ -60,29 +60,15 @@ impl Hub {
                         // from now, not from before it went away.
                         last_progress.1 = Instant::now();
                     }
-                    let done: u64 = view
-                        .disks
-                        .iter()
-                        .map(|d| {
-                            d.bytes_read
-                                + d.bytes_sent
-                                + d.bytes_skipped_holes
-                                + d.bytes_skipped_zero
-                                + d.bytes_unchanged
-                        })
-                        .sum();
+                    let done = view.disks.iter().map(|d| d.bytes_moving()).fold(0, u64::saturating_add);
                     if done != last_progress.0 {
                         last_progress = (done, Instant::now());
                     }
                     if *first_done.get_or_insert(done) != done {
                         patience = stall;
                     }
-                    let total: u64 = view.disks.iter().map(|d| d.bytes_total).sum();
-                    let settled: u64 = view
-                        .disks
-                        .iter()
-                        .map(|d| d.bytes_sent + d.bytes_skipped_holes + d.bytes_skipped_zero + d.bytes_unchanged)
-                        .sum();
+                    let total = view.disks.iter().map(|d| d.bytes_total).fold(0, u64::saturating_add);
+                    let settled = view.disks.iter().map(|d| d.bytes_settled()).fold(0, u64::saturating_add);
                     poll = if total > 0 && settled.saturating_mul(10) >= total.saturating_mul(9) {
                         POLL_FINISHING
                     } else {

@@ -48,6 +48,7 @@ use super::restores::Restore;
 use super::scheduled::ScheduleRun;
 use super::view::{JobDisk, JobState};
 use super::{valid_name, Hub, Job, Kind, Status};
+use crate::exports::Access;
 use crate::ports::bindable;
 use crate::retention::Policy;
 
@@ -462,7 +463,7 @@ impl Hub {
         let ports: Vec<u16> = exports.iter().map(|e| e.1).collect();
         let lease = self.ports.lease_exact(&h.id, &ports, |p| bindable(bind, p))?;
         for (n, (_, port, name, path)) in exports.iter().enumerate() {
-            if let Err(e) = self.exports.open(name, *port, path, true, self.peers_of_every_node()).await {
+            if let Err(e) = self.exports.open(name, *port, path, Access::ReadOnly, self.peers_of_every_node()).await {
                 for (_, _, opened, _) in exports.iter().take(n) {
                     self.exports.close(opened).await;
                 }
@@ -506,7 +507,8 @@ impl Hub {
         let ports: Vec<u16> = disks.iter().map(|d| d.port).collect();
         let lease = self.ports.lease_exact(&h.id, &ports, |p| bindable(bind, p))?;
         for (n, d) in disks.iter().enumerate() {
-            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false, self.peers_of(&h.node)).await {
+            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, Access::Resume, self.peers_of(&h.node)).await
+            {
                 for opened in disks.iter().take(n) {
                     self.exports.close(&opened.export).await;
                 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::restore_run::{RestoreDisk, RestoreRun};
 use super::{new_id, valid_name, Hub};
 use crate::error::HubError;
+use crate::exports::Access;
 use crate::ports::{bindable, Lease};
 use crate::repo::Manifest;
 
@@ -134,7 +135,7 @@ impl Hub {
         for (d, port) in disks.into_iter().zip(&lease.ports) {
             let name = format!("{}-{id}-disk{}", m.vm_name, d.disk_id);
             let path = self.repo.backup_dir(&m.vm_name, &m.backup_id).join(&d.file);
-            if let Err(e) = self.exports.open(&name, *port, &path, true, self.peers_of_every_node()).await {
+            if let Err(e) = self.exports.open(&name, *port, &path, Access::ReadOnly, self.peers_of_every_node()).await {
                 for (_, _, n) in &exports {
                     self.exports.close(n).await;
                 }

@@ -13,6 +13,7 @@ use super::files::{self, DiskFile, JobFiles};
 use super::view::{type_name, JobDisk, JobState};
 use super::{new_id, valid_name, Hub, Job, JobView, Kind, Status};
 use crate::error::HubError;
+use crate::exports::Access;
 use crate::ports::bindable;
 use crate::repo::{self, Manifest};
 use crate::retention::Policy;
@@ -289,6 +290,7 @@ impl Hub {
         let marker = (kind == Kind::Replication).then(|| (self.repo.replica_marker(vm), id.to_string()));
         let mut disks = Vec::new();
         let mut files = Vec::new();
+        let mut access = Vec::new();
         for (i, (d, port)) in info.disks.iter().zip(&lease.ports).enumerate() {
             let path = match kind {
                 Kind::Backup => self.repo.disk_path(vm, id, d.key),
@@ -314,6 +316,10 @@ impl Hub {
                     }
                 }
             };
+            access.push(match file {
+                DiskFile::Keep { .. } => Access::Resume,
+                _ => Access::Write,
+            });
             files.push((path.clone(), file));
             let export = match kind {
                 Kind::Backup => format!("{vm}-disk{i}"),
@@ -328,7 +334,7 @@ impl Hub {
             }
         };
         for (n, d) in disks.iter().enumerate() {
-            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, false, self.peers_of(node_name)).await {
+            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, access[n], self.peers_of(node_name)).await {
                 for opened in disks.iter().take(n) {
                     self.exports.close(&opened.export).await;
                 }

@@ -231,7 +231,7 @@ impl Job {
             .iter()
             .map(|d| {
                 let n = node_disks.get(&d.key);
-                let done = n.map(|n| n.bytes_sent + n.bytes_skipped_holes + n.bytes_skipped_zero + n.bytes_unchanged);
+                let done = n.map(node::api::DiskStatus::bytes_settled);
                 DiskProgress {
                     disk_key: d.key,
                     bytes_total: n.map(|n| n.bytes_total).unwrap_or(d.size),
