@@ -462,3 +462,17 @@ impl NodeClient {
         self.call(reqwest::Method::GET, "/api/v1/tunnel", None::<&()>).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_a_node_reports_are_summed_without_overflowing() {
+        let mut d = DiskStatus::lost(2000);
+        (d.bytes_read, d.bytes_sent, d.bytes_skipped_holes, d.bytes_skipped_zero, d.bytes_unchanged) = (1, 2, 3, 4, 5);
+        assert_eq!((d.bytes_settled(), d.bytes_moving()), (14, 15));
+        d.bytes_unchanged = u64::MAX;
+        assert_eq!((d.bytes_settled(), d.bytes_moving()), (u64::MAX, u64::MAX));
+    }
+}
