@@ -333,8 +333,8 @@ impl Hub {
                 files::remove_dir(dir.clone()).await;
             }
         };
-        for (n, d) in disks.iter().enumerate() {
-            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, access[n], self.peers_of(node_name)).await {
+        for (n, (d, access)) in disks.iter().zip(access).enumerate() {
+            if let Err(e) = self.exports.open(&d.export, d.port, &d.path, access, self.peers_of(node_name)).await {
                 for opened in disks.iter().take(n) {
                     self.exports.close(&opened.export).await;
                 }
