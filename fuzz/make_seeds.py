@@ -189,6 +189,7 @@ SEEDS["hub_api"] = {
     "200_metrics": bytes([GET | AUTH]) + b"/metrics",
     "404_no_endpoint": bytes([GET | AUTH]) + b"/api/v2/everything",
     "400_id_not_utf8": bytes([DELETE | AUTH]) + b"/api/v1/backups/b%e1%ff",
+    "405_delete_all_backups": bytes([DELETE | AUTH]) + b"/api/v1/backups",
 }
 
 # tunnel_inputs (tunnel/src/fuzzing.rs): 0 authorized_keys, 1 range, 2 forward, 3 reverse.

@@ -11,8 +11,8 @@
 //!
 //! What every answer must be, besides the hub not panicking: one a script can act on. Never a
 //! 500 (the hub's own failure; a handler that panics is one, through `to_completion`), and every
-//! error a JSON object with `error` and `code`, as the API documents, except the 405 axum gives
-//! a method a route does not have.
+//! error a JSON object with `error` and `code`, as the API documents (a method an endpoint does
+//! not take included).
 
 use std::sync::Arc;
 
@@ -97,7 +97,7 @@ impl Api {
         });
         let text = String::from_utf8_lossy(&body);
         assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{what}: 500 {text}");
-        if status.is_client_error() && status != StatusCode::METHOD_NOT_ALLOWED || status.is_server_error() {
+        if status.is_client_error() || status.is_server_error() {
             let error: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
             let shaped = error.as_ref().is_some_and(|e| e["error"].is_string() && e["code"].is_string());
             assert!(shaped, "{what}: {status} without a JSON error: {text}");

@@ -2,7 +2,7 @@
 //! `/metrics` and `/api/v1/openapi.json`.
 //!
 //! Every call but `/healthz` needs `Authorization: Bearer TOKEN`; errors are
-//! `{"error", "code"}` with 400/401/404/409/503 (malformed bodies included); bodies are capped
+//! `{"error", "code"}` with 400/401/404/405/409/503 (malformed bodies included); bodies are capped
 //! at 64 KiB. Handlers validate and delegate to [`crate::jobs::Hub`].
 
 use std::sync::Arc;
@@ -154,6 +154,13 @@ pub struct ListQuery {
     pub tag: Option<String>,
 }
 
+/// A method an endpoint does not take: 405 with the API's JSON error (axum's own has no body;
+/// its `Allow` header is kept).
+fn method_not_allowed() -> Response {
+    let body = json!({"error": "this endpoint does not take that method (see Allow)", "code": "method_not_allowed"});
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
 /// A path parameter (an id, a name), refused as a JSON error like the API's others; axum's own
 /// rejection (an id whose `%`-escapes are not UTF-8) is plain text, which scripts cannot read
 /// (found by fuzzing, `hub::fuzzing`).
@@ -220,6 +227,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .merge(api)
         .fallback(|| async { HubError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(hub)
 }

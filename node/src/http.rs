@@ -1,7 +1,7 @@
 //! The node's HTTP API (axum): VMs, backup/replicate/restore jobs, commit, tunnel status,
 //! `/healthz` and `/metrics`.
 //!
-//! Every answer is JSON; every error is `{"error", "code"}` with 400/401/404/409/503, including
+//! Every answer is JSON; every error is `{"error", "code"}` with 400/401/404/405/409/503, including
 //! malformed bodies (axum's own rejections are rewritten). With a token configured, every call
 //! but `/healthz` needs `Authorization: Bearer TOKEN`; the comparison does not stop at the first
 //! differing byte. Bodies are capped at 1 MiB.
@@ -39,6 +39,7 @@ impl IntoResponse for ApiErr {
             StatusCode::BAD_REQUEST => "bad_request",
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::CONFLICT => "conflict",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             _ => "error",
@@ -99,6 +100,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .merge(api)
         .fallback(|| async { ApiErr(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiErr(StatusCode::METHOD_NOT_ALLOWED, "this endpoint does not take that method (see Allow)".into())
+        })
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }

@@ -218,6 +218,12 @@ async fn bad_requests_get_json_errors_and_a_token_is_required() {
     }
     let r = http.get(url("/api/v1/backup/nosuch")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    // A method an endpoint does not take: a JSON error too, with axum's Allow header kept.
+    let r = http.delete(url("/api/v1/vms")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers().get("allow").is_some_and(|a| a.to_str().unwrap().contains("GET")), "{:?}", r.headers());
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["code"], "method_not_allowed", "{e}");
     // An id whose escapes are not UTF-8: a JSON error too, not axum's plain text.
     let r = http.get(url("/api/v1/backup/j%e1%ff")).bearer_auth(&token).send().await.unwrap();
     assert_eq!(r.status(), 400);
