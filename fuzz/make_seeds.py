@@ -169,8 +169,9 @@ SEEDS["node_inputs"] = {
 }
 
 # hub_api (hub/src/fuzzing.rs): method byte (0 GET, 1 POST, 2 DELETE; 0x80: with the token),
-# the path up to a newline, the body. Each is named after the status the empty hub answers.
+# the path up to a newline, the body. Each is named after the status the fuzzed hub answers.
 GET, POST, DELETE, AUTH = 0, 1, 2, 0x80
+FULL, INCREMENTAL = b"b-20261201T010000-f00001", b"b-20261201T020000-f00002"
 SEEDS["hub_api"] = {
     "200_health": bytes([GET]) + b"/healthz",
     "401_no_token": bytes([GET]) + b"/api/v1/backups",
@@ -184,12 +185,29 @@ SEEDS["hub_api"] = {
     "404_restore_unknown": bytes([POST | AUTH]) + b'/api/v1/restores\n{"backup_id": "b-1"}',
     "200_prune_dry_run": bytes([POST | AUTH]) + b'/api/v1/prune\n{"keep": 2, "keep_daily": 7, "dry_run": true}',
     "503_replication_node_unreachable": bytes([POST | AUTH]) + b'/api/v1/replications\n{"vm_name": "pgtest1"}',
-    "404_unknown_schedule": bytes([POST | AUTH]) + b"/api/v1/schedules/nightly/run",
+    "404_unknown_schedule": bytes([POST | AUTH]) + b"/api/v1/schedules/weekly/run",
     "200_ports": bytes([GET | AUTH]) + b"/api/v1/ports",
     "200_metrics": bytes([GET | AUTH]) + b"/metrics",
     "404_no_endpoint": bytes([GET | AUTH]) + b"/api/v2/everything",
     "400_id_not_utf8": bytes([DELETE | AUTH]) + b"/api/v1/backups/b%e1%ff",
     "405_delete_all_backups": bytes([DELETE | AUTH]) + b"/api/v1/backups",
+    # The repository's chain (hub::fuzzing::FULL and INCREMENTAL of vm1) and its schedule.
+    "200_get_full": bytes([GET | AUTH]) + b"/api/v1/backups/" + FULL,
+    "200_list_vm": bytes([GET | AUTH]) + b"/api/v1/backups?vm_name=vm1",
+    "201_restore_incremental": bytes([POST | AUTH]) + b'/api/v1/restores\n{"backup_id": "' + INCREMENTAL + b'"}',
+    "503_restore_onto_node_unreachable": bytes([POST | AUTH]) + b'/api/v1/restores\n{"backup_id": "' + FULL
+    + b'", "node": "node1", "destinations": {"2000": "/var/lib/vms/vm1-restored.qcow2"}}',
+    "400_restore_node_without_destinations": bytes([POST | AUTH]) + b'/api/v1/restores\n{"backup_id": "' + FULL
+    + b'", "node": "node1"}',
+    "200_verify_full": bytes([POST | AUTH]) + b"/api/v1/backups/" + FULL + b"/verify",
+    "200_verify_incremental": bytes([POST | AUTH]) + b"/api/v1/backups/" + INCREMENTAL + b"/verify",
+    "200_delete_incremental": bytes([DELETE | AUTH]) + b"/api/v1/backups/" + INCREMENTAL,
+    "409_delete_full_under_incremental": bytes([DELETE | AUTH]) + b"/api/v1/backups/" + FULL,
+    "200_merge_full": bytes([DELETE | AUTH]) + b"/api/v1/backups/" + FULL + b"?merge=true",
+    "200_prune_keep_one": bytes([POST | AUTH]) + b'/api/v1/prune\n{"vm_name": "vm1", "keep": 1}',
+    "503_incremental_node_unreachable": bytes([POST | AUTH]) + b'/api/v1/backups\n{"vm_name": "vm1", "backup_type": "incremental"}',
+    "200_get_schedule": bytes([GET | AUTH]) + b"/api/v1/schedules/nightly",
+    "202_run_schedule": bytes([POST | AUTH]) + b"/api/v1/schedules/nightly/run",
 }
 
 # tunnel_inputs (tunnel/src/fuzzing.rs): 0 authorized_keys, 1 range, 2 forward, 3 reverse.

@@ -1,5 +1,5 @@
-//! Fuzz the hub's HTTP API with requests of any shape, one hub for the whole run
-//! (`hub::fuzzing`).
+//! Fuzz the hub's HTTP API with requests of any shape, to a hub over a repository with backups,
+//! made again after each request that changed something (`hub::fuzzing`).
 #![no_main]
 
 static API: std::sync::LazyLock<hub::fuzzing::Api> =

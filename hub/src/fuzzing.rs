@@ -1,20 +1,29 @@
 //! Entry point of the `hub_api` fuzz target (`fuzz/`) and of its corpus replay in `cargo test`:
 //! requests of any shape to the hub's HTTP API ([`crate::http::router`]), answered by a hub of
-//! their own: a new repository in a temporary directory and one node at an address nothing
-//! listens on, so what the hub would ask of a node fails as an unreachable node does.
+//! their own: a repository in a temporary directory holding one VM's chain of two backups (a full
+//! one and an incremental on it, [`FULL`] and [`INCREMENTAL`], qcow2 images with data and the
+//! checksums a node would have sent), one schedule ([`SCHEDULE`]), and one node at an address
+//! nothing listens on, so what the hub would ask of a node fails as an unreachable node does.
+//! With backups to name, a request gets past "unknown backup" to what the hub does with one:
+//! restores (read-only exports on real ports), verification, merges, deletions, retention.
+//!
+//! A request that changed something (a method other than GET answered with success) leaves the
+//! hub to be replaced: the next request goes to a new hub over a new copy of that repository, on
+//! a runtime of its own (dropping the old one closes its exports and stops its tasks). So every
+//! input starts from the same repository, and a replay gets what the fuzzer got.
 //!
 //! An input is a request: its first byte the method (GET, POST, DELETE, PUT, PATCH by its low
 //! bits) and, in its high bit, whether the bearer token is sent; then the path and query up to
 //! the first newline; then the body, sent as JSON. The requests go through the router in process
-//! (`tower::ServiceExt::oneshot`), as hyper would hand them over, one after the other on the same
-//! hub, so one input can build on what an earlier one did.
+//! (`tower::ServiceExt::oneshot`), as hyper would hand them over.
 //!
 //! What every answer must be, besides the hub not panicking: one a script can act on. Never a
 //! 500 (the hub's own failure; a handler that panics is one, through `to_completion`), and every
 //! error a JSON object with `error` and `code`, as the API documents (a method an endpoint does
 //! not take included).
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
@@ -22,37 +31,107 @@ use tower::ServiceExt;
 
 use crate::config::{NodeSpec, Settings};
 use crate::jobs::Hub;
+use crate::repo::{Manifest, ManifestDisk, Repo};
 
 /// The bearer token of the fuzzed hub.
 pub const TOKEN: &str = "fuzz-token";
+/// The VM whose backups the repository holds, on node `node1`.
+pub const VM: &str = "vm1";
+/// Its full backup.
+pub const FULL: &str = "b-20261201T010000-f00001";
+/// Its incremental backup, an overlay of [`FULL`].
+pub const INCREMENTAL: &str = "b-20261201T020000-f00002";
+/// The hub's one schedule: nightly incrementals of [`VM`].
+pub const SCHEDULE: &str = "nightly";
+
+/// The disk key and the virtual size of the VM's one disk.
+const DISK_KEY: u32 = 2000;
+const DISK_SIZE: u64 = 4 << 20;
+/// The node's checksum block size.
+const CHECKSUM_BLOCK: u64 = 64 << 10;
 
 /// What the hub answered (`None`: the input is not a request, such as a path that is no URI).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     /// The status.
     pub status: Option<u16>,
+    /// The body, when it is JSON.
+    pub json: Option<serde_json::Value>,
 }
 
-/// A hub, its runtime and its directory, for as many requests as are sent to it.
+/// The hub requests go to, made again after a request that changed something (module doc).
 pub struct Api {
+    served: Mutex<Option<Served>>,
+}
+
+/// One hub, its runtime and its directory. Fields drop in order: the runtime (and with it the
+/// hub's tasks and exports) before the directory goes.
+struct Served {
     runtime: tokio::runtime::Runtime,
     router: axum::Router,
     _dir: tempfile::TempDir,
 }
 
 impl Api {
-    /// A hub over a new repository (module doc).
+    /// A hub over the repository of the module doc.
     ///
     /// # Errors
-    /// The directory, the runtime or the hub could not be made.
+    /// The directory, the repository, the runtime or the hub could not be made.
     pub fn new() -> Result<Self, String> {
+        Ok(Self { served: Mutex::new(Some(Served::new()?)) })
+    }
+
+    /// Send one input as a request (module doc); the properties are asserted here.
+    ///
+    /// # Panics
+    /// An answer breaks a property, or a new hub could not be made: a fuzz target reports by
+    /// panicking.
+    #[allow(clippy::panic)]
+    pub fn request(&self, data: &[u8]) -> Outcome {
+        let Some(request) = decode(data) else { return Outcome { status: None, json: None } };
+        let what = format!("{} {}", request.method(), request.uri());
+        let changes = request.method() != Method::GET;
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        let hub = match served.take() {
+            Some(hub) => hub,
+            None => Served::new().unwrap_or_else(|e| panic!("a new hub to fuzz: {e}")),
+        };
+        let router = hub.router.clone();
+        let (status, body) = hub.runtime.block_on(async move {
+            let response = router.oneshot(request).await.unwrap_or_else(|never| match never {});
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap_or_default();
+            (status, body)
+        });
+        if !(changes && status.is_success()) {
+            *served = Some(hub);
+        }
+        let text = String::from_utf8_lossy(&body);
+        assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{what}: 500 {text}");
+        let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+        if status.is_client_error() || status.is_server_error() {
+            let shaped = json.as_ref().is_some_and(|e| e["error"].is_string() && e["code"].is_string());
+            assert!(shaped, "{what}: {status} without a JSON error: {text}");
+        }
+        Outcome { status: Some(status.as_u16()), json }
+    }
+}
+
+impl Served {
+    fn new() -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let repo = Repo { root: dir.path().join("repo"), replicas: dir.path().join("replicas"), replica_raw: false };
+        write_chain(&repo).map_err(|e| format!("the repository: {e}"))?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        let schedule: crate::schedule::ScheduleFile = serde_json::from_value(serde_json::json!({
+            "name": SCHEDULE, "vms": [VM], "at": ["03:00"], "days": ["sun"], "tags": ["nightly"],
+        }))
+        .map_err(|e| e.to_string())?;
         let settings = Settings {
             listen: (localhost, 0).into(),
-            repo: dir.path().join("repo"),
-            replicas: dir.path().join("replicas"),
+            repo: repo.root,
+            replicas: repo.replicas,
             nbd_ports: (10100, 10103),
             nbd_bind: localhost,
             nbd_host: "127.0.0.1".into(),
@@ -77,33 +156,75 @@ impl Api {
             verify_every: None,
             compress: false,
             max_chain: crate::jobs::DEFAULT_MAX_CHAIN,
-            schedules: Vec::new(),
+            schedules: vec![crate::schedule::Schedule::parse(schedule)?],
         };
         let hub = runtime.block_on(async { Hub::new(settings) })?;
         let router = crate::http::router(Arc::clone(&hub));
         Ok(Self { runtime, router, _dir: dir })
     }
+}
 
-    /// Send one input as a request (module doc); the properties are asserted here.
-    pub fn request(&self, data: &[u8]) -> Outcome {
-        let Some(request) = decode(data) else { return Outcome { status: None } };
-        let what = format!("{} {}", request.method(), request.uri());
-        let router = self.router.clone();
-        let (status, body) = self.runtime.block_on(async move {
-            let response = router.oneshot(request).await.unwrap_or_else(|never| match never {});
-            let status = response.status();
-            let body = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap_or_default();
-            (status, body)
-        });
-        let text = String::from_utf8_lossy(&body);
-        assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{what}: 500 {text}");
-        if status.is_client_error() || status.is_server_error() {
-            let error: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-            let shaped = error.as_ref().is_some_and(|e| e["error"].is_string() && e["code"].is_string());
-            assert!(shaped, "{what}: {status} without a JSON error: {text}");
-        }
-        Outcome { status: Some(status.as_u16()) }
+/// [`FULL`] and [`INCREMENTAL`] as a backup would have left them: an image with data in two
+/// places, an overlay with data in a third and over one of the first, each with its manifest
+/// (written last) and the node's checksum of the disk as it was.
+fn write_chain(repo: &Repo) -> Result<(), Box<dyn std::error::Error>> {
+    let full = write_image(repo, FULL, None, &[(0, 0xab), (1 << 20, 0xcd)])?;
+    let incremental = write_image(repo, INCREMENTAL, Some(FULL), &[(1 << 20, 0x5a), (2 << 20, 0xef)])?;
+    for (id, parent, disk, at) in [(FULL, None, full, "01"), (INCREMENTAL, Some(FULL), incremental, "02")] {
+        let created = format!("2026-12-01T{at}:00:00Z");
+        let manifest = Manifest {
+            backup_id: id.into(),
+            vm_name: VM.into(),
+            node: "node1".into(),
+            backup_type: if parent.is_some() { "incremental" } else { "full" }.into(),
+            parent_id: parent.map(str::to_string),
+            status: "completed".into(),
+            created_at: created.clone(),
+            completed_at: created,
+            disks: vec![disk],
+            note: None,
+            tags: vec!["nightly".into()],
+            merging_into: None,
+            verified: None,
+            compressed: None,
+        };
+        let (path, bytes) = repo.manifest_file(&manifest)?;
+        std::fs::write(path, bytes)?;
     }
+    Ok(())
+}
+
+/// One backup's image of the disk, 64 KiB of `byte` at each offset, and its manifest entry.
+fn write_image(
+    repo: &Repo,
+    id: &str,
+    parent: Option<&str>,
+    data: &[(u64, u8)],
+) -> Result<ManifestDisk, Box<dyn std::error::Error>> {
+    let file = crate::repo::disk_file(DISK_KEY);
+    std::fs::create_dir_all(repo.backup_dir(VM, id))?;
+    let options = match parent {
+        Some(p) => qcow2::CreateOptions::overlay(format!("../{p}/{file}"), qcow2::BackingFormat::Qcow2),
+        None => qcow2::CreateOptions::new(DISK_SIZE),
+    };
+    let path = repo.disk_path(VM, id, DISK_KEY);
+    let image = qcow2::Image::create(&path, &options)?;
+    for &(offset, byte) in data {
+        image.write_at(&[byte; CHECKSUM_BLOCK as usize], offset)?;
+    }
+    image.close()?;
+    drop(image);
+    let image = qcow2::Image::open_with(&path, &crate::repo::image_options(Path::new(&path), false))?;
+    let checksum = crate::verify::image_checksum(&image, CHECKSUM_BLOCK)?;
+    Ok(ManifestDisk {
+        disk_key: DISK_KEY,
+        disk_id: 0,
+        size: DISK_SIZE,
+        allocated_bytes: data.len() as u64 * CHECKSUM_BLOCK,
+        checksum: Some(checksum),
+        file,
+        bytes_sent: data.len() as u64 * CHECKSUM_BLOCK,
+    })
 }
 
 fn decode(data: &[u8]) -> Option<Request<Body>> {
