@@ -210,6 +210,38 @@ SEEDS["hub_api"] = {
     "202_run_schedule": bytes([POST | AUTH]) + b"/api/v1/schedules/nightly/run",
 }
 
+# node_api (node/src/fuzzing/api.rs), the same request format as hub_api; requests of one input
+# separated by 0x1e, @DIR@ standing for the node's directory. Named after the last request's status.
+SEP = b"\x1e"
+BACKUP = b'/api/v1/backup/start\n{"vm_name": "vm1", "nbd_targets": "2000:nbd://127.0.0.1:9/vm1-disk0", "job_id": "job1", "backup_type": "full"}'
+START = bytes([POST | AUTH]) + BACKUP
+SEEDS["node_api"] = {
+    "200_health": bytes([GET]) + b"/healthz",
+    "401_no_token": bytes([GET]) + b"/api/v1/vms",
+    "200_vms": bytes([GET | AUTH]) + b"/api/v1/vms",
+    "200_vm_raw": bytes([GET | AUTH]) + b"/api/v1/vms/vm1",
+    "200_vm_qcow2": bytes([GET | AUTH]) + b"/api/v1/vms/vm2",
+    "404_unknown_vm": bytes([GET | AUTH]) + b"/api/v1/vms/vm9",
+    "202_backup": START,
+    "400_backup_target_elsewhere": bytes([POST | AUTH]) + b'/api/v1/backup/start\n{"vm_name": "vm1", "nbd_targets": "2000:nbd://203.0.113.7:10100/vm1-disk0", "job_id": "job1", "backup_type": "full"}',
+    "400_backup_unknown_field": bytes([POST | AUTH]) + b'/api/v1/backup/start\n{"vm_name": "vm1", "nbd_targets": "", "job_id": "job1", "backup_type": "full", "colour": "red"}',
+    "404_backup_unknown_vm": bytes([POST | AUTH]) + b'/api/v1/backup/start\n{"vm_name": "vm9", "nbd_targets": "2000:nbd://127.0.0.1:9/vm9-disk0", "job_id": "job1", "backup_type": "full"}',
+    "202_replicate": bytes([POST | AUTH]) + b'/api/v1/replicate\n{"vm_name": "vm2", "nbd_targets": "2000:nbd://127.0.0.1:9/vm2-disk0", "job_id": "rep1", "backup_type": "incremental"}',
+    "202_restore_into_restore_dir": bytes([POST | AUTH]) + b'/api/v1/restore/start\n{"job_id": "r1", "nbd_targets": "2000:nbd://127.0.0.1:9/vm1-r1-disk0", "destinations": {"2000": "@DIR@/restores/vm1.raw"}}',
+    "202_restore_onto_vm_disk": bytes([POST | AUTH]) + b'/api/v1/restore/start\n{"job_id": "r1", "nbd_targets": "2000:nbd://127.0.0.1:9/vm2-r1-disk0", "destinations": {"2000": "@DIR@/vm2-disk0.qcow2"}}',
+    "400_restore_outside": bytes([POST | AUTH]) + b'/api/v1/restore/start\n{"job_id": "r1", "nbd_targets": "2000:nbd://127.0.0.1:9/x", "destinations": {"2000": "/etc/passwd"}}',
+    "200_backup_then_view": START + SEP + bytes([GET | AUTH]) + b"/api/v1/backup/job1",
+    "409_backup_twice": START + SEP + START,
+    "200_backup_then_cancel": START + SEP + bytes([DELETE | AUTH]) + b"/api/v1/backup/job1",
+    "200_backup_then_jobs": START + SEP + bytes([GET | AUTH]) + b"/api/v1/jobs",
+    "409_commit_before_the_end": START + SEP + bytes([POST | AUTH]) + b"/api/v1/backup/job1/commit",
+    "404_unknown_job": bytes([GET | AUTH]) + b"/api/v1/backup/nojob",
+    "200_tunnel": bytes([GET | AUTH]) + b"/api/v1/tunnel",
+    "200_metrics": bytes([GET | AUTH]) + b"/metrics",
+    "405_delete_vms": bytes([DELETE | AUTH]) + b"/api/v1/vms",
+    "400_id_not_utf8": bytes([GET | AUTH]) + b"/api/v1/backup/j%e1%ff",
+}
+
 # tunnel_inputs (tunnel/src/fuzzing.rs): 0 authorized_keys, 1 range, 2 forward, 3 reverse.
 KEY = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb8qoqZtrb2+TCr0jq9UPZ+N7cSMQfDg+XKQ1uQ5fN0 node@host"
 SEEDS["tunnel_inputs"] = {

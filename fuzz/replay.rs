@@ -31,3 +31,16 @@ pub fn corpus_and_cut_seeds(target: &str, step: usize, mut run: impl FnMut(&[u8]
         }
     }
 }
+
+/// Each seed of an API target (`hub_api`, `node_api`) is named after the status its last request
+/// must get (`404_unknown_backup` a 404): `send` sends a seed and returns that status, given the
+/// seed's name to check more of the answer where the name says so.
+#[allow(dead_code)]
+pub fn seeds_get_the_status_their_names_say(target: &str, mut send: impl FnMut(&str, &[u8]) -> Option<u16>) {
+    let seeds = inputs("seeds", target);
+    assert!(seeds.len() >= 10, "only {} seeds", seeds.len());
+    for (name, data) in &seeds {
+        let want: u16 = name.split('_').next().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("seed {name}"));
+        assert_eq!(send(name, data), Some(want), "seed {name}");
+    }
+}

@@ -2,9 +2,9 @@
 //! made again after each request that changed something (`hub::fuzzing`).
 #![no_main]
 
-static API: std::sync::LazyLock<hub::fuzzing::Api> =
-    std::sync::LazyLock::new(|| hub::fuzzing::Api::new().unwrap_or_else(|e| panic!("the fuzzed hub: {e}")));
+static API: std::sync::LazyLock<node::fuzzing::api_requests::Api> =
+    std::sync::LazyLock::new(|| hub::fuzzing::api().unwrap_or_else(|e| panic!("the fuzzed hub: {e}")));
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = API.request(data);
+    let _ = API.input(data);
 });

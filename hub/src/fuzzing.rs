@@ -7,27 +7,15 @@
 //! With backups to name, a request gets past "unknown backup" to what the hub does with one:
 //! restores (read-only exports on real ports), verification, merges, deletions, retention.
 //!
-//! A request that changed something (a method other than GET answered with success) leaves the
-//! hub to be replaced: the next request goes to a new hub over a new copy of that repository, on
-//! a runtime of its own (dropping the old one closes its exports and stops its tasks). So every
-//! input starts from the same repository, and a replay gets what the fuzzer got.
-//!
-//! An input is a request: its first byte the method (GET, POST, DELETE, PUT, PATCH by its low
-//! bits) and, in its high bit, whether the bearer token is sent; then the path and query up to
-//! the first newline; then the body, sent as JSON. The requests go through the router in process
-//! (`tower::ServiceExt::oneshot`), as hyper would hand them over.
-//!
-//! What every answer must be, besides the hub not panicking: one a script can act on. Never a
-//! 500 (the hub's own failure; a handler that panics is one, through `to_completion`), and every
-//! error a JSON object with `error` and `code`, as the API documents (a method an endpoint does
-//! not take included).
+//! The requests, what every answer must be and when the hub is made again are the harness the
+//! node's `node_api` target uses too (`node::fuzzing::api_requests`): an input is one request or
+//! several, and after an input that changed something the next one goes to a new hub over a new
+//! copy of the repository.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{header, Method, Request, StatusCode};
-use tower::ServiceExt;
+use node::fuzzing::api_requests::{Api, Service};
 
 use crate::config::{NodeSpec, Settings};
 use crate::jobs::Hub;
@@ -50,118 +38,58 @@ const DISK_SIZE: u64 = 4 << 20;
 /// The node's checksum block size.
 const CHECKSUM_BLOCK: u64 = 64 << 10;
 
-/// What the hub answered (`None`: the input is not a request, such as a path that is no URI).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
-    /// The status.
-    pub status: Option<u16>,
-    /// The body, when it is JSON.
-    pub json: Option<serde_json::Value>,
+/// A hub over the repository of the module doc, made again after an input that changed
+/// something.
+///
+/// # Errors
+/// The first hub could not be made.
+pub fn api() -> Result<Api, String> {
+    Api::new(TOKEN, hub)
 }
 
-/// The hub requests go to, made again after a request that changed something (module doc).
-pub struct Api {
-    served: Mutex<Option<Served>>,
-}
-
-/// One hub, its runtime and its directory. Fields drop in order: the runtime (and with it the
-/// hub's tasks and exports) before the directory goes.
-struct Served {
-    runtime: tokio::runtime::Runtime,
-    router: axum::Router,
-    _dir: tempfile::TempDir,
-}
-
-impl Api {
-    /// A hub over the repository of the module doc.
-    ///
-    /// # Errors
-    /// The directory, the repository, the runtime or the hub could not be made.
-    pub fn new() -> Result<Self, String> {
-        Ok(Self { served: Mutex::new(Some(Served::new()?)) })
-    }
-
-    /// Send one input as a request (module doc); the properties are asserted here.
-    ///
-    /// # Panics
-    /// An answer breaks a property, or a new hub could not be made: a fuzz target reports by
-    /// panicking.
-    #[allow(clippy::panic)]
-    pub fn request(&self, data: &[u8]) -> Outcome {
-        let Some(request) = decode(data) else { return Outcome { status: None, json: None } };
-        let what = format!("{} {}", request.method(), request.uri());
-        let changes = request.method() != Method::GET;
-        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
-        let hub = match served.take() {
-            Some(hub) => hub,
-            None => Served::new().unwrap_or_else(|e| panic!("a new hub to fuzz: {e}")),
-        };
-        let router = hub.router.clone();
-        let (status, body) = hub.runtime.block_on(async move {
-            let response = router.oneshot(request).await.unwrap_or_else(|never| match never {});
-            let status = response.status();
-            let body = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap_or_default();
-            (status, body)
-        });
-        if !(changes && status.is_success()) {
-            *served = Some(hub);
-        }
-        let text = String::from_utf8_lossy(&body);
-        assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{what}: 500 {text}");
-        let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-        if status.is_client_error() || status.is_server_error() {
-            let shaped = json.as_ref().is_some_and(|e| e["error"].is_string() && e["code"].is_string());
-            assert!(shaped, "{what}: {status} without a JSON error: {text}");
-        }
-        Outcome { status: Some(status.as_u16()), json }
-    }
-}
-
-impl Served {
-    fn new() -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let repo = Repo { root: dir.path().join("repo"), replicas: dir.path().join("replicas"), replica_raw: false };
-        write_chain(&repo).map_err(|e| format!("the repository: {e}"))?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
-        let schedule: crate::schedule::ScheduleFile = serde_json::from_value(serde_json::json!({
-            "name": SCHEDULE, "vms": [VM], "at": ["03:00"], "days": ["sun"], "tags": ["nightly"],
-        }))
-        .map_err(|e| e.to_string())?;
-        let settings = Settings {
-            listen: (localhost, 0).into(),
-            repo: repo.root,
-            replicas: repo.replicas,
-            nbd_ports: (10100, 10103),
-            nbd_bind: localhost,
-            nbd_host: "127.0.0.1".into(),
-            nodes: vec![NodeSpec {
-                name: "node1".into(),
-                // The discard port: nothing listens on it here.
-                url: "http://127.0.0.1:9".into(),
-                token: None,
-                key: None,
-                nbd_peers: Vec::new(),
-            }],
-            token: TOKEN.into(),
-            ssh: None,
-            stall_timeout: std::time::Duration::from_secs(60),
-            unreachable_timeout: std::time::Duration::from_secs(60),
-            restore_idle: std::time::Duration::from_secs(600),
-            replica_raw: false,
-            direct_io: false,
-            io_uring: false,
-            nbd_local_users: Vec::new(),
-            retention: crate::retention::Policy::default(),
-            verify_every: None,
-            compress: false,
-            max_chain: crate::jobs::DEFAULT_MAX_CHAIN,
-            schedules: vec![crate::schedule::Schedule::parse(schedule)?],
-        };
-        let hub = runtime.block_on(async { Hub::new(settings) })?;
-        let router = crate::http::router(Arc::clone(&hub));
-        Ok(Self { runtime, router, _dir: dir })
-    }
+fn hub() -> Result<Service, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let repo = Repo { root: dir.path().join("repo"), replicas: dir.path().join("replicas"), replica_raw: false };
+    write_chain(&repo).map_err(|e| format!("the repository: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    let schedule: crate::schedule::ScheduleFile = serde_json::from_value(serde_json::json!({
+        "name": SCHEDULE, "vms": [VM], "at": ["03:00"], "days": ["sun"], "tags": ["nightly"],
+    }))
+    .map_err(|e| e.to_string())?;
+    let settings = Settings {
+        listen: (localhost, 0).into(),
+        repo: repo.root,
+        replicas: repo.replicas,
+        nbd_ports: (10100, 10103),
+        nbd_bind: localhost,
+        nbd_host: "127.0.0.1".into(),
+        nodes: vec![NodeSpec {
+            name: "node1".into(),
+            // The discard port: nothing listens on it here.
+            url: "http://127.0.0.1:9".into(),
+            token: None,
+            key: None,
+            nbd_peers: Vec::new(),
+        }],
+        token: TOKEN.into(),
+        ssh: None,
+        stall_timeout: std::time::Duration::from_secs(60),
+        unreachable_timeout: std::time::Duration::from_secs(60),
+        restore_idle: std::time::Duration::from_secs(600),
+        replica_raw: false,
+        direct_io: false,
+        io_uring: false,
+        nbd_local_users: Vec::new(),
+        retention: crate::retention::Policy::default(),
+        verify_every: None,
+        compress: false,
+        max_chain: crate::jobs::DEFAULT_MAX_CHAIN,
+        schedules: vec![crate::schedule::Schedule::parse(schedule)?],
+    };
+    let hub = runtime.block_on(async { Hub::new(settings) })?;
+    let router = crate::http::router(Arc::clone(&hub));
+    Ok(Service { runtime, router, dir })
 }
 
 /// [`FULL`] and [`INCREMENTAL`] as a backup would have left them: an image with data in two
@@ -225,19 +153,4 @@ fn write_image(
         file,
         bytes_sent: data.len() as u64 * CHECKSUM_BLOCK,
     })
-}
-
-fn decode(data: &[u8]) -> Option<Request<Body>> {
-    let (&first, rest) = data.split_first()?;
-    let method =
-        [Method::GET, Method::POST, Method::DELETE, Method::PUT, Method::PATCH][usize::from(first & 7) % 5].clone();
-    let split = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-    let (path, body) = rest.split_at(split);
-    let path = std::str::from_utf8(path).ok()?;
-    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
-    let mut builder = Request::builder().method(method).uri(path).header(header::CONTENT_TYPE, "application/json");
-    if first & 0x80 != 0 {
-        builder = builder.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
-    }
-    builder.body(Body::from(body.get(1..).unwrap_or_default().to_vec())).ok()
 }

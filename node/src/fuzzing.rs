@@ -17,6 +17,9 @@
 //! zero, a block size (of a map or a checksum) is one a copy makes ([`valid_block_size`]), never
 //! one that asks for a buffer larger than 64 MiB. A broken property panics, which is what a fuzzer reports.
 
+pub mod api;
+pub mod api_requests;
+
 use crate::blockmap::{block_count, checksum_block_size, valid_block_size, BlockMap};
 use crate::{config, targets};
 

@@ -18,7 +18,8 @@
 //! - [`http`] and [`metrics`]: the API (axum) and `/metrics`.
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
 //! - [`service`]: logging, runtime, errors and signals (stop, reload) of the service binaries.
-//! - `fuzzing` (feature `fuzzing`): the entry point of the `node_inputs` fuzz target.
+//! - `fuzzing` (feature `fuzzing`): the entry points of the `node_inputs` and `node_api` fuzz
+//!   targets, and the API harness the hub's `hub_api` target shares.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]

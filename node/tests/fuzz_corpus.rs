@@ -65,3 +65,26 @@ fn the_fuzzer_grown_corpus_and_cut_seeds_keep_every_property() {
         let _ = node::fuzzing::input(data);
     });
 }
+
+/// The node's API (`node_api`): each seed gets the status its name says (`404_unknown_vm` a 404;
+/// for a seed of several requests, its last).
+#[test]
+fn every_api_seed_gets_the_answer_its_name_says() {
+    let api = node::fuzzing::api::api().unwrap();
+    replay::seeds_get_the_status_their_names_say("node_api", |name, data| {
+        let outcome = api.request(data);
+        if name == "409_commit_before_the_end" {
+            let error = outcome.json.as_ref().and_then(|j| j["error"].as_str()).unwrap_or_default();
+            assert!(error.contains("is running, not completed"), "{name}: {error}");
+        }
+        outcome.status
+    });
+}
+
+#[test]
+fn the_api_corpus_and_cut_seeds_keep_every_property() {
+    let api = node::fuzzing::api::api().unwrap();
+    replay::corpus_and_cut_seeds("node_api", 3, |data| {
+        let _ = api.input(data);
+    });
+}

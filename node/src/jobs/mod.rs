@@ -592,8 +592,8 @@ impl Jobs {
         }
         if state.status != JobStatus::Completed {
             return Err(JobError::Conflict(format!(
-                "job {id} is {:?}, not completed: nothing to commit",
-                state.status
+                "job {id} is {}, not completed: nothing to commit",
+                state.status.name()
             )));
         }
         for d in &job.disks {
