@@ -31,16 +31,6 @@ pub struct DemoOptions {
     pub dir: PathBuf,
 }
 
-fn free_block(n: u16) -> anyhow::Result<u16> {
-    for _ in 0..500 {
-        let base = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if base < 65000 - n && (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    bail!("no block of {n} free ports on 127.0.0.1")
-}
-
 /// A disk like a VM's: 1 MiB runs of random data, of log text, of zeroes, and holes, in a
 /// repeating pattern.
 fn make_disk(path: &Path, size: u64, seed: u64) -> anyhow::Result<()> {
@@ -200,7 +190,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     // Ports, one block so no two overlap: the hub's NBD range, the node's shifted forward of it,
     // SSH, both APIs, the reverse.
-    let base = free_block(20)?;
+    let base = crate::ports::free_block(20).ok_or_else(|| anyhow::anyhow!("no block of 20 free ports on 127.0.0.1"))?;
     let (hub_nbd, node_nbd) = (base, base + 8);
     let (ssh_port, hub_api, node_api, reverse) = (base + 16, base + 17, base + 18, base + 19);
 

@@ -53,6 +53,9 @@ fn hub() -> Result<Service, String> {
     write_chain(&repo).map_err(|e| format!("the repository: {e}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    // Ports of its own: the corpus replay runs two such hubs at once, and one may run beside a hub
+    // on 10100-10200.
+    let ports = crate::ports::free_block(4).ok_or("no block of 4 free ports on 127.0.0.1")?;
     let schedule: crate::schedule::ScheduleFile = serde_json::from_value(serde_json::json!({
         "name": SCHEDULE, "vms": [VM], "at": ["03:00"], "days": ["sun"], "tags": ["nightly"],
     }))
@@ -61,7 +64,7 @@ fn hub() -> Result<Service, String> {
         listen: (localhost, 0).into(),
         repo: repo.root,
         replicas: repo.replicas,
-        nbd_ports: (10100, 10103),
+        nbd_ports: (ports, ports + 3),
         nbd_bind: localhost,
         nbd_host: "127.0.0.1".into(),
         nodes: vec![NodeSpec {

@@ -153,6 +153,17 @@ pub fn bindable(addr: std::net::IpAddr, port: u16) -> bool {
     std::net::TcpListener::bind((addr, port)).is_ok()
 }
 
+/// The first of `n` consecutive ports on 127.0.0.1 that nothing listens on now, for a hub that
+/// runs beside others on one machine (the demo, the fuzzed hub): found from where the kernel
+/// hands out a free port, so two such hubs rarely try the same block.
+pub fn free_block(n: u16) -> Option<u16> {
+    let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    (0..500).find_map(|_| {
+        let base = std::net::TcpListener::bind((localhost, 0)).ok()?.local_addr().ok()?.port();
+        (base < 65000 - n && (0..n).all(|i| bindable(localhost, base + i))).then_some(base)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
