@@ -168,7 +168,7 @@ impl Exports {
         let backend = tokio::task::spawn_blocking(move || open_backend(&path, access, direct_io, ring.as_ref()))
             .await
             .map_err(|e| format!("cannot open {}: {e}", image_path.display()))??;
-        let listener = match tokio::net::TcpListener::bind((self.bind, port)).await {
+        let listener = match listen(self.bind, port).await {
             Ok(listener) => listener,
             Err(e) => {
                 discard(backend);
@@ -269,6 +269,24 @@ impl Exports {
     }
 }
 
+/// Listen on `addr:port`, trying again for a moment while it is busy: a port leased as free can
+/// still be held for an instant by a listener this process just closed (an export closed, its
+/// task not yet dropped) or by a copy of one in a child another thread forked and has not yet
+/// exec'd. A port some other program listens on stays busy and fails after the last try.
+async fn listen(addr: std::net::IpAddr, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    const TRIES: u32 = 5;
+    let mut tries = 1;
+    loop {
+        match tokio::net::TcpListener::bind((addr, port)).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < TRIES => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+            }
+            bound => return bound,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,7 +314,9 @@ mod tests {
         assert!(err.contains("export d"), "{err}");
         let views = exports.views();
         assert!(views.len() == 1 && views[0].port == port && !views[0].read_only, "{views:?}");
-        assert!(std::net::TcpListener::bind(("127.0.0.1", second)).is_ok(), "the refused export's port is free");
+        // Free once the listener is gone (here at once, unless a fork elsewhere in the test
+        // process holds a copy of it for an instant).
+        assert!(listen(IpAddr::from([127, 0, 0, 1]), second).await.is_ok(), "the refused export's port is free");
         assert!(exports.close("d").await.is_some());
         assert!(exports.views().is_empty());
     }

@@ -148,9 +148,19 @@ impl Ports {
     }
 }
 
-/// Whether nothing listens on `addr:port` right now (we can bind it).
+/// Whether nothing listens on `addr:port` right now (we can bind it): a bind with
+/// `SO_REUSEADDR`, as the export's listener binds, that never listens. A check that listened
+/// (std's `TcpListener::bind`) would hold the port against the export while it lasts, and for
+/// longer when a thread of the process forks meanwhile (the child holds a copy of the socket
+/// until it execs): the export would then fail on a port found free.
 pub fn bindable(addr: std::net::IpAddr, port: u16) -> bool {
-    std::net::TcpListener::bind((addr, port)).is_ok()
+    let at = std::net::SocketAddr::from((addr, port));
+    socket2::Socket::new(socket2::Domain::for_address(at), socket2::Type::STREAM, None)
+        .and_then(|socket| {
+            socket.set_reuse_address(true)?;
+            socket.bind(&at.into())
+        })
+        .is_ok()
 }
 
 /// The first of `n` consecutive ports on 127.0.0.1 that nothing listens on now, for a hub that

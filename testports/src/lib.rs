@@ -11,9 +11,8 @@
 //! `/proc/sys/net/ipv4/ip_local_port_range`), where the kernel never picks on its own, handed out
 //! from one process-wide cursor so no two picks in a test binary overlap, starting at a random
 //! offset so that test processes run one after another (or side by side) rarely meet; every
-//! port is still checked by binding it before it is given out.
+//! port is still checked by binding it (without listening) before it is given out.
 
-use std::net::TcpListener;
 use std::sync::Mutex;
 
 /// The lowest port handed out; below it live well-known services.
@@ -48,8 +47,19 @@ fn random() -> u64 {
     h.finish()
 }
 
+/// Whether nothing listens on 127.0.0.1:`port`: a bind with `SO_REUSEADDR`, as servers bind,
+/// that never listens. A check that listened (std's `TcpListener::bind`) would hold the port
+/// against the server the port is for while it lasts, and for longer when another thread of the
+/// test process forks meanwhile (to run `qemu-img`, say): the child holds a copy of the socket
+/// until it execs. A listener bound but not listening blocks no one.
 fn bindable(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .and_then(|socket| {
+            socket.set_reuse_address(true)?;
+            socket.bind(&at.into())
+        })
+        .is_ok()
 }
 
 /// `n` consecutive ports, each free when checked and given to no other pick in this process;
@@ -95,6 +105,7 @@ fn pick(cursor: &mut Option<u16>, n: u16) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     #[test]
     fn picks_never_overlap_and_stay_out_of_the_ephemeral_range() {
