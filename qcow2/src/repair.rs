@@ -321,6 +321,14 @@ mod tests {
         image.close().unwrap();
     }
 
+    /// [`scattered`] as `a.qcow2` in `dir`, and its [`parts`].
+    fn scattered_in(dir: &std::path::Path) -> (std::path::PathBuf, (File, Header, Vec<u64>, u64)) {
+        let path = dir.join("a.qcow2");
+        scattered(&path);
+        let parts = parts(&path);
+        (path, parts)
+    }
+
     /// The file, header and L1 table of the image at `path`.
     fn parts(path: &std::path::Path) -> (File, Header, Vec<u64>, u64) {
         let header = Image::open(path).unwrap().header().clone();
@@ -349,9 +357,7 @@ mod tests {
     #[test]
     fn a_check_in_windows_finds_what_one_pass_finds() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.qcow2");
-        scattered(&path);
-        let (file, header, l1, len) = parts(&path);
+        let (path, (file, header, l1, len)) = scattered_in(dir.path());
         let whole = check_in_windows(&file, &header, &l1, len, WINDOW_CLUSTERS).unwrap();
         assert!(whole.is_clean() && whole.clusters > 1000, "{whole:?}");
         // Two data clusters made to leak and to be corrupt, and two clusters past the end of the
@@ -410,9 +416,7 @@ mod tests {
     #[test]
     fn a_reference_far_past_the_end_of_the_file_is_refused_not_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.qcow2");
-        scattered(&path);
-        let (file, header, l1, len) = parts(&path);
+        let (_, (file, header, l1, len)) = scattered_in(dir.path());
         let l2 = l1.iter().find(|&&e| e != 0).map(|&e| e & layout::OFFSET_MASK).unwrap();
         // A data cluster at 512 TiB.
         file.write_all_at(&((1u64 << 49) | layout::COPIED).to_be_bytes(), l2).unwrap();
