@@ -163,11 +163,19 @@ async fn a_backup_and_a_restore_go_on_from_their_checkpoint_after_the_node_is_ki
     // A full backup, killed once a checkpoint was taken after 8 MiB had been sent.
     let (id, path) = backup_checkpointed(&site).await;
     let map = site.path().join(format!("node-state/vm-a/backup/disk-2000.map.resume-{id}"));
-    let (_, metrics) = site.node("GET", "/metrics", None).await;
-    let metrics = metrics.as_str().unwrap().to_string();
+    // The metrics count a checkpoint once its files are written: a moment after the test sees them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let metrics = loop {
+        let (_, metrics) = site.node("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap().to_string();
+        if !metrics.contains("sendense_node_checkpoint_maps_timestamp_seconds 0\n") {
+            break metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "no saved maps counted: {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert!(metrics.contains("sendense_node_checkpoints_total{result=\"failed\"} 0"), "{metrics}");
     assert!(!metrics.contains("sendense_node_checkpoints_total{result=\"written\"} 0\n"), "{metrics}");
-    assert!(!metrics.contains("sendense_node_checkpoint_maps_timestamp_seconds 0\n"), "{metrics}");
     site.kill_node();
     assert!(std::fs::read_to_string(&record).unwrap().contains(&id));
     site.start_node();
