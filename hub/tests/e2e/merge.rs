@@ -219,12 +219,16 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
 }
 
 /// The VM's backups, newest first, once retention has had its turn (it runs right after a
-/// backup completes): waits until there are `count`.
+/// backup completes): waits until there are `count` and no merge runs. (A backup being merged
+/// away leaves the listing when its merge starts; the one it goes into names it as its parent
+/// until the merge is done.)
 async fn backups_settled_at(site: &Site, count: usize) -> Vec<String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let list: Vec<String> = site.backups("vm").await.iter().map(|b| id(b).to_string()).collect();
-        if list.len() == count {
+        let (_, metrics) = site.hub("GET", "/metrics", None).await;
+        let merging = !metrics.as_str().unwrap().contains("sendense_hub_merges{state=\"running\"} 0\n");
+        if list.len() == count && !merging {
             return list;
         }
         assert!(std::time::Instant::now() < deadline, "retention left {list:?}, not {count}");
