@@ -219,21 +219,22 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
 }
 
 /// The VM's backups, newest first, once retention has had its turn (it runs right after a
-/// backup completes): waits until there are `count` and no merge runs. (A backup being merged
-/// away leaves the listing when its merge starts; the one it goes into names it as its parent
-/// until the merge is done.)
+/// backup completes): waits until there are `count`, then until no merge runs. (A backup being
+/// merged away leaves the listing as its merge starts; the one it goes into names it as its
+/// parent until the merge is done.)
 async fn backups_settled_at(site: &Site, count: usize) -> Vec<String> {
+    let listed = || async { site.backups("vm").await.iter().map(|b| id(b).to_string()).collect::<Vec<String>>() };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let list: Vec<String> = site.backups("vm").await.iter().map(|b| id(b).to_string()).collect();
-        let (_, metrics) = site.hub("GET", "/metrics", None).await;
-        let merging = !metrics.as_str().unwrap().contains("sendense_hub_merges{state=\"running\"} 0\n");
-        if list.len() == count && !merging {
-            return list;
+        let list = listed().await;
+        if list.len() == count {
+            break;
         }
         assert!(std::time::Instant::now() < deadline, "retention left {list:?}, not {count}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    site.wait_hub_metric("sendense_hub_merges{state=\"running\"} 0").await;
+    listed().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,20 +19,6 @@ fn rewrite(site: &Site, original: &str, keys: &str) {
     std::fs::write(site.hub_config(), text).unwrap();
 }
 
-/// Until the hub's metrics hold `line`.
-async fn wait_metric(site: &Site, line: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, metrics) = site.hub("GET", "/metrics", None).await;
-        let metrics = metrics.as_str().unwrap().to_string();
-        if metrics.lines().any(|l| l == line) {
-            return metrics;
-        }
-        assert!(Instant::now() < deadline, "no '{line}' in the metrics:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_takes_up_schedules_and_retention_and_refuses_a_bad_file_without_stopping() {
     let vms = [Vm("vm-a", &[4]), Vm("vm-b", &[4])];
@@ -50,7 +36,7 @@ async fn a_reload_takes_up_schedules_and_retention_and_refuses_a_bad_file_withou
     let narrower = original.replace(ports, &format!("nbd_ports = \"{first}-{first}\""));
     rewrite(&site, &narrower, &format!("keep_backups = 1{SCHEDULE}"));
     site.signal_hub("HUP");
-    let metrics = wait_metric(&site, "sendense_hub_config_restart_pending{key=\"nbd_ports\"} 1").await;
+    let metrics = site.wait_hub_metric("sendense_hub_config_restart_pending{key=\"nbd_ports\"} 1").await;
     assert!(metrics.contains("sendense_hub_config_last_reload_successful 1"), "{metrics}");
     let run = wait_run(&site, "often", None).await;
     let b = &run["last_run"]["backups"][0];
@@ -72,7 +58,7 @@ async fn a_reload_takes_up_schedules_and_retention_and_refuses_a_bad_file_withou
     // A file that does not check: refused, the schedule goes on as it was.
     rewrite(&site, &original, "keep_backups = 1\n\n[[schedule]]\nname = \"often\"\nvms = [\"vm-a\"]\nevery = \"4s\"\n");
     site.signal_hub("HUP");
-    wait_metric(&site, "sendense_hub_config_last_reload_successful 0").await;
+    site.wait_hub_metric("sendense_hub_config_last_reload_successful 0").await;
     let (status, view) = site.hub("GET", "/api/v1/schedules/often", None).await;
     assert_eq!((status, &view["when"]), (200, &json!("every 5s")), "{view}");
     let third = wait_run(&site, "often", second["last_run"]["started_at"].as_str()).await;
@@ -81,7 +67,7 @@ async fn a_reload_takes_up_schedules_and_retention_and_refuses_a_bad_file_withou
     // The schedule removed (and the port range back): no more runs, nothing pending.
     std::fs::write(site.hub_config(), &original).unwrap();
     site.signal_hub("HUP");
-    let metrics = wait_metric(&site, "sendense_hub_config_last_reload_successful 1").await;
+    let metrics = site.wait_hub_metric("sendense_hub_config_last_reload_successful 1").await;
     assert!(!metrics.contains("sendense_hub_config_restart_pending{"), "{metrics}");
     let (status, gone) = site.hub("GET", "/api/v1/schedules/often", None).await;
     assert_eq!(status, 404, "{gone}");

@@ -589,6 +589,20 @@ impl Site {
         }
     }
 
+    /// Until the hub's metrics hold `line`: all of them then.
+    pub async fn wait_hub_metric(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, metrics) = self.hub("GET", "/metrics", None).await;
+            let metrics = metrics.as_str().unwrap().to_string();
+            if metrics.lines().any(|l| l == line) {
+                return metrics;
+            }
+            assert!(Instant::now() < deadline, "no '{line}' in the metrics:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Until a disk of a running hub job has sent at least `bytes`.
     pub async fn wait_progress(&self, path: &str, bytes: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
