@@ -27,6 +27,7 @@
 //!
 //! Retention (`prune.rs`) deletes the backups its policy does not keep this way, oldest first.
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -60,6 +61,31 @@ impl Merge {
             ),
         }
     }
+}
+
+/// How the API shows `m`, a backup of the catalog: as [`manifest_view`] does, except while a merge
+/// of its parent into it runs or waits for a retry. The parent is no point in time of its own from
+/// the moment it is marked (no longer listed, a `GET` of it 404), so `m` already names the
+/// parent's parent as its own (`full` when there is none), as its manifest will once the merge is
+/// done, and its `note` says what is under way: a script walking a chain never meets an id the
+/// API does not know. Its images read the same disk throughout (module doc).
+pub(super) fn listed_view(m: &Manifest, merges: &HashMap<String, Merge>) -> JobView {
+    let mut view = manifest_view(m);
+    let merging_parent = merges
+        .get(&m.vm_name)
+        .filter(|merge| merge.into == m.backup_id && m.parent_id.as_deref() == Some(merge.from.backup_id.as_str()));
+    if let Some(merge) = merging_parent {
+        view.parent_id.clone_from(&merge.from.parent_id);
+        if view.parent_id.is_none() {
+            view.backup_type = "full".into();
+        }
+        let under_way = merge.blocks();
+        view.note = Some(match view.note.take() {
+            Some(n) => format!("{n}; {under_way}"),
+            None => under_way,
+        });
+    }
+    view
 }
 
 impl Hub {
@@ -311,6 +337,7 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 pub(super) mod tests {
     use super::*;
     use crate::jobs::tests::{hub_in, manifest};
+    use crate::jobs::Kind;
     use crate::repo::ManifestDisk;
     use qcow2::{BackingFormat, CreateOptions};
 
@@ -369,6 +396,45 @@ pub(super) mod tests {
             std::fs::write(path, data).unwrap();
         }
         (x, c, expected)
+    }
+
+    /// While a merge of `x` into `c` runs, and while it waits for a retry after failing, `x` is not
+    /// listed and `c` names no backup the API does not know: it shows `x`'s parent (none: a full
+    /// backup) and says in its note what is under way. Its manifest is not changed until the
+    /// merge is done, and once the merge is forgotten `c` shows what its manifest says again.
+    #[test]
+    fn an_incremental_whose_parent_is_being_merged_away_names_the_parent_s_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = testports::free_ports(2);
+        let repo = hub_in(dir.path(), (first, first + 1)).repo.clone();
+        let (x, c, _) = make_chain(&repo);
+        let hub = hub_in(dir.path(), (first, first + 1));
+        hub.state().catalog.remove("x");
+        for failed in [None, Some("No space left on device".to_string())] {
+            let merge = Merge { from: x.clone(), into: "c".into(), failed: failed.clone() };
+            hub.state().merges.insert("vm".into(), merge.clone());
+            let got = hub.get(Kind::Backup, "c").unwrap();
+            let listed = hub.list(Kind::Backup, Some("vm"), None);
+            assert_eq!(listed.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), ["c"], "{failed:?}");
+            for view in [&got, &listed[0]] {
+                assert_eq!((view.parent_id.as_deref(), view.backup_type.as_str()), (None, "full"), "{failed:?}");
+                assert_eq!(view.note.as_deref(), Some(merge.blocks().as_str()), "{failed:?}");
+            }
+            assert_eq!(hub.state().catalog.get("c").unwrap().parent_id.as_deref(), Some("x"));
+        }
+        // x on top of a backup w of its own: c names w, and stays an incremental.
+        let on_w =
+            Merge { from: Manifest { parent_id: Some("w".into()), ..x.clone() }, into: "c".into(), failed: None };
+        hub.state().merges.insert("vm".into(), on_w);
+        let got = hub.get(Kind::Backup, "c").unwrap();
+        assert_eq!((got.parent_id.as_deref(), got.backup_type.as_str()), (Some("w"), "incremental"));
+        // A merge of another VM, or into another backup, changes nothing of c.
+        for (vm, into) in [("other", "c"), ("vm", "d")] {
+            hub.state().merges.clear();
+            hub.state().merges.insert(vm.into(), Merge { from: x.clone(), into: into.into(), failed: None });
+            let got = hub.get(Kind::Backup, "c").unwrap();
+            assert_eq!((got.parent_id.as_deref(), got.note.as_deref()), (Some("x"), c.note.as_deref()), "{vm} {into}");
+        }
     }
 
     /// A hub killed after each step of a merge finishes it when it starts: `c` reads as before,

@@ -199,7 +199,10 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
     assert!(error.contains("No space left") && error.contains("retries the merge"), "{body}");
     // The full backup is no point in time any more; the incremental reads and verifies as before.
     assert_eq!(site.hub("GET", &format!("/api/v1/backups/{}", id(&full)), None).await.0, 404);
-    assert_eq!(listed(&site, id(&next)).await["parent_id"], full["backup_id"]);
+    // And the incremental names no backup the API does not know: it shows what it will once merged.
+    let waiting = listed(&site, id(&next)).await;
+    assert_eq!((&waiting["backup_type"], &waiting["parent_id"]), (&json!("full"), &Value::Null), "{waiting}");
+    assert!(waiting["note"].as_str().unwrap().contains("retry it with DELETE"), "{waiting}");
     assert_point_in_time(&site, "vm", id(&next), &copies).await;
     let (_, metrics) = site.hub("GET", "/metrics", None).await;
     assert!(metrics.as_str().unwrap().contains("sendense_hub_merges{state=\"failed\"} 1"), "{metrics}");
@@ -220,8 +223,8 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
 
 /// The VM's backups, newest first, once retention has had its turn (it runs right after a
 /// backup completes): waits until there are `count`, then until no merge runs. (A backup being
-/// merged away leaves the listing as its merge starts; the one it goes into names it as its
-/// parent until the merge is done.)
+/// merged away leaves the listing as its merge starts; the images of the one it goes into are
+/// overlays on it until the merge is done.)
 async fn backups_settled_at(site: &Site, count: usize) -> Vec<String> {
     let listed = || async { site.backups("vm").await.iter().map(|b| id(b).to_string()).collect::<Vec<String>>() };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
