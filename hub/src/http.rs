@@ -283,7 +283,9 @@ async fn list_backups(
 }
 
 async fn get_backup(State(hub): State<Arc<Hub>>, Param(id): Param) -> Result<Json<Value>, HubError> {
-    let v = hub.get(Kind::Backup, &id).ok_or_else(|| HubError::NotFound(format!("unknown backup {id}")))?;
+    let v = hub
+        .get(Kind::Backup, &id)
+        .ok_or_else(|| HubError::NotFound(hub.merged_away(&id).unwrap_or_else(|| format!("unknown backup {id}"))))?;
     Ok(Json(job_json(Kind::Backup, &v)))
 }
 

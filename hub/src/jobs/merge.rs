@@ -196,6 +196,15 @@ impl Hub {
         }
     }
 
+    /// Why backup `id` is not listed when it is being merged away (a merge running, or failed and
+    /// waiting for a retry): for the 404 of a `GET` of it, which would otherwise only say
+    /// "unknown".
+    pub fn merged_away(&self, id: &str) -> Option<String> {
+        let st = self.state();
+        let merge = st.merges.values().find(|m| m.from.backup_id == id)?;
+        Some(format!("backup {id} is no point in time of its own any more: {}", merge.blocks()))
+    }
+
     /// Merges (running, failed and waiting for a retry), for the metrics: a failed one holds the
     /// VM's deletes and its retention until someone retries it.
     pub fn merge_counts(&self) -> (usize, usize) {
@@ -421,6 +430,10 @@ pub(super) mod tests {
                 assert_eq!(view.note.as_deref(), Some(merge.blocks().as_str()), "{failed:?}");
             }
             assert_eq!(hub.state().catalog.get("c").unwrap().parent_id.as_deref(), Some("x"));
+            assert!(hub.get(Kind::Backup, "x").is_none());
+            let why = hub.merged_away("x").unwrap();
+            assert!(why.contains(&merge.blocks()), "{why}");
+            assert_eq!(hub.merged_away("c"), None);
         }
         // x on top of a backup w of its own: c names w, and stays an incremental.
         let on_w =
