@@ -80,6 +80,10 @@ impl Hub {
             st.jobs.remove(id);
             return Ok(Forgotten::Job(j.view()));
         }
+        if let Some(merge) = st.merges.values().find(|m| kind == Kind::Backup && m.from.backup_id == id) {
+            // Being merged away: only the merge (or its retry) deletes it.
+            return Err(HubError::Conflict(merge.blocks()));
+        }
         let m = st
             .catalog
             .get(id)

@@ -201,6 +201,9 @@ async fn a_merge_that_runs_out_of_space_leaves_the_incremental_whole_and_is_retr
     let (status, gone) = site.hub("GET", &format!("/api/v1/backups/{}", id(&full)), None).await;
     assert_eq!(status, 404, "{gone}");
     assert!(gone["error"].as_str().unwrap().contains("retry it with DELETE"), "{gone}");
+    let (status, body) = site.hub("DELETE", &format!("/api/v1/backups/{}", id(&full)), None).await;
+    assert_eq!(status, 409, "only the merge's retry deletes it: {body}");
+    assert!(body["error"].as_str().unwrap().contains("retry it with DELETE"), "{body}");
     // And the incremental names no backup the API does not know: it shows what it will once merged.
     let waiting = listed(&site, id(&next)).await;
     assert_eq!((&waiting["backup_type"], &waiting["parent_id"]), (&json!("full"), &Value::Null), "{waiting}");
