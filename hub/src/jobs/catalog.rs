@@ -53,7 +53,8 @@ impl Hub {
     /// finished run); the other kind's ids are not found.
     ///
     /// # Errors
-    /// Unknown (404); a later backup, a restore or a verify depends on it (409).
+    /// Unknown (404); a later backup, a restore or a verify depends on it, or it is being merged
+    /// away (409).
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<JobView, HubError> {
         match self.forget(kind, id)? {
             Forgotten::Job(view) => Ok(view),

@@ -409,8 +409,9 @@ pub(super) mod tests {
 
     /// While a merge of `x` into `c` runs, and while it waits for a retry after failing, `x` is not
     /// listed and `c` names no backup the API does not know: it shows `x`'s parent (none: a full
-    /// backup) and says in its note what is under way. Its manifest is not changed until the
-    /// merge is done, and once the merge is forgotten `c` shows what its manifest says again.
+    /// backup) and says in its note what is under way; a `GET` of `x` says why it is gone. Its
+    /// manifest is not changed until the merge is done, and a merge of another VM, or into another
+    /// backup, changes nothing of what `c` shows.
     #[test]
     fn an_incremental_whose_parent_is_being_merged_away_names_the_parent_s_parent() {
         let dir = tempfile::tempdir().unwrap();
