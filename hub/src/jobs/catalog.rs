@@ -81,7 +81,7 @@ impl Hub {
             st.jobs.remove(id);
             return Ok(Forgotten::Job(j.view()));
         }
-        if let Some(merge) = st.merges.values().find(|m| kind == Kind::Backup && m.from.backup_id == id) {
+        if let Some(merge) = st.merge_of(id).filter(|_| kind == Kind::Backup) {
             // Being merged away: only the merge (or its retry) deletes it.
             return Err(HubError::Conflict(merge.blocks()));
         }

@@ -88,6 +88,14 @@ pub(super) fn listed_view(m: &Manifest, merges: &HashMap<String, Merge>) -> JobV
     view
 }
 
+impl super::State {
+    /// The merge of backup `id` into its incremental, running or waiting for a retry: `id` is
+    /// being merged away.
+    pub(super) fn merge_of(&self, id: &str) -> Option<&Merge> {
+        self.merges.values().find(|m| m.from.backup_id == id)
+    }
+}
+
 impl Hub {
     /// Delete backup `id`; if an incremental builds on it, merge that incremental into it first
     /// (module doc). A backup nothing builds on is deleted as by [`Hub::delete`].
@@ -106,7 +114,7 @@ impl Hub {
     /// registered as running; `None` when nothing builds on it (a plain delete).
     fn start_merge(&self, id: &str) -> Result<Option<(Manifest, Manifest)>, HubError> {
         let mut st = self.state();
-        let retry = st.merges.values().find(|m| m.from.backup_id == id).cloned();
+        let retry = st.merge_of(id).cloned();
         let (from, into) = match retry {
             Some(m) if m.failed.is_none() => return Err(HubError::Conflict(m.blocks())),
             Some(m) => {
@@ -201,7 +209,7 @@ impl Hub {
     /// "unknown".
     pub fn merged_away(&self, id: &str) -> Option<String> {
         let st = self.state();
-        let merge = st.merges.values().find(|m| m.from.backup_id == id)?;
+        let merge = st.merge_of(id)?;
         Some(format!("backup {id} is no point in time of its own any more: {}", merge.blocks()))
     }
 
