@@ -4,7 +4,8 @@
 //!
 //! The first byte says what the rest is:
 //! - `0`: an `nbd_targets` list, as the hub's requests carry it ([`targets::parse`]);
-//! - `1`: a block map file, as a crash or a damaged disk may leave it ([`BlockMap::from_bytes`]);
+//! - `1`: a block map or resume map file, as a crash or a damaged disk may leave it
+//!   ([`BlockMap::from_bytes`], [`ResumeMap::from_bytes`]);
 //! - `2`: a `--vm NAME=KEY:SOURCE,...` declaration ([`config::parse_vm_flag`], then the checks
 //!   `node.toml`'s VMs go through, [`config::resolve_vms`]);
 //! - `3`: a size or a rate (`request_size`, `block_size`, `bandwidth_limit`);
@@ -13,14 +14,14 @@
 //!
 //! Besides never panicking, what a parser accepts must hold up: a target list prints back to
 //! one that parses to the same targets, a block map is exactly the bytes the node writes for it
-//! with one hash per block, a VM has a valid name and distinct disk keys, a size is more than
+//! with one hash per block (a resume map loads back, naming only blocks the disk has), a VM has a valid name and distinct disk keys, a size is more than
 //! zero, a block size (of a map or a checksum) is one a copy makes ([`valid_block_size`]), never
 //! one that asks for a buffer larger than 64 MiB. A broken property panics, which is what a fuzzer reports.
 
 pub mod api;
 pub mod api_requests;
 
-use crate::blockmap::{block_count, checksum_block_size, valid_block_size, BlockMap};
+use crate::blockmap::{block_count, checksum_block_size, valid_block_size, BlockMap, ResumeMap};
 use crate::{config, targets};
 
 /// What an input was taken for, and whether its parser accepted it.
@@ -63,10 +64,25 @@ fn target_list(text: &str) -> bool {
 }
 
 fn block_map(bytes: &[u8]) -> bool {
-    let Some(map) = BlockMap::from_bytes(bytes) else { return false };
+    let resume = ResumeMap::from_bytes(bytes);
+    if let Some(r) = &resume {
+        let count = r.map.hashes.len() as u64;
+        assert_eq!(count, block_count(r.map.disk_size, r.map.block_size));
+        assert!(r.done.iter().all(|b| b < count), "a finished block the disk does not have");
+        let again = r.to_bytes();
+        assert!(
+            ResumeMap::from_bytes(&again).is_some_and(|s| s.to_bytes() == again),
+            "a resume map does not load back"
+        );
+    }
+    let Some(map) = BlockMap::from_bytes(bytes) else { return resume.is_some() };
     assert_eq!(map.hashes.len() as u64, block_count(map.disk_size, map.block_size));
     assert!(valid_block_size(map.block_size), "block size {}", map.block_size);
     assert!(map.to_bytes() == bytes, "a loaded map is not the bytes it was loaded from");
+    assert!(
+        resume.is_some_and(|r| r.map == map && r.done.is_empty()),
+        "a block map is a resume map with nothing finished"
+    );
     true
 }
 

@@ -35,6 +35,14 @@
 //! written when the source differs from the base, so the resumed copy, reading the same
 //! snapshot, finds it different from the base's hash again and writes it.
 //!
+//! The map also says which blocks the run *finished* (read, and written or found equal, every
+//! write acknowledged): those whose new hash it had stored. Given as [`Base::Resume`], the next
+//! run does not read them again: they count as unchanged, their hashes carried over, so a restore
+//! that stopped at 90% reads the last 10% from the hub, not the whole disk again. That is only
+//! right when the source still holds what it held, as a backup does (it never changes): the job
+//! layer decides, and gives a VM's disk's map as [`Base::Map`], which reads every block again
+//! and compares (`jobs/copy.rs` says why).
+//!
 //! ## Taken while it runs, for a node that is killed
 //! The same map can be taken without stopping ([`Resumable::take`]): the hashes and the written
 //! set read first, the target flushed after, so every write the map counts is on stable storage
@@ -49,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::blockmap::{self, BlockMap, Hash, ZeroHashes, UNKNOWN};
+use crate::blockmap::{self, BlockMap, BlockSet, Hash, ResumeMap, ZeroHashes, UNKNOWN};
 use crate::blocks::Blocks;
 use crate::error::MoveError;
 use crate::sink::Sink;
@@ -125,6 +133,8 @@ pub enum Base {
     Unknown,
     /// The last committed run's map.
     Map(BlockMap),
+    /// A paused run's resume map, its finished blocks not read again (module doc).
+    Resume(ResumeMap),
 }
 
 /// Live counters of one disk, read by the API while the copy runs.
@@ -142,6 +152,9 @@ pub struct Progress {
     pub bytes_skipped_zero: AtomicU64,
     /// Equal to the base: not sent.
     pub bytes_unchanged: AtomicU64,
+    /// Of `bytes_unchanged`, the blocks a run before finished ([`Base::Resume`]): not read, and
+    /// left out of the rate, which would otherwise promise the rest at the speed of skipping.
+    pub bytes_resumed: AtomicU64,
     started: Mutex<Option<Instant>>,
     finished: Mutex<Option<Instant>>,
 }
@@ -155,6 +168,7 @@ impl Default for Progress {
             bytes_skipped_holes: AtomicU64::new(0),
             bytes_skipped_zero: AtomicU64::new(0),
             bytes_unchanged: AtomicU64::new(0),
+            bytes_resumed: AtomicU64::new(0),
             started: Mutex::new(None),
             finished: Mutex::new(None),
         }
@@ -176,9 +190,11 @@ pub struct ProgressSnapshot {
     pub bytes_skipped_zero: u64,
     /// Unchanged.
     pub bytes_unchanged: u64,
+    /// Of the unchanged, finished by a run before this one.
+    pub bytes_resumed: u64,
     /// Disk bytes dealt with (sent, skipped or unchanged).
     pub bytes_done: u64,
-    /// Disk bytes per second since the start.
+    /// Disk bytes per second since the start (those a run before finished left out).
     pub rate_bps: u64,
     /// Seconds left at that rate.
     pub eta_s: Option<u64>,
@@ -197,6 +213,7 @@ impl Progress {
             bytes_skipped_holes: get(&self.bytes_skipped_holes),
             bytes_skipped_zero: get(&self.bytes_skipped_zero),
             bytes_unchanged: get(&self.bytes_unchanged),
+            bytes_resumed: get(&self.bytes_resumed),
             ..Default::default()
         };
         s.bytes_done = s.bytes_sent + s.bytes_skipped_holes + s.bytes_skipped_zero + s.bytes_unchanged;
@@ -206,7 +223,7 @@ impl Progress {
             let elapsed = finished.unwrap_or_else(Instant::now).duration_since(start).as_secs_f64();
             s.elapsed_s = elapsed;
             if elapsed > 0.0 {
-                s.rate_bps = (s.bytes_done as f64 / elapsed) as u64;
+                s.rate_bps = (s.bytes_done.saturating_sub(s.bytes_resumed) as f64 / elapsed) as u64;
             }
             s.eta_s = s.bytes_total.saturating_sub(s.bytes_done).checked_div(s.rate_bps);
         }
@@ -230,36 +247,19 @@ impl Progress {
 /// The blocks a copy has written, kept even when it fails.
 #[derive(Debug, Default)]
 pub struct WrittenSet {
-    bits: Mutex<Vec<u64>>,
+    blocks: Mutex<BlockSet>,
 }
 
 impl WrittenSet {
     fn mark(&self, first: u64, count: u64) {
-        if let Ok(mut bits) = self.bits.lock() {
-            for b in first..first + count {
-                let word = (b / 64) as usize;
-                if bits.len() <= word {
-                    bits.resize(word + 1, 0);
-                }
-                if let Some(w) = bits.get_mut(word) {
-                    *w |= 1 << (b % 64);
-                }
-            }
+        if let Ok(mut blocks) = self.blocks.lock() {
+            blocks.insert_run(first, count);
         }
     }
 
     /// The written block indexes.
     pub fn blocks(&self) -> Vec<u64> {
-        let bits = self.bits.lock().map(|b| b.clone()).unwrap_or_default();
-        let mut out = Vec::new();
-        for (i, w) in bits.iter().enumerate() {
-            for bit in 0..64 {
-                if w & (1 << bit) != 0 {
-                    out.push(i as u64 * 64 + bit);
-                }
-            }
-        }
-        out
+        self.blocks.lock().map(|b| b.iter().collect()).unwrap_or_default()
     }
 }
 
@@ -297,8 +297,13 @@ impl Shared {
         match &*self.base {
             Base::Zero => Some(self.zero.of_len(self.block_len(block))),
             Base::Unknown => None,
-            Base::Map(m) => m.hashes.get(block as usize).copied(),
+            Base::Map(m) | Base::Resume(ResumeMap { map: m, .. }) => m.hashes.get(block as usize).copied(),
         }
+    }
+
+    /// Whether a run before finished `block` ([`Base::Resume`]): it is not read again.
+    fn finished_before(&self, block: u64) -> bool {
+        matches!(&*self.base, Base::Resume(r) if r.done.contains(block))
     }
 
     fn store_hashes(&self, first: u64, hashes: &[Hash]) {
@@ -341,7 +346,7 @@ pub enum Ended {
     /// Every block dealt with, the target flushed.
     Completed(Outcome),
     /// Stopped by the pause token, the target flushed: the resume map (module doc).
-    Paused(BlockMap),
+    Paused(ResumeMap),
 }
 
 /// What stops a copy: `cancel` ends it for good, `pause` ends it with a resume map; and where
@@ -375,7 +380,7 @@ impl Resumable {
     /// the target flushed. `None` when no copy runs, the flush failed (the copy's own next
     /// request says why) or the copy ended meanwhile (its connections are being closed: the
     /// flush must not make them again).
-    pub async fn take(&self) -> Option<BlockMap> {
+    pub async fn take(&self) -> Option<ResumeMap> {
         let (shared, ended) = self.running.lock().ok()?.clone()?;
         let hashes = shared.hashes.lock().ok()?.clone();
         let map = resume_map(&shared, hashes);
@@ -432,8 +437,9 @@ pub async fn copy_disk(
     if !blockmap::valid_block_size(block_size) {
         return Err(MoveError::Mismatch(format!("block size {block_size} is not a power of two from 4 KiB to 64 MiB")));
     }
+    let fits = |m: &BlockMap| m.disk_size == size && m.block_size == block_size;
     let base = match base {
-        Base::Map(m) if m.disk_size != size || m.block_size != block_size => Base::Unknown,
+        Base::Map(m) | Base::Resume(ResumeMap { map: m, .. }) if !fits(&m) => Base::Unknown,
         other => other,
     };
     let nblocks = blockmap::block_count(size, block_size);
@@ -548,19 +554,24 @@ pub async fn copy_disk(
 }
 
 /// What the target holds after a pause (module doc): the new hash of a block done, unknown for
-/// a block written in part, the base's hash for one nothing was acknowledged for.
-fn resume_map(shared: &Shared, mut hashes: Vec<Hash>) -> BlockMap {
+/// a block written in part, the base's hash for one nothing was acknowledged for; and the blocks
+/// done, those whose new hash was stored (a block's hash is stored once all its writes are
+/// acknowledged, or when it is clean).
+fn resume_map(shared: &Shared, mut hashes: Vec<Hash>) -> ResumeMap {
     let touched = shared.written.blocks();
     let mut touched = touched.iter().peekable();
+    let mut done = BlockSet::default();
     for (b, h) in hashes.iter_mut().enumerate() {
         let b = b as u64;
         while touched.next_if(|&&t| t < b).is_some() {}
         let written = touched.peek().is_some_and(|&&t| t == b);
-        if *h == UNKNOWN && !written {
+        if *h != UNKNOWN {
+            done.insert_run(b, 1);
+        } else if !written {
             *h = shared.base_hash(b).unwrap_or(UNKNOWN);
         }
     }
-    BlockMap { disk_size: shared.size, block_size: shared.block_size, hashes }
+    ResumeMap { map: BlockMap { disk_size: shared.size, block_size: shared.block_size, hashes }, done }
 }
 
 /// Walk the disk, classify blocks, and queue the work.
@@ -577,6 +588,15 @@ async fn plan(
     while block < nblocks {
         let start = block * bs;
         let want = WINDOW.min(shared.size - start);
+        let window_end = nblocks.min(block + WINDOW / bs);
+        if (block..window_end).all(|b| shared.finished_before(b)) {
+            // Nothing to ask the source about (for a restore, a round trip to the hub).
+            for b in block..window_end {
+                pending = add(shared, pending, Class::Clean, b, per_item, tx).await?;
+            }
+            block = window_end;
+            continue;
+        }
         let alloc = shared.source.allocation(start, want).await?;
         let mut covered = alloc.iter().map(|r| r.length).sum::<u64>().min(want);
         let dirty = if use_bitmap {
@@ -594,18 +614,8 @@ async fn plan(
             classify(start, bs, end_block - block, &alloc, dirty.as_deref())
         };
         for class in classes {
-            pending = match pending {
-                Some((c, first, count))
-                    if c == class && (class != Class::Read || count < per_item) && count * bs < MAX_HOLE_ITEM =>
-                {
-                    Some((c, first, count + 1))
-                }
-                Some(run) => {
-                    emit(shared, run, tx).await?;
-                    Some((class, block, 1))
-                }
-                None => Some((class, block, 1)),
-            };
+            let class = if shared.finished_before(block) { Class::Clean } else { class };
+            pending = add(shared, pending, class, block, per_item, tx).await?;
             block += 1;
         }
     }
@@ -613,6 +623,31 @@ async fn plan(
         emit(shared, run, tx).await?;
     }
     Ok(())
+}
+
+/// Add `block` of `class` to the run being gathered, or emit that run and start another.
+async fn add(
+    shared: &Shared,
+    pending: Option<(Class, u64, u64)>,
+    class: Class,
+    block: u64,
+    per_item: u64,
+    tx: &tokio::sync::mpsc::Sender<Item>,
+) -> Result<Option<(Class, u64, u64)>, MoveError> {
+    Ok(match pending {
+        Some((c, first, count))
+            if c == class
+                && (class != Class::Read || count < per_item)
+                && count * shared.block_size < MAX_HOLE_ITEM =>
+        {
+            Some((c, first, count + 1))
+        }
+        Some(run) => {
+            emit(shared, run, tx).await?;
+            Some((class, block, 1))
+        }
+        None => Some((class, block, 1)),
+    })
 }
 
 async fn emit(
@@ -624,15 +659,19 @@ async fn emit(
         Class::Read => Item::Read { first, count },
         Class::Hole => Item::Holes { first, count },
         Class::Clean => {
-            let mut bytes = 0;
+            let (mut bytes, mut resumed) = (0, 0);
             let hashes: Vec<Hash> = (first..first + count)
                 .map(|b| {
                     bytes += shared.block_len(b);
+                    if shared.finished_before(b) {
+                        resumed += shared.block_len(b);
+                    }
                     shared.base_hash(b).unwrap_or(UNKNOWN)
                 })
                 .collect();
             shared.store_hashes(first, &hashes);
             shared.progress.bytes_unchanged.fetch_add(bytes, Ordering::Relaxed);
+            shared.progress.bytes_resumed.fetch_add(resumed, Ordering::Relaxed);
             return Ok(());
         }
     };

@@ -378,10 +378,29 @@ fn assert_claims_hold(map: &node::blockmap::BlockMap, source: &[u8], target: &st
     }
 }
 
+/// Every block a resume map says the run finished holds the source's block on the target, and
+/// the map has its hash.
+fn assert_finished_blocks_are_whole(
+    map: &node::blockmap::ResumeMap,
+    source: &[u8],
+    target: &std::path::Path,
+    when: &str,
+) {
+    let bytes = std::fs::read(target).unwrap();
+    let bs = map.map.block_size as usize;
+    for b in map.done.iter() {
+        let range = b as usize * bs..((b as usize + 1) * bs).min(source.len());
+        assert_eq!(map.map.hashes[b as usize], node::blockmap::hash_block(&source[range.clone()]), "{when}: block {b}");
+        assert!(bytes.get(range.clone()) == source.get(range), "{when}: finished block {b} is not on the target");
+    }
+}
+
 /// The node's checkpoints (`mover::Resumable`): maps taken while a copy runs (slowed to 8 MiB/s)
 /// claim only what the target holds, also after the copy is stopped the way a kill stops it
-/// (requests in flight left as they land); a copy started again from the last map (as the next
-/// start does) sends only what the map does not claim, and the target equals the source.
+/// (requests in flight left as they land), and the blocks they say the run finished are whole on
+/// the target; a copy started again from the last map as a restore's next start does
+/// (`Base::Resume`) reads only the blocks not finished, sends only what the map does not claim,
+/// and the target equals the source, its map and checksum those of the whole disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maps_taken_while_a_copy_runs_claim_only_what_the_target_holds_and_resume_it() {
     use std::sync::Arc;
@@ -422,15 +441,20 @@ async fn maps_taken_while_a_copy_runs_claim_only_what_the_target_holds_and_resum
     for round in 0..4 {
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         let map = resumable.take().await.expect("a running copy gives its map");
-        assert_claims_hold(&map, &data, &beside, &format!("checkpoint {round}"));
+        assert_claims_hold(&map.map, &data, &beside, &format!("checkpoint {round}"));
+        assert_finished_blocks_are_whole(&map, &data, &beside, &format!("checkpoint {round}"));
         last = Some(map);
     }
     cancel.cancel();
     assert!(copy.await.unwrap().is_err(), "stopped");
     assert!(resumable.take().await.is_none(), "no copy runs: no map");
     let last = last.unwrap();
-    assert_claims_hold(&last, &data, &beside, "after the stop");
+    assert_claims_hold(&last.map, &data, &beside, "after the stop");
+    assert_finished_blocks_are_whole(&last, &data, &beside, "after the stop");
+    let finished = last.done.len() * (64 << 10);
+    assert!(finished >= 2 * MIB, "the maps counted the blocks finished before them: {finished}");
     let claimed_data = last
+        .map
         .hashes
         .iter()
         .zip(data.chunks(64 << 10))
@@ -447,7 +471,7 @@ async fn maps_taken_while_a_copy_runs_claim_only_what_the_target_holds_and_resum
     let ended = copy_disk(
         Arc::clone(&source),
         Arc::clone(&sink),
-        Base::Map(last),
+        Base::Resume(last),
         Changes::ReadAll,
         &options,
         Arc::clone(&progress),
@@ -456,10 +480,114 @@ async fn maps_taken_while_a_copy_runs_claim_only_what_the_target_holds_and_resum
     )
     .await
     .unwrap();
-    assert!(matches!(ended, Ended::Completed(_)));
+    let Ended::Completed(outcome) = ended else { panic!("not completed") };
     sink.commit().await.unwrap();
     assert!(std::fs::read(&dest).unwrap() == data, "the resumed copy made the target equal to the source");
+    let whole: Vec<_> = data.chunks(64 << 10).map(node::blockmap::hash_block).collect();
+    assert_eq!(outcome.map.hashes, whole, "the map carries the finished blocks' hashes over");
+    assert!(outcome.checksum.is_some());
     let p = progress.snapshot();
     assert!(p.bytes_unchanged >= claimed_data, "what the map claimed was not sent again: {p:?}");
     assert!(p.bytes_sent + claimed_data <= 20 * MIB, "{p:?}");
+    assert_eq!(p.bytes_resumed, finished, "{p:?}");
+    assert!(p.bytes_read + finished <= 24 * MIB, "the finished blocks were not read again: {p:?}");
+    assert_eq!(p.bytes_done, 24 * MIB, "{p:?}");
+}
+
+/// A restore paused twice (the node stopped twice) goes on each time from the blocks the runs
+/// before finished: the second map holds every block the first did and more, the last run reads
+/// only what neither finished, and the file ends equal to the source. A map of an earlier
+/// version's node (no finished blocks) reads everything again and still ends right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_paused_twice_goes_on_from_the_blocks_finished_before() {
+    use std::sync::Arc;
+
+    use node::blockmap::{BlockSet, ResumeMap};
+    use node::mover::{copy_disk, Base, Changes, CopyOptions, Ended, Progress, Tokens};
+    use node::sink::{FileSink, Sink};
+    use node::source::{Source, SourceSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("disk.raw"), dir.path().join("restored.raw"));
+    let mut data = pseudo_random(16 << 20, 5);
+    data[4 << 20..6 << 20].fill(0);
+    std::fs::write(&src, &data).unwrap();
+    let spec = SourceSpec::Path { path: src.clone(), format: Some(node::api::DiskFormat::Raw), dirty_bitmap: None };
+    let source = Arc::new(Source::open(&spec, 4, Default::default()).await.unwrap());
+    let slow = CopyOptions {
+        block_size: Some(64 << 10),
+        request_size: MIB,
+        throttle: Some(Arc::new(node::throttle::Throttle::new(8 * MIB))),
+        ..CopyOptions::default()
+    };
+    // One run, paused (when `pause`) a moment after it has sent 2 MiB, which at 8 MiB/s is long
+    // before its end: how it ended, and its counters.
+    let run = |sink: Arc<Sink>, base: Base, options: CopyOptions, pause: bool| {
+        let source = Arc::clone(&source);
+        async move {
+            let tokens = Tokens::default();
+            let progress = Arc::new(Progress::default());
+            if pause {
+                let (pause, progress) = (tokens.pause.clone(), Arc::clone(&progress));
+                tokio::spawn(async move {
+                    while progress.snapshot().bytes_sent < 2 * MIB {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    pause.cancel();
+                });
+            }
+            let ended =
+                copy_disk(source, sink, base, Changes::ReadAll, &options, Arc::clone(&progress), Arc::default(), tokens)
+                    .await
+                    .unwrap();
+            (ended, progress.snapshot())
+        }
+    };
+    let paused = |ended: Ended| match ended {
+        Ended::Paused(map) => map,
+        Ended::Completed(_) => panic!("completed before the pause"),
+    };
+
+    let (sink, zeroed) = FileSink::create(&dest, source.size()).unwrap();
+    let sink = Arc::new(Sink::File(sink));
+    let base = if zeroed { Base::Zero } else { Base::Unknown };
+    let first = paused(run(Arc::clone(&sink), base, slow.clone(), true).await.0);
+    sink.keep().await.unwrap();
+    drop(sink);
+    assert!(!first.done.is_empty() && first.done.len() < 256, "{} of 256 blocks finished", first.done.len());
+
+    let sink = Arc::new(Sink::File(FileSink::resume(&dest, source.size()).unwrap()));
+    let (ended, p) = run(Arc::clone(&sink), Base::Resume(first.clone()), slow.clone(), true).await;
+    let second = paused(ended);
+    sink.keep().await.unwrap();
+    drop(sink);
+    assert!(first.done.iter().all(|b| second.done.contains(b)), "the second map lost finished blocks");
+    assert!(second.done.len() > first.done.len(), "the second run finished more");
+    assert_eq!(p.bytes_resumed, first.done.len() * (64 << 10), "{p:?}");
+
+    let sink = Arc::new(Sink::File(FileSink::resume(&dest, source.size()).unwrap()));
+    let fast = CopyOptions { throttle: None, ..slow.clone() };
+    let (ended, p) = run(Arc::clone(&sink), Base::Resume(second.clone()), fast.clone(), false).await;
+    assert!(matches!(ended, Ended::Completed(_)));
+    sink.commit().await.unwrap();
+    assert!(std::fs::read(&dest).unwrap() == data, "the target equals the source");
+    let finished = second.done.len() * (64 << 10);
+    assert!(p.bytes_read + finished <= 16 * MIB, "read again what was finished: {p:?}");
+    assert_eq!((p.bytes_done, p.bytes_resumed), (16 * MIB, finished), "{p:?}");
+
+    // The same stop, its map from a node of the version before (nothing finished): all read again.
+    std::fs::remove_file(&dest).unwrap();
+    let (sink, _) = FileSink::create(&dest, source.size()).unwrap();
+    let sink = Arc::new(Sink::File(sink));
+    let map = paused(run(Arc::clone(&sink), Base::Zero, slow, true).await.0);
+    sink.keep().await.unwrap();
+    drop(sink);
+    let old = ResumeMap::from_bytes(&map.map.to_bytes()).unwrap();
+    assert_eq!(old.done, BlockSet::default());
+    let sink = Arc::new(Sink::File(FileSink::resume(&dest, source.size()).unwrap()));
+    let (_, p) = run(Arc::clone(&sink), Base::Resume(old), fast, false).await;
+    sink.commit().await.unwrap();
+    assert!(std::fs::read(&dest).unwrap() == data, "the target equals the source");
+    assert_eq!((p.bytes_read, p.bytes_resumed), (16 * MIB, 0), "{p:?}");
 }

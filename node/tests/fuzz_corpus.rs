@@ -9,23 +9,32 @@ use std::path::PathBuf;
 #[path = "../../fuzz/replay.rs"]
 mod replay;
 
-use node::blockmap::{hash_block, BlockMap, UNKNOWN};
+use node::blockmap::{hash_block, BlockMap, BlockSet, ResumeMap, UNKNOWN};
 
-/// Block maps as the node writes them: a fresh disk with a short last block, one with known,
-/// changed and unknown blocks, and the smallest (an empty disk).
-fn maps() -> Vec<(&'static str, BlockMap)> {
+/// Block and resume map files as the node writes them: a fresh disk with a short last block, one
+/// with known, changed and unknown blocks, the smallest (an empty disk); a resume map whose run
+/// finished blocks in both words of its set (70 blocks), and one that finished none.
+fn maps() -> Vec<(&'static str, Vec<u8>)> {
     let mut changed = BlockMap::zeroed(10 << 20, 1 << 20);
     changed.hashes[2] = hash_block(b"changed");
     changed.hashes[7] = UNKNOWN;
+    let mut done = BlockSet::default();
+    done.insert_run(0, 3);
+    done.insert_run(64, 5);
+    let mut resumed = BlockMap::zeroed(70 * 4096 - 100, 4096);
+    resumed.hashes[65] = hash_block(b"written");
+    resumed.hashes[66] = UNKNOWN;
     vec![
-        ("map_fresh_short_tail", BlockMap::zeroed(3 * 65536 + 4096, 65536)),
-        ("map_changed_unknown", changed),
-        ("map_empty_disk", BlockMap::zeroed(0, 4096)),
+        ("map_fresh_short_tail", BlockMap::zeroed(3 * 65536 + 4096, 65536).to_bytes()),
+        ("map_changed_unknown", changed.to_bytes()),
+        ("map_empty_disk", BlockMap::zeroed(0, 4096).to_bytes()),
+        ("resume_map_two_words", ResumeMap { map: resumed, done }.to_bytes()),
+        ("resume_map_none_done", ResumeMap { map: changed, done: BlockSet::default() }.to_bytes()),
     ]
 }
 
-fn as_input(map: &BlockMap) -> Vec<u8> {
-    [&[1u8][..], &map.to_bytes()].concat()
+fn as_input(file: &[u8]) -> Vec<u8> {
+    [&[1u8][..], file].concat()
 }
 
 /// `NODE_WRITE_MAP_SEEDS=1` writes the block map seeds (fuzz/make_seeds.py cannot: no BLAKE3).

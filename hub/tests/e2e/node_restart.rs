@@ -67,7 +67,8 @@ async fn restore_under_way(site: &Site, backup: &Value) -> (String, PathBuf, Pat
 
 /// The restore `rid` the node took up after its restart: running again, then completed with its
 /// checksums matching, both files equal to the disks, the image clean, the file beside gone, and at
-/// least `kept` bytes of the first disk (what the image held) not read into it again.
+/// least `kept` bytes of the first disk (what the image held) neither read from the hub again nor
+/// written into it again.
 async fn assert_restore_taken_up_and_completed(site: &Site, rid: &str, dest0: &Path, dest1: &Path, kept: u64) {
     assert!(dest0.with_file_name(".vm-a-0.qcow2.restoring").exists(), "the image being restored is kept");
     assert_eq!(std::fs::read(dest0).unwrap(), b"the disk before", "the destination as it was until the end");
@@ -82,7 +83,9 @@ async fn assert_restore_taken_up_and_completed(site: &Site, rid: &str, dest0: &P
     assert_same(&site.source("vm-a", 1), dest1);
     let job = node_job(site, rid).await;
     let sent = job["disks"][0]["bytes_sent"].as_u64().unwrap();
-    assert!(sent + kept <= 32 * MIB, "what the image held already was not read into it again: {job}");
+    assert!(sent + kept <= 32 * MIB, "what the image held already was not written into it again: {job}");
+    let read = job["disks"][0]["bytes_read"].as_u64().unwrap();
+    assert!(read + kept <= 32 * MIB, "what the stopped run finished was not read from the hub again: {job}");
     assert!(!dest0.with_file_name(".vm-a-0.qcow2.restoring").exists());
 }
 

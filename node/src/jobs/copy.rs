@@ -85,9 +85,12 @@ impl Jobs {
         backup_type: BackupType,
     ) -> Result<(), String> {
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
-        // Paused by the node's last stop: what the target holds, and the choice made then.
+        // Paused by the node's last stop: what the target holds, and the choice made then. Every
+        // block is read again (`Base::Map`, not `Base::Resume`): the source is a VM's disk or a
+        // snapshot of it, which may have changed while the node was away (a host restarted, a
+        // VM started on it); read whole after the start, the copy is of one point in time.
         let resumed = dj.state.lock().ok().and_then(|mut s| {
-            let map = s.resume.take()?;
+            let map = s.resume.take()?.map;
             Some(BaseChoice {
                 base: Base::Map(map),
                 mode: s.mode,

@@ -19,8 +19,9 @@
 //!
 //! The next start reads and removes the record before its API serves anything, so the hub, which
 //! kept polling while the node was away (it waits `stall_timeout_s` for a node it cannot reach),
-//! finds the same job ids running again: a paused disk goes on from its resume map (the source
-//! read again, what the target holds already not sent), a disk not started starts, the post hook
+//! finds the same job ids running again: a paused disk goes on from its resume map (a backup's
+//! source read again, what the target holds already not sent; a restore's blocks the stopped run
+//! finished not read again either: `mover`), a disk not started starts, the post hook
 //! runs at the end as it would have. The node's checksum at the end, compared by the hub with
 //! the image it holds, still decides. A job that cannot be taken up (its VM or a disk left the
 //! configuration, a target is no longer reachable by its rules, a map is missing or damaged) is
@@ -53,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use super::restore::remove_interrupted_restores;
 use super::{off_runtime, sync_dir, DiskJob, Job, JobKind, JobRequest, Jobs, Phase};
 use crate::api::{CopyMode, JobStatus, RestoreRequest, StartRequest};
-use crate::blockmap::BlockMap;
+use crate::blockmap::ResumeMap;
 use crate::files::Replacement;
 
 /// The record, in the state directory.
@@ -417,7 +418,7 @@ impl Jobs {
         d: &DiskJob,
         path: &std::path::Path,
         writing: Writing,
-        saves: &mut Vec<(PathBuf, BlockMap)>,
+        saves: &mut Vec<(PathBuf, ResumeMap)>,
     ) -> Stage {
         let Ok((status, checkpointed, paused)) =
             d.state.lock().map(|s| (s.status, s.checkpointed, if s.checkpointed { None } else { s.resume.clone() }))
@@ -609,7 +610,7 @@ impl Jobs {
             Stage::Paused => {
                 // Left in place: the next checkpoint names it until the disk has a newer one.
                 let at = self.resume_path(run, h.key);
-                let map = BlockMap::load(&at)
+                let map = ResumeMap::load(&at)
                     .ok_or_else(|| format!("disk {}: its resume map is missing or damaged", h.key))?;
                 s.status = "paused";
                 s.resume = Some(map);

@@ -87,7 +87,7 @@ struct DiskState {
     pending_map: Option<PathBuf>,
     /// A copy paused by a stopping node: what the target holds (`mover`'s resume map), the base
     /// the next start's copy goes on from.
-    resume: Option<crate::blockmap::BlockMap>,
+    resume: Option<crate::blockmap::ResumeMap>,
     /// The disk's resume file (`handover`) holds a map of this run that is still true: taken at
     /// a checkpoint, or the one this start took the disk up from.
     checkpointed: bool,

@@ -183,10 +183,11 @@ impl Jobs {
                 (Sink::File(s), base)
             }),
             (DiskFormat::Qcow2, None) => Qcow2Sink::create(dest, source.size()).map(|s| (Sink::Qcow2(s), Base::Zero)),
+            // A backup never changes: what the run before finished is not read from the hub again.
             (DiskFormat::Raw, Some(map)) => {
-                FileSink::resume(dest, source.size()).map(|s| (Sink::File(s), Base::Map(map)))
+                FileSink::resume(dest, source.size()).map(|s| (Sink::File(s), Base::Resume(map)))
             }
-            (DiskFormat::Qcow2, Some(map)) => Qcow2Sink::resume(dest).map(|s| (Sink::Qcow2(s), Base::Map(map))),
+            (DiskFormat::Qcow2, Some(map)) => Qcow2Sink::resume(dest).map(|s| (Sink::Qcow2(s), Base::Resume(map))),
         };
         let (sink, base) = match made {
             Ok(made) => made,
