@@ -537,10 +537,18 @@ async fn a_copy_paused_twice_goes_on_from_the_blocks_finished_before() {
                     pause.cancel();
                 });
             }
-            let ended =
-                copy_disk(source, sink, base, Changes::ReadAll, &options, Arc::clone(&progress), Arc::default(), tokens)
-                    .await
-                    .unwrap();
+            let ended = copy_disk(
+                source,
+                sink,
+                base,
+                Changes::ReadAll,
+                &options,
+                Arc::clone(&progress),
+                Arc::default(),
+                tokens,
+            )
+            .await
+            .unwrap();
             (ended, progress.snapshot())
         }
     };
