@@ -39,9 +39,10 @@
 //! write acknowledged): those whose new hash it had stored. Given as [`Base::Resume`], the next
 //! run does not read them again: they count as unchanged, their hashes carried over, so a restore
 //! that stopped at 90% reads the last 10% from the hub, not the whole disk again. That is only
-//! right when the source still holds what it held, as a backup does (it never changes): the job
-//! layer decides, and gives a VM's disk's map as [`Base::Map`], which reads every block again
-//! and compares (`jobs/copy.rs` says why).
+//! right when the source still holds what it held: a backup does (it never changes), a VM's disk
+//! only if its files are as they were when the run started (`source/stamp.rs`). The job layer
+//! decides (`jobs/copy.rs`, `resume_base`), and otherwise gives the same map as [`Base::Map`],
+//! which reads every block again and compares.
 //!
 //! ## Taken while it runs, for a node that is killed
 //! The same map can be taken without stopping ([`Resumable::take`]): the hashes and the written

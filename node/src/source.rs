@@ -27,8 +27,10 @@ use crate::pool::{Endpoint, NbdPool};
 use crate::targets;
 
 mod image;
+mod stamp;
 
 pub use image::{sniff, Qcow2Source};
+pub use stamp::SourceStamp;
 
 /// How a source was configured.
 #[derive(Debug, Clone, PartialEq, Eq)]

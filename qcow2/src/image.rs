@@ -329,6 +329,31 @@ impl Image {
         Ok(total)
     }
 
+    /// The metadata (`fstat`) of this image's file and of every file of its backing chain, top
+    /// first, as open: what a reader compares later to tell whether any of them was written or
+    /// replaced meanwhile (device, inode, change time).
+    ///
+    /// # Errors
+    /// A file could not be stat'ed.
+    pub fn chain_metadata(&self) -> Result<Vec<std::fs::Metadata>> {
+        let stat = |file: &File| file.metadata().map_err(Error::io("stat", 0));
+        let mut all = vec![stat(&self.file)?];
+        let mut below = self.backing.as_ref();
+        while let Some(b) = below {
+            match b {
+                Backing::Raw { file, .. } => {
+                    all.push(stat(file)?);
+                    below = None;
+                }
+                Backing::Qcow2(image) => {
+                    all.push(stat(&image.file)?);
+                    below = image.backing.as_ref();
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// Check the refcounts against the metadata, as `qemu-img check` does: clusters referenced
     /// more often than their refcount says are corruption (an allocation could hand them out
     /// again); clusters with a higher refcount than references are leaks (lost space, no harm).

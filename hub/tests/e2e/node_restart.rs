@@ -1,7 +1,8 @@
 //! A node restarted (SIGTERM, as `systemctl restart sendense-node` sends) while a backup, a
 //! restore the hub drives and a replication run through the tunnel: the stopping node pauses them
 //! and hands them over, the next start goes on from what the hub's images (or the restored file)
-//! hold, not from the first byte, the snapshot hooks run once each, and the results equal the
+//! hold, not from the first byte, and reads again only what the stopped run had not finished
+//! (all of a source written while the node was stopped), the snapshot hooks run once each, and the results equal the
 //! disks; the chain and the replica go on from them. A run the next start cannot take up (its disk
 //! left the configuration) fails on the hub as a forgotten job does, and its snapshot is released.
 //!
@@ -27,10 +28,12 @@ fn hook_runs(log: &Path, id: &str) -> Vec<String> {
     text.lines().filter(|l| l.ends_with(&format!(" {id}"))).map(str::to_string).collect()
 }
 
-/// Stop the node while run `path` (a hub job) copies, check what it handed over, start it again.
-async fn restart_node_under_way(site: &mut Site, path: &str, id: &str) {
+/// Stop the node while run `path` (a hub job) copies, check what it handed over, do
+/// `while_stopped`, start it again.
+async fn restart_node_under_way(site: &mut Site, path: &str, id: &str, while_stopped: impl FnOnce(&Site)) {
     site.wait_progress(path, 8 * MIB).await;
     site.stop_node();
+    while_stopped(site);
     let record = site.path().join("node-state/.jobs-handed-over.json");
     let text = std::fs::read_to_string(&record).expect("the stopping node handed the run over");
     assert!(text.contains(id), "{text}");
@@ -90,7 +93,8 @@ async fn assert_restore_taken_up_and_completed(site: &Site, rid: &str, dest0: &P
 }
 
 /// The backup `id` (hub path `path`) the node took up completed, equal to the disks, with at
-/// least `kept` bytes of its first disk (what the image held) not sent again; the node's view.
+/// least `kept` bytes of its first disk (what the image held) not sent again, nor read again (its
+/// source file is as it was); the node's view.
 async fn assert_backup_taken_up_and_completed(site: &Site, path: &str, id: &str, kept: u64) -> Value {
     let done = site.wait(path).await;
     assert_eq!(done["status"], "completed", "{done}");
@@ -100,6 +104,9 @@ async fn assert_backup_taken_up_and_completed(site: &Site, path: &str, id: &str,
     let (unchanged, sent) = (first["bytes_unchanged"].as_u64().unwrap(), first["bytes_sent"].as_u64().unwrap());
     assert!(unchanged >= kept, "what the image held already was not sent again: {job}");
     assert!(sent + kept <= 32 * MIB, "only the rest of its 32 MiB of data was sent: {job}");
+    // Read whole, the disk would be read where it is not a hole.
+    let (read, holes) = (first["bytes_read"].as_u64().unwrap(), first["bytes_skipped_holes"].as_u64().unwrap());
+    assert!(read + holes + kept <= 64 * MIB, "what the stopped run finished was not read again: {job}");
     job
 }
 
@@ -261,7 +268,7 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     // A full backup: disk 2000 paused half way, disk 2001 not started (one disk at a time).
     let id = site.start_backup("vm-a", "full").await;
     let path = format!("/api/v1/backups/{id}");
-    restart_node_under_way(&mut site, &path, &id).await;
+    restart_node_under_way(&mut site, &path, &id, |_| {}).await;
     let job = assert_backup_taken_up_and_completed(&site, &path, &id, 8 * MIB).await;
     assert_eq!(job["disks"][1]["bytes_sent"], json!(4 * MIB), "the disk not started was copied after: {job}");
     assert_eq!(hook_runs(&log, &id), [format!("pre {id}"), format!("post {id}")], "one snapshot for the run");
@@ -282,13 +289,19 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     site.start_node();
     assert_restore_taken_up_and_completed(&site, &rid, &dest0, &dest1, 8 * MIB).await;
 
-    // A replica run written in place, the same way; its next run sends only what changed.
+    // A replica run written in place, the same way, its source written while the node was stopped
+    // (the first block, which the stopped run had finished): the disk is read whole again, and the
+    // replica equals it. Its next run sends only what changed.
     let rid = site.start_replica("vm-a").await;
     let rpath = format!("/api/v1/replications/{rid}");
-    restart_node_under_way(&mut site, &rpath, &rid).await;
+    restart_node_under_way(&mut site, &rpath, &rid, |site| change(&site.source("vm-a", 0), 0, 9)).await;
     let done = site.wait(&rpath).await;
     assert_eq!(done["status"], "completed", "{done}");
     site.assert_replica_equals_sources("vm-a", 2);
+    let job = node_job(&site, &rid).await;
+    let first = &job["disks"][0];
+    let (read, holes) = (first["bytes_read"].as_u64().unwrap(), first["bytes_skipped_holes"].as_u64().unwrap());
+    assert_eq!(read + holes, 64 * MIB, "the changed source was read whole: {job}");
     change(&site.source("vm-a", 0), 40 * MIB, 8);
     let again = site.replicate("vm-a").await;
     let sent: u64 = again["disks"].as_array().unwrap().iter().map(|d| d["bytes_sent"].as_u64().unwrap()).sum();

@@ -2,7 +2,8 @@
 //! policy [`choose_base`]), the replica-run marker that says a target is being written in
 //! place, the copy itself, and the change-tracking state it leaves: a pending map for `commit`
 //! when it completes, the resume map when a stopping node paused it (the next start goes on
-//! from it, with the choice made the first time), or the blocks it wrote marked unknown in the
+//! from it, with the choice made the first time, reading again what the stopped run finished
+//! only if the source changed meanwhile: [`resume_base`]), or the blocks it wrote marked unknown in the
 //! committed map when it fails (so a replica gets them again next time). Map loads and saves
 //! wait for the disk: they run on the blocking pool.
 
@@ -11,12 +12,12 @@ use std::sync::Arc;
 
 use super::{off_runtime, set_disk, sync_dir, DiskJob, Job, JobKind, Jobs};
 use crate::api::{BackupType, CopyMode};
-use crate::blockmap::{BlockMap, UNKNOWN};
+use crate::blockmap::{BlockMap, ResumeMap, UNKNOWN};
 use crate::error::MoveError;
 use crate::mover::{self, Base, Ended, Tokens, WrittenSet};
 use crate::pool::{Endpoint, NbdPool};
 use crate::sink::Sink;
-use crate::source::Source;
+use crate::source::{Source, SourceStamp};
 
 /// The base a disk is copied against, the mode reported, and why.
 #[derive(Debug, Clone)]
@@ -85,18 +86,17 @@ impl Jobs {
         backup_type: BackupType,
     ) -> Result<(), String> {
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
-        // Paused by the node's last stop: what the target holds, and the choice made then. Every
-        // block is read again (`Base::Map`, not `Base::Resume`): the source is a VM's disk or a
-        // snapshot of it, which may have changed while the node was away (a host restarted, a
-        // VM started on it); read whole after the start, the copy is of one point in time.
+        // Paused by the node's last stop: what the target holds, the choice made then, and the
+        // source's files when the run started (the base is decided once the source is open).
         let resumed = dj.state.lock().ok().and_then(|mut s| {
-            let map = s.resume.take()?.map;
-            Some(BaseChoice {
-                base: Base::Map(map),
+            let map = s.resume.take()?;
+            let choice = BaseChoice {
+                base: Base::Unknown,
                 mode: s.mode,
                 reason: s.mode_reason.clone(),
                 change_source: s.change_source,
-            })
+            };
+            Some((map, s.source_stamp.clone(), choice))
         });
         set_disk(dj, "running", None, None);
         let settings = self.settings();
@@ -113,6 +113,12 @@ impl Jobs {
         .map_err(fail)?;
         if !self.settings().vm(vm).is_some_and(|v| v.force_share) {
             source.refuse_if_being_written().await.map_err(fail)?;
+        }
+        let stamp = source.stamp().await;
+        if resumed.is_none() {
+            if let Ok(mut s) = dj.state.lock() {
+                s.source_stamp.clone_from(&stamp);
+            }
         }
         let source = Arc::new(source);
         let map_path = self.map_path(vm, job.kind, disk.key);
@@ -146,7 +152,13 @@ impl Jobs {
         .map_err(fail)?;
         let was_resumed = resumed.is_some();
         let choice = match resumed {
-            Some(choice) => choice,
+            Some((map, at_start, mut choice)) => {
+                choice.base = resume_base(map, at_start.as_ref(), stamp.as_ref());
+                if matches!(choice.base, Base::Map(_)) {
+                    tracing::info!(job = %job.id, disk = disk.key, "the source may have changed while the node was stopped: every block is read again");
+                }
+                choice
+            }
             None => self.choose(&source, &sink, committed.clone(), backup_type, interrupted).await.map_err(fail)?,
         };
         set_choice(dj, &choice);
@@ -230,6 +242,19 @@ impl Jobs {
     }
 }
 
+/// The base of a disk's copy taken up from a stop, `map` what the stopped run left: the blocks it
+/// finished are not read again ([`Base::Resume`]) only when the source's files are as they were
+/// when the run started (`source/stamp.rs`). Otherwise (a block device or an NBD export, which
+/// have no stamp, or files written or replaced meanwhile: a host restarted and its VM wrote the
+/// disk, a snapshot made again at the same path) every block is read again and compared with the
+/// map ([`Base::Map`]): read whole after the start, the copy is of one point in time.
+pub fn resume_base(map: ResumeMap, at_start: Option<&SourceStamp>, now: Option<&SourceStamp>) -> Base {
+    match (at_start, now) {
+        (Some(then), Some(now)) if then == now => Base::Resume(map),
+        _ => Base::Map(map.map),
+    }
+}
+
 impl Jobs {
     /// The base of a disk's copy that is not taken up from a stop: [`choose_base`] with what the
     /// source and target tell.
@@ -297,5 +322,24 @@ mod tests {
         assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full && c.change_source == "none");
         let c = choose_base(BackupType::Incremental, Some(map), 2 << 20, 1 << 18, true);
         assert!(matches!(c.base, Base::Unknown) && c.mode == CopyMode::Full, "a resized disk is copied in full: {c:?}");
+    }
+
+    #[test]
+    fn a_resumed_copy_skips_what_was_finished_only_from_files_as_they_were() {
+        let stamp = |ctime_ns: i64| -> SourceStamp {
+            let file = serde_json::json!({"dev": 2049, "ino": 12, "size": 1 << 20, "ctime_s": 1_764_600_000, "ctime_ns": ctime_ns});
+            serde_json::from_value(serde_json::json!({ "files": [file] })).unwrap()
+        };
+        let mut done = crate::blockmap::BlockSet::default();
+        done.insert_run(0, 2);
+        let map = ResumeMap { map: BlockMap::zeroed(1 << 20, 1 << 18), done };
+        let base = resume_base(map.clone(), Some(&stamp(5)), Some(&stamp(5)));
+        assert!(matches!(base, Base::Resume(r) if r == map), "the same files");
+        for (then, now) in
+            [(Some(stamp(5)), Some(stamp(6))), (None, Some(stamp(5))), (Some(stamp(5)), None), (None, None)]
+        {
+            let base = resume_base(map.clone(), then.as_ref(), now.as_ref());
+            assert!(matches!(&base, Base::Map(m) if *m == map.map), "{then:?} -> {now:?}: read whole");
+        }
     }
 }

@@ -19,9 +19,9 @@
 //!
 //! The next start reads and removes the record before its API serves anything, so the hub, which
 //! kept polling while the node was away (it waits `stall_timeout_s` for a node it cannot reach),
-//! finds the same job ids running again: a paused disk goes on from its resume map (a backup's
-//! source read again, what the target holds already not sent; a restore's blocks the stopped run
-//! finished not read again either: `mover`), a disk not started starts, the post hook
+//! finds the same job ids running again: a paused disk goes on from its resume map (what the
+//! target holds already not sent; the blocks the stopped run finished not read again, unless the
+//! source's files changed meanwhile: `mover`, `source/stamp.rs`), a disk not started starts, the post hook
 //! runs at the end as it would have. The node's checksum at the end, compared by the hub with
 //! the image it holds, still decides. A job that cannot be taken up (its VM or a disk left the
 //! configuration, a target is no longer reachable by its rules, a map is missing or damaged) is
@@ -203,6 +203,10 @@ struct HandedDisk {
     change_source: String,
     checksum: Option<String>,
     reconnects: u64,
+    /// The source's files when the run started (`source/stamp.rs`); absent in records of the
+    /// version before, whose copies then read their sources whole.
+    #[serde(default)]
+    source_stamp: Option<crate::source::SourceStamp>,
 }
 
 impl Jobs {
@@ -363,6 +367,7 @@ impl Jobs {
                     change_source: s.change_source.to_string(),
                     checksum: s.checksum.clone(),
                     reconnects: s.reconnects,
+                    source_stamp: s.source_stamp.clone(),
                 });
             }
             let snapshotting = writing != Writing::Stop && phase == Phase::Snapshotting;
@@ -593,6 +598,7 @@ impl Jobs {
             _ => "none",
         };
         s.reconnects = h.reconnects;
+        s.source_stamp.clone_from(&h.source_stamp);
         match h.stage {
             Stage::Pending => {}
             Stage::Completed => {

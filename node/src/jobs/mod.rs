@@ -91,6 +91,10 @@ struct DiskState {
     /// The disk's resume file (`handover`) holds a map of this run that is still true: taken at
     /// a checkpoint, or the one this start took the disk up from.
     checkpointed: bool,
+    /// The source's files as they were when the run first started copying this disk (kept
+    /// across stops): a copy taken up reads again only what the run had not finished if they
+    /// are still the same (`source/stamp.rs`).
+    source_stamp: Option<crate::source::SourceStamp>,
 }
 
 /// One disk of a job.
@@ -678,6 +682,7 @@ impl DiskJob {
                 pending_map: None,
                 resume: None,
                 checkpointed: false,
+                source_stamp: None,
             }),
         }
     }

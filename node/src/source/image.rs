@@ -173,6 +173,11 @@ impl Qcow2Source {
         &self.path
     }
 
+    /// The metadata of the image's file and of its backing chain's, as open (`source/stamp.rs`).
+    pub fn chain_metadata(&self) -> Option<Vec<std::fs::Metadata>> {
+        self.image.chain_metadata().ok()
+    }
+
     /// Allocation from `offset` for up to `length` bytes, through the backing chain: data
     /// clusters (in any layer) are read, zero and unallocated ones are not.
     ///
