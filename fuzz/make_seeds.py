@@ -153,8 +153,8 @@ def hostile_seeds(default):
 
 SEEDS["qcow2_image"] = qcow2_seeds()
 
-# node_inputs: the first byte is the kind of input (node/src/fuzzing.rs). Block map seeds
-# (kind 1) need BLAKE3, which Python lacks: the node writes them itself, with
+# node_inputs: the first byte is the kind of input (node/src/fuzzing.rs). Block and resume map
+# seeds (kinds 1 and 5) need BLAKE3, which Python lacks: the node writes them itself, with
 # `NODE_WRITE_MAP_SEEDS=1 cargo test -p node --test fuzz_corpus block_maps`.
 SEEDS["node_inputs"] = {
     "targets_two": b"\x00" + b"2000:nbd://127.0.0.1:10100/pgtest1-disk0, 2001:nbd://127.0.0.1:10101/pgtest1-disk1",

@@ -10,7 +10,10 @@
 //!   `node.toml`'s VMs go through, [`config::resolve_vms`]);
 //! - `3`: a size or a rate (`request_size`, `block_size`, `bandwidth_limit`);
 //! - `4`: a disk checksum as a node reports it to the hub, which verifies backups with the
-//!   block size it names ([`checksum_block_size`]).
+//!   block size it names ([`checksum_block_size`]);
+//! - `5`: a block map or resume map file without its trailer, which this entry appends (the
+//!   BLAKE3 of the rest), so that the fuzzer reaches what the parsers check after the trailer
+//!   (geometry, lengths, the finished blocks): as `1` it would have to forge the hash.
 //!
 //! Besides never panicking, what a parser accepts must hold up: a target list prints back to
 //! one that parses to the same targets, a block map is exactly the bytes the node writes for it
@@ -43,6 +46,7 @@ pub fn input(data: &[u8]) -> Outcome {
         2 => vm_declaration(&text()),
         3 => size(&text()),
         4 => checksum_block_size(&text()).inspect(|b| assert!(valid_block_size(*b), "block size {b}")).is_some(),
+        5 => block_map(&[rest, blake3::hash(rest).as_bytes()].concat()),
         _ => return Outcome { kind: None, accepted: false },
     };
     Outcome { kind: Some(kind), accepted }

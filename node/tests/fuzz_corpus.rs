@@ -37,21 +37,36 @@ fn as_input(file: &[u8]) -> Vec<u8> {
     [&[1u8][..], file].concat()
 }
 
+/// The same file as a kind 5 input: without its trailer, which the entry point appends.
+fn as_unsealed_input(file: &[u8]) -> Vec<u8> {
+    [&[5u8][..], &file[..file.len() - 32]].concat()
+}
+
 /// `NODE_WRITE_MAP_SEEDS=1` writes the block map seeds (fuzz/make_seeds.py cannot: no BLAKE3).
 #[test]
 fn block_maps_the_node_writes_are_accepted_and_their_seeds_are_current() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/node_inputs");
     for (name, map) in maps() {
-        let input = as_input(&map);
+        let (input, unsealed) = (as_input(&map), as_unsealed_input(&map));
+        let unsealed_name = format!("unsealed_{name}");
         if std::env::var_os("NODE_WRITE_MAP_SEEDS").is_some() {
             std::fs::write(dir.join(name), &input).unwrap();
+            std::fs::write(dir.join(&unsealed_name), &unsealed).unwrap();
         }
         assert!(node::fuzzing::input(&input).accepted, "{name}");
+        assert!(node::fuzzing::input(&unsealed).accepted, "{unsealed_name}");
         assert_eq!(std::fs::read(dir.join(name)).unwrap(), input, "seed {name} is not what the node writes");
+        assert_eq!(std::fs::read(dir.join(&unsealed_name)).unwrap(), unsealed, "seed {unsealed_name}");
         let mut damaged = input.clone();
         damaged[20] ^= 1;
         assert!(!node::fuzzing::input(&damaged).accepted, "{name} with a flipped bit");
         assert!(!node::fuzzing::input(&input[..input.len() - 1]).accepted, "{name} cut short");
+        // Sealed by the entry point: a count that does not match the hashes, or a length that is
+        // not the count's, is refused all the same.
+        let mut miscounted = unsealed.clone();
+        miscounted[25] ^= 1;
+        assert!(!node::fuzzing::input(&miscounted).accepted, "{unsealed_name} with another block count");
+        assert!(!node::fuzzing::input(&unsealed[..unsealed.len() - 1]).accepted, "{unsealed_name} cut short");
     }
 }
 
@@ -59,7 +74,7 @@ fn block_maps_the_node_writes_are_accepted_and_their_seeds_are_current() {
 fn every_seed_is_accepted_as_its_kind() {
     let seeds = replay::inputs("seeds", "node_inputs");
     assert!(seeds.len() >= 10, "only {} seeds", seeds.len());
-    for kind in 0..5u8 {
+    for kind in 0..6u8 {
         assert!(seeds.iter().any(|(_, d)| d.first() == Some(&kind)), "no seed of kind {kind}");
     }
     for (name, data) in &seeds {
