@@ -1,8 +1,8 @@
-//! A node restarted (SIGTERM, as `systemctl restart sendense-node` sends) while a backup, a
-//! restore the hub drives and a replication run through the tunnel: the stopping node pauses them
-//! and hands them over, the next start goes on from what the hub's images (or the restored file)
-//! hold, not from the first byte, and reads again only what the stopped run had not finished
-//! (all of a source written while the node was stopped), the snapshot hooks run once each, and the results equal the
+//! A node restarted (SIGTERM, as `systemctl restart sendense-node` sends) while a backup, a restore
+//! the hub drives and a replication run through the tunnel: the stopping node pauses them and hands
+//! them over, the next start goes on from what the hub's images (or the restored file) hold, not
+//! from the first byte, and reads again only what the stopped run had not finished (all of a source
+//! written while the node was stopped), the snapshot hooks run once each, and the results equal the
 //! disks; the chain and the replica go on from them. A run the next start cannot take up (its disk
 //! left the configuration) fails on the hub as a forgotten job does, and its snapshot is released.
 //!

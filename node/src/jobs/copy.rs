@@ -3,9 +3,9 @@
 //! place, the copy itself, and the change-tracking state it leaves: a pending map for `commit`
 //! when it completes, the resume map when a stopping node paused it (the next start goes on
 //! from it, with the choice made the first time, reading again what the stopped run finished
-//! only if the source changed meanwhile: [`resume_base`]), or the blocks it wrote marked unknown in the
-//! committed map when it fails (so a replica gets them again next time). Map loads and saves
-//! wait for the disk: they run on the blocking pool.
+//! only if the source changed meanwhile: [`resume_base`]), or the blocks it wrote marked
+//! unknown in the committed map when it fails (so a replica gets them again next time). Map
+//! loads and saves wait for the disk: they run on the blocking pool.
 
 use std::path::Path;
 use std::sync::Arc;

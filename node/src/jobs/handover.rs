@@ -19,15 +19,15 @@
 //!
 //! The next start reads and removes the record before its API serves anything, so the hub, which
 //! kept polling while the node was away (it waits `stall_timeout_s` for a node it cannot reach),
-//! finds the same job ids running again: a paused disk goes on from its resume map (what the
-//! target holds already not sent; the blocks the stopped run finished not read again, unless the
-//! source's files changed meanwhile: `mover`, `source/stamp.rs`), a disk not started starts, the post hook
-//! runs at the end as it would have. The node's checksum at the end, compared by the hub with
-//! the image it holds, still decides. A job that cannot be taken up (its VM or a disk left the
+//! finds the same job ids running again: a paused disk goes on from its resume map (what the target
+//! holds already not sent; the blocks the stopped run finished not read again, unless the source's
+//! files changed meanwhile: `mover`, `source/stamp.rs`), a disk not started starts, the post hook
+//! runs at the end as it would have. The node's checksum at the end, compared by the hub with the
+//! image it holds, still decides. A job that cannot be taken up (its VM or a disk left the
 //! configuration, a target is no longer reachable by its rules, a map is missing or damaged) is
 //! dropped: the hub learns that its node no longer knows the job and fails the run; the VM's post
-//! hook runs so its snapshot is released (a restore's file beside is removed, its destination as
-//! it was).
+//! hook runs so its snapshot is released (a restore's file beside is removed, its destination as it
+//! was).
 //!
 //! Checkpoints, for a node that is killed (a crash, the OOM killer, its host's power cut): while
 //! jobs run the same record is kept up to date (`keep_checkpoints`): written again whenever a job
