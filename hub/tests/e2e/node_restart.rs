@@ -302,6 +302,8 @@ async fn a_backup_a_restore_and_a_replication_go_on_across_a_node_restart() {
     let first = &job["disks"][0];
     let (read, holes) = (first["bytes_read"].as_u64().unwrap(), first["bytes_skipped_holes"].as_u64().unwrap());
     assert_eq!(read + holes, 64 * MIB, "the changed source was read whole: {job}");
+    let why = first["mode_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("the source's files changed while the node was stopped"), "{job}");
     change(&site.source("vm-a", 0), 40 * MIB, 8);
     let again = site.replicate("vm-a").await;
     let sent: u64 = again["disks"].as_array().unwrap().iter().map(|d| d["bytes_sent"].as_u64().unwrap()).sum();

@@ -155,7 +155,16 @@ impl Jobs {
             Some((map, at_start, mut choice)) => {
                 choice.base = resume_base(map, at_start.as_ref(), stamp.as_ref());
                 if matches!(choice.base, Base::Map(_)) {
-                    tracing::info!(job = %job.id, disk = disk.key, "the source may have changed while the node was stopped: every block is read again");
+                    let why = match (at_start, stamp) {
+                        (Some(_), Some(_)) => "the source's files changed while the node was stopped",
+                        _ => "nothing tells whether the source was written while the node was stopped",
+                    };
+                    let note = format!("taken up after a stop: {why}, so every block is read again and compared");
+                    tracing::info!(job = %job.id, disk = disk.key, "{note}");
+                    choice.reason = Some(match choice.reason.take() {
+                        Some(first) => format!("{first}; {note}"),
+                        None => note,
+                    });
                 }
                 choice
             }
