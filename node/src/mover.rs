@@ -556,8 +556,9 @@ pub async fn copy_disk(
 
 /// What the target holds after a pause (module doc): the new hash of a block done, unknown for
 /// a block written in part, the base's hash for one nothing was acknowledged for; and the blocks
-/// done, those whose new hash was stored (a block's hash is stored once all its writes are
-/// acknowledged, or when it is clean).
+/// done: those whose new hash was stored (a block's hash is stored once all its writes are
+/// acknowledged, or when it is clean), and those a run before finished, which this run never
+/// writes, also where its planner has not come to them yet.
 fn resume_map(shared: &Shared, mut hashes: Vec<Hash>) -> ResumeMap {
     let touched = shared.written.blocks();
     let mut touched = touched.iter().peekable();
@@ -566,9 +567,10 @@ fn resume_map(shared: &Shared, mut hashes: Vec<Hash>) -> ResumeMap {
         let b = b as u64;
         while touched.next_if(|&&t| t < b).is_some() {}
         let written = touched.peek().is_some_and(|&&t| t == b);
-        if *h != UNKNOWN {
+        if *h != UNKNOWN || shared.finished_before(b) {
             done.insert_run(b, 1);
-        } else if !written {
+        }
+        if *h == UNKNOWN && !written {
             *h = shared.base_hash(b).unwrap_or(UNKNOWN);
         }
     }
@@ -855,6 +857,45 @@ mod tests {
         assert_eq!(auto_block_size(1 << 40), 256 << 10);
         assert_eq!(auto_block_size(1000), 64 << 10);
         assert!(blockmap::block_count(64 << 40, auto_block_size(64 << 40)) <= 4 << 20);
+    }
+
+    /// A map taken as a resumed copy starts, before its planner has walked anything, still names
+    /// every block the run before finished, with the hashes it had for them.
+    #[tokio::test]
+    async fn a_resumed_copy_s_map_keeps_what_the_run_before_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dest) = (dir.path().join("disk.raw"), dir.path().join("copy.raw"));
+        std::fs::write(&src, vec![3u8; 8 * 4096]).unwrap();
+        let spec = crate::source::SourceSpec::Path {
+            path: src,
+            format: Some(crate::api::DiskFormat::Raw),
+            dirty_bitmap: None,
+        };
+        let source = Arc::new(Source::open(&spec, 1, CancellationToken::new()).await.unwrap());
+        let (sink, _) = crate::sink::FileSink::create(&dest, source.size()).unwrap();
+        let mut before = ResumeMap { map: BlockMap::zeroed(8 * 4096, 4096), done: BlockSet::default() };
+        before.done.insert_run(0, 3);
+        before.map.hashes[..3].fill(blockmap::hash_block(&[3u8; 4096]));
+        let shared = Shared {
+            source,
+            sink: Arc::new(Sink::File(sink)),
+            base: Arc::new(Base::Resume(before.clone())),
+            zero: ZeroHashes::new(8 * 4096, 4096),
+            size: 8 * 4096,
+            block_size: 4096,
+            hashes: Mutex::new(vec![UNKNOWN; 8]),
+            written: Arc::default(),
+            progress: Arc::default(),
+            throttle: None,
+        };
+        let mut hashes = vec![UNKNOWN; 8];
+        hashes[5] = blockmap::hash_block(&[3u8; 4096]); // finished by this run
+        shared.written.mark(6, 1); // written in part
+        let map = resume_map(&shared, hashes);
+        assert_eq!(map.done.iter().collect::<Vec<_>>(), vec![0, 1, 2, 5]);
+        assert_eq!(map.map.hashes[..3], before.map.hashes[..3]);
+        assert_eq!(map.map.hashes[6], UNKNOWN);
+        assert_eq!(map.map.hashes[7], before.map.hashes[7], "nothing acknowledged: the base's hash");
     }
 
     #[test]
