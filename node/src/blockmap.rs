@@ -180,8 +180,7 @@ impl BlockMap {
     /// # Errors
     /// The file could not be written.
     pub fn save(&self, path: &Path) -> Result<(), MapError> {
-        crate::files::write_atomically(path, &self.to_bytes())
-            .map_err(|source| MapError { path: path.to_path_buf(), source })
+        write_file(path, &self.to_bytes())
     }
 }
 
@@ -219,6 +218,11 @@ fn parse(bytes: &[u8]) -> Option<(BlockMap, Format, &[u8])> {
     let (hashes_bytes, after) = rest.split_at(hashes_len);
     let hashes = hashes_bytes.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect();
     Some((BlockMap { disk_size, block_size, hashes }, format, after))
+}
+
+/// Write a map file atomically: temporary file, fsync, rename, fsync of the directory.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), MapError> {
+    crate::files::write_atomically(path, bytes).map_err(|source| MapError { path: path.to_path_buf(), source })
 }
 
 /// Append the BLAKE3 of `body` to it.
@@ -319,8 +323,7 @@ impl ResumeMap {
     /// # Errors
     /// The file could not be written.
     pub fn save(&self, path: &Path) -> Result<(), MapError> {
-        crate::files::write_atomically(path, &self.to_bytes())
-            .map_err(|source| MapError { path: path.to_path_buf(), source })
+        write_file(path, &self.to_bytes())
     }
 }
 
