@@ -122,6 +122,12 @@ impl BackingFormat {
     }
 }
 
+/// One layer of a chain, as [`Image::layers`] walks it.
+enum Layer<'a> {
+    Qcow2(&'a Image),
+    Raw { file: &'a File, size: u64 },
+}
+
 /// What lies under an image.
 pub(crate) enum Backing {
     Raw { file: Arc<File>, size: u64, plain_reads: AtomicBool },
@@ -312,21 +318,24 @@ impl Image {
     /// # Errors
     /// A file's length could not be read.
     pub fn chain_file_bytes(&self) -> Result<u64> {
-        let mut total = self.file_len()?;
-        let mut below = self.backing.as_ref();
-        while let Some(b) = below {
-            match b {
-                Backing::Raw { size, .. } => {
-                    total = total.saturating_add(*size);
-                    below = None;
-                }
-                Backing::Qcow2(image) => {
-                    total = total.saturating_add(image.file_len()?);
-                    below = image.backing.as_ref();
-                }
-            }
-        }
-        Ok(total)
+        self.layers().try_fold(0u64, |total, layer| {
+            let len = match layer {
+                Layer::Qcow2(image) => image.file_len()?,
+                Layer::Raw { size, .. } => size,
+            };
+            Ok(total.saturating_add(len))
+        })
+    }
+
+    /// This image and every layer of its backing chain, top first.
+    fn layers(&self) -> impl Iterator<Item = Layer<'_>> {
+        std::iter::successors(Some(Layer::Qcow2(self)), |layer| match layer {
+            Layer::Qcow2(image) => match image.backing.as_ref()? {
+                Backing::Qcow2(below) => Some(Layer::Qcow2(below)),
+                Backing::Raw { file, size, .. } => Some(Layer::Raw { file, size: *size }),
+            },
+            Layer::Raw { .. } => None,
+        })
     }
 
     /// The metadata (`fstat`) of this image's file and of every file of its backing chain, top
@@ -336,22 +345,15 @@ impl Image {
     /// # Errors
     /// A file could not be stat'ed.
     pub fn chain_metadata(&self) -> Result<Vec<std::fs::Metadata>> {
-        let stat = |file: &File| file.metadata().map_err(Error::io("stat", 0));
-        let mut all = vec![stat(&self.file)?];
-        let mut below = self.backing.as_ref();
-        while let Some(b) = below {
-            match b {
-                Backing::Raw { file, .. } => {
-                    all.push(stat(file)?);
-                    below = None;
-                }
-                Backing::Qcow2(image) => {
-                    all.push(stat(&image.file)?);
-                    below = image.backing.as_ref();
-                }
-            }
-        }
-        Ok(all)
+        self.layers()
+            .map(|layer| {
+                let file = match layer {
+                    Layer::Qcow2(image) => &*image.file,
+                    Layer::Raw { file, .. } => file,
+                };
+                file.metadata().map_err(Error::io("stat", 0))
+            })
+            .collect()
     }
 
     /// Check the refcounts against the metadata, as `qemu-img check` does: clusters referenced
