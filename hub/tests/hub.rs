@@ -218,6 +218,8 @@ async fn full_incremental_verify_restore_and_replica_of_a_two_disk_vm() {
     assert!(full_dir.join("manifest.json").exists());
     for (i, s) in src.iter().enumerate() {
         let img = full_dir.join(format!("disk-{}.qcow2", 2000 + i));
+        // A completed backup names its images as a running one does.
+        assert_eq!(done["disk_results"][i]["qcow2_path"], img.display().to_string(), "{done}");
         assert_clean(&img);
         assert_same(s, &img);
     }

@@ -34,7 +34,7 @@ impl Hub {
         if let Some(j) = st.jobs.get(id).filter(|j| j.kind == kind) {
             return Some(j.view());
         }
-        st.catalog.get(id).filter(|_| kind == Kind::Backup).map(|m| listed_view(m, &st.merges))
+        st.catalog.get(id).filter(|_| kind == Kind::Backup).map(|m| listed_view(m, &st.merges, &self.repo))
     }
 
     /// Backups (or replications), newest first: of VM `vm`, with tag `tag`, where given.
@@ -42,7 +42,7 @@ impl Hub {
         let st = self.state();
         let mut out: Vec<JobView> = st.jobs.values().filter(|j| j.kind == kind).map(|j| j.view()).collect();
         if kind == Kind::Backup {
-            out.extend(st.catalog.values().map(|m| listed_view(m, &st.merges)));
+            out.extend(st.catalog.values().map(|m| listed_view(m, &st.merges, &self.repo)));
         }
         out.retain(|v| vm.is_none_or(|vm| v.vm_name == vm) && tag.is_none_or(|t| v.tags.iter().any(|have| have == t)));
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
@@ -64,7 +64,7 @@ impl Hub {
                     self.state().catalog.insert(m.backup_id.clone(), m);
                     return Err(e);
                 }
-                Ok(manifest_view(&m))
+                Ok(manifest_view(&m, None))
             }
         }
     }

@@ -69,8 +69,8 @@ impl Merge {
 /// parent's parent as its own (`full` when there is none), as its manifest will once the merge is
 /// done, and its `note` says what is under way: a script walking a chain never meets an id the
 /// API does not know. Its images read the same disk throughout (module doc).
-pub(super) fn listed_view(m: &Manifest, merges: &HashMap<String, Merge>) -> JobView {
-    let mut view = manifest_view(m);
+pub(super) fn listed_view(m: &Manifest, merges: &HashMap<String, Merge>, repo: &Repo) -> JobView {
+    let mut view = manifest_view(m, Some(&repo.backup_dir(&m.vm_name, &m.backup_id)));
     let merging_parent = merges
         .get(&m.vm_name)
         .filter(|merge| merge.into == m.backup_id && m.parent_id.as_deref() == Some(merge.from.backup_id.as_str()));
@@ -182,7 +182,7 @@ impl Hub {
                 drop(st);
                 // Its images hold uncompressed clusters again.
                 self.wake_rewrites();
-                Ok(manifest_view(&from))
+                Ok(manifest_view(&from, None))
             }
             Err(e) if !started => {
                 // It failed before the backup was marked: nothing changed, it is listed again.

@@ -5,7 +5,7 @@
 //! Kept apart from the engine in `jobs` so that what the API promises is read in one place.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use node::api::{BackupType, JobView as NodeJob};
@@ -279,8 +279,9 @@ pub(super) fn type_name(t: BackupType) -> &'static str {
     }
 }
 
-/// A completed backup (from its manifest) in the shape of a job.
-pub(super) fn manifest_view(m: &Manifest) -> JobView {
+/// A completed backup (from its manifest) in the shape of a job; `dir`, the backup's directory
+/// while it exists, names each image's absolute path as a running backup's view does.
+pub(super) fn manifest_view(m: &Manifest, dir: Option<&Path>) -> JobView {
     JobView {
         id: m.backup_id.clone(),
         vm_name: m.vm_name.clone(),
@@ -299,7 +300,7 @@ pub(super) fn manifest_view(m: &Manifest) -> JobView {
                 disk_key: d.disk_key,
                 nbd_port: 0,
                 nbd_export_name: format!("{}-disk{}", m.vm_name, d.disk_id),
-                qcow2_path: String::new(),
+                qcow2_path: dir.map(|dir| dir.join(&d.file).display().to_string()).unwrap_or_default(),
                 status: Status::Completed,
                 error_message: None,
             })
