@@ -51,7 +51,8 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Write `data` to `path` so that a crash leaves the old file or the new one, never a mix
-/// (its directory made private if missing).
+/// (its directory made private if missing). The file is `0600`, as the disks it describes
+/// (manifests, block hashes, change-tracking maps, records of runs under way).
 ///
 /// # Errors
 /// Any step failed.
@@ -60,8 +61,13 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
     create_private_dir(dir)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
+    // One a crash left keeps its mode if opened again: made anew, the mode below applies.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -206,6 +212,14 @@ mod tests {
         write_atomically(&record, b"{}").unwrap();
         assert_eq!(std::fs::read(&record).unwrap(), b"{}");
         assert_eq!((mode(&shared.join("a")), mode(&shared.join("a/b"))), (0o700, 0o700));
+        assert_eq!(mode(&record), 0o600, "a record describes a disk: its owner's alone");
+        // A crash left the file being written, readable by all: the next write makes it anew.
+        let stale = shared.join("a/b/.record.json.tmp");
+        std::fs::write(&stale, b"half").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomically(&record, b"{\"v\":2}").unwrap();
+        assert_eq!((std::fs::read(&record).unwrap(), mode(&record)), (b"{\"v\":2}".to_vec(), 0o600));
+        assert!(!stale.exists());
         create_private_dir(&shared).unwrap();
         assert_eq!(mode(&shared), 0o755, "the operator's directory is left as it was");
     }

@@ -87,7 +87,8 @@ async fn lifecycle(transport: Transport, opts: Options<'_>) -> Site {
     site
 }
 
-/// `dir` and every directory under it are 0700, every disk image or restored disk in it 0600.
+/// `dir` and every directory under it are 0700, every file in it 0600: disk images and restored
+/// disks, and what describes them (manifests, block hashes, the replica's marker).
 fn assert_private(dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -97,9 +98,9 @@ fn assert_private(dir: &std::path::Path) {
         let path = entry.path();
         if path.is_dir() {
             assert_private(&path);
-        } else if path.extension().is_some_and(|e| e == "qcow2" || e == "raw") {
+        } else {
             assert_eq!(mode(&path), 0o600, "{}", path.display());
-            disks += 1;
+            disks += usize::from(path.extension().is_some_and(|e| e == "qcow2" || e == "raw"));
         }
     }
     assert!(disks > 0 || dir.read_dir().unwrap().flatten().any(|e| e.path().is_dir()), "{}: empty", dir.display());
