@@ -12,16 +12,22 @@
 //! [`checksum_of_blocks`] without knowing anything else. Its text names the block size:
 //! `blake3-blocks/65536:HEX`.
 //!
-//! On disk: `SNDMAP01`, disk size, block size, block count (u64 little endian), the hashes, and
-//! a BLAKE3 of all of that; a file that does not check out is "no state" (a full copy), never
-//! trusted. Nothing is allocated from header values: the length of the file decides.
+//! On disk: `SNDMAP02`, disk size, block size, block count (u64 little endian), the set of
+//! blocks that read as zeroes (one bit per block, in u64 words), the hashes of the other blocks
+//! in order, and a BLAKE3 of all of that; a file that does not check out is "no state" (a full
+//! copy), never trusted. A zero block's hash is known ([`ZeroHashes`]), so it is not stored: a
+//! thin 2 TiB disk holding 40 MiB keeps a map of half a MiB rather than 128 MiB, on the node
+//! and beside every backup image on the hub (`disk-KEY.blocks`), while a full disk pays one bit
+//! per block more. Nothing is allocated from header values: the file's own bits decide (each
+//! block costs at least one, so a map never holds more than 256 times its file in hashes).
+//! `SNDMAP01` files (every hash stored), left by the versions before, load as they did.
 //!
 //! A copy paused or checkpointed for the next start leaves a [`ResumeMap`]: the same hashes (what
 //! the target holds as far as the copy knows) and a [`BlockSet`] of the blocks the run finished,
-//! which a run going on from it need not read again (`mover`). Its file is `SNDRSM01` and the
-//! same fields, the set's words (one bit per block) after the hashes, then the BLAKE3; a
-//! `SNDMAP01` file in its place (left by a node of an earlier version, stopped to upgrade it)
-//! loads as a map with no block finished.
+//! which a run going on from it need not read again (`mover`). Its file is `SNDRSM02` and the
+//! same fields, the set's words after the hashes, then the BLAKE3 (`SNDRSM01`, its hashes all
+//! stored, loads too); a block map in its place (left by a node of an earlier version, stopped to
+//! upgrade it) loads as one with no block finished.
 
 use std::path::{Path, PathBuf};
 
@@ -31,8 +37,11 @@ pub type Hash = [u8; 32];
 /// The hash of a block an uncommitted run wrote: never equal to a real hash, so it is resent.
 pub const UNKNOWN: Hash = [0xff; 32];
 
-const MAGIC: &[u8; 8] = b"SNDMAP01";
-const RESUME_MAGIC: &[u8; 8] = b"SNDRSM01";
+const MAGIC: &[u8; 8] = b"SNDMAP02";
+const RESUME_MAGIC: &[u8; 8] = b"SNDRSM02";
+/// The formats of the versions before, every hash stored: read, never written.
+const MAGIC_V1: &[u8; 8] = b"SNDMAP01";
+const RESUME_MAGIC_V1: &[u8; 8] = b"SNDRSM01";
 const HEADER_LEN: usize = 32;
 
 /// Hash one block.
@@ -51,11 +60,12 @@ pub struct ZeroHashes {
 impl ZeroHashes {
     /// For a disk of `disk_size` in blocks of `block_size`.
     pub fn new(disk_size: u64, block_size: u64) -> Self {
-        let zeros = vec![0u8; block_size as usize];
-        let full = hash_block(&zeros);
         let tail_len = disk_size % block_size;
-        let tail = (tail_len != 0).then(|| (tail_len, hash_block(zeros.get(..tail_len as usize).unwrap_or_default())));
-        Self { block_size, full, tail }
+        Self {
+            block_size,
+            full: hash_zeros(block_size),
+            tail: (tail_len != 0).then(|| (tail_len, hash_zeros(tail_len))),
+        }
     }
 
     /// The hash of `len` zero bytes (`len` is the block size or the disk's tail).
@@ -63,9 +73,22 @@ impl ZeroHashes {
         match self.tail {
             Some((tail_len, hash)) if len == tail_len && len != self.block_size => hash,
             _ if len == self.block_size => self.full,
-            _ => hash_block(&vec![0u8; len as usize]),
+            _ => hash_zeros(len),
         }
     }
+}
+
+/// The hash of `len` zero bytes, fed from a small buffer (a block may be 64 MiB).
+fn hash_zeros(len: u64) -> Hash {
+    const ZEROS: [u8; 16384] = [0; 16384];
+    let mut hasher = blake3::Hasher::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64);
+        hasher.update(ZEROS.get(..n as usize).unwrap_or_default());
+        left -= n;
+    }
+    *hasher.finalize().as_bytes()
 }
 
 /// Block sizes a map, a copy or a checksum may have: a power of two from 4 KiB to 64 MiB.
@@ -162,14 +185,27 @@ impl BlockMap {
         body
     }
 
-    /// Magic, header and hashes, with room for `more` bytes and the trailer.
+    /// Magic, header, the zero blocks and the other blocks' hashes, with room for `more` bytes
+    /// and the trailer.
     fn body(&self, magic: &[u8; 8], more: usize) -> Vec<u8> {
-        let mut body = Vec::with_capacity(HEADER_LEN + self.hashes.len() * 32 + more + 32);
+        let count = self.hashes.len() as u64;
+        let zero = ZeroHashes::new(self.disk_size, self.block_size);
+        let mut zeros = BlockSet::default();
+        let mut data = Vec::new();
+        for (i, h) in (0..count).zip(&self.hashes) {
+            if *h == zero.of_len(block_len(self.disk_size, self.block_size, i)) {
+                zeros.insert_run(i, 1);
+            } else {
+                data.push(h);
+            }
+        }
+        let mut body = Vec::with_capacity(HEADER_LEN + count.div_ceil(64) as usize * 8 + data.len() * 32 + more + 32);
         body.extend_from_slice(magic);
         body.extend_from_slice(&self.disk_size.to_le_bytes());
         body.extend_from_slice(&self.block_size.to_le_bytes());
-        body.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
-        for h in &self.hashes {
+        body.extend_from_slice(&count.to_le_bytes());
+        zeros.put_words(count, &mut body);
+        for h in data {
             body.extend_from_slice(h);
         }
         body
@@ -192,17 +228,19 @@ enum Format {
 }
 
 /// The map a file holds, its kind, and the bytes after the hashes; `None` if its trailer, magic
-/// or geometry do not check out. The hashes are counted from the header and must fit in the
-/// file before anything is allocated for them.
+/// or geometry do not check out. The zero set and the stored hashes are counted from the header
+/// and must fit in the file before anything is allocated for them.
 fn parse(bytes: &[u8]) -> Option<(BlockMap, Format, &[u8])> {
     let body_len = bytes.len().checked_sub(32)?;
     let (body, trailer) = bytes.split_at(body_len);
     if blake3::hash(body).as_bytes() != trailer || body.len() < HEADER_LEN {
         return None;
     }
-    let format = match body.get(..8)? {
-        m if m == MAGIC => Format::Map,
-        m if m == RESUME_MAGIC => Format::Resume,
+    let (format, zeros_stored) = match body.get(..8)? {
+        m if m == MAGIC => (Format::Map, true),
+        m if m == RESUME_MAGIC => (Format::Resume, true),
+        m if m == MAGIC_V1 => (Format::Map, false),
+        m if m == RESUME_MAGIC_V1 => (Format::Resume, false),
         _ => return None,
     };
     let word = |i: usize| body.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
@@ -210,13 +248,24 @@ fn parse(bytes: &[u8]) -> Option<(BlockMap, Format, &[u8])> {
     if !valid_block_size(block_size) || count != block_count(disk_size, block_size) {
         return None;
     }
-    let hashes_len = usize::try_from(count.checked_mul(32)?).ok()?;
     let rest = body.get(HEADER_LEN..)?;
+    let (zeros, rest) = if zeros_stored { BlockSet::take_words(rest, count)? } else { (BlockSet::default(), rest) };
+    let stored = count - zeros.len();
+    let hashes_len = usize::try_from(stored.checked_mul(32)?).ok()?;
     if rest.len() < hashes_len {
         return None;
     }
     let (hashes_bytes, after) = rest.split_at(hashes_len);
-    let hashes = hashes_bytes.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect();
+    let mut stored = hashes_bytes.chunks_exact(32).filter_map(|c| <Hash>::try_from(c).ok());
+    let zero = (!zeros.is_empty()).then(|| ZeroHashes::new(disk_size, block_size));
+    // At most 8 blocks per byte of the zero set, or 32 bytes each stored.
+    let mut hashes = Vec::with_capacity(usize::try_from(count).ok()?);
+    for i in 0..count {
+        hashes.push(match &zero {
+            Some(zero) if zeros.contains(i) => zero.of_len(block_len(disk_size, block_size, i)),
+            _ => stored.next()?,
+        });
+    }
     Some((BlockMap { disk_size, block_size, hashes }, format, after))
 }
 
@@ -273,6 +322,24 @@ impl BlockSet {
     pub fn is_empty(&self) -> bool {
         self.words.iter().all(|&w| w == 0)
     }
+
+    /// Append the set's words for a disk of `count` blocks (little endian, one bit per block).
+    fn put_words(&self, count: u64, out: &mut Vec<u8>) {
+        for i in 0..count.div_ceil(64) as usize {
+            out.extend_from_slice(&self.words.get(i).copied().unwrap_or(0).to_le_bytes());
+        }
+    }
+
+    /// A set of `count` blocks' words from the front of `bytes`, and the bytes after; `None` if
+    /// they are too few or name a block past `count`.
+    fn take_words(bytes: &[u8], count: u64) -> Option<(Self, &[u8])> {
+        let len = usize::try_from(count.div_ceil(64).checked_mul(8)?).ok()?;
+        let words_bytes = bytes.get(..len)?;
+        let words: Vec<u64> =
+            words_bytes.chunks_exact(8).filter_map(|c| c.try_into().ok()).map(u64::from_le_bytes).collect();
+        let beyond = words.last().is_some_and(|&w| !count.is_multiple_of(64) && w >> (count % 64) != 0);
+        (!beyond).then(|| (Self { words }, bytes.get(len..).unwrap_or_default()))
+    }
 }
 
 /// What a paused or checkpointed copy leaves for the run that goes on from it (module doc).
@@ -298,22 +365,20 @@ impl ResumeMap {
         let count = map.hashes.len() as u64;
         let done = match format {
             Format::Map if after.is_empty() => BlockSet::default(),
-            Format::Resume if after.len() as u64 == count.div_ceil(64) * 8 => BlockSet {
-                words: after.chunks_exact(8).filter_map(|c| c.try_into().ok()).map(u64::from_le_bytes).collect(),
+            Format::Resume => match BlockSet::take_words(after, count)? {
+                (done, []) => done,
+                _ => return None,
             },
-            _ => return None,
+            Format::Map => return None,
         };
-        let beyond = done.words.last().is_some_and(|&w| !count.is_multiple_of(64) && w >> (count % 64) != 0);
-        (!beyond).then_some(Self { map, done })
+        Some(Self { map, done })
     }
 
     /// The bytes of its file (module doc).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let words = self.map.hashes.len().div_ceil(64);
-        let mut body = self.map.body(RESUME_MAGIC, words * 8);
-        for i in 0..words {
-            body.extend_from_slice(&self.done.words.get(i).copied().unwrap_or(0).to_le_bytes());
-        }
+        let count = self.map.hashes.len() as u64;
+        let mut body = self.map.body(RESUME_MAGIC, count.div_ceil(64) as usize * 8);
+        self.done.put_words(count, &mut body);
         seal(&mut body);
         body
     }
@@ -349,7 +414,7 @@ mod tests {
         bytes[40] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(BlockMap::load(&path), None);
-        std::fs::write(&path, b"SNDMAP01").unwrap();
+        std::fs::write(&path, b"SNDMAP02").unwrap();
         assert_eq!(BlockMap::load(&path), None);
         assert_eq!(BlockMap::load(&dir.path().join("missing")), None);
     }
@@ -380,6 +445,58 @@ mod tests {
         map.save(&path).unwrap();
         let old = ResumeMap::load(&path).unwrap();
         assert!(old.map == map && old.done.is_empty(), "a map left by an earlier version");
+    }
+
+    /// A file as the versions before wrote it: every hash stored.
+    fn v1_file(magic: &[u8; 8], map: &BlockMap, after: &[u8]) -> Vec<u8> {
+        let mut body = magic.to_vec();
+        for w in [map.disk_size, map.block_size, map.hashes.len() as u64] {
+            body.extend_from_slice(&w.to_le_bytes());
+        }
+        map.hashes.iter().for_each(|h| body.extend_from_slice(h));
+        body.extend_from_slice(after);
+        seal(&mut body);
+        body
+    }
+
+    #[test]
+    fn zero_blocks_are_not_stored_and_maps_of_the_version_before_still_load() {
+        // A thin disk: 2 TiB in 512 KiB blocks, three of them holding data, one never read.
+        let (size, block) = (2u64 << 40, 512u64 << 10);
+        let mut map = BlockMap::zeroed(size, block);
+        let count = map.hashes.len();
+        for (i, h) in [(0, hash_block(b"boot")), (4000, UNKNOWN), (count - 1, hash_block(b"end"))] {
+            map.hashes[i] = h;
+        }
+        let bytes = map.to_bytes();
+        assert_eq!(bytes.len(), HEADER_LEN + count / 8 + 3 * 32 + 32, "one bit per zero block");
+        assert_eq!(BlockMap::from_bytes(&bytes), Some(map.clone()));
+        assert_eq!(BlockMap::from_bytes(&v1_file(MAGIC_V1, &map, &[])), Some(map.clone()));
+        // A short last block: its zero hash is of its own length.
+        let tail = BlockMap::zeroed(3 * 65536 + 100, 65536);
+        assert_eq!(tail.to_bytes().len(), HEADER_LEN + 8 + 32);
+        assert_eq!(BlockMap::from_bytes(&tail.to_bytes()), Some(tail.clone()));
+        // A full disk pays a bit per block.
+        let mut full = BlockMap::zeroed(130 * 4096, 4096);
+        full.hashes.iter_mut().enumerate().for_each(|(i, h)| *h = hash_block(&i.to_le_bytes()));
+        assert_eq!(full.to_bytes().len(), HEADER_LEN + 3 * 8 + 130 * 32 + 32);
+        assert_eq!(BlockMap::from_bytes(&full.to_bytes()), Some(full.clone()));
+        // Resume maps likewise, and one of the version before.
+        let mut done = BlockSet::default();
+        done.insert_run(1, 129);
+        let resume = ResumeMap { map: full.clone(), done: done.clone() };
+        assert_eq!(ResumeMap::from_bytes(&resume.to_bytes()), Some(resume.clone()));
+        let mut words = Vec::new();
+        done.put_words(130, &mut words);
+        assert_eq!(ResumeMap::from_bytes(&v1_file(RESUME_MAGIC_V1, &full, &words)), Some(resume));
+        let old = ResumeMap::from_bytes(&v1_file(MAGIC_V1, &map, &[])).unwrap();
+        assert!(old.map == map && old.done.is_empty());
+        // A zero set naming a block past the disk, sealed as the node would: refused.
+        let mut bytes = tail.to_bytes();
+        bytes.truncate(bytes.len() - 32);
+        bytes[HEADER_LEN] |= 0x10;
+        seal(&mut bytes);
+        assert_eq!(BlockMap::from_bytes(&bytes), None);
     }
 
     #[test]

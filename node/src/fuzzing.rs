@@ -82,7 +82,9 @@ fn block_map(bytes: &[u8]) -> bool {
     let Some(map) = BlockMap::from_bytes(bytes) else { return resume.is_some() };
     assert_eq!(map.hashes.len() as u64, block_count(map.disk_size, map.block_size));
     assert!(valid_block_size(map.block_size), "block size {}", map.block_size);
-    assert!(map.to_bytes() == bytes, "a loaded map is not the bytes it was loaded from");
+    // Not always the same bytes: a map of the version before, or one storing a zero block's
+    // hash, is written in today's form; but always the same map.
+    assert!(BlockMap::from_bytes(&map.to_bytes()).as_ref() == Some(&map), "a loaded map does not load back");
     assert!(
         resume.is_some_and(|r| r.map == map && r.done.is_empty()),
         "a block map is a resume map with nothing finished"
