@@ -135,6 +135,9 @@ struct State {
     finished: std::collections::VecDeque<String>,
     busy_vms: HashMap<String, String>,
     restores: HashMap<String, Arc<Restore>>,
+    /// Restores taken out of `restores` whose exports are being closed: still answered by id
+    /// until their record is kept (`restore_run.rs`), never "unknown" in between.
+    ending_restores: HashMap<String, Arc<Restore>>,
     /// Restores the hub drove onto a node that have ended, the newest last (`restore_run.rs`).
     finished_restores: std::collections::VecDeque<RestoreView>,
     /// Restores the hub drives on a node now, by id: their node (kept in the repository).

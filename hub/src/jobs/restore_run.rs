@@ -279,7 +279,12 @@ impl Hub {
     /// one's record is kept, with `cancelled` when the node's job is still running (which it is
     /// then told to stop). `None` when it was not open (already ended).
     pub(super) async fn end_restore(&self, id: &str, cancel: Option<&node::api::NodeClient>) -> Option<RestoreView> {
-        let r = self.state().restores.remove(id)?;
+        let r = {
+            let mut st = self.state();
+            let r = st.restores.remove(id)?;
+            st.ending_restores.insert(id.to_string(), r.clone());
+            r
+        };
         if let (Some(run), Some(client)) = (r.run.as_ref(), cancel) {
             if !run.lock().status.is_final() {
                 let last = client.cancel(id).await;
@@ -296,15 +301,18 @@ impl Hub {
             l.take();
         }
         let view = r.view();
-        if r.run.is_some() {
-            {
-                let mut st = self.state();
+        {
+            let mut st = self.state();
+            st.ending_restores.remove(id);
+            if r.run.is_some() {
                 st.driven.remove(id);
                 st.finished_restores.push_back(view.clone());
                 while st.finished_restores.len() > KEEP_FINISHED {
                     st.finished_restores.pop_front();
                 }
             }
+        }
+        if r.run.is_some() {
             self.save_in_flight().await;
         }
         Some(view)

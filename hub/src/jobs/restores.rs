@@ -185,8 +185,13 @@ impl Hub {
         open.or_else(|| self.ended_restore(id))
     }
 
+    /// A restore being ended (its exports closing) or a driven one that has ended.
     fn ended_restore(&self, id: &str) -> Option<RestoreView> {
-        self.state().finished_restores.iter().rev().find(|v| v.restore_id == id).cloned()
+        let st = self.state();
+        st.ending_restores
+            .get(id)
+            .map(|r| r.view())
+            .or_else(|| st.finished_restores.iter().rev().find(|v| v.restore_id == id).cloned())
     }
 
     /// Close restores nobody has used for the idle time (called periodically).
