@@ -47,7 +47,7 @@ async fn to_completion<T: Send + 'static>(
 }
 
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, HubError> {
-    b.map(|Json(v)| v).map_err(|e| HubError::BadRequest(format!("bad request body: {}", e.body_text())))
+    b.map(|Json(v)| v).map_err(|e| HubError::BadRequest(node::http::bad_body(&e)))
 }
 
 /// `POST /api/v1/backups`.

@@ -348,6 +348,18 @@ async fn bad_input_exhaustion_cancel_and_a_killed_hub_leave_nothing_behind() {
     assert_eq!(r.status(), 401);
     let r = http.get(format!("{}/api/v1/backups", hub.url)).bearer_auth("nope").send().await.unwrap();
     assert_eq!(r.status(), 401);
+    // A JSON body sent as a form (`curl -d`): refused, naming what fixes it, and nothing started.
+    let r = http
+        .post(format!("{}/api/v1/backups", hub.url))
+        .bearer_auth(&hub.token)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(r#"{"vm_name":"small","backup_type":"full"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let said = r.text().await.unwrap();
+    assert!(said.contains("Content-Type: application/json") && said.contains("curl --json"), "{said}");
 
     // Names that must never reach a path.
     for name in ["../x", "", &"a".repeat(300), "a/b", ".hidden"] {

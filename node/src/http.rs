@@ -61,7 +61,18 @@ impl From<JobError> for ApiErr {
 
 impl From<JsonRejection> for ApiErr {
     fn from(e: JsonRejection) -> Self {
-        Self(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))
+        Self(StatusCode::BAD_REQUEST, bad_body(&e))
+    }
+}
+
+/// Why a request's JSON body was refused, for its 400 (the hub's API too). A body sent without
+/// its content type (`curl -d` sends a form's) is named with what fixes it.
+pub fn bad_body(e: &JsonRejection) -> String {
+    match e {
+        JsonRejection::MissingJsonContentType(_) => {
+            "bad request body: send it as JSON, with `Content-Type: application/json` (`curl --json BODY URL`)".into()
+        }
+        _ => format!("bad request body: {}", e.body_text()),
     }
 }
 
