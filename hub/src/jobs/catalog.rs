@@ -117,6 +117,7 @@ impl Hub {
     pub async fn verify(&self, id: &str) -> Result<(bool, Vec<DiskVerdict>), HubError> {
         let holder = new_id("v");
         let (m, _pinned) = self.pin_backup(&holder, id, format!("verify {holder} is reading it"))?;
+        let _turn = self.verify_turn().await;
         let mut out = Vec::new();
         for d in &m.disks {
             let path = self.repo.backup_dir(&m.vm_name, id).join(&d.file);

@@ -181,6 +181,7 @@ impl Hub {
         let sent: HashMap<u32, u64> =
             node_view.iter().flat_map(|v| v.disks.iter().map(|d| (d.key, d.bytes_sent))).collect();
         let mut verdicts = Vec::new();
+        let _turn = self.verify_turn().await;
         let started = Instant::now();
         for d in &job.disks {
             let (path, key) = (d.path.clone(), d.key);

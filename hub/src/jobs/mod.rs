@@ -126,6 +126,10 @@ pub struct Hub {
     marks_file: tokio::sync::Mutex<()>,
     /// Wakes the background pass that rewrites images (`rewrite.rs`).
     rewrite_wake: tokio::sync::Notify,
+    /// Verifications at once (a run's images, a scrub, a verify asked for): each holds a disk's
+    /// block hashes and its parent's (up to 256 MiB) and hashes on up to 4 threads, so runs that
+    /// end together take turns instead of holding all of that at once ([`Hub::verify_turn`]).
+    verify_turns: tokio::sync::Semaphore,
 }
 
 #[derive(Default)]
@@ -191,6 +195,12 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Hub {
+    /// Wait for a turn to verify (`verify_turns`); held until dropped.
+    pub(super) async fn verify_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // Never closed: `None` cannot happen, and would only mean verifying without a turn.
+        self.verify_turns.acquire().await.ok()
+    }
+
     /// Build the hub: scan the repository (removing interrupted backups), all ports free.
     ///
     /// # Errors
@@ -251,6 +261,9 @@ impl Hub {
             schedule_stops: Mutex::default(),
             marks_file: tokio::sync::Mutex::new(()),
             rewrite_wake: tokio::sync::Notify::new(),
+            verify_turns: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            ),
         }))
     }
 

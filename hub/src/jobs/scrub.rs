@@ -88,6 +88,7 @@ impl Hub {
     async fn scrub(&self, id: &str) -> Result<bool, HubError> {
         let holder = new_id("s");
         let (m, _pinned) = self.pin_backup(&holder, id, format!("scrub {holder} is reading it"))?;
+        let _turn = self.verify_turn().await;
         let mut verdicts = Vec::new();
         for d in &m.disks {
             let path = self.repo.backup_dir(&m.vm_name, id).join(&d.file);
