@@ -245,6 +245,15 @@ impl Progress {
     }
 }
 
+/// Stops a copy's clock when dropped, on every way out of the copy.
+struct ClockStop(Arc<Progress>);
+
+impl Drop for ClockStop {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
 /// The blocks a copy has written, kept even when it fails.
 #[derive(Debug, Default)]
 pub struct WrittenSet {
@@ -527,7 +536,8 @@ pub async fn copy_disk(
     }
     while tasks.join_next().await.is_some() {}
     pause_watch.abort();
-    shared.progress.finish();
+    // The copy's time and rate count its final flush: the copy is not done until it is durable.
+    let _clock = ClockStop(shared.progress.clone());
 
     let worker_error = first_error.lock().ok().and_then(|mut e| e.take());
     if cancel.is_cancelled() {

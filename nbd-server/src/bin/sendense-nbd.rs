@@ -62,13 +62,14 @@ struct Args {
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
     /// Cache mode as qemu-nbd names it: writeback (the page cache, flushes honoured; the
-    /// default), unsafe (flush and FUA do nothing) or none (O_DIRECT, raw images only: nothing
-    /// left in the page cache). directsync/writethrough are refused.
+    /// default), unsafe (flush and FUA do nothing) or none (O_DIRECT for guest data, raw and
+    /// qcow2: nothing of the disk left in the page cache). directsync/writethrough are refused.
     #[arg(long = "cache", value_enum, default_value = "writeback")]
     cache: CacheMode,
     /// Asynchronous I/O as qemu-nbd names it: threads (the default: each connection's worker
     /// calls pread/pwrite) or io_uring (one ring per export: raw images' reads, writes and
-    /// flushes, qcow2 images' write data). native (Linux AIO) is refused.
+    /// flushes; qcow2 images' write data and the reads the page cache cannot serve). native
+    /// (Linux AIO) is refused.
     #[arg(long = "aio", value_enum, default_value = "threads")]
     aio: AioMode,
     /// TRIM: unmap (punch holes, the default here) or ignore/off (not offered).
