@@ -12,6 +12,8 @@
 use std::path::Path;
 
 use node::blockmap::{block_count, block_len, checksum_of_blocks, hash_block, BlockMap, Hash};
+
+use crate::blockhashes;
 use qcow2::{ExtentKind, Image};
 
 /// Drop the page-cache pages of `path` and of its backing chain. With `cache = "none"` the hub
@@ -74,16 +76,15 @@ pub fn verify_disk(path: &Path, disk_key: u32, expected: Option<&str>) -> DiskVe
 }
 
 /// Verify a backup image just written, reusing the block hashes its backing file left
-/// (`disk-KEY.blocks` beside it) and leaving its own for its children.
+/// (`disk-KEY.blocks` beside it, `crate::blockhashes`) and leaving its own for its children.
 pub fn verify_new_backup_disk(path: &Path, disk_key: u32, expected: Option<&str>) -> DiskVerdict {
     let parent = Image::open_with(path, &crate::repo::image_options(path, false))
         .ok()
         .and_then(|img| img.header().backing_file.clone())
-        .map(|name| qcow2::image::resolve_backing(path, &name).with_extension("blocks"))
-        .and_then(|p| BlockMap::load(&p));
-    let (verdict, map) = verify_disk_on(path, disk_key, expected, parent.as_ref());
+        .and_then(|name| blockhashes::load(&qcow2::image::resolve_backing(path, &name)).map(|p| (name, p)));
+    let (verdict, map) = verify_disk_on(path, disk_key, expected, parent.as_ref().map(|(_, p)| p));
     if let Some(map) = map {
-        if let Err(e) = map.save(&path.with_extension("blocks")) {
+        if let Err(e) = blockhashes::save(path, &map, parent.as_ref().map(|(name, p)| (name.as_str(), p))) {
             // Only speed is lost: the next incremental re-reads its whole chain.
             tracing::warn!(image = %path.display(), error = %e, "cannot keep the block hashes");
         }
@@ -315,6 +316,9 @@ mod tests {
         assert!(v.ok() && map.is_some(), "{v:?}");
         assert_eq!(verify_new_backup_disk(&top, 2000, Some(&want)), v);
         assert!(verify_disk(&top, 2000, Some(&want)).ok(), "a full re-read agrees");
+        // Kept as what differs from the parent's, and loaded back whole through it.
+        assert_eq!(std::fs::read(top.with_extension("blocks")).unwrap().get(..8), Some(&b"SNDBLD01"[..]));
+        assert_eq!(blockhashes::load(&top), map);
 
         // A block of the overlay that is not what the node sent is caught.
         {

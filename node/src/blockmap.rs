@@ -20,7 +20,8 @@
 //! and beside every backup image on the hub (`disk-KEY.blocks`), while a full disk pays one bit
 //! per block more. Nothing is allocated from header values: the file's own bits decide (each
 //! block costs at least one, so a map never holds more than 256 times its file in hashes).
-//! `SNDMAP01` files (every hash stored), left by the versions before, load as they did.
+//! `SNDMAP01` files (every hash stored), left by the versions before, load as they did. The hub
+//! keeps an incremental backup's hashes as what differs from its parent's ([`MapDiff`]).
 //!
 //! A copy paused or checkpointed for the next start leaves a [`ResumeMap`]: the same hashes (what
 //! the target holds as far as the copy knows) and a [`BlockSet`] of the blocks the run finished,
@@ -392,6 +393,143 @@ impl ResumeMap {
     }
 }
 
+/// A map kept as what differs from another, its base (the hub keeps each incremental backup's
+/// block hashes so, against its parent's: `hub::blockhashes`). On disk: `SNDBLD01`, disk size,
+/// block size, block count (u64 little endian), the BLAKE3 of the base's hashes ([`digest`]),
+/// the length (u16) and the bytes of the base's name (relative, as a qcow2 image names its
+/// backing file), the set of blocks that differ (one bit each), their hashes, and a BLAKE3 of all
+/// of that. Applied only to the base it was made against: the digest says which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapDiff {
+    disk_size: u64,
+    block_size: u64,
+    count: u64,
+    base_digest: Hash,
+    base_name: String,
+    changed: BlockSet,
+    hashes: Vec<Hash>,
+}
+
+const DIFF_MAGIC: &[u8; 8] = b"SNDBLD01";
+
+/// The BLAKE3 of a map's hashes in order: what a [`MapDiff`] names its base by.
+pub fn digest(map: &BlockMap) -> Hash {
+    let mut h = blake3::Hasher::new();
+    for hash in &map.hashes {
+        h.update(hash);
+    }
+    *h.finalize().as_bytes()
+}
+
+impl MapDiff {
+    /// What differs in `map` from `base` (of the same geometry: else `None`), `base` named
+    /// `base_name` (at most 4096 bytes, relative).
+    pub fn between(map: &BlockMap, base: &BlockMap, base_name: &str) -> Option<Self> {
+        let geometry = |m: &BlockMap| (m.disk_size, m.block_size, m.hashes.len());
+        if geometry(map) != geometry(base) || !valid_base_name(base_name) {
+            return None;
+        }
+        let mut changed = BlockSet::default();
+        let mut hashes = Vec::new();
+        for (i, (mine, theirs)) in (0u64..).zip(map.hashes.iter().zip(&base.hashes)) {
+            if mine != theirs {
+                changed.insert_run(i, 1);
+                hashes.push(*mine);
+            }
+        }
+        Some(Self {
+            disk_size: map.disk_size,
+            block_size: map.block_size,
+            count: map.hashes.len() as u64,
+            base_digest: digest(base),
+            base_name: base_name.to_string(),
+            changed,
+            hashes,
+        })
+    }
+
+    /// Disk size and block size.
+    pub fn geometry(&self) -> (u64, u64) {
+        (self.disk_size, self.block_size)
+    }
+
+    /// Whether `base` is the map this was made against.
+    pub fn made_against(&self, base: &BlockMap) -> bool {
+        (base.disk_size, base.block_size, base.hashes.len() as u64) == (self.disk_size, self.block_size, self.count)
+            && digest(base) == self.base_digest
+    }
+
+    /// The base's name, as given to [`MapDiff::between`].
+    pub fn base_name(&self) -> &str {
+        &self.base_name
+    }
+
+    /// How many blocks differ from the base.
+    pub fn changed(&self) -> u64 {
+        self.changed.len()
+    }
+
+    /// The bytes of its file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let name = self.base_name.as_bytes();
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + 34 + name.len() + self.count.div_ceil(64) as usize * 8 + self.hashes.len() * 32 + 32,
+        );
+        out.extend_from_slice(DIFF_MAGIC);
+        for w in [self.disk_size, self.block_size, self.count] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&self.base_digest);
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name);
+        self.changed.put_words(self.count, &mut out);
+        self.hashes.iter().for_each(|h| out.extend_from_slice(h));
+        seal(&mut out);
+        out
+    }
+
+    /// One from the bytes of its file; `None` unless the trailer, magic and geometry check out
+    /// and every part is in the file (nothing is allocated that the file does not hold).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (body, trailer) = bytes.split_at(bytes.len().checked_sub(32)?);
+        if blake3::hash(body).as_bytes() != trailer || body.get(..8)? != DIFF_MAGIC {
+            return None;
+        }
+        let word = |i: usize| body.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let (disk_size, block_size, count) = (word(8)?, word(16)?, word(24)?);
+        if !valid_block_size(block_size) || count != block_count(disk_size, block_size) {
+            return None;
+        }
+        let base_digest: Hash = body.get(HEADER_LEN..HEADER_LEN + 32)?.try_into().ok()?;
+        let name_len = usize::from(u16::from_le_bytes(body.get(HEADER_LEN + 32..HEADER_LEN + 34)?.try_into().ok()?));
+        let name = body.get(HEADER_LEN + 34..HEADER_LEN + 34 + name_len)?;
+        let base_name = String::from_utf8(name.to_vec()).ok().filter(|n| valid_base_name(n))?;
+        let (changed, rest) = BlockSet::take_words(body.get(HEADER_LEN + 34 + name_len..)?, count)?;
+        if rest.len() as u64 != changed.len().checked_mul(32)? {
+            return None;
+        }
+        let hashes = rest.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect();
+        Some(Self { disk_size, block_size, count, base_digest, base_name, changed, hashes })
+    }
+
+    /// The map: `base`'s hashes with the changed blocks' replaced; `None` if `base` is not the
+    /// map this was made against.
+    pub fn apply(&self, mut base: BlockMap) -> Option<BlockMap> {
+        if !self.made_against(&base) {
+            return None;
+        }
+        for (block, hash) in self.changed.iter().zip(&self.hashes) {
+            *base.hashes.get_mut(usize::try_from(block).ok()?)? = *hash;
+        }
+        Some(base)
+    }
+}
+
+/// A base's name: not empty, relative, at most 4096 bytes.
+fn valid_base_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('/') && name.len() <= 4096
+}
+
 /// Length of block `index`.
 pub fn block_len(disk_size: u64, block_size: u64, index: u64) -> u64 {
     let start = index * block_size;
@@ -497,6 +635,40 @@ mod tests {
         bytes[HEADER_LEN] |= 0x10;
         seal(&mut bytes);
         assert_eq!(BlockMap::from_bytes(&bytes), None);
+    }
+
+    #[test]
+    fn a_difference_applies_to_its_base_only_and_a_damaged_or_cut_one_not_at_all() {
+        let mut base = BlockMap::zeroed(100 * 65536 + 512, 65536);
+        base.hashes[3] = hash_block(b"x");
+        let mut map = base.clone();
+        map.hashes[3] = hash_block(b"y");
+        map.hashes[100] = hash_block(b"tail");
+        let diff = MapDiff::between(&map, &base, "../full/disk-2000.blocks").unwrap();
+        assert_eq!(diff.changed(), 2);
+        let bytes = diff.to_bytes();
+        assert_eq!(bytes.len(), HEADER_LEN + 34 + 24 + 2 * 8 + 2 * 32 + 32, "one bit per block, the changed hashes");
+        let loaded = MapDiff::from_bytes(&bytes).unwrap();
+        assert_eq!((loaded.base_name(), loaded.apply(base.clone())), ("../full/disk-2000.blocks", Some(map.clone())));
+        assert_eq!(loaded.apply(map.clone()), None, "another base");
+        assert_eq!(MapDiff::between(&map, &BlockMap::zeroed(1 << 20, 65536), "b"), None, "another geometry");
+        assert_eq!(MapDiff::between(&map, &base, "/etc/passwd"), None);
+        for cut in [1, 32, bytes.len() - 40] {
+            assert_eq!(MapDiff::from_bytes(&bytes[..bytes.len() - cut]), None, "cut {cut}");
+        }
+        let mut flipped = bytes.clone();
+        flipped[70] ^= 1;
+        assert_eq!(MapDiff::from_bytes(&flipped), None);
+        // Sealed again: a block past the disk, or a base by an absolute path.
+        let resealed = |at: usize, f: fn(&mut u8)| {
+            let mut body = bytes[..bytes.len() - 32].to_vec();
+            f(&mut body[at]);
+            seal(&mut body);
+            MapDiff::from_bytes(&body)
+        };
+        assert_eq!(resealed(HEADER_LEN + 34, |b| *b = b'/'), None);
+        assert_eq!(resealed(HEADER_LEN + 34 + 24 + 8, |b| *b |= 0x80), None);
+        assert!(resealed(HEADER_LEN + 34, |b| *b = b'.').is_some(), "the same resealed: accepted");
     }
 
     #[test]

@@ -13,18 +13,21 @@
 //!   block size it names ([`checksum_block_size`]);
 //! - `5`: a block map or resume map file without its trailer, which this entry appends (the
 //!   BLAKE3 of the rest), so that the fuzzer reaches what the parsers check after the trailer
-//!   (geometry, lengths, the finished blocks): as `1` it would have to forge the hash.
+//!   (geometry, lengths, the finished blocks): as `1` it would have to forge the hash;
+//! - `6`: the hub's block hashes of an incremental backup, what differs from its parent's
+//!   ([`MapDiff::from_bytes`]), without its trailer as `5`.
 //!
 //! Besides never panicking, what a parser accepts must hold up: a target list prints back to
-//! one that parses to the same targets, a block map is exactly the bytes the node writes for it
-//! with one hash per block (a resume map loads back, naming only blocks the disk has), a VM has a valid name and distinct disk keys, a size is more than
+//! one that parses to the same targets, a block map writes back to the same map with one hash per
+//! block (a resume map loads back, naming only blocks the disk has), a difference writes back to
+//! itself and applies to no base but its own, a VM has a valid name and distinct disk keys, a size is more than
 //! zero, a block size (of a map or a checksum) is one a copy makes ([`valid_block_size`]), never
 //! one that asks for a buffer larger than 64 MiB. A broken property panics, which is what a fuzzer reports.
 
 pub mod api;
 pub mod api_requests;
 
-use crate::blockmap::{block_count, checksum_block_size, valid_block_size, BlockMap, ResumeMap};
+use crate::blockmap::{block_count, checksum_block_size, valid_block_size, BlockMap, MapDiff, ResumeMap};
 use crate::{config, targets};
 
 /// What an input was taken for, and whether its parser accepted it.
@@ -47,6 +50,7 @@ pub fn input(data: &[u8]) -> Outcome {
         3 => size(&text()),
         4 => checksum_block_size(&text()).inspect(|b| assert!(valid_block_size(*b), "block size {b}")).is_some(),
         5 => block_map(&[rest, blake3::hash(rest).as_bytes()].concat()),
+        6 => map_diff(&[rest, blake3::hash(rest).as_bytes()].concat()),
         _ => return Outcome { kind: None, accepted: false },
     };
     Outcome { kind: Some(kind), accepted }
@@ -89,6 +93,17 @@ fn block_map(bytes: &[u8]) -> bool {
         resume.is_some_and(|r| r.map == map && r.done.is_empty()),
         "a block map is a resume map with nothing finished"
     );
+    true
+}
+
+fn map_diff(bytes: &[u8]) -> bool {
+    let Some(diff) = MapDiff::from_bytes(bytes) else { return false };
+    assert!(MapDiff::from_bytes(&diff.to_bytes()).as_ref() == Some(&diff), "a difference does not load back");
+    let (disk_size, block_size) = diff.geometry();
+    // A map of an empty disk: the base of a difference made against one, and of no other.
+    let empty = BlockMap::zeroed(disk_size, block_size);
+    let made_against_it = diff.made_against(&empty);
+    assert_eq!(diff.apply(empty).is_some(), made_against_it, "applied to a base it was not made against");
     true
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[path = "../../fuzz/replay.rs"]
 mod replay;
 
-use node::blockmap::{hash_block, BlockMap, BlockSet, ResumeMap, UNKNOWN};
+use node::blockmap::{hash_block, BlockMap, BlockSet, MapDiff, ResumeMap, UNKNOWN};
 
 /// Block and resume map files as the node writes them: a fresh disk with a short last block, one
 /// with known, changed and unknown blocks, the smallest (an empty disk); a resume map whose run
@@ -31,6 +31,22 @@ fn maps() -> Vec<(&'static str, Vec<u8>)> {
         ("resume_map_two_words", ResumeMap { map: resumed, done }.to_bytes()),
         ("resume_map_none_done", ResumeMap { map: changed, done: BlockSet::default() }.to_bytes()),
     ]
+}
+
+/// The hub's block hashes of incrementals (kind 6 inputs, unsealed): two blocks changed, none.
+fn diffs() -> Vec<(&'static str, Vec<u8>)> {
+    let base = BlockMap::zeroed(10 << 20, 1 << 20);
+    let mut changed = base.clone();
+    changed.hashes[2] = hash_block(b"changed");
+    changed.hashes[9] = hash_block(b"tail");
+    let name = "../b-20261201T010000-f00001/disk-2000.blocks";
+    [("diff_two_changed", &changed), ("diff_none_changed", &base)]
+        .into_iter()
+        .map(|(n, map)| {
+            let file = MapDiff::between(map, &base, name).unwrap().to_bytes();
+            (n, [&[6u8][..], &file[..file.len() - 32]].concat())
+        })
+        .collect()
 }
 
 fn as_input(file: &[u8]) -> Vec<u8> {
@@ -71,10 +87,26 @@ fn block_maps_the_node_writes_are_accepted_and_their_seeds_are_current() {
 }
 
 #[test]
+fn differences_the_hub_writes_are_accepted_and_their_seeds_are_current() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/node_inputs");
+    for (name, input) in diffs() {
+        if std::env::var_os("NODE_WRITE_MAP_SEEDS").is_some() {
+            std::fs::write(dir.join(name), &input).unwrap();
+        }
+        assert!(node::fuzzing::input(&input).accepted, "{name}");
+        assert_eq!(std::fs::read(dir.join(name)).unwrap(), input, "seed {name} is not what the hub writes");
+        let mut miscounted = input.clone();
+        miscounted[25] ^= 1;
+        assert!(!node::fuzzing::input(&miscounted).accepted, "{name} with another block count");
+        assert!(!node::fuzzing::input(&input[..input.len() - 1]).accepted, "{name} cut short");
+    }
+}
+
+#[test]
 fn every_seed_is_accepted_as_its_kind() {
     let seeds = replay::inputs("seeds", "node_inputs");
     assert!(seeds.len() >= 10, "only {} seeds", seeds.len());
-    for kind in 0..6u8 {
+    for kind in 0..7u8 {
         assert!(seeds.iter().any(|(_, d)| d.first() == Some(&kind)), "no seed of kind {kind}");
     }
     for (name, data) in &seeds {

@@ -155,9 +155,12 @@ fn flatten_image(path: &Path, compress: bool) -> Result<qcow2::CompactReport, Hu
     let src = Image::open_with(path, &repo::image_options(path, false))
         .map_err(|e| HubError::Internal(format!("{}: {e}", path.display())))?;
     let bound = src.chain_file_bytes().map_err(|e| HubError::Internal(format!("{}: {e}", path.display())))?;
-    replace_image(path, bound, |path, tmp| {
+    let report = replace_image(path, bound, |path, tmp| {
         let report = qcow2::flatten(&src, tmp, 0o600, compress).map_err(|e| format!("{}: {e}", path.display()))?;
         check_copy(path, tmp, |copy| qcow2::compare_disks(&src, copy))?;
         Ok(report)
-    })
+    })?;
+    // Its block hashes were kept against its backing file's, which it no longer has.
+    crate::blockhashes::keep_over(path, None);
+    Ok(report)
 }

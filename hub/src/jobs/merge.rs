@@ -302,6 +302,14 @@ pub(super) fn merge_files(repo: &Repo, from: &Manifest, into: &Manifest) -> Resu
             .map_err(|e| format!("cannot move {} to {}: {e}", below.display(), top.display()))?;
         sync_dir(&into_dir)?;
     }
+    // `into`'s block hashes were kept against `from`'s, whose file goes below: kept again against
+    // what each image reads through now, while `from`'s is still there.
+    for disk in &into.disks {
+        let top = into_dir.join(&disk.file);
+        if let Ok(image) = Image::open_with(&top, &repo::image_options(&top, false)) {
+            crate::blockhashes::keep_over(&top, image.header().backing_file.as_deref());
+        }
+    }
     let mut merged = Manifest { compressed: None, ..into.clone() };
     if merged.parent_id.as_deref() == Some(from.backup_id.as_str()) {
         merged.parent_id = from.parent_id.clone();
@@ -411,8 +419,19 @@ pub(super) mod tests {
         for m in [&x, &c] {
             let (path, data) = repo.manifest_file(m).unwrap();
             std::fs::write(path, data).unwrap();
+            // Verified as a run's images are: each keeps its block hashes (c's as a difference).
+            for key in [2000u32, 2001] {
+                let path = repo.disk_path("vm", &m.backup_id, key);
+                let sum = checksum_of(&path);
+                assert!(crate::verify::verify_new_backup_disk(&path, key, Some(&sum)).ok());
+            }
         }
         (x, c, expected)
+    }
+
+    fn checksum_of(path: &Path) -> String {
+        let image = Image::open_with(path, &repo::image_options(path, false)).unwrap();
+        crate::verify::image_checksum(&image, 65536).unwrap()
     }
 
     /// While a merge of `x` into `c` runs, and while it waits for a retry after failing, `x` is not
@@ -496,6 +515,11 @@ pub(super) mod tests {
                 assert!(image.header().backing_file.is_none(), "after {steps} steps");
                 assert!(image.check().unwrap().is_clean(), "after {steps} steps");
                 assert!(read_all(&path) == expected[i], "disk {key} after {steps} steps");
+                // Its block hashes were kept against x's: kept again, whole, before x went.
+                let kept = crate::blockhashes::load(&path).map(|m| m.checksum());
+                assert_eq!(kept, Some(checksum_of(&path)), "disk {key} after {steps} steps");
+                let file = std::fs::read(crate::blockhashes::file_of(&path)).unwrap();
+                assert_eq!(file.get(..8), Some(&b"SNDMAP02"[..]), "disk {key} after {steps} steps");
             }
         }
     }

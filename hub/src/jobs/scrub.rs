@@ -167,7 +167,7 @@ impl Hub {
 fn parent_block_hashes(path: &std::path::Path) -> Option<BlockMap> {
     let image = qcow2::Image::open_with(path, &repo::image_options(path, false)).ok()?;
     let name = image.header().backing_file.clone()?;
-    BlockMap::load(&qcow2::image::resolve_backing(path, &name).with_extension("blocks"))
+    crate::blockhashes::load(&qcow2::image::resolve_backing(path, &name))
 }
 
 /// What failed, disk by disk.

@@ -554,6 +554,12 @@ async fn an_incremental_past_a_full_chain_is_sent_as_one_and_made_to_stand_alone
         let info = tool("qemu-img").arg("info").arg(site.image("vm", &id, disk)).output().unwrap();
         let info = String::from_utf8_lossy(&info.stdout).to_string();
         assert!(!info.contains("backing file"), "{info}");
+        // Block hashes: an incremental's are what differs from its parent's; the one made to
+        // stand alone has them whole again, as a full backup.
+        let magic =
+            |id: &str| std::fs::read(site.image("vm", id, disk).with_extension("blocks")).unwrap()[..8].to_vec();
+        assert_eq!(magic(newest["backup_id"].as_str().unwrap()), b"SNDBLD01");
+        assert_eq!(magic(&id), b"SNDMAP02");
     }
     site.assert_backup_equals_sources("vm", &alone, 2);
     let (status, v) = site.hub("POST", &verify(&alone["backup_id"]), None).await;
