@@ -49,6 +49,39 @@ async fn a_full_copy_from_a_raw_file_is_identical_and_stays_sparse_in_both_targe
     assert_eq!(view2["disks"][0]["checksum"], view["disks"][0]["checksum"], "same disk, same checksum");
 }
 
+/// A copy is done when it is durable: its time and rate count the final flush. Into qemu-nbd
+/// whose every `fdatasync` is held 1.5 s (the slow-sync shim of `benches/scripts`, preloaded), an
+/// 8 MiB copy reports a rate of at most 8 MiB per 1.5 s (before: the clock stopped before the
+/// flush, and the rate was that of the writes alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_s_time_and_rate_count_its_final_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = dir.path().join("slow-sync.so");
+    let source_c = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/scripts/slow-sync.c");
+    let built = std::process::Command::new(require("cc"))
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&shim)
+        .arg(&source_c)
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(built.success(), "cc {}", source_c.display());
+    let src = dir.path().join("src.raw");
+    make_source(&src, 8, 3);
+    // Raw: its writes never sync (qcow2's metadata updates would), only its flush does.
+    let target = dir.path().join("t.raw");
+    std::fs::File::create(&target).unwrap().set_len(8 * MIB).unwrap();
+    let env = [("LD_PRELOAD", shim.as_os_str()), ("SLOW_SYNC_US", std::ffi::OsStr::new("1500000"))];
+    let q = QemuNbd::start_with_env(&target, "raw", "d0", &[], &env);
+    let (ok, view, err) =
+        node_copy(&["--nbd-targets", &format!("2000:{}", q.url()), "--source", &format!("2000={}", src.display())]);
+    assert!(ok, "{err}");
+    q.stop();
+    assert_same(&src, &target);
+    let (total, rate) = (field(&view, 0, "bytes_total"), field(&view, 0, "rate_bps"));
+    assert!(rate > 0 && rate * 3 <= total * 2, "rate {rate} B/s for {total} bytes: the flush's 1.5 s left out: {view}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_nbd_source_is_read_only_where_it_has_data() {
     let dir = tempfile::tempdir().unwrap();

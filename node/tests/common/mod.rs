@@ -193,8 +193,20 @@ pub struct QemuNbd {
 impl QemuNbd {
     /// `qemu-nbd -f FORMAT -x NAME -p PORT --shared=8 -t [extra] FILE`.
     pub fn start(file: &Path, format: &str, name: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(file, format, name, extra, &[])
+    }
+
+    /// The same, with `env` set in its environment.
+    pub fn start_with_env(
+        file: &Path,
+        format: &str,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let port = free_port();
         let mut child = Command::new(require("qemu-nbd"))
+            .envs(env.iter().copied())
             .args(["-f", format, "-x", name, "-p", &port.to_string(), "-b", "127.0.0.1", "--shared=8", "-t"])
             .args(extra)
             .arg(file)
