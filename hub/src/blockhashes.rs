@@ -10,8 +10,10 @@
 //! is a whole map (`node::blockmap::BlockMap`).
 //!
 //! Loading one walks down to a whole map and applies each difference on the way back, checking
-//! at each step that the parent's hashes are the ones it was made against: whatever a file
-//! names, a map is only ever what that backup's verification computed. The files are a cache:
+//! at each step that the parent's hashes are the ones it was made against (by the digest the
+//! parent's file says it yields, and the map at the top against its own file's, so that a chain
+//! of 64 hashes two maps, not 64): whatever a file names, a map is only ever what that backup's
+//! verification computed. The files are a cache:
 //! one missing, damaged or made against other hashes loads as nothing, and the verification that
 //! needed it re-reads the chain instead. A merge, which takes a backup's parent out from under
 //! it, and making a backup stand alone, which takes its backing file away, keep its hashes again
@@ -19,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use node::blockmap::{BlockMap, MapDiff};
+use node::blockmap::{digest, BlockMap, Hash, MapDiff};
 
 /// A chain is at most 256 images (`max_chain`); a longer walk is a loop.
 const MAX_DEPTH: usize = 257;
@@ -32,20 +34,25 @@ pub fn file_of(image: &Path) -> PathBuf {
 /// The hashes of the image at `image`, from its file (module doc); `None` if it, or a file it
 /// builds on, is missing, damaged or does not match.
 pub fn load(image: &Path) -> Option<BlockMap> {
-    load_file(&file_of(image), 0)
+    let (map, said) = load_file(&file_of(image), 0)?;
+    // Each link was checked against the digest the file below says it yields; the last map is
+    // hashed once, against what the top file says (a whole map's digest is its own).
+    (digest(&map) == said).then_some(map)
 }
 
-fn load_file(path: &Path, depth: usize) -> Option<BlockMap> {
+/// The map a file yields and its digest: a whole map's, or what a difference says it yields.
+fn load_file(path: &Path, depth: usize) -> Option<(BlockMap, Hash)> {
     if depth > MAX_DEPTH {
         return None;
     }
     let bytes = std::fs::read(path).ok()?;
     if let Some(map) = BlockMap::from_bytes(&bytes) {
-        return Some(map);
+        let own = digest(&map);
+        return Some((map, own));
     }
     let diff = MapDiff::from_bytes(&bytes)?;
-    let parent = load_file(&path.parent()?.join(diff.base_name()), depth + 1)?;
-    diff.apply(parent)
+    let (parent, parent_digest) = load_file(&path.parent()?.join(diff.base_name()), depth + 1)?;
+    Some((diff.apply_to(parent, &parent_digest)?, diff.yields()))
 }
 
 /// Keep `map`, the hashes of the image at `image`, beside it: as the difference from `parent`
@@ -112,7 +119,7 @@ mod tests {
         assert_eq!(load(&image("incr")), Some(incr.clone()));
         let size = |id: &str| std::fs::metadata(file_of(&image(id))).unwrap().len();
         // Header, parent, name, one bit per block, the changed blocks' hashes, trailer.
-        let fixed = (32 + 34 + "../full/disk-2000.blocks".len() + 16 + 32) as u64;
+        let fixed = (32 + 66 + "../full/disk-2000.blocks".len() + 16 + 32) as u64;
         assert_eq!((size("incr"), size("next")), (fixed + 2 * 32, fixed + 32));
 
         // The parent changed behind its back (or is another backup's now): not trusted.

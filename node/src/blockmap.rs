@@ -396,7 +396,8 @@ impl ResumeMap {
 /// A map kept as what differs from another, its base (the hub keeps each incremental backup's
 /// block hashes so, against its parent's: `hub::blockhashes`). On disk: `SNDBLD01`, disk size,
 /// block size, block count (u64 little endian), the BLAKE3 of the base's hashes ([`digest`]),
-/// the length (u16) and the bytes of the base's name (relative, as a qcow2 image names its
+/// the BLAKE3 of the hashes it yields (so that a chain of them is checked link by link without
+/// hashing every map on the way), the length (u16) and the bytes of the base's name (relative, as a qcow2 image names its
 /// backing file), the set of blocks that differ (one bit each), their hashes, and a BLAKE3 of all
 /// of that. Applied only to the base it was made against: the digest says which.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -405,6 +406,8 @@ pub struct MapDiff {
     block_size: u64,
     count: u64,
     base_digest: Hash,
+    /// The digest of the map it yields.
+    yields: Hash,
     base_name: String,
     changed: BlockSet,
     hashes: Vec<Hash>,
@@ -442,6 +445,7 @@ impl MapDiff {
             block_size: map.block_size,
             count: map.hashes.len() as u64,
             base_digest: digest(base),
+            yields: digest(map),
             base_name: base_name.to_string(),
             changed,
             hashes,
@@ -455,8 +459,16 @@ impl MapDiff {
 
     /// Whether `base` is the map this was made against.
     pub fn made_against(&self, base: &BlockMap) -> bool {
+        self.fits(base) && digest(base) == self.base_digest
+    }
+
+    /// The [`digest`] of the map it yields (as written: [`MapDiff::apply`] checks it).
+    pub fn yields(&self) -> Hash {
+        self.yields
+    }
+
+    fn fits(&self, base: &BlockMap) -> bool {
         (base.disk_size, base.block_size, base.hashes.len() as u64) == (self.disk_size, self.block_size, self.count)
-            && digest(base) == self.base_digest
     }
 
     /// The base's name, as given to [`MapDiff::between`].
@@ -473,13 +485,14 @@ impl MapDiff {
     pub fn to_bytes(&self) -> Vec<u8> {
         let name = self.base_name.as_bytes();
         let mut out = Vec::with_capacity(
-            HEADER_LEN + 34 + name.len() + self.count.div_ceil(64) as usize * 8 + self.hashes.len() * 32 + 32,
+            HEADER_LEN + 66 + name.len() + self.count.div_ceil(64) as usize * 8 + self.hashes.len() * 32 + 32,
         );
         out.extend_from_slice(DIFF_MAGIC);
         for w in [self.disk_size, self.block_size, self.count] {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out.extend_from_slice(&self.base_digest);
+        out.extend_from_slice(&self.yields);
         out.extend_from_slice(&(name.len() as u16).to_le_bytes());
         out.extend_from_slice(name);
         self.changed.put_words(self.count, &mut out);
@@ -501,21 +514,31 @@ impl MapDiff {
             return None;
         }
         let base_digest: Hash = body.get(HEADER_LEN..HEADER_LEN + 32)?.try_into().ok()?;
-        let name_len = usize::from(u16::from_le_bytes(body.get(HEADER_LEN + 32..HEADER_LEN + 34)?.try_into().ok()?));
-        let name = body.get(HEADER_LEN + 34..HEADER_LEN + 34 + name_len)?;
+        let yields: Hash = body.get(HEADER_LEN + 32..HEADER_LEN + 64)?.try_into().ok()?;
+        let name_len = usize::from(u16::from_le_bytes(body.get(HEADER_LEN + 64..HEADER_LEN + 66)?.try_into().ok()?));
+        let name = body.get(HEADER_LEN + 66..HEADER_LEN + 66 + name_len)?;
         let base_name = String::from_utf8(name.to_vec()).ok().filter(|n| valid_base_name(n))?;
-        let (changed, rest) = BlockSet::take_words(body.get(HEADER_LEN + 34 + name_len..)?, count)?;
+        let (changed, rest) = BlockSet::take_words(body.get(HEADER_LEN + 66 + name_len..)?, count)?;
         if rest.len() as u64 != changed.len().checked_mul(32)? {
             return None;
         }
         let hashes = rest.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect();
-        Some(Self { disk_size, block_size, count, base_digest, base_name, changed, hashes })
+        Some(Self { disk_size, block_size, count, base_digest, yields, base_name, changed, hashes })
     }
 
     /// The map: `base`'s hashes with the changed blocks' replaced; `None` if `base` is not the
     /// map this was made against.
-    pub fn apply(&self, mut base: BlockMap) -> Option<BlockMap> {
-        if !self.made_against(&base) {
+    pub fn apply(&self, base: BlockMap) -> Option<BlockMap> {
+        let base_digest = digest(&base);
+        let map = self.apply_to(base, &base_digest)?;
+        (digest(&map) == self.yields).then_some(map)
+    }
+
+    /// The same along a chain: `base` is known by `base_digest` (its file's [`MapDiff::yields`],
+    /// or the [`digest`] of a whole map), so no map on the way is hashed again; whoever walks a
+    /// chain so checks the digest of the last map against the last [`MapDiff::yields`].
+    pub fn apply_to(&self, mut base: BlockMap, base_digest: &Hash) -> Option<BlockMap> {
+        if !self.fits(&base) || *base_digest != self.base_digest {
             return None;
         }
         for (block, hash) in self.changed.iter().zip(&self.hashes) {
@@ -647,7 +670,7 @@ mod tests {
         let diff = MapDiff::between(&map, &base, "../full/disk-2000.blocks").unwrap();
         assert_eq!(diff.changed(), 2);
         let bytes = diff.to_bytes();
-        assert_eq!(bytes.len(), HEADER_LEN + 34 + 24 + 2 * 8 + 2 * 32 + 32, "one bit per block, the changed hashes");
+        assert_eq!(bytes.len(), HEADER_LEN + 66 + 24 + 2 * 8 + 2 * 32 + 32, "one bit per block, the changed hashes");
         let loaded = MapDiff::from_bytes(&bytes).unwrap();
         assert_eq!((loaded.base_name(), loaded.apply(base.clone())), ("../full/disk-2000.blocks", Some(map.clone())));
         assert_eq!(loaded.apply(map.clone()), None, "another base");
@@ -666,9 +689,19 @@ mod tests {
             seal(&mut body);
             MapDiff::from_bytes(&body)
         };
-        assert_eq!(resealed(HEADER_LEN + 34, |b| *b = b'/'), None);
-        assert_eq!(resealed(HEADER_LEN + 34 + 24 + 8, |b| *b |= 0x80), None);
-        assert!(resealed(HEADER_LEN + 34, |b| *b = b'.').is_some(), "the same resealed: accepted");
+        assert_eq!(resealed(HEADER_LEN + 66, |b| *b = b'/'), None);
+        assert_eq!(resealed(HEADER_LEN + 66 + 24 + 8, |b| *b |= 0x80), None);
+        assert!(resealed(HEADER_LEN + 66, |b| *b = b'.').is_some(), "the same resealed: accepted");
+        // What it says it yields is checked: another digest, and the map it gives is refused.
+        let lying = MapDiff::from_bytes(&{
+            let mut body = bytes[..bytes.len() - 32].to_vec();
+            body[HEADER_LEN + 40] ^= 1;
+            seal(&mut body);
+            body
+        })
+        .unwrap();
+        assert_eq!(lying.apply(base.clone()), None);
+        assert_eq!(lying.apply_to(base.clone(), &digest(&base)), Some(map.clone()), "a chain checks its last link");
     }
 
     #[test]

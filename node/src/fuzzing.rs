@@ -103,7 +103,12 @@ fn map_diff(bytes: &[u8]) -> bool {
     // A map of an empty disk: the base of a difference made against one, and of no other.
     let empty = BlockMap::zeroed(disk_size, block_size);
     let made_against_it = diff.made_against(&empty);
-    assert_eq!(diff.apply(empty).is_some(), made_against_it, "applied to a base it was not made against");
+    let empty_digest = crate::blockmap::digest(&empty);
+    // Made against it, it applies (its changed blocks are the disk's); otherwise never.
+    assert_eq!(diff.apply_to(empty.clone(), &empty_digest).is_some(), made_against_it, "applied to another base");
+    if let Some(map) = diff.apply(empty) {
+        assert!(made_against_it && crate::blockmap::digest(&map) == diff.yields(), "yields another map than it says");
+    }
     true
 }
 
