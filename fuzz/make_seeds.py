@@ -57,6 +57,9 @@ SEEDS = {
         "bad_lengths": FLAGS + opt(7, b"\xff\xff\xff\xff") + opt(10, b"\0\0\0\0\xff\xff\xff\xff")
         + opt(7, info("fuzz")) + req(0, 1, 0, 512),
         "oversized_write": FLAGS + opt(7, info("fuzz")) + req(1, 1, 0, 1 << 30),
+        # STARTTLS (refused without TLS; with TLS required, the upgrade), again (refused either
+        # way), then GO: transmission in both modes.
+        "starttls_go": FLAGS + opt(5) + opt(5) + opt(7, info("fuzz")) + req(0, 1, 0, 4096),
     },
     "nbd_requests": {
         "compact_mix": b"\x02" + req(0, 1, 0, 4096) + req(1, 2, 4096, 8) + b"12345678" + req(4, 3, 0, 1 << 20)

@@ -15,7 +15,7 @@ use crate::proto::cursor::Cursor;
 use crate::proto::handshake::OptionHeader;
 use crate::proto::transmission::{decode_request, HeaderMode};
 use crate::server::dispatch::{payload_len, validate, Limits};
-use crate::server::negotiate::{BlockSizes, Negotiator, Scope, Step};
+use crate::server::negotiate::{BlockSizes, Negotiator, Scope, Step, Tls};
 
 /// How far a fuzzed stream got.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +33,20 @@ pub struct Outcome {
 const MAX_PAYLOAD: u64 = 1 << 25;
 
 /// Run a client byte stream (client flags, options, then requests) through negotiation and
-/// request validation against an export named "fuzz" of 1 MiB.
+/// request validation against an export named "fuzz" of 1 MiB; then the same stream against a
+/// server that requires TLS, where an accepted `NBD_OPT_STARTTLS` starts a fresh negotiation
+/// on the bytes after it (as if the TLS handshake had happened). Returns the first's outcome.
 pub fn session(data: &[u8]) -> Outcome {
+    let _ = session_requiring_tls(data);
+    session_as(data, Tls::Off)
+}
+
+/// [`session`] against a server that requires TLS alone.
+pub fn session_requiring_tls(data: &[u8]) -> Outcome {
+    session_as(data, Tls::Required)
+}
+
+fn session_as(data: &[u8], tls: Tls) -> Outcome {
     let registry = crate::server::export::Registry::default();
     let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20))).max_connections(2);
     let _ = registry.insert(Arc::new(crate::server::export::Export::new(
@@ -50,7 +62,9 @@ pub fn session(data: &[u8]) -> Outcome {
     if !Negotiator::client_flags_valid(flags) {
         return outcome;
     }
-    let mut n = Negotiator::new(&registry, &scope, sizes, flags);
+    let mut n = Negotiator::with_tls(&registry, &scope, sizes, flags, tls);
+    // A server that requires TLS lets no client reach an export in clear.
+    let mut in_clear_only = tls == Tls::Required;
     let mut out = Vec::new();
     let session = loop {
         let Some(head) = c.take(16).and_then(|h| <[u8; 16]>::try_from(h).ok()) else {
@@ -67,7 +81,15 @@ pub fn session(data: &[u8]) -> Outcome {
         match n.handle(h.option, body, &mut out) {
             Step::Continue => {}
             Step::Abort | Step::Disconnect(_) => return outcome,
-            Step::Enter(s) => break s,
+            Step::Enter(s) => {
+                assert!(!in_clear_only, "transmission entered before TLS on a server that requires it");
+                break s;
+            }
+            Step::StartTls => {
+                assert!(in_clear_only, "STARTTLS accepted by a server without TLS, or twice");
+                in_clear_only = false;
+                n = Negotiator::with_tls(&registry, &scope, sizes, flags, Tls::Active);
+            }
         }
     };
     outcome.entered = true;

@@ -41,9 +41,14 @@
 //! [`Backend::capabilities`] does not claim is never advertised). [`Tuned`] adds qemu-nbd's
 //! `cache=unsafe` and `discard=ignore` over any backend.
 //!
+//! ## TLS
+//! [`ServerConfig::tls`] with [`TlsCredentials`] (qemu's `tls-creds-x509` directory, or an
+//! embedder's rustls configuration) makes every TCP and Unix listener require TLS, as qemu-nbd
+//! with `--tls-creds` does; without it `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+//!
 //! ## Limitations
-//! No TLS (STARTTLS is refused with `NBD_REP_ERR_POLICY`), no oldstyle negotiation, only the
-//! `base:allocation` metadata context.
+//! No oldstyle negotiation; the metadata contexts are `base:allocation` and one
+//! `qemu:dirty-bitmap:NAME`; the client does not speak TLS.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -66,5 +71,5 @@ pub use backend::{
 };
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;
-pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};
+pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError, TlsCredentials, TlsError};
 pub use zero_copy::{ReceiveBytes, SendBytes};

@@ -29,6 +29,11 @@ fn handshake_seeds_replay_and_reach_transmission() {
     let go = seeds.iter().find(|(n, _)| n == "structured_meta_go").map(|(_, d)| d).unwrap();
     let o = nbd_server::fuzzing::session(go);
     assert_eq!(o.accepted, 2, "block status and DF read are accepted once base:allocation is selected: {o:?}");
+    // A server that requires TLS: only the seed that starts it reaches transmission.
+    for (name, data) in &seeds {
+        let o = nbd_server::fuzzing::session_requiring_tls(data);
+        assert_eq!(o.entered, name == "starttls_go", "seed {name} with TLS required: {o:?}");
+    }
 }
 
 #[test]

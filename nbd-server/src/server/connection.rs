@@ -53,7 +53,7 @@ use crate::proto::transmission::{decode_request, Command};
 
 use super::dispatch::{error_reply, execute, payload_len, validate, Limits, Payload, Reply};
 use super::export::bump;
-use super::negotiate::{Negotiator, Session, Step};
+use super::negotiate::{Negotiator, Session, Step, Tls};
 use super::writer::{write_loop, BytePermits, Outgoing, ReplyWriter};
 use super::{Scope, Shared};
 
@@ -85,40 +85,148 @@ enum ConnError {
 }
 
 /// Serve one connection to the end. Never panics on client input; logs how it ended.
-pub(crate) async fn serve<R, W>(reader: R, mut writer: W, peer: String, scope: Arc<Scope>, shared: Arc<Shared>)
+pub(crate) async fn serve<R, W>(reader: R, writer: W, peer: String, scope: Arc<Scope>, shared: Arc<Shared>)
 where
     R: RequestReader,
     W: ReplyWriter,
 {
     // Small enough that bulk payload reads bypass it (one copy), large enough for headers.
-    let mut reader = BufReader::with_capacity(32 * 1024, reader);
+    let reader = BufReader::with_capacity(32 * 1024, reader);
+    serve_from(reader, writer, Opening::Greeting { tls_required: false }, &peer, &scope, &shared).await;
+}
+
+/// Serve one connection on a server that requires TLS (`negotiate.rs`'s [`Tls`]): the
+/// greeting and the options before `NBD_OPT_STARTTLS` in clear, then the TLS handshake, then
+/// the connection served as any other, over TLS. Reads and writes then go through rustls, so
+/// this path has no `splice` or `sendfile`.
+pub(crate) async fn serve_tls<S>(
+    stream: S,
+    acceptor: tokio_rustls::TlsAcceptor,
+    peer: String,
+    scope: Arc<Scope>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (reader, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(4096, reader);
+    let timeout = shared.config.handshake_timeout;
+    let in_clear = async {
+        match negotiate(&mut reader, &mut writer, &scope, &shared, Opening::Greeting { tls_required: true }).await? {
+            // The client waits for the ACK before its TLS hello: anything already here was sent
+            // in clear after the option, and would be lost to the handshake.
+            Negotiated::StartTls { .. } if !reader.buffer().is_empty() => {
+                Err(ConnError::Protocol("bytes sent before the answer to NBD_OPT_STARTTLS".into()))
+            }
+            Negotiated::StartTls { client_flags } => Ok(Some(client_flags)),
+            Negotiated::Abort => Ok(None),
+            Negotiated::Enter(_) => Err(ConnError::Protocol("transmission without TLS".into())),
+        }
+    };
+    let upgrade = tokio::select! {
+        r = tokio::time::timeout(timeout, in_clear) => r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout))),
+        _ = shared.shutdown.cancelled() => Err(ConnError::Shutdown),
+    };
+    let client_flags = match upgrade {
+        Ok(Some(flags)) => flags,
+        Ok(None) => {
+            let _ = writer.shutdown().await;
+            return;
+        }
+        Err(e) => {
+            log_unfinished(&peer, &e);
+            let _ = writer.shutdown().await;
+            return;
+        }
+    };
+    let stream = reader.into_inner().unsplit(writer);
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(timeout, acceptor.accept(stream)) => {
+            r.unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")))
+        }
+        _ = shared.shutdown.cancelled() => return,
+    };
+    match accepted {
+        Ok(tls) => {
+            tracing::debug!(%peer, "TLS established");
+            let (reader, writer) = tokio::io::split(tls);
+            let reader = BufReader::with_capacity(32 * 1024, reader);
+            serve_from(reader, writer, Opening::AfterTls { client_flags }, &peer, &scope, &shared).await;
+        }
+        // A client whose certificate is not trusted, or that does not trust ours, ends here:
+        // worth an operator's look.
+        Err(e) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+    }
+}
+
+/// How a connection's negotiation begins.
+#[derive(Debug, Clone, Copy)]
+enum Opening {
+    /// A fresh connection: send the greeting, read the client's flags; on a listener of a
+    /// server with TLS credentials, only `STARTTLS` is served next.
+    Greeting { tls_required: bool },
+    /// Over TLS just established: the greeting and the client's flags came before it, in clear.
+    AfterTls { client_flags: u32 },
+}
+
+/// How a negotiation ended, when it ended well.
+enum Negotiated {
+    /// In transmission.
+    Enter(Session),
+    /// The client aborted.
+    Abort,
+    /// The client asked for TLS and was told yes: the handshake comes next.
+    StartTls { client_flags: u32 },
+}
+
+/// Negotiate (within the handshake timeout), then serve requests until the connection ends.
+async fn serve_from<R, W>(
+    mut reader: BufReader<R>,
+    mut writer: W,
+    opening: Opening,
+    peer: &str,
+    scope: &Scope,
+    shared: &Arc<Shared>,
+) where
+    R: RequestReader,
+    W: ReplyWriter,
+{
     let timeout = shared.config.handshake_timeout;
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(timeout, negotiate(&mut reader, &mut writer, &scope, &shared)) => {
+        r = tokio::time::timeout(timeout, negotiate(&mut reader, &mut writer, scope, shared, opening)) => {
             r.unwrap_or(Err(ConnError::HandshakeTimeout(timeout)))
         }
         _ = shared.shutdown.cancelled() => Err(ConnError::Shutdown),
     };
     match negotiated {
-        Ok(Some(session)) => {
+        Ok(Negotiated::Enter(session)) => {
             let export = Arc::clone(session.export());
             tracing::debug!(%peer, export = %export.name, mode = ?session.mode, "client entered transmission");
-            transmission(reader, writer, session, &shared).await;
+            transmission(reader, writer, session, shared).await;
             tracing::debug!(%peer, export = %export.name, "client disconnected");
         }
-        Ok(None) => {
+        Ok(Negotiated::Abort) => {
+            let _ = writer.shutdown().await;
+        }
+        // Only a server that requires TLS says yes to STARTTLS, and it does so in `serve_tls`.
+        Ok(Negotiated::StartTls { .. }) => {
+            log_unfinished(peer, &ConnError::Protocol("STARTTLS accepted without TLS credentials".into()));
             let _ = writer.shutdown().await;
         }
         Err(e) => {
-            // A client that took the whole handshake timeout is worth an operator's look (a
-            // stalled peer or transport); the other endings are clients' own business.
-            if matches!(e, ConnError::HandshakeTimeout(_)) {
-                tracing::warn!(%peer, error = %e, "handshake ended without transmission");
-            } else {
-                tracing::info!(%peer, error = %e, "handshake ended without transmission");
-            }
+            log_unfinished(peer, &e);
             let _ = writer.shutdown().await;
         }
+    }
+}
+
+/// A client that took the whole handshake timeout is worth an operator's look (a stalled peer
+/// or transport); the other endings are clients' own business.
+fn log_unfinished(peer: &str, e: &ConnError) {
+    if matches!(e, ConnError::HandshakeTimeout(_)) {
+        tracing::warn!(%peer, error = %e, "handshake ended without transmission");
+    } else {
+        tracing::info!(%peer, error = %e, "handshake ended without transmission");
     }
 }
 
@@ -127,18 +235,25 @@ async fn negotiate<R, W>(
     writer: &mut W,
     scope: &Scope,
     shared: &Shared,
-) -> Result<Option<Session>, ConnError>
+    opening: Opening,
+) -> Result<Negotiated, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    writer.write_all(&encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES)).await?;
-    writer.flush().await?;
-    let client_flags = reader.read_u32().await?;
-    if !Negotiator::client_flags_valid(client_flags) {
-        return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
-    }
-    let mut negotiator = Negotiator::new(&shared.registry, scope, shared.block_sizes(), client_flags);
+    let (client_flags, tls) = match opening {
+        Opening::Greeting { tls_required } => {
+            writer.write_all(&encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES)).await?;
+            writer.flush().await?;
+            let client_flags = reader.read_u32().await?;
+            if !Negotiator::client_flags_valid(client_flags) {
+                return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
+            }
+            (client_flags, if tls_required { Tls::Required } else { Tls::Off })
+        }
+        Opening::AfterTls { client_flags } => (client_flags, Tls::Active),
+    };
+    let mut negotiator = Negotiator::with_tls(&shared.registry, scope, shared.block_sizes(), client_flags, tls);
     let mut out = Vec::with_capacity(512);
     loop {
         let mut head = [0u8; OPTION_HEADER_LEN];
@@ -158,9 +273,10 @@ where
         writer.flush().await?;
         match step {
             Step::Continue => {}
-            Step::Abort => return Ok(None),
+            Step::Abort => return Ok(Negotiated::Abort),
             Step::Disconnect(reason) => return Err(ConnError::Protocol(reason)),
-            Step::Enter(session) => return Ok(Some(session)),
+            Step::Enter(session) => return Ok(Negotiated::Enter(session)),
+            Step::StartTls => return Ok(Negotiated::StartTls { client_flags }),
         }
     }
 }

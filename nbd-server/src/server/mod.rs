@@ -11,6 +11,7 @@ mod connection;
 pub(crate) mod dispatch;
 pub(crate) mod export;
 pub(crate) mod negotiate;
+pub mod tls;
 mod writer;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 pub use export::{ExportConfig, ExportStats};
 pub use negotiate::Scope;
+pub use tls::{TlsCredentials, TlsError};
 
 use crate::zero_copy::SendBytes;
 use export::{Export, Registry};
@@ -53,6 +55,10 @@ pub struct ServerConfig {
     pub max_clients: usize,
     /// On shutdown, how long connections may take to drain before being cut.
     pub shutdown_grace: Duration,
+    /// TLS required of every client of the server's TCP and Unix listeners (the spec's
+    /// FORCEDTLS; streams given to [`Server::serve_stream`] are not asked); `None`: no TLS,
+    /// `NBD_OPT_STARTTLS` refused.
+    pub tls: Option<TlsCredentials>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +71,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_clients: 1024,
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -78,6 +85,7 @@ impl ServerConfig {
         handshake_timeout: Duration,
         max_clients: usize,
         shutdown_grace: Duration,
+        tls: Option<TlsCredentials>,
     }
 }
 
@@ -262,8 +270,7 @@ impl Server {
             if let Some(reason) = &refused {
                 tracing::warn!(%peer, %reason, "client refused");
             }
-            let (r, w) = stream.into_split();
-            Ok((r, w, peer.to_string(), refused))
+            Ok((stream, peer.to_string(), refused))
         })
         .await;
         drop(listener);
@@ -276,22 +283,20 @@ impl Server {
         let serving = self.shared.tracker.token();
         self.accept_until_shutdown(scope, || async {
             let (stream, _) = listener.accept().await?;
-            let (r, w) = stream.into_split();
-            Ok((r, w, "unix".to_string(), None))
+            Ok((stream, "unix".to_string(), None))
         })
         .await;
         drop(listener);
         drop(serving);
     }
 
-    /// Take a client slot, then the next connection `accept` gives (its halves, its peer's
+    /// Take a client slot, then the next connection `accept` gives (its socket, its peer's
     /// name, and why it is refused if it is), and serve it; until shutdown.
-    async fn accept_until_shutdown<R, W, F, A>(&self, scope: Scope, mut accept: F)
+    async fn accept_until_shutdown<S, F, A>(&self, scope: Scope, mut accept: F)
     where
-        R: connection::RequestReader,
-        W: writer::ReplyWriter,
+        S: Socket,
         F: FnMut() -> A,
-        A: std::future::Future<Output = std::io::Result<(R, W, String, Option<String>)>>,
+        A: std::future::Future<Output = std::io::Result<(S, String, Option<String>)>>,
     {
         let scope = Arc::new(scope);
         loop {
@@ -303,9 +308,9 @@ impl Server {
                 _ = self.shared.shutdown.cancelled() => return,
             };
             match accepted {
-                Ok((r, w, peer, None)) => self.spawn_connection(r, w, peer, Arc::clone(&scope), permit),
-                Ok((r, w, peer, Some(reason))) => {
-                    self.spawn_connection(r, w, peer, Arc::new(Scope::Refused(reason)), permit)
+                Ok((socket, peer, None)) => self.spawn_connection(socket, peer, Arc::clone(&scope), permit),
+                Ok((socket, peer, Some(reason))) => {
+                    self.spawn_connection(socket, peer, Arc::new(Scope::Refused(reason)), permit)
                 }
                 Err(e) => self.accept_failed(e).await,
             }
@@ -382,20 +387,23 @@ impl Server {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    fn spawn_connection<R, W>(
+    /// Serve an accepted socket in its own task: over TLS when the server has credentials.
+    fn spawn_connection<S: Socket>(
         &self,
-        r: R,
-        w: W,
+        socket: S,
         peer: String,
         scope: Arc<Scope>,
         permit: tokio::sync::OwnedSemaphorePermit,
-    ) where
-        R: connection::RequestReader,
-        W: writer::ReplyWriter,
-    {
+    ) {
         let shared = Arc::clone(&self.shared);
         self.shared.tracker.spawn(async move {
-            connection::serve(r, w, peer, scope, shared).await;
+            match shared.config.tls.as_ref().map(TlsCredentials::acceptor) {
+                Some(acceptor) => connection::serve_tls(socket, acceptor, peer, scope, shared).await,
+                None => {
+                    let (r, w) = socket.into_halves();
+                    connection::serve(r, w, peer, scope, shared).await;
+                }
+            }
             drop(permit);
         });
     }
@@ -429,5 +437,28 @@ impl Server {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// A socket a listener accepted: served whole (TLS wraps it) or as its two halves.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Reader: connection::RequestReader;
+    type Writer: writer::ReplyWriter;
+    fn into_halves(self) -> (Self::Reader, Self::Writer);
+}
+
+impl Socket for tokio::net::TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl Socket for tokio::net::UnixStream {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
     }
 }

@@ -7,6 +7,12 @@
 //! or none at all for a client its listener does not admit, which is told why in the answer to
 //! every export it asks for (`NBD_REP_ERR_POLICY`), so it fails at once with the reason instead
 //! of retrying a connection that was cut.
+//!
+//! TLS ([`Tls`]) is the spec's FORCEDTLS mode when the server has credentials: before
+//! `NBD_OPT_STARTTLS` every option but `ABORT` is answered `NBD_REP_ERR_TLS_REQD` (and
+//! `EXPORT_NAME`, which has no error reply, ends the connection), so nothing of an export, not
+//! even its name, crosses the wire in clear; after the TLS handshake the connection starts again
+//! with a fresh negotiator, as the spec demands (no state from before the upgrade survives).
 
 use std::sync::Arc;
 
@@ -33,10 +39,24 @@ pub(crate) const ALLOCATION_CONTEXT_ID: u32 = 1;
 /// Context id we give an export's `qemu:dirty-bitmap:NAME`.
 pub(crate) const BITMAP_CONTEXT_ID: u32 = 2;
 
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// The server has no credentials: `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+    Off,
+    /// The server has credentials and this connection has not upgraded yet: only `STARTTLS`
+    /// (or `ABORT`) is served.
+    Required,
+    /// The connection runs over TLS: another `STARTTLS` is invalid.
+    Active,
+}
+
 /// What the connection does after an option.
 pub(crate) enum Step {
     /// Keep haggling.
     Continue,
+    /// Send the replies (the `ACK`), then run the TLS handshake and negotiate again over it.
+    StartTls,
     /// The client aborted; close after sending the replies.
     Abort,
     /// Send the replies and close (EXPORT_NAME with no such export, or no place left).
@@ -81,6 +101,7 @@ pub(crate) struct Negotiator<'a> {
     registry: &'a Registry,
     scope: &'a Scope,
     sizes: BlockSizes,
+    tls: Tls,
     no_zeroes: bool,
     structured: bool,
     extended: bool,
@@ -89,11 +110,25 @@ pub(crate) struct Negotiator<'a> {
 }
 
 impl<'a> Negotiator<'a> {
+    /// A negotiator of a server without TLS (the unit tests' usual one).
+    #[cfg(test)]
     pub fn new(registry: &'a Registry, scope: &'a Scope, sizes: BlockSizes, client_flags_value: u32) -> Self {
+        Self::with_tls(registry, scope, sizes, client_flags_value, Tls::Off)
+    }
+
+    /// [`Negotiator::new`] at the given point of a TLS server's negotiation.
+    pub fn with_tls(
+        registry: &'a Registry,
+        scope: &'a Scope,
+        sizes: BlockSizes,
+        client_flags_value: u32,
+        tls: Tls,
+    ) -> Self {
         Self {
             registry,
             scope,
             sizes,
+            tls,
             no_zeroes: client_flags_value & client_flags::NO_ZEROES != 0,
             structured: false,
             extended: false,
@@ -149,6 +184,9 @@ impl<'a> Negotiator<'a> {
 
     /// Handle one option with its data, appending replies to `out`.
     pub fn handle(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        if self.tls == Tls::Required {
+            return Self::before_tls(option, data, out);
+        }
         match option {
             opt::EXPORT_NAME => self.export_name(data, out),
             opt::ABORT => {
@@ -167,10 +205,12 @@ impl<'a> Negotiator<'a> {
                 Step::Continue
             }
             opt::STARTTLS => {
-                if data.is_empty() {
-                    encode_option_error(out, option, rep::ERR_POLICY, "TLS is not enabled on this server");
-                } else {
+                if !data.is_empty() {
                     encode_option_error(out, option, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                } else if self.tls == Tls::Active {
+                    encode_option_error(out, option, rep::ERR_INVALID, "TLS is already negotiated");
+                } else {
+                    encode_option_error(out, option, rep::ERR_POLICY, "TLS is not enabled on this server");
                 }
                 Step::Continue
             }
@@ -201,6 +241,34 @@ impl<'a> Negotiator<'a> {
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => self.meta_context(option, data, out),
             other => {
                 encode_option_error(out, other, rep::ERR_UNSUP, &format!("option {other} is not supported"));
+                Step::Continue
+            }
+        }
+    }
+
+    /// A TLS server's answer to an option sent in clear (module doc).
+    fn before_tls(option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        match option {
+            opt::STARTTLS if data.is_empty() => {
+                encode_option_reply(out, option, rep::ACK, &[]);
+                Step::StartTls
+            }
+            opt::STARTTLS => {
+                encode_option_error(out, option, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                Step::Continue
+            }
+            opt::ABORT => {
+                encode_option_reply(out, option, rep::ACK, &[]);
+                Step::Abort
+            }
+            opt::EXPORT_NAME => Step::Disconnect("NBD_OPT_EXPORT_NAME before TLS on a server that requires it".into()),
+            other => {
+                encode_option_error(
+                    out,
+                    other,
+                    rep::ERR_TLS_REQD,
+                    "this server requires TLS: send NBD_OPT_STARTTLS first (nbds:// URIs, qemu's tls-creds)",
+                );
                 Step::Continue
             }
         }
@@ -394,6 +462,49 @@ mod tests {
         assert!(items.contains(&InfoItem::BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 }));
         assert!(session.flags & tf::CAN_MULTI_CONN != 0);
         assert!(session.flags & tf::SEND_DF != 0);
+    }
+
+    #[test]
+    fn a_server_requiring_tls_serves_nothing_but_starttls_in_clear() {
+        let reg = registry(2);
+        let scope = Scope::All;
+        let mut n = Negotiator::with_tls(&reg, &scope, SIZES, 1, Tls::Required);
+        for (option, data) in [
+            (opt::GO, hs::encode_info_request("disk0", &[])),
+            (opt::INFO, hs::encode_info_request("disk0", &[])),
+            (opt::LIST, Vec::new()),
+            (opt::STRUCTURED_REPLY, Vec::new()),
+            (opt::SET_META_CONTEXT, Vec::new()),
+            (99, Vec::new()),
+        ] {
+            let mut out = Vec::new();
+            assert!(matches!(n.handle(option, &data, &mut out), Step::Continue), "option {option}");
+            let r = replies(&out);
+            assert_eq!((r.len(), r[0].0.reply), (1, rep::ERR_TLS_REQD), "option {option}");
+            assert!(!String::from_utf8_lossy(&r[0].1).contains("disk0"), "no export named in clear");
+        }
+        assert!(matches!(n.handle(opt::EXPORT_NAME, b"disk0", &mut Vec::new()), Step::Disconnect(_)));
+        let mut out = Vec::new();
+        assert!(matches!(n.handle(opt::STARTTLS, b"x", &mut out), Step::Continue));
+        assert_eq!(replies(&out)[0].0.reply, rep::ERR_INVALID);
+        let mut out = Vec::new();
+        assert!(matches!(n.handle(opt::STARTTLS, &[], &mut out), Step::StartTls));
+        assert_eq!(replies(&out)[0].0.reply, rep::ACK);
+
+        // Over TLS: a fresh negotiator serves the export; STARTTLS again is invalid.
+        let mut over = Negotiator::with_tls(&reg, &scope, SIZES, 1, Tls::Active);
+        let mut out = Vec::new();
+        assert!(matches!(over.handle(opt::STARTTLS, &[], &mut out), Step::Continue));
+        assert_eq!(replies(&out)[0].0.reply, rep::ERR_INVALID);
+        assert!(matches!(
+            over.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()),
+            Step::Enter(_)
+        ));
+        // And a server without credentials refuses STARTTLS by policy.
+        let mut off = Negotiator::new(&reg, &scope, SIZES, 1);
+        let mut out = Vec::new();
+        assert!(matches!(off.handle(opt::STARTTLS, &[], &mut out), Step::Continue));
+        assert_eq!(replies(&out)[0].0.reply, rep::ERR_POLICY);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `sendense-nbd`: serve a disk image over NBD with the command line of `qemu-nbd`.
 //!
 //! It takes the flags the old hub passed to qemu-nbd (`-f -x -p -b --shared -t -r -k
-//! --pid-file FILE`), so it drops into the same command line, and adds `--demo` to serve a fresh
-//! scratch image with no arguments at all. Failures (missing file, port in use, unsupported
+//! --pid-file FILE`), so it drops into the same command line, qemu's TLS credentials too
+//! (`--object tls-creds-x509,... --tls-creds ID`, `objects.rs`), and adds `--demo` to serve a
+//! fresh scratch image with no arguments at all. Failures (missing file, port in use, unsupported
 //! format) are one line on stderr and exit status 1; the listener accepts as soon as it is bound,
 //! and the pid file is written only then (whole, renamed into place), so "pid file exists" means
 //! "ready" and whoever reads it reads the whole pid.
@@ -13,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+
+mod objects;
 use nbd_server::{Backend, ExportConfig, FileBackend, Qcow2Backend, Scope, Server, ServerConfig, Tuned, Tuning};
 use qcow2::ImageOptions;
 
@@ -75,6 +78,18 @@ struct Args {
     /// TRIM: unmap (punch holes, the default here) or ignore/off (not offered).
     #[arg(long = "discard", value_enum, default_value = "unmap")]
     discard: DiscardMode,
+    /// Define an object, as qemu-nbd does; only TLS credentials:
+    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]` (DIR holds
+    /// ca-cert.pem, server-cert.pem, server-key.pem; verify-peer=on, the default, requires a
+    /// client certificate the CA signed). Repeatable.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    objects: Vec<String>,
+    /// Require TLS of every client, with the credentials of the --object of this id.
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
+    /// qemu-nbd's client authorization list: refused (not implemented).
+    #[arg(long = "tls-authz", value_name = "ID")]
+    tls_authz: Option<String>,
     /// Serve a fresh 1 GiB sparse scratch image (in a temporary directory) as export "demo".
     #[arg(long)]
     demo: bool,
@@ -199,9 +214,11 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             bail!("expected exactly one image FILE (or --demo to serve a scratch image)")
         }
     };
+    let tls = objects::tls_credentials(&args.objects, args.tls_creds.as_deref(), args.tls_authz.as_deref())?;
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let backend = open_backend(&args, &path)?;
     let size = backend.size();
-    let server = Server::new(ServerConfig::default());
+    let server = Server::new(ServerConfig::default().tls(tls));
     let name = args.export_name.clone();
     server.add_export(
         ExportConfig::new(name.clone(), backend)
@@ -221,7 +238,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot restrict '{}' to its owner", sock.display()))?;
             let s = server.clone();
             let scope = Scope::Only(name.clone());
-            tracing::info!(export = %name, size, socket = %sock.display(), "listening");
+            tracing::info!(export = %name, size, socket = %sock.display(), tls = (scheme == "nbds"), "listening");
             tokio::spawn(async move { s.serve_unix(listener, scope).await })
         }
         None => {
@@ -230,7 +247,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
                 tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             let s = server.clone();
             let scope = Scope::Only(name.clone());
-            let url = format!("nbd://{}:{}/{}", args.bind, args.port, name);
+            let url = format!("{scheme}://{}:{}/{}", args.bind, args.port, name);
             tracing::info!(export = %name, size, %url, "listening");
             if args.demo {
                 eprintln!(

@@ -1,0 +1,119 @@
+//! TLS credentials for the server's listeners: what makes a TCP or Unix listener the spec's
+//! FORCEDTLS server (`negotiate.rs`), as qemu-nbd's `--tls-creds` and nbdkit's `--tls=require` do.
+//!
+//! Loaded from the directory layout qemu's `tls-creds-x509` objects use (`ca-cert.pem`,
+//! `server-cert.pem`, `server-key.pem`), so one PKI serves qemu, libnbd and us; with
+//! `verify_peer` a client must present a certificate that CA signed (qemu's `verify-peer=on`).
+//! rustls rather than GnuTLS bindings: pure Rust on the crypto provider the SSH tunnel already
+//! links (aws-lc-rs), TLS 1.2 and 1.3 only. No TLS-PSK (rustls has none) and no anonymous
+//! credentials: those are refused by whoever asks for them (`sendense-nbd`), never ignored.
+//! Connections an embedder hands over as streams ([`crate::Server::serve_stream`]: SSH channels)
+//! are not asked for TLS: their transport is already encrypted and authenticated.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+/// The CA certificate(s) a client's certificate must chain to, in a credentials directory.
+pub const CA_CERT: &str = "ca-cert.pem";
+/// The server's certificate (and any intermediates after it), in a credentials directory.
+pub const SERVER_CERT: &str = "server-cert.pem";
+/// The server's private key (PKCS#8, PKCS#1 or SEC1, unencrypted), in a credentials directory.
+pub const SERVER_KEY: &str = "server-key.pem";
+
+/// Why TLS credentials could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file is missing, unreadable, or holds no PEM item of the kind needed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the certificate and key (a key that does not match, say).
+    #[error("TLS credentials refused: {0}")]
+    Refused(#[from] rustls::Error),
+    /// The CA certificates cannot verify clients.
+    #[error("{path}: cannot verify clients with it: {reason}")]
+    Verifier {
+        /// The CA file.
+        path: PathBuf,
+        /// rustls's reason.
+        reason: String,
+    },
+}
+
+/// TLS credentials of a server (see the module doc). Cheap to clone.
+#[derive(Clone)]
+pub struct TlsCredentials {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for TlsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCredentials").finish_non_exhaustive()
+    }
+}
+
+impl TlsCredentials {
+    /// Credentials from a directory laid out as qemu's `tls-creds-x509,dir=DIR,endpoint=server`
+    /// wants it: `server-cert.pem` and `server-key.pem`, and, when `verify_peer`, `ca-cert.pem`,
+    /// which every client's certificate must chain to.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file at fault.
+    pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder =
+            rustls::ServerConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
+        let builder = if verify_peer {
+            let path = dir.join(CA_CERT);
+            let mut roots = RootCertStore::empty();
+            for cert in certificates(&path)? {
+                roots.add(cert).map_err(|e| TlsError::Verifier { path: path.clone(), reason: e.to_string() })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Verifier { path, reason: e.to_string() })?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let chain = certificates(&dir.join(SERVER_CERT))?;
+        let key_path = dir.join(SERVER_KEY);
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| TlsError::File { path: key_path, reason: format!("no private key read: {e}") })?;
+        let config = builder.with_single_cert(chain, key)?;
+        Ok(Self { acceptor: Arc::new(config).into() })
+    }
+
+    /// Credentials from an embedder's own rustls configuration (its certificate resolver,
+    /// client verifier and protocol versions).
+    pub fn from_rustls(config: Arc<rustls::ServerConfig>) -> Self {
+        Self { acceptor: config.into() }
+    }
+
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor.clone()
+    }
+}
+
+/// Every certificate of a PEM file; at least one.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file_error = |reason: String| TlsError::File { path: path.to_path_buf(), reason };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_error("no certificate in it".into()));
+    }
+    Ok(certs)
+}

@@ -1,0 +1,356 @@
+//! TLS against real clients: libnbd (nbdinfo, nbdcopy) and qemu (qemu-img) through
+//! `sendense-nbd --object tls-creds-x509,... --tls-creds ID`, with certificates made by the test
+//! in qemu's directory layout; clients without TLS, without a certificate the CA signed, or that
+//! do not trust the server get nothing; the library's own path with a rustls client, and
+//! clients that break the upgrade.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nbd_server::proto::consts::{opt, rep, IHAVEOPT};
+use nbd_server::proto::handshake::{encode_info_request, OptionReplyHeader, GREETING_LEN};
+use nbd_server::{Backend, Client, ExportConfig, MemoryBackend, Server, ServerConfig, TlsCredentials};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Certificates in qemu's and libnbd's directory layout: `server/` (the server's credentials),
+/// `client/` (a client the CA signed), `anon/` (the CA only: no client certificate), `rogue/`
+/// (a client signed by another CA), `stranger/` (a client that trusts another CA, not ours).
+struct Pki {
+    root: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let (ca_params, ca_key, ca_pem) = authority("sendense test CA");
+        let ca = Issuer::from_params(&ca_params, &ca_key);
+        let (other_params, other_key, other_pem) = authority("another CA");
+        let other = Issuer::from_params(&other_params, &other_key);
+        let put = |dir: &str, files: &[(&str, &str)]| {
+            let d = root.path().join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            for (name, text) in files {
+                std::fs::write(d.join(name), text).unwrap();
+            }
+        };
+        let (cert, key) = leaf(&ca, "server", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        put("server", &[("ca-cert.pem", &ca_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
+        let (cert, key) = leaf(&ca, "node", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        put("client", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        put("stranger", &[("ca-cert.pem", &other_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        put("anon", &[("ca-cert.pem", &ca_pem)]);
+        let (cert, key) = leaf(&other, "intruder", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        put("rogue", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        Self { root }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// `sendense-nbd` flags that require TLS with `server/`.
+    fn server_flags(&self, verify_peer: &str) -> Vec<String> {
+        let object = format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={verify_peer}",
+            self.dir("server").display()
+        );
+        vec!["--object".into(), object, "--tls-creds".into(), "tls0".into()]
+    }
+}
+
+/// A CA: its parameters and key (to sign with) and its certificate's PEM.
+fn authority(name: &str) -> (CertificateParams, KeyPair, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let pem = params.self_signed(&key).unwrap().pem();
+    (params, key, pem)
+}
+
+/// A certificate the issuer signed, and its key, as PEM.
+fn leaf(
+    issuer: &Issuer<'_, &KeyPair>,
+    name: &str,
+    sans: &[&str],
+    purpose: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![purpose];
+    (params.signed_by(&key, issuer).unwrap().pem(), key.serialize_pem())
+}
+
+fn nbds(peer: &Peer, certs: &Path) -> String {
+    format!("nbds://127.0.0.1:{}/{}?tls-certificates={}", peer.port, peer.name, certs.display())
+}
+
+#[test]
+fn libnbd_and_qemu_read_and_write_through_tls_and_the_image_is_the_same() {
+    require("nbdinfo");
+    require("nbdcopy");
+    require("qemu-img");
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(24 << 20, 11);
+    let source = write_file(dir.path(), "source.raw", &data);
+    let target = sparse_file(dir.path(), "target.raw", data.len() as u64);
+    let mut flags = pki.server_flags("on");
+    flags.push("--shared=4".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let peer = start_sendense(&target, "disk", &flags);
+
+    // libnbd: the size over TLS, then a copy in with four connections.
+    let info = run(Command::new("nbdinfo").arg("--size").arg(nbds(&peer, &pki.dir("client"))));
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), data.len().to_string());
+    run(Command::new("nbdcopy").args(["--connections=4", "--flush"]).arg(&source).arg(nbds(&peer, &pki.dir("client"))));
+    assert_same_content(&source, &target);
+
+    // qemu as the client, with its own tls-creds object: it reads the export back equal.
+    let client_object = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.dir("client").display());
+    let export = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"nbd","server":{{"type":"inet","host":"127.0.0.1","port":"{}"}},"export":"disk","tls-creds":"tls0"}}}}"#,
+        peer.port
+    );
+    let compared = run(Command::new("qemu-img")
+        .args(["compare", "--object", &client_object, "-f", "raw"])
+        .arg(&source)
+        .arg(&export));
+    assert!(String::from_utf8_lossy(&compared.stdout).contains("Images are identical"));
+    drop(peer);
+
+    // The same over a Unix socket (-k), the client naming the host its certificate is for.
+    let socket = dir.path().join("nbd.sock");
+    let mut child = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", "disk", "-t", "-k"])
+        .arg(&socket)
+        .args(pki.server_flags("on"))
+        .arg(&target)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10) && child.try_wait().unwrap().is_none(), "no socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _server = Reaped(child);
+    let url = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}&tls-hostname=localhost",
+        socket.display(),
+        pki.dir("client").display()
+    );
+    let info = run(Command::new("nbdinfo").arg("--size").arg(&url));
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), data.len().to_string());
+}
+
+#[test]
+fn clients_without_tls_or_a_certificate_the_ca_signed_get_nothing() {
+    require("nbdinfo");
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let image = write_file(dir.path(), "disk.raw", &pattern(1 << 20, 3));
+    let flags = pki.server_flags("on");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let peer = start_sendense(&image, "disk", &flags);
+    let refused = |url: String| {
+        let out = Command::new("nbdinfo").arg("--size").arg(&url).output().unwrap();
+        assert!(!out.status.success(), "{url} was served: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // In clear: refused with NBD_REP_ERR_TLS_REQD, which libnbd reports as such.
+    let said = refused(peer.url());
+    assert!(said.contains("requires TLS"), "{said}");
+    // No client certificate, one another CA signed, or a client that cannot trust the server.
+    for who in ["anon", "rogue", "stranger"] {
+        refused(nbds(&peer, &pki.dir(who)));
+    }
+    // Still serving the client it should.
+    run(Command::new("nbdinfo").arg("--size").arg(nbds(&peer, &pki.dir("client"))));
+    drop(peer);
+
+    // verify-peer=off: any client that trusts the server, with or without a certificate.
+    let flags = pki.server_flags("off");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let peer = start_sendense(&image, "disk", &flags);
+    let info = run(Command::new("nbdinfo").arg("--size").arg(nbds(&peer, &pki.dir("anon"))));
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), (1u64 << 20).to_string());
+    refused(nbds(&peer, &pki.dir("stranger")));
+}
+
+#[test]
+fn credentials_that_cannot_be_loaded_stop_sendense_nbd_with_one_line_naming_the_file() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let image = sparse_file(dir.path(), "disk.raw", 1 << 20);
+    std::fs::remove_file(pki.dir("server").join("server-key.pem")).unwrap();
+    let out = Command::new(sendense_nbd()).args(pki.server_flags("on")).arg(&image).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("server-key.pem"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for (args, says) in [
+        (vec!["--object", "tls-creds-psk,id=p,dir=/x,endpoint=server", "--tls-creds", "p"], "TLS-PSK"),
+        (vec!["--tls-creds", "tls0"], "no --object tls-creds-x509 has id=tls0"),
+    ] {
+        let out = Command::new(sendense_nbd()).args(&args).arg(&image).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+/// A server embedded as a library, requiring TLS with `server/` (clients need a certificate).
+async fn embedded(pki: &Pki) -> (Server, u16, Arc<MemoryBackend>) {
+    let creds = TlsCredentials::from_x509_dir(&pki.dir("server"), true).unwrap();
+    let server = Server::new(ServerConfig::default().tls(Some(creds)).handshake_timeout(Duration::from_secs(2)));
+    let backend = Arc::new(MemoryBackend::new(1 << 20));
+    server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>).max_connections(4)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    (server, port, backend)
+}
+
+async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
+    let mut out = Vec::new();
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    s.write_all(&out).await.unwrap();
+}
+
+async fn option_reply<S: AsyncRead + Unpin>(s: &mut S) -> (OptionReplyHeader, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).await.unwrap();
+    let h = OptionReplyHeader::parse(&h).unwrap();
+    let mut d = vec![0u8; h.length as usize];
+    s.read_exact(&mut d).await.unwrap();
+    (h, d)
+}
+
+/// Connected, greeted, client flags sent.
+async fn greeted(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    s.read_exact(&mut g).await.unwrap();
+    s.write_all(&1u32.to_be_bytes()).await.unwrap();
+    s
+}
+
+/// Whether the server closes `s` within 5 s.
+async fn closes<S: AsyncRead + Unpin>(s: &mut S) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn client_tls(pki: &Pki) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem = |name: &str| pki.dir("client").join(name);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(pem("ca-cert.pem")).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_file(pem("client-cert.pem")).unwrap()],
+            PrivateKeyDer::from_pem_file(pem("client-key.pem")).unwrap(),
+        )
+        .unwrap();
+    Arc::new(config).into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_serves_over_tls_and_clients_that_break_the_upgrade_are_closed() {
+    let pki = Pki::new();
+    let (server, port, backend) = embedded(&pki).await;
+
+    // In clear, nothing but STARTTLS: GO is told TLS is required, and names no export.
+    let mut s = greeted(port).await;
+    send_option(&mut s, opt::GO, &encode_info_request("e", &[])).await;
+    let (h, msg) = option_reply(&mut s).await;
+    assert_eq!(h.reply, rep::ERR_TLS_REQD, "{}", String::from_utf8_lossy(&msg));
+    send_option(&mut s, opt::STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut s).await.0.reply, rep::ACK);
+    // Over TLS: structured replies, GO, a write and a read; STARTTLS again is invalid.
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut t = client_tls(&pki).connect(name.clone(), s).await.unwrap();
+    send_option(&mut t, opt::STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut t).await.0.reply, rep::ERR_INVALID);
+    send_option(&mut t, opt::GO, &encode_info_request("e", &[])).await;
+    let mut replies = Vec::new();
+    loop {
+        let (h, _) = option_reply(&mut t).await;
+        replies.push(h.reply);
+        if h.reply == rep::ACK || h.reply & (1 << 31) != 0 {
+            break;
+        }
+    }
+    assert_eq!(replies.last(), Some(&rep::ACK), "{replies:?}");
+    let mut write = Vec::new();
+    write.extend_from_slice(&nbd_server::proto::consts::REQUEST_MAGIC.to_be_bytes());
+    write.extend_from_slice(&0u16.to_be_bytes()); // flags
+    write.extend_from_slice(&nbd_server::proto::consts::cmd::WRITE.to_be_bytes());
+    write.extend_from_slice(&7u64.to_be_bytes()); // cookie
+    write.extend_from_slice(&4096u64.to_be_bytes());
+    write.extend_from_slice(&6u32.to_be_bytes());
+    write.extend_from_slice(b"sealed");
+    t.write_all(&write).await.unwrap();
+    let mut reply = [0u8; 16];
+    t.read_exact(&mut reply).await.unwrap();
+    assert_eq!((&reply[4..8], &reply[8..16]), (&[0u8; 4][..], &7u64.to_be_bytes()[..]), "the write succeeded");
+    drop(t);
+
+    // STARTTLS with bytes after it before the ACK, or garbage for a TLS hello: closed.
+    let mut early = greeted(port).await;
+    let mut both = Vec::new();
+    both.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    both.extend_from_slice(&opt::STARTTLS.to_be_bytes());
+    both.extend_from_slice(&0u32.to_be_bytes());
+    both.extend_from_slice(b"\x16\x03\x01 not a hello");
+    early.write_all(&both).await.unwrap();
+    assert!(closes(&mut early).await, "bytes before the ACK");
+    let mut garbage = greeted(port).await;
+    send_option(&mut garbage, opt::STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut garbage).await.0.reply, rep::ACK);
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(closes(&mut garbage).await, "garbage for a TLS hello");
+    // One that stops after STARTTLS is cut by the handshake timeout (2 s here).
+    let mut silent = greeted(port).await;
+    send_option(&mut silent, opt::STARTTLS, &[]).await;
+    assert_eq!(option_reply(&mut silent).await.0.reply, rep::ACK);
+    assert!(closes(&mut silent).await, "a silent TLS client");
+    // A client of our own, which does not speak TLS, is told why.
+    let e = Client::connect_tcp(("127.0.0.1", port), "e").await.unwrap_err().to_string();
+    assert!(e.contains("requires TLS"), "{e}");
+    // Only the TLS client reached the export, and what it wrote is there.
+    assert_eq!(server.export_stats("e").map(|s| s.connections_total), Some(1));
+    let mut stored = [0u8; 6];
+    backend.read(4096, &mut stored).await.unwrap();
+    assert_eq!(&stored, b"sealed");
+    server.shutdown().await.unwrap();
+}
