@@ -45,10 +45,12 @@
 //! [`ServerConfig::tls`] with [`TlsCredentials`] (qemu's `tls-creds-x509` directory, or an
 //! embedder's rustls configuration) makes every TCP and Unix listener require TLS, as qemu-nbd
 //! with `--tls-creds` does; without it `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+//! The client takes `nbds://` URIs (libnbd's `tls-certificates=DIR`) or [`ClientTls`] in its
+//! options.
 //!
 //! ## Limitations
 //! No oldstyle negotiation; the metadata contexts are `base:allocation` and one
-//! `qemu:dirty-bitmap:NAME`; the client does not speak TLS.
+//! `qemu:dirty-bitmap:NAME`; no TLS-PSK.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
@@ -60,6 +62,7 @@ pub mod descriptors;
 pub mod fuzzing;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod zero_copy;
 
 /// The attribute [`Backend`] implementations need (`#[nbd_server::async_trait]`), re-exported
@@ -71,5 +74,6 @@ pub use backend::{
 };
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;
-pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError, TlsCredentials, TlsError};
+pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};
+pub use tls::{ClientTls, TlsCredentials, TlsError};
 pub use zero_copy::{ReceiveBytes, SendBytes};

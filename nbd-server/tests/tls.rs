@@ -14,7 +14,10 @@ use std::time::Duration;
 use common::*;
 use nbd_server::proto::consts::{opt, rep, IHAVEOPT};
 use nbd_server::proto::handshake::{encode_info_request, OptionReplyHeader, GREETING_LEN};
-use nbd_server::{Backend, Client, ExportConfig, MemoryBackend, Server, ServerConfig, TlsCredentials};
+use nbd_server::{
+    Backend, Client, ClientError, ClientOptions, ClientTls, ExportConfig, MemoryBackend, Server, ServerConfig,
+    TlsCredentials,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -344,7 +347,7 @@ async fn the_library_serves_over_tls_and_clients_that_break_the_upgrade_are_clos
     send_option(&mut silent, opt::STARTTLS, &[]).await;
     assert_eq!(option_reply(&mut silent).await.0.reply, rep::ACK);
     assert!(closes(&mut silent).await, "a silent TLS client");
-    // A client of our own, which does not speak TLS, is told why.
+    // Our client without TLS credentials is told why.
     let e = Client::connect_tcp(("127.0.0.1", port), "e").await.unwrap_err().to_string();
     assert!(e.contains("requires TLS"), "{e}");
     // Only the TLS client reached the export, and what it wrote is there.
@@ -353,4 +356,78 @@ async fn the_library_serves_over_tls_and_clients_that_break_the_upgrade_are_clos
     backend.read(4096, &mut stored).await.unwrap();
     assert_eq!(&stored, b"sealed");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_speaks_tls_to_qemu_nbd_and_to_sendense_nbd_and_never_falls_back_to_clear() {
+    require("qemu-nbd");
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(4 << 20, 5);
+    let image = write_file(dir.path(), "disk.raw", &data);
+
+    // qemu-nbd with its own TLS flags and our certificates: read, write, flush.
+    let port = free_port();
+    let object = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", pki.dir("server").display());
+    let mut child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-x", "disk", "-p", &port.to_string(), "-b", "127.0.0.1", "-t", "--shared=4"])
+        .args(["--object", &object, "--tls-creds", "tls0"])
+        .arg(&image)
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    let _qemu = Reaped(child);
+    let uri = |who: &str| format!("nbds://127.0.0.1:{port}/disk?tls-certificates={}", pki.dir(who).display());
+    let c = Client::connect_uri(&uri("client"), &ClientOptions::new("")).await.unwrap();
+    assert_eq!(c.info().size, data.len() as u64);
+    assert_eq!(c.read(1 << 20, 4096).await.unwrap(), &data[1 << 20..(1 << 20) + 4096]);
+    c.write(8192, b"over tls", false).await.unwrap();
+    c.flush().await.unwrap();
+    c.disconnect().await.unwrap();
+    assert_eq!(&std::fs::read(&image).unwrap()[8192..8200], b"over tls");
+    // No client certificate (qemu's verify-peer=on), or a server we do not trust: refused.
+    for who in ["anon", "stranger"] {
+        let e = Client::connect_uri(&uri(who), &ClientOptions::new("")).await.unwrap_err();
+        assert!(matches!(e, ClientError::Io(_)), "{who}: {e}");
+    }
+
+    // sendense-nbd over a Unix socket: the host name comes from the URI.
+    let socket = dir.path().join("nbd.sock");
+    let mut child = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", "disk", "-t", "-k"])
+        .arg(&socket)
+        .args(pki.server_flags("on"))
+        .arg(&image)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10) && child.try_wait().unwrap().is_none(), "no socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ours = Reaped(child);
+    let unix = |query: &str| {
+        format!("nbds+unix:///disk?socket={}&tls-certificates={}{query}", socket.display(), pki.dir("client").display())
+    };
+    let c = Client::connect_uri(&unix("&tls-hostname=localhost"), &ClientOptions::new("")).await.unwrap();
+    assert_eq!(c.read(8192, 8).await.unwrap(), b"over tls");
+    c.disconnect().await.unwrap();
+    let e = Client::connect_uri(&unix(""), &ClientOptions::new("")).await.unwrap_err().to_string();
+    assert!(e.contains("no host name"), "{e}");
+
+    // A server without TLS refuses STARTTLS, and the client stops there.
+    let plain = start_sendense(&image, "disk", &[]);
+    let url = format!("nbds://127.0.0.1:{}/disk?tls-certificates={}", plain.port, pki.dir("client").display());
+    let e = Client::connect_uri(&url, &ClientOptions::new("")).await.unwrap_err();
+    assert!(
+        matches!(&e, ClientError::OptionRefused { option: 5, message, .. } if message.contains("TLS is not enabled")),
+        "{e}"
+    );
+    // Credentials with a plain URI, or with halves the client did not open: refused.
+    let tls = ClientTls::from_x509_dir(&pki.dir("client")).unwrap();
+    let e = Client::connect_uri(&plain.url(), &ClientOptions::new("").tls(tls.clone())).await.unwrap_err();
+    assert!(e.to_string().contains("use nbds://"), "{e}");
+    let (r, w) = TcpStream::connect(("127.0.0.1", plain.port)).await.unwrap().into_split();
+    let e = Client::handshake(r, w, &ClientOptions::new("disk").tls(tls)).await.unwrap_err();
+    assert!(e.to_string().contains("TLS needs a connection the client opens"), "{e}");
 }

@@ -25,7 +25,10 @@
 //! `Closed`): a server that stopped answering is not waited on forever, and a caller such as a
 //! connection pool reconnects.
 //!
-//! Layout: `negotiate` is the handshake, `send` writes a request's frame (and holds the
+//! TLS ([`ClientOptions::tls`], `nbds://` URIs): `starttls` upgrades the connection before any
+//! option, and the handshake goes on over it; a server that refuses is never spoken to in clear.
+//!
+//! Layout: `negotiate` is the handshake, `starttls` its TLS opening, `send` writes a request's frame (and holds the
 //! cancel-safety rules), `replies` is the reader task, `source` what it reads from, `options`
 //! and `uri` what callers configure; this module is the connection and its requests.
 
@@ -47,15 +50,17 @@ mod options;
 mod replies;
 mod send;
 mod source;
+mod starttls;
 mod uri;
 
 pub use crate::zero_copy::{ReceiveBytes, SendBytes};
+use crate::ClientTls;
 use negotiate::Negotiated;
 pub use options::{ClientError, ClientOptions, CommandFlags, ExportInfo, DEFAULT_MAX_IN_FLIGHT};
 use replies::{fail_all, reader_loop, Expect, Pending};
 use send::{Payload, WriteSide};
 use source::{in_order, Received, ReplySource};
-use uri::{parse_uri, Target};
+use uri::{parse_uri, Place, Target};
 
 /// The read buffer in front of a plain stream.
 const READ_BUFFER: usize = 256 * 1024;
@@ -142,36 +147,84 @@ impl Client {
         Self::handshake(r, w, &ClientOptions::new(export)).await
     }
 
-    /// Connect over a Unix socket and negotiate with `options`.
+    /// Connect over a Unix socket and negotiate with `options` (over TLS with
+    /// [`ClientOptions::tls`], which must then name the host the server's certificate is for).
     ///
     /// # Errors
     /// Connection or negotiation failed.
     pub async fn connect_unix(path: impl AsRef<std::path::Path>, options: &ClientOptions) -> Result<Self> {
         let stream = tokio::net::UnixStream::connect(path.as_ref()).await?;
+        if let Some(tls) = &options.tls {
+            return Self::over_tls(stream, tls, None, options).await;
+        }
         let (r, w) = stream.into_split();
         Self::handshake(r, w, options).await
     }
 
-    /// Connect to an NBD URI: `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default) or
-    /// `nbd+unix:///[EXPORT]?socket=PATH`, with `options` (its export name is replaced by the
-    /// URI's). TLS schemes (`nbds`, `nbds+unix`) and other query keys are refused: this client
-    /// does not do TLS, and pretending to would be worse.
+    /// Connect to an NBD URI: `nbd://HOST[:PORT][/EXPORT]` (port 10809 by default),
+    /// `nbd+unix:///[EXPORT]?socket=PATH`, or their TLS forms `nbds://` and `nbds+unix://`, with
+    /// `options` (its export name is replaced by the URI's). A TLS URI takes its credentials
+    /// from `tls-certificates=DIR` (libnbd's name; `ca-cert.pem`, and `client-cert.pem` with
+    /// `client-key.pem` if the server asks for one) or else from [`ClientOptions::tls`], and
+    /// `tls-hostname=NAME` where the certificate is not for the host connected to; a plain URI
+    /// never uses TLS, and options that ask for it are refused with it. Other query keys are
+    /// refused too: pretending to honour them would be worse.
     ///
     /// # Errors
-    /// A URI this client cannot honour ([`ClientError::Invalid`]), or connection or
-    /// negotiation failed.
+    /// A URI this client cannot honour ([`ClientError::Invalid`]), credentials that cannot be
+    /// loaded, or connection, TLS or negotiation failed.
     pub async fn connect_uri(uri: &str, options: &ClientOptions) -> Result<Self> {
-        match parse_uri(uri)? {
-            Target::Tcp { host, port, export } => {
+        let Target { place, export, tls } = parse_uri(uri)?;
+        let tls = match (tls, &options.tls) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(ClientError::Invalid(format!(
+                    "TLS credentials given for '{uri}': use nbds:// or nbds+unix://"
+                )))
+            }
+            (Some(query), given) => {
+                let creds = match (&query.certificates, given) {
+                    (Some(dir), _) => ClientTls::from_x509_dir(dir)
+                        .map_err(|e| ClientError::Invalid(format!("NBD URI '{uri}': {e}")))?,
+                    (None, Some(given)) => given.clone(),
+                    (None, None) => {
+                        return Err(ClientError::Invalid(format!(
+                            "NBD URI '{uri}': TLS needs credentials: tls-certificates=DIR, or ClientOptions::tls"
+                        )))
+                    }
+                };
+                Some(match query.hostname {
+                    Some(name) => creds.hostname(name),
+                    None => creds,
+                })
+            }
+        };
+        let options = ClientOptions { export, tls, ..options.clone() };
+        match place {
+            Place::Tcp { host, port } => {
                 let stream = TcpStream::connect((host.as_str(), port)).await?;
                 stream.set_nodelay(true)?;
+                if let Some(tls) = &options.tls {
+                    return Self::over_tls(stream, tls, Some(&host), &options).await;
+                }
                 let (r, w) = stream.into_split();
-                Self::handshake(r, w, &ClientOptions { export, ..options.clone() }).await
+                Self::handshake(r, w, &options).await
             }
-            Target::Unix { path, export } => {
-                Self::connect_unix(path, &ClientOptions { export, ..options.clone() }).await
-            }
+            Place::Unix { path } => Self::connect_unix(path, &options).await,
         }
+    }
+
+    /// STARTTLS on `stream` (`starttls.rs`), then the negotiation over TLS.
+    async fn over_tls<S>(stream: S, tls: &ClientTls, host: Option<&str>, options: &ClientOptions) -> Result<Self>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        within_request_timeout(options, async {
+            let (upgraded, flags) = starttls::start(stream, tls, host).await?;
+            let (r, w) = tokio::io::split(upgraded);
+            Self::negotiate(BufReader::with_capacity(READ_BUFFER, r), w, None, options, Some(flags)).await
+        })
+        .await
     }
 
     /// Negotiate over an established stream's halves.
@@ -183,6 +236,7 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        refuse_tls_on_halves(options)?;
         Self::handshake_buffered(reader, writer, None, options).await
     }
 
@@ -202,6 +256,7 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        refuse_tls_on_halves(options)?;
         Self::handshake_buffered(reader, writer, Some(payloads), options).await
     }
 
@@ -221,7 +276,8 @@ impl Client {
         R: ReceiveBytes,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        within_request_timeout(options, Self::negotiate(Received(reader), writer, Some(payloads), options)).await
+        refuse_tls_on_halves(options)?;
+        within_request_timeout(options, Self::negotiate(Received(reader), writer, Some(payloads), options, None)).await
     }
 
     /// The handshake over a plain stream: its reader behind one buffer, which the replies'
@@ -237,7 +293,7 @@ impl Client {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let reader = BufReader::with_capacity(READ_BUFFER, reader);
-        within_request_timeout(options, Self::negotiate(reader, writer, payloads, options)).await
+        within_request_timeout(options, Self::negotiate(reader, writer, payloads, options, None)).await
     }
 
     async fn negotiate<S, W>(
@@ -245,13 +301,15 @@ impl Client {
         writer: W,
         payloads: Option<Arc<dyn SendBytes>>,
         options: &ClientOptions,
+        greeted: Option<u32>,
     ) -> Result<Self>
     where
         S: ReplySource,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut w: Writer = Box::new(writer);
-        let Negotiated { export, mode, structured, contexts } = negotiate::options(&mut r, &mut w, options).await?;
+        let Negotiated { export, mode, structured, contexts } =
+            negotiate::options(&mut r, &mut w, options, greeted).await?;
         let allocation_context = contexts.get(BASE_ALLOCATION).copied();
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(Some(WriteSide { stream: w, payloads })),
@@ -549,6 +607,17 @@ fn request(command: Command, flags: u16, offset: u64, length: u64) -> Request {
 }
 
 /// `negotiation` within the request timeout, if there is one.
+/// TLS wraps a whole stream, which the `handshake*` functions, given halves, do not have:
+/// options asking for it are refused there rather than ignored.
+fn refuse_tls_on_halves(options: &ClientOptions) -> Result<()> {
+    match options.tls {
+        Some(_) => Err(ClientError::Invalid(
+            "TLS needs a connection the client opens itself: Client::connect_uri or connect_unix".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
 async fn within_request_timeout<T>(
     options: &ClientOptions,
     negotiation: impl std::future::Future<Output = Result<T>>,

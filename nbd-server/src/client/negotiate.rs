@@ -30,23 +30,32 @@ pub(super) struct Negotiated {
     pub(super) contexts: HashMap<String, u32>,
 }
 
-/// Run the handshake on `r` and `w` as `options` ask, up to and including NBD_OPT_GO.
+/// Run the handshake on `r` and `w` as `options` ask, up to and including NBD_OPT_GO; from the
+/// greeting on, or, with `greeted` (the client flags sent before TLS, `starttls.rs`), from the
+/// options on.
 pub(super) async fn options<R: AsyncRead + Unpin>(
     r: &mut R,
     w: &mut Writer,
     options: &ClientOptions,
+    greeted: Option<u32>,
 ) -> Result<Negotiated> {
-    let mut greeting = [0u8; GREETING_LEN];
-    r.read_exact(&mut greeting).await?;
-    let server_flags = hs::parse_greeting(&greeting)?;
-    if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
-        return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
-    }
-    let mut flags = client_flags::FIXED_NEWSTYLE;
-    if server_flags & handshake_flags::NO_ZEROES != 0 {
-        flags |= client_flags::NO_ZEROES;
-    }
-    w.write_all(&flags.to_be_bytes()).await?;
+    let flags = match greeted {
+        Some(flags) => flags,
+        None => {
+            let mut greeting = [0u8; GREETING_LEN];
+            r.read_exact(&mut greeting).await?;
+            let server_flags = hs::parse_greeting(&greeting)?;
+            if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
+                return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
+            }
+            let mut flags = client_flags::FIXED_NEWSTYLE;
+            if server_flags & handshake_flags::NO_ZEROES != 0 {
+                flags |= client_flags::NO_ZEROES;
+            }
+            w.write_all(&flags.to_be_bytes()).await?;
+            flags
+        }
+    };
 
     let mut mode = HeaderMode::Compact;
     let mut structured = false;
@@ -145,7 +154,10 @@ async fn send_option(w: &mut Writer, option: u32, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-async fn read_option_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> Result<(OptionReplyHeader, Vec<u8>)> {
+pub(super) async fn read_option_reply<R: AsyncRead + Unpin>(
+    r: &mut R,
+    option: u32,
+) -> Result<(OptionReplyHeader, Vec<u8>)> {
     let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
     r.read_exact(&mut head).await?;
     let h = OptionReplyHeader::parse(&head)?;

@@ -30,6 +30,10 @@ pub struct ClientOptions {
     pub request_timeout: Option<Duration>,
     /// Requests outstanding at once on this connection; more wait for a slot.
     pub max_in_flight: usize,
+    /// Start TLS with these credentials before anything else, and never go on in clear
+    /// ([`Client::connect_uri`](super::Client::connect_uri) with an `nbds://` URI, or
+    /// [`Client::connect_unix`](super::Client::connect_unix)). `None` (the default): no TLS.
+    pub tls: Option<crate::ClientTls>,
 }
 
 impl ClientOptions {
@@ -43,6 +47,7 @@ impl ClientOptions {
             meta_contexts: Vec::new(),
             request_timeout: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            tls: None,
         }
     }
 
@@ -73,6 +78,12 @@ impl ClientOptions {
     /// At most `n` requests in flight on the connection (at least 1).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Start TLS with `tls` (see [`ClientOptions::tls`]).
+    pub fn tls(mut self, tls: crate::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 

@@ -11,7 +11,6 @@ mod connection;
 pub(crate) mod dispatch;
 pub(crate) mod export;
 pub(crate) mod negotiate;
-pub mod tls;
 mod writer;
 
 use std::sync::Arc;
@@ -23,9 +22,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::tls::{TlsCredentials, TlsError};
 pub use export::{ExportConfig, ExportStats};
 pub use negotiate::Scope;
-pub use tls::{TlsCredentials, TlsError};
 
 use crate::zero_copy::SendBytes;
 use export::{Export, Registry};

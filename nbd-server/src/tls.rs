@@ -1,9 +1,13 @@
-//! TLS credentials for the server's listeners: what makes a TCP or Unix listener the spec's
-//! FORCEDTLS server (`negotiate.rs`), as qemu-nbd's `--tls-creds` and nbdkit's `--tls=require` do.
+//! TLS credentials of both ends. A server's ([`TlsCredentials`]) make its TCP and Unix listeners
+//! the spec's FORCEDTLS server (`server/negotiate.rs`), as qemu-nbd's `--tls-creds` and nbdkit's
+//! `--tls=require` do; a client's ([`ClientTls`]) make it send `NBD_OPT_STARTTLS` first and
+//! check the server's certificate (`client/starttls.rs`).
 //!
-//! Loaded from the directory layout qemu's `tls-creds-x509` objects use (`ca-cert.pem`,
-//! `server-cert.pem`, `server-key.pem`), so one PKI serves qemu, libnbd and us; with
-//! `verify_peer` a client must present a certificate that CA signed (qemu's `verify-peer=on`).
+//! Loaded from the directory layout qemu's `tls-creds-x509` objects and libnbd use
+//! (`ca-cert.pem`, `server-cert.pem`, `server-key.pem` for a server; `ca-cert.pem` and
+//! optionally `client-cert.pem`, `client-key.pem` for a client), so one PKI serves qemu, libnbd
+//! and us; with `verify_peer` a server asks every client for a certificate that CA signed
+//! (qemu's `verify-peer=on`), and a client always checks the server's against its CA and name.
 //! rustls rather than GnuTLS bindings: pure Rust on the crypto provider the SSH tunnel already
 //! links (aws-lc-rs), TLS 1.2 and 1.3 only. No TLS-PSK (rustls has none) and no anonymous
 //! credentials: those are refused by whoever asks for them (`sendense-nbd`), never ignored.
@@ -24,6 +28,10 @@ pub const CA_CERT: &str = "ca-cert.pem";
 pub const SERVER_CERT: &str = "server-cert.pem";
 /// The server's private key (PKCS#8, PKCS#1 or SEC1, unencrypted), in a credentials directory.
 pub const SERVER_KEY: &str = "server-key.pem";
+/// A client's certificate, in a client's credentials directory (optional).
+pub const CLIENT_CERT: &str = "client-cert.pem";
+/// A client's private key, in a client's credentials directory (with its certificate).
+pub const CLIENT_KEY: &str = "client-key.pem";
 
 /// Why TLS credentials could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +48,14 @@ pub enum TlsError {
     /// rustls refused the certificate and key (a key that does not match, say).
     #[error("TLS credentials refused: {0}")]
     Refused(#[from] rustls::Error),
-    /// The CA certificates cannot verify clients.
-    #[error("{path}: cannot verify clients with it: {reason}")]
+    /// A client's certificate without its key, or its key without the certificate.
+    #[error("{dir}: {CLIENT_CERT} and {CLIENT_KEY} go together: one of them is missing")]
+    HalfAPair {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The CA certificates cannot verify peers.
+    #[error("{path}: cannot verify peers with it: {reason}")]
     Verifier {
         /// The CA file.
         path: PathBuf,
@@ -103,6 +117,79 @@ impl TlsCredentials {
     pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         self.acceptor.clone()
     }
+}
+
+/// A client's TLS credentials (see the module doc). Cheap to clone.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+    hostname: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("hostname", &self.hostname).finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Credentials from a directory laid out as libnbd's `tls-certificates` and qemu's
+    /// `tls-creds-x509,endpoint=client` want it: `ca-cert.pem` (the server's certificate must
+    /// chain to it), and `client-cert.pem` with `client-key.pem` when the server asks for a
+    /// client certificate.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file at fault.
+    pub fn from_x509_dir(dir: &Path) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots(&dir.join(CA_CERT))?);
+        let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
+        let config = match (cert.exists(), key.exists()) {
+            (true, true) => builder.with_client_auth_cert(certificates(&cert)?, private_key(&key)?)?,
+            (false, false) => builder.with_no_client_auth(),
+            _ => return Err(TlsError::HalfAPair { dir: dir.to_path_buf() }),
+        };
+        Ok(Self::from_rustls(Arc::new(config)))
+    }
+
+    /// Credentials from an embedder's own rustls configuration.
+    pub fn from_rustls(config: Arc<rustls::ClientConfig>) -> Self {
+        Self { connector: config.into(), hostname: None }
+    }
+
+    /// The name the server's certificate must carry, where it is not the host connected to
+    /// (libnbd's `tls-hostname`); a Unix socket has no host, so it needs one.
+    #[must_use]
+    pub fn hostname(mut self, name: impl Into<String>) -> Self {
+        self.hostname = Some(name.into());
+        self
+    }
+
+    pub(crate) fn connector(&self) -> &tokio_rustls::TlsConnector {
+        &self.connector
+    }
+
+    /// The name to check the server's certificate against: the one set, else `host`.
+    pub(crate) fn server_name(&self, host: Option<&str>) -> Option<String> {
+        self.hostname.clone().or_else(|| host.map(str::to_string))
+    }
+}
+
+/// A store of the CA certificates in `path`.
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(path)? {
+        roots.add(cert).map_err(|e| TlsError::Verifier { path: path.to_path_buf(), reason: e.to_string() })?;
+    }
+    Ok(roots)
+}
+
+/// The private key in `path`.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsError::File { path: path.to_path_buf(), reason: format!("no private key read: {e}") })
 }
 
 /// Every certificate of a PEM file; at least one.
