@@ -1,12 +1,12 @@
 //! TLS against real clients: libnbd (nbdinfo, nbdcopy) and qemu (qemu-img) through
 //! `sendense-nbd --object tls-creds-x509,... --tls-creds ID`, with certificates made by the test
-//! in qemu's directory layout; clients without TLS, without a certificate the CA signed, or that
+//! in qemu's directory layout (`testpki`); clients without TLS, without a certificate the CA signed, or that
 //! do not trust the server get nothing; the library's own path with a rustls client, and
 //! clients that break the upgrade.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,83 +18,9 @@ use nbd_server::{
     Backend, Client, ClientError, ClientOptions, ClientTls, ExportConfig, MemoryBackend, Server, ServerConfig,
     TlsCredentials,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
+use testpki::Pki;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Certificates in qemu's and libnbd's directory layout: `server/` (the server's credentials),
-/// `client/` (a client the CA signed), `anon/` (the CA only: no client certificate), `rogue/`
-/// (a client signed by another CA), `stranger/` (a client that trusts another CA, not ours).
-struct Pki {
-    root: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let root = tempfile::tempdir().unwrap();
-        let (ca_params, ca_key, ca_pem) = authority("sendense test CA");
-        let ca = Issuer::from_params(&ca_params, &ca_key);
-        let (other_params, other_key, other_pem) = authority("another CA");
-        let other = Issuer::from_params(&other_params, &other_key);
-        let put = |dir: &str, files: &[(&str, &str)]| {
-            let d = root.path().join(dir);
-            std::fs::create_dir_all(&d).unwrap();
-            for (name, text) in files {
-                std::fs::write(d.join(name), text).unwrap();
-            }
-        };
-        let (cert, key) = leaf(&ca, "server", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
-        put("server", &[("ca-cert.pem", &ca_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
-        let (cert, key) = leaf(&ca, "node", &[], ExtendedKeyUsagePurpose::ClientAuth);
-        put("client", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
-        put("stranger", &[("ca-cert.pem", &other_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
-        put("anon", &[("ca-cert.pem", &ca_pem)]);
-        let (cert, key) = leaf(&other, "intruder", &[], ExtendedKeyUsagePurpose::ClientAuth);
-        put("rogue", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
-        Self { root }
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        self.root.path().join(name)
-    }
-
-    /// `sendense-nbd` flags that require TLS with `server/`.
-    fn server_flags(&self, verify_peer: &str) -> Vec<String> {
-        let object = format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={verify_peer}",
-            self.dir("server").display()
-        );
-        vec!["--object".into(), object, "--tls-creds".into(), "tls0".into()]
-    }
-}
-
-/// A CA: its parameters and key (to sign with) and its certificate's PEM.
-fn authority(name: &str) -> (CertificateParams, KeyPair, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let pem = params.self_signed(&key).unwrap().pem();
-    (params, key, pem)
-}
-
-/// A certificate the issuer signed, and its key, as PEM.
-fn leaf(
-    issuer: &Issuer<'_, &KeyPair>,
-    name: &str,
-    sans: &[&str],
-    purpose: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![purpose];
-    (params.signed_by(&key, issuer).unwrap().pem(), key.serialize_pem())
-}
 
 fn nbds(peer: &Peer, certs: &Path) -> String {
     format!("nbds://127.0.0.1:{}/{}?tls-certificates={}", peer.port, peer.name, certs.display())

@@ -525,6 +525,24 @@ mod tests {
     }
 
     #[test]
+    fn an_nbds_source_names_its_credentials_and_nothing_else() {
+        use crate::source::{NbdTls, SourceSpec};
+        let spec =
+            SourceSpec::parse("nbds://hv1:10809/vda?tls-certificates=/etc/pki/nbd&tls-hostname=hv1.lan", None, None);
+        let tls = NbdTls { certificates: "/etc/pki/nbd".into(), hostname: Some("hv1.lan".into()) };
+        assert!(matches!(spec, Ok(SourceSpec::Nbd { tls: Some(t), .. }) if t == tls));
+        for (text, says) in [
+            ("nbds://hv1:10809/vda", "needs ?tls-certificates=DIR"),
+            ("nbds://hv1:10809/vda?tls-certificates=/d&tls-verify-peer=false", "unsupported query parameter"),
+            ("nbds://hv1/vda?tls-certificates=/d", "needs a port"),
+            ("nbd://hv1:10809/vda?tls-certificates=/d", "query strings"),
+        ] {
+            let e = SourceSpec::parse(text, None, None).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn a_config_file_with_an_unknown_key_is_refused() {
         let bad: Result<NodeFile, _> = toml::from_str("listen = \"127.0.0.1:1\"\nlisten_typo = 1\n");
         assert!(bad.is_err());

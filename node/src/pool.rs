@@ -48,6 +48,8 @@ pub struct Endpoint {
     /// Reach it through this process's tunnel instead of dialling `host:port` (the tunnel's
     /// local forward of it).
     pub via: Option<Box<ThroughTunnel>>,
+    /// Dial `host:port` over TLS with these credentials (an `nbds://` source).
+    pub tls: Option<nbd_server::ClientTls>,
 }
 
 /// A hub port reached through the node's own tunnel, in process: the channel the forward at
@@ -64,7 +66,8 @@ pub struct ThroughTunnel {
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "nbd://{}:{}/{}", self.host, self.port, self.export)?;
+        let scheme = if self.tls.is_some() { "nbds" } else { "nbd" };
+        write!(f, "{scheme}://{}:{}/{}", self.host, self.port, self.export)?;
         if let Some(t) = &self.via {
             write!(f, " (through the tunnel to the hub's port {})", t.remote_port)?;
         }
@@ -276,11 +279,12 @@ impl NbdPool {
 /// meet: the peer hung up, reset or refused (nothing listens there yet, the hub's endpoint refused
 /// the channel: a hub restarting), the handshake timed out, the server said its export is closing
 /// (`NBD_REP_ERR_SHUTDOWN`). Any other answer the server gave (unknown export, a client not
-/// admitted, a broken protocol) and a path that does not exist are not.
+/// admitted, a broken protocol), a path that does not exist and a TLS handshake that failed (a
+/// certificate not trusted, on either side: rustls's errors come as `InvalidData`) are not.
 fn is_transient(e: &ClientError) -> bool {
     use std::io::ErrorKind;
     match e {
-        ClientError::Io(io) => io.kind() != ErrorKind::NotFound,
+        ClientError::Io(io) => !matches!(io.kind(), ErrorKind::NotFound | ErrorKind::InvalidData),
         ClientError::Closed | ClientError::TimedOut(_) => true,
         // The export the port serves is closing (a hub stopping) or not open yet.
         ClientError::OptionRefused { reply, .. } => *reply == nbd_server::proto::consts::rep::ERR_SHUTDOWN,
@@ -324,6 +328,15 @@ async fn dial(endpoint: &Endpoint) -> Result<Client, ClientError> {
         )
         .await
         .map_err(|_| timed_out("handshake timed out"))?;
+    }
+    if let Some(tls) = &endpoint.tls {
+        let options = options.tls(tls.clone());
+        return tokio::time::timeout(
+            Duration::from_secs(30),
+            Client::connect_tcp_with(&endpoint.host, endpoint.port, &options),
+        )
+        .await
+        .map_err(|_| timed_out("connect, TLS and handshake timed out"))?;
     }
     let stream = tokio::time::timeout(
         Duration::from_secs(30),
@@ -413,7 +426,14 @@ mod tests {
     }
 
     fn endpoint(port: u16, export: &str) -> Endpoint {
-        Endpoint { host: "127.0.0.1".into(), port, export: export.into(), meta_contexts: Vec::new(), via: None }
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            export: export.into(),
+            meta_contexts: Vec::new(),
+            via: None,
+            tls: None,
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

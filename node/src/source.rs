@@ -45,27 +45,78 @@ pub enum SourceSpec {
         /// A persistent bitmap of a qcow2 image to read changes from.
         dirty_bitmap: Option<String>,
     },
-    /// `nbd://HOST:PORT/EXPORT`, with an optional dirty bitmap to read changes from.
+    /// `nbd://HOST:PORT/EXPORT`, or over TLS
+    /// `nbds://HOST:PORT/EXPORT?tls-certificates=DIR[&tls-hostname=NAME]` (libnbd's names; a
+    /// hypervisor's NBD server with TLS, such as libvirt's backup exports), with an optional
+    /// dirty bitmap to read changes from.
     Nbd {
         /// The URL as given.
         url: String,
         /// Bitmap name (`qemu:dirty-bitmap:NAME`).
         dirty_bitmap: Option<String>,
+        /// For `nbds://`: where its credentials are, and the name its certificate carries.
+        tls: Option<NbdTls>,
     },
+}
+
+/// What an `nbds://` source says about TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTls {
+    /// `tls-certificates=DIR`: `ca-cert.pem`, and `client-cert.pem` with `client-key.pem` if the
+    /// server asks for a client certificate (`nbd_server::ClientTls::from_x509_dir`).
+    pub certificates: PathBuf,
+    /// `tls-hostname=NAME`, where the certificate is not for the URL's host.
+    pub hostname: Option<String>,
+}
+
+impl NbdTls {
+    /// An `nbds://` source's plain URL and its TLS settings; `None` for any other text. libnbd
+    /// would fall back to default directories without `tls-certificates`; a node reading a VM's
+    /// disk names them, so it is required.
+    fn parse(text: &str) -> Option<Result<(String, Self), String>> {
+        let rest = text.strip_prefix("nbds://")?;
+        let (place, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut certificates, mut hostname) = (None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("tls-certificates", d)) if certificates.is_none() && !d.is_empty() => {
+                    certificates = Some(PathBuf::from(d));
+                }
+                Some(("tls-hostname", h)) if hostname.is_none() && !h.is_empty() => hostname = Some(h.to_string()),
+                _ => return Some(Err(format!("source '{text}': unsupported query parameter '{pair}'"))),
+            }
+        }
+        Some(match certificates {
+            Some(certificates) => Ok((format!("nbd://{place}"), Self { certificates, hostname })),
+            None => Err(format!("source '{text}': an nbds:// source needs ?tls-certificates=DIR")),
+        })
+    }
+
+    /// The client's credentials.
+    fn credentials(&self) -> Result<nbd_server::ClientTls, MoveError> {
+        let creds = nbd_server::ClientTls::from_x509_dir(&self.certificates)
+            .map_err(|e| MoveError::Mismatch(format!("TLS credentials of an nbds:// source: {e}")))?;
+        Ok(match &self.hostname {
+            Some(name) => creds.hostname(name.clone()),
+            None => creds,
+        })
+    }
 }
 
 impl SourceSpec {
     /// `nbd://...` is an NBD source; anything else is a path, holding the disk in `format`.
     pub fn parse(text: &str, format: Option<DiskFormat>, dirty_bitmap: Option<String>) -> Result<Self, String> {
-        if text.starts_with("nbd://") {
-            targets::parse_url(0, text).map_err(|e| format!("source '{text}': {e}"))?;
+        let tls = NbdTls::parse(text).transpose()?;
+        if text.starts_with("nbd://") || tls.is_some() {
+            let plain = tls.as_ref().map_or(text, |(plain, _)| plain.as_str());
+            targets::parse_url(0, plain).map_err(|e| format!("source '{text}': {e}"))?;
             if let Some(f) = format {
                 return Err(format!(
                     "source '{text}': format \"{}\" is for a file or block device; an NBD server exports the disk itself",
                     f.name()
                 ));
             }
-            Ok(Self::Nbd { url: text.to_string(), dirty_bitmap })
+            Ok(Self::Nbd { url: text.to_string(), dirty_bitmap, tls: tls.map(|(_, t)| t) })
         } else if text.is_empty() {
             Err("empty source".into())
         } else if dirty_bitmap.is_some() && format != Some(DiskFormat::Qcow2) {
@@ -171,10 +222,25 @@ impl Source {
                 let (p, stated) = (path.clone(), format.is_some());
                 Ok(Self::File(blocking(path, move || FileSource::open(&p, stated)).await?))
             }
-            SourceSpec::Nbd { url, dirty_bitmap } => {
-                let t = targets::parse_url(0, url).map_err(|e| MoveError::Mismatch(format!("source {url}: {e}")))?;
-                let endpoint =
-                    Endpoint { host: t.host, port: t.port, export: t.export, meta_contexts: Vec::new(), via: None };
+            SourceSpec::Nbd { url, dirty_bitmap, tls } => {
+                let plain = match tls {
+                    Some(_) => NbdTls::parse(url).and_then(Result::ok).map(|(plain, _)| plain),
+                    None => Some(url.clone()),
+                };
+                let t = plain
+                    .as_deref()
+                    .ok_or("not an nbds:// URL")
+                    .and_then(|p| targets::parse_url(0, p))
+                    .map_err(|e| MoveError::Mismatch(format!("source {url}: {e}")))?;
+                let tls = tls.as_ref().map(NbdTls::credentials).transpose()?;
+                let endpoint = Endpoint {
+                    host: t.host,
+                    port: t.port,
+                    export: t.export,
+                    meta_contexts: Vec::new(),
+                    via: None,
+                    tls,
+                };
                 Self::open_nbd(endpoint, dirty_bitmap.clone(), connections, Duration::from_secs(60), cancel).await
             }
         }

@@ -103,6 +103,36 @@ async fn a_qemu_nbd_source_is_read_only_where_it_has_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nbds_source_is_read_through_tls_and_one_the_node_cannot_trust_is_refused() {
+    let pki = testpki::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let data = make_source(&src, 16, 9);
+    // qemu-nbd requiring TLS, client certificates too (qemu's verify-peer default).
+    let flags = pki.server_flags("on");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let source = QemuNbd::start(&src, "raw", "src", &[&["-r"], flags.as_slice()].concat());
+    let url = |who: &str| format!("nbds://127.0.0.1:{}/src?tls-certificates={}", source.port, pki.dir(who).display());
+    let target = dir.path().join("t.qcow2");
+    new_qcow2(&target, 16 * MIB);
+    let hub = HubExport::start(&target, "vm-disk0").await;
+    let (ok, view, err) =
+        node_copy(&["--nbd-targets", &hub.target(2000), "--source", &format!("2000={}", url("client"))]);
+    assert!(ok, "{err}");
+    assert_eq!(field(&view, 0, "bytes_sent"), data);
+    // A server whose certificate the node's CA did not sign, and the same source in clear.
+    // Each fails at once (not retried for a minute) and says why.
+    for (bad, says) in [(url("stranger"), "invalid peer certificate"), (source.url(), "not permitted before TLS")] {
+        let (ok, _, err) = node_copy(&["--nbd-targets", &hub.target(2000), "--source", &format!("2000={bad}")]);
+        assert!(!ok, "{bad} was read");
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    hub.close().await;
+    assert_same(&src, &target);
+    assert_clean(&target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_sends_about_the_changed_blocks_into_an_overlay() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

@@ -201,17 +201,25 @@ impl Client {
         };
         let options = ClientOptions { export, tls, ..options.clone() };
         match place {
-            Place::Tcp { host, port } => {
-                let stream = TcpStream::connect((host.as_str(), port)).await?;
-                stream.set_nodelay(true)?;
-                if let Some(tls) = &options.tls {
-                    return Self::over_tls(stream, tls, Some(&host), &options).await;
-                }
-                let (r, w) = stream.into_split();
-                Self::handshake(r, w, &options).await
-            }
+            Place::Tcp { host, port } => Self::connect_tcp_with(&host, port, &options).await,
             Place::Unix { path } => Self::connect_unix(path, &options).await,
         }
+    }
+
+    /// Connect over TCP (with TCP_NODELAY) to `host:port` and negotiate with `options`: over
+    /// TLS with [`ClientOptions::tls`], the server's certificate checked against `host` unless
+    /// the credentials name another.
+    ///
+    /// # Errors
+    /// Connection, TLS or negotiation failed.
+    pub async fn connect_tcp_with(host: &str, port: u16, options: &ClientOptions) -> Result<Self> {
+        let stream = TcpStream::connect((host, port)).await?;
+        stream.set_nodelay(true)?;
+        if let Some(tls) = &options.tls {
+            return Self::over_tls(stream, tls, Some(host), options).await;
+        }
+        let (r, w) = stream.into_split();
+        Self::handshake(r, w, options).await
     }
 
     /// STARTTLS on `stream` (`starttls.rs`), then the negotiation over TLS.
@@ -612,7 +620,8 @@ fn request(command: Command, flags: u16, offset: u64, length: u64) -> Request {
 fn refuse_tls_on_halves(options: &ClientOptions) -> Result<()> {
     match options.tls {
         Some(_) => Err(ClientError::Invalid(
-            "TLS needs a connection the client opens itself: Client::connect_uri or connect_unix".into(),
+            "TLS needs a connection the client opens itself: Client::connect_uri, connect_tcp_with or connect_unix"
+                .into(),
         )),
         None => Ok(()),
     }

@@ -362,7 +362,7 @@ impl Jobs {
             }
             _ => (host.to_string(), t.port, None),
         };
-        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new(), via })
+        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new(), via, tls: None })
     }
 
     /// Add a running job that uses `vms` and writes `paths`, all or nothing.

@@ -1,0 +1,101 @@
+//! TLS certificates for the workspace's tests, made on the spot (rcgen) in the directory layout
+//! qemu's `tls-creds-x509` objects and libnbd's `tls-certificates` read, so one set serves
+//! qemu-nbd, qemu-img, nbdinfo and our own server and client.
+//!
+//! A [`Pki`] is a temporary directory of credential directories: `server/` (a server's, for
+//! `localhost` and `127.0.0.1`), `client/` (a client the CA signed), `anon/` (the CA only: no
+//! client certificate), `rogue/` (a client another CA signed) and `stranger/` (a client that
+//! trusts another CA, not ours). The certificates carry the key usages qemu's sanity checks
+//! want (a CA that signs, leaves that sign and encipher, each with its TLS purpose).
+
+use std::path::PathBuf;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+
+/// Credential directories for TLS tests (module doc); removed on drop.
+pub struct Pki {
+    root: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A fresh CA, another CA, and the directories of the module doc.
+    ///
+    /// # Panics
+    /// If the temporary directory or the keys cannot be made (a test's environment is broken).
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        let (ca_params, ca_key, ca_pem) = authority("sendense test CA");
+        let ca = Issuer::from_params(&ca_params, &ca_key);
+        let (other_params, other_key, other_pem) = authority("another CA");
+        let other = Issuer::from_params(&other_params, &other_key);
+        let put = |dir: &str, files: &[(&str, &str)]| {
+            let d = root.path().join(dir);
+            std::fs::create_dir_all(&d).expect("a credentials directory");
+            for (name, text) in files {
+                std::fs::write(d.join(name), text).expect("a credentials file");
+            }
+        };
+        let (cert, key) = leaf(&ca, "server", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        put("server", &[("ca-cert.pem", &ca_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
+        let (cert, key) = leaf(&ca, "node", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        put("client", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        put("stranger", &[("ca-cert.pem", &other_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        put("anon", &[("ca-cert.pem", &ca_pem)]);
+        let (cert, key) = leaf(&other, "intruder", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        put("rogue", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        Self { root }
+    }
+
+    /// One of the credential directories (`server`, `client`, `anon`, `rogue`, `stranger`).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// qemu-nbd's (and sendense-nbd's) flags that require TLS with `server/`, the object's id
+    /// `tls0`, and `verify-peer` as given (`on` or `off`).
+    pub fn server_flags(&self, verify_peer: &str) -> Vec<String> {
+        let object = format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={verify_peer}",
+            self.dir("server").display()
+        );
+        vec!["--object".into(), object, "--tls-creds".into(), "tls0".into()]
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A CA: its parameters and key (to sign with) and its certificate's PEM.
+#[allow(clippy::expect_used)]
+fn authority(name: &str) -> (CertificateParams, KeyPair, String) {
+    let key = KeyPair::generate().expect("a key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let pem = params.self_signed(&key).expect("a CA certificate").pem();
+    (params, key, pem)
+}
+
+/// A certificate the issuer signed, and its key, as PEM.
+#[allow(clippy::expect_used)]
+fn leaf(
+    issuer: &Issuer<'_, &KeyPair>,
+    name: &str,
+    sans: &[&str],
+    purpose: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let key = KeyPair::generate().expect("a key");
+    let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+    let mut params = CertificateParams::new(names).expect("certificate parameters");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![purpose];
+    (params.signed_by(&key, issuer).expect("a certificate").pem(), key.serialize_pem())
+}
