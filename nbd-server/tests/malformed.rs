@@ -6,8 +6,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{option_reply, send_option};
+
 use nbd_server::proto::consts::{cmd, errno, opt, rep, IHAVEOPT, REQUEST_MAGIC};
-use nbd_server::proto::handshake::{encode_info_request, OptionReplyHeader, GREETING_LEN};
+use nbd_server::proto::handshake::{encode_info_request, GREETING_LEN};
 use nbd_server::proto::transmission::{decode_reply_header, ReplyHeader};
 use nbd_server::{Backend, Client, ExportConfig, MemoryBackend, Scope, Server, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -35,24 +37,6 @@ async fn greeted_on<S: AsyncRead + Unpin>(mut s: S) -> S {
     let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).await.unwrap();
     s
-}
-
-async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
-    let mut out = Vec::new();
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    s.write_all(&out).await.unwrap();
-}
-
-async fn option_reply<S: AsyncRead + Unpin>(s: &mut S) -> (OptionReplyHeader, Vec<u8>) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).await.unwrap();
-    let h = OptionReplyHeader::parse(&h).unwrap();
-    let mut d = vec![0u8; h.length as usize];
-    s.read_exact(&mut d).await.unwrap();
-    (h, d)
 }
 
 /// Handshake with GO, simple replies; leaves the socket in transmission.

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use common::*;
 use nbd_server::proto::consts::{opt, rep, IHAVEOPT};
-use nbd_server::proto::handshake::{encode_info_request, OptionReplyHeader, GREETING_LEN};
+use nbd_server::proto::handshake::{encode_info_request, GREETING_LEN};
 use nbd_server::{
     Backend, Client, ClientError, ClientOptions, ClientTls, ExportConfig, MemoryBackend, Server, ServerConfig,
     TlsCredentials,
 };
 use testpki::Pki;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn nbds(peer: &Peer, certs: &Path) -> String {
@@ -62,19 +62,7 @@ fn libnbd_and_qemu_read_and_write_through_tls_and_the_image_is_the_same() {
 
     // The same over a Unix socket (-k), the client naming the host its certificate is for.
     let socket = dir.path().join("nbd.sock");
-    let mut child = Command::new(sendense_nbd())
-        .args(["-f", "raw", "-x", "disk", "-t", "-k"])
-        .arg(&socket)
-        .args(pki.server_flags("on"))
-        .arg(&target)
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < Duration::from_secs(10) && child.try_wait().unwrap().is_none(), "no socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _server = Reaped(child);
+    let _server = start_sendense_on_socket(&target, "disk", &socket, &pki.server_flags("on"));
     let url = format!(
         "nbds+unix:///disk?socket={}&tls-certificates={}&tls-hostname=localhost",
         socket.display(),
@@ -151,24 +139,6 @@ async fn embedded(pki: &Pki) -> (Server, u16, Arc<MemoryBackend>) {
     let s = server.clone();
     tokio::spawn(async move { s.serve(listener).await });
     (server, port, backend)
-}
-
-async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
-    let mut out = Vec::new();
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    s.write_all(&out).await.unwrap();
-}
-
-async fn option_reply<S: AsyncRead + Unpin>(s: &mut S) -> (OptionReplyHeader, Vec<u8>) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).await.unwrap();
-    let h = OptionReplyHeader::parse(&h).unwrap();
-    let mut d = vec![0u8; h.length as usize];
-    s.read_exact(&mut d).await.unwrap();
-    (h, d)
 }
 
 /// Connected, greeted, client flags sent.
@@ -319,19 +289,7 @@ async fn our_client_speaks_tls_to_qemu_nbd_and_to_sendense_nbd_and_never_falls_b
 
     // sendense-nbd over a Unix socket: the host name comes from the URI.
     let socket = dir.path().join("nbd.sock");
-    let mut child = Command::new(sendense_nbd())
-        .args(["-f", "raw", "-x", "disk", "-t", "-k"])
-        .arg(&socket)
-        .args(pki.server_flags("on"))
-        .arg(&image)
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !socket.exists() {
-        assert!(started.elapsed() < Duration::from_secs(10) && child.try_wait().unwrap().is_none(), "no socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ours = Reaped(child);
+    let _ours = start_sendense_on_socket(&image, "disk", &socket, &pki.server_flags("on"));
     let unix = |query: &str| {
         format!("nbds+unix:///disk?socket={}&tls-certificates={}{query}", socket.display(), pki.dir("client").display())
     };

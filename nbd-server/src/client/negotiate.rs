@@ -42,16 +42,7 @@ pub(super) async fn options<R: AsyncRead + Unpin>(
     let flags = match greeted {
         Some(flags) => flags,
         None => {
-            let mut greeting = [0u8; GREETING_LEN];
-            r.read_exact(&mut greeting).await?;
-            let server_flags = hs::parse_greeting(&greeting)?;
-            if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
-                return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
-            }
-            let mut flags = client_flags::FIXED_NEWSTYLE;
-            if server_flags & handshake_flags::NO_ZEROES != 0 {
-                flags |= client_flags::NO_ZEROES;
-            }
+            let flags = greeting(r).await?;
             w.write_all(&flags.to_be_bytes()).await?;
             flags
         }
@@ -94,6 +85,26 @@ pub(super) async fn options<R: AsyncRead + Unpin>(
     Ok(Negotiated { export, mode, structured, contexts })
 }
 
+/// Read the server's greeting; the client flags to answer it with.
+pub(super) async fn greeting<R: AsyncRead + Unpin>(r: &mut R) -> Result<u32> {
+    let mut greeting = [0u8; GREETING_LEN];
+    r.read_exact(&mut greeting).await?;
+    let server_flags = hs::parse_greeting(&greeting)?;
+    if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::Protocol("server does not speak fixed newstyle".into()));
+    }
+    let mut flags = client_flags::FIXED_NEWSTYLE;
+    if server_flags & handshake_flags::NO_ZEROES != 0 {
+        flags |= client_flags::NO_ZEROES;
+    }
+    Ok(flags)
+}
+
+/// The error a refused option's reply makes.
+pub(super) fn refused(option: u32, reply: u32, message: &[u8]) -> ClientError {
+    ClientError::OptionRefused { option, reply, message: String::from_utf8_lossy(message).into_owned() }
+}
+
 /// NBD_OPT_GO, falling back to NBD_OPT_EXPORT_NAME for servers that do not know GO.
 async fn go<R: AsyncRead + Unpin>(r: &mut R, w: &mut Writer, name: &str, no_zeroes: bool) -> Result<ExportInfo> {
     let wanted = [info::BLOCK_SIZE, info::NAME, info::DESCRIPTION];
@@ -134,13 +145,7 @@ async fn go<R: AsyncRead + Unpin>(r: &mut R, w: &mut Writer, name: &str, no_zero
                 }
                 return Ok(export);
             }
-            e if e & rep::ERR_BIT != 0 => {
-                return Err(ClientError::OptionRefused {
-                    option: opt::GO,
-                    reply: e,
-                    message: String::from_utf8_lossy(&data).into_owned(),
-                })
-            }
+            e if e & rep::ERR_BIT != 0 => return Err(refused(opt::GO, e, &data)),
             other => return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to GO"))),
         }
     }

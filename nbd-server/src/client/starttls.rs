@@ -5,12 +5,12 @@
 //! ends the connection with its reason: this client never falls back to clear text.
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::client::TlsStream;
 
 use super::{negotiate, ClientError, Result};
-use crate::proto::consts::{client_flags, handshake_flags, opt, rep};
-use crate::proto::handshake::{self as hs, OptionHeader, GREETING_LEN};
+use crate::proto::consts::{opt, rep};
+use crate::proto::handshake::OptionHeader;
 use crate::ClientTls;
 
 /// Upgrade `stream`, connected to `host` (`None`: a Unix socket), to TLS; returns it with the
@@ -27,16 +27,7 @@ where
     })?;
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| ClientError::Invalid(format!("'{name}' is not a host name")))?;
-    let mut greeting = [0u8; GREETING_LEN];
-    stream.read_exact(&mut greeting).await?;
-    let server_flags = hs::parse_greeting(&greeting)?;
-    if server_flags & handshake_flags::FIXED_NEWSTYLE == 0 {
-        return Err(ClientError::Protocol("server does not speak fixed newstyle, so no TLS".into()));
-    }
-    let mut flags = client_flags::FIXED_NEWSTYLE;
-    if server_flags & handshake_flags::NO_ZEROES != 0 {
-        flags |= client_flags::NO_ZEROES;
-    }
+    let flags = negotiate::greeting(&mut stream).await?;
     let mut out = flags.to_be_bytes().to_vec();
     OptionHeader::encode(&mut out, opt::STARTTLS, &[]);
     stream.write_all(&out).await?;
@@ -44,13 +35,7 @@ where
     let (h, data) = negotiate::read_option_reply(&mut stream, opt::STARTTLS).await?;
     match h.reply {
         rep::ACK => {}
-        e if e & rep::ERR_BIT != 0 => {
-            return Err(ClientError::OptionRefused {
-                option: opt::STARTTLS,
-                reply: e,
-                message: String::from_utf8_lossy(&data).into_owned(),
-            })
-        }
+        e if e & rep::ERR_BIT != 0 => return Err(negotiate::refused(opt::STARTTLS, e, &data)),
         other => return Err(ClientError::Protocol(format!("unexpected reply {other:#x} to STARTTLS"))),
     }
     let upgraded = tls.connector().connect(server_name, stream).await?;

@@ -221,3 +221,48 @@ pub fn assert_same_content(a: &Path, b: &Path) {
         panic!("{} and {} differ at byte {pos:#x}", a.display(), b.display());
     }
 }
+
+/// An option as a client sends it, on any transport.
+pub async fn send_option<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = Vec::new();
+    out.extend_from_slice(&nbd_server::proto::consts::IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    s.write_all(&out).await.unwrap();
+}
+
+/// The next option reply, header and data, from any transport.
+pub async fn option_reply<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> (nbd_server::proto::handshake::OptionReplyHeader, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).await.unwrap();
+    let h = nbd_server::proto::handshake::OptionReplyHeader::parse(&h).unwrap();
+    let mut d = vec![0u8; h.length as usize];
+    s.read_exact(&mut d).await.unwrap();
+    (h, d)
+}
+
+/// `sendense-nbd -f raw -x NAME -t -k SOCKET [extra] FILE`, once its socket exists.
+pub fn start_sendense_on_socket(file: &Path, name: &str, socket: &Path, extra: &[String]) -> Reaped {
+    let mut child = Command::new(sendense_nbd())
+        .args(["-f", "raw", "-x", name, "-t", "-k"])
+        .arg(socket)
+        .args(extra)
+        .arg(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn sendense-nbd");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no socket at {} after 10 s", socket.display());
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sendense-nbd exited before listening: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Reaped(child)
+}
