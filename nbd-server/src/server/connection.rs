@@ -97,8 +97,9 @@ where
 
 /// Serve one connection on a server that requires TLS (`negotiate.rs`'s [`Tls`]): the
 /// greeting and the options before `NBD_OPT_STARTTLS` in clear, then the TLS handshake, then
-/// the connection served as any other, over TLS. Reads and writes then go through rustls, so
-/// this path has no `splice` or `sendfile`.
+/// the connection served as any other, over TLS, each of the three steps within the handshake
+/// timeout. Reads and writes then go through rustls: the halves are not TCP sockets, so no
+/// payload is spliced or sent with `sendfile` past the encryption.
 pub(crate) async fn serve_tls<S>(
     stream: S,
     acceptor: tokio_rustls::TlsAcceptor,
