@@ -149,7 +149,9 @@ pub(crate) async fn serve_tls<S>(
     };
     match accepted {
         Ok(tls) => {
-            tracing::debug!(%peer, "TLS established");
+            let (_, session) = tls.get_ref();
+            let (version, suite) = (session.protocol_version(), session.negotiated_cipher_suite());
+            tracing::debug!(%peer, ?version, suite = ?suite.map(|s| s.suite()), "TLS established");
             let (reader, writer) = tokio::io::split(tls);
             let reader = BufReader::with_capacity(32 * 1024, reader);
             serve_from(reader, writer, Opening::AfterTls { client_flags }, &peer, &scope, &shared).await;
