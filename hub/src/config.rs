@@ -40,6 +40,11 @@ pub struct HubFile {
     pub replica_format: Option<String>,
     /// `writeback` (default) or `none`: how exports write images (`none` is `O_DIRECT`).
     pub cache: Option<String>,
+    /// TLS on the NBD ports (direct mode across a network): a directory as qemu's
+    /// `tls-creds-x509` reads it (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`); every
+    /// client must start TLS and present a certificate that CA signed, and `nbd_targets` say
+    /// `nbds://`. Channels of the SSH endpoint are not asked for it.
+    pub nbd_tls: Option<PathBuf>,
     /// `threads` (default) or `io_uring`: how exports submit their I/O (qemu-nbd's `--aio`).
     pub aio: Option<String>,
     /// Accounts on this machine whose TCP clients exports admit besides root and the hub's own
@@ -134,6 +139,8 @@ pub struct Settings {
     pub nbd_bind: IpAddr,
     /// Host in `nbd_targets`.
     pub nbd_host: String,
+    /// TLS credentials of the NBD ports (`nbd_tls`).
+    pub nbd_tls: Option<PathBuf>,
     /// Nodes.
     pub nodes: Vec<NodeSpec>,
     /// The hub's bearer token.
@@ -167,17 +174,29 @@ pub struct Settings {
     pub schedules: Vec<crate::schedule::Schedule>,
 }
 
+impl Settings {
+    /// The scheme of the URLs in `nbd_targets`: `nbds` when the NBD ports require TLS.
+    pub fn nbd_scheme(&self) -> &'static str {
+        if self.nbd_tls.is_some() {
+            "nbds"
+        } else {
+            "nbd"
+        }
+    }
+}
+
 /// The keys of `new` that differ from `old` and that a running hub cannot take up (its
 /// listeners, repository, nodes and SSH endpoint are built at start), by their names in
 /// hub.toml. A reload applies the others and names these as waiting for a restart.
 pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let keys: [(&'static str, bool); 13] = [
+    let keys: [(&'static str, bool); 14] = [
         ("listen", old.listen != new.listen),
         ("repo", old.repo != new.repo),
         ("replicas", old.replicas != new.replicas),
         ("nbd_ports", old.nbd_ports != new.nbd_ports),
         ("nbd_bind", old.nbd_bind != new.nbd_bind),
         ("nbd_host", old.nbd_host != new.nbd_host),
+        ("nbd_tls", old.nbd_tls != new.nbd_tls),
         ("node", old.nodes != new.nodes),
         ("token_file", old.token != new.token),
         ("ssh", old.ssh != new.ssh),

@@ -219,6 +219,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         nbd_ports: (hub_nbd, hub_nbd + 7),
         nbd_bind: [127, 0, 0, 1].into(),
         nbd_host: "127.0.0.1".into(),
+        nbd_tls: None,
         nodes: vec![NodeSpec {
             name: "demo-node".into(),
             url: format!("http://127.0.0.1:{reverse}"),
@@ -290,6 +291,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         state_dir: dir.join("node/state"),
         restore_dir: Some(dir.join("node/restores")),
         nbd_hosts: node::config::NbdHosts::Only(Vec::new()),
+        nbd_tls: None,
         tunnel: Some(tunnel.clone()),
         vms: node::config::resolve_vms(vec![vm]).map_err(|e| anyhow::anyhow!(e))?,
         copy,

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use nbd_server::{
     Backend, ExportConfig, ExportStats, FileBackend, IoRing, Qcow2Backend, Scope, SendBytes, Server, ServerConfig,
+    TlsCredentials,
 };
 use qcow2::Image;
 
@@ -136,13 +137,13 @@ impl Exports {
     ///
     /// # Errors
     /// `io_uring` asked for and refused by the kernel: the hub does not start.
-    pub fn new(bind: IpAddr, direct_io: bool, io_uring: bool) -> Result<Self, String> {
+    pub fn new(bind: IpAddr, direct_io: bool, io_uring: bool, tls: Option<TlsCredentials>) -> Result<Self, String> {
         let ring = match io_uring {
             true => Some(IoRing::new().map_err(|e| format!("aio = \"io_uring\": {e}"))?),
             false => None,
         };
         Ok(Self {
-            server: Server::new(ServerConfig::default()),
+            server: Server::new(ServerConfig::default().tls(tls)),
             bind,
             direct_io,
             ring,
@@ -300,7 +301,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("d.qcow2");
         Image::create(&image, &qcow2::CreateOptions::new(1 << 20)).unwrap();
-        let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false).unwrap();
+        let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false, None).unwrap();
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = taken.local_addr().unwrap().port();
         let err = exports.open("d", busy, &image, Access::Write, anyone()).await.unwrap_err();
@@ -340,7 +341,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_image_written_again_after_a_kill_has_its_leaks_reclaimed_and_checks_clean() {
         let dir = tempfile::tempdir().unwrap();
-        let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false).unwrap();
+        let exports = Exports::new(IpAddr::from([127, 0, 0, 1]), false, false, None).unwrap();
         for (access, code) in [(Access::Write, Some(3)), (Access::Resume, Some(0))] {
             let image = dir.path().join(format!("{access:?}.qcow2"));
             image_cut_by_a_kill(&image);

@@ -53,6 +53,9 @@ pub struct NodeFile {
     /// Hosts besides this machine that jobs may send disks to or restore from (the hub's
     /// address in direct mode).
     pub nbd_hosts: Option<Vec<String>>,
+    /// TLS credentials for the hub's NBD ports in direct mode (its `nbd_tls`): a directory with
+    /// `ca-cert.pem`, `client-cert.pem` and `client-key.pem`, used for `nbds://` targets.
+    pub nbd_tls: Option<PathBuf>,
     /// The tunnel to the hub.
     pub tunnel: Option<TunnelFile>,
     /// Data mover tuning.
@@ -194,6 +197,9 @@ pub struct Settings {
     pub restore_dir: Option<PathBuf>,
     /// The hosts the API's jobs may connect to for their targets.
     pub nbd_hosts: NbdHosts,
+    /// Credentials for `nbds://` targets dialled directly (`nbd_tls`): read at each connection,
+    /// so certificates renewed in place are taken up without a restart.
+    pub nbd_tls: Option<PathBuf>,
     /// The tunnel.
     pub tunnel: Option<tunnel::ClientConfig>,
     /// VMs by name order.

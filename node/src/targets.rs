@@ -17,14 +17,18 @@ pub struct Target {
     pub port: u16,
     /// Export name (may be empty: the server's default export).
     pub export: String,
+    /// `nbds://`: the hub's NBD listener requires TLS (its `nbd_tls`); dialled directly, the
+    /// node starts TLS with its own `nbd_tls` credentials.
+    pub tls: bool,
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "nbds" } else { "nbd" };
         if self.host.contains(':') {
-            write!(f, "{}:nbd://[{}]:{}/{}", self.key, self.host, self.port, self.export)
+            write!(f, "{}:{scheme}://[{}]:{}/{}", self.key, self.host, self.port, self.export)
         } else {
-            write!(f, "{}:nbd://{}:{}/{}", self.key, self.host, self.port, self.export)
+            write!(f, "{}:{scheme}://{}:{}/{}", self.key, self.host, self.port, self.export)
         }
     }
 }
@@ -80,9 +84,13 @@ pub fn parse(text: &str) -> Result<Vec<Target>, TargetsError> {
     Ok(out)
 }
 
-/// `nbd://HOST:PORT/EXPORT` (IPv6 hosts in brackets).
+/// `nbd://HOST:PORT/EXPORT` or `nbds://HOST:PORT/EXPORT` (IPv6 hosts in brackets).
 pub fn parse_url(key: u32, url: &str) -> Result<Target, &'static str> {
-    let rest = url.strip_prefix("nbd://").ok_or("the URL must start with nbd://")?;
+    let (rest, tls) = match (url.strip_prefix("nbd://"), url.strip_prefix("nbds://")) {
+        (Some(rest), _) => (rest, false),
+        (None, Some(rest)) => (rest, true),
+        (None, None) => return Err("the URL must start with nbd:// (or nbds://)"),
+    };
     let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or("unclosed '[' in the host")?;
@@ -105,7 +113,7 @@ pub fn parse_url(key: u32, url: &str) -> Result<Target, &'static str> {
     if export.contains(['?', '#']) {
         return Err("query strings and fragments are not supported in export names");
     }
-    Ok(Target { key, host: host.to_string(), port, export: export.to_string() })
+    Ok(Target { key, host: host.to_string(), port, export: export.to_string(), tls })
 }
 
 #[cfg(test)]
@@ -116,7 +124,13 @@ mod tests {
     fn two_disks_parse_in_order() {
         let t = parse("2000:nbd://127.0.0.1:10100/pgtest1-disk0, 2001:nbd://127.0.0.1:10101/pgtest1-disk1").unwrap();
         assert_eq!(t.len(), 2);
-        assert_eq!(t[0], Target { key: 2000, host: "127.0.0.1".into(), port: 10100, export: "pgtest1-disk0".into() });
+        assert_eq!(
+            t[0],
+            Target { key: 2000, host: "127.0.0.1".into(), port: 10100, export: "pgtest1-disk0".into(), tls: false }
+        );
+        let tls = parse("2000:nbds://10.0.0.1:10100/vm-disk0").unwrap();
+        assert!(tls[0].tls);
+        assert_eq!(tls[0].to_string(), "2000:nbds://10.0.0.1:10100/vm-disk0", "printed back as given");
         assert_eq!(t[1].key, 2001);
         assert_eq!(t[1].to_string(), "2001:nbd://127.0.0.1:10101/pgtest1-disk1");
     }

@@ -88,6 +88,10 @@ struct ServeArgs {
     /// Host written into nbd_targets [default: 127.0.0.1].
     #[arg(long)]
     nbd_host: Option<String>,
+    /// TLS on the NBD ports: a directory with ca-cert.pem, server-cert.pem, server-key.pem
+    /// (qemu's layout); clients need a certificate that CA signed; nbd_targets say nbds://.
+    #[arg(long)]
+    nbd_tls: Option<PathBuf>,
     /// The single node's API URL (node "default") [default: http://127.0.0.1:9081].
     #[arg(long)]
     node_url: Option<String>,
@@ -171,6 +175,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         nbd_ports,
         nbd_bind,
         nbd_host,
+        nbd_tls: a.nbd_tls.or(file.nbd_tls),
         nodes,
         token,
         ssh,

@@ -233,7 +233,14 @@ impl Hub {
         let catalog = manifests.into_iter().map(|m| (m.backup_id.clone(), m)).collect();
         let merges = unmerged.into_iter().map(|m| (m.from.vm_name.clone(), m)).collect();
         let ports = Ports::new(settings.nbd_ports.0, settings.nbd_ports.1);
-        let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring)?;
+        let tls = match &settings.nbd_tls {
+            Some(dir) => Some(
+                nbd_server::TlsCredentials::from_x509_dir(dir, true)
+                    .map_err(|e| format!("nbd_tls = {}: {e}", dir.display()))?,
+            ),
+            None => None,
+        };
+        let exports = Exports::new(settings.nbd_bind, settings.direct_io, settings.io_uring, tls)?;
         let local_users = LocalUsers::with(&settings.nbd_local_users);
         let live = tokio::sync::watch::Sender::new(Arc::new(Live::of(&settings)));
         Ok(Arc::new(Self {
@@ -396,6 +403,7 @@ mod tests {
             nbd_ports: ports,
             nbd_bind: localhost,
             nbd_host: "127.0.0.1".into(),
+            nbd_tls: None,
             nodes: vec![],
             token: String::new(),
             ssh: None,

@@ -145,7 +145,7 @@ impl Hub {
         }
         let targets = exports
             .iter()
-            .map(|(k, p, n)| format!("{k}:nbd://{}:{p}/{n}", self.settings.nbd_host))
+            .map(|(k, p, n)| format!("{k}:{}://{}:{p}/{n}", self.settings.nbd_scheme(), self.settings.nbd_host))
             .collect::<Vec<_>>()
             .join(",");
         Ok(Restore {

@@ -344,7 +344,9 @@ impl Hub {
         }
         let targets = disks
             .iter()
-            .map(|d| format!("{}:nbd://{}:{}/{}", d.key, self.settings.nbd_host, d.port, d.export))
+            .map(|d| {
+                format!("{}:{}://{}:{}/{}", d.key, self.settings.nbd_scheme(), self.settings.nbd_host, d.port, d.export)
+            })
             .collect::<Vec<_>>()
             .join(",");
         let job = Arc::new(Job {

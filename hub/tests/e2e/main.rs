@@ -263,10 +263,14 @@ async fn a_two_disk_vm_whose_disks_are_qcow2_images() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_disk_vm_over_direct_tcp_with_the_hub_writing_through_o_direct_and_io_uring() {
+async fn a_two_disk_vm_over_direct_tcp_with_tls_and_the_hub_writing_through_o_direct_and_io_uring() {
     // cache = "none": every export (backups, replicas, restores) opens its image with O_DIRECT;
-    // aio = "io_uring": their data goes through the hub's one ring (the pair to use on disks).
-    let opts = Options { hub: "cache = \"none\"\naio = \"io_uring\"", on_build_disk: true, ..Options::default() };
+    // aio = "io_uring": their data goes through the hub's one ring (the pair to use on disks);
+    // nbd_tls: every NBD connection across the "network" is TLS, client certificates required.
+    let pki = testpki::Pki::new();
+    let hub = format!("cache = \"none\"\naio = \"io_uring\"\nnbd_tls = \"{}\"", pki.dir("server").display());
+    let node = format!("nbd_tls = \"{}\"", pki.dir("client").display());
+    let opts = Options { hub: &hub, node: &node, on_build_disk: true, ..Options::default() };
     let site = lifecycle(Transport::Direct, opts).await;
     let rings = std::fs::read_dir(format!("/proc/{}/fd", site.hub_pid()))
         .unwrap()
@@ -277,7 +281,13 @@ async fn a_two_disk_vm_over_direct_tcp_with_the_hub_writing_through_o_direct_and
     // One more full backup, looked at before anything else reads it: written through O_DIRECT,
     // verified buffered and then dropped, each image keeps metadata and stray unaligned pieces in
     // the page cache, not its 16-24 MiB of data.
-    let full = site.backup("pgtest1", "full").await;
+    let (status, started) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "pgtest1", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{started}");
+    let targets = started["nbd_targets_string"].as_str().unwrap_or_default();
+    assert!(targets.starts_with("2000:nbds://127.0.0.1:"), "the node is told to start TLS: {started}");
+    let full = site.wait(&format!("/api/v1/backups/{}", started["backup_id"].as_str().unwrap())).await;
+    assert_eq!(full["status"], "completed", "{full}");
     let images: Vec<_> = walk(&site.path().join("repo/pgtest1").join(full["backup_id"].as_str().unwrap()))
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))

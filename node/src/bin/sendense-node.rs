@@ -200,6 +200,14 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         state_dir,
         restore_dir: Some(restore_dir),
         nbd_hosts: config::NbdHosts::Only(nbd_hosts),
+        nbd_tls: match file.nbd_tls {
+            // Checked now, so that a wrong directory stops the start, not the first job.
+            Some(dir) => {
+                nbd_server::ClientTls::from_x509_dir(&dir).with_context(|| format!("nbd_tls = {}", dir.display()))?;
+                Some(dir)
+            }
+            None => None,
+        },
         tunnel,
         vms,
         copy,
@@ -322,6 +330,7 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
         state_dir,
         restore_dir: None,
         nbd_hosts: config::NbdHosts::Any,
+        nbd_tls: None,
         tunnel: None,
         vms,
         copy,

@@ -362,7 +362,23 @@ impl Jobs {
             }
             _ => (host.to_string(), t.port, None),
         };
-        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new(), via, tls: None })
+        // TLS where the node dials the hub's listener itself; a tunnel's channel is encrypted and
+        // authenticated by SSH, and the hub serves it without TLS.
+        let tls = match (t.tls, &via, &self.settings().tunnel) {
+            (true, None, tunnel) if tunnel.is_none() || !loopback => {
+                let dir = self.settings().nbd_tls.clone().ok_or_else(|| {
+                    JobError::BadRequest(format!(
+                        "target {t}: the hub requires TLS on its NBD ports; set nbd_tls in node.toml to a directory \
+                         with ca-cert.pem, client-cert.pem and client-key.pem"
+                    ))
+                })?;
+                let creds = nbd_server::ClientTls::from_x509_dir(&dir)
+                    .map_err(|e| JobError::BadRequest(format!("target {t}: nbd_tls: {e}")))?;
+                Some(creds)
+            }
+            _ => None,
+        };
+        Ok(Endpoint { host, port, export: t.export.clone(), meta_contexts: Vec::new(), via, tls })
     }
 
     /// Add a running job that uses `vms` and writes `paths`, all or nothing.

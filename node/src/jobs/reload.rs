@@ -59,6 +59,7 @@ impl Jobs {
         let live = [
             ("copy", !copy_same || old.parallel_disks != new.parallel_disks),
             ("nbd_hosts", old.nbd_hosts != new.nbd_hosts),
+            ("nbd_tls", old.nbd_tls != new.nbd_tls),
         ];
         let changed = |keys: &[(&'static str, bool)]| keys.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
         let mut done =
@@ -83,6 +84,7 @@ impl Jobs {
             restore_dir: old.restore_dir.clone(),
             tunnel: old.tunnel.clone(),
             nbd_hosts: new.nbd_hosts,
+            nbd_tls: new.nbd_tls,
             vms: new.vms,
             copy,
             parallel_disks: new.parallel_disks,
@@ -120,6 +122,7 @@ mod tests {
             state_dir: "/tmp/state".into(),
             restore_dir: None,
             nbd_hosts: NbdHosts::Only(vec![]),
+            nbd_tls: None,
             tunnel: None,
             vms: resolve_vms(files).unwrap(),
             copy: CopyOptions::default(),
