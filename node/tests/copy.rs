@@ -103,7 +103,7 @@ async fn a_qemu_nbd_source_is_read_only_where_it_has_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_nbds_source_is_read_through_tls_and_one_the_node_cannot_trust_is_refused() {
+async fn nbds_sources_and_targets_are_read_and_written_through_tls_and_untrusted_ones_refused() {
     let pki = testpki::Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
@@ -130,6 +130,22 @@ async fn an_nbds_source_is_read_through_tls_and_one_the_node_cannot_trust_is_ref
     hub.close().await;
     assert_same(&src, &target);
     assert_clean(&target);
+
+    // And an nbds:// target (qemu-nbd requiring TLS in the hub's place): with --nbd-tls the
+    // copy lands there, without it the node says what is missing.
+    let raw_target = dir.path().join("t.raw");
+    std::fs::File::create(&raw_target).unwrap().set_len(16 * MIB).unwrap();
+    let tls_target = QemuNbd::start(&raw_target, "raw", "vm-disk0", &flags);
+    let target_flag = format!("2000:nbds://127.0.0.1:{}/vm-disk0", tls_target.port);
+    let source_flag = format!("2000={}", src.display());
+    let (ok, _, err) = node_copy(&["--nbd-targets", &target_flag, "--source", &source_flag]);
+    assert!(!ok && err.contains("set nbd_tls"), "{err}");
+    let certs = pki.dir("client");
+    let (ok, _, err) =
+        node_copy(&["--nbd-targets", &target_flag, "--source", &source_flag, "--nbd-tls", certs.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    tls_target.stop();
+    assert_same(&src, &raw_target);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,9 +95,13 @@ struct ServeArgs {
 
 #[derive(Debug, clap::Args)]
 struct CopyArgs {
-    /// Targets: KEY:nbd://HOST:PORT/EXPORT,...
+    /// Targets: KEY:nbd://HOST:PORT/EXPORT,... (KEY:nbds://... over TLS, with --nbd-tls).
     #[arg(long)]
     nbd_targets: String,
+    /// TLS credentials for nbds:// targets: a directory with ca-cert.pem, client-cert.pem and
+    /// client-key.pem (node.toml's nbd_tls).
+    #[arg(long)]
+    nbd_tls: Option<PathBuf>,
     /// Sources: KEY=PATH_OR_URL (repeat per disk); qcow2:PATH reads a qcow2 image as its disk,
     /// raw:PATH copies an image file's bytes as they are.
     #[arg(long = "source", required = true)]
@@ -330,7 +334,7 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
         state_dir,
         restore_dir: None,
         nbd_hosts: config::NbdHosts::Any,
-        nbd_tls: None,
+        nbd_tls: a.nbd_tls.clone(),
         tunnel: None,
         vms,
         copy,

@@ -368,8 +368,8 @@ impl Jobs {
             (true, None, tunnel) if tunnel.is_none() || !loopback => {
                 let dir = self.settings().nbd_tls.clone().ok_or_else(|| {
                     JobError::BadRequest(format!(
-                        "target {t}: the hub requires TLS on its NBD ports; set nbd_tls in node.toml to a directory \
-                         with ca-cert.pem, client-cert.pem and client-key.pem"
+                        "target {t}: the hub requires TLS on its NBD ports; set nbd_tls in node.toml (--nbd-tls for \
+                         copy) to a directory with ca-cert.pem, client-cert.pem and client-key.pem"
                     ))
                 })?;
                 let creds = nbd_server::ClientTls::from_x509_dir(&dir)
