@@ -18,14 +18,7 @@ use tokio::net::TcpStream;
 const SIZE: u64 = 1 << 20;
 
 async fn start(config: ServerConfig, limit: usize) -> (Server, u16, Arc<MemoryBackend>) {
-    let server = Server::new(config);
-    let backend = Arc::new(MemoryBackend::new(SIZE));
-    server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>).max_connections(limit)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let s = server.clone();
-    tokio::spawn(async move { s.serve(listener).await });
-    (server, port, backend)
+    common::start_embedded(config, SIZE, limit).await
 }
 
 async fn greeted(port: u16) -> TcpStream {

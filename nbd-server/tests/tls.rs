@@ -15,8 +15,7 @@ use common::*;
 use nbd_server::proto::consts::{opt, rep, IHAVEOPT};
 use nbd_server::proto::handshake::{encode_info_request, GREETING_LEN};
 use nbd_server::{
-    Backend, Client, ClientError, ClientOptions, ClientTls, ExportConfig, MemoryBackend, Server, ServerConfig,
-    TlsCredentials,
+    Backend, Client, ClientError, ClientOptions, ClientTls, MemoryBackend, Server, ServerConfig, TlsCredentials,
 };
 use testpki::Pki;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -131,14 +130,8 @@ fn credentials_that_cannot_be_loaded_stop_sendense_nbd_with_one_line_naming_the_
 /// A server embedded as a library, requiring TLS with `server/` (clients need a certificate).
 async fn embedded(pki: &Pki) -> (Server, u16, Arc<MemoryBackend>) {
     let creds = TlsCredentials::from_x509_dir(&pki.dir("server"), true).unwrap();
-    let server = Server::new(ServerConfig::default().tls(Some(creds)).handshake_timeout(Duration::from_secs(2)));
-    let backend = Arc::new(MemoryBackend::new(1 << 20));
-    server.add_export(ExportConfig::new("e", backend.clone() as Arc<dyn Backend>).max_connections(4)).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let s = server.clone();
-    tokio::spawn(async move { s.serve(listener).await });
-    (server, port, backend)
+    let config = ServerConfig::default().tls(Some(creds)).handshake_timeout(Duration::from_secs(2));
+    start_embedded(config, 1 << 20, 4).await
 }
 
 /// Connected, greeted, client flags sent.

@@ -266,3 +266,22 @@ pub fn start_sendense_on_socket(file: &Path, name: &str, socket: &Path, extra: &
     }
     Reaped(child)
 }
+
+/// A server embedded in the test, serving export "e" (`size` bytes in memory, `limit`
+/// connections) on a fresh loopback port: the server, the port and the export's backend.
+pub async fn start_embedded(
+    config: nbd_server::ServerConfig,
+    size: u64,
+    limit: usize,
+) -> (nbd_server::Server, u16, std::sync::Arc<nbd_server::MemoryBackend>) {
+    use std::sync::Arc;
+    let server = nbd_server::Server::new(config);
+    let backend = Arc::new(nbd_server::MemoryBackend::new(size));
+    let export = nbd_server::ExportConfig::new("e", backend.clone() as Arc<dyn nbd_server::Backend>);
+    server.add_export(export.max_connections(limit)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener).await });
+    (server, port, backend)
+}
