@@ -13,6 +13,7 @@ declare -A tool_package=(
   [nbdkit]=nbdkit
   [ssh]=openssh-client [ssh-keygen]=openssh-client
   [fincore]=util-linux-extra
+  [curl]=curl
 )
 missing=()
 for tool in "${!tool_package[@]}"; do

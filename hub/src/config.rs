@@ -45,6 +45,10 @@ pub struct HubFile {
     /// client must start TLS and present a certificate that CA signed, and `nbd_targets` say
     /// `nbds://`. Channels of the SSH endpoint are not asked for it.
     pub nbd_tls: Option<PathBuf>,
+    /// The API over HTTPS (direct mode across a network): a directory in qemu's layout whose
+    /// `server-cert.pem` and `server-key.pem` it is served with (read again when they change),
+    /// and whose `ca-cert.pem` checks the certificates of `https://` node urls.
+    pub api_tls: Option<PathBuf>,
     /// `threads` (default) or `io_uring`: how exports submit their I/O (qemu-nbd's `--aio`).
     pub aio: Option<String>,
     /// Accounts on this machine whose TCP clients exports admit besides root and the hub's own
@@ -141,6 +145,9 @@ pub struct Settings {
     pub nbd_host: String,
     /// TLS credentials of the NBD ports (`nbd_tls`).
     pub nbd_tls: Option<PathBuf>,
+    /// The API served over HTTPS with this directory's certificate; its CA checks `https://`
+    /// nodes (`api_tls`).
+    pub api_tls: Option<PathBuf>,
     /// Nodes.
     pub nodes: Vec<NodeSpec>,
     /// The hub's bearer token.
@@ -189,7 +196,7 @@ impl Settings {
 /// listeners, repository, nodes and SSH endpoint are built at start), by their names in
 /// hub.toml. A reload applies the others and names these as waiting for a restart.
 pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let keys: [(&'static str, bool); 14] = [
+    let keys: [(&'static str, bool); 15] = [
         ("listen", old.listen != new.listen),
         ("repo", old.repo != new.repo),
         ("replicas", old.replicas != new.replicas),
@@ -197,6 +204,7 @@ pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str>
         ("nbd_bind", old.nbd_bind != new.nbd_bind),
         ("nbd_host", old.nbd_host != new.nbd_host),
         ("nbd_tls", old.nbd_tls != new.nbd_tls),
+        ("api_tls", old.api_tls != new.api_tls),
         ("node", old.nodes != new.nodes),
         ("token_file", old.token != new.token),
         ("ssh", old.ssh != new.ssh),
@@ -230,6 +238,18 @@ pub fn check_schedules(
         out.push(s);
     }
     Ok(out)
+}
+
+/// A node's API url: `http://` or `https://` (checked against `api_tls`'s CA, else the
+/// system's roots), so that a typo stops the start rather than every call to the node.
+///
+/// # Errors
+/// Any other scheme, or none.
+pub fn check_node_url(node: &str, url: &str) -> Result<(), String> {
+    match url.split_once("://") {
+        Some(("http" | "https", rest)) if !rest.is_empty() => Ok(()),
+        _ => Err(format!("node {node}: url '{url}' must be http://HOST:PORT or https://HOST:PORT")),
+    }
 }
 
 /// `compress`: `"zstd"` (completed backups rewritten compressed) or `"none"`.
@@ -338,6 +358,17 @@ mod tests {
         assert!(parse_range("0-5").is_err());
         assert!(parse_range("10100").is_err());
         assert!(parse_range("a-b").is_err());
+    }
+
+    #[test]
+    fn node_urls_are_http_or_https() {
+        for good in ["http://127.0.0.1:9081", "https://node1.lan:8081", "https://[::1]:8081/"] {
+            assert_eq!(check_node_url("n", good), Ok(()), "{good}");
+        }
+        for bad in ["ftp://n:1", "node1:8081", "https://", "HTTP://n:1", ""] {
+            let err = check_node_url("n", bad).unwrap_err();
+            assert!(err.contains("must be http://") && err.starts_with("node n:"), "{bad}: {err}");
+        }
     }
 
     #[test]

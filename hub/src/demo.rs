@@ -220,6 +220,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         nbd_bind: [127, 0, 0, 1].into(),
         nbd_host: "127.0.0.1".into(),
         nbd_tls: None,
+        api_tls: None,
         nodes: vec![NodeSpec {
             name: "demo-node".into(),
             url: format!("http://127.0.0.1:{reverse}"),
@@ -291,6 +292,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         state_dir: dir.join("node/state"),
         restore_dir: Some(dir.join("node/restores")),
         nbd_hosts: node::config::NbdHosts::Only(Vec::new()),
+        api_tls: None,
         nbd_tls: None,
         tunnel: Some(tunnel.clone()),
         vms: node::config::resolve_vms(vec![vm]).map_err(|e| anyhow::anyhow!(e))?,

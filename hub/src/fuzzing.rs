@@ -68,6 +68,7 @@ fn hub() -> Result<Service, String> {
         nbd_bind: localhost,
         nbd_host: "127.0.0.1".into(),
         nbd_tls: None,
+        api_tls: None,
         nodes: vec![NodeSpec {
             name: "node1".into(),
             // The discard port: nothing listens on it here.

@@ -75,6 +75,7 @@ async fn start_node(dir: &Path, vms: &[(&str, usize)], bandwidth: Option<&str>) 
         state_dir: dir.join("node-state"),
         restore_dir: None,
         nbd_hosts: node::config::NbdHosts::Only(Vec::new()),
+        api_tls: None,
         nbd_tls: None,
         tunnel: None,
         vms: node::config::resolve_vms(files).unwrap(),

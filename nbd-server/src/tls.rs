@@ -84,28 +84,7 @@ impl TlsCredentials {
     /// # Errors
     /// [`TlsError`] naming the file at fault.
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<Self, TlsError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder =
-            rustls::ServerConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
-        let builder = if verify_peer {
-            let path = dir.join(CA_CERT);
-            let mut roots = RootCertStore::empty();
-            for cert in certificates(&path)? {
-                roots.add(cert).map_err(|e| TlsError::Verifier { path: path.clone(), reason: e.to_string() })?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::Verifier { path, reason: e.to_string() })?;
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
-        };
-        let chain = certificates(&dir.join(SERVER_CERT))?;
-        let key_path = dir.join(SERVER_KEY);
-        let key = PrivateKeyDer::from_pem_file(&key_path)
-            .map_err(|e| TlsError::File { path: key_path, reason: format!("no private key read: {e}") })?;
-        let config = builder.with_single_cert(chain, key)?;
-        Ok(Self { acceptor: Arc::new(config).into() })
+        Ok(Self::from_rustls(Arc::new(server_config(dir, verify_peer)?)))
     }
 
     /// Credentials from an embedder's own rustls configuration (its certificate resolver,
@@ -175,6 +154,30 @@ impl ClientTls {
     pub(crate) fn server_name(&self, host: Option<&str>) -> Option<String> {
         self.hostname.clone().or_else(|| host.map(str::to_string))
     }
+}
+
+/// A rustls server configuration from a directory in qemu's layout: `server-cert.pem` (with any
+/// intermediates after it) and `server-key.pem`, and, when `verify_peer`, `ca-cert.pem`, which
+/// every client's certificate must chain to. What [`TlsCredentials::from_x509_dir`] serves NBD
+/// with, for other servers of the same machine to share the layout (the services' HTTPS APIs).
+///
+/// # Errors
+/// [`TlsError`] naming the file at fault.
+pub fn server_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
+    let builder = if verify_peer {
+        let path = dir.join(CA_CERT);
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&path)?), provider)
+            .build()
+            .map_err(|e| TlsError::Verifier { path, reason: e.to_string() })?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let chain = certificates(&dir.join(SERVER_CERT))?;
+    Ok(builder.with_single_cert(chain, private_key(&dir.join(SERVER_KEY))?)?)
 }
 
 /// A store of the CA certificates in `path`.

@@ -310,8 +310,9 @@ pub struct ErrorBody {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ApiError {
-    /// The node could not be reached.
-    #[error("node unreachable at {url}: {source}")]
+    /// The node could not be reached (the message carries every cause: a refused certificate
+    /// says so, where reqwest's own says only that sending failed).
+    #[error("node unreachable at {url}: {}", causes(.source))]
     Unreachable {
         /// URL called.
         url: String,
@@ -329,6 +330,14 @@ pub enum ApiError {
         /// `error` of the body.
         message: String,
     },
+    /// The CA certificates to check an `https://` node with do not load.
+    #[error("{path}: cannot check the node's certificate with it: {reason}")]
+    Authority {
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The answer was not what the contract says.
     #[error("node answered something unexpected from {url}: {reason}")]
     Malformed {
@@ -337,6 +346,18 @@ pub enum ApiError {
         /// What was wrong.
         reason: String,
     },
+}
+
+/// `error`, then each error under it, joined by `: `.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut under = error.source();
+    while let Some(e) = under {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        under = e.source();
+    }
+    text
 }
 
 /// A typed client of the node API.
@@ -348,17 +369,43 @@ pub struct NodeClient {
 }
 
 impl NodeClient {
-    /// For `base` (`http://127.0.0.1:9081`), with a bearer token if the node wants one.
+    /// For `base` (`http://127.0.0.1:9081`), with a bearer token if the node wants one; an
+    /// `https://` base's certificate is checked against the system's roots.
     ///
     /// # Errors
     /// The HTTP client could not be built.
     pub fn new(base: impl Into<String>, token: Option<String>) -> Result<Self, ApiError> {
-        let base = base.into().trim_end_matches('/').to_string();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|source| ApiError::Unreachable { url: base.clone(), source })?;
+        Self::build(base.into(), token, None)
+    }
+
+    /// As [`NodeClient::new`], an `https://` base's certificate checked against the CA
+    /// certificates in `ca_file` (PEM) instead of the system's roots: the hub's `api_tls`
+    /// directory's `ca-cert.pem`.
+    ///
+    /// # Errors
+    /// `ca_file` does not load, or the HTTP client could not be built.
+    pub fn with_ca(
+        base: impl Into<String>,
+        token: Option<String>,
+        ca_file: &std::path::Path,
+    ) -> Result<Self, ApiError> {
+        let authority = |reason: String| ApiError::Authority { path: ca_file.to_path_buf(), reason };
+        let pem = std::fs::read(ca_file).map_err(|e| authority(e.to_string()))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| authority(e.to_string()))?;
+        if roots.is_empty() {
+            return Err(authority("no certificate in it".into()));
+        }
+        Self::build(base.into(), token, Some(roots))
+    }
+
+    fn build(base: String, token: Option<String>, roots: Option<Vec<reqwest::Certificate>>) -> Result<Self, ApiError> {
+        let base = base.trim_end_matches('/').to_string();
+        let mut builder =
+            reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10));
+        if let Some(roots) = roots {
+            builder = builder.tls_certs_only(roots);
+        }
+        let http = builder.build().map_err(|source| ApiError::Unreachable { url: base.clone(), source })?;
         Ok(Self { base, token, http })
     }
 

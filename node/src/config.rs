@@ -56,6 +56,9 @@ pub struct NodeFile {
     /// TLS credentials for the hub's NBD ports in direct mode (its `nbd_tls`): a directory with
     /// `ca-cert.pem`, `client-cert.pem` and `client-key.pem`, used for `nbds://` targets.
     pub nbd_tls: Option<PathBuf>,
+    /// The API over HTTPS (direct mode across a network): a directory with `server-cert.pem`
+    /// and `server-key.pem` (qemu's layout, as `nbd_tls`), read again when they change.
+    pub api_tls: Option<PathBuf>,
     /// The tunnel to the hub.
     pub tunnel: Option<TunnelFile>,
     /// Data mover tuning.
@@ -200,6 +203,8 @@ pub struct Settings {
     /// Credentials for `nbds://` targets dialled directly (`nbd_tls`): read at each connection,
     /// so certificates renewed in place are taken up without a restart.
     pub nbd_tls: Option<PathBuf>,
+    /// The API served over HTTPS with this directory's certificate (`api_tls`).
+    pub api_tls: Option<PathBuf>,
     /// The tunnel.
     pub tunnel: Option<tunnel::ClientConfig>,
     /// VMs by name order.

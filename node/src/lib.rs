@@ -15,7 +15,8 @@
 //! - [`files`]: records and restored disks replaced whole, private directories.
 //! - [`inuse`]: whether a running VM's qemu holds a disk open for writing.
 //! - [`jobs`]: one job per VM, hooks, commit, restores.
-//! - [`http`] and [`metrics`]: the API (axum) and `/metrics`.
+//! - [`http`] and [`metrics`]: the API (axum) and `/metrics`; [`https`]: both services' APIs
+//!   over HTTPS (`api_tls`).
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
 //! - [`service`]: logging, runtime, errors and signals (stop, reload) of the service binaries.
 //! - `fuzzing` (feature `fuzzing`): the entry points of the `node_inputs` and `node_api` fuzz
@@ -33,6 +34,7 @@ pub mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod http;
+pub mod https;
 pub mod inuse;
 pub mod jobs;
 pub mod metrics;

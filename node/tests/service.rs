@@ -1,6 +1,6 @@
 //! `sendense-node serve` over real HTTP: backups of a two-disk VM into exports served by our NBD
-//! library (as the hub serves them), hooks, commit, incrementals, restores, cancel, and every
-//! kind of bad request.
+//! library (as the hub serves them), hooks, commit, incrementals, restores, cancel, every kind
+//! of bad request, and the API over HTTPS.
 
 mod common;
 
@@ -254,6 +254,101 @@ fn a_token_file_others_can_read_stops_the_node_from_starting() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("permissions 0644 for token file") && said.contains("chmod 600"), "{said}");
+}
+
+/// `curl` over HTTPS, trusting `ca`: its exit status and what it printed.
+fn curl(ca: &std::path::Path, token: &str, url: &str) -> (bool, String) {
+    let out = std::process::Command::new(require("curl"))
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["-H", &format!("Authorization: Bearer {token}"), url])
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `dir`'s server certificate and key put in place of `api`'s as a renewal does: new files
+/// renamed over the old ones.
+fn renew(api: &std::path::Path, from: &std::path::Path) {
+    for name in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(from.join(name), api.join("renewed.tmp")).unwrap();
+        std::fs::rename(api.join("renewed.tmp"), api.join(name)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_https_serves_curl_and_the_hubs_client_refuses_clear_text_and_takes_a_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    make_source(&dir.path().join("disk0.raw"), 1, 1);
+    make_source(&dir.path().join("disk1.raw"), 1, 2);
+    let pki = testpki::Pki::new();
+    let api = dir.path().join("api-tls");
+    std::fs::create_dir(&api).unwrap();
+    for name in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.dir("server").join(name), api.join(name)).unwrap();
+    }
+    let token_file = dir.path().join("token");
+    let extra = format!("token_file = \"{}\"\napi_tls = \"{}\"", token_file.display(), api.display());
+    let node = NodeProcess::start(dir.path(), &vm_config(dir.path(), &extra), &[]);
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let https = format!("https://127.0.0.1:{}", node.port);
+    let ca = pki.dir("server").join("ca-cert.pem");
+
+    // curl, checking the certificate against our CA, by address and by name.
+    let (ok, said) = curl(&ca, &token, &format!("{https}/api/v1/vms"));
+    assert!(ok && said.contains("\"pgtest1\""), "{said}");
+    let (ok, said) = curl(&ca, &token, &format!("https://localhost:{}/healthz", node.port));
+    assert!(ok, "{said}");
+    // The hub's client with the hub's CA; with the system's roots our CA is nobody's.
+    let client = NodeClient::with_ca(https.clone(), Some(token.clone()), &ca).unwrap();
+    assert_eq!(client.vms().await.unwrap().len(), 1);
+    let err = NodeClient::new(https.clone(), Some(token.clone())).unwrap().vms().await.unwrap_err();
+    assert!(
+        matches!(err, node::api::ApiError::Unreachable { .. }) && err.to_string().contains("UnknownIssuer"),
+        "{err}"
+    );
+    // A client of a plain-HTTP habit is told what to do, in the API's error shape.
+    let r = reqwest::Client::new().get(format!("{}/api/v1/vms", node.url())).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "https_required", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("https://"), "{body}");
+    // A client that connects and says nothing, and one that sends a broken hello, hold nobody up.
+    let silent = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.unwrap();
+    let mut broken = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut broken, &[0x16, 3, 1, 0, 9, 1, 2, 3]).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(NodeClient::with_ca(https.clone(), Some(token.clone()), &ca).unwrap().vms().await.unwrap().len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    drop((silent, broken));
+
+    // Renewed in place: the next connection is served with the new certificate (here another
+    // CA's, which our clients then refuse and the other CA's accept).
+    let impostor_ca = pki.dir("impostor").join("ca-cert.pem");
+    renew(&api, &pki.dir("impostor"));
+    let err = NodeClient::with_ca(https.clone(), Some(token.clone()), &ca).unwrap().vms().await.unwrap_err();
+    assert!(matches!(err, node::api::ApiError::Unreachable { .. }), "{err}");
+    let (ok, said) = curl(&impostor_ca, &token, &format!("{https}/api/v1/vms"));
+    assert!(ok && said.contains("\"pgtest1\""), "{said}");
+    // A key that does not load: the last good certificate serves on.
+    std::fs::write(api.join("server-key.pem"), "not a key\n").unwrap();
+    let (ok, said) = curl(&impostor_ca, &token, &format!("{https}/api/v1/vms"));
+    assert!(ok && said.contains("\"pgtest1\""), "{said}");
+    renew(&api, &pki.dir("server"));
+    assert_eq!(NodeClient::with_ca(https.clone(), Some(token.clone()), &ca).unwrap().vms().await.unwrap().len(), 1);
+    drop(node);
+
+    // A directory without a server's certificate stops the start, naming the file.
+    let out = std::process::Command::new(sendense_node())
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--config"])
+        .arg(dir.path().join("node.toml"))
+        .arg("--api-tls")
+        .arg(pki.dir("client"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("api_tls") && said.contains("server-cert.pem"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

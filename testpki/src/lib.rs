@@ -4,8 +4,8 @@
 //!
 //! A [`Pki`] is a temporary directory of credential directories: `server/` (a server's, for
 //! `localhost` and `127.0.0.1`), `client/` (a client the CA signed), `anon/` (the CA only: no
-//! client certificate), `rogue/` (a client another CA signed) and `stranger/` (a client that
-//! trusts another CA, not ours). The certificates carry the key usages qemu's sanity checks
+//! client certificate), `rogue/` (a client another CA signed), `stranger/` (a client that
+//! trusts another CA, not ours) and `impostor/` (a server for the same names, another CA's). The certificates carry the key usages qemu's sanity checks
 //! want (a CA that signs, leaves that sign and encipher, each with its TLS purpose).
 
 use std::path::PathBuf;
@@ -46,10 +46,13 @@ impl Pki {
         put("anon", &[("ca-cert.pem", &ca_pem)]);
         let (cert, key) = leaf(&other, "intruder", &[], ExtendedKeyUsagePurpose::ClientAuth);
         put("rogue", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
+        let (cert, key) = leaf(&other, "impostor", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+        put("impostor", &[("ca-cert.pem", &other_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
         Self { root }
     }
 
-    /// One of the credential directories (`server`, `client`, `anon`, `rogue`, `stranger`).
+    /// One of the credential directories (`server`, `client`, `anon`, `rogue`, `stranger`,
+    /// `impostor`).
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.path().join(name)
     }

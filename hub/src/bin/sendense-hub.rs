@@ -92,6 +92,10 @@ struct ServeArgs {
     /// (qemu's layout); clients need a certificate that CA signed; nbd_targets say nbds://.
     #[arg(long)]
     nbd_tls: Option<PathBuf>,
+    /// Serve the API over HTTPS with DIR's server-cert.pem and server-key.pem; DIR's ca-cert.pem
+    /// checks https:// nodes (hub.toml's api_tls; for direct mode across a network).
+    #[arg(long = "api-tls", value_name = "DIR")]
+    api_tls: Option<PathBuf>,
     /// The single node's API URL (node "default") [default: http://127.0.0.1:9081].
     #[arg(long)]
     node_url: Option<String>,
@@ -138,6 +142,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         if nodes.iter().any(|o: &NodeSpec| o.name == n.name) {
             bail!("node '{}' is declared twice", n.name);
         }
+        config::check_node_url(&n.name, &n.url).map_err(|e| anyhow!(e))?;
         let token = n.token_file.as_deref().map(node::files::read_token).transpose().map_err(|e| anyhow!(e))?;
         let nbd_peers = hub::peers::node_addresses(&n.name, &n.url, n.nbd_peers.as_deref()).map_err(|e| anyhow!(e))?;
         nodes.push(NodeSpec { name: n.name, url: n.url, token, key: n.key, nbd_peers });
@@ -150,6 +155,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         }
         let token = single_token.as_deref().map(node::files::read_token).transpose().map_err(|e| anyhow!(e))?;
         let url = single_url.unwrap_or_else(|| "http://127.0.0.1:9081".into());
+        config::check_node_url("default", &url).map_err(|e| anyhow!(e))?;
         let nbd_peers = hub::peers::node_addresses("default", &url, None).map_err(|e| anyhow!(e))?;
         nodes.push(NodeSpec { name: "default".into(), url, token, key: None, nbd_peers });
     }
@@ -176,6 +182,14 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         nbd_bind,
         nbd_host,
         nbd_tls: a.nbd_tls.or(file.nbd_tls),
+        api_tls: match a.api_tls.or(file.api_tls) {
+            // Loaded now, so that a wrong directory stops the start, not the first connection.
+            Some(dir) => {
+                node::https::ApiTls::load(&dir).with_context(|| format!("api_tls = {}", dir.display()))?;
+                Some(dir)
+            }
+            None => None,
+        },
         nodes,
         token,
         ssh,
@@ -219,6 +233,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let api_tls = match &settings.api_tls {
+        Some(dir) => {
+            Some(Arc::new(node::https::ApiTls::load(dir).with_context(|| format!("api_tls = {}", dir.display()))?))
+        }
+        None => None,
+    };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
     let endpoint = match &settings.ssh {
         Some(ssh) => {
@@ -234,6 +254,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         listen = %settings.listen,
+        https = settings.api_tls.is_some(),
         repo = %settings.repo.display(),
         nbd_ports = %format!("{}-{}", settings.nbd_ports.0, settings.nbd_ports.1),
         nodes = settings.nodes.len(),
@@ -273,10 +294,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         })
     };
     let shutdown = node::service::shutdown_signal();
-    axum::serve(listener, hub::http::router(Arc::clone(&hub)))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serve")?;
+    node::https::serve(listener, api_tls, hub::http::router(Arc::clone(&hub)), shutdown).await.context("serve")?;
     tracing::info!("shutting down: closing exports, handing the runs under way over to the next start");
     reaper.abort();
     reloader.abort();

@@ -217,7 +217,14 @@ impl Hub {
             .map_err(|e| format!("cannot create replica directory {}: {e}", repo.replicas.display()))?;
         let mut nodes = Vec::new();
         for n in &settings.nodes {
-            let client = NodeClient::new(n.url.clone(), n.token.clone()).map_err(|e| e.to_string())?;
+            let client = match &settings.api_tls {
+                // The node's certificate checked against the hub's CA, not the system's roots.
+                Some(dir) if n.url.starts_with("https://") => {
+                    NodeClient::with_ca(n.url.clone(), n.token.clone(), &dir.join(nbd_server::tls::CA_CERT))
+                }
+                _ => NodeClient::new(n.url.clone(), n.token.clone()),
+            }
+            .map_err(|e| format!("node {}: {e}", n.name))?;
             nodes.push((n.clone(), client));
         }
         let handed = handover::take_record(&repo.root);
@@ -404,6 +411,7 @@ mod tests {
             nbd_bind: localhost,
             nbd_host: "127.0.0.1".into(),
             nbd_tls: None,
+            api_tls: None,
             nodes: vec![],
             token: String::new(),
             ssh: None,

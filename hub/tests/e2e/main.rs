@@ -263,15 +263,31 @@ async fn a_two_disk_vm_whose_disks_are_qcow2_images() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_disk_vm_over_direct_tcp_with_tls_and_the_hub_writing_through_o_direct_and_io_uring() {
+async fn a_two_disk_vm_over_direct_tcp_with_tls_and_https_and_the_hub_writing_through_o_direct_and_io_uring() {
     // cache = "none": every export (backups, replicas, restores) opens its image with O_DIRECT;
     // aio = "io_uring": their data goes through the hub's one ring (the pair to use on disks);
-    // nbd_tls: every NBD connection across the "network" is TLS, client certificates required.
+    // nbd_tls: every NBD connection across the "network" is TLS, client certificates required;
+    // api_tls: both APIs are HTTPS, the hub calling the node at https:// with its CA.
     let pki = testpki::Pki::new();
     let hub = format!("cache = \"none\"\naio = \"io_uring\"\nnbd_tls = \"{}\"", pki.dir("server").display());
     let node = format!("nbd_tls = \"{}\"", pki.dir("client").display());
-    let opts = Options { hub: &hub, node: &node, on_build_disk: true, ..Options::default() };
+    let api_tls = pki.dir("server");
+    let opts = Options { hub: &hub, node: &node, on_build_disk: true, api_tls: Some(&api_tls), ..Options::default() };
     let site = lifecycle(Transport::Direct, opts).await;
+    assert!(site.node_url.starts_with("https://"), "{}", site.node_url);
+    // curl with the CA reads the hub's API; a request in clear is told to use https://.
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(api_tls.join("ca-cert.pem"))
+        .args(["-H", &format!("Authorization: Bearer {}", site.hub_token)])
+        .arg(format!("https://localhost:{}/api/v1/ports", site.hub_api))
+        .output()
+        .expect("curl is required; scripts/test.sh installs it");
+    let ports: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(out.status.success() && ports["range"].is_string(), "{ports} {}", String::from_utf8_lossy(&out.stderr));
+    let clear = reqwest::get(format!("http://127.0.0.1:{}/healthz", site.hub_api)).await.unwrap();
+    assert_eq!(clear.status(), 400);
+    assert_eq!(clear.json::<Value>().await.unwrap()["code"], "https_required");
     let rings = std::fs::read_dir(format!("/proc/{}/fd", site.hub_pid()))
         .unwrap()
         .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
@@ -363,6 +379,7 @@ const SLOW: Options<'static> = Options {
     repo_tmpfs_mib: None,
     on_build_disk: false,
     qcow2_sources: false,
+    api_tls: None,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,6 +182,9 @@ pub struct Options<'a> {
     /// The VMs' disks are qcow2 images (`format = "qcow2"`) with a persistent dirty bitmap the
     /// node reads changes from, as libvirt keeps them.
     pub qcow2_sources: bool,
+    /// Both APIs over HTTPS (`api_tls`) with this directory's certificate, the hub calling
+    /// the node at `https://` (direct mode only) and the site's client trusting its CA.
+    pub api_tls: Option<&'a Path>,
 }
 
 /// The hub and the node of one test, and where everything is.
@@ -202,6 +205,8 @@ pub struct Site {
     pub nbd: (u16, u16),
     /// Where the hub calls the node.
     pub node_url: String,
+    /// `http` or `https` (`Options::api_tls`), for both APIs.
+    pub scheme: &'static str,
     http: reqwest::Client,
 }
 
@@ -249,6 +254,13 @@ impl Site {
         }
         let hub_base = ssh::free_ports(ports);
         let node_base = ssh::free_ports(ports);
+        let (scheme, api_tls, http) = match opts.api_tls {
+            Some(dir) => {
+                let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca-cert.pem")).unwrap()).unwrap();
+                ("https", format!("api_tls = \"{}\"\n", dir.display()), reqwest::Client::builder().tls_certs_only([ca]))
+            }
+            None => ("http", String::new(), reqwest::Client::builder()),
+        };
         let (hub_api, node_api, reverse, ssh_port) =
             (ssh::free_port(), ssh::free_port(), ssh::free_port(), ssh::free_port());
         let (node_url, tunnel_toml, hub_ssh_toml, node_key_line);
@@ -293,7 +305,7 @@ impl Site {
                 node_key_line = String::new();
             }
             Transport::Direct => {
-                node_url = format!("http://127.0.0.1:{node_api}");
+                node_url = format!("{scheme}://127.0.0.1:{node_api}");
                 tunnel_toml = String::new();
                 hub_ssh_toml = String::new();
                 node_key_line = String::new();
@@ -313,7 +325,7 @@ impl Site {
         std::fs::write(
             &node_config,
             format!(
-                "listen = \"127.0.0.1:{node_api}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrestore_dir = \"{}\"\n{}\n\
+                "listen = \"127.0.0.1:{node_api}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrestore_dir = \"{}\"\n{api_tls}{}\n\
                  [copy]\nretry_window_s = 30\n{}\n{tunnel_toml}{vm_toml}",
                 d.join("node-token").display(),
                 d.join("node-state").display(),
@@ -328,7 +340,7 @@ impl Site {
             &hub_config,
             format!(
                 "listen = \"127.0.0.1:{hub_api}\"\nrepo = \"{}\"\nreplicas = \"{}\"\nnbd_ports = \"{hub_base}-{}\"\n\
-                 nbd_host = \"127.0.0.1\"\ntoken_file = \"{}\"\nstall_timeout_s = 20\n{}\n{hub_ssh_toml}\
+                 nbd_host = \"127.0.0.1\"\ntoken_file = \"{}\"\nstall_timeout_s = 20\n{api_tls}{}\n{hub_ssh_toml}\
                  [[node]]\nname = \"n1\"\nurl = \"{node_url}\"\ntoken_file = \"{}\"\n{node_key_line}",
                 d.join("repo").display(),
                 d.join("replicas").display(),
@@ -367,7 +379,8 @@ impl Site {
             node_token: String::new(),
             nbd: (hub_base, hub_base + ports - 1),
             node_url,
-            http: reqwest::Client::new(),
+            scheme,
+            http: http.build().unwrap(),
         };
         site.start_node();
         site.node_token = std::fs::read_to_string(d.join("node-token")).unwrap().trim().to_string();
@@ -491,8 +504,10 @@ impl Site {
     }
 
     async fn call(&self, base: u16, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req =
-            self.http.request(method.parse().unwrap(), format!("http://127.0.0.1:{base}{path}")).bearer_auth(token);
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}://127.0.0.1:{base}{path}", self.scheme))
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -506,7 +521,7 @@ impl Site {
     /// one the hub may be killed under).
     pub fn hub_request(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
         self.http
-            .request(method.parse().unwrap(), format!("http://127.0.0.1:{}{path}", self.hub_api))
+            .request(method.parse().unwrap(), format!("{}://127.0.0.1:{}{path}", self.scheme, self.hub_api))
             .bearer_auth(&self.hub_token)
     }
 
@@ -525,7 +540,7 @@ impl Site {
         let port = if to_hub { self.hub_api } else { self.node_api };
         let mut req = self
             .http
-            .request(method.parse().unwrap(), format!("http://127.0.0.1:{port}{path}"))
+            .request(method.parse().unwrap(), format!("{}://127.0.0.1:{port}{path}", self.scheme))
             .header("content-type", "application/json")
             .body(body.to_string());
         if let Some(t) = token {

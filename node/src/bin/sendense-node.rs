@@ -64,6 +64,10 @@ struct ServeArgs {
     /// qcow2 image read as its disk, raw:PATH to copy an image file's bytes, or an nbd:// URL).
     #[arg(long = "vm")]
     vms: Vec<String>,
+    /// Serve the API over HTTPS with DIR's server-cert.pem and server-key.pem (node.toml's
+    /// api_tls; for direct mode across a network).
+    #[arg(long = "api-tls", value_name = "DIR")]
+    api_tls: Option<PathBuf>,
     /// Hub SSH address HOST[:PORT] (enables the tunnel).
     #[arg(long)]
     hub: Option<String>,
@@ -212,6 +216,14 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             }
             None => None,
         },
+        api_tls: match a.api_tls.or(file.api_tls) {
+            // Loaded now, so that a wrong directory stops the start, not the first connection.
+            Some(dir) => {
+                node::https::ApiTls::load(&dir).with_context(|| format!("api_tls = {}", dir.display()))?;
+                Some(dir)
+            }
+            None => None,
+        },
         tunnel,
         vms,
         copy,
@@ -224,6 +236,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let api_tls = match &settings.api_tls {
+        Some(dir) => {
+            Some(Arc::new(node::https::ApiTls::load(dir).with_context(|| format!("api_tls = {}", dir.display()))?))
+        }
+        None => None,
+    };
     let tunnel = match &settings.tunnel {
         Some(t) => Some(tunnel::Tunnel::start(t.clone()).await.context("tunnel")?),
         None => None,
@@ -246,6 +264,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(AppState { jobs: Arc::clone(&jobs), tunnel });
     tracing::info!(
         listen = %settings.listen,
+        https = settings.api_tls.is_some(),
         vms = settings.vms.len(),
         tunnel = settings.tunnel.as_ref().map(|t| format!("{}:{}", t.hub_host, t.hub_port)),
         "sendense-node serving"
@@ -259,7 +278,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: pausing backups, replications and restores for the next start");
         jobs.hand_over(node::jobs::PAUSE_WITHIN).await;
     };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await.context("serve")?;
+    node::https::serve(listener, api_tls, router(state), shutdown).await.context("serve")?;
     reloader.abort();
     Ok(())
 }
@@ -334,6 +353,7 @@ async fn copy(a: CopyArgs) -> anyhow::Result<()> {
         state_dir,
         restore_dir: None,
         nbd_hosts: config::NbdHosts::Any,
+        api_tls: None,
         nbd_tls: a.nbd_tls.clone(),
         tunnel: None,
         vms,

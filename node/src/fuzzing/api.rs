@@ -48,6 +48,7 @@ fn node() -> Result<Service, String> {
         state_dir: dir.path().join("state"),
         restore_dir: Some(dir.path().join("restores")),
         nbd_hosts: NbdHosts::Only(Vec::new()),
+        api_tls: None,
         nbd_tls: None,
         tunnel: None,
         vms: config::resolve_vms(vms)?,

@@ -4,8 +4,8 @@
 //!
 //! Taken up: `[[vm]]` (and `--vm`), `[copy]` and `nbd_hosts`; each job takes what it needs when
 //! it starts, so jobs under way go on with what they started with (a VM removed keeps its
-//! running job to the end). Not taken up: `listen`, `token_file`, `state_dir`, `restore_dir` and
-//! `[tunnel]`, which the node's listener, API, change maps and tunnel were built from; a reload
+//! running job to the end). Not taken up: `listen`, `token_file`, `api_tls`, `state_dir`,
+//! `restore_dir` and `[tunnel]`, which the node's listener, API, change maps and tunnel were built from; a reload
 //! that changes one applies the rest, names those in its log line and in
 //! `sendense_node_config_restart_pending`, and keeps their values as they were. A file that does
 //! not check is refused before it reaches this module (the caller's
@@ -51,6 +51,7 @@ impl Jobs {
         let restart_only = [
             ("listen", old.listen != new.listen),
             ("token_file", old.token != new.token),
+            ("api_tls", old.api_tls != new.api_tls),
             ("state_dir", old.state_dir != new.state_dir),
             ("restore_dir", old.restore_dir != new.restore_dir),
             ("tunnel", tunnel(&old) != tunnel(&new)),
@@ -80,6 +81,7 @@ impl Jobs {
         let merged = Settings {
             listen: old.listen,
             token: old.token.clone(),
+            api_tls: old.api_tls.clone(),
             state_dir: old.state_dir.clone(),
             restore_dir: old.restore_dir.clone(),
             tunnel: old.tunnel.clone(),
@@ -123,6 +125,7 @@ mod tests {
             restore_dir: None,
             nbd_hosts: NbdHosts::Only(vec![]),
             nbd_tls: None,
+            api_tls: None,
             tunnel: None,
             vms: resolve_vms(files).unwrap(),
             copy: CopyOptions::default(),

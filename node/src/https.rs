@@ -1,0 +1,244 @@
+//! The services' APIs over HTTPS (`api_tls = DIR` in node.toml and hub.toml, `--api-tls DIR`):
+//! in direct mode an API crosses a network, and its bearer tokens and job requests must not
+//! travel in clear. The hub uses this module for its own API too.
+//!
+//! [`ApiListener`] is a listener for `axum::serve` that accepts TCP connections and hands axum
+//! TLS streams, so the routers, graceful shutdown and the rest are what they are over plain
+//! HTTP. Each handshake runs in a task of its own (at most [`MAX_HANDSHAKES`] at once, each
+//! given [`HANDSHAKE_TIMEOUT`]): done inside `accept`, one client that connects and stays silent
+//! would hold every other up. A plain-HTTP request (its first byte does not open a TLS record)
+//! is answered with the API's JSON error, a 400 saying to use `https://`, rather than a reset:
+//! that mistake is the usual one.
+//!
+//! The directory is in qemu's layout, as the NBD ports' `nbd_tls` is (`server-cert.pem` with
+//! any intermediates, `server-key.pem`), so one PKI serves both. The two files are looked at
+//! again at each connection and read again when either changed (length, time, inode), so a
+//! certificate renewed in place needs no restart; one that does not load is logged and the last
+//! good one goes on serving. Clients are not asked for certificates: the bearer token
+//! authenticates them, as over the tunnel.
+//!
+//! Built on `axum::serve` rather than a crate such as axum-server, which would bring a second
+//! server stack for what is, here, an accept loop: the TLS itself is rustls (`tokio-rustls`) on
+//! the crypto provider the tunnel and the NBD ports already use.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use nbd_server::tls::{TlsError, SERVER_CERT, SERVER_KEY};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Handshakes under way at once; a connection past them waits in the kernel's backlog.
+pub const MAX_HANDSHAKES: usize = 64;
+/// How long a client has to finish its handshake (or send its plain-HTTP request).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first byte of a TLS record that carries a handshake (RFC 8446 5.1).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// The body of the answer to a request in clear, in the APIs' error shape.
+const PLAIN_HTTP_REFUSAL: &str =
+    r#"{"error":"this API is served over HTTPS (api_tls): use https://","code":"https_required"}"#;
+
+/// Serve `router` on `tcp` until `shutdown` resolves (then gracefully, as `axum::serve` does):
+/// over HTTPS with `tls`, else over plain HTTP, warned about when the address is not loopback.
+///
+/// # Errors
+/// As `axum::serve`.
+pub async fn serve(
+    tcp: TcpListener,
+    tls: Option<Arc<ApiTls>>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match tls {
+        Some(tls) => axum::serve(ApiListener::new(tcp, tls), router).with_graceful_shutdown(shutdown).await,
+        None => {
+            if let Ok(addr) = tcp.local_addr().map(|a| a.ip()) {
+                if !addr.is_loopback() {
+                    tracing::warn!(%addr, "the API is served in clear on a network address: set api_tls for HTTPS");
+                }
+            }
+            axum::serve(tcp, router).with_graceful_shutdown(shutdown).await
+        }
+    }
+}
+
+/// The server certificate of an API, read again when its files change (module doc).
+pub struct ApiTls {
+    dir: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+struct Loaded {
+    stamp: Stamp,
+    acceptor: TlsAcceptor,
+}
+
+/// What tells that the certificate or the key was replaced: each one's length, time and inode.
+type Stamp = [Option<(u64, Option<SystemTime>, u64)>; 2];
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTls").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl ApiTls {
+    /// The credentials in `dir` (`server-cert.pem`, `server-key.pem`), loaded now so that a
+    /// directory that does not load stops the start.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file at fault.
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let stamp = stamp(dir);
+        let acceptor = acceptor(dir)?;
+        Ok(Self { dir: dir.to_path_buf(), loaded: Mutex::new(Loaded { stamp, acceptor }) })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The acceptor for a new connection: the files read again if they changed since.
+    fn acceptor(&self) -> TlsAcceptor {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = stamp(&self.dir);
+        if now != loaded.stamp {
+            match acceptor(&self.dir) {
+                Ok(fresh) => {
+                    tracing::info!(dir = %self.dir.display(), "API certificate read again: its files changed");
+                    loaded.acceptor = fresh;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "API certificate changed but does not load: the last one serves on")
+                }
+            }
+            // Not tried again until the files change again.
+            loaded.stamp = now;
+        }
+        loaded.acceptor.clone()
+    }
+}
+
+/// An acceptor for `dir`'s certificate, speaking HTTP/1.1 (what the routers serve).
+fn acceptor(dir: &Path) -> Result<TlsAcceptor, TlsError> {
+    let mut config = nbd_server::tls::server_config(dir, false)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn stamp(dir: &Path) -> Stamp {
+    [SERVER_CERT, SERVER_KEY]
+        .map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
+}
+
+/// A TCP listener whose connections `axum::serve` gets as TLS streams (module doc).
+pub struct ApiListener {
+    tcp: TcpListener,
+    tls: Arc<ApiTls>,
+    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
+}
+
+impl ApiListener {
+    /// Serve HTTPS on `tcp` with `tls`'s certificate.
+    pub fn new(tcp: TcpListener, tls: Arc<ApiTls>) -> Self {
+        Self { tcp, tls, handshakes: JoinSet::new() }
+    }
+}
+
+impl axum::serve::Listener for ApiListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    // Cancel-safe, as `axum::serve` needs: a TCP accept and `join_next` lose nothing when
+    // dropped, and the handshakes live in `self`.
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            tokio::select! {
+                (stream, peer) = axum::serve::Listener::accept(&mut self.tcp), if self.handshakes.len() < MAX_HANDSHAKES => {
+                    self.handshakes.spawn(handshake(self.tls.acceptor(), stream, peer));
+                }
+                Some(done) = self.handshakes.join_next() => {
+                    if let Ok(Some(connection)) = done {
+                        return connection;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// TLS on one connection, within [`HANDSHAKE_TIMEOUT`]; `None` when it did not come about (the
+/// reason logged), a request in clear answered first.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
+    let work = async {
+        let _ = stream.set_nodelay(true);
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.ok()? == 0 {
+            return None;
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            tracing::debug!(%peer, "plain HTTP to the HTTPS API: refused");
+            refuse_plain_http(stream).await;
+            return None;
+        }
+        match acceptor.accept(stream).await {
+            Ok(tls) => Some((tls, peer)),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "API TLS handshake failed");
+                None
+            }
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
+        Ok(connection) => connection,
+        Err(_) => {
+            tracing::debug!(%peer, "API TLS handshake not finished in time");
+            None
+        }
+    }
+}
+
+/// The 400 of a request in clear, after taking in what the client sent (so that closing does
+/// not reset the connection under its reading).
+async fn refuse_plain_http(mut stream: TcpStream) {
+    let mut request = [0u8; 4096];
+    let _ = stream.read(&mut request).await;
+    let _ = stream.write_all(plain_http_refusal().as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn plain_http_refusal() -> String {
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{PLAIN_HTTP_REFUSAL}",
+        PLAIN_HTTP_REFUSAL.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_an_api_error() {
+        let text = plain_http_refusal();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 ") && head.contains(&format!("content-length: {}\r\n", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["code"], "https_required");
+    }
+}
