@@ -258,7 +258,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     // Compression waits, off, until step 8 turns it on by a reload.
     tokio::spawn(Arc::clone(&hub).rewrite_loop());
     let demo_hub = Arc::clone(&hub);
-    tokio::spawn(async move { axum::serve(api_listener, crate::http::router(hub)).await });
+    serve_api(api_listener, crate::http::router(hub));
 
     // The node, with its tunnel to the hub's endpoint.
     let mut tunnel = tunnel::ClientConfig::new(
@@ -308,7 +308,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let jobs = Arc::new(node::jobs::Jobs::new(Arc::new(node_settings)).through_tunnel(node_tunnel.dialer()));
     let state = Arc::new(node::http::AppState { jobs, tunnel: Some(node_tunnel) });
     let node_listener = tokio::net::TcpListener::bind(("127.0.0.1", node_api)).await?;
-    tokio::spawn(async move { axum::serve(node_listener, node::http::router(state)).await });
+    serve_api(node_listener, node::http::router(state));
     println!("hub API 127.0.0.1:{hub_api}, SSH endpoint 127.0.0.1:{ssh_port} ({fingerprint}); node API 127.0.0.1:{node_api}, tunnel up, reverse 127.0.0.1:{reverse}");
 
     let api = Api { url: format!("http://127.0.0.1:{hub_api}"), token: hub_token, http: reqwest::Client::new() };
@@ -517,4 +517,9 @@ fn write_private(path: &Path, key: &tunnel::PrivateKey) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(text.as_bytes())?;
     Ok(())
+}
+
+/// An API served in plain HTTP on loopback, as the services serve theirs, for the demo's life.
+fn serve_api(listener: tokio::net::TcpListener, router: axum::Router) {
+    tokio::spawn(node::api_server::serve(listener, None, router, Default::default(), std::future::pending()));
 }

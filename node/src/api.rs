@@ -400,8 +400,11 @@ impl NodeClient {
 
     fn build(base: String, token: Option<String>, roots: Option<Vec<reqwest::Certificate>>) -> Result<Self, ApiError> {
         let base = base.trim_end_matches('/').to_string();
-        let mut builder =
-            reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(10));
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            // Below the 60 s an API gives an idle connection (`crate::api_server::Limits`).
+            .pool_idle_timeout(Duration::from_secs(20));
         if let Some(roots) = roots {
             builder = builder.tls_certs_only(roots);
         }

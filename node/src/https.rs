@@ -1,25 +1,20 @@
 //! The services' APIs over HTTPS (`api_tls = DIR` in node.toml and hub.toml, `--api-tls DIR`):
 //! in direct mode an API crosses a network, and its bearer tokens and job requests must not
-//! travel in clear. The hub uses this module for its own API too.
+//! travel in clear. [`crate::api_server`] runs [`handshake`] on each connection it accepts when
+//! the API has an [`ApiTls`].
 //!
-//! [`ApiListener`] is a listener for `axum::serve` that accepts TCP connections and hands axum
-//! TLS streams, so the routers, graceful shutdown and the rest are what they are over plain
-//! HTTP. Each handshake runs in a task of its own (at most [`MAX_HANDSHAKES`] at once, each
-//! given [`HANDSHAKE_TIMEOUT`]): done inside `accept`, one client that connects and stays silent
-//! would hold every other up. A plain-HTTP request (its first byte does not open a TLS record)
-//! is answered with the API's JSON error, a 400 saying to use `https://`, rather than a reset:
-//! that mistake is the usual one.
+//! A plain-HTTP request (its first byte does not open a TLS record) is answered with the API's
+//! JSON error, a 400 saying to use `https://`, rather than a reset: that mistake is the usual one.
+//! A handshake gets [`HANDSHAKE_TIMEOUT`], so that a client that connects and stays silent holds
+//! its connection slot only that long.
 //!
 //! The directory is in qemu's layout, as the NBD ports' `nbd_tls` is (`server-cert.pem` with
 //! any intermediates, `server-key.pem`), so one PKI serves both. The two files are looked at
 //! again at each connection and read again when either changed (length, time, inode), so a
 //! certificate renewed in place needs no restart; one that does not load is logged and the last
 //! good one goes on serving. Clients are not asked for certificates: the bearer token
-//! authenticates them, as over the tunnel.
-//!
-//! Built on `axum::serve` rather than a crate such as axum-server, which would bring a second
-//! server stack for what is, here, an accept loop: the TLS itself is rustls (`tokio-rustls`) on
-//! the crypto provider the tunnel and the NBD ports already use.
+//! authenticates them, as over the tunnel. rustls (`tokio-rustls`) on the crypto provider the
+//! tunnel and the NBD ports already use; HTTP/1.1 is the protocol offered (ALPN).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -29,13 +24,10 @@ use std::time::{Duration, SystemTime};
 
 use nbd_server::tls::{TlsError, SERVER_CERT, SERVER_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// Handshakes under way at once; a connection past them waits in the kernel's backlog.
-pub const MAX_HANDSHAKES: usize = 64;
 /// How long a client has to finish its handshake (or send its plain-HTTP request).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS record that carries a handshake (RFC 8446 5.1).
@@ -43,30 +35,6 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The body of the answer to a request in clear, in the APIs' error shape.
 const PLAIN_HTTP_REFUSAL: &str =
     r#"{"error":"this API is served over HTTPS (api_tls): use https://","code":"https_required"}"#;
-
-/// Serve `router` on `tcp` until `shutdown` resolves (then gracefully, as `axum::serve` does):
-/// over HTTPS with `tls`, else over plain HTTP, warned about when the address is not loopback.
-///
-/// # Errors
-/// As `axum::serve`.
-pub async fn serve(
-    tcp: TcpListener,
-    tls: Option<Arc<ApiTls>>,
-    router: axum::Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    match tls {
-        Some(tls) => axum::serve(ApiListener::new(tcp, tls), router).with_graceful_shutdown(shutdown).await,
-        None => {
-            if let Ok(addr) = tcp.local_addr().map(|a| a.ip()) {
-                if !addr.is_loopback() {
-                    tracing::warn!(%addr, "the API is served in clear on a network address: set api_tls for HTTPS");
-                }
-            }
-            axum::serve(tcp, router).with_graceful_shutdown(shutdown).await
-        }
-    }
-}
 
 /// The server certificate of an API, read again when its files change (module doc).
 pub struct ApiTls {
@@ -98,11 +66,6 @@ impl ApiTls {
         let stamp = stamp(dir);
         let acceptor = acceptor(dir)?;
         Ok(Self { dir: dir.to_path_buf(), loaded: Mutex::new(Loaded { stamp, acceptor }) })
-    }
-
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The acceptor for a new connection: the files read again if they changed since.
@@ -138,55 +101,11 @@ fn stamp(dir: &Path) -> Stamp {
         .map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
 }
 
-/// A TCP listener whose connections `axum::serve` gets as TLS streams (module doc).
-pub struct ApiListener {
-    tcp: TcpListener,
-    tls: Arc<ApiTls>,
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
-}
-
-impl ApiListener {
-    /// Serve HTTPS on `tcp` with `tls`'s certificate.
-    pub fn new(tcp: TcpListener, tls: Arc<ApiTls>) -> Self {
-        Self { tcp, tls, handshakes: JoinSet::new() }
-    }
-}
-
-impl axum::serve::Listener for ApiListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    // Cancel-safe, as `axum::serve` needs: a TCP accept and `join_next` lose nothing when
-    // dropped, and the handshakes live in `self`.
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                (stream, peer) = axum::serve::Listener::accept(&mut self.tcp), if self.handshakes.len() < MAX_HANDSHAKES => {
-                    self.handshakes.spawn(handshake(self.tls.acceptor(), stream, peer));
-                }
-                Some(done) = self.handshakes.join_next() => {
-                    if let Ok(Some(connection)) = done {
-                        return connection;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
-/// TLS on one connection, within [`HANDSHAKE_TIMEOUT`]; `None` when it did not come about (the
-/// reason logged), a request in clear answered first.
-async fn handshake(
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    peer: SocketAddr,
-) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
+/// TLS on one connection with `tls`'s certificate of the moment, within [`HANDSHAKE_TIMEOUT`];
+/// `None` when it did not come about (the reason logged), a request in clear answered first.
+pub(crate) async fn handshake(tls: &ApiTls, stream: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
+    let acceptor = tls.acceptor();
     let work = async {
-        let _ = stream.set_nodelay(true);
         let mut first = [0u8; 1];
         if stream.peek(&mut first).await.ok()? == 0 {
             return None;
@@ -197,7 +116,7 @@ async fn handshake(
             return None;
         }
         match acceptor.accept(stream).await {
-            Ok(tls) => Some((tls, peer)),
+            Ok(stream) => Some(stream),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "API TLS handshake failed");
                 None

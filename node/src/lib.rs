@@ -15,8 +15,8 @@
 //! - [`files`]: records and restored disks replaced whole, private directories.
 //! - [`inuse`]: whether a running VM's qemu holds a disk open for writing.
 //! - [`jobs`]: one job per VM, hooks, commit, restores.
-//! - [`http`] and [`metrics`]: the API (axum) and `/metrics`; [`https`]: both services' APIs
-//!   over HTTPS (`api_tls`).
+//! - [`http`] and [`metrics`]: the API (axum) and `/metrics`; [`api_server`]: how both
+//!   services serve their APIs (bounded, graceful), [`https`]: over HTTPS (`api_tls`).
 //! - [`progress`]: the terminal progress display of `sendense-node copy`.
 //! - [`service`]: logging, runtime, errors and signals (stop, reload) of the service binaries.
 //! - `fuzzing` (feature `fuzzing`): the entry points of the `node_inputs` and `node_api` fuzz
@@ -26,6 +26,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod api;
+pub mod api_server;
 pub mod blockmap;
 pub mod blocks;
 pub mod config;

@@ -294,7 +294,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         })
     };
     let shutdown = node::service::shutdown_signal();
-    node::https::serve(listener, api_tls, hub::http::router(Arc::clone(&hub)), shutdown).await.context("serve")?;
+    node::api_server::serve(listener, api_tls, hub::http::router(Arc::clone(&hub)), Default::default(), shutdown)
+        .await
+        .context("serve")?;
     tracing::info!("shutting down: closing exports, handing the runs under way over to the next start");
     reaper.abort();
     reloader.abort();

@@ -278,7 +278,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: pausing backups, replications and restores for the next start");
         jobs.hand_over(node::jobs::PAUSE_WITHIN).await;
     };
-    node::https::serve(listener, api_tls, router(state), shutdown).await.context("serve")?;
+    node::api_server::serve(listener, api_tls, router(state), Default::default(), shutdown).await.context("serve")?;
     reloader.abort();
     Ok(())
 }
