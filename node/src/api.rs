@@ -348,6 +348,31 @@ pub enum ApiError {
     },
 }
 
+/// The most of an answer [`NodeClient`] takes in (16 MiB): a node's answers are a few KiB (a
+/// job's view) to a few MiB (thousands of VMs); past this, one that sends without end (broken,
+/// or not what it claims to be) fails the call instead of filling the hub's memory.
+pub const MAX_ANSWER: usize = 16 << 20;
+/// Characters of an error answer that is not the API's JSON kept in [`ApiError::Status`].
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// `resp`'s body, at most [`MAX_ANSWER`] bytes of it.
+async fn answer(mut resp: reqwest::Response, url: &str) -> Result<Vec<u8>, ApiError> {
+    let too_long = |what: String| ApiError::Malformed { url: url.to_string(), reason: format!("{what}: refused") };
+    if let Some(length) = resp.content_length().filter(|n| *n > MAX_ANSWER as u64) {
+        return Err(too_long(format!("an answer of {length} bytes, more than the {MAX_ANSWER} taken")));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) =
+        resp.chunk().await.map_err(|source| ApiError::Unreachable { url: url.to_string(), source })?
+    {
+        if bytes.len() + chunk.len() > MAX_ANSWER {
+            return Err(too_long(format!("an answer longer than the {MAX_ANSWER} bytes taken")));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
 /// `error`, then each error under it, joined by `: `.
 fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
@@ -428,13 +453,16 @@ impl NodeClient {
         }
         let resp = req.send().await.map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+        let bytes = answer(resp, &url).await?;
         if !status.is_success() {
             let body: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
             return Err(ApiError::Status {
                 status: status.as_u16(),
                 code: body.as_ref().map(|b| b.code.clone()).unwrap_or_default(),
-                message: body.map(|b| b.error).unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+                message: body.map(|b| b.error).unwrap_or_else(|| {
+                    let text = String::from_utf8_lossy(&bytes);
+                    text.chars().take(MAX_ERROR_TEXT).collect()
+                }),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Malformed { url, reason: e.to_string() })
@@ -516,6 +544,40 @@ impl NodeClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that answers every request on one connection with `head` and then `chunk`
+    /// again and again until the client goes.
+    async fn endless(head: &'static str, chunk: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = s.read(&mut request).await;
+            let _ = s.write_all(head.as_bytes()).await;
+            while s.write_all(&chunk).await.is_ok() {}
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_limit_fails_the_call_without_being_taken_in() {
+        // Said to be too long: refused before its body.
+        let url = endless("HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n", vec![b' '; 1 << 16]).await;
+        let err = NodeClient::new(url, None).unwrap().vms().await.unwrap_err();
+        assert!(err.to_string().contains("99999999999 bytes, more than the 16777216"), "{err}");
+        // Chunked without end: refused once past it.
+        let mut chunk = format!("{:x}\r\n", 1 << 16).into_bytes();
+        chunk.extend(std::iter::repeat_n(b' ', 1 << 16));
+        chunk.extend_from_slice(b"\r\n");
+        let url = endless("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", chunk).await;
+        let err = NodeClient::new(url, None).unwrap().vms().await.unwrap_err();
+        assert!(
+            matches!(err, ApiError::Malformed { .. }) && err.to_string().contains("longer than the 16777216 bytes"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn counters_a_node_reports_are_summed_without_overflowing() {
