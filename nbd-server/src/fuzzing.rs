@@ -99,7 +99,7 @@ fn session_as(data: &[u8], tls: Tls) -> Outcome {
         structured: session.structured,
         mode: session.mode,
         allocation_context: session.allocation_context,
-        bitmap_context: session.bitmap_context,
+        bitmap_contexts: session.bitmap_contexts,
         max_payload: MAX_PAYLOAD,
         sendfile: false,
     };
@@ -131,7 +131,7 @@ pub fn request_stream(data: &[u8]) -> Outcome {
         structured,
         mode,
         allocation_context: structured.then_some(1),
-        bitmap_context: None,
+        bitmap_contexts: 0,
         max_payload: MAX_PAYLOAD,
         sendfile: false,
     };

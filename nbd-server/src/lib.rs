@@ -74,6 +74,6 @@ pub use backend::{
 };
 pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;
-pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError};
+pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError, MAX_BITMAPS};
 pub use tls::{ClientTls, TlsCredentials, TlsError};
 pub use zero_copy::{ReceiveBytes, SendBytes};

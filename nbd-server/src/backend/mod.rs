@@ -215,7 +215,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The dirty bitmap `name` over the range starting at `offset`: consecutive extents from
     /// `offset`, at least one, flag 1 where dirty (`qemu:dirty-bitmap:NAME`). Only for a bitmap
     /// the backend can vouch for; the export offers it when configured with
-    /// [`crate::ExportConfig::bitmap`].
+    /// [`crate::ExportConfig::bitmaps`].
     async fn bitmap_status(&self, _name: &str, _offset: u64, _length: u64) -> BackendResult<Vec<Extent>> {
         Err(BackendError::unsupported("dirty bitmaps"))
     }

@@ -69,9 +69,10 @@ pub struct Qcow2Backend {
     write_gate: super::gate::WriteGate,
     /// The ring of `--aio=io_uring` (`uring.rs`), shared by clones.
     uring: Option<Arc<Uring>>,
-    /// The bitmap block status last asked for, found once (a read-only image's bitmaps do not
-    /// change under it): its directory is not read again for every request.
-    bitmap: Arc<std::sync::Mutex<Option<qcow2::Bitmap>>>,
+    /// The bitmaps block status was asked for, each found once (a read-only image's bitmaps do
+    /// not change under it): the directory is not read again for every request. At most
+    /// [`crate::MAX_BITMAPS`] kept (an export offers no more).
+    bitmaps: Arc<std::sync::Mutex<Vec<qcow2::Bitmap>>>,
 }
 
 fn convert(e: qcow2::Error) -> BackendError {
@@ -130,7 +131,7 @@ impl Qcow2Backend {
 
     /// Serve an already open image.
     pub fn from_image(image: Arc<Image>) -> Self {
-        Self { image, write_gate: Default::default(), uring: None, bitmap: Arc::default() }
+        Self { image, write_gate: Default::default(), uring: None, bitmaps: Arc::default() }
     }
 
     /// Send the data of writes, and the reads the page cache cannot serve, through one io_uring
@@ -357,10 +358,17 @@ impl Backend for Qcow2Backend {
     async fn bitmap_status(&self, name: &str, offset: u64, length: u64) -> BackendResult<Vec<Extent>> {
         let length = length.min(MAX_STATUS_SPAN).min(self.image.size().saturating_sub(offset));
         let bitmap = {
-            let mut found = self.bitmap.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match &*found {
-                Some(b) if b.name == name => b.clone(),
-                _ => found.insert(self.trusted_bitmap(name)?).clone(),
+            let mut found = self.bitmaps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match found.iter().find(|b| b.name == name) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = self.trusted_bitmap(name)?;
+                    if found.len() >= crate::MAX_BITMAPS {
+                        found.clear();
+                    }
+                    found.push(b.clone());
+                    b
+                }
             }
         };
         let runs = self.image.bitmap_runs(&bitmap, offset, length).map_err(convert)?;

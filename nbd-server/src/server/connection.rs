@@ -299,7 +299,7 @@ where
         structured: session.structured,
         mode: session.mode,
         allocation_context: session.allocation_context,
-        bitmap_context: session.bitmap_context,
+        bitmap_contexts: session.bitmap_contexts,
         max_payload: u64::from(config.max_payload),
         sendfile: writer.tcp().is_some(),
     };

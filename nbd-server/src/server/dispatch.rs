@@ -15,7 +15,8 @@ use crate::backend::{BackendError, BackendErrorKind, FileExtent, PipedData, Zero
 use crate::proto::consts::{cmd_flags, errno, transmission_flags as tf};
 use crate::proto::transmission::{self as tx, Command, Extent, HeaderMode, Request};
 
-use super::export::{bump, Export};
+use super::export::{bitmap_bit, bump, Export};
+use super::negotiate::BITMAP_CONTEXT_ID;
 
 /// What validation needs to know about the connection.
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +26,9 @@ pub(crate) struct Limits {
     pub structured: bool,
     pub mode: HeaderMode,
     pub allocation_context: Option<u32>,
-    pub bitmap_context: Option<u32>,
+    /// The export's bitmaps selected, bit `i` for its bitmap `i` (context id
+    /// `BITMAP_CONTEXT_ID + i`).
+    pub bitmap_contexts: u64,
     pub max_payload: u64,
     /// The connection can send file data straight from the file (`sendfile`, TCP).
     pub sendfile: bool,
@@ -120,7 +123,7 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Refusal> {
             }
         }
         Command::BlockStatus => {
-            if l.allocation_context.is_none() && l.bitmap_context.is_none() {
+            if l.allocation_context.is_none() && l.bitmap_contexts == 0 {
                 return Err(refuse(errno::EINVAL, "no metadata context was selected for this export"));
             }
             if req.length == 0 {
@@ -483,8 +486,8 @@ pub(crate) fn shape_extents(raw: &[Extent], length: u64, req_one: bool, mode: He
 }
 
 /// One block status chunk per selected context, the last marked done: `base:allocation` (where
-/// the backend cannot tell, "data" is always true), then the dirty bitmap, whose bits cannot be
-/// guessed: if the backend fails it, the request fails.
+/// the backend cannot tell, "data" is always true), then each dirty bitmap selected, in the
+/// export's order, whose bits cannot be guessed: if the backend fails one, the request fails.
 async fn block_status(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply {
     let one = req.flags & cmd_flags::REQ_ONE != 0;
     let mut chunks: Vec<(u32, Vec<Extent>)> = Vec::new();
@@ -503,7 +506,8 @@ async fn block_status(export: &Arc<Export>, req: &Request, l: &Limits) -> Reply 
         };
         chunks.push((id, shape_extents(&raw, req.length, one, l.mode)));
     }
-    if let (Some(id), Some(name)) = (l.bitmap_context, &export.bitmap) {
+    let selected = export.bitmaps.iter().zip(BITMAP_CONTEXT_ID..).enumerate();
+    for (name, id) in selected.filter(|(i, _)| l.bitmap_contexts & bitmap_bit(*i) != 0).map(|(_, b)| b) {
         match export.backend.bitmap_status(name, req.offset, req.length).await {
             Ok(raw) if !raw.is_empty() => chunks.push((id, shape_extents(&raw, req.length, one, l.mode))),
             Ok(_) => return error_reply(req, l, errno::EIO, &format!("bitmap {name}: no status for this range")),
@@ -562,7 +566,7 @@ mod tests {
             structured: true,
             mode: HeaderMode::Compact,
             allocation_context: Some(1),
-            bitmap_context: None,
+            bitmap_contexts: 0,
             max_payload: 1 << 25,
             sendfile: false,
         }
@@ -593,7 +597,7 @@ mod tests {
         let ro = Limits { flags: l.flags | tf::READ_ONLY, ..l };
         assert_eq!(err(req(Command::Write, 0, 1, 0), &ro), errno::EPERM);
         assert_eq!(err(req(Command::Trim, 0, 1, 0), &ro), errno::EPERM);
-        let no_ctx = Limits { allocation_context: None, bitmap_context: None, ..l };
+        let no_ctx = Limits { allocation_context: None, bitmap_contexts: 0, ..l };
         assert_eq!(err(req(Command::BlockStatus, 0, 1, 0), &no_ctx), errno::EINVAL);
         assert!(validate(&req(Command::Write, 0, 1, cmd_flags::FUA), &l).is_ok());
         assert!(validate(&req(Command::Flush, 0, 0, cmd_flags::FUA), &l).is_ok());

@@ -29,9 +29,36 @@ pub struct ExportConfig {
     pub read_only: bool,
     /// Connections allowed at once (qemu-nbd's `--shared`); more get a clear option error.
     pub max_connections: usize,
-    /// A dirty bitmap of the backend offered as the `qemu:dirty-bitmap:NAME` metadata context
-    /// (qemu-nbd's `-B NAME`); the backend answers for it ([`Backend::bitmap_status`]).
-    pub bitmap: Option<String>,
+    /// Dirty bitmaps of the backend, each offered as a `qemu:dirty-bitmap:NAME` metadata
+    /// context (qemu-nbd's `-B NAME`, repeated); the backend answers for them
+    /// ([`Backend::bitmap_status`]). At most [`MAX_BITMAPS`], names distinct.
+    pub bitmaps: Vec<String>,
+}
+
+/// Dirty bitmaps one export offers at most (a connection's selection is one bit each).
+pub const MAX_BITMAPS: usize = 64;
+
+/// Bit `i` of a selection of bitmaps (none past [`MAX_BITMAPS`]).
+pub(crate) fn bitmap_bit(i: usize) -> u64 {
+    u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)).unwrap_or(0)
+}
+
+/// Why `names` cannot be an export's bitmaps, if they cannot.
+pub(crate) fn bitmaps_refused(names: &[String]) -> Option<String> {
+    if names.len() > MAX_BITMAPS {
+        return Some(format!("{} dirty bitmaps, more than the {MAX_BITMAPS} an export offers", names.len()));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let before = names.get(..i).unwrap_or_default();
+        // `qemu:dirty-bitmap:` and the name make one context name, an NBD string.
+        if name.is_empty() || name.contains('\0') || name.len() > crate::proto::consts::MAX_STRING_LEN - 18 {
+            return Some(format!("dirty bitmap name {name:?} is empty, holds NUL or is too long"));
+        }
+        if before.contains(name) {
+            return Some(format!("dirty bitmap {name} is named twice"));
+        }
+    }
+    None
 }
 
 impl std::fmt::Debug for ExportConfig {
@@ -55,7 +82,7 @@ impl ExportConfig {
             backend,
             read_only: false,
             max_connections: 1,
-            bitmap: None,
+            bitmaps: Vec::new(),
         }
     }
 
@@ -65,9 +92,9 @@ impl ExportConfig {
         self
     }
 
-    /// Offer the backend's dirty bitmap `name` as `qemu:dirty-bitmap:NAME`.
-    pub fn bitmap(mut self, name: Option<String>) -> Self {
-        self.bitmap = name;
+    /// Offer the backend's dirty bitmaps `names`, each as `qemu:dirty-bitmap:NAME`.
+    pub fn bitmaps(mut self, names: Vec<String>) -> Self {
+        self.bitmaps = names;
         self
     }
 
@@ -143,8 +170,9 @@ pub(crate) struct Export {
     pub backend: Arc<dyn Backend>,
     pub read_only: bool,
     pub max_connections: usize,
-    /// The dirty bitmap offered as a metadata context, by name.
-    pub bitmap: Option<String>,
+    /// The dirty bitmaps offered as metadata contexts, by name; the one at index `i` has the
+    /// context id `BITMAP_CONTEXT_ID + i` and bit `i` of a connection's selection.
+    pub bitmaps: Vec<String>,
     pub counters: Counters,
     /// Clients attached (what `max_connections` limits): released as soon as a client is gone.
     active: AtomicUsize,
@@ -168,7 +196,7 @@ impl Export {
             backend: config.backend,
             read_only,
             max_connections: config.max_connections.max(1),
-            bitmap: config.bitmap,
+            bitmaps: config.bitmaps,
             counters: Counters::default(),
             active: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
@@ -332,5 +360,21 @@ impl Registry {
 
     pub fn all(&self) -> Vec<Arc<Export>> {
         self.exports.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_are_refused_past_the_limit_twice_named_or_unnamed() {
+        let names = |n: usize| (0..n).map(|i| format!("b{i}")).collect::<Vec<_>>();
+        assert_eq!(bitmaps_refused(&names(MAX_BITMAPS)), None);
+        assert!(bitmaps_refused(&names(MAX_BITMAPS + 1)).is_some_and(|r| r.contains("more than the 64")));
+        assert!(bitmaps_refused(&["a".into(), "b".into(), "a".into()]).is_some_and(|r| r.contains("a is named twice")));
+        assert!(bitmaps_refused(&[String::new()]).is_some());
+        assert!(bitmaps_refused(&["x".repeat(4096)]).is_some());
+        assert_eq!((bitmap_bit(0), bitmap_bit(63), bitmap_bit(64)), (1, 1 << 63, 0));
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::tls::{TlsCredentials, TlsError};
-pub use export::{ExportConfig, ExportStats};
+pub use export::{ExportConfig, ExportStats, MAX_BITMAPS};
 pub use negotiate::Scope;
 
 use crate::zero_copy::SendBytes;
@@ -101,6 +101,15 @@ pub enum ServerError {
     /// The name is not a valid NBD string.
     #[error("invalid export name {0:?}: must be UTF-8 without NUL, at most 4096 bytes")]
     InvalidName(String),
+    /// The export's dirty bitmaps cannot be offered as asked: more than
+    /// [`crate::MAX_BITMAPS`], a name twice, or a name that is no NBD string.
+    #[error("export '{export}': {reason}")]
+    InvalidBitmaps {
+        /// Export name.
+        export: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Flushing and closing a removed export's backend ([`crate::Backend::close`]) failed: its
     /// data may not be durable.
     #[error("flushing export '{name}' failed: {source}")]
@@ -186,6 +195,9 @@ impl Server {
         let name = config.name.clone();
         if name.len() > crate::proto::consts::MAX_STRING_LEN || name.contains('\0') {
             return Err(ServerError::InvalidName(name));
+        }
+        if let Some(reason) = export::bitmaps_refused(&config.bitmaps) {
+            return Err(ServerError::InvalidBitmaps { export: name, reason });
         }
         let export =
             Arc::new(Export::new(config, self.shared.shutdown.child_token(), self.shared.hard_stop.child_token()));

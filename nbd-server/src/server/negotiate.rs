@@ -36,7 +36,8 @@ pub enum Scope {
 
 /// Context id we give `base:allocation`.
 pub(crate) const ALLOCATION_CONTEXT_ID: u32 = 1;
-/// Context id we give an export's `qemu:dirty-bitmap:NAME`.
+/// Context id we give an export's first `qemu:dirty-bitmap:NAME`; its bitmap `i` has this
+/// plus `i`.
 pub(crate) const BITMAP_CONTEXT_ID: u32 = 2;
 
 /// Where a connection stands with TLS.
@@ -71,7 +72,8 @@ pub(crate) struct Session {
     pub mode: HeaderMode,
     pub structured: bool,
     pub allocation_context: Option<u32>,
-    pub bitmap_context: Option<u32>,
+    /// The export's bitmaps selected, bit `i` for its bitmap `i`.
+    pub bitmap_contexts: u64,
     pub flags: u16,
 }
 
@@ -79,7 +81,8 @@ pub(crate) struct Session {
 struct Selected {
     export: String,
     allocation: bool,
-    bitmap: bool,
+    /// Bit `i`: the export's bitmap `i`.
+    bitmaps: u64,
 }
 
 impl Session {
@@ -301,12 +304,12 @@ impl<'a> Negotiator<'a> {
     fn session(&self, slot: ConnectionSlot, flags: u16) -> Session {
         let selected = self.meta.as_ref().filter(|m| self.structured && m.export == slot.export.name);
         let allocation_context = selected.filter(|m| m.allocation).map(|_| ALLOCATION_CONTEXT_ID);
-        let bitmap_context = selected.filter(|m| m.bitmap).map(|_| BITMAP_CONTEXT_ID);
+        let bitmap_contexts = selected.map_or(0, |m| m.bitmaps);
         Session {
             mode: if self.extended { HeaderMode::Extended } else { HeaderMode::Compact },
             structured: self.structured,
             allocation_context,
-            bitmap_context,
+            bitmap_contexts,
             flags,
             slot,
         }
@@ -381,10 +384,10 @@ impl<'a> Negotiator<'a> {
             self.unknown_export(out, option, req.export);
             return Step::Continue;
         };
-        // What the export offers: `base:allocation`, and its dirty bitmap if it has one.
-        let bitmap = export.bitmap.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+        // What the export offers: `base:allocation`, and its dirty bitmaps.
+        let bitmaps: Vec<String> = export.bitmaps.iter().map(|b| format!("qemu:dirty-bitmap:{b}")).collect();
         let mut offered = vec![(ALLOCATION_CONTEXT_ID, BASE_ALLOCATION)];
-        offered.extend(bitmap.as_deref().map(|b| (BITMAP_CONTEXT_ID, b)));
+        offered.extend(bitmaps.iter().zip(BITMAP_CONTEXT_ID..).map(|(name, id)| (id, name.as_str())));
         // A query names a context, or (listing only) a whole namespace such as "base:" or
         // "qemu:"; listing with no query lists everything, setting with none selects nothing.
         let wanted = |name: &str| {
@@ -402,7 +405,10 @@ impl<'a> Negotiator<'a> {
             self.meta = Some(Selected {
                 export: export.name.clone(),
                 allocation: chosen.iter().any(|(id, _)| *id == ALLOCATION_CONTEXT_ID),
-                bitmap: chosen.iter().any(|(id, _)| *id == BITMAP_CONTEXT_ID),
+                bitmaps: chosen
+                    .iter()
+                    .filter_map(|(id, _)| id.checked_sub(BITMAP_CONTEXT_ID))
+                    .fold(0, |mask, i| mask | super::export::bitmap_bit(i as usize)),
             });
         }
         encode_option_reply(out, option, rep::ACK, &[]);
@@ -566,54 +572,62 @@ mod tests {
     }
 
     #[test]
-    fn an_exports_bitmap_is_listed_and_selected_beside_base_allocation() {
+    fn an_exports_bitmaps_are_listed_and_selected_beside_base_allocation_each_with_its_id() {
         let reg = Registry::default();
         let cfg = ExportConfig::new("disk0", Arc::new(MemoryBackend::new(1 << 20)))
-            .bitmap(Some("b0".into()))
+            .bitmaps(vec!["b0".into(), "b1".into()])
             .max_connections(4);
         assert!(reg.insert(Arc::new(Export::new(cfg, CancellationToken::new(), CancellationToken::new()))).is_ok());
         let scope = Scope::All;
         let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
         n.handle(opt::STRUCTURED_REPLY, &[], &mut Vec::new());
+        let contexts = |out: &[u8]| {
+            replies(out)
+                .iter()
+                .filter(|(h, _)| h.reply == rep::META_CONTEXT)
+                .map(|(_, d)| {
+                    (u32::from_be_bytes([d[0], d[1], d[2], d[3]]), String::from_utf8_lossy(&d[4..]).into_owned())
+                })
+                .collect::<Vec<_>>()
+        };
         let listed = |n: &mut Negotiator, queries: &[&str]| {
             let mut out = Vec::new();
             n.handle(opt::LIST_META_CONTEXT, &hs::encode_meta_context_request("disk0", queries), &mut out);
-            let r = replies(&out);
-            r.iter()
-                .filter(|(h, _)| h.reply == rep::META_CONTEXT)
-                .map(|(_, d)| String::from_utf8_lossy(&d[4..]).into_owned())
-                .collect::<Vec<_>>()
+            contexts(&out).into_iter().map(|(_, name)| name).collect::<Vec<_>>()
         };
-        assert_eq!(listed(&mut n, &[]), [BASE_ALLOCATION, "qemu:dirty-bitmap:b0"]);
-        assert_eq!(listed(&mut n, &["qemu:"]), ["qemu:dirty-bitmap:b0"]);
-        assert_eq!(listed(&mut n, &["qemu:dirty-bitmap:b1"]), Vec::<String>::new());
-        // Selecting the bitmap alone: its id, and no base:allocation.
+        assert_eq!(listed(&mut n, &[]), [BASE_ALLOCATION, "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]);
+        assert_eq!(listed(&mut n, &["qemu:"]), ["qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"]);
+        assert_eq!(listed(&mut n, &["qemu:dirty-bitmap:b2"]), Vec::<String>::new());
+        // Selecting the second bitmap alone: its own id, and no base:allocation.
         let mut out = Vec::new();
         n.handle(
             opt::SET_META_CONTEXT,
-            &hs::encode_meta_context_request("disk0", &["qemu:dirty-bitmap:b0", "qemu:"]),
+            &hs::encode_meta_context_request("disk0", &["qemu:dirty-bitmap:b1", "qemu:"]),
             &mut out,
         );
+        assert_eq!(contexts(&out), [(BITMAP_CONTEXT_ID + 1, "qemu:dirty-bitmap:b1".to_string())]);
         let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
             panic!()
         };
-        assert_eq!(
-            (s.allocation_context, s.bitmap_context),
-            (None, Some(BITMAP_CONTEXT_ID)),
-            "a namespace selects nothing"
-        );
-        // Both, and an export without a bitmap selects only what it has.
+        assert_eq!((s.allocation_context, s.bitmap_contexts), (None, 0b10), "a namespace selects nothing");
+        // All three, and an export without bitmaps selects only what it has.
         let mut n = Negotiator::new(&reg, &scope, SIZES, 1);
         n.handle(opt::STRUCTURED_REPLY, &[], &mut Vec::new());
+        let mut out = Vec::new();
         n.handle(
             opt::SET_META_CONTEXT,
-            &hs::encode_meta_context_request("disk0", &[BASE_ALLOCATION, "qemu:dirty-bitmap:b0"]),
-            &mut Vec::new(),
+            &hs::encode_meta_context_request(
+                "disk0",
+                &[BASE_ALLOCATION, "qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"],
+            ),
+            &mut out,
         );
+        let ids: Vec<u32> = contexts(&out).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, [ALLOCATION_CONTEXT_ID, BITMAP_CONTEXT_ID, BITMAP_CONTEXT_ID + 1]);
         let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
             panic!()
         };
-        assert_eq!((s.allocation_context, s.bitmap_context), (Some(ALLOCATION_CONTEXT_ID), Some(BITMAP_CONTEXT_ID)));
+        assert_eq!((s.allocation_context, s.bitmap_contexts), (Some(ALLOCATION_CONTEXT_ID), 0b11));
         let plain = registry(4);
         let mut n = Negotiator::new(&plain, &scope, SIZES, 1);
         n.handle(opt::STRUCTURED_REPLY, &[], &mut Vec::new());
@@ -625,7 +639,7 @@ mod tests {
         let Step::Enter(s) = n.handle(opt::GO, &hs::encode_info_request("disk0", &[]), &mut Vec::new()) else {
             panic!()
         };
-        assert_eq!((s.allocation_context, s.bitmap_context), (None, None));
+        assert_eq!((s.allocation_context, s.bitmap_contexts), (None, 0));
     }
 
     #[test]

@@ -36,10 +36,10 @@ struct Args {
     #[arg(short = 'x', long = "export-name", default_value = "")]
     export_name: String,
     /// Offer the qcow2 image's persistent dirty bitmap NAME as the `qemu:dirty-bitmap:NAME`
-    /// metadata context (qemu-nbd's -B); needs -f qcow2 and -r (a writable export keeps no
-    /// bitmap), and a bitmap qemu does not have open for writing.
-    #[arg(short = 'B', long = "bitmap")]
-    bitmap: Option<String>,
+    /// metadata context (qemu-nbd's -B; repeat for more, up to 64); needs -f qcow2 and -r (a
+    /// writable export keeps no bitmap), and bitmaps qemu does not have open for writing.
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
     /// Export description shown by nbdinfo.
     #[arg(short = 'D', long = "description", default_value = "")]
     description: String,
@@ -145,7 +145,7 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
     let tuning = tuning(args)?;
     match args.format {
         Format::Raw => {
-            if let Some(name) = &args.bitmap {
+            if let Some(name) = args.bitmaps.first() {
                 bail!("-B {name}: a raw image has no bitmaps (-f qcow2)");
             }
             let mut b = if args.cache == CacheMode::None {
@@ -160,15 +160,15 @@ fn open_backend(args: &Args, path: &Path) -> anyhow::Result<Arc<dyn Backend>> {
             Ok(Arc::new(Tuned::new(b, tuning)))
         }
         Format::Qcow2 => {
+            // Before the image is opened: a writable open invalidates its bitmaps, and a refused
+            // command line must leave them as they were.
+            if let Some(name) = args.bitmaps.first().filter(|_| !args.read_only) {
+                bail!("-B {name}: sendense-nbd keeps no bitmap up to date on writes; export the image read-only (-r)");
+            }
             let options = ImageOptions::default().writable(!args.read_only).direct_io(args.cache == CacheMode::None);
             let mut b = Qcow2Backend::open_with(path, &options)
                 .with_context(|| format!("cannot open '{}' as qcow2", path.display()))?;
-            if let Some(name) = &args.bitmap {
-                if !args.read_only {
-                    bail!(
-                        "-B {name}: sendense-nbd keeps no bitmap up to date on writes; export the image read-only (-r)"
-                    );
-                }
+            for name in &args.bitmaps {
                 b.trusted_bitmap(name).map_err(|e| anyhow::anyhow!("-B {name}: {e}"))?;
             }
             if args.aio == AioMode::IoUring {
@@ -225,7 +225,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
             .description(args.description.clone())
             .read_only(args.read_only)
             .max_connections(args.shared)
-            .bitmap(args.bitmap.clone()),
+            .bitmaps(args.bitmaps.clone()),
     )?;
 
     let serving = match &args.socket {
