@@ -33,7 +33,7 @@ pub struct Outcome {
 const MAX_PAYLOAD: u64 = 1 << 25;
 
 /// Run a client byte stream (client flags, options, then requests) through negotiation and
-/// request validation against an export named "fuzz" of 1 MiB; then the same stream against a
+/// request validation against an export named "fuzz" of 1 MiB with two dirty bitmaps; then the same stream against a
 /// server that requires TLS, where an accepted `NBD_OPT_STARTTLS` starts a fresh negotiation
 /// on the bytes after it (as if the TLS handshake had happened). Returns the first's outcome.
 pub fn session(data: &[u8]) -> Outcome {
@@ -48,7 +48,10 @@ pub fn session_requiring_tls(data: &[u8]) -> Outcome {
 
 fn session_as(data: &[u8], tls: Tls) -> Outcome {
     let registry = crate::server::export::Registry::default();
-    let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20))).max_connections(2);
+    // Two bitmaps: metadata context ids and selections past the first are reached too.
+    let config = crate::server::ExportConfig::new("fuzz", Arc::new(MemoryBackend::new(1 << 20)))
+        .max_connections(2)
+        .bitmaps(vec!["b0".into(), "b1".into()]);
     let _ = registry.insert(Arc::new(crate::server::export::Export::new(
         config,
         CancellationToken::new(),
