@@ -599,6 +599,40 @@ async fn two_nodes_through_the_hub_endpoint_each_reach_only_their_own_ports() {
     assert!(first_bytes(la).await.is_empty(), "a released port is closed to its former node too");
 }
 
+/// An `api_tls` directory that does not load, or a node url that is not HTTP(S), is refused at
+/// start the same way: exit status 1 and one line naming it.
+#[test]
+fn a_bad_api_tls_or_node_url_stops_the_hub_at_start_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let empty = d.join("no-certificates").tap_mkdir();
+    for (extra, expected) in [
+        (format!("api_tls = \"{}\"", empty.display()), "server-cert.pem".to_string()),
+        (
+            "[[node]]\nname = \"n1\"\nurl = \"ftp://node1:8081\"".into(),
+            "node n1: url 'ftp://node1:8081' must be".into(),
+        ),
+        ("node_url = \"node1:8081\"".into(), "node default: url 'node1:8081' must be".into()),
+    ] {
+        let config = d.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:1\"\nrepo = \"{}\"\ntoken_file = \"{}\"\n{extra}\n",
+                d.join("repo").display(),
+                d.join("token").display()
+            ),
+        )
+        .unwrap();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_sendense-hub")).args(["serve", "--config"]).arg(&config).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&expected) && stderr.lines().count() == 1, "{extra}: {stderr}");
+        assert!(!d.join("repo").exists(), "nothing made before the config is whole");
+    }
+}
+
 trait TapMkdir {
     fn tap_mkdir(self) -> Self;
 }
