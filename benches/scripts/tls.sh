@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # NBD over TLS: sendense-nbd against qemu-nbd, both with `--object tls-creds-x509,...
 # --tls-creds tls0` on the same certificates (a CA, a server and a client certificate made here
-# with openssl; client certificates required, qemu's default), a raw image on tmpfs. Per
+# with openssl; client certificates required, qemu's default), a raw image (or with FORMAT
+# qcow2, a fresh `qemu-img create -f qcow2` image of SIZE) on tmpfs. Per
 # repetition and connection count (1 and 4), the two servers alternating: `nbdcopy --flush` of
 # SIZE MiB of random data into a fresh sparse image through `nbds://`, then `nbdcopy ... null:`
 # reading it back; `sync` and dropped caches before each write. Prints MB/s and the server's CPU
 # seconds per GB (user+system of the whole process, from /proc/PID/stat, over the copy); the
 # client (nbdcopy, libnbd on GnuTLS) is the same for both.
 #
-#   benches/scripts/tls.sh [SIZE_MIB=1024] [REPS=3] [DIR=/dev/shm/nb-tls]   (as root)
+#   benches/scripts/tls.sh [SIZE_MIB=1024] [REPS=3] [DIR=/dev/shm/nb-tls] [FORMAT=raw|qcow2]   (as root)
 set -euo pipefail
-size=${1:-1024} reps=${2:-3} dir=${3:-/dev/shm/nb-tls}
+size=${1:-1024} reps=${2:-3} dir=${3:-/dev/shm/nb-tls} format=${4:-raw}
+[[ $format == raw || $format == qcow2 ]] || { echo "FORMAT is raw or qcow2" >&2; exit 1; }
 bin=$(dirname "$0")/../../target/release/sendense-nbd
 [[ -x $bin ]] || { echo "build first: cargo build --release -p nbd-server" >&2; exit 1; }
 mkdir -p "$dir" /dev/shm/nb-tls-src
@@ -42,14 +44,15 @@ printf '%-12s %-5s %-5s %4s %10s %12s\n' server op conns rep MB/s "CPU s/GB"
 for rep in $(seq 1 "$reps"); do
   for conns in 1 4; do
     for server in sendense-nbd qemu-nbd; do
-      rm -f "$dir/img"; truncate -s "$((size << 20))" "$dir/img"
+      rm -f "$dir/img"
+      if [[ $format == raw ]]; then truncate -s "$((size << 20))" "$dir/img"; else qemu-img create -q -f qcow2 "$dir/img" "${size}M"; fi
       sync; echo 3 > /proc/sys/vm/drop_caches
       for op in write read; do
         ro=(); [[ $op == read ]] && ro=(-r)
         if [[ $server == sendense-nbd ]]; then
-          "$bin" -f raw -x e -p "$port" -t --shared=10 "${tls[@]}" "${ro[@]}" "$dir/img" & pid=$!
+          "$bin" -f "$format" -x e -p "$port" -t --shared=10 "${tls[@]}" "${ro[@]}" "$dir/img" & pid=$!
         else
-          qemu-nbd -f raw -x e -p "$port" -b 127.0.0.1 -t --shared=10 "${tls[@]}" "${ro[@]}" "$dir/img" & pid=$!
+          qemu-nbd -f "$format" -x e -p "$port" -b 127.0.0.1 -t --shared=10 "${tls[@]}" "${ro[@]}" "$dir/img" & pid=$!
         fi
         until nbdinfo --size "$url" >/dev/null 2>&1; do sleep 0.05; done
         c0=$(cpu "$pid"); start=$(date +%s.%N)
