@@ -599,13 +599,33 @@ async fn two_nodes_through_the_hub_endpoint_each_reach_only_their_own_ports() {
     assert!(first_bytes(la).await.is_empty(), "a released port is closed to its former node too");
 }
 
+/// `sendense-hub serve` with a hub.toml of `extra` (beside listen, repo and token_file) in `d`,
+/// which must refuse to start: exit status 1, nothing made. Its stderr.
+fn refused_at_start(d: &std::path::Path, extra: &str) -> String {
+    let config = d.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:1\"\nrepo = \"{}\"\ntoken_file = \"{}\"\n{extra}\n",
+            d.join("repo").display(),
+            d.join("token").display()
+        ),
+    )
+    .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_sendense-hub")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!d.join("repo").exists(), "nothing made before the config is whole");
+    stderr
+}
+
 /// An `api_tls` directory that does not load, or a node url that is not HTTP(S), is refused at
 /// start the same way: exit status 1 and one line naming it.
 #[test]
 fn a_bad_api_tls_or_node_url_stops_the_hub_at_start_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let empty = d.join("no-certificates").tap_mkdir();
+    let empty = dir.path().join("no-certificates").tap_mkdir();
     for (extra, expected) in [
         (format!("api_tls = \"{}\"", empty.display()), "server-cert.pem".to_string()),
         (
@@ -614,22 +634,8 @@ fn a_bad_api_tls_or_node_url_stops_the_hub_at_start_with_one_line_naming_it() {
         ),
         ("node_url = \"node1:8081\"".into(), "node default: url 'node1:8081' must be".into()),
     ] {
-        let config = d.join("hub.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:1\"\nrepo = \"{}\"\ntoken_file = \"{}\"\n{extra}\n",
-                d.join("repo").display(),
-                d.join("token").display()
-            ),
-        )
-        .unwrap();
-        let out =
-            Command::new(env!("CARGO_BIN_EXE_sendense-hub")).args(["serve", "--config"]).arg(&config).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let stderr = refused_at_start(dir.path(), &extra);
         assert!(stderr.contains(&expected) && stderr.lines().count() == 1, "{extra}: {stderr}");
-        assert!(!d.join("repo").exists(), "nothing made before the config is whole");
     }
 }
 
@@ -895,29 +901,14 @@ async fn a_client_that_hangs_up_mid_request_leaves_nothing_half_done() {
 #[test]
 fn a_bad_schedule_stops_the_hub_at_start_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
     for (schedule, expected) in [
         ("at = [\"2:00\"]", "schedule nightly: at: '2:00' is not a time of day"),
         ("every = \"4s\"", "schedule nightly: every = '4s'"),
         ("at = [\"02:00\"]\nnode = \"elsewhere\"", "schedule nightly: node elsewhere is not a [[node]]"),
         ("at = [\"02:00\"]\ncron = \"0 2 * * *\"", "unknown field `cron`"),
     ] {
-        let config = d.join("hub.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:1\"\nrepo = \"{}\"\ntoken_file = \"{}\"\n[[schedule]]\nname = \"nightly\"\n\
-                 vms = [\"vm\"]\n{schedule}\n",
-                d.join("repo").display(),
-                d.join("token").display()
-            ),
-        )
-        .unwrap();
-        let out =
-            Command::new(env!("CARGO_BIN_EXE_sendense-hub")).args(["serve", "--config"]).arg(&config).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let stderr =
+            refused_at_start(dir.path(), &format!("[[schedule]]\nname = \"nightly\"\nvms = [\"vm\"]\n{schedule}"));
         assert!(stderr.contains(expected), "{schedule}: {stderr}");
-        assert!(!d.join("repo").exists(), "nothing made before the config is whole");
     }
 }
