@@ -68,6 +68,15 @@ impl ApiTls {
         Ok(Self { dir: dir.to_path_buf(), loaded: Mutex::new(Loaded { stamp, acceptor }) })
     }
 
+    /// [`ApiTls::load`] of the `api_tls` setting, if there is one: what the services check their
+    /// configuration with (at start and on reload) and serve with.
+    ///
+    /// # Errors
+    /// The directory does not load: the message names the setting and the file.
+    pub fn from_setting(dir: Option<&Path>) -> Result<Option<Arc<Self>>, String> {
+        dir.map(|d| Self::load(d).map(Arc::new).map_err(|e| format!("api_tls = {}: {e}", d.display()))).transpose()
+    }
+
     /// The acceptor for a new connection: the files read again if they changed since.
     fn acceptor(&self) -> TlsAcceptor {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);

@@ -174,6 +174,9 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     };
     retention.validate("keep_backups").map_err(|e| anyhow!(e))?;
     let schedules = config::check_schedules(file.schedule, &nodes).map_err(|e| anyhow!(e))?;
+    // Loaded now, so that a wrong directory stops the start (or a reload), not a connection.
+    let api_tls = a.api_tls.or(file.api_tls);
+    node::https::ApiTls::from_setting(api_tls.as_deref()).map_err(|e| anyhow!(e))?;
     Ok(Settings {
         listen,
         repo: a.repo.or(file.repo).unwrap_or_else(|| base.join("repo")),
@@ -182,14 +185,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         nbd_bind,
         nbd_host,
         nbd_tls: a.nbd_tls.or(file.nbd_tls),
-        api_tls: match a.api_tls.or(file.api_tls) {
-            // Loaded now, so that a wrong directory stops the start, not the first connection.
-            Some(dir) => {
-                node::https::ApiTls::load(&dir).with_context(|| format!("api_tls = {}", dir.display()))?;
-                Some(dir)
-            }
-            None => None,
-        },
+        api_tls,
         nodes,
         token,
         ssh,
@@ -233,12 +229,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let api_tls = match &settings.api_tls {
-        Some(dir) => {
-            Some(Arc::new(node::https::ApiTls::load(dir).with_context(|| format!("api_tls = {}", dir.display()))?))
-        }
-        None => None,
-    };
+    let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_deref()).map_err(|e| anyhow!(e))?;
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
     let endpoint = match &settings.ssh {
         Some(ssh) => {

@@ -202,6 +202,9 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     let tunnel = tunnel_file.map(config::resolve_tunnel).transpose().map_err(|e| anyhow!(e))?;
     let mut nbd_hosts = file.nbd_hosts.unwrap_or_default();
     nbd_hosts.extend(a.nbd_hosts.iter().flat_map(|h| h.split(',')).filter(|h| !h.is_empty()).map(str::to_string));
+    // Loaded now, so that a wrong directory stops the start (or a reload), not a connection.
+    let api_tls = a.api_tls.or(file.api_tls);
+    node::https::ApiTls::from_setting(api_tls.as_deref()).map_err(|e| anyhow!(e))?;
     Ok(Settings {
         listen,
         token,
@@ -216,14 +219,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             }
             None => None,
         },
-        api_tls: match a.api_tls.or(file.api_tls) {
-            // Loaded now, so that a wrong directory stops the start, not the first connection.
-            Some(dir) => {
-                node::https::ApiTls::load(&dir).with_context(|| format!("api_tls = {}", dir.display()))?;
-                Some(dir)
-            }
-            None => None,
-        },
+        api_tls,
         tunnel,
         vms,
         copy,
@@ -236,12 +232,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let api_tls = match &settings.api_tls {
-        Some(dir) => {
-            Some(Arc::new(node::https::ApiTls::load(dir).with_context(|| format!("api_tls = {}", dir.display()))?))
-        }
-        None => None,
-    };
+    let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_deref()).map_err(|e| anyhow!(e))?;
     let tunnel = match &settings.tunnel {
         Some(t) => Some(tunnel::Tunnel::start(t.clone()).await.context("tunnel")?),
         None => None,
