@@ -47,8 +47,13 @@ pub struct HubFile {
     pub nbd_tls: Option<PathBuf>,
     /// The API over HTTPS (direct mode across a network): a directory in qemu's layout whose
     /// `server-cert.pem` and `server-key.pem` it is served with (read again when they change),
-    /// and whose `ca-cert.pem` checks the certificates of `https://` node urls.
+    /// whose `ca-cert.pem` checks the certificates of `https://` node urls, and whose
+    /// `client-cert.pem` and `client-key.pem`, if there, are presented to nodes that ask for a
+    /// client certificate (their `api_client_certs`).
     pub api_tls: Option<PathBuf>,
+    /// With `api_tls`: API clients must present a certificate its `ca-cert.pem` signed.
+    #[serde(default)]
+    pub api_client_certs: bool,
     /// `threads` (default) or `io_uring`: how exports submit their I/O (qemu-nbd's `--aio`).
     pub aio: Option<String>,
     /// Accounts on this machine whose TCP clients exports admit besides root and the hub's own
@@ -145,9 +150,9 @@ pub struct Settings {
     pub nbd_host: String,
     /// TLS credentials of the NBD ports (`nbd_tls`).
     pub nbd_tls: Option<PathBuf>,
-    /// The API served over HTTPS with this directory's certificate; its CA checks `https://`
-    /// nodes (`api_tls`).
-    pub api_tls: Option<PathBuf>,
+    /// The API served over HTTPS (`api_tls`, `api_client_certs`); the directory's CA checks
+    /// `https://` nodes, and its client certificate, if it holds one, is presented to them.
+    pub api_tls: Option<node::https::ApiTlsSetting>,
     /// Nodes.
     pub nodes: Vec<NodeSpec>,
     /// The hub's bearer token.
@@ -196,7 +201,7 @@ impl Settings {
 /// listeners, repository, nodes and SSH endpoint are built at start), by their names in
 /// hub.toml. A reload applies the others and names these as waiting for a restart.
 pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let keys: [(&'static str, bool); 15] = [
+    let keys: [(&'static str, bool); 16] = [
         ("listen", old.listen != new.listen),
         ("repo", old.repo != new.repo),
         ("replicas", old.replicas != new.replicas),
@@ -204,7 +209,11 @@ pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str>
         ("nbd_bind", old.nbd_bind != new.nbd_bind),
         ("nbd_host", old.nbd_host != new.nbd_host),
         ("nbd_tls", old.nbd_tls != new.nbd_tls),
-        ("api_tls", old.api_tls != new.api_tls),
+        ("api_tls", old.api_tls.as_ref().map(|t| &t.dir) != new.api_tls.as_ref().map(|t| &t.dir)),
+        (
+            "api_client_certs",
+            old.api_tls.as_ref().map(|t| t.client_certs) != new.api_tls.as_ref().map(|t| t.client_certs),
+        ),
         ("node", old.nodes != new.nodes),
         ("token_file", old.token != new.token),
         ("ssh", old.ssh != new.ssh),

@@ -620,14 +620,26 @@ fn refused_at_start(d: &std::path::Path, extra: &str) -> String {
     stderr
 }
 
-/// An `api_tls` directory that does not load, or a node url that is not HTTP(S), is refused at
-/// start the same way: exit status 1 and one line naming it.
+/// An `api_tls` directory that does not load (or holds half a client certificate to present to
+/// nodes), client certificates asked for without it, or a node url that is not HTTP(S), is
+/// refused at start the same way: exit status 1 and one line naming it.
 #[test]
 fn a_bad_api_tls_or_node_url_stops_the_hub_at_start_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("no-certificates").tap_mkdir();
+    let pki = testpki::Pki::new();
+    let half = dir.path().join("half-a-client").tap_mkdir();
+    for name in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.dir("server").join(name), half.join(name)).unwrap();
+    }
+    std::fs::copy(pki.dir("client").join("client-cert.pem"), half.join("client-cert.pem")).unwrap();
     for (extra, expected) in [
         (format!("api_tls = \"{}\"", empty.display()), "server-cert.pem".to_string()),
+        ("api_client_certs = true".into(), "api_client_certs needs api_tls".into()),
+        (
+            format!("api_tls = \"{}\"\n[[node]]\nname = \"n1\"\nurl = \"https://127.0.0.1:8081\"", half.display()),
+            "node n1: ".to_string() + &half.join("client-key.pem").display().to_string(),
+        ),
         (
             "[[node]]\nname = \"n1\"\nurl = \"ftp://node1:8081\"".into(),
             "node n1: url 'ftp://node1:8081' must be".into(),

@@ -338,6 +338,14 @@ pub enum ApiError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The client certificate to present to nodes does not load.
+    #[error("{path}: cannot present it to nodes as the hub's certificate: {reason}")]
+    Identity {
+        /// The certificate (or key) file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The answer was not what the contract says.
     #[error("node answered something unexpected from {url}: {reason}")]
     Malformed {
@@ -385,6 +393,35 @@ fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The CA certificates of `ca_file` (PEM), at least one.
+fn ca_roots(ca_file: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ApiError> {
+    let authority = |reason: String| ApiError::Authority { path: ca_file.to_path_buf(), reason };
+    let pem = std::fs::read(ca_file).map_err(|e| authority(e.to_string()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| authority(e.to_string()))?;
+    if roots.is_empty() {
+        return Err(authority("no certificate in it".into()));
+    }
+    Ok(roots)
+}
+
+/// `dir`'s client certificate and key (qemu's layout), if it holds them.
+fn client_identity(dir: &std::path::Path) -> Result<Option<reqwest::Identity>, ApiError> {
+    use nbd_server::tls::{CLIENT_CERT, CLIENT_KEY};
+    let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
+    let identity = |path: &std::path::Path, reason: String| ApiError::Identity { path: path.to_path_buf(), reason };
+    match (cert.exists(), key.exists()) {
+        (false, false) => Ok(None),
+        (true, true) => {
+            let mut pem = std::fs::read(&key).map_err(|e| identity(&key, e.to_string()))?;
+            pem.push(b'\n');
+            pem.extend(std::fs::read(&cert).map_err(|e| identity(&cert, e.to_string()))?);
+            reqwest::Identity::from_pem(&pem).map(Some).map_err(|e| identity(&cert, causes(&e)))
+        }
+        (true, false) => Err(identity(&key, format!("missing: {CLIENT_CERT} and {CLIENT_KEY} go together"))),
+        (false, true) => Err(identity(&cert, format!("missing: {CLIENT_CERT} and {CLIENT_KEY} go together"))),
+    }
+}
+
 /// A typed client of the node API.
 #[derive(Debug, Clone)]
 pub struct NodeClient {
@@ -400,7 +437,7 @@ impl NodeClient {
     /// # Errors
     /// The HTTP client could not be built.
     pub fn new(base: impl Into<String>, token: Option<String>) -> Result<Self, ApiError> {
-        Self::build(base.into(), token, None)
+        Self::build(base.into(), token, None, None)
     }
 
     /// As [`NodeClient::new`], an `https://` base's certificate checked against the CA
@@ -414,16 +451,31 @@ impl NodeClient {
         token: Option<String>,
         ca_file: &std::path::Path,
     ) -> Result<Self, ApiError> {
-        let authority = |reason: String| ApiError::Authority { path: ca_file.to_path_buf(), reason };
-        let pem = std::fs::read(ca_file).map_err(|e| authority(e.to_string()))?;
-        let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| authority(e.to_string()))?;
-        if roots.is_empty() {
-            return Err(authority("no certificate in it".into()));
-        }
-        Self::build(base.into(), token, Some(roots))
+        Self::build(base.into(), token, Some(ca_roots(ca_file)?), None)
     }
 
-    fn build(base: String, token: Option<String>, roots: Option<Vec<reqwest::Certificate>>) -> Result<Self, ApiError> {
+    /// As [`NodeClient::with_ca`] with `dir`'s `ca-cert.pem`, presenting `dir`'s
+    /// `client-cert.pem` (with `client-key.pem`) to a node that asks for a client certificate
+    /// (its `api_client_certs`) when the directory holds one: the hub's `api_tls` directory.
+    ///
+    /// # Errors
+    /// The CA or the client certificate does not load (one of the pair alone is an error), or
+    /// the HTTP client could not be built.
+    pub fn with_tls_dir(
+        base: impl Into<String>,
+        token: Option<String>,
+        dir: &std::path::Path,
+    ) -> Result<Self, ApiError> {
+        let roots = ca_roots(&dir.join(nbd_server::tls::CA_CERT))?;
+        Self::build(base.into(), token, Some(roots), client_identity(dir)?)
+    }
+
+    fn build(
+        base: String,
+        token: Option<String>,
+        roots: Option<Vec<reqwest::Certificate>>,
+        identity: Option<reqwest::Identity>,
+    ) -> Result<Self, ApiError> {
         let base = base.trim_end_matches('/').to_string();
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -432,6 +484,9 @@ impl NodeClient {
             .pool_idle_timeout(Duration::from_secs(20));
         if let Some(roots) = roots {
             builder = builder.tls_certs_only(roots);
+        }
+        if let Some(identity) = identity {
+            builder = builder.identity(identity);
         }
         let http = builder.build().map_err(|source| ApiError::Unreachable { url: base.clone(), source })?;
         Ok(Self { base, token, http })

@@ -59,6 +59,9 @@ pub struct NodeFile {
     /// The API over HTTPS (direct mode across a network): a directory with `server-cert.pem`
     /// and `server-key.pem` (qemu's layout, as `nbd_tls`), read again when they change.
     pub api_tls: Option<PathBuf>,
+    /// With `api_tls`: clients (the hub) must present a certificate its `ca-cert.pem` signed.
+    #[serde(default)]
+    pub api_client_certs: bool,
     /// The tunnel to the hub.
     pub tunnel: Option<TunnelFile>,
     /// Data mover tuning.
@@ -203,8 +206,8 @@ pub struct Settings {
     /// Credentials for `nbds://` targets dialled directly (`nbd_tls`): read at each connection,
     /// so certificates renewed in place are taken up without a restart.
     pub nbd_tls: Option<PathBuf>,
-    /// The API served over HTTPS with this directory's certificate (`api_tls`).
-    pub api_tls: Option<PathBuf>,
+    /// The API served over HTTPS (`api_tls`, `api_client_certs`).
+    pub api_tls: Option<crate::https::ApiTlsSetting>,
     /// The tunnel.
     pub tunnel: Option<tunnel::ClientConfig>,
     /// VMs by name order.

@@ -12,9 +12,12 @@
 //! any intermediates, `server-key.pem`), so one PKI serves both. The two files are looked at
 //! again at each connection and read again when either changed (length, time, inode), so a
 //! certificate renewed in place needs no restart; one that does not load is logged and the last
-//! good one goes on serving. Clients are not asked for certificates: the bearer token
-//! authenticates them, as over the tunnel. rustls (`tokio-rustls`) on the crypto provider the
-//! tunnel and the NBD ports already use; HTTP/1.1 is the protocol offered (ALPN).
+//! good one goes on serving. The bearer token authenticates clients, as over the tunnel; with
+//! `api_client_certs` they must also present a certificate the directory's `ca-cert.pem`
+//! signed (the NBD ports' `verify-peer`), so that a peer without one never reaches the HTTP
+//! parser, and a stolen token alone is not enough; the CA file is then watched as the others
+//! are. rustls (`tokio-rustls`) on the crypto provider the tunnel and the NBD ports already use;
+//! HTTP/1.1 is the protocol offered (ALPN).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -22,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use nbd_server::tls::{TlsError, SERVER_CERT, SERVER_KEY};
+use nbd_server::tls::{TlsError, CA_CERT, SERVER_CERT, SERVER_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -36,9 +39,34 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const PLAIN_HTTP_REFUSAL: &str =
     r#"{"error":"this API is served over HTTPS (api_tls): use https://","code":"https_required"}"#;
 
+/// What node.toml and hub.toml say of their API's TLS: `api_tls = DIR` and
+/// `api_client_certs = true|false` (`--api-tls DIR`, `--api-client-certs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTlsSetting {
+    /// The credentials' directory, in qemu's layout.
+    pub dir: PathBuf,
+    /// Clients must present a certificate `DIR/ca-cert.pem` signed.
+    pub client_certs: bool,
+}
+
+impl ApiTlsSetting {
+    /// The setting of the two keys: none without `api_tls`.
+    ///
+    /// # Errors
+    /// `api_client_certs` without `api_tls`: there is no CA to check clients against.
+    pub fn from_keys(dir: Option<PathBuf>, client_certs: bool) -> Result<Option<Self>, String> {
+        match dir {
+            Some(dir) => Ok(Some(Self { dir, client_certs })),
+            None if client_certs => Err("api_client_certs needs api_tls (its ca-cert.pem checks the clients)".into()),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The server certificate of an API, read again when its files change (module doc).
 pub struct ApiTls {
     dir: PathBuf,
+    client_certs: bool,
     loaded: Mutex<Loaded>,
 }
 
@@ -47,34 +75,45 @@ struct Loaded {
     acceptor: TlsAcceptor,
 }
 
-/// What tells that the certificate or the key was replaced: each one's length, time and inode.
-type Stamp = [Option<(u64, Option<SystemTime>, u64)>; 2];
+/// What tells that the certificate, the key or the CA was replaced: each one's length, time and
+/// inode.
+type Stamp = [Option<(u64, Option<SystemTime>, u64)>; 3];
 
 impl std::fmt::Debug for ApiTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiTls").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("ApiTls")
+            .field("dir", &self.dir)
+            .field("client_certs", &self.client_certs)
+            .finish_non_exhaustive()
     }
 }
 
 impl ApiTls {
-    /// The credentials in `dir` (`server-cert.pem`, `server-key.pem`), loaded now so that a
+    /// The credentials in `dir` (`server-cert.pem`, `server-key.pem`, and with `client_certs`
+    /// the `ca-cert.pem` that must have signed every client's certificate), loaded now so that a
     /// directory that does not load stops the start.
     ///
     /// # Errors
     /// [`TlsError`] naming the file at fault.
-    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+    pub fn load(dir: &Path, client_certs: bool) -> Result<Self, TlsError> {
         let stamp = stamp(dir);
-        let acceptor = acceptor(dir)?;
-        Ok(Self { dir: dir.to_path_buf(), loaded: Mutex::new(Loaded { stamp, acceptor }) })
+        let acceptor = acceptor(dir, client_certs)?;
+        Ok(Self { dir: dir.to_path_buf(), client_certs, loaded: Mutex::new(Loaded { stamp, acceptor }) })
     }
 
-    /// [`ApiTls::load`] of the `api_tls` setting, if there is one: what the services check their
+    /// [`ApiTls::load`] of the setting, if there is one: what the services check their
     /// configuration with (at start and on reload) and serve with.
     ///
     /// # Errors
     /// The directory does not load: the message names the setting and the file.
-    pub fn from_setting(dir: Option<&Path>) -> Result<Option<Arc<Self>>, String> {
-        dir.map(|d| Self::load(d).map(Arc::new).map_err(|e| format!("api_tls = {}: {e}", d.display()))).transpose()
+    pub fn from_setting(setting: Option<&ApiTlsSetting>) -> Result<Option<Arc<Self>>, String> {
+        setting
+            .map(|s| {
+                Self::load(&s.dir, s.client_certs)
+                    .map(Arc::new)
+                    .map_err(|e| format!("api_tls = {}: {e}", s.dir.display()))
+            })
+            .transpose()
     }
 
     /// The acceptor for a new connection: the files read again if they changed since.
@@ -82,7 +121,7 @@ impl ApiTls {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         let now = stamp(&self.dir);
         if now != loaded.stamp {
-            match acceptor(&self.dir) {
+            match acceptor(&self.dir, self.client_certs) {
                 Ok(fresh) => {
                     tracing::info!(dir = %self.dir.display(), "API certificate read again: its files changed");
                     loaded.acceptor = fresh;
@@ -98,15 +137,16 @@ impl ApiTls {
     }
 }
 
-/// An acceptor for `dir`'s certificate, speaking HTTP/1.1 (what the routers serve).
-fn acceptor(dir: &Path) -> Result<TlsAcceptor, TlsError> {
-    let mut config = nbd_server::tls::server_config(dir, false)?;
+/// An acceptor for `dir`'s certificate, speaking HTTP/1.1 (what the routers serve), asking for
+/// client certificates its CA signed when `client_certs`.
+fn acceptor(dir: &Path, client_certs: bool) -> Result<TlsAcceptor, TlsError> {
+    let mut config = nbd_server::tls::server_config(dir, client_certs)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 fn stamp(dir: &Path) -> Stamp {
-    [SERVER_CERT, SERVER_KEY]
+    [SERVER_CERT, SERVER_KEY, CA_CERT]
         .map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
 }
 

@@ -352,6 +352,88 @@ async fn the_api_over_https_serves_curl_and_the_hubs_client_refuses_clear_text_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_certificates_the_api_serves_only_clients_its_ca_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    make_source(&dir.path().join("disk0.raw"), 1, 1);
+    make_source(&dir.path().join("disk1.raw"), 1, 2);
+    let pki = testpki::Pki::new();
+    let api = dir.path().join("api-tls");
+    std::fs::create_dir(&api).unwrap();
+    for name in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::copy(pki.dir("server").join(name), api.join(name)).unwrap();
+    }
+    let token_file = dir.path().join("token");
+    let extra =
+        format!("token_file = \"{}\"\napi_tls = \"{}\"\napi_client_certs = true", token_file.display(), api.display());
+    let node = NodeProcess::start(dir.path(), &vm_config(dir.path(), &extra), &[]);
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let https = format!("https://127.0.0.1:{}", node.port);
+    let ca = pki.dir("server").join("ca-cert.pem");
+
+    // The hub's client with its api_tls directory (server and client credentials, qemu's
+    // layout) presents its certificate and is served.
+    let hub = NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &pki.dir("both")).unwrap();
+    assert_eq!(hub.vms().await.unwrap().len(), 1);
+    // Without a certificate, or with one another CA signed, the handshake fails: the token alone
+    // is not enough, and the client is told why.
+    let err = NodeClient::with_ca(https.clone(), Some(token.clone()), &ca).unwrap().vms().await.unwrap_err();
+    assert!(
+        matches!(err, node::api::ApiError::Unreachable { .. }) && err.to_string().contains("CertificateRequired"),
+        "{err}"
+    );
+    let rogue = NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &pki.dir("rogue")).unwrap();
+    assert!(matches!(rogue.vms().await, Err(node::api::ApiError::Unreachable { .. })));
+    // curl likewise: with the client's certificate and key it reads, without them it cannot.
+    let (ok, said) = curl(&ca, &token, &format!("{https}/api/v1/vms"));
+    assert!(!ok && !said.contains("pgtest1"), "{said}");
+    let client = pki.dir("client");
+    let out = std::process::Command::new(require("curl"))
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(client.join("client-cert.pem"))
+        .arg("--key")
+        .arg(client.join("client-key.pem"))
+        .args(["-H", &format!("Authorization: Bearer {token}"), &format!("{https}/api/v1/vms")])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"pgtest1\""), "{out:?}");
+    // A certificate is no token: a client the CA signed still needs the bearer token.
+    let tokenless = NodeClient::with_tls_dir(https.clone(), None, &pki.dir("both")).unwrap();
+    assert!(matches!(tokenless.vms().await, Err(node::api::ApiError::Status { status: 401, .. })));
+
+    // The CA renewed in place (here another CA): our hub's certificate is refused from the next
+    // connection on, the other CA's client served.
+    std::fs::copy(pki.dir("impostor").join("ca-cert.pem"), api.join("renewed.tmp")).unwrap();
+    std::fs::rename(api.join("renewed.tmp"), api.join("ca-cert.pem")).unwrap();
+    let hub = NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &pki.dir("both")).unwrap();
+    assert!(matches!(hub.vms().await, Err(node::api::ApiError::Unreachable { .. })));
+    let rogue = NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &pki.dir("rogue")).unwrap();
+    assert_eq!(rogue.vms().await.unwrap().len(), 1);
+    drop(node);
+
+    // A client directory with a certificate and no key is refused before any call, naming the
+    // missing file.
+    let half = dir.path().join("half");
+    std::fs::create_dir(&half).unwrap();
+    for name in ["ca-cert.pem", "client-cert.pem"] {
+        std::fs::copy(pki.dir("client").join(name), half.join(name)).unwrap();
+    }
+    let err = NodeClient::with_tls_dir(https.clone(), None, &half).unwrap_err();
+    assert!(matches!(err, node::api::ApiError::Identity { .. }) && err.to_string().contains("client-key.pem"), "{err}");
+    // Client certificates without api_tls stop the start: there is no CA to check them with.
+    std::fs::write(dir.path().join("plain.toml"), vm_config(dir.path(), "")).unwrap();
+    let out = std::process::Command::new(sendense_node())
+        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port()), "--api-client-certs", "--config"])
+        .arg(dir.path().join("plain.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("api_client_certs needs api_tls"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_job_is_refused_cancel_stops_a_job_and_a_failed_hook_fails_the_job() {
     let dir = tempfile::tempdir().unwrap();
     make_source(&dir.path().join("disk0.raw"), 64, 1);

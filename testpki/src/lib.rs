@@ -5,7 +5,9 @@
 //! A [`Pki`] is a temporary directory of credential directories: `server/` (a server's, for
 //! `localhost` and `127.0.0.1`), `client/` (a client the CA signed), `anon/` (the CA only: no
 //! client certificate), `rogue/` (a client another CA signed), `stranger/` (a client that
-//! trusts another CA, not ours) and `impostor/` (a server for the same names, another CA's). The certificates carry the key usages qemu's sanity checks
+//! trusts another CA, not ours), `impostor/` (a server for the same names, another CA's) and
+//! `both/` (a server's and a client's of our CA in one directory, as a service that serves an
+//! API and calls others' holds them). The certificates carry the key usages qemu's sanity checks
 //! want (a CA that signs, leaves that sign and encipher, each with its TLS purpose).
 
 use std::path::PathBuf;
@@ -40,6 +42,17 @@ impl Pki {
         };
         let (cert, key) = leaf(&ca, "server", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
         put("server", &[("ca-cert.pem", &ca_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
+        let (hub_cert, hub_key) = leaf(&ca, "hub", &[], ExtendedKeyUsagePurpose::ClientAuth);
+        put(
+            "both",
+            &[
+                ("ca-cert.pem", &ca_pem),
+                ("server-cert.pem", &cert),
+                ("server-key.pem", &key),
+                ("client-cert.pem", &hub_cert),
+                ("client-key.pem", &hub_key),
+            ],
+        );
         let (cert, key) = leaf(&ca, "node", &[], ExtendedKeyUsagePurpose::ClientAuth);
         put("client", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
         put("stranger", &[("ca-cert.pem", &other_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
@@ -52,7 +65,7 @@ impl Pki {
     }
 
     /// One of the credential directories (`server`, `client`, `anon`, `rogue`, `stranger`,
-    /// `impostor`).
+    /// `impostor`, `both`).
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.path().join(name)
     }

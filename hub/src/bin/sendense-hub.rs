@@ -96,6 +96,10 @@ struct ServeArgs {
     /// checks https:// nodes (hub.toml's api_tls; for direct mode across a network).
     #[arg(long = "api-tls", value_name = "DIR")]
     api_tls: Option<PathBuf>,
+    /// With --api-tls: API clients must present a certificate DIR's ca-cert.pem signed
+    /// (hub.toml's api_client_certs).
+    #[arg(long = "api-client-certs")]
+    api_client_certs: bool,
     /// The single node's API URL (node "default") [default: http://127.0.0.1:9081].
     #[arg(long)]
     node_url: Option<String>,
@@ -175,8 +179,10 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     retention.validate("keep_backups").map_err(|e| anyhow!(e))?;
     let schedules = config::check_schedules(file.schedule, &nodes).map_err(|e| anyhow!(e))?;
     // Loaded now, so that a wrong directory stops the start (or a reload), not a connection.
-    let api_tls = a.api_tls.or(file.api_tls);
-    node::https::ApiTls::from_setting(api_tls.as_deref()).map_err(|e| anyhow!(e))?;
+    let api_tls =
+        node::https::ApiTlsSetting::from_keys(a.api_tls.or(file.api_tls), a.api_client_certs || file.api_client_certs)
+            .map_err(|e| anyhow!(e))?;
+    node::https::ApiTls::from_setting(api_tls.as_ref()).map_err(|e| anyhow!(e))?;
     Ok(Settings {
         listen,
         repo: a.repo.or(file.repo).unwrap_or_else(|| base.join("repo")),
@@ -229,7 +235,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_deref()).map_err(|e| anyhow!(e))?;
+    let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_ref()).map_err(|e| anyhow!(e))?;
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
     let endpoint = match &settings.ssh {
         Some(ssh) => {
@@ -246,6 +252,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         listen = %settings.listen,
         https = settings.api_tls.is_some(),
+        client_certs = settings.api_tls.as_ref().is_some_and(|t| t.client_certs),
         repo = %settings.repo.display(),
         nbd_ports = %format!("{}-{}", settings.nbd_ports.0, settings.nbd_ports.1),
         nodes = settings.nodes.len(),

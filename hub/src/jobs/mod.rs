@@ -211,22 +211,23 @@ impl Hub {
             replicas: settings.replicas.clone(),
             replica_raw: settings.replica_raw,
         };
-        node::files::create_private_dir(&repo.root)
-            .map_err(|e| format!("cannot create repository {}: {e}", repo.root.display()))?;
-        node::files::create_private_dir(&repo.replicas)
-            .map_err(|e| format!("cannot create replica directory {}: {e}", repo.replicas.display()))?;
         let mut nodes = Vec::new();
         for n in &settings.nodes {
             let client = match &settings.api_tls {
-                // The node's certificate checked against the hub's CA, not the system's roots.
-                Some(dir) if n.url.starts_with("https://") => {
-                    NodeClient::with_ca(n.url.clone(), n.token.clone(), &dir.join(nbd_server::tls::CA_CERT))
+                // The node's certificate checked against the hub's CA, not the system's roots,
+                // and the hub's client certificate presented if it has one.
+                Some(tls) if n.url.starts_with("https://") => {
+                    NodeClient::with_tls_dir(n.url.clone(), n.token.clone(), &tls.dir)
                 }
                 _ => NodeClient::new(n.url.clone(), n.token.clone()),
             }
             .map_err(|e| format!("node {}: {e}", n.name))?;
             nodes.push((n.clone(), client));
         }
+        node::files::create_private_dir(&repo.root)
+            .map_err(|e| format!("cannot create repository {}: {e}", repo.root.display()))?;
+        node::files::create_private_dir(&repo.replicas)
+            .map_err(|e| format!("cannot create replica directory {}: {e}", repo.replicas.display()))?;
         let handed = handover::take_record(&repo.root);
         let (manifests, orphans) = repo.scan(&handover::kept_ids(&handed.jobs));
         // Restores handed over are taken up, not cancelled (unless taking one up fails).

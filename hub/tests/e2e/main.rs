@@ -267,24 +267,34 @@ async fn a_two_disk_vm_over_direct_tcp_with_tls_and_https_and_the_hub_writing_th
     // cache = "none": every export (backups, replicas, restores) opens its image with O_DIRECT;
     // aio = "io_uring": their data goes through the hub's one ring (the pair to use on disks);
     // nbd_tls: every NBD connection across the "network" is TLS, client certificates required;
-    // api_tls: both APIs are HTTPS, the hub calling the node at https:// with its CA.
+    // api_tls: both APIs are HTTPS, the hub calling the node at https:// with its CA, and both
+    // require client certificates (api_client_certs): the hub presents its own to the node.
     let pki = testpki::Pki::new();
     let hub = format!("cache = \"none\"\naio = \"io_uring\"\nnbd_tls = \"{}\"", pki.dir("server").display());
     let node = format!("nbd_tls = \"{}\"", pki.dir("client").display());
-    let api_tls = pki.dir("server");
+    let api_tls = pki.dir("both");
     let opts = Options { hub: &hub, node: &node, on_build_disk: true, api_tls: Some(&api_tls), ..Options::default() };
     let site = lifecycle(Transport::Direct, opts).await;
     assert!(site.node_url.starts_with("https://"), "{}", site.node_url);
-    // curl with the CA reads the hub's API; a request in clear is told to use https://.
-    let out = std::process::Command::new("curl")
-        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
-        .arg(api_tls.join("ca-cert.pem"))
-        .args(["-H", &format!("Authorization: Bearer {}", site.hub_token)])
-        .arg(format!("https://localhost:{}/api/v1/ports", site.hub_api))
-        .output()
-        .expect("curl is required; scripts/test.sh installs it");
+    // curl with the CA and a client certificate reads the hub's API; without the certificate it
+    // cannot, token or not; a request in clear is told to use https://.
+    let client = pki.dir("client");
+    let curl = |with_certificate: bool| {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["--silent", "--show-error", "--max-time", "10", "--cacert"]).arg(api_tls.join("ca-cert.pem"));
+        if with_certificate {
+            curl.arg("--cert").arg(client.join("client-cert.pem")).arg("--key").arg(client.join("client-key.pem"));
+        }
+        curl.args(["-H", &format!("Authorization: Bearer {}", site.hub_token)])
+            .arg(format!("https://localhost:{}/api/v1/ports", site.hub_api))
+            .output()
+            .expect("curl is required; scripts/test.sh installs it")
+    };
+    let out = curl(true);
     let ports: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(out.status.success() && ports["range"].is_string(), "{ports} {}", String::from_utf8_lossy(&out.stderr));
+    let out = curl(false);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{out:?}");
     let clear = reqwest::get(format!("http://127.0.0.1:{}/healthz", site.hub_api)).await.unwrap();
     assert_eq!(clear.status(), 400);
     assert_eq!(clear.json::<Value>().await.unwrap()["code"], "https_required");

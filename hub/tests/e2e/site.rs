@@ -183,7 +183,9 @@ pub struct Options<'a> {
     /// node reads changes from, as libvirt keeps them.
     pub qcow2_sources: bool,
     /// Both APIs over HTTPS (`api_tls`) with this directory's certificate, the hub calling
-    /// the node at `https://` (direct mode only) and the site's client trusting its CA.
+    /// the node at `https://` (direct mode only) and the site's client trusting its CA. With a
+    /// client certificate there too (testpki's `both/`), both APIs require client certificates
+    /// (`api_client_certs`): the hub presents it to the node, the site's client to both.
     pub api_tls: Option<&'a Path>,
 }
 
@@ -257,7 +259,15 @@ impl Site {
         let (scheme, api_tls, http) = match opts.api_tls {
             Some(dir) => {
                 let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca-cert.pem")).unwrap()).unwrap();
-                ("https", format!("api_tls = \"{}\"\n", dir.display()), reqwest::Client::builder().tls_certs_only([ca]))
+                let mut toml = format!("api_tls = \"{}\"\n", dir.display());
+                let mut client = reqwest::Client::builder().tls_certs_only([ca]);
+                if let Ok(cert) = std::fs::read(dir.join("client-cert.pem")) {
+                    toml += "api_client_certs = true\n";
+                    let mut pem = std::fs::read(dir.join("client-key.pem")).unwrap();
+                    pem.extend(cert);
+                    client = client.identity(reqwest::Identity::from_pem(&pem).unwrap());
+                }
+                ("https", toml, client)
             }
             None => ("http", String::new(), reqwest::Client::builder()),
         };

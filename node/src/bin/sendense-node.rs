@@ -68,6 +68,10 @@ struct ServeArgs {
     /// api_tls; for direct mode across a network).
     #[arg(long = "api-tls", value_name = "DIR")]
     api_tls: Option<PathBuf>,
+    /// With --api-tls: clients (the hub) must present a certificate DIR's ca-cert.pem signed
+    /// (node.toml's api_client_certs).
+    #[arg(long = "api-client-certs")]
+    api_client_certs: bool,
     /// Hub SSH address HOST[:PORT] (enables the tunnel).
     #[arg(long)]
     hub: Option<String>,
@@ -203,8 +207,10 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     let mut nbd_hosts = file.nbd_hosts.unwrap_or_default();
     nbd_hosts.extend(a.nbd_hosts.iter().flat_map(|h| h.split(',')).filter(|h| !h.is_empty()).map(str::to_string));
     // Loaded now, so that a wrong directory stops the start (or a reload), not a connection.
-    let api_tls = a.api_tls.or(file.api_tls);
-    node::https::ApiTls::from_setting(api_tls.as_deref()).map_err(|e| anyhow!(e))?;
+    let api_tls =
+        node::https::ApiTlsSetting::from_keys(a.api_tls.or(file.api_tls), a.api_client_certs || file.api_client_certs)
+            .map_err(|e| anyhow!(e))?;
+    node::https::ApiTls::from_setting(api_tls.as_ref()).map_err(|e| anyhow!(e))?;
     Ok(Settings {
         listen,
         token,
@@ -232,7 +238,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_deref()).map_err(|e| anyhow!(e))?;
+    let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_ref()).map_err(|e| anyhow!(e))?;
     let tunnel = match &settings.tunnel {
         Some(t) => Some(tunnel::Tunnel::start(t.clone()).await.context("tunnel")?),
         None => None,
@@ -256,6 +262,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         listen = %settings.listen,
         https = settings.api_tls.is_some(),
+        client_certs = settings.api_tls.as_ref().is_some_and(|t| t.client_certs),
         vms = settings.vms.len(),
         tunnel = settings.tunnel.as_ref().map(|t| format!("{}:{}", t.hub_host, t.hub_port)),
         "sendense-node serving"

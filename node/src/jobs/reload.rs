@@ -4,7 +4,7 @@
 //!
 //! Taken up: `[[vm]]` (and `--vm`), `[copy]` and `nbd_hosts`; each job takes what it needs when
 //! it starts, so jobs under way go on with what they started with (a VM removed keeps its
-//! running job to the end). Not taken up: `listen`, `token_file`, `api_tls`, `state_dir`,
+//! running job to the end). Not taken up: `listen`, `token_file`, `api_tls`, `api_client_certs`, `state_dir`,
 //! `restore_dir` and `[tunnel]`, which the node's listener, API, change maps and tunnel were built from; a reload
 //! that changes one applies the rest, names those in its log line and in
 //! `sendense_node_config_restart_pending`, and keeps their values as they were. A file that does
@@ -51,7 +51,11 @@ impl Jobs {
         let restart_only = [
             ("listen", old.listen != new.listen),
             ("token_file", old.token != new.token),
-            ("api_tls", old.api_tls != new.api_tls),
+            ("api_tls", old.api_tls.as_ref().map(|t| &t.dir) != new.api_tls.as_ref().map(|t| &t.dir)),
+            (
+                "api_client_certs",
+                old.api_tls.as_ref().map(|t| t.client_certs) != new.api_tls.as_ref().map(|t| t.client_certs),
+            ),
             ("state_dir", old.state_dir != new.state_dir),
             ("restore_dir", old.restore_dir != new.restore_dir),
             ("tunnel", tunnel(&old) != tunnel(&new)),
