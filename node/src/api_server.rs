@@ -5,7 +5,9 @@
 //! Bounds, because the API shares its process with the NBD exports and the tunnel: every
 //! connection takes a descriptor and a task, and `axum::serve` takes as many as peers open and
 //! keeps an idle one for ever. Here at most [`Limits::connections`] are open at once (past them
-//! new ones wait in the kernel's backlog, the process's descriptors left to the exports), a
+//! new ones wait in the kernel's backlog, the process's descriptors left to the exports), and at
+//! most [`Limits::per_peer`] of them from one address (past that a new one is closed at once,
+//! so that one peer dripping requests cannot hold every slot and lock the hub out), a
 //! TLS handshake gets [`crate::https::HANDSHAKE_TIMEOUT`], and a connection that does not send a
 //! whole request head within [`Limits::idle`] (between requests too: a keep-alive connection
 //! left idle, or one that drips its head) is closed. A request being answered is never cut:
@@ -16,9 +18,10 @@
 //! when all have: what `axum::serve(..).with_graceful_shutdown` does, which cannot be told the
 //! limits above (axum 0.8 gives no hold on its hyper builder).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -35,18 +38,23 @@ use crate::https::ApiTls;
 pub struct Limits {
     /// Connections open at once, handshakes included.
     pub connections: usize,
+    /// Of those, from one IP address.
+    pub per_peer: usize,
     /// How long a connection may take to send a request's head, counted from when it is
     /// ready for one (idle keep-alive time included).
     pub idle: Duration,
 }
 
 impl Default for Limits {
-    /// 256 connections, 60 s: far above what the hub (a handful of pooled connections per node)
-    /// and operators' scripts open, and above the 20 s the hub's client keeps an idle
-    /// connection for ([`crate::api::NodeClient`]), so a pooled connection is not closed under
-    /// the request that reuses it.
+    /// 256 connections, half of them from one address, 60 s: far above what the hub opens to a
+    /// node (a pooled connection per call in flight: at most one per job, and a node's port
+    /// range holds 101 disks) and operators' scripts open (through the tunnel every call comes
+    /// from loopback), while one address alone leaves the other half to everyone else; and
+    /// above the 20 s the hub's client keeps an idle connection for
+    /// ([`crate::api::NodeClient`]), so a pooled connection is not closed under the request
+    /// that reuses it.
     fn default() -> Self {
-        Self { connections: 256, idle: Duration::from_secs(60) }
+        Self { connections: 256, per_peer: 128, idle: Duration::from_secs(60) }
     }
 }
 
@@ -71,6 +79,7 @@ pub async fn serve(
         }
     }
     let slots = Arc::new(Semaphore::new(limits.connections.max(1)));
+    let peers = Peers::new(limits.per_peer.max(1));
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
@@ -87,7 +96,12 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = axum::serve::Listener::accept(&mut tcp) => accepted,
         };
-        let served = Served { router: router.clone(), idle: limits.idle, stopping: stopping.clone(), _slot: slot };
+        let Some(held) = peers.admit(peer.ip()) else {
+            // Closed at once: its slot goes back with it.
+            continue;
+        };
+        let served =
+            Served { router: router.clone(), idle: limits.idle, stopping: stopping.clone(), _slot: slot, _peer: held };
         connections.spawn(connection(stream, peer, tls.clone(), served));
     }
     drop(tcp);
@@ -97,12 +111,69 @@ pub async fn serve(
 }
 
 /// What a connection's task holds besides its stream: the router, the idle limit, the stop
-/// signal, and its slot among [`Limits::connections`] (freed when the task ends).
+/// signal, its slot among [`Limits::connections`] and its place among its peer's (both freed
+/// when the task ends).
 struct Served {
     router: axum::Router,
     idle: Duration,
     stopping: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
+    _peer: PeerConnection,
+}
+
+/// How many connections each address holds, for [`Limits::per_peer`].
+#[derive(Clone)]
+struct Peers {
+    limit: usize,
+    open: Arc<Mutex<HashMap<IpAddr, PeerCount>>>,
+}
+
+#[derive(Default)]
+struct PeerCount {
+    open: usize,
+    /// A refusal was logged since the peer last went under the limit (one line per episode,
+    /// not one per refused connection).
+    warned: bool,
+}
+
+impl Peers {
+    fn new(limit: usize) -> Self {
+        Self { limit, open: Arc::default() }
+    }
+
+    /// A place for one more connection from `ip`, or `None` when it holds its limit already.
+    fn admit(&self, ip: IpAddr) -> Option<PeerConnection> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_default();
+        if count.open >= self.limit {
+            if !count.warned {
+                count.warned = true;
+                tracing::warn!(peer = %ip, limit = self.limit, "API connections from one address at the limit: more are closed");
+            }
+            return None;
+        }
+        count.open += 1;
+        Some(PeerConnection { peers: self.clone(), ip })
+    }
+}
+
+/// One connection's place among its peer's; given back on drop.
+struct PeerConnection {
+    peers: Peers,
+    ip: IpAddr,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            count.open = count.open.saturating_sub(1);
+            count.warned &= count.open >= self.peers.limit;
+            if count.open == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// One connection, TLS first when the API has it.
@@ -183,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn silent_connections_are_closed_after_the_idle_limit_and_the_next_client_waits_for_a_slot() {
-        let limits = Limits { connections: 3, idle: Duration::from_millis(700) };
+        let limits = Limits { connections: 3, per_peer: 3, idle: Duration::from_millis(700) };
         let (addr, _stop, _server) = started(limits).await;
         let mut silent = Vec::new();
         for _ in 0..3 {
@@ -204,9 +275,48 @@ mod tests {
         }
     }
 
+    /// A connection to `addr` from the local address `from` (any of 127.0.0.0/8 is this machine).
+    async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_and_others_are_served_meanwhile() {
+        let limits = Limits { connections: 8, per_peer: 2, idle: Duration::from_secs(30) };
+        let (addr, _stop, _server) = started(limits).await;
+        let held = [connect_from([127, 0, 0, 1], addr).await, connect_from([127, 0, 0, 1], addr).await];
+        // A third from the same address is closed at once, long before the idle limit.
+        let mut third = connect_from([127, 0, 0, 1], addr).await;
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        // Another address is served while the first holds its two.
+        let mut other = connect_from([127, 0, 0, 2], addr).await;
+        other.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), other.read_to_string(&mut answer)).await.unwrap().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("hello"), "{answer}");
+        // One of the two gone, the address gets its place back.
+        drop(held);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut again = connect_from([127, 0, 0, 1], addr).await;
+            again.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+            let mut answer = String::new();
+            let _ = again.read_to_string(&mut answer).await;
+            if answer.ends_with("hello") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the address never got its places back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_long_answer_outlives_the_idle_limit_and_the_stop_waits_for_it() {
-        let limits = Limits { connections: 8, idle: Duration::from_millis(300) };
+        let limits = Limits { connections: 8, per_peer: 8, idle: Duration::from_millis(300) };
         let (addr, stop, server) = started(limits).await;
         let slow = tokio::spawn(get(addr, "/slow"));
         tokio::time::sleep(Duration::from_millis(200)).await;
