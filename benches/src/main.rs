@@ -34,6 +34,8 @@
 //!   convert -c -o compression_type=zstd` on the same VM-like image.
 //! - `flatten`: the hub's rewrite of a backup past `max_chain` to stand alone (`qcow2::flatten`)
 //!   against `qemu-img convert` of the same chain's top (a VM-like base under 16 overlays).
+//! - `verify`: the hub's verification of a full backup image (`hub::verify`): its peak memory per
+//!   block and its read speed, with 64 KiB and 4 KiB blocks.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
@@ -49,6 +51,7 @@ mod mover;
 mod peers;
 mod report;
 mod tunnel;
+mod verify;
 mod wan;
 
 use std::path::PathBuf;
@@ -58,7 +61,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress, flatten
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress, flatten, verify
     /// (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
@@ -79,6 +82,9 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var(verify::CHILD) {
+        return verify::run_child(&spec);
+    }
     let args = Args::parse();
     let sendense = match &args.sendense {
         Some(p) => p.clone(),
@@ -130,6 +136,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("flatten") {
         flatten::flatten_section(&args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("verify") {
+        verify::verify_section(&args.dir, args.size_mib, args.reps, &mut report)?;
     }
     if wants("fleet") {
         fleet::fleet_section(&args.dir, &mut report)?;
