@@ -276,8 +276,19 @@ fn renew(api: &std::path::Path, from: &std::path::Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_api_over_https_serves_curl_and_the_hubs_client_refuses_clear_text_and_takes_a_renewed_certificate() {
+/// A node serving its API over HTTPS with testpki's server certificate (copied into its own
+/// `api_tls` directory, which tests renew in place), a token, and `more` in its node.toml.
+struct HttpsNode {
+    dir: tempfile::TempDir,
+    pki: testpki::Pki,
+    api: std::path::PathBuf,
+    node: NodeProcess,
+    token: String,
+    https: String,
+    ca: std::path::PathBuf,
+}
+
+fn https_node(more: &str) -> HttpsNode {
     let dir = tempfile::tempdir().unwrap();
     make_source(&dir.path().join("disk0.raw"), 1, 1);
     make_source(&dir.path().join("disk1.raw"), 1, 2);
@@ -288,11 +299,17 @@ async fn the_api_over_https_serves_curl_and_the_hubs_client_refuses_clear_text_a
         std::fs::copy(pki.dir("server").join(name), api.join(name)).unwrap();
     }
     let token_file = dir.path().join("token");
-    let extra = format!("token_file = \"{}\"\napi_tls = \"{}\"", token_file.display(), api.display());
+    let extra = format!("token_file = \"{}\"\napi_tls = \"{}\"\n{more}", token_file.display(), api.display());
     let node = NodeProcess::start(dir.path(), &vm_config(dir.path(), &extra), &[]);
     let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
     let https = format!("https://127.0.0.1:{}", node.port);
     let ca = pki.dir("server").join("ca-cert.pem");
+    HttpsNode { dir, pki, api, node, token, https, ca }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_https_serves_curl_and_the_hubs_client_refuses_clear_text_and_takes_a_renewed_certificate() {
+    let HttpsNode { dir, pki, api, node, token, https, ca } = https_node("");
 
     // curl, checking the certificate against our CA, by address and by name.
     let (ok, said) = curl(&ca, &token, &format!("{https}/api/v1/vms"));
@@ -353,22 +370,7 @@ async fn the_api_over_https_serves_curl_and_the_hubs_client_refuses_clear_text_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_client_certificates_the_api_serves_only_clients_its_ca_signed() {
-    let dir = tempfile::tempdir().unwrap();
-    make_source(&dir.path().join("disk0.raw"), 1, 1);
-    make_source(&dir.path().join("disk1.raw"), 1, 2);
-    let pki = testpki::Pki::new();
-    let api = dir.path().join("api-tls");
-    std::fs::create_dir(&api).unwrap();
-    for name in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
-        std::fs::copy(pki.dir("server").join(name), api.join(name)).unwrap();
-    }
-    let token_file = dir.path().join("token");
-    let extra =
-        format!("token_file = \"{}\"\napi_tls = \"{}\"\napi_client_certs = true", token_file.display(), api.display());
-    let node = NodeProcess::start(dir.path(), &vm_config(dir.path(), &extra), &[]);
-    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
-    let https = format!("https://127.0.0.1:{}", node.port);
-    let ca = pki.dir("server").join("ca-cert.pem");
+    let HttpsNode { dir, pki, api, node, token, https, ca } = https_node("api_client_certs = true");
 
     // The hub's client with its api_tls directory (server and client credentials, qemu's
     // layout) presents its certificate and is served.
