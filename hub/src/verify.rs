@@ -171,10 +171,10 @@ pub fn image_checksum(image: &Image, block_size: u64) -> Result<String, qcow2::E
 /// Block hashes of the image's content: blocks that read as zeroes get the zero hash unread;
 /// with `parent` (hashes of the backing file's content, same geometry), blocks this layer does
 /// not touch get the parent's; the rest are read and hashed on several threads, each hash
-/// written into the map in place. What this holds besides the map (32 bytes a block, 512 MiB for
-/// 1 TiB at 64 KiB) is a range per run of blocks to read, not an entry per block: a verification
-/// of a full 1 TiB disk once held 1.25 GiB (the blocks to read, 8 bytes each, and their hashes
-/// with their index, 40 bytes each, beside the map).
+/// written into the map in place. What this holds besides the map (32 bytes a block: 128 MiB
+/// for the node's largest, 4 Mi blocks) is a range per run of blocks to read, not an entry per
+/// block: a verification of a full disk once held three times that (the blocks to read, 8 bytes
+/// each, and their hashes with their index, 40 bytes each, in vectors grown by doubling).
 ///
 /// # Errors
 /// A read or the allocation map failed.
