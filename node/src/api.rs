@@ -6,6 +6,7 @@
 //! status; the client turns them into [`ApiError::Status`] with both parts.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -427,7 +428,75 @@ fn client_identity(dir: &std::path::Path) -> Result<Option<reqwest::Identity>, A
 pub struct NodeClient {
     base: String,
     token: Option<String>,
-    http: reqwest::Client,
+    http: Http,
+}
+
+/// A [`NodeClient`]'s HTTP client: built once, or, for [`NodeClient::with_tls_dir`], built again
+/// when the directory's files change, so a renewed client certificate (or CA) is presented from
+/// the next call on.
+#[derive(Debug, Clone)]
+enum Http {
+    Fixed(reqwest::Client),
+    Renewing(Arc<RenewingTls>),
+}
+
+/// The files a [`NodeClient::with_tls_dir`] client is built from, and the client of the moment.
+#[derive(Debug)]
+struct RenewingTls {
+    dir: std::path::PathBuf,
+    built: Mutex<(crate::https::FilesStamp<3>, reqwest::Client)>,
+}
+
+impl RenewingTls {
+    const FILES: [&'static str; 3] =
+        [nbd_server::tls::CA_CERT, nbd_server::tls::CLIENT_CERT, nbd_server::tls::CLIENT_KEY];
+
+    /// The client for the next call: built again if the files changed; when the new files do
+    /// not load, the last good client goes on (logged once per change).
+    fn client(&self, base: &str) -> reqwest::Client {
+        let mut built = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = crate::https::files_stamp(&self.dir, Self::FILES);
+        if now != built.0 {
+            match tls_dir_client(base, &self.dir) {
+                Ok(fresh) => {
+                    tracing::info!(dir = %self.dir.display(), "client certificate read again: its files changed");
+                    built.1 = fresh;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "client certificate changed but does not load: the last one goes on")
+                }
+            }
+            built.0 = now;
+        }
+        built.1.clone()
+    }
+}
+
+/// An HTTP client for `base` checking its certificate against `dir`'s CA and presenting `dir`'s
+/// client certificate if it holds one.
+fn tls_dir_client(base: &str, dir: &std::path::Path) -> Result<reqwest::Client, ApiError> {
+    let roots = ca_roots(&dir.join(nbd_server::tls::CA_CERT))?;
+    http_client(base, Some(roots), client_identity(dir)?)
+}
+
+/// The HTTP client of a [`NodeClient`]: timeouts, and the roots and identity given.
+fn http_client(
+    base: &str,
+    roots: Option<Vec<reqwest::Certificate>>,
+    identity: Option<reqwest::Identity>,
+) -> Result<reqwest::Client, ApiError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(10))
+        // Below the 60 s an API gives an idle connection (`crate::api_server::Limits`).
+        .pool_idle_timeout(Duration::from_secs(20));
+    if let Some(roots) = roots {
+        builder = builder.tls_certs_only(roots);
+    }
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    builder.build().map_err(|source| ApiError::Unreachable { url: base.to_string(), source })
 }
 
 impl NodeClient {
@@ -457,6 +526,9 @@ impl NodeClient {
     /// As [`NodeClient::with_ca`] with `dir`'s `ca-cert.pem`, presenting `dir`'s
     /// `client-cert.pem` (with `client-key.pem`) to a node that asks for a client certificate
     /// (its `api_client_certs`) when the directory holds one: the hub's `api_tls` directory.
+    /// The three files are looked at again at each call and read again when one changed, so a
+    /// certificate renewed in place is presented from the next call on (one that does not load
+    /// is logged, and the last good one goes on).
     ///
     /// # Errors
     /// The CA or the client certificate does not load (one of the pair alone is an error), or
@@ -466,8 +538,11 @@ impl NodeClient {
         token: Option<String>,
         dir: &std::path::Path,
     ) -> Result<Self, ApiError> {
-        let roots = ca_roots(&dir.join(nbd_server::tls::CA_CERT))?;
-        Self::build(base.into(), token, Some(roots), client_identity(dir)?)
+        let base = base.into().trim_end_matches('/').to_string();
+        let stamp = crate::https::files_stamp(dir, RenewingTls::FILES);
+        let http = tls_dir_client(&base, dir)?;
+        let renewing = RenewingTls { dir: dir.to_path_buf(), built: Mutex::new((stamp, http)) };
+        Ok(Self { base, token, http: Http::Renewing(Arc::new(renewing)) })
     }
 
     fn build(
@@ -477,19 +552,8 @@ impl NodeClient {
         identity: Option<reqwest::Identity>,
     ) -> Result<Self, ApiError> {
         let base = base.trim_end_matches('/').to_string();
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            // Below the 60 s an API gives an idle connection (`crate::api_server::Limits`).
-            .pool_idle_timeout(Duration::from_secs(20));
-        if let Some(roots) = roots {
-            builder = builder.tls_certs_only(roots);
-        }
-        if let Some(identity) = identity {
-            builder = builder.identity(identity);
-        }
-        let http = builder.build().map_err(|source| ApiError::Unreachable { url: base.clone(), source })?;
-        Ok(Self { base, token, http })
+        let http = http_client(&base, roots, identity)?;
+        Ok(Self { base, token, http: Http::Fixed(http) })
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -499,7 +563,11 @@ impl NodeClient {
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, ApiError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
+        let http = match &self.http {
+            Http::Fixed(client) => client.clone(),
+            Http::Renewing(renewing) => renewing.client(&self.base),
+        };
+        let mut req = http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

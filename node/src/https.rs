@@ -76,8 +76,17 @@ struct Loaded {
 }
 
 /// What tells that the certificate, the key or the CA was replaced: each one's length, time and
-/// inode.
-type Stamp = [Option<(u64, Option<SystemTime>, u64)>; 3];
+/// inode ([`files_stamp`]).
+type Stamp = FilesStamp<3>;
+
+/// Length, time and inode of each of `N` files: what tells that one was replaced (renamed over,
+/// rewritten, removed).
+pub(crate) type FilesStamp<const N: usize> = [Option<(u64, Option<SystemTime>, u64)>; N];
+
+/// The [`FilesStamp`] of `names` in `dir`.
+pub(crate) fn files_stamp<const N: usize>(dir: &Path, names: [&str; N]) -> FilesStamp<N> {
+    names.map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
+}
 
 impl std::fmt::Debug for ApiTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -146,8 +155,7 @@ fn acceptor(dir: &Path, client_certs: bool) -> Result<TlsAcceptor, TlsError> {
 }
 
 fn stamp(dir: &Path) -> Stamp {
-    [SERVER_CERT, SERVER_KEY, CA_CERT]
-        .map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
+    files_stamp(dir, [SERVER_CERT, SERVER_KEY, CA_CERT])
 }
 
 /// TLS on one connection with `tls`'s certificate of the moment, within [`HANDSHAKE_TIMEOUT`];

@@ -376,6 +376,28 @@ async fn with_client_certificates_the_api_serves_only_clients_its_ca_signed() {
     // layout) presents its certificate and is served.
     let hub = NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &pki.dir("both")).unwrap();
     assert_eq!(hub.vms().await.unwrap().len(), 1);
+    // The hub's certificate renewed in place (here with one another CA signed): presented from
+    // the next call on, by the same client, which the node then refuses; renewed back, served.
+    let own = dir.path().join("hub-tls");
+    std::fs::create_dir(&own).unwrap();
+    for name in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(pki.dir("both").join(name), own.join(name)).unwrap();
+    }
+    let renewing = NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &own).unwrap();
+    assert_eq!(renewing.vms().await.unwrap().len(), 1);
+    let renew_client = |from: &std::path::Path| {
+        for name in ["client-cert.pem", "client-key.pem"] {
+            std::fs::copy(from.join(name), own.join("renewed.tmp")).unwrap();
+            std::fs::rename(own.join("renewed.tmp"), own.join(name)).unwrap();
+        }
+    };
+    renew_client(&pki.dir("rogue"));
+    assert!(matches!(renewing.vms().await, Err(node::api::ApiError::Unreachable { .. })));
+    // A key that does not load: the last good identity (the rogue's) goes on.
+    std::fs::write(own.join("client-key.pem"), "not a key\n").unwrap();
+    assert!(matches!(renewing.vms().await, Err(node::api::ApiError::Unreachable { .. })));
+    renew_client(&pki.dir("both"));
+    assert_eq!(renewing.vms().await.unwrap().len(), 1);
     // Without a certificate, or with one another CA signed, the handshake fails: the token alone
     // is not enough, and the client is told why.
     let err = NodeClient::with_ca(https.clone(), Some(token.clone()), &ca).unwrap().vms().await.unwrap_err();
