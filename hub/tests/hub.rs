@@ -715,7 +715,8 @@ async fn two_nodes_with_a_vm_of_the_same_name_keep_their_backups_apart() {
         &config,
         format!(
             "listen = \"127.0.0.1:{api_port}\"\nrepo = \"{r}\"\nreplicas = \"{rp}\"\nnbd_ports = \"{base}-{}\"\ntoken_file = \"{t}\"\n\
-             [[node]]\nname = \"a\"\nurl = \"{a_api}\"\n[[node]]\nname = \"b\"\nurl = \"{b_api}\"\n",
+             [[node]]\nname = \"a\"\nurl = \"{a_api}\"\n[[node]]\nname = \"b\"\nurl = \"{b_api}\"\n\
+             [[schedule]]\nname = \"both\"\nvms = [\"*\"]\nat = [\"03:00\"]\nparallel = 2\n",
             base + 3,
             r = d.join("repo").display(),
             rp = d.join("replicas").display(),
@@ -767,6 +768,32 @@ async fn two_nodes_with_a_vm_of_the_same_name_keep_their_backups_apart() {
     assert!(rep["error"].as_str().is_some_and(|e| e.contains("node a")), "{rep}");
     assert_same(&a_files.join("web-0.raw"), &d.join("replicas/web/disk-2000.qcow2"));
 
+    // A schedule of every VM, two at a time: both nodes' `web` backed up in the one run, one
+    // after the other (one job per VM name), neither skipped; each on its own node's chain.
+    change(&a_files.join("web-0.raw"), 2 * MIB, 0xa2);
+    change(&b_files.join("web-0.raw"), 3 * MIB, 0xb2);
+    let (status, v) = hub.call("POST", "/api/v1/schedules/both/run", None).await;
+    assert_eq!(status, 202, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let run = loop {
+        let (_, v) = hub.call("GET", "/api/v1/schedules/both", None).await;
+        if v["last_run"]["ended_at"].is_string() {
+            break v["last_run"].clone();
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ran = run["backups"].as_array().unwrap();
+    assert_eq!(ran.len(), 2, "{run}");
+    for (node, files, parent) in [("a", &a_files, &a_incr), ("b", &b_files, &b_incr)] {
+        let b = ran.iter().find(|b| b["node"] == node).unwrap_or_else(|| panic!("{run}"));
+        assert_eq!((&b["vm_name"], &b["status"]), (&json!("web"), &json!("completed")), "{run}");
+        let (_, done) = hub.call("GET", &format!("/api/v1/backups/{}", b["backup_id"].as_str().unwrap()), None).await;
+        assert_eq!(done["parent_id"], parent["backup_id"], "{done}");
+        assert_clean(&image(&done));
+        assert_same(&files.join("web-0.raw"), &image(&done));
+    }
+
     // A's VM brought back on B's machine: A's newest backup restored onto B's disk of it, in one
     // call to the hub.
     let onto = b_files.join("web-0.raw");
@@ -784,7 +811,7 @@ async fn two_nodes_with_a_vm_of_the_same_name_keep_their_backups_apart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!((&done["status"], &done["disks"][0]["checksum_match"]), (&json!("completed"), &json!(true)), "{done}");
-    assert_same(&a_files.join("web-0.raw"), &onto);
+    assert_same(&onto, &image(&a_incr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

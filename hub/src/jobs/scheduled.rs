@@ -9,7 +9,9 @@
 //! - A run is not started twice: an occurrence that comes while the schedule's previous run is
 //!   still going is skipped (logged, counted as `skipped_occurrences`), as is a VM that already
 //!   has a job (its backup is under way: `skipped` with the reason). Runs of one schedule take a
-//!   lock; `POST /api/v1/schedules/NAME/run` takes the same one (409 while a run goes on).
+//!   lock; `POST /api/v1/schedules/NAME/run` takes the same one (409 while a run goes on). Two
+//!   nodes' VMs of one name in a run (the hub runs one job per VM name) go one after the other:
+//!   the later waits for the earlier without holding a turn, and is not skipped.
 //! - A missed night is caught up: the last occurrence handled (its run ended, or it was skipped)
 //!   is kept in the repository (`.schedules.json`); a hub started after an occurrence it did not
 //!   handle (it was down, or killed mid-run) runs the schedule once at start, not once per missed
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedMutexGuard, Semaphore};
+use tokio::sync::{oneshot, OwnedMutexGuard, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::files::off_runtime;
@@ -426,17 +428,41 @@ impl Hub {
         }
         let turns = Arc::new(Semaphore::new(s.parallel));
         let mut backups = tokio::task::JoinSet::new();
-        // Turns taken in the listed order: VMs start in the order the schedule names them.
+        // Each VM name's last backup of this run: ended (its sender dropped) when its task ends.
+        let mut last_of_name: HashMap<String, oneshot::Receiver<()>> = HashMap::new();
+        // Turns taken in the listed order: VMs start in the order the schedule names them. Two
+        // nodes' VMs of one name (`vms = ["*"]`) share the name's one job at a time: the later
+        // waits for the earlier to end, holding no turn meanwhile, and then takes its turn.
         for (slot, (vm, node)) in targets.into_iter().enumerate() {
             if ended_before(&vm, &node).is_some() {
                 continue;
             }
-            let Ok(turn) = Arc::clone(&turns).acquire_owned().await else { break };
-            let hub = Arc::clone(self);
-            let schedule = Arc::clone(schedule);
+            let (ended, ended_rx) = oneshot::channel::<()>();
+            let after = last_of_name.insert(vm.clone(), ended_rx);
+            let turn = match after {
+                None => match Arc::clone(&turns).acquire_owned().await {
+                    Ok(turn) => Some(turn),
+                    Err(_) => break,
+                },
+                Some(_) => None,
+            };
+            let (hub, schedule, turns) = (Arc::clone(self), Arc::clone(schedule), Arc::clone(&turns));
             backups.spawn(async move {
+                let _ended = ended;
+                let _turn = match (turn, after) {
+                    (Some(turn), _) => turn,
+                    (None, after) => {
+                        if let Some(earlier) = after {
+                            // An error only says the earlier task is gone, which is what is awaited.
+                            let _ = earlier.await;
+                        }
+                        match turns.acquire_owned().await {
+                            Ok(turn) => turn,
+                            Err(_) => return,
+                        }
+                    }
+                };
                 hub.scheduled_backup(&schedule, slot, &vm, node.as_deref()).await;
-                drop(turn);
             });
         }
         while backups.join_next().await.is_some() {}
@@ -526,6 +552,7 @@ impl Hub {
             Work::Replication => Kind::Replication,
         };
         let give_up = Instant::now() + RETRY_FOR;
+        let ended_grace = Instant::now() + Duration::from_secs(5);
         let id = loop {
             if self.shutdown.is_cancelled() {
                 return record(Outcome::Cancelled, None, Some("the hub is shutting down".into()));
@@ -537,6 +564,11 @@ impl Hub {
                 break taken.clone();
             }
             if let Some(other) = busy {
+                // A job that has just ended lets go of its VM right after: not one to skip for.
+                if self.has_just_ended(&other) && Instant::now() < ended_grace {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 let why = format!("VM {vm} already has job {other} running");
                 tracing::warn!(schedule = %s.name, vm, error = %why, "schedule: VM skipped");
                 return record(Outcome::Skipped, None, Some(why));
@@ -572,6 +604,12 @@ impl Hub {
             }
             tokio::time::sleep(FOLLOW_EVERY).await;
         }
+    }
+
+    /// Whether job `id` has reached its end (it lets go of its VM in the same step, so one
+    /// found still holding it is about to).
+    fn has_just_ended(&self, id: &str) -> bool {
+        self.state().jobs.get(id).is_some_and(|j| j.status().is_final())
     }
 
     /// The last occurrence each schedule handled (`.schedules.json` in the repository).
