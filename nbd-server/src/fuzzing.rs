@@ -203,3 +203,9 @@ pub fn reply_stream(data: &[u8]) -> usize {
     }
     decoded
 }
+
+/// The subject of a client certificate, as `--tls-authz` reads it (`tls_authz::subject_name`):
+/// `None` when the bytes are not a certificate.
+pub fn certificate_subject(data: &[u8]) -> Option<String> {
+    crate::tls_authz::subject_name(data).ok()
+}

@@ -63,6 +63,7 @@ pub mod fuzzing;
 pub mod proto;
 pub mod server;
 pub mod tls;
+pub mod tls_authz;
 pub mod zero_copy;
 
 /// The attribute [`Backend`] implementations need (`#[nbd_server::async_trait]`), re-exported
@@ -76,4 +77,5 @@ pub use client::{Client, ClientError, ClientOptions, CommandFlags, ExportInfo};
 pub use proto::transmission::Extent;
 pub use server::{ExportConfig, ExportStats, Scope, Server, ServerConfig, ServerError, MAX_BITMAPS};
 pub use tls::{ClientTls, TlsCredentials, TlsError};
+pub use tls_authz::ClientAuthz;
 pub use zero_copy::{ReceiveBytes, SendBytes};

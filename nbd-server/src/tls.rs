@@ -22,6 +22,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
+use crate::tls_authz::{Authorizing, ClientAuthz};
+
 /// The CA certificate(s) a client's certificate must chain to, in a credentials directory.
 pub const CA_CERT: &str = "ca-cert.pem";
 /// The server's certificate (and any intermediates after it), in a credentials directory.
@@ -85,6 +87,16 @@ impl TlsCredentials {
     /// [`TlsError`] naming the file at fault.
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<Self, TlsError> {
         Ok(Self::from_rustls(Arc::new(server_config(dir, verify_peer)?)))
+    }
+
+    /// As [`Self::from_x509_dir`] with `verify_peer`, and of the clients the CA signed only those
+    /// `authz` admits by their certificate's subject (qemu-nbd's `--tls-authz`; see
+    /// [`crate::tls_authz`] for the string it is given).
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file at fault.
+    pub fn from_x509_dir_authorized(dir: &Path, authz: ClientAuthz) -> Result<Self, TlsError> {
+        Ok(Self::from_rustls(Arc::new(build_server_config(dir, Peers::Authorized(authz))?)))
     }
 
     /// Credentials from an embedder's own rustls configuration (its certificate resolver,
@@ -164,17 +176,35 @@ impl ClientTls {
 /// # Errors
 /// [`TlsError`] naming the file at fault.
 pub fn server_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConfig, TlsError> {
+    build_server_config(dir, if verify_peer { Peers::Signed } else { Peers::Anyone })
+}
+
+/// The clients a server admits.
+enum Peers {
+    /// Any client, with or without a certificate.
+    Anyone,
+    /// Clients with a certificate the CA signed.
+    Signed,
+    /// Of those, the ones the embedder's decision admits.
+    Authorized(ClientAuthz),
+}
+
+fn build_server_config(dir: &Path, peers: Peers) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder =
         rustls::ServerConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
-    let builder = if verify_peer {
+    let ca_verifier = || {
         let path = dir.join(CA_CERT);
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&path)?), provider)
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&path)?), Arc::clone(&provider))
             .build()
-            .map_err(|e| TlsError::Verifier { path, reason: e.to_string() })?;
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
+            .map_err(|e| TlsError::Verifier { path, reason: e.to_string() })
+    };
+    let builder = match peers {
+        Peers::Anyone => builder.with_no_client_auth(),
+        Peers::Signed => builder.with_client_cert_verifier(ca_verifier()?),
+        Peers::Authorized(authz) => {
+            builder.with_client_cert_verifier(Arc::new(Authorizing { inner: ca_verifier()?, authz }))
+        }
     };
     let chain = certificates(&dir.join(SERVER_CERT))?;
     Ok(builder.with_single_cert(chain, private_key(&dir.join(SERVER_KEY))?)?)

@@ -80,3 +80,27 @@ fn truncations_of_every_seed_are_harmless() {
         }
     }
 }
+
+#[test]
+fn certificate_subject_seeds_read_as_gnutls_writes_them_and_cuts_are_harmless() {
+    // Subjects as qemu-nbd 10 printed them for the same certificates (openssl-made seeds).
+    for (name, subject) in [
+        ("ca.der", "CN=test CA"),
+        ("server.der", "CN=localhost"),
+        ("client.der", "CN=a+CN=b+O=c"),
+        (
+            "rich.der",
+            "C=GB,ST=London,L=London,O=Example\\, Org,OU=second,CN=\\ laptop \\\"x\\\" #1\\ ,EMAIL=me@x.org,DC=example,\
+             UID=u1,title=Boss,1.2.840.113549.1.9.2=#0c02756e",
+        ),
+    ] {
+        let (_, data) = corpus("tls_subject").into_iter().find(|(n, _)| n == name).unwrap();
+        assert_eq!(nbd_server::fuzzing::certificate_subject(&data).as_deref(), Some(subject), "{name}");
+        for cut in 0..data.len() {
+            assert_eq!(nbd_server::fuzzing::certificate_subject(&data[..cut]), None, "{name} cut at {cut}");
+        }
+    }
+    for (_, data) in inputs("corpus", "tls_subject") {
+        let _ = nbd_server::fuzzing::certificate_subject(&data);
+    }
+}

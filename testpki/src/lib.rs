@@ -12,13 +12,17 @@
 
 use std::path::PathBuf;
 
+pub use rcgen::{string, DnType, DnValue};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// Credential directories for TLS tests (module doc); removed on drop.
 pub struct Pki {
     root: tempfile::TempDir,
+    /// Our CA, kept to sign the clients [`Pki::client_with_subject`] makes.
+    ca: (CertificateParams, KeyPair, String),
 }
 
 impl Pki {
@@ -61,7 +65,29 @@ impl Pki {
         put("rogue", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
         let (cert, key) = leaf(&other, "impostor", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
         put("impostor", &[("ca-cert.pem", &other_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
-        Self { root }
+        Self { root, ca: (ca_params, ca_key, ca_pem) }
+    }
+
+    /// A client directory `name` (as `client/`) whose certificate, our CA's, has the subject
+    /// `subject`: attributes in this order, each its own relative name.
+    ///
+    /// # Panics
+    /// If the certificate cannot be made or written.
+    #[allow(clippy::expect_used)]
+    pub fn client_with_subject(&self, name: &str, subject: &[(DnType, DnValue)]) -> PathBuf {
+        let (params, key, pem) = &self.ca;
+        let ca = Issuer::from_params(params, key);
+        let mut dn = DistinguishedName::new();
+        for (kind, value) in subject {
+            dn.push(kind.clone(), value.clone());
+        }
+        let (cert, key) = signed(&ca, dn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let d = self.dir(name);
+        std::fs::create_dir_all(&d).expect("a credentials directory");
+        for (file, text) in [("ca-cert.pem", pem), ("client-cert.pem", &cert), ("client-key.pem", &key)] {
+            std::fs::write(d.join(file), text).expect("a credentials file");
+        }
+        d
     }
 
     /// One of the credential directories (`server`, `client`, `anon`, `rogue`, `stranger`,
@@ -107,10 +133,23 @@ fn leaf(
     sans: &[&str],
     purpose: ExtendedKeyUsagePurpose,
 ) -> (String, String) {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    signed(issuer, dn, sans, purpose)
+}
+
+/// A certificate of subject `dn` the issuer signed, and its key, as PEM.
+#[allow(clippy::expect_used)]
+fn signed(
+    issuer: &Issuer<'_, &KeyPair>,
+    dn: DistinguishedName,
+    sans: &[&str],
+    purpose: ExtendedKeyUsagePurpose,
+) -> (String, String) {
     let key = KeyPair::generate().expect("a key");
     let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
     let mut params = CertificateParams::new(names).expect("certificate parameters");
-    params.distinguished_name.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![purpose];
     (params.signed_by(&key, issuer).expect("a certificate").pem(), key.serialize_pem())

@@ -15,6 +15,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 
+mod authz;
+mod fnmatch;
 mod objects;
 use nbd_server::{Backend, ExportConfig, FileBackend, Qcow2Backend, Scope, Server, ServerConfig, Tuned, Tuning};
 use qcow2::ImageOptions;
@@ -78,16 +80,19 @@ struct Args {
     /// TRIM: unmap (punch holes, the default here) or ignore/off (not offered).
     #[arg(long = "discard", value_enum, default_value = "unmap")]
     discard: DiscardMode,
-    /// Define an object, as qemu-nbd does; only TLS credentials:
+    /// Define an object, as qemu-nbd does: TLS credentials,
     /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]` (DIR holds
     /// ca-cert.pem, server-cert.pem, server-key.pem; verify-peer=on, the default, requires a
-    /// client certificate the CA signed). Repeatable.
+    /// client certificate the CA signed), or who of those clients may connect:
+    /// `authz-simple,id=ID,identity=DN`, `authz-list,id=ID,policy=deny,rules.0.match=M,rules.0.policy=allow[,rules.0.format=glob]`,
+    /// `authz-listfile,id=ID,filename=FILE.json[,refresh=on|off]`. Repeatable.
     #[arg(long = "object", value_name = "TYPE,id=ID,...")]
     objects: Vec<String>,
     /// Require TLS of every client, with the credentials of the --object of this id.
     #[arg(long = "tls-creds", value_name = "ID")]
     tls_creds: Option<String>,
-    /// qemu-nbd's client authorization list: refused (not implemented).
+    /// Admit only the TLS clients the authz object of this id allows, by their certificate's
+    /// subject (as qemu-nbd's --tls-authz; needs --tls-creds with verify-peer=on).
     #[arg(long = "tls-authz", value_name = "ID")]
     tls_authz: Option<String>,
     /// Serve a fresh 1 GiB sparse scratch image (in a temporary directory) as export "demo".
