@@ -36,6 +36,8 @@
 //!   against `qemu-img convert` of the same chain's top (a VM-like base under 16 overlays).
 //! - `verify`: the hub's verification of a full backup image (`hub::verify`): its peak memory per
 //!   block and its read speed, with 64 KiB and 4 KiB blocks.
+//! - `maps`: what saving and loading the node's largest change-tracking map (and resume map)
+//!   holds in memory beyond the map, and how long it takes.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
@@ -46,6 +48,7 @@ mod flatten;
 mod fleet;
 mod floor;
 mod hub;
+mod maps;
 mod merge;
 mod mover;
 mod peers;
@@ -61,7 +64,7 @@ use clap::Parser;
 /// Benchmarks of sendense-nbd against qemu-nbd and nbdkit.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress, flatten, verify
+    /// Sections to run: copy, fio, qcow2, disk, tunnel, node, hub, e2e, checkpoint, wan, fleet, floor, merge, compress, flatten, verify, maps
     /// (default: all).
     sections: Vec<String>,
     /// Size of the copied file in MiB.
@@ -84,6 +87,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     if let Ok(spec) = std::env::var(verify::CHILD) {
         return verify::run_child(&spec);
+    }
+    if let Ok(spec) = std::env::var(maps::CHILD) {
+        return maps::run_child(&spec);
     }
     let args = Args::parse();
     let sendense = match &args.sendense {
@@ -136,6 +142,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("flatten") {
         flatten::flatten_section(&args.dir, args.size_mib, args.reps, &mut report)?;
+    }
+    if wants("maps") {
+        maps::maps_section(&args.dir, args.reps, &mut report)?;
     }
     if wants("verify") {
         verify::verify_section(&args.dir, args.size_mib, args.reps, &mut report)?;

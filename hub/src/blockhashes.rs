@@ -45,12 +45,12 @@ fn load_file(path: &Path, depth: usize) -> Option<(BlockMap, Hash)> {
     if depth > MAX_DEPTH {
         return None;
     }
-    let bytes = std::fs::read(path).ok()?;
-    if let Some(map) = BlockMap::from_bytes(&bytes) {
+    // A whole map read as it goes (its magic tells at once when the file is a difference).
+    if let Some(map) = BlockMap::load(path) {
         let own = digest(&map);
         return Some((map, own));
     }
-    let diff = MapDiff::from_bytes(&bytes)?;
+    let diff = MapDiff::from_bytes(&std::fs::read(path).ok()?)?;
     let (parent, parent_digest) = load_file(&path.parent()?.join(diff.base_name()), depth + 1)?;
     Some((diff.apply_to(parent, &parent_digest)?, diff.yields()))
 }
@@ -65,8 +65,11 @@ pub fn save(image: &Path, map: &BlockMap, parent: Option<(&str, &BlockMap)>) -> 
     let diff = parent.and_then(|(backing_name, p)| {
         MapDiff::between(map, p, &Path::new(backing_name).with_extension("blocks").to_string_lossy())
     });
-    let bytes = diff.map_or_else(|| map.to_bytes(), |d| d.to_bytes());
-    node::files::write_atomically(&file_of(image), &bytes)
+    match diff {
+        Some(d) => node::files::write_atomically(&file_of(image), &d.to_bytes()),
+        // Written as it goes: a whole map of the largest disk is 128 MiB not held twice.
+        None => map.save(&file_of(image)).map_err(|e| e.source),
+    }
 }
 
 /// After the image at `image` was given another backing file (a merge put its parent's parent

@@ -29,8 +29,15 @@
 //! same fields, the set's words after the hashes, then the BLAKE3 (`SNDRSM01`, its hashes all
 //! stored, loads too); a block map in its place (left by a node of an earlier version, stopped to
 //! upgrade it) loads as one with no block finished.
+//!
+//! Every file is written and read as it goes (`sealed`): saving a map of the largest disk holds
+//! nothing but the map (it held a second copy of its 128 MiB, at every checkpoint), loading one
+//! holds the map it gives (it held the file's bytes beside it); `nbd-bench maps` measures both.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use crate::sealed::{SealedReader, SealedWriter};
 
 /// A block hash.
 pub type Hash = [u8; 32];
@@ -166,58 +173,61 @@ impl BlockMap {
         checksum_of_blocks(self.block_size, &self.hashes)
     }
 
-    /// Load a map; `None` if the file is missing, damaged or of another geometry.
+    /// Load a map; `None` if the file is missing, damaged or of another geometry. Read as it
+    /// goes (`sealed`): nothing but the map and a buffer is held.
     pub fn load(path: &Path) -> Option<Self> {
-        Self::from_bytes(&std::fs::read(path).ok()?)
+        let mut r = open_sealed(path)?;
+        match parse(&mut r)? {
+            (map, Format::Map) => r.finish().map(|()| map),
+            (_, Format::Resume) => None,
+        }
     }
 
     /// A map from the bytes of its file; `None` if they do not check out (module doc).
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        match parse(bytes)? {
-            (map, Format::Map, []) => Some(map),
-            _ => None,
+        let mut r = SealedReader::new(bytes, bytes.len() as u64)?;
+        match parse(&mut r)? {
+            (map, Format::Map) => r.finish().map(|()| map),
+            (_, Format::Resume) => None,
         }
     }
 
     /// The bytes of its file (module doc).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut body = self.body(MAGIC, 0);
-        seal(&mut body);
-        body
+        sealed_bytes(|w| self.write_body(MAGIC, w))
     }
 
-    /// Magic, header, the zero blocks and the other blocks' hashes, with room for `more` bytes
-    /// and the trailer.
-    fn body(&self, magic: &[u8; 8], more: usize) -> Vec<u8> {
+    /// Magic, header, the zero blocks and the other blocks' hashes, into `w`.
+    fn write_body(&self, magic: &[u8; 8], w: &mut SealedWriter<'_>) -> std::io::Result<()> {
         let count = self.hashes.len() as u64;
         let zero = ZeroHashes::new(self.disk_size, self.block_size);
+        let is_zero = |i: u64, h: &Hash| *h == zero.of_len(block_len(self.disk_size, self.block_size, i));
         let mut zeros = BlockSet::default();
-        let mut data = Vec::new();
         for (i, h) in (0..count).zip(&self.hashes) {
-            if *h == zero.of_len(block_len(self.disk_size, self.block_size, i)) {
+            if is_zero(i, h) {
                 zeros.insert_run(i, 1);
-            } else {
-                data.push(h);
             }
         }
-        let mut body = Vec::with_capacity(HEADER_LEN + count.div_ceil(64) as usize * 8 + data.len() * 32 + more + 32);
-        body.extend_from_slice(magic);
-        body.extend_from_slice(&self.disk_size.to_le_bytes());
-        body.extend_from_slice(&self.block_size.to_le_bytes());
-        body.extend_from_slice(&count.to_le_bytes());
-        zeros.put_words(count, &mut body);
-        for h in data {
-            body.extend_from_slice(h);
+        w.put(magic)?;
+        for field in [self.disk_size, self.block_size, count] {
+            w.put(&field.to_le_bytes())?;
         }
-        body
+        zeros.put_words(count, w)?;
+        for (i, h) in (0..count).zip(&self.hashes) {
+            if !is_zero(i, h) {
+                w.put(h)?;
+            }
+        }
+        Ok(())
     }
 
-    /// Write the map atomically: temporary file, fsync, rename, fsync of the directory.
+    /// Write the map atomically: temporary file, fsync, rename, fsync of the directory; written
+    /// as it goes (`sealed`), so nothing but the map is held.
     ///
     /// # Errors
     /// The file could not be written.
     pub fn save(&self, path: &Path) -> Result<(), MapError> {
-        write_file(path, &self.to_bytes())
+        save_sealed(path, |w| self.write_body(MAGIC, w))
     }
 }
 
@@ -228,57 +238,92 @@ enum Format {
     Resume,
 }
 
-/// The map a file holds, its kind, and the bytes after the hashes; `None` if its trailer, magic
-/// or geometry do not check out. The zero set and the stored hashes are counted from the header
-/// and must fit in the file before anything is allocated for them.
-fn parse(bytes: &[u8]) -> Option<(BlockMap, Format, &[u8])> {
-    let body_len = bytes.len().checked_sub(32)?;
-    let (body, trailer) = bytes.split_at(body_len);
-    if blake3::hash(body).as_bytes() != trailer || body.len() < HEADER_LEN {
+/// The map a file's body holds (read up to the end of its hashes) and its kind; `None` if its
+/// magic or geometry do not check out or the body is too short. The zero set and the stored
+/// hashes are counted from the header and must fit in the body before anything is allocated for
+/// them. The caller reads what follows and checks the trailer ([`SealedReader::finish`]).
+fn parse<R: Read>(r: &mut SealedReader<R>) -> Option<(BlockMap, Format)> {
+    if r.left() < HEADER_LEN as u64 {
         return None;
     }
-    let (format, zeros_stored) = match body.get(..8)? {
+    let magic = r.bytes(8)?;
+    let (format, zeros_stored) = match magic.as_slice() {
         m if m == MAGIC => (Format::Map, true),
         m if m == RESUME_MAGIC => (Format::Resume, true),
         m if m == MAGIC_V1 => (Format::Map, false),
         m if m == RESUME_MAGIC_V1 => (Format::Resume, false),
         _ => return None,
     };
-    let word = |i: usize| body.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-    let (disk_size, block_size, count) = (word(8)?, word(16)?, word(24)?);
+    let (disk_size, block_size, count) = (r.u64()?, r.u64()?, r.u64()?);
     if !valid_block_size(block_size) || count != block_count(disk_size, block_size) {
         return None;
     }
-    let rest = body.get(HEADER_LEN..)?;
-    let (zeros, rest) = if zeros_stored { BlockSet::take_words(rest, count)? } else { (BlockSet::default(), rest) };
+    let zeros = if zeros_stored {
+        match BlockSet::take_words(&r.bytes(words_len(count)?)?, count)? {
+            (zeros, []) => zeros,
+            _ => return None,
+        }
+    } else {
+        BlockSet::default()
+    };
     let stored = count - zeros.len();
-    let hashes_len = usize::try_from(stored.checked_mul(32)?).ok()?;
-    if rest.len() < hashes_len {
+    if stored.checked_mul(32)? > r.left() {
         return None;
     }
-    let (hashes_bytes, after) = rest.split_at(hashes_len);
-    let mut stored = hashes_bytes.chunks_exact(32).filter_map(|c| <Hash>::try_from(c).ok());
     let zero = (!zeros.is_empty()).then(|| ZeroHashes::new(disk_size, block_size));
-    // At most 8 blocks per byte of the zero set, or 32 bytes each stored.
-    let mut hashes = Vec::with_capacity(usize::try_from(count).ok()?);
-    for i in 0..count {
-        hashes.push(match &zero {
-            Some(zero) if zeros.contains(i) => zero.of_len(block_len(disk_size, block_size, i)),
-            _ => stored.next()?,
-        });
-    }
-    Some((BlockMap { disk_size, block_size, hashes }, format, after))
+    // At most 8 blocks per byte of the zero set, or 32 bytes each stored: the body holds them.
+    let mut hashes: Vec<Hash> = Vec::with_capacity(usize::try_from(count).ok()?);
+    let mut next = 0u64;
+    // The zero blocks from `next` on, up to the next stored hash.
+    let fill_zeros = |hashes: &mut Vec<Hash>, next: &mut u64| {
+        if let Some(z) = &zero {
+            while *next < count && zeros.contains(*next) {
+                hashes.push(z.of_len(block_len(disk_size, block_size, *next)));
+                *next += 1;
+            }
+        }
+    };
+    fill_zeros(&mut hashes, &mut next);
+    r.chunks(stored * 32, |chunk| {
+        for h in chunk.chunks_exact(32).filter_map(|c| <Hash>::try_from(c).ok()) {
+            hashes.push(h);
+            next += 1;
+            fill_zeros(&mut hashes, &mut next);
+        }
+    })?;
+    (hashes.len() as u64 == count).then_some((BlockMap { disk_size, block_size, hashes }, format))
 }
 
-/// Write a map file atomically: temporary file, fsync, rename, fsync of the directory.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), MapError> {
-    crate::files::write_atomically(path, bytes).map_err(|source| MapError { path: path.to_path_buf(), source })
+/// The bytes of a set's words for a disk of `count` blocks.
+fn words_len(count: u64) -> Option<u64> {
+    count.div_ceil(64).checked_mul(8)
 }
 
-/// Append the BLAKE3 of `body` to it.
-fn seal(body: &mut Vec<u8>) {
-    let trailer = blake3::hash(body);
-    body.extend_from_slice(trailer.as_bytes());
+/// A sealed file opened to be read as it goes.
+fn open_sealed(path: &Path) -> Option<SealedReader<std::io::BufReader<std::fs::File>>> {
+    let file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    SealedReader::new(std::io::BufReader::with_capacity(1 << 16, file), len)
+}
+
+/// Write a sealed file atomically (temporary file, fsync, rename, fsync of the directory), its
+/// body written by `body` as it goes.
+fn save_sealed(path: &Path, body: impl FnOnce(&mut SealedWriter<'_>) -> std::io::Result<()>) -> Result<(), MapError> {
+    crate::files::write_atomically_with(path, |f| {
+        let mut w = SealedWriter::new(f);
+        body(&mut w)?;
+        w.finish()
+    })
+    .map_err(|source| MapError { path: path.to_path_buf(), source })
+}
+
+/// A sealed file's bytes, its body written by `body`.
+fn sealed_bytes(body: impl FnOnce(&mut SealedWriter<'_>) -> std::io::Result<()>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = SealedWriter::new(&mut out);
+    // A vector takes every write: neither step can fail.
+    let _written = body(&mut w).and_then(|()| w.finish());
+    out
 }
 
 /// A set of block indexes, one bit each: the blocks a copy wrote, or finished.
@@ -325,10 +370,11 @@ impl BlockSet {
     }
 
     /// Append the set's words for a disk of `count` blocks (little endian, one bit per block).
-    fn put_words(&self, count: u64, out: &mut Vec<u8>) {
+    fn put_words(&self, count: u64, w: &mut SealedWriter<'_>) -> std::io::Result<()> {
         for i in 0..count.div_ceil(64) as usize {
-            out.extend_from_slice(&self.words.get(i).copied().unwrap_or(0).to_le_bytes());
+            w.put(&self.words.get(i).copied().unwrap_or(0).to_le_bytes())?;
         }
+        Ok(())
     }
 
     /// A set of `count` blocks' words from the front of `bytes`, and the bytes after; `None` if
@@ -354,34 +400,40 @@ pub struct ResumeMap {
 }
 
 impl ResumeMap {
-    /// Load one; `None` if the file is missing or does not check out (module doc).
+    /// Load one; `None` if the file is missing or does not check out (module doc). Read as it
+    /// goes (`sealed`).
     pub fn load(path: &Path) -> Option<Self> {
-        Self::from_bytes(&std::fs::read(path).ok()?)
+        Self::read(open_sealed(path)?)
     }
 
     /// A resume map from the bytes of its file, or a block map's (no block finished); `None` if
     /// they do not check out, or the set names a block the disk does not have.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let (map, format, after) = parse(bytes)?;
+        Self::read(SealedReader::new(bytes, bytes.len() as u64)?)
+    }
+
+    fn read<R: Read>(mut r: SealedReader<R>) -> Option<Self> {
+        let (map, format) = parse(&mut r)?;
         let count = map.hashes.len() as u64;
         let done = match format {
-            Format::Map if after.is_empty() => BlockSet::default(),
-            Format::Resume => match BlockSet::take_words(after, count)? {
+            Format::Map => BlockSet::default(),
+            Format::Resume => match BlockSet::take_words(&r.bytes(words_len(count)?)?, count)? {
                 (done, []) => done,
                 _ => return None,
             },
-            Format::Map => return None,
         };
+        r.finish()?;
         Some(Self { map, done })
     }
 
     /// The bytes of its file (module doc).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let count = self.map.hashes.len() as u64;
-        let mut body = self.map.body(RESUME_MAGIC, count.div_ceil(64) as usize * 8);
-        self.done.put_words(count, &mut body);
-        seal(&mut body);
-        body
+        sealed_bytes(|w| self.write_body(w))
+    }
+
+    fn write_body(&self, w: &mut SealedWriter<'_>) -> std::io::Result<()> {
+        self.map.write_body(RESUME_MAGIC, w)?;
+        self.done.put_words(self.map.hashes.len() as u64, w)
     }
 
     /// Write it atomically, as [`BlockMap::save`].
@@ -389,7 +441,7 @@ impl ResumeMap {
     /// # Errors
     /// The file could not be written.
     pub fn save(&self, path: &Path) -> Result<(), MapError> {
-        write_file(path, &self.to_bytes())
+        save_sealed(path, |w| self.write_body(w))
     }
 }
 
@@ -483,22 +535,19 @@ impl MapDiff {
 
     /// The bytes of its file.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let name = self.base_name.as_bytes();
-        let mut out = Vec::with_capacity(
-            HEADER_LEN + 66 + name.len() + self.count.div_ceil(64) as usize * 8 + self.hashes.len() * 32 + 32,
-        );
-        out.extend_from_slice(DIFF_MAGIC);
-        for w in [self.disk_size, self.block_size, self.count] {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-        out.extend_from_slice(&self.base_digest);
-        out.extend_from_slice(&self.yields);
-        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        out.extend_from_slice(name);
-        self.changed.put_words(self.count, &mut out);
-        self.hashes.iter().for_each(|h| out.extend_from_slice(h));
-        seal(&mut out);
-        out
+        sealed_bytes(|w| {
+            let name = self.base_name.as_bytes();
+            w.put(DIFF_MAGIC)?;
+            for field in [self.disk_size, self.block_size, self.count] {
+                w.put(&field.to_le_bytes())?;
+            }
+            w.put(&self.base_digest)?;
+            w.put(&self.yields)?;
+            w.put(&(name.len() as u16).to_le_bytes())?;
+            w.put(name)?;
+            self.changed.put_words(self.count, w)?;
+            self.hashes.iter().try_for_each(|h| w.put(h))
+        })
     }
 
     /// One from the bytes of its file; `None` unless the trailer, magic and geometry check out
@@ -562,6 +611,12 @@ pub fn block_len(disk_size: u64, block_size: u64, index: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Append the BLAKE3 of `body` to it.
+    fn seal(body: &mut Vec<u8>) {
+        let trailer = blake3::hash(body);
+        body.extend_from_slice(trailer.as_bytes());
+    }
 
     #[test]
     fn a_saved_map_loads_back_and_a_damaged_one_does_not() {
@@ -647,8 +702,15 @@ mod tests {
         done.insert_run(1, 129);
         let resume = ResumeMap { map: full.clone(), done: done.clone() };
         assert_eq!(ResumeMap::from_bytes(&resume.to_bytes()), Some(resume.clone()));
-        let mut words = Vec::new();
-        done.put_words(130, &mut words);
+        let words: Vec<u8> = (0..130u64)
+            .step_by(64)
+            .flat_map(|first| {
+                (first..(first + 64).min(130))
+                    .filter(|b| done.contains(*b))
+                    .fold(0u64, |w, b| w | 1 << (b % 64))
+                    .to_le_bytes()
+            })
+            .collect();
         assert_eq!(ResumeMap::from_bytes(&v1_file(RESUME_MAGIC_V1, &full, &words)), Some(resume));
         let old = ResumeMap::from_bytes(&v1_file(MAGIC_V1, &map, &[])).unwrap();
         assert!(old.map == map && old.done.is_empty());

@@ -57,6 +57,18 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// # Errors
 /// Any step failed.
 pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_atomically_with(path, |f| f.write_all(data))
+}
+
+/// As [`write_atomically`], the contents written by `write` as it goes (through a buffer), so a
+/// large file need not be whole in memory first.
+///
+/// # Errors
+/// Any step failed, `write` included.
+pub fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     create_private_dir(dir)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -67,9 +79,10 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
         _ => {}
     }
     {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
+        let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut buffered = std::io::BufWriter::with_capacity(1 << 16, f);
+        write(&mut buffered)?;
+        buffered.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()

@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod mover;
 pub mod pool;
 pub mod progress;
+pub mod sealed;
 pub mod service;
 pub mod sink;
 pub mod source;

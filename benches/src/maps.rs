@@ -1,0 +1,116 @@
+//! `maps`: what writing and reading the node's change-tracking maps holds in memory beyond the
+//! map itself, and how long it takes (`node::blockmap`: a map is saved at the end of every copy
+//! of a disk without a dirty bitmap, a resume map at every checkpoint and pause, and the hub
+//! keeps one beside every backup image; each is loaded at the start of the next run). The map is
+//! the node's largest (4 Mi blocks, a hash of 32 bytes each: 128 MiB) and every block holds data
+//! (no hash is left out as a zero block's), the case that writes and reads the most. Each run is
+//! a fresh process (this binary again, told by [`CHILD`]), so that no memory an earlier run freed
+//! and the allocator kept hides what this one takes; its figure is the high-water mark
+//! (`VmHWM`) above the resident set just before the save or load, the map itself already in
+//! memory for a save (so a save that holds nothing more than the map shows about 0) and not yet
+//! for a load (so a load that holds nothing more than the map it gives shows its 128 MiB). No
+//! peer: the old design kept no maps.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use node::blockmap::{BlockMap, BlockSet, ResumeMap};
+
+use crate::report::Report;
+
+/// The environment variable that makes this binary one run: `OP\tPATH\tBLOCKS`, OP one of
+/// `save-map`, `save-resume`, `load-map`, `load-resume`.
+pub const CHILD: &str = "NBD_BENCH_MAPS_RUN";
+
+/// The block size of the maps (what it is does not change their size).
+const BLOCK: u64 = 256 << 10;
+
+/// A map of `blocks` pseudo-random hashes (no zero block), and a resume map of it with every
+/// other block done.
+fn made(blocks: u64) -> ResumeMap {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let hashes = (0..blocks)
+        .map(|_| {
+            let mut h = [0u8; 32];
+            for c in h.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            h
+        })
+        .collect();
+    let mut done = BlockSet::default();
+    for b in (0..blocks).step_by(2) {
+        done.insert_run(b, 1);
+    }
+    ResumeMap { map: BlockMap { disk_size: blocks * BLOCK, block_size: BLOCK, hashes }, done }
+}
+
+/// One run in this process (the child's side, [`CHILD`]): prints the peak bytes above the
+/// resident set before, and the seconds.
+pub fn run_child(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.split('\t');
+    let (Some(op), Some(path), Some(blocks)) = (parts.next(), parts.next(), parts.next()) else {
+        anyhow::bail!("OP\tPATH\tBLOCKS");
+    };
+    let (path, blocks): (&Path, u64) = (Path::new(path), blocks.parse()?);
+    let prepared = op.starts_with("save").then(|| made(blocks));
+    let (before, t) = (status_bytes("VmRSS:")?, Instant::now());
+    let held = match (op, &prepared) {
+        ("save-map", Some(r)) => {
+            r.map.save(path)?;
+            0
+        }
+        ("save-resume", Some(r)) => {
+            r.save(path)?;
+            0
+        }
+        ("load-map", None) => BlockMap::load(path).context("the map does not load")?.hashes.len(),
+        ("load-resume", None) => ResumeMap::load(path).context("the resume map does not load")?.map.hashes.len(),
+        _ => anyhow::bail!("unknown run {op}"),
+    };
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(op.starts_with("save") || held as u64 == blocks, "{op}: {held} blocks, not {blocks}");
+    println!("{} {secs}", status_bytes("VmHWM:")?.saturating_sub(before));
+    Ok(())
+}
+
+/// A `kB` line of `/proc/self/status`, in bytes.
+fn status_bytes(key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key} in /proc/self/status"))?;
+    let kib: u64 = line.split_whitespace().nth(1).context("a figure")?.parse()?;
+    Ok(kib << 10)
+}
+
+pub fn maps_section(dir: &Path, reps: usize, report: &mut Report) -> anyhow::Result<()> {
+    let section = "maps";
+    let blocks: u64 = 4 << 20;
+    let (map, resume) = (dir.join("maps-bench.map"), dir.join("maps-bench.resume"));
+    for rep in 0..reps {
+        for (op, path) in [("save-map", &map), ("load-map", &map), ("save-resume", &resume), ("load-resume", &resume)] {
+            eprintln!("maps: {op}, rep {}/{reps}", rep + 1);
+            let _ = std::process::Command::new("sync").status();
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .env(CHILD, format!("{op}\t{}\t{blocks}", path.display()))
+                .output()?;
+            anyhow::ensure!(out.status.success(), "{op} failed: {}", String::from_utf8_lossy(&out.stderr));
+            let said = String::from_utf8_lossy(&out.stdout);
+            let figures: Vec<f64> = said.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            let [peak, secs] = figures[..] else { anyhow::bail!("{op} said {said:?}") };
+            report.add(section, op, "MiB above", peak / 1048576.0);
+            report.add(section, op, "seconds", secs);
+        }
+    }
+    report.note(format!(
+        "maps: {blocks} blocks (the node's largest map: 128 MiB of hashes), every block data; `MiB above` = \
+         VmHWM above VmRSS before the save (the map already built) or the load (nothing yet)."
+    ));
+    for path in [&map, &resume] {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
