@@ -18,6 +18,7 @@ use anyhow::Context;
 use node::blockmap::{BlockMap, BlockSet, ResumeMap};
 
 use crate::report::Report;
+use crate::verify::{child_figures, status_bytes};
 
 /// The environment variable that makes this binary one run: `OP\tPATH\tBLOCKS`, OP one of
 /// `save-map`, `save-resume`, `load-map`, `load-resume`.
@@ -78,14 +79,6 @@ pub fn run_child(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A `kB` line of `/proc/self/status`, in bytes.
-fn status_bytes(key: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key} in /proc/self/status"))?;
-    let kib: u64 = line.split_whitespace().nth(1).context("a figure")?.parse()?;
-    Ok(kib << 10)
-}
-
 pub fn maps_section(dir: &Path, reps: usize, report: &mut Report) -> anyhow::Result<()> {
     let section = "maps";
     let blocks: u64 = 4 << 20;
@@ -93,14 +86,8 @@ pub fn maps_section(dir: &Path, reps: usize, report: &mut Report) -> anyhow::Res
     for rep in 0..reps {
         for (op, path) in [("save-map", &map), ("load-map", &map), ("save-resume", &resume), ("load-resume", &resume)] {
             eprintln!("maps: {op}, rep {}/{reps}", rep + 1);
-            let _ = std::process::Command::new("sync").status();
-            let out = std::process::Command::new(std::env::current_exe()?)
-                .env(CHILD, format!("{op}\t{}\t{blocks}", path.display()))
-                .output()?;
-            anyhow::ensure!(out.status.success(), "{op} failed: {}", String::from_utf8_lossy(&out.stderr));
-            let said = String::from_utf8_lossy(&out.stdout);
-            let figures: Vec<f64> = said.split_whitespace().filter_map(|f| f.parse().ok()).collect();
-            let [peak, secs] = figures[..] else { anyhow::bail!("{op} said {said:?}") };
+            let [peak, secs] = child_figures(CHILD, &format!("{op}\t{}\t{blocks}", path.display()))
+                .with_context(|| format!("maps: {op}"))?;
             report.add(section, op, "MiB above", peak / 1048576.0);
             report.add(section, op, "seconds", secs);
         }

@@ -56,11 +56,22 @@ fn make_full_image(path: &Path, mib: u64) -> anyhow::Result<()> {
 }
 
 /// A `kB` line of `/proc/self/status`, in bytes.
-fn status_bytes(key: &str) -> anyhow::Result<u64> {
+pub fn status_bytes(key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("no {key} in /proc/self/status"))?;
     let kib: u64 = line.split_whitespace().nth(1).context("a figure")?.parse()?;
     Ok(kib << 10)
+}
+
+/// This binary run again as a measuring child (`env` = `spec`, after a `sync`): the figures it
+/// printed on stdout, `N` of them.
+pub fn child_figures<const N: usize>(env: &str, spec: &str) -> anyhow::Result<[f64; N]> {
+    let _ = std::process::Command::new("sync").status();
+    let out = std::process::Command::new(std::env::current_exe()?).env(env, spec).output()?;
+    anyhow::ensure!(out.status.success(), "the run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let figures: Vec<f64> = said.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    figures.try_into().map_err(|_| anyhow::anyhow!("the run said {said:?}"))
 }
 
 pub fn verify_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
@@ -74,14 +85,7 @@ pub fn verify_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) ->
         let case = format!("{} KiB blocks", block >> 10);
         for rep in 0..reps {
             eprintln!("verify: {case}, rep {}/{reps}", rep + 1);
-            let _ = std::process::Command::new("sync").status();
-            let out = std::process::Command::new(std::env::current_exe()?)
-                .env(CHILD, format!("{}\t{expected}", image.display()))
-                .output()?;
-            anyhow::ensure!(out.status.success(), "the run failed: {}", String::from_utf8_lossy(&out.stderr));
-            let said = String::from_utf8_lossy(&out.stdout);
-            let figures: Vec<f64> = said.split_whitespace().filter_map(|f| f.parse().ok()).collect();
-            let [peak, secs, cpu] = figures[..] else { anyhow::bail!("the run said {said:?}") };
+            let [peak, secs, cpu] = child_figures(CHILD, &format!("{}\t{expected}", image.display()))?;
             let peak = peak as u64;
             let per_block = peak as f64 / (bytes / block) as f64;
             report.add(section, &case, "MB/s", bytes as f64 / 1e6 / secs);
