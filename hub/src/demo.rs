@@ -19,6 +19,7 @@ use anyhow::{bail, ensure, Context};
 use node::api::NodeClient;
 use serde_json::{json, Value};
 
+use crate::client::HubClient;
 use crate::config::{NodeSpec, Settings, SshFile};
 use crate::jobs::Hub;
 
@@ -70,19 +71,12 @@ fn human(bytes: u64) -> String {
 }
 
 struct Api {
-    url: String,
-    token: String,
-    http: reqwest::Client,
+    client: HubClient,
 }
 
 impl Api {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let r = req.send().await?;
-        Ok((r.status().as_u16(), r.json().await.unwrap_or(Value::Null)))
+        self.client.call(method, path, body).await
     }
 
     /// Start a job and follow it with a progress line per disk; returns the final view and time.
@@ -123,33 +117,12 @@ impl Api {
         }
     }
 
-    /// Follow job `id` under `path` to its end, a progress line per disk.
+    /// Follow job `id` under `path` to its end, a progress line per disk; it must complete.
     async fn follow(&self, label: &str, path: &str, id: &str, started: Instant) -> anyhow::Result<(Value, f64)> {
-        let mut last_print = Instant::now() - Duration::from_secs(10);
-        loop {
-            let (_, v) = self.call(reqwest::Method::GET, &format!("{path}/{id}"), None).await?;
-            let state = v["status"].as_str().unwrap_or("").to_string();
-            if last_print.elapsed() >= Duration::from_millis(700)
-                || matches!(state.as_str(), "completed" | "failed" | "cancelled")
-            {
-                last_print = Instant::now();
-                for d in v["disks"].as_array().into_iter().flatten() {
-                    let total = d["bytes_total"].as_u64().unwrap_or(0).max(1);
-                    let done = d["bytes_done"].as_u64().unwrap_or(0);
-                    println!(
-                        "  {label:<12} disk {} {:>3}%  {:>10}/s  sent {:>10}  [{state}]",
-                        d["disk_key"],
-                        done * 100 / total,
-                        human(d["rate_bps"].as_u64().unwrap_or(0)),
-                        human(d["bytes_sent"].as_u64().unwrap_or(0)),
-                    );
-                }
-            }
-            match state.as_str() {
-                "completed" => return Ok((v, started.elapsed().as_secs_f64())),
-                "failed" | "cancelled" => bail!("{label} {state}: {}", v["error"]),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        let v = self.client.follow(label, path, id).await?;
+        match v["status"].as_str() {
+            Some("completed") => Ok((v, started.elapsed().as_secs_f64())),
+            state => bail!("{label} {}: {}", state.unwrap_or("?"), v["error"]),
         }
     }
 }
@@ -311,7 +284,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     serve_api(node_listener, node::http::router(state));
     println!("hub API 127.0.0.1:{hub_api}, SSH endpoint 127.0.0.1:{ssh_port} ({fingerprint}); node API 127.0.0.1:{node_api}, tunnel up, reverse 127.0.0.1:{reverse}");
 
-    let api = Api { url: format!("http://127.0.0.1:{hub_api}"), token: hub_token, http: reqwest::Client::new() };
+    let api = Api { client: HubClient::new(&format!("http://127.0.0.1:{hub_api}"), hub_token, None)? };
     let deadline = Instant::now() + Duration::from_secs(15);
     while NodeClient::new(format!("http://127.0.0.1:{reverse}"), None)?.vms().await.is_err() {
         ensure!(Instant::now() < deadline, "the hub cannot reach the node through the reverse forward");

@@ -21,6 +21,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod blockhashes;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod endpoint;

@@ -951,3 +951,87 @@ fn a_bad_schedule_stops_the_hub_at_start_with_one_line_naming_it() {
         assert!(stderr.contains(expected), "{schedule}: {stderr}");
     }
 }
+
+/// `sendense-hub backup`, `backups`, `restore` and `close` against a running hub, found from its
+/// hub.toml alone: a full backup and an incremental followed to their end (exit 0, each image
+/// equal to the disk), the list naming both, a restore onto the node's disk checked equal to the
+/// backup, read-only exports left open then closed, and the hub's refusals as exit status 1 with
+/// the hub's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("pgtest1", 2)], None).await;
+    let base = free_ports(4);
+    let hub = HubProcess::start(d, &node_url, (base, base + 3));
+    let cli = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub"));
+        cmd.args(args).arg("--config").arg(&hub.config);
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let id_of = |said: &str| said.split_whitespace().nth(1).unwrap().to_string();
+    let src = d.join("pgtest1-0.raw");
+
+    let (code, full_said, err) = cli(&["backup", "pgtest1", "--full", "--tag", "cli"]).await;
+    assert_eq!(code, Some(0), "{full_said}{err}");
+    assert!(full_said.contains("(full) started") && full_said.contains("completed: 2 disk(s)"), "{full_said}");
+    assert!(full_said.contains("disk 2000 100%"), "progress lines: {full_said}");
+    let full = id_of(&full_said);
+    change(&src, 5 * MIB, 0x5a);
+    let (code, incr_said, err) = cli(&["backup", "pgtest1"]).await;
+    assert_eq!(code, Some(0), "{incr_said}{err}");
+    let incr = id_of(&incr_said);
+    assert!(incr_said.contains(&format!("(incremental on {full}) started")), "{incr_said}");
+    let image = |id: &str| d.join("repo/pgtest1").join(id).join("disk-2000.qcow2");
+    assert_same(&src, &image(&incr));
+
+    let (code, listed, _) = cli(&["backups", "--vm", "pgtest1"]).await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert!(lines[0].starts_with("ID ") && lines.len() == 3, "{listed}");
+    assert!(
+        lines[1].starts_with(&incr) && lines[1].contains("incremental") && lines[1].contains("completed"),
+        "{listed}"
+    );
+    assert!(lines[2].starts_with(&full) && lines[2].contains("full"), "{listed}");
+
+    // The full backup written back onto the node's disk, and checked equal by the hub.
+    let (code, said, err) = cli(&["restore", &full, "--to", &format!("2000={}", src.display())]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.contains("completed") && said.contains("disk 2000: equal to the backup"), "{said}");
+    assert_same(&src, &image(&full));
+
+    // Read-only exports left open: any NBD client reads them; closed by id, the ports free.
+    let (code, said, err) = cli(&["restore", &incr, "--detach"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    let export =
+        said.lines().find_map(|l| l.trim().strip_prefix("2000:")).unwrap_or_else(|| panic!("{said}")).to_string();
+    let out = tool("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(d.join("pgtest1-1.raw"))
+        .arg(said.lines().find_map(|l| l.trim().strip_prefix("2001:")).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(export.starts_with("nbd://127.0.0.1:"), "{said}");
+    let (code, said, err) = cli(&["close", &id_of(&said)]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    hub.ports_all_free().await;
+
+    // Refusals: the hub's words, exit status 1, nothing started.
+    let (code, said, err) = cli(&["backup", "nosuchvm"]).await;
+    assert_eq!(code, Some(1), "{said}{err}");
+    assert!(err.contains("no node has a VM named nosuchvm"), "{err}");
+    let (code, _, err) = cli(&["restore", &full, "--to", "disk0=/x"]).await;
+    assert_eq!(code, Some(2), "clap refuses the argument: {err}");
+    assert!(err.contains("is not a number"), "{err}");
+    let (code, _, err) = cli(&["close", "nosuchrestore"]).await;
+    assert_eq!(code, Some(1), "{err}");
+}

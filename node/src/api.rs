@@ -473,8 +473,12 @@ impl RenewingTls {
 }
 
 /// An HTTP client for `base` checking its certificate against `dir`'s CA and presenting `dir`'s
-/// client certificate if it holds one.
-fn tls_dir_client(base: &str, dir: &std::path::Path) -> Result<reqwest::Client, ApiError> {
+/// client certificate if it holds one (qemu's layout: `ca-cert.pem`, `client-cert.pem`,
+/// `client-key.pem`); also what `sendense-hub`'s commands reach a hub's HTTPS API with.
+///
+/// # Errors
+/// The CA or the client certificate does not load, or the client cannot be built.
+pub fn tls_dir_client(base: &str, dir: &std::path::Path) -> Result<reqwest::Client, ApiError> {
     let roots = ca_roots(&dir.join(nbd_server::tls::CA_CERT))?;
     http_client(base, Some(roots), client_identity(dir)?)
 }

@@ -1,5 +1,6 @@
 //! `sendense-hub`: the hub service. `serve` runs the API, the NBD exports and (optionally) the
 //! SSH endpoint for node tunnels. Bad configuration is one line on stderr and exit status 1.
+//! `backup`, `backups`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -31,6 +32,97 @@ enum Cmd {
     /// Run the whole product on this machine: hub, node, tunnel, a sample VM; back it up, change
     /// it, back it up again, replicate, restore, and check everything bit for bit.
     Demo(DemoArgs),
+    /// Back a VM up through this machine's hub and follow it to its end (exit 0: completed).
+    Backup(BackupArgs),
+    /// List the hub's backups, newest first.
+    Backups(BackupsArgs),
+    /// Restore a backup onto its node (--to KEY=PATH) and follow it, or serve it as read-only
+    /// NBD exports until Ctrl-C.
+    Restore(RestoreArgs),
+    /// Close a restore's exports (or cancel its writing on the node).
+    Close(CloseArgs),
+}
+
+/// How the commands reach the hub: its configuration, or a URL.
+#[derive(Debug, Clone, clap::Args)]
+struct HubArgs {
+    /// The hub's configuration, for its address, token file and api_tls
+    /// [default: /etc/sendense/hub.toml if it exists, else the built-in defaults].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The hub's API URL, in place of the configuration's listen address.
+    #[arg(long)]
+    url: Option<String>,
+}
+
+impl HubArgs {
+    fn client(&self) -> anyhow::Result<hub::client::HubClient> {
+        let installed = PathBuf::from("/etc/sendense/hub.toml");
+        let config = self.config.clone().or_else(|| installed.exists().then_some(installed));
+        hub::client::HubClient::from_config(config.as_deref(), self.url.as_deref())
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The VM.
+    vm: String,
+    /// A full backup (default: incremental, which the hub makes full where there is no parent).
+    #[arg(long)]
+    full: bool,
+    /// The node, where two have a VM of that name.
+    #[arg(long)]
+    node: Option<String>,
+    /// A label (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Return once started.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct BackupsArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// Of this VM only.
+    #[arg(long)]
+    vm: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The backup.
+    backup_id: String,
+    /// Write disk KEY onto PATH on the node (repeatable; some disks or all).
+    #[arg(long = "to", value_name = "KEY=PATH", value_parser = hub::cli::parse_destination)]
+    to: Vec<(String, String)>,
+    /// The node to write onto, where not the backup's.
+    #[arg(long)]
+    node: Option<String>,
+    /// Return once started (exports: leave them open).
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CloseArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The restore.
+    restore_id: String,
+}
+
+/// Exit status 1 when the job did not complete.
+fn completed(done: bool) -> anyhow::Result<()> {
+    if !done {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -332,6 +424,17 @@ fn main() {
         match args.command {
             Cmd::Serve(a) => serve(*a).await,
             Cmd::Demo(a) => demo(a).await,
+            Cmd::Backup(a) => {
+                let req =
+                    hub::cli::BackupRequest { vm: a.vm, full: a.full, node: a.node, tags: a.tags, detach: a.detach };
+                completed(hub::cli::backup(&a.hub.client()?, &req).await?)
+            }
+            Cmd::Backups(a) => hub::cli::list(&a.hub.client()?, a.vm.as_deref()).await,
+            Cmd::Restore(a) => {
+                let req = hub::cli::RestoreRequest { backup_id: a.backup_id, to: a.to, node: a.node, detach: a.detach };
+                completed(hub::cli::restore(&a.hub.client()?, &req).await?)
+            }
+            Cmd::Close(a) => hub::cli::close(&a.hub.client()?, &a.restore_id).await,
         }
     });
 }
