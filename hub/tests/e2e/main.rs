@@ -295,6 +295,16 @@ async fn a_two_disk_vm_over_direct_tcp_with_tls_and_https_and_the_hub_writing_th
     assert!(out.status.success() && ports["range"].is_string(), "{ports} {}", String::from_utf8_lossy(&out.stderr));
     let out = curl(false);
     assert!(!out.status.success() && out.stdout.is_empty(), "{out:?}");
+    // The hub's own commands reach it from its hub.toml alone: HTTPS checked against api_tls's
+    // CA, the client certificate there presented.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub"))
+        .args(["backups", "--vm", "pgtest1", "--config"])
+        .arg(site.hub_config())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{listed}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(listed.lines().skip(1).any(|l| l.contains("pgtest1") && l.contains("completed")), "{listed}");
     let clear = reqwest::get(format!("http://127.0.0.1:{}/healthz", site.hub_api)).await.unwrap();
     assert_eq!(clear.status(), 400);
     assert_eq!(clear.json::<Value>().await.unwrap()["code"], "https_required");
