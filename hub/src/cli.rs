@@ -1,4 +1,4 @@
-//! `sendense-hub backup`, `backups` and `restore`: the API's everyday calls from a shell on the
+//! `sendense-hub backup`, `backups`, `replicate`, `restore` and `close`: the API's everyday calls from a shell on the
 //! hub, without curl, a token on the command line or a loop polling for the end. Each is one
 //! call (`client::HubClient`, found from hub.toml) and, unless told to detach, follows the job to
 //! its end with a progress line per disk and exits 0 only if it completed (a script can chain
@@ -51,6 +51,31 @@ pub async fn backup(client: &HubClient, req: &BackupRequest) -> anyhow::Result<b
     }
     let end = client.follow("backup", "/api/v1/backups", &id).await?;
     Ok(report_end("backup", &id, &end))
+}
+
+/// Bring a VM's replica up to date; `Ok(true)` when it completed (or, detached, started).
+///
+/// # Errors
+/// The hub cannot be reached or refused the run.
+pub async fn replicate(client: &HubClient, vm: &str, node: Option<&str>, detach: bool) -> anyhow::Result<bool> {
+    let mut body = json!({"vm_name": vm});
+    if let Some(node) = node {
+        body["node"] = json!(node);
+    }
+    let started = client.expect(Method::POST, "/api/v1/replications", Some(body), 202).await?;
+    let id = started["replication_id"].as_str().context("the hub's answer has no replication_id")?.to_string();
+    println!("replication {id} of {vm} started");
+    if detach {
+        return Ok(true);
+    }
+    let end = client.follow("replication", "/api/v1/replications", &id).await?;
+    let completed = report_end("replication", &id, &end);
+    if completed {
+        for d in end["disk_results"].as_array().into_iter().flatten() {
+            println!("  disk {}: {}", d["disk_key"], d["qcow2_path"].as_str().unwrap_or("?"));
+        }
+    }
+    Ok(completed)
 }
 
 /// Print how a job ended; whether it completed.

@@ -952,11 +952,11 @@ fn a_bad_schedule_stops_the_hub_at_start_with_one_line_naming_it() {
     }
 }
 
-/// `sendense-hub backup`, `backups`, `restore` and `close` against a running hub, found from its
-/// hub.toml alone: a full backup and an incremental followed to their end (exit 0, each image
-/// equal to the disk), the list naming both, a restore onto the node's disk checked equal to the
-/// backup, read-only exports left open then closed, and the hub's refusals as exit status 1 with
-/// the hub's words.
+/// `sendense-hub backup`, `backups`, `restore`, `close` and `replicate` against a running hub,
+/// found from its hub.toml alone: a full backup and an incremental followed to their end (exit 0,
+/// each image equal to the disk), the list naming both, a restore onto the node's disk checked
+/// equal to the backup, read-only exports left open then closed, a replica equal to the disk,
+/// and the hub's refusals as exit status 1 with the hub's words.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     let dir = tempfile::tempdir().unwrap();
@@ -1024,6 +1024,12 @@ async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     let (code, said, err) = cli(&["close", &id_of(&said)]).await;
     assert_eq!(code, Some(0), "{said}{err}");
     hub.ports_all_free().await;
+
+    // A replica brought up to date, equal to the disk.
+    let (code, said, err) = cli(&["replicate", "pgtest1"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.contains("completed") && said.contains("replicas/pgtest1/disk-2000.qcow2"), "{said}");
+    assert_same(&src, &d.join("replicas/pgtest1/disk-2000.qcow2"));
 
     // Refusals: the hub's words, exit status 1, nothing started.
     let (code, said, err) = cli(&["backup", "nosuchvm"]).await;

@@ -1,6 +1,6 @@
 //! `sendense-hub`: the hub service. `serve` runs the API, the NBD exports and (optionally) the
 //! SSH endpoint for node tunnels. Bad configuration is one line on stderr and exit status 1.
-//! `backup`, `backups`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
+//! `backup`, `backups`, `replicate`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -36,6 +36,8 @@ enum Cmd {
     Backup(BackupArgs),
     /// List the hub's backups, newest first.
     Backups(BackupsArgs),
+    /// Bring a VM's replica up to date and follow it to its end (exit 0: completed).
+    Replicate(ReplicateArgs),
     /// Restore a backup onto its node (--to KEY=PATH) and follow it, or serve it as read-only
     /// NBD exports until Ctrl-C.
     Restore(RestoreArgs),
@@ -90,6 +92,20 @@ struct BackupsArgs {
     /// Of this VM only.
     #[arg(long)]
     vm: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplicateArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The VM.
+    vm: String,
+    /// The node, where two have a VM of that name.
+    #[arg(long)]
+    node: Option<String>,
+    /// Return once started.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -430,6 +446,9 @@ fn main() {
                 completed(hub::cli::backup(&a.hub.client()?, &req).await?)
             }
             Cmd::Backups(a) => hub::cli::list(&a.hub.client()?, a.vm.as_deref()).await,
+            Cmd::Replicate(a) => {
+                completed(hub::cli::replicate(&a.hub.client()?, &a.vm, a.node.as_deref(), a.detach).await?)
+            }
             Cmd::Restore(a) => {
                 let req = hub::cli::RestoreRequest { backup_id: a.backup_id, to: a.to, node: a.node, detach: a.detach };
                 completed(hub::cli::restore(&a.hub.client()?, &req).await?)
