@@ -955,10 +955,12 @@ fn a_bad_schedule_stops_the_hub_at_start_with_one_line_naming_it() {
 /// `sendense-hub backup`, `backups`, `restore`, `close` and `replicate` against a running hub,
 /// found from its hub.toml alone: a full backup and an incremental followed to their end (exit 0,
 /// each image equal to the disk), the list naming both, a restore onto the node's disk checked
-/// equal to the backup, read-only exports left open then closed, a replica equal to the disk,
-/// and the hub's refusals as exit status 1 with the hub's words.
+/// equal to the backup, read-only exports left open then closed, or served in the foreground
+/// until SIGTERM and then closed, a replica equal to the disk, and the hub's refusals as exit
+/// status 1 with the hub's words.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
+    use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let node_url = start_node(d, &[("pgtest1", 2)], None).await;
@@ -1023,6 +1025,30 @@ async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     assert!(export.starts_with("nbd://127.0.0.1:"), "{said}");
     let (code, said, err) = cli(&["close", &id_of(&said)]).await;
     assert_eq!(code, Some(0), "{said}{err}");
+    hub.ports_all_free().await;
+
+    // Served in the foreground until SIGTERM (as Ctrl-C): then closed, the ports free again.
+    let mut serving = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub"))
+        .args(["restore", &full, "--config"])
+        .arg(&hub.config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(serving.stdout.take().unwrap()).lines();
+    let mut said = String::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        said.push_str(&line);
+        said.push('\n');
+        if line.starts_with("serving until Ctrl-C") {
+            break;
+        }
+    }
+    assert!(said.contains("2000:nbd://127.0.0.1:"), "{said}");
+    let (_, listed) = hub.call("GET", "/api/v1/ports", None).await;
+    assert!(listed["leased"].as_array().is_some_and(|l| !l.is_empty()), "{listed}");
+    let _ = Command::new("kill").arg(serving.id().unwrap().to_string()).status();
+    assert_eq!(serving.wait().await.unwrap().code(), Some(0));
+    assert!(lines.next_line().await.unwrap().is_some_and(|l| l.contains("closed")));
     hub.ports_all_free().await;
 
     // A replica brought up to date, equal to the disk.
