@@ -1,4 +1,4 @@
-//! `sendense-hub backup`, `backups`, `replicate`, `restore` and `close`: the API's everyday calls from a shell on the
+//! `sendense-hub backup`, `backups`, `verify`, `replicate`, `restore` and `close`: the API's everyday calls from a shell on the
 //! hub, without curl, a token on the command line or a loop polling for the end. Each is one
 //! call (`client::HubClient`, found from hub.toml) and, unless told to detach, follows the job to
 //! its end with a progress line per disk and exits 0 only if it completed (a script can chain
@@ -76,6 +76,26 @@ pub async fn replicate(client: &HubClient, vm: &str, node: Option<&str>, detach:
         }
     }
     Ok(completed)
+}
+
+/// Verify a backup again (its images checked, then read whole against the checksums its node
+/// sent); `Ok(true)` when every disk verified.
+///
+/// # Errors
+/// The hub cannot be reached or does not know the backup.
+pub async fn verify(client: &HubClient, id: &str) -> anyhow::Result<bool> {
+    let v = client.expect(Method::POST, &format!("/api/v1/backups/{id}/verify"), None, 200).await?;
+    for d in v["disks"].as_array().into_iter().flatten() {
+        let matched = match d["checksum_match"].as_bool() {
+            Some(true) => "equal to what its node read",
+            Some(false) => "DIFFERS from what its node read",
+            None => "no checksum to compare",
+        };
+        println!("  disk {}: image check {}, {matched}", d["disk_key"], d["check"].as_str().unwrap_or("?"));
+    }
+    let ok = v["ok"].as_bool() == Some(true);
+    println!("backup {id} {}", if ok { "verified" } else { "did NOT verify" });
+    Ok(ok)
 }
 
 /// Print how a job ended; whether it completed.

@@ -1004,6 +1004,23 @@ async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     );
     assert!(lines[2].starts_with(&full) && lines[2].contains("full"), "{listed}");
 
+    // Verified again on demand; an image changed behind the hub's back does not verify.
+    let (code, said, err) = cli(&["verify", &incr]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(
+        said.contains("disk 2000: image check clean, equal to what its node read") && said.contains("verified"),
+        "{said}"
+    );
+    let rotted = d.join("rotted.qcow2");
+    std::fs::copy(image(&incr), &rotted).unwrap();
+    let out = tool("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x33 5M 4k"]).arg(image(&incr)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, said, _) = cli(&["verify", &incr]).await;
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("disk 2000: image check clean, DIFFERS from what its node read"), "{said}");
+    assert!(said.contains("did NOT verify"), "{said}");
+    std::fs::rename(&rotted, image(&incr)).unwrap();
+
     // The full backup written back onto the node's disk, and checked equal by the hub.
     let (code, said, err) = cli(&["restore", &full, "--to", &format!("2000={}", src.display())]).await;
     assert_eq!(code, Some(0), "{said}{err}");

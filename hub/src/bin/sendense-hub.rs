@@ -1,6 +1,6 @@
 //! `sendense-hub`: the hub service. `serve` runs the API, the NBD exports and (optionally) the
 //! SSH endpoint for node tunnels. Bad configuration is one line on stderr and exit status 1.
-//! `backup`, `backups`, `replicate`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
+//! `backup`, `backups`, `verify`, `replicate`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -36,6 +36,8 @@ enum Cmd {
     Backup(BackupArgs),
     /// List the hub's backups, newest first.
     Backups(BackupsArgs),
+    /// Verify a backup again, read whole against its node's checksums (exit 0: verified).
+    Verify(VerifyArgs),
     /// Bring a VM's replica up to date and follow it to its end (exit 0: completed).
     Replicate(ReplicateArgs),
     /// Restore a backup onto its node (--to KEY=PATH) and follow it, or serve it as read-only
@@ -92,6 +94,14 @@ struct BackupsArgs {
     /// Of this VM only.
     #[arg(long)]
     vm: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The backup.
+    backup_id: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -446,6 +456,7 @@ fn main() {
                 completed(hub::cli::backup(&a.hub.client()?, &req).await?)
             }
             Cmd::Backups(a) => hub::cli::list(&a.hub.client()?, a.vm.as_deref()).await,
+            Cmd::Verify(a) => completed(hub::cli::verify(&a.hub.client()?, &a.backup_id).await?),
             Cmd::Replicate(a) => {
                 completed(hub::cli::replicate(&a.hub.client()?, &a.vm, a.node.as_deref(), a.detach).await?)
             }
