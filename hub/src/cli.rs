@@ -1,4 +1,5 @@
-//! `sendense-hub backup`, `backups`, `verify`, `replicate`, `restore` and `close`: the API's everyday calls from a shell on the
+//! `sendense-hub backup`, `backups`, `verify`, `delete`, `replicate`, `restore` and `close`: the API's
+//! everyday calls from a shell on the
 //! hub, without curl, a token on the command line or a loop polling for the end. Each is one
 //! call (`client::HubClient`, found from hub.toml) and, unless told to detach, follows the job to
 //! its end with a progress line per disk and exits 0 only if it completed (a script can chain
@@ -96,6 +97,18 @@ pub async fn verify(client: &HubClient, id: &str) -> anyhow::Result<bool> {
     let ok = v["ok"].as_bool() == Some(true);
     println!("backup {id} {}", if ok { "verified" } else { "did NOT verify" });
     Ok(ok)
+}
+
+/// Delete a backup; with `merge`, the incremental built on it merged into it first, so the chain
+/// keeps every later point in time (the hub refuses a plain delete of a backup another builds on).
+///
+/// # Errors
+/// The hub cannot be reached or refused (its reason).
+pub async fn delete(client: &HubClient, id: &str, merge: bool) -> anyhow::Result<()> {
+    let query = if merge { "?merge=true" } else { "" };
+    client.expect(Method::DELETE, &format!("/api/v1/backups/{id}{query}"), None, 200).await?;
+    println!("backup {id} deleted{}", if merge { " (the next backup now holds its data)" } else { "" });
+    Ok(())
 }
 
 /// Print how a job ended; whether it completed.

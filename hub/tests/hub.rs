@@ -1074,6 +1074,18 @@ async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     assert!(said.contains("completed") && said.contains("replicas/pgtest1/disk-2000.qcow2"), "{said}");
     assert_same(&src, &d.join("replicas/pgtest1/disk-2000.qcow2"));
 
+    // The oldest point in time dropped: refused while the incremental builds on it, done with
+    // --merge (the incremental now stands alone and verifies).
+    let (code, _, err) = cli(&["delete", &full]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the hub answered 409"), "{err}");
+    let (code, said, err) = cli(&["delete", &full, "--merge"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    let (_, listed, _) = cli(&["backups"]).await;
+    assert!(!listed.contains(&full) && listed.contains(&incr), "{listed}");
+    let (code, said, _) = cli(&["verify", &incr]).await;
+    assert_eq!(code, Some(0), "{said}");
+
     // Refusals: the hub's words, exit status 1, nothing started.
     let (code, said, err) = cli(&["backup", "nosuchvm"]).await;
     assert_eq!(code, Some(1), "{said}{err}");

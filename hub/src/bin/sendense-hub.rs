@@ -1,6 +1,6 @@
 //! `sendense-hub`: the hub service. `serve` runs the API, the NBD exports and (optionally) the
 //! SSH endpoint for node tunnels. Bad configuration is one line on stderr and exit status 1.
-//! `backup`, `backups`, `verify`, `replicate`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
+//! `backup`, `backups`, `verify`, `delete`, `replicate`, `restore` and `close` drive a running hub from a shell (`hub::cli`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -38,6 +38,8 @@ enum Cmd {
     Backups(BackupsArgs),
     /// Verify a backup again, read whole against its node's checksums (exit 0: verified).
     Verify(VerifyArgs),
+    /// Delete a backup (--merge: merge the incremental on it into it first, keeping the chain).
+    Delete(DeleteArgs),
     /// Bring a VM's replica up to date and follow it to its end (exit 0: completed).
     Replicate(ReplicateArgs),
     /// Restore a backup onto its node (--to KEY=PATH) and follow it, or serve it as read-only
@@ -102,6 +104,18 @@ struct VerifyArgs {
     hub: HubArgs,
     /// The backup.
     backup_id: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The backup.
+    backup_id: String,
+    /// Merge the incremental built on it into it first (the oldest point in time dropped, the
+    /// chain kept).
+    #[arg(long)]
+    merge: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -457,6 +471,7 @@ fn main() {
             }
             Cmd::Backups(a) => hub::cli::list(&a.hub.client()?, a.vm.as_deref()).await,
             Cmd::Verify(a) => completed(hub::cli::verify(&a.hub.client()?, &a.backup_id).await?),
+            Cmd::Delete(a) => hub::cli::delete(&a.hub.client()?, &a.backup_id, a.merge).await,
             Cmd::Replicate(a) => {
                 completed(hub::cli::replicate(&a.hub.client()?, &a.vm, a.node.as_deref(), a.detach).await?)
             }
