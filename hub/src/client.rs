@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 
-use crate::config::HubFile;
-
 /// The hub's API, from a client's side.
 pub struct HubClient {
     url: String,
@@ -46,13 +44,7 @@ impl HubClient {
     /// # Errors
     /// The file does not read or parse, or the token file does not read.
     pub fn from_config(config: Option<&Path>, url: Option<&str>) -> anyhow::Result<Self> {
-        let file: HubFile = match config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))?
-            }
-            None => HubFile::default(),
-        };
+        let file = crate::config::read_hub_file(config).map_err(|e| anyhow!(e))?;
         let token_file = file.token_file.clone().unwrap_or_else(|| crate::config::default_dir().join("token"));
         let token = node::files::read_token(&token_file).map_err(|e| anyhow!(e))?;
         let scheme = if file.api_tls.is_some() { "https" } else { "http" };

@@ -351,6 +351,17 @@ pub fn parse_range(text: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+/// `hub.toml` at `path` read and parsed (the defaults without one), for the service and for the
+/// commands that reach it.
+///
+/// # Errors
+/// The file does not read, or does not parse (the path and the parser's message).
+pub fn read_hub_file(path: Option<&std::path::Path>) -> Result<HubFile, String> {
+    let Some(path) = path else { return Ok(HubFile::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+}
+
 /// Default state paths: under `/var/lib/sendense-hub`.
 pub fn default_dir() -> PathBuf {
     PathBuf::from("/var/lib/sendense-hub")

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use hub::config::{self, HubFile, NodeSpec, Settings, SshFile};
+use hub::config::{self, NodeSpec, Settings, SshFile};
 use hub::jobs::Hub;
 
 /// mimalloc, not glibc's malloc, as in `sendense-node`: buffers and tunnel messages come and go
@@ -253,13 +253,7 @@ struct ServeArgs {
 }
 
 fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
-    let file: HubFile = match &a.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))?
-        }
-        None => HubFile::default(),
-    };
+    let file = config::read_hub_file(a.config.as_deref()).map_err(|e| anyhow!(e))?;
     let base = config::default_dir();
     let listen = a.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8082".into());
     let listen: SocketAddr = listen.parse().with_context(|| format!("bad listen address '{listen}'"))?;
