@@ -137,24 +137,26 @@ impl Hub {
             }
             Err(r) => Err((r.0, r.1)),
         };
-        match result {
-            Ok(()) => job.set(Status::Completed, None),
+        let (status, why) = match result {
+            Ok(()) => (Status::Completed, None),
             Err((status, why)) => {
                 tracing::warn!(job = %job.id, vm = %job.vm, ?status, reason = %why, "job did not complete");
                 if job.kind == Kind::Backup {
                     files::remove_dir(self.repo.backup_dir(&job.vm, &job.id)).await;
                 }
-                job.set(status, Some(why));
+                (status, Some(why))
             }
-        }
-        self.forget_run(job);
+        };
+        self.end_run(job, status, why);
         self.record_runs_changed().await;
     }
 
-    /// A run that ended lets go of its VM and parent; a completed backup leaves the jobs for the
-    /// catalog, any other run stays among the recent ones.
-    fn forget_run(&self, job: &Arc<Job>) {
+    /// A run reaches its final status and lets go of its VM and parent in one step, under the
+    /// hub's lock: whoever sees it ended (a schedule waiting for the VM) finds the VM free. A
+    /// completed backup leaves the jobs for the catalog, any other run stays among the recent ones.
+    fn end_run(&self, job: &Arc<Job>, status: Status, why: Option<String>) {
         let mut st = self.state();
+        job.set(status, why);
         if st.busy_vms.get(&job.vm) == Some(&job.id) {
             st.busy_vms.remove(&job.vm);
         }

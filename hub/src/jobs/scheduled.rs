@@ -552,7 +552,6 @@ impl Hub {
             Work::Replication => Kind::Replication,
         };
         let give_up = Instant::now() + RETRY_FOR;
-        let ended_grace = Instant::now() + Duration::from_secs(5);
         let id = loop {
             if self.shutdown.is_cancelled() {
                 return record(Outcome::Cancelled, None, Some("the hub is shutting down".into()));
@@ -564,11 +563,6 @@ impl Hub {
                 break taken.clone();
             }
             if let Some(other) = busy {
-                // A job that has just ended lets go of its VM right after: not one to skip for.
-                if self.has_just_ended(&other) && Instant::now() < ended_grace {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
                 let why = format!("VM {vm} already has job {other} running");
                 tracing::warn!(schedule = %s.name, vm, error = %why, "schedule: VM skipped");
                 return record(Outcome::Skipped, None, Some(why));
@@ -604,12 +598,6 @@ impl Hub {
             }
             tokio::time::sleep(FOLLOW_EVERY).await;
         }
-    }
-
-    /// Whether job `id` has reached its end (it lets go of its VM in the same step, so one
-    /// found still holding it is about to).
-    fn has_just_ended(&self, id: &str) -> bool {
-        self.state().jobs.get(id).is_some_and(|j| j.status().is_final())
     }
 
     /// The last occurrence each schedule handled (`.schedules.json` in the repository).
