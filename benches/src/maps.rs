@@ -8,8 +8,11 @@
 //! and the allocator kept hides what this one takes; its figure is the high-water mark
 //! (`VmHWM`) above the resident set just before the save or load, the map itself already in
 //! memory for a save (so a save that holds nothing more than the map shows about 0) and not yet
-//! for a load (so a load that holds nothing more than the map it gives shows its 128 MiB). No
-//! peer: the old design kept no maps.
+//! for a load (so a load that holds nothing more than the map it gives shows its 128 MiB).
+//! `checkpoint` is a running copy's resume map saved as the node's checkpoints save it
+//! (`Resumable::save`): a copy of a disk of that many blocks (sparse, on the bench's directory)
+//! runs throttled, and the figure is the high-water mark (reset first) above the resident set,
+//! the copy's own hashes already in it. No peer: the old design kept no maps.
 
 use std::path::Path;
 use std::time::Instant;
@@ -21,7 +24,7 @@ use crate::report::Report;
 use crate::verify::{child_figures, status_bytes};
 
 /// The environment variable that makes this binary one run: `OP\tPATH\tBLOCKS`, OP one of
-/// `save-map`, `save-resume`, `load-map`, `load-resume`.
+/// `save-map`, `save-resume`, `load-map`, `load-resume`, `checkpoint`.
 pub const CHILD: &str = "NBD_BENCH_MAPS_RUN";
 
 /// The block size of the maps (what it is does not change their size).
@@ -58,6 +61,11 @@ pub fn run_child(spec: &str) -> anyhow::Result<()> {
         anyhow::bail!("OP\tPATH\tBLOCKS");
     };
     let (path, blocks): (&Path, u64) = (Path::new(path), blocks.parse()?);
+    if op == "checkpoint" {
+        let (peak, secs) = tokio::runtime::Runtime::new()?.block_on(checkpoint(path, blocks))?;
+        println!("{peak} {secs}");
+        return Ok(());
+    }
     let prepared = op.starts_with("save").then(|| made(blocks));
     let (before, t) = (status_bytes("VmRSS:")?, Instant::now());
     let held = match (op, &prepared) {
@@ -79,12 +87,71 @@ pub fn run_child(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A running copy's checkpoint saved to `path` (module doc): the peak bytes above the resident
+/// set before, and the seconds.
+async fn checkpoint(path: &Path, blocks: u64) -> anyhow::Result<(u64, f64)> {
+    use std::sync::Arc;
+
+    use node::mover::{copy_disk, Base, Changes, CopyOptions, Progress, Tokens};
+    use node::sink::{FileSink, Sink};
+    use node::source::{Source, SourceSpec};
+
+    let (disk, copy_to) = (path.with_extension("disk"), path.with_extension("copy"));
+    let size = blocks * BLOCK;
+    {
+        // Data in the first blocks (what the throttled copy is busy with), holes after.
+        let f = std::fs::File::create(&disk)?;
+        f.set_len(size)?;
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x5a; 64 * BLOCK as usize], 0)?;
+    }
+    let spec = SourceSpec::Path { path: disk.clone(), format: Some(node::api::DiskFormat::Raw), dirty_bitmap: None };
+    let source = Arc::new(Source::open(&spec, 1, Default::default()).await?);
+    let (sink, _zeroed) = FileSink::create(&copy_to, size)?;
+    let sink = Arc::new(Sink::File(sink));
+    let options = CopyOptions {
+        block_size: Some(BLOCK),
+        request_size: BLOCK,
+        throttle: Some(Arc::new(node::throttle::Throttle::new(BLOCK))),
+        ..CopyOptions::default()
+    };
+    let tokens = Tokens::default();
+    let (resumable, cancel) = (Arc::clone(&tokens.resumable), tokens.cancel.clone());
+    let copy = tokio::spawn(async move {
+        let progress = Arc::new(Progress::default());
+        copy_disk(source, sink, Base::Zero, Changes::ReadAll, &options, progress, Arc::default(), tokens).await
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // The peak from here on: the copy's start (its hashes made) is not the checkpoint's.
+    std::fs::write("/proc/self/clear_refs", "5")?;
+    let (before, t) = (status_bytes("VmRSS:")?, Instant::now());
+    let saved = resumable.save(path).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let peak = status_bytes("VmHWM:")?.saturating_sub(before);
+    cancel.cancel();
+    let _ = copy.await;
+    anyhow::ensure!(saved, "the copy ended before its checkpoint");
+    let map = ResumeMap::load(path).context("the checkpoint does not load")?;
+    anyhow::ensure!(map.map.hashes.len() as u64 == blocks, "the checkpoint holds {} blocks", map.map.hashes.len());
+    for file in [&disk, &copy_to] {
+        let _ = std::fs::remove_file(file);
+    }
+    Ok((peak, secs))
+}
+
 pub fn maps_section(dir: &Path, reps: usize, report: &mut Report) -> anyhow::Result<()> {
     let section = "maps";
     let blocks: u64 = 4 << 20;
-    let (map, resume) = (dir.join("maps-bench.map"), dir.join("maps-bench.resume"));
+    let (map, resume, checkpoint) =
+        (dir.join("maps-bench.map"), dir.join("maps-bench.resume"), dir.join("maps-bench.checkpoint"));
     for rep in 0..reps {
-        for (op, path) in [("save-map", &map), ("load-map", &map), ("save-resume", &resume), ("load-resume", &resume)] {
+        let ops = [
+            ("save-map", &map),
+            ("load-map", &map),
+            ("save-resume", &resume),
+            ("load-resume", &resume),
+            ("checkpoint", &checkpoint),
+        ];
+        for (op, path) in ops {
             eprintln!("maps: {op}, rep {}/{reps}", rep + 1);
             let [peak, secs] = child_figures(CHILD, &format!("{op}\t{}\t{blocks}", path.display()))
                 .with_context(|| format!("maps: {op}"))?;
@@ -94,9 +161,10 @@ pub fn maps_section(dir: &Path, reps: usize, report: &mut Report) -> anyhow::Res
     }
     report.note(format!(
         "maps: {blocks} blocks (the node's largest map: 128 MiB of hashes), every block data; `MiB above` = \
-         VmHWM above VmRSS before the save (the map already built) or the load (nothing yet)."
+         VmHWM above VmRSS before the save (the map already built) or the load (nothing yet); `checkpoint`: \
+         a running copy's resume map saved (its disk sparse, 64 blocks of data), VmHWM reset first."
     ));
-    for path in [&map, &resume] {
+    for path in [&map, &resume, &checkpoint] {
         let _ = std::fs::remove_file(path);
     }
     Ok(())

@@ -33,6 +33,8 @@
 //! Every file is written and read as it goes (`sealed`): saving a map of the largest disk holds
 //! nothing but the map (it held a second copy of its 128 MiB, at every checkpoint), loading one
 //! holds the map it gives (it held the file's bytes beside it); `nbd-bench maps` measures both.
+//! A running copy's checkpoint is written from its live hashes a chunk at a time
+//! ([`ResumeMap::write_changing`]), so it holds no copy of them either.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -443,7 +445,73 @@ impl ResumeMap {
     pub fn save(&self, path: &Path) -> Result<(), MapError> {
         save_sealed(path, |w| self.write_body(w))
     }
+
+    /// Write the file of a resume map that is still changing (a running copy's: `mover`'s
+    /// checkpoints) into `out`, read from `read` a chunk at a time, so that no copy of the map is
+    /// made: `read(first, hashes, done)` fills blocks `first..` (as many as `hashes` holds) as the
+    /// map has them now. The same bytes as [`ResumeMap::to_bytes`] of a map that did not change.
+    ///
+    /// The zero set comes before the hashes, so the blocks are read twice: first for which are
+    /// zero and which done, then for the other blocks' hashes, which may have moved on meanwhile.
+    /// The file says of each block what one of the two reads said: zero and done as the first,
+    /// the hash of a block not zero then as the second (which may be the zero hash, stored). Each
+    /// holds of the target once the caller flushes it after both; a block done at the first read
+    /// has the same hash at the second, since a copy stores a block's hash once.
+    ///
+    /// # Errors
+    /// `out` failed.
+    pub fn write_changing(
+        out: &mut dyn std::io::Write,
+        disk_size: u64,
+        block_size: u64,
+        mut read: impl FnMut(u64, &mut [Hash], &mut [bool]),
+    ) -> std::io::Result<()> {
+        let count = block_count(disk_size, block_size);
+        let zero = ZeroHashes::new(disk_size, block_size);
+        let (mut hashes, mut flags) = (Vec::new(), Vec::new());
+        let mut chunk = |first: u64, hashes: &mut Vec<Hash>, flags: &mut Vec<bool>| {
+            let len = (count - first).min(CHANGING_CHUNK) as usize;
+            hashes.clear();
+            hashes.resize(len, UNKNOWN);
+            flags.clear();
+            flags.resize(len, false);
+            read(first, hashes, flags);
+        };
+        let firsts = || (0..count).step_by(CHANGING_CHUNK as usize);
+        let (mut zeros, mut done) = (BlockSet::default(), BlockSet::default());
+        for first in firsts() {
+            chunk(first, &mut hashes, &mut flags);
+            for (b, (h, d)) in (first..).zip(hashes.iter().zip(&flags)) {
+                if *h == zero.of_len(block_len(disk_size, block_size, b)) {
+                    zeros.insert_run(b, 1);
+                }
+                if *d {
+                    done.insert_run(b, 1);
+                }
+            }
+        }
+        let mut w = SealedWriter::new(out);
+        w.put(RESUME_MAGIC)?;
+        for field in [disk_size, block_size, count] {
+            w.put(&field.to_le_bytes())?;
+        }
+        zeros.put_words(count, &mut w)?;
+        for first in firsts() {
+            chunk(first, &mut hashes, &mut flags);
+            for (b, h) in (first..).zip(&hashes) {
+                if !zeros.contains(b) {
+                    w.put(h)?;
+                }
+            }
+        }
+        done.put_words(count, &mut w)?;
+        w.finish()
+    }
 }
+
+/// How many blocks [`ResumeMap::write_changing`] reads at once (64 KiB of hashes): a running
+/// copy's workers wait for no longer than that takes to copy.
+const CHANGING_CHUNK: u64 = 2048;
 
 /// A map kept as what differs from another, its base (the hub keeps each incremental backup's
 /// block hashes so, against its parent's: `hub::blockhashes`). On disk: `SNDBLD01`, disk size,
@@ -616,6 +684,76 @@ mod tests {
     fn seal(body: &mut Vec<u8>) {
         let trailer = blake3::hash(body);
         body.extend_from_slice(trailer.as_bytes());
+    }
+
+    /// A resume map of `count` 4 KiB blocks: every third zero, every fifth unknown, the rest
+    /// data; the even ones done.
+    fn sample_resume(count: u64) -> ResumeMap {
+        let mut map = BlockMap::zeroed(count * 4096 - 100, 4096);
+        for (b, h) in (0u64..).zip(map.hashes.iter_mut()) {
+            match (b % 3, b % 5) {
+                (0, _) => {}
+                (_, 0) => *h = UNKNOWN,
+                _ => *h = hash_block(&b.to_le_bytes()),
+            }
+        }
+        let mut done = BlockSet::default();
+        (0..count).step_by(2).for_each(|b| done.insert_run(b, 1));
+        ResumeMap { map, done }
+    }
+
+    /// What `write_changing` reads from a map that does not change: blocks `first..`.
+    fn read_from(map: &ResumeMap) -> impl FnMut(u64, &mut [Hash], &mut [bool]) + '_ {
+        move |first, hashes, done| {
+            for ((b, h), d) in (first..).zip(hashes.iter_mut()).zip(done.iter_mut()) {
+                *h = map.map.hashes[b as usize];
+                *d = map.done.contains(b);
+            }
+        }
+    }
+
+    #[test]
+    fn a_changing_resume_map_is_written_as_a_still_one_and_each_block_as_one_of_its_two_reads() {
+        // More blocks than one chunk, and a last chunk cut short.
+        let count = CHANGING_CHUNK * 2 + 77;
+        let still = sample_resume(count);
+        let mut out = Vec::new();
+        ResumeMap::write_changing(&mut out, still.map.disk_size, 4096, read_from(&still)).unwrap();
+        assert!(out == still.to_bytes(), "the same bytes as the map saved whole");
+        assert_eq!(ResumeMap::from_bytes(&out), Some(still.clone()));
+
+        // Between the two reads the copy moved on: blocks unknown got their hashes (some of them
+        // the zero hash), blocks the base's became unknown (a write began), more were done.
+        let mut later = still.clone();
+        let zero = ZeroHashes::new(later.map.disk_size, 4096);
+        for (b, h) in (0u64..).zip(later.map.hashes.iter_mut()) {
+            if *h == UNKNOWN {
+                *h = if b % 7 == 0 { zero.of_len(4096) } else { hash_block(&[b as u8; 3]) };
+                later.done.insert_run(b, 1);
+            } else if b % 3 != 0 && b % 11 == 0 && !still.done.contains(b) {
+                *h = UNKNOWN;
+            }
+        }
+        let mut reads = 0u64;
+        let (mut first_read, mut second_read) = (read_from(&still), read_from(&later));
+        let mut out = Vec::new();
+        ResumeMap::write_changing(&mut out, still.map.disk_size, 4096, |first, hashes, done| {
+            reads += 1;
+            if reads <= count.div_ceil(CHANGING_CHUNK) {
+                first_read(first, hashes, done);
+            } else {
+                second_read(first, hashes, done);
+            }
+        })
+        .unwrap();
+        assert_eq!(reads, 2 * count.div_ceil(CHANGING_CHUNK), "every block read twice");
+        let got = ResumeMap::from_bytes(&out).expect("the file checks out");
+        assert_eq!(got.done, still.done, "done as at the first read");
+        for b in 0..count as usize {
+            let (before, after) = (still.map.hashes[b], later.map.hashes[b]);
+            let expected = if before == zero.of_len(4096) { before } else { after };
+            assert_eq!(got.map.hashes[b], expected, "block {b}");
+        }
     }
 
     #[test]

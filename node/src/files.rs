@@ -69,23 +69,60 @@ pub fn write_atomically_with(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    create_private_dir(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    // One a crash left keeps its mode if opened again: made anew, the mode below applies.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    {
-        let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    Staged::write(path, write)?.commit()
+}
+
+/// A file written whole and durable beside `path` (`.NAME.tmp`), put in its place by
+/// [`Staged::commit`]: the steps of [`write_atomically_with`] for a caller with one more step to
+/// take between writing and replacing (a checkpoint flushes the target its map describes). Removed
+/// if dropped uncommitted.
+#[derive(Debug)]
+pub struct Staged {
+    path: PathBuf,
+    tmp: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Write the file beside `path` (its directory made private if missing), `0600`, and fsync it.
+    ///
+    /// # Errors
+    /// Any step failed, `write` included (nothing is left beside).
+    pub fn write(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        create_private_dir(dir)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        // One a crash left keeps its mode if opened again: made anew, the mode below applies.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let staged = Self { path: path.to_path_buf(), tmp, committed: false };
+        let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staged.tmp)?;
         let mut buffered = std::io::BufWriter::with_capacity(1 << 16, f);
         write(&mut buffered)?;
         buffered.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
+        Ok(staged)
     }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+
+    /// Put the file in `path`'s place, and make that durable (fsync of the directory).
+    ///
+    /// # Errors
+    /// The rename or the fsync failed.
+    pub fn commit(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        std::fs::File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// A regular file being written beside `dest`, to take its place once whole (module doc). The

@@ -45,22 +45,25 @@
 //! which reads every block again and compares.
 //!
 //! ## Taken while it runs, for a node that is killed
-//! The same map can be taken without stopping ([`Resumable::take`]): the hashes and the written
-//! set read first, the target flushed after, so every write the map counts is on stable storage
-//! when the map is handed out. A write acknowledged after the map was read is simply not in it:
+//! The same map can be saved without stopping ([`Resumable::save`]): the hashes and the written
+//! set read first (a chunk at a time, straight into the file: no copy of the map is held), the
+//! target flushed after, and only then the file put in place, so every write the map counts is
+//! on stable storage when the map is there to be used. A write acknowledged after the map was read is simply not in it:
 //! its block keeps the base's hash (or unknown), and a copy resumed from the map writes it again.
 //! The node saves such maps every `checkpoint_every_s` (`jobs/handover.rs`), so a node killed in
 //! the middle of a disk goes on from its last checkpoint at its next start.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::blockmap::{self, BlockMap, BlockSet, Hash, ResumeMap, ZeroHashes, UNKNOWN};
+use crate::blockmap::{self, BlockMap, BlockSet, Hash, MapError, ResumeMap, ZeroHashes, UNKNOWN};
 use crate::blocks::Blocks;
 use crate::error::MoveError;
+use crate::files::Staged;
 use crate::sink::Sink;
 use crate::source::{Range, Source};
 use crate::throttle::Throttle;
@@ -267,6 +270,15 @@ impl WrittenSet {
         }
     }
 
+    /// `f` given the set, `None` if it is lost (a worker panicked holding it: every block may
+    /// have been written).
+    fn with<T>(&self, f: impl FnOnce(Option<&BlockSet>) -> T) -> T {
+        match self.blocks.lock() {
+            Ok(blocks) => f(Some(&blocks)),
+            Err(_) => f(None),
+        }
+    }
+
     /// The written block indexes.
     pub fn blocks(&self) -> Vec<u64> {
         self.blocks.lock().map(|b| b.iter().collect()).unwrap_or_default()
@@ -314,6 +326,36 @@ impl Shared {
     /// Whether a run before finished `block` ([`Base::Resume`]): it is not read again.
     fn finished_before(&self, block: u64) -> bool {
         matches!(&*self.base, Base::Resume(r) if r.done.contains(block))
+    }
+
+    /// Block `b` as a resume map has it ([`resume_map`]), given its stored hash `h` and whether
+    /// a write to it began: whether it is done, and its hash there in `h`.
+    fn resume_entry(&self, b: u64, h: &mut Hash, written: bool) -> bool {
+        let done = *h != UNKNOWN || self.finished_before(b);
+        if *h == UNKNOWN && !written {
+            *h = self.base_hash(b).unwrap_or(UNKNOWN);
+        }
+        done
+    }
+
+    /// Blocks `first..` (as many as `hashes` holds) as a resume map has them now, for a
+    /// checkpoint ([`Resumable::save`]): their stored hashes read first, the written set after,
+    /// so a block whose write began in between is unknown, not the base's.
+    fn resume_entries(&self, first: u64, hashes: &mut [Hash], done: &mut [bool]) {
+        match self.hashes.lock() {
+            Ok(all) => {
+                let stored = usize::try_from(first).ok().and_then(|f| all.get(f..)).unwrap_or_default();
+                for (h, s) in hashes.iter_mut().zip(stored.iter().chain(std::iter::repeat(&UNKNOWN))) {
+                    *h = *s;
+                }
+            }
+            Err(_) => hashes.fill(UNKNOWN),
+        }
+        self.written.with(|written| {
+            for ((b, h), d) in (first..).zip(hashes.iter_mut()).zip(done.iter_mut()) {
+                *d = self.resume_entry(b, h, written.is_none_or(|w| w.contains(b)));
+            }
+        });
     }
 
     fn store_hashes(&self, first: u64, hashes: &[Hash]) {
@@ -371,7 +413,7 @@ pub struct Tokens {
     pub resumable: Arc<Resumable>,
 }
 
-/// Where the job layer takes a running copy's resume map (module doc, "Taken while it runs").
+/// Where the job layer saves a running copy's resume map (module doc, "Taken while it runs").
 #[derive(Default)]
 pub struct Resumable {
     /// The running copy, and the token its end cancels.
@@ -386,24 +428,46 @@ impl std::fmt::Debug for Resumable {
 }
 
 impl Resumable {
-    /// What the target holds now as far as the copy knows, made durable: the map is read, then
-    /// the target flushed. `None` when no copy runs, the flush failed (the copy's own next
+    /// Save what the target holds now as far as the copy knows to `path`, made durable: the map
+    /// is written beside `path` from the live hashes (no copy of them is made:
+    /// [`ResumeMap::write_changing`]), then the target flushed, then the file put in place.
+    /// `Ok(false)`, nothing written, when no copy runs, the flush failed (the copy's own next
     /// request says why) or the copy ended meanwhile (its connections are being closed: the
     /// flush must not make them again).
-    pub async fn take(&self) -> Option<ResumeMap> {
-        let (shared, ended) = self.running.lock().ok()?.clone()?;
-        let hashes = shared.hashes.lock().ok()?.clone();
-        let map = resume_map(&shared, hashes);
+    ///
+    /// # Errors
+    /// The file could not be written.
+    pub async fn save(&self, path: &Path) -> Result<bool, MapError> {
+        let Some((shared, ended)) = self.running.lock().ok().and_then(|r| r.clone()) else {
+            return Ok(false);
+        };
+        let written = {
+            let (shared, path) = (Arc::clone(&shared), path.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                Staged::write(&path, |out| {
+                    ResumeMap::write_changing(out, shared.size, shared.block_size, |first, hashes, done| {
+                        shared.resume_entries(first, hashes, done);
+                    })
+                })
+                .map_err(|source| MapError { path, source })
+            })
+        };
+        let staged = match written.await {
+            Ok(staged) => staged?,
+            Err(e) => return Err(MapError { path: path.to_path_buf(), source: std::io::Error::other(e) }),
+        };
         tokio::select! {
             biased;
-            _ = ended.cancelled() => None,
-            flushed = shared.sink.flush() => match flushed {
-                Ok(()) => Some(map),
-                Err(e) => {
-                    tracing::debug!(error = %e, "no checkpoint: the target's flush failed");
-                    None
-                }
+            _ = ended.cancelled() => return Ok(false),
+            flushed = shared.sink.flush() => if let Err(e) = flushed {
+                tracing::debug!(error = %e, "no checkpoint: the target's flush failed");
+                return Ok(false);
             },
+        }
+        let path = path.to_path_buf();
+        match tokio::task::spawn_blocking(move || staged.commit().map_err(|source| MapError { path, source })).await {
+            Ok(committed) => committed.map(|()| true),
+            Err(e) => Err(MapError { path: PathBuf::new(), source: std::io::Error::other(e) }),
         }
     }
 }
@@ -472,7 +536,7 @@ pub async fn copy_disk(
     if let Ok(mut r) = resumable.running.lock() {
         *r = Some((Arc::clone(&shared), CancellationToken::new()));
     }
-    let _running = RunningCopy(&resumable);
+    let running = RunningCopy(&resumable);
 
     let connections = match &*shared.sink {
         Sink::Nbd(pool) => pool.connections(),
@@ -555,7 +619,10 @@ pub async fn copy_disk(
         _ = cancel.cancelled() => return Err(MoveError::Cancelled),
         r = shared.sink.flush() => r?,
     }
-    let hashes = shared.hashes.lock().map(|h| h.clone()).unwrap_or_default();
+    // No checkpoint reads the hashes from here on (one that did is told the copy ended), so they
+    // are taken, not copied.
+    drop(running);
+    let hashes = shared.hashes.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
     if paused {
         return Ok(Ended::Paused(resume_map(&shared, hashes)));
     }
@@ -570,20 +637,14 @@ pub async fn copy_disk(
 /// acknowledged, or when it is clean), and those a run before finished, which this run never
 /// writes, also where its planner has not come to them yet.
 fn resume_map(shared: &Shared, mut hashes: Vec<Hash>) -> ResumeMap {
-    let touched = shared.written.blocks();
-    let mut touched = touched.iter().peekable();
     let mut done = BlockSet::default();
-    for (b, h) in hashes.iter_mut().enumerate() {
-        let b = b as u64;
-        while touched.next_if(|&&t| t < b).is_some() {}
-        let written = touched.peek().is_some_and(|&&t| t == b);
-        if *h != UNKNOWN || shared.finished_before(b) {
-            done.insert_run(b, 1);
+    shared.written.with(|written| {
+        for (b, h) in (0u64..).zip(hashes.iter_mut()) {
+            if shared.resume_entry(b, h, written.is_none_or(|w| w.contains(b))) {
+                done.insert_run(b, 1);
+            }
         }
-        if *h == UNKNOWN && !written {
-            *h = shared.base_hash(b).unwrap_or(UNKNOWN);
-        }
-    }
+    });
     ResumeMap { map: BlockMap { disk_size: shared.size, block_size: shared.block_size, hashes }, done }
 }
 

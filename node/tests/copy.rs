@@ -474,8 +474,8 @@ fn assert_finished_blocks_are_whole(
     }
 }
 
-/// The node's checkpoints (`mover::Resumable`): maps taken while a copy runs (slowed to 8 MiB/s)
-/// claim only what the target holds, also after the copy is stopped the way a kill stops it
+/// The node's checkpoints (`mover::Resumable`): maps saved while a copy runs (slowed to 8 MiB/s),
+/// written from its live hashes, claim only what the target holds, also after the copy is stopped the way a kill stops it
 /// (requests in flight left as they land), and the blocks they say the run finished are whole on
 /// the target; a copy started again from the last map as a restore's next start does
 /// (`Base::Resume`) reads only the blocks not finished, sends only what the map does not claim,
@@ -519,14 +519,18 @@ async fn maps_taken_while_a_copy_runs_claim_only_what_the_target_holds_and_resum
     let mut last = None;
     for round in 0..4 {
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-        let map = resumable.take().await.expect("a running copy gives its map");
+        let at = dir.path().join(format!("checkpoint-{round}"));
+        assert!(resumable.save(&at).await.unwrap(), "a running copy saves its map");
+        let map = node::blockmap::ResumeMap::load(&at).expect("the saved map loads");
         assert_claims_hold(&map.map, &data, &beside, &format!("checkpoint {round}"));
         assert_finished_blocks_are_whole(&map, &data, &beside, &format!("checkpoint {round}"));
         last = Some(map);
     }
     cancel.cancel();
     assert!(copy.await.unwrap().is_err(), "stopped");
-    assert!(resumable.take().await.is_none(), "no copy runs: no map");
+    let none = dir.path().join("checkpoint-after");
+    assert!(!resumable.save(&none).await.unwrap(), "no copy runs: no map");
+    assert!(!none.exists() && !dir.path().join(".checkpoint-after.tmp").exists(), "nothing left");
     let last = last.unwrap();
     assert_claims_hold(&last.map, &data, &beside, "after the stop");
     assert_finished_blocks_are_whole(&last, &data, &beside, "after the stop");

@@ -89,7 +89,7 @@ impl Jobs {
         // Paused by the node's last stop: what the target holds, the choice made then, and the
         // source's files when the run started (the base is decided once the source is open).
         let resumed = dj.state.lock().ok().and_then(|mut s| {
-            let map = s.resume.take()?;
+            let map = super::owned(s.resume.take()?);
             let choice = BaseChoice {
                 base: Base::Unknown,
                 mode: s.mode,
@@ -198,7 +198,7 @@ impl Jobs {
                 // The replica marker stays: the run is not over.
                 if let Ok(mut s) = dj.state.lock() {
                     s.status = "paused";
-                    s.resume = Some(map);
+                    s.resume = Some(Arc::new(map));
                     s.checkpointed = false;
                 }
                 Ok(())

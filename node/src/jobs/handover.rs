@@ -329,7 +329,7 @@ impl Jobs {
     async fn write_record(&self, writing: Writing) -> Result<usize, String> {
         let jobs = self.all();
         let mut record = Record { stopped: writing == Writing::Stop, jobs: Vec::new() };
-        let mut saves = Vec::new();
+        let (mut saves, mut saved_live) = (Vec::new(), Vec::new());
         for j in &jobs {
             let run = handed_run(j);
             let Ok((status, committed, finished_at, phase)) =
@@ -357,7 +357,7 @@ impl Jobs {
             let mut disks = Vec::new();
             for d in &j.disks {
                 let path = self.resume_path(&run, d.key);
-                let stage = self.disk_stage(d, &path, writing, &mut saves).await;
+                let stage = self.disk_stage(d, &path, writing, &mut saves, &mut saved_live).await?;
                 let Ok(s) = d.state.lock() else { continue };
                 disks.push(HandedDisk {
                     key: d.key,
@@ -381,7 +381,7 @@ impl Jobs {
             .collect();
         let (at, state_dir) = (self.settings().state_dir.join(RECORD), self.settings().state_dir.clone());
         let saved = off_runtime(move || -> Result<Vec<PathBuf>, String> {
-            let mut saved = Vec::new();
+            let mut saved = saved_live;
             for (path, map) in &saves {
                 map.save(path).map_err(|e| e.to_string())?;
                 saved.push(path.clone());
@@ -415,7 +415,7 @@ impl Jobs {
     }
 
     /// What the record says of one disk; a resume map to save is pushed to `saves`. A checkpoint
-    /// with `maps` takes a running disk's map now; a disk paused in this process has its map in
+    /// with `maps` saves a running disk's map now (into `saved_live`); a disk paused in this process has its map in
     /// memory; otherwise the map saved last (at a checkpoint, or the one the disk was taken up
     /// from) still holds: a stale map only makes the resumed copy send blocks again.
     async fn disk_stage(
@@ -423,28 +423,34 @@ impl Jobs {
         d: &DiskJob,
         path: &std::path::Path,
         writing: Writing,
-        saves: &mut Vec<(PathBuf, ResumeMap)>,
-    ) -> Stage {
+        saves: &mut Vec<(PathBuf, Arc<ResumeMap>)>,
+        saved_live: &mut Vec<PathBuf>,
+    ) -> Result<Stage, String> {
         let Ok((status, checkpointed, paused)) =
             d.state.lock().map(|s| (s.status, s.checkpointed, if s.checkpointed { None } else { s.resume.clone() }))
         else {
-            return Stage::Pending;
+            return Ok(Stage::Pending);
         };
         if status == "completed" {
-            return Stage::Completed;
+            return Ok(Stage::Completed);
         }
-        let fresh = match (paused, writing) {
-            (Some(map), _) => Some(map),
-            (None, Writing::Checkpoint { maps: true }) if status == "running" => d.resumable.take().await,
-            _ => None,
-        };
-        match fresh {
-            Some(map) => {
+        match (paused, writing) {
+            (Some(map), _) => {
                 saves.push((path.to_path_buf(), map));
-                Stage::Paused
+                Ok(Stage::Paused)
             }
-            None if checkpointed => Stage::Paused,
-            None => Stage::Pending,
+            (None, Writing::Checkpoint { maps: true }) if status == "running" => {
+                match d.resumable.save(path).await.map_err(|e| e.to_string())? {
+                    true => {
+                        saved_live.push(path.to_path_buf());
+                        Ok(Stage::Paused)
+                    }
+                    false if checkpointed => Ok(Stage::Paused),
+                    false => Ok(Stage::Pending),
+                }
+            }
+            _ if checkpointed => Ok(Stage::Paused),
+            _ => Ok(Stage::Pending),
         }
     }
 
@@ -619,7 +625,7 @@ impl Jobs {
                 let map = ResumeMap::load(&at)
                     .ok_or_else(|| format!("disk {}: its resume map is missing or damaged", h.key))?;
                 s.status = "paused";
-                s.resume = Some(map);
+                s.resume = Some(Arc::new(map));
                 s.checkpointed = true;
             }
         }

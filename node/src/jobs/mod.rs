@@ -86,8 +86,8 @@ struct DiskState {
     reconnects: u64,
     pending_map: Option<PathBuf>,
     /// A copy paused by a stopping node: what the target holds (`mover`'s resume map), the base
-    /// the next start's copy goes on from.
-    resume: Option<crate::blockmap::ResumeMap>,
+    /// the next start's copy goes on from (shared with a checkpoint saving it, not copied).
+    resume: Option<Arc<crate::blockmap::ResumeMap>>,
     /// The disk's resume file (`handover`) holds a map of this run that is still true: taken at
     /// a checkpoint, or the one this start took the disk up from.
     checkpointed: bool,
@@ -722,6 +722,12 @@ fn remove_pending_maps(dir: &Path) {
 /// copies and tunnel channels that worker runs for as long as the disk takes.
 async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)
+}
+
+/// A paused disk's resume map to go on from: the one kept, copied only if a checkpoint still
+/// holds it.
+fn owned(map: Arc<crate::blockmap::ResumeMap>) -> crate::blockmap::ResumeMap {
+    Arc::try_unwrap(map).unwrap_or_else(|shared| (*shared).clone())
 }
 
 fn sync_dir(file: &Path) -> std::io::Result<()> {

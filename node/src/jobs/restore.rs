@@ -143,7 +143,7 @@ impl Jobs {
         let dest = dest.as_path();
         let Some(dj) = job.disks.get(index) else { return Err("internal: disk index".into()) };
         // Paused by the node's last stop: what the file beside the destination holds.
-        let resume = dj.state.lock().ok().and_then(|mut s| s.resume.take());
+        let resume = dj.state.lock().ok().and_then(|mut s| s.resume.take()).map(super::owned);
         set_disk(dj, "running", None, None);
         let fail = |e: MoveError| {
             set_disk(
@@ -222,7 +222,7 @@ impl Jobs {
                 sink.keep().await.map_err(fail)?;
                 if let Ok(mut s) = dj.state.lock() {
                     s.status = "paused";
-                    s.resume = Some(map);
+                    s.resume = Some(Arc::new(map));
                     s.checkpointed = false;
                 }
                 return Ok(());
