@@ -966,18 +966,7 @@ async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     let node_url = start_node(d, &[("pgtest1", 2)], None).await;
     let base = free_ports(4);
     let hub = HubProcess::start(d, &node_url, (base, base + 3));
-    let cli = |args: &[&str]| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub"));
-        cmd.args(args).arg("--config").arg(&hub.config);
-        async move {
-            let out = cmd.output().await.unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-    };
+    let cli = |args: &[&str]| run_cli(&hub.config, args);
     let id_of = |said: &str| said.split_whitespace().nth(1).unwrap().to_string();
     let src = d.join("pgtest1-0.raw");
 
@@ -1095,4 +1084,99 @@ async fn the_commands_back_up_list_and_restore_through_a_running_hub() {
     assert!(err.contains("is not a number"), "{err}");
     let (code, _, err) = cli(&["close", "nosuchrestore"]).await;
     assert_eq!(code, Some(1), "{err}");
+}
+
+/// `sendense-hub ARGS --config CONFIG` run to its end: exit status, stdout, stderr.
+fn run_cli(config: &Path, args: &[&str]) -> impl std::future::Future<Output = (Option<i32>, String, String)> + 'static {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub"));
+    cmd.args(args).arg("--config").arg(config);
+    async move {
+        let out = cmd.output().await.unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// `sendense-hub schedules` and `prune` against a running hub: a schedule listed with its next
+/// run, run now and followed to its end three times (a full, then incrementals), shown VM by
+/// VM; a retention policy previewed (nothing removed) and applied (the dropped backups merged
+/// into the one kept, which still holds the disk); the hub's refusals as exit status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("pgtest1", 1)], None).await;
+    let base = free_ports(4);
+    let schedule = "[[schedule]]\nname = \"nightly\"\nvms = [\"pgtest1\"]\nat = [\"03:00\"]\n";
+    let hub = HubProcess::start_with(d, &node_url, (base, base + 3), schedule);
+    let cli = |args: &[&str]| run_cli(&hub.config, args);
+    let src = d.join("pgtest1-0.raw");
+
+    let (code, listed, err) = cli(&["schedules"]).await;
+    assert_eq!(code, Some(0), "{listed}{err}");
+    let line = listed.lines().find(|l| l.starts_with("nightly ")).unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.contains("backup") && line.contains("at 03:00") && line.contains("never"), "{listed}");
+    assert!(line.contains("T03:00:00"), "its next run: {listed}");
+
+    let mut ids = Vec::new();
+    for round in 0..3u8 {
+        change(&src, u64::from(round) * MIB, 0x40 + round);
+        let (code, said, err) = cli(&["schedules", "nightly", "--run"]).await;
+        assert_eq!(code, Some(0), "round {round}: {said}{err}");
+        assert!(said.contains("run started at"), "{said}");
+        let done = said
+            .lines()
+            .find(|l| l.trim_start().starts_with("pgtest1: completed, "))
+            .unwrap_or_else(|| panic!("{said}"));
+        ids.push(done.rsplit(", ").next().unwrap().to_string());
+        assert!(said.contains(": 1 completed"), "{said}");
+    }
+    let image = |id: &str| d.join("repo/pgtest1").join(id).join("disk-2000.qcow2");
+    assert_same(&src, &image(&ids[2]));
+    let (_, v) = hub.call("GET", &format!("/api/v1/backups/{}", ids[2]), None).await;
+    assert_eq!(v["parent_id"], ids[1].as_str(), "incremental on the run before: {v}");
+    let (code, shown, _) = cli(&["schedules", "nightly"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        shown.contains("last run: started") && shown.contains(&format!("pgtest1: completed, {}", ids[2])),
+        "{shown}"
+    );
+
+    // Previewed: each backup's verdict and the rule keeping it, nothing removed.
+    let (code, said, err) = cli(&["prune", "pgtest1", "--keep", "1", "--dry-run"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.contains("policy: keep=1") && said.contains("2 backup(s) would be removed"), "{said}");
+    let verdict = |said: &str, id: &str| {
+        said.lines().find(|l| l.trim_start().starts_with(id)).unwrap_or_else(|| panic!("{said}")).to_string()
+    };
+    assert!(verdict(&said, &ids[2]).contains("keep") && verdict(&said, &ids[2]).contains("(keep-last)"), "{said}");
+    assert!(verdict(&said, &ids[0]).contains("remove") && verdict(&said, &ids[1]).contains("remove"), "{said}");
+    let (_, listed, _) = cli(&["backups"]).await;
+    assert!(ids.iter().all(|id| listed.contains(id.as_str())), "{listed}");
+
+    // Applied: the two older merged away, the newest still the disk, and it verifies.
+    let (code, said, err) = cli(&["prune", "pgtest1", "--keep", "1"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.contains("2 backup(s) removed, 0 could not be"), "{said}");
+    let (_, listed, _) = cli(&["backups"]).await;
+    assert!(!listed.contains(&ids[0]) && !listed.contains(&ids[1]) && listed.contains(&ids[2]), "{listed}");
+    assert_same(&src, &image(&ids[2]));
+    let (code, said, _) = cli(&["verify", &ids[2]]).await;
+    assert_eq!(code, Some(0), "{said}");
+
+    // Refusals: no rules here nor in the config, an unknown schedule (the hub's words, exit 1);
+    // a rule of 0 and --run without a name (clap's, exit 2).
+    let (code, _, err) = cli(&["prune"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("400"), "{err}");
+    let (code, _, err) = cli(&["schedules", "weekly", "--run"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no schedule named weekly"), "{err}");
+    let (code, _, _) = cli(&["prune", "--keep", "0"]).await;
+    assert_eq!(code, Some(2));
+    let (code, _, _) = cli(&["schedules", "--run"]).await;
+    assert_eq!(code, Some(2));
 }

@@ -47,6 +47,10 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Close a restore's exports (or cancel its writing on the node).
     Close(CloseArgs),
+    /// Apply retention now (the rules given, else the config's), or --dry-run: show what it keeps.
+    Prune(PruneArgs),
+    /// Show the schedules (or one, its last run VM by VM); --run: run one now and follow it.
+    Schedules(SchedulesArgs),
 }
 
 /// How the commands reach the hub: its configuration, or a URL.
@@ -155,6 +159,71 @@ struct CloseArgs {
     hub: HubArgs,
     /// The restore.
     restore_id: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The VM (default: every VM with backups).
+    vm: Option<String>,
+    /// The node, where two have a VM of that name.
+    #[arg(long, requires = "vm")]
+    node: Option<String>,
+    /// Keep the newest N backups.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    keep: Option<u32>,
+    /// Keep the newest backup of each of the last N hours that have one.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_hourly: Option<u32>,
+    /// ... of each of the last N days.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_weekly: Option<u32>,
+    /// ... of each of the last N months.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_monthly: Option<u32>,
+    /// ... of each of the last N years.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    keep_yearly: Option<u32>,
+    /// Only show what the policy keeps and removes.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl PruneArgs {
+    fn request(&self) -> hub::cli::prune::PruneRequest {
+        let rules = [
+            ("keep", self.keep),
+            ("keep_hourly", self.keep_hourly),
+            ("keep_daily", self.keep_daily),
+            ("keep_weekly", self.keep_weekly),
+            ("keep_monthly", self.keep_monthly),
+            ("keep_yearly", self.keep_yearly),
+        ];
+        hub::cli::prune::PruneRequest {
+            vm: self.vm.clone(),
+            node: self.node.clone(),
+            rules: rules.into_iter().filter_map(|(rule, n)| Some((rule, n?))).collect(),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct SchedulesArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// One schedule, its run under way and its last VM by VM.
+    name: Option<String>,
+    /// Run it now and follow the run to its end (exit 0: every VM's backup completed).
+    #[arg(long, requires = "name")]
+    run: bool,
+    /// With --run: return once started.
+    #[arg(long, requires = "run")]
+    detach: bool,
 }
 
 /// Exit status 1 when the job did not complete.
@@ -474,6 +543,12 @@ fn main() {
                 completed(hub::cli::restore(&a.hub.client()?, &req).await?)
             }
             Cmd::Close(a) => hub::cli::close(&a.hub.client()?, &a.restore_id).await,
+            Cmd::Prune(a) => completed(hub::cli::prune::prune(&a.hub.client()?, &a.request()).await?),
+            Cmd::Schedules(a) => match (&a.name, a.run) {
+                (Some(name), true) => completed(hub::cli::schedules::run(&a.hub.client()?, name, a.detach).await?),
+                (Some(name), false) => hub::cli::schedules::show(&a.hub.client()?, name).await,
+                (None, _) => hub::cli::schedules::list(&a.hub.client()?).await,
+            },
         }
     });
 }
