@@ -8,6 +8,14 @@
 //! optionally `client-cert.pem`, `client-key.pem` for a client), so one PKI serves qemu, libnbd
 //! and us; with `verify_peer` a server asks every client for a certificate that CA signed
 //! (qemu's `verify-peer=on`), and a client always checks the server's against its CA and name.
+//!
+//! A `ca-crl.pem` in the directory (qemu's name; one or more PEM CRLs) is honoured as qemu and
+//! libnbd honour it, never ignored: a peer whose certificate, or any certificate of its chain, a
+//! list names is refused. As GnuTLS does, a certificate whose issuer has no list here counts as
+//! not revoked, and a list past its next update still counts. A `ca-crl.pem` that holds no list,
+//! or one that does not parse, stops the credentials from loading, and a list whose signature
+//! does not check refuses the peers of its issuer: revocation the operator asked for is never
+//! silently off.
 //! rustls rather than GnuTLS bindings: pure Rust on the crypto provider the SSH tunnel already
 //! links (aws-lc-rs), TLS 1.2 and 1.3 only. No TLS-PSK (rustls has none) and no anonymous
 //! credentials: those are refused by whoever asks for them (`sendense-nbd`), never ignored.
@@ -18,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
@@ -34,6 +42,8 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 /// A client's private key, in a client's credentials directory (with its certificate).
 pub const CLIENT_KEY: &str = "client-key.pem";
+/// Certificate revocation lists the peers' certificates are checked against (optional).
+pub const CA_CRL: &str = "ca-crl.pem";
 
 /// Why TLS credentials could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -132,17 +142,7 @@ impl ClientTls {
     /// # Errors
     /// [`TlsError`] naming the file at fault.
     pub fn from_x509_dir(dir: &Path) -> Result<Self, TlsError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots(&dir.join(CA_CERT))?);
-        let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
-        let config = match (cert.exists(), key.exists()) {
-            (true, true) => builder.with_client_auth_cert(certificates(&cert)?, private_key(&key)?)?,
-            (false, false) => builder.with_no_client_auth(),
-            _ => return Err(TlsError::HalfAPair { dir: dir.to_path_buf() }),
-        };
-        Ok(Self::from_rustls(Arc::new(config)))
+        Ok(Self::from_rustls(Arc::new(client_config(dir)?)))
     }
 
     /// Credentials from an embedder's own rustls configuration.
@@ -179,6 +179,33 @@ pub fn server_config(dir: &Path, verify_peer: bool) -> Result<rustls::ServerConf
     build_server_config(dir, if verify_peer { Peers::Signed } else { Peers::Anyone })
 }
 
+/// A rustls client configuration from a directory in qemu's client layout: `ca-cert.pem` (the
+/// server's certificate must chain to it), `ca-crl.pem` if there, and `client-cert.pem` with
+/// `client-key.pem` if there. What [`ClientTls::from_x509_dir`] connects with, for other clients
+/// of the same PKI (the services' HTTPS clients).
+///
+/// # Errors
+/// [`TlsError`] naming the file at fault.
+pub fn client_config(dir: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let path = dir.join(CA_CERT);
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&path)?), Arc::clone(&provider))
+            .with_crls(crls(dir)?)
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| verifier_error(dir, path, e))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_webpki_verifier(verifier);
+    let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
+    match (cert.exists(), key.exists()) {
+        (true, true) => Ok(builder.with_client_auth_cert(certificates(&cert)?, private_key(&key)?)?),
+        (false, false) => Ok(builder.with_no_client_auth()),
+        _ => Err(TlsError::HalfAPair { dir: dir.to_path_buf() }),
+    }
+}
+
 /// The clients a server admits.
 enum Peers {
     /// Any client, with or without a certificate.
@@ -196,8 +223,10 @@ fn build_server_config(dir: &Path, peers: Peers) -> Result<rustls::ServerConfig,
     let ca_verifier = || {
         let path = dir.join(CA_CERT);
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&path)?), Arc::clone(&provider))
+            .with_crls(crls(dir)?)
+            .allow_unknown_revocation_status()
             .build()
-            .map_err(|e| TlsError::Verifier { path, reason: e.to_string() })
+            .map_err(|e| verifier_error(dir, path, e))
     };
     let builder = match peers {
         Peers::Anyone => builder.with_no_client_auth(),
@@ -217,6 +246,33 @@ fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
         roots.add(cert).map_err(|e| TlsError::Verifier { path: path.to_path_buf(), reason: e.to_string() })?;
     }
     Ok(roots)
+}
+
+/// Why a verifier of `dir`'s CA at `ca` could not be built, naming the file at fault: the
+/// revocation lists', when one of them does not parse.
+fn verifier_error(dir: &Path, ca: PathBuf, e: rustls::client::VerifierBuilderError) -> TlsError {
+    let path = match e {
+        rustls::client::VerifierBuilderError::InvalidCrl(_) => dir.join(CA_CRL),
+        _ => ca,
+    };
+    TlsError::Verifier { path, reason: e.to_string() }
+}
+
+/// The revocation lists of `dir`'s `ca-crl.pem`: none without the file; at least one with it.
+fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let path = dir.join(CA_CRL);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let file_error = |reason: String| TlsError::File { path: path.clone(), reason };
+    let lists = CertificateRevocationListDer::pem_file_iter(&path)
+        .map_err(|e| file_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(e.to_string()))?;
+    if lists.is_empty() {
+        return Err(file_error("no certificate revocation list in it".into()));
+    }
+    Ok(lists)
 }
 
 /// The private key in `path`.

@@ -139,6 +139,11 @@ fn subject_of(client: &Path) -> String {
 fn start_authorizing(server: &str, image: &Path, pki: &Pki, authz: &str) -> Peer {
     let mut flags = pki.server_flags("on");
     flags.extend(["--object".to_string(), authz.to_string(), "--tls-authz".into(), "auth0".into()]);
+    start_with_flags(server, image, &flags)
+}
+
+/// qemu-nbd or sendense-nbd serving `image` as `disk` with `flags`.
+fn start_with_flags(server: &str, image: &Path, flags: &[String]) -> Peer {
     if server == "sendense-nbd" {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         return start_sendense(image, "disk", &flags);
@@ -146,7 +151,7 @@ fn start_authorizing(server: &str, image: &Path, pki: &Pki, authz: &str) -> Peer
     let port = free_port();
     let mut child = Command::new("qemu-nbd")
         .args(["-f", "raw", "-x", "disk", "-p", &port.to_string(), "-b", "127.0.0.1", "-t"])
-        .args(&flags)
+        .args(flags)
         .arg(image)
         .stdin(std::process::Stdio::null())
         .spawn()
@@ -158,6 +163,56 @@ fn start_authorizing(server: &str, image: &Path, pki: &Pki, authz: &str) -> Peer
 /// Whether nbdinfo with the client directory `client` is served by `peer`.
 fn admitted(peer: &Peer, client: &Path) -> bool {
     Command::new("nbdinfo").arg("--size").arg(nbds(peer, client)).output().unwrap().status.success()
+}
+
+/// `ca-crl.pem` in the credentials directory, as qemu and libnbd read it: qemu-nbd and
+/// sendense-nbd given the same directory refuse the client its list revokes and admit another;
+/// a client whose directory's list revokes the server's certificate (libnbd's nbdinfo, our
+/// client) refuses both servers; a list that does not parse stops sendense-nbd naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_lists_refuse_the_peers_they_revoke_as_qemu_nbd_and_libnbd_do() {
+    require("nbdinfo");
+    require("qemu-nbd");
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let image = sparse_file(dir.path(), "disk.raw", 1 << 20);
+    let other = pki.client_with_subject("other", &[(testpki::DnType::CommonName, "other".into())]);
+    let flags = pki.server_flags("on");
+    let peers: Vec<(&str, Peer)> =
+        ["qemu-nbd", "sendense-nbd"].into_iter().map(|s| (s, start_with_flags(s, &image, &flags))).collect();
+    for (server, peer) in &peers {
+        assert!(admitted(peer, &pki.dir("client")) && admitted(peer, &other), "{server}: before any list");
+    }
+    // The servers read their directory at start: started again with the list beside the CA.
+    drop(peers);
+    pki.revoke("client", &["server"]);
+    let peers: Vec<(&str, Peer)> =
+        ["qemu-nbd", "sendense-nbd"].into_iter().map(|s| (s, start_with_flags(s, &image, &flags))).collect();
+    for (server, peer) in &peers {
+        assert!(!admitted(peer, &pki.dir("client")), "{server} admitted the revoked client");
+        assert!(admitted(peer, &other), "{server} refused a client no list names");
+    }
+
+    // The server's certificate revoked in the client's list: libnbd and our client refuse it.
+    pki.revoke("server", &["other"]);
+    for (server, peer) in &peers {
+        assert!(!admitted(peer, &other), "libnbd connected to {server}, whose certificate its list revokes");
+        let uri = nbds(peer, &other);
+        let e = Client::connect_uri(&uri, &ClientOptions::new("")).await.unwrap_err();
+        assert!(matches!(e, ClientError::Io(_)), "{server}: {e}");
+    }
+    assert!(ClientTls::from_x509_dir(&other).is_ok());
+
+    // A list that does not parse, or a file with none: sendense-nbd does not start.
+    for text in ["-----BEGIN X509 CRL-----\nnot base64 at all\n-----END X509 CRL-----\n", "nothing here\n"] {
+        std::fs::write(pki.dir("server").join("ca-crl.pem"), text).unwrap();
+        let out = Command::new(sendense_nbd()).args(pki.server_flags("on")).arg(&image).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("ca-crl.pem"), "{err}");
+        std::fs::write(other.join("ca-crl.pem"), text).unwrap();
+        assert!(ClientTls::from_x509_dir(&other).is_err(), "{text}");
+    }
 }
 
 /// `--tls-authz`: qemu-nbd and sendense-nbd given the same `authz-simple`, `authz-list` and

@@ -444,12 +444,12 @@ enum Http {
 #[derive(Debug)]
 struct RenewingTls {
     dir: std::path::PathBuf,
-    built: Mutex<(crate::https::FilesStamp<3>, reqwest::Client)>,
+    built: Mutex<(crate::https::FilesStamp<4>, reqwest::Client)>,
 }
 
 impl RenewingTls {
-    const FILES: [&'static str; 3] =
-        [nbd_server::tls::CA_CERT, nbd_server::tls::CLIENT_CERT, nbd_server::tls::CLIENT_KEY];
+    const FILES: [&'static str; 4] =
+        [nbd_server::tls::CA_CERT, nbd_server::tls::CA_CRL, nbd_server::tls::CLIENT_CERT, nbd_server::tls::CLIENT_KEY];
 
     /// The client for the next call: built again if the files changed; when the new files do
     /// not load, the last good client goes on (logged once per change).
@@ -480,7 +480,24 @@ impl RenewingTls {
 /// The CA or the client certificate does not load, or the client cannot be built.
 pub fn tls_dir_client(base: &str, dir: &std::path::Path) -> Result<reqwest::Client, ApiError> {
     let roots = ca_roots(&dir.join(nbd_server::tls::CA_CERT))?;
-    http_client(base, Some(roots), client_identity(dir)?)
+    http_client_with(base, Some(roots), client_identity(dir)?, revocation_lists(dir)?)
+}
+
+/// The lists of `dir`'s `ca-crl.pem`, none without one (`nbd_server::tls`: honoured wherever the
+/// layout is read). reqwest's verifier also refuses a certificate whose issuer no list here
+/// covers, which the NBD side (GnuTLS's rule) lets through: stricter, never looser.
+fn revocation_lists(dir: &std::path::Path) -> Result<Vec<reqwest::tls::CertificateRevocationList>, ApiError> {
+    let path = dir.join(nbd_server::tls::CA_CRL);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let authority = |reason: String| ApiError::Authority { path: path.clone(), reason };
+    let pem = std::fs::read(&path).map_err(|e| authority(e.to_string()))?;
+    let lists = reqwest::tls::CertificateRevocationList::from_pem_bundle(&pem).map_err(|e| authority(causes(&e)))?;
+    if lists.is_empty() {
+        return Err(authority("no certificate revocation list in it".into()));
+    }
+    Ok(lists)
 }
 
 /// The HTTP client of a [`NodeClient`]: timeouts, and the roots and identity given.
@@ -489,13 +506,23 @@ fn http_client(
     roots: Option<Vec<reqwest::Certificate>>,
     identity: Option<reqwest::Identity>,
 ) -> Result<reqwest::Client, ApiError> {
+    http_client_with(base, roots, identity, Vec::new())
+}
+
+/// As [`http_client`], certificates also checked against revocation `lists` (with `roots` only).
+fn http_client_with(
+    base: &str,
+    roots: Option<Vec<reqwest::Certificate>>,
+    identity: Option<reqwest::Identity>,
+    lists: Vec<reqwest::tls::CertificateRevocationList>,
+) -> Result<reqwest::Client, ApiError> {
     let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(10))
         // Below the 60 s an API gives an idle connection (`crate::api_server::Limits`).
         .pool_idle_timeout(Duration::from_secs(20));
     if let Some(roots) = roots {
-        builder = builder.tls_certs_only(roots);
+        builder = builder.tls_certs_only(roots).tls_crls_only(lists);
     }
     if let Some(identity) = identity {
         builder = builder.identity(identity);

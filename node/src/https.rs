@@ -16,7 +16,8 @@
 //! `api_client_certs` they must also present a certificate the directory's `ca-cert.pem`
 //! signed (the NBD ports' `verify-peer`), so that a peer without one never reaches the HTTP
 //! parser, and a stolen token alone is not enough; the CA file is then watched as the others
-//! are. rustls (`tokio-rustls`) on the crypto provider the tunnel and the NBD ports already use;
+//! are, and so is a `ca-crl.pem` beside it (revocation lists, as the NBD ports read them): a
+//! list renewed in place refuses the certificates it revokes from the next connection on. rustls (`tokio-rustls`) on the crypto provider the tunnel and the NBD ports already use;
 //! HTTP/1.1 is the protocol offered (ALPN).
 
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use nbd_server::tls::{TlsError, CA_CERT, SERVER_CERT, SERVER_KEY};
+use nbd_server::tls::{TlsError, CA_CERT, CA_CRL, SERVER_CERT, SERVER_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -77,7 +78,7 @@ struct Loaded {
 
 /// What tells that the certificate, the key or the CA was replaced: each one's length, time and
 /// inode ([`files_stamp`]).
-type Stamp = FilesStamp<3>;
+type Stamp = FilesStamp<4>;
 
 /// Length, time and inode of each of `N` files: what tells that one was replaced (renamed over,
 /// rewritten, removed).
@@ -155,7 +156,7 @@ fn acceptor(dir: &Path, client_certs: bool) -> Result<TlsAcceptor, TlsError> {
 }
 
 fn stamp(dir: &Path) -> Stamp {
-    files_stamp(dir, [SERVER_CERT, SERVER_KEY, CA_CERT])
+    files_stamp(dir, [SERVER_CERT, SERVER_KEY, CA_CERT, CA_CRL])
 }
 
 /// TLS on one connection with `tls`'s certificate of the moment, within [`HANDSHAKE_TIMEOUT`];

@@ -411,20 +411,48 @@ async fn with_client_certificates_the_api_serves_only_clients_its_ca_signed() {
     let (ok, said) = curl(&ca, &token, &format!("{https}/api/v1/vms"));
     assert!(!ok && !said.contains("pgtest1"), "{said}");
     let client = pki.dir("client");
-    let out = std::process::Command::new(require("curl"))
-        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
-        .arg(&ca)
-        .arg("--cert")
-        .arg(client.join("client-cert.pem"))
-        .arg("--key")
-        .arg(client.join("client-key.pem"))
-        .args(["-H", &format!("Authorization: Bearer {token}"), &format!("{https}/api/v1/vms")])
-        .output()
-        .unwrap();
+    let curl_with_certificate = || {
+        std::process::Command::new(require("curl"))
+            .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .arg("--cert")
+            .arg(client.join("client-cert.pem"))
+            .arg("--key")
+            .arg(client.join("client-key.pem"))
+            .args(["-H", &format!("Authorization: Bearer {token}"), &format!("{https}/api/v1/vms")])
+            .output()
+            .unwrap()
+    };
+    let out = curl_with_certificate();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"pgtest1\""), "{out:?}");
     // A certificate is no token: a client the CA signed still needs the bearer token.
     let tokenless = NodeClient::with_tls_dir(https.clone(), None, &pki.dir("both")).unwrap();
     assert!(matches!(tokenless.vms().await, Err(node::api::ApiError::Status { status: 401, .. })));
+
+    // A revocation list put beside the CA (`ca-crl.pem`, read as the NBD ports read it) refuses
+    // the certificates it names from the next connection on: the hub's here, while curl's, which
+    // it does not name, is served; removed, the hub is served again.
+    let list = pki.revoke("both", &[]);
+    std::fs::write(api.join("renewed.tmp"), &list).unwrap();
+    std::fs::rename(api.join("renewed.tmp"), api.join("ca-crl.pem")).unwrap();
+    let fresh = || NodeClient::with_tls_dir(https.clone(), Some(token.clone()), &pki.dir("both")).unwrap();
+    let err = fresh().vms().await.unwrap_err();
+    assert!(matches!(err, node::api::ApiError::Unreachable { .. }) && err.to_string().contains("Revoked"), "{err}");
+    assert!(curl_with_certificate().status.success(), "a client no list names");
+    std::fs::remove_file(api.join("ca-crl.pem")).unwrap();
+    assert_eq!(fresh().vms().await.unwrap().len(), 1);
+    // The hub's side: a list in its own directory naming the node's certificate, taken up by the
+    // same client at its next call: the node is refused; the list removed, it is served again.
+    std::fs::write(own.join("ca-crl.pem"), pki.revoke("server", &[])).unwrap();
+    let err = renewing.vms().await.unwrap_err();
+    assert!(matches!(err, node::api::ApiError::Unreachable { .. }) && err.to_string().contains("Revoked"), "{err}");
+    std::fs::remove_file(own.join("ca-crl.pem")).unwrap();
+    assert_eq!(renewing.vms().await.unwrap().len(), 1);
+    // One that does not parse: the client is not built, naming the file.
+    std::fs::write(own.join("ca-crl.pem"), "nothing here\n").unwrap();
+    let err = NodeClient::with_tls_dir(https.clone(), None, &own).unwrap_err();
+    assert!(err.to_string().contains("ca-crl.pem"), "{err}");
+    std::fs::remove_file(own.join("ca-crl.pem")).unwrap();
 
     // The CA renewed in place (here another CA): our hub's certificate is refused from the next
     // connection on, the other CA's client served.

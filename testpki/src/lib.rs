@@ -23,6 +23,8 @@ pub struct Pki {
     root: tempfile::TempDir,
     /// Our CA, kept to sign the clients [`Pki::client_with_subject`] makes.
     ca: (CertificateParams, KeyPair, String),
+    /// Serial numbers [`Pki::revoke`] revoked so far.
+    revoked: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 impl Pki {
@@ -65,7 +67,7 @@ impl Pki {
         put("rogue", &[("ca-cert.pem", &ca_pem), ("client-cert.pem", &cert), ("client-key.pem", &key)]);
         let (cert, key) = leaf(&other, "impostor", &["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
         put("impostor", &[("ca-cert.pem", &other_pem), ("server-cert.pem", &cert), ("server-key.pem", &key)]);
-        Self { root, ca: (ca_params, ca_key, ca_pem) }
+        Self { root, ca: (ca_params, ca_key, ca_pem), revoked: std::sync::Mutex::default() }
     }
 
     /// A client directory `name` (as `client/`) whose certificate, our CA's, has the subject
@@ -88,6 +90,49 @@ impl Pki {
             std::fs::write(d.join(file), text).expect("a credentials file");
         }
         d
+    }
+
+    /// Revoke the certificate of directory `revoked` (its `client-cert.pem`, else its
+    /// `server-cert.pem`): a revocation list our CA signed naming it (and any revoked before) is
+    /// written as `ca-crl.pem` into each directory of `into`, and returned (PEM).
+    ///
+    /// # Panics
+    /// If the certificate cannot be read or the list made or written.
+    #[allow(clippy::expect_used)]
+    pub fn revoke(&self, revoked: &str, into: &[&str]) -> String {
+        let dir = self.dir(revoked);
+        let cert = [dir.join("client-cert.pem"), dir.join("server-cert.pem")]
+            .into_iter()
+            .find(|p| p.exists())
+            .expect("a certificate to revoke");
+        let pem = std::fs::read(cert).expect("the certificate");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("a PEM certificate");
+        let serial = pem.parse_x509().expect("a certificate").tbs_certificate.raw_serial().to_vec();
+        let mut serials = self.revoked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        serials.push(serial);
+        let (params, key, _) = &self.ca;
+        let now = rcgen::date_time_ymd(2026, 1, 1);
+        let list = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: rcgen::date_time_ymd(2036, 1, 1),
+            crl_number: rcgen::SerialNumber::from(serials.len() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let pem = list.signed_by(&Issuer::from_params(params, key)).expect("a revocation list").pem().expect("PEM");
+        for d in into {
+            std::fs::write(self.dir(d).join("ca-crl.pem"), &pem).expect("a credentials file");
+        }
+        pem
     }
 
     /// One of the credential directories (`server`, `client`, `anon`, `rogue`, `stranger`,
