@@ -36,8 +36,8 @@
 //!   against `qemu-img convert` of the same chain's top (a VM-like base under 16 overlays).
 //! - `verify`: the hub's verification of a full backup image (`hub::verify`): its peak memory per
 //!   block and its read speed, with 64 KiB and 4 KiB blocks.
-//! - `maps`: what saving and loading the node's largest change-tracking map (and resume map)
-//!   holds in memory beyond the map, and how long it takes.
+//! - `maps`: what saving and loading the node's largest change-tracking map (and resume map),
+//!   and a running copy's checkpoint, hold in memory beyond the map, and how long they take.
 //! - `fleet`: memory per idle export and time from "add export" to a finished handshake,
 //!   in-process, against spawning one qemu-nbd per export.
 
