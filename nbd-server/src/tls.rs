@@ -264,15 +264,7 @@ fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsErr
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let file_error = |reason: String| TlsError::File { path: path.clone(), reason };
-    let lists = CertificateRevocationListDer::pem_file_iter(&path)
-        .map_err(|e| file_error(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(e.to_string()))?;
-    if lists.is_empty() {
-        return Err(file_error("no certificate revocation list in it".into()));
-    }
-    Ok(lists)
+    pem_items(&path, "certificate revocation list")
 }
 
 /// The private key in `path`.
@@ -283,13 +275,18 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// Every certificate of a PEM file; at least one.
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    pem_items(path, "certificate")
+}
+
+/// Every PEM item of one kind (`what`) in `path`; at least one.
+fn pem_items<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, TlsError> {
     let file_error = |reason: String| TlsError::File { path: path.to_path_buf(), reason };
-    let certs = CertificateDer::pem_file_iter(path)
+    let items = T::pem_file_iter(path)
         .map_err(|e| file_error(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(file_error("no certificate in it".into()));
+    if items.is_empty() {
+        return Err(file_error(format!("no {what} in it")));
     }
-    Ok(certs)
+    Ok(items)
 }
