@@ -19,11 +19,19 @@
 //! rustls rather than GnuTLS bindings: pure Rust on the crypto provider the SSH tunnel already
 //! links (aws-lc-rs), TLS 1.2 and 1.3 only. No TLS-PSK (rustls has none) and no anonymous
 //! credentials: those are refused by whoever asks for them (`sendense-nbd`), never ignored.
+//!
+//! Credentials loaded from a directory are looked at again at each connection ([`Reloading`]:
+//! each file's length, time and inode) and read again when one changed, so a certificate renewed
+//! in place, a CA replaced or a revocation list put there takes effect from the next connection
+//! without a restart (qemu-nbd reads its directory once); files that no longer load are logged
+//! and the last good credentials serve on. The services' HTTPS APIs use the same.
 //! Connections an embedder hands over as streams ([`crate::Server::serve_stream`]: SSH channels)
 //! are not asked for TLS: their transport is already encrypted and authenticated.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -79,7 +87,16 @@ pub enum TlsError {
 /// TLS credentials of a server (see the module doc). Cheap to clone.
 #[derive(Clone)]
 pub struct TlsCredentials {
-    acceptor: tokio_rustls::TlsAcceptor,
+    source: Source,
+}
+
+/// Where a server's acceptor comes from.
+#[derive(Clone)]
+enum Source {
+    /// An embedder's own configuration, as it is.
+    Fixed(tokio_rustls::TlsAcceptor),
+    /// A directory, read again when its files change.
+    Dir(Arc<Reloading>),
 }
 
 impl std::fmt::Debug for TlsCredentials {
@@ -96,7 +113,8 @@ impl TlsCredentials {
     /// # Errors
     /// [`TlsError`] naming the file at fault.
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<Self, TlsError> {
-        Ok(Self::from_rustls(Arc::new(server_config(dir, verify_peer)?)))
+        let reloading = Reloading::server(dir, verify_peer, Vec::new(), "NBD TLS credentials")?;
+        Ok(Self { source: Source::Dir(Arc::new(reloading)) })
     }
 
     /// As [`Self::from_x509_dir`] with `verify_peer`, and of the clients the CA signed only those
@@ -106,17 +124,96 @@ impl TlsCredentials {
     /// # Errors
     /// [`TlsError`] naming the file at fault.
     pub fn from_x509_dir_authorized(dir: &Path, authz: ClientAuthz) -> Result<Self, TlsError> {
-        Ok(Self::from_rustls(Arc::new(build_server_config(dir, Peers::Authorized(authz))?)))
+        let reloading = Reloading::load(dir, Peers::Authorized(authz), Vec::new(), "NBD TLS credentials")?;
+        Ok(Self { source: Source::Dir(Arc::new(reloading)) })
     }
 
     /// Credentials from an embedder's own rustls configuration (its certificate resolver,
-    /// client verifier and protocol versions).
+    /// client verifier and protocol versions), used as they are.
     pub fn from_rustls(config: Arc<rustls::ServerConfig>) -> Self {
-        Self { acceptor: config.into() }
+        Self { source: Source::Fixed(config.into()) }
     }
 
     pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        self.acceptor.clone()
+        match &self.source {
+            Source::Fixed(acceptor) => acceptor.clone(),
+            Source::Dir(reloading) => reloading.acceptor(),
+        }
+    }
+}
+
+/// Length, time and inode of each of `N` files: what tells that one was replaced (renamed over,
+/// rewritten, added or removed).
+pub type FilesStamp<const N: usize> = [Option<(u64, Option<SystemTime>, u64)>; N];
+
+/// The [`FilesStamp`] of `names` in `dir`.
+pub fn files_stamp<const N: usize>(dir: &Path, names: [&str; N]) -> FilesStamp<N> {
+    names.map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
+}
+
+/// A server's credentials from a directory in qemu's layout, read again when one of its files
+/// changed (module doc): what [`TlsCredentials::from_x509_dir`] serves NBD with, and the services
+/// their HTTPS APIs.
+pub struct Reloading {
+    dir: PathBuf,
+    peers: Peers,
+    alpn: Vec<Vec<u8>>,
+    what: &'static str,
+    loaded: Mutex<(FilesStamp<4>, tokio_rustls::TlsAcceptor)>,
+}
+
+impl std::fmt::Debug for Reloading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading").field("dir", &self.dir).field("what", &self.what).finish_non_exhaustive()
+    }
+}
+
+impl Reloading {
+    /// `dir`'s server credentials (`server-cert.pem`, `server-key.pem`, and when `verify_peer`
+    /// the `ca-cert.pem` every client's certificate must chain to, with `ca-crl.pem` if there),
+    /// loaded now so that a directory that does not load stops the start; `alpn` the protocols
+    /// offered, `what` what the log calls them.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file at fault.
+    pub fn server(dir: &Path, verify_peer: bool, alpn: Vec<Vec<u8>>, what: &'static str) -> Result<Self, TlsError> {
+        Self::load(dir, if verify_peer { Peers::Signed } else { Peers::Anyone }, alpn, what)
+    }
+
+    fn load(dir: &Path, peers: Peers, alpn: Vec<Vec<u8>>, what: &'static str) -> Result<Self, TlsError> {
+        let stamp = Self::stamp(dir);
+        let acceptor = Self::build(dir, &peers, &alpn)?;
+        Ok(Self { dir: dir.to_path_buf(), peers, alpn, what, loaded: Mutex::new((stamp, acceptor)) })
+    }
+
+    /// The acceptor for a new connection: the files read again if they changed since.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Self::stamp(&self.dir);
+        if now != loaded.0 {
+            match Self::build(&self.dir, &self.peers, &self.alpn) {
+                Ok(fresh) => {
+                    tracing::info!(dir = %self.dir.display(), "{} read again: their files changed", self.what);
+                    loaded.1 = fresh;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "{} changed but do not load: the last ones serve on", self.what);
+                }
+            }
+            // Not tried again until the files change again.
+            loaded.0 = now;
+        }
+        loaded.1.clone()
+    }
+
+    fn build(dir: &Path, peers: &Peers, alpn: &[Vec<u8>]) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+        let mut config = build_server_config(dir, peers.clone())?;
+        config.alpn_protocols = alpn.to_vec();
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    fn stamp(dir: &Path) -> FilesStamp<4> {
+        files_stamp(dir, [SERVER_CERT, SERVER_KEY, CA_CERT, CA_CRL])
     }
 }
 
@@ -207,6 +304,7 @@ pub fn client_config(dir: &Path) -> Result<rustls::ClientConfig, TlsError> {
 }
 
 /// The clients a server admits.
+#[derive(Clone)]
 enum Peers {
     /// Any client, with or without a certificate.
     Anyone,

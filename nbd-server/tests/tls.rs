@@ -178,20 +178,24 @@ async fn revocation_lists_refuse_the_peers_they_revoke_as_qemu_nbd_and_libnbd_do
     let image = sparse_file(dir.path(), "disk.raw", 1 << 20);
     let other = pki.client_with_subject("other", &[(testpki::DnType::CommonName, "other".into())]);
     let flags = pki.server_flags("on");
-    let peers: Vec<(&str, Peer)> =
-        ["qemu-nbd", "sendense-nbd"].into_iter().map(|s| (s, start_with_flags(s, &image, &flags))).collect();
-    for (server, peer) in &peers {
+    let (qemu, ours) = (start_with_flags("qemu-nbd", &image, &flags), start_with_flags("sendense-nbd", &image, &flags));
+    for (server, peer) in [("qemu-nbd", &qemu), ("sendense-nbd", &ours)] {
         assert!(admitted(peer, &pki.dir("client")) && admitted(peer, &other), "{server}: before any list");
     }
-    // The servers read their directory at start: started again with the list beside the CA.
-    drop(peers);
+    // The list put beside the CA: sendense-nbd reads it at its next connection; qemu-nbd reads
+    // its directory once, so it is started again.
     pki.revoke("client", &["server"]);
-    let peers: Vec<(&str, Peer)> =
-        ["qemu-nbd", "sendense-nbd"].into_iter().map(|s| (s, start_with_flags(s, &image, &flags))).collect();
+    drop(qemu);
+    let peers = [("qemu-nbd", start_with_flags("qemu-nbd", &image, &flags)), ("sendense-nbd", ours)];
     for (server, peer) in &peers {
         assert!(!admitted(peer, &pki.dir("client")), "{server} admitted the revoked client");
         assert!(admitted(peer, &other), "{server} refused a client no list names");
     }
+    // A list that no longer loads, put there while sendense-nbd runs: the last good one goes on.
+    let good = std::fs::read(pki.dir("server").join("ca-crl.pem")).unwrap();
+    std::fs::write(pki.dir("server").join("ca-crl.pem"), "nothing here\n").unwrap();
+    assert!(!admitted(&peers[1].1, &pki.dir("client")) && admitted(&peers[1].1, &other), "the last good list");
+    std::fs::write(pki.dir("server").join("ca-crl.pem"), good).unwrap();
 
     // The server's certificate revoked in the client's list: libnbd and our client refuse it.
     pki.revoke("server", &["other"]);

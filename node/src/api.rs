@@ -444,7 +444,7 @@ enum Http {
 #[derive(Debug)]
 struct RenewingTls {
     dir: std::path::PathBuf,
-    built: Mutex<(crate::https::FilesStamp<4>, reqwest::Client)>,
+    built: Mutex<(nbd_server::tls::FilesStamp<4>, reqwest::Client)>,
 }
 
 impl RenewingTls {
@@ -455,7 +455,7 @@ impl RenewingTls {
     /// not load, the last good client goes on (logged once per change).
     fn client(&self, base: &str) -> reqwest::Client {
         let mut built = self.built.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = crate::https::files_stamp(&self.dir, Self::FILES);
+        let now = nbd_server::tls::files_stamp(&self.dir, Self::FILES);
         if now != built.0 {
             match tls_dir_client(base, &self.dir) {
                 Ok(fresh) => {
@@ -570,7 +570,7 @@ impl NodeClient {
         dir: &std::path::Path,
     ) -> Result<Self, ApiError> {
         let base = base.into().trim_end_matches('/').to_string();
-        let stamp = crate::https::files_stamp(dir, RenewingTls::FILES);
+        let stamp = nbd_server::tls::files_stamp(dir, RenewingTls::FILES);
         let http = tls_dir_client(&base, dir)?;
         let renewing = RenewingTls { dir: dir.to_path_buf(), built: Mutex::new((stamp, http)) };
         Ok(Self { base, token, http: Http::Renewing(Arc::new(renewing)) })

@@ -21,12 +21,11 @@
 //! HTTP/1.1 is the protocol offered (ALPN).
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use nbd_server::tls::{TlsError, CA_CERT, CA_CRL, SERVER_CERT, SERVER_KEY};
+use nbd_server::tls::{Reloading, TlsError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -64,51 +63,24 @@ impl ApiTlsSetting {
     }
 }
 
-/// The server certificate of an API, read again when its files change (module doc).
+/// The server certificate of an API, read again when its files change (module doc):
+/// `nbd_server::tls::Reloading`, offering HTTP/1.1.
+#[derive(Debug)]
 pub struct ApiTls {
-    dir: PathBuf,
-    client_certs: bool,
-    loaded: Mutex<Loaded>,
-}
-
-struct Loaded {
-    stamp: Stamp,
-    acceptor: TlsAcceptor,
-}
-
-/// What tells that the certificate, the key or the CA was replaced: each one's length, time and
-/// inode ([`files_stamp`]).
-type Stamp = FilesStamp<4>;
-
-/// Length, time and inode of each of `N` files: what tells that one was replaced (renamed over,
-/// rewritten, removed).
-pub(crate) type FilesStamp<const N: usize> = [Option<(u64, Option<SystemTime>, u64)>; N];
-
-/// The [`FilesStamp`] of `names` in `dir`.
-pub(crate) fn files_stamp<const N: usize>(dir: &Path, names: [&str; N]) -> FilesStamp<N> {
-    names.map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| (m.len(), m.modified().ok(), m.ino())))
-}
-
-impl std::fmt::Debug for ApiTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiTls")
-            .field("dir", &self.dir)
-            .field("client_certs", &self.client_certs)
-            .finish_non_exhaustive()
-    }
+    reloading: Reloading,
 }
 
 impl ApiTls {
     /// The credentials in `dir` (`server-cert.pem`, `server-key.pem`, and with `client_certs`
-    /// the `ca-cert.pem` that must have signed every client's certificate), loaded now so that a
-    /// directory that does not load stops the start.
+    /// the `ca-cert.pem` that must have signed every client's certificate, with `ca-crl.pem` if
+    /// there), loaded now so that a directory that does not load stops the start.
     ///
     /// # Errors
     /// [`TlsError`] naming the file at fault.
     pub fn load(dir: &Path, client_certs: bool) -> Result<Self, TlsError> {
-        let stamp = stamp(dir);
-        let acceptor = acceptor(dir, client_certs)?;
-        Ok(Self { dir: dir.to_path_buf(), client_certs, loaded: Mutex::new(Loaded { stamp, acceptor }) })
+        // HTTP/1.1: what the routers serve.
+        let reloading = Reloading::server(dir, client_certs, vec![b"http/1.1".to_vec()], "API certificates")?;
+        Ok(Self { reloading })
     }
 
     /// [`ApiTls::load`] of the setting, if there is one: what the services check their
@@ -128,35 +100,8 @@ impl ApiTls {
 
     /// The acceptor for a new connection: the files read again if they changed since.
     fn acceptor(&self) -> TlsAcceptor {
-        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = stamp(&self.dir);
-        if now != loaded.stamp {
-            match acceptor(&self.dir, self.client_certs) {
-                Ok(fresh) => {
-                    tracing::info!(dir = %self.dir.display(), "API certificate read again: its files changed");
-                    loaded.acceptor = fresh;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "API certificate changed but does not load: the last one serves on")
-                }
-            }
-            // Not tried again until the files change again.
-            loaded.stamp = now;
-        }
-        loaded.acceptor.clone()
+        self.reloading.acceptor()
     }
-}
-
-/// An acceptor for `dir`'s certificate, speaking HTTP/1.1 (what the routers serve), asking for
-/// client certificates its CA signed when `client_certs`.
-fn acceptor(dir: &Path, client_certs: bool) -> Result<TlsAcceptor, TlsError> {
-    let mut config = nbd_server::tls::server_config(dir, client_certs)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-fn stamp(dir: &Path) -> Stamp {
-    files_stamp(dir, [SERVER_CERT, SERVER_KEY, CA_CERT, CA_CRL])
 }
 
 /// TLS on one connection with `tls`'s certificate of the moment, within [`HANDSHAKE_TIMEOUT`];
