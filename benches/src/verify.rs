@@ -8,8 +8,11 @@
 //! [`CHILD`]), so that no memory an earlier run freed and the allocator kept hides what this one
 //! takes: its peak memory is its high-water mark (`VmHWM`) above its resident set just before
 //! the verification; the report adds what that makes per block and for the node's largest map
-//! (4 Mi blocks: its blocks grow with the disk from 256 GiB on). CPU is the whole child's (the hashing threads'). No peer: the old design verified
-//! nothing.
+//! (4 Mi blocks: its blocks grow with the disk from 256 GiB on). CPU is the whole child's (the
+//! hashing threads'). The `incremental` case verifies a new backup on top of that image (an
+//! overlay holding 1% of its blocks) as the hub verifies an incremental after a backup, from its
+//! parent's block hashes: it reads only its own layer, and holds the disk's map once. No peer:
+//! the old design verified nothing.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,15 +23,21 @@ use qcow2::{CreateOptions, Image, ImageOptions};
 use crate::peers::stat_seconds;
 use crate::report::Report;
 
-/// The environment variable that makes this binary one verification run: `IMAGE\tCHECKSUM`.
+/// The environment variable that makes this binary one verification run:
+/// `IMAGE\tCHECKSUM[\tnew]` (`new`: as a backup just made, on its parent's block hashes).
 pub const CHILD: &str = "NBD_BENCH_VERIFY_RUN";
 
 /// One verification run in this process (the child's side, [`CHILD`]): prints the peak bytes
 /// above the resident set before, the seconds, and the CPU seconds.
 pub fn run_child(spec: &str) -> anyhow::Result<()> {
-    let (image, expected) = spec.split_once('\t').context("IMAGE\tCHECKSUM")?;
+    let mut parts = spec.split('\t');
+    let (Some(image), Some(expected)) = (parts.next(), parts.next()) else { anyhow::bail!("IMAGE\tCHECKSUM") };
+    let new = parts.next() == Some("new");
     let (before, cpu0, t) = (status_bytes("VmRSS:")?, stat_seconds("/proc/self/stat", 11), Instant::now());
-    let verdict = hub::verify::verify_disk(Path::new(image), 2000, Some(expected));
+    let verdict = match new {
+        true => hub::verify::verify_new_backup_disk(Path::new(image), 2000, Some(expected)),
+        false => hub::verify::verify_disk(Path::new(image), 2000, Some(expected)),
+    };
     let (secs, cpu) = (t.elapsed().as_secs_f64(), stat_seconds("/proc/self/stat", 11) - cpu0);
     anyhow::ensure!(verdict.ok(), "the image did not verify: {verdict:?}");
     println!("{} {secs} {cpu}", status_bytes("VmHWM:")?.saturating_sub(before));
@@ -95,11 +104,48 @@ pub fn verify_section(dir: &Path, mib: u64, reps: usize, report: &mut Report) ->
             report.add(section, &case, "MiB at 4Mi blocks", per_block * 4.0);
         }
     }
+    incremental_case(dir, &image, mib, reps, report)?;
     report.note(format!(
         "verify: a {mib} MiB qcow2 image, every block data, verified against its node checksum with \
          64 KiB and 4 KiB blocks; peak = VmHWM above VmRSS before; `MiB at 4Mi blocks` = bytes per block \
-         times the 4 Mi blocks of the node's largest map (read it off the 4 KiB case)."
+         times the 4 Mi blocks of the node's largest map (read it off the 4 KiB case). `incremental`: an \
+         overlay on it holding 1% of its 4 KiB blocks, verified as a new backup on the image's block hashes."
     ));
     let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(image.with_extension("blocks"));
+    Ok(())
+}
+
+/// The `incremental` case (module doc): `base`'s block hashes kept as a full backup's are, an
+/// overlay on it with every hundredth 4 KiB block written, verified `reps` times as a new backup.
+fn incremental_case(dir: &Path, base: &Path, mib: u64, reps: usize, report: &mut Report) -> anyhow::Result<()> {
+    let block = 4u64 << 10;
+    let expected = hub::verify::image_checksum(&Image::open(base)?, block)?;
+    anyhow::ensure!(hub::verify::verify_new_backup_disk(base, 2000, Some(&expected)).ok(), "the base does not verify");
+    let top = dir.join("verify-incr.qcow2");
+    let blocks = (mib << 20) / block;
+    let case = "incremental, 4 KiB blocks";
+    for rep in 0..reps {
+        let _ = std::fs::remove_file(&top);
+        let _ = std::fs::remove_file(top.with_extension("blocks"));
+        let backing = base.file_name().context("a file name")?.to_string_lossy().into_owned();
+        Image::create(&top, &CreateOptions::overlay(&backing, qcow2::BackingFormat::Qcow2))?.close()?;
+        let image = Image::open_with(&top, &ImageOptions::read_write())?;
+        for b in (0..blocks).step_by(100) {
+            image.write_at(&[rep as u8 + 1; 4096], b * block)?;
+        }
+        image.close()?;
+        let want = hub::verify::image_checksum(&Image::open(&top)?, block)?;
+        eprintln!("verify: {case}, rep {}/{reps}", rep + 1);
+        let [peak, secs, _cpu] = child_figures(CHILD, &format!("{}\t{want}\tnew", top.display()))?;
+        anyhow::ensure!(top.with_extension("blocks").exists(), "the incremental kept no block hashes");
+        let per_block = peak / blocks as f64;
+        report.add("verify", case, "peak MiB", peak / 1048576.0);
+        report.add("verify", case, "peak B/block", per_block);
+        report.add("verify", case, "MiB at 4Mi blocks", per_block * 4.0);
+        report.add("verify", case, "seconds", secs);
+    }
+    let _ = std::fs::remove_file(&top);
+    let _ = std::fs::remove_file(top.with_extension("blocks"));
     Ok(())
 }

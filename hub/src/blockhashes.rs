@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use node::blockmap::{digest, BlockMap, Hash, MapDiff};
+use node::blockmap::{digest, BlockMap, BlockSet, Hash, MapDiff};
 
 /// A chain is at most 256 images (`max_chain`); a longer walk is a loop.
 const MAX_DEPTH: usize = 257;
@@ -34,10 +34,15 @@ pub fn file_of(image: &Path) -> PathBuf {
 /// The hashes of the image at `image`, from its file (module doc); `None` if it, or a file it
 /// builds on, is missing, damaged or does not match.
 pub fn load(image: &Path) -> Option<BlockMap> {
+    load_with_digest(image).map(|(map, _)| map)
+}
+
+/// [`load`], and the map's [`digest`] (what a difference from it names it by).
+pub fn load_with_digest(image: &Path) -> Option<(BlockMap, Hash)> {
     let (map, said) = load_file(&file_of(image), 0)?;
     // Each link was checked against the digest the file below says it yields; the last map is
     // hashed once, against what the top file says (a whole map's digest is its own).
-    (digest(&map) == said).then_some(map)
+    (digest(&map) == said).then_some((map, said))
 }
 
 /// The map a file yields and its digest: a whole map's, or what a difference says it yields.
@@ -65,6 +70,26 @@ pub fn save(image: &Path, map: &BlockMap, parent: Option<(&str, &BlockMap)>) -> 
     let diff = parent.and_then(|(backing_name, p)| {
         MapDiff::between(map, p, &Path::new(backing_name).with_extension("blocks").to_string_lossy())
     });
+    keep(image, map, diff)
+}
+
+/// Keep `map`, the hashes of the image at `image`, beside it: with `layer` (the name of the
+/// backing file the image names, the [`digest`] of that file's hashes, and the blocks where `map`
+/// differs from them) as that difference, otherwise whole: [`save`] for a caller that made `map`
+/// from its parent's in place and no longer has the parent's (`crate::verify`).
+///
+/// # Errors
+/// The file could not be written.
+pub fn save_layer(image: &Path, map: &BlockMap, layer: Option<(&str, Hash, BlockSet)>) -> std::io::Result<()> {
+    let diff = layer.and_then(|(backing_name, parent_digest, changed)| {
+        let base_name = Path::new(backing_name).with_extension("blocks");
+        MapDiff::of_changes(map, parent_digest, &base_name.to_string_lossy(), changed)
+    });
+    keep(image, map, diff)
+}
+
+/// Write `diff` beside the image at `image`, or `map` whole without one.
+fn keep(image: &Path, map: &BlockMap, diff: Option<MapDiff>) -> std::io::Result<()> {
     match diff {
         Some(d) => node::files::write_atomically(&file_of(image), &d.to_bytes()),
         // Written as it goes: a whole map of the largest disk is 128 MiB not held twice.

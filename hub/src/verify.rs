@@ -12,7 +12,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use node::blockmap::{block_count, block_len, checksum_of_blocks, hash_block, BlockMap, Hash};
+use node::blockmap::{block_count, block_len, checksum_of_blocks, hash_block, BlockMap, BlockSet, Hash};
 
 use crate::blockhashes;
 use qcow2::{ExtentKind, Image};
@@ -82,10 +82,18 @@ pub fn verify_new_backup_disk(path: &Path, disk_key: u32, expected: Option<&str>
     let parent = Image::open_with(path, &crate::repo::image_options(path, false))
         .ok()
         .and_then(|img| img.header().backing_file.clone())
-        .and_then(|name| blockhashes::load(&qcow2::image::resolve_backing(path, &name)).map(|p| (name, p)));
-    let (verdict, map) = verify_disk_on(path, disk_key, expected, parent.as_ref().map(|(_, p)| p));
-    if let Some(map) = map {
-        if let Err(e) = blockhashes::save(path, &map, parent.as_ref().map(|(name, p)| (name.as_str(), p))) {
+        .and_then(|name| blockhashes::load_with_digest(&qcow2::image::resolve_backing(path, &name)).map(|p| (name, p)));
+    let (name, parent, parent_digest) = match parent {
+        Some((name, (map, digest))) => (Some(name), Some(map), Some(digest)),
+        None => (None, None, None),
+    };
+    let (verdict, hashed) = verify_disk_on(path, disk_key, expected, parent);
+    if let Some(Hashed { map, changed }) = hashed {
+        let layer = match (name.as_deref(), parent_digest, changed) {
+            (Some(name), Some(digest), Some(changed)) => Some((name, digest, changed)),
+            _ => None,
+        };
+        if let Err(e) = blockhashes::save_layer(path, &map, layer) {
             // Only speed is lost: the next incremental re-reads its whole chain.
             tracing::warn!(image = %path.display(), error = %e, "cannot keep the block hashes");
         }
@@ -93,15 +101,27 @@ pub fn verify_new_backup_disk(path: &Path, disk_key: u32, expected: Option<&str>
     verdict
 }
 
+/// An image's block hashes (its content's, as a node computes them), and when they were made
+/// from its parent's in place, the blocks where they differ from the parent's (the blocks its own
+/// layer holds whose hash changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashed {
+    /// The hashes.
+    pub map: BlockMap,
+    /// Where they differ from the parent's, when made from them.
+    pub changed: Option<BlockSet>,
+}
+
 /// The same, trusting `parent` (the block hashes of the image's backing file, verified when it
-/// was made) for every block this image's own layer does not hold. Also returns this image's
-/// block hashes when its content matched, for its own children.
+/// was made) for every block this image's own layer does not hold; the parent's map is made into
+/// this image's in place (so a verification holds one map of the disk, not two). Also returns
+/// this image's block hashes when its content matched, for its own children.
 pub fn verify_disk_on(
     path: &Path,
     disk_key: u32,
     expected: Option<&str>,
-    parent: Option<&BlockMap>,
-) -> (DiskVerdict, Option<BlockMap>) {
+    parent: Option<BlockMap>,
+) -> (DiskVerdict, Option<Hashed>) {
     if path.extension().is_some_and(|e| e == "raw") {
         let block = expected.and_then(node::blockmap::checksum_block_size).unwrap_or(64 << 10);
         let verdict = match file_checksum(path, block) {
@@ -147,10 +167,10 @@ pub fn verify_disk_on(
     let block = expected.and_then(node::blockmap::checksum_block_size);
     let (checksum, checksum_match, map) = match (expected, block) {
         (Some(want), Some(bs)) => match image_block_map(&image, bs, parent) {
-            Ok(map) => {
-                let got = map.checksum();
+            Ok(hashed) => {
+                let got = hashed.map.checksum();
                 let matched = got == want;
-                (Some(got), Some(matched), matched.then_some(map))
+                (Some(got), Some(matched), matched.then_some(hashed))
             }
             Err(e) => (Some(format!("read failed: {e}")), Some(false), None),
         },
@@ -165,33 +185,33 @@ pub fn verify_disk_on(
 /// # Errors
 /// A read failed.
 pub fn image_checksum(image: &Image, block_size: u64) -> Result<String, qcow2::Error> {
-    Ok(image_block_map(image, block_size, None)?.checksum())
+    Ok(image_block_map(image, block_size, None)?.map.checksum())
 }
 
 /// Block hashes of the image's content: blocks that read as zeroes get the zero hash unread;
 /// with `parent` (hashes of the backing file's content, same geometry), blocks this layer does
-/// not touch get the parent's; the rest are read and hashed on several threads, each hash
-/// written into the map in place. What this holds besides the map (32 bytes a block: 128 MiB
-/// for the node's largest, 4 Mi blocks) is a range per run of blocks to read, not an entry per
-/// block: a verification of a full disk once held three times that (the blocks to read, 8 bytes
-/// each, and their hashes with their index, 40 bytes each, in vectors grown by doubling).
+/// not touch keep the parent's, in the parent's map made into this one in place; the rest are
+/// read and hashed on several threads, each hash written into the map in place. What this holds
+/// besides the map (32 bytes a block: 128 MiB for the node's largest, 4 Mi blocks) is a range per
+/// run of blocks to read, not an entry per block, and with a parent the parent's hashes of the
+/// blocks this layer holds (to say which changed): a verification of a full disk once held three
+/// times the map (the blocks to read, 8 bytes each, and their hashes with their index, 40 bytes
+/// each, in vectors grown by doubling), one of an incremental twice (its parent's map beside).
 ///
 /// # Errors
 /// A read or the allocation map failed.
-pub fn image_block_map(image: &Image, block_size: u64, parent: Option<&BlockMap>) -> Result<BlockMap, qcow2::Error> {
+pub fn image_block_map(image: &Image, block_size: u64, parent: Option<BlockMap>) -> Result<Hashed, qcow2::Error> {
     let size = image.size();
     let parent =
         parent.filter(|p| p.disk_size == size && p.block_size == block_size && image.header().backing_file.is_some());
-    let mut map = match parent {
-        Some(p) => p.clone(),
-        None => BlockMap::zeroed(size, block_size),
-    };
+    let on_parent = parent.is_some();
+    let mut map = parent.unwrap_or_else(|| BlockMap::zeroed(size, block_size));
     let n = block_count(size, block_size);
     let mut runs: Vec<Range<u64>> = Vec::new();
     for e in image.map(0, size)? {
-        let must_read = match parent {
-            Some(_) => e.depth == 0 && e.kind != ExtentKind::Unallocated,
-            None => e.kind == ExtentKind::Data,
+        let must_read = match on_parent {
+            true => e.depth == 0 && e.kind != ExtentKind::Unallocated,
+            false => e.kind == ExtentKind::Data,
         };
         if must_read && e.length > 0 {
             let first = e.offset / block_size;
@@ -199,8 +219,30 @@ pub fn image_block_map(image: &Image, block_size: u64, parent: Option<&BlockMap>
             add_run(&mut runs, first..end);
         }
     }
+    // The parent's hashes of the blocks about to be hashed again, in run order: which changed.
+    let before: Vec<Hash> = match on_parent {
+        true => runs.iter().flat_map(|r| blocks_of(&map.hashes, r)).copied().collect(),
+        false => Vec::new(),
+    };
     hash_runs(size, block_size, &runs, &mut map.hashes, |buf, at| image.read_at(buf, at))?;
-    Ok(map)
+    let changed = on_parent.then(|| {
+        let mut changed = BlockSet::default();
+        let now = runs.iter().flat_map(|r| r.clone().zip(blocks_of(&map.hashes, r)));
+        for ((block, hash), was) in now.zip(&before) {
+            if hash != was {
+                changed.insert_run(block, 1);
+            }
+        }
+        changed
+    });
+    Ok(Hashed { map, changed })
+}
+
+/// The hashes of the blocks of `run` (those `hashes` has).
+fn blocks_of<'a>(hashes: &'a [Hash], run: &Range<u64>) -> &'a [Hash] {
+    let len = hashes.len() as u64;
+    let (start, end) = (run.start.min(len) as usize, run.end.min(len) as usize);
+    hashes.get(start..end).unwrap_or_default()
 }
 
 /// Append `run` to ascending `runs`, joined to the last one when they touch or share a block
@@ -355,8 +397,17 @@ mod tests {
         }
         let want = reread(&top);
         let parent = BlockMap::load(&base.with_extension("blocks")).unwrap();
-        let (v, map) = verify_disk_on(&top, 2000, Some(&want), Some(&parent));
-        assert!(v.ok() && map.is_some(), "{v:?}");
+        let (v, hashed) = verify_disk_on(&top, 2000, Some(&want), Some(parent.clone()));
+        assert!(v.ok(), "{v:?}");
+        let Hashed { map, changed } = hashed.unwrap();
+        // The blocks where it differs from its parent's, as comparing the two maps finds them:
+        // the one written into (block 4: 70 000 bytes into block 3 is past its end).
+        let changed: Vec<u64> = changed.unwrap().iter().collect();
+        let differs: Vec<u64> =
+            (0u64..).zip(map.hashes.iter().zip(&parent.hashes)).filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+        assert_eq!(changed, differs, "the same as comparing the two maps");
+        assert_eq!(changed, [4]);
+        let map = Some(map);
         assert_eq!(verify_new_backup_disk(&top, 2000, Some(&want)), v);
         assert!(verify_disk(&top, 2000, Some(&want)).ok(), "a full re-read agrees");
         // Kept as what differs from the parent's, and loaded back whole through it.
@@ -369,7 +420,7 @@ mod tests {
             img.write_at(&[2u8; 1], 3 * BS + 70_000).unwrap();
             img.close().unwrap();
         }
-        let (v, map) = verify_disk_on(&top, 2000, Some(&want), Some(&parent));
+        let (v, map) = verify_disk_on(&top, 2000, Some(&want), Some(parent));
         assert_eq!((v.checksum_match, map.is_none()), (Some(false), true), "{v:?}");
     }
 

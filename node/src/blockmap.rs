@@ -553,18 +553,29 @@ impl MapDiff {
             return None;
         }
         let mut changed = BlockSet::default();
-        let mut hashes = Vec::new();
         for (i, (mine, theirs)) in (0u64..).zip(map.hashes.iter().zip(&base.hashes)) {
             if mine != theirs {
                 changed.insert_run(i, 1);
-                hashes.push(*mine);
             }
         }
+        Self::of_changes(map, digest(base), base_name, changed)
+    }
+
+    /// The same, told which blocks of `map` differ from its base's (a superset does no harm: a
+    /// block named with its base's hash is stored again) and the base's [`digest`], for a caller
+    /// that made `map` from the base in place and so no longer has it (`hub::verify`). `None` if
+    /// the set names a block `map` does not have, or `base_name` is not one.
+    pub fn of_changes(map: &BlockMap, base_digest: Hash, base_name: &str, changed: BlockSet) -> Option<Self> {
+        let count = map.hashes.len() as u64;
+        if !valid_base_name(base_name) || changed.iter().last().is_some_and(|b| b >= count) {
+            return None;
+        }
+        let hashes = changed.iter().filter_map(|b| map.hashes.get(usize::try_from(b).ok()?).copied()).collect();
         Some(Self {
             disk_size: map.disk_size,
             block_size: map.block_size,
-            count: map.hashes.len() as u64,
-            base_digest: digest(base),
+            count,
+            base_digest,
             yields: digest(map),
             base_name: base_name.to_string(),
             changed,

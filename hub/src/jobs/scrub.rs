@@ -95,7 +95,7 @@ impl Hub {
             let (key, sum, uncached) = (d.disk_key, d.checksum.clone(), self.settings.direct_io);
             let verdict = off_runtime("scrubbing a backup", move || {
                 let parent = parent_block_hashes(&path);
-                let (verdict, _) = verify_disk_on(&path, key, sum.as_deref(), parent.as_ref());
+                let (verdict, _) = verify_disk_on(&path, key, sum.as_deref(), parent);
                 if uncached {
                     forget_cached_chain(&path);
                 }
