@@ -222,10 +222,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     };
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow::anyhow!(e))?;
     let ssh = settings.ssh.as_ref().context("ssh settings")?;
-    let endpoint =
-        crate::endpoint::config(ssh, &settings, &settings.nodes, Arc::clone(&hub)).map_err(|e| anyhow::anyhow!(e))?;
+    let endpoint = crate::endpoint::SshEndpoint::new(ssh, &settings, &settings.nodes, Arc::clone(&hub))
+        .map_err(|e| anyhow::anyhow!(e))?;
     let ssh_listener = tokio::net::TcpListener::bind(("127.0.0.1", ssh_port)).await?;
-    tokio::spawn(tunnel::endpoint::serve(ssh_listener, endpoint));
+    tokio::spawn(async move { endpoint.serve(ssh_listener).await });
     let api_listener = tokio::net::TcpListener::bind(("127.0.0.1", hub_api)).await?;
     hub.start_schedules();
     // Compression waits, off, until step 8 turns it on by a reload.

@@ -7,16 +7,22 @@
 //! Which node a key belongs to: the `key` of its `[[node]]` table; keys in the
 //! `authorized_keys` file belong to the node named `default`.
 //!
+//! A reload (`SIGHUP`) takes up the keys again ([`SshEndpoint::rekey`]: the `[[node]]` keys of the
+//! nodes the running hub has, and the `authorized_keys` file read again): a key that is gone is
+//! refused from then on and its tunnels are cut at once (`tunnel::endpoint::Endpoint::authorize`),
+//! so a node's access is revoked without a restart; a key moved to another node answers for that
+//! node from its next forward. A new node's key waits for the restart that takes the node up.
+//!
 //! A channel the fence allowed to an open export's port is served by the hub's NBD server in
 //! process (`InProcessExports`), not through a loopback TCP connection to the export's
 //! listener: the bytes of a remote backup are decrypted and written without crossing two more
 //! sockets. Other allowed ports (the hub API) are connected over TCP.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tunnel::authorized::AuthorizedKey;
-use tunnel::endpoint::{EndpointConfig, ForwardPolicy, LocalForward, LocalServe, PortSet};
+use tunnel::endpoint::{Endpoint, EndpointConfig, ForwardPolicy, LocalForward, LocalServe, PortSet};
 
 use crate::config::{NodeSpec, Settings, SshFile};
 use crate::jobs::Hub;
@@ -24,16 +30,17 @@ use crate::jobs::Hub;
 /// The per-node fence.
 struct NodeFence {
     hub: Arc<Hub>,
-    /// Key fingerprint -> node name.
-    key_nodes: HashMap<String, String>,
+    /// Key fingerprint -> node name (replaced by a reload).
+    key_nodes: RwLock<HashMap<String, String>>,
     /// Node name -> its reverse API port.
     reverse_ports: HashMap<String, u16>,
     api_port: u16,
 }
 
 impl NodeFence {
-    fn node_of(&self, key: &AuthorizedKey) -> Option<&String> {
-        self.key_nodes.get(&tunnel::hostkey::fingerprint(&key.key))
+    fn node_of(&self, key: &AuthorizedKey) -> Option<String> {
+        let nodes = self.key_nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        nodes.get(&tunnel::hostkey::fingerprint(&key.key)).cloned()
     }
 }
 
@@ -52,7 +59,7 @@ impl ForwardPolicy for NodeFence {
     }
 
     fn allow_reverse(&self, key: &AuthorizedKey, port: u16) -> bool {
-        self.node_of(key).is_some_and(|n| self.reverse_ports.get(n) == Some(&port))
+        self.node_of(key).is_some_and(|n| self.reverse_ports.get(&n) == Some(&port))
     }
 }
 
@@ -76,12 +83,103 @@ fn loopback_port(url: &str) -> Option<u16> {
     port.parse().ok()
 }
 
-/// Build the endpoint's configuration.
-///
-/// # Errors
-/// The host key or authorized_keys cannot be read, or no key is authorized.
-pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<EndpointConfig, String> {
-    let key = tunnel::load_private_key(&ssh.host_key).map_err(|e| format!("cannot load host key: {e}"))?;
+/// The hub's SSH endpoint (module doc), its keys replaceable while it serves.
+pub struct SshEndpoint {
+    endpoint: Arc<Endpoint>,
+    fence: Arc<NodeFence>,
+    /// Where its keys come from: the authorized_keys file it started with.
+    ssh: SshFile,
+    /// The nodes of the running hub (new ones take a restart).
+    nodes: Vec<String>,
+}
+
+impl std::fmt::Debug for SshEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshEndpoint").field("nodes", &self.nodes).finish_non_exhaustive()
+    }
+}
+
+impl SshEndpoint {
+    /// The endpoint of `ssh` for `nodes`, fenced as the module doc says.
+    ///
+    /// # Errors
+    /// The host key or a key does not load, two nodes share a key, or no key at all.
+    pub fn new(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<Self, String> {
+        let key = tunnel::load_private_key(&ssh.host_key).map_err(|e| format!("cannot load host key: {e}"))?;
+        let (authorized, key_nodes) = keys(ssh, nodes)?;
+        if authorized.is_empty() {
+            return Err(format!("{} holds no keys: no node could connect", ssh.authorized_keys.display()));
+        }
+        let direct = vec![settings.nbd_ports, (settings.listen.port(), settings.listen.port())];
+        let reverse_ports: HashMap<String, u16> =
+            nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
+        let reverse: Vec<(u16, u16)> = reverse_ports.values().map(|&p| (p, p)).collect();
+        let local = InProcessExports { hub: Arc::clone(&hub) };
+        let fence = Arc::new(NodeFence {
+            hub,
+            key_nodes: RwLock::new(key_nodes),
+            reverse_ports,
+            api_port: settings.listen.port(),
+        });
+        // A node opens up to 4 SSH connections (one per core), plus stale ones while it
+        // reconnects: the default of 8 per key. Channels: see tunnel::limits for what 512 of them
+        // can hold.
+        let config = EndpointConfig::new(key, authorized)
+            .allow_direct(PortSet(direct))
+            .allow_reverse(PortSet(reverse))
+            .max_connections_per_key(8)
+            .max_channels_per_connection(512)
+            .policy(Some(Arc::clone(&fence) as Arc<dyn ForwardPolicy>))
+            .local(Some(Arc::new(local)));
+        Ok(Self {
+            endpoint: Endpoint::new(config),
+            fence,
+            ssh: ssh.clone(),
+            nodes: nodes.iter().map(|n| n.name.clone()).collect(),
+        })
+    }
+
+    /// Serve node tunnels on `listener` until the task is dropped.
+    pub async fn serve(&self, listener: tokio::net::TcpListener) {
+        Arc::clone(&self.endpoint).serve(listener).await;
+    }
+
+    /// The keys of a reloaded configuration (module doc): those of `nodes` the running hub has,
+    /// and the authorized_keys file read again; checked, not yet taken up ([`Self::take_up`]),
+    /// so that a reload refused for another reason changes nothing.
+    ///
+    /// # Errors
+    /// A key does not load or two nodes share one.
+    pub fn read_keys(&self, nodes: &[NodeSpec]) -> Result<NodeKeys, String> {
+        let known: Vec<NodeSpec> = nodes.iter().filter(|n| self.nodes.contains(&n.name)).cloned().collect();
+        for n in nodes.iter().filter(|n| !self.nodes.contains(&n.name) && n.key.is_some()) {
+            tracing::warn!(node = %n.name, "a new node's key is taken up by the restart that takes the node up");
+        }
+        let (authorized, key_nodes) = keys(&self.ssh, &known)?;
+        Ok(NodeKeys { authorized, key_nodes })
+    }
+
+    /// Serve with `keys` from now on: a key that is gone is refused and its tunnels cut. Returns
+    /// how many were.
+    pub fn take_up(&self, keys: NodeKeys) -> usize {
+        if keys.authorized.is_empty() {
+            tracing::warn!("no key is authorized any more: no node can connect");
+        }
+        *self.fence.key_nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner) = keys.key_nodes;
+        self.endpoint.authorize(keys.authorized)
+    }
+}
+
+/// The keys [`SshEndpoint::read_keys`] read, for [`SshEndpoint::take_up`].
+#[derive(Debug)]
+pub struct NodeKeys {
+    authorized: Vec<AuthorizedKey>,
+    key_nodes: HashMap<String, String>,
+}
+
+/// The keys that may connect (the authorized_keys file's, then each node's `key`) and which
+/// node each belongs to (by fingerprint).
+fn keys(ssh: &SshFile, nodes: &[NodeSpec]) -> Result<(Vec<AuthorizedKey>, HashMap<String, String>), String> {
     let text = tunnel::read_authorized_keys(&ssh.authorized_keys).map_err(|e| e.to_string())?;
     let mut authorized =
         tunnel::authorized::parse(&text).map_err(|e| format!("{}: {e}", ssh.authorized_keys.display()))?;
@@ -100,24 +198,7 @@ pub fn config(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<H
             }
         }
     }
-    if authorized.is_empty() {
-        return Err(format!("{} holds no keys: no node could connect", ssh.authorized_keys.display()));
-    }
-    let direct = vec![settings.nbd_ports, (settings.listen.port(), settings.listen.port())];
-    let reverse_ports: HashMap<String, u16> =
-        nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
-    let reverse: Vec<(u16, u16)> = reverse_ports.values().map(|&p| (p, p)).collect();
-    let local = InProcessExports { hub: Arc::clone(&hub) };
-    let fence = NodeFence { hub, key_nodes, reverse_ports, api_port: settings.listen.port() };
-    // A node opens up to 4 SSH connections (one per core), plus stale ones while it reconnects:
-    // the default of 8 per key. Channels: see tunnel::limits for what 512 of them can hold.
-    Ok(EndpointConfig::new(key, authorized)
-        .allow_direct(PortSet(direct))
-        .allow_reverse(PortSet(reverse))
-        .max_connections_per_key(8)
-        .max_channels_per_connection(512)
-        .policy(Some(Arc::new(fence)))
-        .local(Some(Arc::new(local))))
+    Ok((authorized, key_nodes))
 }
 
 #[cfg(test)]

@@ -24,11 +24,16 @@
 //! instead of through a loopback TCP connection to it. The hub serves its NBD exports this way:
 //! every byte of a remote backup then crosses one socket on the hub (the node's SSH connection)
 //! instead of three (SSH in, loopback out, loopback in), which is CPU the decryption needs.
+//!
+//! The keys that may connect can be replaced while the endpoint serves ([`Endpoint::authorize`]):
+//! a key no longer among them is refused from then on, and the sessions it has open are
+//! disconnected at once, so revoking a node's key cuts its tunnel without a restart (OpenSSH
+//! reads authorized_keys again at each login, but leaves the sessions already open).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
@@ -180,6 +185,12 @@ impl std::fmt::Debug for EndpointConfig {
 /// Counts and reverse listeners shared by all sessions.
 #[derive(Default)]
 struct Shared {
+    /// The keys that may connect now ([`Endpoint::authorize`]).
+    authorized: RwLock<Arc<Vec<AuthorizedKey>>>,
+    /// Logged-in sessions: number -> (key fingerprint, handle to disconnect it).
+    live: Mutex<HashMap<u64, (String, server::Handle)>>,
+    /// The next session's number.
+    next_session: std::sync::atomic::AtomicU64,
     per_key: Mutex<HashMap<String, usize>>,
     /// Reverse port -> (key fingerprint, the listener task's abort handle).
     reverse: Mutex<HashMap<u32, (String, tokio::task::AbortHandle)>>,
@@ -209,6 +220,86 @@ impl Drop for Pending {
 
 /// Serve the endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, config: EndpointConfig) {
+    Endpoint::new(config).serve(listener).await;
+}
+
+/// An endpoint whose keys can be replaced while it serves (module doc).
+pub struct Endpoint {
+    config: Arc<EndpointConfig>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint of `config` (its `authorized` keys the first that may connect).
+    pub fn new(config: EndpointConfig) -> Arc<Self> {
+        let shared = Shared { authorized: RwLock::new(Arc::new(config.authorized.clone())), ..Shared::default() };
+        Arc::new(Self { config: Arc::new(config), shared: Arc::new(shared) })
+    }
+
+    /// From now on only `keys` may connect; sessions logged in with a key not among them (by
+    /// its key, whatever its options) are disconnected. Returns how many were.
+    pub fn authorize(&self, keys: Vec<AuthorizedKey>) -> usize {
+        let kept: std::collections::HashSet<String> =
+            keys.iter().map(|k| crate::hostkey::fingerprint(&k.key)).collect();
+        *self.shared.authorized.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        let cut_off: Vec<(String, server::Handle)> = self
+            .shared
+            .live
+            .lock()
+            .map(|live| live.values().filter(|(fp, _)| !kept.contains(fp)).cloned().collect())
+            .unwrap_or_default();
+        let count = cut_off.len();
+        for (fingerprint, handle) in cut_off {
+            cut(fingerprint, handle);
+        }
+        count
+    }
+
+    /// Serve on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        serve_shared(listener, Arc::clone(&self.config), Arc::clone(&self.shared)).await;
+    }
+}
+
+impl Shared {
+    /// Whether the key of `fingerprint` may connect now.
+    fn authorizes(&self, fingerprint: &str) -> bool {
+        let keys = Arc::clone(&self.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        keys.iter().any(|k| crate::hostkey::fingerprint(&k.key) == fingerprint)
+    }
+}
+
+/// Disconnect a session whose key is no longer authorized (in a task of its own: the session's
+/// loop may be the caller's to poll).
+fn cut(fingerprint: String, handle: server::Handle) {
+    tracing::warn!(key = %fingerprint, "disconnecting: the key is no longer authorized");
+    tokio::spawn(async move {
+        let _ =
+            handle.disconnect(russh::Disconnect::ByApplication, "key no longer authorized".into(), "en".into()).await;
+    });
+}
+
+/// A logged-in session's place in [`Shared::live`]; taken out on drop.
+struct LiveSession {
+    shared: Arc<Shared>,
+    number: u64,
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.shared.live.lock() {
+            live.remove(&self.number);
+        }
+    }
+}
+
+async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared: Arc<Shared>) {
     let ssh = Arc::new(server::Config {
         keys: vec![config.host_key.clone()],
         methods: (&[russh::MethodKind::PublicKey][..]).into(),
@@ -223,8 +314,6 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
         preferred: crate::ciphers::preferred(),
         ..server::Config::default()
     });
-    let config = Arc::new(config);
-    let shared = Arc::new(Shared::default());
     let pending_slots = Arc::new(tokio::sync::Semaphore::new(config.login.max_pending));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -264,6 +353,7 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
         };
         let ssh = Arc::clone(&ssh);
         let deadline = config.login.deadline;
+        let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let login = tokio::time::sleep(deadline);
             tokio::pin!(login);
@@ -282,7 +372,8 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
                     return;
                 }
             };
-            tokio::select! {
+            // Logged in: the session is among the live ones (which a key's revocation cuts).
+            let _live = tokio::select! {
                 r = &mut session => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = ?e, "session ended before login");
@@ -290,10 +381,18 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
                     return;
                 }
                 r = logged_in => {
-                    if r.is_err() {
-                        return;
-                    }
+                    let Ok(fingerprint) = r else { return };
                     drop(pending);
+                    let number = shared.next_session.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut live) = shared.live.lock() {
+                        live.insert(number, (fingerprint.clone(), session.handle()));
+                    }
+                    // Revoked between its login and now (after `authorize` looked at the live
+                    // sessions): cut here, as `authorize` would have.
+                    if !shared.authorizes(&fingerprint) {
+                        cut(fingerprint, session.handle());
+                    }
+                    LiveSession { shared: Arc::clone(&shared), number }
                 }
                 _ = &mut login => {
                     tracing::warn!(%peer, "closed: no login within the deadline");
@@ -303,7 +402,7 @@ pub async fn serve(listener: TcpListener, config: EndpointConfig) {
                         .await;
                     return;
                 }
-            }
+            };
             if let Err(e) = session.await {
                 tracing::debug!(%peer, error = ?e, "session ended");
             }
@@ -322,8 +421,8 @@ struct EndpointSession {
     channels: Arc<AtomicUsize>,
     /// Reverse-forward listeners of this session, by port.
     forwards: HashMap<u32, tokio::task::JoinHandle<()>>,
-    /// Told once the key is accepted (frees the connection's pre-login place).
-    authenticated: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Told the key's fingerprint once it is accepted (frees the connection's pre-login place).
+    authenticated: Option<tokio::sync::oneshot::Sender<String>>,
 }
 
 impl Drop for EndpointSession {
@@ -402,7 +501,8 @@ impl server::Handler for EndpointSession {
             tracing::warn!(peer = %self.peer, user, "refused: wrong user");
             return Ok(Auth::reject());
         }
-        let entry = self.config.authorized.iter().find(|a| a.key.key_data() == key.public_key.key_data()).cloned();
+        let authorized = Arc::clone(&self.shared.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let entry = authorized.iter().find(|a| a.key.key_data() == key.public_key.key_data()).cloned();
         let Some(entry) = entry else {
             tracing::warn!(peer = %self.peer, user, fingerprint = %crate::hostkey::fingerprint(key.public_key), "refused: unknown key");
             return Ok(Auth::reject());
@@ -425,10 +525,10 @@ impl server::Handler for EndpointSession {
             }
             *n += 1;
         }
-        self.key_id = Some(id);
+        self.key_id = Some(id.clone());
         self.key = Some(entry);
         if let Some(tx) = self.authenticated.take() {
-            let _ = tx.send(());
+            let _ = tx.send(id);
         }
         Ok(Auth::Accept)
     }

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -438,6 +439,86 @@ async fn a_half_closed_forward_still_carries_the_answer_back_through_our_client_
             let digest = data.iter().fold(0u64, |h, &b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
             assert_eq!(answer, format!("{len} {digest}"), "{len} bytes, then a half-close");
         }
+    })
+    .await
+    .unwrap();
+}
+
+/// Keys replaced while the endpoint serves ([`tunnel::endpoint::Endpoint::authorize`]): OpenSSH
+/// clients of two keys forward through it; the first key revoked, its `ssh` is disconnected at
+/// once (it exits) and cannot log in again, while the other's forward goes on untouched; the key
+/// authorized again logs in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (_, host_pub) = setup(&d);
+    keygen(&d.join("other_key"));
+    let echo = echo_servers(1);
+    let line = |name: &str| std::fs::read_to_string(d.join(format!("{name}.pub"))).unwrap();
+    let both = tunnel::authorized::parse(&format!("{}{}", line("client_key"), line("other_key"))).unwrap();
+    let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
+    let config = EndpointConfig::new(host_key, both.clone()).allow_direct(PortSet(vec![(echo, echo)]));
+    let endpoint = tunnel::endpoint::Endpoint::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub =
+        Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
+    known_hosts(&d, hub.port, &host_pub);
+    let hub_port = hub.port;
+
+    let (revoked_port, other_port) = (free_port(), free_port());
+    let forward = |key: &str, port: u16| {
+        ssh(&d, hub_port, key, &["-N", "-L", &format!("{port}:127.0.0.1:{echo}")])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut revoked, mut other) = (forward("client_key", revoked_port), forward("other_key", other_port));
+    let (a, b) = (revoked_port, other_port);
+    tokio::task::spawn_blocking(move || {
+        wait_listening(a);
+        wait_listening(b);
+        round_trip(local(a), 64 << 10, 1);
+        round_trip(local(b), 64 << 10, 2);
+    })
+    .await
+    .unwrap();
+
+    let only_other: Vec<_> = both.iter().filter(|k| k.key == both[1].key).cloned().collect();
+    assert_eq!(endpoint.authorize(only_other), 1, "one session of the revoked key cut");
+    let d2 = d.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = revoked.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the revoked key's ssh is still connected");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success());
+        let mut said = String::new();
+        revoked.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+        assert!(said.contains("key no longer authorized"), "{said}");
+        // The other key's forward goes on; the revoked key cannot log in again.
+        round_trip(local(b), 64 << 10, 3);
+        let out = ssh(&d2, hub_port, "client_key", &["-N"]).output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+        assert!(other.try_wait().unwrap().is_none(), "the other key's ssh was cut too");
+        let _ = other.kill();
+        let _ = other.wait();
+    })
+    .await
+    .unwrap();
+
+    // Authorized again: it logs in and forwards.
+    assert_eq!(endpoint.authorize(both), 0);
+    let mut again = forward("client_key", revoked_port);
+    tokio::task::spawn_blocking(move || {
+        wait_listening(a);
+        round_trip(local(a), 64 << 10, 4);
+        let _ = again.kill();
+        let _ = again.wait();
     })
     .await
     .unwrap();

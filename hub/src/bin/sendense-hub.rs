@@ -432,17 +432,20 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let api_tls = node::https::ApiTls::from_setting(settings.api_tls.as_ref()).map_err(|e| anyhow!(e))?;
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
-    let endpoint = match &settings.ssh {
+    let (endpoint, ssh_endpoint) = match &settings.ssh {
         Some(ssh) => {
-            let config =
-                hub::endpoint::config(ssh, &settings, &settings.nodes, Arc::clone(&hub)).map_err(|e| anyhow!(e))?;
+            let ssh_endpoint = Arc::new(
+                hub::endpoint::SshEndpoint::new(ssh, &settings, &settings.nodes, Arc::clone(&hub))
+                    .map_err(|e| anyhow!(e))?,
+            );
             let l = tokio::net::TcpListener::bind(&ssh.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for SSH", ssh.listen))?;
             tracing::info!(listen = %ssh.listen, "SSH endpoint for node tunnels listening");
-            Some(tokio::spawn(tunnel::endpoint::serve(l, config)))
+            let serving = Arc::clone(&ssh_endpoint);
+            (Some(tokio::spawn(async move { serving.serve(l).await })), Some(ssh_endpoint))
         }
-        None => None,
+        None => (None, None),
     };
     tracing::info!(
         listen = %settings.listen,
@@ -463,7 +466,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&hub).rewrite_loop());
     // Backup schedules (`[[schedule]]`), one task each, ending with the hub.
     hub.start_schedules();
-    let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&hub), a));
+    let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&hub), ssh_endpoint, a));
     let reaper = {
         let hub = Arc::clone(&hub);
         tokio::spawn(async move {
@@ -503,17 +506,24 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 
 /// `SIGHUP` (`systemctl reload`): the configuration file read and checked again and taken up
 /// (`hub::jobs::reload`); one that does not check is refused with one line and the hub runs on.
-async fn reload_on_hangup(hub: Arc<Hub>, args: ServeArgs) {
+async fn reload_on_hangup(hub: Arc<Hub>, ssh_endpoint: Option<Arc<hub::endpoint::SshEndpoint>>, args: ServeArgs) {
     let config = args.config.clone();
     let read = move || settings(args.clone()).map_err(|e| format!("{e:#}"));
     let apply = |new: Settings| {
+        // The keys checked first, taken up last: a file refused for any reason changes nothing.
+        let keys = ssh_endpoint.as_ref().map(|e| e.read_keys(&new.nodes)).transpose()?;
         let done = hub.reload(&new)?;
+        let cut = match (&ssh_endpoint, keys) {
+            (Some(e), Some(keys)) => e.take_up(keys),
+            _ => 0,
+        };
         tracing::info!(
             applied = ?done.applied,
             schedules_added = ?done.schedules_added,
             schedules_changed = ?done.schedules_changed,
             schedules_removed = ?done.schedules_removed,
             restart_pending = ?done.restart_pending,
+            tunnels_cut = cut,
             "configuration reloaded"
         );
         Ok(())

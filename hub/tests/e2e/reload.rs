@@ -1,7 +1,7 @@
 //! The configuration taken up by a running hub (`SIGHUP`, `systemctl reload`): a schedule and a
 //! retention added without a restart and at work at once; a change only a restart takes up
 //! named in the metrics; a file that does not check refused, the hub running on as it was; a
-//! schedule removed.
+//! schedule removed; a node's SSH key revoked and given back.
 
 use std::time::{Duration, Instant};
 
@@ -136,4 +136,52 @@ async fn a_node_reload_adds_a_vm_the_hub_backs_up_while_a_running_backup_goes_on
     assert_eq!(status, 200, "{v}");
     let again = site.backup("vm-c", "incremental").await;
     assert_eq!(again["status"], "completed", "{again}");
+}
+
+/// The node's tunnel status (`GET /api/v1/tunnel` on the node) once `until` holds of it.
+async fn wait_tunnel(site: &Site, within: Duration, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, t) = site.node("GET", "/api/v1/tunnel", None).await;
+        if until(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "the node's tunnel: {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A node's SSH key revoked by a reload (its `[[node]] key` line removed): its tunnel is cut at
+/// once and refused from then on, nothing waiting for a restart; the key given back by another
+/// reload: the node is back by itself (at its longest backoff) and backs up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
+    let vms = [Vm("vm-a", &[4])];
+    let site = Site::start(Transport::Endpoint, &vms, 8, Options::default()).await;
+    let original = std::fs::read_to_string(site.hub_config()).unwrap();
+    assert_eq!(site.backup("vm-a", "full").await["status"], "completed");
+    let up = wait_tunnel(&site, Duration::from_secs(10), |t| t["connected"] == true).await;
+
+    let key_line = original.lines().find(|l| l.starts_with("key = ")).expect("the node's key line").to_string();
+    std::fs::write(site.hub_config(), original.replace(&format!("{key_line}\n"), "")).unwrap();
+    site.signal_hub("HUP");
+    let cut = wait_tunnel(&site, Duration::from_secs(10), |t| t["connected"] == false).await;
+    assert_eq!(cut["reconnects"], up["reconnects"], "{cut}");
+    // Refused from then on: the node's next attempts are turned away (it says so), for good.
+    let refused = wait_tunnel(&site, Duration::from_secs(20), |t| t["state"] == "refused").await;
+    assert!(refused["last_error"].as_str().unwrap_or("").contains("refused the key"), "{refused}");
+    let metrics = site.wait_hub_metric("sendense_hub_config_last_reload_successful 1").await;
+    assert!(!metrics.contains("sendense_hub_config_restart_pending{key=\"node\"}"), "{metrics}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, still) = site.node("GET", "/api/v1/tunnel", None).await;
+    assert_eq!(still["connected"], false, "{still}");
+
+    // The key back: the node connects again by itself and backs up.
+    std::fs::write(site.hub_config(), &original).unwrap();
+    site.signal_hub("HUP");
+    wait_tunnel(&site, Duration::from_secs(60), |t| t["connected"] == true).await;
+    site.wait_node_reachable().await;
+    let incremental = site.backup("vm-a", "incremental").await;
+    assert_eq!(incremental["status"], "completed", "{incremental}");
+    site.assert_backup_equals_sources("vm-a", &incremental, 1);
 }
