@@ -28,7 +28,8 @@
 //! The keys that may connect can be replaced while the endpoint serves ([`Endpoint::authorize`]):
 //! a key no longer among them is refused from then on, and the sessions it has open are
 //! disconnected at once, so revoking a node's key cuts its tunnel without a restart (OpenSSH
-//! reads authorized_keys again at each login, but leaves the sessions already open).
+//! reads authorized_keys again at each login, but leaves the sessions already open); a key whose
+//! options changed (`from=` narrowed, say) is disconnected too and logs in again under them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -187,8 +188,8 @@ impl std::fmt::Debug for EndpointConfig {
 struct Shared {
     /// The keys that may connect now ([`Endpoint::authorize`]).
     authorized: RwLock<Arc<Vec<AuthorizedKey>>>,
-    /// Logged-in sessions: number -> (key fingerprint, handle to disconnect it).
-    live: Mutex<HashMap<u64, (String, server::Handle)>>,
+    /// Logged-in sessions: number -> (the entry it logged in with, handle to disconnect it).
+    live: Mutex<HashMap<u64, (AuthorizedKey, server::Handle)>>,
     /// The next session's number.
     next_session: std::sync::atomic::AtomicU64,
     per_key: Mutex<HashMap<String, usize>>,
@@ -242,21 +243,21 @@ impl Endpoint {
         Arc::new(Self { config: Arc::new(config), shared: Arc::new(shared) })
     }
 
-    /// From now on only `keys` may connect; sessions logged in with a key not among them (by
-    /// its key, whatever its options) are disconnected. Returns how many were.
+    /// From now on only `keys` may connect; sessions logged in with a key not among them, or
+    /// among them with other options (`from=`, `permitopen=`, `permitlisten=`, forwarding,
+    /// `expiry-time=`: the grant changed, so the session logs in again under the new one), are
+    /// disconnected. Returns how many were.
     pub fn authorize(&self, keys: Vec<AuthorizedKey>) -> usize {
-        let kept: std::collections::HashSet<String> =
-            keys.iter().map(|k| crate::hostkey::fingerprint(&k.key)).collect();
         *self.shared.authorized.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
-        let cut_off: Vec<(String, server::Handle)> = self
+        let cut_off: Vec<(AuthorizedKey, server::Handle)> = self
             .shared
             .live
             .lock()
-            .map(|live| live.values().filter(|(fp, _)| !kept.contains(fp)).cloned().collect())
+            .map(|live| live.values().filter(|(entry, _)| !self.shared.authorizes(entry)).cloned().collect())
             .unwrap_or_default();
         let count = cut_off.len();
-        for (fingerprint, handle) in cut_off {
-            cut(fingerprint, handle);
+        for (entry, handle) in cut_off {
+            cut(&entry, handle);
         }
         count
     }
@@ -268,21 +269,33 @@ impl Endpoint {
 }
 
 impl Shared {
-    /// Whether the key of `fingerprint` may connect now.
-    fn authorizes(&self, fingerprint: &str) -> bool {
+    /// Whether a session logged in with `entry` may stay: its key is authorized now with the
+    /// same options.
+    fn authorizes(&self, entry: &AuthorizedKey) -> bool {
         let keys = Arc::clone(&self.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
-        keys.iter().any(|k| crate::hostkey::fingerprint(&k.key) == fingerprint)
+        keys.iter().any(|k| same_grant(k, entry))
     }
 }
 
 /// Disconnect a session whose key is no longer authorized (in a task of its own: the session's
 /// loop may be the caller's to poll).
-fn cut(fingerprint: String, handle: server::Handle) {
-    tracing::warn!(key = %fingerprint, "disconnecting: the key is no longer authorized");
+fn cut(entry: &AuthorizedKey, handle: server::Handle) {
+    let key = crate::hostkey::fingerprint(&entry.key);
+    tracing::warn!(%key, "disconnecting: the key is no longer authorized (or its options changed)");
     tokio::spawn(async move {
         let _ =
             handle.disconnect(russh::Disconnect::ByApplication, "key no longer authorized".into(), "en".into()).await;
     });
+}
+
+/// Whether two entries grant the same: the same key with the same options (wherever their lines).
+fn same_grant(a: &AuthorizedKey, b: &AuthorizedKey) -> bool {
+    a.key.key_data() == b.key.key_data()
+        && a.from == b.from
+        && a.permitopen == b.permitopen
+        && a.permitlisten == b.permitlisten
+        && a.port_forwarding == b.port_forwarding
+        && a.expires == b.expires
 }
 
 /// A logged-in session's place in [`Shared::live`]; taken out on drop.
@@ -381,16 +394,16 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                     return;
                 }
                 r = logged_in => {
-                    let Ok(fingerprint) = r else { return };
+                    let Ok(entry) = r else { return };
                     drop(pending);
                     let number = shared.next_session.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut live) = shared.live.lock() {
-                        live.insert(number, (fingerprint.clone(), session.handle()));
+                        live.insert(number, (entry.clone(), session.handle()));
                     }
                     // Revoked between its login and now (after `authorize` looked at the live
                     // sessions): cut here, as `authorize` would have.
-                    if !shared.authorizes(&fingerprint) {
-                        cut(fingerprint, session.handle());
+                    if !shared.authorizes(&entry) {
+                        cut(&entry, session.handle());
                     }
                     LiveSession { shared: Arc::clone(&shared), number }
                 }
@@ -421,8 +434,8 @@ struct EndpointSession {
     channels: Arc<AtomicUsize>,
     /// Reverse-forward listeners of this session, by port.
     forwards: HashMap<u32, tokio::task::JoinHandle<()>>,
-    /// Told the key's fingerprint once it is accepted (frees the connection's pre-login place).
-    authenticated: Option<tokio::sync::oneshot::Sender<String>>,
+    /// Told the key's entry once it is accepted (frees the connection's pre-login place).
+    authenticated: Option<tokio::sync::oneshot::Sender<AuthorizedKey>>,
 }
 
 impl Drop for EndpointSession {
@@ -525,11 +538,11 @@ impl server::Handler for EndpointSession {
             }
             *n += 1;
         }
-        self.key_id = Some(id.clone());
-        self.key = Some(entry);
+        self.key_id = Some(id);
         if let Some(tx) = self.authenticated.take() {
-            let _ = tx.send(id);
+            let _ = tx.send(entry.clone());
         }
+        self.key = Some(entry);
         Ok(Auth::Accept)
     }
 

@@ -447,7 +447,8 @@ async fn a_half_closed_forward_still_carries_the_answer_back_through_our_client_
 /// Keys replaced while the endpoint serves ([`tunnel::endpoint::Endpoint::authorize`]): OpenSSH
 /// clients of two keys forward through it; the first key revoked, its `ssh` is disconnected at
 /// once (it exits) and cannot log in again, while the other's forward goes on untouched; the key
-/// authorized again logs in again.
+/// authorized again logs in again; the same keys given again cut nothing, the key's options
+/// changed cut its session, which logs in again under them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -511,14 +512,35 @@ async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     .await
     .unwrap();
 
-    // Authorized again: it logs in and forwards.
-    assert_eq!(endpoint.authorize(both), 0);
+    // Authorized again: it logs in and forwards; the same keys again (lines in another order)
+    // cut nothing.
+    assert_eq!(endpoint.authorize(both.clone()), 0);
     let mut again = forward("client_key", revoked_port);
     tokio::task::spawn_blocking(move || {
         wait_listening(a);
         round_trip(local(a), 64 << 10, 4);
-        let _ = again.kill();
-        let _ = again.wait();
+    })
+    .await
+    .unwrap();
+    assert_eq!(endpoint.authorize(both.iter().rev().cloned().collect()), 0);
+    // Its options changed (a `from=` added): the session is cut and logs in again under them.
+    let narrowed = format!("from=\"127.0.0.*\" {}{}", line("client_key"), line("other_key"));
+    assert_eq!(endpoint.authorize(tunnel::authorized::parse(&narrowed).unwrap()), 1);
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while again.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the session of the changed grant is still connected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    let mut under_new = forward("client_key", revoked_port);
+    tokio::task::spawn_blocking(move || {
+        wait_listening(a);
+        round_trip(local(a), 64 << 10, 5);
+        let _ = under_new.kill();
+        let _ = under_new.wait();
     })
     .await
     .unwrap();
