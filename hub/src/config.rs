@@ -198,10 +198,10 @@ impl Settings {
 }
 
 /// The keys of `new` that differ from `old` and that a running hub cannot take up (its
-/// listeners, repository, nodes and SSH endpoint are built at start), by their names in
+/// listeners, repository and SSH endpoint are built at start), by their names in
 /// hub.toml. A reload applies the others and names these as waiting for a restart.
 pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let keys: [(&'static str, bool); 16] = [
+    let keys: [(&'static str, bool); 15] = [
         ("listen", old.listen != new.listen),
         ("repo", old.repo != new.repo),
         ("replicas", old.replicas != new.replicas),
@@ -214,8 +214,6 @@ pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str>
             "api_client_certs",
             old.api_tls.as_ref().map(|t| t.client_certs) != new.api_tls.as_ref().map(|t| t.client_certs),
         ),
-        // A node's key is taken up by the reload (`endpoint::SshEndpoint::read_keys`).
-        ("node", without_keys(&old.nodes) != without_keys(&new.nodes)),
         ("token_file", old.token != new.token),
         ("ssh", old.ssh != new.ssh),
         ("replica_format", old.replica_raw != new.replica_raw),
@@ -224,11 +222,6 @@ pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str>
         ("nbd_local_users", old.nbd_local_users != new.nbd_local_users),
     ];
     keys.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
-}
-
-/// The nodes as a restart takes them up: all but their SSH keys.
-fn without_keys(nodes: &[NodeSpec]) -> Vec<NodeSpec> {
-    nodes.iter().map(|n| NodeSpec { key: None, ..n.clone() }).collect()
 }
 
 /// Check the `[[schedule]]`s against each other and the nodes: names unique, nodes known, tags

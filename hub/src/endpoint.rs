@@ -7,11 +7,13 @@
 //! Which node a key belongs to: the `key` of its `[[node]]` table; keys in the
 //! `authorized_keys` file belong to the node named `default`.
 //!
-//! A reload (`SIGHUP`) takes up the keys again ([`SshEndpoint::rekey`]: the `[[node]]` keys of the
-//! nodes the running hub has, and the `authorized_keys` file read again): a key that is gone is
-//! refused from then on and its tunnels are cut at once (`tunnel::endpoint::Endpoint::authorize`),
-//! so a node's access is revoked without a restart; a key moved to another node answers for that
-//! node from its next forward. A new node's key waits for the restart that takes the node up.
+//! A reload (`SIGHUP`) takes up the nodes and keys again ([`SshEndpoint::read_keys`], then
+//! [`SshEndpoint::take_up`]: the `[[node]]` tables and the `authorized_keys` file read again): a
+//! key that is gone is refused from then on and its tunnels are cut at once
+//! (`tunnel::endpoint::Endpoint::reauthorize`), so a node's access is revoked without a restart;
+//! a key given to another node, or whose node's reverse port moved, has its tunnels cut too (they
+//! log in again under their new grant: an open session keeps the reverse listener it was
+//! granted); a new node's key lets it in at once.
 //!
 //! A channel the fence allowed to an open export's port is served by the hub's NBD server in
 //! process (`InProcessExports`), not through a loopback TCP connection to the export's
@@ -27,20 +29,47 @@ use tunnel::endpoint::{Endpoint, EndpointConfig, ForwardPolicy, LocalForward, Lo
 use crate::config::{NodeSpec, Settings, SshFile};
 use crate::jobs::Hub;
 
+/// What each key is granted: replaced whole by a reload.
+#[derive(Debug, Default)]
+struct Grants {
+    /// Key fingerprint -> node name.
+    key_nodes: HashMap<String, String>,
+    /// Node name -> its reverse API port.
+    reverse_ports: HashMap<String, u16>,
+}
+
+impl Grants {
+    /// The keys of `ssh`'s file and of `nodes`, and the nodes' reverse ports.
+    ///
+    /// # Errors
+    /// A key does not load or two nodes share one.
+    fn of(ssh: &SshFile, nodes: &[NodeSpec]) -> Result<(Vec<AuthorizedKey>, Self), String> {
+        let (authorized, key_nodes) = keys(ssh, nodes)?;
+        let reverse_ports = nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
+        Ok((authorized, Self { key_nodes, reverse_ports }))
+    }
+
+    /// The node of the key of fingerprint `fingerprint` and its reverse port.
+    fn grant(&self, fingerprint: &str) -> (Option<&String>, Option<&u16>) {
+        let node = self.key_nodes.get(fingerprint);
+        (node, node.and_then(|n| self.reverse_ports.get(n)))
+    }
+}
+
 /// The per-node fence.
 struct NodeFence {
     hub: Arc<Hub>,
-    /// Key fingerprint -> node name (replaced by a reload).
-    key_nodes: RwLock<HashMap<String, String>>,
-    /// Node name -> its reverse API port.
-    reverse_ports: HashMap<String, u16>,
+    grants: RwLock<Grants>,
     api_port: u16,
 }
 
 impl NodeFence {
+    fn grants(&self) -> std::sync::RwLockReadGuard<'_, Grants> {
+        self.grants.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn node_of(&self, key: &AuthorizedKey) -> Option<String> {
-        let nodes = self.key_nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        nodes.get(&tunnel::hostkey::fingerprint(&key.key)).cloned()
+        self.grants().key_nodes.get(&tunnel::hostkey::fingerprint(&key.key)).cloned()
     }
 }
 
@@ -59,7 +88,7 @@ impl ForwardPolicy for NodeFence {
     }
 
     fn allow_reverse(&self, key: &AuthorizedKey, port: u16) -> bool {
-        self.node_of(key).is_some_and(|n| self.reverse_ports.get(&n) == Some(&port))
+        self.grants().grant(&tunnel::hostkey::fingerprint(&key.key)).1 == Some(&port)
     }
 }
 
@@ -89,13 +118,11 @@ pub struct SshEndpoint {
     fence: Arc<NodeFence>,
     /// Where its keys come from: the authorized_keys file it started with.
     ssh: SshFile,
-    /// The nodes of the running hub (new ones take a restart).
-    nodes: Vec<String>,
 }
 
 impl std::fmt::Debug for SshEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SshEndpoint").field("nodes", &self.nodes).finish_non_exhaustive()
+        f.debug_struct("SshEndpoint").field("grants", &*self.fence.grants()).finish_non_exhaustive()
     }
 }
 
@@ -106,21 +133,16 @@ impl SshEndpoint {
     /// The host key or a key does not load, two nodes share a key, or no key at all.
     pub fn new(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<Self, String> {
         let key = tunnel::load_private_key(&ssh.host_key).map_err(|e| format!("cannot load host key: {e}"))?;
-        let (authorized, key_nodes) = keys(ssh, nodes)?;
+        let (authorized, grants) = Grants::of(ssh, nodes)?;
         if authorized.is_empty() {
             return Err(format!("{} holds no keys: no node could connect", ssh.authorized_keys.display()));
         }
         let direct = vec![settings.nbd_ports, (settings.listen.port(), settings.listen.port())];
-        let reverse_ports: HashMap<String, u16> =
-            nodes.iter().filter_map(|n| loopback_port(&n.url).map(|p| (n.name.clone(), p))).collect();
-        let reverse: Vec<(u16, u16)> = reverse_ports.values().map(|&p| (p, p)).collect();
+        // Which reverse port a key may listen on is the fence's to say (its node's, and nodes
+        // come and go with reloads); port 0 ("any port") stays refused.
+        let reverse = vec![(1, u16::MAX)];
         let local = InProcessExports { hub: Arc::clone(&hub) };
-        let fence = Arc::new(NodeFence {
-            hub,
-            key_nodes: RwLock::new(key_nodes),
-            reverse_ports,
-            api_port: settings.listen.port(),
-        });
+        let fence = Arc::new(NodeFence { hub, grants: RwLock::new(grants), api_port: settings.listen.port() });
         // A node opens up to 4 SSH connections (one per core), plus stale ones while it
         // reconnects: the default of 8 per key. Channels: see tunnel::limits for what 512 of them
         // can hold.
@@ -131,12 +153,7 @@ impl SshEndpoint {
             .max_channels_per_connection(512)
             .policy(Some(Arc::clone(&fence) as Arc<dyn ForwardPolicy>))
             .local(Some(Arc::new(local)));
-        Ok(Self {
-            endpoint: Endpoint::new(config),
-            fence,
-            ssh: ssh.clone(),
-            nodes: nodes.iter().map(|n| n.name.clone()).collect(),
-        })
+        Ok(Self { endpoint: Endpoint::new(config), fence, ssh: ssh.clone() })
     }
 
     /// Serve node tunnels on `listener` until the task is dropped.
@@ -144,29 +161,33 @@ impl SshEndpoint {
         Arc::clone(&self.endpoint).serve(listener).await;
     }
 
-    /// The keys of a reloaded configuration (module doc): those of `nodes` the running hub has,
-    /// and the authorized_keys file read again; checked, not yet taken up ([`Self::take_up`]),
-    /// so that a reload refused for another reason changes nothing.
+    /// The keys and reverse ports of a reloaded configuration's `nodes` (module doc), with the
+    /// authorized_keys file read again; checked, not yet taken up ([`Self::take_up`]), so that
+    /// a reload refused for another reason changes nothing.
     ///
     /// # Errors
     /// A key does not load or two nodes share one.
     pub fn read_keys(&self, nodes: &[NodeSpec]) -> Result<NodeKeys, String> {
-        let known: Vec<NodeSpec> = nodes.iter().filter(|n| self.nodes.contains(&n.name)).cloned().collect();
-        for n in nodes.iter().filter(|n| !self.nodes.contains(&n.name) && n.key.is_some()) {
-            tracing::warn!(node = %n.name, "a new node's key is taken up by the restart that takes the node up");
-        }
-        let (authorized, key_nodes) = keys(&self.ssh, &known)?;
-        Ok(NodeKeys { authorized, key_nodes })
+        let (authorized, grants) = Grants::of(&self.ssh, nodes)?;
+        Ok(NodeKeys { authorized, grants })
     }
 
-    /// Serve with `keys` from now on: a key that is gone is refused and its tunnels cut. Returns
-    /// how many were.
+    /// Serve with `keys` from now on: a key that is gone is refused and its tunnels cut, and so
+    /// are the tunnels of a key now another node's or whose node's reverse port moved. Returns
+    /// how many were cut.
     pub fn take_up(&self, keys: NodeKeys) -> usize {
         if keys.authorized.is_empty() {
             tracing::warn!("no key is authorized any more: no node can connect");
         }
-        *self.fence.key_nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner) = keys.key_nodes;
-        self.endpoint.authorize(keys.authorized)
+        let old = std::mem::replace(
+            &mut *self.fence.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            keys.grants,
+        );
+        let fence = Arc::clone(&self.fence);
+        self.endpoint.reauthorize(keys.authorized, move |key| {
+            let fingerprint = tunnel::hostkey::fingerprint(&key.key);
+            old.grant(&fingerprint) != fence.grants().grant(&fingerprint)
+        })
     }
 }
 
@@ -174,7 +195,7 @@ impl SshEndpoint {
 #[derive(Debug)]
 pub struct NodeKeys {
     authorized: Vec<AuthorizedKey>,
-    key_nodes: HashMap<String, String>,
+    grants: Grants,
 }
 
 /// The keys that may connect (the authorized_keys file's, then each node's `key`) and which

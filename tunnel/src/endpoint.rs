@@ -248,16 +248,36 @@ impl Endpoint {
     /// `expiry-time=`: the grant changed, so the session logs in again under the new one), are
     /// disconnected. Returns how many were.
     pub fn authorize(&self, keys: Vec<AuthorizedKey>) -> usize {
+        self.reauthorize(keys, |_| false)
+    }
+
+    /// As [`Self::authorize`], and the sessions of the keys `regranted` names are disconnected
+    /// too, authorized or not: what the embedding service's [`ForwardPolicy`] grants them changed
+    /// (a key given to another tenant, say), and a session keeps what it was granted (its
+    /// reverse listeners) until it logs in again. Returns how many sessions were cut.
+    pub fn reauthorize(&self, keys: Vec<AuthorizedKey>, regranted: impl Fn(&AuthorizedKey) -> bool) -> usize {
         *self.shared.authorized.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
-        let cut_off: Vec<(AuthorizedKey, server::Handle)> = self
+        let cut_off: Vec<(AuthorizedKey, server::Handle, &'static str)> = self
             .shared
             .live
             .lock()
-            .map(|live| live.values().filter(|(entry, _)| !self.shared.authorizes(entry)).cloned().collect())
+            .map(|live| {
+                live.values()
+                    .filter_map(|(entry, handle)| {
+                        let reason = match self.shared.authorizes(entry) {
+                            _ if !self.shared.holds_key(entry) => "key no longer authorized",
+                            false => "key's options changed: log in again",
+                            true if regranted(entry) => "key's grant changed: log in again",
+                            true => return None,
+                        };
+                        Some((entry.clone(), handle.clone(), reason))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let count = cut_off.len();
-        for (entry, handle) in cut_off {
-            cut(&entry, handle);
+        for (entry, handle, reason) in cut_off {
+            cut(&entry, handle, reason);
         }
         count
     }
@@ -275,16 +295,21 @@ impl Shared {
         let keys = Arc::clone(&self.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
         keys.iter().any(|k| same_grant(k, entry))
     }
+
+    /// Whether `entry`'s key is authorized now, with whatever options.
+    fn holds_key(&self, entry: &AuthorizedKey) -> bool {
+        let keys = Arc::clone(&self.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
+        keys.iter().any(|k| k.key.key_data() == entry.key.key_data())
+    }
 }
 
-/// Disconnect a session whose key is no longer authorized (in a task of its own: the session's
+/// Disconnect a session for `reason`, told to its client (in a task of its own: the session's
 /// loop may be the caller's to poll).
-fn cut(entry: &AuthorizedKey, handle: server::Handle) {
+fn cut(entry: &AuthorizedKey, handle: server::Handle, reason: &'static str) {
     let key = crate::hostkey::fingerprint(&entry.key);
-    tracing::warn!(%key, "disconnecting: the key is no longer authorized (or its options changed)");
+    tracing::warn!(%key, reason, "disconnecting the key's session");
     tokio::spawn(async move {
-        let _ =
-            handle.disconnect(russh::Disconnect::ByApplication, "key no longer authorized".into(), "en".into()).await;
+        let _ = handle.disconnect(russh::Disconnect::ByApplication, reason.into(), "en".into()).await;
     });
 }
 
@@ -403,7 +428,7 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                     // Revoked between its login and now (after `authorize` looked at the live
                     // sessions): cut here, as `authorize` would have.
                     if !shared.authorizes(&entry) {
-                        cut(&entry, session.handle());
+                        cut(&entry, session.handle(), "key no longer authorized");
                     }
                     LiveSession { shared: Arc::clone(&shared), number }
                 }

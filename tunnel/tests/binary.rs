@@ -1,6 +1,6 @@
 //! `sendense-tunnel serve` and `connect` as processes: NBD through the tunnel (qemu-nbd behind
-//! the forward, nbdcopy with 4 connections through it, content identical), and bad
-//! configuration reported in one line with a non-zero exit.
+//! the forward, nbdcopy with 4 connections through it, content identical), bad configuration
+//! reported in one line with a non-zero exit, and keys read again on `SIGHUP`.
 
 mod common;
 
@@ -199,4 +199,75 @@ fn bad_configuration_is_one_line_and_a_non_zero_exit() {
         d,
         "cannot listen",
     );
+}
+
+/// `SIGHUP` to `sendense-tunnel serve` reads its authorized_keys again: an OpenSSH client of a
+/// key taken out is disconnected at once (it exits, told why) and refused from then on; a file
+/// that does not parse changes nothing; the key put back logs in again.
+#[test]
+fn a_hangup_reads_the_authorized_keys_again_and_cuts_the_keys_taken_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_, host_pub) = setup(d);
+    let (hub_ssh, echo, local_port) = (free_port(), echo_servers(1), free_port());
+    let serve = spawn(
+        Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{hub_ssh}"), "--allow", &echo.to_string()])
+            .arg("--host-key")
+            .arg(d.join("host_key"))
+            .arg("--authorized-keys")
+            .arg(d.join("authorized_keys")),
+    );
+    wait_port(hub_ssh);
+    known_hosts(d, hub_ssh, &host_pub);
+    let hangup = || {
+        let status = Command::new("kill").arg("-HUP").arg(serve.0.id().to_string()).status().unwrap();
+        assert!(status.success());
+    };
+    let forward = || {
+        ssh(d, hub_ssh, "client_key", &["-N", "-L", &format!("{local_port}:127.0.0.1:{echo}")])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = forward();
+    wait_port(local_port);
+    round_trip(local(local_port), 64 << 10, 1);
+
+    // A line that does not parse: logged, the keys in force stay.
+    let keys = std::fs::read_to_string(d.join("authorized_keys")).unwrap();
+    std::fs::write(d.join("authorized_keys"), format!("{keys}this is not a key\n")).unwrap();
+    hangup();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(first.try_wait().unwrap().is_none(), "a file that does not parse cut the session");
+    round_trip(local(local_port), 64 << 10, 2);
+
+    // The key taken out: cut at once and refused.
+    std::fs::write(d.join("authorized_keys"), "").unwrap();
+    hangup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = first.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the key taken out is still connected");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut first.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(said.contains("key no longer authorized"), "{said}");
+    // A command, not -N: were it let in, the refused command would end it (no hang).
+    let out = ssh(d, hub_ssh, "client_key", &["-o", "RemoteCommand=true"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+
+    // Put back: it logs in and forwards again.
+    std::fs::write(d.join("authorized_keys"), keys).unwrap();
+    hangup();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut again = forward();
+    wait_port(local_port);
+    round_trip(local(local_port), 64 << 10, 3);
+    let _ = again.kill();
+    let _ = again.wait();
 }

@@ -51,29 +51,6 @@ async fn start_hub_with(
     Hub { port, task: tokio::spawn(tunnel::endpoint::serve(listener, config)) }
 }
 
-fn ssh(dir: &Path, hub: u16, key: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(require("ssh"));
-    c.args([
-        "-F",
-        "/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "ExitOnForwardFailure=yes",
-    ])
-    .arg("-o")
-    .arg(format!("UserKnownHostsFile={}", dir.join("known_hosts").display()))
-    .arg("-i")
-    .arg(dir.join(key))
-    .args(["-p", &hub.to_string()])
-    .args(args)
-    .arg("root@127.0.0.1")
-    .stdin(Stdio::null());
-    c
-}
-
 fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(local(port)).is_err() {
@@ -448,7 +425,8 @@ async fn a_half_closed_forward_still_carries_the_answer_back_through_our_client_
 /// clients of two keys forward through it; the first key revoked, its `ssh` is disconnected at
 /// once (it exits) and cannot log in again, while the other's forward goes on untouched; the key
 /// authorized again logs in again; the same keys given again cut nothing, the key's options
-/// changed cut its session, which logs in again under them.
+/// changed cut its session, which logs in again under them; so does a key the service says it
+/// grants something else now (`reauthorize`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -539,8 +517,33 @@ async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     tokio::task::spawn_blocking(move || {
         wait_listening(a);
         round_trip(local(a), 64 << 10, 5);
-        let _ = under_new.kill();
-        let _ = under_new.wait();
+    })
+    .await
+    .unwrap();
+    // The same keys, but what the service grants one of them changed (`reauthorize`: the hub's
+    // node of a key, say): that key's session is cut, told why, and may log in again.
+    let narrowed = tunnel::authorized::parse(&narrowed).unwrap();
+    let client_key = narrowed[0].key.clone();
+    assert_eq!(endpoint.reauthorize(narrowed.clone(), |k| k.key == client_key), 1);
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while under_new.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the session of the regranted key is still connected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut said = String::new();
+        under_new.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+        assert!(said.contains("key's grant changed"), "{said}");
+    })
+    .await
+    .unwrap();
+    assert_eq!(endpoint.reauthorize(narrowed, |_| false), 0, "nothing left to cut");
+    let mut last = forward("client_key", revoked_port);
+    tokio::task::spawn_blocking(move || {
+        wait_listening(a);
+        round_trip(local(a), 64 << 10, 6);
+        let _ = last.kill();
+        let _ = last.wait();
     })
     .await
     .unwrap();

@@ -522,6 +522,9 @@ async fn reload_on_hangup(hub: Arc<Hub>, ssh_endpoint: Option<Arc<hub::endpoint:
             schedules_added = ?done.schedules_added,
             schedules_changed = ?done.schedules_changed,
             schedules_removed = ?done.schedules_removed,
+            nodes_added = ?done.nodes_added,
+            nodes_changed = ?done.nodes_changed,
+            nodes_removed = ?done.nodes_removed,
             restart_pending = ?done.restart_pending,
             tunnels_cut = cut,
             "configuration reloaded"

@@ -20,8 +20,8 @@ use crate::verify::{forget_cached_chain, verify_disk, verify_new_backup_disk, Di
 impl Hub {
     /// Follow the node's job to the end, then finish ours.
     pub(super) async fn follow(self: Arc<Self>, job: Arc<Job>, lease: Lease) {
-        let client = match self.node(&job.node) {
-            Some((_, c)) => c.clone(),
+        let mut client = match self.node(&job.node) {
+            Some((_, c)) => c,
             None => {
                 self.finish(&job, lease, Err(String::from("node vanished from the configuration").into())).await;
                 return;
@@ -52,6 +52,10 @@ impl Hub {
                     return;
                 }
                 _ = tokio::time::sleep(poll) => {}
+            }
+            // A reload may have given the node another address or token: the next call uses it.
+            if let Some((_, now)) = self.node(&job.node) {
+                client = now;
             }
             match client.job(&job.id).await {
                 Ok(view) => {

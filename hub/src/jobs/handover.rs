@@ -445,8 +445,7 @@ impl Hub {
     }
 
     async fn take_up_restore(self: &Arc<Self>, h: &HandedRestore) -> Result<(), String> {
-        let client =
-            self.node(&h.node).map(|(_, c)| c.clone()).ok_or(format!("node {} is no longer configured", h.node))?;
+        let client = self.node(&h.node).map(|(_, c)| c).ok_or(format!("node {} is no longer configured", h.node))?;
         let why = format!("restore {} is opening its images again", h.id);
         let (m, pinned) = self.pin_backup(&h.id, &h.backup_id, why).map_err(|e| e.to_string())?;
         let mut exports = Vec::new();

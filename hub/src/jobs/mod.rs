@@ -107,7 +107,8 @@ pub struct Hub {
     pub ports: Arc<Ports>,
     /// Exports.
     pub exports: Exports,
-    nodes: Vec<(NodeSpec, NodeClient)>,
+    /// The nodes and their API clients, replaced whole by a reload (`reload.rs`).
+    nodes: std::sync::RwLock<Arc<Vec<NodeEntry>>>,
     /// The accounts on this machine whose TCP clients exports admit.
     local_users: LocalUsers,
     state: Mutex<State>,
@@ -182,6 +183,25 @@ struct State {
     handover_counts: (u64, u64),
 }
 
+/// A node of the running hub: its `[[node]]` and the client of its API.
+type NodeEntry = (NodeSpec, NodeClient);
+
+/// `spec`'s entry: the client of its API, `https://` checked against `api_tls`'s CA (not the
+/// system's roots) and presenting the hub's client certificate if it has one.
+///
+/// # Errors
+/// The client cannot be built (its TLS files do not load), naming the node.
+fn node_entry(spec: &NodeSpec, settings: &Settings) -> Result<NodeEntry, String> {
+    let client = match &settings.api_tls {
+        Some(tls) if spec.url.starts_with("https://") => {
+            NodeClient::with_tls_dir(spec.url.clone(), spec.token.clone(), &tls.dir)
+        }
+        _ => NodeClient::new(spec.url.clone(), spec.token.clone()),
+    }
+    .map_err(|e| format!("node {}: {e}", spec.name))?;
+    Ok((spec.clone(), client))
+}
+
 fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 3];
     let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
@@ -211,19 +231,7 @@ impl Hub {
             replicas: settings.replicas.clone(),
             replica_raw: settings.replica_raw,
         };
-        let mut nodes = Vec::new();
-        for n in &settings.nodes {
-            let client = match &settings.api_tls {
-                // The node's certificate checked against the hub's CA, not the system's roots,
-                // and the hub's client certificate presented if it has one.
-                Some(tls) if n.url.starts_with("https://") => {
-                    NodeClient::with_tls_dir(n.url.clone(), n.token.clone(), &tls.dir)
-                }
-                _ => NodeClient::new(n.url.clone(), n.token.clone()),
-            }
-            .map_err(|e| format!("node {}: {e}", n.name))?;
-            nodes.push((n.clone(), client));
-        }
+        let nodes = settings.nodes.iter().map(|n| node_entry(n, &settings)).collect::<Result<Vec<_>, _>>()?;
         node::files::create_private_dir(&repo.root)
             .map_err(|e| format!("cannot create repository {}: {e}", repo.root.display()))?;
         node::files::create_private_dir(&repo.replicas)
@@ -257,7 +265,7 @@ impl Hub {
             repo,
             ports,
             exports,
-            nodes,
+            nodes: std::sync::RwLock::new(Arc::new(nodes)),
             local_users,
             state: Mutex::new(State {
                 catalog,
@@ -286,8 +294,13 @@ impl Hub {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn node(&self, name: &str) -> Option<&(NodeSpec, NodeClient)> {
-        self.nodes.iter().find(|(n, _)| n.name == name)
+    /// The nodes now (a reload replaces the list, never changes one in place).
+    fn nodes(&self) -> Arc<Vec<NodeEntry>> {
+        Arc::clone(&self.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn node(&self, name: &str) -> Option<NodeEntry> {
+        self.nodes().iter().find(|(n, _)| n.name == name).cloned()
     }
 
     /// The TCP clients a job's export admits besides this machine: its node's.
@@ -298,7 +311,8 @@ impl Hub {
 
     /// The TCP clients a restore admits besides this machine: every node's (any may read it back).
     fn peers_of_every_node(&self) -> Peers {
-        Peers::new("a node", self.nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()), self.local_users.clone())
+        let nodes = self.nodes();
+        Peers::new("a node", nodes.iter().flat_map(|(n, _)| n.nbd_peers.iter().copied()), self.local_users.clone())
     }
 
     /// Find the node that has `vm` (or use `wanted`).
@@ -310,7 +324,7 @@ impl Hub {
         }
         let mut found = Vec::new();
         let mut unreachable = Vec::new();
-        for (spec, client) in &self.nodes {
+        for (spec, client) in self.nodes().iter() {
             match client.vm(vm).await {
                 Ok(info) => found.push((spec.name.clone(), info)),
                 Err(node::api::ApiError::Status { status: 404, .. }) => {}
@@ -340,7 +354,7 @@ impl Hub {
         for (vm, id) in pending {
             let released = match self.locate(&vm, None).await {
                 Ok((node_name, _)) => match self.node(&node_name) {
-                    Some((_, client)) => release_node_job(client, &id).await,
+                    Some((_, client)) => release_node_job(&client, &id).await,
                     None => true,
                 },
                 Err(HubError::NotFound(_)) => true,

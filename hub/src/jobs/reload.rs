@@ -5,14 +5,18 @@
 //! What is taken up is what the hub reads as it goes ([`Live`]): the schedules, the retention
 //! (`keep_*`), `verify_every_days`, `compress`, `stall_timeout_s` and `max_chain` (for jobs started afterwards),
 //! `unreachable_timeout_s`
-//! and `restore_idle_s`. What the hub built at start (its listeners, the repository and replica
-//! directories, the nodes and their clients, the SSH endpoint, the export options) is not: a
-//! reload that changes one of those applies the rest, names them in its log line and in
-//! `sendense_hub_config_restart_pending`, and the hub keeps running with what it started with.
+//! and `restore_idle_s`; and the nodes (`[[node]]`): one added can be backed up at once, one
+//! changed (its `url`, token or `nbd_peers`) is called at its new address with its new token from
+//! the next call on, its runs under way included, and one removed is no longer called. What the
+//! hub built at start (its listeners, the repository and replica directories, the SSH endpoint,
+//! the export options) is not: a reload that changes one of those applies the rest, names them
+//! in its log line and in `sendense_hub_config_restart_pending`, and the hub keeps running with
+//! what it started with. (The nodes' SSH keys are the endpoint's to take up: `endpoint.rs`.)
 //!
 //! A configuration that does not check (the same checks as at start) is refused whole and the
-//! hub goes on with the one it has: a typo must not stop the nightly backups. So is one with a
-//! schedule for a node the running hub does not have (nodes are taken up by a restart).
+//! hub goes on with the one it has: a typo must not stop the nightly backups. So is one that
+//! removes a node with a backup, replication or restore under way on it (its end needs the
+//! node: remove it once they are done), or one whose new node's client cannot be built.
 //!
 //! Schedules are compared by name. One removed or changed has its loop stopped (a run of it
 //! under way goes on to its end: its backups are not cut); a new or changed one starts from its
@@ -27,7 +31,7 @@ use serde::Serialize;
 
 use node::service::ReloadStatus;
 
-use super::Hub;
+use super::{node_entry, Hub, NodeEntry};
 use crate::config::{restart_only_changes, Settings};
 use crate::retention::Policy;
 use crate::schedule::Schedule;
@@ -96,6 +100,12 @@ pub struct Reloaded {
     pub schedules_changed: Vec<String>,
     /// Schedules gone (a run under way ends first).
     pub schedules_removed: Vec<String>,
+    /// Nodes new to the hub.
+    pub nodes_added: Vec<String>,
+    /// Nodes whose `url`, token or `nbd_peers` changed.
+    pub nodes_changed: Vec<String>,
+    /// Nodes gone.
+    pub nodes_removed: Vec<String>,
     /// Keys changed that take a restart: not applied.
     pub restart_pending: Vec<&'static str>,
 }
@@ -109,24 +119,21 @@ impl Hub {
     /// Take up `new` (the configuration file read again, checked as at start): module doc.
     ///
     /// # Errors
-    /// A schedule names a node the running hub does not have; nothing is changed (the caller
-    /// records the refusal with [`Hub::reload_refused`]).
+    /// A schedule names a node `new` does not have, a node removed has runs under way, or a
+    /// node's client cannot be built; nothing is changed (the caller records the refusal with
+    /// [`Hub::reload_refused`]).
     pub fn reload(self: &Arc<Self>, new: &Settings) -> Result<Reloaded, String> {
-        if let Some(s) = new.schedules.iter().find(|s| s.node.as_ref().is_some_and(|n| self.node(n).is_none())) {
+        if let Some(s) =
+            new.schedules.iter().find(|s| s.node.as_ref().is_some_and(|n| !new.nodes.iter().any(|o| o.name == *n)))
+        {
             let node = s.node.as_deref().unwrap_or_default();
-            let error = format!(
-                "schedule {}: node {node} is not a node of the running hub (a new [[node]] takes a restart)",
-                s.name
-            );
-            return Err(error);
+            return Err(format!("schedule {}: node {node} is not a [[node]] of this hub", s.name));
         }
+        let (nodes, mut done) = self.reloaded_nodes(new)?;
         let old = self.live();
         let fresh = Live::of(new);
-        let mut done = Reloaded {
-            applied: fresh.changed_keys(&old),
-            restart_pending: restart_only_changes(&self.settings, new),
-            ..Reloaded::default()
-        };
+        done.applied = fresh.changed_keys(&old);
+        done.restart_pending = restart_only_changes(&self.settings, new);
         let mut stop = Vec::new();
         let mut start = Vec::new();
         for s in &old.schedules {
@@ -160,11 +167,55 @@ impl Hub {
             }
             st.last_reload = ReloadStatus::taken(done.restart_pending.clone());
         }
+        *self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(nodes);
         self.live.send_replace(Arc::new(fresh));
         for s in start {
             self.start_schedule(s, false);
         }
         Ok(done)
+    }
+
+    /// The nodes of `new`, each unchanged one with the client it has, and what changed; nothing
+    /// is applied yet.
+    ///
+    /// # Errors
+    /// A node removed has runs under way on it, or a node's client cannot be built.
+    fn reloaded_nodes(&self, new: &Settings) -> Result<(Vec<NodeEntry>, Reloaded), String> {
+        let old = self.nodes();
+        let mut done = Reloaded::default();
+        for (gone, _) in old.iter().filter(|(o, _)| !new.nodes.iter().any(|n| n.name == o.name)) {
+            if let Some(what) = self.under_way_on(&gone.name) {
+                return Err(format!("node {} has {what} under way: remove it once that has ended", gone.name));
+            }
+            done.nodes_removed.push(gone.name.clone());
+        }
+        let mut nodes = Vec::with_capacity(new.nodes.len());
+        for spec in &new.nodes {
+            let kept = old.iter().find(|(o, _)| o.name == spec.name);
+            match kept {
+                // The key is the SSH endpoint's: the client stays.
+                Some((o, client)) if same_but_key(o, spec) => nodes.push((spec.clone(), client.clone())),
+                _ => {
+                    // Built with the TLS setting the hub started with (`api_tls` takes a restart).
+                    nodes.push(node_entry(spec, &self.settings)?);
+                    match kept {
+                        Some(_) => done.nodes_changed.push(spec.name.clone()),
+                        None => done.nodes_added.push(spec.name.clone()),
+                    }
+                }
+            }
+        }
+        Ok((nodes, done))
+    }
+
+    /// What runs on `node` now, if anything: a backup or replication, or a restore the hub
+    /// drives onto it.
+    fn under_way_on(&self, node: &str) -> Option<String> {
+        let st = self.state();
+        if let Some(job) = st.jobs.values().find(|j| j.node == node && !j.status().is_final()) {
+            return Some(format!("{} {} of VM {}", super::view::kind_name(job.kind), job.id, job.vm));
+        }
+        st.driven.iter().find(|(_, n)| *n == node).map(|(id, _)| format!("restore {id}"))
     }
 
     /// Record a reload that was refused (the file did not check): the configuration in force
@@ -177,6 +228,12 @@ impl Hub {
     pub fn reload_status(&self) -> ReloadStatus {
         self.state().last_reload.clone()
     }
+}
+
+/// Whether two `[[node]]`s differ at most in their SSH key.
+fn same_but_key(a: &crate::config::NodeSpec, b: &crate::config::NodeSpec) -> bool {
+    let without_key = |n: &crate::config::NodeSpec| crate::config::NodeSpec { key: None, ..n.clone() };
+    without_key(a) == without_key(b)
 }
 
 #[cfg(test)]
@@ -241,13 +298,58 @@ mod tests {
         s.node = Some("n9".into());
         bad.schedules.push(s);
         let e = hub.reload(&bad).unwrap_err();
-        assert!(e.contains("schedule elsewhere: node n9 is not a node of the running hub"), "{e}");
+        assert!(e.contains("schedule elsewhere: node n9 is not a [[node]] of this hub"), "{e}");
         assert_eq!(hub.live().retention.last, Some(3));
         assert!(hub.schedule_view("elsewhere").is_none());
         hub.reload_refused();
         assert!(!hub.reload_status().ok);
         hub.reload(&new).unwrap();
         assert!(hub.reload_status().ok);
+        hub.shutdown().await;
+    }
+
+    fn node(name: &str, url: &str) -> crate::config::NodeSpec {
+        crate::config::NodeSpec { name: name.into(), url: url.into(), token: None, key: None, nbd_peers: vec![] }
+    }
+
+    #[tokio::test]
+    async fn a_reload_adds_changes_and_removes_nodes_and_leaves_alone_what_only_changed_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = super::super::tests::hub_in(dir.path(), (41100, 41101));
+        let mut new = hub.settings.clone();
+        new.nodes = vec![node("n1", "http://127.0.0.1:9081"), node("n2", "http://127.0.0.1:9082")];
+        let done = hub.reload(&new).unwrap();
+        assert_eq!(done.nodes_added, ["n1", "n2"]);
+        assert!(done.restart_pending.is_empty(), "{:?}", done.restart_pending);
+        assert_eq!(hub.node("n2").unwrap().0.url, "http://127.0.0.1:9082");
+
+        // n1 moved and given a token, n2's key changed only (the SSH endpoint's), n3 new.
+        new.nodes = vec![
+            crate::config::NodeSpec { token: Some("t".into()), ..node("n1", "http://127.0.0.1:9091") },
+            crate::config::NodeSpec { key: Some("ssh-ed25519 AAAA".into()), ..node("n2", "http://127.0.0.1:9082") },
+            node("n3", "http://127.0.0.1:9083"),
+        ];
+        let done = hub.reload(&new).unwrap();
+        assert_eq!((done.nodes_added, done.nodes_changed), (vec!["n3".to_string()], vec!["n1".to_string()]));
+        let n1 = hub.node("n1").unwrap().0;
+        assert_eq!((n1.url.as_str(), n1.token.as_deref()), ("http://127.0.0.1:9091", Some("t")));
+        assert!(hub.node("n2").unwrap().0.key.is_some(), "the new table is kept, key and all");
+
+        // A schedule of a node the file does not have is refused whole.
+        let mut bad = new.clone();
+        bad.nodes.truncate(1);
+        let mut s = schedule("n3s", "04:00");
+        s.node = Some("n3".into());
+        bad.schedules.push(s);
+        let e = hub.reload(&bad).unwrap_err();
+        assert!(e.contains("schedule n3s: node n3 is not a [[node]]"), "{e}");
+        assert!(hub.node("n3").is_some(), "nothing changed");
+
+        // Two gone (nothing runs on them).
+        new.nodes.truncate(1);
+        let done = hub.reload(&new).unwrap();
+        assert_eq!(done.nodes_removed, ["n2", "n3"]);
+        assert!(hub.node("n2").is_none() && hub.node("n3").is_none());
         hub.shutdown().await;
     }
 }

@@ -185,7 +185,7 @@ impl Hub {
         let node_name = node.unwrap_or(&m.node).to_string();
         let client = self
             .node(&node_name)
-            .map(|(_, c)| c.clone())
+            .map(|(_, c)| c)
             .ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let only: BTreeSet<u32> = wanted.keys().copied().collect();
         let mut restore = self.open_restore(&id, &m, Some(&only)).await?;
@@ -230,7 +230,7 @@ impl Hub {
 
     /// Poll the node's job until it ends, the restore is closed here, or the node stays
     /// unreachable for `unreachable_timeout`.
-    pub(super) async fn follow_restore(&self, r: Arc<Restore>, client: node::api::NodeClient) {
+    pub(super) async fn follow_restore(&self, r: Arc<Restore>, mut client: node::api::NodeClient) {
         let Some(run) = r.run.as_ref() else { return };
         let mut unreachable_since: Option<Instant> = None;
         // Taken up after a restart: the node's tunnel may take its backoff to come back.
@@ -239,6 +239,10 @@ impl Hub {
             tokio::time::sleep(POLL).await;
             if !self.state().restores.contains_key(&r.id) {
                 return;
+            }
+            // A reload may have given the node another address or token (`Hub::follow`).
+            if let Some((_, now)) = self.node(&r.node) {
+                client = now;
             }
             match client.job(&r.id).await {
                 Ok(job) => {
@@ -345,7 +349,7 @@ impl Hub {
         let mut released = Vec::new();
         for (node, id) in lost {
             let done = match self.node(&node) {
-                Some((_, client)) => super::release_node_job(client, &id).await,
+                Some((_, client)) => super::release_node_job(&client, &id).await,
                 None => true,
             };
             if done {

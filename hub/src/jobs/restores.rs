@@ -167,7 +167,7 @@ impl Hub {
     /// Unknown restore (404).
     pub async fn close_restore(&self, id: &str) -> Result<RestoreView, HubError> {
         let driven_by = self.state().restores.get(id).and_then(|r| r.run.as_ref().map(|_| r.node.clone()));
-        let client = driven_by.and_then(|n| self.node(&n).map(|(_, c)| c.clone()));
+        let client = driven_by.and_then(|n| self.node(&n).map(|(_, c)| c));
         if let Some(view) = self.end_restore(id, client.as_ref()).await {
             return Ok(view);
         }

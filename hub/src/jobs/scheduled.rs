@@ -502,7 +502,8 @@ impl Hub {
                 let mut out = Vec::new();
                 let mut errors = Vec::new();
                 let give_up = Instant::now() + RETRY_FOR;
-                for (spec, client) in self.nodes.iter().filter(|(n, _)| s.node.as_ref().is_none_or(|w| *w == n.name)) {
+                for (spec, client) in self.nodes().iter().filter(|(n, _)| s.node.as_ref().is_none_or(|w| *w == n.name))
+                {
                     // A node out of reach (its tunnel reconnecting) is asked again, as a start is.
                     loop {
                         match client.vms().await {

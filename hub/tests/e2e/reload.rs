@@ -138,6 +138,25 @@ async fn a_node_reload_adds_a_vm_the_hub_backs_up_while_a_running_backup_goes_on
     assert_eq!(again["status"], "completed", "{again}");
 }
 
+/// `SIGHUP` to the hub, and wait until it has taken its file up (the time of the configuration in
+/// force moved on).
+async fn reloaded(site: &Site) {
+    let loaded_at = || async {
+        let (_, metrics) = site.hub("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap_or_default().to_string();
+        let at =
+            metrics.lines().find_map(|l| l.strip_prefix("sendense_hub_config_last_reload_success_timestamp_seconds "));
+        at.expect("the hub's metrics say when its configuration was loaded").to_string()
+    };
+    let before = loaded_at().await;
+    site.signal_hub("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while loaded_at().await == before {
+        assert!(Instant::now() < deadline, "the hub did not take its file up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The node's tunnel status (`GET /api/v1/tunnel` on the node) once `until` holds of it.
 async fn wait_tunnel(site: &Site, within: Duration, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + within;
@@ -181,6 +200,69 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     site.signal_hub("HUP");
     wait_tunnel(&site, Duration::from_secs(60), |t| t["connected"] == true).await;
     site.wait_node_reachable().await;
+    let incremental = site.backup("vm-a", "incremental").await;
+    assert_eq!(incremental["status"], "completed", "{incremental}");
+    site.assert_backup_equals_sources("vm-a", &incremental, 1);
+}
+
+/// A node added by a reload: its tunnel admitted and its VM backed up at once, no restart. Removed
+/// while its backup runs: the reload is refused whole (its end needs the node) and the backup
+/// completes. Removed once it has ended: its tunnel cut and refused, its VM no longer found, its
+/// backups kept; the first node backs up throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_a_node_backed_up_at_once_and_removes_it_once_its_runs_have_ended() {
+    let site = Site::start(Transport::Endpoint, &[Vm("vm-a", &[4])], 8, Options::default()).await;
+    let original = std::fs::read_to_string(site.hub_config()).unwrap();
+    // Slow enough (8 MiB, half of it data, at 1 MiB/s) that the reload below comes while its
+    // backup runs.
+    let mut other = site.other_node("n2", Vm("vm-b", &[8]), "bandwidth_limit = \"1M\"");
+    let (status, body) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm-b", "backup_type": "full"}))).await;
+    assert_eq!(status, 404, "not a node of the hub yet: {body}");
+
+    std::fs::write(site.hub_config(), format!("{original}{}", other.table)).unwrap();
+    reloaded(&site).await;
+    other.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = other.get("/api/v1/tunnel").await;
+        if t["connected"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the added node's tunnel: {t}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = site.start_backup("vm-b", "full").await;
+    let (_, job) = site.hub("GET", &format!("/api/v1/backups/{id}"), None).await;
+    assert_eq!(job["node"], "n2", "{job}");
+
+    // Removed while its backup runs: refused whole, the backup goes on.
+    let metrics = site.wait_hub_metric("sendense_hub_config_last_reload_successful 1").await;
+    assert!(!metrics.contains("sendense_hub_config_restart_pending{"), "{metrics}");
+    std::fs::write(site.hub_config(), &original).unwrap();
+    site.signal_hub("HUP");
+    site.wait_hub_metric("sendense_hub_config_last_reload_successful 0").await;
+    let done = site.wait(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    site.assert_backup_equals_sources("vm-b", &done, 1);
+    assert_eq!(other.get("/api/v1/tunnel").await["connected"], true);
+
+    // Removed once it has ended: its tunnel cut and refused, its VM no longer found.
+    reloaded(&site).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = other.get("/api/v1/tunnel").await;
+        if t["state"] == "refused" {
+            assert!(t["last_error"].as_str().unwrap_or("").contains("refused the key"), "{t}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the removed node's tunnel: {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) =
+        site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm-b", "backup_type": "full"}))).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(site.backups("vm-b").await.len(), 1, "its backups are kept");
     let incremental = site.backup("vm-a", "incremental").await;
     assert_eq!(incremental["status"], "completed", "{incremental}");
     site.assert_backup_equals_sources("vm-a", &incremental, 1);

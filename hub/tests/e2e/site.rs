@@ -672,10 +672,100 @@ impl Site {
         }
     }
 
+    /// Another `sendense-node` of this site (`Transport::Endpoint` only), `name` with `vm`
+    /// (its disks beside the first node's, so [`Self::source`] finds them), its own key, API,
+    /// reverse port and local forwards, `copy` its `[copy]` lines, started and tunnelling to the
+    /// hub's endpoint once [`OtherNode::start`]ed. Not in hub.toml: [`OtherNode::table`] is its
+    /// `[[node]]` table to add.
+    pub fn other_node(&self, name: &str, vm: Vm<'_>, copy: &str) -> OtherNode {
+        let d = self.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let key = d.join("key");
+        ssh::keygen(&key);
+        let first = std::fs::read_to_string(&self.node_config).unwrap();
+        let from_first = |k: &str| -> String {
+            first
+                .lines()
+                .find(|l| l.starts_with(&format!("{k} = ")))
+                .unwrap_or_else(|| panic!("node.toml's {k}"))
+                .to_string()
+        };
+        let (api, reverse) = (ssh::free_port(), ssh::free_port());
+        let count = self.nbd.1 - self.nbd.0 + 1;
+        let local = ssh::free_ports(count);
+        let mut vm_toml = format!("[[vm]]\nname = \"{}\"\n", vm.0);
+        for (i, mib) in vm.1.iter().enumerate() {
+            let path = self.path().join("src").join(format!("{}-{i}.raw", vm.0));
+            make_source(&path, *mib, 100 + i as u64);
+            vm_toml += &format!("[[vm.disk]]\nkey = {}\nsource = \"{}\"\n", 2000 + i, path.display());
+        }
+        let config = d.join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{api}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrestore_dir = \"{}\"\n\
+                 [copy]\nretry_window_s = 30\n{copy}\n[tunnel]\n{}\nuser = \"node\"\nidentity = \"{}\"\n{}\n\
+                 forward_range = \"{local}-{}:{}\"\nreverse = \"{reverse}:{api}\"\n{vm_toml}",
+                d.join("token").display(),
+                d.join("state").display(),
+                d.join("restores").display(),
+                from_first("hub"),
+                key.display(),
+                from_first("fingerprint"),
+                local + count - 1,
+                self.nbd.0,
+            ),
+        )
+        .unwrap();
+        // The token file the node makes at its first start, made here first for the table.
+        let token = "other-node-token-0123456789abcdef".to_string();
+        std::fs::write(d.join("token"), &token).unwrap();
+        std::fs::set_permissions(d.join("token"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let table = format!(
+            "\n[[node]]\nname = \"{name}\"\nurl = \"http://127.0.0.1:{reverse}\"\ntoken_file = \"{}\"\nkey = \"{}\"\n",
+            d.join("token").display(),
+            std::fs::read_to_string(key.with_extension("pub")).unwrap().trim()
+        );
+        OtherNode { process: None, config, api, token, table, http: reqwest::Client::new() }
+    }
+
     /// Backups the hub lists for `vm`, newest first.
     pub async fn backups(&self, vm: &str) -> Vec<Value> {
         let (status, list) = self.hub("GET", &format!("/api/v1/backups?vm_name={vm}"), None).await;
         assert_eq!(status, 200, "{list}");
         list.as_array().unwrap().clone()
+    }
+}
+
+/// A second node of a site ([`Site::start_other_node`]).
+pub struct OtherNode {
+    process: Option<Process>,
+    config: PathBuf,
+    api: u16,
+    token: String,
+    /// Its `[[node]]` table for hub.toml.
+    pub table: String,
+    http: reqwest::Client,
+}
+
+impl OtherNode {
+    /// Start it: it serves its API and tunnels to the hub.
+    pub fn start(&mut self) {
+        let mut child = Command::new(sendense_node())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_listening(&mut child, self.api, "the other sendense-node");
+        self.process = Some(Process(child));
+    }
+
+    /// `GET path` on its API with its token.
+    pub async fn get(&self, path: &str) -> Value {
+        let r = self.http.get(format!("http://127.0.0.1:{}{path}", self.api)).bearer_auth(&self.token).send().await;
+        let text = r.unwrap().text().await.unwrap();
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
     }
 }

@@ -4,7 +4,9 @@
 //! key is always checked, the connection is kept up, and the forwards default to production's
 //! (`--forward-range 10100-10200 --forward 8082 --reverse 9081:8081`). `serve` is the hub side
 //! that allows only those forwards (`--allow-range 10100-10200 --allow 8082 --allow-reverse
-//! 9081` by default). Bad configuration is one line on stderr and exit status 1.
+//! 9081` by default); `SIGHUP` reads its authorized_keys file again: a key gone is refused from
+//! then on and its sessions cut at once (`tunnel::endpoint::Endpoint::authorize`), where sshd
+//! would leave them open. Bad configuration is one line on stderr and exit status 1.
 
 // clap turns the doc comments into `--help`, whose `A-B[:REMOTE]` notation is not a doc link.
 #![allow(rustdoc::broken_intra_doc_links)]
@@ -220,12 +222,37 @@ async fn serve(cmd: Cmd) -> anyhow::Result<()> {
         eprintln!("sendense-tunnel: listening on every interface ({listen}); pass --listen ADDR:PORT to restrict");
     }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tunnel::endpoint::serve(listener, config) => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let endpoint = tunnel::endpoint::Endpoint::new(config);
+    let serving = tokio::spawn(std::sync::Arc::clone(&endpoint).serve(listener));
+    loop {
+        tokio::select! {
+            _ = hangups.recv() => reread_keys(&endpoint, &authorized_keys),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
     }
+    serving.abort();
     Ok(())
+}
+
+/// `SIGHUP`: serve with the keys `path` holds now; a file that does not read or parse is logged
+/// and the keys in force stay.
+fn reread_keys(endpoint: &tunnel::endpoint::Endpoint, path: &std::path::Path) {
+    let read = tunnel::read_authorized_keys(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| tunnel::authorized::parse(&text).map_err(|e| format!("in {}: {e}", path.display())));
+    match read {
+        Ok(keys) => {
+            if keys.is_empty() {
+                tracing::warn!(file = %path.display(), "no key is authorized any more: nobody can connect");
+            }
+            let count = keys.len();
+            let cut = endpoint.authorize(keys);
+            tracing::info!(file = %path.display(), keys = count, sessions_cut = cut, "authorized keys read again");
+        }
+        Err(e) => tracing::error!(error = %e, "authorized keys not read again: the keys in force stay"),
+    }
 }
 
 fn main() {

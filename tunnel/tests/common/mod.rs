@@ -119,6 +119,30 @@ pub fn known_hosts(dir: &Path, port: u16, pubkey: &Path) -> PathBuf {
     p
 }
 
+/// OpenSSH's `ssh` to our endpoint on `hub` with `dir`'s `key` and known_hosts, and `args`.
+pub fn ssh(dir: &Path, hub: u16, key: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(require("ssh"));
+    c.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "ExitOnForwardFailure=yes",
+    ])
+    .arg("-o")
+    .arg(format!("UserKnownHostsFile={}", dir.join("known_hosts").display()))
+    .arg("-i")
+    .arg(dir.join(key))
+    .args(["-p", &hub.to_string()])
+    .args(args)
+    .arg("root@127.0.0.1")
+    .stdin(Stdio::null());
+    c
+}
+
 /// Echo servers on `n` consecutive ports; returns the first port.
 pub fn echo_servers(n: u16) -> u16 {
     'search: for _ in 0..200 {
