@@ -218,6 +218,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/schedules", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.schedules()) }))
         .route("/api/v1/schedules/{name}", get(get_schedule))
         .route("/api/v1/schedules/{name}/run", post(run_schedule))
+        .route("/api/v1/nodes", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.node_views().await) }))
+        .route("/api/v1/nodes/{name}", get(get_node))
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/exports", get(exports))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))
@@ -324,6 +326,10 @@ async fn prune(
 
 async fn get_schedule(State(hub): State<Arc<Hub>>, Param(name): Param) -> Result<Json<ScheduleView>, HubError> {
     hub.schedule_view(&name).map(Json).ok_or_else(|| HubError::NotFound(format!("no schedule named {name}")))
+}
+
+async fn get_node(State(hub): State<Arc<Hub>>, Param(name): Param) -> Result<Json<crate::jobs::NodeView>, HubError> {
+    hub.node_view(&name).await.map(Json)
 }
 
 /// A run of the schedule now (202), going on in the background; 409 while one goes on.

@@ -6,8 +6,9 @@
 //! size and the space left for backups ("the repository fills up in three days"). The
 //! filesystem is asked off the runtime with a deadline: a hung repository mount (NFS) leaves
 //! those two series out of the answer instead of holding a worker that carries NBD traffic.
-//! Per backup schedule, when its last run ended and how its VMs fared; whether the last
-//! configuration reload was taken up, and what waits for a restart.
+//! Per backup schedule, when its last run ended and how its VMs fared; per node, whether it
+//! answered the hub's last check (`jobs/nodes.rs`); whether the last configuration reload was
+//! taken up, and what waits for a restart.
 //! VM and node names are checked names (`[A-Za-z0-9._-]`), safe as label values as they are.
 
 use std::fmt::Write;
@@ -25,10 +26,36 @@ pub async fn render(hub: &Hub) -> String {
     jobs(&mut out, hub);
     vms(&mut out, hub);
     schedules(&mut out, hub);
+    nodes(&mut out, hub);
     out.push_str(&hub.reload_status().metrics("sendense_hub"));
     filesystems(&mut out, hub).await;
     ports_and_exports(&mut out, hub);
     out
+}
+
+fn nodes(out: &mut String, hub: &Hub) {
+    let health = hub.node_health();
+    help(
+        out,
+        "sendense_hub_node_up",
+        "gauge",
+        "1 when the node answered the hub's last check (every 30 s: its VMs listed, its token accepted), 0 when not \
+         (alert on 0: its backups would fail).",
+    );
+    for (node, up, _) in &health {
+        let _ = writeln!(out, "sendense_hub_node_up{{node=\"{node}\"}} {}", u8::from(*up));
+    }
+    help(
+        out,
+        "sendense_hub_node_last_seen_timestamp_seconds",
+        "gauge",
+        "When the node last answered the hub (Unix time); absent while it has not since the hub started.",
+    );
+    for (node, _, seen) in &health {
+        if let Some(at) = seen {
+            let _ = writeln!(out, "sendense_hub_node_last_seen_timestamp_seconds{{node=\"{node}\"}} {at:.3}");
+        }
+    }
 }
 
 fn jobs(out: &mut String, hub: &Hub) {

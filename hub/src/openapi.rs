@@ -152,6 +152,22 @@ fn schedule_schema() -> Value {
         "running": run, "last_run": run, "skipped_occurrences": {"type": "integer"}}})
 }
 
+/// A node as the hub sees it (`GET /api/v1/nodes`).
+fn node_schema() -> Value {
+    let disk = json!({"type": "object", "properties": {
+        "key": {"type": "integer"}, "size": {"type": "integer"},
+        "source_kind": {"type": "string"}, "format": {"type": "string", "enum": ["raw", "qcow2"]},
+        "error": {"type": "string"}}});
+    json!({"type": "object", "required": ["name", "url", "reachable", "checked_at", "vms", "running"], "properties": {
+        "name": {"type": "string"}, "url": {"type": "string"}, "reachable": {"type": "boolean"},
+        "error": {"type": "string"}, "checked_at": {"type": "string", "format": "date-time"},
+        "last_seen": {"type": "string", "format": "date-time"},
+        "vms": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "disks": {"type": "array", "items": disk}}}},
+        "running": {"type": "array", "items": {"type": "string"}},
+        "tunnel": {"type": "object", "description": "the node's GET /api/v1/tunnel (one node's view only)"}}})
+}
+
 /// The document.
 pub fn document() -> Value {
     let name = json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -166,6 +182,8 @@ pub fn document() -> Value {
                 "vms": {"type": "array", "items": {"$ref": "#/components/schemas/Prune"}}}}),
         );
         m.insert("ScheduleList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}));
+        m.insert("Node".into(), node_schema());
+        m.insert("NodeList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Node"}}));
     }
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
     json!({
@@ -213,6 +231,8 @@ pub fn document() -> Value {
             "/api/v1/schedules": {"get": op("backup schedules ([[schedule]]): next occurrence, the run under way, the last run", "200", "ScheduleList", None)},
             "/api/v1/schedules/{name}": {"parameters": name, "get": op("one schedule", "200", "Schedule", None)},
             "/api/v1/schedules/{name}/run": {"parameters": name, "post": op("run the schedule now, in the background (409 while a run of it goes on)", "202", "Schedule", None)},
+            "/api/v1/nodes": {"get": op("the nodes ([[node]]), each checked now: reachable or why not, VMs, what runs on it", "200", "NodeList", None)},
+            "/api/v1/nodes/{name}": {"parameters": name, "get": op("one node, checked now, with its tunnel as it reports it", "200", "Node", None)},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
             "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
             "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},

@@ -330,7 +330,8 @@ pub fn now_rfc3339() -> String {
     rfc3339_millis(jiff::Timestamp::now())
 }
 
-fn rfc3339_millis(t: jiff::Timestamp) -> String {
+/// `t` as the API writes times: RFC 3339, UTC, milliseconds.
+pub fn rfc3339_millis(t: jiff::Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 

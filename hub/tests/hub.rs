@@ -1180,3 +1180,60 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
     let (code, _, _) = cli(&["schedules", "--run"]).await;
     assert_eq!(code, Some(2));
 }
+
+/// `sendense-hub nodes` and `GET /api/v1/nodes` against a running hub with a node that answers
+/// and one that does not: each checked by the call, up with its VMs or DOWN with why, what runs
+/// on it, the exit status 0 only when every node shown answered; `sendense_hub_node_up` says the
+/// same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let node_url = start_node(d, &[("pgtest1", 1)], Some("2M")).await;
+    let base = free_ports(4);
+    let gone = format!("[[node]]\nname = \"gone\"\nurl = \"http://127.0.0.1:{}\"\n", free_port());
+    let hub = HubProcess::start_with(d, &node_url, (base, base + 3), &gone);
+    let cli = |args: &[&str]| run_cli(&hub.config, args);
+
+    let (code, listed, err) = cli(&["nodes"]).await;
+    assert_eq!(code, Some(1), "a node does not answer: {listed}{err}");
+    let line = |said: &str, name: &str| {
+        said.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{said}")).to_string()
+    };
+    let default = line(&listed, "default");
+    assert!(default.contains(" up ") && default.contains(&node_url), "{listed}");
+    assert!(line(&listed, "gone").contains("DOWN") && listed.contains("never"), "{listed}");
+    assert!(listed.contains("Connection refused") || listed.contains("error sending request"), "why: {listed}");
+
+    let (code, shown, _) = cli(&["nodes", "default"]).await;
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains(": up") && shown.contains("vm pgtest1: 2000 24 MiB raw"), "{shown}");
+    let (code, shown, _) = cli(&["nodes", "gone"]).await;
+    assert_eq!((code, shown.contains(": DOWN")), (Some(1), true), "{shown}");
+    let (code, _, err) = cli(&["nodes", "nope"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown node nope"), "{err}");
+
+    // What runs on a node is shown with it.
+    let (status, b) =
+        hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "pgtest1", "backup_type": "full"}))).await;
+    assert_eq!(status, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (status, nodes) = hub.call("GET", "/api/v1/nodes", None).await;
+    assert_eq!(status, 200, "{nodes}");
+    let of = |name: &str| nodes.as_array().unwrap().iter().find(|n| n["name"] == name).cloned().unwrap();
+    let (default, gone) = (of("default"), of("gone"));
+    assert_eq!((default["reachable"].as_bool(), gone["reachable"].as_bool()), (Some(true), Some(false)), "{nodes}");
+    assert_eq!(default["vms"][0]["name"], "pgtest1", "{nodes}");
+    assert_eq!(default["running"], json!([format!("backup {id} of VM pgtest1")]), "{nodes}");
+    assert!(default["last_seen"].is_string() && gone["last_seen"].is_null() && gone["error"].is_string(), "{nodes}");
+    hub.call("DELETE", &format!("/api/v1/backups/{id}"), None).await;
+    hub.wait(&format!("/api/v1/backups/{id}")).await;
+
+    let (_, metrics) = hub.call("GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("sendense_hub_node_up{node=\"default\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("sendense_hub_node_up{node=\"gone\"} 0\n"), "{metrics}");
+    assert!(metrics.contains("sendense_hub_node_last_seen_timestamp_seconds{node=\"default\"} "), "{metrics}");
+    assert!(!metrics.contains("sendense_hub_node_last_seen_timestamp_seconds{node=\"gone\"}"), "{metrics}");
+}

@@ -51,6 +51,8 @@ enum Cmd {
     Prune(PruneArgs),
     /// Show the schedules (or one, its last run VM by VM); --run: run one now and follow it.
     Schedules(SchedulesArgs),
+    /// Show the nodes as the hub reaches them now (or one, its VMs and tunnel); exit 0: all answer.
+    Nodes(NodesArgs),
 }
 
 /// How the commands reach the hub: its configuration, or a URL.
@@ -227,6 +229,14 @@ struct SchedulesArgs {
 }
 
 /// Exit status 1 when the job did not complete.
+#[derive(Debug, clap::Args)]
+struct NodesArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// One node: its VMs' disks and its tunnel.
+    name: Option<String>,
+}
+
 fn completed(done: bool) -> anyhow::Result<()> {
     if !done {
         std::process::exit(1);
@@ -464,6 +474,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(Arc::clone(&hub).scrub_loop());
     // Compression of completed backups (`compress = "zstd"`): waits while off.
     tokio::spawn(Arc::clone(&hub).rewrite_loop());
+    // Whether each node answers (`sendense_hub_node_up`), checked every 30 s.
+    tokio::spawn(Arc::clone(&hub).watch_nodes());
     // Backup schedules (`[[schedule]]`), one task each, ending with the hub.
     hub.start_schedules();
     let reloader = tokio::spawn(reload_on_hangup(Arc::clone(&hub), ssh_endpoint, a));
@@ -562,6 +574,10 @@ fn main() {
                 (Some(name), false) => hub::cli::schedules::show(&a.hub.client()?, name).await,
                 (None, _) => hub::cli::schedules::list(&a.hub.client()?).await,
             },
+            Cmd::Nodes(a) => completed(match &a.name {
+                Some(name) => hub::cli::nodes::show(&a.hub.client()?, name).await?,
+                None => hub::cli::nodes::list(&a.hub.client()?).await?,
+            }),
         }
     });
 }

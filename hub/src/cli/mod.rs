@@ -1,5 +1,5 @@
 //! `sendense-hub backup`, `backups`, `verify`, `delete`, `replicate`, `restore` and `close`, and
-//! `prune` and `schedules` (their own modules): the API's everyday calls from a shell on the
+//! `prune`, `schedules` and `nodes` (their own modules): the API's everyday calls from a shell on the
 //! hub, without curl, a token on the command line or a loop polling for the end. Each is one
 //! call (`client::HubClient`, found from hub.toml) and, unless told to detach, follows the job to
 //! its end with a progress line per disk and exits 0 only if it completed (a script can chain
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::client::HubClient;
 
+pub mod nodes;
 pub mod prune;
 pub mod schedules;
 

@@ -23,7 +23,7 @@
 //! rewrites images in `rewrite` (backups past `max_chain` made to stand alone in `flatten`, images
 //! compressed in `compress`), backup schedules at work in
 //! `scheduled`, the configuration taken up while serving in `reload`, runs handed over from a
-//! stopping hub to the next start in `handover`.
+//! stopping hub to the next start in `handover`, the nodes checked and shown in `nodes`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,7 @@ mod flatten;
 mod follow;
 mod handover;
 mod merge;
+mod nodes;
 mod prune;
 mod reload;
 mod restore_run;
@@ -57,6 +58,7 @@ mod start;
 mod view;
 
 pub use catalog::VmSummary;
+pub use nodes::NodeView;
 pub use prune::{PruneAllView, PruneEntry, PruneView};
 pub use reload::{Live, Reloaded};
 pub use restore_run::RestoreDisk;
@@ -181,6 +183,8 @@ struct State {
     taken_up: std::collections::HashSet<String>,
     /// Runs taken up at start, and handed-over runs that could not be.
     handover_counts: (u64, u64),
+    /// What the last check of each node found (`nodes.rs`).
+    node_health: nodes::NodeHealth,
 }
 
 /// A node of the running hub: its `[[node]]` and the client of its API.

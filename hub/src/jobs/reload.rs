@@ -168,6 +168,11 @@ impl Hub {
             st.last_reload = ReloadStatus::taken(done.restart_pending.clone());
         }
         *self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(nodes);
+        if !(done.nodes_added.is_empty() && done.nodes_changed.is_empty() && done.nodes_removed.is_empty()) {
+            // What the metrics say of the nodes follows at once, not at the next check.
+            let hub = Arc::clone(self);
+            tokio::spawn(async move { hub.check_nodes().await });
+        }
         self.live.send_replace(Arc::new(fresh));
         for s in start {
             self.start_schedule(s, false);

@@ -232,6 +232,10 @@ async fn a_reload_adds_a_node_backed_up_at_once_and_removes_it_once_its_runs_hav
         assert!(Instant::now() < deadline, "the added node's tunnel: {t}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (_, nodes) = site.hub("GET", "/api/v1/nodes", None).await;
+    let names: Vec<_> = nodes.as_array().unwrap().iter().map(|n| (n["name"].clone(), n["reachable"].clone())).collect();
+    assert_eq!(names, [(json!("n1"), json!(true)), (json!("n2"), json!(true))], "{nodes}");
+    assert_eq!(nodes[1]["vms"][0]["name"], "vm-b", "{nodes}");
     let id = site.start_backup("vm-b", "full").await;
     let (_, job) = site.hub("GET", &format!("/api/v1/backups/{id}"), None).await;
     assert_eq!(job["node"], "n2", "{job}");
@@ -262,6 +266,8 @@ async fn a_reload_adds_a_node_backed_up_at_once_and_removes_it_once_its_runs_hav
     let (status, body) =
         site.hub("POST", "/api/v1/backups", Some(json!({"vm_name": "vm-b", "backup_type": "full"}))).await;
     assert_eq!(status, 404, "{body}");
+    let (_, nodes) = site.hub("GET", "/api/v1/nodes", None).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
     assert_eq!(site.backups("vm-b").await.len(), 1, "its backups are kept");
     let incremental = site.backup("vm-a", "incremental").await;
     assert_eq!(incremental["status"], "completed", "{incremental}");

@@ -1,0 +1,194 @@
+//! The hub's view of its nodes (`GET /api/v1/nodes[/{name}]`, `sendense-hub nodes`,
+//! `sendense_hub_node_up`): whether each answers, its VMs, and what runs on it now.
+//!
+//! Without it an operator learned that a node was out of reach (its tunnel refused, its token
+//! wrong, its host down) from the nightly backup that failed; now a background check asks every
+//! node for its VMs every [`CHECK_EVERY`] (the call a backup starts with, so a node that answers
+//! it can be backed up: reached, token accepted), logs each node that goes out of reach or comes
+//! back, and keeps the outcome for the metrics, where an alert on `sendense_hub_node_up == 0`
+//! fires before the next backup would fail. The API and the CLI check afresh (every node at
+//! once, each given [`ANSWER_WITHIN`]), so what they say is never older than the call.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use node::api::{NodeClient, TunnelView, VmInfo};
+use serde::Serialize;
+
+use super::{Hub, NodeEntry};
+use crate::error::HubError;
+
+/// How often the background check asks every node.
+pub const CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a node may take to answer a check (a node that takes longer is out of reach for
+/// the check, not for the jobs, whose calls have their own timeouts).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// What the last check of a node found.
+#[derive(Debug, Clone)]
+pub(super) struct Health {
+    /// Whether it answered.
+    up: bool,
+    /// When it was checked.
+    checked_at: SystemTime,
+    /// When it last answered.
+    last_seen: Option<SystemTime>,
+    /// Why it did not answer.
+    error: Option<String>,
+    /// Its VMs as of `last_seen`.
+    vms: Vec<VmInfo>,
+}
+
+/// A node as the hub sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// Its name (`[[node]] name`).
+    pub name: String,
+    /// Where the hub calls it.
+    pub url: String,
+    /// Whether it answered the check this view comes from.
+    pub reachable: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it was checked (RFC 3339).
+    pub checked_at: String,
+    /// When it last answered (RFC 3339); none since the hub started: absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// Its VMs, as of `last_seen`.
+    pub vms: Vec<VmInfo>,
+    /// What runs on it now: `backup ID of VM web`, `restore ID`.
+    pub running: Vec<String>,
+    /// Its tunnel as it reports it (one node's view, when it answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelView>,
+}
+
+/// Ask `client` for its VMs, giving it [`ANSWER_WITHIN`].
+async fn ask(client: &NodeClient) -> Result<Vec<VmInfo>, String> {
+    match tokio::time::timeout(ANSWER_WITHIN, client.vms()).await {
+        Ok(Ok(vms)) => Ok(vms),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", ANSWER_WITHIN.as_secs())),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t).map(crate::repo::rfc3339_millis).unwrap_or_default()
+}
+
+impl Hub {
+    /// Check every node now (all at once) and keep what was found; a node that went out of reach
+    /// or came back is logged.
+    pub async fn check_nodes(&self) {
+        let nodes = self.nodes();
+        let answers = futures_util::future::join_all(nodes.iter().map(|(_, client)| ask(client))).await;
+        for ((spec, _), answer) in nodes.iter().zip(answers) {
+            self.record_check(&spec.name, answer);
+        }
+        // Nodes a reload removed are forgotten.
+        self.state().node_health.retain(|name, _| nodes.iter().any(|(n, _)| n.name == *name));
+    }
+
+    fn record_check(&self, name: &str, answer: Result<Vec<VmInfo>, String>) {
+        let now = SystemTime::now();
+        let mut st = self.state();
+        let before = st.node_health.get(name).cloned();
+        let was_up = before.as_ref().map(|h| h.up);
+        let health = match answer {
+            Ok(vms) => Health { up: true, checked_at: now, last_seen: Some(now), error: None, vms },
+            Err(error) => Health {
+                up: false,
+                checked_at: now,
+                last_seen: before.as_ref().and_then(|h| h.last_seen),
+                error: Some(error),
+                vms: before.map(|h| h.vms).unwrap_or_default(),
+            },
+        };
+        match (was_up, health.up) {
+            (Some(true) | None, false) => {
+                tracing::warn!(node = name, error = health.error.as_deref().unwrap_or(""), "node out of reach")
+            }
+            (Some(false), true) => tracing::info!(node = name, "node reachable again"),
+            _ => {}
+        }
+        st.node_health.insert(name.to_string(), health);
+    }
+
+    /// Check the nodes every [`CHECK_EVERY`] until the hub stops.
+    pub async fn watch_nodes(self: std::sync::Arc<Self>) {
+        loop {
+            self.check_nodes().await;
+            tokio::select! {
+                () = tokio::time::sleep(CHECK_EVERY) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Every node, checked now.
+    pub async fn node_views(&self) -> Vec<NodeView> {
+        self.check_nodes().await;
+        self.nodes().iter().map(|entry| self.view_of(entry, None)).collect()
+    }
+
+    /// One node, checked now, with its tunnel as it reports it.
+    ///
+    /// # Errors
+    /// No node has that name (404).
+    pub async fn node_view(&self, name: &str) -> Result<NodeView, HubError> {
+        let entry = self.node(name).ok_or_else(|| HubError::NotFound(format!("unknown node {name}")))?;
+        let answer = ask(&entry.1).await;
+        let tunnel = match answer.is_ok() {
+            true => tokio::time::timeout(ANSWER_WITHIN, entry.1.tunnel()).await.ok().and_then(Result::ok),
+            false => None,
+        };
+        self.record_check(name, answer);
+        Ok(self.view_of(&entry, tunnel))
+    }
+
+    fn view_of(&self, (spec, _): &NodeEntry, tunnel: Option<TunnelView>) -> NodeView {
+        let st = self.state();
+        let health = st.node_health.get(&spec.name);
+        let mut running: Vec<String> = st
+            .jobs
+            .values()
+            .filter(|j| j.node == spec.name && !j.status().is_final())
+            .map(|j| format!("{} {} of VM {}", super::view::kind_name(j.kind), j.id, j.vm))
+            .collect();
+        running.sort();
+        running.extend(st.driven.iter().filter(|(_, n)| **n == spec.name).map(|(id, _)| format!("restore {id}")));
+        NodeView {
+            name: spec.name.clone(),
+            url: spec.url.clone(),
+            reachable: health.is_some_and(|h| h.up),
+            error: health.and_then(|h| h.error.clone()),
+            checked_at: health.map(|h| rfc3339(h.checked_at)).unwrap_or_default(),
+            last_seen: health.and_then(|h| h.last_seen).map(rfc3339),
+            vms: health.map(|h| h.vms.clone()).unwrap_or_default(),
+            running,
+            tunnel,
+        }
+    }
+
+    /// For the metrics: each node checked so far, whether it answered the last check and when
+    /// it last answered (Unix seconds).
+    pub fn node_health(&self) -> Vec<(String, bool, Option<f64>)> {
+        let st = self.state();
+        let mut out: Vec<(String, bool, Option<f64>)> = st
+            .node_health
+            .iter()
+            .map(|(name, h)| {
+                let seen = h.last_seen.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+                (name.clone(), h.up, seen.map(|d| d.as_secs_f64()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// Node name -> what its last check found (in the hub's state).
+pub(super) type NodeHealth = HashMap<String, Health>;
