@@ -218,6 +218,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/schedules", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.schedules()) }))
         .route("/api/v1/schedules/{name}", get(get_schedule))
         .route("/api/v1/schedules/{name}/run", post(run_schedule))
+        .route("/api/v1/vms", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.vm_views().await) }))
         .route("/api/v1/nodes", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.node_views().await) }))
         .route("/api/v1/nodes/{name}", get(get_node))
         .route("/api/v1/ports", get(ports))

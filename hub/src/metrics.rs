@@ -133,7 +133,11 @@ type VmValue = fn(&VmSummary) -> String;
 fn vms(out: &mut String, hub: &Hub) {
     let vms = hub.vm_summaries();
     let series: [(&str, &str, VmValue); 3] = [
-        ("sendense_hub_vm_backups", "Backups of the VM in the catalog.", |v| v.backups.to_string()),
+        (
+            "sendense_hub_vm_backups",
+            "Backups of the VM in the catalog; 0 for a VM its node lists that has none (alert on 0: nobody backs it up).",
+            |v| v.backups.to_string(),
+        ),
         ("sendense_hub_vm_backup_bytes", "Bytes the images of the VM's backups hold (each its own layer).", |v| {
             v.stored_bytes.to_string()
         }),

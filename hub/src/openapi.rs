@@ -183,6 +183,18 @@ pub fn document() -> Value {
         );
         m.insert("ScheduleList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Schedule"}}));
         m.insert("Node".into(), node_schema());
+        m.insert(
+            "VmList".into(),
+            json!({"type": "array", "items": {"type": "object", "required": ["vm_name", "node", "listed", "disks", "backups"], "properties": {
+                "vm_name": {"type": "string"}, "node": {"type": "string"},
+                "listed": {"type": "boolean", "description": "its node listed it at this call's check"},
+                "disks": {"type": "array", "items": {"type": "object", "properties": {"key": {"type": "integer"}, "size": {"type": "integer"}}}},
+                "backups": {"type": "integer"},
+                "newest_backup": {"type": "object", "properties": {
+                    "backup_id": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
+                    "completed_at": {"type": "string", "format": "date-time"}}},
+                "running": {"type": "string", "description": "the id of a backup or replication of it running now"}}}}),
+        );
         m.insert("NodeList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Node"}}));
     }
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
@@ -231,6 +243,7 @@ pub fn document() -> Value {
             "/api/v1/schedules": {"get": op("backup schedules ([[schedule]]): next occurrence, the run under way, the last run", "200", "ScheduleList", None)},
             "/api/v1/schedules/{name}": {"parameters": name, "get": op("one schedule", "200", "Schedule", None)},
             "/api/v1/schedules/{name}/run": {"parameters": name, "post": op("run the schedule now, in the background (409 while a run of it goes on)", "202", "Schedule", None)},
+            "/api/v1/vms": {"get": op("every VM a node lists (checked now) or with backups: its disks, backups, the newest, a run of it under way", "200", "VmList", None)},
             "/api/v1/nodes": {"get": op("the nodes ([[node]]), each checked now: reachable or why not, VMs, what runs on it", "200", "NodeList", None)},
             "/api/v1/nodes/{name}": {"parameters": name, "get": op("one node, checked now, with its tunnel as it reports it", "200", "Node", None)},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},

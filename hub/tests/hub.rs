@@ -1184,7 +1184,7 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
 /// `sendense-hub nodes` and `GET /api/v1/nodes` against a running hub with a node that answers
 /// and one that does not: each checked by the call, up with its VMs or DOWN with why, what runs
 /// on it, the exit status 0 only when every node shown answered; `sendense_hub_node_up` says the
-/// same.
+/// same. `sendense-hub vms`: the node's VM never backed up, then with its backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
     let dir = tempfile::tempdir().unwrap();
@@ -1207,14 +1207,29 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
 
     let (code, shown, _) = cli(&["nodes", "default"]).await;
     assert_eq!(code, Some(0), "{shown}");
-    assert!(shown.contains(": up") && shown.contains("vm pgtest1: 2000 24 MiB raw"), "{shown}");
+    assert!(shown.contains(": up") && shown.contains("vm pgtest1: 2000 24.0 MiB raw"), "{shown}");
     let (code, shown, _) = cli(&["nodes", "gone"]).await;
     assert_eq!((code, shown.contains(": DOWN")), (Some(1), true), "{shown}");
     let (code, _, err) = cli(&["nodes", "nope"]).await;
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown node nope"), "{err}");
 
-    // What runs on a node is shown with it.
+    // Its VM, never backed up, says so (and to the metrics: 0 backups).
+    let (code, said, err) = cli(&["vms"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    let pgtest1 = line(&said, "pgtest1");
+    assert!(
+        pgtest1.contains("default") && pgtest1.contains("24.0 MiB") && pgtest1.contains("NEVER BACKED UP"),
+        "{said}"
+    );
+    assert!(said.contains("1 VM(s), 1 never backed up"), "{said}");
+    let (_, metrics) = hub.call("GET", "/metrics", None).await;
+    assert!(
+        metrics.as_str().unwrap().contains("sendense_hub_vm_backups{vm=\"pgtest1\",node=\"default\"} 0\n"),
+        "{metrics}"
+    );
+
+    // What runs on a node is shown with it, and with its VM.
     let (status, b) =
         hub.call("POST", "/api/v1/backups", Some(json!({"vm_name": "pgtest1", "backup_type": "full"}))).await;
     assert_eq!(status, 202, "{b}");
@@ -1227,8 +1242,14 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
     assert_eq!(default["vms"][0]["name"], "pgtest1", "{nodes}");
     assert_eq!(default["running"], json!([format!("backup {id} of VM pgtest1")]), "{nodes}");
     assert!(default["last_seen"].is_string() && gone["last_seen"].is_null() && gone["error"].is_string(), "{nodes}");
-    hub.call("DELETE", &format!("/api/v1/backups/{id}"), None).await;
-    hub.wait(&format!("/api/v1/backups/{id}")).await;
+    let (_, vms) = hub.call("GET", "/api/v1/vms", None).await;
+    assert_eq!(vms[0]["running"], id.as_str(), "{vms}");
+    assert_eq!((vms[0]["listed"].as_bool(), vms[0]["backups"].as_u64()), (Some(true), Some(0)), "{vms}");
+    assert_eq!(hub.wait(&format!("/api/v1/backups/{id}")).await["status"], "completed");
+    let (_, said, _) = cli(&["vms"]).await;
+    let pgtest1 = line(&said, "pgtest1");
+    assert!(pgtest1.contains(" 1  20") && pgtest1.contains(&format!("{id} (full)")), "{said}");
+    assert!(said.contains("1 VM(s), 0 never backed up"), "{said}");
 
     let (_, metrics) = hub.call("GET", "/metrics", None).await;
     let metrics = metrics.as_str().unwrap().to_string();

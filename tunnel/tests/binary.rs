@@ -51,15 +51,7 @@ fn nbd_with_four_connections_through_the_tunnel_binaries_is_bit_identical() {
             .args(["-f", "raw", "-x", "exp", "-p", &nbd_port.to_string(), "-b", "127.0.0.1", "--shared=8", "-t"])
             .arg(d.join("dst.raw")),
     );
-    let _hub = spawn(
-        Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{hub_ssh}"), "--allow", &nbd_port.to_string()])
-            .arg("--host-key")
-            .arg(d.join("host_key"))
-            .arg("--authorized-keys")
-            .arg(d.join("authorized_keys")),
-    );
-    wait_port(hub_ssh);
+    let _hub = serve(d, hub_ssh, nbd_port);
     let kh = known_hosts(d, hub_ssh, &host_pub);
     let _node = spawn(
         Command::new(BIN)
@@ -92,6 +84,21 @@ fn nbd_with_four_connections_through_the_tunnel_binaries_is_bit_identical() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::read(d.join("dst.raw")).unwrap() == src, "written image differs");
     assert!(std::fs::read(&back).unwrap() == src, "read-back differs");
+}
+
+/// `sendense-tunnel serve` on `port` with `dir`'s host key and authorized_keys, allowing `allow`,
+/// once it listens.
+fn serve(dir: &Path, port: u16, allow: u16) -> Kill {
+    let serving = spawn(
+        Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--allow", &allow.to_string()])
+            .arg("--host-key")
+            .arg(dir.join("host_key"))
+            .arg("--authorized-keys")
+            .arg(dir.join("authorized_keys")),
+    );
+    wait_port(port);
+    serving
 }
 
 fn wait_port(port: u16) {
@@ -210,15 +217,7 @@ fn a_hangup_reads_the_authorized_keys_again_and_cuts_the_keys_taken_out() {
     let d = dir.path();
     let (_, host_pub) = setup(d);
     let (hub_ssh, echo, local_port) = (free_port(), echo_servers(1), free_port());
-    let serve = spawn(
-        Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{hub_ssh}"), "--allow", &echo.to_string()])
-            .arg("--host-key")
-            .arg(d.join("host_key"))
-            .arg("--authorized-keys")
-            .arg(d.join("authorized_keys")),
-    );
-    wait_port(hub_ssh);
+    let serve = serve(d, hub_ssh, echo);
     known_hosts(d, hub_ssh, &host_pub);
     let hangup = || {
         let status = Command::new("kill").arg("-HUP").arg(serve.0.id().to_string()).status().unwrap();

@@ -53,6 +53,8 @@ enum Cmd {
     Schedules(SchedulesArgs),
     /// Show the nodes as the hub reaches them now (or one, its VMs and tunnel); exit 0: all answer.
     Nodes(NodesArgs),
+    /// List every VM the nodes have or with backups: its newest backup, or that it never had one.
+    Vms(VmsArgs),
 }
 
 /// How the commands reach the hub: its configuration, or a URL.
@@ -235,6 +237,12 @@ struct NodesArgs {
     hub: HubArgs,
     /// One node: its VMs' disks and its tunnel.
     name: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct VmsArgs {
+    #[command(flatten)]
+    hub: HubArgs,
 }
 
 fn completed(done: bool) -> anyhow::Result<()> {
@@ -574,9 +582,10 @@ fn main() {
                 (Some(name), false) => hub::cli::schedules::show(&a.hub.client()?, name).await,
                 (None, _) => hub::cli::schedules::list(&a.hub.client()?).await,
             },
+            Cmd::Vms(a) => hub::cli::inventory::vms(&a.hub.client()?).await,
             Cmd::Nodes(a) => completed(match &a.name {
-                Some(name) => hub::cli::nodes::show(&a.hub.client()?, name).await?,
-                None => hub::cli::nodes::list(&a.hub.client()?).await?,
+                Some(name) => hub::cli::inventory::node(&a.hub.client()?, name).await?,
+                None => hub::cli::inventory::nodes(&a.hub.client()?).await?,
             }),
         }
     });

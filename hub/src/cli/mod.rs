@@ -1,11 +1,11 @@
 //! `sendense-hub backup`, `backups`, `verify`, `delete`, `replicate`, `restore` and `close`, and
-//! `prune`, `schedules` and `nodes` (their own modules): the API's everyday calls from a shell on the
-//! hub, without curl, a token on the command line or a loop polling for the end. Each is one
-//! call (`client::HubClient`, found from hub.toml) and, unless told to detach, follows the job to
-//! its end with a progress line per disk and exits 0 only if it completed (a script can chain
-//! on it: `sendense-hub backup web1 && ...`); the hub's refusal is printed as the hub said it,
-//! exit status 1. The API stays the contract: these print what it answers, nothing is decided
-//! here that the hub does not decide.
+//! in their own modules `prune`, `schedules`, and `nodes` and `vms` (`inventory`): the API's
+//! everyday calls from a shell on the hub, without curl, a token on the command line or a loop
+//! polling for the end. Each is one call (`client::HubClient`, found from hub.toml) and, unless
+//! told to detach, follows the job to its end with a progress line per disk and exits 0 only if
+//! it completed (a script can chain on it: `sendense-hub backup web1 && ...`); the hub's refusal
+//! is printed as the hub said it, exit status 1. The API stays the contract: these print what it
+//! answers, nothing is decided here that the hub does not decide.
 
 use anyhow::{bail, Context};
 use reqwest::Method;
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::client::HubClient;
 
-pub mod nodes;
+pub mod inventory;
 pub mod prune;
 pub mod schedules;
 

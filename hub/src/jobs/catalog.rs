@@ -161,10 +161,22 @@ impl Hub {
         (by, st.catalog.len())
     }
 
-    /// Per VM and node, what the catalog holds of its backups (for the metrics).
+    /// Per VM and node, what the catalog holds of its backups (for the metrics), with the VMs the
+    /// nodes list that have none.
     pub fn vm_summaries(&self) -> Vec<VmSummary> {
+        let listed = self.listed_vms();
         let st = self.state();
         let mut by: BTreeMap<(&str, &str), VmSummary> = BTreeMap::new();
+        // The VMs the nodes list count too, with no backups: a VM nobody backs up shows as 0.
+        for (node, vm, _) in &listed {
+            by.entry((&vm.name, node)).or_insert_with(|| VmSummary {
+                vm: vm.name.clone(),
+                node: node.clone(),
+                backups: 0,
+                stored_bytes: 0,
+                last_completed: None,
+            });
+        }
         for m in st.catalog.values() {
             let s = by.entry((&m.vm_name, &m.node)).or_insert_with(|| VmSummary {
                 vm: m.vm_name.clone(),

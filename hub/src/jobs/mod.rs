@@ -23,7 +23,8 @@
 //! rewrites images in `rewrite` (backups past `max_chain` made to stand alone in `flatten`, images
 //! compressed in `compress`), backup schedules at work in
 //! `scheduled`, the configuration taken up while serving in `reload`, runs handed over from a
-//! stopping hub to the next start in `handover`, the nodes checked and shown in `nodes`.
+//! stopping hub to the next start in `handover`, the nodes checked and shown in `nodes`, and
+//! which VMs are protected in `protection`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,7 @@ mod follow;
 mod handover;
 mod merge;
 mod nodes;
+mod protection;
 mod prune;
 mod reload;
 mod restore_run;
@@ -59,6 +61,7 @@ mod view;
 
 pub use catalog::VmSummary;
 pub use nodes::NodeView;
+pub use protection::VmView;
 pub use prune::{PruneAllView, PruneEntry, PruneView};
 pub use reload::{Live, Reloaded};
 pub use restore_run::RestoreDisk;

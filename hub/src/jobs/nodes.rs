@@ -173,6 +173,19 @@ impl Hub {
         }
     }
 
+    /// The VMs each node listed at its last answer, as (node, VM, whether that answer was its
+    /// last check's).
+    pub(super) fn listed_vms(&self) -> Vec<(String, VmInfo, bool)> {
+        let st = self.state();
+        let mut out: Vec<(String, VmInfo, bool)> = st
+            .node_health
+            .iter()
+            .flat_map(|(node, h)| h.vms.iter().map(move |vm| (node.clone(), vm.clone(), h.up)))
+            .collect();
+        out.sort_by(|a, b| (&a.1.name, &a.0).cmp(&(&b.1.name, &b.0)));
+        out
+    }
+
     /// For the metrics: each node checked so far, whether it answered the last check and when
     /// it last answered (Unix seconds).
     pub fn node_health(&self) -> Vec<(String, bool, Option<f64>)> {

@@ -130,6 +130,19 @@ fn wait_listening(child: &mut Child, port: u16, what: &str) {
 
 struct Process(Child);
 
+/// `sendense-node serve --config config`, once it listens on `api`.
+fn serve_node(config: &Path, api: u16, what: &str) -> Process {
+    let mut child = Command::new(sendense_node())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(&mut child, api, what);
+    Process(child)
+}
+
 impl Process {
     fn kill(&mut self) {
         let _ = self.0.kill();
@@ -409,15 +422,7 @@ impl Site {
     }
 
     pub fn start_node(&mut self) {
-        let mut child = Command::new(sendense_node())
-            .args(["serve", "--config"])
-            .arg(&self.node_config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, self.node_api, "sendense-node");
-        self.node = Some(Process(child));
+        self.node = Some(serve_node(&self.node_config, self.node_api, "sendense-node"));
     }
 
     pub fn start_hub(&mut self) {
@@ -751,15 +756,7 @@ pub struct OtherNode {
 impl OtherNode {
     /// Start it: it serves its API and tunnels to the hub.
     pub fn start(&mut self) {
-        let mut child = Command::new(sendense_node())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_listening(&mut child, self.api, "the other sendense-node");
-        self.process = Some(Process(child));
+        self.process = Some(serve_node(&self.config, self.api, "the other sendense-node"));
     }
 
     /// `GET path` on its API with its token.

@@ -1,7 +1,9 @@
-//! `sendense-hub nodes [NAME]`: the hub's nodes as it sees them now (`GET /api/v1/nodes[/NAME]`,
-//! each checked by the call): whether each answers and why not, its VMs, what runs on it; one
-//! node with its VMs' disks and its tunnel as it reports it. Exits 0 only if every node shown
-//! answered, so a script or a monitoring check can run it as it is.
+//! What the hub has to protect, as it sees it now. `sendense-hub nodes [NAME]` (`GET
+//! /api/v1/nodes[/NAME]`, each node checked by the call): whether each answers and why not, its
+//! VMs, what runs on it; one node with its VMs' disks and its tunnel as it reports it. Exits 0
+//! only if every node shown answered, so a script or a monitoring check can run it as it is.
+//! `sendense-hub vms` (`GET /api/v1/vms`): every VM a node lists or with backups, and its newest
+//! backup or that it never had one.
 
 use reqwest::Method;
 use serde_json::Value;
@@ -12,7 +14,7 @@ use crate::client::HubClient;
 ///
 /// # Errors
 /// The hub cannot be reached.
-pub async fn list(client: &HubClient) -> anyhow::Result<bool> {
+pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
     let nodes = client.expect(Method::GET, "/api/v1/nodes", None, 200).await?;
     let nodes = nodes.as_array().cloned().unwrap_or_default();
     println!("{:<16} {:<6} {:>4} {:>8}  {:<32} LAST SEEN", "NODE", "STATE", "VMS", "RUNNING", "URL");
@@ -41,7 +43,7 @@ pub async fn list(client: &HubClient) -> anyhow::Result<bool> {
 ///
 /// # Errors
 /// The hub cannot be reached or has no such node.
-pub async fn show(client: &HubClient, name: &str) -> anyhow::Result<bool> {
+pub async fn node(client: &HubClient, name: &str) -> anyhow::Result<bool> {
     let n = client.expect(Method::GET, &format!("/api/v1/nodes/{name}"), None, 200).await?;
     println!("node {name} at {}: {}", n["url"].as_str().unwrap_or("?"), state(&n));
     if let Some(error) = n["error"].as_str() {
@@ -72,7 +74,7 @@ pub async fn show(client: &HubClient, name: &str) -> anyhow::Result<bool> {
                 None => format!(
                     "{} {} {}",
                     d["key"],
-                    size(d["size"].as_u64().unwrap_or(0)),
+                    node::progress::human(d["size"].as_u64().unwrap_or(0)),
                     d["format"].as_str().unwrap_or("")
                 ),
             })
@@ -90,10 +92,41 @@ fn state(node: &Value) -> &'static str {
     }
 }
 
-/// `24 MiB`, `1.5 GiB`.
-fn size(bytes: u64) -> String {
-    match bytes >> 30 {
-        0 => format!("{} MiB", bytes >> 20),
-        _ => format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30)),
+/// Every VM a node lists or with backups, a line each: its newest backup, or `NEVER BACKED UP`.
+///
+/// # Errors
+/// The hub cannot be reached.
+pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
+    let vms = client.expect(Method::GET, "/api/v1/vms", None, 200).await?;
+    let vms = vms.as_array().cloned().unwrap_or_default();
+    println!("{:<20} {:<12} {:>10} {:>7}  NEWEST BACKUP", "VM", "NODE", "SIZE", "BACKUPS");
+    for v in &vms {
+        let size: u64 = v["disks"].as_array().into_iter().flatten().filter_map(|d| d["size"].as_u64()).sum();
+        let newest = match &v["newest_backup"] {
+            Value::Object(b) => format!(
+                "{} {} ({})",
+                b.get("completed_at").and_then(Value::as_str).unwrap_or("?"),
+                b.get("backup_id").and_then(Value::as_str).unwrap_or("?"),
+                b.get("backup_type").and_then(Value::as_str).unwrap_or("?"),
+            ),
+            _ => "NEVER BACKED UP".to_string(),
+        };
+        let mut notes = String::new();
+        if let Some(id) = v["running"].as_str() {
+            notes += &format!("  running: {id}");
+        }
+        if v["listed"] != true {
+            notes += "  (not listed by its node now)";
+        }
+        println!(
+            "{:<20} {:<12} {:>10} {:>7}  {newest}{notes}",
+            v["vm_name"].as_str().unwrap_or("?"),
+            v["node"].as_str().unwrap_or("?"),
+            if size > 0 { node::progress::human(size) } else { "-".into() },
+            v["backups"].as_u64().unwrap_or(0),
+        );
     }
+    let never = vms.iter().filter(|v| v["backups"] == 0).count();
+    println!("{} VM(s), {never} never backed up", vms.len());
+    Ok(())
 }

@@ -1,0 +1,102 @@
+//! Which VMs are protected (`GET /api/v1/vms`, `sendense-hub vms`): every VM a node lists and
+//! every VM with backups, side by side with its newest backup.
+//!
+//! The backups list answers "what do I have"; a backup service must also answer "what am I
+//! missing": a VM added to a node that no schedule names is backed up by nobody, and nothing
+//! else would say so. The nodes' lists come from a check made by the call (`nodes.rs`); a VM
+//! whose node did not answer keeps the disks of the node's last answer and says it was not
+//! listed now. The same VMs without backups reach the metrics as `sendense_hub_vm_backups 0`
+//! ([`Hub::vm_summaries`]).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::Hub;
+
+/// A VM and how it is protected.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmView {
+    /// The VM.
+    pub vm_name: String,
+    /// Its node.
+    pub node: String,
+    /// Whether its node listed it at the check this view comes from (false: the node did not
+    /// answer, or no longer has it; its backups stay).
+    pub listed: bool,
+    /// Its disks' keys and sizes as its node last listed them (none: never listed since the hub
+    /// started).
+    pub disks: Vec<VmDisk>,
+    /// Backups in the catalog.
+    pub backups: usize,
+    /// The newest of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub newest_backup: Option<NewestBackup>,
+    /// A backup or replication of it running now (its id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+}
+
+/// A disk of a [`VmView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VmDisk {
+    /// Disk key.
+    pub key: u32,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The newest backup of a [`VmView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct NewestBackup {
+    /// Its id.
+    pub backup_id: String,
+    /// `full` or `incremental`.
+    pub backup_type: String,
+    /// When it completed (RFC 3339).
+    pub completed_at: String,
+}
+
+impl Hub {
+    /// Every VM a node lists (checked now) or with backups, by name then node.
+    pub async fn vm_views(&self) -> Vec<VmView> {
+        self.check_nodes().await;
+        let listed = self.listed_vms();
+        let st = self.state();
+        let mut views: BTreeMap<(String, String), VmView> = BTreeMap::new();
+        let blank = |vm: &str, node: &str| VmView {
+            vm_name: vm.to_string(),
+            node: node.to_string(),
+            listed: false,
+            disks: Vec::new(),
+            backups: 0,
+            newest_backup: None,
+            running: None,
+        };
+        for (node, vm, now) in &listed {
+            let view = views.entry((vm.name.clone(), node.clone())).or_insert_with(|| blank(&vm.name, node));
+            view.listed = *now;
+            view.disks = vm.disks.iter().map(|d| VmDisk { key: d.key, size: d.size }).collect();
+        }
+        for m in st.catalog.values() {
+            let view = views.entry((m.vm_name.clone(), m.node.clone())).or_insert_with(|| blank(&m.vm_name, &m.node));
+            view.backups += 1;
+            if view.newest_backup.as_ref().is_none_or(|n| n.completed_at < m.completed_at) {
+                view.newest_backup = Some(NewestBackup {
+                    backup_id: m.backup_id.clone(),
+                    backup_type: m.backup_type.clone(),
+                    completed_at: m.completed_at.clone(),
+                });
+            }
+        }
+        for (vm, id) in &st.busy_vms {
+            let node = st.jobs.get(id).map(|j| j.node.clone());
+            if let Some(view) =
+                views.values_mut().find(|v| v.vm_name == *vm && node.as_ref().is_none_or(|n| *n == v.node))
+            {
+                view.running = Some(id.clone());
+            }
+        }
+        views.into_values().collect()
+    }
+}
