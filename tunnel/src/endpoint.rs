@@ -13,7 +13,10 @@
 //!
 //! Before authentication nothing is free: a connection must log in within the login deadline
 //! (30 s) or is closed, at most 64 unauthenticated connections are open at once (8 per
-//! address), and a client gets 3 authentication attempts.
+//! address), and a client gets 3 authentication attempts. Those 64 places are anyone's, so
+//! silent connections from a few dozen addresses could hold them all and keep every node out;
+//! 16 more are kept for the addresses a key has logged in from (the last 1024 of them), taken
+//! only when the 64 are full: such a flood no longer locks out a node that has connected before.
 //!
 //! On top of the static allow lists, an embedding service can decide per key and port with a
 //! [`ForwardPolicy`]: the hub lets a node's key reach only the NBD ports leased to that node's
@@ -124,6 +127,9 @@ pub struct LoginLimits {
     pub max_pending: usize,
     /// Unauthenticated connections open at once from one address.
     pub max_pending_per_address: usize,
+    /// More unauthenticated connections open at once, taken only when `max_pending` are, and
+    /// only by addresses a key has logged in from before.
+    pub reserved_for_known: usize,
 }
 
 impl EndpointConfig {
@@ -161,14 +167,18 @@ impl LoginLimits {
         deadline: Duration,
         max_pending: usize,
         max_pending_per_address: usize,
+        reserved_for_known: usize,
     }
 }
 
 impl Default for LoginLimits {
     fn default() -> Self {
-        Self { deadline: Duration::from_secs(30), max_pending: 64, max_pending_per_address: 8 }
+        Self { deadline: Duration::from_secs(30), max_pending: 64, max_pending_per_address: 8, reserved_for_known: 16 }
     }
 }
+
+/// Addresses a key logged in from that [`Shared::known`] remembers (the oldest forgotten first).
+const KNOWN_ADDRESSES: usize = 1024;
 
 impl std::fmt::Debug for EndpointConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -197,6 +207,8 @@ struct Shared {
     reverse: Mutex<HashMap<u32, (String, tokio::task::AbortHandle)>>,
     /// Unauthenticated connections per address.
     pending: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Addresses a key logged in from, with when it last did (at most [`KNOWN_ADDRESSES`]).
+    known: Mutex<HashMap<std::net::IpAddr, std::time::Instant>>,
 }
 
 /// One unauthenticated connection's place in the bounds; given back on drop.
@@ -301,6 +313,22 @@ impl Shared {
         let keys = Arc::clone(&self.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
         keys.iter().any(|k| k.key.key_data() == entry.key.key_data())
     }
+
+    /// Remember that a key logged in from `ip`.
+    fn logged_in_from(&self, ip: std::net::IpAddr) {
+        let Ok(mut known) = self.known.lock() else { return };
+        if known.len() >= KNOWN_ADDRESSES && !known.contains_key(&ip) {
+            if let Some(oldest) = known.iter().min_by_key(|(_, at)| **at).map(|(a, _)| *a) {
+                known.remove(&oldest);
+            }
+        }
+        known.insert(ip, std::time::Instant::now());
+    }
+
+    /// Whether a key has logged in from `ip` (as far as the last [`KNOWN_ADDRESSES`] go).
+    fn is_known(&self, ip: std::net::IpAddr) -> bool {
+        self.known.lock().is_ok_and(|known| known.contains_key(&ip))
+    }
 }
 
 /// Disconnect a session for `reason`, told to its client (in a task of its own: the session's
@@ -353,6 +381,7 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
         ..server::Config::default()
     });
     let pending_slots = Arc::new(tokio::sync::Semaphore::new(config.login.max_pending));
+    let reserved_slots = Arc::new(tokio::sync::Semaphore::new(config.login.reserved_for_known));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -362,11 +391,17 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&pending_slots).try_acquire_owned() else {
-            tracing::warn!(%peer, "refused: too many connections waiting to log in");
-            continue;
-        };
         let ip = peer.ip().to_canonical();
+        let permit = match Arc::clone(&pending_slots).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match shared.is_known(ip).then(|| Arc::clone(&reserved_slots).try_acquire_owned()) {
+                Some(Ok(p)) => p,
+                _ => {
+                    tracing::warn!(%peer, "refused: too many connections waiting to log in");
+                    continue;
+                }
+            },
+        };
         let admitted = shared.pending.lock().is_ok_and(|mut m| {
             let n = m.entry(ip).or_insert(0);
             *n += 1;
@@ -421,6 +456,7 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                 r = logged_in => {
                     let Ok(entry) = r else { return };
                     drop(pending);
+                    shared.logged_in_from(peer.ip().to_canonical());
                     let number = shared.next_session.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut live) = shared.live.lock() {
                         live.insert(number, (entry.clone(), session.handle()));

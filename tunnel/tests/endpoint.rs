@@ -295,6 +295,64 @@ async fn connections_that_do_not_log_in_are_bounded_and_closed_at_the_deadline()
     assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "{:?}", tunnel.status());
 }
 
+/// A silent connection to `port` from `source` (another loopback address): what the endpoint
+/// sends first (its banner, or nothing when it refuses the connection at once).
+async fn first_from(source: [u8; 4], port: u16) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((source, 0))).unwrap();
+    let mut s = socket.connect(local(port)).await.unwrap();
+    let mut first = vec![0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut first)).await.unwrap().unwrap_or(0);
+    first.truncate(n);
+    (s, first)
+}
+
+/// Silent connections from other addresses fill every place before login: a new address is
+/// refused at once, but an address a key has logged in from before still gets in (the places
+/// kept for known addresses) and logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_does_not_lock_out_an_address_that_logged_in_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (identity, host_pub) = setup(&d);
+    let authorized = std::fs::read_to_string(d.join("client_key.pub")).unwrap();
+    let login = LoginLimits::default()
+        .deadline(Duration::from_secs(20))
+        .max_pending(4)
+        .max_pending_per_address(4)
+        .reserved_for_known(2);
+    let hub = start_hub_with(&d, &authorized, (1, 1), free_port(), login).await;
+    let kh = known_hosts(&d, hub.port, &host_pub);
+    let config = || {
+        // One SSH connection: a second one still logging in at the shutdown below would hold a
+        // place before login for a moment.
+        let mut c = ClientConfig::new("127.0.0.1", hub.port, "root", &identity, HostKeyPolicy::KnownHosts(kh.clone()));
+        c.connections = 1;
+        c
+    };
+    // 127.0.0.1 logs in once: known from then on.
+    let first = Tunnel::start(config()).await.unwrap();
+    assert!(first.wait_connected(Duration::from_secs(10)).await, "{:?}", first.status());
+    first.shutdown().await;
+
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let (s, said) = first_from([127, 0, 0, 2], hub.port).await;
+        assert!(said.starts_with(b"SSH-2.0-"), "a place before login: {said:?}");
+        flood.push(s);
+    }
+    let (_, said) = first_from([127, 0, 0, 3], hub.port).await;
+    assert!(said.is_empty(), "every place taken: a new address is refused at once, got {said:?}");
+    let again = Tunnel::start(config()).await.unwrap();
+    assert!(
+        again.wait_connected(Duration::from_secs(10)).await,
+        "the known address is locked out: {:?}",
+        again.status()
+    );
+    drop(flood);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverse_channels_count_against_the_connections_channel_limit() {
     let dir = tempfile::tempdir().unwrap();

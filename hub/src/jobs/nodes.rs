@@ -108,8 +108,12 @@ impl Hub {
             },
         };
         match (was_up, health.up) {
-            (Some(true) | None, false) => {
+            (Some(true), false) => {
                 tracing::warn!(node = name, error = health.error.as_deref().unwrap_or(""), "node out of reach")
+            }
+            // At start a tunnelled node may not have connected yet: said once, not as a loss.
+            (None, false) => {
+                tracing::info!(node = name, error = health.error.as_deref().unwrap_or(""), "node not reachable yet")
             }
             (Some(false), true) => tracing::info!(node = name, "node reachable again"),
             _ => {}
