@@ -402,6 +402,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         );
     }
 
+    // What an operator asks first: is every node in, is every VM backed up.
+    let (_, nodes) = api.call(reqwest::Method::GET, "/api/v1/nodes", None).await?;
+    let (_, vms) = api.call(reqwest::Method::GET, "/api/v1/vms", None).await?;
+    let node_up = nodes[0]["reachable"] == true && nodes[0]["vms"][0]["name"] == "demo";
+    let vm_protected = vms[0]["vm_name"] == "demo" && vms[0]["newest_backup"]["backup_id"] == json!(incr_id);
+    ok &= node_up && vm_protected;
+    println!(
+        "  node {}: {} (GET /api/v1/nodes); VM demo: {} backups, the newest {} (GET /api/v1/vms)",
+        nodes[0]["name"].as_str().unwrap_or("?"),
+        if node_up { "up, listing the VM" } else { "NOT UP" },
+        vms[0]["backups"],
+        if vm_protected { "the incremental" } else { "NOT THE INCREMENTAL" },
+    );
+
     println!("\n7. retention: keep the newest backup (POST /api/v1/prune), the full one merged into the incremental");
     let started = Instant::now();
     let (status, v) = api

@@ -681,6 +681,10 @@ fn the_demo_runs_the_whole_product_and_every_check_passes() {
         "{stdout}"
     );
     assert!(stdout.contains("a full backup of its own now, verify ok"), "{stdout}");
+    assert!(
+        stdout.contains("up, listing the VM (GET /api/v1/nodes); VM demo: 2 backups, the newest the incremental"),
+        "{stdout}"
+    );
     // The images it leaves behind are qemu's to judge too: the full backup merged away, the
     // incremental standing alone and equal to the disks.
     let repo = dir.path().join("demo/hub/repo/demo");
