@@ -174,14 +174,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         name: "nightly".into(),
         vms: vec!["*".into()],
         at: Some(vec![at]),
-        every: None,
-        days: None,
-        kind: None,
-        exclude: Vec::new(),
-        backup_type: None,
-        node: None,
         tags: vec!["nightly".into()],
-        parallel: None,
+        ..crate::schedule::ScheduleFile::default()
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     let hub_token = "demo-token-".to_string() + &fingerprint.chars().rev().take(12).collect::<String>();

@@ -148,7 +148,9 @@ fn schedule_schema() -> Value {
         "vms": {"type": "array", "items": {"type": "string"}}, "exclude": {"type": "array", "items": {"type": "string"}},
         "when": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
         "node": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
-        "parallel": {"type": "integer"}, "next_run": {"type": "string", "format": "date-time"},
+        "parallel": {"type": "integer"},
+        "retention": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "its keep_* (absent: the hub's)"},
+        "next_run": {"type": "string", "format": "date-time"},
         "running": run, "last_run": run, "skipped_occurrences": {"type": "integer"}}})
 }
 

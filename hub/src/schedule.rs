@@ -29,7 +29,7 @@ pub const MAX_PARALLEL: usize = 16;
 pub const MIN_EVERY: Duration = Duration::from_secs(5);
 
 /// `[[schedule]]` as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleFile {
     /// Its name (API, logs, metrics, the state kept in the repository).
@@ -56,6 +56,19 @@ pub struct ScheduleFile {
     pub tags: Vec<String>,
     /// Backups of this schedule at once (default 1).
     pub parallel: Option<usize>,
+    /// Retention applied to a VM's backups once this schedule's backup of it completes, in
+    /// place of the hub's `keep_*` (the same keys); none given: the hub's.
+    pub keep_backups: Option<u32>,
+    /// ... the newest of each of the last N hours.
+    pub keep_hourly: Option<u32>,
+    /// ... days.
+    pub keep_daily: Option<u32>,
+    /// ... ISO weeks.
+    pub keep_weekly: Option<u32>,
+    /// ... months.
+    pub keep_monthly: Option<u32>,
+    /// ... years.
+    pub keep_yearly: Option<u32>,
 }
 
 /// What a schedule runs for each VM.
@@ -120,6 +133,8 @@ pub struct Schedule {
     pub tags: Vec<String>,
     /// Backups at once.
     pub parallel: usize,
+    /// Its `keep_*` (empty: the hub's).
+    pub retention: crate::retention::Policy,
 }
 
 const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -167,6 +182,18 @@ impl Schedule {
         if !(1..=MAX_PARALLEL).contains(&parallel) {
             return Err(bad(format!("parallel = {parallel}: give 1 to {MAX_PARALLEL}")));
         }
+        let retention = crate::retention::Policy {
+            last: file.keep_backups,
+            hourly: file.keep_hourly,
+            daily: file.keep_daily,
+            weekly: file.keep_weekly,
+            monthly: file.keep_monthly,
+            yearly: file.keep_yearly,
+        };
+        retention.validate("keep_backups").map_err(bad)?;
+        if work == Work::Replication && !retention.is_empty() {
+            return Err(bad("a replication schedule takes no keep_*: a VM has one replica, kept in place".into()));
+        }
         Ok(Self {
             name,
             vms,
@@ -177,6 +204,7 @@ impl Schedule {
             node: file.node,
             tags: file.tags,
             parallel,
+            retention,
         })
     }
 
@@ -384,12 +412,7 @@ mod tests {
             at: at.map(|a| a.iter().map(|s| s.to_string()).collect()),
             every: every.map(str::to_string),
             days: days.map(|d| d.iter().map(|s| s.to_string()).collect()),
-            kind: None,
-            exclude: Vec::new(),
-            backup_type: None,
-            node: None,
-            tags: Vec::new(),
-            parallel: None,
+            ..ScheduleFile::default()
         }
     }
 
@@ -501,5 +524,22 @@ mod tests {
             toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\nkind = \"verify\"\n").is_err()
         );
         assert!(toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\ncron = \"*\"\n").is_err());
+    }
+
+    #[test]
+    fn a_schedule_takes_retention_of_its_own_checked_as_the_hubs() {
+        let mut f = file(Some(&["02:00"]), None, None);
+        assert!(Schedule::parse(f.clone()).unwrap().retention.is_empty(), "none given: the hub's");
+        f.keep_backups = Some(3);
+        f.keep_daily = Some(7);
+        let s = Schedule::parse(f.clone()).unwrap();
+        assert_eq!((s.retention.last, s.retention.daily, s.retention.weekly), (Some(3), Some(7), None));
+        f.keep_weekly = Some(0);
+        let e = Schedule::parse(f.clone()).unwrap_err();
+        assert!(e.contains("schedule s: keep_weekly must be at least 1"), "{e}");
+        f.keep_weekly = None;
+        f.kind = Some(Work::Replication);
+        let e = Schedule::parse(f).unwrap_err();
+        assert!(e.contains("a replication schedule takes no keep_*"), "{e}");
     }
 }

@@ -1107,14 +1107,16 @@ fn run_cli(config: &Path, args: &[&str]) -> impl std::future::Future<Output = (O
 /// `sendense-hub schedules` and `prune` against a running hub: a schedule listed with its next
 /// run, run now and followed to its end three times (a full, then incrementals), shown VM by
 /// VM; a retention policy previewed (nothing removed) and applied (the dropped backups merged
-/// into the one kept, which still holds the disk); the hub's refusals as exit status 1.
+/// into the one kept, which still holds the disk); a schedule's own `keep_backups` applied after
+/// its runs; the hub's refusals as exit status 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let node_url = start_node(d, &[("pgtest1", 1)], None).await;
+    let node_url = start_node(d, &[("pgtest1", 1), ("db1", 1)], None).await;
     let base = free_ports(4);
-    let schedule = "[[schedule]]\nname = \"nightly\"\nvms = [\"pgtest1\"]\nat = [\"03:00\"]\n";
+    let schedule = "[[schedule]]\nname = \"nightly\"\nvms = [\"pgtest1\"]\nat = [\"03:00\"]\n\
+                    [[schedule]]\nname = \"kept\"\nvms = [\"db1\"]\nat = [\"04:00\"]\nkeep_backups = 1\n";
     let hub = HubProcess::start_with(d, &node_url, (base, base + 3), schedule);
     let cli = |args: &[&str]| run_cli(&hub.config, args);
     let src = d.join("pgtest1-0.raw");
@@ -1170,6 +1172,33 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
     assert_same(&src, &image(&ids[2]));
     let (code, said, _) = cli(&["verify", &ids[2]]).await;
     assert_eq!(code, Some(0), "{said}");
+
+    // A schedule's own retention (keep_backups = 1) applied after each of its backups: the
+    // second run leaves its backup alone, equal to the disk.
+    let (_, shown, _) = cli(&["schedules", "kept"]).await;
+    assert!(shown.contains("retention: keep=1"), "{shown}");
+    assert!(cli(&["schedules", "nightly"]).await.1.contains("retention: the hub's"));
+    let mut kept = Vec::new();
+    for round in 0..2u8 {
+        change(&d.join("db1-0.raw"), u64::from(round) * MIB, 0x50 + round);
+        let (code, said, err) = cli(&["schedules", "kept", "--run"]).await;
+        assert_eq!(code, Some(0), "{said}{err}");
+        let done =
+            said.lines().find(|l| l.trim_start().starts_with("db1: completed, ")).unwrap_or_else(|| panic!("{said}"));
+        kept.push(done.rsplit(", ").next().unwrap().to_string());
+    }
+    // Applied once the backup has completed (the run's end is told first).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let db1 = hub.call("GET", "/api/v1/backups?vm_name=db1", None).await.1;
+        let ids: Vec<&str> = db1.as_array().unwrap().iter().filter_map(|b| b["backup_id"].as_str()).collect();
+        if ids == [kept[1].as_str()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{db1}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_same(&d.join("db1-0.raw"), &d.join("repo/db1").join(&kept[1]).join("disk-2000.qcow2"));
 
     // Refusals: no rules here nor in the config, an unknown schedule (the hub's words, exit 1);
     // a rule of 0 and --run without a name (clap's, exit 2).

@@ -84,7 +84,7 @@ fn entries(vm: &Value) -> impl Iterator<Item = &Value> {
 }
 
 /// `keep=3 keep_daily=7`, as the hub applied it.
-fn policy_text(policy: &Value) -> String {
+pub(super) fn policy_text(policy: &Value) -> String {
     let rules: Vec<String> = policy.as_object().into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
     if rules.is_empty() {
         "none".to_string()

@@ -55,6 +55,11 @@ pub async fn show(client: &HubClient, name: &str) -> anyhow::Result<()> {
         s["when"].as_str().unwrap_or("?"),
         s["parallel"],
     );
+    match s["retention"].as_object() {
+        Some(_) => println!("  retention: {}", super::prune::policy_text(&s["retention"])),
+        None if s["kind"] == "backup" => println!("  retention: the hub's (keep_* in hub.toml)"),
+        None => {}
+    }
     println!("  next run: {}", s["next_run"].as_str().unwrap_or("none"));
     if s["skipped_occurrences"].as_u64().unwrap_or(0) > 0 {
         println!("  occurrences passed over (the run before still going): {}", s["skipped_occurrences"]);

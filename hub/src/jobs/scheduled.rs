@@ -1,6 +1,6 @@
 //! Schedules at work (`[[schedule]]`, checked in `crate::schedule`): at each occurrence the VMs
 //! of a schedule are backed up, `parallel` at a time, each as `POST /api/v1/backups` would
-//! (the config's retention applied after each), or their replicas brought up to date as `POST
+//! (the schedule's `keep_*`, else the config's retention, applied after each), or their replicas brought up to date as `POST
 //! /api/v1/replications` would (`kind = "replication"`), and the run is kept for the API (`GET
 //! /api/v1/schedules`: the next occurrence, the run under way, the last run with each VM's
 //! backup and outcome) and the metrics.
@@ -168,6 +168,9 @@ pub struct ScheduleView {
     pub tags: Vec<String>,
     /// Backups at once.
     pub parallel: usize,
+    /// The retention its backups apply (`keep`, `keep_daily`, ...); absent: the hub's.
+    #[serde(skip_serializing_if = "Policy::is_empty")]
+    pub retention: Policy,
     /// The next occurrence (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_run: Option<String>,
@@ -219,6 +222,9 @@ impl Hub {
         if let Some(old) = old {
             old.cancel();
         }
+        // Shown at once (the loop sets it too): the API may answer before the loop first runs.
+        let next = schedule.next_after(Timestamp::now(), &TimeZone::system());
+        self.state().schedules.entry(schedule.name.clone()).or_default().next_run = next;
         let hub = Arc::clone(self);
         tokio::spawn(async move { hub.schedule_loop(schedule, stop, catch_up).await });
     }
@@ -261,6 +267,7 @@ impl Hub {
             node: s.node.clone(),
             tags: s.tags.clone(),
             parallel: s.parallel,
+            retention: s.retention,
             next_run: state.and_then(|x| x.next_run).map(|t| t.to_string()),
             running: state.and_then(|x| x.running.clone()),
             last_run: state.and_then(|x| x.last_run.clone()),
@@ -568,7 +575,8 @@ impl Hub {
                 tracing::warn!(schedule = %s.name, vm, error = %why, "schedule: VM skipped");
                 return record(Outcome::Skipped, None, Some(why));
             }
-            match self.start(kind, vm, s.backup_type, node, &s.tags, Policy::default()).await {
+            // The schedule's keep_* (empty: the hub's), as a request's keep rules are.
+            match self.start(kind, vm, s.backup_type, node, &s.tags, s.retention).await {
                 Ok(job) => break job.id,
                 Err(HubError::Unavailable(e)) if Instant::now() < give_up => {
                     tracing::info!(schedule = %s.name, vm, error = %e, "schedule: cannot start now, trying again");
