@@ -53,7 +53,7 @@
 //! The node saves such maps every `checkpoint_every_s` (`jobs/handover.rs`), so a node killed in
 //! the middle of a disk goes on from its last checkpoint at its next start.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -464,10 +464,12 @@ impl Resumable {
                 return Ok(false);
             },
         }
-        let path = path.to_path_buf();
-        match tokio::task::spawn_blocking(move || staged.commit().map_err(|source| MapError { path, source })).await {
+        let into = path.to_path_buf();
+        match tokio::task::spawn_blocking(move || staged.commit().map_err(|source| MapError { path: into, source }))
+            .await
+        {
             Ok(committed) => committed.map(|()| true),
-            Err(e) => Err(MapError { path: PathBuf::new(), source: std::io::Error::other(e) }),
+            Err(e) => Err(MapError { path: path.to_path_buf(), source: std::io::Error::other(e) }),
         }
     }
 }
