@@ -116,6 +116,19 @@ impl Policy {
         self.counts().iter().all(|(_, n)| n.is_none())
     }
 
+    /// The policy of a config file's keys `keep_backups`, `keep_hourly`, `keep_daily`,
+    /// `keep_weekly`, `keep_monthly` and `keep_yearly`, in that order (hub.toml's top level, a
+    /// `[[schedule]]`), checked.
+    ///
+    /// # Errors
+    /// A rule of 0, named by its key.
+    pub fn from_keys(keys: [Option<u32>; 6]) -> Result<Self, String> {
+        let [last, hourly, daily, weekly, monthly, yearly] = keys;
+        let policy = Self { last, hourly, daily, weekly, monthly, yearly };
+        policy.validate("keep_backups")?;
+        Ok(policy)
+    }
+
     /// A policy whose rules are all at least 1.
     ///
     /// # Errors

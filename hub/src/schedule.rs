@@ -57,7 +57,8 @@ pub struct ScheduleFile {
     /// Backups of this schedule at once (default 1).
     pub parallel: Option<usize>,
     /// Retention applied to a VM's backups once this schedule's backup of it completes, in
-    /// place of the hub's `keep_*` (the same keys); none given: the hub's.
+    /// place of the hub's `keep_*` (the same keys, declared here again: serde's `flatten` would
+    /// lose `deny_unknown_fields`, which turns a typo into an error); none given: the hub's.
     pub keep_backups: Option<u32>,
     /// ... the newest of each of the last N hours.
     pub keep_hourly: Option<u32>,
@@ -182,15 +183,15 @@ impl Schedule {
         if !(1..=MAX_PARALLEL).contains(&parallel) {
             return Err(bad(format!("parallel = {parallel}: give 1 to {MAX_PARALLEL}")));
         }
-        let retention = crate::retention::Policy {
-            last: file.keep_backups,
-            hourly: file.keep_hourly,
-            daily: file.keep_daily,
-            weekly: file.keep_weekly,
-            monthly: file.keep_monthly,
-            yearly: file.keep_yearly,
-        };
-        retention.validate("keep_backups").map_err(bad)?;
+        let keys = [
+            file.keep_backups,
+            file.keep_hourly,
+            file.keep_daily,
+            file.keep_weekly,
+            file.keep_monthly,
+            file.keep_yearly,
+        ];
+        let retention = crate::retention::Policy::from_keys(keys).map_err(bad)?;
         if work == Work::Replication && !retention.is_empty() {
             return Err(bad("a replication schedule takes no keep_*: a VM has one replica, kept in place".into()));
         }

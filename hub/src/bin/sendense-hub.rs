@@ -381,15 +381,9 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
         (None, None, None, f) => f,
         _ => bail!("--ssh-listen, --host-key and --authorized-keys go together"),
     };
-    let retention = hub::retention::Policy {
-        last: file.keep_backups,
-        hourly: file.keep_hourly,
-        daily: file.keep_daily,
-        weekly: file.keep_weekly,
-        monthly: file.keep_monthly,
-        yearly: file.keep_yearly,
-    };
-    retention.validate("keep_backups").map_err(|e| anyhow!(e))?;
+    let keys =
+        [file.keep_backups, file.keep_hourly, file.keep_daily, file.keep_weekly, file.keep_monthly, file.keep_yearly];
+    let retention = hub::retention::Policy::from_keys(keys).map_err(|e| anyhow!(e))?;
     let schedules = config::check_schedules(file.schedule, &nodes).map_err(|e| anyhow!(e))?;
     // Loaded now, so that a wrong directory stops the start (or a reload), not a connection.
     let api_tls =
