@@ -117,6 +117,7 @@ fn write_chain(repo: &Repo) -> Result<(), Box<dyn std::error::Error>> {
             disks: vec![disk],
             note: None,
             tags: vec!["nightly".into()],
+            schedule: None,
             merging_into: None,
             verified: None,
             compressed: None,

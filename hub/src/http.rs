@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::HubError;
-use crate::jobs::{Hub, JobView, Kind, ScheduleView};
+use crate::jobs::{Asked, Hub, JobView, Kind, ScheduleView};
 use crate::retention::Policy;
 
 impl IntoResponse for HubError {
@@ -90,7 +90,10 @@ pub struct PruneRequest {
     pub vm_name: Option<String>,
     /// Node, when several nodes' VMs of that name have backups.
     pub node: Option<String>,
-    /// The rules, as in [`BackupRequest`]; none: the config's.
+    /// The `[[schedule]]` (with `keep_*` of its own) whose backups to prune; none: the backups
+    /// under the hub's rules (`jobs/prune.rs`).
+    pub schedule: Option<String>,
+    /// The rules, as in [`BackupRequest`]; none: the schedule's own, or the config's.
     pub keep: Option<u32>,
     /// See [`BackupRequest::keep_hourly`].
     pub keep_hourly: Option<u32>,
@@ -270,7 +273,8 @@ async fn start_backup(
     }
     let retention = policy_of!(req);
     let v = to_completion(async move {
-        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), &req.tags, retention).await
+        let asked = Asked { tags: &req.tags, retention, schedule: None };
+        hub.start(Kind::Backup, &req.vm_name, req.backup_type, req.node.as_deref(), asked).await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Backup, &v))).into_response())
@@ -316,8 +320,10 @@ async fn prune(
     let policy = policy_of!(req);
     let view = to_completion(async move {
         match (req.vm_name, req.node) {
-            (Some(vm), node) => Ok(json!(hub.prune(&vm, node.as_deref(), policy, req.dry_run).await?)),
-            (None, None) => Ok(json!(hub.prune_all(policy, req.dry_run).await?)),
+            (Some(vm), node) => {
+                Ok(json!(hub.prune(&vm, node.as_deref(), req.schedule.as_deref(), policy, req.dry_run).await?))
+            }
+            (None, None) => Ok(json!(hub.prune_all(req.schedule.as_deref(), policy, req.dry_run).await?)),
             (None, Some(_)) => Err(HubError::BadRequest("node goes with vm_name".into())),
         }
     })
@@ -386,8 +392,7 @@ async fn start_replication(
 ) -> Result<Response, HubError> {
     let req = body(b)?;
     let v = to_completion(async move {
-        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), &[], Policy::default())
-            .await
+        hub.start(Kind::Replication, &req.vm_name, BackupType::Incremental, req.node.as_deref(), Asked::default()).await
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(Kind::Replication, &v))).into_response())

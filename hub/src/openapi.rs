@@ -67,18 +67,20 @@ fn schemas() -> Value {
             "keep_yearly": {"type": "integer", "minimum": 1}}},
         "PruneRequest": {"type": "object", "properties": {
             "vm_name": {"type": "string", "description": "none: every VM with backups (answer: PruneAll)"}, "node": {"type": "string"},
+            "schedule": {"type": "string", "description": "the backups this [[schedule]] with keep_* of its own made (rules: its own unless given); none: the backups under the hub's rules"},
             "keep": {"type": "integer", "minimum": 1}, "keep_hourly": {"type": "integer", "minimum": 1},
             "keep_daily": {"type": "integer", "minimum": 1}, "keep_weekly": {"type": "integer", "minimum": 1},
             "keep_monthly": {"type": "integer", "minimum": 1}, "keep_yearly": {"type": "integer", "minimum": 1},
             "dry_run": {"type": "boolean", "default": false}}},
         "Prune": {"type": "object", "properties": {
             "vm_name": {"type": "string"}, "node": {"type": "string"}, "dry_run": {"type": "boolean"},
+            "schedule": {"type": "string", "description": "the schedule whose backups were pruned (absent: those under the hub's rules)"},
             "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
             "removed": {"type": "integer"}, "failed": {"type": "integer"},
             "backups": {"type": "array", "items": {"type": "object", "properties": {
                 "backup_id": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
-                "action": {"type": "string", "enum": ["keep", "remove"]},
-                "kept_by": {"type": "string", "enum": ["keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly", "undated"]},
+                "action": {"type": "string", "enum": ["keep", "remove"]}, "schedule": {"type": "string", "description": "the schedule that made it"},
+                "kept_by": {"type": "string", "enum": ["keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly", "keep-yearly", "undated", "other-retention"]},
                 "error": {"type": "string"}}}}}},
         "ReplicationRequest": {"type": "object", "required": ["vm_name"], "properties": {"vm_name": {"type": "string"}, "node": {"type": "string"}}},
         "RestoreRequest": {"type": "object", "required": ["backup_id"], "properties": {
@@ -104,6 +106,7 @@ fn schemas() -> Value {
             "disks": {"type": "array", "items": {"$ref": "#/components/schemas/DiskProgress"}},
             "error": {"type": "string"}, "note": {"type": "string"},
             "tags": {"type": "array", "items": {"type": "string"}},
+            "schedule": {"type": "string", "description": "the [[schedule]] whose run made it (absent: a request)"},
             "verified": {"type": "object", "description": "the last verification since the backup completed (scrub or request)", "properties": {
                 "at": {"type": "string", "format": "date-time"}, "ok": {"type": "boolean"}, "error": {"type": "string"}}},
             "compressed": {"type": "object", "description": "its images rewritten compressed (compress = \"zstd\")", "properties": {
@@ -179,7 +182,8 @@ pub fn document() -> Value {
         m.insert(
             "PruneAll".into(),
             json!({"type": "object", "properties": {
-                "dry_run": {"type": "boolean"}, "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "dry_run": {"type": "boolean"}, "schedule": {"type": "string"},
+                "policy": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "removed": {"type": "integer"}, "failed": {"type": "integer"},
                 "vms": {"type": "array", "items": {"$ref": "#/components/schemas/Prune"}}}}),
         );

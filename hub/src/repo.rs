@@ -60,6 +60,10 @@ pub struct Manifest {
     /// The operator's labels, as the backup was asked for with them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The `[[schedule]]` whose run made it (none: a request). A schedule with `keep_*` of its
+    /// own prunes only the backups it made, by its name here (`jobs/prune.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// Set while this backup is merged into this incremental on top of it (`DELETE
     /// ...?merge=true`, `jobs/merge.rs`): from then on no point in time of its own, not listed;
     /// a hub that stops before the merge is done finishes it when it starts.
@@ -363,6 +367,7 @@ mod tests {
             }],
             note: None,
             tags: vec![],
+            schedule: None,
             merging_into: None,
             verified: None,
             compressed: None,

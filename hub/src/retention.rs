@@ -68,6 +68,10 @@ pub enum Rule {
     /// Kept whatever the policy: its creation time could not be read.
     #[serde(rename = "undated")]
     Undated,
+    /// Kept whatever the policy: another retention keeps it (a `[[schedule]]`'s own `keep_*` for
+    /// the backups it made, or the hub's for the others; `jobs/prune.rs`).
+    #[serde(rename = "other-retention")]
+    OtherRetention,
 }
 
 impl Rule {
@@ -77,7 +81,9 @@ impl Rule {
     /// The key of the period `at` falls in (every backup its own period for `Last`).
     fn period(self, at: &Zoned, index: usize) -> (i32, i32, i32) {
         match self {
-            Rule::Last | Rule::Undated => (i32::MIN, i32::MIN, i32::try_from(index).unwrap_or(i32::MAX)),
+            Rule::Last | Rule::Undated | Rule::OtherRetention => {
+                (i32::MIN, i32::MIN, i32::try_from(index).unwrap_or(i32::MAX))
+            }
             Rule::Hourly => (i32::from(at.year()), i32::from(at.day_of_year()), i32::from(at.hour())),
             Rule::Daily => (i32::from(at.year()), i32::from(at.day_of_year()), 0),
             Rule::Weekly => {
@@ -220,6 +226,7 @@ impl Rule {
             Rule::Monthly => "monthly",
             Rule::Yearly => "yearly",
             Rule::Undated => "undated",
+            Rule::OtherRetention => "other-retention",
         }
     }
 }

@@ -134,7 +134,7 @@ pub struct Schedule {
     pub tags: Vec<String>,
     /// Backups at once.
     pub parallel: usize,
-    /// Its `keep_*` (empty: the hub's).
+    /// Its `keep_*`, for the backups it makes (empty: they are under the hub's).
     pub retention: crate::retention::Policy,
 }
 

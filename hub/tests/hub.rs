@@ -1173,8 +1173,11 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
     let (code, said, _) = cli(&["verify", &ids[2]]).await;
     assert_eq!(code, Some(0), "{said}");
 
-    // A schedule's own retention (keep_backups = 1) applied after each of its backups: the
-    // second run leaves its backup alone, equal to the disk.
+    // A schedule's own retention (keep_backups = 1) applied after each of its backups, to the
+    // backups it made only: the second run leaves its backup and the operator's, taken before.
+    let (code, said, err) = cli(&["backup", "db1", "--full"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    let by_hand = said.split_whitespace().nth(1).unwrap().to_string();
     let (_, shown, _) = cli(&["schedules", "kept"]).await;
     assert!(shown.contains("retention: keep=1"), "{shown}");
     assert!(cli(&["schedules", "nightly"]).await.1.contains("retention: the hub's"));
@@ -1192,13 +1195,38 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
     loop {
         let db1 = hub.call("GET", "/api/v1/backups?vm_name=db1", None).await.1;
         let ids: Vec<&str> = db1.as_array().unwrap().iter().filter_map(|b| b["backup_id"].as_str()).collect();
-        if ids == [kept[1].as_str()] {
+        if ids == [kept[1].as_str(), by_hand.as_str()] {
             break;
         }
         assert!(Instant::now() < deadline, "{db1}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_same(&d.join("db1-0.raw"), &d.join("repo/db1").join(&kept[1]).join("disk-2000.qcow2"));
+    let (code, said, _) = cli(&["verify", &by_hand]).await;
+    assert_eq!(code, Some(0), "the operator's backup reads as it did: {said}");
+    let (_, listed, _) = cli(&["backups", "--vm", "db1"]).await;
+    let line = |said: &str, id: &str| {
+        said.lines().find(|l| l.trim_start().starts_with(id)).unwrap_or_else(|| panic!("{said}")).to_string()
+    };
+    assert!(line(&listed, &kept[1]).contains("(schedule kept)"), "{listed}");
+    assert!(!line(&listed, &by_hand).contains("schedule"), "{listed}");
+    // A prune by the hub's rules leaves the schedule's backups to it, and one of the schedule's
+    // backups applies its rules to them alone.
+    let (code, said, err) = cli(&["prune", "db1", "--keep", "1", "--dry-run"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(line(&said, &kept[1]).contains("keep") && said.contains("(other-retention: schedule kept)"), "{said}");
+    assert!(line(&said, &by_hand).contains("(keep-last)") && said.contains("0 backup(s) would be"), "{said}");
+    let (code, said, err) = cli(&["prune", "--schedule", "kept", "--dry-run"]).await;
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.contains("policy: keep=1 (the backups schedule kept made)"), "{said}");
+    assert!(
+        line(&said, &kept[1]).contains("(keep-last)") && line(&said, &by_hand).contains("(other-retention: the hub's)"),
+        "{said}"
+    );
+    assert!(!said.contains("pgtest1"), "only the VMs with backups it made: {said}");
+    let (code, _, err) = cli(&["prune", "--schedule", "nightly"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("schedule nightly has no keep_* of its own"), "{err}");
 
     // Refusals: no rules here nor in the config, an unknown schedule (the hub's words, exit 1);
     // a rule of 0 and --run without a name (clap's, exit 2).

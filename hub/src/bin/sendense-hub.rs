@@ -47,7 +47,8 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Close a restore's exports (or cancel its writing on the node).
     Close(CloseArgs),
-    /// Apply retention now (the rules given, else the config's), or --dry-run: show what it keeps.
+    /// Apply retention now (the rules given, else the config's or --schedule's), or --dry-run: show
+    /// what it keeps.
     Prune(PruneArgs),
     /// Show the schedules (or one, its last run VM by VM); --run: run one now and follow it.
     Schedules(SchedulesArgs),
@@ -174,6 +175,10 @@ struct PruneArgs {
     /// The node, where two have a VM of that name.
     #[arg(long, requires = "vm")]
     node: Option<String>,
+    /// The backups this schedule (one with keep_* of its own) made, under its rules unless given
+    /// here (default: the backups under the hub's rules).
+    #[arg(long)]
+    schedule: Option<String>,
     /// Keep the newest N backups.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     keep: Option<u32>,
@@ -210,6 +215,7 @@ impl PruneArgs {
         hub::cli::prune::PruneRequest {
             vm: self.vm.clone(),
             node: self.node.clone(),
+            schedule: self.schedule.clone(),
             rules: rules.into_iter().filter_map(|(rule, n)| Some((rule, n?))).collect(),
             dry_run: self.dry_run,
         }

@@ -135,7 +135,8 @@ fn disks(v: &Value) -> usize {
     v["disks"].as_array().map_or(0, Vec::len)
 }
 
-/// List backups, newest first (of `vm` only, where given): a line each.
+/// List backups, newest first (of `vm` only, where given): a line each, with the schedule that
+/// made it.
 ///
 /// # Errors
 /// The hub cannot be reached or refused.
@@ -156,8 +157,9 @@ pub async fn list(client: &HubClient, vm: Option<&str>) -> anyhow::Result<()> {
             Some(false) => "  (verification failed)",
             None => "",
         };
+        let made_by = b["schedule"].as_str().map(|s| format!("  (schedule {s})")).unwrap_or_default();
         println!(
-            "{:<28} {:<16} {:<10} {:<12} {:<10} {:<24} {:>10}{verified}",
+            "{:<28} {:<16} {:<10} {:<12} {:<10} {:<24} {:>10}{made_by}{verified}",
             b["backup_id"].as_str().unwrap_or("?"),
             b["vm_name"].as_str().unwrap_or("?"),
             b["node"].as_str().unwrap_or(""),

@@ -1,7 +1,8 @@
 //! `sendense-hub prune`: retention applied now (`POST /api/v1/prune`), or with `--dry-run` only
 //! shown: every backup of the VM (or of every VM), newest first, with what the policy does with
-//! it and the rule that keeps it. The rules given on the command line, or the config's when none
-//! are. Exit status 1 when a backup the policy drops could not be removed (the hub says why: one
+//! it and the rule that keeps it (`other-retention` for a backup under other rules, with the
+//! schedule that made it). The rules given on the command line, or the config's when none are;
+//! with `--schedule`, the backups that schedule made, under its own rules unless given. Exit status 1 when a backup the policy drops could not be removed (the hub says why: one
 //! a restore reads, or an incremental being made on it).
 
 use anyhow::Context;
@@ -17,6 +18,8 @@ pub struct PruneRequest {
     pub vm: Option<String>,
     /// The node, where two have a VM of that name.
     pub node: Option<String>,
+    /// The schedule whose backups to prune; none: those under the hub's rules.
+    pub schedule: Option<String>,
     /// Rules by the API's names (`keep`, `keep_daily`, ...); none: the config's.
     pub rules: Vec<(&'static str, u32)>,
     /// Only say what would be removed.
@@ -36,6 +39,9 @@ pub async fn prune(client: &HubClient, req: &PruneRequest) -> anyhow::Result<boo
     if let Some(node) = &req.node {
         body["node"] = json!(node);
     }
+    if let Some(schedule) = &req.schedule {
+        body["schedule"] = json!(schedule);
+    }
     for (rule, n) in &req.rules {
         body[*rule] = json!(n);
     }
@@ -44,7 +50,10 @@ pub async fn prune(client: &HubClient, req: &PruneRequest) -> anyhow::Result<boo
         Some(vms) => vms.clone(),
         None => vec![answer.clone()],
     };
-    println!("policy: {}", policy_text(&answer["policy"]));
+    match answer["schedule"].as_str() {
+        Some(s) => println!("policy: {} (the backups schedule {s} made)", policy_text(&answer["policy"])),
+        None => println!("policy: {}", policy_text(&answer["policy"])),
+    }
     for vm in &vms {
         print_vm(vm)?;
     }
@@ -65,6 +74,10 @@ fn print_vm(vm: &Value) -> anyhow::Result<()> {
     for e in entries(vm) {
         let because = match (e["kept_by"].as_str(), e["error"].as_str()) {
             (_, Some(error)) => format!("NOT removed: {error}"),
+            (Some("other-retention"), None) => match e["schedule"].as_str() {
+                Some(s) => format!("(other-retention: schedule {s})"),
+                None => "(other-retention: the hub's)".to_string(),
+            },
             (Some(rule), None) => format!("({rule})"),
             (None, None) => String::new(),
         };

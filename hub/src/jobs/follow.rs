@@ -119,9 +119,9 @@ impl Hub {
             Err((status, why)) => self.finish(&job, lease, Err((status, why).into())).await,
         }
         if job.kind == Kind::Backup && job.status() == Status::Completed {
-            let policy = if job.retention.is_empty() { self.live().retention } else { job.retention };
+            let (scope, policy) = self.retention_after(&job);
             if !policy.is_empty() {
-                self.apply_retention(&job.vm, &job.node, &policy).await;
+                self.apply_retention(&job.vm, &job.node, scope.as_deref(), &policy).await;
             }
             // After the retention: a merge into the new backup goes before its compression.
             self.wake_rewrites();
@@ -237,6 +237,7 @@ impl Hub {
                         .collect(),
                     note: job.note.clone(),
                     tags: job.tags.clone(),
+                    schedule: job.schedule.clone(),
                     merging_into: None,
                     verified: None,
                     compressed: None,

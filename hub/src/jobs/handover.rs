@@ -73,6 +73,9 @@ pub(super) struct HandedOver {
     note: Option<String>,
     tags: Vec<String>,
     retention: Policy,
+    /// Absent in a file written before runs named their schedule.
+    #[serde(default)]
+    schedule: Option<String>,
     created_at: String,
     targets: String,
     disks: Vec<HandedDisk>,
@@ -161,6 +164,7 @@ impl HandedOver {
             note: job.note.clone(),
             tags: job.tags.clone(),
             retention: job.retention,
+            schedule: job.schedule.clone(),
             created_at: job.created_at.clone(),
             targets: job.targets.clone(),
             disks: job.disks.iter().map(|d| HandedDisk { key: d.key, size: d.size, port: d.port }).collect(),
@@ -169,7 +173,8 @@ impl HandedOver {
 
     /// Names that become paths and export names are checked as a request's are.
     fn well_formed(&self) -> bool {
-        let names = [&self.id, &self.vm, &self.node].into_iter().chain(&self.parent).chain(&self.tags);
+        let names =
+            [&self.id, &self.vm, &self.node].into_iter().chain(&self.parent).chain(&self.tags).chain(&self.schedule);
         names.into_iter().all(|n| valid_name(n)) && !self.disks.is_empty() && self.disks.len() <= MAX_DISKS
     }
 }
@@ -432,6 +437,7 @@ impl Hub {
             note: h.note.clone(),
             tags: h.tags.clone(),
             retention: h.retention,
+            schedule: h.schedule.clone(),
             created_at: h.created_at.clone(),
             disks,
             targets: h.targets.clone(),
@@ -544,6 +550,7 @@ mod tests {
             note: None,
             tags: vec!["nightly".into()],
             retention: Policy { last: Some(3), ..Policy::default() },
+            schedule: Some("nightly".into()),
             created_at: "2026-11-30T01:00:00Z".into(),
             targets: "2000:nbd://h:10100/vm-disk0".into(),
             disks: vec![HandedDisk { key: 2000, size: 1 << 20, port: 10100 }],

@@ -67,7 +67,7 @@ pub use reload::{Live, Reloaded};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};
-pub use start::{checked_tags, choose_parent, DEFAULT_MAX_CHAIN, MAX_CHAIN, MAX_TAGS};
+pub use start::{checked_tags, choose_parent, Asked, DEFAULT_MAX_CHAIN, MAX_CHAIN, MAX_TAGS};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
 
 /// How often the node's job is polled.
@@ -416,6 +416,7 @@ mod tests {
             disks: vec![],
             note: None,
             tags: vec![],
+            schedule: None,
             merging_into: None,
             verified: None,
             compressed: None,

@@ -1,6 +1,7 @@
 //! Schedules at work (`[[schedule]]`, checked in `crate::schedule`): at each occurrence the VMs
 //! of a schedule are backed up, `parallel` at a time, each as `POST /api/v1/backups` would
-//! (the schedule's `keep_*`, else the config's retention, applied after each), or their replicas brought up to date as `POST
+//! (each backup naming the schedule; the schedule's `keep_*` applied after each to the backups it
+//! made, else the config's retention to the others), or their replicas brought up to date as `POST
 //! /api/v1/replications` would (`kind = "replication"`), and the run is kept for the API (`GET
 //! /api/v1/schedules`: the next occurrence, the run under way, the last run with each VM's
 //! backup and outcome) and the metrics.
@@ -38,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::files::off_runtime;
 use super::view::type_name;
-use super::{Hub, Kind, Status};
+use super::{Asked, Hub, Kind, Status};
 use crate::error::HubError;
 use crate::repo;
 use crate::retention::Policy;
@@ -576,7 +577,16 @@ impl Hub {
                 return record(Outcome::Skipped, None, Some(why));
             }
             // The schedule's keep_* (empty: the hub's), as a request's keep rules are.
-            match self.start(kind, vm, s.backup_type, node, &s.tags, s.retention).await {
+            match self
+                .start(
+                    kind,
+                    vm,
+                    s.backup_type,
+                    node,
+                    Asked { tags: &s.tags, retention: s.retention, schedule: Some(&s.name) },
+                )
+                .await
+            {
                 Ok(job) => break job.id,
                 Err(HubError::Unavailable(e)) if Instant::now() < give_up => {
                     tracing::info!(schedule = %s.name, vm, error = %e, "schedule: cannot start now, trying again");

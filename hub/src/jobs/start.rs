@@ -131,6 +131,18 @@ pub fn checked_tags(tags: &[String]) -> Result<Vec<String>, HubError> {
     Ok(out)
 }
 
+/// What a run is asked to carry beyond its VM: none of it for a replication run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asked<'a> {
+    /// The operator's labels, kept in the backup's manifest.
+    pub tags: &'a [String],
+    /// The rules applied to the VM's backups once it completes (`prune.rs`; empty: the config's).
+    pub retention: Policy,
+    /// The `[[schedule]]` whose run it is (none: a request), kept in the backup's manifest; one
+    /// with `keep_*` of its own applies them to the backups it made only.
+    pub schedule: Option<&'a str>,
+}
+
 /// What [`Hub::prepare`] makes a job of.
 struct Run<'a> {
     kind: Kind,
@@ -141,6 +153,7 @@ struct Run<'a> {
     requested: BackupType,
     tags: Vec<String>,
     retention: Policy,
+    schedule: Option<String>,
 }
 
 impl Hub {
@@ -164,9 +177,8 @@ impl Hub {
         record["node"].as_str().map(str::to_string)
     }
 
-    /// Start a backup (`Kind::Backup`, with the operator's `tags`, and the `retention` applied to
-    /// the VM's backups once it completes, `prune.rs`; empty: the config's) or a replication run
-    /// (neither).
+    /// Start a backup (`Kind::Backup`, carrying what it is [`Asked`]) or a replication run (no tags
+    /// nor rules).
     ///
     /// # Errors
     /// Bad names, tags or retention (400), unknown VM or node (404), a job already running for the
@@ -177,9 +189,9 @@ impl Hub {
         vm: &str,
         requested: BackupType,
         node: Option<&str>,
-        tags: &[String],
-        retention: Policy,
+        asked: Asked<'_>,
     ) -> Result<JobView, HubError> {
+        let Asked { tags, retention, schedule } = asked;
         let tags = checked_tags(tags)?;
         if kind == Kind::Replication && !tags.is_empty() {
             return Err(HubError::BadRequest("a replication run takes no tags".into()));
@@ -221,7 +233,8 @@ impl Hub {
             st.busy_vms.insert(vm.to_string(), id.clone());
         }
         self.reap_orphans(Some(vm)).await;
-        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags, retention };
+        let schedule = schedule.map(str::to_string);
+        let run = Run { kind, id: &id, vm, node_name: &node_name, info: &info, requested, tags, retention, schedule };
         let result = self.prepare(run).await;
         match result {
             Ok(job) => Ok(job.view()),
@@ -235,7 +248,7 @@ impl Hub {
     }
 
     async fn prepare(self: &Arc<Self>, run: Run<'_>) -> Result<Arc<Job>, HubError> {
-        let Run { kind, id, vm, node_name, info, requested, tags, retention } = run;
+        let Run { kind, id, vm, node_name, info, requested, tags, retention, schedule } = run;
         let (_, client) =
             self.node(node_name).ok_or_else(|| HubError::NotFound(format!("unknown node {node_name}")))?;
         let bind = self.settings.nbd_bind;
@@ -359,6 +372,7 @@ impl Hub {
             note,
             tags,
             retention,
+            schedule,
             created_at: repo::now_rfc3339(),
             disks,
             targets: targets.clone(),

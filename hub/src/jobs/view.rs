@@ -127,6 +127,9 @@ pub struct JobView {
     /// The operator's labels (backups asked for with `tags`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The `[[schedule]]` whose run made it (absent: a request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// A completed backup's last verification since it completed (a scrub's or a request's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<crate::repo::Verified>,
@@ -176,6 +179,8 @@ pub struct Job {
     /// The retention applied to the VM's backups once this one completes (the request's `keep`
     /// rules; empty: the config's).
     pub(super) retention: crate::retention::Policy,
+    /// The `[[schedule]]` whose run this is (none: a request).
+    pub(super) schedule: Option<String>,
     pub(super) created_at: String,
     pub(super) disks: Vec<JobDisk>,
     pub(super) targets: String,
@@ -259,6 +264,7 @@ impl Job {
             error,
             note: self.note.clone(),
             tags: self.tags.clone(),
+            schedule: self.schedule.clone(),
             verified: None,
             compressed: None,
         }
@@ -322,6 +328,7 @@ pub(super) fn manifest_view(m: &Manifest, dir: Option<&Path>) -> JobView {
         error: None,
         note: m.note.clone(),
         tags: m.tags.clone(),
+        schedule: m.schedule.clone(),
         verified: m.verified.clone(),
         compressed: m.compressed.clone(),
     }
