@@ -399,13 +399,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     // What an operator asks first: is every node in, is every VM backed up.
     let (_, nodes) = api.call(reqwest::Method::GET, "/api/v1/nodes", None).await?;
     let (_, vms) = api.call(reqwest::Method::GET, "/api/v1/vms", None).await?;
-    let node_up = nodes[0]["reachable"] == true && nodes[0]["vms"][0]["name"] == "demo";
+    let sessions = nodes[0]["tunnel_sessions"].as_array().map_or(0, Vec::len);
+    let node_up = nodes[0]["reachable"] == true && nodes[0]["vms"][0]["name"] == "demo" && sessions > 0;
     let vm_protected = vms[0]["vm_name"] == "demo" && vms[0]["newest_backup"]["backup_id"] == json!(incr_id);
     ok &= node_up && vm_protected;
     println!(
         "  node {}: {} (GET /api/v1/nodes); VM demo: {} backups, the newest {} (GET /api/v1/vms)",
         nodes[0]["name"].as_str().unwrap_or("?"),
-        if node_up { "up, listing the VM" } else { "NOT UP" },
+        if node_up {
+            format!("up, listing the VM through its tunnel ({sessions} SSH session(s) at the hub's endpoint)")
+        } else {
+            format!("NOT UP through its tunnel ({sessions} SSH session(s) at the hub's endpoint)")
+        },
         vms[0]["backups"],
         if vm_protected { "the incremental" } else { "NOT THE INCREMENTAL" },
     );

@@ -15,6 +15,9 @@
 //! log in again under their new grant: an open session keeps the reverse listener it was
 //! granted); a new node's key lets it in at once.
 //!
+//! It tells the hub each node's sessions (`crate::jobs::TunnelSessions`), by the node of the key
+//! each logged in with, for `GET /api/v1/nodes`.
+//!
 //! A channel the fence allowed to an open export's port is served by the hub's NBD server in
 //! process (`InProcessExports`), not through a loopback TCP connection to the export's
 //! listener: the bytes of a remote backup are decrypted and written without crossing two more
@@ -27,7 +30,7 @@ use tunnel::authorized::AuthorizedKey;
 use tunnel::endpoint::{Endpoint, EndpointConfig, ForwardPolicy, LocalForward, LocalServe, PortSet};
 
 use crate::config::{NodeSpec, Settings, SshFile};
-use crate::jobs::Hub;
+use crate::jobs::{Hub, TunnelSessions};
 
 /// What each key is granted: replaced whole by a reload.
 #[derive(Debug, Default)]
@@ -127,11 +130,12 @@ impl std::fmt::Debug for SshEndpoint {
 }
 
 impl SshEndpoint {
-    /// The endpoint of `ssh` for `nodes`, fenced as the module doc says.
+    /// The endpoint of `ssh` for `nodes`, fenced as the module doc says, telling `hub` its
+    /// nodes' sessions.
     ///
     /// # Errors
     /// The host key or a key does not load, two nodes share a key, or no key at all.
-    pub fn new(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<Self, String> {
+    pub fn new(ssh: &SshFile, settings: &Settings, nodes: &[NodeSpec], hub: Arc<Hub>) -> Result<Arc<Self>, String> {
         let key = tunnel::load_private_key(&ssh.host_key).map_err(|e| format!("cannot load host key: {e}"))?;
         let (authorized, grants) = Grants::of(ssh, nodes)?;
         if authorized.is_empty() {
@@ -142,7 +146,11 @@ impl SshEndpoint {
         // come and go with reloads); port 0 ("any port") stays refused.
         let reverse = vec![(1, u16::MAX)];
         let local = InProcessExports { hub: Arc::clone(&hub) };
-        let fence = Arc::new(NodeFence { hub, grants: RwLock::new(grants), api_port: settings.listen.port() });
+        let fence = Arc::new(NodeFence {
+            hub: Arc::clone(&hub),
+            grants: RwLock::new(grants),
+            api_port: settings.listen.port(),
+        });
         // A node opens up to 4 SSH connections (one per core), plus stale ones while it
         // reconnects: the default of 8 per key. Channels: see tunnel::limits for what 512 of them
         // can hold.
@@ -153,7 +161,10 @@ impl SshEndpoint {
             .max_channels_per_connection(512)
             .policy(Some(Arc::clone(&fence) as Arc<dyn ForwardPolicy>))
             .local(Some(Arc::new(local)));
-        Ok(Self { endpoint: Endpoint::new(config), fence, ssh: ssh.clone() })
+        let this = Arc::new(Self { endpoint: Endpoint::new(config), fence, ssh: ssh.clone() });
+        let told: std::sync::Weak<dyn TunnelSessions> = Arc::downgrade(&this) as std::sync::Weak<SshEndpoint>;
+        hub.attach_tunnels(told);
+        Ok(this)
     }
 
     /// Serve node tunnels on `listener` until the task is dropped.
@@ -188,6 +199,18 @@ impl SshEndpoint {
             let fingerprint = tunnel::hostkey::fingerprint(&key.key);
             old.grant(&fingerprint) != fence.grants().grant(&fingerprint)
         })
+    }
+}
+
+impl TunnelSessions for SshEndpoint {
+    fn by_node(&self) -> HashMap<String, Vec<tunnel::endpoint::SessionInfo>> {
+        let mut out: HashMap<String, Vec<tunnel::endpoint::SessionInfo>> = HashMap::new();
+        for session in self.endpoint.sessions() {
+            if let Some(node) = self.fence.node_of(&session.key) {
+                out.entry(node).or_default().push(session);
+            }
+        }
+        out
     }
 }
 

@@ -56,6 +56,18 @@ fn nodes(out: &mut String, hub: &Hub) {
             let _ = writeln!(out, "sendense_hub_node_last_seen_timestamp_seconds{{node=\"{node}\"}} {at:.3}");
         }
     }
+    if let Some(sessions) = hub.node_tunnel_sessions() {
+        help(
+            out,
+            "sendense_hub_node_tunnel_sessions",
+            "gauge",
+            "The node's SSH sessions logged in at the hub's endpoint now (0 with the node down: its tunnel does not \
+             connect; more than 0: its service behind the tunnel does not answer).",
+        );
+        for (node, n) in sessions {
+            let _ = writeln!(out, "sendense_hub_node_tunnel_sessions{{node=\"{node}\"}} {n}");
+        }
+    }
 }
 
 fn jobs(out: &mut String, hub: &Hub) {

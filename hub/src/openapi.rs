@@ -170,7 +170,9 @@ fn node_schema() -> Value {
         "vms": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "disks": {"type": "array", "items": disk}}}},
         "running": {"type": "array", "items": {"type": "string"}},
-        "tunnel": {"type": "object", "description": "the node's GET /api/v1/tunnel (one node's view only)"}}})
+        "tunnel": {"type": "object", "description": "the node's GET /api/v1/tunnel (one node's view only)"},
+        "tunnel_sessions": {"type": "array", "description": "its sessions at the hub's SSH endpoint now, oldest first (absent: no endpoint)",
+            "items": {"type": "object", "properties": {"peer": {"type": "string"}, "since": {"type": "string", "format": "date-time"}}}}}})
 }
 
 /// The document.

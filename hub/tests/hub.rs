@@ -681,8 +681,9 @@ fn the_demo_runs_the_whole_product_and_every_check_passes() {
         "{stdout}"
     );
     assert!(stdout.contains("a full backup of its own now, verify ok"), "{stdout}");
+    assert!(stdout.contains("up, listing the VM through its tunnel ("), "{stdout}");
     assert!(
-        stdout.contains("up, listing the VM (GET /api/v1/nodes); VM demo: 2 backups, the newest the incremental"),
+        stdout.contains("at the hub's endpoint) (GET /api/v1/nodes); VM demo: 2 backups, the newest the incremental"),
         "{stdout}"
     );
     // The images it leaves behind are qemu's to judge too: the full backup merged away, the
@@ -1303,6 +1304,7 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
     assert_eq!(default["vms"][0]["name"], "pgtest1", "{nodes}");
     assert_eq!(default["running"], json!([format!("backup {id} of VM pgtest1")]), "{nodes}");
     assert!(default["last_seen"].is_string() && gone["last_seen"].is_null() && gone["error"].is_string(), "{nodes}");
+    assert!(default.get("tunnel_sessions").is_none(), "no SSH endpoint, no sessions told: {nodes}");
     let (_, vms) = hub.call("GET", "/api/v1/vms", None).await;
     assert_eq!(vms[0]["running"], id.as_str(), "{vms}");
     assert_eq!((vms[0]["listed"].as_bool(), vms[0]["backups"].as_u64()), (Some(true), Some(0)), "{vms}");

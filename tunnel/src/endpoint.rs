@@ -33,6 +33,8 @@
 //! disconnected at once, so revoking a node's key cuts its tunnel without a restart (OpenSSH
 //! reads authorized_keys again at each login, but leaves the sessions already open); a key whose
 //! options changed (`from=` narrowed, say) is disconnected too and logs in again under them.
+//! The sessions logged in are told by [`Endpoint::sessions`] (key, peer, since), for a service
+//! that shows its operators which tunnels are up.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -198,8 +200,8 @@ impl std::fmt::Debug for EndpointConfig {
 struct Shared {
     /// The keys that may connect now ([`Endpoint::authorize`]).
     authorized: RwLock<Arc<Vec<AuthorizedKey>>>,
-    /// Logged-in sessions: number -> (the entry it logged in with, handle to disconnect it).
-    live: Mutex<HashMap<u64, (AuthorizedKey, server::Handle)>>,
+    /// Logged-in sessions by number.
+    live: Mutex<HashMap<u64, LiveEntry>>,
     /// The next session's number.
     next_session: std::sync::atomic::AtomicU64,
     per_key: Mutex<HashMap<String, usize>>,
@@ -209,6 +211,29 @@ struct Shared {
     pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Addresses a key logged in from, with when it last did (at most [`KNOWN_ADDRESSES`]).
     known: Mutex<HashMap<std::net::IpAddr, std::time::Instant>>,
+}
+
+/// A logged-in session as the endpoint keeps it.
+struct LiveEntry {
+    /// The authorized_keys entry it logged in with.
+    entry: AuthorizedKey,
+    /// To disconnect it.
+    handle: server::Handle,
+    /// Where it comes from.
+    peer: SocketAddr,
+    /// When it logged in.
+    since: std::time::SystemTime,
+}
+
+/// A logged-in session, as [`Endpoint::sessions`] tells it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The authorized_keys entry it logged in with.
+    pub key: AuthorizedKey,
+    /// Where it comes from.
+    pub peer: SocketAddr,
+    /// When it logged in.
+    pub since: std::time::SystemTime,
 }
 
 /// One unauthenticated connection's place in the bounds; given back on drop.
@@ -275,7 +300,7 @@ impl Endpoint {
             .lock()
             .map(|live| {
                 live.values()
-                    .filter_map(|(entry, handle)| {
+                    .filter_map(|LiveEntry { entry, handle, .. }| {
                         let reason = match self.shared.authorizes(entry) {
                             _ if !self.shared.holds_key(entry) => "key no longer authorized",
                             false => "key's options changed: log in again",
@@ -292,6 +317,16 @@ impl Endpoint {
             cut(&entry, handle, reason);
         }
         count
+    }
+
+    /// The sessions logged in now, oldest first: whose key, from where, since when (what an
+    /// operator asks of a tunnel that should be up).
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let Ok(live) = self.shared.live.lock() else { return Vec::new() };
+        let mut out: Vec<SessionInfo> =
+            live.values().map(|l| SessionInfo { key: l.entry.clone(), peer: l.peer, since: l.since }).collect();
+        out.sort_by_key(|s| s.since);
+        out
     }
 
     /// Serve on `listener` until the task is dropped.
@@ -459,7 +494,8 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                     shared.logged_in_from(peer.ip().to_canonical());
                     let number = shared.next_session.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut live) = shared.live.lock() {
-                        live.insert(number, (entry.clone(), session.handle()));
+                        let since = std::time::SystemTime::now();
+                        live.insert(number, LiveEntry { entry: entry.clone(), handle: session.handle(), peer, since });
                     }
                     // Revoked between its login and now (after `authorize` looked at the live
                     // sessions): cut here, as `authorize` would have.

@@ -520,6 +520,12 @@ async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     })
     .await
     .unwrap();
+    // The endpoint tells its sessions: each key's, from loopback, oldest first.
+    let sessions = endpoint.sessions();
+    let keys: Vec<_> = sessions.iter().map(|s| s.key.key.clone()).collect();
+    assert!(keys.len() == 2 && both.iter().all(|k| keys.contains(&k.key)), "{sessions:?}");
+    assert!(sessions.iter().all(|s| s.peer.ip().is_loopback()), "{sessions:?}");
+    assert!(sessions.windows(2).all(|w| w[0].since <= w[1].since), "{sessions:?}");
 
     let only_other: Vec<_> = both.iter().filter(|k| k.key == both[1].key).cloned().collect();
     assert_eq!(endpoint.authorize(only_other), 1, "one session of the revoked key cut");
@@ -547,6 +553,12 @@ async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     })
     .await
     .unwrap();
+    // Sessions cut or gone are no longer told.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !endpoint.sessions().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", endpoint.sessions());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Authorized again: it logs in and forwards; the same keys again (lines in another order)
     // cut nothing.

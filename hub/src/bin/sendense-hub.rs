@@ -452,10 +452,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let hub = Hub::new(settings.clone()).map_err(|e| anyhow!(e))?;
     let (endpoint, ssh_endpoint) = match &settings.ssh {
         Some(ssh) => {
-            let ssh_endpoint = Arc::new(
-                hub::endpoint::SshEndpoint::new(ssh, &settings, &settings.nodes, Arc::clone(&hub))
-                    .map_err(|e| anyhow!(e))?,
-            );
+            let ssh_endpoint = hub::endpoint::SshEndpoint::new(ssh, &settings, &settings.nodes, Arc::clone(&hub))
+                .map_err(|e| anyhow!(e))?;
             let l = tokio::net::TcpListener::bind(&ssh.listen)
                 .await
                 .with_context(|| format!("cannot listen on {} for SSH", ssh.listen))?;

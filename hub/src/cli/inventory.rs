@@ -1,6 +1,7 @@
 //! What the hub has to protect, as it sees it now. `sendense-hub nodes [NAME]` (`GET
-//! /api/v1/nodes[/NAME]`, each node checked by the call): whether each answers and why not, its
-//! VMs, what runs on it; one node with its VMs' disks and its tunnel as it reports it. Exits 0
+//! /api/v1/nodes[/NAME]`, each node checked by the call): whether each answers and why not (with
+//! its tunnel sessions at the hub's SSH endpoint, which say which side to look at), its VMs, what
+//! runs on it; one node with its VMs' disks, its tunnel as it reports it and its sessions. Exits 0
 //! only if every node shown answered, so a script or a monitoring check can run it as it is.
 //! `sendense-hub vms` (`GET /api/v1/vms`): every VM a node lists or with backups, and its newest
 //! backup or that it never had one.
@@ -30,6 +31,9 @@ pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
         );
         if let Some(error) = n["error"].as_str() {
             println!("  {error}");
+            if let Some(sessions) = n["tunnel_sessions"].as_array() {
+                println!("  {}", sessions_text(sessions));
+            }
         }
     }
     if nodes.is_empty() {
@@ -50,6 +54,9 @@ pub async fn node(client: &HubClient, name: &str) -> anyhow::Result<bool> {
         println!("  {error}");
     }
     println!("  last seen: {}", n["last_seen"].as_str().unwrap_or("never since the hub started"));
+    if let Some(sessions) = n["tunnel_sessions"].as_array() {
+        println!("  {}", sessions_text(sessions));
+    }
     if let Some(t) = n["tunnel"].as_object().filter(|t| t.get("enabled") == Some(&Value::Bool(true))) {
         let field = |k: &str| t.get(k).cloned().unwrap_or(Value::Null);
         println!(
@@ -129,4 +136,16 @@ pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
     let never = vms.iter().filter(|v| v["backups"] == 0).count();
     println!("{} VM(s), {never} never backed up", vms.len());
     Ok(())
+}
+
+/// A node's tunnel sessions at the hub's SSH endpoint, in words.
+fn sessions_text(sessions: &[Value]) -> String {
+    if sessions.is_empty() {
+        return "at the hub's SSH endpoint: no tunnel session (the node's tunnel does not connect)".to_string();
+    }
+    let each: Vec<String> = sessions
+        .iter()
+        .map(|s| format!("from {} since {}", s["peer"].as_str().unwrap_or("?"), s["since"].as_str().unwrap_or("?")))
+        .collect();
+    format!("at the hub's SSH endpoint: {} tunnel session(s), {}", sessions.len(), each.join("; "))
 }

@@ -60,7 +60,7 @@ mod start;
 mod view;
 
 pub use catalog::VmSummary;
-pub use nodes::NodeView;
+pub use nodes::{NodeView, TunnelSession, TunnelSessions};
 pub use protection::VmView;
 pub use prune::{PruneAllView, PruneEntry, PruneView};
 pub use reload::{Live, Reloaded};
@@ -136,6 +136,8 @@ pub struct Hub {
     /// block hashes and its parent's (up to 256 MiB) and hashes on up to 4 threads, so runs that
     /// end together take turns instead of holding all of that at once ([`Hub::verify_turn`]).
     verify_turns: tokio::sync::Semaphore,
+    /// The nodes' tunnel sessions, when the hub serves an SSH endpoint (`nodes.rs`).
+    tunnels: std::sync::OnceLock<std::sync::Weak<dyn nodes::TunnelSessions>>,
 }
 
 #[derive(Default)]
@@ -294,6 +296,7 @@ impl Hub {
             verify_turns: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
             ),
+            tunnels: std::sync::OnceLock::new(),
         }))
     }
 

@@ -8,6 +8,11 @@
 //! back, and keeps the outcome for the metrics, where an alert on `sendense_hub_node_up == 0`
 //! fires before the next backup would fail. The API and the CLI check afresh (every node at
 //! once, each given [`ANSWER_WITHIN`]), so what they say is never older than the call.
+//!
+//! A hub that serves the SSH endpoint also tells each node's tunnel sessions as the endpoint sees
+//! them (from where, since when: [`TunnelSessions`]), so that a node out of reach says which
+//! side to look at: no session (the node's tunnel does not connect: its host, its key, the
+//! network) or a session up (the node's service behind it does not answer).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -40,6 +45,22 @@ pub(super) struct Health {
     vms: Vec<VmInfo>,
 }
 
+/// What tells the nodes' tunnel sessions: the hub's SSH endpoint, when it serves one
+/// (`crate::endpoint`), attached with [`Hub::attach_tunnels`].
+pub trait TunnelSessions: Send + Sync {
+    /// Node name -> its sessions logged in now, oldest first.
+    fn by_node(&self) -> HashMap<String, Vec<tunnel::endpoint::SessionInfo>>;
+}
+
+/// A tunnel session of a node at the hub's SSH endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelSession {
+    /// Where it comes from (`IP:PORT`).
+    pub peer: String,
+    /// When it logged in (RFC 3339).
+    pub since: String,
+}
+
 /// A node as the hub sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeView {
@@ -64,6 +85,10 @@ pub struct NodeView {
     /// Its tunnel as it reports it (one node's view, when it answered).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelView>,
+    /// Its tunnel sessions at the hub's SSH endpoint now, oldest first (absent: the hub serves
+    /// no SSH endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel_sessions: Option<Vec<TunnelSession>>,
 }
 
 /// Ask `client` for its VMs, giving it [`ANSWER_WITHIN`].
@@ -135,7 +160,34 @@ impl Hub {
     /// Every node, checked now.
     pub async fn node_views(&self) -> Vec<NodeView> {
         self.check_nodes().await;
-        self.nodes().iter().map(|entry| self.view_of(entry, None)).collect()
+        let mut sessions = self.tunnel_sessions();
+        self.nodes().iter().map(|entry| self.view_of(entry, None, &mut sessions)).collect()
+    }
+
+    /// Tell the nodes' tunnel sessions from `source` (the hub's SSH endpoint) from now on. Held
+    /// weakly: the endpoint holds the hub.
+    pub fn attach_tunnels(&self, source: std::sync::Weak<dyn TunnelSessions>) {
+        if self.tunnels.set(source).is_err() {
+            tracing::warn!("a second SSH endpoint attached: the first one's sessions are told");
+        }
+    }
+
+    /// Node name -> its tunnel sessions now; `None`: the hub serves no SSH endpoint.
+    fn tunnel_sessions(&self) -> Option<HashMap<String, Vec<TunnelSession>>> {
+        let source = self.tunnels.get()?.upgrade()?;
+        let told = source.by_node().into_iter().map(|(node, sessions)| {
+            let views =
+                sessions.iter().map(|s| TunnelSession { peer: s.peer.to_string(), since: rfc3339(s.since) }).collect();
+            (node, views)
+        });
+        Some(told.collect())
+    }
+
+    /// For the metrics: each node with its tunnel sessions now; `None`: no SSH endpoint.
+    pub fn node_tunnel_sessions(&self) -> Option<Vec<(String, usize)>> {
+        let sessions = self.tunnel_sessions()?;
+        let nodes = self.nodes();
+        Some(nodes.iter().map(|(spec, _)| (spec.name.clone(), sessions.get(&spec.name).map_or(0, Vec::len))).collect())
     }
 
     /// One node, checked now, with its tunnel as it reports it.
@@ -150,10 +202,17 @@ impl Hub {
             false => None,
         };
         self.record_check(name, answer);
-        Ok(self.view_of(&entry, tunnel))
+        Ok(self.view_of(&entry, tunnel, &mut self.tunnel_sessions()))
     }
 
-    fn view_of(&self, (spec, _): &NodeEntry, tunnel: Option<TunnelView>) -> NodeView {
+    /// `spec`'s view, its tunnel sessions taken out of `sessions`.
+    fn view_of(
+        &self,
+        (spec, _): &NodeEntry,
+        tunnel: Option<TunnelView>,
+        sessions: &mut Option<HashMap<String, Vec<TunnelSession>>>,
+    ) -> NodeView {
+        let tunnel_sessions = sessions.as_mut().map(|s| s.remove(&spec.name).unwrap_or_default());
         let st = self.state();
         let health = st.node_health.get(&spec.name);
         let mut running: Vec<String> = st
@@ -174,6 +233,7 @@ impl Hub {
             vms: health.map(|h| h.vms.clone()).unwrap_or_default(),
             running,
             tunnel,
+            tunnel_sessions,
         }
     }
 

@@ -194,15 +194,40 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, still) = site.node("GET", "/api/v1/tunnel", None).await;
     assert_eq!(still["connected"], false, "{still}");
+    // The hub says the node is out of reach and that no tunnel of it is logged in.
+    let (_, nodes) = site.hub("GET", "/api/v1/nodes", None).await;
+    assert_eq!((&nodes[0]["reachable"], &nodes[0]["tunnel_sessions"]), (&json!(false), &json!([])), "{nodes}");
+    let (_, metrics) = site.hub("GET", "/metrics", None).await;
+    assert!(metrics.as_str().unwrap().contains("sendense_hub_node_tunnel_sessions{node=\"n1\"} 0\n"), "{metrics}");
+    let (code, said) = nodes_command(&site, &[]).await;
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("DOWN") && said.contains("no tunnel session (the node's tunnel does not connect)"), "{said}");
 
     // The key back: the node connects again by itself and backs up.
     std::fs::write(site.hub_config(), &original).unwrap();
     site.signal_hub("HUP");
     wait_tunnel(&site, Duration::from_secs(60), |t| t["connected"] == true).await;
     site.wait_node_reachable().await;
+    let (code, said) = nodes_command(&site, &["n1"]).await;
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("tunnel session(s), from 127.0.0.1:"), "{said}");
     let incremental = site.backup("vm-a", "incremental").await;
     assert_eq!(incremental["status"], "completed", "{incremental}");
     site.assert_backup_equals_sources("vm-a", &incremental, 1);
+}
+
+/// `sendense-hub nodes ARGS` against the site's hub, found from its hub.toml: exit status and
+/// stdout.
+async fn nodes_command(site: &Site, args: &[&str]) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub"))
+        .arg("nodes")
+        .args(args)
+        .arg("--config")
+        .arg(site.hub_config())
+        .output()
+        .await
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A node added by a reload: its tunnel admitted and its VM backed up at once, no restart. Removed
@@ -236,6 +261,12 @@ async fn a_reload_adds_a_node_backed_up_at_once_and_removes_it_once_its_runs_hav
     let names: Vec<_> = nodes.as_array().unwrap().iter().map(|n| (n["name"].clone(), n["reachable"].clone())).collect();
     assert_eq!(names, [(json!("n1"), json!(true)), (json!("n2"), json!(true))], "{nodes}");
     assert_eq!(nodes[1]["vms"][0]["name"], "vm-b", "{nodes}");
+    // Each node's tunnel sessions at the hub's endpoint, by the node of the key each logged in with.
+    for n in nodes.as_array().unwrap() {
+        let sessions = n["tunnel_sessions"].as_array().unwrap();
+        assert!(!sessions.is_empty(), "{nodes}");
+        assert!(sessions.iter().all(|s| s["peer"].as_str().unwrap().starts_with("127.0.0.1:")), "{nodes}");
+    }
     let id = site.start_backup("vm-b", "full").await;
     let (_, job) = site.hub("GET", &format!("/api/v1/backups/{id}"), None).await;
     assert_eq!(job["node"], "n2", "{job}");
