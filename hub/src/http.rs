@@ -244,14 +244,7 @@ async fn require_token(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let want = hub.settings.token.as_bytes();
-    let same = given.len() == want.len() && given.bytes().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !same {
+    if !node::http::bearer_matches(&headers, &hub.settings.token) {
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "missing or wrong bearer token", "code": "unauthorized"})),

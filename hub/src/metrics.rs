@@ -144,7 +144,7 @@ type VmValue = fn(&VmSummary) -> String;
 
 fn vms(out: &mut String, hub: &Hub) {
     let vms = hub.vm_summaries();
-    let series: [(&str, &str, VmValue); 3] = [
+    let series: [(&str, &str, VmValue); 4] = [
         (
             "sendense_hub_vm_backups",
             "Backups of the VM in the catalog; 0 for a VM its node lists that has none (alert on 0: nobody backs it up).",
@@ -156,6 +156,11 @@ fn vms(out: &mut String, hub: &Hub) {
         ("sendense_hub_vm_last_backup_timestamp_seconds", "When the VM's newest backup completed (Unix time).", |v| {
             v.last_completed.map_or_else(|| "NaN".into(), |t| t.to_string())
         }),
+        (
+            "sendense_hub_vm_backup_schedules",
+            "Backup schedules whose runs back the VM up (alert on 0: nothing backs it up from now on).",
+            |v| v.backup_schedules.to_string(),
+        ),
     ];
     for (name, what, value) in series {
         help(out, name, "gauge", what);

@@ -201,7 +201,8 @@ pub fn document() -> Value {
                 "newest_backup": {"type": "object", "properties": {
                     "backup_id": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
                     "completed_at": {"type": "string", "format": "date-time"}}},
-                "running": {"type": "string", "description": "the id of a backup or replication of it running now"}}}}),
+                "running": {"type": "string", "description": "the id of a backup or replication of it running now"},
+                "backup_schedules": {"type": "array", "items": {"type": "string"}, "description": "the backup schedules whose runs back it up (empty: none does)"}}}}),
         );
         m.insert("NodeList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Node"}}));
     }

@@ -209,6 +209,16 @@ impl Schedule {
         })
     }
 
+    /// Whether this is a backup schedule whose runs back up VM `vm` of node `node` (named, or
+    /// `"*"` without it in `exclude`; of its `node` only, when it says one).
+    pub fn backs_up(&self, vm: &str, node: &str) -> bool {
+        let named = match &self.vms {
+            Vms::Named(names) => names.iter().any(|n| n == vm),
+            Vms::All { except } => !except.iter().any(|n| n == vm),
+        };
+        self.work == Work::Backup && named && self.node.as_deref().is_none_or(|n| n == node)
+    }
+
     /// The first occurrence after `after` (`None` only if the calendar ends first).
     pub fn next_after(&self, after: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
         let local = after.to_zoned(tz.clone()).datetime();
@@ -525,6 +535,17 @@ mod tests {
             toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\nkind = \"verify\"\n").is_err()
         );
         assert!(toml::from_str::<ScheduleFile>("name = \"x\"\nvms = [\"a\"]\nevery = \"1h\"\ncron = \"*\"\n").is_err());
+    }
+
+    #[test]
+    fn a_backup_schedule_backs_up_the_vms_it_names_or_every_vm_but_those_it_excludes() {
+        let parsed = |text: &str| Schedule::parse(toml::from_str(text).unwrap()).unwrap();
+        let named = parsed("name = \"n\"\nvms = [\"db\"]\nat = [\"02:00\"]\n");
+        assert!(named.backs_up("db", "a") && named.backs_up("db", "b") && !named.backs_up("web", "a"));
+        let all = parsed("name = \"n\"\nvms = [\"*\"]\nexclude = [\"test\"]\nnode = \"a\"\nevery = \"1h\"\n");
+        assert!(all.backs_up("web", "a") && !all.backs_up("test", "a") && !all.backs_up("web", "b"));
+        let replicas = parsed("name = \"n\"\nvms = [\"db\"]\nevery = \"1h\"\nkind = \"replication\"\n");
+        assert!(!replicas.backs_up("db", "a"), "a replica is not a backup");
     }
 
     #[test]

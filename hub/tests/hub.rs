@@ -1181,6 +1181,13 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
     let by_hand = said.split_whitespace().nth(1).unwrap().to_string();
     let (_, shown, _) = cli(&["schedules", "kept"]).await;
     assert!(shown.contains("retention: keep=1"), "{shown}");
+    // Each VM names the backup schedules that cover it.
+    let (_, vms) = hub.call("GET", "/api/v1/vms", None).await;
+    let covering: Vec<(&str, &Value)> =
+        vms.as_array().unwrap().iter().map(|v| (v["vm_name"].as_str().unwrap(), &v["backup_schedules"])).collect();
+    assert_eq!(covering, [("db1", &json!(["kept"])), ("pgtest1", &json!(["nightly"]))], "{vms}");
+    let (_, said, _) = cli(&["vms"]).await;
+    assert!(said.contains(", 0 in no backup schedule") && !said.contains("IN NO BACKUP SCHEDULE"), "{said}");
     assert!(cli(&["schedules", "nightly"]).await.1.contains("retention: the hub's"));
     let mut kept = Vec::new();
     for round in 0..2u8 {
@@ -1284,7 +1291,8 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
         pgtest1.contains("default") && pgtest1.contains("24.0 MiB") && pgtest1.contains("NEVER BACKED UP"),
         "{said}"
     );
-    assert!(said.contains("1 VM(s), 1 never backed up"), "{said}");
+    assert!(pgtest1.contains("IN NO BACKUP SCHEDULE"), "{said}");
+    assert!(said.contains("1 VM(s), 1 never backed up, 1 in no backup schedule"), "{said}");
     let (_, metrics) = hub.call("GET", "/metrics", None).await;
     assert!(
         metrics.as_str().unwrap().contains("sendense_hub_vm_backups{vm=\"pgtest1\",node=\"default\"} 0\n"),
@@ -1312,7 +1320,10 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
     let (_, said, _) = cli(&["vms"]).await;
     let pgtest1 = line(&said, "pgtest1");
     assert!(pgtest1.contains(" 1  20") && pgtest1.contains(&format!("{id} (full)")), "{said}");
-    assert!(said.contains("1 VM(s), 0 never backed up"), "{said}");
+    // Backed up by hand, it is still in no schedule: nothing backs it up from now on.
+    assert!(said.contains("1 VM(s), 0 never backed up, 1 in no backup schedule"), "{said}");
+    let (_, vms) = hub.call("GET", "/api/v1/vms", None).await;
+    assert_eq!(vms[0]["backup_schedules"], json!([]), "{vms}");
 
     let (_, metrics) = hub.call("GET", "/metrics", None).await;
     let metrics = metrics.as_str().unwrap().to_string();
@@ -1320,4 +1331,5 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
     assert!(metrics.contains("sendense_hub_node_up{node=\"gone\"} 0\n"), "{metrics}");
     assert!(metrics.contains("sendense_hub_node_last_seen_timestamp_seconds{node=\"default\"} "), "{metrics}");
     assert!(!metrics.contains("sendense_hub_node_last_seen_timestamp_seconds{node=\"gone\"}"), "{metrics}");
+    assert!(metrics.contains("sendense_hub_vm_backup_schedules{vm=\"pgtest1\",node=\"default\"} 0\n"), "{metrics}");
 }

@@ -125,19 +125,23 @@ async fn require_token(
     next: Next,
 ) -> Response {
     if let Some(token) = &state.jobs.settings().token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        if !bearer_matches(&headers, token) {
             return ApiErr(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
         }
     }
     next.run(request).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether `headers` carry `Authorization: Bearer TOKEN` with `token`, compared in constant time
+/// (no early exit that would tell a caller how much of a guess was right). The hub's API checks
+/// its token with it too.
+pub fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -99,7 +99,8 @@ fn state(node: &Value) -> &'static str {
     }
 }
 
-/// Every VM a node lists or with backups, a line each: its newest backup, or `NEVER BACKED UP`.
+/// Every VM a node lists or with backups, a line each: its newest backup, or `NEVER BACKED UP`;
+/// `IN NO BACKUP SCHEDULE` when no backup schedule covers it.
 ///
 /// # Errors
 /// The hub cannot be reached.
@@ -125,6 +126,9 @@ pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
         if v["listed"] != true {
             notes += "  (not listed by its node now)";
         }
+        if v["backup_schedules"].as_array().is_some_and(Vec::is_empty) {
+            notes += "  IN NO BACKUP SCHEDULE";
+        }
         println!(
             "{:<20} {:<12} {:>10} {:>7}  {newest}{notes}",
             v["vm_name"].as_str().unwrap_or("?"),
@@ -134,7 +138,8 @@ pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
         );
     }
     let never = vms.iter().filter(|v| v["backups"] == 0).count();
-    println!("{} VM(s), {never} never backed up", vms.len());
+    let unscheduled = vms.iter().filter(|v| v["backup_schedules"].as_array().is_some_and(Vec::is_empty)).count();
+    println!("{} VM(s), {never} never backed up, {unscheduled} in no backup schedule", vms.len());
     Ok(())
 }
 

@@ -167,24 +167,20 @@ impl Hub {
         let listed = self.listed_vms();
         let st = self.state();
         let mut by: BTreeMap<(&str, &str), VmSummary> = BTreeMap::new();
+        let blank = |vm: &str, node: &str| VmSummary {
+            vm: vm.to_string(),
+            node: node.to_string(),
+            backups: 0,
+            stored_bytes: 0,
+            last_completed: None,
+            backup_schedules: 0,
+        };
         // The VMs the nodes list count too, with no backups: a VM nobody backs up shows as 0.
         for (node, vm, _) in &listed {
-            by.entry((&vm.name, node)).or_insert_with(|| VmSummary {
-                vm: vm.name.clone(),
-                node: node.clone(),
-                backups: 0,
-                stored_bytes: 0,
-                last_completed: None,
-            });
+            by.entry((&vm.name, node)).or_insert_with(|| blank(&vm.name, node));
         }
         for m in st.catalog.values() {
-            let s = by.entry((&m.vm_name, &m.node)).or_insert_with(|| VmSummary {
-                vm: m.vm_name.clone(),
-                node: m.node.clone(),
-                backups: 0,
-                stored_bytes: 0,
-                last_completed: None,
-            });
+            let s = by.entry((&m.vm_name, &m.node)).or_insert_with(|| blank(&m.vm_name, &m.node));
             s.backups += 1;
             // Compressed since it completed: what the files take now.
             s.stored_bytes += m
@@ -194,7 +190,12 @@ impl Hub {
             let completed = m.completed_at.parse::<jiff::Timestamp>().ok().map(|t| t.as_second());
             s.last_completed = s.last_completed.max(completed);
         }
-        by.into_values().collect()
+        let mut out: Vec<VmSummary> = by.into_values().collect();
+        drop(st);
+        for s in &mut out {
+            s.backup_schedules = self.backup_schedules_of(&s.vm, &s.node).len();
+        }
+        out
     }
 }
 
@@ -211,6 +212,8 @@ pub struct VmSummary {
     pub stored_bytes: u64,
     /// When the newest completed (Unix seconds).
     pub last_completed: Option<i64>,
+    /// The backup schedules that back it up.
+    pub backup_schedules: usize,
 }
 
 /// What [`Hub::forget`] took out of memory.

@@ -3,7 +3,8 @@
 //!
 //! The backups list answers "what do I have"; a backup service must also answer "what am I
 //! missing": a VM added to a node that no schedule names is backed up by nobody, and nothing
-//! else would say so. The nodes' lists come from a check made by the call (`nodes.rs`); a VM
+//! else would say so; nor would anything say that a VM backed up once by hand, or whose schedule
+//! a reload took out, is in no schedule now (each VM names the backup schedules that cover it). The nodes' lists come from a check made by the call (`nodes.rs`); a VM
 //! whose node did not answer keeps the disks of the node's last answer and says it was not
 //! listed now. The same VMs without backups reach the metrics as `sendense_hub_vm_backups 0`
 //! ([`Hub::vm_summaries`]).
@@ -35,6 +36,9 @@ pub struct VmView {
     /// A backup or replication of it running now (its id).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub running: Option<String>,
+    /// The backup schedules whose runs back it up (none: nothing backs it up from now on, even
+    /// if it has backups).
+    pub backup_schedules: Vec<String>,
 }
 
 /// A disk of a [`VmView`].
@@ -72,6 +76,7 @@ impl Hub {
             backups: 0,
             newest_backup: None,
             running: None,
+            backup_schedules: Vec::new(),
         };
         for (node, vm, now) in &listed {
             let view = views.entry((vm.name.clone(), node.clone())).or_insert_with(|| blank(&vm.name, node));
@@ -97,6 +102,15 @@ impl Hub {
                 view.running = Some(id.clone());
             }
         }
+        drop(st);
+        for view in views.values_mut() {
+            view.backup_schedules = self.backup_schedules_of(&view.vm_name, &view.node);
+        }
         views.into_values().collect()
+    }
+
+    /// The backup schedules (as the hub has them now) whose runs back up `vm` of `node`.
+    pub(super) fn backup_schedules_of(&self, vm: &str, node: &str) -> Vec<String> {
+        self.live().schedules.iter().filter(|s| s.backs_up(vm, node)).map(|s| s.name.clone()).collect()
     }
 }
