@@ -168,6 +168,16 @@ fn vms(out: &mut String, hub: &Hub) {
             let _ = writeln!(out, "{name}{{vm=\"{}\",node=\"{}\"}} {}", v.vm, v.node, value(v));
         }
     }
+    help(
+        out,
+        "sendense_hub_vm_excluded",
+        "gauge",
+        "1 for a VM a backup schedule's exclude leaves out on purpose (absent for the others): alert on \
+         `sendense_hub_vm_backup_schedules == 0 unless on(vm, node) sendense_hub_vm_excluded`.",
+    );
+    for v in vms.iter().filter(|v| v.excluded) {
+        let _ = writeln!(out, "sendense_hub_vm_excluded{{vm=\"{}\",node=\"{}\"}} 1", v.vm, v.node);
+    }
 }
 
 fn schedules(out: &mut String, hub: &Hub) {

@@ -202,7 +202,8 @@ pub fn document() -> Value {
                     "backup_id": {"type": "string"}, "backup_type": {"type": "string", "enum": ["full", "incremental"]},
                     "completed_at": {"type": "string", "format": "date-time"}}},
                 "running": {"type": "string", "description": "the id of a backup or replication of it running now"},
-                "backup_schedules": {"type": "array", "items": {"type": "string"}, "description": "the backup schedules whose runs back it up (empty: none does)"}}}}),
+                "backup_schedules": {"type": "array", "items": {"type": "string"}, "description": "the backup schedules whose runs back it up (empty: none does)"},
+                "excluded_by": {"type": "array", "items": {"type": "string"}, "description": "backup schedules of \"*\" whose exclude leaves it out on purpose"}}}}),
         );
         m.insert("NodeList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Node"}}));
     }

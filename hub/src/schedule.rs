@@ -219,6 +219,13 @@ impl Schedule {
         self.work == Work::Backup && named && self.node.as_deref().is_none_or(|n| n == node)
     }
 
+    /// Whether this is a backup schedule of `"*"` that leaves VM `vm` of node `node` out on
+    /// purpose (its `exclude`): a VM nobody backs up because an operator said so.
+    pub fn excludes(&self, vm: &str, node: &str) -> bool {
+        let left_out = matches!(&self.vms, Vms::All { except } if except.iter().any(|n| n == vm));
+        self.work == Work::Backup && left_out && self.node.as_deref().is_none_or(|n| n == node)
+    }
+
     /// The first occurrence after `after` (`None` only if the calendar ends first).
     pub fn next_after(&self, after: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
         let local = after.to_zoned(tz.clone()).datetime();
@@ -544,6 +551,8 @@ mod tests {
         assert!(named.backs_up("db", "a") && named.backs_up("db", "b") && !named.backs_up("web", "a"));
         let all = parsed("name = \"n\"\nvms = [\"*\"]\nexclude = [\"test\"]\nnode = \"a\"\nevery = \"1h\"\n");
         assert!(all.backs_up("web", "a") && !all.backs_up("test", "a") && !all.backs_up("web", "b"));
+        assert!(all.excludes("test", "a") && !all.excludes("test", "b") && !all.excludes("web", "a"));
+        assert!(!named.excludes("web", "a"), "not named is not excluded");
         let replicas = parsed("name = \"n\"\nvms = [\"db\"]\nevery = \"1h\"\nkind = \"replication\"\n");
         assert!(!replicas.backs_up("db", "a"), "a replica is not a backup");
     }

@@ -1114,10 +1114,11 @@ fn run_cli(config: &Path, args: &[&str]) -> impl std::future::Future<Output = (O
 async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let node_url = start_node(d, &[("pgtest1", 1), ("db1", 1)], None).await;
+    let node_url = start_node(d, &[("pgtest1", 1), ("db1", 1), ("scratch", 1)], None).await;
     let base = free_ports(4);
     let schedule = "[[schedule]]\nname = \"nightly\"\nvms = [\"pgtest1\"]\nat = [\"03:00\"]\n\
-                    [[schedule]]\nname = \"kept\"\nvms = [\"db1\"]\nat = [\"04:00\"]\nkeep_backups = 1\n";
+                    [[schedule]]\nname = \"kept\"\nvms = [\"db1\"]\nat = [\"04:00\"]\nkeep_backups = 1\n\
+                    [[schedule]]\nname = \"sundays\"\nvms = [\"*\"]\nexclude = [\"scratch\"]\nat = [\"05:00\"]\ndays = [\"sun\"]\n";
     let hub = HubProcess::start_with(d, &node_url, (base, base + 3), schedule);
     let cli = |args: &[&str]| run_cli(&hub.config, args);
     let src = d.join("pgtest1-0.raw");
@@ -1181,13 +1182,31 @@ async fn the_commands_run_schedules_and_apply_retention_through_a_running_hub() 
     let by_hand = said.split_whitespace().nth(1).unwrap().to_string();
     let (_, shown, _) = cli(&["schedules", "kept"]).await;
     assert!(shown.contains("retention: keep=1"), "{shown}");
-    // Each VM names the backup schedules that cover it.
+    // Each VM names the backup schedules that cover it, and those that leave it out on purpose.
     let (_, vms) = hub.call("GET", "/api/v1/vms", None).await;
-    let covering: Vec<(&str, &Value)> =
-        vms.as_array().unwrap().iter().map(|v| (v["vm_name"].as_str().unwrap(), &v["backup_schedules"])).collect();
-    assert_eq!(covering, [("db1", &json!(["kept"])), ("pgtest1", &json!(["nightly"]))], "{vms}");
+    let covering: Vec<(&str, &Value, &Value)> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["vm_name"].as_str().unwrap(), &v["backup_schedules"], &v["excluded_by"]))
+        .collect();
+    assert_eq!(
+        covering,
+        [
+            ("db1", &json!(["kept", "sundays"]), &Value::Null),
+            ("pgtest1", &json!(["nightly", "sundays"]), &Value::Null),
+            ("scratch", &json!([]), &json!(["sundays"]))
+        ],
+        "{vms}"
+    );
     let (_, said, _) = cli(&["vms"]).await;
-    assert!(said.contains(", 0 in no backup schedule") && !said.contains("IN NO BACKUP SCHEDULE"), "{said}");
+    assert!(said.contains("(excluded by schedule sundays)") && !said.contains("IN NO BACKUP SCHEDULE"), "{said}");
+    assert!(said.contains("3 VM(s), 1 never backed up, 0 in no backup schedule"), "{said}");
+    let (_, metrics) = hub.call("GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("sendense_hub_vm_excluded{vm=\"scratch\",node=\"default\"} 1\n"), "{metrics}");
+    assert!(!metrics.contains("sendense_hub_vm_excluded{vm=\"db1\""), "{metrics}");
+    assert!(metrics.contains("sendense_hub_vm_backup_schedules{vm=\"db1\",node=\"default\"} 2\n"), "{metrics}");
     assert!(cli(&["schedules", "nightly"]).await.1.contains("retention: the hub's"));
     let mut kept = Vec::new();
     for round in 0..2u8 {

@@ -100,7 +100,7 @@ fn state(node: &Value) -> &'static str {
 }
 
 /// Every VM a node lists or with backups, a line each: its newest backup, or `NEVER BACKED UP`;
-/// `IN NO BACKUP SCHEDULE` when no backup schedule covers it.
+/// `IN NO BACKUP SCHEDULE` when no backup schedule covers it (unless one excludes it on purpose).
 ///
 /// # Errors
 /// The hub cannot be reached.
@@ -126,8 +126,12 @@ pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
         if v["listed"] != true {
             notes += "  (not listed by its node now)";
         }
-        if v["backup_schedules"].as_array().is_some_and(Vec::is_empty) {
-            notes += "  IN NO BACKUP SCHEDULE";
+        let excluded_by: Vec<&str> =
+            v["excluded_by"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        match (v["backup_schedules"].as_array().is_some_and(Vec::is_empty), excluded_by.is_empty()) {
+            (true, true) => notes += "  IN NO BACKUP SCHEDULE",
+            (true, false) => notes += &format!("  (excluded by schedule {})", excluded_by.join(", ")),
+            _ => {}
         }
         println!(
             "{:<20} {:<12} {:>10} {:>7}  {newest}{notes}",
@@ -138,7 +142,10 @@ pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
         );
     }
     let never = vms.iter().filter(|v| v["backups"] == 0).count();
-    let unscheduled = vms.iter().filter(|v| v["backup_schedules"].as_array().is_some_and(Vec::is_empty)).count();
+    let unscheduled = vms
+        .iter()
+        .filter(|v| v["backup_schedules"].as_array().is_some_and(Vec::is_empty) && v.get("excluded_by").is_none())
+        .count();
     println!("{} VM(s), {never} never backed up, {unscheduled} in no backup schedule", vms.len());
     Ok(())
 }

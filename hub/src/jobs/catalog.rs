@@ -174,6 +174,7 @@ impl Hub {
             stored_bytes: 0,
             last_completed: None,
             backup_schedules: 0,
+            excluded: false,
         };
         // The VMs the nodes list count too, with no backups: a VM nobody backs up shows as 0.
         for (node, vm, _) in &listed {
@@ -193,7 +194,8 @@ impl Hub {
         let mut out: Vec<VmSummary> = by.into_values().collect();
         drop(st);
         for s in &mut out {
-            s.backup_schedules = self.backup_schedules_of(&s.vm, &s.node).len();
+            let (covering, excluding) = self.backup_schedules_of(&s.vm, &s.node);
+            (s.backup_schedules, s.excluded) = (covering.len(), !excluding.is_empty());
         }
         out
     }
@@ -214,6 +216,8 @@ pub struct VmSummary {
     pub last_completed: Option<i64>,
     /// The backup schedules that back it up.
     pub backup_schedules: usize,
+    /// A backup schedule's `exclude` leaves it out on purpose.
+    pub excluded: bool,
 }
 
 /// What [`Hub::forget`] took out of memory.

@@ -39,6 +39,9 @@ pub struct VmView {
     /// The backup schedules whose runs back it up (none: nothing backs it up from now on, even
     /// if it has backups).
     pub backup_schedules: Vec<String>,
+    /// The backup schedules of `"*"` whose `exclude` leaves it out on purpose.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded_by: Vec<String>,
 }
 
 /// A disk of a [`VmView`].
@@ -77,6 +80,7 @@ impl Hub {
             newest_backup: None,
             running: None,
             backup_schedules: Vec::new(),
+            excluded_by: Vec::new(),
         };
         for (node, vm, now) in &listed {
             let view = views.entry((vm.name.clone(), node.clone())).or_insert_with(|| blank(&vm.name, node));
@@ -104,13 +108,18 @@ impl Hub {
         }
         drop(st);
         for view in views.values_mut() {
-            view.backup_schedules = self.backup_schedules_of(&view.vm_name, &view.node);
+            (view.backup_schedules, view.excluded_by) = self.backup_schedules_of(&view.vm_name, &view.node);
         }
         views.into_values().collect()
     }
 
-    /// The backup schedules (as the hub has them now) whose runs back up `vm` of `node`.
-    pub(super) fn backup_schedules_of(&self, vm: &str, node: &str) -> Vec<String> {
-        self.live().schedules.iter().filter(|s| s.backs_up(vm, node)).map(|s| s.name.clone()).collect()
+    /// The backup schedules (as the hub has them now) whose runs back up `vm` of `node`, and
+    /// those that exclude it.
+    pub(super) fn backup_schedules_of(&self, vm: &str, node: &str) -> (Vec<String>, Vec<String>) {
+        let live = self.live();
+        let names = |keep: &dyn Fn(&crate::schedule::Schedule) -> bool| {
+            live.schedules.iter().filter(|s| keep(s)).map(|s| s.name.clone()).collect()
+        };
+        (names(&|s| s.backs_up(vm, node)), names(&|s| s.excludes(vm, node)))
     }
 }
