@@ -402,9 +402,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let sessions = nodes[0]["tunnel_sessions"].as_array().map_or(0, Vec::len);
     let node_up = nodes[0]["reachable"] == true && nodes[0]["vms"][0]["name"] == "demo" && sessions > 0;
     let vm_protected = vms[0]["vm_name"] == "demo" && vms[0]["newest_backup"]["backup_id"] == json!(incr_id);
-    ok &= node_up && vm_protected;
+    let scheduled = vms[0]["backup_schedules"] == json!([nightly.name]);
+    ok &= node_up && vm_protected && scheduled;
     println!(
-        "  node {}: {} (GET /api/v1/nodes); VM demo: {} backups, the newest {} (GET /api/v1/vms)",
+        "  node {}: {} (GET /api/v1/nodes); VM demo: {} backups, the newest {}, {} (GET /api/v1/vms)",
         nodes[0]["name"].as_str().unwrap_or("?"),
         if node_up {
             format!("up, listing the VM through its tunnel ({sessions} SSH session(s) at the hub's endpoint)")
@@ -413,6 +414,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         },
         vms[0]["backups"],
         if vm_protected { "the incremental" } else { "NOT THE INCREMENTAL" },
+        if scheduled { format!("backed up by schedule {}", nightly.name) } else { "NOT IN ITS SCHEDULE".into() },
     );
 
     println!("\n7. retention: keep the newest backup (POST /api/v1/prune), the full one merged into the incremental");

@@ -683,7 +683,10 @@ fn the_demo_runs_the_whole_product_and_every_check_passes() {
     assert!(stdout.contains("a full backup of its own now, verify ok"), "{stdout}");
     assert!(stdout.contains("up, listing the VM through its tunnel ("), "{stdout}");
     assert!(
-        stdout.contains("at the hub's endpoint) (GET /api/v1/nodes); VM demo: 2 backups, the newest the incremental"),
+        stdout.contains(
+            "at the hub's endpoint) (GET /api/v1/nodes); VM demo: 2 backups, the newest the incremental, \
+             backed up by schedule nightly (GET /api/v1/vms)"
+        ),
         "{stdout}"
     );
     // The images it leaves behind are qemu's to judge too: the full backup merged away, the
