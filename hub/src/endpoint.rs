@@ -15,6 +15,10 @@
 //! log in again under their new grant: an open session keeps the reverse listener it was
 //! granted); a new node's key lets it in at once.
 //!
+//! The addresses nodes log in from are kept in the repository and told to the endpoint at the
+//! next start (`crate::known_addresses`), so the places before login it keeps for them hold
+//! across restarts.
+//!
 //! It tells the hub each node's sessions (`crate::jobs::TunnelSessions`), by the node of the key
 //! each logged in with, for `GET /api/v1/nodes`.
 //!
@@ -121,6 +125,9 @@ pub struct SshEndpoint {
     fence: Arc<NodeFence>,
     /// Where its keys come from: the authorized_keys file it started with.
     ssh: SshFile,
+    /// Where the addresses nodes logged in from are kept across restarts
+    /// (`crate::known_addresses`).
+    known_file: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SshEndpoint {
@@ -161,15 +168,23 @@ impl SshEndpoint {
             .max_channels_per_connection(512)
             .policy(Some(Arc::clone(&fence) as Arc<dyn ForwardPolicy>))
             .local(Some(Arc::new(local)));
-        let this = Arc::new(Self { endpoint: Endpoint::new(config), fence, ssh: ssh.clone() });
+        let endpoint = Endpoint::new(config);
+        let known_file = hub.repo.root.join(crate::known_addresses::FILE);
+        endpoint.remember_addresses(crate::known_addresses::read(&known_file));
+        let this = Arc::new(Self { endpoint, fence, ssh: ssh.clone(), known_file });
         let told: std::sync::Weak<dyn TunnelSessions> = Arc::downgrade(&this) as std::sync::Weak<SshEndpoint>;
         hub.attach_tunnels(told);
         Ok(this)
     }
 
-    /// Serve node tunnels on `listener` until the task is dropped.
+    /// Serve node tunnels on `listener` until the task is dropped, keeping the addresses they log
+    /// in from in the repository.
     pub async fn serve(&self, listener: tokio::net::TcpListener) {
-        Arc::clone(&self.endpoint).serve(listener).await;
+        let keep = crate::known_addresses::keep(Arc::clone(&self.endpoint), self.known_file.clone());
+        tokio::select! {
+            () = Arc::clone(&self.endpoint).serve(listener) => {}
+            () = keep => {}
+        }
     }
 
     /// The keys and reverse ports of a reloaded configuration's `nodes` (module doc), with the

@@ -32,6 +32,7 @@ pub mod exports;
 pub mod fuzzing;
 pub mod http;
 pub mod jobs;
+pub mod known_addresses;
 pub mod metrics;
 pub mod openapi;
 pub mod peers;

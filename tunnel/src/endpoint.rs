@@ -329,6 +329,24 @@ impl Endpoint {
         out
     }
 
+    /// The addresses keys have logged in from (seen here or given to
+    /// [`Self::remember_addresses`]), the latest first, at most 1024: what an embedder keeps so
+    /// that after its restart the places before login kept for known addresses
+    /// ([`LoginLimits::reserved_for_known`]) serve its clients at once.
+    pub fn known_addresses(&self) -> Vec<std::net::IpAddr> {
+        let Ok(known) = self.shared.known.lock() else { return Vec::new() };
+        let mut by_time: Vec<(std::time::Instant, std::net::IpAddr)> =
+            known.iter().map(|(ip, at)| (*at, *ip)).collect();
+        by_time.sort_unstable_by(|a, b| b.cmp(a));
+        by_time.into_iter().map(|(_, ip)| ip).collect()
+    }
+
+    /// Take `addresses` as ones keys logged in from before (what [`Self::known_addresses`] gave
+    /// before a restart); the logins seen here stay newer.
+    pub fn remember_addresses(&self, addresses: Vec<std::net::IpAddr>) {
+        self.shared.seed_known(addresses);
+    }
+
     /// Serve on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         serve_shared(listener, Arc::clone(&self.config), Arc::clone(&self.shared)).await;
@@ -358,6 +376,19 @@ impl Shared {
             }
         }
         known.insert(ip, std::time::Instant::now());
+    }
+
+    /// Take `addresses` as ones a key logged in from (before this endpoint started: kept by its
+    /// embedder across restarts), up to [`KNOWN_ADDRESSES`]; older than any login seen here.
+    fn seed_known(&self, addresses: Vec<std::net::IpAddr>) {
+        let Ok(mut known) = self.known.lock() else { return };
+        let then = known.values().min().copied().unwrap_or_else(std::time::Instant::now);
+        for ip in addresses.into_iter().map(|ip| ip.to_canonical()) {
+            if known.len() >= KNOWN_ADDRESSES {
+                break;
+            }
+            known.entry(ip).or_insert(then);
+        }
     }
 
     /// Whether a key has logged in from `ip` (as far as the last [`KNOWN_ADDRESSES`] go).

@@ -353,6 +353,51 @@ async fn a_flood_of_silent_connections_does_not_lock_out_an_address_that_logged_
     drop(flood);
 }
 
+/// An endpoint told the addresses keys logged in from before it started (what its embedder kept
+/// across a restart) keeps places before login for them at once: under the same flood, the
+/// address remembered logs in, and it is told back first once it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_remembered_across_a_restart_keep_their_places_before_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (identity, host_pub) = setup(&d);
+    let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
+    let authorized = tunnel::authorized::parse(&std::fs::read_to_string(d.join("client_key.pub")).unwrap()).unwrap();
+    let login = LoginLimits::default()
+        .deadline(Duration::from_secs(20))
+        .max_pending(4)
+        .max_pending_per_address(4)
+        .reserved_for_known(2);
+    let endpoint = tunnel::endpoint::Endpoint::new(
+        EndpointConfig::new(host_key, authorized).allow_direct(PortSet(vec![(1, 1)])).login(login),
+    );
+    assert!(endpoint.known_addresses().is_empty());
+    let mapped: std::net::IpAddr = "::ffff:127.0.0.9".parse().unwrap();
+    endpoint.remember_addresses(vec![std::net::IpAddr::from([127, 0, 0, 1]), mapped]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub =
+        Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
+    let kh = known_hosts(&d, hub.port, &host_pub);
+
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let (s, said) = first_from([127, 0, 0, 2], hub.port).await;
+        assert!(said.starts_with(b"SSH-2.0-"), "a place before login: {said:?}");
+        flood.push(s);
+    }
+    let (_, said) = first_from([127, 0, 0, 3], hub.port).await;
+    assert!(said.is_empty(), "every place taken: a new address is refused at once, got {said:?}");
+    let mut config = ClientConfig::new("127.0.0.1", hub.port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
+    config.connections = 1;
+    let tunnel = Tunnel::start(config).await.unwrap();
+    assert!(tunnel.wait_connected(Duration::from_secs(10)).await, "the remembered address is locked out");
+    tunnel.shutdown().await;
+    drop(flood);
+    let known = endpoint.known_addresses();
+    assert_eq!(known.first(), Some(&std::net::IpAddr::from([127, 0, 0, 1])), "{known:?}");
+    assert!(known.contains(&std::net::IpAddr::from([127, 0, 0, 9])) && known.len() == 2, "{known:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverse_channels_count_against_the_connections_channel_limit() {
     let dir = tempfile::tempdir().unwrap();

@@ -211,6 +211,13 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     let (code, said) = nodes_command(&site, &["n1"]).await;
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("tunnel session(s), from 127.0.0.1:"), "{said}");
+    // The address it logged in from is kept for the next start (places before login for it).
+    let kept = site.as_hub_sees(&site.path().join("repo/.ssh-known-addresses"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&kept).unwrap_or_default() != "127.0.0.1\n" {
+        assert!(Instant::now() < deadline, "{:?}", std::fs::read_to_string(&kept));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let incremental = site.backup("vm-a", "incremental").await;
     assert_eq!(incremental["status"], "completed", "{incremental}");
     site.assert_backup_equals_sources("vm-a", &incremental, 1);
