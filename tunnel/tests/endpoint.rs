@@ -308,6 +308,20 @@ async fn first_from(source: [u8; 4], port: u16) -> (tokio::net::TcpStream, Vec<u
     (s, first)
 }
 
+/// Four silent connections from 127.0.0.2 (each given a place before login: the banner) hold
+/// every place of an endpoint that has four, checked by a fifth from 127.0.0.3 refused at once.
+async fn hold_every_place_before_login(port: u16) -> Vec<tokio::net::TcpStream> {
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let (s, said) = first_from([127, 0, 0, 2], port).await;
+        assert!(said.starts_with(b"SSH-2.0-"), "a place before login: {said:?}");
+        flood.push(s);
+    }
+    let (_, said) = first_from([127, 0, 0, 3], port).await;
+    assert!(said.is_empty(), "every place taken: a new address is refused at once, got {said:?}");
+    flood
+}
+
 /// Silent connections from other addresses fill every place before login: a new address is
 /// refused at once, but an address a key has logged in from before still gets in (the places
 /// kept for known addresses) and logs in.
@@ -336,14 +350,7 @@ async fn a_flood_of_silent_connections_does_not_lock_out_an_address_that_logged_
     assert!(first.wait_connected(Duration::from_secs(10)).await, "{:?}", first.status());
     first.shutdown().await;
 
-    let mut flood = Vec::new();
-    for _ in 0..4 {
-        let (s, said) = first_from([127, 0, 0, 2], hub.port).await;
-        assert!(said.starts_with(b"SSH-2.0-"), "a place before login: {said:?}");
-        flood.push(s);
-    }
-    let (_, said) = first_from([127, 0, 0, 3], hub.port).await;
-    assert!(said.is_empty(), "every place taken: a new address is refused at once, got {said:?}");
+    let flood = hold_every_place_before_login(hub.port).await;
     let again = Tunnel::start(config()).await.unwrap();
     assert!(
         again.wait_connected(Duration::from_secs(10)).await,
@@ -379,14 +386,7 @@ async fn addresses_remembered_across_a_restart_keep_their_places_before_login() 
         Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
     let kh = known_hosts(&d, hub.port, &host_pub);
 
-    let mut flood = Vec::new();
-    for _ in 0..4 {
-        let (s, said) = first_from([127, 0, 0, 2], hub.port).await;
-        assert!(said.starts_with(b"SSH-2.0-"), "a place before login: {said:?}");
-        flood.push(s);
-    }
-    let (_, said) = first_from([127, 0, 0, 3], hub.port).await;
-    assert!(said.is_empty(), "every place taken: a new address is refused at once, got {said:?}");
+    let flood = hold_every_place_before_login(hub.port).await;
     let mut config = ClientConfig::new("127.0.0.1", hub.port, "root", &identity, HostKeyPolicy::KnownHosts(kh));
     config.connections = 1;
     let tunnel = Tunnel::start(config).await.unwrap();
