@@ -20,7 +20,8 @@
 //! across restarts.
 //!
 //! It tells the hub each node's sessions (`crate::jobs::TunnelSessions`), by the node of the key
-//! each logged in with, for `GET /api/v1/nodes`.
+//! each logged in with, for `GET /api/v1/nodes`, and the logins it refused, each with the node
+//! whose key it was, if any.
 //!
 //! A channel the fence allowed to an open export's port is served by the hub's NBD server in
 //! process (`InProcessExports`), not through a loopback TCP connection to the export's
@@ -226,6 +227,16 @@ impl TunnelSessions for SshEndpoint {
             }
         }
         out
+    }
+
+    fn refused(&self) -> Vec<(Option<String>, tunnel::endpoint::RefusedLogin)> {
+        let grants = self.fence.grants();
+        let refused = self.endpoint.refused_logins();
+        refused.into_iter().map(|r| (grants.key_nodes.get(&r.fingerprint).cloned(), r)).collect()
+    }
+
+    fn refusals_total(&self) -> tunnel::endpoint::RefusalTotals {
+        self.endpoint.refusals_total()
     }
 }
 

@@ -68,6 +68,18 @@ fn nodes(out: &mut String, hub: &Hub) {
             let _ = writeln!(out, "sendense_hub_node_tunnel_sessions{{node=\"{node}\"}} {n}");
         }
     }
+    if let Some(totals) = hub.ssh_refusals_total() {
+        help(
+            out,
+            "sendense_hub_ssh_logins_refused_total",
+            "counter",
+            "Logins the hub's SSH endpoint refused since it started, by reason (GET /api/v1/ssh/refused-logins \
+             tells the keys and addresses of the last hour).",
+        );
+        for (reason, n) in totals {
+            let _ = writeln!(out, "sendense_hub_ssh_logins_refused_total{{reason=\"{reason}\"}} {n}");
+        }
+    }
 }
 
 fn jobs(out: &mut String, hub: &Hub) {

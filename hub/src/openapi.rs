@@ -172,7 +172,21 @@ fn node_schema() -> Value {
         "running": {"type": "array", "items": {"type": "string"}},
         "tunnel": {"type": "object", "description": "the node's GET /api/v1/tunnel (one node's view only)"},
         "tunnel_sessions": {"type": "array", "description": "its sessions at the hub's SSH endpoint now, oldest first (absent: no endpoint)",
-            "items": {"type": "object", "properties": {"peer": {"type": "string"}, "since": {"type": "string", "format": "date-time"}}}}}})
+            "items": {"type": "object", "properties": {"peer": {"type": "string"}, "since": {"type": "string", "format": "date-time"}}}},
+        "key_fingerprint": {"type": "string", "description": "the fingerprint of its key (SHA256:..., as ssh-keygen -lf prints it)"},
+        "refused_logins": {"type": "array", "description": "logins of its key the hub's SSH endpoint refused in the last hour, latest first (absent: no endpoint)",
+            "items": {"$ref": "#/components/schemas/RefusedLogin"}}}})
+}
+
+/// A login the hub's SSH endpoint refused (`GET /api/v1/ssh/refused-logins`).
+fn refused_login_schema() -> Value {
+    json!({"type": "object", "required": ["reason", "fingerprint", "peer", "count", "first", "last"], "properties": {
+        "reason": {"type": "string", "enum": ["unknown-key", "key-expired", "address-not-allowed", "too-many-connections", "wrong-user"]},
+        "fingerprint": {"type": "string", "description": "the key's (SHA256:...)"},
+        "node": {"type": "string", "description": "the node whose key it is (absent: a key the hub does not know)"},
+        "peer": {"type": "string", "description": "the address the logins came from"},
+        "count": {"type": "integer"},
+        "first": {"type": "string", "format": "date-time"}, "last": {"type": "string", "format": "date-time"}}})
 }
 
 /// The document.
@@ -206,6 +220,11 @@ pub fn document() -> Value {
                 "excluded_by": {"type": "array", "items": {"type": "string"}, "description": "backup schedules of \"*\" whose exclude leaves it out on purpose"}}}}),
         );
         m.insert("NodeList".into(), json!({"type": "array", "items": {"$ref": "#/components/schemas/Node"}}));
+        m.insert("RefusedLogin".into(), refused_login_schema());
+        m.insert(
+            "RefusedLoginList".into(),
+            json!({"type": "array", "items": {"$ref": "#/components/schemas/RefusedLogin"}}),
+        );
     }
     let id = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
     json!({
@@ -256,6 +275,7 @@ pub fn document() -> Value {
             "/api/v1/vms": {"get": op("every VM a node lists (checked now) or with backups: its disks, backups, the newest, a run of it under way", "200", "VmList", None)},
             "/api/v1/nodes": {"get": op("the nodes ([[node]]), each checked now: reachable or why not, VMs, what runs on it", "200", "NodeList", None)},
             "/api/v1/nodes/{name}": {"parameters": name, "get": op("one node, checked now, with its tunnel as it reports it", "200", "Node", None)},
+            "/api/v1/ssh/refused-logins": {"get": op("logins the hub's SSH endpoint refused in the last hour, by reason, key and address, latest first (404: no endpoint)", "200", "RefusedLoginList", None)},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
             "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
             "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},

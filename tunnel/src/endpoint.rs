@@ -34,7 +34,13 @@
 //! reads authorized_keys again at each login, but leaves the sessions already open); a key whose
 //! options changed (`from=` narrowed, say) is disconnected too and logs in again under them.
 //! The sessions logged in are told by [`Endpoint::sessions`] (key, peer, since), for a service
-//! that shows its operators which tunnels are up.
+//! that shows its operators which tunnels are up, and the logins refused lately by
+//! [`Endpoint::refused_logins`] (which key, from where, why: [`refusals`]), for one that shows
+//! them why a tunnel is not.
+
+mod refusals;
+
+pub use refusals::{Refusal, RefusalTotals, RefusedLogin};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -211,6 +217,8 @@ struct Shared {
     pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Addresses a key logged in from, with when it last did (at most [`KNOWN_ADDRESSES`]).
     known: Mutex<HashMap<std::net::IpAddr, std::time::Instant>>,
+    /// Logins refused lately.
+    refusals: refusals::Refusals,
 }
 
 /// A logged-in session as the endpoint keeps it.
@@ -327,6 +335,19 @@ impl Endpoint {
             live.values().map(|l| SessionInfo { key: l.entry.clone(), peer: l.peer, since: l.since }).collect();
         out.sort_by_key(|s| s.since);
         out
+    }
+
+    /// The logins refused in the last hour ([`refusals::WINDOW`]), by reason, key and address
+    /// (at most [`refusals::MAX_KINDS`] of them), the latest first: what an operator asks of a
+    /// tunnel that does not come up (its key unknown here, expired, from an address its `from=`
+    /// does not allow).
+    pub fn refused_logins(&self) -> Vec<RefusedLogin> {
+        self.shared.refusals.recent(std::time::SystemTime::now())
+    }
+
+    /// Logins refused since the endpoint started, per reason (for a metric).
+    pub fn refusals_total(&self) -> RefusalTotals {
+        self.shared.refusals.totals()
     }
 
     /// The addresses keys have logged in from (seen here or given to
@@ -638,31 +659,36 @@ impl server::Handler for EndpointSession {
     }
 
     async fn auth_publickey(&mut self, user: &str, key: server::VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let id = crate::hostkey::fingerprint(key.public_key);
+        let refuse = |reason: Refusal| {
+            self.shared.refusals.record(reason, &id, self.peer.ip().to_canonical(), std::time::SystemTime::now());
+            Ok(Auth::reject())
+        };
         if self.config.user.as_deref().is_some_and(|u| u != user) {
             tracing::warn!(peer = %self.peer, user, "refused: wrong user");
-            return Ok(Auth::reject());
+            return refuse(Refusal::WrongUser);
         }
         let authorized = Arc::clone(&self.shared.authorized.read().unwrap_or_else(std::sync::PoisonError::into_inner));
         let entry = authorized.iter().find(|a| a.key.key_data() == key.public_key.key_data()).cloned();
         let Some(entry) = entry else {
-            tracing::warn!(peer = %self.peer, user, fingerprint = %crate::hostkey::fingerprint(key.public_key), "refused: unknown key");
-            return Ok(Auth::reject());
+            tracing::warn!(peer = %self.peer, user, fingerprint = %id, "refused: unknown key");
+            return refuse(Refusal::UnknownKey);
         };
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if !entry.valid_at(now) {
             tracing::warn!(peer = %self.peer, line = entry.line, "refused: key expired (expiry-time)");
-            return Ok(Auth::reject());
+            return refuse(Refusal::KeyExpired);
         }
         if !entry.allows_from(&self.peer.ip().to_canonical().to_string()) {
             tracing::warn!(peer = %self.peer, line = entry.line, "refused: key not allowed from this address");
-            return Ok(Auth::reject());
+            return refuse(Refusal::AddressNotAllowed);
         }
-        let id = crate::hostkey::fingerprint(key.public_key);
         if let Ok(mut m) = self.shared.per_key.lock() {
             let n = m.entry(id.clone()).or_insert(0);
             if *n >= self.config.max_connections_per_key {
                 tracing::warn!(peer = %self.peer, key = %id, "refused: too many connections for this key");
-                return Ok(Auth::reject());
+                drop(m);
+                return refuse(Refusal::TooManyConnections);
             }
             *n += 1;
         }

@@ -663,3 +663,64 @@ async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     .await
     .unwrap();
 }
+
+/// `ssh-keygen -lf` of `path`: the fingerprint OpenSSH gives the key (`SHA256:...`).
+fn openssh_fingerprint(path: &Path) -> String {
+    let out = Command::new(require("ssh-keygen")).arg("-lf").arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// What the endpoint refused is told by reason, key and address: OpenSSH's `ssh` with a key the
+/// endpoint does not know, one whose `from=` leaves loopback out and one whose `expiry-time=` has
+/// passed, each refused, each told with the fingerprint `ssh-keygen -lf` gives it and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_logins_are_told_by_reason_key_and_address() {
+    use tunnel::endpoint::Refusal;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (_, host_pub) = setup(&d);
+    keygen(&d.join("expired_key"));
+    keygen(&d.join("stranger_key"));
+    let line = |name: &str| std::fs::read_to_string(d.join(format!("{name}.pub"))).unwrap();
+    let authorized = format!("from=\"10.*\" {}expiry-time=\"20200101\" {}", line("client_key"), line("expired_key"));
+    let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
+    let config = EndpointConfig::new(host_key, tunnel::authorized::parse(&authorized).unwrap());
+    let endpoint = tunnel::endpoint::Endpoint::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub =
+        Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
+    known_hosts(&d, hub.port, &host_pub);
+    let (d2, port) = (d.clone(), hub.port);
+    tokio::task::spawn_blocking(move || {
+        for key in ["client_key", "expired_key", "stranger_key", "stranger_key"] {
+            let out = ssh(&d2, port, key, &["-o", "IdentitiesOnly=yes", "-N"]).output().unwrap();
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && said.contains("Permission denied"), "{key}: {said}");
+        }
+    })
+    .await
+    .unwrap();
+    let refused = endpoint.refused_logins();
+    let told: Vec<(Refusal, String, String, u64)> =
+        refused.iter().map(|r| (r.reason, r.fingerprint.clone(), r.peer.to_string(), r.count)).collect();
+    let fp = |name: &str| openssh_fingerprint(&d.join(format!("{name}.pub")));
+    // The latest first.
+    assert_eq!(
+        told,
+        [
+            (Refusal::UnknownKey, fp("stranger_key"), "127.0.0.1".to_string(), 2),
+            (Refusal::KeyExpired, fp("expired_key"), "127.0.0.1".to_string(), 1),
+            (Refusal::AddressNotAllowed, fp("client_key"), "127.0.0.1".to_string(), 1),
+        ],
+        "{refused:?}"
+    );
+    assert!(refused[0].first < refused[0].last, "{refused:?}");
+    let totals = endpoint.refusals_total();
+    let count = |reason: Refusal| totals.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n);
+    assert_eq!(
+        [Refusal::UnknownKey, Refusal::KeyExpired, Refusal::AddressNotAllowed, Refusal::TooManyConnections].map(count),
+        [Some(2), Some(1), Some(1), Some(0)]
+    );
+    assert!(endpoint.sessions().is_empty());
+}

@@ -2,7 +2,10 @@
 //! /api/v1/nodes[/NAME]`, each node checked by the call): whether each answers and why not (with
 //! its tunnel sessions at the hub's SSH endpoint, which say which side to look at), its VMs, what
 //! runs on it; one node with its VMs' disks, its tunnel as it reports it and its sessions. Exits 0
-//! only if every node shown answered, so a script or a monitoring check can run it as it is.
+//! only if every node shown answered, so a script or a monitoring check can run it as it is. A
+//! node with no tunnel session is shown the logins the endpoint refused lately: its own key's
+//! (expired, from an address not allowed) and those of keys the hub does not know, beside its
+//! key's fingerprint, for the operator to compare with the node's.
 //! `sendense-hub vms` (`GET /api/v1/vms`): every VM a node lists or with backups, and its newest
 //! backup or that it never had one.
 
@@ -18,6 +21,7 @@ use crate::client::HubClient;
 pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
     let nodes = client.expect(Method::GET, "/api/v1/nodes", None, 200).await?;
     let nodes = nodes.as_array().cloned().unwrap_or_default();
+    let unknown_keys = refused_unknown_keys(client, &nodes).await?;
     println!("{:<16} {:<6} {:>4} {:>8}  {:<32} LAST SEEN", "NODE", "STATE", "VMS", "RUNNING", "URL");
     for n in &nodes {
         println!(
@@ -34,6 +38,9 @@ pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
             if let Some(sessions) = n["tunnel_sessions"].as_array() {
                 println!("  {}", sessions_text(sessions));
             }
+            for line in refused_text(n, &unknown_keys) {
+                println!("  {line}");
+            }
         }
     }
     if nodes.is_empty() {
@@ -49,13 +56,20 @@ pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
 /// The hub cannot be reached or has no such node.
 pub async fn node(client: &HubClient, name: &str) -> anyhow::Result<bool> {
     let n = client.expect(Method::GET, &format!("/api/v1/nodes/{name}"), None, 200).await?;
+    let unknown_keys = refused_unknown_keys(client, std::slice::from_ref(&n)).await?;
     println!("node {name} at {}: {}", n["url"].as_str().unwrap_or("?"), state(&n));
     if let Some(error) = n["error"].as_str() {
         println!("  {error}");
     }
     println!("  last seen: {}", n["last_seen"].as_str().unwrap_or("never since the hub started"));
+    if let Some(key) = n["key_fingerprint"].as_str() {
+        println!("  key: {key}");
+    }
     if let Some(sessions) = n["tunnel_sessions"].as_array() {
         println!("  {}", sessions_text(sessions));
+    }
+    for line in refused_text(&n, &unknown_keys) {
+        println!("  {line}");
     }
     if let Some(t) = n["tunnel"].as_object().filter(|t| t.get("enabled") == Some(&Value::Bool(true))) {
         let field = |k: &str| t.get(k).cloned().unwrap_or(Value::Null);
@@ -148,6 +162,58 @@ pub async fn vms(client: &HubClient) -> anyhow::Result<()> {
         .count();
     println!("{} VM(s), {never} never backed up, {unscheduled} in no backup schedule", vms.len());
     Ok(())
+}
+
+/// Whether `node` is down without a tunnel session at the hub's SSH endpoint (so its key may be
+/// the reason).
+fn down_without_tunnel(node: &Value) -> bool {
+    node["reachable"] != true && node["tunnel_sessions"].as_array().is_some_and(Vec::is_empty)
+}
+
+/// The refused logins of keys the hub does not know, asked for only when a node shown is down
+/// without a tunnel session.
+///
+/// # Errors
+/// The hub cannot be reached.
+async fn refused_unknown_keys(client: &HubClient, nodes: &[Value]) -> anyhow::Result<Vec<Value>> {
+    if !nodes.iter().any(down_without_tunnel) {
+        return Ok(Vec::new());
+    }
+    let refused = client.expect(Method::GET, "/api/v1/ssh/refused-logins", None, 200).await?;
+    Ok(refused.as_array().into_iter().flatten().filter(|r| r["reason"] == "unknown-key").cloned().collect())
+}
+
+/// A node down without a tunnel session: the logins of its key the endpoint refused, and those of
+/// keys it does not know (`unknown_keys`) beside its key's fingerprint, in words.
+fn refused_text(node: &Value, unknown_keys: &[Value]) -> Vec<String> {
+    if !down_without_tunnel(node) {
+        return Vec::new();
+    }
+    let times = |r: &Value| {
+        format!(
+            "from {} ({} time(s), last {})",
+            r["peer"].as_str().unwrap_or("?"),
+            r["count"].as_u64().unwrap_or(0),
+            r["last"].as_str().unwrap_or("?")
+        )
+    };
+    let mut lines: Vec<String> = node["refused_logins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| format!("its key refused ({}) {}", r["reason"].as_str().unwrap_or("?"), times(r)))
+        .collect();
+    if let (Some(key), false) = (node["key_fingerprint"].as_str(), unknown_keys.is_empty()) {
+        lines.push(format!("its key here is {key}; keys the hub does not know were refused in the last hour:"));
+        lines.extend(
+            unknown_keys.iter().map(|r| format!("  {} {}", r["fingerprint"].as_str().unwrap_or("?"), times(r))),
+        );
+        lines.push(
+            "is one of them the node's (ssh-keygen -lf of its key)? If so, put its public line in the node's key"
+                .into(),
+        );
+    }
+    lines
 }
 
 /// A node's tunnel sessions at the hub's SSH endpoint, in words.

@@ -12,7 +12,8 @@
 //! A hub that serves the SSH endpoint also tells each node's tunnel sessions as the endpoint sees
 //! them (from where, since when: [`TunnelSessions`]), so that a node out of reach says which
 //! side to look at: no session (the node's tunnel does not connect: its host, its key, the
-//! network) or a session up (the node's service behind it does not answer).
+//! network) or a session up (the node's service behind it does not answer); and the logins of
+//! its key the endpoint refused (`super::refused_logins`).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -45,11 +46,16 @@ pub(super) struct Health {
     vms: Vec<VmInfo>,
 }
 
-/// What tells the nodes' tunnel sessions: the hub's SSH endpoint, when it serves one
-/// (`crate::endpoint`), attached with [`Hub::attach_tunnels`].
+/// What tells the nodes' tunnel sessions and the logins refused: the hub's SSH endpoint, when it
+/// serves one (`crate::endpoint`), attached with [`Hub::attach_tunnels`].
 pub trait TunnelSessions: Send + Sync {
     /// Node name -> its sessions logged in now, oldest first.
     fn by_node(&self) -> HashMap<String, Vec<tunnel::endpoint::SessionInfo>>;
+    /// The logins refused in the last hour, the latest first, each with the node whose key it
+    /// was (`None`: a key the hub does not know).
+    fn refused(&self) -> Vec<(Option<String>, tunnel::endpoint::RefusedLogin)>;
+    /// Logins refused since the endpoint started, per reason.
+    fn refusals_total(&self) -> tunnel::endpoint::RefusalTotals;
 }
 
 /// A tunnel session of a node at the hub's SSH endpoint.
@@ -89,6 +95,13 @@ pub struct NodeView {
     /// no SSH endpoint).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tunnel_sessions: Option<Vec<TunnelSession>>,
+    /// The fingerprint of its `key` (`SHA256:...`, as `ssh-keygen -lf` prints it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
+    /// Logins of its key the hub's SSH endpoint refused in the last hour, the latest first
+    /// (absent: the hub serves no SSH endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_logins: Option<Vec<super::refused_logins::RefusedLoginView>>,
 }
 
 /// Ask `client` for its VMs, giving it [`ANSWER_WITHIN`].
@@ -100,7 +113,7 @@ async fn ask(client: &NodeClient) -> Result<Vec<VmInfo>, String> {
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(super) fn rfc3339(t: SystemTime) -> String {
     jiff::Timestamp::try_from(t).map(crate::repo::rfc3339_millis).unwrap_or_default()
 }
 
@@ -208,11 +221,13 @@ impl Hub {
     /// `spec`'s view, its tunnel sessions taken out of `sessions`.
     fn view_of(
         &self,
-        (spec, _): &NodeEntry,
+        entry @ (spec, _): &NodeEntry,
         tunnel: Option<TunnelView>,
         sessions: &mut Option<HashMap<String, Vec<TunnelSession>>>,
     ) -> NodeView {
         let tunnel_sessions = sessions.as_mut().map(|s| s.remove(&spec.name).unwrap_or_default());
+        // Asked of the endpoint before the state is locked (its locks are never taken under it).
+        let refused_logins = self.refused_logins_of(&spec.name);
         let st = self.state();
         let health = st.node_health.get(&spec.name);
         let mut running: Vec<String> = st
@@ -234,6 +249,8 @@ impl Hub {
             running,
             tunnel,
             tunnel_sessions,
+            key_fingerprint: super::refused_logins::key_fingerprint(entry),
+            refused_logins,
         }
     }
 

@@ -170,9 +170,11 @@ async fn wait_tunnel(site: &Site, within: Duration, until: impl Fn(&Value) -> bo
     }
 }
 
-/// A node's SSH key revoked by a reload (its `[[node]] key` line removed): its tunnel is cut at
-/// once and refused from then on, nothing waiting for a restart; the key given back by another
-/// reload: the node is back by itself (at its longest backoff) and backs up again.
+/// A node's SSH key revoked by a reload (its `[[node]] key` line replaced by another key's, as a
+/// line pasted wrong would): its tunnel is cut at once and refused from then on, nothing waiting
+/// for a restart, and the hub tells the operator why (the node's key refused as one it does not
+/// know, beside the key it holds for the node); the key given back by another reload: the node is
+/// back by itself (at its longest backoff) and backs up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     let vms = [Vm("vm-a", &[4])];
@@ -180,15 +182,27 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     let original = std::fs::read_to_string(site.hub_config()).unwrap();
     assert_eq!(site.backup("vm-a", "full").await["status"], "completed");
     let up = wait_tunnel(&site, Duration::from_secs(10), |t| t["connected"] == true).await;
+    let (_, n1) = site.hub("GET", "/api/v1/nodes/n1", None).await;
+    let node_key = site.path().join("node_key.pub");
+    assert_eq!(n1["key_fingerprint"], json!(crate::site::fingerprint(&node_key)), "{n1}");
+    assert_eq!(n1["refused_logins"], json!([]), "{n1}");
 
+    let wrong_key = site.path().join("wrong_key");
+    crate::site::ssh::keygen(&wrong_key);
+    let wrong_line = std::fs::read_to_string(wrong_key.with_extension("pub")).unwrap();
     let key_line = original.lines().find(|l| l.starts_with("key = ")).expect("the node's key line").to_string();
-    std::fs::write(site.hub_config(), original.replace(&format!("{key_line}\n"), "")).unwrap();
+    let wrong = original.replace(&key_line, &format!("key = \"{}\"", wrong_line.trim()));
+    assert_ne!(wrong, original);
+    std::fs::write(site.hub_config(), wrong).unwrap();
     site.signal_hub("HUP");
     let cut = wait_tunnel(&site, Duration::from_secs(10), |t| t["connected"] == false).await;
     assert_eq!(cut["reconnects"], up["reconnects"], "{cut}");
     // Refused from then on: the node's next attempts are turned away (it says so), for good.
     let refused = wait_tunnel(&site, Duration::from_secs(20), |t| t["state"] == "refused").await;
-    assert!(refused["last_error"].as_str().unwrap_or("").contains("refused the key"), "{refused}");
+    // ... naming its key, to compare with what the hub holds.
+    let node_fingerprint = crate::site::fingerprint(&node_key);
+    let said = refused["last_error"].as_str().unwrap_or("");
+    assert!(said.contains(&format!("refused the key {node_fingerprint}")), "{refused}");
     let metrics = site.wait_hub_metric("sendense_hub_config_last_reload_successful 1").await;
     assert!(!metrics.contains("sendense_hub_config_restart_pending{key=\"node\"}"), "{metrics}");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -197,11 +211,25 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     // The hub says the node is out of reach and that no tunnel of it is logged in.
     let (_, nodes) = site.hub("GET", "/api/v1/nodes", None).await;
     assert_eq!((&nodes[0]["reachable"], &nodes[0]["tunnel_sessions"]), (&json!(false), &json!([])), "{nodes}");
+    assert_eq!(nodes[0]["key_fingerprint"], json!(crate::site::fingerprint(&wrong_key.with_extension("pub"))));
     let (_, metrics) = site.hub("GET", "/metrics", None).await;
-    assert!(metrics.as_str().unwrap().contains("sendense_hub_node_tunnel_sessions{node=\"n1\"} 0\n"), "{metrics}");
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("sendense_hub_node_tunnel_sessions{node=\"n1\"} 0\n"), "{metrics}");
+    // And which key was refused, from where: the node's own, a key it no longer knows.
+    let (status, refusals) = site.hub("GET", "/api/v1/ssh/refused-logins", None).await;
+    assert_eq!(status, 200, "{refusals}");
+    let theirs = refusals.as_array().unwrap().iter().find(|r| r["fingerprint"] == json!(node_fingerprint));
+    let theirs = theirs.unwrap_or_else(|| panic!("the node's key among the refused: {refusals}"));
+    assert_eq!((&theirs["reason"], &theirs["peer"]), (&json!("unknown-key"), &json!("127.0.0.1")), "{theirs}");
+    assert!(theirs.get("node").is_none() && theirs["count"].as_u64() >= Some(1), "{theirs}");
+    let total =
+        metrics.lines().find_map(|l| l.strip_prefix("sendense_hub_ssh_logins_refused_total{reason=\"unknown-key\"} "));
+    assert!(total.and_then(|n| n.parse::<u64>().ok()) >= Some(1), "{metrics}");
     let (code, said) = nodes_command(&site, &[]).await;
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("DOWN") && said.contains("no tunnel session (the node's tunnel does not connect)"), "{said}");
+    let compare = format!("its key here is {}", crate::site::fingerprint(&wrong_key.with_extension("pub")));
+    assert!(said.contains(&compare) && said.contains(&format!("{node_fingerprint} from 127.0.0.1 (")), "{said}");
 
     // The key back: the node connects again by itself and backs up.
     std::fs::write(site.hub_config(), &original).unwrap();

@@ -112,7 +112,8 @@ pub fn assert_clean(img: &Path) {
     assert!(out.status.success(), "qemu-img check {}: {}", img.display(), String::from_utf8_lossy(&out.stdout));
 }
 
-fn fingerprint(public_key: &Path) -> String {
+/// `ssh-keygen -lf` of `public_key`: its fingerprint (`SHA256:...`).
+pub fn fingerprint(public_key: &Path) -> String {
     let out = tool("ssh-keygen").arg("-lf").arg(public_key).output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
 }

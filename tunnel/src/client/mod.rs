@@ -131,10 +131,14 @@ pub enum TunnelError {
     #[error(transparent)]
     HostKey(#[from] hostkey::HostKeyError),
     /// The hub refused our key.
-    #[error("hub {hub} refused the key for user {user}")]
+    #[error(
+        "hub {hub} refused the key {fingerprint} for user {user} (is its public line among the keys the hub allows?)"
+    )]
     AuthRefused {
         /// Hub.
         hub: String,
+        /// Our key's fingerprint (`SHA256:...`), to compare with what the hub holds.
+        fingerprint: String,
         /// User.
         user: String,
     },
@@ -514,7 +518,8 @@ async fn connect_once(
         .await
         .map_err(|e| TunnelError::Ssh(e.to_string()))?;
     if !auth.success() {
-        return Err(TunnelError::AuthRefused { hub, user: config.user.clone() });
+        let fingerprint = crate::hostkey::fingerprint(key.public_key());
+        return Err(TunnelError::AuthRefused { hub, fingerprint, user: config.user.clone() });
     }
     for r in &reverse {
         if let Err(e) = handle.tcpip_forward(r.remote_bind.clone(), u32::from(r.remote_port)).await {
