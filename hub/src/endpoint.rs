@@ -232,11 +232,16 @@ impl TunnelSessions for SshEndpoint {
     fn refused(&self) -> Vec<(Option<String>, tunnel::endpoint::RefusedLogin)> {
         let grants = self.fence.grants();
         let refused = self.endpoint.refused_logins();
-        refused.into_iter().map(|r| (grants.key_nodes.get(&r.fingerprint).cloned(), r)).collect()
+        let node_of = |r: &tunnel::endpoint::RefusedLogin| r.fingerprint.as_ref().and_then(|f| grants.key_nodes.get(f));
+        refused.into_iter().map(|r| (node_of(&r).cloned(), r)).collect()
     }
 
     fn refusals_total(&self) -> tunnel::endpoint::RefusalTotals {
         self.endpoint.refusals_total()
+    }
+
+    fn host_key_fingerprint(&self) -> String {
+        self.endpoint.host_key_fingerprint()
     }
 }
 

@@ -224,10 +224,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/vms", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.vm_views().await) }))
         .route("/api/v1/nodes", get(|State(hub): State<Arc<Hub>>| async move { Json(hub.node_views().await) }))
         .route("/api/v1/nodes/{name}", get(get_node))
-        .route(
-            "/api/v1/ssh/refused-logins",
-            get(|State(hub): State<Arc<Hub>>| async move { hub.refused_logins().map(Json) }),
-        )
+        .route("/api/v1/ssh", get(|State(hub): State<Arc<Hub>>| async move { hub.ssh_view().map(Json) }))
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/exports", get(exports))
         .route("/api/v1/openapi.json", get(|| async { Json(crate::openapi::document()) }))

@@ -73,8 +73,8 @@ fn nodes(out: &mut String, hub: &Hub) {
             out,
             "sendense_hub_ssh_logins_refused_total",
             "counter",
-            "Logins the hub's SSH endpoint refused since it started, by reason (GET /api/v1/ssh/refused-logins \
-             tells the keys and addresses of the last hour).",
+            "Logins the hub's SSH endpoint refused since it started, by reason (GET /api/v1/ssh tells the keys and \
+             addresses of the last hour).",
         );
         for (reason, n) in totals {
             let _ = writeln!(out, "sendense_hub_ssh_logins_refused_total{{reason=\"{reason}\"}} {n}");

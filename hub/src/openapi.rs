@@ -178,11 +178,11 @@ fn node_schema() -> Value {
             "items": {"$ref": "#/components/schemas/RefusedLogin"}}}})
 }
 
-/// A login the hub's SSH endpoint refused (`GET /api/v1/ssh/refused-logins`).
+/// A login the hub's SSH endpoint refused (`GET /api/v1/ssh`).
 fn refused_login_schema() -> Value {
-    json!({"type": "object", "required": ["reason", "fingerprint", "peer", "count", "first", "last"], "properties": {
-        "reason": {"type": "string", "enum": ["unknown-key", "key-expired", "address-not-allowed", "too-many-connections", "wrong-user"]},
-        "fingerprint": {"type": "string", "description": "the key's (SHA256:...)"},
+    json!({"type": "object", "required": ["reason", "peer", "count", "first", "last"], "properties": {
+        "reason": {"type": "string", "enum": ["unknown-key", "key-expired", "address-not-allowed", "too-many-connections", "wrong-user", "ended-before-login"]},
+        "fingerprint": {"type": "string", "description": "the key's (SHA256:...); absent: none offered (ended-before-login)"},
         "node": {"type": "string", "description": "the node whose key it is (absent: a key the hub does not know)"},
         "peer": {"type": "string", "description": "the address the logins came from"},
         "count": {"type": "integer"},
@@ -275,7 +275,7 @@ pub fn document() -> Value {
             "/api/v1/vms": {"get": op("every VM a node lists (checked now) or with backups: its disks, backups, the newest, a run of it under way", "200", "VmList", None)},
             "/api/v1/nodes": {"get": op("the nodes ([[node]]), each checked now: reachable or why not, VMs, what runs on it", "200", "NodeList", None)},
             "/api/v1/nodes/{name}": {"parameters": name, "get": op("one node, checked now, with its tunnel as it reports it", "200", "Node", None)},
-            "/api/v1/ssh/refused-logins": {"get": op("logins the hub's SSH endpoint refused in the last hour, by reason, key and address, latest first (404: no endpoint)", "200", "RefusedLoginList", None)},
+            "/api/v1/ssh": {"get": op("the hub's SSH endpoint: its host key's fingerprint, the sessions logged in, the logins refused in the last hour by reason, key and address (404: no endpoint)", "200", "Ssh", None)},
             "/api/v1/ports": {"get": op("NBD port leases", "200", "Ports", None)},
             "/api/v1/exports": {"get": op("open exports with counters", "200", "Exports", None)},
             "/healthz": {"get": {"summary": "liveness (no token)", "responses": {"200": {"description": "ok"}}}},

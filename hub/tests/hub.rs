@@ -1336,9 +1336,9 @@ async fn the_nodes_command_shows_each_node_up_or_down_and_why() {
     assert!(default["last_seen"].is_string() && gone["last_seen"].is_null() && gone["error"].is_string(), "{nodes}");
     assert!(default.get("tunnel_sessions").is_none(), "no SSH endpoint, no sessions told: {nodes}");
     assert!(default.get("refused_logins").is_none(), "nor refused logins: {nodes}");
-    let (status, refused) = hub.call("GET", "/api/v1/ssh/refused-logins", None).await;
-    assert_eq!(status, 404, "{refused}");
-    assert!(refused["error"].as_str().unwrap_or("").contains("serves no SSH endpoint"), "{refused}");
+    let (status, ssh) = hub.call("GET", "/api/v1/ssh", None).await;
+    assert_eq!(status, 404, "{ssh}");
+    assert!(ssh["error"].as_str().unwrap_or("").contains("serves no SSH endpoint"), "{ssh}");
     let (_, vms) = hub.call("GET", "/api/v1/vms", None).await;
     assert_eq!(vms[0]["running"], id.as_str(), "{vms}");
     assert_eq!((vms[0]["listed"].as_bool(), vms[0]["backups"].as_u64()), (Some(true), Some(0)), "{vms}");

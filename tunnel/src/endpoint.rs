@@ -338,11 +338,17 @@ impl Endpoint {
     }
 
     /// The logins refused in the last hour ([`refusals::WINDOW`]), by reason, key and address
-    /// (at most [`refusals::MAX_KINDS`] of them), the latest first: what an operator asks of a
-    /// tunnel that does not come up (its key unknown here, expired, from an address its `from=`
-    /// does not allow).
+    /// (at most [`refusals::MAX_KINDS`] of them), the latest first, with the connections that
+    /// ended before they logged in: what an operator asks of a tunnel that does not come up (its
+    /// key unknown here, expired, from an address its `from=` does not allow; the client not
+    /// accepting this host key).
     pub fn refused_logins(&self) -> Vec<RefusedLogin> {
         self.shared.refusals.recent(std::time::SystemTime::now())
+    }
+
+    /// The fingerprint of the endpoint's host key (`SHA256:...`): what its clients pin.
+    pub fn host_key_fingerprint(&self) -> String {
+        crate::hostkey::fingerprint(self.config.host_key.public_key())
     }
 
     /// Logins refused since the endpoint started, per reason (for a metric).
@@ -501,7 +507,9 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
         }
         let _ = stream.set_nodelay(true);
         let (authenticated, logged_in) = tokio::sync::oneshot::channel();
+        let tried_a_key = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handler = EndpointSession {
+            tried_a_key: Arc::clone(&tried_a_key),
             config: Arc::clone(&config),
             shared: Arc::clone(&shared),
             peer,
@@ -525,10 +533,18 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                     return;
                 }
             };
+            // Told unless a key it tried was refused (that refusal says why already).
+            let ended_before_login = || {
+                if !tried_a_key.load(Ordering::Relaxed) {
+                    let now = std::time::SystemTime::now();
+                    shared.refusals.record(Refusal::EndedBeforeLogin, None, peer.ip().to_canonical(), now);
+                }
+            };
             let mut session = match session {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%peer, error = ?e, "handshake failed");
+                    ended_before_login();
                     return;
                 }
             };
@@ -538,10 +554,15 @@ async fn serve_shared(listener: TcpListener, config: Arc<EndpointConfig>, shared
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = ?e, "session ended before login");
                     }
+                    ended_before_login();
                     return;
                 }
                 r = logged_in => {
-                    let Ok(entry) = r else { return };
+                    // The sender goes with the handler: the session ended without a login.
+                    let Ok(entry) = r else {
+                        ended_before_login();
+                        return;
+                    };
                     drop(pending);
                     shared.logged_in_from(peer.ip().to_canonical());
                     let number = shared.next_session.fetch_add(1, Ordering::Relaxed);
@@ -585,6 +606,9 @@ struct EndpointSession {
     forwards: HashMap<u32, tokio::task::JoinHandle<()>>,
     /// Told the key's entry once it is accepted (frees the connection's pre-login place).
     authenticated: Option<tokio::sync::oneshot::Sender<AuthorizedKey>>,
+    /// Set once a key it signed with was looked at (the connection's end before login is then
+    /// not told as one: the key's refusal is).
+    tried_a_key: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for EndpointSession {
@@ -660,8 +684,9 @@ impl server::Handler for EndpointSession {
 
     async fn auth_publickey(&mut self, user: &str, key: server::VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         let id = crate::hostkey::fingerprint(key.public_key);
+        self.tried_a_key.store(true, Ordering::Relaxed);
         let refuse = |reason: Refusal| {
-            self.shared.refusals.record(reason, &id, self.peer.ip().to_canonical(), std::time::SystemTime::now());
+            self.shared.refusals.record(reason, Some(&id), self.peer.ip().to_canonical(), std::time::SystemTime::now());
             Ok(Auth::reject())
         };
         if self.config.user.as_deref().is_some_and(|u| u != user) {

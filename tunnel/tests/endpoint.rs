@@ -673,7 +673,9 @@ fn openssh_fingerprint(path: &Path) -> String {
 
 /// What the endpoint refused is told by reason, key and address: OpenSSH's `ssh` with a key the
 /// endpoint does not know, one whose `from=` leaves loopback out and one whose `expiry-time=` has
-/// passed, each refused, each told with the fingerprint `ssh-keygen -lf` gives it and counted.
+/// passed, each refused, each told with the fingerprint `ssh-keygen -lf` gives it and counted;
+/// and `ssh` pinning another host key, which gives up before it logs in, told as a connection
+/// that ended before its login (no key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_logins_are_told_by_reason_key_and_address() {
     use tunnel::endpoint::Refusal;
@@ -698,29 +700,44 @@ async fn refused_logins_are_told_by_reason_key_and_address() {
             let said = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success() && said.contains("Permission denied"), "{key}: {said}");
         }
+        // The client does not accept this endpoint's host key (it pins another).
+        keygen(&d2.join("other_host_key"));
+        known_hosts(&d2, port, &d2.join("other_host_key.pub"));
+        let out = ssh(&d2, port, "stranger_key", &["-o", "IdentitiesOnly=yes", "-N"]).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains("Host key verification failed"), "{said}");
     })
     .await
     .unwrap();
+    // The last connection's end is seen by its task a moment after the client has gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while endpoint.refused_logins().len() < 4 {
+        assert!(Instant::now() < deadline, "{:?}", endpoint.refused_logins());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let refused = endpoint.refused_logins();
-    let told: Vec<(Refusal, String, String, u64)> =
+    let told: Vec<(Refusal, Option<String>, String, u64)> =
         refused.iter().map(|r| (r.reason, r.fingerprint.clone(), r.peer.to_string(), r.count)).collect();
-    let fp = |name: &str| openssh_fingerprint(&d.join(format!("{name}.pub")));
+    let fp = |name: &str| Some(openssh_fingerprint(&d.join(format!("{name}.pub"))));
     // The latest first.
     assert_eq!(
         told,
         [
+            (Refusal::EndedBeforeLogin, None, "127.0.0.1".to_string(), 1),
             (Refusal::UnknownKey, fp("stranger_key"), "127.0.0.1".to_string(), 2),
             (Refusal::KeyExpired, fp("expired_key"), "127.0.0.1".to_string(), 1),
             (Refusal::AddressNotAllowed, fp("client_key"), "127.0.0.1".to_string(), 1),
         ],
         "{refused:?}"
     );
-    assert!(refused[0].first < refused[0].last, "{refused:?}");
+    assert!(refused[1].first < refused[1].last, "{refused:?}");
     let totals = endpoint.refusals_total();
     let count = |reason: Refusal| totals.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n);
     assert_eq!(
-        [Refusal::UnknownKey, Refusal::KeyExpired, Refusal::AddressNotAllowed, Refusal::TooManyConnections].map(count),
-        [Some(2), Some(1), Some(1), Some(0)]
+        Refusal::ALL.map(count),
+        [Some(2), Some(1), Some(1), Some(0), Some(0), Some(1)],
+        "unknown, expired, address, too many, user, ended"
     );
+    assert_eq!(endpoint.host_key_fingerprint(), openssh_fingerprint(&d.join("host_key.pub")));
     assert!(endpoint.sessions().is_empty());
 }

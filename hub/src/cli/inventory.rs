@@ -5,7 +5,8 @@
 //! only if every node shown answered, so a script or a monitoring check can run it as it is. A
 //! node with no tunnel session is shown the logins the endpoint refused lately: its own key's
 //! (expired, from an address not allowed) and those of keys the hub does not know, beside its
-//! key's fingerprint, for the operator to compare with the node's.
+//! key's fingerprint, for the operator to compare with the node's; and connections that ended
+//! before they logged in, beside the hub's host key (a node pinning another one).
 //! `sendense-hub vms` (`GET /api/v1/vms`): every VM a node lists or with backups, and its newest
 //! backup or that it never had one.
 
@@ -21,7 +22,7 @@ use crate::client::HubClient;
 pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
     let nodes = client.expect(Method::GET, "/api/v1/nodes", None, 200).await?;
     let nodes = nodes.as_array().cloned().unwrap_or_default();
-    let unknown_keys = refused_unknown_keys(client, &nodes).await?;
+    let strangers = strangers(client, &nodes).await?;
     println!("{:<16} {:<6} {:>4} {:>8}  {:<32} LAST SEEN", "NODE", "STATE", "VMS", "RUNNING", "URL");
     for n in &nodes {
         println!(
@@ -38,7 +39,7 @@ pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
             if let Some(sessions) = n["tunnel_sessions"].as_array() {
                 println!("  {}", sessions_text(sessions));
             }
-            for line in refused_text(n, &unknown_keys) {
+            for line in refused_text(n, &strangers) {
                 println!("  {line}");
             }
         }
@@ -56,7 +57,7 @@ pub async fn nodes(client: &HubClient) -> anyhow::Result<bool> {
 /// The hub cannot be reached or has no such node.
 pub async fn node(client: &HubClient, name: &str) -> anyhow::Result<bool> {
     let n = client.expect(Method::GET, &format!("/api/v1/nodes/{name}"), None, 200).await?;
-    let unknown_keys = refused_unknown_keys(client, std::slice::from_ref(&n)).await?;
+    let strangers = strangers(client, std::slice::from_ref(&n)).await?;
     println!("node {name} at {}: {}", n["url"].as_str().unwrap_or("?"), state(&n));
     if let Some(error) = n["error"].as_str() {
         println!("  {error}");
@@ -68,7 +69,7 @@ pub async fn node(client: &HubClient, name: &str) -> anyhow::Result<bool> {
     if let Some(sessions) = n["tunnel_sessions"].as_array() {
         println!("  {}", sessions_text(sessions));
     }
-    for line in refused_text(&n, &unknown_keys) {
+    for line in refused_text(&n, &strangers) {
         println!("  {line}");
     }
     if let Some(t) = n["tunnel"].as_object().filter(|t| t.get("enabled") == Some(&Value::Bool(true))) {
@@ -170,22 +171,38 @@ fn down_without_tunnel(node: &Value) -> bool {
     node["reachable"] != true && node["tunnel_sessions"].as_array().is_some_and(Vec::is_empty)
 }
 
-/// The refused logins of keys the hub does not know, asked for only when a node shown is down
-/// without a tunnel session.
+/// What the hub's SSH endpoint can tell of nodes that do not log in: the logins of keys it does
+/// not know and the connections that ended before they logged in, with its host key's
+/// fingerprint; asked for only when a node shown is down without a tunnel session.
+#[derive(Default)]
+struct Strangers {
+    host_key: String,
+    unknown_keys: Vec<Value>,
+    ended: Vec<Value>,
+}
+
+/// [`Strangers`], when a node of `nodes` is down without a tunnel session.
 ///
 /// # Errors
 /// The hub cannot be reached.
-async fn refused_unknown_keys(client: &HubClient, nodes: &[Value]) -> anyhow::Result<Vec<Value>> {
+async fn strangers(client: &HubClient, nodes: &[Value]) -> anyhow::Result<Strangers> {
     if !nodes.iter().any(down_without_tunnel) {
-        return Ok(Vec::new());
+        return Ok(Strangers::default());
     }
-    let refused = client.expect(Method::GET, "/api/v1/ssh/refused-logins", None, 200).await?;
-    Ok(refused.as_array().into_iter().flatten().filter(|r| r["reason"] == "unknown-key").cloned().collect())
+    let ssh = client.expect(Method::GET, "/api/v1/ssh", None, 200).await?;
+    let refused: Vec<Value> = ssh["refused_logins"].as_array().cloned().unwrap_or_default();
+    let of = |reason: &str| refused.iter().filter(|r| r["reason"] == reason).cloned().collect();
+    Ok(Strangers {
+        host_key: ssh["host_key_fingerprint"].as_str().unwrap_or("?").to_string(),
+        unknown_keys: of("unknown-key"),
+        ended: of("ended-before-login"),
+    })
 }
 
-/// A node down without a tunnel session: the logins of its key the endpoint refused, and those of
-/// keys it does not know (`unknown_keys`) beside its key's fingerprint, in words.
-fn refused_text(node: &Value, unknown_keys: &[Value]) -> Vec<String> {
+/// A node down without a tunnel session: the logins of its key the endpoint refused, those of
+/// keys it does not know beside its key's fingerprint, and connections that ended before their
+/// login beside the hub's host key, in words.
+fn refused_text(node: &Value, strangers: &Strangers) -> Vec<String> {
     if !down_without_tunnel(node) {
         return Vec::new();
     }
@@ -203,15 +220,26 @@ fn refused_text(node: &Value, unknown_keys: &[Value]) -> Vec<String> {
         .flatten()
         .map(|r| format!("its key refused ({}) {}", r["reason"].as_str().unwrap_or("?"), times(r)))
         .collect();
-    if let (Some(key), false) = (node["key_fingerprint"].as_str(), unknown_keys.is_empty()) {
+    if let (Some(key), false) = (node["key_fingerprint"].as_str(), strangers.unknown_keys.is_empty()) {
         lines.push(format!("its key here is {key}; keys the hub does not know were refused in the last hour:"));
         lines.extend(
-            unknown_keys.iter().map(|r| format!("  {} {}", r["fingerprint"].as_str().unwrap_or("?"), times(r))),
+            strangers
+                .unknown_keys
+                .iter()
+                .map(|r| format!("  {} {}", r["fingerprint"].as_str().unwrap_or("?"), times(r))),
         );
         lines.push(
             "is one of them the node's (ssh-keygen -lf of its key)? If so, put its public line in the node's key"
                 .into(),
         );
+    }
+    if !strangers.ended.is_empty() {
+        lines.push("connections that ended before they logged in, in the last hour:".into());
+        lines.extend(strangers.ended.iter().map(|r| format!("  {}", times(r))));
+        lines.push(format!(
+            "is one of them the node's? Its [tunnel] fingerprint must be the hub's host key, {}",
+            strangers.host_key
+        ));
     }
     lines
 }

@@ -50,13 +50,13 @@ mod merge;
 mod nodes;
 mod protection;
 mod prune;
-mod refused_logins;
 mod reload;
 mod restore_run;
 mod restores;
 mod rewrite;
 mod scheduled;
 mod scrub;
+mod ssh_view;
 mod start;
 mod view;
 
@@ -64,11 +64,11 @@ pub use catalog::VmSummary;
 pub use nodes::{NodeView, TunnelSession, TunnelSessions};
 pub use protection::VmView;
 pub use prune::{PruneAllView, PruneEntry, PruneView};
-pub use refused_logins::RefusedLoginView;
 pub use reload::{Live, Reloaded};
 pub use restore_run::RestoreDisk;
 pub use restores::{Restore, RestoreExport, RestoreView};
 pub use scheduled::{Outcome, ScheduleRun, ScheduleView, ScheduledBackup, Trigger};
+pub use ssh_view::{RefusedLoginView, SshSession, SshView};
 pub use start::{checked_tags, choose_parent, Asked, DEFAULT_MAX_CHAIN, MAX_CHAIN, MAX_TAGS};
 pub use view::{DiskProgress, DiskResult, Job, JobView, Kind, Status};
 

@@ -13,7 +13,7 @@
 //! them (from where, since when: [`TunnelSessions`]), so that a node out of reach says which
 //! side to look at: no session (the node's tunnel does not connect: its host, its key, the
 //! network) or a session up (the node's service behind it does not answer); and the logins of
-//! its key the endpoint refused (`super::refused_logins`).
+//! its key the endpoint refused (`super::ssh_view`).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -56,6 +56,8 @@ pub trait TunnelSessions: Send + Sync {
     fn refused(&self) -> Vec<(Option<String>, tunnel::endpoint::RefusedLogin)>;
     /// Logins refused since the endpoint started, per reason.
     fn refusals_total(&self) -> tunnel::endpoint::RefusalTotals;
+    /// The fingerprint of the endpoint's host key.
+    fn host_key_fingerprint(&self) -> String;
 }
 
 /// A tunnel session of a node at the hub's SSH endpoint.
@@ -101,7 +103,7 @@ pub struct NodeView {
     /// Logins of its key the hub's SSH endpoint refused in the last hour, the latest first
     /// (absent: the hub serves no SSH endpoint).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub refused_logins: Option<Vec<super::refused_logins::RefusedLoginView>>,
+    pub refused_logins: Option<Vec<super::ssh_view::RefusedLoginView>>,
 }
 
 /// Ask `client` for its VMs, giving it [`ANSWER_WITHIN`].
@@ -249,7 +251,7 @@ impl Hub {
             running,
             tunnel,
             tunnel_sessions,
-            key_fingerprint: super::refused_logins::key_fingerprint(entry),
+            key_fingerprint: super::ssh_view::key_fingerprint(entry),
             refused_logins,
         }
     }

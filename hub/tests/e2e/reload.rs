@@ -186,6 +186,11 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     let node_key = site.path().join("node_key.pub");
     assert_eq!(n1["key_fingerprint"], json!(crate::site::fingerprint(&node_key)), "{n1}");
     assert_eq!(n1["refused_logins"], json!([]), "{n1}");
+    let (_, ssh) = site.hub("GET", "/api/v1/ssh", None).await;
+    let hub_host_key = crate::site::fingerprint(&site.path().join("hub_host_key.pub"));
+    assert_eq!(ssh["host_key_fingerprint"], json!(hub_host_key), "{ssh}");
+    let sessions = ssh["sessions"].as_array().unwrap();
+    assert!(!sessions.is_empty() && sessions.iter().all(|s| s["node"] == "n1"), "{ssh}");
 
     let wrong_key = site.path().join("wrong_key");
     crate::site::ssh::keygen(&wrong_key);
@@ -216,20 +221,47 @@ async fn a_reload_revokes_a_nodes_key_at_once_and_another_gives_it_back() {
     let metrics = metrics.as_str().unwrap().to_string();
     assert!(metrics.contains("sendense_hub_node_tunnel_sessions{node=\"n1\"} 0\n"), "{metrics}");
     // And which key was refused, from where: the node's own, a key it no longer knows.
-    let (status, refusals) = site.hub("GET", "/api/v1/ssh/refused-logins", None).await;
-    assert_eq!(status, 200, "{refusals}");
-    let theirs = refusals.as_array().unwrap().iter().find(|r| r["fingerprint"] == json!(node_fingerprint));
-    let theirs = theirs.unwrap_or_else(|| panic!("the node's key among the refused: {refusals}"));
+    let (status, ssh) = site.hub("GET", "/api/v1/ssh", None).await;
+    assert_eq!(status, 200, "{ssh}");
+    assert_eq!(ssh["sessions"], json!([]), "{ssh}");
+    let refusals = ssh["refused_logins"].as_array().unwrap();
+    let theirs = refusals.iter().find(|r| r["fingerprint"] == json!(node_fingerprint));
+    let theirs = theirs.unwrap_or_else(|| panic!("the node's key among the refused: {ssh}"));
     assert_eq!((&theirs["reason"], &theirs["peer"]), (&json!("unknown-key"), &json!("127.0.0.1")), "{theirs}");
     assert!(theirs.get("node").is_none() && theirs["count"].as_u64() >= Some(1), "{theirs}");
     let total =
         metrics.lines().find_map(|l| l.strip_prefix("sendense_hub_ssh_logins_refused_total{reason=\"unknown-key\"} "));
     assert!(total.and_then(|n| n.parse::<u64>().ok()) >= Some(1), "{metrics}");
+    // A client pinning another host key than the hub's (OpenSSH's ssh here) gives up before it
+    // logs in: told as such, beside the hub's host key.
+    let ssh_port = original
+        .lines()
+        .filter_map(|l| l.strip_prefix("listen = \"127.0.0.1:").and_then(|p| p.strip_suffix('"')))
+        .filter_map(|p| p.parse::<u16>().ok())
+        .find(|p| *p != site.hub_api)
+        .expect("the hub's [ssh] listen line");
+    let dir = site.path().to_path_buf();
+    crate::site::ssh::keygen(&dir.join("other_host_key"));
+    crate::site::ssh::known_hosts(&dir, ssh_port, &dir.join("other_host_key.pub"));
+    let out = crate::site::ssh::ssh(&dir, ssh_port, "wrong_key", &["-N"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Host key verification failed"), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let (_, ssh) = site.hub("GET", "/api/v1/ssh", None).await;
+        let refused = ssh["refused_logins"].as_array().unwrap();
+        if let Some(ended) = refused.iter().find(|r| r["reason"] == "ended-before-login") {
+            break ended.clone();
+        }
+        assert!(Instant::now() < deadline, "a connection that ended before its login: {ssh}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(ended.get("fingerprint").is_none() && ended["peer"] == "127.0.0.1", "{ended}");
     let (code, said) = nodes_command(&site, &[]).await;
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("DOWN") && said.contains("no tunnel session (the node's tunnel does not connect)"), "{said}");
     let compare = format!("its key here is {}", crate::site::fingerprint(&wrong_key.with_extension("pub")));
     assert!(said.contains(&compare) && said.contains(&format!("{node_fingerprint} from 127.0.0.1 (")), "{said}");
+    assert!(said.contains(&format!("must be the hub's host key, {hub_host_key}")), "{said}");
 
     // The key back: the node connects again by itself and backs up.
     std::fs::write(site.hub_config(), &original).unwrap();

@@ -8,8 +8,10 @@
 //! [`super::Endpoint::refused_logins`]; [`super::Endpoint::refusals_total`] counts every refusal
 //! since the start, for a metric.
 //!
-//! Only logins are recorded here: a key refused after it signed (so the key's fingerprint is the
-//! client's own), or a user name refused. A peer can grow nothing: at most [`MAX_KINDS`] kinds are
+//! Recorded: a key refused after it signed (so the key's fingerprint is the client's own), a user
+//! name refused, and a connection that ended before it logged in (the handshake failed or the
+//! client went away: a node that does not accept the hub's host key, its pinned fingerprint
+//! wrong, does that; so does a port scanner). A peer can grow nothing: at most [`MAX_KINDS`] kinds are
 //! kept, the one refused least recently giving its place to a new one, so a flood of fresh keys
 //! (each costing its sender a key exchange and a signature) pushes older entries out and no more.
 
@@ -37,12 +39,21 @@ pub enum Refusal {
     TooManyConnections,
     /// The endpoint takes another user name.
     WrongUser,
+    /// The connection ended before it logged in: the handshake failed or the client closed it
+    /// (a client that does not accept the endpoint's host key does).
+    EndedBeforeLogin,
 }
 
 impl Refusal {
     /// Every reason, in the order [`RefusalTotals`] counts them.
-    pub const ALL: [Refusal; 5] =
-        [Self::UnknownKey, Self::KeyExpired, Self::AddressNotAllowed, Self::TooManyConnections, Self::WrongUser];
+    pub const ALL: [Refusal; 6] = [
+        Self::UnknownKey,
+        Self::KeyExpired,
+        Self::AddressNotAllowed,
+        Self::TooManyConnections,
+        Self::WrongUser,
+        Self::EndedBeforeLogin,
+    ];
 
     /// Its name in APIs and metrics (`unknown-key`, ...).
     pub fn as_str(self) -> &'static str {
@@ -52,6 +63,7 @@ impl Refusal {
             Self::AddressNotAllowed => "address-not-allowed",
             Self::TooManyConnections => "too-many-connections",
             Self::WrongUser => "wrong-user",
+            Self::EndedBeforeLogin => "ended-before-login",
         }
     }
 
@@ -62,6 +74,7 @@ impl Refusal {
             Self::AddressNotAllowed => 2,
             Self::TooManyConnections => 3,
             Self::WrongUser => 4,
+            Self::EndedBeforeLogin => 5,
         }
     }
 }
@@ -77,8 +90,9 @@ impl std::fmt::Display for Refusal {
 pub struct RefusedLogin {
     /// Why.
     pub reason: Refusal,
-    /// The key's SHA-256 fingerprint (`SHA256:...`, as `ssh-keygen -lf` prints it).
-    pub fingerprint: String,
+    /// The key's SHA-256 fingerprint (`SHA256:...`, as `ssh-keygen -lf` prints it); none when
+    /// the connection ended before it offered one.
+    pub fingerprint: Option<String>,
     /// Where the logins came from.
     pub peer: IpAddr,
     /// How many were refused since `first`.
@@ -90,23 +104,24 @@ pub struct RefusedLogin {
 }
 
 /// Refusals since the endpoint started, per reason.
-pub type RefusalTotals = [(Refusal, u64); 5];
+pub type RefusalTotals = [(Refusal, u64); 6];
 
 /// The record (module doc).
 #[derive(Default)]
 pub(super) struct Refusals {
     recent: Mutex<Vec<RefusedLogin>>,
-    totals: [AtomicU64; 5],
+    totals: [AtomicU64; 6],
 }
 
 impl Refusals {
     /// Count a login refused at `now`.
-    pub(super) fn record(&self, reason: Refusal, fingerprint: &str, peer: IpAddr, now: SystemTime) {
+    pub(super) fn record(&self, reason: Refusal, fingerprint: Option<&str>, peer: IpAddr, now: SystemTime) {
         if let Some(total) = self.totals.get(reason.index()) {
             total.fetch_add(1, Ordering::Relaxed);
         }
         let Ok(mut recent) = self.recent.lock() else { return };
-        let same = |r: &&mut RefusedLogin| r.reason == reason && r.peer == peer && r.fingerprint == fingerprint;
+        let same =
+            |r: &&mut RefusedLogin| r.reason == reason && r.peer == peer && r.fingerprint.as_deref() == fingerprint;
         if let Some(r) = recent.iter_mut().find(same) {
             if !told_at(r.last, now) {
                 (r.first, r.count) = (now, 0);
@@ -122,7 +137,7 @@ impl Refusals {
         }
         recent.push(RefusedLogin {
             reason,
-            fingerprint: fingerprint.to_string(),
+            fingerprint: fingerprint.map(str::to_string),
             peer,
             count: 1,
             first: now,
@@ -163,19 +178,19 @@ mod tests {
         let r = Refusals::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let later = |s| t0 + Duration::from_secs(s);
-        r.record(Refusal::UnknownKey, "SHA256:a", ip("10.0.0.7"), t0);
-        r.record(Refusal::UnknownKey, "SHA256:a", ip("10.0.0.7"), later(10));
-        r.record(Refusal::UnknownKey, "SHA256:a", ip("10.0.0.8"), later(20));
-        r.record(Refusal::KeyExpired, "SHA256:b", ip("10.0.0.7"), later(30));
+        r.record(Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.7"), t0);
+        r.record(Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.7"), later(10));
+        r.record(Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.8"), later(20));
+        r.record(Refusal::KeyExpired, Some("SHA256:b"), ip("10.0.0.7"), later(30));
         let told = r.recent(later(40));
-        let brief: Vec<(Refusal, &str, IpAddr, u64)> =
-            told.iter().map(|x| (x.reason, x.fingerprint.as_str(), x.peer, x.count)).collect();
+        let brief: Vec<(Refusal, Option<&str>, IpAddr, u64)> =
+            told.iter().map(|x| (x.reason, x.fingerprint.as_deref(), x.peer, x.count)).collect();
         assert_eq!(
             brief,
             [
-                (Refusal::KeyExpired, "SHA256:b", ip("10.0.0.7"), 1),
-                (Refusal::UnknownKey, "SHA256:a", ip("10.0.0.8"), 1),
-                (Refusal::UnknownKey, "SHA256:a", ip("10.0.0.7"), 2),
+                (Refusal::KeyExpired, Some("SHA256:b"), ip("10.0.0.7"), 1),
+                (Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.8"), 1),
+                (Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.7"), 2),
             ]
         );
         assert_eq!((told[2].first, told[2].last), (t0, later(10)));
@@ -186,8 +201,8 @@ mod tests {
         assert_eq!(r.totals()[0], (Refusal::UnknownKey, 3));
         assert_eq!(r.totals()[1], (Refusal::KeyExpired, 1));
         // A kind refused again after its hour starts counting again.
-        r.record(Refusal::UnknownKey, "SHA256:a", ip("10.0.0.9"), t0);
-        r.record(Refusal::UnknownKey, "SHA256:a", ip("10.0.0.9"), later(7200));
+        r.record(Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.9"), t0);
+        r.record(Refusal::UnknownKey, Some("SHA256:a"), ip("10.0.0.9"), later(7200));
         let again = r.recent(later(7200));
         assert_eq!((again.len(), again[0].count, again[0].first), (1, 1, later(7200)));
     }
@@ -197,12 +212,13 @@ mod tests {
         let r = Refusals::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         for i in 0..10 * MAX_KINDS as u64 {
-            r.record(Refusal::UnknownKey, &format!("SHA256:{i}"), ip("192.0.2.1"), t0 + Duration::from_millis(i));
+            let key = format!("SHA256:{i}");
+            r.record(Refusal::UnknownKey, Some(&key), ip("192.0.2.1"), t0 + Duration::from_millis(i));
         }
         let told = r.recent(t0 + Duration::from_secs(1));
         assert_eq!(told.len(), MAX_KINDS);
-        assert_eq!(told[0].fingerprint, format!("SHA256:{}", 10 * MAX_KINDS - 1));
-        assert_eq!(told[MAX_KINDS - 1].fingerprint, format!("SHA256:{}", 9 * MAX_KINDS));
+        assert_eq!(told[0].fingerprint, Some(format!("SHA256:{}", 10 * MAX_KINDS - 1)));
+        assert_eq!(told[MAX_KINDS - 1].fingerprint, Some(format!("SHA256:{}", 9 * MAX_KINDS)));
         assert_eq!(r.totals()[0].1, 10 * MAX_KINDS as u64);
     }
 }
