@@ -51,6 +51,12 @@ async fn start_hub_with(
     Hub { port, task: tokio::spawn(tunnel::endpoint::serve(listener, config)) }
 }
 
+/// `endpoint` serving on a loopback port of its own until the returned [`Hub`] is dropped.
+async fn serve_endpoint(endpoint: &Arc<tunnel::endpoint::Endpoint>) -> Hub {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(endpoint).serve(listener)) }
+}
+
 fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(local(port)).is_err() {
@@ -381,9 +387,7 @@ async fn addresses_remembered_across_a_restart_keep_their_places_before_login() 
     assert!(endpoint.known_addresses().is_empty());
     let mapped: std::net::IpAddr = "::ffff:127.0.0.9".parse().unwrap();
     endpoint.remember_addresses(vec![std::net::IpAddr::from([127, 0, 0, 1]), mapped]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hub =
-        Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
+    let hub = serve_endpoint(&endpoint).await;
     let kh = known_hosts(&d, hub.port, &host_pub);
 
     let flood = hold_every_place_before_login(hub.port).await;
@@ -542,9 +546,7 @@ async fn a_revoked_key_is_cut_off_at_once_and_refused_while_the_others_go_on() {
     let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
     let config = EndpointConfig::new(host_key, both.clone()).allow_direct(PortSet(vec![(echo, echo)]));
     let endpoint = tunnel::endpoint::Endpoint::new(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hub =
-        Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
+    let hub = serve_endpoint(&endpoint).await;
     known_hosts(&d, hub.port, &host_pub);
     let hub_port = hub.port;
 
@@ -689,9 +691,7 @@ async fn refused_logins_are_told_by_reason_key_and_address() {
     let host_key = russh::keys::load_secret_key(d.join("host_key"), None).unwrap();
     let config = EndpointConfig::new(host_key, tunnel::authorized::parse(&authorized).unwrap());
     let endpoint = tunnel::endpoint::Endpoint::new(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hub =
-        Hub { port: listener.local_addr().unwrap().port(), task: tokio::spawn(Arc::clone(&endpoint).serve(listener)) };
+    let hub = serve_endpoint(&endpoint).await;
     known_hosts(&d, hub.port, &host_pub);
     let (d2, port) = (d.clone(), hub.port);
     tokio::task::spawn_blocking(move || {
