@@ -113,8 +113,12 @@ impl Client {
 
     /// Soft-disconnect: send NBD_CMD_DISC and close the write half.
     ///
+    /// A server closes its side once it has read NBD_CMD_DISC, so closing ours after it may find
+    /// the connection gone (`EPIPE`, `ECONNRESET`: over TLS the close_notify is a write): the
+    /// request was sent whole, and that is the disconnect done, not an error.
+    ///
     /// # Errors
-    /// The socket failed.
+    /// The socket failed before the request was sent.
     pub async fn disconnect(&self) -> Result<()> {
         let mut head = Vec::with_capacity(32);
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -131,11 +135,20 @@ impl Client {
         if let Some(w) = guard.slot.as_mut() {
             w.stream.write_all(&head).await?;
             w.stream.flush().await?;
-            w.stream.shutdown().await?;
+            match w.stream.shutdown().await {
+                Err(e) if !server_hung_up(&e) => return Err(e.into()),
+                _ => {}
+            }
         }
         guard.complete = true;
         Ok(())
     }
+}
+
+/// Whether `e` says the peer closed the connection already (after our NBD_CMD_DISC, as it must).
+fn server_hung_up(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected};
+    matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected)
 }
 
 /// A registered request whose frame has not been written whole: dropped armed, it takes its

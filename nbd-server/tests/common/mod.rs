@@ -246,7 +246,7 @@ pub async fn option_reply<S: tokio::io::AsyncRead + Unpin>(
     (h, d)
 }
 
-/// `sendense-nbd -f raw -x NAME -t -k SOCKET [extra] FILE`, once its socket exists.
+/// `sendense-nbd -f raw -x NAME -t -k SOCKET [extra] FILE`, once it listens on its socket.
 pub fn start_sendense_on_socket(file: &Path, name: &str, socket: &Path, extra: &[String]) -> Reaped {
     let mut child = Command::new(sendense_nbd())
         .args(["-f", "raw", "-x", name, "-t", "-k"])
@@ -257,7 +257,7 @@ pub fn start_sendense_on_socket(file: &Path, name: &str, socket: &Path, extra: &
         .spawn()
         .expect("spawn sendense-nbd");
     let started = Instant::now();
-    while !socket.exists() {
+    while !unix_listening(socket) {
         assert!(started.elapsed() < Duration::from_secs(10), "no socket at {} after 10 s", socket.display());
         if let Ok(Some(status)) = child.try_wait() {
             panic!("sendense-nbd exited before listening: {status}");
@@ -265,6 +265,18 @@ pub fn start_sendense_on_socket(file: &Path, name: &str, socket: &Path, extra: &
         std::thread::sleep(Duration::from_millis(5));
     }
     Reaped(child)
+}
+
+/// Whether a socket listens at `path` (`/proc/net/unix`: its file appears at `bind`, before
+/// `listen`, when a client would be refused; a probing connection would take a client's place).
+pub fn unix_listening(path: &Path) -> bool {
+    const ACCEPTING: &str = "00010000";
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[3] == ACCEPTING && fields[7] == path
+    })
 }
 
 /// A server embedded in the test, serving export "e" (`size` bytes in memory, `limit`
